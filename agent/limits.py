@@ -1,0 +1,57 @@
+"""Every number the protocol fixes, in one place (PROTOCOL.md §14).
+
+`PROTOCOL_VERSION` and the byte lengths are part of the wire format. `Limits`
+holds the numbers a biller may tune and announces in Hello; the defaults are the
+spec's. Nothing else in the code base writes these numbers down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+MESSAGE_ID_BYTES = 16
+THREAD_ID_BYTES = 16
+DIGEST_BYTES = 32
+KEYID_BYTES = 16
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+
+MAX_PARTY_ID_CHARS = 128
+MAX_ID_CHARS = 64
+MAX_TEXT_CHARS = 200
+MAX_NOTE_CHARS = 500
+MAX_LINES = 8
+MAX_KEYS_PER_SET = 16
+MAX_REVOCATIONS_PER_SET = 256
+MAX_KEYSET_LIFETIME = timedelta(days=400)
+# Largest amount: below 10**(9 + exponent) minor units, i.e. 999,999,999.99 for
+# a two-decimal currency, as in the SEPA Request-to-Pay rulebook.
+AMOUNT_MAJOR_DIGITS = 9
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Tunable limits; `Limits()` are the spec defaults."""
+
+    max_envelope_bytes: int = 64 * 1024
+    max_clock_skew: timedelta = timedelta(seconds=300)
+    max_message_lifetime: timedelta = timedelta(hours=24)
+    max_rounds: int = 10
+    max_negotiation_time: timedelta = timedelta(days=7)
+    max_instalments: int = 36
+    max_open_threads_per_account: int = 3
+    rate_limit_per_second: int = 20
+    rate_limit_burst: int = 40
+    enrolment_max_attempts: int = 5
+
+    @property
+    def grpc_max_receive_bytes(self) -> int:
+        """gRPC receive limit: one envelope plus its request framing (LIM-1)."""
+        return self.max_envelope_bytes + 1024
+
+
+DEFAULT_LIMITS = Limits()

@@ -26,7 +26,7 @@ from parley.v1 import envelope_pb2 as parley_dot_v1_dot_envelope__pb2
 from parley.v1 import negotiation_pb2 as parley_dot_v1_dot_negotiation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eparley/v1/biller_service.proto\x12\tparley.v1\x1a\x18parley/v1/envelope.proto\x1a\x1bparley/v1/negotiation.proto\">\n\x0cHelloRequest\x12\x19\n\x11protocol_versions\x18\x01 \x03(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\xc6\x01\n\rHelloResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12supported_versions\x18\x02 \x03(\r\x12\x17\n\x0f\x62iller_party_id\x18\x03 \x01(\t\x12\x1c\n\x14identity_fingerprint\x18\x04 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12!\n\x06limits\x18\x06 \x01(\x0b\x32\x11.parley.v1.Limits\x12\x13\n\x0bserver_name\x18\x07 \x01(\t\"\xb7\x02\n\x06Limits\x12\x1a\n\x12max_envelope_bytes\x18\x01 \x01(\r\x12\x1e\n\x16max_clock_skew_seconds\x18\x02 \x01(\r\x12$\n\x1cmax_message_lifetime_seconds\x18\x03 \x01(\r\x12\x12\n\nmax_rounds\x18\x04 \x01(\r\x12\x1f\n\x17max_negotiation_seconds\x18\x05 \x01(\r\x12\x17\n\x0fmax_instalments\x18\x06 \x01(\r\x12$\n\x1cmax_open_threads_per_account\x18\x07 \x01(\r\x12\x1d\n\x15rate_limit_per_second\x18\x08 \x01(\r\x12\x18\n\x10rate_limit_burst\x18\t \x01(\r\x12\x1e\n\x16\x65nrolment_max_attempts\x18\n \x01(\r\"<\n\x11GetKeySetsRequest\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x04\";\n\x12GetKeySetsResponse\x12%\n\x08key_sets\x18\x01 \x03(\x0b\x32\x13.parley.v1.Envelope\"<\n\x14PublishKeySetRequest\x12$\n\x07key_set\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"(\n\x15PublishKeySetResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"4\n\x0c\x45nrolRequest\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"h\n\rEnrolResponse\x12)\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\x12,\n\x0f\x62iller_key_sets\x18\x02 \x03(\x0b\x32\x13.parley.v1.Envelope\"6\n\x10ListBillsRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"7\n\x11ListBillsResponse\x12\"\n\x05\x62ills\x18\x01 \x03(\x0b\x32\x13.parley.v1.Envelope\"4\n\x0eGetBillRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"4\n\x0fGetBillResponse\x12!\n\x04\x62ill\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"5\n\x10NegotiateRequest\x12!\n\x04move\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"g\n\x11NegotiateResponse\x12\"\n\x05reply\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.parley.v1.NegotiationOutcome\"6\n\x10GetThreadRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"j\n\x11GetThreadResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.parley.v1.Envelope\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.parley.v1.NegotiationOutcome\"A\n\x1a\x43reatePaymentIntentRequest\x12#\n\x06intent\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"H\n\x1b\x43reatePaymentIntentResponse\x12)\n\x0cinstructions\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"7\n\x11GetReceiptRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\":\n\x12GetReceiptResponse\x12$\n\x07receipt\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"8\n\x12WatchEventsRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"9\n\x13WatchEventsResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"=\n\x15RequestErasureRequest\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"C\n\x16RequestErasureResponse\x12)\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope2\x98\x07\n\rBillerService\x12:\n\x05Hello\x12\x17.parley.v1.HelloRequest\x1a\x18.parley.v1.HelloResponse\x12I\n\nGetKeySets\x12\x1c.parley.v1.GetKeySetsRequest\x1a\x1d.parley.v1.GetKeySetsResponse\x12R\n\rPublishKeySet\x12\x1f.parley.v1.PublishKeySetRequest\x1a .parley.v1.PublishKeySetResponse\x12:\n\x05\x45nrol\x12\x17.parley.v1.EnrolRequest\x1a\x18.parley.v1.EnrolResponse\x12\x46\n\tListBills\x12\x1b.parley.v1.ListBillsRequest\x1a\x1c.parley.v1.ListBillsResponse\x12@\n\x07GetBill\x12\x19.parley.v1.GetBillRequest\x1a\x1a.parley.v1.GetBillResponse\x12\x46\n\tNegotiate\x12\x1b.parley.v1.NegotiateRequest\x1a\x1c.parley.v1.NegotiateResponse\x12\x46\n\tGetThread\x12\x1b.parley.v1.GetThreadRequest\x1a\x1c.parley.v1.GetThreadResponse\x12\x64\n\x13\x43reatePaymentIntent\x12%.parley.v1.CreatePaymentIntentRequest\x1a&.parley.v1.CreatePaymentIntentResponse\x12I\n\nGetReceipt\x12\x1c.parley.v1.GetReceiptRequest\x1a\x1d.parley.v1.GetReceiptResponse\x12N\n\x0bWatchEvents\x12\x1d.parley.v1.WatchEventsRequest\x1a\x1e.parley.v1.WatchEventsResponse0\x01\x12U\n\x0eRequestErasure\x12 .parley.v1.RequestErasureRequest\x1a!.parley.v1.RequestErasureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eparley/v1/biller_service.proto\x12\tparley.v1\x1a\x18parley/v1/envelope.proto\x1a\x1bparley/v1/negotiation.proto\">\n\x0cHelloRequest\x12\x19\n\x11protocol_versions\x18\x01 \x03(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\xc6\x01\n\rHelloResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12supported_versions\x18\x02 \x03(\r\x12\x17\n\x0f\x62iller_party_id\x18\x03 \x01(\t\x12\x1c\n\x14identity_fingerprint\x18\x04 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12!\n\x06limits\x18\x06 \x01(\x0b\x32\x11.parley.v1.Limits\x12\x13\n\x0bserver_name\x18\x07 \x01(\t\"\xb7\x02\n\x06Limits\x12\x1a\n\x12max_envelope_bytes\x18\x01 \x01(\r\x12\x1e\n\x16max_clock_skew_seconds\x18\x02 \x01(\r\x12$\n\x1cmax_message_lifetime_seconds\x18\x03 \x01(\r\x12\x12\n\nmax_rounds\x18\x04 \x01(\r\x12\x1f\n\x17max_negotiation_seconds\x18\x05 \x01(\r\x12\x17\n\x0fmax_instalments\x18\x06 \x01(\r\x12$\n\x1cmax_open_threads_per_account\x18\x07 \x01(\r\x12\x1d\n\x15rate_limit_per_second\x18\x08 \x01(\r\x12\x18\n\x10rate_limit_burst\x18\t \x01(\r\x12\x1e\n\x16\x65nrolment_max_attempts\x18\n \x01(\r\"<\n\x11GetKeySetsRequest\x12\x10\n\x08party_id\x18\x01 \x01(\t\x12\x15\n\rafter_version\x18\x02 \x01(\x04\";\n\x12GetKeySetsResponse\x12%\n\x08key_sets\x18\x01 \x03(\x0b\x32\x13.parley.v1.Envelope\"<\n\x14PublishKeySetRequest\x12$\n\x07key_set\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"(\n\x15PublishKeySetResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"4\n\x0c\x45nrolRequest\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"h\n\rEnrolResponse\x12)\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\x12,\n\x0f\x62iller_key_sets\x18\x02 \x03(\x0b\x32\x13.parley.v1.Envelope\"6\n\x10ListBillsRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"7\n\x11ListBillsResponse\x12\"\n\x05\x62ills\x18\x01 \x03(\x0b\x32\x13.parley.v1.Envelope\"4\n\x0eGetBillRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"4\n\x0fGetBillResponse\x12!\n\x04\x62ill\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"I\n\x10NegotiateRequest\x12!\n\x04move\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\x12\x12\n\ndisclosure\x18\x02 \x01(\x0c\"g\n\x11NegotiateResponse\x12\"\n\x05reply\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.parley.v1.NegotiationOutcome\"6\n\x10GetThreadRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"j\n\x11GetThreadResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.parley.v1.Envelope\x12.\n\x07outcome\x18\x02 \x01(\x0e\x32\x1d.parley.v1.NegotiationOutcome\"A\n\x1a\x43reatePaymentIntentRequest\x12#\n\x06intent\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"H\n\x1b\x43reatePaymentIntentResponse\x12)\n\x0cinstructions\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"7\n\x11GetReceiptRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\":\n\x12GetReceiptResponse\x12$\n\x07receipt\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"8\n\x12WatchEventsRequest\x12\"\n\x05query\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"9\n\x13WatchEventsResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"=\n\x15RequestErasureRequest\x12$\n\x07request\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope\"C\n\x16RequestErasureResponse\x12)\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32\x13.parley.v1.Envelope2\x98\x07\n\rBillerService\x12:\n\x05Hello\x12\x17.parley.v1.HelloRequest\x1a\x18.parley.v1.HelloResponse\x12I\n\nGetKeySets\x12\x1c.parley.v1.GetKeySetsRequest\x1a\x1d.parley.v1.GetKeySetsResponse\x12R\n\rPublishKeySet\x12\x1f.parley.v1.PublishKeySetRequest\x1a .parley.v1.PublishKeySetResponse\x12:\n\x05\x45nrol\x12\x17.parley.v1.EnrolRequest\x1a\x18.parley.v1.EnrolResponse\x12\x46\n\tListBills\x12\x1b.parley.v1.ListBillsRequest\x1a\x1c.parley.v1.ListBillsResponse\x12@\n\x07GetBill\x12\x19.parley.v1.GetBillRequest\x1a\x1a.parley.v1.GetBillResponse\x12\x46\n\tNegotiate\x12\x1b.parley.v1.NegotiateRequest\x1a\x1c.parley.v1.NegotiateResponse\x12\x46\n\tGetThread\x12\x1b.parley.v1.GetThreadRequest\x1a\x1c.parley.v1.GetThreadResponse\x12\x64\n\x13\x43reatePaymentIntent\x12%.parley.v1.CreatePaymentIntentRequest\x1a&.parley.v1.CreatePaymentIntentResponse\x12I\n\nGetReceipt\x12\x1c.parley.v1.GetReceiptRequest\x1a\x1d.parley.v1.GetReceiptResponse\x12N\n\x0bWatchEvents\x12\x1d.parley.v1.WatchEventsRequest\x1a\x1e.parley.v1.WatchEventsResponse0\x01\x12U\n\x0eRequestErasure\x12 .parley.v1.RequestErasureRequest\x1a!.parley.v1.RequestErasureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,29 +60,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETBILLRESPONSE']._serialized_start=1233
   _globals['_GETBILLRESPONSE']._serialized_end=1285
   _globals['_NEGOTIATEREQUEST']._serialized_start=1287
-  _globals['_NEGOTIATEREQUEST']._serialized_end=1340
-  _globals['_NEGOTIATERESPONSE']._serialized_start=1342
-  _globals['_NEGOTIATERESPONSE']._serialized_end=1445
-  _globals['_GETTHREADREQUEST']._serialized_start=1447
-  _globals['_GETTHREADREQUEST']._serialized_end=1501
-  _globals['_GETTHREADRESPONSE']._serialized_start=1503
-  _globals['_GETTHREADRESPONSE']._serialized_end=1609
-  _globals['_CREATEPAYMENTINTENTREQUEST']._serialized_start=1611
-  _globals['_CREATEPAYMENTINTENTREQUEST']._serialized_end=1676
-  _globals['_CREATEPAYMENTINTENTRESPONSE']._serialized_start=1678
-  _globals['_CREATEPAYMENTINTENTRESPONSE']._serialized_end=1750
-  _globals['_GETRECEIPTREQUEST']._serialized_start=1752
-  _globals['_GETRECEIPTREQUEST']._serialized_end=1807
-  _globals['_GETRECEIPTRESPONSE']._serialized_start=1809
-  _globals['_GETRECEIPTRESPONSE']._serialized_end=1867
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1869
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1925
-  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1927
-  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1984
-  _globals['_REQUESTERASUREREQUEST']._serialized_start=1986
-  _globals['_REQUESTERASUREREQUEST']._serialized_end=2047
-  _globals['_REQUESTERASURERESPONSE']._serialized_start=2049
-  _globals['_REQUESTERASURERESPONSE']._serialized_end=2116
-  _globals['_BILLERSERVICE']._serialized_start=2119
-  _globals['_BILLERSERVICE']._serialized_end=3039
+  _globals['_NEGOTIATEREQUEST']._serialized_end=1360
+  _globals['_NEGOTIATERESPONSE']._serialized_start=1362
+  _globals['_NEGOTIATERESPONSE']._serialized_end=1465
+  _globals['_GETTHREADREQUEST']._serialized_start=1467
+  _globals['_GETTHREADREQUEST']._serialized_end=1521
+  _globals['_GETTHREADRESPONSE']._serialized_start=1523
+  _globals['_GETTHREADRESPONSE']._serialized_end=1629
+  _globals['_CREATEPAYMENTINTENTREQUEST']._serialized_start=1631
+  _globals['_CREATEPAYMENTINTENTREQUEST']._serialized_end=1696
+  _globals['_CREATEPAYMENTINTENTRESPONSE']._serialized_start=1698
+  _globals['_CREATEPAYMENTINTENTRESPONSE']._serialized_end=1770
+  _globals['_GETRECEIPTREQUEST']._serialized_start=1772
+  _globals['_GETRECEIPTREQUEST']._serialized_end=1827
+  _globals['_GETRECEIPTRESPONSE']._serialized_start=1829
+  _globals['_GETRECEIPTRESPONSE']._serialized_end=1887
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1889
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1945
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1947
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=2004
+  _globals['_REQUESTERASUREREQUEST']._serialized_start=2006
+  _globals['_REQUESTERASUREREQUEST']._serialized_end=2067
+  _globals['_REQUESTERASURERESPONSE']._serialized_start=2069
+  _globals['_REQUESTERASURERESPONSE']._serialized_end=2136
+  _globals['_BILLERSERVICE']._serialized_start=2139
+  _globals['_BILLERSERVICE']._serialized_end=3059
 # @@protoc_insertion_point(module_scope)

@@ -411,6 +411,11 @@ class NegotiateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MOVE_FIELD_NUMBER: _builtins.int
+    DISCLOSURE_FIELD_NUMBER: _builtins.int
+    disclosure: _builtins.bytes
+    """With a ThreadOpen whose disclosure_digest is set: the serialized
+    Disclosure it commits to (PRV-1). Empty otherwise.
+    """
     @_builtins.property
     def move(self) -> _envelope_pb2.Envelope:
         """A signed ThreadOpen, Offer, Accept, Reject or Withdraw."""
@@ -419,10 +424,11 @@ class NegotiateRequest(_message.Message):
         self,
         *,
         move: _envelope_pb2.Envelope | None = ...,
+        disclosure: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["move", b"move"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disclosure", b"disclosure", "move", b"move"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

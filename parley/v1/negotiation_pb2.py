@@ -27,29 +27,31 @@ from parley.v1 import header_pb2 as parley_dot_v1_dot_header__pb2
 from parley.v1 import terms_pb2 as parley_dot_v1_dot_terms__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparley/v1/negotiation.proto\x12\tparley.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16parley/v1/header.proto\x1a\x15parley/v1/terms.proto\"\xe9\x01\n\nThreadOpen\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x0f\n\x07\x62ill_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62ill_digest\x18\x03 \x01(\x0c\x12\x12\n\nmax_rounds\x18\x04 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x05terms\x18\x06 \x01(\x0b\x32\x10.parley.v1.Terms\x12/\n\rcircumstances\x18\x07 \x01(\x0b\x32\x18.parley.v1.Circumstances\"K\n\x05Offer\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x1f\n\x05terms\x18\x02 \x01(\x0b\x32\x10.parley.v1.Terms\"A\n\x06\x41\x63\x63\x65pt\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x14\n\x0coffer_digest\x18\x02 \x01(\x0c\"b\n\x06Reject\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.parley.v1.RejectReason\x12\x0c\n\x04note\x18\x03 \x01(\t\";\n\x08Withdraw\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x0c\n\x04note\x18\x02 \x01(\t\"u\n\rCircumstances\x12-\n\x07purpose\x18\x01 \x01(\x0e\x32\x1c.parley.v1.DisclosurePurpose\x12\x15\n\rnext_pay_date\x18\x02 \x01(\t\x12\x10\n\x08hardship\x18\x03 \x01(\x08\x12\x0c\n\x04note\x18\x04 \x01(\t*\xc6\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREJECT_REASON_OUT_OF_POLICY\x10\x01\x12\x1e\n\x1aREJECT_REASON_UNAFFORDABLE\x10\x02\x12\x1a\n\x16REJECT_REASON_DISPUTED\x10\x03\x12!\n\x1dREJECT_REASON_ALREADY_SETTLED\x10\x04\x12\x17\n\x13REJECT_REASON_OTHER\x10\x05*\x8a\x01\n\x11\x44isclosurePurpose\x12\"\n\x1e\x44ISCLOSURE_PURPOSE_UNSPECIFIED\x10\x00\x12)\n%DISCLOSURE_PURPOSE_ASSESS_ARRANGEMENT\x10\x01\x12&\n\"DISCLOSURE_PURPOSE_ASSESS_HARDSHIP\x10\x02*\x85\x02\n\x12NegotiationOutcome\x12#\n\x1fNEGOTIATION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18NEGOTIATION_OUTCOME_OPEN\x10\x01\x12\x1e\n\x1aNEGOTIATION_OUTCOME_AGREED\x10\x02\x12 \n\x1cNEGOTIATION_OUTCOME_REJECTED\x10\x03\x12!\n\x1dNEGOTIATION_OUTCOME_WITHDRAWN\x10\x04\x12\x1f\n\x1bNEGOTIATION_OUTCOME_EXPIRED\x10\x05\x12&\n\"NEGOTIATION_OUTCOME_PROTOCOL_ERROR\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bparley/v1/negotiation.proto\x12\tparley.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16parley/v1/header.proto\x1a\x15parley/v1/terms.proto\"\xd3\x01\n\nThreadOpen\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x0f\n\x07\x62ill_id\x18\x02 \x01(\t\x12\x13\n\x0b\x62ill_digest\x18\x03 \x01(\x0c\x12\x12\n\nmax_rounds\x18\x04 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x05terms\x18\x06 \x01(\x0b\x32\x10.parley.v1.Terms\x12\x19\n\x11\x64isclosure_digest\x18\x07 \x01(\x0c\"K\n\nDisclosure\x12\x0c\n\x04salt\x18\x01 \x01(\x0c\x12/\n\rcircumstances\x18\x02 \x01(\x0b\x32\x18.parley.v1.Circumstances\"K\n\x05Offer\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x1f\n\x05terms\x18\x02 \x01(\x0b\x32\x10.parley.v1.Terms\"A\n\x06\x41\x63\x63\x65pt\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x14\n\x0coffer_digest\x18\x02 \x01(\x0c\"b\n\x06Reject\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\'\n\x06reason\x18\x02 \x01(\x0e\x32\x17.parley.v1.RejectReason\x12\x0c\n\x04note\x18\x03 \x01(\t\";\n\x08Withdraw\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x11.parley.v1.Header\x12\x0c\n\x04note\x18\x02 \x01(\t\"u\n\rCircumstances\x12-\n\x07purpose\x18\x01 \x01(\x0e\x32\x1c.parley.v1.DisclosurePurpose\x12\x15\n\rnext_pay_date\x18\x02 \x01(\t\x12\x10\n\x08hardship\x18\x03 \x01(\x08\x12\x0c\n\x04note\x18\x04 \x01(\t*\xc6\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1bREJECT_REASON_OUT_OF_POLICY\x10\x01\x12\x1e\n\x1aREJECT_REASON_UNAFFORDABLE\x10\x02\x12\x1a\n\x16REJECT_REASON_DISPUTED\x10\x03\x12!\n\x1dREJECT_REASON_ALREADY_SETTLED\x10\x04\x12\x17\n\x13REJECT_REASON_OTHER\x10\x05*\x8a\x01\n\x11\x44isclosurePurpose\x12\"\n\x1e\x44ISCLOSURE_PURPOSE_UNSPECIFIED\x10\x00\x12)\n%DISCLOSURE_PURPOSE_ASSESS_ARRANGEMENT\x10\x01\x12&\n\"DISCLOSURE_PURPOSE_ASSESS_HARDSHIP\x10\x02*\x85\x02\n\x12NegotiationOutcome\x12#\n\x1fNEGOTIATION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18NEGOTIATION_OUTCOME_OPEN\x10\x01\x12\x1e\n\x1aNEGOTIATION_OUTCOME_AGREED\x10\x02\x12 \n\x1cNEGOTIATION_OUTCOME_REJECTED\x10\x03\x12!\n\x1dNEGOTIATION_OUTCOME_WITHDRAWN\x10\x04\x12\x1f\n\x1bNEGOTIATION_OUTCOME_EXPIRED\x10\x05\x12&\n\"NEGOTIATION_OUTCOME_PROTOCOL_ERROR\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'parley.v1.negotiation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTREASON']._serialized_start=783
-  _globals['_REJECTREASON']._serialized_end=981
-  _globals['_DISCLOSUREPURPOSE']._serialized_start=984
-  _globals['_DISCLOSUREPURPOSE']._serialized_end=1122
-  _globals['_NEGOTIATIONOUTCOME']._serialized_start=1125
-  _globals['_NEGOTIATIONOUTCOME']._serialized_end=1386
+  _globals['_REJECTREASON']._serialized_start=838
+  _globals['_REJECTREASON']._serialized_end=1036
+  _globals['_DISCLOSUREPURPOSE']._serialized_start=1039
+  _globals['_DISCLOSUREPURPOSE']._serialized_end=1177
+  _globals['_NEGOTIATIONOUTCOME']._serialized_start=1180
+  _globals['_NEGOTIATIONOUTCOME']._serialized_end=1441
   _globals['_THREADOPEN']._serialized_start=123
-  _globals['_THREADOPEN']._serialized_end=356
-  _globals['_OFFER']._serialized_start=358
-  _globals['_OFFER']._serialized_end=433
-  _globals['_ACCEPT']._serialized_start=435
-  _globals['_ACCEPT']._serialized_end=500
-  _globals['_REJECT']._serialized_start=502
-  _globals['_REJECT']._serialized_end=600
-  _globals['_WITHDRAW']._serialized_start=602
-  _globals['_WITHDRAW']._serialized_end=661
-  _globals['_CIRCUMSTANCES']._serialized_start=663
-  _globals['_CIRCUMSTANCES']._serialized_end=780
+  _globals['_THREADOPEN']._serialized_end=334
+  _globals['_DISCLOSURE']._serialized_start=336
+  _globals['_DISCLOSURE']._serialized_end=411
+  _globals['_OFFER']._serialized_start=413
+  _globals['_OFFER']._serialized_end=488
+  _globals['_ACCEPT']._serialized_start=490
+  _globals['_ACCEPT']._serialized_end=555
+  _globals['_REJECT']._serialized_start=557
+  _globals['_REJECT']._serialized_end=655
+  _globals['_WITHDRAW']._serialized_start=657
+  _globals['_WITHDRAW']._serialized_end=716
+  _globals['_CIRCUMSTANCES']._serialized_start=718
+  _globals['_CIRCUMSTANCES']._serialized_end=835
 # @@protoc_insertion_point(module_scope)

@@ -132,13 +132,19 @@ class ThreadOpen(_message.Message):
     MAX_ROUNDS_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
     TERMS_FIELD_NUMBER: _builtins.int
-    CIRCUMSTANCES_FIELD_NUMBER: _builtins.int
+    DISCLOSURE_DIGEST_FIELD_NUMBER: _builtins.int
     bill_id: _builtins.str
     """The bill negotiated."""
     bill_digest: _builtins.bytes
     """Digest of the Bill envelope as received (NEG-2)."""
     max_rounds: _builtins.int
     """Most offers the thread may hold, counting this opening's (NEG-5)."""
+    disclosure_digest: _builtins.bytes
+    """SHA-256 of the serialized Disclosure sent beside this opening
+    (NegotiateRequest.disclosure), or empty when nothing is disclosed (PRV-1).
+    Only this salted commitment is signed, so the biller can erase the
+    disclosure itself while the signed opening stays verifiable (PRV-4).
+    """
     @_builtins.property
     def header(self) -> _header_pb2.Header:
         """Signed header; sequence 0, empty previous_digest, fresh thread_id."""
@@ -151,10 +157,6 @@ class ThreadOpen(_message.Message):
     def terms(self) -> _terms_pb2.Terms:
         """The consumer's first offer."""
 
-    @_builtins.property
-    def circumstances(self) -> Global___Circumstances:
-        """Optional disclosure of circumstances (PRV-1); absent unless needed."""
-
     def __init__(
         self,
         *,
@@ -164,15 +166,45 @@ class ThreadOpen(_message.Message):
         max_rounds: _builtins.int = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
         terms: _terms_pb2.Terms | None = ...,
-        circumstances: Global___Circumstances | None = ...,
+        disclosure_digest: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["circumstances", b"circumstances", "deadline", b"deadline", "header", b"header", "terms", b"terms"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "header", b"header", "terms", b"terms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bill_digest", b"bill_digest", "bill_id", b"bill_id", "circumstances", b"circumstances", "deadline", b"deadline", "header", b"header", "max_rounds", b"max_rounds", "terms", b"terms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bill_digest", b"bill_digest", "bill_id", b"bill_id", "deadline", b"deadline", "disclosure_digest", b"disclosure_digest", "header", b"header", "max_rounds", b"max_rounds", "terms", b"terms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ThreadOpen: _TypeAlias = ThreadOpen  # noqa: Y015
+
+@_typing.final
+class Disclosure(_message.Message):
+    """A disclosure of circumstances, sent beside the ThreadOpen that commits to it.
+    Never signed on its own and never part of an agreement bundle.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SALT_FIELD_NUMBER: _builtins.int
+    CIRCUMSTANCES_FIELD_NUMBER: _builtins.int
+    salt: _builtins.bytes
+    """16 random bytes, so the digest reveals nothing about the content."""
+    @_builtins.property
+    def circumstances(self) -> Global___Circumstances:
+        """What is disclosed."""
+
+    def __init__(
+        self,
+        *,
+        salt: _builtins.bytes = ...,
+        circumstances: Global___Circumstances | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["circumstances", b"circumstances"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circumstances", b"circumstances", "salt", b"salt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Disclosure: _TypeAlias = Disclosure  # noqa: Y015
 
 @_typing.final
 class Offer(_message.Message):
@@ -300,7 +332,7 @@ Global___Withdraw: _TypeAlias = Withdraw  # noqa: Y015
 class Circumstances(_message.Message):
     """Circumstances a consumer may disclose, each optional, for a stated purpose
     (PRV-1..PRV-3). The biller erases them after its retention period or on
-    request and never stores them outside the thread opening.
+    request.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

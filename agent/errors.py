@@ -90,6 +90,8 @@ class Reason(enum.Enum):
     CURSOR_OUT_OF_RANGE = ("OUT_OF_RANGE", "EVT-3", "The start sequence is beyond the end of the log.")
     # Limits (§14)
     RATE_LIMITED = ("RESOURCE_EXHAUSTED", "LIM-8", "The signing key sent more requests than the rate limit allows.")
+    # Offline verification (§17)
+    NOT_AGREED = ("FAILED_PRECONDITION", "BND-4", "The bundle's thread does not end in an agreement.")
     # Transport
     INTERNAL_ERROR = ("INTERNAL", "ERR-3", "The receiver failed; the request may be retried with the same message.")
 

@@ -1,0 +1,273 @@
+"""Ed25519 keys, DSSE v1 envelopes and message digests (PROTOCOL.md §3, §4.1).
+
+Envelopes are DSSE v1: the signature covers the PAE of the payload type and the
+exact payload bytes received, so verifiers never re-serialize (ENV-3). The
+algorithm is fixed by the key (Ed25519, RFC 8032), never read from a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import stat
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.errors import Reason, RemoteProtocolError
+from agent.limits import KEYID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Limits
+from parley.v1 import envelope_pb2
+
+SEED_BYTES = 32
+MAX_PAYLOAD_TYPE_CHARS = 128
+_KEYID_FORM = re.compile(f"[0-9a-f]{{{2 * KEYID_BYTES}}}")
+
+
+def is_keyid(text: str) -> bool:
+    """Whether `text` has the form of a keyid: 32 lowercase hex characters (KEY-2)."""
+    return _KEYID_FORM.fullmatch(text) is not None
+
+
+def keyid_of(raw_public: bytes) -> str:
+    """KEY-2: lowercase hex of the first 16 bytes of SHA-256 of the raw public key."""
+    return hashlib.sha256(raw_public).digest()[:KEYID_BYTES].hex()
+
+
+class VerifyKey:
+    """An Ed25519 public key; equal and hashed by its raw 32 bytes."""
+
+    __slots__ = ("_key", "_keyid", "_raw")
+
+    def __init__(self, key: Ed25519PublicKey) -> None:
+        self._key = key
+        self._raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self._keyid = keyid_of(self._raw)
+
+    @property
+    def raw(self) -> bytes:
+        """The raw 32-byte public key."""
+        return self._raw
+
+    @property
+    def keyid(self) -> str:
+        """The keyid (KEY-2)."""
+        return self._keyid
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> VerifyKey:
+        """The key whose raw encoding is `raw`; ValueError unless it is a 32-byte Ed25519 key."""
+        if len(raw) != PUBLIC_KEY_BYTES:
+            raise ValueError(f"an Ed25519 public key is {PUBLIC_KEY_BYTES} bytes, not {len(raw)}")
+        return cls(Ed25519PublicKey.from_public_bytes(raw))
+
+    def verify(self, signature: bytes, data: bytes) -> bool:
+        """Whether `signature` is this key's Ed25519 signature over `data`."""
+        try:
+            self._key.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VerifyKey) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"VerifyKey(keyid={self.keyid!r})"
+
+
+class InsecureKeyFileError(PermissionError):
+    """A private key file is accessible to group or others."""
+
+
+class SigningKey:
+    """An Ed25519 private key. Its repr shows only the keyid, never key material."""
+
+    __slots__ = ("_key", "_public_key")
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self._public_key = VerifyKey(key.public_key())
+
+    @property
+    def public_key(self) -> VerifyKey:
+        return self._public_key
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        """A fresh random key."""
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> SigningKey:
+        """The key with this 32-byte RFC 8032 seed (deterministic test vectors)."""
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"an Ed25519 seed is {SEED_BYTES} bytes, not {len(seed)}")
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @property
+    def keyid(self) -> str:
+        """The keyid of the public key (KEY-2)."""
+        return self._public_key.keyid
+
+    @property
+    def seed(self) -> bytes:
+        """SECRET: the 32-byte seed, the whole private key. Only for generating test vectors."""
+        return self._key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature over `data`."""
+        return self._key.sign(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the key as unencrypted PKCS#8 PEM to a new file created with mode 0600.
+
+        The file is created with its final mode (never briefly world-readable) and
+        never replaces an existing file: FileExistsError if `path` exists.
+        """
+        pem = self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(pem)
+        except BaseException:
+            # Leave no truncated key behind: a retry must not hit FileExistsError.
+            os.unlink(path)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SigningKey:
+        """Read a key written by `save`; InsecureKeyFileError if group or others have any access."""
+        with open(path, "rb") as file:
+            # fstat the opened file, not the path, so the checked file is the one read.
+            mode = os.fstat(file.fileno()).st_mode
+            if mode & 0o077:
+                raise InsecureKeyFileError(
+                    f"private key file {Path(path)} has mode {stat.filemode(mode)}, "
+                    f"open to group or others; run: chmod 600 {Path(path)}"
+                )
+            key = serialization.load_pem_private_key(file.read(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{Path(path)} does not hold an Ed25519 private key")
+        return cls(key)
+
+    def __repr__(self) -> str:
+        return f"SigningKey(keyid={self.keyid!r})"
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: what is signed and digested (ENV-3)."""
+    type_bytes = payload_type.encode()
+    return b"DSSEv1 %d %b %d %b" % (len(type_bytes), type_bytes, len(payload), payload)
+
+
+def digest(envelope: envelope_pb2.Envelope) -> bytes:
+    """A message's digest: SHA-256 of its PAE (previous_digest, accepts, fingerprints)."""
+    return hashlib.sha256(pae(envelope.payload_type, envelope.payload)).digest()
+
+
+def sign_envelope(key: SigningKey, payload_type: str, payload: bytes) -> envelope_pb2.Envelope:
+    """An envelope carrying `payload` with `key`'s one signature over its PAE."""
+    signature = envelope_pb2.Signature(keyid=key.keyid, sig=key.sign(pae(payload_type, payload)))
+    return envelope_pb2.Envelope(payload=payload, payload_type=payload_type, signatures=[signature])
+
+
+def _malformed(detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError(Reason.MALFORMED_ENVELOPE, detail)
+
+
+def check_envelope_form(envelope: envelope_pb2.Envelope, limits: Limits) -> envelope_pb2.Signature:
+    """LIM-1, ENV-1, ENV-2: the envelope's size and shape; returns its one signature."""
+    size = envelope.ByteSize()
+    if size > limits.max_envelope_bytes:
+        raise RemoteProtocolError(
+            Reason.ENVELOPE_TOO_LARGE, f"envelope is {size} bytes, limit {limits.max_envelope_bytes}"
+        )
+    if len(envelope.signatures) != 1:
+        raise _malformed(f"envelope has {len(envelope.signatures)} signatures, not exactly one")
+    signature = envelope.signatures[0]
+    if not is_keyid(signature.keyid):
+        raise _malformed(f"keyid is not {2 * KEYID_BYTES} lowercase hex characters")
+    if len(signature.sig) != SIGNATURE_BYTES:
+        raise _malformed(f"signature is {len(signature.sig)} bytes, not {SIGNATURE_BYTES}")
+    if not 0 < len(envelope.payload_type) <= MAX_PAYLOAD_TYPE_CHARS:
+        raise _malformed(f"payloadType must be 1 to {MAX_PAYLOAD_TYPE_CHARS} characters")
+    if not envelope.payload:
+        raise _malformed("payload is empty")
+    return signature
+
+
+def verify_signature(envelope: envelope_pb2.Envelope, *keys: VerifyKey) -> None:
+    """ENV-3: BAD_SIGNATURE unless one of `keys` signed the PAE of the bytes as received."""
+    signed = pae(envelope.payload_type, envelope.payload)
+    sig = envelope.signatures[0].sig
+    if not any(key.verify(sig, signed) for key in keys):
+        raise RemoteProtocolError(Reason.BAD_SIGNATURE, f"signature by keyid {envelope.signatures[0].keyid} fails")
+
+
+def envelope_to_json(envelope: envelope_pb2.Envelope) -> dict[str, object]:
+    """The DSSE JSON form, with standard padded base64 (bundles, test vectors)."""
+    return {
+        "payload": base64.b64encode(envelope.payload).decode("ascii"),
+        "payloadType": envelope.payload_type,
+        "signatures": [
+            {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in envelope.signatures
+        ],
+    }
+
+
+def _json_fields(obj: object, fields: frozenset[str], what: str) -> dict[str, object]:
+    if not isinstance(obj, dict) or obj.keys() != fields:
+        raise _malformed(f"{what} must be an object with exactly the members {sorted(fields)}")
+    return obj
+
+
+def _json_str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise _malformed(f"{what} must be a string")
+    return value
+
+
+def _json_base64(value: object, what: str) -> bytes:
+    text = _json_str(value, what)
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise _malformed(f"{what} is not standard padded base64") from error
+    # Only the canonical encoding, so one envelope has one JSON form.
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise _malformed(f"{what} is not canonical base64")
+    return raw
+
+
+def envelope_from_json(obj: object) -> envelope_pb2.Envelope:
+    """Parse the DSSE JSON form strictly: exact members, types and base64; else MALFORMED_ENVELOPE."""
+    fields = _json_fields(obj, frozenset({"payload", "payloadType", "signatures"}), "envelope")
+    signatures = fields["signatures"]
+    if not isinstance(signatures, list):
+        raise _malformed("signatures must be an array")
+    envelope = envelope_pb2.Envelope()
+    try:
+        envelope.payload = _json_base64(fields["payload"], "payload")
+        envelope.payload_type = _json_str(fields["payloadType"], "payloadType")
+        for index, member in enumerate(signatures):
+            what = f"signatures[{index}]"
+            signature = _json_fields(member, frozenset({"keyid", "sig"}), what)
+            envelope.signatures.add(
+                keyid=_json_str(signature["keyid"], f"{what}.keyid"),
+                sig=_json_base64(signature["sig"], f"{what}.sig"),
+            )
+    except ValueError as error:  # a string protobuf cannot hold, e.g. a lone surrogate
+        raise _malformed("envelope strings are not valid Unicode") from error
+    return envelope

@@ -1,0 +1,283 @@
+"""Signed payload types, headers, and the one path that opens a received envelope.
+
+`open_envelope` applies PROTOCOL.md §3 and §5 in a fixed order, so a given bad
+message always fails with the same reason: envelope form, payload type, key,
+signature (nothing is parsed before it verifies, ENV-4), parse, unknown fields,
+header, key validity, lifetime, and finally the validity window.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
+
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.unknown_fields import UnknownFieldSet
+
+from agent.crypto import SigningKey, check_envelope_form, digest, sign_envelope, verify_signature
+from agent.errors import Reason, RemoteProtocolError
+from agent.limits import (
+    DEFAULT_LIMITS,
+    DIGEST_BYTES,
+    MESSAGE_ID_BYTES,
+    PROTOCOL_VERSION,
+    THREAD_ID_BYTES,
+    Limits,
+)
+from parley.v1 import (
+    account_pb2,
+    bill_pb2,
+    enrolment_pb2,
+    envelope_pb2,
+    event_pb2,
+    header_pb2,
+    keys_pb2,
+    negotiation_pb2,
+    payment_pb2,
+)
+
+if TYPE_CHECKING:
+    from agent.keysets import KeyChain
+
+M = TypeVar("M", bound=Message)
+
+PAYLOAD_TYPES: Mapping[str, type[Message]] = MappingProxyType({
+    cls.DESCRIPTOR.full_name: cls
+    for cls in (
+        keys_pb2.KeySet,
+        bill_pb2.Bill,
+        negotiation_pb2.ThreadOpen,
+        negotiation_pb2.Offer,
+        negotiation_pb2.Accept,
+        negotiation_pb2.Reject,
+        negotiation_pb2.Withdraw,
+        enrolment_pb2.EnrolmentRequest,
+        enrolment_pb2.EnrolmentConfirmation,
+        account_pb2.AccountQuery,
+        account_pb2.ErasureRequest,
+        account_pb2.ErasureConfirmation,
+        payment_pb2.PaymentIntent,
+        payment_pb2.PaymentInstructions,
+        payment_pb2.Receipt,
+        event_pb2.Event,
+    )
+})
+
+
+class _Signed(Protocol):
+    """Every payload type carries its Header as field 1 (HDR-2)."""
+
+    @property
+    def header(self) -> header_pb2.Header: ...
+
+
+def header_of(message: Message) -> header_pb2.Header:
+    """The header of a signed payload."""
+    return cast(_Signed, message).header
+
+
+def to_timestamp(moment: datetime) -> Timestamp:
+    """A protobuf Timestamp; ValueError for a naive datetime, whose instant is unknown."""
+    if moment.tzinfo is None:
+        raise ValueError("times must be timezone-aware")
+    timestamp = Timestamp()
+    timestamp.FromDatetime(moment)
+    return timestamp
+
+
+def read_time(message: Message, field: str, reason: Reason) -> datetime:
+    """The UTC time in `message.field`; RemoteProtocolError(reason) if unset or out of range."""
+    if not message.HasField(field):
+        raise RemoteProtocolError(reason, f"{field} is missing")
+    try:
+        return cast(Timestamp, getattr(message, field)).ToDatetime(tzinfo=UTC)
+    except ValueError as error:
+        raise RemoteProtocolError(reason, f"{field} is not a valid timestamp") from error
+
+
+def new_message_id() -> bytes:
+    """16 random bytes, unique per sender for ever (HDR-8)."""
+    return secrets.token_bytes(MESSAGE_ID_BYTES)
+
+
+def new_header(
+    *,
+    sender: str,
+    recipient: str,
+    thread_id: bytes,
+    sequence: int,
+    previous_digest: bytes,
+    now: datetime,
+    lifetime: timedelta,
+    message_id: bytes | None = None,
+) -> header_pb2.Header:
+    """A header created at `now` and expiring `lifetime` later; a random message id unless given."""
+    return header_pb2.Header(
+        protocol_version=PROTOCOL_VERSION,
+        message_id=new_message_id() if message_id is None else message_id,
+        thread_id=thread_id,
+        sequence=sequence,
+        sender=sender,
+        recipient=recipient,
+        create_time=to_timestamp(now),
+        expire_time=to_timestamp(now + lifetime),
+        previous_digest=previous_digest,
+    )
+
+
+def seal(message: Message, key: SigningKey) -> envelope_pb2.Envelope:
+    """Sign `message` in an envelope whose payloadType is its full protobuf name (ENV-5)."""
+    return sign_envelope(key, message.DESCRIPTOR.full_name, message.SerializeToString(deterministic=True))
+
+
+def _unknown_field_paths(message: Message, prefix: str) -> Iterator[str]:
+    unknown = UnknownFieldSet(message)
+    for index in range(len(unknown)):
+        yield f"{prefix}#{unknown[index].field_number}"
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        path = prefix + field.name
+        if field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].message_type is not None:
+                for key, item in value.items():
+                    yield from _unknown_field_paths(item, f"{path}[{key!r}].")
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                yield from _unknown_field_paths(item, f"{path}[{index}].")
+        else:
+            yield from _unknown_field_paths(value, f"{path}.")
+
+
+def find_unknown_fields(message: Message) -> list[str]:
+    """ENV-7: paths of fields this version does not define, in `message` and every nested message.
+
+    A path names the unknown field by number, e.g. "#99" or "terms.lines[0].#99".
+    """
+    return list(_unknown_field_paths(message, ""))
+
+
+def parse_payload(cls: type[M], payload: bytes) -> M:
+    """ENV-6, ENV-7: parse `payload` as `cls`, refusing any field `cls` does not define."""
+    try:
+        message = cls.FromString(payload)
+    except DecodeError as error:
+        raise RemoteProtocolError(
+            Reason.MALFORMED_PAYLOAD, f"payload does not parse as {cls.DESCRIPTOR.full_name}"
+        ) from error
+    unknown = find_unknown_fields(message)
+    if unknown:
+        raise RemoteProtocolError(Reason.UNKNOWN_FIELD, f"unknown fields: {', '.join(unknown)}")
+    return message
+
+
+def _malformed_header(detail: str) -> RemoteProtocolError:
+    return RemoteProtocolError(Reason.MALFORMED_HEADER, detail)
+
+
+def check_header_form(message: Message) -> tuple[datetime, datetime]:
+    """HDR-1, HDR-2: the payload's header is present and well formed; returns (create_time, expire_time)."""
+    if not message.HasField("header"):
+        raise _malformed_header("header is missing")
+    header = header_of(message)
+    if header.protocol_version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(
+            Reason.UNSUPPORTED_VERSION, f"protocol_version {header.protocol_version}, not {PROTOCOL_VERSION}"
+        )
+    if len(header.message_id) != MESSAGE_ID_BYTES:
+        raise _malformed_header(f"message_id is {len(header.message_id)} bytes, not {MESSAGE_ID_BYTES}")
+    if len(header.thread_id) != THREAD_ID_BYTES:
+        raise _malformed_header(f"thread_id is {len(header.thread_id)} bytes, not {THREAD_ID_BYTES}")
+    if len(header.previous_digest) not in (0, DIGEST_BYTES):
+        raise _malformed_header(f"previous_digest is {len(header.previous_digest)} bytes, not 0 or {DIGEST_BYTES}")
+    create_time = read_time(header, "create_time", Reason.MALFORMED_HEADER)
+    expire_time = read_time(header, "expire_time", Reason.MALFORMED_HEADER)
+    return create_time, expire_time
+
+
+@dataclass(frozen=True)
+class Verified(Generic[M]):
+    """A received message that passed `open_envelope`, with the envelope it came in."""
+
+    message: M
+    envelope: envelope_pb2.Envelope
+    digest: bytes
+    keyid: str
+
+    @property
+    def header(self) -> header_pb2.Header:
+        return header_of(self.message)
+
+
+def open_envelope(
+    envelope: envelope_pb2.Envelope,
+    expected: tuple[type[M], ...],
+    *,
+    sender_keys: KeyChain,
+    recipient: str,
+    now: datetime | None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Verified[M]:
+    """Verify and parse a received envelope: the one receive path (§3, §5).
+
+    `expected` are the payload types the call or thread position accepts.
+    `now=None` verifies offline (bundles): the checks against the reception
+    time (HDR-5 window) are skipped, everything else applies. Key sets are not
+    opened here: they verify as a chain (`KeyChain`).
+    """
+    signature = check_envelope_form(envelope, limits)
+    cls = next((c for c in expected if c.DESCRIPTOR.full_name == envelope.payload_type), None)
+    if cls is None:
+        names = ", ".join(c.DESCRIPTOR.full_name for c in expected)
+        raise RemoteProtocolError(
+            Reason.WRONG_PAYLOAD_TYPE, f"payloadType {envelope.payload_type!r} is not one of: {names}"
+        )
+    # KEY-6: the keyid only selects among the expected sender's own keys.
+    candidates = sender_keys.candidate_keys(signature.keyid)
+    if not candidates:
+        raise RemoteProtocolError(
+            Reason.UNKNOWN_KEY, f"keyid {signature.keyid} is not in {sender_keys.party_id}'s key set"
+        )
+    verify_signature(envelope, *candidates)  # ENV-4: before anything is parsed
+    message = parse_payload(cls, envelope.payload)
+
+    create_time, expire_time = check_header_form(message)
+    header = header_of(message)
+    if header.sender != sender_keys.party_id:
+        raise RemoteProtocolError(
+            Reason.WRONG_SENDER, f"sender {header.sender!r} did not sign; {sender_keys.party_id!r} did"
+        )
+    if header.recipient != recipient:
+        raise RemoteProtocolError(Reason.WRONG_RECIPIENT, f"recipient {header.recipient!r} is not {recipient!r}")
+    sender_keys.check_key_at(signature.keyid, create_time)
+
+    lifetime = expire_time - create_time
+    if not timedelta(0) < lifetime <= limits.max_message_lifetime:
+        raise RemoteProtocolError(
+            Reason.LIFETIME_TOO_LONG, f"lifetime {lifetime} is not within (0, {limits.max_message_lifetime}]"
+        )
+    # HDR-5. Skew is added to `now`, never to received times, which may be
+    # near the ends of the datetime range.
+    if now is not None:
+        if create_time > now + limits.max_clock_skew:
+            raise RemoteProtocolError(Reason.MESSAGE_NOT_YET_VALID, f"created {create_time}, now {now}")
+        if expire_time < now - limits.max_clock_skew:
+            raise RemoteProtocolError(Reason.MESSAGE_EXPIRED, f"expired {expire_time}, now {now}")
+    return Verified(message=message, envelope=envelope, digest=digest(envelope), keyid=signature.keyid)
+
+
+def check_sequence(header: header_pb2.Header, *, expected_sequence: int, expected_previous: bytes) -> None:
+    """HDR-6, HDR-7: the message is the next one in its thread and chains to the last one."""
+    if header.sequence != expected_sequence:
+        raise RemoteProtocolError(
+            Reason.SEQUENCE_MISMATCH, f"sequence {header.sequence}, expected {expected_sequence}"
+        )
+    if header.previous_digest != expected_previous:
+        raise RemoteProtocolError(
+            Reason.PREVIOUS_DIGEST_MISMATCH, "previous_digest is not the digest of the thread's last message"
+        )

@@ -99,7 +99,9 @@ def _verify(args: argparse.Namespace, out: Console) -> int:
             print(json.dumps({"verdict": "invalid", "reason": error.reason.name, "detail": error.detail}))
         return EXIT_INVALID
     if args.json:
-        print(json.dumps({"verdict": "valid", "bill_id": agreement.bill.bill_id, "accept": agreement.accept.digest.hex()}))
+        print(
+            json.dumps({"verdict": "valid", "bill_id": agreement.bill.bill_id, "accept": agreement.accept.digest.hex()})
+        )
     else:
         _summary(agreement, out)
     return EXIT_VALID
@@ -116,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="verify an agreement bundle offline")
     verify.add_argument("bundle", help="a parley-bundle/1 JSON file")
     verify.add_argument(
-        "--pin", action="append", default=[], metavar="PARTY=FINGERPRINT",
+        "--pin",
+        action="append",
+        default=[],
+        metavar="PARTY=FINGERPRINT",
         help="require PARTY's key set chain to start at this identity fingerprint (hex); repeatable",
     )
     verify.add_argument("--json", action="store_true", help="also print the verdict as one JSON line on stdout")

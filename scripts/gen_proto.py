@@ -36,15 +36,20 @@ def _plugin(name: str) -> str:
 def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE).glob("*.proto"))
     command = [
-        sys.executable, "-m", "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}", f"-I{WELL_KNOWN}",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{WELL_KNOWN}",
         f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
         f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
-        f"--python_out={out}", f"--mypy_out={out}",
-        f"--grpc_python_out={out}", f"--mypy_grpc_out={out}",
+        f"--python_out={out}",
+        f"--mypy_out={out}",
+        f"--grpc_python_out={out}",
+        f"--mypy_grpc_out={out}",
         *protos,
     ]
-    result = subprocess.run(command, cwd=PROTO_ROOT, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=PROTO_ROOT, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         sys.exit(f"gen_proto: protoc failed:\n{result.stderr}")
     # protoc writes a grpc module for every file; keep only those with services.

@@ -31,7 +31,7 @@ from agent.crypto import SigningKey, digest, envelope_to_json, pae, sign_envelop
 from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.limits import DEFAULT_LIMITS
 from agent.protocol.agreement import Bundle
-from agent.protocol.messages import new_header, seal
+from agent.protocol.messages import PAYLOAD_TYPES, new_header, seal
 from agent.protocol.moves import payload_of
 from agent.protocol.negotiation import Accept, Move, Offer, Open, Reject, Withdraw
 from agent.terms import (
@@ -50,11 +50,11 @@ from agent.terms import (
 from agent.vectors import SCHEMA
 from parley.v1 import (
     account_pb2,
+    bill_pb2,
     enrolment_pb2,
     envelope_pb2,
     event_pb2,
     header_pb2,
-    keys_pb2,
     negotiation_pb2,
     payment_pb2,
 )
@@ -89,46 +89,79 @@ def entry(name: str, not_before: datetime = T0, not_after: datetime = T0 + YEAR)
 
 # --- Key set chains -------------------------------------------------------------------------
 BILLER_V1 = make_key_set(
-    party_id=BILLER, version=1, keys=[entry("biller-1")], signer=KEYS["biller-1"], previous=None,
-    create_time=T0, expire_time=T0 + YEAR, message_id=next_id(),
+    party_id=BILLER,
+    version=1,
+    keys=[entry("biller-1")],
+    signer=KEYS["biller-1"],
+    previous=None,
+    create_time=T0,
+    expire_time=T0 + YEAR,
+    message_id=next_id(),
 )
 ROTATION = datetime(2026, 3, 20, tzinfo=UTC)
 BILLER_V2 = make_key_set(
-    party_id=BILLER, version=2, keys=[entry("biller-2")], signer=KEYS["biller-1"],
-    previous=KeyChain.verify([BILLER_V1]).latest, create_time=ROTATION, expire_time=ROTATION + YEAR,
+    party_id=BILLER,
+    version=2,
+    keys=[entry("biller-2")],
+    signer=KEYS["biller-1"],
+    previous=KeyChain.verify([BILLER_V1]).latest,
+    create_time=ROTATION,
+    expire_time=ROTATION + YEAR,
     message_id=next_id(),
 )
 CONSUMER_V1 = make_key_set(
-    party_id=CONSUMER, version=1, keys=[entry("consumer-1"), entry("consumer-2")], signer=KEYS["consumer-1"],
-    previous=None, create_time=T0, expire_time=T0 + YEAR, message_id=next_id(),
+    party_id=CONSUMER,
+    version=1,
+    keys=[entry("consumer-1"), entry("consumer-2")],
+    signer=KEYS["consumer-1"],
+    previous=None,
+    create_time=T0,
+    expire_time=T0 + YEAR,
+    message_id=next_id(),
 )
 # consumer-1 is found compromised; version 2, signed by the surviving consumer-2,
 # revokes it from the estimated moment of compromise (the compromised-key drill).
 COMPROMISE, DRILL = datetime(2026, 4, 1, tzinfo=UTC), datetime(2026, 4, 10, tzinfo=UTC)
 CONSUMER_V2 = make_key_set(
-    party_id=CONSUMER, version=2, keys=[entry("consumer-1"), entry("consumer-2")], signer=KEYS["consumer-2"],
-    previous=KeyChain.verify([CONSUMER_V1]).latest, create_time=DRILL, expire_time=DRILL + YEAR,
-    revocations={KEYS["consumer-1"].keyid: COMPROMISE}, revocation_reasons={KEYS["consumer-1"].keyid: "compromised"},
+    party_id=CONSUMER,
+    version=2,
+    keys=[entry("consumer-1"), entry("consumer-2")],
+    signer=KEYS["consumer-2"],
+    previous=KeyChain.verify([CONSUMER_V1]).latest,
+    create_time=DRILL,
+    expire_time=DRILL + YEAR,
+    revocations={KEYS["consumer-1"].keyid: COMPROMISE},
+    revocation_reasons={KEYS["consumer-1"].keyid: "compromised"},
     message_id=next_id(),
 )
 CHAINS = {BILLER: [BILLER_V1, BILLER_V2], CONSUMER: [CONSUMER_V1, CONSUMER_V2]}
 SIGNER = {BILLER: "biller-1", CONSUMER: "consumer-1"}
 
 
-def header(sender: str, *, at: datetime, thread: bytes | None = None, sequence: int = 0, previous: bytes = b"",
-           lifetime: timedelta = HOUR) -> header_pb2.Header:
+def header(
+    sender: str,
+    *,
+    at: datetime,
+    thread: bytes | None = None,
+    sequence: int = 0,
+    previous: bytes = b"",
+    lifetime: timedelta = HOUR,
+) -> header_pb2.Header:
     recipient = CONSUMER if sender == BILLER else BILLER
     return new_header(
-        sender=sender, recipient=recipient, thread_id=thread or next_id(), sequence=sequence,
-        previous_digest=previous, now=at, lifetime=lifetime, message_id=next_id(),
+        sender=sender,
+        recipient=recipient,
+        thread_id=thread or next_id(),
+        sequence=sequence,
+        previous_digest=previous,
+        now=at,
+        lifetime=lifetime,
+        message_id=next_id(),
     )
 
 
-def resign(envelope: envelope_pb2.Envelope, key: SigningKey, change: Callable[[Any], None],
-           payload_type: Message | None = None) -> envelope_pb2.Envelope:
+def resign(envelope: envelope_pb2.Envelope, key: SigningKey, change: Callable[[Any], None]) -> envelope_pb2.Envelope:
     """Parse, change and sign again: the signature is good, something else is wrong."""
-    from agent.protocol.messages import PAYLOAD_TYPES
-
     message = PAYLOAD_TYPES[envelope.payload_type]()
     message.ParseFromString(envelope.payload)
     change(message)
@@ -137,12 +170,17 @@ def resign(envelope: envelope_pb2.Envelope, key: SigningKey, change: Callable[[A
 
 # --- The bill and two threads ---------------------------------------------------------------
 BILL_FACTS = BillFacts(
-    bill_id="bill-2026-03", account_id="acct-1001", amount_due=eur("120.00"), issue_date=date(2026, 3, 1),
-    due_date=date(2026, 3, 31), description="Electricity, March 2026",
+    bill_id="bill-2026-03",
+    account_id="acct-1001",
+    amount_due=eur("120.00"),
+    issue_date=date(2026, 3, 1),
+    due_date=date(2026, 3, 31),
+    description="Electricity, March 2026",
     options=AdvertisedOptions(
         deferral=DeferralOption(max_days=30, fee=eur("5.00")),
-        instalments=InstalmentOption(max_count=6, min_amount=eur("20.00"), min_interval_days=14,
-                                     max_interval_days=35, max_first_delay_days=30),
+        instalments=InstalmentOption(
+            max_count=6, min_amount=eur("20.00"), min_interval_days=14, max_interval_days=35, max_first_delay_days=30
+        ),
         early_payment=EarlyPaymentDiscount(pay_by_date=date(2026, 3, 15), discount=eur("3.00")),
     ),
 )
@@ -150,8 +188,6 @@ BILL_TIME = datetime(2026, 3, 1, 8, tzinfo=UTC)
 
 
 def make_bill(facts: BillFacts = BILL_FACTS) -> envelope_pb2.Envelope:
-    from parley.v1 import bill_pb2
-
     message = bill_pb2.Bill(header=header(BILLER, at=BILL_TIME, lifetime=timedelta(hours=24)))
     message.MergeFrom(facts.to_proto())
     return seal(message, KEYS["biller-1"])
@@ -160,8 +196,9 @@ def make_bill(facts: BillFacts = BILL_FACTS) -> envelope_pb2.Envelope:
 BILL = make_bill()
 PLAN_8 = build_terms(TermsKind.INSTALMENT_PLAN, BILL_FACTS.amount_due, monthly_dates(date(2026, 4, 15), 8))
 PLAN_6 = build_terms(TermsKind.INSTALMENT_PLAN, BILL_FACTS.amount_due, monthly_dates(date(2026, 4, 15), 6))
-DEFERRAL = build_terms(TermsKind.DEFERRAL, BILL_FACTS.amount_due, [date(2026, 4, 30)],
-                       [Line(LineKind.FEE, "deferral fee", eur("5.00"))])
+DEFERRAL = build_terms(
+    TermsKind.DEFERRAL, BILL_FACTS.amount_due, [date(2026, 4, 30)], [Line(LineKind.FEE, "deferral fee", eur("5.00"))]
+)
 
 
 @dataclass
@@ -173,13 +210,23 @@ class Thread:
     id: bytes = field(default_factory=next_id)
     envelopes: list[envelope_pb2.Envelope] = field(default_factory=list)
 
-    def move(self, move: Move, *, after: timedelta = MINUTE, key: str | None = None,
-             sequence: int | None = None, previous: bytes | None = None) -> envelope_pb2.Envelope:
+    def move(
+        self,
+        move: Move,
+        *,
+        after: timedelta = MINUTE,
+        key: str | None = None,
+        sequence: int | None = None,
+        previous: bytes | None = None,
+    ) -> envelope_pb2.Envelope:
         position = len(self.envelopes)
         sender = CONSUMER if position % 2 == 0 else BILLER
         at = self.start + after * position
         head = header(
-            sender, at=at, thread=self.id, sequence=position if sequence is None else sequence,
+            sender,
+            at=at,
+            thread=self.id,
+            sequence=position if sequence is None else sequence,
             previous=(digest(self.envelopes[-1]) if self.envelopes else b"") if previous is None else previous,
         )
         envelope = seal(payload_of(move, head, bill_id=BILL_FACTS.bill_id), KEYS[key or SIGNER[sender]])
@@ -211,17 +258,36 @@ CASES: list[dict[str, object]] = []
 
 
 def case(case_id: str, comment: str, requirement: str, kind: str, reason: str | None, **body: object) -> None:
-    CASES.append({
-        "id": case_id, "comment": comment, "requirement": requirement, "kind": kind, **body,
-        "expected": "valid" if reason is None else "invalid", "reason": reason,
-    })
+    CASES.append(
+        {
+            "id": case_id,
+            "comment": comment,
+            "requirement": requirement,
+            "kind": kind,
+            **body,
+            "expected": "valid" if reason is None else "invalid",
+            "reason": reason,
+        }
+    )
 
 
-def message_case(case_id: str, comment: str, requirement: str, envelope: envelope_pb2.Envelope, reason: str | None,
-                 *, sender: str, accept: list[str], now: datetime, recipient: str | None = None) -> None:
+def message_case(
+    case_id: str,
+    comment: str,
+    requirement: str,
+    envelope: envelope_pb2.Envelope,
+    reason: str | None,
+    *,
+    sender: str,
+    accept: list[str],
+    now: datetime,
+    recipient: str | None = None,
+) -> None:
     context = {
-        "sender": sender, "recipient": recipient or (CONSUMER if sender == BILLER else BILLER),
-        "now": now.isoformat(), "accept": accept,
+        "sender": sender,
+        "recipient": recipient or (CONSUMER if sender == BILLER else BILLER),
+        "now": now.isoformat(),
+        "accept": accept,
     }
     case(case_id, comment, requirement, "message", reason, envelope=envelope_to_json(envelope), context=context)
 
@@ -232,57 +298,154 @@ NEGOTIATION = [f"parley.v1.{name}" for name in ("ThreadOpen", "Offer", "Accept",
 def valid_messages() -> None:
     thread = agreed_thread()
     at = thread.start + HOUR
-    message_case("valid-bill", "A bill signed by the biller's version-1 key before the rotation.", "ENV-3",
-                 BILL, None, sender=BILLER, accept=["parley.v1.Bill"], now=BILL_TIME + MINUTE)
+    message_case(
+        "valid-bill",
+        "A bill signed by the biller's version-1 key before the rotation.",
+        "ENV-3",
+        BILL,
+        None,
+        sender=BILLER,
+        accept=["parley.v1.Bill"],
+        now=BILL_TIME + MINUTE,
+    )
     names = ("thread-open", "counter-offer", "accept")
     for index, (name, envelope) in enumerate(zip(names, thread.envelopes, strict=True)):
         sender = CONSUMER if index % 2 == 0 else BILLER
-        message_case(f"valid-{name}", f"Message {index} of an agreed thread.", "ENV-3", envelope, None,
-                     sender=sender, accept=NEGOTIATION, now=at)
+        message_case(
+            f"valid-{name}",
+            f"Message {index} of an agreed thread.",
+            "ENV-3",
+            envelope,
+            None,
+            sender=sender,
+            accept=NEGOTIATION,
+            now=at,
+        )
     other = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     other.open(PLAN_8)
     reject = other.move(Reject(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, "eight instalments is too many"))
-    message_case("valid-reject", "A biller's rejection.", "ENV-3", reject, None, sender=BILLER, accept=NEGOTIATION,
-                 now=at + timedelta(days=1))
+    message_case(
+        "valid-reject",
+        "A biller's rejection.",
+        "ENV-3",
+        reject,
+        None,
+        sender=BILLER,
+        accept=NEGOTIATION,
+        now=at + timedelta(days=1),
+    )
     withdrawn = Thread(datetime(2026, 3, 6, 10, tzinfo=UTC))
     withdrawn.open(PLAN_8)
     withdrawn.move(Offer(PLAN_6))
     withdraw = withdrawn.move(Withdraw("paid in cash at the counter"))
-    message_case("valid-withdraw", "A consumer's withdrawal.", "ENV-3", withdraw, None, sender=CONSUMER,
-                 accept=NEGOTIATION, now=at + timedelta(days=1))
+    message_case(
+        "valid-withdraw",
+        "A consumer's withdrawal.",
+        "ENV-3",
+        withdraw,
+        None,
+        sender=CONSUMER,
+        accept=NEGOTIATION,
+        now=at + timedelta(days=1),
+    )
 
     when = datetime(2026, 3, 7, 12, tzinfo=UTC)
     others: list[tuple[str, str, Message]] = [
-        ("enrolment-request", CONSUMER, enrolment_pb2.EnrolmentRequest(
-            header=header(CONSUMER, at=when), account_id="acct-1001", code="7KQ2-MX4D-9RTB",
-            consumer_key_set=CONSUMER_V1)),
-        ("enrolment-confirmation", BILLER, enrolment_pb2.EnrolmentConfirmation(
-            header=header(BILLER, at=when, sequence=1, previous=hashlib.sha256(b"request").digest()),
-            account_id="acct-1001", consumer_party_id=CONSUMER)),
+        (
+            "enrolment-request",
+            CONSUMER,
+            enrolment_pb2.EnrolmentRequest(
+                header=header(CONSUMER, at=when),
+                account_id="acct-1001",
+                code="7KQ2-MX4D-9RTB",
+                consumer_key_set=CONSUMER_V1,
+            ),
+        ),
+        (
+            "enrolment-confirmation",
+            BILLER,
+            enrolment_pb2.EnrolmentConfirmation(
+                header=header(BILLER, at=when, sequence=1, previous=hashlib.sha256(b"request").digest()),
+                account_id="acct-1001",
+                consumer_party_id=CONSUMER,
+            ),
+        ),
         ("account-query", CONSUMER, account_pb2.AccountQuery(header=header(CONSUMER, at=when), account_id="acct-1001")),
-        ("erasure-request", CONSUMER, account_pb2.ErasureRequest(header=header(CONSUMER, at=when), account_id="acct-1001")),
-        ("erasure-confirmation", BILLER, account_pb2.ErasureConfirmation(
-            header=header(BILLER, at=when, sequence=1, previous=hashlib.sha256(b"erasure").digest()),
-            account_id="acct-1001", erased_count=1)),
-        ("payment-intent", CONSUMER, payment_pb2.PaymentIntent(
-            header=header(CONSUMER, at=when), intent_id="intent-0001", account_id="acct-1001",
-            bill_id="bill-2026-03", agreement_digest=thread.last_digest(), instalment_index=0,
-            amount=PLAN_6.schedule[0].amount.to_proto())),
-        ("payment-instructions", BILLER, payment_pb2.PaymentInstructions(
-            header=header(BILLER, at=when, sequence=1, previous=hashlib.sha256(b"intent").digest()),
-            intent_id="intent-0001", amount=PLAN_6.schedule[0].amount.to_proto(), rail="sepa-credit-transfer",
-            payee_name="Energy Example Ltd", payee_account="DE89370400440532013000", payment_reference="ACCT1001-0001")),
-        ("receipt", BILLER, payment_pb2.Receipt(
-            header=header(BILLER, at=when, sequence=2, previous=hashlib.sha256(b"instructions").digest()),
-            intent_id="intent-0001", amount_received=PLAN_6.schedule[0].amount.to_proto(),
-            rail_reference="SCT-20260307-0001", remaining_balance=eur("100.00").to_proto())),
-        ("event", BILLER, event_pb2.Event(
-            header=header(BILLER, at=when), account_id="acct-1001", kind=event_pb2.EVENT_KIND_REMINDER,
-            bill_id="bill-2026-03", reminder_level=1, message="A friendly reminder: your bill is due on 31 March.")),
+        (
+            "erasure-request",
+            CONSUMER,
+            account_pb2.ErasureRequest(header=header(CONSUMER, at=when), account_id="acct-1001"),
+        ),
+        (
+            "erasure-confirmation",
+            BILLER,
+            account_pb2.ErasureConfirmation(
+                header=header(BILLER, at=when, sequence=1, previous=hashlib.sha256(b"erasure").digest()),
+                account_id="acct-1001",
+                erased_count=1,
+            ),
+        ),
+        (
+            "payment-intent",
+            CONSUMER,
+            payment_pb2.PaymentIntent(
+                header=header(CONSUMER, at=when),
+                intent_id="intent-0001",
+                account_id="acct-1001",
+                bill_id="bill-2026-03",
+                agreement_digest=thread.last_digest(),
+                instalment_index=0,
+                amount=PLAN_6.schedule[0].amount.to_proto(),
+            ),
+        ),
+        (
+            "payment-instructions",
+            BILLER,
+            payment_pb2.PaymentInstructions(
+                header=header(BILLER, at=when, sequence=1, previous=hashlib.sha256(b"intent").digest()),
+                intent_id="intent-0001",
+                amount=PLAN_6.schedule[0].amount.to_proto(),
+                rail="sepa-credit-transfer",
+                payee_name="Energy Example Ltd",
+                payee_account="DE89370400440532013000",
+                payment_reference="ACCT1001-0001",
+            ),
+        ),
+        (
+            "receipt",
+            BILLER,
+            payment_pb2.Receipt(
+                header=header(BILLER, at=when, sequence=2, previous=hashlib.sha256(b"instructions").digest()),
+                intent_id="intent-0001",
+                amount_received=PLAN_6.schedule[0].amount.to_proto(),
+                rail_reference="SCT-20260307-0001",
+                remaining_balance=eur("100.00").to_proto(),
+            ),
+        ),
+        (
+            "event",
+            BILLER,
+            event_pb2.Event(
+                header=header(BILLER, at=when),
+                account_id="acct-1001",
+                kind=event_pb2.EVENT_KIND_REMINDER,
+                bill_id="bill-2026-03",
+                reminder_level=1,
+                message="A friendly reminder: your bill is due on 31 March.",
+            ),
+        ),
     ]
     for name, sender, message in others:
-        message_case(f"valid-{name}", f"A valid {message.DESCRIPTOR.name}.", "ENV-3", seal(message, KEYS[SIGNER[sender]]),
-                     None, sender=sender, accept=[message.DESCRIPTOR.full_name], now=when + MINUTE)
+        message_case(
+            f"valid-{name}",
+            f"A valid {message.DESCRIPTOR.name}.",
+            "ENV-3",
+            seal(message, KEYS[SIGNER[sender]]),
+            None,
+            sender=sender,
+            accept=[message.DESCRIPTOR.full_name],
+            now=when + MINUTE,
+        )
 
 
 def envelope_cases() -> None:
@@ -307,23 +470,43 @@ def envelope_cases() -> None:
     key = KEYS["biller-1"]
     raw = envelope_pb2.Envelope(payload=offer.payload, payload_type=offer.payload_type)
     raw.signatures.add(keyid=key.keyid, sig=key.sign(offer.payload))
-    variant("signed-payload-not-pae", "The signature covers the raw payload instead of the PAE.", "ENV-3", raw,
-            "BAD_SIGNATURE")
+    variant(
+        "signed-payload-not-pae",
+        "The signature covers the raw payload instead of the PAE.",
+        "ENV-3",
+        raw,
+        "BAD_SIGNATURE",
+    )
 
     wrong_len = envelope_pb2.Envelope(payload=offer.payload, payload_type=offer.payload_type)
     bad_pae = pae(offer.payload_type, offer.payload).replace(
-        f" {len(offer.payload)} ".encode(), f" {len(offer.payload) + 1} ".encode(), 1)
+        f" {len(offer.payload)} ".encode(), f" {len(offer.payload) + 1} ".encode(), 1
+    )
     wrong_len.signatures.add(keyid=key.keyid, sig=key.sign(bad_pae))
-    variant("pae-wrong-length", "The signed PAE states the payload length off by one.", "ENV-3", wrong_len,
-            "BAD_SIGNATURE")
+    variant(
+        "pae-wrong-length", "The signed PAE states the payload length off by one.", "ENV-3", wrong_len, "BAD_SIGNATURE"
+    )
 
     swapped = envelope_pb2.Envelope()
     swapped.CopyFrom(offer)
     swapped.payload_type = "parley.v1.Accept"
-    variant("payload-type-swapped", "payloadType changed from Offer to Accept after signing.", "ENV-3", swapped,
-            "BAD_SIGNATURE")
-    message_case("payload-type-not-for-call", "A valid Bill sent where only negotiation moves are accepted.", "ENV-5",
-                 BILL, "WRONG_PAYLOAD_TYPE", sender=BILLER, accept=NEGOTIATION, now=BILL_TIME + MINUTE)
+    variant(
+        "payload-type-swapped",
+        "payloadType changed from Offer to Accept after signing.",
+        "ENV-3",
+        swapped,
+        "BAD_SIGNATURE",
+    )
+    message_case(
+        "payload-type-not-for-call",
+        "A valid Bill sent where only negotiation moves are accepted.",
+        "ENV-5",
+        BILL,
+        "WRONG_PAYLOAD_TYPE",
+        sender=BILLER,
+        accept=NEGOTIATION,
+        now=BILL_TIME + MINUTE,
+    )
 
     stranger = sign_envelope(KEYS["stranger"], offer.payload_type, offer.payload)
     variant("unknown-key", "Signed by a key in no version of the biller's key set.", "KEY-6", stranger, "UNKNOWN_KEY")
@@ -338,188 +521,413 @@ def envelope_cases() -> None:
     variant("envelope-too-large", "The envelope exceeds max_envelope_bytes.", "LIM-1", huge, "ENVELOPE_TOO_LARGE")
 
     unknown = sign_envelope(key, offer.payload_type, offer.payload + b"\xf8\x06\x01")  # field 111, varint 1
-    variant("unknown-field", "A field the schema does not define, inside the signed body.", "ENV-7", unknown,
-            "UNKNOWN_FIELD")
+    variant(
+        "unknown-field",
+        "A field the schema does not define, inside the signed body.",
+        "ENV-7",
+        unknown,
+        "UNKNOWN_FIELD",
+    )
     nested = resign(offer, key, lambda m: m.terms.MergeFromString(b"\xf8\x06\x01"))
     variant("unknown-field-nested", "An undefined field inside the offer's terms.", "ENV-7", nested, "UNKNOWN_FIELD")
     truncated = sign_envelope(key, offer.payload_type, offer.payload[:-3])
-    variant("truncated-payload", "A correctly signed payload cut short: it does not parse.", "ENV-6", truncated,
-            "MALFORMED_PAYLOAD")
+    variant(
+        "truncated-payload",
+        "A correctly signed payload cut short: it does not parse.",
+        "ENV-6",
+        truncated,
+        "MALFORMED_PAYLOAD",
+    )
 
     def header_case(case_id: str, comment: str, requirement: str, reason: str, change: Callable[[Any], None]) -> None:
         variant(case_id, comment, requirement, resign(offer, key, change), reason)
 
-    header_case("unsupported-version", "protocol_version 2.", "HDR-1", "UNSUPPORTED_VERSION",
-                lambda m: setattr(m.header, "protocol_version", 2))
-    header_case("short-message-id", "An 8-byte message id.", "HDR-2", "MALFORMED_HEADER",
-                lambda m: setattr(m.header, "message_id", b"\x01" * 8))
-    header_case("wrong-sender", "The header names the consumer as sender; the biller signed.", "HDR-3",
-                "WRONG_SENDER", lambda m: setattr(m.header, "sender", CONSUMER))
-    header_case("wrong-recipient", "Addressed to another party.", "HDR-4", "WRONG_RECIPIENT",
-                lambda m: setattr(m.header, "recipient", "consumer:bob"))
-    header_case("lifetime-too-long", "Valid for 25 hours.", "HDR-5", "LIFETIME_TOO_LONG",
-                lambda m: m.header.expire_time.FromDatetime(thread.start + MINUTE + timedelta(hours=25)))
-    message_case("expired", "Received after expire_time plus the clock skew.", "HDR-5", offer, "MESSAGE_EXPIRED",
-                 sender=BILLER, accept=NEGOTIATION, now=thread.start + HOUR + MINUTE + timedelta(seconds=301))
-    message_case("not-yet-valid", "Created further in the future than the clock skew.", "HDR-5", offer,
-                 "MESSAGE_NOT_YET_VALID", sender=BILLER, accept=NEGOTIATION,
-                 now=thread.start + MINUTE - timedelta(seconds=301))
+    header_case(
+        "unsupported-version",
+        "protocol_version 2.",
+        "HDR-1",
+        "UNSUPPORTED_VERSION",
+        lambda m: setattr(m.header, "protocol_version", 2),
+    )
+    header_case(
+        "short-message-id",
+        "An 8-byte message id.",
+        "HDR-2",
+        "MALFORMED_HEADER",
+        lambda m: setattr(m.header, "message_id", b"\x01" * 8),
+    )
+    header_case(
+        "wrong-sender",
+        "The header names the consumer as sender; the biller signed.",
+        "HDR-3",
+        "WRONG_SENDER",
+        lambda m: setattr(m.header, "sender", CONSUMER),
+    )
+    header_case(
+        "wrong-recipient",
+        "Addressed to another party.",
+        "HDR-4",
+        "WRONG_RECIPIENT",
+        lambda m: setattr(m.header, "recipient", "consumer:bob"),
+    )
+    header_case(
+        "lifetime-too-long",
+        "Valid for 25 hours.",
+        "HDR-5",
+        "LIFETIME_TOO_LONG",
+        lambda m: m.header.expire_time.FromDatetime(thread.start + MINUTE + timedelta(hours=25)),
+    )
+    message_case(
+        "expired",
+        "Received after expire_time plus the clock skew.",
+        "HDR-5",
+        offer,
+        "MESSAGE_EXPIRED",
+        sender=BILLER,
+        accept=NEGOTIATION,
+        now=thread.start + HOUR + MINUTE + timedelta(seconds=301),
+    )
+    message_case(
+        "not-yet-valid",
+        "Created further in the future than the clock skew.",
+        "HDR-5",
+        offer,
+        "MESSAGE_NOT_YET_VALID",
+        sender=BILLER,
+        accept=NEGOTIATION,
+        now=thread.start + MINUTE - timedelta(seconds=301),
+    )
 
 
 def key_validity_cases() -> None:
     before_rotation = datetime(2026, 3, 19, tzinfo=UTC)
-    old = seal(account_pb2.AccountQuery(header=header(BILLER, at=before_rotation), account_id="acct-1001"),
-               KEYS["biller-1"])
-    message_case("rotated-key-old-message", "Signed by biller-1 before version 2 rotated it out: still valid.",
-                 "KEY-10", old, None, sender=BILLER, accept=["parley.v1.AccountQuery"], now=before_rotation + MINUTE)
+    old = seal(
+        account_pb2.AccountQuery(header=header(BILLER, at=before_rotation), account_id="acct-1001"), KEYS["biller-1"]
+    )
+    message_case(
+        "rotated-key-old-message",
+        "Signed by biller-1 before version 2 rotated it out: still valid.",
+        "KEY-10",
+        old,
+        None,
+        sender=BILLER,
+        accept=["parley.v1.AccountQuery"],
+        now=before_rotation + MINUTE,
+    )
     after_rotation = datetime(2026, 3, 21, tzinfo=UTC)
-    late = seal(account_pb2.AccountQuery(header=header(BILLER, at=after_rotation), account_id="acct-1001"),
-                KEYS["biller-1"])
-    message_case("rotated-key-new-message", "Signed by biller-1 after version 2 rotated it out.", "KEY-10", late,
-                 "UNKNOWN_KEY", sender=BILLER, accept=["parley.v1.AccountQuery"], now=after_rotation + MINUTE)
+    late = seal(
+        account_pb2.AccountQuery(header=header(BILLER, at=after_rotation), account_id="acct-1001"), KEYS["biller-1"]
+    )
+    message_case(
+        "rotated-key-new-message",
+        "Signed by biller-1 after version 2 rotated it out.",
+        "KEY-10",
+        late,
+        "UNKNOWN_KEY",
+        sender=BILLER,
+        accept=["parley.v1.AccountQuery"],
+        now=after_rotation + MINUTE,
+    )
     compromised_at = COMPROMISE + timedelta(days=2)
-    forged = seal(account_pb2.AccountQuery(header=header(CONSUMER, at=compromised_at), account_id="acct-1001"),
-                  KEYS["consumer-1"])
-    message_case("revoked-key", "Signed by consumer-1 after its revocation time.", "KEY-11", forged, "KEY_REVOKED",
-                 sender=CONSUMER, accept=["parley.v1.AccountQuery"], now=compromised_at + MINUTE)
+    forged = seal(
+        account_pb2.AccountQuery(header=header(CONSUMER, at=compromised_at), account_id="acct-1001"), KEYS["consumer-1"]
+    )
+    message_case(
+        "revoked-key",
+        "Signed by consumer-1 after its revocation time.",
+        "KEY-11",
+        forged,
+        "KEY_REVOKED",
+        sender=CONSUMER,
+        accept=["parley.v1.AccountQuery"],
+        now=compromised_at + MINUTE,
+    )
     early = T0 - timedelta(days=1)
-    premature = seal(account_pb2.AccountQuery(header=header(CONSUMER, at=early), account_id="acct-1001"),
-                     KEYS["consumer-2"])
-    message_case("key-not-yet-valid", "Created before the key's not_before.", "KEY-10", premature, "KEY_NOT_VALID",
-                 sender=CONSUMER, accept=["parley.v1.AccountQuery"], now=early + MINUTE)
+    premature = seal(
+        account_pb2.AccountQuery(header=header(CONSUMER, at=early), account_id="acct-1001"), KEYS["consumer-2"]
+    )
+    message_case(
+        "key-not-yet-valid",
+        "Created before the key's not_before.",
+        "KEY-10",
+        premature,
+        "KEY_NOT_VALID",
+        sender=CONSUMER,
+        accept=["parley.v1.AccountQuery"],
+        now=early + MINUTE,
+    )
 
 
 def keyset_cases() -> None:
-    def chain_case(case_id: str, comment: str, requirement: str, envelopes: list[envelope_pb2.Envelope],
-                   reason: str | None, *, pin: bytes | None = None, now: datetime | None = None) -> None:
-        case(case_id, comment, requirement, "keyset", reason, envelopes=[envelope_to_json(e) for e in envelopes],
-             pin=None if pin is None else pin.hex(), now=None if now is None else now.isoformat())
+    def chain_case(
+        case_id: str,
+        comment: str,
+        requirement: str,
+        envelopes: list[envelope_pb2.Envelope],
+        reason: str | None,
+        *,
+        pin: bytes | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        case(
+            case_id,
+            comment,
+            requirement,
+            "keyset",
+            reason,
+            envelopes=[envelope_to_json(e) for e in envelopes],
+            pin=None if pin is None else pin.hex(),
+            now=None if now is None else now.isoformat(),
+        )
 
     fingerprint = digest(BILLER_V1)
-    chain_case("keyset-v1-pinned", "A self-signed version 1 matching the pinned fingerprint.", "KEY-12",
-               [BILLER_V1], None, pin=fingerprint)
-    chain_case("keyset-rotation", "Version 2 signed by the version-1 key.", "KEY-9", [BILLER_V1, BILLER_V2], None,
-               pin=fingerprint, now=ROTATION + HOUR)
-    chain_case("keyset-revocation", "Version 2 signed by a surviving key revokes a compromised one.", "KEY-11",
-               [CONSUMER_V1, CONSUMER_V2], None)
-    chain_case("keyset-pin-mismatch", "The chain starts at another identity than the pinned one.", "KEY-12",
-               [CONSUMER_V1], "PIN_MISMATCH", pin=fingerprint)
+    chain_case(
+        "keyset-v1-pinned",
+        "A self-signed version 1 matching the pinned fingerprint.",
+        "KEY-12",
+        [BILLER_V1],
+        None,
+        pin=fingerprint,
+    )
+    chain_case(
+        "keyset-rotation",
+        "Version 2 signed by the version-1 key.",
+        "KEY-9",
+        [BILLER_V1, BILLER_V2],
+        None,
+        pin=fingerprint,
+        now=ROTATION + HOUR,
+    )
+    chain_case(
+        "keyset-revocation",
+        "Version 2 signed by a surviving key revokes a compromised one.",
+        "KEY-11",
+        [CONSUMER_V1, CONSUMER_V2],
+        None,
+    )
+    chain_case(
+        "keyset-pin-mismatch",
+        "The chain starts at another identity than the pinned one.",
+        "KEY-12",
+        [CONSUMER_V1],
+        "PIN_MISMATCH",
+        pin=fingerprint,
+    )
     old_again = resign(CONSUMER_V1, KEYS["consumer-2"], lambda m: None)
-    chain_case("keyset-rollback", "A version-1 set, signed by a current key, offered after version 2.", "KEY-8",
-               [CONSUMER_V1, CONSUMER_V2, old_again], "KEYSET_ROLLBACK")
-    skipped = resign(BILLER_V2, KEYS["biller-1"], lambda m: (setattr(m, "version", 3), setattr(m.header, "sequence", 2)))
-    chain_case("keyset-skipped-version", "Version 3 directly after version 1.", "KEY-8", [BILLER_V1, skipped],
-               "KEYSET_VERSION_SKIPPED")
+    chain_case(
+        "keyset-rollback",
+        "A version-1 set, signed by a current key, offered after version 2.",
+        "KEY-8",
+        [CONSUMER_V1, CONSUMER_V2, old_again],
+        "KEYSET_ROLLBACK",
+    )
+    def version_3(keyset: keys_pb2.KeySet) -> None:
+        keyset.version, keyset.header.sequence = 3, 2
+
+    skipped = resign(BILLER_V2, KEYS["biller-1"], version_3)
+    chain_case(
+        "keyset-skipped-version",
+        "Version 3 directly after version 1.",
+        "KEY-8",
+        [BILLER_V1, skipped],
+        "KEYSET_VERSION_SKIPPED",
+    )
     self_signed = resign(BILLER_V2, KEYS["biller-2"], lambda m: None)
-    chain_case("keyset-rotation-wrong-signer", "Version 2 signed only by its own new key.", "KEY-9",
-               [BILLER_V1, self_signed], "KEYSET_WRONG_SIGNER")
+    chain_case(
+        "keyset-rotation-wrong-signer",
+        "Version 2 signed only by its own new key.",
+        "KEY-9",
+        [BILLER_V1, self_signed],
+        "KEYSET_WRONG_SIGNER",
+    )
     foreign_root = resign(BILLER_V1, KEYS["stranger"], lambda m: None)
-    chain_case("keyset-v1-not-self-signed", "Version 1 signed by a key it does not contain.", "KEY-9",
-               [foreign_root], "KEYSET_WRONG_SIGNER")
+    chain_case(
+        "keyset-v1-not-self-signed",
+        "Version 1 signed by a key it does not contain.",
+        "KEY-9",
+        [foreign_root],
+        "KEYSET_WRONG_SIGNER",
+    )
     bad_keyid = resign(BILLER_V1, KEYS["biller-1"], lambda m: setattr(m.keys[0], "keyid", "0" * 32))
-    chain_case("keyset-keyid-mismatch", "A keyid that is not the hash of its key.", "KEY-7", [bad_keyid],
-               "KEYSET_INVALID")
+    chain_case(
+        "keyset-keyid-mismatch", "A keyid that is not the hash of its key.", "KEY-7", [bad_keyid], "KEYSET_INVALID"
+    )
     consumer_v3 = make_key_set(
-        party_id=CONSUMER, version=3, keys=[entry("consumer-2")], signer=KEYS["consumer-2"],
-        previous=KeyChain.verify([CONSUMER_V1, CONSUMER_V2]).latest, create_time=DRILL + HOUR,
-        expire_time=DRILL + YEAR, message_id=next_id(),
+        party_id=CONSUMER,
+        version=3,
+        keys=[entry("consumer-2")],
+        signer=KEYS["consumer-2"],
+        previous=KeyChain.verify([CONSUMER_V1, CONSUMER_V2]).latest,
+        create_time=DRILL + HOUR,
+        expire_time=DRILL + YEAR,
+        message_id=next_id(),
     )
     forgetful = resign(consumer_v3, KEYS["consumer-2"], lambda m: m.ClearField("revocations"))
-    chain_case("keyset-revocation-dropped", "Version 3 forgets version 2's revocation.", "KEY-11",
-               [CONSUMER_V1, CONSUMER_V2, forgetful], "KEYSET_INVALID")
-    chain_case("keyset-expired", "The newest version has expired (freeze attack).", "KEY-13", [BILLER_V1, BILLER_V2],
-               "KEYSET_EXPIRED", now=ROTATION + YEAR + HOUR)
+    chain_case(
+        "keyset-revocation-dropped",
+        "Version 3 forgets version 2's revocation.",
+        "KEY-11",
+        [CONSUMER_V1, CONSUMER_V2, forgetful],
+        "KEYSET_INVALID",
+    )
+    chain_case(
+        "keyset-expired",
+        "The newest version has expired (freeze attack).",
+        "KEY-13",
+        [BILLER_V1, BILLER_V2],
+        "KEYSET_EXPIRED",
+        now=ROTATION + YEAR + HOUR,
+    )
     unknown = resign(BILLER_V1, KEYS["biller-1"], lambda m: m.MergeFromString(b"\xf8\x06\x01"))
-    chain_case("keyset-unknown-field", "An undefined field in a self-signed version 1.", "ENV-7", [unknown],
-               "UNKNOWN_FIELD")
+    chain_case(
+        "keyset-unknown-field", "An undefined field in a self-signed version 1.", "ENV-7", [unknown], "UNKNOWN_FIELD"
+    )
 
 
 def bundle_cases() -> None:
     def bundle_case(case_id: str, comment: str, requirement: str, thread: Thread, reason: str | None) -> None:
         case(case_id, comment, requirement, "bundle", reason, bundle=thread.bundle())
 
-    bundle_case("bundle-agreed-after-counter", "Plan of 8 asked, 6 countered, accepted.", "BND-1", agreed_thread(), None)
+    bundle_case(
+        "bundle-agreed-after-counter", "Plan of 8 asked, 6 countered, accepted.", "BND-1", agreed_thread(), None
+    )
     at_once = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     at_once.open(DEFERRAL)
     at_once.move(Accept(at_once.last_digest()))
-    bundle_case("bundle-options-accepted-at-once", "A deferral inside the advertised options, accepted at once.",
-                "NEG-12", at_once, None)
+    bundle_case(
+        "bundle-options-accepted-at-once",
+        "A deferral inside the advertised options, accepted at once.",
+        "NEG-12",
+        at_once,
+        None,
+    )
 
     gap = agreed_thread()
     gap.envelopes.pop()
     gap.move(Accept(gap.last_digest()), sequence=3)
-    bundle_case("bundle-sequence-gap", "The acceptance claims sequence 3 after message 1.", "HDR-6", gap,
-                "SEQUENCE_MISMATCH")
+    bundle_case(
+        "bundle-sequence-gap", "The acceptance claims sequence 3 after message 1.", "HDR-6", gap, "SEQUENCE_MISMATCH"
+    )
     chain_break = agreed_thread()
     chain_break.envelopes.pop()
     chain_break.move(Accept(chain_break.last_digest()), previous=hashlib.sha256(b"elsewhere").digest())
-    bundle_case("bundle-previous-digest-mismatch", "The acceptance chains to a message not in the thread.", "HDR-7",
-                chain_break, "PREVIOUS_DIGEST_MISMATCH")
+    bundle_case(
+        "bundle-previous-digest-mismatch",
+        "The acceptance chains to a message not in the thread.",
+        "HDR-7",
+        chain_break,
+        "PREVIOUS_DIGEST_MISMATCH",
+    )
     stale = agreed_thread()
     stale.envelopes.pop()
     stale.move(Accept(digest(stale.envelopes[0])))
-    bundle_case("bundle-accept-wrong-digest", "The consumer 'accepts' its own opening, not the last offer.", "NEG-9",
-                stale, "ACCEPT_DIGEST_MISMATCH")
-    unsummed = agreed_thread()
-    del unsummed.envelopes[1:]
-    bad = PLAN_6.to_proto()
-    bad.schedule[0].amount.amount_minor += 1
-    broken_offer = Thread(unsummed.start, id=unsummed.id, envelopes=unsummed.envelopes)
-    broken_offer.move(Offer(PLAN_6))
-    broken_offer.envelopes[-1] = resign(broken_offer.envelopes[-1], KEYS["biller-1"],
-                                        lambda m: m.terms.schedule[0].amount.__setattr__("amount_minor", 2001))
-    broken_offer.move(Accept(broken_offer.last_digest()))
-    bundle_case("bundle-schedule-does-not-sum", "The counter-offer's instalments sum to one cent more than its total.",
-                "TRM-8", broken_offer, "SCHEDULE_SUM_MISMATCH")
+    bundle_case(
+        "bundle-accept-wrong-digest",
+        "The consumer 'accepts' its own opening, not the last offer.",
+        "NEG-9",
+        stale,
+        "ACCEPT_DIGEST_MISMATCH",
+    )
+    unsummed = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
+    unsummed.open(PLAN_8)
+    unsummed.move(Offer(PLAN_6))
+    unsummed.envelopes[-1] = resign(
+        unsummed.envelopes[-1], KEYS["biller-1"], lambda m: setattr(m.terms.schedule[0].amount, "amount_minor", 2001)
+    )
+    unsummed.move(Accept(unsummed.last_digest()))
+    bundle_case(
+        "bundle-schedule-does-not-sum",
+        "The counter-offer's instalments sum to one cent more than its total.",
+        "TRM-8",
+        unsummed,
+        "SCHEDULE_SUM_MISMATCH",
+    )
     rejected = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     rejected.open(PLAN_8)
     rejected.move(Reject(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY))
-    bundle_case("bundle-not-agreed", "The thread ends in a rejection: there is no agreement.", "BND-4", rejected,
-                "NOT_AGREED")
+    bundle_case(
+        "bundle-not-agreed", "The thread ends in a rejection: there is no agreement.", "BND-4", rejected, "NOT_AGREED"
+    )
     dishonoured = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     dishonoured.open(DEFERRAL)
     dishonoured.move(Offer(PLAN_6))
     dishonoured.move(Accept(dishonoured.last_digest()))
-    bundle_case("bundle-options-not-honoured", "The biller countered an offer inside its own advertised options.",
-                "NEG-12", dishonoured, "OPTIONS_NOT_HONOURED")
+    bundle_case(
+        "bundle-options-not-honoured",
+        "The biller countered an offer inside its own advertised options.",
+        "NEG-12",
+        dishonoured,
+        "OPTIONS_NOT_HONOURED",
+    )
     one_round = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     one_round.open(PLAN_8, max_rounds=1)
     one_round.move(Offer(PLAN_6))
     one_round.move(Accept(one_round.last_digest()))
-    bundle_case("bundle-round-limit", "A counter-offer in a thread opened with max_rounds 1.", "NEG-5", one_round,
-                "ROUND_LIMIT_EXCEEDED")
+    bundle_case(
+        "bundle-round-limit",
+        "A counter-offer in a thread opened with max_rounds 1.",
+        "NEG-5",
+        one_round,
+        "ROUND_LIMIT_EXCEEDED",
+    )
     late = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     late.open(PLAN_8)
     late.move(Offer(PLAN_6))
     late.move(Accept(late.last_digest()), after=timedelta(days=1, hours=1))
-    bundle_case("bundle-after-deadline", "The acceptance is created after the thread's deadline.", "NEG-6", late,
-                "NEGOTIATION_DEADLINE_PASSED")
+    bundle_case(
+        "bundle-after-deadline",
+        "The acceptance is created after the thread's deadline.",
+        "NEG-6",
+        late,
+        "NEGOTIATION_DEADLINE_PASSED",
+    )
     other_bill = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     other_bill.open(PLAN_8, bill_digest=hashlib.sha256(b"another bill").digest())
     other_bill.move(Offer(PLAN_6))
     other_bill.move(Accept(other_bill.last_digest()))
-    bundle_case("bundle-wrong-bill-digest", "The opening names a different version of the bill.", "NEG-2", other_bill,
-                "BILL_DIGEST_MISMATCH")
+    bundle_case(
+        "bundle-wrong-bill-digest",
+        "The opening names a different version of the bill.",
+        "NEG-2",
+        other_bill,
+        "BILL_DIGEST_MISMATCH",
+    )
     forged = agreed_thread()
     forged_terms = envelope_pb2.Envelope()
     forged_terms.CopyFrom(forged.envelopes[1])
     forged_terms.payload = forged_terms.payload.replace(b"\xd0\x0f", b"\xe8\x07")  # 20.00 -> 10.00 somewhere
     forged.envelopes[1] = forged_terms
-    bundle_case("bundle-forged-terms", "The accepted offer's amounts were edited after signing.", "ENV-3", forged,
-                "BAD_SIGNATURE")
+    bundle_case(
+        "bundle-forged-terms",
+        "The accepted offer's amounts were edited after signing.",
+        "ENV-3",
+        forged,
+        "BAD_SIGNATURE",
+    )
     total = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     total.open(PLAN_8)
     total.move(Offer(PLAN_6))
-    total.envelopes[-1] = resign(total.envelopes[-1], KEYS["biller-1"],
-                                 lambda m: m.terms.total.__setattr__("amount_minor", 11000))
+    total.envelopes[-1] = resign(
+        total.envelopes[-1], KEYS["biller-1"], lambda m: setattr(m.terms.total, "amount_minor", 11000)
+    )
     total.move(Accept(total.last_digest()))
-    bundle_case("bundle-total-mismatch", "The counter-offer's total is not principal plus fees minus discounts.",
-                "TRM-7", total, "TOTAL_MISMATCH")
+    bundle_case(
+        "bundle-total-mismatch",
+        "The counter-offer's total is not principal plus fees minus discounts.",
+        "TRM-7",
+        total,
+        "TOTAL_MISMATCH",
+    )
     turn = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
     turn.open(PLAN_8)
     turn.move(Offer(PLAN_6), key="consumer-1")
-    bundle_case("bundle-signed-by-wrong-party", "Message 1 (the biller's move) is signed by the consumer.", "NEG-7",
-                turn, "UNKNOWN_KEY")
+    bundle_case(
+        "bundle-signed-by-wrong-party",
+        "Message 1 (the biller's move) is signed by the consumer.",
+        "NEG-7",
+        turn,
+        "UNKNOWN_KEY",
+    )
 
 
 def document() -> dict[str, object]:

@@ -71,7 +71,10 @@ def terms_catalogue() -> list[tuple[Terms, bool]]:
         (build_terms(TermsKind.PAY_IN_FULL, principal, [DUE]), True),
         (
             build_terms(
-                TermsKind.PAY_IN_FULL, principal, [date(2026, 3, 10)], [Line(LineKind.DISCOUNT, "early", EARLY_DISCOUNT)]
+                TermsKind.PAY_IN_FULL,
+                principal,
+                [date(2026, 3, 10)],
+                [Line(LineKind.DISCOUNT, "early", EARLY_DISCOUNT)],
             ),
             True,
         ),
@@ -82,7 +85,9 @@ def terms_catalogue() -> list[tuple[Terms, bool]]:
         (build_terms(TermsKind.INSTALMENT_PLAN, principal, monthly_dates(date(2026, 4, 15), 8)), False),
         (build_terms(TermsKind.INSTALMENT_PLAN, principal, every_days(date(2026, 4, 1), 4, 7)), False),
         (
-            build_terms(TermsKind.SETTLEMENT, principal, [DUE], [Line(LineKind.SETTLEMENT_REDUCTION, "waiver", eur("20.00"))]),
+            build_terms(
+                TermsKind.SETTLEMENT, principal, [DUE], [Line(LineKind.SETTLEMENT_REDUCTION, "waiver", eur("20.00"))]
+            ),
             False,
         ),
     ]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
+from itertools import pairwise
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -56,7 +58,9 @@ class NegotiationMachine(RuleBasedStateMachine):
         self.max_rounds = 0
         self.deadline = OPEN_TIME
 
-    def _message(self, sender: Role, move: Move, *, sequence: int | None = None, previous: bytes | None = None) -> ThreadMessage:
+    def _message(
+        self, sender: Role, move: Move, *, sequence: int | None = None, previous: bytes | None = None
+    ) -> ThreadMessage:
         self.salt += 1
         seq = self.negotiation.next_sequence if sequence is None else sequence
         return ThreadMessage(
@@ -70,12 +74,9 @@ class NegotiationMachine(RuleBasedStateMachine):
 
     def _expect_refused(self, message: ThreadMessage, reason: Reason) -> None:
         before = (self.negotiation.state, list(self.negotiation.history), self.negotiation.rounds)
-        try:
+        with pytest.raises(RemoteProtocolError) as refused:
             self.negotiation.receive(message, self.now)
-        except RemoteProtocolError as error:
-            assert error.reason is reason, (error.reason, reason)
-        else:
-            raise AssertionError(f"expected {reason.name}")
+        assert refused.value.reason is reason
         after = (self.negotiation.state, list(self.negotiation.history), self.negotiation.rounds)
         if reason is not Reason.NEGOTIATION_DEADLINE_PASSED:
             assert after == before, "a refused move must change nothing"
@@ -120,12 +121,9 @@ class NegotiationMachine(RuleBasedStateMachine):
                 self.outcome = State.EXPIRED
             return
         if isinstance(expected, Reason):
-            try:
+            with pytest.raises(RemoteProtocolError) as violation:
                 self.negotiation.receive(message, self.now)
-            except RemoteProtocolError as error:
-                assert error.reason is expected, (error.reason, expected)
-            else:
-                raise AssertionError(f"expected {expected.name}")
+            assert violation.value.reason is expected
             self.outcome = State.PROTOCOL_ERROR
             assert self.negotiation.history[-1] is message, "the offending message is kept as evidence"
             return
@@ -206,7 +204,7 @@ class NegotiationMachine(RuleBasedStateMachine):
     def thread_is_a_chain(self) -> None:
         history = self.negotiation.history
         assert [m.sequence for m in history] == list(range(len(history)))
-        for before, after in zip(history, history[1:], strict=False):
+        for before, after in pairwise(history):
             assert after.previous_digest == before.digest
 
     @invariant()

@@ -9,6 +9,7 @@ import pytest
 
 from agent import vectors
 from agent.errors import Reason
+from agent.protocol.messages import PAYLOAD_TYPES
 
 DOCUMENT = vectors.load()
 CASES: list[dict[str, Any]] = DOCUMENT["tests"]
@@ -25,7 +26,8 @@ def test_vector_set_is_well_formed() -> None:
     kinds = Counter(c["kind"] for c in CASES)
     assert set(kinds) == {"message", "keyset", "bundle"}
     for case in CASES:
-        assert case["comment"] and case["requirement"]
+        assert case["comment"]
+        assert case["requirement"]
         assert (case["expected"] == "valid") == (case["reason"] is None)
         if case["reason"] is not None:
             assert case["reason"] in Reason.__members__
@@ -33,6 +35,4 @@ def test_vector_set_is_well_formed() -> None:
 
 def test_every_signed_payload_type_has_a_valid_vector() -> None:
     valid_types = {c["envelope"]["payloadType"] for c in CASES if c["kind"] == "message" and c["expected"] == "valid"}
-    from agent.protocol.messages import PAYLOAD_TYPES
-
     assert valid_types == set(PAYLOAD_TYPES) - {"parley.v1.KeySet"}

@@ -140,7 +140,8 @@ def verify_bundle(bundle: Bundle, *, pins: Mapping[str, bytes] | None = None) ->
     if negotiation.state is not State.AGREED:
         raise RemoteProtocolError(Reason.NOT_AGREED, f"the thread ends {negotiation.state.value}, not agreed")
     agreement, terms = negotiation.agreement, negotiation.agreed_terms
-    assert agreement is not None and terms is not None
+    assert agreement is not None
+    assert terms is not None
     by_digest = {message.digest: message for message in verified}
     offer, accept = (by_digest[message.digest] for message in agreement)
     return Agreement(biller, consumer, facts, terms, offer, accept, verified)

@@ -55,6 +55,7 @@ from parley.v1 import (
     envelope_pb2,
     event_pb2,
     header_pb2,
+    keys_pb2,
     negotiation_pb2,
     payment_pb2,
 )

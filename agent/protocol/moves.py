@@ -9,6 +9,7 @@ negotiation payloads by hand.
 from __future__ import annotations
 
 from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
+from agent.limits import MAX_TEXT_CHARS
 from agent.protocol.messages import Verified, read_time, to_timestamp
 from agent.protocol.negotiation import Accept, Move, Offer, Open, Reject, Role, ThreadMessage, Withdraw
 from agent.terms import Terms
@@ -28,6 +29,12 @@ def _terms(payload: pb.ThreadOpen | pb.Offer) -> Terms:
         raise error.as_remote() from error
 
 
+def _note(note: str) -> str:
+    if len(note) > MAX_TEXT_CHARS:
+        raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, f"note is longer than {MAX_TEXT_CHARS} characters")
+    return note
+
+
 def move_of(payload: NegotiationPayload) -> Move:
     """The core move a verified negotiation payload expresses."""
     if isinstance(payload, pb.ThreadOpen):
@@ -38,8 +45,11 @@ def move_of(payload: NegotiationPayload) -> Move:
     if isinstance(payload, pb.Accept):
         return Accept(payload.offer_digest)
     if isinstance(payload, pb.Reject):
-        return Reject(payload.reason, payload.note)
-    return Withdraw(payload.note)
+        # Unknown enum numbers parse as plain integers, so ENV-7 cannot catch them here.
+        if payload.reason not in pb.RejectReason.values() or payload.reason == pb.REJECT_REASON_UNSPECIFIED:
+            raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, f"reject reason {payload.reason} is not defined")
+        return Reject(payload.reason, _note(payload.note))
+    return Withdraw(_note(payload.note))
 
 
 def thread_message(verified: Verified[NegotiationPayload], sender: Role) -> ThreadMessage:

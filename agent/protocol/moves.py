@@ -8,12 +8,15 @@ negotiation payloads by hand.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
+from agent.crypto import SigningKey, digest
 from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent.limits import MAX_TEXT_CHARS
-from agent.protocol.messages import Verified, read_time, to_timestamp
-from agent.protocol.negotiation import Accept, Move, Offer, Open, Reject, Role, ThreadMessage, Withdraw
+from agent.protocol.messages import Verified, new_header, read_time, seal, to_timestamp
+from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, ThreadMessage, Withdraw
 from agent.terms import Terms
-from parley.v1 import header_pb2
+from parley.v1 import envelope_pb2, header_pb2
 from parley.v1 import negotiation_pb2 as pb
 
 NegotiationPayload = pb.ThreadOpen | pb.Offer | pb.Accept | pb.Reject | pb.Withdraw
@@ -84,3 +87,36 @@ def payload_of(move: Move, header: header_pb2.Header, *, bill_id: str = "") -> N
     if isinstance(move, Reject):
         return pb.Reject(header=header, reason=move.reason, note=move.note)
     return pb.Withdraw(header=header, note=move.note)
+
+
+def sign_move(
+    negotiation: Negotiation,
+    move: Move,
+    *,
+    key: SigningKey,
+    sender: str,
+    recipient: str,
+    thread_id: bytes,
+    now: datetime,
+    lifetime: timedelta,
+    bill_id: str = "",
+) -> tuple[envelope_pb2.Envelope, ThreadMessage]:
+    """Sign our next move in `negotiation`'s thread and record it there (LocalProtocolError if not allowed).
+
+    The header follows the thread (next sequence, last digest); the core checks the move
+    before it is recorded, so an envelope is only returned for a move the rules allow.
+    """
+    assert negotiation.role is not None, "an observer does not move"
+    header = new_header(
+        sender=sender,
+        recipient=recipient,
+        thread_id=thread_id,
+        sequence=negotiation.next_sequence,
+        previous_digest=negotiation.last_digest,
+        now=now,
+        lifetime=lifetime,
+    )
+    envelope = seal(payload_of(move, header, bill_id=bill_id), key)
+    message = ThreadMessage(negotiation.role, move, header.sequence, header.previous_digest, digest(envelope), now)
+    negotiation.send(message, now)
+    return envelope, message

@@ -1,5 +1,6 @@
 """The `parley` command line.
 
+    parley demo [--out DIR]         the protocol's story end to end, agreement verified offline
     parley keygen --out FILE        make an Ed25519 signing key (file mode 0600)
     parley verify BUNDLE.json       verify an agreement bundle offline
 
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.crypto import SigningKey
+from agent.demo import run as run_demo
 from agent.errors import ParleyError
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
 from agent.terms import format_date
@@ -107,6 +109,10 @@ def _verify(args: argparse.Namespace, out: Console) -> int:
     return EXIT_VALID
 
 
+def _demo(args: argparse.Namespace, out: Console) -> int:
+    return run_demo(Path(args.out), out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Parley: bots settling bills with bots.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument("--json", action="store_true", help="also print the verdict as one JSON line on stdout")
     verify.set_defaults(handler=_verify)
+
+    demo = commands.add_parser("demo", help="run the protocol's story end to end and verify the agreement")
+    demo.add_argument("--out", default="parley-demo", help="directory for the agreement bundles (default: %(default)s)")
+    demo.set_defaults(handler=_demo)
     return parser
 
 

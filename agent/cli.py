@@ -94,6 +94,8 @@ def _verify(args: argparse.Namespace, out: Console) -> int:
         agreement = verify_bundle(bundle, pins=_parse_pins(args.pin))
     except UnusableBundleError as error:
         out.print(f"[bold yellow]UNUSABLE[/bold yellow] {error}")
+        if args.json:
+            print(json.dumps({"verdict": "unusable", "detail": str(error)}))
         return EXIT_UNUSABLE
     except ParleyError as error:
         out.print(f"[bold red]INVALID[/bold red] {error.reason.name}: {error.detail}")

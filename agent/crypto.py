@@ -20,11 +20,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import Reason, RemoteProtocolError
-from agent.limits import KEYID_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Limits
+from agent.limits import KEYID_BYTES, MAX_PAYLOAD_TYPE_CHARS, PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Limits
 from parley.v1 import envelope_pb2
 
 SEED_BYTES = 32
-MAX_PAYLOAD_TYPE_CHARS = 128
 _KEYID_FORM = re.compile(f"[0-9a-f]{{{2 * KEYID_BYTES}}}")
 
 

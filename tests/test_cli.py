@@ -122,9 +122,10 @@ def test_verify_rejects_a_pin_that_does_not_match(tmp_path: Path) -> None:
 def test_verify_unusable_input_exits_2(tmp_path: Path, content: str) -> None:
     path = tmp_path / "bundle.json"
     path.write_text(content)
-    result = parley("verify", str(path))
+    result = parley("verify", "--json", str(path))
     assert result.returncode == 2
-    assert "UNUSABLE" in result.stdout
+    assert json.loads(result.stdout)["verdict"] == "unusable"
+    assert "UNUSABLE" in result.stderr
 
 
 def test_verify_missing_file_exits_2(tmp_path: Path) -> None:

@@ -15,14 +15,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.crypto import digest, envelope_from_json, envelope_to_json
+from agent.crypto import check_envelope_form, digest, envelope_from_json, envelope_to_json
 from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent.keysets import KeyChain
+from agent.limits import DEFAULT_LIMITS
 from agent.protocol.messages import Verified, open_envelope
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, thread_message
 from agent.protocol.negotiation import Negotiation, Role, State
 from agent.terms import BillFacts, Terms
-from parley.v1 import bill_pb2, envelope_pb2
+from parley.v1 import bill_pb2, envelope_pb2, negotiation_pb2
 
 BUNDLE_FORMAT = "parley-bundle/1"
 
@@ -94,7 +95,7 @@ class Agreement:
 
 def _biller_chain(bill: envelope_pb2.Envelope, chains: Sequence[KeyChain]) -> KeyChain:
     """The chain whose keys the bill's keyid names; only that chain is then used to verify it (KEY-6)."""
-    keyid = bill.signatures[0].keyid if len(bill.signatures) == 1 else ""
+    keyid = check_envelope_form(bill, DEFAULT_LIMITS).keyid
     owners = [chain for chain in chains if chain.candidate_keys(keyid)]
     if len(owners) != 1:
         raise RemoteProtocolError(Reason.UNKNOWN_KEY, "the bill is not signed by a key of either party")
@@ -132,7 +133,7 @@ def verify_bundle(bundle: Bundle, *, pins: Mapping[str, bytes] | None = None) ->
         )
         if verified and message.header.thread_id != verified[0].header.thread_id:
             raise RemoteProtocolError(Reason.MALFORMED_HEADER, f"message {sequence} belongs to another thread")
-        if sequence == 0 and getattr(message.message, "bill_id", None) != facts.bill_id:
+        if isinstance(message.message, negotiation_pb2.ThreadOpen) and message.message.bill_id != facts.bill_id:
             raise RemoteProtocolError(Reason.BILL_DIGEST_MISMATCH, "the opening names another bill")
         core_message = thread_message(message, role)
         negotiation.receive(core_message, core_message.create_time)

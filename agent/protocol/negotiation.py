@@ -304,7 +304,9 @@ class Negotiation:
         return (
             self.pending is not None
             and self.pending.by is Role.CONSUMER
-            and within_options(self.pending.terms, self.bill, hardship_disclosed=self.hardship_disclosed)
+            and within_options(
+                self.pending.terms, self.bill, hardship_disclosed=self.hardship_disclosed, limits=self.limits
+            )
         )
 
     def _advance(self, message: ThreadMessage) -> State:

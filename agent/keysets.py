@@ -28,7 +28,15 @@ from agent.limits import (
     THREAD_ID_BYTES,
     Limits,
 )
-from agent.protocol.messages import check_header_form, new_header, parse_payload, read_time, seal, to_timestamp
+from agent.protocol.messages import (
+    check_header_form,
+    is_party_id,
+    new_header,
+    parse_payload,
+    read_time,
+    seal,
+    to_timestamp,
+)
 from parley.v1 import envelope_pb2, keys_pb2
 
 KEYSET_PAYLOAD_TYPE = keys_pb2.KeySet.DESCRIPTOR.full_name
@@ -146,9 +154,7 @@ def _read_revocations(keyset: keys_pb2.KeySet, previous: KeySetVersion | None) -
     return MappingProxyType(revocations)
 
 
-def _verify_version(
-    envelope: envelope_pb2.Envelope, previous: KeySetVersion | None, limits: Limits
-) -> KeySetVersion:
+def _verify_version(envelope: envelope_pb2.Envelope, previous: KeySetVersion | None, limits: Limits) -> KeySetVersion:
     """Verify `envelope` as the version after `previous`, or as version 1 when `previous` is None."""
     signature = check_envelope_form(envelope, limits)
     if envelope.payload_type != KEYSET_PAYLOAD_TYPE:
@@ -173,8 +179,8 @@ def _verify_version(
     create_time, expire_time = check_header_form(keyset)
     header = keyset.header
     party_id = keyset.party_id
-    if not 0 < len(party_id) <= MAX_PARTY_ID_CHARS:
-        raise _invalid(f"party_id must be 1 to {MAX_PARTY_ID_CHARS} characters")
+    if not is_party_id(party_id):
+        raise _invalid(f"party_id must be 1 to {MAX_PARTY_ID_CHARS} characters of [A-Za-z0-9._:-] (HDR-13)")
     if previous is not None and party_id != previous.party_id:
         raise _invalid(f"party_id {party_id!r} is not the chain's {previous.party_id!r}")
     if header.sender != party_id:

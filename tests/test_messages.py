@@ -14,7 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from agent.crypto import SigningKey, digest, sign_envelope
-from agent.errors import Reason, RemoteProtocolError
+from agent.errors import ParleyError, Reason, RemoteProtocolError
 from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import (
@@ -356,3 +356,44 @@ def test_check_sequence() -> None:
     with pytest.raises(RemoteProtocolError) as caught:
         check_sequence(header, expected_sequence=2, expected_previous=b"\x01" * 32)
     assert caught.value.reason is Reason.PREVIOUS_DIGEST_MISMATCH
+
+
+def test_a_live_message_from_a_frozen_chain_is_refused() -> None:
+    """KEY-13: once the sender's newest key set version has expired, nothing it signs is accepted live."""
+    key = SigningKey.from_seed(b"\x21" * 32)
+    chain = KeyChain.verify(
+        [
+            make_key_set(
+                party_id="biller:frozen.example",
+                version=1,
+                keys=[KeyEntry(key.public_key, T0 - DAY, T0 + 30 * DAY)],
+                signer=key,
+                previous=None,
+                create_time=T0 - DAY,
+                expire_time=T0 + DAY,
+            )
+        ]
+    )
+    at = T0 + 2 * DAY
+    header = new_header(
+        sender=chain.party_id, recipient=CONSUMER, thread_id=THREAD, sequence=0, previous_digest=b"", now=at,
+        lifetime=HOUR,
+    )  # fmt: skip
+    envelope = seal(negotiation_pb2.Withdraw(header=header), key)
+    with pytest.raises(RemoteProtocolError) as frozen:
+        open_envelope(envelope, (negotiation_pb2.Withdraw,), sender_keys=chain, recipient=CONSUMER, now=at)
+    assert frozen.value.reason is Reason.KEYSET_EXPIRED
+    offline = open_envelope(envelope, (negotiation_pb2.Withdraw,), sender_keys=chain, recipient=CONSUMER, now=None)
+    assert offline.header.sender == chain.party_id
+
+
+@pytest.mark.parametrize("party_id", ["", "biller energy", "biller/energy", "é", "x" * 129])
+def test_key_sets_refuse_malformed_party_ids(party_id: str) -> None:
+    """HDR-13: party ids are 1..128 characters of [A-Za-z0-9._:-]."""
+    key = SigningKey.from_seed(b"\x22" * 32)
+    with pytest.raises(ParleyError) as refused:
+        make_key_set(
+            party_id=party_id, version=1, keys=[KeyEntry(key.public_key, T0, T0 + DAY)], signer=key, previous=None,
+            create_time=T0, expire_time=T0 + DAY,
+        )  # fmt: skip
+    assert refused.value.reason is Reason.KEYSET_INVALID

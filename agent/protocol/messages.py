@@ -8,6 +8,7 @@ header, key validity, lifetime, and finally the validity window.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from agent.errors import Reason, RemoteProtocolError
 from agent.limits import (
     DEFAULT_LIMITS,
     DIGEST_BYTES,
+    MAX_PARTY_ID_CHARS,
     MESSAGE_ID_BYTES,
     PROTOCOL_VERSION,
     THREAD_ID_BYTES,
@@ -46,27 +48,29 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=Message)
 
-PAYLOAD_TYPES: Mapping[str, type[Message]] = MappingProxyType({
-    cls.DESCRIPTOR.full_name: cls
-    for cls in (
-        keys_pb2.KeySet,
-        bill_pb2.Bill,
-        negotiation_pb2.ThreadOpen,
-        negotiation_pb2.Offer,
-        negotiation_pb2.Accept,
-        negotiation_pb2.Reject,
-        negotiation_pb2.Withdraw,
-        enrolment_pb2.EnrolmentRequest,
-        enrolment_pb2.EnrolmentConfirmation,
-        account_pb2.AccountQuery,
-        account_pb2.ErasureRequest,
-        account_pb2.ErasureConfirmation,
-        payment_pb2.PaymentIntent,
-        payment_pb2.PaymentInstructions,
-        payment_pb2.Receipt,
-        event_pb2.Event,
-    )
-})
+PAYLOAD_TYPES: Mapping[str, type[Message]] = MappingProxyType(
+    {
+        cls.DESCRIPTOR.full_name: cls
+        for cls in (
+            keys_pb2.KeySet,
+            bill_pb2.Bill,
+            negotiation_pb2.ThreadOpen,
+            negotiation_pb2.Offer,
+            negotiation_pb2.Accept,
+            negotiation_pb2.Reject,
+            negotiation_pb2.Withdraw,
+            enrolment_pb2.EnrolmentRequest,
+            enrolment_pb2.EnrolmentConfirmation,
+            account_pb2.AccountQuery,
+            account_pb2.ErasureRequest,
+            account_pb2.ErasureConfirmation,
+            payment_pb2.PaymentIntent,
+            payment_pb2.PaymentInstructions,
+            payment_pb2.Receipt,
+            event_pb2.Event,
+        )
+    }
+)
 
 
 class _Signed(Protocol):
@@ -180,6 +184,14 @@ def _malformed_header(detail: str) -> RemoteProtocolError:
     return RemoteProtocolError(Reason.MALFORMED_HEADER, detail)
 
 
+_PARTY_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_PARTY_ID_CHARS}}}")
+
+
+def is_party_id(text: str) -> bool:
+    """HDR-13: 1 to 128 characters of A-Z a-z 0-9 . _ : -, compared exactly."""
+    return _PARTY_ID.fullmatch(text) is not None
+
+
 def check_header_form(message: Message) -> tuple[datetime, datetime]:
     """HDR-1, HDR-2: the payload's header is present and well formed; returns (create_time, expire_time)."""
     if not message.HasField("header"):
@@ -255,6 +267,8 @@ def open_envelope(
     if header.recipient != recipient:
         raise RemoteProtocolError(Reason.WRONG_RECIPIENT, f"recipient {header.recipient!r} is not {recipient!r}")
     sender_keys.check_key_at(signature.keyid, create_time)
+    if now is not None:
+        sender_keys.check_fresh(now)  # KEY-13: a frozen (expired) chain speaks for no one live
 
     lifetime = expire_time - create_time
     if not timedelta(0) < lifetime <= limits.max_message_lifetime:
@@ -274,9 +288,7 @@ def open_envelope(
 def check_sequence(header: header_pb2.Header, *, expected_sequence: int, expected_previous: bytes) -> None:
     """HDR-6, HDR-7: the message is the next one in its thread and chains to the last one."""
     if header.sequence != expected_sequence:
-        raise RemoteProtocolError(
-            Reason.SEQUENCE_MISMATCH, f"sequence {header.sequence}, expected {expected_sequence}"
-        )
+        raise RemoteProtocolError(Reason.SEQUENCE_MISMATCH, f"sequence {header.sequence}, expected {expected_sequence}")
     if header.previous_digest != expected_previous:
         raise RemoteProtocolError(
             Reason.PREVIOUS_DIGEST_MISMATCH, "previous_digest is not the digest of the thread's last message"

@@ -1,0 +1,481 @@
+"""The biller's storage interface: one `BillerStore` protocol, several back ends.
+
+The signed message log is the source of truth. A store keeps envelopes as the
+serialized bytes that were received or sent, plus derived columns to find them
+(thread id, sequence, digest, sender, payload type, account, bill); the agent
+rebuilds negotiation state by replaying a stored thread through the protocol
+core. Rows such as a thread's outcome or a bill's status are indexes derived
+from that log, kept in step with it by writing them in the same transaction.
+
+Rules every back end follows:
+
+- Each write method is ONE transaction: a protocol step (messages, outcome,
+  replay-cache entry, events...) is stored entirely or not at all.
+- Concurrency is settled by the database, never by process memory: two writers
+  racing for one thread position, one enrolment code, one intent id or one
+  event cursor are told apart by unique constraints, and the loser gets a
+  `StoreConflict` carrying the protocol reason to answer with.
+- Event envelopes are signed inside the transaction that appends them
+  (`PendingEvent.seal` gets the cursor and the previous event's digest), so the
+  account's log is a gapless chain even with several writers.
+- Methods are coroutines; a back end never blocks the event loop.
+
+Times are timezone-aware UTC datetimes; money is integer minor units plus an
+ISO 4217 code; envelopes are serialized `parley.v1.Envelope` bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Protocol
+
+from agent.errors import RemoteProtocolError
+from parley.v1 import envelope_pb2
+
+
+class StoreConflict(RemoteProtocolError):
+    """A write lost to a constraint (another writer got there first); nothing was written."""
+
+
+class AlreadyExists(ValueError):
+    """An embedding-API call named an id (account, bill) that is already taken."""
+
+
+class BillStatus(enum.StrEnum):
+    """Where a bill stands; only an OPEN bill can be negotiated (NEG-3) or paid as presented."""
+
+    OPEN = "open"
+    UNDER_ARRANGEMENT = "under_arrangement"
+    PAID = "paid"
+
+
+class ThreadOutcome(enum.StrEnum):
+    """A negotiation thread's state as indexed by the store (NEG-13)."""
+
+    OPEN = "open"
+    AGREED = "agreed"
+    REJECTED = "rejected"
+    WITHDRAWN = "withdrawn"
+    EXPIRED = "expired"
+    PROTOCOL_ERROR = "protocol_error"
+
+
+# --- Records ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    """A biller account, its bound consumer (if enrolled) and its enrolment lock state (ENR-5)."""
+
+    account_id: str
+    holder_name: str
+    created_at: datetime
+    consumer_party_id: str | None
+    failed_enrolment_attempts: int
+    enrolment_locked: bool
+
+
+@dataclass(frozen=True)
+class EnrolmentCodeRecord:
+    """An enrolment code, kept only as SHA-256(salt || normalized code) (ENR-8)."""
+
+    account_id: str
+    salt: bytes
+    code_hash: bytes
+    expires_at: datetime
+    used: bool
+
+
+@dataclass(frozen=True)
+class KeySetRecord:
+    """One version of a consumer's key set chain, with the keyids it introduces (for sender lookup)."""
+
+    party_id: str
+    version: int
+    envelope: bytes
+    keyids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReplayRecord:
+    """A received message id (HDR-8) and what was answered to it.
+
+    An identical retry (same sender, message id and digest) gets `answer` back, or
+    the same error when `error_reason` is set; a retry with neither (a read) is
+    answered afresh. A different message with the same id is REPLAYED_MESSAGE.
+    """
+
+    sender: str
+    message_id: bytes
+    digest: bytes
+    expires_at: datetime
+    answer: bytes | None = None
+    error_reason: str | None = None
+    error_detail: str = ""
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """A successful enrolment (ENR-*): code used, party and key set v1 stored, account bound."""
+
+    account_id: str
+    code_hash: bytes
+    party_id: str
+    fingerprint: bytes
+    key_set: KeySetRecord
+    bound_at: datetime
+    replay: ReplayRecord
+
+
+@dataclass(frozen=True)
+class BillRecord:
+    """A signed bill and its derived columns."""
+
+    bill_id: str
+    account_id: str
+    envelope: bytes
+    digest: bytes
+    amount_minor: int
+    currency: str
+    due_date: date
+    status: BillStatus
+    issued_at: datetime
+
+
+@dataclass(frozen=True)
+class MessageRecord:
+    """One signed message of a negotiation thread, as received or sent, with its derived columns."""
+
+    thread_id: bytes
+    sequence: int
+    envelope: bytes
+    digest: bytes
+    sender: str
+    payload_type: str
+    message_id: bytes
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class ThreadRecord:
+    """A negotiation thread: its index row, every message in order, and the disclosure if not erased."""
+
+    thread_id: bytes
+    account_id: str
+    bill_id: str
+    consumer_party_id: str
+    outcome: ThreadOutcome
+    deadline: datetime
+    opened_at: datetime
+    hardship_disclosed: bool  # NEG-12; kept after erasure while the thread is open (PRV-4)
+    messages: tuple[MessageRecord, ...]
+    disclosure: bytes | None
+
+
+@dataclass(frozen=True)
+class NewThread:
+    """What a ThreadOpen step adds beside its messages."""
+
+    consumer_party_id: str
+    deadline: datetime
+    disclosure: bytes | None
+    hardship_disclosed: bool
+    max_open_threads: int  # LIM-7, checked inside the transaction
+
+
+@dataclass(frozen=True)
+class AgreementFacts:
+    """Derived facts of an agreement reached in a step (indexes for payments and schedulers)."""
+
+    offer_digest: bytes
+    accept_digest: bytes
+    total_minor: int
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An event to append to an account's log, signed once its position is known.
+
+    `seal(sequence, previous_digest)` returns the signed Event envelope at that
+    cursor position; the store calls it inside the appending transaction.
+    """
+
+    account_id: str
+    kind: int
+    seal: Callable[[int, bytes], envelope_pb2.Envelope]
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One signed event of an account's log (EVT-*)."""
+
+    account_id: str
+    sequence: int
+    envelope: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class NegotiationStep:
+    """Everything one Negotiate call writes, in one transaction.
+
+    With `new_thread`, the thread row is created: the bill must still be OPEN with
+    no other thread on it open at `now` (NEG-3), and the account under its
+    open-thread limit (LIM-7); otherwise `messages[0]`
+    must be the next position of the existing thread. With `agreement`, the bill
+    goes from OPEN to UNDER_ARRANGEMENT (BILL_NOT_NEGOTIABLE if it no longer is OPEN).
+    """
+
+    account_id: str
+    bill_id: str
+    thread_id: bytes
+    messages: tuple[MessageRecord, ...]
+    outcome: ThreadOutcome
+    now: datetime
+    replay: ReplayRecord
+    new_thread: NewThread | None = None
+    agreement: AgreementFacts | None = None
+    events: tuple[PendingEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class PaymentIntentRecord:
+    """A payment intent (PAY-2: unique per account by intent_id) and the instructions answered."""
+
+    account_id: str
+    intent_id: str
+    content_hash: bytes
+    bill_id: str
+    agreement_digest: bytes
+    instalment_index: int
+    amount_minor: int
+    currency: str
+    payment_reference: str
+    intent: bytes
+    instructions: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class SettlementRecord:
+    """The settlement of one intent (at most one per intent) and its signed receipt."""
+
+    account_id: str
+    intent_id: str
+    amount_minor: int
+    rail_reference: str
+    settled_at: datetime
+    receipt: bytes
+
+
+@dataclass(frozen=True)
+class SealedSettlement:
+    """What `Settle.seal` returns: the signed receipt and the events to append with it."""
+
+    receipt: envelope_pb2.Envelope
+    events: tuple[PendingEvent, ...]
+
+
+@dataclass(frozen=True)
+class Settle:
+    """A settlement to record; `seal(remaining_minor)` signs the receipt inside the transaction.
+
+    remaining_minor is what is still owed after this payment: the agreement's total
+    (or the bill's amount due, for an intent without agreement) minus every
+    settlement of the same bill and agreement, this one included. When it is zero
+    the bill becomes PAID.
+    """
+
+    account_id: str
+    intent_id: str
+    amount_minor: int
+    rail_reference: str
+    settled_at: datetime
+    seal: Callable[[int], SealedSettlement]
+
+
+@dataclass(frozen=True)
+class SettledPayment:
+    """A settled payment towards an agreement, for schedulers."""
+
+    intent_id: str
+    instalment_index: int
+    amount_minor: int
+    settled_at: datetime
+
+
+@dataclass(frozen=True)
+class ArrangementRecord:
+    """An agreed thread with the accepted offer's envelope and the payments settled under it."""
+
+    thread_id: bytes
+    account_id: str
+    bill_id: str
+    consumer_party_id: str
+    offer_envelope: bytes
+    accept_digest: bytes
+    agreed_at: datetime
+    bill_status: BillStatus
+    payments: tuple[SettledPayment, ...]
+
+
+# --- The interface ------------------------------------------------------------------------------
+
+
+class BillerStore(Protocol):
+    """Persistent state of one biller. See the module docstring for the rules every back end keeps."""
+
+    async def close(self) -> None:
+        """Release the connection(s); the store is unusable afterwards."""
+        ...
+
+    # Accounts and enrolment (ENR-*)
+
+    async def create_account(self, account_id: str, holder_name: str, created_at: datetime) -> None:
+        """Add an account; AlreadyExists if the id is taken."""
+        ...
+
+    async def get_account(self, account_id: str) -> AccountRecord | None: ...
+
+    async def add_enrolment_code(self, code: EnrolmentCodeRecord, created_at: datetime) -> None:
+        """Store a new code's hash for an existing account, resetting its enrolment lock (ENR-5)."""
+        ...
+
+    async def enrolment_codes(self, account_id: str) -> list[EnrolmentCodeRecord]: ...
+
+    async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
+        """Count a wrong code; the account's enrolment locks when the count reaches max_attempts (ENR-5)."""
+        ...
+
+    async def enrol(self, enrolment: Enrolment) -> None:
+        """Spend the account's codes, store the party (or check it is the same chain), bind the account.
+
+        A binding to another party is replaced (ENR-11). StoreConflict(ENROLMENT_CODE_USED)
+        if the code was spent meanwhile; StoreConflict(PARTY_ID_TAKEN) if the party id
+        belongs to another chain; StoreConflict(KEYSET_INVALID) if a keyid belongs to
+        another party (KEY-21).
+        """
+        ...
+
+    # Parties and key sets (KEY-*)
+
+    async def party_with_keyid(self, keyid: str) -> str | None:
+        """The enrolled party whose chain lists this keyid; at most one (KEY-21)."""
+        ...
+
+    async def party_key_sets(self, party_id: str) -> list[bytes]:
+        """The party's key set envelopes, version 1 first; empty if unknown."""
+        ...
+
+    async def append_key_set(self, record: KeySetRecord) -> None:
+        """Add the next version; StoreConflict(KEYSET_ROLLBACK) if that version is already stored,
+        StoreConflict(KEYSET_INVALID) if one of its keyids belongs to another party (KEY-21)."""
+        ...
+
+    # Replay cache (HDR-8)
+
+    async def replay_lookup(self, sender: str, message_id: bytes) -> ReplayRecord | None: ...
+
+    async def record_replay(self, record: ReplayRecord) -> None:
+        """Remember a message id on its own (reads); StoreConflict(REPLAYED_MESSAGE) if already there."""
+        ...
+
+    async def purge_replay_cache(self, now: datetime) -> int:
+        """Forget message ids whose messages can no longer be accepted anyway; returns how many."""
+        ...
+
+    # Bills
+
+    async def insert_bill(self, bill: BillRecord, events: Sequence[PendingEvent]) -> list[EventRecord]:
+        """Store a signed bill with its events; AlreadyExists if the bill id is taken."""
+        ...
+
+    async def get_bill(self, bill_id: str) -> BillRecord | None: ...
+
+    async def reopen_bill(self, bill_id: str, events: Sequence[PendingEvent]) -> list[EventRecord]:
+        """Make a bill under an arrangement negotiable again, with its events (EVT-7, NEG-3).
+
+        LookupError unless the bill exists and is UNDER_ARRANGEMENT.
+        """
+        ...
+
+    async def list_bills(self, account_id: str) -> list[BillRecord]:
+        """The account's bills, oldest first."""
+        ...
+
+    # Negotiation
+
+    async def get_thread(self, thread_id: bytes) -> ThreadRecord | None: ...
+
+    async def record_negotiation_step(self, step: NegotiationStep) -> list[EventRecord]:
+        """Store one Negotiate step atomically (see NegotiationStep).
+
+        StoreConflict(SEQUENCE_MISMATCH) when another writer took the thread position;
+        StoreConflict(BILL_NOT_NEGOTIABLE) or StoreConflict(TOO_MANY_OPEN_THREADS)
+        when the bill or the account changed meanwhile.
+        """
+        ...
+
+    async def open_thread_bills(self, account_id: str, now: datetime) -> list[str]:
+        """The bill of each thread of the account still open at `now` (deadline not passed)."""
+        ...
+
+    async def mark_thread_expired(self, thread_id: bytes) -> None:
+        """Index an OPEN thread whose deadline passed as EXPIRED (NEG-6)."""
+        ...
+
+    async def arrangements(self, account_id: str | None, *, active_only: bool) -> list[ArrangementRecord]:
+        """Agreed threads (of one account, or all), oldest first; active = the bill is under the arrangement."""
+        ...
+
+    async def get_arrangement(self, account_id: str, accept_digest: bytes) -> ArrangementRecord | None: ...
+
+    # Privacy (PRV-4)
+
+    async def erase_disclosures(self, account_id: str, answer: Callable[[int], ReplayRecord]) -> int:
+        """Erase the account's disclosures for good (PRV-4) and record the request's answer.
+
+        `answer(count)` builds the replay record, inside the transaction, from the
+        number erased. The fact that hardship was disclosed stays on open threads only.
+        """
+        ...
+
+    async def erase_disclosures_before(self, cutoff: datetime) -> int:
+        """Retention (PRV-6): erase, as PRV-4 does, disclosures received before `cutoff`; returns how many."""
+        ...
+
+    # Payments (PAY-*)
+
+    async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None: ...
+
+    async def insert_payment_intent(self, intent: PaymentIntentRecord, replay: ReplayRecord) -> None:
+        """Store a new intent with its instructions; StoreConflict(IDEMPOTENCY_CONFLICT) if the id is taken.
+
+        ValueError if the payment reference is not unique (PAY-4: a rail bug).
+        """
+        ...
+
+    async def get_settlement(self, account_id: str, intent_id: str) -> SettlementRecord | None: ...
+
+    async def settle(self, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]]:
+        """Record the intent's settlement, its receipt and events, or return the existing one unchanged.
+
+        LookupError if the intent does not exist. When the intent was already
+        settled, the stored record is returned with no events and nothing is written.
+        """
+        ...
+
+    # Events (EVT-*)
+
+    async def append_events(self, events: Sequence[PendingEvent]) -> list[EventRecord]: ...
+
+    async def events(self, account_id: str, start: int, limit: int) -> list[EventRecord]:
+        """Up to `limit` events of the account's log from cursor `start`, in order."""
+        ...
+
+    async def event_count(self, account_id: str) -> int:
+        """The length of the account's log (the next cursor)."""
+        ...

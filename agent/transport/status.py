@@ -1,0 +1,89 @@
+"""Errors on the wire: `ParleyError` <-> `google.rpc.Status` with exactly one ErrorInfo (ERR-1..ERR-5).
+
+A refused request ends with the gRPC code of its reason (the table in
+`agent.errors`) and, in the `grpc-status-details-bin` trailer, a
+`google.rpc.Status` whose one detail is an `ErrorInfo` with the reason's name,
+domain "parley.v1" and metadata {"requirement": id}. Anything else that goes
+wrong in a handler is INTERNAL / INTERNAL_ERROR with a generic message, the
+exception being logged on the server only (ERR-2, ERR-3, ERR-5): never UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from agent.errors import ERROR_DOMAIN, ParleyError, Reason, RemoteProtocolError
+
+logger = logging.getLogger("parley.transport")
+
+T = TypeVar("T")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+INTERNAL_ERROR = ParleyError(Reason.INTERNAL_ERROR, "the biller failed; retry with the same message")
+
+
+def status_of(error: ParleyError) -> status_pb2.Status:
+    """The google.rpc.Status that carries `error` (ERR-1)."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason.name, domain=ERROR_DOMAIN, metadata={"requirement": error.reason.requirement}
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    code: grpc.StatusCode = grpc.StatusCode[error.reason.grpc_code]
+    return status_pb2.Status(code=code.value[0], message=error.detail, details=[detail])
+
+
+async def abort(context: Context, error: ParleyError) -> NoReturn:
+    """End the RPC with `error`'s code and Status."""
+    status: grpc.Status = rpc_status.to_status(status_of(error))
+    await context.abort_with_status(status)
+
+
+async def answer(context: Context, call: Awaitable[T]) -> T:
+    """Await a handler's work, turning every failure into a Parley error on the wire."""
+    try:
+        return await call
+    except ParleyError as error:
+        await abort(context, error)
+    except Exception:
+        # ERR-3, ERR-5: the details stay in the server's log, never in the answer.
+        logger.exception("internal error while handling a request")
+        await abort(context, INTERNAL_ERROR)
+
+
+class RpcError(RemoteProtocolError):
+    """A Parley error received from a peer over gRPC (ERR-4: branch on `reason`, or on `code` if unknown).
+
+    `wire_reason` is the ErrorInfo reason as received ("" without one). When it is
+    not a reason this version knows, or the failure came from gRPC itself
+    (UNAVAILABLE, DEADLINE_EXCEEDED...), `reason` is INTERNAL_ERROR and `code`
+    tells what happened.
+    """
+
+    def __init__(self, reason: Reason, detail: str, *, code: grpc.StatusCode, wire_reason: str) -> None:
+        super().__init__(reason, detail)
+        self.code = code
+        self.wire_reason = wire_reason
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError) -> RpcError:
+    """The Parley error a failed call carries, read from its one ErrorInfo (domain "parley.v1")."""
+    code = error.code()
+    detail = error.details() or code.name
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(error)
+    except ValueError:  # a Status that contradicts the call's own code or message
+        status = None
+    for any_detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if any_detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            reason = Reason.__members__.get(info.reason, Reason.INTERNAL_ERROR)
+            return RpcError(reason, detail, code=code, wire_reason=info.reason)
+    return RpcError(Reason.INTERNAL_ERROR, detail, code=code, wire_reason="")

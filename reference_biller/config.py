@@ -1,0 +1,262 @@
+"""The reference biller's configuration, from a TOML file (see reference_biller/sample.toml).
+
+Loading validates everything up front: an unknown key, a missing key, a wrong
+type or an amount that is not exact money in the biller's currency is a
+`ConfigError` naming the key, so a typo never silently changes a policy.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.errors import LocalProtocolError
+from agent.protocol.messages import is_party_id
+from agent.terms import Currency, Money
+
+T = TypeVar("T")
+SAMPLE = Path(__file__).with_name("sample.toml")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Hardship:
+    programme_id: str
+    description: str
+    fees_waived: bool
+    max_deferral_days: int
+    max_instalments: int
+    min_instalment_amount: Money
+    max_interval_days: int
+    max_first_delay_days: int
+    requires_disclosure: bool
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The rules for one group of customers."""
+
+    name: str
+    deferral_max_days: int
+    deferral_fee: Money
+    instalment_max_count: int
+    instalment_min_amount: Money
+    instalment_min_interval_days: int
+    instalment_max_interval_days: int
+    instalment_max_first_delay_days: int
+    instalment_fee: Money
+    early_payment_days_before_due: int
+    early_payment_discount: Money
+    settlement_floor_percent: int
+    hardship: tuple[Hardship, ...]
+
+
+@dataclass(frozen=True)
+class Payments:
+    payee_name: str
+    payee_account: str
+    rail: str
+    reference_prefix: str
+    settlement_delay: timedelta
+
+
+@dataclass(frozen=True)
+class Reminders:
+    before_due_days: int
+    after_due_days: tuple[int, ...]  # one per escalation level: courteous, firm, final
+    grace_days: int
+
+
+@dataclass(frozen=True)
+class Account:
+    account_id: str
+    holder: str
+    segment: str
+
+
+@dataclass(frozen=True)
+class BillerConfig:
+    party_id: str
+    name: str
+    currency: Currency
+    payments: Payments
+    reminders: Reminders
+    segments: Mapping[str, Segment]
+    accounts: tuple[Account, ...]
+
+    def segment_of(self, account_id: str) -> Segment:
+        for account in self.accounts:
+            if account.account_id == account_id:
+                return self.segments[account.segment]
+        return self.segments["standard"] if "standard" in self.segments else next(iter(self.segments.values()))
+
+
+class _Table:
+    """A TOML table read key by key; anything left unread is an unknown key."""
+
+    def __init__(self, data: object, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'the file'}: expected a table")
+        self.data: dict[str, Any] = data
+        self.path = path
+        self.read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type[T], default: T | None = None) -> T:
+        self.read.add(name)
+        if name not in self.data:
+            if default is None:
+                raise ConfigError(f"{self.key(name)}: missing")
+            return default
+        value = self.data[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{self.key(name)}: expected {kind.__name__}, got {value!r}")
+        return value
+
+    def natural(self, name: str, default: int | None = None, *, minimum: int = 0) -> int:
+        value = self.get(name, int, default)
+        if value < minimum:
+            raise ConfigError(f"{self.key(name)}: must be at least {minimum}, got {value}")
+        return value
+
+    def money(self, name: str, currency: Currency, default: str | None = None) -> Money:
+        text = self.get(name, str, default)
+        try:
+            return Money.parse(text, currency.code)
+        except LocalProtocolError as error:
+            raise ConfigError(f"{self.key(name)}: {text!r} is not an amount in {currency.code}") from error
+
+    def table(self, name: str) -> _Table:
+        self.read.add(name)
+        return _Table(self.data.get(name, {}), self.key(name))
+
+    def tables(self, name: str) -> list[_Table]:
+        self.read.add(name)
+        items = self.data.get(name, [])
+        if not isinstance(items, list):
+            raise ConfigError(f"{self.key(name)}: expected an array of tables")
+        return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(items)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            raise ConfigError(f"{self.key(unknown[0])}: unknown key")
+
+
+def _each(table: _Table, build: Callable[[_Table], T]) -> T:
+    result = build(table)
+    table.done()
+    return result
+
+
+def _hardship(t: _Table, currency: Currency) -> Hardship:
+    return Hardship(
+        programme_id=t.get("id", str),
+        description=t.get("description", str),
+        fees_waived=t.get("fees_waived", bool),
+        max_deferral_days=t.natural("max_deferral_days"),
+        max_instalments=t.natural("max_instalments"),
+        min_instalment_amount=t.money("min_instalment_amount", currency),
+        max_interval_days=t.natural("max_interval_days"),
+        max_first_delay_days=t.natural("max_first_delay_days"),
+        requires_disclosure=t.get("requires_disclosure", bool),
+    )
+
+
+def _segment(name: str, t: _Table, currency: Currency) -> Segment:
+    segment = Segment(
+        name=name,
+        deferral_max_days=t.natural("deferral_max_days"),
+        deferral_fee=t.money("deferral_fee", currency, "0"),
+        instalment_max_count=t.natural("instalment_max_count", minimum=2),
+        instalment_min_amount=t.money("instalment_min_amount", currency),
+        instalment_min_interval_days=t.natural("instalment_min_interval_days", minimum=1),
+        instalment_max_interval_days=t.natural("instalment_max_interval_days", minimum=1),
+        instalment_max_first_delay_days=t.natural("instalment_max_first_delay_days"),
+        instalment_fee=t.money("instalment_fee", currency, "0"),
+        early_payment_days_before_due=t.natural("early_payment_days_before_due", 0),
+        early_payment_discount=t.money("early_payment_discount", currency, "0"),
+        settlement_floor_percent=t.natural("settlement_floor_percent", 100),
+        hardship=tuple(_each(h, lambda h: _hardship(h, currency)) for h in t.tables("hardship")),
+    )
+    if segment.instalment_min_interval_days > segment.instalment_max_interval_days:
+        raise ConfigError(f"{t.key('instalment_min_interval_days')}: larger than instalment_max_interval_days")
+    if segment.settlement_floor_percent > 100:
+        raise ConfigError(f"{t.key('settlement_floor_percent')}: must be at most 100")
+    return segment
+
+
+def parse_config(data: Mapping[str, Any]) -> BillerConfig:
+    """Validate a parsed TOML document."""
+    root = _Table(dict(data), "")
+    biller = root.table("biller")
+    party_id = biller.get("party_id", str)
+    if not is_party_id(party_id):
+        raise ConfigError(f"biller.party_id: {party_id!r} is not a party id (1-128 of A-Z a-z 0-9 . _ : -)")
+    code = biller.get("currency", str)
+    try:
+        currency = Currency.of(code)
+    except LocalProtocolError as error:
+        raise ConfigError(f"biller.currency: {code!r} is not an ISO 4217 currency with minor units") from error
+    name = biller.get("name", str)
+    biller.done()
+
+    payments = _each(
+        root.table("payments"),
+        lambda t: Payments(
+            payee_name=t.get("payee_name", str),
+            payee_account=t.get("payee_account", str),
+            rail=t.get("rail", str, "simulated"),
+            reference_prefix=t.get("reference_prefix", str, "PAY"),
+            settlement_delay=timedelta(hours=t.natural("settlement_delay_hours", 24)),
+        ),
+    )
+    reminders = _each(
+        root.table("reminders"),
+        lambda t: Reminders(
+            before_due_days=t.natural("before_due_days", 3),
+            after_due_days=tuple(t.get("after_due_days", list, [1, 7, 14])),
+            grace_days=t.natural("grace_days", 3),
+        ),
+    )
+    if len(reminders.after_due_days) != 3 or not all(isinstance(d, int) and d > 0 for d in reminders.after_due_days):
+        raise ConfigError("reminders.after_due_days: expected three positive day counts (courteous, firm, final)")
+
+    segments_table = root.table("segments")
+    segments = {
+        name: _each(segments_table.table(name), partial(_segment, name, currency=currency))
+        for name in list(segments_table.data)
+    }
+    segments_table.done()
+    if not segments:
+        raise ConfigError("segments: at least one segment is needed")
+    accounts = tuple(
+        _each(t, lambda t: Account(t.get("id", str), t.get("holder", str), t.get("segment", str, "standard")))
+        for t in root.tables("accounts")
+    )
+    for index, account in enumerate(accounts):
+        if account.segment not in segments:
+            raise ConfigError(f"accounts[{index}].segment: no segment named {account.segment!r}")
+    root.done()
+    return BillerConfig(party_id, name, currency, payments, reminders, segments, accounts)
+
+
+def load_config(path: Path = SAMPLE) -> BillerConfig:
+    """Read and validate a TOML configuration file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    return parse_config(data)

@@ -1,0 +1,142 @@
+"""The reference biller's policy: advertise the segment's options, counter what is outside them.
+
+Offers inside the advertised options never reach `decide` — the agent accepts
+them at once (NEG-12). `decide` sees the rest and answers the way a reasonable
+collections team would: accept a settlement at or above the private floor,
+otherwise counter with the nearest arrangement the options allow, and reject
+only when no round is left for a counter.
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from agent.biller import AcceptOffer, CounterOffer, Decision, OfferContext, RejectOffer
+from agent.terms import (
+    AdvertisedOptions,
+    BillFacts,
+    DeferralOption,
+    EarlyPaymentDiscount,
+    HardshipProgramme,
+    InstalmentOption,
+    Line,
+    LineKind,
+    Money,
+    Terms,
+    TermsKind,
+    build_terms,
+    every_days,
+    monthly_dates,
+)
+from parley.v1 import negotiation_pb2
+from reference_biller.config import BillerConfig, Segment
+
+
+def _fee(amount: Money, label: str) -> tuple[Line, ...]:
+    return (Line(LineKind.FEE, label, amount),) if amount.minor else ()
+
+
+def settlement_floor(principal: Money, percent: int) -> Money:
+    """The smallest settlement the segment accepts: percent of the principal, rounded up to a minor unit."""
+    return Money(principal.currency, -(-principal.minor * percent // 100))
+
+
+class SegmentPolicy:
+    """`agent.biller.Policy` driven by a `BillerConfig`."""
+
+    def __init__(self, config: BillerConfig) -> None:
+        self.config = config
+
+    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+        segment = self.config.segment_of(account_id)
+        pay_by = due_date - timedelta(days=segment.early_payment_days_before_due)
+        discount = segment.early_payment_discount
+        early = (
+            EarlyPaymentDiscount(pay_by, discount)
+            if discount.minor and issue_date <= pay_by and discount < amount_due
+            else None
+        )
+        return AdvertisedOptions(
+            deferral=DeferralOption(segment.deferral_max_days, segment.deferral_fee)
+            if segment.deferral_max_days
+            else None,
+            instalments=InstalmentOption(
+                max_count=segment.instalment_max_count,
+                min_amount=segment.instalment_min_amount,
+                min_interval_days=segment.instalment_min_interval_days,
+                max_interval_days=segment.instalment_max_interval_days,
+                max_first_delay_days=segment.instalment_max_first_delay_days,
+                fee=segment.instalment_fee,
+            ),
+            early_payment=early,
+            hardship_programmes=tuple(
+                HardshipProgramme(
+                    h.programme_id,
+                    h.description,
+                    h.fees_waived,
+                    h.max_deferral_days,
+                    h.max_instalments,
+                    h.min_instalment_amount,
+                    h.max_interval_days,
+                    h.max_first_delay_days,
+                    h.requires_disclosure,
+                )
+                for h in segment.hardship
+            ),
+        )
+
+    def decide(self, context: OfferContext) -> Decision:
+        segment = self.config.segment_of(context.account_id)
+        offer, bill = context.offer, context.bill
+        if offer.kind is TermsKind.SETTLEMENT and offer.total >= settlement_floor(
+            offer.principal, segment.settlement_floor_percent
+        ):
+            return AcceptOffer()
+        if context.round >= context.max_rounds:
+            return RejectOffer(
+                negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, "no rounds left; the advertised options stand"
+            )
+        counter = self._counter(offer, bill, segment)
+        if counter is None:
+            return RejectOffer(
+                negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, "please choose one of the advertised options"
+            )
+        return CounterOffer(counter)
+
+    def _counter(self, offer: Terms, bill: BillFacts, segment: Segment) -> Terms | None:
+        """The arrangement inside the options nearest to what the consumer asked for."""
+        due, principal = bill.due_date, bill.amount_due
+        if offer.kind is TermsKind.SETTLEMENT:
+            floor = settlement_floor(principal, segment.settlement_floor_percent)
+            reduction = Line(LineKind.SETTLEMENT_REDUCTION, "settlement reduction", principal - floor)
+            return build_terms(TermsKind.SETTLEMENT, principal, [offer.schedule[-1].due_date], [reduction])
+        if offer.kind is TermsKind.DEFERRAL and segment.deferral_max_days:
+            latest = due + timedelta(days=segment.deferral_max_days)
+            return build_terms(
+                TermsKind.DEFERRAL, principal, [min(offer.schedule[-1].due_date, latest)],
+                _fee(segment.deferral_fee, "deferral fee"),
+            )  # fmt: skip
+        if offer.kind in (TermsKind.INSTALMENT_PLAN, TermsKind.DEFERRAL):
+            return self._plan(offer, bill, segment)
+        if offer.kind is TermsKind.PAY_IN_FULL:
+            return build_terms(TermsKind.PAY_IN_FULL, principal, [min(offer.schedule[0].due_date, due)])
+        return None
+
+    @staticmethod
+    def _plan(offer: Terms, bill: BillFacts, segment: Segment) -> Terms | None:
+        """As many instalments as asked, within the count, minimum amount and interval limits."""
+        fee = _fee(segment.instalment_fee, "instalment plan fee")
+        total = bill.amount_due.minor + sum(line.amount.minor for line in fee)
+        affordable_count = total // segment.instalment_min_amount.minor if segment.instalment_min_amount.minor else 0
+        count = min(len(offer.schedule), segment.instalment_max_count, affordable_count)
+        if count < 2:
+            return None
+        latest_first = bill.due_date + timedelta(days=segment.instalment_max_first_delay_days)
+        first = max(min(offer.schedule[0].due_date, latest_first), bill.issue_date)
+        monthly_fits = segment.instalment_min_interval_days <= 28 and segment.instalment_max_interval_days >= 31
+        dates = (
+            monthly_dates(first, count)
+            if monthly_fits
+            else every_days(first, count, segment.instalment_max_interval_days)
+        )
+        return build_terms(TermsKind.INSTALMENT_PLAN, bill.amount_due, dates, fee)

@@ -1,0 +1,289 @@
+"""A household's profile: money, pay day, outgoings, mandate limits and billers, from TOML.
+
+The profile is everything the reference consumer's strategy knows about the household
+it works for. It is read from a TOML file (see `sample.toml` beside this module) with
+`load_profile`, or built from an already parsed mapping with `parse_profile`. Both
+refuse anything doubtful with a `ProfileError` naming the exact key, in the form
+`mandate.max_fee: "ten" is not an amount in EUR`:
+
+- every amount is an exact decimal *string* in the household's currency ("850.00"),
+  read with `Money.parse`; TOML numbers are refused for amounts, so no binary float
+  ever touches money (TRM-15);
+- unknown keys are errors, so a typo (`max_fees`) cannot silently drop a limit;
+- required keys must be present; `household.hardship`, `[[expenses]]`,
+  `mandate.latest_date` and `[billers]` are optional.
+
+Parsing does no I/O beyond `load_profile` reading the one file, and never reads the clock.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import TypeVar
+
+from agent.errors import LocalProtocolError
+from agent.protocol.messages import is_party_id
+from agent.terms import Currency, Money, parse_date
+
+_T = TypeVar("_T")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ProfileError(ValueError):
+    """An invalid profile; `key` is the dotted path of the offending key ("" for the whole file)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Income:
+    """Net pay of `amount`, arriving every month on `pay_day` (clamped to the month's last day)."""
+
+    amount: Money
+    pay_day: int
+
+
+@dataclass(frozen=True)
+class Expense:
+    """A recurring monthly outgoing of `amount` on `day` of the month (clamped to the month's last day)."""
+
+    name: str
+    amount: Money
+    day: int
+
+
+@dataclass(frozen=True)
+class Mandate:
+    """The limits inside which the bot may offer and accept terms without asking its user (NEG-20).
+
+    - `max_fee`: the most the FEE lines of one arrangement may add up to;
+    - `max_instalments`: the most instalments of a plan (0 or 1: no plan without asking);
+    - `latest_date`: no payment after this date (None: no such limit);
+    - `max_total_over_bill`: the most the total may exceed the bill's amount due.
+    """
+
+    max_fee: Money
+    max_instalments: int
+    max_total_over_bill: Money
+    latest_date: date | None = None
+
+
+@dataclass(frozen=True)
+class BillerPreference:
+    """How the household ranks one biller: a lower `priority` is paid first when money is short."""
+
+    biller_id: str
+    priority: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A household: its party id, money now, buffer, income, outgoings, mandate and billers."""
+
+    party_id: str
+    currency: str
+    balance: Money
+    buffer: Money
+    income: Income
+    expenses: tuple[Expense, ...]
+    mandate: Mandate
+    billers: tuple[BillerPreference, ...] = ()
+    hardship: bool = False
+
+    def priority_of(self, biller_id: str) -> int | None:
+        """The priority the household gives this biller, or None when the profile does not rank it."""
+        return next((b.priority for b in self.billers if b.biller_id == biller_id), None)
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def _key(parent: str, name: str) -> str:
+    """The dotted path of `name` under `parent`, quoting names that are not TOML bare keys."""
+    part = name if _BARE_KEY.fullmatch(name) else '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"{parent}.{part}" if parent else part
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it in TOML, roughly: strings quoted, the rest as Python prints it."""
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class _Table:
+    """One TOML table being read: refuses unknown keys at once, then hands out the known ones."""
+
+    def __init__(self, path: str, value: object, known: Sequence[str] | None) -> None:
+        if not isinstance(value, Mapping):
+            raise ProfileError(path, f"expected a table, got {_show(value)}")
+        self.path = path
+        self.items: dict[str, object] = {str(name): item for name, item in value.items()}
+        for name in self.items:
+            if known is not None and name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else f"; known keys: {', '.join(known)}"
+                raise ProfileError(_key(path, name), "unknown key" + hint)
+
+    def get(self, name: str, convert: Callable[[str, object], _T]) -> _T:
+        """The required key `name`, converted; ProfileError naming it if it is missing."""
+        if name not in self.items:
+            raise ProfileError(_key(self.path, name), "missing")
+        return convert(_key(self.path, name), self.items[name])
+
+    def optional(self, name: str, convert: Callable[[str, object], _T], default: _T) -> _T:
+        """The optional key `name`, converted, or `default` when absent."""
+        if name not in self.items:
+            return default
+        return self.get(name, convert)
+
+
+def _table(*known: str) -> Callable[[str, object], _Table]:
+    """A converter to a table whose only keys are `known` (any keys when none are given)."""
+    return lambda key, value: _Table(key, value, known or None)
+
+
+def _text(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ProfileError(key, f"expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _party_id(key: str, value: object) -> str:
+    if not isinstance(value, str) or not is_party_id(value):
+        raise ProfileError(key, f"{_show(value)} is not a party id (1 to 128 characters of A-Z a-z 0-9 . _ : -)")
+    return value
+
+
+def _currency(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ProfileError(key, f'expected an ISO 4217 currency code such as "EUR", got {_show(value)}')
+    try:
+        return Currency.of(value).code
+    except LocalProtocolError:
+        raise ProfileError(key, f"{_show(value)} is not an ISO 4217 currency code with minor units") from None
+
+
+def _amount(code: str) -> Callable[[str, object], Money]:
+    def convert(key: str, value: object) -> Money:
+        if not isinstance(value, str):
+            raise ProfileError(
+                key, f'{_show(value)} is not an amount in {code}; write amounts as exact decimal strings, e.g. "12.50"'
+            )
+        try:
+            return Money.parse(value, code)
+        except LocalProtocolError:
+            raise ProfileError(key, f"{_show(value)} is not an amount in {code}") from None
+
+    return convert
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str, object], int]:
+    def convert(key: str, value: object) -> int:
+        allowed = f"{minimum}..{maximum}" if maximum is not None else f"at least {minimum}"
+        if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+            raise ProfileError(key, f"expected a whole number {allowed}, got {_show(value)}")
+        return value
+
+    return convert
+
+
+def _boolean(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ProfileError(key, f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _date(key: str, value: object) -> date:
+    """A TOML local date (2026-12-31) or the same as a string ("2026-12-31")."""
+    if type(value) is date:
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_date(value)
+        except LocalProtocolError:
+            pass
+    raise ProfileError(key, f"{_show(value)} is not a date YYYY-MM-DD")
+
+
+def parse_profile(document: Mapping[str, object]) -> Profile:
+    """The profile described by a parsed TOML document; ProfileError naming the first bad key."""
+    root = _Table("", document, ("household", "income", "expenses", "mandate", "billers"))
+    household = root.get("household", _table("party_id", "currency", "balance", "buffer", "hardship"))
+    party_id = household.get("party_id", _party_id)
+    code = household.get("currency", _currency)
+    amount = _amount(code)
+    balance = household.get("balance", amount)
+    buffer = household.get("buffer", amount)
+    hardship = household.optional("hardship", _boolean, False)
+
+    income_table = root.get("income", _table("amount", "pay_day"))
+    income = Income(income_table.get("amount", amount), income_table.get("pay_day", _integer(1, 31)))
+
+    def expenses_of(key: str, value: object) -> tuple[Expense, ...]:
+        if not isinstance(value, list):
+            raise ProfileError(key, "expected an array of tables ([[expenses]])")
+        expenses = []
+        for index, item in enumerate(value):
+            table = _Table(f"{key}[{index}]", item, ("name", "amount", "day"))
+            expenses.append(
+                Expense(table.get("name", _text), table.get("amount", amount), table.get("day", _integer(1, 31)))
+            )
+        return tuple(expenses)
+
+    no_expenses: tuple[Expense, ...] = ()
+    expenses = root.optional("expenses", expenses_of, no_expenses)
+
+    mandate_table = root.get("mandate", _table("max_fee", "max_instalments", "max_total_over_bill", "latest_date"))
+    mandate = Mandate(
+        max_fee=mandate_table.get("max_fee", amount),
+        max_instalments=mandate_table.get("max_instalments", _integer(0)),
+        max_total_over_bill=mandate_table.get("max_total_over_bill", amount),
+        latest_date=mandate_table.optional("latest_date", _date, None),
+    )
+
+    def billers_of(key: str, value: object) -> tuple[BillerPreference, ...]:
+        table = _Table(key, value, None)
+        preferences = []
+        for biller_id in list(table.items):
+            path = _key(key, biller_id)
+            _party_id(path, biller_id)
+            entry = table.get(biller_id, _table("priority"))
+            preferences.append(BillerPreference(biller_id, entry.get("priority", _integer(0))))
+        return tuple(preferences)
+
+    no_billers: tuple[BillerPreference, ...] = ()
+    billers = root.optional("billers", billers_of, no_billers)
+    return Profile(
+        party_id=party_id,
+        currency=code,
+        balance=balance,
+        buffer=buffer,
+        income=income,
+        expenses=expenses,
+        mandate=mandate,
+        billers=billers,
+        hardship=hardship,
+    )
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """The profile in the TOML file at `path`; ProfileError for bad TOML or a bad key, OSError if unreadable."""
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ProfileError("", f"{os.fspath(path)}: not valid TOML: {error}") from None
+    return parse_profile(document)

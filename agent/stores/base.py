@@ -1,4 +1,4 @@
-"""The biller's storage interface: one `BillerStore` protocol, several back ends.
+"""The storage interfaces: `BillerStore` (the biller agent's) and `ConsumerStore` (the consumer agent's).
 
 The signed message log is the source of truth. A store keeps envelopes as the
 serialized bytes that were received or sent, plus derived columns to find them
@@ -478,4 +478,317 @@ class BillerStore(Protocol):
 
     async def event_count(self, account_id: str) -> int:
         """The length of the account's log (the next cursor)."""
+        ...
+
+
+# === The consumer's store ===========================================================================
+#
+# A consumer agent keeps, per biller it enrolled with: the link (endpoint, TLS
+# settings, pinned fingerprint) and the biller's verified key set chain; the
+# enrolled accounts; every verified bill (envelope bytes as received); every
+# negotiation thread with its messages, ours as signed and the biller's as
+# received (including a violation's evidence, NEG-17); payment intents with
+# their state, our signed intent envelopes, the instructions and receipts; and
+# each account's event log with its cursor. The same rules as for the biller's
+# store hold: one transaction per step, concurrency settled by the database
+# (unique keys and conditional updates), coroutines only.
+
+
+class IntentState(enum.StrEnum):
+    """Where a payment intent stands on the consumer's side (PAY-7, PAY-8).
+
+    CREATED: signed and stored, no verified instructions yet (safe to resend).
+    INSTRUCTED: verified instructions stored; not handed to the bank yet.
+    SENDING: handed to the bank; until the bank answers, the payment is in doubt
+    and is never handed over again (a crash here leaves it SENDING).
+    PAID: the bank executed the payment. REFUSED: the instructions failed PAY-8;
+    never paid.
+    """
+
+    CREATED = "created"
+    INSTRUCTED = "instructed"
+    SENDING = "sending"
+    PAID = "paid"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class BillerLinkRecord:
+    """A biller the consumer enrolled with: where to reach it and the identity pinned out of band (KEY-12)."""
+
+    biller_party_id: str
+    target: str
+    fingerprint: bytes
+    insecure: bool
+    root_certificates: bytes | None
+    server_name: str | None
+    enrolled_at: datetime
+
+
+@dataclass(frozen=True)
+class LinkedAccountRecord:
+    """An account enrolled at a biller, with the enrolment exchange as evidence (ENR-9, ENR-10)."""
+
+    biller_party_id: str
+    account_id: str
+    enrolled_at: datetime
+    request: bytes
+    confirmation: bytes
+
+
+@dataclass(frozen=True)
+class ReceivedBillRecord:
+    """A bill that passed BIL-3, stored as the envelope bytes received."""
+
+    biller_party_id: str
+    bill_id: str
+    account_id: str
+    envelope: bytes
+    digest: bytes
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class ConsumerThreadRecord:
+    """A negotiation thread as the consumer keeps it.
+
+    `awaiting_answer`: our last message is stored but the biller's answer to it is
+    not (it must be sent, or sent again byte for byte, NEG-18). `disclosure`: the
+    serialized Disclosure of the opening, kept only until the opening is answered.
+    `violation`: the biller's broken rule (reason name, detail), its evidence being
+    the thread's last message (NEG-17). `refusal`: the biller refused our last
+    message (reason name, detail) and the thread cannot go on.
+    """
+
+    thread_id: bytes
+    biller_party_id: str
+    account_id: str
+    bill_id: str
+    outcome: ThreadOutcome
+    deadline: datetime
+    opened_at: datetime
+    hardship_disclosed: bool
+    awaiting_answer: bool
+    disclosure: bytes | None
+    violation: tuple[str, str] | None
+    refusal: tuple[str, str] | None
+    messages: tuple[MessageRecord, ...]
+
+
+@dataclass(frozen=True)
+class ThreadUpdate:
+    """One step of a thread, in one transaction: the new state and messages appended at their sequences.
+
+    `drop_from` removes our messages from that sequence on first: a message the
+    biller refused changed nothing there (NEG-15), so it leaves our copy too.
+    `refusal` replaces the stored one (None clears it); `violation` is set once.
+    `clear_disclosure` erases the opening's disclosure (PRV-7).
+    """
+
+    thread_id: bytes
+    messages: tuple[MessageRecord, ...]
+    outcome: ThreadOutcome
+    awaiting_answer: bool
+    violation: tuple[str, str] | None = None
+    refusal: tuple[str, str] | None = None
+    clear_disclosure: bool = False
+    drop_from: int | None = None
+
+
+@dataclass(frozen=True)
+class IntentRecord:
+    """A payment intent (PAY-1): what it pays, its state, and the signed messages of its thread.
+
+    `messages` are our signed PaymentIntent envelopes for this intent_id, oldest
+    first (a later one re-signs the same content when an earlier one expired
+    unanswered, PAY-2); `instructions` the verified (or, when REFUSED, the refused)
+    PaymentInstructions; `payment_proof` the bank's reference once PAID.
+    """
+
+    biller_party_id: str
+    intent_id: str
+    account_id: str
+    bill_id: str
+    agreement_digest: bytes
+    instalment_index: int
+    amount_minor: int
+    currency: str
+    thread_id: bytes
+    state: IntentState
+    created_at: datetime
+    messages: tuple[bytes, ...]
+    instructions: bytes | None = None
+    payment_proof: str = ""
+    refusal: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class ReceiptRecord:
+    """A verified receipt (PAY-9); `dispute` says why it does not match the instructions, if it does not."""
+
+    biller_party_id: str
+    intent_id: str
+    envelope: bytes
+    digest: bytes
+    amount_minor: int
+    dispute: str | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class EventCursor:
+    """Where an account's event log resumes (EVT-5): the next sequence and the digest of the last event."""
+
+    next_sequence: int = 0
+    last_digest: bytes = b""
+
+
+@dataclass(frozen=True)
+class ReceivedEventRecord:
+    """A verified event of an account's log, stored as received."""
+
+    biller_party_id: str
+    account_id: str
+    sequence: int
+    envelope: bytes
+    digest: bytes
+    kind: int
+    received_at: datetime
+
+
+class ConsumerStore(Protocol):
+    """Persistent state of one consumer agent. See the comment above `IntentState` for what it keeps."""
+
+    async def close(self) -> None:
+        """Release the connection(s); the store is unusable afterwards."""
+        ...
+
+    # Links and enrolment (KEY-12, ENR-10)
+
+    async def save_enrolment(
+        self, link: BillerLinkRecord, key_sets: Sequence[bytes], account: LinkedAccountRecord
+    ) -> None:
+        """Store an enrolment in one transaction: the link (created, or its endpoint and TLS settings
+        updated when the pin is the same), the biller's chain versions not stored yet (`key_sets` is the
+        whole chain, version 1 first) and the account (replaced if enrolled before).
+
+        ValueError if the biller is already pinned to another fingerprint (KEY-12).
+        """
+        ...
+
+    async def get_link(self, biller_party_id: str) -> BillerLinkRecord | None: ...
+
+    async def links(self) -> list[BillerLinkRecord]:
+        """Every biller link, in enrolment order."""
+        ...
+
+    async def link_key_sets(self, biller_party_id: str) -> list[bytes]:
+        """The biller's key set envelopes, version 1 first."""
+        ...
+
+    async def append_link_key_sets(self, biller_party_id: str, first_version: int, key_sets: Sequence[bytes]) -> None:
+        """Store versions first_version, first_version + 1, ...; StoreConflict(KEYSET_ROLLBACK) if one is stored."""
+        ...
+
+    async def linked_accounts(self, biller_party_id: str) -> list[LinkedAccountRecord]:
+        """The accounts enrolled at the biller, in enrolment order."""
+        ...
+
+    # Bills (BIL-3)
+
+    async def save_bills(self, bills: Sequence[ReceivedBillRecord]) -> list[ReceivedBillRecord]:
+        """Store verified bills in one transaction and return what is stored for each: a bill id
+        already stored keeps its first envelope (BIL-1: a presented bill never changes)."""
+        ...
+
+    async def get_bill(self, biller_party_id: str, bill_id: str) -> ReceivedBillRecord | None: ...
+
+    async def list_bills(self, biller_party_id: str, account_id: str | None = None) -> list[ReceivedBillRecord]:
+        """The biller's bills (of one account, or all), in the order received."""
+        ...
+
+    # Negotiation (§9)
+
+    async def create_thread(self, thread: ConsumerThreadRecord) -> None:
+        """Store a new thread with its first message(s); StoreConflict(SEQUENCE_MISMATCH) if it exists."""
+        ...
+
+    async def update_thread(self, update: ThreadUpdate) -> None:
+        """Apply one step; StoreConflict(SEQUENCE_MISMATCH) if a message's position is already taken."""
+        ...
+
+    async def get_thread(self, thread_id: bytes) -> ConsumerThreadRecord | None: ...
+
+    async def threads(
+        self, biller_party_id: str | None = None, bill_id: str | None = None, outcome: ThreadOutcome | None = None
+    ) -> list[ConsumerThreadRecord]:
+        """Threads matching every filter given, oldest first, each with its messages."""
+        ...
+
+    # Payments (PAY-*)
+
+    async def create_intent(self, intent: IntentRecord) -> IntentRecord:
+        """Store a new intent (state CREATED, with its first signed message) and return it, or return the
+        intent already stored for the same biller, bill, agreement and instalment (one payment, one intent)."""
+        ...
+
+    async def get_intent(self, biller_party_id: str, intent_id: str) -> IntentRecord | None: ...
+
+    async def find_intent(
+        self, biller_party_id: str, bill_id: str, agreement_digest: bytes, instalment_index: int
+    ) -> IntentRecord | None: ...
+
+    async def intents(self, biller_party_id: str | None = None) -> list[IntentRecord]:
+        """Intents (of one biller, or all), oldest first."""
+        ...
+
+    async def add_intent_message(self, biller_party_id: str, intent_id: str, envelope: bytes) -> None:
+        """Keep another signed PaymentIntent for the same intent (the earlier one expired unanswered)."""
+        ...
+
+    async def record_instructions(
+        self, biller_party_id: str, intent_id: str, instructions: bytes, refusal: tuple[str, str] | None
+    ) -> IntentRecord:
+        """CREATED -> INSTRUCTED (or REFUSED with `refusal`), keeping the instructions; returns the intent.
+
+        An intent past CREATED is returned unchanged (the first instructions stay).
+        """
+        ...
+
+    async def begin_sending(self, biller_party_id: str, intent_id: str, now: datetime) -> bool:
+        """INSTRUCTED -> SENDING, atomically: True for the one caller that may hand the payment to the bank."""
+        ...
+
+    async def finish_sending(
+        self, biller_party_id: str, intent_id: str, *, paid: bool, proof: str, now: datetime
+    ) -> IntentRecord:
+        """SENDING -> PAID (with the bank's proof) or back to INSTRUCTED (the bank certainly did not pay).
+
+        LookupError unless the intent is SENDING.
+        """
+        ...
+
+    async def save_receipt(self, receipt: ReceiptRecord) -> ReceiptRecord:
+        """Store the intent's receipt, or return the one already stored (the first stays)."""
+        ...
+
+    async def get_receipt(self, biller_party_id: str, intent_id: str) -> ReceiptRecord | None: ...
+
+    # Events (EVT-5)
+
+    async def event_cursor(self, biller_party_id: str, account_id: str) -> EventCursor: ...
+
+    async def append_event(self, event: ReceivedEventRecord, previous_digest: bytes) -> None:
+        """Store the event and advance the cursor past it, in one transaction.
+
+        StoreConflict(SEQUENCE_MISMATCH) unless `event.sequence` is the cursor's next
+        sequence, StoreConflict(PREVIOUS_DIGEST_MISMATCH) unless `previous_digest` is
+        its last digest: an event is stored once, in order, whatever the writers.
+        """
+        ...
+
+    async def stored_events(
+        self, biller_party_id: str, account_id: str, start: int = 0, limit: int = 1000
+    ) -> list[ReceivedEventRecord]:
+        """Up to `limit` stored events of the account's log from sequence `start`, in order."""
         ...

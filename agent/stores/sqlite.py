@@ -1,27 +1,16 @@
 """The embedded SQLite back end of `BillerStore`.
 
-Durability and concurrency choices:
-
-- WAL journal with `synchronous=FULL`: a step is on disk when its commit
-  returns, so an acceptance the biller acknowledged survives a power cut.
-- Every SQLite call runs on one dedicated worker thread per store, which owns
-  the store's single connection; the event loop only awaits it.
-- Writes use `BEGIN IMMEDIATE`, so several processes sharing the file (one per
-  core) queue on SQLite's write lock (with a busy timeout) and each step's
-  reads and writes see one consistent database.
-- The schema is a list of migrations applied in order, all pending ones in one
-  transaction, and recorded in `schema_version`.
+The durability and concurrency choices (WAL with `synchronous=FULL`, one worker
+thread owning the connection, `BEGIN IMMEDIATE` writes, migrations recorded in
+`schema_version`) are those of every Parley SQLite store: see
+`agent.stores.sqlite_base`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from datetime import date, datetime
 
 from agent.crypto import digest
 from agent.errors import Reason
@@ -47,11 +36,7 @@ from agent.stores.base import (
     ThreadOutcome,
     ThreadRecord,
 )
-
-T = TypeVar("T")
-Row = tuple[Any, ...]
-
-BUSY_TIMEOUT_MS = 10_000
+from agent.stores.sqlite_base import Row, SqliteStore, dt, is_constraint, ts
 
 # Each migration is a list of statements, applied in order inside one transaction.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -193,100 +178,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _ts(moment: datetime) -> str:
-    """A sortable text form of a UTC instant (fixed width, so text order is time order)."""
-    if moment.tzinfo is None:
-        raise ValueError("times must be timezone-aware")
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+_ts = ts
+_dt = dt
+_constraint = is_constraint
 
 
-def _dt(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
-def _constraint(error: sqlite3.IntegrityError, *columns: str) -> bool:
-    """Whether the integrity error is the UNIQUE/PRIMARY KEY violation on exactly these columns."""
-    return str(error).endswith(": " + ", ".join(columns))
-
-
-class SqliteBillerStore:
+class SqliteBillerStore(SqliteStore):
     """`BillerStore` on one SQLite file. Create it with `await SqliteBillerStore.open(path)`."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._path = os.fspath(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-sqlite")
-        self._db: sqlite3.Connection | None = None
-
-    @classmethod
-    async def open(cls, path: str | os.PathLike[str]) -> SqliteBillerStore:
-        """Open (creating if needed) the database at `path` and bring its schema up to date."""
-        store = cls(path)
-        try:
-            await store._call(store._connect)
-        except BaseException:
-            store._executor.shutdown(wait=False)
-            raise
-        return store
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._call(lambda: self._connection().close())
-            self._db = None
-        self._executor.shutdown(wait=True)
-
-    # --- plumbing: everything below `_call` runs on the worker thread ---
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("the store is closed")
-        return self._db
-
-    def _connect(self) -> None:
-        # isolation_level=None: transactions are begun and ended explicitly below.
-        db = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-        try:
-            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise RuntimeError(f"SQLite refused WAL mode (journal_mode={mode}) for {self._path}")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            # PRV-4: erased disclosures are overwritten, not just unlinked (see _checkpoint).
-            db.execute("PRAGMA secure_delete=ON")
-            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self._db = db
-            self._in_transaction(_migrate, immediate=True)
-        except BaseException:
-            self._db = None
-            db.close()
-            raise
-
-    def _in_transaction(self, fn: Callable[[sqlite3.Connection], T], *, immediate: bool) -> T:
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            result = fn(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one write transaction: all of it commits, or none of it."""
-        return await self._call(lambda: self._in_transaction(fn, immediate=True))
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one read transaction (a consistent snapshot)."""
-        return await self._call(lambda: self._in_transaction(fn, immediate=False))
-
-    async def _one(self, sql: str, *args: object) -> Row | None:
-        return await self._read(lambda db: db.execute(sql, args).fetchone())
-
-    async def _all(self, sql: str, *args: object) -> list[Row]:
-        return await self._read(lambda db: db.execute(sql, args).fetchall())
+    MIGRATIONS = MIGRATIONS
 
     # --- accounts and enrolment ---
 
@@ -558,10 +458,6 @@ class SqliteBillerStore:
         await self._call(self._checkpoint)
         return count
 
-    def _checkpoint(self) -> None:
-        """PRV-4: copy the WAL into the (secure-deleting) database and empty it, so erased bytes do not linger."""
-        self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
     # --- payments ---
 
     _INTENT_COLUMNS = """account_id, intent_id, content_hash, bill_id, agreement_digest, instalment_index,
@@ -648,18 +544,6 @@ class SqliteBillerStore:
 
 
 # --- transaction bodies (worker thread) -----------------------------------------------------------
-
-
-def _migrate(db: sqlite3.Connection) -> None:
-    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
-    current = row[0] or 0
-    if current > len(MIGRATIONS):
-        raise RuntimeError(f"database schema version {current} is newer than this code ({len(MIGRATIONS)})")
-    for version, statements in enumerate(MIGRATIONS[current:], start=current + 1):
-        for statement in statements:
-            db.execute(statement)
-        db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
 
 def _insert_key_set(db: sqlite3.Connection, record: KeySetRecord) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -38,7 +38,7 @@ from agent.protocol.messages import PAYLOAD_TYPES, Verified, new_header, open_en
 from agent.protocol.moves import NEGOTIATION_TYPES
 from agent.stores.sqlite import SqliteBillerStore
 from agent.terms import AdvertisedOptions, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
-from agent.transport.server import start_biller_server
+from agent.transport.server import BillerServicer, start_biller_server
 from parley.v1 import (
     account_pb2,
     biller_service_pb2,
@@ -267,13 +267,21 @@ class SimulatedRail:
 
 @dataclass
 class Biller:
-    """A running biller and what the tests need to reach and inspect it."""
+    """A running biller and what the tests need to reach and inspect it.
+
+    `target` is its "127.0.0.1:port"; `key` its signing key (for tests that play
+    a hostile biller re-signing its answers); `servicer` the servicer given to
+    `running_biller` (None when the real one serves).
+    """
 
     agent: BillerAgent
     stub: biller_service_pb2_grpc.BillerServiceAsyncStub
     clock: ManualClock
     db_path: Path
     policy: SamplePolicy
+    target: str
+    key: SigningKey
+    servicer: BillerServicer | None
 
     @property
     def chain(self) -> KeyChain:
@@ -301,16 +309,39 @@ class Biller:
         assert bill is not None
         return envelope_pb2.Envelope.FromString(bill.envelope)
 
+    async def bill_envelope(self, bill_id: str = BILL.bill_id) -> envelope_pb2.Envelope:
+        """The signed envelope of a bill already issued."""
+        bill = await self.agent._store.get_bill(bill_id)
+        assert bill is not None
+        return envelope_pb2.Envelope.FromString(bill.envelope)
+
     def verify(self, envelope: envelope_pb2.Envelope, consumer: Consumer, kind: type[M]) -> Verified[M]:
         """Open a biller message of type `kind` as the consumer would (stored answers: no expiry check, PAY-10)."""
         return open_envelope(envelope, (kind,), sender_keys=self.chain, recipient=consumer.party_id, now=None)
 
 
+async def _serve(servicer: BillerServicer, limits: Limits) -> tuple[grpc.aio.Server, int]:
+    """Serve any BillerServicer (e.g. a hostile wrapper of the real one) on a free loopback port."""
+    server = grpc.aio.server(options=(("grpc.max_receive_message_length", limits.grpc_max_receive_bytes),))
+    biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 @asynccontextmanager
 async def running_biller(
-    tmp_path: Path, *, policy: Policy | None = None, limits: Limits = DEFAULT_LIMITS
+    tmp_path: Path,
+    *,
+    policy: Policy | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    servicer: Callable[[BillerAgent], BillerServicer] | None = None,
 ) -> AsyncIterator[Biller]:
-    """A biller agent on a real SQLite file, served over gRPC on a free loopback port."""
+    """A biller agent on a real SQLite file, served over gRPC on a free loopback port.
+
+    `servicer` builds the servicer from the agent (default: the real `BillerServicer`,
+    served by `start_biller_server`).
+    """
     clock = ManualClock(START)
     key, key_set = new_party(BILLER_ID, clock)
     store = await SqliteBillerStore.open(tmp_path / "biller.sqlite")
@@ -327,11 +358,17 @@ async def running_biller(
         watch_poll_interval=timedelta(seconds=0.2),
     )
     try:
-        server, port = await start_biller_server(agent, "127.0.0.1:0", insecure=True)
+        serving = None
+        if servicer is None:
+            server, port = await start_biller_server(agent, "127.0.0.1:0", insecure=True)
+        else:
+            serving = servicer(agent)
+            server, port = await _serve(serving, limits)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            target = f"127.0.0.1:{port}"
+            async with grpc.aio.insecure_channel(target) as channel:
                 stub = biller_service_pb2_grpc.BillerServiceStub(channel)
-                yield Biller(agent, stub, clock, tmp_path / "biller.sqlite", test_policy)
+                yield Biller(agent, stub, clock, tmp_path / "biller.sqlite", test_policy, target, key, serving)
         finally:
             await server.stop(None)
     finally:

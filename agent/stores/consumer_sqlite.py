@@ -1,0 +1,707 @@
+"""The embedded SQLite back end of `ConsumerStore`.
+
+It stands on the same foundation as the biller's store (`agent.stores.sqlite_base`):
+WAL with `synchronous=FULL`, one worker thread owning the connection, `BEGIN
+IMMEDIATE` writes and recorded migrations. Each method is one transaction;
+races (two processes paying one intent, two watchers on one log) are settled by
+primary keys and conditional updates. Disclosures are deleted with
+`secure_delete` and a WAL checkpoint once the opening they belong to is answered
+(PRV-4).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+
+from agent.errors import Reason
+from agent.stores.base import (
+    BillerLinkRecord,
+    ConsumerThreadRecord,
+    EventCursor,
+    IntentRecord,
+    IntentState,
+    LinkedAccountRecord,
+    MessageRecord,
+    ReceiptRecord,
+    ReceivedBillRecord,
+    ReceivedEventRecord,
+    StoreConflict,
+    ThreadOutcome,
+    ThreadUpdate,
+)
+from agent.stores.sqlite_base import Row, SqliteStore, dt, ts
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE links (
+            biller_party_id TEXT PRIMARY KEY,
+            target TEXT NOT NULL,
+            fingerprint BLOB NOT NULL,
+            insecure INTEGER NOT NULL,
+            root_certificates BLOB,
+            server_name TEXT,
+            enrolled_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE link_key_sets (
+            biller_party_id TEXT NOT NULL REFERENCES links (biller_party_id),
+            version INTEGER NOT NULL CHECK (version >= 1),
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (biller_party_id, version)
+        )""",
+        """CREATE TABLE accounts (
+            biller_party_id TEXT NOT NULL REFERENCES links (biller_party_id),
+            account_id TEXT NOT NULL,
+            enrolled_at TEXT NOT NULL,
+            request BLOB NOT NULL,
+            confirmation BLOB NOT NULL,
+            PRIMARY KEY (biller_party_id, account_id)
+        )""",
+        """CREATE TABLE bills (
+            biller_party_id TEXT NOT NULL REFERENCES links (biller_party_id),
+            bill_id TEXT NOT NULL,
+            account_id TEXT NOT NULL,
+            envelope BLOB NOT NULL,
+            digest BLOB NOT NULL,
+            received_at TEXT NOT NULL,
+            PRIMARY KEY (biller_party_id, bill_id)
+        )""",
+        """CREATE TABLE threads (
+            thread_id BLOB PRIMARY KEY,
+            biller_party_id TEXT NOT NULL REFERENCES links (biller_party_id),
+            account_id TEXT NOT NULL,
+            bill_id TEXT NOT NULL,
+            outcome TEXT NOT NULL CHECK (
+                outcome IN ('open', 'agreed', 'rejected', 'withdrawn', 'expired', 'protocol_error')
+            ),
+            deadline TEXT NOT NULL,
+            opened_at TEXT NOT NULL,
+            hardship_disclosed INTEGER NOT NULL,
+            awaiting_answer INTEGER NOT NULL,
+            disclosure BLOB,
+            violation_reason TEXT,
+            violation_detail TEXT NOT NULL DEFAULT '',
+            refusal_reason TEXT,
+            refusal_detail TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX threads_bill ON threads (biller_party_id, bill_id)",
+        """CREATE TABLE messages (
+            thread_id BLOB NOT NULL REFERENCES threads (thread_id),
+            sequence INTEGER NOT NULL CHECK (sequence >= 0),
+            envelope BLOB NOT NULL,
+            digest BLOB NOT NULL,
+            sender TEXT NOT NULL,
+            payload_type TEXT NOT NULL,
+            message_id BLOB NOT NULL,
+            received_at TEXT NOT NULL,
+            PRIMARY KEY (thread_id, sequence)
+        )""",
+        # One payment, one intent: at most one intent per bill, agreement and instalment (PAY-7).
+        """CREATE TABLE intents (
+            biller_party_id TEXT NOT NULL REFERENCES links (biller_party_id),
+            intent_id TEXT NOT NULL,
+            account_id TEXT NOT NULL,
+            bill_id TEXT NOT NULL,
+            agreement_digest BLOB NOT NULL,
+            instalment_index INTEGER NOT NULL,
+            amount_minor INTEGER NOT NULL,
+            currency TEXT NOT NULL,
+            thread_id BLOB NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('created', 'instructed', 'sending', 'paid', 'refused')),
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            instructions BLOB,
+            payment_proof TEXT NOT NULL DEFAULT '',
+            refusal_reason TEXT,
+            refusal_detail TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (biller_party_id, intent_id),
+            UNIQUE (biller_party_id, bill_id, agreement_digest, instalment_index)
+        )""",
+        """CREATE TABLE intent_messages (
+            biller_party_id TEXT NOT NULL,
+            intent_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (biller_party_id, intent_id, position),
+            FOREIGN KEY (biller_party_id, intent_id) REFERENCES intents (biller_party_id, intent_id)
+        )""",
+        """CREATE TABLE receipts (
+            biller_party_id TEXT NOT NULL,
+            intent_id TEXT NOT NULL,
+            envelope BLOB NOT NULL,
+            digest BLOB NOT NULL,
+            amount_minor INTEGER NOT NULL,
+            dispute TEXT,
+            received_at TEXT NOT NULL,
+            PRIMARY KEY (biller_party_id, intent_id),
+            FOREIGN KEY (biller_party_id, intent_id) REFERENCES intents (biller_party_id, intent_id)
+        )""",
+        """CREATE TABLE event_cursors (
+            biller_party_id TEXT NOT NULL,
+            account_id TEXT NOT NULL,
+            next_sequence INTEGER NOT NULL,
+            last_digest BLOB NOT NULL,
+            PRIMARY KEY (biller_party_id, account_id)
+        )""",
+        """CREATE TABLE events (
+            biller_party_id TEXT NOT NULL,
+            account_id TEXT NOT NULL,
+            sequence INTEGER NOT NULL CHECK (sequence >= 0),
+            envelope BLOB NOT NULL,
+            digest BLOB NOT NULL,
+            kind INTEGER NOT NULL,
+            received_at TEXT NOT NULL,
+            PRIMARY KEY (biller_party_id, account_id, sequence)
+        )""",
+    ),
+)
+
+_LINK_COLUMNS = "biller_party_id, target, fingerprint, insecure, root_certificates, server_name, enrolled_at"
+_BILL_COLUMNS = "biller_party_id, bill_id, account_id, envelope, digest, received_at"
+_THREAD_COLUMNS = """thread_id, biller_party_id, account_id, bill_id, outcome, deadline, opened_at, hardship_disclosed,
+                     awaiting_answer, disclosure, violation_reason, violation_detail, refusal_reason, refusal_detail"""
+_INTENT_COLUMNS = """biller_party_id, intent_id, account_id, bill_id, agreement_digest, instalment_index, amount_minor,
+                     currency, thread_id, state, created_at, instructions, payment_proof, refusal_reason,
+                     refusal_detail"""
+_RECEIPT_COLUMNS = "biller_party_id, intent_id, envelope, digest, amount_minor, dispute, received_at"
+_EVENT_COLUMNS = "biller_party_id, account_id, sequence, envelope, digest, kind, received_at"
+
+
+class SqliteConsumerStore(SqliteStore):
+    """`ConsumerStore` on one SQLite file. Create it with `await SqliteConsumerStore.open(path)`."""
+
+    MIGRATIONS = MIGRATIONS
+
+    # --- links and enrolment ---
+
+    async def save_enrolment(
+        self, link: BillerLinkRecord, key_sets: Sequence[bytes], account: LinkedAccountRecord
+    ) -> None:
+        def save(db: sqlite3.Connection) -> None:
+            known = db.execute(
+                "SELECT fingerprint FROM links WHERE biller_party_id = ?", (link.biller_party_id,)
+            ).fetchone()
+            if known is not None and known[0] != link.fingerprint:
+                raise ValueError(f"{link.biller_party_id!r} is pinned to another identity fingerprint (KEY-12)")
+            db.execute(
+                f"""INSERT INTO links ({_LINK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (biller_party_id) DO UPDATE SET target = excluded.target,
+                        insecure = excluded.insecure, root_certificates = excluded.root_certificates,
+                        server_name = excluded.server_name""",  # noqa: S608
+                (
+                    link.biller_party_id,
+                    link.target,
+                    link.fingerprint,
+                    link.insecure,
+                    link.root_certificates,
+                    link.server_name,
+                    ts(link.enrolled_at),
+                ),
+            )
+            (stored,) = db.execute(
+                "SELECT COUNT(*) FROM link_key_sets WHERE biller_party_id = ?", (link.biller_party_id,)
+            ).fetchone()
+            for version, envelope in enumerate(key_sets[stored:], start=stored + 1):
+                db.execute(
+                    "INSERT INTO link_key_sets (biller_party_id, version, envelope) VALUES (?, ?, ?)",
+                    (link.biller_party_id, version, envelope),
+                )
+            db.execute(
+                """INSERT INTO accounts (biller_party_id, account_id, enrolled_at, request, confirmation)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (biller_party_id, account_id) DO UPDATE SET enrolled_at = excluded.enrolled_at,
+                       request = excluded.request, confirmation = excluded.confirmation""",
+                (
+                    account.biller_party_id,
+                    account.account_id,
+                    ts(account.enrolled_at),
+                    account.request,
+                    account.confirmation,
+                ),
+            )
+
+        await self._write(save)
+
+    async def get_link(self, biller_party_id: str) -> BillerLinkRecord | None:
+        row = await self._one(f"SELECT {_LINK_COLUMNS} FROM links WHERE biller_party_id = ?", biller_party_id)  # noqa: S608
+        return None if row is None else _link(row)
+
+    async def links(self) -> list[BillerLinkRecord]:
+        rows = await self._all(f"SELECT {_LINK_COLUMNS} FROM links ORDER BY enrolled_at, rowid")  # noqa: S608
+        return [_link(row) for row in rows]
+
+    async def link_key_sets(self, biller_party_id: str) -> list[bytes]:
+        rows = await self._all(
+            "SELECT envelope FROM link_key_sets WHERE biller_party_id = ? ORDER BY version", biller_party_id
+        )
+        return [row[0] for row in rows]
+
+    async def append_link_key_sets(self, biller_party_id: str, first_version: int, key_sets: Sequence[bytes]) -> None:
+        def append(db: sqlite3.Connection) -> None:
+            for version, envelope in enumerate(key_sets, start=first_version):
+                try:
+                    db.execute(
+                        "INSERT INTO link_key_sets (biller_party_id, version, envelope) VALUES (?, ?, ?)",
+                        (biller_party_id, version, envelope),
+                    )
+                except sqlite3.IntegrityError as error:
+                    raise StoreConflict(
+                        Reason.KEYSET_ROLLBACK, f"version {version} of {biller_party_id!r} is already stored"
+                    ) from error
+
+        await self._write(append)
+
+    async def linked_accounts(self, biller_party_id: str) -> list[LinkedAccountRecord]:
+        rows = await self._all(
+            """SELECT biller_party_id, account_id, enrolled_at, request, confirmation FROM accounts
+               WHERE biller_party_id = ? ORDER BY rowid""",
+            biller_party_id,
+        )
+        return [LinkedAccountRecord(row[0], row[1], dt(row[2]), row[3], row[4]) for row in rows]
+
+    # --- bills ---
+
+    async def save_bills(self, bills: Sequence[ReceivedBillRecord]) -> list[ReceivedBillRecord]:
+        def save(db: sqlite3.Connection) -> list[ReceivedBillRecord]:
+            stored = []
+            for bill in bills:
+                db.execute(
+                    f"""INSERT INTO bills ({_BILL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)
+                        ON CONFLICT (biller_party_id, bill_id) DO NOTHING""",  # noqa: S608
+                    (
+                        bill.biller_party_id,
+                        bill.bill_id,
+                        bill.account_id,
+                        bill.envelope,
+                        bill.digest,
+                        ts(bill.received_at),
+                    ),
+                )
+                row = db.execute(
+                    f"SELECT {_BILL_COLUMNS} FROM bills WHERE biller_party_id = ? AND bill_id = ?",  # noqa: S608
+                    (bill.biller_party_id, bill.bill_id),
+                ).fetchone()
+                stored.append(_bill(row))
+            return stored
+
+        return await self._write(save)
+
+    async def get_bill(self, biller_party_id: str, bill_id: str) -> ReceivedBillRecord | None:
+        row = await self._one(
+            f"SELECT {_BILL_COLUMNS} FROM bills WHERE biller_party_id = ? AND bill_id = ?",  # noqa: S608
+            biller_party_id,
+            bill_id,
+        )
+        return None if row is None else _bill(row)
+
+    async def list_bills(self, biller_party_id: str, account_id: str | None = None) -> list[ReceivedBillRecord]:
+        rows = await self._all(
+            f"""SELECT {_BILL_COLUMNS} FROM bills
+                WHERE biller_party_id = ? AND (? IS NULL OR account_id = ?) ORDER BY rowid""",  # noqa: S608
+            biller_party_id,
+            account_id,
+            account_id,
+        )
+        return [_bill(row) for row in rows]
+
+    # --- negotiation ---
+
+    async def create_thread(self, thread: ConsumerThreadRecord) -> None:
+        def create(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    f"INSERT INTO threads ({_THREAD_COLUMNS}) VALUES ({', '.join('?' * 14)})",  # noqa: S608
+                    (
+                        thread.thread_id,
+                        thread.biller_party_id,
+                        thread.account_id,
+                        thread.bill_id,
+                        thread.outcome.value,
+                        ts(thread.deadline),
+                        ts(thread.opened_at),
+                        thread.hardship_disclosed,
+                        thread.awaiting_answer,
+                        thread.disclosure,
+                        *_pair(thread.violation),
+                        *_pair(thread.refusal),
+                    ),
+                )
+            except sqlite3.IntegrityError as error:
+                raise StoreConflict(Reason.SEQUENCE_MISMATCH, "the thread already exists") from error
+            _insert_messages(db, thread.messages)
+
+        await self._write(create)
+
+    async def update_thread(self, update: ThreadUpdate) -> None:
+        def apply(db: sqlite3.Connection) -> None:
+            if update.drop_from is not None:
+                db.execute(
+                    "DELETE FROM messages WHERE thread_id = ? AND sequence >= ?", (update.thread_id, update.drop_from)
+                )
+            _insert_messages(db, update.messages)
+            changed = db.execute(
+                """UPDATE threads SET outcome = ?, awaiting_answer = ?,
+                       violation_reason = COALESCE(?, violation_reason),
+                       violation_detail = COALESCE(?, violation_detail),
+                       refusal_reason = ?, refusal_detail = ?,
+                       disclosure = CASE WHEN ? THEN NULL ELSE disclosure END
+                   WHERE thread_id = ?""",
+                (
+                    update.outcome.value,
+                    update.awaiting_answer,
+                    update.violation[0] if update.violation else None,
+                    update.violation[1] if update.violation else None,
+                    *_pair(update.refusal),
+                    update.clear_disclosure,
+                    update.thread_id,
+                ),
+            )
+            if changed.rowcount != 1:
+                raise LookupError(f"no thread {update.thread_id.hex()}")
+
+        await self._write(apply)
+        if update.clear_disclosure:
+            await self._call(self._checkpoint)  # PRV-4: the erased disclosure leaves the WAL too
+
+    async def get_thread(self, thread_id: bytes) -> ConsumerThreadRecord | None:
+        def read(db: sqlite3.Connection) -> ConsumerThreadRecord | None:
+            row = db.execute(f"SELECT {_THREAD_COLUMNS} FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()  # noqa: S608
+            return None if row is None else _thread(db, row)
+
+        return await self._read(read)
+
+    async def threads(
+        self, biller_party_id: str | None = None, bill_id: str | None = None, outcome: ThreadOutcome | None = None
+    ) -> list[ConsumerThreadRecord]:
+        outcome_value = None if outcome is None else outcome.value
+
+        def read(db: sqlite3.Connection) -> list[ConsumerThreadRecord]:
+            rows = db.execute(
+                f"""SELECT {_THREAD_COLUMNS} FROM threads
+                    WHERE (? IS NULL OR biller_party_id = ?) AND (? IS NULL OR bill_id = ?)
+                      AND (? IS NULL OR outcome = ?)
+                    ORDER BY opened_at, rowid""",  # noqa: S608
+                (biller_party_id, biller_party_id, bill_id, bill_id, outcome_value, outcome_value),
+            ).fetchall()
+            return [_thread(db, row) for row in rows]
+
+        return await self._read(read)
+
+    # --- payments ---
+
+    async def create_intent(self, intent: IntentRecord) -> IntentRecord:
+        def create(db: sqlite3.Connection) -> IntentRecord:
+            existing = _find_intent(
+                db, intent.biller_party_id, intent.bill_id, intent.agreement_digest, intent.instalment_index
+            )
+            if existing is not None:
+                return existing
+            db.execute(
+                f"INSERT INTO intents ({_INTENT_COLUMNS}, updated_at) VALUES ({', '.join('?' * 16)})",  # noqa: S608
+                (
+                    intent.biller_party_id,
+                    intent.intent_id,
+                    intent.account_id,
+                    intent.bill_id,
+                    intent.agreement_digest,
+                    intent.instalment_index,
+                    intent.amount_minor,
+                    intent.currency,
+                    intent.thread_id,
+                    intent.state.value,
+                    ts(intent.created_at),
+                    intent.instructions,
+                    intent.payment_proof,
+                    *_pair(intent.refusal),
+                    ts(intent.created_at),
+                ),
+            )
+            for envelope in intent.messages:
+                _insert_intent_message(db, intent.biller_party_id, intent.intent_id, envelope)
+            created = _intent(db, intent.biller_party_id, intent.intent_id)
+            assert created is not None
+            return created
+
+        return await self._write(create)
+
+    async def get_intent(self, biller_party_id: str, intent_id: str) -> IntentRecord | None:
+        return await self._read(lambda db: _intent(db, biller_party_id, intent_id))
+
+    async def find_intent(
+        self, biller_party_id: str, bill_id: str, agreement_digest: bytes, instalment_index: int
+    ) -> IntentRecord | None:
+        return await self._read(
+            lambda db: _find_intent(db, biller_party_id, bill_id, agreement_digest, instalment_index)
+        )
+
+    async def intents(self, biller_party_id: str | None = None) -> list[IntentRecord]:
+        def read(db: sqlite3.Connection) -> list[IntentRecord]:
+            rows = db.execute(
+                "SELECT biller_party_id, intent_id FROM intents WHERE ? IS NULL OR biller_party_id = ? ORDER BY rowid",
+                (biller_party_id, biller_party_id),
+            ).fetchall()
+            return [record for row in rows if (record := _intent(db, row[0], row[1])) is not None]
+
+        return await self._read(read)
+
+    async def add_intent_message(self, biller_party_id: str, intent_id: str, envelope: bytes) -> None:
+        await self._write(lambda db: _insert_intent_message(db, biller_party_id, intent_id, envelope))
+
+    async def record_instructions(
+        self, biller_party_id: str, intent_id: str, instructions: bytes, refusal: tuple[str, str] | None
+    ) -> IntentRecord:
+        state = IntentState.INSTRUCTED if refusal is None else IntentState.REFUSED
+
+        def record(db: sqlite3.Connection) -> IntentRecord:
+            db.execute(
+                """UPDATE intents SET state = ?, instructions = ?, refusal_reason = ?, refusal_detail = ?
+                   WHERE biller_party_id = ? AND intent_id = ? AND state = 'created'""",
+                (state.value, instructions, *_pair(refusal), biller_party_id, intent_id),
+            )
+            intent = _intent(db, biller_party_id, intent_id)
+            if intent is None:
+                raise LookupError(f"no intent {intent_id!r} with {biller_party_id!r}")
+            return intent
+
+        return await self._write(record)
+
+    async def begin_sending(self, biller_party_id: str, intent_id: str, now: datetime) -> bool:
+        cursor = await self._write(
+            lambda db: db.execute(
+                """UPDATE intents SET state = 'sending', updated_at = ?
+                   WHERE biller_party_id = ? AND intent_id = ? AND state = 'instructed'""",
+                (ts(now), biller_party_id, intent_id),
+            )
+        )
+        return cursor.rowcount == 1
+
+    async def finish_sending(
+        self, biller_party_id: str, intent_id: str, *, paid: bool, proof: str, now: datetime
+    ) -> IntentRecord:
+        state = IntentState.PAID if paid else IntentState.INSTRUCTED
+
+        def finish(db: sqlite3.Connection) -> IntentRecord:
+            changed = db.execute(
+                """UPDATE intents SET state = ?, payment_proof = ?, updated_at = ?
+                   WHERE biller_party_id = ? AND intent_id = ? AND state = 'sending'""",
+                (state.value, proof, ts(now), biller_party_id, intent_id),
+            )
+            if changed.rowcount != 1:
+                raise LookupError(f"intent {intent_id!r} is not being sent")
+            intent = _intent(db, biller_party_id, intent_id)
+            assert intent is not None
+            return intent
+
+        return await self._write(finish)
+
+    async def save_receipt(self, receipt: ReceiptRecord) -> ReceiptRecord:
+        def save(db: sqlite3.Connection) -> ReceiptRecord:
+            db.execute(
+                f"""INSERT INTO receipts ({_RECEIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (biller_party_id, intent_id) DO NOTHING""",  # noqa: S608
+                (
+                    receipt.biller_party_id,
+                    receipt.intent_id,
+                    receipt.envelope,
+                    receipt.digest,
+                    receipt.amount_minor,
+                    receipt.dispute,
+                    ts(receipt.received_at),
+                ),
+            )
+            stored = _receipt(db, receipt.biller_party_id, receipt.intent_id)
+            assert stored is not None
+            return stored
+
+        return await self._write(save)
+
+    async def get_receipt(self, biller_party_id: str, intent_id: str) -> ReceiptRecord | None:
+        return await self._read(lambda db: _receipt(db, biller_party_id, intent_id))
+
+    # --- events ---
+
+    async def event_cursor(self, biller_party_id: str, account_id: str) -> EventCursor:
+        row = await self._one(
+            "SELECT next_sequence, last_digest FROM event_cursors WHERE biller_party_id = ? AND account_id = ?",
+            biller_party_id,
+            account_id,
+        )
+        return EventCursor() if row is None else EventCursor(row[0], row[1])
+
+    async def append_event(self, event: ReceivedEventRecord, previous_digest: bytes) -> None:
+        def append(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                "SELECT next_sequence, last_digest FROM event_cursors WHERE biller_party_id = ? AND account_id = ?",
+                (event.biller_party_id, event.account_id),
+            ).fetchone()
+            cursor = EventCursor() if row is None else EventCursor(row[0], row[1])
+            if event.sequence != cursor.next_sequence:
+                raise StoreConflict(
+                    Reason.SEQUENCE_MISMATCH, f"event {event.sequence}; the cursor is at {cursor.next_sequence}"
+                )
+            if previous_digest != cursor.last_digest:
+                raise StoreConflict(Reason.PREVIOUS_DIGEST_MISMATCH, "the event does not chain to the last one stored")
+            db.execute(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                (
+                    event.biller_party_id,
+                    event.account_id,
+                    event.sequence,
+                    event.envelope,
+                    event.digest,
+                    event.kind,
+                    ts(event.received_at),
+                ),
+            )
+            db.execute(
+                """INSERT INTO event_cursors (biller_party_id, account_id, next_sequence, last_digest)
+                   VALUES (?, ?, ?, ?)
+                   ON CONFLICT (biller_party_id, account_id) DO UPDATE SET
+                       next_sequence = excluded.next_sequence, last_digest = excluded.last_digest""",
+                (event.biller_party_id, event.account_id, event.sequence + 1, event.digest),
+            )
+
+        await self._write(append)
+
+    async def stored_events(
+        self, biller_party_id: str, account_id: str, start: int = 0, limit: int = 1000
+    ) -> list[ReceivedEventRecord]:
+        rows = await self._all(
+            f"""SELECT {_EVENT_COLUMNS} FROM events
+                WHERE biller_party_id = ? AND account_id = ? AND sequence >= ?
+                ORDER BY sequence LIMIT ?""",  # noqa: S608
+            biller_party_id,
+            account_id,
+            start,
+            limit,
+        )
+        return [ReceivedEventRecord(row[0], row[1], row[2], row[3], row[4], row[5], dt(row[6])) for row in rows]
+
+
+# --- row helpers (worker thread) -----------------------------------------------------------------
+
+
+def _pair(value: tuple[str, str] | None) -> tuple[str | None, str]:
+    return (None, "") if value is None else value
+
+
+def _unpair(reason: str | None, detail: str) -> tuple[str, str] | None:
+    return None if reason is None else (reason, detail)
+
+
+def _link(row: Row) -> BillerLinkRecord:
+    return BillerLinkRecord(row[0], row[1], row[2], bool(row[3]), row[4], row[5], dt(row[6]))
+
+
+def _bill(row: Row) -> ReceivedBillRecord:
+    return ReceivedBillRecord(row[0], row[1], row[2], row[3], row[4], dt(row[5]))
+
+
+def _insert_messages(db: sqlite3.Connection, messages: Sequence[MessageRecord]) -> None:
+    for message in messages:
+        try:
+            db.execute(
+                """INSERT INTO messages (thread_id, sequence, envelope, digest, sender, payload_type, message_id,
+                                         received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    message.thread_id,
+                    message.sequence,
+                    message.envelope,
+                    message.digest,
+                    message.sender,
+                    message.payload_type,
+                    message.message_id,
+                    ts(message.received_at),
+                ),
+            )
+        except sqlite3.IntegrityError as error:
+            raise StoreConflict(
+                Reason.SEQUENCE_MISMATCH, f"position {message.sequence} of the thread is already stored"
+            ) from error
+
+
+def _thread(db: sqlite3.Connection, row: Row) -> ConsumerThreadRecord:
+    messages = db.execute(
+        """SELECT thread_id, sequence, envelope, digest, sender, payload_type, message_id, received_at
+           FROM messages WHERE thread_id = ? ORDER BY sequence""",
+        (row[0],),
+    ).fetchall()
+    return ConsumerThreadRecord(
+        thread_id=row[0],
+        biller_party_id=row[1],
+        account_id=row[2],
+        bill_id=row[3],
+        outcome=ThreadOutcome(row[4]),
+        deadline=dt(row[5]),
+        opened_at=dt(row[6]),
+        hardship_disclosed=bool(row[7]),
+        awaiting_answer=bool(row[8]),
+        disclosure=row[9],
+        violation=_unpair(row[10], row[11]),
+        refusal=_unpair(row[12], row[13]),
+        messages=tuple(MessageRecord(m[0], m[1], m[2], m[3], m[4], m[5], m[6], dt(m[7])) for m in messages),
+    )
+
+
+def _intent(db: sqlite3.Connection, biller_party_id: str, intent_id: str) -> IntentRecord | None:
+    row = db.execute(
+        f"SELECT {_INTENT_COLUMNS} FROM intents WHERE biller_party_id = ? AND intent_id = ?",  # noqa: S608
+        (biller_party_id, intent_id),
+    ).fetchone()
+    if row is None:
+        return None
+    messages = db.execute(
+        "SELECT envelope FROM intent_messages WHERE biller_party_id = ? AND intent_id = ? ORDER BY position",
+        (biller_party_id, intent_id),
+    ).fetchall()
+    return IntentRecord(
+        biller_party_id=row[0],
+        intent_id=row[1],
+        account_id=row[2],
+        bill_id=row[3],
+        agreement_digest=row[4],
+        instalment_index=row[5],
+        amount_minor=row[6],
+        currency=row[7],
+        thread_id=row[8],
+        state=IntentState(row[9]),
+        created_at=dt(row[10]),
+        messages=tuple(message[0] for message in messages),
+        instructions=row[11],
+        payment_proof=row[12],
+        refusal=_unpair(row[13], row[14]),
+    )
+
+
+def _find_intent(
+    db: sqlite3.Connection, biller_party_id: str, bill_id: str, agreement_digest: bytes, instalment_index: int
+) -> IntentRecord | None:
+    row = db.execute(
+        """SELECT intent_id FROM intents
+           WHERE biller_party_id = ? AND bill_id = ? AND agreement_digest = ? AND instalment_index = ?""",
+        (biller_party_id, bill_id, agreement_digest, instalment_index),
+    ).fetchone()
+    return None if row is None else _intent(db, biller_party_id, row[0])
+
+
+def _insert_intent_message(db: sqlite3.Connection, biller_party_id: str, intent_id: str, envelope: bytes) -> None:
+    (position,) = db.execute(
+        "SELECT COUNT(*) FROM intent_messages WHERE biller_party_id = ? AND intent_id = ?",
+        (biller_party_id, intent_id),
+    ).fetchone()
+    db.execute(
+        "INSERT INTO intent_messages (biller_party_id, intent_id, position, envelope) VALUES (?, ?, ?, ?)",
+        (biller_party_id, intent_id, position, envelope),
+    )
+
+
+def _receipt(db: sqlite3.Connection, biller_party_id: str, intent_id: str) -> ReceiptRecord | None:
+    row = db.execute(
+        f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE biller_party_id = ? AND intent_id = ?",  # noqa: S608
+        (biller_party_id, intent_id),
+    ).fetchone()
+    if row is None:
+        return None
+    return ReceiptRecord(row[0], row[1], row[2], row[3], row[4], row[5], dt(row[6]))

@@ -1,0 +1,151 @@
+"""The SQLite foundation shared by the biller's and the consumer's stores.
+
+Durability and concurrency choices, the same for every Parley SQLite store:
+
+- WAL journal with `synchronous=FULL`: a step is on disk when its commit
+  returns, so an acceptance or a payment acknowledged survives a power cut.
+- Every SQLite call runs on one dedicated worker thread per store, which owns
+  the store's single connection; the event loop only awaits it.
+- Writes use `BEGIN IMMEDIATE`, so several processes sharing the file queue on
+  SQLite's write lock (with a busy timeout) and each step's reads and writes
+  see one consistent database.
+- `secure_delete` is on, so deleted rows (disclosures) are overwritten, not
+  just unlinked (PRV-4).
+- The schema is a list of migrations (the subclass's `MIGRATIONS`), applied in
+  order, all pending ones in one transaction, and recorded in `schema_version`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Self, TypeVar
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+Migrations = Sequence[Sequence[str]]
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+def ts(moment: datetime) -> str:
+    """A sortable text form of a UTC instant (fixed width, so text order is time order)."""
+    if moment.tzinfo is None:
+        raise ValueError("times must be timezone-aware")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def dt(text: str) -> datetime:
+    """The instant written by `ts`."""
+    return datetime.fromisoformat(text)
+
+
+def is_constraint(error: sqlite3.IntegrityError, *columns: str) -> bool:
+    """Whether the integrity error is the UNIQUE/PRIMARY KEY violation on exactly these columns."""
+    return str(error).endswith(": " + ", ".join(columns))
+
+
+def migrate(db: sqlite3.Connection, migrations: Migrations) -> None:
+    """Apply the migrations not yet recorded in `schema_version` (inside the caller's transaction)."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    if current > len(migrations):
+        raise RuntimeError(f"database schema version {current} is newer than this code ({len(migrations)})")
+    for version, statements in enumerate(migrations[current:], start=current + 1):
+        for statement in statements:
+            db.execute(statement)
+        db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+
+
+class SqliteStore:
+    """One SQLite file behind a single worker thread. Subclasses set `MIGRATIONS` and add methods.
+
+    Create a store with `await Subclass.open(path)` and release it with `await store.close()`.
+    """
+
+    MIGRATIONS: ClassVar[Migrations] = ()
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = os.fspath(path)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str]) -> Self:
+        """Open (creating if needed) the database at `path` and bring its schema up to date."""
+        store = cls(path)
+        try:
+            await store._call(store._connect)
+        except BaseException:
+            store._executor.shutdown(wait=False)
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Release the connection; the store is unusable afterwards."""
+        if self._db is not None:
+            await self._call(lambda: self._connection().close())
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    # --- plumbing: everything below `_call` runs on the worker thread ---
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("the store is closed")
+        return self._db
+
+    def _connect(self) -> None:
+        # isolation_level=None: transactions are begun and ended explicitly below.
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise RuntimeError(f"SQLite refused WAL mode (journal_mode={mode}) for {self._path}")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._db = db
+            self._in_transaction(lambda connection: migrate(connection, self.MIGRATIONS), immediate=True)
+        except BaseException:
+            self._db = None
+            db.close()
+            raise
+
+    def _in_transaction(self, fn: Callable[[sqlite3.Connection], T], *, immediate: bool) -> T:
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        try:
+            result = fn(db)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one write transaction: all of it commits, or none of it."""
+        return await self._call(lambda: self._in_transaction(fn, immediate=True))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one read transaction (a consistent snapshot)."""
+        return await self._call(lambda: self._in_transaction(fn, immediate=False))
+
+    async def _one(self, sql: str, *args: object) -> Row | None:
+        return await self._read(lambda db: db.execute(sql, args).fetchone())
+
+    async def _all(self, sql: str, *args: object) -> list[Row]:
+        return await self._read(lambda db: db.execute(sql, args).fetchall())
+
+    def _checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it, so deleted data leaves the journal (PRV-4)."""
+        self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")

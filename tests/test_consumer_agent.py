@@ -1,0 +1,879 @@
+"""The consumer agent end to end: real gRPC on 127.0.0.1 against the real BillerAgent, real SQLite files.
+
+Where the real biller never misbehaves, a `HostileServicer` wraps it: answers
+lost on the way back, a phishing endpoint, forged bills, instructions for
+another amount, a receipt that does not match, an event stream with gaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.consumer import (
+    Accept,
+    AccountEvent,
+    Answer,
+    ApprovalRequest,
+    Circumstances,
+    ConsumerAgent,
+    Counter,
+    Escalate,
+    Mandate,
+    PaymentDispute,
+    PaymentOrder,
+    PaymentRefused,
+    Reject,
+    StrategyContext,
+    Withdraw,
+)
+from agent.crypto import SigningKey, digest
+from agent.errors import Reason, RemoteProtocolError
+from agent.keysets import KeyEntry, make_key_set
+from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.messages import seal
+from agent.protocol.negotiation import Role
+from agent.stores.base import (
+    BillerLinkRecord,
+    EventCursor,
+    IntentRecord,
+    IntentState,
+    LinkedAccountRecord,
+    ReceivedEventRecord,
+    StoreConflict,
+    ThreadOutcome,
+)
+from agent.stores.consumer_sqlite import SqliteConsumerStore
+from agent.terms import BillFacts, Terms, TermsKind, build_terms, monthly_dates
+from agent.transport.client import ClientTls, RetryPolicy, open_channel
+from agent.transport.server import start_biller_server
+from agent.transport.status import RpcError
+from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2
+from parley.v1 import biller_service_pb2 as pb
+from tests.fixtures import BILL, eur
+from tests.helpers.db import dump
+from tests.helpers.hostile import HostileServicer, hostile_of, resign
+from tests.helpers.peer import (
+    BILLER_ID,
+    START,
+    Biller,
+    counter_terms,
+    inside_options,
+    new_party,
+    outside_options,
+    running_biller,
+)
+from tests.helpers.tls import self_signed
+
+ACCOUNT = "acct-1001"
+PARTY = "consumer:alice"
+FAST = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.05, call_timeout=5)
+WIDE = Mandate(max_fee=eur("10.00"), max_instalments=12, max_total_over_bill=eur("10.00"))
+NARROW = Mandate(max_fee=eur("10.00"), max_instalments=3, max_total_over_bill=eur("10.00"))
+COUNTER = Terms.from_proto(counter_terms())  # 6 x EUR 20.00: the sample policy's counter-offer
+INSIDE = Terms.from_proto(inside_options())  # 3 x EUR 40.00: accepted at once (NEG-12)
+OUTSIDE = Terms.from_proto(outside_options())  # 8 x EUR 15.00: countered
+
+
+# --- The consumer's side of a test ---------------------------------------------------------------
+
+
+class ScriptedStrategy:
+    """Opens with given terms; answers with a script (an answer, or a function of the context)."""
+
+    def __init__(
+        self,
+        opening: Terms = OUTSIDE,
+        answers: list[Answer | Callable[[Terms], Answer]] | None = None,
+        circumstances: Circumstances | None = None,
+    ) -> None:
+        self._opening = opening
+        self._answers = list(answers or [])
+        self._circumstances = circumstances
+        self.contexts: list[StrategyContext] = []
+        self.offers: list[Terms] = []
+
+    def opening(self, bill: BillFacts, context: StrategyContext) -> tuple[Terms, Circumstances | None]:
+        self.contexts.append(context)
+        return self._opening, self._circumstances
+
+    def respond(
+        self, bill: BillFacts, their_offer: Terms, my_last: Terms, rounds_left: int, context: StrategyContext
+    ) -> Answer:
+        self.offers.append(their_offer)
+        answer = self._answers.pop(0)
+        return answer(their_offer) if callable(answer) else answer
+
+
+class Bank:
+    """A PaymentSender that records every order it is given."""
+
+    def __init__(self) -> None:
+        self.orders: list[PaymentOrder] = []
+
+    async def send(self, order: PaymentOrder) -> str:
+        self.orders.append(order)
+        return f"bank-{len(self.orders)}"
+
+
+class Household:
+    """The consumer's identity and files, kept across agent restarts."""
+
+    def __init__(self, biller: Biller, tmp_path: Path) -> None:
+        self.biller = biller
+        self.key, self.key_set = new_party(PARTY, biller.clock)
+        self.db_path = tmp_path / "consumer.sqlite"
+
+    @asynccontextmanager
+    async def agent(
+        self,
+        strategy: ScriptedStrategy | None = None,
+        *,
+        mandate: Mandate = WIDE,
+        approve: Callable[[ApprovalRequest], Awaitable[bool]] | None = None,
+        bank: Bank | None = None,
+    ) -> AsyncIterator[ConsumerAgent]:
+        store = await SqliteConsumerStore.open(self.db_path)
+        agent = ConsumerAgent(
+            party_id=PARTY,
+            signing_key=self.key,
+            key_sets=[self.key_set],
+            store=store,
+            strategy=strategy or ScriptedStrategy(),
+            mandate=mandate,
+            approve=approve,
+            payment_sender=bank,
+            clock=self.biller.clock,
+            retry=FAST,
+        )
+        try:
+            yield agent
+        finally:
+            await agent.close()
+            await store.close()
+
+
+async def enrol(biller: Biller, agent: ConsumerAgent) -> None:
+    """A fresh account enrolled through the agent, with the fixture bill issued on it."""
+    await biller.agent.create_account(ACCOUNT, "Alice Example")
+    code = await biller.agent.issue_enrolment_code(ACCOUNT)
+    await agent.enrol(
+        biller.target,
+        biller_party_id=BILLER_ID,
+        fingerprint=biller.chain.fingerprint,
+        account_id=ACCOUNT,
+        code=code,
+        insecure=True,
+    )
+    await biller.bill(ACCOUNT)
+
+
+def run(tmp_path: Path, scenario: Callable[[Biller, Household], Awaitable[None]], *, hostile: bool = False) -> None:
+    async def main() -> None:
+        options: dict[str, Any] = {"servicer": HostileServicer} if hostile else {}
+        async with running_biller(tmp_path, **options) as biller:
+            await scenario(biller, Household(biller, tmp_path))
+
+    asyncio.run(main())
+
+
+async def biller_outcome(biller: Biller, thread_id: bytes | None) -> str:
+    assert thread_id is not None
+    thread = await biller.agent._store.get_thread(thread_id)
+    assert thread is not None
+    return thread.outcome.value
+
+
+# --- Enrolment and bills ---------------------------------------------------------------------------
+
+
+def test_enrol_pins_the_biller_and_bills_are_verified_and_kept_across_restarts(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent() as agent:
+            await enrol(biller, agent)
+            (link,) = await agent.links()
+            assert (link.biller_party_id, link.fingerprint, link.accounts) == (
+                BILLER_ID,
+                biller.chain.fingerprint,
+                (ACCOUNT,),
+            )
+            (bill,) = await agent.bills(BILLER_ID)
+            assert bill.facts == BILL
+            assert bill.digest == digest(await biller.bill_envelope(BILL.bill_id))
+        async with household.agent() as agent:  # restarted: the link and the bill come back from the store
+            (link,) = await agent.links()
+            assert link.target == biller.target
+            (bill,) = await agent.bills(BILLER_ID)
+            assert bill.facts.bill_id == BILL.bill_id
+
+    run(tmp_path, scenario)
+
+
+def test_enrolment_with_a_wrong_pin_is_refused_and_stores_nothing(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        await biller.agent.create_account(ACCOUNT, "Alice Example")
+        code = await biller.agent.issue_enrolment_code(ACCOUNT)
+        wrong_pin = hashlib.sha256(b"a phishing biller's key set").digest()
+        async with household.agent() as agent:
+
+            async def enrol_with(pin: bytes, code: str) -> None:
+                await agent.enrol(
+                    biller.target,
+                    biller_party_id=BILLER_ID,
+                    fingerprint=pin,
+                    account_id=ACCOUNT,
+                    code=code,
+                    insecure=True,
+                )
+
+            # The endpoint's Hello names another identity: refused before the code is sent (VER-4).
+            with pytest.raises(RemoteProtocolError) as failure:
+                await enrol_with(wrong_pin, code)
+            assert failure.value.reason is Reason.PIN_MISMATCH
+            assert hostile.calls["Enrol"] == 0
+            # A phishing endpoint echoing the pin in Hello: its chain is checked against the pin (ENR-10).
+            hostile.rewrite["Hello"] = lambda hello: pb.HelloResponse(
+                protocol_version=1, biller_party_id=BILLER_ID, identity_fingerprint=wrong_pin, features=hello.features
+            )
+            with pytest.raises(RemoteProtocolError) as failure:
+                await enrol_with(wrong_pin, code)
+            assert failure.value.reason is Reason.PIN_MISMATCH
+            assert hostile.calls["Enrol"] == 1
+            assert await agent.links() == []
+            stored = dump(household.db_path)
+            assert not stored["links"]
+            assert not stored["link_key_sets"]
+            assert not stored["accounts"]
+            # With the right pin (and a new code: the phishing answer spent the first one), it enrols.
+            del hostile.rewrite["Hello"]
+            await enrol_with(biller.chain.fingerprint, await biller.agent.issue_enrolment_code(ACCOUNT))
+            assert [link.accounts for link in await agent.links()] == [(ACCOUNT,)]
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_forged_and_tampered_bills_are_never_returned_nor_paid(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            await enrol(biller, agent)
+            genuine = await biller.bill_envelope(BILL.bill_id)
+
+            def rename(bill_id: str) -> Callable[[Any], None]:
+                def change(bill: Any) -> None:
+                    bill.bill_id = bill_id
+
+                return change
+
+            phishing = resign(genuine, SigningKey.generate(), rename("bill-phish"))  # another key: UNKNOWN_KEY
+            tampered = envelope_pb2.Envelope()
+            tampered.CopyFrom(genuine)
+            body = bill_pb2.Bill.FromString(genuine.payload)
+            body.bill_id, body.description = "bill-tampered", "Pay to IBAN XX00 0000"
+            tampered.payload = body.SerializeToString()  # the biller's signature no longer covers it
+
+            def to_someone_else(bill: Any) -> None:
+                bill.bill_id = "bill-elsewhere"
+                bill.header.recipient = "consumer:bob"
+
+            misaddressed = resign(genuine, biller.key, to_someone_else)
+            hostile.rewrite["ListBills"] = lambda answer: pb.ListBillsResponse(
+                bills=[*answer.bills, phishing, tampered, misaddressed]
+            )
+            bills = await agent.bills(BILLER_ID)
+            assert [bill.facts.bill_id for bill in bills] == [BILL.bill_id]
+            assert [bill.facts.bill_id for bill in await agent.bills(BILLER_ID)] == [BILL.bill_id]
+            assert len(dump(household.db_path)["bills"]) == 1
+            for bill_id in ("bill-phish", "bill-tampered", "bill-elsewhere"):
+                with pytest.raises(LookupError):
+                    await agent.pay(BILLER_ID, bill_id)
+            assert bank.orders == []
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_a_rotated_biller_key_is_learnt_from_get_key_sets(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent() as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            # The biller rotates: version 2 lists a new key, signed by the old one (KEY-9, KEY-17).
+            new_key = SigningKey.generate()
+            since = biller.clock.advance(timedelta(hours=1))  # the first bill stays under version 1 (KEY-14)
+            version_2 = make_key_set(
+                party_id=BILLER_ID,
+                version=2,
+                keys=[KeyEntry(new_key.public_key, since, since + timedelta(days=300))],
+                signer=biller.key,
+                previous=biller.chain.latest,
+                create_time=since,
+                expire_time=since + timedelta(days=300),
+            )
+            biller.agent.key_chain = biller.chain.extend(version_2)
+            biller.agent._key = new_key
+            await biller.bill(ACCOUNT, "bill-2026-04")  # signed with the new key: UNKNOWN_KEY, then a refresh
+            assert [bill.facts.bill_id for bill in await agent.bills(BILLER_ID)] == [BILL.bill_id, "bill-2026-04"]
+        async with household.agent() as agent:  # the extended chain is stored and verifies on restart
+            assert len(await agent.bills(BILLER_ID)) == 2
+            assert len(dump(household.db_path)["link_key_sets"]) == 2
+
+    run(tmp_path, scenario)
+
+
+# --- Negotiation -------------------------------------------------------------------------------------------
+
+
+def test_agreed_after_a_counter_with_a_lost_answer_then_instalments_paid(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        strategy = ScriptedStrategy(OUTSIDE, [Accept()])
+        bank = Bank()
+        async with household.agent(strategy, bank=bank) as agent:
+            await enrol(biller, agent)
+            hostile.unavailable_after["Negotiate"] = 1  # the opening is applied, its answer lost: sent again
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.AGREED
+            assert hostile.calls["Negotiate"] == 3
+            assert strategy.offers == [COUNTER]
+            agreement = result.agreement
+            assert agreement is not None
+            assert agreement.terms == COUNTER
+            assert agreement.offered_by is Role.BILLER
+            # The bundle verifies offline, with both identities pinned, after a JSON round trip.
+            bundle = Bundle.from_json(result.bundle().to_json())
+            pins = {BILLER_ID: biller.chain.fingerprint, PARTY: digest(household.key_set)}
+            assert verify_bundle(bundle, pins=pins).accept.digest == agreement.accept.digest
+            assert await biller_outcome(biller, result.thread_id) == "agreed"
+            (arrangement,) = await biller.agent.arrangements(ACCOUNT)
+            assert arrangement.agreement_digest == agreement.accept.digest
+            # Our record of the thread: every signed message, as sent and received.
+            assert [m.payload_type for m in result.messages] == [
+                "parley.v1.ThreadOpen",
+                "parley.v1.Offer",
+                "parley.v1.Accept",
+            ]
+            # Instalments are paid one by one under the agreement (PAY-3).
+            first = await agent.pay(BILLER_ID, BILL.bill_id)
+            second = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert (first.instalment_index, second.instalment_index) == (0, 1)
+            assert first.agreement_digest == agreement.accept.digest
+            assert [order.amount for order in bank.orders] == [eur("20.00"), eur("20.00")]
+            assert bank.orders[0].payment_reference != bank.orders[1].payment_reference
+            # Committed payments reach the strategy's context.
+            assert [instalment.amount for instalment in await agent.committed()] == [eur("20.00")] * 4
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_agreed_at_once_inside_the_options(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        strategy = ScriptedStrategy(INSIDE)
+        async with household.agent(strategy) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.AGREED
+            assert result.agreement is not None
+            assert result.agreement.offered_by is Role.CONSUMER
+            assert result.agreement.terms == INSIDE
+            assert strategy.offers == []
+            assert (await agent.negotiation(result.thread_id or b"")).outcome is ThreadOutcome.AGREED
+            # The bill is now under the arrangement: a new opening is refused, and nothing of it kept (NEG-3).
+            again = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert (again.outcome, again.messages) == (ThreadOutcome.OPEN, ())
+            assert again.refusal is not None
+            assert again.refusal.reason is Reason.BILL_NOT_NEGOTIABLE
+
+    run(tmp_path, scenario)
+
+
+def test_a_counter_inside_the_options_is_accepted_and_a_lost_reply_is_read_back(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        five = build_terms(TermsKind.INSTALMENT_PLAN, BILL.amount_due, monthly_dates(date(2026, 4, 15), 5))
+        strategy = ScriptedStrategy(OUTSIDE, [Counter(five)])
+        async with household.agent(strategy) as agent:
+            await enrol(biller, agent)
+            # Every answer to the opening is lost, retries included: the agent reads the thread back (NEG-22).
+            hostile.unavailable_after["Negotiate"] = FAST.attempts
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert hostile.calls["GetThread"] == 1
+            assert result.outcome is ThreadOutcome.AGREED
+            assert result.agreement is not None
+            assert result.agreement.terms == five
+            assert result.agreement.offer.header.sequence == 2  # our counter, accepted at once (NEG-12)
+            assert strategy.offers == [COUNTER]
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_an_acceptance_that_did_not_reach_the_biller_is_delivered_after_a_restart(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+
+        def accept_into_an_outage(offer: Terms) -> Answer:
+            hostile.unavailable_before["Negotiate"] = FAST.attempts
+            return Accept()
+
+        bank = Bank()
+        async with household.agent(ScriptedStrategy(OUTSIDE, [accept_into_an_outage]), bank=bank) as agent:
+            await enrol(biller, agent)
+            with pytest.raises(RpcError):
+                await agent.negotiate(BILLER_ID, BILL.bill_id)
+            with pytest.raises(ValueError, match="not reached the biller"):
+                await agent.pay(BILLER_ID, BILL.bill_id)  # not under an agreement the biller does not know
+            assert bank.orders == []
+        async with household.agent(ScriptedStrategy(), bank=bank) as agent:  # restarted: no strategy call needed
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.AGREED
+            assert await biller_outcome(biller, result.thread_id) == "agreed"
+            assert (await agent.pay(BILLER_ID, BILL.bill_id)).amount == eur("20.00")
+
+    run(tmp_path, scenario, hostile=True)
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [(Reject("too dear for us"), ThreadOutcome.REJECTED), (Withdraw("not now"), ThreadOutcome.WITHDRAWN)],
+)
+def test_the_strategy_rejects_or_withdraws(tmp_path: Path, answer: Answer, outcome: ThreadOutcome) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent(ScriptedStrategy(OUTSIDE, [answer])) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is outcome
+            assert result.agreement is None
+            assert await biller_outcome(biller, result.thread_id) == outcome.value
+            with pytest.raises(ValueError, match="agreed"):
+                result.bundle()
+
+    run(tmp_path, scenario)
+
+
+def test_an_offer_outside_the_mandate_waits_for_the_users_approval(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent(ScriptedStrategy(OUTSIDE, [Accept()]), mandate=NARROW) as agent:
+            await enrol(biller, agent)
+            # The opening (8 instalments) is itself outside the mandate: approved first.
+            negotiation = asyncio.create_task(agent.negotiate(BILLER_ID, BILL.bill_id))
+            actions = []
+            while not negotiation.done():
+                for request in agent.approvals.pending():
+                    actions.append((request.action, request.violations))
+                    agent.approvals.answer(request.request_id, approved=True)
+                await asyncio.sleep(0.01)
+            result = await negotiation
+            assert result.outcome is ThreadOutcome.AGREED
+            assert [action for action, _ in actions] == ["open", "accept"]
+            assert "6 instalments exceed your limit of 3" in actions[1][1][0]
+
+    run(tmp_path, scenario)
+
+
+def test_a_denied_escalation_withdraws(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        asked: list[ApprovalRequest] = []
+
+        async def deny(request: ApprovalRequest) -> bool:
+            asked.append(request)
+            return False
+
+        strategy = ScriptedStrategy(OUTSIDE, [Escalate("a plan of 6 is more than I planned for")])
+        async with household.agent(strategy, approve=deny) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.WITHDRAWN
+            (request,) = asked
+            assert (request.action, request.violations, request.terms) == ("accept", (), COUNTER)
+            assert request.reason == "a plan of 6 is more than I planned for"
+            assert await biller_outcome(biller, result.thread_id) == "withdrawn"
+
+    run(tmp_path, scenario)
+
+
+def test_a_thread_expires_while_the_strategy_thinks(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        def too_late(offer: Terms) -> Answer:
+            biller.clock.advance(timedelta(days=3))
+            return Accept()
+
+        async with household.agent(ScriptedStrategy(OUTSIDE, [too_late])) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.EXPIRED
+            assert result.agreement is None
+            assert len(result.messages) == 2  # nothing was sent after the deadline
+            assert await biller.agent._store.open_thread_bills(ACCOUNT, biller.clock.now()) == []
+
+    run(tmp_path, scenario)
+
+
+def test_a_biller_that_does_not_honour_its_options_is_a_protocol_error_with_evidence(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+
+        def counter_instead(answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+            accept = negotiation_pb2.Accept.FromString(answer.reply.payload)
+            offer = negotiation_pb2.Offer(header=accept.header, terms=counter_terms())  # same position, signed
+            return pb.NegotiateResponse(reply=seal(offer, biller.key), outcome=negotiation_pb2.NEGOTIATION_OUTCOME_OPEN)
+
+        hostile.rewrite["Negotiate"] = counter_instead
+        strategy = ScriptedStrategy(INSIDE)
+        async with household.agent(strategy) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.PROTOCOL_ERROR
+            assert result.violation is not None
+            assert result.violation.reason is Reason.OPTIONS_NOT_HONOURED
+            assert result.agreement is None
+            assert strategy.offers == []
+            evidence = result.messages[-1]  # the biller's signed counter, kept (NEG-17)
+            assert evidence.payload_type == "parley.v1.Offer"
+            assert evidence.signatures[0].keyid == biller.key.keyid
+            stored = await agent.negotiation(result.thread_id or b"")
+            assert stored.violation is not None
+            assert stored.violation.reason is Reason.OPTIONS_NOT_HONOURED
+            # A new call does not resume a thread that ended.
+            assert (await agent.negotiate(BILLER_ID, BILL.bill_id)).thread_id != result.thread_id
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_an_interrupted_opening_is_sent_again_with_its_disclosure_after_a_restart(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        circumstances = Circumstances(negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True)
+        mandate = dataclasses.replace(WIDE, allow_disclosure=True)
+        async with household.agent(ScriptedStrategy(INSIDE, circumstances=circumstances), mandate=mandate) as agent:
+            await enrol(biller, agent)
+            hostile.unavailable_before["Negotiate"] = FAST.attempts  # the biller is unreachable throughout
+            with pytest.raises(RpcError):
+                await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert dump(household.db_path)["threads"][0][9] is not None  # kept until the opening is answered
+        async with household.agent(ScriptedStrategy(OUTSIDE), mandate=mandate) as agent:  # restarted
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.AGREED
+            assert result.agreement is not None
+            assert result.agreement.terms == INSIDE  # the stored opening, not a new one
+            assert len(dump(household.db_path)["threads"]) == 1
+            assert dump(household.db_path)["threads"][0][9] is None
+            assert biller.policy.contexts == []  # inside the options: accepted without asking the policy
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_a_disclosure_is_committed_to_and_not_kept(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        circumstances = Circumstances(
+            negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True, note="job lost"
+        )
+        strategy = ScriptedStrategy(OUTSIDE, [Accept()], circumstances=circumstances)
+        mandate = Mandate(eur("10.00"), 12, eur("10.00"), allow_disclosure=True)
+        async with household.agent(strategy, mandate=mandate) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.AGREED
+            (context,) = biller.policy.contexts
+            assert context.circumstances is not None
+            assert context.circumstances.note == "job lost"
+            assert dump(household.db_path)["threads"][0][9] is None  # the disclosure column, erased
+
+    run(tmp_path, scenario)
+
+
+# --- Payments ------------------------------------------------------------------------------------------------
+
+
+def test_a_bill_is_paid_once_whatever_the_retries_and_restarts(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            hostile.unavailable_after["CreatePaymentIntent"] = 1  # applied, answer lost: the same intent again
+            payment = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert payment.state is IntentState.PAID
+            assert payment.amount == BILL.amount_due
+            assert hostile.calls["CreatePaymentIntent"] == 2
+            (order,) = bank.orders
+            assert (order.amount, order.intent_id, payment.proof) == (BILL.amount_due, payment.intent_id, "bank-1")
+            again = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert (again.intent_id, again.state, len(bank.orders)) == (payment.intent_id, IntentState.PAID, 1)
+            assert await agent.receipt(BILLER_ID, payment.intent_id) is None  # not settled yet (PAY-5)
+        later = Bank()
+        async with household.agent(bank=later) as agent:  # restarted on the same store
+            assert (await agent.pay(BILLER_ID, BILL.bill_id)).intent_id == payment.intent_id
+            assert later.orders == []
+            assert len(dump(biller.db_path)["payment_intents"]) == 1
+            await biller.agent.record_settlement(ACCOUNT, payment.intent_id, order.amount, "rail-0001")
+            receipt = await agent.receipt(BILLER_ID, payment.intent_id)
+            assert receipt is not None
+            assert (receipt.amount_received, receipt.remaining_balance, receipt.disputed) == (
+                BILL.amount_due,
+                eur("0.00"),
+                False,
+            )
+            assert await agent.receipt(BILLER_ID, payment.intent_id) == receipt  # kept
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_an_intent_stored_before_a_failed_send_is_the_one_sent_again(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            hostile.unavailable_before["CreatePaymentIntent"] = FAST.attempts  # every retry fails
+            with pytest.raises(RpcError):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            (pending,) = await agent.payments(BILLER_ID)
+            assert pending.state is IntentState.CREATED
+            assert bank.orders == []
+            payment = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert payment.intent_id == pending.intent_id
+            assert len(bank.orders) == 1
+            assert len(dump(biller.db_path)["payment_intents"]) == 1
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_instructions_for_another_amount_are_never_paid(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+
+        def more(answer: pb.CreatePaymentIntentResponse) -> pb.CreatePaymentIntentResponse:
+            def raise_amount(instructions: Any) -> None:
+                instructions.amount.amount_minor += 1
+
+            return pb.CreatePaymentIntentResponse(instructions=resign(answer.instructions, biller.key, raise_amount))
+
+        hostile.rewrite["CreatePaymentIntent"] = more
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            for _ in range(2):
+                with pytest.raises(PaymentRefused) as refused:
+                    await agent.pay(BILLER_ID, BILL.bill_id)
+                assert refused.value.reason is Reason.PAYMENT_AMOUNT_MISMATCH
+            assert bank.orders == []
+            (payment,) = await agent.payments(BILLER_ID)
+            assert (payment.state, payment.order) == (IntentState.REFUSED, None)
+            assert hostile.calls["CreatePaymentIntent"] == 1  # the refusal is kept, not asked again
+
+    run(tmp_path, scenario, hostile=True)
+
+
+def test_a_receipt_for_another_amount_is_a_dispute(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+
+        def less(answer: pb.GetReceiptResponse) -> pb.GetReceiptResponse:
+            def lower(receipt: Any) -> None:
+                receipt.amount_received.amount_minor -= 100
+
+            return pb.GetReceiptResponse(receipt=resign(answer.receipt, biller.key, lower))
+
+        hostile.rewrite["GetReceipt"] = less
+        async with household.agent(bank=Bank()) as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            payment = await agent.pay(BILLER_ID, BILL.bill_id)
+            await biller.agent.record_settlement(ACCOUNT, payment.intent_id, payment.amount, "rail-0001")
+            for _ in range(2):
+                with pytest.raises(PaymentDispute) as dispute:
+                    await agent.receipt(BILLER_ID, payment.intent_id)
+                assert dispute.value.receipt.amount_received == eur("119.00")
+            assert hostile.calls["GetReceipt"] == 1
+
+    run(tmp_path, scenario, hostile=True)
+
+
+# --- Events ----------------------------------------------------------------------------------------------------
+
+
+async def take(events: AsyncGenerator[AccountEvent, None], count: int) -> list[int]:
+    return [(await asyncio.wait_for(anext(events), 5)).sequence for _ in range(count)]
+
+
+async def remind(biller: Biller, times: int) -> None:
+    for level in range(1, times + 1):
+        await biller.agent.emit_event(
+            ACCOUNT,
+            event_pb2.EVENT_KIND_REMINDER,
+            bill_id=BILL.bill_id,
+            amount=BILL.amount_due,
+            reminder_level=min(level, 3),
+        )
+
+
+def test_watch_resumes_from_its_cursor_without_loss_or_duplicates(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent() as agent:
+            await enrol(biller, agent)  # event 0: BILL_ISSUED
+            await remind(biller, 2)  # events 1, 2
+            async with contextlib.aclosing(agent.watch(BILLER_ID)) as events:
+                assert await take(events, 3) == [0, 1, 2]
+                await remind(biller, 1)  # live: event 3
+                assert await take(events, 1) == [3]
+            await remind(biller, 2)  # while nobody watches: events 4, 5
+            async with contextlib.aclosing(agent.watch(BILLER_ID)) as events:
+                assert await take(events, 2) == [4, 5]
+        await remind(biller, 1)  # event 6, after a restart
+        async with household.agent() as agent, contextlib.aclosing(agent.watch(BILLER_ID)) as events:
+            assert await take(events, 1) == [6]
+            stored = await agent.stored_events(BILLER_ID)
+            assert [event.sequence for event in stored] == list(range(7))
+            assert stored[0].kind == event_pb2.EVENT_KIND_BILL_ISSUED
+            assert stored[0].related_digest == digest(await biller.bill_envelope(BILL.bill_id))
+
+    run(tmp_path, scenario)
+
+
+def test_watch_drops_duplicates_and_reconnects_on_gaps_and_forgeries(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+
+        async def log() -> list[envelope_pb2.Envelope]:
+            records = await biller.agent._store.events(ACCOUNT, 0, 100)
+            return [envelope_pb2.Envelope.FromString(record.envelope) for record in records]
+
+        def script(*envelopes: envelope_pb2.Envelope) -> Callable[[Any], Awaitable[list[envelope_pb2.Envelope]]]:
+            async def send(request: pb.WatchEventsRequest) -> list[envelope_pb2.Envelope]:
+                return list(envelopes)
+
+            return send
+
+        async with household.agent() as agent:
+            await enrol(biller, agent)
+            await remind(biller, 2)
+            events = await log()
+            hostile.streams = [script(events[0], events[0], events[1], events[1], events[2])]
+            async with contextlib.aclosing(agent.watch(BILLER_ID)) as watch:
+                assert await take(watch, 3) == [0, 1, 2]
+                assert hostile.calls["WatchEvents"] == 1  # duplicates dropped, the stream kept
+                await remind(biller, 2)
+                events = await log()
+                forged = resign(events[3], SigningKey.generate(), lambda event: None)
+                hostile.streams = [script(events[4]), script(forged)]  # a gap, then a forgery
+                assert await take(watch, 2) == [3, 4]
+                assert hostile.calls["WatchEvents"] == 4  # the scripted end, the gap, the forgery: reconnected
+            assert [event.sequence for event in await agent.stored_events(BILLER_ID)] == [0, 1, 2, 3, 4]
+            assert [event.digest for event in await agent.stored_events(BILLER_ID)] == [digest(e) for e in events]
+
+    run(tmp_path, scenario, hostile=True)
+
+
+# --- Transport ---------------------------------------------------------------------------------------------
+
+
+def test_enrol_and_read_bills_over_tls_and_no_plaintext_off_loopback(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        certificate, key = self_signed()
+        server, port = await start_biller_server(biller.agent, "127.0.0.1:0", tls=(certificate, key))
+        try:
+            tls = ClientTls(root_certificates=certificate)
+            async with household.agent() as agent:
+                await biller.agent.create_account(ACCOUNT, "Alice Example")
+                code = await biller.agent.issue_enrolment_code(ACCOUNT)
+                link = await agent.enrol(
+                    f"127.0.0.1:{port}",
+                    biller_party_id=BILLER_ID,
+                    fingerprint=biller.chain.fingerprint,
+                    account_id=ACCOUNT,
+                    code=code,
+                    tls=tls,
+                )
+                assert (link.insecure, link.tls) == (False, tls)
+                await biller.bill(ACCOUNT)
+            async with household.agent() as agent:  # the TLS settings come back from the store
+                assert [bill.facts.bill_id for bill in await agent.bills(BILLER_ID)] == [BILL.bill_id]
+        finally:
+            await server.stop(None)
+        with pytest.raises(ValueError, match="loopback"):
+            open_channel("billing.energy.example:7443", insecure=True)
+
+    run(tmp_path, scenario)
+
+
+# --- The store's own guarantees --------------------------------------------------------------------------
+
+
+def test_the_consumer_store_settles_races_in_the_database(tmp_path: Path) -> None:
+    """What the agent relies on when two processes share the file: one intent per payment, one hand-over
+    to the bank, events stored once and in order, a pin never silently replaced."""
+    now = START
+
+    async def main() -> None:
+        store = await SqliteConsumerStore.open(tmp_path / "consumer.sqlite")
+        try:
+            link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
+            account = LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"request", b"confirmation")
+            await store.save_enrolment(link, [b"v1"], account)
+            await store.save_enrolment(dataclasses.replace(link, target="127.0.0.1:2"), [b"v1", b"v2"], account)
+            moved = await store.get_link(BILLER_ID)
+            assert moved is not None
+            assert moved.target == "127.0.0.1:2"
+            assert await store.link_key_sets(BILLER_ID) == [b"v1", b"v2"]
+            with pytest.raises(ValueError, match="pinned"):
+                await store.save_enrolment(dataclasses.replace(link, fingerprint=b"q" * 32), [b"v1"], account)
+            with pytest.raises(StoreConflict) as conflict:
+                await store.append_link_key_sets(BILLER_ID, 2, [b"v2 again"])
+            assert conflict.value.reason is Reason.KEYSET_ROLLBACK
+
+            intent = IntentRecord(
+                BILLER_ID, "pi-1", ACCOUNT, "bill-1", b"", 0, 12000, "EUR", b"t" * 16, IntentState.CREATED, now, (b"m",)
+            )
+            assert (await store.create_intent(intent)).intent_id == "pi-1"
+            twin = dataclasses.replace(intent, intent_id="pi-2")  # the same payment from another process
+            assert (await store.create_intent(twin)).intent_id == "pi-1"
+            await store.record_instructions(BILLER_ID, "pi-1", b"instructions", None)
+            kept = await store.record_instructions(BILLER_ID, "pi-1", b"other instructions", None)
+            assert (kept.state, kept.instructions) == (IntentState.INSTRUCTED, b"instructions")
+            assert await asyncio.gather(*(store.begin_sending(BILLER_ID, "pi-1", now) for _ in range(5))) == [
+                True,
+                False,
+                False,
+                False,
+                False,
+            ]
+            paid = await store.finish_sending(BILLER_ID, "pi-1", paid=True, proof="bank-1", now=now)
+            assert (paid.state, paid.payment_proof) == (IntentState.PAID, "bank-1")
+            with pytest.raises(LookupError):
+                await store.finish_sending(BILLER_ID, "pi-1", paid=True, proof="bank-2", now=now)
+
+            def event(sequence: int, content: bytes) -> ReceivedEventRecord:
+                return ReceivedEventRecord(BILLER_ID, ACCOUNT, sequence, content, digest_of(content), 1, now)
+
+            await store.append_event(event(0, b"e0"), previous_digest=b"")
+            for sequence, previous, reason in (
+                (0, b"", Reason.SEQUENCE_MISMATCH),  # a duplicate
+                (2, digest_of(b"e0"), Reason.SEQUENCE_MISMATCH),  # a gap
+                (1, digest_of(b"forged"), Reason.PREVIOUS_DIGEST_MISMATCH),  # a broken chain
+            ):
+                with pytest.raises(StoreConflict) as conflict:
+                    await store.append_event(event(sequence, b"e%d" % sequence), previous_digest=previous)
+                assert conflict.value.reason is reason
+            await store.append_event(event(1, b"e1"), previous_digest=digest_of(b"e0"))
+            assert await store.event_cursor(BILLER_ID, ACCOUNT) == EventCursor(2, digest_of(b"e1"))
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def digest_of(content: bytes) -> bytes:
+    return hashlib.sha256(content).digest()

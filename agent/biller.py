@@ -362,8 +362,12 @@ class BillerAgent:
         limits: Limits = DEFAULT_LIMITS,
         message_lifetime: timedelta = timedelta(hours=1),
         watch_poll_interval: timedelta = timedelta(seconds=5),
+        features: Sequence[str] = FEATURES,
     ) -> None:
         """`key_sets` is the biller's own chain (verified here if given as envelopes).
+
+        `features` are announced in Hello (VER-3): announce only what is served in
+        full, e.g. FEATURES + ("conformance-control",) when that service is exposed.
 
         `message_lifetime` is the expire_time - create_time of everything the agent
         signs. `watch_poll_interval` bounds how late an event appended by another
@@ -385,6 +389,7 @@ class BillerAgent:
         self.key_chain = chain
         self.limits = limits
         self.clock: Clock = clock or SystemClock()
+        self.features = tuple(features)
         self._key = signing_key
         self._store = store
         self._policy = policy
@@ -656,7 +661,7 @@ class BillerAgent:
             supported_versions=SUPPORTED_VERSIONS,
             biller_party_id=self.party_id,
             identity_fingerprint=self.key_chain.fingerprint,
-            features=FEATURES,
+            features=self.features,
             limits=biller_service_pb2.Limits(
                 max_envelope_bytes=limits.max_envelope_bytes,
                 max_clock_skew_seconds=int(limits.max_clock_skew.total_seconds()),

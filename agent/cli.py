@@ -3,16 +3,29 @@
     parley demo [--out DIR]         the protocol's story end to end, agreement verified offline
     parley keygen --out FILE        make an Ed25519 signing key (file mode 0600)
     parley verify BUNDLE.json       verify an agreement bundle offline
+    parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR]
+                        [--tls-cert FILE --tls-key FILE | --insecure] [--conformance-control]
+                                    run the reference biller (built-in sample config without --config)
+    parley biller codes --state-dir DIR [--config FILE] [--endpoint HOST:PORT]
+                                    issue enrolment codes for the configured accounts
+    parley biller check-config FILE validate a reference biller configuration
 
 `verify` exits 0 when the bundle is valid, 1 when it is invalid (the reason is
 printed), 2 when the input is unusable (unreadable, not a bundle, bad usage).
+`biller check-config` exits 0 (OK) or 1 (the error names the key); `biller
+serve` and `biller codes` exit 2 on an invalid configuration or bad usage and
+1 when the biller fails; `serve` runs until SIGTERM or SIGINT and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
 import json
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +33,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from agent.clock import Clock, SystemClock
 from agent.crypto import SigningKey
 from agent.demo import run as run_demo
 from agent.errors import ParleyError
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
 from agent.terms import format_date
+from agent.transport.server import install_uvloop, is_loopback
+from reference_biller import sample
+from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
+from reference_biller.service import RunningBiller, SteppableClock, open_biller, run_biller
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
 
@@ -115,6 +133,179 @@ def _demo(args: argparse.Namespace, out: Console) -> int:
     return run_demo(Path(args.out), out)
 
 
+# --- parley biller ----------------------------------------------------------------------------------
+
+
+def _biller_config(args: argparse.Namespace, out: Console) -> BillerConfig | None:
+    """The --config file (default: the built-in sample), or None after printing why it is invalid."""
+    try:
+        return load_config(Path(args.config) if args.config else SAMPLE)
+    except ConfigError as error:
+        out.print(f"[bold red]invalid configuration[/bold red] {error}", highlight=False, soft_wrap=True)
+        return None
+
+
+def _check_config(args: argparse.Namespace, out: Console) -> int:
+    try:
+        config = load_config(Path(args.file))
+    except ConfigError as error:
+        out.print(f"[bold red]INVALID[/bold red] {error}", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
+    out.print(
+        f"OK {args.file}: {config.name} ({config.party_id}), {len(config.segments)} segment(s), "
+        f"{len(config.accounts)} account(s)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return EXIT_VALID
+
+
+def _tls_files(args: argparse.Namespace) -> tuple[bytes, bytes] | None:
+    """(certificate chain, key) from --tls-cert/--tls-key; ValueError on bad usage, OSError if unreadable."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert and args.insecure:
+        raise ValueError("choose --tls-cert/--tls-key or --insecure, not both")
+    if not args.tls_cert:
+        if not args.insecure:
+            raise ValueError(
+                "TLS is required (TRN-2): give --tls-cert and --tls-key, or --insecure to serve plaintext on loopback"
+            )
+        host = args.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+        if not is_loopback(host):
+            raise ValueError(f"plaintext is allowed only on a loopback address (TRN-2), not {host!r}: use TLS")
+        return None
+    return Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()
+
+
+def _print_ready(running: RunningBiller) -> None:
+    agent = running.biller.agent
+    transport = "TLS" if running.tls else "plaintext, loopback only"
+    print(f"biller      {agent.party_id}", flush=True)
+    print(f"fingerprint {agent.key_chain.fingerprint.hex()}", flush=True)
+    print(f"state       {running.biller.state_dir}", flush=True)
+    if "conformance-control" in agent.features:
+        print("conformance-control ENABLED: test fixtures only, never in production", flush=True)
+    print(f"listening   {running.address} ({transport})", flush=True)
+
+
+async def _serve_until_signalled(
+    args: argparse.Namespace, config: BillerConfig, tls: tuple[bytes, bytes] | None
+) -> None:
+    clock: Clock = SteppableClock() if args.conformance_control else SystemClock()
+    serving = asyncio.create_task(
+        run_biller(
+            config,
+            listen=args.listen,
+            state_dir=Path(args.state_dir),
+            clock=clock,
+            tls=tls,
+            insecure=args.insecure,
+            conformance_control=args.conformance_control,
+            on_ready=_print_ready,
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait((serving, stopping), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not serving.done():
+        serving.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await serving  # re-raises a failure to start
+
+
+def _serve(args: argparse.Namespace, out: Console) -> int:
+    config = _biller_config(args, out)
+    if config is None:
+        return EXIT_UNUSABLE
+    try:
+        tls = _tls_files(args)
+    except ValueError as error:
+        out.print(f"[red]{error}[/red]", highlight=False, soft_wrap=True)
+        return EXIT_UNUSABLE
+    except OSError as error:
+        out.print(f"[red]cannot read {error.filename}: {error.strerror}[/red]", highlight=False, soft_wrap=True)
+        return EXIT_UNUSABLE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_uvloop()
+    try:
+        asyncio.run(_serve_until_signalled(args, config, tls))
+    except ValueError as error:  # TRN-2 and other refusals before serving
+        out.print(f"[red]{error}[/red]", highlight=False, soft_wrap=True)
+        return EXIT_UNUSABLE
+    except (OSError, RuntimeError) as error:  # e.g. the port is taken
+        out.print(f"[red]the biller failed: {error}[/red]", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
+    return EXIT_VALID
+
+
+async def _issue_codes(args: argparse.Namespace, config: BillerConfig) -> None:
+    biller = await open_biller(config, Path(args.state_dir), SystemClock())
+    try:
+        codes = await sample.issue_codes(biller.agent, config)
+    finally:
+        await biller.close()
+    fingerprint = biller.fingerprint
+    print(f"biller      {config.name} ({config.party_id})")
+    print(f"fingerprint {fingerprint.hex()}")
+    if args.endpoint:
+        print(f"endpoint    {args.endpoint}")
+    for account in config.accounts:
+        code = codes[account.account_id]
+        print(f"account     {account.account_id}  code {code}  holder {account.holder}")
+        if args.endpoint:
+            uri = sample.enrolment_uri(args.endpoint, config.party_id, fingerprint, account.account_id, code)
+            print(f"            {uri}")
+
+
+def _codes(args: argparse.Namespace, out: Console) -> int:
+    config = _biller_config(args, out)
+    if config is None:
+        return EXIT_UNUSABLE
+    try:
+        asyncio.run(_issue_codes(args, config))
+    except (OSError, ValueError) as error:
+        out.print(f"[red]cannot issue codes: {error}[/red]", highlight=False, soft_wrap=True)
+        return EXIT_INVALID
+    return EXIT_VALID
+
+
+def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    biller = commands.add_parser("biller", help="run the reference biller")
+    actions = biller.add_subparsers(dest="biller_command", required=True, metavar="COMMAND")
+    config_help = "reference biller configuration (TOML; default: the built-in sample, reference_biller/sample.toml)"
+
+    serve = actions.add_parser("serve", help="serve the reference biller over gRPC until SIGTERM")
+    serve.add_argument("--config", help=config_help)
+    serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
+    serve.add_argument(
+        "--state-dir", default="parley-biller", help="keys and database; created if missing (default: %(default)s)"
+    )
+    serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+    serve.add_argument("--insecure", action="store_true", help="serve plaintext (loopback addresses only)")
+    serve.add_argument(
+        "--conformance-control",
+        action="store_true",
+        help="also serve the ConformanceControlService test fixtures (never in production)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    codes = actions.add_parser("codes", help="issue enrolment codes for the configured accounts")
+    codes.add_argument("--config", help=config_help)
+    codes.add_argument("--state-dir", required=True, help="the serving biller's state directory")
+    codes.add_argument("--endpoint", metavar="HOST:PORT", help="the biller's address, to print enrolment URIs too")
+    codes.set_defaults(handler=_codes)
+
+    check = actions.add_parser("check-config", help="validate a reference biller configuration")
+    check.add_argument("file", help="a TOML configuration file")
+    check.set_defaults(handler=_check_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Parley: bots settling bills with bots.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -138,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the protocol's story end to end and verify the agreement")
     demo.add_argument("--out", default="parley-demo", help="directory for the agreement bundles (default: %(default)s)")
     demo.set_defaults(handler=_demo)
+
+    _add_biller_commands(commands)
     return parser
 
 

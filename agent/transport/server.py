@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -105,14 +105,17 @@ async def start_biller_server(
     tls: tuple[bytes, bytes] | None = None,
     insecure: bool = False,
     reuse_port: bool = False,
+    services: Sequence[Callable[[grpc.aio.Server], None]] = (),
 ) -> tuple[grpc.aio.Server, int]:
     """Serve `agent` on `listen` ("host:port"; port 0 picks a free port) and return (server, port).
 
     `tls` is (certificate chain PEM, private key PEM). Plaintext needs `insecure=True`
     and a loopback host; anything else without TLS is refused with ValueError
     (TRN-2). `reuse_port` lets several processes (one per core) share the port.
-    The receive limit is one envelope plus framing (TRN-8). Stop the server with
-    `await server.stop(grace)`; the agent's store is the caller's to close.
+    The receive limit is one envelope plus framing (TRN-8). `services` register
+    further servicers before the server starts (the conformance control service,
+    §16). Stop the server with `await server.stop(grace)`; the agent's store is
+    the caller's to close.
     """
     if (tls is None) == (not insecure):
         if tls is not None:
@@ -127,6 +130,8 @@ async def start_biller_server(
     )
     server = grpc.aio.server(options=options)
     biller_service_pb2_grpc.add_BillerServiceServicer_to_server(BillerServicer(agent), server)
+    for add_service in services:
+        add_service(server)
     if tls is not None:
         certificate_chain, private_key = tls
         credentials = grpc.ssl_server_credentials([(private_key, certificate_chain)])

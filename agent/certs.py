@@ -1,0 +1,196 @@
+"""Throwaway TLS certificates for tests and demos: a development CA and leaf certificates it signs.
+
+Parley's authenticity comes from signed envelopes and pinned key sets, never
+from TLS (TRN-3); TLS gives confidentiality on the wire (TRN-2). These helpers
+make the certificates a loopback test or a demo needs for a real TLS handshake,
+with ECDSA P-256 keys (what every TLS stack, gRPC's included, accepts)::
+
+    ca = make_dev_ca()
+    server = issue_server_cert(ca, hostnames=["localhost"], ips=["127.0.0.1"])
+    start_biller_server(agent, "127.0.0.1:0", tls=(server.chain_pem, server.key_pem))
+    grpc.aio.secure_channel("localhost:7443", grpc.ssl_channel_credentials(ca.cert_pem))
+
+Everything is PEM bytes. Validity is judged by the TLS stack against the real
+system time, not by an injected `Clock`, so certificates are dated from the
+wall clock. Not for production: keys are unencrypted and the CA is a toy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_VALIDITY = timedelta(days=30)
+_BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between the parties
+
+
+@dataclass(frozen=True)
+class DevCA:
+    """A development certificate authority: its self-signed certificate and private key (PEM)."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    def _key(self) -> ec.EllipticCurvePrivateKey:
+        key = serialization.load_pem_private_key(self.key_pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return key
+
+    def _cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+
+@dataclass(frozen=True)
+class LeafCert:
+    """A certificate issued by a `DevCA`, its private key, and the chain a TLS server presents."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The leaf followed by its issuer: what a server hands to `grpc.ssl_server_credentials`."""
+        return self.cert_pem + self.ca_pem
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Parley development"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def make_dev_ca(common_name: str = "Parley development CA", *, valid_for: timedelta = DEFAULT_VALIDITY) -> DevCA:
+    """A fresh self-signed CA that may sign leaf certificates only (path length 0)."""
+    key = _new_key()
+    now = datetime.now(UTC)
+    name = _name(common_name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + valid_for)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return DevCA(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def _issue(
+    ca: DevCA,
+    common_name: str,
+    usage: x509.ObjectIdentifier,
+    alt_names: Sequence[x509.GeneralName],
+    valid_for: timedelta,
+) -> LeafCert:
+    ca_key, ca_cert = ca._key(), ca._cert()
+    key = _new_key()
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(min(now + valid_for, ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if alt_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(alt_names)), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return LeafCert(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), ca.cert_pem)
+
+
+def issue_server_cert(
+    ca: DevCA,
+    hostnames: Sequence[str] = ("localhost",),
+    ips: Sequence[str] = ("127.0.0.1",),
+    *,
+    valid_for: timedelta = DEFAULT_VALIDITY,
+) -> LeafCert:
+    """A TLS server certificate for these DNS names and IP addresses (subject alternative names).
+
+    ValueError if there is no name at all or an address does not parse.
+    """
+    if not hostnames and not ips:
+        raise ValueError("a server certificate needs at least one host name or IP address")
+    alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in hostnames]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    common_name = hostnames[0] if hostnames else ips[0]
+    return _issue(ca, common_name, ExtendedKeyUsageOID.SERVER_AUTH, alt_names, valid_for)
+
+
+def issue_client_cert(ca: DevCA, common_name: str, *, valid_for: timedelta = DEFAULT_VALIDITY) -> LeafCert:
+    """A TLS client certificate (for deployments that add mutual TLS in front of Parley)."""
+    return _issue(ca, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, (), valid_for)
+
+
+def write_pem(path: str | os.PathLike[str], data: bytes, *, private: bool = False) -> Path:
+    """Write PEM bytes to a new file (mode 0600 when `private`); FileExistsError if it exists."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    return Path(path)
+
+
+__all__ = ["DevCA", "LeafCert", "issue_client_cert", "issue_server_cert", "make_dev_ca", "write_pem"]

@@ -1,0 +1,444 @@
+"""A runnable reference biller: configuration → keys → store → BillerAgent → gRPC server, plus its upkeep.
+
+    config = load_config()                                  # reference_biller/sample.toml
+    await run_biller(config, listen="127.0.0.1:7443", state_dir=Path("state"),
+                     clock=SystemClock(), insecure=True)    # until cancelled
+
+`state_dir` holds everything the biller keeps: its Ed25519 signing key
+(`biller.key`, mode 0600), its key set chain (`biller-keyset-v<N>.pb`, one
+serialized envelope per version) and its SQLite store (`biller.sqlite`). The
+first run creates the key and key set version 1, whose digest is the biller's
+identity fingerprint (KEY-12); later runs load them, and a key set close to its
+expiry is renewed as the next version, signed by the current key (KEY-9).
+
+While serving, `Biller.maintain` runs every `interval`: the simulated rail's
+due settlements (receipts and PAYMENT_RECEIVED), this month's sample bill for
+each enrolled configured account, the scheduler's reminders and
+missed-instalment handling, and (hourly) the agent's retention purge.
+
+With `conformance_control=True` — and only then (CNF-1) — the same server also
+serves `ConformanceControlService` (§16) and Hello announces the
+"conformance-control" feature (CNF-3); the clock must then be one that can be
+advanced (`SteppableClock`), and the biller says loudly in its log that it must
+not be used in production (CNF-2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import grpc
+
+from agent.biller import FEATURES, BillerAgent
+from agent.clock import Clock, SystemClock
+from agent.crypto import SigningKey
+from agent.errors import Reason, RemoteProtocolError
+from agent.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.messages import to_timestamp
+from agent.stores.sqlite import SqliteBillerStore
+from agent.terms import AdvertisedOptions, Money, parse_date
+from agent.transport.server import is_loopback, start_biller_server
+from agent.transport.status import Context, answer
+from parley.v1 import conformance_control_service_pb2 as cc
+from parley.v1 import conformance_control_service_pb2_grpc as cc_grpc
+from parley.v1 import envelope_pb2
+from reference_biller import sample, scheduler
+from reference_biller.config import BillerConfig
+from reference_biller.policy import SegmentPolicy
+from reference_biller.rail import SimulatedRail
+
+logger = logging.getLogger("parley.reference_biller")
+
+CONFORMANCE_FEATURE = "conformance-control"
+KEY_FILE = "biller.key"
+STORE_FILE = "biller.sqlite"
+KEYSET_LIFETIME = timedelta(days=365)
+KEYSET_RENEW_BEFORE = timedelta(days=30)
+_KEY_BACKDATE = timedelta(days=1)  # so a peer whose clock is a little behind still finds the key valid
+DEFAULT_INTERVAL = timedelta(seconds=5)
+PURGE_INTERVAL = timedelta(hours=1)
+
+
+# --- Clocks ------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class SteppingClock(Protocol):
+    """A clock that can be moved forward (ManualClock, SteppableClock): what AdvanceClock needs."""
+
+    def now(self) -> datetime: ...
+
+    def advance(self, delta: timedelta) -> datetime: ...
+
+
+class SteppableClock:
+    """Real time plus an offset that only grows: time flows, and `advance` jumps ahead (for CNF-4)."""
+
+    def __init__(self, base: Clock | None = None) -> None:
+        self._base = base or SystemClock()
+        self._offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return self._base.now() + self._offset
+
+    def advance(self, delta: timedelta) -> datetime:
+        """Move forward by `delta` (ValueError if negative); returns the new time."""
+        if delta < timedelta(0):
+            raise ValueError(f"a clock does not go backwards (advance by {delta})")
+        self._offset += delta
+        return self.now()
+
+
+# --- Identity ----------------------------------------------------------------------------------------
+
+
+def _keyset_path(state_dir: Path, version: int) -> Path:
+    return state_dir / f"biller-keyset-v{version}.pb"
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Write a file that must not exist yet, completely or not at all."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    temporary.write_bytes(data)
+    try:
+        os.link(temporary, path)  # fails if `path` exists: a version is never overwritten
+    finally:
+        temporary.unlink()
+
+
+def _new_version(key: SigningKey, party_id: str, previous: KeyChain | None, now: datetime) -> envelope_pb2.Envelope:
+    start = now - _KEY_BACKDATE
+    return make_key_set(
+        party_id=party_id,
+        version=1 if previous is None else previous.latest.version + 1,
+        keys=[KeyEntry(key.public_key, start, start + KEYSET_LIFETIME)],
+        signer=key,
+        previous=None if previous is None else previous.latest,
+        create_time=start if previous is None else max(start, previous.latest.create_time + timedelta(seconds=1)),
+        expire_time=start + KEYSET_LIFETIME,
+    )
+
+
+def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[SigningKey, KeyChain]:
+    """The biller's signing key and key set chain from `state_dir`, created on first use, renewed near expiry.
+
+    ValueError if the state belongs to another party id or its newest key set
+    does not list the key; InsecureKeyFileError if the key file is open to others.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path = state_dir / KEY_FILE
+    if not key_path.exists():
+        SigningKey.generate().save(key_path)
+        logger.info("new signing key %s", key_path)
+    key = SigningKey.load(key_path)
+    envelopes: list[envelope_pb2.Envelope] = []
+    while (path := _keyset_path(state_dir, len(envelopes) + 1)).exists():
+        envelopes.append(envelope_pb2.Envelope.FromString(path.read_bytes()))
+    if envelopes:
+        chain = KeyChain.verify(envelopes)
+    else:
+        version_1 = _new_version(key, party_id, None, now)
+        _write_new(_keyset_path(state_dir, 1), version_1.SerializeToString())
+        chain = KeyChain.verify([version_1])
+    if chain.party_id != party_id:
+        raise ValueError(f"{state_dir} holds the identity of {chain.party_id!r}, not {party_id!r}")
+    if chain.latest.entry(key.keyid) is None:
+        raise ValueError(f"{key_path} is not a key of {party_id!r}'s key set version {chain.latest.version}")
+    return key, renew_identity(state_dir, key, chain, now)
+
+
+def renew_identity(state_dir: Path, key: SigningKey, chain: KeyChain, now: datetime) -> KeyChain:
+    """The chain, extended by a new version (same key, fresh validity) if the newest expires soon."""
+    if now < chain.latest.expire_time - KEYSET_RENEW_BEFORE:
+        return chain
+    envelope = _new_version(key, chain.party_id, chain, now)
+    renewed = chain.extend(envelope)
+    _write_new(_keyset_path(state_dir, renewed.latest.version), envelope.SerializeToString())
+    logger.info("key set renewed: version %d until %s", renewed.latest.version, renewed.latest.expire_time)
+    return renewed
+
+
+# --- The assembled biller ----------------------------------------------------------------------------
+
+
+@dataclass
+class Biller:
+    """A reference biller assembled from its configuration, not necessarily serving."""
+
+    config: BillerConfig
+    agent: BillerAgent
+    store: SqliteBillerStore
+    rail: SimulatedRail
+    clock: Clock
+    state_dir: Path
+    key: SigningKey
+    seed: int = sample.DEFAULT_SEED
+    test_accounts: list[str] = field(default_factory=list)  # made through conformance control
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _last_purge: datetime | None = field(default=None, init=False)
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.agent.key_chain.fingerprint
+
+    async def maintain(self) -> list[envelope_pb2.Envelope]:
+        """One round of upkeep at the clock's time; returns the receipts and events it signed."""
+        async with self._lock:
+            now = self.clock.now()
+            chain = self.agent.key_chain
+            self.agent.key_chain = await asyncio.to_thread(renew_identity, self.state_dir, self.key, chain, now)
+            signed = await self.rail.settle_due(self.agent, now)
+            await sample.bill_enrolled_accounts(self.agent, self.store, self.config, now.date(), seed=self.seed)
+            accounts = [a.account_id for a in self.config.accounts] + self.test_accounts
+            signed += await scheduler.tick(
+                self.agent, self.config, now, store=self.store, rail=self.rail, accounts=accounts
+            )
+            if self._last_purge is None or now - self._last_purge >= PURGE_INTERVAL:
+                await self.agent.purge_expired()
+                self._last_purge = now
+            return signed
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+async def open_biller(
+    config: BillerConfig,
+    state_dir: Path,
+    clock: Clock,
+    *,
+    conformance_control: bool = False,
+    seed: int = sample.DEFAULT_SEED,
+) -> Biller:
+    """Load or create the identity, open the store, build the agent and create the configured accounts."""
+    now = clock.now()
+    key, chain = await asyncio.to_thread(load_identity, state_dir, config.party_id, now)
+    store = await SqliteBillerStore.open(state_dir / STORE_FILE)
+    try:
+        rail = SimulatedRail(config.payments)
+        agent = BillerAgent(
+            party_id=config.party_id,
+            signing_key=key,
+            key_sets=chain,
+            store=store,
+            policy=SegmentPolicy(config),
+            rail=rail,
+            clock=clock,
+            features=(*FEATURES, CONFORMANCE_FEATURE) if conformance_control else FEATURES,
+        )
+        await sample.ensure_accounts(agent, config)
+    except BaseException:
+        await store.close()
+        raise
+    return Biller(config, agent, store, rail, clock, state_dir, key, seed)
+
+
+# --- Conformance control (§16) -----------------------------------------------------------------------
+
+
+class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
+    """CNF-4 fixtures on a reference biller: test accounts and bills, time, settlement."""
+
+    def __init__(self, biller: Biller, clock: SteppingClock) -> None:
+        self._biller = biller
+        self._clock = clock
+
+    async def CreateTestAccount(
+        self, request: cc.CreateTestAccountRequest, context: Context
+    ) -> cc.CreateTestAccountResponse:
+        return await answer(context, self._create_account(request))
+
+    async def IssueTestBill(self, request: cc.IssueTestBillRequest, context: Context) -> cc.IssueTestBillResponse:
+        return await answer(context, self._issue_bill(request))
+
+    async def AdvanceClock(self, request: cc.AdvanceClockRequest, context: Context) -> cc.AdvanceClockResponse:
+        return await answer(context, self._advance(request))
+
+    async def SettlePayments(self, request: cc.SettlePaymentsRequest, context: Context) -> cc.SettlePaymentsResponse:
+        return await answer(context, self._settle())
+
+    async def _create_account(self, request: cc.CreateTestAccountRequest) -> cc.CreateTestAccountResponse:
+        agent = self._biller.agent
+        account_id = f"test-{secrets.token_hex(6)}"
+        await agent.create_account(account_id, request.holder_name or "Test account holder")
+        code = await agent.issue_enrolment_code(account_id)
+        self._biller.test_accounts.append(account_id)
+        logger.info("conformance control: test account %s", account_id)
+        return cc.CreateTestAccountResponse(account_id=account_id, enrolment_code=code)
+
+    async def _issue_bill(self, request: cc.IssueTestBillRequest) -> cc.IssueTestBillResponse:
+        agent = self._biller.agent
+        account = await agent.account(request.account_id) if request.account_id else None
+        if account is None:
+            raise RemoteProtocolError(Reason.NOT_FOUND, f"no account {request.account_id!r}")
+        if account.consumer_party_id is None:
+            raise RemoteProtocolError(Reason.NOT_ENROLLED, "a bill is addressed to the enrolled consumer: enrol first")
+        amount = Money.from_proto(request.amount_due)
+        options = AdvertisedOptions.from_proto(request.options) if request.HasField("options") else None
+        bill_id = await agent.issue_bill(
+            request.account_id,
+            amount,
+            parse_date(request.due_date),
+            "Conformance test bill",
+            options=options,
+        )
+        return cc.IssueTestBillResponse(bill_id=bill_id)
+
+    async def _advance(self, request: cc.AdvanceClockRequest) -> cc.AdvanceClockResponse:
+        if request.seconds <= 0:
+            raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, "seconds must be positive")
+        now = self._clock.advance(timedelta(seconds=request.seconds))
+        logger.info("conformance control: clock advanced %ds to %s", request.seconds, now.isoformat())
+        await self._biller.maintain()  # reminders, missed instalments... follow at once (CNF-4)
+        return cc.AdvanceClockResponse(now=to_timestamp(now))
+
+    async def _settle(self) -> cc.SettlePaymentsResponse:
+        receipts = await self._biller.rail.settle_all(self._biller.agent, self._clock.now())
+        return cc.SettlePaymentsResponse(settled_count=len(receipts))
+
+
+# --- Serving -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningBiller:
+    """A biller serving on `host:port`."""
+
+    biller: Biller
+    server: grpc.aio.Server
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+async def _upkeep(biller: Biller, interval: timedelta) -> None:
+    while True:
+        try:
+            await biller.maintain()
+        except Exception:
+            logger.exception("biller upkeep failed; retrying in %s", interval)
+        await asyncio.sleep(interval.total_seconds())
+
+
+@asynccontextmanager
+async def serving_biller(
+    config: BillerConfig,
+    *,
+    listen: str,
+    state_dir: Path,
+    clock: Clock,
+    tls: tuple[bytes, bytes] | None = None,
+    insecure: bool = False,
+    conformance_control: bool = False,
+    interval: timedelta = DEFAULT_INTERVAL,
+    shutdown_grace: float = 2.0,
+    seed: int = sample.DEFAULT_SEED,
+) -> AsyncIterator[RunningBiller]:
+    """Serve a reference biller for the duration of the `async with` block, then shut it down cleanly.
+
+    `tls` is (certificate chain PEM, private key PEM). Plaintext needs `insecure=True`
+    and a loopback `listen` host (TRN-2): anything else is ValueError before
+    anything is opened, as is conformance control with a clock that cannot advance.
+    """
+    host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if tls is None and not insecure:
+        raise ValueError("TLS is required (TRN-2): give a certificate and key, or choose plaintext on loopback")
+    if tls is not None and insecure:
+        raise ValueError("choose either TLS or plaintext, not both")
+    if insecure and not is_loopback(host):
+        raise ValueError(f"plaintext is allowed only on a loopback address (TRN-2), not {host!r}")
+    stepping = clock if isinstance(clock, SteppingClock) else None
+    if conformance_control and stepping is None:
+        raise ValueError("conformance control needs a clock that can be advanced (SteppableClock or ManualClock)")
+
+    biller = await open_biller(config, state_dir, clock, conformance_control=conformance_control, seed=seed)
+    services: list[Callable[[grpc.aio.Server], None]] = []
+    if conformance_control:
+        assert stepping is not None
+        servicer = ConformanceControlServicer(biller, stepping)
+        services.append(lambda server: cc_grpc.add_ConformanceControlServiceServicer_to_server(servicer, server))
+        logger.warning(
+            "CONFORMANCE CONTROL ENABLED: this biller mints accounts, bills, time and payments on request; "
+            "never use it in production (CNF-2)"
+        )
+        if not is_loopback(host):
+            logger.warning("conformance control is reachable from the network at %s: keep it on a test network", host)
+    upkeep: asyncio.Task[None] | None = None
+    try:
+        server, port = await start_biller_server(biller.agent, listen, tls=tls, insecure=insecure, services=services)
+        try:
+            upkeep = asyncio.create_task(_upkeep(biller, interval), name="parley-biller-upkeep")
+            yield RunningBiller(biller, server, host, port, tls is not None)
+        finally:
+            if upkeep is not None:
+                upkeep.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await upkeep
+            await server.stop(shutdown_grace)
+            logger.info("biller %s stopped", config.party_id)
+    finally:
+        await biller.close()
+
+
+async def run_biller(
+    config: BillerConfig,
+    *,
+    listen: str,
+    state_dir: Path,
+    clock: Clock,
+    tls: tuple[bytes, bytes] | None = None,
+    insecure: bool = False,
+    conformance_control: bool = False,
+    interval: timedelta = DEFAULT_INTERVAL,
+    on_ready: Callable[[RunningBiller], None] | None = None,
+    seed: int = sample.DEFAULT_SEED,
+) -> None:
+    """Serve until cancelled (the CLI cancels on SIGTERM/SIGINT), then shut down cleanly.
+
+    `on_ready` is called once the server listens (e.g. to print the address).
+    See `serving_biller` for the arguments.
+    """
+    async with serving_biller(
+        config,
+        listen=listen,
+        state_dir=state_dir,
+        clock=clock,
+        tls=tls,
+        insecure=insecure,
+        conformance_control=conformance_control,
+        interval=interval,
+        seed=seed,
+    ) as running:
+        if on_ready is not None:
+            on_ready(running)
+        await asyncio.Event().wait()
+
+
+__all__ = [
+    "CONFORMANCE_FEATURE",
+    "Biller",
+    "ConformanceControlServicer",
+    "RunningBiller",
+    "SteppableClock",
+    "SteppingClock",
+    "load_identity",
+    "open_biller",
+    "renew_identity",
+    "run_biller",
+    "serving_biller",
+]

@@ -1,0 +1,503 @@
+"""The runnable reference biller: simulated rail, scheduler, service, conformance control, CLI and TLS.
+
+Real gRPC on 127.0.0.1 (free ports), real SQLite files under tmp_path, a
+ManualClock moved through months of due dates; every server is shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.certs import issue_server_cert, make_dev_ca
+from agent.cli import main as parley_main
+from agent.clock import ManualClock
+from agent.crypto import SigningKey, digest
+from agent.errors import Reason
+from agent.protocol.messages import open_envelope
+from agent.terms import Money, TermsKind, build_terms, monthly_dates
+from agent.transport.status import error_from_rpc
+from parley.v1 import (
+    biller_service_pb2_grpc,
+    envelope_pb2,
+    event_pb2,
+    payment_pb2,
+)
+from parley.v1 import conformance_control_service_pb2 as cc
+from parley.v1 import conformance_control_service_pb2_grpc as cc_grpc
+from parley.v1.biller_service_pb2 import (
+    CreatePaymentIntentRequest,
+    EnrolRequest,
+    GetBillRequest,
+    GetReceiptRequest,
+    HelloRequest,
+    NegotiateRequest,
+)
+from reference_biller import scheduler
+from reference_biller.config import SAMPLE, load_config
+from reference_biller.rail import SimulatedRail, TransferStatus
+from reference_biller.service import CONFORMANCE_FEATURE, RunningBiller, load_identity, serving_biller
+from tests.helpers.peer import BILLER_ID, Consumer, inside_options
+
+CONFIG = load_config()
+START = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
+DUE = date(2026, 3, 31)
+K = event_pb2.EventKind
+
+
+def eur(text: str) -> Money:
+    return Money.parse(text, "EUR")
+
+
+def at(day: date) -> datetime:
+    """9 o'clock UTC on `day`, when the tests look at the biller."""
+    return datetime(day.year, day.month, day.day, 9, tzinfo=UTC)
+
+
+@dataclass
+class Harness:
+    """A reference biller served with conformance control, and stubs to reach it."""
+
+    running: RunningBiller
+    clock: ManualClock
+    stub: biller_service_pb2_grpc.BillerServiceAsyncStub
+    control: cc_grpc.ConformanceControlServiceAsyncStub
+
+    @property
+    def rail(self) -> SimulatedRail:
+        return self.running.biller.rail
+
+    async def advance_to(self, moment: datetime) -> None:
+        """AdvanceClock over gRPC, which also runs the biller's upkeep at the new time."""
+        seconds = int((moment - self.clock.now()).total_seconds())
+        answer = await self.control.AdvanceClock(cc.AdvanceClockRequest(seconds=seconds))
+        assert answer.now.ToDatetime(tzinfo=UTC) == moment
+
+    async def enrolled(self, party_id: str) -> tuple[str, Consumer]:
+        created = await self.control.CreateTestAccount(cc.CreateTestAccountRequest(holder_name="Test Holder"))
+        consumer = Consumer(party_id, self.clock)
+        request = consumer.enrolment(created.account_id, created.enrolment_code)
+        await self.stub.Enrol(EnrolRequest(request=request))
+        return created.account_id, consumer
+
+    async def bill(self, account_id: str, consumer: Consumer, amount: str = "120.00") -> envelope_pb2.Envelope:
+        issued = await self.control.IssueTestBill(
+            cc.IssueTestBillRequest(account_id=account_id, amount_due=eur(amount).to_proto(), due_date=DUE.isoformat())
+        )
+        answer = await self.stub.GetBill(GetBillRequest(query=consumer.query(account_id, bill_id=issued.bill_id)))
+        bill: envelope_pb2.Envelope = answer.bill
+        return bill
+
+    async def events(self, account_id: str, consumer: Consumer) -> list[event_pb2.Event]:
+        """The account's whole log, each event verified as the consumer would (EVT-5)."""
+        records = await self.running.biller.store.events(account_id, 0, 1000)
+        assert [r.sequence for r in records] == list(range(len(records)))
+        return [
+            open_envelope(
+                envelope_pb2.Envelope.FromString(r.envelope),
+                (event_pb2.Event,),
+                sender_keys=self.running.biller.agent.key_chain,
+                recipient=consumer.party_id,
+                now=None,
+            ).message
+            for r in records
+        ]
+
+    async def pay_intent(
+        self, account_id: str, consumer: Consumer, bill_id: str, intent_id: str, amount: Money, **fields: object
+    ) -> payment_pb2.PaymentInstructions:
+        intent = consumer.intent(account_id, bill_id, intent_id, amount, **fields)  # type: ignore[arg-type]
+        answer = await self.stub.CreatePaymentIntent(CreatePaymentIntentRequest(intent=intent))
+        return payment_pb2.PaymentInstructions.FromString(answer.instructions.payload)
+
+
+@asynccontextmanager
+async def harness(tmp_path: Path, clock: ManualClock | None = None) -> AsyncIterator[Harness]:
+    clock = clock or ManualClock(START)
+    async with (
+        serving_biller(
+            CONFIG,
+            listen="127.0.0.1:0",
+            state_dir=tmp_path / "state",
+            clock=clock,
+            insecure=True,
+            conformance_control=True,
+            interval=timedelta(hours=1),  # upkeep runs at start, then when the tests advance the clock
+        ) as running,
+        grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel,
+    ):
+        stub = biller_service_pb2_grpc.BillerServiceStub(channel)
+        yield Harness(running, clock, stub, cc_grpc.ConformanceControlServiceStub(channel))
+
+
+def run(tmp_path: Path, scenario: Callable[[Harness], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with harness(tmp_path) as h:
+            await scenario(h)
+
+    asyncio.run(main())
+
+
+def kinds(events: list[event_pb2.Event]) -> list[str]:
+    return [
+        K.Name(e.kind).removeprefix("EVENT_KIND_") + (f"{e.reminder_level}" if e.reminder_level else "") for e in events
+    ]
+
+
+# --- The simulated rail ----------------------------------------------------------------------------
+
+
+def test_instructions_give_each_intent_its_own_stable_reference() -> None:
+    rail = SimulatedRail(CONFIG.payments)
+    amount = eur("10.00")
+    references = {
+        rail.instructions(account, f"intent-{n}", amount).payment_reference
+        for account in ("acct-1001", "acct-1002")
+        for n in range(200)
+    }
+    assert len(references) == 400
+    details = rail.instructions("acct-1001", "intent-7", amount)
+    assert details == rail.instructions("acct-1001", "intent-7", amount)  # a retried intent: same reference
+    assert (details.rail, details.payee_name, details.payee_account) == (
+        "simulated",
+        "Example Energy Ltd",
+        "DE89370400440532013000",
+    )
+    prefix, _, n = details.payment_reference.rpartition("-")
+    assert prefix == "EE-acct-1001"
+    assert n.isdigit()
+    # Derived from the intent, so a restarted rail gives the same references (no counter to lose).
+    assert SimulatedRail(CONFIG.payments).instructions("acct-1001", "intent-7", amount) == details
+
+
+def test_rail_settles_after_the_delay_exactly_once_and_holds_a_wrong_amount(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        alice_account, alice = await h.enrolled("consumer:alice")
+        bob_account, bob = await h.enrolled("consumer:bob")
+        alice_bill = biller_bill_id(await h.bill(alice_account, alice))
+        bob_bill = biller_bill_id(await h.bill(bob_account, bob, "80.00"))
+        to_alice = await h.pay_intent(alice_account, alice, alice_bill, "pay-1", eur("120.00"))
+        to_bob = await h.pay_intent(bob_account, bob, bob_bill, "pay-1", eur("80.00"))
+        assert to_alice.payment_reference != to_bob.payment_reference
+        agent, rail = h.running.biller.agent, h.rail
+
+        rail.pay(to_alice.payment_reference, eur("120.00"), h.clock.now())
+        wrong = rail.pay(to_bob.payment_reference, eur("79.00"), h.clock.now())
+        assert wrong.status is TransferStatus.MISMATCH
+        h.clock.advance(timedelta(hours=23))
+        assert await rail.settle_due(agent, h.clock.now()) == []
+        receipt_query = alice.query(alice_account, intent_id="pay-1")
+        failure = await refused(h.stub.GetReceipt(GetReceiptRequest(query=receipt_query)))
+        assert failure is Reason.PAYMENT_NOT_SETTLED
+
+        h.clock.advance(timedelta(hours=1))
+        first, second = await asyncio.gather(
+            rail.settle_due(agent, h.clock.now()), rail.settle_due(agent, h.clock.now())
+        )
+        assert len(first) + len(second) == 1
+        assert await rail.settle_due(agent, h.clock.now()) == []
+        (receipt_envelope,) = first + second
+        receipt = open_envelope(
+            receipt_envelope, (payment_pb2.Receipt,), sender_keys=agent.key_chain, recipient=alice.party_id, now=None
+        ).message
+        assert (receipt.intent_id, Money.from_proto(receipt.amount_received)) == ("pay-1", eur("120.00"))
+        assert Money.from_proto(receipt.remaining_balance) == eur("0.00")
+        assert receipt.settle_time.ToDatetime(tzinfo=UTC) == START + timedelta(hours=24)
+        fetched = await h.stub.GetReceipt(GetReceiptRequest(query=alice.query(alice_account, intent_id="pay-1")))
+        assert fetched.receipt == receipt_envelope
+        thanks = [e for e in await h.events(alice_account, alice) if e.kind == K.EVENT_KIND_PAYMENT_RECEIVED]
+        assert len(thanks) == 1
+        assert thanks[0].related_digest == digest(receipt_envelope)
+
+        # Bob's wrong amount: received, held for a person, never a receipt (PAY-6, PAY-9).
+        assert [t.transfer_id for t in rail.disputes()] == [wrong.transfer_id]
+        bob_receipt = bob.query(bob_account, intent_id="pay-1")
+        assert await refused(h.stub.GetReceipt(GetReceiptRequest(query=bob_receipt))) is Reason.PAYMENT_NOT_SETTLED
+        # A second transfer under a paid reference is an overpayment to refund (PAY-7).
+        again = rail.pay(to_alice.payment_reference, eur("120.00"), h.clock.now())
+        assert again.status is TransferStatus.OVERPAYMENT
+        assert rail.pay("EE-nobody-1", eur("1.00"), h.clock.now()).status is TransferStatus.UNMATCHED
+
+        # SettlePayments (CNF-4) settles Bob's instructed payment at the instructed amount, once.
+        settled = await h.control.SettlePayments(cc.SettlePaymentsRequest())
+        assert settled.settled_count == 1
+        assert (await h.control.SettlePayments(cc.SettlePaymentsRequest())).settled_count == 0
+        bob_receipt = bob.query(bob_account, intent_id="pay-1")
+        fetched = await h.stub.GetReceipt(GetReceiptRequest(query=bob_receipt))
+        receipt = payment_pb2.Receipt.FromString(fetched.receipt.payload)
+        assert Money.from_proto(receipt.amount_received) == eur("80.00")
+
+    run(tmp_path, scenario)
+
+
+def biller_bill_id(bill: envelope_pb2.Envelope) -> str:
+    from parley.v1 import bill_pb2  # noqa: PLC0415
+
+    return bill_pb2.Bill.FromString(bill.payload).bill_id
+
+
+async def refused(call: Awaitable[object]) -> Reason:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await call
+    return error_from_rpc(failure.value).reason
+
+
+# --- The scheduler ---------------------------------------------------------------------------------
+
+
+def test_reminders_escalate_on_the_configured_days_once_each_even_after_a_restart(tmp_path: Path) -> None:
+    account: list[str] = []
+    consumer: list[Consumer] = []
+
+    async def first_run(h: Harness) -> None:
+        account_id, alice = await h.enrolled("consumer:alice")
+        account.append(account_id)
+        consumer.append(alice)
+        await h.bill(account_id, alice)
+        biller = h.running.biller
+
+        async def reminders() -> list[tuple[int, str]]:
+            return [
+                (e.reminder_level, e.date) for e in await h.events(account_id, alice) if e.kind == K.EVENT_KIND_REMINDER
+            ]
+
+        await h.advance_to(at(date(2026, 3, 27)))
+        assert await reminders() == []
+        await h.advance_to(at(date(2026, 3, 28)))  # before_due_days = 3: courteous
+        assert await reminders() == [(1, "2026-03-31")]
+        await biller.maintain()
+        await asyncio.gather(biller.maintain(), biller.maintain())
+        assert len(await reminders()) == 1
+        await h.advance_to(at(date(2026, 3, 31)))
+        await h.advance_to(at(date(2026, 4, 1)))  # after_due_days[0] = 1: courteous again
+        await h.advance_to(at(date(2026, 4, 6)))
+        assert await reminders() == [(1, "2026-03-31"), (1, "2026-03-31")]
+        await h.advance_to(at(date(2026, 4, 7)))  # 7: firm
+        await h.advance_to(at(date(2026, 4, 14)))  # 14: final
+        await biller.maintain()
+        await h.advance_to(at(date(2026, 5, 1)))
+        events = await h.events(account_id, alice)
+        assert kinds(events) == ["BILL_ISSUED", "REMINDER1", "REMINDER1", "REMINDER2", "REMINDER3"]
+        texts = [e.message for e in events[1:]]
+        assert "friendly reminder" in texts[0]
+        assert "Final reminder" in texts[3]
+        assert all(Money.from_proto(e.amount) == eur("120.00") for e in events[1:])
+
+    run(tmp_path, first_run)
+
+    async def after_restart() -> None:
+        # The same state directory, a new process' worth of objects: what was sent is read from the log.
+        async with harness(tmp_path, ManualClock(at(date(2026, 5, 1)))) as h:
+            biller = h.running.biller
+            now = h.clock.now()
+            emitted = await scheduler.tick(biller.agent, CONFIG, now, store=biller.store, accounts=account)
+            assert emitted == []
+            assert len(await h.events(account[0], consumer[0])) == 5
+
+    asyncio.run(after_restart())
+
+
+def test_a_missed_instalment_breaks_the_plan_and_reopens_the_bill(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        account_id, alice = await h.enrolled("consumer:alice")
+        bill = await h.bill(account_id, alice)
+        bill_id = biller_bill_id(bill)
+        # 3 x EUR 40.00 on 15 April, May and June: inside the advertised options, so agreed at once.
+        agreed = await h.stub.Negotiate(NegotiateRequest(move=alice.open(bill, inside_options())))
+        assert agreed.reply.payload_type == "parley.v1.Accept"
+        agreement = digest(agreed.reply)
+
+        await h.advance_to(at(date(2026, 4, 12)))  # instalment 1 falls due in 3 days
+        instructions = await h.pay_intent(
+            account_id, alice, bill_id, "inst-1", eur("40.00"), agreement_digest=agreement, instalment_index=0
+        )
+        h.rail.pay(instructions.payment_reference, eur("40.00"), h.clock.now())
+        await h.advance_to(at(date(2026, 4, 13)))  # settled after 24 hours: receipt and thanks
+        await h.advance_to(at(date(2026, 5, 12)))  # instalment 2 falls due in 3 days; it is never paid
+        await h.advance_to(at(date(2026, 5, 18)))  # 15 May + 3 days of grace: not missed yet
+        before = kinds(await h.events(account_id, alice))
+        assert before == ["BILL_ISSUED", "ARRANGEMENT_ACTIVE", "INSTALMENT_DUE", "PAYMENT_RECEIVED", "INSTALMENT_DUE"]
+
+        await h.advance_to(at(date(2026, 5, 19)))
+        await h.running.biller.maintain()
+        await asyncio.gather(h.running.biller.maintain(), h.running.biller.maintain())
+        events = await h.events(account_id, alice)
+        assert kinds(events)[len(before) :] == ["INSTALMENT_MISSED", "ARRANGEMENT_BROKEN", "RENEGOTIATION_OFFERED"]
+        missed, broken, offered = events[len(before) :]
+        thread_id = events[1].thread_id
+        assert (missed.date, Money.from_proto(missed.amount), missed.thread_id) == (
+            "2026-05-15",
+            eur("40.00"),
+            thread_id,
+        )
+        assert missed.related_digest == broken.related_digest == agreement
+        assert Money.from_proto(broken.amount) == eur("80.00")  # what is left of the plan
+        assert (offered.bill_id, offered.thread_id) == (bill_id, thread_id)
+
+        # The bill is negotiable again (NEG-3): a new opening is answered, not refused.
+        plan = build_terms(TermsKind.INSTALMENT_PLAN, eur("120.00"), monthly_dates(date(2026, 6, 1), 4))
+        answer = await h.stub.Negotiate(NegotiateRequest(move=alice.open(bill, plan.to_proto())))
+        assert answer.reply.payload_type in {"parley.v1.Offer", "parley.v1.Reject"}
+
+    run(tmp_path, scenario)
+
+
+# --- Conformance control ---------------------------------------------------------------------------
+
+
+def test_conformance_control_is_announced_and_refuses_bad_fixtures(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        hello = await h.stub.Hello(HelloRequest(protocol_versions=[1]))
+        assert CONFORMANCE_FEATURE in hello.features
+        assert hello.biller_party_id == BILLER_ID == CONFIG.party_id
+        unknown = cc.IssueTestBillRequest(account_id="nobody", amount_due=eur("1.00").to_proto(), due_date="2026-04-01")
+        assert await refused(h.control.IssueTestBill(unknown)) is Reason.NOT_FOUND
+        account_id, _ = await h.enrolled("consumer:alice")
+        bad_date = cc.IssueTestBillRequest(
+            account_id=account_id, amount_due=eur("1.00").to_proto(), due_date="2026-02-30"
+        )
+        assert await refused(h.control.IssueTestBill(bad_date)) is Reason.INVALID_DATE
+        assert await refused(h.control.AdvanceClock(cc.AdvanceClockRequest(seconds=0))) is Reason.MALFORMED_PAYLOAD
+
+    run(tmp_path, scenario)
+
+
+# --- Identity ----------------------------------------------------------------------------------------
+
+
+def test_identity_is_created_once_kept_private_and_renewed_before_expiry(tmp_path: Path) -> None:
+    key, chain = load_identity(tmp_path, BILLER_ID, START)
+    assert os.stat(tmp_path / "biller.key").st_mode & 0o777 == 0o600
+    again_key, again = load_identity(tmp_path, BILLER_ID, START + timedelta(days=10))
+    assert (again_key.keyid, again.fingerprint, len(again.versions)) == (key.keyid, chain.fingerprint, 1)
+    later = chain.latest.expire_time - timedelta(days=5)
+    _, renewed = load_identity(tmp_path, BILLER_ID, later)
+    assert (renewed.fingerprint, renewed.latest.version) == (chain.fingerprint, 2)
+    assert renewed.latest.expire_time > later + timedelta(days=300)
+    with pytest.raises(ValueError, match=r"biller:energy\.example"):
+        load_identity(tmp_path, "biller:other.example", START)
+    assert isinstance(SigningKey.load(tmp_path / "biller.key"), SigningKey)
+
+
+# --- The CLI -----------------------------------------------------------------------------------------
+
+
+def test_check_config_says_ok_or_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert parley_main(["biller", "check-config", str(SAMPLE)]) == 0
+    assert "OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(SAMPLE.read_text().replace("deferral_fee", "deferal_fee"))
+    assert parley_main(["biller", "check-config", str(bad)]) == 1
+    assert "segments.standard.deferal_fee: unknown key" in capsys.readouterr().out
+    assert parley_main(["biller", "serve", "--config", str(bad), "--listen", "127.0.0.1:0", "--insecure"]) == 2
+    assert "deferal_fee" in capsys.readouterr().out
+
+
+def test_serve_refuses_plaintext_off_loopback_and_tls_less_listeners(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = str(tmp_path / "state")
+    assert parley_main(["biller", "serve", "--listen", "0.0.0.0:0", "--insecure", "--state-dir", state]) == 2
+    assert "loopback" in capsys.readouterr().out
+    assert parley_main(["biller", "serve", "--listen", "127.0.0.1:0", "--state-dir", state]) == 2
+    assert "TLS is required" in capsys.readouterr().out
+    assert not (tmp_path / "state").exists()  # refused before anything was created
+
+
+def _lines(stream: object) -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def test_serve_answers_hello_and_stops_on_sigterm_then_codes_share_its_identity(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    command = [sys.executable, "-m", "agent.cli", "biller", "serve", "--insecure", "--listen", "127.0.0.1:0"]
+    with (tmp_path / "stderr.log").open("w") as stderr:
+        process = subprocess.Popen(
+            [*command, "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    try:
+        lines, printed = _lines(process.stdout), {}
+        while "listening" not in printed:
+            name, _, value = lines.get(timeout=30).partition(" ")
+            printed[name] = value.strip()
+        port = int(printed["listening"].split()[0].rpartition(":")[2])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            hello = biller_service_pb2_grpc.BillerServiceStub(channel).Hello(
+                HelloRequest(protocol_versions=[1]), timeout=10
+            )
+        assert hello.biller_party_id == printed["biller"] == CONFIG.party_id
+        assert hello.identity_fingerprint.hex() == printed["fingerprint"]
+        assert CONFORMANCE_FEATURE not in hello.features
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    codes = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "biller", "codes", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert codes.returncode == 0, codes.stderr
+    assert f"fingerprint {printed['fingerprint']}" in codes.stdout
+    assert sum(line.startswith("account") for line in codes.stdout.splitlines()) == len(CONFIG.accounts)
+
+
+# --- TLS -----------------------------------------------------------------------------------------------
+
+
+def test_tls_with_dev_certificates_trusts_only_the_issuing_ca(tmp_path: Path) -> None:
+    ca, stranger = make_dev_ca(), make_dev_ca("Another CA")
+    server_cert = issue_server_cert(ca, hostnames=["localhost"], ips=["127.0.0.1"])
+
+    async def main() -> None:
+        async with serving_biller(
+            CONFIG,
+            listen="127.0.0.1:0",
+            state_dir=tmp_path / "state",
+            clock=ManualClock(START),
+            tls=(server_cert.chain_pem, server_cert.key_pem),
+            interval=timedelta(hours=1),
+        ) as running:
+            for target in (f"127.0.0.1:{running.port}", f"localhost:{running.port}"):
+                trusted = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem)
+                async with grpc.aio.secure_channel(target, trusted) as channel:
+                    stub = biller_service_pb2_grpc.BillerServiceStub(channel)
+                    hello = await stub.Hello(HelloRequest(protocol_versions=[1]), timeout=10)
+                    assert hello.biller_party_id == CONFIG.party_id
+                    assert CONFORMANCE_FEATURE not in hello.features
+                    control = cc_grpc.ConformanceControlServiceStub(channel)
+                    with pytest.raises(grpc.aio.AioRpcError) as failure:
+                        await control.CreateTestAccount(cc.CreateTestAccountRequest(), timeout=10)
+                    assert failure.value.code() is grpc.StatusCode.UNIMPLEMENTED  # CNF-1: not exposed
+            untrusted = grpc.ssl_channel_credentials(root_certificates=stranger.cert_pem)
+            async with grpc.aio.secure_channel(f"127.0.0.1:{running.port}", untrusted) as channel:
+                stub = biller_service_pb2_grpc.BillerServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await stub.Hello(HelloRequest(protocol_versions=[1]), timeout=5)
+                assert failure.value.code() is grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(main())

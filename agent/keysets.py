@@ -360,3 +360,21 @@ class KeyChain:
             raise RemoteProtocolError(
                 Reason.KEYSET_EXPIRED, f"{self.party_id}'s key set version {self.latest.version} expired"
             )
+
+
+def first_key_set(
+    party_id: str, key: SigningKey, now: datetime, *, lifetime: timedelta = timedelta(days=365)
+) -> envelope_pb2.Envelope:
+    """A new party's self-signed key set version 1 listing `key`, valid from `now` for `lifetime` (KEY-9, KEY-12).
+
+    Its digest is the party's identity fingerprint: what a biller prints beside enrolment codes.
+    """
+    return make_key_set(
+        party_id=party_id,
+        version=1,
+        keys=[KeyEntry(key.public_key, now, now + lifetime)],
+        signer=key,
+        previous=None,
+        create_time=now,
+        expire_time=now + lifetime,
+    )

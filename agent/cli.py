@@ -1,6 +1,8 @@
 """The `parley` command line.
 
-    parley demo [--out DIR]         the protocol's story end to end, agreement verified offline
+    parley demo [--out DIR] [--json FILE]
+                                    two billers, six households, three simulated months over gRPC + TLS;
+                                    every agreement bundle written and verified offline
     parley keygen --out FILE        make an Ed25519 signing key (file mode 0600)
     parley verify BUNDLE.json       verify an agreement bundle offline
     parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR]
@@ -9,6 +11,8 @@
     parley biller codes --state-dir DIR [--config FILE] [--endpoint HOST:PORT]
                                     issue enrolment codes for the configured accounts
     parley biller check-config FILE validate a reference biller configuration
+    parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
+                                    run the reference consumer bot for one household profile
 
 `verify` exits 0 when the bundle is valid, 1 when it is invalid (the reason is
 printed), 2 when the input is unusable (unreadable, not a bundle, bad usage).
@@ -43,6 +47,7 @@ from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import sample
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.service import RunningBiller, SteppableClock, open_biller, run_biller
+from reference_consumer.runner import add_consumer_commands
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
 
@@ -130,7 +135,7 @@ def _verify(args: argparse.Namespace, out: Console) -> int:
 
 
 def _demo(args: argparse.Namespace, out: Console) -> int:
-    return run_demo(Path(args.out), out)
+    return run_demo(Path(args.out), out, summary=Path(args.summary) if args.summary else None)
 
 
 # --- parley biller ----------------------------------------------------------------------------------
@@ -326,11 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="also print the verdict as one JSON line on stdout")
     verify.set_defaults(handler=_verify)
 
-    demo = commands.add_parser("demo", help="run the protocol's story end to end and verify the agreement")
+    demo = commands.add_parser(
+        "demo", help="two billers and six households over gRPC for three simulated months; bundles verified offline"
+    )
     demo.add_argument("--out", default="parley-demo", help="directory for the agreement bundles (default: %(default)s)")
+    demo.add_argument(
+        "--json", dest="summary", metavar="FILE", help="also write the outcome (per household and bundle) as JSON"
+    )
     demo.set_defaults(handler=_demo)
 
     _add_biller_commands(commands)
+    add_consumer_commands(commands)  # parley consumer run
     return parser
 
 

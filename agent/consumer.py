@@ -66,7 +66,7 @@ import hashlib
 import logging
 import re
 import secrets
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Literal, Protocol, TypeVar
@@ -229,7 +229,8 @@ class StrategyContext:
     """What a strategy may take into account besides the bill.
 
     `committed` are the payments the consumer already committed to: the unpaid
-    instalments of every agreed arrangement, with any biller.
+    instalments of every agreed arrangement, with any biller, except the bill
+    being negotiated (its new arrangement replaces any earlier one).
     """
 
     today: date
@@ -992,7 +993,7 @@ class ConsumerAgent:
     async def _start(self, session: _Session, bill: ReceivedBill) -> _Run | None:
         """Open a thread: the strategy's opening, approved if outside the mandate, stored, then sent."""
         facts = bill.facts
-        context = await self._context(session.biller, bill.account_id)
+        context = await self._context(session.biller, bill.account_id, facts.bill_id)
         terms, circumstances = self._strategy.opening(facts, context)
         violations = self._mandate.violations(terms, facts)
         if circumstances is not None and not self._mandate.allow_disclosure:
@@ -1139,7 +1140,7 @@ class ConsumerAgent:
         assert pending is not None
         assert pending.by is core.Role.BILLER
         facts = run.bill.facts
-        context = await self._context(run.session.biller, run.bill.account_id)
+        context = await self._context(run.session.biller, run.bill.account_id, facts.bill_id)
         rounds_left = negotiation.max_rounds - negotiation.rounds
         answer = self._strategy.respond(facts, pending.terms, run.my_last, rounds_left, context)
         if isinstance(answer, Accept | Escalate):
@@ -1448,19 +1449,33 @@ class ConsumerAgent:
         except TimeoutError:
             return None
 
-    async def _context(self, biller: str, account_id: str) -> StrategyContext:
-        return StrategyContext(self.clock.now().date(), biller, account_id, await self.committed())
+    async def _context(self, biller: str, account_id: str, bill_id: str) -> StrategyContext:
+        committed = await self.committed(excluding=[(biller, bill_id)])
+        return StrategyContext(self.clock.now().date(), biller, account_id, committed)
 
-    async def committed(self) -> tuple[Instalment, ...]:
+    async def committed(self, *, excluding: Iterable[tuple[str, str]] = ()) -> tuple[Instalment, ...]:
         """The payments already committed to: the unpaid instalments of every agreed arrangement,
-        with any biller, by date (what a strategy's cash-flow model subtracts)."""
+        with any biller, by date (what a strategy's cash-flow model subtracts).
+
+        Only the latest agreement on a bill counts: a bill is negotiated again only once the biller
+        ended its arrangement and offered renegotiation (NEG-3, EVT-7), so a later agreement replaces
+        the earlier one. `excluding` lists (biller, bill id) pairs to leave out: bills about to be
+        negotiated again, whose new arrangements will replace the old.
+        """
+        left_out = set(excluding)
         settled = {
             (intent.biller_party_id, intent.agreement_digest, intent.instalment_index)
             for intent in await self._store.intents()
             if intent.state in (IntentState.PAID, IntentState.SENDING)
         }
+        latest = {
+            (thread.biller_party_id, thread.bill_id): thread
+            for thread in await self._store.threads(outcome=ThreadOutcome.AGREED)  # oldest first: the last wins
+        }
         committed: list[Instalment] = []
-        for thread in await self._store.threads(outcome=ThreadOutcome.AGREED):
+        for key, thread in latest.items():
+            if key in left_out:
+                continue
             terms, agreement_digest = _agreed_terms(thread)
             committed.extend(
                 instalment

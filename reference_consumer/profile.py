@@ -13,7 +13,19 @@ refuse anything doubtful with a `ProfileError` naming the exact key, in the form
 - required keys must be present; `household.hardship`, `[[expenses]]`,
   `mandate.latest_date` and `[billers]` are optional.
 
-Parsing does no I/O beyond `load_profile` reading the one file, and never reads the clock.
+A biller's table may also say how to reach it, for `parley consumer run`
+(`reference_consumer.runner`): `target` ("host:port"), `fingerprint` (the
+biller's identity fingerprint, hex, pinned at enrolment, KEY-12), `account_id`,
+`code` (the one-time enrolment code, used on the first run only), and either
+`ca_file` (the PEM trust anchors for the biller's TLS certificate; a relative
+path is read from the profile's directory) or `insecure = true` (plaintext,
+loopback targets only, TRN-3); with neither, TLS is verified against the
+system's roots. `server_name` overrides the name checked against the
+certificate. `target`, `fingerprint` and `account_id` go together: a biller
+with none of them is only ranked, not contacted.
+
+Parsing does no I/O beyond `load_profile` reading the one file (the CA file is
+read by the runner), and never reads the clock.
 """
 
 from __future__ import annotations
@@ -25,14 +37,21 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import TypeVar
 
+from agent.biller import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
 from agent.errors import LocalProtocolError
+from agent.limits import DIGEST_BYTES, MAX_ID_CHARS
 from agent.protocol.messages import is_party_id
 from agent.terms import Currency, Money, parse_date
+from agent.transport.server import is_loopback
 
 _T = TypeVar("_T")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_CODE = re.compile(f"[{ENROLMENT_CODE_ALPHABET}]{{4}}(?:-[{ENROLMENT_CODE_ALPHABET}]{{4}}){{2}}")
+_CONNECTION_KEYS = ("target", "fingerprint", "account_id", "code", "ca_file", "insecure", "server_name")
+_MAX_PORT = 65535
 
 
 class ProfileError(ValueError):
@@ -78,11 +97,32 @@ class Mandate:
 
 
 @dataclass(frozen=True)
+class BillerConnection:
+    """How to reach one biller and which account to enrol (see the module docstring).
+
+    `code` is None once it is no longer needed (after the first enrolment);
+    `ca_file` is None for the system's TLS roots or with `insecure`.
+    """
+
+    target: str
+    fingerprint: bytes
+    account_id: str
+    code: str | None = None
+    ca_file: Path | None = None
+    insecure: bool = False
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
 class BillerPreference:
-    """How the household ranks one biller: a lower `priority` is paid first when money is short."""
+    """How the household ranks one biller: a lower `priority` is paid first when money is short.
+
+    `connection` is set when the profile also says how to reach the biller.
+    """
 
     biller_id: str
     priority: int
+    connection: BillerConnection | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +142,10 @@ class Profile:
     def priority_of(self, biller_id: str) -> int | None:
         """The priority the household gives this biller, or None when the profile does not rank it."""
         return next((b.priority for b in self.billers if b.biller_id == biller_id), None)
+
+    def connected(self) -> tuple[BillerPreference, ...]:
+        """The billers the profile says how to reach, in the profile's order."""
+        return tuple(b for b in self.billers if b.connection is not None)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -217,8 +261,72 @@ def _date(key: str, value: object) -> date:
     raise ProfileError(key, f"{_show(value)} is not a date YYYY-MM-DD")
 
 
-def parse_profile(document: Mapping[str, object]) -> Profile:
-    """The profile described by a parsed TOML document; ProfileError naming the first bad key."""
+def _target(key: str, value: object) -> str:
+    """A gRPC target "host:port" ("[::1]:port" for IPv6)."""
+    if isinstance(value, str):
+        host, separator, port = value.rpartition(":")
+        bracketed = host.startswith("[") and host.endswith("]")
+        plain_host = host and ":" not in host and not any(c.isspace() for c in host)
+        if separator and port.isdigit() and 0 < int(port) <= _MAX_PORT and (bracketed or plain_host):
+            return value
+    raise ProfileError(key, f'{_show(value)} is not a target "host:port"')
+
+
+def _fingerprint(key: str, value: object) -> bytes:
+    if isinstance(value, str) and len(value) == 2 * DIGEST_BYTES:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    raise ProfileError(key, f"{_show(value)} is not an identity fingerprint ({2 * DIGEST_BYTES} hex characters)")
+
+
+def _account_id(key: str, value: object) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+        raise ProfileError(key, f"expected an account id of 1 to {MAX_ID_CHARS} characters, got {_show(value)}")
+    return value
+
+
+def _enrolment_code(key: str, value: object) -> str:
+    if isinstance(value, str) and _CODE.fullmatch(normalize_enrolment_code(value)):
+        return value
+    raise ProfileError(
+        key, f"{_show(value)} is not an enrolment code (12 characters of Crockford base32, e.g. 7KQ2-M9XD-4RTB)"
+    )
+
+
+def _connection(table: _Table, base_dir: Path | None) -> BillerConnection | None:
+    """The connection keys of one biller's table, or None when it has none."""
+    if not any(name in table.items for name in _CONNECTION_KEYS):
+        return None
+    target = table.get("target", _target)
+    fingerprint = table.get("fingerprint", _fingerprint)
+    account_id = table.get("account_id", _account_id)
+    code = table.optional("code", _enrolment_code, None)
+    insecure = table.optional("insecure", _boolean, False)
+    ca_text = table.optional("ca_file", _text, None)
+    server_name = table.optional("server_name", _text, None)
+    if insecure:
+        if ca_text is not None:
+            raise ProfileError(_key(table.path, "insecure"), "choose ca_file (TLS) or insecure = true, not both")
+        host = target.rpartition(":")[0].removeprefix("[").removesuffix("]")
+        if not is_loopback(host):
+            raise ProfileError(
+                _key(table.path, "insecure"), f"plaintext is allowed only to a loopback address (TRN-3), not {host!r}"
+            )
+    ca_file = None
+    if ca_text is not None:
+        ca_file = Path(ca_text).expanduser()
+        if base_dir is not None and not ca_file.is_absolute():
+            ca_file = base_dir / ca_file
+    return BillerConnection(target, fingerprint, account_id, code, ca_file, insecure, server_name)
+
+
+def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = None) -> Profile:
+    """The profile described by a parsed TOML document; ProfileError naming the first bad key.
+
+    `base_dir` is where a relative `ca_file` is found (None: left relative, to the working directory).
+    """
     root = _Table("", document, ("household", "income", "expenses", "mandate", "billers"))
     household = root.get("household", _table("party_id", "currency", "balance", "buffer", "hardship"))
     party_id = household.get("party_id", _party_id)
@@ -259,8 +367,9 @@ def parse_profile(document: Mapping[str, object]) -> Profile:
         for biller_id in list(table.items):
             path = _key(key, biller_id)
             _party_id(path, biller_id)
-            entry = table.get(biller_id, _table("priority"))
-            preferences.append(BillerPreference(biller_id, entry.get("priority", _integer(0))))
+            entry = table.get(biller_id, _table("priority", *_CONNECTION_KEYS))
+            priority = entry.get("priority", _integer(0))
+            preferences.append(BillerPreference(biller_id, priority, _connection(entry, base_dir)))
         return tuple(preferences)
 
     no_billers: tuple[BillerPreference, ...] = ()
@@ -286,4 +395,4 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
         document = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ProfileError("", f"{os.fspath(path)}: not valid TOML: {error}") from None
-    return parse_profile(document)
+    return parse_profile(document, base_dir=Path(path).parent)

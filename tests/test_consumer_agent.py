@@ -397,6 +397,29 @@ def test_agreed_at_once_inside_the_options(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_a_renegotiated_bill_commits_only_its_new_arrangement(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        strategy = ScriptedStrategy(INSIDE)
+        async with household.agent(strategy) as agent:
+            await enrol(biller, agent)
+            first = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert first.outcome is ThreadOutcome.AGREED
+            assert [i.amount for i in await agent.committed()] == [eur("40.00")] * 3
+            # The arrangement is broken and renegotiation offered (EVT-7): the bill is negotiable again.
+            await biller.agent.offer_renegotiation(BILL.bill_id)
+            two = build_terms(TermsKind.INSTALMENT_PLAN, BILL.amount_due, monthly_dates(date(2026, 4, 20), 2))
+            strategy._opening = two
+            second = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert second.outcome is ThreadOutcome.AGREED
+            # The new arrangement replaces the old one: deciding it, the strategy was not told the old
+            # instalments were still owed, and from now on only the new ones are committed.
+            assert strategy.contexts[-1].committed == ()
+            assert [i.amount for i in await agent.committed()] == [eur("60.00")] * 2
+            assert await agent.committed(excluding=[(BILLER_ID, BILL.bill_id)]) == ()
+
+    run(tmp_path, scenario)
+
+
 def test_a_counter_inside_the_options_is_accepted_and_a_lost_reply_is_read_back(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)

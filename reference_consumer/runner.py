@@ -1,0 +1,1121 @@
+"""`parley consumer run`: the reference consumer as a program, acting for one household.
+
+    parley consumer run --config household.toml [--state-dir DIR] [--once] [--interval SECONDS]
+                        [--approve-all | --deny-all]
+
+It reads the household's profile (`reference_consumer/sample.toml`: money, pay
+day, buffer, outgoings, mandate, and per biller its priority and how to reach
+it) and, on each pass:
+
+1. **enrols** with every biller of the profile whose account is not enrolled
+   yet, with the one-time code and the pinned identity fingerprint (KEY-12);
+   later passes and runs reuse the stored, pinned link and never enrol again;
+2. **fetches the bills** of every enrolled account, each verified against the
+   pinned biller (BIL-3), and **reads the account's events** (EVT-5) that
+   arrived since the last pass — from the live stream until it has been quiet
+   for `EVENT_IDLE_SECONDS` — so the pass acts on the news: an arrangement the
+   biller ended (ARRANGEMENT_BROKEN) is not paid any more, and a bill it
+   offered to renegotiate (RENEGOTIATION_OFFERED, EVT-7) is negotiated again;
+3. **negotiates**: first the threads left open by an earlier pass, then the new
+   bills, planned together against one budget in the household's priority
+   order (`strategy.plan_budget`, through `agent_strategy.ReferenceStrategy`),
+   each through `ConsumerAgent.negotiate` with the reference cash-flow
+   strategy inside the profile's mandate (NEG-20); a thread that ended without
+   agreement is not reopened;
+4. **asks for approval** of anything outside the mandate: by default the
+   request is printed and left pending — nothing is sent, the bot never agrees
+   outside the mandate alone; the next pass asks again. `--approve-all` /
+   `--deny-all` answer every request, for unattended runs;
+5. **pays what is due today**: each instalment of a standing agreement on or
+   after its date, in order, exactly once (PAY-7), through `JsonLinesBank`,
+   then collects the receipts the biller has signed since (PAY-9);
+6. reads the events again when the pass enrolled, negotiated or paid (what it
+   caused: ARRANGEMENT_ACTIVE...), and prints a summary (Rich tables).
+
+`--once` runs one pass and exits; otherwise a pass runs every `--interval`
+seconds (default 60) until SIGINT or SIGTERM, and the program exits 0.
+
+The state directory (default `parley-consumer`, created 0700) holds the
+household's Ed25519 key (`consumer.key`, mode 0600, made on the first run),
+its key set version 1 (`consumer-keyset-v1.pb`, from `first_key_set`; its
+digest is the household's identity fingerprint), the agent's SQLite store
+(`consumer.sqlite`) and the bank's order book (`bank-orders.jsonl`).
+
+**The bank is a stand-in.** `JsonLinesBank` moves no money: it appends each
+payment order — taken only from verified instructions (PAY-8) — as one JSON
+line to `bank-orders.jsonl` (mode 0600, fsynced) and returns a reference. An
+app with a real bank replaces it by its own `PaymentSender`.
+
+Exit status: 0 when the pass (or the loop) ran; 1 when a biller refused or
+failed verification in a `--once` pass (PIN_MISMATCH, a used enrolment code,
+refused instructions, a disputed receipt...); 2 for an invalid profile (the
+message names the key), unusable state, or a biller that cannot be reached. A
+loop keeps going through biller failures (each pass reports them) and exits 0
+when signalled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from agent.clock import Clock, SystemClock
+from agent.consumer import (
+    AccountEvent,
+    ApprovalRequest,
+    ConsumerAgent,
+    NegotiationResult,
+    Payment,
+    PaymentDispute,
+    PaymentInDoubt,
+    PaymentOrder,
+    PaymentReceipt,
+    ReceivedBill,
+)
+from agent.crypto import InsecureKeyFileError, SigningKey
+from agent.errors import ParleyError
+from agent.keysets import KeyChain, first_key_set
+from agent.stores.base import IntentState, ThreadOutcome
+from agent.stores.consumer_sqlite import SqliteConsumerStore
+from agent.terms import BillFacts, LineKind, Terms, TermsKind
+from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
+from agent.transport.status import RpcError
+from parley.v1 import envelope_pb2, event_pb2
+from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
+from reference_consumer.profile import BillerPreference, Profile, ProfileError, load_profile
+from reference_consumer.strategy import PlannedBill
+
+logger = logging.getLogger("parley.reference_consumer")
+
+KEY_FILE = "consumer.key"
+KEYSET_FILE = "consumer-keyset-v1.pb"
+STORE_FILE = "consumer.sqlite"
+BANK_FILE = "bank-orders.jsonl"
+DEFAULT_STATE_DIR = "parley-consumer"
+DEFAULT_INTERVAL = 60.0
+EVENT_IDLE_SECONDS = 0.5
+"""A pass reads an account's events until the stream has been quiet this long (it is live: it never ends)."""
+STOP_GRACE_SECONDS = 10.0
+"""On SIGINT/SIGTERM a pass under way may finish for this long before it is cancelled."""
+_KEY_BACKDATE = timedelta(minutes=5)  # a biller whose clock is a little behind still finds our key valid
+
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+
+
+class Approval(enum.StrEnum):
+    """What happens to a move outside the mandate (NEG-20)."""
+
+    ASK = "ask"
+    """Print the request and leave it pending: nothing is sent; the next pass asks again."""
+    APPROVE = "approve"
+    """Approve every request (--approve-all)."""
+    DENY = "deny"
+    """Decline every request (--deny-all): an opening is not sent, a thread is withdrawn."""
+
+
+class StateError(Exception):
+    """The state directory cannot be used (e.g. a key set without its key)."""
+
+
+# --- Identity -------------------------------------------------------------------------------------------
+
+
+def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[SigningKey, KeyChain]:
+    """The household's signing key and key set chain, created in `state_dir` on first use.
+
+    The key is written with mode 0600 and never overwritten; key set version 1
+    is `first_key_set`. ProfileError (naming household.party_id) if the state
+    belongs to another party; InsecureKeyFileError if the key file is open to
+    others; StateError for a key set that does not list the key.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path, keyset_path = state_dir / KEY_FILE, state_dir / KEYSET_FILE
+    if not key_path.exists():
+        if keyset_path.exists():
+            raise StateError(f"{keyset_path} exists but its key {key_path} does not: restore the key")
+        SigningKey.generate().save(key_path)
+        logger.info("new signing key %s", key_path)
+    key = SigningKey.load(key_path)
+    if not keyset_path.exists():
+        envelope = first_key_set(party_id, key, now - _KEY_BACKDATE)
+        temporary = keyset_path.with_name(f".{keyset_path.name}.{secrets.token_hex(4)}")
+        temporary.write_bytes(envelope.SerializeToString())
+        temporary.replace(keyset_path)
+    try:
+        chain = KeyChain.verify([envelope_pb2.Envelope.FromString(keyset_path.read_bytes())])
+    except (ParleyError, ValueError) as error:
+        raise StateError(f"{keyset_path} is not a usable key set: {error}") from error
+    if chain.party_id != party_id:
+        raise ProfileError(
+            "household.party_id",
+            f"{party_id!r}, but {state_dir} holds the identity of {chain.party_id!r}: use another --state-dir",
+        )
+    if chain.latest.entry(key.keyid) is None:
+        raise StateError(f"{key_path} is not the key listed in {keyset_path}")
+    return key, chain
+
+
+# --- The bank (a stand-in) -------------------------------------------------------------------------------
+
+
+class JsonLinesBank:
+    """A stand-in for the household's bank: it moves no money, it writes each order down.
+
+    Each payment order (`agent.consumer.PaymentOrder`, built only from verified
+    instructions, PAY-8) becomes one JSON line of `path` — amount as an exact
+    decimal string, the payee, the payment reference to quote — written and
+    fsynced before `send` returns its bank reference. The agent hands each
+    intent over at most once (PAY-7), so the file never holds an order twice.
+    """
+
+    def __init__(self, path: Path, clock: Clock) -> None:
+        self.path = path
+        self._clock = clock
+
+    async def send(self, order: PaymentOrder) -> str:
+        reference = f"simbank-{secrets.token_hex(8)}"
+        exponent = order.amount.currency.exponent
+        whole, fraction = divmod(order.amount.minor, 10**exponent)
+        record = {
+            "bank_reference": reference,
+            "ordered_at": self._clock.now().isoformat(),
+            "biller_party_id": order.biller_party_id,
+            "account_id": order.account_id,
+            "bill_id": order.bill_id,
+            "intent_id": order.intent_id,
+            "currency": order.amount.currency.code,
+            "amount": f"{whole}.{fraction:0{exponent}d}" if exponent else str(whole),
+            "rail": order.rail,
+            "payee_name": order.payee_name,
+            "payee_account": order.payee_account,
+            "payment_reference": order.payment_reference,
+            "pay_by_time": order.pay_by_time.isoformat(),
+        }
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        # One small synchronous write, so a cancelled task cannot stop it half way.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        logger.info(
+            "bank order %s: %s to %s ref %s", reference, order.amount, order.payee_name, order.payment_reference
+        )
+        return reference
+
+    def orders(self) -> list[dict[str, str]]:
+        """Every order written so far, oldest first."""
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# --- Approvals ----------------------------------------------------------------------------------------------
+
+
+class ApprovalPending(Exception):
+    """Raised through `negotiate` by the default policy: the request is printed and left for the user."""
+
+    def __init__(self, request: ApprovalRequest) -> None:
+        super().__init__(f"{request.action} on {request.bill.bill_id} needs your approval")
+        self.request = request
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    request: ApprovalRequest
+    answer: Literal["pending", "approved", "declined"]
+
+
+class ApprovalPolicy:
+    """The agent's approver (NEG-20) for one run: ask (leave pending), approve all, or deny all."""
+
+    def __init__(self, mode: Approval) -> None:
+        self.mode = mode
+        self.records: list[ApprovalRecord] = []
+
+    async def __call__(self, request: ApprovalRequest) -> bool:
+        if self.mode is Approval.APPROVE:
+            self.records.append(ApprovalRecord(request, "approved"))
+            return True
+        if self.mode is Approval.DENY:
+            self.records.append(ApprovalRecord(request, "declined"))
+            return False
+        self.records.append(ApprovalRecord(request, "pending"))
+        raise ApprovalPending(request)
+
+
+# --- What a pass did ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that went wrong with a biller; `exit_code` is what it means for a --once run (0: a warning)."""
+
+    biller_party_id: str
+    what: str
+    detail: str
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class LinkLine:
+    biller_party_id: str
+    account_id: str
+    target: str
+    status: str
+
+
+@dataclass(frozen=True)
+class BillLine:
+    biller_party_id: str
+    bill: BillFacts
+    status: str
+
+
+@dataclass(frozen=True)
+class NegotiationLine:
+    biller_party_id: str
+    bill_id: str
+    outcome: str
+    terms: Terms | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PaymentLine:
+    biller_party_id: str
+    bill_id: str
+    instalment: int  # 1-based, for people
+    of: int
+    due: date
+    amount: str
+    status: str
+    bank_reference: str = ""
+    receipt: str = ""
+
+
+@dataclass
+class PassReport:
+    """Everything one pass found and did, for the summary."""
+
+    party_id: str
+    today: date
+    links: list[LinkLine] = field(default_factory=list)
+    bills: list[BillLine] = field(default_factory=list)
+    plan: list[PlannedBill] = field(default_factory=list)
+    negotiations: list[NegotiationLine] = field(default_factory=list)
+    approvals: list[ApprovalRecord] = field(default_factory=list)
+    payments: list[PaymentLine] = field(default_factory=list)
+    receipts: list[PaymentReceipt] = field(default_factory=list)
+    events: list[AccountEvent] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return max((problem.exit_code for problem in self.problems), default=EXIT_OK)
+
+
+def _problem(biller: str, what: str, error: BaseException) -> Problem:
+    """A failure, classified: unreachable (2), refused or unverifiable (1), anything else (1)."""
+    if isinstance(error, RpcError):
+        if is_transient(error):
+            return Problem(biller, what, f"the biller cannot be reached: {error.code.name} {error.detail}", 2)
+        return Problem(biller, what, f"the biller refused: {error.reason.name} {error.detail}", 1)
+    if isinstance(error, ParleyError):
+        return Problem(biller, what, f"{error.reason.name}: {error.detail}", 1)
+    return Problem(biller, what, str(error), 1)
+
+
+# --- The household's bot ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Bill:
+    """A verified bill and where its negotiation stands in the store."""
+
+    biller_party_id: str
+    bill: ReceivedBill
+    thread_id: bytes | None
+    outcome: ThreadOutcome | None
+    resumable: bool
+    renegotiate: bool = False  # its arrangement was broken and the biller offered to negotiate again
+
+
+@dataclass
+class _News:
+    """What the account's events say about arrangements (EVT-7): a broken one is not paid any more, and one
+    the biller offered to renegotiate is negotiated again."""
+
+    broken: set[tuple[str, bytes]] = field(default_factory=set)  # (biller, thread id)
+    offered: set[tuple[str, str, bytes]] = field(default_factory=set)  # (biller, bill id, thread id)
+
+    def take(self, events: Sequence[AccountEvent]) -> None:
+        for event in events:
+            if event.kind == event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN and event.thread_id:
+                self.broken.add((event.biller_party_id, event.thread_id))
+            elif event.kind == event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED:
+                self.offered.add((event.biller_party_id, event.bill_id, event.thread_id))
+
+    def ended(self, biller: str, bill_id: str, thread_id: bytes) -> bool:
+        """Whether the arrangement of this agreed thread no longer stands."""
+        return (biller, thread_id) in self.broken or (biller, bill_id, thread_id) in self.offered
+
+
+class Household:
+    """The reference consumer for one household: a `ConsumerAgent` over the state directory.
+
+    household = await Household.open(profile, Path("state"), clock=SystemClock())
+    try:
+        report = await household.run_pass()
+    finally:
+        await household.close()
+    """
+
+    def __init__(
+        self,
+        *,
+        profile: Profile,
+        state_dir: Path,
+        agent: ConsumerAgent,
+        store: SqliteConsumerStore,
+        strategy: ReferenceStrategy,
+        policy: ApprovalPolicy,
+        bank: JsonLinesBank,
+        tls: dict[str, ClientTls | None],
+        event_idle: float,
+    ) -> None:
+        self.profile = profile
+        self.state_dir = state_dir
+        self.agent = agent
+        self.store = store
+        self.strategy = strategy
+        self.policy = policy
+        self.bank = bank
+        self._tls = tls
+        self._event_idle = event_idle
+
+    @classmethod
+    async def open(
+        cls,
+        profile: Profile,
+        state_dir: Path,
+        *,
+        clock: Clock | None = None,
+        approval: Approval = Approval.ASK,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        event_idle: float = EVENT_IDLE_SECONDS,
+    ) -> Household:
+        """Load or create the identity, open the store and build the agent.
+
+        ProfileError for a profile without a reachable biller or with an
+        unreadable `ca_file` (naming the key), plus `load_identity`'s errors.
+        """
+        clock = clock or SystemClock()
+        if not profile.connected():
+            raise ProfileError("billers", "no biller says how to reach it (target, fingerprint, account_id)")
+        tls = {preference.biller_id: _client_tls(preference) for preference in profile.connected()}
+        key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
+        store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
+        strategy = ReferenceStrategy(profile)
+        policy = ApprovalPolicy(approval)
+        bank = JsonLinesBank(state_dir / BANK_FILE, clock)
+        try:
+            agent = ConsumerAgent(
+                party_id=profile.party_id,
+                signing_key=key,
+                key_sets=chain,
+                store=store,
+                strategy=strategy,
+                mandate=agent_mandate(profile),
+                approve=policy,
+                payment_sender=bank,
+                clock=clock,
+                retry=retry,
+            )
+        except BaseException:
+            await store.close()
+            raise
+        return cls(
+            profile=profile,
+            state_dir=state_dir,
+            agent=agent,
+            store=store,
+            strategy=strategy,
+            policy=policy,
+            bank=bank,
+            tls=tls,
+            event_idle=event_idle,
+        )
+
+    async def close(self) -> None:
+        await self.agent.close()
+        await self.store.close()
+
+    # --- One pass ----------------------------------------------------------------------------------
+
+    async def run_pass(self) -> PassReport:
+        """Enrol, fetch, plan, negotiate, pay, collect receipts and events once; see the module docstring."""
+        today = self.agent.clock.now().date()
+        report = PassReport(self.profile.party_id, today)
+        self.policy.records = []
+        enrolled = await self._enrol_all(report)
+        fetched, answering = await self._fetch_bills(enrolled, report)
+        await self._read_events(answering, report)  # first the news, then act on it
+        news = await self._news(answering)
+        bills = [await self._state_of(biller, bill, news) for biller, bill in fetched]
+        await self._negotiate(bills, today, report)
+        await self._pay(answering, today, report, news)
+        await self._collect_receipts(answering, report)
+        acted = report.negotiations or any(p.status == "paid now" for p in report.payments)
+        if acted or any(link.status == "enrolled now" for link in report.links):
+            await self._read_events(answering, report)  # what this pass caused (ARRANGEMENT_ACTIVE...)
+            news = await self._news(answering)
+        report.bills = [await self._bill_line(item, news) for item in bills]
+        report.approvals = list(self.policy.records)
+        return report
+
+    async def _enrol_all(self, report: PassReport) -> list[BillerPreference]:
+        """Enrol where not enrolled yet; the billers that can be used in this pass."""
+        links = {link.biller_party_id: link for link in await self.agent.links()}
+        usable = []
+        for preference in self.profile.connected():
+            biller, connection = preference.biller_id, preference.connection
+            assert connection is not None
+            link = links.get(biller)
+            if link is not None and link.fingerprint != connection.fingerprint:
+                report.problems.append(
+                    Problem(
+                        biller,
+                        f'billers."{biller}".fingerprint',
+                        f"{connection.fingerprint.hex()} is not the identity pinned at enrolment "
+                        f"({link.fingerprint.hex()}); a biller's pin never changes (KEY-12)",
+                        EXIT_UNUSABLE,
+                    )
+                )
+                continue
+            if link is not None and connection.account_id in link.accounts:
+                if link.target != connection.target:
+                    report.problems.append(
+                        Problem(
+                            biller,
+                            "target",
+                            f"the profile says {connection.target}; the enrolled link uses {link.target}",
+                            EXIT_OK,
+                        )
+                    )
+                report.links.append(LinkLine(biller, connection.account_id, link.target, "enrolled"))
+                usable.append(preference)
+                continue
+            if connection.code is None:
+                report.problems.append(
+                    Problem(
+                        biller,
+                        f'billers."{biller}".code',
+                        f"missing: account {connection.account_id} is not enrolled yet and needs its one-time code",
+                        EXIT_UNUSABLE,
+                    )
+                )
+                continue
+            try:
+                await self.agent.enrol(
+                    connection.target,
+                    biller_party_id=biller,
+                    fingerprint=connection.fingerprint,
+                    account_id=connection.account_id,
+                    code=connection.code,
+                    tls=self._tls[biller],
+                    insecure=connection.insecure,
+                )
+            except (ParleyError, ValueError, LookupError) as error:
+                report.problems.append(_problem(biller, "enrolment", error))
+                report.links.append(LinkLine(biller, connection.account_id, connection.target, "not enrolled"))
+                continue
+            report.links.append(LinkLine(biller, connection.account_id, connection.target, "enrolled now"))
+            usable.append(preference)
+        return usable
+
+    async def _fetch_bills(
+        self, billers: Sequence[BillerPreference], report: PassReport
+    ) -> tuple[list[tuple[str, ReceivedBill]], list[BillerPreference]]:
+        """The verified bills of every enrolled account, and the billers that answered."""
+        found: list[tuple[str, ReceivedBill]] = []
+        answering = []
+        for preference in billers:
+            biller, connection = preference.biller_id, preference.connection
+            assert connection is not None
+            try:
+                bills = await self.agent.bills(biller, account_id=connection.account_id)
+            except (ParleyError, ValueError, LookupError) as error:
+                report.problems.append(_problem(biller, "bills", error))
+                continue
+            answering.append(preference)
+            found.extend((biller, bill) for bill in bills)
+        return found, answering
+
+    async def _news(self, billers: Sequence[BillerPreference]) -> _News:
+        news = _News()
+        for preference in billers:
+            assert preference.connection is not None
+            news.take(await self.agent.stored_events(preference.biller_id, account_id=preference.connection.account_id))
+        return news
+
+    async def _state_of(self, biller: str, bill: ReceivedBill, news: _News) -> _Bill:
+        bill_id = bill.facts.bill_id
+        threads = [t for t in await self.store.threads(biller, bill_id) if t.messages]
+        if not threads:  # no thread, or only openings the biller refused
+            return _Bill(biller, bill, None, None, False)
+        latest = threads[-1]
+        resumable = latest.outcome is ThreadOutcome.OPEN or latest.awaiting_answer
+        offered = (biller, bill_id, latest.thread_id) in news.offered
+        if latest.outcome is ThreadOutcome.AGREED and not resumable and offered:
+            return _Bill(biller, bill, None, None, False, renegotiate=True)  # negotiated again, as a new bill
+        return _Bill(biller, bill, latest.thread_id, latest.outcome, resumable)
+
+    async def _negotiate(self, bills: list[_Bill], today: date, report: PassReport) -> None:
+        """Resume open threads first, then open threads on the new bills in the shared budget's order."""
+        strategy = self.strategy
+        for biller, bill in strategy.pending():  # each pass plans afresh, from the store
+            strategy.forget(biller, bill.bill_id)
+        for item in bills:
+            if item.resumable:
+                self._settle(item, await self._negotiate_one(item, report))
+        new: dict[tuple[str, str], _Bill] = {}
+        for item in bills:
+            if item.thread_id is not None:
+                continue
+            currency = item.bill.facts.amount_due.currency.code
+            if currency != self.profile.currency:
+                report.problems.append(
+                    Problem(
+                        item.biller_party_id,
+                        f"bill {item.bill.facts.bill_id}",
+                        f"it is in {currency}; the household's budget is in {self.profile.currency}",
+                        EXIT_FAILED,
+                    )
+                )
+                continue
+            new[(item.biller_party_id, item.bill.facts.bill_id)] = item
+            strategy.consider(item.biller_party_id, item.bill.facts)
+        if not new:
+            return
+        report.plan = strategy.plan(today, await self.agent.committed())
+        for planned in report.plan:
+            item_or_none = new.get((planned.biller_id, planned.bill.bill_id))
+            if item_or_none is not None:  # the others are threads still open, already resumed above
+                self._settle(item_or_none, await self._negotiate_one(item_or_none, report))
+
+    def _settle(self, item: _Bill, result: NegotiationResult | None) -> None:
+        """A bill leaves the shared budget plan once decided: agreed (the agent then counts its instalments),
+        ended, or its opening declined. While it waits for approval or for the biller, or failed, its planned
+        payments keep their place, so the bills after it leave room for them (`plan_budget`)."""
+        if result is not None and result.outcome is not ThreadOutcome.OPEN:
+            self.strategy.forget(item.biller_party_id, item.bill.facts.bill_id)
+
+    async def _negotiate_one(self, item: _Bill, report: PassReport) -> NegotiationResult | None:
+        biller, bill_id = item.biller_party_id, item.bill.facts.bill_id
+        try:
+            result = await self.agent.negotiate(biller, bill_id)
+        except ApprovalPending as pending:
+            what = {"open": "opening", "counter": "counter-offer", "accept": "acceptance"}[pending.request.action]
+            report.negotiations.append(
+                NegotiationLine(biller, bill_id, "awaiting your approval", pending.request.terms, f"{what}: not sent")
+            )
+            return None
+        except (ParleyError, ValueError, LookupError) as error:
+            report.problems.append(_problem(biller, f"negotiation on {bill_id}", error))
+            return None
+        terms = result.agreement.terms if result.agreement is not None else None
+        if result.outcome is None:
+            line = NegotiationLine(biller, bill_id, "not opened", None, "you declined the opening")
+        elif result.outcome is ThreadOutcome.OPEN:
+            why = result.refusal
+            note = f"the biller refused our move: {why.reason.name} {why.detail}" if why is not None else "open"
+            line = NegotiationLine(biller, bill_id, "open", None, note)
+        else:
+            note = ""
+            if result.violation is not None:
+                note = f"the biller broke {result.violation.reason.name}: {result.violation.detail}"
+            line = NegotiationLine(biller, bill_id, result.outcome.value, terms, note)
+        report.negotiations.append(line)
+        return result
+
+    async def _agreement(self, biller: str, bill_id: str) -> tuple[Terms, bytes, bytes] | None:
+        """The terms, agreement digest and thread of the latest agreement on a bill that reached the biller."""
+        agreed = await self.store.threads(biller, bill_id, ThreadOutcome.AGREED)
+        if not agreed or agreed[-1].awaiting_answer:
+            return None
+        result = await self.agent.negotiation(agreed[-1].thread_id)
+        assert result.agreement is not None
+        return result.agreement.terms, result.agreement.accept.digest, agreed[-1].thread_id
+
+    async def _pay(self, billers: Sequence[BillerPreference], today: date, report: PassReport, news: _News) -> None:
+        """Pay every instalment due on or before today that is not paid yet, in order, of every arrangement
+        that still stands."""
+        for preference in billers:
+            biller = preference.biller_id
+            intents = await self.agent.payments(biller)
+            bill_ids = list(dict.fromkeys(record.bill_id for record in await self.store.list_bills(biller)))
+            for bill_id in bill_ids:
+                agreement = await self._agreement(biller, bill_id)
+                if agreement is None or news.ended(biller, bill_id, agreement[2]):
+                    continue
+                terms, agreement_digest, _ = agreement
+                mine = {p.instalment_index: p for p in intents if p.agreement_digest == agreement_digest}
+                count = len(terms.schedule)
+                for index, instalment in enumerate(terms.schedule):
+                    before = mine.get(index)
+                    if before is not None and before.state is IntentState.PAID:
+                        continue
+                    line = PaymentLine(
+                        biller, bill_id, index + 1, count, instalment.due_date, str(instalment.amount), ""
+                    )
+                    if before is not None and before.state in (IntentState.SENDING, IntentState.REFUSED):
+                        status = "in doubt: check with the bank" if before.state is IntentState.SENDING else "refused"
+                        report.payments.append(replace(line, status=status, bank_reference=before.proof))
+                        continue
+                    if instalment.due_date > today:
+                        report.payments.append(replace(line, status="scheduled"))
+                        continue
+                    try:
+                        payment = await self.agent.pay(biller, bill_id, instalment_index=index)
+                    except (ParleyError, ValueError, LookupError, PaymentInDoubt) as error:
+                        report.problems.append(_problem(biller, f"payment of {bill_id} #{index + 1}", error))
+                        report.payments.append(replace(line, status="failed"))
+                        break  # the next instalment waits for this one
+                    report.payments.append(replace(line, status="paid now", bank_reference=payment.proof))
+
+    async def _collect_receipts(self, billers: Sequence[BillerPreference], report: PassReport) -> None:
+        """Fetch the receipts of paid intents that have none yet (PAY-9)."""
+        for preference in billers:
+            biller = preference.biller_id
+            payments: list[Payment] = await self.agent.payments(biller)
+            for payment in payments:
+                if payment.state is not IntentState.PAID:
+                    continue
+                if await self.store.get_receipt(biller, payment.intent_id) is not None:
+                    continue
+                try:
+                    receipt = await self.agent.receipt(biller, payment.intent_id)
+                except PaymentDispute as dispute:
+                    report.receipts.append(dispute.receipt)
+                    report.problems.append(_problem(biller, f"receipt of {payment.bill_id}", dispute))
+                    continue
+                except (ParleyError, ValueError, LookupError) as error:
+                    report.problems.append(_problem(biller, f"receipt of {payment.bill_id}", error))
+                    continue
+                if receipt is not None:
+                    report.receipts.append(receipt)
+                    for position, line in enumerate(report.payments):
+                        if line.biller_party_id == biller and line.bank_reference == payment.proof:
+                            report.payments[position] = replace(line, receipt=str(receipt.amount_received))
+
+    async def _read_events(self, billers: Sequence[BillerPreference], report: PassReport) -> None:
+        """The events that arrived since the last pass: read from the live stream until it is quiet (EVT-5)."""
+        for preference in billers:
+            biller, connection = preference.biller_id, preference.connection
+            assert connection is not None
+            account = connection.account_id
+            stored = await self.agent.stored_events(biller, account_id=account)
+            start = stored[-1].sequence + 1 if stored else 0
+            stream = self.agent.watch(biller, account_id=account)
+            try:
+                while True:
+                    await asyncio.wait_for(anext(stream), self._event_idle)
+            except (TimeoutError, StopAsyncIteration):
+                pass  # quiet: caught up
+            except (ParleyError, ValueError, LookupError) as error:
+                report.problems.append(_problem(biller, "events", error))
+            finally:
+                await stream.aclose()
+            # Whatever the stream stored, even an event taken as the wait ended, is in the store.
+            report.events.extend(await self.agent.stored_events(biller, account_id=account, start=start))
+
+    async def _bill_line(self, item: _Bill, news: _News) -> BillLine:
+        """Where a bill stands now, in words."""
+        biller, facts = item.biller_party_id, item.bill.facts
+        latest = await self._state_of(biller, item.bill, news)
+        agreement = await self._agreement(biller, facts.bill_id)
+        if agreement is not None and latest.outcome is ThreadOutcome.AGREED:
+            terms, agreement_digest, thread_id = agreement
+            if news.ended(biller, facts.bill_id, thread_id):
+                return BillLine(biller, facts, "arrangement ended: waiting for the biller's offer to renegotiate")
+            paid = sum(
+                1
+                for p in await self.agent.payments(biller)
+                if p.agreement_digest == agreement_digest and p.state is IntentState.PAID
+            )
+            status = "paid" if paid == len(terms.schedule) else f"agreed, {paid}/{len(terms.schedule)} paid"
+            return BillLine(biller, facts, status)
+        answers = {
+            record.answer
+            for record in self.policy.records
+            if (record.request.biller_party_id, record.request.bill.bill_id) == (biller, facts.bill_id)
+        }
+        first = "arrangement ended, to renegotiate" if latest.renegotiate else "new"
+        if latest.outcome is None:
+            if "pending" in answers:
+                return BillLine(biller, facts, f"{first}: awaiting your approval")
+            return BillLine(biller, facts, f"{first}: you declined the opening" if "declined" in answers else first)
+        if latest.resumable:
+            pending = "pending" in answers
+            return BillLine(biller, facts, "negotiating, awaiting your approval" if pending else "negotiating")
+        return BillLine(biller, facts, f"{latest.outcome.value}: no arrangement")
+
+
+def _client_tls(preference: BillerPreference) -> ClientTls | None:
+    """The TLS settings of a biller's connection; ProfileError naming ca_file if it cannot be read."""
+    connection = preference.connection
+    assert connection is not None
+    if connection.insecure:
+        return None
+    roots = None
+    if connection.ca_file is not None:
+        try:
+            roots = connection.ca_file.read_bytes()
+        except OSError as error:
+            key = f'billers."{preference.biller_id}".ca_file'
+            raise ProfileError(key, f"cannot read {connection.ca_file}: {error.strerror}") from None
+        if b"-----BEGIN CERTIFICATE-----" not in roots:
+            key = f'billers."{preference.biller_id}".ca_file'
+            raise ProfileError(key, f"{connection.ca_file} holds no PEM certificate")
+    return ClientTls(roots, connection.server_name)
+
+
+# --- The summary ------------------------------------------------------------------------------------------
+
+
+def _clean(text: str) -> Text:
+    """Text from a biller (signed, but not ours): shown literally, without markup or control characters."""
+    return Text("".join(c if c.isprintable() else " " for c in text))
+
+
+def describe_terms(terms: Terms) -> str:
+    """Terms in a few words: "PAY_IN_FULL EUR 97.00 on 2026-03-05", "3 × … from …"."""
+    schedule = terms.schedule
+    fees = [line for line in terms.lines if line.kind is LineKind.FEE]
+    extra = f", fees {', '.join(str(line.amount) for line in fees)}" if fees else ""
+    programme = f", programme {terms.hardship_programme_id}" if terms.hardship_programme_id else ""
+    if terms.kind is TermsKind.INSTALMENT_PLAN:
+        return (
+            f"{len(schedule)} instalments {schedule[0].due_date}..{schedule[-1].due_date}, "
+            f"total {terms.total}{extra}{programme}"
+        )
+    return f"{terms.kind.name} {terms.total} on {schedule[0].due_date}{extra}{programme}"
+
+
+def _event_kind(kind: event_pb2.EventKind.ValueType) -> str:
+    return event_pb2.EventKind.Name(kind).removeprefix("EVENT_KIND_")
+
+
+_SHORT_COLUMNS = frozenset({"#", "amount", "due", "date", "status", "outcome", "received", "remaining", "answer"})
+
+
+def _table(title: str, *columns: str) -> Table:
+    """A summary table; the short columns never wrap, so the long ones (terms, messages) take the width."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        short = column in _SHORT_COLUMNS
+        table.add_column(column, no_wrap=short, overflow="ellipsis" if short else "fold")
+    return table
+
+
+def render(report: PassReport, out: Console) -> None:
+    """The pass as readable tables."""
+    out.print(
+        f"[bold]parley consumer[/bold] {report.party_id} — {report.today.isoformat()}", highlight=False, soft_wrap=True
+    )
+    links = _table("Billers", "biller", "account", "endpoint", "status")
+    for link in report.links:
+        links.add_row(link.biller_party_id, link.account_id, link.target, link.status)
+    out.print(links)
+    if report.bills:
+        bills = _table("Bills", "biller", "bill", "amount", "due", "description", "status")
+        for bill in report.bills:
+            facts = bill.bill
+            bills.add_row(
+                bill.biller_party_id,
+                _clean(facts.bill_id),
+                str(facts.amount_due),
+                facts.due_date.isoformat(),
+                _clean(facts.description),
+                bill.status,
+            )
+        out.print(bills)
+    if report.plan:
+        plan = _table("Budget plan (priority order)", "biller", "bill", "opening", "step", "affordable", "mandate")
+        for planned in report.plan:
+            opening = planned.opening
+            plan.add_row(
+                planned.biller_id,
+                _clean(planned.bill.bill_id),
+                describe_terms(opening.terms),
+                opening.step.name.lower(),
+                "yes" if opening.affordable else "NO",
+                "inside" if not opening.violations else "needs approval",
+            )
+        out.print(plan)
+    if report.negotiations:
+        negotiations = _table("Negotiations", "biller", "bill", "outcome", "terms", "note")
+        for negotiation in report.negotiations:
+            terms = describe_terms(negotiation.terms) if negotiation.terms is not None else ""
+            negotiations.add_row(
+                negotiation.biller_party_id,
+                _clean(negotiation.bill_id),
+                negotiation.outcome,
+                terms,
+                _clean(negotiation.note),
+            )
+        out.print(negotiations)
+    if report.approvals:
+        approvals = _table("Approvals (outside your mandate)", "biller", "bill", "action", "terms", "why", "answer")
+        for record in report.approvals:
+            request = record.request
+            why = "; ".join([*request.violations, *([request.reason] if request.reason else [])])
+            approvals.add_row(
+                request.biller_party_id,
+                _clean(request.bill.bill_id),
+                request.action,
+                describe_terms(request.terms),
+                _clean(why),
+                record.answer,
+            )
+        out.print(approvals)
+        if any(record.answer == "pending" for record in report.approvals):
+            out.print(
+                "Nothing outside your mandate was sent. Run again with --approve-all to agree to these terms, "
+                "or --deny-all to decline them.",
+                highlight=False,
+                soft_wrap=True,
+            )
+    if report.payments:
+        payments = _table("Payments", "biller", "bill", "#", "due", "amount", "status", "bank ref", "receipt")
+        for line in report.payments:
+            payments.add_row(
+                line.biller_party_id,
+                _clean(line.bill_id),
+                f"{line.instalment}/{line.of}",
+                line.due.isoformat(),
+                line.amount,
+                line.status,
+                line.bank_reference,
+                line.receipt,
+            )
+        out.print(payments)
+    if report.receipts:
+        receipts = _table("Receipts", "biller", "intent", "received", "remaining", "settled", "status")
+        for receipt in report.receipts:
+            remaining = str(receipt.remaining_balance) if receipt.remaining_balance is not None else ""
+            receipts.add_row(
+                receipt.biller_party_id,
+                receipt.intent_id,
+                str(receipt.amount_received),
+                remaining,
+                receipt.settle_time.isoformat(timespec="seconds"),
+                _clean(f"DISPUTED: {receipt.dispute}") if receipt.dispute else Text("verified"),
+            )
+        out.print(receipts)
+    if report.events:
+        events = _table("New events", "biller", "#", "kind", "bill", "amount", "date", "message")
+        for event in report.events:
+            events.add_row(
+                event.biller_party_id,
+                str(event.sequence),
+                _event_kind(event.kind),
+                _clean(event.bill_id),
+                str(event.amount) if event.amount is not None else "",
+                event.date.isoformat() if event.date is not None else "",
+                _clean(event.message),
+            )
+        out.print(events)
+    for problem in report.problems:
+        colour = "yellow" if problem.exit_code == EXIT_OK else "red"
+        label = Text(f"{problem.biller_party_id} — {problem.what}: ", style=f"bold {colour}")
+        out.print(label + _clean(problem.detail), soft_wrap=True)
+
+
+# --- Running ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    state_dir: Path
+    once: bool = False
+    interval: float = DEFAULT_INTERVAL
+    approval: Approval = Approval.ASK
+    event_idle: float = EVENT_IDLE_SECONDS
+    retry: RetryPolicy = DEFAULT_RETRY
+
+
+async def run_household(
+    profile: Profile,
+    options: RunOptions,
+    out: Console,
+    *,
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+    on_report: Callable[[PassReport], None] | None = None,
+) -> int:
+    """One pass (`options.once`), or a pass every `options.interval` seconds until `stop` is set or the
+    process gets SIGINT/SIGTERM (handlers are installed when running in the main thread). Returns the
+    exit status; raises what `Household.open` raises."""
+    household = await Household.open(
+        profile,
+        options.state_dir,
+        clock=clock,
+        approval=options.approval,
+        retry=options.retry,
+        event_idle=options.event_idle,
+    )
+    if stop is None:
+        stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = [] if options.once or threading.current_thread() is not threading.main_thread() else _SIGNALS
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if options.once:
+            report = await household.run_pass()
+            render(report, out)
+            if on_report is not None:
+                on_report(report)
+            return report.exit_code
+        while not stop.is_set():
+            report_or_none = await _pass_until_stopped(household, stop, out)
+            if report_or_none is not None:
+                render(report_or_none, out)
+                if on_report is not None:
+                    on_report(report_or_none)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), options.interval)
+        out.print("stopped", highlight=False)
+        return EXIT_OK
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        await household.close()
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def _pass_until_stopped(household: Household, stop: asyncio.Event, out: Console) -> PassReport | None:
+    """One pass of a loop; a signal lets it finish for STOP_GRACE_SECONDS, then cancels it."""
+    task = asyncio.create_task(household.run_pass())
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            out.print("stopping: finishing this pass", highlight=False)
+            await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        try:
+            return task.result()
+        except Exception as error:  # a loop survives a failed pass; the next one tries again
+            logger.exception("the pass failed")
+            out.print(Text(f"the pass failed: {error}", style="red"), soft_wrap=True)
+            return None
+    finally:
+        waiter.cancel()
+
+
+def run_command(args: argparse.Namespace, out: Console) -> int:
+    """`parley consumer run`: what the CLI calls."""
+    try:
+        profile = load_profile(args.config)
+    except ProfileError as error:
+        out.print(Text("invalid profile ", style="bold red") + Text(str(error)), soft_wrap=True)
+        return EXIT_UNUSABLE
+    except OSError as error:
+        out.print(Text(f"cannot read {args.config}: {error.strerror}", style="red"), soft_wrap=True)
+        return EXIT_UNUSABLE
+    if args.interval <= 0:
+        out.print(Text("--interval must be positive", style="red"))
+        return EXIT_UNUSABLE
+    approval = Approval.APPROVE if args.approve_all else Approval.DENY if args.deny_all else Approval.ASK
+    options = RunOptions(Path(args.state_dir), once=args.once, interval=args.interval, approval=approval)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(run_household(profile, options, out))
+    except KeyboardInterrupt:  # Ctrl-C during a --once pass; the store keeps every step already taken
+        out.print("interrupted", highlight=False)
+        return 130
+    except ProfileError as error:
+        out.print(Text("invalid profile ", style="bold red") + Text(str(error)), soft_wrap=True)
+    except (StateError, InsecureKeyFileError) as error:
+        out.print(Text(f"unusable state: {error}", style="bold red"), soft_wrap=True)
+    except OSError as error:
+        out.print(Text(f"unusable state directory: {error}", style="bold red"), soft_wrap=True)
+    return EXIT_UNUSABLE
+
+
+def add_consumer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `parley consumer run` on the `parley` command's subparsers."""
+    consumer = commands.add_parser("consumer", help="run the reference consumer (a household's bot)")
+    actions = consumer.add_subparsers(dest="consumer_command", required=True, metavar="COMMAND")
+    run = actions.add_parser(
+        "run",
+        help="enrol, fetch bills, negotiate inside the mandate and pay what is due; every --interval seconds",
+        description="Act for the household of the profile: see reference_consumer/runner.py.",
+    )
+    run.add_argument("--config", required=True, metavar="FILE", help="the household's profile (TOML)")
+    run.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        help="key, key set, database and bank order book; created if missing (default: %(default)s)",
+    )
+    run.add_argument("--once", action="store_true", help="run one pass and exit")
+    run.add_argument(
+        "--interval", type=float, default=DEFAULT_INTERVAL, help="seconds between passes (default: %(default)s)"
+    )
+    answer = run.add_mutually_exclusive_group()
+    answer.add_argument(
+        "--approve-all", action="store_true", help="approve every move outside the mandate (unattended runs)"
+    )
+    answer.add_argument("--deny-all", action="store_true", help="decline every move outside the mandate")
+    run.set_defaults(handler=run_command)
+
+
+__all__ = [
+    "BANK_FILE",
+    "KEYSET_FILE",
+    "KEY_FILE",
+    "STORE_FILE",
+    "Approval",
+    "ApprovalPending",
+    "ApprovalPolicy",
+    "Household",
+    "JsonLinesBank",
+    "PassReport",
+    "RunOptions",
+    "StateError",
+    "add_consumer_commands",
+    "describe_terms",
+    "load_identity",
+    "render",
+    "run_command",
+    "run_household",
+]

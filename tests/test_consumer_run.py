@@ -1,0 +1,634 @@
+"""`parley consumer run`: the reference consumer against the reference biller.
+
+Real gRPC on 127.0.0.1 (a free port; plaintext on loopback, or TLS with the
+development CA of agent/certs.py), real SQLite files under tmp_path; the biller
+is served in this process and always shut down. The CLI runs in a worker thread
+(`agent.cli.main`, which starts its own event loop) while the biller serves on
+the test's loop; the approval scenario drives `Household` directly so that one
+ManualClock moves both sides through the month.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from agent.biller import BillerAgent
+from agent.certs import issue_server_cert, make_dev_ca
+from agent.cli import main as parley_main
+from agent.clock import Clock, ManualClock, SystemClock
+from agent.crypto import SigningKey
+from agent.stores.base import IntentState, ThreadOutcome
+from agent.stores.consumer_sqlite import SqliteConsumerStore
+from agent.terms import Money, TermsKind
+from agent.transport.client import RetryPolicy
+from parley.v1 import event_pb2
+from reference_biller import sample, scheduler
+from reference_biller.config import load_config
+from reference_biller.service import RunningBiller, serving_biller
+from reference_consumer.profile import BillerConnection, ProfileError, load_profile, parse_profile
+from reference_consumer.runner import (
+    BANK_FILE,
+    KEY_FILE,
+    STORE_FILE,
+    Approval,
+    Household,
+    PassReport,
+    RunOptions,
+    render,
+    run_household,
+)
+
+CONFIG = load_config()
+BILLER = CONFIG.party_id
+ACCOUNT = "acct-1001"
+PARTY = "consumer:household-7"
+START = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
+
+# A household with money to spare: it takes the early-payment discount and pays today.
+COMFORTABLE = """
+[household]
+party_id = "consumer:household-7"
+currency = "EUR"
+balance = "5000.00"
+buffer = "100.00"
+
+[income]
+amount = "3000.00"
+pay_day = 25
+
+[mandate]
+max_fee = "10.00"
+max_instalments = 6
+max_total_over_bill = "15.00"
+"""
+
+# Short until pay day (the 28th), rent on the 1st, and a mandate that allows no fee and no plan:
+# a bill of 600.00 due on the 26th is affordable only deferred past pay day, with the biller's fee.
+SHORT = """
+[household]
+party_id = "consumer:household-7"
+currency = "EUR"
+balance = "300.00"
+buffer = "100.00"
+
+[income]
+amount = "2000.00"
+pay_day = 28
+
+[[expenses]]
+name = "rent"
+amount = "950.00"
+day = 1
+
+[mandate]
+max_fee = "0.00"
+max_instalments = 0
+max_total_over_bill = "0.00"
+"""
+
+
+def eur(text: str) -> Money:
+    return Money.parse(text, "EUR")
+
+
+def write_profile(
+    path: Path,
+    *,
+    target: str,
+    fingerprint: str,
+    code: str | None,
+    transport: str = "insecure = true",
+    household: str = COMFORTABLE,
+) -> Path:
+    lines = [
+        household,
+        f'[billers."{BILLER}"]',
+        "priority = 1",
+        f'target = "{target}"',
+        f'fingerprint = "{fingerprint}"',
+        f'account_id = "{ACCOUNT}"',
+        transport,
+    ]
+    if code is not None:
+        lines.append(f'code = "{code}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def orders(state: Path) -> list[dict[str, Any]]:
+    path = state / BANK_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+OnEnrol = Callable[[BillerAgent], Awaitable[None]]
+
+
+@asynccontextmanager
+async def reference_biller(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    clock: Clock,
+    *,
+    tls: tuple[bytes, bytes] | None = None,
+    on_enrol: OnEnrol | None = None,
+) -> AsyncIterator[RunningBiller]:
+    """The reference biller on a free loopback port; `on_enrol` runs after each enrolment.
+
+    The reference biller bills an enrolled account on its next upkeep; tests cannot wait for
+    that, so by default it issues this month's sample bill as soon as the account enrols.
+    """
+    async with serving_biller(
+        CONFIG,
+        listen="127.0.0.1:0",
+        state_dir=tmp_path / "biller",
+        clock=clock,
+        tls=tls,
+        insecure=tls is None,
+        interval=timedelta(hours=1),  # upkeep runs once at start; the tests do the rest
+    ) as running:
+        agent, store = running.biller.agent, running.biller.store
+
+        async def monthly_bill(agent: BillerAgent) -> None:
+            await sample.bill_enrolled_accounts(agent, store, CONFIG, clock.now().date())
+
+        hook = on_enrol or monthly_bill
+        enrol = agent.enrol
+
+        async def enrol_then_bill(envelope: Any) -> Any:
+            response = await enrol(envelope)
+            await hook(agent)
+            return response
+
+        monkeypatch.setattr(agent, "enrol", enrol_then_bill)
+        yield running
+
+
+async def code_for(running: RunningBiller) -> str:
+    return (await sample.issue_codes(running.biller.agent, CONFIG, [ACCOUNT]))[ACCOUNT]
+
+
+async def cli(*argv: str) -> int:
+    """`parley ...` in a worker thread: the CLI runs its own event loop while the biller serves on ours."""
+    return await asyncio.to_thread(parley_main, list(argv))
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "240")  # Rich sizes its tables to this: no cell is wrapped in the tests
+
+
+# --- The CLI against a live biller ---------------------------------------------------------------------
+
+
+def test_first_run_enrols_agrees_and_pays_and_later_runs_neither_enrol_nor_pay_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca = make_dev_ca()
+    server = issue_server_cert(ca, hostnames=["localhost"], ips=["127.0.0.1"])
+    (tmp_path / "biller-ca.pem").write_bytes(ca.cert_pem)
+    state = tmp_path / "state"
+    clock = SystemClock()
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, tls=(server.chain_pem, server.key_pem)) as running:
+            biller = running.biller.agent
+            profile = write_profile(
+                tmp_path / "household.toml",
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=running.biller.fingerprint.hex(),
+                code=await code_for(running),
+                transport='ca_file = "biller-ca.pem"',  # relative to the profile; TLS verified against it
+            )
+            run = ("consumer", "run", "--config", str(profile), "--state-dir", str(state), "--once")
+
+            # First run: enrols with the code, finds this month's bill, agrees early payment, pays it.
+            assert await cli(*run) == 0
+            first = capsys.readouterr().out
+            assert "enrolled now" in first
+            account = await biller.account(ACCOUNT)
+            assert account is not None
+            assert account.consumer_party_id == PARTY  # the code was used for this household
+            [order] = orders(state)
+            today = clock.now().date()
+            bill_id = sample.bill_id_for(ACCOUNT, today)
+            bill = await running.biller.store.get_bill(bill_id)
+            assert bill is not None
+            assert order["bill_id"] == bill_id
+            assert order["biller_party_id"] == BILLER
+            assert order["payee_account"] == CONFIG.payments.payee_account
+            amount = eur(order["amount"])
+            assert amount == sample.sample_amount(CONFIG, ACCOUNT, f"{today:%Y-%m}") - eur("3.00")  # the discount
+            assert "agreed" in first
+            assert "paid now" in first
+            assert "BILL_ISSUED" in first
+            assert "ARRANGEMENT_ACTIVE" in first
+            assert (state / KEY_FILE).stat().st_mode & 0o777 == 0o600
+            assert (state / BANK_FILE).stat().st_mode & 0o777 == 0o600
+            key = SigningKey.load(state / KEY_FILE)
+
+            # The household's bank pays as ordered; the biller's rail settles it and signs a receipt.
+            rail = running.biller.rail
+            rail.pay(order["payment_reference"], amount, clock.now())
+            assert len(await rail.settle_all(biller, clock.now())) == 1
+            # And the biller issues another bill.
+            await biller.issue_bill(ACCOUNT, eur("80.00"), today + timedelta(days=30), "Meter service", bill_id="extra")
+
+            # Second run: same identity, no enrolment, the first bill not paid again, the new one paid,
+            # the receipt and the new events picked up.
+            assert await cli(*run) == 0
+            second = capsys.readouterr().out
+            assert "enrolled now" not in second
+            assert "enrolled" in second
+            assert SigningKey.load(state / KEY_FILE).keyid == key.keyid
+            assert [o["bill_id"] for o in orders(state)] == [bill_id, "extra"]
+            assert orders(state)[0] == order
+            assert orders(state)[1]["amount"] == "77.00"
+            assert "PAYMENT_RECEIVED" in second
+            assert "verified" in second  # the receipt
+            assert "ARRANGEMENT_ACTIVE" in second  # on the new bill
+
+            # Third run: nothing new to pay, no event seen twice.
+            assert await cli(*run) == 0
+            third = capsys.readouterr().out
+            assert len(orders(state)) == 2
+            assert "paid now" not in third
+            assert "BILL_ISSUED" not in third
+
+        store = await SqliteConsumerStore.open(state / STORE_FILE)
+        try:
+            threads = await store.threads(BILLER)
+            assert [t.outcome for t in threads] == [ThreadOutcome.AGREED, ThreadOutcome.AGREED]
+            intents = await store.intents(BILLER)
+            assert [i.state for i in intents] == [IntentState.PAID, IntentState.PAID]
+            kinds = [e.kind for e in await store.stored_events(BILLER, ACCOUNT, 0, 100)]
+            assert kinds.count(event_pb2.EVENT_KIND_PAYMENT_RECEIVED) == 1
+            assert kinds.count(event_pb2.EVENT_KIND_BILL_ISSUED) == 2
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_wrong_fingerprint_stops_at_pin_mismatch_and_pays_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, SystemClock()) as running:
+            profile = write_profile(
+                tmp_path / "household.toml",
+                target=f"127.0.0.1:{running.port}",
+                fingerprint="ab" * 32,  # not this biller's identity
+                code=await code_for(running),
+            )
+            assert await cli("consumer", "run", "--config", str(profile), "--state-dir", str(state), "--once") == 1
+            out = capsys.readouterr().out
+            assert "PIN_MISMATCH" in out
+            assert "not enrolled" in out
+            account = await running.biller.agent.account(ACCOUNT)
+            assert account is not None
+            assert account.consumer_party_id is None  # the code was not spent on an unverified biller
+        assert orders(state) == []
+        store = await SqliteConsumerStore.open(state / STORE_FILE)
+        try:
+            assert await store.links() == []
+            assert await store.intents() == []
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_biller_is_exit_2_once_and_a_loop_keeps_going_until_stopped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    profile_path = write_profile(
+        tmp_path / "household.toml", target=f"127.0.0.1:{free_port()}", fingerprint="cd" * 32, code="7KQ2-M9XD-4RTB"
+    )
+    run = ["consumer", "run", "--config", str(profile_path), "--state-dir", str(tmp_path / "state")]
+    assert parley_main([*run, "--once"]) == 2
+    assert "cannot be reached" in capsys.readouterr().out
+
+    reports: list[PassReport] = []
+
+    async def loop() -> int:
+        stop = asyncio.Event()
+
+        def seen(report: PassReport) -> None:
+            reports.append(report)
+            if len(reports) == 2:
+                stop.set()
+
+        options = RunOptions(tmp_path / "state", interval=0.01, retry=RetryPolicy(attempts=1, call_timeout=2))
+        out = Console(file=io.StringIO())
+        return await run_household(load_profile(profile_path), options, out, stop=stop, on_report=seen)
+
+    assert asyncio.run(loop()) == 0
+    assert len(reports) == 2
+    assert all(report.exit_code == 2 for report in reports)
+
+
+def test_sigterm_stops_a_running_loop_cleanly(tmp_path: Path) -> None:
+    profile = write_profile(
+        tmp_path / "household.toml", target=f"127.0.0.1:{free_port()}", fingerprint="cd" * 32, code="7KQ2-M9XD-4RTB"
+    )
+    command = [sys.executable, "-m", "agent.cli", "consumer", "run", "--config", str(profile), "--interval", "0.2"]
+    process = subprocess.Popen(
+        [*command, "--state-dir", str(tmp_path / "state")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "cannot be reached" in line:  # the first pass is done
+                break
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+        assert process.returncode == 0, output
+        assert "stopped" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+# --- Approval outside the mandate, instalments on their dates ---------------------------------------------
+
+
+def test_moves_outside_the_mandate_wait_for_approval_and_payments_wait_for_their_date(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = ManualClock(START)
+    state = tmp_path / "state"
+    profile = tmp_path / "household.toml"
+    due = date(2026, 3, 26)
+
+    async def bill_600(agent: BillerAgent) -> None:
+        await agent.issue_bill(ACCOUNT, eur("600.00"), due, "Winter energy", bill_id="winter")
+
+    async def one_pass(approval: Approval) -> PassReport:
+        household = await Household.open(load_profile(profile), state, clock=clock, approval=approval)
+        try:
+            report = await household.run_pass()
+        finally:
+            await household.close()
+        render(report, Console())
+        return report
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_600) as running:
+            write_profile(
+                profile,
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=running.biller.fingerprint.hex(),
+                code=await code_for(running),
+                household=SHORT,
+            )
+            # By default the request is printed and left pending: nothing is sent to the biller.
+            report = await one_pass(Approval.ASK)
+            assert report.exit_code == 0
+            [record] = report.approvals
+            assert (record.answer, record.request.action) == ("pending", "open")
+            assert record.request.terms.kind is TermsKind.DEFERRAL
+            assert [str(i.amount) for i in record.request.terms.schedule] == ["EUR 605.00"]
+            assert any("fees of EUR 5.00 exceed" in v for v in record.request.violations)
+            assert [line.outcome for line in report.negotiations] == ["awaiting your approval"]
+            out = capsys.readouterr().out
+            assert "--approve-all" in out
+            assert "awaiting your approval" in out
+            assert await running.biller.store.open_thread_bills(ACCOUNT, clock.now()) == []
+
+            report = await one_pass(Approval.DENY)
+            assert [(r.answer, r.request.action) for r in report.approvals] == [("declined", "open")]
+            assert [line.outcome for line in report.negotiations] == ["not opened"]
+            assert [line.status for line in report.bills] == ["new: you declined the opening"]
+            assert await running.biller.store.open_thread_bills(ACCOUNT, clock.now()) == []
+
+            # Approved: the deferral inside the biller's options is agreed; it is due on the 29th, not today.
+            report = await one_pass(Approval.APPROVE)
+            assert [line.outcome for line in report.negotiations] == ["agreed"]
+            assert [(p.status, p.due) for p in report.payments] == [("scheduled", date(2026, 3, 29))]
+            assert orders(state) == []
+
+            clock.set(datetime(2026, 3, 29, 9, 0, tzinfo=UTC))
+            report = await one_pass(Approval.ASK)
+            assert report.approvals == []
+            assert [p.status for p in report.payments] == ["paid now"]
+            [order] = orders(state)
+            assert (order["bill_id"], order["amount"]) == ("winter", "605.00")
+
+            report = await one_pass(Approval.ASK)
+            assert report.payments == []
+            assert len(orders(state)) == 1
+
+    asyncio.run(main())
+
+
+def test_a_broken_arrangement_is_not_paid_and_is_negotiated_again_once_the_biller_offers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(START)
+    state = tmp_path / "state"
+    profile = tmp_path / "household.toml"
+
+    async def bill_600(agent: BillerAgent) -> None:
+        await agent.issue_bill(ACCOUNT, eur("600.00"), date(2026, 3, 26), "Winter energy", bill_id="winter")
+
+    async def one_pass() -> PassReport:
+        household = await Household.open(load_profile(profile), state, clock=clock, approval=Approval.APPROVE)
+        try:
+            return await household.run_pass()
+        finally:
+            await household.close()
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_600) as running:
+            biller = running.biller
+            write_profile(
+                profile,
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=biller.fingerprint.hex(),
+                code=await code_for(running),
+                household=SHORT,
+            )
+            report = await one_pass()
+            assert [line.outcome for line in report.negotiations] == ["agreed"]
+            # The household misses its date; past the grace days the biller ends the arrangement.
+            clock.set(datetime(2026, 4, 3, 9, 0, tzinfo=UTC))
+            await scheduler.tick(biller.agent, CONFIG, clock.now(), store=biller.store, accounts=[ACCOUNT])
+            report = await one_pass()
+            kinds = [event_pb2.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in report.events]
+            assert kinds[:3] == ["INSTALMENT_MISSED", "ARRANGEMENT_BROKEN", "RENEGOTIATION_OFFERED"]
+            # Negotiated again (approved: a plan, outside this mandate), and the ended deferral is not paid.
+            assert [(line.bill_id, line.outcome) for line in report.negotiations] == [("winter", "agreed")]
+            assert [(p.instalment, p.status) for p in report.payments] == [
+                (1, "scheduled"),
+                (2, "scheduled"),
+                (3, "scheduled"),
+            ]
+            assert [line.status for line in report.bills] == ["agreed, 0/3 paid"]
+            assert orders(state) == []
+
+        store = await SqliteConsumerStore.open(state / STORE_FILE)
+        try:
+            threads = await store.threads(BILLER, "winter")
+            assert len(threads) == 2
+            assert threads[0].outcome is ThreadOutcome.AGREED
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+# --- Invalid profiles and state -------------------------------------------------------------------------------
+
+
+def _profile_document() -> dict[str, Any]:
+    return {
+        "household": {"party_id": PARTY, "currency": "EUR", "balance": "10.00", "buffer": "0.00"},
+        "income": {"amount": "100.00", "pay_day": 1},
+        "mandate": {"max_fee": "0.00", "max_instalments": 0, "max_total_over_bill": "0.00"},
+        "billers": {
+            BILLER: {
+                "priority": 1,
+                "target": "127.0.0.1:7443",
+                "fingerprint": "ab" * 32,
+                "account_id": ACCOUNT,
+                "code": "7KQ2-M9XD-4RTB",
+                "insecure": True,
+            }
+        },
+    }
+
+
+def test_connection_keys_are_read() -> None:
+    document = _profile_document()
+    profile = parse_profile(document)
+    assert profile.billers[0].connection == BillerConnection(
+        "127.0.0.1:7443", bytes.fromhex("ab" * 32), ACCOUNT, "7KQ2-M9XD-4RTB", insecure=True
+    )
+    del document["billers"][BILLER]["insecure"]
+    document["billers"][BILLER].update(ca_file="ca.pem", server_name="billing.energy.example")
+    document["billers"]["biller:telco.example"] = {"priority": 2}
+    profile = parse_profile(document, base_dir=Path("/etc/parley"))
+    connection = profile.billers[0].connection
+    assert connection is not None
+    assert connection.ca_file == Path("/etc/parley/ca.pem")
+    assert connection.server_name == "billing.energy.example"
+    assert profile.billers[1].connection is None
+    assert [b.biller_id for b in profile.connected()] == [BILLER]
+    sample_profile = load_profile(Path(__file__).parents[1] / "reference_consumer" / "sample.toml")
+    assert [b.biller_id for b in sample_profile.connected()] == [BILLER]
+
+
+KEY = f'billers."{BILLER}"'
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("fingerprint", "abc", f'{KEY}.fingerprint: "abc" is not an identity fingerprint (64 hex characters)'),
+        ("fingerprint", "zz" * 32, f"{KEY}.fingerprint: "),
+        ("target", "energy.example", f'{KEY}.target: "energy.example" is not a target "host:port"'),
+        ("target", "host:99999", f"{KEY}.target: "),
+        ("target", ..., f"{KEY}.target: missing"),
+        ("account_id", ..., f"{KEY}.account_id: missing"),
+        ("account_id", "", f"{KEY}.account_id: expected an account id"),
+        ("code", "SHORT", f'{KEY}.code: "SHORT" is not an enrolment code'),
+        ("insecure", "yes", f'{KEY}.insecure: expected true or false, got "yes"'),
+        ("ca_file", "ca.pem", f"{KEY}.insecure: choose ca_file (TLS) or insecure = true, not both"),
+        ("target", "billing.energy.example:7443", f"{KEY}.insecure: plaintext is allowed only to a loopback"),
+        ("tls", True, f"{KEY}.tls: unknown key"),
+    ],
+)
+def test_connection_errors_name_the_key(field: str, value: object, message: str) -> None:
+    document = _profile_document()
+    if value is ...:
+        del document["billers"][BILLER][field]
+    else:
+        document["billers"][BILLER][field] = value
+    with pytest.raises(ProfileError) as info:
+        parse_profile(document)
+    assert str(info.value).startswith(message)
+    assert info.value.key == message.split(": ", maxsplit=1)[0]
+
+
+def test_an_invalid_profile_or_state_is_exit_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def run(text: str, state: str = "state") -> tuple[int, str]:
+        profile = tmp_path / "household.toml"
+        profile.write_text(text)
+        status = parley_main(
+            ["consumer", "run", "--config", str(profile), "--state-dir", str(tmp_path / state), "--once"]
+        )
+        return status, capsys.readouterr().out
+
+    good = write_profile(tmp_path / "good.toml", target="127.0.0.1:1", fingerprint="ab" * 32, code=None).read_text()
+
+    status, out = run(good.replace("max_fee =", "max_fees ="))
+    assert status == 2
+    assert "mandate.max_fees: unknown key (did you mean max_fee?)" in out
+    status, out = run(good.replace('fingerprint = "' + "ab" * 32, 'fingerprint = "' + "ab" * 31))
+    assert status == 2
+    assert f"{KEY}.fingerprint: " in out
+    status, out = run(good.replace("insecure = true", 'ca_file = "missing.pem"'))
+    assert status == 2
+    assert f"{KEY}.ca_file: cannot read" in out
+    status, out = run(good + "\n[unused]\nx = 1\n")
+    assert status == 2
+    assert "unused: unknown key" in out
+    assert not (tmp_path / "state").exists()  # refused before anything was created
+
+    # A first run needs the enrolment code: said before anything is sent.
+    status, out = run(good)
+    assert status == 2
+    assert f"{KEY}.code: missing" in out
+    # The state directory holds this party's identity; another profile cannot use it.
+    status, out = run(good.replace(PARTY, "consumer:somebody-else"))
+    assert status == 2
+    assert "household.party_id" in out
+    assert "consumer:household-7" in out
+
+    os.chmod(tmp_path / "state" / KEY_FILE, 0o644)
+    status, out = run(good)
+    assert status == 2
+    assert "chmod 600" in out
+    assert orders(tmp_path / "state") == []
+
+
+def test_a_profile_with_no_biller_to_reach_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile = tmp_path / "household.toml"
+    profile.write_text(COMFORTABLE + f'\n[billers."{BILLER}"]\npriority = 1\n')
+    assert parley_main(["consumer", "run", "--config", str(profile), "--state-dir", str(tmp_path / "s"), "--once"]) == 2
+    assert "billers: no biller says how to reach it" in capsys.readouterr().out
+
+
+def test_usage_errors_are_exit_2(tmp_path: Path) -> None:
+    assert parley_main(["consumer", "run", "--once"]) == 2  # --config is required
+    assert parley_main(["consumer", "run", "--config", "x.toml", "--approve-all", "--deny-all"]) == 2
+    assert parley_main(["consumer", "run", "--config", str(tmp_path / "missing.toml"), "--once"]) == 2

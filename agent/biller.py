@@ -69,6 +69,8 @@ from agent.limits import (
     THREAD_ID_BYTES,
     Limits,
 )
+from agent.logs import log_step, request_ids, set_request_ids
+from agent.metrics import BillerMetrics
 from agent.protocol.messages import (
     Verified,
     check_sequence,
@@ -363,6 +365,7 @@ class BillerAgent:
         message_lifetime: timedelta = timedelta(hours=1),
         watch_poll_interval: timedelta = timedelta(seconds=5),
         features: Sequence[str] = FEATURES,
+        metrics: BillerMetrics | None = None,
     ) -> None:
         """`key_sets` is the biller's own chain (verified here if given as envelopes).
 
@@ -372,8 +375,9 @@ class BillerAgent:
         `message_lifetime` is the expire_time - create_time of everything the agent
         signs. `watch_poll_interval` bounds how late an event appended by another
         process sharing the store reaches this process's watchers (events appended
-        here wake them at once). ValueError if the key is not in the chain's newest
-        version or the chain is another party's.
+        here wake them at once). `metrics` (default: new ones, on a registry of their
+        own) count its protocol steps. ValueError if the key is not in the chain's
+        newest version or the chain is another party's.
         """
         chain = key_sets if isinstance(key_sets, KeyChain) else KeyChain.verify(list(key_sets), limits=limits)
         if chain.party_id != party_id:
@@ -390,6 +394,7 @@ class BillerAgent:
         self.limits = limits
         self.clock: Clock = clock or SystemClock()
         self.features = tuple(features)
+        self.metrics = metrics if metrics is not None else BillerMetrics()
         self._key = signing_key
         self._store = store
         self._policy = policy
@@ -427,7 +432,7 @@ class BillerAgent:
         now = self.clock.now()
         record = EnrolmentCodeRecord(account_id, salt, _code_hash(salt, code), now + valid_for, used=False)
         await self._store.add_enrolment_code(record, now)
-        logger.info("enrolment code issued account=%s", account_id)
+        log_step(logger, "enrolment-code-issued", account=account_id)  # the code itself: never logged
         return code
 
     async def issue_bill(
@@ -490,7 +495,7 @@ class BillerAgent:
             message=f"New bill: {description}, {amount_due} due {due_date.isoformat()}."[:MAX_NOTE_CHARS],
         )
         self._wakeups.notify(await self._store.insert_bill(record, [event]))
-        logger.info("bill issued account=%s bill=%s", account_id, facts.bill_id)
+        log_step(logger, "bill-issued", account=account_id, bill=facts.bill_id)
         return facts.bill_id
 
     async def emit_event(
@@ -624,7 +629,9 @@ class BillerAgent:
         if settlement.rail_reference != rail_reference:
             raise ValueError(f"intent {intent_id!r} was already settled under another rail reference (PAY-7)")
         self._wakeups.notify(records)
-        logger.info("payment settled account=%s intent=%s", account_id, intent_id)
+        if records:  # not a repeat of a settlement already recorded
+            self.metrics.payments_settled.inc()
+            log_step(logger, "payment-settled", account=account_id, intent=intent_id, thread_id=thread_id)
         return _envelope(settlement.receipt)
 
     async def arrangements(self, account_id: str | None = None, *, active_only: bool = True) -> list[Arrangement]:
@@ -705,7 +712,7 @@ class BillerAgent:
             KeySetRecord(party_id, extended.latest.version, envelope.SerializeToString(), keyids)
         )
         self._chains[party_id] = extended
-        logger.info("key set published party=%s version=%d", party_id, extended.latest.version)
+        log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)
         return biller_service_pb2.PublishKeySetResponse(version=extended.latest.version)
 
     async def enrol(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.EnrolResponse:
@@ -735,6 +742,7 @@ class BillerAgent:
             envelope, (request_type,), sender_keys=chain, recipient=self.party_id, now=now, limits=self.limits
         )
         inbound = _Inbound(verified, party_id)
+        set_request_ids(inbound.header.thread_id, inbound.header.message_id)
         request = inbound.message
         # (6) Replay: a retry of the request that spent the code gets its confirmation (ENR-2).
         answer = await self._replayed(inbound)
@@ -776,13 +784,22 @@ class BillerAgent:
             if answer is None:
                 raise
             return biller_service_pb2.EnrolResponse.FromString(answer)
-        logger.info("enrolled account=%s party=%s", request.account_id, party_id)
+        self.metrics.enrolments.inc()
+        log_step(
+            logger,
+            "enrolled",
+            account=request.account_id,
+            party=party_id,
+            thread_id=inbound.header.thread_id,
+            message_id=inbound.header.message_id,
+        )
         return response
 
     async def list_bills(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.ListBillsResponse:
         """The account's signed bills, oldest first."""
         query = await self._query(envelope, "ListBills")
         bills = await self._store.list_bills(query.account_id)
+        self._log_read("ListBills", query.account_id, bills=len(bills))
         return biller_service_pb2.ListBillsResponse(bills=[_envelope(bill.envelope) for bill in bills])
 
     async def get_bill(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetBillResponse:
@@ -791,6 +808,7 @@ class BillerAgent:
         bill = await self._store.get_bill(query.bill_id)
         if bill is None or bill.account_id != query.account_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {query.bill_id!r} on the account")
+        self._log_read("GetBill", query.account_id, bill=query.bill_id)
         return biller_service_pb2.GetBillResponse(bill=_envelope(bill.envelope))
 
     async def get_thread(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetThreadResponse:
@@ -800,6 +818,7 @@ class BillerAgent:
         if thread is None or thread.account_id != query.account_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, "no such thread on the account")
         negotiation = await self._rebuild(thread)
+        self._log_read("GetThread", query.account_id, thread=query.thread_id, outcome=negotiation.state.value)
         return biller_service_pb2.GetThreadResponse(
             messages=[_envelope(message.envelope) for message in thread.messages],
             outcome=negotiation.state.outcome,
@@ -876,13 +895,20 @@ class BillerAgent:
             if answer is None:
                 raise
             return await self._negotiate_retry(answer, thread_id)
-        logger.info(
-            "negotiate thread=%s seq=%d move=%s reply=%s outcome=%s",
-            thread_id.hex(),
-            inbound.header.sequence,
-            type(message.move).__name__,
-            type(negotiation.history[-1].move).__name__ if reply is not None else "-",
-            negotiation.state.value,
+        if new_thread is not None:
+            self.metrics.negotiations_opened.inc()
+        self._count_outcome(negotiation)
+        log_step(
+            logger,
+            "negotiate",
+            account=bill.account_id,
+            bill=bill.bill_id,
+            thread_id=thread_id,
+            message_id=inbound.header.message_id,
+            seq=inbound.header.sequence,
+            move=type(message.move).__name__,
+            reply=type(negotiation.history[-1].move).__name__ if reply is not None else None,
+            outcome=negotiation.state.value,
         )
         return response
 
@@ -952,7 +978,17 @@ class BillerAgent:
             if existing is None:
                 raise
             return await self._same_intent(inbound, existing, content_hash)
-        logger.info("payment intent account=%s intent=%s amount=%s", intent.account_id, intent.intent_id, owed)
+        self.metrics.payment_intents.inc()
+        log_step(
+            logger,
+            "payment-intent",
+            account=intent.account_id,
+            bill=intent.bill_id,
+            intent=intent.intent_id,
+            amount=owed,
+            thread_id=inbound.header.thread_id,
+            message_id=inbound.header.message_id,
+        )
         return response
 
     async def get_receipt(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetReceiptResponse:
@@ -963,6 +999,7 @@ class BillerAgent:
         settlement = await self._store.get_settlement(query.account_id, query.intent_id)
         if settlement is None:
             raise RemoteProtocolError(Reason.PAYMENT_NOT_SETTLED, f"intent {query.intent_id!r} is not settled yet")
+        self._log_read("GetReceipt", query.account_id, intent=query.intent_id)
         return biller_service_pb2.GetReceiptResponse(receipt=_envelope(settlement.receipt))
 
     async def watch_events(self, envelope: envelope_pb2.Envelope) -> AsyncIterator[envelope_pb2.Envelope]:
@@ -977,6 +1014,7 @@ class BillerAgent:
             raise RemoteProtocolError(
                 Reason.CURSOR_OUT_OF_RANGE, f"start_sequence {query.start_sequence} is beyond the log's end {length}"
             )
+        self._log_read("WatchEvents", query.account_id, start_sequence=query.start_sequence)
         return self._follow(query.account_id, query.start_sequence)
 
     async def request_erasure(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.RequestErasureResponse:
@@ -1002,7 +1040,14 @@ class BillerAgent:
             return self._replay_record(inbound, answer=response.SerializeToString())
 
         count = await self._store.erase_disclosures(account_id, confirm)
-        logger.info("disclosures erased account=%s count=%d", account_id, count)
+        log_step(
+            logger,
+            "erasure",
+            account=account_id,
+            erased=count,
+            thread_id=inbound.header.thread_id,
+            message_id=inbound.header.message_id,
+        )
         return responses[-1]
 
     # === The receive path ============================================================================
@@ -1021,6 +1066,7 @@ class BillerAgent:
         verified = open_envelope(
             envelope, expected, sender_keys=chain, recipient=self.party_id, now=now, limits=self.limits
         )
+        set_request_ids(verified.header.thread_id, verified.header.message_id)
         chain.check_fresh(now)  # KEY-13
         return _Inbound(verified, party_id)
 
@@ -1093,6 +1139,19 @@ class BillerAgent:
             error_reason=None if error is None else error.reason.name,
             error_detail="" if error is None else error.detail,
         )
+
+    def _log_read(self, rpc: str, account_id: str, **fields: object) -> None:
+        thread_id, message_id = request_ids()
+        log_step(logger, "read", rpc=rpc, account=account_id, thread_id=thread_id, message_id=message_id, **fields)
+
+    def _count_outcome(self, negotiation: Negotiation) -> None:
+        """Metrics for a step that ended the thread: its outcome, and the agreement's kind."""
+        if not negotiation.state.terminal:
+            return
+        self.metrics.negotiations.labels(negotiation.state.value).inc()
+        terms = negotiation.agreed_terms
+        if terms is not None:
+            self.metrics.agreements.labels(terms.kind.name.lower()).inc()
 
     async def _query(self, envelope: envelope_pb2.Envelope, rpc: str) -> account_pb2.AccountQuery:
         """A signed read: receive path, query shape (AUZ-4), authorization (AUZ-1).
@@ -1204,8 +1263,15 @@ class BillerAgent:
         if thread is None:
             return
         if negotiation.state is State.PROTOCOL_ERROR:
-            logger.warning(
-                "negotiate thread=%s seq=%d violation=%s", record.thread_id.hex(), record.sequence, error.reason.name
+            log_step(
+                logger,
+                "negotiate-violation",
+                logging.WARNING,
+                account=thread.account_id,
+                thread_id=record.thread_id,
+                message_id=inbound.header.message_id,
+                seq=record.sequence,
+                reason=error.reason.name,
             )
             step = NegotiationStep(
                 account_id=thread.account_id,
@@ -1217,8 +1283,13 @@ class BillerAgent:
                 replay=self._replay_record(inbound, error=error),
             )
             await self._store.record_negotiation_step(step)
+            if thread.outcome is ThreadOutcome.OPEN:
+                self._count_outcome(negotiation)
         elif negotiation.state is State.EXPIRED:
             await self._store.mark_thread_expired(thread.thread_id)
+            if thread.outcome is ThreadOutcome.OPEN:
+                self._count_outcome(negotiation)
+                log_step(logger, "negotiate-expired", account=thread.account_id, thread_id=thread.thread_id)
 
     async def _check_can_open(self, bill: BillRecord, now: datetime) -> None:
         """NEG-3 then LIM-7, after the opening passed the core's checks (re-checked when storing)."""
@@ -1261,11 +1332,14 @@ class BillerAgent:
         try:
             return self._sign_move(negotiation, move, consumer, thread_id, now)
         except LocalProtocolError as refused:
-            logger.warning(
-                "negotiate thread=%s policy answer %s refused (%s); rejecting instead",
-                thread_id.hex(),
-                type(move).__name__,
-                refused.reason.name,
+            log_step(
+                logger,
+                "policy-answer-refused",
+                logging.WARNING,
+                thread_id=thread_id,
+                answer=type(move).__name__,
+                reason=refused.reason.name,
+                instead="Reject",
             )
             fallback = Reject(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY)
             return self._sign_move(negotiation, fallback, consumer, thread_id, now)
@@ -1505,7 +1579,7 @@ class BillerAgent:
                 match = record
         if match is None:
             await self._store.record_failed_enrolment(account_id, self.limits.enrolment_max_attempts)
-            logger.warning("enrolment code mismatch account=%s", account_id)
+            log_step(logger, "enrolment-code-mismatch", logging.WARNING, account=account_id)  # never the code
             raise RemoteProtocolError(Reason.ENROLMENT_CODE_INVALID, "wrong account or code")
         if match.used:
             raise RemoteProtocolError(Reason.ENROLMENT_CODE_USED, "the code was already used")

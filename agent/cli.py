@@ -7,12 +7,18 @@
     parley verify BUNDLE.json       verify an agreement bundle offline
     parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR]
                         [--tls-cert FILE --tls-key FILE | --insecure] [--conformance-control]
-                                    run the reference biller (built-in sample config without --config)
-    parley biller codes --state-dir DIR [--config FILE] [--endpoint HOST:PORT]
+                        [--metrics-listen HOST:PORT] [--log-format json|text] [--log-level LEVEL]
+                        [--shutdown-grace SECONDS] [--otel]
+                                    run the reference biller (built-in sample config without --config);
+                                    PARLEY_* variables and the config's [server] table set the same options
+    parley biller codes --state-dir DIR [--config FILE] [--endpoint HOST:PORT] [--json]
                                     issue enrolment codes for the configured accounts
     parley biller check-config FILE validate a reference biller configuration
     parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
                                     run the reference consumer bot for one household profile
+
+Serve options: flag > PARLEY_* environment variable > the config file's [server]
+table > default (reference_biller/settings.py, docs/OPERATIONS.md).
 
 `verify` exits 0 when the bundle is valid, 1 when it is invalid (the reason is
 printed), 2 when the input is unusable (unreadable, not a bundle, bad usage).
@@ -28,25 +34,28 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from agent.clock import Clock, SystemClock
 from agent.crypto import SigningKey
 from agent.demo import run as run_demo
 from agent.errors import ParleyError
+from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
 from agent.terms import format_date
+from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import sample
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.service import RunningBiller, SteppableClock, open_biller, run_biller
+from reference_biller.settings import ServeSettings, SettingsError, config_file, resolve_serve, resolve_state_dir
 from reference_consumer.runner import add_consumer_commands
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
@@ -142,11 +151,12 @@ def _demo(args: argparse.Namespace, out: Console) -> int:
 
 
 def _biller_config(args: argparse.Namespace, out: Console) -> BillerConfig | None:
-    """The --config file (default: the built-in sample), or None after printing why it is invalid."""
+    """The --config file (else PARLEY_CONFIG, else the built-in sample), or None after printing why it is invalid."""
+    path, _ = config_file(args.config)
     try:
-        return load_config(Path(args.config) if args.config else SAMPLE)
+        return load_config(path or SAMPLE)
     except ConfigError as error:
-        out.print(f"[bold red]invalid configuration[/bold red] {error}", highlight=False, soft_wrap=True)
+        out.print(f"[bold red]invalid configuration[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return None
 
 
@@ -154,7 +164,7 @@ def _check_config(args: argparse.Namespace, out: Console) -> int:
     try:
         config = load_config(Path(args.file))
     except ConfigError as error:
-        out.print(f"[bold red]INVALID[/bold red] {error}", highlight=False, soft_wrap=True)
+        out.print(f"[bold red]INVALID[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_INVALID
     out.print(
         f"OK {args.file}: {config.name} ({config.party_id}), {len(config.segments)} segment(s), "
@@ -165,22 +175,25 @@ def _check_config(args: argparse.Namespace, out: Console) -> int:
     return EXIT_VALID
 
 
-def _tls_files(args: argparse.Namespace) -> tuple[bytes, bytes] | None:
-    """(certificate chain, key) from --tls-cert/--tls-key; ValueError on bad usage, OSError if unreadable."""
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_cert and args.insecure:
+def _failed(out: Console, message: str) -> None:
+    """An error line, printed as is (no Rich markup: messages quote [server], [::1], parley[otel]...)."""
+    out.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+def _tls_files(settings: ServeSettings, insecure: bool) -> tuple[bytes, bytes] | None:
+    """(certificate chain, key) from the TLS settings; ValueError on bad usage, OSError if unreadable."""
+    if settings.tls_cert and insecure:
         raise ValueError("choose --tls-cert/--tls-key or --insecure, not both")
-    if not args.tls_cert:
-        if not args.insecure:
+    if settings.tls_cert is None or settings.tls_key is None:
+        if not insecure:
             raise ValueError(
                 "TLS is required (TRN-2): give --tls-cert and --tls-key, or --insecure to serve plaintext on loopback"
             )
-        host = args.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+        host = settings.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
         if not is_loopback(host):
             raise ValueError(f"plaintext is allowed only on a loopback address (TRN-2), not {host!r}: use TLS")
         return None
-    return Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()
+    return settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
 
 
 def _print_ready(running: RunningBiller) -> None:
@@ -191,23 +204,28 @@ def _print_ready(running: RunningBiller) -> None:
     print(f"state       {running.biller.state_dir}", flush=True)
     if "conformance-control" in agent.features:
         print("conformance-control ENABLED: test fixtures only, never in production", flush=True)
+    if running.metrics is not None:
+        print(f"metrics     {running.metrics.url}", flush=True)
     print(f"listening   {running.address} ({transport})", flush=True)
 
 
 async def _serve_until_signalled(
-    args: argparse.Namespace, config: BillerConfig, tls: tuple[bytes, bytes] | None
+    args: argparse.Namespace, config: BillerConfig, settings: ServeSettings, tls: tuple[bytes, bytes] | None
 ) -> None:
     clock: Clock = SteppableClock() if args.conformance_control else SystemClock()
     serving = asyncio.create_task(
         run_biller(
             config,
-            listen=args.listen,
-            state_dir=Path(args.state_dir),
+            listen=settings.listen,
+            state_dir=settings.state_dir,
             clock=clock,
             tls=tls,
             insecure=args.insecure,
             conformance_control=args.conformance_control,
             on_ready=_print_ready,
+            shutdown_grace=settings.shutdown_grace,
+            metrics_listen=settings.metrics_listen,
+            interceptors=server_interceptors() if settings.otel else (),
         )
     )
     stop = asyncio.Event()
@@ -228,33 +246,55 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
     if config is None:
         return EXIT_UNUSABLE
     try:
-        tls = _tls_files(args)
-    except ValueError as error:
-        out.print(f"[red]{error}[/red]", highlight=False, soft_wrap=True)
+        settings = resolve_serve(vars(args), config.server)
+        tls = _tls_files(settings, args.insecure)
+        if settings.otel:
+            server_interceptors()  # TracingUnavailable now, before anything is opened
+    except (TracingUnavailable, ValueError) as error:
+        _failed(out, str(error))
         return EXIT_UNUSABLE
     except OSError as error:
-        out.print(f"[red]cannot read {error.filename}: {error.strerror}[/red]", highlight=False, soft_wrap=True)
+        _failed(out, f"cannot read {error.filename}: {error.strerror}")
         return EXIT_UNUSABLE
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format, settings.log_level)
     install_uvloop()
     try:
-        asyncio.run(_serve_until_signalled(args, config, tls))
+        asyncio.run(_serve_until_signalled(args, config, settings, tls))
     except ValueError as error:  # TRN-2 and other refusals before serving
-        out.print(f"[red]{error}[/red]", highlight=False, soft_wrap=True)
+        _failed(out, str(error))
         return EXIT_UNUSABLE
     except (OSError, RuntimeError) as error:  # e.g. the port is taken
-        out.print(f"[red]the biller failed: {error}[/red]", highlight=False, soft_wrap=True)
+        _failed(out, f"the biller failed: {error}")
         return EXIT_INVALID
     return EXIT_VALID
 
 
-async def _issue_codes(args: argparse.Namespace, config: BillerConfig) -> None:
-    biller = await open_biller(config, Path(args.state_dir), SystemClock())
+async def _issue_codes(args: argparse.Namespace, config: BillerConfig, state_dir: Path) -> None:
+    biller = await open_biller(config, state_dir, SystemClock())
     try:
         codes = await sample.issue_codes(biller.agent, config)
     finally:
         await biller.close()
     fingerprint = biller.fingerprint
+    if args.json:
+        accounts = []
+        for account in config.accounts:
+            code = codes[account.account_id]
+            entry = {"account_id": account.account_id, "holder": account.holder, "code": code}
+            if args.endpoint:
+                entry["enrolment_uri"] = sample.enrolment_uri(
+                    args.endpoint, config.party_id, fingerprint, account.account_id, code
+                )
+            accounts.append(entry)
+        document = {
+            "biller": config.party_id,
+            "name": config.name,
+            "fingerprint": fingerprint.hex(),
+            "endpoint": args.endpoint,
+            "accounts": accounts,
+        }
+        print(json.dumps(document, indent=2))
+        return
     print(f"biller      {config.name} ({config.party_id})")
     print(f"fingerprint {fingerprint.hex()}")
     if args.endpoint:
@@ -272,9 +312,14 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
     if config is None:
         return EXIT_UNUSABLE
     try:
-        asyncio.run(_issue_codes(args, config))
+        state_dir = resolve_state_dir(args.state_dir, config.server)
+    except SettingsError as error:
+        _failed(out, str(error))
+        return EXIT_UNUSABLE
+    try:
+        asyncio.run(_issue_codes(args, config, state_dir))
     except (OSError, ValueError) as error:
-        out.print(f"[red]cannot issue codes: {error}[/red]", highlight=False, soft_wrap=True)
+        _failed(out, f"cannot issue codes: {error}")
         return EXIT_INVALID
     return EXIT_VALID
 
@@ -282,28 +327,59 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
 def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     biller = commands.add_parser("biller", help="run the reference biller")
     actions = biller.add_subparsers(dest="biller_command", required=True, metavar="COMMAND")
-    config_help = "reference biller configuration (TOML; default: the built-in sample, reference_biller/sample.toml)"
-
-    serve = actions.add_parser("serve", help="serve the reference biller over gRPC until SIGTERM")
-    serve.add_argument("--config", help=config_help)
-    serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on (port 0: any)")
-    serve.add_argument(
-        "--state-dir", default="parley-biller", help="keys and database; created if missing (default: %(default)s)"
+    config_help = (
+        "reference biller configuration (TOML; env PARLEY_CONFIG; default: the built-in sample, "
+        "reference_biller/sample.toml)"
     )
-    serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain (PEM)")
-    serve.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+
+    serve = actions.add_parser(
+        "serve",
+        help="serve the reference biller over gRPC until SIGTERM",
+        description="Serve the reference biller over gRPC until SIGTERM or SIGINT, then stop gracefully. "
+        "Each option can also come from its PARLEY_* variable or the config's [server] table; "
+        "precedence: flag > environment > config file > default.",
+    )
+    serve.add_argument("--config", help=config_help)
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to listen on, port 0: any (env PARLEY_LISTEN; required)"
+    )
+    serve.add_argument(
+        "--state-dir", help="keys and database; created if missing (env PARLEY_STATE_DIR; default: parley-biller)"
+    )
+    serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain, PEM (env PARLEY_TLS_CERT)")
+    serve.add_argument("--tls-key", metavar="FILE", help="TLS private key, PEM (env PARLEY_TLS_KEY)")
     serve.add_argument("--insecure", action="store_true", help="serve plaintext (loopback addresses only)")
     serve.add_argument(
         "--conformance-control",
         action="store_true",
         help="also serve the ConformanceControlService test fixtures (never in production)",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (env PARLEY_METRICS_LISTEN; default: off)",
+    )
+    serve.add_argument(
+        "--log-format", choices=LOG_FORMATS, help="log lines as text or JSON (env PARLEY_LOG_FORMAT; default: text)"
+    )
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="least severe level logged (env PARLEY_LOG_LEVEL)")
+    serve.add_argument(
+        "--shutdown-grace",
+        metavar="SECONDS",
+        help="on SIGTERM, how long calls in flight may take to finish (env PARLEY_SHUTDOWN_GRACE; default: 10)",
+    )
+    serve.add_argument(
+        "--otel",
+        action="store_true",
+        help="OpenTelemetry tracing of gRPC calls; needs the otel extra (env PARLEY_OTEL)",
+    )
     serve.set_defaults(handler=_serve)
 
     codes = actions.add_parser("codes", help="issue enrolment codes for the configured accounts")
     codes.add_argument("--config", help=config_help)
-    codes.add_argument("--state-dir", required=True, help="the serving biller's state directory")
+    codes.add_argument("--state-dir", help="the serving biller's state directory (env PARLEY_STATE_DIR)")
     codes.add_argument("--endpoint", metavar="HOST:PORT", help="the biller's address, to print enrolment URIs too")
+    codes.add_argument("--json", action="store_true", help="print the codes as one JSON document on stdout")
     codes.set_defaults(handler=_codes)
 
     check = actions.add_parser("check-config", help="validate a reference biller configuration")

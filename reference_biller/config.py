@@ -3,19 +3,26 @@
 Loading validates everything up front: an unknown key, a missing key, a wrong
 type or an amount that is not exact money in the biller's currency is a
 `ConfigError` naming the key, so a typo never silently changes a policy.
+
+The optional `[server]` table holds serve options (listen address, state
+directory, metrics address, log format and level, shutdown grace, TLS files,
+tracing); a command-line flag or a PARLEY_* environment variable overrides each
+(`reference_biller.settings`).
 """
 
 from __future__ import annotations
 
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import LocalProtocolError
+from agent.logs import LOG_FORMATS, LOG_LEVELS
+from agent.metrics import parse_listen
 from agent.protocol.messages import is_party_id
 from agent.terms import Currency, Money
 
@@ -83,6 +90,21 @@ class Account:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """The optional [server] table: how `parley biller serve` runs; None where the file says nothing."""
+
+    listen: str | None = None
+    state_dir: str | None = None
+    metrics_listen: str | None = None
+    log_format: str | None = None
+    log_level: str | None = None
+    shutdown_grace_seconds: float | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    otel: bool | None = None
+
+
+@dataclass(frozen=True)
 class BillerConfig:
     party_id: str
     name: str
@@ -91,6 +113,7 @@ class BillerConfig:
     reminders: Reminders
     segments: Mapping[str, Segment]
     accounts: tuple[Account, ...]
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     def segment_of(self, account_id: str) -> Segment:
         for account in self.accounts:
@@ -121,6 +144,35 @@ class _Table:
         value = self.data[name]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(f"{self.key(name)}: expected {kind.__name__}, got {value!r}")
+        return value
+
+    def optional(self, name: str, kind: type[T]) -> T | None:
+        """The value, or None when the key is absent."""
+        self.read.add(name)
+        return self.get(name, kind) if name in self.data else None
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str | None:
+        value = self.optional(name, str)
+        if value is not None and value.lower() not in choices:
+            raise ConfigError(f"{self.key(name)}: expected one of {', '.join(choices)}, got {value!r}")
+        return None if value is None else value.lower()
+
+    def seconds(self, name: str) -> float | None:
+        self.read.add(name)
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{self.key(name)}: expected a number of seconds (0 or more), got {value!r}")
+        return float(value)
+
+    def address(self, name: str) -> str | None:
+        value = self.optional(name, str)
+        if value is not None:
+            try:
+                parse_listen(value)
+            except ValueError as error:
+                raise ConfigError(f"{self.key(name)}: {error}") from error
         return value
 
     def natural(self, name: str, default: int | None = None, *, minimum: int = 0) -> int:
@@ -196,6 +248,20 @@ def _segment(name: str, t: _Table, currency: Currency) -> Segment:
     return segment
 
 
+def _server(t: _Table) -> ServerSettings:
+    return ServerSettings(
+        listen=t.address("listen"),
+        state_dir=t.optional("state_dir", str),
+        metrics_listen=t.address("metrics_listen"),
+        log_format=t.choice("log_format", LOG_FORMATS),
+        log_level=t.choice("log_level", LOG_LEVELS),
+        shutdown_grace_seconds=t.seconds("shutdown_grace_seconds"),
+        tls_cert=t.optional("tls_cert", str),
+        tls_key=t.optional("tls_key", str),
+        otel=t.optional("otel", bool),
+    )
+
+
 def parse_config(data: Mapping[str, Any]) -> BillerConfig:
     """Validate a parsed TOML document."""
     root = _Table(dict(data), "")
@@ -247,8 +313,9 @@ def parse_config(data: Mapping[str, Any]) -> BillerConfig:
     for index, account in enumerate(accounts):
         if account.segment not in segments:
             raise ConfigError(f"accounts[{index}].segment: no segment named {account.segment!r}")
+    server = _each(root.table("server"), _server)
     root.done()
-    return BillerConfig(party_id, name, currency, payments, reminders, segments, accounts)
+    return BillerConfig(party_id, name, currency, payments, reminders, segments, accounts, server)
 
 
 def load_config(path: Path = SAMPLE) -> BillerConfig:

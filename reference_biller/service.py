@@ -16,6 +16,13 @@ due settlements (receipts and PAYMENT_RECEIVED), this month's sample bill for
 each enrolled configured account, the scheduler's reminders and
 missed-instalment handling, and (hourly) the agent's retention purge.
 
+Serving follows docs/OPERATIONS.md: health says NOT_SERVING until the first
+upkeep round is done, then SERVING; `metrics_listen` serves the agent's
+Prometheus metrics over HTTP; leaving the `async with` block (SIGTERM in the
+CLI) is a graceful stop — NOT_SERVING, event streams ended, no new calls,
+in-flight calls given `shutdown_grace` seconds — and then the store is closed
+(WAL checkpointed).
+
 With `conformance_control=True` — and only then (CNF-1) — the same server also
 serves `ConformanceControlService` (§16) and Hello announces the
 "conformance-control" feature (CNF-3); the clock must then be one that can be
@@ -30,7 +37,7 @@ import contextlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,10 +51,11 @@ from agent.clock import Clock, SystemClock
 from agent.crypto import SigningKey
 from agent.errors import Reason, RemoteProtocolError
 from agent.keysets import KeyChain, KeyEntry, make_key_set
+from agent.metrics import MetricsEndpoint, serve_metrics
 from agent.protocol.messages import to_timestamp
 from agent.stores.sqlite import SqliteBillerStore
 from agent.terms import AdvertisedOptions, Money, parse_date
-from agent.transport.server import is_loopback, start_biller_server
+from agent.transport.server import DEFAULT_SHUTDOWN_GRACE, BillerServer, is_loopback, serve_biller
 from agent.transport.status import Context, answer
 from parley.v1 import conformance_control_service_pb2 as cc
 from parley.v1 import conformance_control_service_pb2_grpc as cc_grpc
@@ -312,13 +320,15 @@ class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
 
 @dataclass(frozen=True)
 class RunningBiller:
-    """A biller serving on `host:port`."""
+    """A biller serving on `host:port`; `metrics` is its /metrics endpoint when one was asked for."""
 
     biller: Biller
     server: grpc.aio.Server
     host: str
     port: int
     tls: bool
+    serving: BillerServer | None = None
+    metrics: MetricsEndpoint | None = None
 
     @property
     def address(self) -> str:
@@ -326,12 +336,17 @@ class RunningBiller:
         return f"{host}:{self.port}"
 
 
-async def _upkeep(biller: Biller, interval: timedelta) -> None:
+async def _upkeep(biller: Biller, interval: timedelta, ready: Callable[[], Awaitable[None]]) -> None:
+    """Upkeep every `interval`; `ready` is awaited once, after the first round (health turns SERVING)."""
+    first = True
     while True:
         try:
             await biller.maintain()
         except Exception:
             logger.exception("biller upkeep failed; retrying in %s", interval)
+        if first:
+            first = False
+            await ready()
         await asyncio.sleep(interval.total_seconds())
 
 
@@ -346,14 +361,20 @@ async def serving_biller(
     insecure: bool = False,
     conformance_control: bool = False,
     interval: timedelta = DEFAULT_INTERVAL,
-    shutdown_grace: float = 2.0,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     seed: int = sample.DEFAULT_SEED,
+    metrics_listen: str | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> AsyncIterator[RunningBiller]:
     """Serve a reference biller for the duration of the `async with` block, then shut it down cleanly.
 
     `tls` is (certificate chain PEM, private key PEM). Plaintext needs `insecure=True`
     and a loopback `listen` host (TRN-2): anything else is ValueError before
     anything is opened, as is conformance control with a clock that cannot advance.
+    `metrics_listen` ("host:port") serves Prometheus metrics over HTTP;
+    `interceptors` are added to the gRPC server (e.g. `agent.tracing`'s). On
+    leaving the block the stop is graceful: calls in flight get `shutdown_grace`
+    seconds to finish.
     """
     host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
     if tls is None and not insecure:
@@ -368,10 +389,12 @@ async def serving_biller(
 
     biller = await open_biller(config, state_dir, clock, conformance_control=conformance_control, seed=seed)
     services: list[Callable[[grpc.aio.Server], None]] = []
+    service_names: list[str] = []
     if conformance_control:
         assert stepping is not None
         servicer = ConformanceControlServicer(biller, stepping)
         services.append(lambda server: cc_grpc.add_ConformanceControlServiceServicer_to_server(servicer, server))
+        service_names.append(cc.DESCRIPTOR.services_by_name["ConformanceControlService"].full_name)
         logger.warning(
             "CONFORMANCE CONTROL ENABLED: this biller mints accounts, bills, time and payments on request; "
             "never use it in production (CNF-2)"
@@ -379,20 +402,36 @@ async def serving_biller(
         if not is_loopback(host):
             logger.warning("conformance control is reachable from the network at %s: keep it on a test network", host)
     upkeep: asyncio.Task[None] | None = None
+    metrics: MetricsEndpoint | None = None
     try:
-        server, port = await start_biller_server(biller.agent, listen, tls=tls, insecure=insecure, services=services)
+        if metrics_listen is not None:
+            metrics = await serve_metrics(biller.agent.metrics.registry, metrics_listen)
+            logger.info("metrics on %s", metrics.url)
+        running = await serve_biller(
+            biller.agent,
+            listen,
+            tls=tls,
+            insecure=insecure,
+            services=services,
+            service_names=service_names,
+            interceptors=interceptors,
+            serving=False,  # NOT_SERVING until the first upkeep round is done
+        )
         try:
-            upkeep = asyncio.create_task(_upkeep(biller, interval), name="parley-biller-upkeep")
-            yield RunningBiller(biller, server, host, port, tls is not None)
+            upkeep = asyncio.create_task(_upkeep(biller, interval, running.set_serving), name="parley-biller-upkeep")
+            yield RunningBiller(biller, running.server, host, running.port, tls is not None, running, metrics)
         finally:
             if upkeep is not None:
                 upkeep.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await upkeep
-            await server.stop(shutdown_grace)
+            await running.stop(shutdown_grace)
             logger.info("biller %s stopped", config.party_id)
     finally:
+        if metrics is not None:
+            await metrics.close()
         await biller.close()
+        logger.info("biller %s store closed", config.party_id)
 
 
 async def run_biller(
@@ -407,8 +446,11 @@ async def run_biller(
     interval: timedelta = DEFAULT_INTERVAL,
     on_ready: Callable[[RunningBiller], None] | None = None,
     seed: int = sample.DEFAULT_SEED,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+    metrics_listen: str | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
-    """Serve until cancelled (the CLI cancels on SIGTERM/SIGINT), then shut down cleanly.
+    """Serve until cancelled (the CLI cancels on SIGTERM/SIGINT), then shut down gracefully.
 
     `on_ready` is called once the server listens (e.g. to print the address).
     See `serving_biller` for the arguments.
@@ -423,6 +465,9 @@ async def run_biller(
         conformance_control=conformance_control,
         interval=interval,
         seed=seed,
+        shutdown_grace=shutdown_grace,
+        metrics_listen=metrics_listen,
+        interceptors=interceptors,
     ) as running:
         if on_ready is not None:
             on_ready(running)

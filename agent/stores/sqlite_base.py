@@ -18,6 +18,7 @@ Durability and concurrency choices, the same for every Parley SQLite store:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -87,11 +88,21 @@ class SqliteStore:
         return store
 
     async def close(self) -> None:
-        """Release the connection; the store is unusable afterwards."""
+        """Fold the WAL into the database (a checkpoint) and release the connection; the store is unusable
+        afterwards. A checkpoint that cannot complete (another process is reading) is left to SQLite."""
         if self._db is not None:
-            await self._call(lambda: self._connection().close())
+            await self._call(self._close)
             self._db = None
         self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        db = self._connection()
+        try:
+            # Busy (another process reads)? The data is safe in the WAL; the last connection to close folds it.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
 
     # --- plumbing: everything below `_call` runs on the worker thread ---
 

@@ -1,12 +1,21 @@
-"""The biller's gRPC service: a thin translation between BillerService RPCs and `BillerAgent`.
+"""The biller's gRPC server: a thin translation between BillerService RPCs and `BillerAgent`, plus the
+standard services operators expect.
 
 Each method takes the envelope(s) out of the request, awaits the agent and
 returns its answer; `status.answer` turns every failure into a Parley error
-(ERR-1). Start a server with `start_biller_server`:
+(ERR-1). Start a server with `serve_biller` (or `start_biller_server`, which
+returns just the grpc.aio server and its port):
 
-    server, port = await start_biller_server(agent, "0.0.0.0:7443", tls=(cert_pem, key_pem))
+    server = await serve_biller(agent, "0.0.0.0:7443", tls=(cert_pem, key_pem))
     ...
-    await server.stop(grace=5)
+    await server.stop(grace=10)     # graceful: NOT_SERVING, no new calls, in-flight calls drained
+
+Beside `parley.v1.BillerService` the server answers `grpc.health.v1.Health`
+(the overall "" service and "parley.v1.BillerService": NOT_SERVING until
+`set_serving`, which `serve_biller` calls at once unless `serving=False`, and
+again from the start of a graceful stop) and server reflection
+(`grpc.reflection.v1alpha`, for grpcurl, evans, Postman). Every call is counted
+and timed into the agent's metrics (`agent.metrics`).
 
 TRN-2: TLS on every listener. Plaintext (`insecure=True`) is accepted only on a
 loopback address (127.0.0.0/8, ::1, localhost), for tests and demos.
@@ -15,72 +24,138 @@ loopback address (127.0.0.0/8, ::1, localhost), for tests and demos.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
 
 from agent.biller import BillerAgent
+from agent.errors import RemoteProtocolError
+from agent.logs import log_step, request_ids
+from agent.metrics import MetricsInterceptor
 from agent.transport.status import Context, answer
 from parley.v1 import biller_service_pb2 as pb
-from parley.v1 import biller_service_pb2_grpc
+from parley.v1 import biller_service_pb2_grpc, envelope_pb2
 
 logger = logging.getLogger("parley.transport")
 
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BillerService"].full_name  # "parley.v1.BillerService"
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name  # "grpc.health.v1.Health"
+OVERALL = ""  # the health service name that stands for the whole server
+DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds in-flight calls get to finish once a stop begins
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
 
 class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
-    """BillerService backed by a `BillerAgent`; no protocol logic lives here."""
+    """BillerService backed by a `BillerAgent`; no protocol logic lives here.
+
+    A refused request is counted (parley_verification_failures_total) and logged
+    with its reason and, once its header verified, its thread and message ids.
+    `end_watches()` ends every open WatchEvents stream normally, so consumers
+    resume from their cursor elsewhere or later (a graceful stop calls it).
+    """
 
     def __init__(self, agent: BillerAgent) -> None:
         self._agent = agent
+        self._closing = asyncio.Event()
+
+    def end_watches(self) -> None:
+        """End every open WatchEvents stream (and any opened from now on) with OK."""
+        self._closing.set()
+
+    async def _answer(self, context: Context, rpc: str, call: Awaitable[T]) -> T:
+        return await answer(context, self._observed(rpc, call))
+
+    async def _observed(self, rpc: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except RemoteProtocolError as error:
+            self._agent.metrics.verification_failures.labels(error.reason.name).inc()
+            thread_id, message_id = request_ids()
+            log_step(
+                logger,
+                "refused",
+                rpc=rpc,
+                reason=error.reason.name,
+                thread_id=thread_id,
+                message_id=message_id,
+                detail=error.detail,  # written for the peer, so free of codes, keys and disclosures (ERR-5)
+            )
+            raise
 
     async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloResponse:
-        return await answer(context, self._agent.hello(request))
+        return await self._answer(context, "Hello", self._agent.hello(request))
 
     async def GetKeySets(self, request: pb.GetKeySetsRequest, context: Context) -> pb.GetKeySetsResponse:
-        return await answer(context, self._agent.get_key_sets(request))
+        return await self._answer(context, "GetKeySets", self._agent.get_key_sets(request))
 
     async def PublishKeySet(self, request: pb.PublishKeySetRequest, context: Context) -> pb.PublishKeySetResponse:
-        return await answer(context, self._agent.publish_key_set(request.key_set))
+        return await self._answer(context, "PublishKeySet", self._agent.publish_key_set(request.key_set))
 
     async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.EnrolResponse:
-        return await answer(context, self._agent.enrol(request.request))
+        return await self._answer(context, "Enrol", self._agent.enrol(request.request))
 
     async def ListBills(self, request: pb.ListBillsRequest, context: Context) -> pb.ListBillsResponse:
-        return await answer(context, self._agent.list_bills(request.query))
+        return await self._answer(context, "ListBills", self._agent.list_bills(request.query))
 
     async def GetBill(self, request: pb.GetBillRequest, context: Context) -> pb.GetBillResponse:
-        return await answer(context, self._agent.get_bill(request.query))
+        return await self._answer(context, "GetBill", self._agent.get_bill(request.query))
 
     async def Negotiate(self, request: pb.NegotiateRequest, context: Context) -> pb.NegotiateResponse:
-        return await answer(context, self._agent.negotiate(request.move, request.disclosure))
+        return await self._answer(context, "Negotiate", self._agent.negotiate(request.move, request.disclosure))
 
     async def GetThread(self, request: pb.GetThreadRequest, context: Context) -> pb.GetThreadResponse:
-        return await answer(context, self._agent.get_thread(request.query))
+        return await self._answer(context, "GetThread", self._agent.get_thread(request.query))
 
     async def CreatePaymentIntent(
         self, request: pb.CreatePaymentIntentRequest, context: Context
     ) -> pb.CreatePaymentIntentResponse:
-        return await answer(context, self._agent.create_payment_intent(request.intent))
+        return await self._answer(context, "CreatePaymentIntent", self._agent.create_payment_intent(request.intent))
 
     async def GetReceipt(self, request: pb.GetReceiptRequest, context: Context) -> pb.GetReceiptResponse:
-        return await answer(context, self._agent.get_receipt(request.query))
+        return await self._answer(context, "GetReceipt", self._agent.get_receipt(request.query))
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchEventsResponse]:
-        events = await answer(context, self._agent.watch_events(request.query))
+        events = await self._answer(context, "WatchEvents", self._agent.watch_events(request.query))
         iterator = aiter(events)
-        while True:
-            try:
-                event = await answer(context, anext(iterator))
-            except StopAsyncIteration:
-                return
-            yield pb.WatchEventsResponse(event=event)
+        closing = asyncio.ensure_future(self._closing.wait())
+        step: asyncio.Future[envelope_pb2.Envelope] | None = None
+        self._agent.metrics.event_watchers.inc()
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(iterator))
+                await asyncio.wait((step, closing), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    return  # the server is stopping: end the stream; the consumer resumes from its cursor (EVT-4)
+                if isinstance(step.exception(), StopAsyncIteration):
+                    return
+                event = await self._answer(context, "WatchEvents", step)
+                yield pb.WatchEventsResponse(event=event)
+        finally:
+            self._agent.metrics.event_watchers.dec()
+            closing.cancel()
+            if step is not None and not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
 
     async def RequestErasure(self, request: pb.RequestErasureRequest, context: Context) -> pb.RequestErasureResponse:
-        return await answer(context, self._agent.request_erasure(request.request))
+        return await self._answer(context, "RequestErasure", self._agent.request_erasure(request.request))
 
 
 def is_loopback(host: str) -> bool:
@@ -98,7 +173,37 @@ def _host_of(listen: str) -> str:
     return host.removeprefix("[").removesuffix("]")
 
 
-async def start_biller_server(
+@dataclass
+class BillerServer:
+    """A running biller server: the grpc.aio server, its port, its health service and its servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    servicer: BillerServicer
+    agent: BillerAgent
+
+    async def set_serving(self, serving: bool = True) -> None:
+        """Report SERVING (or NOT_SERVING) for "" and parley.v1.BillerService; ignored once stopping."""
+        status = SERVING if serving else NOT_SERVING
+        for service in (OVERALL, SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None = DEFAULT_SHUTDOWN_GRACE) -> None:
+        """Graceful stop: NOT_SERVING, event streams ended, no new calls, in-flight calls given `grace` seconds.
+
+        Calls still running after `grace` are cancelled (None: at once). The
+        agent's store stays open: close it after this returns.
+        """
+        in_flight = int(self.agent.metrics.sample("parley_grpc_server_in_flight"))
+        log_step(logger, "stopping", grace_seconds=grace, in_flight=in_flight)
+        await self.health.enter_graceful_shutdown()
+        self.servicer.end_watches()
+        await self.server.stop(grace)
+        log_step(logger, "stopped", party=self.agent.party_id)
+
+
+async def serve_biller(
     agent: BillerAgent,
     listen: str,
     *,
@@ -106,16 +211,22 @@ async def start_biller_server(
     insecure: bool = False,
     reuse_port: bool = False,
     services: Sequence[Callable[[grpc.aio.Server], None]] = (),
-) -> tuple[grpc.aio.Server, int]:
-    """Serve `agent` on `listen` ("host:port"; port 0 picks a free port) and return (server, port).
+    service_names: Sequence[str] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    serving: bool = True,
+) -> BillerServer:
+    """Serve `agent` on `listen` ("host:port"; port 0 picks a free port), with health and reflection.
 
     `tls` is (certificate chain PEM, private key PEM). Plaintext needs `insecure=True`
     and a loopback host; anything else without TLS is refused with ValueError
     (TRN-2). `reuse_port` lets several processes (one per core) share the port.
     The receive limit is one envelope plus framing (TRN-8). `services` register
     further servicers before the server starts (the conformance control service,
-    §16). Stop the server with `await server.stop(grace)`; the agent's store is
-    the caller's to close.
+    §16), and `service_names` are their full names, for reflection.
+    `interceptors` run inside the metrics interceptor (e.g. tracing's). Health
+    says NOT_SERVING until the server listens, then SERVING — or, with
+    `serving=False`, until the caller's `set_serving()` (say, once its start-up
+    work is done).
     """
     if (tls is None) == (not insecure):
         if tls is not None:
@@ -128,10 +239,18 @@ async def start_biller_server(
         ("grpc.max_receive_message_length", agent.limits.grpc_max_receive_bytes),
         ("grpc.so_reuseport", int(reuse_port)),
     )
-    server = grpc.aio.server(options=options)
-    biller_service_pb2_grpc.add_BillerServiceServicer_to_server(BillerServicer(agent), server)
+    server = grpc.aio.server(options=options, interceptors=(MetricsInterceptor(agent.metrics), *interceptors))
+    servicer = BillerServicer(agent)
+    biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    for service in (OVERALL, SERVICE_NAME):
+        await health.set(service, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for add_service in services:
         add_service(server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME, *service_names), server
+    )
     if tls is not None:
         certificate_chain, private_key = tls
         credentials = grpc.ssl_server_credentials([(private_key, certificate_chain)])
@@ -139,10 +258,30 @@ async def start_biller_server(
     else:
         port = server.add_insecure_port(listen)
     await server.start()
+    running = BillerServer(server, port, health, servicer, agent)
+    if serving:
+        await running.set_serving()
     logger.info(
         "biller %s serving on %s port %d (%s)", agent.party_id, host, port, "TLS" if tls else "plaintext, loopback"
     )
-    return server, port
+    return running
+
+
+async def start_biller_server(
+    agent: BillerAgent,
+    listen: str,
+    *,
+    tls: tuple[bytes, bytes] | None = None,
+    insecure: bool = False,
+    reuse_port: bool = False,
+    services: Sequence[Callable[[grpc.aio.Server], None]] = (),
+) -> tuple[grpc.aio.Server, int]:
+    """`serve_biller` for callers that need only (server, port); stop it with `await server.stop(grace)`.
+
+    See `serve_biller` for the arguments. The agent's store is the caller's to close.
+    """
+    running = await serve_biller(agent, listen, tls=tls, insecure=insecure, reuse_port=reuse_port, services=services)
+    return running.server, running.port
 
 
 def install_uvloop() -> bool:

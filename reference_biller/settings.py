@@ -1,0 +1,224 @@
+"""How `parley biller serve` is run: each option from a flag, a PARLEY_* variable, the config file or a default.
+
+Precedence, highest first: the command-line flag, then the environment variable,
+then the configuration file's `[server]` table, then the default. The
+configuration file itself comes from `--config`, else `PARLEY_CONFIG`, else the
+built-in sample. An empty variable counts as unset.
+
+| option | flag | variable | [server] key | default |
+| --- | --- | --- | --- | --- |
+| gRPC address | `--listen` | `PARLEY_LISTEN` | `listen` | none: required |
+| state directory | `--state-dir` | `PARLEY_STATE_DIR` | `state_dir` | `parley-biller` |
+| metrics address | `--metrics-listen` | `PARLEY_METRICS_LISTEN` | `metrics_listen` | off |
+| log format | `--log-format` | `PARLEY_LOG_FORMAT` | `log_format` | `text` |
+| log level | `--log-level` | `PARLEY_LOG_LEVEL` | `log_level` | `info` |
+| shutdown grace (s) | `--shutdown-grace` | `PARLEY_SHUTDOWN_GRACE` | `shutdown_grace_seconds` | `10` |
+| TLS certificate chain | `--tls-cert` | `PARLEY_TLS_CERT` | `tls_cert` | none |
+| TLS private key | `--tls-key` | `PARLEY_TLS_KEY` | `tls_key` | none |
+| OpenTelemetry tracing | `--otel` | `PARLEY_OTEL` (1/0, true/false) | `otel` | off |
+
+`--insecure` (plaintext on loopback) is a flag only, so that turning TLS off is
+always a visible choice. An invalid value is a `SettingsError` that names where
+it came from (`PARLEY_SHUTDOWN_GRACE: expected a number of seconds…`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar, cast
+
+from agent.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
+from agent.metrics import parse_listen
+from reference_biller.config import ServerSettings
+
+T = TypeVar("T")
+
+CONFIG_ENV = "PARLEY_CONFIG"
+DEFAULT_STATE_DIR = "parley-biller"
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+
+class SettingsError(ValueError):
+    """A serve option is invalid or missing; the message names the flag, variable or key it came from."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One serve option: its flag, its environment variable and its key in the [server] table."""
+
+    name: str
+    flag: str
+    env: str
+    key: str
+
+
+OPTIONS = {
+    option.name: option
+    for option in (
+        Option("listen", "--listen", "PARLEY_LISTEN", "server.listen"),
+        Option("state_dir", "--state-dir", "PARLEY_STATE_DIR", "server.state_dir"),
+        Option("metrics_listen", "--metrics-listen", "PARLEY_METRICS_LISTEN", "server.metrics_listen"),
+        Option("log_format", "--log-format", "PARLEY_LOG_FORMAT", "server.log_format"),
+        Option("log_level", "--log-level", "PARLEY_LOG_LEVEL", "server.log_level"),
+        Option("shutdown_grace", "--shutdown-grace", "PARLEY_SHUTDOWN_GRACE", "server.shutdown_grace_seconds"),
+        Option("tls_cert", "--tls-cert", "PARLEY_TLS_CERT", "server.tls_cert"),
+        Option("tls_key", "--tls-key", "PARLEY_TLS_KEY", "server.tls_key"),
+        Option("otel", "--otel", "PARLEY_OTEL", "server.otel"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The resolved serve options; `sources` says where each came from ("--listen", "PARLEY_LISTEN"…)."""
+
+    listen: str
+    state_dir: Path
+    metrics_listen: str | None
+    log_format: LogFormat
+    log_level: str
+    shutdown_grace: float
+    tls_cert: Path | None
+    tls_key: Path | None
+    otel: bool
+    sources: Mapping[str, str]
+
+
+def config_file(flag: str | None, env: Mapping[str, str] | None = None) -> tuple[Path | None, str]:
+    """The configuration file (None: the built-in sample) and where that came from."""
+    env = os.environ if env is None else env
+    if flag:
+        return Path(flag), "--config"
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV]), CONFIG_ENV
+    return None, "default"
+
+
+# --- Parsing one value (the source names itself in the error) ------------------------------------------------
+
+
+def _address(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text.lower()
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"expected a number of seconds (0 or more), got {text!r}")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+_PARSERS: dict[str, Callable[[str], object]] = {
+    "listen": _address,
+    "state_dir": str,
+    "metrics_listen": _address,
+    "log_format": _choice(LOG_FORMATS),
+    "log_level": _choice(LOG_LEVELS),
+    "shutdown_grace": _seconds,
+    "tls_cert": str,
+    "tls_key": str,
+    "otel": _boolean,
+}
+_CONFIG_FIELDS = {"shutdown_grace": "shutdown_grace_seconds"}
+
+
+def _pick(name: str, flags: Mapping[str, object], env: Mapping[str, str], server: ServerSettings) -> tuple[object, str]:
+    """(value, source) for one option by precedence; (None, "default") when nothing sets it."""
+    option, parse = OPTIONS[name], _PARSERS[name]
+    flag = flags.get(name)
+    if flag is not None and flag is not False:
+        try:
+            return (parse(flag) if isinstance(flag, str) else flag), option.flag
+        except ValueError as error:
+            raise SettingsError(f"{option.flag}: {error}") from error
+    text = env.get(option.env, "")
+    if text:
+        try:
+            return parse(text), option.env
+        except ValueError as error:
+            raise SettingsError(f"{option.env}: {error}") from error
+    configured = getattr(server, _CONFIG_FIELDS.get(name, name))
+    if configured is not None:
+        return configured, option.key  # validated when the file was loaded
+    return None, "default"
+
+
+def resolve_serve(
+    flags: Mapping[str, object], server: ServerSettings, env: Mapping[str, str] | None = None
+) -> ServeSettings:
+    """The serve options from the flags (None or False: not given), the environment and the [server] table."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for name in OPTIONS:
+        values[name], sources[name] = _pick(name, flags, env, server)
+
+    def value(name: str, default: T) -> T:
+        chosen = values[name]
+        return default if chosen is None else cast(T, chosen)
+
+    listen = values["listen"]
+    if listen is None:
+        raise SettingsError(
+            "no listen address: give --listen HOST:PORT, set PARLEY_LISTEN, or set listen in the [server] table"
+        )
+    cert, key = values["tls_cert"], values["tls_key"]
+    if (cert is None) != (key is None):
+        given = "tls_cert" if cert is not None else "tls_key"
+        raise SettingsError(f"{sources[given]}: the TLS certificate and key go together; the other is missing")
+    return ServeSettings(
+        listen=str(listen),
+        state_dir=Path(value("state_dir", DEFAULT_STATE_DIR)),
+        metrics_listen=value("metrics_listen", cast(str | None, None)),
+        log_format=cast(LogFormat, value("log_format", "text")),
+        log_level=value("log_level", "info"),
+        shutdown_grace=float(value("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)),
+        tls_cert=None if cert is None else Path(str(cert)),
+        tls_key=None if key is None else Path(str(key)),
+        otel=bool(value("otel", False)),
+        sources=sources,
+    )
+
+
+def resolve_state_dir(flag: str | None, server: ServerSettings, env: Mapping[str, str] | None = None) -> Path:
+    """The state directory for commands other than serve (no default: they must not make a new identity)."""
+    chosen, _ = _pick("state_dir", {"state_dir": flag}, os.environ if env is None else env, server)
+    if chosen is None:
+        raise SettingsError("no state directory: give --state-dir, set PARLEY_STATE_DIR, or set state_dir in [server]")
+    return Path(str(chosen))
+
+
+__all__ = [
+    "CONFIG_ENV",
+    "OPTIONS",
+    "ServeSettings",
+    "SettingsError",
+    "config_file",
+    "resolve_serve",
+    "resolve_state_dir",
+]

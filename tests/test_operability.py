@@ -270,8 +270,12 @@ def test_metrics_count_calls_and_protocol_steps_and_are_scraped_over_http(tmp_pa
                 await events.read()
                 watching = await asyncio.to_thread(_scrape, endpoint.url)
                 events.cancel()
-
-                samples = await asyncio.to_thread(_scrape, endpoint.url)
+                # The server notices the cancelled stream asynchronously: wait (bounded) for the gauge to drop.
+                for _ in range(100):
+                    samples = await asyncio.to_thread(_scrape, endpoint.url)
+                    if samples.get(("parley_event_watchers", ()), 0.0) == 0:
+                        break
+                    await asyncio.sleep(0.05)
             finally:
                 await endpoint.close()
 

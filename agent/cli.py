@@ -14,6 +14,9 @@
     parley biller codes --state-dir DIR [--config FILE] [--endpoint HOST:PORT] [--json]
                                     issue enrolment codes for the configured accounts
     parley biller check-config FILE validate a reference biller configuration
+    parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
+                        [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
+                                    run the conformance suite against a biller implementation
     parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
                                     run the reference consumer bot for one household profile
 
@@ -44,6 +47,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.clock import Clock, SystemClock
+from agent.conformance import add_conformance_commands
 from agent.crypto import SigningKey
 from agent.demo import run as run_demo
 from agent.errors import ParleyError
@@ -418,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_biller_commands(commands)
     add_consumer_commands(commands)  # parley consumer run
+    add_conformance_commands(commands)  # parley conformance biller
     return parser
 
 

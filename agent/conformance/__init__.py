@@ -1,0 +1,79 @@
+"""Parley conformance suites: check an implementation, case by case, against docs/PROTOCOL.md.
+
+    parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
+                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
+
+- `runner`: the generic framework (cases tagged with requirement ids, outcomes,
+  selection, known-failing lists, JUnit and JSON reports, exit codes);
+- `client`: a hostile-capable signed client (every header, key set and envelope
+  field under the suite's control);
+- `biller_cases`: the biller-side suite, run against a gRPC biller.
+
+docs/CONFORMANCE.md describes the suites, their cases and their reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_options
+
+
+def _run_biller(args: argparse.Namespace, out: Console) -> int:
+    from agent.conformance.biller_cases import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
+    from agent.conformance.runner import run_suite  # noqa: PLC0415
+    from agent.transport.client import ClientTls  # noqa: PLC0415
+
+    tls = None
+    if args.tls_ca is not None:
+        try:
+            tls = ClientTls(root_certificates=Path(args.tls_ca).read_bytes())
+        except OSError as error:
+            why = escape(error.strerror or str(error))
+            out.print(f"[bold red]cannot read --tls-ca {escape(args.tls_ca)}:[/] {why}")
+            return EXIT_NOT_RUN
+    options = run_options(args, args.target)
+    call_timeout = min(10.0, options.timeout) if options.timeout > 0 else 10.0
+    return asyncio.run(
+        run_suite(
+            suite,
+            lambda: connect(args.target, tls=tls, insecure=args.insecure, call_timeout=call_timeout),
+            options,
+            out,
+        )
+    )
+
+
+def add_conformance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`parley conformance biller` (the consumer suite will sit beside it)."""
+    conformance = commands.add_parser(
+        "conformance",
+        help="check an implementation against docs/PROTOCOL.md, case by case",
+        description="Run a Parley conformance suite (docs/CONFORMANCE.md). Exit codes: 0 no case failed; 1 a case "
+        "failed (or a known-failing case passed); 2 the target is unreachable, the options are unusable, or no "
+        "case ran.",
+    )
+    suites = conformance.add_subparsers(dest="conformance_command", required=True, metavar="SUITE")
+    biller = suites.add_parser(
+        "biller",
+        help="check a biller agent (a BillerService gRPC server)",
+        description="Check a biller against every MUST and SHOULD a client can observe over the wire. Cases that need "
+        "fixtures are skipped unless the biller announces conformance-control (e.g. `parley biller serve "
+        "--conformance-control`); never run that flag in production.",
+    )
+    biller.add_argument("--target", required=True, metavar="HOST:PORT", help="the biller's gRPC address")
+    transport = biller.add_mutually_exclusive_group()
+    transport.add_argument(
+        "--tls-ca", metavar="FILE", help="PEM trust anchors for the biller's certificate (default: the system roots)"
+    )
+    transport.add_argument("--insecure", action="store_true", help="plaintext, to a loopback target only (TRN-3)")
+    add_run_arguments(biller)
+    biller.set_defaults(handler=_run_biller)
+
+
+__all__ = ["add_conformance_commands"]

@@ -1,0 +1,339 @@
+"""The biller conformance suite, itself tested.
+
+1. Against the reference biller (in-process, conformance control on 127.0.0.1): every case PASSes.
+2. Against deliberately broken billers (tests/broken_billers.py), one per class of defect: the suite
+   FAILs exactly the cases that should fail, and nothing else.
+3. The command line: an unreachable target and a run in which no case ran exit 2; known-failing lists;
+   JUnit and JSON reports are well formed. The runner's rules are checked on a synthetic suite too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import socket
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from agent.cli import main
+from agent.conformance import biller_cases
+from agent.conformance.runner import (
+    EXIT_FAILED,
+    EXIT_NOT_RUN,
+    EXIT_OK,
+    Level,
+    Outcome,
+    RunOptions,
+    Skip,
+    Suite,
+    TargetUnreachable,
+    Violation,
+    run_suite,
+)
+from tests.broken_billers import BROKEN_BILLERS, BrokenBiller, Defect, reference_biller
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+CASE_IDS = [case.id for case in biller_cases.suite.cases]
+
+
+def run_against(
+    tmp_path: Path, defect: Defect | None = None, *, conformance_control: bool = True, **options: Any
+) -> tuple[int, dict[str, Any], str]:
+    """Run the suite against a reference biller (with `defect`), in-process; (exit code, JSON report, output)."""
+    report = tmp_path / "report.json"
+    output = io.StringIO()
+
+    async def scenario() -> int:
+        async with reference_biller(tmp_path / "state", defect, conformance_control=conformance_control) as target:
+            return await run_suite(
+                biller_cases.suite,
+                lambda: biller_cases.connect(target, insecure=True),
+                RunOptions(target=target, json=report, **options),
+                Console(file=output, width=200),
+            )
+
+    code = asyncio.run(scenario())
+    return code, json.loads(report.read_text(encoding="utf-8")), output.getvalue()
+
+
+def with_cli(tmp_path: Path, body: Callable[[str], Awaitable[None]], defect: Defect | None = None) -> None:
+    """Serve a reference biller in this loop while `body(target)` runs `parley` in a worker thread."""
+
+    async def scenario() -> None:
+        async with reference_biller(tmp_path / "state", defect) as target:
+            await body(target)
+
+    asyncio.run(scenario())
+
+
+def parley(*argv: str) -> Awaitable[int]:
+    return asyncio.to_thread(main, list(argv))
+
+
+# --- 1. The reference biller passes ------------------------------------------------------------------
+
+
+def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
+    code, report, output = run_against(tmp_path, junit=tmp_path / "report.xml")
+    not_passed = {
+        case["id"]: (case["outcome"], case["detail"]) for case in report["cases"] if case["outcome"] != "PASS"
+    }
+    assert not_passed == {}, output
+    assert code == EXIT_OK
+    assert report["summary"] == {"PASS": len(CASE_IDS), "FAIL": 0, "WARN": 0, "SKIP": 0}
+    assert [case["id"] for case in report["cases"]] == CASE_IDS
+    assert output.rstrip().splitlines()[-1].startswith("summary: parley conformance biller")
+    junit = ET.parse(tmp_path / "report.xml").getroot()
+    suite = junit.find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == (str(len(CASE_IDS)), "0", "0")
+
+
+def test_without_conformance_control_fixture_cases_skip_with_the_reason(tmp_path: Path) -> None:
+    code, report, output = run_against(tmp_path, conformance_control=False)
+    needs_fixtures = {case.id for case in biller_cases.suite.cases if biller_cases.FIXTURES in case.needs}
+    outcomes = {case["id"]: (case["outcome"], case["detail"]) for case in report["cases"]}
+    assert {i for i, (outcome, _) in outcomes.items() if outcome == "SKIP"} == needs_fixtures
+    assert {detail for i, (_, detail) in outcomes.items() if i in needs_fixtures} == {
+        "conformance-control not announced"
+    }
+    assert {outcome for i, (outcome, _) in outcomes.items() if i not in needs_fixtures} == {"PASS"}, output
+    assert "neither announced nor served" in outcomes["CNF-3/feature-matches-service"][1]
+    assert code == EXIT_OK
+
+
+# --- 2. Broken billers fail exactly their cases --------------------------------------------------------
+
+
+@pytest.mark.parametrize("broken", BROKEN_BILLERS, ids=[b.name for b in BROKEN_BILLERS])
+def test_broken_biller_fails_exactly_its_cases(tmp_path: Path, broken: BrokenBiller) -> None:
+    code, report, output = run_against(tmp_path, broken.defect)
+    outcomes = {case["id"]: case["outcome"] for case in report["cases"]}
+    failed = {case_id for case_id, outcome in outcomes.items() if outcome == "FAIL"}
+    assert failed == broken.fails, output
+    assert set(outcomes.values()) <= {"PASS", "FAIL"}, output
+    assert code == EXIT_FAILED
+
+
+def test_every_defect_class_is_covered() -> None:
+    names = {b.name for b in BROKEN_BILLERS}
+    assert names == {
+        "skips signature verification",
+        "accepts a replay",
+        "ignores the round limit",
+        "accepts a stale accept digest",
+        "pays twice on a retried intent",
+        "lets one consumer read another's bills",
+        "loses events on resume",
+    }
+    for broken in BROKEN_BILLERS:
+        assert broken.fails <= set(CASE_IDS), broken.name
+
+
+# --- 3. The command line ---------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_unreachable_target_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = f"127.0.0.1:{_closed_port()}"
+    report = tmp_path / "report.json"
+    assert main(["conformance", "biller", "--target", target, "--insecure", "--json", str(report)]) == EXIT_NOT_RUN
+    assert "unreachable" in capsys.readouterr().out
+    document = json.loads(report.read_text(encoding="utf-8"))
+    assert document["cases"] == []
+    assert document["summary"] == {"PASS": 0, "FAIL": 0, "WARN": 0, "SKIP": 0}
+
+
+def test_plaintext_to_a_remote_target_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "biller", "--target", "192.0.2.1:7443", "--insecure"]) == EXIT_NOT_RUN
+    assert "loopback" in capsys.readouterr().out
+
+
+def test_no_case_ran_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async def body(target: str) -> None:
+        assert await parley("conformance", "biller", "--target", target, "--insecure", "--only", "NOPE") == EXIT_NOT_RUN
+
+    with_cli(tmp_path, body)
+    assert "no case matches" in capsys.readouterr().out
+
+
+def test_cli_reports_and_known_failing_entries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    known = tmp_path / "known-failing.txt"
+    known.write_text("# passes, so it is reported\nVER-2/hello  # stale entry\n\nNOT-1/listed-but-not-run\n")
+    junit, report = tmp_path / "r.xml", tmp_path / "r.json"
+
+    async def body(target: str) -> None:
+        code = await parley(
+            "conformance", "biller", "--target", target, "--insecure", "--only", "VER,ENV-2",
+            "--skip", "ENV-2/no-signature", "--known-failing", str(known),
+            "--junit", str(junit), "--json", str(report), "--timeout", "20",
+        )  # fmt: skip
+        assert code == EXIT_FAILED  # an unexpected pass makes the list stale: the run fails
+
+    with_cli(tmp_path, body)
+    output = capsys.readouterr().out
+    assert "UNEXPECTED PASS" in output
+    assert "VER-2/hello" in output
+    assert "NOT-1/listed-but-not-run" in output
+    assert output.rstrip().splitlines()[-1].startswith("summary:")
+    document = json.loads(report.read_text(encoding="utf-8"))
+    ids = [case["id"] for case in document["cases"]]
+    assert ids == ["VER-2/hello", "VER-2/no-common-version", "ENV-2/two-signatures", "ENV-2/enrolled-signer"]
+    assert document["unexpected_passes"] == ["VER-2/hello"]
+    assert document["summary"] == {"PASS": 4, "FAIL": 0, "WARN": 0, "SKIP": 0}
+    for case in document["cases"]:
+        assert {"id", "outcome", "detail", "description", "requirement"} <= case.keys()
+        assert case["requirement"]
+        assert case["description"]
+    root = ET.parse(junit).getroot()
+    failures = [c.get("name") for c in root.iter("testcase") if c.find("failure") is not None]
+    assert failures == ["VER-2/hello"]
+
+
+def test_known_failing_case_does_not_fail_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = next(b for b in BROKEN_BILLERS if b.name == "loses events on resume")
+    known = tmp_path / "known-failing.txt"
+    known.write_text("EVT-4/resume-from-cursor\n")
+
+    async def body(target: str) -> None:
+        argv = ("conformance", "biller", "--target", target, "--insecure", "--only", "EVT")
+        assert await parley(*argv) == EXIT_FAILED
+        assert await parley(*argv, "--known-failing", str(known)) == EXIT_OK
+
+    with_cli(tmp_path, body, broken.defect)
+    assert "known failing: EVT-4/resume-from-cursor (FAIL)" in capsys.readouterr().out
+
+
+# --- The cases themselves -----------------------------------------------------------------------------
+
+
+def test_every_case_names_a_spec_requirement_and_quotes_it() -> None:
+    spec_text = " ".join(SPEC.split())
+    for case in biller_cases.suite.cases:
+        assert f"**{case.requirement}**" in SPEC, case.id
+        assert 0 < len(case.description) <= 140, case.id
+        for piece in re.split(r"\[[^\]]*\]|…", case.quote):
+            fragment = " ".join(piece.split()).strip(" .,;:—")
+            if len(fragment) > 12:
+                assert fragment in spec_text, f"{case.id}: {fragment!r} is not in docs/PROTOCOL.md"
+
+
+def test_cases_that_move_the_clock_come_last() -> None:
+    clock_cases = ["NEG-6/deadline", "KEY-13/keyset-expired", "ENR-4/code-expired"]
+    assert CASE_IDS[-5:] == [*clock_cases, "ERR-1/error-info", "ERR-2/no-unknown-code"]
+
+
+def test_docs_list_every_case() -> None:
+    docs = (ROOT / "docs" / "CONFORMANCE.md").read_text(encoding="utf-8")
+    missing = [case_id for case_id in CASE_IDS if f"`{case_id}`" not in docs]
+    assert missing == []
+
+
+# --- The runner, on a synthetic suite ----------------------------------------------------------------------
+
+
+class _Target:
+    features: frozenset[str] = frozenset({"present"})
+
+
+def _synthetic() -> Suite[_Target]:
+    suite: Suite[_Target] = Suite(
+        "synthetic", precheck=lambda case, ctx: None if set(case.needs) <= ctx.features else "feature not announced"
+    )
+
+    async def passes(ctx: _Target) -> str:
+        return "fine"
+
+    async def fails(ctx: _Target) -> None:
+        raise Violation("broken")
+
+    async def skips(ctx: _Target) -> None:
+        raise Skip("no fixture")
+
+    async def crashes(ctx: _Target) -> None:
+        raise KeyError("oops")
+
+    async def hangs(ctx: _Target) -> None:
+        await asyncio.sleep(60)
+
+    for case_id, body, level, needs in (
+        ("AAA-1/passes", passes, Level.MUST, ()),
+        ("AAA-2/fails", fails, Level.MUST, ()),
+        ("AAA-3/warns", fails, Level.SHOULD, ()),
+        ("AAA-4/skips", skips, Level.MUST, ()),
+        ("AAA-5/needs", passes, Level.MUST, ("absent",)),
+        ("BBB-1/crashes", crashes, Level.SHOULD, ()),
+        ("BBB-2/hangs", hangs, Level.MUST, ()),
+    ):
+        suite.case(case_id, description=case_id, quote="quoted", level=level, needs=needs)(body)
+    return suite
+
+
+def _run_synthetic(tmp_path: Path, *, unreachable: bool = False, **options: Any) -> tuple[int, dict[str, Any], str]:
+    """Run the synthetic suite; (exit code, JSON report, printed output)."""
+    report = tmp_path / "synthetic.json"
+    output = io.StringIO()
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[_Target]:
+        if unreachable:
+            raise TargetUnreachable("nobody there")
+        yield _Target()
+
+    run_options = RunOptions(target="synthetic", json=report, timeout=0.2, **options)
+    code = asyncio.run(run_suite(_synthetic(), connect, run_options, Console(file=output, width=200)))
+    return code, json.loads(report.read_text(encoding="utf-8")), output.getvalue()
+
+
+def test_runner_outcomes(tmp_path: Path) -> None:
+    code, document, _ = _run_synthetic(tmp_path)
+    outcomes = {case["id"]: (case["outcome"], case["detail"]) for case in document["cases"]}
+    assert outcomes["AAA-1/passes"] == ("PASS", "fine")
+    assert outcomes["AAA-2/fails"] == ("FAIL", "broken")
+    assert outcomes["AAA-3/warns"] == ("WARN", "broken")
+    assert outcomes["AAA-4/skips"] == ("SKIP", "no fixture")
+    assert outcomes["AAA-5/needs"] == ("SKIP", "feature not announced")
+    assert outcomes["BBB-1/crashes"][0] == "FAIL"
+    assert "KeyError" in outcomes["BBB-1/crashes"][1]
+    assert outcomes["BBB-2/hangs"][0] == "FAIL"
+    assert "timeout" in outcomes["BBB-2/hangs"][1]
+    assert document["summary"] == {"PASS": 1, "FAIL": 3, "WARN": 1, "SKIP": 2}
+    assert code == EXIT_FAILED
+
+
+def test_runner_selection_known_failing_and_exit_codes(tmp_path: Path) -> None:
+    assert _run_synthetic(tmp_path, only=("AAA-1/passes", "AAA-3"))[0] == EXIT_OK  # a WARN does not fail the run
+    assert _run_synthetic(tmp_path, only=("AAA-4", "AAA-5"))[0] == EXIT_NOT_RUN  # every case skipped: nothing ran
+    assert _run_synthetic(tmp_path, only=("AAA",), skip=("AAA-1", "AAA-2", "AAA-3"))[0] == EXIT_NOT_RUN
+    assert _run_synthetic(tmp_path, unreachable=True)[0] == EXIT_NOT_RUN
+    known = tmp_path / "known.txt"
+    known.write_text("AAA-2/fails\nBBB-*  # every BBB case\n")
+    code, document, output = _run_synthetic(tmp_path, known_failing=known, only=("AAA-1", "AAA-2", "BBB"))
+    assert code == EXIT_OK
+    assert document["known_failing"] == ["AAA-2/fails", "BBB-1/crashes", "BBB-2/hangs"]
+    assert "known failing:" in output
+    known.write_text("AAA-1/passes\n")
+    code, document, output = _run_synthetic(tmp_path, known_failing=known, only=("AAA-1",))
+    assert code == EXIT_FAILED
+    assert "UNEXPECTED PASS" in output
+    assert document["unexpected_passes"] == ["AAA-1/passes"]
+    assert _run_synthetic(tmp_path, known_failing=tmp_path / "missing.txt")[0] == EXIT_NOT_RUN
+
+
+def test_outcome_names() -> None:
+    assert [o.value for o in Outcome] == ["PASS", "FAIL", "WARN", "SKIP"]

@@ -17,6 +17,8 @@
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
                         [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
                                     run the conformance suite against a biller implementation
+    parley conformance consumer --client-cmd "CMD" [--jobs N] [--only IDS] [--skip IDS] [...]
+                                    run scripted hostile billers against a consumer implementation
     parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
                                     run the reference consumer bot for one household profile
 

@@ -1,7 +1,7 @@
 """`parley consumer run`: the reference consumer as a program, acting for one household.
 
-    parley consumer run --config household.toml [--state-dir DIR] [--once] [--interval SECONDS]
-                        [--approve-all | --deny-all]
+    parley consumer run (--config household.toml | --from-env) [--state-dir DIR] [--once]
+                        [--interval SECONDS] [--approve-all | --deny-all]
 
 It reads the household's profile (`reference_consumer/sample.toml`: money, pay
 day, buffer, outgoings, mandate, and per biller its priority and how to reach
@@ -46,6 +46,13 @@ payment order — taken only from verified instructions (PAY-8) — as one JSON
 line to `bank-orders.jsonl` (mode 0600, fsynced) and returns a reference. An
 app with a real bank replaces it by its own `PaymentSender`.
 
+`--from-env` replaces the profile file by the environment the consumer
+conformance suite gives a client under test (docs/CONFORMANCE.md):
+`PARLEY_TARGET`, `PARLEY_BILLER_PARTY_ID`, `PARLEY_FINGERPRINT` (hex),
+`PARLEY_ACCOUNT_ID`, `PARLEY_ENROLMENT_CODE` and `PARLEY_STATE_DIR` (the
+default state directory), for a comfortable household (`profile_from_env`):
+the suite runs `parley consumer run --from-env --once --approve-all`.
+
 Exit status: 0 when the pass (or the loop) ran; 1 when a biller refused or
 failed verification in a `--once` pass (PIN_MISMATCH, a used enrolment code,
 refused instructions, a disputed receipt...); 2 for an invalid profile (the
@@ -66,7 +73,7 @@ import os
 import secrets
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -96,10 +103,11 @@ from agent.stores.base import IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.terms import BillFacts, LineKind, Terms, TermsKind
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
+from agent.transport.server import is_loopback
 from agent.transport.status import RpcError
 from parley.v1 import envelope_pb2, event_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
-from reference_consumer.profile import BillerPreference, Profile, ProfileError, load_profile
+from reference_consumer.profile import BillerPreference, Profile, ProfileError, load_profile, parse_profile
 from reference_consumer.strategy import PlannedBill
 
 logger = logging.getLogger("parley.reference_consumer")
@@ -1041,10 +1049,68 @@ async def _pass_until_stopped(household: Household, stop: asyncio.Event, out: Co
         waiter.cancel()
 
 
+FROM_ENV_PARTY_ID = "consumer:conformance-household"
+_FROM_ENV_KEYS = {  # where each key of the generated profile comes from
+    "household.party_id": "PARLEY_CONSUMER_PARTY_ID",
+    "household.currency": "PARLEY_CURRENCY",
+    "target": "PARLEY_TARGET",
+    "fingerprint": "PARLEY_FINGERPRINT",
+    "account_id": "PARLEY_ACCOUNT_ID",
+    "code": "PARLEY_ENROLMENT_CODE",
+}
+
+
+def profile_from_env(environ: Mapping[str, str]) -> Profile:
+    """The household of `--from-env`: one biller and account from the environment, comfortable money.
+
+    Required: PARLEY_TARGET ("host:port"; plaintext when it is a loopback
+    address, else TLS with the system's roots), PARLEY_BILLER_PARTY_ID,
+    PARLEY_FINGERPRINT (hex), PARLEY_ACCOUNT_ID, PARLEY_ENROLMENT_CODE.
+    Optional: PARLEY_CONSUMER_PARTY_ID (default "consumer:conformance-household")
+    and PARLEY_CURRENCY (default EUR). The household has 100000 in the bank, no
+    buffer or outgoings, 5000 of income on the 25th, and the sample mandate (fees
+    up to 10, at most 6 instalments, at most 15 over the bill). ProfileError
+    names the variable at fault.
+    """
+    required = ("PARLEY_TARGET", "PARLEY_BILLER_PARTY_ID", "PARLEY_FINGERPRINT", "PARLEY_ACCOUNT_ID")
+    missing = [name for name in (*required, "PARLEY_ENROLMENT_CODE") if not environ.get(name)]
+    if missing:
+        raise ProfileError(missing[0], "missing from the environment (--from-env)")
+    target = environ["PARLEY_TARGET"]
+    biller: dict[str, object] = {
+        "priority": 1,
+        "target": target,
+        "fingerprint": environ["PARLEY_FINGERPRINT"],
+        "account_id": environ["PARLEY_ACCOUNT_ID"],
+        "code": environ["PARLEY_ENROLMENT_CODE"],
+    }
+    if is_loopback(target.rpartition(":")[0].removeprefix("[").removesuffix("]")):
+        biller["insecure"] = True
+    document = {
+        "household": {
+            "party_id": environ.get("PARLEY_CONSUMER_PARTY_ID") or FROM_ENV_PARTY_ID,
+            "currency": environ.get("PARLEY_CURRENCY") or "EUR",
+            "balance": "100000",
+            "buffer": "0",
+        },
+        "income": {"amount": "5000", "pay_day": 25},
+        "mandate": {"max_fee": "10", "max_instalments": 6, "max_total_over_bill": "15"},
+        "billers": {environ["PARLEY_BILLER_PARTY_ID"]: biller},
+    }
+    try:
+        return parse_profile(document)
+    except ProfileError as error:
+        name = next(
+            (variable for key, variable in _FROM_ENV_KEYS.items() if error.key.endswith(key)),
+            "PARLEY_BILLER_PARTY_ID" if error.key.startswith("billers") else error.key,
+        )
+        raise ProfileError(name, error.problem) from None
+
+
 def run_command(args: argparse.Namespace, out: Console) -> int:
     """`parley consumer run`: what the CLI calls."""
     try:
-        profile = load_profile(args.config)
+        profile = profile_from_env(os.environ) if args.from_env else load_profile(args.config)
     except ProfileError as error:
         out.print(Text("invalid profile ", style="bold red") + Text(str(error)), soft_wrap=True)
         return EXIT_UNUSABLE
@@ -1055,7 +1121,8 @@ def run_command(args: argparse.Namespace, out: Console) -> int:
         out.print(Text("--interval must be positive", style="red"))
         return EXIT_UNUSABLE
     approval = Approval.APPROVE if args.approve_all else Approval.DENY if args.deny_all else Approval.ASK
-    options = RunOptions(Path(args.state_dir), once=args.once, interval=args.interval, approval=approval)
+    state_dir = args.state_dir or (args.from_env and os.environ.get("PARLEY_STATE_DIR")) or DEFAULT_STATE_DIR
+    options = RunOptions(Path(state_dir), once=args.once, interval=args.interval, approval=approval)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -1081,11 +1148,17 @@ def add_consumer_commands(commands: argparse._SubParsersAction[argparse.Argument
         help="enrol, fetch bills, negotiate inside the mandate and pay what is due; every --interval seconds",
         description="Act for the household of the profile: see reference_consumer/runner.py.",
     )
-    run.add_argument("--config", required=True, metavar="FILE", help="the household's profile (TOML)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", metavar="FILE", help="the household's profile (TOML)")
+    source.add_argument(
+        "--from-env",
+        action="store_true",
+        help="a household built from the PARLEY_* variables of `parley conformance consumer` (docs/CONFORMANCE.md)",
+    )
     run.add_argument(
         "--state-dir",
-        default=DEFAULT_STATE_DIR,
-        help="key, key set, database and bank order book; created if missing (default: %(default)s)",
+        help=f"key, key set, database and bank order book; created if missing (default: {DEFAULT_STATE_DIR}, "
+        "or $PARLEY_STATE_DIR with --from-env)",
     )
     run.add_argument("--once", action="store_true", help="run one pass and exit")
     run.add_argument(
@@ -1115,6 +1188,7 @@ __all__ = [
     "add_consumer_commands",
     "describe_terms",
     "load_identity",
+    "profile_from_env",
     "render",
     "run_command",
     "run_household",

@@ -2,12 +2,18 @@
 
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
                               [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
+    parley conformance consumer --client-cmd "CMD" [--jobs N] [--work-dir DIR] [--only IDS] [--skip IDS]
+                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
 
 - `runner`: the generic framework (cases tagged with requirement ids, outcomes,
   selection, known-failing lists, JUnit and JSON reports, exit codes);
 - `client`: a hostile-capable signed client (every header, key set and envelope
   field under the suite's control);
-- `biller_cases`: the biller-side suite, run against a gRPC biller.
+- `biller_cases`: the biller-side suite, run against a gRPC biller;
+- `hostile_biller`: a scripted biller (the real agent behind a servicer that
+  forges what it sends and observes what it receives);
+- `consumer_cases`: the consumer-side suite, which runs a client command
+  against a hostile biller per scenario.
 
 docs/CONFORMANCE.md describes the suites, their cases and their reports.
 """
@@ -49,8 +55,20 @@ def _run_biller(args: argparse.Namespace, out: Console) -> int:
     )
 
 
+def _run_consumer(args: argparse.Namespace, out: Console) -> int:
+    from agent.conformance.consumer_cases import connect, suite  # noqa: PLC0415 - only this command needs them
+    from agent.conformance.runner import run_suite  # noqa: PLC0415
+
+    options = run_options(args, f"client command {args.client_cmd!r}")
+    timeout = options.timeout if options.timeout > 0 else 1.0
+    work_dir = Path(args.work_dir) if args.work_dir else None
+    return asyncio.run(
+        run_suite(suite, lambda: connect(args.client_cmd, timeout=timeout, work_dir=work_dir), options, out)
+    )
+
+
 def add_conformance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`parley conformance biller` (the consumer suite will sit beside it)."""
+    """`parley conformance biller` and `parley conformance consumer`."""
     conformance = commands.add_parser(
         "conformance",
         help="check an implementation against docs/PROTOCOL.md, case by case",
@@ -74,6 +92,33 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
     transport.add_argument("--insecure", action="store_true", help="plaintext, to a loopback target only (TRN-3)")
     add_run_arguments(biller)
     biller.set_defaults(handler=_run_biller)
+    consumer = suites.add_parser(
+        "consumer",
+        help="check a consumer agent (a client command) against scripted hostile billers",
+        description="Check a consumer: each scenario starts a scripted biller on 127.0.0.1 and runs the client "
+        "command (a shell command) with PARLEY_TARGET, PARLEY_BILLER_PARTY_ID, PARLEY_FINGERPRINT, "
+        "PARLEY_ACCOUNT_ID, PARLEY_ENROLMENT_CODE and PARLEY_STATE_DIR set; the client reports its payments in "
+        "$PARLEY_STATE_DIR/bank-orders.jsonl (docs/CONFORMANCE.md). The reference consumer: --client-cmd "
+        "'parley consumer run --from-env --once --approve-all'.",
+    )
+    consumer.add_argument(
+        "--client-cmd", required=True, metavar="CMD", help="the client under test: one pass, then exit (run by sh)"
+    )
+    consumer.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="scenarios run at once, each with its own biller and state directory (default: %(default)s)",
+    )
+    consumer.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        help="keep each scenario's directory (client output, client state, the biller's database) under DIR "
+        "(default: a temporary directory, removed at the end)",
+    )
+    add_run_arguments(consumer)
+    consumer.set_defaults(handler=_run_consumer)
 
 
 __all__ = ["add_conformance_commands"]

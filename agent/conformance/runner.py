@@ -30,8 +30,13 @@ target does not offer; the detail says which).
 
 Exit codes: 0 when nothing failed; 1 when a case FAILed that is not listed as
 known failing, or a known-failing entry passed (the list is stale: remove the
-entry); 2 when the target is unreachable, the options are unusable, or no case
-ran (none selected, or every selected case skipped).
+entry); 2 when the target is unreachable (or the suite cannot run at all:
+`NotRunnable`, e.g. a client command that cannot start), the options are
+unusable, or no case ran (none selected, or every selected case skipped).
+
+Cases run one after the other, unless the suite's cases are independent and
+`RunOptions.jobs` allows several at once (the consumer suite's `--jobs`);
+results are printed and reported in registration order either way.
 
 Selecting cases: a pattern matches a case when it equals the case id
 (`ENV-3/bad-signature`), its requirement id (`ENV-3`) or its requirement
@@ -98,6 +103,13 @@ class Skip(Exception):
 
 class TargetUnreachable(Exception):
     """The target could not be reached at all: raised by a suite's `connect`; the run exits 2."""
+
+
+class NotRunnable(TargetUnreachable):
+    """The suite cannot run at all for another reason (e.g. the client under test cannot start); exit 2.
+
+    Its message is reported as it is, without "the target is unreachable".
+    """
 
 
 CaseBody = Callable[[C], Awaitable[str | None]]
@@ -358,18 +370,53 @@ async def run_cases(
     timeout: float = DEFAULT_TIMEOUT,
     known_failing: Sequence[str] = (),
     on_result: Callable[[Result], None] | None = None,
+    jobs: int = 1,
 ) -> list[Result]:
-    """Run the cases one after the other (cases may move the target's clock, so never concurrently)."""
-    results = []
-    for case in cases:
+    """Run the cases, in registration order.
+
+    By default one after the other (the biller suite's cases move the target's
+    clock, so they never overlap). A suite whose cases are independent of each
+    other (each consumer scenario has a biller of its own) may run up to `jobs`
+    at once; results are still reported, through `on_result`, in registration
+    order, each as soon as it and every case before it have ended.
+    """
+    chosen = list(cases)
+
+    async def one(case: Case[C]) -> Result:
         reason = suite.precheck(case, context) if suite.precheck is not None else None
         result = await run_case(case, context, timeout=timeout, precheck=reason)
         if any(case.matches(pattern) for pattern in known_failing):
             result = dataclasses.replace(result, known_failing=True)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    return results
+        return result
+
+    if jobs <= 1:
+        results = []
+        for case in chosen:
+            result = await one(case)
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+        return results
+    slots = asyncio.Semaphore(jobs)
+
+    async def limited(case: Case[C]) -> Result:
+        async with slots:
+            return await one(case)
+
+    tasks = [asyncio.ensure_future(limited(case)) for case in chosen]
+    try:
+        ordered = []
+        for task in tasks:  # in registration order, each printed once it and those before it are done
+            result = await task
+            ordered.append(result)
+            if on_result is not None:
+                on_result(result)
+        return ordered
+    finally:  # interrupted: stop the cases still running, and let them clean up (their processes, servers)
+        pending = [task for task in tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def load_known_failing(path: Path) -> list[str]:
@@ -443,6 +490,7 @@ class RunOptions:
     timeout: float = DEFAULT_TIMEOUT
     junit: Path | None = None
     json: Path | None = None
+    jobs: int = 1  # cases run at once (only suites whose cases are independent offer --jobs)
 
 
 def _patterns(values: Sequence[str] | None) -> tuple[str, ...]:
@@ -483,6 +531,7 @@ def run_options(args: argparse.Namespace, target: str) -> RunOptions:
         timeout=args.timeout,
         junit=Path(args.junit) if args.junit else None,
         json=Path(args.json_report) if args.json_report else None,
+        jobs=getattr(args, "jobs", 1),
     )
 
 
@@ -518,6 +567,9 @@ async def run_suite(
     if options.timeout <= 0:
         report.error = "--timeout must be positive"
         return finish()
+    if options.jobs < 1:
+        report.error = "--jobs must be at least 1"
+        return finish()
     cases = suite.select(options.only, options.skip)
     if not cases:
         report.error = "no case matches the --only/--skip selection"
@@ -539,7 +591,11 @@ async def run_suite(
                 timeout=options.timeout,
                 known_failing=known,
                 on_result=lambda result: print_result(result, out),
+                jobs=options.jobs,
             )
+    except NotRunnable as error:
+        report.error = str(error)
+        return finish()
     except TargetUnreachable as error:
         report.error = f"the target is unreachable: {error}"
         return finish()
@@ -555,6 +611,7 @@ __all__ = [
     "EXIT_OK",
     "Case",
     "Level",
+    "NotRunnable",
     "Outcome",
     "Report",
     "Result",

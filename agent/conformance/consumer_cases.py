@@ -1,0 +1,822 @@
+"""The consumer-side conformance suite: `parley conformance consumer --client-cmd "CMD"`.
+
+Each scenario starts a scripted biller of its own (`agent.conformance.hostile_biller`:
+the real biller agent behind a servicer that forges what it sends and records
+what it receives), on a free 127.0.0.1 port in plaintext, with a test account
+and its one-time enrolment code, then runs the client under test — the shell
+command CMD — once or twice with this environment:
+
+| variable | value |
+| --- | --- |
+| `PARLEY_TARGET` | the biller's address, `127.0.0.1:PORT` (plaintext: loopback) |
+| `PARLEY_BILLER_PARTY_ID` | the biller's party id |
+| `PARLEY_FINGERPRINT` | the biller's identity fingerprint, hex — the pin (KEY-12) |
+| `PARLEY_ACCOUNT_ID` | the account to enrol |
+| `PARLEY_ENROLMENT_CODE` | its one-time code |
+| `PARLEY_STATE_DIR` | a fresh directory for this scenario, kept between its runs |
+
+Each run of CMD is one pass of the client: enrol if it has not, fetch and
+verify the bills, negotiate, pay what is due, fetch receipts, read events —
+then exit. The biller issues the bills as soon as the client has enrolled,
+each EUR 120.00 due today and advertising a deferral of at most 30 days for a
+EUR 5.00 fee, so one run goes the whole way. The client reports each payment
+it makes as a JSON line of `$PARLEY_STATE_DIR/bank-orders.jsonl` (its bank);
+the suite plays the payment rail and settles each order that carries the
+reference of instructions the biller issued, for the instructed amount.
+
+The verdict comes from what the biller observed — what the client accepted,
+negotiated, sent payment intents for — and from the bank orders: a
+conforming client never pays, nor negotiates, on forged or inconsistent
+input. A scenario whose hostile input never reached the client fails with
+"setup step failed" (the baseline scenario fails too for a client that does
+nothing); one that needs an optional behaviour the client does not have
+(negotiating, watching events, fetching receipts) is skipped with the reason.
+A client command that cannot start (the shell's exit status 126 or 127) makes
+every scenario skip, and the run exit 2.
+
+docs/CONFORMANCE.md describes the scenarios and the client contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from agent.clock import SystemClock
+from agent.conformance.hostile_biller import (
+    AMOUNT_DUE,
+    BANK_FILE,
+    BILLER_PARTY_ID,
+    BankOrder,
+    Call,
+    Forgery,
+    HostileBiller,
+    Identity,
+    hostile_biller,
+    new_identity,
+    payload_of,
+    reseal,
+    rotated_identity,
+)
+from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
+from agent.crypto import SigningKey, digest
+from agent.errors import LocalProtocolError
+from agent.protocol.messages import new_header, seal
+from agent.terms import BillFacts, Line, LineKind, Money, Terms, TermsKind, build_terms, within_options
+from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2, payment_pb2
+from parley.v1 import biller_service_pb2 as pb
+
+CLIENT_ENVIRONMENT = (
+    "PARLEY_TARGET",
+    "PARLEY_BILLER_PARTY_ID",
+    "PARLEY_FINGERPRINT",
+    "PARLEY_ACCOUNT_ID",
+    "PARLEY_ENROLMENT_CODE",
+    "PARLEY_STATE_DIR",
+)
+CANNOT_START = (126, 127)  # the shell's exit status for a command it could not execute, or found nowhere
+LOG_TAIL_LINES = 4
+_SHELL_WORDS = "! . : [ [[ alias builtin case cd command eval exec export for if set source test time until while"
+SHELL_WORDS = frozenset(_SHELL_WORDS.split()) | {"{", "("}  # words the shell itself reads: no program to look for
+# Calls a client makes only once it trusts its enrolment: after a refused one, it must make none (ENR-10).
+ACCOUNT_CALLS = ("ListBills", "GetBill", "Negotiate", "GetThread", "CreatePaymentIntent", "GetReceipt", "WatchEvents")
+
+
+# --- The client under test ----------------------------------------------------------------------------
+
+
+@dataclass
+class ConsumerContext:
+    """The client under test: its command, where its scenarios live, and how long one run may take."""
+
+    client_cmd: str
+    work_dir: Path
+    client_timeout: float
+    unstartable: str = ""  # set once a run could not even start the command: every scenario then skips
+
+
+def _precheck(case: Case[ConsumerContext], context: ConsumerContext) -> str | None:
+    return context.unstartable or None
+
+
+suite: Suite[ConsumerContext] = Suite("consumer", precheck=_precheck)
+
+
+def check_command(client_cmd: str, path: str | None = None) -> None:
+    """NotRunnable when the command is empty or names a program found nowhere (shell syntax is let through)."""
+    try:
+        words = shlex.split(client_cmd)
+    except ValueError as error:
+        raise NotRunnable(f"--client-cmd is not a shell command: {error}") from None
+    if not words:
+        raise NotRunnable("--client-cmd is empty")
+    program = words[0]
+    if "=" in program or program in SHELL_WORDS or any(c in client_cmd for c in "$`"):
+        return  # an assignment, a shell keyword or an expansion: let the shell judge it
+    if shutil.which(program, path=path) is None:
+        raise NotRunnable(f"the client command cannot start: {program!r} is not an executable found on PATH")
+
+
+@asynccontextmanager
+async def connect(client_cmd: str, *, timeout: float, work_dir: Path | None = None) -> AsyncIterator[ConsumerContext]:
+    """The context the scenarios share; NotRunnable (exit 2) if the command cannot start at all.
+
+    Each client run may take up to 40% of the case `timeout` (a scenario makes at
+    most two). Scenario directories live under `work_dir` (default: a temporary
+    directory, removed afterwards).
+    """
+    check_command(client_cmd)
+    client_timeout = max(1.0, 0.4 * timeout)
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        yield ConsumerContext(client_cmd, work_dir, client_timeout)
+        return
+    with tempfile.TemporaryDirectory(prefix="parley-conformance-") as directory:
+        yield ConsumerContext(client_cmd, Path(directory), client_timeout)
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    """One run of the client command."""
+
+    number: int
+    exit_code: int | None  # None: killed at the time limit
+    duration: float
+    log: Path  # its standard output and error
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines it printed, on one line."""
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
+        return " | ".join(kept)[-400:]
+
+    def describe(self) -> str:
+        if self.exit_code is None:
+            return f"run {self.number} killed after {self.duration:.1f} s"
+        return f"run {self.number} exited {self.exit_code} after {self.duration:.1f} s"
+
+
+class Scenario:
+    """One scenario: its directory, its scripted biller, and the client runs made against it."""
+
+    def __init__(self, context: ConsumerContext, directory: Path, biller: HostileBiller) -> None:
+        self.context = context
+        self.directory = directory
+        self.state_dir = directory / "client-state"
+        self.biller = biller
+        self.runs: list[ClientRun] = []
+
+    def environment(self) -> dict[str, str]:
+        """The client's environment: ours without any PARLEY_* variable, plus the scenario's."""
+        environment = {name: value for name, value in os.environ.items() if not name.startswith("PARLEY_")}
+        environment.update(
+            PARLEY_TARGET=self.biller.target,
+            PARLEY_BILLER_PARTY_ID=self.biller.party_id,
+            PARLEY_FINGERPRINT=self.biller.pinned_fingerprint.hex(),
+            PARLEY_ACCOUNT_ID=self.biller.account_id,
+            PARLEY_ENROLMENT_CODE=self.biller.enrolment_code,
+            PARLEY_STATE_DIR=str(self.state_dir),
+        )
+        return environment
+
+    async def run_client(self) -> ClientRun:
+        """Run the command once, to its end or the time limit; then settle what it paid (the rail).
+
+        Skip (and every later scenario skips) when the shell could not start it;
+        Violation when it had to be killed.
+        """
+        number = len(self.runs) + 1
+        self.biller.run = number
+        log = self.directory / f"client-run-{number}.log"
+        started = time.monotonic()
+        with log.open("wb") as output:
+            process = await asyncio.create_subprocess_shell(
+                self.context.client_cmd,
+                env=self.environment(),
+                cwd=self.directory,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so that a kill reaches its children
+            )
+            try:
+                exit_code: int | None = await asyncio.wait_for(process.wait(), self.context.client_timeout)
+            except TimeoutError:
+                exit_code = None
+            finally:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, signal.SIGKILL)
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(process.wait())
+        run = ClientRun(number, exit_code, time.monotonic() - started, log)
+        self.runs.append(run)
+        self.biller.run = 0
+        await self.biller.settle_orders()
+        if exit_code in CANNOT_START and not self.biller.calls:
+            reason = f"the client command could not start (exit {exit_code}): {run.tail()}"
+            self.context.unstartable = self.context.unstartable or reason
+            raise Skip(reason)
+        if exit_code is None:
+            raise Violation(
+                f"the client did not exit within {self.context.client_timeout:g} s ({run.describe()}, killed): "
+                f"a run of the client under test is one pass, then exit. So far it {self.summary()}"
+            )
+        return run
+
+    # --- What the client did ---------------------------------------------------------------------------
+
+    def enrolled(self) -> bool:
+        return bool(self.biller.enrolled_party)
+
+    def moves(self) -> list[tuple[Call, Any]]:
+        """Every negotiation message the client sent, with its (unverified) payload."""
+        return [(call, call.payload) for call in self.biller.calls_of("Negotiate") if call.payload is not None]
+
+    def openings(self, bill_id: str) -> list[negotiation_pb2.ThreadOpen]:
+        return [
+            payload
+            for _, payload in self.moves()
+            if isinstance(payload, negotiation_pb2.ThreadOpen) and payload.bill_id == bill_id
+        ]
+
+    def intents(self, bill_id: str) -> list[payment_pb2.PaymentIntent]:
+        return [
+            call.payload
+            for call in self.biller.calls_of("CreatePaymentIntent")
+            if isinstance(call.payload, payment_pb2.PaymentIntent) and call.payload.bill_id == bill_id
+        ]
+
+    def orders(self, bill_id: str | None = None) -> list[BankOrder]:
+        """The client's bank orders (those paying `bill_id`, when given)."""
+        orders = self.biller.orders()
+        return orders if bill_id is None else [order for order in orders if self.biller.bill_of(order) == bill_id]
+
+    def bill_calls(self) -> list[Call]:
+        """ListBills and GetBill calls the biller answered."""
+        return [call for call in self.biller.calls_of("ListBills", "GetBill") if call.answered]
+
+    def summary(self) -> str:
+        """What the client did, in one sentence, for a detail."""
+        biller = self.biller
+        done = [f"enrolled as {biller.enrolled_party}" if self.enrolled() else "did not enrol"]
+        fetched = len(self.bill_calls())
+        if fetched:
+            done.append(f"fetched its bills {fetched}×")
+        opened = sorted({p.bill_id for _, p in self.moves() if isinstance(p, negotiation_pb2.ThreadOpen)})
+        if opened:
+            done.append(f"negotiated on {', '.join(opened)}")
+        intents = [c.payload for c in biller.calls_of("CreatePaymentIntent") if c.payload is not None]
+        if intents:
+            bills = sorted({getattr(p, "bill_id", "?") for p in intents})
+            done.append(f"sent payment intents for {', '.join(bills)}")
+        orders = biller.orders()
+        done.append(
+            f"ordered {len(orders)} payment(s): {'; '.join(o.describe() for o in orders)}"
+            if orders
+            else "ordered no payment"
+        )
+        runs = ", ".join(run.describe() for run in self.runs)
+        return "; ".join(done) + (f" ({runs})" if runs else "")
+
+
+@asynccontextmanager
+async def scenario(
+    context: ConsumerContext,
+    name: str,
+    *,
+    identity: Identity | None = None,
+    pinned_fingerprint: bytes | None = None,
+) -> AsyncIterator[Scenario]:
+    """A fresh scenario directory and scripted biller (see `hostile_biller` for the arguments)."""
+    directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=context.work_dir))
+    state_dir = directory / "client-state"
+    state_dir.mkdir()
+    async with hostile_biller(
+        directory / "biller", state_dir / BANK_FILE, identity=identity, pinned_fingerprint=pinned_fingerprint
+    ) as biller:
+        yield Scenario(context, directory, biller)
+
+
+def issue_bills_on_enrolment(biller: HostileBiller, count: int = 1) -> list[str]:
+    """Have `count` bills issued as soon as the client enrols; the list fills with their ids then."""
+    issued: list[str] = []
+
+    async def issue() -> None:
+        for index in range(count):
+            issued.append(await biller.issue_bill(description=f"Electricity, conformance bill {index + 1}"))
+
+    biller.on_enrolled.append(issue)
+    return issued
+
+
+def _now() -> datetime:
+    return SystemClock().now()
+
+
+def setup_failed(what: str, scenario: Scenario) -> Violation:
+    """A scenario whose hostile input never reached the client: it proves nothing, and fails."""
+    last = scenario.runs[-1] if scenario.runs else None
+    output = f". Its last output: {last.tail()}" if last is not None and last.exit_code and last.tail() else ""
+    return Violation(
+        f"setup step failed: {what}, so the scenario could not be played. The client {scenario.summary()}{output}"
+    )
+
+
+def _paid_once(scenario: Scenario, bill_id: str) -> BankOrder:
+    """The one bank order paying `bill_id` under instructions the biller issued, for their amount (else Violation)."""
+    biller = scenario.biller
+    orders = scenario.orders(bill_id)
+    if not orders:
+        raise Violation(f"the client did not pay bill {bill_id}: it {scenario.summary()}")
+    if len(orders) > 1:
+        raise Violation(f"the client paid bill {bill_id} {len(orders)} times (PAY-7): it {scenario.summary()}")
+    (order,) = orders
+    instructed = biller.instructed.get(order.payment_reference)
+    if instructed is None:
+        raise Violation(f"the client ordered {order.describe()}: a reference the biller never instructed (PAY-8)")
+    if order.amount != instructed.amount:
+        raise Violation(
+            f"the client ordered {order.describe()}, but the instructions under that reference are for "
+            f"{instructed.amount}"
+        )
+    return order
+
+
+# --- 1. Baseline: an honest biller ----------------------------------------------------------------------
+
+
+@suite.case(
+    "PAY-8/honest-biller-paid",
+    description="Baseline: against an honest biller the client enrols, agrees and pays the bill once, as instructed",
+    quote="A consumer MUST NOT pay under instructions that are not signed by a key of the biller's pinned key set "
+    "chain … and it MUST carry `payment_reference` in the payment exactly as given.",
+)
+async def honest_biller(context: ConsumerContext) -> str:
+    async with scenario(context, "honest-biller") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise Violation(
+                "the client did not enrol with the code it was given "
+                f"(PARLEY_ACCOUNT_ID, PARLEY_ENROLMENT_CODE): it {s.summary()}. Its output: {s.runs[-1].tail()}"
+            )
+        (bill_id,) = bills
+        if not s.intents(bill_id):
+            raise Violation(f"the client sent no payment intent for its bill {bill_id}: it {s.summary()}")
+        stray = [order for order in s.orders() if order.payment_reference not in s.biller.instructed]
+        if stray:
+            raise Violation(
+                f"the client ordered {'; '.join(o.describe() for o in stray)}: a reference the biller never "
+                f"instructed ({', '.join(o.problem for o in stray if o.problem) or 'PAY-8'}); it {s.summary()}"
+            )
+        order = _paid_once(s, bill_id)
+        receipts = [call for call in s.biller.calls_of("GetReceipt") if call.answered]
+        agreed = "agreed on it and " if s.openings(bill_id) else ""
+        fetched = ", then fetched its receipt" if receipts else ""
+        return f"the client enrolled, {agreed}paid {order.describe()}{fetched} ({s.runs[-1].describe()})"
+
+
+# --- 2. Bills that are not the pinned biller's ------------------------------------------------------------
+
+
+def _bill_id_of(envelope: envelope_pb2.Envelope) -> str:
+    payload = payload_of(envelope)
+    return payload.bill_id if isinstance(payload, bill_pb2.Bill) else ""
+
+
+def _no_dealings(scenario: Scenario, bill_id: str, what: str) -> None:
+    """Violation if the client paid, sent an intent for, or negotiated on `bill_id` (`what` says what it is)."""
+    if scenario.orders(bill_id):
+        raise Violation(f"the client PAID {what} {bill_id}: it {scenario.summary()}")
+    if scenario.intents(bill_id):
+        raise Violation(f"the client sent a payment intent for {what} {bill_id}: it {scenario.summary()}")
+    if scenario.openings(bill_id):
+        raise Violation(f"the client negotiated on {what} {bill_id}: it {scenario.summary()}")
+
+
+@suite.case(
+    "BIL-3/forged-bill-signature",
+    description="A bill whose signature is forged under the biller's keyid is never negotiated on nor paid",
+    quote="A consumer MUST verify a bill — the receive path of §3.8 against the biller's pinned chain (as a stored "
+    "answer), an account it enrolled (AUZ-6), and BIL-2 — before it shows the bill to its user, negotiates on it "
+    "or pays it, and MUST NOT show or pay a bill that fails.",
+)
+async def forged_bill_signature(context: ConsumerContext) -> str:
+    async with scenario(context, "forged-bill") as s:
+        bills = issue_bills_on_enrolment(s.biller, 2)  # the first honest (a control), the second forged
+        stranger = SigningKey.generate()
+        s.biller.forgery = Forgery(
+            stranger, keyid=s.biller.identity.key.keyid, only=lambda e: len(bills) > 1 and _bill_id_of(e) == bills[1]
+        )
+        await s.run_client()
+        if not s.biller.forgery.delivered:
+            raise setup_failed("the client never fetched its bills after enrolling (ListBills, GetBill)", s)
+        honest, forged = bills
+        _no_dealings(s, forged, "the forged bill")
+        control = "paid" if s.orders(honest) else "did not pay"
+        return (
+            f"the forged bill {forged} (signed by a stranger's key under the biller's keyid) was delivered "
+            f"{s.biller.forgery.delivered}× and never negotiated on nor paid; the client {control} the honest "
+            f"bill {honest} ({s.runs[-1].describe()})"
+        )
+
+
+@suite.case(
+    "KEY-12/unpinned-biller",
+    description="A biller whose key set chain does not start at the pinned fingerprint is never trusted (ENR-10)",
+    quote="A consumer MUST obtain the biller's fingerprint out of band (§6.1), pin it at enrolment, and verify every "
+    "chain it receives for that biller against the pin (check 1 above), refusing a mismatch with `PIN_MISMATCH`",
+)
+async def unpinned_biller(context: ConsumerContext) -> str:
+    genuine = new_identity(BILLER_PARTY_ID, _now())
+    impostor = new_identity(BILLER_PARTY_ID, _now())
+    async with scenario(context, "unpinned-biller", identity=impostor, pinned_fingerprint=genuine.fingerprint) as s:
+        issue_bills_on_enrolment(s.biller)
+
+        async def claim_the_pin(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            lying = pb.HelloResponse()
+            lying.CopyFrom(answer)
+            lying.identity_fingerprint = genuine.fingerprint  # Hello is unsigned: an impostor can claim anything
+            return lying
+
+        s.biller.rewrite["Hello"] = claim_the_pin
+        await s.run_client()
+        if not s.biller.calls:
+            raise setup_failed("the client never contacted the biller", s)
+        trusted = s.biller.calls_of(*ACCOUNT_CALLS)
+        if trusted:
+            names = ", ".join(dict.fromkeys(call.rpc for call in trusted))
+            raise Violation(
+                "the biller's key set chain does not start at the pinned fingerprint, yet the client went on "
+                f"as if enrolled ({names}): it {s.summary()}"
+            )
+        if s.orders():
+            raise Violation(f"the client paid a biller whose chain does not match the pin: it {s.summary()}")
+        seen = ", ".join(dict.fromkeys(call.rpc for call in s.biller.calls))
+        answered = " (its enrolment answered with the impostor's chain)" if s.enrolled() else ""
+        return f"the client made only these calls{answered}: {seen}; it paid nothing ({s.runs[-1].describe()})"
+
+
+# --- 3. A key set rollback ----------------------------------------------------------------------------------
+
+
+@suite.case(
+    "KEY-8/keyset-rollback",
+    description="After its chain rotated, a biller serving the older key set version again is not believed",
+    quote="A receiver MUST refuse a version not above the one it holds (a rollback, including a second, different "
+    "version `N`) with `KEYSET_ROLLBACK`",
+)
+async def keyset_rollback(context: ConsumerContext) -> str:
+    identity = rotated_identity(BILLER_PARTY_ID, _now())
+    retired = identity.retired
+    assert retired is not None
+    async with scenario(context, "keyset-rollback", identity=identity) as s:
+        bills = issue_bills_on_enrolment(s.biller)
+
+        async def roll_back(request: pb.GetKeySetsRequest, answer: pb.GetKeySetsResponse) -> pb.GetKeySetsResponse:
+            return pb.GetKeySetsResponse(key_sets=identity.older)  # version 1 again, whatever was asked
+
+        async def turn_hostile() -> None:
+            # From the enrolment on (which gave the client versions 1 and 2), everything the biller signs is
+            # signed by the key version 2 revoked, and its key sets are rolled back to version 1.
+            s.biller.forgery = Forgery(retired)
+            s.biller.rewrite["GetKeySets"] = roll_back
+
+        s.biller.on_enrolled.append(turn_hostile)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.bill_calls():
+            raise setup_failed("the client never fetched its bills after enrolling (ListBills, GetBill)", s)
+        (bill_id,) = bills
+        _no_dealings(s, bill_id, "the bill signed by the revoked key,")
+        if s.orders():
+            raise Violation(f"the client paid under messages signed by a revoked key: it {s.summary()}")
+        enrolment = min(call.number for call in s.biller.calls_of("Enrol") if call.answered)
+        refreshed = [call for call in s.biller.calls_of("GetKeySets") if call.answered and call.number > enrolment]
+        served = (
+            f"it fetched the biller's key sets {len(refreshed)}× and was served version 1 again"
+            if refreshed
+            else "it did not fetch the biller's key sets"
+        )
+        return (
+            f"the bill {bill_id}, signed by the key version 2 dropped and revoked, was never negotiated on nor "
+            f"paid; {served} ({s.runs[-1].describe()})"
+        )
+
+
+# --- 4. A duplicated event ------------------------------------------------------------------------------------
+
+
+@suite.case(
+    "EVT-5/duplicate-event",
+    description="Every event delivered twice is processed once: the cursor never counts a copy, no bill is paid twice",
+    quote="An event with a lower sequence than expected is a duplicate and is dropped",
+)
+async def duplicate_event(context: ConsumerContext) -> str:
+    async with scenario(context, "duplicate-event") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        s.biller.event_copies = 2
+        await s.run_client()
+        if s.enrolled():
+            bills.append(await s.biller.issue_bill(description="Electricity, conformance bill 2"))
+        await s.run_client()
+        watches = s.biller.calls_of("WatchEvents")
+        if not watches:
+            raise Skip("the client never watched the account's events (WatchEvents): nothing to duplicate")
+        if not s.biller.delivered_events:
+            raise setup_failed("no event reached the client on its event streams", s)
+        for call in watches:
+            start = getattr(call.payload, "start_sequence", 0)
+            if start > call.known_events:
+                raise Violation(
+                    f"the client resumed its events from sequence {start}, but only sequences 0 to "
+                    f"{call.known_events - 1} had been delivered to it, each twice: it counted copies as events, "
+                    f"so it would never see events {call.known_events} to {start - 1}"
+                )
+        for bill_id in bills:
+            paid = s.orders(bill_id)
+            if len(paid) > 1:
+                raise Violation(f"the client paid bill {bill_id} {len(paid)} times: it {s.summary()}")
+        starts = [getattr(call.payload, "start_sequence", 0) for call in watches]
+        distinct = len(set(s.biller.delivered_events))
+        paid_bills = sum(bool(s.orders(bill_id)) for bill_id in bills)
+        return (
+            f"{distinct} events delivered twice each over {len(watches)} streams, resumed from "
+            f"{', '.join(map(str, starts))}; {paid_bills} of {len(bills)} bills paid, none twice "
+            f"({', '.join(run.describe() for run in s.runs)})"
+        )
+
+
+# --- 5. A counter-offer to an offer inside the options -------------------------------------------------------
+
+
+def _bill_facts(envelope: envelope_pb2.Envelope) -> BillFacts:
+    return BillFacts.from_proto(bill_pb2.Bill.FromString(envelope.payload))
+
+
+def counter_terms(bill: BillFacts) -> Terms:
+    """The biller's counter: pay 14 days late for the deferral fee — tempting, and inside a sample mandate."""
+    fee = Money.parse("5.00", bill.amount_due.currency.code)
+    return build_terms(
+        TermsKind.DEFERRAL,
+        bill.amount_due,
+        [bill.due_date + timedelta(days=14)],
+        [Line(LineKind.FEE, "Deferral fee", fee)],
+    )
+
+
+def _thread_bill(biller: HostileBiller, thread_id: bytes) -> str:
+    """The bill the client opened this thread on ("" if it opened none)."""
+    for call in biller.calls_of("Negotiate"):
+        payload = call.payload
+        if isinstance(payload, negotiation_pb2.ThreadOpen) and payload.header.thread_id == thread_id:
+            return payload.bill_id
+    return ""
+
+
+@dataclass
+class _Counters:
+    """The forged counter-offers sent, by thread id: (counter digest, the bill)."""
+
+    sent: dict[bytes, tuple[bytes, str]] = field(default_factory=dict)
+    answers: dict[bytes, pb.NegotiateResponse] = field(default_factory=dict)  # by the countered move's digest
+    outside: list[str] = field(default_factory=list)  # bills on which the client's offer was outside the options
+
+
+@suite.case(
+    "NEG-12/counter-to-in-options-offer",
+    description="A counter-offer to an offer inside the advertised options (OPTIONS_NOT_HONOURED) is never "
+    "accepted nor paid",
+    quote="When the pending offer is the consumer's and its terms are *within the bill's options*, the biller's next "
+    "move MUST be an Accept of it; any other biller move (a counter-Offer, a Reject, a Withdraw) is a violation, "
+    "`OPTIONS_NOT_HONOURED`. … A consumer that finds a violation in the biller's reply (for example "
+    "`OPTIONS_NOT_HONOURED` on a counter-offer to an in-options offer) MUST record the thread as `PROTOCOL_ERROR`, "
+    "keep the thread with the offending reply as evidence, and not act on the reply (in particular, not pay under it)",
+)
+async def counter_to_in_options_offer(context: ConsumerContext) -> str:
+    async with scenario(context, "options-not-honoured") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        counters = _Counters()
+        biller = s.biller
+
+        async def counter(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+            move = payload_of(request.move)
+            if not isinstance(move, negotiation_pb2.ThreadOpen | negotiation_pb2.Offer):
+                return answer
+            if digest(request.move) in counters.answers:  # a retry of the move countered: the same counter
+                return counters.answers[digest(request.move)]
+            thread_id = move.header.thread_id
+            bill_id = _thread_bill(biller, thread_id)
+            if thread_id in counters.sent or bill_id not in bills:
+                return answer  # countered once already, or not on a bill of the biller's
+            bill = _bill_facts(await biller.bill_envelope(bill_id))
+            try:
+                offered = Terms.from_proto(move.terms)
+            except LocalProtocolError:
+                return answer  # the biller refused those terms anyway
+            if not within_options(offered, bill, hardship_disclosed=False):
+                counters.outside.append(bill_id)
+                return answer
+            header = new_header(
+                sender=biller.party_id,
+                recipient=move.header.sender,
+                thread_id=thread_id,
+                sequence=move.header.sequence + 1,
+                previous_digest=digest(request.move),
+                now=biller.agent.clock.now(),
+                lifetime=timedelta(hours=1),
+            )
+            offer = seal(
+                negotiation_pb2.Offer(header=header, terms=counter_terms(bill).to_proto()), biller.identity.key
+            )
+            counters.sent[thread_id] = (digest(offer), bill_id)
+            forged = pb.NegotiateResponse(reply=offer, outcome=negotiation_pb2.NEGOTIATION_OUTCOME_OPEN)
+            counters.answers[digest(request.move)] = forged
+            return forged
+
+        biller.rewrite["Negotiate"] = counter
+        await s.run_client()
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): nothing to counter")
+        if not counters.sent:
+            if counters.outside:
+                raise Skip("the client's opening was outside the bill's options, so the biller may counter it")
+            raise setup_failed("no opening of the client reached the biller's answer", s)
+        for _, payload in s.moves():
+            thread_id = payload.header.thread_id
+            if thread_id not in counters.sent or isinstance(payload, negotiation_pb2.ThreadOpen):
+                continue
+            counter_digest, bill_id = counters.sent[thread_id]
+            if isinstance(payload, negotiation_pb2.Accept):
+                named = "the counter-offer" if payload.offer_digest == counter_digest else "an offer"
+                raise Violation(
+                    f"the client ACCEPTED {named} on bill {bill_id} after the biller countered its in-options "
+                    f"offer (OPTIONS_NOT_HONOURED): it {s.summary()}"
+                )
+            if isinstance(payload, negotiation_pb2.Offer):
+                raise Violation(
+                    f"the client negotiated on (a new Offer) after the biller countered its in-options offer on "
+                    f"bill {bill_id}, instead of ending the thread PROTOCOL_ERROR: it {s.summary()}"
+                )
+        (bill_id,) = bills
+        total = counter_terms(_bill_facts(await biller.bill_envelope(bill_id))).total
+        under_counter = [order for order in s.orders(bill_id) if order.amount == total]
+        if under_counter:
+            raise Violation(f"the client paid the counter-offer's {total} on bill {bill_id}: it {s.summary()}")
+        after = [
+            type(payload).__name__
+            for _, payload in s.moves()
+            if payload.header.thread_id in counters.sent and not isinstance(payload, negotiation_pb2.ThreadOpen)
+        ]
+        moved = f"then sent only {', '.join(after)} on the thread" if after else "then made no move on the thread"
+        return (
+            f"the client's in-options offer on {bill_id} was countered with {total} in 14 days; it {moved}, "
+            f"and paid nothing under the counter ({s.runs[-1].describe()})"
+        )
+
+
+# --- 6. Instructions for another amount ----------------------------------------------------------------------
+
+EXTRA = Money.parse("80.00", "EUR")  # what the doctored instructions add to the intent's amount
+SHORTFALL = Money.parse("20.00", "EUR")  # what the doctored receipt says is missing
+
+
+@suite.case(
+    "PAY-8/instructions-amount",
+    description="Signed instructions asking for another amount than the intent's are never paid",
+    quote="A consumer MUST NOT pay under instructions that are not signed by a key of the biller's pinned key set "
+    "chain or fail any check of §3 and §5, that do not chain to its own intent (`intent_id`, thread, sequence 1, "
+    "`previous_digest`), whose `amount` differs from its intent's `amount`, or whose `pay_by_time` has passed",
+)
+async def instructions_amount(context: ConsumerContext) -> str:
+    async with scenario(context, "instructions-amount") as s:
+        issue_bills_on_enrolment(s.biller)
+        key = s.biller.identity.key
+
+        async def ask_more(
+            request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+        ) -> pb.CreatePaymentIntentResponse:
+            def more(instructions: payment_pb2.PaymentInstructions) -> None:
+                amount = Money.from_proto(instructions.amount)
+                instructions.amount.CopyFrom((amount + Money(amount.currency, EXTRA.minor)).to_proto())
+
+            return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, key, more))
+
+        s.biller.rewrite["CreatePaymentIntent"] = ask_more
+        await s.run_client()
+        intents = [call for call in s.biller.calls_of("CreatePaymentIntent") if call.answered]
+        if not intents:
+            raise setup_failed("the client never sent a payment intent the biller answered", s)
+        if s.orders():
+            raise Violation(
+                f"the client paid under instructions for more than its intent's amount (each asked "
+                f"{EXTRA} more): it {s.summary()}"
+            )
+        asked = [Money.from_proto(getattr(call.payload, "amount")) for call in intents]  # noqa: B009
+        return (
+            f"instructions asking {EXTRA} more than the intent ({', '.join(map(str, asked))}) were answered "
+            f"{len(intents)}×; the client paid nothing ({s.runs[-1].describe()})"
+        )
+
+
+# --- 7. A receipt for the wrong amount -------------------------------------------------------------------------
+
+
+@suite.case(
+    "PAY-9/receipt-wrong-amount",
+    description="A receipt for less than the instructed amount is a dispute: the client pays nothing more on the bill",
+    quote="A consumer MUST verify a receipt like any biller message and chain it to the instructions; a receipt whose "
+    "`amount_received` differs from the instructed amount, or no receipt long after a settled transfer, is a dispute",
+)
+async def receipt_wrong_amount(context: ConsumerContext) -> str:
+    async with scenario(context, "receipt-wrong-amount") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        key = s.biller.identity.key
+        claims: list[str] = []
+
+        async def claim_less(request: pb.GetReceiptRequest, answer: pb.GetReceiptResponse) -> pb.GetReceiptResponse:
+            def less(receipt: payment_pb2.Receipt) -> None:
+                received = Money.from_proto(receipt.amount_received)
+                short = Money(received.currency, SHORTFALL.minor)
+                receipt.amount_received.CopyFrom((received - short).to_proto())
+                receipt.remaining_balance.CopyFrom(short.to_proto())
+                claims.append(f"{received - short} received of {received}")
+
+            return pb.GetReceiptResponse(receipt=reseal(answer.receipt, key, less))
+
+        s.biller.rewrite["GetReceipt"] = claim_less
+        await s.run_client()
+        (bill_id,) = bills
+        if not s.orders(bill_id):
+            raise setup_failed(f"the client did not pay its bill {bill_id}", s)
+        if claims:  # the client took the receipt: the biller follows up on the "shortfall"
+            today = s.biller.agent.clock.now().date()
+            await s.biller.agent.emit_event(
+                s.biller.account_id,
+                event_pb2.EVENT_KIND_REMINDER,
+                bill_id=bill_id,
+                amount=Money(AMOUNT_DUE.currency, SHORTFALL.minor),
+                day=today,
+                reminder_level=1,
+                message=f"{SHORTFALL} is still owed on bill {bill_id}.",
+            )
+        await s.run_client()
+        receipts = [call for call in s.biller.calls_of("GetReceipt") if call.answered]
+        if not receipts:
+            raise Skip("the client never fetched the receipt of its payment (GetReceipt): nothing to dispute")
+        first = receipts[0].number
+        intents = [call for call in s.biller.calls_of("CreatePaymentIntent") if isinstance(call.payload, Message)]
+        before = {getattr(call.payload, "intent_id", "") for call in intents if call.number < first}
+        later = [
+            call
+            for call in intents
+            if call.number > first
+            and getattr(call.payload, "bill_id", "") == bill_id
+            and getattr(call.payload, "intent_id", "") not in before
+        ]
+        if later:
+            raise Violation(
+                f"after a receipt claiming {claims[0]}, the client sent a new payment intent for bill {bill_id}: "
+                f"it took the disputed receipt for the biller's account of the bill: it {s.summary()}"
+            )
+        orders = s.orders(bill_id)
+        if len(orders) > 1:
+            raise Violation(
+                f"after a receipt claiming {claims[0]}, the client paid bill {bill_id} again "
+                f"({len(orders)} payments): it {s.summary()}"
+            )
+        return (
+            f"the receipt claimed {claims[0]} (and a reminder for the {SHORTFALL} followed); the client kept to its "
+            f"one payment ({', '.join(run.describe() for run in s.runs)})"
+        )
+
+
+__all__ = [
+    "CLIENT_ENVIRONMENT",
+    "ClientRun",
+    "ConsumerContext",
+    "Scenario",
+    "check_command",
+    "connect",
+    "scenario",
+    "suite",
+]

@@ -1,0 +1,631 @@
+"""A scripted hostile biller: the real `BillerAgent`, served behind a servicer that forges and observes.
+
+The consumer conformance suite (`agent.conformance.consumer_cases`) starts one
+`HostileBiller` per scenario: a real `BillerAgent` (its own SQLite file, the
+system clock — the client under test runs in another process, on its own
+clock) served in plaintext on a free 127.0.0.1 port by `ScriptedServicer`,
+which
+
+- **observes** every call the client makes (`HostileBiller.calls`: the RPC,
+  the request, its signed payload parsed *without* verification, whether the
+  biller answered it, and the answer as sent);
+- **forges** what the biller sends when a scenario says so: `rewrite[rpc]`
+  replaces an answer on its way out, `forgery` re-signs every biller message
+  of an answer with another key (a stranger's key under the biller's keyid, a
+  key the biller rotated out…), `event_copies` delivers each streamed event
+  several times, and `on_enrolled` hooks run once the client has enrolled
+  (issuing its bills, switching to a rolled-back key set…);
+- **plays the payment rail**: the client reports each payment it makes as one
+  JSON line of `$PARLEY_STATE_DIR/bank-orders.jsonl` (docs/CONFORMANCE.md,
+  "The client's bank"), and `settle_orders` records the settlement of every
+  order that carries the `payment_reference` of instructions the biller
+  issued, for the instructed amount (an order for another amount is not
+  settled, PAY-6). It runs after each client run and before each
+  `GetReceipt`, so a receipt exists as soon as the client has paid.
+
+Nothing here is for production: the biller's messages are forged on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from agent.biller import (
+    AcceptOffer,
+    BillerAgent,
+    CounterOffer,
+    Decision,
+    OfferContext,
+    PaymentDetails,
+    RejectOffer,
+)
+from agent.clock import Clock, SystemClock
+from agent.crypto import SigningKey, pae
+from agent.errors import LocalProtocolError
+from agent.keysets import KeyChain, KeyEntry, make_key_set
+from agent.limits import DEFAULT_LIMITS
+from agent.protocol.messages import PAYLOAD_TYPES
+from agent.stores.sqlite import SqliteBillerStore
+from agent.terms import AdvertisedOptions, DeferralOption, Money, TermsKind, build_terms
+from agent.transport.server import BillerServicer
+from agent.transport.status import Context
+from parley.v1 import biller_service_pb2 as pb
+from parley.v1 import biller_service_pb2_grpc, envelope_pb2
+
+R = TypeVar("R", bound=Message)
+
+BILLER_PARTY_ID = "biller:conformance.example"
+CURRENCY = "EUR"
+AMOUNT_DUE = Money.parse("120.00", CURRENCY)
+DEFERRAL = DeferralOption(max_days=30, fee=Money.parse("5.00", CURRENCY))
+BANK_FILE = "bank-orders.jsonl"
+KEY_VALIDITY = timedelta(days=365)
+
+Rewrite = Callable[[Any, Any], Awaitable[Any]]
+"""`rewrite[rpc](request, answer)`: the answer to send instead (an awaitable, so it may use the agent)."""
+
+Hook = Callable[[], Awaitable[None]]
+
+
+# --- The biller's identity ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A biller identity: the key that signs, its verified chain, and (after a rotation) the key dropped.
+
+    `retired` is a key of version 1 that version 2 dropped and revoked — a
+    key an attacker may still hold — and `older` the versions before the
+    newest, which a rollback serves again.
+    """
+
+    key: SigningKey
+    chain: KeyChain
+    retired: SigningKey | None = None
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.chain.fingerprint
+
+    @property
+    def older(self) -> tuple[envelope_pb2.Envelope, ...]:
+        return self.chain.envelopes[:-1]
+
+
+def new_identity(party_id: str, now: datetime) -> Identity:
+    """A fresh identity: key set version 1 listing one key, created two days ago."""
+    key = SigningKey.generate()
+    start = now - timedelta(days=2)
+    envelope = make_key_set(
+        party_id=party_id,
+        version=1,
+        keys=[KeyEntry(key.public_key, start, start + KEY_VALIDITY)],
+        signer=key,
+        previous=None,
+        create_time=start,
+        expire_time=start + KEY_VALIDITY,
+    )
+    return Identity(key, KeyChain.verify([envelope]))
+
+
+def rotated_identity(party_id: str, now: datetime) -> Identity:
+    """An identity that rotated: version 1 lists keys K1 and K2 (two days ago); version 2 (an hour ago),
+    signed by K2, lists K2 only and revokes K1. K2 signs; K1 is `retired`.
+
+    Under version 2 a message signed by K1 now is refused (UNKNOWN_KEY: K1 is in no version in force),
+    while a receiver rolled back to version 1 would take it.
+    """
+    old, current = SigningKey.generate(), SigningKey.generate()
+    start, rotation = now - timedelta(days=2), now - timedelta(hours=1)
+    version_1 = make_key_set(
+        party_id=party_id,
+        version=1,
+        keys=[
+            KeyEntry(old.public_key, start, start + KEY_VALIDITY),
+            KeyEntry(current.public_key, start, start + KEY_VALIDITY),
+        ],
+        signer=current,
+        previous=None,
+        create_time=start,
+        expire_time=start + KEY_VALIDITY,
+    )
+    chain = KeyChain.verify([version_1])
+    version_2 = make_key_set(
+        party_id=party_id,
+        version=2,
+        keys=[KeyEntry(current.public_key, start, start + KEY_VALIDITY)],
+        signer=current,
+        previous=chain.latest,
+        create_time=rotation,
+        expire_time=rotation + KEY_VALIDITY,
+        revocations={old.keyid: rotation},
+        revocation_reasons={old.keyid: "retired"},
+    )
+    return Identity(current, chain.extend(version_2), retired=old)
+
+
+# --- The biller's policy and rail --------------------------------------------------------------------
+
+
+class ConformancePolicy:
+    """Bills advertise a deferral of at most 30 days for a EUR 5.00 fee. An opening outside the options is
+    countered once with the bill in full on its due date (so a client that opened outside can still agree);
+    anything else is rejected."""
+
+    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+        return AdvertisedOptions(deferral=DEFERRAL)
+
+    def decide(self, context: OfferContext) -> Decision:
+        in_full = build_terms(TermsKind.PAY_IN_FULL, context.bill.amount_due, [context.bill.due_date])
+        if context.offer == in_full:
+            return AcceptOffer()
+        if context.round < context.max_rounds and in_full not in context.previous_offers:
+            return CounterOffer(in_full)
+        return RejectOffer()
+
+
+class ConformanceRail:
+    """Instructions on a simulated rail, with a fresh payment reference for every intent."""
+
+    def instructions(self, account_id: str, intent_id: str, amount: Money) -> PaymentDetails:
+        return PaymentDetails("simulated", "Conformance Biller Ltd", "CF-0001", f"CF-{secrets.token_hex(6).upper()}")
+
+
+# --- What the client did ------------------------------------------------------------------------------
+
+
+def payload_of(envelope: envelope_pb2.Envelope) -> Message | None:
+    """The envelope's payload parsed as its payloadType says, unverified (None if it does not parse)."""
+    kind = PAYLOAD_TYPES.get(envelope.payload_type)
+    if kind is None:
+        return None
+    try:
+        return kind.FromString(envelope.payload)
+    except DecodeError:
+        return None
+
+
+_SIGNED_FIELD = {
+    "Enrol": "request",
+    "ListBills": "query",
+    "GetBill": "query",
+    "Negotiate": "move",
+    "GetThread": "query",
+    "CreatePaymentIntent": "intent",
+    "GetReceipt": "query",
+    "WatchEvents": "query",
+    "RequestErasure": "request",
+    "PublishKeySet": "key_set",
+}
+
+
+@dataclass
+class Call:
+    """One call the client made: `payload` is its signed message parsed without verification."""
+
+    rpc: str
+    request: Message
+    payload: Message | None
+    number: int  # its place among every call the biller received, from 1
+    run: int  # the client run it came in (0: between runs)
+    known_events: int  # events the biller had streamed to the client before this call: sequences 0..known_events-1
+    answered: bool = False
+    answer: Message | None = None
+
+    @property
+    def envelope(self) -> envelope_pb2.Envelope | None:
+        name = _SIGNED_FIELD.get(self.rpc)
+        if name is None or not self.request.HasField(name):
+            return None
+        envelope: envelope_pb2.Envelope = getattr(self.request, name)
+        return envelope
+
+
+@dataclass(frozen=True)
+class Instructed:
+    """Instructions the biller issued (the true ones, as its store holds them)."""
+
+    intent_id: str
+    account_id: str
+    bill_id: str
+    amount: Money
+    payment_reference: str
+
+
+@dataclass(frozen=True)
+class BankOrder:
+    """One line of the client's bank order file (`problem` says why a line could not be read)."""
+
+    line: int
+    payment_reference: str
+    amount: Money | None
+    bill_id: str = ""
+    problem: str = ""
+
+    def describe(self) -> str:
+        what = str(self.amount) if self.amount is not None else "an unreadable amount"
+        return f"{what} under reference {self.payment_reference!r}" if self.payment_reference else what
+
+
+def read_bank_orders(path: Path) -> list[BankOrder]:
+    """The orders of a bank order file, in order (an unreadable line is an order with a `problem`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as error:
+        return [BankOrder(0, "", None, problem=f"the file cannot be read: {error}")]
+    orders = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            orders.append(BankOrder(number, "", None, problem="not JSON"))
+            continue
+        if not isinstance(record, dict):
+            orders.append(BankOrder(number, "", None, problem="not a JSON object"))
+            continue
+        reference = record.get("payment_reference")
+        reference = reference if isinstance(reference, str) else ""
+        bill_id = record.get("bill_id")
+        bill_id = bill_id if isinstance(bill_id, str) else ""
+        amount, problem = _order_amount(record.get("amount"), record.get("currency"))
+        orders.append(BankOrder(number, reference, amount, bill_id, problem))
+    return orders
+
+
+def _order_amount(amount: object, currency: object) -> tuple[Money | None, str]:
+    if not isinstance(amount, str) or not isinstance(currency, str):
+        return None, "amount and currency must be strings"
+    try:
+        return Money.parse(amount, currency), ""
+    except LocalProtocolError:
+        return None, f"{amount!r} is not an amount in {currency!r}"
+
+
+# --- Forging ------------------------------------------------------------------------------------------
+
+
+def resign(envelope: envelope_pb2.Envelope, key: SigningKey, *, keyid: str | None = None) -> envelope_pb2.Envelope:
+    """The same payload, signed by `key` instead — under `keyid` when given (a forgery under someone's keyid)."""
+    signature = envelope_pb2.Signature(
+        keyid=key.keyid if keyid is None else keyid, sig=key.sign(pae(envelope.payload_type, envelope.payload))
+    )
+    return envelope_pb2.Envelope(payload=envelope.payload, payload_type=envelope.payload_type, signatures=[signature])
+
+
+def reseal(envelope: envelope_pb2.Envelope, key: SigningKey, change: Callable[[Any], None]) -> envelope_pb2.Envelope:
+    """The envelope's payload, changed by `change` (given the parsed message), signed again with `key`."""
+    message = PAYLOAD_TYPES[envelope.payload_type].FromString(envelope.payload)
+    change(message)
+    return resign(
+        envelope_pb2.Envelope(
+            payload=message.SerializeToString(deterministic=True), payload_type=envelope.payload_type
+        ),
+        key,
+    )
+
+
+@dataclass
+class Forgery:
+    """Re-sign the biller's messages in answers with `key` (under `keyid` if given) — those `only` selects.
+
+    `delivered` counts the forged messages sent.
+    """
+
+    key: SigningKey
+    keyid: str | None = None
+    only: Callable[[envelope_pb2.Envelope], bool] = lambda envelope: True
+    delivered: int = 0
+
+
+# --- The biller ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HostileBiller:
+    """A running scripted biller (see the module docstring). Scenarios set the hooks before the client runs."""
+
+    agent: BillerAgent
+    identity: Identity
+    target: str
+    account_id: str
+    enrolment_code: str
+    pinned_fingerprint: bytes  # what the client is told out of band
+    bank_file: Path
+    calls: list[Call] = field(default_factory=list)
+    rewrite: dict[str, Rewrite] = field(default_factory=dict)
+    forgery: Forgery | None = None
+    event_copies: int = 1
+    on_enrolled: list[Hook] = field(default_factory=list)
+    enrolled_party: str = ""
+    run: int = 0  # the client run under way (set by the scenario)
+    instructed: dict[str, Instructed] = field(default_factory=dict)  # by payment_reference
+    settled: dict[str, str] = field(default_factory=dict)  # payment_reference -> rail reference
+    delivered_events: list[int] = field(default_factory=list)  # sequences streamed, in order, copies included
+    bills: list[str] = field(default_factory=list)
+
+    @property
+    def party_id(self) -> str:
+        return self.agent.party_id
+
+    def record(self, rpc: str, request: Message) -> Call:
+        call = Call(rpc, request, None, len(self.calls) + 1, self.run, max(self.delivered_events, default=-1) + 1)
+        envelope = call.envelope
+        call.payload = payload_of(envelope) if envelope is not None else None
+        self.calls.append(call)
+        return call
+
+    def calls_of(self, *rpcs: str) -> list[Call]:
+        return [call for call in self.calls if call.rpc in rpcs]
+
+    # --- Fixtures ------------------------------------------------------------------------------------
+
+    async def issue_bill(
+        self, amount: Money = AMOUNT_DUE, description: str = "Electricity, conformance scenario"
+    ) -> str:
+        """A bill on the account, due today (the biller's clock), advertising the policy's options."""
+        today = self.agent.clock.now().date()
+        bill_id = await self.agent.issue_bill(self.account_id, amount, today, description)
+        self.bills.append(bill_id)
+        return bill_id
+
+    async def bill_envelope(self, bill_id: str) -> envelope_pb2.Envelope:
+        record = await self.agent._store.get_bill(bill_id)
+        if record is None:
+            raise LookupError(f"no bill {bill_id!r}")
+        return envelope_pb2.Envelope.FromString(record.envelope)
+
+    # --- The rail -------------------------------------------------------------------------------------
+
+    def orders(self) -> list[BankOrder]:
+        """The client's bank orders so far."""
+        return read_bank_orders(self.bank_file)
+
+    def bill_of(self, order: BankOrder) -> str:
+        """The bill an order pays: by the instructions its reference names, else as the order says."""
+        instructed = self.instructed.get(order.payment_reference)
+        return instructed.bill_id if instructed is not None else order.bill_id
+
+    async def settle_orders(self) -> int:
+        """Settle every order carrying a reference the biller issued, at the instructed amount; how many now."""
+        count = 0
+        for order in self.orders():
+            instructed = self.instructed.get(order.payment_reference)
+            if instructed is None or order.payment_reference in self.settled or order.amount != instructed.amount:
+                continue  # unknown reference, done already, or another amount: no receipt (PAY-6)
+            rail_reference = f"RAIL-{len(self.settled) + 1:04d}"
+            with contextlib.suppress(ValueError, LookupError):
+                await self.agent.record_settlement(
+                    instructed.account_id, instructed.intent_id, instructed.amount, rail_reference
+                )
+                self.settled[order.payment_reference] = rail_reference
+                count += 1
+        return count
+
+    # --- What the servicer does with answers ------------------------------------------------------------
+
+    async def _enrolled(self, request: pb.EnrolRequest) -> None:
+        if self.enrolled_party:
+            return
+        payload = payload_of(request.request)
+        self.enrolled_party = getattr(getattr(payload, "header", None), "sender", "") or "?"
+        for hook in self.on_enrolled:
+            await hook()
+
+    def _instructed(self, answer: pb.CreatePaymentIntentResponse, request: pb.CreatePaymentIntentRequest) -> None:
+        body = payload_of(answer.instructions)
+        intent = payload_of(request.intent)
+        if body is None or intent is None:
+            return
+        reference = getattr(body, "payment_reference", "")
+        self.instructed.setdefault(
+            reference,
+            Instructed(
+                intent_id=getattr(intent, "intent_id", ""),
+                account_id=getattr(intent, "account_id", ""),
+                bill_id=getattr(intent, "bill_id", ""),
+                amount=Money.from_proto(getattr(body, "amount")),  # noqa: B009 - a parsed message of any type
+                payment_reference=reference,
+            ),
+        )
+
+    def _forge(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+        """The envelope, re-signed by the forgery if it is the biller's and selected."""
+        forgery = self.forgery
+        if forgery is None or not envelope.signatures or envelope.signatures[0].keyid != self.identity.key.keyid:
+            return envelope
+        if not forgery.only(envelope):
+            return envelope
+        forgery.delivered += 1
+        return resign(envelope, forgery.key, keyid=forgery.keyid)
+
+    def forged(self, rpc: str, answer: Message) -> Message:
+        """The answer with every biller message the forgery selects re-signed (key sets untouched)."""
+        if self.forgery is None:
+            return answer
+        if isinstance(answer, pb.ListBillsResponse):
+            return pb.ListBillsResponse(bills=[self._forge(bill) for bill in answer.bills])
+        if isinstance(answer, pb.GetBillResponse):
+            return pb.GetBillResponse(bill=self._forge(answer.bill))
+        if isinstance(answer, pb.NegotiateResponse) and answer.HasField("reply"):
+            return pb.NegotiateResponse(reply=self._forge(answer.reply), outcome=answer.outcome)
+        if isinstance(answer, pb.GetThreadResponse):
+            return pb.GetThreadResponse(
+                messages=[self._forge(message) for message in answer.messages], outcome=answer.outcome
+            )
+        if isinstance(answer, pb.CreatePaymentIntentResponse):
+            return pb.CreatePaymentIntentResponse(instructions=self._forge(answer.instructions))
+        if isinstance(answer, pb.GetReceiptResponse):
+            return pb.GetReceiptResponse(receipt=self._forge(answer.receipt))
+        if isinstance(answer, pb.WatchEventsResponse):
+            return pb.WatchEventsResponse(event=self._forge(answer.event))
+        return answer
+
+
+class ScriptedServicer(BillerServicer):
+    """BillerService over the real agent: every call recorded, every answer passed through the biller's
+    scripts (`HostileBiller.rewrite`, `forgery`, `event_copies`, `on_enrolled`) on its way out."""
+
+    def __init__(self, agent: BillerAgent, biller: HostileBiller) -> None:
+        super().__init__(agent)
+        self.biller = biller
+
+    async def _scripted(self, rpc: str, request: Any, real: Awaitable[R]) -> R:
+        call = self.biller.record(rpc, request)
+        if rpc == "GetReceipt":
+            await self.biller.settle_orders()  # the rail: a payment the client made settles at once
+        answer = await real  # a refusal aborts the call here: recorded, not answered
+        call.answered = True
+        if rpc == "Enrol":
+            await self.biller._enrolled(request)
+        elif rpc == "CreatePaymentIntent":
+            self.biller._instructed(answer, request)  # type: ignore[arg-type]
+        rewrite = self.biller.rewrite.get(rpc)
+        if rewrite is not None:
+            answer = await rewrite(request, answer)
+        answer = self.biller.forged(rpc, answer)  # type: ignore[assignment]
+        call.answer = answer
+        return answer
+
+    async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloResponse:
+        return await self._scripted("Hello", request, super().Hello(request, context))
+
+    async def GetKeySets(self, request: pb.GetKeySetsRequest, context: Context) -> pb.GetKeySetsResponse:
+        return await self._scripted("GetKeySets", request, super().GetKeySets(request, context))
+
+    async def PublishKeySet(self, request: pb.PublishKeySetRequest, context: Context) -> pb.PublishKeySetResponse:
+        return await self._scripted("PublishKeySet", request, super().PublishKeySet(request, context))
+
+    async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.EnrolResponse:
+        return await self._scripted("Enrol", request, super().Enrol(request, context))
+
+    async def ListBills(self, request: pb.ListBillsRequest, context: Context) -> pb.ListBillsResponse:
+        return await self._scripted("ListBills", request, super().ListBills(request, context))
+
+    async def GetBill(self, request: pb.GetBillRequest, context: Context) -> pb.GetBillResponse:
+        return await self._scripted("GetBill", request, super().GetBill(request, context))
+
+    async def Negotiate(self, request: pb.NegotiateRequest, context: Context) -> pb.NegotiateResponse:
+        return await self._scripted("Negotiate", request, super().Negotiate(request, context))
+
+    async def GetThread(self, request: pb.GetThreadRequest, context: Context) -> pb.GetThreadResponse:
+        return await self._scripted("GetThread", request, super().GetThread(request, context))
+
+    async def CreatePaymentIntent(
+        self, request: pb.CreatePaymentIntentRequest, context: Context
+    ) -> pb.CreatePaymentIntentResponse:
+        return await self._scripted("CreatePaymentIntent", request, super().CreatePaymentIntent(request, context))
+
+    async def GetReceipt(self, request: pb.GetReceiptRequest, context: Context) -> pb.GetReceiptResponse:
+        return await self._scripted("GetReceipt", request, super().GetReceipt(request, context))
+
+    async def RequestErasure(self, request: pb.RequestErasureRequest, context: Context) -> pb.RequestErasureResponse:
+        return await self._scripted("RequestErasure", request, super().RequestErasure(request, context))
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchEventsResponse]:
+        call = self.biller.record("WatchEvents", request)
+        async for response in super().WatchEvents(request, context):
+            call.answered = True
+            event = payload_of(response.event)
+            sequence = getattr(getattr(event, "header", None), "sequence", -1)
+            forged = self.biller.forged("WatchEvents", response)
+            for _ in range(max(1, self.biller.event_copies)):
+                self.biller.delivered_events.append(sequence)
+                yield forged  # type: ignore[misc]
+
+
+@asynccontextmanager
+async def hostile_biller(
+    state_dir: Path,
+    bank_file: Path,
+    *,
+    identity: Identity | None = None,
+    pinned_fingerprint: bytes | None = None,
+    clock: Clock | None = None,
+) -> AsyncIterator[HostileBiller]:
+    """A scripted biller on a free 127.0.0.1 port (plaintext: loopback only), with one test account and its
+    one-time enrolment code; stopped, with its store closed, on exit.
+
+    `identity` is who the biller really is (default: a fresh one); `pinned_fingerprint` what the client is
+    told out of band (default: the identity's own fingerprint — another one plays an impostor).
+    """
+    clock = clock or SystemClock()
+    identity = identity or new_identity(BILLER_PARTY_ID, clock.now())
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = await SqliteBillerStore.open(state_dir / "biller.sqlite")
+    try:
+        agent = BillerAgent(
+            party_id=identity.chain.party_id,
+            signing_key=identity.key,
+            key_sets=identity.chain,
+            store=store,
+            policy=ConformancePolicy(),
+            rail=ConformanceRail(),
+            clock=clock,
+            watch_poll_interval=timedelta(seconds=0.2),
+        )
+        account_id = f"acct-{secrets.token_hex(4)}"
+        await agent.create_account(account_id, "Conformance Household")
+        code = await agent.issue_enrolment_code(account_id)
+        biller = HostileBiller(
+            agent=agent,
+            identity=identity,
+            target="",
+            account_id=account_id,
+            enrolment_code=code,
+            pinned_fingerprint=pinned_fingerprint or identity.fingerprint,
+            bank_file=bank_file,
+        )
+        servicer = ScriptedServicer(agent, biller)
+        server = grpc.aio.server(options=(("grpc.max_receive_message_length", DEFAULT_LIMITS.grpc_max_receive_bytes),))
+        biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        biller.target = f"127.0.0.1:{port}"
+        try:
+            yield biller
+        finally:
+            servicer.end_watches()
+            await server.stop(None)
+    finally:
+        await store.close()
+
+
+__all__ = [
+    "AMOUNT_DUE",
+    "BANK_FILE",
+    "BILLER_PARTY_ID",
+    "CURRENCY",
+    "BankOrder",
+    "Call",
+    "ConformancePolicy",
+    "ConformanceRail",
+    "Forgery",
+    "HostileBiller",
+    "Identity",
+    "Instructed",
+    "ScriptedServicer",
+    "hostile_biller",
+    "new_identity",
+    "payload_of",
+    "read_bank_orders",
+    "reseal",
+    "resign",
+    "rotated_identity",
+]

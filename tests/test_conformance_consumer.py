@@ -1,0 +1,299 @@
+"""The consumer conformance suite, itself tested.
+
+1. Against the reference consumer (`parley consumer run --from-env --once --approve-all`, a real process per
+   run): every scenario PASSes.
+2. Against deliberately broken consumers (tests/broken_consumers.py), one per class of defect: the suite FAILs
+   exactly the scenarios that should fail, and passes the others.
+3. A client that does nothing cannot pass; a client command that cannot start, or a run in which no scenario
+   ran, exits 2; known-failing lists, JUnit and JSON through the command line.
+4. The scenarios name and quote spec requirements, and docs/CONFORMANCE.md lists them; `--from-env` builds the
+   reference consumer's household from the environment; the runner's `jobs` keeps the report's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import shlex
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from agent.cli import main
+from agent.conformance import consumer_cases
+from agent.conformance.hostile_biller import read_bank_orders
+from agent.conformance.runner import EXIT_FAILED, EXIT_NOT_RUN, EXIT_OK, Level, RunOptions, Suite, run_cases, run_suite
+from reference_consumer.profile import ProfileError
+from reference_consumer.runner import profile_from_env
+from tests.broken_consumers import BROKEN_CONSUMERS, BrokenConsumer, reference_command
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+CASE_IDS = [case.id for case in consumer_cases.suite.cases]
+JOBS = 4  # scenarios are independent: run them side by side (each is mostly waiting on its client process)
+TIMEOUT = 60.0  # per scenario: generous, for a loaded machine
+
+
+def run_against(tmp_path: Path, client_cmd: str, **options: Any) -> tuple[int, dict[str, Any], str]:
+    """Run the suite in-process against a client command; (exit code, JSON report, printed output)."""
+    report = tmp_path / "report.json"
+    output = io.StringIO()
+    options.setdefault("jobs", JOBS)
+    options.setdefault("timeout", TIMEOUT)
+    run_options = RunOptions(target=client_cmd, json=report, **options)
+    timeout = run_options.timeout
+
+    code = asyncio.run(
+        run_suite(
+            consumer_cases.suite,
+            lambda: consumer_cases.connect(client_cmd, timeout=timeout, work_dir=tmp_path / "work"),
+            run_options,
+            Console(file=output, width=200),
+        )
+    )
+    return code, json.loads(report.read_text(encoding="utf-8")), output.getvalue()
+
+
+def outcomes_of(report: dict[str, Any]) -> dict[str, str]:
+    return {case["id"]: case["outcome"] for case in report["cases"]}
+
+
+# --- 1. The reference consumer passes ---------------------------------------------------------------------
+
+
+def test_reference_consumer_passes_every_scenario(tmp_path: Path) -> None:
+    code, report, output = run_against(tmp_path, reference_command(), junit=tmp_path / "report.xml")
+    not_passed = {c["id"]: (c["outcome"], c["detail"]) for c in report["cases"] if c["outcome"] != "PASS"}
+    assert not_passed == {}, output
+    assert code == EXIT_OK
+    assert [case["id"] for case in report["cases"]] == CASE_IDS
+    assert report["summary"] == {"PASS": len(CASE_IDS), "FAIL": 0, "WARN": 0, "SKIP": 0}
+    assert output.rstrip().splitlines()[-1].startswith("summary: parley conformance consumer")
+    details = {case["id"]: case["detail"] for case in report["cases"]}
+    assert "paid EUR 120.00 under reference 'CF-" in details["PAY-8/honest-biller-paid"]
+    assert "served version 1 again" in details["KEY-8/keyset-rollback"]  # the rollback was really delivered
+    assert "delivered twice" in details["EVT-5/duplicate-event"]
+    assert "claimed EUR 100.00 received of EUR 120.00" in details["PAY-9/receipt-wrong-amount"]
+    suite = ET.parse(tmp_path / "report.xml").getroot().find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == (str(len(CASE_IDS)), "0", "0")
+    # The client's bank: the baseline's one order, as the contract in docs/CONFORMANCE.md says.
+    (baseline,) = (tmp_path / "work").glob("honest-biller-*")
+    (order,) = read_bank_orders(baseline / "client-state" / "bank-orders.jsonl")
+    assert (str(order.amount), order.payment_reference[:3], order.problem) == ("EUR 120.00", "CF-", "")
+
+
+# --- 2. Broken consumers fail exactly their scenarios ------------------------------------------------------
+
+
+@pytest.mark.parametrize("broken", BROKEN_CONSUMERS, ids=[b.defect for b in BROKEN_CONSUMERS])
+def test_broken_consumer_fails_exactly_its_scenarios(tmp_path: Path, broken: BrokenConsumer) -> None:
+    code, report, output = run_against(tmp_path, broken.command)
+    outcomes = outcomes_of(report)
+    failed = {case_id for case_id, outcome in outcomes.items() if outcome == "FAIL"}
+    assert failed == broken.fails, output
+    assert set(outcomes.values()) <= {"PASS", "FAIL"}, output
+    assert code == EXIT_FAILED
+
+
+def test_every_defect_class_is_covered() -> None:
+    assert {b.name for b in BROKEN_CONSUMERS} == {
+        "pays a forged bill",
+        "accepts a key set rollback",
+        "pays instructions for another amount",
+        "accepts a counter to an in-options offer",
+        "ignores the pinned fingerprint",
+    }
+    for broken in BROKEN_CONSUMERS:
+        assert broken.fails <= set(CASE_IDS), broken.name
+
+
+# --- 3. Clients that do nothing, or cannot start; the command line ------------------------------------------
+
+
+def test_a_client_that_does_nothing_cannot_pass(tmp_path: Path) -> None:
+    code, report, output = run_against(tmp_path, "true")
+    outcomes = outcomes_of(report)
+    assert outcomes["PAY-8/honest-biller-paid"] == "FAIL", output
+    skipped = {case_id for case_id, outcome in outcomes.items() if outcome == "SKIP"}
+    assert skipped == {"EVT-5/duplicate-event", "NEG-12/counter-to-in-options-offer"}, output  # optional behaviour
+    assert {outcome for case_id, outcome in outcomes.items() if case_id not in skipped} == {"FAIL"}, output
+    details = {case["id"]: case["detail"] for case in report["cases"]}
+    assert details["BIL-3/forged-bill-signature"].startswith("setup step failed:")
+    assert code == EXIT_FAILED
+
+
+def test_a_program_found_nowhere_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "r.json"
+    argv = ["conformance", "consumer", "--client-cmd", "no-such-parley-client --once", "--json", str(report)]
+    assert main(argv) == EXIT_NOT_RUN
+    output = capsys.readouterr().out
+    assert "cannot start" in output
+    assert "unreachable" not in output
+    document = json.loads(report.read_text(encoding="utf-8"))
+    assert (document["cases"], document["exit_code"]) == ([], EXIT_NOT_RUN)
+
+
+def test_a_command_the_shell_cannot_run_makes_every_scenario_skip_and_exits_2(tmp_path: Path) -> None:
+    missing = shlex.quote(str(tmp_path / "missing-client"))
+    code, report, output = run_against(tmp_path, f"cd {shlex.quote(str(tmp_path))} && {missing} --once")
+    assert set(outcomes_of(report).values()) == {"SKIP"}, output
+    assert all("could not start (exit 127)" in case["detail"] for case in report["cases"]), output
+    assert code == EXIT_NOT_RUN
+    assert "NOTHING RAN" in output
+
+
+def test_a_client_that_never_exits_is_killed_and_fails(tmp_path: Path) -> None:
+    started = time.monotonic()
+    code, report, output = run_against(tmp_path, "sleep 30", only=("PAY-8/honest-biller-paid",), timeout=3.0)
+    assert time.monotonic() - started < 15
+    (case,) = report["cases"]
+    assert case["outcome"] == "FAIL", output
+    assert "did not exit within 1.2 s" in case["detail"]
+    assert code == EXIT_FAILED
+
+
+def test_no_scenario_selected_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["conformance", "consumer", "--client-cmd", "true", "--only", "NOPE"]) == EXIT_NOT_RUN
+    assert "no case matches" in capsys.readouterr().out
+    assert main(["conformance", "consumer", "--client-cmd", "true", "--jobs", "0"]) == EXIT_NOT_RUN
+    assert "--jobs must be at least 1" in capsys.readouterr().out
+
+
+def test_cli_known_failing_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = next(b for b in BROKEN_CONSUMERS if b.defect == "pays-instructions-for-another-amount")
+    known = tmp_path / "known-failing.txt"
+    known.write_text("PAY-8/instructions-amount  # the broken consumer's known defect\n")
+    junit, report = tmp_path / "r.xml", tmp_path / "r.json"
+    argv = [
+        "conformance", "consumer", "--client-cmd", broken.command, "--only", "PAY-8",
+        "--jobs", "2", "--timeout", str(TIMEOUT), "--junit", str(junit), "--json", str(report),
+    ]  # fmt: skip
+    assert main([*argv, "--work-dir", str(tmp_path / "kept")]) == EXIT_FAILED
+    (kept,) = (tmp_path / "kept").glob("instructions-amount-*")  # what the client printed, kept for its author
+    assert "parley consumer" in (kept / "client-run-1.log").read_text(encoding="utf-8")
+    assert '"amount": "200.00"' in (kept / "client-state" / "bank-orders.jsonl").read_text(encoding="utf-8")
+    assert main([*argv, "--known-failing", str(known)]) == EXIT_OK
+    output = capsys.readouterr().out
+    assert "known failing: PAY-8/instructions-amount (FAIL)" in output
+    document = json.loads(report.read_text(encoding="utf-8"))
+    assert [case["id"] for case in document["cases"]] == ["PAY-8/honest-biller-paid", "PAY-8/instructions-amount"]
+    assert document["known_failing"] == ["PAY-8/instructions-amount"]
+    assert document["summary"] == {"PASS": 1, "FAIL": 1, "WARN": 0, "SKIP": 0}
+    assert document["suite"] == "consumer"
+    for case in document["cases"]:
+        assert case["requirement"]
+        assert case["description"]
+        assert case["spec_id"] == "PAY-8"
+    root = ET.parse(junit).getroot()
+    skipped = [c.get("name") for c in root.iter("testcase") if c.find("skipped") is not None]
+    assert skipped == ["PAY-8/instructions-amount"]  # a known failure is reported skipped
+
+
+# --- 4. The scenarios, the docs, the adapter and the runner -----------------------------------------------
+
+
+def test_every_scenario_names_a_spec_requirement_and_quotes_it() -> None:
+    spec_text = " ".join(SPEC.split())
+    assert len(CASE_IDS) >= 8
+    for case in consumer_cases.suite.cases:
+        assert f"**{case.requirement}**" in SPEC, case.id
+        assert 0 < len(case.description) <= 140, case.id
+        assert case.level is Level.MUST, case.id
+        for piece in re.split(r"\[[^\]]*\]|…", case.quote):
+            fragment = " ".join(piece.split()).strip(" .,;:—")
+            if len(fragment) > 12:
+                assert fragment in spec_text, f"{case.id}: {fragment!r} is not in docs/PROTOCOL.md"
+
+
+def test_docs_list_every_scenario_and_the_client_contract() -> None:
+    docs = (ROOT / "docs" / "CONFORMANCE.md").read_text(encoding="utf-8")
+    assert [case_id for case_id in CASE_IDS if f"`{case_id}`" not in docs] == []
+    for name in (*consumer_cases.CLIENT_ENVIRONMENT, "bank-orders.jsonl", "--from-env", "--jobs"):
+        assert name in docs, name
+    for broken in BROKEN_CONSUMERS:
+        assert broken.name in docs, broken.name
+
+
+def test_from_env_builds_a_household_and_names_the_variable_at_fault() -> None:
+    environment = {
+        "PARLEY_TARGET": "127.0.0.1:7443",
+        "PARLEY_BILLER_PARTY_ID": "biller:energy.example",
+        "PARLEY_FINGERPRINT": "ab" * 32,
+        "PARLEY_ACCOUNT_ID": "acct-1",
+        "PARLEY_ENROLMENT_CODE": "7KQ2-M9XD-4RTB",
+    }
+    profile = profile_from_env(environment)
+    (biller,) = profile.connected()
+    assert biller.biller_id == "biller:energy.example"
+    assert biller.connection is not None
+    assert biller.connection.insecure  # loopback: plaintext
+    assert (profile.party_id, profile.currency) == ("consumer:conformance-household", "EUR")
+    remote = profile_from_env({**environment, "PARLEY_TARGET": "billing.example:443"}).connected()[0]
+    assert remote.connection is not None
+    assert not remote.connection.insecure
+    for name, value in (("PARLEY_FINGERPRINT", "zz"), ("PARLEY_ENROLMENT_CODE", "nope"), ("PARLEY_TARGET", "x")):
+        with pytest.raises(ProfileError) as bad:
+            profile_from_env({**environment, name: value})
+        assert bad.value.key == name
+    with pytest.raises(ProfileError) as missing:
+        profile_from_env({k: v for k, v in environment.items() if k != "PARLEY_ACCOUNT_ID"})
+    assert missing.value.key == "PARLEY_ACCOUNT_ID"
+
+
+def test_runner_jobs_run_cases_together_and_report_them_in_order() -> None:
+    suite: Suite[None] = Suite("synthetic")
+    started: list[str] = []
+
+    def case(name: str, delay: float) -> None:
+        async def body(context: None) -> str:
+            started.append(name)
+            await asyncio.sleep(delay)
+            return name
+
+        suite.case(f"AAA-{name}/case", description=name, quote="q")(body)
+
+    for name, delay in (("1", 0.3), ("2", 0.0), ("3", 0.1)):
+        case(name, delay)
+    printed: list[str] = []
+
+    async def scenario() -> list[str]:
+        results = await run_cases(
+            suite, suite.cases, None, jobs=3, on_result=lambda result: printed.append(result.detail)
+        )
+        return [result.detail for result in results]
+
+    assert asyncio.run(scenario()) == ["1", "2", "3"]
+    assert printed == ["1", "2", "3"]
+    assert started == ["1", "2", "3"]  # all three started before the first ended
+
+
+def test_run_client_environment_is_the_scenarios(tmp_path: Path) -> None:
+    """The client sees exactly the scenario's PARLEY_* variables (an inherited one is dropped)."""
+    dump = tmp_path / "env.json"
+    program = f"import json, os; json.dump(dict(os.environ), open({str(dump)!r}, 'w'))"
+    client = shlex.join([sys.executable, "-c", program])
+
+    async def scenario() -> dict[str, str]:
+        async with (
+            consumer_cases.connect(client, timeout=30, work_dir=tmp_path / "work") as context,
+            consumer_cases.scenario(context, "environment") as played,
+        ):
+            await played.run_client()
+            seen: dict[str, str] = json.loads(dump.read_text(encoding="utf-8"))
+            assert seen["PARLEY_TARGET"] == played.biller.target
+            assert seen["PARLEY_FINGERPRINT"] == played.biller.identity.fingerprint.hex()
+            assert seen["PARLEY_STATE_DIR"] == str(played.state_dir)
+            return seen
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PARLEY_STRAY", "inherited")
+        seen = asyncio.run(scenario())
+    assert sorted(name for name in seen if name.startswith("PARLEY_")) == sorted(consumer_cases.CLIENT_ENVIRONMENT)

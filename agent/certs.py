@@ -13,12 +13,24 @@ with ECDSA P-256 keys (what every TLS stack, gRPC's included, accepts)::
 Everything is PEM bytes. Validity is judged by the TLS stack against the real
 system time, not by an injected `Clock`, so certificates are dated from the
 wall clock. Not for production: keys are unencrypted and the CA is a toy.
+
+`parley certs --out DIR [--host NAME ...] [--ip ADDRESS ...] [--client NAME ...]`
+(`write_dev_certs`) writes a CA, a server certificate and optional client
+certificates (for mutual TLS, TRN-9) as files::
+
+    ca.pem                      trust anchor: the consumer's --tls-ca, the biller's --tls-client-ca
+    server.pem, server.key      the biller's --tls-cert (chain) and --tls-key (mode 0600)
+    client-NAME.pem/.key        a consumer's client certificate chain and key (mode 0600)
+
+The CA's private key is not written: to issue more certificates, make a new set.
 """
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,8 +40,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from rich.console import Console
 
 DEFAULT_VALIDITY = timedelta(days=30)
+CA_FILE, SERVER_CHAIN_FILE, SERVER_KEY_FILE = "ca.pem", "server.pem", "server.key"
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # becomes part of a file name: no paths
 _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between the parties
 
 
@@ -181,7 +196,7 @@ def issue_server_cert(
 
 
 def issue_client_cert(ca: DevCA, common_name: str, *, valid_for: timedelta = DEFAULT_VALIDITY) -> LeafCert:
-    """A TLS client certificate (for deployments that add mutual TLS in front of Parley)."""
+    """A TLS client certificate (extended key usage clientAuth) for a mutual-TLS biller (TRN-9)."""
     return _issue(ca, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, (), valid_for)
 
 
@@ -193,4 +208,111 @@ def write_pem(path: str | os.PathLike[str], data: bytes, *, private: bool = Fals
     return Path(path)
 
 
-__all__ = ["DevCA", "LeafCert", "issue_client_cert", "issue_server_cert", "make_dev_ca", "write_pem"]
+def client_files(name: str) -> tuple[str, str]:
+    """The certificate chain and key file names of client `name`; ValueError if it cannot be a file name."""
+    if not _CLIENT_NAME.fullmatch(name):
+        raise ValueError(f"client name {name!r}: use 1-64 of A-Z a-z 0-9 . _ - starting with a letter or digit")
+    return f"client-{name}.pem", f"client-{name}.key"
+
+
+def write_dev_certs(
+    out: Path,
+    *,
+    hostnames: Sequence[str] = ("localhost",),
+    ips: Sequence[str] = ("127.0.0.1",),
+    clients: Sequence[str] = (),
+    valid_for: timedelta = DEFAULT_VALIDITY,
+) -> list[Path]:
+    """Make a development CA, a server certificate and client certificates into `out`; the files written.
+
+    Key files are mode 0600. Nothing is written when a file to be written
+    already exists (FileExistsError) or a name is unusable (ValueError).
+    """
+    client_names = [client_files(name) for name in clients]
+    if len(set(clients)) != len(clients):
+        raise ValueError("each --client name may be given once")
+    ca = make_dev_ca(valid_for=valid_for)
+    server = issue_server_cert(ca, hostnames, ips, valid_for=valid_for)
+    planned: list[tuple[str, bytes, bool]] = [
+        (CA_FILE, ca.cert_pem, False),
+        (SERVER_CHAIN_FILE, server.chain_pem, False),
+        (SERVER_KEY_FILE, server.key_pem, True),
+    ]
+    for name, (chain_file, key_file) in zip(clients, client_names, strict=True):
+        client = issue_client_cert(ca, name, valid_for=valid_for)
+        planned += [(chain_file, client.chain_pem, False), (key_file, client.key_pem, True)]
+    existing = [file for file, _, _ in planned if (out / file).exists()]
+    if existing:
+        raise FileExistsError(f"refusing to overwrite {', '.join(str(out / file) for file in existing)}")
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return [write_pem(out / file, data, private=private) for file, data, private in planned]
+
+
+def _certs(args: argparse.Namespace, out: Console) -> int:
+    hostnames, ips = args.host, args.ip
+    if not hostnames and not ips:
+        hostnames, ips = ["localhost"], ["127.0.0.1"]
+    try:
+        written = write_dev_certs(
+            Path(args.out), hostnames=hostnames, ips=ips, clients=args.client, valid_for=timedelta(days=args.days)
+        )
+    except (FileExistsError, ValueError) as error:
+        out.print(str(error), style="red", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    for path in written:
+        private = " (private key, mode 0600)" if path.suffix == ".key" else ""
+        out.print(f"wrote {path}{private}", markup=False, highlight=False, soft_wrap=True)
+    names = ", ".join([*hostnames, *ips])
+    directory = Path(args.out)
+    out.print(
+        f"server certificate for {names}, valid {args.days} days; development only, the CA key was not kept\n"
+        f"biller:   --tls-cert {directory / SERVER_CHAIN_FILE} --tls-key {directory / SERVER_KEY_FILE}"
+        + (f" --tls-client-ca {directory / CA_FILE}" if args.client else "")
+        + f"\nconsumer: trust {directory / CA_FILE}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return 0
+
+
+def _days(text: str) -> int:
+    days = int(text)
+    if not 1 <= days <= 825:  # the longest life browsers ever accepted for a TLS leaf
+        raise argparse.ArgumentTypeError(f"expected 1 to 825 days, got {text}")
+    return days
+
+
+def add_certs_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `parley certs` on the `parley` command's subparsers."""
+    certs = commands.add_parser(
+        "certs",
+        help="make a development CA, a server certificate and client certificates (files)",
+        description="Write ca.pem, server.pem (chain), server.key and client-NAME.pem/.key into a directory, "
+        "for TLS and mutual TLS in development and tests. Refuses to overwrite; key files are mode 0600. "
+        "Without --host and --ip the server certificate names localhost and 127.0.0.1.",
+    )
+    certs.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created if missing)")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME", help="server DNS name; repeatable")
+    certs.add_argument("--ip", action="append", default=[], metavar="ADDRESS", help="server IP address; repeatable")
+    certs.add_argument(
+        "--client", action="append", default=[], metavar="NAME", help="also a client certificate NAME; repeatable"
+    )
+    certs.add_argument("--days", type=_days, default=DEFAULT_VALIDITY.days, help="validity (default: %(default)s)")
+    certs.set_defaults(handler=_certs)
+
+
+__all__ = [
+    "CA_FILE",
+    "SERVER_CHAIN_FILE",
+    "SERVER_KEY_FILE",
+    "DevCA",
+    "LeafCert",
+    "add_certs_command",
+    "client_files",
+    "issue_client_cert",
+    "issue_server_cert",
+    "make_dev_ca",
+    "write_dev_certs",
+    "write_pem",
+]

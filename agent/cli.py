@@ -4,9 +4,12 @@
                                     two billers, six households, three simulated months over gRPC + TLS;
                                     every agreement bundle written and verified offline
     parley keygen --out FILE        make an Ed25519 signing key (file mode 0600)
+    parley certs --out DIR [--host NAME] [--ip ADDRESS] [--client NAME]
+                                    make a development CA and TLS certificates (agent/certs.py)
     parley verify BUNDLE.json       verify an agreement bundle offline
     parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR]
-                        [--tls-cert FILE --tls-key FILE | --insecure] [--conformance-control]
+                        [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure]
+                        [--conformance-control]
                         [--metrics-listen HOST:PORT] [--log-format json|text] [--log-level LEVEL]
                         [--shutdown-grace SECONDS] [--otel]
                                     run the reference biller (built-in sample config without --config);
@@ -48,6 +51,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from agent.bench import add_bench_command
+from agent.certs import add_certs_command
 from agent.clock import Clock, SystemClock
 from agent.conformance import add_conformance_commands
 from agent.crypto import SigningKey
@@ -204,7 +209,7 @@ def _tls_files(settings: ServeSettings, insecure: bool) -> tuple[bytes, bytes] |
 
 def _print_ready(running: RunningBiller) -> None:
     agent = running.biller.agent
-    transport = "TLS" if running.tls else "plaintext, loopback only"
+    transport = ("mutual TLS" if running.mutual_tls else "TLS") if running.tls else "plaintext, loopback only"
     print(f"biller      {agent.party_id}", flush=True)
     print(f"fingerprint {agent.key_chain.fingerprint.hex()}", flush=True)
     print(f"state       {running.biller.state_dir}", flush=True)
@@ -216,7 +221,11 @@ def _print_ready(running: RunningBiller) -> None:
 
 
 async def _serve_until_signalled(
-    args: argparse.Namespace, config: BillerConfig, settings: ServeSettings, tls: tuple[bytes, bytes] | None
+    args: argparse.Namespace,
+    config: BillerConfig,
+    settings: ServeSettings,
+    tls: tuple[bytes, bytes] | None,
+    client_ca: bytes | None,
 ) -> None:
     clock: Clock = SteppableClock() if args.conformance_control else SystemClock()
     serving = asyncio.create_task(
@@ -226,6 +235,7 @@ async def _serve_until_signalled(
             state_dir=settings.state_dir,
             clock=clock,
             tls=tls,
+            tls_client_ca=client_ca,
             insecure=args.insecure,
             conformance_control=args.conformance_control,
             on_ready=_print_ready,
@@ -254,6 +264,7 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
     try:
         settings = resolve_serve(vars(args), config.server)
         tls = _tls_files(settings, args.insecure)
+        client_ca = None if settings.tls_client_ca is None else settings.tls_client_ca.read_bytes()
         if settings.otel:
             server_interceptors()  # TracingUnavailable now, before anything is opened
     except (TracingUnavailable, ValueError) as error:
@@ -265,7 +276,7 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
     configure_logging(settings.log_format, settings.log_level)
     install_uvloop()
     try:
-        asyncio.run(_serve_until_signalled(args, config, settings, tls))
+        asyncio.run(_serve_until_signalled(args, config, settings, tls, client_ca))
     except ValueError as error:  # TRN-2 and other refusals before serving
         _failed(out, str(error))
         return EXIT_UNUSABLE
@@ -354,6 +365,11 @@ def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     )
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain, PEM (env PARLEY_TLS_CERT)")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS private key, PEM (env PARLEY_TLS_KEY)")
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="mutual TLS: require client certificates issued by this CA, PEM (env PARLEY_TLS_CLIENT_CA)",
+    )
     serve.add_argument("--insecure", action="store_true", help="serve plaintext (loopback addresses only)")
     serve.add_argument(
         "--conformance-control",
@@ -422,9 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
 
+    add_certs_command(commands)  # parley certs
     _add_biller_commands(commands)
     add_consumer_commands(commands)  # parley consumer run
     add_conformance_commands(commands)  # parley conformance biller
+    add_bench_command(commands)  # parley bench
     return parser
 
 

@@ -101,6 +101,7 @@ class ServerSettings:
     shutdown_grace_seconds: float | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_client_ca: str | None = None
     otel: bool | None = None
 
 
@@ -258,6 +259,7 @@ def _server(t: _Table) -> ServerSettings:
         shutdown_grace_seconds=t.seconds("shutdown_grace_seconds"),
         tls_cert=t.optional("tls_cert", str),
         tls_key=t.optional("tls_key", str),
+        tls_client_ca=t.optional("tls_client_ca", str),
         otel=t.optional("otel", bool),
     )
 

@@ -329,6 +329,7 @@ class RunningBiller:
     tls: bool
     serving: BillerServer | None = None
     metrics: MetricsEndpoint | None = None
+    mutual_tls: bool = False  # clients must present a certificate from the configured client CA
 
     @property
     def address(self) -> str:
@@ -358,6 +359,7 @@ async def serving_biller(
     state_dir: Path,
     clock: Clock,
     tls: tuple[bytes, bytes] | None = None,
+    tls_client_ca: bytes | None = None,
     insecure: bool = False,
     conformance_control: bool = False,
     interval: timedelta = DEFAULT_INTERVAL,
@@ -368,9 +370,11 @@ async def serving_biller(
 ) -> AsyncIterator[RunningBiller]:
     """Serve a reference biller for the duration of the `async with` block, then shut it down cleanly.
 
-    `tls` is (certificate chain PEM, private key PEM). Plaintext needs `insecure=True`
-    and a loopback `listen` host (TRN-2): anything else is ValueError before
-    anything is opened, as is conformance control with a clock that cannot advance.
+    `tls` is (certificate chain PEM, private key PEM); `tls_client_ca` (PEM) makes
+    it mutual TLS, refusing clients without a certificate from that CA (TRN-9).
+    Plaintext needs `insecure=True` and a loopback `listen` host (TRN-2): anything
+    else is ValueError before anything is opened, as is a client CA without TLS
+    and conformance control with a clock that cannot advance.
     `metrics_listen` ("host:port") serves Prometheus metrics over HTTP;
     `interceptors` are added to the gRPC server (e.g. `agent.tracing`'s). On
     leaving the block the stop is graceful: calls in flight get `shutdown_grace`
@@ -381,6 +385,8 @@ async def serving_biller(
         raise ValueError("TLS is required (TRN-2): give a certificate and key, or choose plaintext on loopback")
     if tls is not None and insecure:
         raise ValueError("choose either TLS or plaintext, not both")
+    if tls_client_ca is not None and tls is None:
+        raise ValueError("mutual TLS (a client CA) needs TLS: give a certificate and key too")
     if insecure and not is_loopback(host):
         raise ValueError(f"plaintext is allowed only on a loopback address (TRN-2), not {host!r}")
     stepping = clock if isinstance(clock, SteppingClock) else None
@@ -411,6 +417,7 @@ async def serving_biller(
             biller.agent,
             listen,
             tls=tls,
+            tls_client_ca=tls_client_ca,
             insecure=insecure,
             services=services,
             service_names=service_names,
@@ -419,7 +426,9 @@ async def serving_biller(
         )
         try:
             upkeep = asyncio.create_task(_upkeep(biller, interval, running.set_serving), name="parley-biller-upkeep")
-            yield RunningBiller(biller, running.server, host, running.port, tls is not None, running, metrics)
+            yield RunningBiller(
+                biller, running.server, host, running.port, tls is not None, running, metrics, tls_client_ca is not None
+            )
         finally:
             if upkeep is not None:
                 upkeep.cancel()
@@ -441,6 +450,7 @@ async def run_biller(
     state_dir: Path,
     clock: Clock,
     tls: tuple[bytes, bytes] | None = None,
+    tls_client_ca: bytes | None = None,
     insecure: bool = False,
     conformance_control: bool = False,
     interval: timedelta = DEFAULT_INTERVAL,
@@ -461,6 +471,7 @@ async def run_biller(
         state_dir=state_dir,
         clock=clock,
         tls=tls,
+        tls_client_ca=tls_client_ca,
         insecure=insecure,
         conformance_control=conformance_control,
         interval=interval,

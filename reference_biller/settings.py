@@ -15,6 +15,7 @@ built-in sample. An empty variable counts as unset.
 | shutdown grace (s) | `--shutdown-grace` | `PARLEY_SHUTDOWN_GRACE` | `shutdown_grace_seconds` | `10` |
 | TLS certificate chain | `--tls-cert` | `PARLEY_TLS_CERT` | `tls_cert` | none |
 | TLS private key | `--tls-key` | `PARLEY_TLS_KEY` | `tls_key` | none |
+| client CA (mutual TLS) | `--tls-client-ca` | `PARLEY_TLS_CLIENT_CA` | `tls_client_ca` | none: no client certificates |
 | OpenTelemetry tracing | `--otel` | `PARLEY_OTEL` (1/0, true/false) | `otel` | off |
 
 `--insecure` (plaintext on loopback) is a flag only, so that turning TLS off is
@@ -66,6 +67,7 @@ OPTIONS = {
         Option("shutdown_grace", "--shutdown-grace", "PARLEY_SHUTDOWN_GRACE", "server.shutdown_grace_seconds"),
         Option("tls_cert", "--tls-cert", "PARLEY_TLS_CERT", "server.tls_cert"),
         Option("tls_key", "--tls-key", "PARLEY_TLS_KEY", "server.tls_key"),
+        Option("tls_client_ca", "--tls-client-ca", "PARLEY_TLS_CLIENT_CA", "server.tls_client_ca"),
         Option("otel", "--otel", "PARLEY_OTEL", "server.otel"),
     )
 }
@@ -83,6 +85,7 @@ class ServeSettings:
     shutdown_grace: float
     tls_cert: Path | None
     tls_key: Path | None
+    tls_client_ca: Path | None
     otel: bool
     sources: Mapping[str, str]
 
@@ -142,6 +145,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "shutdown_grace": _seconds,
     "tls_cert": str,
     "tls_key": str,
+    "tls_client_ca": str,
     "otel": _boolean,
 }
 _CONFIG_FIELDS = {"shutdown_grace": "shutdown_grace_seconds"}
@@ -191,6 +195,9 @@ def resolve_serve(
     if (cert is None) != (key is None):
         given = "tls_cert" if cert is not None else "tls_key"
         raise SettingsError(f"{sources[given]}: the TLS certificate and key go together; the other is missing")
+    client_ca = values["tls_client_ca"]
+    if client_ca is not None and cert is None:
+        raise SettingsError(f"{sources['tls_client_ca']}: mutual TLS needs the TLS certificate and key too")
     return ServeSettings(
         listen=str(listen),
         state_dir=Path(value("state_dir", DEFAULT_STATE_DIR)),
@@ -200,6 +207,7 @@ def resolve_serve(
         shutdown_grace=float(value("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)),
         tls_cert=None if cert is None else Path(str(cert)),
         tls_key=None if key is None else Path(str(key)),
+        tls_client_ca=None if client_ca is None else Path(str(client_ca)),
         otel=bool(value("otel", False)),
         sources=sources,
     )

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -88,10 +88,18 @@ class ClientTls:
     `root_certificates` are the PEM trust anchors that verify the biller's
     certificate chain (None: gRPC's default roots); `server_name` overrides the
     name checked against the certificate (for a target given as an address).
+    `certificate_chain` and `private_key` (PEM, both or neither) are the client
+    certificate a mutual-TLS biller asks for (TRN-9).
     """
 
     root_certificates: bytes | None = None
     server_name: str | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)  # never printed
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate chain and its private key go together")
 
 
 def target_host(target: str) -> str:
@@ -121,7 +129,11 @@ def open_channel(
     settings = tls or ClientTls()
     if settings.server_name is not None:
         options.append(("grpc.ssl_target_name_override", settings.server_name))
-    credentials = grpc.ssl_channel_credentials(root_certificates=settings.root_certificates)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=settings.root_certificates,
+        private_key=settings.private_key,
+        certificate_chain=settings.certificate_chain,
+    )
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 

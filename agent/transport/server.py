@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -32,15 +33,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from agent.biller import BillerAgent
-from agent.errors import RemoteProtocolError
+from agent.errors import ParleyError, Reason, RemoteProtocolError
 from agent.logs import log_step, request_ids
 from agent.metrics import MetricsInterceptor
-from agent.transport.status import Context, answer
+from agent.ratelimit import peer_address
+from agent.transport.status import Context, abort, answer
 from parley.v1 import biller_service_pb2 as pb
 from parley.v1 import biller_service_pb2_grpc, envelope_pb2
 
@@ -54,6 +57,7 @@ OVERALL = ""  # the health service name that stands for the whole server
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds in-flight calls get to finish once a stop begins
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+UNSIGNED_RPCS = frozenset({"Hello", "GetKeySets"})  # limited per peer address only (LIM-8)
 
 
 class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
@@ -61,6 +65,9 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
 
     A refused request is counted (parley_verification_failures_total) and logged
     with its reason and, once its header verified, its thread and message ids.
+    Each call is first admitted by the agent's rate limiter for its peer address
+    (LIM-8): unsigned calls and refusals before the signer is established cost
+    the peer a token, and a peer without tokens is refused before verification.
     `end_watches()` ends every open WatchEvents stream normally, so consumers
     resume from their cursor elsewhere or later (a graceful stop calls it).
     """
@@ -73,13 +80,25 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
         """End every open WatchEvents stream (and any opened from now on) with OK."""
         self._closing.set()
 
-    async def _answer(self, context: Context, rpc: str, call: Awaitable[T]) -> T:
-        return await answer(context, self._observed(rpc, call))
+    async def _answer(self, context: Context, rpc: str, call: Awaitable[T], *, admit: bool = True) -> T:
+        """`admit=False` for the later steps of a stream, which was admitted when it began."""
+        peer = peer_address(context.peer()) if admit else None
+        return await answer(context, self._observed(rpc, call, peer))
 
-    async def _observed(self, rpc: str, call: Awaitable[T]) -> T:
+    async def _observed(self, rpc: str, call: Awaitable[T], peer: str | None) -> T:
+        limiter, now = self._agent.rate_limiter, self._agent.clock.now()
         try:
+            if peer is not None:
+                try:
+                    limiter.admit_peer(peer, now, unsigned=rpc in UNSIGNED_RPCS)
+                except RemoteProtocolError:
+                    if inspect.iscoroutine(call):
+                        call.close()  # refused before it started: never run
+                    raise
             return await call
         except RemoteProtocolError as error:
+            if peer is not None:
+                limiter.refused(peer, now)
             self._agent.metrics.verification_failures.labels(error.reason.name).inc()
             thread_id, message_id = request_ids()
             log_step(
@@ -141,7 +160,7 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
                     return  # the server is stopping: end the stream; the consumer resumes from its cursor (EVT-4)
                 if isinstance(step.exception(), StopAsyncIteration):
                     return
-                event = await self._answer(context, "WatchEvents", step)
+                event = await self._answer(context, "WatchEvents", step, admit=False)
                 yield pb.WatchEventsResponse(event=event)
         finally:
             self._agent.metrics.event_watchers.dec()
@@ -156,6 +175,56 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
 
     async def RequestErasure(self, request: pb.RequestErasureRequest, context: Context) -> pb.RequestErasureResponse:
         return await self._answer(context, "RequestErasure", self._agent.request_erasure(request.request))
+
+
+def add_biller_service(servicer: BillerServicer, server: grpc.aio.Server) -> None:
+    """Register BillerService, each request parsed inside its handler (ERR-2).
+
+    gRPC's own deserializer answers request bytes that do not parse with
+    UNKNOWN and the parser's exception text; here they are refused with
+    MALFORMED_ENVELOPE (ENV-1), since a request is only the framing of its
+    envelope (§2.2), and the method is never called.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[bytes, Message]] = {}
+    for method in pb.DESCRIPTOR.services_by_name["BillerService"].methods:
+        request_type: type[Message] = getattr(pb, method.input_type.name)
+        response_type: type[Message] = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _parsed_stream(request_type, behaviour), response_serializer=response_type.SerializeToString
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _parsed_unary(request_type, behaviour), response_serializer=response_type.SerializeToString
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+async def _parse_request(request_type: type[Message], data: bytes, context: Context) -> Message:
+    try:
+        return request_type.FromString(data)
+    except DecodeError:
+        await abort(context, ParleyError(Reason.MALFORMED_ENVELOPE, f"the request is not a {request_type.__name__}"))
+
+
+def _parsed_unary(
+    request_type: type[Message], behaviour: Callable[[Message, Context], Awaitable[Message]]
+) -> Callable[[bytes, Context], Awaitable[Message]]:
+    async def handle(data: bytes, context: Context) -> Message:
+        return await behaviour(await _parse_request(request_type, data, context), context)
+
+    return handle
+
+
+def _parsed_stream(
+    request_type: type[Message], behaviour: Callable[[Message, Context], AsyncIterator[Message]]
+) -> Callable[[bytes, Context], AsyncIterator[Message]]:
+    async def handle(data: bytes, context: Context) -> AsyncIterator[Message]:
+        async for response in behaviour(await _parse_request(request_type, data, context), context):
+            yield response
+
+    return handle
 
 
 def is_loopback(host: str) -> bool:
@@ -208,6 +277,7 @@ async def serve_biller(
     listen: str,
     *,
     tls: tuple[bytes, bytes] | None = None,
+    tls_client_ca: bytes | None = None,
     insecure: bool = False,
     reuse_port: bool = False,
     services: Sequence[Callable[[grpc.aio.Server], None]] = (),
@@ -219,7 +289,10 @@ async def serve_biller(
 
     `tls` is (certificate chain PEM, private key PEM). Plaintext needs `insecure=True`
     and a loopback host; anything else without TLS is refused with ValueError
-    (TRN-2). `reuse_port` lets several processes (one per core) share the port.
+    (TRN-2). With `tls_client_ca` (PEM trust anchors) the server is mutual TLS
+    (TRN-9): a client must present a certificate chaining to one of them, or the
+    handshake fails before any call. `reuse_port` lets several processes (one
+    per core) share the port.
     The receive limit is one envelope plus framing (TRN-8). `services` register
     further servicers before the server starts (the conformance control service,
     §16), and `service_names` are their full names, for reflection.
@@ -232,6 +305,8 @@ async def serve_biller(
         if tls is not None:
             raise ValueError("choose either tls or insecure, not both")
         raise ValueError("TLS is required (TRN-2): pass tls=(cert_pem, key_pem), or insecure=True on loopback")
+    if tls_client_ca is not None and tls is None:
+        raise ValueError("mutual TLS (a client CA) needs TLS: pass tls=(cert_pem, key_pem) too")
     host = _host_of(listen)
     if insecure and not is_loopback(host):
         raise ValueError(f"plaintext is allowed only on a loopback address (TRN-2), not {host!r}")
@@ -241,7 +316,7 @@ async def serve_biller(
     )
     server = grpc.aio.server(options=options, interceptors=(MetricsInterceptor(agent.metrics), *interceptors))
     servicer = BillerServicer(agent)
-    biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
+    add_biller_service(servicer, server)
     health = health_aio.HealthServicer()
     for service in (OVERALL, SERVICE_NAME):
         await health.set(service, NOT_SERVING)
@@ -253,7 +328,11 @@ async def serve_biller(
     )
     if tls is not None:
         certificate_chain, private_key = tls
-        credentials = grpc.ssl_server_credentials([(private_key, certificate_chain)])
+        credentials = grpc.ssl_server_credentials(
+            [(private_key, certificate_chain)],
+            root_certificates=tls_client_ca,
+            require_client_auth=tls_client_ca is not None,
+        )
         port = server.add_secure_port(listen, credentials)
     else:
         port = server.add_insecure_port(listen)
@@ -261,10 +340,14 @@ async def serve_biller(
     running = BillerServer(server, port, health, servicer, agent)
     if serving:
         await running.set_serving()
-    logger.info(
-        "biller %s serving on %s port %d (%s)", agent.party_id, host, port, "TLS" if tls else "plaintext, loopback"
-    )
+    logger.info("biller %s serving on %s port %d (%s)", agent.party_id, host, port, _transport_name(tls, tls_client_ca))
     return running
+
+
+def _transport_name(tls: tuple[bytes, bytes] | None, client_ca: bytes | None) -> str:
+    if tls is None:
+        return "plaintext, loopback"
+    return "TLS" if client_ca is None else "mutual TLS"
 
 
 async def start_biller_server(

@@ -82,6 +82,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, sign_move, thread_message
 from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, State
+from agent.ratelimit import RateLimiter
 from agent.stores.base import (
     AccountRecord,
     AgreementFacts,
@@ -395,6 +396,7 @@ class BillerAgent:
         self.clock: Clock = clock or SystemClock()
         self.features = tuple(features)
         self.metrics = metrics if metrics is not None else BillerMetrics()
+        self.rate_limiter = RateLimiter(limits)  # LIM-8: per process; the transport adds the peer limits
         self._key = signing_key
         self._store = store
         self._policy = policy
@@ -704,8 +706,10 @@ class BillerAgent:
         party_id = await self._party_of(signature.keyid)
         chain = await self._consumer_chain(party_id)
         if digest(envelope) == chain.latest.digest:  # a retry of the version just stored (HDR-12)
+            self.rate_limiter.admit_signer(signature.keyid, now)
             return biller_service_pb2.PublishKeySetResponse(version=chain.latest.version)
         extended = chain.extend(envelope, now=now, limits=self.limits)
+        self.rate_limiter.admit_signer(signature.keyid, now)
         keyids = tuple(entry.key.keyid for entry in extended.latest.keys)
         await self._check_keyids_free(keyids, party_id)
         await self._store.append_key_set(
@@ -741,6 +745,7 @@ class BillerAgent:
         verified = open_envelope(
             envelope, (request_type,), sender_keys=chain, recipient=self.party_id, now=now, limits=self.limits
         )
+        self.rate_limiter.admit_signer(verified.keyid, now, authenticates=False)  # anyone can make a key set
         inbound = _Inbound(verified, party_id)
         set_request_ids(inbound.header.thread_id, inbound.header.message_id)
         request = inbound.message
@@ -1068,6 +1073,7 @@ class BillerAgent:
         )
         set_request_ids(verified.header.thread_id, verified.header.message_id)
         chain.check_fresh(now)  # KEY-13
+        self.rate_limiter.admit_signer(verified.keyid, now)  # LIM-8: only a verified request costs its key
         return _Inbound(verified, party_id)
 
     async def _party_of(self, keyid: str) -> str:
@@ -1259,10 +1265,14 @@ class BillerAgent:
         error: RemoteProtocolError,
         now: datetime,
     ) -> None:
-        """§9.5: a violation is stored as evidence (with its error, for retries); a late move expires the thread."""
+        """§9.5: a violation is stored as evidence (with its error, for retries); a late move expires the thread.
+
+        A move on a thread that already ended (THREAD_CLOSED) is refused and changes nothing, even when
+        the thread ended in a protocol error: only the move that broke a rule is evidence.
+        """
         if thread is None:
             return
-        if negotiation.state is State.PROTOCOL_ERROR:
+        if negotiation.state is State.PROTOCOL_ERROR and thread.outcome is ThreadOutcome.OPEN:
             log_step(
                 logger,
                 "negotiate-violation",
@@ -1283,8 +1293,7 @@ class BillerAgent:
                 replay=self._replay_record(inbound, error=error),
             )
             await self._store.record_negotiation_step(step)
-            if thread.outcome is ThreadOutcome.OPEN:
-                self._count_outcome(negotiation)
+            self._count_outcome(negotiation)
         elif negotiation.state is State.EXPIRED:
             await self._store.mark_thread_expired(thread.thread_id)
             if thread.outcome is ThreadOutcome.OPEN:

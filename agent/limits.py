@@ -32,6 +32,13 @@ MAX_KEYSET_LIFETIME = timedelta(days=400)
 # Largest amount: below 10**(9 + exponent) minor units, i.e. 999,999,999.99 for
 # a two-decimal currency, as in the SEPA Request-to-Pay rulebook.
 AMOUNT_MAJOR_DIGITS = 9
+# LIM-8, LIM-12: rate-limit buckets remembered per process, for signing keys and for peer addresses each
+# (least recently used forgotten first), so no sender can grow the limiter's memory.
+RATE_LIMIT_MAX_TRACKED = 10_000
+# LIM-8: a peer address's bucket (unsigned calls, refusals before verification) holds this many times a
+# key's rate and burst: one address may be a NAT in front of many consumers, and what it can cost without
+# a valid signature is at most one signature check per token.
+PEER_RATE_LIMIT_FACTOR = 10
 
 
 @dataclass(frozen=True)

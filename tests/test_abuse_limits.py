@@ -245,7 +245,7 @@ def test_rate_per_key_refuses_after_the_burst_and_recovers_as_the_clock_moves(tm
 
 
 @asynccontextmanager
-async def second_listener(biller: Biller) -> AsyncIterator[biller_service_pb2_grpc.BillerServiceStub]:
+async def second_listener(biller: Biller) -> AsyncIterator[biller_service_pb2_grpc.BillerServiceAsyncStub]:
     """The same agent also served on [::1], so calls come from a second peer address."""
     server, port = await start_biller_server(biller.agent, "[::1]:0", insecure=True)
     try:
@@ -424,7 +424,7 @@ def test_lifetime_and_skew_are_enforced_to_the_microsecond(tmp_path: Path) -> No
         skew, longest = limits.max_clock_skew, limits.max_message_lifetime
         alice = await biller.enrolled(ACCOUNT, "consumer:alice")
         now = biller.clock.now()
-        accepted = [
+        accepted: list[dict[str, object]] = [
             {"lifetime": longest},
             {"created": now + skew},  # created up to the skew ahead
             {"created": now - skew - timedelta(hours=1), "lifetime": timedelta(hours=1)},  # expired up to skew ago
@@ -535,7 +535,7 @@ def test_enrolment_codes_are_compared_as_salted_hashes_in_constant_time(
 @asynccontextmanager
 async def biller_process(
     db_path: Path, key: SigningKey, key_set: envelope_pb2.Envelope, clock: ManualClock
-) -> AsyncIterator[tuple[BillerAgent, biller_service_pb2_grpc.BillerServiceStub]]:
+) -> AsyncIterator[tuple[BillerAgent, biller_service_pb2_grpc.BillerServiceAsyncStub]]:
     """One run of a biller process on `db_path`: a new store, agent and server, all shut down on exit."""
     store = await SqliteBillerStore.open(db_path)
     try:

@@ -1,53 +1,117 @@
-"""The SQLite back end of BillerStore: schema, durability settings, constraints and atomic steps."""
+"""BillerStore on both back ends (SQLite and PostgreSQL): schema, constraints, atomic steps, races.
+
+Every test taking `backend` runs once per back end; the SQLite durability settings
+are checked on SQLite only. Races are run from several store instances (several
+connections; for PostgreSQL, several pools) so the database, not the process,
+has to settle them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from agent.crypto import digest
 from agent.errors import Reason
+from agent.stores import open_biller_store
 from agent.stores.base import (
     AlreadyExists,
     BillRecord,
     BillStatus,
     Enrolment,
     EnrolmentCodeRecord,
+    EventRecord,
     KeySetRecord,
     MessageRecord,
     NegotiationStep,
     NewThread,
+    PaymentIntentRecord,
     PendingEvent,
     ReplayRecord,
+    SealedSettlement,
+    Settle,
     StoreConflict,
     ThreadOutcome,
 )
+from agent.stores.biller_sql import SqlBillerStore
+from agent.stores.postgres import PostgresBillerStore
 from agent.stores.sqlite import MIGRATIONS, SqliteBillerStore
 from parley.v1 import envelope_pb2
-from tests.helpers.db import dump
+from tests.helpers.db import Dump, dump
 
 NOW = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
 ACCOUNT, PARTY, BILL = "acct-1", "consumer:alice", "bill-1"
 THREAD = b"t" * 16
 
 
-def run(test: Callable[[SqliteBillerStore], Awaitable[None]], path: Path) -> None:
-    """Open a store at `path`, run `test` with it, and always close it."""
+@dataclass(frozen=True)
+class Backend:
+    """Where a test's store lives, and how to look at it from outside the store."""
+
+    name: str
+    location: str  # a SQLite path or a PostgreSQL URL, as `open_biller_store` takes them
+
+    def dump(self) -> Dump:
+        """Every row of every table, read through a separate connection, in a stable order."""
+        if self.name == "sqlite":
+            return dump(Path(self.location))
+        with psycopg.connect(self.location) as db:
+            tables = [
+                row[0]
+                for row in db.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1"
+                )
+            ]
+            return {table: sorted(db.execute(f'SELECT * FROM "{table}"').fetchall(), key=repr) for table in tables}
+
+    def execute(self, sql: str, *args: object) -> None:
+        """Run one statement outside the store (qmark parameters), committed."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.location) as db:
+                db.execute(sql, args)
+        else:
+            with psycopg.connect(self.location) as db:
+                db.execute(sql.replace("?", "%s"), args)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend("sqlite", str(tmp_path / "biller.sqlite"))
+    return Backend("postgres", request.getfixturevalue("postgres_dsn"))
+
+
+def run(test: Callable[[SqlBillerStore], Awaitable[None]], location: str) -> None:
+    """Open the store at `location`, run `test` with it, and always close it."""
 
     async def main() -> None:
-        store = await SqliteBillerStore.open(path)
+        store = await open_biller_store(location)
         try:
             await test(store)
         finally:
             await store.close()
 
     asyncio.run(main())
+
+
+async def on_several_stores(location: str, count: int, race: Callable[[list[SqlBillerStore]], Awaitable[None]]) -> None:
+    """Run `race` with `count` separately opened stores on one database, always closing them."""
+    stores: list[SqlBillerStore] = []
+    try:
+        for _ in range(count):
+            stores.append(await open_biller_store(location))
+        await race(stores)
+    finally:
+        for store in stores:
+            await store.close()
 
 
 def replay(message_id: bytes, content: bytes = b"m", answer: bytes | None = None) -> ReplayRecord:
@@ -73,7 +137,14 @@ def message(sequence: int, content: bytes) -> MessageRecord:
     )
 
 
-async def seed(store: SqliteBillerStore) -> None:
+def assert_gapless_and_chained(events: list[EventRecord], count: int) -> None:
+    assert [e.sequence for e in events] == list(range(count))
+    for previous, current in pairwise(events):
+        payload = envelope_pb2.Envelope.FromString(current.envelope).payload
+        assert payload == b"%d|" % current.sequence + previous.digest
+
+
+async def seed(store: SqlBillerStore) -> None:
     """An account with an enrolled consumer and one open bill."""
     await store.create_account(ACCOUNT, "Alice", NOW)
     code = EnrolmentCodeRecord(ACCOUNT, b"s" * 16, b"h" * 32, NOW + timedelta(days=30), used=False)
@@ -108,12 +179,49 @@ def open_step(**changes: object) -> NegotiationStep:
     return NegotiationStep(**fields)  # type: ignore[arg-type]
 
 
-def test_migrations_apply_once_and_data_survives_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "biller.sqlite"
-    run(seed, path)
-    before = dump(path)
+def next_step(content: bytes, outcome: ThreadOutcome) -> NegotiationStep:
+    """A step writing the thread's position 2 (after `open_step`)."""
+    return open_step(
+        messages=(message(2, content),),
+        new_thread=None,
+        outcome=outcome,
+        replay=replay(content.ljust(16, b"-")),
+    )
 
-    async def reopened(store: SqliteBillerStore) -> None:
+
+def intent(intent_id: str = "intent-1", reference: str = "REF-1") -> PaymentIntentRecord:
+    return PaymentIntentRecord(
+        account_id=ACCOUNT,
+        intent_id=intent_id,
+        content_hash=b"c" * 32,
+        bill_id=BILL,
+        agreement_digest=b"",
+        instalment_index=0,
+        amount_minor=12000,
+        currency="EUR",
+        payment_reference=reference,
+        intent=b"intent-envelope",
+        instructions=b"instructions-envelope",
+        created_at=NOW,
+    )
+
+
+def settlement(rail_reference: str) -> Settle:
+    def seal(remaining: int) -> SealedSettlement:
+        receipt = envelope_pb2.Envelope(payload=b"receipt|%d" % remaining, payload_type="parley.v1.Receipt")
+        return SealedSettlement(receipt, (event(), event()))
+
+    return Settle(ACCOUNT, "intent-1", 12000, rail_reference, NOW, seal)
+
+
+# --- schema and durability ----------------------------------------------------------------------
+
+
+def test_migrations_apply_once_and_data_survives_reopen(backend: Backend) -> None:
+    run(seed, backend.location)
+    before = backend.dump()
+
+    async def reopened(store: SqlBillerStore) -> None:
         account = await store.get_account(ACCOUNT)
         assert account is not None
         assert account.consumer_party_id == PARTY
@@ -122,35 +230,72 @@ def test_migrations_apply_once_and_data_survives_reopen(tmp_path: Path) -> None:
         assert await store.party_with_keyid("k1") == PARTY
         assert await store.event_count(ACCOUNT) == 1
 
-    run(reopened, path)
-    assert dump(path) == before
-    assert before["schema_version"] == [(len(MIGRATIONS),)]
+    run(reopened, backend.location)
+    assert backend.dump() == before
+    versions = len(MIGRATIONS if backend.name == "sqlite" else PostgresBillerStore.MIGRATIONS)
+    assert before["schema_version"] == [(version,) for version in range(1, versions + 1)]
 
 
 def test_wal_journal_and_full_synchronous(tmp_path: Path) -> None:
     path = tmp_path / "biller.sqlite"
 
-    async def settings(store: SqliteBillerStore) -> None:
-        synchronous = await store._read(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
-        foreign_keys = await store._read(lambda db: db.execute("PRAGMA foreign_keys").fetchone()[0])
+    async def settings() -> None:
+        store = await SqliteBillerStore.open(path)
+        try:
+            synchronous = await store._read(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
+            foreign_keys = await store._read(lambda db: db.execute("PRAGMA foreign_keys").fetchone()[0])
+        finally:
+            await store.close()
         assert (synchronous, foreign_keys) == (2, 1)  # FULL, ON
 
-    run(settings, path)
+    asyncio.run(settings())
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "biller.sqlite"
-    run(seed, path)
-    with sqlite3.connect(path) as db:
-        db.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS) + 1,))
+def test_a_newer_schema_is_refused(backend: Backend) -> None:
+    run(seed, backend.location)
+    backend.execute("INSERT INTO schema_version (version) VALUES (?)", 99)
     with pytest.raises(RuntimeError, match="newer than this code"):
-        run(seed, path)
+        run(seed, backend.location)
 
 
-def test_duplicate_ids_from_the_embedding_api(tmp_path: Path) -> None:
-    async def duplicates(store: SqliteBillerStore) -> None:
+def test_replicas_opening_a_new_database_together_migrate_it_once(postgres_dsn: str) -> None:
+    async def open_at_once() -> None:
+        opened = await asyncio.gather(*(PostgresBillerStore.open(postgres_dsn) for _ in range(4)))
+        for store in opened:
+            await store.close()
+
+    asyncio.run(open_at_once())
+    versions = len(PostgresBillerStore.MIGRATIONS)
+    assert Backend("postgres", postgres_dsn).dump()["schema_version"] == [(v,) for v in range(1, versions + 1)]
+
+
+def test_store_locations(tmp_path: Path, postgres_dsn: str) -> None:
+    async def open_each() -> None:
+        for location, kind in [
+            (str(tmp_path / "plain.sqlite"), SqliteBillerStore),
+            (f"sqlite:///{tmp_path / 'url.sqlite'}", SqliteBillerStore),
+            (postgres_dsn, PostgresBillerStore),
+        ]:
+            store = await open_biller_store(location)
+            try:
+                assert isinstance(store, kind)
+            finally:
+                await store.close()
+        with pytest.raises(ValueError, match="unknown store URL scheme"):
+            await open_biller_store("mysql://biller@db/parley")
+
+    asyncio.run(open_each())
+    assert (tmp_path / "plain.sqlite").exists()
+    assert (tmp_path / "url.sqlite").exists()
+
+
+# --- constraints and atomic steps ---------------------------------------------------------------
+
+
+def test_duplicate_ids_from_the_embedding_api(backend: Backend) -> None:
+    async def duplicates(store: SqlBillerStore) -> None:
         await seed(store)
         with pytest.raises(AlreadyExists):
             await store.create_account(ACCOUNT, "Someone else", NOW)
@@ -159,59 +304,43 @@ def test_duplicate_ids_from_the_embedding_api(tmp_path: Path) -> None:
         with pytest.raises(AlreadyExists):
             await store.insert_bill(bill, [])
 
-    run(duplicates, tmp_path / "biller.sqlite")
+    run(duplicates, backend.location)
 
 
-def test_a_thread_position_is_taken_once(tmp_path: Path) -> None:
-    path = tmp_path / "biller.sqlite"
-
-    async def race(store: SqliteBillerStore) -> None:
+def test_a_thread_position_is_taken_once(backend: Backend) -> None:
+    async def race(store: SqlBillerStore) -> None:
         await seed(store)
         await store.record_negotiation_step(open_step())
-        follow = open_step(
-            messages=(message(2, b"accept"),),
-            new_thread=None,
-            outcome=ThreadOutcome.AGREED,
-            replay=replay(b"accept-msg-id-00"),
-        )
-        rival = open_step(
-            messages=(message(2, b"withdraw"),),
-            new_thread=None,
-            outcome=ThreadOutcome.WITHDRAWN,
-            replay=replay(b"withdraw-msg-id0"),
-        )
-        await store.record_negotiation_step(follow)
-        before = dump(path)
+        await store.record_negotiation_step(next_step(b"accept", ThreadOutcome.AGREED))
+        before = backend.dump()
         with pytest.raises(StoreConflict) as lost:
-            await store.record_negotiation_step(rival)
+            await store.record_negotiation_step(next_step(b"withdraw", ThreadOutcome.WITHDRAWN))
         assert lost.value.reason is Reason.SEQUENCE_MISMATCH
-        assert dump(path) == before
+        assert backend.dump() == before
         thread = await store.get_thread(THREAD)
         assert thread is not None
         assert [m.envelope for m in thread.messages] == [b"open", b"counter", b"accept"]
         assert thread.outcome is ThreadOutcome.AGREED
         assert thread.disclosure == b"disclosure"
 
-    run(race, path)
+    run(race, backend.location)
 
 
-def test_a_step_that_fails_midway_leaves_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "biller.sqlite"
-
-    async def failing(store: SqliteBillerStore) -> None:
+def test_a_step_that_fails_midway_leaves_nothing(backend: Backend) -> None:
+    async def failing(store: SqlBillerStore) -> None:
         await seed(store)
-        before = dump(path)
+        before = backend.dump()
         with pytest.raises(RuntimeError, match="signing failed"):
             await store.record_negotiation_step(open_step(events=(event(), event(fail=True))))
-        assert dump(path) == before
+        assert backend.dump() == before
         assert await store.get_thread(THREAD) is None
         assert await store.replay_lookup(PARTY, b"open-msg-id-0000") is None
 
-    run(failing, path)
+    run(failing, backend.location)
 
 
-def test_open_thread_limit_and_bill_status_are_checked_in_the_transaction(tmp_path: Path) -> None:
-    async def limits(store: SqliteBillerStore) -> None:
+def test_open_thread_limit_and_bill_status_are_checked_in_the_transaction(backend: Backend) -> None:
+    async def limits(store: SqlBillerStore) -> None:
         await seed(store)
         with pytest.raises(StoreConflict) as full:
             await store.record_negotiation_step(
@@ -230,11 +359,11 @@ def test_open_thread_limit_and_bill_status_are_checked_in_the_transaction(tmp_pa
         )
         await store.record_negotiation_step(second)
 
-    run(limits, tmp_path / "biller.sqlite")
+    run(limits, backend.location)
 
 
-def test_replay_cache(tmp_path: Path) -> None:
-    async def cache(store: SqliteBillerStore) -> None:
+def test_replay_cache(backend: Backend) -> None:
+    async def cache(store: SqlBillerStore) -> None:
         await seed(store)
         first = replay(b"read-message-id0", b"query", answer=b"answer")
         await store.record_replay(first)
@@ -246,24 +375,143 @@ def test_replay_cache(tmp_path: Path) -> None:
         assert await store.purge_replay_cache(NOW + timedelta(hours=2)) == 2  # with the enrolment's
         assert await store.replay_lookup(PARTY, first.message_id) is None
 
-    run(cache, tmp_path / "biller.sqlite")
+    run(cache, backend.location)
 
 
-def test_concurrent_appenders_keep_the_event_log_gapless_and_chained(tmp_path: Path) -> None:
-    path = tmp_path / "biller.sqlite"
-    run(seed, path)
+def test_erased_disclosures_are_gone_and_the_answer_recorded(backend: Backend) -> None:
+    async def erase(store: SqlBillerStore) -> None:
+        await seed(store)
+        await store.record_negotiation_step(open_step())
+        count = await store.erase_disclosures(ACCOUNT, lambda erased: replay(b"erase-msg-id-000", b"%d" % erased))
+        assert count == 1
+        thread = await store.get_thread(THREAD)
+        assert thread is not None
+        assert (thread.disclosure, thread.hardship_disclosed) == (None, True)  # open: the fact stays (PRV-4)
+        assert await store.replay_lookup(PARTY, b"erase-msg-id-000") == replay(b"erase-msg-id-000", b"1")
 
-    async def two_writers() -> None:
-        stores = [await SqliteBillerStore.open(path) for _ in range(2)]
-        try:
-            await asyncio.gather(*(store.append_events([event(), event()]) for store in stores for _ in range(5)))
-            events = await stores[0].events(ACCOUNT, 0, 100)
-        finally:
-            for store in stores:
-                await store.close()
-        assert [e.sequence for e in events] == list(range(21))
-        for previous, current in pairwise(events):
-            payload = envelope_pb2.Envelope.FromString(current.envelope).payload
-            assert payload == b"%d|" % current.sequence + previous.digest
+    run(erase, backend.location)
+    assert backend.dump()["disclosures"] == []
 
-    asyncio.run(two_writers())
+
+def test_a_payment_reference_is_unique(backend: Backend) -> None:
+    async def references(store: SqlBillerStore) -> None:
+        await seed(store)
+        await store.insert_payment_intent(intent(), replay(b"intent-msg-id-01"))
+        with pytest.raises(ValueError, match="not unique"):
+            await store.insert_payment_intent(intent("intent-2", "REF-1"), replay(b"intent-msg-id-02"))
+        assert await store.get_payment_intent(ACCOUNT, "intent-2") is None
+        assert await store.replay_lookup(PARTY, b"intent-msg-id-02") is None
+
+    run(references, backend.location)
+
+
+def test_leases_are_exclusive_until_released_or_expired(backend: Backend) -> None:
+    async def leases(store: SqlBillerStore) -> None:
+        until = NOW + timedelta(minutes=5)
+        assert await store.claim_lease("scheduler:acct-1", "a", NOW, until)
+        assert not await store.claim_lease("scheduler:acct-1", "b", NOW, until)
+        assert await store.claim_lease("scheduler:acct-2", "b", NOW, until)  # another name
+        assert await store.claim_lease("scheduler:acct-1", "a", NOW, until)  # renewed by its holder
+        await store.release_lease("scheduler:acct-1", "b")  # not b's: nothing happens
+        assert not await store.claim_lease("scheduler:acct-1", "b", NOW, until)
+        assert await store.claim_lease("scheduler:acct-1", "b", until + timedelta(seconds=1), until)  # expired
+        await store.release_lease("scheduler:acct-1", "b")
+        assert await store.claim_lease("scheduler:acct-1", "c", NOW, until)
+
+    run(leases, backend.location)
+
+
+# --- races between store instances (several connections, several pools) ----------------------------
+
+
+def test_concurrent_appenders_keep_the_event_log_gapless_and_chained(backend: Backend) -> None:
+    run(seed, backend.location)
+
+    async def appenders(stores: list[SqlBillerStore]) -> None:
+        await asyncio.gather(*(store.append_events([event(), event()]) for store in stores for _ in range(8)))
+        assert_gapless_and_chained(await stores[0].events(ACCOUNT, 0, 100), 1 + 3 * 8 * 2)
+
+    asyncio.run(on_several_stores(backend.location, 3, appenders))
+
+
+def test_racing_steps_on_one_thread_position_one_wins(backend: Backend) -> None:
+    async def prepare(store: SqlBillerStore) -> None:
+        await seed(store)
+        await store.record_negotiation_step(open_step())
+
+    run(prepare, backend.location)
+
+    async def racing(stores: list[SqlBillerStore]) -> None:
+        steps = [next_step(b"accept", ThreadOutcome.AGREED), next_step(b"withdraw", ThreadOutcome.WITHDRAWN)]
+        results = await asyncio.gather(
+            *(store.record_negotiation_step(step) for store, step in zip(stores, steps, strict=True)),
+            return_exceptions=True,
+        )
+        winners = [result for result in results if not isinstance(result, BaseException)]
+        losers = [result for result in results if isinstance(result, BaseException)]
+        assert len(winners) == 1
+        assert len(losers) == 1
+        assert isinstance(losers[0], StoreConflict)
+        assert losers[0].reason is Reason.SEQUENCE_MISMATCH
+        thread = await stores[0].get_thread(THREAD)
+        assert thread is not None
+        assert len(thread.messages) == 3
+        assert thread.outcome is (
+            ThreadOutcome.AGREED if thread.messages[2].envelope == b"accept" else ThreadOutcome.WITHDRAWN
+        )
+
+    asyncio.run(on_several_stores(backend.location, 2, racing))
+
+
+def test_racing_intents_with_one_id_store_one(backend: Backend) -> None:
+    run(seed, backend.location)
+
+    async def racing(stores: list[SqlBillerStore]) -> None:
+        results = await asyncio.gather(
+            *(
+                store.insert_payment_intent(intent(reference=f"REF-{n}"), replay(b"intent-msg-id-%02d" % n))
+                for n, store in enumerate(stores)
+            ),
+            return_exceptions=True,
+        )
+        conflicts = [result for result in results if isinstance(result, StoreConflict)]
+        assert results.count(None) == 1
+        assert len(conflicts) == len(stores) - 1
+        assert {conflict.reason for conflict in conflicts} == {Reason.IDEMPOTENCY_CONFLICT}
+
+    asyncio.run(on_several_stores(backend.location, 4, racing))
+    intents = backend.dump()["payment_intents"]
+    assert len(intents) == 1
+
+
+def test_racing_settlements_of_one_intent_pay_once(backend: Backend) -> None:
+    async def prepare(store: SqlBillerStore) -> None:
+        await seed(store)
+        await store.insert_payment_intent(intent(), replay(b"intent-msg-id-01"))
+
+    run(prepare, backend.location)
+
+    async def racing(stores: list[SqlBillerStore]) -> None:
+        results = await asyncio.gather(*(store.settle(settlement(f"RAIL-{n}")) for n, store in enumerate(stores)))
+        assert len({record for record, _ in results}) == 1  # every caller sees the one settlement
+        assert sorted(len(events) for _, events in results) == [0] * (len(stores) - 1) + [2]
+        bill = await stores[0].get_bill(BILL)
+        assert bill is not None
+        assert bill.status is BillStatus.PAID
+        assert_gapless_and_chained(await stores[0].events(ACCOUNT, 0, 100), 3)
+
+    asyncio.run(on_several_stores(backend.location, 4, racing))
+    assert len(backend.dump()["settlements"]) == 1
+
+
+def test_racing_lease_claims_have_one_winner(backend: Backend) -> None:
+    async def racing(stores: list[SqlBillerStore]) -> None:
+        until = NOW + timedelta(minutes=5)
+        won = await asyncio.gather(
+            *(store.claim_lease("scheduler:acct-1", f"replica-{n}", NOW, until) for n, store in enumerate(stores))
+        )
+        assert won.count(True) == 1
+
+    for _ in range(3):
+        asyncio.run(on_several_stores(backend.location, 4, racing))
+        backend.execute("DELETE FROM leases")

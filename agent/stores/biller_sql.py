@@ -1,0 +1,916 @@
+"""The biller's store in SQL, written once for every back end (SQLite and PostgreSQL).
+
+Every rule of `BillerStore` — what each protocol step writes, in one
+transaction, and how a race is settled by a UNIQUE or PRIMARY KEY constraint
+rather than by process memory — lives here, in SQL that both databases accept.
+A back end supplies only the plumbing:
+
+- `_in_write(fn)` / `_in_read(fn)`: run `fn(db)` in one transaction, where `db`
+  follows `Db` (qmark `?` parameters) and turns a constraint violation into
+  `IntegrityViolation`, naming the constraint as PostgreSQL does by default;
+- `_erased()`: what makes erased disclosures leave the storage for good (PRV-4).
+
+Encodings are the same in both: instants are fixed-width UTC ISO-8601 text
+(`ts`), so text order is time order; dates ISO text; money integer minor units
+(64-bit); digests and ids bytes; `rowid` breaks ties in insertion order.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import date, datetime
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from agent.crypto import digest
+from agent.errors import Reason
+from agent.stores.base import (
+    AccountRecord,
+    AlreadyExists,
+    ArrangementRecord,
+    BillRecord,
+    BillStatus,
+    Enrolment,
+    EnrolmentCodeRecord,
+    EventRecord,
+    KeySetRecord,
+    MessageRecord,
+    NegotiationStep,
+    PaymentIntentRecord,
+    PendingEvent,
+    ReplayRecord,
+    Settle,
+    SettledPayment,
+    SettlementRecord,
+    StoreConflict,
+    ThreadOutcome,
+    ThreadRecord,
+)
+from agent.stores.sqlite_base import dt, ts
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+
+# The schema, once for both back ends: `{blob}`, `{time}`... are filled in by `ColumnTypes`.
+# Each migration is a list of statements, applied in order inside one transaction.
+_SCHEMA: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE accounts (
+            account_id TEXT PRIMARY KEY,
+            holder_name TEXT NOT NULL,
+            created_at {time} NOT NULL,
+            failed_enrolment_attempts {integer} NOT NULL DEFAULT 0,
+            enrolment_locked {boolean} NOT NULL DEFAULT {false}
+        )""",
+        """CREATE TABLE parties (
+            party_id TEXT PRIMARY KEY,
+            fingerprint {blob} NOT NULL,
+            enrolled_at {time} NOT NULL
+        )""",
+        """CREATE TABLE party_key_sets (
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            version {integer} NOT NULL CHECK (version >= 1),
+            envelope {blob} NOT NULL,
+            PRIMARY KEY (party_id, version)
+        )""",
+        # KEY-21: a keyid resolves to one party only.
+        """CREATE TABLE party_keyids (
+            keyid TEXT PRIMARY KEY,
+            party_id TEXT NOT NULL REFERENCES parties (party_id)
+        )""",
+        """CREATE TABLE bindings (
+            account_id TEXT PRIMARY KEY REFERENCES accounts (account_id),
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            bound_at {time} NOT NULL
+        )""",
+        "CREATE INDEX bindings_party ON bindings (party_id)",
+        """CREATE TABLE enrolment_codes (
+            code_hash {blob} PRIMARY KEY,
+            salt {blob} NOT NULL,
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            created_at {time} NOT NULL,
+            expires_at {time} NOT NULL,
+            used_at {time}
+        )""",
+        "CREATE INDEX enrolment_codes_account ON enrolment_codes (account_id)",
+        """CREATE TABLE bills (
+            bill_id TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            envelope {blob} NOT NULL,
+            digest {blob} NOT NULL UNIQUE,
+            amount_minor {integer} NOT NULL,
+            currency TEXT NOT NULL,
+            due_date {time} NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('open', 'under_arrangement', 'paid')),
+            issued_at {time} NOT NULL{rowid}
+        )""",
+        "CREATE INDEX bills_account ON bills (account_id)",
+        """CREATE TABLE threads (
+            thread_id {blob} PRIMARY KEY,
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            bill_id TEXT NOT NULL REFERENCES bills (bill_id),
+            consumer_party_id TEXT NOT NULL REFERENCES parties (party_id),
+            outcome TEXT NOT NULL CHECK (
+                outcome IN ('open', 'agreed', 'rejected', 'withdrawn', 'expired', 'protocol_error')
+            ),
+            deadline {time} NOT NULL,
+            opened_at {time} NOT NULL,
+            hardship_disclosed {boolean} NOT NULL,
+            offer_digest {blob},
+            accept_digest {blob} UNIQUE,
+            agreed_total_minor {integer},
+            agreed_at {time}{rowid}
+        )""",
+        "CREATE INDEX threads_account_outcome ON threads (account_id, outcome)",
+        "CREATE INDEX threads_bill_outcome ON threads (bill_id, outcome)",
+        """CREATE TABLE messages (
+            thread_id {blob} NOT NULL REFERENCES threads (thread_id),
+            sequence {integer} NOT NULL CHECK (sequence >= 0),
+            envelope {blob} NOT NULL,
+            digest {blob} NOT NULL UNIQUE,
+            sender TEXT NOT NULL,
+            payload_type TEXT NOT NULL,
+            message_id {blob} NOT NULL,
+            account_id TEXT NOT NULL,
+            bill_id TEXT NOT NULL,
+            received_at {time} NOT NULL,
+            PRIMARY KEY (thread_id, sequence)
+        )""",
+        """CREATE TABLE disclosures (
+            thread_id {blob} PRIMARY KEY REFERENCES threads (thread_id),
+            account_id TEXT NOT NULL,
+            content {blob} NOT NULL,
+            received_at {time} NOT NULL
+        )""",
+        "CREATE INDEX disclosures_account ON disclosures (account_id)",
+        """CREATE TABLE replay_cache (
+            sender TEXT NOT NULL,
+            message_id {blob} NOT NULL,
+            digest {blob} NOT NULL,
+            answer {blob},
+            error_reason TEXT,
+            error_detail TEXT NOT NULL DEFAULT '',
+            expires_at {time} NOT NULL,
+            PRIMARY KEY (sender, message_id)
+        )""",
+        "CREATE INDEX replay_cache_expiry ON replay_cache (expires_at)",
+        """CREATE TABLE payment_intents (
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            intent_id TEXT NOT NULL,
+            content_hash {blob} NOT NULL,
+            bill_id TEXT NOT NULL REFERENCES bills (bill_id),
+            agreement_digest {blob} NOT NULL,
+            instalment_index {integer} NOT NULL,
+            amount_minor {integer} NOT NULL,
+            currency TEXT NOT NULL,
+            payment_reference TEXT NOT NULL UNIQUE,
+            intent {blob} NOT NULL,
+            instructions {blob} NOT NULL,
+            created_at {time} NOT NULL,
+            PRIMARY KEY (account_id, intent_id)
+        )""",
+        # One intent never yields two payments: at most one settlement per intent.
+        """CREATE TABLE settlements (
+            account_id TEXT NOT NULL,
+            intent_id TEXT NOT NULL,
+            amount_minor {integer} NOT NULL,
+            rail_reference TEXT NOT NULL,
+            settled_at {time} NOT NULL,
+            receipt {blob} NOT NULL{rowid},
+            PRIMARY KEY (account_id, intent_id),
+            FOREIGN KEY (account_id, intent_id) REFERENCES payment_intents (account_id, intent_id)
+        )""",
+        """CREATE TABLE events (
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            sequence {integer} NOT NULL CHECK (sequence >= 0),
+            envelope {blob} NOT NULL,
+            digest {blob} NOT NULL,
+            kind {integer} NOT NULL,
+            PRIMARY KEY (account_id, sequence)
+        )""",
+    ),
+    (
+        # Leases: one holder at a time across the processes sharing the store (the scheduler's passes).
+        """CREATE TABLE leases (
+            name TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            expires_at {time} NOT NULL
+        )""",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ColumnTypes:
+    """How a back end spells the schema's column types."""
+
+    blob: str
+    time: str  # holds `ts` text: must compare byte by byte, so that text order is time order
+    boolean: str
+    false: str
+    integer: str  # 64-bit
+    rowid: str  # a column definition adding an insertion-order `rowid`, or "" where the database has one
+
+
+def migrations(types: ColumnTypes) -> tuple[tuple[str, ...], ...]:
+    """The biller store's migrations in one back end's column types."""
+    fields = asdict(types)
+    return tuple(tuple(statement.format(**fields) for statement in migration) for migration in _SCHEMA)
+
+
+class Cursor(Protocol):
+    """What the transaction bodies use of a DB-API cursor."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Db(Protocol):
+    """One open transaction: `execute` takes qmark (`?`) SQL and raises `IntegrityViolation` on a constraint."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+
+class IntegrityViolation(Exception):
+    """A write refused by a constraint. `constraint` is PostgreSQL's default name for it
+    (`unique_key(...)` for a UNIQUE column), or None when the database does not say."""
+
+    def __init__(self, constraint: str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.constraint = constraint
+
+
+def unique_key(table: str, *columns: str) -> str:
+    """The name PostgreSQL gives the UNIQUE constraint on these columns (SQLite errors are mapped to it)."""
+    return f"{table}_{'_'.join(columns)}_key"
+
+
+@runtime_checkable
+class Leases(Protocol):
+    """Named, expiring leases: mutual exclusion between processes sharing one store."""
+
+    async def claim_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
+        """Hold `name` for `holder` until `until`; False if another holder's lease is still running at `now`."""
+        ...
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give `name` up, if `holder` still holds it."""
+        ...
+
+
+class SqlBillerStore(abc.ABC):
+    """`BillerStore` (and `Leases`) in dialect-neutral SQL over a back end's transactions."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection(s); the store is unusable afterwards."""
+
+    @abc.abstractmethod
+    async def _in_write(self, fn: Callable[[Db], T]) -> T:
+        """Run `fn` in one write transaction: all of it commits, or none of it."""
+
+    @abc.abstractmethod
+    async def _in_read(self, fn: Callable[[Db], T]) -> T:
+        """Run `fn` in one read transaction (a consistent snapshot)."""
+
+    @abc.abstractmethod
+    async def _erased(self) -> None:
+        """Called after disclosures were deleted: make the deleted rows unrecoverable (PRV-4)."""
+
+    async def _one(self, sql: str, *args: object) -> Row | None:
+        return await self._in_read(lambda db: db.execute(sql, args).fetchone())
+
+    async def _all(self, sql: str, *args: object) -> list[Row]:
+        return await self._in_read(lambda db: db.execute(sql, args).fetchall())
+
+    # --- leases (the reference scheduler's one-pass-at-a-time across replicas) ---
+
+    async def claim_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
+        # The primary key settles racing claims; the conditional upsert takes over only an expired lease.
+        return await self._in_write(
+            lambda db: (
+                db.execute(
+                    """INSERT INTO leases (name, holder, expires_at) VALUES (?, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                   WHERE leases.expires_at < ? OR leases.holder = excluded.holder""",
+                    (name, holder, ts(until), ts(now)),
+                ).rowcount
+                == 1
+            )
+        )
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        await self._in_write(lambda db: db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder)))
+
+    # --- accounts and enrolment ---
+
+    async def create_account(self, account_id: str, holder_name: str, created_at: datetime) -> None:
+        def insert(db: Db) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO accounts (account_id, holder_name, created_at) VALUES (?, ?, ?)",
+                    (account_id, holder_name, ts(created_at)),
+                )
+            except IntegrityViolation as error:
+                raise AlreadyExists(f"account {account_id!r} already exists") from error
+
+        await self._in_write(insert)
+
+    async def get_account(self, account_id: str) -> AccountRecord | None:
+        row = await self._one(
+            """SELECT a.account_id, a.holder_name, a.created_at, b.party_id,
+                      a.failed_enrolment_attempts, a.enrolment_locked
+               FROM accounts a LEFT JOIN bindings b ON b.account_id = a.account_id
+               WHERE a.account_id = ?""",
+            account_id,
+        )
+        if row is None:
+            return None
+        return AccountRecord(row[0], row[1], dt(row[2]), row[3], row[4], bool(row[5]))
+
+    async def add_enrolment_code(self, code: EnrolmentCodeRecord, created_at: datetime) -> None:
+        def add(db: Db) -> None:
+            db.execute(
+                """INSERT INTO enrolment_codes (code_hash, salt, account_id, created_at, expires_at)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (code.code_hash, code.salt, code.account_id, ts(created_at), ts(code.expires_at)),
+            )
+            # ENR-5: a new code issued out of band lifts the lock.
+            db.execute(
+                "UPDATE accounts SET failed_enrolment_attempts = 0, enrolment_locked = FALSE WHERE account_id = ?",
+                (code.account_id,),
+            )
+
+        await self._in_write(add)
+
+    async def enrolment_codes(self, account_id: str) -> list[EnrolmentCodeRecord]:
+        rows = await self._all(
+            "SELECT salt, code_hash, expires_at, used_at FROM enrolment_codes WHERE account_id = ?", account_id
+        )
+        return [EnrolmentCodeRecord(account_id, row[0], row[1], dt(row[2]), row[3] is not None) for row in rows]
+
+    async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
+        await self._in_write(
+            lambda db: db.execute(
+                """UPDATE accounts
+                   SET failed_enrolment_attempts = failed_enrolment_attempts + 1,
+                       enrolment_locked = failed_enrolment_attempts + 1 >= ?
+                   WHERE account_id = ?""",
+                (max_attempts, account_id),
+            )
+        )
+
+    async def enrol(self, enrolment: Enrolment) -> None:
+        def enrol(db: Db) -> None:
+            used = db.execute(
+                "UPDATE enrolment_codes SET used_at = ? WHERE code_hash = ? AND account_id = ? AND used_at IS NULL",
+                (ts(enrolment.bound_at), enrolment.code_hash, enrolment.account_id),
+            )
+            if used.rowcount != 1:
+                raise StoreConflict(Reason.ENROLMENT_CODE_USED, "the code was used meanwhile")
+            known = db.execute("SELECT fingerprint FROM parties WHERE party_id = ?", (enrolment.party_id,)).fetchone()
+            if known is None:
+                db.execute(
+                    "INSERT INTO parties (party_id, fingerprint, enrolled_at) VALUES (?, ?, ?)",
+                    (enrolment.party_id, enrolment.fingerprint, ts(enrolment.bound_at)),
+                )
+                _insert_key_set(db, enrolment.key_set)
+            elif known[0] != enrolment.fingerprint:
+                raise StoreConflict(Reason.PARTY_ID_TAKEN, f"{enrolment.party_id!r} is another key set chain's")
+            # ENR-11: one consumer per account; a new enrolment replaces the binding.
+            db.execute(
+                """INSERT INTO bindings (account_id, party_id, bound_at) VALUES (?, ?, ?)
+                   ON CONFLICT (account_id) DO UPDATE SET party_id = excluded.party_id, bound_at = excluded.bound_at""",
+                (enrolment.account_id, enrolment.party_id, ts(enrolment.bound_at)),
+            )
+            # No other code of the account stays usable to take the binding over.
+            db.execute(
+                "UPDATE enrolment_codes SET used_at = ? WHERE account_id = ? AND used_at IS NULL",
+                (ts(enrolment.bound_at), enrolment.account_id),
+            )
+            _insert_replay(db, enrolment.replay)
+
+        await self._in_write(enrol)
+
+    # --- parties and key sets ---
+
+    async def party_with_keyid(self, keyid: str) -> str | None:
+        row = await self._one("SELECT party_id FROM party_keyids WHERE keyid = ?", keyid)
+        return None if row is None else str(row[0])
+
+    async def party_key_sets(self, party_id: str) -> list[bytes]:
+        rows = await self._all("SELECT envelope FROM party_key_sets WHERE party_id = ? ORDER BY version", party_id)
+        return [row[0] for row in rows]
+
+    async def append_key_set(self, record: KeySetRecord) -> None:
+        await self._in_write(lambda db: _insert_key_set(db, record))
+
+    # --- replay cache ---
+
+    async def replay_lookup(self, sender: str, message_id: bytes) -> ReplayRecord | None:
+        row = await self._one(
+            """SELECT digest, expires_at, answer, error_reason, error_detail
+               FROM replay_cache WHERE sender = ? AND message_id = ?""",
+            sender,
+            message_id,
+        )
+        if row is None:
+            return None
+        return ReplayRecord(sender, message_id, row[0], dt(row[1]), row[2], row[3], row[4])
+
+    async def record_replay(self, record: ReplayRecord) -> None:
+        await self._in_write(lambda db: _insert_replay(db, record))
+
+    async def purge_replay_cache(self, now: datetime) -> int:
+        return await self._in_write(
+            lambda db: db.execute("DELETE FROM replay_cache WHERE expires_at < ?", (ts(now),)).rowcount
+        )
+
+    # --- bills ---
+
+    async def insert_bill(self, bill: BillRecord, events: Sequence[PendingEvent]) -> list[EventRecord]:
+        def insert(db: Db) -> list[EventRecord]:
+            try:
+                db.execute(
+                    """INSERT INTO bills (bill_id, account_id, envelope, digest, amount_minor, currency,
+                                          due_date, status, issued_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        bill.bill_id,
+                        bill.account_id,
+                        bill.envelope,
+                        bill.digest,
+                        bill.amount_minor,
+                        bill.currency,
+                        bill.due_date.isoformat(),
+                        bill.status.value,
+                        ts(bill.issued_at),
+                    ),
+                )
+            except IntegrityViolation as error:
+                raise AlreadyExists(f"bill {bill.bill_id!r} already exists") from error
+            return _append_events(db, events)
+
+        return await self._in_write(insert)
+
+    _BILL_COLUMNS = "bill_id, account_id, envelope, digest, amount_minor, currency, due_date, status, issued_at"
+
+    async def get_bill(self, bill_id: str) -> BillRecord | None:
+        row = await self._one(f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?", bill_id)  # noqa: S608
+        return None if row is None else _bill(row)
+
+    async def reopen_bill(self, bill_id: str, events: Sequence[PendingEvent]) -> list[EventRecord]:
+        def reopen(db: Db) -> list[EventRecord]:
+            moved = db.execute(
+                "UPDATE bills SET status = 'open' WHERE bill_id = ? AND status = 'under_arrangement'", (bill_id,)
+            )
+            if moved.rowcount != 1:
+                raise LookupError(f"no bill {bill_id!r} under an arrangement")
+            return _append_events(db, events)
+
+        return await self._in_write(reopen)
+
+    async def list_bills(self, account_id: str) -> list[BillRecord]:
+        rows = await self._all(
+            f"SELECT {self._BILL_COLUMNS} FROM bills WHERE account_id = ? ORDER BY issued_at, rowid",  # noqa: S608
+            account_id,
+        )
+        return [_bill(row) for row in rows]
+
+    # --- negotiation ---
+
+    async def get_thread(self, thread_id: bytes) -> ThreadRecord | None:
+        def read(db: Db) -> ThreadRecord | None:
+            row = db.execute(
+                """SELECT account_id, bill_id, consumer_party_id, outcome, deadline, opened_at, hardship_disclosed
+                   FROM threads WHERE thread_id = ?""",
+                (thread_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            messages = db.execute(
+                """SELECT sequence, envelope, digest, sender, payload_type, message_id, received_at
+                   FROM messages WHERE thread_id = ? ORDER BY sequence""",
+                (thread_id,),
+            ).fetchall()
+            disclosure = db.execute("SELECT content FROM disclosures WHERE thread_id = ?", (thread_id,)).fetchone()
+            return ThreadRecord(
+                thread_id=thread_id,
+                account_id=row[0],
+                bill_id=row[1],
+                consumer_party_id=row[2],
+                outcome=ThreadOutcome(row[3]),
+                deadline=dt(row[4]),
+                opened_at=dt(row[5]),
+                hardship_disclosed=bool(row[6]),
+                messages=tuple(
+                    MessageRecord(thread_id, m[0], m[1], m[2], m[3], m[4], m[5], dt(m[6])) for m in messages
+                ),
+                disclosure=None if disclosure is None else disclosure[0],
+            )
+
+        return await self._in_read(read)
+
+    async def record_negotiation_step(self, step: NegotiationStep) -> list[EventRecord]:
+        return await self._in_write(lambda db: _negotiation_step(db, step))
+
+    async def open_thread_bills(self, account_id: str, now: datetime) -> list[str]:
+        rows = await self._all(
+            "SELECT bill_id FROM threads WHERE account_id = ? AND outcome = 'open' AND deadline >= ?",
+            account_id,
+            ts(now),
+        )
+        return [row[0] for row in rows]
+
+    async def mark_thread_expired(self, thread_id: bytes) -> None:
+        await self._in_write(
+            lambda db: db.execute(
+                "UPDATE threads SET outcome = 'expired' WHERE thread_id = ? AND outcome = 'open'", (thread_id,)
+            )
+        )
+
+    _ARRANGEMENTS = """
+        SELECT t.thread_id, t.account_id, t.bill_id, t.consumer_party_id, m.envelope,
+               t.accept_digest, t.agreed_at, b.status
+        FROM threads t
+        JOIN messages m ON m.digest = t.offer_digest
+        JOIN bills b ON b.bill_id = t.bill_id
+        WHERE t.outcome = 'agreed'"""
+
+    async def arrangements(self, account_id: str | None, *, active_only: bool) -> list[ArrangementRecord]:
+        sql, args = self._ARRANGEMENTS, []
+        if account_id is not None:
+            sql, args = sql + " AND t.account_id = ?", [account_id]
+        if active_only:
+            sql += " AND b.status = 'under_arrangement'"
+        return await self._in_read(
+            lambda db: [_arrangement(db, row) for row in db.execute(sql + " ORDER BY t.agreed_at, t.rowid", args)]
+        )
+
+    async def get_arrangement(self, account_id: str, accept_digest: bytes) -> ArrangementRecord | None:
+        sql = self._ARRANGEMENTS + " AND t.account_id = ? AND t.accept_digest = ?"
+
+        def read(db: Db) -> ArrangementRecord | None:
+            row = db.execute(sql, (account_id, accept_digest)).fetchone()
+            return None if row is None else _arrangement(db, row)
+
+        return await self._in_read(read)
+
+    # --- privacy ---
+
+    async def erase_disclosures(self, account_id: str, answer: Callable[[int], ReplayRecord]) -> int:
+        def erase(db: Db) -> int:
+            count = _erase_disclosures(db, "account_id = ?", account_id)
+            _insert_replay(db, answer(count))
+            return count
+
+        count = await self._in_write(erase)
+        await self._erased()
+        return count
+
+    async def erase_disclosures_before(self, cutoff: datetime) -> int:
+        count = await self._in_write(lambda db: _erase_disclosures(db, "received_at < ?", ts(cutoff)))
+        await self._erased()
+        return count
+
+    # --- payments ---
+
+    _INTENT_COLUMNS = """account_id, intent_id, content_hash, bill_id, agreement_digest, instalment_index,
+                         amount_minor, currency, payment_reference, intent, instructions, created_at"""
+
+    async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None:
+        row = await self._one(
+            f"SELECT {self._INTENT_COLUMNS} FROM payment_intents WHERE account_id = ? AND intent_id = ?",  # noqa: S608
+            account_id,
+            intent_id,
+        )
+        if row is None:
+            return None
+        return PaymentIntentRecord(
+            account_id=row[0],
+            intent_id=row[1],
+            content_hash=row[2],
+            bill_id=row[3],
+            agreement_digest=row[4],
+            instalment_index=row[5],
+            amount_minor=row[6],
+            currency=row[7],
+            payment_reference=row[8],
+            intent=row[9],
+            instructions=row[10],
+            created_at=dt(row[11]),
+        )
+
+    async def insert_payment_intent(self, intent: PaymentIntentRecord, replay: ReplayRecord) -> None:
+        def insert(db: Db) -> None:
+            try:
+                db.execute(
+                    f"INSERT INTO payment_intents ({self._INTENT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
+                    (
+                        intent.account_id,
+                        intent.intent_id,
+                        intent.content_hash,
+                        intent.bill_id,
+                        intent.agreement_digest,
+                        intent.instalment_index,
+                        intent.amount_minor,
+                        intent.currency,
+                        intent.payment_reference,
+                        intent.intent,
+                        intent.instructions,
+                        ts(intent.created_at),
+                    ),
+                )
+            except IntegrityViolation as error:
+                if error.constraint == unique_key("payment_intents", "payment_reference"):
+                    raise ValueError(f"payment reference {intent.payment_reference!r} is not unique") from error
+                raise StoreConflict(
+                    Reason.IDEMPOTENCY_CONFLICT, f"intent {intent.intent_id!r} was created meanwhile"
+                ) from error
+            _insert_replay(db, replay)
+
+        await self._in_write(insert)
+
+    async def get_settlement(self, account_id: str, intent_id: str) -> SettlementRecord | None:
+        return await self._in_read(lambda db: _settlement(db, account_id, intent_id))
+
+    async def settle(self, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]]:
+        return await self._in_write(lambda db: _settle(db, settle))
+
+    # --- events ---
+
+    async def append_events(self, events: Sequence[PendingEvent]) -> list[EventRecord]:
+        return await self._in_write(lambda db: _append_events(db, events))
+
+    async def events(self, account_id: str, start: int, limit: int) -> list[EventRecord]:
+        rows = await self._all(
+            """SELECT sequence, envelope, digest FROM events
+               WHERE account_id = ? AND sequence >= ? ORDER BY sequence LIMIT ?""",
+            account_id,
+            start,
+            limit,
+        )
+        return [EventRecord(account_id, row[0], row[1], row[2]) for row in rows]
+
+    async def event_count(self, account_id: str) -> int:
+        row = await self._one("SELECT COALESCE(MAX(sequence) + 1, 0) FROM events WHERE account_id = ?", account_id)
+        assert row is not None
+        return int(row[0])
+
+
+# --- transaction bodies (on a worker thread, inside one transaction) ------------------------------
+
+
+def _insert_key_set(db: Db, record: KeySetRecord) -> None:
+    for keyid in record.keyids:
+        owner = db.execute("SELECT party_id FROM party_keyids WHERE keyid = ?", (keyid,)).fetchone()
+        if owner is None:
+            db.execute("INSERT INTO party_keyids (keyid, party_id) VALUES (?, ?)", (keyid, record.party_id))
+        elif owner[0] != record.party_id:
+            raise StoreConflict(Reason.KEYSET_INVALID, f"keyid {keyid} belongs to another party")
+    try:
+        db.execute(
+            "INSERT INTO party_key_sets (party_id, version, envelope) VALUES (?, ?, ?)",
+            (record.party_id, record.version, record.envelope),
+        )
+    except IntegrityViolation as error:
+        raise StoreConflict(
+            Reason.KEYSET_ROLLBACK, f"version {record.version} of {record.party_id!r} is already stored"
+        ) from error
+
+
+def _insert_replay(db: Db, record: ReplayRecord) -> None:
+    try:
+        db.execute(
+            """INSERT INTO replay_cache (sender, message_id, digest, answer, error_reason, error_detail, expires_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+            (
+                record.sender,
+                record.message_id,
+                record.digest,
+                record.answer,
+                record.error_reason,
+                record.error_detail,
+                ts(record.expires_at),
+            ),
+        )
+    except IntegrityViolation as error:
+        raise StoreConflict(Reason.REPLAYED_MESSAGE, "the message id was received meanwhile") from error
+
+
+def _append_events(db: Db, events: Sequence[PendingEvent]) -> list[EventRecord]:
+    """Append each event at its account's next cursor, chained to the previous event (EVT-*)."""
+    records = []
+    for event in events:
+        last = db.execute(
+            "SELECT sequence, digest FROM events WHERE account_id = ? ORDER BY sequence DESC LIMIT 1",
+            (event.account_id,),
+        ).fetchone()
+        sequence, previous = (0, b"") if last is None else (last[0] + 1, last[1])
+        envelope = event.seal(sequence, previous)
+        record = EventRecord(event.account_id, sequence, envelope.SerializeToString(), digest(envelope))
+        db.execute(
+            "INSERT INTO events (account_id, sequence, envelope, digest, kind) VALUES (?, ?, ?, ?, ?)",
+            (record.account_id, record.sequence, record.envelope, record.digest, event.kind),
+        )
+        records.append(record)
+    return records
+
+
+def _negotiation_step(db: Db, step: NegotiationStep) -> list[EventRecord]:
+    new = step.new_thread
+    if new is not None:
+        status = db.execute("SELECT status FROM bills WHERE bill_id = ?", (step.bill_id,)).fetchone()
+        if status is None or status[0] != BillStatus.OPEN:
+            raise StoreConflict(Reason.BILL_NOT_NEGOTIABLE, f"bill {step.bill_id!r} is not open")
+        # NEG-3, LIM-7: threads past their deadline are EXPIRED (NEG-6) and do not count.
+        (open_on_bill,) = db.execute(
+            "SELECT COUNT(*) FROM threads WHERE bill_id = ? AND outcome = 'open' AND deadline >= ?",
+            (step.bill_id, ts(step.now)),
+        ).fetchone()
+        if open_on_bill:
+            raise StoreConflict(Reason.BILL_NOT_NEGOTIABLE, f"another thread on bill {step.bill_id!r} is open")
+        (open_threads,) = db.execute(
+            "SELECT COUNT(*) FROM threads WHERE account_id = ? AND outcome = 'open' AND deadline >= ?",
+            (step.account_id, ts(step.now)),
+        ).fetchone()
+        if open_threads >= new.max_open_threads:
+            raise StoreConflict(Reason.TOO_MANY_OPEN_THREADS, f"the account already has {open_threads} open threads")
+        try:
+            db.execute(
+                """INSERT INTO threads (thread_id, account_id, bill_id, consumer_party_id, outcome, deadline,
+                                        opened_at, hardship_disclosed)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    step.thread_id,
+                    step.account_id,
+                    step.bill_id,
+                    new.consumer_party_id,
+                    step.outcome.value,
+                    ts(new.deadline),
+                    ts(step.now),
+                    new.hardship_disclosed,
+                ),
+            )
+        except IntegrityViolation as error:
+            raise StoreConflict(Reason.SEQUENCE_MISMATCH, "the thread was opened meanwhile") from error
+        if new.disclosure is not None:
+            db.execute(
+                "INSERT INTO disclosures (thread_id, account_id, content, received_at) VALUES (?, ?, ?, ?)",
+                (step.thread_id, step.account_id, new.disclosure, ts(step.now)),
+            )
+    else:
+        db.execute("UPDATE threads SET outcome = ? WHERE thread_id = ?", (step.outcome.value, step.thread_id))
+    for message in step.messages:
+        try:
+            db.execute(
+                """INSERT INTO messages (thread_id, sequence, envelope, digest, sender, payload_type, message_id,
+                                         account_id, bill_id, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    message.thread_id,
+                    message.sequence,
+                    message.envelope,
+                    message.digest,
+                    message.sender,
+                    message.payload_type,
+                    message.message_id,
+                    step.account_id,
+                    step.bill_id,
+                    ts(message.received_at),
+                ),
+            )
+        except IntegrityViolation as error:
+            if error.constraint == unique_key("messages", "digest"):
+                raise StoreConflict(Reason.REPLAYED_MESSAGE, "the message was stored meanwhile") from error
+            raise StoreConflict(
+                Reason.SEQUENCE_MISMATCH, f"position {message.sequence} of the thread was taken meanwhile"
+            ) from error
+    agreement = step.agreement
+    if agreement is not None:
+        moved = db.execute(
+            "UPDATE bills SET status = 'under_arrangement' WHERE bill_id = ? AND status = 'open'", (step.bill_id,)
+        )
+        if moved.rowcount != 1:
+            raise StoreConflict(Reason.BILL_NOT_NEGOTIABLE, f"bill {step.bill_id!r} is no longer open")
+        db.execute(
+            """UPDATE threads SET offer_digest = ?, accept_digest = ?, agreed_total_minor = ?, agreed_at = ?
+               WHERE thread_id = ?""",
+            (agreement.offer_digest, agreement.accept_digest, agreement.total_minor, ts(step.now), step.thread_id),
+        )
+    _insert_replay(db, step.replay)
+    return _append_events(db, step.events)
+
+
+def _erase_disclosures(db: Db, where: str, *args: object) -> int:
+    """Delete the disclosures matching `where`; their threads keep the hardship fact only while open (PRV-4)."""
+    threads = [row[0] for row in db.execute(f"SELECT thread_id FROM disclosures WHERE {where}", args)]  # noqa: S608
+    for thread_id in threads:
+        db.execute("DELETE FROM disclosures WHERE thread_id = ?", (thread_id,))
+        db.execute(
+            "UPDATE threads SET hardship_disclosed = FALSE WHERE thread_id = ? AND outcome != 'open'", (thread_id,)
+        )
+    return len(threads)
+
+
+def _bill(row: Row) -> BillRecord:
+    return BillRecord(
+        bill_id=row[0],
+        account_id=row[1],
+        envelope=row[2],
+        digest=row[3],
+        amount_minor=row[4],
+        currency=row[5],
+        due_date=date.fromisoformat(row[6]),
+        status=BillStatus(row[7]),
+        issued_at=dt(row[8]),
+    )
+
+
+def _arrangement(db: Db, row: Row) -> ArrangementRecord:
+    payments = db.execute(
+        """SELECT p.intent_id, p.instalment_index, s.amount_minor, s.settled_at
+           FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
+           WHERE p.account_id = ? AND p.agreement_digest = ?
+           ORDER BY s.settled_at, s.rowid""",
+        (row[1], row[5]),
+    ).fetchall()
+    return ArrangementRecord(
+        thread_id=row[0],
+        account_id=row[1],
+        bill_id=row[2],
+        consumer_party_id=row[3],
+        offer_envelope=row[4],
+        accept_digest=row[5],
+        agreed_at=dt(row[6]),
+        bill_status=BillStatus(row[7]),
+        payments=tuple(SettledPayment(p[0], p[1], p[2], dt(p[3])) for p in payments),
+    )
+
+
+def _settlement(db: Db, account_id: str, intent_id: str) -> SettlementRecord | None:
+    row = db.execute(
+        """SELECT amount_minor, rail_reference, settled_at, receipt FROM settlements
+           WHERE account_id = ? AND intent_id = ?""",
+        (account_id, intent_id),
+    ).fetchone()
+    if row is None:
+        return None
+    return SettlementRecord(account_id, intent_id, row[0], row[1], dt(row[2]), row[3])
+
+
+def _settle(db: Db, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]]:
+    intent = db.execute(
+        """SELECT p.bill_id, p.agreement_digest, b.amount_minor, t.agreed_total_minor
+           FROM payment_intents p
+           JOIN bills b ON b.bill_id = p.bill_id
+           LEFT JOIN threads t ON t.accept_digest = p.agreement_digest
+           WHERE p.account_id = ? AND p.intent_id = ?""",
+        (settle.account_id, settle.intent_id),
+    ).fetchone()
+    if intent is None:
+        raise LookupError(f"no payment intent {settle.intent_id!r} on account {settle.account_id!r}")
+    existing = _settlement(db, settle.account_id, settle.intent_id)
+    if existing is not None:
+        return existing, []
+    bill_id, agreement_digest, amount_due, agreed_total = intent
+    owed = agreed_total if agreement_digest else amount_due
+    (paid_before,) = db.execute(
+        """SELECT COALESCE(SUM(s.amount_minor), 0)
+           FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
+           WHERE p.account_id = ? AND p.bill_id = ? AND p.agreement_digest = ?""",
+        (settle.account_id, bill_id, agreement_digest),
+    ).fetchone()
+    remaining = max(0, owed - int(paid_before) - settle.amount_minor)  # int: PostgreSQL sums to NUMERIC
+    sealed = settle.seal(remaining)
+    record = SettlementRecord(
+        settle.account_id,
+        settle.intent_id,
+        settle.amount_minor,
+        settle.rail_reference,
+        settle.settled_at,
+        sealed.receipt.SerializeToString(),
+    )
+    db.execute(
+        """INSERT INTO settlements (account_id, intent_id, amount_minor, rail_reference, settled_at, receipt)
+           VALUES (?, ?, ?, ?, ?, ?)""",
+        (
+            record.account_id,
+            record.intent_id,
+            record.amount_minor,
+            record.rail_reference,
+            ts(record.settled_at),
+            record.receipt,
+        ),
+    )
+    if remaining == 0:
+        db.execute("UPDATE bills SET status = 'paid' WHERE bill_id = ?", (bill_id,))
+    return record, _append_events(db, sealed.events)

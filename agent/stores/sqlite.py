@@ -9,6 +9,7 @@ PostgreSQL back end, are in `agent.stores.biller_sql`.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ from agent.stores.biller_sql import ColumnTypes, Db, IntegrityViolation, SqlBill
 from agent.stores.sqlite_base import SqliteStore
 
 T = TypeVar("T")
+
+logger = logging.getLogger("parley.store")
 
 MIGRATIONS = migrations(
     ColumnTypes(blob="BLOB", time="TEXT", boolean="INTEGER", false="0", integer="INTEGER", rowid="")
@@ -58,4 +61,11 @@ class SqliteBillerStore(SqliteStore, SqlBillerStore):
 
     async def _erased(self) -> None:
         # secure_delete overwrote the rows in the WAL; the checkpoint truncates the WAL itself.
-        await self._call(self._checkpoint)
+        if not await self._call(self._checkpoint):
+            # A reader pinned the WAL for the whole busy timeout; the next complete checkpoint (the next
+            # retention purge, or closing the store) removes the erased bytes. Operators should know.
+            logger.warning(
+                "erasure: WAL checkpoint incomplete (a reader holds the WAL); erased data stays in %s-wal "
+                "until the next complete checkpoint",
+                self._path,
+            )

@@ -157,6 +157,11 @@ class SqliteStore:
     async def _all(self, sql: str, *args: object) -> list[Row]:
         return await self._read(lambda db: db.execute(sql, args).fetchall())
 
-    def _checkpoint(self) -> None:
-        """Fold the WAL into the database and truncate it, so deleted data leaves the journal (PRV-4)."""
-        self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def _checkpoint(self) -> bool:
+        """Fold the WAL into the database and truncate it, so deleted data leaves the journal (PRV-4).
+
+        False when it could not complete within the busy timeout (another
+        connection still reads an older snapshot): the WAL then keeps its frames.
+        """
+        busy, _, _ = self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy

@@ -7,14 +7,14 @@
     parley certs --out DIR [--host NAME] [--ip ADDRESS] [--client NAME]
                                     make a development CA and TLS certificates (agent/certs.py)
     parley verify BUNDLE.json       verify an agreement bundle offline
-    parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR]
+    parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR] [--store PATH|URL]
                         [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure]
                         [--conformance-control]
                         [--metrics-listen HOST:PORT] [--log-format json|text] [--log-level LEVEL]
                         [--shutdown-grace SECONDS] [--otel]
                                     run the reference biller (built-in sample config without --config);
                                     PARLEY_* variables and the config's [server] table set the same options
-    parley biller codes --state-dir DIR [--config FILE] [--endpoint HOST:PORT] [--json]
+    parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--endpoint HOST:PORT] [--json]
                                     issue enrolment codes for the configured accounts
     parley biller check-config FILE validate a reference biller configuration
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
@@ -66,7 +66,14 @@ from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import sample
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.service import RunningBiller, SteppableClock, open_biller, run_biller
-from reference_biller.settings import ServeSettings, SettingsError, config_file, resolve_serve, resolve_state_dir
+from reference_biller.settings import (
+    ServeSettings,
+    SettingsError,
+    config_file,
+    resolve_serve,
+    resolve_state_dir,
+    resolve_store,
+)
 from reference_consumer.runner import add_consumer_commands
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
@@ -242,6 +249,7 @@ async def _serve_until_signalled(
             shutdown_grace=settings.shutdown_grace,
             metrics_listen=settings.metrics_listen,
             interceptors=server_interceptors() if settings.otel else (),
+            store_location=settings.store,
         )
     )
     stop = asyncio.Event()
@@ -286,8 +294,10 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
     return EXIT_VALID
 
 
-async def _issue_codes(args: argparse.Namespace, config: BillerConfig, state_dir: Path) -> None:
-    biller = await open_biller(config, state_dir, SystemClock())
+async def _issue_codes(
+    args: argparse.Namespace, config: BillerConfig, state_dir: Path, store_location: str | None
+) -> None:
+    biller = await open_biller(config, state_dir, SystemClock(), store_location=store_location)
     try:
         codes = await sample.issue_codes(biller.agent, config)
     finally:
@@ -330,11 +340,12 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
         return EXIT_UNUSABLE
     try:
         state_dir = resolve_state_dir(args.state_dir, config.server)
+        store_location = resolve_store(args.store, config.server)
     except SettingsError as error:
         _failed(out, str(error))
         return EXIT_UNUSABLE
     try:
-        asyncio.run(_issue_codes(args, config, state_dir))
+        asyncio.run(_issue_codes(args, config, state_dir, store_location))
     except (OSError, ValueError) as error:
         _failed(out, f"cannot issue codes: {error}")
         return EXIT_INVALID
@@ -347,6 +358,10 @@ def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     config_help = (
         "reference biller configuration (TOML; env PARLEY_CONFIG; default: the built-in sample, "
         "reference_biller/sample.toml)"
+    )
+    store_help = (
+        "the store: a SQLite path or sqlite:///PATH, or postgresql://... shared by replicas "
+        "(env PARLEY_STORE; default: biller.sqlite in the state directory)"
     )
 
     serve = actions.add_parser(
@@ -363,6 +378,7 @@ def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     serve.add_argument(
         "--state-dir", help="keys and database; created if missing (env PARLEY_STATE_DIR; default: parley-biller)"
     )
+    serve.add_argument("--store", metavar="PATH|URL", help=store_help)
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate chain, PEM (env PARLEY_TLS_CERT)")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS private key, PEM (env PARLEY_TLS_KEY)")
     serve.add_argument(
@@ -400,6 +416,7 @@ def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     codes = actions.add_parser("codes", help="issue enrolment codes for the configured accounts")
     codes.add_argument("--config", help=config_help)
     codes.add_argument("--state-dir", help="the serving biller's state directory (env PARLEY_STATE_DIR)")
+    codes.add_argument("--store", metavar="PATH|URL", help=store_help)
     codes.add_argument("--endpoint", metavar="HOST:PORT", help="the biller's address, to print enrolment URIs too")
     codes.add_argument("--json", action="store_true", help="print the codes as one JSON document on stdout")
     codes.set_defaults(handler=_codes)

@@ -95,6 +95,7 @@ class ServerSettings:
 
     listen: str | None = None
     state_dir: str | None = None
+    store: str | None = None
     metrics_listen: str | None = None
     log_format: str | None = None
     log_level: str | None = None
@@ -253,6 +254,7 @@ def _server(t: _Table) -> ServerSettings:
     return ServerSettings(
         listen=t.address("listen"),
         state_dir=t.optional("state_dir", str),
+        store=t.optional("store", str),
         metrics_listen=t.address("metrics_listen"),
         log_format=t.choice("log_format", LOG_FORMATS),
         log_level=t.choice("log_level", LOG_LEVELS),

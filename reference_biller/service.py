@@ -6,7 +6,8 @@
 
 `state_dir` holds everything the biller keeps: its Ed25519 signing key
 (`biller.key`, mode 0600), its key set chain (`biller-keyset-v<N>.pb`, one
-serialized envelope per version) and its SQLite store (`biller.sqlite`). The
+serialized envelope per version) and, unless `--store` names another (a
+PostgreSQL database shared by replicas), its SQLite store (`biller.sqlite`). The
 first run creates the key and key set version 1, whose digest is the biller's
 identity fingerprint (KEY-12); later runs load them, and a key set close to its
 expiry is renewed as the next version, signed by the current key (KEY-9).
@@ -53,7 +54,7 @@ from agent.errors import Reason, RemoteProtocolError
 from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.metrics import MetricsEndpoint, serve_metrics
 from agent.protocol.messages import to_timestamp
-from agent.stores.sqlite import SqliteBillerStore
+from agent.stores import SqlBillerStore, open_biller_store
 from agent.terms import AdvertisedOptions, Money, parse_date
 from agent.transport.server import DEFAULT_SHUTDOWN_GRACE, BillerServer, is_loopback, serve_biller
 from agent.transport.status import Context, answer
@@ -185,7 +186,7 @@ class Biller:
 
     config: BillerConfig
     agent: BillerAgent
-    store: SqliteBillerStore
+    store: SqlBillerStore
     rail: SimulatedRail
     clock: Clock
     state_dir: Path
@@ -227,11 +228,16 @@ async def open_biller(
     *,
     conformance_control: bool = False,
     seed: int = sample.DEFAULT_SEED,
+    store_location: str | None = None,
 ) -> Biller:
-    """Load or create the identity, open the store, build the agent and create the configured accounts."""
+    """Load or create the identity, open the store, build the agent and create the configured accounts.
+
+    `store_location` is a path or URL for `open_biller_store` (e.g. a PostgreSQL database shared by replicas);
+    by default the SQLite file `STORE_FILE` in `state_dir`.
+    """
     now = clock.now()
     key, chain = await asyncio.to_thread(load_identity, state_dir, config.party_id, now)
-    store = await SqliteBillerStore.open(state_dir / STORE_FILE)
+    store = await open_biller_store(state_dir / STORE_FILE if store_location is None else store_location)
     try:
         rail = SimulatedRail(config.payments)
         agent = BillerAgent(
@@ -367,6 +373,7 @@ async def serving_biller(
     seed: int = sample.DEFAULT_SEED,
     metrics_listen: str | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    store_location: str | None = None,
 ) -> AsyncIterator[RunningBiller]:
     """Serve a reference biller for the duration of the `async with` block, then shut it down cleanly.
 
@@ -376,7 +383,8 @@ async def serving_biller(
     else is ValueError before anything is opened, as is a client CA without TLS
     and conformance control with a clock that cannot advance.
     `metrics_listen` ("host:port") serves Prometheus metrics over HTTP;
-    `interceptors` are added to the gRPC server (e.g. `agent.tracing`'s). On
+    `interceptors` are added to the gRPC server (e.g. `agent.tracing`'s);
+    `store_location` is as for `open_biller`. On
     leaving the block the stop is graceful: calls in flight get `shutdown_grace`
     seconds to finish.
     """
@@ -393,7 +401,9 @@ async def serving_biller(
     if conformance_control and stepping is None:
         raise ValueError("conformance control needs a clock that can be advanced (SteppableClock or ManualClock)")
 
-    biller = await open_biller(config, state_dir, clock, conformance_control=conformance_control, seed=seed)
+    biller = await open_biller(
+        config, state_dir, clock, conformance_control=conformance_control, seed=seed, store_location=store_location
+    )
     services: list[Callable[[grpc.aio.Server], None]] = []
     service_names: list[str] = []
     if conformance_control:
@@ -459,6 +469,7 @@ async def run_biller(
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     metrics_listen: str | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    store_location: str | None = None,
 ) -> None:
     """Serve until cancelled (the CLI cancels on SIGTERM/SIGINT), then shut down gracefully.
 
@@ -479,6 +490,7 @@ async def run_biller(
         shutdown_grace=shutdown_grace,
         metrics_listen=metrics_listen,
         interceptors=interceptors,
+        store_location=store_location,
     ) as running:
         if on_ready is not None:
             on_ready(running)

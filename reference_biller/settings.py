@@ -9,6 +9,7 @@ built-in sample. An empty variable counts as unset.
 | --- | --- | --- | --- | --- |
 | gRPC address | `--listen` | `PARLEY_LISTEN` | `listen` | none: required |
 | state directory | `--state-dir` | `PARLEY_STATE_DIR` | `state_dir` | `parley-biller` |
+| store | `--store` | `PARLEY_STORE` | `store` | `biller.sqlite` in the state directory |
 | metrics address | `--metrics-listen` | `PARLEY_METRICS_LISTEN` | `metrics_listen` | off |
 | log format | `--log-format` | `PARLEY_LOG_FORMAT` | `log_format` | `text` |
 | log level | `--log-level` | `PARLEY_LOG_LEVEL` | `log_level` | `info` |
@@ -33,6 +34,7 @@ from typing import TypeVar, cast
 
 from agent.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 from agent.metrics import parse_listen
+from agent.stores import check_store_location
 from reference_biller.config import ServerSettings
 
 T = TypeVar("T")
@@ -61,6 +63,7 @@ OPTIONS = {
     for option in (
         Option("listen", "--listen", "PARLEY_LISTEN", "server.listen"),
         Option("state_dir", "--state-dir", "PARLEY_STATE_DIR", "server.state_dir"),
+        Option("store", "--store", "PARLEY_STORE", "server.store"),
         Option("metrics_listen", "--metrics-listen", "PARLEY_METRICS_LISTEN", "server.metrics_listen"),
         Option("log_format", "--log-format", "PARLEY_LOG_FORMAT", "server.log_format"),
         Option("log_level", "--log-level", "PARLEY_LOG_LEVEL", "server.log_level"),
@@ -79,6 +82,7 @@ class ServeSettings:
 
     listen: str
     state_dir: Path
+    store: str | None  # a path or URL for `open_biller_store`; None: biller.sqlite in state_dir
     metrics_listen: str | None
     log_format: LogFormat
     log_level: str
@@ -139,6 +143,7 @@ def _boolean(text: str) -> bool:
 _PARSERS: dict[str, Callable[[str], object]] = {
     "listen": _address,
     "state_dir": str,
+    "store": check_store_location,
     "metrics_listen": _address,
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
@@ -201,6 +206,7 @@ def resolve_serve(
     return ServeSettings(
         listen=str(listen),
         state_dir=Path(value("state_dir", DEFAULT_STATE_DIR)),
+        store=value("store", cast(str | None, None)),
         metrics_listen=value("metrics_listen", cast(str | None, None)),
         log_format=cast(LogFormat, value("log_format", "text")),
         log_level=value("log_level", "info"),
@@ -221,6 +227,12 @@ def resolve_state_dir(flag: str | None, server: ServerSettings, env: Mapping[str
     return Path(str(chosen))
 
 
+def resolve_store(flag: str | None, server: ServerSettings, env: Mapping[str, str] | None = None) -> str | None:
+    """The store for commands other than serve, by the same precedence; None: the state directory's."""
+    chosen, _ = _pick("store", {"store": flag}, os.environ if env is None else env, server)
+    return None if chosen is None else str(chosen)
+
+
 __all__ = [
     "CONFIG_ENV",
     "OPTIONS",
@@ -229,4 +241,5 @@ __all__ = [
     "config_file",
     "resolve_serve",
     "resolve_state_dir",
+    "resolve_store",
 ]

@@ -15,6 +15,14 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_SCHEME = "sqlite:///"
 
 
+def check_store_location(location: str) -> str:
+    """`location` if `open_biller_store` can open it (a path, sqlite:/// or postgresql://); else ValueError."""
+    if "://" in location and not location.startswith((*POSTGRES_SCHEMES, SQLITE_SCHEME)):
+        scheme = location.partition("://")[0]
+        raise ValueError(f"unknown store URL scheme {scheme!r}: use a path, sqlite:///PATH or postgresql://...")
+    return location
+
+
 async def open_biller_store(location: str | os.PathLike[str]) -> SqlBillerStore:
     """Open the biller store at `location`, bringing its schema up to date; close it with `await store.close()`.
 
@@ -24,15 +32,11 @@ async def open_biller_store(location: str | os.PathLike[str]) -> SqlBillerStore:
 
     ValueError for any other URL scheme.
     """
-    text = os.fspath(location)
+    text = check_store_location(os.fspath(location))
     if text.startswith(POSTGRES_SCHEMES):
         from agent.stores.postgres import PostgresBillerStore  # noqa: PLC0415 - psycopg only when asked for
 
         return await PostgresBillerStore.open(text)
-    if "://" in text and not text.startswith(SQLITE_SCHEME):
-        raise ValueError(
-            f"unknown store URL scheme in {text.partition('://')[0]!r}: use a path, sqlite:/// or postgresql://"
-        )
     return await SqliteBillerStore.open(Path(text.removeprefix(SQLITE_SCHEME)))
 
 
@@ -46,5 +50,6 @@ __all__ = [
     "SqliteConsumerStore",
     "StoreConflict",
     "ThreadOutcome",
+    "check_store_location",
     "open_biller_store",
 ]

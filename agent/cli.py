@@ -24,6 +24,9 @@
                                     run scripted hostile billers against a consumer implementation
     parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
                                     run the reference consumer bot for one household profile
+    parley chaos [--kills N] [--clients C] [--seed S] [--seconds-between-kills MIN:MAX]
+                 [--state-dir DIR] [--json FILE]
+                                    SIGKILL a loaded reference biller N times; check nothing acknowledged was lost
 
 Serve options: flag > PARLEY_* environment variable > the config file's [server]
 table > default (reference_biller/settings.py, docs/OPERATIONS.md).
@@ -53,6 +56,7 @@ from rich.table import Table
 
 from agent.bench import add_bench_command
 from agent.certs import add_certs_command
+from agent.chaos import add_chaos_command
 from agent.clock import Clock, SystemClock
 from agent.conformance import add_conformance_commands
 from agent.crypto import SigningKey
@@ -460,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_consumer_commands(commands)  # parley consumer run
     add_conformance_commands(commands)  # parley conformance biller
     add_bench_command(commands)  # parley bench
+    add_chaos_command(commands)  # parley chaos
     return parser
 
 

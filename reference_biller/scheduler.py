@@ -22,8 +22,11 @@ the events that are due at `now` (EVT-2, EVT-6, EVT-7):
 What was already sent is read from the account's signed event log, never kept
 in memory: running `tick` twice at the same `now`, or after a restart, appends
 nothing twice, and a crash between two steps of the missed-instalment sequence
-is finished by the next tick. Ticks of one agent are serialized in-process; run
-the scheduler in one process per store (the reference service does).
+is finished by the next tick. Ticks of one agent are serialized in-process;
+replicas sharing one store (PostgreSQL) each run the scheduler, and an account's
+pass first takes a lease in the store (`Leases`, settled by its primary key),
+so one replica at a time reads the log and appends: the others skip the account
+until their next tick, and nothing is sent twice.
 
 Dates are UTC calendar dates of `now`. Money that reached the rail but is not
 settled yet (`rail.pending_intents`) holds off reminders and missed-instalment
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +46,7 @@ from datetime import UTC, date, datetime, timedelta
 from agent.biller import Arrangement, BillerAgent
 from agent.limits import MAX_NOTE_CHARS
 from agent.stores.base import BillerStore, BillRecord, BillStatus
+from agent.stores.biller_sql import Leases
 from agent.terms import Money, format_date, parse_date
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2
 from reference_biller.config import BillerConfig
@@ -56,6 +61,7 @@ ARRANGEMENT_BROKEN = event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN
 RENEGOTIATION_OFFERED = event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED
 
 _LOG_BATCH = 500
+PASS_LEASE = timedelta(minutes=5)  # a replica that dies mid-pass holds the account this long at most
 _locks: weakref.WeakKeyDictionary[BillerAgent, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
@@ -144,12 +150,27 @@ async def tick(
         emitted: list[envelope_pb2.Envelope] = []
         for account_id in ids:
             try:
-                emitted += await _AccountTick(
-                    agent, store=store, config=config, rail=rail, account_id=account_id, now=now
-                ).run()
+                emitted += await _leased_pass(
+                    _AccountTick(agent, store=store, config=config, rail=rail, account_id=account_id, now=now)
+                )
             except Exception:
                 logger.exception("scheduler tick failed on account %s", account_id)
         return emitted
+
+
+async def _leased_pass(account: _AccountTick) -> list[envelope_pb2.Envelope]:
+    """Run the account's pass while holding its lease; nothing if another process holds it."""
+    store = account.store
+    if not isinstance(store, Leases):  # a store only one process uses
+        return await account.run()
+    name, holder = f"scheduler:{account.account_id}", secrets.token_hex(16)
+    if not await store.claim_lease(name, holder, account.now, account.now + PASS_LEASE):
+        logger.info("scheduler: account %s is being handled by another process", account.account_id)
+        return []
+    try:
+        return await account.run()
+    finally:
+        await store.release_lease(name, holder)
 
 
 class _AccountTick:

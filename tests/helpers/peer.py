@@ -36,7 +36,7 @@ from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import PAYLOAD_TYPES, Verified, new_header, open_envelope, seal, to_timestamp
 from agent.protocol.moves import NEGOTIATION_TYPES
-from agent.stores.sqlite import SqliteBillerStore
+from agent.stores import open_biller_store
 from agent.terms import AdvertisedOptions, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
 from agent.transport.server import BillerServicer, start_biller_server
 from parley.v1 import (
@@ -336,21 +336,23 @@ async def running_biller(
     policy: Policy | None = None,
     limits: Limits = DEFAULT_LIMITS,
     servicer: Callable[[BillerAgent], BillerServicer] | None = None,
+    store: str | None = None,
 ) -> AsyncIterator[Biller]:
     """A biller agent on a real SQLite file, served over gRPC on a free loopback port.
 
     `servicer` builds the servicer from the agent (default: the real `BillerServicer`,
-    served by `start_biller_server`).
+    served by `start_biller_server`); `store` is another store for `open_biller_store`
+    (e.g. a PostgreSQL URL; `db_path` then names no file).
     """
     clock = ManualClock(START)
     key, key_set = new_party(BILLER_ID, clock)
-    store = await SqliteBillerStore.open(tmp_path / "biller.sqlite")
+    opened = await open_biller_store(tmp_path / "biller.sqlite" if store is None else store)
     test_policy = SamplePolicy()
     agent = BillerAgent(
         party_id=BILLER_ID,
         signing_key=key,
         key_sets=[key_set],
-        store=store,
+        store=opened,
         policy=policy or test_policy,
         rail=SimulatedRail(),
         clock=clock,
@@ -372,4 +374,4 @@ async def running_biller(
         finally:
             await server.stop(None)
     finally:
-        await store.close()
+        await opened.close()

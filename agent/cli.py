@@ -27,6 +27,8 @@
     parley chaos [--kills N] [--clients C] [--seed S] [--seconds-between-kills MIN:MAX]
                  [--state-dir DIR] [--json FILE]
                                     SIGKILL a loaded reference biller N times; check nothing acknowledged was lost
+    parley fuzz [--seconds N] [--seed S] [--rpc NAME] [--json FILE]
+                                    fuzz every BillerService RPC on a live biller; exit 1 on any finding
 
 Serve options: flag > PARLEY_* environment variable > the config file's [server]
 table > default (reference_biller/settings.py, docs/OPERATIONS.md).
@@ -62,6 +64,7 @@ from agent.conformance import add_conformance_commands
 from agent.crypto import SigningKey
 from agent.demo import run as run_demo
 from agent.errors import ParleyError
+from agent.fuzz import add_fuzz_command
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
 from agent.terms import format_date
@@ -465,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_conformance_commands(commands)  # parley conformance biller
     add_bench_command(commands)  # parley bench
     add_chaos_command(commands)  # parley chaos
+    add_fuzz_command(commands)  # parley fuzz
     return parser
 
 

@@ -1,0 +1,221 @@
+"""`parley fuzz` (agent/fuzz.py): the quick run over every RPC, and the oracle against billers broken on purpose.
+
+Every run serves a real biller on 127.0.0.1 over gRPC with a real SQLite file
+and shuts it down. The quick run is CI's fuzzing budget (a few hundred inputs);
+`parley fuzz --seconds N` is the long run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+
+from agent.biller import BillerAgent
+from agent.cli import main
+from agent.crypto import sign_envelope
+from agent.errors import Reason, RemoteProtocolError
+from agent.fuzz import LAYERS, RPCS, Fuzzer, FuzzInput, run_fuzz
+from agent.protocol.negotiation import Negotiation
+from agent.stores.base import ThreadRecord
+from agent.transport.status import error_from_rpc
+from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2, negotiation_pb2
+from tests.helpers.peer import running_biller
+
+# Reasons that only a properly signed body can reach: the signature, form and parse checks all passed.
+DEEP_REASONS = {
+    "UNKNOWN_CURRENCY",
+    "AMOUNT_OUT_OF_RANGE",
+    "INVALID_DATE",
+    "INVALID_TERMS",
+    "CURRENCY_MISMATCH",
+    "TOTAL_MISMATCH",
+    "SCHEDULE_SUM_MISMATCH",
+    "PAYMENT_AMOUNT_MISMATCH",
+    "ACCOUNT_ACCESS_DENIED",
+    "SEQUENCE_MISMATCH",
+    "WRONG_RECIPIENT",
+    "WRONG_SENDER",
+    "LIFETIME_TOO_LONG",
+    "UNKNOWN_FIELD",
+    "NOT_FOUND",
+}
+
+
+def test_quick_run_over_every_rpc_finds_nothing() -> None:
+    report = run_fuzz(max_inputs=300, seed=0)
+
+    assert report.inputs == 300
+    assert report.findings == [], "\n".join(f"{f.problem}: {f.input.describe()}" for f in report.findings)
+    assert set(report.tallies) == set(RPCS)
+    for rpc, tally in report.tallies.items():
+        assert tally.tried > 0, rpc
+        assert tally.tried == sum(tally.outcomes.values()) == sum(tally.layers.values())
+    layers = {layer for tally in report.tallies.values() for layer in tally.layers}
+    assert layers == set(LAYERS)
+    reasons = {label.split()[-1] for tally in report.tallies.values() for label in tally.outcomes}
+    assert len(reasons & DEEP_REASONS) >= 5, reasons
+    assert "OK" in reasons  # some mutations stay valid, and are counted apart
+
+
+def test_cli_prints_inputs_per_rpc_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report_file = tmp_path / "fuzz.json"
+
+    status = main(["fuzz", "--seconds", "2", "--seed", "5", "--rpc", "GetBill", "--json", str(report_file)])
+
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "GetBill" in printed
+    assert "no findings" in printed
+    report = json.loads(report_file.read_text())
+    assert report["seed"] == 5
+    assert list(report["rpcs"]) == ["GetBill"]
+    assert report["rpcs"]["GetBill"]["tried"] == report["inputs"] > 0
+    assert report["findings"] == []
+
+
+def test_undecodable_requests_are_malformed_envelope_not_unknown(tmp_path: Path) -> None:
+    """Regression (found by the fuzzer): gRPC's own deserializer answered UNKNOWN, with the parser's exception text."""
+
+    async def scenario() -> None:
+        async with running_biller(tmp_path) as biller, grpc.aio.insecure_channel(biller.target) as channel:
+            for rpc in RPCS:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _call_raw(channel, rpc, b"\x0a\x05abc")
+                assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, rpc
+                assert error_from_rpc(refused.value).reason is Reason.MALFORMED_ENVELOPE, rpc
+                assert "DecodeError" not in (refused.value.details() or "")
+
+    asyncio.run(scenario())
+
+
+def test_a_violation_may_record_its_evidence_and_the_fixture_is_rebuilt(tmp_path: Path) -> None:
+    """NEG-15: a well-signed in-sequence Accept of the wrong offer is stored as evidence; that is not a finding."""
+
+    async def scenario() -> Fuzzer:
+        fuzzer = Fuzzer(tmp_path, rpcs=("Negotiate",))
+        await fuzzer.start()
+        try:
+            [accept] = [t for t in fuzzer.fixture.templates["Negotiate"] if t.name == "accept"]
+            assert isinstance(accept.payload, negotiation_pb2.Accept)
+            assert accept.signer is not None
+            wrong = negotiation_pb2.Accept()
+            wrong.CopyFrom(accept.payload)
+            wrong.offer_digest = bytes(32)
+            request = accept.with_envelope(sign_envelope(accept.signer, "parley.v1.Accept", wrong.SerializeToString()))
+            await fuzzer.try_input(FuzzInput("Negotiate", "signed", "accept", ("wrong digest",), _bytes(request)))
+            return fuzzer
+        finally:
+            await fuzzer.stop()
+
+    fuzzer = asyncio.run(scenario())
+    assert fuzzer.report.tallies["Negotiate"].outcomes == {"FAILED_PRECONDITION ACCEPT_DIGEST_MISMATCH": 1}
+    assert fuzzer.report.findings == []
+    assert fuzzer.report.fixtures_built == 2  # the thread ended PROTOCOL_ERROR, so a fresh fixture was made
+
+
+# --- The oracle catches broken billers --------------------------------------------------------------------
+
+
+def get_bill_without_a_lookup_check(agent: BillerAgent) -> None:
+    """GetBill dereferences the looked-up bill before checking it exists: an unknown bill id is an INTERNAL error."""
+
+    async def get_bill(envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetBillResponse:
+        query = await agent._query(envelope, "GetBill")
+        bill = await agent._store.get_bill(query.bill_id)
+        if bill.account_id != query.account_id:  # type: ignore[union-attr]
+            raise RemoteProtocolError(Reason.NOT_FOUND, "not on the account")
+        return biller_service_pb2.GetBillResponse(bill=envelope_pb2.Envelope.FromString(bill.envelope))  # type: ignore[union-attr]
+
+    agent.get_bill = get_bill  # type: ignore[method-assign]
+
+
+def refusal_ends_the_thread(agent: BillerAgent) -> None:
+    """Reads NEG-15 wrongly: every refused move on a thread expires it, not only one past the deadline."""
+    record_refusal = agent._record_refusal
+
+    async def record(
+        negotiation: Negotiation,
+        thread: ThreadRecord | None,
+        inbound: object,
+        record: object,
+        *,
+        error: RemoteProtocolError,
+        now: object,
+    ) -> None:
+        if thread is not None:
+            await agent._store.mark_thread_expired(thread.thread_id)
+        await record_refusal(negotiation, thread, inbound, record, error=error, now=now)  # type: ignore[arg-type]
+
+    agent._record_refusal = record  # type: ignore[method-assign]
+
+
+def test_oracle_reports_an_internal_error() -> None:
+    report = run_fuzz(
+        max_inputs=300, seed=1, rpcs=("GetBill",), defect=get_bill_without_a_lookup_check, stop_on_finding=True
+    )
+
+    [finding] = report.findings
+    assert finding.problem == "INTERNAL for a client's input (ERR-2)"
+    assert finding.input.rpc == "GetBill"
+    assert finding.input.layer == "signed"
+    assert report.inputs < 300
+
+
+def test_oracle_reports_a_state_change_on_refusal() -> None:
+    report = run_fuzz(max_inputs=300, seed=2, rpcs=("Negotiate",), defect=refusal_ends_the_thread, stop_on_finding=True)
+
+    [finding] = report.findings
+    assert "but changed the store: threads +1 -1" in finding.problem
+    assert finding.input.rpc == "Negotiate"
+    assert report.inputs < 300
+
+
+def test_a_query_for_another_account_changes_nothing(tmp_path: Path) -> None:
+    """The store oracle on its own: a refused signed read leaves every table as it was (no finding, no rebuild)."""
+
+    async def scenario() -> Fuzzer:
+        fuzzer = Fuzzer(tmp_path, rpcs=("ListBills",))
+        await fuzzer.start()
+        try:
+            [template] = fuzzer.fixture.templates["ListBills"]
+            assert isinstance(template.payload, account_pb2.AccountQuery)
+            assert template.signer is not None
+            query = account_pb2.AccountQuery()
+            query.CopyFrom(template.payload)
+            query.account_id = "acct-someone-else"
+            envelope = sign_envelope(template.signer, "parley.v1.AccountQuery", query.SerializeToString())
+            request = template.with_envelope(envelope)
+            await fuzzer.try_input(FuzzInput("ListBills", "signed", "all", ("account_id",), _bytes(request)))
+            return fuzzer
+        finally:
+            await fuzzer.stop()
+
+    fuzzer = asyncio.run(scenario())
+    assert fuzzer.report.tallies["ListBills"].outcomes == {"PERMISSION_DENIED ACCOUNT_ACCESS_DENIED": 1}
+    assert fuzzer.report.findings == []
+    assert fuzzer.report.fixtures_built == 1
+
+
+def _bytes(request: Message) -> bytes:
+    return request.SerializeToString()
+
+
+async def _call_raw(channel: grpc.aio.Channel, rpc: str, request: bytes) -> None:
+    """Send request bytes as they are (WatchEvents: read the stream to its end)."""
+    path = f"/parley.v1.BillerService/{rpc}"
+    if rpc == "WatchEvents":
+        stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+            path, request_serializer=None, response_deserializer=None
+        )
+        async for _ in stream(request, timeout=5):
+            pass
+    else:
+        unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            path, request_serializer=None, response_deserializer=None
+        )
+        await unary(request, timeout=5)

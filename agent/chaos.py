@@ -243,17 +243,6 @@ class AckedAcceptance:
     accept_digest: bytes
 
 
-@dataclass(frozen=True)
-class AckedIntent:
-    """A payment intent a client was answered with signed instructions for."""
-
-    intent_id: str
-    bill_id: str
-    agreement_digest: bytes
-    instalment_index: int
-    instructions_digest: bytes
-
-
 @dataclass
 class Ledger:
     """Everything one client was acknowledged, and every refusal no crash explains."""
@@ -262,7 +251,7 @@ class Ledger:
     account_id: str = ""
     cycles: int = 0
     acceptances: list[AckedAcceptance] = field(default_factory=list)
-    intents: dict[str, AckedIntent] = field(default_factory=dict)
+    intents: dict[str, bytes] = field(default_factory=dict)  # intent id → digest of the instructions answered
     settled: set[str] = field(default_factory=set)  # intents SettlePayments settled with no kill in between
     receipts: dict[str, set[bytes]] = field(default_factory=dict)  # digests of the receipts seen, per intent
     events: dict[int, bytes] = field(default_factory=dict)  # sequence → digest of each event streamed
@@ -358,9 +347,7 @@ class LoadClient:
         )
         generation = self.biller.generation
         answer = await self._call("CreatePaymentIntent", biller_service_pb2.CreatePaymentIntentRequest(intent=intent))
-        self.ledger.intents[intent_id] = AckedIntent(
-            intent_id, issued.bill_id, acceptance.accept_digest, 0, digest(answer.instructions)
-        )
+        self.ledger.intents[intent_id] = digest(answer.instructions)
         await self._control(self.conn.settle_payments)
         if self.biller.generation == generation:  # one process took the intent and settled it
             self.ledger.settled.add(intent_id)
@@ -497,10 +484,27 @@ async def observe(target: str, ledgers: Sequence[Ledger]) -> Observed:
 
 
 @dataclass(frozen=True)
+class StoredIntent:
+    """A payment intent row: which instalment of which agreement it pays, and the instructions it was given."""
+
+    account_id: str
+    intent_id: str
+    bill_id: str
+    agreement_digest: bytes
+    instalment_index: int
+    instructions_digest: bytes
+
+    @property
+    def payment(self) -> tuple[str, str, bytes, int]:
+        """The logical payment: one instalment of one agreement on one bill of one account."""
+        return (self.account_id, self.bill_id, self.agreement_digest, self.instalment_index)
+
+
+@dataclass(frozen=True)
 class StoredPayments:
     """The biller's payment tables, read from its SQLite file after it stopped."""
 
-    intents: tuple[tuple[str, str, str, bytes, int], ...]  # account, intent, bill, agreement digest, instalment
+    intents: tuple[StoredIntent, ...]
     settlements: tuple[tuple[str, str, bytes], ...]  # account, intent, receipt digest
 
 
@@ -508,13 +512,21 @@ def _read_only(database: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)
 
 
+def _envelope_digest(serialized: bytes) -> bytes:
+    return digest(envelope_pb2.Envelope.FromString(serialized))
+
+
 def read_payments(database: Path) -> StoredPayments:
     with contextlib.closing(_read_only(database)) as db:
-        intents = db.execute(
-            "SELECT account_id, intent_id, bill_id, agreement_digest, instalment_index FROM payment_intents"
-        ).fetchall()
+        intents = [
+            StoredIntent(account, intent, bill, agreement, index, _envelope_digest(instructions))
+            for account, intent, bill, agreement, index, instructions in db.execute(
+                """SELECT account_id, intent_id, bill_id, agreement_digest, instalment_index, instructions
+                   FROM payment_intents"""
+            )
+        ]
         settlements = [
-            (account, intent, digest(envelope_pb2.Envelope.FromString(receipt)))
+            (account, intent, _envelope_digest(receipt))
             for account, intent, receipt in db.execute("SELECT account_id, intent_id, receipt FROM settlements")
         ]
     return StoredPayments(tuple(intents), tuple(settlements))
@@ -609,22 +621,27 @@ def _payment_received(events: Iterable[envelope_pb2.Envelope]) -> Counter[bytes]
 def check_payments(ledgers: Sequence[Ledger], observed: Observed, stored: StoredPayments) -> CheckResult:
     """(2) One intent, at most one payment; one logical payment, one intent; nothing acknowledged is lost."""
     problems = _Problems(
-        "double_payments", "duplicate_intents", "lost_intents", "lost_settlements", "receipt_mismatches"
+        "double_payments",
+        "duplicate_intents",
+        "lost_intents",
+        "changed_instructions",
+        "lost_settlements",
+        "receipt_mismatches",
     )
     per_intent = Counter((account, intent) for account, intent, _ in stored.settlements)
     for (account, intent), count in per_intent.items():
         if count > 1:
             problems.add("double_payments", f"intent {intent} on {account} settled {count} times", count - 1)
-    intent_payment = {(a, i): (a, b, d, n) for a, i, b, d, n in stored.intents}
-    payment_of = Counter(intent_payment.values())
+    stored_intent = {(intent.account_id, intent.intent_id): intent for intent in stored.intents}
+    payment_of = Counter(intent.payment for intent in stored.intents)
     for (account, bill, _, index), count in payment_of.items():
         if count > 1:
             problems.add(
                 "duplicate_intents", f"{count} intents for instalment {index} of {bill} on {account}", count - 1
             )
-    settled_payment = Counter(intent_payment.get((a, i)) for a, i in per_intent)
+    settled_payment = Counter(stored_intent[key].payment for key in per_intent if key in stored_intent)
     for payment, count in settled_payment.items():
-        if payment is not None and count > 1:
+        if count > 1:
             problems.add("double_payments", f"instalment {payment[3]} of {payment[1]} paid {count} times", count - 1)
     receipt_of = {(account, intent): receipt for account, intent, receipt in stored.settlements}
     announced: Counter[bytes] = Counter()
@@ -632,12 +649,14 @@ def check_payments(ledgers: Sequence[Ledger], observed: Observed, stored: Stored
         announced.update(_payment_received(log))
     unsettled = acknowledged = 0
     for ledger in ledgers:
-        for intent_id in ledger.intents:
+        for intent_id, instructions in ledger.intents.items():
             acknowledged += 1
             key = (ledger.account_id, intent_id)
-            if key not in intent_payment:
+            if key not in stored_intent:
                 problems.add("lost_intents", f"acknowledged intent {intent_id} is not stored")
                 continue
+            if stored_intent[key].instructions_digest != instructions:
+                problems.add("changed_instructions", f"intent {intent_id}: stored instructions are not those sent")
             stored_receipt = receipt_of.get(key)
             if stored_receipt is None:
                 if intent_id in ledger.settled:
@@ -982,7 +1001,6 @@ def add_chaos_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 __all__ = [
     "AckedAcceptance",
-    "AckedIntent",
     "BillerProcess",
     "ChaosError",
     "ChaosOptions",
@@ -991,6 +1009,7 @@ __all__ = [
     "Identity",
     "Ledger",
     "Observed",
+    "StoredIntent",
     "StoredPayments",
     "add_chaos_command",
     "check_acceptances",

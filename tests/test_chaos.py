@@ -69,7 +69,8 @@ def test_the_short_run_kills_the_biller_and_passes_every_check(short_run: ChaosR
 
 def _tamper(database: Path, report: ChaosReport) -> None:
     """One fault of each kind the checks look for: a paid instalment paid again under a second intent, an
-    event deleted from the middle of a log the client had streamed, an acknowledged acceptance removed."""
+    intent's instructions replaced by another's, an event deleted from the middle of a log the client had
+    streamed, an acknowledged acceptance removed."""
     settled = next(intent for ledger in report.ledgers for intent in ledger.settled)
     accept_digest = report.ledgers[0].acceptances[0].accept_digest
     account = report.ledgers[1].account_id
@@ -86,6 +87,13 @@ def _tamper(database: Path, report: ChaosReport) -> None:
                receipt FROM settlements WHERE intent_id = ?""",
             (f"{settled}-again", settled),
         )
+        changed, other = (next(iter(ledger.intents)) for ledger in report.ledgers[2:4])
+        swapped = db.execute(
+            "UPDATE payment_intents SET instructions = (SELECT instructions FROM payment_intents WHERE intent_id = ?)"
+            " WHERE intent_id = ?",
+            (other, changed),
+        )
+        assert swapped.rowcount == 1
         assert db.execute("DELETE FROM events WHERE account_id = ? AND sequence = 1", (account,)).rowcount == 1
         assert db.execute("DELETE FROM messages WHERE digest = ?", (accept_digest,)).rowcount == 1
 
@@ -102,6 +110,7 @@ def test_the_checks_fail_with_the_right_counts_on_a_tampered_store(short_run: Ch
     assert dict(checks["acceptances"].faults) == {"missing": 1, "unverifiable": 0}
     assert checks["payments"].faults["double_payments"] == 1
     assert checks["payments"].faults["duplicate_intents"] == 1
+    assert checks["payments"].faults["changed_instructions"] == 1
     assert checks["payments"].faults["lost_intents"] == 0
     assert checks["payments"].faults["lost_settlements"] == 0
     events = checks["events"].faults

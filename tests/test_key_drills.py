@@ -24,7 +24,7 @@ from agent.errors import Reason, RemoteProtocolError
 from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.agreement import Agreement, Bundle, verify_bundle
 from agent.terms import Terms
-from parley.v1 import envelope_pb2, negotiation_pb2
+from parley.v1 import account_pb2, envelope_pb2, negotiation_pb2
 from parley.v1.biller_service_pb2 import (
     CreatePaymentIntentRequest,
     GetThreadRequest,
@@ -261,14 +261,11 @@ def test_compromised_key_drill(tmp_path: Path) -> None:
         drill = alice.next_version([k2, k3], k2, biller.clock.now(), {k1.keyid: suspected}, "compromised")
         await alice.publish(biller, drill)
 
-        # The thief, from now on: messages claiming a time after revoke_time are refused — KEY_REVOKED before
-        # version 3, UNKNOWN_KEY after it (k1 is not listed); backdating below revoke_time falls out of the
-        # live window (HDR-5). Nothing the thief sends changes the store.
+        # The thief, from now on: messages claiming a time at or after revoke_time are refused — KEY_REVOKED
+        # before version 3, UNKNOWN_KEY after it (k1 is not listed). Nothing the thief sends changes the store.
         in_the_gap = thief_at(suspected + 30 * MINUTE).query(ACCOUNT)
         assert await refused_unchanged(biller, list_bills(in_the_gap)) is Reason.KEY_REVOKED
         assert await refused_unchanged(biller, list_bills(thief.query(ACCOUNT))) is Reason.UNKNOWN_KEY
-        backdated = thief_at(suspected - MINUTE).query(ACCOUNT)
-        assert await refused_unchanged(biller, list_bills(backdated)) is Reason.MESSAGE_EXPIRED
         # Its own version 3 (a takeover, had it been first) needs a signer of version 3: k1 is not one (KEY-9).
         takeover = KeyHolder(thief, alice.envelopes[:2]).next_version([SigningKey.generate()], k1, biller.clock.now())
         takeover_call = PublishKeySetRequest(key_set=takeover)
@@ -276,6 +273,18 @@ def test_compromised_key_drill(tmp_path: Path) -> None:
             await refused_unchanged(biller, lambda: biller.stub.PublishKeySet(takeover_call))
             is Reason.KEYSET_WRONG_SIGNER
         )
+
+        # The exposure left: backdated to just before revoke_time, with the longest lifetime a sender may
+        # choose, a message is live until revoke_time + that lifetime + the skew (HDR-5), and refused after.
+        limits = biller.agent.limits
+
+        def backdated() -> envelope_pb2.Envelope:
+            header = thief.header(created=suspected - MINUTE, lifetime=limits.max_message_lifetime)
+            return thief.sign(account_pb2.AccountQuery(header=header, account_id=ACCOUNT))
+
+        assert len((await biller.stub.ListBills(ListBillsRequest(query=backdated()))).bills) == 2
+        biller.clock.advance(limits.max_message_lifetime + limits.max_clock_skew)
+        assert await refused_unchanged(biller, list_bills(backdated())) is Reason.MESSAGE_EXPIRED
 
         # 3. Re-pin / notify: the identity fingerprint is unchanged, so no pin or enrolment changes; k2 works,
         #    and the biller still serves both threads for the review the notice asks for.

@@ -256,7 +256,7 @@ class Ledger:
     receipts: dict[str, set[bytes]] = field(default_factory=dict)  # digests of the receipts seen, per intent
     events: dict[int, bytes] = field(default_factory=dict)  # sequence → digest of each event streamed
     event_conflicts: int = 0  # a sequence streamed twice with two different events
-    retries: Counter[str] = field(default_factory=Counter)  # requests sent again, by cause
+    retries: Counter[str] = field(default_factory=Counter)  # calls resent (once or more), by cause
     unexpected: list[str] = field(default_factory=list)
 
 
@@ -284,8 +284,9 @@ async def until_answered(
 ) -> Any:
     """The call's answer (or a refusal for one of the `allowed` reasons), the same request sent again while
     the biller is unreachable (TRN-6) or rate-limits us (ERR-6); UnexpectedAnswer for any other refusal.
-    `retries` counts the resends by cause ("unreachable", "rate_limited")."""
+    `retries` counts the calls that had to be resent, by the first cause ("unreachable", "rate_limited")."""
     deadline = time.monotonic() + OUTAGE_LIMIT
+    resent = False
     while True:
         answer = await call()
         if not isinstance(answer, Refusal) or answer.reason in {reason.name for reason in allowed}:
@@ -295,8 +296,9 @@ async def until_answered(
             raise UnexpectedAnswer(f"{answer.rpc}: {answer.describe()}")
         if time.monotonic() > deadline:
             raise ChaosError(f"the biller kept refusing for {OUTAGE_LIMIT:g} s: {answer.describe()}")
-        if retries is not None:
+        if retries is not None and not resent:
             retries["rate_limited" if rate_limited else "unreachable"] += 1
+        resent = True
         await asyncio.sleep(RATE_LIMIT_PAUSE if rate_limited else RETRY_PAUSE)
 
 

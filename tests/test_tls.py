@@ -18,6 +18,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.certs import (
     CA_FILE,
@@ -83,12 +85,25 @@ def client_tls(ca: DevCA, certificate: LeafCert | None = None) -> ClientTls:
 
 async def refused_handshake(biller: Biller, call: Awaitable[object]) -> None:
     """`call` fails as a transport failure (UNAVAILABLE, no Parley reason) and the store is untouched."""
-    before = dump(biller.db_path)
+    before, handled = dump(biller.db_path), calls_handled(biller)
     with pytest.raises(RpcError) as failure:
         await call
     assert failure.value.code is grpc.StatusCode.UNAVAILABLE
     assert (failure.value.reason, failure.value.wire_reason) == (Reason.INTERNAL_ERROR, "")
     assert dump(biller.db_path) == before
+    assert calls_handled(biller) == handled  # the server's interceptor never saw a call
+
+
+def calls_handled(biller: Biller) -> float:
+    """Every call the biller's servers finished, whatever its method and status (parley_grpc_server_handled)."""
+    families = biller.agent.metrics.registry.collect()
+    return sum(
+        sample.value
+        for family in families
+        if family.name == "parley_grpc_server_handled"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
 
 
 async def enrolment(biller: Biller, consumer: Consumer, account_id: str) -> envelope_pb2.Envelope:
@@ -115,6 +130,7 @@ def test_a_consumer_trusting_the_issuing_ca_is_served_and_one_trusting_another_c
                 assert (await trusting.hello()).biller_party_id == BILLER_ID
                 answer = await trusting.enrol(request)
                 assert answer.biller_key_sets  # the enrolment went through, over TLS
+                assert calls_handled(biller) == 2  # Hello and Enrol: all the biller ever saw
         account = await biller.agent.account(ACCOUNT)
         assert account is not None
         assert account.consumer_party_id == alice.party_id
@@ -202,6 +218,19 @@ def test_parley_certs_writes_files_for_a_mutual_tls_handshake_with_private_keys(
     assert parley_main(["certs", "--out", str(tmp_path / "bad"), "--client", "../../etc/x"]) == 2
     assert "client name" in capsys.readouterr().out
     assert not (tmp_path / "bad").exists()
+    assert parley_main(["certs", "--out", str(tmp_path / "bad"), "--ip", "not-an-address"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+    server_cert = x509.load_pem_x509_certificate(contents[SERVER_CHAIN_FILE])  # the leaf comes first in the chain
+    names = server_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]  # the defaults without --host and --ip
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for name, usage in (
+        (SERVER_CHAIN_FILE, ExtendedKeyUsageOID.SERVER_AUTH),
+        ("client-alice.pem", ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
+        leaf = x509.load_pem_x509_certificate(contents[name])
+        assert list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
 
     def read(name: str) -> bytes:
         return contents[name]

@@ -712,12 +712,18 @@ class BillerAgent:
         self.rate_limiter.admit_signer(signature.keyid, now)
         keyids = tuple(entry.key.keyid for entry in extended.latest.keys)
         await self._check_keyids_free(keyids, party_id)
-        await self._store.append_key_set(
-            KeySetRecord(party_id, extended.latest.version, envelope.SerializeToString(), keyids)
-        )
+        response = biller_service_pb2.PublishKeySetResponse(version=extended.latest.version)
+        try:
+            await self._store.append_key_set(
+                KeySetRecord(party_id, extended.latest.version, envelope.SerializeToString(), keyids)
+            )
+        except StoreConflict:  # HDR-12: a copy of this version, published at the same time, was stored first
+            if digest(envelope) != (await self._consumer_chain(party_id)).latest.digest:
+                raise
+            return response
         self._chains[party_id] = extended
         log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)
-        return biller_service_pb2.PublishKeySetResponse(version=extended.latest.version)
+        return response
 
     async def enrol(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.EnrolResponse:
         """Bind the consumer's key set to an account with a one-time code, in the order of ENR-1."""
@@ -753,52 +759,50 @@ class BillerAgent:
         answer = await self._replayed(inbound)
         if answer is not None:
             return biller_service_pb2.EnrolResponse.FromString(answer)
-        check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
-        # (7) The code checks, and (8) the party id.
-        code_hash = await self._check_code(request.account_id, request.code, now)
-        if party_id == self.party_id or (stored and digest(_envelope(stored[0])) != carried.fingerprint):
-            raise RemoteProtocolError(Reason.PARTY_ID_TAKEN, f"party id {party_id!r} is taken")
-
-        confirmation = enrolment_pb2.EnrolmentConfirmation(
-            header=self._header(party_id, inbound.header.thread_id, 1, verified.digest, now),
-            account_id=request.account_id,
-            consumer_party_id=party_id,
-        )
-        response = biller_service_pb2.EnrolResponse(
-            confirmation=seal(confirmation, self._key), biller_key_sets=self.key_chain.envelopes
-        )
-        key_set = KeySetRecord(
-            party_id,
-            1,
-            unverified.consumer_key_set.SerializeToString(),
-            tuple(e.key.keyid for e in carried.latest.keys),
-        )
-        enrolment = Enrolment(
-            request.account_id,
-            code_hash,
-            party_id,
-            carried.fingerprint,
-            key_set,
-            now,
-            self._replay_record(inbound, answer=response.SerializeToString()),
-        )
         try:
+            check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
+            # (7) The code checks, and (8) the party id.
+            code_hash = await self._check_code(request.account_id, request.code, now)
+            if party_id == self.party_id or (stored and digest(_envelope(stored[0])) != carried.fingerprint):
+                raise RemoteProtocolError(Reason.PARTY_ID_TAKEN, f"party id {party_id!r} is taken")
+
+            confirmation = enrolment_pb2.EnrolmentConfirmation(
+                header=self._header(party_id, inbound.header.thread_id, 1, verified.digest, now),
+                account_id=request.account_id,
+                consumer_party_id=party_id,
+            )
+            response = biller_service_pb2.EnrolResponse(
+                confirmation=seal(confirmation, self._key), biller_key_sets=self.key_chain.envelopes
+            )
+            key_set = KeySetRecord(
+                party_id,
+                1,
+                unverified.consumer_key_set.SerializeToString(),
+                tuple(e.key.keyid for e in carried.latest.keys),
+            )
+            enrolment = Enrolment(
+                request.account_id,
+                code_hash,
+                party_id,
+                carried.fingerprint,
+                key_set,
+                now,
+                self._replay_record(inbound, answer=response.SerializeToString()),
+            )
             await self._store.enrol(enrolment)
-        except StoreConflict:
-            answer = await self._replayed(inbound)  # HDR-12: a concurrent copy of this request won
-            if answer is None:
-                raise
-            return biller_service_pb2.EnrolResponse.FromString(answer)
-        self.metrics.enrolments.inc()
-        log_step(
-            logger,
-            "enrolled",
-            account=request.account_id,
-            party=party_id,
-            thread_id=inbound.header.thread_id,
-            message_id=inbound.header.message_id,
-        )
-        return response
+            self.metrics.enrolments.inc()
+            log_step(
+                logger,
+                "enrolled",
+                account=request.account_id,
+                party=party_id,
+                thread_id=inbound.header.thread_id,
+                message_id=inbound.header.message_id,
+            )
+            return response
+        except RemoteProtocolError as error:
+            answer = await self._answer_of_copy(inbound, error)
+        return biller_service_pb2.EnrolResponse.FromString(answer)
 
     async def list_bills(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.ListBillsResponse:
         """The account's signed bills, oldest first."""
@@ -839,83 +843,80 @@ class BillerAgent:
         answer = await self._replayed(inbound)  # NEG-18: the original reply (or error) to a retry
         if answer is not None:
             return await self._negotiate_retry(answer, thread_id)
-
-        now = self.clock.now()
-        message = thread_message(inbound.verified, Role.CONSUMER)
-        disclosed = self._check_disclosure(inbound.message, disclosure)
-        if thread is None:
-            hardship = disclosed is not None and disclosed.circumstances.hardship
-            negotiation = Negotiation(
-                bill=_bill_facts(bill),
-                bill_digest=bill.digest,
-                role=Role.BILLER,
-                limits=self.limits,
-                hardship_disclosed=hardship,
-            )
-        else:
-            negotiation = self._replay_thread(thread, bill)
-            if thread.disclosure is not None:
-                disclosed = negotiation_pb2.Disclosure.FromString(thread.disclosure)
-        records = [self._message_record(inbound.verified, inbound.sender, now)]
         try:
-            negotiation.receive(message, now)
-        except RemoteProtocolError as error:
-            await self._record_refusal(negotiation, thread, inbound, records[0], error=error, now=now)
-            raise
-        new_thread = None
-        if isinstance(message.move, Open):
-            await self._check_can_open(bill, now)
-            new_thread = NewThread(
-                consumer_party_id=inbound.sender,
-                deadline=message.move.deadline,
-                disclosure=disclosure if disclosed is not None else None,
-                hardship_disclosed=negotiation.hardship_disclosed,
-                max_open_threads=self.limits.max_open_threads_per_account,
-            )
-        reply = None
-        if negotiation.state is State.BILLER_TO_MOVE:
-            circumstances = disclosed.circumstances if disclosed is not None else None
-            reply = self._answer(negotiation, bill, inbound.sender, thread_id, circumstances=circumstances, now=now)
-            records.append(self._message_record(reply, self.party_id, now))
-
-        response = biller_service_pb2.NegotiateResponse(
-            reply=reply.envelope if reply is not None else None, outcome=negotiation.state.outcome
-        )
-        step = NegotiationStep(
-            account_id=bill.account_id,
-            bill_id=bill.bill_id,
-            thread_id=thread_id,
-            messages=tuple(records),
-            outcome=_thread_outcome(negotiation.state),
-            now=now,
-            replay=self._replay_record(inbound, answer=response.SerializeToString()),
-            new_thread=new_thread,
-            agreement=self._agreement_facts(negotiation),
-            events=self._agreement_events(negotiation, bill, inbound.sender, thread_id, now),
-        )
-        try:
-            self._wakeups.notify(await self._store.record_negotiation_step(step))
-        except StoreConflict:
-            answer = await self._replayed(inbound)  # HDR-12: a concurrent copy of this move won
-            if answer is None:
+            now = self.clock.now()
+            message = thread_message(inbound.verified, Role.CONSUMER)
+            disclosed = self._check_disclosure(inbound.message, disclosure)
+            if thread is None:
+                hardship = disclosed is not None and disclosed.circumstances.hardship
+                negotiation = Negotiation(
+                    bill=_bill_facts(bill),
+                    bill_digest=bill.digest,
+                    role=Role.BILLER,
+                    limits=self.limits,
+                    hardship_disclosed=hardship,
+                )
+            else:
+                negotiation = self._replay_thread(thread, bill)
+                if thread.disclosure is not None:
+                    disclosed = negotiation_pb2.Disclosure.FromString(thread.disclosure)
+            records = [self._message_record(inbound.verified, inbound.sender, now)]
+            try:
+                negotiation.receive(message, now)
+            except RemoteProtocolError as error:
+                await self._record_refusal(negotiation, thread, inbound, records[0], error=error, now=now)
                 raise
-            return await self._negotiate_retry(answer, thread_id)
-        if new_thread is not None:
-            self.metrics.negotiations_opened.inc()
-        self._count_outcome(negotiation)
-        log_step(
-            logger,
-            "negotiate",
-            account=bill.account_id,
-            bill=bill.bill_id,
-            thread_id=thread_id,
-            message_id=inbound.header.message_id,
-            seq=inbound.header.sequence,
-            move=type(message.move).__name__,
-            reply=type(negotiation.history[-1].move).__name__ if reply is not None else None,
-            outcome=negotiation.state.value,
-        )
-        return response
+            new_thread = None
+            if isinstance(message.move, Open):
+                await self._check_can_open(bill, now)
+                new_thread = NewThread(
+                    consumer_party_id=inbound.sender,
+                    deadline=message.move.deadline,
+                    disclosure=disclosure if disclosed is not None else None,
+                    hardship_disclosed=negotiation.hardship_disclosed,
+                    max_open_threads=self.limits.max_open_threads_per_account,
+                )
+            reply = None
+            if negotiation.state is State.BILLER_TO_MOVE:
+                circumstances = disclosed.circumstances if disclosed is not None else None
+                reply = self._answer(negotiation, bill, inbound.sender, thread_id, circumstances=circumstances, now=now)
+                records.append(self._message_record(reply, self.party_id, now))
+
+            response = biller_service_pb2.NegotiateResponse(
+                reply=reply.envelope if reply is not None else None, outcome=negotiation.state.outcome
+            )
+            step = NegotiationStep(
+                account_id=bill.account_id,
+                bill_id=bill.bill_id,
+                thread_id=thread_id,
+                messages=tuple(records),
+                outcome=_thread_outcome(negotiation.state),
+                now=now,
+                replay=self._replay_record(inbound, answer=response.SerializeToString()),
+                new_thread=new_thread,
+                agreement=self._agreement_facts(negotiation),
+                events=self._agreement_events(negotiation, bill, inbound.sender, thread_id, now),
+            )
+            self._wakeups.notify(await self._store.record_negotiation_step(step))
+            if new_thread is not None:
+                self.metrics.negotiations_opened.inc()
+            self._count_outcome(negotiation)
+            log_step(
+                logger,
+                "negotiate",
+                account=bill.account_id,
+                bill=bill.bill_id,
+                thread_id=thread_id,
+                message_id=inbound.header.message_id,
+                seq=inbound.header.sequence,
+                move=type(message.move).__name__,
+                reply=type(negotiation.history[-1].move).__name__ if reply is not None else None,
+                outcome=negotiation.state.value,
+            )
+            return response
+        except RemoteProtocolError as error:
+            answer = await self._answer_of_copy(inbound, error)
+        return await self._negotiate_retry(answer, thread_id)
 
     async def create_payment_intent(
         self, envelope: envelope_pb2.Envelope
@@ -932,69 +933,70 @@ class BillerAgent:
         answer = await self._replayed(inbound)
         if answer is not None:
             return biller_service_pb2.CreatePaymentIntentResponse.FromString(answer)
-        check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
-        content_hash = self._intent_content_hash(intent)
-        existing = await self._store.get_payment_intent(intent.account_id, intent.intent_id)
-        if existing is not None:
-            return await self._same_intent(inbound, existing, content_hash)
-
-        amount = self._money(intent.amount, "amount") if intent.HasField("amount") else None
-        owed, due = await self._amount_owed(intent, bill)
-        if amount != owed:
-            raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, f"the amount owed is {owed}")
-        details = self._rail.instructions(intent.account_id, intent.intent_id, owed)
-        if not details.payment_reference:
-            raise ValueError("the payment rail gave an empty payment reference (PAY-4)")
-        now = self.clock.now()
-        instructions = payment_pb2.PaymentInstructions(
-            header=self._header(inbound.sender, inbound.header.thread_id, 1, inbound.verified.digest, now),
-            intent_id=intent.intent_id,
-            amount=owed.to_proto(),
-            rail=details.rail,
-            payee_name=details.payee_name,
-            payee_account=details.payee_account,
-            payment_reference=details.payment_reference,
-            pay_by_time=to_timestamp(max(_end_of(due), now + timedelta(days=1))),
-        )
-        response = biller_service_pb2.CreatePaymentIntentResponse(instructions=seal(instructions, self._key))
-        record = PaymentIntentRecord(
-            account_id=intent.account_id,
-            intent_id=intent.intent_id,
-            content_hash=content_hash,
-            bill_id=intent.bill_id,
-            agreement_digest=intent.agreement_digest,
-            instalment_index=intent.instalment_index,
-            amount_minor=owed.minor,
-            currency=owed.currency.code,
-            payment_reference=details.payment_reference,
-            intent=envelope.SerializeToString(),
-            instructions=response.instructions.SerializeToString(),
-            created_at=now,
-        )
         try:
-            await self._store.insert_payment_intent(
-                record, self._replay_record(inbound, answer=response.SerializeToString())
-            )
-        except StoreConflict:
-            answer = await self._replayed(inbound)
-            if answer is not None:
-                return biller_service_pb2.CreatePaymentIntentResponse.FromString(answer)
+            check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
+            content_hash = self._intent_content_hash(intent)
             existing = await self._store.get_payment_intent(intent.account_id, intent.intent_id)
-            if existing is None:
-                raise
-            return await self._same_intent(inbound, existing, content_hash)
-        self.metrics.payment_intents.inc()
-        log_step(
-            logger,
-            "payment-intent",
-            account=intent.account_id,
-            bill=intent.bill_id,
-            intent=intent.intent_id,
-            amount=owed,
-            thread_id=inbound.header.thread_id,
-            message_id=inbound.header.message_id,
-        )
-        return response
+            if existing is not None:
+                return await self._same_intent(inbound, existing, content_hash)
+
+            amount = self._money(intent.amount, "amount") if intent.HasField("amount") else None
+            owed, due = await self._amount_owed(intent, bill)
+            if amount != owed:
+                raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, f"the amount owed is {owed}")
+            details = self._rail.instructions(intent.account_id, intent.intent_id, owed)
+            if not details.payment_reference:
+                raise ValueError("the payment rail gave an empty payment reference (PAY-4)")
+            now = self.clock.now()
+            instructions = payment_pb2.PaymentInstructions(
+                header=self._header(inbound.sender, inbound.header.thread_id, 1, inbound.verified.digest, now),
+                intent_id=intent.intent_id,
+                amount=owed.to_proto(),
+                rail=details.rail,
+                payee_name=details.payee_name,
+                payee_account=details.payee_account,
+                payment_reference=details.payment_reference,
+                pay_by_time=to_timestamp(max(_end_of(due), now + timedelta(days=1))),
+            )
+            response = biller_service_pb2.CreatePaymentIntentResponse(instructions=seal(instructions, self._key))
+            record = PaymentIntentRecord(
+                account_id=intent.account_id,
+                intent_id=intent.intent_id,
+                content_hash=content_hash,
+                bill_id=intent.bill_id,
+                agreement_digest=intent.agreement_digest,
+                instalment_index=intent.instalment_index,
+                amount_minor=owed.minor,
+                currency=owed.currency.code,
+                payment_reference=details.payment_reference,
+                intent=envelope.SerializeToString(),
+                instructions=response.instructions.SerializeToString(),
+                created_at=now,
+            )
+            try:
+                await self._store.insert_payment_intent(
+                    record, self._replay_record(inbound, answer=response.SerializeToString())
+                )
+            except StoreConflict:  # PAY-2: another message with this intent id was applied meanwhile
+                existing = await self._store.get_payment_intent(intent.account_id, intent.intent_id)
+                if existing is None:
+                    raise
+                return await self._same_intent(inbound, existing, content_hash)
+            self.metrics.payment_intents.inc()
+            log_step(
+                logger,
+                "payment-intent",
+                account=intent.account_id,
+                bill=intent.bill_id,
+                intent=intent.intent_id,
+                amount=owed,
+                thread_id=inbound.header.thread_id,
+                message_id=inbound.header.message_id,
+            )
+            return response
+        except RemoteProtocolError as error:
+            answer = await self._answer_of_copy(inbound, error)
+        return biller_service_pb2.CreatePaymentIntentResponse.FromString(answer)
 
     async def get_receipt(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetReceiptResponse:
         """The signed receipt of a settled intent (PAY-5)."""
@@ -1030,30 +1032,34 @@ class BillerAgent:
         answer = await self._replayed(inbound)
         if answer is not None:
             return biller_service_pb2.RequestErasureResponse.FromString(answer)
-        check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
-        now = self.clock.now()
-        responses: list[biller_service_pb2.RequestErasureResponse] = []
+        try:
+            check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
+            now = self.clock.now()
+            responses: list[biller_service_pb2.RequestErasureResponse] = []
 
-        def confirm(count: int) -> ReplayRecord:
-            confirmation = account_pb2.ErasureConfirmation(
-                header=self._header(inbound.sender, inbound.header.thread_id, 1, inbound.verified.digest, now),
-                account_id=account_id,
-                erased_count=count,
+            def confirm(count: int) -> ReplayRecord:
+                confirmation = account_pb2.ErasureConfirmation(
+                    header=self._header(inbound.sender, inbound.header.thread_id, 1, inbound.verified.digest, now),
+                    account_id=account_id,
+                    erased_count=count,
+                )
+                response = biller_service_pb2.RequestErasureResponse(confirmation=seal(confirmation, self._key))
+                responses.append(response)
+                return self._replay_record(inbound, answer=response.SerializeToString())
+
+            count = await self._store.erase_disclosures(account_id, confirm)
+            log_step(
+                logger,
+                "erasure",
+                account=account_id,
+                erased=count,
+                thread_id=inbound.header.thread_id,
+                message_id=inbound.header.message_id,
             )
-            response = biller_service_pb2.RequestErasureResponse(confirmation=seal(confirmation, self._key))
-            responses.append(response)
-            return self._replay_record(inbound, answer=response.SerializeToString())
-
-        count = await self._store.erase_disclosures(account_id, confirm)
-        log_step(
-            logger,
-            "erasure",
-            account=account_id,
-            erased=count,
-            thread_id=inbound.header.thread_id,
-            message_id=inbound.header.message_id,
-        )
-        return responses[-1]
+            return responses[-1]
+        except RemoteProtocolError as error:
+            answer = await self._answer_of_copy(inbound, error)
+        return biller_service_pb2.RequestErasureResponse.FromString(answer)
 
     # === The receive path ============================================================================
 
@@ -1130,6 +1136,18 @@ class BillerAgent:
         if entry.error_reason is not None:
             raise RemoteProtocolError(Reason[entry.error_reason], entry.error_detail)
         return entry.answer
+
+    async def _answer_of_copy(self, inbound: _Inbound[M], error: RemoteProtocolError) -> bytes:
+        """HDR-12 under concurrency: `error` ended a request after its replay check found nothing.
+
+        When a copy of the same message, received at the same time (a retry on another connection, or
+        at another replica), was applied meanwhile, its effect is what this request ran into: the copy's
+        stored answer (or error) is this request's answer too. Otherwise `error` stands.
+        """
+        answer = await self._replayed(inbound)
+        if answer is None:
+            raise error
+        return answer
 
     def _replay_record(
         self, inbound: _Inbound[M], *, answer: bytes | None = None, error: RemoteProtocolError | None = None

@@ -17,13 +17,14 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import wrappers_pb2
 
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
@@ -33,7 +34,7 @@ from agent.limits import DEFAULT_LIMITS, PEER_RATE_LIMIT_FACTOR, Limits
 from agent.ratelimit import RateLimiter, TokenBuckets, peer_address
 from agent.stores.sqlite import SqliteBillerStore
 from agent.transport.server import start_biller_server
-from agent.transport.status import RpcError, error_from_rpc
+from agent.transport.status import error_from_rpc
 from parley.v1 import account_pb2, biller_service_pb2_grpc, envelope_pb2, negotiation_pb2, payment_pb2
 from parley.v1.biller_service_pb2 import (
     CreatePaymentIntentRequest,
@@ -55,33 +56,12 @@ from tests.helpers.peer import (
     counter_terms,
     new_party,
     outside_options,
-    running_biller,
 )
+from tests.test_biller_grpc import reason, refused, run
 
 ACCOUNT, OTHER = "acct-1001", "acct-2002"
 SECOND = timedelta(seconds=1)
 MICROSECOND = timedelta(microseconds=1)
-
-
-def run(tmp_path: Path, scenario: Callable[[Biller], Awaitable[None]], **options: object) -> None:
-    async def main() -> None:
-        async with running_biller(tmp_path, **options) as biller:  # type: ignore[arg-type]
-            await scenario(biller)
-
-    asyncio.run(main())
-
-
-async def refused(call: Awaitable[object]) -> RpcError:
-    """The Parley error a call fails with; its gRPC code is the one the reason table gives."""
-    with pytest.raises(grpc.aio.AioRpcError) as failure:
-        await call
-    error = error_from_rpc(failure.value)
-    assert failure.value.code() is grpc.StatusCode[error.reason.grpc_code]
-    return error
-
-
-async def reason(call: Awaitable[object]) -> Reason:
-    return (await refused(call)).reason
 
 
 def changed(before: Dump, after: Dump) -> set[str]:
@@ -109,16 +89,8 @@ def _signed_query(consumer: Consumer, **header: object) -> envelope_pb2.Envelope
 # --- Envelope size: Parley's limit and gRPC's agree (LIM-1, TRN-8) ---------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-_PADDING_KEY = _varint(1000 << 3 | 2)  # field 1000, length-delimited: not an Envelope field, so ignored (ENV-7)
+# The key of field 1000, length-delimited (1000 << 3 | 2 as a varint): not an Envelope field, so ignored (ENV-7).
+_PADDING_KEY = b"\xc2\x3e"
 
 
 def padded(envelope: envelope_pb2.Envelope, size: int) -> envelope_pb2.Envelope:
@@ -127,23 +99,23 @@ def padded(envelope: envelope_pb2.Envelope, size: int) -> envelope_pb2.Envelope:
     The unsigned Envelope's unknown fields are ignored but kept and counted, so the
     signature still verifies and only the size changes.
     """
-    base = envelope.SerializeToString()
-    length = size - len(base) - len(_PADDING_KEY) - 1
-    while len(base) + len(_PADDING_KEY) + len(_varint(length)) + length > size:
-        length -= 1
-    result = envelope_pb2.Envelope.FromString(base + _PADDING_KEY + _varint(length) + b"\0" * length)
-    assert result.ByteSize() == size
-    return result
+    base = envelope.SerializeToString() + _PADDING_KEY
+    for length in range(size - len(base), -1, -1):
+        # A BytesValue's encoding less its one-byte key is the length (a varint) and the bytes.
+        value = wrappers_pb2.BytesValue(value=bytes(length)).SerializeToString()[1:]
+        if len(base) + len(value) == size:
+            return envelope_pb2.Envelope.FromString(base + value)
+    raise AssertionError(f"no padding makes {size} bytes")
 
 
 def list_bills_request_of_size(consumer: Consumer, size: int) -> ListBillsRequest:
     """A ListBillsRequest (one field: the envelope) whose encoding is exactly `size` bytes."""
-    envelope_size = size - 1 - len(_varint(size))
-    while 1 + len(_varint(envelope_size)) + envelope_size < size:
-        envelope_size += 1
-    request = ListBillsRequest(query=padded(_signed_query(consumer), envelope_size))
-    assert request.ByteSize() == size
-    return request
+    query = _signed_query(consumer)
+    for envelope_size in range(size, 0, -1):
+        request = ListBillsRequest(query=padded(query, envelope_size))
+        if request.ByteSize() == size:
+            return request
+    raise AssertionError(f"no request of {size} bytes")
 
 
 def test_envelope_size_limit_and_the_grpc_receive_limit_agree(tmp_path: Path) -> None:

@@ -611,30 +611,34 @@ class SqlBillerStore(abc.ABC):
 
     async def insert_payment_intent(self, intent: PaymentIntentRecord, replay: ReplayRecord) -> None:
         def insert(db: Db) -> None:
-            try:
-                db.execute(
-                    f"INSERT INTO payment_intents ({self._INTENT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
-                    (
-                        intent.account_id,
-                        intent.intent_id,
-                        intent.content_hash,
-                        intent.bill_id,
-                        intent.agreement_digest,
-                        intent.instalment_index,
-                        intent.amount_minor,
-                        intent.currency,
-                        intent.payment_reference,
-                        intent.intent,
-                        intent.instructions,
-                        ts(intent.created_at),
-                    ),
-                )
-            except IntegrityViolation as error:
-                if error.constraint == unique_key("payment_intents", "payment_reference"):
-                    raise ValueError(f"payment reference {intent.payment_reference!r} is not unique") from error
-                raise StoreConflict(
-                    Reason.IDEMPOTENCY_CONFLICT, f"intent {intent.intent_id!r} was created meanwhile"
-                ) from error
+            # Checked before inserting, so the answer never depends on which UNIQUE index a database checks
+            # first; an insert that still collides raced a concurrent writer, and the back end reruns it.
+            holders = db.execute(
+                """SELECT account_id, intent_id FROM payment_intents
+                   WHERE (account_id = ? AND intent_id = ?) OR payment_reference = ?""",
+                (intent.account_id, intent.intent_id, intent.payment_reference),
+            ).fetchall()
+            if (intent.account_id, intent.intent_id) in [tuple(holder) for holder in holders]:
+                raise StoreConflict(Reason.IDEMPOTENCY_CONFLICT, f"intent {intent.intent_id!r} was created meanwhile")
+            if holders:
+                raise ValueError(f"payment reference {intent.payment_reference!r} is not unique")
+            db.execute(
+                f"INSERT INTO payment_intents ({self._INTENT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
+                (
+                    intent.account_id,
+                    intent.intent_id,
+                    intent.content_hash,
+                    intent.bill_id,
+                    intent.agreement_digest,
+                    intent.instalment_index,
+                    intent.amount_minor,
+                    intent.currency,
+                    intent.payment_reference,
+                    intent.intent,
+                    intent.instructions,
+                    ts(intent.created_at),
+                ),
+            )
             _insert_replay(db, replay)
 
         await self._in_write(insert)

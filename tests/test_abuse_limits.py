@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from datetime import UTC, timedelta
@@ -61,6 +62,7 @@ from tests.test_biller_grpc import reason, refused, run
 
 ACCOUNT, OTHER = "acct-1001", "acct-2002"
 SECOND = timedelta(seconds=1)
+SMALL_RATE = Limits(rate_limit_per_second=1, rate_limit_burst=2)  # so few requests cross the limits
 MICROSECOND = timedelta(microseconds=1)
 
 
@@ -216,6 +218,29 @@ def test_rate_per_key_refuses_after_the_burst_and_recovers_as_the_clock_moves(tm
     run(tmp_path, scenario)
 
 
+def test_rate_limited_requests_are_counted_but_not_logged_one_by_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(biller: Biller) -> None:
+        alice = await biller.enrolled(ACCOUNT, "consumer:alice")
+        for _ in range(SMALL_RATE.rate_limit_burst - 1):  # the enrolment took the first token
+            await list_bills(biller, alice)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="parley.transport"):
+            for _ in range(5):
+                assert await reason(list_bills(biller, alice)) is Reason.RATE_LIMITED
+            forged = _signed_query(alice)
+            forged.signatures[0].sig = bytes(64)
+            assert await reason(biller.stub.ListBills(ListBillsRequest(query=forged))) is Reason.BAD_SIGNATURE
+        refusals = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused")]
+        assert len(refusals) == 1
+        assert "BAD_SIGNATURE" in refusals[0]
+        metrics = biller.agent.metrics
+        assert metrics.sample("parley_verification_failures_total", reason="RATE_LIMITED") == 5
+
+    run(tmp_path, scenario, limits=SMALL_RATE)
+
+
 @asynccontextmanager
 async def second_listener(biller: Biller) -> AsyncIterator[biller_service_pb2_grpc.BillerServiceAsyncStub]:
     """The same agent also served on [::1], so calls come from a second peer address."""
@@ -225,9 +250,6 @@ async def second_listener(biller: Biller) -> AsyncIterator[biller_service_pb2_gr
             yield biller_service_pb2_grpc.BillerServiceStub(channel)
     finally:
         await server.stop(None)
-
-
-SMALL_RATE = Limits(rate_limit_per_second=1, rate_limit_burst=2)
 
 
 def test_forged_requests_exhaust_their_peer_address_never_the_named_key(tmp_path: Path) -> None:

@@ -100,6 +100,8 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
             if peer is not None:
                 limiter.refused(peer, now)
             self._agent.metrics.verification_failures.labels(error.reason.name).inc()
+            if error.reason is Reason.RATE_LIMITED:
+                raise  # counted, not logged one by one: a flood of them must not flood the log
             thread_id, message_id = request_ids()
             log_step(
                 logger,

@@ -43,6 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.console import Console
 
 DEFAULT_VALIDITY = timedelta(days=30)
+MAX_VALIDITY_DAYS = 825  # `parley certs --days`: the longest life browsers ever accepted for a TLS leaf
 CA_FILE, SERVER_CHAIN_FILE, SERVER_KEY_FILE = "ca.pem", "server.pem", "server.key"
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # becomes part of a file name: no paths
 _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between the parties
@@ -256,9 +257,9 @@ def _certs(args: argparse.Namespace, out: Console) -> int:
         written = write_dev_certs(
             Path(args.out), hostnames=hostnames, ips=ips, clients=args.client, valid_for=timedelta(days=args.days)
         )
-    except (FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:  # FileExistsError above all: nothing is ever overwritten
         out.print(str(error), style="red", markup=False, highlight=False, soft_wrap=True)
-        return 2
+        return 2  # unusable input, as for every parley command
     for path in written:
         private = " (private key, mode 0600)" if path.suffix == ".key" else ""
         out.print(f"wrote {path}{private}", markup=False, highlight=False, soft_wrap=True)
@@ -278,8 +279,8 @@ def _certs(args: argparse.Namespace, out: Console) -> int:
 
 def _days(text: str) -> int:
     days = int(text)
-    if not 1 <= days <= 825:  # the longest life browsers ever accepted for a TLS leaf
-        raise argparse.ArgumentTypeError(f"expected 1 to 825 days, got {text}")
+    if not 1 <= days <= MAX_VALIDITY_DAYS:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_VALIDITY_DAYS} days, got {text}")
     return days
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from agent.crypto import digest
 from agent.errors import Reason
+from agent.protocol.agreement import Bundle, verify_bundle
 from agent.stores import open_biller_store
 from agent.stores.base import (
     AlreadyExists,
@@ -44,8 +45,18 @@ from agent.stores.base import (
 from agent.stores.biller_sql import SqlBillerStore
 from agent.stores.postgres import PostgresBillerStore
 from agent.stores.sqlite import MIGRATIONS, SqliteBillerStore
-from parley.v1 import envelope_pb2
+from agent.terms import Terms
+from parley.v1 import envelope_pb2, event_pb2, negotiation_pb2
+from parley.v1.biller_service_pb2 import (
+    CreatePaymentIntentRequest,
+    GetReceiptRequest,
+    NegotiateRequest,
+    WatchEventsRequest,
+)
+from tests import fixtures
+from tests.fixtures import eur
 from tests.helpers.db import Dump, dump
+from tests.helpers.peer import BILLER_ID, counter_terms, outside_options, running_biller
 
 NOW = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
 ACCOUNT, PARTY, BILL = "acct-1", "consumer:alice", "bill-1"
@@ -515,3 +526,53 @@ def test_racing_lease_claims_have_one_winner(backend: Backend) -> None:
     for _ in range(3):
         asyncio.run(on_several_stores(backend.location, 4, racing))
         backend.execute("DELETE FROM leases")
+
+
+# --- the agent over gRPC on PostgreSQL -------------------------------------------------------------
+
+
+def test_negotiate_agree_pay_and_watch_over_grpc_on_postgres(tmp_path: Path, postgres_dsn: str) -> None:
+    async def scenario() -> None:
+        async with running_biller(tmp_path, store=postgres_dsn) as biller:
+            alice = await biller.enrolled("acct-1001", "consumer:alice")
+            bill = await biller.bill("acct-1001")
+            opening = alice.open(bill, outside_options())
+            countered = await biller.stub.Negotiate(NegotiateRequest(move=opening))
+            assert countered.outcome == negotiation_pb2.NEGOTIATION_OUTCOME_OPEN
+            thread = [opening, countered.reply]
+            accept = alice.next(thread, negotiation_pb2.Accept(offer_digest=digest(countered.reply)))
+            agreed = await biller.stub.Negotiate(NegotiateRequest(move=accept))
+            assert agreed.outcome == negotiation_pb2.NEGOTIATION_OUTCOME_AGREED
+            assert await biller.stub.Negotiate(NegotiateRequest(move=accept)) == agreed  # the stored answer
+            thread.append(accept)
+            bundle = Bundle({BILLER_ID: biller.chain.envelopes, alice.party_id: [alice.key_set]}, bill, thread)
+            assert verify_bundle(bundle, pins={BILLER_ID: biller.chain.fingerprint}).terms == Terms.from_proto(
+                counter_terms()
+            )
+            twenty = eur("20.00")
+            intent = CreatePaymentIntentRequest(
+                intent=alice.intent(
+                    "acct-1001", fixtures.BILL.bill_id, "pay-1", twenty, agreement_digest=digest(accept)
+                )
+            )
+            instructed = await biller.stub.CreatePaymentIntent(intent)
+            assert await biller.stub.CreatePaymentIntent(intent) == instructed  # PAY-2
+            receipt = await biller.agent.record_settlement("acct-1001", "pay-1", twenty, "RAIL-1")
+            query = alice.query("acct-1001", intent_id="pay-1")
+            assert (await biller.stub.GetReceipt(GetReceiptRequest(query=query))).receipt == receipt
+            (arrangement,) = await biller.agent.arrangements("acct-1001")
+            assert arrangement.paid_instalments == {0}
+            watch = biller.stub.WatchEvents(WatchEventsRequest(query=alice.query("acct-1001", start_sequence=0)))
+            kinds = []
+            async for response in watch:
+                kinds.append(biller.verify(response.event, alice, event_pb2.Event).message.kind)
+                if len(kinds) == 3:
+                    watch.cancel()
+                    break
+            assert kinds == [
+                event_pb2.EVENT_KIND_BILL_ISSUED,
+                event_pb2.EVENT_KIND_ARRANGEMENT_ACTIVE,
+                event_pb2.EVENT_KIND_PAYMENT_RECEIVED,
+            ]
+
+    asyncio.run(scenario())

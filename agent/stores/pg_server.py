@@ -79,6 +79,7 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
         ensure_user_exists(user)
         # The server's user must reach its directory and the package's binaries and libraries.
         ensure_prefix_permissions(root)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
         ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
         ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
         entry = pwd.getpwnam(user)

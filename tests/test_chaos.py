@@ -9,6 +9,8 @@ counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -60,6 +62,10 @@ def test_the_short_run_kills_the_biller_and_passes_every_check(short_run: ChaosR
     assert payments.counts["acknowledged_intents"] == payments.counts["stored_intents"] > 0
     assert payments.counts["payments"] + payments.counts["unsettled"] == payments.counts["acknowledged_intents"]
     assert checks["events"].counts["streamed_to_clients"] > 0
+    document = json.loads(json.dumps(short_run.to_json()))  # what --json writes
+    assert document["result"] == "PASS"
+    assert document["checks"]["payments"]["faults"]["double_payments"] == 0
+    assert {key: document[key] for key in summary} == summary
     # The child really died without its shutdown code 3 times: it started kills + 2 times (first start, after
     # each kill, once more for the checks) and closed its store only on the 2 graceful stops.
     log = (short_run.state_dir / "biller.log").read_text(encoding="utf-8")
@@ -133,6 +139,35 @@ def test_the_integrity_check_fails_on_a_damaged_database_file(short_run: ChaosRe
     damaged = check_integrity(database)
     assert not damaged.passed
     assert damaged.faults["integrity_errors"] >= 1
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line mentions `text`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+def test_the_biller_child_never_outlives_an_interrupted_run(tmp_path: Path) -> None:
+    async def interrupted() -> None:
+        run = asyncio.create_task(run_chaos(ChaosOptions(kills=50, clients=2, pause=(0.5, 0.5)), tmp_path))
+        log = tmp_path / "biller.log"
+        for _ in range(300):  # until the first biller listens (bounded)
+            await asyncio.sleep(0.1)
+            if log.exists() and "listening" in log.read_text(encoding="utf-8"):
+                break
+        await asyncio.sleep(1.5)  # clients at work, a kill or restart about due
+        assert _processes_mentioning(str(tmp_path)), "the biller child never started"
+        run.cancel()  # what Ctrl-C does to asyncio.run's main task
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(interrupted())
+    assert _processes_mentioning(str(tmp_path)) == []
 
 
 def test_parse_pause() -> None:

@@ -21,11 +21,14 @@ and four checks run, each a separate function over what was observed:
    thread (GetThread), and the agreement bundle verifies offline (BND-1);
 2. `check_payments`: no intent was settled twice, no logical payment (bill,
    agreement, instalment) got two intents or two payments, every acknowledged
-   intent and every acknowledged settlement is stored, receipts agree (PAY-7);
+   intent is stored with the instructions it was answered, every acknowledged
+   settlement is stored, receipts agree (PAY-7);
 3. `check_events`: each account's log read from sequence 0 verifies, has no gap
    and no duplicate, chains, and holds every event a client was sent, unchanged
    (EVT-4);
-4. `check_integrity`: `PRAGMA integrity_check` of the stopped biller's SQLite file.
+4. `check_integrity`: `PRAGMA integrity_check` of the stopped biller's SQLite file;
+
+and `check_clients` reports refusals during the load that no crash explains.
 
 Clients never advance the biller's clock: its `SteppableClock` restarts from
 real time after each kill, so everything here is signed at real time.

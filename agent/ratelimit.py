@@ -9,11 +9,11 @@ Two sets of token buckets:
 - **by peer address**, with `PEER_RATE_LIMIT_FACTOR` times that rate and burst
   (one address may be a NAT in front of many consumers): the unsigned `Hello`
   and `GetKeySets` take a token from their peer's bucket, and so does every
-  request refused before its signer was established (a bad signature, an
-  unknown key, an expired message, a refused `Enrol`, whose key vouches only
-  for itself). A peer whose bucket is empty is refused before anything of its
-  request is verified, which is what bounds the work an unauthenticated sender
-  can cause.
+  request refused before its signer was admitted (a bad signature, an unknown
+  key, an expired message, a key over its own limit, a refused `Enrol`, whose
+  key vouches only for itself). A peer whose bucket is empty is refused before
+  anything of its request is verified, which is what bounds the verification
+  work one address can cause, valid keys or not.
 
 Both sets forget their least recently used bucket beyond `max_tracked`
 entries, so no sender can grow the limiter's memory: a forgotten bucket starts

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -30,7 +31,7 @@ from google.protobuf import wrappers_pb2
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
 from agent.crypto import SigningKey, digest
-from agent.errors import Reason
+from agent.errors import Reason, RemoteProtocolError
 from agent.limits import DEFAULT_LIMITS, PEER_RATE_LIMIT_FACTOR, Limits
 from agent.ratelimit import RateLimiter, TokenBuckets, peer_address
 from agent.stores.sqlite import SqliteBillerStore
@@ -180,6 +181,33 @@ def test_a_flood_of_names_cannot_grow_the_limiter() -> None:
         limiter.admit_peer(f"ipv6:[2001:db8::{n:x}]", START, unsigned=True)
         limiter.admit_signer(f"{n:032x}", START)
     assert (len(limiter.keys), len(limiter.peers)) == (100, 100)
+
+
+def test_refusals_cost_the_peer_only_before_the_key_was_charged() -> None:
+    limiter = RateLimiter(SMALL_RATE)
+    peer, key = "ipv4:192.0.2.7", "0" * 32
+    peer_burst = SMALL_RATE.rate_limit_burst * PEER_RATE_LIMIT_FACTOR
+
+    def refused_request(*, keyid: str | None) -> None:
+        """One request in its own context, as gRPC gives each call its own task; refused in the end."""
+
+        def handle() -> None:
+            limiter.admit_peer(peer, START, unsigned=False)
+            with contextlib.suppress(RemoteProtocolError):
+                if keyid is not None:
+                    limiter.admit_signer(keyid, START)  # RATE_LIMITED once the key's bucket is empty
+            limiter.refused(peer, START)
+
+        contextvars.copy_context().run(handle)
+
+    for _ in range(SMALL_RATE.rate_limit_burst):
+        refused_request(keyid=key)  # admitted, then refused later (say NOT_FOUND): the key paid, not the peer
+    assert limiter.peers.available(peer, START)
+    for _ in range(peer_burst):
+        refused_request(keyid=key)  # over the key's limit: its signature was checked, so the peer pays
+    with pytest.raises(RemoteProtocolError) as refusal:
+        refused_request(keyid=None)
+    assert refusal.value.reason is Reason.RATE_LIMITED
 
 
 def test_peer_address_drops_the_port_only() -> None:

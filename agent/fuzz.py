@@ -336,6 +336,7 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
     opening = consumer.open(agreed_bill, agreed_digest, _plan(3))
     agreed = await _call(channel, "Negotiate", pb.NegotiateRequest(move=opening), pb.NegotiateResponse)
     agreement_digest = digest(agreed.reply)
+    agreed_thread = [opening, agreed.reply]
     first = terms_pb2.Money(currency_code="EUR", amount_minor=40_00)
     paid = consumer.intent(account_id, agreed_bill, "intent-0", first, agreement_digest=agreement_digest)
     await _call(
@@ -382,6 +383,10 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
         disclosure_digest=hashlib.sha256(hardship.SerializeToString()).digest(),
     )
     second = terms_pb2.Money(currency_code="EUR", amount_minor=40_00)
+
+    def pay(name: str, intent: envelope_pb2.Envelope) -> Template:
+        return signed("CreatePaymentIntent", name, pb.CreatePaymentIntentRequest(intent=intent), intent)
+
     templates = [
         Template("Hello", "hello", pb.HelloRequest(protocol_versions=[1], client_name="parley-fuzz")),
         Template("GetKeySets", "consumer", pb.GetKeySetsRequest(party_id=consumer.party_id)),
@@ -403,22 +408,19 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
             consumer.move(thread, negotiation_pb2.Reject(reason=negotiation_pb2.REJECT_REASON_UNAFFORDABLE, note="no")),
         ),
         negotiate("withdraw", consumer.move(thread, negotiation_pb2.Withdraw(note="later"))),
-        signed(
-            "CreatePaymentIntent",
+        # Valid in form but refused as they stand (NEG-3, NEG-14, PAY-2), so mutations explore around those rules.
+        negotiate("open-agreed-bill", consumer.open(agreed_bill, agreed_digest, _plan(8))),
+        negotiate("offer-on-agreed-thread", consumer.move(agreed_thread, negotiation_pb2.Offer(terms=_plan(6)))),
+        pay(
             "instalment-1",
-            pb.CreatePaymentIntentRequest(
-                intent=(
-                    i := consumer.intent(
-                        account_id,
-                        agreed_bill,
-                        "intent-1",
-                        second,
-                        agreement_digest=agreement_digest,
-                        instalment_index=1,
-                    )
-                )
+            consumer.intent(
+                account_id, agreed_bill, "intent-1", second, agreement_digest=agreement_digest, instalment_index=1
             ),
-            i,
+        ),
+        pay("fresh-bill-in-full", consumer.intent(account_id, fresh_bill, "intent-full", BILL_AMOUNT.to_proto())),
+        pay(
+            "intent-0-other-content",
+            consumer.intent(account_id, agreed_bill, "intent-0", second, agreement_digest=agreement_digest),
         ),
     ]
     by_rpc: dict[str, list[Template]] = {rpc: [] for rpc in RPCS}
@@ -716,15 +718,34 @@ def _resolve(message: Message, path: FieldPath) -> Message:
     return message
 
 
+# Mutations that set one field everywhere it occurs, so that the amounts or dates of a message stay alike.
+EVERYWHERE: dict[str, tuple[str, st.SearchStrategy[Any]]] = {
+    "currency": ("currency_code", st.sampled_from(CURRENCIES)),
+    "amount": ("amount_minor", _int_values(terms_pb2.Money.DESCRIPTOR.fields_by_name["amount_minor"])),
+    "date": ("due_date", st.sampled_from(DATES)),
+}
+# Both header times moved by the same offset (the lifetime kept): past the skew, before the key, expired.
+SHIFTS = (
+    timedelta(seconds=-301), timedelta(seconds=-299), timedelta(seconds=299), timedelta(seconds=301),
+    timedelta(hours=-2), timedelta(hours=-25), timedelta(days=-2), timedelta(days=400),
+)  # fmt: skip
+
+
 def _mutate_body(draw: Draw, body: Message) -> str:
     """One semantic mutation of a message body (header included), in place."""
-    kind = draw(st.sampled_from(("field",) * 4 + ("time", "currency", "amount", "date", "unknown", "terms", "terms")))
+    has_terms = "terms" in body.DESCRIPTOR.fields_by_name
+    kinds = ("field",) * 4 + ("time", "shift", "unknown", *EVERYWHERE) + ("terms",) * (4 if has_terms else 0)
+    kind = draw(st.sampled_from(kinds))
     if kind == "terms":
-        if "terms" in body.DESCRIPTOR.fields_by_name:
-            terms, label = _hostile_terms(draw)
-            body.terms.CopyFrom(terms)  # type: ignore[attr-defined]
-            return f"terms = {label}"
-        kind = "field"
+        terms, label = _hostile_terms(draw)
+        body.terms.CopyFrom(terms)  # type: ignore[attr-defined]
+        return f"terms = {label}"
+    if kind == "shift" and "header" in body.DESCRIPTOR.fields_by_name:
+        offset = draw(st.sampled_from(SHIFTS))
+        header = body.header  # type: ignore[attr-defined]
+        for stamp in (header.create_time, header.expire_time):
+            stamp.seconds = _clamp(stamp.seconds + int(offset.total_seconds()))  # in seconds: may leave the range
+        return f"header times shifted by {offset}"
     if kind == "time":
         times = [(path, fd) for path, fd in _field_paths(body) if fd.message_type is Timestamp.DESCRIPTOR]
         if times:
@@ -733,22 +754,11 @@ def _mutate_body(draw: Draw, body: Message) -> str:
             _parent(body, path).ClearField(path[-1][0])
             getattr(_parent(body, path), path[-1][0]).CopyFrom(moment)
             return f"{path[-1][0]} = {moment.seconds}s {moment.nanos}ns"
-        kind = "field"
-    if kind == "currency":
-        code = draw(st.sampled_from(CURRENCIES))
-        if _set_everywhere(body, "currency_code", code):
-            return f"every currency = {code!r}"
-        kind = "field"
-    if kind == "amount":
-        amount = draw(_int_values(terms_pb2.Money.DESCRIPTOR.fields_by_name["amount_minor"]))
-        if _set_everywhere(body, "amount_minor", amount):
-            return f"every amount_minor = {amount}"
-        kind = "field"
-    if kind == "date":
-        text = draw(st.sampled_from(DATES))
-        if _set_everywhere(body, "due_date", text):
-            return f"every due_date = {text!r}"
-        kind = "field"
+    if kind in EVERYWHERE:
+        name, values = EVERYWHERE[kind]
+        value = draw(values)
+        if _set_everywhere(body, name, value):
+            return f"every {name} = {_short(value)}"
     if kind == "unknown":
         path = draw(st.sampled_from(_message_paths(body)))
         number = draw(st.sampled_from((15, 99, 1000, 536_870_911)))
@@ -776,20 +786,21 @@ def _hostile_terms(draw: Draw) -> tuple[terms_pb2.Terms, str]:
     Single-field mutations mostly stop at TRM-7/TRM-8; these get past them to the
     checks against the bill, the options and the limits (TRM-9 to TRM-11, NEG-12, LIM-6).
     """
-    currency = draw(st.sampled_from(("EUR", "EUR", "EUR", "USD", "JPY", "BHD", "XXX")))
-    principal = draw(st.sampled_from((BILL_AMOUNT.minor,) * 3 + (0, 1, -1, 10**11 - 1, 10**11, 2**62)))
-    kind = draw(st.sampled_from((*terms_pb2.TermsKind.values(), 99)))
-    lines = draw(
-        st.lists(
-            st.tuples(
-                st.sampled_from((*terms_pb2.LineKind.values(), 99)), st.sampled_from((0, 1, 5_00, 30_00, 10**11))
-            ),
-            max_size=3,
+    # Weighted towards the well-formed (the bill's currency and principal, defined kinds, few lines),
+    # so that most of these reach the checks against the bill rather than the form checks.
+    currency = draw(st.sampled_from(("EUR",) * 6 + ("USD", "JPY", "XXX")))
+    principal = draw(st.sampled_from((BILL_AMOUNT.minor,) * 6 + (0, 1, -1, 10**11 - 1, 10**11, 2**62)))
+    kind = draw(st.sampled_from((*terms_pb2.TermsKind.values()[1:],) * 3 + (0, 99)))
+    line = st.tuples(st.sampled_from((*terms_pb2.LineKind.values(), 99)), st.sampled_from((0, 1, 5_00, 30_00, 10**11)))
+    lines = draw(st.lists(line, max_size=2)) if draw(st.booleans()) else []
+    if kind == terms_pb2.TERMS_KIND_SETTLEMENT and draw(st.integers(0, 3)):
+        lines.insert(
+            0, (terms_pb2.LINE_KIND_SETTLEMENT_REDUCTION, draw(st.sampled_from((1, 30_00, BILL_AMOUNT.minor))))
         )
-    )
     signs = {terms_pb2.LINE_KIND_FEE: 1}
     total = _clamp(principal + sum(signs.get(line_kind, -1) * amount for line_kind, amount in lines))
-    count = draw(st.sampled_from((0, 1, 2, 3, 6, 10, 12, 36, 37, 200)))
+    plan = kind == terms_pb2.TERMS_KIND_INSTALMENT_PLAN
+    count = draw(st.sampled_from((2, 3, 6, 10, 12, 36, 37, 200) if plan else (1, 1, 1, 1, 0, 2)))
     first, step = draw(st.sampled_from(FIRST_DATES)), draw(st.sampled_from((0, 1, 14, 30, 35, 36, -1)))
     dates = []
     for index in range(count):
@@ -870,7 +881,8 @@ def fuzz_inputs(draw: Draw, fixture: Fixture, rpcs: Sequence[str]) -> FuzzInput:
     rpc = draw(st.sampled_from(rpcs))
     template: Template = draw(st.sampled_from(fixture.templates[rpc]))
     signed = [t for templates in fixture.templates.values() for t in templates if t.payload is not None]
-    layers = LAYERS if template.envelope is not None else ("raw", "signed")
+    # Properly signed inputs weigh double: they are the ones that get past the signature to the rules.
+    layers = ("raw", "envelope", "signed", "signed") if template.envelope is not None else ("raw", "signed")
     layer = draw(st.sampled_from(layers))
     if layer == "raw":
         data, label = _mutate_raw(draw, template.request.SerializeToString())
@@ -1200,14 +1212,23 @@ def _run_batch(
 
 def print_report(report: FuzzReport, out: Console) -> None:
     """Inputs per RPC and layer, outcomes by gRPC code and reason, and each finding with its reproducer."""
-    table = Table(title=f"parley fuzz: {report.inputs} inputs in {report.seconds:.1f} s (seed {report.seed})")
-    for column in ("RPC", "inputs", "raw/envelope/signed", "accepted", "changed store", "outcomes (most common)"):
-        table.add_column(column)
+    inputs = Table(title=f"parley fuzz: {report.inputs} inputs in {report.seconds:.1f} s (seed {report.seed})")
+    for column in ("RPC", "inputs", *LAYERS, "accepted", "changed store"):
+        inputs.add_column(column, justify="left" if column == "RPC" else "right")
     for rpc, tally in report.tallies.items():
-        layers = "/".join(str(tally.layers[layer]) for layer in LAYERS)
-        common = ", ".join(f"{label} {count}" for label, count in tally.outcomes.most_common(4))
-        table.add_row(rpc, str(tally.tried), layers, str(tally.accepted), str(tally.changed_store), common)
-    out.print(table)
+        layers = (str(tally.layers[layer]) for layer in LAYERS)
+        inputs.add_row(rpc, str(tally.tried), *layers, str(tally.accepted), str(tally.changed_store))
+    out.print(inputs)
+    outcomes = Table(title="outcomes by gRPC code and reason (per RPC in --json)")
+    for column in ("gRPC code", "reason", "answers"):
+        outcomes.add_column(column, justify="right" if column == "answers" else "left")
+    total: Counter[str] = Counter()
+    for tally in report.tallies.values():
+        total.update(tally.outcomes)
+    for label, count in total.most_common():
+        code, _, reason = label.partition(" ")
+        outcomes.add_row(code, reason, str(count))
+    out.print(outcomes)
     for finding in report.findings:
         request = finding.input.request
         shown = base64.b64encode(request[:HEX_LIMIT]).decode("ascii")

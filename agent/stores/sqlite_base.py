@@ -9,6 +9,11 @@ Durability and concurrency choices, the same for every Parley SQLite store:
 - Writes use `BEGIN IMMEDIATE`, so several processes sharing the file queue on
   SQLite's write lock (with a busy timeout) and each step's reads and writes
   see one consistent database.
+- Group commit: the writes that arrive while the worker thread is busy are
+  committed together, one `COMMIT` (one fsync) for all of them. Each runs in
+  its own `SAVEPOINT`, so a step that fails rolls back alone and the others
+  still commit; each caller hears of its result only after the `COMMIT` that
+  made it durable, so the guarantee above is unchanged.
 - `secure_delete` is on, so deleted rows (disclosures) are overwritten, not
   just unlinked (PRV-4).
 - The schema is a list of migrations (the subclass's `MIGRATIONS`), applied in
@@ -21,10 +26,12 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -63,6 +70,29 @@ def migrate(db: sqlite3.Connection, migrations: Migrations) -> None:
         db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
 
+@dataclass
+class _QueuedWrite(Generic[T]):
+    """A write waiting for the next group commit, and how to hand its outcome back to its event loop."""
+
+    fn: Callable[[sqlite3.Connection], T]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T]
+    result: T | None = None
+    error: BaseException | None = None
+
+    def release(self) -> None:
+        """Hand the outcome to the waiting caller (from the worker thread, after the COMMIT)."""
+        self.loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        if self.future.done():  # the caller was cancelled; the write's fate is still the batch's
+            return
+        if self.error is not None:
+            self.future.set_exception(self.error)
+        else:
+            self.future.set_result(self.result)  # type: ignore[arg-type]  # T, set by `_run_in_savepoint`
+
+
 class SqliteStore:
     """One SQLite file behind a single worker thread. Subclasses set `MIGRATIONS` and add methods.
 
@@ -75,6 +105,8 @@ class SqliteStore:
         self._path = os.fspath(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-sqlite")
         self._db: sqlite3.Connection | None = None
+        self._queued: list[_QueuedWrite[Any]] = []  # writes for the next group commit
+        self._queue_lock = threading.Lock()  # `_queued` is appended on the loop, taken on the worker thread
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Self:
@@ -144,8 +176,53 @@ class SqliteStore:
         return result
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one write transaction: all of it commits, or none of it."""
-        return await self._call(lambda: self._in_transaction(fn, immediate=True))
+        """Run `fn` in a write transaction: all of it commits, or none of it; returns once it is durable.
+
+        `fn` may share its transaction with other writes queued meanwhile (group commit), each in its own
+        savepoint: its own failure rolls back only its changes.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        write = _QueuedWrite(fn, loop, future)
+        with self._queue_lock:
+            self._queued.append(write)
+            first = len(self._queued) == 1
+        if first:  # otherwise a commit job is already queued and will take this write too
+            self._executor.submit(self._group_commit)
+        return await write.future
+
+    def _group_commit(self) -> None:
+        """Run every queued write in one transaction, each in a savepoint; release them after the COMMIT."""
+        with self._queue_lock:
+            batch, self._queued = self._queued, []
+        try:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for write in batch:
+                    self._run_in_savepoint(db, write)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # a failed COMMIT (a deferred constraint) leaves the transaction open
+                    db.execute("ROLLBACK")
+                raise
+        except BaseException as error:  # nothing of the batch is stored: every write fails with the cause
+            for write in batch:
+                write.error = error
+        for write in batch:
+            write.release()
+
+    @staticmethod
+    def _run_in_savepoint(db: sqlite3.Connection, write: _QueuedWrite[Any]) -> None:
+        db.execute("SAVEPOINT step")
+        try:
+            write.result = write.fn(db)
+        except Exception as error:
+            if not db.in_transaction:  # SQLite rolled the whole transaction back (I/O error, disk full...)
+                raise
+            db.execute("ROLLBACK TO step")
+            write.error = error
+        db.execute("RELEASE step")
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one read transaction (a consistent snapshot)."""

@@ -1,0 +1,115 @@
+"""`parley bench`: a tiny real run (spawned biller workers and load generators over gRPC on 127.0.0.1, a real
+SQLite store) whose report must be complete and consistent. Never a performance threshold: figures are the
+bench's to print, not the tests' to judge."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from agent.bench import SIGNED_PER_BASELINE_CALL, SIGNED_PER_CYCLE, BenchError, BenchOptions, percentile, run_bench
+from agent.cli import main
+
+TINY = BenchOptions(
+    seconds=1.0,
+    warmup=0.3,
+    concurrency=2,
+    workers=1,
+    load_generators=1,
+    channels=2,
+    half_load=False,
+    max_rate=40.0,
+)
+
+
+def _check_phase(phase: dict[str, Any], signed_per_cycle: int) -> None:
+    assert phase["cycles"] > 0
+    assert phase["cycles_verified"] == phase["cycles"], phase["errors"]  # every cycle verified end to end
+    assert phase["errors"] == {}
+    assert phase["bills_exhausted"] == 0
+    assert phase["signed_messages"] == signed_per_cycle * phase["cycles_verified"]
+    assert phase["cycles_per_second"] == pytest.approx(phase["cycles_verified"] / phase["seconds"])
+    latency = phase["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    assert phase["server_cpu_seconds"] > 0
+    assert phase["server_cpu_us_per_signed_message"] == pytest.approx(
+        phase["server_cpu_seconds"] / phase["signed_messages"] * 1e6
+    )
+    assert phase["worker_peak_rss_mib"] > 0
+    assert phase["mean_request_payload_bytes"] > 0
+    assert phase["mean_response_payload_bytes"] > 0
+
+
+def test_a_tiny_bench_reports_verified_cycles_the_baseline_and_their_ratios(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    report_path = tmp_path / "report.json"
+    options = BenchOptions(**{**TINY.__dict__, "state_dir": state, "prefill": 2_000})
+    report = run_bench(options, Console(file=None, quiet=True), json_path=report_path, show_progress=False)
+
+    assert json.loads(report_path.read_text()) == report
+    parley, baseline, ratio = report["parley"], report["baseline"], report["ratio"]
+    _check_phase(parley, SIGNED_PER_CYCLE)
+    _check_phase(baseline, SIGNED_PER_BASELINE_CALL)
+    # The baseline signs and verifies payloads of the sizes the Parley phase measured.
+    assert baseline["mean_request_payload_bytes"] == round(parley["mean_request_payload_bytes"])
+    assert baseline["mean_response_payload_bytes"] == round(parley["mean_response_payload_bytes"])
+    assert ratio["throughput"] == parley["signed_messages_per_second"] / baseline["signed_messages_per_second"]
+    assert (
+        ratio["cpu_per_message"]
+        == parley["server_cpu_us_per_signed_message"] / baseline["server_cpu_us_per_signed_message"]
+    )
+    assert "synchronous=FULL" in report["config"]["durability"]
+
+    db = sqlite3.connect(state / "biller.db")
+    try:
+        bench = "account_id LIKE 'bench-%'"
+        (agreed,) = db.execute(f"SELECT COUNT(*) FROM threads WHERE {bench} AND outcome = 'agreed'").fetchone()
+        (not_agreed,) = db.execute(f"SELECT COUNT(*) FROM threads WHERE {bench} AND outcome != 'agreed'").fetchone()
+        (settled,) = db.execute(f"SELECT COUNT(*) FROM settlements WHERE {bench}").fetchone()
+        (prefilled,) = db.execute("SELECT COUNT(*) FROM threads WHERE account_id LIKE 'prefill-%'").fetchone()
+        (prefilled_messages,) = db.execute("SELECT COUNT(*) FROM messages WHERE account_id LIKE 'prefill-%'").fetchone()
+        (violations,) = db.execute("SELECT COUNT(*) FROM pragma_foreign_key_check").fetchone()
+    finally:
+        db.close()
+    # What the biller stored agrees: every agreement reached was paid and receipted, at least one per cycle.
+    assert agreed >= parley["cycles"]
+    assert settled == agreed
+    assert not_agreed == 0
+    # --prefill loaded agreed negotiations beside the bench's own accounts, with consistent references.
+    assert prefilled == 2_000
+    assert prefilled_messages == 3 * 2_000
+    assert violations == 0
+
+
+def test_percentile_is_the_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert math.isnan(percentile([], 0.5))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"workers": 0}, "--workers"),
+        ({"seconds": 0.0}, "--seconds"),
+        ({"load_generators": 3}, "--load-generators"),
+        ({"rate": -1.0}, "--rate"),
+        ({"prefill": -5}, "--prefill"),
+    ],
+)
+def test_unusable_options_are_refused_before_anything_starts(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(BenchError, match=message):
+        BenchOptions(**{**TINY.__dict__, **change}).check()
+
+
+def test_the_command_exits_2_on_unusable_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().out

@@ -1,0 +1,164 @@
+"""Group commit in the SQLite foundation (agent/stores/sqlite_base.py): writes queued together share one COMMIT,
+a failing one rolls back alone, and no caller hears of its write before the COMMIT that made it durable."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from agent.stores.sqlite_base import SqliteStore
+
+T = TypeVar("T")
+
+
+class NotesStore(SqliteStore):
+    MIGRATIONS = (
+        (
+            "CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT NOT NULL)",
+            # Checked at COMMIT, not per statement: a way to make a whole batch's COMMIT fail.
+            """CREATE TABLE links (
+                id INTEGER PRIMARY KEY,
+                note_id INTEGER NOT NULL REFERENCES notes (id) DEFERRABLE INITIALLY DEFERRED
+            )""",
+        ),
+    )
+
+    async def add(self, note_id: int, text: str) -> int:
+        def insert(db: sqlite3.Connection) -> int:
+            db.execute("INSERT INTO notes (id, text) VALUES (?, ?)", (note_id, text))
+            return note_id
+
+        return await self._write(insert)
+
+    async def add_then_fail(self, note_id: int) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO notes (id, text) VALUES (?, 'doomed')", (note_id,))
+            raise LookupError("the step's rule refused it after its first statement")
+
+        await self._write(insert)
+
+    async def dangling_link(self) -> None:
+        await self._write(lambda db: db.execute("INSERT INTO links (note_id) VALUES (999999)"))
+
+    async def hold_worker(self, release: threading.Event) -> None:
+        """Keep the store's worker thread busy until `release` is set, so writes queue up behind it."""
+        await self._call(release.wait)
+
+
+def with_store(path: Path, body: Callable[[NotesStore], Awaitable[None]]) -> None:
+    """Run `body` on a freshly opened store at `path`, always closing it."""
+
+    async def run() -> None:
+        store = await NotesStore.open(path)
+        try:
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+async def _commits(store: NotesStore) -> list[str]:
+    """Start recording the COMMITs the store's connection executes (set on the thread that owns it)."""
+    seen: list[str] = []
+
+    def record(sql: str) -> None:
+        if sql == "COMMIT":
+            seen.append(sql)
+
+    await store._call(lambda: store._connection().set_trace_callback(record))
+    return seen
+
+
+def _stored(path: Path) -> list[tuple[int, str]]:
+    """The notes as another connection sees them: only what was committed."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT id, text FROM notes ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+async def queued_together(
+    store: NotesStore, *writes: Awaitable[T], meanwhile: Callable[[list[asyncio.Task[T]]], object] | None = None
+) -> list[asyncio.Task[T]]:
+    """Queue `writes` while the store's worker is busy, so they form one batch; `meanwhile` sees them queued."""
+    release = threading.Event()
+    holding = asyncio.create_task(store.hold_worker(release))
+    tasks = [asyncio.ensure_future(write) for write in writes]
+    await asyncio.sleep(0.05)
+    assert not any(task.done() for task in tasks)  # nothing is answered before its COMMIT
+    if meanwhile is not None:
+        meanwhile(tasks)
+    release.set()
+    await holding
+    await asyncio.wait(tasks)
+    return tasks
+
+
+def test_queued_writes_share_one_commit_and_a_failing_one_rolls_back_alone(tmp_path: Path) -> None:
+    async def body(store: NotesStore) -> None:
+        commits = await _commits(store)
+        *writes, doomed, duplicate = await queued_together(
+            store,
+            *(store.add(i, f"note {i}") for i in range(10)),
+            store.add_then_fail(100),
+            store.add(3, "a second note 3"),  # PRIMARY KEY violation
+        )
+
+        assert [write.result() for write in writes] == list(range(10))
+        with pytest.raises(LookupError, match="refused it"):
+            await doomed
+        with pytest.raises(sqlite3.IntegrityError):
+            await duplicate
+        assert commits == ["COMMIT"]  # twelve writes, one fsync
+        assert _stored(tmp_path / "notes.db") == [(i, f"note {i}") for i in range(10)]
+
+    with_store(tmp_path / "notes.db", body)
+
+
+def test_a_write_is_visible_to_other_connections_when_its_caller_resumes(tmp_path: Path) -> None:
+    async def body(store: NotesStore) -> None:
+        for i in range(5):
+            await store.add(i, "durable")
+            assert (i, "durable") in _stored(tmp_path / "notes.db")
+
+    with_store(tmp_path / "notes.db", body)
+
+
+def test_a_failed_commit_fails_every_write_of_the_batch_and_stores_none(tmp_path: Path) -> None:
+    async def body(store: NotesStore) -> None:
+        batch = await queued_together(
+            store,
+            store.add(1, "would have been fine"),
+            store.dangling_link(),  # the deferred foreign key fails the COMMIT
+        )
+
+        for task in batch:
+            with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+                task.result()
+        assert _stored(tmp_path / "notes.db") == []
+        assert await store.add(2, "the next batch commits") == 2  # the connection is usable again
+        assert _stored(tmp_path / "notes.db") == [(2, "the next batch commits")]
+
+    with_store(tmp_path / "notes.db", body)
+
+
+def test_a_cancelled_caller_does_not_disturb_the_batch(tmp_path: Path) -> None:
+    async def body(store: NotesStore) -> None:
+        cancelled, kept = await queued_together(
+            store, store.add(1, "cancelled caller"), store.add(2, "kept"), meanwhile=lambda tasks: tasks[0].cancel()
+        )
+
+        assert kept.result() == 2
+        assert cancelled.cancelled()
+        # The write itself was already queued: like any write whose caller went away, it still commits.
+        assert _stored(tmp_path / "notes.db") == [(1, "cancelled caller"), (2, "kept")]
+
+    with_store(tmp_path / "notes.db", body)

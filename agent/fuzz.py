@@ -96,8 +96,8 @@ from parley.v1 import (
 
 BILLER_ID = "biller:fuzz.example"
 SERVICE = "parley.v1.BillerService"
-RPCS: tuple[str, ...] = tuple(m.name for m in biller_service_pb2.DESCRIPTOR.services_by_name["BillerService"].methods)
 LAYERS = ("raw", "envelope", "signed")
+RPCS: tuple[str, ...] = tuple(m.name for m in biller_service_pb2.DESCRIPTOR.services_by_name["BillerService"].methods)
 START = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
 STORE_FILE = "biller.sqlite"
 # The limits of the spec, but a rate limit no fuzzing run reaches: the manual clock never refills
@@ -976,7 +976,7 @@ class Answer:
     status_details: bytes | None = None
 
 
-def judge(rpc: str, answer: Answer, request_size: int, limits: Limits) -> tuple[str, Reason | None, str | None]:
+def judge(answer: Answer, request_size: int, limits: Limits) -> tuple[str, Reason | None, str | None]:
     """(outcome label, the Parley reason, the problem if the answer breaks ERR-1/ERR-2)."""
     code = answer.code
     if code is grpc.StatusCode.OK:
@@ -1100,7 +1100,7 @@ class Fuzzer:
         tally.tried += 1
         tally.layers[fuzz_input.layer] += 1
         answer = await self._send(fuzz_input)
-        outcome, reason, problem = judge(fuzz_input.rpc, answer, len(fuzz_input.request), self.agent.limits)
+        outcome, reason, problem = judge(answer, len(fuzz_input.request), self.agent.limits)
         tally.outcomes[outcome] += 1
         problems = [problem] if problem else []
         accepted = answer.code is grpc.StatusCode.OK

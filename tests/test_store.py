@@ -53,6 +53,8 @@ from parley.v1.biller_service_pb2 import (
     NegotiateRequest,
     WatchEventsRequest,
 )
+from reference_biller.config import ServerSettings
+from reference_biller.settings import SettingsError, resolve_serve, resolve_store
 from tests import fixtures
 from tests.fixtures import eur
 from tests.helpers.db import Dump, dump
@@ -576,3 +578,16 @@ def test_negotiate_agree_pay_and_watch_over_grpc_on_postgres(tmp_path: Path, pos
             ]
 
     asyncio.run(scenario())
+
+
+def test_the_store_option_by_precedence_and_refused_with_its_source() -> None:
+    server = ServerSettings(listen="127.0.0.1:0", store="/var/lib/parley/from-file.sqlite")
+    env = {"PARLEY_STORE": "postgresql://biller@db/from_env"}
+    chosen = resolve_serve({"store": "sqlite:///from-flag.sqlite"}, server, env)
+    assert (chosen.store, chosen.sources["store"]) == ("sqlite:///from-flag.sqlite", "--store")
+    assert resolve_serve({}, server, env).store == "postgresql://biller@db/from_env"
+    assert resolve_serve({}, server, {}).store == "/var/lib/parley/from-file.sqlite"
+    assert resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {}).store is None  # biller.sqlite in state_dir
+    assert resolve_store(None, server, env) == "postgresql://biller@db/from_env"
+    with pytest.raises(SettingsError, match="PARLEY_STORE: unknown store URL scheme 'mysql'"):
+        resolve_serve({}, server, {"PARLEY_STORE": "mysql://biller@db/parley"})

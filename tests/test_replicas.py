@@ -31,6 +31,8 @@ from agent.conformance.biller_cases import (
     AMOUNT_DUE,
     DEFERRAL_FEE,
     BillerTarget,
+    Customer,
+    IssuedBill,
     agreed_thread,
     connect,
     countered_thread,
@@ -150,14 +152,21 @@ def stored_answer_or_refusal(answers: list[object], *reasons: str) -> list[objec
     return [answer for answer in answers if not isinstance(answer, Refusal)]
 
 
+async def countered(
+    replica: BillerTarget, customer: Customer
+) -> tuple[IssuedBill, list[envelope_pb2.Envelope], envelope_pb2.Envelope]:
+    """A new bill, a thread on it the biller countered, and the customer's Accept of the counter (not sent)."""
+    bill = await replica.issue_bill(customer)
+    thread = await countered_thread(replica, customer, bill)
+    return bill, thread, customer.party.move(thread, negotiation_pb2.Accept(offer_digest=digest(thread[1])))
+
+
 def test_racing_accepts_of_one_offer_agree_once(replicas: Replicas) -> None:
     async def race() -> None:
         async with both(replicas) as (first, second, store):
             customer = await first.enrolled()
             for _ in range(ROUNDS):
-                bill = await first.issue_bill(customer)
-                thread = await countered_thread(first, customer, bill)
-                accept = customer.party.move(thread, negotiation_pb2.Accept(offer_digest=digest(thread[1])))
+                bill, thread, accept = await countered(first, customer)
                 answers = await asyncio.gather(negotiate(first, accept), negotiate(second, accept))
                 # The loser answers as for a retry (the stored answer), or names the conflict.
                 agreed = stored_answer_or_refusal(list(answers), "REPLAYED_MESSAGE", "SEQUENCE_MISMATCH")
@@ -178,9 +187,7 @@ def test_competing_moves_at_one_position_one_wins(replicas: Replicas) -> None:
         async with both(replicas) as (first, second, store):
             customer = await first.enrolled()
             for _ in range(ROUNDS):
-                bill = await first.issue_bill(customer)
-                thread = await countered_thread(first, customer, bill)
-                accept = customer.party.move(thread, negotiation_pb2.Accept(offer_digest=digest(thread[1])))
+                _, thread, accept = await countered(first, customer)
                 withdraw = customer.party.move(thread, negotiation_pb2.Withdraw())
                 answers = await asyncio.gather(negotiate(first, accept), negotiate(second, withdraw))
                 won = stored_answer_or_refusal(list(answers), "SEQUENCE_MISMATCH", "THREAD_CLOSED")

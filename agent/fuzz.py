@@ -106,7 +106,7 @@ FUZZ_LIMITS = dataclasses.replace(DEFAULT_LIMITS, rate_limit_per_second=1_000_00
 BATCH = 25  # inputs per hypothesis run; the budget is checked between runs
 CALL_TIMEOUT = 10.0  # seconds: a unary answer slower than this is a hang, reported as a finding
 WATCH_WAIT = 0.3  # seconds to wait for a WatchEvents stream's first event (an open, quiet stream is an answer)
-HEX_LIMIT = 4096  # request bytes shown in a finding's text (the JSON report carries them all)
+SHOWN_REQUEST_BYTES = 4096  # request bytes shown in a finding's text (the JSON report carries them all)
 
 # Refusals that may legitimately change the store, and how (docs/PROTOCOL.md):
 # - a violation (NEG-15 checks 7-10) records the move as evidence, ends the thread PROTOCOL_ERROR and
@@ -172,8 +172,8 @@ class FuzzRail:
 
 # === The store, seen from outside =====================================================================
 
-Table_ = tuple[tuple[str, ...], Counter[tuple[object, ...]]]
-StoreDump = dict[str, Table_]
+TableRows = tuple[tuple[str, ...], Counter[tuple[object, ...]]]
+StoreDump = dict[str, TableRows]
 
 
 def dump_store(path: Path) -> StoreDump:
@@ -296,13 +296,7 @@ class Template:
         return request
 
 
-@dataclass
-class Fixture:
-    """A consumer with state on every path, and the valid requests that reach it."""
-
-    consumer: SignedParty
-    account_id: str
-    templates: dict[str, list[Template]]
+Fixture = dict[str, list[Template]]  # the valid requests of each RPC, reaching a consumer's state on every path
 
 
 async def _call(channel: grpc.aio.Channel, rpc: str, request: Message, answer: type[Message]) -> Any:
@@ -350,9 +344,8 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
     countered = await _call(channel, "Negotiate", pb.NegotiateRequest(move=thread[0]), pb.NegotiateResponse)
     thread.append(countered.reply)
     fresh_bill, fresh_digest = await bill("fresh")
-    salt = secrets.token_bytes(16)
     hardship = negotiation_pb2.Disclosure(
-        salt=salt,
+        salt=secrets.token_bytes(16),
         circumstances=negotiation_pb2.Circumstances(
             purpose=negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True, next_pay_date="2026-04-01"
         ),
@@ -408,7 +401,8 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
             consumer.move(thread, negotiation_pb2.Reject(reason=negotiation_pb2.REJECT_REASON_UNAFFORDABLE, note="no")),
         ),
         negotiate("withdraw", consumer.move(thread, negotiation_pb2.Withdraw(note="later"))),
-        # Valid in form but refused as they stand (NEG-3, NEG-14, PAY-2), so mutations explore around those rules.
+        # Valid in form but refused as they stand (NEG-3, NEG-14, PAY-2), or a retry of an intent (PAY-2),
+        # so that mutations explore around those rules.
         negotiate("open-agreed-bill", consumer.open(agreed_bill, agreed_digest, _plan(8))),
         negotiate("offer-on-agreed-thread", consumer.move(agreed_thread, negotiation_pb2.Offer(terms=_plan(6)))),
         pay(
@@ -419,14 +413,24 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
         ),
         pay("fresh-bill-in-full", consumer.intent(account_id, fresh_bill, "intent-full", BILL_AMOUNT.to_proto())),
         pay(
-            "intent-0-other-content",
-            consumer.intent(account_id, agreed_bill, "intent-0", second, agreement_digest=agreement_digest),
+            "intent-0-again",
+            consumer.intent(account_id, agreed_bill, "intent-0", first, agreement_digest=agreement_digest),
+        ),
+        pay(
+            "intent-0-other-amount",
+            consumer.intent(
+                account_id,
+                agreed_bill,
+                "intent-0",
+                terms_pb2.Money(currency_code="EUR", amount_minor=40_01),
+                agreement_digest=agreement_digest,
+            ),
         ),
     ]
-    by_rpc: dict[str, list[Template]] = {rpc: [] for rpc in RPCS}
+    fixture: Fixture = {rpc: [] for rpc in RPCS}
     for template in templates:
-        by_rpc[template.rpc].append(template)
-    return Fixture(consumer, account_id, by_rpc)
+        fixture[template.rpc].append(template)
+    return fixture
 
 
 # === Inputs ===========================================================================================
@@ -879,8 +883,8 @@ def _signed_input(draw: Draw, template: Template, others: Sequence[Template]) ->
 def fuzz_inputs(draw: Draw, fixture: Fixture, rpcs: Sequence[str]) -> FuzzInput:
     """One input for one of `rpcs`, at one of the three layers, from the fixture's templates."""
     rpc = draw(st.sampled_from(rpcs))
-    template: Template = draw(st.sampled_from(fixture.templates[rpc]))
-    signed = [t for templates in fixture.templates.values() for t in templates if t.payload is not None]
+    template: Template = draw(st.sampled_from(fixture[rpc]))
+    signed = [t for templates in fixture.values() for t in templates if t.payload is not None]
     # Properly signed inputs weigh double: they are the ones that get past the signature to the rules.
     layers = ("raw", "envelope", "signed", "signed") if template.envelope is not None else ("raw", "signed")
     layer = draw(st.sampled_from(layers))
@@ -1023,17 +1027,20 @@ class Fuzzer:
         self.report = FuzzReport(seed, tallies={rpc: RpcTally() for rpc in self.rpcs})
         self._serial = itertools.count(1)
         self._dead = False
+        self._store: SqliteBillerStore | None = None
+        self._server: BillerServer | None = None
+        self._channel: grpc.aio.Channel | None = None
 
     async def start(self) -> None:
         """Store, agent, server on a free 127.0.0.1 port, channel, and the first fixture."""
         clock = ManualClock(START)
         key = SigningKey.generate()
-        self._store = await SqliteBillerStore.open(self.state_dir / STORE_FILE)
+        self._store = store = await SqliteBillerStore.open(self.state_dir / STORE_FILE)
         self.agent = BillerAgent(
             party_id=BILLER_ID,
             signing_key=key,
             key_sets=[first_key_set(BILLER_ID, key, clock.now() - timedelta(days=1))],
-            store=self._store,
+            store=store,
             policy=FuzzPolicy(),
             rail=FuzzRail(),
             clock=clock,
@@ -1041,20 +1048,28 @@ class Fuzzer:
         )
         if self._defect is not None:
             self._defect(self.agent)
-        self._server: BillerServer | None = await serve_biller(self.agent, "127.0.0.1:0", insecure=True)
+        self._server = await serve_biller(self.agent, "127.0.0.1:0", insecure=True)
         self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{self._server.port}")
         await self._new_fixture()
 
     async def stop(self) -> None:
+        """Close the channel, stop the server at once and close the store: whatever `start` got to."""
         try:
-            await self._channel.close()
+            if self._channel is not None:
+                await self._channel.close()
             if self._server is not None:
                 await self._server.stop(None)
         finally:
-            await self._store.close()
+            if self._store is not None:
+                await self._store.close()
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        assert self._channel is not None, "the fuzzer has not started"
+        return self._channel
 
     async def _new_fixture(self) -> None:
-        self.fixture = await build_fixture(self.agent, self._channel, next(self._serial))
+        self.fixture = await build_fixture(self.agent, self.channel, next(self._serial))
         self.report.fixtures_built += 1
         self._baseline = dump_store(self.state_dir / STORE_FILE)
 
@@ -1062,7 +1077,7 @@ class Fuzzer:
         path = f"/{SERVICE}/{fuzz_input.rpc}"
         try:
             if fuzz_input.rpc == "WatchEvents":
-                stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self._channel.unary_stream(
+                stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self.channel.unary_stream(
                     path, request_serializer=None, response_deserializer=None
                 )
                 call = stream(fuzz_input.request, timeout=WATCH_WAIT)
@@ -1070,7 +1085,7 @@ class Fuzzer:
                     call.cancel()  # one event proves the stream was accepted
                     break
                 return Answer(grpc.StatusCode.OK)
-            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(
                 path, request_serializer=None, response_deserializer=None
             )
             await unary(fuzz_input.request, timeout=CALL_TIMEOUT)
@@ -1082,7 +1097,7 @@ class Fuzzer:
             return Answer(error.code(), details if isinstance(details, bytes) else None)
 
     async def _alive(self) -> bool:
-        hello: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
+        hello: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(
             f"/{SERVICE}/Hello", request_serializer=None, response_deserializer=None
         )
         request = biller_service_pb2.HelloRequest(protocol_versions=[1]).SerializeToString()
@@ -1144,7 +1159,6 @@ def run_fuzz(
     max_inputs: int | None = None,
     seed: int = 0,
     rpcs: Sequence[str] = RPCS,
-    state_dir: Path | None = None,
     defect: Callable[[BillerAgent], None] | None = None,
     stop_on_finding: bool = False,
 ) -> FuzzReport:
@@ -1159,13 +1173,13 @@ def run_fuzz(
         raise ValueError("give seconds or max_inputs")
     loop = asyncio.new_event_loop()
     try:
-        with tempfile.TemporaryDirectory(prefix="parley-fuzz-") as scratch:
-            fuzzer = Fuzzer(state_dir or Path(scratch), seed=seed, rpcs=rpcs, defect=defect)
+        with tempfile.TemporaryDirectory(prefix="parley-fuzz-") as state_dir:
+            fuzzer = Fuzzer(Path(state_dir), seed=seed, rpcs=rpcs, defect=defect)
             started = time.monotonic()
             deadline = started + seconds if seconds is not None else float("inf")
             budget = Budget(deadline, max_inputs, stop_on_finding)
-            loop.run_until_complete(fuzzer.start())
             try:
+                loop.run_until_complete(fuzzer.start())
                 for batch in itertools.count():
                     if fuzzer.finished(budget):
                         break
@@ -1231,10 +1245,10 @@ def print_report(report: FuzzReport, out: Console) -> None:
     out.print(outcomes)
     for finding in report.findings:
         request = finding.input.request
-        shown = base64.b64encode(request[:HEX_LIMIT]).decode("ascii")
+        shown = base64.b64encode(request[:SHOWN_REQUEST_BYTES]).decode("ascii")
         out.print(f"[red]FINDING[/red] #{finding.index} {finding.problem}\n  {finding.input.describe()}")
         out.print(f"  reproduce: send these {len(request)} bytes (base64) to /{SERVICE}/{finding.input.rpc}:")
-        out.print(f"  {shown}{'…' if len(request) > HEX_LIMIT else ''}", soft_wrap=True, markup=False)
+        out.print(f"  {shown}{'…' if len(request) > SHOWN_REQUEST_BYTES else ''}", soft_wrap=True, markup=False)
     verdict = "no findings" if report.ok else f"{len(report.findings)} finding(s)"
     out.print(f"{report.inputs} inputs, {report.fixtures_built} fixtures built: {verdict}")
 

@@ -8,6 +8,8 @@ and shuts it down. The quick run is CI's fuzzing budget (a few hundred inputs);
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,12 +17,13 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf.message import Message
+from rich.console import Console
 
 from agent.biller import BillerAgent
 from agent.cli import main
 from agent.crypto import sign_envelope
 from agent.errors import Reason, RemoteProtocolError
-from agent.fuzz import LAYERS, RPCS, Fuzzer, FuzzInput, FuzzReport, run_fuzz
+from agent.fuzz import LAYERS, RPCS, Fuzzer, FuzzInput, FuzzReport, print_report, run_fuzz
 from agent.protocol.negotiation import Negotiation
 from agent.stores.base import ThreadRecord
 from agent.transport.status import error_from_rpc
@@ -129,7 +132,7 @@ def _send_one_signed(tmp_path: Path, rpc: str, template_name: str, mutate: Calla
         fuzzer = Fuzzer(tmp_path, rpcs=(rpc,))
         await fuzzer.start()
         try:
-            [template] = [t for t in fuzzer.fixture.templates[rpc] if t.name == template_name]
+            [template] = [t for t in fuzzer.fixture[rpc] if t.name == template_name]
             assert template.payload is not None
             assert template.signer is not None
             body = type(template.payload)()
@@ -191,6 +194,12 @@ def test_oracle_reports_an_internal_error() -> None:
     assert finding.input.rpc == "GetBill"
     assert finding.input.layer == "signed"
     assert report.inputs < 300
+    printed = io.StringIO()
+    print_report(report, Console(file=printed, width=100))
+    assert "FINDING" in printed.getvalue()
+    assert "reproduce: send these" in printed.getvalue()
+    assert base64.b64encode(finding.input.request).decode()[:60] in printed.getvalue().replace("\n", "")
+    assert finding.to_json()["request_base64"] == base64.b64encode(finding.input.request).decode()
 
 
 def test_oracle_reports_a_state_change_on_refusal() -> None:

@@ -72,7 +72,7 @@ from agent.clock import ManualClock
 from agent.conformance.client import SignedParty, timestamp
 from agent.crypto import SigningKey, digest, sign_envelope
 from agent.errors import ERROR_DOMAIN, Reason
-from agent.keysets import first_key_set
+from agent.keysets import KEYSET_PAYLOAD_TYPE, first_key_set
 from agent.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import PAYLOAD_TYPES, new_message_id
 from agent.stores.sqlite import SqliteBillerStore
@@ -89,7 +89,9 @@ from agent.terms import (
 from agent.transport.server import BillerServer, serve_biller
 from parley.v1 import (
     biller_service_pb2,
+    enrolment_pb2,
     envelope_pb2,
+    keys_pb2,
     negotiation_pb2,
     terms_pb2,
 )
@@ -854,10 +856,16 @@ def _signed_input(draw: Draw, template: Template, others: Sequence[Template]) ->
     disclosure = _copy(template.disclosure) if template.disclosure is not None else None
     payload_type = body.DESCRIPTOR.full_name
     for _ in range(draw(MUTATION_COUNTS)):
-        kind = draw(st.sampled_from(("body",) * 10 + ("disclosure", "payload-type", "other-body")))
+        kind = draw(st.sampled_from(("body",) * 10 + ("disclosure", "carried-key-set", "payload-type", "other-body")))
         if kind == "disclosure" and disclosure is not None:
             labels.append("disclosure: " + _mutate_body(draw, disclosure))
             body.disclosure_digest = hashlib.sha256(disclosure.SerializeToString()).digest()
+        elif kind == "carried-key-set" and isinstance(body, enrolment_pb2.EnrolmentRequest):
+            # The key set an enrolment carries is verified as a chain of one (ENR-1 step 3): sign it again too.
+            key_set = keys_pb2.KeySet.FromString(body.consumer_key_set.payload)
+            labels.append("carried key set: " + _mutate_body(draw, key_set))
+            resigned = sign_envelope(template.signer, KEYSET_PAYLOAD_TYPE, key_set.SerializeToString())
+            body.consumer_key_set.CopyFrom(resigned)
         elif kind == "payload-type":
             payload_type = draw(st.sampled_from(sorted(PAYLOAD_TYPES)))
             labels.append(f"signed as {payload_type}")

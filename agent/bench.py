@@ -793,6 +793,7 @@ class PhaseReport:
     server_cpu_seconds: float
     server_cpu_us_per_signed_message: float
     worker_peak_rss_mib: float  # the largest of the workers' VmHWM
+    client_cpu_seconds: float  # the load generators': on one machine, what the server could not use
     mean_request_payload_bytes: float
     mean_response_payload_bytes: float
     target_rate: float | None = None
@@ -914,7 +915,7 @@ class Bench:
                     )
                     for part in loads
                 ]
-                merged, cpu, rss = self._drive(name, specs, workers)
+                merged, cpu, client_cpu, rss = self._drive(name, specs, workers)
         finally:
             port_holder.close()
         latencies = sorted(merged.latencies)
@@ -937,13 +938,19 @@ class Bench:
             server_cpu_seconds=cpu,
             server_cpu_us_per_signed_message=cpu / merged.signed_messages * 1e6 if merged.signed_messages else math.nan,
             worker_peak_rss_mib=rss / MIB,
+            client_cpu_seconds=client_cpu,
             mean_request_payload_bytes=merged.request_payload_bytes / max(1, merged.requests),
             mean_response_payload_bytes=merged.response_payload_bytes / max(1, merged.responses),
             target_rate=rate,
         )
 
-    def _drive(self, name: str, specs: Sequence[LoadSpec], workers: _StartedWorkers) -> tuple[LoadResult, float, int]:
-        """Run the load generators through warm-up and the window; (their merged result, server CPU, peak RSS)."""
+    def _drive(
+        self, name: str, specs: Sequence[LoadSpec], workers: _StartedWorkers
+    ) -> tuple[LoadResult, float, float, int]:
+        """Run the load generators through warm-up and the window.
+
+        Returns their merged result, the server's and the clients' CPU-seconds in the window, the peak RSS.
+        """
         options = self.options
         context = self.context
         shared = _Coordination(
@@ -959,15 +966,16 @@ class Bench:
             process.start()
         try:
             pids = workers.pids()
-            _await_ready(shared.ready, processes, "a load generator")
+            clients = _await_ready(shared.ready, processes, "a load generator")
             now = time.time()
             shared.start.value = now + options.warmup
             shared.end.value = shared.start.value + options.seconds
             shared.go.set()
             self._wait(name, now, shared.start.value, shared.progress)
-            cpu_before = sum(_cpu_seconds(pid) for pid in pids)
+            cpu_before = [_cpu_seconds(pid) for pid in (*pids, *clients)]
             self._wait(name, now, shared.end.value, shared.progress)
-            cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu_before
+            used = [_cpu_seconds(pid) - before for pid, before in zip((*pids, *clients), cpu_before, strict=True)]
+            cpu, client_cpu = sum(used[: len(pids)]), sum(used[len(pids) :])
             rss = max(_peak_rss_bytes(pid) for pid in pids)
             collected = []
             for _ in processes:
@@ -977,7 +985,7 @@ class Bench:
                     raise BenchError("a load generator did not report (see its error above)") from error
         finally:
             _join(processes)
-        return _merge(collected), cpu, rss
+        return _merge(collected), cpu, client_cpu, rss
 
     def _wait(self, name: str, began: float, until: float, progress: Any) -> None:
         """Sleep until `until` (epoch seconds), showing the phase's progress and completed cycles."""

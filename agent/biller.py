@@ -404,6 +404,8 @@ class BillerAgent:
         self._lifetime = message_lifetime
         self._watch_poll = watch_poll_interval.total_seconds()
         self._chains: dict[str, KeyChain] = {}  # verification cache; the store is the truth
+        # keyid -> enrolled party: a stored keyid never moves to another party (KEY-21), so a hit stays true.
+        self._keyid_parties: dict[str, str] = {}
         self._wakeups = _Wakeups()
 
     # === Embedding API ===================================================================================
@@ -1084,9 +1086,10 @@ class BillerAgent:
 
     async def _party_of(self, keyid: str) -> str:
         """AUZ-2: the enrolled party whose chain lists the keyid (at most one, KEY-21)."""
-        party_id = await self._store.party_with_keyid(keyid)
+        party_id = self._keyid_parties.get(keyid) or await self._store.party_with_keyid(keyid)
         if party_id is None:
             raise RemoteProtocolError(Reason.NOT_ENROLLED, f"no enrolled party has key {keyid}")
+        self._keyid_parties[keyid] = party_id
         return party_id
 
     async def _consumer_chain(self, party_id: str) -> KeyChain:

@@ -162,3 +162,18 @@ def test_a_cancelled_caller_does_not_disturb_the_batch(tmp_path: Path) -> None:
         assert _stored(tmp_path / "notes.db") == [(1, "cancelled caller"), (2, "kept")]
 
     with_store(tmp_path / "notes.db", body)
+
+
+def test_a_closed_store_refuses_calls_at_once(tmp_path: Path) -> None:
+    async def closed() -> None:
+        store = await NotesStore.open(tmp_path / "notes.db")
+        await store.add(1, "before closing")
+        await store.close()
+        await store.close()  # closing twice is harmless
+        with pytest.raises(RuntimeError, match="closed"):
+            await store.add(2, "after closing")
+        with pytest.raises(RuntimeError, match="closed"):
+            await store.add(3, "and again: the refused write left nothing queued")
+
+    asyncio.run(asyncio.wait_for(closed(), timeout=10))
+    assert _stored(tmp_path / "notes.db") == [(1, "before closing")]

@@ -5,7 +5,10 @@ Durability and concurrency choices, the same for every Parley SQLite store:
 - WAL journal with `synchronous=FULL`: a step is on disk when its commit
   returns, so an acceptance or a payment acknowledged survives a power cut.
 - Every SQLite call runs on one dedicated worker thread per store, which owns
-  the store's single connection; the event loop only awaits it.
+  the store's single connection; the event loop only awaits it. The hand-over
+  is a queue and one `call_soon_threadsafe` back, not an executor: a protocol
+  step makes several store calls, and the executor's futures cost more than
+  most of the queries (docs/PERFORMANCE.md).
 - Writes use `BEGIN IMMEDIATE`, so several processes sharing the file queue on
   SQLite's write lock (with a busy timeout) and each step's reads and writes
   see one consistent database.
@@ -25,10 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Self, TypeVar
@@ -70,27 +73,62 @@ def migrate(db: sqlite3.Connection, migrations: Migrations) -> None:
         db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
 
+def _resolve(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    """On the event loop: hand a worker-thread outcome to its caller (unless the caller was cancelled)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]  # a T whenever there is no error
+
+
+def _hand_back(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    """From the worker thread: resolve `future` on its own event loop."""
+    with contextlib.suppress(RuntimeError):  # that loop is closed: no one is waiting for the outcome
+        future.get_loop().call_soon_threadsafe(_resolve, future, result, error)
+
+
+class _WorkerThread:
+    """The one thread that owns a store's connection, running the jobs queued to it in order."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._stopped = False
+        # A daemon: a store left open never holds the interpreter up, and what it acknowledged is committed.
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._stopped:
+            raise RuntimeError("the store is closed")
+        self._jobs.put(job)
+
+    def stop(self, *, wait: bool) -> None:
+        """Run the jobs already queued, then end; idempotent."""
+        if not self._stopped:
+            self._stopped = True
+            self._jobs.put(None)
+        if wait:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+
 @dataclass
 class _QueuedWrite(Generic[T]):
-    """A write waiting for the next group commit, and how to hand its outcome back to its event loop."""
+    """A write waiting for the next group commit, and its outcome once the batch is over."""
 
     fn: Callable[[sqlite3.Connection], T]
-    loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T]
     result: T | None = None
     error: BaseException | None = None
 
     def release(self) -> None:
         """Hand the outcome to the waiting caller (from the worker thread, after the COMMIT)."""
-        self.loop.call_soon_threadsafe(self._settle)
-
-    def _settle(self) -> None:
-        if self.future.done():  # the caller was cancelled; the write's fate is still the batch's
-            return
-        if self.error is not None:
-            self.future.set_exception(self.error)
-        else:
-            self.future.set_result(self.result)  # type: ignore[arg-type]  # T, set by `_run_in_savepoint`
+        _hand_back(self.future, self.result, self.error)
 
 
 class SqliteStore:
@@ -103,7 +141,7 @@ class SqliteStore:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = os.fspath(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parley-sqlite")
+        self._worker = _WorkerThread("parley-sqlite")
         self._db: sqlite3.Connection | None = None
         self._queued: list[_QueuedWrite[Any]] = []  # writes for the next group commit
         self._queue_lock = threading.Lock()  # `_queued` is appended on the loop, taken on the worker thread
@@ -115,7 +153,7 @@ class SqliteStore:
         try:
             await store._call(store._connect)
         except BaseException:
-            store._executor.shutdown(wait=False)
+            store._worker.stop(wait=False)
             raise
         return store
 
@@ -125,7 +163,7 @@ class SqliteStore:
         if self._db is not None:
             await self._call(self._close)
             self._db = None
-        self._executor.shutdown(wait=True)
+        self._worker.stop(wait=True)
 
     def _close(self) -> None:
         db = self._connection()
@@ -139,7 +177,18 @@ class SqliteStore:
     # --- plumbing: everything below `_call` runs on the worker thread ---
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def job() -> None:
+            try:
+                result = fn()
+            except BaseException as error:  # handed to the caller, as an executor would
+                _hand_back(future, None, error)
+            else:
+                _hand_back(future, result, None)
+
+        self._worker.submit(job)
+        return await future
 
     def _connection(self) -> sqlite3.Connection:
         if self._db is None:
@@ -181,14 +230,18 @@ class SqliteStore:
         `fn` may share its transaction with other writes queued meanwhile (group commit), each in its own
         savepoint: its own failure rolls back only its changes.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        write = _QueuedWrite(fn, loop, future)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        write = _QueuedWrite(fn, future)
         with self._queue_lock:
             self._queued.append(write)
             first = len(self._queued) == 1
         if first:  # otherwise a commit job is already queued and will take this write too
-            self._executor.submit(self._group_commit)
+            try:
+                self._worker.submit(self._group_commit)
+            except RuntimeError:  # closed
+                with self._queue_lock:
+                    self._queued.remove(write)
+                raise
         return await write.future
 
     def _group_commit(self) -> None:

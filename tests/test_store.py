@@ -591,3 +591,22 @@ def test_the_store_option_by_precedence_and_refused_with_its_source() -> None:
     assert resolve_store(None, server, env) == "postgresql://biller@db/from_env"
     with pytest.raises(SettingsError, match="PARLEY_STORE: unknown store URL scheme 'mysql'"):
         resolve_serve({}, server, {"PARLEY_STORE": "mysql://biller@db/parley"})
+
+
+def test_a_connection_the_server_dropped_while_idle_is_replaced(postgres_dsn: str) -> None:
+    async def dropped() -> None:
+        store = await PostgresBillerStore.open(postgres_dsn, pool_size=1)
+        try:
+            await seed(store)
+            with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+                admin.execute(
+                    """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                       WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+                )
+            assert await store.event_count(ACCOUNT) == 1
+            await store.append_events([event()])
+            assert await store.event_count(ACCOUNT) == 2
+        finally:
+            await store.close()
+
+    asyncio.run(dropped())

@@ -15,7 +15,10 @@ module adds the schema and the plumbing:
   advisory lock (replicas starting together migrate once) and recorded in
   `schema_version`.
 - **Connections**: a small pool (`POOL_SIZE`), each connection owned by one
-  worker thread at a time; the event loop only awaits them.
+  worker thread at a time; the event loop only awaits them. A connection the
+  server dropped while idle (a restart, a failover) is replaced when its next
+  step begins; one lost during a step fails that step, which is never rerun
+  blindly (its COMMIT may have landed).
 - **Isolation**: every write step runs at SERIALIZABLE, so each behaves as under
   SQLite's single writer whatever the replicas do; UNIQUE and PRIMARY KEY
   constraints still settle races the step reports (a thread position taken, an
@@ -85,6 +88,10 @@ class PostgresDb:
             return self._connection.execute(_pyformat(sql), parameters)
         except errors.IntegrityError as error:
             raise IntegrityViolation(error.diag.constraint_name, str(error)) from error
+
+
+class _StaleConnection(psycopg.OperationalError):
+    """A pooled connection found dead at BEGIN: no statement of the step reached the server."""
 
 
 def _retryable(error: BaseException) -> bool:
@@ -166,18 +173,30 @@ class PostgresBillerStore(SqlBillerStore):
         # As many workers as connections: a worker always finds one free.
         connection = self._pool.get_nowait()
         try:
-            if connection.broken or connection.closed:  # the server restarted or dropped us
-                connection.close()
-                connection = self._connect()
-            return fn(connection)
+            if connection.broken or connection.closed:
+                connection = self._reconnect(connection)
+            try:
+                return fn(connection)
+            except _StaleConnection:  # the server restarted or dropped it while idle: nothing was sent
+                connection = self._reconnect(connection)
+                return fn(connection)
         finally:
             self._pool.put(connection)
+
+    def _reconnect(self, connection: Connection) -> Connection:
+        connection.close()
+        return self._connect()
 
     def _transaction(self, connection: Connection, fn: Callable[[Db], T], *, write: bool) -> T:
         begin = "BEGIN ISOLATION LEVEL SERIALIZABLE" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
         attempt = 1
         while True:
-            connection.execute(begin)
+            try:
+                connection.execute(begin)
+            except psycopg.OperationalError as error:
+                if connection.broken:
+                    raise _StaleConnection(str(error)) from error
+                raise
             try:
                 result = fn(PostgresDb(connection))
                 connection.execute("COMMIT")

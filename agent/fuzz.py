@@ -953,6 +953,7 @@ class FuzzReport:
     seconds: float = 0.0
     inputs: int = 0
     fixtures_built: int = 0
+    retries: int = 0  # effectful inputs sent twice, to check that the retry is answered as the original
     tallies: dict[str, RpcTally] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
 
@@ -966,6 +967,7 @@ class FuzzReport:
             "seconds": round(self.seconds, 3),
             "inputs": self.inputs,
             "fixtures_built": self.fixtures_built,
+            "retries": self.retries,
             "rpcs": {
                 rpc: {
                     "tried": tally.tried,
@@ -982,9 +984,10 @@ class FuzzReport:
 
 @dataclass(frozen=True)
 class Answer:
-    """How the biller answered one request: gRPC code, and the trailer's google.rpc.Status bytes if any."""
+    """How the biller answered one request: gRPC code, the answer's bytes, the trailer's google.rpc.Status bytes."""
 
     code: grpc.StatusCode
+    response: bytes | None = None
     status_details: bytes | None = None
 
 
@@ -1089,20 +1092,20 @@ class Fuzzer:
                     path, request_serializer=None, response_deserializer=None
                 )
                 call = stream(fuzz_input.request, timeout=WATCH_WAIT)
-                async for _event in call:
+                async for event in call:
                     call.cancel()  # one event proves the stream was accepted
-                    break
+                    return Answer(grpc.StatusCode.OK, response=event)
                 return Answer(grpc.StatusCode.OK)
             unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(
                 path, request_serializer=None, response_deserializer=None
             )
-            await unary(fuzz_input.request, timeout=CALL_TIMEOUT)
-            return Answer(grpc.StatusCode.OK)
+            response = await unary(fuzz_input.request, timeout=CALL_TIMEOUT)
+            return Answer(grpc.StatusCode.OK, response=response)
         except grpc.aio.AioRpcError as error:
             if fuzz_input.rpc == "WatchEvents" and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return Answer(grpc.StatusCode.OK)  # an accepted watch with nothing to send yet
             details = dict(error.trailing_metadata() or ()).get("grpc-status-details-bin")
-            return Answer(error.code(), details if isinstance(details, bytes) else None)
+            return Answer(error.code(), status_details=details if isinstance(details, bytes) else None)
 
     async def _alive(self) -> bool:
         hello: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(
@@ -1139,9 +1142,26 @@ class Fuzzer:
             problems += [effect] if effect else []
         elif changes:
             problems.append(f"refused ({outcome}) but changed the store: {_describe(changes)}")
+        if changes and not self._dead and not problems and (accepted or reason in VIOLATIONS):
+            problems += await self._retry_problems(fuzz_input, answer)
         report.findings += [Finding(report.inputs, fuzz_input, text) for text in problems]
         if changes and not self._dead:
             await self._new_fixture()
+
+    async def _retry_problems(self, fuzz_input: FuzzInput, first: Answer) -> list[str]:
+        """HDR-12, NEG-18: the same bytes again get the same answer, byte for byte, and change nothing more."""
+        self.report.retries += 1
+        settled = dump_store(self.state_dir / STORE_FILE)
+        again = await self._send(fuzz_input)
+        problems = []
+        if (again.code, again.response, again.status_details) != (first.code, first.response, first.status_details):
+            first_label, _, _ = judge(first, len(fuzz_input.request), self.agent.limits)
+            again_label, _, _ = judge(again, len(fuzz_input.request), self.agent.limits)
+            problems.append(f"a retry was answered {again_label}, not as the original {first_label} (HDR-12)")
+        changes = store_changes(settled, dump_store(self.state_dir / STORE_FILE))
+        if changes:
+            problems.append(f"a retry changed the store again: {_describe(changes)} (HDR-12)")
+        return problems
 
     def finished(self, budget: Budget) -> bool:
         return (
@@ -1258,7 +1278,7 @@ def print_report(report: FuzzReport, out: Console) -> None:
         out.print(f"  reproduce: send these {len(request)} bytes (base64) to /{SERVICE}/{finding.input.rpc}:")
         out.print(f"  {shown}{'…' if len(request) > SHOWN_REQUEST_BYTES else ''}", soft_wrap=True, markup=False)
     verdict = "no findings" if report.ok else f"{len(report.findings)} finding(s)"
-    out.print(f"{report.inputs} inputs, {report.fixtures_built} fixtures built: {verdict}")
+    out.print(f"{report.inputs} inputs, {report.retries} retried, {report.fixtures_built} fixtures built: {verdict}")
 
 
 def add_fuzz_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -184,6 +184,15 @@ def refusal_ends_the_thread(agent: BillerAgent) -> None:
     agent._record_refusal = record  # type: ignore[method-assign]
 
 
+def forgets_replays(agent: BillerAgent) -> None:
+    """No replay cache lookup (HDR-12): a retry of an applied move is judged afresh against the moved-on thread."""
+
+    async def nothing_seen(inbound: object) -> bytes | None:
+        return None
+
+    agent._replayed = nothing_seen  # type: ignore[method-assign]
+
+
 def test_oracle_reports_an_internal_error() -> None:
     report = run_fuzz(
         max_inputs=300, seed=0, rpcs=("GetBill",), defect=get_bill_without_a_lookup_check, stop_on_finding=True
@@ -225,3 +234,12 @@ async def _call_raw(channel: grpc.aio.Channel, rpc: str, request: bytes) -> None
             path, request_serializer=None, response_deserializer=None
         )
         await unary(request, timeout=5)
+
+
+def test_oracle_reports_a_retry_answered_differently() -> None:
+    report = run_fuzz(max_inputs=300, seed=0, rpcs=("Negotiate",), defect=forgets_replays, stop_on_finding=True)
+
+    [finding] = report.findings
+    assert finding.problem.startswith("a retry was answered ")
+    assert finding.problem.endswith("not as the original OK (HDR-12)")
+    assert report.retries >= 1

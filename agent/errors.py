@@ -145,7 +145,11 @@ class Reason(enum.Enum):
     # Events (§11)
     CURSOR_OUT_OF_RANGE = ("OUT_OF_RANGE", "EVT-3", "The start sequence is beyond the end of the log.")
     # Limits (§14)
-    RATE_LIMITED = ("RESOURCE_EXHAUSTED", "LIM-8", "The signing key sent more requests than the rate limit allows.")
+    RATE_LIMITED = (
+        "RESOURCE_EXHAUSTED",
+        "LIM-8",
+        "The signing key, or for unverified requests the peer address, sent more requests than the rate limit allows.",
+    )
     # Offline verification (§17)
     NOT_AGREED = ("FAILED_PRECONDITION", "BND-4", "The bundle's thread does not end in an agreement.")
     # Transport

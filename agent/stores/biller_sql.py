@@ -10,6 +10,10 @@ A back end supplies only the plumbing:
   `IntegrityViolation`, naming the constraint as PostgreSQL does by default;
 - `_erased()`: what makes erased disclosures leave the storage for good (PRV-4).
 
+Concurrency: a step that reads an account's state to decide what to write locks
+the account first (`_lock_account`, a no-op where the write transaction already
+excludes other writers); keys shared between accounts are settled by constraints.
+
 Encodings are the same in both: instants are fixed-width UTC ISO-8601 text
 (`ts`), so text order is time order; dates ISO text; money integer minor units
 (64-bit); digests and ids bytes; `rowid` breaks ties in insertion order.
@@ -234,7 +238,13 @@ class Cursor(Protocol):
 
 
 class Db(Protocol):
-    """One open transaction: `execute` takes qmark (`?`) SQL and raises `IntegrityViolation` on a constraint."""
+    """One open transaction: `execute` takes qmark (`?`) SQL and raises `IntegrityViolation` on a constraint.
+
+    `for_update` ends a SELECT that must lock the rows it reads until the transaction ends
+    (" FOR UPDATE"), or is "" where a write transaction already excludes every other writer (SQLite).
+    """
+
+    for_update: str
 
     def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
 
@@ -370,6 +380,7 @@ class SqlBillerStore(abc.ABC):
 
     async def enrol(self, enrolment: Enrolment) -> None:
         def enrol(db: Db) -> None:
+            _lock_account(db, enrolment.account_id)
             used = db.execute(
                 "UPDATE enrolment_codes SET used_at = ? WHERE code_hash = ? AND account_id = ? AND used_at IS NULL",
                 (ts(enrolment.bound_at), enrolment.code_hash, enrolment.account_id),
@@ -611,6 +622,7 @@ class SqlBillerStore(abc.ABC):
 
     async def insert_payment_intent(self, intent: PaymentIntentRecord, replay: ReplayRecord) -> None:
         def insert(db: Db) -> None:
+            _lock_account(db, intent.account_id)
             # Checked before inserting, so the answer never depends on which UNIQUE index a database checks
             # first; an insert that still collides raced a concurrent writer, and the back end reruns it.
             holders = db.execute(
@@ -710,10 +722,21 @@ def _insert_replay(db: Db, record: ReplayRecord) -> None:
         raise StoreConflict(Reason.REPLAYED_MESSAGE, "the message id was received meanwhile") from error
 
 
+def _lock_account(db: Db, account_id: str) -> None:
+    """Hold the account's row until the transaction ends: one writer per account at a time.
+
+    Every step that reads the account's state to decide what to write (the next event
+    sequence, open threads, what is still owed, whether an intent exists) takes it first,
+    so what it read stays true until it commits, whatever other processes do.
+    """
+    db.execute("SELECT 1 FROM accounts WHERE account_id = ?" + db.for_update, (account_id,))  # noqa: S608
+
+
 def _append_events(db: Db, events: Sequence[PendingEvent]) -> list[EventRecord]:
     """Append each event at its account's next cursor, chained to the previous event (EVT-*)."""
     records = []
     for event in events:
+        _lock_account(db, event.account_id)
         last = db.execute(
             "SELECT sequence, digest FROM events WHERE account_id = ? ORDER BY sequence DESC LIMIT 1",
             (event.account_id,),
@@ -730,6 +753,7 @@ def _append_events(db: Db, events: Sequence[PendingEvent]) -> list[EventRecord]:
 
 
 def _negotiation_step(db: Db, step: NegotiationStep) -> list[EventRecord]:
+    _lock_account(db, step.account_id)
     new = step.new_thread
     if new is not None:
         status = db.execute("SELECT status FROM bills WHERE bill_id = ?", (step.bill_id,)).fetchone()
@@ -872,6 +896,7 @@ def _settlement(db: Db, account_id: str, intent_id: str) -> SettlementRecord | N
 
 
 def _settle(db: Db, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]]:
+    _lock_account(db, settle.account_id)
     intent = db.execute(
         """SELECT p.bill_id, p.agreement_digest, b.amount_minor, t.agreed_total_minor
            FROM payment_intents p

@@ -19,16 +19,19 @@ module adds the schema and the plumbing:
   server dropped while idle (a restart, a failover) is replaced when its next
   step begins; one lost during a step fails that step, which is never rerun
   blindly (its COMMIT may have landed).
-- **Isolation**: every write step runs at SERIALIZABLE, so each behaves as under
-  SQLite's single writer whatever the replicas do; UNIQUE and PRIMARY KEY
-  constraints still settle races the step reports (a thread position taken, an
-  intent id used). A step PostgreSQL aborts to keep that promise — a
-  serialization failure, a deadlock, or a unique key the step had read as free
-  but a concurrent writer took (the account's next event sequence) — is run
-  again from the start against the committed state, up to `MAX_ATTEMPTS` times
-  with jittered backoff: steps are functions of the database state (signing is
-  deterministic), so a rerun writes what a serial run would have. Reads run at
-  REPEATABLE READ, READ ONLY: one snapshot per read.
+- **Isolation**: a write step runs at READ COMMITTED and first locks its
+  account's row (`SELECT ... FOR UPDATE`, `biller_sql._lock_account`): one
+  writer per account at a time, as SQLite's single writer, but replicas writing
+  to different accounts never wait for or abort each other (SERIALIZABLE, tried
+  first, aborted about one append in two between *different* accounts sharing
+  an index page). Every statement after the lock sees the latest committed
+  state. Keys shared between accounts (parties, keyids, payment references,
+  leases) are settled by their UNIQUE and PRIMARY KEY constraints; a step that
+  loses such a race on a key it had read as free (the constraint error escapes
+  the step's own handling), or a deadlock, is run again from the start, up to
+  `MAX_ATTEMPTS` times with jittered backoff: steps are functions of the
+  database state (signing is deterministic), so a rerun writes what a serial
+  run would have. Reads run at REPEATABLE READ, READ ONLY: one snapshot each.
 - **Erasure** (PRV-4): after disclosures are deleted the table is rewritten
   (`VACUUM FULL disclosures`), so the erased rows leave its files; WAL segments
   and backups keep them until the operator's retention removes them.
@@ -80,6 +83,8 @@ def _pyformat(sql: str) -> str:
 class PostgresDb:
     """A `Db` over an open PostgreSQL transaction: constraint errors become `IntegrityViolation`."""
 
+    for_update = " FOR UPDATE"
+
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
 
@@ -96,7 +101,7 @@ class _StaleConnection(psycopg.OperationalError):
 
 def _retryable(error: BaseException) -> bool:
     """Whether PostgreSQL aborted the step only because a concurrent writer interleaved with it."""
-    if isinstance(error, errors.SerializationFailure | errors.DeadlockDetected):
+    if isinstance(error, errors.DeadlockDetected):  # e.g. two steps locking the same accounts in turn
         return True
     # A unique key the step read as free and a concurrent writer then took; the step's own handling
     # (a StoreConflict) has already turned every race a caller must hear about into something else.
@@ -188,7 +193,7 @@ class PostgresBillerStore(SqlBillerStore):
         return self._connect()
 
     def _transaction(self, connection: Connection, fn: Callable[[Db], T], *, write: bool) -> T:
-        begin = "BEGIN ISOLATION LEVEL SERIALIZABLE" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+        begin = "BEGIN ISOLATION LEVEL READ COMMITTED" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
         attempt = 1
         while True:
             try:

@@ -29,6 +29,8 @@ MIGRATIONS = migrations(
 class SqliteDb:
     """A `Db` over an open SQLite transaction: constraint errors become `IntegrityViolation`."""
 
+    for_update = ""  # BEGIN IMMEDIATE: the write transaction already excludes every other writer
+
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
 

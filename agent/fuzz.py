@@ -25,9 +25,12 @@ the answer is not UNKNOWN or INTERNAL; that an error carries exactly one
 `agent.errors.Reason` with that reason's gRPC code (ERR-1, ERR-2), except
 RESOURCE_EXHAUSTED from gRPC's own receive limit on an oversized request; and
 that a refused input changed nothing stored, but for what the spec lets a
-refusal record (`REFUSAL_EFFECTS`). Accepted inputs (a mutation can stay
-valid) may change the store: they are counted apart, and the fixture is built
-afresh after any change so later inputs still reach deep paths.
+refusal record (`refusal_effect_problem`). Accepted inputs (a mutation can
+stay valid) may change the store: they are counted apart; an accepted input
+that changed the store, and a violation, are sent again, and the retry must
+get the same answer byte for byte and change nothing (HDR-12, NEG-18). The
+fixture is built afresh after any change, so later inputs still reach deep
+paths.
 
 One event loop and one server serve the whole run. `--seed` fixes what
 hypothesis draws; the fixture's keys and ids are fresh on every run, so a
@@ -60,7 +63,7 @@ from typing import Any, cast
 import grpc
 import hypothesis
 from google.protobuf import descriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import strategies as st
@@ -298,7 +301,15 @@ class Template:
         return request
 
 
-Fixture = dict[str, list[Template]]  # the valid requests of each RPC, reaching a consumer's state on every path
+@dataclass(frozen=True, repr=False)
+class Fixture:
+    """The valid requests of each RPC (`templates`), reaching a fresh consumer's state on every path."""
+
+    serial: int
+    templates: dict[str, list[Template]]
+
+    def __repr__(self) -> str:  # hypothesis shows strategy arguments: the templates would make kilobytes
+        return f"Fixture(#{self.serial})"
 
 
 async def _call(channel: grpc.aio.Channel, rpc: str, request: Message, answer: type[Message]) -> Any:
@@ -322,10 +333,11 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
     await _call(channel, "Enrol", pb.EnrolRequest(request=consumer.enrolment(account_id, code)), pb.EnrolResponse)
 
     async def bill(description: str) -> tuple[str, bytes]:
+        """A new bill on the account, and the digest of its envelope as the consumer reads it (NEG-2)."""
         bill_id = await agent.issue_bill(account_id, BILL_AMOUNT, DUE, description, issue_date=date(2026, 3, 1))
-        record = await agent._store.get_bill(bill_id)
-        assert record is not None
-        return bill_id, record.digest
+        query = pb.GetBillRequest(query=consumer.query(account_id, bill_id=bill_id))
+        answer = await _call(channel, "GetBill", query, pb.GetBillResponse)
+        return bill_id, digest(answer.bill)
 
     # An agreed bill (3 instalments are inside the options: accepted at once, NEG-12), its first instalment paid.
     agreed_bill, agreed_digest = await bill("agreed")
@@ -429,10 +441,10 @@ async def build_fixture(agent: BillerAgent, channel: grpc.aio.Channel, serial: i
             ),
         ),
     ]
-    fixture: Fixture = {rpc: [] for rpc in RPCS}
+    by_rpc: dict[str, list[Template]] = {rpc: [] for rpc in RPCS}
     for template in templates:
-        fixture[template.rpc].append(template)
-    return fixture
+        by_rpc[template.rpc].append(template)
+    return Fixture(serial, by_rpc)
 
 
 # === Inputs ===========================================================================================
@@ -545,7 +557,7 @@ def _mutate_envelope(draw: Draw, envelope: envelope_pb2.Envelope, others: Sequen
     elif kind == "extra-signature":
         extra = envelope.signatures.add()
         extra.keyid = signature.keyid
-        extra.sig = draw(st.sampled_from((signature.sig,)) | st.binary(min_size=64, max_size=64))
+        extra.sig = draw(st.just(signature.sig) | st.binary(min_size=64, max_size=64))
         label = "same" if extra.sig == signature.sig else "random"
     elif kind == "no-signature":
         del envelope.signatures[:]
@@ -862,7 +874,11 @@ def _signed_input(draw: Draw, template: Template, others: Sequence[Template]) ->
             body.disclosure_digest = hashlib.sha256(disclosure.SerializeToString()).digest()
         elif kind == "carried-key-set" and isinstance(body, enrolment_pb2.EnrolmentRequest):
             # The key set an enrolment carries is verified as a chain of one (ENR-1 step 3): sign it again too.
-            key_set = keys_pb2.KeySet.FromString(body.consumer_key_set.payload)
+            key_set = keys_pb2.KeySet()
+            try:
+                key_set.ParseFromString(body.consumer_key_set.payload)
+            except DecodeError:
+                key_set.Clear()  # an earlier mutation broke it: start from an empty key set
             labels.append("carried key set: " + _mutate_body(draw, key_set))
             resigned = sign_envelope(template.signer, KEYSET_PAYLOAD_TYPE, key_set.SerializeToString())
             body.consumer_key_set.CopyFrom(resigned)
@@ -891,8 +907,8 @@ def _signed_input(draw: Draw, template: Template, others: Sequence[Template]) ->
 def fuzz_inputs(draw: Draw, fixture: Fixture, rpcs: Sequence[str]) -> FuzzInput:
     """One input for one of `rpcs`, at one of the three layers, from the fixture's templates."""
     rpc = draw(st.sampled_from(rpcs))
-    template: Template = draw(st.sampled_from(fixture[rpc]))
-    signed = [t for templates in fixture.values() for t in templates if t.payload is not None]
+    template: Template = draw(st.sampled_from(fixture.templates[rpc]))
+    signed = [t for templates in fixture.templates.values() for t in templates if t.payload is not None]
     # Properly signed inputs weigh double: they are the ones that get past the signature to the rules.
     layers = ("raw", "envelope", "signed", "signed") if template.envelope is not None else ("raw", "signed")
     layer = draw(st.sampled_from(layers))

@@ -132,7 +132,7 @@ def _send_one_signed(tmp_path: Path, rpc: str, template_name: str, mutate: Calla
         fuzzer = Fuzzer(tmp_path, rpcs=(rpc,))
         await fuzzer.start()
         try:
-            [template] = [t for t in fuzzer.fixture[rpc] if t.name == template_name]
+            [template] = [t for t in fuzzer.fixture.templates[rpc] if t.name == template_name]
             assert template.payload is not None
             assert template.signer is not None
             body = type(template.payload)()

@@ -50,7 +50,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from multiprocessing.context import SpawnProcess
@@ -70,8 +70,7 @@ from agent.crypto import SigningKey, VerifyKey, digest, sign_envelope, verify_si
 from agent.errors import ParleyError
 from agent.keysets import KeyChain, first_key_set
 from agent.protocol.messages import open_envelope, parse_payload
-from agent.stores.base import BillerStore
-from agent.stores.sqlite import SqliteBillerStore
+from agent.stores import SQLITE_SCHEME, BillerStore, open_biller_store
 from agent.stores.sqlite_base import ts
 from agent.terms import AdvertisedOptions, InstalmentOption, Money, Terms, TermsKind, build_terms, monthly_dates
 from agent.transport.server import install_uvloop, serve_biller
@@ -147,8 +146,10 @@ class BenchOptions:
             raise BenchError("--rate must be positive")
         if self.max_rate <= 0:
             raise BenchError("--max-rate must be positive")
-        if self.store not in ("sqlite", "postgres"):
+        if self.store not in DURABILITY:
             raise BenchError("--store is sqlite or postgres")
+        if self.prefill and self.store != "sqlite":
+            raise BenchError("--prefill bulk-loads SQLite only")
 
 
 # === The biller under test ===============================================================================
@@ -199,20 +200,22 @@ class InstantRailBiller(BillerAgent):
         return response
 
 
-def store_url(kind: str, state_dir: Path) -> str:
-    """The store's URL: every back end is chosen by one, so adding one is one line in `open_store`."""
+DURABILITY = {
+    "sqlite": "SQLite WAL, synchronous=FULL: an acknowledged step is on disk (survives a power cut)",
+    "postgres": "a throwaway PostgreSQL with fsync=off (agent/stores/pg_server.py): NOT durable, an upper bound",
+}
+
+
+def store_url(kind: str, state_dir: Path, resources: ExitStack) -> str:
+    """The store's URL (`open_biller_store` opens any): a file in `state_dir`, or a throwaway PostgreSQL
+    server's database, which lives as long as `resources`."""
     if kind == "sqlite":
-        return f"sqlite:///{state_dir / 'biller.db'}"
-    raise BenchError(
-        "--store postgres needs agent.stores.open_biller_store and a PostgreSQL server; "
-        "neither is in this tree yet: use --store sqlite"
-    )
-
-
-async def open_store(url: str) -> BillerStore:
-    if url.startswith("sqlite:///"):
-        return await SqliteBillerStore.open(url.removeprefix("sqlite:///"))
-    raise BenchError(f"no store back end for {url!r}")
+        return f"{SQLITE_SCHEME}{state_dir / 'biller.db'}"
+    try:
+        from agent.stores.pg_server import throwaway_postgres  # noqa: PLC0415 - needs the dev/postgres extras
+    except ImportError as error:
+        raise BenchError(f"--store postgres needs the postgres and dev extras ({error})") from error
+    return resources.enter_context(throwaway_postgres()).create_database("parley_bench")
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ async def prepare_store(
     url: str, identity: Identity, consumers: int, bills_per_consumer: int
 ) -> tuple[ConsumerSpec, ...]:
     """Accounts with enrolled consumers (through the real Enrol path) and their bills, issued concurrently."""
-    store = await open_store(url)
+    store = await open_biller_store(url)
     try:
         agent = bench_agent(identity, store)
         due = _now().date() + timedelta(days=DUE_IN_DAYS)
@@ -445,7 +448,7 @@ async def _serve_until_stopped(spec: WorkerSpec, ready: Queue[int], stop: Event)
         finally:
             await server.stop(grace=1)
         return
-    store = await open_store(spec.store_url)
+    store = await open_biller_store(spec.store_url)
     try:
         running = await serve_biller(bench_agent(spec.identity, store), listen, insecure=True, reuse_port=True)
         try:
@@ -836,14 +839,15 @@ class Bench:
         self.context = multiprocessing.get_context("spawn")
 
     def run(self) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(prefix="parley-bench-") as scratch:
-            state_dir = self.options.state_dir or Path(scratch)
+        with ExitStack() as resources:
+            state_dir = self.options.state_dir or Path(
+                resources.enter_context(tempfile.TemporaryDirectory(prefix="parley-bench-"))
+            )
             state_dir.mkdir(parents=True, exist_ok=True)
-            return self._run(state_dir)
+            return self._run(store_url(self.options.store, state_dir, resources))
 
-    def _run(self, state_dir: Path) -> dict[str, Any]:
+    def _run(self, url: str) -> dict[str, Any]:
         options = self.options
-        url = store_url(options.store, state_dir)
         identity = Identity.generate(_now())
         phases = 1 + int(options.half_load and options.rate is None)
         total_seconds = (options.warmup + options.seconds) * phases
@@ -853,7 +857,7 @@ class Bench:
         consumers = asyncio.run(prepare_store(url, identity, consumer_count, bills))
         if options.prefill:
             self.console.print(f"prefilling {options.prefill:,} agreements…")
-            prefill_sqlite(url.removeprefix("sqlite:///"), identity, options.prefill)
+            prefill_sqlite(url.removeprefix(SQLITE_SCHEME), identity, options.prefill)
         prepared = time.monotonic() - began
         self.console.print(
             f"prepared {consumer_count:,} enrolled consumers and {bills * consumer_count:,} bills in {prepared:.1f} s"
@@ -1013,7 +1017,7 @@ def _config(options: BenchOptions, prepared_seconds: float) -> dict[str, Any]:
     config["cpus"] = os.cpu_count()
     config["uvloop"] = _has_uvloop()
     config["prepare_seconds"] = prepared_seconds
-    config["durability"] = "SQLite WAL, synchronous=FULL: an acknowledged step is on disk (survives a power cut)"
+    config["durability"] = DURABILITY[options.store]
     return config
 
 

@@ -1,5 +1,6 @@
-"""Group commit in the SQLite foundation (agent/stores/sqlite_base.py): writes queued together share one COMMIT,
-a failing one rolls back alone, and no caller hears of its write before the COMMIT that made it durable."""
+"""Group commit and the reader connection in the SQLite foundation (agent/stores/sqlite_base.py): writes queued
+together share one COMMIT, a failing one rolls back alone, no caller hears of its write before the COMMIT that made
+it durable, and reads run beside the writer without waiting for it."""
 
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class NotesStore(SqliteStore):
             raise LookupError("the step's rule refused it after its first statement")
 
         await self._write(insert)
+
+    async def notes(self) -> list[tuple[int, str]]:
+        return [(row[0], row[1]) for row in await self._all("SELECT id, text FROM notes ORDER BY id")]
 
     async def dangling_link(self) -> None:
         await self._write(lambda db: db.execute("INSERT INTO links (note_id) VALUES (999999)"))
@@ -177,3 +181,29 @@ def test_a_closed_store_refuses_calls_at_once(tmp_path: Path) -> None:
 
     asyncio.run(asyncio.wait_for(closed(), timeout=10))
     assert _stored(tmp_path / "notes.db") == [(1, "before closing")]
+
+
+def test_reads_run_beside_a_busy_writer_and_see_what_was_committed(tmp_path: Path) -> None:
+    async def body(store: NotesStore) -> None:
+        await store.add(1, "committed")
+        release = threading.Event()
+        holding = asyncio.create_task(store.hold_worker(release))
+        queued = asyncio.create_task(store.add(2, "queued behind the busy writer"))
+        try:
+            assert await asyncio.wait_for(store.notes(), timeout=5) == [(1, "committed")]
+        finally:
+            release.set()
+        await holding
+        await queued
+        assert await store.notes() == [(1, "committed"), (2, "queued behind the busy writer")]
+
+    with_store(tmp_path / "notes.db", body)
+
+
+def test_the_reader_connection_cannot_write(tmp_path: Path) -> None:
+    async def body(store: NotesStore) -> None:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await store._read(lambda db: db.execute("INSERT INTO notes (id, text) VALUES (1, 'sneaked in')"))
+        assert await store.notes() == []
+
+    with_store(tmp_path / "notes.db", body)

@@ -4,11 +4,15 @@ Durability and concurrency choices, the same for every Parley SQLite store:
 
 - WAL journal with `synchronous=FULL`: a step is on disk when its commit
   returns, so an acceptance or a payment acknowledged survives a power cut.
-- Every SQLite call runs on one dedicated worker thread per store, which owns
-  the store's single connection; the event loop only awaits it. The hand-over
-  is a queue and one `call_soon_threadsafe` back, not an executor: a protocol
-  step makes several store calls, and the executor's futures cost more than
-  most of the queries (docs/PERFORMANCE.md).
+- Every SQLite call runs on a dedicated thread that owns its connection; the
+  event loop only awaits it. Writes (and migrations, checkpoints) run on the
+  writer thread; reads run on a second thread with a second, query-only
+  connection, so a read never waits behind a write's fsync: WAL gives it the
+  last committed state, and a write is acknowledged only once committed, so a
+  read that follows it sees it. The hand-over is a queue and one
+  `call_soon_threadsafe` back, not an executor: a protocol step makes several
+  store calls, and an executor's futures cost more than most of the queries
+  (docs/PERFORMANCE.md).
 - Writes use `BEGIN IMMEDIATE`, so several processes sharing the file queue on
   SQLite's write lock (with a busy timeout) and each step's reads and writes
   see one consistent database.
@@ -131,6 +135,24 @@ class _QueuedWrite(Generic[T]):
         _hand_back(self.future, self.result, self.error)
 
 
+def _configure(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("PRAGMA secure_delete=ON")
+    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
+
+def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], *, immediate: bool) -> T:
+    db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        result = fn(db)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
 class SqliteStore:
     """One SQLite file behind a single worker thread. Subclasses set `MIGRATIONS` and add methods.
 
@@ -142,7 +164,9 @@ class SqliteStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = os.fspath(path)
         self._worker = _WorkerThread("parley-sqlite")
+        self._reader = _WorkerThread("parley-sqlite-reader")
         self._db: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
         self._queued: list[_QueuedWrite[Any]] = []  # writes for the next group commit
         self._queue_lock = threading.Lock()  # `_queued` is appended on the loop, taken on the worker thread
 
@@ -152,14 +176,22 @@ class SqliteStore:
         store = cls(path)
         try:
             await store._call(store._connect)
+            await store._on(store._reader, store._connect_reader)
         except BaseException:
+            if store._db is not None:
+                await store._call(store._connection().close)
             store._worker.stop(wait=False)
+            store._reader.stop(wait=False)
             raise
         return store
 
     async def close(self) -> None:
         """Fold the WAL into the database (a checkpoint) and release the connection; the store is unusable
         afterwards. A checkpoint that cannot complete (another process is reading) is left to SQLite."""
+        if self._read_db is not None:
+            await self._on(self._reader, self._read_db.close)
+            self._read_db = None
+        self._reader.stop(wait=True)
         if self._db is not None:
             await self._call(self._close)
             self._db = None
@@ -174,9 +206,14 @@ class SqliteStore:
         finally:
             db.close()
 
-    # --- plumbing: everything below `_call` runs on the worker thread ---
+    # --- plumbing: everything below `_call` runs on the writer thread, below `_read` on the reader ---
 
     async def _call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the writer thread (which owns `_connection()`)."""
+        return await self._on(self._worker, fn)
+
+    @staticmethod
+    async def _on(thread: _WorkerThread, fn: Callable[[], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
         def job() -> None:
@@ -187,7 +224,7 @@ class SqliteStore:
             else:
                 _hand_back(future, result, None)
 
-        self._worker.submit(job)
+        thread.submit(job)
         return await future
 
     def _connection(self) -> sqlite3.Connection:
@@ -202,27 +239,18 @@ class SqliteStore:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise RuntimeError(f"SQLite refused WAL mode (journal_mode={mode}) for {self._path}")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA secure_delete=ON")
-            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self._db = db
-            self._in_transaction(lambda connection: migrate(connection, self.MIGRATIONS), immediate=True)
+            _configure(db)
+            _in_transaction(db, lambda connection: migrate(connection, self.MIGRATIONS), immediate=True)
         except BaseException:
-            self._db = None
             db.close()
             raise
+        self._db = db
 
-    def _in_transaction(self, fn: Callable[[sqlite3.Connection], T], *, immediate: bool) -> T:
-        db = self._connection()
-        db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-        try:
-            result = fn(db)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        return result
+    def _connect_reader(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        _configure(db)  # the same settings on both connections, so no read depends on which one runs it
+        db.execute("PRAGMA query_only=ON")  # reads only, whatever a read function tries
+        self._read_db = db
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in a write transaction: all of it commits, or none of it; returns once it is durable.
@@ -278,8 +306,14 @@ class SqliteStore:
         db.execute("RELEASE step")
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one read transaction (a consistent snapshot)."""
-        return await self._call(lambda: self._in_transaction(fn, immediate=False))
+        """Run `fn` in one read transaction (a consistent snapshot of what was committed) on the reader."""
+
+        def read() -> T:
+            if self._read_db is None:
+                raise RuntimeError("the store is closed")
+            return _in_transaction(self._read_db, fn, immediate=False)
+
+        return await self._on(self._reader, read)
 
     async def _one(self, sql: str, *args: object) -> Row | None:
         return await self._read(lambda db: db.execute(sql, args).fetchone())

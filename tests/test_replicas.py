@@ -51,6 +51,7 @@ from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2, negotiation_p
 
 START_TIMEOUT = 30.0
 ROUNDS = 4
+STREAM_WAIT = 15.0  # > the agent's watch_poll_interval (5 s): how late another process's event may come
 AGREED = negotiation_pb2.NEGOTIATION_OUTCOME_AGREED
 WITHDRAWN = negotiation_pb2.NEGOTIATION_OUTCOME_WITHDRAWN
 CONFIGURED_ACCOUNT = "acct-1001"  # reference_biller/sample.toml: ticked by both replicas' schedulers
@@ -242,6 +243,25 @@ def test_one_payment_intent_sent_to_both_replicas_is_paid_once(replicas: Replica
             assert set(thanks.values()) == {1}
 
     asyncio.run(race())
+
+
+def test_an_event_one_replica_appends_reaches_a_stream_held_by_the_other(replicas: Replicas) -> None:
+    async def watch() -> None:
+        async with both(replicas) as (first, second, _):
+            customer = await first.enrolled()
+            query = customer.party.query(customer.account_id, start_sequence=0)
+            async with first.conn.watch(query) as stream:
+                await first.issue_bill(customer)
+                caught_up = await stream.next(timeout=STREAM_WAIT)  # the stream now waits for the next event
+                bill = await second.issue_bill(customer)  # appended by the other process
+                received = await stream.next(timeout=STREAM_WAIT)
+            assert isinstance(caught_up, envelope_pb2.Envelope), caught_up
+            assert isinstance(received, envelope_pb2.Envelope), received
+            event = first.verify(received, (event_pb2.Event,), customer, live=False, what="the event").message
+            assert (event.kind, event.bill_id) == (event_pb2.EVENT_KIND_BILL_ISSUED, bill.bill_id)  # type: ignore[attr-defined]
+            assert event.header.previous_digest == digest(caught_up)  # type: ignore[attr-defined]
+
+    asyncio.run(watch())
 
 
 def test_both_schedulers_ticking_at_once_send_each_reminder_once(replicas: Replicas) -> None:

@@ -299,3 +299,17 @@ def test_both_schedulers_ticking_at_once_send_each_reminder_once(replicas: Repli
         assert set(issued.values()) == {1}
 
     asyncio.run(race())
+
+
+def test_the_biller_conformance_suite_passes_on_a_third_replica(replicas: Replicas, tmp_path: Path) -> None:
+    # A replica of its own: the suite moves its biller's clock, which the other tests share.
+    with _replica(replicas.dsn, replicas.state_dir, tmp_path / "replica-c.log") as third:
+        suite = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "conformance", "biller", "--target", third, "--insecure"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert suite.returncode == 0, suite.stdout[-3000:]
+    assert " 0 FAIL" in suite.stdout

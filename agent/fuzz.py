@@ -1220,18 +1220,18 @@ def run_fuzz(
     try:
         with tempfile.TemporaryDirectory(prefix="parley-fuzz-") as state_dir:
             fuzzer = Fuzzer(Path(state_dir), seed=seed, rpcs=rpcs, defect=defect)
-            started = time.monotonic()
-            deadline = started + seconds if seconds is not None else float("inf")
-            budget = Budget(deadline, max_inputs, stop_on_finding)
             try:
                 loop.run_until_complete(fuzzer.start())
+                started = time.monotonic()  # the budget is fuzzing time, the start-up not counted
+                deadline = started + seconds if seconds is not None else float("inf")
+                budget = Budget(deadline, max_inputs, stop_on_finding)
                 for batch in itertools.count():
                     if fuzzer.finished(budget):
                         break
                     _run_batch(fuzzer, loop, seed * 1_000_003 + batch, budget)
+                fuzzer.report.seconds = time.monotonic() - started
             finally:
                 loop.run_until_complete(fuzzer.stop())
-            fuzzer.report.seconds = time.monotonic() - started
             return fuzzer.report
     finally:
         loop.close()

@@ -1061,7 +1061,7 @@ class Fuzzer:
 
     async def start(self) -> None:
         """Store, agent, server on a free 127.0.0.1 port, channel, and the first fixture."""
-        clock = ManualClock(START)
+        self.clock = clock = ManualClock(START)  # moves only when a caller advances it
         key = SigningKey.generate()
         self._store = store = await SqliteBillerStore.open(self.state_dir / STORE_FILE)
         self.agent = BillerAgent(

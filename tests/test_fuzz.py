@@ -12,6 +12,7 @@ import base64
 import io
 import json
 from collections.abc import Callable
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,7 @@ from agent.fuzz import LAYERS, RPCS, Fuzzer, FuzzInput, FuzzReport, print_report
 from agent.protocol.negotiation import Negotiation
 from agent.stores.base import ThreadRecord
 from agent.transport.status import error_from_rpc
-from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2, negotiation_pb2
+from parley.v1 import account_pb2, biller_service_pb2, enrolment_pb2, envelope_pb2, negotiation_pb2
 from tests.helpers.peer import running_biller
 
 # Reasons that only a properly signed body can reach: the signature, form and parse checks all passed.
@@ -125,13 +126,54 @@ def test_a_query_for_another_account_changes_nothing(tmp_path: Path) -> None:
     assert report.fixtures_built == 1
 
 
-def _send_one_signed(tmp_path: Path, rpc: str, template_name: str, mutate: Callable[[Message], None]) -> FuzzReport:
-    """One input through a live Fuzzer: the named template's body changed by `mutate`, properly signed."""
+def test_a_move_past_the_deadline_may_expire_the_thread(tmp_path: Path) -> None:
+    """NEG-15 check 5b: a well-formed move after the thread's deadline is refused and the thread ends EXPIRED."""
+    late = timedelta(days=3)  # the fixture's thread has a 2-day deadline
+
+    def sent_late(withdraw: Message) -> None:
+        assert isinstance(withdraw, negotiation_pb2.Withdraw)
+        for stamp in (withdraw.header.create_time, withdraw.header.expire_time):
+            stamp.FromDatetime(stamp.ToDatetime(tzinfo=UTC) + late)
+
+    report = _send_one_signed(tmp_path, "Negotiate", "withdraw", sent_late, clock_ahead=late)
+
+    assert report.tallies["Negotiate"].outcomes == {"FAILED_PRECONDITION NEGOTIATION_DEADLINE_PASSED": 1}
+    assert report.findings == []
+    assert report.fixtures_built == 2
+
+
+def test_a_wrong_enrolment_code_may_be_counted(tmp_path: Path) -> None:
+    """ENR-5: a wrong code counts against the account; the only change a refused enrolment may make."""
+
+    def wrong_code(request: Message) -> None:
+        assert isinstance(request, enrolment_pb2.EnrolmentRequest)
+        request.code = "WRONG-CODE-0000"
+
+    report = _send_one_signed(tmp_path, "Enrol", "spare", wrong_code)
+
+    assert report.tallies["Enrol"].outcomes == {"PERMISSION_DENIED ENROLMENT_CODE_INVALID": 1}
+    assert report.findings == []
+    assert report.fixtures_built == 2
+
+
+def _send_one_signed(
+    tmp_path: Path,
+    rpc: str,
+    template_name: str,
+    mutate: Callable[[Message], None],
+    *,
+    clock_ahead: timedelta = timedelta(0),
+) -> FuzzReport:
+    """One input through a live Fuzzer: the named template's body changed by `mutate`, properly signed.
+
+    `clock_ahead` moves the biller's clock forward once the fixture is built.
+    """
 
     async def scenario() -> FuzzReport:
         fuzzer = Fuzzer(tmp_path, rpcs=(rpc,))
         await fuzzer.start()
         try:
+            fuzzer.clock.advance(clock_ahead)
             [template] = [t for t in fuzzer.fixture.templates[rpc] if t.name == template_name]
             assert template.payload is not None
             assert template.signer is not None

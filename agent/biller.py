@@ -248,6 +248,16 @@ class Policy(Protocol):
 
 
 @dataclass(frozen=True)
+class AwaitedPayment:
+    """A payment intent that was given instructions and is not settled yet: what a rail must still match."""
+
+    account_id: str
+    intent_id: str
+    amount: Money
+    payment_reference: str
+
+
+@dataclass(frozen=True)
 class Arrangement:
     """An agreed arrangement, for schedulers: its terms and the payments settled under it."""
 
@@ -646,6 +656,15 @@ class BillerAgent:
         """
         return [
             self._arrangement(record) for record in await self._store.arrangements(account_id, active_only=active_only)
+        ]
+
+    async def awaited_payments(self) -> list[AwaitedPayment]:
+        """Intents instructed but not settled, oldest first, read from the store: a payment rail restores
+        from this after a restart, or sees what another replica instructed (PAY-7 still holds: each settles once)."""
+        return [
+            AwaitedPayment(record.account_id, record.intent_id, Money.of(record.amount_minor, record.currency),
+                           record.payment_reference)
+            for record in await self._store.unsettled_payment_intents()
         ]
 
     async def purge_expired(self, disclosure_retention: timedelta = DISCLOSURE_RETENTION) -> tuple[int, int]:
@@ -1622,6 +1641,7 @@ __all__ = [
     "FEATURES",
     "AcceptOffer",
     "Arrangement",
+    "AwaitedPayment",
     "BillerAgent",
     "CounterOffer",
     "Decision",

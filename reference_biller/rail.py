@@ -21,9 +21,12 @@ received and kept for a person to resolve, never settled:
 - **unknown reference** (`UNMATCHED`).
 
 `disputes()` lists them. The references are derived from (account, intent), so
-they stay unique across restarts without any stored counter; the transfers and
-the reference table live in this process's memory, so a restart forgets
-transfers not yet settled (a real rail keeps them on its side).
+they stay unique across restarts without any stored counter; the reference table
+is rebuilt from the store's unsettled intents (`restore`) when the biller starts
+and before every settlement pass, so an intent instructed before a crash, or by
+another replica, is still matched. Transfers received but not yet settled live
+in this process's memory, so a restart forgets them (a real rail keeps them on
+its side).
 """
 
 from __future__ import annotations
@@ -117,6 +120,21 @@ class SimulatedRail:
             self._by_intent[(account_id, intent_id)] = known
         return PaymentDetails(RAIL_NAME, self.payments.payee_name, self.payments.payee_account, known.reference)
 
+    async def restore(self, agent: BillerAgent) -> int:
+        """Learn the instructions of every intent awaiting payment from the agent's store; returns how many
+        were new here. Run after a restart (the table above lives in memory) and before settling, so an intent
+        instructed before a crash, or by another replica, is still matched and settled."""
+        learned = 0
+        for awaited in await agent.awaited_payments():
+            key = (awaited.account_id, awaited.intent_id)
+            if key in self._by_intent:
+                continue
+            known = Instruction(awaited.account_id, awaited.intent_id, awaited.amount, awaited.payment_reference)
+            self._instructions[awaited.payment_reference] = known
+            self._by_intent[key] = known
+            learned += 1
+        return learned
+
     # --- The payer's side ---------------------------------------------------------------------------
 
     def pay(self, reference: str, amount: Money, now: datetime) -> Transfer:
@@ -156,6 +174,7 @@ class SimulatedRail:
         and were never sent) is skipped.
         """
         async with self._lock:
+            await self.restore(agent)
             receipts = await self._settle(agent, now, lambda _: True, delayed=False)
             covered = {t.reference for t in self._transfers if t.status in _COUNTED}
             for instruction in list(self._instructions.values()):

@@ -251,6 +251,7 @@ async def open_biller(
             features=(*FEATURES, CONFORMANCE_FEATURE) if conformance_control else FEATURES,
         )
         await sample.ensure_accounts(agent, config)
+        await rail.restore(agent)  # intents instructed before a restart are still matched and settled
     except BaseException:
         await store.close()
         raise

@@ -243,6 +243,40 @@ def test_rail_settles_after_the_delay_exactly_once_and_holds_a_wrong_amount(tmp_
     run(tmp_path, scenario)
 
 
+def test_an_intent_instructed_before_a_restart_is_still_matched_and_settled_once(tmp_path: Path) -> None:
+    """The rail's reference table is rebuilt from the store: a crash between instructions and payment loses nothing."""
+    instructed: list[tuple[str, Consumer, payment_pb2.PaymentInstructions]] = []
+
+    async def before(h: Harness) -> None:
+        for party in ("consumer:alice", "consumer:bob"):
+            account_id, consumer = await h.enrolled(party)
+            bill_id = biller_bill_id(await h.bill(account_id, consumer))
+            instructions = await h.pay_intent(account_id, consumer, bill_id, "pay-1", eur("120.00"))
+            instructed.append((account_id, consumer, instructions))
+
+    run(tmp_path, before)
+
+    async def after_restart() -> None:
+        async with harness(tmp_path) as h:
+            (alice_account, alice, to_alice), (bob_account, bob, _) = instructed
+            transfer = h.rail.pay(to_alice.payment_reference, eur("120.00"), h.clock.now())
+            assert transfer.status is TransferStatus.PENDING  # not UNMATCHED: the reference survived the restart
+            h.clock.advance(timedelta(days=1))
+            assert len(await h.rail.settle_due(h.running.biller.agent, h.clock.now())) == 1
+            # SettlePayments (CNF-4) settles Bob's intent, instructed before the restart too, and nothing twice.
+            assert (await h.control.SettlePayments(cc.SettlePaymentsRequest())).settled_count == 1
+            assert (await h.control.SettlePayments(cc.SettlePaymentsRequest())).settled_count == 0
+            assert await h.running.biller.agent.awaited_payments() == []
+            for account_id, consumer in ((alice_account, alice), (bob_account, bob)):
+                consumer.clock = h.clock  # the consumers' clocks of the first run stopped at its start
+                query = consumer.query(account_id, intent_id="pay-1")
+                receipt = (await h.stub.GetReceipt(GetReceiptRequest(query=query))).receipt
+                amount = payment_pb2.Receipt.FromString(receipt.payload).amount_received
+                assert Money.from_proto(amount) == eur("120.00")
+
+    asyncio.run(after_restart())
+
+
 def biller_bill_id(bill: envelope_pb2.Envelope) -> str:
     from parley.v1 import bill_pb2  # noqa: PLC0415
 

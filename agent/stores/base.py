@@ -451,6 +451,10 @@ class BillerStore(Protocol):
 
     async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None: ...
 
+    async def unsettled_payment_intents(self) -> list[PaymentIntentRecord]:
+        """Every intent with instructions but no settlement yet, oldest first (what a payment rail must still match)."""
+        ...
+
     async def insert_payment_intent(self, intent: PaymentIntentRecord, replay: ReplayRecord) -> None:
         """Store a new intent with its instructions; StoreConflict(IDEMPOTENCY_CONFLICT) if the id is taken.
 

@@ -603,22 +603,16 @@ class SqlBillerStore(abc.ABC):
             account_id,
             intent_id,
         )
-        if row is None:
-            return None
-        return PaymentIntentRecord(
-            account_id=row[0],
-            intent_id=row[1],
-            content_hash=row[2],
-            bill_id=row[3],
-            agreement_digest=row[4],
-            instalment_index=row[5],
-            amount_minor=row[6],
-            currency=row[7],
-            payment_reference=row[8],
-            intent=row[9],
-            instructions=row[10],
-            created_at=dt(row[11]),
+        return None if row is None else _intent(row)
+
+    async def unsettled_payment_intents(self) -> list[PaymentIntentRecord]:
+        rows = await self._all(
+            f"""SELECT {self._INTENT_COLUMNS} FROM payment_intents p
+                WHERE NOT EXISTS (SELECT 1 FROM settlements s
+                                  WHERE s.account_id = p.account_id AND s.intent_id = p.intent_id)
+                ORDER BY created_at, account_id, intent_id"""  # noqa: S608
         )
+        return [_intent(row) for row in rows]
 
     async def insert_payment_intent(self, intent: PaymentIntentRecord, replay: ReplayRecord) -> None:
         def insert(db: Db) -> None:
@@ -847,6 +841,24 @@ def _erase_disclosures(db: Db, where: str, *args: object) -> int:
             "UPDATE threads SET hardship_disclosed = FALSE WHERE thread_id = ? AND outcome != 'open'", (thread_id,)
         )
     return len(threads)
+
+
+
+def _intent(row: Row) -> PaymentIntentRecord:
+    return PaymentIntentRecord(
+        account_id=row[0],
+        intent_id=row[1],
+        content_hash=row[2],
+        bill_id=row[3],
+        agreement_digest=row[4],
+        instalment_index=row[5],
+        amount_minor=row[6],
+        currency=row[7],
+        payment_reference=row[8],
+        intent=row[9],
+        instructions=row[10],
+        created_at=dt(row[11]),
+    )
 
 
 def _bill(row: Row) -> BillRecord:

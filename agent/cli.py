@@ -29,6 +29,9 @@
                                     SIGKILL a loaded reference biller N times; check nothing acknowledged was lost
     parley fuzz [--seconds N] [--seed S] [--rpc NAME] [--json FILE]
                                     fuzz every BillerService RPC on a live biller; exit 1 on any finding
+    parley bench [--seconds N] [--concurrency C] [--workers W] [--store sqlite|postgres] [--prefill N]
+                 [--rate R] [--json FILE]
+                                    complete negotiations/s against a bare signed-RPC baseline (docs/PERFORMANCE.md)
 
 Serve options: flag > PARLEY_* environment variable > the config file's [server]
 table > default (reference_biller/settings.py, docs/OPERATIONS.md).

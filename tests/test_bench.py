@@ -24,7 +24,7 @@ TINY = BenchOptions(
     load_generators=1,
     channels=2,
     half_load=False,
-    max_rate=40.0,
+    max_rate=400.0,  # bills for up to 400 cycles/s: more than two slots can run
 )
 
 
@@ -103,6 +103,8 @@ def test_percentile_is_the_nearest_rank() -> None:
         ({"load_generators": 3}, "--load-generators"),
         ({"rate": -1.0}, "--rate"),
         ({"prefill": -5}, "--prefill"),
+        ({"store": "postgres", "prefill": 10}, "--prefill"),
+        ({"store": "mysql"}, "--store"),
     ],
 )
 def test_unusable_options_are_refused_before_anything_starts(change: dict[str, Any], message: str) -> None:

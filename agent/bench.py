@@ -70,7 +70,7 @@ from agent.crypto import SigningKey, VerifyKey, digest, sign_envelope, verify_si
 from agent.errors import ParleyError
 from agent.keysets import KeyChain, first_key_set
 from agent.protocol.messages import open_envelope, parse_payload
-from agent.stores import SQLITE_SCHEME, BillerStore, open_biller_store
+from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, BillerStore, open_biller_store
 from agent.stores.sqlite_base import ts
 from agent.terms import AdvertisedOptions, InstalmentOption, Money, Terms, TermsKind, build_terms, monthly_dates
 from agent.transport.server import install_uvloop, serve_biller
@@ -146,8 +146,8 @@ class BenchOptions:
             raise BenchError("--rate must be positive")
         if self.max_rate <= 0:
             raise BenchError("--max-rate must be positive")
-        if self.store not in DURABILITY:
-            raise BenchError("--store is sqlite or postgres")
+        if self.store not in DURABILITY and not self.store.startswith(POSTGRES_SCHEMES):
+            raise BenchError("--store is sqlite, postgres or a postgresql:// URL")
         if self.prefill and self.store != "sqlite":
             raise BenchError("--prefill bulk-loads SQLite only")
 
@@ -204,13 +204,16 @@ DURABILITY = {
     "sqlite": "SQLite WAL, synchronous=FULL: an acknowledged step is on disk (survives a power cut)",
     "postgres": "a throwaway PostgreSQL with fsync=off (agent/stores/pg_server.py): NOT durable, an upper bound",
 }
+GIVEN_DATABASE = "the PostgreSQL database given: as durable as that server is configured to be"
 
 
-def store_url(kind: str, state_dir: Path, resources: ExitStack) -> str:
-    """The store's URL (`open_biller_store` opens any): a file in `state_dir`, or a throwaway PostgreSQL
-    server's database, which lives as long as `resources`."""
-    if kind == "sqlite":
+def store_url(store: str, state_dir: Path, resources: ExitStack) -> str:
+    """The store's URL (`open_biller_store` opens any): a file in `state_dir`, the PostgreSQL URL given (an
+    empty database), or a throwaway PostgreSQL server's database, which lives as long as `resources`."""
+    if store == "sqlite":
         return f"{SQLITE_SCHEME}{state_dir / 'biller.db'}"
+    if store.startswith(POSTGRES_SCHEMES):
+        return store
     try:
         from agent.stores.pg_server import throwaway_postgres  # noqa: PLC0415 - needs the dev/postgres extras
     except ImportError as error:
@@ -1022,7 +1025,9 @@ def _config(options: BenchOptions, prepared_seconds: float) -> dict[str, Any]:
     config["cpus"] = os.cpu_count()
     config["uvloop"] = _has_uvloop()
     config["prepare_seconds"] = prepared_seconds
-    config["durability"] = DURABILITY[options.store]
+    config["durability"] = DURABILITY.get(options.store, GIVEN_DATABASE)
+    if options.store.startswith(POSTGRES_SCHEMES):
+        config["store"] = "postgresql://…"  # the URL may carry a password: never in the report
     return config
 
 
@@ -1106,7 +1111,12 @@ def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     bench.add_argument("--workers", type=int, default=defaults.workers, help="biller processes sharing the port")
     bench.add_argument("--load-generators", type=int, default=defaults.load_generators, help="client processes")
     bench.add_argument("--channels", type=int, default=defaults.channels, help="channels per load generator")
-    bench.add_argument("--store", choices=("sqlite", "postgres"), default=defaults.store)
+    bench.add_argument(
+        "--store",
+        default=defaults.store,
+        metavar="sqlite|postgres|URL",
+        help="a SQLite file (durable), a throwaway PostgreSQL (fsync off), or an empty PostgreSQL database's URL",
+    )
     bench.add_argument("--prefill", type=int, default=0, metavar="N", help="bulk-load N agreements first")
     bench.add_argument("--rate", type=float, help="cycles/s to offer instead of as fast as possible")
     bench.add_argument("--no-half-load", action="store_true", help="skip the phase at half of the peak rate")

@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from rich.console import Console
 
@@ -85,6 +86,23 @@ def test_a_tiny_bench_reports_verified_cycles_the_baseline_and_their_ratios(tmp_
     assert prefilled == 2_000
     assert prefilled_messages == 3 * 2_000
     assert violations == 0
+
+
+def test_the_store_is_chosen_by_url_and_a_postgresql_database_serves_the_bench(postgres_dsn: str) -> None:
+    options = BenchOptions(**{**TINY.__dict__, "store": postgres_dsn, "baseline": False})
+    report = run_bench(options, Console(file=None, quiet=True), show_progress=False)
+
+    parley = report["parley"]
+    _check_phase(parley, SIGNED_PER_CYCLE)
+    assert report["config"]["store"] == "postgresql://…"  # never the URL itself: it may carry a password
+    assert "as durable as that server" in report["config"]["durability"]
+    with psycopg.connect(postgres_dsn) as db:
+        agreed = db.execute("SELECT COUNT(*) FROM threads WHERE outcome = 'agreed'").fetchone()
+        settled = db.execute("SELECT COUNT(*) FROM settlements").fetchone()
+    assert agreed is not None
+    assert settled is not None
+    assert agreed[0] >= parley["cycles"]
+    assert settled[0] == agreed[0]
 
 
 def test_percentile_is_the_nearest_rank() -> None:

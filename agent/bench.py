@@ -29,8 +29,10 @@ processes from /proc/<pid>/stat) and peak RSS (VmHWM). By default a third
 phase replays the Parley load at half of the peak rate to report latency at
 half load.
 
-The store is chosen by URL (`sqlite:///path` here); `--prefill N` bulk-loads N
-agreed negotiations first, so cost can be compared as data grows.
+The store is chosen by URL (`open_biller_store`): a SQLite file, a throwaway
+PostgreSQL, or a PostgreSQL database given; `--prefill N` bulk-loads N agreed
+negotiations first, so cost can be compared as data grows. docs/PERFORMANCE.md
+has the method, the figures and how to read them.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ class BenchError(Exception):
 class BenchOptions:
     seconds: float = 10.0
     warmup: float = 2.0
-    concurrency: int = 32
+    concurrency: int = 16
     workers: int = 2
     load_generators: int = 2
     channels: int = 4  # per load generator
@@ -156,7 +158,7 @@ class BenchOptions:
 
 
 class BenchPolicy:
-    """Advertises up to 3 monthly instalments; counters anything else with 3, and accepts its own counter."""
+    """Advertises up to 3 monthly instalments; counters any offer outside them with 3 from the offer's first date."""
 
     def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
         return AdvertisedOptions(

@@ -1312,13 +1312,16 @@ def add_fuzz_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 def _fuzz_command(args: argparse.Namespace, out: Console) -> int:
     # Every input is refused on purpose: the biller's warnings about them would bury the report.
-    logging.getLogger("parley").setLevel(logging.ERROR)
+    parley_logger = logging.getLogger("parley")
+    level = parley_logger.level
+    parley_logger.setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="parley-fuzz-hypothesis-") as scratch:
         hypothesis.configuration.set_hypothesis_home_dir(scratch)  # its caches, not a .hypothesis/ in the cwd
         try:
             report = run_fuzz(seconds=args.seconds, seed=args.seed, rpcs=args.rpc or RPCS)
         finally:
             hypothesis.configuration.set_hypothesis_home_dir(None)  # back to the default, for a caller's later use
+            parley_logger.setLevel(level)  # an in-process caller (a test, an embedding) keeps its logging
     print_report(report, out)
     if args.json_path is not None:
         args.json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -69,10 +70,12 @@ def test_quick_run_over_every_rpc_finds_nothing() -> None:
 
 def test_cli_prints_inputs_per_rpc_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report_file = tmp_path / "fuzz.json"
+    level = logging.getLogger("parley").level
 
     status = main(["fuzz", "--seconds", "2", "--seed", "5", "--rpc", "GetBill", "--json", str(report_file)])
 
     assert status == 0
+    assert logging.getLogger("parley").level == level  # quietened for the run only: an embedding keeps its logs
     printed = capsys.readouterr().out
     assert "GetBill" in printed
     assert "no findings" in printed

@@ -78,7 +78,7 @@ from agent.crypto import SigningKey, digest, sign_envelope
 from agent.errors import ERROR_DOMAIN, Reason
 from agent.keysets import KEYSET_PAYLOAD_TYPE, first_key_set
 from agent.limits import DEFAULT_LIMITS, Limits
-from agent.protocol.messages import PAYLOAD_TYPES, new_message_id
+from agent.protocol.messages import PAYLOAD_TYPES, encode_varint, new_message_id
 from agent.stores.sqlite import SqliteBillerStore
 from agent.terms import (
     AdvertisedOptions,
@@ -468,15 +468,6 @@ class FuzzInput:
 Draw = Callable[[st.SearchStrategy[Any]], Any]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
 def _flip_bits(draw: Draw, data: bytes) -> tuple[bytes, str]:
     if not data:
         return b"\x01", "flip: empty, sent one byte"
@@ -512,7 +503,8 @@ def _mutate_raw(draw: Draw, data: bytes) -> tuple[bytes, str]:
     number = draw(st.sampled_from((1, 2, 3, 4, 7, 15, 99, 536_870_911)))
     wire_type = draw(st.integers(0, 7))
     tail = draw(st.binary(max_size=16))
-    return data + _varint(number << 3 | wire_type) + tail, f"field {number} as wire type {wire_type} + {tail.hex()}"
+    key = encode_varint(number << 3 | wire_type)
+    return data + key + tail, f"field {number} as wire type {wire_type} + {tail.hex()}"
 
 
 def _mutate_envelope(draw: Draw, envelope: envelope_pb2.Envelope, others: Sequence[envelope_pb2.Envelope]) -> str:
@@ -781,7 +773,7 @@ def _mutate_body(draw: Draw, body: Message) -> str:
     if kind == "unknown":
         path = draw(st.sampled_from(_message_paths(body)))
         number = draw(st.sampled_from((15, 99, 1000, 536_870_911)))
-        _resolve(body, path).MergeFromString(_varint(number << 3) + _varint(draw(st.integers(0, 2**32))))
+        _resolve(body, path).MergeFromString(encode_varint(number << 3) + encode_varint(draw(st.integers(0, 2**32))))
         return f"unknown field {number} in {'.'.join(step for step, _ in path) or 'body'}"
     paths = list(_field_paths(body))
     in_header = [entry for entry in paths if entry[0][0][0] == "header"]

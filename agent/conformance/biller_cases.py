@@ -70,7 +70,7 @@ from agent.crypto import SigningKey, envelope_from_json
 from agent.errors import ERROR_DOMAIN, ParleyError, Reason
 from agent.keysets import KeyChain
 from agent.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
-from agent.protocol.messages import PAYLOAD_TYPES, Verified, open_envelope
+from agent.protocol.messages import PAYLOAD_TYPES, Verified, encode_varint, open_envelope
 from agent.transport.client import ClientTls
 from agent.vectors import load as load_vectors
 from parley.v1 import (
@@ -978,18 +978,9 @@ async def unknown_field_nested(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
     header = customer.party.header().SerializeToString() + UNKNOWN_FIELD
     rest = account_pb2.AccountQuery(account_id=customer.account_id).SerializeToString()
-    payload = b"\x0a" + _varint(len(header)) + header + rest
+    payload = b"\x0a" + encode_varint(len(header)) + header + rest
     nested = customer.party.sign_bytes("parley.v1.AccountQuery", payload)
     expect(await list_bills(ctx, nested), Reason.UNKNOWN_FIELD, "a query whose header carries field 111")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 @suite.case(

@@ -134,6 +134,16 @@ def new_header(
     )
 
 
+def encode_varint(value: int) -> bytes:
+    """The protobuf base-128 varint of a non-negative integer: for crafting raw wire bytes (tests, fuzzing)."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 def seal(message: Message, key: SigningKey) -> envelope_pb2.Envelope:
     """Sign `message` in an envelope whose payloadType is its full protobuf name (ENV-5)."""
     return sign_envelope(key, message.DESCRIPTOR.full_name, message.SerializeToString(deterministic=True))

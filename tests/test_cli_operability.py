@@ -6,11 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ from agent.cli import build_parser
 from agent.cli import main as parley_main
 from reference_biller.config import SAMPLE, ConfigError, ServerSettings, load_config
 from reference_biller.settings import OPTIONS, SettingsError, resolve_serve, resolve_state_dir
+from tests.helpers.process import lines_of
 
 # --- --help on every command -------------------------------------------------------------------------------
 
@@ -172,17 +171,6 @@ def test_biller_codes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], m
 # --- parley biller serve as a process: environment, health, metrics, JSON logs, SIGTERM ----------------------
 
 
-def _lines(stream: object) -> queue.Queue[str]:
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
 def _health(channel: grpc.Channel) -> int:
     stub: Any = health_pb2_grpc.HealthStub(channel)  # grpc_health's stubs type no methods on HealthStub
     return int(stub.Check(health_pb2.HealthCheckRequest(service="parley.v1.BillerService"), timeout=5).status)
@@ -208,7 +196,7 @@ def test_serve_takes_its_options_from_the_environment_and_stops_cleanly_on_sigte
             env=env,
         )
     try:
-        lines, printed = _lines(process.stdout), {}
+        lines, printed = lines_of(process.stdout), {}
         while "listening" not in printed:
             name, _, value = lines.get(timeout=30).partition(" ")
             printed[name] = value.strip()

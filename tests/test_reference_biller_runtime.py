@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,6 +49,7 @@ from reference_biller.config import SAMPLE, load_config
 from reference_biller.rail import SimulatedRail, TransferStatus
 from reference_biller.service import CONFORMANCE_FEATURE, RunningBiller, load_identity, serving_biller
 from tests.helpers.peer import BILLER_ID, Consumer, inside_options
+from tests.helpers.process import lines_of
 
 CONFIG = load_config()
 START = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
@@ -451,17 +450,6 @@ def test_serve_refuses_plaintext_off_loopback_and_tls_less_listeners(
     assert not (tmp_path / "state").exists()  # refused before anything was created
 
 
-def _lines(stream: object) -> queue.Queue[str]:
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            lines.put(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return lines
-
-
 def test_serve_answers_hello_and_stops_on_sigterm_then_codes_share_its_identity(tmp_path: Path) -> None:
     state = tmp_path / "state"
     command = [sys.executable, "-m", "agent.cli", "biller", "serve", "--insecure", "--listen", "127.0.0.1:0"]
@@ -470,7 +458,7 @@ def test_serve_answers_hello_and_stops_on_sigterm_then_codes_share_its_identity(
             [*command, "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=stderr, text=True
         )
     try:
-        lines, printed = _lines(process.stdout), {}
+        lines, printed = lines_of(process.stdout), {}
         while "listening" not in printed:
             name, _, value = lines.get(timeout=30).partition(" ")
             printed[name] = value.strip()

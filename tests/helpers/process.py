@@ -13,7 +13,7 @@ from pathlib import Path
 BANNER_TIMEOUT = 30.0  # seconds for the child to print its "listening" line on a loaded 2-core machine
 
 
-def _lines(stream: object) -> queue.Queue[str]:
+def lines_of(stream: object) -> queue.Queue[str]:
     """The lines of `stream`, read on a daemon thread so that a silent child cannot hang the test."""
     lines: queue.Queue[str] = queue.Queue()
 
@@ -37,7 +37,7 @@ def serving_process(
     with log.open("w") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     try:
-        lines, banner = _lines(process.stdout), {}
+        lines, banner = lines_of(process.stdout), {}
         while "listening" not in banner:
             name, _, value = lines.get(timeout=BANNER_TIMEOUT).partition(" ")
             banner[name] = value.strip()

@@ -680,8 +680,13 @@ class ConsumerAgent:
         message_lifetime: timedelta = timedelta(minutes=15),
         retry: RetryPolicy = DEFAULT_RETRY,
         watch_failure_limit: int = 20,
+        client_certificate: tuple[bytes, bytes] | None = None,
     ) -> None:
         """`key_sets` is our own chain (verified here if given as envelopes).
+
+        `client_certificate` is (certificate chain PEM, private key PEM), presented on
+        every TLS channel to a biller that asks for mutual TLS (TRN-9); it is held in
+        memory only, never written to the store.
 
         `approve` asks the user about moves outside the mandate (default: an
         `AskAndWait`, available as `agent.approvals`). `max_rounds` and
@@ -719,6 +724,7 @@ class ConsumerAgent:
         self._lifetime = message_lifetime
         self._retry = retry
         self._watch_failure_limit = watch_failure_limit
+        self._client_certificate = client_certificate
         self._sessions: dict[str, _Session] = {}
         self._locks: dict[tuple[str, ...], asyncio.Lock] = {}
 
@@ -779,7 +785,8 @@ class ConsumerAgent:
             server_name=None if tls is None else tls.server_name,
             enrolled_at=self.clock.now() if known is None else known.enrolled_at,
         )
-        client = BillerClient.connect(target, tls=tls, insecure=insecure, retry=self._retry)
+        channel_tls = self._with_certificate(tls, insecure)
+        client = BillerClient.connect(target, tls=channel_tls, insecure=insecure, retry=self._retry)
         try:
             hello = await client.hello()
             self._check_hello(hello, link)
@@ -872,6 +879,14 @@ class ConsumerAgent:
         accounts = tuple(account.account_id for account in await self._store.linked_accounts(link.biller_party_id))
         tls = None if link.insecure else ClientTls(link.root_certificates, link.server_name)
         return BillerLink(link.biller_party_id, link.target, link.fingerprint, link.insecure, tls, accounts)
+
+    def _with_certificate(self, tls: ClientTls | None, insecure: bool) -> ClientTls | None:
+        """The channel's TLS settings with our client certificate, unless they carry one or the channel is plaintext."""
+        if insecure or self._client_certificate is None or (tls is not None and tls.certificate_chain is not None):
+            return tls
+        chain, key = self._client_certificate
+        base = tls or ClientTls()
+        return dataclasses.replace(base, certificate_chain=chain, private_key=key)
 
     # === Bills (§7) =================================================================================
 
@@ -1949,6 +1964,7 @@ class ConsumerAgent:
             envelopes = [_envelope(data) for data in await self._store.link_key_sets(biller)]
             chain = KeyChain.verify(envelopes, pin=link.fingerprint, limits=self.limits)
             tls = None if link.insecure else ClientTls(link.root_certificates, link.server_name)
+            tls = self._with_certificate(tls, link.insecure)
             client = BillerClient.connect(link.target, tls=tls, insecure=link.insecure, retry=self._retry)
             session = _Session(link, client, chain, self.limits)
             try:

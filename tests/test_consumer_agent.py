@@ -17,8 +17,10 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from agent.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.consumer import (
     Accept,
     AccountEvent,
@@ -55,7 +57,7 @@ from agent.stores.base import (
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.terms import BillFacts, Terms, TermsKind, build_terms, monthly_dates
 from agent.transport.client import ClientTls, RetryPolicy, open_channel
-from agent.transport.server import start_biller_server
+from agent.transport.server import serve_biller, start_biller_server
 from agent.transport.status import RpcError
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2
 from parley.v1 import biller_service_pb2 as pb
@@ -141,6 +143,7 @@ class Household:
         mandate: Mandate = WIDE,
         approve: Callable[[ApprovalRequest], Awaitable[bool]] | None = None,
         bank: Bank | None = None,
+        client_certificate: tuple[bytes, bytes] | None = None,
     ) -> AsyncIterator[ConsumerAgent]:
         store = await SqliteConsumerStore.open(self.db_path)
         agent = ConsumerAgent(
@@ -154,6 +157,7 @@ class Household:
             payment_sender=bank,
             clock=self.biller.clock,
             retry=FAST,
+            client_certificate=client_certificate,
         )
         try:
             yield agent
@@ -828,6 +832,45 @@ def test_enrol_and_read_bills_over_tls_and_no_plaintext_off_loopback(tmp_path: P
             await server.stop(None)
         with pytest.raises(ValueError, match="loopback"):
             open_channel("billing.energy.example:7443", insecure=True)
+
+    run(tmp_path, scenario)
+
+
+def test_a_client_certificate_reaches_a_mutual_tls_biller_on_every_channel_and_is_never_stored(tmp_path: Path) -> None:
+    async def scenario(biller: Biller, household: Household) -> None:
+        ca = make_dev_ca()
+        server_certificate = issue_server_cert(ca)
+        app = issue_client_cert(ca, "household app")
+        certificate = (app.chain_pem, app.key_pem)
+        running = await serve_biller(
+            biller.agent,
+            "127.0.0.1:0",
+            tls=(server_certificate.chain_pem, server_certificate.key_pem),
+            tls_client_ca=ca.cert_pem,
+        )
+        try:
+            target, tls = f"127.0.0.1:{running.port}", ClientTls(root_certificates=ca.cert_pem)
+            await biller.agent.create_account(ACCOUNT, "Alice Example")
+            code = await biller.agent.issue_enrolment_code(ACCOUNT)
+            material = {"biller_party_id": BILLER_ID, "fingerprint": biller.chain.fingerprint, "account_id": ACCOUNT}
+            async with household.agent() as agent:  # no client certificate: refused in the handshake
+                with pytest.raises(RpcError) as refused:
+                    await agent.enrol(target, code=code, tls=tls, **material)  # type: ignore[arg-type]
+                assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+            async with household.agent(client_certificate=certificate) as agent:  # the same code: nothing was spent
+                await agent.enrol(target, code=code, tls=tls, **material)  # type: ignore[arg-type]
+                await biller.bill(ACCOUNT)
+            async with household.agent(client_certificate=certificate) as agent:  # a new channel from the stored link
+                assert [bill.facts.bill_id for bill in await agent.bills(BILLER_ID)] == [BILL.bill_id]
+            async with household.agent() as agent:
+                with pytest.raises(RpcError) as refused:
+                    await agent.bills(BILLER_ID)
+                assert refused.value.code is grpc.StatusCode.UNAVAILABLE
+            stored = b"".join(path.read_bytes() for path in household.db_path.parent.glob("consumer.sqlite*"))
+            assert app.key_pem not in stored
+            assert b"PRIVATE KEY" not in stored
+        finally:
+            await running.stop(None)
 
     run(tmp_path, scenario)
 

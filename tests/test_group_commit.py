@@ -1,10 +1,13 @@
-"""Group commit and the reader connection in the SQLite foundation (agent/stores/sqlite_base.py): writes queued
-together share one COMMIT, a failing one rolls back alone, no caller hears of its write before the COMMIT that made
-it durable, and reads run beside the writer without waiting for it."""
+"""Group commit, the writer lock and the reader connection in the SQLite foundation (agent/stores/sqlite_base.py):
+writes queued together share one COMMIT, a failing one rolls back alone, no caller hears of its write before the
+COMMIT that made it durable, writers of one file queue on its `-lock` file, and reads run on the event loop beside
+the writer without waiting for it."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
@@ -207,3 +210,41 @@ def test_the_reader_connection_cannot_write(tmp_path: Path) -> None:
         assert await store.notes() == []
 
     with_store(tmp_path / "notes.db", body)
+
+
+def test_a_write_waits_while_another_process_holds_the_writer_lock(tmp_path: Path) -> None:
+    """Writers of one file queue on `<file>-lock` (flock), woken as soon as it is released, before SQLite's lock."""
+    path = tmp_path / "notes.db"
+
+    async def body(store: NotesStore) -> None:
+        lock = os.open(f"{path}-lock", os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # as another worker process inside its transaction would
+            write = asyncio.create_task(store.add(1, "waits for the lock"))
+            await asyncio.sleep(0.2)
+            assert not write.done()
+            assert _stored(path) == []
+            assert await store.notes() == []  # reads do not take the lock
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            assert await asyncio.wait_for(write, timeout=5) == 1
+        finally:
+            os.close(lock)
+        assert _stored(path) == [(1, "waits for the lock")]
+
+    with_store(path, body)
+
+
+def test_two_stores_on_one_file_interleave_their_writes(tmp_path: Path) -> None:
+    """Two stores (as two worker processes have) writing at once: every write commits, none fails busy."""
+    path = tmp_path / "notes.db"
+
+    async def both() -> None:
+        first, second = await NotesStore.open(path), await NotesStore.open(path)
+        try:
+            await asyncio.gather(*(store.add(i, f"from store {i % 2}") for i, store in enumerate([first, second] * 50)))
+            assert await first.notes() == await second.notes() == [(i, f"from store {i % 2}") for i in range(100)]
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(asyncio.wait_for(both(), timeout=60))

@@ -18,7 +18,8 @@ Rules every back end follows:
 - Event envelopes are signed inside the transaction that appends them
   (`PendingEvent.seal` gets the cursor and the previous event's digest), so the
   account's log is a gapless chain even with several writers.
-- Methods are coroutines; a back end never blocks the event loop.
+- Methods are coroutines; a back end never makes the event loop wait for a lock or a disk sync (the SQLite
+  back end runs its short indexed reads on the loop itself: cheaper than a thread hand-over).
 
 Times are timezone-aware UTC datetimes; money is integer minor units plus an
 ISO 4217 code; envelopes are serialized `parley.v1.Envelope` bytes.

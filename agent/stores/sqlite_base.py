@@ -4,18 +4,23 @@ Durability and concurrency choices, the same for every Parley SQLite store:
 
 - WAL journal with `synchronous=FULL`: a step is on disk when its commit
   returns, so an acceptance or a payment acknowledged survives a power cut.
-- Every SQLite call runs on a dedicated thread that owns its connection; the
-  event loop only awaits it. Writes (and migrations, checkpoints) run on the
-  writer thread; reads run on a second thread with a second, query-only
-  connection, so a read never waits behind a write's fsync: WAL gives it the
-  last committed state, and a write is acknowledged only once committed, so a
-  read that follows it sees it. The hand-over is a queue and one
-  `call_soon_threadsafe` back, not an executor: a protocol step makes several
-  store calls, and an executor's futures cost more than most of the queries
-  (docs/PERFORMANCE.md).
-- Writes use `BEGIN IMMEDIATE`, so several processes sharing the file queue on
-  SQLite's write lock (with a busy timeout) and each step's reads and writes
-  see one consistent database.
+- Writes (and migrations, checkpoints) run on a dedicated writer thread that
+  owns the writing connection; the event loop only awaits them, because a
+  write waits for fsync and for the write lock. The hand-over is a queue and
+  one `call_soon_threadsafe` back, not an executor (docs/PERFORMANCE.md).
+- Reads run on the event loop itself, on a second, query-only connection:
+  they are short indexed lookups of a consistent WAL snapshot (tens of
+  microseconds from the page cache), and handing each to a thread and back
+  cost more CPU than the query (docs/PERFORMANCE.md). WAL never makes them
+  wait for a writer, and a write is acknowledged only once committed, so a
+  read that follows it sees it.
+- Writes use `BEGIN IMMEDIATE`, so every step's reads and writes see one
+  consistent database. Processes sharing the file (workers, replicas) first
+  queue on an advisory `flock` of `<file>-lock`, which wakes the next writer
+  the moment the lock is released; SQLite's own busy handler, left to
+  settle it, sleeps up to 100 ms between tries and made p99 latency at half
+  load 5–10× worse with two workers (docs/PERFORMANCE.md). The busy timeout
+  still covers other programs holding SQLite's lock.
 - Group commit: the writes that arrive while the worker thread is busy are
   committed together, one `COMMIT` (one fsync) for all of them. Each runs in
   its own `SAVEPOINT`, so a step that fails rolls back alone and the others
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import queue
 import sqlite3
@@ -135,6 +141,22 @@ class _QueuedWrite(Generic[T]):
         _hand_back(self.future, self.result, self.error)
 
 
+class _WriterLock:
+    """An advisory lock on `<database>-lock` that the writers of one SQLite file take around each transaction."""
+
+    def __init__(self, database: str) -> None:
+        self._fd = os.open(database + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocks this (writer) thread only; the GIL is released
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def _configure(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA foreign_keys=ON")
@@ -156,7 +178,8 @@ def _in_transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T
 class SqliteStore:
     """One SQLite file behind a single worker thread. Subclasses set `MIGRATIONS` and add methods.
 
-    Create a store with `await Subclass.open(path)` and release it with `await store.close()`.
+    Create a store with `await Subclass.open(path)` and release it with `await store.close()`; use it from
+    one event loop (reads run on it).
     """
 
     MIGRATIONS: ClassVar[Migrations] = ()
@@ -164,7 +187,7 @@ class SqliteStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = os.fspath(path)
         self._worker = _WorkerThread("parley-sqlite")
-        self._reader = _WorkerThread("parley-sqlite-reader")
+        self._writer_lock: _WriterLock | None = None
         self._db: sqlite3.Connection | None = None
         self._read_db: sqlite3.Connection | None = None
         self._queued: list[_QueuedWrite[Any]] = []  # writes for the next group commit
@@ -176,12 +199,11 @@ class SqliteStore:
         store = cls(path)
         try:
             await store._call(store._connect)
-            await store._on(store._reader, store._connect_reader)
+            store._connect_reader()
         except BaseException:
             if store._db is not None:
-                await store._call(store._connection().close)
+                await store._call(store._close)
             store._worker.stop(wait=False)
-            store._reader.stop(wait=False)
             raise
         return store
 
@@ -189,9 +211,8 @@ class SqliteStore:
         """Fold the WAL into the database (a checkpoint) and release the connection; the store is unusable
         afterwards. A checkpoint that cannot complete (another process is reading) is left to SQLite."""
         if self._read_db is not None:
-            await self._on(self._reader, self._read_db.close)
+            self._read_db.close()
             self._read_db = None
-        self._reader.stop(wait=True)
         if self._db is not None:
             await self._call(self._close)
             self._db = None
@@ -205,8 +226,10 @@ class SqliteStore:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             db.close()
+            if self._writer_lock is not None:
+                self._writer_lock.close()
 
-    # --- plumbing: everything below `_call` runs on the writer thread, below `_read` on the reader ---
+    # --- plumbing: everything below `_call` runs on the writer thread; `_read` runs on the event loop ---
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the writer thread (which owns `_connection()`)."""
@@ -240,14 +263,19 @@ class SqliteStore:
             if mode != "wal":
                 raise RuntimeError(f"SQLite refused WAL mode (journal_mode={mode}) for {self._path}")
             _configure(db)
-            _in_transaction(db, lambda connection: migrate(connection, self.MIGRATIONS), immediate=True)
+            self._writer_lock = _WriterLock(self._path)
+            with self._writer_lock:
+                _in_transaction(db, lambda connection: migrate(connection, self.MIGRATIONS), immediate=True)
         except BaseException:
             db.close()
+            if self._writer_lock is not None:
+                self._writer_lock.close()
             raise
         self._db = db
 
     def _connect_reader(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        # check_same_thread=False: opened here, used by whichever thread runs the store's event loop.
+        db = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
         _configure(db)  # the same settings on both connections, so no read depends on which one runs it
         db.execute("PRAGMA query_only=ON")  # reads only, whatever a read function tries
         self._read_db = db
@@ -278,15 +306,17 @@ class SqliteStore:
             batch, self._queued = self._queued, []
         try:
             db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for write in batch:
-                    self._run_in_savepoint(db, write)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # a failed COMMIT (a deferred constraint) leaves the transaction open
-                    db.execute("ROLLBACK")
-                raise
+            assert self._writer_lock is not None  # connected together with `_db`
+            with self._writer_lock:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for write in batch:
+                        self._run_in_savepoint(db, write)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:  # a failed COMMIT (a deferred constraint) leaves the transaction open
+                        db.execute("ROLLBACK")
+                    raise
         except BaseException as error:  # nothing of the batch is stored: every write fails with the cause
             for write in batch:
                 write.error = error
@@ -306,14 +336,10 @@ class SqliteStore:
         db.execute("RELEASE step")
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` in one read transaction (a consistent snapshot of what was committed) on the reader."""
-
-        def read() -> T:
-            if self._read_db is None:
-                raise RuntimeError("the store is closed")
-            return _in_transaction(self._read_db, fn, immediate=False)
-
-        return await self._on(self._reader, read)
+        """Run `fn` in one read transaction (a consistent snapshot of what was committed), on the event loop."""
+        if self._read_db is None:
+            raise RuntimeError("the store is closed")
+        return _in_transaction(self._read_db, fn, immediate=False)
 
     async def _one(self, sql: str, *args: object) -> Row | None:
         return await self._read(lambda db: db.execute(sql, args).fetchone())

@@ -413,7 +413,8 @@ class BillerAgent:
         self._rail = rail
         self._lifetime = message_lifetime
         self._watch_poll = watch_poll_interval.total_seconds()
-        self._chains: dict[str, KeyChain] = {}  # verification cache; the store is the truth
+        # Verification cache, by the stored bytes of the chain it was verified from; the store is the truth.
+        self._chains: dict[str, tuple[list[bytes], KeyChain]] = {}
         # keyid -> enrolled party: a stored keyid never moves to another party (KEY-21), so a hit stays true.
         self._keyid_parties: dict[str, str] = {}
         self._wakeups = _Wakeups()
@@ -662,8 +663,12 @@ class BillerAgent:
         """Intents instructed but not settled, oldest first, read from the store: a payment rail restores
         from this after a restart, or sees what another replica instructed (PAY-7 still holds: each settles once)."""
         return [
-            AwaitedPayment(record.account_id, record.intent_id, Money.of(record.amount_minor, record.currency),
-                           record.payment_reference)
+            AwaitedPayment(
+                record.account_id,
+                record.intent_id,
+                Money.of(record.amount_minor, record.currency),
+                record.payment_reference,
+            )
             for record in await self._store.unsettled_payment_intents()
         ]
 
@@ -742,7 +747,7 @@ class BillerAgent:
             if digest(envelope) != (await self._consumer_chain(party_id)).latest.digest:
                 raise
             return response
-        self._chains[party_id] = extended
+        self._chains.pop(party_id, None)
         log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)
         return response
 
@@ -1112,19 +1117,16 @@ class BillerAgent:
         return party_id
 
     async def _consumer_chain(self, party_id: str) -> KeyChain:
-        """The party's stored chain, verified once per version (cached by its newest digest)."""
-        envelopes = [_envelope(data) for data in await self._store.party_key_sets(party_id)]
-        if not envelopes:
+        """The party's stored chain, verified once per version (cached with the bytes it was verified from:
+        read on every request, so a version published through another replica counts at once)."""
+        stored = await self._store.party_key_sets(party_id)
+        if not stored:
             raise RemoteProtocolError(Reason.NOT_ENROLLED, f"{party_id!r} is not enrolled")
         cached = self._chains.get(party_id)
-        if (
-            cached is not None
-            and len(cached.versions) == len(envelopes)
-            and cached.latest.digest == digest(envelopes[-1])
-        ):
-            return cached
-        chain = KeyChain.verify(envelopes, limits=self.limits)
-        self._chains[party_id] = chain
+        if cached is not None and cached[0] == stored:
+            return cached[1]
+        chain = KeyChain.verify([_envelope(data) for data in stored], limits=self.limits)
+        self._chains[party_id] = (stored, chain)
         return chain
 
     async def _check_keyids_free(self, keyids: Sequence[str], party_id: str) -> None:

@@ -228,9 +228,7 @@ def envelope_to_json(envelope: envelope_pb2.Envelope) -> dict[str, object]:
     return {
         "payload": base64.b64encode(envelope.payload).decode("ascii"),
         "payloadType": envelope.payload_type,
-        "signatures": [
-            {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in envelope.signatures
-        ],
+        "signatures": [{"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")} for s in envelope.signatures],
     }
 
 

@@ -15,7 +15,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -107,6 +107,8 @@ class _Observed:
     metrics: BillerMetrics
     service: str
     method: str
+    # The labelled children by status code: looking a child up by its labels takes a lock on every call.
+    _children: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     def start(self) -> float:
         self.metrics.in_flight.inc()
@@ -114,9 +116,17 @@ class _Observed:
 
     def end(self, started: float, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None) -> None:
         self.metrics.in_flight.dec()
-        labels = (self.service, self.method, _code(context, error))
-        self.metrics.rpcs.labels(*labels).inc()
-        self.metrics.rpc_seconds.labels(*labels).observe(time.perf_counter() - started)
+        code = _code(context, error)
+        children = self._children.get(code)
+        if children is None:
+            labels = (self.service, self.method, code)
+            children = self._children[code] = (
+                self.metrics.rpcs.labels(*labels),
+                self.metrics.rpc_seconds.labels(*labels),
+            )
+        calls, seconds = children
+        calls.inc()
+        seconds.observe(time.perf_counter() - started)
 
     def unary(self, behaviour: Behaviour) -> Behaviour:
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -154,6 +164,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: BillerMetrics) -> None:
         self._metrics = metrics
+        # method -> (the handler gRPC gave, its observed wrapper): built once per method, not once per call.
+        self._observed: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -163,7 +175,16 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # UNIMPLEMENTED: answered by gRPC itself
             return handler
-        observed = _Observed(self._metrics, *_split(handler_call_details.method))
+        method = handler_call_details.method
+        known = self._observed.get(method)
+        if known is not None and known[0] is handler:  # an inner interceptor may hand out a new one per call
+            return known[1]
+        wrapped = self._wrap(handler, _Observed(self._metrics, *_split(method)))
+        self._observed[method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler[Req, Res], observed: _Observed) -> grpc.RpcMethodHandler[Req, Res]:
         decode, encode = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(observed.unary(handler.unary_unary), decode, encode)

@@ -8,6 +8,7 @@ A back end supplies only the plumbing:
 - `_in_write(fn)` / `_in_read(fn)`: run `fn(db)` in one transaction, where `db`
   follows `Db` (qmark `?` parameters) and turns a constraint violation into
   `IntegrityViolation`, naming the constraint as PostgreSQL does by default;
+  `_in_statement(fn)` runs a one-statement read without BEGIN/COMMIT;
 - `_erased()`: what makes erased disclosures leave the storage for good (PRV-4).
 
 Concurrency: a step that reads an account's state to decide what to write locks
@@ -292,14 +293,19 @@ class SqlBillerStore(abc.ABC):
         """Run `fn` in one read transaction (a consistent snapshot)."""
 
     @abc.abstractmethod
+    async def _in_statement(self, fn: Callable[[Db], T]) -> T:
+        """Run `fn`, which executes ONE statement, as its own implicit transaction (no BEGIN/COMMIT: a single
+        statement sees one consistent snapshot anyway, and most reads are one statement)."""
+
+    @abc.abstractmethod
     async def _erased(self) -> None:
         """Called after disclosures were deleted: make the deleted rows unrecoverable (PRV-4)."""
 
     async def _one(self, sql: str, *args: object) -> Row | None:
-        return await self._in_read(lambda db: db.execute(sql, args).fetchone())
+        return await self._in_statement(lambda db: db.execute(sql, args).fetchone())
 
     async def _all(self, sql: str, *args: object) -> list[Row]:
-        return await self._in_read(lambda db: db.execute(sql, args).fetchall())
+        return await self._in_statement(lambda db: db.execute(sql, args).fetchall())
 
     # --- leases (the reference scheduler's one-pass-at-a-time across replicas) ---
 
@@ -841,7 +847,6 @@ def _erase_disclosures(db: Db, where: str, *args: object) -> int:
             "UPDATE threads SET hardship_disclosed = FALSE WHERE thread_id = ? AND outcome != 'open'", (thread_id,)
         )
     return len(threads)
-
 
 
 def _intent(row: Row) -> PaymentIntentRecord:

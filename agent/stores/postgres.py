@@ -222,6 +222,20 @@ class PostgresBillerStore(SqlBillerStore):
     async def _in_read(self, fn: Callable[[Db], T]) -> T:
         return await self._call(lambda connection: self._transaction(connection, fn, write=False))
 
+    async def _in_statement(self, fn: Callable[[Db], T]) -> T:
+        return await self._call(lambda connection: self._statement(connection, fn))
+
+    @staticmethod
+    def _statement(connection: Connection, fn: Callable[[Db], T]) -> T:
+        # Autocommit: the statement is its own transaction, one round trip instead of three. A read, so a
+        # connection found broken can be replaced and the statement sent again.
+        try:
+            return fn(PostgresDb(connection))
+        except psycopg.OperationalError as error:
+            if connection.broken:
+                raise _StaleConnection(str(error)) from error
+            raise
+
     async def _erased(self) -> None:
         # Rewrites the (small) table, so the deleted rows leave its files; outside any transaction.
         await self._call(lambda connection: connection.execute("VACUUM FULL disclosures"))

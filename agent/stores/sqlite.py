@@ -61,6 +61,9 @@ class SqliteBillerStore(SqliteStore, SqlBillerStore):
     async def _in_read(self, fn: Callable[[Db], T]) -> T:
         return await self._read(lambda connection: fn(SqliteDb(connection)))
 
+    async def _in_statement(self, fn: Callable[[Db], T]) -> T:
+        return await self._statement(lambda connection: fn(SqliteDb(connection)))
+
     async def _erased(self) -> None:
         # secure_delete overwrote the rows in the WAL; the checkpoint truncates the WAL itself.
         if not await self._call(self._checkpoint):

@@ -337,15 +337,22 @@ class SqliteStore:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one read transaction (a consistent snapshot of what was committed), on the event loop."""
+        return _in_transaction(self._reader_connection(), fn, immediate=False)
+
+    async def _statement(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn`, ONE statement, on the event loop: the statement is its own snapshot, so no BEGIN/COMMIT."""
+        return fn(self._reader_connection())
+
+    def _reader_connection(self) -> sqlite3.Connection:
         if self._read_db is None:
             raise RuntimeError("the store is closed")
-        return _in_transaction(self._read_db, fn, immediate=False)
+        return self._read_db
 
     async def _one(self, sql: str, *args: object) -> Row | None:
-        return await self._read(lambda db: db.execute(sql, args).fetchone())
+        return await self._statement(lambda db: db.execute(sql, args).fetchone())
 
     async def _all(self, sql: str, *args: object) -> list[Row]:
-        return await self._read(lambda db: db.execute(sql, args).fetchall())
+        return await self._statement(lambda db: db.execute(sql, args).fetchall())
 
     def _checkpoint(self) -> bool:
         """Fold the WAL into the database and truncate it, so deleted data leaves the journal (PRV-4).

@@ -7,8 +7,12 @@ What runs, all on 127.0.0.1 over real gRPC:
   port through SO_REUSEPORT, each a real `BillerAgent` over the real durable
   store. The rail is instant: a payment intent's settlement is recorded before
   the intent is answered, so the receipt can be fetched at once.
-- **load generators**: L processes, each with several channels (the kernel
-  balances connections, not requests), together running C concurrent slots,
+- **load generators**: L processes, each with several channels (one TCP
+  connection each), together running C concurrent slots. The kernel spreads
+  connections over the workers at random (SO_REUSEPORT hashes them), so a
+  load generator asks each new connection which worker answers it and keeps
+  an equal number per worker: a chance 6-to-2 split would make one worker the
+  bottleneck and vary the figures from run to run.
   each playing CONSUMERS_PER_SLOT enrolled consumers in turn (so that no key
   exceeds its LIM-8 rate limit, as in a crowd of households). A cycle is a
   complete negotiation: fetch the bill, open with an offer outside the
@@ -75,7 +79,7 @@ from agent.protocol.messages import open_envelope, parse_payload
 from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, BillerStore, open_biller_store
 from agent.stores.sqlite_base import ts
 from agent.terms import AdvertisedOptions, InstalmentOption, Money, Terms, TermsKind, build_terms, monthly_dates
-from agent.transport.server import install_uvloop, serve_biller
+from agent.transport.server import freeze_startup_heap, install_uvloop, serve_biller
 from parley.v1 import (
     bill_pb2,
     biller_service_pb2,
@@ -102,6 +106,9 @@ DRAIN_TIMEOUT_SECONDS = 30.0
 PROGRESS_INTERVAL_SECONDS = 0.25
 BASELINE_SERVICE = "parley.bench.SignedEcho"
 BASELINE_METHOD = f"/{BASELINE_SERVICE}/Call"
+WORKER_SERVICE = "parley.bench.Worker"  # on every worker: which process answers this connection
+WORKER_PID_METHOD = f"/{WORKER_SERVICE}/Pid"
+CONNECTION_TRIES_PER_CHANNEL = 8  # new connections tried per channel kept, to find a balanced set
 PREFILL_BATCH = 5_000
 PREFILL_AGREEMENTS_PER_ACCOUNT = 4
 MIB = 1024 * 1024
@@ -460,7 +467,15 @@ async def _serve_until_stopped(spec: WorkerSpec, ready: Queue[int], stop: Event)
         return
     store = await open_biller_store(spec.store_url)
     try:
-        running = await serve_biller(bench_agent(spec.identity, store), listen, insecure=True, reuse_port=True)
+        running = await serve_biller(
+            bench_agent(spec.identity, store),
+            listen,
+            insecure=True,
+            reuse_port=True,
+            services=(_add_worker_service,),
+            service_names=(WORKER_SERVICE,),
+        )
+        freeze_startup_heap()  # as `parley biller serve` does
         try:
             ready.put(os.getpid())
             await asyncio.to_thread(stop.wait)
@@ -468,6 +483,16 @@ async def _serve_until_stopped(spec: WorkerSpec, ready: Queue[int], stop: Event)
             await running.stop(grace=1)
     finally:
         await store.close()
+
+
+def _add_worker_service(server: grpc.aio.Server) -> None:
+    """`Pid`: this process's id, so a load generator can spread its connections evenly over the workers."""
+
+    async def pid(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return str(os.getpid()).encode()
+
+    handler = grpc.method_handlers_generic_handler(WORKER_SERVICE, {"Pid": grpc.unary_unary_rpc_method_handler(pid)})
+    server.add_generic_rpc_handlers((handler,))
 
 
 def _baseline_server(spec: WorkerSpec, listen: str) -> grpc.aio.Server:
@@ -498,6 +523,7 @@ def _baseline_server(spec: WorkerSpec, listen: str) -> grpc.aio.Server:
     )
     server = grpc.aio.server(options=(("grpc.so_reuseport", 1),))
     server.add_generic_rpc_handlers((handler,))
+    _add_worker_service(server)
     server.add_insecure_port(listen)
     return server
 
@@ -576,6 +602,7 @@ class LoadSpec:
     slots: tuple[Slot, ...]
     biller_key_sets: tuple[bytes, ...]
     channels: int
+    workers: int  # the server processes the channels are spread over
     rate_per_slot: float | None  # cycles/s of each slot; None: back to back
     request_bytes: int = 0  # baseline: the size of the payload it signs
 
@@ -618,10 +645,8 @@ def _load_worker(spec: LoadSpec, shared: _Coordination) -> None:
 
 
 async def _generate_load(spec: LoadSpec, shared: _Coordination) -> LoadResult:
-    channels = [grpc.aio.insecure_channel(spec.target, options=_CHANNEL_OPTIONS) for _ in range(spec.channels)]
+    channels = await asyncio.wait_for(balanced_channels(spec), START_TIMEOUT_SECONDS)
     try:
-        for channel in channels:
-            await asyncio.wait_for(channel.channel_ready(), START_TIMEOUT_SECONDS)
         shared.ready.put(os.getpid())
         await asyncio.to_thread(shared.go.wait)
         start, end = shared.start.value, shared.end.value
@@ -637,6 +662,31 @@ async def _generate_load(spec: LoadSpec, shared: _Coordination) -> LoadResult:
     finally:
         for channel in channels:
             await channel.close()
+
+
+async def balanced_channels(spec: LoadSpec) -> list[grpc.aio.Channel]:
+    """`spec.channels` channels, each its own connection, spread as evenly as they can be over the workers.
+
+    New connections land on a worker the kernel picks; one that would make its worker's share larger than
+    an even split is closed and another is tried (up to CONNECTION_TRIES_PER_CHANNEL per channel, after
+    which the channel is kept wherever it landed).
+    """
+    share = math.ceil(spec.channels / spec.workers)
+    kept: list[grpc.aio.Channel] = []
+    per_worker: Counter[bytes] = Counter()
+    tries = 0
+    while len(kept) < spec.channels:
+        channel = grpc.aio.insecure_channel(spec.target, options=_CHANNEL_OPTIONS)
+        await channel.channel_ready()
+        ask: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(WORKER_PID_METHOD)
+        worker = await ask(b"", timeout=CALL_TIMEOUT_SECONDS)
+        tries += 1
+        if per_worker[worker] < share or tries >= CONNECTION_TRIES_PER_CHANNEL * spec.channels:
+            per_worker[worker] += 1
+            kept.append(channel)
+        else:
+            await channel.close()
+    return kept
 
 
 class _Client:
@@ -804,6 +854,7 @@ class PhaseReport:
     signed_messages_per_second: float
     latency_ms: dict[str, float]
     server_cpu_seconds: float
+    worker_cpu_seconds: list[float]  # each worker's share: an even load shows as even shares
     server_cpu_us_per_signed_message: float
     worker_peak_rss_mib: float  # the largest of the workers' VmHWM
     client_cpu_seconds: float  # the load generators': on one machine, what the server could not use
@@ -924,12 +975,14 @@ class Bench:
                         part,
                         identity.key_sets,
                         options.channels,
+                        options.workers,
                         rate_per_slot,
                         request_bytes,
                     )
                     for part in loads
                 ]
-                merged, cpu, client_cpu, rss = self._drive(name, specs, workers)
+                merged, per_worker, client_cpu, rss = self._drive(name, specs, workers)
+                cpu = sum(per_worker)
         finally:
             port_holder.close()
         latencies = sorted(merged.latencies)
@@ -950,6 +1003,7 @@ class Bench:
                 "mean": statistics.fmean(latencies) * 1000 if latencies else math.nan,
             },
             server_cpu_seconds=cpu,
+            worker_cpu_seconds=per_worker,
             server_cpu_us_per_signed_message=cpu / merged.signed_messages * 1e6 if merged.signed_messages else math.nan,
             worker_peak_rss_mib=rss / MIB,
             client_cpu_seconds=client_cpu,
@@ -960,10 +1014,10 @@ class Bench:
 
     def _drive(
         self, name: str, specs: Sequence[LoadSpec], workers: _StartedWorkers
-    ) -> tuple[LoadResult, float, float, int]:
+    ) -> tuple[LoadResult, list[float], float, int]:
         """Run the load generators through warm-up and the window.
 
-        Returns their merged result, the server's and the clients' CPU-seconds in the window, the peak RSS.
+        Returns their merged result, each worker's and the clients' CPU-seconds in the window, the peak RSS.
         """
         options = self.options
         context = self.context
@@ -989,7 +1043,7 @@ class Bench:
             cpu_before = [_cpu_seconds(pid) for pid in (*pids, *clients)]
             self._wait(name, now, shared.end.value, shared.progress)
             used = [_cpu_seconds(pid) - before for pid, before in zip((*pids, *clients), cpu_before, strict=True)]
-            cpu, client_cpu = sum(used[: len(pids)]), sum(used[len(pids) :])
+            per_worker, client_cpu = used[: len(pids)], float(sum(used[len(pids) :]))
             rss = max(_peak_rss_bytes(pid) for pid in pids)
             collected = []
             for _ in processes:
@@ -999,7 +1053,7 @@ class Bench:
                     raise BenchError("a load generator did not report (see its error above)") from error
         finally:
             _join(processes)
-        return _merge(collected), cpu, client_cpu, rss
+        return _merge(collected), per_worker, client_cpu, rss
 
     def _wait(self, name: str, began: float, until: float, progress: Any) -> None:
         """Sleep until `until` (epoch seconds), showing the phase's progress and completed cycles."""

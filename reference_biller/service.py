@@ -56,7 +56,13 @@ from agent.metrics import MetricsEndpoint, serve_metrics
 from agent.protocol.messages import to_timestamp
 from agent.stores import SqlBillerStore, open_biller_store
 from agent.terms import AdvertisedOptions, Money, parse_date
-from agent.transport.server import DEFAULT_SHUTDOWN_GRACE, BillerServer, is_loopback, serve_biller
+from agent.transport.server import (
+    DEFAULT_SHUTDOWN_GRACE,
+    BillerServer,
+    freeze_startup_heap,
+    is_loopback,
+    serve_biller,
+)
 from agent.transport.status import Context, answer
 from parley.v1 import conformance_control_service_pb2 as cc
 from parley.v1 import conformance_control_service_pb2_grpc as cc_grpc
@@ -495,6 +501,7 @@ async def run_biller(
     ) as running:
         if on_ready is not None:
             on_ready(running)
+        freeze_startup_heap()
         await asyncio.Event().wait()
 
 

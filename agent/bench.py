@@ -141,6 +141,8 @@ class BenchOptions:
     state_dir: Path | None = None
     # Bills are issued before the run, one per cycle: enough for this many cycles/s over every phase.
     max_rate: float = 500.0
+    # How long to time fdatasync in the state directory first: the disk bounds every durable step's latency.
+    disk_probe_seconds: float = 2.0
 
     def check(self) -> None:
         if self.seconds <= 0 or self.warmup < 0:
@@ -155,6 +157,8 @@ class BenchOptions:
             raise BenchError("--rate must be positive")
         if self.max_rate <= 0:
             raise BenchError("--max-rate must be positive")
+        if self.disk_probe_seconds < 0:
+            raise BenchError("--disk-probe must not be negative")
         if self.store not in DURABILITY and not self.store.startswith(POSTGRES_SCHEMES):
             raise BenchError("--store is sqlite, postgres or a postgresql:// URL")
         if self.prefill and self.store != "sqlite":
@@ -889,6 +893,38 @@ def _merge(results: Sequence[LoadResult]) -> LoadResult:
     return merged
 
 
+def fdatasync_latency(directory: Path, seconds: float) -> dict[str, float] | None:
+    """fdatasync of a 4 KiB append in `directory` for `seconds`, 200 a second: milliseconds at p50, p99, max.
+
+    A durable step's COMMIT waits for one, so this bounds the latency of every negotiation: on a disk
+    whose syncs now and then take 100 ms, so do some negotiations. None when `seconds` is 0.
+    """
+    if seconds <= 0:
+        return None
+    path = directory / "fdatasync-probe"
+    block = secrets.token_bytes(4096)
+    timings: list[float] = []
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            os.write(descriptor, block)
+            started = time.perf_counter()
+            os.fdatasync(descriptor)
+            timings.append(time.perf_counter() - started)
+            time.sleep(0.005)
+    finally:
+        os.close(descriptor)
+        path.unlink()
+    timings.sort()
+    return {
+        "syncs": len(timings),
+        "p50": percentile(timings, 0.50) * 1000,
+        "p99": percentile(timings, 0.99) * 1000,
+        "max": timings[-1] * 1000,
+    }
+
+
 class Bench:
     """One run: prepare, then the phases, each against freshly started worker processes sharing one port."""
 
@@ -905,7 +941,10 @@ class Bench:
                 resources.enter_context(tempfile.TemporaryDirectory(prefix="parley-bench-"))
             )
             state_dir.mkdir(parents=True, exist_ok=True)
-            return self._run(store_url(self.options.store, state_dir, resources))
+            disk = fdatasync_latency(state_dir, self.options.disk_probe_seconds)
+            report = self._run(store_url(self.options.store, state_dir, resources))
+            report["config"]["state_dir_fdatasync_ms"] = disk
+            return report
 
     def _run(self, url: str) -> dict[str, Any]:
         options = self.options
@@ -1099,6 +1138,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     """The report as a few lines for people."""
     parley = report["parley"]
     lines = [_phase_line("Parley", parley)]
+    disk = report["config"].get("state_dir_fdatasync_ms")
+    if disk is not None:
+        lines.insert(
+            0,
+            f"state directory's disk: fdatasync p50 {disk['p50']:.2f} ms p99 {disk['p99']:.2f} ms "
+            f"max {disk['max']:.1f} ms ({disk['syncs']} syncs)",
+        )
     if "half_load" in parley:
         lines.append(_phase_line("Parley at half load", parley["half_load"]))
     if "baseline" in report:
@@ -1180,6 +1226,13 @@ def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     bench.add_argument(
         "--max-rate", type=float, default=defaults.max_rate, help="cycles/s the bills issued beforehand can cover"
     )
+    bench.add_argument(
+        "--disk-probe",
+        type=float,
+        default=defaults.disk_probe_seconds,
+        metavar="SECONDS",
+        help="time fdatasync in the state directory first (0: skip)",
+    )
     bench.add_argument("--state-dir", type=Path, help="keep the store here (default: a temporary directory)")
     bench.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="write the report as JSON")
     bench.set_defaults(handler=_bench_command)
@@ -1200,6 +1253,7 @@ def _bench_command(args: argparse.Namespace, out: Console) -> int:
         baseline=not args.no_baseline,
         state_dir=args.state_dir,
         max_rate=args.max_rate,
+        disk_probe_seconds=args.disk_probe,
     )
     try:
         run_bench(options, out, json_path=args.json_path)

@@ -44,6 +44,7 @@ TINY = BenchOptions(
     channels=2,
     half_load=False,
     max_rate=400.0,  # bills for up to 400 cycles/s: more than two slots can run
+    disk_probe_seconds=0.2,
 )
 
 
@@ -85,6 +86,10 @@ def test_a_tiny_bench_reports_verified_cycles_the_baseline_and_their_ratios(tmp_
         == parley["server_cpu_us_per_signed_message"] / baseline["server_cpu_us_per_signed_message"]
     )
     assert "synchronous=FULL" in report["config"]["durability"]
+    disk = report["config"]["state_dir_fdatasync_ms"]  # the disk that bounds every durable step
+    assert disk["syncs"] > 0
+    assert 0 < disk["p50"] <= disk["p99"] <= disk["max"]
+    assert sorted(path.name for path in state.iterdir() if "probe" in path.name) == []  # the probe cleans up
 
     db = sqlite3.connect(state / "biller.db")
     try:
@@ -114,6 +119,7 @@ def test_the_store_is_chosen_by_url_and_a_postgresql_database_serves_the_bench(p
     parley = report["parley"]
     _check_phase(parley, SIGNED_PER_CYCLE)
     assert report["config"]["store"] == "postgresql://…"  # never the URL itself: it may carry a password
+    assert report["config"]["state_dir_fdatasync_ms"]["syncs"] > 0
     assert "as durable as that server" in report["config"]["durability"]
     with psycopg.connect(postgres_dsn) as db:
         agreed = db.execute("SELECT COUNT(*) FROM threads WHERE outcome = 'agreed'").fetchone()
@@ -170,6 +176,7 @@ def test_percentile_is_the_nearest_rank() -> None:
         ({"prefill": -5}, "--prefill"),
         ({"store": "postgres", "prefill": 10}, "--prefill"),
         ({"store": "mysql"}, "--store"),
+        ({"disk_probe_seconds": -1.0}, "--disk-probe"),
     ],
 )
 def test_unusable_options_are_refused_before_anything_starts(change: dict[str, Any], message: str) -> None:

@@ -233,8 +233,11 @@ REVOKE_K1 = keys_pb2.Revocation(keyid=K1.keyid, revoke_time=to_timestamp(T0 + 20
         pytest.param(_header(expire_time=None), Reason.MALFORMED_HEADER, id="no expire_time"),
         pytest.param(lambda k: k.ClearField("header"), Reason.MALFORMED_HEADER, id="no header"),
         pytest.param(_revoke(REVOKE_K1, REVOKE_K1), Reason.KEYSET_INVALID, id="duplicate revocation"),
-        pytest.param(_revoke(keys_pb2.Revocation(keyid="k", revoke_time=to_timestamp(T0))), Reason.KEYSET_INVALID,
-                     id="revocation keyid"),
+        pytest.param(
+            _revoke(keys_pb2.Revocation(keyid="k", revoke_time=to_timestamp(T0))),
+            Reason.KEYSET_INVALID,
+            id="revocation keyid",
+        ),
         pytest.param(_revoke(keys_pb2.Revocation(keyid=K1.keyid)), Reason.KEYSET_INVALID, id="no revoke_time"),
         pytest.param(
             _revoke(*(keys_pb2.Revocation(keyid=f"{n:032x}", revoke_time=to_timestamp(T0)) for n in range(257))),
@@ -329,9 +332,7 @@ def test_check_key_at_uses_the_version_in_force() -> None:
 
 def test_check_key_at_window() -> None:
     CHAIN.check_key_at(K1.keyid, T0 - DAY)
-    assert refusal(lambda: CHAIN.check_key_at(K1.keyid, T0 - DAY - timedelta(microseconds=1))) is (
-        Reason.KEY_NOT_VALID
-    )
+    assert refusal(lambda: CHAIN.check_key_at(K1.keyid, T0 - DAY - timedelta(microseconds=1))) is (Reason.KEY_NOT_VALID)
     assert refusal(lambda: CHAIN.check_key_at(K1.keyid, T0 + 2 * YEAR)) is Reason.KEY_NOT_VALID
 
 

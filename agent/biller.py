@@ -70,6 +70,7 @@ from agent.limits import (
     Limits,
 )
 from agent.logs import log_step, request_ids, set_request_ids
+from agent.lru import Lru
 from agent.metrics import BillerMetrics
 from agent.protocol.messages import (
     Verified,
@@ -81,7 +82,7 @@ from agent.protocol.messages import (
     to_timestamp,
 )
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, sign_move, thread_message
-from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, State
+from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, State, ThreadMessage
 from agent.ratelimit import RateLimiter
 from agent.stores.base import (
     AccountRecord,
@@ -136,6 +137,9 @@ _DISCLOSURE_SALT_BYTES = 16
 _CODE_ALIASES = str.maketrans({"I": "1", "L": "1", "O": "0"})
 _INTENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _WATCH_BATCH = 100
+# In-process caches, bounded (agent/lru.py); what they forget is read and verified again.
+_PARTY_CACHE_ENTRIES = 10_000  # consumers' verified chains and keyid -> party (a few KiB per party)
+_MOVE_CACHE_ENTRIES = 4_096  # thread messages parsed into the core's moves, by digest and role
 # LIM-11: limits a biller may lower but not raise (peers and offline verifiers judge with the defaults).
 _NOT_RAISABLE = (
     "max_envelope_bytes",
@@ -414,9 +418,12 @@ class BillerAgent:
         self._lifetime = message_lifetime
         self._watch_poll = watch_poll_interval.total_seconds()
         # Verification cache, by the stored bytes of the chain it was verified from; the store is the truth.
-        self._chains: dict[str, tuple[list[bytes], KeyChain]] = {}
+        self._chains: Lru[str, tuple[list[bytes], KeyChain]] = Lru(_PARTY_CACHE_ENTRIES)
         # keyid -> enrolled party: a stored keyid never moves to another party (KEY-21), so a hit stays true.
-        self._keyid_parties: dict[str, str] = {}
+        self._keyid_parties: Lru[str, str] = Lru(_PARTY_CACHE_ENTRIES)
+        # A stored message's move, by its digest (the digest fixes its bytes): a thread is replayed on every
+        # move, and parsing its earlier messages again was most of that.
+        self._moves: Lru[tuple[bytes, Role], ThreadMessage] = Lru(_MOVE_CACHE_ENTRIES)
         self._wakeups = _Wakeups()
 
     # === Embedding API ===================================================================================
@@ -747,7 +754,7 @@ class BillerAgent:
             if digest(envelope) != (await self._consumer_chain(party_id)).latest.digest:
                 raise
             return response
-        self._chains.pop(party_id, None)
+        self._chains.pop(party_id)
         log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)
         return response
 
@@ -872,6 +879,7 @@ class BillerAgent:
         try:
             now = self.clock.now()
             message = thread_message(inbound.verified, Role.CONSUMER)
+            self._moves.put((message.digest, Role.CONSUMER), message)  # replayed with the thread's next move
             disclosed = self._check_disclosure(inbound.message, disclosure)
             if thread is None:
                 hardship = disclosed is not None and disclosed.circumstances.hardship
@@ -1113,7 +1121,7 @@ class BillerAgent:
         party_id = self._keyid_parties.get(keyid) or await self._store.party_with_keyid(keyid)
         if party_id is None:
             raise RemoteProtocolError(Reason.NOT_ENROLLED, f"no enrolled party has key {keyid}")
-        self._keyid_parties[keyid] = party_id
+        self._keyid_parties.put(keyid, party_id)
         return party_id
 
     async def _consumer_chain(self, party_id: str) -> KeyChain:
@@ -1126,7 +1134,7 @@ class BillerAgent:
         if cached is not None and cached[0] == stored:
             return cached[1]
         chain = KeyChain.verify([_envelope(data) for data in stored], limits=self.limits)
-        self._chains[party_id] = (stored, chain)
+        self._chains.put(party_id, (stored, chain))
         return chain
 
     async def _check_keyids_free(self, keyids: Sequence[str], party_id: str) -> None:
@@ -1288,14 +1296,22 @@ class BillerAgent:
             hardship_disclosed=thread.hardship_disclosed,
         )
         for record in thread.messages:
-            envelope = _envelope(record.envelope)
-            verified = Verified(_stored_payload(envelope), envelope, record.digest, envelope.signatures[0].keyid)
             if record.sender == self.party_id:
-                negotiation.send(thread_message(verified, Role.BILLER), record.received_at)
+                negotiation.send(self._stored_move(record, Role.BILLER), record.received_at)
             else:
                 with contextlib.suppress(RemoteProtocolError):  # a stored violation: the thread ends there
-                    negotiation.receive(thread_message(verified, Role.CONSUMER), record.received_at)
+                    negotiation.receive(self._stored_move(record, Role.CONSUMER), record.received_at)
         return negotiation
+
+    def _stored_move(self, record: MessageRecord, sender: Role) -> ThreadMessage:
+        """A stored (already verified) message as the core sees it; RemoteProtocolError if it is not a move."""
+        message = self._moves.get((record.digest, sender))
+        if message is None:
+            envelope = _envelope(record.envelope)
+            verified = Verified(_stored_payload(envelope), envelope, record.digest, envelope.signatures[0].keyid)
+            message = thread_message(verified, sender)
+            self._moves.put((record.digest, sender), message)
+        return message
 
     async def _record_refusal(
         self,
@@ -1423,6 +1439,7 @@ class BillerAgent:
             now=now,
             lifetime=self._lifetime,
         )
+        self._moves.put((message.digest, Role.BILLER), message)  # replayed with the thread's next move
         return Verified(_stored_payload(envelope), envelope, message.digest, self._key.keyid)
 
     def _message_record(self, verified: Verified[NegotiationPayload], sender: str, now: datetime) -> MessageRecord:

@@ -29,13 +29,13 @@ to the peer).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 
 from agent.errors import Reason, RemoteProtocolError
 from agent.limits import PEER_RATE_LIMIT_FACTOR, RATE_LIMIT_MAX_TRACKED, Limits
+from agent.lru import Lru
 
 _admitted_signer: ContextVar[str | None] = ContextVar("parley_admitted_signer", default=None)
 
@@ -54,8 +54,7 @@ class TokenBuckets:
             raise ValueError("rate, burst and max_tracked must be positive")
         self._rate = rate_per_second
         self._burst = burst
-        self._max_tracked = max_tracked
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: Lru[str, _Bucket] = Lru(max_tracked)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -75,11 +74,9 @@ class TokenBuckets:
     def _refilled(self, name: str, now: datetime) -> _Bucket:
         bucket = self._buckets.get(name)
         if bucket is None:
-            bucket = self._buckets[name] = _Bucket(float(self._burst), now)
-            if len(self._buckets) > self._max_tracked:
-                self._buckets.popitem(last=False)
+            bucket = _Bucket(float(self._burst), now)
+            self._buckets.put(name, bucket)
             return bucket
-        self._buckets.move_to_end(name)
         # A clock that stepped back (NTP) refills nothing rather than draining the bucket.
         elapsed = max((now - bucket.updated).total_seconds(), 0.0)
         bucket.tokens = min(float(self._burst), bucket.tokens + elapsed * self._rate)

@@ -270,10 +270,12 @@ def test_metrics_count_calls_and_protocol_steps_and_are_scraped_over_http(tmp_pa
                 await events.read()
                 watching = await asyncio.to_thread(_scrape, endpoint.url)
                 events.cancel()
-                # The server notices the cancelled stream asynchronously: wait (bounded) for the gauge to drop.
+                # The server notices the cancelled stream asynchronously, the agent's watcher gauge first and
+                # the interceptor's in-flight gauge after it: wait (bounded) for both to drop.
+                settled = (("parley_event_watchers", ()), ("parley_grpc_server_in_flight", ()))
                 for _ in range(100):
                     samples = await asyncio.to_thread(_scrape, endpoint.url)
-                    if samples.get(("parley_event_watchers", ()), 0.0) == 0:
+                    if all(samples.get(gauge, 0.0) == 0 for gauge in settled):
                         break
                     await asyncio.sleep(0.05)
             finally:

@@ -67,7 +67,7 @@ from agent.conformance import add_conformance_commands
 from agent.crypto import SigningKey
 from agent.demo import run as run_demo
 from agent.errors import ParleyError
-from agent.fuzz import add_fuzz_command
+from agent.fuzz_command import add_fuzz_command
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
 from agent.terms import format_date

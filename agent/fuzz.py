@@ -76,6 +76,7 @@ from agent.clock import ManualClock
 from agent.conformance.client import SignedParty, timestamp
 from agent.crypto import SigningKey, digest, sign_envelope
 from agent.errors import ERROR_DOMAIN, Reason
+from agent.fuzz_command import RPCS
 from agent.keysets import KEYSET_PAYLOAD_TYPE, first_key_set
 from agent.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import PAYLOAD_TYPES, encode_varint, new_message_id
@@ -103,7 +104,6 @@ from parley.v1 import (
 BILLER_ID = "biller:fuzz.example"
 SERVICE = "parley.v1.BillerService"
 LAYERS = ("raw", "envelope", "signed")
-RPCS: tuple[str, ...] = tuple(m.name for m in biller_service_pb2.DESCRIPTOR.services_by_name["BillerService"].methods)
 START = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
 STORE_FILE = "biller.sqlite"
 # The limits of the spec, but a rate limit no fuzzing run reaches: the manual clock never refills
@@ -1290,19 +1290,8 @@ def print_report(report: FuzzReport, out: Console) -> None:
     out.print(f"{report.inputs} inputs, {report.retries} retried, {report.fixtures_built} fixtures built: {verdict}")
 
 
-def add_fuzz_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`parley fuzz`."""
-    fuzz = commands.add_parser(
-        "fuzz", help="fuzz every BillerService RPC on a live biller with malformed and hostile inputs"
-    )
-    fuzz.add_argument("--seconds", type=float, default=20.0, help="how long to fuzz (default: %(default)s)")
-    fuzz.add_argument("--seed", type=int, default=0, help="hypothesis seed (default: %(default)s)")
-    fuzz.add_argument("--rpc", action="append", choices=RPCS, help="fuzz only this RPC; repeatable")
-    fuzz.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="also write the report as JSON")
-    fuzz.set_defaults(handler=_fuzz_command)
-
-
-def _fuzz_command(args: argparse.Namespace, out: Console) -> int:
+def fuzz_command(args: argparse.Namespace, out: Console) -> int:
+    """`parley fuzz` (its options: `agent.fuzz_command`)."""
     # Every input is refused on purpose: the biller's warnings about them would bury the report.
     parley_logger = logging.getLogger("parley")
     level = parley_logger.level

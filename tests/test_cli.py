@@ -140,3 +140,10 @@ def test_keygen_writes_an_owner_only_key_that_loads(tmp_path: Path) -> None:
     key = SigningKey.load(out)
     assert key.keyid in result.stdout
     assert parley("keygen", "--out", str(out)).returncode == 2  # never overwrites a key
+
+
+def test_the_cli_starts_without_importing_the_fuzzer() -> None:
+    """hypothesis (a tenth of a second to import) is loaded by `parley fuzz` only, not by every command."""
+    probe = "import sys, agent.cli; print(sorted(m for m in ('hypothesis', 'agent.fuzz') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

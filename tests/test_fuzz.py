@@ -25,7 +25,8 @@ from agent.biller import BillerAgent
 from agent.cli import main
 from agent.crypto import sign_envelope
 from agent.errors import Reason, RemoteProtocolError
-from agent.fuzz import LAYERS, RPCS, Fuzzer, FuzzInput, FuzzReport, print_report, run_fuzz
+from agent.fuzz import LAYERS, Fuzzer, FuzzInput, FuzzReport, print_report, run_fuzz
+from agent.fuzz_command import RPCS
 from agent.protocol.negotiation import Negotiation
 from agent.stores.base import ThreadRecord
 from agent.transport.status import error_from_rpc

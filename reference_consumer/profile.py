@@ -24,6 +24,12 @@ system's roots. `server_name` overrides the name checked against the
 certificate. `target`, `fingerprint` and `account_id` go together: a biller
 with none of them is only ranked, not contacted.
 
+For billers that require mutual TLS (TRN-9), `household.client_certificate`
+and `household.client_key` (both or neither; PEM files, relative paths read
+from the profile's directory) are the household's TLS client certificate,
+presented to every biller that asks for one. The key file must not be
+readable by group or others.
+
 Parsing does no I/O beyond `load_profile` reading the one file (the CA file is
 read by the runner), and never reads the clock.
 """
@@ -126,6 +132,14 @@ class BillerPreference:
 
 
 @dataclass(frozen=True)
+class ClientCertificateFiles:
+    """Where the household's TLS client certificate and its private key are (PEM), for mutual-TLS billers."""
+
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class Profile:
     """A household: its party id, money now, buffer, income, outgoings, mandate and billers."""
 
@@ -138,6 +152,7 @@ class Profile:
     mandate: Mandate
     billers: tuple[BillerPreference, ...] = ()
     hardship: bool = False
+    client_certificate: ClientCertificateFiles | None = None
 
     def priority_of(self, biller_id: str) -> int | None:
         """The priority the household gives this biller, or None when the profile does not rank it."""
@@ -295,6 +310,23 @@ def _enrolment_code(key: str, value: object) -> str:
     )
 
 
+def _file(text: str, base_dir: Path | None) -> Path:
+    """A path from the profile: `~` expanded, a relative one taken from `base_dir` when given."""
+    path = Path(text).expanduser()
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
+def _client_certificate(table: _Table, base_dir: Path | None) -> ClientCertificateFiles | None:
+    certificate = table.optional("client_certificate", _text, None)
+    key = table.optional("client_key", _text, None)
+    if (certificate is None) != (key is None):
+        missing = "client_key" if key is None else "client_certificate"
+        raise ProfileError(_key(table.path, missing), "missing: client_certificate and client_key go together")
+    if certificate is None or key is None:
+        return None
+    return ClientCertificateFiles(_file(certificate, base_dir), _file(key, base_dir))
+
+
 def _connection(table: _Table, base_dir: Path | None) -> BillerConnection | None:
     """The connection keys of one biller's table, or None when it has none."""
     if not any(name in table.items for name in _CONNECTION_KEYS):
@@ -314,27 +346,28 @@ def _connection(table: _Table, base_dir: Path | None) -> BillerConnection | None
             raise ProfileError(
                 _key(table.path, "insecure"), f"plaintext is allowed only to a loopback address (TRN-3), not {host!r}"
             )
-    ca_file = None
-    if ca_text is not None:
-        ca_file = Path(ca_text).expanduser()
-        if base_dir is not None and not ca_file.is_absolute():
-            ca_file = base_dir / ca_file
+    ca_file = None if ca_text is None else _file(ca_text, base_dir)
     return BillerConnection(target, fingerprint, account_id, code, ca_file, insecure, server_name)
 
 
 def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = None) -> Profile:
     """The profile described by a parsed TOML document; ProfileError naming the first bad key.
 
-    `base_dir` is where a relative `ca_file` is found (None: left relative, to the working directory).
+    `base_dir` is where a relative `ca_file`, `client_certificate` or `client_key` is found (None: left
+    relative, to the working directory).
     """
     root = _Table("", document, ("household", "income", "expenses", "mandate", "billers"))
-    household = root.get("household", _table("party_id", "currency", "balance", "buffer", "hardship"))
+    household = root.get(
+        "household",
+        _table("party_id", "currency", "balance", "buffer", "hardship", "client_certificate", "client_key"),
+    )
     party_id = household.get("party_id", _party_id)
     code = household.get("currency", _currency)
     amount = _amount(code)
     balance = household.get("balance", amount)
     buffer = household.get("buffer", amount)
     hardship = household.optional("hardship", _boolean, False)
+    client_certificate = _client_certificate(household, base_dir)
 
     income_table = root.get("income", _table("amount", "pay_day"))
     income = Income(income_table.get("amount", amount), income_table.get("pay_day", _integer(1, 31)))
@@ -384,6 +417,7 @@ def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = Non
         mandate=mandate,
         billers=billers,
         hardship=hardship,
+        client_certificate=client_certificate,
     )
 
 

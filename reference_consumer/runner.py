@@ -434,13 +434,15 @@ class Household:
     ) -> Household:
         """Load or create the identity, open the store and build the agent.
 
-        ProfileError for a profile without a reachable biller or with an
-        unreadable `ca_file` (naming the key), plus `load_identity`'s errors.
+        ProfileError for a profile without a reachable biller, with an
+        unreadable `ca_file` or an unusable client certificate (naming the
+        key), plus `load_identity`'s errors.
         """
         clock = clock or SystemClock()
         if not profile.connected():
             raise ProfileError("billers", "no biller says how to reach it (target, fingerprint, account_id)")
         tls = {preference.biller_id: _client_tls(preference) for preference in profile.connected()}
+        client_certificate = _client_certificate(profile)
         key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
         store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
         strategy = ReferenceStrategy(profile)
@@ -458,6 +460,7 @@ class Household:
                 payment_sender=bank,
                 clock=clock,
                 retry=retry,
+                client_certificate=client_certificate,
             )
         except BaseException:
             await store.close()
@@ -789,6 +792,33 @@ class Household:
         return BillLine(biller, facts, f"{latest.outcome.value}: no arrangement")
 
 
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def _read_pem(path: Path, key: str, marker: bytes, what: str) -> bytes:
+    """The PEM file at `path`; ProfileError naming `key` if it cannot be read or holds no `marker` (`what`)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ProfileError(key, f"cannot read {path}: {error.strerror}") from None
+    if marker not in data:
+        raise ProfileError(key, f"{path} holds no PEM {what}")
+    return data
+
+
+def _client_certificate(profile: Profile) -> tuple[bytes, bytes] | None:
+    """The household's TLS client certificate and key (PEM), or None; the key must be private to its owner."""
+    files = profile.client_certificate
+    if files is None:
+        return None
+    chain = _read_pem(files.certificate, "household.client_certificate", _PEM_CERTIFICATE, "certificate")
+    with contextlib.suppress(OSError):  # an unreadable file is reported by the read below
+        if files.key.stat().st_mode & 0o077:
+            raise ProfileError("household.client_key", f"{files.key} is readable by group or others: chmod 600 it")
+    private_key = _read_pem(files.key, "household.client_key", b"PRIVATE KEY-----", "private key")
+    return chain, private_key
+
+
 def _client_tls(preference: BillerPreference) -> ClientTls | None:
     """The TLS settings of a biller's connection; ProfileError naming ca_file if it cannot be read."""
     connection = preference.connection
@@ -797,14 +827,8 @@ def _client_tls(preference: BillerPreference) -> ClientTls | None:
         return None
     roots = None
     if connection.ca_file is not None:
-        try:
-            roots = connection.ca_file.read_bytes()
-        except OSError as error:
-            key = f'billers."{preference.biller_id}".ca_file'
-            raise ProfileError(key, f"cannot read {connection.ca_file}: {error.strerror}") from None
-        if b"-----BEGIN CERTIFICATE-----" not in roots:
-            key = f'billers."{preference.biller_id}".ca_file'
-            raise ProfileError(key, f"{connection.ca_file} holds no PEM certificate")
+        key = f'billers."{preference.biller_id}".ca_file'
+        roots = _read_pem(connection.ca_file, key, _PEM_CERTIFICATE, "certificate")
     return ClientTls(roots, connection.server_name)
 
 

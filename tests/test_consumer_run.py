@@ -28,7 +28,7 @@ import pytest
 from rich.console import Console
 
 from agent.biller import BillerAgent
-from agent.certs import issue_server_cert, make_dev_ca
+from agent.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.cli import main as parley_main
 from agent.clock import Clock, ManualClock, SystemClock
 from agent.crypto import SigningKey
@@ -40,7 +40,13 @@ from parley.v1 import event_pb2
 from reference_biller import sample, scheduler
 from reference_biller.config import load_config
 from reference_biller.service import RunningBiller, serving_biller
-from reference_consumer.profile import BillerConnection, ProfileError, load_profile, parse_profile
+from reference_consumer.profile import (
+    BillerConnection,
+    ClientCertificateFiles,
+    ProfileError,
+    load_profile,
+    parse_profile,
+)
 from reference_consumer.runner import (
     BANK_FILE,
     KEY_FILE,
@@ -154,6 +160,7 @@ async def reference_biller(
     clock: Clock,
     *,
     tls: tuple[bytes, bytes] | None = None,
+    tls_client_ca: bytes | None = None,
     on_enrol: OnEnrol | None = None,
 ) -> AsyncIterator[RunningBiller]:
     """The reference biller on a free loopback port; `on_enrol` runs after each enrolment.
@@ -167,6 +174,7 @@ async def reference_biller(
         state_dir=tmp_path / "biller",
         clock=clock,
         tls=tls,
+        tls_client_ca=tls_client_ca,
         insecure=tls is None,
         interval=timedelta(hours=1),  # upkeep runs once at start; the tests do the rest
     ) as running:
@@ -291,6 +299,94 @@ def test_first_run_enrols_agrees_and_pays_and_later_runs_neither_enrol_nor_pay_t
             await store.close()
 
     asyncio.run(main())
+
+
+def test_the_household_client_certificate_reaches_a_mutual_tls_biller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TRN-9: with `household.client_certificate`/`client_key` the run enrols and pays; without, the biller's
+    handshake refuses it before any call, and nothing is spent or paid."""
+    ca = make_dev_ca()
+    server = issue_server_cert(ca, hostnames=["localhost"], ips=["127.0.0.1"])
+    client = issue_client_cert(ca, "household-7")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    (tmp_path / "client.pem").write_bytes(client.chain_pem)
+    (tmp_path / "client-key.pem").write_bytes(client.key_pem)
+    (tmp_path / "client-key.pem").chmod(0o600)
+    with_certificate = COMFORTABLE.replace(
+        "[household]\n", '[household]\nclient_certificate = "client.pem"\nclient_key = "client-key.pem"\n'
+    )
+
+    async def main() -> None:
+        tls = (server.chain_pem, server.key_pem)
+        async with reference_biller(
+            tmp_path, monkeypatch, SystemClock(), tls=tls, tls_client_ca=ca.cert_pem
+        ) as running:
+            code = await code_for(running)
+
+            def profile(household: str) -> Path:
+                return write_profile(
+                    tmp_path / "household.toml",
+                    target=f"127.0.0.1:{running.port}",
+                    fingerprint=running.biller.fingerprint.hex(),
+                    code=code,
+                    transport='ca_file = "ca.pem"',
+                    household=household,
+                )
+
+            run = ("consumer", "run", "--state-dir", str(tmp_path / "state"), "--once", "--config")
+            assert await cli(*run, str(profile(COMFORTABLE))) != 0  # no certificate: refused at the handshake
+            capsys.readouterr()
+            account = await running.biller.agent.account(ACCOUNT)
+            assert account is not None
+            assert account.consumer_party_id is None  # the code was not spent
+            assert orders(tmp_path / "state") == []
+
+            assert await cli(*run, str(profile(with_certificate))) == 0
+            assert "enrolled now" in capsys.readouterr().out
+            account = await running.biller.agent.account(ACCOUNT)
+            assert account is not None
+            assert account.consumer_party_id == PARTY
+            assert len(orders(tmp_path / "state")) == 1
+
+    asyncio.run(main())
+
+
+def test_an_unusable_client_certificate_is_exit_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = issue_client_cert(make_dev_ca(), "household-7")
+    (tmp_path / "client.pem").write_bytes(client.chain_pem)
+    (tmp_path / "client-key.pem").write_bytes(client.key_pem)
+
+    def run(household: str) -> str:
+        profile = write_profile(
+            tmp_path / "household.toml", target="127.0.0.1:1", fingerprint="ab" * 32, code=None, household=household
+        )
+        status = parley_main(
+            ["consumer", "run", "--config", str(profile), "--state-dir", str(tmp_path / "s"), "--once"]
+        )
+        assert status == 2
+        return capsys.readouterr().out
+
+    def household(lines: str) -> str:
+        return COMFORTABLE.replace("[household]\n", f"[household]\n{lines}\n")
+
+    (tmp_path / "client-key.pem").chmod(0o644)
+    out = run(household('client_certificate = "client.pem"\nclient_key = "client-key.pem"'))
+    assert "household.client_key: " in out
+    assert "readable by group or others" in out
+    (tmp_path / "client-key.pem").chmod(0o600)
+    assert "household.client_key: missing" in run(household('client_certificate = "client.pem"'))
+    assert "household.client_certificate: cannot read" in run(
+        household('client_certificate = "nowhere.pem"\nclient_key = "client-key.pem"')
+    )
+    assert "holds no PEM certificate" in run(
+        household('client_certificate = "client-key.pem"\nclient_key = "client-key.pem"')
+    )
+    (tmp_path / "client.pem").chmod(0o600)  # a certificate given as the key: private, but no key in it
+    assert "holds no PEM private key" in run(household('client_certificate = "client.pem"\nclient_key = "client.pem"'))
+    assert not (tmp_path / "s").exists()  # refused before anything was created
 
 
 def test_a_wrong_fingerprint_stops_at_pin_mismatch_and_pays_nothing(
@@ -534,7 +630,12 @@ def test_connection_keys_are_read() -> None:
     del document["billers"][BILLER]["insecure"]
     document["billers"][BILLER].update(ca_file="ca.pem", server_name="billing.energy.example")
     document["billers"]["biller:telco.example"] = {"priority": 2}
+    assert profile.client_certificate is None
+    document["household"].update(client_certificate="tls/household.pem", client_key="/keys/household-key.pem")
     profile = parse_profile(document, base_dir=Path("/etc/parley"))
+    assert profile.client_certificate == ClientCertificateFiles(
+        Path("/etc/parley/tls/household.pem"), Path("/keys/household-key.pem")
+    )
     connection = profile.billers[0].connection
     assert connection is not None
     assert connection.ca_file == Path("/etc/parley/ca.pem")

@@ -460,18 +460,28 @@ async def _observe_client(conn: Connection, ledger: Ledger, observed: Observed) 
         )
         observed.receipts[intent_id] = None if receipt is None else receipt.receipt
     log: list[envelope_pb2.Envelope] = []
-    async with conn.watch(party.query(account_id, start_sequence=0)) as stream:
+    deadline = time.monotonic() + OUTAGE_LIMIT
+    # The reads above spend this key's LIM-8 budget: a rate-limited stream resumes where it stopped (ERR-6).
+    while (refusal := await _read_events(conn, party.query(account_id, start_sequence=len(log)), log)) is not None:
+        if refusal.reason != Reason.RATE_LIMITED.name or time.monotonic() > deadline:
+            raise ChaosError(f"the restarted biller's event stream failed: {refusal.describe()}")
+        await asyncio.sleep(RATE_LIMIT_PAUSE)
+    observed.events[account_id] = log
+
+
+async def _read_events(
+    conn: Connection, query: envelope_pb2.Envelope, log: list[envelope_pb2.Envelope]
+) -> Refusal | None:
+    """Append the stream's events to `log` until it stays idle; the refusal that ended it, if one did."""
+    async with conn.watch(query) as stream:
         while True:
             try:
                 event = await stream.next(FINAL_EVENT_IDLE)
             except TimeoutError:
-                break
-            if isinstance(event, Refusal):
-                raise ChaosError(f"the restarted biller's event stream failed: {event.describe()}")
-            if event is None:
-                break
+                return None
+            if event is None or isinstance(event, Refusal):
+                return event
             log.append(event)
-    observed.events[account_id] = log
 
 
 async def observe(target: str, ledgers: Sequence[Ledger]) -> Observed:

@@ -16,6 +16,8 @@
                                     PARLEY_* variables and the config's [server] table set the same options
     parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--endpoint HOST:PORT] [--json]
                                     issue enrolment codes for the configured accounts
+    parley biller rotate-key --state-dir DIR [--config FILE]
+                                    replace the biller's signing key, keeping its identity (biller stopped)
     parley biller check-config FILE validate a reference biller configuration
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
                         [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
@@ -75,7 +77,7 @@ from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import sample
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
-from reference_biller.service import RunningBiller, SteppableClock, open_biller, run_biller
+from reference_biller.service import RunningBiller, SteppableClock, open_biller, rotate_identity, run_biller
 from reference_biller.settings import (
     ServeSettings,
     SettingsError,
@@ -362,6 +364,27 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
     return EXIT_VALID
 
 
+def _rotate_key(args: argparse.Namespace, out: Console) -> int:
+    config = _biller_config(args, out)
+    if config is None:
+        return EXIT_UNUSABLE
+    try:
+        state_dir = resolve_state_dir(args.state_dir, config.server)
+    except SettingsError as error:
+        _failed(out, str(error))
+        return EXIT_UNUSABLE
+    try:
+        key, chain = rotate_identity(state_dir, config.party_id, SystemClock().now())
+    except (OSError, ValueError) as error:
+        _failed(out, f"cannot rotate the key: {error}")
+        return EXIT_INVALID
+    print(f"biller      {config.party_id}")
+    print(f"fingerprint {chain.fingerprint.hex()} (unchanged)")
+    print(f"new key     {key.keyid} in key set version {chain.latest.version}")
+    print("restart the biller (every replica, with this state directory's biller.key and key set files)")
+    return EXIT_VALID
+
+
 def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     biller = commands.add_parser("biller", help="run the reference biller")
     actions = biller.add_subparsers(dest="biller_command", required=True, metavar="COMMAND")
@@ -430,6 +453,14 @@ def _add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
     codes.add_argument("--endpoint", metavar="HOST:PORT", help="the biller's address, to print enrolment URIs too")
     codes.add_argument("--json", action="store_true", help="print the codes as one JSON document on stdout")
     codes.set_defaults(handler=_codes)
+
+    rotate = actions.add_parser(
+        "rotate-key",
+        help="replace the biller's signing key, keeping its identity (KEY-17); run it while the biller is stopped",
+    )
+    rotate.add_argument("--config", help=config_help)
+    rotate.add_argument("--state-dir", help="the biller's state directory (env PARLEY_STATE_DIR)")
+    rotate.set_defaults(handler=_rotate_key)
 
     check = actions.add_parser("check-config", help="validate a reference biller configuration")
     check.add_argument("file", help="a TOML configuration file")

@@ -76,6 +76,7 @@ logger = logging.getLogger("parley.reference_biller")
 
 CONFORMANCE_FEATURE = "conformance-control"
 KEY_FILE = "biller.key"
+NEXT_KEY_FILE = ".biller.key.next"  # a rotation's new key until its key set version is written
 STORE_FILE = "biller.sqlite"
 KEYSET_LIFETIME = timedelta(days=365)
 KEYSET_RENEW_BEFORE = timedelta(days=30)
@@ -155,13 +156,15 @@ def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[Signin
     if not key_path.exists():
         SigningKey.generate().save(key_path)
         logger.info("new signing key %s", key_path)
-    key = SigningKey.load(key_path)
     envelopes: list[envelope_pb2.Envelope] = []
     while (path := _keyset_path(state_dir, len(envelopes) + 1)).exists():
         envelopes.append(envelope_pb2.Envelope.FromString(path.read_bytes()))
     if envelopes:
         chain = KeyChain.verify(envelopes)
+        _finish_rotation(state_dir, chain)
+        key = SigningKey.load(key_path)
     else:
+        key = SigningKey.load(key_path)
         version_1 = _new_version(key, party_id, None, now)
         _write_new(_keyset_path(state_dir, 1), version_1.SerializeToString())
         chain = KeyChain.verify([version_1])
@@ -170,6 +173,52 @@ def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[Signin
     if chain.latest.entry(key.keyid) is None:
         raise ValueError(f"{key_path} is not a key of {party_id!r}'s key set version {chain.latest.version}")
     return key, renew_identity(state_dir, key, chain, now)
+
+
+def rotate_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[SigningKey, KeyChain]:
+    """Replace the biller's signing key, keeping its identity (KEY-17): the new key and the extended chain.
+
+    A new key set version, signed by the current key, lists the current key until `now` (so everything it
+    signed still verifies, offline too) and a new key from `now`; the new key then replaces `biller.key`.
+    The next renewal drops the old key. Run it while no biller process uses `state_dir` (they read the key
+    when they start); a crash part-way is finished (or undone, if the version was never written) by the
+    next `load_identity`.
+    """
+    key, chain = load_identity(state_dir, party_id, now)
+    current = chain.latest.entry(key.keyid)
+    assert current is not None  # load_identity checked that the newest version lists the key
+    new_key = SigningKey.generate()
+    pending = state_dir / NEXT_KEY_FILE
+    new_key.save(pending)  # load_identity removed any pending key not published
+    version = make_key_set(
+        party_id=party_id,
+        version=chain.latest.version + 1,
+        keys=[
+            KeyEntry(key.public_key, current.not_before, now),
+            KeyEntry(new_key.public_key, now, now + KEYSET_LIFETIME),
+        ],
+        signer=key,
+        previous=chain.latest,
+        create_time=max(now - _KEY_BACKDATE, chain.latest.create_time + timedelta(seconds=1)),
+        expire_time=now + KEYSET_LIFETIME,
+    )
+    rotated = chain.extend(version)
+    _write_new(_keyset_path(state_dir, rotated.latest.version), version.SerializeToString())
+    os.replace(pending, state_dir / KEY_FILE)
+    logger.info("key rotated: %s -> %s in key set version %d", key.keyid, new_key.keyid, rotated.latest.version)
+    return new_key, rotated
+
+
+def _finish_rotation(state_dir: Path, chain: KeyChain) -> None:
+    """A rotation's new key becomes `biller.key` once a written version lists it; otherwise it is discarded."""
+    pending = state_dir / NEXT_KEY_FILE
+    if not pending.exists():
+        return
+    if chain.latest.entry(SigningKey.load(pending).keyid) is not None:
+        os.replace(pending, state_dir / KEY_FILE)
+        logger.info("finished the key rotation of key set version %d", chain.latest.version)
+    else:
+        pending.unlink()
 
 
 def renew_identity(state_dir: Path, key: SigningKey, chain: KeyChain, now: datetime) -> KeyChain:
@@ -515,6 +564,7 @@ __all__ = [
     "load_identity",
     "open_biller",
     "renew_identity",
+    "rotate_identity",
     "run_biller",
     "serving_biller",
 ]

@@ -162,6 +162,7 @@ async def reference_biller(
     tls: tuple[bytes, bytes] | None = None,
     tls_client_ca: bytes | None = None,
     on_enrol: OnEnrol | None = None,
+    port: int = 0,
 ) -> AsyncIterator[RunningBiller]:
     """The reference biller on a free loopback port; `on_enrol` runs after each enrolment.
 
@@ -170,7 +171,7 @@ async def reference_biller(
     """
     async with serving_biller(
         CONFIG,
-        listen="127.0.0.1:0",
+        listen=f"127.0.0.1:{port}",
         state_dir=tmp_path / "biller",
         clock=clock,
         tls=tls,
@@ -297,6 +298,42 @@ def test_first_run_enrols_agrees_and_pays_and_later_runs_neither_enrol_nor_pay_t
             assert kinds.count(event_pb2.EVENT_KIND_BILL_ISSUED) == 2
         finally:
             await store.close()
+
+    asyncio.run(main())
+
+
+def test_after_the_biller_rotates_its_key_the_household_verifies_and_pays_what_the_new_key_signs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """KEY-17 end to end: the reference biller's key is rotated while it is stopped (`parley biller rotate-key`);
+    the household's next run meets answers signed by a key its stored chain does not list, fetches the new
+    version (same pinned fingerprint), verifies them, and pays the new bill; nothing is paid twice."""
+    state, clock = tmp_path / "state", SystemClock()
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock) as running:
+            profile = write_profile(
+                tmp_path / "household.toml",
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=running.biller.fingerprint.hex(),
+                code=await code_for(running),
+            )
+            port, old_keyid = running.port, running.biller.key.keyid
+            assert await cli("consumer", "run", "--config", str(profile), "--state-dir", str(state), "--once") == 0
+            assert "paid now" in capsys.readouterr().out
+        biller_state = str(tmp_path / "biller")
+        assert await cli("biller", "rotate-key", "--state-dir", biller_state) == 0
+        capsys.readouterr()
+        async with reference_biller(tmp_path, monkeypatch, clock, port=port) as running:  # the enrolled address
+            assert running.biller.key.keyid != old_keyid
+            today = clock.now().date()
+            await running.biller.agent.issue_bill(
+                ACCOUNT, eur("80.00"), today + timedelta(days=30), "Meter service", bill_id="after-rotation"
+            )
+            assert await cli("consumer", "run", "--config", str(profile), "--state-dir", str(state), "--once") == 0
+            second = capsys.readouterr().out
+            assert "paid now" in second
+            assert [o["bill_id"] for o in orders(state)][1:] == ["after-rotation"]
 
     asyncio.run(main())
 

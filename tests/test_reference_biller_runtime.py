@@ -24,11 +24,13 @@ from agent.certs import issue_server_cert, make_dev_ca
 from agent.cli import main as parley_main
 from agent.clock import ManualClock
 from agent.crypto import SigningKey, digest
-from agent.errors import Reason
+from agent.errors import Reason, RemoteProtocolError
+from agent.keysets import KeyChain
 from agent.protocol.messages import open_envelope
 from agent.terms import Money, TermsKind, build_terms, monthly_dates
 from agent.transport.status import error_from_rpc
 from parley.v1 import (
+    bill_pb2,
     biller_service_pb2_grpc,
     envelope_pb2,
     event_pb2,
@@ -40,6 +42,7 @@ from parley.v1.biller_service_pb2 import (
     CreatePaymentIntentRequest,
     EnrolRequest,
     GetBillRequest,
+    GetKeySetsRequest,
     GetReceiptRequest,
     HelloRequest,
     NegotiateRequest,
@@ -47,7 +50,14 @@ from parley.v1.biller_service_pb2 import (
 from reference_biller import scheduler
 from reference_biller.config import SAMPLE, load_config
 from reference_biller.rail import SimulatedRail, TransferStatus
-from reference_biller.service import CONFORMANCE_FEATURE, RunningBiller, load_identity, serving_biller
+from reference_biller.service import (
+    CONFORMANCE_FEATURE,
+    NEXT_KEY_FILE,
+    RunningBiller,
+    load_identity,
+    rotate_identity,
+    serving_biller,
+)
 from tests.helpers.peer import BILLER_ID, Consumer, inside_options
 from tests.helpers.process import lines_of
 
@@ -277,8 +287,6 @@ def test_an_intent_instructed_before_a_restart_is_still_matched_and_settled_once
 
 
 def biller_bill_id(bill: envelope_pb2.Envelope) -> str:
-    from parley.v1 import bill_pb2  # noqa: PLC0415
-
     return bill_pb2.Bill.FromString(bill.payload).bill_id
 
 
@@ -425,7 +433,91 @@ def test_identity_is_created_once_kept_private_and_renewed_before_expiry(tmp_pat
     assert isinstance(SigningKey.load(tmp_path / "biller.key"), SigningKey)
 
 
+def test_rotating_the_biller_key_keeps_its_identity_and_everything_signed_before(tmp_path: Path) -> None:
+    """KEY-17 for the reference biller: rotate the key while it is stopped; after the restart its
+    answers are signed by the new key, served in the next key set version, under the same fingerprint, and
+    what the old key signed still verifies offline against the extended chain."""
+    before: dict[str, object] = {}
+
+    async def first_run(h: Harness) -> None:
+        account_id, consumer = await h.enrolled("consumer:alice")
+        before.update(account=account_id, consumer=consumer, bill=await h.bill(account_id, consumer))
+        before.update(chain=h.running.biller.agent.key_chain)
+
+    run(tmp_path, first_run)
+    state = tmp_path / "state"
+    old_key = SigningKey.load(state / "biller.key")
+    new_key, _ = rotate_identity(state, BILLER_ID, START + timedelta(hours=1))
+    assert SigningKey.load(state / "biller.key").keyid == new_key.keyid != old_key.keyid
+
+    async def after_restart() -> None:
+        async with harness(tmp_path, ManualClock(START + timedelta(hours=2))) as h:
+            old_chain = before["chain"]
+            assert isinstance(old_chain, KeyChain)
+            served = await h.stub.GetKeySets(GetKeySetsRequest())
+            chain = KeyChain.verify(list(served.key_sets))
+            assert chain.fingerprint == old_chain.fingerprint  # the pinned identity did not change
+            assert [v.version for v in chain.versions] == [1, 2]
+            assert {e.key.keyid for e in chain.latest.keys} == {old_key.keyid, new_key.keyid}  # a transition
+            consumer = before["consumer"]
+            assert isinstance(consumer, Consumer)
+            consumer.clock = h.clock
+            account_id = str(before["account"])
+            bill = await h.bill(account_id, consumer)
+            assert bill.signatures[0].keyid == new_key.keyid
+            open_envelope(bill, (bill_pb2.Bill,), sender_keys=chain, recipient=consumer.party_id, now=h.clock.now())
+            old_bill = before["bill"]
+            assert isinstance(old_bill, envelope_pb2.Envelope)
+            assert old_bill.signatures[0].keyid == old_key.keyid
+            open_envelope(old_bill, (bill_pb2.Bill,), sender_keys=chain, recipient=consumer.party_id, now=None)
+            with pytest.raises(RemoteProtocolError) as refused:  # the old key signs nothing after the rotation
+                chain.check_key_at(old_key.keyid, h.clock.now())
+            assert refused.value.reason is Reason.KEY_NOT_VALID
+
+    asyncio.run(after_restart())
+
+
+def test_a_rotation_cut_short_is_finished_or_undone_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, _ = load_identity(tmp_path, BILLER_ID, START)
+    # Killed after the new version was written, before the new key replaced biller.key: finished at load.
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        rotate_identity(tmp_path, BILLER_ID, START + timedelta(hours=1))
+    monkeypatch.setattr(os, "replace", replace)
+    assert (tmp_path / NEXT_KEY_FILE).exists()
+    loaded, chain = load_identity(tmp_path, BILLER_ID, START + timedelta(hours=2))
+    assert loaded.keyid != key.keyid
+    assert chain.latest.version == 2
+    assert chain.latest.entry(loaded.keyid) is not None
+    assert not (tmp_path / NEXT_KEY_FILE).exists()
+    # A new key saved but its version never written: discarded at load, the current key stays.
+    SigningKey.generate().save(tmp_path / NEXT_KEY_FILE)
+    again, chain = load_identity(tmp_path, BILLER_ID, START + timedelta(hours=3))
+    assert (again.keyid, chain.latest.version) == (loaded.keyid, 2)
+    assert not (tmp_path / NEXT_KEY_FILE).exists()
+
+
 # --- The CLI -----------------------------------------------------------------------------------------
+
+
+def test_rotate_key_replaces_the_key_and_prints_the_unchanged_fingerprint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key, chain = load_identity(tmp_path, BILLER_ID, datetime.now(UTC))
+    assert parley_main(["biller", "rotate-key", "--state-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    rotated = SigningKey.load(tmp_path / "biller.key")
+    assert rotated.keyid != key.keyid
+    assert f"new key     {rotated.keyid} in key set version 2" in printed
+    assert chain.fingerprint.hex() in printed
+    assert (tmp_path / "biller-keyset-v2.pb").exists()
+    (tmp_path / "biller.key").chmod(0o644)  # a key file others can read is refused, and nothing is written
+    assert parley_main(["biller", "rotate-key", "--state-dir", str(tmp_path)]) == 1
+    assert "cannot rotate the key" in capsys.readouterr().out
+    assert not (tmp_path / "biller-keyset-v3.pb").exists()
 
 
 def test_check_config_says_ok_or_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -346,12 +346,24 @@ async def _issue_codes(
             print(f"            {uri}")
 
 
-def _codes(args: argparse.Namespace, out: Console) -> int:
+def _biller_state(args: argparse.Namespace, out: Console) -> tuple[BillerConfig, Path] | None:
+    """The configuration and state directory of an offline biller command; None once it said why not."""
     config = _biller_config(args, out)
     if config is None:
-        return EXIT_UNUSABLE
+        return None
     try:
-        state_dir = resolve_state_dir(args.state_dir, config.server)
+        return config, resolve_state_dir(args.state_dir, config.server)
+    except SettingsError as error:
+        _failed(out, str(error))
+        return None
+
+
+def _codes(args: argparse.Namespace, out: Console) -> int:
+    resolved = _biller_state(args, out)
+    if resolved is None:
+        return EXIT_UNUSABLE
+    config, state_dir = resolved
+    try:
         store_location = resolve_store(args.store, config.server)
     except SettingsError as error:
         _failed(out, str(error))
@@ -365,14 +377,10 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
 
 
 def _rotate_key(args: argparse.Namespace, out: Console) -> int:
-    config = _biller_config(args, out)
-    if config is None:
+    resolved = _biller_state(args, out)
+    if resolved is None:
         return EXIT_UNUSABLE
-    try:
-        state_dir = resolve_state_dir(args.state_dir, config.server)
-    except SettingsError as error:
-        _failed(out, str(error))
-        return EXIT_UNUSABLE
+    config, state_dir = resolved
     try:
         key, chain = rotate_identity(state_dir, config.party_id, SystemClock().now())
     except (OSError, ValueError) as error:

@@ -132,13 +132,21 @@ def _write_new(path: Path, data: bytes) -> None:
         temporary.unlink()
 
 
-def _new_version(key: SigningKey, party_id: str, previous: KeyChain | None, now: datetime) -> envelope_pb2.Envelope:
+def _new_version(
+    signer: SigningKey,
+    party_id: str,
+    previous: KeyChain | None,
+    now: datetime,
+    keys: Sequence[KeyEntry] = (),
+) -> envelope_pb2.Envelope:
+    """Version 1, or the one after `previous`, signed by `signer`, listing `keys` (default: the signer's key
+    for the version's whole lifetime)."""
     start = now - _KEY_BACKDATE
     return make_key_set(
         party_id=party_id,
         version=1 if previous is None else previous.latest.version + 1,
-        keys=[KeyEntry(key.public_key, start, start + KEYSET_LIFETIME)],
-        signer=key,
+        keys=keys or [KeyEntry(signer.public_key, start, start + KEYSET_LIFETIME)],
+        signer=signer,
         previous=None if previous is None else previous.latest,
         create_time=start if previous is None else max(start, previous.latest.create_time + timedelta(seconds=1)),
         expire_time=start + KEYSET_LIFETIME,
@@ -159,12 +167,11 @@ def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[Signin
     envelopes: list[envelope_pb2.Envelope] = []
     while (path := _keyset_path(state_dir, len(envelopes) + 1)).exists():
         envelopes.append(envelope_pb2.Envelope.FromString(path.read_bytes()))
-    if envelopes:
-        chain = KeyChain.verify(envelopes)
+    chain = KeyChain.verify(envelopes) if envelopes else None
+    if chain is not None:
         _finish_rotation(state_dir, chain)
-        key = SigningKey.load(key_path)
-    else:
-        key = SigningKey.load(key_path)
+    key = SigningKey.load(key_path)
+    if chain is None:
         version_1 = _new_version(key, party_id, None, now)
         _write_new(_keyset_path(state_dir, 1), version_1.SerializeToString())
         chain = KeyChain.verify([version_1])
@@ -190,18 +197,8 @@ def rotate_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[Sign
     new_key = SigningKey.generate()
     pending = state_dir / NEXT_KEY_FILE
     new_key.save(pending)  # load_identity removed any pending key not published
-    version = make_key_set(
-        party_id=party_id,
-        version=chain.latest.version + 1,
-        keys=[
-            KeyEntry(key.public_key, current.not_before, now),
-            KeyEntry(new_key.public_key, now, now + KEYSET_LIFETIME),
-        ],
-        signer=key,
-        previous=chain.latest,
-        create_time=max(now - _KEY_BACKDATE, chain.latest.create_time + timedelta(seconds=1)),
-        expire_time=now + KEYSET_LIFETIME,
-    )
+    keys = [KeyEntry(key.public_key, current.not_before, now), KeyEntry(new_key.public_key, now, now + KEYSET_LIFETIME)]
+    version = _new_version(key, party_id, chain, now, keys)
     rotated = chain.extend(version)
     _write_new(_keyset_path(state_dir, rotated.latest.version), version.SerializeToString())
     os.replace(pending, state_dir / KEY_FILE)

@@ -40,10 +40,11 @@ module adds the schema and the plumbing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, ClassVar, Self, TypeVar
@@ -96,7 +97,19 @@ class PostgresDb:
 
 
 class _StaleConnection(psycopg.OperationalError):
-    """A pooled connection found dead at BEGIN: no statement of the step reached the server."""
+    """A pooled connection found dead before anything that must not run twice reached the server: at a step's
+    BEGIN, or during a one-statement read. The caller replaces the connection and sends it again."""
+
+
+@contextlib.contextmanager
+def _stale_if_broken(connection: Connection) -> Iterator[None]:
+    """Turn an OperationalError that left `connection` broken into `_StaleConnection`."""
+    try:
+        yield
+    except psycopg.OperationalError as error:
+        if connection.broken:
+            raise _StaleConnection(str(error)) from error
+        raise
 
 
 def _retryable(error: BaseException) -> bool:
@@ -196,12 +209,8 @@ class PostgresBillerStore(SqlBillerStore):
         begin = "BEGIN ISOLATION LEVEL READ COMMITTED" if write else "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
         attempt = 1
         while True:
-            try:
+            with _stale_if_broken(connection):
                 connection.execute(begin)
-            except psycopg.OperationalError as error:
-                if connection.broken:
-                    raise _StaleConnection(str(error)) from error
-                raise
             try:
                 result = fn(PostgresDb(connection))
                 connection.execute("COMMIT")
@@ -227,14 +236,9 @@ class PostgresBillerStore(SqlBillerStore):
 
     @staticmethod
     def _statement(connection: Connection, fn: Callable[[Db], T]) -> T:
-        # Autocommit: the statement is its own transaction, one round trip instead of three. A read, so a
-        # connection found broken can be replaced and the statement sent again.
-        try:
+        # Autocommit: the statement is its own transaction, one round trip instead of three.
+        with _stale_if_broken(connection):
             return fn(PostgresDb(connection))
-        except psycopg.OperationalError as error:
-            if connection.broken:
-                raise _StaleConnection(str(error)) from error
-            raise
 
     async def _erased(self) -> None:
         # Rewrites the (small) table, so the deleted rows leave its files; outside any transaction.

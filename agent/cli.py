@@ -5,7 +5,7 @@
                                     every agreement bundle written and verified offline
     parley keygen --out FILE        make an Ed25519 signing key (file mode 0600)
     parley certs --out DIR [--host NAME] [--ip ADDRESS] [--client NAME]
-                                    make a development CA and TLS certificates (agent/certs.py)
+                                    make a development CA and TLS certificates (agent/tools/certs.py)
     parley verify BUNDLE.json       verify an agreement bundle offline
     parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR] [--store PATH|URL]
                         [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure]
@@ -61,18 +61,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent.bench import add_bench_command
-from agent.certs import add_certs_command
-from agent.chaos import add_chaos_command
 from agent.clock import Clock, SystemClock
 from agent.conformance import add_conformance_commands
-from agent.crypto import SigningKey
-from agent.demo import run as run_demo
-from agent.errors import ParleyError
-from agent.fuzz_command import add_fuzz_command
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
-from agent.terms import format_date
+from agent.protocol.errors import ParleyError
+from agent.protocol.keys import SigningKey
+from agent.protocol.terms import format_date
+from agent.tools.bench import add_bench_command
+from agent.tools.certs import add_certs_command
+from agent.tools.chaos import add_chaos_command
+from agent.tools.demo import run as run_demo
+from agent.tools.fuzz_command import add_fuzz_command
 from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import sample

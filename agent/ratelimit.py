@@ -33,9 +33,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 
-from agent.errors import Reason, RemoteProtocolError
-from agent.limits import PEER_RATE_LIMIT_FACTOR, RATE_LIMIT_MAX_TRACKED, Limits
 from agent.lru import Lru
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.limits import PEER_RATE_LIMIT_FACTOR, RATE_LIMIT_MAX_TRACKED, Limits
 
 _admitted_signer: ContextVar[str | None] = ContextVar("parley_admitted_signer", default=None)
 

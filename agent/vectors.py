@@ -17,10 +17,10 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from agent.crypto import envelope_from_json
-from agent.errors import ParleyError
-from agent.keysets import KeyChain
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.dsse import envelope_from_json
+from agent.protocol.errors import ParleyError
+from agent.protocol.keysets import KeyChain
 from agent.protocol.messages import PAYLOAD_TYPES, open_envelope
 
 SCHEMA = "parley-vectors/1"

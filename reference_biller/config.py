@@ -20,11 +20,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.errors import LocalProtocolError
 from agent.logs import LOG_FORMATS, LOG_LEVELS
 from agent.metrics import parse_listen
+from agent.protocol.errors import LocalProtocolError
 from agent.protocol.messages import is_party_id
-from agent.terms import Currency, Money
+from agent.protocol.terms import Currency, Money
 
 T = TypeVar("T")
 SAMPLE = Path(__file__).with_name("sample.toml")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 from agent.biller import AcceptOffer, CounterOffer, Decision, OfferContext, RejectOffer
-from agent.terms import (
+from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
     DeferralOption,

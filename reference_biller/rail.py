@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from agent.biller import BillerAgent, PaymentDetails
-from agent.terms import Money
+from agent.protocol.terms import Money
 from parley.v1 import envelope_pb2
 from reference_biller.config import Payments
 

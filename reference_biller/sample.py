@@ -21,8 +21,8 @@ from datetime import date, timedelta
 from urllib.parse import quote
 
 from agent.biller import BillerAgent
+from agent.protocol.terms import Money
 from agent.stores.base import AlreadyExists, BillerStore
-from agent.terms import Money
 from reference_biller.config import BillerConfig
 
 logger = logging.getLogger("parley.reference_biller.sample")

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from agent.biller import Arrangement, BillerAgent
-from agent.limits import MAX_NOTE_CHARS
+from agent.protocol.limits import MAX_NOTE_CHARS
+from agent.protocol.terms import Money, format_date, parse_date
 from agent.stores.base import BillerStore, BillRecord, BillStatus
 from agent.stores.biller_sql import Leases
-from agent.terms import Money, format_date, parse_date
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2
 from reference_biller.config import BillerConfig
 from reference_biller.rail import SimulatedRail

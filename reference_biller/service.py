@@ -49,13 +49,13 @@ import grpc
 
 from agent.biller import FEATURES, BillerAgent
 from agent.clock import Clock, SystemClock
-from agent.crypto import SigningKey
-from agent.errors import Reason, RemoteProtocolError
-from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.metrics import MetricsEndpoint, serve_metrics
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.messages import to_timestamp
+from agent.protocol.terms import AdvertisedOptions, Money, parse_date
 from agent.stores import SqlBillerStore, open_biller_store
-from agent.terms import AdvertisedOptions, Money, parse_date
 from agent.transport.server import (
     DEFAULT_SHUTDOWN_GRACE,
     BillerServer,

@@ -38,8 +38,8 @@ from agent.consumer import (
     StrategyContext,
 )
 from agent.consumer import Mandate as AgentMandate
-from agent.limits import DEFAULT_LIMITS, Limits
-from agent.terms import BillFacts, Instalment, Money, Terms
+from agent.protocol.limits import DEFAULT_LIMITS, Limits
+from agent.protocol.terms import BillFacts, Instalment, Money, Terms
 from parley.v1 import negotiation_pb2
 from reference_consumer.profile import Profile
 from reference_consumer.strategy import (

@@ -26,7 +26,7 @@ one of the situations Parley is for:
    first instalment (`declined_orders`); the supplier reports it missed, ends the
    plan, offers renegotiation, and the household agrees a new plan.
 
-Nothing here does I/O; `agent.demo` runs it.
+Nothing here does I/O; `agent.tools.demo` runs it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import enum
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from agent.terms import Money
+from agent.protocol.terms import Money
 from reference_consumer.profile import BillerPreference, Expense, Income, Mandate, Profile
 
 ENERGY = "biller:energy.example"

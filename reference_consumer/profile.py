@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from agent.biller import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
-from agent.errors import LocalProtocolError
-from agent.limits import DIGEST_BYTES, MAX_ID_CHARS
+from agent.protocol.errors import LocalProtocolError
+from agent.protocol.limits import DIGEST_BYTES, MAX_ID_CHARS
 from agent.protocol.messages import is_party_id
-from agent.terms import Currency, Money, parse_date
+from agent.protocol.terms import Currency, Money, parse_date
 from agent.transport.server import is_loopback
 
 _T = TypeVar("_T")

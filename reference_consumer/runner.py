@@ -96,12 +96,12 @@ from agent.consumer import (
     PaymentReceipt,
     ReceivedBill,
 )
-from agent.crypto import InsecureKeyFileError, SigningKey
-from agent.errors import ParleyError
-from agent.keysets import KeyChain, first_key_set
+from agent.protocol.errors import ParleyError
+from agent.protocol.keys import InsecureKeyFileError, SigningKey
+from agent.protocol.keysets import KeyChain, first_key_set
+from agent.protocol.terms import BillFacts, LineKind, Terms, TermsKind
 from agent.stores.base import IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
-from agent.terms import BillFacts, LineKind, Terms, TermsKind
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
 from agent.transport.server import is_loopback
 from agent.transport.status import RpcError

@@ -36,9 +36,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from agent.errors import LocalProtocolError
-from agent.limits import DEFAULT_LIMITS, MAX_TEXT_CHARS, Limits
-from agent.terms import (
+from agent.protocol.errors import LocalProtocolError
+from agent.protocol.limits import DEFAULT_LIMITS, MAX_TEXT_CHARS, Limits
+from agent.protocol.terms import (
     BillFacts,
     Currency,
     HardshipProgramme,

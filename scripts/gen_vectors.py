@@ -27,14 +27,15 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from agent.crypto import SigningKey, digest, envelope_to_json, pae, sign_envelope
-from agent.keysets import KeyChain, KeyEntry, make_key_set
-from agent.limits import DEFAULT_LIMITS
 from agent.protocol.agreement import Bundle
+from agent.protocol.dsse import digest, envelope_to_json, pae, sign_envelope
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import PAYLOAD_TYPES, new_header, seal
 from agent.protocol.moves import payload_of
 from agent.protocol.negotiation import Accept, Move, Offer, Open, Reject, Withdraw
-from agent.terms import (
+from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
     DeferralOption,

@@ -19,11 +19,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from agent import biller as agent_biller
 from agent.biller import BillerAgent
-from agent.crypto import VerifyKey
-from agent.errors import Reason, RemoteProtocolError
-from agent.keysets import KeyChain
+from agent.biller import agent as agent_biller
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import VerifyKey
+from agent.protocol.keysets import KeyChain
 from agent.protocol.messages import Verified, check_sequence, seal
 from agent.protocol.moves import thread_message
 from agent.protocol.negotiation import Accept, Negotiation, Role, State, ThreadMessage

@@ -36,9 +36,9 @@ def reference_command() -> str:
 def skips_bill_verification() -> None:
     """Bills are parsed and kept without checking their signature (BIL-3)."""
     from agent.consumer import ConsumerAgent  # noqa: PLC0415 - patched in the broken program only
-    from agent.crypto import digest  # noqa: PLC0415
+    from agent.protocol.dsse import digest  # noqa: PLC0415
+    from agent.protocol.terms import BillFacts  # noqa: PLC0415
     from agent.stores.base import ReceivedBillRecord  # noqa: PLC0415
-    from agent.terms import BillFacts  # noqa: PLC0415
     from parley.v1 import bill_pb2  # noqa: PLC0415
 
     async def checked_bill(self: Any, session: Any, envelope: Any, account_id: str) -> ReceivedBillRecord:
@@ -52,8 +52,8 @@ def skips_bill_verification() -> None:
 
 def accepts_keyset_rollback() -> None:
     """A key set version not above the one held is taken as the biller's current one ("it knows best", KEY-8)."""
-    from agent.keysets import KeyChain  # noqa: PLC0415
-    from agent.limits import DEFAULT_LIMITS, Limits  # noqa: PLC0415
+    from agent.protocol.keysets import KeyChain  # noqa: PLC0415
+    from agent.protocol.limits import DEFAULT_LIMITS, Limits  # noqa: PLC0415
     from parley.v1 import keys_pb2  # noqa: PLC0415
 
     extend = KeyChain.extend
@@ -95,7 +95,7 @@ def accepts_counter_to_in_options_offer() -> None:
 def skips_the_pin() -> None:
     """Neither Hello nor the enrolment's key set chain is compared with the pinned fingerprint (KEY-12)."""
     from agent.consumer import ConsumerAgent  # noqa: PLC0415
-    from agent.keysets import KeyChain  # noqa: PLC0415
+    from agent.protocol.keysets import KeyChain  # noqa: PLC0415
 
     verify = KeyChain.verify.__func__  # type: ignore[attr-defined]
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.stores.pg_server import ThrowawayPostgres, throwaway_postgres
+from agent.tools.pg_server import ThrowawayPostgres, throwaway_postgres
 
 _database_numbers = itertools.count(1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, date, datetime
 
-from agent.terms import (
+from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
     DeferralOption,

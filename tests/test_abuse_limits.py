@@ -30,11 +30,12 @@ from google.protobuf import wrappers_pb2
 
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
-from agent.crypto import SigningKey, digest
-from agent.errors import Reason, RemoteProtocolError
-from agent.limits import DEFAULT_LIMITS, PEER_RATE_LIMIT_FACTOR, Limits
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.limits import DEFAULT_LIMITS, PEER_RATE_LIMIT_FACTOR, Limits
 from agent.ratelimit import RateLimiter, TokenBuckets, peer_address
-from agent.stores.sqlite import SqliteBillerStore
+from agent.stores.biller_sqlite import SqliteBillerStore
 from agent.transport.server import start_biller_server
 from agent.transport.status import error_from_rpc
 from parley.v1 import account_pb2, biller_service_pb2_grpc, envelope_pb2, negotiation_pb2, payment_pb2

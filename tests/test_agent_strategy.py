@@ -9,7 +9,7 @@ import dataclasses
 from datetime import date
 
 from agent.consumer import Accept, Counter, Escalate, Reject, StrategyContext
-from agent.terms import BillFacts, Instalment, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
+from agent.protocol.terms import BillFacts, Instalment, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
 from parley.v1 import negotiation_pb2
 from reference_biller.config import SAMPLE, load_config
 from reference_biller.policy import SegmentPolicy

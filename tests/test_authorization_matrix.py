@@ -24,8 +24,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.crypto import digest
-from agent.errors import Reason
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason
 from agent.transport.status import error_from_rpc
 from parley.v1 import envelope_pb2, negotiation_pb2
 from parley.v1.biller_service_pb2 import (

@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from rich.console import Console
 
-from agent.bench import (
+from agent.cli import main
+from agent.tools.bench import (
     SIGNED_PER_BASELINE_CALL,
     SIGNED_PER_CYCLE,
     WORKER_PID_METHOD,
@@ -33,7 +34,6 @@ from agent.bench import (
     run_bench,
     started_workers,
 )
-from agent.cli import main
 
 TINY = BenchOptions(
     seconds=1.0,

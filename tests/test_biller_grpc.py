@@ -17,12 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.biller import CounterOffer, Decision, OfferContext
-from agent.crypto import SigningKey, digest
-from agent.errors import Reason
-from agent.keysets import KeyEntry, make_key_set
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyEntry, make_key_set
+from agent.protocol.terms import AdvertisedOptions, Money, Terms, TermsKind
 from agent.stores.base import BillStatus
-from agent.terms import AdvertisedOptions, Money, Terms, TermsKind
 from agent.transport.server import start_biller_server
 from agent.transport.status import RpcError, error_from_rpc
 from parley.v1 import (

@@ -1,4 +1,4 @@
-"""The crash-safety harness (`parley chaos`, agent/chaos.py): the short form CI runs, and its checks shown faults.
+"""The crash-safety harness (`parley chaos`, agent/tools/chaos.py): the short form CI runs, and its checks shown faults.
 
 One short run (a few SIGKILLs of a real `parley biller serve` child under a
 few signed clients) is shared by the tests: it must PASS, and copies of its
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.chaos import (
+from agent.cli import main
+from agent.tools.chaos import (
     BillerProcess,
     ChaosOptions,
     ChaosReport,
@@ -29,7 +30,6 @@ from agent.chaos import (
     run_chaos,
     verify_state,
 )
-from agent.cli import main
 
 SHORT = ChaosOptions(kills=3, clients=4, seed=11, pause=(0.3, 1.0))
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent import vectors
-from agent.crypto import SigningKey
+from agent.protocol.keys import SigningKey
 
 DOCUMENT = vectors.load()
 GOOD = next(c["bundle"] for c in DOCUMENT["tests"] if c["id"] == "bundle-agreed-after-counter")
@@ -144,6 +144,6 @@ def test_keygen_writes_an_owner_only_key_that_loads(tmp_path: Path) -> None:
 
 def test_the_cli_starts_without_importing_the_fuzzer() -> None:
     """hypothesis (a tenth of a second to import) is loaded by `parley fuzz` only, not by every command."""
-    probe = "import sys, agent.cli; print(sorted(m for m in ('hypothesis', 'agent.fuzz') if m in sys.modules))"
+    probe = "import sys, agent.cli; print(sorted(m for m in ('hypothesis', 'agent.tools.fuzz') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

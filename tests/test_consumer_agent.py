@@ -20,7 +20,6 @@ from typing import Any
 import grpc
 import pytest
 
-from agent.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.consumer import (
     Accept,
     AccountEvent,
@@ -38,12 +37,14 @@ from agent.consumer import (
     StrategyContext,
     Withdraw,
 )
-from agent.crypto import SigningKey, digest
-from agent.errors import Reason, RemoteProtocolError
-from agent.keysets import KeyEntry, make_key_set
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyEntry, make_key_set
 from agent.protocol.messages import seal
 from agent.protocol.negotiation import Role
+from agent.protocol.terms import BillFacts, Terms, TermsKind, build_terms, monthly_dates
 from agent.stores.base import (
     BillerLinkRecord,
     EventCursor,
@@ -55,7 +56,7 @@ from agent.stores.base import (
     ThreadOutcome,
 )
 from agent.stores.consumer_sqlite import SqliteConsumerStore
-from agent.terms import BillFacts, Terms, TermsKind, build_terms, monthly_dates
+from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.transport.client import ClientTls, RetryPolicy, open_channel
 from agent.transport.server import serve_biller, start_biller_server
 from agent.transport.status import RpcError

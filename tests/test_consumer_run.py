@@ -1,7 +1,7 @@
 """`parley consumer run`: the reference consumer against the reference biller.
 
 Real gRPC on 127.0.0.1 (a free port; plaintext on loopback, or TLS with the
-development CA of agent/certs.py), real SQLite files under tmp_path; the biller
+development CA of agent/tools/certs.py), real SQLite files under tmp_path; the biller
 is served in this process and always shut down. The CLI runs in a worker thread
 (`agent.cli.main`, which starts its own event loop) while the biller serves on
 the test's loop; the approval scenario drives `Household` directly so that one
@@ -28,13 +28,13 @@ import pytest
 from rich.console import Console
 
 from agent.biller import BillerAgent
-from agent.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.cli import main as parley_main
 from agent.clock import Clock, ManualClock, SystemClock
-from agent.crypto import SigningKey
+from agent.protocol.keys import SigningKey
+from agent.protocol.terms import Money, TermsKind
 from agent.stores.base import IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
-from agent.terms import Money, TermsKind
+from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.transport.client import RetryPolicy
 from parley.v1 import event_pb2
 from reference_biller import sample, scheduler

@@ -13,21 +13,18 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from agent.crypto import (
-    InsecureKeyFileError,
-    SigningKey,
-    VerifyKey,
+from agent.protocol.dsse import (
     check_envelope_form,
     digest,
     envelope_from_json,
     envelope_to_json,
-    keyid_of,
     pae,
     sign_envelope,
     verify_signature,
 )
-from agent.errors import Reason, RemoteProtocolError
-from agent.limits import DEFAULT_LIMITS, Limits
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import InsecureKeyFileError, SigningKey, VerifyKey, keyid_of
+from agent.protocol.limits import DEFAULT_LIMITS, Limits
 from parley.v1 import envelope_pb2
 
 # RFC 8032 §7.1, TEST 1: secret key, public key, and the signature of the empty message.

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from agent import demo
-from agent.terms import Money
+from agent.protocol.terms import Money
+from agent.tools import demo
 from reference_consumer.households import ENERGY, HOUSEHOLDS, TELECOM
 
 DEMO_LIMIT = 30.0  # seconds; the demo aims for well under 15 on two cores

@@ -22,9 +22,10 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
-from agent.crypto import SigningKey, digest
-from agent.errors import Reason
-from agent.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
 from agent.transport.status import error_from_rpc
 from parley.v1 import biller_service_pb2_grpc, negotiation_pb2
 from parley.v1.biller_service_pb2 import (

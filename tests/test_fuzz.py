@@ -1,4 +1,4 @@
-"""`parley fuzz` (agent/fuzz.py): the quick run over every RPC, and the oracle against billers broken on purpose.
+"""`parley fuzz` (agent/tools/fuzz.py): the quick run over every RPC, and the oracle against billers broken on purpose.
 
 Every run serves a real biller on 127.0.0.1 over gRPC with a real SQLite file
 and shuts it down. The quick run is CI's fuzzing budget (a few hundred inputs);
@@ -23,12 +23,12 @@ from rich.console import Console
 
 from agent.biller import BillerAgent
 from agent.cli import main
-from agent.crypto import sign_envelope
-from agent.errors import Reason, RemoteProtocolError
-from agent.fuzz import LAYERS, Fuzzer, FuzzInput, FuzzReport, print_report, run_fuzz
-from agent.fuzz_command import RPCS
+from agent.protocol.dsse import sign_envelope
+from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.negotiation import Negotiation
 from agent.stores.base import ThreadRecord
+from agent.tools.fuzz import LAYERS, Fuzzer, FuzzInput, FuzzReport, print_report, run_fuzz
+from agent.tools.fuzz_command import RPCS
 from agent.transport.status import error_from_rpc
 from parley.v1 import account_pb2, biller_service_pb2, enrolment_pb2, envelope_pb2, negotiation_pb2
 from tests.helpers.peer import running_biller

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 
 from agent.clock import ManualClock
-from agent.crypto import SigningKey, digest
-from agent.errors import Reason, RemoteProtocolError
-from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.agreement import Agreement, Bundle, verify_bundle
-from agent.terms import Terms
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.terms import Terms
 from parley.v1 import account_pb2, envelope_pb2, negotiation_pb2
 from parley.v1.biller_service_pb2 import (
     CreatePaymentIntentRequest,

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from google.protobuf.message import Message
 
-from agent.crypto import SigningKey, digest
-from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.keysets import KeyChain, KeyEntry, keyset_thread_id, make_key_set
-from agent.limits import Limits
+from agent.protocol.dsse import digest
+from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, keyset_thread_id, make_key_set
+from agent.protocol.limits import Limits
 from agent.protocol.messages import seal, to_timestamp
 from parley.v1 import envelope_pb2, keys_pb2
 

@@ -13,10 +13,11 @@ from google.protobuf.message import Message
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from agent.crypto import SigningKey, digest, sign_envelope
-from agent.errors import ParleyError, Reason, RemoteProtocolError
-from agent.keysets import KeyChain, KeyEntry, make_key_set
-from agent.limits import DEFAULT_LIMITS, Limits
+from agent.protocol.dsse import digest, sign_envelope
+from agent.protocol.errors import ParleyError, Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import (
     PAYLOAD_TYPES,
     Verified,

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
+from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent.protocol.moves import move_of
 from agent.protocol.negotiation import Accept, Negotiation, Offer, Open, Reject, Role, State, ThreadMessage, Withdraw
 from parley.v1 import negotiation_pb2

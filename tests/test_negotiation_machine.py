@@ -19,7 +19,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from agent.errors import Reason, RemoteProtocolError
+from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.negotiation import (
     Accept,
     Move,
@@ -32,7 +32,7 @@ from agent.protocol.negotiation import (
     ThreadMessage,
     Withdraw,
 )
-from agent.terms import Money, Terms
+from agent.protocol.terms import Money, Terms
 from parley.v1 import negotiation_pb2
 from tests.fixtures import BILL, BILL_DIGEST, OPEN_TIME, terms_catalogue
 

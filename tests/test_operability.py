@@ -30,13 +30,14 @@ from agent import tracing
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
 from agent.consumer import Accept, Circumstances, ConsumerAgent, Mandate, PaymentOrder, StrategyContext
-from agent.crypto import SigningKey, digest
 from agent.logs import JsonFormatter
 from agent.metrics import BillerMetrics, serve_metrics
+from agent.protocol.dsse import digest
+from agent.protocol.keys import SigningKey
+from agent.protocol.terms import BillFacts, Terms
 from agent.stores.base import ThreadOutcome
+from agent.stores.biller_sqlite import SqliteBillerStore
 from agent.stores.consumer_sqlite import SqliteConsumerStore
-from agent.stores.sqlite import SqliteBillerStore
-from agent.terms import BillFacts, Terms
 from agent.transport.server import BillerServer, serve_biller
 from parley.v1 import biller_service_pb2_grpc, envelope_pb2, negotiation_pb2
 from parley.v1.biller_service_pb2 import (

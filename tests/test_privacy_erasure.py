@@ -23,8 +23,8 @@ import pytest
 
 from agent.biller import DISCLOSURE_RETENTION
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.terms import Terms
 from agent.stores import sqlite_base
-from agent.terms import Terms
 from parley.v1 import account_pb2, envelope_pb2, negotiation_pb2
 from parley.v1.biller_service_pb2 import GetThreadRequest, NegotiateRequest, RequestErasureRequest
 from tests.helpers.peer import BILLER_ID, Biller, Consumer, biller_payload, hardship_terms, running_biller

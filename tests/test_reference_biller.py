@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from agent.biller import AcceptOffer, CounterOffer, OfferContext, RejectOffer
-from agent.terms import BillFacts, Line, LineKind, Money, Terms, TermsKind, build_terms, monthly_dates, within_options
+from agent.protocol.terms import (
+    BillFacts,
+    Line,
+    LineKind,
+    Money,
+    Terms,
+    TermsKind,
+    build_terms,
+    monthly_dates,
+    within_options,
+)
 from reference_biller.config import SAMPLE, ConfigError, load_config, parse_config
 from reference_biller.policy import SegmentPolicy, settlement_floor
 

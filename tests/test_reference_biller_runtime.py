@@ -20,14 +20,15 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.certs import issue_server_cert, make_dev_ca
 from agent.cli import main as parley_main
 from agent.clock import ManualClock
-from agent.crypto import SigningKey, digest
-from agent.errors import Reason, RemoteProtocolError
-from agent.keysets import KeyChain
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain
 from agent.protocol.messages import open_envelope
-from agent.terms import Money, TermsKind, build_terms, monthly_dates
+from agent.protocol.terms import Money, TermsKind, build_terms, monthly_dates
+from agent.tools.certs import issue_server_cert, make_dev_ca
 from agent.transport.status import error_from_rpc
 from parley.v1 import (
     bill_pb2,

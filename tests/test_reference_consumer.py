@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.terms import (
+from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
     DeferralOption,

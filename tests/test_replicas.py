@@ -43,10 +43,10 @@ from agent.conformance.biller_cases import (
     thread_id_of,
 )
 from agent.conformance.client import Refusal
-from agent.crypto import digest
+from agent.protocol.dsse import digest
 from agent.stores import BillStatus, open_biller_store
 from agent.stores.biller_sql import SqlBillerStore
-from agent.stores.pg_server import ThrowawayPostgres
+from agent.tools.pg_server import ThrowawayPostgres
 from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2, negotiation_pb2
 
 START_TIMEOUT = 30.0

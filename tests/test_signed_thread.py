@@ -6,10 +6,11 @@ from datetime import timedelta
 
 import pytest
 
-from agent.crypto import SigningKey, digest
-from agent.errors import LocalProtocolError, Reason
-from agent.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.dsse import digest
+from agent.protocol.errors import LocalProtocolError, Reason
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.messages import new_header, new_message_id, open_envelope, seal
 from agent.protocol.moves import NEGOTIATION_TYPES, sign_move, thread_message
 from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Role, State

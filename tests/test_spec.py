@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import Reason
-from agent.limits import Limits
+from agent.protocol.errors import Reason
+from agent.protocol.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")

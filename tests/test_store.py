@@ -19,9 +19,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agent.crypto import digest
-from agent.errors import Reason
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason
+from agent.protocol.terms import Terms
 from agent.stores import open_biller_store
 from agent.stores.base import (
     AlreadyExists,
@@ -42,10 +43,9 @@ from agent.stores.base import (
     StoreConflict,
     ThreadOutcome,
 )
+from agent.stores.biller_postgres import PostgresBillerStore
 from agent.stores.biller_sql import SqlBillerStore
-from agent.stores.postgres import PostgresBillerStore
-from agent.stores.sqlite import MIGRATIONS, SqliteBillerStore
-from agent.terms import Terms
+from agent.stores.biller_sqlite import MIGRATIONS, SqliteBillerStore
 from parley.v1 import envelope_pb2, event_pb2, negotiation_pb2
 from parley.v1.biller_service_pb2 import (
     CreatePaymentIntentRequest,

@@ -1,4 +1,4 @@
-"""Tests for agent.terms: money, dates, schedules, terms and bill checks (TRM-*, NEG-12, LIM-6)."""
+"""Tests for agent.protocol.terms: money, dates, schedules, terms and bill checks (TRM-*, NEG-12, LIM-6)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.errors import LocalProtocolError, Reason
-from agent.limits import AMOUNT_MAJOR_DIGITS, MAX_ID_CHARS, MAX_LINES, MAX_TEXT_CHARS, Limits
-from agent.terms import (
+from agent.protocol.errors import LocalProtocolError, Reason
+from agent.protocol.limits import AMOUNT_MAJOR_DIGITS, MAX_ID_CHARS, MAX_LINES, MAX_TEXT_CHARS, Limits
+from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
     Currency,

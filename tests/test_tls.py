@@ -21,7 +21,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.certs import (
+from agent.cli import main as parley_main
+from agent.protocol.errors import Reason
+from agent.tools.certs import (
     CA_FILE,
     SERVER_CHAIN_FILE,
     SERVER_KEY_FILE,
@@ -31,8 +33,6 @@ from agent.certs import (
     issue_server_cert,
     make_dev_ca,
 )
-from agent.cli import main as parley_main
-from agent.errors import Reason
 from agent.transport.client import BillerClient, ClientTls, RetryPolicy, open_channel
 from agent.transport.server import BillerServer, serve_biller
 from agent.transport.status import RpcError

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from agent import vectors
-from agent.errors import Reason
+from agent.protocol.errors import Reason
 from agent.protocol.messages import PAYLOAD_TYPES
 
 DOCUMENT = vectors.load()

@@ -66,10 +66,11 @@ from agent.conformance.client import (
     with_unknown_field,
 )
 from agent.conformance.runner import Case, Level, Skip, Suite, TargetUnreachable, Violation
-from agent.crypto import SigningKey, envelope_from_json
-from agent.errors import ERROR_DOMAIN, ParleyError, Reason
-from agent.keysets import KeyChain
-from agent.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
+from agent.protocol.dsse import envelope_from_json
+from agent.protocol.errors import ERROR_DOMAIN, ParleyError, Reason
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain
+from agent.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from agent.protocol.messages import PAYLOAD_TYPES, Verified, encode_varint, open_envelope
 from agent.transport.client import ClientTls
 from agent.vectors import load as load_vectors
@@ -1856,7 +1857,7 @@ async def reply_in_same_call(ctx: BillerTarget) -> str:
 
 def _check_counter_terms(offer: Any, bill: IssuedBill) -> None:
     """NEG-16: the biller signs no offer whose terms the rules refuse (§8, with the bill)."""
-    from agent.terms import BillFacts, Terms, validate_against_bill, validate_terms  # noqa: PLC0415
+    from agent.protocol.terms import BillFacts, Terms, validate_against_bill, validate_terms  # noqa: PLC0415
 
     try:
         facts = BillFacts.from_proto(bill.bill)

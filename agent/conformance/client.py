@@ -38,10 +38,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from agent.crypto import SigningKey, VerifyKey, digest, pae, sign_envelope
-from agent.errors import ERROR_DOMAIN
-from agent.keysets import KeyChain
-from agent.limits import PROTOCOL_VERSION
+from agent.protocol.dsse import digest, pae, sign_envelope
+from agent.protocol.errors import ERROR_DOMAIN
+from agent.protocol.keys import SigningKey, VerifyKey
+from agent.protocol.keysets import KeyChain
+from agent.protocol.limits import PROTOCOL_VERSION
 from agent.protocol.messages import new_message_id
 from agent.transport.client import ClientTls, open_channel
 from parley.v1 import (

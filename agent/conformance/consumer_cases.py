@@ -73,10 +73,11 @@ from agent.conformance.hostile_biller import (
     rotated_identity,
 )
 from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
-from agent.crypto import SigningKey, digest
-from agent.errors import LocalProtocolError
+from agent.protocol.dsse import digest
+from agent.protocol.errors import LocalProtocolError
+from agent.protocol.keys import SigningKey
 from agent.protocol.messages import new_header, seal
-from agent.terms import BillFacts, Line, LineKind, Money, Terms, TermsKind, build_terms, within_options
+from agent.protocol.terms import BillFacts, Line, LineKind, Money, Terms, TermsKind, build_terms, within_options
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2, payment_pb2
 from parley.v1 import biller_service_pb2 as pb
 

@@ -51,13 +51,14 @@ from agent.biller import (
     RejectOffer,
 )
 from agent.clock import Clock, SystemClock
-from agent.crypto import SigningKey, pae
-from agent.errors import LocalProtocolError
-from agent.keysets import KeyChain, KeyEntry, make_key_set
-from agent.limits import DEFAULT_LIMITS
+from agent.protocol.dsse import pae
+from agent.protocol.errors import LocalProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import PAYLOAD_TYPES
-from agent.stores.sqlite import SqliteBillerStore
-from agent.terms import AdvertisedOptions, DeferralOption, Money, TermsKind, build_terms
+from agent.protocol.terms import AdvertisedOptions, DeferralOption, Money, TermsKind, build_terms
+from agent.stores.biller_sqlite import SqliteBillerStore
 from agent.transport.server import BillerServicer
 from agent.transport.status import Context
 from parley.v1 import biller_service_pb2 as pb

@@ -15,14 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.crypto import check_envelope_form, digest, envelope_from_json, envelope_to_json
-from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.keysets import KeyChain
-from agent.limits import DEFAULT_LIMITS
+from agent.protocol.dsse import check_envelope_form, digest, envelope_from_json, envelope_to_json
+from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
+from agent.protocol.keysets import KeyChain
+from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import Verified, open_envelope
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, thread_message
 from agent.protocol.negotiation import Negotiation, Role, State
-from agent.terms import BillFacts, Terms
+from agent.protocol.terms import BillFacts, Terms
 from parley.v1 import bill_pb2, envelope_pb2, negotiation_pb2
 
 BUNDLE_FORMAT = "parley-bundle/1"

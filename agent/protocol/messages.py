@@ -20,9 +20,10 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from agent.crypto import SigningKey, check_envelope_form, digest, sign_envelope, verify_signature
-from agent.errors import Reason, RemoteProtocolError
-from agent.limits import (
+from agent.protocol.dsse import check_envelope_form, digest, sign_envelope, verify_signature
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.limits import (
     DEFAULT_LIMITS,
     DIGEST_BYTES,
     MAX_PARTY_ID_CHARS,
@@ -44,7 +45,7 @@ from parley.v1 import (
 )
 
 if TYPE_CHECKING:
-    from agent.keysets import KeyChain
+    from agent.protocol.keysets import KeyChain
 
 M = TypeVar("M", bound=Message)
 

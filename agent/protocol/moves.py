@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from agent.crypto import SigningKey, digest
-from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.limits import MAX_TEXT_CHARS
+from agent.protocol.dsse import digest
+from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.limits import MAX_TEXT_CHARS
 from agent.protocol.messages import Verified, new_header, read_time, seal, to_timestamp
 from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, ThreadMessage, Withdraw
-from agent.terms import Terms
+from agent.protocol.terms import Terms
 from parley.v1 import envelope_pb2, header_pb2
 from parley.v1 import negotiation_pb2 as pb
 

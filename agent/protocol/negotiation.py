@@ -28,9 +28,9 @@ import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agent.errors import LocalProtocolError, ParleyError, Reason, RemoteProtocolError
-from agent.limits import DEFAULT_LIMITS, Limits
-from agent.terms import BillFacts, Terms, validate_against_bill, validate_terms, within_options
+from agent.protocol.errors import LocalProtocolError, ParleyError, Reason, RemoteProtocolError
+from agent.protocol.limits import DEFAULT_LIMITS, Limits
+from agent.protocol.terms import BillFacts, Terms, validate_against_bill, validate_terms, within_options
 from parley.v1 import negotiation_pb2
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from agent.stores.base import AlreadyExists, BillerStore, BillStatus, ConsumerStore, StoreConflict, ThreadOutcome
 from agent.stores.biller_sql import SqlBillerStore
+from agent.stores.biller_sqlite import SqliteBillerStore
 from agent.stores.consumer_sqlite import SqliteConsumerStore
-from agent.stores.sqlite import SqliteBillerStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_SCHEME = "sqlite:///"
@@ -27,14 +27,14 @@ async def open_biller_store(location: str | os.PathLike[str]) -> SqlBillerStore:
     """Open the biller store at `location`, bringing its schema up to date; close it with `await store.close()`.
 
     - `postgresql://user:password@host:port/db` (or `postgres://`; any libpq URL, e.g. `?host=/socket/dir`):
-      PostgreSQL, which several biller replicas may share (`agent.stores.postgres`);
+      PostgreSQL, which several biller replicas may share (`agent.stores.biller_postgres`);
     - `sqlite:///relative/path`, `sqlite:////absolute/path`, or a plain path: one SQLite file.
 
     ValueError for any other URL scheme.
     """
     text = check_store_location(os.fspath(location))
     if text.startswith(POSTGRES_SCHEMES):
-        from agent.stores.postgres import PostgresBillerStore  # noqa: PLC0415 - psycopg only when asked for
+        from agent.stores.biller_postgres import PostgresBillerStore  # noqa: PLC0415 - psycopg only when asked for
 
         return await PostgresBillerStore.open(text)
     return await SqliteBillerStore.open(Path(text.removeprefix(SQLITE_SCHEME)))

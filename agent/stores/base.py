@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Protocol
 
-from agent.errors import RemoteProtocolError
+from agent.protocol.errors import RemoteProtocolError
 from parley.v1 import envelope_pb2
 
 

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from agent.crypto import digest
-from agent.errors import Reason
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason
 from agent.stores.base import (
     AccountRecord,
     AlreadyExists,

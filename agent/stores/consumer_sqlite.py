@@ -15,7 +15,7 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 
-from agent.errors import Reason
+from agent.protocol.errors import Reason
 from agent.stores.base import (
     BillerLinkRecord,
     ConsumerThreadRecord,

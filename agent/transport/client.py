@@ -34,8 +34,8 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from agent.errors import Reason
-from agent.limits import SUPPORTED_VERSIONS
+from agent.protocol.errors import Reason
+from agent.protocol.limits import SUPPORTED_VERSIONS
 from agent.transport.server import is_loopback
 from agent.transport.status import RpcError, error_from_rpc
 from parley.v1 import biller_service_pb2 as pb

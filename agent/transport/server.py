@@ -40,9 +40,9 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from agent.biller import BillerAgent
-from agent.errors import ParleyError, Reason, RemoteProtocolError
 from agent.logs import log_step, request_ids
 from agent.metrics import MetricsInterceptor
+from agent.protocol.errors import ParleyError, Reason, RemoteProtocolError
 from agent.ratelimit import peer_address
 from agent.transport.status import Context, abort, answer
 from parley.v1 import biller_service_pb2 as pb

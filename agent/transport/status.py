@@ -1,7 +1,7 @@
 """Errors on the wire: `ParleyError` <-> `google.rpc.Status` with exactly one ErrorInfo (ERR-1..ERR-5).
 
 A refused request ends with the gRPC code of its reason (the table in
-`agent.errors`) and, in the `grpc-status-details-bin` trailer, a
+`agent.protocol.errors`) and, in the `grpc-status-details-bin` trailer, a
 `google.rpc.Status` whose one detail is an `ErrorInfo` with the reason's name,
 domain "parley.v1" and metadata {"requirement": id}. Anything else that goes
 wrong in a handler is INTERNAL / INTERNAL_ERROR with a generic message, the
@@ -19,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from agent.errors import ERROR_DOMAIN, ParleyError, Reason, RemoteProtocolError
+from agent.protocol.errors import ERROR_DOMAIN, ParleyError, Reason, RemoteProtocolError
 
 logger = logging.getLogger("parley.transport")
 

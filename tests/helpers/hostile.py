@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import Message
 
 from agent.biller import BillerAgent
-from agent.crypto import SigningKey
+from agent.protocol.keys import SigningKey
 from agent.protocol.messages import PAYLOAD_TYPES, seal
 from agent.transport.server import BillerServicer
 from agent.transport.status import Context

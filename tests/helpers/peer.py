@@ -31,13 +31,14 @@ from agent.biller import (
     RejectOffer,
 )
 from agent.clock import ManualClock
-from agent.crypto import SigningKey, digest
-from agent.keysets import KeyChain, KeyEntry, make_key_set
-from agent.limits import DEFAULT_LIMITS, Limits
+from agent.protocol.dsse import digest
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import PAYLOAD_TYPES, Verified, new_header, open_envelope, seal, to_timestamp
 from agent.protocol.moves import NEGOTIATION_TYPES
+from agent.protocol.terms import AdvertisedOptions, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
 from agent.stores import open_biller_store
-from agent.terms import AdvertisedOptions, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
 from agent.transport.server import BillerServicer, start_biller_server
 from parley.v1 import (
     account_pb2,

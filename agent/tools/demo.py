@@ -6,7 +6,7 @@ What runs, all in this process and all real:
   supplier of `reference_biller/sample.toml` and the telecom operator of
   `reference_biller/telecom.toml`, each with its own signing key, SQLite store and
   simulated payment rail, each served by `start_biller_server` on a free port of
-  127.0.0.1 with TLS (a throwaway development CA, `agent.certs`);
+  127.0.0.1 with TLS (a throwaway development CA, `agent.tools.certs`);
 - six **households** (`reference_consumer.households`): each a `ConsumerAgent` with
   its own key, SQLite store and the reference cash-flow strategy
   (`reference_consumer.agent_strategy.ReferenceStrategy`) inside the profile's
@@ -49,7 +49,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from agent.certs import DevCA, issue_server_cert, make_dev_ca
 from agent.clock import ManualClock
 from agent.consumer import (
     AccountEvent,
@@ -61,15 +60,17 @@ from agent.consumer import (
     PaymentOrder,
     PaymentReceipt,
 )
-from agent.crypto import SigningKey, digest
-from agent.errors import ParleyError, Reason
-from agent.keysets import first_key_set
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.dsse import digest
+from agent.protocol.errors import ParleyError, Reason
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import first_key_set
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, move_of
 from agent.protocol.negotiation import Accept, Offer, Open, Reject, Role, Withdraw
+from agent.protocol.terms import BillFacts, LineKind, Money, Terms, TermsKind
 from agent.stores.base import IntentState
 from agent.stores.consumer_sqlite import SqliteConsumerStore
-from agent.terms import BillFacts, LineKind, Money, Terms, TermsKind
+from agent.tools.certs import DevCA, issue_server_cert, make_dev_ca
 from agent.transport.client import ClientTls, RetryPolicy
 from agent.transport.server import start_biller_server
 from parley.v1 import event_pb2

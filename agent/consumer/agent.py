@@ -76,10 +76,13 @@ from google.protobuf.message import Message
 
 from agent.biller import ENROLMENT_CODE_ALPHABET, events_thread_id, normalize_enrolment_code
 from agent.clock import Clock, SystemClock
-from agent.crypto import SigningKey, digest
-from agent.errors import LocalProtocolError, ParleyError, Reason, RemoteProtocolError
-from agent.keysets import KeyChain
-from agent.limits import (
+from agent.protocol import negotiation as core
+from agent.protocol.agreement import Agreement, Bundle, verify_bundle
+from agent.protocol.dsse import digest
+from agent.protocol.errors import LocalProtocolError, ParleyError, Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain
+from agent.protocol.limits import (
     DEFAULT_LIMITS,
     DIGEST_BYTES,
     MAX_ID_CHARS,
@@ -89,8 +92,6 @@ from agent.limits import (
     THREAD_ID_BYTES,
     Limits,
 )
-from agent.protocol import negotiation as core
-from agent.protocol.agreement import Agreement, Bundle, verify_bundle
 from agent.protocol.messages import (
     Verified,
     check_sequence,
@@ -101,6 +102,7 @@ from agent.protocol.messages import (
     seal,
 )
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, sign_move, thread_message
+from agent.protocol.terms import BillFacts, Instalment, LineKind, Money, Terms, TermsKind, parse_date
 from agent.stores.base import (
     BillerLinkRecord,
     ConsumerStore,
@@ -117,7 +119,6 @@ from agent.stores.base import (
     ThreadOutcome,
     ThreadUpdate,
 )
-from agent.terms import BillFacts, Instalment, LineKind, Money, Terms, TermsKind, parse_date
 from agent.transport.client import DEFAULT_RETRY, BillerClient, ClientTls, RetryPolicy, is_transient
 from agent.transport.status import RpcError
 from parley.v1 import (

@@ -72,13 +72,22 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
 from agent.clock import SystemClock
 from agent.conformance.client import SignedParty
-from agent.crypto import SigningKey, VerifyKey, digest, sign_envelope, verify_signature
-from agent.errors import ParleyError
-from agent.keysets import KeyChain, first_key_set
+from agent.protocol.dsse import digest, sign_envelope, verify_signature
+from agent.protocol.errors import ParleyError
+from agent.protocol.keys import SigningKey, VerifyKey
+from agent.protocol.keysets import KeyChain, first_key_set
 from agent.protocol.messages import open_envelope, parse_payload
+from agent.protocol.terms import (
+    AdvertisedOptions,
+    InstalmentOption,
+    Money,
+    Terms,
+    TermsKind,
+    build_terms,
+    monthly_dates,
+)
 from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, BillerStore, open_biller_store
 from agent.stores.sqlite_base import ts
-from agent.terms import AdvertisedOptions, InstalmentOption, Money, Terms, TermsKind, build_terms, monthly_dates
 from agent.transport.server import freeze_startup_heap, install_uvloop, serve_biller
 from parley.v1 import (
     bill_pb2,
@@ -215,7 +224,7 @@ class InstantRailBiller(BillerAgent):
 
 DURABILITY = {
     "sqlite": "SQLite WAL, synchronous=FULL: an acknowledged step is on disk (survives a power cut)",
-    "postgres": "a throwaway PostgreSQL with fsync=off (agent/stores/pg_server.py): NOT durable, an upper bound",
+    "postgres": "a throwaway PostgreSQL with fsync=off (agent/tools/pg_server.py): NOT durable, an upper bound",
 }
 GIVEN_DATABASE = "the PostgreSQL database given: as durable as that server is configured to be"
 
@@ -228,7 +237,7 @@ def store_url(store: str, state_dir: Path, resources: ExitStack) -> str:
     if store.startswith(POSTGRES_SCHEMES):
         return store
     try:
-        from agent.stores.pg_server import throwaway_postgres  # noqa: PLC0415 - needs the dev/postgres extras
+        from agent.tools.pg_server import throwaway_postgres  # noqa: PLC0415 - needs the dev/postgres extras
     except ImportError as error:
         raise BenchError(f"--store postgres needs the postgres and dev extras ({error})") from error
     return resources.enter_context(throwaway_postgres()).create_database("parley_bench")

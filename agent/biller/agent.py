@@ -57,10 +57,14 @@ from typing import Generic, Protocol, TypeVar
 from google.protobuf.message import Message
 
 from agent.clock import Clock, SystemClock
-from agent.crypto import SigningKey, check_envelope_form, digest
-from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.keysets import KEYSET_PAYLOAD_TYPE, KeyChain
-from agent.limits import (
+from agent.logs import log_step, request_ids, set_request_ids
+from agent.lru import Lru
+from agent.metrics import BillerMetrics
+from agent.protocol.dsse import check_envelope_form, digest
+from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KEYSET_PAYLOAD_TYPE, KeyChain
+from agent.protocol.limits import (
     DEFAULT_LIMITS,
     MAX_ID_CHARS,
     MAX_NOTE_CHARS,
@@ -69,9 +73,6 @@ from agent.limits import (
     THREAD_ID_BYTES,
     Limits,
 )
-from agent.logs import log_step, request_ids, set_request_ids
-from agent.lru import Lru
-from agent.metrics import BillerMetrics
 from agent.protocol.messages import (
     Verified,
     check_sequence,
@@ -83,6 +84,7 @@ from agent.protocol.messages import (
 )
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, sign_move, thread_message
 from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, State, ThreadMessage
+from agent.protocol.terms import AdvertisedOptions, BillFacts, Instalment, Money, Terms, parse_date, within_options
 from agent.ratelimit import RateLimiter
 from agent.stores.base import (
     AccountRecord,
@@ -108,7 +110,6 @@ from agent.stores.base import (
     ThreadOutcome,
     ThreadRecord,
 )
-from agent.terms import AdvertisedOptions, BillFacts, Instalment, Money, Terms, parse_date, within_options
 from parley.v1 import (
     account_pb2,
     bill_pb2,

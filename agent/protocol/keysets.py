@@ -16,9 +16,10 @@ from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from agent.crypto import SigningKey, VerifyKey, check_envelope_form, digest, is_keyid, verify_signature
-from agent.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.limits import (
+from agent.protocol.dsse import check_envelope_form, digest, verify_signature
+from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
+from agent.protocol.keys import SigningKey, VerifyKey, is_keyid
+from agent.protocol.limits import (
     DEFAULT_LIMITS,
     MAX_KEYS_PER_SET,
     MAX_KEYSET_LIFETIME,

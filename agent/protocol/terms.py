@@ -22,8 +22,8 @@ from typing import TypeVar
 
 import iso4217
 
-from agent.errors import LocalProtocolError, Reason
-from agent.limits import AMOUNT_MAJOR_DIGITS, DEFAULT_LIMITS, MAX_ID_CHARS, MAX_LINES, MAX_TEXT_CHARS, Limits
+from agent.protocol.errors import LocalProtocolError, Reason
+from agent.protocol.limits import AMOUNT_MAJOR_DIGITS, DEFAULT_LIMITS, MAX_ID_CHARS, MAX_LINES, MAX_TEXT_CHARS, Limits
 from parley.v1 import bill_pb2, terms_pb2
 
 _P = TypeVar("_P")

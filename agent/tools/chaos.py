@@ -69,11 +69,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.conformance.client import Connection, Refusal, SignedParty
-from agent.crypto import digest
-from agent.errors import ParleyError, Reason
-from agent.keysets import KeyChain
-from agent.limits import PROTOCOL_VERSION
 from agent.protocol.agreement import Bundle, verify_bundle
+from agent.protocol.dsse import digest
+from agent.protocol.errors import ParleyError, Reason
+from agent.protocol.keysets import KeyChain
+from agent.protocol.limits import PROTOCOL_VERSION
 from agent.protocol.messages import open_envelope
 from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2, negotiation_pb2, terms_pb2
 from reference_biller.service import STORE_FILE

@@ -22,7 +22,7 @@ hypothesis draws inputs at three layers:
 After every input the oracle checks that the server still answers Hello; that
 the answer is not UNKNOWN or INTERNAL; that an error carries exactly one
 `google.rpc.ErrorInfo` (domain parley.v1) whose reason is one of
-`agent.errors.Reason` with that reason's gRPC code (ERR-1, ERR-2), except
+`agent.protocol.errors.Reason` with that reason's gRPC code (ERR-1, ERR-2), except
 RESOURCE_EXHAUSTED from gRPC's own receive limit on an oversized request; and
 that a refused input changed nothing stored, but for what the spec lets a
 refusal record (`refusal_effect_problem`). Accepted inputs (a mutation can
@@ -74,14 +74,13 @@ from rich.table import Table
 from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
 from agent.clock import ManualClock
 from agent.conformance.client import SignedParty, timestamp
-from agent.crypto import SigningKey, digest, sign_envelope
-from agent.errors import ERROR_DOMAIN, Reason
-from agent.fuzz_command import RPCS
-from agent.keysets import KEYSET_PAYLOAD_TYPE, first_key_set
-from agent.limits import DEFAULT_LIMITS, Limits
+from agent.protocol.dsse import digest, sign_envelope
+from agent.protocol.errors import ERROR_DOMAIN, Reason
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KEYSET_PAYLOAD_TYPE, first_key_set
+from agent.protocol.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import PAYLOAD_TYPES, encode_varint, new_message_id
-from agent.stores.sqlite import SqliteBillerStore
-from agent.terms import (
+from agent.protocol.terms import (
     AdvertisedOptions,
     DeferralOption,
     HardshipProgramme,
@@ -91,6 +90,8 @@ from agent.terms import (
     build_terms,
     monthly_dates,
 )
+from agent.stores.biller_sqlite import SqliteBillerStore
+from agent.tools.fuzz_command import RPCS
 from agent.transport.server import BillerServer, serve_biller
 from parley.v1 import (
     biller_service_pb2,
@@ -1291,7 +1292,7 @@ def print_report(report: FuzzReport, out: Console) -> None:
 
 
 def fuzz_command(args: argparse.Namespace, out: Console) -> int:
-    """`parley fuzz` (its options: `agent.fuzz_command`)."""
+    """`parley fuzz` (its options: `agent.tools.fuzz_command`)."""
     # Every input is refused on purpose: the biller's warnings about them would bury the report.
     parley_logger = logging.getLogger("parley")
     level = parley_logger.level

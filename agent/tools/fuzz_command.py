@@ -1,4 +1,4 @@
-"""`parley fuzz` on the command line: its options here, the fuzzer itself (`agent.fuzz`) only when it runs.
+"""`parley fuzz` on the command line: its options here, the fuzzer itself (`agent.tools.fuzz`) only when it runs.
 
 The fuzzer is built on hypothesis, which takes a tenth of a second to import:
 kept out of the CLI's import path, every other `parley` command starts without it.
@@ -29,7 +29,7 @@ def add_fuzz_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _fuzz_command(args: argparse.Namespace, out: Console) -> int:
-    from agent.fuzz import fuzz_command  # noqa: PLC0415 - hypothesis is imported for this command only
+    from agent.tools.fuzz import fuzz_command  # noqa: PLC0415 - hypothesis is imported for this command only
 
     return fuzz_command(args, out)
 

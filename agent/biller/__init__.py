@@ -1,0 +1,43 @@
+"""The embeddable biller agent: `BillerAgent` and the plugins an embedder supplies (`Policy`, `PaymentRail`)."""
+
+from agent.biller.agent import (
+    DISCLOSURE_RETENTION,
+    ENROLMENT_CODE_ALPHABET,
+    ENROLMENT_CODE_VALIDITY,
+    FEATURES,
+    SERVER_NAME,
+    AcceptOffer,
+    Arrangement,
+    AwaitedPayment,
+    BillerAgent,
+    CounterOffer,
+    Decision,
+    OfferContext,
+    PaymentDetails,
+    PaymentRail,
+    Policy,
+    RejectOffer,
+    events_thread_id,
+    normalize_enrolment_code,
+)
+
+__all__ = [
+    "DISCLOSURE_RETENTION",
+    "ENROLMENT_CODE_ALPHABET",
+    "ENROLMENT_CODE_VALIDITY",
+    "FEATURES",
+    "SERVER_NAME",
+    "AcceptOffer",
+    "Arrangement",
+    "AwaitedPayment",
+    "BillerAgent",
+    "CounterOffer",
+    "Decision",
+    "OfferContext",
+    "PaymentDetails",
+    "PaymentRail",
+    "Policy",
+    "RejectOffer",
+    "events_thread_id",
+    "normalize_enrolment_code",
+]

@@ -65,7 +65,7 @@ from agent.clock import Clock, SystemClock
 from agent.conformance import add_conformance_commands
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
-from agent.protocol.errors import ParleyError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.terms import format_date
 from agent.tools.bench import add_bench_command
@@ -159,7 +159,7 @@ def _verify(args: argparse.Namespace, out: Console) -> int:
         if args.json:
             print(json.dumps({"verdict": "unusable", "detail": str(error)}))
         return EXIT_UNUSABLE
-    except ParleyError as error:
+    except ProtocolError as error:
         out.print(f"[bold red]INVALID[/bold red] {error.reason.name}: {error.detail}")
         if args.json:
             print(json.dumps({"verdict": "invalid", "reason": error.reason.name, "detail": error.detail}))

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import envelope_from_json
-from agent.protocol.errors import ParleyError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.keysets import KeyChain
 from agent.protocol.messages import PAYLOAD_TYPES, open_envelope
 
@@ -68,6 +68,6 @@ def judge(case: dict[str, Any], document: dict[str, Any]) -> Verdict:
             verify_bundle(Bundle.from_json(case["bundle"]), pins=_pins(case))
         else:
             raise ValueError(f"unknown vector kind {case['kind']!r}")
-    except ParleyError as error:
+    except ProtocolError as error:
         return "invalid", error.reason.name
     return "valid", None

@@ -96,7 +96,7 @@ from agent.consumer import (
     PaymentReceipt,
     ReceivedBill,
 )
-from agent.protocol.errors import ParleyError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import InsecureKeyFileError, SigningKey
 from agent.protocol.keysets import KeyChain, first_key_set
 from agent.protocol.terms import BillFacts, LineKind, Terms, TermsKind
@@ -104,7 +104,7 @@ from agent.stores.base import IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
 from agent.transport.server import is_loopback
-from agent.transport.status import RpcError
+from agent.transport.status import CallError
 from parley.v1 import envelope_pb2, event_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
 from reference_consumer.profile import BillerPreference, Profile, ProfileError, load_profile, parse_profile
@@ -168,7 +168,7 @@ def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[Signin
         temporary.replace(keyset_path)
     try:
         chain = KeyChain.verify([envelope_pb2.Envelope.FromString(keyset_path.read_bytes())])
-    except (ParleyError, ValueError) as error:
+    except (ProtocolError, ValueError) as error:
         raise StateError(f"{keyset_path} is not a usable key set: {error}") from error
     if chain.party_id != party_id:
         raise ProfileError(
@@ -344,11 +344,11 @@ class PassReport:
 
 def _problem(biller: str, what: str, error: BaseException) -> Problem:
     """A failure, classified: unreachable (2), refused or unverifiable (1), anything else (1)."""
-    if isinstance(error, RpcError):
+    if isinstance(error, CallError):
         if is_transient(error):
             return Problem(biller, what, f"the biller cannot be reached: {error.code.name} {error.detail}", 2)
         return Problem(biller, what, f"the biller refused: {error.reason.name} {error.detail}", 1)
-    if isinstance(error, ParleyError):
+    if isinstance(error, ProtocolError):
         return Problem(biller, what, f"{error.reason.name}: {error.detail}", 1)
     return Problem(biller, what, str(error), 1)
 
@@ -556,7 +556,7 @@ class Household:
                     tls=self._tls[biller],
                     insecure=connection.insecure,
                 )
-            except (ParleyError, ValueError, LookupError) as error:
+            except (ProtocolError, ValueError, LookupError) as error:
                 report.problems.append(_problem(biller, "enrolment", error))
                 report.links.append(LinkLine(biller, connection.account_id, connection.target, "not enrolled"))
                 continue
@@ -575,7 +575,7 @@ class Household:
             assert connection is not None
             try:
                 bills = await self.agent.bills(biller, account_id=connection.account_id)
-            except (ParleyError, ValueError, LookupError) as error:
+            except (ProtocolError, ValueError, LookupError) as error:
                 report.problems.append(_problem(biller, "bills", error))
                 continue
             answering.append(preference)
@@ -651,7 +651,7 @@ class Household:
                 NegotiationLine(biller, bill_id, "awaiting your approval", pending.request.terms, f"{what}: not sent")
             )
             return None
-        except (ParleyError, ValueError, LookupError) as error:
+        except (ProtocolError, ValueError, LookupError) as error:
             report.problems.append(_problem(biller, f"negotiation on {bill_id}", error))
             return None
         terms = result.agreement.terms if result.agreement is not None else None
@@ -708,7 +708,7 @@ class Household:
                         continue
                     try:
                         payment = await self.agent.pay(biller, bill_id, instalment_index=index)
-                    except (ParleyError, ValueError, LookupError, PaymentInDoubt) as error:
+                    except (ProtocolError, ValueError, LookupError, PaymentInDoubt) as error:
                         report.problems.append(_problem(biller, f"payment of {bill_id} #{index + 1}", error))
                         report.payments.append(replace(line, status="failed"))
                         break  # the next instalment waits for this one
@@ -730,7 +730,7 @@ class Household:
                     report.receipts.append(dispute.receipt)
                     report.problems.append(_problem(biller, f"receipt of {payment.bill_id}", dispute))
                     continue
-                except (ParleyError, ValueError, LookupError) as error:
+                except (ProtocolError, ValueError, LookupError) as error:
                     report.problems.append(_problem(biller, f"receipt of {payment.bill_id}", error))
                     continue
                 if receipt is not None:
@@ -753,7 +753,7 @@ class Household:
                     await asyncio.wait_for(anext(stream), self._event_idle)
             except (TimeoutError, StopAsyncIteration):
                 pass  # quiet: caught up
-            except (ParleyError, ValueError, LookupError) as error:
+            except (ProtocolError, ValueError, LookupError) as error:
                 report.problems.append(_problem(biller, "events", error))
             finally:
                 await stream.aclose()

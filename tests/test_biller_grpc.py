@@ -25,7 +25,7 @@ from agent.protocol.keysets import KeyEntry, make_key_set
 from agent.protocol.terms import AdvertisedOptions, Money, Terms, TermsKind
 from agent.stores.base import BillStatus
 from agent.transport.server import start_biller_server
-from agent.transport.status import RpcError, error_from_rpc
+from agent.transport.status import CallError, error_from_rpc
 from parley.v1 import (
     account_pb2,
     bill_pb2,
@@ -80,7 +80,7 @@ def run(tmp_path: Path, scenario: Callable[[Biller], Awaitable[None]], **options
     asyncio.run(main())
 
 
-async def refused(call: Awaitable[object]) -> RpcError:
+async def refused(call: Awaitable[object]) -> CallError:
     """The Parley error a call fails with; its gRPC code is the one the reason table gives."""
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await call

@@ -59,7 +59,7 @@ from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.transport.client import ClientTls, RetryPolicy, open_channel
 from agent.transport.server import serve_biller, start_biller_server
-from agent.transport.status import RpcError
+from agent.transport.status import CallError
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2
 from parley.v1 import biller_service_pb2 as pb
 from tests.fixtures import BILL, eur
@@ -456,7 +456,7 @@ def test_an_acceptance_that_did_not_reach_the_biller_is_delivered_after_a_restar
         bank = Bank()
         async with household.agent(ScriptedStrategy(OUTSIDE, [accept_into_an_outage]), bank=bank) as agent:
             await enrol(biller, agent)
-            with pytest.raises(RpcError):
+            with pytest.raises(CallError):
                 await agent.negotiate(BILLER_ID, BILL.bill_id)
             with pytest.raises(ValueError, match="not reached the biller"):
                 await agent.pay(BILLER_ID, BILL.bill_id)  # not under an agreement the biller does not know
@@ -585,7 +585,7 @@ def test_an_interrupted_opening_is_sent_again_with_its_disclosure_after_a_restar
         async with household.agent(ScriptedStrategy(INSIDE, circumstances=circumstances), mandate=mandate) as agent:
             await enrol(biller, agent)
             hostile.unavailable_before["Negotiate"] = FAST.attempts  # the biller is unreachable throughout
-            with pytest.raises(RpcError):
+            with pytest.raises(CallError):
                 await agent.negotiate(BILLER_ID, BILL.bill_id)
             assert dump(household.db_path)["threads"][0][9] is not None  # kept until the opening is answered
         async with household.agent(ScriptedStrategy(OUTSIDE), mandate=mandate) as agent:  # restarted
@@ -665,7 +665,7 @@ def test_an_intent_stored_before_a_failed_send_is_the_one_sent_again(tmp_path: P
             await enrol(biller, agent)
             await agent.bills(BILLER_ID)
             hostile.unavailable_before["CreatePaymentIntent"] = FAST.attempts  # every retry fails
-            with pytest.raises(RpcError):
+            with pytest.raises(CallError):
                 await agent.pay(BILLER_ID, BILL.bill_id)
             (pending,) = await agent.payments(BILLER_ID)
             assert pending.state is IntentState.CREATED
@@ -855,7 +855,7 @@ def test_a_client_certificate_reaches_a_mutual_tls_biller_on_every_channel_and_i
             code = await biller.agent.issue_enrolment_code(ACCOUNT)
             material = {"biller_party_id": BILLER_ID, "fingerprint": biller.chain.fingerprint, "account_id": ACCOUNT}
             async with household.agent() as agent:  # no client certificate: refused in the handshake
-                with pytest.raises(RpcError) as refused:
+                with pytest.raises(CallError) as refused:
                     await agent.enrol(target, code=code, tls=tls, **material)  # type: ignore[arg-type]
                 assert refused.value.code is grpc.StatusCode.UNAVAILABLE
             async with household.agent(client_certificate=certificate) as agent:  # the same code: nothing was spent
@@ -864,7 +864,7 @@ def test_a_client_certificate_reaches_a_mutual_tls_biller_on_every_channel_and_i
             async with household.agent(client_certificate=certificate) as agent:  # a new channel from the stored link
                 assert [bill.facts.bill_id for bill in await agent.bills(BILLER_ID)] == [BILL.bill_id]
             async with household.agent() as agent:
-                with pytest.raises(RpcError) as refused:
+                with pytest.raises(CallError) as refused:
                     await agent.bills(BILLER_ID)
                 assert refused.value.code is grpc.StatusCode.UNAVAILABLE
             stored = b"".join(path.read_bytes() for path in household.db_path.parent.glob("consumer.sqlite*"))

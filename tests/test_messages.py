@@ -14,7 +14,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from agent.protocol.dsse import digest, sign_envelope
-from agent.protocol.errors import ParleyError, Reason, RemoteProtocolError
+from agent.protocol.errors import ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.limits import DEFAULT_LIMITS, Limits
@@ -416,7 +416,7 @@ def test_a_live_message_from_a_frozen_chain_is_refused() -> None:
 def test_key_sets_refuse_malformed_party_ids(party_id: str) -> None:
     """HDR-13: party ids are 1..128 characters of [A-Za-z0-9._:-]."""
     key = SigningKey.from_seed(b"\x22" * 32)
-    with pytest.raises(ParleyError) as refused:
+    with pytest.raises(ProtocolError) as refused:
         make_key_set(
             party_id=party_id, version=1, keys=[KeyEntry(key.public_key, T0, T0 + DAY)], signer=key, previous=None,
             create_time=T0, expire_time=T0 + DAY,

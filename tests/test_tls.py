@@ -35,7 +35,7 @@ from agent.tools.certs import (
 )
 from agent.transport.client import BillerClient, ClientTls, RetryPolicy, open_channel
 from agent.transport.server import BillerServer, serve_biller
-from agent.transport.status import RpcError
+from agent.transport.status import CallError
 from parley.v1 import envelope_pb2
 from reference_biller.config import ServerSettings
 from reference_biller.settings import SettingsError, resolve_serve
@@ -86,7 +86,7 @@ def client_tls(ca: DevCA, certificate: LeafCert | None = None) -> ClientTls:
 async def refused_handshake(biller: Biller, call: Awaitable[object]) -> None:
     """`call` fails as a transport failure (UNAVAILABLE, no Parley reason) and the store is untouched."""
     before, handled = dump(biller.db_path), calls_handled(biller)
-    with pytest.raises(RpcError) as failure:
+    with pytest.raises(CallError) as failure:
         await call
     assert failure.value.code is grpc.StatusCode.UNAVAILABLE
     assert (failure.value.reason, failure.value.wire_reason) == (Reason.INTERNAL_ERROR, "")
@@ -159,7 +159,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_or_with_one_from_anoth
                 # TRN-9: a client certificate identifies no party; the signature still decides.
                 impostor = Consumer("consumer:impostor", biller.clock)
                 before = dump(biller.db_path)
-                with pytest.raises(RpcError) as failure:
+                with pytest.raises(CallError) as failure:
                     await admitted.list_bills(impostor.query(ACCOUNT))
                 assert failure.value.reason is Reason.NOT_ENROLLED
                 assert dump(biller.db_path) == before
@@ -302,7 +302,7 @@ def test_parley_biller_serve_with_a_client_ca_from_the_environment_is_mutual_tls
 
         async def calls() -> None:
             async with client(port, ClientTls(root_certificates=ca)) as anonymous:
-                with pytest.raises(RpcError) as failure:
+                with pytest.raises(CallError) as failure:
                     await anonymous.hello()
                 assert failure.value.code is grpc.StatusCode.UNAVAILABLE
             async with client(port, alice) as admitted:

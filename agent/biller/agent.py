@@ -10,7 +10,7 @@ two faces:
   reminder or missed-instalment scheduler works from);
 - the **protocol methods**, one per `BillerService` RPC, which the gRPC servicer
   (`agent.transport.server`) calls with the request's envelope(s). They return
-  the response messages and raise `ParleyError` with the spec reason.
+  the response messages and raise `ProtocolError` with the spec reason.
 
 Every signed request takes the receive path of PROTOCOL.md §3.8: envelope form
 and payload type, the sender resolved by keyid among enrolled parties

@@ -67,7 +67,7 @@ from agent.conformance.client import (
 )
 from agent.conformance.runner import Case, Level, Skip, Suite, TargetUnreachable, Violation
 from agent.protocol.dsse import envelope_from_json
-from agent.protocol.errors import ERROR_DOMAIN, ParleyError, Reason
+from agent.protocol.errors import ERROR_DOMAIN, ProtocolError, Reason
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
@@ -292,7 +292,7 @@ class BillerTarget:
             return open_envelope(
                 envelope, types, sender_keys=chain, recipient=customer.party_id, now=self.now() if live else None
             )
-        except ParleyError as error:
+        except ProtocolError as error:
             raise Violation(
                 f"{what} signed by the biller does not verify: {error.reason.name}: {error.detail}"
             ) from error
@@ -525,7 +525,7 @@ async def connect(
             context.key_sets = list(key_sets.key_sets)
             try:
                 context.chain = KeyChain.verify(context.key_sets, pin=hello.identity_fingerprint)
-            except ParleyError as error:
+            except ProtocolError as error:
                 context.chain_error = f"{error.reason.name}: {error.detail}"
         if context.fixtures:
             # Learn the biller's time (it may have been advanced before). A biller that refuses this
@@ -664,7 +664,7 @@ async def get_key_sets(ctx: BillerTarget) -> str:
     chain = ctx.biller_chain()
     try:
         chain.check_fresh(ctx.now())
-    except ParleyError as error:
+    except ProtocolError as error:
         raise Violation(f"the biller's newest key set version has expired (KEY-13): {error.detail}") from error
     by_id = accepted(
         await ctx.conn.call("GetKeySets", biller_service_pb2.GetKeySetsRequest(party_id=ctx.biller_id)),
@@ -1281,7 +1281,7 @@ async def enrolment_confirmation(ctx: BillerTarget) -> None:
         raise Violation("biller_key_sets does not start at the identity fingerprint announced in Hello")
     try:
         KeyChain.verify(list(answer.biller_key_sets), pin=ctx.hello.identity_fingerprint, now=ctx.now())
-    except ParleyError as error:
+    except ProtocolError as error:
         raise Violation(f"biller_key_sets does not verify as a chain: {error.reason.name}: {error.detail}") from error
     customer = Customer(party, account.account_id)
     types = (enrolment_pb2.EnrolmentConfirmation,)
@@ -1864,7 +1864,7 @@ def _check_counter_terms(offer: Any, bill: IssuedBill) -> None:
         counter = Terms.from_proto(offer.terms)
         validate_terms(counter)
         validate_against_bill(counter, facts)
-    except ParleyError as error:
+    except ProtocolError as error:
         raise Violation(
             f"the biller's counter-offer has invalid terms (NEG-16): {error.reason.name}: {error.detail}"
         ) from error

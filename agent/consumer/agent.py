@@ -79,7 +79,7 @@ from agent.clock import Clock, SystemClock
 from agent.protocol import negotiation as core
 from agent.protocol.agreement import Agreement, Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import LocalProtocolError, ParleyError, Reason, RemoteProtocolError
+from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import (
@@ -120,7 +120,7 @@ from agent.stores.base import (
     ThreadUpdate,
 )
 from agent.transport.client import DEFAULT_RETRY, BillerClient, ClientTls, RetryPolicy, is_transient
-from agent.transport.status import RpcError
+from agent.transport.status import CallError
 from parley.v1 import (
     account_pb2,
     bill_pb2,
@@ -508,8 +508,8 @@ class NegotiationResult:
     outcome: ThreadOutcome | None
     messages: tuple[envelope_pb2.Envelope, ...] = ()
     agreement: Agreement | None = None
-    violation: ParleyError | None = None
-    refusal: ParleyError | None = None
+    violation: ProtocolError | None = None
+    refusal: ProtocolError | CallError | None = None
     _bundle: Bundle | None = field(default=None, repr=False)
 
     @property
@@ -583,8 +583,8 @@ class _Run:
     my_last: Terms
     awaiting: bool
     disclosure: bytes | None
-    violation: ParleyError | None = None
-    refusal: ParleyError | None = None
+    violation: ProtocolError | None = None
+    refusal: ProtocolError | CallError | None = None
 
     @property
     def deadline(self) -> datetime:
@@ -595,7 +595,7 @@ class _Run:
 class _BrokenLog(Exception):
     """An event that cannot be taken (verification, gap, broken chain): reconnect from the cursor."""
 
-    def __init__(self, error: ParleyError) -> None:
+    def __init__(self, error: ProtocolError) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -612,7 +612,7 @@ def _outcome(state: core.State) -> ThreadOutcome:
     return ThreadOutcome(state.value) if state.terminal else ThreadOutcome.OPEN
 
 
-def _error(pair: tuple[str, str] | None) -> ParleyError | None:
+def _error(pair: tuple[str, str] | None) -> ProtocolError | None:
     if pair is None:
         return None
     reason = Reason.__members__.get(pair[0], Reason.INTERNAL_ERROR)
@@ -760,7 +760,7 @@ class ConsumerAgent:
         (loopback only, TRN-3). The biller's Hello must name the party and
         fingerprint given (VER-4), and its key set chain must start at
         `fingerprint` (KEY-12, ENR-10) before anything in the answer is trusted.
-        Nothing is stored unless everything verifies. Raises RpcError with the
+        Nothing is stored unless everything verifies. Raises CallError with the
         biller's reason (ENROLMENT_CODE_INVALID...), RemoteProtocolError
         (PIN_MISMATCH...) for an answer that does not verify, ValueError for
         unusable input (a code that is not 12 Crockford base32 characters).
@@ -871,7 +871,7 @@ class ConsumerAgent:
         for envelope in self.key_chain.envelopes[1:]:
             try:
                 await client.publish_key_set(envelope)
-            except RpcError as error:
+            except CallError as error:
                 if error.reason is not Reason.KEYSET_ROLLBACK:  # ROLLBACK: the biller holds a later version
                     logger.warning("publishing our key set failed: %s %s", error.reason.name, error.detail)
                     return
@@ -948,7 +948,7 @@ class ConsumerAgent:
             for account in await self._accounts(session.biller, None):
                 try:
                     response = await session.client.get_bill(self._query(session.biller, account, bill_id=bill_id))
-                except RpcError as error:
+                except CallError as error:
                     if error.reason is Reason.NOT_FOUND:
                         continue
                     raise
@@ -967,7 +967,7 @@ class ConsumerAgent:
 
         The strategy makes the offers and answers; the mandate decides what needs
         the user's approval (NEG-20). Returns the result (see `NegotiationResult`).
-        Raises RpcError when the biller cannot be reached after the retries (the
+        Raises CallError when the biller cannot be reached after the retries (the
         thread, stored, resumes on the next call), LocalProtocolError when the
         strategy's opening is not valid terms, LookupError for an unknown bill.
         """
@@ -1235,7 +1235,7 @@ class ConsumerAgent:
         disclosure = run.disclosure if opening and run.disclosure is not None else b""
         try:
             response = await run.session.client.negotiate(run.envelopes[-1], disclosure)
-        except RpcError as error:
+        except CallError as error:
             await self._refused(run, error)
             return
         clear = run.disclosure is not None
@@ -1253,7 +1253,7 @@ class ConsumerAgent:
         )
         run.awaiting = False
 
-    async def _refused(self, run: _Run, error: RpcError) -> None:
+    async def _refused(self, run: _Run, error: CallError) -> None:
         """The biller's error for our last message (§13, ERR-6)."""
         if error.reason is Reason.NEGOTIATION_DEADLINE_PASSED:
             await self._expire(run, force=True)
@@ -1271,7 +1271,7 @@ class ConsumerAgent:
                 raise error  # stored as unanswered: the next negotiate() sends it again
         await self._refuse(run, error)
 
-    async def _refuse(self, run: _Run, error: ParleyError, *, drop: bool = True) -> None:
+    async def _refuse(self, run: _Run, error: ProtocolError | CallError, *, drop: bool = True) -> None:
         """The thread cannot go on now; report why. With `drop`, the biller refused our last message
         (NEG-15: it changed nothing there), so it leaves our copy too and the thread stands where the
         biller has it: the next `negotiate` asks the strategy again."""
@@ -1354,7 +1354,7 @@ class ConsumerAgent:
             response = await session.client.get_thread(
                 self._query(session.biller, run.bill.account_id, thread_id=run.thread_id)
             )
-        except RpcError as error:
+        except CallError as error:
             logger.info("thread=%s GetThread failed: %s", run.thread_id.hex(), error.reason.name)
             return False
         theirs, ours = list(response.messages), run.envelopes
@@ -1401,7 +1401,9 @@ class ConsumerAgent:
         run.disclosure = None
         return True
 
-    async def _result_of(self, record: ConsumerThreadRecord, refusal: ParleyError | None = None) -> NegotiationResult:
+    async def _result_of(
+        self, record: ConsumerThreadRecord, refusal: ProtocolError | CallError | None = None
+    ) -> NegotiationResult:
         bundle = agreement = None
         if record.outcome is ThreadOutcome.AGREED:
             bundle = await self.export_bundle(record.thread_id)
@@ -1510,7 +1512,7 @@ class ConsumerAgent:
         paid (index 0). The intent is stored before it is sent, so calling `pay`
         again — after a failure, a crash or a success — continues the same intent
         and never pays twice (PAY-2, PAY-7). Raises PaymentRefused (PAY-8),
-        PaymentInDoubt (an earlier hand-over to the bank never answered), RpcError
+        PaymentInDoubt (an earlier hand-over to the bank never answered), CallError
         (the biller refused the intent or could not be reached), LookupError for a
         bill never verified, ValueError for an instalment that does not exist.
         """
@@ -1552,7 +1554,7 @@ class ConsumerAgent:
             session = await self._session(biller)
             try:
                 response = await session.client.get_receipt(self._query(biller, intent.account_id, intent_id=intent_id))
-            except RpcError as error:
+            except CallError as error:
                 if error.reason is Reason.PAYMENT_NOT_SETTLED:
                     return None
                 raise
@@ -1666,7 +1668,7 @@ class ConsumerAgent:
             envelopes.append(await self._resign_intent(intent))
         try:
             response = await session.client.create_payment_intent(envelopes[-1])
-        except RpcError as error:
+        except CallError as error:
             if error.reason is not Reason.MESSAGE_EXPIRED:
                 raise
             envelopes.append(await self._resign_intent(intent))  # the biller's clock is ahead of ours
@@ -1816,7 +1818,7 @@ class ConsumerAgent:
         broken chain, a bad event or a transport failure closes the stream and
         resumes from the cursor with backoff. Raises EventLogForked on two
         different events at one sequence, the error of the last bad event after
-        `watch_failure_limit` in a row, and RpcError for a permanent refusal
+        `watch_failure_limit` in a row, and CallError for a permanent refusal
         (CURSOR_OUT_OF_RANGE: the biller's log is shorter than what it served
         before). `account_id` may be left out when the biller has one of our
         accounts. Use it inside `contextlib.aclosing(...)` so the stream closes
@@ -1839,7 +1841,7 @@ class ConsumerAgent:
                         cursor = EventCursor(event.sequence + 1, event.digest)
                         failures = 0
                         yield event
-            except RpcError as error:
+            except CallError as error:
                 if error.code is grpc.StatusCode.CANCELLED:
                     return  # the agent was closed
                 if not is_transient(error):
@@ -2047,7 +2049,7 @@ class ConsumerAgent:
             for envelope in response.key_sets:
                 chain = chain.extend(envelope, limits=self.limits)
             chain.check_fresh(now)
-        except ParleyError as error:
+        except ProtocolError as error:
             logger.warning("biller=%s key set refresh failed: %s %s", session.biller, error.reason.name, error.detail)
             return False
         if chain.latest.version == latest:

@@ -162,6 +162,15 @@ class Reason(enum.Enum):
 
 
 class ParleyError(Exception):
+    """The root of every error Parley raises: catch this to catch them all (protocol, transport, payment).
+
+    Below it: `ProtocolError`, a broken rule with its spec reason, split into `LocalProtocolError` (we were
+    about to break the protocol) and `RemoteProtocolError` (the peer did), as h11 splits them; transport
+    failures (`agent.transport.status.TransportError`) and the consumer's payment outcomes apart.
+    """
+
+
+class ProtocolError(ParleyError):
     """A protocol failure with a spec reason and a human-readable detail."""
 
     def __init__(self, reason: Reason, detail: str = "") -> None:
@@ -170,11 +179,11 @@ class ParleyError(Exception):
         self.detail = detail or reason.meaning
 
 
-class RemoteProtocolError(ParleyError):
+class RemoteProtocolError(ProtocolError):
     """What the peer sent breaks the protocol."""
 
 
-class LocalProtocolError(ParleyError):
+class LocalProtocolError(ProtocolError):
     """What we tried to send would break the protocol."""
 
     def as_remote(self) -> RemoteProtocolError:

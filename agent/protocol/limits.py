@@ -19,6 +19,9 @@ DIGEST_BYTES = 32
 KEYID_BYTES = 16
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+DISCLOSURE_SALT_BYTES = 16  # PRV-3: the salt of a hardship disclosure's commitment
+# PAY-1: a payment intent id, chosen by the consumer (its idempotency key, PAY-2)
+INTENT_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 
 MAX_PARTY_ID_CHARS = 128
 MAX_PAYLOAD_TYPE_CHARS = 128

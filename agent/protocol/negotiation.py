@@ -24,11 +24,13 @@ Our own moves (`send`) are checked by the same rules but a violation raises
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from agent.protocol.errors import LocalProtocolError, ParleyError, Reason, RemoteProtocolError
+from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.terms import BillFacts, Terms, validate_against_bill, validate_terms, within_options
 from parley.v1 import negotiation_pb2
@@ -160,11 +162,11 @@ _OUTCOME = {
 }
 
 
-class _Refused(ParleyError):
+class _Refused(ProtocolError):
     """The move does not fit the thread: refuse it, change nothing."""
 
 
-class _Violation(ParleyError):
+class _Violation(ProtocolError):
     """The move fits the thread but breaks a rule: the thread ends in PROTOCOL_ERROR."""
 
 
@@ -192,7 +194,7 @@ class Negotiation:
     max_rounds: int = 0
     deadline: datetime | None = None
     pending: PendingOffer | None = None
-    violation: ParleyError | None = None
+    violation: ProtocolError | None = None
 
     @property
     def next_sequence(self) -> int:
@@ -228,13 +230,48 @@ class Negotiation:
             return True
         return False
 
+    def close_as_expired(self) -> bool:
+        """The store recorded this thread as EXPIRED (a move past the deadline was refused, NEG-15 5b):
+        end it the same way here. False if it had already ended otherwise."""
+        if self.state.terminal:
+            return False
+        self.state = State.EXPIRED
+        return True
+
+    @classmethod
+    def replay(
+        cls,
+        *,
+        bill: BillFacts,
+        bill_digest: bytes,
+        role: Role,
+        messages: Iterable[tuple[ThreadMessage, datetime]],
+        limits: Limits = DEFAULT_LIMITS,
+        hardship_disclosed: bool = False,
+    ) -> Negotiation:
+        """The one replay of a stored thread: every message, already verified, judged as it was when received.
+
+        Our own messages are sent, the peer's received; a stored violation ends the thread there
+        (PROTOCOL_ERROR), as it did when the message arrived. Both agents rebuild their state this
+        way; an offline verifier uses `receive` with an observer instead (`agent.protocol.agreement`).
+        """
+        negotiation = cls(bill=bill, bill_digest=bill_digest, role=role, limits=limits,
+                          hardship_disclosed=hardship_disclosed)
+        for message, received_at in messages:
+            if message.sender is role:
+                negotiation.send(message, received_at)
+            else:
+                with contextlib.suppress(RemoteProtocolError):  # the violation's evidence: the thread ends here
+                    negotiation.receive(message, received_at)
+        return negotiation
+
     def send(self, message: ThreadMessage, now: datetime) -> State:
         """Check and record one of our own moves; a violation changes nothing."""
         if self.role is None or message.sender is not self.role:
             raise LocalProtocolError(Reason.WRONG_SENDER, "send() is for the negotiation's own role")
         try:
             self._check(message, now)
-        except ParleyError as error:
+        except ProtocolError as error:
             raise LocalProtocolError(error.reason, error.detail) from error
         return self._advance(message)
 
@@ -249,7 +286,7 @@ class Negotiation:
             self.state = State.PROTOCOL_ERROR
             self.violation = error
             raise RemoteProtocolError(error.reason, error.detail) from error
-        except ParleyError as error:
+        except ProtocolError as error:
             raise RemoteProtocolError(error.reason, error.detail) from error
         return self._advance(message)
 

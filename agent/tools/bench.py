@@ -73,7 +73,7 @@ from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, Paym
 from agent.clock import SystemClock
 from agent.conformance.client import SignedParty
 from agent.protocol.dsse import digest, sign_envelope, verify_signature
-from agent.protocol.errors import ParleyError
+from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import SigningKey, VerifyKey
 from agent.protocol.keysets import KeyChain, first_key_set
 from agent.protocol.messages import open_envelope, parse_payload
@@ -734,7 +734,7 @@ class _Client:
                 return
             try:
                 signed = await self.cycle(index)
-            except (CycleFailed, ParleyError, grpc.aio.AioRpcError) as error:
+            except (CycleFailed, ProtocolError, grpc.aio.AioRpcError) as error:
                 if began >= start:
                     reason = _failure_reason(error)
                     self.result.errors[reason] = self.result.errors.get(reason, 0) + 1
@@ -760,7 +760,7 @@ class _Client:
 
 
 def _failure_reason(error: Exception) -> str:
-    if isinstance(error, ParleyError):
+    if isinstance(error, ProtocolError):
         return error.reason.name
     if isinstance(error, grpc.aio.AioRpcError):
         return f"grpc {error.code().name}: {(error.details() or '')[:80]}"

@@ -71,7 +71,7 @@ from rich.markup import escape
 from agent.conformance.client import Connection, Refusal, SignedParty
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import ParleyError, Reason
+from agent.protocol.errors import ProtocolError, Reason
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import PROTOCOL_VERSION
 from agent.protocol.messages import open_envelope
@@ -613,7 +613,7 @@ def check_acceptances(
             )
             try:
                 agreement = verify_bundle(bundle)
-            except (ParleyError, ValueError) as error:
+            except (ProtocolError, ValueError) as error:
                 problems.add("unverifiable", f"{label}: the bundle does not verify: {error}")
                 continue
             if agreement.accept.digest != acceptance.accept_digest:
@@ -714,7 +714,7 @@ def check_events(ledgers: Sequence[Ledger], observed: Observed, biller_chain: Ke
                 event = open_envelope(
                     envelope, (event_pb2.Event,), sender_keys=biller_chain, recipient=ledger.party.party_id, now=None
                 )
-            except ParleyError as error:
+            except ProtocolError as error:
                 problems.add("unverifiable", f"{ledger.account_id}: an event does not verify: {error}")
                 continue
             sequence = event.header.sequence

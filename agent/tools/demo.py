@@ -62,7 +62,7 @@ from agent.consumer import (
 )
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import ParleyError, Reason
+from agent.protocol.errors import ProtocolError, Reason
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import first_key_set
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, move_of
@@ -649,7 +649,7 @@ class HouseholdBot:
                 f"({escape(str(declined))}): the bot tells its user and does not retry on its own",
             )
             return
-        except (ParleyError, LookupError, ValueError) as error:
+        except (ProtocolError, LookupError, ValueError) as error:
             self.problem(f"paying {what} of {bill.bill_id} failed: {error}")
             return
         if payment.amount != amount or payment.agreement_digest != digest_ or payment.state is not IntentState.PAID:
@@ -970,7 +970,7 @@ async def _phishing(bot: HouseholdBot, real: BillerSite, state_dir: Path, clock:
                 code=code,
                 tls=ClientTls(root_certificates=ca.cert_pem),
             )
-        except ParleyError as error:
+        except ProtocolError as error:
             return error.reason.name
         return "ACCEPTED"
     finally:
@@ -1092,7 +1092,7 @@ def _write_bundles(out_dir: Path, bots: Sequence[HouseholdBot], outcome: Outcome
                 assert expected is not None
                 verified = agreement.accept.digest == expected.accept.digest and agreement.terms == expected.terms
                 detail = "VALID" if verified else "VALID, but not the agreement the household holds"
-            except (ParleyError, ValueError) as error:
+            except (ProtocolError, ValueError) as error:
                 verified, detail = False, f"INVALID {getattr(error, 'reason', Reason.INTERNAL_ERROR).name}: {error}"
             outcome.bundles.append(BundleCheck(path.name, bot.name, site.name, bill_id, verified, detail))
 

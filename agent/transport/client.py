@@ -6,7 +6,7 @@ nothing of signatures or state (that is `agent.consumer`). What it adds:
 - **Channels** (TRN-3): TLS by default, verified against the given trust
   anchors (or gRPC's default roots); plaintext only when asked for explicitly
   (`insecure=True`) and only to a loopback address.
-- **Errors** (ERR-4): every failed call raises `RpcError`, a
+- **Errors** (ERR-4): every failed call raises `CallError`, a
   `RemoteProtocolError` carrying the reason read from the call's one
   `ErrorInfo`, or INTERNAL_ERROR with the gRPC code for failures without one.
 - **Deadlines and retries** (TRN-6, TRN-7, ERR-6): every unary call has a
@@ -37,7 +37,7 @@ from google.protobuf.message import Message
 from agent.protocol.errors import Reason
 from agent.protocol.limits import SUPPORTED_VERSIONS
 from agent.transport.server import is_loopback
-from agent.transport.status import RpcError, error_from_rpc
+from agent.transport.status import CallError, error_from_rpc
 from parley.v1 import biller_service_pb2 as pb
 from parley.v1 import biller_service_pb2_grpc, envelope_pb2
 
@@ -137,13 +137,13 @@ def open_channel(
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 
-def is_transient(error: RpcError) -> bool:
+def is_transient(error: CallError) -> bool:
     """ERR-6: whether resending the same request later may succeed (transport failures, INTERNAL, RATE_LIMITED)."""
     return error.code in _TRANSIENT_CODES or error.reason is Reason.RATE_LIMITED
 
 
 class BillerClient:
-    """The BillerService calls of one biller endpoint; errors raise `RpcError`."""
+    """The BillerService calls of one biller endpoint; errors raise `CallError`."""
 
     def __init__(self, channel: grpc.aio.Channel, *, retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self._channel = channel
@@ -202,7 +202,7 @@ class BillerClient:
     async def watch_events(self, query: envelope_pb2.Envelope) -> AsyncGenerator[envelope_pb2.Envelope, None]:
         """The event stream of one signed query, without retries (the caller resumes from its cursor, EVT-5).
 
-        Failures raise `RpcError`; the stream is cancelled when the iterator is closed.
+        Failures raise `CallError`; the stream is cancelled when the iterator is closed.
         """
         call = self._stub.WatchEvents(pb.WatchEventsRequest(query=query))
         try:

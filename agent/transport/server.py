@@ -42,7 +42,7 @@ from grpc_reflection.v1alpha import reflection
 from agent.biller import BillerAgent
 from agent.logs import log_step, request_ids
 from agent.metrics import MetricsInterceptor
-from agent.protocol.errors import ParleyError, Reason, RemoteProtocolError
+from agent.protocol.errors import ProtocolError, Reason, RemoteProtocolError
 from agent.ratelimit import peer_address
 from agent.transport.status import Context, abort, answer
 from parley.v1 import biller_service_pb2 as pb
@@ -208,7 +208,7 @@ async def _parse_request(request_type: type[Message], data: bytes, context: Cont
     try:
         return request_type.FromString(data)
     except DecodeError:
-        await abort(context, ParleyError(Reason.MALFORMED_ENVELOPE, f"the request is not a {request_type.__name__}"))
+        await abort(context, ProtocolError(Reason.MALFORMED_ENVELOPE, f"the request is not a {request_type.__name__}"))
 
 
 def _parsed_unary(

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -494,16 +495,21 @@ def test_sigterm_stops_a_running_loop_cleanly(tmp_path: Path) -> None:
     process = subprocess.Popen(
         [*command, "--state-dir", str(tmp_path / "state")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    watchdog = threading.Timer(60, process.kill)  # a pass that never reports fails the test instead of hanging it
+    watchdog.start()
     try:
         assert process.stdout is not None
         for line in process.stdout:
             if "cannot be reached" in line:  # the first pass is done
                 break
+        else:
+            pytest.fail("the first pass never reported the unreachable biller")
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=15)
         assert process.returncode == 0, output
         assert "stopped" in output
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.kill()
             process.wait()

@@ -2049,7 +2049,7 @@ class ConsumerAgent:
             for envelope in response.key_sets:
                 chain = chain.extend(envelope, limits=self.limits)
             chain.check_fresh(now)
-        except ProtocolError as error:
+        except (ProtocolError, CallError) as error:
             logger.warning("biller=%s key set refresh failed: %s %s", session.biller, error.reason.name, error.detail)
             return False
         if chain.latest.version == latest:

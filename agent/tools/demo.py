@@ -62,7 +62,7 @@ from agent.consumer import (
 )
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import ProtocolError, Reason
+from agent.protocol.errors import ParleyError, ProtocolError, Reason
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import first_key_set
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, move_of
@@ -73,6 +73,7 @@ from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.tools.certs import DevCA, issue_server_cert, make_dev_ca
 from agent.transport.client import ClientTls, RetryPolicy
 from agent.transport.server import start_biller_server
+from agent.transport.status import CallError
 from parley.v1 import event_pb2
 from reference_biller import sample, scheduler
 from reference_biller.config import SAMPLE, BillerConfig, load_config
@@ -649,7 +650,7 @@ class HouseholdBot:
                 f"({escape(str(declined))}): the bot tells its user and does not retry on its own",
             )
             return
-        except (ProtocolError, LookupError, ValueError) as error:
+        except (ParleyError, LookupError, ValueError) as error:
             self.problem(f"paying {what} of {bill.bill_id} failed: {error}")
             return
         if payment.amount != amount or payment.agreement_digest != digest_ or payment.state is not IntentState.PAID:
@@ -970,7 +971,7 @@ async def _phishing(bot: HouseholdBot, real: BillerSite, state_dir: Path, clock:
                 code=code,
                 tls=ClientTls(root_certificates=ca.cert_pem),
             )
-        except ProtocolError as error:
+        except (ProtocolError, CallError) as error:
             return error.reason.name
         return "ACCEPTED"
     finally:

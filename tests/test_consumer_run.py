@@ -17,8 +17,8 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta

@@ -91,12 +91,11 @@ from agent.consumer import (
     NegotiationResult,
     Payment,
     PaymentDispute,
-    PaymentInDoubt,
     PaymentOrder,
     PaymentReceipt,
     ReceivedBill,
 )
-from agent.protocol.errors import ProtocolError
+from agent.protocol.errors import ParleyError, ProtocolError
 from agent.protocol.keys import InsecureKeyFileError, SigningKey
 from agent.protocol.keysets import KeyChain, first_key_set
 from agent.protocol.terms import BillFacts, LineKind, Terms, TermsKind
@@ -556,7 +555,7 @@ class Household:
                     tls=self._tls[biller],
                     insecure=connection.insecure,
                 )
-            except (ProtocolError, ValueError, LookupError) as error:
+            except (ParleyError, ValueError, LookupError) as error:
                 report.problems.append(_problem(biller, "enrolment", error))
                 report.links.append(LinkLine(biller, connection.account_id, connection.target, "not enrolled"))
                 continue
@@ -575,7 +574,7 @@ class Household:
             assert connection is not None
             try:
                 bills = await self.agent.bills(biller, account_id=connection.account_id)
-            except (ProtocolError, ValueError, LookupError) as error:
+            except (ParleyError, ValueError, LookupError) as error:
                 report.problems.append(_problem(biller, "bills", error))
                 continue
             answering.append(preference)
@@ -651,7 +650,7 @@ class Household:
                 NegotiationLine(biller, bill_id, "awaiting your approval", pending.request.terms, f"{what}: not sent")
             )
             return None
-        except (ProtocolError, ValueError, LookupError) as error:
+        except (ParleyError, ValueError, LookupError) as error:
             report.problems.append(_problem(biller, f"negotiation on {bill_id}", error))
             return None
         terms = result.agreement.terms if result.agreement is not None else None
@@ -708,7 +707,7 @@ class Household:
                         continue
                     try:
                         payment = await self.agent.pay(biller, bill_id, instalment_index=index)
-                    except (ProtocolError, ValueError, LookupError, PaymentInDoubt) as error:
+                    except (ParleyError, ValueError, LookupError) as error:  # a payment in doubt is a ParleyError too
                         report.problems.append(_problem(biller, f"payment of {bill_id} #{index + 1}", error))
                         report.payments.append(replace(line, status="failed"))
                         break  # the next instalment waits for this one
@@ -730,7 +729,7 @@ class Household:
                     report.receipts.append(dispute.receipt)
                     report.problems.append(_problem(biller, f"receipt of {payment.bill_id}", dispute))
                     continue
-                except (ProtocolError, ValueError, LookupError) as error:
+                except (ParleyError, ValueError, LookupError) as error:
                     report.problems.append(_problem(biller, f"receipt of {payment.bill_id}", error))
                     continue
                 if receipt is not None:
@@ -753,7 +752,7 @@ class Household:
                     await asyncio.wait_for(anext(stream), self._event_idle)
             except (TimeoutError, StopAsyncIteration):
                 pass  # quiet: caught up
-            except (ProtocolError, ValueError, LookupError) as error:
+            except (ParleyError, ValueError, LookupError) as error:
                 report.problems.append(_problem(biller, "events", error))
             finally:
                 await stream.aclose()

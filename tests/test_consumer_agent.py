@@ -7,6 +7,7 @@ another amount, a receipt that does not match, an event stream with gaps.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import dataclasses
@@ -29,18 +30,22 @@ from agent.consumer import (
     ConsumerAnswer,
     CounterOffer,
     Escalate,
+    EventLogForked,
     Mandate,
     OpeningContext,
     PaymentDispute,
+    PaymentInDoubt,
+    PaymentNotSent,
     PaymentOrder,
     PaymentRefused,
     RejectOffer,
     ResponseContext,
     Withdraw,
 )
+from agent.consumer.locks import KeyedLocks
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.errors import ParleyError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyEntry, make_key_set
 from agent.protocol.messages import seal
@@ -946,3 +951,43 @@ def test_the_consumer_store_settles_races_in_the_database(tmp_path: Path) -> Non
 
 def digest_of(content: bytes) -> bytes:
     return hashlib.sha256(content).digest()
+
+
+def test_per_bill_locks_serialize_and_are_dropped_when_released() -> None:
+    """The agent's locks are bounded by the work in flight: none is kept once its last holder leaves."""
+    locks = KeyedLocks()
+    order: list[str] = []
+
+    async def hold(name: str, key: tuple[str, ...]) -> None:
+        async with locks.hold(key):
+            order.append(f"{name}+")
+            await asyncio.sleep(0.01)
+            order.append(f"{name}-")
+
+    async def scenario() -> None:
+        await asyncio.gather(hold("a", ("pay", "b1")), hold("b", ("pay", "b1")), hold("c", ("pay", "b2")))
+        assert len(locks) == 0
+
+    asyncio.run(scenario())
+    assert order.index("a-") < order.index("b+")  # one holder per key at a time
+    assert order.index("c+") < order.index("a-")  # other keys do not wait
+
+
+def test_every_consumer_error_has_the_one_root() -> None:
+    for error in (PaymentNotSent, PaymentInDoubt, PaymentDispute, PaymentRefused, EventLogForked):
+        assert issubclass(error, ParleyError)
+    assert issubclass(PaymentRefused, RemoteProtocolError)
+    assert issubclass(EventLogForked, RemoteProtocolError)
+
+
+def test_the_consumer_package_imports_no_biller_tool_or_reference_code() -> None:
+    """The consumer agent stands on the protocol core, stores and transport only (the architecture's layers)."""
+    forbidden = ("agent.biller", "agent.tools", "agent.conformance", "reference_biller", "reference_consumer")
+    package = Path(__file__).resolve().parent.parent / "agent" / "consumer"
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(forbidden), f"{source.name} imports {name}"

@@ -67,6 +67,7 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from datetime import timedelta
 
 from agent.clock import Clock, SystemClock
+from agent.consumer.approvals import Approvals
 from agent.consumer.bills import Bills
 from agent.consumer.enrolment import Enrolment
 from agent.consumer.events import EventWatch
@@ -162,7 +163,7 @@ class ConsumerAgent:
             self._bills,
             strategy=strategy,
             mandate=mandate,
-            approve=approve or self.approvals,
+            approvals=Approvals(party, approve or self.approvals),
             settings=NegotiationSettings(max_rounds, negotiation_time),
         )
         self._payments = Payments(party, store, receiver, self._sessions, self._bills, sender=payment_sender)

@@ -9,7 +9,6 @@ thread's state changes only through the core's methods.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import secrets
@@ -18,14 +17,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from agent.consumer.approvals import Approvals
 from agent.consumer.bills import Bills
 from agent.consumer.instalments import committed_instalments, negotiation_payload
 from agent.consumer.mandate import Mandate
 from agent.consumer.party import BillerSession, Party
 from agent.consumer.plugins import (
-    ApprovalRequest,
-    Approver,
-    Circumstances,
     OpeningContext,
     ResponseContext,
     Strategy,
@@ -116,7 +113,7 @@ class Negotiator:
         *,
         strategy: Strategy,
         mandate: Mandate,
-        approve: Approver,
+        approvals: Approvals,
         settings: NegotiationSettings,
     ) -> None:
         self._party = party
@@ -126,7 +123,7 @@ class Negotiator:
         self._bills = bills
         self._strategy = strategy
         self._mandate = mandate
-        self._approve = approve
+        self._approvals = approvals
         self._settings = settings
 
     async def negotiate(self, biller: str, bill_id: str) -> NegotiationResult:
@@ -178,8 +175,8 @@ class Negotiator:
         if circumstances is not None and not self._mandate.allow_disclosure:
             violations.append("it discloses your circumstances to the biller")
         if violations:
-            request = self._approval("open", session, bill, terms, violations, circumstances=circumstances)
-            if not await self._ask(request):
+            request = self._approvals.request("open", bill, terms, violations, circumstances=circumstances)
+            if not await self._approvals.ask(request):
                 log_step(logger, "opening-declined", biller=session.biller, bill=facts.bill_id)
                 return None
         disclosure = b""
@@ -337,34 +334,44 @@ class Negotiator:
         answer = self._strategy.respond(context)
         if isinstance(answer, AcceptOffer | Escalate):
             violations = self._mandate.violations(pending.terms, facts)
+            accept = core.Accept(pending.digest)
             if violations or isinstance(answer, Escalate):
                 reason = answer.reason if isinstance(answer, Escalate) else ""
-                request = self._approval(
-                    "accept", run.session, run.bill, pending.terms, violations, run=run, reason=reason
-                )
-                approved = await self._ask(request, run.deadline)
-                if approved is None:
-                    return None
-                if not approved:
-                    return core.Withdraw(DECLINED_NOTE)
-            return core.Accept(pending.digest)
+                return await self._if_approved(accept, run, "accept", pending.terms, violations, reason=reason)
+            return accept
         if isinstance(answer, CounterOffer):
             if rounds_left <= 0:
                 log_step(logger, "counter-without-rounds", logging.WARNING, thread_id=run.thread_id, move="Withdraw")
                 return core.Withdraw(NO_ROUNDS_NOTE)
             violations = self._mandate.violations(answer.terms, facts)
+            offer = core.Offer(answer.terms)
             if violations:
-                request = self._approval("counter", run.session, run.bill, answer.terms, violations, run=run)
-                approved = await self._ask(request, run.deadline)
-                if approved is None:
-                    return None
-                if not approved:
-                    return core.Withdraw(DECLINED_NOTE)
-            return core.Offer(answer.terms)
+                return await self._if_approved(offer, run, "counter", answer.terms, violations)
+            return offer
         if isinstance(answer, RejectOffer):
             why = answer.reason if answer.reason in _REJECT_REASONS else negotiation_pb2.REJECT_REASON_OTHER
             return core.Reject(why, answer.note[:MAX_TEXT_CHARS])
         return core.Withdraw(answer.note[:MAX_TEXT_CHARS])
+
+    async def _if_approved(
+        self,
+        move: core.Move,
+        run: _Run,
+        action: Literal["counter", "accept"],
+        terms: Terms,
+        violations: Sequence[str],
+        *,
+        reason: str = "",
+    ) -> core.Move | None:
+        """The move once the user approved it (NEG-20); a Withdraw when they declined; None when no
+        answer came while the thread could still move."""
+        request = self._approvals.request(
+            action, run.bill, terms, violations, reason=reason, thread_id=run.thread_id, deadline=run.deadline
+        )
+        approved = await self._approvals.ask(request)
+        if approved is None:
+            return None
+        return move if approved else core.Withdraw(DECLINED_NOTE)
 
     async def _send(self, run: _Run, move: core.Move) -> None:
         """Sign our move (the core refuses one the rules do not allow, NEG-16), store it, mark it unanswered."""
@@ -605,53 +612,6 @@ class Negotiator:
             refusal=refusal if refusal is not None else stored_error(record.refusal),
             _bundle=bundle,
         )
-
-    # --- Asking the user (NEG-20) ---
-
-    def _approval(
-        self,
-        action: Literal["open", "counter", "accept"],
-        session: BillerSession,
-        bill: ReceivedBill,
-        terms: Terms,
-        violations: Sequence[str],
-        *,
-        run: _Run | None = None,
-        reason: str = "",
-        circumstances: Circumstances | None = None,
-    ) -> ApprovalRequest:
-        return ApprovalRequest(
-            request_id=secrets.token_hex(8),
-            action=action,
-            biller_party_id=session.biller,
-            account_id=bill.account_id,
-            bill=bill.facts,
-            terms=terms,
-            violations=tuple(violations),
-            reason=reason,
-            circumstances=circumstances,
-            thread_id=None if run is None else run.thread_id,
-            deadline=None if run is None else run.deadline,
-        )
-
-    async def _ask(self, request: ApprovalRequest, deadline: datetime | None = None) -> bool | None:
-        """The user's answer (NEG-20); None when none came while the thread could still move (NEG-21)."""
-        timeout = None
-        if deadline is not None:
-            timeout = (deadline - self._party.limits.max_clock_skew - self._party.now()).total_seconds()
-            if timeout <= 0:
-                return None
-        log_step(
-            logger,
-            "approval-needed",
-            action=request.action,
-            bill=request.bill.bill_id,
-            violations="; ".join(request.violations),
-        )
-        try:
-            return bool(await asyncio.wait_for(self._approve(request), timeout))
-        except TimeoutError:
-            return None
 
     @staticmethod
     def _message_record(

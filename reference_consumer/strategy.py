@@ -256,7 +256,7 @@ class CashFlow:
         return next(_monthly(self.profile.income.pay_day, on_or_after, end), None)
 
 
-# --- Disclosure -------------------------------------------------------------------------
+# --- Disclosure -------------------------------------------------------------------------------------
 
 
 def needs_disclosure(terms: Terms, bill: BillFacts) -> bool:

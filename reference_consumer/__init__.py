@@ -7,11 +7,11 @@ counter-offer, and a budget shared across billers. Neither does I/O beyond readi
 the profile file, and neither reads the clock: `today` is always passed in.
 """
 
-from agent.consumer.mandate import Mandate
 from reference_consumer.profile import (
     BillerPreference,
     Expense,
     Income,
+    Mandate,
     Profile,
     ProfileError,
     load_profile,

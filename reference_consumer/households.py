@@ -35,9 +35,8 @@ import enum
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from agent.consumer.mandate import Mandate
 from agent.protocol.terms import Money
-from reference_consumer.profile import BillerPreference, Expense, Income, Profile
+from reference_consumer.profile import BillerPreference, Expense, Income, Mandate, Profile
 
 ENERGY = "biller:energy.example"
 TELECOM = "biller:telco.example"

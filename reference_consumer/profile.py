@@ -46,7 +46,7 @@ from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
-from agent.consumer.mandate import Mandate  # the one mandate (NEG-20), read from the profile
+from agent.consumer.mandate import Mandate as Mandate  # noqa: PLC0414 - re-exported: the profile holds the agent's one mandate (NEG-20)
 from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.limits import DIGEST_BYTES, MAX_ID_CHARS

@@ -18,14 +18,10 @@ from reference_consumer.profile import (
     parse_profile,
 )
 from reference_consumer.strategy import (
-    AcceptTerms,
     CashFlow,
-    Counter,
-    Escalate,
     Opening,
     PlannedBill,
     Projection,
-    RejectTerms,
     Response,
     Step,
     StrategyError,
@@ -35,15 +31,11 @@ from reference_consumer.strategy import (
     plan_opening,
     prioritise,
     respond,
-    within_mandate,
 )
 
 __all__ = [
-    "AcceptTerms",
     "BillerPreference",
     "CashFlow",
-    "Counter",
-    "Escalate",
     "Expense",
     "Income",
     "Mandate",
@@ -52,7 +44,6 @@ __all__ = [
     "Profile",
     "ProfileError",
     "Projection",
-    "RejectTerms",
     "Response",
     "Step",
     "StrategyError",
@@ -64,5 +55,4 @@ __all__ = [
     "plan_opening",
     "prioritise",
     "respond",
-    "within_mandate",
 ]

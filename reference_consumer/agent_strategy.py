@@ -2,8 +2,8 @@
 
 `ReferenceStrategy` is the adapter the consumer agent calls: it turns the pure
 functions of `reference_consumer.strategy` (`plan_budget`, `respond`) into the
-agent's `opening` / `respond` callbacks, and their answers into the agent's
-`Answer` types. It also keeps the one thing those functions cannot know on their
+agent's `opening` / `respond` callbacks (both sides answer in the one vocabulary of
+`agent.protocol.answers`). It also keeps the one thing those functions cannot know on their
 own: the household's *budget across billers*. Bills the household still has to
 decide are `consider`ed; `plan` decides all of them together, in the profile's
 priority order, each decision's payments committed before the next
@@ -12,7 +12,7 @@ household with two billers never offers the same money twice.
 
 Payments the household decided to make without an agreement (a bill paid in full
 on its due date needs no negotiation) are `commit`ted until they are paid; the
-unpaid instalments of agreements come from the agent (`StrategyContext.committed`).
+unpaid instalments of agreements come from the agent (the contexts' `committed`).
 
 The profile is read afresh for each decision (`profile` may be a function of the
 day), so a household whose balance moves as the months go by is judged on the
@@ -28,43 +28,19 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from datetime import date
 
-from agent.consumer import (
-    Accept,
-    Answer,
-    Circumstances,
-    Counter,
-    Escalate,
-    Reject,
-    StrategyContext,
-)
-from agent.consumer import Mandate as AgentMandate
+from agent.consumer import Circumstances, ConsumerAnswer, Mandate, OpeningContext, ResponseContext
 from agent.protocol.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.terms import BillFacts, Instalment, Money, Terms
 from parley.v1 import negotiation_pb2
 from reference_consumer.profile import Profile
-from reference_consumer.strategy import (
-    AcceptTerms,
-    PlannedBill,
-    RejectTerms,
-    plan_budget,
-    respond,
-)
-from reference_consumer.strategy import Counter as CounterTerms
-from reference_consumer.strategy import Escalate as EscalateTerms
+from reference_consumer.strategy import PlannedBill, plan_budget, respond
 
 ProfileSource = Callable[[date], Profile]
 
 
-def agent_mandate(profile: Profile) -> AgentMandate:
-    """The agent's mandate (NEG-20) from the profile's; a household in hardship consents to disclose it (PRV-8)."""
-    mandate = profile.mandate
-    return AgentMandate(
-        max_fee=mandate.max_fee,
-        max_instalments=mandate.max_instalments,
-        max_total_over_bill=mandate.max_total_over_bill,
-        latest_date=mandate.latest_date,
-        allow_disclosure=profile.hardship,
-    )
+def agent_mandate(profile: Profile) -> Mandate:
+    """The profile's mandate (NEG-20) for the agent; a household in hardship consents to disclose it (PRV-8)."""
+    return dataclasses.replace(profile.mandate, allow_disclosure=profile.hardship)
 
 
 class ReferenceStrategy:
@@ -129,13 +105,15 @@ class ReferenceStrategy:
                 return planned
         return plan_budget(bills, profile, today, committed, limits=self.limits)
 
-    def _place(self, bill: BillFacts, context: StrategyContext) -> tuple[PlannedBill, tuple[Instalment, ...]]:
+    def _place(
+        self, bill: BillFacts, biller_id: str, today: date, agreed: Sequence[Instalment]
+    ) -> tuple[PlannedBill, tuple[Instalment, ...]]:
         """The bill's place in today's plan, and the payments decided before it (committed when it is judged)."""
-        key = (context.biller_party_id, bill.bill_id)
+        key = (biller_id, bill.bill_id)
         if key not in self._pending:
-            self.consider(context.biller_party_id, bill)
+            self.consider(biller_id, bill)
         before: list[Instalment] = []
-        for planned in self.plan(context.today, context.committed):
+        for planned in self.plan(today, agreed):
             if (planned.biller_id, planned.bill.bill_id) == key:
                 return planned, tuple(before)
             before.extend(planned.opening.terms.schedule)
@@ -143,39 +121,28 @@ class ReferenceStrategy:
 
     # --- agent.consumer.Strategy -----------------------------------------------------------------------
 
-    def opening(self, bill: BillFacts, context: StrategyContext) -> tuple[Terms, Circumstances | None]:
+    def opening(self, context: OpeningContext) -> tuple[Terms, Circumstances | None]:
         """The bill's opening from the shared plan; a hardship programme is claimed with a disclosure (PRV-1)."""
-        planned, _ = self._place(bill, context)
+        planned, _ = self._place(context.bill, context.biller_party_id, context.today, context.committed)
         opening = planned.opening
         circumstances = None
         if opening.needs_disclosure:
             circumstances = Circumstances(purpose=negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True)
         return opening.terms, circumstances
 
-    def respond(
-        self, bill: BillFacts, their_offer: Terms, my_last: Terms, rounds_left: int, context: StrategyContext
-    ) -> Answer:
-        """`reference_consumer.strategy.respond` with the shared budget's other commitments, as an agent Answer."""
-        _, before = self._place(bill, context)
-        committed = self.committed([*context.committed, *before])
-        answer = respond(
-            bill,
-            their_offer,
-            my_last,
+    def respond(self, context: ResponseContext) -> ConsumerAnswer:
+        """`reference_consumer.strategy.respond` with the shared budget's other commitments."""
+        _, before = self._place(context.bill, context.biller_party_id, context.today, context.committed)
+        return respond(
+            context.bill,
+            context.their_offer,
+            context.my_last,
             self.profile_on(context.today),
             context.today,
-            committed=committed,
-            rounds_left=rounds_left,
+            committed=self.committed([*context.committed, *before]),
+            rounds_left=context.rounds_left,
             limits=self.limits,
         )
-        if isinstance(answer, AcceptTerms):
-            return Accept()
-        if isinstance(answer, CounterTerms):
-            return Counter(answer.terms)
-        if isinstance(answer, EscalateTerms):
-            return Escalate(answer.reason)
-        assert isinstance(answer, RejectTerms)
-        return Reject(answer.note, answer.reason)
 
 
 __all__ = ["ProfileSource", "ReferenceStrategy", "agent_mandate"]

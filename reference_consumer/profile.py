@@ -46,7 +46,8 @@ from datetime import date
 from pathlib import Path
 from typing import TypeVar
 
-from agent.biller import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
+from agent.consumer.mandate import Mandate as Mandate  # noqa: PLC0414 - re-exported: the profile holds the agent's one mandate (NEG-20)
+from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.limits import DIGEST_BYTES, MAX_ID_CHARS
 from agent.protocol.messages import is_party_id
@@ -84,22 +85,6 @@ class Expense:
     name: str
     amount: Money
     day: int
-
-
-@dataclass(frozen=True)
-class Mandate:
-    """The limits inside which the bot may offer and accept terms without asking its user (NEG-20).
-
-    - `max_fee`: the most the FEE lines of one arrangement may add up to;
-    - `max_instalments`: the most instalments of a plan (0 or 1: no plan without asking);
-    - `latest_date`: no payment after this date (None: no such limit);
-    - `max_total_over_bill`: the most the total may exceed the bill's amount due.
-    """
-
-    max_fee: Money
-    max_instalments: int
-    max_total_over_bill: Money
-    latest_date: date | None = None
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,6 @@ from agent.consumer import (
     NegotiationResult,
     Payment,
     PaymentDispute,
-    PaymentInDoubt,
     PaymentOrder,
     PaymentReceipt,
     ReceivedBill,
@@ -708,7 +707,7 @@ class Household:
                         continue
                     try:
                         payment = await self.agent.pay(biller, bill_id, instalment_index=index)
-                    except (ParleyError, ValueError, LookupError, PaymentInDoubt) as error:
+                    except (ParleyError, ValueError, LookupError) as error:  # a payment in doubt is a ParleyError too
                         report.problems.append(_problem(biller, f"payment of {bill_id} #{index + 1}", error))
                         report.payments.append(replace(line, status="failed"))
                         break  # the next instalment waits for this one

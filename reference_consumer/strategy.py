@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 
+from agent.protocol.answers import AcceptOffer, CounterOffer, Escalate, RejectOffer
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.limits import DEFAULT_LIMITS, MAX_TEXT_CHARS, Limits
 from agent.protocol.terms import (
@@ -55,7 +56,7 @@ from agent.protocol.terms import (
     validate_terms,
 )
 from parley.v1 import negotiation_pb2
-from reference_consumer.profile import Mandate, Profile
+from reference_consumer.profile import Profile
 
 PROJECTION_DAYS = 5 * 366
 """How far ahead the model projects; terms with a payment later than this are not affordable."""
@@ -255,41 +256,7 @@ class CashFlow:
         return next(_monthly(self.profile.income.pay_day, on_or_after, end), None)
 
 
-# --- Mandate and disclosure -------------------------------------------------------------------------
-
-
-def _fees_minor(terms: Terms) -> int:
-    return sum(line.amount.minor for line in terms.lines if line.kind is LineKind.FEE)
-
-
-def within_mandate(terms: Terms, bill: BillFacts, mandate: Mandate) -> list[str]:
-    """The mandate limits the terms break, as sentences for the user (empty: inside the mandate).
-
-    The fee is the sum of the FEE lines; "instalments" counts the payments of an
-    INSTALMENT_PLAN (a single payment is never over the limit); the latest date is compared
-    with the last payment; the total is compared with the bill's amount due.
-    """
-    code = mandate.max_fee.currency.code
-    if terms.total.currency.code != code or bill.amount_due.currency.code != code:
-        return [f"the terms are in {terms.total.currency.code}; your limits are in {code}"]
-    problems = []
-    fees = _fees_minor(terms)
-    if fees > mandate.max_fee.minor:
-        problems.append(f"fee {format_minor(code, fees)} exceeds your limit {mandate.max_fee}")
-    count = len(terms.schedule)
-    if terms.kind is TermsKind.INSTALMENT_PLAN and count > mandate.max_instalments:
-        problems.append(f"{count} instalments exceed your limit of {mandate.max_instalments}")
-    if mandate.latest_date is not None and terms.schedule:
-        last = terms.schedule[-1].due_date
-        if last > mandate.latest_date:
-            problems.append(f"last payment on {last} is after your latest date {mandate.latest_date}")
-    over = terms.total.minor - bill.amount_due.minor
-    if over > mandate.max_total_over_bill.minor:
-        problems.append(
-            f"total {terms.total} is {format_minor(code, over)} over the bill, "
-            f"more than your limit {mandate.max_total_over_bill}"
-        )
-    return problems
+# --- Disclosure -------------------------------------------------------------------------------------
 
 
 def needs_disclosure(terms: Terms, bill: BillFacts) -> bool:
@@ -618,7 +585,7 @@ def plan_opening(
         return (max(p.amount.minor for p in schedule), -schedule[0].due_date.toordinal())
 
     for step, terms in _candidates(bill, profile, flow, limits):
-        violations = tuple(within_mandate(terms, bill, profile.mandate))
+        violations = tuple(profile.mandate.violations(terms, bill))
         if violations and needs_approval is not None:
             continue  # it could only be chosen before needs_approval as the gentlest of all
         opening = Opening(
@@ -660,34 +627,8 @@ def choose_opening(
 # --- Answering the biller ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AcceptTerms:
-    """Accept the biller's pending offer."""
-
-
-@dataclass(frozen=True)
-class Counter:
-    """Counter with these terms (valid, matching the bill, inside the mandate)."""
-
-    terms: Terms
-
-
-@dataclass(frozen=True)
-class RejectTerms:
-    """End the thread without agreement; `note` goes to the biller and says nothing private (PRV-8)."""
-
-    note: str
-    reason: negotiation_pb2.RejectReason.ValueType = negotiation_pb2.REJECT_REASON_UNAFFORDABLE
-
-
-@dataclass(frozen=True)
-class Escalate:
-    """Ask the user: the offer is affordable but outside their mandate (NEG-20). `reason` is for the user."""
-
-    reason: str
-
-
-Response = AcceptTerms | Counter | RejectTerms | Escalate
+# The answers are the one vocabulary of `agent.protocol.answers`; the strategy never withdraws.
+Response = AcceptOffer | CounterOffer | RejectOffer | Escalate
 
 UNAFFORDABLE_NOTE = "These terms are not affordable for this household."
 
@@ -757,7 +698,7 @@ def _compromise(
         return (
             terms != theirs
             and flow.project(terms.schedule, committed).affordable
-            and not within_mandate(terms, bill, profile.mandate)
+            and profile.mandate.allows(terms, bill)
         )
 
     programme_id = mine.hardship_programme_id
@@ -792,29 +733,29 @@ def respond(
 ) -> Response:
     """The answer to the biller's pending offer.
 
-    - affordable and inside the mandate: `AcceptTerms`;
+    - affordable and inside the mandate: `AcceptOffer`;
     - affordable but outside the mandate: `Escalate`, naming every limit broken (NEG-20);
-    - not affordable, with `rounds_left` > 0 (offers the thread still allows): `Counter` with
+    - not affordable, with `rounds_left` > 0 (offers the thread still allows): `CounterOffer` with
       the compromise closest to theirs that is affordable and inside the mandate;
-    - otherwise (or terms that are not valid for the bill): `RejectTerms`.
+    - otherwise (or terms that are not valid for the bill): `RejectOffer`.
     """
     _check_currency(bill, profile)
     try:
         validate_terms(their_offer, limits)
         validate_against_bill(their_offer, bill)
     except LocalProtocolError as error:
-        return RejectTerms(f"Invalid terms: {error.detail}"[:MAX_TEXT_CHARS], negotiation_pb2.REJECT_REASON_OTHER)
+        return RejectOffer(negotiation_pb2.REJECT_REASON_OTHER, f"Invalid terms: {error.detail}"[:MAX_TEXT_CHARS])
     flow = CashFlow(profile, today)
     if flow.project(their_offer.schedule, committed).affordable:
-        violations = within_mandate(their_offer, bill, profile.mandate)
-        return Escalate("; ".join(violations)) if violations else AcceptTerms()
+        violations = profile.mandate.violations(their_offer, bill)
+        return Escalate("; ".join(violations)) if violations else AcceptOffer()
     if rounds_left > 0:
         counter = _compromise(
             bill, their_offer, my_last_offer, profile=profile, flow=flow, committed=committed, limits=limits
         )
         if counter is not None:
-            return Counter(counter)
-    return RejectTerms(UNAFFORDABLE_NOTE)
+            return CounterOffer(counter)
+    return RejectOffer(negotiation_pb2.REJECT_REASON_UNAFFORDABLE, UNAFFORDABLE_NOTE)
 
 
 # --- Several billers, one budget --------------------------------------------------------------------

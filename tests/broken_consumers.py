@@ -2,7 +2,10 @@
 
 Each is the reference consumer (`parley consumer run --from-env --once
 --approve-all`) with one defect patched into the agent before the command
-runs, as a program the suite can start:
+runs, as a program the suite can start. The defects go into the agent's
+receive path (`agent.consumer.receive.Receiver`, where every check of what a
+biller sends lives) or the protocol core, never into the agent's private
+methods:
 
     python tests/broken_consumers.py DEFECT consumer run --from-env --once --approve-all
 
@@ -35,19 +38,19 @@ def reference_command() -> str:
 
 def skips_bill_verification() -> None:
     """Bills are parsed and kept without checking their signature (BIL-3)."""
-    from agent.consumer import ConsumerAgent  # noqa: PLC0415 - patched in the broken program only
+    from agent.consumer.receive import Receiver  # noqa: PLC0415 - patched in the broken program only
     from agent.protocol.dsse import digest  # noqa: PLC0415
     from agent.protocol.terms import BillFacts  # noqa: PLC0415
     from agent.stores.base import ReceivedBillRecord  # noqa: PLC0415
     from parley.v1 import bill_pb2  # noqa: PLC0415
 
-    async def checked_bill(self: Any, session: Any, envelope: Any, account_id: str) -> ReceivedBillRecord:
+    async def unchecked_bill(self: Any, session: Any, envelope: Any, account_id: str) -> ReceivedBillRecord:
         facts = BillFacts.from_proto(bill_pb2.Bill.FromString(envelope.payload))
         return ReceivedBillRecord(
-            session.biller, facts.bill_id, account_id, envelope.SerializeToString(), digest(envelope), self.clock.now()
+            session.biller, facts.bill_id, account_id, envelope.SerializeToString(), digest(envelope), self._party.now()
         )
 
-    ConsumerAgent._checked_bill = checked_bill  # type: ignore[method-assign]
+    Receiver.check_bill = unchecked_bill  # type: ignore[method-assign]
 
 
 def accepts_keyset_rollback() -> None:
@@ -73,15 +76,15 @@ def accepts_keyset_rollback() -> None:
 
 def pays_instructions_for_another_amount() -> None:
     """Instructions whose amount differs from the intent's are paid all the same (PAY-8)."""
-    from agent.consumer import ConsumerAgent  # noqa: PLC0415
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
 
-    check = ConsumerAgent._check_instructions
+    check = Receiver.check_instructions
 
     def lenient(self: Any, verified: Any, intent: Any, digests: set[bytes]) -> tuple[str, str] | None:
         refusal = check(self, verified, intent, digests)
         return None if refusal is not None and refusal[0] == "PAYMENT_AMOUNT_MISMATCH" else refusal
 
-    ConsumerAgent._check_instructions = lenient  # type: ignore[method-assign, assignment]
+    Receiver.check_instructions = lenient  # type: ignore[method-assign, assignment]
 
 
 def accepts_counter_to_in_options_offer() -> None:
@@ -94,7 +97,7 @@ def accepts_counter_to_in_options_offer() -> None:
 
 def skips_the_pin() -> None:
     """Neither Hello nor the enrolment's key set chain is compared with the pinned fingerprint (KEY-12)."""
-    from agent.consumer import ConsumerAgent  # noqa: PLC0415
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
     from agent.protocol.keysets import KeyChain  # noqa: PLC0415
 
     verify = KeyChain.verify.__func__  # type: ignore[attr-defined]
@@ -103,7 +106,7 @@ def skips_the_pin() -> None:
         return verify(cls, envelopes, **options)  # type: ignore[no-any-return]
 
     KeyChain.verify = classmethod(unpinned)  # type: ignore[method-assign, assignment]
-    ConsumerAgent._check_hello = staticmethod(lambda hello, link: None)  # type: ignore[method-assign]
+    Receiver.check_hello = lambda self, hello, link: None  # type: ignore[method-assign]
 
 
 DEFECTS: dict[str, Callable[[], None]] = {

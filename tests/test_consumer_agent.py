@@ -7,6 +7,7 @@ another amount, a receipt that does not match, an event stream with gaps.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import dataclasses
@@ -21,30 +22,35 @@ import grpc
 import pytest
 
 from agent.consumer import (
-    Accept,
+    AcceptOffer,
     AccountEvent,
-    Answer,
     ApprovalRequest,
     Circumstances,
     ConsumerAgent,
-    Counter,
+    ConsumerAnswer,
+    CounterOffer,
     Escalate,
+    EventLogForked,
     Mandate,
+    OpeningContext,
     PaymentDispute,
+    PaymentInDoubt,
+    PaymentNotSent,
     PaymentOrder,
     PaymentRefused,
-    Reject,
-    StrategyContext,
+    RejectOffer,
+    ResponseContext,
     Withdraw,
 )
+from agent.consumer.locks import KeyedLocks
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.errors import ParleyError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyEntry, make_key_set
 from agent.protocol.messages import seal
 from agent.protocol.negotiation import Role
-from agent.protocol.terms import BillFacts, Terms, TermsKind, build_terms, monthly_dates
+from agent.protocol.terms import Terms, TermsKind, build_terms, monthly_dates
 from agent.stores.base import (
     BillerLinkRecord,
     EventCursor,
@@ -96,25 +102,23 @@ class ScriptedStrategy:
     def __init__(
         self,
         opening: Terms = OUTSIDE,
-        answers: list[Answer | Callable[[Terms], Answer]] | None = None,
+        answers: list[ConsumerAnswer | Callable[[Terms], ConsumerAnswer]] | None = None,
         circumstances: Circumstances | None = None,
     ) -> None:
         self._opening = opening
         self._answers = list(answers or [])
         self._circumstances = circumstances
-        self.contexts: list[StrategyContext] = []
+        self.contexts: list[OpeningContext] = []
         self.offers: list[Terms] = []
 
-    def opening(self, bill: BillFacts, context: StrategyContext) -> tuple[Terms, Circumstances | None]:
+    def opening(self, context: OpeningContext) -> tuple[Terms, Circumstances | None]:
         self.contexts.append(context)
         return self._opening, self._circumstances
 
-    def respond(
-        self, bill: BillFacts, their_offer: Terms, my_last: Terms, rounds_left: int, context: StrategyContext
-    ) -> Answer:
-        self.offers.append(their_offer)
+    def respond(self, context: ResponseContext) -> ConsumerAnswer:
+        self.offers.append(context.their_offer)
         answer = self._answers.pop(0)
-        return answer(their_offer) if callable(answer) else answer
+        return answer(context.their_offer) if callable(answer) else answer
 
 
 class Bank:
@@ -342,7 +346,7 @@ def test_a_rotated_biller_key_is_learnt_from_get_key_sets(tmp_path: Path) -> Non
 def test_agreed_after_a_counter_with_a_lost_answer_then_instalments_paid(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
-        strategy = ScriptedStrategy(OUTSIDE, [Accept()])
+        strategy = ScriptedStrategy(OUTSIDE, [AcceptOffer()])
         bank = Bank()
         async with household.agent(strategy, bank=bank) as agent:
             await enrol(biller, agent)
@@ -429,7 +433,7 @@ def test_a_counter_inside_the_options_is_accepted_and_a_lost_reply_is_read_back(
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
         five = build_terms(TermsKind.INSTALMENT_PLAN, BILL.amount_due, monthly_dates(date(2026, 4, 15), 5))
-        strategy = ScriptedStrategy(OUTSIDE, [Counter(five)])
+        strategy = ScriptedStrategy(OUTSIDE, [CounterOffer(five)])
         async with household.agent(strategy) as agent:
             await enrol(biller, agent)
             # Every answer to the opening is lost, retries included: the agent reads the thread back (NEG-22).
@@ -449,9 +453,9 @@ def test_an_acceptance_that_did_not_reach_the_biller_is_delivered_after_a_restar
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
 
-        def accept_into_an_outage(offer: Terms) -> Answer:
+        def accept_into_an_outage(offer: Terms) -> ConsumerAnswer:
             hostile.unavailable_before["Negotiate"] = FAST.attempts
-            return Accept()
+            return AcceptOffer()
 
         bank = Bank()
         async with household.agent(ScriptedStrategy(OUTSIDE, [accept_into_an_outage]), bank=bank) as agent:
@@ -472,9 +476,12 @@ def test_an_acceptance_that_did_not_reach_the_biller_is_delivered_after_a_restar
 
 @pytest.mark.parametrize(
     ("answer", "outcome"),
-    [(Reject("too dear for us"), ThreadOutcome.REJECTED), (Withdraw("not now"), ThreadOutcome.WITHDRAWN)],
+    [
+        (RejectOffer(negotiation_pb2.REJECT_REASON_UNAFFORDABLE, "too dear for us"), ThreadOutcome.REJECTED),
+        (Withdraw("not now"), ThreadOutcome.WITHDRAWN),
+    ],
 )
-def test_the_strategy_rejects_or_withdraws(tmp_path: Path, answer: Answer, outcome: ThreadOutcome) -> None:
+def test_the_strategy_rejects_or_withdraws(tmp_path: Path, answer: ConsumerAnswer, outcome: ThreadOutcome) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         async with household.agent(ScriptedStrategy(OUTSIDE, [answer])) as agent:
             await enrol(biller, agent)
@@ -490,7 +497,7 @@ def test_the_strategy_rejects_or_withdraws(tmp_path: Path, answer: Answer, outco
 
 def test_an_offer_outside_the_mandate_waits_for_the_users_approval(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
-        async with household.agent(ScriptedStrategy(OUTSIDE, [Accept()]), mandate=NARROW) as agent:
+        async with household.agent(ScriptedStrategy(OUTSIDE, [AcceptOffer()]), mandate=NARROW) as agent:
             await enrol(biller, agent)
             # The opening (8 instalments) is itself outside the mandate: approved first.
             negotiation = asyncio.create_task(agent.negotiate(BILLER_ID, BILL.bill_id))
@@ -531,9 +538,9 @@ def test_a_denied_escalation_withdraws(tmp_path: Path) -> None:
 
 def test_a_thread_expires_while_the_strategy_thinks(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
-        def too_late(offer: Terms) -> Answer:
+        def too_late(offer: Terms) -> ConsumerAnswer:
             biller.clock.advance(timedelta(days=3))
-            return Accept()
+            return AcceptOffer()
 
         async with household.agent(ScriptedStrategy(OUTSIDE, [too_late])) as agent:
             await enrol(biller, agent)
@@ -605,7 +612,7 @@ def test_a_disclosure_is_committed_to_and_not_kept(tmp_path: Path) -> None:
         circumstances = Circumstances(
             negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True, note="job lost"
         )
-        strategy = ScriptedStrategy(OUTSIDE, [Accept()], circumstances=circumstances)
+        strategy = ScriptedStrategy(OUTSIDE, [AcceptOffer()], circumstances=circumstances)
         mandate = Mandate(eur("10.00"), 12, eur("10.00"), allow_disclosure=True)
         async with household.agent(strategy, mandate=mandate) as agent:
             await enrol(biller, agent)
@@ -944,3 +951,43 @@ def test_the_consumer_store_settles_races_in_the_database(tmp_path: Path) -> Non
 
 def digest_of(content: bytes) -> bytes:
     return hashlib.sha256(content).digest()
+
+
+def test_per_bill_locks_serialize_and_are_dropped_when_released() -> None:
+    """The agent's locks are bounded by the work in flight: none is kept once its last holder leaves."""
+    locks = KeyedLocks()
+    order: list[str] = []
+
+    async def hold(name: str, key: tuple[str, ...]) -> None:
+        async with locks.hold(key):
+            order.append(f"{name}+")
+            await asyncio.sleep(0.01)
+            order.append(f"{name}-")
+
+    async def scenario() -> None:
+        await asyncio.gather(hold("a", ("pay", "b1")), hold("b", ("pay", "b1")), hold("c", ("pay", "b2")))
+        assert len(locks) == 0
+
+    asyncio.run(scenario())
+    assert order.index("a-") < order.index("b+")  # one holder per key at a time
+    assert order.index("c+") < order.index("a-")  # other keys do not wait
+
+
+def test_every_consumer_error_has_the_one_root() -> None:
+    for error in (PaymentNotSent, PaymentInDoubt, PaymentDispute, PaymentRefused, EventLogForked):
+        assert issubclass(error, ParleyError)
+    assert issubclass(PaymentRefused, RemoteProtocolError)
+    assert issubclass(EventLogForked, RemoteProtocolError)
+
+
+def test_the_consumer_package_imports_no_biller_tool_or_reference_code() -> None:
+    """The consumer agent stands on the protocol core, stores and transport only (the architecture's layers)."""
+    forbidden = ("agent.biller", "agent.tools", "agent.conformance", "reference_biller", "reference_consumer")
+    package = Path(__file__).resolve().parent.parent / "agent" / "consumer"
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert not name.startswith(forbidden), f"{source.name} imports {name}"

@@ -554,7 +554,7 @@ def test_moves_outside_the_mandate_wait_for_approval_and_payments_wait_for_their
             assert (record.answer, record.request.action) == ("pending", "open")
             assert record.request.terms.kind is TermsKind.DEFERRAL
             assert [str(i.amount) for i in record.request.terms.schedule] == ["EUR 605.00"]
-            assert any("fees of EUR 5.00 exceed" in v for v in record.request.violations)
+            assert any("fee EUR 5.00 exceeds" in v for v in record.request.violations)
             assert [line.outcome for line in report.negotiations] == ["awaiting your approval"]
             out = capsys.readouterr().out
             assert "--approve-all" in out

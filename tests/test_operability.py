@@ -29,12 +29,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent import tracing
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
-from agent.consumer import Accept, Circumstances, ConsumerAgent, Mandate, PaymentOrder, StrategyContext
+from agent.consumer import (
+    AcceptOffer,
+    Circumstances,
+    ConsumerAgent,
+    Mandate,
+    OpeningContext,
+    PaymentOrder,
+    ResponseContext,
+)
 from agent.logs import JsonFormatter
 from agent.metrics import BillerMetrics, serve_metrics
 from agent.protocol.dsse import digest
 from agent.protocol.keys import SigningKey
-from agent.protocol.terms import BillFacts, Terms
+from agent.protocol.terms import Terms
 from agent.stores.base import ThreadOutcome
 from agent.stores.biller_sqlite import SqliteBillerStore
 from agent.stores.consumer_sqlite import SqliteConsumerStore
@@ -322,14 +330,12 @@ NOTE = "Lost my job at the bakery in March; partner in hospital"
 class HardshipStrategy:
     """Opens under the hardship programme, disclosing its circumstances; accepts any counter."""
 
-    def opening(self, bill: BillFacts, context: StrategyContext) -> tuple[Terms, Circumstances | None]:
+    def opening(self, context: OpeningContext) -> tuple[Terms, Circumstances | None]:
         circumstances = Circumstances(negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True, note=NOTE)
         return Terms.from_proto(hardship_terms()), circumstances
 
-    def respond(
-        self, bill: BillFacts, their_offer: Terms, my_last: Terms, rounds_left: int, context: StrategyContext
-    ) -> Accept:
-        return Accept()
+    def respond(self, context: ResponseContext) -> AcceptOffer:
+        return AcceptOffer()
 
 
 class Bank:

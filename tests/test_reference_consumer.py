@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.consumer.mandate import Mandate
+from agent.protocol.answers import AcceptOffer, CounterOffer, Escalate, RejectOffer
 from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
@@ -43,18 +45,13 @@ from reference_consumer.profile import (
     BillerPreference,
     Expense,
     Income,
-    Mandate,
     Profile,
     ProfileError,
     load_profile,
     parse_profile,
 )
 from reference_consumer.strategy import (
-    AcceptTerms,
     CashFlow,
-    Counter,
-    Escalate,
-    RejectTerms,
     Step,
     StrategyError,
     choose_opening,
@@ -63,7 +60,6 @@ from reference_consumer.strategy import (
     plan_opening,
     prioritise,
     respond,
-    within_mandate,
 )
 from tests.fixtures import BILL
 
@@ -459,7 +455,7 @@ def plan(count: int, first: date, fee: str | None = None) -> Terms:
 def test_accepts_an_affordable_counter_offer_inside_the_mandate() -> None:
     theirs = plan(5, date(2026, 5, 26), fee="5.00")  # 361 a month keeps at least 575
     answer = respond(BIG, theirs, MY_SIX, saving_300_a_month(), TODAY, rounds_left=2)
-    assert answer == AcceptTerms()
+    assert answer == AcceptOffer()
 
 
 def test_escalates_an_affordable_offer_whose_fee_exceeds_the_mandate() -> None:
@@ -483,8 +479,8 @@ def test_counters_with_a_compromise_midway_between_the_offers() -> None:
     # Theirs: 2 x 900 (unaffordable); mine: 6 instalments. Midway: 4 x 450 from my first date.
     theirs = plan(2, date(2026, 5, 26))
     answer = respond(BIG, theirs, MY_SIX, saving_300_a_month(), TODAY, rounds_left=1)
-    assert answer == Counter(plan(4, date(2026, 5, 26)))
-    assert isinstance(answer, Counter)
+    assert answer == CounterOffer(plan(4, date(2026, 5, 26)))
+    assert isinstance(answer, CounterOffer)
     validate_terms(answer.terms)
     validate_against_bill(answer.terms, BIG)
 
@@ -500,7 +496,7 @@ def test_compromise_moves_toward_my_offer_until_affordable() -> None:
         TODAY,
         rounds_left=1,
     )
-    assert answer == Counter(mine)
+    assert answer == CounterOffer(mine)
 
 
 def test_compromise_on_a_date_between_two_single_payments() -> None:
@@ -510,27 +506,29 @@ def test_compromise_on_a_date_between_two_single_payments() -> None:
     mine = build_terms(TermsKind.DEFERRAL, eur("120.00"), [date(2026, 4, 16)])
     theirs = build_terms(TermsKind.PAY_IN_FULL, eur("120.00"), [date(2026, 3, 6)])
     answer = respond(BILL, theirs, mine, profile, TODAY, rounds_left=3)
-    assert answer == Counter(build_terms(TermsKind.PAY_IN_FULL, eur("120.00"), [date(2026, 3, 27)]))
+    assert answer == CounterOffer(build_terms(TermsKind.PAY_IN_FULL, eur("120.00"), [date(2026, 3, 27)]))
 
 
 def test_rejects_when_no_rounds_are_left() -> None:
     theirs = plan(2, date(2026, 5, 26))
     answer = respond(BIG, theirs, MY_SIX, saving_300_a_month(), TODAY, rounds_left=0)
-    assert answer == RejectTerms("These terms are not affordable for this household.")
-    assert isinstance(answer, RejectTerms)
+    assert answer == RejectOffer(
+        negotiation_pb2.REJECT_REASON_UNAFFORDABLE, "These terms are not affordable for this household."
+    )
+    assert isinstance(answer, RejectOffer)
     assert answer.reason == negotiation_pb2.REJECT_REASON_UNAFFORDABLE
 
 
 def test_rejects_terms_that_do_not_match_the_bill() -> None:
     wrong = build_terms(TermsKind.PAY_IN_FULL, eur("100.00"), [date(2026, 3, 31)])
     answer = respond(BIG, wrong, MY_SIX, saving_300_a_month(), TODAY, rounds_left=3)
-    assert isinstance(answer, RejectTerms)
+    assert isinstance(answer, RejectOffer)
     assert answer.reason == negotiation_pb2.REJECT_REASON_OTHER
     assert "principal" in answer.note
 
 
-def test_within_mandate_is_empty_inside_the_limits() -> None:
-    assert within_mandate(plan(6, date(2026, 5, 26), fee="10.00"), BIG, household("0.00").mandate) == []
+def test_the_mandate_has_no_violation_inside_the_limits() -> None:
+    assert household("0.00").mandate.violations(plan(6, date(2026, 5, 26), fee="10.00"), BIG) == []
 
 
 # --- several billers, one budget -----------------------------------------------------------------
@@ -690,7 +688,7 @@ def test_openings_are_valid_honest_and_affordable_when_claimed(situation: tuple[
         assert within_options(terms, bill, hardship_disclosed=opening.needs_disclosure)
     assert opening.needs_disclosure == needs_disclosure(terms, bill)
     assert not terms.hardship_programme_id or profile.hardship
-    assert list(opening.violations) == within_mandate(terms, bill, profile.mandate)
+    assert list(opening.violations) == profile.mandate.violations(terms, bill)
     if opening.affordable:
         assert opening.projection.since == terms.schedule[0].due_date
         assert opening.projection.through >= terms.schedule[-1].due_date
@@ -741,19 +739,19 @@ def test_answers_are_consistent_with_affordability_and_the_mandate(data: st.Data
     rounds_left = data.draw(st.integers(0, 3))
     answer = respond(bill, theirs, mine, profile, today, rounds_left=rounds_left)
     flow = CashFlow(profile, today)
-    violations = within_mandate(theirs, bill, profile.mandate)
-    if isinstance(answer, AcceptTerms):
+    violations = profile.mandate.violations(theirs, bill)
+    if isinstance(answer, AcceptOffer):
         assert flow.project(theirs.schedule).affordable
         assert not violations
     elif isinstance(answer, Escalate):
         assert flow.project(theirs.schedule).affordable
         assert answer.reason == "; ".join(violations)
-    elif isinstance(answer, Counter):
+    elif isinstance(answer, CounterOffer):
         assert rounds_left > 0
         assert answer.terms != theirs
         validate_terms(answer.terms)
         validate_against_bill(answer.terms, bill)
-        assert within_mandate(answer.terms, bill, profile.mandate) == []
+        assert profile.mandate.violations(answer.terms, bill) == []
         projection = flow.project(answer.terms.schedule)
         assert projection.affordable
         check_affordable(profile, today, answer.terms.schedule, projection.since, projection.through)

@@ -1,57 +1,57 @@
-"""The embeddable consumer agent: `ConsumerAgent` and the plugins an embedder supplies
-(`Strategy`, `Approver`, `PaymentSender`)."""
+"""The embeddable consumer agent: `ConsumerAgent` (the facade) and what an embedder supplies or receives.
 
-from agent.consumer.agent import (
-    DECLINED_NOTE,
-    KEYSET_REFRESH_INTERVAL,
-    NO_ROUNDS_NOTE,
-    Accept,
-    AccountEvent,
-    Answer,
+The package is laid out by phase: `receive` (everything the biller sends, judged against the pinned
+chain), `enrolment`, `bills`, `negotiation`, `payments`, `events`; `plugins` holds the protocols the
+embedder implements (`Strategy`, `Approver`, `PaymentSender`) with their context objects, `mandate`
+the one mandate check (NEG-20), `results` the returned views and `errors` the payment outcomes.
+Answers to an offer use the one vocabulary of `agent.protocol.answers`, re-exported here.
+"""
+
+from agent.consumer.agent import ConsumerAgent
+from agent.consumer.errors import EventLogForked, PaymentDispute, PaymentInDoubt, PaymentNotSent, PaymentRefused
+from agent.consumer.mandate import Mandate
+from agent.consumer.negotiation import DECLINED_NOTE, NO_ROUNDS_NOTE
+from agent.consumer.plugins import (
     ApprovalRequest,
     Approver,
     AskAndWait,
-    BillerLink,
     Circumstances,
-    ConsumerAgent,
-    Counter,
-    Escalate,
-    EventLogForked,
-    Mandate,
+    OpeningContext,
+    PaymentOrder,
+    PaymentSender,
+    ResponseContext,
+    Strategy,
+)
+from agent.consumer.receive import KEYSET_REFRESH_INTERVAL
+from agent.consumer.results import (
+    AccountEvent,
+    BillerLink,
     NegotiationResult,
     Payment,
-    PaymentDispute,
-    PaymentInDoubt,
-    PaymentNotSent,
-    PaymentOrder,
     PaymentReceipt,
-    PaymentRefused,
-    PaymentSender,
     ReceivedBill,
-    Reject,
-    Strategy,
-    StrategyContext,
-    Withdraw,
 )
+from agent.protocol.answers import AcceptOffer, ConsumerAnswer, CounterOffer, Escalate, RejectOffer, Withdraw
 
 __all__ = [
     "DECLINED_NOTE",
     "KEYSET_REFRESH_INTERVAL",
     "NO_ROUNDS_NOTE",
-    "Accept",
+    "AcceptOffer",
     "AccountEvent",
-    "Answer",
     "ApprovalRequest",
     "Approver",
     "AskAndWait",
     "BillerLink",
     "Circumstances",
     "ConsumerAgent",
-    "Counter",
+    "ConsumerAnswer",
+    "CounterOffer",
     "Escalate",
     "EventLogForked",
     "Mandate",
     "NegotiationResult",
+    "OpeningContext",
     "Payment",
     "PaymentDispute",
     "PaymentInDoubt",
@@ -61,8 +61,8 @@ __all__ = [
     "PaymentRefused",
     "PaymentSender",
     "ReceivedBill",
-    "Reject",
+    "RejectOffer",
+    "ResponseContext",
     "Strategy",
-    "StrategyContext",
     "Withdraw",
 ]

@@ -1,0 +1,135 @@
+"""Enrolment (PROTOCOL.md §6): bind our party to an account with the biller's out-of-band code, pin the biller."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+
+from agent.consumer.party import Party
+from agent.consumer.receive import Receiver
+from agent.consumer.results import BillerLink
+from agent.consumer.sessions import Sessions
+from agent.logs import log_step
+from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
+from agent.protocol.errors import Reason
+from agent.protocol.limits import DIGEST_BYTES, MAX_ID_CHARS, THREAD_ID_BYTES
+from agent.protocol.messages import is_party_id
+from agent.stores.base import BillerLinkRecord, ConsumerStore, LinkedAccountRecord
+from agent.transport.client import BillerClient, ClientTls
+from agent.transport.status import CallError
+from parley.v1 import enrolment_pb2
+
+logger = logging.getLogger("parley.consumer")
+
+_CODE_GROUP = f"[{ENROLMENT_CODE_ALPHABET}]{{4}}"
+_CODE_FORM = re.compile(f"{_CODE_GROUP}-{_CODE_GROUP}-{_CODE_GROUP}")
+
+
+class Enrolment:
+    """The enrolment phase: `enrol` and the links it made."""
+
+    def __init__(self, party: Party, store: ConsumerStore, receiver: Receiver, sessions: Sessions) -> None:
+        self._party = party
+        self._store = store
+        self._receiver = receiver
+        self._sessions = sessions
+
+    async def enrol(
+        self,
+        target: str,
+        *,
+        biller_party_id: str,
+        fingerprint: bytes,
+        account_id: str,
+        code: str,
+        tls: ClientTls | None,
+        insecure: bool,
+    ) -> BillerLink:
+        """See `ConsumerAgent.enrol`."""
+        party = self._party
+        normalized = normalize_enrolment_code(code)
+        if not _CODE_FORM.fullmatch(normalized):
+            raise ValueError("an enrolment code is 12 characters of Crockford base32, e.g. 7KQ2-M9XD-4RTB (ENR-7)")
+        if not is_party_id(biller_party_id):
+            raise ValueError(f"{biller_party_id!r} is not a party id (HDR-13)")
+        if len(fingerprint) != DIGEST_BYTES:
+            raise ValueError(f"an identity fingerprint is {DIGEST_BYTES} bytes (64 hex characters)")
+        if not 0 < len(account_id) <= MAX_ID_CHARS:
+            raise ValueError(f"account_id must be 1 to {MAX_ID_CHARS} characters")
+        known = await self._store.get_link(biller_party_id)
+        if known is not None and known.fingerprint != fingerprint:
+            raise ValueError(f"{biller_party_id!r} is already pinned to another identity fingerprint (KEY-12)")
+        link = BillerLinkRecord(
+            biller_party_id=biller_party_id,
+            target=target,
+            fingerprint=fingerprint,
+            insecure=insecure,
+            root_certificates=None if tls is None else tls.root_certificates,
+            server_name=None if tls is None else tls.server_name,
+            enrolled_at=party.now() if known is None else known.enrolled_at,
+        )
+        client = self._sessions.connect(target, tls, insecure)
+        try:
+            hello = await client.hello()
+            self._receiver.check_hello(hello, link)
+            request = party.sign(
+                enrolment_pb2.EnrolmentRequest(
+                    header=party.header(biller_party_id, secrets.token_bytes(THREAD_ID_BYTES), 0, b"", party.now()),
+                    account_id=account_id,
+                    code=normalized,
+                    consumer_key_set=party.key_chain.versions[0].envelope,
+                )
+            )
+            response = await client.enrol(request)
+            chain = self._receiver.check_enrolment(response, request, link, account_id)
+            await self._store.save_enrolment(
+                link,
+                [envelope.SerializeToString() for envelope in chain.envelopes],
+                LinkedAccountRecord(
+                    biller_party_id,
+                    account_id,
+                    party.now(),
+                    request.SerializeToString(),
+                    response.confirmation.SerializeToString(),
+                ),
+            )
+            await self._publish_rotations(client)
+        except BaseException:
+            await client.close()
+            raise
+        stored = await self._store.get_link(biller_party_id)
+        assert stored is not None
+        await self._sessions.install(stored, client, chain, hello)
+        log_step(logger, "enrolled", biller=biller_party_id, account=account_id)
+        return await self.link_view(stored)
+
+    async def links(self) -> list[BillerLink]:
+        return [await self.link_view(link) for link in await self._store.links()]
+
+    async def link_view(self, link: BillerLinkRecord) -> BillerLink:
+        accounts = tuple(account.account_id for account in await self._store.linked_accounts(link.biller_party_id))
+        tls = None if link.insecure else ClientTls(link.root_certificates, link.server_name)
+        return BillerLink(link.biller_party_id, link.target, link.fingerprint, link.insecure, tls, accounts)
+
+    async def _publish_rotations(self, client: BillerClient) -> None:
+        """KEY-17: a biller learns our later key set versions before it sees a key only they list.
+
+        The enrolment is stored by then, so a failure is logged, not raised.
+        """
+        for envelope in self._party.key_chain.envelopes[1:]:
+            try:
+                await client.publish_key_set(envelope)
+            except CallError as error:
+                if error.reason is not Reason.KEYSET_ROLLBACK:  # ROLLBACK: the biller holds a later version
+                    log_step(
+                        logger,
+                        "key-set-publish-failed",
+                        logging.WARNING,
+                        reason=error.reason.name,
+                        detail=error.detail,
+                    )
+                    return
+
+
+__all__ = ["Enrolment"]

@@ -1,4 +1,5 @@
-"""Session fixtures: ONE throwaway PostgreSQL server for the whole run, a fresh database per test."""
+"""Session fixtures (ONE throwaway PostgreSQL server for the whole run, a fresh database per test) and the
+`slow` marker: `python -m pytest -m "not slow"` is the quick loop, CI runs everything."""
 
 from __future__ import annotations
 
@@ -10,6 +11,33 @@ import pytest
 from agent.tools.pg_server import ThrowawayPostgres, throwaway_postgres
 
 _database_numbers = itertools.count(1)
+
+# Modules whose tests start processes, whole suites or several servers: seconds each, minutes together.
+# Marked here, in one place, rather than in each file, so that moving a module in or out is one line.
+SLOW_MODULES = frozenset(
+    {
+        "test_bench",
+        "test_chaos",
+        "test_cli",
+        "test_conformance_biller",
+        "test_conformance_consumer",
+        "test_consumer_run",
+        "test_demo",
+        "test_fuzz",
+        "test_packaging",
+        "test_replicas",
+    }
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: seconds or more per test; deselect with -m 'not slow' for a quick loop")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

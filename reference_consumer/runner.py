@@ -37,8 +37,9 @@ seconds (default 60) until SIGINT or SIGTERM, and the program exits 0.
 
 The state directory (default `parley-consumer`, created 0700) holds the
 household's Ed25519 key (`consumer.key`, mode 0600, made on the first run),
-its key set version 1 (`consumer-keyset-v1.pb`, from `first_key_set`; its
-digest is the household's identity fingerprint), the agent's SQLite store
+its key set chain (`consumer-keyset-v<N>.pb`: version 1's digest is the
+household's identity fingerprint; a version near expiry is renewed as the next,
+agent/identity.py, shared with the reference biller), the agent's SQLite store
 (`consumer.sqlite`) and the bank's order book (`bank-orders.jsonl`).
 
 **The bank is a stand-in.** `JsonLinesBank` moves no money: it appends each

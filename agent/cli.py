@@ -9,6 +9,8 @@
                                     make a development CA and TLS certificates (agent/tools/certs.py)
     parley verify BUNDLE.json [--pin PARTY=FINGERPRINT] [--json]
                                     verify an agreement bundle offline (agent/tools/verify.py)
+    parley vectors [--out FILE] [--json]
+                                    judge the shipped test vectors, or write them out (agent/tools/vectors_command.py)
     parley biller serve | codes | rotate-key | check-config
                                     the reference biller (reference_biller/cli.py)
     parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
@@ -43,6 +45,7 @@ from agent.tools.chaos import add_chaos_command
 from agent.tools.demo import add_demo_command
 from agent.tools.fuzz_command import add_fuzz_command
 from agent.tools.keygen import add_keygen_command
+from agent.tools.vectors_command import add_vectors_command
 from agent.tools.verify import add_verify_command
 from agent.version import __version__
 from reference_biller.cli import add_biller_commands
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_keygen_command(commands)  # parley keygen
     add_verify_command(commands)  # parley verify
+    add_vectors_command(commands)  # parley vectors
     add_demo_command(commands)  # parley demo
     add_certs_command(commands)  # parley certs
     add_biller_commands(commands)  # parley biller serve | codes | rotate-key | check-config

@@ -181,3 +181,14 @@ def test_the_library_never_imports_the_commands_tools_or_reference_apps() -> Non
                     f"{path.relative_to(root)}: {n}" for n in names if n in above or n.startswith(above_dotted)
                 ]
     assert offenders == []
+
+
+def test_vectors_are_judged_as_expected_and_can_be_written_out(tmp_path: Path) -> None:
+    result = parley("vectors", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = json.loads(result.stdout)
+    assert counts == {"cases": len(DOCUMENT["tests"]), "agreed": len(DOCUMENT["tests"]), "disagreed": []}
+    out = tmp_path / "vectors.json"
+    assert parley("vectors", "--out", str(out)).returncode == 0
+    assert json.loads(out.read_text()) == DOCUMENT
+    assert parley("vectors", "--out", str(out)).returncode == 2  # never overwrites

@@ -1420,3 +1420,6 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--json", dest="summary", metavar="FILE", help="also write the outcome (per household and bundle) as JSON"
     )
     demo.set_defaults(handler=_demo_command)
+
+
+__all__ = ["DemoFailure", "add_demo_command", "run"]

@@ -10,7 +10,8 @@ serialized envelope per version) and, unless `--store` names another (a
 PostgreSQL database shared by replicas), its SQLite store (`biller.sqlite`). The
 first run creates the key and key set version 1, whose digest is the biller's
 identity fingerprint (KEY-12); later runs load them, and a key set close to its
-expiry is renewed as the next version, signed by the current key (KEY-9).
+expiry is renewed as the next version, signed by the current key (KEY-9): see
+agent/identity.py, which the reference consumer shares.
 
 While serving, `Biller.maintain` runs every `interval`: the simulated rail's
 due settlements (receipts and PAYMENT_RECEIVED), this month's sample bill for
@@ -36,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -49,10 +49,10 @@ import grpc
 
 from agent.biller import FEATURES, BillerAgent
 from agent.clock import Clock, SystemClock
+from agent.identity import Identity, IdentityDir
 from agent.metrics import MetricsEndpoint, serve_metrics
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
-from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.messages import to_timestamp
 from agent.protocol.terms import AdvertisedOptions, Money, parse_date
 from agent.stores import SqlBillerStore, open_biller_store
@@ -75,12 +75,7 @@ from reference_biller.rail import SimulatedRail
 logger = logging.getLogger("parley.reference_biller")
 
 CONFORMANCE_FEATURE = "conformance-control"
-KEY_FILE = "biller.key"
-NEXT_KEY_FILE = ".biller.key.next"  # a rotation's new key until its key set version is written
 STORE_FILE = "biller.sqlite"
-KEYSET_LIFETIME = timedelta(days=365)
-KEYSET_RENEW_BEFORE = timedelta(days=30)
-_KEY_BACKDATE = timedelta(days=1)  # so a peer whose clock is a little behind still finds the key valid
 DEFAULT_INTERVAL = timedelta(seconds=5)
 PURGE_INTERVAL = timedelta(hours=1)
 
@@ -118,115 +113,9 @@ class SteppableClock:
 # --- Identity ----------------------------------------------------------------------------------------
 
 
-def _keyset_path(state_dir: Path, version: int) -> Path:
-    return state_dir / f"biller-keyset-v{version}.pb"
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Write a file that must not exist yet, completely or not at all."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    temporary.write_bytes(data)
-    try:
-        os.link(temporary, path)  # fails if `path` exists: a version is never overwritten
-    finally:
-        temporary.unlink()
-
-
-def _new_version(
-    signer: SigningKey,
-    party_id: str,
-    previous: KeyChain | None,
-    now: datetime,
-    keys: Sequence[KeyEntry] = (),
-) -> envelope_pb2.Envelope:
-    """Version 1, or the one after `previous`, signed by `signer`, listing `keys` (default: the signer's key
-    for the version's whole lifetime)."""
-    start = now - _KEY_BACKDATE
-    return make_key_set(
-        party_id=party_id,
-        version=1 if previous is None else previous.latest.version + 1,
-        keys=keys or [KeyEntry(signer.public_key, start, start + KEYSET_LIFETIME)],
-        signer=signer,
-        previous=None if previous is None else previous.latest,
-        create_time=start if previous is None else max(start, previous.latest.create_time + timedelta(seconds=1)),
-        expire_time=start + KEYSET_LIFETIME,
-    )
-
-
-def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[SigningKey, KeyChain]:
-    """The biller's signing key and key set chain from `state_dir`, created on first use, renewed near expiry.
-
-    ValueError if the state belongs to another party id or its newest key set
-    does not list the key; InsecureKeyFileError if the key file is open to others.
-    """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key_path = state_dir / KEY_FILE
-    if not key_path.exists():
-        SigningKey.generate().save(key_path)
-        logger.info("new signing key %s", key_path)
-    envelopes: list[envelope_pb2.Envelope] = []
-    while (path := _keyset_path(state_dir, len(envelopes) + 1)).exists():
-        envelopes.append(envelope_pb2.Envelope.FromString(path.read_bytes()))
-    chain = KeyChain.verify(envelopes) if envelopes else None
-    if chain is not None:
-        _finish_rotation(state_dir, chain)
-    key = SigningKey.load(key_path)
-    if chain is None:
-        version_1 = _new_version(key, party_id, None, now)
-        _write_new(_keyset_path(state_dir, 1), version_1.SerializeToString())
-        chain = KeyChain.verify([version_1])
-    if chain.party_id != party_id:
-        raise ValueError(f"{state_dir} holds the identity of {chain.party_id!r}, not {party_id!r}")
-    if chain.latest.entry(key.keyid) is None:
-        raise ValueError(f"{key_path} is not a key of {party_id!r}'s key set version {chain.latest.version}")
-    return key, renew_identity(state_dir, key, chain, now)
-
-
-def rotate_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[SigningKey, KeyChain]:
-    """Replace the biller's signing key, keeping its identity (KEY-17): the new key and the extended chain.
-
-    A new key set version, signed by the current key, lists the current key until `now` (so everything it
-    signed still verifies, offline too) and a new key from `now`; the new key then replaces `biller.key`.
-    The next renewal drops the old key. Run it while no biller process uses `state_dir` (they read the key
-    when they start); a crash part-way is finished (or undone, if the version was never written) by the
-    next `load_identity`.
-    """
-    key, chain = load_identity(state_dir, party_id, now)
-    current = chain.latest.entry(key.keyid)
-    assert current is not None  # load_identity checked that the newest version lists the key
-    new_key = SigningKey.generate()
-    pending = state_dir / NEXT_KEY_FILE
-    new_key.save(pending)  # load_identity removed any pending key not published
-    keys = [KeyEntry(key.public_key, current.not_before, now), KeyEntry(new_key.public_key, now, now + KEYSET_LIFETIME)]
-    version = _new_version(key, party_id, chain, now, keys)
-    rotated = chain.extend(version)
-    _write_new(_keyset_path(state_dir, rotated.latest.version), version.SerializeToString())
-    os.replace(pending, state_dir / KEY_FILE)
-    logger.info("key rotated: %s -> %s in key set version %d", key.keyid, new_key.keyid, rotated.latest.version)
-    return new_key, rotated
-
-
-def _finish_rotation(state_dir: Path, chain: KeyChain) -> None:
-    """A rotation's new key becomes `biller.key` once a written version lists it; otherwise it is discarded."""
-    pending = state_dir / NEXT_KEY_FILE
-    if not pending.exists():
-        return
-    if chain.latest.entry(SigningKey.load(pending).keyid) is not None:
-        os.replace(pending, state_dir / KEY_FILE)
-        logger.info("finished the key rotation of key set version %d", chain.latest.version)
-    else:
-        pending.unlink()
-
-
-def renew_identity(state_dir: Path, key: SigningKey, chain: KeyChain, now: datetime) -> KeyChain:
-    """The chain, extended by a new version (same key, fresh validity) if the newest expires soon."""
-    if now < chain.latest.expire_time - KEYSET_RENEW_BEFORE:
-        return chain
-    envelope = _new_version(key, chain.party_id, chain, now)
-    renewed = chain.extend(envelope)
-    _write_new(_keyset_path(state_dir, renewed.latest.version), envelope.SerializeToString())
-    logger.info("key set renewed: version %d until %s", renewed.latest.version, renewed.latest.expire_time)
-    return renewed
+def identity_dir(state_dir: Path) -> IdentityDir:
+    """Where the biller keeps its key and key set chain (agent/identity.py): `biller.key`, `biller-keyset-v<N>.pb`."""
+    return IdentityDir(state_dir, "biller")
 
 
 # --- The assembled biller ----------------------------------------------------------------------------
@@ -256,8 +145,9 @@ class Biller:
         """One round of upkeep at the clock's time; returns the receipts and events it signed."""
         async with self._lock:
             now = self.clock.now()
-            chain = self.agent.key_chain
-            self.agent.key_chain = await asyncio.to_thread(renew_identity, self.state_dir, self.key, chain, now)
+            identity = Identity(self.key, self.agent.key_chain)
+            renewed = await asyncio.to_thread(identity_dir(self.state_dir).renew, identity, now)
+            self.agent.key_chain = renewed.chain
             signed = await self.rail.settle_due(self.agent, now)
             await sample.bill_enrolled_accounts(self.agent, self.store, self.config, now.date(), seed=self.seed)
             accounts = [a.account_id for a in self.config.accounts] + self.test_accounts
@@ -288,14 +178,14 @@ async def open_biller(
     by default the SQLite file `STORE_FILE` in `state_dir`.
     """
     now = clock.now()
-    key, chain = await asyncio.to_thread(load_identity, state_dir, config.party_id, now)
+    identity = await asyncio.to_thread(identity_dir(state_dir).load, config.party_id, now)
     store = await open_biller_store(state_dir / STORE_FILE if store_location is None else store_location)
     try:
         rail = SimulatedRail(config.payments)
         agent = BillerAgent(
             party_id=config.party_id,
-            signing_key=key,
-            key_sets=chain,
+            signing_key=identity.key,
+            key_sets=identity.chain,
             store=store,
             policy=SegmentPolicy(config),
             rail=rail,
@@ -307,7 +197,7 @@ async def open_biller(
     except BaseException:
         await store.close()
         raise
-    return Biller(config, agent, store, rail, clock, state_dir, key, seed)
+    return Biller(config, agent, store, rail, clock, state_dir, identity.key, seed)
 
 
 # --- Conformance control (§16) -----------------------------------------------------------------------
@@ -558,10 +448,8 @@ __all__ = [
     "RunningBiller",
     "SteppableClock",
     "SteppingClock",
-    "load_identity",
+    "identity_dir",
     "open_biller",
-    "renew_identity",
-    "rotate_identity",
     "run_biller",
     "serving_biller",
 ]

@@ -37,8 +37,9 @@ seconds (default 60) until SIGINT or SIGTERM, and the program exits 0.
 
 The state directory (default `parley-consumer`, created 0700) holds the
 household's Ed25519 key (`consumer.key`, mode 0600, made on the first run),
-its key set version 1 (`consumer-keyset-v1.pb`, from `first_key_set`; its
-digest is the household's identity fingerprint), the agent's SQLite store
+its key set chain (`consumer-keyset-v<N>.pb`: version 1's digest is the
+household's identity fingerprint; a version near expiry is renewed as the next,
+agent/identity.py, shared with the reference biller), the agent's SQLite store
 (`consumer.sqlite`) and the bank's order book (`bank-orders.jsonl`).
 
 **The bank is a stand-in.** `JsonLinesBank` moves no money: it appends each
@@ -95,16 +96,17 @@ from agent.consumer import (
     PaymentReceipt,
     ReceivedBill,
 )
+from agent.identity import IdentityDir, IdentityError, OtherPartyError
 from agent.protocol.errors import ParleyError, ProtocolError
 from agent.protocol.keys import InsecureKeyFileError, SigningKey
-from agent.protocol.keysets import KeyChain, first_key_set
+from agent.protocol.keysets import KeyChain
 from agent.protocol.terms import BillFacts, LineKind, Terms, TermsKind
 from agent.stores.base import IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
 from agent.transport.server import is_loopback
 from agent.transport.status import CallError
-from parley.v1 import envelope_pb2, event_pb2
+from parley.v1 import event_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
 from reference_consumer.profile import BillerPreference, Profile, ProfileError, load_profile, parse_profile
 from reference_consumer.strategy import PlannedBill
@@ -145,38 +147,24 @@ class StateError(Exception):
 
 
 def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[SigningKey, KeyChain]:
-    """The household's signing key and key set chain, created in `state_dir` on first use.
+    """The household's signing key and key set chain, created in `state_dir` on first use, renewed near expiry.
 
-    The key is written with mode 0600 and never overwritten; key set version 1
-    is `first_key_set`. ProfileError (naming household.party_id) if the state
-    belongs to another party; InsecureKeyFileError if the key file is open to
-    others; StateError for a key set that does not list the key.
+    The one identity implementation (agent/identity.py, shared with the reference
+    biller): the key is written with mode 0600 and never overwritten. ProfileError
+    (naming household.party_id) if the state belongs to another party;
+    InsecureKeyFileError if the key file is open to others; StateError for a key
+    set that does not list the key or a key set without its key.
     """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key_path, keyset_path = state_dir / KEY_FILE, state_dir / KEYSET_FILE
-    if not key_path.exists():
-        if keyset_path.exists():
-            raise StateError(f"{keyset_path} exists but its key {key_path} does not: restore the key")
-        SigningKey.generate().save(key_path)
-        logger.info("new signing key %s", key_path)
-    key = SigningKey.load(key_path)
-    if not keyset_path.exists():
-        envelope = first_key_set(party_id, key, now - _KEY_BACKDATE)
-        temporary = keyset_path.with_name(f".{keyset_path.name}.{secrets.token_hex(4)}")
-        temporary.write_bytes(envelope.SerializeToString())
-        temporary.replace(keyset_path)
     try:
-        chain = KeyChain.verify([envelope_pb2.Envelope.FromString(keyset_path.read_bytes())])
-    except (ProtocolError, ValueError) as error:
-        raise StateError(f"{keyset_path} is not a usable key set: {error}") from error
-    if chain.party_id != party_id:
+        identity = IdentityDir(state_dir, "consumer", backdate=_KEY_BACKDATE).load(party_id, now)
+    except OtherPartyError as error:
         raise ProfileError(
             "household.party_id",
-            f"{party_id!r}, but {state_dir} holds the identity of {chain.party_id!r}: use another --state-dir",
-        )
-    if chain.latest.entry(key.keyid) is None:
-        raise StateError(f"{key_path} is not the key listed in {keyset_path}")
-    return key, chain
+            f"{party_id!r}, but {state_dir} holds the identity of {error.held_by!r}: use another --state-dir",
+        ) from error
+    except IdentityError as error:
+        raise StateError(str(error)) from error
+    return identity.key, identity.chain
 
 
 # --- The bank (a stand-in) -------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""`parley verify` and `parley keygen`, run as the console script users run."""
+"""`parley verify`, `parley keygen` and `parley --version`, run as the console script users run; the command
+line only composes commands defined beside what they run."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import copy
 import json
@@ -10,13 +12,17 @@ import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent import vectors
+from agent.biller import SERVER_NAME
 from agent.protocol.keys import SigningKey
+from agent.transport.client import CLIENT_NAME
+from agent.version import __version__
 
 DOCUMENT = vectors.load()
 GOOD = next(c["bundle"] for c in DOCUMENT["tests"] if c["id"] == "bundle-agreed-after-counter")
@@ -147,3 +153,42 @@ def test_the_cli_starts_without_importing_the_fuzzer() -> None:
     probe = "import sys, agent.cli; print(sorted(m for m in ('hypothesis', 'agent.tools.fuzz') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_one_version_everywhere() -> None:
+    """agent/version.py is the one place: the package metadata, `parley --version` and the names on the wire."""
+    assert metadata.version("parley") == __version__
+    result = parley("--version")
+    assert (result.returncode, result.stdout.strip()) == (0, f"parley {__version__}")
+    assert f"parley-biller/{__version__}" == SERVER_NAME
+    assert f"parley-consumer/{__version__}" == CLIENT_NAME
+
+
+def test_the_library_never_imports_the_commands_tools_or_reference_apps() -> None:
+    """Tools, the conformance suites and the reference apps sit above the library; only they import it."""
+    root = Path(__file__).resolve().parents[1]
+    above = ("agent.cli", "agent.tools", "agent.conformance", "reference_biller", "reference_consumer")
+    above_dotted = tuple(f"{name}." for name in above)
+    offenders = []
+    for package in ("protocol", "biller", "consumer", "stores", "transport"):
+        for path in sorted((root / "agent" / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                offenders += [
+                    f"{path.relative_to(root)}: {n}" for n in names if n in above or n.startswith(above_dotted)
+                ]
+    assert offenders == []
+
+
+def test_vectors_are_judged_as_expected_and_can_be_written_out(tmp_path: Path) -> None:
+    result = parley("vectors", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    counts = json.loads(result.stdout)
+    assert counts == {"cases": len(DOCUMENT["tests"]), "agreed": len(DOCUMENT["tests"]), "disagreed": []}
+    out = tmp_path / "vectors.json"
+    assert parley("vectors", "--out", str(out)).returncode == 0
+    assert json.loads(out.read_text()) == DOCUMENT
+    assert parley("vectors", "--out", str(out)).returncode == 2  # never overwrites

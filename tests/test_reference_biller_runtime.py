@@ -53,10 +53,8 @@ from reference_biller.config import SAMPLE, load_config
 from reference_biller.rail import SimulatedRail, TransferStatus
 from reference_biller.service import (
     CONFORMANCE_FEATURE,
-    NEXT_KEY_FILE,
     RunningBiller,
-    load_identity,
-    rotate_identity,
+    identity_dir,
     serving_biller,
 )
 from tests.helpers.peer import BILLER_ID, Consumer, inside_options
@@ -421,16 +419,21 @@ def test_conformance_control_is_announced_and_refuses_bad_fixtures(tmp_path: Pat
 
 
 def test_identity_is_created_once_kept_private_and_renewed_before_expiry(tmp_path: Path) -> None:
-    key, chain = load_identity(tmp_path, BILLER_ID, START)
+    identities = identity_dir(tmp_path)
+    first = identities.load(BILLER_ID, START)
     assert os.stat(tmp_path / "biller.key").st_mode & 0o777 == 0o600
-    again_key, again = load_identity(tmp_path, BILLER_ID, START + timedelta(days=10))
-    assert (again_key.keyid, again.fingerprint, len(again.versions)) == (key.keyid, chain.fingerprint, 1)
-    later = chain.latest.expire_time - timedelta(days=5)
-    _, renewed = load_identity(tmp_path, BILLER_ID, later)
-    assert (renewed.fingerprint, renewed.latest.version) == (chain.fingerprint, 2)
+    again = identities.load(BILLER_ID, START + timedelta(days=10))
+    assert (again.key.keyid, again.chain.fingerprint, len(again.chain.versions)) == (
+        first.key.keyid,
+        first.chain.fingerprint,
+        1,
+    )
+    later = first.chain.latest.expire_time - timedelta(days=5)
+    renewed = identities.load(BILLER_ID, later).chain
+    assert (renewed.fingerprint, renewed.latest.version) == (first.chain.fingerprint, 2)
     assert renewed.latest.expire_time > later + timedelta(days=300)
     with pytest.raises(ValueError, match=r"biller:energy\.example"):
-        load_identity(tmp_path, "biller:other.example", START)
+        identities.load("biller:other.example", START)
     assert isinstance(SigningKey.load(tmp_path / "biller.key"), SigningKey)
 
 
@@ -448,7 +451,7 @@ def test_rotating_the_biller_key_keeps_its_identity_and_everything_signed_before
     run(tmp_path, first_run)
     state = tmp_path / "state"
     old_key = SigningKey.load(state / "biller.key")
-    new_key, _ = rotate_identity(state, BILLER_ID, START + timedelta(hours=1))
+    new_key = identity_dir(state).rotate(BILLER_ID, START + timedelta(hours=1)).key
     assert SigningKey.load(state / "biller.key").keyid == new_key.keyid != old_key.keyid
 
     async def after_restart() -> None:
@@ -481,24 +484,25 @@ def test_rotating_the_biller_key_keeps_its_identity_and_everything_signed_before
 def test_a_rotation_cut_short_is_finished_or_undone_at_the_next_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    key, _ = load_identity(tmp_path, BILLER_ID, START)
+    identities = identity_dir(tmp_path)
+    key = identities.load(BILLER_ID, START).key
     # Killed after the new version was written, before the new key replaced biller.key: finished at load.
     replace = os.replace
     monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError("killed")))
     with pytest.raises(OSError, match="killed"):
-        rotate_identity(tmp_path, BILLER_ID, START + timedelta(hours=1))
+        identities.rotate(BILLER_ID, START + timedelta(hours=1))
     monkeypatch.setattr(os, "replace", replace)
-    assert (tmp_path / NEXT_KEY_FILE).exists()
-    loaded, chain = load_identity(tmp_path, BILLER_ID, START + timedelta(hours=2))
-    assert loaded.keyid != key.keyid
-    assert chain.latest.version == 2
-    assert chain.latest.entry(loaded.keyid) is not None
-    assert not (tmp_path / NEXT_KEY_FILE).exists()
+    assert identities.next_key_path.exists()
+    loaded = identities.load(BILLER_ID, START + timedelta(hours=2))
+    assert loaded.key.keyid != key.keyid
+    assert loaded.chain.latest.version == 2
+    assert loaded.chain.latest.entry(loaded.key.keyid) is not None
+    assert not identities.next_key_path.exists()
     # A new key saved but its version never written: discarded at load, the current key stays.
-    SigningKey.generate().save(tmp_path / NEXT_KEY_FILE)
-    again, chain = load_identity(tmp_path, BILLER_ID, START + timedelta(hours=3))
-    assert (again.keyid, chain.latest.version) == (loaded.keyid, 2)
-    assert not (tmp_path / NEXT_KEY_FILE).exists()
+    SigningKey.generate().save(identities.next_key_path)
+    again = identities.load(BILLER_ID, START + timedelta(hours=3))
+    assert (again.key.keyid, again.chain.latest.version) == (loaded.key.keyid, 2)
+    assert not identities.next_key_path.exists()
 
 
 # --- The CLI -----------------------------------------------------------------------------------------
@@ -507,7 +511,8 @@ def test_a_rotation_cut_short_is_finished_or_undone_at_the_next_start(
 def test_rotate_key_replaces_the_key_and_prints_the_unchanged_fingerprint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    key, chain = load_identity(tmp_path, BILLER_ID, datetime.now(UTC))
+    identity = identity_dir(tmp_path).load(BILLER_ID, datetime.now(UTC))
+    key, chain = identity.key, identity.chain
     assert parley_main(["biller", "rotate-key", "--state-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     rotated = SigningKey.load(tmp_path / "biller.key")

@@ -110,6 +110,7 @@ from agent.stores.base import (
     ThreadOutcome,
     ThreadRecord,
 )
+from agent.version import software_name
 from parley.v1 import (
     account_pb2,
     bill_pb2,
@@ -127,7 +128,7 @@ logger = logging.getLogger("parley.biller")
 
 M = TypeVar("M", bound=Message)
 
-SERVER_NAME = "parley-biller/0.1.0"
+SERVER_NAME = software_name("biller")
 # VER-3: everything this agent implements beyond the core RPCs.
 FEATURES = ("negotiation", "instalments", "settlement", "hardship", "events", "erasure")
 ENROLMENT_CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32 (ENR-7)

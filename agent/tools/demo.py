@@ -30,6 +30,7 @@ either case. `summary=PATH` also writes the outcome as JSON.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -1404,3 +1405,22 @@ def run(out_dir: Path, console: Console | None = None, *, summary: Path | None =
         f"{len(outcome.bundles) - verified} bundle(s) invalid, {len(outcome.errors)} error(s) ({elapsed:.1f}s)"
     )
     return 1
+
+
+def _demo_command(args: argparse.Namespace, out: Console) -> int:
+    return run(Path(args.out), out, summary=Path(args.summary) if args.summary else None)
+
+
+def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `parley demo` on the `parley` command's subparsers."""
+    demo = commands.add_parser(
+        "demo", help="two billers and six households over gRPC for three simulated months; bundles verified offline"
+    )
+    demo.add_argument("--out", default="parley-demo", help="directory for the agreement bundles (default: %(default)s)")
+    demo.add_argument(
+        "--json", dest="summary", metavar="FILE", help="also write the outcome (per household and bundle) as JSON"
+    )
+    demo.set_defaults(handler=_demo_command)
+
+
+__all__ = ["DemoFailure", "add_demo_command", "run"]

@@ -38,6 +38,7 @@ from agent.protocol.errors import Reason
 from agent.protocol.limits import SUPPORTED_VERSIONS
 from agent.transport.server import is_loopback
 from agent.transport.status import CallError, error_from_rpc
+from agent.version import software_name
 from parley.v1 import biller_service_pb2 as pb
 from parley.v1 import biller_service_pb2_grpc, envelope_pb2
 
@@ -46,7 +47,7 @@ logger = logging.getLogger("parley.client")
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 
-CLIENT_NAME = "parley-consumer/0.1.0"
+CLIENT_NAME = software_name("consumer")
 # TRN-8: list answers carry many envelopes; accept well over the 4 MiB the spec asks for.
 MAX_RECEIVE_BYTES = 16 * 1024 * 1024
 _TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL})

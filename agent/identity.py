@@ -1,0 +1,214 @@
+"""A party's identity in a state directory: its signing key and its key set chain — create, load, renew, rotate.
+
+    identity = IdentityDir(state_dir, "biller").load("biller:energy.example", clock.now())
+    agent = BillerAgent(..., signing_key=identity.key, key_sets=identity.chain, ...)
+
+Both reference agents keep their identity the same way (`role` is "biller" or
+"consumer"), in files that earlier versions wrote and that keep working:
+
+- `<role>.key`: the Ed25519 signing key, PKCS#8 PEM, mode 0600; a key file that
+  the group or others may read is refused (`InsecureKeyFileError`).
+- `<role>-keyset-v<N>.pb`: version N of the key set chain, one serialized
+  envelope each; a version is written completely or not at all and never
+  overwritten. Version 1's digest is the party's identity fingerprint (KEY-12).
+- `.<role>.key.next`: a rotation's new key, until the key set version listing it
+  is written.
+
+`load` creates the key and version 1 on first use and renews a key set close to
+its expiry as the next version, signed by the current key (KEY-9); `rotate`
+replaces the key while keeping the identity (KEY-17). Both refuse a state
+directory that holds another party's identity or a key set that does not list
+the key (`IdentityError`, a ValueError).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.keys import SigningKey
+from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
+from parley.v1 import envelope_pb2
+
+logger = logging.getLogger("parley.identity")
+
+KEYSET_LIFETIME = timedelta(days=365)
+KEYSET_RENEW_BEFORE = timedelta(days=30)
+DEFAULT_BACKDATE = timedelta(days=1)
+"""A new key set version starts this long before `now`, so a peer whose clock is a little behind still finds
+the key valid."""
+
+
+class IdentityError(ValueError):
+    """The state directory's identity cannot be used: a key set without its key, unreadable, another party's."""
+
+
+class OtherPartyError(IdentityError):
+    """The state directory holds the identity of another party (`held_by`)."""
+
+    def __init__(self, message: str, held_by: str) -> None:
+        super().__init__(message)
+        self.held_by = held_by
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A party's signing key and its verified key set chain, whose newest version lists the key."""
+
+    key: SigningKey
+    chain: KeyChain
+
+
+@dataclass(frozen=True)
+class IdentityDir:
+    """Where and how one party keeps its identity: the files of `role` in `state_dir`."""
+
+    state_dir: Path
+    role: str
+    backdate: timedelta = DEFAULT_BACKDATE
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / f"{self.role}.key"
+
+    @property
+    def next_key_path(self) -> Path:
+        return self.state_dir / f".{self.role}.key.next"
+
+    def keyset_path(self, version: int) -> Path:
+        return self.state_dir / f"{self.role}-keyset-v{version}.pb"
+
+    def load(self, party_id: str, now: datetime) -> Identity:
+        """The identity from the state directory, created on first use, renewed near expiry.
+
+        A rotation cut short is finished (its version was written) or undone (it was not).
+        """
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        chain = self._read_chain()
+        if not self.key_path.exists():
+            if chain is not None:
+                raise IdentityError(f"{self.keyset_path(1)} exists but its key {self.key_path} does not: restore it")
+            SigningKey.generate().save(self.key_path)
+            logger.info("new signing key %s", self.key_path)
+        if chain is not None:
+            self._finish_rotation(chain)
+        key = SigningKey.load(self.key_path)
+        if chain is None:
+            version_1 = self._new_version(key, party_id, None, now)
+            self._write_new(self.keyset_path(1), version_1.SerializeToString())
+            chain = KeyChain.verify([version_1])
+        if chain.party_id != party_id:
+            raise OtherPartyError(
+                f"{self.state_dir} holds the identity of {chain.party_id!r}, not {party_id!r}", chain.party_id
+            )
+        if chain.latest.entry(key.keyid) is None:
+            raise IdentityError(
+                f"{self.key_path} is not a key of {party_id!r}'s key set version {chain.latest.version}"
+            )
+        return self.renew(Identity(key, chain), now)
+
+    def renew(self, identity: Identity, now: datetime) -> Identity:
+        """The identity, its chain extended by a new version (same key, fresh validity) if the newest expires soon."""
+        chain = identity.chain
+        if now < chain.latest.expire_time - KEYSET_RENEW_BEFORE:
+            return identity
+        envelope = self._new_version(identity.key, chain.party_id, chain, now)
+        renewed = chain.extend(envelope)
+        self._write_new(self.keyset_path(renewed.latest.version), envelope.SerializeToString())
+        logger.info("key set renewed: version %d until %s", renewed.latest.version, renewed.latest.expire_time)
+        return Identity(identity.key, renewed)
+
+    def rotate(self, party_id: str, now: datetime) -> Identity:
+        """Replace the signing key, keeping the identity (KEY-17): the new key and the extended chain.
+
+        A new key set version, signed by the current key, lists the current key until `now` (so everything it
+        signed still verifies, offline too) and a new key from `now`; the new key then replaces the key file.
+        The next renewal drops the old key. Run it while no process uses the state directory (they read the
+        key when they start); a crash part-way is finished or undone by the next `load`.
+        """
+        current = self.load(party_id, now)
+        entry = current.chain.latest.entry(current.key.keyid)
+        assert entry is not None  # load checked that the newest version lists the key
+        new_key = SigningKey.generate()
+        new_key.save(self.next_key_path)  # load removed any pending key not published
+        keys = [
+            KeyEntry(current.key.public_key, entry.not_before, now),
+            KeyEntry(new_key.public_key, now, now + KEYSET_LIFETIME),
+        ]
+        version = self._new_version(current.key, party_id, current.chain, now, keys)
+        rotated = current.chain.extend(version)
+        self._write_new(self.keyset_path(rotated.latest.version), version.SerializeToString())
+        os.replace(self.next_key_path, self.key_path)
+        logger.info(
+            "key rotated: %s -> %s in key set version %d", current.key.keyid, new_key.keyid, rotated.latest.version
+        )
+        return Identity(new_key, rotated)
+
+    def _read_chain(self) -> KeyChain | None:
+        envelopes: list[envelope_pb2.Envelope] = []
+        try:
+            while (path := self.keyset_path(len(envelopes) + 1)).exists():
+                envelopes.append(envelope_pb2.Envelope.FromString(path.read_bytes()))
+            return KeyChain.verify(envelopes) if envelopes else None
+        except (ProtocolError, DecodeError) as error:
+            raise IdentityError(f"the key sets in {self.state_dir} are not a usable chain: {error}") from error
+
+    def _finish_rotation(self, chain: KeyChain) -> None:
+        """A rotation's new key becomes the key once a written version lists it; otherwise it is discarded."""
+        if not self.next_key_path.exists():
+            return
+        if chain.latest.entry(SigningKey.load(self.next_key_path).keyid) is not None:
+            os.replace(self.next_key_path, self.key_path)
+            logger.info("finished the key rotation of key set version %d", chain.latest.version)
+        else:
+            self.next_key_path.unlink()
+
+    def _new_version(
+        self,
+        signer: SigningKey,
+        party_id: str,
+        previous: KeyChain | None,
+        now: datetime,
+        keys: Sequence[KeyEntry] = (),
+    ) -> envelope_pb2.Envelope:
+        """Version 1, or the one after `previous`, signed by `signer`, listing `keys` (default: the signer's key
+        for the version's whole lifetime)."""
+        start = now - self.backdate
+        return make_key_set(
+            party_id=party_id,
+            version=1 if previous is None else previous.latest.version + 1,
+            keys=keys or [KeyEntry(signer.public_key, start, start + KEYSET_LIFETIME)],
+            signer=signer,
+            previous=None if previous is None else previous.latest,
+            create_time=start if previous is None else max(start, previous.latest.create_time + timedelta(seconds=1)),
+            expire_time=start + KEYSET_LIFETIME,
+        )
+
+    @staticmethod
+    def _write_new(path: Path, data: bytes) -> None:
+        """Write a file that must not exist yet, completely or not at all."""
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+        temporary.write_bytes(data)
+        try:
+            os.link(temporary, path)  # fails if `path` exists: a version is never overwritten
+        finally:
+            temporary.unlink()
+
+
+__all__ = [
+    "DEFAULT_BACKDATE",
+    "KEYSET_LIFETIME",
+    "KEYSET_RENEW_BEFORE",
+    "Identity",
+    "IdentityDir",
+    "IdentityError",
+    "OtherPartyError",
+]

@@ -1,0 +1,34 @@
+"""`parley keygen --out FILE`: make an Ed25519 signing key (PKCS#8 PEM, file mode 0600)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+
+from rich.console import Console
+
+from agent.protocol.keys import SigningKey
+
+EXIT_OK, EXIT_UNUSABLE = 0, 2
+
+
+def _keygen(args: argparse.Namespace, out: Console) -> int:
+    key = SigningKey.generate()
+    try:
+        key.save(args.out)
+    except FileExistsError:
+        out.print(f"[red]refusing to overwrite {args.out}[/red]")
+        return EXIT_UNUSABLE
+    public = base64.b64encode(key.public_key.raw).decode()
+    out.print(f"wrote {args.out} (mode 0600)\nkeyid      {key.keyid}\npublic key {public}")
+    return EXIT_OK
+
+
+def add_keygen_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `parley keygen` on the `parley` command's subparsers."""
+    keygen = commands.add_parser("keygen", help="make an Ed25519 signing key")
+    keygen.add_argument("--out", required=True, help="private key file to create (PKCS#8 PEM, mode 0600)")
+    keygen.set_defaults(handler=_keygen)
+
+
+__all__ = ["add_keygen_command"]

@@ -1,0 +1,70 @@
+"""`parley vectors [--out FILE] [--json]`: judge every shipped test vector with this library, or hand them out.
+
+The vectors (docs/VECTORS.md, `agent/vectors.py`) are what an implementation in
+another language checks itself against; `--out FILE` writes the document shipped
+in this package, byte for byte, so it can be taken from an installed Parley.
+Without `--out`, each case is judged by the code paths the agents use and
+compared with its expected verdict: exit 0 when all agree, 1 otherwise (each
+disagreement printed). `--json` also prints the counts as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from agent import vectors
+
+EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+
+
+def _write(out_path: Path, out: Console) -> int:
+    data = resources.files("agent").joinpath("data/vectors.json").read_bytes()
+    try:
+        with out_path.open("xb") as file:  # never overwrites
+            file.write(data)
+    except OSError as error:
+        out.print(f"[red]cannot write {escape(str(out_path))}: {escape(str(error))}[/red]")
+        return EXIT_UNUSABLE
+    out.print(f"wrote {escape(str(out_path))} ({vectors.SCHEMA}, {len(vectors.load()['tests'])} cases)")
+    return EXIT_OK
+
+
+def _vectors(args: argparse.Namespace, out: Console) -> int:
+    if args.out:
+        return _write(Path(args.out), out)
+    document = vectors.load()
+    disagreements = []
+    for case in document["tests"]:
+        verdict = vectors.judge(case, document)
+        if verdict != (case["expected"], case["reason"]):
+            disagreements.append(case["id"])
+            out.print(
+                f"[red]DISAGREES[/red] {escape(case['id'])} ({case['requirement']}): expected "
+                f"{case['expected']} {case['reason'] or ''}, judged {verdict[0]} {verdict[1] or ''}",
+                highlight=False,
+            )
+    total = len(document["tests"])
+    out.print(f"{total - len(disagreements)} of {total} vectors judged as expected", highlight=False)
+    if args.json:
+        print(json.dumps({"cases": total, "agreed": total - len(disagreements), "disagreed": disagreements}))
+    return EXIT_FAILED if disagreements else EXIT_OK
+
+
+def add_vectors_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `parley vectors` on the `parley` command's subparsers."""
+    command = commands.add_parser(
+        "vectors",
+        help="judge every shipped test vector with this library, or write them out for another implementation",
+    )
+    command.add_argument("--out", metavar="FILE", help="write the shipped vectors (JSON) to FILE instead")
+    command.add_argument("--json", action="store_true", help="also print the counts as one JSON line on stdout")
+    command.set_defaults(handler=_vectors)
+
+
+__all__ = ["add_vectors_command"]

@@ -7,7 +7,6 @@ another amount, a receipt that does not match, an event stream with gaps.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 import dataclasses
@@ -978,16 +977,3 @@ def test_every_consumer_error_has_the_one_root() -> None:
         assert issubclass(error, ParleyError)
     assert issubclass(PaymentRefused, RemoteProtocolError)
     assert issubclass(EventLogForked, RemoteProtocolError)
-
-
-def test_the_consumer_package_imports_no_biller_tool_or_reference_code() -> None:
-    """The consumer agent stands on the protocol core, stores and transport only (the architecture's layers)."""
-    forbidden = ("agent.biller", "agent.tools", "agent.conformance", "reference_biller", "reference_consumer")
-    package = Path(__file__).resolve().parent.parent / "agent" / "consumer"
-    for source in package.glob("*.py"):
-        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            for name in names:
-                assert not name.startswith(forbidden), f"{source.name} imports {name}"

@@ -15,6 +15,7 @@ cannot be dodged by importing late. The layers, bottom up:
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,3 +125,15 @@ def test_the_rules_see_a_violation(tmp_path: Path) -> None:
         "agent/protocol/planted.py:2 imports agent.tools",
         "agent/protocol/planted.py:3 imports agent.biller",
     ]
+
+
+def test_the_public_api_loads_each_name_from_its_home_and_the_core_stays_light() -> None:
+    """`agent.__all__` names what `agent` serves; importing the protocol core does not load gRPC or a database."""
+    import agent  # noqa: PLC0415
+
+    assert sorted(agent.__all__) == sorted(["__version__", *agent._HOMES])
+    for name in agent._HOMES:
+        assert getattr(agent, name) is not None
+    probe = "import sys, agent.protocol.agreement; print(sorted({'grpc', 'sqlite3', 'psycopg'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -24,7 +24,8 @@ import pytest
 from rich.console import Console
 
 from agent.cli import main
-from agent.conformance import biller_cases
+from agent.conformance import biller as biller_cases
+from agent.conformance.biller.target import FIXTURES
 from agent.conformance.runner import (
     EXIT_FAILED,
     EXIT_NOT_RUN,
@@ -100,7 +101,7 @@ def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
 
 def test_without_conformance_control_fixture_cases_skip_with_the_reason(tmp_path: Path) -> None:
     code, report, output = run_against(tmp_path, conformance_control=False)
-    needs_fixtures = {case.id for case in biller_cases.suite.cases if biller_cases.FIXTURES in case.needs}
+    needs_fixtures = {case.id for case in biller_cases.suite.cases if FIXTURES in case.needs}
     outcomes = {case["id"]: (case["outcome"], case["detail"]) for case in report["cases"]}
     assert {i for i, (outcome, _) in outcomes.items() if outcome == "SKIP"} == needs_fixtures
     assert {detail for i, (_, detail) in outcomes.items() if i in needs_fixtures} == {
@@ -236,6 +237,15 @@ def test_every_case_names_a_spec_requirement_and_quotes_it() -> None:
 def test_cases_that_move_the_clock_come_last() -> None:
     clock_cases = ["NEG-6/deadline", "KEY-13/keyset-expired", "ENR-4/code-expired"]
     assert CASE_IDS[-5:] == [*clock_cases, "ERR-1/error-info", "ERR-2/no-unknown-code"]
+
+
+def test_every_section_module_is_in_the_running_order() -> None:
+    """A section module left out of `SECTIONS` would silently never run."""
+    package = Path(biller_cases.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__", "target"}
+    listed = {section.name.removeprefix("biller/") for section in biller_cases.SECTIONS}
+    assert listed == modules
+    assert sum(len(section.cases) for section in biller_cases.SECTIONS) == len(CASE_IDS)
 
 
 def test_docs_list_every_case() -> None:

@@ -9,7 +9,8 @@
   selection, known-failing lists, JUnit and JSON reports, exit codes);
 - `client`: a hostile-capable signed client (every header, key set and envelope
   field under the suite's control);
-- `biller_cases`: the biller-side suite, run against a gRPC biller;
+- `biller`: the biller-side suite, run against a gRPC biller: one module of cases per spec
+  section, in the running order its `SECTIONS` gives;
 - `hostile_biller`: a scripted biller (the real agent behind a servicer that
   forges what it sends and observes what it receives);
 - `consumer_cases`: the consumer-side suite, which runs a client command
@@ -31,7 +32,7 @@ from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_option
 
 
 def _run_biller(args: argparse.Namespace, out: Console) -> int:
-    from agent.conformance.biller_cases import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
+    from agent.conformance.biller import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
     from agent.conformance.runner import run_suite  # noqa: PLC0415
     from agent.transport.client import ClientTls  # noqa: PLC0415
 

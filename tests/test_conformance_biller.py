@@ -26,6 +26,7 @@ from rich.console import Console
 from agent.cli import main
 from agent.conformance import biller as biller_cases
 from agent.conformance.biller.target import FIXTURES
+from agent.conformance.control import ControlledBiller, SteppingClock
 from agent.conformance.runner import (
     EXIT_FAILED,
     EXIT_NOT_RUN,
@@ -39,6 +40,8 @@ from agent.conformance.runner import (
     Violation,
     run_suite,
 )
+from reference_biller.service import Biller as ReferenceBiller
+from reference_biller.service import SteppableClock
 from tests.broken_billers import BROKEN_BILLERS, BrokenBiller, Defect, reference_biller
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,3 +350,13 @@ def test_runner_selection_known_failing_and_exit_codes(tmp_path: Path) -> None:
 
 def test_outcome_names() -> None:
     assert [o.value for o in Outcome] == ["PASS", "FAIL", "WARN", "SKIP"]
+
+
+def test_the_reference_biller_offers_what_conformance_control_needs() -> None:
+    """`agent.conformance.control` serves any biller shaped like `ControlledBiller` (mypy checks the shape)."""
+
+    def controlled(biller: ReferenceBiller) -> ControlledBiller:
+        return biller
+
+    assert callable(controlled)
+    assert isinstance(SteppableClock(), SteppingClock)

@@ -13,7 +13,6 @@ import asyncio
 import io
 import json
 import re
-import socket
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,6 +26,7 @@ from agent.cli import main
 from agent.conformance import biller as biller_cases
 from agent.conformance.biller.target import FIXTURES
 from agent.conformance.control import ControlledBiller, SteppingClock
+from agent.conformance.peers import free_port
 from agent.conformance.runner import (
     EXIT_FAILED,
     EXIT_NOT_RUN,
@@ -146,15 +146,8 @@ def test_every_defect_class_is_covered() -> None:
 # --- 3. The command line ---------------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def test_unreachable_target_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    target = f"127.0.0.1:{_closed_port()}"
+    target = f"127.0.0.1:{free_port()}"
     report = tmp_path / "report.json"
     assert main(["conformance", "biller", "--target", target, "--insecure", "--json", str(report)]) == EXIT_NOT_RUN
     assert "unreachable" in capsys.readouterr().out

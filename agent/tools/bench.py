@@ -71,7 +71,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
 from agent.clock import SystemClock
-from agent.conformance.client import SignedParty
+from agent.conformance.peers import SignedParty
 from agent.protocol.dsse import digest, sign_envelope, verify_signature
 from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import SigningKey, VerifyKey

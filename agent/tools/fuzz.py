@@ -73,7 +73,7 @@ from rich.table import Table
 
 from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
 from agent.clock import ManualClock
-from agent.conformance.client import SignedParty, timestamp
+from agent.conformance.peers import SignedParty, timestamp
 from agent.protocol.dsse import digest, sign_envelope
 from agent.protocol.errors import ERROR_DOMAIN, Reason
 from agent.protocol.keys import SigningKey

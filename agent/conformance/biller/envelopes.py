@@ -20,7 +20,7 @@ from agent.conformance.biller.target import (
     read_ok,
     vector,
 )
-from agent.conformance.client import (
+from agent.conformance.peers import (
     UNKNOWN_FIELD,
     duplicate_signature,
     flip_payload,
@@ -36,10 +36,7 @@ from agent.conformance.runner import Suite
 from agent.protocol.errors import Reason
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import encode_varint
-from parley.v1 import (
-    account_pb2,
-    envelope_pb2,
-)
+from parley.v1 import account_pb2, envelope_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/envelopes")
 

@@ -4,26 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.conformance.biller.target import (
-    EVENT_WAIT,
-    FIXTURES,
-    BillerTarget,
-    Customer,
-    digest_of,
-    expect,
-    first_event,
-)
-from agent.conformance.client import (
-    EventStream,
-    Refusal,
-    event_log_id,
-)
+from agent.conformance.biller.target import EVENT_WAIT, FIXTURES, BillerTarget, Customer, digest_of, expect, first_event
+from agent.conformance.client import EventStream, Refusal
+from agent.conformance.peers import event_log_id
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
-from parley.v1 import (
-    envelope_pb2,
-    event_pb2,
-)
+from parley.v1 import envelope_pb2, event_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/events")
 

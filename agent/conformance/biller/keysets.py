@@ -17,11 +17,7 @@ from agent.conformance.biller.target import (
     query_envelope,
     read_ok,
 )
-from agent.conformance.client import (
-    KeySpec,
-    build_key_set,
-    flip_signature,
-)
+from agent.conformance.peers import KeySpec, build_key_set, flip_signature
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
 from parley.v1 import envelope_pb2

@@ -13,13 +13,10 @@ from agent.conformance.biller.target import (
     inside_options,
     negotiate,
 )
-from agent.conformance.client import disclosure_bytes
+from agent.conformance.peers import disclosure_bytes
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
-from parley.v1 import (
-    account_pb2,
-    biller_service_pb2,
-)
+from parley.v1 import account_pb2, biller_service_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/privacy")
 

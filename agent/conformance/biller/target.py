@@ -15,13 +15,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from agent.conformance.client import (
-    Answer,
-    Connection,
-    EventStream,
-    Refusal,
-    SignedParty,
-)
+from agent.conformance.client import Answer, Connection, EventStream, Refusal
+from agent.conformance.peers import SignedParty
 from agent.conformance.runner import Case, Level, Skip, TargetUnreachable, Violation
 from agent.protocol.dsse import envelope_from_json
 from agent.protocol.errors import ProtocolError, Reason
@@ -30,14 +25,7 @@ from agent.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from agent.protocol.messages import PAYLOAD_TYPES, Verified, open_envelope
 from agent.transport.client import ClientTls
 from agent.vectors import load as load_vectors
-from parley.v1 import (
-    account_pb2,
-    bill_pb2,
-    biller_service_pb2,
-    envelope_pb2,
-    negotiation_pb2,
-    terms_pb2,
-)
+from parley.v1 import account_pb2, bill_pb2, biller_service_pb2, envelope_pb2, negotiation_pb2, terms_pb2
 from parley.v1 import conformance_control_service_pb2 as cc
 
 FIXTURES = "fixtures"  # a `needs` tag: the case needs ConformanceControlService (§16)

@@ -606,7 +606,7 @@ class PeerPolicy:
     An offer of a kind in `refuse` is rejected (OUT_OF_POLICY); an offer equal to
     `counter(context)` is accepted; any other is countered with it — or, with
     `counter_once`, rejected once the counter has been made or no round is left.
-    `contexts` keeps every context the policy was asked about.
+    With `keep_contexts`, `contexts` keeps every context the policy was asked about.
     """
 
     def __init__(
@@ -616,18 +616,21 @@ class PeerPolicy:
         *,
         refuse: frozenset[TermsKind] = frozenset(),
         counter_once: bool = False,
+        keep_contexts: bool = False,
     ) -> None:
         self.options = options
         self.counter = counter
         self.refuse = refuse
         self.counter_once = counter_once
+        self.keep_contexts = keep_contexts  # off for long runs (bench, chaos, fuzz): the list would only grow
         self.contexts: list[OfferContext] = []
 
     def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
         return self.options
 
     def decide(self, context: OfferContext) -> Decision:
-        self.contexts.append(context)
+        if self.keep_contexts:
+            self.contexts.append(context)
         if context.offer.kind in self.refuse:
             return RejectOffer(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, f"no {context.offer.kind.name.lower()}")
         counter = self.counter(context)

@@ -269,7 +269,9 @@ class SamplePolicy(PeerPolicy):
     """Advertises the fixture bill's options; rejects settlements; counters with 6 x EUR 20.00 while it can."""
 
     def __init__(self) -> None:
-        super().__init__(BILL.options, _six_monthly_from_mid_april, refuse=frozenset({TermsKind.SETTLEMENT}))
+        super().__init__(
+            BILL.options, _six_monthly_from_mid_april, refuse=frozenset({TermsKind.SETTLEMENT}), keep_contexts=True
+        )
 
 
 @dataclass

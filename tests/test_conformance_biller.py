@@ -23,7 +23,7 @@ import pytest
 from rich.console import Console
 
 from agent.cli import main
-from agent.conformance import biller as biller_cases
+from agent.conformance import biller as biller_suite
 from agent.conformance.biller.target import FIXTURES
 from agent.conformance.control import ControlledBiller, SteppingClock
 from agent.conformance.peers import free_port
@@ -46,7 +46,7 @@ from tests.broken_billers import BROKEN_BILLERS, BrokenBiller, Defect, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
-CASE_IDS = [case.id for case in biller_cases.suite.cases]
+CASE_IDS = [case.id for case in biller_suite.suite.cases]
 
 
 def run_against(
@@ -59,8 +59,8 @@ def run_against(
     async def scenario() -> int:
         async with reference_biller(tmp_path / "state", defect, conformance_control=conformance_control) as target:
             return await run_suite(
-                biller_cases.suite,
-                lambda: biller_cases.connect(target, insecure=True),
+                biller_suite.suite,
+                lambda: biller_suite.connect(target, insecure=True),
                 RunOptions(target=target, json=report, **options),
                 Console(file=output, width=200),
             )
@@ -104,7 +104,7 @@ def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
 
 def test_without_conformance_control_fixture_cases_skip_with_the_reason(tmp_path: Path) -> None:
     code, report, output = run_against(tmp_path, conformance_control=False)
-    needs_fixtures = {case.id for case in biller_cases.suite.cases if FIXTURES in case.needs}
+    needs_fixtures = {case.id for case in biller_suite.suite.cases if FIXTURES in case.needs}
     outcomes = {case["id"]: (case["outcome"], case["detail"]) for case in report["cases"]}
     assert {i for i, (outcome, _) in outcomes.items() if outcome == "SKIP"} == needs_fixtures
     assert {detail for i, (_, detail) in outcomes.items() if i in needs_fixtures} == {
@@ -221,7 +221,7 @@ def test_known_failing_case_does_not_fail_the_run(tmp_path: Path, capsys: pytest
 
 def test_every_case_names_a_spec_requirement_and_quotes_it() -> None:
     spec_text = " ".join(SPEC.split())
-    for case in biller_cases.suite.cases:
+    for case in biller_suite.suite.cases:
         assert f"**{case.requirement}**" in SPEC, case.id
         assert 0 < len(case.description) <= 140, case.id
         for piece in re.split(r"\[[^\]]*\]|…", case.quote):
@@ -237,11 +237,11 @@ def test_cases_that_move_the_clock_come_last() -> None:
 
 def test_every_section_module_is_in_the_running_order() -> None:
     """A section module left out of `SECTIONS` would silently never run."""
-    package = Path(biller_cases.__file__).parent
+    package = Path(biller_suite.__file__).parent
     modules = {path.stem for path in package.glob("*.py")} - {"__init__", "target"}
-    listed = {section.name.removeprefix("biller/") for section in biller_cases.SECTIONS}
+    listed = {section.name.removeprefix("biller/") for section in biller_suite.SECTIONS}
     assert listed == modules
-    assert sum(len(section.cases) for section in biller_cases.SECTIONS) == len(CASE_IDS)
+    assert sum(len(section.cases) for section in biller_suite.SECTIONS) == len(CASE_IDS)
 
 
 def test_docs_list_every_case() -> None:

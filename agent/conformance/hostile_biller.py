@@ -3,8 +3,9 @@
 The consumer conformance suite (`agent.conformance.consumer_cases`) starts one
 `HostileBiller` per scenario: a real `BillerAgent` (its own SQLite file, the
 system clock — the client under test runs in another process, on its own
-clock) served in plaintext on a free 127.0.0.1 port by `ScriptedServicer`,
-which
+clock) served in plaintext on a free 127.0.0.1 port by the shared
+`agent.conformance.peers.HostileServicer`, with the `HostileBiller` as its
+call observer, which
 
 - **observes** every call the client makes (`HostileBiller.calls`: the RPC,
   the request, its signed payload parsed *without* verification, whether the

@@ -37,7 +37,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -47,7 +47,7 @@ from agent.biller import (
     OfferContext,
 )
 from agent.clock import Clock, SystemClock
-from agent.conformance.peers import HostileServicer, PeerIdentity, PeerPolicy, PeerRail, resign
+from agent.conformance.peers import HostileServicer, PeerIdentity, PeerPolicy, PeerRail, Rewrite, resign
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.limits import DEFAULT_LIMITS
@@ -57,17 +57,12 @@ from agent.stores.biller_sqlite import SqliteBillerStore
 from parley.v1 import biller_service_pb2 as pb
 from parley.v1 import biller_service_pb2_grpc, envelope_pb2
 
-R = TypeVar("R", bound=Message)
-
 BILLER_PARTY_ID = "biller:conformance.example"
 CURRENCY = "EUR"
 AMOUNT_DUE = Money.parse("120.00", CURRENCY)
 DEFERRAL = DeferralOption(max_days=30, fee=Money.parse("5.00", CURRENCY))
 BANK_FILE = "bank-orders.jsonl"
 KEY_VALIDITY = timedelta(days=365)
-
-Rewrite = Callable[[Any, Any], Awaitable[Any]]
-"""`rewrite[rpc](request, answer)`: the answer to send instead (an awaitable, so it may use the agent)."""
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -244,7 +239,7 @@ class HostileBiller:
     pinned_fingerprint: bytes  # what the client is told out of band
     bank_file: Path
     calls: list[Call] = field(default_factory=list)
-    rewrite: dict[str, Rewrite] = field(default_factory=dict)
+    rewrite: dict[str, Rewrite] = field(default_factory=dict)  # (request, answer) -> the answer sent instead
     forgery: Forgery | None = None
     event_copies: int = 1
     on_enrolled: list[Hook] = field(default_factory=list)

@@ -39,7 +39,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.message import DecodeError, Message
 
 from agent.biller import (
@@ -47,15 +46,22 @@ from agent.biller import (
     OfferContext,
 )
 from agent.clock import Clock, SystemClock
-from agent.conformance.peers import HostileServicer, PeerIdentity, PeerPolicy, PeerRail, Rewrite, resign
+from agent.conformance.peers import (
+    HostileServicer,
+    PeerIdentity,
+    PeerPolicy,
+    PeerRail,
+    Rewrite,
+    resign,
+    serve_on_loopback,
+)
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.keys import SigningKey
-from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import PAYLOAD_TYPES
 from agent.protocol.terms import AdvertisedOptions, DeferralOption, Money, Terms, TermsKind, build_terms
 from agent.stores.biller_sqlite import SqliteBillerStore
 from parley.v1 import biller_service_pb2 as pb
-from parley.v1 import biller_service_pb2_grpc, envelope_pb2
+from parley.v1 import envelope_pb2
 
 BILLER_PARTY_ID = "biller:conformance.example"
 CURRENCY = "EUR"
@@ -441,10 +447,7 @@ async def hostile_biller(
         )
         servicer = HostileServicer(agent, observer=biller)
         servicer.rewrite = biller.rewrite  # scenarios script the answers through the biller
-        server = grpc.aio.server(options=(("grpc.max_receive_message_length", DEFAULT_LIMITS.grpc_max_receive_bytes),))
-        biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serve_on_loopback(servicer)
         biller.target = f"127.0.0.1:{port}"
         try:
             yield biller

@@ -9,7 +9,7 @@
 - `PeerPolicy` and `PeerRail`: a biller's policy and payment rail for tests;
 - `HostileServicer`: the real `BillerAgent` behind a servicer that counts,
   fails, rewrites, scripts and observes calls;
-- `free_port`: a TCP port free on 127.0.0.1.
+- `free_port`, `serve_on_loopback`: a TCP port free on 127.0.0.1, a servicer served on one.
 
 Why headers, key sets and derived ids are built here rather than with
 `agent.protocol.messages.new_header` or `agent.protocol.keysets.make_key_set`:
@@ -46,13 +46,14 @@ from agent.biller import AcceptOffer, BillerAgent, CounterOffer, Decision, Offer
 from agent.protocol.dsse import digest, pae, sign_envelope
 from agent.protocol.keys import SigningKey, VerifyKey
 from agent.protocol.keysets import KeyChain
-from agent.protocol.limits import PROTOCOL_VERSION
+from agent.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits
 from agent.protocol.messages import PAYLOAD_TYPES, new_message_id
 from agent.protocol.terms import AdvertisedOptions, Money, Terms, TermsKind
 from agent.transport.server import BillerServicer
 from agent.transport.status import Context
 from parley.v1 import (
     account_pb2,
+    biller_service_pb2_grpc,
     enrolment_pb2,
     envelope_pb2,
     header_pb2,
@@ -806,6 +807,15 @@ class HostileServicer(BillerServicer):
                 yield sent
 
 
+async def serve_on_loopback(servicer: BillerServicer, limits: Limits = DEFAULT_LIMITS) -> tuple[grpc.aio.Server, int]:
+    """Serve any BillerServicer (e.g. a `HostileServicer`) in plaintext on a free 127.0.0.1 port; (server, port)."""
+    server = grpc.aio.server(options=(("grpc.max_receive_message_length", limits.grpc_max_receive_bytes),))
+    biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 __all__ = [
     "DEFAULT_LIFETIME",
     "KEY_VALIDITY",
@@ -832,6 +842,7 @@ __all__ = [
     "resign",
     "seal_bytes",
     "seal_message",
+    "serve_on_loopback",
     "sign_payload_not_pae",
     "sign_wrong_pae_length",
     "strip_signatures",

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from agent.biller import BillerAgent, OfferContext, Policy
 from agent.clock import ManualClock
-from agent.conformance.peers import PeerIdentity, PeerPolicy, PeerRail, SignedParty
+from agent.conformance.peers import PeerIdentity, PeerPolicy, PeerRail, SignedParty, serve_on_loopback
 from agent.protocol.dsse import digest
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain
@@ -329,15 +329,6 @@ class Biller:
         return open_envelope(envelope, (kind,), sender_keys=self.chain, recipient=consumer.party_id, now=None)
 
 
-async def _serve(servicer: BillerServicer, limits: Limits) -> tuple[grpc.aio.Server, int]:
-    """Serve any BillerServicer (e.g. a hostile wrapper of the real one) on a free loopback port."""
-    server = grpc.aio.server(options=(("grpc.max_receive_message_length", limits.grpc_max_receive_bytes),))
-    biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
-
-
 @asynccontextmanager
 async def running_biller(
     tmp_path: Path,
@@ -374,7 +365,7 @@ async def running_biller(
             server, port = await start_biller_server(agent, "127.0.0.1:0", insecure=True)
         else:
             serving = servicer(agent)
-            server, port = await _serve(serving, limits)
+            server, port = await serve_on_loopback(serving, limits)
         try:
             target = f"127.0.0.1:{port}"
             async with grpc.aio.insecure_channel(target) as channel:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import io
 import json
@@ -353,3 +354,16 @@ def test_the_reference_biller_offers_what_conformance_control_needs() -> None:
 
     assert callable(controlled)
     assert isinstance(SteppableClock(), SteppingClock)
+
+
+def test_the_judge_builds_what_it_sends_itself() -> None:
+    """The biller suite and its peers build headers and key sets without the library's builders
+    (`agent.conformance.peers` says why): a bug in those would otherwise be shared by the judge and hidden."""
+    builders = {"new_header", "seal", "make_key_set", "first_key_set", "KeyEntry"}
+    conformance = ROOT / "agent" / "conformance"
+    judged = [conformance / "peers.py", conformance / "client.py", *sorted((conformance / "biller").glob("*.py"))]
+    for path in judged:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("agent.protocol"):
+                shared = builders & {alias.name for alias in node.names}
+                assert not shared, f"{path.relative_to(ROOT)} imports {sorted(shared)} from {node.module}"

@@ -37,24 +37,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import grpc
 
 from agent.biller import FEATURES, BillerAgent
 from agent.clock import Clock, SystemClock
+from agent.conformance.control import ConformanceControlServicer, SteppingClock
 from agent.identity import Identity, IdentityDir
 from agent.metrics import MetricsEndpoint, serve_metrics
-from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
-from agent.protocol.messages import to_timestamp
-from agent.protocol.terms import AdvertisedOptions, Money, parse_date
 from agent.stores import SqlBillerStore, open_biller_store
 from agent.transport.server import (
     DEFAULT_SHUTDOWN_GRACE,
@@ -63,7 +59,6 @@ from agent.transport.server import (
     is_loopback,
     serve_biller,
 )
-from agent.transport.status import Context, answer
 from parley.v1 import conformance_control_service_pb2 as cc
 from parley.v1 import conformance_control_service_pb2_grpc as cc_grpc
 from parley.v1 import envelope_pb2
@@ -81,15 +76,6 @@ PURGE_INTERVAL = timedelta(hours=1)
 
 
 # --- Clocks ------------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class SteppingClock(Protocol):
-    """A clock that can be moved forward (ManualClock, SteppableClock): what AdvanceClock needs."""
-
-    def now(self) -> datetime: ...
-
-    def advance(self, delta: timedelta) -> datetime: ...
 
 
 class SteppableClock:
@@ -198,70 +184,6 @@ async def open_biller(
         await store.close()
         raise
     return Biller(config, agent, store, rail, clock, state_dir, identity.key, seed)
-
-
-# --- Conformance control (§16) -----------------------------------------------------------------------
-
-
-class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
-    """CNF-4 fixtures on a reference biller: test accounts and bills, time, settlement."""
-
-    def __init__(self, biller: Biller, clock: SteppingClock) -> None:
-        self._biller = biller
-        self._clock = clock
-
-    async def CreateTestAccount(
-        self, request: cc.CreateTestAccountRequest, context: Context
-    ) -> cc.CreateTestAccountResponse:
-        return await answer(context, self._create_account(request))
-
-    async def IssueTestBill(self, request: cc.IssueTestBillRequest, context: Context) -> cc.IssueTestBillResponse:
-        return await answer(context, self._issue_bill(request))
-
-    async def AdvanceClock(self, request: cc.AdvanceClockRequest, context: Context) -> cc.AdvanceClockResponse:
-        return await answer(context, self._advance(request))
-
-    async def SettlePayments(self, request: cc.SettlePaymentsRequest, context: Context) -> cc.SettlePaymentsResponse:
-        return await answer(context, self._settle())
-
-    async def _create_account(self, request: cc.CreateTestAccountRequest) -> cc.CreateTestAccountResponse:
-        agent = self._biller.agent
-        account_id = f"test-{secrets.token_hex(6)}"
-        await agent.create_account(account_id, request.holder_name or "Test account holder")
-        code = await agent.issue_enrolment_code(account_id)
-        self._biller.test_accounts.append(account_id)
-        logger.info("conformance control: test account %s", account_id)
-        return cc.CreateTestAccountResponse(account_id=account_id, enrolment_code=code)
-
-    async def _issue_bill(self, request: cc.IssueTestBillRequest) -> cc.IssueTestBillResponse:
-        agent = self._biller.agent
-        account = await agent.account(request.account_id) if request.account_id else None
-        if account is None:
-            raise RemoteProtocolError(Reason.NOT_FOUND, f"no account {request.account_id!r}")
-        if account.consumer_party_id is None:
-            raise RemoteProtocolError(Reason.NOT_ENROLLED, "a bill is addressed to the enrolled consumer: enrol first")
-        amount = Money.from_proto(request.amount_due)
-        options = AdvertisedOptions.from_proto(request.options) if request.HasField("options") else None
-        bill_id = await agent.issue_bill(
-            request.account_id,
-            amount,
-            parse_date(request.due_date),
-            "Conformance test bill",
-            options=options,
-        )
-        return cc.IssueTestBillResponse(bill_id=bill_id)
-
-    async def _advance(self, request: cc.AdvanceClockRequest) -> cc.AdvanceClockResponse:
-        if request.seconds <= 0:
-            raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, "seconds must be positive")
-        now = self._clock.advance(timedelta(seconds=request.seconds))
-        logger.info("conformance control: clock advanced %ds to %s", request.seconds, now.isoformat())
-        await self._biller.maintain()  # reminders, missed instalments... follow at once (CNF-4)
-        return cc.AdvanceClockResponse(now=to_timestamp(now))
-
-    async def _settle(self) -> cc.SettlePaymentsResponse:
-        receipts = await self._biller.rail.settle_all(self._biller.agent, self._clock.now())
-        return cc.SettlePaymentsResponse(settled_count=len(receipts))
 
 
 # --- Serving -----------------------------------------------------------------------------------------
@@ -444,10 +366,8 @@ async def run_biller(
 __all__ = [
     "CONFORMANCE_FEATURE",
     "Biller",
-    "ConformanceControlServicer",
     "RunningBiller",
     "SteppableClock",
-    "SteppingClock",
     "identity_dir",
     "open_biller",
     "run_biller",

@@ -30,6 +30,7 @@ from google.protobuf import wrappers_pb2
 
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
+from agent.conformance.peers import PeerRail
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
@@ -55,7 +56,6 @@ from tests.helpers.peer import (
     Biller,
     Consumer,
     SamplePolicy,
-    SimulatedRail,
     counter_terms,
     new_party,
     outside_options,
@@ -568,7 +568,7 @@ async def biller_process(
             key_sets=[key_set],
             store=store,
             policy=SamplePolicy(),
-            rail=SimulatedRail(),
+            rail=PeerRail(),
             clock=clock,
         )
         server, port = await start_biller_server(agent, "127.0.0.1:0", insecure=True)

@@ -19,13 +19,14 @@ import pytest
 from rich.console import Console
 
 from agent.cli import main
+from agent.conformance.peers import PeerIdentity
 from agent.tools.bench import (
+    BILLER_ID,
     SIGNED_PER_BASELINE_CALL,
     SIGNED_PER_CYCLE,
     WORKER_PID_METHOD,
     BenchError,
     BenchOptions,
-    Identity,
     LoadSpec,
     WorkerSpec,
     balanced_channels,
@@ -134,7 +135,7 @@ def test_load_generators_spread_their_connections_evenly_over_the_workers() -> N
     """SO_REUSEPORT spreads connections at random (16 over 2 workers split 8-8 in only about 20 % of tries)."""
     holder = reserve_port()
     port = holder.getsockname()[1]
-    identity = Identity.generate(datetime.now(UTC))
+    identity = PeerIdentity.create(BILLER_ID, datetime.now(UTC))
     try:
         with started_workers(multiprocessing.get_context("spawn"), [WorkerSpec(port, "", identity)] * 2) as workers:
             pids = workers.pids()

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.conformance.peers import free_port
 from agent.tools.chaos import (
     BillerProcess,
     ChaosOptions,
     ChaosReport,
     CheckResult,
     check_integrity,
-    free_port,
     parse_pause,
     run_chaos,
     verify_state,

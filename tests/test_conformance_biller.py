@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import io
 import json
 import re
-import socket
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +24,10 @@ import pytest
 from rich.console import Console
 
 from agent.cli import main
-from agent.conformance import biller_cases
+from agent.conformance import biller as biller_suite
+from agent.conformance.biller.target import FIXTURES
+from agent.conformance.control import ControlledBiller, SteppingClock
+from agent.conformance.peers import free_port
 from agent.conformance.runner import (
     EXIT_FAILED,
     EXIT_NOT_RUN,
@@ -38,11 +41,13 @@ from agent.conformance.runner import (
     Violation,
     run_suite,
 )
+from reference_biller.service import Biller as ReferenceBiller
+from reference_biller.service import SteppableClock
 from tests.broken_billers import BROKEN_BILLERS, BrokenBiller, Defect, reference_biller
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
-CASE_IDS = [case.id for case in biller_cases.suite.cases]
+CASE_IDS = [case.id for case in biller_suite.suite.cases]
 
 
 def run_against(
@@ -55,8 +60,8 @@ def run_against(
     async def scenario() -> int:
         async with reference_biller(tmp_path / "state", defect, conformance_control=conformance_control) as target:
             return await run_suite(
-                biller_cases.suite,
-                lambda: biller_cases.connect(target, insecure=True),
+                biller_suite.suite,
+                lambda: biller_suite.connect(target, insecure=True),
                 RunOptions(target=target, json=report, **options),
                 Console(file=output, width=200),
             )
@@ -100,7 +105,7 @@ def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
 
 def test_without_conformance_control_fixture_cases_skip_with_the_reason(tmp_path: Path) -> None:
     code, report, output = run_against(tmp_path, conformance_control=False)
-    needs_fixtures = {case.id for case in biller_cases.suite.cases if biller_cases.FIXTURES in case.needs}
+    needs_fixtures = {case.id for case in biller_suite.suite.cases if FIXTURES in case.needs}
     outcomes = {case["id"]: (case["outcome"], case["detail"]) for case in report["cases"]}
     assert {i for i, (outcome, _) in outcomes.items() if outcome == "SKIP"} == needs_fixtures
     assert {detail for i, (_, detail) in outcomes.items() if i in needs_fixtures} == {
@@ -142,15 +147,8 @@ def test_every_defect_class_is_covered() -> None:
 # --- 3. The command line ---------------------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def test_unreachable_target_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    target = f"127.0.0.1:{_closed_port()}"
+    target = f"127.0.0.1:{free_port()}"
     report = tmp_path / "report.json"
     assert main(["conformance", "biller", "--target", target, "--insecure", "--json", str(report)]) == EXIT_NOT_RUN
     assert "unreachable" in capsys.readouterr().out
@@ -224,7 +222,7 @@ def test_known_failing_case_does_not_fail_the_run(tmp_path: Path, capsys: pytest
 
 def test_every_case_names_a_spec_requirement_and_quotes_it() -> None:
     spec_text = " ".join(SPEC.split())
-    for case in biller_cases.suite.cases:
+    for case in biller_suite.suite.cases:
         assert f"**{case.requirement}**" in SPEC, case.id
         assert 0 < len(case.description) <= 140, case.id
         for piece in re.split(r"\[[^\]]*\]|…", case.quote):
@@ -236,6 +234,15 @@ def test_every_case_names_a_spec_requirement_and_quotes_it() -> None:
 def test_cases_that_move_the_clock_come_last() -> None:
     clock_cases = ["NEG-6/deadline", "KEY-13/keyset-expired", "ENR-4/code-expired"]
     assert CASE_IDS[-5:] == [*clock_cases, "ERR-1/error-info", "ERR-2/no-unknown-code"]
+
+
+def test_every_section_module_is_in_the_running_order() -> None:
+    """A section module left out of `SECTIONS` would silently never run."""
+    package = Path(biller_suite.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")} - {"__init__", "target"}
+    listed = {section.name.removeprefix("biller/") for section in biller_suite.SECTIONS}
+    assert listed == modules
+    assert sum(len(section.cases) for section in biller_suite.SECTIONS) == len(CASE_IDS)
 
 
 def test_docs_list_every_case() -> None:
@@ -337,3 +344,26 @@ def test_runner_selection_known_failing_and_exit_codes(tmp_path: Path) -> None:
 
 def test_outcome_names() -> None:
     assert [o.value for o in Outcome] == ["PASS", "FAIL", "WARN", "SKIP"]
+
+
+def test_the_reference_biller_offers_what_conformance_control_needs() -> None:
+    """`agent.conformance.control` serves any biller shaped like `ControlledBiller` (mypy checks the shape)."""
+
+    def controlled(biller: ReferenceBiller) -> ControlledBiller:
+        return biller
+
+    assert callable(controlled)
+    assert isinstance(SteppableClock(), SteppingClock)
+
+
+def test_the_judge_builds_what_it_sends_itself() -> None:
+    """The biller suite and its peers build headers and key sets without the library's builders
+    (`agent.conformance.peers` says why): a bug in those would otherwise be shared by the judge and hidden."""
+    builders = {"new_header", "seal", "make_key_set", "first_key_set", "KeyEntry"}
+    conformance = ROOT / "agent" / "conformance"
+    judged = [conformance / "peers.py", conformance / "client.py", *sorted((conformance / "biller").glob("*.py"))]
+    for path in judged:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("agent.protocol"):
+                shared = builders & {alias.name for alias in node.names}
+                assert not shared, f"{path.relative_to(ROOT)} imports {sorted(shared)} from {node.module}"

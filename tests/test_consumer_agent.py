@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from agent.conformance.peers import HostileServicer, reseal
 from agent.consumer import (
     AcceptOffer,
     AccountEvent,
@@ -69,7 +70,7 @@ from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2
 from parley.v1 import biller_service_pb2 as pb
 from tests.fixtures import BILL, eur
 from tests.helpers.db import dump
-from tests.helpers.hostile import HostileServicer, hostile_of, resign
+from tests.helpers.hostile import hostile_of
 from tests.helpers.peer import (
     BILLER_ID,
     START,
@@ -250,7 +251,7 @@ def test_enrolment_with_a_wrong_pin_is_refused_and_stores_nothing(tmp_path: Path
             assert failure.value.reason is Reason.PIN_MISMATCH
             assert hostile.calls["Enrol"] == 0
             # A phishing endpoint echoing the pin in Hello: its chain is checked against the pin (ENR-10).
-            hostile.rewrite["Hello"] = lambda hello: pb.HelloResponse(
+            hostile.rewrite["Hello"] = lambda _request, hello: pb.HelloResponse(
                 protocol_version=1, biller_party_id=BILLER_ID, identity_fingerprint=wrong_pin, features=hello.features
             )
             with pytest.raises(RemoteProtocolError) as failure:
@@ -284,7 +285,7 @@ def test_forged_and_tampered_bills_are_never_returned_nor_paid(tmp_path: Path) -
 
                 return change
 
-            phishing = resign(genuine, SigningKey.generate(), rename("bill-phish"))  # another key: UNKNOWN_KEY
+            phishing = reseal(genuine, SigningKey.generate(), rename("bill-phish"))  # another key: UNKNOWN_KEY
             tampered = envelope_pb2.Envelope()
             tampered.CopyFrom(genuine)
             body = bill_pb2.Bill.FromString(genuine.payload)
@@ -295,8 +296,8 @@ def test_forged_and_tampered_bills_are_never_returned_nor_paid(tmp_path: Path) -
                 bill.bill_id = "bill-elsewhere"
                 bill.header.recipient = "consumer:bob"
 
-            misaddressed = resign(genuine, biller.key, to_someone_else)
-            hostile.rewrite["ListBills"] = lambda answer: pb.ListBillsResponse(
+            misaddressed = reseal(genuine, biller.key, to_someone_else)
+            hostile.rewrite["ListBills"] = lambda _request, answer: pb.ListBillsResponse(
                 bills=[*answer.bills, phishing, tampered, misaddressed]
             )
             bills = await agent.bills(BILLER_ID)
@@ -556,7 +557,7 @@ def test_a_biller_that_does_not_honour_its_options_is_a_protocol_error_with_evid
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
 
-        def counter_instead(answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+        def counter_instead(_request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
             accept = negotiation_pb2.Accept.FromString(answer.reply.payload)
             offer = negotiation_pb2.Offer(header=accept.header, terms=counter_terms())  # same position, signed
             return pb.NegotiateResponse(reply=seal(offer, biller.key), outcome=negotiation_pb2.NEGOTIATION_OUTCOME_OPEN)
@@ -688,11 +689,13 @@ def test_instructions_for_another_amount_are_never_paid(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
 
-        def more(answer: pb.CreatePaymentIntentResponse) -> pb.CreatePaymentIntentResponse:
+        def more(
+            _request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+        ) -> pb.CreatePaymentIntentResponse:
             def raise_amount(instructions: Any) -> None:
                 instructions.amount.amount_minor += 1
 
-            return pb.CreatePaymentIntentResponse(instructions=resign(answer.instructions, biller.key, raise_amount))
+            return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, biller.key, raise_amount))
 
         hostile.rewrite["CreatePaymentIntent"] = more
         bank = Bank()
@@ -715,11 +718,11 @@ def test_a_receipt_for_another_amount_is_a_dispute(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
 
-        def less(answer: pb.GetReceiptResponse) -> pb.GetReceiptResponse:
+        def less(_request: pb.GetReceiptRequest, answer: pb.GetReceiptResponse) -> pb.GetReceiptResponse:
             def lower(receipt: Any) -> None:
                 receipt.amount_received.amount_minor -= 100
 
-            return pb.GetReceiptResponse(receipt=resign(answer.receipt, biller.key, lower))
+            return pb.GetReceiptResponse(receipt=reseal(answer.receipt, biller.key, lower))
 
         hostile.rewrite["GetReceipt"] = less
         async with household.agent(bank=Bank()) as agent:
@@ -801,7 +804,7 @@ def test_watch_drops_duplicates_and_reconnects_on_gaps_and_forgeries(tmp_path: P
                 assert hostile.calls["WatchEvents"] == 1  # duplicates dropped, the stream kept
                 await remind(biller, 2)
                 events = await log()
-                forged = resign(events[3], SigningKey.generate(), lambda event: None)
+                forged = reseal(events[3], SigningKey.generate(), lambda event: None)
                 hostile.streams = [script(events[4]), script(forged)]  # a gap, then a forgery
                 assert await take(watch, 2) == [3, 4]
                 assert hostile.calls["WatchEvents"] == 4  # the scripted end, the gap, the forgery: reconnected

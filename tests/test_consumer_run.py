@@ -15,7 +15,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from rich.console import Console
 from agent.biller import BillerAgent
 from agent.cli import main as parley_main
 from agent.clock import Clock, ManualClock, SystemClock
+from agent.conformance.peers import free_port
 from agent.protocol.keys import SigningKey
 from agent.protocol.terms import Money, TermsKind
 from agent.stores.base import IntentState, ThreadOutcome
@@ -142,13 +142,6 @@ def orders(state: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 OnEnrol = Callable[[BillerAgent], Awaitable[None]]

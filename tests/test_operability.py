@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent import tracing
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
+from agent.conformance.peers import PeerRail
 from agent.consumer import (
     AcceptOffer,
     Circumstances,
@@ -64,7 +65,6 @@ from tests.helpers.peer import (
     START,
     Consumer,
     SamplePolicy,
-    SimulatedRail,
     hardship_terms,
     inside_options,
     new_party,
@@ -130,7 +130,7 @@ async def served(
         key_sets=[key_set],
         store=store,
         policy=SamplePolicy(),
-        rail=SimulatedRail(),
+        rail=PeerRail(),
         clock=clock,
         watch_poll_interval=timedelta(seconds=0.2),
     )
@@ -448,7 +448,7 @@ def test_tracing_with_the_otel_extra_serves_through_its_interceptor(tmp_path: Pa
             key_sets=[key_set],
             store=store,
             policy=SamplePolicy(),
-            rail=SimulatedRail(),
+            rail=PeerRail(),
             clock=clock,
         )
         running = await serve_biller(agent, "127.0.0.1:0", insecure=True, interceptors=tracing.server_interceptors())

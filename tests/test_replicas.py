@@ -27,7 +27,7 @@ from typing import IO
 
 import pytest
 
-from agent.conformance.biller_cases import (
+from agent.conformance.biller.target import (
     AMOUNT_DUE,
     DEFERRAL_FEE,
     BillerTarget,

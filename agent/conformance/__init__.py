@@ -7,13 +7,20 @@
 
 - `runner`: the generic framework (cases tagged with requirement ids, outcomes,
   selection, known-failing lists, JUnit and JSON reports, exit codes);
-- `client`: a hostile-capable signed client (every header, key set and envelope
-  field under the suite's control);
-- `biller_cases`: the biller-side suite, run against a gRPC biller;
+- `peers`: the test peers shared by the suites, the tests and the tools — a
+  signed hostile party (every header, key set and envelope field under the
+  caller's control, built independently of the library it judges), an
+  identity, a policy, a rail, a hostile servicer, `free_port`;
+- `client`: a connection that delivers what the peers sign and returns
+  refusals as values;
+- `biller`: the biller-side suite, run against a gRPC biller: one module of cases per spec
+  section, in the running order its `SECTIONS` gives;
 - `hostile_biller`: a scripted biller (the real agent behind a servicer that
   forges what it sends and observes what it receives);
 - `consumer_cases`: the consumer-side suite, which runs a client command
-  against a hostile biller per scenario.
+  against a hostile biller per scenario;
+- `control`: the conformance-control service (§16) over any biller shaped like
+  `ControlledBiller`, for billers that want to offer the suite its fixtures.
 
 docs/CONFORMANCE.md describes the suites, their cases and their reports.
 """
@@ -31,7 +38,7 @@ from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_option
 
 
 def _run_biller(args: argparse.Namespace, out: Console) -> int:
-    from agent.conformance.biller_cases import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
+    from agent.conformance.biller import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
     from agent.conformance.runner import run_suite  # noqa: PLC0415
     from agent.transport.client import ClientTls  # noqa: PLC0415
 

@@ -65,13 +65,12 @@ from agent.conformance.hostile_biller import (
     Call,
     Forgery,
     HostileBiller,
-    Identity,
     hostile_biller,
     new_identity,
     payload_of,
-    reseal,
     rotated_identity,
 )
+from agent.conformance.peers import PeerIdentity, reseal
 from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError
@@ -303,7 +302,7 @@ async def scenario(
     context: ConsumerContext,
     name: str,
     *,
-    identity: Identity | None = None,
+    identity: PeerIdentity | None = None,
     pinned_fingerprint: bytes | None = None,
 ) -> AsyncIterator[Scenario]:
     """A fresh scenario directory and scripted biller (see `hostile_biller` for the arguments)."""

@@ -3,8 +3,9 @@
 The consumer conformance suite (`agent.conformance.consumer_cases`) starts one
 `HostileBiller` per scenario: a real `BillerAgent` (its own SQLite file, the
 system clock — the client under test runs in another process, on its own
-clock) served in plaintext on a free 127.0.0.1 port by `ScriptedServicer`,
-which
+clock) served in plaintext on a free 127.0.0.1 port by the shared
+`agent.conformance.peers.HostileServicer`, with the `HostileBiller` as its
+call observer, which
 
 - **observes** every call the client makes (`HostileBiller.calls`: the RPC,
   the request, its signed payload parsed *without* verification, whether the
@@ -34,37 +35,33 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import grpc
 from google.protobuf.message import DecodeError, Message
 
 from agent.biller import (
-    AcceptOffer,
     BillerAgent,
-    CounterOffer,
-    Decision,
     OfferContext,
-    PaymentDetails,
-    RejectOffer,
 )
 from agent.clock import Clock, SystemClock
-from agent.protocol.dsse import pae
+from agent.conformance.peers import (
+    HostileServicer,
+    PeerIdentity,
+    PeerPolicy,
+    PeerRail,
+    Rewrite,
+    resign,
+    serve_on_loopback,
+)
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.keys import SigningKey
-from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
-from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import PAYLOAD_TYPES
-from agent.protocol.terms import AdvertisedOptions, DeferralOption, Money, TermsKind, build_terms
+from agent.protocol.terms import AdvertisedOptions, DeferralOption, Money, Terms, TermsKind, build_terms
 from agent.stores.biller_sqlite import SqliteBillerStore
-from agent.transport.server import BillerServicer
-from agent.transport.status import Context
 from parley.v1 import biller_service_pb2 as pb
-from parley.v1 import biller_service_pb2_grpc, envelope_pb2
-
-R = TypeVar("R", bound=Message)
+from parley.v1 import envelope_pb2
 
 BILLER_PARTY_ID = "biller:conformance.example"
 CURRENCY = "EUR"
@@ -73,114 +70,34 @@ DEFERRAL = DeferralOption(max_days=30, fee=Money.parse("5.00", CURRENCY))
 BANK_FILE = "bank-orders.jsonl"
 KEY_VALIDITY = timedelta(days=365)
 
-Rewrite = Callable[[Any, Any], Awaitable[Any]]
-"""`rewrite[rpc](request, answer)`: the answer to send instead (an awaitable, so it may use the agent)."""
-
 Hook = Callable[[], Awaitable[None]]
 
 
-# --- The biller's identity ----------------------------------------------------------------------------
+# --- The biller's identity, policy and rail -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Identity:
-    """A biller identity: the key that signs, its verified chain, and (after a rotation) the key dropped.
-
-    `retired` is a key of version 1 that version 2 dropped and revoked — a
-    key an attacker may still hold — and `older` the versions before the
-    newest, which a rollback serves again.
-    """
-
-    key: SigningKey
-    chain: KeyChain
-    retired: SigningKey | None = None
-
-    @property
-    def fingerprint(self) -> bytes:
-        return self.chain.fingerprint
-
-    @property
-    def older(self) -> tuple[envelope_pb2.Envelope, ...]:
-        return self.chain.envelopes[:-1]
-
-
-def new_identity(party_id: str, now: datetime) -> Identity:
+def new_identity(party_id: str, now: datetime) -> PeerIdentity:
     """A fresh identity: key set version 1 listing one key, created two days ago."""
-    key = SigningKey.generate()
-    start = now - timedelta(days=2)
-    envelope = make_key_set(
-        party_id=party_id,
-        version=1,
-        keys=[KeyEntry(key.public_key, start, start + KEY_VALIDITY)],
-        signer=key,
-        previous=None,
-        create_time=start,
-        expire_time=start + KEY_VALIDITY,
-    )
-    return Identity(key, KeyChain.verify([envelope]))
+    return PeerIdentity.create(party_id, now, backdate=timedelta(days=2), validity=KEY_VALIDITY)
 
 
-def rotated_identity(party_id: str, now: datetime) -> Identity:
-    """An identity that rotated: version 1 lists keys K1 and K2 (two days ago); version 2 (an hour ago),
-    signed by K2, lists K2 only and revokes K1. K2 signs; K1 is `retired`.
-
-    Under version 2 a message signed by K1 now is refused (UNKNOWN_KEY: K1 is in no version in force),
-    while a receiver rolled back to version 1 would take it.
-    """
-    old, current = SigningKey.generate(), SigningKey.generate()
-    start, rotation = now - timedelta(days=2), now - timedelta(hours=1)
-    version_1 = make_key_set(
-        party_id=party_id,
-        version=1,
-        keys=[
-            KeyEntry(old.public_key, start, start + KEY_VALIDITY),
-            KeyEntry(current.public_key, start, start + KEY_VALIDITY),
-        ],
-        signer=current,
-        previous=None,
-        create_time=start,
-        expire_time=start + KEY_VALIDITY,
-    )
-    chain = KeyChain.verify([version_1])
-    version_2 = make_key_set(
-        party_id=party_id,
-        version=2,
-        keys=[KeyEntry(current.public_key, start, start + KEY_VALIDITY)],
-        signer=current,
-        previous=chain.latest,
-        create_time=rotation,
-        expire_time=rotation + KEY_VALIDITY,
-        revocations={old.keyid: rotation},
-        revocation_reasons={old.keyid: "retired"},
-    )
-    return Identity(current, chain.extend(version_2), retired=old)
+def rotated_identity(party_id: str, now: datetime) -> PeerIdentity:
+    """K1 and K2 in version 1, K2 alone in version 2 with K1 revoked (see `PeerIdentity.rotated`)."""
+    return PeerIdentity.rotated(party_id, now, validity=KEY_VALIDITY)
 
 
-# --- The biller's policy and rail --------------------------------------------------------------------
+def _in_full(context: OfferContext) -> Terms:
+    return build_terms(TermsKind.PAY_IN_FULL, context.bill.amount_due, [context.bill.due_date])
 
 
-class ConformancePolicy:
+def conformance_policy() -> PeerPolicy:
     """Bills advertise a deferral of at most 30 days for a EUR 5.00 fee. An opening outside the options is
     countered once with the bill in full on its due date (so a client that opened outside can still agree);
     anything else is rejected."""
-
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
-        return AdvertisedOptions(deferral=DEFERRAL)
-
-    def decide(self, context: OfferContext) -> Decision:
-        in_full = build_terms(TermsKind.PAY_IN_FULL, context.bill.amount_due, [context.bill.due_date])
-        if context.offer == in_full:
-            return AcceptOffer()
-        if context.round < context.max_rounds and in_full not in context.previous_offers:
-            return CounterOffer(in_full)
-        return RejectOffer()
+    return PeerPolicy(AdvertisedOptions(deferral=DEFERRAL), _in_full, counter_once=True)
 
 
-class ConformanceRail:
-    """Instructions on a simulated rail, with a fresh payment reference for every intent."""
-
-    def instructions(self, account_id: str, intent_id: str, amount: Money) -> PaymentDetails:
-        return PaymentDetails("simulated", "Conformance Biller Ltd", "CF-0001", f"CF-{secrets.token_hex(6).upper()}")
+CONFORMANCE_RAIL = PeerRail(payee_name="Conformance Biller Ltd", reference_prefix="CF", account="CF-0001")
 
 
 # --- What the client did ------------------------------------------------------------------------------
@@ -300,26 +217,6 @@ def _order_amount(amount: object, currency: object) -> tuple[Money | None, str]:
 # --- Forging ------------------------------------------------------------------------------------------
 
 
-def resign(envelope: envelope_pb2.Envelope, key: SigningKey, *, keyid: str | None = None) -> envelope_pb2.Envelope:
-    """The same payload, signed by `key` instead — under `keyid` when given (a forgery under someone's keyid)."""
-    signature = envelope_pb2.Signature(
-        keyid=key.keyid if keyid is None else keyid, sig=key.sign(pae(envelope.payload_type, envelope.payload))
-    )
-    return envelope_pb2.Envelope(payload=envelope.payload, payload_type=envelope.payload_type, signatures=[signature])
-
-
-def reseal(envelope: envelope_pb2.Envelope, key: SigningKey, change: Callable[[Any], None]) -> envelope_pb2.Envelope:
-    """The envelope's payload, changed by `change` (given the parsed message), signed again with `key`."""
-    message = PAYLOAD_TYPES[envelope.payload_type].FromString(envelope.payload)
-    change(message)
-    return resign(
-        envelope_pb2.Envelope(
-            payload=message.SerializeToString(deterministic=True), payload_type=envelope.payload_type
-        ),
-        key,
-    )
-
-
 @dataclass
 class Forgery:
     """Re-sign the biller's messages in answers with `key` (under `keyid` if given) — those `only` selects.
@@ -341,14 +238,14 @@ class HostileBiller:
     """A running scripted biller (see the module docstring). Scenarios set the hooks before the client runs."""
 
     agent: BillerAgent
-    identity: Identity
+    identity: PeerIdentity
     target: str
     account_id: str
     enrolment_code: str
     pinned_fingerprint: bytes  # what the client is told out of band
     bank_file: Path
     calls: list[Call] = field(default_factory=list)
-    rewrite: dict[str, Rewrite] = field(default_factory=dict)
+    rewrite: dict[str, Rewrite] = field(default_factory=dict)  # (request, answer) -> the answer sent instead
     forgery: Forgery | None = None
     event_copies: int = 1
     on_enrolled: list[Hook] = field(default_factory=list)
@@ -417,7 +314,36 @@ class HostileBiller:
                 count += 1
         return count
 
-    # --- What the servicer does with answers ------------------------------------------------------------
+    # --- What the servicer shows it (`CallObserver`) ----------------------------------------------------
+
+    async def received(self, rpc: str, request: Any) -> None:
+        self.record(rpc, request)
+        if rpc == "GetReceipt":
+            await self.settle_orders()  # the rail: a payment the client made settles at once
+
+    async def answered(self, rpc: str, request: Any, answer: Any) -> None:
+        self._call_of(request).answered = True
+        if rpc == "Enrol":
+            await self._enrolled(request)
+        elif rpc == "CreatePaymentIntent":
+            self._instructed(answer, request)
+
+    async def sending(self, rpc: str, request: Any, answer: Any) -> Any:
+        forged = self.forged(rpc, answer)
+        self._call_of(request).answer = forged
+        return forged
+
+    def streamed(self, request: pb.WatchEventsRequest, response: pb.WatchEventsResponse) -> list[Any]:
+        self._call_of(request).answered = True
+        event = payload_of(response.event)
+        sequence = getattr(getattr(event, "header", None), "sequence", -1)
+        forged = self.forged("WatchEvents", response)
+        copies = max(1, self.event_copies)
+        self.delivered_events.extend([sequence] * copies)
+        return [forged] * copies
+
+    def _call_of(self, request: Message) -> Call:
+        return next(call for call in reversed(self.calls) if call.request is request)
 
     async def _enrolled(self, request: pb.EnrolRequest) -> None:
         if self.enrolled_party:
@@ -477,86 +403,12 @@ class HostileBiller:
         return answer
 
 
-class ScriptedServicer(BillerServicer):
-    """BillerService over the real agent: every call recorded, every answer passed through the biller's
-    scripts (`HostileBiller.rewrite`, `forgery`, `event_copies`, `on_enrolled`) on its way out."""
-
-    def __init__(self, agent: BillerAgent, biller: HostileBiller) -> None:
-        super().__init__(agent)
-        self.biller = biller
-
-    async def _scripted(self, rpc: str, request: Any, real: Awaitable[R]) -> R:
-        call = self.biller.record(rpc, request)
-        if rpc == "GetReceipt":
-            await self.biller.settle_orders()  # the rail: a payment the client made settles at once
-        answer = await real  # a refusal aborts the call here: recorded, not answered
-        call.answered = True
-        if rpc == "Enrol":
-            await self.biller._enrolled(request)
-        elif rpc == "CreatePaymentIntent":
-            self.biller._instructed(answer, request)  # type: ignore[arg-type]
-        rewrite = self.biller.rewrite.get(rpc)
-        if rewrite is not None:
-            answer = await rewrite(request, answer)
-        answer = self.biller.forged(rpc, answer)  # type: ignore[assignment]
-        call.answer = answer
-        return answer
-
-    async def Hello(self, request: pb.HelloRequest, context: Context) -> pb.HelloResponse:
-        return await self._scripted("Hello", request, super().Hello(request, context))
-
-    async def GetKeySets(self, request: pb.GetKeySetsRequest, context: Context) -> pb.GetKeySetsResponse:
-        return await self._scripted("GetKeySets", request, super().GetKeySets(request, context))
-
-    async def PublishKeySet(self, request: pb.PublishKeySetRequest, context: Context) -> pb.PublishKeySetResponse:
-        return await self._scripted("PublishKeySet", request, super().PublishKeySet(request, context))
-
-    async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.EnrolResponse:
-        return await self._scripted("Enrol", request, super().Enrol(request, context))
-
-    async def ListBills(self, request: pb.ListBillsRequest, context: Context) -> pb.ListBillsResponse:
-        return await self._scripted("ListBills", request, super().ListBills(request, context))
-
-    async def GetBill(self, request: pb.GetBillRequest, context: Context) -> pb.GetBillResponse:
-        return await self._scripted("GetBill", request, super().GetBill(request, context))
-
-    async def Negotiate(self, request: pb.NegotiateRequest, context: Context) -> pb.NegotiateResponse:
-        return await self._scripted("Negotiate", request, super().Negotiate(request, context))
-
-    async def GetThread(self, request: pb.GetThreadRequest, context: Context) -> pb.GetThreadResponse:
-        return await self._scripted("GetThread", request, super().GetThread(request, context))
-
-    async def CreatePaymentIntent(
-        self, request: pb.CreatePaymentIntentRequest, context: Context
-    ) -> pb.CreatePaymentIntentResponse:
-        return await self._scripted("CreatePaymentIntent", request, super().CreatePaymentIntent(request, context))
-
-    async def GetReceipt(self, request: pb.GetReceiptRequest, context: Context) -> pb.GetReceiptResponse:
-        return await self._scripted("GetReceipt", request, super().GetReceipt(request, context))
-
-    async def RequestErasure(self, request: pb.RequestErasureRequest, context: Context) -> pb.RequestErasureResponse:
-        return await self._scripted("RequestErasure", request, super().RequestErasure(request, context))
-
-    async def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: Context
-    ) -> AsyncIterator[pb.WatchEventsResponse]:
-        call = self.biller.record("WatchEvents", request)
-        async for response in super().WatchEvents(request, context):
-            call.answered = True
-            event = payload_of(response.event)
-            sequence = getattr(getattr(event, "header", None), "sequence", -1)
-            forged = self.biller.forged("WatchEvents", response)
-            for _ in range(max(1, self.biller.event_copies)):
-                self.biller.delivered_events.append(sequence)
-                yield forged  # type: ignore[misc]
-
-
 @asynccontextmanager
 async def hostile_biller(
     state_dir: Path,
     bank_file: Path,
     *,
-    identity: Identity | None = None,
+    identity: PeerIdentity | None = None,
     pinned_fingerprint: bytes | None = None,
     clock: Clock | None = None,
 ) -> AsyncIterator[HostileBiller]:
@@ -576,8 +428,8 @@ async def hostile_biller(
             signing_key=identity.key,
             key_sets=identity.chain,
             store=store,
-            policy=ConformancePolicy(),
-            rail=ConformanceRail(),
+            policy=conformance_policy(),
+            rail=CONFORMANCE_RAIL,
             clock=clock,
             watch_poll_interval=timedelta(seconds=0.2),
         )
@@ -593,11 +445,9 @@ async def hostile_biller(
             pinned_fingerprint=pinned_fingerprint or identity.fingerprint,
             bank_file=bank_file,
         )
-        servicer = ScriptedServicer(agent, biller)
-        server = grpc.aio.server(options=(("grpc.max_receive_message_length", DEFAULT_LIMITS.grpc_max_receive_bytes),))
-        biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        servicer = HostileServicer(agent, observer=biller)
+        servicer.rewrite = biller.rewrite  # scenarios script the answers through the biller
+        server, port = await serve_on_loopback(servicer)
         biller.target = f"127.0.0.1:{port}"
         try:
             yield biller
@@ -612,21 +462,17 @@ __all__ = [
     "AMOUNT_DUE",
     "BANK_FILE",
     "BILLER_PARTY_ID",
+    "CONFORMANCE_RAIL",
     "CURRENCY",
     "BankOrder",
     "Call",
-    "ConformancePolicy",
-    "ConformanceRail",
     "Forgery",
     "HostileBiller",
-    "Identity",
     "Instructed",
-    "ScriptedServicer",
+    "conformance_policy",
     "hostile_biller",
     "new_identity",
     "payload_of",
     "read_bank_orders",
-    "reseal",
-    "resign",
     "rotated_identity",
 ]

@@ -177,6 +177,16 @@ class Suite(Generic[C]):
 
         return register
 
+    def include(self, section: Suite[C]) -> None:
+        """Append the cases of `section` (a suite holding one part of this one), in its order.
+
+        ValueError for a case id already registered here.
+        """
+        for case in section.cases:
+            if case.id in self._cases:
+                raise ValueError(f"case {case.id!r} is registered twice")
+            self._cases[case.id] = case
+
     def select(self, only: Sequence[str] = (), skip: Sequence[str] = ()) -> list[Case[C]]:
         """The cases to run, in registration order."""
         chosen = [c for c in self.cases if not only or any(c.matches(p) for p in only)]

@@ -69,13 +69,13 @@ import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
+from agent.biller import BillerAgent, OfferContext
 from agent.clock import SystemClock
-from agent.conformance.client import SignedParty
+from agent.conformance.peers import PeerIdentity, PeerPolicy, PeerRail, SignedParty
 from agent.protocol.dsse import digest, sign_envelope, verify_signature
 from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import SigningKey, VerifyKey
-from agent.protocol.keysets import KeyChain, first_key_set
+from agent.protocol.keysets import KeyChain
 from agent.protocol.messages import open_envelope, parse_payload
 from agent.protocol.terms import (
     AdvertisedOptions,
@@ -177,17 +177,16 @@ class BenchOptions:
 # === The biller under test ===============================================================================
 
 
-class BenchPolicy:
+def _counter_from_first_date(context: OfferContext) -> Terms:
+    return counter_terms(context.bill.amount_due, context.offer.schedule[0].due_date)
+
+
+def bench_policy() -> PeerPolicy:
     """Advertises up to 3 monthly instalments; counters any offer outside them with 3 from the offer's first date."""
-
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
-        return AdvertisedOptions(
-            instalments=InstalmentOption(COUNTER_INSTALMENTS, Money.parse("40.00", CURRENCY), 14, 35, 30)
-        )
-
-    def decide(self, context: OfferContext) -> Decision:
-        first = context.offer.schedule[0].due_date
-        return CounterOffer(counter_terms(context.bill.amount_due, first))
+    options = AdvertisedOptions(
+        instalments=InstalmentOption(COUNTER_INSTALMENTS, Money.parse("40.00", CURRENCY), 14, 35, 30)
+    )
+    return PeerPolicy(options, _counter_from_first_date)
 
 
 def opening_terms(amount: Money, due_date: date) -> Terms:
@@ -200,11 +199,7 @@ def counter_terms(amount: Money, first: date) -> Terms:
     return build_terms(TermsKind.INSTALMENT_PLAN, amount, monthly_dates(first, COUNTER_INSTALMENTS))
 
 
-class BenchRail:
-    """Instructions with a unique reference per intent (the intent id is unique per account)."""
-
-    def instructions(self, account_id: str, intent_id: str, amount: Money) -> PaymentDetails:
-        return PaymentDetails("simulated-instant", "Bench Example Ltd", "SIM-0001", f"{account_id}/{intent_id}")
+BENCH_RAIL = PeerRail(payee_name="Bench Example Ltd", reference_prefix="BENCH", method="simulated-instant")
 
 
 class InstantRailBiller(BillerAgent):
@@ -243,35 +238,14 @@ def store_url(store: str, state_dir: Path, resources: ExitStack) -> str:
     return resources.enter_context(throwaway_postgres()).create_database("parley_bench")
 
 
-@dataclass(frozen=True)
-class Identity:
-    """The biller's signing key and chain, passed to the worker processes (a throwaway bench key)."""
-
-    seed: bytes
-    key_sets: tuple[bytes, ...]
-
-    @classmethod
-    def generate(cls, now: datetime) -> Identity:
-        key = SigningKey.generate()
-        return cls(key.seed, (first_key_set(BILLER_ID, key, now).SerializeToString(),))
-
-    @property
-    def key(self) -> SigningKey:
-        return SigningKey.from_seed(self.seed)
-
-    @property
-    def chain(self) -> KeyChain:
-        return KeyChain.verify([envelope_pb2.Envelope.FromString(data) for data in self.key_sets])
-
-
-def bench_agent(identity: Identity, store: BillerStore) -> InstantRailBiller:
+def bench_agent(identity: PeerIdentity, store: BillerStore) -> InstantRailBiller:
     return InstantRailBiller(
         party_id=BILLER_ID,
         signing_key=identity.key,
         key_sets=identity.chain,
         store=store,
-        policy=BenchPolicy(),
-        rail=BenchRail(),
+        policy=bench_policy(),
+        rail=BENCH_RAIL,
         clock=SystemClock(),
     )
 
@@ -299,7 +273,7 @@ Slot = tuple[ConsumerSpec, ...]  # the consumers one concurrent slot plays in tu
 
 
 async def prepare_store(
-    url: str, identity: Identity, consumers: int, bills_per_consumer: int
+    url: str, identity: PeerIdentity, consumers: int, bills_per_consumer: int
 ) -> tuple[ConsumerSpec, ...]:
     """Accounts with enrolled consumers (through the real Enrol path) and their bills, issued concurrently."""
     store = await open_biller_store(url)
@@ -326,7 +300,7 @@ async def prepare_store(
         await store.close()
 
 
-def prefill_sqlite(path: str, identity: Identity, agreements: int) -> None:
+def prefill_sqlite(path: str, identity: PeerIdentity, agreements: int) -> None:
     """Bulk-insert `agreements` agreed negotiations as the biller stores them, straight into the SQLite file.
 
     One real negotiation is signed first; its rows (bill, thread, the three
@@ -457,7 +431,7 @@ def reserve_port() -> socket.socket:
 class WorkerSpec:
     port: int
     store_url: str  # "" for the baseline echo service
-    identity: Identity
+    identity: PeerIdentity
     response_bytes: int = 0  # baseline: the size of the payload it signs
     consumer_keys: tuple[bytes, ...] = ()  # baseline: raw public keys of the consumers
 
@@ -957,7 +931,7 @@ class Bench:
 
     def _run(self, url: str) -> dict[str, Any]:
         options = self.options
-        identity = Identity.generate(_now())
+        identity = PeerIdentity.create(BILLER_ID, _now())
         phases = 1 + int(options.half_load and options.rate is None)
         total_seconds = (options.warmup + options.seconds) * phases
         consumer_count = options.concurrency * CONSUMERS_PER_SLOT
@@ -1000,7 +974,7 @@ class Bench:
         self,
         name: str,
         url: str,
-        identity: Identity,
+        identity: PeerIdentity,
         slots: Sequence[Slot],
         rate: float | None,
         *,
@@ -1196,9 +1170,9 @@ __all__ = [
     "Bench",
     "BenchError",
     "BenchOptions",
-    "BenchPolicy",
     "InstantRailBiller",
     "add_bench_command",
+    "bench_policy",
     "percentile",
     "run_bench",
     "store_url",

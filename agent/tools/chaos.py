@@ -49,7 +49,6 @@ import json
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -68,7 +67,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.markup import escape
 
-from agent.conformance.client import Connection, Refusal, SignedParty
+from agent.conformance.client import Connection, Refusal
+from agent.conformance.peers import SignedParty, free_port
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
 from agent.protocol.errors import ProtocolError, Reason
@@ -121,14 +121,6 @@ class UnexpectedAnswer(Exception):
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the biller keeps it across restarts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 # --- The biller process ------------------------------------------------------------------------------

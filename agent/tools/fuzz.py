@@ -71,9 +71,9 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.table import Table
 
-from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
+from agent.biller import BillerAgent, OfferContext
 from agent.clock import ManualClock
-from agent.conformance.client import SignedParty, timestamp
+from agent.conformance.peers import PeerPolicy, PeerRail, SignedParty, timestamp
 from agent.protocol.dsse import digest, sign_envelope
 from agent.protocol.errors import ERROR_DOMAIN, Reason
 from agent.protocol.keys import SigningKey
@@ -86,6 +86,7 @@ from agent.protocol.terms import (
     HardshipProgramme,
     InstalmentOption,
     Money,
+    Terms,
     TermsKind,
     build_terms,
     monthly_dates,
@@ -159,22 +160,16 @@ def _plan(count: int, programme: str = "") -> terms_pb2.Terms:
     return build_terms(TermsKind.INSTALMENT_PLAN, BILL_AMOUNT, dates, hardship_programme_id=programme).to_proto()
 
 
-class FuzzPolicy:
+def _six_monthly(context: OfferContext) -> Terms:
+    return build_terms(TermsKind.INSTALMENT_PLAN, context.bill.amount_due, monthly_dates(FIRST_INSTALMENT, 6))
+
+
+def fuzz_policy() -> PeerPolicy:
     """Advertises `OPTIONS`; counters anything outside them with 6 monthly instalments."""
-
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
-        return OPTIONS
-
-    def decide(self, context: OfferContext) -> Decision:
-        dates = monthly_dates(FIRST_INSTALMENT, 6)
-        return CounterOffer(build_terms(TermsKind.INSTALMENT_PLAN, context.bill.amount_due, dates))
+    return PeerPolicy(OPTIONS, _six_monthly)
 
 
-class FuzzRail:
-    """Instructions with a unique reference per intent."""
-
-    def instructions(self, account_id: str, intent_id: str, amount: Money) -> PaymentDetails:
-        return PaymentDetails("simulated", "Fuzz Energy Ltd", "SIM-0001", f"FZ-{account_id}-{intent_id}")
+FUZZ_RAIL = PeerRail(payee_name="Fuzz Energy Ltd", reference_prefix="FZ")
 
 
 # === The store, seen from outside =====================================================================
@@ -1062,8 +1057,8 @@ class Fuzzer:
             signing_key=key,
             key_sets=[first_key_set(BILLER_ID, key, clock.now() - timedelta(days=1))],
             store=store,
-            policy=FuzzPolicy(),
-            rail=FuzzRail(),
+            policy=fuzz_policy(),
+            rail=FUZZ_RAIL,
             clock=clock,
             limits=FUZZ_LIMITS,
         )

@@ -1,56 +1,41 @@
 """A signed test consumer and a running biller (real gRPC on 127.0.0.1, real SQLite) for the tests.
 
-`Consumer` builds and signs the messages a consumer agent sends, with control
-over every header field so tests can break them. `running_biller` starts a
-store, an agent and a server on a free port, and always shuts them down.
+Both are built from the shared test peers (`agent.conformance.peers`), with the
+tests' fixtures: `Consumer` is a `SignedParty` at a `ManualClock`, addressed to
+the test biller, with the shorthand the tests use (header fields by keyword,
+an opening from a bill envelope, amounts as `Money`); `running_biller` starts a
+store, an agent (the fixture bill's `SamplePolicy`, a `PeerRail`) and a server
+on a free port, and always shuts them down.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import itertools
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from agent.biller import (
-    AcceptOffer,
-    BillerAgent,
-    CounterOffer,
-    Decision,
-    OfferContext,
-    PaymentDetails,
-    Policy,
-    RejectOffer,
-)
+from agent.biller import BillerAgent, OfferContext, Policy
 from agent.clock import ManualClock
+from agent.conformance.peers import PeerIdentity, PeerPolicy, PeerRail, SignedParty, serve_on_loopback
 from agent.protocol.dsse import digest
 from agent.protocol.keys import SigningKey
-from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
+from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS, Limits
-from agent.protocol.messages import PAYLOAD_TYPES, Verified, new_header, open_envelope, seal, to_timestamp
+from agent.protocol.messages import PAYLOAD_TYPES, Verified, open_envelope
 from agent.protocol.moves import NEGOTIATION_TYPES
-from agent.protocol.terms import AdvertisedOptions, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
+from agent.protocol.terms import Line, LineKind, Money, Terms, TermsKind, build_terms, monthly_dates
 from agent.stores import open_biller_store
 from agent.transport.server import BillerServicer, start_biller_server
-from parley.v1 import (
-    account_pb2,
-    biller_service_pb2,
-    biller_service_pb2_grpc,
-    enrolment_pb2,
-    envelope_pb2,
-    header_pb2,
-    negotiation_pb2,
-    payment_pb2,
-    terms_pb2,
-)
+from parley.v1 import biller_service_pb2, biller_service_pb2_grpc, envelope_pb2, header_pb2, negotiation_pb2, terms_pb2
 from tests.fixtures import BILL, eur
 
 M = TypeVar("M", bound=Message)
@@ -62,36 +47,58 @@ YEAR = timedelta(days=365)
 
 
 def new_party(party_id: str, clock: ManualClock) -> tuple[SigningKey, envelope_pb2.Envelope]:
-    """A fresh key and the self-signed key set version 1 listing it."""
-    key = SigningKey.generate()
-    start = clock.now() - timedelta(days=1)
-    envelope = make_key_set(
-        party_id=party_id,
-        version=1,
-        keys=[KeyEntry(key.public_key, start, start + YEAR)],
-        signer=key,
-        previous=None,
-        create_time=start,
-        expire_time=start + YEAR,
-    )
-    return key, envelope
+    """A fresh key and the self-signed key set version 1 listing it (valid from a day ago, for a year)."""
+    identity = PeerIdentity.create(party_id, clock.now(), validity=YEAR)
+    return identity.key, identity.key_set
 
 
-@dataclass
 class Consumer:
-    """A consumer party that signs requests to the biller at the clock's time."""
+    """A consumer party that signs requests to the test biller at the clock's time (a `SignedParty`)."""
 
-    party_id: str
-    clock: ManualClock
-    key: SigningKey = field(init=False)
-    key_set: envelope_pb2.Envelope = field(init=False)
+    def __init__(self, party_id: str, clock: ManualClock) -> None:
+        self._clock = clock
+        self.party = SignedParty.create(BILLER_ID, clock=clock.now, party_id=party_id, key_set_lifetime=YEAR)
 
-    def __post_init__(self) -> None:
-        self.key, self.key_set = new_party(self.party_id, self.clock)
+    def __copy__(self) -> Consumer:
+        """The same party, whose key, id or clock can then be changed without changing this one."""
+        twin = Consumer.__new__(Consumer)
+        twin._clock = self._clock
+        twin.party = dataclasses.replace(self.party, key_sets=list(self.party.key_sets))
+        return twin
+
+    @property
+    def clock(self) -> ManualClock:
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: ManualClock) -> None:
+        """Sign at another clock's time from now on."""
+        self._clock = clock
+        self.party.clock = clock.now
+
+    @property
+    def party_id(self) -> str:
+        return self.party.party_id
+
+    @party_id.setter
+    def party_id(self, party_id: str) -> None:
+        self.party.party_id = party_id
+
+    @property
+    def key(self) -> SigningKey:
+        return self.party.key
+
+    @key.setter
+    def key(self, key: SigningKey) -> None:
+        self.party.key = key
+
+    @property
+    def key_set(self) -> envelope_pb2.Envelope:
+        return self.party.key_set
 
     @property
     def chain(self) -> KeyChain:
-        return KeyChain.verify([self.key_set])
+        return self.party.chain
 
     def header(
         self,
@@ -103,29 +110,25 @@ class Consumer:
         lifetime: timedelta = HOUR,
         message_id: bytes | None = None,
     ) -> header_pb2.Header:
-        return new_header(
-            sender=self.party_id,
-            recipient=BILLER_ID,
-            thread_id=secrets.token_bytes(16) if thread_id is None else thread_id,
-            sequence=sequence,
-            previous_digest=previous,
-            now=self.clock.now() if created is None else created,
-            lifetime=lifetime,
-            message_id=message_id,
-        )
-
-    def sign(self, message: Message) -> envelope_pb2.Envelope:
-        return seal(message, self.key)
-
-    def enrolment(self, account_id: str, code: str) -> envelope_pb2.Envelope:
-        return self.sign(
-            enrolment_pb2.EnrolmentRequest(
-                header=self.header(), account_id=account_id, code=code, consumer_key_set=self.key_set
+        return self.party.header(
+            **_header_fields(
+                thread_id=thread_id,
+                sequence=sequence,
+                previous=previous,
+                created=created,
+                lifetime=lifetime,
+                message_id=message_id,
             )
         )
 
-    def query(self, account_id: str, **fields: object) -> envelope_pb2.Envelope:
-        return self.sign(account_pb2.AccountQuery(header=self.header(), account_id=account_id, **fields))  # type: ignore[arg-type]
+    def sign(self, message: Message) -> envelope_pb2.Envelope:
+        return self.party.sign(message)
+
+    def enrolment(self, account_id: str, code: str) -> envelope_pb2.Envelope:
+        return self.party.enrolment(account_id, code, header=LIFETIME)
+
+    def query(self, account_id: str, **fields: Any) -> envelope_pb2.Envelope:
+        return self.party.query(account_id, header=LIFETIME, **fields)
 
     def open(
         self,
@@ -137,31 +140,29 @@ class Consumer:
         disclosure: bytes = b"",
     ) -> envelope_pb2.Envelope:
         bill_id = biller_payload(bill).bill_id  # type: ignore[attr-defined]
-        return self.sign(
-            negotiation_pb2.ThreadOpen(
-                header=self.header(),
-                bill_id=bill_id,
-                bill_digest=digest(bill),
-                max_rounds=max_rounds,
-                deadline=to_timestamp(self.clock.now() + deadline),
-                terms=terms,
-                disclosure_digest=hashlib.sha256(disclosure).digest() if disclosure else b"",
-            )
+        return self.party.open(
+            bill_id,
+            digest(bill),
+            terms,
+            max_rounds=max_rounds,
+            deadline=self.clock.now() + deadline,
+            disclosure_digest=hashlib.sha256(disclosure).digest() if disclosure else b"",
+            header=LIFETIME,
         )
 
-    def next(
-        self, thread: Sequence[envelope_pb2.Envelope], message: Message, **header: object
-    ) -> envelope_pb2.Envelope:
-        """`message` signed as the next message of `thread` (header fields overridable)."""
+    def next(self, thread: Sequence[envelope_pb2.Envelope], message: Message, **header: Any) -> envelope_pb2.Envelope:
+        """`message` signed as the next message of `thread` (header fields overridable, as for `header`)."""
         first = NEGOTIATION_PAYLOAD[thread[0].payload_type].FromString(thread[0].payload)
-        fields: dict[str, object] = {
+        fields: dict[str, Any] = {
             "thread_id": first.header.thread_id,
             "sequence": len(thread),
             "previous": digest(thread[-1]),
+            "created": None,
+            "lifetime": HOUR,
+            "message_id": None,
         }
         fields.update(header)
-        message.header.CopyFrom(self.header(**fields))  # type: ignore[attr-defined, arg-type]
-        return self.sign(message)
+        return self.party.move(thread, message, header=_header_fields(**fields))
 
     def intent(
         self,
@@ -173,20 +174,43 @@ class Consumer:
         agreement_digest: bytes = b"",
         instalment_index: int = 0,
     ) -> envelope_pb2.Envelope:
-        return self.sign(
-            payment_pb2.PaymentIntent(
-                header=self.header(),
-                intent_id=intent_id,
-                account_id=account_id,
-                bill_id=bill_id,
-                agreement_digest=agreement_digest,
-                instalment_index=instalment_index,
-                amount=amount.to_proto(),
-            )
+        return self.party.intent(
+            account_id,
+            bill_id,
+            intent_id,
+            amount.to_proto(),
+            agreement_digest=agreement_digest,
+            instalment_index=instalment_index,
+            header=LIFETIME,
         )
 
     def erasure(self, account_id: str) -> envelope_pb2.Envelope:
-        return self.sign(account_pb2.ErasureRequest(header=self.header(), account_id=account_id))
+        return self.party.erasure(account_id, header=LIFETIME)
+
+
+LIFETIME = {"lifetime": HOUR}  # the tests' messages live an hour (a ManualClock moves only when told)
+
+
+def _header_fields(
+    *,
+    thread_id: bytes | None,
+    sequence: int,
+    previous: bytes,
+    created: datetime | None,
+    lifetime: timedelta,
+    message_id: bytes | None,
+) -> dict[str, Any]:
+    """The tests' header keywords as `build_header`'s (created at the party's clock unless given)."""
+    fields: dict[str, Any] = {
+        "thread_id": thread_id,
+        "sequence": sequence,
+        "previous_digest": previous,
+        "lifetime": lifetime,
+        "message_id": message_id,
+    }
+    if created is not None:
+        fields["create_time"] = created
+    return fields
 
 
 NEGOTIATION_PAYLOAD = {cls.DESCRIPTOR.full_name: cls for cls in NEGOTIATION_TYPES}
@@ -237,33 +261,17 @@ def hardship_terms() -> terms_pb2.Terms:
     ).to_proto()
 
 
-class SamplePolicy:
+def _six_monthly_from_mid_april(context: OfferContext) -> Terms:
+    return build_terms(TermsKind.INSTALMENT_PLAN, context.bill.amount_due, monthly_dates(date(2026, 4, 15), 6))
+
+
+class SamplePolicy(PeerPolicy):
     """Advertises the fixture bill's options; rejects settlements; counters with 6 x EUR 20.00 while it can."""
 
     def __init__(self) -> None:
-        self.contexts: list[OfferContext] = []
-
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
-        return BILL.options
-
-    def decide(self, context: OfferContext) -> Decision:
-        self.contexts.append(context)
-        if context.offer.kind is TermsKind.SETTLEMENT:
-            return RejectOffer(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, "no settlements")
-        counter = build_terms(TermsKind.INSTALMENT_PLAN, context.bill.amount_due, monthly_dates(date(2026, 4, 15), 6))
-        if context.offer == counter:
-            return AcceptOffer()
-        return CounterOffer(counter)
-
-
-class SimulatedRail:
-    """Instructions with a unique reference per intent."""
-
-    def __init__(self) -> None:
-        self._serial = itertools.count(1)
-
-    def instructions(self, account_id: str, intent_id: str, amount: Money) -> PaymentDetails:
-        return PaymentDetails("simulated", "Energy Example Ltd", "SIM-0001", f"PRL-{next(self._serial):06d}")
+        super().__init__(
+            BILL.options, _six_monthly_from_mid_april, refuse=frozenset({TermsKind.SETTLEMENT}), keep_contexts=True
+        )
 
 
 @dataclass
@@ -321,15 +329,6 @@ class Biller:
         return open_envelope(envelope, (kind,), sender_keys=self.chain, recipient=consumer.party_id, now=None)
 
 
-async def _serve(servicer: BillerServicer, limits: Limits) -> tuple[grpc.aio.Server, int]:
-    """Serve any BillerServicer (e.g. a hostile wrapper of the real one) on a free loopback port."""
-    server = grpc.aio.server(options=(("grpc.max_receive_message_length", limits.grpc_max_receive_bytes),))
-    biller_service_pb2_grpc.add_BillerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
-
-
 @asynccontextmanager
 async def running_biller(
     tmp_path: Path,
@@ -355,7 +354,7 @@ async def running_biller(
         key_sets=[key_set],
         store=opened,
         policy=policy or test_policy,
-        rail=SimulatedRail(),
+        rail=PeerRail(),
         clock=clock,
         limits=limits,
         watch_poll_interval=timedelta(seconds=0.2),
@@ -366,7 +365,7 @@ async def running_biller(
             server, port = await start_biller_server(agent, "127.0.0.1:0", insecure=True)
         else:
             serving = servicer(agent)
-            server, port = await _serve(serving, limits)
+            server, port = await serve_on_loopback(serving, limits)
         try:
             target = f"127.0.0.1:{port}"
             async with grpc.aio.insecure_channel(target) as channel:

@@ -1,0 +1,79 @@
+"""Cases that move the biller's clock (AdvanceClock, CNF-4)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from agent.conformance.biller.target import (
+    FIXTURES,
+    NEG,
+    OUTCOME,
+    BillerTarget,
+    accepted,
+    countered_thread,
+    enrol,
+    expect,
+    list_bills,
+    negotiate,
+    outside_options,
+    publish,
+    query_envelope,
+    read_ok,
+    thread_unchanged,
+)
+from agent.conformance.runner import Suite
+from agent.protocol.errors import Reason
+from parley.v1 import negotiation_pb2
+
+suite: Suite[BillerTarget] = Suite("biller/clock")
+
+
+@suite.case(
+    "NEG-6/deadline",
+    description="A move after the thread's deadline is NEGOTIATION_DEADLINE_PASSED and the thread becomes EXPIRED",
+    quote="A receiver MUST refuse a move received after the thread's `deadline` — `now > deadline`, where `now` is the "
+    "receiver's own clock at reception […] — with `NEGOTIATION_DEADLINE_PASSED`, and the thread becomes `EXPIRED`.",
+    needs=NEG,
+)
+async def deadline(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill, deadline=ctx.now() + timedelta(hours=1))
+    await ctx.advance_clock(2 * 3600)
+    late = customer.party.move(thread, negotiation_pb2.Offer(terms=outside_options(bill)))
+    expect(await negotiate(ctx, late), Reason.NEGOTIATION_DEADLINE_PASSED, "an Offer an hour after the deadline")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_EXPIRED"))
+
+
+@suite.case(
+    "KEY-13/keyset-expired",
+    description="Live messages of a party whose newest key set expired are KEYSET_EXPIRED until it publishes a new one",
+    quote="A receiver […] MUST NOT accept live messages (§1.6) from a party whose newest version it holds has "
+    "expired, until a newer version is obtained (KEY-20).",
+    needs=(FIXTURES,),
+)
+async def keyset_expired(ctx: BillerTarget) -> None:
+    party = ctx.new_party(key_set_lifetime=timedelta(days=2))  # created a day ago: expires a day from now
+    customer = await ctx.enrolled(party)
+    await ctx.advance_clock(2 * 86_400)
+    expect(await list_bills(ctx, query_envelope(customer)), Reason.KEYSET_EXPIRED, "a query two days later")
+    start = ctx.now() - timedelta(days=1)
+    renewed = party.next_key_set([party.key_spec(party.key, start)])
+    accepted(await publish(ctx, renewed), "PublishKeySet of a fresh version 2")
+    party.adopt(renewed)
+    await read_ok(ctx, customer)
+
+
+@suite.case(
+    "ENR-4/code-expired",
+    description="The right code presented after it expired (default validity: 30 days) is ENROLMENT_CODE_EXPIRED",
+    quote="A code MUST expire a fixed time after issue (default 30 days); a biller MUST refuse a request presenting "
+    "the right code after expiry with `ENROLMENT_CODE_EXPIRED`.",
+    needs=(FIXTURES,),
+)
+async def code_expired(ctx: BillerTarget) -> None:
+    account = await ctx.new_account()
+    await ctx.advance_clock(31 * 86_400)
+    party = ctx.new_party()
+    request = party.enrolment(account.account_id, account.enrolment_code)
+    expect(await enrol(ctx, request), Reason.ENROLMENT_CODE_EXPIRED, "the right code 31 days after issue")

@@ -1,0 +1,96 @@
+"""Enrolment codes' form, times in microseconds, thanks for a payment (ENR-7, HDR-14, EVT-6)."""
+
+from __future__ import annotations
+
+import re
+
+from agent.conformance.biller.target import (
+    FIXTURES,
+    SHOULD,
+    BillerTarget,
+    accepted,
+    digest_of,
+    enrol,
+    first_event,
+    get_receipt,
+    pay,
+    payment_intent,
+    setup,
+)
+from agent.conformance.runner import Suite, Violation
+from agent.protocol.messages import PAYLOAD_TYPES
+from parley.v1 import event_pb2
+
+suite: Suite[BillerTarget] = Suite("biller/codes_and_times")
+
+
+_CODE_FORM = re.compile(r"[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}-[0-9A-HJKMNP-TV-Z]{4}")
+
+
+@suite.case(
+    "ENR-7/code-normalised",
+    description="Codes are three hyphenated groups of four Crockford base32 characters, compared after normalisation",
+    quote="An enrolment code MUST be 12 characters drawn independently and uniformly from Crockford's base32 alphabet "
+    "[…] written as three groups of four joined by hyphens […] the biller MUST apply the same normalisation before "
+    "comparing.",
+    needs=(FIXTURES,),
+)
+async def code_normalised(ctx: BillerTarget) -> str:
+    account = await ctx.new_account()
+    code = account.enrolment_code
+    if not _CODE_FORM.fullmatch(code):
+        raise Violation(f"the enrolment code {code!r} is not three groups of four Crockford base32 characters")
+    typed = " ".join(code.replace("-", "").lower().replace("0", "o").replace("1", "l"))
+    party = ctx.new_party()
+    accepted(await enrol(ctx, party.enrolment(account.account_id, typed)), f"Enrol with the code typed as {typed!r}")
+    return f"{code} accepted as {typed!r}"
+
+
+@suite.case(
+    "HDR-14/microsecond-times",
+    description="The biller writes times in whole microseconds and gives its replies short lifetimes",
+    quote="Senders SHOULD write times in whole microseconds (`nanos` a multiple of 1,000), since some implementations "
+    "compare times at microsecond precision, and SHOULD choose the shortest lifetime that serves the message",
+    level=SHOULD,
+    needs=(FIXTURES,),
+)
+async def microsecond_times(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    answer = accepted(await pay(ctx, payment_intent(customer, bill, "cf-times")), "a PaymentIntent")
+    assert customer.confirmation is not None
+    for what, envelope in (
+        ("the enrolment confirmation", customer.confirmation.confirmation),
+        ("the bill", bill.envelope),
+        ("the payment instructions", answer.instructions),
+    ):
+        header = PAYLOAD_TYPES[envelope.payload_type].FromString(envelope.payload).header  # type: ignore[attr-defined]
+        if header.create_time.nanos % 1000 or header.expire_time.nanos % 1000:
+            raise Violation(f"{what} carries times with nanosecond digits")
+        lifetime = header.expire_time.ToDatetime() - header.create_time.ToDatetime()
+        if lifetime > ctx.max_lifetime:
+            raise Violation(f"{what} has a lifetime of {lifetime}, above the maximum")
+
+
+@suite.case(
+    "EVT-6/payment-thanked",
+    description="A settled payment is followed by a PAYMENT_RECEIVED event naming the receipt",
+    quote="[A biller] SHOULD thank the consumer on every payment with a `PAYMENT_RECEIVED` event.",
+    level=SHOULD,
+    needs=("events", FIXTURES),
+)
+async def payment_thanked(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    setup(await pay(ctx, payment_intent(customer, bill, "cf-thanks")), "a PaymentIntent")
+    setup(await ctx.conn.settle_payments(), "SettlePayments")
+    receipt = await get_receipt(ctx, customer.party.query(customer.account_id, intent_id="cf-thanks"))
+    setup(receipt, "GetReceipt after SettlePayments")
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        while True:
+            envelope = await first_event(stream, "waiting for PAYMENT_RECEIVED")
+            event = event_pb2.Event.FromString(envelope.payload)
+            if event.kind == event_pb2.EVENT_KIND_PAYMENT_RECEIVED and event.bill_id == bill.bill_id:
+                break
+    if event.related_digest != digest_of(receipt.receipt):
+        raise Violation("PAYMENT_RECEIVED does not name the receipt's digest (EVT-2)")

@@ -1,0 +1,116 @@
+"""Events (§11): the signed account log, its cursor and the watch stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.conformance.biller.target import EVENT_WAIT, FIXTURES, BillerTarget, Customer, digest_of, expect, first_event
+from agent.conformance.client import EventStream, Refusal
+from agent.conformance.peers import event_log_id
+from agent.conformance.runner import Suite, Violation
+from agent.protocol.errors import Reason
+from parley.v1 import envelope_pb2, event_pb2
+
+suite: Suite[BillerTarget] = Suite("biller/events")
+
+
+async def _read_until(
+    stream: EventStream, customer: Customer, ctx: BillerTarget, wanted: set[str], first_sequence: int
+) -> list[envelope_pb2.Envelope]:
+    """Read events, checking order and chain from `first_sequence`, until BILL_ISSUED for every bill in `wanted`."""
+    events: list[envelope_pb2.Envelope] = []
+    waiting = set(wanted)
+    log_id = event_log_id(ctx.biller_id, customer.account_id)
+    while waiting:
+        envelope = await first_event(stream, f"waiting for BILL_ISSUED of {sorted(waiting)}")
+        event: Any = ctx.verify(envelope, (event_pb2.Event,), customer, live=False, what="an event").message
+        expected = first_sequence + len(events)
+        if event.header.sequence != expected:
+            raise Violation(f"the stream delivered sequence {event.header.sequence} where {expected} was due (EVT-4)")
+        if event.header.thread_id != log_id or event.account_id != customer.account_id:
+            raise Violation("an event is not in the account's event log (thread_id, account_id; EVT-1)")
+        if events and event.header.previous_digest != digest_of(events[-1]):
+            raise Violation(f"event {expected} does not chain to the event before it (EVT-1)")
+        if expected == 0 and event.header.previous_digest:
+            raise Violation("event 0 carries a previous_digest (EVT-1)")
+        if event.kind == event_pb2.EVENT_KIND_BILL_ISSUED:
+            waiting.discard(event.bill_id)
+        events.append(envelope)
+    return events
+
+
+@suite.case(
+    "EVT-1/signed-chained-log",
+    description="The event log is the account's signed chain from sequence 0, BILL_ISSUED naming the bill exactly",
+    quote="The biller MUST keep, per account, an append-only log of signed events: payloadType `parley.v1.Event`, "
+    "`sender` = the biller, `recipient` = the consumer party enrolled on the account, `header.thread_id` = the "
+    "account's event log id (§5.2), `header.sequence` = the event's position in the log from 0 without gaps, "
+    "`header.previous_digest` = the digest of the event before it",
+    needs=("events", FIXTURES),
+)
+async def signed_chained_log(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bills = [await ctx.issue_bill(customer), await ctx.issue_bill(customer)]
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        events = await _read_until(stream, customer, ctx, {b.bill_id for b in bills}, 0)
+    by_bill = {}
+    for envelope in events:
+        event = event_pb2.Event.FromString(envelope.payload)
+        if event.kind == event_pb2.EVENT_KIND_BILL_ISSUED:
+            by_bill[event.bill_id] = event
+    for bill in bills:
+        event = by_bill[bill.bill_id]
+        if (
+            event.amount != bill.bill.amount_due
+            or event.date != bill.bill.due_date
+            or event.related_digest != bill.digest
+        ):
+            raise Violation(
+                f"BILL_ISSUED of {bill.bill_id} does not carry the amount due, the due date and the bill's digest "
+                "(EVT-2)"
+            )
+    return f"{len(events)} events verified"
+
+
+@suite.case(
+    "EVT-3/cursor-out-of-range",
+    description="WatchEvents from beyond the end of the log is refused with CURSOR_OUT_OF_RANGE",
+    quote="the biller MUST refuse a `start_sequence` greater than the log's next sequence (the number of events in the "
+    "log) with `CURSOR_OUT_OF_RANGE`.",
+    needs=("events", FIXTURES),
+)
+async def cursor_out_of_range(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    async with ctx.conn.watch(customer.party.query(customer.account_id, start_sequence=1 << 40)) as stream:
+        try:
+            answer = await stream.next(EVENT_WAIT)
+        except TimeoutError:
+            raise Violation("WatchEvents from sequence 2^40 neither failed nor ended") from None
+    if not isinstance(answer, Refusal):
+        raise Violation("WatchEvents from sequence 2^40 of a short log was served, not refused")
+    expect(answer, Reason.CURSOR_OUT_OF_RANGE, "WatchEvents from sequence 2^40")
+
+
+@suite.case(
+    "EVT-4/resume-from-cursor",
+    description="A resumed watch delivers every event from its cursor, same bytes, no gap or duplicate, then live "
+    "events",
+    quote="The biller MUST stream every event with sequence ≥ `start_sequence`, in increasing sequence order without "
+    "gaps, and then each new event as it is appended, for as long as the stream stays open.",
+    needs=("events", FIXTURES),
+)
+async def resume_from_cursor(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    first = [await ctx.issue_bill(customer) for _ in range(3)]
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        seen = await _read_until(stream, customer, ctx, {b.bill_id for b in first}, 0)
+    later = [await ctx.issue_bill(customer) for _ in range(2)]
+    cursor = 1
+    async with ctx.conn.watch(customer.party.query(customer.account_id, start_sequence=cursor)) as stream:
+        resumed = await _read_until(stream, customer, ctx, {b.bill_id for b in later}, cursor)
+        overlap = seen[cursor:]
+        if [e.SerializeToString() for e in resumed[: len(overlap)]] != [e.SerializeToString() for e in overlap]:
+            raise Violation("the resumed stream delivered the already-seen events with other bytes (EVT-1)")
+        live = await ctx.issue_bill(customer)
+        tail = await _read_until(stream, customer, ctx, {live.bill_id}, cursor + len(resumed))
+    return f"resumed at {cursor}: {len(resumed)} events, then {len(tail)} live"

@@ -1,0 +1,239 @@
+"""Key sets: publication, rotation, revocation (§4)."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from agent.conformance.biller.target import (
+    FIXTURES,
+    BillerTarget,
+    Customer,
+    accepted,
+    expect,
+    list_bills,
+    publish,
+    query_envelope,
+    read_ok,
+)
+from agent.conformance.peers import KeySpec, build_key_set, flip_signature
+from agent.conformance.runner import Suite, Violation
+from agent.protocol.errors import Reason
+from parley.v1 import envelope_pb2
+
+suite: Suite[BillerTarget] = Suite("biller/keysets")
+
+
+async def _rotated(ctx: BillerTarget, customer: Customer) -> tuple[Any, envelope_pb2.Envelope]:
+    """Publish version 2 listing the current key and a new one; returns (new key, version 2)."""
+    party = customer.party
+    new_key = type(party.key).generate()
+    start = party.clock() - timedelta(days=1)
+    version_2 = party.next_key_set([party.key_spec(party.key, start), party.key_spec(new_key, start)])
+    answer = accepted(await publish(ctx, version_2), "PublishKeySet of version 2, signed by a key of version 1")
+    if answer.version != 2:
+        raise Violation(f"PublishKeySet of version 2 answered version {answer.version}")
+    party.adopt(version_2)
+    return new_key, version_2
+
+
+@suite.case(
+    "KEY-19/publish-next-version",
+    description="PublishKeySet extends the chain; a retry answers the same version; the new key then signs",
+    quote="On `PublishKeySet`, a biller MUST resolve the publishing party […], verify the envelope as the next "
+    "version of that party's chain […], store it, and answer the version now current. A retry of the very envelope "
+    "already stored as the current version MUST be answered with that version, not refused (HDR-12). The biller "
+    "MUST then judge that party's messages against the extended chain.",
+    needs=(FIXTURES,),
+)
+async def publish_next_version(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    new_key, version_2 = await _rotated(ctx, customer)
+    retry = accepted(await publish(ctx, version_2), "the same version 2 envelope, published again")
+    if retry.version != 2:
+        raise Violation(f"the retried PublishKeySet answered version {retry.version}, not 2")
+    await read_ok(ctx, customer, key=new_key)
+
+
+@suite.case(
+    "KEY-8/rollback",
+    description="A version not above the current one is refused with KEYSET_ROLLBACK",
+    quote="A receiver MUST refuse a version not above the one it holds (a rollback, including a second, different "
+    "version `N`) with `KEYSET_ROLLBACK`",
+    needs=(FIXTURES,),
+)
+async def keyset_rollback(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    await _rotated(ctx, customer)
+    party = customer.party
+    start = party.clock() - timedelta(days=1)
+    other_2 = party.next_key_set(
+        [party.key_spec(party.key, start), party.key_spec(type(party.key).generate(), start)],
+        version=2,
+        previous=party.key_sets[0],
+    )
+    expect(await publish(ctx, other_2), Reason.KEYSET_ROLLBACK, "a second, different version 2")
+    expect(await publish(ctx, party.key_sets[0]), Reason.KEYSET_ROLLBACK, "version 1 again, after version 2")
+
+
+@suite.case(
+    "KEY-8/skipped-version",
+    description="A version that skips one is refused with KEYSET_VERSION_SKIPPED",
+    quote="a version that skips one with `KEYSET_VERSION_SKIPPED`",
+    needs=(FIXTURES,),
+)
+async def keyset_skipped(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    party = customer.party
+    start = party.clock() - timedelta(days=1)
+    version_3 = party.next_key_set([party.key_spec(party.key, start)], version=3)
+    expect(await publish(ctx, version_3), Reason.KEYSET_VERSION_SKIPPED, "version 3 right after version 1")
+
+
+@suite.case(
+    "KEY-19/unknown-signer",
+    description="A version signed by a key only it lists is refused with NOT_ENROLLED, and the key stays unknown",
+    quote="On `PublishKeySet`, a biller MUST resolve the publishing party from the envelope's `keyid` among the newest "
+    "versions of its enrolled parties' chains (`NOT_ENROLLED` when none lists it, AUZ-2)",
+    needs=(FIXTURES,),
+)
+async def unknown_signer(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    party = customer.party
+    new_key = type(party.key).generate()
+    start = party.clock() - timedelta(days=1)
+    version_2 = party.next_key_set([party.key_spec(party.key, start), party.key_spec(new_key, start)], signer=new_key)
+    expect(await publish(ctx, version_2), Reason.NOT_ENROLLED, "version 2 signed by a key only version 2 lists")
+    expect(
+        await list_bills(ctx, query_envelope(customer, key=new_key)), Reason.NOT_ENROLLED, "a query signed by that key"
+    )
+
+
+@suite.case(
+    "KEY-9/bad-signature",
+    description="A next version whose signature does not verify is refused with BAD_SIGNATURE, without effect",
+    quote="A receiver MUST refuse a version whose `keyid` names no key of the set that must sign it with "
+    "`KEYSET_WRONG_SIGNER`, and one whose signature does not verify with `BAD_SIGNATURE`.",
+    needs=(FIXTURES,),
+)
+async def keyset_bad_signature(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    party = customer.party
+    new_key = type(party.key).generate()
+    start = party.clock() - timedelta(days=1)
+    version_2 = party.next_key_set([party.key_spec(party.key, start), party.key_spec(new_key, start)])
+    expect(await publish(ctx, flip_signature(version_2)), Reason.BAD_SIGNATURE, "version 2 with a flipped bit")
+    expect(await list_bills(ctx, query_envelope(customer, key=new_key)), Reason.NOT_ENROLLED, "a query by its new key")
+
+
+@suite.case(
+    "KEY-4/previous-digest",
+    description="A next version whose previous_digest is not the current version's is PREVIOUS_DIGEST_MISMATCH",
+    quote="A receiver MUST refuse a version breaking these rules with `KEYSET_INVALID`, except a wrong "
+    "`previous_digest`, refused with `PREVIOUS_DIGEST_MISMATCH`.",
+    needs=(FIXTURES,),
+)
+async def keyset_previous_digest(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    party = customer.party
+    start = party.clock() - timedelta(days=1)
+    version_2 = party.next_key_set(
+        [party.key_spec(party.key, start)], header={"previous_digest": secrets.token_bytes(32)}
+    )
+    expect(await publish(ctx, version_2), Reason.PREVIOUS_DIGEST_MISMATCH, "version 2 chained to another digest")
+
+
+@suite.case(
+    "KEY-14/rotated-key",
+    description="A key dropped by a later version still signs for times it was in force, and is UNKNOWN_KEY after",
+    quote="The signing key MUST be listed in the version in force, else the message is refused with `UNKNOWN_KEY` "
+    "(step 8 of §3.8). A key that a later version dropped (a rotation) therefore still verifies the messages it "
+    "signed while it was in force",
+    needs=(FIXTURES,),
+)
+async def rotated_key(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    party = customer.party
+    old_key, new_key = party.key, type(party.key).generate()
+    now = ctx.now()
+    start = now - timedelta(days=1)
+    version_2 = party.next_key_set([party.key_spec(new_key, start)], create_time=now - timedelta(seconds=1))
+    accepted(await publish(ctx, version_2), "version 2 dropping the old key for a new one, signed by the old key")
+    party.adopt(version_2, new_key)
+    before = now - timedelta(minutes=5)
+    await read_ok(ctx, customer, key=old_key, header={"create_time": before})
+    expect(
+        await list_bills(ctx, query_envelope(customer, key=old_key)),
+        Reason.UNKNOWN_KEY,
+        "a query signed by the dropped key, created after the rotation",
+    )
+    await read_ok(ctx, customer, key=new_key)
+
+
+@suite.case(
+    "KEY-11/revoked-key",
+    description="A key revoked from a time signs nothing created at or after it (KEY_REVOKED), and earlier "
+    "messages stay valid",
+    quote="A key is **revoked** from its `revoke_time`: a message (key sets included) created at or after "
+    "`revoke_time` and signed by that key MUST be refused with `KEY_REVOKED`, judged by the revocations of the newest "
+    "version the receiver holds.",
+    needs=(FIXTURES,),
+)
+async def revoked_key(ctx: BillerTarget) -> None:
+    spare = type(ctx.new_party().key).generate()
+    party = ctx.new_party(extra_keys=(spare,))
+    customer = await ctx.enrolled(party)
+    stolen = party.key
+    now = ctx.now()
+    revoke_time = now - timedelta(minutes=10)
+    version_2 = party.next_key_set(
+        [party.key_spec(spare, now - timedelta(days=1))],
+        signer=spare,
+        create_time=now - timedelta(seconds=1),
+        revocations={stolen.keyid: revoke_time},
+    )
+    accepted(await publish(ctx, version_2), "version 2 signed by the spare key, revoking the other")
+    party.adopt(version_2, spare)
+    after = now - timedelta(minutes=5)
+    expect(
+        await list_bills(ctx, query_envelope(customer, key=stolen, header={"create_time": after})),
+        Reason.KEY_REVOKED,
+        "a query signed by the revoked key, created after revoke_time",
+    )
+    earlier = {"create_time": now - timedelta(minutes=15), "lifetime": timedelta(minutes=20)}
+    await read_ok(ctx, customer, key=stolen, header=earlier)
+    await read_ok(ctx, customer)
+
+
+@suite.case(
+    "KEY-10/key-not-valid",
+    description="A key used before its not_before is refused with KEY_NOT_VALID",
+    quote="A key MUST only sign messages created inside its validity window, `not_before ≤ create_time < "
+    "not_after`, as listed by the version in force; a receiver MUST refuse any other with `KEY_NOT_VALID`.",
+    needs=(FIXTURES,),
+)
+async def key_not_valid(ctx: BillerTarget) -> None:
+    party = ctx.new_party()
+    later = type(party.key).generate()
+    now = ctx.now()
+    start = now - timedelta(days=1)
+    version_1 = build_key_set(
+        party_id=party.party_id,
+        version=1,
+        keys=[
+            party.key_spec(party.key, start),
+            KeySpec(later.public_key, now + timedelta(days=2), now + timedelta(days=30)),
+        ],
+        signer=party.key,
+        create_time=start,
+        expire_time=start + timedelta(days=300),
+        previous=None,
+    )
+    party.key_sets[:] = [version_1]
+    customer = await ctx.enrolled(party)
+    expect(
+        await list_bills(ctx, query_envelope(customer, key=later)),
+        Reason.KEY_NOT_VALID,
+        "a query signed by a key valid only from two days on",
+    )

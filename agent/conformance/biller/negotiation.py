@@ -1,0 +1,364 @@
+"""Negotiation (§9): alternating offers, turns, rounds, the exact accept."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from typing import Any
+
+from google.protobuf.message import Message
+
+from agent.conformance.biller.target import (
+    NEG,
+    NEGOTIATION_TYPES,
+    OUTCOME,
+    BillerTarget,
+    IssuedBill,
+    accepted,
+    agreed_thread,
+    countered_thread,
+    digest_of,
+    expect,
+    inside_options,
+    negotiate,
+    open_thread,
+    outcome_name,
+    outside_options,
+    thread_id_of,
+    thread_of,
+    thread_unchanged,
+)
+from agent.conformance.runner import Suite, Violation
+from agent.protocol.errors import ProtocolError, Reason
+from agent.protocol.limits import DEFAULT_LIMITS
+from agent.protocol.messages import PAYLOAD_TYPES
+from parley.v1 import negotiation_pb2
+
+suite: Suite[BillerTarget] = Suite("biller/negotiation")
+
+
+@suite.case(
+    "NEG-12/options-accepted-at-once",
+    description="An opening inside the advertised options is accepted at once, in the same call",
+    quote="When the pending offer is the consumer's and its terms are *within the bill's options*, the biller's next "
+    "move MUST be an Accept of it; any other biller move (a counter-Offer, a Reject, a Withdraw) is a violation, "
+    "`OPTIONS_NOT_HONOURED`.",
+    needs=NEG,
+)
+async def options_accepted_at_once(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    opening, answer = await open_thread(ctx, customer, bill, inside_options(bill))
+    accepted(answer, "an opening inside the advertised options")
+    if not answer.HasField("reply") or answer.reply.payload_type != "parley.v1.Accept":
+        got = answer.reply.payload_type if answer.HasField("reply") else "no reply"
+        raise Violation(f"an opening inside the advertised options was answered with {got}, not an Accept")
+    reply = ctx.verify(answer.reply, NEGOTIATION_TYPES, customer, live=True, what="the Accept")
+    message: Any = reply.message
+    if message.offer_digest != digest_of(opening) or reply.header.previous_digest != digest_of(opening):
+        raise Violation("the Accept does not name the opening's digest")
+    if reply.header.sequence != 1 or reply.header.thread_id != thread_id_of(opening):
+        raise Violation("the Accept is not at sequence 1 of the opening's thread")
+    if answer.outcome != OUTCOME.Value("NEGOTIATION_OUTCOME_AGREED"):
+        raise Violation(f"the answer reports outcome {outcome_name(answer)}, not AGREED")
+    await thread_unchanged(ctx, customer, [opening, answer.reply], OUTCOME.Value("NEGOTIATION_OUTCOME_AGREED"))
+
+
+_REPLY_OUTCOMES = {
+    "parley.v1.Offer": "NEGOTIATION_OUTCOME_OPEN",
+    "parley.v1.Accept": "NEGOTIATION_OUTCOME_AGREED",
+    "parley.v1.Reject": "NEGOTIATION_OUTCOME_REJECTED",
+    "parley.v1.Withdraw": "NEGOTIATION_OUTCOME_WITHDRAWN",
+}
+
+
+@suite.case(
+    "NEG-11/reply-in-same-call",
+    description="An opening outside the options is answered in the same call by a signed move at sequence 1, with a "
+    "matching outcome",
+    quote="The biller MUST answer each consumer move within the same `Negotiate` call: when the consumer's move "
+    "leaves the thread open with the biller to move, `NegotiateResponse.reply` carries the biller's signed move (next "
+    "sequence, `previous_digest` = digest of the consumer's move) and `outcome` the thread's state after that reply",
+    needs=NEG,
+)
+async def reply_in_same_call(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    opening, answer = await open_thread(ctx, customer, bill, outside_options(bill))
+    accepted(answer, "an opening outside the advertised options")
+    if not answer.HasField("reply"):
+        raise Violation(f"no reply; outcome {outcome_name(answer)}")
+    reply = ctx.verify(answer.reply, NEGOTIATION_TYPES, customer, live=True, what="the reply")
+    if reply.header.sequence != 1 or reply.header.previous_digest != digest_of(opening):
+        raise Violation("the reply is not at sequence 1 chained to the opening")
+    expected = _REPLY_OUTCOMES[answer.reply.payload_type]
+    if outcome_name(answer) != expected:
+        raise Violation(f"a {answer.reply.payload_type} reply came with outcome {outcome_name(answer)}, not {expected}")
+    if answer.reply.payload_type == "parley.v1.Offer":
+        _check_counter_terms(reply.message, bill)
+    return f"answered with {answer.reply.payload_type}"
+
+
+def _check_counter_terms(offer: Any, bill: IssuedBill) -> None:
+    """NEG-16: the biller signs no offer whose terms the rules refuse (§8, with the bill)."""
+    from agent.protocol.terms import BillFacts, Terms, validate_against_bill, validate_terms  # noqa: PLC0415
+
+    try:
+        facts = BillFacts.from_proto(bill.bill)
+        counter = Terms.from_proto(offer.terms)
+        validate_terms(counter)
+        validate_against_bill(counter, facts)
+    except ProtocolError as error:
+        raise Violation(
+            f"the biller's counter-offer has invalid terms (NEG-16): {error.reason.name}: {error.detail}"
+        ) from error
+
+
+@suite.case(
+    "NEG-7/turns",
+    description="The consumer moves at even sequences and the biller answers at the odd one after, in order",
+    quote="The parties MUST move in turn: the consumer at even sequences (0, 2, 4, …), the biller at odd ones.",
+    needs=NEG,
+)
+async def turns(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    offer = customer.party.move(thread, negotiation_pb2.Offer(terms=outside_options(bill)))
+    answer = accepted(await negotiate(ctx, offer), "a counter to the biller's counter, at sequence 2")
+    thread.append(offer)
+    if answer.HasField("reply"):
+        reply = ctx.verify(answer.reply, NEGOTIATION_TYPES, customer, live=True, what="the reply at sequence 3")
+        if reply.header.sequence != 3 or reply.header.previous_digest != digest_of(offer):
+            raise Violation("the biller's reply to sequence 2 is not at sequence 3 chained to it")
+        thread.append(answer.reply)
+    stored = await thread_of(ctx, customer, thread_id_of(thread[0]))
+    senders = [PAYLOAD_TYPES[m.payload_type].FromString(m.payload).header.sender for m in stored.messages]  # type: ignore[attr-defined]
+    expected = [customer.party_id if i % 2 == 0 else ctx.biller_id for i in range(len(thread))]
+    if senders != expected or [m.SerializeToString() for m in stored.messages] != [
+        m.SerializeToString() for m in thread
+    ]:
+        raise Violation(f"GetThread does not hold the thread in order, consumer at even sequences: senders {senders}")
+
+
+@suite.case(
+    "NEG-1/thread-open-position",
+    description="A ThreadOpen inside a thread is WRONG_PAYLOAD_TYPE; a move opening no known thread is NOT_FOUND",
+    quote="A `ThreadOpen` at any other sequence, or any other move at sequence 0, is refused with `WRONG_PAYLOAD_TYPE`",
+    needs=NEG,
+)
+async def thread_open_position(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    header = {"thread_id": thread_id_of(thread[0]), "sequence": 2, "previous_digest": digest_of(thread[-1])}
+    reopening = customer.party.open(bill.bill_id, bill.digest, outside_options(bill), header=header)
+    expect(await negotiate(ctx, reopening), Reason.WRONG_PAYLOAD_TYPE, "a ThreadOpen at sequence 2 of the thread")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_OPEN"))
+    stray = negotiation_pb2.Offer(header=customer.party.header(), terms=outside_options(bill))
+    expect(await negotiate(ctx, customer.party.sign(stray)), Reason.NOT_FOUND, "an Offer at sequence 0 of no thread")
+
+
+@suite.case(
+    "HDR-6/negotiation-sequence",
+    description="A move at a sequence other than the thread's next is SEQUENCE_MISMATCH and changes nothing",
+    quote="A receiver MUST refuse a message whose `sequence` is not the next one of its thread with "
+    "`SEQUENCE_MISMATCH`.",
+    needs=NEG,
+)
+async def negotiation_sequence(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    for sequence in (3, 1):
+        move = customer.party.move(thread, negotiation_pb2.Withdraw(), header={"sequence": sequence})
+        expect(await negotiate(ctx, move), Reason.SEQUENCE_MISMATCH, f"a Withdraw at sequence {sequence}, not 2")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_OPEN"))
+    accepted(await negotiate(ctx, customer.party.move(thread, negotiation_pb2.Withdraw())), "a Withdraw at sequence 2")
+
+
+@suite.case(
+    "HDR-7/negotiation-previous-digest",
+    description="A move chained to another message than the thread's last is PREVIOUS_DIGEST_MISMATCH and changes "
+    "nothing",
+    quote="`previous_digest` MUST be empty at sequence 0 and MUST be the digest (ENV-11) of message `sequence − 1` of "
+    "the same thread otherwise. A receiver MUST refuse any other value with `PREVIOUS_DIGEST_MISMATCH`.",
+    needs=NEG,
+)
+async def negotiation_previous_digest(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    stale = customer.party.move(thread, negotiation_pb2.Withdraw(), header={"previous_digest": digest_of(thread[0])})
+    expect(await negotiate(ctx, stale), Reason.PREVIOUS_DIGEST_MISMATCH, "a Withdraw chained to the opening")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_OPEN"))
+    accepted(
+        await negotiate(ctx, customer.party.move(thread, negotiation_pb2.Withdraw())), "a correctly chained Withdraw"
+    )
+
+
+@suite.case(
+    "NEG-5/round-limit",
+    description="An offer beyond max_rounds is the violation ROUND_LIMIT_EXCEEDED: recorded, thread PROTOCOL_ERROR, "
+    "a retry gets the same error",
+    quote="A thread MUST NOT hold more offers than its `max_rounds`: an `Offer` made when the thread already holds "
+    "`max_rounds` offers (the opening's counting as round 1) is a violation, `ROUND_LIMIT_EXCEEDED`.",
+    needs=NEG,
+)
+async def round_limit(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill, max_rounds=2)
+    offer = customer.party.move(thread, negotiation_pb2.Offer(terms=outside_options(bill)))
+    expect(await negotiate(ctx, offer), Reason.ROUND_LIMIT_EXCEEDED, "a third offer in a thread of max_rounds 2")
+    expect(await negotiate(ctx, offer), Reason.ROUND_LIMIT_EXCEEDED, "the same violating offer, retried (NEG-18)")
+    await thread_unchanged(ctx, customer, [*thread, offer], OUTCOME.Value("NEGOTIATION_OUTCOME_PROTOCOL_ERROR"))
+
+
+@suite.case(
+    "NEG-9/accept-stale-digest",
+    description="An Accept naming another digest than the pending offer is the violation ACCEPT_DIGEST_MISMATCH",
+    quote="An `Accept` MUST name, in `offer_digest`, exactly the digest of the message (`ThreadOpen` or `Offer`) that "
+    "carried the other party's pending offer […] An Accept with no pending offer of the other party, or naming any "
+    "other digest, is a violation, `ACCEPT_DIGEST_MISMATCH`.",
+    needs=NEG,
+)
+async def accept_stale_digest(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    stale = customer.party.move(thread, negotiation_pb2.Accept(offer_digest=digest_of(thread[0])))
+    expect(await negotiate(ctx, stale), Reason.ACCEPT_DIGEST_MISMATCH, "an Accept naming the consumer's own opening")
+    expect(await negotiate(ctx, stale), Reason.ACCEPT_DIGEST_MISMATCH, "the same violating Accept, retried (NEG-18)")
+    await thread_unchanged(ctx, customer, [*thread, stale], OUTCOME.Value("NEGOTIATION_OUTCOME_PROTOCOL_ERROR"))
+
+
+@suite.case(
+    "NEG-9/accept-exact",
+    description="An Accept naming exactly the biller's pending offer ends the thread AGREED, with no reply",
+    quote="when the consumer's move ended the thread (Accept, Reject, Withdraw), `reply` is absent and `outcome` is "
+    "the thread's outcome",
+    needs=NEG,
+)
+async def accept_exact(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    accept = customer.party.move(thread, negotiation_pb2.Accept(offer_digest=digest_of(thread[-1])))
+    answer = accepted(await negotiate(ctx, accept), "an Accept naming the biller's counter-offer")
+    if answer.HasField("reply") or outcome_name(answer) != "NEGOTIATION_OUTCOME_AGREED":
+        raise Violation(
+            f"the Accept was answered with a reply or outcome {outcome_name(answer)}, not AGREED and no reply"
+        )
+    await thread_unchanged(ctx, customer, [*thread, accept], OUTCOME.Value("NEGOTIATION_OUTCOME_AGREED"))
+
+
+@suite.case(
+    "NEG-14/terminal-refuses",
+    description="Every move on a thread that has an outcome is refused with THREAD_CLOSED, and nothing changes",
+    quote="A thread that has an outcome is closed for good: every further move on it MUST be refused with "
+    "`THREAD_CLOSED`, and nothing in the thread changes.",
+    needs=NEG,
+)
+async def terminal_refuses(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await agreed_thread(ctx, customer, bill)
+    moves: list[tuple[str, Message]] = [
+        ("an Offer", negotiation_pb2.Offer(terms=outside_options(bill))),
+        ("a Withdraw", negotiation_pb2.Withdraw()),
+        ("an Accept of the biller's Accept", negotiation_pb2.Accept(offer_digest=digest_of(thread[-1]))),
+    ]
+    for name, message in moves:
+        expect(await negotiate(ctx, customer.party.move(thread, message)), Reason.THREAD_CLOSED, f"{name} after AGREED")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_AGREED"))
+
+
+@suite.case(
+    "NEG-2/bill-digest-mismatch",
+    description="An opening naming another digest than the bill's is refused with BILL_DIGEST_MISMATCH",
+    quote="a biller MUST refuse an opening whose `bill_digest` is not the digest of the bill it issued under "
+    "`bill_id`, with `BILL_DIGEST_MISMATCH`.",
+    needs=NEG,
+)
+async def bill_digest_mismatch(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    wrong = customer.party.open(bill.bill_id, secrets.token_bytes(32), inside_options(bill))
+    expect(await negotiate(ctx, wrong), Reason.BILL_DIGEST_MISMATCH, "an opening naming a random bill digest")
+    _, answer = await open_thread(ctx, customer, bill, inside_options(bill))
+    accepted(answer, "a correct opening on the same bill (the refused one must have changed nothing)")
+
+
+@suite.case(
+    "NEG-4/limits-invalid",
+    description="An opening whose max_rounds or deadline is outside the announced limits is NEGOTIATION_LIMITS_INVALID",
+    quote="A biller MUST refuse, with `NEGOTIATION_LIMITS_INVALID`, an opening whose limits are outside its "
+    "`Limits` (§14) […] the opening requires `1 ≤ max_rounds ≤ Limits.max_rounds` and `create_time < deadline ≤ "
+    "create_time + Limits.max_negotiation_time` […] A missing `deadline` is refused with the same reason.",
+    needs=NEG,
+)
+async def limits_invalid(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    max_rounds = ctx.limits.max_rounds or DEFAULT_LIMITS.max_rounds
+    longest = timedelta(seconds=ctx.limits.max_negotiation_seconds) or DEFAULT_LIMITS.max_negotiation_time
+    now = ctx.now()
+    for name, options in (
+        (f"max_rounds {max_rounds + 1}", {"max_rounds": max_rounds + 1}),
+        ("max_rounds 0", {"max_rounds": 0}),
+        ("a deadline beyond max_negotiation_seconds", {"deadline": now + longest + timedelta(minutes=5)}),
+        ("a deadline before its creation", {"deadline": now - timedelta(minutes=1)}),
+        ("no deadline", {"no_deadline": True}),
+    ):
+        opening = customer.party.open(
+            bill.bill_id, bill.digest, inside_options(bill), header={"create_time": now}, **options
+        )
+        expect(await negotiate(ctx, opening), Reason.NEGOTIATION_LIMITS_INVALID, f"an opening with {name}")
+    _, answer = await open_thread(ctx, customer, bill, inside_options(bill), max_rounds=max_rounds)
+    accepted(answer, f"an opening with max_rounds {max_rounds} (the refused ones must have changed nothing)")
+
+
+@suite.case(
+    "NEG-3/not-negotiable",
+    description="An opening on a bill already under an arrangement is refused with BILL_NOT_NEGOTIABLE",
+    quote="A biller MUST refuse an opening on a bill that is not negotiable, with `BILL_NOT_NEGOTIABLE`. A bill is not "
+    "negotiable when […] it is under an active arrangement (a thread on it ended `AGREED` […])",
+    needs=NEG,
+)
+async def not_negotiable(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    await agreed_thread(ctx, customer, bill)
+    _, answer = await open_thread(ctx, customer, bill, outside_options(bill))
+    expect(answer, Reason.BILL_NOT_NEGOTIABLE, "a second opening on a bill whose thread ended AGREED")
+
+
+@suite.case(
+    "NEG-10/reject-form",
+    description="A Reject with an unspecified or undefined reason, or an over-long note, is MALFORMED_PAYLOAD",
+    quote="A `Reject` MUST carry a defined `RejectReason` other than `REJECT_REASON_UNSPECIFIED`; "
+    "`REJECT_REASON_UNSPECIFIED` or a number the enum does not define is refused with `MALFORMED_PAYLOAD` […] and the "
+    "`note` of a `Reject` or `Withdraw` MUST be at most 200 characters (`MAX_TEXT_CHARS`), else `MALFORMED_PAYLOAD`.",
+    needs=NEG,
+)
+async def reject_form(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    out_of_policy = negotiation_pb2.REJECT_REASON_OUT_OF_POLICY
+    for name, message in (
+        ("an unspecified reason", negotiation_pb2.Reject(reason=negotiation_pb2.REJECT_REASON_UNSPECIFIED)),
+        ("reason number 99", negotiation_pb2.Reject(reason=99)),  # type: ignore[arg-type]
+        ("a 201-character note", negotiation_pb2.Reject(reason=out_of_policy, note="n" * 201)),
+        ("a Withdraw with a 201-character note", negotiation_pb2.Withdraw(note="n" * 201)),
+    ):
+        move = customer.party.move(thread, message)
+        expect(await negotiate(ctx, move), Reason.MALFORMED_PAYLOAD, f"a move with {name}")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_OPEN"))
+    answer = accepted(
+        await negotiate(ctx, customer.party.move(thread, negotiation_pb2.Reject(reason=out_of_policy, note="n" * 200))),
+        "a Reject with a defined reason and a 200-character note",
+    )
+    if outcome_name(answer) != "NEGOTIATION_OUTCOME_REJECTED":
+        raise Violation(f"the Reject left the thread {outcome_name(answer)}, not REJECTED (NEG-13)")

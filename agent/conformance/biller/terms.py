@@ -1,0 +1,180 @@
+"""Terms (§8), judged in thread openings (NEG-8)."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from typing import Any
+
+from agent.conformance.biller.target import (
+    AMOUNT_DUE,
+    DEFERRAL_FEE,
+    FIXTURES,
+    INSIDE_DAYS,
+    NEG,
+    BillerTarget,
+    IssuedBill,
+    accepted,
+    expect,
+    inside_options,
+    money,
+    open_thread,
+    terms,
+)
+from agent.conformance.runner import Suite
+from agent.protocol.errors import Reason
+from parley.v1 import terms_pb2
+
+suite: Suite[BillerTarget] = Suite("biller/terms")
+
+
+def _terms_case(  # noqa: PLR0917 - a table of cases reads best positionally
+    case_id: str,
+    description: str,
+    quote: str,
+    reason: Reason,
+    variants: dict[str, Any],
+    needs: tuple[str, ...] = NEG,
+) -> None:
+    """Each variant (bill -> Terms or None) opened on a fresh bill must be refused with `reason`; nothing changes."""
+
+    @suite.case(case_id, description=description, quote=quote, needs=needs)
+    async def body(ctx: BillerTarget) -> None:
+        customer = await ctx.enrolled()
+        bill = await ctx.issue_bill(customer)
+        for name, make in variants.items():
+            _, answer = await open_thread(ctx, customer, bill, make(bill))
+            expect(answer, reason, f"an opening with {name}")
+        _, answer = await open_thread(ctx, customer, bill, inside_options(bill))
+        accepted(answer, "a valid opening on the same bill (the refused ones must have changed nothing)")
+
+
+_DEFERRAL, _PLAN = terms_pb2.TERMS_KIND_DEFERRAL, terms_pb2.TERMS_KIND_INSTALMENT_PLAN
+_FEE, _DISCOUNT = terms_pb2.LINE_KIND_FEE, terms_pb2.LINE_KIND_DISCOUNT
+
+
+def _late(bill: IssuedBill, days: int = INSIDE_DAYS) -> date:
+    return bill.due_date + timedelta(days=days)
+
+
+_terms_case(
+    "TRM-8/schedule-sum",
+    "Terms whose schedule does not sum to the total are refused with SCHEDULE_SUM_MISMATCH",
+    "The schedule's amounts MUST sum exactly to `total`; else `SCHEDULE_SUM_MISMATCH`.",
+    Reason.SCHEDULE_SUM_MISMATCH,
+    {
+        "a schedule one cent short": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE + DEFERRAL_FEE - 1)], lines=[(_FEE, DEFERRAL_FEE)]
+        ),
+    },
+)
+_terms_case(
+    "TRM-7/total-mismatch",
+    "Terms whose total is not principal plus fees minus discounts are refused with TOTAL_MISMATCH",
+    "`total` MUST equal `principal + Σ FEE − Σ DISCOUNT − Σ SETTLEMENT_REDUCTION` over the lines, exactly, in minor "
+    "units; else `TOTAL_MISMATCH`.",
+    Reason.TOTAL_MISMATCH,
+    {
+        "a total one cent above the sum": lambda b: terms(
+            _DEFERRAL,
+            [(_late(b), AMOUNT_DUE + DEFERRAL_FEE + 1)],
+            lines=[(_FEE, DEFERRAL_FEE)],
+            total=AMOUNT_DUE + DEFERRAL_FEE + 1,
+        ),
+    },
+)
+_terms_case(
+    "TRM-11/principal-mismatch",
+    "Terms whose principal is not the bill's amount due are refused with PRINCIPAL_MISMATCH",
+    "`principal` MUST equal the bill's `amount_due`, currency and minor units: a principal in another currency is "
+    "refused with `CURRENCY_MISMATCH` (TRM-2), one of another amount with `PRINCIPAL_MISMATCH`.",
+    Reason.PRINCIPAL_MISMATCH,
+    {
+        "a principal EUR 10.00 below the amount due": lambda b: terms(
+            _DEFERRAL,
+            [(_late(b), AMOUNT_DUE - 1_000 + DEFERRAL_FEE)],
+            principal=AMOUNT_DUE - 1_000,
+            lines=[(_FEE, DEFERRAL_FEE)],
+        ),
+    },
+)
+_terms_case(
+    "TRM-2/currency-mismatch",
+    "Terms mixing currencies, or in another currency than the bill, are refused with CURRENCY_MISMATCH",
+    "All amounts of one message MUST be in one currency […] and terms MUST be in the currency of the bill they settle. "
+    "A receiver MUST refuse a mix with `CURRENCY_MISMATCH`.",
+    Reason.CURRENCY_MISMATCH,
+    {
+        "a fee line in USD": lambda b: terms_pb2.Terms(
+            kind=_DEFERRAL,
+            principal=money(AMOUNT_DUE),
+            lines=[terms_pb2.Line(kind=_FEE, description="fee", amount=money(DEFERRAL_FEE, "USD"))],
+            total=money(AMOUNT_DUE + DEFERRAL_FEE),
+            schedule=[terms_pb2.Instalment(due_date=_late(b).isoformat(), amount=money(AMOUNT_DUE + DEFERRAL_FEE))],
+        ),
+        "terms wholly in USD": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE)], currency="USD"
+        ),
+    },
+)
+_terms_case(
+    "TRM-1/unknown-currency",
+    "Amounts in a code that is not an ISO 4217 currency with minor units are refused with UNKNOWN_CURRENCY",
+    'Codes whose minor unit is "N.A." (XAU, XAG, XDR, XXX…), unknown codes, lower-case or otherwise malformed codes '
+    "and the empty string MUST be refused with `UNKNOWN_CURRENCY`.",
+    Reason.UNKNOWN_CURRENCY,
+    {
+        f"currency {code!r}": (
+            lambda b, code=code: terms(
+                _DEFERRAL, [(_late(b), AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE)], currency=code
+            )
+        )
+        for code in ("XXX", "eur", "EURO", "")
+    },
+)
+_terms_case(
+    "TRM-4/invalid-date",
+    "A schedule date that is not a valid YYYY-MM-DD day is refused with INVALID_DATE",
+    "A receiver MUST refuse anything else — the empty string, `2026-2-1`, `2026-02-30`, `2026-02-01T00:00` — with "
+    "`INVALID_DATE`.",
+    Reason.INVALID_DATE,
+    {
+        f"schedule date {text!r}": (
+            lambda b, text=text: terms(_DEFERRAL, [(text, AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE)])
+        )
+        for text in ("2027-02-30", "2027-2-1", "2027-02-01T00:00", "")
+    },
+)
+_terms_case(
+    "TRM-5/invalid-terms",
+    "Terms of no kind, of the wrong shape, or missing are refused with INVALID_TERMS",
+    "Undefined or unspecified kinds (ENV-13), a missing `terms` where an offer needs them (NEG-8), and any shape not "
+    "allowed below MUST be refused with `INVALID_TERMS`.",
+    Reason.INVALID_TERMS,
+    {
+        "TERMS_KIND_UNSPECIFIED": lambda b: terms(terms_pb2.TERMS_KIND_UNSPECIFIED, [(_late(b), AMOUNT_DUE)]),
+        "kind number 42": lambda b: terms(42, [(_late(b), AMOUNT_DUE)]),
+        "a DEFERRAL in two payments": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE // 2), (_late(b, 25), AMOUNT_DUE // 2)]
+        ),
+        "a DISCOUNT line on a DEFERRAL": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE - 100)], lines=[(_DISCOUNT, 100)]
+        ),
+        "no terms": lambda b: None,
+    },
+)
+_terms_case(
+    "TRM-9/dates-not-increasing",
+    "An instalment plan whose dates do not strictly increase is refused with SCHEDULE_DATES_NOT_INCREASING",
+    "Schedule dates MUST be strictly increasing; a date equal to or before the one before it is refused with "
+    "`SCHEDULE_DATES_NOT_INCREASING`.",
+    Reason.SCHEDULE_DATES_NOT_INCREASING,
+    {
+        "two instalments on one date": lambda b: terms(
+            _PLAN, [(_late(b), AMOUNT_DUE // 2), (_late(b), AMOUNT_DUE // 2)]
+        ),
+        "a second instalment before the first": lambda b: terms(
+            _PLAN, [(_late(b, 20), AMOUNT_DUE // 2), (_late(b, 5), AMOUNT_DUE // 2)]
+        ),
+    },
+    needs=("negotiation", "instalments", FIXTURES),
+)

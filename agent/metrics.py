@@ -22,6 +22,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
 
+from agent.listen import is_loopback, parse_listen
+
 # Seconds: from a fast read to a slow store commit; streams (WatchEvents) land in +Inf.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -200,18 +202,41 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 # --- The HTTP endpoint ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class MetricsTls:
+    """TLS for a /metrics endpoint off loopback: the server's certificate and key files, and the CA whose
+    client certificates may scrape (mutual TLS is the authentication: TRN-2 asks every listener that
+    leaves the machine for both)."""
+
+    certfile: str
+    keyfile: str
+    client_cafile: str
+
+
 class MetricsEndpoint:
     """A running /metrics HTTP endpoint (a daemon thread); `close()` stops it."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, tls: MetricsTls | None = None) -> None:
+        if tls is None:
+            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+        else:
+            self._server, self._thread = start_http_server(
+                port,
+                addr=host,
+                registry=registry,
+                certfile=tls.certfile,
+                keyfile=tls.keyfile,
+                client_cafile=tls.client_cafile,
+                client_auth_required=True,
+            )
         self.host = host
         self.port: int = self._server.server_port
+        self.scheme = "http" if tls is None else "https"
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{self.scheme}://{host}:{self.port}/metrics"
 
     async def close(self) -> None:
         await asyncio.to_thread(self._server.shutdown)
@@ -219,19 +244,20 @@ class MetricsEndpoint:
         self._thread.join(timeout=5)
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """("host", port) from "HOST:PORT" ("[::1]:9464" for IPv6); ValueError if it is not one."""
-    host, separator, port = listen.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not separator or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT, got {listen!r}")
-    return host, int(port)
+async def serve_metrics(registry: CollectorRegistry, listen: str, *, tls: MetricsTls | None = None) -> MetricsEndpoint:
+    """Serve `registry` as Prometheus text on http(s)://listen/metrics (port 0 picks a free port).
 
-
-async def serve_metrics(registry: CollectorRegistry, listen: str) -> MetricsEndpoint:
-    """Serve `registry` as Prometheus text on http://listen/metrics (port 0 picks a free port)."""
+    Plaintext only on a loopback address (TRN-2, as for the gRPC listener): metrics name accounts'
+    activity and the biller's load, so off the machine they need `tls` with client certificates.
+    ValueError otherwise, naming what to do.
+    """
     host, port = parse_listen(listen)
-    return await asyncio.to_thread(MetricsEndpoint, registry, host, port)
+    if tls is None and not is_loopback(host):
+        raise ValueError(
+            f"metrics on {listen} would be plaintext and open to anyone who can reach {host}: "
+            "listen on 127.0.0.1 (scrape through a tunnel or proxy), or configure TLS with client certificates"
+        )
+    return await asyncio.to_thread(MetricsEndpoint, registry, host, port, tls)
 
 
 __all__ = [
@@ -239,6 +265,6 @@ __all__ = [
     "BillerMetrics",
     "MetricsEndpoint",
     "MetricsInterceptor",
-    "parse_listen",
+    "MetricsTls",
     "serve_metrics",
 ]

@@ -20,8 +20,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.listen import parse_listen
 from agent.logs import LOG_FORMATS, LOG_LEVELS
-from agent.metrics import parse_listen
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.messages import is_party_id
 from agent.protocol.terms import Currency, Money

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
+from agent.listen import parse_listen
 from agent.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
-from agent.metrics import parse_listen
 from agent.stores import check_store_location
 from reference_biller.config import ServerSettings
 

@@ -29,7 +29,7 @@ AGENT = ROOT / "agent"
 PROTOCOL_THIRD_PARTY = {"google", "nacl", "cryptography", "iso4217"}
 ABOVE_THE_LIBRARY = ("agent.tools", "agent.conformance", "agent.cli", "reference_biller", "reference_consumer", "tests")
 LIBRARY = ("agent.protocol", "agent.biller", "agent.consumer", "agent.stores", "agent.transport", "agent.web")
-RUNTIME_MODULES = ("clock", "logs", "lru", "metrics", "ratelimit", "tracing", "identity", "version")
+RUNTIME_MODULES = ("clock", "logs", "lru", "metrics", "ratelimit", "tracing", "identity", "version", "listen")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:

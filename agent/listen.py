@@ -1,0 +1,32 @@
+"""Listen addresses, one reading for every listener (gRPC, metrics, web pages): HOST:PORT and loopback.
+
+TRN-2: plaintext is allowed only on a loopback address; every listener asks `is_loopback` the same way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is a loopback address: 127.0.0.0/8, ::1 or localhost (TRN-2)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """("host", port) from "HOST:PORT" ("[::1]:9464" for IPv6); ValueError naming what is wrong."""
+    host, separator, port = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not separator or not host:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"the port in {listen!r} must be a number from 0 to 65535 (0 picks a free port)")
+    return host, int(port)
+
+
+__all__ = ["is_loopback", "parse_listen"]

@@ -127,6 +127,9 @@ class Approvals:
 # --- The durable approver -------------------------------------------------------------------------------------
 
 
+_STANDING_NOTES = {True: "answered by --approve-all", False: "answered by --deny-all"}
+
+
 class ApprovalPending(Exception):
     """Raised through `ConsumerAgent.negotiate` by `ApprovalBook`: the request is stored, nothing was sent."""
 
@@ -181,6 +184,8 @@ class ApprovalBook:
     async def _decide(self, request: ApprovalRequest) -> ApprovalState:
         now = self._clock.now()
         record = await self._store.get_approval(request.request_id)
+        if self._standing_answer is not None and record is not None and record.note in _STANDING_NOTES.values():
+            record = None if record.state is not ApprovalState.SENT else record  # a standing answer replaces another
         if record is not None and record.state in (ApprovalState.APPROVED, ApprovalState.SENT):
             return ApprovalState.APPROVED
         if record is not None and record.state is ApprovalState.DECLINED:
@@ -190,7 +195,7 @@ class ApprovalBook:
         )
         if record is None:
             record = await self._store.save_approval(_record_of(request, now))
-            fresh = True
+            fresh = record.state is ApprovalState.PENDING
         else:
             fresh = record.state is ApprovalState.LAPSED
             if fresh:  # the same move is wanted again: ask again under the same id
@@ -200,9 +205,9 @@ class ApprovalBook:
                 record = reopened or record
         if self._standing_answer is not None:
             state = ApprovalState.APPROVED if self._standing_answer else ApprovalState.DECLINED
-            note = "answered by --approve-all" if self._standing_answer else "answered by --deny-all"
+            any_but_sent = (ApprovalState.PENDING, ApprovalState.LAPSED, ApprovalState.APPROVED, ApprovalState.DECLINED)
             await self._store.answer_approval(
-                record.request_id, state, now, note, only_from=(ApprovalState.PENDING, ApprovalState.LAPSED)
+                record.request_id, state, now, _STANDING_NOTES[self._standing_answer], only_from=any_but_sent
             )
             return state
         if fresh and self._on_new is not None:

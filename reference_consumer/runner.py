@@ -554,26 +554,11 @@ class Household:
 
     async def agreements(self) -> list[tuple[str, str, bytes]]:
         """(biller, bill id, thread id) of every agreement that reached the biller, oldest first per bill."""
-        found = []
-        for link in await self.agent.links():
-            bill_ids = dict.fromkeys(record.bill_id for record in await self.store.list_bills(link.biller_party_id))
-            for bill_id in bill_ids:
-                for thread in await self.store.threads(link.biller_party_id, bill_id, ThreadOutcome.AGREED):
-                    if not thread.awaiting_answer:
-                        found.append((link.biller_party_id, bill_id, thread.thread_id))
-        return found
+        return await agreements_reached(self.agent, self.store)
 
     async def write_agreement_files(self) -> list[Path]:
         """Write each agreement reached as a `parley-bundle/1` file, once (BND-7); the files written now."""
-        written = []
-        for biller, bill_id, thread_id in await self.agreements():
-            path = agreement_file(self.state_dir, biller, bill_id, thread_id)
-            if path.exists():
-                continue
-            bundle = await self.agent.export_bundle(thread_id)
-            await asyncio.to_thread(_write_private, path, _bundle_text(bundle))
-            written.append(path)
-        return written
+        return await write_agreement_files(self.agent, self.store, self.state_dir)
 
     async def _queue_notifications(self, fetched: Sequence[tuple[str, ReceivedBill]], report: PassReport) -> None:
         """Queue the news of this pass, by ids that make a repeat a no-op (a restart or a new pass loses
@@ -1012,6 +997,32 @@ def _approval_notice(profile: Profile, record: ApprovalRecord) -> dict[str, obje
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+async def agreements_reached(agent: ConsumerAgent, store: SqliteConsumerStore) -> list[tuple[str, str, bytes]]:
+    """(biller, bill id, thread id) of every agreement that reached the biller, oldest first per bill."""
+    found = []
+    for link in await agent.links():
+        bill_ids = dict.fromkeys(record.bill_id for record in await store.list_bills(link.biller_party_id))
+        for bill_id in bill_ids:
+            for thread in await store.threads(link.biller_party_id, bill_id, ThreadOutcome.AGREED):
+                if not thread.awaiting_answer:
+                    found.append((link.biller_party_id, bill_id, thread.thread_id))
+    return found
+
+
+async def write_agreement_files(agent: ConsumerAgent, store: SqliteConsumerStore, state_dir: Path) -> list[Path]:
+    """Write each agreement reached as a `parley-bundle/1` file under `state_dir`, once; the files written now.
+    Reads the store only (the bundle is the stored chains, bill and thread, BND-7)."""
+    written = []
+    for biller, bill_id, thread_id in await agreements_reached(agent, store):
+        path = agreement_file(state_dir, biller, bill_id, thread_id)
+        if path.exists():
+            continue
+        bundle = await agent.export_bundle(thread_id)
+        await asyncio.to_thread(write_private, path, _bundle_text(bundle))
+        written.append(path)
+    return written
+
+
 def agreement_file(state_dir: Path, biller: str, bill_id: str, thread_id: bytes) -> Path:
     """Where the agreement of a thread is kept: `agreements/<biller>_<bill>_<thread>.parley-bundle.json`."""
     name = f"{_SAFE_NAME.sub('-', biller)}_{_SAFE_NAME.sub('-', bill_id)[:80]}_{thread_id.hex()[:16]}"
@@ -1022,7 +1033,7 @@ def _bundle_text(bundle: Bundle) -> str:
     return json.dumps(bundle.to_json(), indent=2, sort_keys=True) + "\n"
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write a file atomically, readable by its owner only (the household's papers)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
@@ -1355,7 +1366,8 @@ def run_command(args: argparse.Namespace, out: Console) -> int:
 
 
 def add_consumer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `parley consumer run` on the `parley` command's subparsers."""
+    """Register `parley consumer run` (and status, approve, decline, enrol, export-agreements) on the
+    `parley` command's subparsers."""
     consumer = commands.add_parser("consumer", help="run the reference consumer (a household's bot)")
     actions = consumer.add_subparsers(dest="consumer_command", required=True, metavar="COMMAND")
     run = actions.add_parser(
@@ -1364,7 +1376,7 @@ def add_consumer_commands(commands: argparse._SubParsersAction[argparse.Argument
         description="Act for the household of the profile: see reference_consumer/runner.py.",
     )
     source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", metavar="FILE", help="the household's profile (TOML)")
+    source.add_argument("--profile", "--config", dest="config", metavar="FILE", help="the household's profile (TOML)")
     source.add_argument(
         "--from-env",
         action="store_true",
@@ -1385,6 +1397,9 @@ def add_consumer_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     answer.add_argument("--deny-all", action="store_true", help="decline every move outside the mandate")
     run.set_defaults(handler=run_command)
+    from reference_consumer.commands import add_household_commands  # noqa: PLC0415 - it builds on this module
+
+    add_household_commands(actions)
 
 
 __all__ = [
@@ -1404,10 +1419,13 @@ __all__ = [
     "StateError",
     "add_consumer_commands",
     "agreement_file",
+    "agreements_reached",
     "describe_terms",
     "load_identity",
     "profile_from_env",
     "render",
     "run_command",
     "run_household",
+    "write_agreement_files",
+    "write_private",
 ]

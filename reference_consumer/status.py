@@ -40,8 +40,9 @@ what this state directory's store holds for its own party.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -145,10 +146,22 @@ async def household_status(profile: Profile, state_dir: Path, *, clock: Clock | 
     now = clock.now()
     if not (state_dir / STORE_FILE).exists():
         return empty_status(profile, state_dir, now)
+    async with reading_household(profile, state_dir, clock) as (agent, store):
+        return await _build(profile, state_dir, agent, store, now)
+
+
+@contextlib.asynccontextmanager
+async def reading_household(
+    profile: Profile, state_dir: Path, clock: Clock
+) -> AsyncIterator[tuple[ConsumerAgent, SqliteConsumerStore]]:
+    """The household's agent and store, to read what is stored: nothing is created, no biller is called
+    (only the agent's store-reading methods may be used). UnreadableState if there is no state."""
+    if not (state_dir / STORE_FILE).exists():
+        raise UnreadableState(f"{state_dir} holds no household state yet: run `parley consumer run` first")
     key, chain = await asyncio.to_thread(_identity, state_dir, profile.party_id)
     store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
     try:
-        agent = ConsumerAgent(  # only its store-reading methods are used: no channel is ever opened
+        agent = ConsumerAgent(
             party_id=profile.party_id,
             signing_key=key,
             key_sets=chain,
@@ -158,7 +171,7 @@ async def household_status(profile: Profile, state_dir: Path, *, clock: Clock | 
             clock=clock,
         )
         try:
-            return await _build(profile, state_dir, agent, store, now)
+            yield agent, store
         finally:
             await agent.close()
     finally:
@@ -498,4 +511,11 @@ def status_json(document: dict[str, object]) -> str:
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-__all__ = ["STATUS_FORMAT", "UnreadableState", "empty_status", "household_status", "status_json"]
+__all__ = [
+    "STATUS_FORMAT",
+    "UnreadableState",
+    "empty_status",
+    "household_status",
+    "reading_household",
+    "status_json",
+]

@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,9 +95,9 @@ def status_command(args: argparse.Namespace, out: Console) -> int:
         document = asyncio.run(household_status(profile, Path(args.state_dir)))
     except (UnreadableState, OSError) as error:
         return _fail(out, f"unusable state: {error}", EXIT_UNUSABLE)
-    if args.json:
-        out.file.write(status_json(document))
-        out.file.flush()
+    if args.json:  # the document alone on standard output (the CLI's console is standard error with --json)
+        sys.stdout.write(status_json(document))
+        sys.stdout.flush()
         return EXIT_OK
     render_status(document, out)
     return EXIT_OK

@@ -564,6 +564,8 @@ class Household:
         """Queue the news of this pass, by ids that make a repeat a no-op (a restart or a new pass loses
         nothing and repeats nothing): new bills, agreements, payments made, reminders, missed instalments."""
         outbox, profile = self.outbox, self.profile
+        if not profile.notifications.enabled:
+            return
         for biller, bill in fetched:
             facts = bill.facts
             await outbox.add(

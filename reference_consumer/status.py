@@ -214,7 +214,7 @@ async def _build(
 
     document["events"], ended = await _events(store, links, name)
     approvals = await store.approvals()
-    document["approvals"] = [_approval_document(record, name) for record in approvals]
+    document["approvals"] = [_approval_document(record, name, now) for record in approvals]
     payments = await agent.payments()
     bills_part = await _bills(_Reading(profile, state_dir, agent, store, now, links, approvals, payments, ended))
     document.update(bills_part.documents)
@@ -257,11 +257,17 @@ async def _events(
     return events, ended
 
 
-def _approval_document(record: ApprovalRecord, name: Callable[[str], str]) -> dict[str, object]:
+def _approval_document(record: ApprovalRecord, name: Callable[[str], str], now: datetime) -> dict[str, object]:
+    state, note = record.state, record.note
+    if state is ApprovalState.PENDING and record.deadline is not None and record.deadline <= now:
+        state, note = (
+            ApprovalState.LAPSED,
+            "the negotiation's deadline passed",
+        )  # shown as it is; stored on the next pass
     return {
         "id": record.request_id,
-        "state": record.state.value,
-        "state_text": approval_words(record.state),
+        "state": state.value,
+        "state_text": approval_words(state),
         "action": record.action,
         "action_text": ACTION_WORDS.get(record.action, record.action),
         "biller": record.biller_party_id,
@@ -273,7 +279,7 @@ def _approval_document(record: ApprovalRecord, name: Callable[[str], str]) -> di
         "deadline": _time(record.deadline),
         "created_at": _time(record.created_at),
         "answered_at": _time(record.answered_at),
-        "note": record.note,
+        "note": note,
     }
 
 

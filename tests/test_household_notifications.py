@@ -22,10 +22,12 @@ from rich.console import Console
 
 from agent.clock import ManualClock
 from agent.stores.consumer_sqlite import SqliteConsumerStore
+from reference_biller import scheduler
 from reference_consumer.notify import ID_HEADER, SIGNATURE_HEADER, Notifier, Outbox, verify_signature
 from reference_consumer.profile import Notifications, ProfileError, load_profile, parse_profile
 from reference_consumer.runner import EXIT_APPROVALS_PENDING, Approval, RunOptions, run_household
-from tests.test_consumer_run import SHORT, code_for, free_port, reference_biller, write_profile
+from reference_consumer.status import household_status
+from tests.test_consumer_run import ACCOUNT, CONFIG, SHORT, code_for, free_port, reference_biller, write_profile
 from tests.test_household_space import bill_600
 
 START = datetime(2026, 3, 5, 9, 0, tzinfo=UTC)
@@ -186,3 +188,40 @@ def test_the_bot_tells_the_person_of_a_bill_an_approval_an_agreement_and_a_payme
             assert kinds()[3:] == ["payment"]
 
     asyncio.run(main())
+
+
+def test_a_missed_instalment_is_told_and_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = ManualClock(START)
+    state, profile = tmp_path / "state", tmp_path / "household.toml"
+    inbox = tmp_path / "inbox.jsonl"
+    script = f"import sys; open({str(inbox)!r}, 'a').write(sys.stdin.read() + '\\n')"
+    notifications = (
+        f'\n[notifications]\ncommand = {json.dumps([sys.executable, "-c", script])}\nkinds = ["missed_instalment"]\n'
+    )
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_600) as running:
+            write_profile(
+                profile,
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=running.biller.fingerprint.hex(),
+                code=await code_for(running),
+                household=SHORT + notifications,
+            )
+            options = RunOptions(state, once=True, approval=Approval.APPROVE, event_idle=0.2)
+            assert await run_household(load_profile(profile), options, Console(width=200), clock=clock) == 0
+            # The household misses its date; past the grace days the biller says so.
+            clock.set(datetime(2026, 4, 3, 9, 0, tzinfo=UTC))
+            biller = running.biller
+            await scheduler.tick(biller.agent, CONFIG, clock.now(), store=biller.store, accounts=[ACCOUNT])
+            await run_household(load_profile(profile), options, Console(width=200), clock=clock)
+            document = await household_status(load_profile(profile), state, clock=clock)
+            events = document["events"]
+            assert isinstance(events, list)
+            assert "instalment_missed" in [event["kind"] for event in events]
+
+    asyncio.run(main())
+    [line] = inbox.read_text().splitlines()
+    notice = json.loads(line)
+    assert (notice["kind"], notice["bill_id"]) == ("missed_instalment", "winter")
+    assert "instalment missed" in notice["title"]

@@ -8,9 +8,8 @@ types (`status`, `approve`, `decline`, `enrol`, `export-agreements`) run through
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from datetime import UTC, date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,32 @@ from rich.console import Console
 
 from agent.biller import BillerAgent
 from agent.clock import ManualClock, SystemClock
-from agent.consumer import ApprovalBook, InvalidEnrolmentLink, parse_enrolment_uri
+from agent.consumer import (
+    ApprovalBook,
+    ApprovalClosed,
+    ApprovalPending,
+    ApprovalRequest,
+    InvalidEnrolmentLink,
+    ReceivedBill,
+    UnknownApproval,
+    parse_enrolment_uri,
+)
+from agent.consumer.approvals import REQUEST_ID_HEX_CHARS, Approvals
 from agent.consumer.plugins import terms_digest
 from agent.protocol.enrolment import normalize_enrolment_code
-from agent.protocol.terms import Money, TermsKind, build_terms, monthly_dates
+from agent.protocol.terms import (
+    AdvertisedOptions,
+    BillFacts,
+    Line,
+    LineKind,
+    Money,
+    TermsKind,
+    build_terms,
+    monthly_dates,
+)
 from agent.stores.base import ApprovalState
 from agent.stores.consumer_sqlite import SqliteConsumerStore
+from parley.v1 import envelope_pb2
 from reference_biller import sample
 from reference_consumer.profile import ProfileError, load_profile, parse_profile
 from reference_consumer.runner import (
@@ -40,7 +59,6 @@ from reference_consumer.words import describe_terms
 from tests.test_consumer_run import (
     ACCOUNT,
     BILLER,
-    CONFIG,
     SHORT,
     START,
     cli,
@@ -409,23 +427,66 @@ def test_terms_are_described_in_plain_words() -> None:
     assert describe_terms(full) == "pay in full: EUR 120.00 by 2026-04-01"
 
 
-def test_an_approval_book_binds_the_exact_request(tmp_path: Path) -> None:
-    """The library side: list and answer by id; an unknown id or a second answer changes nothing."""
+def _request(
+    terms_total: str, *, deadline: datetime | None = None, in_reply_to: bytes | None = None
+) -> ApprovalRequest:
+    facts = BillFacts("winter", ACCOUNT, eur("600.00"), date(2026, 3, 1), date(2026, 3, 26), "", AdvertisedOptions())
+    bill = ReceivedBill(BILLER, ACCOUNT, facts, b"d" * 32, envelope_pb2.Envelope(), START)
+    fee = Line(LineKind.FEE, "deferral fee", eur(terms_total) - eur("600.00"))
+    terms = build_terms(TermsKind.DEFERRAL, eur("600.00"), (date(2026, 3, 29),), (fee,))
+    thread = None if in_reply_to is None else b"t" * 16
+    return Approvals.request(
+        "open" if thread is None else "accept",
+        bill,
+        terms,
+        ["fee too high"],
+        thread_id=thread,
+        deadline=deadline,
+        in_reply_to=in_reply_to,
+    )
+
+
+def test_request_ids_are_stable_and_bind_the_terms_and_the_point_of_the_negotiation() -> None:
+    assert _request("605.00").request_id == _request("605.00").request_id
+    assert len(_request("605.00").request_id) == REQUEST_ID_HEX_CHARS
+    assert _request("605.00").request_id != _request("606.00").request_id
+    assert _request("605.00", in_reply_to=b"a" * 32).request_id != _request("605.00", in_reply_to=b"b" * 32).request_id
+
+
+def test_the_approval_book_answers_by_id_and_lets_a_superseded_approval_lapse(tmp_path: Path) -> None:
+    clock = ManualClock(START)
 
     async def main() -> None:
         store = await SqliteConsumerStore.open(tmp_path / "c.sqlite")
         try:
-            book = ApprovalBook(store, ManualClock(datetime(2026, 3, 5, tzinfo=UTC)))
-            assert await book.pending() == []
-            with pytest.raises(LookupError):
+            book = ApprovalBook(store, clock)
+            first, second = _request("605.00"), _request("606.00")
+            with pytest.raises(ApprovalPending):
+                await book(first)
+            assert [r.request_id for r in await book.pending()] == [first.request_id]
+            with pytest.raises(UnknownApproval):
                 await book.answer("feedfeedfeedfeed", True)
-            assert await store.approvals() == []
+            await book.answer(first.request_id, True)
+            with pytest.raises(ApprovalClosed):
+                await book.answer(first.request_id, False)
+            assert await book(first) is True  # exactly this move: approved
+            # The bot now wants another move on the bill: the approval lapses, a new request waits.
+            with pytest.raises(ApprovalPending):
+                await book(second)
+            states = {r.request_id: r.state for r in await store.approvals()}
+            assert states == {first.request_id: ApprovalState.LAPSED, second.request_id: ApprovalState.PENDING}
+            # Back to the first move: asked again, not approved by the old answer.
+            with pytest.raises(ApprovalPending):
+                await book(first)
+            # A request whose negotiation deadline passed cannot be answered any more.
+            late = _request("607.00", deadline=START + timedelta(hours=1), in_reply_to=b"c" * 32)
+            with pytest.raises(ApprovalPending):
+                await book(late)
+            clock.advance(timedelta(hours=2))
+            with pytest.raises(ApprovalClosed, match="deadline"):
+                await book.answer(late.request_id, True)
+            assert (await store.get_approval(late.request_id)).state is ApprovalState.LAPSED  # type: ignore[union-attr]
         finally:
             await store.close()
 
     asyncio.run(main())
-
-
-def test_request_ids_are_a_digest_of_what_they_bind() -> None:
-    assert len(hashlib.sha256(b"x").hexdigest()[:16]) == 16  # ids are 16 hex characters (REQUEST_ID_HEX_CHARS)
-    assert CONFIG.party_id == BILLER

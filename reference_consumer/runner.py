@@ -1375,7 +1375,9 @@ def add_consumer_commands(commands: argparse._SubParsersAction[argparse.Argument
     run = actions.add_parser(
         "run",
         help="enrol, fetch bills, negotiate inside the mandate and pay what is due; every --interval seconds",
-        description="Act for the household of the profile: see reference_consumer/runner.py.",
+        description="Act for the household of the profile: see reference_consumer/runner.py. Exit status of a "
+        "--once pass: 0 done, 3 requests wait for your approval (parley consumer approve ID), 1 a biller refused "
+        "or failed verification, 2 unusable profile or state, or a biller that cannot be reached.",
     )
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("--profile", "--config", dest="config", metavar="FILE", help="the household's profile (TOML)")

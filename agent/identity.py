@@ -115,6 +115,24 @@ class IdentityDir:
             )
         return self.renew(Identity(key, chain), now)
 
+    def read(self, party_id: str) -> Identity:
+        """The identity as stored, for read-only views: nothing is created, renewed or finished.
+
+        IdentityError if there is none, it is unreadable, or it is another party's (OtherPartyError).
+        """
+        chain = self._read_chain()
+        if chain is None or not self.key_path.exists():
+            raise IdentityError(f"{self.state_dir} holds no {self.role} identity yet")
+        if chain.party_id != party_id:
+            raise OtherPartyError(
+                f"{self.state_dir} holds the identity of {chain.party_id!r}, not {party_id!r}", chain.party_id
+            )
+        try:
+            key = SigningKey.load(self.key_path)
+        except ValueError as error:
+            raise IdentityError(f"{self.key_path} is not a usable key: {error}") from error
+        return Identity(key, chain)
+
     def renew(self, identity: Identity, now: datetime) -> Identity:
         """The identity, its chain extended by a new version (same key, fresh validity) if the newest expires soon."""
         chain = identity.chain

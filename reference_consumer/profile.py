@@ -24,6 +24,17 @@ system's roots. `server_name` overrides the name checked against the
 certificate. `target`, `fingerprint` and `account_id` go together: a biller
 with none of them is only ranked, not contacted.
 
+Instead of `target`, `fingerprint`, `account_id` and `code`, a biller's table may
+carry `uri`, the `parley:enrol?...` link the biller printed (ENR-8); its `biller`
+must be the table's party id. `name` is how the household calls the biller in
+what it reads (default: the party id without its `biller:` prefix).
+
+`[notifications]` (optional) is how the person wants to hear news: `command`
+(an argument list run with the notification's JSON on its standard input)
+and/or `webhook` (a URL the JSON is POSTed to, https unless on loopback, signed
+with the shared secret in `secret_file`), for the `kinds` chosen (default all:
+see `NOTIFICATION_KINDS`).
+
 For billers that require mutual TLS (TRN-9), `household.client_certificate`
 and `household.client_key` (both or neither; PEM files, relative paths read
 from the profile's directory) are the household's TLS client certificate,
@@ -45,7 +56,9 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
+from agent.consumer.enrolment import InvalidEnrolmentLink, parse_enrolment_uri
 from agent.consumer.mandate import Mandate as Mandate  # noqa: PLC0414 - re-exported: the profile holds the agent's one mandate (NEG-20)
 from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
 from agent.protocol.errors import LocalProtocolError
@@ -57,7 +70,10 @@ from agent.transport.server import is_loopback
 _T = TypeVar("_T")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _CODE = re.compile(f"[{ENROLMENT_CODE_ALPHABET}]{{4}}(?:-[{ENROLMENT_CODE_ALPHABET}]{{4}}){{2}}")
-_CONNECTION_KEYS = ("target", "fingerprint", "account_id", "code", "ca_file", "insecure", "server_name")
+_CONNECTION_KEYS = ("target", "fingerprint", "account_id", "code", "ca_file", "insecure", "server_name", "uri")
+NOTIFICATION_KINDS = ("new_bill", "approval_needed", "agreement", "payment", "reminder", "missed_instalment")
+"""What the person can be notified of: a new bill, a request for approval, an agreement reached, a payment
+made, a reminder from a biller, a missed instalment."""
 _MAX_PORT = 65535
 
 
@@ -114,6 +130,22 @@ class BillerPreference:
     biller_id: str
     priority: int
     connection: BillerConnection | None = None
+    name: str = ""
+    """How the household calls the biller; empty: `Profile.biller_name` makes one from the party id."""
+
+
+@dataclass(frozen=True)
+class Notifications:
+    """Where the person wants news: a command (argument list) and/or a signed webhook."""
+
+    command: tuple[str, ...] = ()
+    webhook: str | None = None
+    secret_file: Path | None = None
+    kinds: tuple[str, ...] = NOTIFICATION_KINDS
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.command) or self.webhook is not None
 
 
 @dataclass(frozen=True)
@@ -138,14 +170,25 @@ class Profile:
     billers: tuple[BillerPreference, ...] = ()
     hardship: bool = False
     client_certificate: ClientCertificateFiles | None = None
+    notifications: Notifications = Notifications()
 
     def priority_of(self, biller_id: str) -> int | None:
         """The priority the household gives this biller, or None when the profile does not rank it."""
         return next((b.priority for b in self.billers if b.biller_id == biller_id), None)
 
+    def biller_name(self, biller_id: str) -> str:
+        """What the household calls this biller: its `name`, else the party id without `biller:`."""
+        named = next((b.name for b in self.billers if b.biller_id == biller_id and b.name), None)
+        return named or default_biller_name(biller_id)
+
     def connected(self) -> tuple[BillerPreference, ...]:
         """The billers the profile says how to reach, in the profile's order."""
         return tuple(b for b in self.billers if b.connection is not None)
+
+
+def default_biller_name(biller_id: str) -> str:
+    """A party id as a name: "biller:energy.example" → "energy.example"."""
+    return biller_id.removeprefix("biller:") or biller_id
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -312,14 +355,29 @@ def _client_certificate(table: _Table, base_dir: Path | None) -> ClientCertifica
     return ClientCertificateFiles(_file(certificate, base_dir), _file(key, base_dir))
 
 
-def _connection(table: _Table, base_dir: Path | None) -> BillerConnection | None:
+def _connection(table: _Table, base_dir: Path | None, biller_id: str) -> BillerConnection | None:
     """The connection keys of one biller's table, or None when it has none."""
     if not any(name in table.items for name in _CONNECTION_KEYS):
         return None
-    target = table.get("target", _target)
-    fingerprint = table.get("fingerprint", _fingerprint)
-    account_id = table.get("account_id", _account_id)
-    code = table.optional("code", _enrolment_code, None)
+    if "uri" in table.items:
+        both = [name for name in ("target", "fingerprint", "account_id", "code") if name in table.items]
+        if both:
+            raise ProfileError(_key(table.path, both[0]), "give uri or the values it carries, not both")
+        uri = table.get("uri", _text)
+        try:
+            link = parse_enrolment_uri(uri)
+        except InvalidEnrolmentLink as error:
+            raise ProfileError(_key(table.path, "uri"), f"not a usable enrolment link: {error}") from None
+        if link.biller_party_id != biller_id:
+            raise ProfileError(_key(table.path, "uri"), f"the link is for {link.biller_party_id!r}, not {biller_id!r}")
+        target, fingerprint, account_id = link.target, link.fingerprint, link.account_id
+        code: str | None = link.code
+        _target(_key(table.path, "uri"), target)
+    else:
+        target = table.get("target", _target)
+        fingerprint = table.get("fingerprint", _fingerprint)
+        account_id = table.get("account_id", _account_id)
+        code = table.optional("code", _enrolment_code, None)
     insecure = table.optional("insecure", _boolean, False)
     ca_text = table.optional("ca_file", _text, None)
     server_name = table.optional("server_name", _text, None)
@@ -341,7 +399,7 @@ def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = Non
     `base_dir` is where a relative `ca_file`, `client_certificate` or `client_key` is found (None: left
     relative, to the working directory).
     """
-    root = _Table("", document, ("household", "income", "expenses", "mandate", "billers"))
+    root = _Table("", document, ("household", "income", "expenses", "mandate", "billers", "notifications"))
     household = root.get(
         "household",
         _table("party_id", "currency", "balance", "buffer", "hardship", "client_certificate", "client_key"),
@@ -385,13 +443,17 @@ def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = Non
         for biller_id in list(table.items):
             path = _key(key, biller_id)
             _party_id(path, biller_id)
-            entry = table.get(biller_id, _table("priority", *_CONNECTION_KEYS))
+            entry = table.get(biller_id, _table("priority", "name", *_CONNECTION_KEYS))
             priority = entry.get("priority", _integer(0))
-            preferences.append(BillerPreference(biller_id, priority, _connection(entry, base_dir)))
+            name = entry.optional("name", _text, "")
+            preferences.append(BillerPreference(biller_id, priority, _connection(entry, base_dir, biller_id), name))
         return tuple(preferences)
 
     no_billers: tuple[BillerPreference, ...] = ()
     billers = root.optional("billers", billers_of, no_billers)
+    notifications = root.optional(
+        "notifications", lambda key, value: _notifications(key, value, base_dir), Notifications()
+    )
     return Profile(
         party_id=party_id,
         currency=code,
@@ -403,7 +465,42 @@ def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = Non
         billers=billers,
         hardship=hardship,
         client_certificate=client_certificate,
+        notifications=notifications,
     )
+
+
+def _notifications(key: str, value: object, base_dir: Path | None) -> Notifications:
+    table = _Table(key, value, ("command", "webhook", "secret_file", "kinds"))
+
+    def strings(path: str, item: object) -> tuple[str, ...]:
+        if not isinstance(item, list) or not item or not all(isinstance(part, str) and part for part in item):
+            raise ProfileError(path, f"expected a non-empty array of strings, got {_show(item)}")
+        return tuple(item)
+
+    no_command: tuple[str, ...] = ()
+    command = table.optional("command", strings, no_command)
+    webhook = table.optional("webhook", _webhook_url, None)
+    secret_text = table.optional("secret_file", _text, None)
+    if webhook is not None and secret_text is None:
+        raise ProfileError(_key(key, "secret_file"), "missing: a webhook is signed with the secret in this file")
+    all_kinds: tuple[str, ...] = NOTIFICATION_KINDS
+    kinds = table.optional("kinds", strings, all_kinds)
+    unknown = [kind for kind in kinds if kind not in NOTIFICATION_KINDS]
+    if unknown:
+        raise ProfileError(_key(key, "kinds"), f"unknown kind {unknown[0]!r}; known: {', '.join(NOTIFICATION_KINDS)}")
+    secret_file = None if secret_text is None else _file(secret_text, base_dir)
+    return Notifications(command, webhook, secret_file, kinds)
+
+
+def _webhook_url(key: str, value: object) -> str:
+    """An https URL, or http to a loopback address (the body tells what the household owes)."""
+    if isinstance(value, str):
+        parts = urlsplit(value)
+        if parts.scheme == "https" and parts.hostname:
+            return value
+        if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+            return value
+    raise ProfileError(key, f"{_show(value)} is not an https URL (http only to a loopback address)")
 
 
 def load_profile(path: str | os.PathLike[str]) -> Profile:

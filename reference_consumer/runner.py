@@ -23,14 +23,22 @@ it) and, on each pass:
    strategy inside the profile's mandate (NEG-20); a thread that ended without
    agreement is not reopened;
 4. **asks for approval** of anything outside the mandate: by default the
-   request is printed and left pending — nothing is sent, the bot never agrees
-   outside the mandate alone; the next pass asks again. `--approve-all` /
-   `--deny-all` answer every request, for unattended runs;
+   request is stored in the consumer store with a stable id and the exact
+   terms (`agent.consumer.ApprovalBook`), printed, and left pending — nothing is
+   sent, the bot never agrees outside the mandate alone. The person answers it
+   with `parley consumer approve ID` / `decline ID`; the next pass sends exactly
+   the approved move, or, when the situation changed (other terms planned, the
+   thread moved, its deadline passed), lets the approval lapse and asks anew.
+   `--approve-all` / `--deny-all` answer every request, for unattended runs;
 5. **pays what is due today**: each instalment of a standing agreement on or
    after its date, in order, exactly once (PAY-7), through `JsonLinesBank`,
    then collects the receipts the biller has signed since (PAY-9);
 6. reads the events again when the pass enrolled, negotiated or paid (what it
-   caused: ARRANGEMENT_ACTIVE...), and prints a summary (Rich tables).
+   caused: ARRANGEMENT_ACTIVE...), writes every agreement reached as a
+   `parley-bundle/1` file under `agreements/` in the state directory (the
+   household's proof, `agreement_file`), queues the notifications the profile
+   asks for (`reference_consumer.notify`), and prints a summary in biller names
+   and plain words.
 
 `--once` runs one pass and exits; otherwise a pass runs every `--interval`
 seconds (default 60) until SIGINT or SIGTERM, and the program exits 0.
@@ -54,7 +62,8 @@ conformance suite gives a client under test (docs/CONFORMANCE.md):
 default state directory), for a comfortable household (`profile_from_env`):
 the suite runs `parley consumer run --from-env --once --approve-all`.
 
-Exit status: 0 when the pass (or the loop) ran; 1 when a biller refused or
+Exit status: 0 when the pass (or the loop) ran; 3 when a `--once` pass left
+requests waiting for the person's approval (and nothing worse happened); 1 when a biller refused or
 failed verification in a `--once` pass (PIN_MISMATCH, a used enrolment code,
 refused instructions, a disputed receipt...); 2 for an invalid profile (the
 message names the key), unusable state, or a biller that cannot be reached. A
@@ -68,9 +77,11 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import threading
@@ -87,6 +98,8 @@ from rich.text import Text
 from agent.clock import Clock, SystemClock
 from agent.consumer import (
     AccountEvent,
+    ApprovalBook,
+    ApprovalPending,
     ApprovalRequest,
     ConsumerAgent,
     NegotiationResult,
@@ -97,19 +110,27 @@ from agent.consumer import (
     ReceivedBill,
 )
 from agent.identity import IdentityDir, IdentityError, OtherPartyError
+from agent.protocol.agreement import Bundle
 from agent.protocol.errors import ParleyError, ProtocolError
 from agent.protocol.keys import InsecureKeyFileError, SigningKey
 from agent.protocol.keysets import KeyChain
-from agent.protocol.terms import BillFacts, LineKind, Terms, TermsKind
-from agent.stores.base import IntentState, ThreadOutcome
+from agent.protocol.terms import BillFacts, Terms
+from agent.stores.base import ApprovalRecord, ApprovalState, IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
 from agent.transport.server import is_loopback
 from agent.transport.status import CallError
-from parley.v1 import event_pb2
+from parley.v1 import event_pb2, terms_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
+from reference_consumer.notify import Notifier, Outbox
 from reference_consumer.profile import BillerPreference, Profile, ProfileError, load_profile, parse_profile
 from reference_consumer.strategy import PlannedBill
+from reference_consumer.words import (
+    ACTION_WORDS,
+    describe_terms,
+    event_words,
+    money_document,
+)
 
 logger = logging.getLogger("parley.reference_consumer")
 
@@ -117,22 +138,27 @@ KEY_FILE = "consumer.key"
 KEYSET_FILE = "consumer-keyset-v1.pb"
 STORE_FILE = "consumer.sqlite"
 BANK_FILE = "bank-orders.jsonl"
+AGREEMENTS_DIR = "agreements"
 DEFAULT_STATE_DIR = "parley-consumer"
 DEFAULT_INTERVAL = 60.0
 EVENT_IDLE_SECONDS = 0.5
 """A pass reads an account's events until the stream has been quiet this long (it is live: it never ends)."""
+NOTIFY_ONCE_SECONDS = 15.0
+"""After a --once pass, notifications are tried for this long at most; the rest wait in the outbox."""
 STOP_GRACE_SECONDS = 10.0
 """On SIGINT/SIGTERM a pass under way may finish for this long before it is cancelled."""
 _KEY_BACKDATE = timedelta(minutes=5)  # a biller whose clock is a little behind still finds our key valid
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
+EXIT_APPROVALS_PENDING = 3
+"""A --once pass ended with requests waiting for the person (`parley consumer approve ID`)."""
 
 
 class Approval(enum.StrEnum):
     """What happens to a move outside the mandate (NEG-20)."""
 
     ASK = "ask"
-    """Print the request and leave it pending: nothing is sent; the next pass asks again."""
+    """Store and print the request, leave it pending: nothing is sent until the person answers it by id."""
     APPROVE = "approve"
     """Approve every request (--approve-all)."""
     DENY = "deny"
@@ -226,36 +252,23 @@ class JsonLinesBank:
 # --- Approvals ----------------------------------------------------------------------------------------------
 
 
-class ApprovalPending(Exception):
-    """Raised through `negotiate` by the default policy: the request is printed and left for the user."""
-
-    def __init__(self, request: ApprovalRequest) -> None:
-        super().__init__(f"{request.action} on {request.bill.bill_id} needs your approval")
-        self.request = request
-
-
 @dataclass(frozen=True)
-class ApprovalRecord:
+class ApprovalLine:
+    """A request for approval met in a pass, and the answer it had then."""
+
     request: ApprovalRequest
     answer: Literal["pending", "approved", "declined"]
 
 
-class ApprovalPolicy:
-    """The agent's approver (NEG-20) for one run: ask (leave pending), approve all, or deny all."""
+_ANSWERS: dict[ApprovalState, Literal["pending", "approved", "declined"]] = {
+    ApprovalState.PENDING: "pending",
+    ApprovalState.APPROVED: "approved",
+    ApprovalState.DECLINED: "declined",
+}
 
-    def __init__(self, mode: Approval) -> None:
-        self.mode = mode
-        self.records: list[ApprovalRecord] = []
 
-    async def __call__(self, request: ApprovalRequest) -> bool:
-        if self.mode is Approval.APPROVE:
-            self.records.append(ApprovalRecord(request, "approved"))
-            return True
-        if self.mode is Approval.DENY:
-            self.records.append(ApprovalRecord(request, "declined"))
-            return False
-        self.records.append(ApprovalRecord(request, "pending"))
-        raise ApprovalPending(request)
+def _standing_answer(mode: Approval) -> bool | None:
+    return {Approval.APPROVE: True, Approval.DENY: False, Approval.ASK: None}[mode]
 
 
 # --- What a pass did ----------------------------------------------------------------------------------------
@@ -318,15 +331,31 @@ class PassReport:
     bills: list[BillLine] = field(default_factory=list)
     plan: list[PlannedBill] = field(default_factory=list)
     negotiations: list[NegotiationLine] = field(default_factory=list)
-    approvals: list[ApprovalRecord] = field(default_factory=list)
+    approvals: list[ApprovalLine] = field(default_factory=list)
+    agreement_files: list[Path] = field(default_factory=list)
+    """The agreement files written in this pass."""
     payments: list[PaymentLine] = field(default_factory=list)
     receipts: list[PaymentReceipt] = field(default_factory=list)
     events: list[AccountEvent] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
+    biller_names: dict[str, str] = field(default_factory=dict)
+
+    def name(self, biller_party_id: str) -> str:
+        """What the household calls the biller."""
+        return self.biller_names.get(biller_party_id) or biller_party_id
+
+    @property
+    def pending_approvals(self) -> list[ApprovalLine]:
+        return [line for line in self.approvals if line.answer == "pending"]
+
     @property
     def exit_code(self) -> int:
-        return max((problem.exit_code for problem in self.problems), default=EXIT_OK)
+        """The worst problem's code; else EXIT_APPROVALS_PENDING when the person has something to answer."""
+        worst = max((problem.exit_code for problem in self.problems), default=EXIT_OK)
+        if worst == EXIT_OK and self.pending_approvals:
+            return EXIT_APPROVALS_PENDING
+        return worst
 
 
 def _problem(biller: str, what: str, error: BaseException) -> Problem:
@@ -393,17 +422,21 @@ class Household:
         agent: ConsumerAgent,
         store: SqliteConsumerStore,
         strategy: ReferenceStrategy,
-        policy: ApprovalPolicy,
+        approvals: ApprovalBook,
         bank: JsonLinesBank,
         tls: dict[str, ClientTls | None],
         event_idle: float,
+        outbox: Outbox,
     ) -> None:
         self.profile = profile
         self.state_dir = state_dir
         self.agent = agent
         self.store = store
         self.strategy = strategy
-        self.policy = policy
+        self.approvals = approvals
+        """The durable requests for approval: list them and answer them by id (the app's side)."""
+        self.outbox = outbox
+        """The notifications to deliver; `Notifier` delivers them (see `run_household`)."""
         self.bank = bank
         self._tls = tls
         self._event_idle = event_idle
@@ -433,7 +466,14 @@ class Household:
         key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
         store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
         strategy = ReferenceStrategy(profile)
-        policy = ApprovalPolicy(approval)
+        outbox = Outbox(store, profile.notifications, clock)
+
+        async def tell_the_person(record: ApprovalRecord) -> None:
+            await outbox.add(
+                f"approval_needed:{record.request_id}", "approval_needed", _approval_notice(profile, record)
+            )
+
+        approvals = ApprovalBook(store, clock, standing_answer=_standing_answer(approval), on_new=tell_the_person)
         bank = JsonLinesBank(state_dir / BANK_FILE, clock)
         try:
             agent = ConsumerAgent(
@@ -443,7 +483,7 @@ class Household:
                 store=store,
                 strategy=strategy,
                 mandate=agent_mandate(profile),
-                approve=policy,
+                approve=approvals,
                 payment_sender=bank,
                 clock=clock,
                 retry=retry,
@@ -458,10 +498,11 @@ class Household:
             agent=agent,
             store=store,
             strategy=strategy,
-            policy=policy,
+            approvals=approvals,
             bank=bank,
             tls=tls,
             event_idle=event_idle,
+            outbox=outbox,
         )
 
     async def close(self) -> None:
@@ -474,7 +515,8 @@ class Household:
         """Enrol, fetch, plan, negotiate, pay, collect receipts and events once; see the module docstring."""
         today = self.agent.clock.now().date()
         report = PassReport(self.profile.party_id, today)
-        self.policy.records = []
+        report.biller_names = {b.biller_id: self.profile.biller_name(b.biller_id) for b in self.profile.billers}
+        self.approvals.asked = []
         enrolled = await self._enrol_all(report)
         fetched, answering = await self._fetch_bills(enrolled, report)
         await self._read_events(answering, report)  # first the news, then act on it
@@ -487,9 +529,96 @@ class Household:
         if acted or any(link.status == "enrolled now" for link in report.links):
             await self._read_events(answering, report)  # what this pass caused (ARRANGEMENT_ACTIVE...)
             news = await self._news(answering)
+        for item in bills:  # a negotiation that ended leaves nothing to approve
+            if item.thread_id is not None and not item.resumable:
+                await self.approvals.lapse_open(item.biller_party_id, item.bill.facts.bill_id, "the negotiation ended")
         report.bills = [await self._bill_line(item, news) for item in bills]
-        report.approvals = list(self.policy.records)
+        report.approvals = [ApprovalLine(request, _ANSWERS[state]) for request, state in self.approvals.asked]
+        report.agreement_files = await self.write_agreement_files()
+        await self._queue_notifications(fetched, report)
         return report
+
+    # --- The household's proof and news --------------------------------------------------------------
+
+    async def agreements(self) -> list[tuple[str, str, bytes]]:
+        """(biller, bill id, thread id) of every agreement that reached the biller, oldest first per bill."""
+        return await agreements_reached(self.agent, self.store)
+
+    async def write_agreement_files(self) -> list[Path]:
+        """Write each agreement reached as a `parley-bundle/1` file, once (BND-7); the files written now."""
+        return await write_agreement_files(self.agent, self.store, self.state_dir)
+
+    async def _queue_notifications(self, fetched: Sequence[tuple[str, ReceivedBill]], report: PassReport) -> None:
+        """Queue the news of this pass, by ids that make a repeat a no-op (a restart or a new pass loses
+        nothing and repeats nothing): new bills, agreements, payments made, reminders, missed instalments."""
+        outbox, profile = self.outbox, self.profile
+        if not profile.notifications.enabled:
+            return
+        for biller, bill in fetched:
+            facts = bill.facts
+            await outbox.add(
+                f"new_bill:{_short_id(biller, facts.bill_id)}",
+                "new_bill",
+                {
+                    "title": f"New bill from {profile.biller_name(biller)}: {facts.amount_due} due {facts.due_date}",
+                    "biller": biller,
+                    "biller_name": profile.biller_name(biller),
+                    "bill_id": facts.bill_id,
+                    "amount": money_document(facts.amount_due),
+                    "due_date": facts.due_date.isoformat(),
+                },
+            )
+        for biller, bill_id, thread_id in await self.agreements():
+            result = await self.agent.negotiation(thread_id)
+            assert result.agreement is not None
+            terms = result.agreement.terms
+            await outbox.add(
+                f"agreement:{thread_id.hex()}",
+                "agreement",
+                {
+                    "title": f"Agreed with {profile.biller_name(biller)}: {describe_terms(terms)}",
+                    "biller": biller,
+                    "biller_name": profile.biller_name(biller),
+                    "bill_id": bill_id,
+                    "terms": describe_terms(terms),
+                    "file": str(agreement_file(self.state_dir, biller, bill_id, thread_id)),
+                },
+            )
+        for payment in await self.agent.payments():
+            if payment.state is not IntentState.PAID:
+                continue
+            biller = payment.biller_party_id
+            await outbox.add(
+                f"payment:{_short_id(biller, payment.intent_id)}",
+                "payment",
+                {
+                    "title": f"Paid {payment.amount} to {profile.biller_name(biller)} for bill {payment.bill_id}",
+                    "biller": biller,
+                    "biller_name": profile.biller_name(biller),
+                    "bill_id": payment.bill_id,
+                    "amount": money_document(payment.amount),
+                    "bank_reference": payment.proof,
+                },
+            )
+        kinds = {event_pb2.EVENT_KIND_REMINDER: "reminder", event_pb2.EVENT_KIND_INSTALMENT_MISSED: "missed_instalment"}
+        for event in report.events:
+            kind = kinds.get(event.kind)
+            if kind is None:
+                continue
+            biller = event.biller_party_id
+            await outbox.add(
+                f"{kind}:{_short_id(biller, event.account_id, str(event.sequence))}",
+                kind,
+                {
+                    "title": f"{profile.biller_name(biller)}: {event_words(event.kind)} about bill {event.bill_id}",
+                    "biller": biller,
+                    "biller_name": profile.biller_name(biller),
+                    "bill_id": event.bill_id,
+                    "message": event.message,
+                    "amount": None if event.amount is None else money_document(event.amount),
+                    "date": None if event.date is None else event.date.isoformat(),
+                },
+            )
 
     async def _enrol_all(self, report: PassReport) -> list[BillerPreference]:
         """Enrol where not enrolled yet; the billers that can be used in this pass."""
@@ -630,17 +759,22 @@ class Household:
 
     async def _negotiate_one(self, item: _Bill, report: PassReport) -> NegotiationResult | None:
         biller, bill_id = item.biller_party_id, item.bill.facts.bill_id
+        asked_before = len(self.approvals.asked)
         try:
             result = await self.agent.negotiate(biller, bill_id)
         except ApprovalPending as pending:
             what = {"open": "opening", "counter": "counter-offer", "accept": "acceptance"}[pending.request.action]
+            note = f"{what}: not sent; answer with `parley consumer approve {pending.request.request_id}`"
             report.negotiations.append(
-                NegotiationLine(biller, bill_id, "awaiting your approval", pending.request.terms, f"{what}: not sent")
+                NegotiationLine(biller, bill_id, "awaiting your approval", pending.request.terms, note)
             )
             return None
         except (ParleyError, ValueError, LookupError) as error:
             report.problems.append(_problem(biller, f"negotiation on {bill_id}", error))
             return None
+        asked = self.approvals.asked[asked_before:]
+        await self.approvals.mark_sent([request for request, state in asked if state is ApprovalState.APPROVED])
+        await self.approvals.lapse_open(biller, bill_id, "the negotiation moved on")
         terms = result.agreement.terms if result.agreement is not None else None
         if result.outcome is None:
             line = NegotiationLine(biller, bill_id, "not opened", None, "you declined the opening")
@@ -764,9 +898,9 @@ class Household:
             status = "paid" if paid == len(terms.schedule) else f"agreed, {paid}/{len(terms.schedule)} paid"
             return BillLine(biller, facts, status)
         answers = {
-            record.answer
-            for record in self.policy.records
-            if (record.request.biller_party_id, record.request.bill.bill_id) == (biller, facts.bill_id)
+            _ANSWERS[state]
+            for request, state in self.approvals.asked
+            if (request.biller_party_id, request.bill.bill_id) == (biller, facts.bill_id)
         }
         first = "arrangement ended, to renegotiate" if latest.renegotiate else "new"
         if latest.outcome is None:
@@ -827,22 +961,78 @@ def _clean(text: str) -> Text:
     return Text("".join(c if c.isprintable() else " " for c in text))
 
 
-def describe_terms(terms: Terms) -> str:
-    """Terms in a few words: "PAY_IN_FULL EUR 97.00 on 2026-03-05", "3 × … from …"."""
-    schedule = terms.schedule
-    fees = [line for line in terms.lines if line.kind is LineKind.FEE]
-    extra = f", fees {', '.join(str(line.amount) for line in fees)}" if fees else ""
-    programme = f", programme {terms.hardship_programme_id}" if terms.hardship_programme_id else ""
-    if terms.kind is TermsKind.INSTALMENT_PLAN:
-        return (
-            f"{len(schedule)} instalments {schedule[0].due_date}..{schedule[-1].due_date}, "
-            f"total {terms.total}{extra}{programme}"
-        )
-    return f"{terms.kind.name} {terms.total} on {schedule[0].due_date}{extra}{programme}"
+def _short_id(*parts: str) -> str:
+    """A short stable id for a notification about these things (no separator can make two collide)."""
+    hasher = hashlib.sha256()
+    for part in parts:
+        data = part.encode()
+        hasher.update(len(data).to_bytes(4, "big") + data)
+    return hasher.hexdigest()[:16]
 
 
-def _event_kind(kind: event_pb2.EventKind.ValueType) -> str:
-    return event_pb2.EventKind.Name(kind).removeprefix("EVENT_KIND_")
+def _approval_notice(profile: Profile, record: ApprovalRecord) -> dict[str, object]:
+    terms = Terms.from_proto(terms_pb2.Terms.FromString(record.terms))
+    name = profile.biller_name(record.biller_party_id)
+    return {
+        "title": f"{name}: your approval is needed to {ACTION_WORDS[record.action]} {describe_terms(terms)}",
+        "approval_id": record.request_id,
+        "biller": record.biller_party_id,
+        "biller_name": name,
+        "bill_id": record.bill_id,
+        "terms": describe_terms(terms),
+        "why": list(record.violations) + ([record.reason] if record.reason else []),
+    }
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+async def agreements_reached(agent: ConsumerAgent, store: SqliteConsumerStore) -> list[tuple[str, str, bytes]]:
+    """(biller, bill id, thread id) of every agreement that reached the biller, oldest first per bill."""
+    found = []
+    for link in await agent.links():
+        bill_ids = dict.fromkeys(record.bill_id for record in await store.list_bills(link.biller_party_id))
+        for bill_id in bill_ids:
+            for thread in await store.threads(link.biller_party_id, bill_id, ThreadOutcome.AGREED):
+                if not thread.awaiting_answer:
+                    found.append((link.biller_party_id, bill_id, thread.thread_id))
+    return found
+
+
+async def write_agreement_files(agent: ConsumerAgent, store: SqliteConsumerStore, state_dir: Path) -> list[Path]:
+    """Write each agreement reached as a `parley-bundle/1` file under `state_dir`, once; the files written now.
+    Reads the store only (the bundle is the stored chains, bill and thread, BND-7)."""
+    written = []
+    for biller, bill_id, thread_id in await agreements_reached(agent, store):
+        path = agreement_file(state_dir, biller, bill_id, thread_id)
+        if path.exists():
+            continue
+        bundle = await agent.export_bundle(thread_id)
+        await asyncio.to_thread(write_private, path, _bundle_text(bundle))
+        written.append(path)
+    return written
+
+
+def agreement_file(state_dir: Path, biller: str, bill_id: str, thread_id: bytes) -> Path:
+    """Where the agreement of a thread is kept: `agreements/<biller>_<bill>_<thread>.parley-bundle.json`."""
+    name = f"{_SAFE_NAME.sub('-', biller)}_{_SAFE_NAME.sub('-', bill_id)[:80]}_{thread_id.hex()[:16]}"
+    return state_dir / AGREEMENTS_DIR / f"{name}.parley-bundle.json"
+
+
+def _bundle_text(bundle: Bundle) -> str:
+    return json.dumps(bundle.to_json(), indent=2, sort_keys=True) + "\n"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file atomically, readable by its owner only (the household's papers)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.replace(path)
 
 
 _SHORT_COLUMNS = frozenset({"#", "amount", "due", "date", "status", "outcome", "received", "remaining", "answer"})
@@ -858,20 +1048,21 @@ def _table(title: str, *columns: str) -> Table:
 
 
 def render(report: PassReport, out: Console) -> None:
-    """The pass as readable tables."""
+    """The pass as readable tables, in biller names and plain words."""
+    name = report.name
     out.print(
         f"[bold]parley consumer[/bold] {report.party_id} — {report.today.isoformat()}", highlight=False, soft_wrap=True
     )
     links = _table("Billers", "biller", "account", "endpoint", "status")
     for link in report.links:
-        links.add_row(link.biller_party_id, link.account_id, link.target, link.status)
+        links.add_row(name(link.biller_party_id), link.account_id, link.target, link.status)
     out.print(links)
     if report.bills:
         bills = _table("Bills", "biller", "bill", "amount", "due", "description", "status")
         for bill in report.bills:
             facts = bill.bill
             bills.add_row(
-                bill.biller_party_id,
+                name(bill.biller_party_id),
                 _clean(facts.bill_id),
                 str(facts.amount_due),
                 facts.due_date.isoformat(),
@@ -880,16 +1071,15 @@ def render(report: PassReport, out: Console) -> None:
             )
         out.print(bills)
     if report.plan:
-        plan = _table("Budget plan (priority order)", "biller", "bill", "opening", "step", "affordable", "mandate")
+        plan = _table("Budget plan (priority order)", "biller", "bill", "we would propose", "affordable", "mandate")
         for planned in report.plan:
             opening = planned.opening
             plan.add_row(
-                planned.biller_id,
+                name(planned.biller_id),
                 _clean(planned.bill.bill_id),
                 describe_terms(opening.terms),
-                opening.step.name.lower(),
                 "yes" if opening.affordable else "NO",
-                "inside" if not opening.violations else "needs approval",
+                "inside your limits" if not opening.violations else "needs your approval",
             )
         out.print(plan)
     if report.negotiations:
@@ -897,7 +1087,7 @@ def render(report: PassReport, out: Console) -> None:
         for negotiation in report.negotiations:
             terms = describe_terms(negotiation.terms) if negotiation.terms is not None else ""
             negotiations.add_row(
-                negotiation.biller_party_id,
+                name(negotiation.biller_party_id),
                 _clean(negotiation.bill_id),
                 negotiation.outcome,
                 terms,
@@ -905,23 +1095,25 @@ def render(report: PassReport, out: Console) -> None:
             )
         out.print(negotiations)
     if report.approvals:
-        approvals = _table("Approvals (outside your mandate)", "biller", "bill", "action", "terms", "why", "answer")
+        approvals = _table("Approvals (outside your mandate)", "id", "biller", "bill", "to", "terms", "why", "answer")
         for record in report.approvals:
             request = record.request
             why = "; ".join([*request.violations, *([request.reason] if request.reason else [])])
             approvals.add_row(
-                request.biller_party_id,
+                request.request_id,
+                name(request.biller_party_id),
                 _clean(request.bill.bill_id),
-                request.action,
+                ACTION_WORDS[request.action],
                 describe_terms(request.terms),
                 _clean(why),
                 record.answer,
             )
         out.print(approvals)
-        if any(record.answer == "pending" for record in report.approvals):
+        if report.pending_approvals:
             out.print(
-                "Nothing outside your mandate was sent. Run again with --approve-all to agree to these terms, "
-                "or --deny-all to decline them.",
+                "Nothing outside your mandate was sent. To answer: parley consumer approve ID (or decline ID "
+                "--reason TEXT) with the same --state-dir; the next run sends exactly the approved terms. "
+                "Unattended runs may use --approve-all or --deny-all.",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -929,9 +1121,9 @@ def render(report: PassReport, out: Console) -> None:
         payments = _table("Payments", "biller", "bill", "#", "due", "amount", "status", "bank ref", "receipt")
         for line in report.payments:
             payments.add_row(
-                line.biller_party_id,
+                name(line.biller_party_id),
                 _clean(line.bill_id),
-                f"{line.instalment}/{line.of}",
+                f"{line.instalment} of {line.of}",
                 line.due.isoformat(),
                 line.amount,
                 line.status,
@@ -940,11 +1132,11 @@ def render(report: PassReport, out: Console) -> None:
             )
         out.print(payments)
     if report.receipts:
-        receipts = _table("Receipts", "biller", "intent", "received", "remaining", "settled", "status")
+        receipts = _table("Receipts", "biller", "payment", "received", "still owed", "settled", "status")
         for receipt in report.receipts:
             remaining = str(receipt.remaining_balance) if receipt.remaining_balance is not None else ""
             receipts.add_row(
-                receipt.biller_party_id,
+                name(receipt.biller_party_id),
                 receipt.intent_id,
                 str(receipt.amount_received),
                 remaining,
@@ -953,21 +1145,23 @@ def render(report: PassReport, out: Console) -> None:
             )
         out.print(receipts)
     if report.events:
-        events = _table("New events", "biller", "#", "kind", "bill", "amount", "date", "message")
+        events = _table("News from your billers", "biller", "#", "what", "bill", "amount", "date", "message")
         for event in report.events:
             events.add_row(
-                event.biller_party_id,
+                name(event.biller_party_id),
                 str(event.sequence),
-                _event_kind(event.kind),
+                event_words(event.kind),
                 _clean(event.bill_id),
                 str(event.amount) if event.amount is not None else "",
                 event.date.isoformat() if event.date is not None else "",
                 _clean(event.message),
             )
         out.print(events)
+    for path in report.agreement_files:
+        out.print(Text(f"agreement kept: {path}"), soft_wrap=True)
     for problem in report.problems:
         colour = "yellow" if problem.exit_code == EXIT_OK else "red"
-        label = Text(f"{problem.biller_party_id} — {problem.what}: ", style=f"bold {colour}")
+        label = Text(f"{name(problem.biller_party_id)} — {problem.what}: ", style=f"bold {colour}")
         out.print(label + _clean(problem.detail), soft_wrap=True)
 
 
@@ -1010,13 +1204,20 @@ async def run_household(
     signals = [] if options.once or threading.current_thread() is not threading.main_thread() else _SIGNALS
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    notifier = Notifier(household.store, profile.notifications, household.agent.clock)
+    notifying: asyncio.Task[None] | None = None
     try:
         if options.once:
             report = await household.run_pass()
             render(report, out)
             if on_report is not None:
                 on_report(report)
+            if profile.notifications.enabled:  # one delivery round, bounded; what fails waits in the outbox
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(notifier.deliver_due(), NOTIFY_ONCE_SECONDS)
             return report.exit_code
+        if profile.notifications.enabled:  # its own task: a slow receiver never holds a pass up
+            notifying = asyncio.create_task(notifier.run(stop, household.outbox.wake))
         while not stop.is_set():
             report_or_none = await _pass_until_stopped(household, stop, out)
             if report_or_none is not None:
@@ -1030,6 +1231,10 @@ async def run_household(
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        if notifying is not None:
+            notifying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await notifying
         await household.close()
 
 
@@ -1151,16 +1356,19 @@ def run_command(args: argparse.Namespace, out: Console) -> int:
 
 
 def add_consumer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `parley consumer run` on the `parley` command's subparsers."""
+    """Register `parley consumer run` (and status, approve, decline, enrol, export-agreements) on the
+    `parley` command's subparsers."""
     consumer = commands.add_parser("consumer", help="run the reference consumer (a household's bot)")
     actions = consumer.add_subparsers(dest="consumer_command", required=True, metavar="COMMAND")
     run = actions.add_parser(
         "run",
         help="enrol, fetch bills, negotiate inside the mandate and pay what is due; every --interval seconds",
-        description="Act for the household of the profile: see reference_consumer/runner.py.",
+        description="Act for the household of the profile: see reference_consumer/runner.py. Exit status of a "
+        "--once pass: 0 done, 3 requests wait for your approval (parley consumer approve ID), 1 a biller refused "
+        "or failed verification, 2 unusable profile or state, or a biller that cannot be reached.",
     )
     source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", metavar="FILE", help="the household's profile (TOML)")
+    source.add_argument("--profile", "--config", dest="config", metavar="FILE", help="the household's profile (TOML)")
     source.add_argument(
         "--from-env",
         action="store_true",
@@ -1181,26 +1389,35 @@ def add_consumer_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     answer.add_argument("--deny-all", action="store_true", help="decline every move outside the mandate")
     run.set_defaults(handler=run_command)
+    from reference_consumer.commands import add_household_commands  # noqa: PLC0415 - it builds on this module
+
+    add_household_commands(actions)
 
 
 __all__ = [
+    "AGREEMENTS_DIR",
     "BANK_FILE",
+    "EXIT_APPROVALS_PENDING",
     "KEYSET_FILE",
     "KEY_FILE",
     "STORE_FILE",
     "Approval",
+    "ApprovalLine",
     "ApprovalPending",
-    "ApprovalPolicy",
     "Household",
     "JsonLinesBank",
     "PassReport",
     "RunOptions",
     "StateError",
     "add_consumer_commands",
+    "agreement_file",
+    "agreements_reached",
     "describe_terms",
     "load_identity",
     "profile_from_env",
     "render",
     "run_command",
     "run_household",
+    "write_agreement_files",
+    "write_private",
 ]

@@ -50,6 +50,7 @@ from reference_consumer.profile import (
 )
 from reference_consumer.runner import (
     BANK_FILE,
+    EXIT_APPROVALS_PENDING,
     KEY_FILE,
     STORE_FILE,
     Approval,
@@ -247,8 +248,8 @@ def test_first_run_enrols_agrees_and_pays_and_later_runs_neither_enrol_nor_pay_t
             assert amount == sample.sample_amount(CONFIG, ACCOUNT, f"{today:%Y-%m}") - eur("3.00")  # the discount
             assert "agreed" in first
             assert "paid now" in first
-            assert "BILL_ISSUED" in first
-            assert "ARRANGEMENT_ACTIVE" in first
+            assert "bill issued" in first
+            assert "arrangement active" in first
             assert (state / KEY_FILE).stat().st_mode & 0o777 == 0o600
             assert (state / BANK_FILE).stat().st_mode & 0o777 == 0o600
             key = SigningKey.load(state / KEY_FILE)
@@ -270,16 +271,16 @@ def test_first_run_enrols_agrees_and_pays_and_later_runs_neither_enrol_nor_pay_t
             assert [o["bill_id"] for o in orders(state)] == [bill_id, "extra"]
             assert orders(state)[0] == order
             assert orders(state)[1]["amount"] == "77.00"
-            assert "PAYMENT_RECEIVED" in second
+            assert "payment received, thank you" in second
             assert "verified" in second  # the receipt
-            assert "ARRANGEMENT_ACTIVE" in second  # on the new bill
+            assert "arrangement active" in second  # on the new bill
 
             # Third run: nothing new to pay, no event seen twice.
             assert await cli(*run) == 0
             third = capsys.readouterr().out
             assert len(orders(state)) == 2
             assert "paid now" not in third
-            assert "BILL_ISSUED" not in third
+            assert "bill issued" not in third
 
         store = await SqliteConsumerStore.open(state / STORE_FILE)
         try:
@@ -542,7 +543,7 @@ def test_moves_outside_the_mandate_wait_for_approval_and_payments_wait_for_their
             )
             # By default the request is printed and left pending: nothing is sent to the biller.
             report = await one_pass(Approval.ASK)
-            assert report.exit_code == 0
+            assert report.exit_code == EXIT_APPROVALS_PENDING
             [record] = report.approvals
             assert (record.answer, record.request.action) == ("pending", "open")
             assert record.request.terms.kind is TermsKind.DEFERRAL

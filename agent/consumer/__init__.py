@@ -8,6 +8,8 @@ Answers to an offer use the one vocabulary of `agent.protocol.answers`, re-expor
 """
 
 from agent.consumer.agent import ConsumerAgent
+from agent.consumer.approvals import ApprovalBook, ApprovalClosed, ApprovalPending, UnknownApproval
+from agent.consumer.enrolment import EnrolmentLink, InvalidEnrolmentLink, parse_enrolment_uri
 from agent.consumer.errors import EventLogForked, PaymentDispute, PaymentInDoubt, PaymentNotSent, PaymentRefused
 from agent.consumer.mandate import Mandate
 from agent.consumer.negotiation import DECLINED_NOTE, NO_ROUNDS_NOTE
@@ -39,6 +41,9 @@ __all__ = [
     "NO_ROUNDS_NOTE",
     "AcceptOffer",
     "AccountEvent",
+    "ApprovalBook",
+    "ApprovalClosed",
+    "ApprovalPending",
     "ApprovalRequest",
     "Approver",
     "AskAndWait",
@@ -47,8 +52,10 @@ __all__ = [
     "ConsumerAgent",
     "ConsumerAnswer",
     "CounterOffer",
+    "EnrolmentLink",
     "Escalate",
     "EventLogForked",
+    "InvalidEnrolmentLink",
     "Mandate",
     "NegotiationResult",
     "OpeningContext",
@@ -64,5 +71,7 @@ __all__ = [
     "RejectOffer",
     "ResponseContext",
     "Strategy",
+    "UnknownApproval",
     "Withdraw",
+    "parse_enrolment_uri",
 ]

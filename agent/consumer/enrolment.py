@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from agent.consumer.party import Party
 from agent.consumer.receive import Receiver
@@ -132,4 +134,67 @@ class Enrolment:
                     return
 
 
-__all__ = ["Enrolment"]
+# --- The enrolment link (ENR-8) ----------------------------------------------------------------------------
+
+ENROLMENT_URI_PREFIX = "parley:enrol?"
+_URI_FIELDS = ("endpoint", "biller", "fingerprint", "account", "code")
+_MAX_URI_CHARS = 2048
+_MAX_PORT = 65535
+
+
+class InvalidEnrolmentLink(ValueError):
+    """The text is not a usable `parley:enrol?...` URI; the message says what is wrong, in one line."""
+
+
+@dataclass(frozen=True)
+class EnrolmentLink:
+    """The enrolment material a biller printed as a `parley:enrol?...` URI (ENR-8), e.g. as a QR code."""
+
+    target: str
+    biller_party_id: str
+    fingerprint: bytes
+    account_id: str
+    code: str
+    """Normalised (ENR-7)."""
+
+
+def parse_enrolment_uri(uri: str) -> EnrolmentLink:
+    """The material of `parley:enrol?endpoint=&biller=&fingerprint=&account=&code=` (ENR-8), each value
+    percent-encoded. InvalidEnrolmentLink names the first problem: another scheme, a missing, repeated or
+    unknown field, or a value that is not what it should be (a code is checked as ENR-7 normalises it)."""
+    text = uri.strip()
+    if len(text) > _MAX_URI_CHARS:
+        raise InvalidEnrolmentLink(f"an enrolment link is at most {_MAX_URI_CHARS} characters")
+    if not text.startswith(ENROLMENT_URI_PREFIX):
+        raise InvalidEnrolmentLink(f"an enrolment link starts with {ENROLMENT_URI_PREFIX!r}")
+    values: dict[str, str] = {}
+    for name, value in parse_qsl(text.removeprefix(ENROLMENT_URI_PREFIX), keep_blank_values=True):
+        if name not in _URI_FIELDS:
+            raise InvalidEnrolmentLink(f"unknown field {name!r} (expected {', '.join(_URI_FIELDS)})")
+        if name in values:
+            raise InvalidEnrolmentLink(f"field {name!r} appears twice")
+        values[name] = value  # parse_qsl percent-decoded it
+    missing = [name for name in _URI_FIELDS if not values.get(name)]
+    if missing:
+        raise InvalidEnrolmentLink(f"missing field {missing[0]!r}")
+    host, separator, port = values["endpoint"].rpartition(":")
+    if not (separator and host and port.isdigit() and 0 < int(port) <= _MAX_PORT) or any(c.isspace() for c in host):
+        raise InvalidEnrolmentLink(f"endpoint {values['endpoint']!r} is not host:port")
+    if not is_party_id(values["biller"]):
+        raise InvalidEnrolmentLink(f"biller {values['biller']!r} is not a party id")
+    try:
+        fingerprint = bytes.fromhex(values["fingerprint"])
+    except ValueError:
+        fingerprint = b""
+    if len(fingerprint) != DIGEST_BYTES:
+        raise InvalidEnrolmentLink(f"fingerprint is not {2 * DIGEST_BYTES} hex characters")
+    account = values["account"]
+    if len(account) > MAX_ID_CHARS:
+        raise InvalidEnrolmentLink(f"account is longer than {MAX_ID_CHARS} characters")
+    code = normalize_enrolment_code(values["code"])
+    if not _CODE_FORM.fullmatch(code):
+        raise InvalidEnrolmentLink("code is not an enrolment code (12 characters of Crockford base32)")
+    return EnrolmentLink(values["endpoint"], values["biller"], fingerprint, account, code)
+
+
+__all__ = ["ENROLMENT_URI_PREFIX", "Enrolment", "EnrolmentLink", "InvalidEnrolmentLink", "parse_enrolment_uri"]

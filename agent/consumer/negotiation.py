@@ -337,7 +337,9 @@ class Negotiator:
             accept = core.Accept(pending.digest)
             if violations or isinstance(answer, Escalate):
                 reason = answer.reason if isinstance(answer, Escalate) else ""
-                return await self._if_approved(accept, run, "accept", pending.terms, violations, reason=reason)
+                return await self._if_approved(
+                    accept, run, "accept", pending.terms, violations, reason=reason, in_reply_to=pending.digest
+                )
             return accept
         if isinstance(answer, CounterOffer):
             if rounds_left <= 0:
@@ -346,7 +348,9 @@ class Negotiator:
             violations = self._mandate.violations(answer.terms, facts)
             offer = core.Offer(answer.terms)
             if violations:
-                return await self._if_approved(offer, run, "counter", answer.terms, violations)
+                return await self._if_approved(
+                    offer, run, "counter", answer.terms, violations, in_reply_to=pending.digest
+                )
             return offer
         if isinstance(answer, RejectOffer):
             why = answer.reason if answer.reason in _REJECT_REASONS else negotiation_pb2.REJECT_REASON_OTHER
@@ -362,11 +366,19 @@ class Negotiator:
         violations: Sequence[str],
         *,
         reason: str = "",
+        in_reply_to: bytes | None = None,
     ) -> core.Move | None:
         """The move once the user approved it (NEG-20); a Withdraw when they declined; None when no
         answer came while the thread could still move."""
         request = self._approvals.request(
-            action, run.bill, terms, violations, reason=reason, thread_id=run.thread_id, deadline=run.deadline
+            action,
+            run.bill,
+            terms,
+            violations,
+            reason=reason,
+            thread_id=run.thread_id,
+            deadline=run.deadline,
+            in_reply_to=in_reply_to,
         )
         approved = await self._approvals.ask(request)
         if approved is None:

@@ -12,6 +12,7 @@ RejectOffer, Withdraw, Escalate).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -114,6 +115,11 @@ class ApprovalRequest:
     if any), "counter" (offer `terms`) or "accept" (accept the biller's `terms`).
     `violations` are the mandate's limits it breaks; `reason` the strategy's
     words when it escalated. Until `deadline` the thread can still move.
+    `in_reply_to` is the digest of the biller's offer the move answers (None for an opening).
+
+    `request_id` is stable: derived from everything the request binds (the biller, account and
+    bill, the thread and the offer answered, the action and the exact terms), so the same move at
+    the same point of the negotiation has the same id on every pass, and any change gives a new one.
     """
 
     request_id: str
@@ -127,6 +133,17 @@ class ApprovalRequest:
     circumstances: Circumstances | None = None
     thread_id: bytes | None = None
     deadline: datetime | None = None
+    in_reply_to: bytes | None = None
+
+    @property
+    def terms_digest(self) -> bytes:
+        """SHA-256 of the terms' deterministic protobuf form: what the person approves, exactly."""
+        return terms_digest(self.terms)
+
+
+def terms_digest(terms: Terms) -> bytes:
+    """SHA-256 of `terms` serialized deterministically (`parley.v1.Terms`)."""
+    return hashlib.sha256(terms.to_proto().SerializeToString(deterministic=True)).digest()
 
 
 Approver = Callable[[ApprovalRequest], Awaitable[bool]]
@@ -211,4 +228,5 @@ __all__ = [
     "PaymentSender",
     "ResponseContext",
     "Strategy",
+    "terms_digest",
 ]

@@ -797,3 +797,106 @@ class ConsumerStore(Protocol):
     ) -> list[ReceivedEventRecord]:
         """Up to `limit` stored events of the account's log from sequence `start`, in order."""
         ...
+
+
+# --- The household's own records: approvals asked of the person, notifications to deliver -------------
+
+
+class ApprovalState(enum.StrEnum):
+    """Where a request for the person's approval stands (NEG-20)."""
+
+    PENDING = "pending"
+    """Asked; nothing outside the mandate is sent until the person answers."""
+    APPROVED = "approved"
+    """The person approved exactly these terms at exactly this point of the negotiation."""
+    SENT = "sent"
+    """Approved, and the bot made exactly that move."""
+    DECLINED = "declined"
+    LAPSED = "lapsed"
+    """The situation changed before an answer was used (other terms planned, the thread moved, the deadline
+    passed): the answer no longer applies and a new request is made when needed."""
+
+
+@dataclass(frozen=True)
+class ApprovalRecord:
+    """A request for approval, stored so the person can answer it later and the bot find the answer.
+
+    `request_id` is derived from everything the request binds (see `agent.consumer.approvals`), so the
+    same move at the same point gets the same id on every pass. `terms` is the serialized
+    `parley.v1.Terms` the bot would send (or accept), `terms_digest` its SHA-256.
+    """
+
+    request_id: str
+    biller_party_id: str
+    account_id: str
+    bill_id: str
+    thread_id: bytes | None
+    action: str
+    terms: bytes
+    terms_digest: bytes
+    violations: tuple[str, ...]
+    reason: str
+    deadline: datetime | None
+    state: ApprovalState
+    created_at: datetime
+    answered_at: datetime | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class NotificationRecord:
+    """A notification in the durable outbox: delivered at least once, identified for idempotency."""
+
+    notification_id: str
+    kind: str
+    body: str
+    """The JSON document delivered, as text."""
+    created_at: datetime
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    delivered_at: datetime | None = None
+    last_error: str = ""
+
+
+class HouseholdRecordStore(Protocol):
+    """What the household's approvals and notification outbox need of a consumer store."""
+
+    async def save_approval(self, record: ApprovalRecord) -> ApprovalRecord:
+        """Store a new request, or return the one already stored under its id (the first stays)."""
+        ...
+
+    async def get_approval(self, request_id: str) -> ApprovalRecord | None: ...
+
+    async def approvals(
+        self, *, states: Sequence[ApprovalState] = (), biller_party_id: str | None = None, bill_id: str | None = None
+    ) -> list[ApprovalRecord]:
+        """Stored requests (of these states, biller and bill when given), oldest first."""
+        ...
+
+    async def answer_approval(
+        self,
+        request_id: str,
+        state: ApprovalState,
+        when: datetime,
+        note: str = "",
+        *,
+        only_from: Sequence[ApprovalState],
+    ) -> ApprovalRecord | None:
+        """Move a request to `state` if it is in one of `only_from`; the updated record, or None if it was not."""
+        ...
+
+    async def enqueue_notification(self, record: NotificationRecord) -> bool:
+        """Add a notification to the outbox; False when one with its id is already there (idempotent)."""
+        ...
+
+    async def due_notifications(self, now: datetime, limit: int = 50) -> list[NotificationRecord]:
+        """Undelivered notifications whose next attempt is due, oldest first."""
+        ...
+
+    async def notification_attempted(
+        self, notification_id: str, *, delivered_at: datetime | None, next_attempt_at: datetime | None, error: str
+    ) -> None:
+        """Record one delivery attempt: delivered, or failed with the time of the next try."""
+        ...
+
+    async def notifications(self, *, undelivered_only: bool = False) -> list[NotificationRecord]: ...

@@ -11,12 +11,15 @@ primary keys and conditional updates. Disclosures are deleted with
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 
 from agent.protocol.errors import Reason
 from agent.stores.base import (
+    ApprovalRecord,
+    ApprovalState,
     BillerLinkRecord,
     ConsumerThreadRecord,
     EventCursor,
@@ -24,6 +27,7 @@ from agent.stores.base import (
     IntentState,
     LinkedAccountRecord,
     MessageRecord,
+    NotificationRecord,
     ReceiptRecord,
     ReceivedBillRecord,
     ReceivedEventRecord,
@@ -155,6 +159,37 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (biller_party_id, account_id, sequence)
         )""",
     ),
+    (  # 2: the household's own records: requests for approval, the notification outbox
+        """CREATE TABLE approvals (
+            request_id TEXT PRIMARY KEY,
+            biller_party_id TEXT NOT NULL,
+            account_id TEXT NOT NULL,
+            bill_id TEXT NOT NULL,
+            thread_id BLOB,
+            action TEXT NOT NULL,
+            terms BLOB NOT NULL,
+            terms_digest BLOB NOT NULL,
+            violations TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            deadline TEXT,
+            state TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            answered_at TEXT,
+            note TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX approvals_bill ON approvals (biller_party_id, bill_id)",
+        """CREATE TABLE notifications (
+            notification_id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at TEXT,
+            delivered_at TEXT,
+            last_error TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX notifications_due ON notifications (delivered_at, next_attempt_at)",
+    ),
 )
 
 _LINK_COLUMNS = "biller_party_id, target, fingerprint, insecure, root_certificates, server_name, enrolled_at"
@@ -166,6 +201,9 @@ _INTENT_COLUMNS = """biller_party_id, intent_id, account_id, bill_id, agreement_
                      refusal_detail"""
 _RECEIPT_COLUMNS = "biller_party_id, intent_id, envelope, digest, amount_minor, dispute, received_at"
 _EVENT_COLUMNS = "biller_party_id, account_id, sequence, envelope, digest, kind, received_at"
+_APPROVAL_COLUMNS = """request_id, biller_party_id, account_id, bill_id, thread_id, action, terms, terms_digest,
+                       violations, reason, deadline, state, created_at, answered_at, note"""
+_NOTIFICATION_COLUMNS = "notification_id, kind, body, created_at, attempts, next_attempt_at, delivered_at, last_error"
 
 
 class SqliteConsumerStore(SqliteStore):
@@ -578,6 +616,143 @@ class SqliteConsumerStore(SqliteStore):
         )
         return [ReceivedEventRecord(row[0], row[1], row[2], row[3], row[4], row[5], dt(row[6])) for row in rows]
 
+    # --- requests for the person's approval (NEG-20) ---
+
+    async def save_approval(self, record: ApprovalRecord) -> ApprovalRecord:
+        def save(db: sqlite3.Connection) -> ApprovalRecord:
+            db.execute(
+                f"INSERT INTO approvals ({_APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+                "ON CONFLICT (request_id) DO NOTHING",
+                (
+                    record.request_id,
+                    record.biller_party_id,
+                    record.account_id,
+                    record.bill_id,
+                    record.thread_id,
+                    record.action,
+                    record.terms,
+                    record.terms_digest,
+                    json.dumps(list(record.violations)),
+                    record.reason,
+                    None if record.deadline is None else ts(record.deadline),
+                    record.state.value,
+                    ts(record.created_at),
+                    None if record.answered_at is None else ts(record.answered_at),
+                    record.note,
+                ),
+            )
+            row = db.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE request_id = ?",  # noqa: S608
+                (record.request_id,),
+            ).fetchone()
+            return _approval(row)
+
+        return await self._write(save)
+
+    async def get_approval(self, request_id: str) -> ApprovalRecord | None:
+        row = await self._one(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE request_id = ?", request_id)  # noqa: S608
+        return None if row is None else _approval(row)
+
+    async def approvals(
+        self, *, states: Sequence[ApprovalState] = (), biller_party_id: str | None = None, bill_id: str | None = None
+    ) -> list[ApprovalRecord]:
+        where: list[str] = ["1 = 1"]
+        args: list[object] = []
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            args.extend(state.value for state in states)
+        if biller_party_id is not None:
+            where.append("biller_party_id = ?")
+            args.append(biller_party_id)
+        if bill_id is not None:
+            where.append("bill_id = ?")
+            args.append(bill_id)
+        rows = await self._all(
+            f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE {' AND '.join(where)} ORDER BY created_at, rowid",  # noqa: S608
+            *args,
+        )
+        return [_approval(row) for row in rows]
+
+    async def answer_approval(
+        self,
+        request_id: str,
+        state: ApprovalState,
+        when: datetime,
+        note: str = "",
+        *,
+        only_from: Sequence[ApprovalState],
+    ) -> ApprovalRecord | None:
+        def answer(db: sqlite3.Connection) -> ApprovalRecord | None:
+            changed = db.execute(
+                f"UPDATE approvals SET state = ?, answered_at = ?, note = ? "  # noqa: S608
+                f"WHERE request_id = ? AND state IN ({', '.join('?' for _ in only_from)})",
+                (state.value, ts(when), note, request_id, *(s.value for s in only_from)),
+            ).rowcount
+            if not changed:
+                return None
+            row = db.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE request_id = ?",  # noqa: S608
+                (request_id,),
+            ).fetchone()
+            return _approval(row)
+
+        return await self._write(answer)
+
+    # --- the notification outbox ---
+
+    async def enqueue_notification(self, record: NotificationRecord) -> bool:
+        def enqueue(db: sqlite3.Connection) -> bool:
+            return (
+                db.execute(
+                    f"INSERT INTO notifications ({_NOTIFICATION_COLUMNS}) VALUES (?, ?, ?, ?, 0, ?, NULL, '') "  # noqa: S608
+                    "ON CONFLICT (notification_id) DO NOTHING",
+                    (
+                        record.notification_id,
+                        record.kind,
+                        record.body,
+                        ts(record.created_at),
+                        ts(record.next_attempt_at or record.created_at),
+                    ),
+                ).rowcount
+                == 1
+            )
+
+        return await self._write(enqueue)
+
+    async def due_notifications(self, now: datetime, limit: int = 50) -> list[NotificationRecord]:
+        rows = await self._all(
+            f"""SELECT {_NOTIFICATION_COLUMNS} FROM notifications
+                WHERE delivered_at IS NULL AND next_attempt_at <= ? ORDER BY created_at, rowid LIMIT ?""",  # noqa: S608
+            ts(now),
+            limit,
+        )
+        return [_notification(row) for row in rows]
+
+    async def notification_attempted(
+        self, notification_id: str, *, delivered_at: datetime | None, next_attempt_at: datetime | None, error: str
+    ) -> None:
+        def attempted(db: sqlite3.Connection) -> None:
+            db.execute(
+                """UPDATE notifications SET attempts = attempts + 1, delivered_at = ?,
+                       next_attempt_at = COALESCE(?, next_attempt_at), last_error = ?
+                   WHERE notification_id = ? AND delivered_at IS NULL""",
+                (
+                    None if delivered_at is None else ts(delivered_at),
+                    None if next_attempt_at is None else ts(next_attempt_at),
+                    error,
+                    notification_id,
+                ),
+            )
+
+        await self._write(attempted)
+
+    async def notifications(self, *, undelivered_only: bool = False) -> list[NotificationRecord]:
+        where = "WHERE delivered_at IS NULL" if undelivered_only else ""
+        rows = await self._all(
+            f"SELECT {_NOTIFICATION_COLUMNS} FROM notifications {where} ORDER BY created_at, rowid"  # noqa: S608
+        )
+        return [_notification(row) for row in rows]
+
 
 # --- row helpers (worker thread) -----------------------------------------------------------------
 
@@ -592,6 +767,39 @@ def _unpair(reason: str | None, detail: str) -> tuple[str, str] | None:
 
 def _link(row: Row) -> BillerLinkRecord:
     return BillerLinkRecord(row[0], row[1], row[2], bool(row[3]), row[4], row[5], dt(row[6]))
+
+
+def _approval(row: Row) -> ApprovalRecord:
+    return ApprovalRecord(
+        request_id=row[0],
+        biller_party_id=row[1],
+        account_id=row[2],
+        bill_id=row[3],
+        thread_id=row[4],
+        action=row[5],
+        terms=row[6],
+        terms_digest=row[7],
+        violations=tuple(json.loads(row[8])),
+        reason=row[9],
+        deadline=None if row[10] is None else dt(row[10]),
+        state=ApprovalState(row[11]),
+        created_at=dt(row[12]),
+        answered_at=None if row[13] is None else dt(row[13]),
+        note=row[14],
+    )
+
+
+def _notification(row: Row) -> NotificationRecord:
+    return NotificationRecord(
+        notification_id=row[0],
+        kind=row[1],
+        body=row[2],
+        created_at=dt(row[3]),
+        attempts=row[4],
+        next_attempt_at=None if row[5] is None else dt(row[5]),
+        delivered_at=None if row[6] is None else dt(row[6]),
+        last_error=row[7],
+    )
 
 
 def _bill(row: Row) -> ReceivedBillRecord:

@@ -1,0 +1,459 @@
+"""The household's commands beside `run`: look, answer, enrol by link, take the proof away.
+
+    parley consumer status  --profile FILE [--state-dir DIR] [--json]
+    parley consumer approve ID [--state-dir DIR] [--note TEXT]
+    parley consumer decline ID [--state-dir DIR] [--reason TEXT]
+    parley consumer enrol 'parley:enrol?...' --profile FILE [--state-dir DIR] [--ca-file PEM]
+    parley consumer export-agreements --profile FILE [--state-dir DIR] --out DIR
+
+`status`, `approve`, `decline` and `export-agreements` read and write the state directory only:
+they never contact a biller. `enrol` enrols with the biller the link names (ENR-8), pins it, and
+adds the biller to the profile (target, fingerprint, account; never the one-time code) unless the
+profile already has it.
+
+Exit status: 0 done; 1 a request that cannot be answered (unknown id, already answered, lapsed) or
+a biller that refused the enrolment; 2 a bad link, profile or state directory, or a biller that
+cannot be reached. A failure changes nothing and is said in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from agent.clock import SystemClock
+from agent.consumer import (
+    ApprovalBook,
+    ApprovalClosed,
+    ConsumerAgent,
+    EnrolmentLink,
+    InvalidEnrolmentLink,
+    UnknownApproval,
+    parse_enrolment_uri,
+)
+from agent.protocol.errors import ParleyError
+from agent.protocol.keys import InsecureKeyFileError
+from agent.protocol.terms import Terms
+from agent.stores.base import ApprovalRecord
+from agent.stores.consumer_sqlite import SqliteConsumerStore
+from agent.transport.client import ClientTls, is_transient
+from agent.transport.server import is_loopback
+from agent.transport.status import CallError
+from parley.v1 import terms_pb2
+from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
+from reference_consumer.profile import Profile, ProfileError, load_profile
+from reference_consumer.runner import (
+    DEFAULT_STATE_DIR,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNUSABLE,
+    STORE_FILE,
+    StateError,
+    agreement_file,
+    agreements_reached,
+    load_identity,
+    write_agreement_files,
+)
+from reference_consumer.status import UnreadableState, household_status, reading_household, status_json
+from reference_consumer.words import ACTION_WORDS, describe_terms
+
+logger = logging.getLogger("parley.reference_consumer")
+
+
+def _fail(out: Console, message: str, code: int) -> int:
+    out.print(Text(message, style="red"), soft_wrap=True)
+    return code
+
+
+def _profile(args: argparse.Namespace, out: Console) -> Profile | int:
+    try:
+        return load_profile(args.config)
+    except ProfileError as error:
+        return _fail(out, f"invalid profile {error}", EXIT_UNUSABLE)
+    except OSError as error:
+        return _fail(out, f"cannot read {args.config}: {error.strerror}", EXIT_UNUSABLE)
+
+
+# --- status ---------------------------------------------------------------------------------------------
+
+
+def status_command(args: argparse.Namespace, out: Console) -> int:
+    profile = _profile(args, out)
+    if isinstance(profile, int):
+        return profile
+    try:
+        document = asyncio.run(household_status(profile, Path(args.state_dir)))
+    except (UnreadableState, OSError) as error:
+        return _fail(out, f"unusable state: {error}", EXIT_UNUSABLE)
+    if args.json:  # the document alone on standard output (the CLI's console is standard error with --json)
+        sys.stdout.write(status_json(document))
+        sys.stdout.flush()
+        return EXIT_OK
+    render_status(document, out)
+    return EXIT_OK
+
+
+def _money(value: object) -> str:
+    return str(value["text"]) if isinstance(value, dict) else ""
+
+
+def _rows(document: dict[str, object], key: str) -> list[dict[str, object]]:
+    rows = document.get(key)
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+
+
+def _text(value: object) -> Text:
+    """Text that came from a biller: shown literally, without markup or control characters."""
+    return Text("".join(c if c.isprintable() else " " for c in str(value if value is not None else "")))
+
+
+def render_status(document: dict[str, object], out: Console) -> None:
+    """The status document as tables a person reads."""
+    household = document.get("household")
+    party = household.get("party_id") if isinstance(household, dict) else ""
+    out.print(f"[bold]Your bills[/bold] — {party}, {document.get('generated_at')}", highlight=False, soft_wrap=True)
+    if document.get("state") == "empty":
+        out.print("Nothing yet: run `parley consumer run --profile FILE` to fetch your bills.", highlight=False)
+
+    def table(title: str, columns: Sequence[str], rows: list[list[object]]) -> None:
+        if not rows:
+            return
+        grid = Table(title=title, title_justify="left")
+        for column in columns:
+            grid.add_column(column, overflow="fold")
+        for row in rows:
+            grid.add_row(*(_text(cell) for cell in row))
+        out.print(grid)
+
+    table(
+        "Bills",
+        ("biller", "bill", "amount", "due", "what", "state"),
+        [
+            [r["biller_name"], r["bill_id"], _money(r["amount"]), r["due_date"], r["description"], r["state_text"]]
+            for r in _rows(document, "bills")
+        ],
+    )
+    pending = [r for r in _rows(document, "approvals") if r["state"] == "pending"]
+    table(
+        "Waiting for your approval",
+        ("id", "biller", "bill", "the bot would", "terms", "why it needs you"),
+        [
+            [r["id"], r["biller_name"], r["bill_id"], r["action_text"], _terms_text(r["terms"]), "; ".join(r["why"])]  # type: ignore[arg-type]
+            for r in pending
+        ],
+    )
+    if pending:
+        out.print(
+            "Answer with: parley consumer approve ID  |  parley consumer decline ID --reason TEXT", highlight=False
+        )
+    table(
+        "Agreements (your proof)",
+        ("biller", "bill", "terms", "file", "verifies"),
+        [
+            [
+                r["biller_name"],
+                r["bill_id"],
+                _terms_text(r["terms"]),
+                r["file"] or "missing",
+                "yes" if r["verifies"] else f"NO: {r['problem']}",
+            ]
+            for r in _rows(document, "agreements")
+        ],
+    )
+    table(
+        "Coming up",
+        ("due", "biller", "bill", "instalment", "amount"),
+        [
+            [
+                f"{r['due_date']}{' (overdue)' if r['overdue'] else ''}",
+                r["biller_name"],
+                r["bill_id"],
+                f"{r['instalment']} of {r['of']}",
+                _money(r["amount"]),
+            ]
+            for r in _rows(document, "upcoming")
+        ],
+    )
+    table(
+        "Payments and receipts",
+        ("biller", "bill", "instalment", "amount", "state", "bank ref", "receipt"),
+        [
+            [
+                r["biller_name"],
+                r["bill_id"],
+                f"{r['instalment']} of {r['of']}",
+                _money(r["amount"]),
+                r["state_text"],
+                r["bank_reference"],
+                _receipt_text(r["receipt"]),
+            ]
+            for r in _rows(document, "payments")
+        ],
+    )
+    table(
+        "News from your billers",
+        ("biller", "what", "bill", "amount", "date", "message"),
+        [
+            [r["biller_name"], r["text"], r["bill_id"], _money(r["amount"]), r["date"] or "", r["message"]]
+            for r in _rows(document, "events")
+        ],
+    )
+    problems = document.get("problems")
+    for problem in problems if isinstance(problems, list) else []:
+        out.print(Text("problem: ", style="bold red") + _text(problem), soft_wrap=True)
+
+
+def _terms_text(terms: object) -> str:
+    return str(terms.get("text", "")) if isinstance(terms, dict) else ""
+
+
+def _receipt_text(receipt: object) -> str:
+    if not isinstance(receipt, dict):
+        return ""
+    if receipt.get("disputed"):
+        return f"DISPUTED: {receipt.get('dispute')}"
+    return f"{_money(receipt.get('amount_received'))} received"
+
+
+# --- approve / decline ----------------------------------------------------------------------------------
+
+
+def _answer_command(args: argparse.Namespace, out: Console, *, approved: bool) -> int:
+    state_dir = Path(args.state_dir)
+    if not (state_dir / STORE_FILE).exists():
+        return _fail(out, f"no household state in {state_dir}: nothing to answer", EXIT_UNUSABLE)
+
+    async def answer() -> ApprovalRecord:
+        store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
+        try:
+            book = ApprovalBook(store, SystemClock())
+            return await book.answer(args.request_id, approved, note=args.note or "")
+        finally:
+            await store.close()
+
+    try:
+        record = asyncio.run(answer())
+    except (UnknownApproval, ApprovalClosed) as error:
+        return _fail(out, str(error).strip("'\""), EXIT_FAILED)
+    except OSError as error:
+        return _fail(out, f"unusable state directory: {error}", EXIT_UNUSABLE)
+    terms = describe_terms(Terms.from_proto(terms_pb2.Terms.FromString(record.terms)))
+    what = f"{ACTION_WORDS.get(record.action, record.action)} {terms} (bill {record.bill_id}, {record.biller_party_id})"
+    if approved:
+        out.print(f"approved {record.request_id}: {what}. The next run sends exactly this.", highlight=False)
+    else:
+        out.print(f"declined {record.request_id}: {what}. The bot will not send it.", highlight=False)
+    return EXIT_OK
+
+
+def approve_command(args: argparse.Namespace, out: Console) -> int:
+    return _answer_command(args, out, approved=True)
+
+
+def decline_command(args: argparse.Namespace, out: Console) -> int:
+    return _answer_command(args, out, approved=False)
+
+
+# --- enrol by link --------------------------------------------------------------------------------------
+
+
+def enrol_command(args: argparse.Namespace, out: Console) -> int:
+    try:
+        link = parse_enrolment_uri(args.uri)
+    except InvalidEnrolmentLink as error:
+        return _fail(out, f"not a usable enrolment link: {error}", EXIT_UNUSABLE)
+    profile = _profile(args, out)
+    if isinstance(profile, int):
+        return profile
+    existing = next((b for b in profile.billers if b.biller_id == link.biller_party_id), None)
+    connection = None if existing is None else existing.connection
+    if connection is not None and connection.fingerprint != link.fingerprint:
+        return _fail(
+            out,
+            f"the link's fingerprint for {link.biller_party_id} is not the one in your profile: "
+            "a biller's identity never changes (KEY-12); nothing was done",
+            EXIT_UNUSABLE,
+        )
+    host = link.target.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    insecure = is_loopback(host) and args.ca_file is None
+    roots = None
+    if args.ca_file is not None:
+        try:
+            roots = Path(args.ca_file).read_bytes()
+        except OSError as error:
+            return _fail(out, f"cannot read {args.ca_file}: {error.strerror}", EXIT_UNUSABLE)
+    tls = None if insecure else ClientTls(roots, None)
+    try:
+        asyncio.run(_enrol(profile, Path(args.state_dir), link, tls=tls, insecure=insecure))
+    except CallError as error:
+        if is_transient(error):
+            return _fail(out, f"{link.target} cannot be reached: {error.code.name}; nothing was done", EXIT_UNUSABLE)
+        return _fail(out, f"the biller refused the enrolment: {error.reason.name} {error.detail}", EXIT_FAILED)
+    except ParleyError as error:
+        return _fail(out, f"the biller's answer does not verify: {error}", EXIT_FAILED)
+    except (StateError, InsecureKeyFileError, ProfileError, OSError, ValueError) as error:
+        return _fail(out, f"cannot enrol: {error}", EXIT_UNUSABLE)
+    name = profile.biller_name(link.biller_party_id)
+    out.print(f"enrolled account {link.account_id} with {name}; its identity is pinned.", highlight=False)
+    if existing is None:
+        _add_biller(Path(args.config), profile, link, insecure=insecure, ca_file=args.ca_file)
+        out.print(f"added {link.biller_party_id} to {args.config}", highlight=False)
+    elif existing.connection is None:
+        out.print(
+            f'add to [billers."{link.biller_party_id}"] in {args.config}: target = "{link.target}", '
+            f'fingerprint = "{link.fingerprint.hex()}", account_id = "{link.account_id}"'
+            + (", insecure = true" if insecure else ""),
+            highlight=False,
+            soft_wrap=True,
+        )
+    return EXIT_OK
+
+
+async def _enrol(
+    profile: Profile, state_dir: Path, link: EnrolmentLink, *, tls: ClientTls | None, insecure: bool
+) -> None:
+    clock = SystemClock()
+    key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
+    store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
+    try:
+        agent = ConsumerAgent(
+            party_id=profile.party_id,
+            signing_key=key,
+            key_sets=chain,
+            store=store,
+            strategy=ReferenceStrategy(profile),
+            mandate=agent_mandate(profile),
+            clock=clock,
+        )
+        async with agent:
+            await agent.enrol(
+                link.target,
+                biller_party_id=link.biller_party_id,
+                fingerprint=link.fingerprint,
+                account_id=link.account_id,
+                code=link.code,
+                tls=tls,
+                insecure=insecure,
+            )
+    finally:
+        await store.close()
+
+
+def _add_biller(path: Path, profile: Profile, link: EnrolmentLink, *, insecure: bool, ca_file: str | None) -> None:
+    """Append the biller's table to the profile: how to reach it, never the code (used now)."""
+    priority = max((b.priority for b in profile.billers), default=0) + 1
+    lines = [
+        "",
+        f"[billers.{json.dumps(link.biller_party_id)}]  # added by `parley consumer enrol`",
+        f"priority = {priority}",
+        f"target = {json.dumps(link.target)}",
+        f"fingerprint = {json.dumps(link.fingerprint.hex())}",
+        f"account_id = {json.dumps(link.account_id)}",
+    ]
+    if insecure:
+        lines.append("insecure = true")
+    elif ca_file is not None:
+        lines.append(f"ca_file = {json.dumps(str(Path(ca_file).resolve()))}")
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text + ("" if text.endswith("\n") else "\n") + "\n".join(lines) + "\n", encoding="utf-8")
+
+
+# --- export-agreements ----------------------------------------------------------------------------------
+
+
+def export_command(args: argparse.Namespace, out: Console) -> int:
+    profile = _profile(args, out)
+    if isinstance(profile, int):
+        return profile
+    state_dir, target = Path(args.state_dir), Path(args.out)
+
+    async def export() -> list[Path]:
+        async with reading_household(profile, state_dir, SystemClock()) as (agent, store):
+            await write_agreement_files(agent, store, state_dir)
+            files = [agreement_file(state_dir, *found) for found in await agreements_reached(agent, store)]
+        target.mkdir(parents=True, exist_ok=True)
+        copied = []
+        for source in files:
+            shutil.copyfile(source, target / source.name)
+            copied.append(target / source.name)
+        return copied
+
+    try:
+        copied = asyncio.run(export())
+    except (UnreadableState, OSError) as error:
+        return _fail(out, f"cannot export: {error}", EXIT_UNUSABLE)
+    for path in copied:
+        out.print(str(path), highlight=False, soft_wrap=True)
+    out.print(f"{len(copied)} agreement file(s) in {target}", highlight=False)
+    return EXIT_OK
+
+
+# --- registration ---------------------------------------------------------------------------------------
+
+
+def _profile_option(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--profile", "--config", dest="config", metavar="FILE", required=required, help="the household's profile"
+    )
+
+
+def _state_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, help=f"the household's state directory (default: {DEFAULT_STATE_DIR})"
+    )
+
+
+def add_household_commands(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register status, approve, decline, enrol and export-agreements under `parley consumer`."""
+    status = actions.add_parser(
+        "status", help="every bill, agreement, payment, approval and news, from the state directory; contacts nobody"
+    )
+    _profile_option(status, required=True)
+    _state_option(status)
+    status.add_argument("--json", action="store_true", help="the status document as JSON (docs/HOUSEHOLD.md)")
+    status.set_defaults(handler=status_command)
+
+    for name, handler, verb in (("approve", approve_command, "approve"), ("decline", decline_command, "decline")):
+        parser = actions.add_parser(name, help=f"{verb} one request waiting for your approval, by its id")
+        parser.add_argument("request_id", metavar="ID", help="the id `status` or `run` printed")
+        _profile_option(parser, required=False)
+        _state_option(parser)
+        if name == "decline":
+            parser.add_argument("--reason", dest="note", help="why (kept with the answer)")
+        else:
+            parser.add_argument("--note", help="a note kept with the answer")
+        parser.set_defaults(handler=handler)
+
+    enrol = actions.add_parser("enrol", help="enrol with a biller from the parley:enrol?... link it printed (ENR-8)")
+    enrol.add_argument("uri", metavar="LINK", help="the parley:enrol?... link (quote it in the shell)")
+    _profile_option(enrol, required=True)
+    _state_option(enrol)
+    enrol.add_argument("--ca-file", help="PEM trust anchors for the biller's TLS certificate (not for loopback)")
+    enrol.set_defaults(handler=enrol_command)
+
+    export = actions.add_parser("export-agreements", help="copy every agreement file (parley-bundle/1) to a directory")
+    _profile_option(export, required=True)
+    _state_option(export)
+    export.add_argument("--out", required=True, metavar="DIR", help="where to copy them (created if missing)")
+    export.set_defaults(handler=export_command)
+
+
+__all__ = [
+    "add_household_commands",
+    "approve_command",
+    "decline_command",
+    "enrol_command",
+    "export_command",
+    "render_status",
+    "status_command",
+]

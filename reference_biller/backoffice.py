@@ -71,6 +71,7 @@ from agent.transport.status import abort as abort_with_protocol_error
 from parley.backoffice.v1 import backoffice_service_pb2 as pb
 from parley.backoffice.v1 import backoffice_service_pb2_grpc as pb_grpc
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2
+from reference_biller.statements import awaited_payment_by_reference
 
 logger = logging.getLogger("parley.backoffice")
 
@@ -536,17 +537,6 @@ class BackOfficeServicer(pb_grpc.BackOfficeServiceServicer):
         return account
 
 
-async def awaited_payment_by_reference(agent: BillerAgent, reference: str) -> AwaitedPayment | None:
-    """The awaited payment whose instructions carry `reference` (compared without spaces, case-insensitively)."""
-    wanted = normalize_reference(reference)
-    return next((a for a in await agent.awaited_payments() if normalize_reference(a.payment_reference) == wanted), None)
-
-
-def normalize_reference(text: str) -> str:
-    """A payment reference as banks pass it on: spaces dropped (they regroup them), upper case."""
-    return "".join(text.split()).upper()
-
-
 # --- The server -------------------------------------------------------------------------------------
 
 
@@ -628,8 +618,6 @@ __all__ = [
     "BackOfficeServer",
     "BackOfficeServicer",
     "BearerTokenInterceptor",
-    "awaited_payment_by_reference",
-    "normalize_reference",
     "read_token_file",
     "serve_backoffice",
     "status_of",

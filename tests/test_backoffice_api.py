@@ -25,9 +25,10 @@ from grpc_status import rpc_status
 from parley.backoffice.v1 import backoffice_service_pb2 as bo
 from parley.backoffice.v1 import backoffice_service_pb2_grpc as bo_grpc
 from parley.v1 import biller_service_pb2, event_pb2
+from parley.v1.biller_service_pb2 import CreatePaymentIntentRequest
 from reference_biller.backoffice import ERROR_DOMAIN, read_token_file, serve_backoffice
 from tests.fixtures import BILL
-from tests.helpers.peer import Biller, running_biller
+from tests.helpers.peer import Biller, Consumer, running_biller
 
 TOKEN = "s3cret-token-for-the-billing-system-0123456789"
 ACCOUNT = "acct-1001"
@@ -131,8 +132,6 @@ def test_a_billing_system_creates_bills_and_settles_them_and_follows_the_events(
             ERROR_DOMAIN,
         )
         # The consumer enrols with the code the billing system printed.
-        from tests.helpers.peer import Consumer  # noqa: PLC0415 - the consumer's side, not the billing system's
-
         alice = Consumer("consumer:alice", biller.clock)
         await biller.stub.Enrol(biller_service_pb2.EnrolRequest(request=alice.enrolment(ACCOUNT, code.enrolment_code)))
         issued = await stub.IssueBill(bill, metadata=AUTH)
@@ -152,8 +151,6 @@ def test_a_billing_system_creates_bills_and_settles_them_and_follows_the_events(
         )
 
         # The consumer pays the bill in full; the billing system sees the payment awaited, then settles it.
-        from parley.v1.biller_service_pb2 import CreatePaymentIntentRequest  # noqa: PLC0415
-
         await biller.stub.CreatePaymentIntent(
             CreatePaymentIntentRequest(intent=alice.intent(ACCOUNT, "INV-2026-0001", "pay-1", BILL.amount_due))
         )

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
+from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from parley.backoffice.v1 import backoffice_service_pb2 as bo
 from parley.backoffice.v1 import backoffice_service_pb2_grpc as bo_grpc
 from parley.v1 import biller_service_pb2, event_pb2
@@ -258,3 +259,35 @@ def test_the_back_office_is_never_open_and_plaintext_only_on_loopback(tmp_path: 
 def test_the_event_kinds_mirror_the_protocol() -> None:
     mirrored: dict[str, int] = dict(bo.EventKind.items())
     assert mirrored == dict(event_pb2.EventKind.items())
+
+
+def test_mutual_tls_alone_authenticates_a_billing_system(tmp_path: Path) -> None:
+    """With a client CA and no token, the certificate is the credential: no certificate, no connection."""
+    ca = make_dev_ca()
+    server_cert = issue_server_cert(ca)
+    client_cert = issue_client_cert(ca, "billing-system")
+
+    async def scenario() -> None:
+        async with running_biller(tmp_path) as biller:
+            server = await serve_backoffice(
+                biller.agent,
+                biller.agent._store,
+                "127.0.0.1:0",
+                tls=(server_cert.chain_pem, server_cert.key_pem),
+                tls_client_ca=ca.cert_pem,
+            )
+            target = f"127.0.0.1:{server.port}"
+            request = bo.CreateAccountRequest(request_id="m1", account_id="acct-tls", holder_name="T. Example")
+            try:
+                with_certificate = grpc.ssl_channel_credentials(ca.cert_pem, client_cert.key_pem, client_cert.cert_pem)
+                async with grpc.aio.secure_channel(target, with_certificate) as channel:
+                    answer = await bo_grpc.BackOfficeServiceStub(channel).CreateAccount(request, timeout=10)
+                    assert answer.created
+                async with grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(ca.cert_pem)) as channel:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await bo_grpc.BackOfficeServiceStub(channel).CreateAccount(request, timeout=10)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails
+            finally:
+                await server.stop(None)
+
+    asyncio.run(scenario())

@@ -315,8 +315,11 @@ class BackOfficeServicer(pb_grpc.BackOfficeServiceServicer):
             result = await work()
         except BaseException as error:
             self._requests.pop(key)  # a refusal may not hold later (say, once enrolled): a retry runs again
-            future.set_exception(error)
-            future.exception()  # retrieved, so an unawaited failure is not reported as lost
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()  # the first caller went away: duplicates waiting on it end too, and retry
+            else:
+                future.set_exception(error)
+                future.exception()  # retrieved, so an unawaited failure is not reported as lost
             raise
         future.set_result(result)
         return result

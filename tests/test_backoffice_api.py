@@ -151,6 +151,14 @@ def test_a_billing_system_creates_bills_and_settles_them_and_follows_the_events(
             "INVALID_REQUEST",
         )
 
+        early = {"request_id": "r6", "bill_id": "b3", "issue_date": "2026-04-01", "due_date": "2026-03-31"}
+        due_before_issue = bo.IssueBillRequest(**{**_fields(bill), **early})
+        assert await refusal(stub.IssueBill(due_before_issue, metadata=AUTH)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_TERMS",
+            "parley.v1",  # the protocol's own rule, with the protocol's reason (TRM-5)
+        )
+
         # The consumer pays the bill in full; the billing system sees the payment awaited, then settles it.
         await biller.stub.CreatePaymentIntent(
             CreatePaymentIntentRequest(intent=alice.intent(ACCOUNT, "INV-2026-0001", "pay-1", BILL.amount_due))

@@ -169,7 +169,7 @@ def _settle(args: argparse.Namespace, out: Console) -> int:
         bank_reference=bank_reference,
         rail_reference=MANUAL_REFERENCE_PREFIX + bank_reference,
         amount=amount,
-        credit=True,
+        is_credit=True,
         reversal=False,
         booked=True,
         booking_date=booked,

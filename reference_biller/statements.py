@@ -75,7 +75,7 @@ class Credit:
     bank_reference: str  # AcctSvcrRef (transaction, else entry) or NtryRef; "" if the bank gave none
     rail_reference: str  # what the settlement is recorded under: stable for the same file
     amount: Money | None  # None when the file gives no amount for the transaction
-    credit: bool  # CRDT (True) or DBIT
+    is_credit: bool  # CdtDbtInd: CRDT (True) or DBIT
     reversal: bool  # RvslInd: the entry reverses an earlier one
     booked: bool  # status BOOK (not PDNG or INFO)
     booking_date: date | None
@@ -190,7 +190,7 @@ def _credits_of(reader: _Reader, entry: ET.Element, number: int, message_id: str
         bank_reference=entry_reference,
         rail_reference=RAIL_REFERENCE_PREFIX + (entry_reference or f"{message_id}/{number}"),
         amount=amount,
-        credit=credit,
+        is_credit=credit,
         reversal=reversal,
         booked=status == "BOOK",
         booking_date=_booking_date(reader, entry, where),
@@ -226,7 +226,7 @@ def _credits_of(reader: _Reader, entry: ET.Element, number: int, message_id: str
                 bank_reference=own_reference or entry_reference,
                 rail_reference=rail_reference,
                 amount=own_amount if own_amount is not None else (amount if len(transactions) == 1 else None),
-                credit=_indicator(reader, transaction, place) if reader.text(transaction, "CdtDbtInd") else credit,
+                is_credit=_indicator(reader, transaction, place) if reader.text(transaction, "CdtDbtInd") else credit,
                 references=references,
                 remittance=reader.texts(transaction, "RmtInf/Ustrd"),
             )
@@ -287,9 +287,9 @@ def match_credit(credit: Credit, awaited: Sequence[AwaitedPayment]) -> Match:
     if not credit.booked:
         return Match(Outcome.NOT_BOOKED, None, "not booked yet (pending or information only)")
     if credit.reversal:
-        what = "an earlier debit" if credit.credit else "an earlier credit (money returned)"
+        what = "an earlier debit" if credit.is_credit else "an earlier credit (money returned)"
         return Match(Outcome.REVERSAL, None, f"reverses {what}: nothing recorded, check it by hand")
-    if not credit.credit:
+    if not credit.is_credit:
         return Match(Outcome.DEBIT, None, "a debit: ignored")
     by_reference = {normalize_reference(payment.payment_reference): payment for payment in awaited}
     invalid = [ref for ref in credit.references if ref.upper().startswith("RF") and not rf_reference_valid(ref)]

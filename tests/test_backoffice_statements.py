@@ -129,7 +129,7 @@ def test_an_entry_without_details_is_one_credit_and_the_old_versions_read_alike(
     [credit] = statement.credits
     assert credit.amount == Money.parse("75.10", "EUR")
     assert credit.booked
-    assert credit.credit
+    assert credit.is_credit
     assert credit.booking_date == date(2026, 3, 22)
     assert credit.rail_reference == "camt:NTF20260322-0001/1"  # no bank reference: message id and position
     assert match_credit(credit, []).outcome is Outcome.UNMATCHED
@@ -162,7 +162,7 @@ def test_matching_by_an_rf_reference_and_by_amount() -> None:
         bank_reference="B1",
         rail_reference="camt:B1",
         amount=Money.parse("130.00", "EUR"),
-        credit=True,
+        is_credit=True,
         reversal=False,
         booked=True,
         booking_date=None,

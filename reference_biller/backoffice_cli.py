@@ -110,6 +110,8 @@ def _backoffice(args: argparse.Namespace, out: Console) -> int:
     except ValueError as error:  # a token too short: said without the token itself
         _failed(out, str(error))
         return EXIT_UNUSABLE
+    if token is not None and Path(args.token_file).stat().st_mode & 0o077:
+        _failed(out, f"warning: {args.token_file} is readable by other users; chmod 600 it")
     configure_logging(args.log_format or "text", args.log_level or "info")
 
     async def serve() -> None:

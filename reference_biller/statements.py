@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import xml.etree.ElementTree as ET  # element types and ParseError only; parsing is defusedxml's
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -259,6 +260,15 @@ async def awaited_payment_by_reference(agent: BillerAgent, reference: str) -> Aw
     return next((a for a in await agent.awaited_payments() if normalize_reference(a.payment_reference) == wanted), None)
 
 
+def _mentions(text: str, reference: str) -> bool:
+    """Whether free text quotes the reference as a whole word, however the bank spaced it or cased it.
+
+    "Invoice PRL-000001, thanks" and "RF18 5390 0754 7034" quote theirs; "PRL-0000012" does not quote PRL-000001.
+    """
+    spaced = r"\s*".join(re.escape(character) for character in reference)
+    return re.search(rf"(?<![0-9A-Za-z]){spaced}(?![0-9A-Za-z])", text, re.IGNORECASE) is not None
+
+
 class Outcome(enum.StrEnum):
     """What became of one movement of the file."""
 
@@ -296,8 +306,8 @@ def match_credit(credit: Credit, awaited: Sequence[AwaitedPayment]) -> Match:
     payment = next((by_reference[normalize_reference(ref)] for ref in credit.references
                     if normalize_reference(ref) in by_reference), None)  # fmt: skip
     if payment is None:
-        text = normalize_reference(" ".join(credit.remittance))
-        payment = next((p for key, p in by_reference.items() if key and key in text), None)
+        text = "\n".join(credit.remittance)
+        payment = next((p for key, p in by_reference.items() if key and _mentions(text, key)), None)
     if payment is None:
         if invalid:
             return Match(Outcome.INVALID_REFERENCE, None, f"creditor reference {invalid[0]!r} fails its check digits")

@@ -175,3 +175,27 @@ def test_matching_by_an_rf_reference_and_by_amount() -> None:
     assert exact.payment == awaited[0]
     in_dollars = Credit(**{**credit.__dict__, "amount": Money.parse("120.00", "USD")})
     assert match_credit(in_dollars, awaited).outcome is Outcome.EXCESS
+
+
+def test_a_reference_in_remittance_text_is_matched_as_a_whole_word() -> None:
+    awaited = [AwaitedPayment("acct-1", "pay-1", Money.parse("120.00", "EUR"), "PRL-000001")]
+    base = Credit(
+        position="entry 1",
+        bank_reference="B1",
+        rail_reference="camt:B1",
+        amount=Money.parse("120.00", "EUR"),
+        is_credit=True,
+        reversal=False,
+        booked=True,
+        booking_date=None,
+        references=(),
+        remittance=(),
+    )
+
+    def outcome(*lines: str) -> Outcome:
+        return match_credit(Credit(**{**base.__dict__, "remittance": lines}), awaited).outcome
+
+    assert outcome("Invoice prl-000001, thanks") is Outcome.SETTLED
+    assert outcome("Invoice PRL-0000", "01 thanks") is Outcome.SETTLED  # split across lines by the bank
+    assert outcome("Invoice PRL-0000012") is Outcome.UNMATCHED
+    assert outcome("XPRL-000001") is Outcome.UNMATCHED

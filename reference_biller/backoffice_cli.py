@@ -97,6 +97,8 @@ def _backoffice(args: argparse.Namespace, out: Console) -> int:
     try:
         place = _place(args)
         token = None if args.token_file is None else read_token_file(Path(args.token_file))
+        if token is not None and Path(args.token_file).stat().st_mode & 0o077:
+            _failed(out, f"warning: {args.token_file} is readable by other users; chmod 600 it")
         if (args.tls_cert is None) != (args.tls_key is None):
             raise _Unusable("give --tls-cert and --tls-key together")
         tls = None if args.tls_cert is None else (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
@@ -110,8 +112,6 @@ def _backoffice(args: argparse.Namespace, out: Console) -> int:
     except ValueError as error:  # a token too short: said without the token itself
         _failed(out, str(error))
         return EXIT_UNUSABLE
-    if token is not None and Path(args.token_file).stat().st_mode & 0o077:
-        _failed(out, f"warning: {args.token_file} is readable by other users; chmod 600 it")
     configure_logging(args.log_format or "text", args.log_level or "info")
 
     async def serve() -> None:

@@ -117,12 +117,8 @@ def test_the_back_office_works_beside_serve_on_the_same_store(tmp_path: Path) ->
     token.write_text(TOKEN)
     token.chmod(0o600)
     auth = (("authorization", f"Bearer {TOKEN}"),)
-    with serving_process(
-        ["--insecure", "--listen", "127.0.0.1:0", "--state-dir", state], log=tmp_path / "serve.log"
-    ) as (
-        _,
-        banner,
-    ):
+    serve = ["--insecure", "--listen", "127.0.0.1:0", "--state-dir", state]
+    with serving_process(serve, log=tmp_path / "serve.log") as (_, banner):
         serve_target = banner["listening"].split()[0]
         command = [sys.executable, "-m", "agent.cli", "biller", "backoffice", "--state-dir", state]
         command += ["--listen", "127.0.0.1:0", "--insecure", "--token-file", str(token)]

@@ -25,8 +25,8 @@ else is reported and left alone: unmatched credits, partial or excess payments
 not booked.
 
 Idempotent: a credit is recorded under the rail reference
-"camt:<bank reference>" (its AcctSvcrRef, else the entry's, else NtryRef, else
-the message id and position), so importing the same file twice records nothing
+"camt:<bank reference>" (its AcctSvcrRef, else the entry's, else the message id
+with the NtryRef or the entry's position), so importing the same file twice records nothing
 new: a settled payment is no longer awaited, and the agent answers a repeated
 settlement with the same receipt.
 """
@@ -185,11 +185,12 @@ def _credits_of(reader: _Reader, entry: ET.Element, number: int, message_id: str
     # Sts is a code up to .05 (<Sts>BOOK</Sts>) and a choice from .06 on (<Sts><Cd>BOOK</Cd></Sts>).
     status = reader.text(entry, "Sts/Cd") or reader.text(entry, "Sts")
     reversal = reader.text(entry, "RvslInd").lower() in ("true", "1")
-    entry_reference = reader.text(entry, "AcctSvcrRef") or reader.text(entry, "NtryRef")
+    servicer_reference = reader.text(entry, "AcctSvcrRef")  # the bank's own, unique across its files
+    entry_reference = servicer_reference or reader.text(entry, "NtryRef")  # NtryRef: unique in this file only
     shared = Credit(
         position=where,
         bank_reference=entry_reference,
-        rail_reference=RAIL_REFERENCE_PREFIX + (entry_reference or f"{message_id}/{number}"),
+        rail_reference=RAIL_REFERENCE_PREFIX + (servicer_reference or f"{message_id}/{entry_reference or number}"),
         amount=amount,
         is_credit=credit,
         reversal=reversal,
@@ -204,9 +205,9 @@ def _credits_of(reader: _Reader, entry: ET.Element, number: int, message_id: str
     credits = []
     for index, transaction in enumerate(transactions, 1):
         place = where if len(transactions) == 1 else f"{where}, transaction {index}"
-        own_amount = _money(reader, transaction, "Amt", place) or _money(
-            reader, transaction, "AmtDtls/TxAmt/Amt", place
-        )
+        own_amount = _money(reader, transaction, "Amt", place)  # .03 on
+        if own_amount is None:
+            own_amount = _money(reader, transaction, "AmtDtls/TxAmt/Amt", place)  # .02
         own_reference = reader.text(transaction, "Refs/AcctSvcrRef")
         if own_reference:
             rail_reference = RAIL_REFERENCE_PREFIX + own_reference

@@ -40,6 +40,7 @@ from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import sample
+from reference_biller.backoffice_cli import add_backoffice_commands
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.service import RunningBiller, SteppableClock, identity_dir, open_biller, run_biller
 from reference_biller.settings import (
@@ -347,6 +348,8 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     check = actions.add_parser("check-config", help="validate a reference biller configuration")
     check.add_argument("file", help="a TOML configuration file")
     check.set_defaults(handler=_check_config)
+
+    add_backoffice_commands(actions)  # backoffice, settle, import-statement: reference_biller/backoffice_cli.py
 
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNUSABLE", "add_biller_commands"]

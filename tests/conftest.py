@@ -16,6 +16,7 @@ _database_numbers = itertools.count(1)
 # Marked here, in one place, rather than in each file, so that moving a module in or out is one line.
 SLOW_MODULES = frozenset(
     {
+        "test_backoffice_cli",
         "test_bench",
         "test_chaos",
         "test_cli",

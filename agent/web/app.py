@@ -209,12 +209,20 @@ async def _require_session(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _same_origin(request: web.Request) -> bool:
-    """What the browser says about where a request comes from: Sec-Fetch-Site, else Origin, must be this site."""
-    fetch_site = request.headers.get("Sec-Fetch-Site")
-    if fetch_site is not None and fetch_site != "same-origin":
-        return False
+    """Where the browser says a request comes from must be this site.
+
+    Sec-Fetch-Site decides when present (every current browser sends it and no script can set it): our own
+    forms post with `Origin: null`, since Referrer-Policy: no-referrer hides the origin of navigations too.
+    A named Origin must still be ours; without Sec-Fetch-Site (an old browser, a script) Origin decides.
+    """
+    own = f"{request.scheme}://{request.host}"
     origin = request.headers.get("Origin")
-    return origin is None or origin == f"{request.scheme}://{request.host}"
+    if origin not in (None, "null", own):
+        return False
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site == "same-origin"
+    return origin != "null"
 
 
 @web.middleware

@@ -215,6 +215,9 @@ def test_the_token_opens_a_session_once_and_nothing_opens_without_it() -> None:
                 assert re.search(r"; HttpOnly", cookie, re.IGNORECASE)
                 assert re.search(r"; SameSite=Strict", cookie, re.IGNORECASE)
                 assert "Secure" not in cookie  # plain HTTP on loopback: a Secure cookie would never come back
+            token = site.opening_url.split("=", 1)[1]
+            async with client.get(site.url + "/evil.example/?token=" + token, allow_redirects=False) as response:
+                assert response.headers["Location"] == "/evil.example/"  # a path here, not //evil.example/
             async with client.get(site.url) as response:
                 assert response.status == 200
                 assert "<h1>Household space</h1>" in await response.text()

@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 from markupsafe import Markup
+from yarl import URL
 
 from agent.web.security import CSRF_FIELD, CSRF_HEADER, Sessions, check_listen_address, is_loopback_host, new_token
 from agent.web.sse import STREAM_GATE, StreamGate
@@ -182,6 +183,13 @@ async def _loopback_host_only(request: web.Request, handler: Handler) -> web.Str
     return await handler(request)
 
 
+def _without_token(address: URL) -> str:
+    """Where to send a browser that came with the token: the same page without it, so the token leaves the
+    address bar and the history at once. Always a path on this site (`//host/...` would leave it)."""
+    query = [(name, value) for name, value in address.query.items() if name != "token"]
+    return str(URL.build(path="/" + address.path.lstrip("/"), query=query))
+
+
 @web.middleware
 async def _require_session(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The opening token (in the query, on a GET) starts a session; every other request needs the cookie."""
@@ -192,8 +200,7 @@ async def _require_session(request: web.Request, handler: Handler) -> web.Stream
     if offered is not None:
         if request.method != "GET" or not sessions.token_matches(offered):
             return _not_signed_in(request)
-        # 303 to the same address without the token: it leaves the address bar and the history at once.
-        response = web.Response(status=303, headers={"Location": str(request.rel_url.without_query_params("token"))})
+        response = web.Response(status=303, headers={"Location": _without_token(request.rel_url)})
         response.set_cookie(
             sessions.cookie_name,
             sessions.new_session(),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,11 +21,12 @@ from xml.etree import ElementTree
 
 import jinja2
 import pytest
-from aiohttp import ClientResponse, ClientSession, ClientTimeout, CookieJar, web
+from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout, CookieJar, web
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
+from agent.tools.certs import CA_FILE, SERVER_CHAIN_FILE, SERVER_KEY_FILE, client_files, write_dev_certs
 from agent.web import (
     CSRF_FIELD,
     CSRF_HEADER,
@@ -189,6 +191,35 @@ def test_a_face_off_loopback_needs_tls_and_client_certificates(tmp_path: Path) -
 
     with pytest.raises(ValueError, match=re.escape("'0.0.0.0', which is not a loopback address")):
         asyncio.run(bind_everywhere())
+
+
+def test_with_tls_and_a_client_ca_only_browsers_holding_a_certificate_get_in(tmp_path: Path) -> None:
+    write_dev_certs(tmp_path, clients=["operator"])
+    chain, key = (tmp_path / name for name in client_files("operator"))
+    config = {
+        "tls_cert": tmp_path / SERVER_CHAIN_FILE,
+        "tls_key": tmp_path / SERVER_KEY_FILE,
+        "client_ca": tmp_path / CA_FILE,
+    }
+
+    async def main() -> None:
+        async with start_site(make_face(Household(), **config)) as site:
+            assert site.url.startswith("https://127.0.0.1:")
+            anonymous = ssl.create_default_context(cafile=tmp_path / CA_FILE)
+            with pytest.raises(ClientError):  # the TLS handshake fails: no client certificate
+                async with ClientSession() as client, client.get(site.opening_url, ssl=anonymous) as response:
+                    await response.read()
+            operator = ssl.create_default_context(cafile=tmp_path / CA_FILE)
+            operator.load_cert_chain(chain, key)
+            async with (
+                ClientSession() as client,
+                client.get(site.opening_url, ssl=operator, allow_redirects=False) as response,
+            ):
+                assert response.status == 303
+                assert re.search(r"; Secure", response.headers["Set-Cookie"], re.IGNORECASE)
+                assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+
+    asyncio.run(main())
 
 
 # --- token, cookie, CSRF, headers over HTTP --------------------------------------------------------------------

@@ -34,6 +34,7 @@ ValueFormatter = Callable[[int], str]
 DayFormatter = Callable[[date], str]
 
 _FONT = 12  # px, the size parley.css gives chart text; used to space rows and margins
+_STEP_FONT, _DETAIL_FONT = 15, 13  # px, a timeline's labels and details (parley.css): read as text, not as axes
 _VALUE_TICKS = 4  # about this many intervals on a value axis
 _DAY_TICKS = 5  # about this many intervals on a date axis
 
@@ -235,7 +236,7 @@ def line_chart(
         ty = frame.value_y(axis, threshold)
         body.append(f'<line class="threshold" x1="{frame.left}" x2="{frame.right}" y1="{ty}" y2="{ty}"/>')
         body.append(
-            f'<text class="threshold-label" x="{frame.right}" y="{ty - 4}" text-anchor="end">'
+            f'<text class="threshold-label" x="{frame.left + 4}" y="{ty - 4}">'
             f"{_text(threshold_text)}</text>"
         )
     body += _marker_lines(markers, dates)
@@ -305,18 +306,20 @@ def timeline(steps: Sequence[TimelineStep], *, title: str, width: int = 480) -> 
     order = [_STATE_ORDER[step.state] for step in steps]
     if order != sorted(order) or order.count(_STATE_ORDER[StepState.CURRENT]) > 1:
         raise ValueError("a timeline's steps go done..., at most one current, then pending...")
-    row = 2 * _FONT + 20
+    row = _STEP_FONT + _DETAIL_FONT + 20
     height = row * len(steps)
     body = []
     for index, step in enumerate(steps):
-        cy = index * row + _FONT + 2
+        cy = index * row + _STEP_FONT
         if index + 1 < len(steps):
             reached = "done" if steps[index + 1].state != StepState.PENDING else "pending"
             body.append(f'<line class="link {reached}" x1="14" x2="14" y1="{cy}" y2="{cy + row}"/>')
         radius = 8 if step.state == StepState.CURRENT else 6
         body.append(f'<circle class="step {step.state}" cx="14" cy="{cy}" r="{radius}"/>')
-        body.append(f'<text class="step-label {step.state}" x="32" y="{cy + 4}">{_text(step.label)}</text>')
+        label_y = cy + _STEP_FONT // 3  # centres the label's x-height on the circle
+        body.append(f'<text class="step-label {step.state}" x="32" y="{label_y}">{_text(step.label)}</text>')
         if step.detail:
-            body.append(f'<text class="step-detail" x="32" y="{cy + 4 + _FONT + 4}">{_text(step.detail)}</text>')
+            detail_y = label_y + _DETAIL_FONT + 5
+            body.append(f'<text class="step-detail" x="32" y="{detail_y}">{_text(step.detail)}</text>')
     said = [f"Step {index + 1} of {len(steps)}: {step.label} ({step.state})." for index, step in enumerate(steps)]
     return _Frame(width, height, 0, width, 0, height).svg("timeline", title, " ".join(said), body)

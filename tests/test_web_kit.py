@@ -404,6 +404,25 @@ def test_event_streams_are_capped_beat_and_end_when_the_server_stops() -> None:
     asyncio.run(main())
 
 
+def test_a_stream_ends_when_its_source_does() -> None:
+    async def two_events() -> AsyncIterator[ServerSentEvent]:
+        yield ServerSentEvent("status", "one")
+        yield ServerSentEvent("status", "two")
+
+    async def main() -> None:
+        app = make_face(Household())
+
+        async def finite(request: web.Request) -> web.StreamResponse:
+            return await stream_events(request, two_events())
+
+        app.router.add_get("/finite", finite)
+        async with start_site(app) as site, signed_in(site) as client, client.get(site.url + "finite") as stream:
+            sent = await asyncio.wait_for(stream.read(), 10)  # the whole body: the server ended the stream
+            assert sent == b"retry: 3000\n\nevent: status\ndata: one\n\nevent: status\ndata: two\n\n"
+
+    asyncio.run(main())
+
+
 def test_a_page_too_slow_for_its_events_is_told_to_reload() -> None:
     async def main() -> None:
         hub = EventHub(backlog=2)

@@ -235,10 +235,7 @@ def line_chart(
     if threshold is not None:
         ty = frame.value_y(axis, threshold)
         body.append(f'<line class="threshold" x1="{frame.left}" x2="{frame.right}" y1="{ty}" y2="{ty}"/>')
-        body.append(
-            f'<text class="threshold-label" x="{frame.left + 4}" y="{ty - 4}">'
-            f"{_text(threshold_text)}</text>"
-        )
+        body.append(f'<text class="threshold-label" x="{frame.left + 4}" y="{ty - 4}">{_text(threshold_text)}</text>')
     body += _marker_lines(markers, dates)
 
     coordinates = [(dates.x(day), frame.value_y(axis, value)) for day, value in points]

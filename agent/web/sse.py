@@ -70,8 +70,9 @@ class StreamGate:
 STREAM_GATE = web.AppKey("parley_web_stream_gate", StreamGate)
 
 
-async def _next_event(source: AsyncIterator[ServerSentEvent]) -> ServerSentEvent:
-    return await anext(source)
+async def _next_event(source: AsyncIterator[ServerSentEvent]) -> ServerSentEvent | None:
+    """The source's next event, or None when it has ended (a task should not end in StopAsyncIteration)."""
+    return await anext(source, None)
 
 
 async def _close(source: AsyncIterator[ServerSentEvent]) -> None:
@@ -93,7 +94,7 @@ async def stream_events(request: web.Request, source: AsyncIterator[ServerSentEv
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
-    next_event: asyncio.Task[ServerSentEvent] | None = None
+    next_event: asyncio.Task[ServerSentEvent | None] | None = None
     closing = asyncio.ensure_future(gate.closing.wait())
     try:
         await response.prepare(request)
@@ -108,9 +109,8 @@ async def stream_events(request: web.Request, source: AsyncIterator[ServerSentEv
             if next_event not in done:
                 await response.write(b": heartbeat\n\n")
                 continue
-            try:
-                event = next_event.result()
-            except StopAsyncIteration:
+            event = next_event.result()
+            if event is None:
                 break
             await response.write(event.encode())
             next_event = asyncio.ensure_future(_next_event(source))
@@ -121,7 +121,7 @@ async def stream_events(request: web.Request, source: AsyncIterator[ServerSentEv
         closing.cancel()
         if next_event is not None and not next_event.done():
             next_event.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            with contextlib.suppress(asyncio.CancelledError):
                 await next_event
         await _close(source)
     return response

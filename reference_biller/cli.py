@@ -42,6 +42,7 @@ from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import sample
 from reference_biller.backoffice_cli import add_backoffice_commands
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
+from reference_biller.console.cli import add_console_command
 from reference_biller.service import RunningBiller, SteppableClock, identity_dir, open_biller, run_biller
 from reference_biller.settings import (
     ServeSettings,
@@ -350,6 +351,7 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     check.set_defaults(handler=_check_config)
 
     add_backoffice_commands(actions)  # backoffice, settle, import-statement: reference_biller/backoffice_cli.py
+    add_console_command(actions)  # the operator console: reference_biller/console/cli.py
 
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_UNUSABLE", "add_biller_commands"]

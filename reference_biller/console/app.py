@@ -1,0 +1,523 @@
+"""The operator console's pages (read-only): outcomes, accounts, bills, threads, arrangements, payments, events.
+
+Built on the web kit (agent/web, docs/WEB.md): opened by a token on loopback (or TLS + client certificates),
+strict headers, templates and charts from the wheel. Every page reads one snapshot of the store
+(`records.read_snapshot`) and writes nothing; no page has a form, so there is nothing to post.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, TypeVar
+
+import jinja2
+from aiohttp import web
+from markupsafe import Markup
+
+from agent.clock import Clock
+from agent.protocol.terms import Money, Terms
+from agent.stores import open_biller_store
+from agent.stores.base import BillStatus, ThreadOutcome
+from agent.stores.biller_sql import SqlBillerStore
+from agent.web import Bar, StepState, TimelineStep, WebConfig, bar_chart, create_web_app, line_chart, render, timeline
+from parley.v1 import negotiation_pb2
+from reference_biller.console.records import ArrangementRow, Snapshot, parse_payload, read_snapshot
+from reference_biller.console.words import day_text, describe_terms, event_text, moment_text, reject_reason_text
+from reference_biller.outcomes import Month, Outcomes, Ratio, Window, compute_outcomes
+
+__all__ = ["PAGE_SIZE", "PERIOD_MONTHS", "ConsoleSettings", "console_web_config", "create_console_app"]
+
+PAGE_SIZE = 25  # rows in a drill-down list; older ones are on the next pages
+PERIOD_MONTHS = 12  # the outcome figures cover at most the last twelve calendar months
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    store_location: str
+    biller_name: str
+    clock: Clock
+
+
+_SETTINGS = web.AppKey("console_settings", ConsoleSettings)
+_STORE = web.AppKey("console_store", SqlBillerStore)
+
+
+async def _snapshot(request: web.Request) -> Snapshot:
+    return await read_snapshot(request.app[_STORE])
+
+
+def _today(request: web.Request) -> date:
+    return request.app[_SETTINGS].clock.now().date()
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a drill-down list."""
+
+    items: Sequence[Any]
+    number: int
+    count: int
+    total: int
+
+    @property
+    def previous(self) -> int | None:
+        return self.number - 1 if self.number > 1 else None
+
+    @property
+    def next(self) -> int | None:
+        return self.number + 1 if self.number < self.count else None
+
+
+def _page(request: web.Request, items: Sequence[T]) -> Page:
+    count = max(1, -(-len(items) // PAGE_SIZE))
+    try:
+        number = min(max(1, int(request.query.get("page", "1"))), count)
+    except ValueError:
+        number = 1
+    start = (number - 1) * PAGE_SIZE
+    return Page(items[start : start + PAGE_SIZE], number, count, len(items))
+
+
+# --- Outcomes --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One outcome figure as the page shows it: a headline, a sentence, and a chart over the months."""
+
+    key: str
+    title: str
+    headline: str
+    sentence: str
+    chart: Markup | None
+    tone: str = ""  # good / warn / bad, or "" when there is nothing to judge
+
+
+def _percent_chart(
+    months: Sequence[tuple[Month, Window]], pick: Callable[[Window], Ratio], title: str
+) -> Markup | None:
+    points = [(month.first_day, pick(window).per_mille()) for month, window in months if pick(window).defined]
+    if not points:
+        return None
+    return line_chart(
+        points,
+        title=title,
+        format_value=lambda per_mille: f"{per_mille // 10} %",
+        format_day=lambda day: f"{day:%b %Y}",
+        step=False,
+        include_zero=True,
+        height=220,
+    )
+
+
+def _tone(ratio: Ratio, good: int, bad: int) -> str:
+    """good at or above `good` per mille, bad below `bad`; for figures where more is better."""
+    if not ratio.defined:
+        return ""
+    value = ratio.per_mille()
+    return "good" if value >= good else "bad" if value < bad else "warn"
+
+
+def _figures(outcomes: Outcomes) -> list[Figure]:
+    period, months = outcomes.period, outcomes.months
+    figures = []
+    ratio = period.self_service
+    figures.append(
+        Figure(
+            "self-service",
+            "Resolved without a person",
+            ratio.percent_text(),
+            f"{ratio.numerator} of the {ratio.denominator} bills paid in full needed no one from the team "
+            "(no dispute handed to a person, no payment keyed in by hand)."
+            if ratio.defined
+            else "No bill has been paid in full in this period yet.",
+            _percent_chart(months, lambda window: window.self_service, "Bills resolved without a person, by month"),
+            _tone(ratio, 800, 500),
+        )
+    )
+    ratio = period.kept
+    figures.append(
+        Figure(
+            "kept",
+            "Arrangements kept",
+            ratio.percent_text(),
+            (f"{ratio.numerator} kept, {period.broken} broken" if ratio.defined else "No arrangement has ended yet")
+            + f"; {period.running_arrangements} still running.",
+            _percent_chart(months, lambda window: window.kept, "Arrangements kept, of those that ended, by month"),
+            _tone(ratio, 800, 600),
+        )
+    )
+    ratio = period.cure
+    pending = f" {period.cure_pending} more are still inside their 30 days." if period.cure_pending else ""
+    figures.append(
+        Figure(
+            "cure",
+            "Cured after a missed instalment",
+            ratio.percent_text(),
+            (
+                f"{ratio.numerator} of {ratio.denominator} arrangements with a missed instalment were back on track "
+                "(paid off or newly arranged) within 30 days."
+                if ratio.defined
+                else "No missed instalment has had its 30 days yet."
+            )
+            + pending,
+            _percent_chart(months, lambda window: window.cure, "Cure rate after a missed instalment, by month missed"),
+            _tone(ratio, 600, 300),
+        )
+    )
+    days = period.days_to_pay
+    median = days.median
+    figures.append(
+        Figure(
+            "days-to-pay",
+            "Days to pay",
+            "–" if median is None else f"{median} days",
+            f"Half the bills paid in full took {median} days or less from issue; "
+            f"{days.on_time.percent_text()} were paid by their due date."
+            if median is not None
+            else "No bill has been paid in full in this period yet.",
+            bar_chart(
+                [Bar(label, count) for label, count in days.bands()],
+                title="Bills paid in full, by days from issue to payment",
+                format_value=str,
+                height=200,
+            )
+            if days.days
+            else None,
+        )
+    )
+    ratio = period.reminders_per_paid_bill
+    figures.append(
+        Figure(
+            "reminders",
+            "Reminders per paid bill",
+            ratio.decimal_text(),
+            f"{ratio.numerator} reminders were sent about the {ratio.denominator} bills paid in full."
+            if ratio.defined
+            else "No bill has been paid in full in this period yet.",
+            _tenths_chart(months),
+        )
+    )
+    ratio = period.hardship_uptake
+    programmes = ", ".join(f"{programme}: {count}" for programme, count in period.hardship_programmes)
+    figures.append(
+        Figure(
+            "hardship",
+            "Hardship programme uptake",
+            ratio.percent_text(),
+            f"{ratio.numerator} of the {ratio.denominator} arrangements agreed are on a hardship programme"
+            + (f" ({programmes})." if programmes else ".")
+            if ratio.defined
+            else "No arrangement has been agreed in this period yet.",
+            _percent_chart(months, lambda window: window.hardship_uptake, "Hardship programme uptake, by month"),
+        )
+    )
+    return figures
+
+
+def _tenths_chart(months: Sequence[tuple[Month, Window]]) -> Markup | None:
+    points = [
+        (month.first_day, window.reminders_per_paid_bill.tenths())
+        for month, window in months
+        if window.reminders_per_paid_bill.defined
+    ]
+    if not points:
+        return None
+    return line_chart(
+        points,
+        title="Reminders per paid bill, by month",
+        format_value=lambda tenths: f"{tenths // 10}.{tenths % 10}",
+        format_day=lambda day: f"{day:%b %Y}",
+        step=False,
+        height=220,
+    )
+
+
+def _period_start(snapshot: Snapshot, today: date) -> date:
+    earliest = Month.of(today)
+    for _ in range(PERIOD_MONTHS - 1):
+        earliest = Month(earliest.year - (earliest.month == 1), (earliest.month - 2) % 12 + 1)
+    first = snapshot.first_day() or today
+    return min(today, max(first, earliest.first_day))
+
+
+async def outcomes_page(request: web.Request) -> web.Response:
+    snapshot, today = await _snapshot(request), _today(request)
+    first = _period_start(snapshot, today)
+    outcomes = compute_outcomes(
+        bills=snapshot.bill_facts(),
+        threads=snapshot.thread_facts(),
+        arrangements=snapshot.arrangement_facts(),
+        payments=snapshot.payment_facts(),
+        events=snapshot.event_facts(),
+        first=first,
+        today=today,
+    )
+    return render(
+        request,
+        "outcomes.html",
+        section="outcomes",
+        figures=_figures(outcomes),
+        outcomes=outcomes,
+        period=f"{day_text(first)} to {day_text(today)}",
+        accounts=len(snapshot.accounts),
+        open_threads=sum(1 for thread in snapshot.threads if thread.outcome is ThreadOutcome.OPEN),
+    )
+
+
+# --- Drill-down lists -------------------------------------------------------------------------------------
+
+
+def _arrangement_view(arrangement: ArrangementRow) -> dict[str, Any]:
+    terms = arrangement.terms
+    return {
+        "row": arrangement,
+        "terms": describe_terms(terms) if terms else "(terms unreadable)",
+        "total": str(terms.total) if terms else "",
+        "paid": str(Money(terms.total.currency, arrangement.paid_minor)) if terms else "",
+        "agreed": day_text(arrangement.agreed_at.date()),
+        "thread": arrangement.thread_id.hex(),
+    }
+
+
+async def accounts_page(request: web.Request) -> web.Response:
+    snapshot = await _snapshot(request)
+    bills_of: dict[str, int] = {}
+    owed_of: dict[str, list[Money]] = {}
+    for bill in snapshot.bills:
+        bills_of[bill.account_id] = bills_of.get(bill.account_id, 0) + 1
+        if bill.status is not BillStatus.PAID:
+            owed_of.setdefault(bill.account_id, []).append(bill.amount)
+    rows = [
+        {
+            "account": account,
+            "bills": bills_of.get(account.account_id, 0),
+            "unpaid": ", ".join(str(amount) for amount in owed_of.get(account.account_id, [])) or "nothing",
+        }
+        for account in snapshot.accounts
+    ]
+    return render(request, "accounts.html", section="accounts", page=_page(request, rows))
+
+
+async def account_page(request: web.Request) -> web.Response:
+    snapshot = await _snapshot(request)
+    account_id = request.match_info["account_id"]
+    found = [account for account in snapshot.accounts if account.account_id == account_id]
+    if not found:
+        raise web.HTTPNotFound(text="No such account.\n")
+    events = [event for event in snapshot.events if event.account_id == account_id]
+    return render(
+        request,
+        "account.html",
+        section="accounts",
+        account=found[0],
+        created=day_text(found[0].created_at.date()),
+        bills=[_bill_view(bill) for bill in snapshot.bills if bill.account_id == account_id],
+        threads=[_thread_view(thread) for thread in snapshot.threads if thread.account_id == account_id],
+        arrangements=[_arrangement_view(a) for a in snapshot.arrangements if a.account_id == account_id],
+        payments=[_payment_view(p) for p in snapshot.payments if p.account_id == account_id],
+        events=[_event_view(event) for event in reversed(events)][:PAGE_SIZE],
+        more_events=max(0, len(events) - PAGE_SIZE),
+    )
+
+
+def _bill_view(bill: Any) -> dict[str, Any]:
+    return {
+        "row": bill,
+        "amount": str(bill.amount),
+        "issued": day_text(bill.issued_on),
+        "due": day_text(bill.due_on),
+        "status": bill.status.value.replace("_", " "),
+    }
+
+
+def _thread_view(thread: Any) -> dict[str, Any]:
+    return {
+        "row": thread,
+        "id": thread.thread_id.hex(),
+        "opened": moment_text(thread.opened_at),
+        "outcome": thread.outcome.value.replace("_", " "),
+        "reason": "" if thread.reject_reason is None else reject_reason_text(thread.reject_reason),
+    }
+
+
+def _payment_view(payment: Any) -> dict[str, Any]:
+    return {
+        "row": payment,
+        "amount": str(payment.amount),
+        "asked": day_text(payment.asked_at.date()),
+        "settled": day_text(payment.settled_at.date()) if payment.settled_at else "",
+        "what": "the bill as issued"
+        if not payment.agreement_digest
+        else f"instalment {payment.instalment_index + 1} of an arrangement",
+    }
+
+
+def _event_view(event: Any) -> dict[str, Any]:
+    detail = [str(event.amount)] if event.amount is not None else []
+    if event.day:
+        detail.append(day_text(date.fromisoformat(event.day)))
+    return {
+        "row": event,
+        "what": event_text(event.kind, event.level),
+        "when": moment_text(event.created_at),
+        "detail": ", ".join(detail),
+        "bad": event.kind in (6, 7),
+    }
+
+
+async def bills_page(request: web.Request) -> web.Response:
+    snapshot = await _snapshot(request)
+    rows = [_bill_view(bill) for bill in reversed(snapshot.bills)]
+    return render(request, "bills.html", section="bills", page=_page(request, rows))
+
+
+async def threads_page(request: web.Request) -> web.Response:
+    snapshot = await _snapshot(request)
+    rows = [_thread_view(thread) for thread in reversed(snapshot.threads)]
+    return render(request, "threads.html", section="threads", page=_page(request, rows))
+
+
+async def arrangements_page(request: web.Request) -> web.Response:
+    snapshot = await _snapshot(request)
+    rows = [_arrangement_view(arrangement) for arrangement in reversed(snapshot.arrangements)]
+    return render(request, "arrangements.html", section="arrangements", page=_page(request, rows))
+
+
+async def payments_page(request: web.Request) -> web.Response:
+    snapshot = await _snapshot(request)
+    rows = [_payment_view(payment) for payment in reversed(snapshot.payments)]
+    return render(request, "payments.html", section="payments", page=_page(request, rows))
+
+
+async def events_page(request: web.Request) -> web.Response:
+    snapshot = await _snapshot(request)
+    events = sorted(snapshot.events, key=lambda event: (event.created_at, event.account_id, event.sequence))
+    rows = [_event_view(event) for event in reversed(events)]
+    return render(request, "events.html", section="events", page=_page(request, rows))
+
+
+# --- One thread, move by move ----------------------------------------------------------------------------
+
+
+def _move_step(payload: Any, by: str) -> str:
+    if isinstance(payload, negotiation_pb2.ThreadOpen):
+        return f"{by} opens: {describe_terms(offered_terms_of(payload))}"
+    if isinstance(payload, negotiation_pb2.Offer):
+        return f"{by} counters: {describe_terms(offered_terms_of(payload))}"
+    if isinstance(payload, negotiation_pb2.Accept):
+        return f"{by} accepts"
+    if isinstance(payload, negotiation_pb2.Reject):
+        return f"{by} rejects: {reject_reason_text(payload.reason)}"
+    if isinstance(payload, negotiation_pb2.Withdraw):
+        return f"{by} withdraws"
+    return f"{by}: an unknown move"
+
+
+def offered_terms_of(payload: negotiation_pb2.ThreadOpen | negotiation_pb2.Offer) -> Terms:
+    return Terms.from_proto(payload.terms)
+
+
+_OUTCOME_WORDS = {
+    ThreadOutcome.AGREED: "Agreed: the arrangement is signed by both",
+    ThreadOutcome.REJECTED: "Ended without agreement",
+    ThreadOutcome.WITHDRAWN: "Withdrawn by the customer",
+    ThreadOutcome.EXPIRED: "Expired: the deadline passed",
+    ThreadOutcome.PROTOCOL_ERROR: "Ended by a protocol error",
+}
+
+
+async def thread_page(request: web.Request) -> web.Response:
+    try:
+        thread_id = bytes.fromhex(request.match_info["thread_id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="No such thread.\n") from None
+    store = request.app[_STORE]
+    thread = await store.get_thread(thread_id)
+    if thread is None:
+        raise web.HTTPNotFound(text="No such thread.\n")
+    bill = await store.get_bill(thread.bill_id)
+    steps = []
+    for message in thread.messages:
+        by = "Customer" if message.sequence % 2 == 0 else "Biller"  # NEG-7: the consumer moves at even sequences
+        move = _move_step(parse_payload(message.envelope), by)
+        steps.append(TimelineStep(move, StepState.DONE, moment_text(message.received_at)))
+    if thread.outcome is ThreadOutcome.OPEN:
+        waiting = "customer" if len(thread.messages) % 2 == 0 else "biller"
+        steps.append(
+            TimelineStep(f"Waiting for the {waiting}", StepState.CURRENT, f"until {moment_text(thread.deadline)}")
+        )
+    else:
+        steps.append(TimelineStep(_OUTCOME_WORDS[thread.outcome], StepState.DONE))
+    snapshot = await _snapshot(request)
+    arrangement = next((a for a in snapshot.arrangements if a.thread_id == thread_id), None)
+    schedule = []
+    if arrangement is not None and arrangement.terms is not None:
+        paid = [p for p in snapshot.payments if p.agreement_digest == arrangement.accept_digest and p.settled_at]
+        paid_indexes = {p.instalment_index: p for p in paid}
+        for index, instalment in enumerate(arrangement.terms.schedule):
+            payment = paid_indexes.get(index)
+            schedule.append(
+                {
+                    "due": day_text(instalment.due_date),
+                    "amount": str(instalment.amount),
+                    "paid": day_text(payment.settled_at.date()) if payment and payment.settled_at else "",
+                }
+            )
+    return render(
+        request,
+        "thread.html",
+        section="threads",
+        thread=thread,
+        thread_hex=thread_id.hex(),
+        bill=None if bill is None else _bill_view(_bill_row(bill, snapshot)),
+        chart=timeline(steps, title=f"Negotiation on bill {thread.bill_id}, move by move", width=640),
+        opened=moment_text(thread.opened_at),
+        schedule=schedule,
+        arrangement=None if arrangement is None else _arrangement_view(arrangement),
+    )
+
+
+def _bill_row(bill: Any, snapshot: Snapshot) -> Any:
+    return next(row for row in snapshot.bills if row.bill_id == bill.bill_id)
+
+
+# --- The app ---------------------------------------------------------------------------------------------
+
+
+def create_console_app(settings: ConsoleSettings, web_config: WebConfig) -> web.Application:
+    """The console as an aiohttp app; it opens the store when it starts and closes it when it stops."""
+    app = create_web_app(web_config)
+    app[_SETTINGS] = settings
+
+    async def store_context(app: web.Application) -> AsyncIterator[None]:
+        app[_STORE] = await open_biller_store(settings.store_location)
+        try:
+            yield
+        finally:
+            await app[_STORE].close()
+
+    app.cleanup_ctx.append(store_context)
+    app.router.add_get("/", outcomes_page)
+    app.router.add_get("/accounts", accounts_page)
+    app.router.add_get("/accounts/{account_id}", account_page)
+    app.router.add_get("/bills", bills_page)
+    app.router.add_get("/threads", threads_page)
+    app.router.add_get("/threads/{thread_id}", thread_page)
+    app.router.add_get("/arrangements", arrangements_page)
+    app.router.add_get("/payments", payments_page)
+    app.router.add_get("/events", events_page)
+    return app
+
+
+def console_web_config(title: str, **options: Any) -> WebConfig:
+    """The kit's configuration with the console's templates and styles."""
+    return WebConfig(
+        title=title,
+        templates=jinja2.PackageLoader("reference_biller.console", "templates"),
+        static_package="reference_biller.console",
+        **options,
+    )

@@ -21,7 +21,7 @@ from agent.protocol.terms import Money, Terms
 from agent.stores import open_biller_store
 from agent.stores.base import BillStatus, ThreadOutcome
 from agent.stores.biller_sql import SqlBillerStore
-from agent.web import Bar, StepState, TimelineStep, WebConfig, bar_chart, create_web_app, line_chart, render, timeline
+from agent.web import Bar, StepState, TimelineStep, WebConfig, bar_chart, create_web_app, render, timeline
 from parley.v1 import negotiation_pb2
 from reference_biller.console.records import ArrangementRow, Snapshot, parse_payload, read_snapshot
 from reference_biller.console.words import day_text, describe_terms, event_text, moment_text, reject_reason_text
@@ -96,21 +96,36 @@ class Figure:
     tone: str = ""  # good / warn / bad, or "" when there is nothing to judge
 
 
-def _percent_chart(
-    months: Sequence[tuple[Month, Window]], pick: Callable[[Window], Ratio], title: str
+def _monthly_chart(
+    months: Sequence[tuple[Month, Window]], pick: Callable[[Window], Ratio], title: str, *, per_mille: bool = True
 ) -> Markup | None:
-    points = [(month.first_day, pick(window).per_mille()) for month, window in months if pick(window).defined]
-    if not points:
+    """One bar per month that has something to count (a month with nothing to count has no bar, not a zero),
+    in per mille shown as whole percent, or in tenths shown with one decimal."""
+    bars = [
+        Bar(month.label(), pick(window).per_mille() if per_mille else pick(window).tenths())
+        for month, window in months
+        if pick(window).defined
+    ]
+    if not bars:
         return None
-    return line_chart(
-        points,
+    return bar_chart(
+        bars,
         title=title,
-        format_value=lambda per_mille: f"{per_mille // 10} %",
-        format_day=lambda day: f"{day:%b %Y}",
-        step=False,
-        include_zero=True,
-        height=220,
+        format_value=_percent_of_per_mille if per_mille else _tenths_text,
+        height=200,
     )
+
+
+def _percent_of_per_mille(per_mille: int) -> str:
+    return f"{_round_half_up_div(per_mille, 10)} %"
+
+
+def _round_half_up_div(value: int, divisor: int) -> int:
+    return (2 * value + divisor) // (2 * divisor)
+
+
+def _tenths_text(tenths: int) -> str:
+    return f"{tenths // 10}.{tenths % 10}"
 
 
 def _tone(ratio: Ratio, good: int, bad: int) -> str:
@@ -134,7 +149,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             "(no dispute handed to a person, no payment keyed in by hand)."
             if ratio.defined
             else "No bill has been paid in full in this period yet.",
-            _percent_chart(months, lambda window: window.self_service, "Bills resolved without a person, by month"),
+            _monthly_chart(months, lambda window: window.self_service, "Bills resolved without a person, by month"),
             _tone(ratio, 800, 500),
         )
     )
@@ -146,7 +161,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             ratio.percent_text(),
             (f"{ratio.numerator} kept, {period.broken} broken" if ratio.defined else "No arrangement has ended yet")
             + f"; {period.running_arrangements} still running.",
-            _percent_chart(months, lambda window: window.kept, "Arrangements kept, of those that ended, by month"),
+            _monthly_chart(months, lambda window: window.kept, "Arrangements kept, of those that ended, by month"),
             _tone(ratio, 800, 600),
         )
     )
@@ -164,7 +179,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
                 else "No missed instalment has had its 30 days yet."
             )
             + pending,
-            _percent_chart(months, lambda window: window.cure, "Cure rate after a missed instalment, by month missed"),
+            _monthly_chart(months, lambda window: window.cure, "Cure rate after a missed instalment, by month missed"),
             _tone(ratio, 600, 300),
         )
     )
@@ -198,7 +213,12 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             f"{ratio.numerator} reminders were sent about the {ratio.denominator} bills paid in full."
             if ratio.defined
             else "No bill has been paid in full in this period yet.",
-            _tenths_chart(months),
+            _monthly_chart(
+                months,
+                lambda window: window.reminders_per_paid_bill,
+                "Reminders per paid bill, by month paid",
+                per_mille=False,
+            ),
         )
     )
     ratio = period.hardship_uptake
@@ -212,28 +232,10 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             + (f" ({programmes})." if programmes else ".")
             if ratio.defined
             else "No arrangement has been agreed in this period yet.",
-            _percent_chart(months, lambda window: window.hardship_uptake, "Hardship programme uptake, by month"),
+            _monthly_chart(months, lambda window: window.hardship_uptake, "Hardship programme uptake, by month"),
         )
     )
     return figures
-
-
-def _tenths_chart(months: Sequence[tuple[Month, Window]]) -> Markup | None:
-    points = [
-        (month.first_day, window.reminders_per_paid_bill.tenths())
-        for month, window in months
-        if window.reminders_per_paid_bill.defined
-    ]
-    if not points:
-        return None
-    return line_chart(
-        points,
-        title="Reminders per paid bill, by month",
-        format_value=lambda tenths: f"{tenths // 10}.{tenths % 10}",
-        format_day=lambda day: f"{day:%b %Y}",
-        step=False,
-        height=220,
-    )
 
 
 def _period_start(snapshot: Snapshot, today: date) -> date:
@@ -352,7 +354,7 @@ def _payment_view(payment: Any) -> dict[str, Any]:
         "settled": day_text(payment.settled_at.date()) if payment.settled_at else "",
         "what": "the bill as issued"
         if not payment.agreement_digest
-        else f"instalment {payment.instalment_index + 1} of an arrangement",
+        else f"arrangement, payment {payment.instalment_index + 1}",
     }
 
 

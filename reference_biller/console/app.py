@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 import jinja2
@@ -94,6 +94,7 @@ class Figure:
     sentence: str
     chart: Markup | None
     tone: str = ""  # good / warn / bad, or "" when there is nothing to judge
+    note: str = ""  # e.g. the months a chart has no bar for
 
 
 def _monthly_chart(
@@ -118,6 +119,16 @@ def _monthly_chart(
 
 def _percent_of_per_mille(per_mille: int) -> str:
     return f"{_round_half_up_div(per_mille, 10)} %"
+
+
+def _empty_months(months: Sequence[tuple[Month, Window]], pick: Callable[[Window], Ratio]) -> str:
+    """Which months between the first and the last bar have nothing to count, said so the gap is not misread."""
+    defined = [index for index, (_, window) in enumerate(months) if pick(window).defined]
+    if not defined:
+        return ""
+    inner = months[defined[0] : defined[-1] + 1]
+    empty = [month.label() for month, window in inner if not pick(window).defined]
+    return f"No bar for {', '.join(empty)}: nothing to count that month." if empty else ""
 
 
 def _round_half_up_div(value: int, divisor: int) -> int:
@@ -151,6 +162,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             else "No bill has been paid in full in this period yet.",
             _monthly_chart(months, lambda window: window.self_service, "Bills resolved without a person, by month"),
             _tone(ratio, 800, 500),
+            note=_empty_months(months, lambda window: window.self_service),
         )
     )
     ratio = period.kept
@@ -163,6 +175,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             + f"; {period.running_arrangements} still running.",
             _monthly_chart(months, lambda window: window.kept, "Arrangements kept, of those that ended, by month"),
             _tone(ratio, 800, 600),
+            note=_empty_months(months, lambda window: window.kept),
         )
     )
     ratio = period.cure
@@ -181,6 +194,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             + pending,
             _monthly_chart(months, lambda window: window.cure, "Cure rate after a missed instalment, by month missed"),
             _tone(ratio, 600, 300),
+            note=_empty_months(months, lambda window: window.cure),
         )
     )
     days = period.days_to_pay
@@ -219,6 +233,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
                 "Reminders per paid bill, by month paid",
                 per_mille=False,
             ),
+            note=_empty_months(months, lambda window: window.reminders_per_paid_bill),
         )
     )
     ratio = period.hardship_uptake
@@ -233,6 +248,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             if ratio.defined
             else "No arrangement has been agreed in this period yet.",
             _monthly_chart(months, lambda window: window.hardship_uptake, "Hardship programme uptake, by month"),
+            note=_empty_months(months, lambda window: window.hardship_uptake),
         )
     )
     return figures
@@ -273,9 +289,18 @@ async def outcomes_page(request: web.Request) -> web.Response:
 # --- Drill-down lists -------------------------------------------------------------------------------------
 
 
-def _arrangement_view(arrangement: ArrangementRow) -> dict[str, Any]:
+def _arrangement_view(arrangement: ArrangementRow, broken_on: dict[bytes, datetime]) -> dict[str, Any]:
     terms = arrangement.terms
+    broken = broken_on.get(arrangement.thread_id)
+    if broken is not None:
+        standing, tone = f"broken on {day_text(broken.date())}", "bad"
+    elif terms is not None and arrangement.paid_minor >= terms.total.minor:
+        standing, tone = "kept: paid in full", "good"
+    else:
+        standing, tone = "running", ""
     return {
+        "standing": standing,
+        "tone": tone,
         "row": arrangement,
         "terms": describe_terms(terms) if terms else "(terms unreadable)",
         "total": str(terms.total) if terms else "",
@@ -311,6 +336,7 @@ async def account_page(request: web.Request) -> web.Response:
     if not found:
         raise web.HTTPNotFound(text="No such account.\n")
     events = [event for event in snapshot.events if event.account_id == account_id]
+    broken_on = snapshot.broken_on()
     return render(
         request,
         "account.html",
@@ -319,7 +345,7 @@ async def account_page(request: web.Request) -> web.Response:
         created=day_text(found[0].created_at.date()),
         bills=[_bill_view(bill) for bill in snapshot.bills if bill.account_id == account_id],
         threads=[_thread_view(thread) for thread in snapshot.threads if thread.account_id == account_id],
-        arrangements=[_arrangement_view(a) for a in snapshot.arrangements if a.account_id == account_id],
+        arrangements=[_arrangement_view(a, broken_on) for a in snapshot.arrangements if a.account_id == account_id],
         payments=[_payment_view(p) for p in snapshot.payments if p.account_id == account_id],
         events=[_event_view(event) for event in reversed(events)][:PAGE_SIZE],
         more_events=max(0, len(events) - PAGE_SIZE),
@@ -385,7 +411,8 @@ async def threads_page(request: web.Request) -> web.Response:
 
 async def arrangements_page(request: web.Request) -> web.Response:
     snapshot = await _snapshot(request)
-    rows = [_arrangement_view(arrangement) for arrangement in reversed(snapshot.arrangements)]
+    broken_on = snapshot.broken_on()
+    rows = [_arrangement_view(arrangement, broken_on) for arrangement in reversed(snapshot.arrangements)]
     return render(request, "arrangements.html", section="arrangements", page=_page(request, rows))
 
 
@@ -479,7 +506,7 @@ async def thread_page(request: web.Request) -> web.Response:
         chart=timeline(steps, title=f"Negotiation on bill {thread.bill_id}, move by move", width=640),
         opened=moment_text(thread.opened_at),
         schedule=schedule,
-        arrangement=None if arrangement is None else _arrangement_view(arrangement),
+        arrangement=None if arrangement is None else _arrangement_view(arrangement, snapshot.broken_on()),
     )
 
 

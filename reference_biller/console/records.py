@@ -207,6 +207,14 @@ class Snapshot:
             for event in self.events
         ]
 
+    def broken_on(self) -> dict[bytes, datetime]:
+        """Each broken arrangement's thread and when the biller declared it broken (its ARRANGEMENT_BROKEN event)."""
+        return {
+            event.thread_id: event.created_at
+            for event in reversed(self.events)
+            if event.kind == event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN and event.thread_id
+        }
+
     def first_day(self) -> date | None:
         days = [bill.issued_on for bill in self.bills] + [a.created_at.date() for a in self.accounts]
         return min(days) if days else None

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout, CookieJar
+from aiohttp.test_utils import make_mocked_request
 from rich.console import Console
 from selenium.webdriver.common.by import By
 
@@ -30,6 +31,7 @@ from agent.clock import ManualClock
 from agent.stores import ThreadOutcome, open_biller_store
 from agent.tools import demo
 from reference_biller.console import ConsoleSettings, console_web_config, create_console_app, read_snapshot
+from reference_biller.console import app as console_app
 from reference_biller.console.records import Snapshot
 from reference_biller.service import STORE_FILE
 from reference_consumer.households import END
@@ -209,3 +211,15 @@ def test_the_command_refuses_an_address_off_loopback_without_tls(
     assert parley_main(argv) == 2
     said = capsys.readouterr()
     assert "--tls-cert" in said.out + said.err
+
+
+@pytest.mark.parametrize(
+    ("query", "number", "shown"),
+    [("", 1, list(range(25))), ("?page=3", 3, list(range(50, 60))), ("?page=99", 3, list(range(50, 60))),
+     ("?page=x", 1, list(range(25))), ("?page=-4", 1, list(range(25)))],
+)  # fmt: skip
+def test_lists_are_bounded_pages(query: str, number: int, shown: list[int]) -> None:
+    page = console_app._page(make_mocked_request("GET", "/bills" + query), list(range(60)))
+    assert (page.number, list(page.items), page.count, page.total) == (number, shown, 3, 60)
+    assert page.previous == (number - 1 if number > 1 else None)
+    assert page.next == (number + 1 if number < 3 else None)

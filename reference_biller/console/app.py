@@ -19,11 +19,20 @@ from markupsafe import Markup
 from agent.clock import Clock
 from agent.protocol.terms import Money, Terms
 from agent.stores import open_biller_store
-from agent.stores.base import BillStatus, ThreadOutcome
+from agent.stores.base import BillRecord, BillStatus, ThreadOutcome
 from agent.stores.biller_sql import SqlBillerStore
 from agent.web import Bar, StepState, TimelineStep, WebConfig, bar_chart, create_web_app, render, timeline
-from parley.v1 import negotiation_pb2
-from reference_biller.console.records import ArrangementRow, Snapshot, parse_payload, read_snapshot
+from parley.v1 import event_pb2, negotiation_pb2
+from reference_biller.console.records import (
+    ArrangementRow,
+    BillRow,
+    EventRow,
+    PaymentRow,
+    Snapshot,
+    ThreadRow,
+    parse_payload,
+    read_snapshot,
+)
 from reference_biller.console.words import day_text, describe_terms, event_text, moment_text, reject_reason_text
 from reference_biller.outcomes import Month, Outcomes, Ratio, Window, compute_outcomes
 
@@ -352,7 +361,7 @@ async def account_page(request: web.Request) -> web.Response:
     )
 
 
-def _bill_view(bill: Any) -> dict[str, Any]:
+def _bill_view(bill: BillRow) -> dict[str, Any]:
     return {
         "row": bill,
         "amount": str(bill.amount),
@@ -362,7 +371,7 @@ def _bill_view(bill: Any) -> dict[str, Any]:
     }
 
 
-def _thread_view(thread: Any) -> dict[str, Any]:
+def _thread_view(thread: ThreadRow) -> dict[str, Any]:
     return {
         "row": thread,
         "id": thread.thread_id.hex(),
@@ -372,7 +381,7 @@ def _thread_view(thread: Any) -> dict[str, Any]:
     }
 
 
-def _payment_view(payment: Any) -> dict[str, Any]:
+def _payment_view(payment: PaymentRow) -> dict[str, Any]:
     return {
         "row": payment,
         "amount": str(payment.amount),
@@ -384,7 +393,7 @@ def _payment_view(payment: Any) -> dict[str, Any]:
     }
 
 
-def _event_view(event: Any) -> dict[str, Any]:
+def _event_view(event: EventRow) -> dict[str, Any]:
     detail = [str(event.amount)] if event.amount is not None else []
     if event.day:
         detail.append(day_text(date.fromisoformat(event.day)))
@@ -393,7 +402,7 @@ def _event_view(event: Any) -> dict[str, Any]:
         "what": event_text(event.kind, event.level),
         "when": moment_text(event.created_at),
         "detail": ", ".join(detail),
-        "bad": event.kind in (6, 7),
+        "bad": event.kind in (event_pb2.EVENT_KIND_INSTALMENT_MISSED, event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN),
     }
 
 
@@ -510,7 +519,7 @@ async def thread_page(request: web.Request) -> web.Response:
     )
 
 
-def _bill_row(bill: Any, snapshot: Snapshot) -> Any:
+def _bill_row(bill: BillRecord, snapshot: Snapshot) -> BillRow:
     return next(row for row in snapshot.bills if row.bill_id == bill.bill_id)
 
 

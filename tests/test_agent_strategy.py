@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import date
 
+from agent.biller import BillContext
 from agent.consumer import Accept, Counter, Escalate, Reject, StrategyContext
 from agent.protocol.terms import BillFacts, Instalment, Line, LineKind, Money, TermsKind, build_terms, monthly_dates
 from parley.v1 import negotiation_pb2
@@ -29,7 +30,7 @@ def household(key: str) -> Household:
 
 def bill_of(account: Account) -> BillFacts:
     due = START + PAYMENT_TERM
-    options = POLICIES[account.biller_party_id].advertise(account.account_id, account.amount, START, due)
+    options = POLICIES[account.biller_party_id].advertise(BillContext(account.account_id, account.amount, START, due))
     return BillFacts(f"{account.account_id}-03", account.account_id, account.amount, START, due, "March", options)
 
 

@@ -34,7 +34,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from google.protobuf.message import DecodeError, Message
 
 from agent.biller import (
     AcceptOffer,
+    BillContext,
     BillerAgent,
     CounterOffer,
     Decision,
@@ -62,7 +63,7 @@ from agent.stores.biller_sqlite import SqliteBillerStore
 from agent.transport.server import BillerServicer
 from agent.transport.status import Context
 from parley.v1 import biller_service_pb2 as pb
-from parley.v1 import biller_service_pb2_grpc, envelope_pb2
+from parley.v1 import biller_service_pb2_grpc, envelope_pb2, negotiation_pb2
 
 R = TypeVar("R", bound=Message)
 
@@ -164,7 +165,7 @@ class ConformancePolicy:
     countered once with the bill in full on its due date (so a client that opened outside can still agree);
     anything else is rejected."""
 
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+    def advertise(self, context: BillContext) -> AdvertisedOptions:
         return AdvertisedOptions(deferral=DEFERRAL)
 
     def decide(self, context: OfferContext) -> Decision:
@@ -173,7 +174,7 @@ class ConformancePolicy:
             return AcceptOffer()
         if context.round < context.max_rounds and in_full not in context.previous_offers:
             return CounterOffer(in_full)
-        return RejectOffer()
+        return RejectOffer(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY)
 
 
 class ConformanceRail:

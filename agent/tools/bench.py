@@ -69,7 +69,7 @@ import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
+from agent.biller import BillContext, BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
 from agent.clock import SystemClock
 from agent.conformance.client import SignedParty
 from agent.protocol.dsse import digest, sign_envelope, verify_signature
@@ -180,7 +180,7 @@ class BenchOptions:
 class BenchPolicy:
     """Advertises up to 3 monthly instalments; counters any offer outside them with 3 from the offer's first date."""
 
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+    def advertise(self, context: BillContext) -> AdvertisedOptions:
         return AdvertisedOptions(
             instalments=InstalmentOption(COUNTER_INSTALMENTS, Money.parse("40.00", CURRENCY), 14, 35, 30)
         )

@@ -71,7 +71,7 @@ from hypothesis import strategies as st
 from rich.console import Console
 from rich.table import Table
 
-from agent.biller import BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
+from agent.biller import BillContext, BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails
 from agent.clock import ManualClock
 from agent.conformance.client import SignedParty, timestamp
 from agent.protocol.dsse import digest, sign_envelope
@@ -162,7 +162,7 @@ def _plan(count: int, programme: str = "") -> terms_pb2.Terms:
 class FuzzPolicy:
     """Advertises `OPTIONS`; counters anything outside them with 6 monthly instalments."""
 
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+    def advertise(self, context: BillContext) -> AdvertisedOptions:
         return OPTIONS
 
     def decide(self, context: OfferContext) -> Decision:

@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 
 from agent.biller import (
     AcceptOffer,
+    BillContext,
     BillerAgent,
     CounterOffer,
     Decision,
@@ -243,7 +244,7 @@ class SamplePolicy:
     def __init__(self) -> None:
         self.contexts: list[OfferContext] = []
 
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+    def advertise(self, context: BillContext) -> AdvertisedOptions:
         return BILL.options
 
     def decide(self, context: OfferContext) -> Decision:

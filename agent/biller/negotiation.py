@@ -23,6 +23,7 @@ from agent.protocol.limits import MAX_TEXT_CHARS
 from agent.protocol.messages import Verified
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, sign_move, thread_message
 from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, State, ThreadMessage
+from agent.protocol.terms import BillFacts
 from agent.stores.base import (
     AgreementFacts,
     BillRecord,
@@ -39,6 +40,7 @@ from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2, negotiation_p
 logger = logging.getLogger("parley.biller")
 
 _MOVE_CACHE_ENTRIES = 4_096  # thread messages parsed into the core's moves, by digest and role
+_BILL_CACHE_ENTRIES = 1_024  # bills parsed into the core's facts, by digest
 
 
 def _stored_payload(envelope: envelope_pb2.Envelope) -> NegotiationPayload:
@@ -68,6 +70,8 @@ class NegotiationPhase:
         # A stored message's move, by its digest (the digest fixes its bytes): a thread is replayed on every
         # move, and parsing its earlier messages again was most of that.
         self._moves: Lru[tuple[bytes, Role], ThreadMessage] = Lru(_MOVE_CACHE_ENTRIES)
+        # A stored bill's facts, by its digest: parsed and validated once, not on every move of its threads.
+        self._bills: Lru[bytes, BillFacts] = Lru(_BILL_CACHE_ENTRIES)
 
     # --- the thread's state ---
 
@@ -76,16 +80,20 @@ class NegotiationPhase:
 
         Each stored message is judged at the time it was received, as it was then.
         """
+        facts = self._bills.get(bill.digest)
+        if facts is None:
+            facts = bill_facts(bill)
+            self._bills.put(bill.digest, facts)
         if thread is None:
             return self.negotiation_type(
-                bill=bill_facts(bill),
+                bill=facts,
                 bill_digest=bill.digest,
                 role=Role.BILLER,
                 limits=self.party.limits,
                 hardship_disclosed=hardship_disclosed,
             )
         return self.negotiation_type.replay(
-            bill=bill_facts(bill),
+            bill=facts,
             bill_digest=bill.digest,
             role=Role.BILLER,
             messages=[(self._stored_move(record), record.received_at) for record in thread.messages],
@@ -93,9 +101,8 @@ class NegotiationPhase:
             hardship_disclosed=thread.hardship_disclosed,
         )
 
-    async def current_state(self, thread: ThreadRecord) -> Negotiation:
+    def current_state(self, thread: ThreadRecord, bill: BillRecord | None) -> Negotiation:
         """The thread's state now: replayed from its log, with the deadline applied (NEG-6)."""
-        bill = await self.party.store.get_bill(thread.bill_id)
         assert bill is not None, "threads reference existing bills"
         negotiation = self.thread_state(thread, bill, hardship_disclosed=thread.hardship_disclosed)
         negotiation.expire(self.party.clock.now())
@@ -118,10 +125,11 @@ class NegotiationPhase:
         """NEG-22: every recorded message of a thread, sequence 0 first, with its current outcome."""
         party = self.party
         query = await party.receive.query(envelope, "GetThread")
-        thread = await party.store.get_thread(query.thread_id)
+        context = await party.store.thread_context(query.thread_id, "")
+        thread = context.thread
         if thread is None or thread.account_id != query.account_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, "no such thread on the account")
-        negotiation = await self.current_state(thread)
+        negotiation = self.current_state(thread, context.bill)
         log_read("GetThread", query.account_id, thread=query.thread_id, outcome=negotiation.state.value)
         return biller_service_pb2.GetThreadResponse(
             messages=[stored_envelope(message.envelope) for message in thread.messages],
@@ -140,9 +148,9 @@ class NegotiationPhase:
         async def stored_answer(answer: bytes) -> biller_service_pb2.NegotiateResponse:
             """NEG-18: the stored reply (or error) to a retry, with the thread's current outcome."""
             response = biller_service_pb2.NegotiateResponse.FromString(answer)
-            current = await party.store.get_thread(thread_id)
-            if current is not None:
-                response.outcome = (await self.current_state(current)).state.outcome
+            context = await party.store.thread_context(thread_id, "")
+            if context.thread is not None:
+                response.outcome = self.current_state(context.thread, context.bill).state.outcome
             return response
 
         return await idempotent_step(
@@ -224,22 +232,21 @@ class NegotiationPhase:
         return response
 
     async def _locate_thread(self, inbound: Inbound[NegotiationPayload]) -> tuple[ThreadRecord | None, BillRecord]:
-        """AUZ-3: the move's thread (None for a new one) and its bill, on an account bound to the signer."""
+        """AUZ-3: the move's thread (None for a new one) and its bill, on an account bound to the signer.
+
+        One store read brings the thread, its bill and the bill's account (the thread's account).
+        """
         party = self.party
-        thread = await party.store.get_thread(inbound.header.thread_id)
-        if thread is not None:
-            await party.receive.authorize(inbound.sender, thread.account_id, Reason.NOT_FOUND)
-            bill = await party.store.get_bill(thread.bill_id)
-            assert bill is not None, "threads reference existing bills"
-            return thread, bill
         payload = inbound.message
-        if not isinstance(payload, negotiation_pb2.ThreadOpen):
+        opened_bill_id = payload.bill_id if isinstance(payload, negotiation_pb2.ThreadOpen) else ""
+        context = await party.store.thread_context(inbound.header.thread_id, opened_bill_id)
+        if context.thread is None and not isinstance(payload, negotiation_pb2.ThreadOpen):
             raise RemoteProtocolError(Reason.NOT_FOUND, "no such thread on the signer's accounts")
-        opened = await party.store.get_bill(payload.bill_id)
-        if opened is None:
-            raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {payload.bill_id!r} on the signer's accounts")
-        await party.receive.authorize(inbound.sender, opened.account_id, Reason.NOT_FOUND)
-        return None, opened
+        if context.bill is None:
+            assert context.thread is None, "threads reference existing bills"
+            raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {opened_bill_id!r} on the signer's accounts")
+        party.receive.check_bound(context.account, inbound.sender, Reason.NOT_FOUND)
+        return context.thread, context.bill
 
     async def record_refusal(
         self,

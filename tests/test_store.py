@@ -339,6 +339,25 @@ def test_a_thread_position_is_taken_once(backend: Backend) -> None:
     run(race, backend.location)
 
 
+def test_thread_context_reads_thread_bill_and_account_together(backend: Backend) -> None:
+    async def read(store: SqlBillerStore) -> None:
+        await seed(store)
+        opening = await store.thread_context(THREAD, BILL)  # no thread yet: the bill the opening names
+        assert opening.thread is None
+        assert opening.bill == await store.get_bill(BILL)
+        assert opening.account == await store.get_account(ACCOUNT)
+        await store.record_negotiation_step(open_step())
+        later = await store.thread_context(THREAD, "")  # a thread: its own bill, whatever the move names
+        assert later.thread == await store.get_thread(THREAD)
+        assert later.bill == opening.bill
+        assert later.account is not None
+        assert later.account.consumer_party_id == PARTY
+        unknown = await store.thread_context(b"u" * 16, "no-such-bill")
+        assert (unknown.thread, unknown.bill, unknown.account) == (None, None, None)
+
+    run(read, backend.location)
+
+
 def test_a_step_that_fails_midway_leaves_nothing(backend: Backend) -> None:
     async def failing(store: SqlBillerStore) -> None:
         await seed(store)

@@ -177,6 +177,19 @@ class ThreadRecord:
 
 
 @dataclass(frozen=True)
+class ThreadContext:
+    """What one negotiation step reads, in one store call: the thread (None if new), its bill and account.
+
+    The bill is the thread's, or for a new thread the one the opening names; the account is the bill's.
+    Each is None when it does not exist.
+    """
+
+    thread: ThreadRecord | None
+    bill: BillRecord | None
+    account: AccountRecord | None
+
+
+@dataclass(frozen=True)
 class NewThread:
     """What a ThreadOpen step adds beside its messages."""
 
@@ -410,6 +423,11 @@ class BillerStore(Protocol):
     # Negotiation
 
     async def get_thread(self, thread_id: bytes) -> ThreadRecord | None: ...
+
+    async def thread_context(self, thread_id: bytes, opened_bill_id: str) -> ThreadContext:
+        """The thread, its bill (or `opened_bill_id`'s when there is no such thread) and the bill's account,
+        read in one transaction: what a negotiation step or a thread read needs, in one call."""
+        ...
 
     async def record_negotiation_step(self, step: NegotiationStep) -> list[EventRecord]:
         """Store one Negotiate step atomically (see NegotiationStep).

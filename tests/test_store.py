@@ -437,6 +437,23 @@ def test_a_payment_reference_is_unique(backend: Backend) -> None:
     run(references, backend.location)
 
 
+def test_payment_context_reads_account_bill_intent_and_arrangement_together(backend: Backend) -> None:
+    async def read(store: SqlBillerStore) -> None:
+        await seed(store)
+        before = await store.payment_context(ACCOUNT, BILL, "intent-1", b"")
+        assert before.account == await store.get_account(ACCOUNT)
+        assert before.bill == await store.get_bill(BILL)
+        assert (before.intent, before.arrangement) == (None, None)
+        await store.insert_payment_intent(intent(), replay(b"intent-msg-id-01"))
+        after = await store.payment_context(ACCOUNT, BILL, "intent-1", b"a" * 32)  # no such agreement
+        assert after.intent == await store.get_payment_intent(ACCOUNT, "intent-1")
+        assert after.arrangement is None
+        elsewhere = await store.payment_context("acct-none", "bill-none", "intent-1", b"")
+        assert (elsewhere.account, elsewhere.bill, elsewhere.intent) == (None, None, None)
+
+    run(read, backend.location)
+
+
 def test_leases_are_exclusive_until_released_or_expired(backend: Backend) -> None:
     async def leases(store: SqlBillerStore) -> None:
         until = NOW + timedelta(minutes=5)

@@ -24,6 +24,7 @@ from agent.stores.base import (
     ArrangementRecord,
     BillRecord,
     BillStatus,
+    PaymentContext,
     PaymentIntentRecord,
     SealedSettlement,
     Settle,
@@ -88,29 +89,32 @@ class PaymentsPhase:
         intent = inbound.message
         if not _INTENT_ID.fullmatch(intent.intent_id):
             raise malformed("intent_id must be 1 to 64 characters of [A-Za-z0-9_-]")
-        await party.receive.authorize(inbound.sender, intent.account_id)
-        bill = await party.store.get_bill(intent.bill_id)
+        # One store read for the step: account (AUZ-1), bill, an intent under this id, the arrangement named.
+        context = await party.store.payment_context(
+            intent.account_id, intent.bill_id, intent.intent_id, intent.agreement_digest
+        )
+        party.receive.check_bound(context.account, inbound.sender)
+        bill = context.bill
         if bill is None or bill.account_id != intent.account_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {intent.bill_id!r} on the account")
         return await idempotent_step(
             party,
             inbound,
-            lambda: self._instruct(inbound, bill),
+            lambda: self._instruct(inbound, bill, context),
             parsed_answer(biller_service_pb2.CreatePaymentIntentResponse),
         )
 
     async def _instruct(
-        self, inbound: Inbound[payment_pb2.PaymentIntent], bill: BillRecord
+        self, inbound: Inbound[payment_pb2.PaymentIntent], bill: BillRecord, context: PaymentContext
     ) -> biller_service_pb2.CreatePaymentIntentResponse:
         party, intent = self.party, inbound.message
         check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
         content_hash = intent_content_hash(intent)
-        existing = await party.store.get_payment_intent(intent.account_id, intent.intent_id)
-        if existing is not None:
-            return await self.same_intent(inbound, existing, content_hash)
+        if context.intent is not None:
+            return await self.same_intent(inbound, context.intent, content_hash)
 
         amount = _money(intent.amount, "amount") if intent.HasField("amount") else None
-        owed, due = await self.amount_owed(intent, bill)
+        owed, due = self.amount_owed(intent, bill, context.arrangement)
         if amount != owed:
             raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, f"the amount owed is {owed}")
         details = party.rail.instructions(intent.account_id, intent.intent_id, owed)
@@ -179,8 +183,12 @@ class PaymentsPhase:
             )
         return response
 
-    async def amount_owed(self, intent: payment_pb2.PaymentIntent, bill: BillRecord) -> tuple[Money, date]:
-        """PAY-3: the amount (and due date) of the instalment or bill the intent pays."""
+    @staticmethod
+    def amount_owed(
+        intent: payment_pb2.PaymentIntent, bill: BillRecord, record: ArrangementRecord | None
+    ) -> tuple[Money, date]:
+        """PAY-3: the amount (and due date) of the instalment or bill the intent pays (`record`: the
+        arrangement the intent names, if any)."""
         if not intent.agreement_digest:
             if intent.instalment_index != 0:
                 raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, "instalment_index is 0 without an agreement")
@@ -189,7 +197,6 @@ class PaymentsPhase:
                     Reason.PAYMENT_AMOUNT_MISMATCH, "the bill is paid or under an arrangement: pay its instalments"
                 )
             return Money.of(bill.amount_minor, bill.currency), bill.due_date
-        record = await self.party.store.get_arrangement(intent.account_id, intent.agreement_digest)
         if record is None or record.bill_id != bill.bill_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, "no such agreement on the bill")
         arrangement = arrangement_of(record)

@@ -339,6 +339,17 @@ class ArrangementRecord:
 # --- The interface ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PaymentContext:
+    """What a payment intent's step reads, in one store call: the account, the bill, an intent already
+    stored under the intent id, and the arrangement the intent names (each None when absent)."""
+
+    account: AccountRecord | None
+    bill: BillRecord | None
+    intent: PaymentIntentRecord | None
+    arrangement: ArrangementRecord | None
+
+
 class BillerStore(Protocol):
     """Persistent state of one biller. See the module docstring for the rules every back end keeps."""
 
@@ -469,6 +480,13 @@ class BillerStore(Protocol):
     # Payments (PAY-*)
 
     async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None: ...
+
+    async def payment_context(
+        self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
+    ) -> PaymentContext:
+        """The account, the bill, the intent stored under `intent_id` and the arrangement `agreement_digest`
+        names (b"": none), read in one transaction: what a CreatePaymentIntent step needs, in one call."""
+        ...
 
     async def unsettled_payment_intents(self) -> list[PaymentIntentRecord]:
         """Every intent with instructions but no settlement yet, oldest first (what a payment rail must still match)."""

@@ -42,6 +42,7 @@ from agent.stores.base import (
     KeySetRecord,
     MessageRecord,
     NegotiationStep,
+    PaymentContext,
     PaymentIntentRecord,
     PendingEvent,
     ReplayRecord,
@@ -620,6 +621,30 @@ class SqlBillerStore(abc.ABC):
 
     _INTENT_COLUMNS = """account_id, intent_id, content_hash, bill_id, agreement_digest, instalment_index,
                          amount_minor, currency, payment_reference, intent, instructions, created_at"""
+
+    async def payment_context(
+        self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
+    ) -> PaymentContext:
+        def read(db: Db) -> PaymentContext:
+            bill = db.execute(f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?", (bill_id,)).fetchone()  # noqa: S608
+            intent = db.execute(
+                f"SELECT {self._INTENT_COLUMNS} FROM payment_intents WHERE account_id = ? AND intent_id = ?",  # noqa: S608
+                (account_id, intent_id),
+            ).fetchone()
+            arrangement = None
+            if agreement_digest:
+                row = db.execute(
+                    self._ARRANGEMENTS + " AND t.account_id = ? AND t.accept_digest = ?", (account_id, agreement_digest)
+                ).fetchone()
+                arrangement = None if row is None else _arrangement(db, row)
+            return PaymentContext(
+                account=_read_account(db, account_id),
+                bill=None if bill is None else _bill(bill),
+                intent=None if intent is None else _intent(intent),
+                arrangement=arrangement,
+            )
+
+        return await self._in_read(read)
 
     async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None:
         row = await self._one(

@@ -9,9 +9,9 @@ only when no round is left for a counter.
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import timedelta
 
-from agent.biller import AcceptOffer, CounterOffer, Decision, OfferContext, RejectOffer
+from agent.biller import AcceptOffer, BillContext, CounterOffer, Decision, OfferContext, RejectOffer
 from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
@@ -47,7 +47,13 @@ class SegmentPolicy:
     def __init__(self, config: BillerConfig) -> None:
         self.config = config
 
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+    def advertise(self, context: BillContext) -> AdvertisedOptions:
+        account_id, amount_due, issue_date, due_date = (
+            context.account_id,
+            context.amount_due,
+            context.issue_date,
+            context.due_date,
+        )
         segment = self.config.segment_of(account_id)
         pay_by = due_date - timedelta(days=segment.early_payment_days_before_due)
         discount = segment.early_payment_discount

@@ -1,11 +1,13 @@
 """Deliberately broken billers, one per class of defect, to show that the conformance suite catches each.
 
 Each `BrokenBiller` is the reference biller (`reference_biller.service`, served
-in-process with conformance control on 127.0.0.1) with one defect patched into
-its `BillerAgent` instance — the servicer holds that very object, so the
-patched methods are the ones the wire reaches. `fails` lists exactly the cases
-the suite must FAIL against it (tests/test_conformance_biller.py asserts that
-no other case fails).
+in-process with conformance control on 127.0.0.1) with one defect built in
+through a real seam: one phase object of its `BillerAgent` (`agent.party.receive`,
+`.replays`, `.negotiation`, `.payments`, `.events`) replaced by a subclass that
+overrides one public method. Every caller reaches phases through the party at
+call time, so the replacement is what the wire reaches; no private name is
+patched. `fails` lists exactly the cases the suite must FAIL against it
+(tests/test_conformance_biller.py asserts that no other case fails).
 """
 
 from __future__ import annotations
@@ -13,26 +15,31 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from agent.biller import BillerAgent
-from agent.biller import agent as agent_biller
+from agent.biller.events import EventsPhase
+from agent.biller.negotiation import NegotiationPhase
+from agent.biller.payments import PaymentsPhase
+from agent.biller.receive import Inbound, ReceivePath, ReplayCache, check_query_shape
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.keys import VerifyKey
 from agent.protocol.keysets import KeyChain
-from agent.protocol.messages import Verified, check_sequence, seal
-from agent.protocol.moves import thread_message
-from agent.protocol.negotiation import Accept, Negotiation, Role, State, ThreadMessage
-from agent.stores.base import BillRecord, ReplayRecord, ThreadRecord
+from agent.protocol.messages import check_sequence
+from agent.protocol.negotiation import Accept, Negotiation, State, ThreadMessage
+from agent.stores.base import BillRecord, PaymentIntentRecord, ReplayRecord, ThreadRecord
 from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2, payment_pb2
 from reference_biller.config import load_config
 from reference_biller.service import SteppableClock, serving_biller
 
 Defect = Callable[[BillerAgent], None]
+M = TypeVar("M", bound=Message)
 
 
 @asynccontextmanager
@@ -55,11 +62,6 @@ async def reference_biller(
         yield running.address
 
 
-def _patch(agent: BillerAgent, name: str, replacement: Any) -> None:
-    """Replace one method of this agent instance (the servicer calls through the same object)."""
-    setattr(agent, name, replacement)
-
-
 # --- 1. Skips signature verification ----------------------------------------------------------------
 
 
@@ -77,13 +79,13 @@ class _TrustingChain(KeyChain):
         return tuple(_TrustingKey.from_bytes(key.raw) for key in super().candidate_keys(keyid))
 
 
+class _TrustingReceivePath(ReceivePath):
+    async def consumer_chain(self, party_id: str) -> KeyChain:
+        return _TrustingChain((await super().consumer_chain(party_id)).versions)
+
+
 def skips_signature_verification(agent: BillerAgent) -> None:
-    consumer_chain = agent._consumer_chain
-
-    async def trusting(party_id: str) -> KeyChain:
-        return _TrustingChain((await consumer_chain(party_id)).versions)
-
-    _patch(agent, "_consumer_chain", trusting)
+    agent.party.receive = _TrustingReceivePath(agent.party)
 
 
 # --- 2. Accepts a replay ------------------------------------------------------------------------------
@@ -93,12 +95,11 @@ def _cache_key(message_id: bytes, digest: bytes) -> bytes:
     return hashlib.sha256(message_id + digest).digest()[:16]
 
 
-def accepts_replay(agent: BillerAgent) -> None:
+class _ContentKeyedReplayCache(ReplayCache):
     """The replay cache is keyed by (message id, digest): the same id on other content looks new."""
-    store, replay_record = agent._store, agent._replay_record
 
-    async def replayed(inbound: Any) -> bytes | None:
-        entry = await store.replay_lookup(
+    async def lookup(self, inbound: Inbound[M]) -> bytes | None:
+        entry = await self.party.store.replay_lookup(
             inbound.sender, _cache_key(inbound.header.message_id, inbound.verified.digest)
         )
         if entry is None:
@@ -107,111 +108,105 @@ def accepts_replay(agent: BillerAgent) -> None:
             raise RemoteProtocolError(Reason[entry.error_reason], entry.error_detail)
         return entry.answer
 
-    def record(inbound: Any, **answer: Any) -> ReplayRecord:
-        original = replay_record(inbound, **answer)
+    def record(
+        self, inbound: Inbound[M], *, answer: bytes | None = None, error: RemoteProtocolError | None = None
+    ) -> ReplayRecord:
+        original = super().record(inbound, answer=answer, error=error)
         return dataclasses.replace(original, message_id=_cache_key(original.message_id, original.digest))
 
-    _patch(agent, "_replayed", replayed)
-    _patch(agent, "_replay_record", record)
+
+def accepts_replay(agent: BillerAgent) -> None:
+    agent.party.replays = _ContentKeyedReplayCache(agent.party)
 
 
 # --- 3. Ignores the round limit; 4. accepts a stale accept digest ----------------------------------------
 
 
-def ignores_round_limit(agent: BillerAgent) -> None:
-    replay_thread = agent._replay_thread
-
-    def unlimited(thread: ThreadRecord, bill: BillRecord) -> Negotiation:
-        negotiation = replay_thread(thread, bill)
-        negotiation.max_rounds = 1_000_000
+class _UnlimitedRounds(NegotiationPhase):
+    def thread_state(self, thread: ThreadRecord | None, bill: BillRecord, *, hardship_disclosed: bool) -> Negotiation:
+        negotiation = super().thread_state(thread, bill, hardship_disclosed=hardship_disclosed)
+        if thread is not None:
+            negotiation.max_rounds = 1_000_000
         return negotiation
 
-    _patch(agent, "_replay_thread", unlimited)
+
+def ignores_round_limit(agent: BillerAgent) -> None:
+    agent.party.negotiation = _UnlimitedRounds(agent.party)
 
 
 class _StaleAcceptNegotiation(Negotiation):
     """Takes any Accept as an acceptance of the pending offer, whatever digest it names."""
 
-    def receive(self, message: ThreadMessage, now: Any) -> State:
+    def receive(self, message: ThreadMessage, now: datetime) -> State:
         if isinstance(message.move, Accept) and self.pending is not None:
             message = dataclasses.replace(message, move=Accept(self.pending.digest))
         return super().receive(message, now)
 
 
-def accepts_stale_accept(agent: BillerAgent) -> None:
-    def replay_thread(thread: ThreadRecord, bill: BillRecord) -> Negotiation:
-        negotiation = _StaleAcceptNegotiation(
-            bill=agent_biller._bill_facts(bill),
-            bill_digest=bill.digest,
-            role=Role.BILLER,
-            limits=agent.limits,
-            hardship_disclosed=thread.hardship_disclosed,
-        )
-        for record in thread.messages:
-            envelope = envelope_pb2.Envelope.FromString(record.envelope)
-            payload = agent_biller._stored_payload(envelope)
-            verified = Verified(payload, envelope, record.digest, envelope.signatures[0].keyid)
-            if record.sender == agent.party_id:
-                negotiation.send(thread_message(verified, Role.BILLER), record.received_at)
-            else:
-                with suppress(RemoteProtocolError):
-                    negotiation.receive(thread_message(verified, Role.CONSUMER), record.received_at)
-        return negotiation
+class _StaleAccepts(NegotiationPhase):
+    negotiation_type = _StaleAcceptNegotiation
 
-    _patch(agent, "_replay_thread", replay_thread)
+
+def accepts_stale_accept(agent: BillerAgent) -> None:
+    agent.party.negotiation = _StaleAccepts(agent.party)
 
 
 # --- 5. Pays twice on a retried intent ------------------------------------------------------------------
 
 
-def pays_twice(agent: BillerAgent) -> None:
+class _PaysTwice(PaymentsPhase):
     """A later message with a known intent_id is instructed as a new payment instead of getting the first answer."""
 
     async def same_intent(
-        inbound: Any, existing: Any, content_hash: bytes
+        self, inbound: Inbound[payment_pb2.PaymentIntent], existing: PaymentIntentRecord, content_hash: bytes
     ) -> biller_service_pb2.CreatePaymentIntentResponse:
-        intent: payment_pb2.PaymentIntent = inbound.message
+        party, intent = self.party, inbound.message
         if existing.content_hash != content_hash:  # the conflict check is kept: only the retry is broken
             raise RemoteProtocolError(Reason.IDEMPOTENCY_CONFLICT, "the intent id was used with other content")
-        now = agent.clock.now()
+        now = party.clock.now()
         instructions = payment_pb2.PaymentInstructions.FromString(
             envelope_pb2.Envelope.FromString(existing.instructions).payload
         )
         instructions.header.CopyFrom(
-            agent._header(inbound.sender, inbound.header.thread_id, 1, inbound.verified.digest, now)
+            party.header(inbound.sender, inbound.header.thread_id, 1, inbound.verified.digest, now)
         )
         instructions.payment_reference = f"{instructions.payment_reference}-AGAIN-{intent.header.message_id.hex()[:6]}"
-        return biller_service_pb2.CreatePaymentIntentResponse(instructions=seal(instructions, agent._key))
+        return biller_service_pb2.CreatePaymentIntentResponse(instructions=party.seal(instructions))
 
-    _patch(agent, "_same_intent", same_intent)
+
+def pays_twice(agent: BillerAgent) -> None:
+    agent.party.payments = _PaysTwice(agent.party)
 
 
 # --- 6. Lets one consumer read another's bills -------------------------------------------------------------
 
 
-def reads_other_accounts(agent: BillerAgent) -> None:
+class _UnauthorizedReads(ReceivePath):
     """Signed reads skip the account binding check (AUZ-1): any enrolled party reads any account."""
 
-    async def query(envelope: envelope_pb2.Envelope, rpc: str) -> account_pb2.AccountQuery:
-        inbound = await agent._receive(envelope, (account_pb2.AccountQuery,))
+    async def query(self, envelope: envelope_pb2.Envelope, rpc: str) -> account_pb2.AccountQuery:
+        inbound = await self.receive(envelope, (account_pb2.AccountQuery,))
         check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
-        agent_biller._check_query_shape(inbound.message, rpc)
+        check_query_shape(inbound.message, rpc)
         return inbound.message
 
-    _patch(agent, "_query", query)
+
+def reads_other_accounts(agent: BillerAgent) -> None:
+    agent.party.receive = _UnauthorizedReads(agent.party)
 
 
 # --- 7. Loses events on resume ------------------------------------------------------------------------------
 
 
-def loses_events_on_resume(agent: BillerAgent) -> None:
+class _LossyResume(EventsPhase):
     """A resumed watch starts one past its cursor (an off-by-one in the resume path)."""
-    follow = agent._follow
 
-    def lossy(account_id: str, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
-        return follow(account_id, cursor + 1 if cursor else cursor)
+    def follow(self, account_id: str, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
+        return super().follow(account_id, cursor + 1 if cursor else cursor)
 
-    _patch(agent, "_follow", lossy)
+
+def loses_events_on_resume(agent: BillerAgent) -> None:
+    agent.party.events = _LossyResume(agent.party, watch_poll_interval=agent.party.events.watch_poll_interval)
 
 
 @dataclass(frozen=True)

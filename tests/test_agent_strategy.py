@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import date
 
+from agent.biller import BillContext
 from agent.consumer import AcceptOffer, CounterOffer, Escalate, OpeningContext, RejectOffer, ResponseContext
 from agent.protocol.terms import (
     BillFacts,
@@ -39,7 +40,7 @@ def household(key: str) -> Household:
 
 def bill_of(account: Account) -> BillFacts:
     due = START + PAYMENT_TERM
-    options = POLICIES[account.biller_party_id].advertise(account.account_id, account.amount, START, due)
+    options = POLICIES[account.biller_party_id].advertise(BillContext(account.account_id, account.amount, START, due))
     return BillFacts(f"{account.account_id}-03", account.account_id, account.amount, START, due, "March", options)
 
 

@@ -13,8 +13,9 @@ import io
 import json
 import logging
 from collections.abc import Callable
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -22,16 +23,21 @@ from google.protobuf.message import Message
 from rich.console import Console
 
 from agent.biller import BillerAgent
+from agent.biller.negotiation import NegotiationPhase
+from agent.biller.receive import Inbound, ReplayCache
 from agent.cli import main
 from agent.protocol.dsse import sign_envelope
 from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.moves import NegotiationPayload
 from agent.protocol.negotiation import Negotiation
-from agent.stores.base import ThreadRecord
+from agent.stores.base import MessageRecord, ThreadRecord
 from agent.tools.fuzz import LAYERS, Fuzzer, FuzzInput, FuzzReport, print_report, run_fuzz
 from agent.tools.fuzz_command import RPCS
 from agent.transport.status import error_from_rpc
 from parley.v1 import account_pb2, biller_service_pb2, enrolment_pb2, envelope_pb2, negotiation_pb2
 from tests.helpers.peer import running_biller
+
+M = TypeVar("M", bound=Message)
 
 # Reasons that only a properly signed body can reach: the signature, form and parse checks all passed.
 DEEP_REASONS = {
@@ -201,8 +207,8 @@ def get_bill_without_a_lookup_check(agent: BillerAgent) -> None:
     """GetBill dereferences the looked-up bill before checking it exists: an unknown bill id is an INTERNAL error."""
 
     async def get_bill(envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetBillResponse:
-        query = await agent._query(envelope, "GetBill")
-        bill = await agent._store.get_bill(query.bill_id)
+        query = await agent.party.receive.query(envelope, "GetBill")
+        bill = await agent.party.store.get_bill(query.bill_id)
         if bill.account_id != query.account_id:  # type: ignore[union-attr]
             raise RemoteProtocolError(Reason.NOT_FOUND, "not on the account")
         return biller_service_pb2.GetBillResponse(bill=envelope_pb2.Envelope.FromString(bill.envelope))  # type: ignore[union-attr]
@@ -210,33 +216,37 @@ def get_bill_without_a_lookup_check(agent: BillerAgent) -> None:
     agent.get_bill = get_bill  # type: ignore[method-assign]
 
 
-def refusal_ends_the_thread(agent: BillerAgent) -> None:
+class _RefusalEndsTheThread(NegotiationPhase):
     """Reads NEG-15 wrongly: every refused move on a thread expires it, not only one past the deadline."""
-    record_refusal = agent._record_refusal
 
-    async def record(
+    async def record_refusal(
+        self,
         negotiation: Negotiation,
         thread: ThreadRecord | None,
-        inbound: object,
-        record: object,
+        inbound: Inbound[NegotiationPayload],
+        record: MessageRecord,
         *,
         error: RemoteProtocolError,
-        now: object,
+        now: datetime,
     ) -> None:
         if thread is not None:
-            await agent._store.mark_thread_expired(thread.thread_id)
-        await record_refusal(negotiation, thread, inbound, record, error=error, now=now)  # type: ignore[arg-type]
+            await self.party.store.mark_thread_expired(thread.thread_id)
+        await super().record_refusal(negotiation, thread, inbound, record, error=error, now=now)
 
-    agent._record_refusal = record  # type: ignore[method-assign]
+
+def refusal_ends_the_thread(agent: BillerAgent) -> None:
+    agent.party.negotiation = _RefusalEndsTheThread(agent.party)
+
+
+class _NoReplayCache(ReplayCache):
+    """No replay cache lookup (HDR-12): a retry of an applied move is judged afresh against the moved-on thread."""
+
+    async def lookup(self, inbound: Inbound[M]) -> bytes | None:
+        return None
 
 
 def forgets_replays(agent: BillerAgent) -> None:
-    """No replay cache lookup (HDR-12): a retry of an applied move is judged afresh against the moved-on thread."""
-
-    async def nothing_seen(inbound: object) -> bytes | None:
-        return None
-
-    agent._replayed = nothing_seen  # type: ignore[method-assign]
+    agent.party.replays = _NoReplayCache(agent.party)
 
 
 def test_oracle_reports_an_internal_error() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.biller import AcceptOffer, CounterOffer, OfferContext, RejectOffer
+from agent.biller import AcceptOffer, BillContext, CounterOffer, OfferContext, RejectOffer
 from agent.protocol.terms import (
     BillFacts,
     Line,
@@ -35,7 +35,7 @@ BILL = BillFacts(
     date(2026, 3, 1),
     DUE,
     "Electricity",
-    POLICY.advertise("acct-1001", AMOUNT, date(2026, 3, 1), DUE),
+    POLICY.advertise(BillContext("acct-1001", AMOUNT, date(2026, 3, 1), DUE)),
 )
 
 

@@ -8,10 +8,17 @@ import pytest
 
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import LocalProtocolError, Reason
+from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
-from agent.protocol.messages import new_header, new_message_id, open_envelope, seal
+from agent.protocol.messages import (
+    CheckedEnvelope,
+    check_envelope,
+    new_header,
+    new_message_id,
+    open_envelope,
+    seal,
+)
 from agent.protocol.moves import NEGOTIATION_TYPES, sign_move, thread_message
 from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Role, State
 from parley.v1 import bill_pb2, envelope_pb2
@@ -108,3 +115,32 @@ def test_signed_negotiation_round_trip_and_offline_verification() -> None:
     assert agreement.terms == inside
     assert agreement.offer.digest == digest(counter)
     assert agreement.accept.header.sender == consumer.party_id
+
+
+def test_a_checked_envelope_is_made_only_by_the_check_and_opens_without_a_second_check() -> None:
+    biller_key, biller = party("biller:test")
+    bill_message = bill_pb2.Bill(
+        header=new_header(
+            sender=biller.party_id,
+            recipient="consumer:test",
+            thread_id=new_message_id(),
+            sequence=0,
+            previous_digest=b"",
+            now=OPEN_TIME,
+            lifetime=HOUR,
+        )
+    )
+    bill_message.MergeFrom(BILL.to_proto())
+    envelope = seal(bill_message, biller_key)
+
+    checked = check_envelope(envelope, (bill_pb2.Bill,))
+    assert checked.payload_class is bill_pb2.Bill
+    assert checked.keyid == biller_key.keyid
+    with pytest.raises(TypeError, match="check_envelope"):
+        CheckedEnvelope(envelope, checked.signature, bill_pb2.Bill)
+    with pytest.raises(RemoteProtocolError) as wrong_type:
+        check_envelope(envelope, NEGOTIATION_TYPES)
+    assert wrong_type.value.reason is Reason.WRONG_PAYLOAD_TYPE
+    verified = open_envelope(checked, sender_keys=biller, recipient="consumer:test", now=OPEN_TIME)
+    assert verified.message.bill_id == BILL.bill_id
+    assert verified.digest == digest(envelope)

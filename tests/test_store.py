@@ -339,6 +339,25 @@ def test_a_thread_position_is_taken_once(backend: Backend) -> None:
     run(race, backend.location)
 
 
+def test_thread_context_reads_thread_bill_and_account_together(backend: Backend) -> None:
+    async def read(store: SqlBillerStore) -> None:
+        await seed(store)
+        opening = await store.thread_context(THREAD, BILL)  # no thread yet: the bill the opening names
+        assert opening.thread is None
+        assert opening.bill == await store.get_bill(BILL)
+        assert opening.account == await store.get_account(ACCOUNT)
+        await store.record_negotiation_step(open_step())
+        later = await store.thread_context(THREAD, "")  # a thread: its own bill, whatever the move names
+        assert later.thread == await store.get_thread(THREAD)
+        assert later.bill == opening.bill
+        assert later.account is not None
+        assert later.account.consumer_party_id == PARTY
+        unknown = await store.thread_context(b"u" * 16, "no-such-bill")
+        assert (unknown.thread, unknown.bill, unknown.account) == (None, None, None)
+
+    run(read, backend.location)
+
+
 def test_a_step_that_fails_midway_leaves_nothing(backend: Backend) -> None:
     async def failing(store: SqlBillerStore) -> None:
         await seed(store)
@@ -416,6 +435,23 @@ def test_a_payment_reference_is_unique(backend: Backend) -> None:
         assert await store.replay_lookup(PARTY, b"intent-msg-id-02") is None
 
     run(references, backend.location)
+
+
+def test_payment_context_reads_account_bill_intent_and_arrangement_together(backend: Backend) -> None:
+    async def read(store: SqlBillerStore) -> None:
+        await seed(store)
+        before = await store.payment_context(ACCOUNT, BILL, "intent-1", b"")
+        assert before.account == await store.get_account(ACCOUNT)
+        assert before.bill == await store.get_bill(BILL)
+        assert (before.intent, before.arrangement) == (None, None)
+        await store.insert_payment_intent(intent(), replay(b"intent-msg-id-01"))
+        after = await store.payment_context(ACCOUNT, BILL, "intent-1", b"a" * 32)  # no such agreement
+        assert after.intent == await store.get_payment_intent(ACCOUNT, "intent-1")
+        assert after.arrangement is None
+        elsewhere = await store.payment_context("acct-none", "bill-none", "intent-1", b"")
+        assert (elsewhere.account, elsewhere.bill, elsewhere.intent) == (None, None, None)
+
+    run(read, backend.location)
 
 
 def test_leases_are_exclusive_until_released_or_expired(backend: Backend) -> None:

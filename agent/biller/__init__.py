@@ -1,15 +1,15 @@
-"""The embeddable biller agent: `BillerAgent` and the plugins an embedder supplies (`Policy`, `PaymentRail`)."""
+"""The embeddable biller agent: `BillerAgent` and the plugins an embedder supplies (`Policy`, `PaymentRail`).
 
-from agent.biller.agent import (
-    DISCLOSURE_RETENTION,
-    ENROLMENT_CODE_ALPHABET,
-    ENROLMENT_CODE_VALIDITY,
-    FEATURES,
-    SERVER_NAME,
+The package is one module per phase of the protocol (`receive`, `keysets`, `enrolment`, `bills`,
+`negotiation`, `payments`, `privacy`, `events`) behind the `BillerAgent` facade (`agent.py`); `plugins`
+holds what an embedder implements and `results` what the embedding API returns.
+"""
+
+from agent.biller.agent import DISCLOSURE_RETENTION, FEATURES, SERVER_NAME, BillerAgent
+from agent.biller.plugins import (
     AcceptOffer,
-    Arrangement,
-    AwaitedPayment,
-    BillerAgent,
+    Answer,
+    BillContext,
     CounterOffer,
     Decision,
     OfferContext,
@@ -17,9 +17,10 @@ from agent.biller.agent import (
     PaymentRail,
     Policy,
     RejectOffer,
-    events_thread_id,
-    normalize_enrolment_code,
 )
+from agent.biller.results import Arrangement, AwaitedPayment
+from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, ENROLMENT_CODE_VALIDITY, normalize_enrolment_code
+from agent.protocol.events import events_thread_id
 
 __all__ = [
     "DISCLOSURE_RETENTION",
@@ -28,8 +29,10 @@ __all__ = [
     "FEATURES",
     "SERVER_NAME",
     "AcceptOffer",
+    "Answer",
     "Arrangement",
     "AwaitedPayment",
+    "BillContext",
     "BillerAgent",
     "CounterOffer",
     "Decision",

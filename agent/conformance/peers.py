@@ -35,14 +35,23 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.biller import AcceptOffer, BillerAgent, CounterOffer, Decision, OfferContext, PaymentDetails, RejectOffer
+from agent.biller import (
+    AcceptOffer,
+    BillContext,
+    BillerAgent,
+    CounterOffer,
+    Decision,
+    OfferContext,
+    PaymentDetails,
+    RejectOffer,
+)
 from agent.protocol.dsse import digest, pae, sign_envelope
 from agent.protocol.keys import SigningKey, VerifyKey
 from agent.protocol.keysets import KeyChain
@@ -626,7 +635,7 @@ class PeerPolicy:
         self.keep_contexts = keep_contexts  # off for long runs (bench, chaos, fuzz): the list would only grow
         self.contexts: list[OfferContext] = []
 
-    def advertise(self, account_id: str, amount_due: Money, issue_date: date, due_date: date) -> AdvertisedOptions:
+    def advertise(self, context: BillContext) -> AdvertisedOptions:
         return self.options
 
     def decide(self, context: OfferContext) -> Decision:
@@ -638,7 +647,7 @@ class PeerPolicy:
         if context.offer == counter:
             return AcceptOffer()
         if self.counter_once and (context.round >= context.max_rounds or counter in context.previous_offers):
-            return RejectOffer()
+            return RejectOffer(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY)
         return CounterOffer(counter)
 
 

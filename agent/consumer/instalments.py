@@ -1,8 +1,8 @@
 """What is agreed and what is still owed: the terms of an agreed thread and its unpaid instalments.
 
 Both the strategy's context (`committed`) and `pay` (which instalment is next) ask "which instalments
-of this agreement are not paid yet?"; the answer is computed here once. (The protocol core has no
-such function yet; the biller counts its own from settlements.)
+of this agreement are not paid yet?"; the core answers it (`agent.protocol.arrangements`), for the
+biller too.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from agent.consumer.receive import envelope_of
+from agent.protocol.arrangements import unpaid_instalments
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload
 from agent.protocol.terms import Instalment, Terms
 from agent.stores.base import ConsumerStore, ConsumerThreadRecord, IntentState, ThreadOutcome
@@ -35,12 +36,6 @@ def agreed_terms(thread: ConsumerThreadRecord) -> tuple[Terms, bytes]:
     return Terms.from_proto(offer.terms), thread.messages[-1].digest
 
 
-def unpaid_instalments(terms: Terms, settled: Iterable[int]) -> list[int]:
-    """The indexes of the agreement's instalments not among `settled`, in schedule order."""
-    done = set(settled)
-    return [index for index in range(len(terms.schedule)) if index not in done]
-
-
 async def committed_instalments(
     store: ConsumerStore, *, excluding: Iterable[tuple[str, str]] = ()
 ) -> tuple[Instalment, ...]:
@@ -61,8 +56,8 @@ async def committed_instalments(
             continue
         terms, agreement_digest = agreed_terms(thread)
         paid = settled.get((thread.biller_party_id, agreement_digest), set())
-        committed.extend(terms.schedule[index] for index in unpaid_instalments(terms, paid))
+        committed.extend(instalment for _, instalment in unpaid_instalments(terms, paid))
     return tuple(sorted(committed, key=lambda instalment: instalment.due_date))
 
 
-__all__ = ["agreed_terms", "committed_instalments", "negotiation_payload", "unpaid_instalments"]
+__all__ = ["agreed_terms", "committed_instalments", "negotiation_payload"]

@@ -15,13 +15,14 @@ from datetime import datetime
 
 from agent.consumer.bills import Bills
 from agent.consumer.errors import PaymentDispute, PaymentInDoubt, PaymentNotSent, PaymentRefused
-from agent.consumer.instalments import agreed_terms, unpaid_instalments
+from agent.consumer.instalments import agreed_terms
 from agent.consumer.party import BillerSession, Party
 from agent.consumer.plugins import PaymentOrder, PaymentSender
 from agent.consumer.receive import Receiver, envelope_of
 from agent.consumer.results import Payment, PaymentReceipt, ReceivedBill
 from agent.consumer.sessions import Sessions
 from agent.logs import log_step
+from agent.protocol.arrangements import unpaid_instalments
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.limits import THREAD_ID_BYTES
@@ -173,7 +174,7 @@ class Payments:
             unpaid = unpaid_instalments(terms, paid)
             if not unpaid:
                 raise ValueError(f"every instalment of the agreement on {bill.facts.bill_id!r} is paid")
-            instalment_index = unpaid[0]
+            instalment_index = unpaid[0][0]
         if not 0 <= instalment_index < len(terms.schedule):
             raise ValueError(f"the agreement has {len(terms.schedule)} instalments")
         return agreement_digest, instalment_index, terms.schedule[instalment_index].amount

@@ -8,6 +8,7 @@ header, key validity, lifetime, and finally the validity window.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from collections.abc import Iterator, Mapping
@@ -241,9 +242,48 @@ class Verified(Generic[M]):
         return header_of(self.message)
 
 
+_CHECKED = object()  # only `check_envelope` holds this, so only it builds a CheckedEnvelope
+
+
+@dataclass(frozen=True)
+class CheckedEnvelope(Generic[M]):
+    """A received envelope whose form (LIM-1, ENV-1, ENV-2) and payload type (ENV-5) passed, once.
+
+    Built only by `check_envelope` (the constructor refuses anyone else), so a function that takes
+    one knows both checks ran: `open_envelope` accepts it and does not repeat them.
+    """
+
+    envelope: envelope_pb2.Envelope
+    signature: envelope_pb2.Signature
+    payload_class: type[M]
+    _made_by: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._made_by is not _CHECKED:
+            raise TypeError("a CheckedEnvelope is made by check_envelope()")
+
+    @property
+    def keyid(self) -> str:
+        return self.signature.keyid
+
+
+def check_envelope(
+    envelope: envelope_pb2.Envelope, expected: tuple[type[M], ...], limits: Limits = DEFAULT_LIMITS
+) -> CheckedEnvelope[M]:
+    """Steps 1-2 of the receive path (§3.8): the envelope's form, then its payload type among `expected`."""
+    signature = check_envelope_form(envelope, limits)
+    cls = next((c for c in expected if c.DESCRIPTOR.full_name == envelope.payload_type), None)
+    if cls is None:
+        names = ", ".join(c.DESCRIPTOR.full_name for c in expected)
+        raise RemoteProtocolError(
+            Reason.WRONG_PAYLOAD_TYPE, f"payloadType {envelope.payload_type!r} is not one of: {names}"
+        )
+    return CheckedEnvelope(envelope, signature, cls, _CHECKED)
+
+
 def open_envelope(
-    envelope: envelope_pb2.Envelope,
-    expected: tuple[type[M], ...],
+    envelope: envelope_pb2.Envelope | CheckedEnvelope[M],
+    expected: tuple[type[M], ...] = (),
     *,
     sender_keys: KeyChain,
     recipient: str,
@@ -252,18 +292,14 @@ def open_envelope(
 ) -> Verified[M]:
     """Verify and parse a received envelope: the one receive path (§3, §5).
 
-    `expected` are the payload types the call or thread position accepts.
+    `envelope` is either already checked (`check_envelope`, then `expected` is not needed) or raw,
+    checked here against `expected`, the payload types the call or thread position accepts.
     `now=None` verifies offline (bundles): the checks against the reception
     time (HDR-5 window) are skipped, everything else applies. Key sets are not
     opened here: they verify as a chain (`KeyChain`).
     """
-    signature = check_envelope_form(envelope, limits)
-    cls = next((c for c in expected if c.DESCRIPTOR.full_name == envelope.payload_type), None)
-    if cls is None:
-        names = ", ".join(c.DESCRIPTOR.full_name for c in expected)
-        raise RemoteProtocolError(
-            Reason.WRONG_PAYLOAD_TYPE, f"payloadType {envelope.payload_type!r} is not one of: {names}"
-        )
+    checked = envelope if isinstance(envelope, CheckedEnvelope) else check_envelope(envelope, expected, limits)
+    envelope, signature, cls = checked.envelope, checked.signature, checked.payload_class
     # KEY-6: the keyid only selects among the expected sender's own keys.
     candidates = sender_keys.candidate_keys(signature.keyid)
     if not candidates:

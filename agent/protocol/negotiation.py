@@ -337,6 +337,12 @@ class Negotiation:
         except LocalProtocolError as error:
             raise _Refused(error.reason, error.detail) from error
 
+    @property
+    def offer_binds_biller(self) -> bool:
+        """NEG-12: the consumer's offer on the table is inside the advertised options, so the biller
+        must accept it (the one place the rule is decided; the biller agent asks here)."""
+        return self._pending_within_options()
+
     def _pending_within_options(self) -> bool:
         return (
             self.pending is not None

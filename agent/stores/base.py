@@ -177,6 +177,19 @@ class ThreadRecord:
 
 
 @dataclass(frozen=True)
+class ThreadContext:
+    """What one negotiation step reads, in one store call: the thread (None if new), its bill and account.
+
+    The bill is the thread's, or for a new thread the one the opening names; the account is the bill's.
+    Each is None when it does not exist.
+    """
+
+    thread: ThreadRecord | None
+    bill: BillRecord | None
+    account: AccountRecord | None
+
+
+@dataclass(frozen=True)
 class NewThread:
     """What a ThreadOpen step adds beside its messages."""
 
@@ -326,6 +339,17 @@ class ArrangementRecord:
 # --- The interface ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PaymentContext:
+    """What a payment intent's step reads, in one store call: the account, the bill, an intent already
+    stored under the intent id, and the arrangement the intent names (each None when absent)."""
+
+    account: AccountRecord | None
+    bill: BillRecord | None
+    intent: PaymentIntentRecord | None
+    arrangement: ArrangementRecord | None
+
+
 class BillerStore(Protocol):
     """Persistent state of one biller. See the module docstring for the rules every back end keeps."""
 
@@ -411,6 +435,11 @@ class BillerStore(Protocol):
 
     async def get_thread(self, thread_id: bytes) -> ThreadRecord | None: ...
 
+    async def thread_context(self, thread_id: bytes, opened_bill_id: str) -> ThreadContext:
+        """The thread, its bill (or `opened_bill_id`'s when there is no such thread) and the bill's account,
+        read in one transaction: what a negotiation step or a thread read needs, in one call."""
+        ...
+
     async def record_negotiation_step(self, step: NegotiationStep) -> list[EventRecord]:
         """Store one Negotiate step atomically (see NegotiationStep).
 
@@ -451,6 +480,13 @@ class BillerStore(Protocol):
     # Payments (PAY-*)
 
     async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None: ...
+
+    async def payment_context(
+        self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
+    ) -> PaymentContext:
+        """The account, the bill, the intent stored under `intent_id` and the arrangement `agreement_digest`
+        names (b"": none), read in one transaction: what a CreatePaymentIntent step needs, in one call."""
+        ...
 
     async def unsettled_payment_intents(self) -> list[PaymentIntentRecord]:
         """Every intent with instructions but no settlement yet, oldest first (what a payment rail must still match)."""

@@ -42,6 +42,7 @@ from agent.stores.base import (
     KeySetRecord,
     MessageRecord,
     NegotiationStep,
+    PaymentContext,
     PaymentIntentRecord,
     PendingEvent,
     ReplayRecord,
@@ -49,6 +50,7 @@ from agent.stores.base import (
     SettledPayment,
     SettlementRecord,
     StoreConflict,
+    ThreadContext,
     ThreadOutcome,
     ThreadRecord,
 )
@@ -277,6 +279,47 @@ class Leases(Protocol):
         ...
 
 
+def _read_account(db: Db, account_id: str) -> AccountRecord | None:
+    row = db.execute(
+        """SELECT a.account_id, a.holder_name, a.created_at, b.party_id,
+                  a.failed_enrolment_attempts, a.enrolment_locked
+           FROM accounts a LEFT JOIN bindings b ON b.account_id = a.account_id
+           WHERE a.account_id = ?""",
+        (account_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return AccountRecord(row[0], row[1], dt(row[2]), row[3], row[4], bool(row[5]))
+
+
+def _read_thread(db: Db, thread_id: bytes) -> ThreadRecord | None:
+    row = db.execute(
+        """SELECT account_id, bill_id, consumer_party_id, outcome, deadline, opened_at, hardship_disclosed
+           FROM threads WHERE thread_id = ?""",
+        (thread_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    messages = db.execute(
+        """SELECT sequence, envelope, digest, sender, payload_type, message_id, received_at
+           FROM messages WHERE thread_id = ? ORDER BY sequence""",
+        (thread_id,),
+    ).fetchall()
+    disclosure = db.execute("SELECT content FROM disclosures WHERE thread_id = ?", (thread_id,)).fetchone()
+    return ThreadRecord(
+        thread_id=thread_id,
+        account_id=row[0],
+        bill_id=row[1],
+        consumer_party_id=row[2],
+        outcome=ThreadOutcome(row[3]),
+        deadline=dt(row[4]),
+        opened_at=dt(row[5]),
+        hardship_disclosed=bool(row[6]),
+        messages=tuple(MessageRecord(thread_id, m[0], m[1], m[2], m[3], m[4], m[5], dt(m[6])) for m in messages),
+        disclosure=None if disclosure is None else disclosure[0],
+    )
+
+
 class SqlBillerStore(abc.ABC):
     """`BillerStore` (and `Leases`) in dialect-neutral SQL over a back end's transactions."""
 
@@ -341,16 +384,7 @@ class SqlBillerStore(abc.ABC):
         await self._in_write(insert)
 
     async def get_account(self, account_id: str) -> AccountRecord | None:
-        row = await self._one(
-            """SELECT a.account_id, a.holder_name, a.created_at, b.party_id,
-                      a.failed_enrolment_attempts, a.enrolment_locked
-               FROM accounts a LEFT JOIN bindings b ON b.account_id = a.account_id
-               WHERE a.account_id = ?""",
-            account_id,
-        )
-        if row is None:
-            return None
-        return AccountRecord(row[0], row[1], dt(row[2]), row[3], row[4], bool(row[5]))
+        return await self._in_statement(lambda db: _read_account(db, account_id))
 
     async def add_enrolment_code(self, code: EnrolmentCodeRecord, created_at: datetime) -> None:
         def add(db: Db) -> None:
@@ -505,34 +539,19 @@ class SqlBillerStore(abc.ABC):
     # --- negotiation ---
 
     async def get_thread(self, thread_id: bytes) -> ThreadRecord | None:
-        def read(db: Db) -> ThreadRecord | None:
-            row = db.execute(
-                """SELECT account_id, bill_id, consumer_party_id, outcome, deadline, opened_at, hardship_disclosed
-                   FROM threads WHERE thread_id = ?""",
-                (thread_id,),
+        return await self._in_read(lambda db: _read_thread(db, thread_id))
+
+    async def thread_context(self, thread_id: bytes, opened_bill_id: str) -> ThreadContext:
+        def read(db: Db) -> ThreadContext:
+            thread = _read_thread(db, thread_id)
+            bill_id = thread.bill_id if thread is not None else opened_bill_id
+            bill_row = db.execute(
+                f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?",  # noqa: S608
+                (bill_id,),
             ).fetchone()
-            if row is None:
-                return None
-            messages = db.execute(
-                """SELECT sequence, envelope, digest, sender, payload_type, message_id, received_at
-                   FROM messages WHERE thread_id = ? ORDER BY sequence""",
-                (thread_id,),
-            ).fetchall()
-            disclosure = db.execute("SELECT content FROM disclosures WHERE thread_id = ?", (thread_id,)).fetchone()
-            return ThreadRecord(
-                thread_id=thread_id,
-                account_id=row[0],
-                bill_id=row[1],
-                consumer_party_id=row[2],
-                outcome=ThreadOutcome(row[3]),
-                deadline=dt(row[4]),
-                opened_at=dt(row[5]),
-                hardship_disclosed=bool(row[6]),
-                messages=tuple(
-                    MessageRecord(thread_id, m[0], m[1], m[2], m[3], m[4], m[5], dt(m[6])) for m in messages
-                ),
-                disclosure=None if disclosure is None else disclosure[0],
-            )
+            bill = None if bill_row is None else _bill(bill_row)
+            account = None if bill is None else _read_account(db, bill.account_id)
+            return ThreadContext(thread, bill, account)
 
         return await self._in_read(read)
 
@@ -602,6 +621,30 @@ class SqlBillerStore(abc.ABC):
 
     _INTENT_COLUMNS = """account_id, intent_id, content_hash, bill_id, agreement_digest, instalment_index,
                          amount_minor, currency, payment_reference, intent, instructions, created_at"""
+
+    async def payment_context(
+        self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
+    ) -> PaymentContext:
+        def read(db: Db) -> PaymentContext:
+            bill = db.execute(f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?", (bill_id,)).fetchone()  # noqa: S608
+            intent = db.execute(
+                f"SELECT {self._INTENT_COLUMNS} FROM payment_intents WHERE account_id = ? AND intent_id = ?",  # noqa: S608
+                (account_id, intent_id),
+            ).fetchone()
+            arrangement = None
+            if agreement_digest:
+                row = db.execute(
+                    self._ARRANGEMENTS + " AND t.account_id = ? AND t.accept_digest = ?", (account_id, agreement_digest)
+                ).fetchone()
+                arrangement = None if row is None else _arrangement(db, row)
+            return PaymentContext(
+                account=_read_account(db, account_id),
+                bill=None if bill is None else _bill(bill),
+                intent=None if intent is None else _intent(intent),
+                arrangement=arrangement,
+            )
+
+        return await self._in_read(read)
 
     async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None:
         row = await self._one(

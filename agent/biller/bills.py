@@ -1,0 +1,105 @@
+"""Bills: signing and storing a new bill (with BILL_ISSUED), and the signed reads of an account's bills."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import date
+
+from agent.biller.party import BillerParty, stored_envelope
+from agent.biller.plugins import BillContext
+from agent.biller.receive import log_read
+from agent.logs import log_step
+from agent.protocol.dsse import digest
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.limits import MAX_NOTE_CHARS, THREAD_ID_BYTES
+from agent.protocol.terms import AdvertisedOptions, BillFacts, Money
+from agent.stores.base import BillRecord, BillStatus
+from parley.v1 import bill_pb2, biller_service_pb2, envelope_pb2, event_pb2
+
+logger = logging.getLogger("parley.biller")
+
+
+def bill_facts(bill: BillRecord) -> BillFacts:
+    """The facts of a stored bill (signed by us, so it parses and validates)."""
+    return BillFacts.from_proto(bill_pb2.Bill.FromString(stored_envelope(bill.envelope).payload))
+
+
+class BillsPhase:
+    def __init__(self, party: BillerParty) -> None:
+        self.party = party
+
+    async def issue_bill(
+        self,
+        account_id: str,
+        amount_due: Money,
+        due_date: date,
+        description: str,
+        *,
+        issue_date: date | None = None,
+        bill_id: str | None = None,
+        options: AdvertisedOptions | None = None,
+    ) -> str:
+        """See `BillerAgent.issue_bill`."""
+        party = self.party
+        recipient = await party.bound_consumer(account_id)
+        now = party.clock.now()
+        issue_date = issue_date or now.date()
+        if options is None:
+            options = party.policy.advertise(BillContext(account_id, amount_due, issue_date, due_date))
+        facts = BillFacts(
+            bill_id=bill_id or f"bill-{secrets.token_hex(8)}",
+            account_id=account_id,
+            amount_due=amount_due,
+            issue_date=issue_date,
+            due_date=due_date,
+            description=description,
+            options=options,
+        )
+        bill = facts.to_proto()
+        bill.header.CopyFrom(party.header(recipient, secrets.token_bytes(THREAD_ID_BYTES), 0, b"", now))
+        envelope = party.seal(bill)
+        record = BillRecord(
+            bill_id=facts.bill_id,
+            account_id=account_id,
+            envelope=envelope.SerializeToString(),
+            digest=digest(envelope),
+            amount_minor=amount_due.minor,
+            currency=amount_due.currency.code,
+            due_date=due_date,
+            status=BillStatus.OPEN,
+            issued_at=now,
+        )
+        event = party.events.pending_event(
+            account_id,
+            recipient,
+            event_pb2.EVENT_KIND_BILL_ISSUED,
+            now,
+            bill_id=facts.bill_id,
+            amount=amount_due,
+            day=due_date,
+            related_digest=record.digest,
+            message=f"New bill: {description}, {amount_due} due {due_date.isoformat()}."[:MAX_NOTE_CHARS],
+        )
+        party.wakeups.notify(await party.store.insert_bill(record, [event]))
+        log_step(logger, "bill-issued", account=account_id, bill=facts.bill_id)
+        return facts.bill_id
+
+    async def list_bills(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.ListBillsResponse:
+        """The account's signed bills, oldest first."""
+        query = await self.party.receive.query(envelope, "ListBills")
+        bills = await self.party.store.list_bills(query.account_id)
+        log_read("ListBills", query.account_id, bills=len(bills))
+        return biller_service_pb2.ListBillsResponse(bills=[stored_envelope(bill.envelope) for bill in bills])
+
+    async def get_bill(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetBillResponse:
+        """One signed bill of the account (NOT_FOUND if it is not on the account, AUZ-3)."""
+        query = await self.party.receive.query(envelope, "GetBill")
+        bill = await self.party.store.get_bill(query.bill_id)
+        if bill is None or bill.account_id != query.account_id:
+            raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {query.bill_id!r} on the account")
+        log_read("GetBill", query.account_id, bill=query.bill_id)
+        return biller_service_pb2.GetBillResponse(bill=stored_envelope(bill.envelope))
+
+
+__all__ = ["BillsPhase", "bill_facts"]

@@ -38,6 +38,7 @@ from reference_consumer.households import END
 from tests.helpers.browser import ServedApp, chromium, save_screenshot, serving
 
 ENERGY_STATE = "biller-energy.example"  # the demo's state directory of the energy biller (party id, ':' → '-')
+TELECOM_STATE = "biller-telco.example"  # the telecom operator's, where a household counters the biller's offer
 CONSOLE_NOW = datetime(2026, 7, 31, 12, tzinfo=UTC)  # after the demo: every 30-day cure window has closed
 assert CONSOLE_NOW.date() > END
 
@@ -71,9 +72,9 @@ def snapshot(store_path: Path) -> Snapshot:
 
 
 @contextlib.contextmanager
-def console_served(store_path: Path) -> Iterator[ServedApp]:
-    settings = ConsoleSettings(str(store_path), "Northwind Energy", ManualClock(CONSOLE_NOW))
-    with serving(lambda: create_console_app(settings, console_web_config("Northwind Energy · console"))) as served:
+def console_served(store_path: Path, biller_name: str = "Northwind Energy") -> Iterator[ServedApp]:
+    settings = ConsoleSettings(str(store_path), biller_name, ManualClock(CONSOLE_NOW))
+    with serving(lambda: create_console_app(settings, console_web_config(f"{biller_name} · console"))) as served:
         yield served
 
 
@@ -182,6 +183,26 @@ def _secrets_of(store_path: Path) -> list[str]:
     if key_file.exists():
         found += re.findall(r"[A-Za-z0-9+/=]{40,}", key_file.read_text(errors="ignore"))
     return found
+
+
+def test_a_counter_offer_reads_move_by_move(demo_state: Path) -> None:
+    store_path = demo_state / TELECOM_STATE / STORE_FILE
+    with console_served(store_path, "Telecom") as served, chromium() as browser:
+        browser.get(served.site.opening_url)
+        browser.find_element(By.LINK_TEXT, "Negotiations").click()
+        save_screenshot(browser, "console-threads-telecom")
+        rows = browser.find_elements(By.CSS_SELECTOR, "table.list tbody tr")
+        countered = next(row for row in rows if row.find_elements(By.TAG_NAME, "td")[3].text == "3")
+        countered.find_element(By.TAG_NAME, "a").click()
+        labels = [step.text for step in browser.find_elements(By.CSS_SELECTOR, "svg.chart-timeline text.step-label")]
+        assert [label.split(":")[0] for label in labels] == [
+            "Customer opens",
+            "Biller counters",
+            "Customer accepts",
+            "Agreed",
+        ], labels
+        assert "instalments of EUR" in labels[1]
+        save_screenshot(browser, "console-thread-counter-offer")
 
 
 def test_a_cross_site_post_and_a_tokenless_request_are_refused(store_path: Path) -> None:

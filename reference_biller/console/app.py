@@ -488,10 +488,11 @@ async def thread_page(request: web.Request) -> web.Response:
         steps.append(
             TimelineStep(f"Waiting for the {waiting}", StepState.CURRENT, f"until {moment_text(thread.deadline)}")
         )
-    else:
-        steps.append(TimelineStep(_OUTCOME_WORDS[thread.outcome], StepState.DONE))
     snapshot = await _snapshot(request)
     arrangement = next((a for a in snapshot.arrangements if a.thread_id == thread_id), None)
+    if thread.outcome is not ThreadOutcome.OPEN:
+        when = "" if arrangement is None else moment_text(arrangement.agreed_at)
+        steps.append(TimelineStep(_OUTCOME_WORDS[thread.outcome], StepState.DONE, when))
     schedule = []
     if arrangement is not None and arrangement.terms is not None:
         paid = [p for p in snapshot.payments if p.agreement_digest == arrangement.accept_digest and p.settled_at]
@@ -509,7 +510,10 @@ async def thread_page(request: web.Request) -> web.Response:
         request,
         "thread.html",
         section="threads",
-        thread=thread,
+        thread={
+            "account_id": thread.account_id,
+            "bill_id": thread.bill_id,
+        },  # never the record: it holds the disclosure
         thread_hex=thread_id.hex(),
         bill=None if bill is None else _bill_view(_bill_row(bill, snapshot)),
         chart=timeline(steps, title=f"Negotiation on bill {thread.bill_id}, move by move", width=640),

@@ -244,3 +244,39 @@ def test_lists_are_bounded_pages(query: str, number: int, shown: list[int]) -> N
     assert (page.number, list(page.items), page.count, page.total) == (number, shown, 3, 60)
     assert page.previous == (number - 1 if number > 1 else None)
     assert page.next == (number + 1 if number < 3 else None)
+
+
+def test_an_empty_store_reads_in_words_and_unknown_records_are_404(tmp_path: Path) -> None:
+    store_path = tmp_path / STORE_FILE
+
+    async def create() -> None:
+        await (await open_biller_store(store_path)).close()
+
+    asyncio.run(create())
+    with console_served(store_path) as served:
+        site = served.site
+
+        async def visit() -> dict[str, tuple[int, str]]:
+            seen = {}
+            async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(total=30)) as client:
+                async with client.get(site.opening_url, allow_redirects=False) as opened:
+                    assert opened.status == 303
+                for path in ["", "accounts", "bills", "threads", "arrangements", "payments", "events"]:
+                    async with client.get(site.url + path) as page:
+                        seen[path] = (page.status, await page.text())
+                for path in ["accounts/nobody", "threads/00ff", "threads/not-hex"]:
+                    async with client.get(site.url + path) as page:
+                        seen[path] = (page.status, await page.text())
+            return seen
+
+        seen = served.call(visit())
+    assert {path: status for path, (status, _) in seen.items() if status != 200} == {
+        "accounts/nobody": 404,
+        "threads/00ff": 404,
+        "threads/not-hex": 404,
+    }
+    outcomes_page = seen[""][1]
+    assert "No bill has been paid in full in this period yet." in outcomes_page
+    assert "No arrangement has ended yet" in outcomes_page
+    assert "<svg" not in outcomes_page  # no chart over nothing
+    assert "No accounts yet." in seen["accounts"][1]

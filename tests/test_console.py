@@ -280,3 +280,42 @@ def test_an_empty_store_reads_in_words_and_unknown_records_are_404(tmp_path: Pat
     assert "No arrangement has ended yet" in outcomes_page
     assert "<svg" not in outcomes_page  # no chart over nothing
     assert "No accounts yet." in seen["accounts"][1]
+
+
+COPIED_TABLES = ("accounts", "parties", "bindings", "bills", "threads", "messages", "payment_intents", "settlements")
+BOOLEAN_COLUMNS = frozenset({"enrolment_locked", "hardship_disclosed"})
+
+
+def test_the_snapshot_reads_the_same_from_postgresql(store_path: Path, snapshot: Snapshot, postgres_dsn: str) -> None:
+    """The demo's records copied row for row into a PostgreSQL store read back as the same snapshot."""
+    import sqlite3  # noqa: PLC0415 -- the copy reads the demo's file directly
+
+    import psycopg  # noqa: PLC0415 -- the postgres extra, installed with dev
+
+    async def migrate() -> None:
+        await (await open_biller_store(postgres_dsn)).close()
+
+    asyncio.run(migrate())
+    with contextlib.closing(sqlite3.connect(store_path)) as source, psycopg.connect(postgres_dsn) as target:
+        for table in (*COPIED_TABLES, "events"):
+            cursor = source.execute(f"SELECT * FROM {table}")
+            columns = [column[0] for column in cursor.description if column[0] != "rowid"]
+            for row in cursor:
+                values = [
+                    bool(value) if name in BOOLEAN_COLUMNS else value
+                    for name, value in zip([c[0] for c in cursor.description], row, strict=True)
+                    if name != "rowid"
+                ]
+                target.execute(
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})",
+                    values,
+                )
+
+    async def read() -> Snapshot:
+        store = await open_biller_store(postgres_dsn)
+        try:
+            return await read_snapshot(store)
+        finally:
+            await store.close()
+
+    assert asyncio.run(read()) == snapshot

@@ -288,7 +288,7 @@ def _read(db: Db) -> Snapshot:
         for thread_id, account_id, bill_id, outcome, opened, deadline, moves in db.execute(
             """SELECT t.thread_id, t.account_id, t.bill_id, t.outcome, t.opened_at, t.deadline,
                       (SELECT COUNT(*) FROM messages m WHERE m.thread_id = t.thread_id)
-               FROM threads t ORDER BY t.opened_at"""
+               FROM threads t ORDER BY t.opened_at, t.thread_id"""
         )
     )
     payments = tuple(
@@ -322,7 +322,7 @@ def _read(db: Db) -> Snapshot:
                       p.currency, p.payment_reference, p.created_at, s.amount_minor, s.settled_at, s.rail_reference
                FROM payment_intents p
                LEFT JOIN settlements s ON s.account_id = p.account_id AND s.intent_id = p.intent_id
-               ORDER BY p.created_at"""
+               ORDER BY p.created_at, p.account_id, p.intent_id"""
         )
     )
     paid_towards: dict[bytes, int] = {}
@@ -344,7 +344,7 @@ def _read(db: Db) -> Snapshot:
         for thread_id, account_id, bill_id, agreed, accept, offer, status in db.execute(
             """SELECT t.thread_id, t.account_id, t.bill_id, t.agreed_at, t.accept_digest, m.envelope, b.status
                FROM threads t JOIN messages m ON m.digest = t.offer_digest JOIN bills b ON b.bill_id = t.bill_id
-               WHERE t.outcome = ? ORDER BY t.agreed_at""",
+               WHERE t.outcome = ? ORDER BY t.agreed_at, t.thread_id""",
             (ThreadOutcome.AGREED.value,),
         )
     )

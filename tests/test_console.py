@@ -73,7 +73,7 @@ def snapshot(store_path: Path) -> Snapshot:
 
 @contextlib.contextmanager
 def console_served(store_path: Path, biller_name: str = "Northwind Energy") -> Iterator[ServedApp]:
-    settings = ConsoleSettings(str(store_path), biller_name, ManualClock(CONSOLE_NOW))
+    settings = ConsoleSettings(str(store_path), ManualClock(CONSOLE_NOW))
     with serving(lambda: create_console_app(settings, console_web_config(f"{biller_name} · console"))) as served:
         yield served
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from markupsafe import Markup
 
 from agent.clock import Clock
+from agent.protocol.moves import NegotiationPayload
 from agent.protocol.terms import Money, Terms
 from agent.stores import open_biller_store
 from agent.stores.base import BillRecord, BillStatus, ThreadOutcome
@@ -45,9 +46,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class ConsoleSettings:
-    store_location: str
-    biller_name: str
-    clock: Clock
+    store_location: str  # a SQLite path, sqlite:///PATH or postgresql://... (agent.stores.open_biller_store)
+    clock: Clock  # what "today" is for the figures' period and the cure windows
 
 
 _SETTINGS = web.AppKey("console_settings", ConsoleSettings)
@@ -441,11 +441,12 @@ async def events_page(request: web.Request) -> web.Response:
 # --- One thread, move by move ----------------------------------------------------------------------------
 
 
-def _move_step(payload: Any, by: str) -> str:
+def _move_step(payload: NegotiationPayload | None, by: str) -> str:
+    """One move in words, as the thread's timeline shows it."""
     if isinstance(payload, negotiation_pb2.ThreadOpen):
-        return f"{by} opens: {describe_terms(offered_terms_of(payload))}"
+        return f"{by} opens: {describe_terms(Terms.from_proto(payload.terms))}"
     if isinstance(payload, negotiation_pb2.Offer):
-        return f"{by} counters: {describe_terms(offered_terms_of(payload))}"
+        return f"{by} counters: {describe_terms(Terms.from_proto(payload.terms))}"
     if isinstance(payload, negotiation_pb2.Accept):
         return f"{by} accepts"
     if isinstance(payload, negotiation_pb2.Reject):
@@ -453,10 +454,6 @@ def _move_step(payload: Any, by: str) -> str:
     if isinstance(payload, negotiation_pb2.Withdraw):
         return f"{by} withdraws"
     return f"{by}: an unknown move"
-
-
-def offered_terms_of(payload: negotiation_pb2.ThreadOpen | negotiation_pb2.Offer) -> Terms:
-    return Terms.from_proto(payload.terms)
 
 
 _OUTCOME_WORDS = {

@@ -67,7 +67,7 @@ def _console(args: argparse.Namespace, out: Console) -> int:
         return EXIT_UNUSABLE
 
     async def serve() -> None:
-        app = create_console_app(ConsoleSettings(store, config.name, SystemClock()), web_config)
+        app = create_console_app(ConsoleSettings(store, SystemClock()), web_config)
         async with start_site(app, port=port) as site:
             print(f"biller      {config.party_id}", flush=True)
             print(f"console     {site.url} (read-only)", flush=True)

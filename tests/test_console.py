@@ -14,6 +14,9 @@ import asyncio
 import contextlib
 import io
 import re
+import signal
+import subprocess
+import sys
 import types
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -319,3 +322,36 @@ def test_the_snapshot_reads_the_same_from_postgresql(store_path: Path, snapshot:
             await store.close()
 
     assert asyncio.run(read()) == snapshot
+
+
+def test_the_command_prints_its_link_serves_and_stops_on_sigterm(store_path: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "agent.cli", "biller", "console", "--state-dir", str(store_path.parent)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+        assert lines[1].startswith("console     http://127.0.0.1:"), lines
+        opening = lines[2].removeprefix("open").strip()
+        assert "?token=" in opening
+
+        async def open_it() -> tuple[int, int, str]:
+            async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(total=30)) as client:
+                async with client.get(opening.split("?")[0]) as refused:
+                    tokenless = refused.status
+                async with client.get(opening) as page:
+                    return tokenless, page.status, await page.text()
+
+        tokenless, status, text = asyncio.run(open_it())
+        assert (tokenless, status) == (403, 200)
+        assert "How collections are going" in text
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = subprocess.run([*command[:-1], str(empty)], capture_output=True, text=True, check=False, timeout=60)
+    assert refused.returncode == 2
+    assert "no biller store" in refused.stdout + refused.stderr

@@ -148,6 +148,14 @@ def _tenths_text(tenths: int) -> str:
     return f"{tenths // 10}.{tenths % 10}"
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def _was(count: int) -> str:
+    return "was" if count == 1 else "were"
+
+
 def _tone(ratio: Ratio, good: int, bad: int) -> str:
     """good at or above `good` per mille, bad below `bad`; for figures where more is better."""
     if not ratio.defined:
@@ -165,7 +173,7 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             "self-service",
             "Resolved without a person",
             ratio.percent_text(),
-            f"{ratio.numerator} of the {ratio.denominator} bills paid in full needed no one from the team "
+            f"{ratio.numerator} of {_plural(ratio.denominator, 'bill')} paid in full needed no one from the team "
             "(no dispute handed to a person, no payment keyed in by hand)."
             if ratio.defined
             else "No bill has been paid in full in this period yet.",
@@ -195,7 +203,8 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             "Cured after a missed instalment",
             ratio.percent_text(),
             (
-                f"{ratio.numerator} of {ratio.denominator} arrangements with a missed instalment were back on track "
+                f"{ratio.numerator} of {_plural(ratio.denominator, 'arrangement')} with a missed instalment "
+                f"{_was(ratio.numerator)} back on track "
                 "(paid off or newly arranged) within 30 days."
                 if ratio.defined
                 else "No missed instalment has had its 30 days yet."
@@ -233,7 +242,8 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             "reminders",
             "Reminders per paid bill",
             ratio.decimal_text(),
-            f"{ratio.numerator} reminders were sent about the {ratio.denominator} bills paid in full."
+            f"{_plural(ratio.numerator, 'reminder')} {_was(ratio.numerator)} sent about "
+            f"{_plural(ratio.denominator, 'bill')} paid in full."
             if ratio.defined
             else "No bill has been paid in full in this period yet.",
             _monthly_chart(
@@ -252,7 +262,8 @@ def _figures(outcomes: Outcomes) -> list[Figure]:
             "hardship",
             "Hardship programme uptake",
             ratio.percent_text(),
-            f"{ratio.numerator} of the {ratio.denominator} arrangements agreed are on a hardship programme"
+            f"{ratio.numerator} of {_plural(ratio.denominator, 'arrangement')} agreed "
+            f"{'is' if ratio.numerator == 1 else 'are'} on a hardship programme"
             + (f" ({programmes})." if programmes else ".")
             if ratio.defined
             else "No arrangement has been agreed in this period yet.",
@@ -322,20 +333,31 @@ def _arrangement_view(arrangement: ArrangementRow, broken_on: dict[bytes, dateti
 async def accounts_page(request: web.Request) -> web.Response:
     snapshot = await _snapshot(request)
     bills_of: dict[str, int] = {}
-    owed_of: dict[str, list[Money]] = {}
+    unpaid_of: dict[str, dict[str, list[Money]]] = {}  # account → currency → amounts of bills not paid
     for bill in snapshot.bills:
         bills_of[bill.account_id] = bills_of.get(bill.account_id, 0) + 1
         if bill.status is not BillStatus.PAID:
-            owed_of.setdefault(bill.account_id, []).append(bill.amount)
+            unpaid_of.setdefault(bill.account_id, {}).setdefault(bill.amount.currency.code, []).append(bill.amount)
     rows = [
         {
             "account": account,
             "bills": bills_of.get(account.account_id, 0),
-            "unpaid": ", ".join(str(amount) for amount in owed_of.get(account.account_id, [])) or "nothing",
+            "unpaid": _unpaid_text(unpaid_of.get(account.account_id, {})),
         }
         for account in snapshot.accounts
     ]
     return render(request, "accounts.html", section="accounts", page=_page(request, rows))
+
+
+def _unpaid_text(by_currency: dict[str, list[Money]]) -> str:
+    """`EUR 448.00 (2 bills)`: what the account's bills not yet paid were issued for, per currency."""
+    if not by_currency:
+        return "nothing"
+    parts = []
+    for amounts in by_currency.values():
+        total = Money(amounts[0].currency, sum(amount.minor for amount in amounts))
+        parts.append(f"{total} ({_plural(len(amounts), 'bill')})")
+    return ", ".join(parts)
 
 
 async def account_page(request: web.Request) -> web.Response:

@@ -58,6 +58,7 @@ from agent.tools.certs import add_certs_command
 from agent.tools.chaos import add_chaos_command
 from agent.tools.demo import add_demo_command
 from agent.tools.fuzz_command import add_fuzz_command
+from agent.tools.json_output import json_on_stdout
 from agent.tools.keygen import add_keygen_command
 from agent.tools.vectors_command import add_vectors_command
 from agent.tools.verify import add_verify_command
@@ -94,12 +95,12 @@ fingerprints and table cells that scripts and logs need whole."""
 EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
 
 
-def _console(json_on_stdout: bool) -> Console:
+def _console(on_stderr: bool) -> Console:
     """Rich output on stdout, or on stderr when stdout carries JSON; wide and unwrapped when not a terminal."""
-    console = Console(stderr=json_on_stdout)
+    console = Console(stderr=on_stderr)
     if console.is_terminal:
         return console
-    return Console(stderr=json_on_stdout, width=WIDE_OUTPUT_COLUMNS, soft_wrap=True)
+    return Console(stderr=on_stderr, width=WIDE_OUTPUT_COLUMNS, soft_wrap=True)
 
 
 def _write_trace(error: BaseException) -> Path | None:
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse exits 2 on bad usage, which is our "unusable input" too
         return int(exit_.code or 0)
     try:
-        status: int = args.handler(args, _console(json_on_stdout=bool(getattr(args, "json", False))))
+        status: int = args.handler(args, _console(json_on_stdout(args)))
     except KeyboardInterrupt:
         print("parley: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

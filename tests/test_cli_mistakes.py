@@ -9,6 +9,7 @@ exit status and a phrase the message must contain.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -23,9 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from agent import cli, vectors
 from agent.identity import IdentityDir
+from agent.tools.json_output import emit_json, json_on_stdout
 from reference_biller.config import SAMPLE
 
 BILLER_ID = "biller:energy.example"  # the sample configuration's party
@@ -200,6 +203,9 @@ MISTAKES: dict[str, Mistake] = {
         garbage_tls,
         absent=("fresh",),
     ),
+    "conformance --insecure to a remote target": Mistake(
+        ("conformance", "biller", "--target", "192.0.2.7:7443", "--insecure"), 2, ("loopback target (TRN-3)",)
+    ),
     # verify says what it checked; a typo in a pin is a usage error
     "verify without a pin": Mistake(("verify", "bundle.json"), 0, ("identity NOT checked", CONSUMER_ID), bundle),
     "a pin without =": Mistake(("verify", "bundle.json", "--pin", FULL_PIN), 2, ("PARTY=FINGERPRINT",), bundle),
@@ -341,3 +347,27 @@ def test_an_unexpected_error_is_one_line_naming_the_file_with_its_trace(
     assert "_explode" in trace
     assert cli.main(["keygen", "--out", str(tmp_path / "k"), "--debug"]) == 1  # --debug: the trace itself
     assert TRACEBACK in capsys.readouterr().err
+
+
+# --- --json means the same everywhere ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "chaos", "fuzz"])
+def test_json_prints_on_stdout_and_json_out_writes_a_file(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = cli.build_parser()
+    to_stdout = parser.parse_args([command, "--json"])
+    assert json_on_stdout(to_stdout)  # the console moves to stderr
+    emit_json(to_stdout, {"ok": True}, Console(file=io.StringIO()))
+    assert json.loads(capsys.readouterr().out) == {"ok": True}
+    to_file = parser.parse_args([command, "--json-out", str(tmp_path / "report.json")])
+    assert not json_on_stdout(to_file)
+    emit_json(to_file, {"ok": True}, Console(file=io.StringIO()))
+    assert json.loads((tmp_path / "report.json").read_text()) == {"ok": True}
+    assert capsys.readouterr().out == ""
+    old_form = parser.parse_args([command, "--json", str(tmp_path / "old.json")])  # still works, with a note
+    said = io.StringIO()
+    emit_json(old_form, {"ok": True}, Console(file=said))
+    assert json.loads((tmp_path / "old.json").read_text()) == {"ok": True}
+    assert "deprecated" in said.getvalue()

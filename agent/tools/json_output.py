@@ -31,6 +31,12 @@ def add_json_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--json-out", type=Path, metavar="FILE", help=f"write {what} as JSON to FILE")
 
 
+def json_on_stdout(args: argparse.Namespace) -> bool:
+    """Whether stdout carries JSON (`--json`: a switch on verify, codes and vectors, STDOUT here), so that the
+    command's console must speak on stderr."""
+    return getattr(args, "json", None) in (True, STDOUT)
+
+
 def wants_json(args: argparse.Namespace) -> bool:
     """Whether the command was asked for its JSON document anywhere (so it must build one)."""
     return bool(args.json or args.json_out)
@@ -53,4 +59,4 @@ def emit_json(args: argparse.Namespace, document: object, out: Console) -> None:
         args.json_out.write_text(text, encoding="utf-8")
 
 
-__all__ = ["STDOUT", "add_json_options", "emit_json", "wants_json"]
+__all__ = ["STDOUT", "add_json_options", "emit_json", "json_on_stdout", "wants_json"]

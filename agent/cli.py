@@ -3,7 +3,7 @@
     parley --version                print Parley's version (agent/version.py)
     parley --debug COMMAND ...      show the full trace of an unexpected error (by default: one line, and
                                     the trace written to a file whose path that line names)
-    parley demo [--out DIR] [--json FILE]
+    parley demo [--out DIR] [--json | --json-out FILE]
                                     two billers, six households, three simulated months over gRPC + TLS;
                                     every agreement bundle written and verified offline (agent/tools/demo.py)
     parley keygen --out FILE        make an Ed25519 signing key, mode 0600 (agent/tools/keygen.py)
@@ -13,7 +13,7 @@
                                     verify an agreement bundle offline (agent/tools/verify.py)
     parley vectors [--out FILE] [--json]
                                     judge the shipped test vectors, or write them out (agent/tools/vectors_command.py)
-    parley biller serve | codes | rotate-key | check-config
+    parley biller init | serve | codes | rotate-key | check-config
                                     the reference biller (reference_biller/cli.py)
     parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
                                     the reference consumer bot for one household (reference_consumer/runner.py)

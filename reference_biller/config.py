@@ -214,8 +214,9 @@ class _Table:
         text = self.get(name, str, default)
         try:
             return Money.parse(text, currency.code)
-        except LocalProtocolError as error:  # the parser's reason: "has more than 2 decimals for EUR"...
-            raise ConfigError(f"{self.key(name)}: not an amount in {currency.code}: {error.detail}") from error
+        except LocalProtocolError as error:  # keep the parser's reason: "has more than 2 decimals for EUR"...
+            reason = error.detail.removeprefix(f"{text!r} ").removeprefix("is ")
+            raise ConfigError(f"{self.key(name)}: {text!r} is not an amount in {currency.code} ({reason})") from error
 
     def table(self, name: str) -> _Table:
         self.read.add(name)

@@ -119,7 +119,7 @@ def test_serve_reports_a_bad_variable_and_exits_2_before_creating_anything(
         (("deferral_max_days = 30", 'deferral_max_days = "30"'), "segments.standard.deferral_max_days: expected int"),
         (
             ('deferral_fee = "5.00"', 'deferral_fee = "5.001"'),
-            "'5.001' has more than 2 decimals for EUR",
+            "deferral_fee: '5.001' is not an amount in EUR (has more than 2 decimals",
         ),
         (("grace_days = 3 ", "grace_days = -3 "), "reminders.grace_days: must be at least 0, got -3"),
         (("\n[payments]", '\n[server]\nlisten = "7443"\n\n[payments]'), "server.listen: expected HOST:PORT"),

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from agent import cli, vectors
 from agent.identity import IdentityDir
+from agent.tools.certs import write_dev_certs
 from agent.tools.json_output import emit_json, json_on_stdout
 from reference_biller.config import SAMPLE
 
@@ -104,6 +105,17 @@ def garbage_tls(root: Path) -> None:
     (root / "key.pem").write_text("garbage")
 
 
+def corrupt_store(root: Path) -> None:
+    identity(root)
+    (root / "state" / "biller.sqlite").write_text("this is not a database")
+
+
+def two_certificates(root: Path) -> None:
+    """a/ and b/: two development CAs with their server certificates and keys; a's certificate, b's key."""
+    write_dev_certs(root / "a")
+    write_dev_certs(root / "b")
+
+
 def bundle(root: Path) -> None:
     (root / "bundle.json").write_text(json.dumps(GOOD_BUNDLE))
 
@@ -122,6 +134,7 @@ class Mistake:
 
 
 CHECK = ("biller", "check-config", "bad.toml")
+MISMATCHED_TLS = ("--tls-cert", "a/server.pem", "--tls-key", "b/server.key")
 GARBAGE_TLS = ("--tls-cert", "cert.pem", "--tls-key", "key.pem")
 FULL_PIN = "ab" * 32
 SERVE_PLAINTEXT = ("--listen", "127.0.0.1:0", "--insecure")
@@ -186,6 +199,12 @@ MISTAKES: dict[str, Mistake] = {
         ("cannot open the PostgreSQL store postgresql://parley:***@127.0.0.1:1/parley",),
         identity,
     ),
+    "a corrupt biller.sqlite": Mistake(
+        ("biller", "codes", "--state-dir", "state"),
+        1,
+        ("cannot open the SQLite store", "not a database"),
+        corrupt_store,
+    ),
     "keygen into a missing directory": Mistake(
         ("keygen", "--out", "nowhere/biller.key"), 2, ("directory nowhere does not exist",), absent=("nowhere",)
     ),
@@ -205,6 +224,13 @@ MISTAKES: dict[str, Mistake] = {
     ),
     "conformance --insecure to a remote target": Mistake(
         ("conformance", "biller", "--target", "192.0.2.7:7443", "--insecure"), 2, ("loopback target (TRN-3)",)
+    ),
+    "a TLS key that is not the certificate's": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:0", *MISMATCHED_TLS),
+        2,
+        ("b/server.key is not the key of the certificate in a/server.pem",),
+        two_certificates,
+        absent=("fresh",),
     ),
     # verify says what it checked; a typo in a pin is a usage error
     "verify without a pin": Mistake(("verify", "bundle.json"), 0, ("identity NOT checked", CONSUMER_ID), bundle),

@@ -83,6 +83,7 @@ def _biller_config(args: argparse.Namespace, out: Console) -> BillerConfig | Non
 def _check_config(args: argparse.Namespace, out: Console) -> int:
     try:
         config = load_config(Path(args.file))
+        _check_server_files(config)
     except ConfigError as error:
         out.print(f"[bold red]INVALID[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_FAILED
@@ -93,6 +94,23 @@ def _check_config(args: argparse.Namespace, out: Console) -> int:
         soft_wrap=True,
     )
     return EXIT_OK
+
+
+def _check_server_files(config: BillerConfig) -> None:
+    """ConfigError unless the [server] table's TLS files are what `serve` would load (paths as serve reads them:
+    relative to the working directory)."""
+    server = config.server
+    try:
+        if server.tls_cert is not None and server.tls_key is not None:
+            cert, key = Path(server.tls_cert), Path(server.tls_key)
+            _check_tls_pair(cert, cert.read_bytes(), key, key.read_bytes())
+        if server.tls_client_ca is not None:
+            client_ca = Path(server.tls_client_ca)
+            _certificates(client_ca, client_ca.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"[server]: cannot read {error.filename}: {error.strerror}") from error
+    except ValueError as error:
+        raise ConfigError(f"[server]: {error}") from error
 
 
 def _failed(out: Console, message: str) -> None:

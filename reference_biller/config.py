@@ -34,6 +34,7 @@ from agent.protocol.errors import LocalProtocolError
 from agent.protocol.limits import MAX_ID_CHARS
 from agent.protocol.messages import is_party_id
 from agent.protocol.terms import Currency, Money
+from agent.stores import check_store_location
 
 T = TypeVar("T")
 SAMPLE = Path(__file__).with_name("sample.toml")
@@ -198,6 +199,15 @@ class _Table:
                 raise ConfigError(f"{self.key(name)}: {error}") from error
         return value
 
+    def store(self, name: str) -> str | None:
+        value = self.optional(name, str)
+        if value is not None:
+            try:
+                check_store_location(value)
+            except ValueError as error:
+                raise ConfigError(f"{self.key(name)}: {error}") from error
+        return value
+
     def natural(self, name: str, default: int | None = None, *, minimum: int = 0) -> int:
         value = self.get(name, int, default)
         if value < minimum:
@@ -287,7 +297,7 @@ def _server(t: _Table) -> ServerSettings:
     return ServerSettings(
         listen=t.address("listen"),
         state_dir=t.optional("state_dir", str),
-        store=t.optional("store", str),
+        store=t.store("store"),
         metrics_listen=t.address("metrics_listen"),
         log_format=t.choice("log_format", LOG_FORMATS),
         log_level=t.choice("log_level", LOG_LEVELS),

@@ -173,6 +173,18 @@ MISTAKES: dict[str, Mistake] = {
         ("server.listen", "0-65535"),
         config_with("\n[payments]", '\n[server]\nlisten = "127.0.0.1:99999"\n\n[payments]'),
     ),
+    "an unknown store URL in the config": Mistake(
+        CHECK,
+        1,
+        ("server.store", "'mysql'"),
+        config_with("\n[payments]", '\n[server]\nstore = "mysql://db"\n\n[payments]'),
+    ),
+    "a missing TLS file in the config": Mistake(
+        CHECK,
+        1,
+        ("cannot read absent.pem",),
+        config_with("\n[payments]", '\n[server]\ntls_cert = "absent.pem"\ntls_key = "absent.key"\n\n[payments]'),
+    ),
     # offline biller commands never make an identity
     "codes in a mistyped state directory": Mistake(
         ("biller", "codes", "--state-dir", "stat"), 2, ("no biller identity", "biller init"), absent=("stat",)

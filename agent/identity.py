@@ -98,12 +98,16 @@ class IdentityDir:
         """Whether the state directory holds an identity of this role (its key or its first key set version)."""
         return self.key_path.exists() or self.keyset_path(1).exists()
 
-    def load_existing(self, party_id: str, now: datetime) -> Identity:
-        """As `load`, but NoIdentityError where there is no identity yet: never creates one."""
+    def require(self) -> None:
+        """NoIdentityError unless the state directory holds an identity of this role; reads and writes nothing."""
         self._check_directory()
         if not self.exists():
             where = "does not exist" if not self.state_dir.exists() else f"holds no {self.key_path.name}"
             raise NoIdentityError(f"the state directory {self.state_dir} {where}: no {self.role} identity there")
+
+    def load_existing(self, party_id: str, now: datetime) -> Identity:
+        """As `load`, but NoIdentityError where there is no identity yet: never creates one."""
+        self.require()
         return self.load(party_id, now)
 
     def load(self, party_id: str, now: datetime) -> Identity:

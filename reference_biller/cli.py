@@ -359,8 +359,8 @@ def _rotate_key(args: argparse.Namespace, out: Console) -> int:
     config, state_dir = resolved
     identities = identity_dir(state_dir)
     try:
-        identities.load_existing(config.party_id, SystemClock().now())  # NoIdentityError before any file is made
-        with exclusive_lock(state_dir):  # StateDirInUse while a biller serves it
+        identities.require()  # NoIdentityError before any file is made (the lock's included)
+        with exclusive_lock(state_dir):  # StateDirInUse while a biller serves it; nothing written before
             rotated = identities.rotate(config.party_id, SystemClock().now())
     except NoIdentityError as error:
         _no_identity(out, error)

@@ -75,6 +75,7 @@ from agent.tools.demo import run as run_demo
 from agent.tools.fuzz_command import add_fuzz_command
 from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
+from agent.vectors import add_vectors_command
 from reference_biller import sample
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.service import RunningBiller, SteppableClock, open_biller, rotate_identity, run_biller
@@ -511,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(commands)  # parley bench
     add_chaos_command(commands)  # parley chaos
     add_fuzz_command(commands)  # parley fuzz
+    add_vectors_command(commands)  # parley vectors
     return parser
 
 

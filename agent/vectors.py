@@ -8,13 +8,19 @@ judged by the same code paths the agents use:
   set chain, the recipient, the payload types accepted and a reception time;
 - "keyset":  a chain of key set envelopes verified with an optional pin;
 - "bundle":  a parley-bundle/1 document verified offline.
+
+`parley vectors --out FILE` publishes the document, `--schema` its JSON Schema
+(agent/data/vectors.schema.json), for implementers who do not read Python.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from datetime import datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from agent.protocol.agreement import Bundle, verify_bundle
@@ -27,10 +33,23 @@ SCHEMA = "parley-vectors/1"
 Verdict = tuple[str, str | None]
 
 
+def _data_text(name: str) -> str:
+    return resources.files("agent").joinpath(f"data/{name}").read_text(encoding="utf-8")
+
+
+def document_text() -> str:
+    """The vector document shipped with this package, byte for byte as generated."""
+    return _data_text("vectors.json")
+
+
+def schema_text() -> str:
+    """The JSON Schema (draft 2020-12) of the vector document."""
+    return _data_text("vectors.schema.json")
+
+
 def load() -> dict[str, Any]:
     """The vector document shipped with this package."""
-    text = resources.files("agent").joinpath("data/vectors.json").read_text(encoding="utf-8")
-    document: dict[str, Any] = json.loads(text)
+    document: dict[str, Any] = json.loads(document_text())
     if document.get("schema") != SCHEMA:
         raise ValueError(f"vectors.json is not {SCHEMA}")
     return document
@@ -71,3 +90,33 @@ def judge(case: dict[str, Any], document: dict[str, Any]) -> Verdict:
     except ProtocolError as error:
         return "invalid", error.reason.name
     return "valid", None
+
+
+def _export(args: argparse.Namespace, _out: object) -> int:
+    """`parley vectors`: write the shipped document (or its schema) unchanged to --out, or to stdout."""
+    text = schema_text() if args.schema else document_text()
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.out).write_text(text, encoding="utf-8")
+    except OSError as error:
+        print(f"parley vectors: cannot write {args.out}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_vectors_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `parley vectors` on the `parley` command's subparsers."""
+    command = commands.add_parser(
+        "vectors",
+        help="write the test vectors (docs/VECTORS.md) or their JSON Schema",
+        description="Write the shipped test vector document (parley-vectors/1), or with --schema its JSON Schema, "
+        "exactly as shipped in this package.",
+    )
+    command.add_argument("--out", metavar="FILE", help="file to write (default: standard output)")
+    command.add_argument("--schema", action="store_true", help="write the JSON Schema instead of the vectors")
+    command.set_defaults(handler=_export)
+
+
+__all__ = ["SCHEMA", "Verdict", "add_vectors_command", "document_text", "judge", "load", "schema_text"]

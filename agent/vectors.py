@@ -99,7 +99,7 @@ def _export(args: argparse.Namespace, _out: object) -> int:
         sys.stdout.write(text)
         return 0
     try:
-        Path(args.out).write_text(text, encoding="utf-8")
+        Path(args.out).write_text(text, encoding="utf-8", newline="")
     except OSError as error:
         print(f"parley vectors: cannot write {args.out}: {error}", file=sys.stderr)
         return 2

@@ -1373,6 +1373,20 @@ def parsing_cases() -> None:
         offer.payload + b"\x9b\x06\x08\x01",
         "MALFORMED_PAYLOAD",
     )
+    raw_case(
+        "parse-end-group-without-start",
+        "An end-group tag for field 99 with no group open.",
+        "ENV-14",
+        offer.payload + b"\x9c\x06",
+        "MALFORMED_PAYLOAD",
+    )
+    raw_case(
+        "parse-field-number-zero",
+        "A varint at field number 0, which protobuf never allows.",
+        "ENV-14",
+        offer.payload + b"\x00\x01",
+        "MALFORMED_PAYLOAD",
+    )
 
 
 def document() -> dict[str, object]:

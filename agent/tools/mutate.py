@@ -372,9 +372,10 @@ def run_mutant(mutant: Mutant | None, suite: Suite, *, timeout: float = 600.0, s
             return result("STALE", str(error))
         except (HarnessError, subprocess.SubprocessError, OSError) as error:
             return result("ERROR", str(error), file)
-        summary = str(report.get("summary", ""))
+        counts = report.get("summary", {})
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) if isinstance(counts, dict) else ""
         if status == EXIT_OK:
-            return result("SURVIVED", summary, file)
+            return result("SURVIVED", f"the suite passed: {summary}", file)
         if status == SUITE_EXIT_FAILED:
             return result("KILLED", summary, file, failed_cases(report))
         return result("ERROR", f"the suite exited {status}: {tail(work / 'suite.log')}", file)
@@ -432,7 +433,8 @@ def show(result: MutantResult, out: Console) -> None:
     }[label]
     out.print(
         f"[{style}]{label:<10}[/{style}] {escape(result.id)} ({result.suite}, breaks {result.breaks}, "
-        f"{result.seconds:.1f} s){' [quick]' if result.quick else ''}: {escape(why)}"
+        f"{result.seconds:.1f} s){' [quick]' if result.quick else ''}: {escape(why)}",
+        soft_wrap=True,  # one line per mutant, whatever the terminal's width: logs are grepped
     )
 
 
@@ -494,7 +496,7 @@ def _run(args: argparse.Namespace, out: Console) -> int:
             out.print(f"  {escape(result.id)}: breaks {result.breaks}")
     duration = time.monotonic() - started
     for suite in suites:
-        out.print(f"summary: {summary.line(suite)}")
+        out.print(f"summary: {summary.line(suite)}", soft_wrap=True)
     out.print(
         f"summary: {len(results)} mutants in {duration:.0f} s; {len(stale)} stale (of all {len(mutants)}); "
         f"quick-set survivors: {len(quick_survivors)}: {'FAILED' if failed else 'OK'}"

@@ -433,7 +433,7 @@ def show(result: MutantResult, out: Console) -> None:
     }[label]
     out.print(
         f"[{style}]{label:<10}[/{style}] {escape(result.id)} ({result.suite}, breaks {result.breaks}, "
-        f"{result.seconds:.1f} s){' [quick]' if result.quick else ''}: {escape(why)}",
+        f"{result.seconds:.1f} s){escape(' [quick]') if result.quick else ''}: {escape(why)}",
         soft_wrap=True,  # one line per mutant, whatever the terminal's width: logs are grepped
     )
 
@@ -443,6 +443,10 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         mutants = load_mutants(Path(args.mutants_dir))
     except UnusableMutants as error:
         out.print(f"[red]unusable mutant data:[/red] {escape(str(error))}")
+        return EXIT_UNUSABLE
+    if not mutants:
+        where = escape(args.mutants_dir)
+        out.print(f"[red]no mutant data in {where}[/red] (parley mutate runs from a source checkout)")
         return EXIT_UNUSABLE
     stale = check_anchors(mutants)  # every mutant, whatever is selected: a refactor shows up at once
     chosen = select(mutants, args.only, args.quick, args.suite)

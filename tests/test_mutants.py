@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.tools import mutate
 from agent.tools.mutate import (
     SOURCE_ROOT,
     Mutant,
@@ -127,3 +128,35 @@ def test_a_known_mutant_is_killed_end_to_end() -> None:
     assert result.outcome == "KILLED", result
     assert result.file == "agent/protocol/messages.py"
     assert any(case.startswith("HDR-3/") for case in result.killed_by), result.killed_by
+
+
+@pytest.mark.parametrize(
+    ("status", "report", "outcome"),
+    [
+        (0, {"summary": {"PASS": 3}}, "SURVIVED"),
+        (1, {"cases": [{"id": "HDR-3/wrong-sender", "outcome": "FAIL"}]}, "KILLED"),
+        (1, {}, "ERROR"),  # exit 1 with no FAIL: the judge crashed, which is no verdict
+        (2, {}, "ERROR"),  # the target was unreachable
+    ],
+)
+def test_the_suite_exit_and_report_decide_the_outcome(
+    monkeypatch: pytest.MonkeyPatch, status: int, report: dict[str, object], outcome: str
+) -> None:
+    monkeypatch.setitem(mutate.JUDGES, "biller", lambda copy, work, timeout, jobs: (status, report))
+    known = next(m for m in load_mutants() if m.id == KNOWN_KILLED)
+    assert run_mutant(known, "biller").outcome == outcome
+
+
+def test_a_killed_mutant_documented_as_equivalent_fails_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a refactor makes an 'equivalent' mutant observable, the run says its documentation is wrong."""
+    (tmp_path / "one.toml").write_text(
+        '[[mutant]]\nid = "now-reached"\nsuite = "biller"\nbreaks = "HDR-3"\ntarget = "agent/protocol/messages.py"\n'
+        "find = '''if header.sender != sender_keys.party_id:'''\nreplace = '''if not header.sender:'''\n"
+        'description = "d"\nequivalent = "unreached, once"\n'
+    )
+    killed = (1, {"cases": [{"id": "HDR-3/wrong-sender", "outcome": "FAIL"}]})
+    monkeypatch.setitem(mutate.JUDGES, "biller", lambda copy, work, timeout, jobs: killed)
+    assert main(["mutate", "--no-baseline", "--mutants-dir", str(tmp_path)]) == 1
+    assert "documented as equivalent" in capsys.readouterr().out

@@ -17,8 +17,9 @@ Outcomes: KILLED (the suite failed a case), SURVIVED (the suite passed: a missin
 equivalent mutant, documented with `equivalent = "why"`), STALE (the anchor no longer matches once),
 ERROR (the mutant could not be judged: the implementation did not start, the suite could not run).
 
-Exit codes: 0 nothing wrong; 1 a mutant of the quick set survived, or any mutant is stale or in error;
-2 unusable options, no mutant selected, or the unmutated baseline does not pass its suite.
+Exit codes: 0 nothing wrong; 1 a mutant of the quick set survived, any mutant is stale or in error, or
+one documented as equivalent was killed (its documentation is out of date); 2 unusable options, no mutant
+selected, or the unmutated baseline does not pass its suite.
 """
 
 from __future__ import annotations
@@ -376,8 +377,9 @@ def run_mutant(mutant: Mutant | None, suite: Suite, *, timeout: float = 600.0, s
         summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items()) if isinstance(counts, dict) else ""
         if status == EXIT_OK:
             return result("SURVIVED", f"the suite passed: {summary}", file)
-        if status == SUITE_EXIT_FAILED:
-            return result("KILLED", summary, file, failed_cases(report))
+        failed = failed_cases(report)
+        if status == SUITE_EXIT_FAILED and failed:  # exit 1 without a FAIL is a crash of the judge, not a verdict
+            return result("KILLED", summary, file, failed)
         return result("ERROR", f"the suite exited {status}: {tail(work / 'suite.log')}", file)
 
 
@@ -493,11 +495,15 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         summary.add(result)
     quick_survivors = [r.id for r in results if r.outcome == "SURVIVED" and r.quick and not r.equivalent]
     survivors = [r for r in results if r.outcome == "SURVIVED" and not r.equivalent]
-    failed = bool(quick_survivors or stale or any(r.outcome == "ERROR" for r in results))
+    # Documented as equivalent yet killed: the documentation is wrong now (the code moved on); keep the data honest.
+    wrongly_equivalent = [r.id for r in results if r.outcome == "KILLED" and r.equivalent]
+    failed = bool(quick_survivors or stale or wrongly_equivalent or any(r.outcome == "ERROR" for r in results))
     if survivors:
         out.print("survivors (a missing case, or document the mutant as equivalent):")
         for result in survivors:
             out.print(f"  {escape(result.id)}: breaks {result.breaks}")
+    for mutant_id in wrongly_equivalent:
+        out.print(f"[red]killed, yet documented as equivalent:[/red] {escape(mutant_id)}: remove its `equivalent`")
     duration = time.monotonic() - started
     for suite in suites:
         out.print(f"summary: {summary.line(suite)}", soft_wrap=True)
@@ -530,8 +536,9 @@ def add_mutate_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="mutation-test the conformance suites: each mutant must make its suite fail",
         description="Apply each mutant (agent/conformance/mutants/*.toml) to a copy of the source tree, run the "
         "implementation from the copy and its conformance suite from this tree, and report each mutant KILLED, "
-        "SURVIVED, STALE or ERROR. Exit codes: 0 nothing wrong; 1 a quick-set mutant survived, or a mutant is "
-        "stale or in error; 2 unusable options or data, or the unmutated baseline fails.",
+        "SURVIVED, STALE or ERROR. Exit codes: 0 nothing wrong; 1 a quick-set mutant survived, a mutant is "
+        "stale or in error, or one documented as equivalent was killed; 2 unusable options or data, or the "
+        "unmutated baseline fails.",
     )
     mutate.add_argument("--only", metavar="IDS", help="comma-separated mutant ids (globs) or requirement ids")
     mutate.add_argument("--suite", choices=SUITES, help="only the mutants judged by this suite")

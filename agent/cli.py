@@ -60,6 +60,7 @@ from agent.tools.demo import add_demo_command
 from agent.tools.fuzz_command import add_fuzz_command
 from agent.tools.json_output import json_on_stdout
 from agent.tools.keygen import add_keygen_command
+from agent.tools.mutate import add_mutate_command
 from agent.tools.vectors_command import add_vectors_command
 from agent.tools.verify import add_verify_command
 from agent.version import __version__
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_command(commands)  # parley bench
     add_chaos_command(commands)  # parley chaos
     add_fuzz_command(commands)  # parley fuzz
+    add_mutate_command(commands)  # parley mutate (agent/tools/mutate.py)
     return parser
 
 

@@ -1,7 +1,9 @@
 """The `parley` command line: it only composes the commands, each defined beside what it runs.
 
     parley --version                print Parley's version (agent/version.py)
-    parley demo [--out DIR] [--json FILE]
+    parley --debug COMMAND ...      show the full trace of an unexpected error (by default: one line, and
+                                    the trace written to a file whose path that line names)
+    parley demo [--out DIR] [--json | --json-out FILE]
                                     two billers, six households, three simulated months over gRPC + TLS;
                                     every agreement bundle written and verified offline (agent/tools/demo.py)
     parley keygen --out FILE        make an Ed25519 signing key, mode 0600 (agent/tools/keygen.py)
@@ -11,7 +13,7 @@
                                     verify an agreement bundle offline (agent/tools/verify.py)
     parley vectors [--out FILE] [--json]
                                     judge the shipped test vectors, or write them out (agent/tools/vectors_command.py)
-    parley biller serve | codes | rotate-key | check-config
+    parley biller init | serve | codes | rotate-key | check-config
                                     the reference biller (reference_biller/cli.py)
     parley consumer run --config FILE [--state-dir DIR] [--once] [--approve-all | --deny-all]
                                     the reference consumer bot for one household (reference_consumer/runner.py)
@@ -26,15 +28,27 @@
 
 Each module registers its command with an `add_..._command(s)` function whose
 handler takes the parsed arguments and a Rich console and returns the exit
-status. The library (agent/protocol, biller, consumer, stores, transport) never
+status: 0 done, 1 failed (or the verdict is negative), 2 unusable input or bad
+usage. A handler reports the mistakes it expects in one line; anything that
+escapes it is caught here, said in one line with the path of a file holding the
+full trace (exit 1), and shown whole only with `--debug`. `--json` means one
+thing everywhere: JSON on stdout (the console then speaks on stderr);
+`--json-out FILE` writes it to a file instead (agent/tools/json_output.py).
+When the output is not a terminal it is not cut at 80 columns.
+
+The library (agent/protocol, biller, consumer, stores, transport) never
 imports this module, the tools or the reference apps: they sit above it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -44,7 +58,9 @@ from agent.tools.certs import add_certs_command
 from agent.tools.chaos import add_chaos_command
 from agent.tools.demo import add_demo_command
 from agent.tools.fuzz_command import add_fuzz_command
+from agent.tools.json_output import json_on_stdout
 from agent.tools.keygen import add_keygen_command
+from agent.tools.mutate import add_mutate_command
 from agent.tools.vectors_command import add_vectors_command
 from agent.tools.verify import add_verify_command
 from agent.version import __version__
@@ -55,28 +71,82 @@ from reference_consumer.runner import add_consumer_commands
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parley", description="Parley: bots settling bills with bots.")
     parser.add_argument("--version", action="version", version=f"parley {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full trace of an unexpected error (also after the command)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_keygen_command(commands)  # parley keygen
     add_verify_command(commands)  # parley verify
     add_vectors_command(commands)  # parley vectors
     add_demo_command(commands)  # parley demo
     add_certs_command(commands)  # parley certs
-    add_biller_commands(commands)  # parley biller serve | codes | rotate-key | check-config
+    add_biller_commands(commands)  # parley biller init | serve | codes | rotate-key | check-config
     add_consumer_commands(commands)  # parley consumer run
     add_conformance_commands(commands)  # parley conformance biller | consumer
     add_bench_command(commands)  # parley bench
     add_chaos_command(commands)  # parley chaos
     add_fuzz_command(commands)  # parley fuzz
+    add_mutate_command(commands)  # parley mutate (agent/tools/mutate.py)
     return parser
 
 
+WIDE_OUTPUT_COLUMNS = 200
+"""Console width when the output is a file or a pipe: Rich would otherwise cut lines at 80 columns, splitting
+fingerprints and table cells that scripts and logs need whole."""
+
+EXIT_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+def _console(on_stderr: bool) -> Console:
+    """Rich output on stdout, or on stderr when stdout carries JSON; wide and unwrapped when not a terminal."""
+    console = Console(stderr=on_stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=on_stderr, width=WIDE_OUTPUT_COLUMNS, soft_wrap=True)
+
+
+def _write_trace(error: BaseException) -> Path | None:
+    """The full trace of `error` in a new file of the temporary directory; None if even that fails."""
+    trace = "".join(traceback.format_exception(error))
+    try:
+        descriptor, name = tempfile.mkstemp(prefix="parley-error-", suffix=".txt")
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(f"parley {__version__}: {' '.join(sys.argv)}\n{trace}")
+    except OSError:
+        return None
+    return Path(name)
+
+
+def _unexpected(error: BaseException, debug: bool) -> int:
+    """One line for an error no handler expected: what it was and where its trace went (or the trace itself)."""
+    if debug:
+        traceback.print_exception(error)
+    summary = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
+    if debug:
+        print(f"parley: unexpected error: {summary}", file=sys.stderr)
+        return EXIT_FAILED
+    written = _write_trace(error)
+    where = f"the full trace is in {written}" if written else "run again with --debug for the full trace"
+    print(f"parley: unexpected error: {summary} ({where}; please report it)", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in arguments  # accepted before or after the command
+    arguments = [argument for argument in arguments if argument != "--debug"]
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(arguments)
     except SystemExit as exit_:  # argparse exits 2 on bad usage, which is our "unusable input" too
         return int(exit_.code or 0)
-    status: int = args.handler(args, Console(stderr=bool(getattr(args, "json", False))))
+    try:
+        status: int = args.handler(args, _console(json_on_stdout(args)))
+    except KeyboardInterrupt:
+        print("parley: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # the last line of defence: one line, never a raw trace by default
+        return _unexpected(error, debug)
     return status
 
 

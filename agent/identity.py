@@ -15,10 +15,13 @@ Both reference agents keep their identity the same way (`role` is "biller" or
   is written.
 
 `load` creates the key and version 1 on first use and renews a key set close to
-its expiry as the next version, signed by the current key (KEY-9); `rotate`
-replaces the key while keeping the identity (KEY-17). Both refuse a state
-directory that holds another party's identity or a key set that does not list
-the key (`IdentityError`, a ValueError).
+its expiry as the next version, signed by the current key (KEY-9);
+`load_existing` does the same but never creates an identity (`NoIdentityError`:
+offline commands must not mint a new identity in a mistyped directory); `rotate`
+replaces the key while keeping the identity (KEY-17) and, like
+`load_existing`, needs one to exist. All refuse a state directory that holds
+another party's identity, a key set that does not list the key, unreadable key
+set files or a path that is not a directory (`IdentityError`, a ValueError).
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from google.protobuf.message import DecodeError
 
 from agent.protocol.errors import ProtocolError
-from agent.protocol.keys import SigningKey
+from agent.protocol.keys import InsecureKeyFileError, SigningKey
 from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
 from parley.v1 import envelope_pb2
 
@@ -57,6 +61,10 @@ class OtherPartyError(IdentityError):
     def __init__(self, message: str, held_by: str) -> None:
         super().__init__(message)
         self.held_by = held_by
+
+
+class NoIdentityError(IdentityError):
+    """The state directory holds no identity of this role (or does not exist): nothing to load, rotate or use."""
 
 
 @dataclass(frozen=True)
@@ -86,11 +94,28 @@ class IdentityDir:
     def keyset_path(self, version: int) -> Path:
         return self.state_dir / f"{self.role}-keyset-v{version}.pb"
 
+    def exists(self) -> bool:
+        """Whether the state directory holds an identity of this role (its key or its first key set version)."""
+        return self.key_path.exists() or self.keyset_path(1).exists()
+
+    def require(self) -> None:
+        """NoIdentityError unless the state directory holds an identity of this role; reads and writes nothing."""
+        self._check_directory()
+        if not self.exists():
+            where = "does not exist" if not self.state_dir.exists() else f"holds no {self.key_path.name}"
+            raise NoIdentityError(f"the state directory {self.state_dir} {where}: no {self.role} identity there")
+
+    def load_existing(self, party_id: str, now: datetime) -> Identity:
+        """As `load`, but NoIdentityError where there is no identity yet: never creates one."""
+        self.require()
+        return self.load(party_id, now)
+
     def load(self, party_id: str, now: datetime) -> Identity:
         """The identity from the state directory, created on first use, renewed near expiry.
 
         A rotation cut short is finished (its version was written) or undone (it was not).
         """
+        self._check_directory()
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         chain = self._read_chain()
         if not self.key_path.exists():
@@ -100,7 +125,7 @@ class IdentityDir:
             logger.info("new signing key %s", self.key_path)
         if chain is not None:
             self._finish_rotation(chain)
-        key = SigningKey.load(self.key_path)
+        key = self._load_key(self.key_path)
         if chain is None:
             version_1 = self._new_version(key, party_id, None, now)
             self._write_new(self.keyset_path(1), version_1.SerializeToString())
@@ -152,7 +177,7 @@ class IdentityDir:
         The next renewal drops the old key. Run it while no process uses the state directory (they read the
         key when they start); a crash part-way is finished or undone by the next `load`.
         """
-        current = self.load(party_id, now)
+        current = self.load_existing(party_id, now)
         entry = current.chain.latest.entry(current.key.keyid)
         assert entry is not None  # load checked that the newest version lists the key
         new_key = SigningKey.generate()
@@ -170,6 +195,22 @@ class IdentityDir:
         )
         return Identity(new_key, rotated)
 
+    @staticmethod
+    def _load_key(path: Path) -> SigningKey:
+        """The key in `path`; IdentityError (one line) when the file is not a usable private key."""
+        try:
+            return SigningKey.load(path)
+        except InsecureKeyFileError:
+            raise  # already says what to run (chmod 600)
+        except (ValueError, UnsupportedAlgorithm) as error:
+            raise IdentityError(
+                f"{path} is not a usable Ed25519 private key (PKCS#8 PEM): restore it from a backup"
+            ) from error
+
+    def _check_directory(self) -> None:
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise IdentityError(f"the state directory {self.state_dir} is a file, not a directory")
+
     def _read_chain(self) -> KeyChain | None:
         envelopes: list[envelope_pb2.Envelope] = []
         try:
@@ -183,7 +224,7 @@ class IdentityDir:
         """A rotation's new key becomes the key once a written version lists it; otherwise it is discarded."""
         if not self.next_key_path.exists():
             return
-        if chain.latest.entry(SigningKey.load(self.next_key_path).keyid) is not None:
+        if chain.latest.entry(self._load_key(self.next_key_path).keyid) is not None:
             os.replace(self.next_key_path, self.key_path)
             logger.info("finished the key rotation of key set version %d", chain.latest.version)
         else:
@@ -228,5 +269,6 @@ __all__ = [
     "Identity",
     "IdentityDir",
     "IdentityError",
+    "NoIdentityError",
     "OtherPartyError",
 ]

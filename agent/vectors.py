@@ -8,6 +8,9 @@ judged by the same code paths the agents use:
   set chain, the recipient, the payload types accepted and a reception time;
 - "keyset":  a chain of key set envelopes verified with an optional pin;
 - "bundle":  a parley-bundle/1 document verified offline.
+
+`parley vectors --out FILE` publishes the document, `--schema` its JSON Schema
+(agent/data/vectors.schema.json), for implementers who do not read Python.
 """
 
 from __future__ import annotations
@@ -27,10 +30,23 @@ SCHEMA = "parley-vectors/1"
 Verdict = tuple[str, str | None]
 
 
+def _data_text(name: str) -> str:
+    return resources.files("agent").joinpath(f"data/{name}").read_text(encoding="utf-8")
+
+
+def document_text() -> str:
+    """The vector document shipped with this package, byte for byte as generated."""
+    return _data_text("vectors.json")
+
+
+def schema_text() -> str:
+    """The JSON Schema (draft 2020-12) of the vector document."""
+    return _data_text("vectors.schema.json")
+
+
 def load() -> dict[str, Any]:
     """The vector document shipped with this package."""
-    text = resources.files("agent").joinpath("data/vectors.json").read_text(encoding="utf-8")
-    document: dict[str, Any] = json.loads(text)
+    document: dict[str, Any] = json.loads(document_text())
     if document.get("schema") != SCHEMA:
         raise ValueError(f"vectors.json is not {SCHEMA}")
     return document
@@ -71,3 +87,6 @@ def judge(case: dict[str, Any], document: dict[str, Any]) -> Verdict:
     except ProtocolError as error:
         return "invalid", error.reason.name
     return "valid", None
+
+
+__all__ = ["SCHEMA", "Verdict", "document_text", "judge", "load", "schema_text"]

@@ -1,4 +1,7 @@
-"""The reference biller's commands: `parley biller serve | codes | rotate-key | check-config`.
+"""The reference biller's commands: `parley biller init | serve | codes | rotate-key | check-config`.
+
+    parley biller init --state-dir DIR [--config FILE]
+                                    create the biller's identity (key and key set version 1) without serving
 
     parley biller serve --listen HOST:PORT [--config FILE] [--state-dir DIR] [--store PATH|URL]
                         [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure]
@@ -10,15 +13,18 @@
     parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--endpoint HOST:PORT] [--json]
                                     issue enrolment codes for the configured accounts
     parley biller rotate-key --state-dir DIR [--config FILE]
-                                    replace the biller's signing key, keeping its identity (biller stopped)
+                                    replace the biller's signing key, keeping its identity; refused while a
+                                    biller serves the directory (its serve.lock is held)
     parley biller check-config FILE validate a reference biller configuration
 
 Serve options: flag > PARLEY_* environment variable > the config file's [server]
 table > default (reference_biller/settings.py, docs/OPERATIONS.md).
 
-`check-config` exits 0 (OK) or 1 (the error names the key); `serve` and `codes`
-exit 2 on an invalid configuration or bad usage and 1 when the biller fails;
-`serve` runs until SIGTERM or SIGINT and exits 0. `agent/cli.py` composes these
+`check-config` exits 0 (OK) or 1 (the error names the key); the others exit 2
+on an invalid configuration or bad usage and 1 when the biller fails; `serve`
+runs until SIGTERM or SIGINT and exits 0. Only `serve` and `init` create an
+identity: `codes` and `rotate-key` refuse a state directory without one (exit
+2), so a mistyped `--state-dir` never prints codes under a new fingerprint. `agent/cli.py` composes these
 commands into `parley`, as it does the reference consumer's
 (`reference_consumer/runner.py`).
 """
@@ -32,10 +38,13 @@ import json
 import signal
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 from rich.markup import escape
 
 from agent.clock import Clock, SystemClock
+from agent.identity import IdentityError, NoIdentityError
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
@@ -43,7 +52,14 @@ from reference_biller import sample
 from reference_biller.backoffice_cli import add_backoffice_commands
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.console.cli import add_console_command
-from reference_biller.service import RunningBiller, SteppableClock, identity_dir, open_biller, run_biller
+from reference_biller.service import (
+    RunningBiller,
+    SteppableClock,
+    exclusive_lock,
+    identity_dir,
+    open_biller,
+    run_biller,
+)
 from reference_biller.settings import (
     ServeSettings,
     SettingsError,
@@ -69,6 +85,7 @@ def _biller_config(args: argparse.Namespace, out: Console) -> BillerConfig | Non
 def _check_config(args: argparse.Namespace, out: Console) -> int:
     try:
         config = load_config(Path(args.file))
+        _check_server_files(config)
     except ConfigError as error:
         out.print(f"[bold red]INVALID[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_FAILED
@@ -79,6 +96,23 @@ def _check_config(args: argparse.Namespace, out: Console) -> int:
         soft_wrap=True,
     )
     return EXIT_OK
+
+
+def _check_server_files(config: BillerConfig) -> None:
+    """ConfigError unless the [server] table's TLS files are what `serve` would load (paths as serve reads them:
+    relative to the working directory)."""
+    server = config.server
+    try:
+        if server.tls_cert is not None and server.tls_key is not None:
+            cert, key = Path(server.tls_cert), Path(server.tls_key)
+            _check_tls_pair(cert, cert.read_bytes(), key, key.read_bytes())
+        if server.tls_client_ca is not None:
+            client_ca = Path(server.tls_client_ca)
+            _certificates(client_ca, client_ca.read_bytes())
+    except OSError as error:
+        raise ConfigError(f"[server]: cannot read {error.filename}: {error.strerror}") from error
+    except ValueError as error:
+        raise ConfigError(f"[server]: {error}") from error
 
 
 def _failed(out: Console, message: str) -> None:
@@ -99,7 +133,30 @@ def _tls_files(settings: ServeSettings, insecure: bool) -> tuple[bytes, bytes] |
         if not is_loopback(host):
             raise ValueError(f"plaintext is allowed only on a loopback address (TRN-2), not {host!r}: use TLS")
         return None
-    return settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
+    certificate, key = settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
+    _check_tls_pair(settings.tls_cert, certificate, settings.tls_key, key)
+    return certificate, key
+
+
+def _certificates(path: Path, pem: bytes) -> list[x509.Certificate]:
+    """The PEM certificates in `pem`; ValueError naming `path` if there are none (gRPC would only say
+    "Failed to bind to address")."""
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ValueError(f"{path} is not a readable certificate: expected PEM (-----BEGIN CERTIFICATE-----)") from None
+
+
+def _check_tls_pair(cert_path: Path, certificate: bytes, key_path: Path, key_pem: bytes) -> None:
+    """ValueError unless the files hold a PEM certificate chain and the unencrypted PEM key that goes with it."""
+    leaf = _certificates(cert_path, certificate)[0]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):  # TypeError: the key is encrypted
+        raise ValueError(f"{key_path} is not a readable private key: expected an unencrypted PEM key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise ValueError(f"{key_path} is not the key of the certificate in {cert_path}: give the matching pair")
 
 
 def _print_ready(running: RunningBiller) -> None:
@@ -161,6 +218,8 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
         settings = resolve_serve(vars(args), config.server)
         tls = _tls_files(settings, args.insecure)
         client_ca = None if settings.tls_client_ca is None else settings.tls_client_ca.read_bytes()
+        if settings.tls_client_ca is not None and client_ca is not None:
+            _certificates(settings.tls_client_ca, client_ca)
         if settings.otel:
             server_interceptors()  # TracingUnavailable now, before anything is opened
     except (TracingUnavailable, ValueError) as error:
@@ -173,10 +232,13 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
     install_uvloop()
     try:
         asyncio.run(_serve_until_signalled(args, config, settings, tls, client_ca))
+    except IdentityError as error:  # another party's identity, a corrupt key or key set
+        _failed(out, f"the biller cannot use its state directory: {error}")
+        return EXIT_FAILED
     except ValueError as error:  # TRN-2 and other refusals before serving
         _failed(out, str(error))
         return EXIT_UNUSABLE
-    except (OSError, RuntimeError) as error:  # e.g. the port is taken
+    except (OSError, RuntimeError) as error:  # the port is taken, the store unreachable...
         _failed(out, f"the biller failed: {error}")
         return EXIT_FAILED
     return EXIT_OK
@@ -185,7 +247,7 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
 async def _issue_codes(
     args: argparse.Namespace, config: BillerConfig, state_dir: Path, store_location: str | None
 ) -> None:
-    biller = await open_biller(config, state_dir, SystemClock(), store_location=store_location)
+    biller = await open_biller(config, state_dir, SystemClock(), store_location=store_location, create_identity=False)
     try:
         codes = await sample.issue_codes(biller.agent, config)
     finally:
@@ -228,10 +290,14 @@ def _biller_state(args: argparse.Namespace, out: Console) -> tuple[BillerConfig,
     if config is None:
         return None
     try:
-        return config, resolve_state_dir(args.state_dir, config.server)
+        state_dir = resolve_state_dir(args.state_dir, config.server)
     except SettingsError as error:
         _failed(out, str(error))
         return None
+    if state_dir.exists() and not state_dir.is_dir():
+        _failed(out, f"the state directory {state_dir} is a file, not a directory: give the biller's state directory")
+        return None
+    return config, state_dir
 
 
 def _codes(args: argparse.Namespace, out: Console) -> int:
@@ -246,9 +312,45 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
         return EXIT_UNUSABLE
     try:
         asyncio.run(_issue_codes(args, config, state_dir, store_location))
+    except NoIdentityError as error:
+        _no_identity(out, error)
+        return EXIT_UNUSABLE
     except (OSError, ValueError) as error:
         _failed(out, f"cannot issue codes: {error}")
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _no_identity(out: Console, error: NoIdentityError) -> None:
+    _failed(
+        out,
+        f"{error}; nothing was created. Give the serving biller's --state-dir (PARLEY_STATE_DIR), "
+        "or create an identity with `parley biller init --state-dir DIR` (or `parley biller serve`)",
+    )
+
+
+def _init(args: argparse.Namespace, out: Console) -> int:
+    resolved = _biller_state(args, out)
+    if resolved is None:
+        return EXIT_UNUSABLE
+    config, state_dir = resolved
+    identities = identity_dir(state_dir)
+    try:
+        if identities.exists():
+            held = identities.load_existing(config.party_id, SystemClock().now())
+            _failed(
+                out,
+                f"{state_dir} already holds {held.chain.party_id}'s identity "
+                f"(fingerprint {held.chain.fingerprint.hex()}): nothing changed",
+            )
+            return EXIT_FAILED
+        created = identities.load(config.party_id, SystemClock().now())
+    except (OSError, ValueError) as error:
+        _failed(out, f"cannot create the identity: {error}")
+        return EXIT_FAILED
+    print(f"biller      {config.party_id}")
+    print(f"fingerprint {created.chain.fingerprint.hex()}")
+    print(f"state       {state_dir} (biller.key, mode 0600, and key set version 1)")
     return EXIT_OK
 
 
@@ -257,8 +359,14 @@ def _rotate_key(args: argparse.Namespace, out: Console) -> int:
     if resolved is None:
         return EXIT_UNUSABLE
     config, state_dir = resolved
+    identities = identity_dir(state_dir)
     try:
-        rotated = identity_dir(state_dir).rotate(config.party_id, SystemClock().now())
+        identities.require()  # NoIdentityError before any file is made (the lock's included)
+        with exclusive_lock(state_dir):  # StateDirInUse while a biller serves it; nothing written before
+            rotated = identities.rotate(config.party_id, SystemClock().now())
+    except NoIdentityError as error:
+        _no_identity(out, error)
+        return EXIT_UNUSABLE
     except (OSError, ValueError) as error:
         _failed(out, f"cannot rotate the key: {error}")
         return EXIT_FAILED
@@ -280,6 +388,14 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "the store: a SQLite path or sqlite:///PATH, or postgresql://... shared by replicas "
         "(env PARLEY_STORE; default: biller.sqlite in the state directory)"
     )
+
+    init = actions.add_parser(
+        "init",
+        help="create the biller's identity (signing key and key set version 1) in a state directory, without serving",
+    )
+    init.add_argument("--config", help=config_help)
+    init.add_argument("--state-dir", help="the new biller's state directory (env PARLEY_STATE_DIR)")
+    init.set_defaults(handler=_init)
 
     serve = actions.add_parser(
         "serve",
@@ -340,7 +456,7 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
     rotate = actions.add_parser(
         "rotate-key",
-        help="replace the biller's signing key, keeping its identity (KEY-17); run it while the biller is stopped",
+        help="replace the biller's signing key, keeping its identity (KEY-17); refused while a biller serves it",
     )
     rotate.add_argument("--config", help=config_help)
     rotate.add_argument("--state-dir", help="the biller's state directory (env PARLEY_STATE_DIR)")

@@ -2,7 +2,15 @@
 
 Loading validates everything up front: an unknown key, a missing key, a wrong
 type or an amount that is not exact money in the biller's currency is a
-`ConfigError` naming the key, so a typo never silently changes a policy.
+`ConfigError` naming the key, so a typo never silently changes a policy. So is
+what `serve` would otherwise misread: an account id that is empty, longer than
+the protocol allows (MAX_ID_CHARS) or given twice; a `rail` other than the one
+the reference biller implements (`simulated`); an early-payment discount larger
+than the segment's smallest instalment (an incentive to pay early is a nudge of
+a few percent; anything larger is almost surely a misplaced digit, and the
+smallest payment the biller bothers to collect is a bound it already states);
+a listen address whose port is outside 0-65535. `parley biller check-config`
+runs exactly this, so it refuses everything `serve` would.
 
 The optional `[server]` table holds serve options (listen address, state
 directory, metrics address, log format and level, shutdown grace, TLS files,
@@ -23,11 +31,16 @@ from typing import Any, TypeVar
 from agent.listen import parse_listen
 from agent.logs import LOG_FORMATS, LOG_LEVELS
 from agent.protocol.errors import LocalProtocolError
+from agent.protocol.limits import MAX_ID_CHARS
 from agent.protocol.messages import is_party_id
 from agent.protocol.terms import Currency, Money
+from agent.stores import check_store_location
 
 T = TypeVar("T")
 SAMPLE = Path(__file__).with_name("sample.toml")
+RAILS = ("simulated",)
+"""The payment rails the reference biller implements (reference_biller/rail.py's RAIL_NAME)."""
+MAX_PORT = 65535
 
 
 class ConfigError(ValueError):
@@ -124,6 +137,15 @@ class BillerConfig:
         return self.segments["standard"] if "standard" in self.segments else next(iter(self.segments.values()))
 
 
+def check_listen(text: str) -> str:
+    """`text` if it is HOST:PORT with a port in 0-65535 (0: any free port); else ValueError saying which."""
+    port = text.rpartition(":")[2]
+    if port.isdigit() and int(port) > MAX_PORT:
+        raise ValueError(f"port {port} in {text!r} is out of range: a port is 0-{MAX_PORT} (0: any free port)")
+    parse_listen(text)
+    return text
+
+
 class _Table:
     """A TOML table read key by key; anything left unread is an unknown key."""
 
@@ -172,7 +194,16 @@ class _Table:
         value = self.optional(name, str)
         if value is not None:
             try:
-                parse_listen(value)
+                check_listen(value)
+            except ValueError as error:
+                raise ConfigError(f"{self.key(name)}: {error}") from error
+        return value
+
+    def store(self, name: str) -> str | None:
+        value = self.optional(name, str)
+        if value is not None:
+            try:
+                check_store_location(value)
             except ValueError as error:
                 raise ConfigError(f"{self.key(name)}: {error}") from error
         return value
@@ -184,11 +215,18 @@ class _Table:
         return value
 
     def money(self, name: str, currency: Currency, default: str | None = None) -> Money:
+        value = self.data.get(name, default)
+        if isinstance(value, int | float) and not isinstance(value, bool):  # a TOML number: maybe already inexact
+            raise ConfigError(
+                f'{self.key(name)}: write amounts as quoted decimal text, e.g. {name} = "{value}", '
+                f"not the TOML number {value!r} (numbers are not exact money)"
+            )
         text = self.get(name, str, default)
         try:
             return Money.parse(text, currency.code)
-        except LocalProtocolError as error:
-            raise ConfigError(f"{self.key(name)}: {text!r} is not an amount in {currency.code}") from error
+        except LocalProtocolError as error:  # keep the parser's reason: "has more than 2 decimals for EUR"...
+            reason = error.detail.removeprefix(f"{text!r} ").removeprefix("is ")
+            raise ConfigError(f"{self.key(name)}: {text!r} is not an amount in {currency.code} ({reason})") from error
 
     def table(self, name: str) -> _Table:
         self.read.add(name)
@@ -247,6 +285,11 @@ def _segment(name: str, t: _Table, currency: Currency) -> Segment:
         raise ConfigError(f"{t.key('instalment_min_interval_days')}: larger than instalment_max_interval_days")
     if segment.settlement_floor_percent > 100:
         raise ConfigError(f"{t.key('settlement_floor_percent')}: must be at most 100")
+    if segment.early_payment_discount > segment.instalment_min_amount:
+        raise ConfigError(
+            f"{t.key('early_payment_discount')}: {segment.early_payment_discount} is more than the segment's "
+            f"smallest instalment ({segment.instalment_min_amount}); an early-payment discount is a small nudge"
+        )
     return segment
 
 
@@ -254,7 +297,7 @@ def _server(t: _Table) -> ServerSettings:
     return ServerSettings(
         listen=t.address("listen"),
         state_dir=t.optional("state_dir", str),
-        store=t.optional("store", str),
+        store=t.store("store"),
         metrics_listen=t.address("metrics_listen"),
         log_format=t.choice("log_format", LOG_FORMATS),
         log_level=t.choice("log_level", LOG_LEVELS),
@@ -291,6 +334,10 @@ def parse_config(data: Mapping[str, Any]) -> BillerConfig:
             settlement_delay=timedelta(hours=t.natural("settlement_delay_hours", 24)),
         ),
     )
+    if payments.rail not in RAILS:
+        raise ConfigError(
+            f"payments.rail: {payments.rail!r} is not a rail this biller has: use one of {', '.join(RAILS)}"
+        )
     reminders = _each(
         root.table("reminders"),
         lambda t: Reminders(
@@ -314,7 +361,19 @@ def parse_config(data: Mapping[str, Any]) -> BillerConfig:
         _each(t, lambda t: Account(t.get("id", str), t.get("holder", str), t.get("segment", str, "standard")))
         for t in root.tables("accounts")
     )
+    first_index: dict[str, int] = {}
     for index, account in enumerate(accounts):
+        if not 1 <= len(account.account_id) <= MAX_ID_CHARS:
+            raise ConfigError(
+                f"accounts[{index}].id: {account.account_id!r} must be 1 to {MAX_ID_CHARS} characters "
+                "(the protocol's limit for ids)"
+            )
+        if account.account_id in first_index:
+            raise ConfigError(
+                f"accounts[{index}].id: {account.account_id!r} is already accounts[{first_index[account.account_id]}]"
+                "'s id: each account once"
+            )
+        first_index[account.account_id] = index
         if account.segment not in segments:
             raise ConfigError(f"accounts[{index}].segment: no segment named {account.segment!r}")
     server = _each(root.table("server"), _server)
@@ -328,6 +387,8 @@ def load_config(path: Path = SAMPLE) -> BillerConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}): save the file as UTF-8") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
     return parse_config(data)

@@ -18,6 +18,15 @@ due settlements (receipts and PAYMENT_RECEIVED), this month's sample bill for
 each enrolled configured account, the scheduler's reminders and
 missed-instalment handling, and (hourly) the agent's retention purge.
 
+A serving biller holds a shared `flock` on `serve.lock` in its state directory
+for its whole life (`serve_lock`; replicas sharing the directory share it);
+`parley biller rotate-key` takes it exclusively without waiting
+(`exclusive_lock`), so it refuses while any biller serves that directory (the
+serving process keeps its old key in memory, and what it signs after the
+rotation would no longer verify), and a biller does not start mid-rotation.
+A start that fails (port in use, unreachable store...) removes the state
+directory it had just created, so a retry with the right options starts clean.
+
 Serving follows docs/OPERATIONS.md: health says NOT_SERVING until the first
 upkeep round is done, then SERVING; `metrics_listen` serves the agent's
 Prometheus metrics over HTTP; leaving the `async with` block (SIGTERM in the
@@ -36,8 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import os
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -71,6 +83,7 @@ logger = logging.getLogger("parley.reference_biller")
 
 CONFORMANCE_FEATURE = "conformance-control"
 STORE_FILE = "biller.sqlite"
+SERVE_LOCK_FILE = "serve.lock"
 DEFAULT_INTERVAL = timedelta(seconds=5)
 PURGE_INTERVAL = timedelta(hours=1)
 
@@ -102,6 +115,41 @@ class SteppableClock:
 def identity_dir(state_dir: Path) -> IdentityDir:
     """Where the biller keeps its key and key set chain (agent/identity.py): `biller.key`, `biller-keyset-v<N>.pb`."""
     return IdentityDir(state_dir, "biller")
+
+
+class StateDirInUse(OSError):
+    """The state directory's `serve.lock` is held: a biller serves it (or a key rotation is under way)."""
+
+
+@contextlib.contextmanager
+def _flock(state_dir: Path, mode: int, busy: str) -> Iterator[None]:
+    descriptor = os.open(state_dir / SERVE_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateDirInUse(busy) from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def serve_lock(state_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Held while a biller serves `state_dir` (shared: replicas may share it); StateDirInUse during a rotation."""
+    return _flock(
+        state_dir,
+        fcntl.LOCK_SH,
+        f"{state_dir} is locked by a key rotation (parley biller rotate-key): start the biller once it is done",
+    )
+
+
+def exclusive_lock(state_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Held by an offline command that must not run beside a serving biller; StateDirInUse if one serves."""
+    return _flock(
+        state_dir,
+        fcntl.LOCK_EX,
+        f"a biller is serving {state_dir} ({SERVE_LOCK_FILE} is held): stop every biller using it first",
+    )
 
 
 # --- The assembled biller ----------------------------------------------------------------------------
@@ -157,14 +205,18 @@ async def open_biller(
     conformance_control: bool = False,
     seed: int = sample.DEFAULT_SEED,
     store_location: str | None = None,
+    create_identity: bool = True,
 ) -> Biller:
     """Load or create the identity, open the store, build the agent and create the configured accounts.
 
     `store_location` is a path or URL for `open_biller_store` (e.g. a PostgreSQL database shared by replicas);
-    by default the SQLite file `STORE_FILE` in `state_dir`.
+    by default the SQLite file `STORE_FILE` in `state_dir`. With `create_identity=False` (offline commands)
+    a state directory without an identity is NoIdentityError, and nothing is created.
     """
     now = clock.now()
-    identity = await asyncio.to_thread(identity_dir(state_dir).load, config.party_id, now)
+    identities = identity_dir(state_dir)
+    load = identities.load if create_identity else identities.load_existing
+    identity = await asyncio.to_thread(load, config.party_id, now)
     store = await open_biller_store(state_dir / STORE_FILE if store_location is None else store_location)
     try:
         rail = SimulatedRail(config.payments)
@@ -266,6 +318,59 @@ async def serving_biller(
     if conformance_control and stepping is None:
         raise ValueError("conformance control needs a clock that can be advanced (SteppableClock or ManualClock)")
 
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ValueError(f"the state directory {state_dir} is a file, not a directory")
+    fresh = not state_dir.exists()
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        with serve_lock(state_dir):
+            async with _serving(
+                config,
+                listen=listen,
+                host=host,
+                state_dir=state_dir,
+                clock=clock,
+                stepping=stepping,
+                tls=tls,
+                tls_client_ca=tls_client_ca,
+                insecure=insecure,
+                conformance_control=conformance_control,
+                interval=interval,
+                shutdown_grace=shutdown_grace,
+                seed=seed,
+                metrics_listen=metrics_listen,
+                interceptors=interceptors,
+                store_location=store_location,
+            ) as running:
+                fresh = False  # it served: what it made is the biller's from now on
+                yield running
+    except BaseException:
+        if fresh:  # nothing served from it: leave no key or database behind a failed start
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
+
+
+@asynccontextmanager
+async def _serving(
+    config: BillerConfig,
+    *,
+    listen: str,
+    host: str,
+    state_dir: Path,
+    clock: Clock,
+    stepping: SteppingClock | None,
+    tls: tuple[bytes, bytes] | None,
+    tls_client_ca: bytes | None,
+    insecure: bool,
+    conformance_control: bool,
+    interval: timedelta,
+    shutdown_grace: float,
+    seed: int,
+    metrics_listen: str | None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+    store_location: str | None,
+) -> AsyncIterator[RunningBiller]:
+    """`serving_biller` once its arguments are checked and the state directory is locked."""
     biller = await open_biller(
         config, state_dir, clock, conformance_control=conformance_control, seed=seed, store_location=store_location
     )
@@ -286,19 +391,27 @@ async def serving_biller(
     metrics: MetricsEndpoint | None = None
     try:
         if metrics_listen is not None:
-            metrics = await serve_metrics(biller.agent.metrics.registry, metrics_listen)
+            try:
+                metrics = await serve_metrics(biller.agent.metrics.registry, metrics_listen)
+            except OSError as error:
+                raise OSError(f"cannot serve metrics on {metrics_listen}: {error.strerror or error}") from error
             logger.info("metrics on %s", metrics.url)
-        running = await serve_biller(
-            biller.agent,
-            listen,
-            tls=tls,
-            tls_client_ca=tls_client_ca,
-            insecure=insecure,
-            services=services,
-            service_names=service_names,
-            interceptors=interceptors,
-            serving=False,  # NOT_SERVING until the first upkeep round is done
-        )
+        try:
+            running = await serve_biller(
+                biller.agent,
+                listen,
+                tls=tls,
+                tls_client_ca=tls_client_ca,
+                insecure=insecure,
+                services=services,
+                service_names=service_names,
+                interceptors=interceptors,
+                serving=False,  # NOT_SERVING until the first upkeep round is done
+            )
+        except RuntimeError as error:  # gRPC says only "Failed to bind to address"; the CLI checked the TLS files
+            raise OSError(
+                f"cannot listen on {listen}: the port is in use or the address is not this machine's"
+            ) from error
         try:
             upkeep = asyncio.create_task(_upkeep(biller, interval, running.set_serving), name="parley-biller-upkeep")
             yield RunningBiller(
@@ -365,11 +478,15 @@ async def run_biller(
 
 __all__ = [
     "CONFORMANCE_FEATURE",
+    "SERVE_LOCK_FILE",
     "Biller",
     "RunningBiller",
+    "StateDirInUse",
     "SteppableClock",
+    "exclusive_lock",
     "identity_dir",
     "open_biller",
     "run_biller",
+    "serve_lock",
     "serving_biller",
 ]

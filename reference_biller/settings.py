@@ -32,10 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
-from agent.listen import parse_listen
 from agent.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 from agent.stores import check_store_location
-from reference_biller.config import ServerSettings
+from reference_biller.config import ServerSettings, check_listen
 
 T = TypeVar("T")
 
@@ -108,8 +107,7 @@ def config_file(flag: str | None, env: Mapping[str, str] | None = None) -> tuple
 
 
 def _address(text: str) -> str:
-    parse_listen(text)
-    return text
+    return check_listen(text)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:

@@ -36,6 +36,7 @@ from agent.protocol.messages import PAYLOAD_TYPES, new_header, seal
 from agent.protocol.moves import payload_of
 from agent.protocol.negotiation import Accept, Move, Offer, Open, Reject, Withdraw
 from agent.protocol.terms import (
+    CURRENCY_TABLE_EDITION,
     AdvertisedOptions,
     BillFacts,
     DeferralOption,
@@ -46,6 +47,7 @@ from agent.protocol.terms import (
     Money,
     TermsKind,
     build_terms,
+    currency_minor_units,
     monthly_dates,
 )
 from agent.vectors import SCHEMA
@@ -220,10 +222,11 @@ class Thread:
         key: str | None = None,
         sequence: int | None = None,
         previous: bytes | None = None,
+        at: datetime | None = None,
     ) -> envelope_pb2.Envelope:
         position = len(self.envelopes)
         sender = CONSUMER if position % 2 == 0 else BILLER
-        at = self.start + after * position
+        at = self.start + after * position if at is None else at
         head = header(
             sender,
             at=at,
@@ -235,8 +238,15 @@ class Thread:
         self.envelopes.append(envelope)
         return envelope
 
-    def open(self, terms: Any, *, max_rounds: int = 4, bill_digest: bytes | None = None) -> envelope_pb2.Envelope:
-        deadline = self.start + timedelta(days=2)
+    def open(
+        self,
+        terms: Any,
+        *,
+        max_rounds: int = 4,
+        bill_digest: bytes | None = None,
+        deadline: datetime | None = None,
+    ) -> envelope_pb2.Envelope:
+        deadline = self.start + timedelta(days=2) if deadline is None else deadline
         return self.move(Open(terms, max_rounds, deadline, digest(self.bill) if bill_digest is None else bill_digest))
 
     def last_digest(self) -> bytes:
@@ -723,6 +733,7 @@ def keyset_cases() -> None:
         [CONSUMER_V1, CONSUMER_V2, old_again],
         "KEYSET_ROLLBACK",
     )
+
     def version_3(keyset: keys_pb2.KeySet) -> None:
         keyset.version, keyset.header.sequence = 3, 2
 
@@ -932,6 +943,452 @@ def bundle_cases() -> None:
     )
 
 
+# --- Protocol v1.1 cases (issue 14); generated after the v1 cases so those keep their bytes -------
+MICROSECOND = timedelta(microseconds=1)
+SKEW = DEFAULT_LIMITS.max_clock_skew
+LIFETIME = DEFAULT_LIMITS.max_message_lifetime
+
+
+def keyset_case(
+    case_id: str, comment: str, requirement: str, envelopes: list[envelope_pb2.Envelope], reason: str | None
+) -> None:
+    case(
+        case_id,
+        comment,
+        requirement,
+        "keyset",
+        reason,
+        envelopes=[envelope_to_json(e) for e in envelopes],
+        pin=None,
+        now=None,
+    )
+
+
+def bundle_of(case_id: str, comment: str, requirement: str, bundle: dict[str, object], reason: str | None) -> None:
+    case(case_id, comment, requirement, "bundle", reason, bundle=bundle)
+
+
+def accepted_at_once(bill: envelope_pb2.Envelope = BILL, terms: Any = DEFERRAL) -> Thread:
+    """A deferral inside the options, accepted at once by the biller: the shortest agreed thread."""
+    thread = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC), bill=bill)
+    thread.open(terms)
+    thread.move(Accept(thread.last_digest()))
+    return thread
+
+
+def set_nanos(field: str, nanos: int) -> Callable[[Any], None]:
+    """A change to a header Timestamp's nanos (HDR-16 vectors)."""
+    return lambda m: setattr(getattr(m.header, field), "nanos", nanos)
+
+
+def time_precision_cases() -> None:
+    """HDR-16: whole microseconds; and each time comparison at its boundary, exact and one microsecond past."""
+    thread = agreed_thread()
+    offer = thread.envelopes[1]
+    created = thread.start + MINUTE
+    key = KEYS["biller-1"]
+    on_biller: dict[str, Any] = {"sender": BILLER, "accept": NEGOTIATION}
+
+    def offer_case(
+        case_id: str, comment: str, requirement: str, change: Callable[[Any], None], reason: str | None
+    ) -> None:
+        message_case(
+            case_id, comment, requirement, resign(offer, key, change), reason, now=thread.start + HOUR, **on_biller
+        )
+
+    def one_ns_past_limit(message: Any) -> None:
+        message.header.expire_time.FromDatetime(created + LIFETIME)
+        message.header.expire_time.nanos = 1
+
+    offer_case(
+        "time-create-nanos",
+        "create_time carries 1 ns beyond a whole second: not a whole number of microseconds.",
+        "HDR-16",
+        set_nanos("create_time", 1),
+        "MALFORMED_HEADER",
+    )
+    offer_case(
+        "time-lifetime-at-limit",
+        "expire_time - create_time is exactly max_message_lifetime (86,400 s).",
+        "HDR-5",
+        lambda m: m.header.expire_time.FromDatetime(created + LIFETIME),
+        None,
+    )
+    offer_case(
+        "time-lifetime-limit-plus-1us",
+        "A lifetime of 86,400 s + 1 µs.",
+        "HDR-5",
+        lambda m: m.header.expire_time.FromDatetime(created + LIFETIME + MICROSECOND),
+        "LIFETIME_TOO_LONG",
+    )
+    offer_case(
+        "time-lifetime-limit-plus-1ns",
+        "A lifetime of 86,400 s + 1 ns: the expire_time is not whole microseconds, refused before any comparison.",
+        "HDR-16",
+        one_ns_past_limit,
+        "MALFORMED_HEADER",
+    )
+    expire = created + HOUR
+    for case_id, comment, now, reason in (
+        ("time-not-yet-valid-at-skew", "create_time is exactly now + skew.", created - SKEW, None),
+        (
+            "time-not-yet-valid-skew-plus-1us",
+            "create_time is now + skew + 1 µs.",
+            created - SKEW - MICROSECOND,
+            "MESSAGE_NOT_YET_VALID",
+        ),
+        ("time-expired-at-skew", "expire_time is exactly now - skew.", expire + SKEW, None),
+        (
+            "time-expired-skew-plus-1us",
+            "expire_time is now - skew - 1 µs.",
+            expire + SKEW + MICROSECOND,
+            "MESSAGE_EXPIRED",
+        ),
+    ):
+        message_case(case_id, comment, "HDR-5", offer, reason, now=now, **on_biller)
+
+    # KEY-10 at the end of a key's window: biller-2 signs until its not_after, exclusive.
+    not_after = T0 + YEAR
+    for case_id, comment, at, reason in (
+        ("time-key-window-last-microsecond", "Created 1 µs before the key's not_after.", not_after - MICROSECOND, None),
+        (
+            "time-key-window-at-not-after",
+            "Created exactly at the key's not_after (excluded).",
+            not_after,
+            "KEY_NOT_VALID",
+        ),
+    ):
+        query = seal(account_pb2.AccountQuery(header=header(BILLER, at=at), account_id="acct-1001"), KEYS["biller-2"])
+        message_case(
+            case_id, comment, "KEY-10", query, reason, sender=BILLER, accept=["parley.v1.AccountQuery"], now=at + MINUTE
+        )
+    keyset_case(
+        "time-keyset-key-not-after-nanos",
+        "A key's not_after 1 ns after a whole second: the key set is malformed.",
+        "HDR-16",
+        [resign(BILLER_V1, KEYS["biller-1"], lambda m: setattr(m.keys[0].not_after, "nanos", 1))],
+        "KEYSET_INVALID",
+    )
+    keyset_case(
+        "time-keyset-create-nanos",
+        "A key set version whose header create_time carries 1 ns.",
+        "HDR-16",
+        [resign(BILLER_V1, KEYS["biller-1"], set_nanos("create_time", 1))],
+        "MALFORMED_HEADER",
+    )
+
+    # NEG-6: a move at the deadline is in time; 1 µs later it is not; 1 ns later it is malformed.
+    start = datetime(2026, 3, 6, 9, tzinfo=UTC)
+    deadline = start + timedelta(days=2)
+    for case_id, comment, at, reason in (
+        ("time-accept-at-deadline", "The acceptance is created exactly at the deadline.", deadline, None),
+        (
+            "time-accept-deadline-plus-1us",
+            "The acceptance is created 1 µs after the deadline.",
+            deadline + MICROSECOND,
+            "NEGOTIATION_DEADLINE_PASSED",
+        ),
+    ):
+        thread = Thread(start)
+        thread.open(PLAN_8)
+        thread.move(Offer(PLAN_6))
+        thread.move(Accept(thread.last_digest()), at=at)
+        bundle_of(case_id, comment, "NEG-6", thread.bundle(), reason)
+    thread = Thread(start)
+    thread.open(PLAN_8)
+    thread.move(Offer(PLAN_6))
+    thread.move(Accept(thread.last_digest()), at=deadline)
+    thread.envelopes[-1] = resign(thread.envelopes[-1], KEYS["consumer-1"], set_nanos("create_time", 1))
+    bundle_of(
+        "time-accept-deadline-plus-1ns",
+        "The acceptance is created 1 ns after the deadline: malformed, not late.",
+        "HDR-16",
+        thread.bundle(),
+        "MALFORMED_HEADER",
+    )
+
+    # NEG-4 / LIM-5: the opening's deadline at most max_negotiation_time after its create_time.
+    longest = DEFAULT_LIMITS.max_negotiation_time
+    for case_id, comment, extra, reason in (
+        ("time-deadline-at-limit", "The opening's deadline is exactly create_time + 7 days.", timedelta(0), None),
+        (
+            "time-deadline-limit-plus-1us",
+            "The opening's deadline is create_time + 7 days + 1 µs.",
+            MICROSECOND,
+            "NEGOTIATION_LIMITS_INVALID",
+        ),
+    ):
+        thread = Thread(start)
+        thread.open(DEFERRAL, deadline=start + longest + extra)
+        thread.move(Accept(thread.last_digest()))
+        bundle_of(case_id, comment, "LIM-5", thread.bundle(), reason)
+    thread = Thread(start)
+    thread.open(DEFERRAL, deadline=start + longest)
+    thread.envelopes[0] = resign(thread.envelopes[0], KEYS["consumer-1"], lambda m: setattr(m.deadline, "nanos", 1))
+    thread.move(Accept(thread.last_digest()))
+    bundle_of(
+        "time-deadline-limit-plus-1ns",
+        "The opening's deadline is create_time + 7 days + 1 ns: not whole microseconds.",
+        "HDR-16",
+        thread.bundle(),
+        "NEGOTIATION_LIMITS_INVALID",
+    )
+
+
+def currency_bill(code: str) -> tuple[envelope_pb2.Envelope, Any]:
+    """A bill of 120 units and a deferral accepted at once, in `code` (re-signed when `code` is not in the table)."""
+    known = code if code in currency_minor_units() else "XCG"
+    money = Money.parse("120.00", known)
+    facts = BillFacts(
+        bill_id="bill-2026-03",
+        account_id="acct-1001",
+        amount_due=money,
+        issue_date=date(2026, 3, 1),
+        due_date=date(2026, 3, 31),
+        description="Electricity, March 2026",
+        options=AdvertisedOptions(deferral=DeferralOption(max_days=30, fee=Money.parse("5.00", known))),
+    )
+    bill = make_bill(facts)
+    if known != code:
+
+        def recode(message: Any) -> None:
+            message.amount_due.currency_code = code
+            message.options.deferral.fee.currency_code = code
+
+        bill = resign(bill, KEYS["biller-1"], recode)
+    terms = build_terms(
+        TermsKind.DEFERRAL, money, [date(2026, 4, 30)], [Line(LineKind.FEE, "deferral fee", Money.parse("5.00", known))]
+    )
+    return bill, terms
+
+
+def currency_cases() -> None:
+    """TRM-1, TRM-17: the shipped table decides; codes withdrawn from it and new ones at its edition."""
+    bill, terms = currency_bill("XCG")
+    bundle_of(
+        "currency-xcg-in-table",
+        "A bill and agreement in XCG (Caribbean guilder), in the table's edition.",
+        "TRM-17",
+        accepted_at_once(bill, terms).bundle(),
+        None,
+    )
+    for code, comment in (
+        ("ANG", "A bill in ANG (Netherlands Antillean guilder), withdrawn before the table's edition."),
+        ("CUC", "A bill in CUC (Cuban convertible peso), withdrawn before the table's edition."),
+    ):
+        bill, terms = currency_bill(code)
+        bundle_of(
+            f"currency-{code.lower()}-withdrawn",
+            comment,
+            "TRM-17",
+            accepted_at_once(bill, terms).bundle(),
+            "UNKNOWN_CURRENCY",
+        )
+
+
+def bundle_form_cases() -> None:
+    """BND-9: an envelope in a bundle that is not DSSE JSON makes the bundle invalid, MALFORMED_ENVELOPE."""
+    good = accepted_at_once().bundle()
+
+    def edited(change: Callable[[Any], None]) -> dict[str, object]:
+        document: dict[str, object] = json.loads(json.dumps(good))
+        change(document)
+        return document
+
+    bundle_of(
+        "bundle-json-payload-not-canonical-base64",
+        "The acceptance's payload is base64 without its padding.",
+        "BND-9",
+        edited(lambda d: d["thread"][1].__setitem__("payload", d["thread"][1]["payload"].rstrip("="))),
+        "MALFORMED_ENVELOPE",
+    )
+    bundle_of(
+        "bundle-json-keyset-extra-member",
+        "A key set envelope with a member DSSE JSON does not have.",
+        "BND-9",
+        edited(lambda d: d["keySets"][CONSUMER][0].__setitem__("extra", 1)),
+        "MALFORMED_ENVELOPE",
+    )
+    bundle_of(
+        "bundle-json-bill-signatures-not-array",
+        "The bill's signatures member is an object, not an array.",
+        "BND-9",
+        edited(lambda d: d["bill"].__setitem__("signatures", d["bill"]["signatures"][0])),
+        "MALFORMED_ENVELOPE",
+    )
+
+
+def bill_position_cases() -> None:
+    """BIL-6: a bill is a one-message thread: sequence 0, empty previous_digest."""
+
+    def at_sequence_1(message: Any) -> None:
+        message.header.sequence = 1
+
+    def with_previous(message: Any) -> None:
+        message.header.previous_digest = hashlib.sha256(b"elsewhere").digest()
+
+    for case_id, comment, change, reason in (
+        ("bill-at-sequence-1", "A bill at sequence 1.", at_sequence_1, "SEQUENCE_MISMATCH"),
+        (
+            "bill-with-previous-digest",
+            "A bill at sequence 0 chained to a previous message.",
+            with_previous,
+            "PREVIOUS_DIGEST_MISMATCH",
+        ),
+    ):
+        bill = resign(BILL, KEYS["biller-1"], change)
+        bundle_of(case_id, comment, "BIL-6", accepted_at_once(bill).bundle(), reason)
+
+
+def missing_amount_cases() -> None:
+    """TRM-16: a required Money left unset reads as an empty Money: UNKNOWN_CURRENCY in decoding order."""
+
+    def bill_without(path: str) -> Callable[[Any], None]:
+        *parents, name = path.split(".")
+
+        def change(message: Any) -> None:
+            target = message
+            for parent in parents:
+                target = getattr(target, parent)
+            target.ClearField(name)
+
+        return change
+
+    for case_id, path in (
+        ("missing-bill-amount-due", "amount_due"),
+        ("missing-bill-instalments-min-amount", "options.instalments.min_amount"),
+        ("missing-bill-early-payment-discount", "options.early_payment.discount"),
+    ):
+        bill = resign(BILL, KEYS["biller-1"], bill_without(path))
+        bundle_of(
+            case_id, f"The bill's {path} is not set.", "TRM-16", accepted_at_once(bill).bundle(), "UNKNOWN_CURRENCY"
+        )
+    for case_id, comment, change in (
+        ("missing-terms-total", "The opening's terms have no total.", lambda m: m.terms.ClearField("total")),
+        (
+            "missing-terms-principal",
+            "The opening's terms have no principal.",
+            lambda m: m.terms.ClearField("principal"),
+        ),
+        (
+            "missing-line-amount",
+            "The opening's fee line has no amount.",
+            lambda m: m.terms.lines[0].ClearField("amount"),
+        ),
+    ):
+        thread = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
+        thread.open(DEFERRAL)
+        thread.envelopes[0] = resign(thread.envelopes[0], KEYS["consumer-1"], change)
+        thread.move(Accept(thread.last_digest()))
+        bundle_of(case_id, comment, "TRM-16", thread.bundle(), "UNKNOWN_CURRENCY")
+
+
+def first_version_cases() -> None:
+    """KEY-22: holding nothing, a receiver judges the first version as if it held version 0."""
+
+    def numbered(version: int) -> Callable[[Any], None]:
+        def change(keyset: Any) -> None:
+            keyset.version, keyset.header.sequence = version, max(version - 1, 0)
+
+        return change
+
+    keyset_case(
+        "keyset-first-version-0",
+        "A chain whose first version is numbered 0.",
+        "KEY-22",
+        [resign(BILLER_V1, KEYS["biller-1"], numbered(0))],
+        "KEYSET_ROLLBACK",
+    )
+    keyset_case(
+        "keyset-first-version-2",
+        "A chain whose first version is numbered 2, with nothing held.",
+        "KEY-22",
+        [resign(BILLER_V1, KEYS["biller-1"], numbered(2))],
+        "KEYSET_VERSION_SKIPPED",
+    )
+
+
+def header_bytes(**fields: Any) -> bytes:
+    """Field 1 (the header) of a payload, holding only `fields`: merged into the real header by the parser."""
+    body = header_pb2.Header(**fields).SerializeToString()
+    return b"\x0a" + bytes([len(body)]) + body
+
+
+def parsing_cases() -> None:
+    """ENV-14: payloads parse by the protobuf binary rules; these inputs pin down the corners."""
+    offer = agreed_thread().envelopes[1]
+    key = KEYS["biller-1"]
+    now = datetime(2026, 3, 5, 10, tzinfo=UTC)
+
+    def raw_case(case_id: str, comment: str, requirement: str, payload: bytes, reason: str | None) -> None:
+        envelope = sign_envelope(key, offer.payload_type, payload)
+        message_case(case_id, comment, requirement, envelope, reason, sender=BILLER, accept=NEGOTIATION, now=now)
+
+    raw_case(
+        "parse-non-minimal-varint",
+        "The header is given again with sequence 1 as a two-byte varint (0x81 0x00): accepted, same value.",
+        "ENV-14",
+        offer.payload + b"\x0a\x03\x20\x81\x00",
+        None,
+    )
+    raw_case(
+        "parse-repeated-singular-last-wins",
+        "A header naming another recipient, then the real header: the last value of a singular field wins.",
+        "ENV-14",
+        header_bytes(recipient="consumer:bob") + offer.payload,
+        None,
+    )
+    raw_case(
+        "parse-repeated-singular-last-is-wrong",
+        "The real header, then one naming another recipient: the last value wins, so the recipient is wrong.",
+        "ENV-14",
+        offer.payload + header_bytes(recipient="consumer:bob"),
+        "WRONG_RECIPIENT",
+    )
+    raw_case(
+        "parse-invalid-utf8",
+        "The header's sender given again as the bytes C3 28, which are not UTF-8.",
+        "ENV-14",
+        offer.payload + b"\x0a\x04\x2a\x02\xc3\x28",
+        "MALFORMED_PAYLOAD",
+    )
+    raw_case(
+        "parse-group-undefined-field",
+        "A well-formed group (wire types 3 and 4) as field 99: an unknown field.",
+        "ENV-14",
+        offer.payload + b"\x9b\x06\x08\x01\x9c\x06",
+        "UNKNOWN_FIELD",
+    )
+    raw_case(
+        "parse-group-defined-field",
+        "Field 2 (terms) as an empty group: a defined number with the wrong wire type is an unknown field.",
+        "ENV-14",
+        offer.payload + b"\x13\x14",
+        "UNKNOWN_FIELD",
+    )
+    raw_case(
+        "parse-group-unterminated",
+        "A group for field 99 that is never ended.",
+        "ENV-14",
+        offer.payload + b"\x9b\x06\x08\x01",
+        "MALFORMED_PAYLOAD",
+    )
+    raw_case(
+        "parse-end-group-without-start",
+        "An end-group tag for field 99 with no group open.",
+        "ENV-14",
+        offer.payload + b"\x9c\x06",
+        "MALFORMED_PAYLOAD",
+    )
+    raw_case(
+        "parse-field-number-zero",
+        "A varint at field number 0, which protobuf never allows.",
+        "ENV-14",
+        offer.payload + b"\x00\x01",
+        "MALFORMED_PAYLOAD",
+    )
+
+
 def document() -> dict[str, object]:
     CASES.clear()
     valid_messages()
@@ -939,6 +1396,13 @@ def document() -> dict[str, object]:
     key_validity_cases()
     keyset_cases()
     bundle_cases()
+    time_precision_cases()
+    currency_cases()
+    bundle_form_cases()
+    bill_position_cases()
+    missing_amount_cases()
+    first_version_cases()
+    parsing_cases()
     keys = {
         name: {"keyid": key.keyid, "publicKey": base64.b64encode(key.public_key.raw).decode(), "seed": key.seed.hex()}
         for name, key in KEYS.items()
@@ -949,6 +1413,7 @@ def document() -> dict[str, object]:
         "numberOfTests": len(CASES),
         "keys": keys,
         "keySets": {party: [envelope_to_json(e) for e in chain] for party, chain in CHAINS.items()},
+        "currencies": {"edition": CURRENCY_TABLE_EDITION, "minorUnits": currency_minor_units()},
         "tests": CASES,
     }
 

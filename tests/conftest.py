@@ -20,6 +20,7 @@ SLOW_MODULES = frozenset(
         "test_bench",
         "test_chaos",
         "test_cli",
+        "test_cli_mistakes",
         "test_conformance_biller",
         "test_conformance_consumer",
         "test_consumer_run",

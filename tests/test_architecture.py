@@ -25,8 +25,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = ROOT / "agent"
 
-# Third-party packages the protocol core may use: protobuf for the wire, crypto for keys, the currency table.
-PROTOCOL_THIRD_PARTY = {"google", "nacl", "cryptography", "iso4217"}
+# Third-party packages the protocol core may use: protobuf for the wire, crypto for keys (currencies are data).
+PROTOCOL_THIRD_PARTY = {"google", "nacl", "cryptography"}
 ABOVE_THE_LIBRARY = ("agent.tools", "agent.conformance", "agent.cli", "reference_biller", "reference_consumer", "tests")
 LIBRARY = ("agent.protocol", "agent.biller", "agent.consumer", "agent.stores", "agent.transport", "agent.web")
 RUNTIME_MODULES = ("clock", "logs", "lru", "metrics", "ratelimit", "tracing", "identity", "version", "listen")

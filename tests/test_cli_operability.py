@@ -117,7 +117,10 @@ def test_serve_reports_a_bad_variable_and_exits_2_before_creating_anything(
         (('name = "Example Energy"', 'name = "Example Energy"\nnmae = 1'), "biller.nmae: unknown key"),
         (('currency = "EUR"', 'currency = "EURO"'), "biller.currency: 'EURO' is not an ISO 4217 currency"),
         (("deferral_max_days = 30", 'deferral_max_days = "30"'), "segments.standard.deferral_max_days: expected int"),
-        (('deferral_fee = "5.00"', 'deferral_fee = "5.001"'), "segments.standard.deferral_fee: '5.001' is not an"),
+        (
+            ('deferral_fee = "5.00"', 'deferral_fee = "5.001"'),
+            "deferral_fee: '5.001' is not an amount in EUR (has more than 2 decimals",
+        ),
         (("grace_days = 3 ", "grace_days = -3 "), "reminders.grace_days: must be at least 0, got -3"),
         (("\n[payments]", '\n[server]\nlisten = "7443"\n\n[payments]'), "server.listen: expected HOST:PORT"),
         (("\n[payments]", '\n[server]\nlog_format = "xml"\n\n[payments]'), "server.log_format: expected one of"),
@@ -159,6 +162,8 @@ def test_a_server_table_sets_serve_options_and_check_config_accepts_it(tmp_path:
 
 def test_biller_codes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PARLEY_STATE_DIR", str(tmp_path / "state"))  # the state directory from the environment
+    assert parley_main(["biller", "init"]) == 0  # codes never makes an identity: serve or init does
+    capsys.readouterr()
     assert parley_main(["biller", "codes", "--json", "--endpoint", "biller.example:7443"]) == 0
     document = json.loads(capsys.readouterr().out)
     config = load_config(SAMPLE)

@@ -347,3 +347,41 @@ def test_a_newer_revocation_applies_to_times_under_older_versions() -> None:
     a2 = rotate(KeyChain.verify([A1]), [entry(K1), entry(K2)], K2, T0 + DAY, revocations={K1.keyid: T0})
     chain = KeyChain.verify([A1, a2])
     assert refusal(lambda: chain.check_key_at(K1.keyid, T0 + timedelta(hours=1))) is Reason.KEY_REVOKED
+
+
+# --- Revision 1.1: the first version read (KEY-22) and whole-microsecond times (HDR-16) ------------
+
+
+def _resealed_first(change: Callable[[keys_pb2.KeySet], object]) -> envelope_pb2.Envelope:
+    keyset = keys_pb2.KeySet.FromString(first().payload)
+    change(keyset)
+    return seal(keyset, K1)
+
+
+@pytest.mark.parametrize(
+    ("version", "reason"),
+    [(0, Reason.KEYSET_ROLLBACK), (2, Reason.KEYSET_VERSION_SKIPPED), (7, Reason.KEYSET_VERSION_SKIPPED)],
+)
+def test_a_first_version_other_than_1_is_judged_as_if_version_0_were_held(version: int, reason: Reason) -> None:
+    def renumber(keyset: keys_pb2.KeySet) -> None:
+        keyset.version, keyset.header.sequence = version, max(version - 1, 0)
+
+    with pytest.raises(RemoteProtocolError) as caught:
+        KeyChain.verify([_resealed_first(renumber)])
+    assert caught.value.reason is reason
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda k: setattr(k.keys[0].not_after, "nanos", 1), Reason.KEYSET_INVALID),
+        (lambda k: setattr(k.keys[0].not_before, "nanos", 500), Reason.KEYSET_INVALID),
+        (lambda k: setattr(k.header.create_time, "nanos", 1), Reason.MALFORMED_HEADER),
+    ],
+    ids=["not_after", "not_before", "create_time"],
+)
+def test_key_set_times_are_whole_microseconds(change: Callable[[keys_pb2.KeySet], object], reason: Reason) -> None:
+    with pytest.raises(RemoteProtocolError) as caught:
+        KeyChain.verify([_resealed_first(change)])
+    assert caught.value.reason is reason
+    KeyChain.verify([_resealed_first(lambda k: setattr(k.keys[0].not_after, "nanos", 1_000))])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 import pytest
@@ -26,6 +27,7 @@ from agent.protocol.messages import (
     new_header,
     new_message_id,
     open_envelope,
+    read_time,
     seal,
 )
 from parley.v1 import envelope_pb2, header_pb2, negotiation_pb2, terms_pb2
@@ -422,3 +424,47 @@ def test_key_sets_refuse_malformed_party_ids(party_id: str) -> None:
             create_time=T0, expire_time=T0 + DAY,
         )  # fmt: skip
     assert refused.value.reason is Reason.KEYSET_INVALID
+
+
+# --- Revision 1.1: whole microseconds (HDR-16) and the protobuf parsing rules (ENV-14) -------------
+
+
+@pytest.mark.parametrize(
+    ("nanos", "reason"), [(1_000, None), (1, Reason.MALFORMED_HEADER), (999, Reason.MALFORMED_HEADER)]
+)
+def test_header_times_are_whole_microseconds(nanos: int, reason: Reason | None) -> None:
+    for field in ("create_time", "expire_time"):
+        message = offer()
+        getattr(message.header, field).nanos = nanos
+        envelope = seal(message, KEY)
+        if reason is None:
+            open_offer(envelope)
+        else:
+            assert refusal(partial(open_offer, envelope)) is reason
+
+
+def test_read_time_refuses_sub_microsecond_times_with_the_callers_reason() -> None:
+    message = offer()
+    message.header.create_time.nanos = 1
+    with pytest.raises(RemoteProtocolError) as caught:
+        read_time(message.header, "create_time", Reason.NEGOTIATION_LIMITS_INVALID)
+    assert caught.value.reason is Reason.NEGOTIATION_LIMITS_INVALID
+
+
+def _reopened(payload: bytes) -> Verified[Message]:
+    return open_offer(sign_envelope(KEY, "parley.v1.Offer", payload))
+
+
+def test_parsing_follows_the_protobuf_rules() -> None:
+    payload = seal(offer(), KEY).payload
+    other = header_pb2.Header(recipient="someone.else").SerializeToString()
+    header_again = b"\x0a" + bytes([len(other)]) + other
+    # A longer-than-minimal varint means its value; a repeated singular field takes the last value.
+    assert _reopened(payload + b"\x0a\x03\x20\x82\x00").header.sequence == 2
+    assert _reopened(header_again + payload).header.recipient == BILLER
+    assert refusal(lambda: _reopened(payload + header_again)) is Reason.WRONG_RECIPIENT
+    # Invalid UTF-8 and an unclosed group do not parse; a closed group is an unknown field.
+    assert refusal(lambda: _reopened(payload + b"\x0a\x04\x2a\x02\xc3\x28")) is Reason.MALFORMED_PAYLOAD
+    assert refusal(lambda: _reopened(payload + b"\x9b\x06\x08\x01")) is Reason.MALFORMED_PAYLOAD
+    assert refusal(lambda: _reopened(payload + b"\x9b\x06\x08\x01\x9c\x06")) is Reason.UNKNOWN_FIELD
+    assert refusal(lambda: _reopened(payload + b"\x13\x14")) is Reason.UNKNOWN_FIELD

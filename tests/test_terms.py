@@ -6,6 +6,7 @@ import calendar
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import date, timedelta
+from functools import partial
 from itertools import pairwise
 from typing import Any
 
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from agent.protocol.errors import LocalProtocolError, Reason
 from agent.protocol.limits import AMOUNT_MAJOR_DIGITS, MAX_ID_CHARS, MAX_LINES, MAX_TEXT_CHARS, Limits
 from agent.protocol.terms import (
+    CURRENCY_TABLE_EDITION,
     AdvertisedOptions,
     BillFacts,
     Currency,
@@ -30,6 +32,7 @@ from agent.protocol.terms import (
     Terms,
     TermsKind,
     build_terms,
+    currency_minor_units,
     every_days,
     format_date,
     monthly_dates,
@@ -126,6 +129,17 @@ def raw_terms(
 def test_currency_of_reads_the_iso_table_and_caches() -> None:
     assert (Currency.of("EUR").exponent, Currency.of("JPY").exponent, Currency.of("BHD").exponent) == (2, 0, 3)
     assert Currency.of("EUR") is Currency.of("EUR")
+
+
+def test_the_currency_table_is_the_dated_edition_shipped() -> None:
+    """TRM-1, TRM-17: codes added and withdrawn before the 2026-01-01 edition."""
+    assert "2026-01-01" in CURRENCY_TABLE_EDITION
+    table = currency_minor_units()
+    assert len(table) == 165
+    assert (table["XCG"], table["SLE"], table["ZWG"]) == (2, 2, 2)
+    for withdrawn in ("ANG", "CUC", "HRK", "SLL", "ZWL"):
+        assert withdrawn not in table
+        assert reason_of(partial(Currency.of, withdrawn)) is Reason.UNKNOWN_CURRENCY
 
 
 @pytest.mark.parametrize("code", ["eur", "Eur", "EU", "EURO", "ZZZ", "XAU", "XXX", "", " EUR"])

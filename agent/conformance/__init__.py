@@ -41,7 +41,14 @@ def _run_biller(args: argparse.Namespace, out: Console) -> int:
     from agent.conformance.biller import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
     from agent.conformance.runner import run_suite  # noqa: PLC0415
     from agent.transport.client import ClientTls  # noqa: PLC0415
+    from agent.transport.server import is_loopback  # noqa: PLC0415
 
+    host = args.target.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    if args.insecure and not is_loopback(host):  # said now, not as "unreachable" by every case (TRN-3)
+        out.print(
+            f"--insecure (plaintext) is allowed only to a loopback target (TRN-3), not {host!r}: use --tls-ca FILE"
+        )
+        return EXIT_NOT_RUN
     tls = None
     if args.tls_ca is not None:
         try:

@@ -19,7 +19,7 @@ from agent.protocol.dsse import check_envelope_form, digest, envelope_from_json,
 from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS
-from agent.protocol.messages import Verified, open_envelope
+from agent.protocol.messages import Verified, check_sequence, open_envelope
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, thread_message
 from agent.protocol.negotiation import Negotiation, Role, State
 from agent.protocol.terms import BillFacts, Terms
@@ -50,7 +50,10 @@ class Bundle:
 
     @classmethod
     def from_json(cls, document: object) -> Bundle:
-        """Parse the JSON form; UnusableBundleError if it is not a bundle at all."""
+        """Parse the JSON form; UnusableBundleError if it is not a bundle at all (BND-6).
+
+        RemoteProtocolError(MALFORMED_ENVELOPE) if one of its envelopes is not DSSE JSON (BND-9).
+        """
         if not isinstance(document, dict) or document.get("format") != BUNDLE_FORMAT:
             raise UnusableBundleError(f'not a {BUNDLE_FORMAT} document (missing "format": "{BUNDLE_FORMAT}")')
         key_sets, bill, thread = document.get("keySets"), document.get("bill"), document.get("thread")
@@ -58,14 +61,15 @@ class Bundle:
             raise UnusableBundleError('a bundle needs "keySets" (object), "bill" and "thread" (array)')
         if not all(isinstance(chain, list) for chain in key_sets.values()):
             raise UnusableBundleError('each "keySets" entry must be an array of envelopes')
-        try:
-            return cls(
-                key_sets={str(party): [envelope_from_json(e) for e in chain] for party, chain in key_sets.items()},
-                bill=envelope_from_json(bill),
-                thread=[envelope_from_json(e) for e in thread],
-            )
-        except RemoteProtocolError as error:
-            raise UnusableBundleError(f"an envelope is not DSSE JSON: {error.detail}") from error
+        if len(key_sets) != 2:
+            raise UnusableBundleError("a bundle carries the key sets of exactly two parties")
+        # BND-9: a bundle that has its members is a bundle; an envelope in it that is not DSSE JSON
+        # (ENV-12) makes it invalid with MALFORMED_ENVELOPE, decoded in document order.
+        return cls(
+            key_sets={str(party): [envelope_from_json(e) for e in chain] for party, chain in key_sets.items()},
+            bill=envelope_from_json(bill),
+            thread=[envelope_from_json(e) for e in thread],
+        )
 
     @classmethod
     def load(cls, path: Path) -> Bundle:
@@ -117,6 +121,8 @@ def verify_bundle(bundle: Bundle, *, pins: Mapping[str, bytes] | None = None) ->
     biller = _biller_chain(bundle.bill, chains)
     consumer = next(chain for chain in chains if chain is not biller)
     bill = open_envelope(bundle.bill, (bill_pb2.Bill,), sender_keys=biller, recipient=consumer.party_id, now=None)
+    # BIL-6: a bill is a one-message thread, so its position is checked before its body.
+    check_sequence(bill.header, expected_sequence=0, expected_previous=b"")
     try:
         facts = BillFacts.from_proto(bill.message)
     except LocalProtocolError as error:

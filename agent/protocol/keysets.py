@@ -104,7 +104,11 @@ def _signer(entries: Iterable[KeyEntry], keyid: str, where: str) -> KeyEntry:
 
 
 def _check_version_follows(version: int, previous: KeySetVersion | None) -> None:
-    """KEY-8: version 1 starts a chain and N may only be followed by N+1."""
+    """KEY-8: version 1 starts a chain and N may only be followed by N+1.
+
+    KEY-22: a receiver that holds nothing for the party judges as if it held version 0, so a
+    first version 0 is KEYSET_ROLLBACK and a first version 2 or more KEYSET_VERSION_SKIPPED.
+    """
     expected = 1 if previous is None else previous.version + 1
     if version < expected:
         raise RemoteProtocolError(Reason.KEYSET_ROLLBACK, f"version {version}, expected {expected}")

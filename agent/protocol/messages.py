@@ -96,12 +96,22 @@ def to_timestamp(moment: datetime) -> Timestamp:
     return timestamp
 
 
+_NANOS_PER_MICROSECOND = 1000
+
+
 def read_time(message: Message, field: str, reason: Reason) -> datetime:
-    """The UTC time in `message.field`; RemoteProtocolError(reason) if unset or out of range."""
+    """The UTC time in `message.field`; RemoteProtocolError(reason) if unset, out of range or finer than 1 µs.
+
+    HDR-16: every signed time is a whole number of microseconds, so that every comparison
+    the spec makes (windows, lifetimes, deadlines) is exact at one precision everywhere.
+    """
     if not message.HasField(field):
         raise RemoteProtocolError(reason, f"{field} is missing")
+    timestamp = cast(Timestamp, getattr(message, field))
+    if timestamp.nanos % _NANOS_PER_MICROSECOND:
+        raise RemoteProtocolError(reason, f"{field} has nanos {timestamp.nanos}, not a whole number of microseconds")
     try:
-        return cast(Timestamp, getattr(message, field)).ToDatetime(tzinfo=UTC)
+        return timestamp.ToDatetime(tzinfo=UTC)
     except ValueError as error:
         raise RemoteProtocolError(reason, f"{field} is not a valid timestamp") from error
 

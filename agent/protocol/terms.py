@@ -13,14 +13,14 @@ from __future__ import annotations
 import calendar
 import contextlib
 import enum
+import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
+from importlib import resources
 from itertools import pairwise
 from typing import TypeVar
-
-import iso4217
 
 from agent.protocol.errors import LocalProtocolError, Reason
 from agent.protocol.limits import AMOUNT_MAJOR_DIGITS, DEFAULT_LIMITS, MAX_ID_CHARS, MAX_LINES, MAX_TEXT_CHARS, Limits
@@ -92,11 +92,25 @@ class Currency:
             ) from None
 
 
-# The lookup cache: the maintained ISO table, read once. Codes whose minor units are
-# "N.A." (XAU, XXX...) are left out; lower-case and malformed codes never match.
-_CURRENCIES: dict[str, Currency] = {
-    entry.code: Currency(entry.code, entry.exponent) for entry in iso4217.Currency if entry.exponent is not None
-}
+def _shipped_currency_table() -> tuple[str, dict[str, Currency]]:
+    """TRM-1, TRM-17: the dated ISO 4217 table shipped in agent/data/currencies.json, read once.
+
+    The table is package data, not a library's idea of "the current edition", so every
+    verifier of one protocol revision agrees on which codes exist (the vectors carry the
+    same table). Codes whose minor units are "N.A." (XAU, XXX...) are not in it; lower-case
+    and malformed codes never match.
+    """
+    text = resources.files("agent").joinpath("data/currencies.json").read_text(encoding="utf-8")
+    table = json.loads(text)
+    return table["edition"], {code: Currency(code, exponent) for code, exponent in table["minorUnits"].items()}
+
+
+CURRENCY_TABLE_EDITION, _CURRENCIES = _shipped_currency_table()
+
+
+def currency_minor_units() -> dict[str, int]:
+    """The currency table in force (TRM-1): ISO 4217 code -> minor units, as shipped."""
+    return {code: currency.exponent for code, currency in _CURRENCIES.items()}
 
 
 @dataclass(frozen=True)
@@ -186,6 +200,8 @@ class Money:
 
     @classmethod
     def from_proto(cls, pb: terms_pb2.Money) -> Money:
+        """TRM-1, TRM-3; and TRM-16: a required Money left unset reads as proto3's default, an
+        empty Money, so it fails here as UNKNOWN_CURRENCY at its place in decoding order."""
         return cls.of(pb.amount_minor, pb.currency_code)
 
 

@@ -4,6 +4,7 @@ biller's PostgreSQL back end (`postgres`, needing the `postgres` extra); `open_b
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from agent.stores.base import AlreadyExists, BillerStore, BillStatus, ConsumerStore, StoreConflict, ThreadOutcome
@@ -13,6 +14,21 @@ from agent.stores.consumer_sqlite import SqliteConsumerStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_SCHEME = "sqlite:///"
+
+
+class StoreOpenError(OSError):
+    """The store could not be opened: the database is unreachable, refuses us, or the file is not a database.
+
+    One line naming the store (a URL without its password) and the cause, for a person to act on."""
+
+
+def _redacted(location: str) -> str:
+    """`location` without a password, to quote it in a message."""
+    scheme, separator, rest = location.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not separator or not at or ":" not in credentials:
+        return location
+    return f"{scheme}://{credentials.partition(':')[0]}:***@{host}"
 
 
 def check_store_location(location: str) -> str:
@@ -30,14 +46,28 @@ async def open_biller_store(location: str | os.PathLike[str]) -> SqlBillerStore:
       PostgreSQL, which several biller replicas may share (`agent.stores.biller_postgres`);
     - `sqlite:///relative/path`, `sqlite:////absolute/path`, or a plain path: one SQLite file.
 
-    ValueError for any other URL scheme.
+    ValueError for any other URL scheme; StoreOpenError (an OSError) when the store cannot be opened.
     """
     text = check_store_location(os.fspath(location))
     if text.startswith(POSTGRES_SCHEMES):
-        from agent.stores.biller_postgres import PostgresBillerStore  # noqa: PLC0415 - psycopg only when asked for
+        try:
+            from psycopg import OperationalError  # noqa: PLC0415 - psycopg only when asked for
 
-        return await PostgresBillerStore.open(text)
-    return await SqliteBillerStore.open(Path(text.removeprefix(SQLITE_SCHEME)))
+            from agent.stores.biller_postgres import PostgresBillerStore  # noqa: PLC0415
+        except ImportError as error:
+            missing = "a PostgreSQL store needs the postgres extra: pip install 'parley[postgres]'"
+            raise StoreOpenError(f"{missing} ({error})") from error
+
+        try:
+            return await PostgresBillerStore.open(text)
+        except OperationalError as error:  # unreachable, refused, wrong password, no such database
+            cause = " ".join(str(error).split())  # libpq's message spans lines
+            raise StoreOpenError(f"cannot open the PostgreSQL store {_redacted(text)}: {cause}") from error
+    path = Path(text.removeprefix(SQLITE_SCHEME))
+    try:
+        return await SqliteBillerStore.open(path)
+    except sqlite3.DatabaseError as error:  # "file is not a database", "unable to open database file"...
+        raise StoreOpenError(f"cannot open the SQLite store {path}: {error}") from error
 
 
 __all__ = [
@@ -49,6 +79,7 @@ __all__ = [
     "SqliteBillerStore",
     "SqliteConsumerStore",
     "StoreConflict",
+    "StoreOpenError",
     "ThreadOutcome",
     "check_store_location",
     "open_biller_store",

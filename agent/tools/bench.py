@@ -88,6 +88,7 @@ from agent.protocol.terms import (
 )
 from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, BillerStore, open_biller_store
 from agent.stores.sqlite_base import ts
+from agent.tools.json_output import add_json_options, emit_json
 from agent.transport.server import freeze_startup_heap, install_uvloop, serve_biller
 from parley.v1 import (
     bill_pb2,
@@ -1217,7 +1218,7 @@ def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="time fdatasync in the state directory first (0: skip)",
     )
     bench.add_argument("--state-dir", type=Path, help="keep the store here (default: a temporary directory)")
-    bench.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="write the report as JSON")
+    add_json_options(bench, "the report")
     bench.set_defaults(handler=_bench_command)
 
 
@@ -1239,8 +1240,9 @@ def _bench_command(args: argparse.Namespace, out: Console) -> int:
         disk_probe_seconds=args.disk_probe,
     )
     try:
-        run_bench(options, out, json_path=args.json_path)
+        report = run_bench(options, out)
     except BenchError as error:
         out.print(f"[red]bench: {error}[/red]")
         return 2
+    emit_json(args, report, out)
     return 0

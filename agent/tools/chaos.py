@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import random
 import shutil
 import signal
@@ -75,6 +74,7 @@ from agent.protocol.errors import ProtocolError, Reason
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import PROTOCOL_VERSION
 from agent.protocol.messages import open_envelope
+from agent.tools.json_output import add_json_options, emit_json
 from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2, negotiation_pb2, terms_pb2
 from reference_biller.service import STORE_FILE
 
@@ -863,6 +863,11 @@ async def verify_state(biller: BillerProcess, ledgers: Sequence[Ledger], identit
     )
 
 
+def _progress(line: str) -> None:
+    """A progress line on stderr (a run takes minutes; stdout keeps the report)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 async def _load_and_kill(
     biller: BillerProcess, ledgers: Sequence[Ledger], options: ChaosOptions, rng: random.Random
 ) -> None:
@@ -875,12 +880,14 @@ async def _load_and_kill(
     ]
     tasks = [asyncio.create_task(client.run(stop), name=f"chaos-{client.name}") for client in clients]
     try:
-        for _ in range(options.kills):
+        for kill in range(1, options.kills + 1):
             done, _pending = await asyncio.wait(tasks, timeout=rng.uniform(*options.pause))
             for task in done:
                 task.result()  # a client that stopped early failed: say why now
             await biller.kill()
             await biller.start()
+            _progress(f"chaos: kill {kill} of {options.kills}: the biller was SIGKILLed and is serving again")
+        _progress("chaos: last kill done; the clients finish their work")
         stop.set()
         done, pending = await asyncio.wait(tasks, timeout=DRAIN_TIMEOUT)
         if pending:
@@ -911,6 +918,7 @@ async def run_chaos(options: ChaosOptions, state_dir: Path) -> ChaosReport:
         ledgers = [Ledger(SignedParty.create(identity.party_id, clock=_now)) for _ in range(options.clients)]
         await _load_and_kill(biller, ledgers, options, rng)
         await biller.stop()
+        _progress("chaos: checking every acknowledged agreement, payment and event, and the database")
         checks = await verify_state(biller, ledgers, identity)
     finally:
         biller.ensure_dead()
@@ -975,8 +983,7 @@ def _chaos(args: argparse.Namespace, out: Console) -> int:
         out.print(f"[bold red]chaos could not run:[/] {escape(str(error))}")
         return EXIT_UNUSABLE
     print_report(report, out)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    emit_json(args, report.to_json(), out)
     if report.passed and options.state_dir is None:
         shutil.rmtree(state_dir, ignore_errors=True)
     return EXIT_PASS if report.passed else EXIT_FAIL
@@ -1002,7 +1009,7 @@ def add_chaos_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     chaos.add_argument(
         "--state-dir", help="where the biller's state and log go (default: a temporary directory, kept on FAIL)"
     )
-    chaos.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    add_json_options(chaos, "the report")
     chaos.set_defaults(handler=_chaos)
 
 

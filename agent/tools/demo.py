@@ -72,6 +72,7 @@ from agent.protocol.terms import BillFacts, LineKind, Money, Terms, TermsKind
 from agent.stores.base import IntentState
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.tools.certs import DevCA, issue_server_cert, make_dev_ca
+from agent.tools.json_output import add_json_options, emit_json, wants_json
 from agent.transport.client import ClientTls, RetryPolicy
 from agent.transport.server import start_biller_server
 from agent.transport.status import CallError
@@ -1408,7 +1409,13 @@ def run(out_dir: Path, console: Console | None = None, *, summary: Path | None =
 
 
 def _demo_command(args: argparse.Namespace, out: Console) -> int:
-    return run(Path(args.out), out, summary=Path(args.summary) if args.summary else None)
+    if not wants_json(args):
+        return run(Path(args.out), out)
+    with tempfile.TemporaryDirectory(prefix="parley-demo-") as scratch:
+        summary = Path(scratch) / "summary.json"
+        status = run(Path(args.out), out, summary=summary)
+        emit_json(args, json.loads(summary.read_text(encoding="utf-8")), out)
+    return status
 
 
 def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -1417,9 +1424,7 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "demo", help="two billers and six households over gRPC for three simulated months; bundles verified offline"
     )
     demo.add_argument("--out", default="parley-demo", help="directory for the agreement bundles (default: %(default)s)")
-    demo.add_argument(
-        "--json", dest="summary", metavar="FILE", help="also write the outcome (per household and bundle) as JSON"
-    )
+    add_json_options(demo, "the outcome (per household and bundle)")
     demo.set_defaults(handler=_demo_command)
 
 

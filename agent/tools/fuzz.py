@@ -47,10 +47,10 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
-import json
 import logging
 import secrets
 import sqlite3
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -93,6 +93,7 @@ from agent.protocol.terms import (
 )
 from agent.stores.biller_sqlite import SqliteBillerStore
 from agent.tools.fuzz_command import RPCS
+from agent.tools.json_output import emit_json
 from agent.transport.server import BillerServer, serve_biller
 from parley.v1 import (
     biller_service_pb2,
@@ -112,6 +113,7 @@ STORE_FILE = "biller.sqlite"
 # the buckets, and inputs should reach the rules behind LIM-8 rather than stop at it.
 FUZZ_LIMITS = dataclasses.replace(DEFAULT_LIMITS, rate_limit_per_second=1_000_000, rate_limit_burst=1_000_000_000)
 BATCH = 25  # inputs per hypothesis run; the budget is checked between runs
+PROGRESS_SECONDS = 5.0  # a progress line this often, so a long run is never silent
 CALL_TIMEOUT = 10.0  # seconds: a unary answer slower than this is a hang, reported as a finding
 WATCH_WAIT = 0.3  # seconds to wait for a WatchEvents stream's first event (an open, quiet stream is an answer)
 SHOWN_REQUEST_BYTES = 4096  # request bytes shown in a finding's text (the JSON report carries them all)
@@ -1194,6 +1196,7 @@ def run_fuzz(
     rpcs: Sequence[str] = RPCS,
     defect: Callable[[BillerAgent], None] | None = None,
     stop_on_finding: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> FuzzReport:
     """Fuzz a live biller until `seconds` pass or `max_inputs` were sent (at least one must be given).
 
@@ -1201,6 +1204,7 @@ def run_fuzz(
     seeded from `seed` and the batch number; the server's event loop runs
     the input between draws. `defect` patches the agent before it serves
     (the tests break a biller on purpose to show that the oracle notices).
+    `progress` is given a line every PROGRESS_SECONDS (the CLI prints it on stderr).
     """
     if seconds is None and max_inputs is None:
         raise ValueError("give seconds or max_inputs")
@@ -1213,10 +1217,19 @@ def run_fuzz(
                 started = time.monotonic()  # the budget is fuzzing time, the start-up not counted
                 deadline = started + seconds if seconds is not None else float("inf")
                 budget = Budget(deadline, max_inputs, stop_on_finding)
+                next_progress = started + PROGRESS_SECONDS
                 for batch in itertools.count():
                     if fuzzer.finished(budget):
                         break
                     _run_batch(fuzzer, loop, seed * 1_000_003 + batch, budget)
+                    if progress is not None and time.monotonic() >= next_progress:
+                        next_progress += PROGRESS_SECONDS
+                        report = fuzzer.report
+                        of = f" of {seconds:g}" if seconds is not None else ""
+                        progress(
+                            f"fuzz: {time.monotonic() - started:.0f}{of} s, {report.inputs} inputs, "
+                            f"{len(report.findings)} finding(s)"
+                        )
                 fuzzer.report.seconds = time.monotonic() - started
             finally:
                 loop.run_until_complete(fuzzer.stop())
@@ -1286,6 +1299,10 @@ def print_report(report: FuzzReport, out: Console) -> None:
     out.print(f"{report.inputs} inputs, {report.retries} retried, {report.fixtures_built} fixtures built: {verdict}")
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def fuzz_command(args: argparse.Namespace, out: Console) -> int:
     """`parley fuzz` (its options: `agent.tools.fuzz_command`)."""
     # Every input is refused on purpose: the biller's warnings about them would bury the report.
@@ -1295,11 +1312,10 @@ def fuzz_command(args: argparse.Namespace, out: Console) -> int:
     with tempfile.TemporaryDirectory(prefix="parley-fuzz-hypothesis-") as scratch:
         hypothesis.configuration.set_hypothesis_home_dir(scratch)  # its caches, not a .hypothesis/ in the cwd
         try:
-            report = run_fuzz(seconds=args.seconds, seed=args.seed, rpcs=args.rpc or RPCS)
+            report = run_fuzz(seconds=args.seconds, seed=args.seed, rpcs=args.rpc or RPCS, progress=_progress)
         finally:
             hypothesis.configuration.set_hypothesis_home_dir(None)  # back to the default, for a caller's later use
             parley_logger.setLevel(level)  # an in-process caller (a test, an embedding) keeps its logging
     print_report(report, out)
-    if args.json_path is not None:
-        args.json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    emit_json(args, report.to_json(), out)
     return 0 if report.ok else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+from pathlib import Path
 
 from rich.console import Console
 
@@ -12,12 +13,23 @@ from agent.protocol.keys import SigningKey
 EXIT_OK, EXIT_UNUSABLE = 0, 2
 
 
+def _failed(out: Console, message: str) -> None:
+    out.print(message, style="red", markup=False, highlight=False)
+
+
 def _keygen(args: argparse.Namespace, out: Console) -> int:
     key = SigningKey.generate()
+    path = Path(args.out)
+    if not path.parent.is_dir():
+        _failed(out, f"cannot write {path}: the directory {path.parent} does not exist (create it first)")
+        return EXIT_UNUSABLE
     try:
-        key.save(args.out)
+        key.save(path)
     except FileExistsError:
-        out.print(f"[red]refusing to overwrite {args.out}[/red]")
+        _failed(out, f"refusing to overwrite {path}")
+        return EXIT_UNUSABLE
+    except OSError as error:
+        _failed(out, f"cannot write {path}: {error.strerror}")
         return EXIT_UNUSABLE
     public = base64.b64encode(key.public_key.raw).decode()
     out.print(f"wrote {args.out} (mode 0600)\nkeyid      {key.keyid}\npublic key {public}")

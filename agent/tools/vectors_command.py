@@ -1,18 +1,18 @@
-"""`parley vectors [--out FILE] [--json]`: judge every shipped test vector with this library, or hand them out.
+"""`parley vectors [--out FILE] [--schema] [--json]`: judge every shipped test vector, or hand them out.
 
 The vectors (docs/VECTORS.md, `agent/vectors.py`) are what an implementation in
 another language checks itself against; `--out FILE` writes the document shipped
 in this package, byte for byte, so it can be taken from an installed Parley.
 Without `--out`, each case is judged by the code paths the agents use and
 compared with its expected verdict: exit 0 when all agree, 1 otherwise (each
-disagreement printed). `--json` also prints the counts as one JSON line.
+disagreement printed). `--schema` writes the document's JSON Schema
+(agent/data/vectors.schema.json) instead. `--json` also prints the counts as one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
@@ -23,21 +23,25 @@ from agent import vectors
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
 
-def _write(out_path: Path, out: Console) -> int:
-    data = resources.files("agent").joinpath("data/vectors.json").read_bytes()
+def _write(out_path: Path, out: Console, *, schema: bool) -> int:
+    data = (vectors.schema_text() if schema else vectors.document_text()).encode()
     try:
         with out_path.open("xb") as file:  # never overwrites
             file.write(data)
     except OSError as error:
         out.print(f"[red]cannot write {escape(str(out_path))}: {escape(str(error))}[/red]")
         return EXIT_UNUSABLE
-    out.print(f"wrote {escape(str(out_path))} ({vectors.SCHEMA}, {len(vectors.load()['tests'])} cases)")
+    what = "its JSON Schema" if schema else f"{vectors.SCHEMA}, {len(vectors.load()['tests'])} cases"
+    out.print(f"wrote {escape(str(out_path))} ({what})")
     return EXIT_OK
 
 
 def _vectors(args: argparse.Namespace, out: Console) -> int:
     if args.out:
-        return _write(Path(args.out), out)
+        return _write(Path(args.out), out, schema=args.schema)
+    if args.schema:
+        print(vectors.schema_text(), end="")
+        return EXIT_OK
     document = vectors.load()
     disagreements = []
     for case in document["tests"]:
@@ -63,6 +67,7 @@ def add_vectors_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         help="judge every shipped test vector with this library, or write them out for another implementation",
     )
     command.add_argument("--out", metavar="FILE", help="write the shipped vectors (JSON) to FILE instead")
+    command.add_argument("--schema", action="store_true", help="the JSON Schema of the vectors document instead")
     command.add_argument("--json", action="store_true", help="also print the counts as one JSON line on stdout")
     command.set_defaults(handler=_vectors)
 

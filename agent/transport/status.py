@@ -30,7 +30,11 @@ INTERNAL_ERROR = ProtocolError(Reason.INTERNAL_ERROR, "the biller failed; retry 
 
 
 def status_of(error: ProtocolError) -> status_pb2.Status:
-    """The google.rpc.Status that carries `error` (ERR-1)."""
+    """The google.rpc.Status that carries `error` (ERR-1).
+
+    metadata["requirement"] is the id in the reason's row of the §13 table, a function of the
+    reason alone (ERR-1), not the id of the particular rule broken, which `detail` may name.
+    """
     info = error_details_pb2.ErrorInfo(
         reason=error.reason.name, domain=ERROR_DOMAIN, metadata={"requirement": error.reason.requirement}
     )

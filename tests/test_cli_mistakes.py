@@ -1,0 +1,411 @@
+"""The mistakes people make on the command line (issue 18), run through the real CLI (`python -m agent.cli`).
+
+Each bad input must get one clear message naming what is wrong, a non-zero exit (2: unusable input or bad
+usage, 1: refused or failed) and no Python traceback, and must leave every file as it was: nothing created,
+nothing changed. Each row of `MISTAKES` is one such input: how to prepare the directory, the arguments, the
+exit status and a phrase the message must contain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from agent import cli, vectors
+from agent.identity import IdentityDir
+from agent.tools.certs import write_dev_certs
+from agent.tools.json_output import emit_json, json_on_stdout
+from reference_biller.config import SAMPLE
+
+BILLER_ID = "biller:energy.example"  # the sample configuration's party
+DOCUMENT = vectors.load()
+GOOD_BUNDLE = next(c["bundle"] for c in DOCUMENT["tests"] if c["id"] == "bundle-agreed-after-counter")
+CONSUMER_ID = next(p for p in GOOD_BUNDLE["keySets"] if p.startswith("consumer"))
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def parley(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under `root` with a digest of its content (directories: "dir")."""
+    return {
+        str(path.relative_to(root)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+    }
+
+
+# --- What a row prepares ----------------------------------------------------------------------------------------
+
+
+def config_with(old: str, new: str) -> Callable[[Path], None]:
+    """bad.toml: the sample configuration with `old` replaced by `new`."""
+
+    def prepare(root: Path) -> None:
+        text = SAMPLE.read_text(encoding="utf-8")
+        assert old in text, old
+        (root / "bad.toml").write_text(text.replace(old, new, 1), encoding="utf-8")
+
+    return prepare
+
+
+def not_utf8(root: Path) -> None:
+    (root / "bad.toml").write_bytes(
+        SAMPLE.read_text(encoding="utf-8").replace("Household", "M\xfcller").encode("latin-1")
+    )
+
+
+def identity(root: Path) -> None:
+    """state/: a biller identity, as `parley biller init` or `serve` leave it."""
+    IdentityDir(root / "state", "biller").load(BILLER_ID, datetime.now(UTC))
+
+
+def corrupt_key_set(root: Path) -> None:
+    identity(root)
+    (root / "state" / "biller-keyset-v1.pb").write_bytes(b"this is not a key set")
+
+
+def corrupt_key(root: Path) -> None:
+    identity(root)
+    key = root / "state" / "biller.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o600)
+
+
+def a_file(root: Path) -> None:
+    (root / "state").write_text("not a directory")
+
+
+def garbage_tls(root: Path) -> None:
+    (root / "cert.pem").write_text("garbage")
+    (root / "key.pem").write_text("garbage")
+
+
+def corrupt_store(root: Path) -> None:
+    identity(root)
+    (root / "state" / "biller.sqlite").write_text("this is not a database")
+
+
+def two_certificates(root: Path) -> None:
+    """a/ and b/: two development CAs with their server certificates and keys; a's certificate, b's key."""
+    write_dev_certs(root / "a")
+    write_dev_certs(root / "b")
+
+
+def bundle(root: Path) -> None:
+    (root / "bundle.json").write_text(json.dumps(GOOD_BUNDLE))
+
+
+def nothing(root: Path) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Mistake:
+    args: tuple[str, ...]
+    status: int
+    says: tuple[str, ...]
+    prepare: Callable[[Path], None] = nothing
+    absent: tuple[str, ...] = field(default=())  # paths that must still not exist
+
+
+CHECK = ("biller", "check-config", "bad.toml")
+MISMATCHED_TLS = ("--tls-cert", "a/server.pem", "--tls-key", "b/server.key")
+GARBAGE_TLS = ("--tls-cert", "cert.pem", "--tls-key", "key.pem")
+FULL_PIN = "ab" * 32
+SERVE_PLAINTEXT = ("--listen", "127.0.0.1:0", "--insecure")
+
+MISTAKES: dict[str, Mistake] = {
+    # check-config refuses everything serve would refuse or misread
+    "config not UTF-8": Mistake(CHECK, 1, ("not UTF-8",), not_utf8),
+    "duplicate account id": Mistake(
+        CHECK, 1, ("accounts[1].id", "already accounts[0]"), config_with('id = "acct-1002"', 'id = "acct-1001"')
+    ),
+    "empty account id": Mistake(CHECK, 1, ("accounts[0].id", "1 to 64"), config_with('id = "acct-1001"', 'id = ""')),
+    "over-long account id": Mistake(
+        CHECK, 1, ("accounts[0].id", "1 to 64"), config_with('id = "acct-1001"', f'id = "{"a" * 65}"')
+    ),
+    "unknown rail": Mistake(
+        CHECK, 1, ("payments.rail", "'swift'"), config_with('rail = "simulated"', 'rail = "swift"')
+    ),
+    "absurd early-payment discount": Mistake(
+        CHECK,
+        1,
+        ("early_payment_discount", "EUR 3000.00", "smallest instalment"),
+        config_with('early_payment_discount = "3.00"', 'early_payment_discount = "3000.00"'),
+    ),
+    "money as a TOML number": Mistake(
+        CHECK, 1, ("deferral_fee", "quoted decimal text"), config_with('deferral_fee = "5.00"', "deferral_fee = 5.0")
+    ),
+    "money with too many decimals": Mistake(
+        CHECK,
+        1,
+        ("deferral_fee", "more than 2 decimals"),
+        config_with('deferral_fee = "5.00"', 'deferral_fee = "5.005"'),
+    ),
+    "listen port out of range in the config": Mistake(
+        CHECK,
+        1,
+        ("server.listen", "0-65535"),
+        config_with("\n[payments]", '\n[server]\nlisten = "127.0.0.1:99999"\n\n[payments]'),
+    ),
+    "an unknown store URL in the config": Mistake(
+        CHECK,
+        1,
+        ("server.store", "'mysql'"),
+        config_with("\n[payments]", '\n[server]\nstore = "mysql://db"\n\n[payments]'),
+    ),
+    "a missing TLS file in the config": Mistake(
+        CHECK,
+        1,
+        ("cannot read absent.pem",),
+        config_with("\n[payments]", '\n[server]\ntls_cert = "absent.pem"\ntls_key = "absent.key"\n\n[payments]'),
+    ),
+    # offline biller commands never make an identity
+    "codes in a mistyped state directory": Mistake(
+        ("biller", "codes", "--state-dir", "stat"), 2, ("no biller identity", "biller init"), absent=("stat",)
+    ),
+    "rotate-key in a missing state directory": Mistake(
+        ("biller", "rotate-key", "--state-dir", "missing"), 2, ("no biller identity",), absent=("missing",)
+    ),
+    "codes with a state directory that is a file": Mistake(
+        ("biller", "codes", "--state-dir", "state"), 2, ("is a file",), a_file
+    ),
+    "serve with a state directory that is a file": Mistake(
+        ("biller", "serve", "--state-dir", "state", "--listen", "127.0.0.1:0", "--insecure"), 2, ("is a file",), a_file
+    ),
+    # tracebacks that are one line now
+    "a corrupt key set file": Mistake(
+        ("biller", "codes", "--state-dir", "state"), 1, ("key sets in state are not a usable chain",), corrupt_key_set
+    ),
+    "a corrupt biller.key": Mistake(
+        ("biller", "codes", "--state-dir", "state"), 1, ("biller.key is not a usable Ed25519 private key",), corrupt_key
+    ),
+    "PostgreSQL unreachable": Mistake(
+        ("biller", "codes", "--state-dir", "state", "--store", "postgresql://parley:s3cret@127.0.0.1:1/parley"),
+        1,
+        ("cannot open the PostgreSQL store postgresql://parley:***@127.0.0.1:1/parley",),
+        identity,
+    ),
+    "a corrupt biller.sqlite": Mistake(
+        ("biller", "codes", "--state-dir", "state"),
+        1,
+        ("cannot open the SQLite store", "not a database"),
+        corrupt_store,
+    ),
+    "keygen into a missing directory": Mistake(
+        ("keygen", "--out", "nowhere/biller.key"), 2, ("directory nowhere does not exist",), absent=("nowhere",)
+    ),
+    # misleading messages
+    "listen port out of range": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:99999", "--insecure"),
+        2,
+        ("port 99999", "0-65535"),
+        absent=("fresh",),
+    ),
+    "a garbage TLS certificate": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:0", *GARBAGE_TLS),
+        2,
+        ("cert.pem is not a readable certificate",),
+        garbage_tls,
+        absent=("fresh",),
+    ),
+    "conformance --insecure to a remote target": Mistake(
+        ("conformance", "biller", "--target", "192.0.2.7:7443", "--insecure"), 2, ("loopback target (TRN-3)",)
+    ),
+    "a TLS key that is not the certificate's": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:0", *MISMATCHED_TLS),
+        2,
+        ("b/server.key is not the key of the certificate in a/server.pem",),
+        two_certificates,
+        absent=("fresh",),
+    ),
+    # verify says what it checked; a typo in a pin is a usage error
+    "verify without a pin": Mistake(("verify", "bundle.json"), 0, ("identity NOT checked", CONSUMER_ID), bundle),
+    "a pin without =": Mistake(("verify", "bundle.json", "--pin", FULL_PIN), 2, ("PARTY=FINGERPRINT",), bundle),
+    "a shortened pin": Mistake(
+        ("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={FULL_PIN[:16]}"), 2, ("16 hex digits, not 64",), bundle
+    ),
+    "a pin of odd length": Mistake(
+        ("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={FULL_PIN}a"), 2, ("not hex",), bundle
+    ),
+    "a pin that does not match": Mistake(
+        ("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={FULL_PIN}"),
+        1,
+        ("PIN_MISMATCH", f"expected {FULL_PIN}"),
+        bundle,
+    ),
+    "the all-zero placeholder pin": Mistake(
+        ("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={'00' * 32}"), 1, ("placeholder",), bundle
+    ),
+}
+
+
+@pytest.mark.parametrize("name", MISTAKES)
+def test_a_mistake_gets_one_clear_message_an_exit_status_and_changes_nothing(tmp_path: Path, name: str) -> None:
+    mistake = MISTAKES[name]
+    mistake.prepare(tmp_path)
+    before = snapshot(tmp_path)
+    result = parley(*mistake.args, cwd=tmp_path)
+    said = result.stdout + result.stderr
+    assert result.returncode == mistake.status, said
+    for phrase in mistake.says:
+        assert phrase in said, said
+    assert TRACEBACK not in said
+    assert snapshot(tmp_path) == before, said
+    for path in mistake.absent:
+        assert not (tmp_path / path).exists()
+
+
+def test_a_pin_mismatch_shows_the_actual_fingerprint_in_full(tmp_path: Path) -> None:
+    bundle(tmp_path)
+    result = parley("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={FULL_PIN}", cwd=tmp_path)
+    actual = next(line.split()[-1] for line in result.stdout.splitlines() if line.strip().startswith("actual"))
+    assert len(actual) == 64
+    pinned = parley("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={actual}", cwd=tmp_path)
+    assert pinned.returncode == 0, pinned.stdout
+    assert f"identity of {CONSUMER_ID}: checked" in pinned.stdout
+
+
+# --- With a biller serving -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+@contextmanager
+def serving(root: Path) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *("biller", "serve", "--state-dir", "state"), *SERVE_PLAINTEXT],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.stdout.readline().startswith("listening"):
+                break
+        else:
+            pytest.fail("the biller did not start")
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def test_busy_ports_are_named_and_a_failed_start_leaves_no_state_behind(tmp_path: Path) -> None:
+    with busy_port() as port:
+        grpc_busy = parley(
+            "biller", "serve", "--state-dir", "fresh", "--listen", f"127.0.0.1:{port}", "--insecure", cwd=tmp_path
+        )
+        metrics_busy = parley(
+            "biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:0", "--insecure",
+            "--metrics-listen", f"127.0.0.1:{port}", cwd=tmp_path,
+        )  # fmt: skip
+    assert grpc_busy.returncode == 1, grpc_busy.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in grpc_busy.stdout
+    assert metrics_busy.returncode == 1, metrics_busy.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in metrics_busy.stdout
+    assert TRACEBACK not in grpc_busy.stderr + metrics_busy.stderr
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_rotate_key_is_refused_while_a_biller_serves_the_state_directory(tmp_path: Path) -> None:
+    identity(tmp_path)
+    with serving(tmp_path):
+        before = snapshot(tmp_path / "state")
+        refused = parley("biller", "rotate-key", "--state-dir", "state", cwd=tmp_path)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "a biller is serving state" in refused.stdout
+        assert {p: d for p, d in snapshot(tmp_path / "state").items() if "keyset" in p or p.endswith(".key")} == {
+            p: d for p, d in before.items() if "keyset" in p or p.endswith(".key")
+        }
+    rotated = parley("biller", "rotate-key", "--state-dir", "state", cwd=tmp_path)
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    assert (tmp_path / "state" / "biller-keyset-v2.pb").exists()
+
+
+# --- The last line of defence ------------------------------------------------------------------------------------
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _explode(*_: object) -> None:
+    raise Boom("something nobody expected")
+
+
+def test_an_unexpected_error_is_one_line_naming_the_file_with_its_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("agent.tools.keygen.SigningKey.generate", _explode)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    assert cli.main(["keygen", "--out", str(tmp_path / "k")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert TRACEBACK not in err
+    assert "unexpected error: Boom: something nobody expected" in err
+    trace_file = Path(err.split("the full trace is in ")[1].split(";")[0])
+    assert trace_file.parent == tmp_path
+    trace = trace_file.read_text()
+    assert TRACEBACK in trace
+    assert "_explode" in trace
+    assert cli.main(["keygen", "--out", str(tmp_path / "k"), "--debug"]) == 1  # --debug: the trace itself
+    assert TRACEBACK in capsys.readouterr().err
+
+
+# --- --json means the same everywhere ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "chaos", "fuzz"])
+def test_json_prints_on_stdout_and_json_out_writes_a_file(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = cli.build_parser()
+    to_stdout = parser.parse_args([command, "--json"])
+    assert json_on_stdout(to_stdout)  # the console moves to stderr
+    emit_json(to_stdout, {"ok": True}, Console(file=io.StringIO()))
+    assert json.loads(capsys.readouterr().out) == {"ok": True}
+    to_file = parser.parse_args([command, "--json-out", str(tmp_path / "report.json")])
+    assert not json_on_stdout(to_file)
+    emit_json(to_file, {"ok": True}, Console(file=io.StringIO()))
+    assert json.loads((tmp_path / "report.json").read_text()) == {"ok": True}
+    assert capsys.readouterr().out == ""
+    old_form = parser.parse_args([command, "--json", str(tmp_path / "old.json")])  # still works, with a note
+    said = io.StringIO()
+    emit_json(old_form, {"ok": True}, Console(file=said))
+    assert json.loads((tmp_path / "old.json").read_text()) == {"ok": True}
+    assert "deprecated" in said.getvalue()

@@ -23,6 +23,7 @@ SLOW_MODULES = frozenset(
         "test_cli_mistakes",
         "test_conformance_biller",
         "test_conformance_consumer",
+        "test_console",
         "test_consumer_run",
         "test_demo",
         "test_fuzz",

@@ -4,12 +4,13 @@ the standard (tests/data/camt/), matched to the payments a real biller awaits, a
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import date
 from pathlib import Path
 
 import pytest
 
-from agent.biller import AwaitedPayment
+from agent.biller import AwaitedPayment, PaymentDetails
 from agent.protocol.terms import Money
 from parley.v1 import envelope_pb2, event_pb2
 from parley.v1.biller_service_pb2 import CreatePaymentIntentRequest
@@ -27,6 +28,16 @@ from tests.helpers.peer import Biller, running_biller
 
 CAMT = Path(__file__).parent / "data" / "camt"
 ACCOUNTS = ("acct-1", "acct-2", "acct-3")  # their intents get references PRL-000001..3, in this order
+
+
+class SerialRail:
+    """References PRL-000001, PRL-000002... in the order intents are instructed: what the statement files carry."""
+
+    def __init__(self) -> None:
+        self._serial = itertools.count(1)
+
+    def instructions(self, account_id: str, intent_id: str, amount: Money) -> PaymentDetails:
+        return PaymentDetails("simulated", "Energy Example Ltd", "SIM-0001", f"PRL-{next(self._serial):06d}")
 
 
 async def awaiting_three_payments(biller: Biller) -> None:
@@ -53,7 +64,7 @@ def test_a_notification_settles_what_matches_and_reports_the_rest_and_a_second_i
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        async with running_biller(tmp_path) as biller:
+        async with running_biller(tmp_path, rail=SerialRail()) as biller:
             await awaiting_three_payments(biller)
             data = (CAMT / "camt054_v08_credits.xml").read_bytes()
             report = await import_statement(biller.agent, data)
@@ -92,7 +103,7 @@ def test_a_notification_settles_what_matches_and_reports_the_rest_and_a_second_i
 
 def test_a_dry_run_records_nothing(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running_biller(tmp_path) as biller:
+        async with running_biller(tmp_path, rail=SerialRail()) as biller:
             await awaiting_three_payments(biller)
             report = await import_statement(biller.agent, (CAMT / "camt054_v08_credits.xml").read_bytes(), dry_run=True)
             assert report.count(Outcome.SETTLED) == 2
@@ -114,7 +125,7 @@ def test_a_hostile_or_wrong_file_is_one_clear_error_and_nothing_is_recorded(
     tmp_path: Path, name: str, message: str
 ) -> None:
     async def scenario() -> None:
-        async with running_biller(tmp_path) as biller:
+        async with running_biller(tmp_path, rail=SerialRail()) as biller:
             await awaiting_three_payments(biller)
             with pytest.raises(StatementError, match=message):
                 await import_statement(biller.agent, (CAMT / name).read_bytes())

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from agent.biller import BillerAgent, OfferContext, Policy
+from agent.biller import BillerAgent, OfferContext, PaymentRail, Policy
 from agent.clock import ManualClock
 from agent.conformance.peers import PeerIdentity, PeerPolicy, PeerRail, SignedParty, serve_on_loopback
 from agent.protocol.dsse import digest
@@ -337,6 +337,7 @@ async def running_biller(
     limits: Limits = DEFAULT_LIMITS,
     servicer: Callable[[BillerAgent], BillerServicer] | None = None,
     store: str | None = None,
+    rail: PaymentRail | None = None,
 ) -> AsyncIterator[Biller]:
     """A biller agent on a real SQLite file, served over gRPC on a free loopback port.
 
@@ -354,7 +355,7 @@ async def running_biller(
         key_sets=[key_set],
         store=opened,
         policy=policy or test_policy,
-        rail=PeerRail(),
+        rail=rail or PeerRail(),
         clock=clock,
         limits=limits,
         watch_poll_interval=timedelta(seconds=0.2),

@@ -102,6 +102,7 @@ def tracker(document: Document, key: str) -> BillTracker | None:
     agreements = _of_bill(document, "agreements", biller, bill_id)
     payments = _of_bill(document, "payments", biller, bill_id)
     events = _of_bill(document, "events", biller, bill_id)
+    upcoming = _of_bill(document, "upcoming", biller, bill_id)
     paid = [payment for payment in payments if payment.get("state") == "paid"]
     receipts = [payment for payment in paid if payment.get("receipt")]
     thanks = [event for event in events if event.get("kind") == "payment_received"]
@@ -113,7 +114,7 @@ def tracker(document: Document, key: str) -> BillTracker | None:
         ("Bill issued", True, f"{bill['issue_date']}: {_money(bill['amount'])}, due {bill['due_date']}"),
         (
             "Options weighed",
-            bool(negotiations or approvals or payments),
+            bool(negotiations or payments or len(pending) < len(approvals)),
             "waiting for your approval" if pending else "the bot chose what to propose",
         ),
         (
@@ -125,10 +126,15 @@ def tracker(document: Document, key: str) -> BillTracker | None:
         (
             "Payment instructions",
             any(payment.get("state") in ("instructed", "sending", "paid") for payment in payments),
-            next((f"pay {payment['payee']}" for payment in payments if payment.get("payee")), ""),
+            next((f"pay {payment['payee']}" for payment in payments if payment.get("payee")), "")
+            or (f"the bot pays on {upcoming[0]['due_date']}" if upcoming else ""),
         ),
         ("Paid", bill.get("state") == "paid" or bool(paid), _paid_detail(bill, paid)),
-        ("Receipt", bool(receipts), f"{len(receipts)} signed receipt(s)" if receipts else ""),
+        (
+            "Receipt",
+            bool(receipts),
+            ", ".join(f"{_money(p['receipt'].get('amount_received'))} received, signed" for p in receipts),
+        ),
         ("Thanks", bool(thanks), str(thanks[-1]["message"] or thanks[-1]["text"]) if thanks else ""),
     ]
     last_reached = max(index for index, (_, done, _) in enumerate(reached) if done)
@@ -162,24 +168,15 @@ def _paid_detail(bill: Row, paid: Sequence[Row]) -> str:
 def _happenings(
     events: Sequence[Row], negotiations: Sequence[Row], approvals: Sequence[Row], payments: Sequence[Row]
 ) -> tuple[HappeningLine, ...]:
-    """Everything that happened to the bill, oldest first: what the biller said, what the bot did, what you said."""
-    lines = []
-    for event in events:
-        details = [_money(event.get("amount")), f"on {event['date']}" if event.get("date") else ""]
-        if event.get("kind") == "reminder" and event.get("reminder_level"):
-            details.append(f"reminder {event['reminder_level']}")
-        if event.get("message"):
-            details.append(f"“{event['message']}”")
-        text = f"{event['biller_name']}: {event['text']}"
-        lines.append(HappeningLine(str(event.get("received_at") or ""), text, " · ".join(d for d in details if d)))
-    for negotiation in negotiations:
-        lines.append(HappeningLine(str(negotiation.get("opened_at") or ""), "The bot opened a negotiation", ""))
-        if negotiation.get("outcome") != "open":
-            lines.append(
-                HappeningLine(
-                    str(negotiation.get("opened_at") or ""), f"Negotiation ended: {negotiation['outcome_text']}", ""
-                )
-            )
+    """Everything that happened to the bill, oldest first: what the biller said, what the bot did, what you said.
+
+    Lines are built in the order things happen to a bill (issued, asked, negotiated, the biller's news, paid)
+    and sorted by time, stably: lines of the same minute keep that order. A payment without a time (no receipt
+    yet) goes last.
+    """
+    issued = [event for event in events if event.get("kind") == "bill_issued"]
+    news = [event for event in events if event.get("kind") != "bill_issued"]
+    lines = [_event_line(event) for event in issued]
     for approval in approvals:
         lines.append(
             HappeningLine(
@@ -188,17 +185,34 @@ def _happenings(
                 str(approval["state_text"]),
             )
         )
+    for negotiation in negotiations:
+        opened = str(negotiation.get("opened_at") or "")
+        lines.append(HappeningLine(opened, "The bot opened a negotiation with the biller"))
+        if negotiation.get("outcome") != "open":
+            lines.append(HappeningLine(opened, f"The negotiation ended: {negotiation['outcome_text']}"))
+    lines += [_event_line(event) for event in news]
+    latest = max((line.when for line in lines), default="")
     for payment in payments:
-        receipt = payment.get("receipt")
+        receipt = payment.get("receipt") or {}
         reference = f" · bank reference {payment['bank_reference']}" if payment.get("bank_reference") else ""
         lines.append(
             HappeningLine(
-                str((receipt or {}).get("received_at") or ""),
+                str(receipt.get("received_at") or latest),
                 f"Payment {payment['instalment']} of {payment['of']}: {_money(payment['amount'])}",
                 str(payment["state_text"]) + reference,
             )
         )
     return tuple(sorted(lines, key=lambda line: line.when))
+
+
+def _event_line(event: Row) -> HappeningLine:
+    details = [_money(event.get("amount")), f"for {event['date']}" if event.get("date") else ""]
+    if event.get("kind") == "reminder" and event.get("reminder_level"):
+        details.append(f"reminder {event['reminder_level']}")
+    if event.get("message"):
+        details.append(f"“{event['message']}”")
+    text = f"{event['biller_name']}: {event['text']}"
+    return HappeningLine(str(event.get("received_at") or ""), text, " · ".join(d for d in details if d))
 
 
 def cash_flow_chart(profile: Profile, document: Document, today: date) -> Markup:

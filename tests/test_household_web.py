@@ -345,3 +345,44 @@ def test_a_tracker_needs_a_known_bill_and_marks_every_step_up_to_the_last_reache
     assert drawn.count('class="step done"') == 6  # issued … paid: a bill paid at once passed every step
     assert 'class="step current"' in drawn
     assert "Receipt" in drawn
+
+
+def test_several_households_share_one_site_with_an_index_and_pages_without_a_bot_open_no_stream(
+    tmp_path: Path,
+) -> None:
+    profile = parse_profile(PROFILE)
+    sources = {
+        key: StateDirSource(profile, tmp_path / key, clock=ManualClock(START), name=f"Household {key}")
+        for key in ("one", "two")
+    }
+
+    async def look(served: Any) -> None:
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(total=30)) as client:
+            async with client.get(served.site.url) as response:
+                assert response.status == 403  # the token is required here too
+            async with client.get(served.site.opening_url) as response:
+                index = await response.text()
+            assert 'href="/h/one/"' in index
+            assert 'href="/h/two/"' in index
+            bills = await _page(client, served, "h/two/")
+            assert "Nothing yet" in bills
+            assert "Household two" in bills
+            assert "data-live=" not in bills  # no bot moves these households: no event stream
+            assert "No such bill" in await _page(client, served, f"h/one/bill/{bill_key(BILLER, 'nope')}")
+            assert "svg" in await _page(client, served, "h/one/cash-flow")
+
+    with serving(lambda: create_space_app(sources, space_config("Demo"), live=False)) as served:
+        asyncio.run(look(served))
+
+
+def test_serve_refuses_an_address_off_loopback_without_tls_and_client_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main as parley_main  # noqa: PLC0415 - the command line, as a person types it
+
+    profile = tmp_path / "household.toml"
+    write_profile(profile, target="127.0.0.1:1", fingerprint="00" * 32, code=None, household=SHORT)
+    argv = ["consumer", "serve", "--profile", str(profile), "--state-dir", str(tmp_path / "state")]
+    assert parley_main([*argv, "--listen", "0.0.0.0:8080"]) == 2
+    assert "--client-ca" in capsys.readouterr().out
+    assert not (tmp_path / "state").exists()  # refused before the bot ran

@@ -81,8 +81,10 @@ class StateDirSource:
         clock: Clock | None = None,
         wake: Callable[[], None] | None = None,
         hub: EventHub | None = None,
+        name: str | None = None,
     ) -> None:
         self._profile = profile
+        self._name = name or profile.party_id
         self.state_dir = state_dir
         self.clock = clock or SystemClock()
         self._wake = wake  # the bot's next pass, now: a person who approved wants to see it sent
@@ -90,7 +92,7 @@ class StateDirSource:
 
     @property
     def name(self) -> str:
-        return self._profile.party_id
+        return self._name
 
     @property
     def profile(self) -> Profile:
@@ -138,16 +140,23 @@ class StateDirSource:
         return None
 
 
+HEARTBEAT_SECONDS = 5.0  # a closed tab's stream is noticed at the next write: free its place among the streams soon
+
+
 def space_config(title: str = "Your bills", **settings: Any) -> WebConfig:
     """The kit's configuration with this face's templates and static files (`host`, `token`, TLS in `settings`)."""
+    settings.setdefault("heartbeat_seconds", HEARTBEAT_SECONDS)
     return WebConfig(
         title=title, templates=jinja2.PackageLoader(_PACKAGE, "templates"), static_package=_PACKAGE, **settings
     )
 
 
-def create_space_app(sources: Mapping[str, HouseholdSource], config: WebConfig) -> web.Application:
+def create_space_app(
+    sources: Mapping[str, HouseholdSource], config: WebConfig, *, live: bool = True
+) -> web.Application:
     """The pages of each household in `sources` (key → source). One household under the key "" is served at
-    `/`; otherwise each is under `/h/KEY/`, with an index of them at `/`."""
+    `/`; otherwise each is under `/h/KEY/`, with an index of them at `/`. `live=False` for households no bot
+    moves any more (the demo's, after the simulation): the pages open no event stream."""
     if not sources:
         raise ValueError("a household space needs at least one household")
     app = create_web_app(config)
@@ -155,7 +164,7 @@ def create_space_app(sources: Mapping[str, HouseholdSource], config: WebConfig) 
     if single and len(sources) > 1:
         raise ValueError('the key "" (served at /) is for a single household')
     for key, source in sources.items():
-        _add_household(app, "" if single else f"/h/{key}", source)
+        _add_household(app, "" if single else f"/h/{key}", source, live=live)
     if not single:
 
         async def index(request: web.Request) -> web.Response:
@@ -181,7 +190,7 @@ def _pending(document: Mapping[str, object]) -> int:
     return sum(1 for row in rows(document, "approvals") if row.get("state") == "pending")
 
 
-def _add_household(app: web.Application, base: str, source: HouseholdSource) -> None:
+def _add_household(app: web.Application, base: str, source: HouseholdSource, *, live: bool) -> None:
     """Routes of one household's pages under `base` ("" or "/h/KEY")."""
 
     async def page(request: web.Request, template: str, current: str, **context: Any) -> web.Response:
@@ -199,7 +208,7 @@ def _add_household(app: web.Application, base: str, source: HouseholdSource) -> 
             rows=lambda key: rows(document, key),
             bill_key=bill_key,
             short_fingerprint=short_fingerprint,
-            live_url=f"{base}/events",
+            live_url=f"{base}/events" if live else "",
             **context,
         )
 
@@ -257,6 +266,7 @@ def _add_household(app: web.Application, base: str, source: HouseholdSource) -> 
             "balance": str(profile.balance),
             "buffer": str(profile.buffer),
             "income": f"{profile.income.amount} on day {profile.income.pay_day} of each month",
+            "outgoings": [f"{expense.name}: {expense.amount} on day {expense.day}" for expense in profile.expenses],
         }
         return await page(request, "cash_flow.html", "cash-flow", document=document, chart=chart, facts=facts)
 

@@ -66,6 +66,7 @@ class HappeningLine:
     when: str  # ISO 8601 date or time, sorts as text
     text: str
     detail: str = ""
+    timed: bool = True  # False: `when` only places the line (a payment with no receipt yet has no time of its own)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def tracker(document: Document, key: str) -> BillTracker | None:
         (
             "Receipt",
             bool(receipts),
-            ", ".join(f"{_money(p['receipt'].get('amount_received'))} received, signed" for p in receipts),
+            "signed by the biller for " + ", ".join(_money(p["receipt"].get("amount_received")) for p in receipts),
         ),
         ("Thanks", bool(thanks), str(thanks[-1]["message"] or thanks[-1]["text"]) if thanks else ""),
     ]
@@ -200,6 +201,7 @@ def _happenings(
                 str(receipt.get("received_at") or latest),
                 f"Payment {payment['instalment']} of {payment['of']}: {_money(payment['amount'])}",
                 str(payment["state_text"]) + reference,
+                timed=bool(receipt.get("received_at")),
             )
         )
     return tuple(sorted(lines, key=lambda line: line.when))

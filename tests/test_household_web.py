@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
+import sys
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, CookieJar, web
 from selenium.webdriver.common.by import By
 
-from agent.clock import ManualClock
+from agent.clock import ManualClock, SystemClock
 from agent.protocol.enrolment import normalize_enrolment_code
 from agent.protocol.terms import Money
 from agent.stores.base import ApprovalState
@@ -167,7 +169,7 @@ def test_a_household_follows_its_bill_approves_in_the_browser_and_sees_the_agree
                     save_screenshot(browser, "household-cash-flow")
 
                 await _blocking(agreed_live)
-                await _download_verifies(served)
+                pages.append(await _download_verifies(served))
 
                 # Pay day for the deferral: the next pass pays; the payments page shows it.
                 clock.set(datetime(2026, 3, 29, 9, 0, tzinfo=UTC))
@@ -265,12 +267,14 @@ async def _page(client: ClientSession, served: Any, path: str) -> str:
         return await response.text()
 
 
-async def _download_verifies(served: Any) -> None:
-    """The agreement's download is the parley-bundle/1 file; status.json holds no key and no code."""
+async def _download_verifies(served: Any) -> str:
+    """The agreement's download is the parley-bundle/1 file; returns status.json (checked for leaks with the
+    pages)."""
     async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(total=30)) as client:
         async with client.get(served.site.opening_url):
             pass
-        document = json.loads(await _page(client, served, "status.json"))
+        text = await _page(client, served, "status.json")
+        document = json.loads(text)
         [agreement] = document["agreements"]
         async with client.get(f"{served.site.url}agreements/{agreement['thread_id']}") as response:
             assert response.status == 200
@@ -279,6 +283,7 @@ async def _download_verifies(served: Any) -> None:
         assert bundle["format"] == "parley-bundle/1"
         async with client.get(f"{served.site.url}agreements/{'00' * 16}") as response:
             assert response.status == 404
+    return text
 
 
 PROFILE = {
@@ -386,3 +391,48 @@ def test_serve_refuses_an_address_off_loopback_without_tls_and_client_certificat
     assert parley_main([*argv, "--listen", "0.0.0.0:8080"]) == 2
     assert "--client-ca" in capsys.readouterr().out
     assert not (tmp_path / "state").exists()  # refused before the bot ran
+
+
+def test_serve_runs_the_bot_and_serves_its_pages_until_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`parley consumer serve` as a process: it prints the link, the bot's first pass fills the pages, Ctrl-C
+    (SIGINT) stops both cleanly."""
+    profile, state = tmp_path / "household.toml", tmp_path / "state"
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, SystemClock()) as running:  # the process's clock
+            code = await code_for(running)
+            fingerprint = running.biller.fingerprint.hex()
+            write_profile(profile, target=f"127.0.0.1:{running.port}", fingerprint=fingerprint, code=code)
+            process = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "agent.cli", "consumer", "serve", "--profile", str(profile)),
+                *("--state-dir", str(state), "--listen", "127.0.0.1:0", "--interval", "600"),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            assert process.stdout is not None
+            try:
+                printed = ""
+                while (found := re.search(r"http://127\.0\.0\.1:\d+/\?token=\S+", printed)) is None:
+                    line = await asyncio.wait_for(process.stdout.readline(), 30)
+                    assert line, printed
+                    printed += line.decode()
+                async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(total=30)) as client:
+                    async with client.get(found.group(0)) as response:
+                        assert response.status == 200
+                    for _ in range(150):  # the first pass enrols and fetches the bill
+                        async with client.get(found.group(0).partition("?")[0]) as response:
+                            page = await response.text()
+                        if "Follow this bill" in page:
+                            break
+                        await asyncio.sleep(0.2)
+                    assert "energy.example" in page
+                    assert "Follow this bill" in page
+                    assert code not in page
+            finally:
+                process.send_signal(signal.SIGINT)
+                status = await asyncio.wait_for(process.wait(), 30)
+            assert status == 0
+
+    asyncio.run(main())

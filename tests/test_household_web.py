@@ -31,6 +31,7 @@ from agent.web import CSRF_FIELD
 from reference_consumer.profile import load_profile, parse_profile
 from reference_consumer.runner import KEY_FILE, Approval
 from reference_consumer.web import StateDirSource, bill_key, cash_flow_chart, create_space_app, space_config, tracker
+from reference_consumer.web.views import superseded
 from tests.helpers.browser import chromium, save_screenshot, serving
 from tests.test_consumer_run import (
     ACCOUNT,
@@ -436,3 +437,11 @@ def test_serve_runs_the_bot_and_serves_its_pages_until_interrupted(
             assert status == 0
 
     asyncio.run(main())
+
+
+def test_an_agreement_replaced_by_a_later_one_on_the_same_bill_is_no_longer_standing() -> None:
+    def agreement(bill_id: str, thread_id: str) -> dict[str, str]:
+        return {"biller": BILLER, "bill_id": bill_id, "thread_id": thread_id}
+
+    document = {"agreements": [agreement("b1", "t1"), agreement("b2", "t2"), agreement("b1", "t3")]}
+    assert superseded(document) == {"t1"}

@@ -30,7 +30,7 @@ from agent.web import EventHub, ServerSentEvent, WebConfig, create_web_app, rend
 from reference_consumer.profile import Profile
 from reference_consumer.runner import AGREEMENTS_DIR, STORE_FILE
 from reference_consumer.status import UnreadableState, empty_status, household_status, status_json
-from reference_consumer.web.views import bill_key, cash_flow_chart, rows, short_fingerprint, tracker
+from reference_consumer.web.views import bill_key, cash_flow_chart, rows, short_fingerprint, superseded, tracker
 
 __all__ = [
     "LIVE_EVENT",
@@ -242,7 +242,9 @@ def _add_household(app: web.Application, base: str, source: HouseholdSource, *, 
         raise web.HTTPSeeOther(f"{base}/approvals?answered={choice}")
 
     async def agreements(request: web.Request) -> web.Response:
-        return await page(request, "agreements.html", "agreements")
+        document = await source.status()
+        replaced = superseded(document)
+        return await page(request, "agreements.html", "agreements", document=document, superseded=replaced)
 
     async def download(request: web.Request) -> web.Response:
         found = await source.agreement_file(request.match_info["thread_id"])

@@ -29,6 +29,7 @@ __all__ = [
     "cash_flow_chart",
     "rows",
     "short_fingerprint",
+    "superseded",
     "tracker",
 ]
 
@@ -44,6 +45,17 @@ def rows(document: Document, key: str) -> list[Row]:
     """The document's list under `key`, keeping only objects (the document is ours, but a page never crashes)."""
     found = document.get(key)
     return [row for row in found if isinstance(row, Mapping)] if isinstance(found, list) else []
+
+
+def superseded(document: Document) -> set[str]:
+    """Thread ids of agreements no longer standing because a later one on the same bill replaced them (the
+    biller ended the first plan after a missed instalment, and a new one was agreed)."""
+    latest: dict[tuple[str, str], str] = {}
+    every = []
+    for agreement in rows(document, "agreements"):
+        latest[(agreement["biller"], agreement["bill_id"])] = agreement["thread_id"]
+        every.append(agreement["thread_id"])
+    return set(every) - set(latest.values())
 
 
 def bill_key(biller: str, bill_id: str) -> str:

@@ -154,6 +154,11 @@ def test_a_household_follows_its_bill_approves_in_the_browser_and_sees_the_agree
                     assert browser.execute_script("return window.stillTheSamePage") is True
                     labels = browser.find_elements(By.CSS_SELECTOR, "svg.chart-timeline text.step-label.current")
                     assert [label.text for label in labels] == ["Payment instructions"]
+                    moves = [move.text for move in browser.find_elements(By.CSS_SELECTOR, "ol.moves li")]
+                    assert moves == [
+                        "Your bot proposed pay later: EUR 605.00 on 2026-03-29 (fee EUR 5.00)",
+                        "energy.example accepted",
+                    ]
                     keep()
                     save_screenshot(browser, "household-bill-agreed")
                     browser.find_element(By.PARTIAL_LINK_TEXT, "Agreements").click()

@@ -15,7 +15,7 @@ Several households (the demo) share one app, one token and one session: each und
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,10 +27,25 @@ from agent.clock import Clock, SystemClock
 from agent.consumer import ApprovalBook, ApprovalClosed, UnknownApproval
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.web import EventHub, ServerSentEvent, WebConfig, create_web_app, render, stream_events
+from parley.v1 import envelope_pb2
 from reference_consumer.profile import Profile
 from reference_consumer.runner import AGREEMENTS_DIR, STORE_FILE
-from reference_consumer.status import UnreadableState, empty_status, household_status, status_json
-from reference_consumer.web.views import bill_key, cash_flow_chart, rows, short_fingerprint, superseded, tracker
+from reference_consumer.status import (
+    UnreadableState,
+    empty_status,
+    household_status,
+    reading_household,
+    status_json,
+)
+from reference_consumer.web.views import (
+    bill_key,
+    cash_flow_chart,
+    negotiation_moves,
+    rows,
+    short_fingerprint,
+    superseded,
+    tracker,
+)
 
 __all__ = [
     "LIVE_EVENT",
@@ -67,6 +82,10 @@ class HouseholdSource(Protocol):
 
     async def agreement_file(self, thread_id: str) -> tuple[str, bytes] | None:
         """The `parley-bundle/1` file of the agreement reached in that thread (name, bytes), if it is kept."""
+        ...
+
+    async def negotiation_messages(self, thread_id: str) -> Sequence[envelope_pb2.Envelope]:
+        """The signed messages of one negotiation thread (hex id), as stored; none for an unknown thread."""
         ...
 
 
@@ -129,6 +148,13 @@ class StateDirSource:
         if self._wake is not None and approved:
             self._wake()
 
+    async def negotiation_messages(self, thread_id: str) -> Sequence[envelope_pb2.Envelope]:
+        try:
+            async with reading_household(self._profile, self.state_dir, self.clock) as (agent, _):
+                return (await agent.negotiation(bytes.fromhex(thread_id))).messages
+        except (UnreadableState, ValueError, LookupError):
+            return ()
+
     async def agreement_file(self, thread_id: str) -> tuple[str, bytes] | None:
         document = await self.status()
         folder = (self.state_dir / AGREEMENTS_DIR).resolve()
@@ -190,6 +216,27 @@ def _pending(document: Mapping[str, object]) -> int:
     return sum(1 for row in rows(document, "approvals") if row.get("state") == "pending")
 
 
+async def _threads(
+    source: HouseholdSource, document: Mapping[str, object], bill: Mapping[str, Any]
+) -> list[tuple[str, ...]]:
+    """Each negotiation on the bill, move by move in words."""
+    return [
+        negotiation_moves(await source.negotiation_messages(str(row["thread_id"])), str(bill["biller_name"]))
+        for row in rows(document, "negotiations")
+        if row["biller"] == bill["biller"] and row["bill_id"] == bill["bill_id"]
+    ]
+
+
+def _money_facts(profile: Profile) -> dict[str, object]:
+    """What the cash-flow projection starts from, in words."""
+    return {
+        "balance": str(profile.balance),
+        "buffer": str(profile.buffer),
+        "income": f"{profile.income.amount} on day {profile.income.pay_day} of each month",
+        "outgoings": [f"{expense.name}: {expense.amount} on day {expense.day}" for expense in profile.expenses],
+    }
+
+
 def _add_household(app: web.Application, base: str, source: HouseholdSource, *, live: bool) -> None:
     """Routes of one household's pages under `base` ("" or "/h/KEY")."""
 
@@ -220,7 +267,8 @@ def _add_household(app: web.Application, base: str, source: HouseholdSource, *, 
         found = tracker(document, request.match_info["key"])
         if found is None:
             return await page(request, "missing.html", "bills", document=document)
-        return await page(request, "bill.html", "bills", document=document, tracker=found)
+        threads = await _threads(source, document, found.bill)
+        return await page(request, "bill.html", "bills", document=document, tracker=found, threads=threads)
 
     async def approvals(request: web.Request) -> web.Response:
         answered = request.query.get("answered", "")
@@ -263,13 +311,7 @@ def _add_household(app: web.Application, base: str, source: HouseholdSource, *, 
     async def cash_flow(request: web.Request) -> web.Response:
         document = await source.status()
         chart = cash_flow_chart(source.profile, document, source.today())
-        profile = source.profile
-        facts = {
-            "balance": str(profile.balance),
-            "buffer": str(profile.buffer),
-            "income": f"{profile.income.amount} on day {profile.income.pay_day} of each month",
-            "outgoings": [f"{expense.name}: {expense.amount} on day {expense.day}" for expense in profile.expenses],
-        }
+        facts = _money_facts(source.profile)
         return await page(request, "cash_flow.html", "cash-flow", document=document, chart=chart, facts=facts)
 
     async def status(request: web.Request) -> web.Response:

@@ -16,10 +16,15 @@ from typing import Any
 
 from markupsafe import Markup
 
+from agent.protocol.errors import ProtocolError
+from agent.protocol.moves import NEGOTIATION_TYPES, move_of
+from agent.protocol.negotiation import Accept, Offer, Open, Reject, Role, Withdraw
 from agent.protocol.terms import Instalment, Money
 from agent.web import Marker, StepState, TimelineStep, line_chart, timeline
+from parley.v1 import envelope_pb2
 from reference_consumer.profile import Profile
 from reference_consumer.strategy import CashFlow, format_minor
+from reference_consumer.words import describe_terms
 
 __all__ = [
     "CASH_FLOW_DAYS",
@@ -27,6 +32,7 @@ __all__ = [
     "HappeningLine",
     "bill_key",
     "cash_flow_chart",
+    "negotiation_moves",
     "rows",
     "short_fingerprint",
     "superseded",
@@ -45,6 +51,35 @@ def rows(document: Document, key: str) -> list[Row]:
     """The document's list under `key`, keeping only objects (the document is ours, but a page never crashes)."""
     found = document.get(key)
     return [row for row in found if isinstance(row, Mapping)] if isinstance(found, list) else []
+
+
+_PAYLOADS = {payload.DESCRIPTOR.full_name: payload for payload in NEGOTIATION_TYPES}
+
+
+def negotiation_moves(messages: Sequence[envelope_pb2.Envelope], biller_name: str) -> tuple[str, ...]:
+    """A thread's signed messages (verified when stored) as sentences, in order: who moved, and what."""
+    said = []
+    for sequence, envelope in enumerate(messages):
+        who = "Your bot" if Role.at(sequence) is Role.CONSUMER else biller_name
+        payload_type = _PAYLOADS.get(envelope.payload_type)
+        try:
+            move = None if payload_type is None else move_of(payload_type.FromString(envelope.payload))
+        except (ProtocolError, ValueError):
+            move = None
+        if isinstance(move, Open):
+            shared = " (sharing your circumstances, for that purpose only)" if move.disclosure_digest else ""
+            said.append(f"{who} proposed {describe_terms(move.terms)}{shared}")
+        elif isinstance(move, Offer):
+            said.append(f"{who} answered with {describe_terms(move.terms)}")
+        elif isinstance(move, Accept):
+            said.append(f"{who} accepted")
+        elif isinstance(move, Reject):
+            said.append(f"{who} said no" + (f": “{move.note}”" if move.note else ""))
+        elif isinstance(move, Withdraw):
+            said.append(f"{who} withdrew" + (f": “{move.note}”" if move.note else ""))
+        else:
+            said.append(f"{who} sent a message this page cannot show")
+    return tuple(said)
 
 
 def superseded(document: Document) -> set[str]:

@@ -357,6 +357,24 @@ def test_a_tracker_needs_a_known_bill_and_marks_every_step_up_to_the_last_reache
     assert 'class="step current"' in drawn
     assert "Receipt" in drawn
 
+    # A plan with 1 of 3 instalments paid stands at "Paid", however many receipts and thanks came so far.
+    plan = {**bill, "state": "agreed", "state_text": "agreed: ...; 1 of 3 paid"}
+    receipt = {"amount_received": bill["amount"], "received_at": "2026-03-20T09:00:00+00:00", "disputed": False}
+    thanks = {"biller": BILLER, "bill_id": "b1", "kind": "payment_received", "message": "Thank you", "text": "thanks"}
+    terms = {"text": "3 monthly instalments", "schedule": []}
+    document = {
+        "bills": [plan],
+        "payments": [{**payment, "of": 3, "receipt": receipt}],
+        "agreements": [{"biller": BILLER, "bill_id": "b1", "thread_id": "t1", "terms": terms}],
+        "events": [{**thanks, "biller_name": "energy.example", "amount": None, "date": None}],
+    }
+    found = tracker(document, bill_key(BILLER, "b1"))
+    assert found is not None
+    drawn = str(found.steps)
+    assert drawn.count('class="step done"') == 5
+    assert re.search(r'class="step-label current"[^>]*>Paid<', drawn)
+    assert "1 of 3 instalments paid" in drawn
+
 
 def test_several_households_share_one_site_with_an_index_and_pages_without_a_bot_open_no_stream(
     tmp_path: Path,

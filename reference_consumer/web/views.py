@@ -157,6 +157,7 @@ def tracker(document: Document, key: str) -> BillTracker | None:
     latest_negotiation = negotiations[-1] if negotiations else None
     latest_agreement = agreements[-1] if agreements else None
     pending = [approval for approval in approvals if approval.get("state") == "pending"]
+    fully_paid = bill.get("state") == "paid" or (not agreements and bool(paid))  # paid without a plan: one payment
 
     reached = [
         ("Bill issued", True, f"{bill['issue_date']}: {_money(bill['amount'])}, due {bill['due_date']}"),
@@ -177,13 +178,17 @@ def tracker(document: Document, key: str) -> BillTracker | None:
             next((f"pay {payment['payee']}" for payment in payments if payment.get("payee")), "")
             or (f"the bot pays on {upcoming[0]['due_date']}" if upcoming else ""),
         ),
-        ("Paid", bill.get("state") == "paid" or bool(paid), _paid_detail(bill, paid)),
+        # An instalment plan is paid when its last instalment is: until then "Paid" is where it stands, however
+        # many receipts and thanks the earlier instalments brought.
+        ("Paid", fully_paid, _paid_detail(bill, paid)),
         (
             "Receipt",
-            bool(receipts),
-            "signed by the biller for " + ", ".join(_money(p["receipt"].get("amount_received")) for p in receipts),
+            fully_paid and len(receipts) == len(paid),
+            "signed by the biller for " + ", ".join(_money(p["receipt"].get("amount_received")) for p in receipts)
+            if receipts
+            else "",
         ),
-        ("Thanks", bool(thanks), str(thanks[-1]["message"] or thanks[-1]["text"]) if thanks else ""),
+        ("Thanks", fully_paid and bool(thanks), str(thanks[-1]["message"] or thanks[-1]["text"]) if thanks else ""),
     ]
     last_reached = max(index for index, (_, done, _) in enumerate(reached) if done)
     steps = []

@@ -113,7 +113,8 @@ def test_a_household_follows_its_bill_approves_in_the_browser_and_sees_the_agree
                 await _blocking(bills)
 
                 # A post from another site is refused (and changes nothing), in the browser and over HTTP.
-                await _refused_cross_site(served, browser, request_id)
+                jar = CookieJar(unsafe=True)  # one signed-in HTTP client, its CSRF token read while the form was shown
+                csrf = await _refused_cross_site(served, browser, request_id, jar)
                 assert await approvals_in(state) == [(request_id, ApprovalState.PENDING)]
 
                 # The bill's tracker, then the approval with exactly what will be sent.
@@ -175,7 +176,7 @@ def test_a_household_follows_its_bill_approves_in_the_browser_and_sees_the_agree
                     save_screenshot(browser, "household-cash-flow")
 
                 await _blocking(agreed_live)
-                pages.append(await _download_verifies(served))
+                pages.append(await _download_verifies(served, request_id, jar, csrf))
 
                 # Pay day for the deferral: the next pass pays; the payments page shows it.
                 clock.set(datetime(2026, 3, 29, 9, 0, tzinfo=UTC))
@@ -218,8 +219,9 @@ def test_a_household_follows_its_bill_approves_in_the_browser_and_sees_the_agree
         assert not any(code in page for code in codes)
 
 
-async def _refused_cross_site(served: Any, browser: Any, request_id: str) -> None:
-    """Another site's form, clicked in the signed-in browser, and a forged post over HTTP: both refused."""
+async def _refused_cross_site(served: Any, browser: Any, request_id: str, jar: CookieJar) -> str:
+    """Another site's form, clicked in the signed-in browser, and a forged post over HTTP: both refused.
+    Returns the CSRF token of the HTTP client's session (signed in with `jar`)."""
     action = f"{served.site.url}approvals/{request_id}"
 
     async def evil_page(request: web.Request) -> web.Response:
@@ -254,7 +256,7 @@ async def _refused_cross_site(served: Any, browser: Any, request_id: str) -> Non
     finally:
         served.call(evil_runner.cleanup())
 
-    async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(total=30)) as client:
+    async with ClientSession(cookie_jar=jar, timeout=ClientTimeout(total=30)) as client:
         async with client.get(served.site.opening_url) as response:
             page = await response.text()
         found = re.search(rf'name="{CSRF_FIELD}" value="([0-9a-f]+)"', await _page(client, served, "approvals"))
@@ -265,6 +267,7 @@ async def _refused_cross_site(served: Any, browser: Any, request_id: str) -> Non
             assert response.status == 403
         async with client.post(action, data={"answer": "approve"}, allow_redirects=False) as response:
             assert response.status == 403  # same origin, but without the session's CSRF token
+    return found.group(1)
 
 
 async def _page(client: ClientSession, served: Any, path: str) -> str:
@@ -273,12 +276,10 @@ async def _page(client: ClientSession, served: Any, path: str) -> str:
         return await response.text()
 
 
-async def _download_verifies(served: Any) -> str:
-    """The agreement's download is the parley-bundle/1 file; returns status.json (checked for leaks with the
-    pages)."""
-    async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(total=30)) as client:
-        async with client.get(served.site.opening_url):
-            pass
+async def _download_verifies(served: Any, answered: str, jar: CookieJar, csrf: str) -> str:
+    """The agreement's download is the parley-bundle/1 file; a request already answered cannot be answered
+    again; returns status.json (checked for leaks with the pages)."""
+    async with ClientSession(cookie_jar=jar, timeout=ClientTimeout(total=30)) as client:
         text = await _page(client, served, "status.json")
         document = json.loads(text)
         [agreement] = document["agreements"]
@@ -289,6 +290,11 @@ async def _download_verifies(served: Any) -> str:
         assert bundle["format"] == "parley-bundle/1"
         async with client.get(f"{served.site.url}agreements/{'00' * 16}") as response:
             assert response.status == 404
+        form = {"answer": "decline", CSRF_FIELD: csrf}
+        own = {"Origin": served.site.url.rstrip("/"), "Sec-Fetch-Site": "same-origin"}
+        async with client.post(f"{served.site.url}approvals/{answered}", data=form, headers=own) as response:
+            assert response.status == 409
+            assert "cannot be answered any more" in await response.text()
     return text
 
 

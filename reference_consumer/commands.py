@@ -5,9 +5,12 @@
     parley consumer decline ID [--state-dir DIR] [--reason TEXT]
     parley consumer enrol 'parley:enrol?...' --profile FILE [--state-dir DIR] [--ca-file PEM]
     parley consumer export-agreements --profile FILE [--state-dir DIR] --out DIR
+    parley consumer serve   --profile FILE [--state-dir DIR] [--listen 127.0.0.1:PORT]
 
 `status`, `approve`, `decline` and `export-agreements` read and write the state directory only:
-they never contact a biller. `enrol` enrols with the biller the link names (ENR-8), pins it, and
+they never contact a biller. `serve` runs the bot as `run` does and serves the household's space
+(reference_consumer/web) beside it, opened by the link it prints.
+`enrol` enrols with the biller the link names (ENR-8), pins it, and
 adds the biller to the profile (target, fingerprint, account; never the one-time code) unless the
 profile already has it.
 
@@ -49,22 +52,27 @@ from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import ClientTls, is_transient
 from agent.transport.server import is_loopback
 from agent.transport.status import CallError
+from agent.web import WebConfig, start_site
 from parley.v1 import terms_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
 from reference_consumer.profile import Profile, ProfileError, load_profile
 from reference_consumer.runner import (
+    DEFAULT_INTERVAL,
     DEFAULT_STATE_DIR,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNUSABLE,
     STORE_FILE,
+    RunOptions,
     StateError,
     agreement_file,
     agreements_reached,
     load_identity,
+    run_household,
     write_agreement_files,
 )
 from reference_consumer.status import UnreadableState, household_status, reading_household, status_json
+from reference_consumer.web import StateDirSource, create_space_app, space_config
 from reference_consumer.words import ACTION_WORDS, describe_terms
 
 logger = logging.getLogger("parley.reference_consumer")
@@ -398,6 +406,52 @@ def export_command(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+# --- serve: the bot and the household's space in a browser ---------------------------------------------
+
+
+def serve_command(args: argparse.Namespace, out: Console) -> int:
+    """`parley consumer serve`: `run`'s loop and the web pages on one event loop, until Ctrl-C."""
+    profile = _profile(args, out)
+    if isinstance(profile, int):
+        return profile
+    host, _, port_text = args.listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        return _fail(out, f"--listen wants HOST:PORT, e.g. 127.0.0.1:8080, not {args.listen!r}", EXIT_UNUSABLE)
+    if args.interval <= 0:
+        return _fail(out, "--interval must be positive", EXIT_UNUSABLE)
+    tls = {
+        name: Path(getattr(args, name)) if getattr(args, name) else None
+        for name in ("tls_cert", "tls_key", "client_ca")
+    }
+    try:
+        config = space_config(f"{profile.party_id}: your bills", host=host, **tls)
+    except ValueError as error:
+        return _fail(out, f"cannot serve: {error}", EXIT_UNUSABLE)
+    options = RunOptions(Path(args.state_dir), interval=args.interval)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_serve(profile, options, config, int(port_text), out))
+    except KeyboardInterrupt:
+        return 130
+    except ProfileError as error:
+        return _fail(out, f"invalid profile {error}", EXIT_UNUSABLE)
+    except (StateError, InsecureKeyFileError, OSError) as error:
+        return _fail(out, f"unusable state: {error}", EXIT_UNUSABLE)
+
+
+async def _serve(profile: Profile, options: RunOptions, config: WebConfig, port: int, out: Console) -> int:
+    wake = asyncio.Event()
+    source = StateDirSource(profile, options.state_dir, wake=wake.set)
+    app = create_space_app({"": source}, config)
+    async with start_site(app, config.host, port) as site:
+        # The link is the key to the space: printed once, to this terminal only (never logged).
+        out.print(f"your household's space: {site.opening_url}", highlight=False, soft_wrap=True)
+        out.print("open it in a browser on this computer; Ctrl-C stops the bot and the pages", highlight=False)
+        return await run_household(profile, options, out, on_report=source.changed, wake=wake)
+
+
 # --- registration ---------------------------------------------------------------------------------------
 
 
@@ -441,6 +495,25 @@ def add_household_commands(actions: argparse._SubParsersAction[argparse.Argument
     enrol.add_argument("--ca-file", help="PEM trust anchors for the biller's TLS certificate (not for loopback)")
     enrol.set_defaults(handler=enrol_command)
 
+    serve = actions.add_parser(
+        "serve",
+        help="run the bot (as `run` does) and serve your bills as web pages on this computer, opened by a link",
+        description="Runs the bot's passes every --interval seconds and serves the household's space (bills, "
+        "a tracker per bill, approvals, agreements, payments, cash flow) on --listen. It prints a link holding a "
+        "secret token: open it in a browser. Only loopback addresses, unless --tls-cert, --tls-key and "
+        "--client-ca (browsers with a client certificate) are all given. docs/HOUSEHOLD.md.",
+    )
+    _profile_option(serve, required=True)
+    _state_option(serve)
+    serve.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="default: a free loopback port")
+    serve.add_argument(
+        "--interval", type=float, default=DEFAULT_INTERVAL, help="seconds between passes (default: %(default)s)"
+    )
+    serve.add_argument("--tls-cert", help="PEM certificate chain for the pages (needed off loopback)")
+    serve.add_argument("--tls-key", help="its PEM private key")
+    serve.add_argument("--client-ca", help="PEM CA whose client certificates browsers must present (off loopback)")
+    serve.set_defaults(handler=serve_command)
+
     export = actions.add_parser("export-agreements", help="copy every agreement file (parley-bundle/1) to a directory")
     _profile_option(export, required=True)
     _state_option(export)
@@ -455,5 +528,6 @@ __all__ = [
     "enrol_command",
     "export_command",
     "render_status",
+    "serve_command",
     "status_command",
 ]

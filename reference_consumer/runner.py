@@ -1186,10 +1186,12 @@ async def run_household(
     clock: Clock | None = None,
     stop: asyncio.Event | None = None,
     on_report: Callable[[PassReport], None] | None = None,
+    wake: asyncio.Event | None = None,
 ) -> int:
     """One pass (`options.once`), or a pass every `options.interval` seconds until `stop` is set or the
-    process gets SIGINT/SIGTERM (handlers are installed when running in the main thread). Returns the
-    exit status; raises what `Household.open` raises."""
+    process gets SIGINT/SIGTERM (handlers are installed when running in the main thread). Setting `wake`
+    starts the next pass at once (the web page after a person approved). Returns the exit status; raises
+    what `Household.open` raises."""
     household = await Household.open(
         profile,
         options.state_dir,
@@ -1224,8 +1226,7 @@ async def run_household(
                 render(report_or_none, out)
                 if on_report is not None:
                     on_report(report_or_none)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), options.interval)
+            await _rest(stop, wake, options.interval)
         out.print("stopped", highlight=False)
         return EXIT_OK
     finally:
@@ -1239,6 +1240,18 @@ async def run_household(
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def _rest(stop: asyncio.Event, wake: asyncio.Event | None, seconds: float) -> None:
+    """Wait between passes: `seconds`, or less if the loop is stopped or woken (the wake is then used up)."""
+    waiters = {asyncio.ensure_future(event.wait()) for event in (stop, wake) if event is not None}
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if wake is not None:
+        wake.clear()
 
 
 async def _pass_until_stopped(household: Household, stop: asyncio.Event, out: Console) -> PassReport | None:

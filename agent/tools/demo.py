@@ -36,10 +36,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -76,6 +77,7 @@ from agent.tools.json_output import add_json_options, emit_json, wants_json
 from agent.transport.client import ClientTls, RetryPolicy
 from agent.transport.server import start_biller_server
 from agent.transport.status import CallError
+from agent.web import check_listen_address, start_site
 from parley.v1 import event_pb2
 from reference_biller import sample, scheduler
 from reference_biller.config import SAMPLE, BillerConfig, load_config
@@ -84,6 +86,9 @@ from reference_biller.service import Biller, open_biller
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
 from reference_consumer.households import END, HOUSEHOLDS, PAYMENT_TERM, START, Account, Household, Scenario
 from reference_consumer.profile import Profile
+from reference_consumer.runner import KEY_FILE, KEYSET_FILE, STORE_FILE, write_agreement_files
+from reference_consumer.status import reading_household
+from reference_consumer.web import HouseholdSource, StateDirSource, create_space_app, space_config
 
 logger = logging.getLogger("parley.demo")
 
@@ -928,6 +933,7 @@ class Outcome:
     phishing: str = ""
     errors: list[str] = field(default_factory=list)
     site_facts: list[dict[str, Any]] = field(default_factory=list)
+    spaces: list[DemoSpace] = field(default_factory=list)  # --serve: each household's state, kept to be served
 
     @property
     def ok(self) -> bool:
@@ -998,11 +1004,73 @@ async def _issue_bills(sites: Mapping[str, BillerSite], bots: Sequence[Household
         story.line(START, site.name, f"bill run: {len(issued)} signed bills ({', '.join(issued)})")
 
 
-async def _simulate(story: Story, outcome: Outcome) -> None:
+@dataclass(frozen=True)
+class DemoSpace:
+    """One household's state directory after the demo, laid out as `parley consumer` keeps one (--serve)."""
+
+    key: str
+    name: str
+    profile: Profile  # with the balance the household's ledger ended on
+    state_dir: Path
+    clock: ManualClock
+
+
+@contextlib.contextmanager
+def _state_directory(keep: Path | None) -> Iterator[str]:
+    """`keep` when the state must outlive the simulation (--serve), else a directory removed at the end."""
+    if keep is not None:
+        yield str(keep)
+        return
+    with tempfile.TemporaryDirectory(prefix="parley-demo-") as temporary:
+        yield temporary
+
+
+def _keep_spaces(state: Path, bots: Sequence[HouseholdBot], clock: ManualClock) -> list[DemoSpace]:
+    """Each household's store (closed by now), key and key set moved into `state/KEY/` under the names the
+    reference consumer uses, so its pages (reference_consumer.web) read them as they read any household's."""
+    spaces = []
+    for bot in bots:
+        home = state / "households" / bot.spec.key
+        home.mkdir(mode=0o700, parents=True)
+        for suffix in ("", "-wal", "-shm"):
+            stored = state / f"{bot.spec.key}.sqlite{suffix}"
+            if stored.exists():
+                stored.rename(home / f"{STORE_FILE}{suffix}")
+        bot.key.save(home / KEY_FILE)
+        (home / KEYSET_FILE).write_bytes(bot.key_set.SerializeToString())
+        profile = bot.ledger.profile_on(bot.ledger.day)
+        spaces.append(DemoSpace(bot.spec.key, bot.name, profile, home, clock))
+    return spaces
+
+
+async def _serve_spaces(spaces: Sequence[DemoSpace], listen: str, out: Console) -> None:
+    """The six households' spaces on one site (one token for the demo) until Ctrl-C."""
+    host, _, port = listen.rpartition(":")
+    sources: dict[str, HouseholdSource] = {}
+    for space in spaces:
+        async with reading_household(space.profile, space.state_dir, space.clock) as (agent, store):
+            await write_agreement_files(agent, store, space.state_dir)  # the proof each household would hold
+        sources[space.key] = StateDirSource(space.profile, space.state_dir, clock=space.clock, name=space.name)
+    app = create_space_app(sources, space_config("Parley demo households", host=host.strip("[]")), live=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with start_site(app, host.strip("[]"), int(port)) as site:
+            out.print(f"The households' spaces (one link for all six): {site.opening_url}", highlight=False)
+            out.print("Ctrl-C stops the pages.", highlight=False)
+            await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _simulate(story: Story, outcome: Outcome, keep: Path | None = None) -> None:
     console = story.console
     clock = ManualClock(at(START) - timedelta(hours=1))
     ca = make_dev_ca("Parley demo CA")
-    with tempfile.TemporaryDirectory(prefix="parley-demo-") as temporary:
+    with _state_directory(keep) as temporary:
         state = Path(temporary)
         async with contextlib.AsyncExitStack() as stack:
             sites: dict[str, BillerSite] = {}
@@ -1073,6 +1141,8 @@ async def _simulate(story: Story, outcome: Outcome) -> None:
             for site in sites.values():
                 for transfer in site.biller.rail.disputes():
                     outcome.errors.append(f"{site.name} holds transfer {transfer.transfer_id}: {transfer.status.value}")
+        if keep is not None:  # the stores are closed now: move them where the pages read them
+            outcome.spaces = _keep_spaces(state, outcome.households, clock)
 
 
 def _write_bundles(out_dir: Path, bots: Sequence[HouseholdBot], outcome: Outcome) -> None:
@@ -1359,15 +1429,32 @@ def _summary(outcome: Outcome, elapsed: float) -> dict[str, Any]:
     }
 
 
-def run(out_dir: Path, console: Console | None = None, *, summary: Path | None = None) -> int:
-    """Run the demo; 0 when every scenario reached its outcome and every bundle verified, 1 otherwise."""
+def run(out_dir: Path, console: Console | None = None, *, summary: Path | None = None, serve: str | None = None) -> int:
+    """Run the demo; 0 when every scenario reached its outcome and every bundle verified, 1 otherwise.
+
+    With `serve` ("127.0.0.1:PORT"), the households' spaces are then served there until Ctrl-C."""
+    if serve is None:
+        return _run(out_dir, console or Console(), summary=summary)
     out = console or Console()
+    with tempfile.TemporaryDirectory(prefix="parley-demo-") as keep:
+        outcome = Outcome()
+        code = _run(out_dir, out, summary=summary, keep=Path(keep), outcome=outcome)
+        if outcome.spaces:
+            out.rule("[bold]The households' own spaces[/bold]")
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(_serve_spaces(outcome.spaces, serve, out))
+        return code
+
+
+def _run(
+    out_dir: Path, out: Console, *, summary: Path | None, keep: Path | None = None, outcome: Outcome | None = None
+) -> int:
     story = Story(out)
-    outcome = Outcome()
+    outcome = outcome or Outcome()
     started = time.monotonic()
     out.rule("[bold]Parley demo[/bold]: two billers, six households, three months — real gRPC, TLS, signatures")
     try:
-        asyncio.run(_simulate(story, outcome))
+        asyncio.run(_simulate(story, outcome, keep))
     except Exception as failure:  # the demo reports every failure, then exits 1
         outcome.errors.append(f"{type(failure).__name__}: {failure}")
         out.print("[bold red]The demo failed:[/bold red]")
@@ -1409,11 +1496,21 @@ def run(out_dir: Path, console: Console | None = None, *, summary: Path | None =
 
 
 def _demo_command(args: argparse.Namespace, out: Console) -> int:
+    if args.serve is not None:
+        host = args.serve.rpartition(":")[0].strip("[]")
+        try:
+            check_listen_address(host, tls_cert=None, tls_key=None, client_ca=None)
+        except ValueError as error:
+            out.print(f"[red]--serve: {escape(str(error))}[/red]")
+            return 2
+        if not args.serve.rpartition(":")[2].isdigit():
+            out.print("[red]--serve wants HOST:PORT, e.g. 127.0.0.1:8080[/red]")
+            return 2
     if not wants_json(args):
-        return run(Path(args.out), out)
+        return run(Path(args.out), out, serve=args.serve)
     with tempfile.TemporaryDirectory(prefix="parley-demo-") as scratch:
         summary = Path(scratch) / "summary.json"
-        status = run(Path(args.out), out, summary=summary)
+        status = run(Path(args.out), out, summary=summary, serve=args.serve)
         emit_json(args, json.loads(summary.read_text(encoding="utf-8")), out)
     return status
 
@@ -1425,6 +1522,12 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     demo.add_argument("--out", default="parley-demo", help="directory for the agreement bundles (default: %(default)s)")
     add_json_options(demo, "the outcome (per household and bundle)")
+    demo.add_argument(
+        "--serve",
+        metavar="HOST:PORT",
+        help="then serve the six households' spaces (the pages of `parley consumer serve`) on this loopback address "
+        "until Ctrl-C; one link, printed, opens all six",
+    )
     demo.set_defaults(handler=_demo_command)
 
 

@@ -2,10 +2,14 @@
 
 Two sets of token buckets:
 
-- **by signing key**, refilling at `Limits.rate_limit_per_second` up to
+- **by signer**, refilling at `Limits.rate_limit_per_second` up to
   `Limits.rate_limit_burst` tokens: a request whose signature verified takes a
-  token from its key's bucket (`RateLimiter.admit_signer`), so only the holder
-  of a key can spend that key's budget;
+  token from its signer's bucket (`RateLimiter.admit_signer`), so only the
+  holder of a key can spend that budget. The signer is the enrolled *party*
+  whose chain verified the signature, never the key (LIM-8): listing sixteen
+  keys in a key set, or rotating to new ones, does not multiply the budget.
+  Only `Enrol`, whose key vouches for nothing but itself, is charged to its
+  key;
 - **by peer address**, with `PEER_RATE_LIMIT_FACTOR` times that rate and burst
   (one address may be a NAT in front of many consumers): the unsigned `Hello`
   and `GetKeySets` take a token from their peer's bucket, and so does every
@@ -85,7 +89,7 @@ class TokenBuckets:
 
 
 class RateLimiter:
-    """LIM-8 for one biller process: buckets by signing key and by peer address."""
+    """LIM-8 for one biller process: buckets by signer (the enrolled party) and by peer address."""
 
     def __init__(self, limits: Limits, *, max_tracked: int = RATE_LIMIT_MAX_TRACKED) -> None:
         def buckets(factor: int) -> TokenBuckets:
@@ -98,17 +102,18 @@ class RateLimiter:
         self.keys = buckets(1)
         self.peers = buckets(PEER_RATE_LIMIT_FACTOR)
 
-    def admit_signer(self, keyid: str, now: datetime, *, authenticates: bool = True) -> None:
-        """Take a token for a request whose signature by `keyid` verified; RATE_LIMITED when there is none.
+    def admit_signer(self, signer: str, now: datetime, *, authenticates: bool = True) -> None:
+        """Take a token for a request whose signature verified; RATE_LIMITED when `signer`'s bucket is empty.
 
-        `authenticates=False` for a key that vouches only for itself (`Enrol`): the
-        request is still charged to the key, but a refusal of it is charged to the
-        peer too, since anyone can make fresh keys.
+        `signer` is the enrolled party whose chain verified the signature (LIM-8: one budget per party,
+        however many keys it lists). `authenticates=False` for a key that vouches only for itself
+        (`Enrol`, charged to its keyid): a refusal of it is charged to the peer too, since anyone can
+        make fresh keys.
         """
-        if not self.keys.take(keyid, now):
-            raise RemoteProtocolError(Reason.RATE_LIMITED, "this key sent more requests than the rate limit allows")
+        if not self.keys.take(signer, now):
+            raise RemoteProtocolError(Reason.RATE_LIMITED, "this party sent more requests than the rate limit allows")
         if authenticates:
-            _admitted_signer.set(keyid)
+            _admitted_signer.set(signer)
 
     def admit_peer(self, peer: str, now: datetime, *, unsigned: bool) -> None:
         """Before handling a request from `peer`: an unsigned one takes a token, a signed one needs one left.

@@ -35,10 +35,10 @@ class KeySetsPhase:
         party_id = await receive.party_of(checked.keyid)
         chain = await receive.consumer_chain(party_id)
         if digest(envelope) == chain.latest.digest:  # a retry of the version just stored (HDR-12)
-            party.rate_limiter.admit_signer(checked.keyid, now)
+            party.rate_limiter.admit_signer(party_id, now)
             return biller_service_pb2.PublishKeySetResponse(version=chain.latest.version)
         extended = chain.extend(envelope, now=now, limits=party.limits)
-        party.rate_limiter.admit_signer(checked.keyid, now)
+        party.rate_limiter.admit_signer(party_id, now)
         keyids = tuple(entry.key.keyid for entry in extended.latest.keys)
         await receive.check_keyids_free(keyids, party_id)
         response = biller_service_pb2.PublishKeySetResponse(version=extended.latest.version)
@@ -51,6 +51,7 @@ class KeySetsPhase:
                 raise
             return response
         receive.forget_chain(party_id)
+        party.wakeups.notify_party(party_id)  # EVT-9: its open streams check their key against the new version
         log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)
         return response
 

@@ -91,7 +91,7 @@ class ReceivePath:
         now = party.clock.now()
         verified = self.open(checked, chain)
         set_request_ids(verified.header.thread_id, verified.header.message_id)
-        party.rate_limiter.admit_signer(verified.keyid, now)  # LIM-8: only a verified request costs its key
+        party.rate_limiter.admit_signer(party_id, now)  # LIM-8: a verified request costs its party, whatever the key
         return Inbound(verified, party_id)
 
     def open(self, checked: CheckedEnvelope[M], chain: KeyChain) -> Verified[M]:

@@ -39,7 +39,14 @@ from datetime import datetime
 
 from agent.lru import Lru
 from agent.protocol.errors import Reason, RemoteProtocolError
-from agent.protocol.limits import PEER_RATE_LIMIT_FACTOR, RATE_LIMIT_MAX_TRACKED, Limits
+from agent.protocol.limits import (
+    MAX_KEYSET_PUBLISHES_PER_DAY,
+    PEER_RATE_LIMIT_FACTOR,
+    RATE_LIMIT_MAX_TRACKED,
+    Limits,
+)
+
+_SECONDS_PER_DAY = 86_400
 
 _admitted_signer: ContextVar[str | None] = ContextVar("parley_admitted_signer", default=None)
 
@@ -53,7 +60,7 @@ class _Bucket:
 class TokenBuckets:
     """Token buckets by name, refilling at `rate_per_second` up to `burst`, at most `max_tracked` remembered."""
 
-    def __init__(self, *, rate_per_second: int, burst: int, max_tracked: int) -> None:
+    def __init__(self, *, rate_per_second: float, burst: int, max_tracked: int) -> None:
         if rate_per_second <= 0 or burst <= 0 or max_tracked <= 0:
             raise ValueError("rate, burst and max_tracked must be positive")
         self._rate = rate_per_second
@@ -101,6 +108,12 @@ class RateLimiter:
 
         self.keys = buckets(1)
         self.peers = buckets(PEER_RATE_LIMIT_FACTOR)
+        # LIM-14: key set versions a party may publish, MAX_KEYSET_PUBLISHES_PER_DAY a day (refilled evenly).
+        self.publishes = TokenBuckets(
+            rate_per_second=MAX_KEYSET_PUBLISHES_PER_DAY / _SECONDS_PER_DAY,
+            burst=MAX_KEYSET_PUBLISHES_PER_DAY,
+            max_tracked=max_tracked,
+        )
 
     def admit_signer(self, signer: str, now: datetime, *, authenticates: bool = True) -> None:
         """Take a token for a request whose signature verified; RATE_LIMITED when `signer`'s bucket is empty.
@@ -114,6 +127,14 @@ class RateLimiter:
             raise RemoteProtocolError(Reason.RATE_LIMITED, "this party sent more requests than the rate limit allows")
         if authenticates:
             _admitted_signer.set(signer)
+
+    def admit_publish(self, party_id: str, now: datetime) -> None:
+        """Take a token for a key set version `party_id` publishes; KEYSET_CHAIN_FULL when it has none today."""
+        if not self.publishes.take(party_id, now):
+            raise RemoteProtocolError(
+                Reason.KEYSET_CHAIN_FULL,
+                f"at most {MAX_KEYSET_PUBLISHES_PER_DAY} key set versions a day; publish this one later",
+            )
 
     def admit_peer(self, peer: str, now: datetime, *, unsigned: bool) -> None:
         """Before handling a request from `peer`: an unsigned one takes a token, a signed one needs one left.

@@ -108,7 +108,7 @@ class RateLimiter:
 
         self.keys = buckets(1)
         self.peers = buckets(PEER_RATE_LIMIT_FACTOR)
-        # LIM-14: key set versions a party may publish, MAX_KEYSET_PUBLISHES_PER_DAY a day (refilled evenly).
+        # LIM-15: key set versions a party may publish, MAX_KEYSET_PUBLISHES_PER_DAY a day (refilled evenly).
         self.publishes = TokenBuckets(
             rate_per_second=MAX_KEYSET_PUBLISHES_PER_DAY / _SECONDS_PER_DAY,
             burst=MAX_KEYSET_PUBLISHES_PER_DAY,

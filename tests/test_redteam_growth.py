@@ -1,5 +1,5 @@
-"""Issue 13, items 2, 10 and 14: key set chains cannot grow without bound or cost (LIM-12, LIM-14), the rate
-limit is per party however many keys it lists (LIM-8), and the key set gaps (KEY-21, KEY-22)."""
+"""Issue 13, items 2, 10 and 14: key set chains cannot grow without bound or cost (LIM-12, LIM-15), the rate
+limit is per party however many keys it lists (LIM-8), and the key set gaps (KEY-21, KEY-23)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ async def publish(biller: Biller, consumer: Consumer, envelope: envelope_pb2.Env
     consumer.party.key_sets.append(envelope)
 
 
-# --- LIM-12 / LIM-14: bounded chains --------------------------------------------------------------------
+# --- LIM-12 / LIM-15: bounded chains --------------------------------------------------------------------
 
 
 def test_a_revocation_reason_is_bounded() -> None:

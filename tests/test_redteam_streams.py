@@ -1,5 +1,6 @@
-"""Issue 13, item 1: a WatchEvents stream stays authorized for its whole life (EVT-9), and a party holds at
-most MAX_OPEN_STREAMS_PER_PARTY streams (LIM-13). Real streams over gRPC on loopback, one per trigger."""
+"""Issue 13, item 1: a WatchEvents stream lives no longer than its query (EVT-10) and stays authorized for its
+whole life (EVT-10), and a party holds at
+most MAX_OPEN_STREAMS_PER_PARTY streams (LIM-14). Real streams over gRPC on loopback, one per trigger."""
 
 from __future__ import annotations
 
@@ -144,8 +145,12 @@ def test_a_stream_ends_at_its_querys_expire_time(tmp_path: Path) -> None:
         stream = Stream(biller, alice)
         await _emit(biller)
         await stream.delivered(1)
-        biller.clock.advance(timedelta(hours=1))  # the tests' queries live an hour
-        assert await stream.end_reason() is Reason.STREAM_EXPIRED
+        # EVT-10: the tests' queries live an hour; the stream ends when HDR-5 would refuse its query.
+        biller.clock.advance(timedelta(hours=1) + biller.agent.limits.max_clock_skew - timedelta(seconds=1))
+        await asyncio.sleep(0.5)  # a few re-checks
+        assert not stream.ended.done()
+        biller.clock.advance(timedelta(seconds=1))
+        assert await stream.end_reason() is Reason.MESSAGE_EXPIRED
 
     run(tmp_path, scenario)
 

@@ -24,7 +24,7 @@ class EventsPhase:
     def __init__(self, party: BillerParty, *, watch_poll_interval: timedelta) -> None:
         self.party = party
         self.watch_poll_interval = watch_poll_interval
-        self._open_streams: dict[str, int] = {}  # party -> open WatchEvents streams (LIM-13); no party, no entry
+        self._open_streams: dict[str, int] = {}  # party -> open WatchEvents streams (LIM-14); no party, no entry
 
     def pending_event(
         self,
@@ -130,8 +130,8 @@ class EventsPhase:
 
     async def watch_events(self, envelope: envelope_pb2.Envelope) -> AsyncIterator[envelope_pb2.Envelope]:
         """EVT-3, EVT-4: check the query now, then stream the log from start_sequence and follow it live,
-        for as long as the query stays authorized (EVT-9) and the party holds at most its share of streams
-        (LIM-13)."""
+        for as long as the query lives and stays authorized (EVT-10), and the party holds at most
+        its share of streams (LIM-14)."""
         receive = self.party.receive
         query = await receive.query(envelope, "WatchEvents")
         signer = envelope.signatures[0].keyid  # verified by `query`, as was the header
@@ -150,7 +150,7 @@ class EventsPhase:
         return self.follow(watch, query.start_sequence)
 
     def _open_stream(self, party_id: str) -> None:
-        """LIM-13: count the stream against its party, refused past MAX_OPEN_STREAMS_PER_PARTY."""
+        """LIM-14: count the stream against its party, refused past MAX_OPEN_STREAMS_PER_PARTY."""
         open_streams = self._open_streams.get(party_id, 0)
         if open_streams >= MAX_OPEN_STREAMS_PER_PARTY:
             raise RemoteProtocolError(
@@ -164,14 +164,15 @@ class EventsPhase:
             self._open_streams[party_id] = remaining
 
     async def check_watch(self, watch: Watch) -> None:
-        """EVT-9: the stream's query is still authorized now, with the reason a fresh request would get:
+        """EVT-10: the stream's query is still authorized now, with the reason a fresh request would get:
         its signer still bound to the account (AUZ-1; a re-enrolment, ENR-11, moves the account away),
         its key still in force (KEY-10, KEY-11, KEY-14: not revoked, not dropped by a newer version, inside
-        its window; the chain fresh, KEY-13), and the query not past its expire_time (STREAM_EXPIRED)."""
+        its window; the chain fresh, KEY-13), and the query still alive (EVT-10: MESSAGE_EXPIRED at its
+        expire_time plus the clock skew)."""
         party = self.party
         now = party.clock.now()
-        if now >= watch.expire_time:
-            raise RemoteProtocolError(Reason.STREAM_EXPIRED, f"the stream's query expired at {watch.expire_time}")
+        if now >= watch.expire_time + party.limits.max_clock_skew:  # EVT-10: when HDR-5 would refuse the query
+            raise RemoteProtocolError(Reason.MESSAGE_EXPIRED, f"the stream's query expired at {watch.expire_time}")
         chain = await party.receive.consumer_chain(watch.party_id)  # cached by the chain's tip: one row read
         chain.check_key_at(watch.keyid, now)
         chain.check_fresh(now)
@@ -179,14 +180,13 @@ class EventsPhase:
 
     async def follow(self, watch: Watch, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
         """Stream the log from `cursor`, in order without gaps, then each new event (EVT-4); the query's
-        authorization is checked again before every batch, so at each wake-up and at least every
-        `watch_poll_interval` (EVT-9)."""
+        authorization is checked again after every batch and wake-up, so at least every
+        `watch_poll_interval` (EVT-10)."""
         party, account_id = self.party, watch.account_id
         self._open_stream(watch.party_id)  # in the generator, so that its `finally` is sure to close it
         try:
             while True:
                 wakeup = party.wakeups.event(account_id)  # taken before reading, so no append is missed
-                await self.check_watch(watch)
                 batch = await party.store.events(account_id, cursor, _WATCH_BATCH)
                 for record in batch:
                     yield stored_envelope(record.envelope)
@@ -197,13 +197,14 @@ class EventsPhase:
                     changed = party.wakeups.party_event(watch.party_id)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(_first(wakeup, changed), self.watch_poll_interval.total_seconds())
+                await self.check_watch(watch)  # before reading on: the query was checked when the stream began
         finally:
             self._close_stream(watch.party_id)
 
 
 @dataclass(frozen=True)
 class Watch:
-    """An open WatchEvents stream: who asked, with which key, for which account, until when (EVT-9)."""
+    """An open WatchEvents stream: who asked, with which key, for which account, until when (EVT-10)."""
 
     party_id: str
     keyid: str

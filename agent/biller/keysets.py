@@ -41,7 +41,7 @@ class KeySetsPhase:
         party.rate_limiter.admit_signer(party_id, now)
         keyids = tuple(entry.key.keyid for entry in extended.latest.keys)
         await receive.check_keyids_free(keyids, party_id)
-        party.rate_limiter.admit_publish(party_id, now)  # LIM-14, last: only a version that would be stored
+        party.rate_limiter.admit_publish(party_id, now)  # LIM-15, last: only a version that would be stored
         response = biller_service_pb2.PublishKeySetResponse(version=extended.latest.version)
         stored = envelope.SerializeToString()
         try:
@@ -51,7 +51,7 @@ class KeySetsPhase:
                 raise
             return response
         receive.remember_chain(party_id, stored, extended)
-        party.wakeups.notify_party(party_id)  # EVT-9: its open streams check their key against the new version
+        party.wakeups.notify_party(party_id)  # EVT-10: its open streams check their key against the new version
         log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)
         return response
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 class Wakeups:
     """Notifications for event watchers: `event(account)` is set when the account's log grows, and
-    `party_event(party)` when the party's key set chain changes (its streams re-check their key, EVT-9)."""
+    `party_event(party)` when the party's key set chain changes (its streams re-check their key, EVT-10)."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}

@@ -123,7 +123,7 @@ class ReceivePath:
         return party_id
 
     async def consumer_chain(self, party_id: str) -> KeyChain:
-        """The party's stored chain, each version verified once (LIM-14).
+        """The party's stored chain, each version verified once (LIM-15).
 
         Read on every request, so a version published through another replica counts at once, but only
         from the cached tip on: the tip's bytes (unchanged, or the chain is verified afresh) and the

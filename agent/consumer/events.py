@@ -89,9 +89,9 @@ class EventWatch:
             except CallError as error:
                 if error.code is grpc.StatusCode.CANCELLED:
                     return  # the agent was closed
-                if error.reason is Reason.STREAM_EXPIRED:
-                    # EVT-9: the query's time is up, not a failure: resume from the cursor with a fresh query
-                    # (after the shortest back-off, so a biller that ends every stream at once is not hammered).
+                if error.reason is Reason.MESSAGE_EXPIRED:
+                    # EVT-10: the stream's query's time is up, not a failure: resume from the cursor with a fresh
+                    # query (after the shortest back-off, so a biller that ends every stream at once is not hammered).
                     log_step(logger, "watch-renewing", biller=biller, account=account)
                     failures = 0
                 elif not is_transient(error):

@@ -144,21 +144,20 @@ class Reason(enum.Enum):
     PAYMENT_NOT_SETTLED = ("FAILED_PRECONDITION", "PAY-5", "No settlement yet: the receipt does not exist.")
     # Events (§11)
     CURSOR_OUT_OF_RANGE = ("OUT_OF_RANGE", "EVT-3", "The start sequence is beyond the end of the log.")
-    STREAM_EXPIRED = (
-        "FAILED_PRECONDITION",
-        "EVT-9",
-        "The event stream reached its query's expire_time; resume from the cursor with a fresh query.",
-    )
     # Limits (§14)
     RATE_LIMITED = (
         "RESOURCE_EXHAUSTED",
         "LIM-8",
-        "The signing key, or for unverified requests the peer address, sent more requests than the rate limit allows.",
+        "The signing party, or for unverified requests the peer address, sent more requests than the limit allows.",
     )
-    TOO_MANY_STREAMS = ("RESOURCE_EXHAUSTED", "LIM-13", "The party already has the most open event streams allowed.")
-    KEYSET_CHAIN_FULL = (
+    TOO_MANY_STREAMS = (
         "RESOURCE_EXHAUSTED",
         "LIM-14",
+        "The party, or address, already has the most open event streams allowed.",
+    )
+    KEYSET_CHAIN_FULL = (
+        "RESOURCE_EXHAUSTED",
+        "LIM-15",
         "The party's key set chain has the most versions allowed, or it published too many today.",
     )
     # Offline verification (§17)

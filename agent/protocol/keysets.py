@@ -106,7 +106,7 @@ def _signer(entries: Iterable[KeyEntry], keyid: str, where: str) -> KeyEntry:
 
 
 def _check_version_follows(version: int, previous: KeySetVersion | None) -> None:
-    """KEY-8: version 1 starts a chain and N may only be followed by N+1; LIM-14: up to MAX_KEYSET_VERSIONS."""
+    """KEY-8: version 1 starts a chain and N may only be followed by N+1; LIM-15: up to MAX_KEYSET_VERSIONS."""
     expected = 1 if previous is None else previous.version + 1
     if version == expected > MAX_KEYSET_VERSIONS:
         raise RemoteProtocolError(
@@ -322,7 +322,7 @@ class KeyChain:
         self, envelope: envelope_pb2.Envelope, *, now: datetime | None = None, limits: Limits = DEFAULT_LIMITS
     ) -> KeyChain:
         """The chain with `envelope` verified as its next version (KEY-8, KEY-9), and only it: the versions
-        before were verified already (LIM-14). With `now`, KEY-13 too, and KEY-22: not created in the future."""
+        before were verified already (LIM-15). With `now`, KEY-13 too, and KEY-23: not created in the future."""
         chain = KeyChain((*self.versions, _verify_version(envelope, self.latest, limits)))
         if now is not None:
             chain.check_created_by(now, limits)
@@ -367,7 +367,7 @@ class KeyChain:
         _check_usable(entry, self.latest.revocations, create_time)
 
     def check_created_by(self, now: datetime, limits: Limits = DEFAULT_LIMITS) -> None:
-        """KEY-22: no version was created after `now` plus the clock skew (versions are created in order, so
+        """KEY-23: no version was created after `now` plus the clock skew (versions are created in order, so
         the newest tells): a version dated ahead would otherwise become the version in force only later."""
         if self.latest.create_time > now + limits.max_clock_skew:
             raise RemoteProtocolError(

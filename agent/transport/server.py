@@ -77,7 +77,7 @@ class ConnectionLimits:
     the store, logs and metrics (docs/OPERATIONS.md, "File limits"). Idle connections — no call in flight,
     including those that never made one — are closed after `idle_timeout`, so a crowd of silent
     connections cannot hold every slot; a connection lives at most `max_age`, then gets `max_age_grace`
-    to finish its calls (a WatchEvents stream ends by its query's expire_time anyway, EVT-9).
+    to finish its calls (a WatchEvents stream ends by its query's expire_time anyway, EVT-10).
     """
 
     max_connections: int = 800

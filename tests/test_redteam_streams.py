@@ -5,6 +5,7 @@ most MAX_OPEN_STREAMS_PER_PARTY streams (LIM-14). Real streams over gRPC on loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ from agent.protocol.limits import MAX_OPEN_STREAMS_PER_PARTY
 from agent.transport.status import error_from_rpc
 from parley.v1 import event_pb2
 from parley.v1.biller_service_pb2 import EnrolRequest, PublishKeySetRequest, WatchEventsRequest
-from tests.helpers.peer import Biller, Consumer, running_biller
+from tests.helpers.peer import BILLER_ID, Biller, Consumer, running_biller
 
 ACCOUNT = "acct-1001"
 ENDS_WITHIN = 5.0  # seconds; the tests' biller re-checks every 0.2 s (watch_poll_interval)
@@ -172,3 +173,23 @@ def test_a_party_holds_a_bounded_number_of_open_streams(tmp_path: Path) -> None:
             stream.cancel()
 
     run(tmp_path, scenario)
+
+
+def test_the_consumer_agent_resumes_from_its_cursor_when_its_stream_expires(tmp_path: Path) -> None:
+    # The consumer agent's scaffolding, shared with its own tests.
+    from tests.test_consumer_agent import Household, enrol, remind, take  # noqa: PLC0415
+    from tests.test_consumer_agent import run as run_with_household  # noqa: PLC0415
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent() as agent:
+            await enrol(biller, agent)  # event 0: BILL_ISSUED
+            async with contextlib.aclosing(agent.watch(BILLER_ID)) as events:
+                assert await take(events, 1) == [0]
+                # Past the query's lifetime (the agent's 15 minutes) plus the skew: the biller ends the stream
+                # with MESSAGE_EXPIRED (EVT-10); the agent opens a fresh one from its cursor, losing nothing.
+                biller.clock.advance(timedelta(minutes=15) + biller.agent.limits.max_clock_skew)
+                await asyncio.sleep(0.5)
+                await remind(biller, 2)
+                assert await take(events, 2) == [1, 2]
+
+    run_with_household(tmp_path, scenario)

@@ -128,13 +128,18 @@ class RateLimiter:
         if authenticates:
             _admitted_signer.set(signer)
 
-    def admit_publish(self, party_id: str, now: datetime) -> None:
-        """Take a token for a key set version `party_id` publishes; KEYSET_CHAIN_FULL when it has none today."""
-        if not self.publishes.take(party_id, now):
+    def check_publish(self, party_id: str, now: datetime) -> None:
+        """KEYSET_CHAIN_FULL when `party_id` has published its MAX_KEYSET_PUBLISHES_PER_DAY versions today."""
+        if not self.publishes.available(party_id, now):
             raise RemoteProtocolError(
                 Reason.KEYSET_CHAIN_FULL,
                 f"at most {MAX_KEYSET_PUBLISHES_PER_DAY} key set versions a day; publish this one later",
             )
+
+    def count_publish(self, party_id: str, now: datetime) -> None:
+        """A version of `party_id`'s chain was stored: charged only then, so that retries and racing copies
+        of one version (HDR-12) cost nothing."""
+        self.publishes.take(party_id, now)
 
     def admit_peer(self, peer: str, now: datetime, *, unsigned: bool) -> None:
         """Before handling a request from `peer`: an unsigned one takes a token, a signed one needs one left.

@@ -12,7 +12,7 @@ from agent.biller.party import BillerParty, stored_envelope
 from agent.biller.receive import log_read
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.events import MAX_REMINDER_LEVEL, events_thread_id
-from agent.protocol.limits import MAX_NOTE_CHARS, MAX_OPEN_STREAMS_PER_PARTY
+from agent.protocol.limits import MAX_NOTE_CHARS, MAX_OPEN_STREAMS_PER_PARTY, MAX_STREAM_RECHECK_INTERVAL
 from agent.protocol.terms import Money
 from agent.stores.base import PendingEvent
 from parley.v1 import envelope_pb2, event_pb2
@@ -24,6 +24,7 @@ class EventsPhase:
     def __init__(self, party: BillerParty, *, watch_poll_interval: timedelta) -> None:
         self.party = party
         self.watch_poll_interval = watch_poll_interval
+        self._recheck_seconds = min(watch_poll_interval, MAX_STREAM_RECHECK_INTERVAL).total_seconds()
         self._open_streams: dict[str, int] = {}  # party -> open WatchEvents streams (LIM-14); no party, no entry
 
     def pending_event(
@@ -181,7 +182,7 @@ class EventsPhase:
     async def follow(self, watch: Watch, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
         """Stream the log from `cursor`, in order without gaps, then each new event (EVT-4); the query's
         authorization is checked again after every batch and wake-up, so at least every
-        `watch_poll_interval` (EVT-10)."""
+        `watch_poll_interval` and never less often than MAX_STREAM_RECHECK_INTERVAL (EVT-10)."""
         party, account_id = self.party, watch.account_id
         self._open_stream(watch.party_id)  # in the generator, so that its `finally` is sure to close it
         try:
@@ -196,7 +197,7 @@ class EventsPhase:
                     # are re-enrolments and expiry. A key set published here wakes its party's streams.
                     changed = party.wakeups.party_event(watch.party_id)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(_first(wakeup, changed), self.watch_poll_interval.total_seconds())
+                        await asyncio.wait_for(_first(wakeup, changed), self._recheck_seconds)
                 await self.check_watch(watch)  # before reading on: the query was checked when the stream began
         finally:
             self._close_stream(watch.party_id)

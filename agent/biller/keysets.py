@@ -41,7 +41,7 @@ class KeySetsPhase:
         party.rate_limiter.admit_signer(party_id, now)
         keyids = tuple(entry.key.keyid for entry in extended.latest.keys)
         await receive.check_keyids_free(keyids, party_id)
-        party.rate_limiter.admit_publish(party_id, now)  # LIM-15, last: only a version that would be stored
+        party.rate_limiter.check_publish(party_id, now)  # LIM-15; charged below, once the version is stored
         response = biller_service_pb2.PublishKeySetResponse(version=extended.latest.version)
         stored = envelope.SerializeToString()
         try:
@@ -50,6 +50,7 @@ class KeySetsPhase:
             if digest(envelope) != (await receive.consumer_chain(party_id)).latest.digest:
                 raise
             return response
+        party.rate_limiter.count_publish(party_id, now)
         receive.remember_chain(party_id, stored, extended)
         party.wakeups.notify_party(party_id)  # EVT-10: its open streams check their key against the new version
         log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)

@@ -41,6 +41,8 @@ MAX_KEYSET_VERSIONS = 100
 MAX_KEYSET_PUBLISHES_PER_DAY = 4
 # LIM-14: WatchEvents streams one party may hold open at once (per biller process).
 MAX_OPEN_STREAMS_PER_PARTY = 4
+# EVT-10: the longest a biller may go without checking that an open stream's query is still authorized.
+MAX_STREAM_RECHECK_INTERVAL = timedelta(seconds=30)
 # Largest amount: below 10**(9 + exponent) minor units, i.e. 999,999,999.99 for
 # a two-decimal currency, as in the SEPA Request-to-Pay rulebook.
 AMOUNT_MAJOR_DIGITS = 9

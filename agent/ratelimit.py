@@ -2,10 +2,14 @@
 
 Two sets of token buckets:
 
-- **by signing key**, refilling at `Limits.rate_limit_per_second` up to
+- **by signer**, refilling at `Limits.rate_limit_per_second` up to
   `Limits.rate_limit_burst` tokens: a request whose signature verified takes a
-  token from its key's bucket (`RateLimiter.admit_signer`), so only the holder
-  of a key can spend that key's budget;
+  token from its signer's bucket (`RateLimiter.admit_signer`), so only the
+  holder of a key can spend that budget. The signer is the enrolled *party*
+  whose chain verified the signature, never the key (LIM-8): listing sixteen
+  keys in a key set, or rotating to new ones, does not multiply the budget.
+  Only `Enrol`, whose key vouches for nothing but itself, is charged to its
+  key;
 - **by peer address**, with `PEER_RATE_LIMIT_FACTOR` times that rate and burst
   (one address may be a NAT in front of many consumers): the unsigned `Hello`
   and `GetKeySets` take a token from their peer's bucket, and so does every
@@ -35,7 +39,14 @@ from datetime import datetime
 
 from agent.lru import Lru
 from agent.protocol.errors import Reason, RemoteProtocolError
-from agent.protocol.limits import PEER_RATE_LIMIT_FACTOR, RATE_LIMIT_MAX_TRACKED, Limits
+from agent.protocol.limits import (
+    MAX_KEYSET_PUBLISHES_PER_DAY,
+    PEER_RATE_LIMIT_FACTOR,
+    RATE_LIMIT_MAX_TRACKED,
+    Limits,
+)
+
+_SECONDS_PER_DAY = 86_400
 
 _admitted_signer: ContextVar[str | None] = ContextVar("parley_admitted_signer", default=None)
 
@@ -49,7 +60,7 @@ class _Bucket:
 class TokenBuckets:
     """Token buckets by name, refilling at `rate_per_second` up to `burst`, at most `max_tracked` remembered."""
 
-    def __init__(self, *, rate_per_second: int, burst: int, max_tracked: int) -> None:
+    def __init__(self, *, rate_per_second: float, burst: int, max_tracked: int) -> None:
         if rate_per_second <= 0 or burst <= 0 or max_tracked <= 0:
             raise ValueError("rate, burst and max_tracked must be positive")
         self._rate = rate_per_second
@@ -85,7 +96,7 @@ class TokenBuckets:
 
 
 class RateLimiter:
-    """LIM-8 for one biller process: buckets by signing key and by peer address."""
+    """LIM-8 for one biller process: buckets by signer (the enrolled party) and by peer address."""
 
     def __init__(self, limits: Limits, *, max_tracked: int = RATE_LIMIT_MAX_TRACKED) -> None:
         def buckets(factor: int) -> TokenBuckets:
@@ -97,18 +108,38 @@ class RateLimiter:
 
         self.keys = buckets(1)
         self.peers = buckets(PEER_RATE_LIMIT_FACTOR)
+        # LIM-15: key set versions a party may publish, MAX_KEYSET_PUBLISHES_PER_DAY a day (refilled evenly).
+        self.publishes = TokenBuckets(
+            rate_per_second=MAX_KEYSET_PUBLISHES_PER_DAY / _SECONDS_PER_DAY,
+            burst=MAX_KEYSET_PUBLISHES_PER_DAY,
+            max_tracked=max_tracked,
+        )
 
-    def admit_signer(self, keyid: str, now: datetime, *, authenticates: bool = True) -> None:
-        """Take a token for a request whose signature by `keyid` verified; RATE_LIMITED when there is none.
+    def admit_signer(self, signer: str, now: datetime, *, authenticates: bool = True) -> None:
+        """Take a token for a request whose signature verified; RATE_LIMITED when `signer`'s bucket is empty.
 
-        `authenticates=False` for a key that vouches only for itself (`Enrol`): the
-        request is still charged to the key, but a refusal of it is charged to the
-        peer too, since anyone can make fresh keys.
+        `signer` is the enrolled party whose chain verified the signature (LIM-8: one budget per party,
+        however many keys it lists). `authenticates=False` for a key that vouches only for itself
+        (`Enrol`, charged to its keyid): a refusal of it is charged to the peer too, since anyone can
+        make fresh keys.
         """
-        if not self.keys.take(keyid, now):
-            raise RemoteProtocolError(Reason.RATE_LIMITED, "this key sent more requests than the rate limit allows")
+        if not self.keys.take(signer, now):
+            raise RemoteProtocolError(Reason.RATE_LIMITED, "this party sent more requests than the rate limit allows")
         if authenticates:
-            _admitted_signer.set(keyid)
+            _admitted_signer.set(signer)
+
+    def check_publish(self, party_id: str, now: datetime) -> None:
+        """KEYSET_CHAIN_FULL when `party_id` has published its MAX_KEYSET_PUBLISHES_PER_DAY versions today."""
+        if not self.publishes.available(party_id, now):
+            raise RemoteProtocolError(
+                Reason.KEYSET_CHAIN_FULL,
+                f"at most {MAX_KEYSET_PUBLISHES_PER_DAY} key set versions a day; publish this one later",
+            )
+
+    def count_publish(self, party_id: str, now: datetime) -> None:
+        """A version of `party_id`'s chain was stored: charged only then, so that retries and racing copies
+        of one version (HDR-12) cost nothing."""
+        self.publishes.take(party_id, now)
 
     def admit_peer(self, peer: str, now: datetime, *, unsigned: bool) -> None:
         """Before handling a request from `peer`: an unsigned one takes a token, a signed one needs one left.

@@ -24,7 +24,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from agent.biller import BillerAgent
-from agent.biller.events import EventsPhase
+from agent.biller.events import EventsPhase, Watch
 from agent.biller.negotiation import NegotiationPhase
 from agent.biller.payments import PaymentsPhase
 from agent.biller.receive import Inbound, ReceivePath, ReplayCache, check_query_shape
@@ -201,8 +201,8 @@ def reads_other_accounts(agent: BillerAgent) -> None:
 class _LossyResume(EventsPhase):
     """A resumed watch starts one past its cursor (an off-by-one in the resume path)."""
 
-    def follow(self, account_id: str, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
-        return super().follow(account_id, cursor + 1 if cursor else cursor)
+    def follow(self, watch: Watch, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
+        return super().follow(watch, cursor + 1 if cursor else cursor)
 
 
 def loses_events_on_resume(agent: BillerAgent) -> None:

@@ -223,7 +223,7 @@ def test_rate_per_key_refuses_after_the_burst_and_recovers_as_the_clock_moves(tm
         alice = await biller.enrolled(ACCOUNT, "consumer:alice")
         bob = await biller.enrolled(OTHER, "consumer:bob")
         await biller.bill(ACCOUNT)
-        for _ in range(limits.rate_limit_burst - 1):  # the enrolment took the first token of the burst
+        for _ in range(limits.rate_limit_burst):  # the enrolment was charged to its key, not to the party (LIM-8)
             await list_bills(biller, alice)
         error = await refused(list_bills(biller, alice))
         assert (error.reason, error.code) == (Reason.RATE_LIMITED, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -252,7 +252,7 @@ def test_rate_limited_requests_are_counted_but_not_logged_one_by_one(
 ) -> None:
     async def scenario(biller: Biller) -> None:
         alice = await biller.enrolled(ACCOUNT, "consumer:alice")
-        for _ in range(SMALL_RATE.rate_limit_burst - 1):  # the enrolment took the first token
+        for _ in range(SMALL_RATE.rate_limit_burst):  # the enrolment was charged to its key, not to the party
             await list_bills(biller, alice)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="parley.transport"):
@@ -296,10 +296,10 @@ def test_forged_requests_exhaust_their_peer_address_never_the_named_key(tmp_path
         assert await reason(list_bills(biller, alice)) is Reason.RATE_LIMITED
         assert await reason(biller.stub.Hello(HelloRequest(protocol_versions=[1]))) is Reason.RATE_LIMITED
         assert dump(biller.db_path) == before
-        # Alice, from another address, has her key's burst less the one token her enrolment took:
-        # the forgeries never touched her key's bucket.
+        # Alice, from another address, has her party's whole burst (her enrolment was charged to its key):
+        # the forgeries never touched her bucket.
         async with second_listener(biller) as elsewhere:
-            for _ in range(SMALL_RATE.rate_limit_burst - 1):
+            for _ in range(SMALL_RATE.rate_limit_burst):
                 await elsewhere.ListBills(ListBillsRequest(query=_signed_query(alice)))
             assert await reason(elsewhere.ListBills(ListBillsRequest(query=_signed_query(alice)))) is (
                 Reason.RATE_LIMITED

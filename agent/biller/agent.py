@@ -110,7 +110,9 @@ class BillerAgent:
         `message_lifetime` is the expire_time - create_time of everything the agent
         signs. `watch_poll_interval` bounds how late an event appended by another
         process sharing the store reaches this process's watchers (events appended
-        here wake them at once). `metrics` (default: new ones, on a registry of their
+        here wake them at once), and how often an open stream's query is checked again
+        (EVT-10: re-binding, revoked or dropped key, expiry; at most every 30 s whatever
+        the interval). `metrics` (default: new ones, on a registry of their
         own) count its protocol steps. ValueError if the key is not in the chain's
         newest version or the chain is another party's.
 

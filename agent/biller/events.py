@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import date, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 
 from agent.biller.party import BillerParty, stored_envelope
 from agent.biller.receive import log_read
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.events import MAX_REMINDER_LEVEL, events_thread_id
-from agent.protocol.limits import MAX_NOTE_CHARS
+from agent.protocol.limits import MAX_NOTE_CHARS, MAX_OPEN_STREAMS_PER_PARTY, MAX_STREAM_RECHECK_INTERVAL
 from agent.protocol.terms import Money
 from agent.stores.base import PendingEvent
 from parley.v1 import envelope_pb2, event_pb2
@@ -23,6 +24,8 @@ class EventsPhase:
     def __init__(self, party: BillerParty, *, watch_poll_interval: timedelta) -> None:
         self.party = party
         self.watch_poll_interval = watch_poll_interval
+        self._recheck_seconds = min(watch_poll_interval, MAX_STREAM_RECHECK_INTERVAL).total_seconds()
+        self._open_streams: dict[str, int] = {}  # party -> open WatchEvents streams (LIM-14); no party, no entry
 
     def pending_event(
         self,
@@ -127,29 +130,97 @@ class EventsPhase:
         return stored_envelope(records[0].envelope)
 
     async def watch_events(self, envelope: envelope_pb2.Envelope) -> AsyncIterator[envelope_pb2.Envelope]:
-        """EVT-3, EVT-4: check the query now, then stream the log from start_sequence and follow it live."""
-        query = await self.party.receive.query(envelope, "WatchEvents")
+        """EVT-3, EVT-4: check the query now, then stream the log from start_sequence and follow it live,
+        for as long as the query lives and stays authorized (EVT-10), and the party holds at most
+        its share of streams (LIM-14)."""
+        receive = self.party.receive
+        query = await receive.query(envelope, "WatchEvents")
+        signer = envelope.signatures[0].keyid  # verified by `query`, as was the header
         length = await self.party.store.event_count(query.account_id)
         if query.start_sequence > length:
             raise RemoteProtocolError(
                 Reason.CURSOR_OUT_OF_RANGE, f"start_sequence {query.start_sequence} is beyond the log's end {length}"
             )
+        watch = Watch(
+            party_id=await receive.party_of(signer),
+            keyid=signer,
+            account_id=query.account_id,
+            expire_time=query.header.expire_time.ToDatetime(tzinfo=UTC),
+        )
         log_read("WatchEvents", query.account_id, start_sequence=query.start_sequence)
-        return self.follow(query.account_id, query.start_sequence)
+        return self.follow(watch, query.start_sequence)
 
-    async def follow(self, account_id: str, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
-        """Stream the log from `cursor`, in order without gaps, then each new event (EVT-4)."""
+    def _open_stream(self, party_id: str) -> None:
+        """LIM-14: count the stream against its party, refused past MAX_OPEN_STREAMS_PER_PARTY."""
+        open_streams = self._open_streams.get(party_id, 0)
+        if open_streams >= MAX_OPEN_STREAMS_PER_PARTY:
+            raise RemoteProtocolError(
+                Reason.TOO_MANY_STREAMS, f"at most {MAX_OPEN_STREAMS_PER_PARTY} open event streams per party"
+            )
+        self._open_streams[party_id] = open_streams + 1
+
+    def _close_stream(self, party_id: str) -> None:
+        remaining = self._open_streams.pop(party_id, 1) - 1
+        if remaining > 0:
+            self._open_streams[party_id] = remaining
+
+    async def check_watch(self, watch: Watch) -> None:
+        """EVT-10: the stream's query is still authorized now, with the reason a fresh request would get:
+        its signer still bound to the account (AUZ-1; a re-enrolment, ENR-11, moves the account away),
+        its key still in force (KEY-10, KEY-11, KEY-14: not revoked, not dropped by a newer version, inside
+        its window; the chain fresh, KEY-13), and the query still alive (EVT-10: MESSAGE_EXPIRED at its
+        expire_time plus the clock skew)."""
         party = self.party
-        while True:
-            wakeup = party.wakeups.event(account_id)  # taken before reading, so no append is missed
-            batch = await party.store.events(account_id, cursor, _WATCH_BATCH)
-            for record in batch:
-                yield stored_envelope(record.envelope)
-                cursor = record.sequence + 1
-            if not batch:
-                # Appends by this process set the event; other processes' are found by polling.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), self.watch_poll_interval.total_seconds())
+        now = party.clock.now()
+        if now >= watch.expire_time + party.limits.max_clock_skew:  # EVT-10: when HDR-5 would refuse the query
+            raise RemoteProtocolError(Reason.MESSAGE_EXPIRED, f"the stream's query expired at {watch.expire_time}")
+        chain = await party.receive.consumer_chain(watch.party_id)  # cached by the chain's tip: one row read
+        chain.check_key_at(watch.keyid, now)
+        chain.check_fresh(now)
+        await party.receive.authorize(watch.party_id, watch.account_id)
+
+    async def follow(self, watch: Watch, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
+        """Stream the log from `cursor`, in order without gaps, then each new event (EVT-4); the query's
+        authorization is checked again after every batch and wake-up, so at least every
+        `watch_poll_interval` and never less often than MAX_STREAM_RECHECK_INTERVAL (EVT-10)."""
+        party, account_id = self.party, watch.account_id
+        self._open_stream(watch.party_id)  # in the generator, so that its `finally` is sure to close it
+        try:
+            while True:
+                wakeup = party.wakeups.event(account_id)  # taken before reading, so no append is missed
+                batch = await party.store.events(account_id, cursor, _WATCH_BATCH)
+                for record in batch:
+                    yield stored_envelope(record.envelope)
+                    cursor = record.sequence + 1
+                if not batch:
+                    # Appends by this process set the event; other processes' are found by polling, and so
+                    # are re-enrolments and expiry. A key set published here wakes its party's streams.
+                    changed = party.wakeups.party_event(watch.party_id)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_first(wakeup, changed), self._recheck_seconds)
+                await self.check_watch(watch)  # before reading on: the query was checked when the stream began
+        finally:
+            self._close_stream(watch.party_id)
 
 
-__all__ = ["EventsPhase"]
+@dataclass(frozen=True)
+class Watch:
+    """An open WatchEvents stream: who asked, with which key, for which account, until when (EVT-10)."""
+
+    party_id: str
+    keyid: str
+    account_id: str
+    expire_time: datetime
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Return once any of `events` is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+__all__ = ["EventsPhase", "Watch"]

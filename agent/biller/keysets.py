@@ -35,22 +35,24 @@ class KeySetsPhase:
         party_id = await receive.party_of(checked.keyid)
         chain = await receive.consumer_chain(party_id)
         if digest(envelope) == chain.latest.digest:  # a retry of the version just stored (HDR-12)
-            party.rate_limiter.admit_signer(checked.keyid, now)
+            party.rate_limiter.admit_signer(party_id, now)
             return biller_service_pb2.PublishKeySetResponse(version=chain.latest.version)
-        extended = chain.extend(envelope, now=now, limits=party.limits)
-        party.rate_limiter.admit_signer(checked.keyid, now)
+        extended = chain.extend(envelope, now=now, limits=party.limits)  # verifies only the new version
+        party.rate_limiter.admit_signer(party_id, now)
         keyids = tuple(entry.key.keyid for entry in extended.latest.keys)
         await receive.check_keyids_free(keyids, party_id)
+        party.rate_limiter.check_publish(party_id, now)  # LIM-15; charged below, once the version is stored
         response = biller_service_pb2.PublishKeySetResponse(version=extended.latest.version)
+        stored = envelope.SerializeToString()
         try:
-            await party.store.append_key_set(
-                KeySetRecord(party_id, extended.latest.version, envelope.SerializeToString(), keyids)
-            )
+            await party.store.append_key_set(KeySetRecord(party_id, extended.latest.version, stored, keyids))
         except StoreConflict:  # HDR-12: a copy of this version, published at the same time, was stored first
             if digest(envelope) != (await receive.consumer_chain(party_id)).latest.digest:
                 raise
             return response
-        receive.forget_chain(party_id)
+        party.rate_limiter.count_publish(party_id, now)
+        receive.remember_chain(party_id, stored, extended)
+        party.wakeups.notify_party(party_id)  # EVT-10: its open streams check their key against the new version
         log_step(logger, "key-set-published", party=party_id, version=extended.latest.version)
         return response
 

@@ -38,10 +38,20 @@ if TYPE_CHECKING:
 
 
 class Wakeups:
-    """Per-account notification for event watchers: `event(account)` is set when the log grows."""
+    """Notifications for event watchers: `event(account)` is set when the account's log grows, and
+    `party_event(party)` when the party's key set chain changes (its streams re-check their key, EVT-10)."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
+        self._party_events: dict[str, asyncio.Event] = {}
+
+    def party_event(self, party_id: str) -> asyncio.Event:
+        return self._party_events.setdefault(party_id, asyncio.Event())
+
+    def notify_party(self, party_id: str) -> None:
+        event = self._party_events.pop(party_id, None)
+        if event is not None:
+            event.set()
 
     def event(self, account_id: str) -> asyncio.Event:
         return self._events.setdefault(account_id, asyncio.Event())

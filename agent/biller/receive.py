@@ -77,8 +77,8 @@ class ReceivePath:
 
     def __init__(self, party: BillerParty) -> None:
         self.party = party
-        # Verification cache, by the stored bytes of the chain it was verified from; the store is the truth.
-        self._chains: Lru[str, tuple[list[bytes], KeyChain]] = Lru(_PARTY_CACHE_ENTRIES)
+        # Verification cache, with the stored bytes of the chain's tip it was verified up to; the store is the truth.
+        self._chains: Lru[str, tuple[bytes, KeyChain]] = Lru(_PARTY_CACHE_ENTRIES)
         # keyid -> enrolled party: a stored keyid never moves to another party (KEY-21), so a hit stays true.
         self._keyid_parties: Lru[str, str] = Lru(_PARTY_CACHE_ENTRIES)
 
@@ -91,7 +91,7 @@ class ReceivePath:
         now = party.clock.now()
         verified = self.open(checked, chain)
         set_request_ids(verified.header.thread_id, verified.header.message_id)
-        party.rate_limiter.admit_signer(verified.keyid, now)  # LIM-8: only a verified request costs its key
+        party.rate_limiter.admit_signer(party_id, now)  # LIM-8: a verified request costs its party, whatever the key
         return Inbound(verified, party_id)
 
     def open(self, checked: CheckedEnvelope[M], chain: KeyChain) -> Verified[M]:
@@ -123,25 +123,38 @@ class ReceivePath:
         return party_id
 
     async def consumer_chain(self, party_id: str) -> KeyChain:
-        """The party's stored chain, verified once per version (cached with the bytes it was verified from:
-        read on every request, so a version published through another replica counts at once)."""
+        """The party's stored chain, each version verified once (LIM-15).
+
+        Read on every request, so a version published through another replica counts at once, but only
+        from the cached tip on: the tip's bytes (unchanged, or the chain is verified afresh) and the
+        versions after it, which alone are verified, each against the one before.
+        """
+        cached = self._chains.get(party_id)
+        if cached is not None:
+            tip_bytes, chain = cached
+            stored = await self.party.store.party_key_sets(party_id, after_version=chain.latest.version - 1)
+            if stored and stored[0] == tip_bytes:
+                for data in stored[1:]:
+                    chain = chain.extend(stored_envelope(data), limits=self.party.limits)
+                self._chains.put(party_id, (stored[-1], chain))
+                return chain
         stored = await self.party.store.party_key_sets(party_id)
         if not stored:
             raise RemoteProtocolError(Reason.NOT_ENROLLED, f"{party_id!r} is not enrolled")
-        cached = self._chains.get(party_id)
-        if cached is not None and cached[0] == stored:
-            return cached[1]
         chain = KeyChain.verify([stored_envelope(data) for data in stored], limits=self.party.limits)
-        self._chains.put(party_id, (stored, chain))
+        self._chains.put(party_id, (stored[-1], chain))
         return chain
 
-    def forget_chain(self, party_id: str) -> None:
-        """The party's chain grew: verify it afresh next time."""
-        self._chains.pop(party_id)
+    def remember_chain(self, party_id: str, tip: bytes, chain: KeyChain) -> None:
+        """The party's chain grew to `chain`, whose newest version is stored as `tip`: no need to verify it again."""
+        self._chains.put(party_id, (tip, chain))
 
     async def check_keyids_free(self, keyids: Sequence[str], party_id: str) -> None:
-        """KEY-21: no keyid of a new key set may be listed by another party's chain."""
+        """KEY-21: no keyid of a new key set may be listed by another party's chain, the biller's own included."""
+        own = {entry.key.keyid for version in self.party.key_chain.versions for entry in version.keys}
         for keyid in keyids:
+            if keyid in own:
+                raise RemoteProtocolError(Reason.KEYSET_INVALID, f"keyid {keyid} is another party's")
             owner = await self.party.store.party_with_keyid(keyid)
             if owner is not None and owner != party_id:
                 raise RemoteProtocolError(Reason.KEYSET_INVALID, f"keyid {keyid} is another party's")

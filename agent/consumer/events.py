@@ -19,7 +19,7 @@ from agent.consumer.receive import Receiver, envelope_of, event_facts
 from agent.consumer.results import AccountEvent
 from agent.consumer.sessions import Sessions
 from agent.logs import log_step
-from agent.protocol.errors import ProtocolError, RemoteProtocolError
+from agent.protocol.errors import ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.events import events_thread_id
 from agent.protocol.messages import Verified, check_sequence
 from agent.stores.base import ConsumerStore, EventCursor, ReceivedEventRecord, StoreConflict
@@ -89,9 +89,15 @@ class EventWatch:
             except CallError as error:
                 if error.code is grpc.StatusCode.CANCELLED:
                     return  # the agent was closed
-                if not is_transient(error):
+                if error.reason is Reason.MESSAGE_EXPIRED:
+                    # EVT-10: the stream's query's time is up, not a failure: resume from the cursor with a fresh
+                    # query (after the shortest back-off, so a biller that ends every stream at once is not hammered).
+                    log_step(logger, "watch-renewing", biller=biller, account=account)
+                    failures = 0
+                elif not is_transient(error):
                     raise
-                log_step(logger, "watch-reconnecting", biller=biller, account=account, code=error.code.name)
+                else:
+                    log_step(logger, "watch-reconnecting", biller=biller, account=account, code=error.code.name)
             except _BrokenLog as broken:
                 log_step(
                     logger,

@@ -148,7 +148,17 @@ class Reason(enum.Enum):
     RATE_LIMITED = (
         "RESOURCE_EXHAUSTED",
         "LIM-8",
-        "The signing key, or for unverified requests the peer address, sent more requests than the rate limit allows.",
+        "The signing party, or for unverified requests the peer address, sent more requests than the limit allows.",
+    )
+    TOO_MANY_STREAMS = (
+        "RESOURCE_EXHAUSTED",
+        "LIM-14",
+        "The party, or address, already has the most open event streams allowed.",
+    )
+    KEYSET_CHAIN_FULL = (
+        "RESOURCE_EXHAUSTED",
+        "LIM-15",
+        "The party's key set chain has the most versions allowed, or it published too many today.",
     )
     # Offline verification (§17)
     NOT_AGREED = ("FAILED_PRECONDITION", "BND-4", "The bundle's thread does not end in an agreement.")

@@ -23,7 +23,9 @@ from agent.protocol.limits import (
     DEFAULT_LIMITS,
     MAX_KEYS_PER_SET,
     MAX_KEYSET_LIFETIME,
+    MAX_KEYSET_VERSIONS,
     MAX_PARTY_ID_CHARS,
+    MAX_REVOCATION_REASON_CHARS,
     MAX_REVOCATIONS_PER_SET,
     PUBLIC_KEY_BYTES,
     THREAD_ID_BYTES,
@@ -104,12 +106,16 @@ def _signer(entries: Iterable[KeyEntry], keyid: str, where: str) -> KeyEntry:
 
 
 def _check_version_follows(version: int, previous: KeySetVersion | None) -> None:
-    """KEY-8: version 1 starts a chain and N may only be followed by N+1.
+    """KEY-8: version 1 starts a chain and N may only be followed by N+1; LIM-15: up to MAX_KEYSET_VERSIONS.
 
     KEY-22: a receiver that holds nothing for the party judges as if it held version 0, so a
     first version 0 is KEYSET_ROLLBACK and a first version 2 or more KEYSET_VERSION_SKIPPED.
     """
     expected = 1 if previous is None else previous.version + 1
+    if version == expected > MAX_KEYSET_VERSIONS:
+        raise RemoteProtocolError(
+            Reason.KEYSET_CHAIN_FULL, f"a chain has at most {MAX_KEYSET_VERSIONS} versions: enrol with a new one"
+        )
     if version < expected:
         raise RemoteProtocolError(Reason.KEYSET_ROLLBACK, f"version {version}, expected {expected}")
     if version > expected:
@@ -151,6 +157,8 @@ def _read_revocations(keyset: keys_pb2.KeySet, previous: KeySetVersion | None) -
             raise _invalid(f"revocations[{index}].keyid is not a keyid")
         if revocation.keyid in revocations:
             raise _invalid(f"revocations[{index}] repeats keyid {revocation.keyid}")
+        if len(revocation.reason) > MAX_REVOCATION_REASON_CHARS:
+            raise _invalid(f"revocations[{index}].reason is longer than {MAX_REVOCATION_REASON_CHARS} characters")
         revocations[revocation.keyid] = read_time(revocation, "revoke_time", Reason.KEYSET_INVALID)
     if previous is not None:
         dropped = [keyid for keyid, at in previous.revocations.items() if revocations.get(keyid) != at]
@@ -310,15 +318,18 @@ class KeyChain:
         for envelope in envelopes[1:]:
             chain = chain.extend(envelope, limits=limits)
         if now is not None:
+            chain.check_created_by(now, limits)
             chain.check_fresh(now)
         return chain
 
     def extend(
         self, envelope: envelope_pb2.Envelope, *, now: datetime | None = None, limits: Limits = DEFAULT_LIMITS
     ) -> KeyChain:
-        """The chain with `envelope` verified as its next version (KEY-8, KEY-9); with `now`, KEY-13 too."""
+        """The chain with `envelope` verified as its next version (KEY-8, KEY-9), and only it: the versions
+        before were verified already (LIM-15). With `now`, KEY-13 too, and KEY-23: not created in the future."""
         chain = KeyChain((*self.versions, _verify_version(envelope, self.latest, limits)))
         if now is not None:
+            chain.check_created_by(now, limits)
             chain.check_fresh(now)
         return chain
 
@@ -358,6 +369,16 @@ class KeyChain:
                 Reason.UNKNOWN_KEY, f"keyid {keyid} is not in {self.party_id}'s key set version {in_force.version}"
             )
         _check_usable(entry, self.latest.revocations, create_time)
+
+    def check_created_by(self, now: datetime, limits: Limits = DEFAULT_LIMITS) -> None:
+        """KEY-23: no version was created after `now` plus the clock skew (versions are created in order, so
+        the newest tells): a version dated ahead would otherwise become the version in force only later."""
+        if self.latest.create_time > now + limits.max_clock_skew:
+            raise RemoteProtocolError(
+                Reason.MESSAGE_NOT_YET_VALID,
+                f"{self.party_id}'s key set version {self.latest.version} is created {self.latest.create_time}, "
+                f"after now ({now})",
+            )
 
     def check_fresh(self, now: datetime) -> None:
         """KEY-13: the newest version has not expired, so a frozen chain is noticed."""

@@ -32,6 +32,17 @@ MAX_LINES = 8
 MAX_KEYS_PER_SET = 16
 MAX_REVOCATIONS_PER_SET = 256
 MAX_KEYSET_LIFETIME = timedelta(days=400)
+# LIM-12: a revocation's free-text reason, at most this many characters (KEY-11).
+MAX_REVOCATION_REASON_CHARS = MAX_TEXT_CHARS
+# LIM-15: versions of one party's key set chain a biller keeps (and so ever verifies), and versions one party
+# may publish in a day (per biller process). Monthly rotation fills 100 versions in eight years; a party that
+# reaches the cap enrols afresh with a new chain.
+MAX_KEYSET_VERSIONS = 100
+MAX_KEYSET_PUBLISHES_PER_DAY = 4
+# LIM-14: WatchEvents streams one party may hold open at once (per biller process).
+MAX_OPEN_STREAMS_PER_PARTY = 4
+# EVT-10: the longest a biller may go without checking that an open stream's query is still authorized.
+MAX_STREAM_RECHECK_INTERVAL = timedelta(seconds=30)
 # Largest amount: below 10**(9 + exponent) minor units, i.e. 999,999,999.99 for
 # a two-decimal currency, as in the SEPA Request-to-Pay rulebook.
 AMOUNT_MAJOR_DIGITS = 9

@@ -391,8 +391,10 @@ class BillerStore(Protocol):
         """The enrolled party whose chain lists this keyid; at most one (KEY-21)."""
         ...
 
-    async def party_key_sets(self, party_id: str) -> list[bytes]:
-        """The party's key set envelopes, version 1 first; empty if unknown."""
+    async def party_key_sets(self, party_id: str, *, after_version: int = 0) -> list[bytes]:
+        """The party's key set envelopes above `after_version`, oldest first; empty if unknown. A reader that
+        verified the chain up to version N asks for those after N - 1: its tip (to see it unchanged) and
+        anything newer, which is all it has to verify (LIM-14)."""
         ...
 
     async def append_key_set(self, record: KeySetRecord) -> None:

@@ -457,8 +457,12 @@ class SqlBillerStore(abc.ABC):
         row = await self._one("SELECT party_id FROM party_keyids WHERE keyid = ?", keyid)
         return None if row is None else str(row[0])
 
-    async def party_key_sets(self, party_id: str) -> list[bytes]:
-        rows = await self._all("SELECT envelope FROM party_key_sets WHERE party_id = ? ORDER BY version", party_id)
+    async def party_key_sets(self, party_id: str, *, after_version: int = 0) -> list[bytes]:
+        rows = await self._all(
+            "SELECT envelope FROM party_key_sets WHERE party_id = ? AND version > ? ORDER BY version",
+            party_id,
+            after_version,
+        )
         return [row[0] for row in rows]
 
     async def append_key_set(self, record: KeySetRecord) -> None:

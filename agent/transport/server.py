@@ -19,6 +19,13 @@ and timed into the agent's metrics (`agent.metrics`).
 
 TRN-2: TLS on every listener. Plaintext (`insecure=True`) is accepted only on a
 loopback address (127.0.0.0/8, ::1, localhost), for tests and demos.
+
+TRN-10: connections are bounded (`ConnectionLimits`, gRPC core's own server
+options): a total cap, idle connections closed, connections aged out, a
+handshake deadline, keepalive pings policed, streams per connection capped; and
+per peer address, at most `max_streams_per_peer` open WatchEvents streams (the
+calls that hold a connection open for long). gRPC cannot cap connections per
+address: that belongs in front of the server (docs/OPERATIONS.md).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import grpc
@@ -61,6 +69,49 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UNSIGNED_RPCS = frozenset({"Hello", "GetKeySets"})  # limited per peer address only (LIM-8)
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """TRN-10: what one biller process gives connections, as gRPC server options (see `grpc_options`).
+
+    The defaults suit a process under the common 1024 open-file limit: `max_connections` leaves room for
+    the store, logs and metrics (docs/OPERATIONS.md, "File limits"). Idle connections — no call in flight,
+    including those that never made one — are closed after `idle_timeout`, so a crowd of silent
+    connections cannot hold every slot; a connection lives at most `max_age`, then gets `max_age_grace`
+    to finish its calls (a WatchEvents stream ends by its query's expire_time anyway, EVT-10).
+    """
+
+    max_connections: int = 800
+    max_streams_per_peer: int = 32
+    max_streams_per_connection: int = 100
+    idle_timeout: timedelta = timedelta(minutes=5)
+    max_age: timedelta = timedelta(hours=1)
+    max_age_grace: timedelta = timedelta(hours=25)
+    handshake_timeout: timedelta = timedelta(seconds=10)
+    min_ping_interval: timedelta = timedelta(minutes=1)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """The gRPC core channel arguments (all present in grpcio 1.85) that enforce these limits."""
+
+        def ms(duration: timedelta) -> int:
+            return int(duration.total_seconds() * 1000)
+
+        return [
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            ("grpc.max_connection_idle_ms", ms(self.idle_timeout)),
+            ("grpc.max_connection_age_ms", ms(self.max_age)),
+            ("grpc.max_connection_age_grace_ms", ms(self.max_age_grace)),
+            ("grpc.server_handshake_timeout_ms", ms(self.handshake_timeout)),
+            # Keepalive enforcement: pings closer than this are strikes; two strikes close the connection.
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.min_ping_interval)),
+            ("grpc.http2.max_ping_strikes", 2),
+            ("grpc.keepalive_permit_without_calls", 0),
+        ]
+
+
+DEFAULT_CONNECTION_LIMITS = ConnectionLimits()
+
+
 class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
     """BillerService backed by a `BillerAgent`; no protocol logic lives here.
 
@@ -73,9 +124,11 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
     resume from their cursor elsewhere or later (a graceful stop calls it).
     """
 
-    def __init__(self, agent: BillerAgent) -> None:
+    def __init__(self, agent: BillerAgent, connection_limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS) -> None:
         self._agent = agent
         self._closing = asyncio.Event()
+        self._max_streams_per_peer = connection_limits.max_streams_per_peer
+        self._peer_streams: dict[str, int] = {}  # peer address -> open WatchEvents streams; no stream, no entry
 
     def end_watches(self) -> None:
         """End every open WatchEvents stream (and any opened from now on) with OK."""
@@ -150,6 +203,24 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchEventsResponse]:
+        peer = peer_address(context.peer())
+        open_streams = self._peer_streams.get(peer, 0)
+        if open_streams >= self._max_streams_per_peer:
+            # TRN-10: one address may not hold every stream; logged and counted like any refusal.
+            refusal = RemoteProtocolError(
+                Reason.TOO_MANY_STREAMS, f"at most {self._max_streams_per_peer} open event streams per address"
+            )
+            await self._answer(context, "WatchEvents", _raise(refusal))
+        self._peer_streams[peer] = open_streams + 1
+        try:
+            async for response in self._watch(request, context):
+                yield response
+        finally:
+            remaining = self._peer_streams.pop(peer, 1) - 1
+            if remaining > 0:
+                self._peer_streams[peer] = remaining
+
+    async def _watch(self, request: pb.WatchEventsRequest, context: Context) -> AsyncIterator[pb.WatchEventsResponse]:
         events = await self._answer(context, "WatchEvents", self._agent.watch_events(request.query))
         iterator = aiter(events)
         closing = asyncio.ensure_future(self._closing.wait())
@@ -178,6 +249,10 @@ class BillerServicer(biller_service_pb2_grpc.BillerServiceServicer):
 
     async def RequestErasure(self, request: pb.RequestErasureRequest, context: Context) -> pb.RequestErasureResponse:
         return await self._answer(context, "RequestErasure", self._agent.request_erasure(request.request))
+
+
+async def _raise(error: Exception) -> None:
+    raise error
 
 
 def add_biller_service(servicer: BillerServicer, server: grpc.aio.Server) -> None:
@@ -287,6 +362,7 @@ async def serve_biller(
     service_names: Sequence[str] = (),
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     serving: bool = True,
+    connection_limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS,
 ) -> BillerServer:
     """Serve `agent` on `listen` ("host:port"; port 0 picks a free port), with health and reflection.
 
@@ -302,7 +378,7 @@ async def serve_biller(
     `interceptors` run inside the metrics interceptor (e.g. tracing's). Health
     says NOT_SERVING until the server listens, then SERVING — or, with
     `serving=False`, until the caller's `set_serving()` (say, once its start-up
-    work is done).
+    work is done). `connection_limits` bound connections and streams (TRN-10).
     """
     if (tls is None) == (not insecure):
         if tls is not None:
@@ -316,9 +392,10 @@ async def serve_biller(
     options: Sequence[tuple[str, int]] = (
         ("grpc.max_receive_message_length", agent.limits.grpc_max_receive_bytes),
         ("grpc.so_reuseport", int(reuse_port)),
+        *connection_limits.grpc_options(),
     )
     server = grpc.aio.server(options=options, interceptors=(MetricsInterceptor(agent.metrics), *interceptors))
-    servicer = BillerServicer(agent)
+    servicer = BillerServicer(agent, connection_limits)
     add_biller_service(servicer, server)
     health = health_aio.HealthServicer()
     for service in (OVERALL, SERVICE_NAME):

@@ -1303,6 +1303,8 @@ class BillerAgent:
             else:
                 with contextlib.suppress(RemoteProtocolError):  # a stored violation: the thread ends there
                     negotiation.receive(self._stored_move(record, Role.CONSUMER), record.received_at)
+        if thread.outcome is ThreadOutcome.EXPIRED:  # ended by a move past the deadline: closed for good (NEG-14)
+            negotiation.close_as_expired()
         return negotiation
 
     def _stored_move(self, record: MessageRecord, sender: Role) -> ThreadMessage:

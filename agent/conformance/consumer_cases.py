@@ -418,6 +418,7 @@ def _no_dealings(scenario: Scenario, bill_id: str, what: str) -> None:
     quote="A consumer MUST verify a bill — the receive path of §3.8 against the biller's pinned chain (as a stored "
     "answer), an account it enrolled (AUZ-6), and BIL-2 — before it shows the bill to its user, negotiates on it "
     "or pays it, and MUST NOT show or pay a bill that fails.",
+    covers=("AUZ-6",),
 )
 async def forged_bill_signature(context: ConsumerContext) -> str:
     async with scenario(context, "forged-bill") as s:
@@ -444,6 +445,7 @@ async def forged_bill_signature(context: ConsumerContext) -> str:
     description="A biller whose key set chain does not start at the pinned fingerprint is never trusted (ENR-10)",
     quote="A consumer MUST obtain the biller's fingerprint out of band (§6.1), pin it at enrolment, and verify every "
     "chain it receives for that biller against the pin (check 1 above), refusing a mismatch with `PIN_MISMATCH`",
+    covers=("ENR-10", "VER-4", "TRN-4"),
 )
 async def unpinned_biller(context: ConsumerContext) -> str:
     genuine = new_identity(BILLER_PARTY_ID, _now())
@@ -483,6 +485,7 @@ async def unpinned_biller(context: ConsumerContext) -> str:
     description="After its chain rotated, a biller serving the older key set version again is not believed",
     quote="A receiver MUST refuse a version not above the one it holds (a rollback, including a second, different "
     "version `N`) with `KEYSET_ROLLBACK`",
+    covers=("AUZ-6",),
 )
 async def keyset_rollback(context: ConsumerContext) -> str:
     identity = rotated_identity(BILLER_PARTY_ID, _now())
@@ -530,6 +533,7 @@ async def keyset_rollback(context: ConsumerContext) -> str:
     "EVT-5/duplicate-event",
     description="Every event delivered twice is processed once: the cursor never counts a copy, no bill is paid twice",
     quote="An event with a lower sequence than expected is a duplicate and is dropped",
+    covers=("PAY-7",),
 )
 async def duplicate_event(context: ConsumerContext) -> str:
     async with scenario(context, "duplicate-event") as s:
@@ -611,6 +615,7 @@ class _Counters:
     "`OPTIONS_NOT_HONOURED`. … A consumer that finds a violation in the biller's reply (for example "
     "`OPTIONS_NOT_HONOURED` on a counter-offer to an in-options offer) MUST record the thread as `PROTOCOL_ERROR`, "
     "keep the thread with the offending reply as evidence, and not act on the reply (in particular, not pay under it)",
+    covers=("NEG-17",),
 )
 async def counter_to_in_options_offer(context: ConsumerContext) -> str:
     async with scenario(context, "options-not-honoured") as s:
@@ -746,6 +751,7 @@ async def instructions_amount(context: ConsumerContext) -> str:
     description="A receipt for less than the instructed amount is a dispute: the client pays nothing more on the bill",
     quote="A consumer MUST verify a receipt like any biller message and chain it to the instructions; a receipt whose "
     "`amount_received` differs from the instructed amount, or no receipt long after a settled transfer, is a dispute",
+    covers=("EVT-8",),
 )
 async def receipt_wrong_amount(context: ConsumerContext) -> str:
     async with scenario(context, "receipt-wrong-amount") as s:

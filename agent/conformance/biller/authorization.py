@@ -83,6 +83,7 @@ async def read_other_account(ctx: BillerTarget) -> None:
     "the signer's bound accounts: one that does not exist there — whether it does not exist at all or belongs to "
     "another account — MUST be refused with `NOT_FOUND`.",
     needs=(FIXTURES,),
+    covers=("AUZ-5",),
 )
 async def read_not_on_account(ctx: BillerTarget) -> None:
     _, bill, intent_id, thread_id = await _victim(ctx)

@@ -12,6 +12,7 @@ from agent.protocol.errors import Reason
 from parley.v1 import envelope_pb2, event_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/events")
+REFUSAL_WAIT = 5.0  # seconds for a refusal of a watch to arrive: it needs no event, only the request
 
 
 async def _read_until(
@@ -47,6 +48,7 @@ async def _read_until(
     "account's event log id (§5.2), `header.sequence` = the event's position in the log from 0 without gaps, "
     "`header.previous_digest` = the digest of the event before it",
     needs=("events", FIXTURES),
+    covers=("HDR-15", "VER-3"),
 )
 async def signed_chained_log(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()
@@ -89,6 +91,44 @@ async def cursor_out_of_range(ctx: BillerTarget) -> None:
     if not isinstance(answer, Refusal):
         raise Violation("WatchEvents from sequence 2^40 of a short log was served, not refused")
     expect(answer, Reason.CURSOR_OUT_OF_RANGE, "WatchEvents from sequence 2^40")
+
+
+@suite.case(
+    "EVT-3/cursor-boundary",
+    description="WatchEvents from the log's next sequence waits for new events; from one past it, CURSOR_OUT_OF_RANGE",
+    quote="the biller MUST refuse a `start_sequence` greater than the log's next sequence (the number of events in "
+    "the log) with `CURSOR_OUT_OF_RANGE`. A `start_sequence` equal to the next sequence is valid and yields only "
+    "events appended from then on",
+    needs=("events", FIXTURES),
+    covers=("EVT-4",),
+)
+async def cursor_boundary(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        size = len(await _read_until(stream, customer, ctx, {bill.bill_id}, 0))
+        while True:  # whatever else the biller logged by now (a quiet second: the end of the log so far)
+            try:
+                extra = await stream.next(1.0)
+            except TimeoutError:
+                break
+            if not isinstance(extra, envelope_pb2.Envelope):
+                raise Violation("the watch from sequence 0 ended or failed while the log was being read")
+            size += 1
+    past_end = customer.party.query(customer.account_id, start_sequence=size + 1)
+    what = f"WatchEvents from {size + 1}, one past the log's next sequence {size}"
+    async with ctx.conn.watch(past_end) as stream:
+        try:
+            answer = await stream.next(REFUSAL_WAIT)
+        except TimeoutError:
+            raise Violation(f"{what}, was served (no refusal within {REFUSAL_WAIT:g} s)") from None
+    if not isinstance(answer, Refusal):
+        raise Violation(f"{what}, delivered an event instead of being refused")
+    expect(answer, Reason.CURSOR_OUT_OF_RANGE, what)
+    async with ctx.conn.watch(customer.party.query(customer.account_id, start_sequence=size)) as stream:
+        later = await ctx.issue_bill(customer)
+        events = await _read_until(stream, customer, ctx, {later.bill_id}, size)
+    return f"a log of {size} events; the watch from {size} delivered the {len(events)} appended after it"
 
 
 @suite.case(

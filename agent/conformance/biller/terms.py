@@ -20,7 +20,8 @@ from agent.conformance.biller.target import (
     open_thread,
     terms,
 )
-from agent.conformance.runner import Suite
+from agent.conformance.client import Refusal
+from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
 from parley.v1 import terms_pb2
 
@@ -37,7 +38,8 @@ def _terms_case(  # noqa: PLR0917 - a table of cases reads best positionally
 ) -> None:
     """Each variant (bill -> Terms or None) opened on a fresh bill must be refused with `reason`; nothing changes."""
 
-    @suite.case(case_id, description=description, quote=quote, needs=needs)
+    # Every variant is an opening's terms, which NEG-8 requires to be valid and to match the bill.
+    @suite.case(case_id, description=description, quote=quote, needs=needs, covers=("NEG-8",))
     async def body(ctx: BillerTarget) -> None:
         customer = await ctx.enrolled()
         bill = await ctx.issue_bill(customer)
@@ -178,3 +180,33 @@ _terms_case(
     },
     needs=("negotiation", "instalments", FIXTURES),
 )
+
+
+def _even_plan(bill: IssuedBill, count: int) -> terms_pb2.Terms:
+    """The bill's amount in `count` instalments 14 days apart from the due date, split by the remainder rule."""
+    base, remainder = divmod(AMOUNT_DUE, count)
+    schedule = [(_late(bill, 14 * i), base + (1 if i < remainder else 0)) for i in range(count)]
+    return terms(_PLAN, schedule)
+
+
+@suite.case(
+    "LIM-6/max-instalments-boundary",
+    description="A plan of max_instalments + 1 instalments is TOO_MANY_INSTALMENTS; one of exactly max_instalments "
+    "is not",
+    quote="Terms MUST NOT have more than `max_instalments` instalments, else `TOO_MANY_INSTALMENTS`",
+    needs=("negotiation", "instalments", FIXTURES),
+    covers=("LIM-10", "NEG-8"),
+)
+async def max_instalments_boundary(ctx: BillerTarget) -> str:
+    most = ctx.limits.max_instalments or 36  # the announced limit (LIM-10), else the default
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    _, answer = await open_thread(ctx, customer, bill, _even_plan(bill, most + 1))
+    expect(answer, Reason.TOO_MANY_INSTALMENTS, f"an opening with {most + 1} instalments (max_instalments {most})")
+    _, answer = await open_thread(ctx, customer, bill, _even_plan(bill, most))
+    if isinstance(answer, Refusal):
+        raise Violation(
+            f"an opening with exactly max_instalments ({most}) valid instalments was refused with "
+            f"{answer.describe()}: the biller enforces a lower limit than it announces (LIM-10)"
+        )
+    return f"max_instalments {most}"

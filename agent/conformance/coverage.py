@@ -109,7 +109,6 @@ NOT_OBSERVABLE: dict[str, str] = {
 GAPS: dict[str, str] = {
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
     "TRN-9": "a target requiring mutual TLS (the suite connects without a client certificate)",
-    "ENV-10": "requests breaking two §3.8 checks at once (form and signature, signature and header…)",
     "KEY-2": "checking the keyids of the biller's chain against SHA-256 of its keys",
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
     "KEY-6": "a request whose keyid names another party's key",
@@ -129,7 +128,6 @@ GAPS: dict[str, str] = {
     "TRM-12": "terms with a date before the issue date, a deferral past the bill's options",
     "TRM-13": "terms breaking two §8 checks at once, to pin their order",
     "TRM-14": "a monthly schedule from the 31st of a month",
-    "NEG-15": "moves breaking two §9.5 checks at once (closed and out of sequence, …)",
     "NEG-16": "a biller counter-offer that the biller's own rules would refuse",
     "NEG-19": "GetThread after the arrangement ends still holds the whole thread",
     "NEG-20": "a consumer scenario countering with terms outside the sample mandate",

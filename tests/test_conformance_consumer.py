@@ -110,6 +110,13 @@ def test_every_defect_class_is_covered() -> None:
         "pays instructions for another amount",
         "accepts a counter to an in-options offer",
         "ignores the pinned fingerprint",
+        "pays unchained instructions",
+        "pays instructions for another intent",
+        "pays after the pay-by time",
+        "trusts any signature on instructions",
+        "takes bills for any account",
+        "ignores key revocations",
+        "judges bills as live",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name

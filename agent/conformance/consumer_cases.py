@@ -912,7 +912,7 @@ for _case_id, _what, _install in _DOCTORED_INSTRUCTIONS:
     "AUZ-6/bill-for-another-account",
     description="A bill honestly signed by the biller but for an account the client never enrolled is never paid",
     quote="A consumer MUST NOT act on a biller message that is not signed by the biller's pinned chain and addressed "
-    "to it, nor on a bill, event, instruction or receipt for an account it did not enrol",
+    "to it, nor on a bill, event, instruction or receipt for an account it has not enrolled.",
     covers=("BIL-3",),
 )
 async def bill_for_another_account(context: ConsumerContext) -> str:

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from agent.biller import BillerAgent
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.messages import PAYLOAD_TYPES, parse_payload
-from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2, header_pb2, negotiation_pb2
+from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2, header_pb2, negotiation_pb2, terms_pb2
 
 Defect = Callable[[BillerAgent], None]
 _VIOLATIONS = {  # the reasons whose refusal ends a thread PROTOCOL_ERROR (PROTOCOL.md §9.5, "violation")
@@ -162,6 +162,74 @@ def checks_sequence_before_closed(agent: BillerAgent) -> None:
     setattr(agent, "negotiate", swapped)  # noqa: B010
 
 
+def announces_more_open_threads(agent: BillerAgent) -> None:
+    """LIM-10/LIM-7: Hello announces max_open_threads_per_account one above what the opening check enforces."""
+    hello = agent.hello
+
+    async def announcing(request: biller_service_pb2.HelloRequest) -> biller_service_pb2.HelloResponse:
+        response = await hello(request)
+        response.limits.max_open_threads_per_account += 1
+        return response
+
+    setattr(agent, "hello", announcing)  # noqa: B010
+
+
+def _terms_of(envelope: envelope_pb2.Envelope) -> terms_pb2.Terms | None:
+    """The terms a ThreadOpen or Offer carries (None for other moves or unreadable payloads)."""
+    if envelope.payload_type not in ("parley.v1.ThreadOpen", "parley.v1.Offer"):
+        return None
+    try:
+        move: Any = PAYLOAD_TYPES[envelope.payload_type].FromString(envelope.payload)
+    except DecodeError:
+        return None
+    return move.terms if move.HasField("terms") else None
+
+
+def _remapping_negotiate(agent: BillerAgent, remap: Callable[[Reason, terms_pb2.Terms], Reason | None]) -> None:
+    """`negotiate` refusing terms with `remap(reason, terms)` instead of `reason` when it gives one."""
+    negotiate = agent.negotiate
+
+    async def remapped(envelope: envelope_pb2.Envelope, disclosure: bytes = b"") -> Any:
+        try:
+            return await negotiate(envelope, disclosure)
+        except RemoteProtocolError as error:
+            offered = _terms_of(envelope)
+            other = remap(error.reason, offered) if offered is not None else None
+            if other is None:
+                raise
+            raise RemoteProtocolError(other, error.detail) from error
+
+    setattr(agent, "negotiate", remapped)  # noqa: B010
+
+
+def sums_schedule_before_total(agent: BillerAgent) -> None:
+    """TRM-13: the schedule sum (check 7) is checked before the total (check 6)."""
+
+    def swapped(reason: Reason, offered: terms_pb2.Terms) -> Reason | None:
+        scheduled = sum(instalment.amount.amount_minor for instalment in offered.schedule)
+        if reason is Reason.TOTAL_MISMATCH and scheduled != offered.total.amount_minor:
+            return Reason.SCHEDULE_SUM_MISMATCH
+        return None
+
+    _remapping_negotiate(agent, swapped)
+
+
+def zero_amounts_as_shape(agent: BillerAgent) -> None:
+    """TRM-3: a zero amount in terms is refused as a shape error, INVALID_TERMS, not AMOUNT_OUT_OF_RANGE."""
+
+    def as_shape(reason: Reason, offered: terms_pb2.Terms) -> Reason | None:
+        amounts = [offered.principal, offered.total, *(line.amount for line in offered.lines)]
+        zero = any(amount.amount_minor == 0 for amount in amounts)
+        return Reason.INVALID_TERMS if reason is Reason.AMOUNT_OUT_OF_RANGE and zero else None
+
+    _remapping_negotiate(agent, as_shape)
+
+
+def due_date_deferral_as_date_error(agent: BillerAgent) -> None:
+    """TRM-12: terms dated outside the bill's dates are refused as INVALID_DATE, not INVALID_TERMS."""
+    _remapping_negotiate(agent, lambda reason, _: Reason.INVALID_DATE if reason is Reason.INVALID_TERMS else None)
+
+
 @dataclass(frozen=True)
 class BrokenBiller:
     """A reference biller with one defect, and the cases the suite must FAIL against it."""
@@ -190,6 +258,21 @@ EXTRA_BROKEN_BILLERS = (
         "closes only agreed threads",
         closes_only_agreed_threads,
         frozenset({"NEG-14/closed-states", "NEG-6/deadline"}),
+    ),
+    BrokenBiller(
+        "announces one open thread more than it allows",
+        announces_more_open_threads,
+        frozenset({"LIM-7/open-threads-boundary"}),
+    ),
+    BrokenBiller("sums the schedule before the total", sums_schedule_before_total, frozenset({"TRM-13/check-order"})),
+    BrokenBiller(
+        "refuses zero amounts as a shape error", zero_amounts_as_shape,
+        frozenset({"TRM-3/amount-out-of-range", "TRM-13/check-order"}),
+    ),
+    BrokenBiller(
+        "refuses terms outside the bill's dates as INVALID_DATE",
+        due_date_deferral_as_date_error,
+        frozenset({"TRM-12/terms-fit-bill", "TRM-5/invalid-terms"}),
     ),
     BrokenBiller(
         "checks the sequence before the closed thread",

@@ -122,11 +122,8 @@ GAPS: dict[str, str] = {
     "BIL-1": "checking every field of every presented Bill (thread, sequence, recipient, lifetime)",
     "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
     "BIL-5": "the same bill listed twice, byte for byte",
-    "TRM-3": "amounts at 0 and at 10^(9 + exponent)",
     "TRM-6": "a fee without its line, a zero-amount line",
     "TRM-10": "a biller counter-offer splitting a total with a remainder",
-    "TRM-12": "terms with a date before the issue date, a deferral past the bill's options",
-    "TRM-13": "terms breaking two §8 checks at once, to pin their order",
     "TRM-14": "a monthly schedule from the 31st of a month",
     "NEG-16": "a biller counter-offer that the biller's own rules would refuse",
     "NEG-19": "GetThread after the arrangement ends still holds the whole thread",
@@ -141,7 +138,6 @@ GAPS: dict[str, str] = {
     "PRV-7": "GetThread and events after a disclosure never carry it",
     "PRV-8": "a consumer scenario judging what the client discloses",
     "ERR-6": "a consumer scenario answering INVALID_ARGUMENT and counting the client's retries",
-    "LIM-7": "max_open_threads_per_account + 1 openings on one account (TOO_MANY_OPEN_THREADS)",
     "LIM-8": "rate_limit_burst + 1 requests from one key at once (RATE_LIMITED)",
 }
 

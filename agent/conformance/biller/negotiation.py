@@ -29,7 +29,7 @@ from agent.conformance.biller.target import (
     thread_of,
     thread_unchanged,
 )
-from agent.conformance.runner import Suite, Violation
+from agent.conformance.runner import Skip, Suite, Violation
 from agent.protocol.errors import ProtocolError, Reason
 from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import PAYLOAD_TYPES
@@ -461,3 +461,24 @@ async def reject_form(ctx: BillerTarget) -> None:
     )
     if outcome_name(answer) != "NEGOTIATION_OUTCOME_REJECTED":
         raise Violation(f"the Reject left the thread {outcome_name(answer)}, not REJECTED (NEG-13)")
+
+
+@suite.case(
+    "LIM-7/open-threads-boundary",
+    description="max_open_threads_per_account open threads are allowed; one more opening is TOO_MANY_OPEN_THREADS",
+    quote="A biller MUST refuse an opening on an account that already has `max_open_threads_per_account` threads in "
+    "state `OPEN` […] with `TOO_MANY_OPEN_THREADS`.",
+    needs=NEG,
+    covers=("LIM-10",),
+)
+async def open_threads_boundary(ctx: BillerTarget) -> str:
+    most = ctx.limits.max_open_threads_per_account or DEFAULT_LIMITS.max_open_threads_per_account
+    if most > 50:
+        raise Skip(f"max_open_threads_per_account is {most}: too many threads to open in a case")
+    customer = await ctx.enrolled()
+    for _ in range(most):  # each countered, so each stays OPEN with the consumer to move
+        await countered_thread(ctx, customer, await ctx.issue_bill(customer))
+    bill = await ctx.issue_bill(customer)
+    _, answer = await open_thread(ctx, customer, bill, outside_options(bill))
+    expect(answer, Reason.TOO_MANY_OPEN_THREADS, f"opening {most + 1} with {most} threads OPEN on the account")
+    return f"max_open_threads_per_account {most}"

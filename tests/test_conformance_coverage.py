@@ -76,3 +76,12 @@ def test_the_published_table_is_fresh() -> None:
         "docs/CONFORMANCE.md: run python -m agent.conformance.coverage"
     )
     assert main(["--check"]) == 0
+
+
+def test_the_case_tables_list_every_case_in_running_order() -> None:
+    """docs/CONFORMANCE.md's tables of cases (biller) and scenarios (consumer), row by row, in the suites' order."""
+    document = DOC_PATH.read_text(encoding="utf-8")
+    biller_rows = re.findall(r"^\| `([A-Z]{3}-\d+/[a-z0-9-]+)` \| (?:MUST|SHOULD) \|", document, re.M)
+    consumer_rows = re.findall(r"^\| `([A-Z]{3}-\d+/[a-z0-9-]+)` \| \d \|", document, re.M)
+    assert biller_rows == [case.id for case in biller_suite.suite.cases]
+    assert consumer_rows == [case.id for case in consumer_cases.suite.cases]

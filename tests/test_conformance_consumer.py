@@ -180,7 +180,8 @@ def test_cli_known_failing_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     known.write_text("PAY-8/instructions-amount  # the broken consumer's known defect\n")
     junit, report = tmp_path / "r.xml", tmp_path / "r.json"
     argv = [
-        "conformance", "consumer", "--client-cmd", broken.command, "--only", "PAY-8/honest-biller-paid,PAY-8/instructions-amount",
+        "conformance", "consumer", "--client-cmd", broken.command,
+        "--only", "PAY-8/honest-biller-paid,PAY-8/instructions-amount",
         "--jobs", "2", "--timeout", str(TIMEOUT), "--junit", str(junit), "--json", str(report),
     ]  # fmt: skip
     assert main([*argv, "--work-dir", str(tmp_path / "kept")]) == EXIT_FAILED

@@ -23,7 +23,15 @@ from google.protobuf.message import DecodeError
 from agent.biller import BillerAgent
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.messages import PAYLOAD_TYPES, parse_payload
-from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2, header_pb2, negotiation_pb2, terms_pb2
+from parley.v1 import (
+    account_pb2,
+    biller_service_pb2,
+    envelope_pb2,
+    event_pb2,
+    header_pb2,
+    negotiation_pb2,
+    terms_pb2,
+)
 
 Defect = Callable[[BillerAgent], None]
 _VIOLATIONS = {  # the reasons whose refusal ends a thread PROTOCOL_ERROR (PROTOCOL.md §9.5, "violation")
@@ -230,6 +238,21 @@ def due_date_deferral_as_date_error(agent: BillerAgent) -> None:
     _remapping_negotiate(agent, lambda reason, _: Reason.INVALID_DATE if reason is Reason.INVALID_TERMS else None)
 
 
+def thanks_twice_without_the_receipt(agent: BillerAgent) -> None:
+    """EVT-2: each settlement is thanked a second time (a bank-statement job, say) with a PAYMENT_RECEIVED that
+    names neither the bill nor the receipt — appended through the public `emit_event`."""
+    record_settlement = agent.record_settlement
+
+    async def thanking_twice(account_id: str, intent_id: str, amount: Any, *args: Any, **options: Any) -> Any:
+        receipt = await record_settlement(account_id, intent_id, amount, *args, **options)
+        await agent.emit_event(
+            account_id, event_pb2.EVENT_KIND_PAYMENT_RECEIVED, amount=amount, message="Thank you for your payment"
+        )
+        return receipt
+
+    setattr(agent, "record_settlement", thanking_twice)  # noqa: B010
+
+
 @dataclass(frozen=True)
 class BrokenBiller:
     """A reference biller with one defect, and the cases the suite must FAIL against it."""
@@ -273,6 +296,9 @@ EXTRA_BROKEN_BILLERS = (
         "refuses terms outside the bill's dates as INVALID_DATE",
         due_date_deferral_as_date_error,
         frozenset({"TRM-12/terms-fit-bill", "TRM-5/invalid-terms"}),
+    ),
+    BrokenBiller(
+        "thanks twice, without the receipt", thanks_twice_without_the_receipt, frozenset({"EVT-2/event-fields"})
     ),
     BrokenBiller(
         "checks the sequence before the closed thread",

@@ -131,7 +131,6 @@ GAPS: dict[str, str] = {
     "NEG-21": "a consumer scenario with a deadline about to pass",
     "NEG-22": "GetThread holding a violation's evidence",
     "PAY-10": "a consumer scenario retrying an intent and given forged stored instructions",
-    "EVT-2": "every field of every event kind (only BILL_ISSUED is checked)",
     "EVT-7": "an instalment left unpaid past its grace period (needs AdvanceClock)",
     "PRV-1": "a consumer scenario checking that disclosures come only beside an opening",
     "PRV-2": "a consumer scenario reading the disclosure the client sends",

@@ -26,9 +26,11 @@ from agent.protocol.messages import PAYLOAD_TYPES, parse_payload
 from parley.v1 import (
     account_pb2,
     biller_service_pb2,
+    enrolment_pb2,
     envelope_pb2,
     event_pb2,
     header_pb2,
+    keys_pb2,
     negotiation_pb2,
     terms_pb2,
 )
@@ -253,6 +255,56 @@ def thanks_twice_without_the_receipt(agent: BillerAgent) -> None:
     setattr(agent, "record_settlement", thanking_twice)  # noqa: B010
 
 
+def malformed_key_sets_as_payload_errors(agent: BillerAgent) -> None:
+    """KEY-7: a malformed published key set is refused as MALFORMED_PAYLOAD, not KEYSET_INVALID."""
+    publish_key_set = agent.publish_key_set
+
+    async def mislabelled(envelope: envelope_pb2.Envelope) -> biller_service_pb2.PublishKeySetResponse:
+        try:
+            return await publish_key_set(envelope)
+        except RemoteProtocolError as error:
+            if error.reason is Reason.KEYSET_INVALID:
+                raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, error.detail) from error
+            raise
+
+    setattr(agent, "publish_key_set", mislabelled)  # noqa: B010
+
+
+def matches_keyid_to_sender_first(agent: BillerAgent) -> None:
+    """KEY-6/ENV-10: the header's sender is compared with the owner of the keyid before the signature is
+    verified, so a borrowed keyid is WRONG_SENDER instead of BAD_SIGNATURE. The wrapper learns who owns which
+    keyid from the enrolments it sees pass (public `enrol`)."""
+    enrol, list_bills = agent.enrol, agent.list_bills
+    owners: dict[str, str] = {}
+
+    async def enrolling(envelope: envelope_pb2.Envelope) -> biller_service_pb2.EnrolResponse:
+        response = await enrol(envelope)
+        request = enrolment_pb2.EnrolmentRequest.FromString(envelope.payload)
+        key_set = keys_pb2.KeySet.FromString(request.consumer_key_set.payload)
+        owners.update({key.keyid: key_set.party_id for key in key_set.keys})
+        return response
+
+    async def sender_first(envelope: envelope_pb2.Envelope) -> biller_service_pb2.ListBillsResponse:
+        try:
+            return await list_bills(envelope)
+        except RemoteProtocolError as error:
+            sender = _header_of_query(envelope).sender
+            owner = owners.get(envelope.signatures[0].keyid) if len(envelope.signatures) == 1 else None
+            if error.reason is Reason.BAD_SIGNATURE and owner is not None and owner != sender:
+                raise RemoteProtocolError(Reason.WRONG_SENDER, f"the keyid is {owner}'s") from error
+            raise
+
+    setattr(agent, "enrol", enrolling)  # noqa: B010
+    setattr(agent, "list_bills", sender_first)  # noqa: B010
+
+
+def _header_of_query(envelope: envelope_pb2.Envelope) -> Any:
+    try:
+        return account_pb2.AccountQuery.FromString(envelope.payload).header
+    except DecodeError:
+        return header_pb2.Header()
+
+
 @dataclass(frozen=True)
 class BrokenBiller:
     """A reference biller with one defect, and the cases the suite must FAIL against it."""
@@ -299,6 +351,16 @@ EXTRA_BROKEN_BILLERS = (
     ),
     BrokenBiller(
         "thanks twice, without the receipt", thanks_twice_without_the_receipt, frozenset({"EVT-2/event-fields"})
+    ),
+    BrokenBiller(
+        "refuses malformed key sets as MALFORMED_PAYLOAD",
+        malformed_key_sets_as_payload_errors,
+        frozenset({"KEY-7/malformed-key-set"}),
+    ),
+    BrokenBiller(
+        "matches the keyid to the sender before verifying",
+        matches_keyid_to_sender_first,
+        frozenset({"KEY-6/keyid-of-another-party"}),
     ),
     BrokenBiller(
         "checks the sequence before the closed thread",

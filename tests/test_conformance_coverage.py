@@ -66,7 +66,7 @@ def test_every_declared_id_is_a_spec_requirement(suite: object) -> None:
 def test_most_observable_musts_are_covered() -> None:
     """A floor, so that coverage only grows: raise it when cases are added."""
     counts = figures(ROWS)["MUST"]
-    assert counts["covered"] >= 118
+    assert counts["covered"] >= 121
     assert counts["covered"] + counts["gaps"] == counts["observable"]
 
 

@@ -311,7 +311,7 @@ async def _closed_thread(
     quote="A thread that has an outcome is closed for good: every further move on it MUST be refused with "
     "`THREAD_CLOSED`, and nothing in the thread changes.",
     needs=NEG,
-    covers=("NEG-13",),
+    covers=("NEG-13", "NEG-22"),  # GetThread holds the violation's evidence, with the outcome
 )
 async def closed_states(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()

@@ -216,6 +216,45 @@ def judges_bills_as_live() -> None:
     Receiver.open = live  # type: ignore[method-assign]
 
 
+def records_payments_in_memory_only() -> None:
+    """Whether an intent is being paid, or paid, is kept in the process's memory only, never stored: the run
+    that paid knows it (and fetches the receipt), but after a crash the next run finds the intent merely
+    instructed and pays it again (PAY-7)."""
+    import dataclasses  # noqa: PLC0415
+
+    from agent.stores.base import IntentState  # noqa: PLC0415
+    from agent.stores.consumer_sqlite import SqliteConsumerStore  # noqa: PLC0415
+
+    remembered: dict[tuple[str, str], tuple[Any, str]] = {}
+    get_intent, intents = SqliteConsumerStore.get_intent, SqliteConsumerStore.intents
+
+    def recalled(intent: Any) -> Any:
+        memory = remembered.get((intent.biller_party_id, intent.intent_id))
+        return intent if memory is None else dataclasses.replace(intent, state=memory[0], payment_proof=memory[1])
+
+    async def begin_sending(self: Any, biller_party_id: str, intent_id: str, now: datetime) -> bool:
+        remembered[biller_party_id, intent_id] = (IntentState.SENDING, "")
+        return True
+
+    async def finish_sending(
+        self: Any, biller_party_id: str, intent_id: str, *, paid: bool, proof: str, now: datetime
+    ) -> Any:
+        remembered[biller_party_id, intent_id] = (IntentState.PAID if paid else IntentState.INSTRUCTED, proof)
+        return recalled(await get_intent(self, biller_party_id, intent_id))
+
+    async def get_intent_recalled(self: Any, biller_party_id: str, intent_id: str) -> Any:
+        intent = await get_intent(self, biller_party_id, intent_id)
+        return None if intent is None else recalled(intent)
+
+    async def intents_recalled(self: Any, *args: Any, **options: Any) -> Any:
+        return [recalled(intent) for intent in await intents(self, *args, **options)]
+
+    SqliteConsumerStore.begin_sending = begin_sending  # type: ignore[method-assign]
+    SqliteConsumerStore.finish_sending = finish_sending  # type: ignore[method-assign]
+    SqliteConsumerStore.get_intent = get_intent_recalled  # type: ignore[method-assign]
+    SqliteConsumerStore.intents = intents_recalled  # type: ignore[method-assign]
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "skips-bill-verification": skips_bill_verification,
     "accepts-keyset-rollback": accepts_keyset_rollback,
@@ -229,6 +268,7 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "takes-bills-for-any-account": takes_bills_for_any_account,
     "ignores-revocations": ignores_revocations,
     "judges-bills-as-live": judges_bills_as_live,
+    "records-payments-in-memory-only": records_payments_in_memory_only,
 }
 
 
@@ -295,6 +335,12 @@ BROKEN_CONSUMERS = (
     ),
     BrokenConsumer("ignores key revocations", "ignores-revocations", frozenset({"KEY-11/bill-signed-by-revoked-key"})),
     BrokenConsumer("judges bills as live", "judges-bills-as-live", frozenset({"BIL-3/old-bill-stored"})),
+    BrokenConsumer(
+        "records payments in memory only",
+        "records-payments-in-memory-only",
+        # Every scenario that runs the client twice finds its payment forgotten on the second run.
+        frozenset({"PAY-7/crash-after-bank-order", "EVT-5/duplicate-event", "PAY-9/receipt-wrong-amount"}),
+    ),
 )
 
 

@@ -182,6 +182,13 @@ class Scenario:
         self.state_dir = directory / "client-state"
         self.biller = biller
         self.runs: list[ClientRun] = []
+        self.process: asyncio.subprocess.Process | None = None  # the client run under way
+
+    def kill_client(self) -> None:
+        """SIGKILL the client run under way, children included (a crash, for the scenarios that need one)."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def environment(self) -> dict[str, str]:
         """The client's environment: ours without any PARLEY_* variable, plus the scenario's."""
@@ -216,6 +223,7 @@ class Scenario:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own process group, so that a kill reaches its children
             )
+            self.process = process
             try:
                 exit_code: int | None = await asyncio.wait_for(process.wait(), self.context.client_timeout)
             except TimeoutError:
@@ -1041,6 +1049,48 @@ async def old_bill_stored(context: ConsumerContext) -> str:
             raise Violation(f"the client paid bill {bill_id} more than once (PAY-7): it {s.summary()}")
         dealt = "paid" if s.orders(bill_id) else "negotiated on" if s.openings(bill_id) else "sent an intent for"
         return f"the bill signed 36 hours ago was taken as valid: the client {dealt} it ({s.runs[-1].describe()})"
+
+
+# --- 11. A crash between the bank order and its record, then a rerun ----------------------------------------
+
+
+@suite.case(
+    "PAY-7/crash-after-bank-order",
+    description="A client killed after ordering a payment (while it asks for the receipt) pays nothing more when rerun",
+    quote="One intent MUST NOT yield more than one payment: the consumer pays each `intent_id` at most once, recording "
+    "that it is paying before it instructs its bank",
+)
+async def crash_after_bank_order(context: ConsumerContext) -> str:
+    async with scenario(context, "crash-after-order") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        asked = asyncio.Event()
+
+        async def hang(request: pb.GetReceiptRequest, answer: pb.GetReceiptResponse) -> pb.GetReceiptResponse:
+            # The client has ordered its payment (it reports it before asking for the receipt): crash it here.
+            asked.set()
+            s.kill_client()
+            await asyncio.sleep(3600)  # never answered: the client is gone, and its call with it
+            return answer
+
+        s.biller.rewrite["GetReceipt"] = hang
+        await s.run_client()
+        if not asked.is_set():
+            if not s.orders():
+                raise setup_failed("the client ordered no payment", s)
+            raise Skip("the client never asked for a receipt, so the suite found no moment after its bank order")
+        (bill_id,) = bills
+        if not s.orders(bill_id):
+            raise setup_failed(f"the client asked for a receipt without ordering the payment of {bill_id}", s)
+        del s.biller.rewrite["GetReceipt"]
+        await s.run_client()
+        orders = s.orders(bill_id)
+        if len(orders) > 1:
+            raise Violation(
+                f"after a crash between its bank order and the receipt, the rerun client paid bill {bill_id} again "
+                f"({len(orders)} payments): it had not recorded that it was paying before it ordered (PAY-7); it "
+                f"{s.summary()}"
+            )
+        return f"killed after ordering {orders[0].describe()}; the rerun paid nothing more ({s.runs[-1].describe()})"
 
 
 __all__ = [

@@ -182,8 +182,9 @@ async def query_shape(ctx: BillerTarget) -> None:
 @suite.case(
     "KEY-6/keyid-of-another-party",
     description="A query signed by one enrolled party under another party's keyid is refused with BAD_SIGNATURE",
-    quote="A `keyid` is a lookup hint only. A receiver MUST look it up only among the keys of the expected sender's "
-    "trusted chain (any version), never among other parties' keys or keys carried in the message",
+    quote="A biller receiving a consumer request has no single expected sender: it MUST resolve the keyid among the "
+    "chains of all its enrolled parties, refusing with `NOT_ENROLLED` when none lists it (AUZ-2), and the party "
+    "whose chain lists it is then the expected sender.",
     needs=(FIXTURES,),
 )
 async def keyid_of_another_party(ctx: BillerTarget) -> None:

@@ -109,12 +109,166 @@ def skips_the_pin() -> None:
     Receiver.check_hello = lambda self, hello, link: None  # type: ignore[method-assign]
 
 
+def _lenient_instructions(forgiven: Callable[[str, str], bool]) -> None:
+    """check_instructions lets through the refusals `forgiven(reason, detail)` selects (PAY-8)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+
+    check = Receiver.check_instructions
+
+    def lenient(self: Any, verified: Any, intent: Any, digests: set[bytes]) -> tuple[str, str] | None:
+        refusal = check(self, verified, intent, digests)
+        return None if refusal is not None and forgiven(*refusal) else refusal
+
+    Receiver.check_instructions = lenient  # type: ignore[method-assign, assignment]
+
+
+def pays_unchained_instructions() -> None:
+    """Instructions are not checked against the intent's thread: sequence and previous digest (PAY-8)."""
+    _lenient_instructions(lambda reason, _: reason in ("SEQUENCE_MISMATCH", "PREVIOUS_DIGEST_MISMATCH"))
+
+
+def pays_instructions_for_another_intent() -> None:
+    """Instructions naming another intent_id are paid (PAY-8)."""
+    _lenient_instructions(lambda reason, detail: reason == "MALFORMED_PAYLOAD" and "for intent" in detail)
+
+
+def pays_after_pay_by_time() -> None:
+    """pay_by_time is read a day late (a time-zone slip), so instructions past their time are paid (PAY-8).
+
+    Both places that read it — the receive path and the payment step — get the same slip."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from agent.consumer import payments, receive  # noqa: PLC0415
+
+    for module in (payments, receive):
+        read_time = module.read_time
+
+        def slipping(message: Any, field: str, reason: Any, read: Any = read_time) -> datetime:
+            moment: datetime = read(message, field, reason)
+            return moment + timedelta(days=1) if field == "pay_by_time" else moment
+
+        module.read_time = slipping  # type: ignore[attr-defined]
+
+
+def trusts_any_instructions_signature() -> None:
+    """Instructions are opened with keys that verify any signature: only their keyid is looked at (PAY-8)."""
+    import dataclasses  # noqa: PLC0415
+
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from agent.protocol.keys import VerifyKey  # noqa: PLC0415
+    from agent.protocol.keysets import KeyChain  # noqa: PLC0415
+    from parley.v1 import payment_pb2  # noqa: PLC0415
+
+    class TrustingKey(VerifyKey):
+        def verify(self, signature: bytes, data: bytes) -> bool:
+            return True
+
+    class TrustingChain(KeyChain):
+        def candidate_keys(self, keyid: str) -> tuple[VerifyKey, ...]:
+            return tuple(TrustingKey.from_bytes(key.raw) for key in super().candidate_keys(keyid))
+
+    open_message = Receiver.open
+
+    async def trusting(self: Any, session: Any, envelope: Any, expected: Any, *, stored: bool) -> Any:
+        if payment_pb2.PaymentInstructions in expected:
+            session = dataclasses.replace(session, chain=TrustingChain(session.chain.versions))
+        return await open_message(self, session, envelope, expected, stored=stored)
+
+    Receiver.open = trusting  # type: ignore[method-assign]
+
+
+def takes_bills_for_any_account() -> None:
+    """A bill is checked against the account it names, not the account the client enrolled (AUZ-6)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from parley.v1 import bill_pb2  # noqa: PLC0415
+
+    check_bill = Receiver.check_bill
+
+    async def any_account(self: Any, session: Any, envelope: Any, account_id: str) -> Any:
+        named = bill_pb2.Bill.FromString(envelope.payload).account_id
+        return await check_bill(self, session, envelope, named or account_id)
+
+    Receiver.check_bill = any_account  # type: ignore[method-assign]
+
+
+def ignores_revocations() -> None:
+    """A key's revoke_time is never compared with a message's create_time (KEY-11)."""
+    from agent.protocol import keysets  # noqa: PLC0415
+
+    check_usable = keysets._check_usable
+
+    def unrevoked(entry: Any, revocations: Any, at: datetime) -> None:
+        check_usable(entry, {}, at)
+
+    keysets._check_usable = unrevoked
+
+
+def judges_bills_as_live() -> None:
+    """Bills are opened as live messages: one fetched after its expire_time is refused MESSAGE_EXPIRED (BIL-3)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from parley.v1 import bill_pb2  # noqa: PLC0415
+
+    open_message = Receiver.open
+
+    async def live(self: Any, session: Any, envelope: Any, expected: Any, *, stored: bool) -> Any:
+        return await open_message(self, session, envelope, expected, stored=stored and bill_pb2.Bill not in expected)
+
+    Receiver.open = live  # type: ignore[method-assign]
+
+
+def records_payments_in_memory_only() -> None:
+    """Whether an intent is being paid, or paid, is kept in the process's memory only, never stored: the run
+    that paid knows it (and fetches the receipt), but after a crash the next run finds the intent merely
+    instructed and pays it again (PAY-7)."""
+    import dataclasses  # noqa: PLC0415
+
+    from agent.stores.base import IntentState  # noqa: PLC0415
+    from agent.stores.consumer_sqlite import SqliteConsumerStore  # noqa: PLC0415
+
+    remembered: dict[tuple[str, str], tuple[Any, str]] = {}
+    get_intent, intents = SqliteConsumerStore.get_intent, SqliteConsumerStore.intents
+
+    def recalled(intent: Any) -> Any:
+        memory = remembered.get((intent.biller_party_id, intent.intent_id))
+        return intent if memory is None else dataclasses.replace(intent, state=memory[0], payment_proof=memory[1])
+
+    async def begin_sending(self: Any, biller_party_id: str, intent_id: str, now: datetime) -> bool:
+        remembered[biller_party_id, intent_id] = (IntentState.SENDING, "")
+        return True
+
+    async def finish_sending(
+        self: Any, biller_party_id: str, intent_id: str, *, paid: bool, proof: str, now: datetime
+    ) -> Any:
+        remembered[biller_party_id, intent_id] = (IntentState.PAID if paid else IntentState.INSTRUCTED, proof)
+        return recalled(await get_intent(self, biller_party_id, intent_id))
+
+    async def get_intent_recalled(self: Any, biller_party_id: str, intent_id: str) -> Any:
+        intent = await get_intent(self, biller_party_id, intent_id)
+        return None if intent is None else recalled(intent)
+
+    async def intents_recalled(self: Any, *args: Any, **options: Any) -> Any:
+        return [recalled(intent) for intent in await intents(self, *args, **options)]
+
+    SqliteConsumerStore.begin_sending = begin_sending  # type: ignore[method-assign]
+    SqliteConsumerStore.finish_sending = finish_sending  # type: ignore[method-assign]
+    SqliteConsumerStore.get_intent = get_intent_recalled  # type: ignore[method-assign]
+    SqliteConsumerStore.intents = intents_recalled  # type: ignore[method-assign]
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "skips-bill-verification": skips_bill_verification,
     "accepts-keyset-rollback": accepts_keyset_rollback,
     "pays-instructions-for-another-amount": pays_instructions_for_another_amount,
     "accepts-counter-to-in-options-offer": accepts_counter_to_in_options_offer,
     "skips-the-pin": skips_the_pin,
+    "pays-unchained-instructions": pays_unchained_instructions,
+    "pays-instructions-for-another-intent": pays_instructions_for_another_intent,
+    "pays-after-pay-by-time": pays_after_pay_by_time,
+    "trusts-any-instructions-signature": trusts_any_instructions_signature,
+    "takes-bills-for-any-account": takes_bills_for_any_account,
+    "ignores-revocations": ignores_revocations,
+    "judges-bills-as-live": judges_bills_as_live,
+    "records-payments-in-memory-only": records_payments_in_memory_only,
 }
 
 
@@ -135,8 +289,16 @@ BROKEN_CONSUMERS = (
     BrokenConsumer(
         "pays a forged bill",
         "skips-bill-verification",
-        # The bill of the rollback scenario is signed by a revoked key: a client that checks no bill takes it too.
-        frozenset({"BIL-3/forged-bill-signature", "KEY-8/keyset-rollback"}),
+        # The bills of the rollback and revocation scenarios are signed by a revoked key, and one names another
+        # account: a client that checks no bill takes them too.
+        frozenset(
+            {
+                "BIL-3/forged-bill-signature",
+                "KEY-8/keyset-rollback",
+                "KEY-11/bill-signed-by-revoked-key",
+                "AUZ-6/bill-for-another-account",
+            }
+        ),
     ),
     BrokenConsumer("accepts a key set rollback", "accepts-keyset-rollback", frozenset({"KEY-8/keyset-rollback"})),
     BrokenConsumer(
@@ -150,6 +312,35 @@ BROKEN_CONSUMERS = (
         frozenset({"NEG-12/counter-to-in-options-offer"}),
     ),
     BrokenConsumer("ignores the pinned fingerprint", "skips-the-pin", frozenset({"KEY-12/unpinned-biller"})),
+    BrokenConsumer(
+        "pays unchained instructions",
+        "pays-unchained-instructions",
+        frozenset({"PAY-8/instructions-unchained", "PAY-8/instructions-wrong-sequence"}),
+    ),
+    BrokenConsumer(
+        "pays instructions for another intent",
+        "pays-instructions-for-another-intent",
+        frozenset({"PAY-8/instructions-other-intent"}),
+    ),
+    BrokenConsumer(
+        "pays after the pay-by time", "pays-after-pay-by-time", frozenset({"PAY-8/instructions-pay-by-passed"})
+    ),
+    BrokenConsumer(
+        "trusts any signature on instructions",
+        "trusts-any-instructions-signature",
+        frozenset({"PAY-8/instructions-forged-signature"}),
+    ),
+    BrokenConsumer(
+        "takes bills for any account", "takes-bills-for-any-account", frozenset({"AUZ-6/bill-for-another-account"})
+    ),
+    BrokenConsumer("ignores key revocations", "ignores-revocations", frozenset({"KEY-11/bill-signed-by-revoked-key"})),
+    BrokenConsumer("judges bills as live", "judges-bills-as-live", frozenset({"BIL-3/old-bill-stored"})),
+    BrokenConsumer(
+        "records payments in memory only",
+        "records-payments-in-memory-only",
+        # Every scenario that runs the client twice finds its payment forgotten on the second run.
+        frozenset({"PAY-7/crash-after-bank-order", "EVT-5/duplicate-event", "PAY-9/receipt-wrong-amount"}),
+    ),
 )
 
 

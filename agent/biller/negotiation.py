@@ -99,6 +99,7 @@ class NegotiationPhase:
             messages=[(self._stored_move(record), record.received_at) for record in thread.messages],
             limits=self.party.limits,
             hardship_disclosed=thread.hardship_disclosed,
+            recorded_expired=thread.outcome is ThreadOutcome.EXPIRED,
         )
 
     def current_state(self, thread: ThreadRecord, bill: BillRecord | None) -> Negotiation:

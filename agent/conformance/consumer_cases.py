@@ -56,7 +56,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from agent.clock import SystemClock
+from agent.clock import Clock, SystemClock
 from agent.conformance.hostile_biller import (
     AMOUNT_DUE,
     BANK_FILE,
@@ -70,7 +70,7 @@ from agent.conformance.hostile_biller import (
     payload_of,
     rotated_identity,
 )
-from agent.conformance.peers import PeerIdentity, reseal
+from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal
 from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError
@@ -182,6 +182,13 @@ class Scenario:
         self.state_dir = directory / "client-state"
         self.biller = biller
         self.runs: list[ClientRun] = []
+        self.process: asyncio.subprocess.Process | None = None  # the client run under way
+
+    def kill_client(self) -> None:
+        """SIGKILL the client run under way, children included (a crash, for the scenarios that need one)."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
 
     def environment(self) -> dict[str, str]:
         """The client's environment: ours without any PARLEY_* variable, plus the scenario's."""
@@ -216,6 +223,7 @@ class Scenario:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own process group, so that a kill reaches its children
             )
+            self.process = process
             try:
                 exit_code: int | None = await asyncio.wait_for(process.wait(), self.context.client_timeout)
             except TimeoutError:
@@ -304,13 +312,18 @@ async def scenario(
     *,
     identity: PeerIdentity | None = None,
     pinned_fingerprint: bytes | None = None,
+    clock: Clock | None = None,
 ) -> AsyncIterator[Scenario]:
     """A fresh scenario directory and scripted biller (see `hostile_biller` for the arguments)."""
     directory = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=context.work_dir))
     state_dir = directory / "client-state"
     state_dir.mkdir()
     async with hostile_biller(
-        directory / "biller", state_dir / BANK_FILE, identity=identity, pinned_fingerprint=pinned_fingerprint
+        directory / "biller",
+        state_dir / BANK_FILE,
+        identity=identity,
+        pinned_fingerprint=pinned_fingerprint,
+        clock=clock,
     ) as biller:
         yield Scenario(context, directory, biller)
 
@@ -418,6 +431,7 @@ def _no_dealings(scenario: Scenario, bill_id: str, what: str) -> None:
     quote="A consumer MUST verify a bill — the receive path of §3.8 against the biller's pinned chain (as a stored "
     "answer), an account it enrolled (AUZ-6), and BIL-2 — before it shows the bill to its user, negotiates on it "
     "or pays it, and MUST NOT show or pay a bill that fails.",
+    covers=("AUZ-6",),
 )
 async def forged_bill_signature(context: ConsumerContext) -> str:
     async with scenario(context, "forged-bill") as s:
@@ -444,6 +458,7 @@ async def forged_bill_signature(context: ConsumerContext) -> str:
     description="A biller whose key set chain does not start at the pinned fingerprint is never trusted (ENR-10)",
     quote="A consumer MUST obtain the biller's fingerprint out of band (§6.1), pin it at enrolment, and verify every "
     "chain it receives for that biller against the pin (check 1 above), refusing a mismatch with `PIN_MISMATCH`",
+    covers=("ENR-10", "VER-4", "TRN-4"),
 )
 async def unpinned_biller(context: ConsumerContext) -> str:
     genuine = new_identity(BILLER_PARTY_ID, _now())
@@ -483,6 +498,7 @@ async def unpinned_biller(context: ConsumerContext) -> str:
     description="After its chain rotated, a biller serving the older key set version again is not believed",
     quote="A receiver MUST refuse a version not above the one it holds (a rollback, including a second, different "
     "version `N`) with `KEYSET_ROLLBACK`",
+    covers=("AUZ-6",),
 )
 async def keyset_rollback(context: ConsumerContext) -> str:
     identity = rotated_identity(BILLER_PARTY_ID, _now())
@@ -530,6 +546,7 @@ async def keyset_rollback(context: ConsumerContext) -> str:
     "EVT-5/duplicate-event",
     description="Every event delivered twice is processed once: the cursor never counts a copy, no bill is paid twice",
     quote="An event with a lower sequence than expected is a duplicate and is dropped",
+    covers=("PAY-7",),
 )
 async def duplicate_event(context: ConsumerContext) -> str:
     async with scenario(context, "duplicate-event") as s:
@@ -611,6 +628,7 @@ class _Counters:
     "`OPTIONS_NOT_HONOURED`. … A consumer that finds a violation in the biller's reply (for example "
     "`OPTIONS_NOT_HONOURED` on a counter-offer to an in-options offer) MUST record the thread as `PROTOCOL_ERROR`, "
     "keep the thread with the offending reply as evidence, and not act on the reply (in particular, not pay under it)",
+    covers=("NEG-17",),
 )
 async def counter_to_in_options_offer(context: ConsumerContext) -> str:
     async with scenario(context, "options-not-honoured") as s:
@@ -746,6 +764,7 @@ async def instructions_amount(context: ConsumerContext) -> str:
     description="A receipt for less than the instructed amount is a dispute: the client pays nothing more on the bill",
     quote="A consumer MUST verify a receipt like any biller message and chain it to the instructions; a receipt whose "
     "`amount_received` differs from the instructed amount, or no receipt long after a settled transfer, is a dispute",
+    covers=("EVT-8",),
 )
 async def receipt_wrong_amount(context: ConsumerContext) -> str:
     async with scenario(context, "receipt-wrong-amount") as s:
@@ -808,6 +827,270 @@ async def receipt_wrong_amount(context: ConsumerContext) -> str:
             f"the receipt claimed {claims[0]} (and a reminder for the {SHORTFALL} followed); the client kept to its "
             f"one payment ({', '.join(run.describe() for run in s.runs)})"
         )
+
+
+# --- 8. Instructions that are not the biller's answer to this intent ---------------------------------------
+
+PAY_8_QUOTE = (
+    "A consumer MUST NOT pay under instructions that are not signed by a key of the biller's pinned key set chain or "
+    "fail any check of §3 and §5, that do not chain to its own intent (`intent_id`, thread, sequence 1, "
+    "`previous_digest`), whose `amount` differs from its intent's `amount`, or whose `pay_by_time` has passed"
+)
+
+
+def _reseal_instructions(biller: HostileBiller, change: Any) -> None:
+    """Every PaymentInstructions answer re-signed by the biller's own key after `change(instructions)`."""
+    key = biller.identity.key
+
+    async def doctored(
+        request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+    ) -> pb.CreatePaymentIntentResponse:
+        return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, key, change))
+
+    biller.rewrite["CreatePaymentIntent"] = doctored
+
+
+def _forge_instructions(biller: HostileBiller) -> None:
+    """Instructions signed by a stranger's key under the biller's keyid."""
+    biller.forgery = Forgery(
+        SigningKey.generate(),
+        keyid=biller.identity.key.keyid,
+        only=lambda envelope: envelope.payload_type == "parley.v1.PaymentInstructions",
+    )
+
+
+def _unchained(instructions: payment_pb2.PaymentInstructions) -> None:
+    instructions.header.previous_digest = os.urandom(32)
+
+
+def _wrong_sequence(instructions: payment_pb2.PaymentInstructions) -> None:
+    instructions.header.sequence = 2
+
+
+def _other_intent(instructions: payment_pb2.PaymentInstructions) -> None:
+    instructions.intent_id = f"{instructions.intent_id}-other"
+
+
+def _pay_by_passed(instructions: payment_pb2.PaymentInstructions) -> None:
+    instructions.pay_by_time.FromDatetime(_now() - timedelta(hours=1))
+
+
+_DOCTORED_INSTRUCTIONS: tuple[tuple[str, str, Any], ...] = (
+    ("PAY-8/instructions-forged-signature", "signed by a stranger's key under the biller's keyid", _forge_instructions),
+    ("PAY-8/instructions-unchained", "whose previous_digest is not the intent's digest", _unchained),
+    ("PAY-8/instructions-wrong-sequence", "at sequence 2 of the intent's thread instead of 1", _wrong_sequence),
+    ("PAY-8/instructions-other-intent", "naming another intent_id than the intent's", _other_intent),
+    ("PAY-8/instructions-pay-by-passed", "whose pay_by_time passed an hour ago", _pay_by_passed),
+)
+
+
+def _doctored_instructions_case(case_id: str, what: str, install: Any) -> None:
+    """A scenario: every intent is answered with instructions `what`; the client must order no payment."""
+
+    @suite.case(
+        case_id,
+        description=f"Instructions {what} are never paid",
+        quote=PAY_8_QUOTE,
+        covers=("AUZ-6",),
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            issue_bills_on_enrolment(s.biller)
+            if install is _forge_instructions:
+                _forge_instructions(s.biller)
+            else:
+                _reseal_instructions(s.biller, install)
+            await s.run_client()
+            intents = [call for call in s.biller.calls_of("CreatePaymentIntent") if call.answered]
+            if not intents:
+                raise setup_failed("the client never sent a payment intent the biller answered", s)
+            if s.orders():
+                raise Violation(f"the client paid under instructions {what}: it {s.summary()}")
+            return f"instructions {what} answered {len(intents)} intent(s); nothing paid ({s.runs[-1].describe()})"
+
+
+for _case_id, _what, _install in _DOCTORED_INSTRUCTIONS:
+    _doctored_instructions_case(_case_id, _what, _install)
+
+
+# --- 9. A bill for an account the client never enrolled ---------------------------------------------------
+
+
+@suite.case(
+    "AUZ-6/bill-for-another-account",
+    description="A bill honestly signed by the biller but for an account the client never enrolled is never paid",
+    quote="A consumer MUST NOT act on a biller message that is not signed by the biller's pinned chain and addressed "
+    "to it, nor on a bill, event, instruction or receipt for an account it has not enrolled.",
+    covers=("BIL-3",),
+)
+async def bill_for_another_account(context: ConsumerContext) -> str:
+    async with scenario(context, "bill-for-another-account") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        key = s.biller.identity.key
+        stranger_bills: list[str] = []
+
+        def elsewhere(bill: bill_pb2.Bill) -> None:
+            bill.account_id = f"{bill.account_id}-never-enrolled"
+            bill.bill_id = f"{bill.bill_id}-elsewhere"
+            bill.header.message_id = os.urandom(16)
+            bill.header.thread_id = os.urandom(16)
+            stranger_bills[:] = [bill.bill_id]
+
+        async def with_a_stranger(request: pb.ListBillsRequest, answer: pb.ListBillsResponse) -> pb.ListBillsResponse:
+            if not answer.bills:
+                return answer
+            extra = reseal(answer.bills[0], key, elsewhere)
+            return pb.ListBillsResponse(bills=[*answer.bills, extra])
+
+        s.biller.rewrite["ListBills"] = with_a_stranger
+        await s.run_client()
+        if not stranger_bills:
+            raise setup_failed("the client never listed its bills after enrolling (ListBills)", s)
+        (stranger,) = stranger_bills
+        _no_dealings(s, stranger, "the bill for an account it never enrolled,")
+        control = "paid" if s.orders(bills[0]) else "did not pay"
+        return f"the bill {stranger} for another account was never acted on; the client {control} its own bill"
+
+
+# --- 10. Keys revoked in the newest version; a bill judged as stored ------------------------------------------
+
+
+class LaggingClock:
+    """The system clock, `lag` behind while a scenario issues a bill in the past (then 0 again)."""
+
+    def __init__(self) -> None:
+        self.lag = timedelta(0)
+
+    def now(self) -> datetime:
+        return _now() - self.lag
+
+
+def revoked_identity(party_id: str, now: datetime) -> PeerIdentity:
+    """Version 1 (two days ago) lists K1 and K2; version 2 (an hour ago), signed by K2, still lists both but
+    revokes K1 as of a day ago. A message K1 signed twelve hours ago falls under version 1 — which lists K1 —
+    and only the newest version's revocation refuses it (KEY-11)."""
+    old, current = SigningKey.generate(), SigningKey.generate()
+    start, rotation, revoked = now - timedelta(days=2), now - timedelta(hours=1), now - timedelta(days=1)
+    validity = timedelta(days=365)
+    keys = [KeySpec(old.public_key, start, start + validity), KeySpec(current.public_key, start, start + validity)]
+    version_1 = build_key_set(
+        party_id=party_id, version=1, keys=keys, signer=current, create_time=start, expire_time=start + validity,
+        previous=None,
+    )  # fmt: skip
+    version_2 = build_key_set(
+        party_id=party_id, version=2, keys=keys, signer=current, create_time=rotation,
+        expire_time=rotation + validity, previous=version_1, revocations={old.keyid: revoked},
+    )  # fmt: skip
+    return PeerIdentity(current.seed, (version_1.SerializeToString(), version_2.SerializeToString()), old.seed)
+
+
+def _issue_in_the_past(biller: HostileBiller, clock: LaggingClock, lag: timedelta, count: int) -> list[str]:
+    """Have `count` bills issued on enrolment, signed `lag` ago (create_time and issue date in the past)."""
+    issued: list[str] = []
+
+    async def issue() -> None:
+        clock.lag = lag
+        try:
+            for index in range(count):
+                issued.append(await biller.issue_bill(description=f"Electricity, conformance bill {index + 1}"))
+        finally:
+            clock.lag = timedelta(0)
+
+    biller.on_enrolled.append(issue)
+    return issued
+
+
+@suite.case(
+    "KEY-11/bill-signed-by-revoked-key",
+    description="A bill signed by a key the newest key set version revokes, after its revoke_time, is never paid",
+    quote="A key is **revoked** from its `revoke_time`: a message (key sets included) created at or after "
+    "`revoke_time` and signed by that key MUST be refused with `KEY_REVOKED`",
+    covers=("AUZ-6", "BIL-3"),
+)
+async def bill_signed_by_revoked_key(context: ConsumerContext) -> str:
+    clock = LaggingClock()
+    identity = revoked_identity(BILLER_PARTY_ID, _now())
+    retired = identity.retired
+    assert retired is not None
+    async with scenario(context, "revoked-key", identity=identity, clock=clock) as s:
+        bills = _issue_in_the_past(s.biller, clock, timedelta(hours=12), 2)  # the first honest, the second forged
+        s.biller.forgery = Forgery(retired, only=lambda e: len(bills) > 1 and _bill_id_of(e) == bills[1])
+        await s.run_client()
+        if not s.biller.forgery.delivered:
+            raise setup_failed("the client never fetched its bills after enrolling (ListBills, GetBill)", s)
+        honest, revoked = bills
+        _no_dealings(s, revoked, "the bill signed by a revoked key,")
+        control = "paid" if s.orders(honest) else "did not pay"
+        return f"the bill {revoked} signed by K1 after its revocation was never acted on; the client {control} {honest}"
+
+
+@suite.case(
+    "BIL-3/old-bill-stored",
+    description="An honest bill signed 36 hours ago (its lifetime over) is judged as stored: negotiated on or paid",
+    quote="A consumer MUST verify a bill — the receive path of §3.8 against the biller's pinned chain (as a stored "
+    "answer), an account it enrolled (AUZ-6), and BIL-2 — before it shows the bill to its user, negotiates on it "
+    "or pays it",
+)
+async def old_bill_stored(context: ConsumerContext) -> str:
+    clock = LaggingClock()
+    async with scenario(context, "old-bill", clock=clock) as s:
+        bills = _issue_in_the_past(s.biller, clock, timedelta(hours=36), 1)
+        await s.run_client()
+        if not s.bill_calls():
+            raise setup_failed("the client never fetched its bills after enrolling (ListBills, GetBill)", s)
+        (bill_id,) = bills
+        if not s.intents(bill_id) and not s.openings(bill_id):
+            raise Violation(
+                f"the client neither negotiated on nor sent a payment intent for the honest bill {bill_id}, signed "
+                f"36 hours ago: a bill is a stored answer, judged without MESSAGE_EXPIRED (§1.6, BIL-3); it "
+                f"{s.summary()}"
+            )
+        if len(s.orders(bill_id)) > 1:
+            raise Violation(f"the client paid bill {bill_id} more than once (PAY-7): it {s.summary()}")
+        dealt = "paid" if s.orders(bill_id) else "negotiated on" if s.openings(bill_id) else "sent an intent for"
+        return f"the bill signed 36 hours ago was taken as valid: the client {dealt} it ({s.runs[-1].describe()})"
+
+
+# --- 11. A crash between the bank order and its record, then a rerun ----------------------------------------
+
+
+@suite.case(
+    "PAY-7/crash-after-bank-order",
+    description="A client killed after ordering a payment (while it asks for the receipt) pays nothing more when rerun",
+    quote="One intent MUST NOT yield more than one payment: the consumer pays each `intent_id` at most once, recording "
+    "that it is paying before it instructs its bank",
+)
+async def crash_after_bank_order(context: ConsumerContext) -> str:
+    async with scenario(context, "crash-after-order") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        asked = asyncio.Event()
+
+        async def hang(request: pb.GetReceiptRequest, answer: pb.GetReceiptResponse) -> pb.GetReceiptResponse:
+            # The client has ordered its payment (it reports it before asking for the receipt): crash it here.
+            asked.set()
+            s.kill_client()
+            await asyncio.sleep(3600)  # never answered: the client is gone, and its call with it
+            return answer
+
+        s.biller.rewrite["GetReceipt"] = hang
+        await s.run_client()
+        if not asked.is_set():
+            if not s.orders():
+                raise setup_failed("the client ordered no payment", s)
+            raise Skip("the client never asked for a receipt, so the suite found no moment after its bank order")
+        (bill_id,) = bills
+        if not s.orders(bill_id):
+            raise setup_failed(f"the client asked for a receipt without ordering the payment of {bill_id}", s)
+        del s.biller.rewrite["GetReceipt"]
+        await s.run_client()
+        orders = s.orders(bill_id)
+        if len(orders) > 1:
+            raise Violation(
+                f"after a crash between its bank order and the receipt, the rerun client paid bill {bill_id} again "
+                f"({len(orders)} payments): it had not recorded that it was paying before it ordered (PAY-7); it "
+                f"{s.summary()}"
+            )
+        return f"killed after ordering {orders[0].describe()}; the rerun paid nothing more ({s.runs[-1].describe()})"
 
 
 __all__ = [

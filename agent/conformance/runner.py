@@ -13,6 +13,7 @@ target's announced features, fixtures…):
         quote="A receiver MUST verify it … and MUST refuse the message with `BAD_SIGNATURE` …",
         level=Level.MUST,                       # MUST → FAIL when broken, SHOULD → WARN (CNF-5)
         needs=("negotiation",),                 # opaque tags, interpreted by `precheck`
+        covers=("ENV-4",),                      # further ids the case exercises (the coverage table)
     )
     async def bad_signature(ctx: MyContext) -> str | None:
         ...                                     # raise Violation("what went wrong") when the target deviates
@@ -33,6 +34,9 @@ known failing, or a known-failing entry passed (the list is stale: remove the
 entry); 2 when the target is unreachable (or the suite cannot run at all:
 `NotRunnable`, e.g. a client command that cannot start), the options are
 unusable, or no case ran (none selected, or every selected case skipped).
+The summary's last word is the verdict: OK (every selected case ran, none
+failed), PARTIAL (exit 0, but some cases were skipped: it says how many and
+why), FAILED or NOTHING RAN.
 
 Cases run one after the other, unless the suite's cases are independent and
 `RunOptions.jobs` allows several at once (the consumer suite's `--jobs`);
@@ -62,6 +66,7 @@ import json
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -125,11 +130,18 @@ class Case(Generic[C]):
     quote: str
     body: CaseBody[C]
     needs: tuple[str, ...] = ()
+    covers: tuple[str, ...] = ()  # requirement ids exercised besides `requirement` (a violation of each FAILs it)
 
     @property
     def requirement(self) -> str:
         """The requirement id the case checks, e.g. "ENV-3" for "ENV-3/bad-signature"."""
         return self.id.split("/", 1)[0]
+
+    @property
+    def exercises(self) -> tuple[str, ...]:
+        """Every requirement id the case exercises: its own first, then `covers` (docs/CONFORMANCE.md's
+        coverage table is built from these)."""
+        return (self.requirement, *(i for i in self.covers if i != self.requirement))
 
     def matches(self, pattern: str) -> bool:
         """See the module docstring: id, requirement id, requirement prefix, or glob on the id."""
@@ -163,8 +175,12 @@ class Suite(Generic[C]):
         quote: str,
         level: Level = Level.MUST,
         needs: Sequence[str] = (),
+        covers: Sequence[str] = (),
     ) -> Callable[[CaseBody[C]], CaseBody[C]]:
-        """Register the decorated coroutine function as a case (ValueError for a duplicate or bad id)."""
+        """Register the decorated coroutine function as a case (ValueError for a duplicate or bad id).
+
+        `covers` names further requirement ids the case exercises: ids whose violation the case
+        FAILs (or WARNs, for a SHOULD case) as surely as a violation of its own."""
         requirement, slash, slug = case_id.partition("/")
         if not (slash and slug and "-" in requirement):
             raise ValueError(f"case id {case_id!r} is not <requirement id>/<slug>")
@@ -172,7 +188,7 @@ class Suite(Generic[C]):
             raise ValueError(f"case {case_id!r} is registered twice")
 
         def register(body: CaseBody[C]) -> CaseBody[C]:
-            self._cases[case_id] = Case(case_id, level, description, quote, body, tuple(needs))
+            self._cases[case_id] = Case(case_id, level, description, quote, body, tuple(needs), tuple(covers))
             return body
 
         return register
@@ -262,6 +278,25 @@ class Report:
             return EXIT_NOT_RUN
         return EXIT_FAILED if any(r.fails_run for r in self.results) else EXIT_OK
 
+    def skip_reasons(self) -> dict[str, int]:
+        """How many cases were skipped for each reason, most frequent first."""
+        reasons = Counter(r.detail or "no reason given" for r in self.results if r.outcome is Outcome.SKIP)
+        return dict(reasons.most_common())
+
+    @property
+    def verdict(self) -> str:
+        """The last word of the summary: OK only when every selected case ran and nothing failed.
+
+        A run that skipped cases (a production biller without conformance control, a feature not
+        announced) and failed none is PARTIAL — still exit code 0, since a skip is not a failure
+        (CNF-5), but never a bare OK: the summary says how many cases did not run and why.
+        """
+        if self.exit_code == EXIT_NOT_RUN:
+            return "NOTHING RAN"
+        if self.exit_code == EXIT_FAILED:
+            return "FAILED"
+        return "PARTIAL" if self.ran < len(self.results) else "OK"
+
     def to_json(self) -> dict[str, object]:
         return {
             "suite": self.suite,
@@ -274,6 +309,8 @@ class Report:
             "duration": round(self.duration, 3),
             "error": self.error,
             "exit_code": self.exit_code,
+            "verdict": self.verdict,
+            "skipped": self.skip_reasons(),
         }
 
     def to_junit(self) -> bytes:
@@ -480,10 +517,15 @@ def print_summary(report: Report, out: Console) -> None:
             soft_wrap=True,
         )
     counts = ", ".join(f"[{_STYLE[o]}]{summary[o.value]} {o.value}[/]" for o in Outcome)
-    verdict = {EXIT_OK: "[green]OK[/]", EXIT_FAILED: "[bold red]FAILED[/]", EXIT_NOT_RUN: "[bold red]NOTHING RAN[/]"}
+    style = {"OK": "green", "PARTIAL": "yellow", "FAILED": "bold red", "NOTHING RAN": "bold red"}[report.verdict]
+    verdict = f"[{style}]{report.verdict}[/]"
+    skipped = summary[Outcome.SKIP.value]
+    if skipped and report.results:
+        reasons = "; ".join(f"{count}: {escape(reason)}" for reason, count in report.skip_reasons().items())
+        verdict += f" ({skipped} of {len(report.results)} cases skipped — {reasons})"
     out.print(
         f"summary: parley conformance {report.suite} against {escape(report.target)}: "
-        f"{len(report.results)} cases: {counts} in {report.duration:.1f} s: {verdict[report.exit_code]}",
+        f"{len(report.results)} cases: {counts} in {report.duration:.1f} s: {verdict}",
         highlight=False,
         soft_wrap=True,
     )

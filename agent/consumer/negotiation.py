@@ -263,9 +263,8 @@ class Negotiator:
             messages=messages,
             limits=session.limits,
             hardship_disclosed=record.hardship_disclosed,
+            recorded_expired=record.outcome is ThreadOutcome.EXPIRED,
         )
-        if record.outcome is ThreadOutcome.EXPIRED:
-            negotiation.close_as_expired()
         assert my_last is not None, "a stored thread starts with our opening"
         return _Run(
             session,

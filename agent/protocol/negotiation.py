@@ -248,11 +248,13 @@ class Negotiation:
         messages: Iterable[tuple[ThreadMessage, datetime]],
         limits: Limits = DEFAULT_LIMITS,
         hardship_disclosed: bool = False,
+        recorded_expired: bool = False,
     ) -> Negotiation:
         """The one replay of a stored thread: every message, already verified, judged as it was when received.
 
         Our own messages are sent, the peer's received; a stored violation ends the thread there
-        (PROTOCOL_ERROR), as it did when the message arrived. Both agents rebuild their state this
+        (PROTOCOL_ERROR), as it did when the message arrived; `recorded_expired` (the store says the thread
+        EXPIRED) closes it as EXPIRED, which no message shows. Both agents rebuild their state this
         way; an offline verifier uses `receive` with an observer instead (`agent.protocol.agreement`).
         """
         negotiation = cls(bill=bill, bill_digest=bill_digest, role=role, limits=limits,
@@ -263,6 +265,8 @@ class Negotiation:
             else:
                 with contextlib.suppress(RemoteProtocolError):  # the violation's evidence: the thread ends here
                     negotiation.receive(message, received_at)
+        if recorded_expired:  # a move past the deadline expired it (NEG-15 5b): closed for good (NEG-14)
+            negotiation.close_as_expired()
         return negotiation
 
     def send(self, message: ThreadMessage, now: datetime) -> State:

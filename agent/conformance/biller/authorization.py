@@ -29,6 +29,7 @@ from agent.conformance.biller.target import (
     thread_id_of,
 )
 from agent.conformance.client import Refusal
+from agent.conformance.peers import resign
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
 from parley.v1 import negotiation_pb2
@@ -83,6 +84,7 @@ async def read_other_account(ctx: BillerTarget) -> None:
     "the signer's bound accounts: one that does not exist there — whether it does not exist at all or belongs to "
     "another account — MUST be refused with `NOT_FOUND`.",
     needs=(FIXTURES,),
+    covers=("AUZ-5",),
 )
 async def read_not_on_account(ctx: BillerTarget) -> None:
     _, bill, intent_id, thread_id = await _victim(ctx)
@@ -175,3 +177,22 @@ async def query_shape(ctx: BillerTarget) -> None:
     expect(await get_bill(ctx, party.query(account)), malformed, "GetBill without a bill_id")
     expect(await get_receipt(ctx, party.query(account)), malformed, "GetReceipt without an intent_id")
     expect(await list_bills(ctx, party.query(account, start_sequence=3)), malformed, "ListBills with a start_sequence")
+
+
+@suite.case(
+    "KEY-6/keyid-of-another-party",
+    description="A query signed by one enrolled party under another party's keyid is refused with BAD_SIGNATURE",
+    quote="A biller receiving a consumer request has no single expected sender: it MUST resolve the keyid among the "
+    "chains of all its enrolled parties, refusing with `NOT_ENROLLED` when none lists it (AUZ-2), and the party "
+    "whose chain lists it is then the expected sender.",
+    needs=(FIXTURES,),
+)
+async def keyid_of_another_party(ctx: BillerTarget) -> None:
+    owner, other = await ctx.enrolled(), await ctx.enrolled()
+    borrowed = resign(owner.party.query(owner.account_id), owner.party.key, keyid=other.party.key.keyid)
+    expect(
+        await list_bills(ctx, borrowed),
+        Reason.BAD_SIGNATURE,
+        "a query signed by its sender's key under another enrolled party's keyid (step 4 of §3.8, before the "
+        "sender check of step 7)",
+    )

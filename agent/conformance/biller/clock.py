@@ -34,6 +34,7 @@ suite: Suite[BillerTarget] = Suite("biller/clock")
     quote="A receiver MUST refuse a move received after the thread's `deadline` — `now > deadline`, where `now` is the "
     "receiver's own clock at reception […] — with `NEGOTIATION_DEADLINE_PASSED`, and the thread becomes `EXPIRED`.",
     needs=NEG,
+    covers=("NEG-14",),  # then closed for good: a further move is THREAD_CLOSED
 )
 async def deadline(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -42,6 +43,9 @@ async def deadline(ctx: BillerTarget) -> None:
     await ctx.advance_clock(2 * 3600)
     late = customer.party.move(thread, negotiation_pb2.Offer(terms=outside_options(bill)))
     expect(await negotiate(ctx, late), Reason.NEGOTIATION_DEADLINE_PASSED, "an Offer an hour after the deadline")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_EXPIRED"))
+    again = customer.party.move(thread, negotiation_pb2.Withdraw())
+    expect(await negotiate(ctx, again), Reason.THREAD_CLOSED, "a Withdraw on the thread once EXPIRED (NEG-14)")
     await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_EXPIRED"))
 
 

@@ -125,6 +125,7 @@ async def wrong_code(ctx: BillerTarget) -> None:
     "that account: every later `Enrol` on it is refused with `ENROLMENT_LOCKED` without comparing the code, the right "
     "code included",
     needs=(FIXTURES,),
+    covers=("LIM-9",),
 )
 async def lock_after_attempts(ctx: BillerTarget) -> str:
     account = await ctx.new_account()

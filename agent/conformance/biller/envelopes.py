@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from datetime import timedelta
 
 from agent.conformance.biller.target import (
     AMOUNT_DUE,
@@ -120,7 +121,9 @@ async def malformed_form(ctx: BillerTarget) -> None:
 Mutation = Callable[[envelope_pb2.Envelope, SigningKey], envelope_pb2.Envelope]
 
 
-def _mutated_query_case(case_id: str, vector_id: str, description: str, mutate: Mutation) -> None:
+def _mutated_query_case(
+    case_id: str, vector_id: str, description: str, mutate: Mutation, *, covers: tuple[str, ...] = ()
+) -> None:
     """A signed query by an enrolled party, broken as vector `vector_id` is, must be refused with BAD_SIGNATURE."""
 
     @suite.case(
@@ -130,6 +133,7 @@ def _mutated_query_case(case_id: str, vector_id: str, description: str, mutate: 
         "from the exact bytes of `payload` and `payload_type` as received. A receiver MUST verify it […] and MUST "
         "refuse the message with `BAD_SIGNATURE` when it does not verify.",
         needs=(FIXTURES,),
+        covers=covers,
     )
     async def body(ctx: BillerTarget) -> str:
         customer = await ctx.enrolled()
@@ -150,6 +154,7 @@ _mutated_query_case(
     "tampered-payload",
     "A query with one payload bit flipped after signing is refused with BAD_SIGNATURE",
     lambda envelope, _key: flip_payload(envelope),  # in account_id, the query's last field: it still parses
+    covers=("ENV-4",),
 )
 _mutated_query_case(
     "ENV-3/signed-payload-not-pae",
@@ -236,6 +241,7 @@ async def truncated_payload(ctx: BillerTarget) -> None:
     quote="A receiver MUST refuse a signed payload containing any field that the version-1 schema of its message "
     "does not define — at the top level or in any nested message […] — with `UNKNOWN_FIELD`.",
     needs=(FIXTURES,),
+    covers=("ENV-4",),
 )
 async def unknown_field(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -285,3 +291,37 @@ async def not_enrolled(ctx: BillerTarget) -> None:
 )
 async def unknown_key_vector(ctx: BillerTarget) -> None:
     expect(await negotiate(ctx, vector("unknown-key")), Reason.NOT_ENROLLED, "vector unknown-key")
+
+
+@suite.case(
+    "ENV-10/check-order",
+    description="Requests breaking two §3.8 checks at once are refused with the reason of the first",
+    quote="A receiver MUST check a received envelope in the order below and refuse it with the reason of the first "
+    "check it fails, so that every conforming implementation reports the same reason for the same input.",
+    needs=(FIXTURES,),
+    covers=("ENV-4",),
+)
+async def check_order(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    key = customer.party.key
+    elsewhere = {"recipient": f"{ctx.biller_id}.elsewhere"}
+    long_ago = {"recipient": f"{ctx.biller_id}.elsewhere", "create_time": ctx.now() - timedelta(days=3)}
+    intent = customer.party.intent(customer.account_id, "bill-conformance", "cf-order", money(AMOUNT_DUE))
+    pairs: list[tuple[str, envelope_pb2.Envelope, Reason]] = [
+        ("two signatures on an Intent sent to ListBills (step 1 before 2)", duplicate_signature(intent),
+         Reason.MALFORMED_ENVELOPE),
+        ("an Intent sent to ListBills with a flipped signature (step 2 before 4)", flip_signature(intent),
+         Reason.WRONG_PAYLOAD_TYPE),
+        ("a flipped signature over an unknown field (step 4 before 6)",
+         flip_signature(with_unknown_field(query_envelope(customer), key)), Reason.BAD_SIGNATURE),
+        ("a flipped signature over a header for another recipient (step 4 before 7)",
+         flip_signature(query_envelope(customer, header=elsewhere)), Reason.BAD_SIGNATURE),
+        ("an unknown field beside a header for another recipient (step 6 before 7)",
+         with_unknown_field(query_envelope(customer, header=elsewhere), key), Reason.UNKNOWN_FIELD),
+        ("an expired query for another recipient (step 7 before 10)",
+         query_envelope(customer, header=long_ago), Reason.WRONG_RECIPIENT),
+    ]  # fmt: skip
+    for what, envelope, reason in pairs:
+        expect(await list_bills(ctx, envelope), reason, what)
+    await read_ok(ctx, customer)
+    return f"{len(pairs)} pairs of defects"

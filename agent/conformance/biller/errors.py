@@ -54,6 +54,7 @@ def _error_info_problem(refusal: Refusal) -> str:
     "`grpc-status-details-bin` trailer, whose `code` is the gRPC status code of its reason in the table below and "
     "whose `details` hold exactly one `google.rpc.ErrorInfo`, with `reason` = the UPPER_SNAKE reason, `domain` = "
     '`"parley.v1"` and `metadata["requirement"]` = the id of the requirement that names the reason',
+    covers=("ERR-5",),
 )
 async def error_info(ctx: BillerTarget) -> str:
     await _provoke(ctx)

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.conformance.biller.target import EVENT_WAIT, FIXTURES, BillerTarget, Customer, digest_of, expect, first_event
+from agent.conformance.biller.target import (
+    AMOUNT_DUE,
+    DEFERRAL_FEE,
+    EVENT_WAIT,
+    FIXTURES,
+    BillerTarget,
+    Customer,
+    accepted,
+    agreed_thread,
+    digest_of,
+    expect,
+    first_event,
+    get_receipt,
+    money,
+    pay,
+    payment_intent,
+    setup,
+    thread_id_of,
+)
 from agent.conformance.client import EventStream, Refusal
 from agent.conformance.peers import event_log_id
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
-from parley.v1 import envelope_pb2, event_pb2
+from parley.v1 import envelope_pb2, event_pb2, payment_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/events")
+REFUSAL_WAIT = 5.0  # seconds for a refusal of a watch to arrive: it needs no event, only the request
 
 
 async def _read_until(
@@ -47,6 +66,7 @@ async def _read_until(
     "account's event log id (§5.2), `header.sequence` = the event's position in the log from 0 without gaps, "
     "`header.previous_digest` = the digest of the event before it",
     needs=("events", FIXTURES),
+    covers=("HDR-15", "VER-3"),
 )
 async def signed_chained_log(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()
@@ -92,6 +112,44 @@ async def cursor_out_of_range(ctx: BillerTarget) -> None:
 
 
 @suite.case(
+    "EVT-3/cursor-boundary",
+    description="WatchEvents from the log's next sequence waits for new events; from one past it, CURSOR_OUT_OF_RANGE",
+    quote="the biller MUST refuse a `start_sequence` greater than the log's next sequence (the number of events in "
+    "the log) with `CURSOR_OUT_OF_RANGE`. A `start_sequence` equal to the next sequence is valid and yields only "
+    "events appended from then on",
+    needs=("events", FIXTURES),
+    covers=("EVT-4",),
+)
+async def cursor_boundary(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        size = len(await _read_until(stream, customer, ctx, {bill.bill_id}, 0))
+        while True:  # whatever else the biller logged by now (a quiet second: the end of the log so far)
+            try:
+                extra = await stream.next(1.0)
+            except TimeoutError:
+                break
+            if not isinstance(extra, envelope_pb2.Envelope):
+                raise Violation("the watch from sequence 0 ended or failed while the log was being read")
+            size += 1
+    past_end = customer.party.query(customer.account_id, start_sequence=size + 1)
+    what = f"WatchEvents from {size + 1}, one past the log's next sequence {size}"
+    async with ctx.conn.watch(past_end) as stream:
+        try:
+            answer = await stream.next(REFUSAL_WAIT)
+        except TimeoutError:
+            raise Violation(f"{what}, was served (no refusal within {REFUSAL_WAIT:g} s)") from None
+    if not isinstance(answer, Refusal):
+        raise Violation(f"{what}, delivered an event instead of being refused")
+    expect(answer, Reason.CURSOR_OUT_OF_RANGE, what)
+    async with ctx.conn.watch(customer.party.query(customer.account_id, start_sequence=size)) as stream:
+        later = await ctx.issue_bill(customer)
+        events = await _read_until(stream, customer, ctx, {later.bill_id}, size)
+    return f"a log of {size} events; the watch from {size} delivered the {len(events)} appended after it"
+
+
+@suite.case(
     "EVT-4/resume-from-cursor",
     description="A resumed watch delivers every event from its cursor, same bytes, no gap or duplicate, then live "
     "events",
@@ -114,3 +172,67 @@ async def resume_from_cursor(ctx: BillerTarget) -> str:
         live = await ctx.issue_bill(customer)
         tail = await _read_until(stream, customer, ctx, {live.bill_id}, cursor + len(resumed))
     return f"resumed at {cursor}: {len(resumed)} events, then {len(tail)} live"
+
+
+@suite.case(
+    "EVT-2/event-fields",
+    description="BILL_ISSUED, ARRANGEMENT_ACTIVE and PAYMENT_RECEIVED carry exactly the fields EVT-2 lists; no "
+    "reminder level outside REMINDER",
+    quote="Every event MUST have one of the kinds below […] and be emitted when the table says, with the fields it "
+    "lists; `reminder_level` is 1 to 3 on a reminder and 0 on every other kind, and `message` (text for people, at "
+    "most 500 characters) is never interpreted.",
+    needs=("events", "negotiation", FIXTURES),
+)
+async def event_fields(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    agreed_bill, paid_bill = await ctx.issue_bill(customer), await ctx.issue_bill(customer)
+    opening, accept = await agreed_thread(ctx, customer, agreed_bill)
+    setup(await pay(ctx, payment_intent(customer, paid_bill, "cf-fields")), "a PaymentIntent for the second bill")
+    setup(await ctx.conn.settle_payments(), "SettlePayments")
+    query = customer.party.query(customer.account_id, intent_id="cf-fields")
+    receipt = accepted(await get_receipt(ctx, query), "GetReceipt after SettlePayments").receipt
+    received = payment_pb2.Receipt.FromString(receipt.payload).amount_received
+    sentinel = await ctx.issue_bill(customer)  # its BILL_ISSUED comes after every event the steps above caused
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        envelopes = await _read_until(stream, customer, ctx, {sentinel.bill_id}, 0)
+    bills = {bill.bill_id: bill for bill in (agreed_bill, paid_bill, sentinel)}
+    problems: list[str] = []
+    kinds: list[str] = []
+    for envelope in envelopes:
+        event = event_pb2.Event.FromString(envelope.payload)
+        kind = event_pb2.EventKind.Name(event.kind)
+        kinds.append(kind)
+        where = f"{kind} at sequence {event.header.sequence}"
+        if event.kind == event_pb2.EVENT_KIND_REMINDER:
+            if not 1 <= event.reminder_level <= 3:
+                problems.append(f"{where}: reminder_level {event.reminder_level}, not 1 to 3")
+        elif event.reminder_level:
+            problems.append(f"{where}: reminder_level {event.reminder_level} on a kind that is not a reminder")
+        if len(event.message) > 500:
+            problems.append(f"{where}: a message of {len(event.message)} characters")
+        if event.bill_id not in bills:
+            problems.append(f"{where}: bill_id {event.bill_id!r} is not one of the account's bills")
+            continue
+        bill = bills[event.bill_id]
+        got: tuple[Any, ...]
+        if event.kind == event_pb2.EVENT_KIND_BILL_ISSUED:
+            got = (event.amount, event.date, event.related_digest)
+            want: tuple[Any, ...] = (bill.bill.amount_due, bill.bill.due_date, bill.digest)
+            what = f"the amount due, due date and digest of bill {bill.bill_id}"
+        elif event.kind == event_pb2.EVENT_KIND_ARRANGEMENT_ACTIVE:
+            got = (event.bill_id, event.thread_id, event.amount, event.related_digest)
+            want = (agreed_bill.bill_id, thread_id_of(opening), money(AMOUNT_DUE + DEFERRAL_FEE), digest_of(accept))
+            what = "the agreed bill, thread, total and the Accept's digest"
+        elif event.kind == event_pb2.EVENT_KIND_PAYMENT_RECEIVED:
+            got = (event.bill_id, event.amount, event.related_digest)
+            want = (paid_bill.bill_id, received, digest_of(receipt))
+            what = "the paid bill, the amount received and the receipt's digest"
+        else:
+            continue
+        if got != want:
+            problems.append(f"{where}: not {what}")
+    if "EVENT_KIND_ARRANGEMENT_ACTIVE" not in kinds:
+        problems.append("no ARRANGEMENT_ACTIVE after the thread ended AGREED")
+    if problems:
+        raise Violation("; ".join(problems))
+    return f"{len(envelopes)} events: {', '.join(k.removeprefix('EVENT_KIND_') for k in kinds)}"

@@ -10,8 +10,12 @@ from agent.conformance.biller.target import (
     FIXTURES,
     BillerTarget,
     Customer,
+    accepted,
+    enrol,
     expect,
     list_bills,
+    pay,
+    payment_intent,
     query_envelope,
     read_ok,
 )
@@ -19,6 +23,7 @@ from agent.conformance.runner import Suite
 from agent.protocol.errors import Reason
 from parley.v1 import (
     account_pb2,
+    biller_service_pb2,
     envelope_pb2,
 )
 
@@ -38,6 +43,7 @@ def _signed_query(customer: Customer, edit: Any) -> envelope_pb2.Envelope:
     quote="A receiver MUST refuse a message whose `protocol_version` it does not speak — `0` included — with "
     "`UNSUPPORTED_VERSION`.",
     needs=(FIXTURES,),
+    covers=("VER-1",),
 )
 async def unsupported_version(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -105,6 +111,7 @@ async def wrong_recipient(ctx: BillerTarget) -> None:
     quote="A sender MUST set `0 < expire_time − create_time ≤ max_message_lifetime_seconds` […]; a receiver MUST "
     "refuse any other lifetime with `LIFETIME_TOO_LONG`",
     needs=(FIXTURES,),
+    covers=("LIM-3",),
 )
 async def lifetime_too_long(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -185,3 +192,54 @@ async def query_previous_digest(ctx: BillerTarget) -> None:
     expect(
         await list_bills(ctx, query), Reason.PREVIOUS_DIGEST_MISMATCH, "a query at sequence 0 with a previous_digest"
     )
+
+
+async def _first_messages_refused(ctx: BillerTarget, header: dict[str, Any], reason: Reason, what: str) -> str:
+    """A PaymentIntent, an EnrolmentRequest and (when announced) an ErasureRequest — each the first message of a
+    thread of its own — carrying `header` are refused with `reason`, and none took effect: the same requests with
+    a correct header then succeed (the intent id is free, the code unspent, the erasure still to be confirmed)."""
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    intent_id = f"cf-{secrets.token_hex(4)}"
+    expect(await pay(ctx, payment_intent(customer, bill, intent_id, header=header)), reason, f"a PaymentIntent {what}")
+    accepted(await pay(ctx, payment_intent(customer, bill, intent_id)), "the same intent with a correct header")
+    account = await ctx.new_account()
+    party = ctx.new_party()
+    request = party.enrolment(account.account_id, account.enrolment_code, header=header)
+    expect(await enrol(ctx, request), reason, f"an EnrolmentRequest {what}")
+    accepted(
+        await enrol(ctx, party.enrolment(account.account_id, account.enrolment_code)),
+        "the same enrolment with a correct header (the refused one must not have spent the code)",
+    )
+    checked = "PaymentIntent, EnrolmentRequest"
+    if "erasure" in ctx.features:
+        erasure = customer.party.erasure(customer.account_id, header=header)
+        rpc = biller_service_pb2.RequestErasureRequest(request=erasure)
+        expect(await ctx.conn.call("RequestErasure", rpc), reason, f"an ErasureRequest {what}")
+        checked += ", ErasureRequest"
+    return f"checked on {checked}"
+
+
+@suite.case(
+    "HDR-6/first-message-sequence",
+    description="A PaymentIntent, EnrolmentRequest or ErasureRequest at sequence 1 is SEQUENCE_MISMATCH, without "
+    "effect",
+    quote="The first message of a thread MUST carry `sequence` 0 […] A receiver MUST refuse a message whose "
+    "`sequence` is not the next one of its thread with `SEQUENCE_MISMATCH`.",
+    needs=(FIXTURES,),
+)
+async def first_message_sequence(ctx: BillerTarget) -> str:
+    return await _first_messages_refused(ctx, {"sequence": 1}, Reason.SEQUENCE_MISMATCH, "at sequence 1")
+
+
+@suite.case(
+    "HDR-7/first-message-previous-digest",
+    description="A PaymentIntent, EnrolmentRequest or ErasureRequest with a previous_digest is "
+    "PREVIOUS_DIGEST_MISMATCH, without effect",
+    quote="`previous_digest` MUST be empty at sequence 0 […] A receiver MUST refuse any other value with "
+    "`PREVIOUS_DIGEST_MISMATCH`.",
+    needs=(FIXTURES,),
+)
+async def first_message_previous_digest(ctx: BillerTarget) -> str:
+    header = {"previous_digest": secrets.token_bytes(32)}
+    return await _first_messages_refused(ctx, header, Reason.PREVIOUS_DIGEST_MISMATCH, "with a previous_digest")

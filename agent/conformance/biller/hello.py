@@ -33,6 +33,7 @@ suite: Suite[BillerTarget] = Suite("biller/hello")
     quote="the biller MUST answer with the highest version both speak in `protocol_version`, every version it "
     "speaks in `supported_versions`, its `biller_party_id`, its `identity_fingerprint` (the digest of its key set "
     "version 1, KEY-12), its `features` and its `limits` (LIM-10)",
+    covers=("TRN-1",),
 )
 async def hello_answer(ctx: BillerTarget) -> str:
     answer = accepted(await ctx.conn.call("Hello", hello_request(PROTOCOL_VERSION, 7, 99)), "Hello([1, 7, 99])")
@@ -136,6 +137,7 @@ async def get_key_sets(ctx: BillerTarget) -> str:
     "CNF-3/feature-matches-service",
     description="The conformance-control feature is announced exactly when the service answers",
     quote='A biller MUST announce the feature `"conformance-control"` in `Hello` exactly when it exposes the service.',
+    covers=("CNF-4",),
 )
 async def conformance_feature(ctx: BillerTarget) -> str:
     answer = await ctx.conn.create_test_account("Parley conformance (CNF-3)")
@@ -179,6 +181,7 @@ async def envelope_too_large_vector(ctx: BillerTarget) -> None:
     "`ENVELOPE_TOO_LARGE`, before verifying anything; a gRPC service sets its receive-message limit to "
     "`max_envelope_bytes + 1024`",
     needs=(FIXTURES,),
+    covers=("LIM-10",),
 )
 async def size_boundary(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()

@@ -237,3 +237,34 @@ async def key_not_valid(ctx: BillerTarget) -> None:
         Reason.KEY_NOT_VALID,
         "a query signed by a key valid only from two days on",
     )
+
+
+@suite.case(
+    "KEY-7/malformed-key-set",
+    description="A next version with no key, 17 keys, a key listed twice or an empty window is KEYSET_INVALID, "
+    "without effect",
+    quote="A key set MUST be well formed, else it is refused with `KEYSET_INVALID`: 1 to 16 keys; […] no two keys "
+    "with the same keyid; `not_before` and `not_after` set, valid timestamps, and `not_before < not_after`",
+    needs=(FIXTURES,),
+)
+async def malformed_key_set(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    party = customer.party
+    start = party.clock() - timedelta(days=1)
+    own = party.key_spec(party.key, start)
+    others = [party.key_spec(type(party.key).generate(), start) for _ in range(16)]
+    variants = {
+        "no key at all": [],
+        "17 keys, one above the limit of 16": [own, *others],
+        "the signing key listed twice": [own, own],
+        "a key whose not_before equals its not_after": [own, KeySpec(others[0].key, start, start)],
+    }
+    for what, keys in variants.items():
+        expect(await publish(ctx, party.next_key_set(keys)), Reason.KEYSET_INVALID, f"a version 2 with {what}")
+    sixteen = party.next_key_set([own, *others[:15]])  # exactly the limit; version 2 is still free
+    answer = accepted(await publish(ctx, sixteen), "a version 2 with 16 keys (the refused ones changed nothing)")
+    if answer.version != 2:
+        raise Violation(f"PublishKeySet of version 2 with 16 keys answered version {answer.version}")
+    party.adopt(sixteen)
+    await read_ok(ctx, customer)
+    return f"{len(variants)} malformed versions refused; one of exactly 16 keys accepted"

@@ -13,6 +13,7 @@ from agent.conformance.biller.target import (
     NEGOTIATION_TYPES,
     OUTCOME,
     BillerTarget,
+    Customer,
     IssuedBill,
     accepted,
     agreed_thread,
@@ -28,11 +29,11 @@ from agent.conformance.biller.target import (
     thread_of,
     thread_unchanged,
 )
-from agent.conformance.runner import Suite, Violation
+from agent.conformance.runner import Skip, Suite, Violation
 from agent.protocol.errors import ProtocolError, Reason
 from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import PAYLOAD_TYPES
-from parley.v1 import negotiation_pb2
+from parley.v1 import envelope_pb2, negotiation_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/negotiation")
 
@@ -44,6 +45,7 @@ suite: Suite[BillerTarget] = Suite("biller/negotiation")
     "move MUST be an Accept of it; any other biller move (a counter-Offer, a Reject, a Withdraw) is a violation, "
     "`OPTIONS_NOT_HONOURED`.",
     needs=NEG,
+    covers=("BIL-4",),
 )
 async def options_accepted_at_once(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -80,6 +82,7 @@ _REPLY_OUTCOMES = {
     "leaves the thread open with the biller to move, `NegotiateResponse.reply` carries the biller's signed move (next "
     "sequence, `previous_digest` = digest of the consumer's move) and `outcome` the thread's state after that reply",
     needs=NEG,
+    covers=("NEG-13", "ENV-8"),
 )
 async def reply_in_same_call(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()
@@ -146,6 +149,7 @@ async def turns(ctx: BillerTarget) -> None:
     description="A ThreadOpen inside a thread is WRONG_PAYLOAD_TYPE; a move opening no known thread is NOT_FOUND",
     quote="A `ThreadOpen` at any other sequence, or any other move at sequence 0, is refused with `WRONG_PAYLOAD_TYPE`",
     needs=NEG,
+    covers=("HDR-10",),
 )
 async def thread_open_position(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -239,6 +243,7 @@ async def accept_stale_digest(ctx: BillerTarget) -> None:
     quote="when the consumer's move ended the thread (Accept, Reject, Withdraw), `reply` is absent and `outcome` is "
     "the thread's outcome",
     needs=NEG,
+    covers=("ENV-11",),
 )
 async def accept_exact(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -274,6 +279,98 @@ async def terminal_refuses(ctx: BillerTarget) -> None:
     await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_AGREED"))
 
 
+async def _closed_thread(
+    ctx: BillerTarget, customer: Customer, bill: IssuedBill, how: str
+) -> tuple[list[envelope_pb2.Envelope], str]:
+    """A thread the consumer closed `how` ("rejected", "withdrawn", "protocol error") after the biller's counter,
+    and the outcome it must then have (the last move is part of the thread, the evidence for a violation)."""
+    thread = await countered_thread(ctx, customer, bill)
+    closing: Message
+    if how == "rejected":
+        closing = negotiation_pb2.Reject(reason=negotiation_pb2.REJECT_REASON_UNAFFORDABLE)
+        outcome, reason = "NEGOTIATION_OUTCOME_REJECTED", None
+    elif how == "withdrawn":
+        closing, outcome, reason = negotiation_pb2.Withdraw(), "NEGOTIATION_OUTCOME_WITHDRAWN", None
+    else:  # an Accept naming another digest than the pending offer: the violation ACCEPT_DIGEST_MISMATCH
+        closing = negotiation_pb2.Accept(offer_digest=digest_of(thread[0]))
+        outcome, reason = "NEGOTIATION_OUTCOME_PROTOCOL_ERROR", Reason.ACCEPT_DIGEST_MISMATCH
+    move = customer.party.move(thread, closing)
+    answer = await negotiate(ctx, move)
+    if reason is None:
+        accepted(answer, f"the consumer's closing move ({how})")
+    else:
+        expect(answer, reason, "an Accept of the consumer's own opening (the thread's violation)")
+    thread.append(move)
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value(outcome))
+    return thread, outcome
+
+
+@suite.case(
+    "NEG-14/closed-states",
+    description="Threads ended REJECTED, WITHDRAWN or PROTOCOL_ERROR refuse every further move with THREAD_CLOSED",
+    quote="A thread that has an outcome is closed for good: every further move on it MUST be refused with "
+    "`THREAD_CLOSED`, and nothing in the thread changes.",
+    needs=NEG,
+    covers=("NEG-13", "NEG-22"),  # GetThread holds the violation's evidence, with the outcome
+)
+async def closed_states(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    for how in ("rejected", "withdrawn", "protocol error"):
+        bill = await ctx.issue_bill(customer)
+        thread, outcome = await _closed_thread(ctx, customer, bill, how)
+        moves: list[tuple[str, Message]] = [
+            ("an Offer", negotiation_pb2.Offer(terms=outside_options(bill))),
+            ("an Accept of the biller's counter", negotiation_pb2.Accept(offer_digest=digest_of(thread[1]))),
+            ("a Withdraw", negotiation_pb2.Withdraw()),
+        ]
+        for name, message in moves:
+            late = customer.party.move(thread, message)
+            expect(await negotiate(ctx, late), Reason.THREAD_CLOSED, f"{name} on a thread ended {how}")
+        await thread_unchanged(ctx, customer, thread, OUTCOME.Value(outcome))
+    return "REJECTED, WITHDRAWN and PROTOCOL_ERROR threads stay closed"
+
+
+@suite.case(
+    "NEG-15/check-order",
+    description="Moves breaking two §9.5 checks get the first one's reason: closed, sequence, previous digest, "
+    "refusals before violations",
+    quote="A receiver MUST apply the negotiation checks in this order, stop at the first that fails, and treat the "
+    "failure as the last column says",
+    needs=NEG,
+    covers=("HDR-6", "HDR-7", "NEG-14"),
+)
+async def check_order(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    agreed = await agreed_thread(ctx, customer, await ctx.issue_bill(customer))
+    wrong_chain = {"sequence": 7, "previous_digest": secrets.token_bytes(32)}
+    closed_and_unchained = customer.party.move(agreed, negotiation_pb2.Withdraw(), header=wrong_chain)
+    expect(
+        await negotiate(ctx, closed_and_unchained),
+        Reason.THREAD_CLOSED,
+        "a Withdraw on an AGREED thread at a wrong sequence and previous digest (check 1 comes first)",
+    )
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    unchained = customer.party.move(thread, negotiation_pb2.Offer(terms=outside_options(bill)), header=wrong_chain)
+    expect(
+        await negotiate(ctx, unchained),
+        Reason.SEQUENCE_MISMATCH,
+        "an Offer at a wrong sequence with a wrong previous digest (check 2 before 3)",
+    )
+    stale_accept = customer.party.move(
+        thread,
+        negotiation_pb2.Accept(offer_digest=digest_of(thread[0])),
+        header={"previous_digest": secrets.token_bytes(32)},
+    )
+    expect(
+        await negotiate(ctx, stale_accept),
+        Reason.PREVIOUS_DIGEST_MISMATCH,
+        "an Accept of the wrong offer with a wrong previous digest (a refusal, check 3, comes before the violation "
+        "of check 9, and does not end the thread)",
+    )
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_OPEN"))
+
+
 @suite.case(
     "NEG-2/bill-digest-mismatch",
     description="An opening naming another digest than the bill's is refused with BILL_DIGEST_MISMATCH",
@@ -297,6 +394,7 @@ async def bill_digest_mismatch(ctx: BillerTarget) -> None:
     "`Limits` (§14) […] the opening requires `1 ≤ max_rounds ≤ Limits.max_rounds` and `create_time < deadline ≤ "
     "create_time + Limits.max_negotiation_time` […] A missing `deadline` is refused with the same reason.",
     needs=NEG,
+    covers=("LIM-4", "LIM-5"),
 )
 async def limits_invalid(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -341,6 +439,7 @@ async def not_negotiable(ctx: BillerTarget) -> None:
     "`REJECT_REASON_UNSPECIFIED` or a number the enum does not define is refused with `MALFORMED_PAYLOAD` […] and the "
     "`note` of a `Reject` or `Withdraw` MUST be at most 200 characters (`MAX_TEXT_CHARS`), else `MALFORMED_PAYLOAD`.",
     needs=NEG,
+    covers=("ENV-13",),
 )
 async def reject_form(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -362,3 +461,24 @@ async def reject_form(ctx: BillerTarget) -> None:
     )
     if outcome_name(answer) != "NEGOTIATION_OUTCOME_REJECTED":
         raise Violation(f"the Reject left the thread {outcome_name(answer)}, not REJECTED (NEG-13)")
+
+
+@suite.case(
+    "LIM-7/open-threads-boundary",
+    description="max_open_threads_per_account open threads are allowed; one more opening is TOO_MANY_OPEN_THREADS",
+    quote="A biller MUST refuse an opening on an account that already has `max_open_threads_per_account` threads in "
+    "state `OPEN` […] with `TOO_MANY_OPEN_THREADS`.",
+    needs=NEG,
+    covers=("LIM-10",),
+)
+async def open_threads_boundary(ctx: BillerTarget) -> str:
+    most = ctx.limits.max_open_threads_per_account or DEFAULT_LIMITS.max_open_threads_per_account
+    if most > 50:
+        raise Skip(f"max_open_threads_per_account is {most}: too many threads to open in a case")
+    customer = await ctx.enrolled()
+    for _ in range(most):  # each countered, so each stays OPEN with the consumer to move
+        await countered_thread(ctx, customer, await ctx.issue_bill(customer))
+    bill = await ctx.issue_bill(customer)
+    _, answer = await open_thread(ctx, customer, bill, outside_options(bill))
+    expect(answer, Reason.TOO_MANY_OPEN_THREADS, f"opening {most + 1} with {most} threads OPEN on the account")
+    return f"max_open_threads_per_account {most}"

@@ -36,6 +36,7 @@ suite: Suite[BillerTarget] = Suite("biller/payments")
     quote="every later intent with that `intent_id` and the same content […] is answered with the same "
     "`PaymentInstructions` envelope, byte for byte, whatever the later intent's header says",
     needs=(FIXTURES,),
+    covers=("PAY-4", "PAY-6", "PAY-7"),
 )
 async def same_intent_same_instructions(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()

@@ -50,6 +50,7 @@ async def disclosure_mismatch(ctx: BillerTarget) -> None:
     "= the request's digest) whose `erased_count` is the number of disclosures erased (0 when there were none, as on "
     "a repeated request).",
     needs=("erasure", FIXTURES),
+    covers=("VER-3",),
 )
 async def erasure(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()

@@ -36,6 +36,7 @@ suite: Suite[BillerTarget] = Suite("biller/replay")
     "message with the same digest as a retry (HDR-12) and MUST refuse one with a different digest with "
     "`REPLAYED_MESSAGE`.",
     needs=(FIXTURES,),
+    covers=("HDR-11",),
 )
 async def replayed_intent(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()
@@ -86,6 +87,7 @@ async def replayed_move(ctx: BillerTarget) -> None:
     quote="A receiver MUST answer a retry with the original answer — the same signed reply envelope, byte for byte and "
     "never re-signed, or the same error — and MUST NOT apply its effect again.",
     needs=NEG,
+    covers=("NEG-18", "ENV-9"),
 )
 async def retry_same_answer(ctx: BillerTarget) -> None:
     customer = await ctx.enrolled()

@@ -20,7 +20,8 @@ from agent.conformance.biller.target import (
     open_thread,
     terms,
 )
-from agent.conformance.runner import Suite
+from agent.conformance.client import Refusal
+from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
 from parley.v1 import terms_pb2
 
@@ -37,7 +38,8 @@ def _terms_case(  # noqa: PLR0917 - a table of cases reads best positionally
 ) -> None:
     """Each variant (bill -> Terms or None) opened on a fresh bill must be refused with `reason`; nothing changes."""
 
-    @suite.case(case_id, description=description, quote=quote, needs=needs)
+    # Every variant is an opening's terms, which NEG-8 requires to be valid and to match the bill.
+    @suite.case(case_id, description=description, quote=quote, needs=needs, covers=("NEG-8",))
     async def body(ctx: BillerTarget) -> None:
         customer = await ctx.enrolled()
         bill = await ctx.issue_bill(customer)
@@ -178,3 +180,120 @@ _terms_case(
     },
     needs=("negotiation", "instalments", FIXTURES),
 )
+
+
+def _even_plan(bill: IssuedBill, count: int) -> terms_pb2.Terms:
+    """The bill's amount in `count` instalments 14 days apart from the due date, split by the remainder rule."""
+    base, remainder = divmod(AMOUNT_DUE, count)
+    schedule = [(_late(bill, 14 * i), base + (1 if i < remainder else 0)) for i in range(count)]
+    return terms(_PLAN, schedule)
+
+
+@suite.case(
+    "LIM-6/max-instalments-boundary",
+    description="A plan of max_instalments + 1 instalments is TOO_MANY_INSTALMENTS; one of exactly max_instalments "
+    "is not",
+    quote="Terms MUST NOT have more than `max_instalments` instalments, else `TOO_MANY_INSTALMENTS`",
+    needs=("negotiation", "instalments", FIXTURES),
+    covers=("LIM-10", "NEG-8"),
+)
+async def max_instalments_boundary(ctx: BillerTarget) -> str:
+    most = ctx.limits.max_instalments or 36  # the announced limit (LIM-10), else the default
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    _, answer = await open_thread(ctx, customer, bill, _even_plan(bill, most + 1))
+    expect(answer, Reason.TOO_MANY_INSTALMENTS, f"an opening with {most + 1} instalments (max_instalments {most})")
+    _, answer = await open_thread(ctx, customer, bill, _even_plan(bill, most))
+    if isinstance(answer, Refusal):
+        raise Violation(
+            f"an opening with exactly max_instalments ({most}) valid instalments was refused with "
+            f"{answer.describe()}: the biller enforces a lower limit than it announces (LIM-10)"
+        )
+    return f"max_instalments {most}"
+
+
+_terms_case(
+    "TRM-3/amount-out-of-range",
+    "A zero-amount line, or an amount of 10^(9 + exponent) minor units, is refused with AMOUNT_OUT_OF_RANGE",
+    "`amount_minor` MUST satisfy `0 ≤ amount_minor < 10^(9 + exponent)` […] A receiver MUST refuse any other amount "
+    "with `AMOUNT_OUT_OF_RANGE`.",
+    Reason.AMOUNT_OUT_OF_RANGE,
+    {
+        "a fee line of EUR 0.00 (the total otherwise exact)": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE), (_FEE, 0)]
+        ),
+        "a fee line of 10^11 cents, one above the largest EUR amount": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, 10**11)], total=AMOUNT_DUE + DEFERRAL_FEE
+        ),
+    },
+)
+_terms_case(
+    "TRM-12/terms-fit-bill",
+    "A deferral to the due date itself, a payment in full after it, or a date before issue, is INVALID_TERMS",
+    "Terms MUST fit the bill's dates and offers: no scheduled date before the bill's `issue_date`; a `PAY_IN_FULL` "
+    "payment on or before `due_date`; a `DEFERRAL` payment after `due_date` […] A receiver MUST refuse terms breaking "
+    "any of these with `INVALID_TERMS`.",
+    Reason.INVALID_TERMS,
+    {
+        "a deferral to the due date itself (not after it)": lambda b: terms(
+            _DEFERRAL, [(b.due_date, AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE)]
+        ),
+        "a payment in full one day after the due date": lambda b: terms(
+            terms_pb2.TERMS_KIND_PAY_IN_FULL, [(b.due_date + timedelta(days=1), AMOUNT_DUE)]
+        ),
+        "a payment in full the day before the issue date": lambda b: terms(
+            terms_pb2.TERMS_KIND_PAY_IN_FULL, [(b.issue_date - timedelta(days=1), AMOUNT_DUE)]
+        ),
+    },
+)
+
+
+def _order_pairs(bill: IssuedBill) -> list[tuple[str, terms_pb2.Terms, Reason]]:
+    """Terms each breaking two §8.6 checks, with the reason of the earlier one."""
+    deferred = AMOUNT_DUE + DEFERRAL_FEE
+    fee = [(_FEE, DEFERRAL_FEE)]
+    mixed = terms(_DEFERRAL, [(_late(bill), deferred)], lines=fee)
+    mixed.total.currency_code = "USD"  # check 2 …
+    mixed.lines[0].amount.currency_code = "EUX"  # … after check 1 (UNKNOWN_CURRENCY)
+    return [
+        ("an unknown currency in a line and the total in USD (check 1 before 2)", mixed, Reason.UNKNOWN_CURRENCY),
+        (
+            "a zero fee line and a wrong total (check 3 before 6)",
+            terms(_DEFERRAL, [(_late(bill), deferred)], lines=[*fee, (_FEE, 0)], total=deferred + 1),
+            Reason.AMOUNT_OUT_OF_RANGE,
+        ),
+        (
+            "a wrong total and a schedule that sums to neither (check 6 before 7)",
+            terms(_DEFERRAL, [(_late(bill), deferred - 7)], lines=fee, total=deferred + 1),
+            Reason.TOTAL_MISMATCH,
+        ),
+        (
+            "a schedule one cent short, on another principal (check 7 before 9)",
+            terms(_DEFERRAL, [(_late(bill), deferred - 101)], lines=fee, principal=AMOUNT_DUE - 100),
+            Reason.SCHEDULE_SUM_MISMATCH,
+        ),
+        (
+            "another principal, deferred to the due date itself (check 9 before 10)",
+            terms(_DEFERRAL, [(bill.due_date, deferred - 100)], lines=fee, principal=AMOUNT_DUE - 100),
+            Reason.PRINCIPAL_MISMATCH,
+        ),
+    ]
+
+
+@suite.case(
+    "TRM-13/check-order",
+    description="Terms breaking two §8.6 checks at once are refused with the reason of the first",
+    quote="A receiver MUST check terms in this order and refuse them with the reason of the first failing check",
+    needs=NEG,
+    covers=("NEG-8",),
+)
+async def check_order(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    pairs = _order_pairs(bill)
+    for what, offered, reason in pairs:
+        _, answer = await open_thread(ctx, customer, bill, offered)
+        expect(answer, reason, f"an opening with {what}")
+    _, answer = await open_thread(ctx, customer, bill, inside_options(bill))
+    accepted(answer, "a valid opening on the same bill (the refused ones must have changed nothing)")
+    return f"{len(pairs)} pairs of defects"

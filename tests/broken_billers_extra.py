@@ -1,0 +1,370 @@
+"""More broken billers, one realistic defect each, for the cases of issue 15 (boundaries, check order, closed states).
+
+Unlike tests/broken_billers.py, each defect here wraps a *public* method of the
+reference `BillerAgent` instance (the servicer calls through that very object)
+— `hello`, `negotiate`, `list_bills`, `create_payment_intent`, `watch_events` —
+and changes only what the wire sees: so they survive a restructuring of the
+agent's private code. A wrapper cannot apply a move the agent refused, so a
+defect that would have let a move through is shown by the answer such a
+biller gives instead (a wrong reason, or a stream left open); either way the
+case must FAIL. `fails` lists exactly the cases the suite must FAIL against it
+(tests/test_conformance_biller.py asserts that no other case fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from agent.biller import BillerAgent
+from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.messages import PAYLOAD_TYPES, parse_payload
+from parley.v1 import (
+    account_pb2,
+    biller_service_pb2,
+    enrolment_pb2,
+    envelope_pb2,
+    event_pb2,
+    header_pb2,
+    keys_pb2,
+    negotiation_pb2,
+    terms_pb2,
+)
+
+Defect = Callable[[BillerAgent], None]
+_VIOLATIONS = {  # the reasons whose refusal ends a thread PROTOCOL_ERROR (PROTOCOL.md §9.5, "violation")
+    Reason.OUT_OF_TURN,
+    Reason.ROUND_LIMIT_EXCEEDED,
+    Reason.ACCEPT_DIGEST_MISMATCH,
+    Reason.OPTIONS_NOT_HONOURED,
+}
+
+
+def _header(envelope: envelope_pb2.Envelope) -> Any:
+    """The header of a negotiation message, or an empty one when the payload is not a readable move."""
+    try:
+        return PAYLOAD_TYPES[envelope.payload_type].FromString(envelope.payload).header  # type: ignore[attr-defined]
+    except (KeyError, DecodeError, AttributeError):
+        return header_pb2.Header()
+
+
+def announces_fewer_instalments(agent: BillerAgent) -> None:
+    """LIM-10/LIM-6: Hello announces max_instalments one below what the terms check enforces (an off-by-one
+    between the announced and the enforced limit): a plan one above the announced limit goes through."""
+    hello = agent.hello
+
+    async def announcing(request: biller_service_pb2.HelloRequest) -> biller_service_pb2.HelloResponse:
+        response = await hello(request)
+        response.limits.max_instalments -= 1
+        return response
+
+    setattr(agent, "hello", announcing)  # noqa: B010 - an instance attribute: the servicer calls through it
+
+
+def serves_cursor_past_the_end(agent: BillerAgent) -> None:
+    """EVT-3: a cursor past the end of the log is answered with an open stream that waits for events, instead of
+    CURSOR_OUT_OF_RANGE (only absurd cursors, beyond 2^32, are still refused)."""
+    watch_events = agent.watch_events
+
+    async def lenient(envelope: envelope_pb2.Envelope) -> AsyncIterator[envelope_pb2.Envelope]:
+        try:
+            return await watch_events(envelope)
+        except RemoteProtocolError as error:
+            start = account_pb2.AccountQuery.FromString(envelope.payload).start_sequence
+            if error.reason is not Reason.CURSOR_OUT_OF_RANGE or start >= 1 << 32:
+                raise
+            return _waiting_forever()
+
+    setattr(agent, "watch_events", lenient)  # noqa: B010
+
+
+async def _waiting_forever() -> AsyncIterator[envelope_pb2.Envelope]:
+    await asyncio.Event().wait()
+    yield envelope_pb2.Envelope()  # pragma: no cover - never reached
+
+
+def parses_before_verifying(agent: BillerAgent) -> None:
+    """ENV-10/ENV-4: a query is parsed (unknown fields judged) before its signature is verified."""
+    list_bills = agent.list_bills
+
+    async def parsing_first(envelope: envelope_pb2.Envelope) -> biller_service_pb2.ListBillsResponse:
+        try:
+            return await list_bills(envelope)
+        except RemoteProtocolError as error:
+            if error.reason is Reason.BAD_SIGNATURE:
+                # the payload judged first: raises UNKNOWN_FIELD (or MALFORMED_PAYLOAD) before BAD_SIGNATURE
+                parse_payload(account_pb2.AccountQuery, envelope.payload)
+            raise
+
+    setattr(agent, "list_bills", parsing_first)  # noqa: B010
+
+
+def first_intent_sequence_as_header_error(agent: BillerAgent) -> None:
+    """HDR-6: a PaymentIntent at a sequence other than 0 is refused as MALFORMED_HEADER, not SEQUENCE_MISMATCH."""
+    create_payment_intent = agent.create_payment_intent
+
+    async def mislabelled(envelope: envelope_pb2.Envelope) -> biller_service_pb2.CreatePaymentIntentResponse:
+        try:
+            return await create_payment_intent(envelope)
+        except RemoteProtocolError as error:
+            if error.reason is Reason.SEQUENCE_MISMATCH:
+                raise RemoteProtocolError(Reason.MALFORMED_HEADER, "an intent must be at sequence 0") from error
+            raise
+
+    setattr(agent, "create_payment_intent", mislabelled)  # noqa: B010
+
+
+class _ThreadWatcher:
+    """What a wrapper of `negotiate` learns of each thread from the answers: its length and whether it AGREED."""
+
+    def __init__(self) -> None:
+        self.length: dict[bytes, int] = {}
+        self.agreed: set[bytes] = set()
+
+    def answered(self, envelope: envelope_pb2.Envelope, response: biller_service_pb2.NegotiateResponse) -> None:
+        header = _header(envelope)
+        self.length[header.thread_id] = header.sequence + 1 + (1 if response.HasField("reply") else 0)
+        if response.outcome == negotiation_pb2.NEGOTIATION_OUTCOME_AGREED:
+            self.agreed.add(header.thread_id)
+
+
+def closes_only_agreed_threads(agent: BillerAgent) -> None:
+    """NEG-14: only an AGREED thread counts as closed; a move on a thread that ended otherwise (rejected,
+    withdrawn, expired, protocol error) is judged as on an open one — here, refused as OUT_OF_TURN."""
+    negotiate, watcher = agent.negotiate, _ThreadWatcher()
+
+    async def agreed_only(envelope: envelope_pb2.Envelope, disclosure: bytes = b"") -> Any:
+        try:
+            response = await negotiate(envelope, disclosure)
+        except RemoteProtocolError as error:
+            thread_id = _header(envelope).thread_id
+            if error.reason is Reason.THREAD_CLOSED and thread_id not in watcher.agreed:
+                raise RemoteProtocolError(Reason.OUT_OF_TURN, "not the consumer's turn") from error
+            raise
+        watcher.answered(envelope, response)
+        return response
+
+    setattr(agent, "negotiate", agreed_only)  # noqa: B010
+
+
+def checks_sequence_before_closed(agent: BillerAgent) -> None:
+    """NEG-15: the sequence is checked before whether the thread is closed (checks 2 and 1 swapped)."""
+    negotiate, watcher = agent.negotiate, _ThreadWatcher()
+
+    async def swapped(envelope: envelope_pb2.Envelope, disclosure: bytes = b"") -> Any:
+        try:
+            response = await negotiate(envelope, disclosure)
+        except RemoteProtocolError as error:
+            header = _header(envelope)
+            if error.reason in _VIOLATIONS:  # recorded as the evidence: the thread grew by one
+                watcher.length[header.thread_id] = header.sequence + 1
+            expected = watcher.length.get(header.thread_id)
+            if error.reason is Reason.THREAD_CLOSED and expected is not None and header.sequence != expected:
+                raise RemoteProtocolError(Reason.SEQUENCE_MISMATCH, f"expected sequence {expected}") from error
+            raise
+        watcher.answered(envelope, response)
+        return response
+
+    setattr(agent, "negotiate", swapped)  # noqa: B010
+
+
+def announces_more_open_threads(agent: BillerAgent) -> None:
+    """LIM-10/LIM-7: Hello announces max_open_threads_per_account one above what the opening check enforces."""
+    hello = agent.hello
+
+    async def announcing(request: biller_service_pb2.HelloRequest) -> biller_service_pb2.HelloResponse:
+        response = await hello(request)
+        response.limits.max_open_threads_per_account += 1
+        return response
+
+    setattr(agent, "hello", announcing)  # noqa: B010
+
+
+def _terms_of(envelope: envelope_pb2.Envelope) -> terms_pb2.Terms | None:
+    """The terms a ThreadOpen or Offer carries (None for other moves or unreadable payloads)."""
+    if envelope.payload_type not in ("parley.v1.ThreadOpen", "parley.v1.Offer"):
+        return None
+    try:
+        move: Any = PAYLOAD_TYPES[envelope.payload_type].FromString(envelope.payload)
+    except DecodeError:
+        return None
+    return move.terms if move.HasField("terms") else None
+
+
+def _remapping_negotiate(agent: BillerAgent, remap: Callable[[Reason, terms_pb2.Terms], Reason | None]) -> None:
+    """`negotiate` refusing terms with `remap(reason, terms)` instead of `reason` when it gives one."""
+    negotiate = agent.negotiate
+
+    async def remapped(envelope: envelope_pb2.Envelope, disclosure: bytes = b"") -> Any:
+        try:
+            return await negotiate(envelope, disclosure)
+        except RemoteProtocolError as error:
+            offered = _terms_of(envelope)
+            other = remap(error.reason, offered) if offered is not None else None
+            if other is None:
+                raise
+            raise RemoteProtocolError(other, error.detail) from error
+
+    setattr(agent, "negotiate", remapped)  # noqa: B010
+
+
+def sums_schedule_before_total(agent: BillerAgent) -> None:
+    """TRM-13: the schedule sum (check 7) is checked before the total (check 6)."""
+
+    def swapped(reason: Reason, offered: terms_pb2.Terms) -> Reason | None:
+        scheduled = sum(instalment.amount.amount_minor for instalment in offered.schedule)
+        if reason is Reason.TOTAL_MISMATCH and scheduled != offered.total.amount_minor:
+            return Reason.SCHEDULE_SUM_MISMATCH
+        return None
+
+    _remapping_negotiate(agent, swapped)
+
+
+def zero_amounts_as_shape(agent: BillerAgent) -> None:
+    """TRM-3: a zero amount in terms is refused as a shape error, INVALID_TERMS, not AMOUNT_OUT_OF_RANGE."""
+
+    def as_shape(reason: Reason, offered: terms_pb2.Terms) -> Reason | None:
+        amounts = [offered.principal, offered.total, *(line.amount for line in offered.lines)]
+        zero = any(amount.amount_minor == 0 for amount in amounts)
+        return Reason.INVALID_TERMS if reason is Reason.AMOUNT_OUT_OF_RANGE and zero else None
+
+    _remapping_negotiate(agent, as_shape)
+
+
+def due_date_deferral_as_date_error(agent: BillerAgent) -> None:
+    """TRM-12: terms dated outside the bill's dates are refused as INVALID_DATE, not INVALID_TERMS."""
+    _remapping_negotiate(agent, lambda reason, _: Reason.INVALID_DATE if reason is Reason.INVALID_TERMS else None)
+
+
+def thanks_twice_without_the_receipt(agent: BillerAgent) -> None:
+    """EVT-2: each settlement is thanked a second time (a bank-statement job, say) with a PAYMENT_RECEIVED that
+    names neither the bill nor the receipt — appended through the public `emit_event`."""
+    record_settlement = agent.record_settlement
+
+    async def thanking_twice(account_id: str, intent_id: str, amount: Any, *args: Any, **options: Any) -> Any:
+        receipt = await record_settlement(account_id, intent_id, amount, *args, **options)
+        await agent.emit_event(
+            account_id, event_pb2.EVENT_KIND_PAYMENT_RECEIVED, amount=amount, message="Thank you for your payment"
+        )
+        return receipt
+
+    setattr(agent, "record_settlement", thanking_twice)  # noqa: B010
+
+
+def malformed_key_sets_as_payload_errors(agent: BillerAgent) -> None:
+    """KEY-7: a malformed published key set is refused as MALFORMED_PAYLOAD, not KEYSET_INVALID."""
+    publish_key_set = agent.publish_key_set
+
+    async def mislabelled(envelope: envelope_pb2.Envelope) -> biller_service_pb2.PublishKeySetResponse:
+        try:
+            return await publish_key_set(envelope)
+        except RemoteProtocolError as error:
+            if error.reason is Reason.KEYSET_INVALID:
+                raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, error.detail) from error
+            raise
+
+    setattr(agent, "publish_key_set", mislabelled)  # noqa: B010
+
+
+def matches_keyid_to_sender_first(agent: BillerAgent) -> None:
+    """KEY-6/ENV-10: the header's sender is compared with the owner of the keyid before the signature is
+    verified, so a borrowed keyid is WRONG_SENDER instead of BAD_SIGNATURE. The wrapper learns who owns which
+    keyid from the enrolments it sees pass (public `enrol`)."""
+    enrol, list_bills = agent.enrol, agent.list_bills
+    owners: dict[str, str] = {}
+
+    async def enrolling(envelope: envelope_pb2.Envelope) -> biller_service_pb2.EnrolResponse:
+        response = await enrol(envelope)
+        request = enrolment_pb2.EnrolmentRequest.FromString(envelope.payload)
+        key_set = keys_pb2.KeySet.FromString(request.consumer_key_set.payload)
+        owners.update({key.keyid: key_set.party_id for key in key_set.keys})
+        return response
+
+    async def sender_first(envelope: envelope_pb2.Envelope) -> biller_service_pb2.ListBillsResponse:
+        try:
+            return await list_bills(envelope)
+        except RemoteProtocolError as error:
+            sender = _header_of_query(envelope).sender
+            owner = owners.get(envelope.signatures[0].keyid) if len(envelope.signatures) == 1 else None
+            if error.reason is Reason.BAD_SIGNATURE and owner is not None and owner != sender:
+                raise RemoteProtocolError(Reason.WRONG_SENDER, f"the keyid is {owner}'s") from error
+            raise
+
+    setattr(agent, "enrol", enrolling)  # noqa: B010
+    setattr(agent, "list_bills", sender_first)  # noqa: B010
+
+
+def _header_of_query(envelope: envelope_pb2.Envelope) -> Any:
+    try:
+        return account_pb2.AccountQuery.FromString(envelope.payload).header
+    except DecodeError:
+        return header_pb2.Header()
+
+
+@dataclass(frozen=True)
+class BrokenBiller:
+    """A reference biller with one defect, and the cases the suite must FAIL against it."""
+
+    name: str
+    defect: Defect
+    fails: frozenset[str]
+
+
+EXTRA_BROKEN_BILLERS = (
+    BrokenBiller(
+        "announces one instalment fewer than it enforces",
+        announces_fewer_instalments,
+        frozenset({"LIM-6/max-instalments-boundary"}),
+    ),
+    BrokenBiller(
+        "serves a cursor one past the end", serves_cursor_past_the_end, frozenset({"EVT-3/cursor-boundary"})
+    ),
+    BrokenBiller("parses before verifying", parses_before_verifying, frozenset({"ENV-10/check-order"})),
+    BrokenBiller(
+        "refuses an intent's sequence as a malformed header",
+        first_intent_sequence_as_header_error,
+        frozenset({"HDR-6/first-message-sequence"}),
+    ),
+    BrokenBiller(
+        "closes only agreed threads",
+        closes_only_agreed_threads,
+        frozenset({"NEG-14/closed-states", "NEG-6/deadline"}),
+    ),
+    BrokenBiller(
+        "announces one open thread more than it allows",
+        announces_more_open_threads,
+        frozenset({"LIM-7/open-threads-boundary"}),
+    ),
+    BrokenBiller("sums the schedule before the total", sums_schedule_before_total, frozenset({"TRM-13/check-order"})),
+    BrokenBiller(
+        "refuses zero amounts as a shape error", zero_amounts_as_shape,
+        frozenset({"TRM-3/amount-out-of-range", "TRM-13/check-order"}),
+    ),
+    BrokenBiller(
+        "refuses terms outside the bill's dates as INVALID_DATE",
+        due_date_deferral_as_date_error,
+        frozenset({"TRM-12/terms-fit-bill", "TRM-5/invalid-terms"}),
+    ),
+    BrokenBiller(
+        "thanks twice, without the receipt", thanks_twice_without_the_receipt, frozenset({"EVT-2/event-fields"})
+    ),
+    BrokenBiller(
+        "refuses malformed key sets as MALFORMED_PAYLOAD",
+        malformed_key_sets_as_payload_errors,
+        frozenset({"KEY-7/malformed-key-set"}),
+    ),
+    BrokenBiller(
+        "matches the keyid to the sender before verifying",
+        matches_keyid_to_sender_first,
+        frozenset({"KEY-6/keyid-of-another-party"}),
+    ),
+    BrokenBiller(
+        "checks the sequence before the closed thread",
+        checks_sequence_before_closed,
+        frozenset({"NEG-15/check-order"}),
+    ),
+)

@@ -90,12 +90,13 @@ async def with_stored_accounts(config: BillerConfig, store: BillerStore) -> Bill
 
 async def account_views(config: BillerConfig, store: BillerStore) -> list[AccountView]:
     """Every account in the store, by id, with its segment."""
-    configured = {account.account_id: account.segment for account in config.accounts}
-    segments = await store.account_segments()
+    listed = {account.account_id: account.segment for account in config.accounts}  # may include added ones
+    added = await store.account_segments()
     views = []
     for record in await store.list_accounts():
-        segment = configured.get(record.account_id) or segments.get(record.account_id) or "(default)"
-        views.append(AccountView(record, segment, record.account_id in configured))
+        account_id = record.account_id
+        segment = added.get(account_id) or listed.get(account_id) or "(default)"
+        views.append(AccountView(record, segment, account_id in listed and account_id not in added))
     return views
 
 

@@ -48,7 +48,7 @@ from agent.protocol.limits import MAX_ID_CHARS
 from agent.protocol.terms import AdvertisedOptions, BillFacts, Currency, Money, parse_date
 from agent.stores.base import AlreadyExists, BillerStore, BillRecord
 from parley.v1 import bill_pb2, envelope_pb2
-from reference_biller.accounts import ID_PATTERN
+from reference_biller.accounts import ID_PATTERN, with_stored_accounts
 from reference_biller.config import BillerConfig
 from reference_biller.policy import SegmentPolicy
 
@@ -65,6 +65,7 @@ class IntakeError(ValueError):
 class RowOutcome(enum.StrEnum):
     ISSUED = "issued"
     WOULD_ISSUE = "would issue"  # dry run
+    VALID = "valid"  # fine, but not issued: another row of the file is invalid
     UNCHANGED = "unchanged"  # the same bill was issued before
     INVALID = "invalid"
 
@@ -240,6 +241,7 @@ async def intake(
     """Check every record, then (unless a row is invalid, or `dry_run`) issue the new bills; see the module."""
     if len(records) > MAX_ROWS:
         raise IntakeError(f"{len(records)} rows: at most {MAX_ROWS} per file, split it")
+    config = await with_stored_accounts(config, store)  # the segments of accounts added with `accounts add`
     policy = SegmentPolicy(config)
     reports: list[RowReport] = []
     to_issue: list[tuple[BillRow, AdvertisedOptions, date]] = []
@@ -275,7 +277,15 @@ async def intake(
             continue
         to_issue.append((row, options, issue_date))
         reports.append(RowReport(line, row.bill_id, RowOutcome.WOULD_ISSUE))
-    if dry_run or any(report.outcome is RowOutcome.INVALID for report in reports):
+    if any(report.outcome is RowOutcome.INVALID for report in reports):
+        return IntakeReport(
+            tuple(
+                RowReport(r.line, r.bill_id, RowOutcome.VALID) if r.outcome is RowOutcome.WOULD_ISSUE else r
+                for r in reports
+            ),
+            dry_run,
+        )
+    if dry_run:
         return IntakeReport(tuple(reports), dry_run)
     issued_lines = set()
     for row, options, issue_date in to_issue:

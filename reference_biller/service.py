@@ -173,7 +173,7 @@ class Biller:
     state_dir: Path
     key: SigningKey
     seed: int = sample.DEFAULT_SEED
-    policy: SegmentPolicy | None = None  # re-read with the accounts the operator added, each upkeep round
+    policy: SegmentPolicy | None = None  # its config: `config` plus the accounts added since, each upkeep round
     test_accounts: list[str] = field(default_factory=list)  # made through conformance control
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _last_purge: datetime | None = field(default=None, init=False)
@@ -189,11 +189,11 @@ class Biller:
             identity = Identity(self.key, self.agent.key_chain)
             renewed = await asyncio.to_thread(identity_dir(self.state_dir).renew, identity, now)
             self.agent.key_chain = renewed.chain
-            await self.refresh_accounts()
+            current = await self.refresh_accounts()
             signed = await self.rail.settle_due(self.agent, now)
-            if self.config.simulation.sample_bills:
+            if self.config.simulation.sample_bills:  # to the configuration file's accounts only
                 await sample.bill_enrolled_accounts(self.agent, self.store, self.config, now.date(), seed=self.seed)
-            accounts = [a.account_id for a in self.config.accounts] + self.test_accounts
+            accounts = [a.account_id for a in current.accounts] + self.test_accounts
             signed += await scheduler.tick(
                 self.agent, self.config, now, store=self.store, rail=self.rail, accounts=accounts
             )
@@ -202,12 +202,13 @@ class Biller:
                 self._last_purge = now
             return signed
 
-    async def refresh_accounts(self) -> None:
-        """Fold the accounts added with `parley biller accounts add` (by any process) into the configuration
-        the policy, the scheduler and the sample bills read."""
-        self.config = await with_stored_accounts(self.config, self.store)
+    async def refresh_accounts(self) -> BillerConfig:
+        """The configuration with the accounts added by `parley biller accounts add` (in any process sharing
+        the store), which the policy then reads (their segments) and the scheduler follows."""
+        current = await with_stored_accounts(self.config, self.store)
         if self.policy is not None:
-            self.policy.config = self.config
+            self.policy.config = current
+        return current
 
     async def close(self) -> None:
         await self.store.close()

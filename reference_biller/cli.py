@@ -10,12 +10,17 @@
                         [--shutdown-grace SECONDS] [--otel]
                                     run the reference biller (built-in sample config without --config);
                                     PARLEY_* variables and the config's [server] table set the same options
-    parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--endpoint HOST:PORT] [--json]
-                                    issue enrolment codes for the configured accounts
+    parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--account ID]... [--revoke]
+                        [--endpoint HOST:PORT [--qr] [--qr-svg FILE] [--qr-png FILE]] [--json]
+                                    issue enrolment codes (--account, else every configured account), each
+                                    superseding the account's unspent ones; --revoke only revokes them
     parley biller rotate-key --state-dir DIR [--config FILE]
                                     replace the biller's signing key, keeping its identity; refused while a
                                     biller serves the directory (its serve.lock is held)
-    parley biller check-config FILE validate a reference biller configuration
+    parley biller check-config FILE validate a reference biller configuration (and read the files it names:
+                                    TLS, webhook secrets), as `serve` would
+
+    accounts, issue-bill, import, backoffice, settle, import-statement: reference_biller/backoffice_cli.py
 
 Serve options: flag > PARLEY_* environment variable > the config file's [server]
 table > default (reference_biller/settings.py, docs/OPERATIONS.md).

@@ -17,8 +17,10 @@ of these events in the same transaction as the protocol step it reports (the
 signed event log is the source of truth), so the outbox *is* that log: the
 dispatcher follows each account's log with a durable cursor per (endpoint,
 account) in the store (`webhook_cursors`). A protocol step writes nothing more
-and never waits for a receiver; a restart resumes from the cursors; several
-processes sharing the store may deliver an event twice, never lose one.
+and never waits for a receiver; a restart resumes from the cursors. Replicas
+sharing a store take turns per endpoint (a lease in the store, as the
+scheduler's); a crash between a POST and saving its cursor sends that event
+again: at least once, never lost.
 
 **Delivery is at least once, in order per account.** The body's `id` (the
 event's digest, hex) is the idempotency key, also sent as `Idempotency-Key`:
@@ -49,6 +51,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +63,7 @@ import aiohttp
 from agent.clock import Clock
 from agent.protocol.terms import Money
 from agent.stores.base import BillerStore, EventRecord, WebhookCursor
+from agent.stores.biller_sql import Leases
 from parley.v1 import envelope_pb2, event_pb2
 from reference_biller.config import Webhook
 
@@ -77,6 +81,7 @@ BACKOFF_CAP = timedelta(hours=1)
 GIVE_UP_AFTER = timedelta(days=3)
 DEFAULT_POLL = timedelta(seconds=2)
 REQUEST_TIMEOUT = timedelta(seconds=10)
+PASS_LEASE = timedelta(minutes=2)  # a replica that dies mid-pass holds an endpoint this long at most
 SIGNATURE_TOLERANCE = timedelta(minutes=5)
 MIN_SECRET_BYTES = 16
 _BATCH = 100
@@ -100,12 +105,10 @@ def _attempts_to_give_up() -> int:
 MAX_ATTEMPTS = _attempts_to_give_up()
 
 
-def sign(secrets: Sequence[bytes], timestamp: int, body: bytes) -> str:
-    """The Parley-Signature header value: t=<timestamp> and one v1 per secret."""
+def sign(keys: Sequence[bytes], timestamp: int, body: bytes) -> str:
+    """The Parley-Signature header value: t=<timestamp> and one v1 per secret in `keys`."""
     signed = str(timestamp).encode() + b"." + body
-    return ",".join(
-        [f"t={timestamp}"] + [f"v1={hmac.new(secret, signed, hashlib.sha256).hexdigest()}" for secret in secrets]
-    )
+    return ",".join([f"t={timestamp}"] + [f"v1={hmac.new(key, signed, hashlib.sha256).hexdigest()}" for key in keys])
 
 
 def verify_signature(header: str, body: bytes, secret: bytes, now: datetime) -> bool:
@@ -193,6 +196,7 @@ class WebhookDispatcher:
         self._clock = clock
         self._poll = poll
         self._session: aiohttp.ClientSession | None = None
+        self._holder = secrets.token_hex(16)  # this dispatcher, as a lease holder
 
     async def run(self) -> None:
         try:
@@ -214,16 +218,40 @@ class WebhookDispatcher:
         delivered = 0
         accounts = [record.account_id for record in await self._store.list_accounts()]
         for endpoint in self._endpoints:
-            cursors = await self._store.webhook_cursors(endpoint.url)
-            for account_id in accounts:
-                cursor = cursors.get(account_id, WebhookCursor(account_id, 0))
-                delivered += await self._follow(endpoint, cursor)
+            delivered += await self._leased(endpoint, accounts)
         return delivered
 
-    async def _follow(self, endpoint: Endpoint, cursor: WebhookCursor) -> int:
-        """Deliver one account's events to one endpoint from its cursor, stopping at the first failure."""
+    async def _leased(self, endpoint: Endpoint, accounts: Sequence[str]) -> int:
+        """One endpoint's pass, while holding its lease in a store shared by replicas (one sender at a time)."""
+        store = self._store
+        if not isinstance(store, Leases):
+            return await self._pass(endpoint, accounts)
+        name = f"webhooks:{endpoint.url}"
+        now = self._clock.now()
+        if not await store.claim_lease(name, self._holder, now, now + PASS_LEASE):
+            return 0  # another process is delivering to this endpoint
+        try:
+            return await self._pass(endpoint, accounts)
+        finally:
+            await store.release_lease(name, self._holder)
+
+    async def _pass(self, endpoint: Endpoint, accounts: Sequence[str]) -> int:
+        """Deliver what is due to one endpoint, account by account. A failure ends the pass: the endpoint is
+        probably down, and trying every other account against it (each up to REQUEST_TIMEOUT) would only
+        delay the next pass; the failed account waits out its backoff, the others are tried next pass."""
+        delivered = 0
+        cursors = await self._store.webhook_cursors(endpoint.url)
+        for account_id in accounts:
+            sent, failed = await self._follow(endpoint, cursors.get(account_id, WebhookCursor(account_id, 0)))
+            delivered += sent
+            if failed:
+                break
+        return delivered
+
+    async def _follow(self, endpoint: Endpoint, cursor: WebhookCursor) -> tuple[int, bool]:
+        """Deliver one account's events to one endpoint from its cursor: (how many, whether one failed)."""
         if cursor.next_attempt_at is not None and cursor.next_attempt_at > self._clock.now():
-            return 0
+            return 0, False
         delivered = 0
         start = cursor
         while True:
@@ -236,7 +264,7 @@ class WebhookDispatcher:
                     error = await self._post(endpoint, kind, record, body)
                     if error:
                         await self._store.save_webhook_cursor(endpoint.url, self._failed(endpoint, cursor, error))
-                        return delivered
+                        return delivered, True
                     delivered += 1
                     logger.info("webhook %s delivered to %s (%s)", kind, endpoint.url, record.digest.hex()[:16])
                 cursor = WebhookCursor(cursor.account_id, record.sequence + 1)
@@ -244,7 +272,7 @@ class WebhookDispatcher:
                     await self._store.save_webhook_cursor(endpoint.url, cursor)  # a delivery is remembered at once
         if cursor != start:
             await self._store.save_webhook_cursor(endpoint.url, cursor)
-        return delivered
+        return delivered, False
 
     def _failed(self, endpoint: Endpoint, cursor: WebhookCursor, error: str) -> WebhookCursor:
         attempts = cursor.attempts + 1

@@ -196,6 +196,39 @@ async def _abandon(tmp_path: Path, receiver: Receiver) -> None:
         await biller.close()
 
 
+def test_replicas_take_turns_and_a_failure_ends_the_pass(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with receiving() as receiver:
+            clock = ManualClock(START)
+            biller = await biller_with_outcomes(tmp_path, clock)
+            try:
+                agent = biller.agent
+                await agent.create_account("w-2", "Another")
+                other = Consumer("consumer:w-2", ManualClock(clock.now()))
+                await agent.enrol(other.enrolment("w-2", await agent.issue_enrolment_code("w-2")))
+                await biller.agent.emit_event("w-2", event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="X")
+                endpoint = Endpoint(receiver.url, (OLD_SECRET,), frozenset({"arrangement_broken"}))
+                dispatcher = WebhookDispatcher(biller.store, biller.agent.party_id, [endpoint], clock)
+                lease = f"webhooks:{receiver.url}"
+                assert await biller.store.claim_lease(lease, "another-replica", START, START + timedelta(minutes=1))
+                assert await dispatcher.deliver_due() == 0  # another replica is delivering to this endpoint
+                assert receiver.signatures == []
+                await biller.store.release_lease(lease, "another-replica")
+                receiver.status = 500
+                assert await dispatcher.deliver_due() == 0
+                assert len(receiver.signatures) == 1  # w-1 failed: w-2 waits for the next pass
+                receiver.status = 200
+                assert await dispatcher.deliver_due() == 1  # w-2 (w-1 waits out its backoff)
+                clock.advance(BACKOFF_FIRST)
+                assert await dispatcher.deliver_due() == 1  # w-1
+                assert [body["account_id"] for body in receiver.accepted] == ["w-2", "w-1"]
+                await dispatcher.close()
+            finally:
+                await biller.close()
+
+    asyncio.run(run())
+
+
 def test_backoff_doubles_to_a_cap_and_gives_up_after_three_days() -> None:
     assert [backoff(n) for n in (1, 2, 3)] == [BACKOFF_FIRST, 2 * BACKOFF_FIRST, 4 * BACKOFF_FIRST]
     assert backoff(40) == backoff(400) == BACKOFF_CAP

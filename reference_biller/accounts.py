@@ -5,9 +5,11 @@ An account is the biller's customer: an id (1 to MAX_ID_CHARS characters of
 holder name and the policy segment whose options its bills advertise. Accounts
 listed in the configuration are created at start as before (a convenience for
 the demo); those added with `accounts add` keep their segment in the store
-(`account_segments`), and `with_stored_accounts` folds them into the
-configuration the policy and the scheduler read, so a serving biller picks them
-up at its next upkeep round.
+(`account_segments`), and `with_stored_accounts` folds every stored account
+(those made through the back-office API too, with the default segment) into the
+configuration the policy and the scheduler read, so a serving biller bills them
+with their segment's options and sends their reminders from its next upkeep
+round.
 
 An account has at most one live enrolment code: `issue_code` first expires the
 account's unspent codes (superseded), then issues the new one; `revoke_codes`
@@ -71,19 +73,23 @@ async def add_account(
 
 
 async def with_stored_accounts(config: BillerConfig, store: BillerStore) -> BillerConfig:
-    """The configuration plus the accounts the operator added, with their recorded segments.
+    """The configuration plus every other account in the store, with its recorded segment.
 
-    A configured account keeps the configuration's segment; a recorded segment the
-    configuration no longer has falls back to the policy's default segment.
+    A configured account keeps the configuration's segment. An account added without
+    one (the back-office API's CreateAccount), or whose segment the configuration no
+    longer has, gets the policy's default segment (`BillerConfig.segment_of`).
     """
     configured = {account.account_id for account in config.accounts}
     segments = await store.account_segments()
+    default = config.segment_of("").name
     added = tuple(
-        Account(record.account_id, record.holder_name, segments[record.account_id])
+        Account(
+            record.account_id,
+            record.holder_name,
+            segments[record.account_id] if segments.get(record.account_id) in config.segments else default,
+        )
         for record in await store.list_accounts()
         if record.account_id not in configured
-        and record.account_id in segments
-        and segments[record.account_id] in config.segments
     )
     return replace(config, accounts=config.accounts + added) if added else config
 

@@ -218,7 +218,7 @@ def _differences(existing: BillRecord, row: BillRow) -> list[str]:
     return differences
 
 
-async def _options_for(row: BillRow, agent: BillerAgent, policy: SegmentPolicy) -> tuple[AdvertisedOptions, date]:
+def _options_for(row: BillRow, agent: BillerAgent, policy: SegmentPolicy) -> tuple[AdvertisedOptions, date]:
     """The options the account's segment advertises on this bill, and the bill's issue date; _RowError if the
     protocol would refuse the bill (BillFacts' checks, run here so that a bad row is found before any is issued)."""
     issue_date = row.issue_date or agent.clock.now().date()
@@ -271,7 +271,7 @@ async def intake(
                     f"account {row.account_id!r} has no enrolled consumer yet: send the holder an enrolment code "
                     "(`parley biller codes --account`) and bill them once enrolled"
                 )
-            options, issue_date = await _options_for(row, agent, policy)
+            options, issue_date = _options_for(row, agent, policy)
         except _RowError as error:
             reports.append(RowReport(line, bill_id, RowOutcome.INVALID, str(error)))
             continue

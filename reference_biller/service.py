@@ -193,7 +193,7 @@ class Biller:
             signed = await self.rail.settle_due(self.agent, now)
             if self.config.simulation.sample_bills:  # to the configuration file's accounts only
                 await sample.bill_enrolled_accounts(self.agent, self.store, self.config, now.date(), seed=self.seed)
-            accounts = [a.account_id for a in current.accounts] + self.test_accounts
+            accounts = list(dict.fromkeys([a.account_id for a in current.accounts] + self.test_accounts))
             signed += await scheduler.tick(
                 self.agent, self.config, now, store=self.store, rail=self.rail, accounts=accounts
             )

@@ -14,6 +14,7 @@ from agent.clock import ManualClock, SystemClock
 from agent.protocol.errors import ProtocolError
 from agent.stores import open_biller_store
 from agent.stores.base import WebhookCursor
+from reference_biller.accounts import with_stored_accounts
 from reference_biller.config import SAMPLE, load_config
 from reference_biller.service import open_biller
 from tests.helpers.peer import Consumer
@@ -128,3 +129,24 @@ def test_qr_codes_in_the_terminal_and_files(tmp_path: Path, capsys: pytest.Captu
     assert main(["biller", "codes", "--account", "nobody", *state]) == 1
     assert "no account 'nobody'" in output(capsys)
     assert main(["biller", "codes", "--revoke", *state]) == 2
+
+
+def test_stored_accounts_join_the_configuration_with_their_segment(tmp_path: Path) -> None:
+    """What the serving biller's policy and scheduler read: configured, added and API-made accounts."""
+    config = load_config(SAMPLE)
+
+    async def run() -> list[tuple[str, str]]:
+        store = await open_biller_store(str(tmp_path / "b.sqlite"))
+        try:
+            await store.create_account("acct-1001", "Household One", NOW)  # configured: keeps its segment
+            await store.create_account("added", "Added", NOW)
+            await store.set_account_segment("added", "standard")
+            await store.create_account("api-made", "Made Through The API", NOW)  # no segment recorded
+            await store.create_account("gone", "Segment Removed", NOW)
+            await store.set_account_segment("gone", "a-segment-no-longer-configured")
+            merged = await with_stored_accounts(config, store)
+        finally:
+            await store.close()
+        return [(account.account_id, account.segment) for account in merged.accounts[len(config.accounts) :]]
+
+    assert asyncio.run(run()) == [("added", "standard"), ("api-made", "standard"), ("gone", "standard")]

@@ -322,3 +322,16 @@ def test_serve_delivers_webhooks_from_a_task_of_its_own(tmp_path: Path) -> None:
                 assert [body["type"] for body in receiver.accepted] == ["payment_received"]
 
     asyncio.run(run())
+
+
+def test_serve_refuses_a_webhook_secret_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "biller.toml"
+    missing = tmp_path / "missing.secret"
+    config.write_text(
+        SAMPLE.read_text() + f'\n[[webhooks]]\nurl = "http://127.0.0.1:9/h"\nsecret_files = ["{missing}"]\n'
+    )
+    serve = ["biller", "serve", "--config", str(config), "--state-dir", str(tmp_path / "state")]
+    assert main([*serve, "--listen", "127.0.0.1:0", "--insecure"]) == 2
+    captured = capsys.readouterr()
+    assert "webhooks[0].secret_files: cannot read" in captured.out + captured.err
+    assert not (tmp_path / "state").exists()  # refused before anything was created

@@ -1,4 +1,5 @@
-"""The back-office commands of the reference biller: `parley biller backoffice | settle | import-statement`.
+"""The back-office commands of the reference biller: `parley biller backoffice | settle | import-statement |
+accounts | issue-bill | import`.
 
     parley biller backoffice --listen HOST:PORT (--token-file FILE | --tls-client-ca FILE)
                              [--tls-cert FILE --tls-key FILE | --insecure] [--config FILE] [--state-dir DIR]
@@ -9,6 +10,13 @@
                                     record the settlement of the awaited payment with that reference
     parley biller import-statement FILE [--dry-run] [--json] [--config FILE] [--state-dir DIR] [--store PATH|URL]
                                     settle from an ISO 20022 camt.054 / camt.053 file
+    parley biller accounts add ID --holder NAME [--segment NAME] | list | show ID  [--json] [state options]
+                                    the biller's accounts (reference_biller/accounts.py)
+    parley biller issue-bill --account ID --amount 123.45 --due YYYY-MM-DD --description TEXT [--id BILL]
+                             [--period TEXT] [--issue-date YYYY-MM-DD] [--dry-run] [--json] [state options]
+    parley biller import FILE [--format csv|jsonl] [--dry-run] [--json] [state options]
+                                    the biller's own bills in (reference_biller/intake.py: all or none,
+                                    idempotent by bill id, every bad row reported with its line number)
 
 Each opens the biller's store beside a running `parley biller serve` (SQLite in
 WAL mode takes writers from several processes in turn; PostgreSQL is shared by
@@ -16,7 +24,8 @@ design), so the serving biller need not stop. A consumer watching its events fro
 the serving process sees what these commands append within its watch poll
 interval (5 s by default). docs/BACKOFFICE.md is the operator guide.
 
-Exit codes: 0 done (for `import-statement`: the file was read, whatever each
+Exit codes: 0 done (for `import`/`issue-bill`: issued or unchanged; 1 if any row
+is invalid, and then nothing was issued; for `import-statement`: the file was read, whatever each
 credit's outcome; the report lists them), 1 refused or failed (`settle`: nothing
 matched or the agent refused; `import-statement`: the file is not a usable
 statement, nothing recorded), 2 bad usage or configuration.
@@ -27,7 +36,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +49,18 @@ from agent.clock import SystemClock
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.errors import ProtocolError
 from agent.protocol.terms import Money, parse_date
+from reference_biller.accounts import AccountError, AccountView, account_views, add_account, check_id
 from reference_biller.backoffice import read_token_file, serve_backoffice
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
+from reference_biller.intake import (
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    IntakeError,
+    IntakeReport,
+    RowOutcome,
+    intake,
+    read_records,
+)
 from reference_biller.service import Biller, open_biller
 from reference_biller.settings import SettingsError, config_file, resolve_state_dir, resolve_store
 from reference_biller.statements import (
@@ -266,6 +287,160 @@ def _report_document(report: ImportReport) -> dict[str, object]:
     }
 
 
+# --- parley biller accounts add | list | show -------------------------------------------------------
+
+
+def _account_document(view: AccountView) -> dict[str, object]:
+    record = view.record
+    return {
+        "account_id": record.account_id,
+        "holder": record.holder_name,
+        "segment": view.segment,
+        "configured": view.configured,
+        "created_at": record.created_at.isoformat(),
+        "consumer_party_id": record.consumer_party_id,
+        "enrolment_locked": record.enrolment_locked,
+    }
+
+
+def _accounts(args: argparse.Namespace, out: Console) -> int:
+    try:
+        place = _place(args)
+        if args.accounts_command == "add":
+            check_id("account id", args.account_id)
+    except (_Unusable, AccountError) as error:
+        _failed(out, str(error))
+        return EXIT_UNUSABLE
+
+    async def run() -> list[AccountView]:
+        biller = await place.open()
+        try:
+            if args.accounts_command == "add":
+                await add_account(
+                    biller.agent, biller.store, biller.config, args.account_id, holder=args.holder, segment=args.segment
+                )
+            views = await account_views(biller.config, biller.store)
+        finally:
+            await biller.close()
+        if args.accounts_command in ("add", "show"):
+            views = [view for view in views if view.record.account_id == args.account_id]
+            if not views:
+                raise AccountError(f"no account {args.account_id!r}")
+        return views
+
+    try:
+        views = asyncio.run(run())
+    except AccountError as error:
+        _failed(out, str(error))
+        return EXIT_FAILED
+    except (OSError, ValueError) as error:
+        _failed(out, f"the accounts command failed: {error}")
+        return EXIT_FAILED
+    if args.json:
+        documents = [_account_document(view) for view in views]
+        print(json.dumps(documents if args.accounts_command == "list" else documents[0], indent=2))
+        return EXIT_OK
+    if args.accounts_command == "add":
+        print(f"added       {args.account_id} ({args.holder}, segment {args.segment})")
+        print(f"next        parley biller codes --account {args.account_id} --endpoint HOST:PORT [--qr]")
+        return EXIT_OK
+    for view in views:
+        record = view.record
+        enrolled = record.consumer_party_id or ("locked" if record.enrolment_locked else "not enrolled")
+        source = "config" if view.configured else "added"
+        out.print(
+            f"{escape(record.account_id):<24} {escape(view.segment):<12} {source:<6} {escape(enrolled):<32} "
+            f"{escape(record.holder_name)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if args.accounts_command == "list":
+        print(f"total       {len(views)} account(s)")
+    return EXIT_OK
+
+
+# --- parley biller issue-bill | import --------------------------------------------------------------
+
+
+def _issue_bill(args: argparse.Namespace, out: Console) -> int:
+    fields = {
+        "bill_id": args.id or f"bill-{secrets.token_hex(8)}",
+        "account_id": args.account,
+        "amount": args.amount,
+        "due_date": args.due,
+        "description": args.description,
+        "period": args.period or "",
+        "issue_date": args.issue_date or "",
+    }
+    return _intake(args, out, [(0, fields)], "the command line")
+
+
+def _import(args: argparse.Namespace, out: Console) -> int:
+    path = Path(args.file)
+    json_lines = args.format == "jsonl" or (args.format is None and path.suffix.lower() in (".jsonl", ".ndjson"))
+    try:
+        records = list(read_records(path.read_bytes(), json_lines=json_lines))
+    except OSError as error:
+        _failed(out, f"cannot read {error.filename}: {error.strerror}")
+        return EXIT_UNUSABLE
+    except IntakeError as error:
+        _failed(out, f"{args.file}: {error} (nothing issued)")
+        return EXIT_FAILED
+    return _intake(args, out, records, args.file)
+
+
+def _intake(
+    args: argparse.Namespace, out: Console, records: list[tuple[int, Mapping[str, object]]], source: str
+) -> int:
+    try:
+        place = _place(args)
+    except _Unusable as error:
+        _failed(out, str(error))
+        return EXIT_UNUSABLE
+
+    async def run() -> IntakeReport:
+        biller = await place.open()
+        try:
+            return await intake(biller.agent, biller.store, biller.config, records, dry_run=args.dry_run)
+        finally:
+            await biller.close()
+
+    try:
+        report = asyncio.run(run())
+    except IntakeError as error:
+        _failed(out, f"{source}: {error} (nothing issued)")
+        return EXIT_FAILED
+    except (OSError, ValueError) as error:
+        _failed(out, f"the intake failed: {error}")
+        return EXIT_FAILED
+    if args.json:
+        document = {
+            "source": source,
+            "dry_run": report.dry_run,
+            "refused": report.refused,
+            "rows": [
+                {"line": row.line or None, "bill_id": row.bill_id, "outcome": str(row.outcome), "detail": row.detail}
+                for row in report.rows
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_FAILED if report.refused else EXIT_OK
+    for row in report.rows:
+        where = f"line {row.line}" if row.line else source
+        line = f"{row.outcome:<11} {where:<10} {row.bill_id}" + (f": {row.detail}" if row.detail else "")
+        if row.outcome is RowOutcome.INVALID:
+            _failed(out, line)
+        else:
+            out.print(escape(line), highlight=False, soft_wrap=True)
+    counts = ", ".join(f"{outcome}: {report.count(outcome)}" for outcome in RowOutcome if report.count(outcome))
+    if report.refused:
+        _failed(out, f"refused     {source}: nothing issued ({counts}); correct the rows above and run it again")
+        return EXIT_FAILED
+    suffix = " (dry run: nothing issued)" if report.dry_run else ""
+    print(f"total       {len(report.rows)} bill(s); {counts or 'none'}{suffix}")
+    return EXIT_OK
+
+
 # --- Registration ------------------------------------------------------------------------------------
 
 
@@ -276,7 +451,7 @@ def _state_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_backoffice_commands(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `backoffice`, `settle` and `import-statement` to `parley biller`."""
+    """Add `backoffice`, `settle`, `import-statement`, `accounts`, `issue-bill` and `import` to `parley biller`."""
     backoffice = actions.add_parser(
         "backoffice",
         help="serve the back-office gRPC API for billing systems (docs/BACKOFFICE.md)",
@@ -317,6 +492,57 @@ def add_backoffice_commands(actions: argparse._SubParsersAction[argparse.Argumen
     statement.add_argument("--dry-run", action="store_true", help="match and report, record nothing")
     statement.add_argument("--json", action="store_true", help="print the report as one JSON document")
     statement.set_defaults(handler=_import_statement)
+    _add_intake_commands(actions)
+
+
+def _add_intake_commands(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    accounts = actions.add_parser("accounts", help="add, list and show the biller's accounts")
+    account_actions = accounts.add_subparsers(dest="accounts_command", required=True, metavar="COMMAND")
+    add = account_actions.add_parser("add", help="add an account (then issue it a code: `codes --account ID`)")
+    _state_options(add)
+    add.add_argument("account_id", metavar="ID", help="the account id: 1-64 of A-Z a-z 0-9 . _ : -")
+    add.add_argument("--holder", required=True, help="the account holder's name")
+    add.add_argument("--segment", default="standard", help="the policy segment (default: standard)")
+    add.add_argument("--json", action="store_true", help="print the account as JSON")
+    add.set_defaults(handler=_accounts)
+    listing = account_actions.add_parser("list", help="every account: segment, origin, enrolled party, holder")
+    _state_options(listing)
+    listing.add_argument("--json", action="store_true", help="print the accounts as a JSON array")
+    listing.set_defaults(handler=_accounts)
+    show = account_actions.add_parser("show", help="one account")
+    _state_options(show)
+    show.add_argument("account_id", metavar="ID")
+    show.add_argument("--json", action="store_true", help="print the account as JSON")
+    show.set_defaults(handler=_accounts)
+
+    issue = actions.add_parser(
+        "issue-bill", help="issue one bill to an enrolled account (idempotent by --id; docs/OPERATIONS.md)"
+    )
+    _state_options(issue)
+    issue.add_argument("--account", required=True, metavar="ID", help="the account billed")
+    issue.add_argument("--amount", required=True, help="exact decimal text in the biller's currency, e.g. 123.45")
+    issue.add_argument("--due", required=True, metavar="YYYY-MM-DD", help="the due date")
+    issue.add_argument("--description", required=True, help="what the bill is for, as the consumer will read it")
+    issue.add_argument("--id", metavar="BILL", help="the bill id (default: a random one; give it to be idempotent)")
+    issue.add_argument("--period", help='the period billed, appended to the description (e.g. "December 2026")')
+    issue.add_argument("--issue-date", metavar="YYYY-MM-DD", help="the issue date (default: today)")
+    issue.add_argument("--dry-run", action="store_true", help="check only; issue nothing")
+    issue.add_argument("--json", action="store_true", help="print the report as JSON")
+    issue.set_defaults(handler=_issue_bill)
+
+    bills = actions.add_parser(
+        "import", help="issue the bills of a CSV or JSON-lines file: all or none, idempotent by bill id"
+    )
+    _state_options(bills)
+    bills.add_argument(
+        "file", help=f"CSV with the header {','.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)} or JSON lines"
+    )
+    bills.add_argument(
+        "--format", choices=("csv", "jsonl"), help="the file's format (default: jsonl for .jsonl/.ndjson, else csv)"
+    )
+    bills.add_argument("--dry-run", action="store_true", help="check every row and report; issue nothing")
+    bills.add_argument("--json", action="store_true", help="print the report as JSON")
+    bills.set_defaults(handler=_import)
 
 
 __all__ = ["add_backoffice_commands"]

@@ -10,12 +10,17 @@
                         [--shutdown-grace SECONDS] [--otel]
                                     run the reference biller (built-in sample config without --config);
                                     PARLEY_* variables and the config's [server] table set the same options
-    parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--endpoint HOST:PORT] [--json]
-                                    issue enrolment codes for the configured accounts
+    parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--account ID]... [--revoke]
+                        [--endpoint HOST:PORT [--qr] [--qr-svg FILE] [--qr-png FILE]] [--json]
+                                    issue enrolment codes (--account, else every configured account), each
+                                    superseding the account's unspent ones; --revoke only revokes them
     parley biller rotate-key --state-dir DIR [--config FILE]
                                     replace the biller's signing key, keeping its identity; refused while a
                                     biller serves the directory (its serve.lock is held)
-    parley biller check-config FILE validate a reference biller configuration
+    parley biller check-config FILE validate a reference biller configuration (and read the files it names:
+                                    TLS, webhook secrets), as `serve` would
+
+    accounts, issue-bill, import, backoffice, settle, import-statement: reference_biller/backoffice_cli.py
 
 Serve options: flag > PARLEY_* environment variable > the config file's [server]
 table > default (reference_biller/settings.py, docs/OPERATIONS.md).
@@ -36,8 +41,10 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from pathlib import Path
 
+import segno
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from rich.console import Console
@@ -48,7 +55,7 @@ from agent.identity import IdentityError, NoIdentityError
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
-from reference_biller import sample
+from reference_biller import accounts, sample
 from reference_biller.backoffice_cli import add_backoffice_commands
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.console.cli import add_console_command
@@ -68,6 +75,7 @@ from reference_biller.settings import (
     resolve_state_dir,
     resolve_store,
 )
+from reference_biller.webhooks import Endpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -91,7 +99,8 @@ def _check_config(args: argparse.Namespace, out: Console) -> int:
         return EXIT_FAILED
     out.print(
         f"OK {args.file}: {config.name} ({config.party_id}), {len(config.segments)} segment(s), "
-        f"{len(config.accounts)} account(s)",
+        f"{len(config.accounts)} account(s), {len(config.webhooks)} webhook(s)"
+        f"{', sample bills' if config.simulation.sample_bills else ''}",
         highlight=False,
         soft_wrap=True,
     )
@@ -113,6 +122,23 @@ def _check_server_files(config: BillerConfig) -> None:
         raise ConfigError(f"[server]: cannot read {error.filename}: {error.strerror}") from error
     except ValueError as error:
         raise ConfigError(f"[server]: {error}") from error
+    _webhook_endpoints(config)
+
+
+def _webhook_endpoints(config: BillerConfig) -> list[Endpoint]:
+    """The [[webhooks]] with their secrets read (paths as serve reads them: relative to the working directory);
+    ConfigError naming the webhook if a secret file is unreadable or too short."""
+    endpoints = []
+    for index, webhook in enumerate(config.webhooks):
+        try:
+            endpoints.append(Endpoint.load(webhook))
+        except OSError as error:
+            raise ConfigError(
+                f"webhooks[{index}].secret_files: cannot read {error.filename}: {error.strerror}"
+            ) from error
+        except ValueError as error:
+            raise ConfigError(f"webhooks[{index}].secret_files: {error}") from error
+    return endpoints
 
 
 def _failed(out: Console, message: str) -> None:
@@ -178,6 +204,8 @@ async def _serve_until_signalled(
     settings: ServeSettings,
     tls: tuple[bytes, bytes] | None,
     client_ca: bytes | None,
+    *,
+    webhooks: list[Endpoint],
 ) -> None:
     clock: Clock = SteppableClock() if args.conformance_control else SystemClock()
     serving = asyncio.create_task(
@@ -195,6 +223,7 @@ async def _serve_until_signalled(
             metrics_listen=settings.metrics_listen,
             interceptors=server_interceptors() if settings.otel else (),
             store_location=settings.store,
+            webhooks=webhooks,
         )
     )
     stop = asyncio.Event()
@@ -222,7 +251,8 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
             _certificates(settings.tls_client_ca, client_ca)
         if settings.otel:
             server_interceptors()  # TracingUnavailable now, before anything is opened
-    except (TracingUnavailable, ValueError) as error:
+        webhooks = _webhook_endpoints(config)
+    except (TracingUnavailable, ValueError) as error:  # ConfigError is a ValueError
         _failed(out, str(error))
         return EXIT_UNUSABLE
     except OSError as error:
@@ -231,7 +261,7 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
     configure_logging(settings.log_format, settings.log_level)
     install_uvloop()
     try:
-        asyncio.run(_serve_until_signalled(args, config, settings, tls, client_ca))
+        asyncio.run(_serve_until_signalled(args, config, settings, tls, client_ca, webhooks=webhooks))
     except IdentityError as error:  # another party's identity, a corrupt key or key set
         _failed(out, f"the biller cannot use its state directory: {error}")
         return EXIT_FAILED
@@ -248,27 +278,60 @@ async def _issue_codes(
     args: argparse.Namespace, config: BillerConfig, state_dir: Path, store_location: str | None
 ) -> None:
     biller = await open_biller(config, state_dir, SystemClock(), store_location=store_location, create_identity=False)
+    holders: dict[str, str] = {}
+    codes: dict[str, str] = {}
+    revoked: dict[str, int] = {}
     try:
-        codes = await sample.issue_codes(biller.agent, config)
+        ids = args.account or [account.account_id for account in config.accounts]
+        now = biller.clock.now()
+        for account_id in ids:
+            record = await biller.agent.account(account_id)
+            holders[account_id] = "" if record is None else record.holder_name
+            if args.revoke:
+                revoked[account_id] = await accounts.revoke_codes(biller.agent, biller.store, account_id, now)
+            else:
+                codes[account_id], revoked[account_id] = await accounts.issue_code(
+                    biller.agent, biller.store, account_id, now
+                )
     finally:
         await biller.close()
-    fingerprint = biller.fingerprint
+    _print_codes(args, config, biller.fingerprint, holders=holders, codes=codes, revoked=revoked)
+
+
+def _print_codes(
+    args: argparse.Namespace,
+    config: BillerConfig,
+    fingerprint: bytes,
+    *,
+    holders: dict[str, str],
+    codes: dict[str, str],
+    revoked: dict[str, int],
+) -> None:
+    """What `codes` did: per account its new code (and the URI, QR code) or how many codes it revoked."""
+
+    def uri_of(account_id: str) -> str | None:
+        if not args.endpoint or account_id not in codes:
+            return None
+        return sample.enrolment_uri(args.endpoint, config.party_id, fingerprint, account_id, codes[account_id])
+
     if args.json:
-        accounts = []
-        for account in config.accounts:
-            code = codes[account.account_id]
-            entry = {"account_id": account.account_id, "holder": account.holder, "code": code}
-            if args.endpoint:
-                entry["enrolment_uri"] = sample.enrolment_uri(
-                    args.endpoint, config.party_id, fingerprint, account.account_id, code
-                )
-            accounts.append(entry)
+        entries = []
+        for account_id, holder in holders.items():
+            entry: dict[str, object] = {"account_id": account_id, "holder": holder}
+            if args.revoke:
+                entry["revoked"] = revoked[account_id]
+            else:
+                entry["code"] = codes[account_id]
+                entry["superseded"] = revoked[account_id]
+                if (uri := uri_of(account_id)) is not None:
+                    entry["enrolment_uri"] = uri
+            entries.append(entry)
         document = {
             "biller": config.party_id,
             "name": config.name,
             "fingerprint": fingerprint.hex(),
             "endpoint": args.endpoint,
-            "accounts": accounts,
+            "accounts": entries,
         }
         print(json.dumps(document, indent=2))
         return
@@ -276,12 +339,23 @@ async def _issue_codes(
     print(f"fingerprint {fingerprint.hex()}")
     if args.endpoint:
         print(f"endpoint    {args.endpoint}")
-    for account in config.accounts:
-        code = codes[account.account_id]
-        print(f"account     {account.account_id}  code {code}  holder {account.holder}")
-        if args.endpoint:
-            uri = sample.enrolment_uri(args.endpoint, config.party_id, fingerprint, account.account_id, code)
-            print(f"            {uri}")
+    for account_id, holder in holders.items():
+        if args.revoke:
+            print(f"account     {account_id}  {revoked[account_id]} unspent code(s) revoked  holder {holder}")
+            continue
+        superseded = f"  (superseded {revoked[account_id]} earlier code(s))" if revoked[account_id] else ""
+        print(f"account     {account_id}  code {codes[account_id]}  holder {holder}{superseded}")
+        uri = uri_of(account_id)
+        if uri is None:
+            continue
+        print(f"            {uri}")
+        qr = segno.make(uri, error="m")
+        if args.qr:
+            qr.terminal(out=sys.stdout, compact=True)
+        for path, kind in ((args.qr_svg, "svg"), (args.qr_png, "png")):
+            if path:
+                qr.save(path, kind=kind, scale=8, border=4)
+                print(f"            QR code written to {path}")
 
 
 def _biller_state(args: argparse.Namespace, out: Console) -> tuple[BillerConfig, Path] | None:
@@ -305,6 +379,18 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
     if resolved is None:
         return EXIT_UNUSABLE
     config, state_dir = resolved
+    if (args.qr or args.qr_svg or args.qr_png) and not args.endpoint:
+        _failed(out, "a QR code carries the enrolment URI: give --endpoint HOST:PORT too")
+        return EXIT_UNUSABLE
+    if (args.qr_svg or args.qr_png) and len(args.account or ()) != 1:
+        _failed(out, "--qr-svg/--qr-png write one account's QR code: give exactly one --account")
+        return EXIT_UNUSABLE
+    if args.revoke and (args.qr or args.qr_svg or args.qr_png or args.endpoint):
+        _failed(out, "--revoke issues no code: it takes no --endpoint or QR option")
+        return EXIT_UNUSABLE
+    if args.revoke and not args.account:
+        _failed(out, "--revoke needs --account ID (revoking every account's codes at once is not offered)")
+        return EXIT_UNUSABLE
     try:
         store_location = resolve_store(args.store, config.server)
     except SettingsError as error:
@@ -315,6 +401,9 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
     except NoIdentityError as error:
         _no_identity(out, error)
         return EXIT_UNUSABLE
+    except (accounts.AccountError, LookupError) as error:
+        _failed(out, f"cannot issue codes: {error}")
+        return EXIT_FAILED
     except (OSError, ValueError) as error:
         _failed(out, f"cannot issue codes: {error}")
         return EXIT_FAILED
@@ -446,11 +535,22 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     serve.set_defaults(handler=_serve)
 
-    codes = actions.add_parser("codes", help="issue enrolment codes for the configured accounts")
+    codes = actions.add_parser(
+        "codes",
+        help="issue enrolment codes (--account ID, else every configured account); each supersedes the "
+        "account's earlier unspent codes",
+    )
     codes.add_argument("--config", help=config_help)
     codes.add_argument("--state-dir", help="the serving biller's state directory (env PARLEY_STATE_DIR)")
     codes.add_argument("--store", metavar="PATH|URL", help=store_help)
+    codes.add_argument(
+        "--account", metavar="ID", action="append", help="this account only (repeatable; default: configured ones)"
+    )
+    codes.add_argument("--revoke", action="store_true", help="revoke the account's unspent codes; issue none")
     codes.add_argument("--endpoint", metavar="HOST:PORT", help="the biller's address, to print enrolment URIs too")
+    codes.add_argument("--qr", action="store_true", help="print each enrolment URI as a QR code in the terminal")
+    codes.add_argument("--qr-svg", metavar="FILE", help="write the account's enrolment QR code as SVG")
+    codes.add_argument("--qr-png", metavar="FILE", help="write the account's enrolment QR code as PNG")
     codes.add_argument("--json", action="store_true", help="print the codes as one JSON document on stdout")
     codes.set_defaults(handler=_codes)
 

@@ -12,6 +12,10 @@ smallest payment the biller bothers to collect is a bound it already states);
 a listen address whose port is outside 0-65535. `parley biller check-config`
 runs exactly this, so it refuses everything `serve` would.
 
+The optional `[simulation]` table turns on the monthly sample bills and sets the
+upkeep interval (`Simulation`); `[[webhooks]]` lists outbound webhook endpoints
+(`Webhook`, reference_biller/webhooks.py).
+
 The optional `[server]` table holds serve options (listen address, state
 directory, metrics address, log format and level, shutdown grace, TLS files,
 tracing); a command-line flag or a PARLEY_* environment variable overrides each
@@ -41,6 +45,7 @@ SAMPLE = Path(__file__).with_name("sample.toml")
 RAILS = ("simulated",)
 """The payment rails the reference biller implements (reference_biller/rail.py's RAIL_NAME)."""
 MAX_PORT = 65535
+DEFAULT_UPKEEP_INTERVAL = timedelta(seconds=5)
 
 
 class ConfigError(ValueError):
@@ -120,6 +125,34 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class Simulation:
+    """The optional [simulation] table: what the reference biller makes up on its own (demo, tests).
+
+    `sample_bills`: once a month, a sample bill to each enrolled configured account
+    (off unless asked for: a real deployment's bills come from `issue-bill`,
+    `import` or the back-office API). `upkeep_interval`: how often `serve` runs its
+    upkeep (simulated settlements, sample bills, reminders, purges).
+    """
+
+    sample_bills: bool = False
+    upkeep_interval: timedelta = DEFAULT_UPKEEP_INTERVAL
+
+
+WEBHOOK_EVENTS = ("agreement_reached", "arrangement_broken", "payment_received", "renegotiation_offered")
+"""The outcomes an outbound webhook can report (reference_biller/webhooks.py)."""
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One [[webhooks]] endpoint: where to POST, with which secrets (the first signs; all are sent during a
+    rotation), for which outcomes."""
+
+    url: str
+    secret_files: tuple[str, ...]
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+
+
+@dataclass(frozen=True)
 class BillerConfig:
     party_id: str
     name: str
@@ -129,6 +162,8 @@ class BillerConfig:
     segments: Mapping[str, Segment]
     accounts: tuple[Account, ...]
     server: ServerSettings = field(default_factory=ServerSettings)
+    simulation: Simulation = field(default_factory=Simulation)
+    webhooks: tuple[Webhook, ...] = ()
 
     def segment_of(self, account_id: str) -> Segment:
         for account in self.accounts:
@@ -309,6 +344,34 @@ def _server(t: _Table) -> ServerSettings:
     )
 
 
+def _simulation(t: _Table) -> Simulation:
+    interval = t.seconds("upkeep_interval_seconds")
+    if interval is not None and interval <= 0:
+        raise ConfigError(f"{t.key('upkeep_interval_seconds')}: must be more than 0 seconds")
+    return Simulation(
+        sample_bills=t.get("sample_bills", bool, False),
+        upkeep_interval=DEFAULT_UPKEEP_INTERVAL if interval is None else timedelta(seconds=interval),
+    )
+
+
+def _webhook(t: _Table) -> Webhook:
+    url = t.get("url", str)
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("http", "https") or not rest:
+        raise ConfigError(f"{t.key('url')}: {url!r} is not an http:// or https:// URL")
+    secret_files = t.get("secret_files", list)
+    if not secret_files or not all(isinstance(name, str) and name for name in secret_files):
+        raise ConfigError(
+            f"{t.key('secret_files')}: expected one or more file names (the first signs; list the old one "
+            "too while receivers switch)"
+        )
+    events = t.get("events", list, list(WEBHOOK_EVENTS))
+    unknown = [name for name in events if name not in WEBHOOK_EVENTS]
+    if unknown or not events:
+        raise ConfigError(f"{t.key('events')}: expected some of {', '.join(WEBHOOK_EVENTS)}, got {events!r}")
+    return Webhook(url, tuple(secret_files), tuple(events))
+
+
 def parse_config(data: Mapping[str, Any]) -> BillerConfig:
     """Validate a parsed TOML document."""
     root = _Table(dict(data), "")
@@ -377,8 +440,14 @@ def parse_config(data: Mapping[str, Any]) -> BillerConfig:
         if account.segment not in segments:
             raise ConfigError(f"accounts[{index}].segment: no segment named {account.segment!r}")
     server = _each(root.table("server"), _server)
+    simulation = _each(root.table("simulation"), _simulation)
+    webhooks = tuple(_each(t, _webhook) for t in root.tables("webhooks"))
+    urls = [webhook.url for webhook in webhooks]
+    for index, url in enumerate(urls):
+        if url in urls[:index]:
+            raise ConfigError(f"webhooks[{index}].url: {url!r} is listed twice: each endpoint once")
     root.done()
-    return BillerConfig(party_id, name, currency, payments, reminders, segments, accounts, server)
+    return BillerConfig(party_id, name, currency, payments, reminders, segments, accounts, server, simulation, webhooks)
 
 
 def load_config(path: Path = SAMPLE) -> BillerConfig:

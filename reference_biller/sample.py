@@ -7,9 +7,11 @@
 - `bill_enrolled_accounts` issues, once per calendar month, a bill to every
   configured account that has enrolled (a Parley bill is addressed to the
   enrolled consumer, so billing waits for enrolment). Amounts are realistic
-  household energy bills and deterministic: the same seed, account and month
+  household bills and deterministic: the same seed, account and month
   always give the same amount, and the bill id (`<account>-<YYYY-MM>`) makes
-  issuing idempotent.
+  issuing idempotent. The serving biller calls it each upkeep round only with
+  `[simulation] sample_bills = true` (the sample configurations: demo and
+  conformance runs); real bills come from reference_biller/intake.py.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ async def bill_enrolled_accounts(
         if record is None or record.consumer_party_id is None or await store.get_bill(bill_id) is not None:
             continue
         amount = sample_amount(config, account.account_id, f"{today:%Y-%m}", seed)
-        description = f"{config.name}: energy, {today:%B %Y}"
+        description = f"{config.name}: sample bill, {today:%B %Y}"  # not "energy": any kind of biller runs it
         try:
             await agent.issue_bill(account.account_id, amount, today + PAYMENT_TERM, description, bill_id=bill_id)
         except AlreadyExists:

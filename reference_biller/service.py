@@ -13,10 +13,14 @@ identity fingerprint (KEY-12); later runs load them, and a key set close to its
 expiry is renewed as the next version, signed by the current key (KEY-9): see
 agent/identity.py, which the reference consumer shares.
 
-While serving, `Biller.maintain` runs every `interval`: the simulated rail's
-due settlements (receipts and PAYMENT_RECEIVED), this month's sample bill for
-each enrolled configured account, the scheduler's reminders and
-missed-instalment handling, and (hourly) the agent's retention purge.
+While serving, `Biller.maintain` runs every `interval` (`[simulation]
+upkeep_interval_seconds`, 5 s by default): the accounts added with `parley
+biller accounts add` are folded into the configuration, the simulated rail's due
+settlements (receipts and PAYMENT_RECEIVED), this month's sample bill for each
+enrolled configured account (only with `[simulation] sample_bills = true`), the
+scheduler's reminders and missed-instalment handling, and (hourly) the agent's
+retention purge. Outbound webhooks (`[[webhooks]]`) run as a task of their own
+(reference_biller/webhooks.py).
 
 A serving biller holds a shared `flock` on `serve.lock` in its state directory
 for its whole life (`serve_lock`; replicas sharing the directory share it);
@@ -75,16 +79,18 @@ from parley.v1 import conformance_control_service_pb2 as cc
 from parley.v1 import conformance_control_service_pb2_grpc as cc_grpc
 from parley.v1 import envelope_pb2
 from reference_biller import sample, scheduler
-from reference_biller.config import BillerConfig
+from reference_biller.accounts import with_stored_accounts
+from reference_biller.config import DEFAULT_UPKEEP_INTERVAL, BillerConfig
 from reference_biller.policy import SegmentPolicy
 from reference_biller.rail import SimulatedRail
+from reference_biller.webhooks import Endpoint, WebhookDispatcher
 
 logger = logging.getLogger("parley.reference_biller")
 
 CONFORMANCE_FEATURE = "conformance-control"
 STORE_FILE = "biller.sqlite"
 SERVE_LOCK_FILE = "serve.lock"
-DEFAULT_INTERVAL = timedelta(seconds=5)
+DEFAULT_INTERVAL = DEFAULT_UPKEEP_INTERVAL
 PURGE_INTERVAL = timedelta(hours=1)
 
 
@@ -167,6 +173,7 @@ class Biller:
     state_dir: Path
     key: SigningKey
     seed: int = sample.DEFAULT_SEED
+    policy: SegmentPolicy | None = None  # its config: `config` plus the accounts added since, each upkeep round
     test_accounts: list[str] = field(default_factory=list)  # made through conformance control
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _last_purge: datetime | None = field(default=None, init=False)
@@ -182,9 +189,11 @@ class Biller:
             identity = Identity(self.key, self.agent.key_chain)
             renewed = await asyncio.to_thread(identity_dir(self.state_dir).renew, identity, now)
             self.agent.key_chain = renewed.chain
+            current = await self.refresh_accounts()
             signed = await self.rail.settle_due(self.agent, now)
-            await sample.bill_enrolled_accounts(self.agent, self.store, self.config, now.date(), seed=self.seed)
-            accounts = [a.account_id for a in self.config.accounts] + self.test_accounts
+            if self.config.simulation.sample_bills:  # to the configuration file's accounts only
+                await sample.bill_enrolled_accounts(self.agent, self.store, self.config, now.date(), seed=self.seed)
+            accounts = list(dict.fromkeys([a.account_id for a in current.accounts] + self.test_accounts))
             signed += await scheduler.tick(
                 self.agent, self.config, now, store=self.store, rail=self.rail, accounts=accounts
             )
@@ -192,6 +201,14 @@ class Biller:
                 await self.agent.purge_expired()
                 self._last_purge = now
             return signed
+
+    async def refresh_accounts(self) -> BillerConfig:
+        """The configuration with the accounts added by `parley biller accounts add` (in any process sharing
+        the store), which the policy then reads (their segments) and the scheduler follows."""
+        current = await with_stored_accounts(self.config, self.store)
+        if self.policy is not None:
+            self.policy.config = current
+        return current
 
     async def close(self) -> None:
         await self.store.close()
@@ -220,12 +237,13 @@ async def open_biller(
     store = await open_biller_store(state_dir / STORE_FILE if store_location is None else store_location)
     try:
         rail = SimulatedRail(config.payments)
+        policy = SegmentPolicy(config)
         agent = BillerAgent(
             party_id=config.party_id,
             signing_key=identity.key,
             key_sets=identity.chain,
             store=store,
-            policy=SegmentPolicy(config),
+            policy=policy,
             rail=rail,
             clock=clock,
             features=(*FEATURES, CONFORMANCE_FEATURE) if conformance_control else FEATURES,
@@ -235,7 +253,13 @@ async def open_biller(
     except BaseException:
         await store.close()
         raise
-    return Biller(config, agent, store, rail, clock, state_dir, identity.key, seed)
+    biller = Biller(config, agent, store, rail, clock, state_dir, identity.key, seed, policy)
+    try:
+        await biller.refresh_accounts()
+    except BaseException:
+        await store.close()
+        raise
+    return biller
 
 
 # --- Serving -----------------------------------------------------------------------------------------
@@ -285,12 +309,13 @@ async def serving_biller(
     tls_client_ca: bytes | None = None,
     insecure: bool = False,
     conformance_control: bool = False,
-    interval: timedelta = DEFAULT_INTERVAL,
+    interval: timedelta | None = None,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     seed: int = sample.DEFAULT_SEED,
     metrics_listen: str | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     store_location: str | None = None,
+    webhooks: Sequence[Endpoint] = (),
 ) -> AsyncIterator[RunningBiller]:
     """Serve a reference biller for the duration of the `async with` block, then shut it down cleanly.
 
@@ -301,7 +326,9 @@ async def serving_biller(
     and conformance control with a clock that cannot advance.
     `metrics_listen` ("host:port") serves Prometheus metrics over HTTP;
     `interceptors` are added to the gRPC server (e.g. `agent.tracing`'s);
-    `store_location` is as for `open_biller`. On
+    `store_location` is as for `open_biller`; `interval` (default: the configuration's
+    `[simulation] upkeep_interval_seconds`) is the upkeep's; `webhooks` are delivered by a
+    `WebhookDispatcher` task of their own, so no protocol step waits for a receiver. On
     leaving the block the stop is graceful: calls in flight get `shutdown_grace`
     seconds to finish.
     """
@@ -341,6 +368,7 @@ async def serving_biller(
                 metrics_listen=metrics_listen,
                 interceptors=interceptors,
                 store_location=store_location,
+                webhooks=webhooks,
             ) as running:
                 fresh = False  # it served: what it made is the biller's from now on
                 yield running
@@ -363,12 +391,13 @@ async def _serving(
     tls_client_ca: bytes | None,
     insecure: bool,
     conformance_control: bool,
-    interval: timedelta,
+    interval: timedelta | None,
     shutdown_grace: float,
     seed: int,
     metrics_listen: str | None,
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     store_location: str | None,
+    webhooks: Sequence[Endpoint],
 ) -> AsyncIterator[RunningBiller]:
     """`serving_biller` once its arguments are checked and the state directory is locked."""
     biller = await open_biller(
@@ -388,6 +417,7 @@ async def _serving(
         if not is_loopback(host):
             logger.warning("conformance control is reachable from the network at %s: keep it on a test network", host)
     upkeep: asyncio.Task[None] | None = None
+    dispatching: asyncio.Task[None] | None = None
     metrics: MetricsEndpoint | None = None
     try:
         if metrics_listen is not None:
@@ -413,15 +443,20 @@ async def _serving(
                 f"cannot listen on {listen}: the port is in use or the address is not this machine's"
             ) from error
         try:
-            upkeep = asyncio.create_task(_upkeep(biller, interval, running.set_serving), name="parley-biller-upkeep")
+            every = config.simulation.upkeep_interval if interval is None else interval
+            upkeep = asyncio.create_task(_upkeep(biller, every, running.set_serving), name="parley-biller-upkeep")
+            if webhooks:
+                dispatcher = WebhookDispatcher(biller.store, config.party_id, webhooks, clock)
+                dispatching = asyncio.create_task(dispatcher.run(), name="parley-biller-webhooks")
             yield RunningBiller(
                 biller, running.server, host, running.port, tls is not None, running, metrics, tls_client_ca is not None
             )
         finally:
-            if upkeep is not None:
-                upkeep.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await upkeep
+            for task in (upkeep, dispatching):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await running.stop(shutdown_grace)
             logger.info("biller %s stopped", config.party_id)
     finally:
@@ -441,13 +476,14 @@ async def run_biller(
     tls_client_ca: bytes | None = None,
     insecure: bool = False,
     conformance_control: bool = False,
-    interval: timedelta = DEFAULT_INTERVAL,
+    interval: timedelta | None = None,
     on_ready: Callable[[RunningBiller], None] | None = None,
     seed: int = sample.DEFAULT_SEED,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
     metrics_listen: str | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     store_location: str | None = None,
+    webhooks: Sequence[Endpoint] = (),
 ) -> None:
     """Serve until cancelled (the CLI cancels on SIGTERM/SIGINT), then shut down gracefully.
 
@@ -469,6 +505,7 @@ async def run_biller(
         metrics_listen=metrics_listen,
         interceptors=interceptors,
         store_location=store_location,
+        webhooks=webhooks,
     ) as running:
         if on_ready is not None:
             on_ready(running)

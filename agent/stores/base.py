@@ -91,6 +91,21 @@ class EnrolmentCodeRecord:
 
 
 @dataclass(frozen=True)
+class WebhookCursor:
+    """Where an outbound webhook endpoint stands in one account's event log (reference_biller/webhooks.py).
+
+    `next_sequence` is the first event not yet delivered (or skipped); `attempts`,
+    `next_attempt_at` and `last_error` are the retry state of delivering that event.
+    """
+
+    account_id: str
+    next_sequence: int
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_error: str = ""
+
+
+@dataclass(frozen=True)
 class KeySetRecord:
     """One version of a consumer's key set chain, with the keyids it introduces (for sender lookup)."""
 
@@ -370,6 +385,30 @@ class BillerStore(Protocol):
         ...
 
     async def enrolment_codes(self, account_id: str) -> list[EnrolmentCodeRecord]: ...
+
+    async def revoke_enrolment_codes(self, account_id: str, now: datetime) -> int:
+        """Expire the account's unspent codes at `now` (superseded by a new one, or revoked); returns how many."""
+        ...
+
+    async def list_accounts(self) -> list[AccountRecord]:
+        """Every account, by id."""
+        ...
+
+    async def set_account_segment(self, account_id: str, segment: str) -> None:
+        """Record the policy segment of an account the operator added (replacing an earlier one)."""
+        ...
+
+    async def account_segments(self) -> dict[str, str]:
+        """The recorded segments, by account id."""
+        ...
+
+    async def webhook_cursors(self, endpoint: str) -> dict[str, WebhookCursor]:
+        """An outbound webhook endpoint's cursors, by account id (none yet: start at 0)."""
+        ...
+
+    async def save_webhook_cursor(self, endpoint: str, cursor: WebhookCursor) -> None:
+        """Store an endpoint's cursor for one account (insert or replace)."""
+        ...
 
     async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
         """Count a wrong code; the account's enrolment locks when the count reaches max_attempts (ENR-5)."""

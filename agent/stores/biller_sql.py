@@ -53,6 +53,7 @@ from agent.stores.base import (
     ThreadContext,
     ThreadOutcome,
     ThreadRecord,
+    WebhookCursor,
 )
 from agent.stores.sqlite_base import dt, ts
 
@@ -204,6 +205,26 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
             name TEXT PRIMARY KEY,
             holder TEXT NOT NULL,
             expires_at {time} NOT NULL
+        )""",
+    ),
+    (
+        # The reference biller's back office (reference_biller/accounts.py, webhooks.py): an account's
+        # segment when it was added by the operator rather than listed in the configuration, and one
+        # outbound-webhook cursor per (endpoint, account): the next event sequence to deliver and the
+        # retry state of the one being delivered. Webhooks are derived from the signed event log, so a
+        # protocol step writes nothing here; a restart resumes from these rows.
+        """CREATE TABLE account_segments (
+            account_id TEXT PRIMARY KEY REFERENCES accounts (account_id),
+            segment TEXT NOT NULL
+        )""",
+        """CREATE TABLE webhook_cursors (
+            endpoint TEXT NOT NULL,
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            next_sequence {integer} NOT NULL CHECK (next_sequence >= 0),
+            attempts {integer} NOT NULL DEFAULT 0,
+            next_attempt_at {time},
+            last_error TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (endpoint, account_id)
         )""",
     ),
 )
@@ -406,6 +427,63 @@ class SqlBillerStore(abc.ABC):
             "SELECT salt, code_hash, expires_at, used_at FROM enrolment_codes WHERE account_id = ?", account_id
         )
         return [EnrolmentCodeRecord(account_id, row[0], row[1], dt(row[2]), row[3] is not None) for row in rows]
+
+    async def revoke_enrolment_codes(self, account_id: str, now: datetime) -> int:
+        def revoke(db: Db) -> int:
+            return db.execute(
+                """UPDATE enrolment_codes SET expires_at = ?
+                   WHERE account_id = ? AND used_at IS NULL AND expires_at > ?""",
+                (ts(now), account_id, ts(now)),
+            ).rowcount
+
+        return await self._in_write(revoke)
+
+    async def list_accounts(self) -> list[AccountRecord]:
+        rows = await self._all(
+            """SELECT a.account_id, a.holder_name, a.created_at, b.party_id,
+                      a.failed_enrolment_attempts, a.enrolment_locked
+               FROM accounts a LEFT JOIN bindings b ON b.account_id = a.account_id
+               ORDER BY a.account_id"""
+        )
+        return [AccountRecord(row[0], row[1], dt(row[2]), row[3], row[4], bool(row[5])) for row in rows]
+
+    async def set_account_segment(self, account_id: str, segment: str) -> None:
+        await self._in_write(
+            lambda db: db.execute(
+                """INSERT INTO account_segments (account_id, segment) VALUES (?, ?)
+                   ON CONFLICT (account_id) DO UPDATE SET segment = excluded.segment""",
+                (account_id, segment),
+            )
+        )
+
+    async def account_segments(self) -> dict[str, str]:
+        rows = await self._all("SELECT account_id, segment FROM account_segments")
+        return {row[0]: row[1] for row in rows}
+
+    async def webhook_cursors(self, endpoint: str) -> dict[str, WebhookCursor]:
+        rows = await self._all(
+            """SELECT account_id, next_sequence, attempts, next_attempt_at, last_error
+               FROM webhook_cursors WHERE endpoint = ?""",
+            endpoint,
+        )
+        return {
+            row[0]: WebhookCursor(row[0], row[1], row[2], None if row[3] is None else dt(row[3]), row[4])
+            for row in rows
+        }
+
+    async def save_webhook_cursor(self, endpoint: str, cursor: WebhookCursor) -> None:
+        attempt_at = None if cursor.next_attempt_at is None else ts(cursor.next_attempt_at)
+        await self._in_write(
+            lambda db: db.execute(
+                """INSERT INTO webhook_cursors (endpoint, account_id, next_sequence, attempts, next_attempt_at,
+                                                last_error)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (endpoint, account_id) DO UPDATE SET
+                       next_sequence = excluded.next_sequence, attempts = excluded.attempts,
+                       next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error""",
+                (endpoint, cursor.account_id, cursor.next_sequence, cursor.attempts, attempt_at, cursor.last_error),
+            )
+        )
 
     async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
         await self._in_write(

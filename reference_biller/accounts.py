@@ -1,0 +1,134 @@
+"""Accounts and enrolment codes, as the operator manages them: `parley biller accounts` and `codes --account`.
+
+An account is the biller's customer: an id (1 to MAX_ID_CHARS characters of
+`A-Z a-z 0-9 . _ : -`, so it survives a URI, a CSV file and a paper bill), a
+holder name and the policy segment whose options its bills advertise. Accounts
+listed in the configuration are created at start as before (a convenience for
+the demo); those added with `accounts add` keep their segment in the store
+(`account_segments`), and `with_stored_accounts` folds every stored account
+(those made through the back-office API too, with the default segment) into the
+configuration the policy and the scheduler read, so a serving biller bills them
+with their segment's options and sends their reminders from its next upkeep
+round.
+
+An account has at most one live enrolment code: `issue_code` first expires the
+account's unspent codes (superseded), then issues the new one; `revoke_codes`
+only expires them. The two writes are separate transactions (the agent issues
+codes; the store only revokes them): a failure between them leaves the account
+without a live code, never with two — issue again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from agent.biller import BillerAgent
+from agent.protocol.limits import MAX_ID_CHARS
+from agent.stores.base import AccountRecord, AlreadyExists, BillerStore
+from reference_biller.config import Account, BillerConfig
+
+ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
+MAX_HOLDER_CHARS = 200
+
+
+class AccountError(ValueError):
+    """An account cannot be added or used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class AccountView:
+    """An account as the operator sees it: the store's record and its segment."""
+
+    record: AccountRecord
+    segment: str
+    configured: bool  # listed in the configuration file (else added with `accounts add`)
+
+
+def check_id(kind: str, value: str) -> str:
+    """`value` if it is a usable id; AccountError naming `kind` ("account id", "bill id") otherwise."""
+    if not ID_PATTERN.fullmatch(value):
+        raise AccountError(f"{kind} {value!r} is not usable: 1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+async def add_account(
+    agent: BillerAgent, store: BillerStore, config: BillerConfig, account_id: str, *, holder: str, segment: str
+) -> None:
+    """Create the account with its segment; AccountError for a bad id, holder or segment, or a taken id."""
+    check_id("account id", account_id)
+    holder = holder.strip()
+    if not 0 < len(holder) <= MAX_HOLDER_CHARS:
+        raise AccountError(f"the holder name must be 1 to {MAX_HOLDER_CHARS} characters")
+    if segment not in config.segments:
+        raise AccountError(f"no segment {segment!r} in the configuration: use one of {', '.join(config.segments)}")
+    try:
+        await agent.create_account(account_id, holder)
+    except AlreadyExists:
+        existing = await agent.account(account_id)
+        holder_now = "" if existing is None else f" (holder {existing.holder_name!r})"
+        raise AccountError(f"account {account_id!r} already exists{holder_now}: nothing changed") from None
+    await store.set_account_segment(account_id, segment)
+
+
+async def with_stored_accounts(config: BillerConfig, store: BillerStore) -> BillerConfig:
+    """The configuration plus every other account in the store, with its recorded segment.
+
+    A configured account keeps the configuration's segment. An account added without
+    one (the back-office API's CreateAccount), or whose segment the configuration no
+    longer has, gets the policy's default segment (`BillerConfig.segment_of`).
+    """
+    configured = {account.account_id for account in config.accounts}
+    segments = await store.account_segments()
+    default = config.segment_of("").name
+    added = tuple(
+        Account(
+            record.account_id,
+            record.holder_name,
+            segments[record.account_id] if segments.get(record.account_id) in config.segments else default,
+        )
+        for record in await store.list_accounts()
+        if record.account_id not in configured
+    )
+    return replace(config, accounts=config.accounts + added) if added else config
+
+
+async def account_views(config: BillerConfig, store: BillerStore) -> list[AccountView]:
+    """Every account in the store, by id, with its segment."""
+    listed = {account.account_id: account.segment for account in config.accounts}  # may include added ones
+    added = await store.account_segments()
+    views = []
+    for record in await store.list_accounts():
+        account_id = record.account_id
+        segment = added.get(account_id) or listed.get(account_id) or "(default)"
+        views.append(AccountView(record, segment, account_id in listed and account_id not in added))
+    return views
+
+
+async def issue_code(agent: BillerAgent, store: BillerStore, account_id: str, now: datetime) -> tuple[str, int]:
+    """A new enrolment code for the account and how many unspent earlier codes it superseded."""
+    if await agent.account(account_id) is None:
+        raise AccountError(f"no account {account_id!r}: add it with `parley biller accounts add` first")
+    superseded = await store.revoke_enrolment_codes(account_id, now)
+    return await agent.issue_enrolment_code(account_id), superseded
+
+
+async def revoke_codes(agent: BillerAgent, store: BillerStore, account_id: str, now: datetime) -> int:
+    """Expire the account's unspent enrolment codes; returns how many."""
+    if await agent.account(account_id) is None:
+        raise AccountError(f"no account {account_id!r}")
+    return await store.revoke_enrolment_codes(account_id, now)
+
+
+__all__ = [
+    "ID_PATTERN",
+    "AccountError",
+    "AccountView",
+    "account_views",
+    "add_account",
+    "check_id",
+    "issue_code",
+    "revoke_codes",
+    "with_stored_accounts",
+]

@@ -1,0 +1,152 @@
+"""Accounts and enrolment codes (reference_biller/accounts.py): `parley biller accounts` and `codes --account`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.clock import ManualClock, SystemClock
+from agent.protocol.errors import ProtocolError
+from agent.stores import open_biller_store
+from agent.stores.base import WebhookCursor
+from reference_biller.accounts import with_stored_accounts
+from reference_biller.config import SAMPLE, load_config
+from reference_biller.service import open_biller
+from tests.helpers.peer import Consumer
+
+NOW = datetime(2026, 12, 1, 9, tzinfo=UTC)
+
+
+def output(capsys: pytest.CaptureFixture[str]) -> str:
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_store_keeps_segments_cursors_and_revokes_codes(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    location = str(tmp_path / "b.sqlite") if backend == "sqlite" else request.getfixturevalue("postgres_dsn")
+
+    async def run() -> None:
+        store = await open_biller_store(location)
+        try:
+            await store.create_account("b-1", "B", NOW)
+            await store.create_account("a-1", "A", NOW)
+            assert [record.account_id for record in await store.list_accounts()] == ["a-1", "b-1"]
+            await store.set_account_segment("a-1", "standard")
+            await store.set_account_segment("a-1", "hardship")
+            assert await store.account_segments() == {"a-1": "hardship"}
+            assert await store.webhook_cursors("https://x") == {}
+            await store.save_webhook_cursor("https://x", WebhookCursor("a-1", 3))
+            failing = WebhookCursor("a-1", 3, 2, NOW + timedelta(seconds=20), "HTTP 503")
+            await store.save_webhook_cursor("https://x", failing)
+            assert await store.webhook_cursors("https://x") == {"a-1": failing}
+            assert await store.webhook_cursors("https://y") == {}
+            assert await store.revoke_enrolment_codes("a-1", NOW) == 0
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_accounts_add_list_show_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert main(["biller", "init", *state]) == 0
+    add = ["biller", "accounts", "add"]
+    assert main([*add, "w-1", "--holder", "Ann Water", *state]) == 0
+    assert main([*add, "w-1", "--holder", "Someone Else", *state]) == 1
+    assert "already exists (holder 'Ann Water'): nothing changed" in output(capsys)
+    assert main([*add, "bad id", "--holder", "X", *state]) == 2
+    assert main([*add, "x" * 65, "--holder", "X", *state]) == 2
+    assert main([*add, "w-2", "--holder", "X", "--segment", "vip", *state]) == 1
+    assert "no segment 'vip'" in output(capsys)
+    assert main(["biller", "accounts", "list", "--json", *state]) == 0
+    listed = {entry["account_id"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert listed["w-1"]["configured"] is False
+    assert listed["w-1"]["segment"] == "standard"
+    assert listed["acct-1001"]["configured"] is True  # the sample configuration's accounts remain
+    assert "w-2" not in listed
+    assert main(["biller", "accounts", "show", "w-1", *state]) == 0
+    assert "Ann Water" in output(capsys)
+    assert main(["biller", "accounts", "show", "nobody", *state]) == 1
+
+
+def test_a_new_code_supersedes_the_unspent_ones_and_revoke_leaves_none(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert main(["biller", "init", *state]) == 0
+    assert main(["biller", "accounts", "add", "w-1", "--holder", "Ann Water", *state]) == 0
+    codes = ["biller", "codes", "--account", "w-1", "--json", *state]
+    capsys.readouterr()
+    assert main(codes) == 0
+    first = json.loads(capsys.readouterr().out)["accounts"][0]
+    assert main([*codes, "--endpoint", "127.0.0.1:7443"]) == 0
+    second = json.loads(capsys.readouterr().out)["accounts"][0]
+    assert second["superseded"] == 1
+    assert second["enrolment_uri"].startswith("parley:enrol?endpoint=127.0.0.1%3A7443")
+
+    async def enrol_with(code: str) -> str | None:
+        biller = await open_biller(load_config(SAMPLE), tmp_path / "state", SystemClock())
+        try:
+            consumer = Consumer("consumer:w-1", ManualClock(datetime.now(UTC)))
+            try:
+                await biller.agent.enrol(consumer.enrolment("w-1", code))
+            except ProtocolError as error:
+                return error.reason.name
+            return None
+        finally:
+            await biller.close()
+
+    assert asyncio.run(enrol_with(first["code"])) is not None  # superseded: refused
+    assert main(["biller", "codes", "--account", "w-1", "--revoke", *state]) == 0
+    assert "1 unspent code(s) revoked" in output(capsys)
+    assert asyncio.run(enrol_with(second["code"])) is not None  # revoked: refused
+    assert main(codes) == 0
+    third = json.loads(capsys.readouterr().out)["accounts"][0]
+    assert third["superseded"] == 0
+    assert asyncio.run(enrol_with(third["code"])) is None
+
+
+def test_qr_codes_in_the_terminal_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert main(["biller", "init", *state]) == 0
+    assert main(["biller", "accounts", "add", "w-1", "--holder", "Ann Water", *state]) == 0
+    codes = ["biller", "codes", "--account", "w-1", *state]
+    assert main([*codes, "--qr"]) == 2
+    assert "give --endpoint" in output(capsys)
+    svg, png = tmp_path / "code.svg", tmp_path / "code.png"
+    assert main([*codes, "--endpoint", "127.0.0.1:7443", "--qr", "--qr-svg", str(svg), "--qr-png", str(png)]) == 0
+    assert "█" in output(capsys)
+    assert svg.read_text().startswith("<?xml")
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert main(["biller", "codes", "--account", "nobody", *state]) == 1
+    assert "no account 'nobody'" in output(capsys)
+    assert main(["biller", "codes", "--revoke", *state]) == 2
+
+
+def test_stored_accounts_join_the_configuration_with_their_segment(tmp_path: Path) -> None:
+    """What the serving biller's policy and scheduler read: configured, added and API-made accounts."""
+    config = load_config(SAMPLE)
+
+    async def run() -> list[tuple[str, str]]:
+        store = await open_biller_store(str(tmp_path / "b.sqlite"))
+        try:
+            await store.create_account("acct-1001", "Household One", NOW)  # configured: keeps its segment
+            await store.create_account("added", "Added", NOW)
+            await store.set_account_segment("added", "standard")
+            await store.create_account("api-made", "Made Through The API", NOW)  # no segment recorded
+            await store.create_account("gone", "Segment Removed", NOW)
+            await store.set_account_segment("gone", "a-segment-no-longer-configured")
+            merged = await with_stored_accounts(config, store)
+        finally:
+            await store.close()
+        return [(account.account_id, account.segment) for account in merged.accounts[len(config.accounts) :]]
+
+    assert asyncio.run(run()) == [("added", "standard"), ("api-made", "standard"), ("gone", "standard")]

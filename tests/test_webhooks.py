@@ -1,0 +1,337 @@
+"""Outbound webhooks (reference_biller/webhooks.py): a real local receiver that goes down and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from agent.cli import main
+from agent.clock import ManualClock
+from agent.protocol.terms import Money
+from agent.stores.base import WebhookCursor
+from parley.v1 import envelope_pb2, event_pb2
+from reference_biller.config import SAMPLE, Webhook, load_config
+from reference_biller.service import Biller, open_biller, serving_biller
+from reference_biller.webhooks import (
+    BACKOFF_CAP,
+    BACKOFF_FIRST,
+    GIVE_UP_AFTER,
+    MAX_ATTEMPTS,
+    SIGNATURE_HEADER,
+    Endpoint,
+    WebhookDispatcher,
+    backoff,
+    sign,
+    verify_signature,
+)
+from tests.helpers.peer import Consumer
+
+OLD_SECRET = b"old-secret-of-at-least-16-bytes"
+NEW_SECRET = b"new-secret-of-at-least-16-bytes"
+START = datetime(2026, 12, 1, 9, tzinfo=UTC)
+
+
+@dataclass
+class Receiver:
+    """A billing system's webhook endpoint on 127.0.0.1: records what it accepted, checked with OLD_SECRET."""
+
+    status: int = 200
+    accepted: list[dict[str, object]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    signatures: list[str] = field(default_factory=list)
+    port: int = 0
+    runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.signatures.append(request.headers[SIGNATURE_HEADER])
+        if not verify_signature(request.headers[SIGNATURE_HEADER], body, OLD_SECRET, datetime.now(UTC)):
+            return web.Response(status=401)
+        if self.status == 200:
+            self.accepted.append(json.loads(body))
+            self.keys.append(request.headers["Idempotency-Key"])
+        return web.Response(status=self.status)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = self.port or site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+
+@asynccontextmanager
+async def receiving() -> AsyncIterator[Receiver]:
+    running = Receiver()
+    await running.start()
+    try:
+        yield running
+    finally:
+        if running.runner is not None:
+            await running.runner.cleanup()
+
+
+async def biller_with_outcomes(tmp_path: Path, clock: ManualClock) -> Biller:
+    """A biller whose account "w-1" has a bill paid (PAYMENT_RECEIVED) and, emitted as a scheduler would, an
+    arrangement broken and renegotiation offered."""
+    biller = await open_biller(load_config(SAMPLE), tmp_path / "state", clock)
+    agent = biller.agent
+    await agent.create_account("w-1", "A. Holder")
+    consumer = Consumer("consumer:w-1", ManualClock(clock.now()))
+    await agent.enrol(consumer.enrolment("w-1", await agent.issue_enrolment_code("w-1")))
+    amount = Money.parse("42.50", "EUR")
+    await agent.issue_bill("w-1", amount, clock.now().date() + timedelta(days=30), "Water", bill_id="INV-1")
+    await agent.create_payment_intent(consumer.intent("w-1", "INV-1", "pay-1", amount))
+    await agent.record_settlement("w-1", "pay-1", amount, "BANK-1")
+    await agent.emit_event("w-1", event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="INV-1", message="missed")
+    await agent.emit_event("w-1", event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, bill_id="INV-1")
+    return biller
+
+
+def test_a_receiver_that_goes_down_gets_every_outcome_once_it_is_back(tmp_path: Path) -> None:
+    asyncio.run(_goes_down_and_comes_back(tmp_path))
+
+
+async def _goes_down_and_comes_back(tmp_path: Path) -> None:
+    async with receiving() as receiver:
+        await _deliveries(tmp_path, receiver)
+
+
+async def _deliveries(tmp_path: Path, receiver: Receiver) -> None:
+    clock = ManualClock(START)
+    biller = await biller_with_outcomes(tmp_path, clock)
+    endpoint = Endpoint(
+        receiver.url,
+        (NEW_SECRET, OLD_SECRET),
+        frozenset({"payment_received", "arrangement_broken", "renegotiation_offered"}),
+    )
+    try:
+        await receiver.stop()  # down: connection refused
+        dispatcher = WebhookDispatcher(biller.store, biller.agent.party_id, [endpoint], clock)
+        assert await dispatcher.deliver_due() == 0
+        [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
+        assert cursor.attempts == 1
+        assert cursor.next_attempt_at == START + BACKOFF_FIRST
+        assert "ClientConnectorError" in cursor.last_error
+        await dispatcher.close()
+
+        await receiver.start()  # back, on the same port; and the biller restarted: a new dispatcher
+        dispatcher = WebhookDispatcher(biller.store, biller.agent.party_id, [endpoint], clock)
+        assert await dispatcher.deliver_due() == 0  # the backoff is not over
+        receiver.status = 503  # up but failing: a second attempt, a longer wait
+        clock.advance(BACKOFF_FIRST)
+        assert await dispatcher.deliver_due() == 0
+        [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
+        assert (cursor.attempts, cursor.last_error) == (2, "HTTP 503")
+        assert cursor.next_attempt_at == clock.now() + 2 * BACKOFF_FIRST
+
+        receiver.status = 200
+        clock.advance(2 * BACKOFF_FIRST)
+        assert await dispatcher.deliver_due() == 3
+        assert [body["type"] for body in receiver.accepted] == [
+            "payment_received",
+            "arrangement_broken",
+            "renegotiation_offered",
+        ]
+        paid = receiver.accepted[0]
+        assert paid["amount"] == {"currency": "EUR", "minor": 4250, "text": "EUR 42.50"}
+        assert (paid["account_id"], paid["bill_id"], paid["biller"]) == ("w-1", "INV-1", "biller:energy.example")
+        assert receiver.keys == [body["id"] for body in receiver.accepted]  # the idempotency key is the event's
+        assert all(header.count("v1=") == 2 for header in receiver.signatures)  # both secrets: a rotation
+        assert await dispatcher.deliver_due() == 0  # nothing twice
+        [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
+        assert cursor == WebhookCursor("w-1", await biller.store.event_count("w-1"))
+        await dispatcher.close()
+    finally:
+        await biller.close()
+
+
+def test_an_event_is_abandoned_after_three_days_of_attempts(tmp_path: Path) -> None:
+    asyncio.run(_abandoned(tmp_path))
+
+
+async def _abandoned(tmp_path: Path) -> None:
+    async with receiving() as receiver:
+        await _abandon(tmp_path, receiver)
+
+
+async def _abandon(tmp_path: Path, receiver: Receiver) -> None:
+    clock = ManualClock(START)
+    biller = await biller_with_outcomes(tmp_path, clock)
+    endpoint = Endpoint(receiver.url, (OLD_SECRET,), frozenset({"arrangement_broken"}))
+    receiver.status = 500
+    try:
+        events = await biller.store.events("w-1", 0, 100)
+        kinds = [event_pb2.Event.FromString(envelope_pb2.Envelope.FromString(e.envelope).payload).kind for e in events]
+        sequence = kinds.index(event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN)  # its first attempt was nearly 3 days ago
+        await biller.store.save_webhook_cursor(receiver.url, WebhookCursor("w-1", sequence, MAX_ATTEMPTS - 1, START))
+        dispatcher = WebhookDispatcher(biller.store, biller.agent.party_id, [endpoint], clock)
+        assert await dispatcher.deliver_due() == 0
+        [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
+        assert cursor.next_sequence == sequence + 1  # moved past it
+        assert cursor.last_error == "abandoned: HTTP 500"
+        assert await dispatcher.deliver_due() == 0  # and on, past the kinds this endpoint does not report
+        [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
+        assert cursor == WebhookCursor("w-1", len(events))
+        await dispatcher.close()
+    finally:
+        await biller.close()
+
+
+def test_replicas_take_turns_and_a_failure_ends_the_pass(tmp_path: Path) -> None:
+    async def run() -> None:
+        async with receiving() as receiver:
+            clock = ManualClock(START)
+            biller = await biller_with_outcomes(tmp_path, clock)
+            try:
+                agent = biller.agent
+                await agent.create_account("w-2", "Another")
+                other = Consumer("consumer:w-2", ManualClock(clock.now()))
+                await agent.enrol(other.enrolment("w-2", await agent.issue_enrolment_code("w-2")))
+                await biller.agent.emit_event("w-2", event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="X")
+                endpoint = Endpoint(receiver.url, (OLD_SECRET,), frozenset({"arrangement_broken"}))
+                dispatcher = WebhookDispatcher(biller.store, biller.agent.party_id, [endpoint], clock)
+                lease = f"webhooks:{receiver.url}"
+                assert await biller.store.claim_lease(lease, "another-replica", START, START + timedelta(minutes=1))
+                assert await dispatcher.deliver_due() == 0  # another replica is delivering to this endpoint
+                assert receiver.signatures == []
+                await biller.store.release_lease(lease, "another-replica")
+                receiver.status = 500
+                assert await dispatcher.deliver_due() == 0
+                assert len(receiver.signatures) == 1  # w-1 failed: w-2 waits for the next pass
+                receiver.status = 200
+                assert await dispatcher.deliver_due() == 1  # w-2 (w-1 waits out its backoff)
+                clock.advance(BACKOFF_FIRST)
+                assert await dispatcher.deliver_due() == 1  # w-1
+                assert [body["account_id"] for body in receiver.accepted] == ["w-2", "w-1"]
+                await dispatcher.close()
+            finally:
+                await biller.close()
+
+    asyncio.run(run())
+
+
+def test_backoff_doubles_to_a_cap_and_gives_up_after_three_days() -> None:
+    assert [backoff(n) for n in (1, 2, 3)] == [BACKOFF_FIRST, 2 * BACKOFF_FIRST, 4 * BACKOFF_FIRST]
+    assert backoff(40) == backoff(400) == BACKOFF_CAP
+    total = sum((backoff(n) for n in range(1, MAX_ATTEMPTS)), timedelta(0))
+    assert total < GIVE_UP_AFTER <= total + backoff(MAX_ATTEMPTS)
+
+
+def test_the_signature_is_stripe_style_and_checked() -> None:
+    now = datetime.now(UTC)
+    header = sign([NEW_SECRET, OLD_SECRET], int(now.timestamp()), b'{"a":1}')
+    assert header.startswith(f"t={int(now.timestamp())},v1=")
+    assert header.count("v1=") == 2
+    assert verify_signature(header, b'{"a":1}', OLD_SECRET, now)
+    assert not verify_signature(header, b'{"a":2}', OLD_SECRET, now)  # another body
+    assert not verify_signature(header, b'{"a":1}', b"another-secret-of-16-bytes", now)
+    assert not verify_signature(header, b'{"a":1}', OLD_SECRET, now + timedelta(minutes=10))  # a replay
+
+
+def test_check_config_validates_webhooks_and_simulation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = tmp_path / "hook.secret"
+    secret.write_bytes(OLD_SECRET)
+    base = SAMPLE.read_text()
+
+    def check(extra: str) -> tuple[int, str]:
+        path = tmp_path / "biller.toml"
+        path.write_text(base + extra)
+        code = main(["biller", "check-config", str(path)])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    good = f'\n[[webhooks]]\nurl = "https://billing.example/hook"\nsecret_files = ["{secret}"]\n'
+    code, said = check(good)
+    assert code == 0, said
+    assert "1 webhook(s)" in said
+    assert "sample bills" in said
+    assert check(good.replace("https://", "ftp://"))[1].count("webhooks[0].url") == 1
+    assert "webhooks[0].secret_files: cannot read" in check(good.replace(str(secret), str(tmp_path / "nope")))[1]
+    assert "webhooks[0].events" in check(good + 'events = ["bill_paid"]\n')[1]
+    assert "listed twice" in check(good + good.replace("[[webhooks]]", "\n[[webhooks]]"))[1]
+    short = tmp_path / "short.secret"
+    short.write_text("short")
+    assert "shorter than 16" in check(good.replace(str(secret), str(short)))[1]
+    bad_interval = base.replace("upkeep_interval_seconds = 5", "upkeep_interval_seconds = 0")
+    (tmp_path / "b.toml").write_text(bad_interval)
+    assert main(["biller", "check-config", str(tmp_path / "b.toml")]) == 1
+    assert "simulation.upkeep_interval_seconds" in capsys.readouterr().out
+
+
+def test_a_webhook_config_reads_secret_files(tmp_path: Path) -> None:
+    secret = tmp_path / "s"
+    secret.write_bytes(NEW_SECRET + b"\n")
+    endpoint = Endpoint.load(Webhook("http://127.0.0.1:1/h", (str(secret),)))
+    assert endpoint.secrets == (NEW_SECRET,)
+    assert endpoint.types == {"agreement_reached", "arrangement_broken", "payment_received", "renegotiation_offered"}
+
+
+@pytest.mark.slow
+def test_serve_delivers_webhooks_from_a_task_of_its_own(tmp_path: Path) -> None:
+    """`serving_biller(webhooks=...)`: an outcome recorded by the agent reaches the receiver without anyone
+    waiting for it, and a receiver that is down delays nothing."""
+
+    async def run() -> None:
+        async with receiving() as receiver:
+            endpoint = Endpoint(receiver.url, (OLD_SECRET,), frozenset({"payment_received"}))
+            await receiver.stop()  # down while the outcome is recorded
+            async with serving_biller(
+                load_config(SAMPLE),
+                listen="127.0.0.1:0",
+                state_dir=tmp_path / "state",
+                clock=ManualClock(datetime.now(UTC)),
+                insecure=True,
+                webhooks=[endpoint],
+            ) as running:
+                clock = running.biller.clock
+                assert isinstance(clock, ManualClock)
+                agent = running.biller.agent
+                await agent.create_account("w-1", "A. Holder")
+                consumer = Consumer("consumer:w-1", ManualClock(clock.now()))
+                await agent.enrol(consumer.enrolment("w-1", await agent.issue_enrolment_code("w-1")))
+                amount = Money.parse("9.99", "EUR")
+                await agent.issue_bill("w-1", amount, clock.now().date() + timedelta(days=9), "Water", bill_id="B")
+                await agent.create_payment_intent(consumer.intent("w-1", "B", "pay-1", amount))
+                await asyncio.wait_for(agent.record_settlement("w-1", "pay-1", amount, "BANK-1"), timeout=2)
+                await asyncio.sleep(0.5)
+                await receiver.start()
+                clock.advance(BACKOFF_FIRST)
+                for _ in range(100):
+                    if receiver.accepted:
+                        break
+                    await asyncio.sleep(0.1)
+                assert [body["type"] for body in receiver.accepted] == ["payment_received"]
+
+    asyncio.run(run())
+
+
+def test_serve_refuses_a_webhook_secret_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "biller.toml"
+    missing = tmp_path / "missing.secret"
+    config.write_text(
+        SAMPLE.read_text() + f'\n[[webhooks]]\nurl = "http://127.0.0.1:9/h"\nsecret_files = ["{missing}"]\n'
+    )
+    serve = ["biller", "serve", "--config", str(config), "--state-dir", str(tmp_path / "state")]
+    assert main([*serve, "--listen", "127.0.0.1:0", "--insecure"]) == 2
+    captured = capsys.readouterr()
+    assert "webhooks[0].secret_files: cannot read" in captured.out + captured.err
+    assert not (tmp_path / "state").exists()  # refused before anything was created

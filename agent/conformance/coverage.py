@@ -118,7 +118,7 @@ GAPS: dict[str, str] = {
     "BIL-6": "a consumer scenario presenting a bill at sequence 1 or with a previous digest",
     "TRM-16": "an offer with an unset principal or total (the missing-* vectors)",
     "EVT-9": "a WatchEvents stream followed past its query's expire_time (tests/test_redteam_streams.py)",
-    "EVT-10": "a stream whose signer is re-bound or whose key is revoked while it is open (tests/test_redteam_streams.py)",
+    "EVT-10": "a stream whose signer is re-bound or whose key is revoked while open (tests/test_redteam_streams.py)",
     "LIM-14": "more open WatchEvents streams for one party than the limit",
     "LIM-15": "a chain grown past the most versions (needs AdvanceClock over the daily publish bound)",
     "LIM-13": "a consumer scenario announcing lower limits in Hello and sending a message above them",

@@ -85,7 +85,7 @@ import re
 import secrets
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -454,7 +454,8 @@ class Household:
         on its own (the person is told; the biller's scheduler reports them missed)."""
         self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._as_billed: dict[tuple[str, str], Terms] = {}
-        """This pass's bills to pay as billed (`Profile.pay_as_billed`), with the planned terms."""
+        """The bills this run decided to pay as billed (`Profile.pay_as_billed`), with the planned terms, until
+        paid: the decision stands (its money committed in the strategy), whatever later plans would say."""
         self._event_cursors: dict[tuple[str, str], int] = {}
         """With `follow`: per (biller, account), the first event sequence no pass has reported yet."""
 
@@ -549,14 +550,10 @@ class Household:
             for account in link.accounts:
                 stored = await self.agent.stored_events(link.biller_party_id, account_id=account)
                 self._event_cursors[(link.biller_party_id, account)] = stored[-1].sequence + 1 if stored else 0
+                events = self.agent.watch(link.biller_party_id, account_id=account)
                 self._watches[(link.biller_party_id, account)] = asyncio.create_task(
-                    self._keep_watching(link.biller_party_id, account), name=f"watch {account}"
+                    _keep_watching(events), name=f"watch {account}"
                 )
-
-    async def _keep_watching(self, biller: str, account: str) -> None:
-        async with contextlib.aclosing(self.agent.watch(biller, account_id=account)) as events:
-            async for _ in events:
-                pass  # the agent stores each event before yielding it
 
     def watch_failure(self, biller: str, account: str) -> BaseException | None:
         """The error that ended the background watch of an account (`follow`), if one did."""
@@ -573,7 +570,6 @@ class Household:
         report = PassReport(self.profile.party_id, today)
         report.biller_names = {b.biller_id: self.profile.biller_name(b.biller_id) for b in self.profile.billers}
         self.approvals.asked = []
-        self._as_billed = {}
         enrolled = await self._enrol_all(report)
         fetched, answering = await self._fetch_bills(enrolled, report)
         await self._read_events(answering, report)  # first the news, then act on it
@@ -785,7 +781,8 @@ class Household:
         as_billed = await self._paid_as_billed()
         new: dict[tuple[str, str], _Bill] = {}
         for item in bills:
-            if item.thread_id is not None or (item.biller_party_id, item.bill.facts.bill_id) in as_billed:
+            key = (item.biller_party_id, item.bill.facts.bill_id)
+            if item.thread_id is not None or key in as_billed or key in self._as_billed:
                 continue
             currency = item.bill.facts.amount_due.currency.code
             if currency != self.profile.currency:
@@ -808,9 +805,11 @@ class Household:
             if item_or_none is None:  # the others are threads still open, already resumed above
                 continue
             if self.profile.pay_as_billed and planned.opening.pays_as_billed:
-                # Nothing to negotiate: `_pay` pays the bill on the planned date. Until then each pass plans
-                # it again with the others, so the money stays set aside for it.
-                self._as_billed[(planned.biller_id, planned.bill.bill_id)] = planned.opening.terms
+                # Nothing to negotiate: `_pay` pays the bill on the planned date; until then its money is
+                # committed, so the bills planned after it leave room for it.
+                terms = planned.opening.terms
+                strategy.commit(planned.biller_id, planned.bill.bill_id, terms.schedule)
+                self._as_billed[(planned.biller_id, planned.bill.bill_id)] = terms
                 continue
             self._settle(item_or_none, await self._negotiate_one(item_or_none, report))
 
@@ -872,7 +871,7 @@ class Household:
         that still stands."""
         for preference in billers:
             biller = preference.biller_id
-            for (payee, bill_id), terms in self._as_billed.items():
+            for (payee, bill_id), terms in list(self._as_billed.items()):
                 if payee == biller:
                     await self._pay_as_billed(biller, bill_id, terms, today, report)
             intents = await self.agent.payments(biller)
@@ -924,13 +923,20 @@ class Household:
         try:
             payment = await self.agent.pay(biller, bill_id)
         except PaymentNotSent as declined:  # its intent now exists: the bill is not planned again on its own
+            self._paid_or_declined(biller, bill_id)
             report.payments.append(replace(line, status=DECLINED_NOW, note=str(declined)))
             return
-        except (ParleyError, ValueError, LookupError) as error:
+        except (ParleyError, ValueError, LookupError) as error:  # tried again by the next pass
             report.problems.append(_problem(biller, f"payment of {bill_id}", error))
             report.payments.append(replace(line, status="failed"))
             return
+        self._paid_or_declined(biller, bill_id)
         report.payments.append(replace(line, status="paid now", bank_reference=payment.proof))
+
+    def _paid_or_declined(self, biller: str, bill_id: str) -> None:
+        """A bill paid as billed left the plan: paid, its money left the balance; declined, the person decides."""
+        del self._as_billed[(biller, bill_id)]
+        self.strategy.forget(biller, bill_id)
 
     async def _collect_receipts(self, billers: Sequence[BillerPreference], report: PassReport) -> None:
         """Fetch the receipts of paid intents that have none yet (PAY-9)."""
@@ -1029,6 +1035,12 @@ class Household:
             pending = "pending" in answers
             return BillLine(biller, facts, "negotiating, awaiting your approval" if pending else "negotiating")
         return BillLine(biller, facts, f"{latest.outcome.value}: no arrangement")
+
+
+async def _keep_watching(stream: AsyncGenerator[AccountEvent, None]) -> None:
+    async with contextlib.aclosing(stream) as events:
+        async for _ in events:
+            pass  # the agent stores each event before it yields it: a pass reads them from the store
 
 
 _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"

@@ -13,7 +13,9 @@ it) and, on each pass:
 2. **fetches the bills** of every enrolled account, each verified against the
    pinned biller (BIL-3), and **reads the account's events** (EVT-5) that
    arrived since the last pass — from the live stream until it has been quiet
-   for `EVENT_IDLE_SECONDS` — so the pass acts on the news: an arrangement the
+   for `EVENT_IDLE_SECONDS`, or, after `Household.follow` (background watches
+   that store each event as it comes), from the store at once — so the pass
+   acts on the news: an arrangement the
    biller ended (ARRANGEMENT_BROKEN) is not paid any more, and a bill it
    offered to renegotiate (RENEGOTIATION_OFFERED, EVT-7) is negotiated again;
 3. **negotiates**: first the threads left open by an earlier pass, then the new
@@ -21,7 +23,10 @@ it) and, on each pass:
    order (`strategy.plan_budget`, through `agent_strategy.ReferenceStrategy`),
    each through `ConsumerAgent.negotiate` with the reference cash-flow
    strategy inside the profile's mandate (NEG-20); a thread that ended without
-   agreement is not reopened;
+   agreement is not reopened. With `household.pay_as_billed`, a bill the plan
+   pays in full by its due date, inside the mandate, is not negotiated: it is
+   paid as billed on that date (the decision stands for the run, its money
+   committed in the budget);
 4. **asks for approval** of anything outside the mandate: by default the
    request is stored in the consumer store with a stable id and the exact
    terms (`agent.consumer.ApprovalBook`), printed, and left pending — nothing is
@@ -31,8 +36,11 @@ it) and, on each pass:
    thread moved, its deadline passed), lets the approval lapse and asks anew.
    `--approve-all` / `--deny-all` answer every request, for unattended runs;
 5. **pays what is due today**: each instalment of a standing agreement on or
-   after its date, in order, exactly once (PAY-7), through `JsonLinesBank`,
-   then collects the receipts the biller has signed since (PAY-9);
+   after its date, in order, exactly once (PAY-7), and the bills paid as
+   billed, through `JsonLinesBank` (or the bank given to `Household.open`),
+   then collects the receipts the biller has signed since (PAY-9). A payment
+   the bank declines (`PaymentNotSent`) is reported and not tried again by
+   this run: the person decides, and the biller reports a missed instalment;
 6. reads the events again when the pass enrolled, negotiated or paid (what it
    caused: ARRANGEMENT_ACTIVE...), writes every agreement reached as a
    `parley-bundle/1` file under `agreements/` in the state directory (the

@@ -7,25 +7,32 @@ What runs, all in this process and all real:
   `reference_biller/telecom.toml`, each with its own signing key, SQLite store and
   simulated payment rail, each served by `start_biller_server` on a free port of
   127.0.0.1 with TLS (a throwaway development CA, `agent.tools.certs`);
-- six **households** (`reference_consumer.households`): each a `ConsumerAgent` with
-  its own key, SQLite store and the reference cash-flow strategy
-  (`reference_consumer.agent_strategy.ReferenceStrategy`) inside the profile's
-  mandate, a bank (`DemoBank`) that pays into the biller's simulated rail, and a
-  ledger that moves its balance as pay days, outgoings and payments come;
+- six **households** (`reference_consumer.households`): each the reference
+  consumer itself, `reference_consumer.runner.Household` — what `parley consumer
+  run` runs — in its own state directory (key, key set, SQLite store, agreement
+  files), with the reference cash-flow strategy inside the profile's mandate.
+  The demo gives it only the world around it: a bank (`DemoBank`) that pays
+  into the biller's simulated rail, and a strategy whose profile follows a
+  ledger that moves the balance as pay days, outgoings and payments come
+  (`Household.open(bank=..., strategy=...)`);
 - one **ManualClock** shared by every party. It starts on the billers' March bill
   run and moves day by day to early June. Each day, at 09:00, the billers run
   their upkeep (settle the rail's transfers into signed receipts, then the
   scheduler: reminders, instalment notices, missed instalments), every event
-  reaches the households through their event watch, and each household acts on
-  what it saw: it plans newly issued bills against its budget and negotiates
-  (or schedules a plain payment), renegotiates when invited, pays what is due
-  that day, and collects the receipts the biller's thanks announce.
+  reaches the households through their event watch (`Household.follow`), and
+  each household runs one pass (`Household.run_pass`): it plans newly issued
+  bills against its budget and negotiates (or pays a plain bill as billed,
+  `Profile.pay_as_billed`), renegotiates when invited, pays what is due that
+  day, and collects its receipts. A household that acted runs a second pass,
+  to see the billers' answers the same day. `DemoHousehold` only tells the
+  story of each pass report; it decides nothing.
 
 At the end every agreement bundle is written as `parley-bundle/1` JSON, read back
 and verified offline with both identities pinned, each household's outcome is
 checked against its scenario, and the story is printed (Rich). `run` returns 0
 when everything held and 1 otherwise; every server and store is closed in
-either case. `summary=PATH` also writes the outcome as JSON.
+either case. `summary=PATH` also writes the outcome as JSON; `state_dir=DIR`
+keeps every party's state there (by default a temporary directory).
 """
 
 from __future__ import annotations

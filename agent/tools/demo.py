@@ -418,6 +418,8 @@ class DemoHousehold:
         self.broken: set[bytes] = set()  # thread ids of agreements the biller ended
         self.payments: list[PaymentRecord] = []
         self.seen: list[SeenEvent] = []
+        self._told: list[tuple[date, str]] = []
+        self._following = False
         self._household: runner.Household | None = None
 
     @property
@@ -435,7 +437,16 @@ class DemoHousehold:
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
-        self.story.line(self.clock.now().date(), self.name, f"[red]PROBLEM[/red] {escape(text)}")
+        self.tell(self.clock.now().date(), f"[red]PROBLEM[/red] {escape(text)}")
+
+    def tell(self, day: date, text: str) -> None:
+        """A line of the story, printed by `flush` (households act at once; their stories are told in turn)."""
+        self._told.append((day, text))
+
+    def flush(self) -> None:
+        told, self._told = self._told, []
+        for day, text in told:
+            self.story.line(day, self.name, text)
 
     def site(self, biller: str) -> BillerSite:
         return self.sites[biller]
@@ -480,6 +491,7 @@ class DemoHousehold:
     async def follow(self) -> None:
         """Enrolled: from now on events are stored as they arrive and each pass reads them at once."""
         await self.household.follow()
+        self._following = True
 
     async def delivered(self, biller: str, account_id: str) -> int:
         """How many of the account's events the household's watch has stored."""
@@ -492,8 +504,16 @@ class DemoHousehold:
 
     async def run_pass(self, day: date) -> bool:
         """The reference household's pass, told as the story; whether it negotiated or paid."""
+        stored = {  # before `follow` (the enrolling pass), nothing is stored yet
+            (account.biller_party_id, account.account_id): await self.delivered(
+                account.biller_party_id, account.account_id
+            )
+            for account in self.spec.accounts
+            if self._following
+        }
         report = await self.household.run_pass()
-        for event in report.events:
+        news = [e for e in report.events if e.sequence < stored.get((e.biller_party_id, e.account_id), 0)]
+        for event in news:  # what the pass read before acting: told first
             self._saw(day, event)
         for bill_line in report.bills:
             self.bills[(bill_line.biller_party_id, bill_line.bill.bill_id)] = bill_line.bill
@@ -511,6 +531,8 @@ class DemoHousehold:
                 acted = True
         for receipt in report.receipts:
             self._receipt(day, receipt)
+        for event in report.events[len(news) :]:  # the billers' answers to what it did
+            self._saw(day, event)
         for problem in report.problems:
             self.problem(f"{problem.what}: {problem.detail}")
         return acted
@@ -524,9 +546,8 @@ class DemoHousehold:
             return  # told with the bill run
         level = f" {event.reminder_level}" if event.kind == REMINDER else ""
         colour = "red" if event.kind in (INSTALMENT_MISSED, ARRANGEMENT_BROKEN) else "cyan"
-        self.story.line(
+        self.tell(
             day,
-            self.name,
             f"← {self.site(biller).name}: [{colour}]{kind_name(event.kind)}{level}[/{colour}] {escape(event.message)}",
         )
 
@@ -539,14 +560,13 @@ class DemoHousehold:
             order = ", then ".join(
                 f"{self.site(p.biller_id).name} (priority {self.profile.priority_of(p.biller_id)})" for p in fresh
             )
-            self.story.line(day, self.name, f"plans one budget for {len(fresh)} bills: {order}")
+            self.tell(day, f"plans one budget for {len(fresh)} bills: {order}")
         for planned in fresh:
             biller, bill, opening = planned.biller_id, planned.bill, planned.opening
             self.plans.append((day, biller, bill.bill_id, opening.step.name, describe(opening.terms)))
             if self.profile.pay_as_billed and opening.pays_as_billed:
-                self.story.line(
+                self.tell(
                     day,
-                    self.name,
                     f"→ {self.site(biller).name} {bill.bill_id}: no negotiation needed, "
                     f"will {describe(opening.terms)} (due {bill.due_date})",
                 )
@@ -570,9 +590,7 @@ class DemoHousehold:
         outcome = result.outcome.value.upper() if result.outcome is not None else "NOT OPENED"
         colour = "green" if result.agreed else "red"
         again = "renegotiates" if known.renegotiation else "negotiates"
-        self.story.line(
-            day, self.name, f"{again} {bill_id} with {self.site(biller).name}: {steps} ⇒ [{colour}]{outcome}[/]"
-        )
+        self.tell(day, f"{again} {bill_id} with {self.site(biller).name}: {steps} ⇒ [{colour}]{outcome}[/]")
         if not result.agreed:
             self.problem(f"the negotiation on {bill_id} ended {outcome}")
 
@@ -586,9 +604,8 @@ class DemoHousehold:
             record = PaymentRecord(biller, line.bill_id, what, index, intent.amount, day, "declined", note=line.note)
             record.agreement_digest = intent.agreement_digest
             self.payments.append(record)
-            self.story.line(
+            self.tell(
                 day,
-                self.name,
                 f"[red]its bank declined[/red] the payment of {intent.amount} for {line.bill_id}, {what} "
                 f"({escape(line.note)}): the bot tells its user and does not retry on its own",
             )
@@ -597,9 +614,8 @@ class DemoHousehold:
         record = PaymentRecord(biller, line.bill_id, what, index, intent.amount, day, "paid", intent.intent_id)
         record.transfer, record.agreement_digest = intent.proof, intent.agreement_digest
         self.payments.append(record)
-        self.story.line(
+        self.tell(
             day,
-            self.name,
             f"pays {self.site(biller).name} {intent.amount} for {line.bill_id}, {what} (bank transfer {intent.proof})",
         )
 
@@ -610,9 +626,8 @@ class DemoHousehold:
             return
         record.receipt = receipt
         left = f", {receipt.remaining_balance} left on the bill" if receipt.remaining_balance is not None else ""
-        self.story.line(
+        self.tell(
             day,
-            self.name,
             f"  receipt verified: {receipt.amount_received} for {record.bill_id}, settled "
             f"{receipt.settle_time:%Y-%m-%d %H:%M} ({receipt.rail_reference}){left}",
         )
@@ -887,6 +902,21 @@ async def _events_delivered(bots: Sequence[DemoHousehold], sites: Mapping[str, B
             await asyncio.sleep(0.002)
 
 
+async def _passes(bots: Sequence[DemoHousehold], day: date) -> list[bool]:
+    """A pass of every household at once (their waits for the billers and stores overlap), then each
+    household's story of it, in turn; the first failure is raised, the other passes cancelled. Whether each
+    household acted."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(bot.run_pass(day)) for bot in bots]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    finally:
+        for bot in bots:
+            bot.flush()
+    return [task.result() for task in tasks]
+
+
 async def _phishing(bot: DemoHousehold, real: BillerSite, state_dir: Path, clock: ManualClock, ca: DevCA) -> str:
     """A look-alike endpoint with the real party id and a valid TLS certificate, refused by the pin (KEY-12)."""
     fake = await BillerSite.start(real.config, state_dir / "look-alike", clock, ca)
@@ -970,8 +1000,9 @@ async def _simulate(story: Story, outcome: Outcome, state: Path) -> None:
         )
         if outcome.phishing != Reason.PIN_MISMATCH.name:
             outcome.errors.append(f"the look-alike endpoint was not refused ({outcome.phishing})")
-        for bot in bots:  # the first pass enrols, with the codes and pinned fingerprints of the profile
-            await bot.run_pass(clock.now().date())
+        # The first pass enrols, with the codes and pinned fingerprints of the profile.
+        await _passes(bots, clock.now().date())
+        for bot in bots:
             await bot.follow()
         accounts = ", ".join(account.account_id for bot in bots for account in bot.spec.accounts)
         story.line(
@@ -991,11 +1022,11 @@ async def _simulate(story: Story, outcome: Outcome, state: Path) -> None:
             for site in sites.values():
                 await site.upkeep()
             await _events_delivered(bots, sites)
-            acted = [bot for bot in bots if await bot.run_pass(day)]
+            passes = await _passes(bots, day)
+            acted = [bot for bot, did in zip(bots, passes, strict=True) if did]
             if acted:  # a second look: the billers' answers to what the households just did
                 await _events_delivered(acted, sites)
-                for bot in acted:
-                    await bot.run_pass(day)
+                await _passes(acted, day)
             day += timedelta(days=1)
         for site in sites.values():
             for transfer in site.biller.rail.disputes():

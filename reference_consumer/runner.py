@@ -786,7 +786,7 @@ class Household:
         for item in bills:
             if item.resumable:
                 self._settle(item, await self._negotiate_one(item, report))
-        as_billed = await self._paid_as_billed()
+        as_billed = await self._bills_with_own_payment()
         new: dict[tuple[str, str], _Bill] = {}
         for item in bills:
             key = (item.biller_party_id, item.bill.facts.bill_id)
@@ -821,8 +821,9 @@ class Household:
                 continue
             self._settle(item_or_none, await self._negotiate_one(item_or_none, report))
 
-    async def _paid_as_billed(self) -> set[tuple[str, str]]:
-        """(biller, bill id) of the bills with a payment of their own, outside any agreement."""
+    async def _bills_with_own_payment(self) -> set[tuple[str, str]]:
+        """(biller, bill id) of the bills with a payment intent of their own, outside any agreement (made,
+        declined or in doubt): decided already, never planned again."""
         return {(p.biller_party_id, p.bill_id) for p in await self.agent.payments() if not p.agreement_digest}
 
     def _settle(self, item: _Bill, result: NegotiationResult | None) -> None:
@@ -1264,7 +1265,7 @@ def render(report: PassReport, out: Console) -> None:
                 f"{line.instalment} of {line.of}",
                 line.due.isoformat(),
                 line.amount,
-                line.status,
+                f"{line.status}: {line.note}" if line.note else line.status,
                 line.bank_reference,
                 line.receipt,
             )

@@ -115,6 +115,7 @@ def _profile(
         mandate=Mandate(eur(max_fee), max_instalments, eur(max_total_over_bill), date(2026, 12, 31)),
         billers=tuple(BillerPreference(biller, priority) for biller, priority in billers),
         hardship=hardship,
+        pay_as_billed=True,  # a bill the plan pays in full on time is paid without negotiating (Household One)
     )
 
 

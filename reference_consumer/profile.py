@@ -171,6 +171,10 @@ class Profile:
     hardship: bool = False
     client_certificate: ClientCertificateFiles | None = None
     notifications: Notifications = Notifications()
+    pay_as_billed: bool = False
+    """Pay a bill the budget plan pays in full by its due date, inside the mandate, without negotiating
+    (no agreement: the bill itself is paid). False: every bill is negotiated, so each payment rests on a
+    signed agreement."""
 
     def priority_of(self, biller_id: str) -> int | None:
         """The priority the household gives this biller, or None when the profile does not rank it."""
@@ -402,7 +406,9 @@ def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = Non
     root = _Table("", document, ("household", "income", "expenses", "mandate", "billers", "notifications"))
     household = root.get(
         "household",
-        _table("party_id", "currency", "balance", "buffer", "hardship", "client_certificate", "client_key"),
+        _table(
+            "party_id", "currency", "balance", "buffer", "hardship", "pay_as_billed", "client_certificate", "client_key"
+        ),
     )
     party_id = household.get("party_id", _party_id)
     code = household.get("currency", _currency)
@@ -410,6 +416,7 @@ def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = Non
     balance = household.get("balance", amount)
     buffer = household.get("buffer", amount)
     hardship = household.optional("hardship", _boolean, False)
+    pay_as_billed = household.optional("pay_as_billed", _boolean, False)
     client_certificate = _client_certificate(household, base_dir)
 
     income_table = root.get("income", _table("amount", "pay_day"))
@@ -466,6 +473,7 @@ def parse_profile(document: Mapping[str, object], *, base_dir: Path | None = Non
         hardship=hardship,
         client_certificate=client_certificate,
         notifications=notifications,
+        pay_as_billed=pay_as_billed,
     )
 
 

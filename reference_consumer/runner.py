@@ -13,7 +13,9 @@ it) and, on each pass:
 2. **fetches the bills** of every enrolled account, each verified against the
    pinned biller (BIL-3), and **reads the account's events** (EVT-5) that
    arrived since the last pass — from the live stream until it has been quiet
-   for `EVENT_IDLE_SECONDS` — so the pass acts on the news: an arrangement the
+   for `EVENT_IDLE_SECONDS`, or, after `Household.follow` (background watches
+   that store each event as it comes), from the store at once — so the pass
+   acts on the news: an arrangement the
    biller ended (ARRANGEMENT_BROKEN) is not paid any more, and a bill it
    offered to renegotiate (RENEGOTIATION_OFFERED, EVT-7) is negotiated again;
 3. **negotiates**: first the threads left open by an earlier pass, then the new
@@ -21,7 +23,10 @@ it) and, on each pass:
    order (`strategy.plan_budget`, through `agent_strategy.ReferenceStrategy`),
    each through `ConsumerAgent.negotiate` with the reference cash-flow
    strategy inside the profile's mandate (NEG-20); a thread that ended without
-   agreement is not reopened;
+   agreement is not reopened. With `household.pay_as_billed`, a bill the plan
+   pays in full by its due date, inside the mandate, is not negotiated: it is
+   paid as billed on that date (the decision stands for the run, its money
+   committed in the budget);
 4. **asks for approval** of anything outside the mandate: by default the
    request is stored in the consumer store with a stable id and the exact
    terms (`agent.consumer.ApprovalBook`), printed, and left pending — nothing is
@@ -31,8 +36,11 @@ it) and, on each pass:
    thread moved, its deadline passed), lets the approval lapse and asks anew.
    `--approve-all` / `--deny-all` answer every request, for unattended runs;
 5. **pays what is due today**: each instalment of a standing agreement on or
-   after its date, in order, exactly once (PAY-7), through `JsonLinesBank`,
-   then collects the receipts the biller has signed since (PAY-9);
+   after its date, in order, exactly once (PAY-7), and the bills paid as
+   billed, through `JsonLinesBank` (or the bank given to `Household.open`),
+   then collects the receipts the biller has signed since (PAY-9). A payment
+   the bank declines (`PaymentNotSent`) is reported and not tried again by
+   this run: the person decides, and the biller reports a missed instalment;
 6. reads the events again when the pass enrolled, negotiated or paid (what it
    caused: ARRANGEMENT_ACTIVE...), writes every agreement reached as a
    `parley-bundle/1` file under `agreements/` in the state directory (the
@@ -85,7 +93,7 @@ import re
 import secrets
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -105,8 +113,10 @@ from agent.consumer import (
     NegotiationResult,
     Payment,
     PaymentDispute,
+    PaymentNotSent,
     PaymentOrder,
     PaymentReceipt,
+    PaymentSender,
     ReceivedBill,
 )
 from agent.identity import IdentityDir, IdentityError, OtherPartyError
@@ -152,6 +162,9 @@ _KEY_BACKDATE = timedelta(minutes=5)  # a biller whose clock is a little behind 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 EXIT_APPROVALS_PENDING = 3
 """A --once pass ended with requests waiting for the person (`parley consumer approve ID`)."""
+DECLINED_NOW = "declined by the bank"
+DECLINED_EARLIER = "declined by the bank earlier: not retried"
+"""The status of a payment the bank declined (`PaymentNotSent`): told to the person, not retried by this run."""
 
 
 class Approval(enum.StrEnum):
@@ -319,6 +332,7 @@ class PaymentLine:
     status: str
     bank_reference: str = ""
     receipt: str = ""
+    note: str = ""
 
 
 @dataclass
@@ -423,10 +437,11 @@ class Household:
         store: SqliteConsumerStore,
         strategy: ReferenceStrategy,
         approvals: ApprovalBook,
-        bank: JsonLinesBank,
+        bank: PaymentSender,
         tls: dict[str, ClientTls | None],
         event_idle: float,
         outbox: Outbox,
+        fingerprint: bytes = b"",
     ) -> None:
         self.profile = profile
         self.state_dir = state_dir
@@ -438,8 +453,19 @@ class Household:
         self.outbox = outbox
         """The notifications to deliver; `Notifier` delivers them (see `run_household`)."""
         self.bank = bank
+        self.fingerprint = fingerprint
+        """The household's identity fingerprint (KEY-12): what a verifier of its agreements pins."""
         self._tls = tls
         self._event_idle = event_idle
+        self._declined: set[tuple[str, str, bytes, int]] = set()
+        """Instalments (biller, bill, agreement digest, index) the bank declined: this run does not retry them
+        on its own (the person is told; the biller's scheduler reports them missed)."""
+        self._watches: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._as_billed: dict[tuple[str, str], Terms] = {}
+        """The bills this run decided to pay as billed (`Profile.pay_as_billed`), with the planned terms, until
+        paid: the decision stands (its money committed in the strategy), whatever later plans would say."""
+        self._event_cursors: dict[tuple[str, str], int] = {}
+        """With `follow`: per (biller, account), the first event sequence no pass has reported yet."""
 
     @classmethod
     async def open(
@@ -451,8 +477,14 @@ class Household:
         approval: Approval = Approval.ASK,
         retry: RetryPolicy = DEFAULT_RETRY,
         event_idle: float = EVENT_IDLE_SECONDS,
+        bank: PaymentSender | None = None,
+        strategy: ReferenceStrategy | None = None,
     ) -> Household:
         """Load or create the identity, open the store and build the agent.
+
+        `bank` defaults to `JsonLinesBank` in the state directory; `strategy` to the
+        reference strategy over the fixed profile (give one whose profile follows the
+        household's balance day by day, as `parley demo` does).
 
         ProfileError for a profile without a reachable biller, with an
         unreadable `ca_file` or an unusable client certificate (naming the
@@ -465,7 +497,7 @@ class Household:
         client_certificate = _client_certificate(profile)
         key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
         store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
-        strategy = ReferenceStrategy(profile)
+        strategy = strategy or ReferenceStrategy(profile)
         outbox = Outbox(store, profile.notifications, clock)
 
         async def tell_the_person(record: ApprovalRecord) -> None:
@@ -474,7 +506,7 @@ class Household:
             )
 
         approvals = ApprovalBook(store, clock, standing_answer=_standing_answer(approval), on_new=tell_the_person)
-        bank = JsonLinesBank(state_dir / BANK_FILE, clock)
+        bank = bank or JsonLinesBank(state_dir / BANK_FILE, clock)
         try:
             agent = ConsumerAgent(
                 party_id=profile.party_id,
@@ -503,11 +535,40 @@ class Household:
             tls=tls,
             event_idle=event_idle,
             outbox=outbox,
+            fingerprint=chain.fingerprint,
         )
 
     async def close(self) -> None:
-        await self.agent.close()
+        await self.agent.close()  # ends the watches of `follow`: their streams close
+        for watch in self._watches.values():
+            try:
+                await asyncio.wait_for(watch, STOP_GRACE_SECONDS)
+            except (TimeoutError, asyncio.CancelledError):
+                watch.cancel()
+            except Exception:  # reported, never raised on the way out
+                logger.warning("an event watch ended with an error", exc_info=True)
         await self.store.close()
+
+    async def follow(self) -> None:
+        """Watch every enrolled account in the background from now on, each event stored as it arrives
+        (EVT-5); a pass then reads the events stored since the last one at once, instead of reading the
+        stream until it has been quiet. For a process that runs many passes close together (`parley demo`).
+        Events stored before this call are not reported again."""
+        for link in await self.agent.links():
+            for account in link.accounts:
+                stored = await self.agent.stored_events(link.biller_party_id, account_id=account)
+                self._event_cursors[(link.biller_party_id, account)] = stored[-1].sequence + 1 if stored else 0
+                events = self.agent.watch(link.biller_party_id, account_id=account)
+                self._watches[(link.biller_party_id, account)] = asyncio.create_task(
+                    _keep_watching(events), name=f"watch {account}"
+                )
+
+    def watch_failure(self, biller: str, account: str) -> BaseException | None:
+        """The error that ended the background watch of an account (`follow`), if one did."""
+        watch = self._watches.get((biller, account))
+        if watch is None or not watch.done() or watch.cancelled():
+            return None
+        return watch.exception()
 
     # --- One pass ----------------------------------------------------------------------------------
 
@@ -725,9 +786,11 @@ class Household:
         for item in bills:
             if item.resumable:
                 self._settle(item, await self._negotiate_one(item, report))
+        as_billed = await self._bills_with_own_payment()
         new: dict[tuple[str, str], _Bill] = {}
         for item in bills:
-            if item.thread_id is not None:
+            key = (item.biller_party_id, item.bill.facts.bill_id)
+            if item.thread_id is not None or key in as_billed or key in self._as_billed:
                 continue
             currency = item.bill.facts.amount_due.currency.code
             if currency != self.profile.currency:
@@ -747,8 +810,21 @@ class Household:
         report.plan = strategy.plan(today, await self.agent.committed())
         for planned in report.plan:
             item_or_none = new.get((planned.biller_id, planned.bill.bill_id))
-            if item_or_none is not None:  # the others are threads still open, already resumed above
-                self._settle(item_or_none, await self._negotiate_one(item_or_none, report))
+            if item_or_none is None:  # the others are threads still open, already resumed above
+                continue
+            if self.profile.pay_as_billed and planned.opening.pays_as_billed:
+                # Nothing to negotiate: `_pay` pays the bill on the planned date; until then its money is
+                # committed, so the bills planned after it leave room for it.
+                terms = planned.opening.terms
+                strategy.commit(planned.biller_id, planned.bill.bill_id, terms.schedule)
+                self._as_billed[(planned.biller_id, planned.bill.bill_id)] = terms
+                continue
+            self._settle(item_or_none, await self._negotiate_one(item_or_none, report))
+
+    async def _bills_with_own_payment(self) -> set[tuple[str, str]]:
+        """(biller, bill id) of the bills with a payment intent of their own, outside any agreement (made,
+        declined or in doubt): decided already, never planned again."""
+        return {(p.biller_party_id, p.bill_id) for p in await self.agent.payments() if not p.agreement_digest}
 
     def _settle(self, item: _Bill, result: NegotiationResult | None) -> None:
         """A bill leaves the shared budget plan once decided: agreed (the agent then counts its instalments),
@@ -804,6 +880,9 @@ class Household:
         that still stands."""
         for preference in billers:
             biller = preference.biller_id
+            for (payee, bill_id), terms in list(self._as_billed.items()):
+                if payee == biller:
+                    await self._pay_as_billed(biller, bill_id, terms, today, report)
             intents = await self.agent.payments(biller)
             bill_ids = list(dict.fromkeys(record.bill_id for record in await self.store.list_bills(biller)))
             for bill_id in bill_ids:
@@ -827,13 +906,46 @@ class Household:
                     if instalment.due_date > today:
                         report.payments.append(replace(line, status="scheduled"))
                         continue
+                    attempt = (biller, bill_id, agreement_digest, index)
+                    if attempt in self._declined:
+                        report.payments.append(replace(line, status=DECLINED_EARLIER))
+                        break  # the next instalment waits for this one
                     try:
                         payment = await self.agent.pay(biller, bill_id, instalment_index=index)
+                    except PaymentNotSent as declined:
+                        self._declined.add(attempt)
+                        report.payments.append(replace(line, status=DECLINED_NOW, note=str(declined)))
+                        break
                     except (ParleyError, ValueError, LookupError) as error:  # a payment in doubt is a ParleyError too
                         report.problems.append(_problem(biller, f"payment of {bill_id} #{index + 1}", error))
                         report.payments.append(replace(line, status="failed"))
                         break  # the next instalment waits for this one
                     report.payments.append(replace(line, status="paid now", bank_reference=payment.proof))
+
+    async def _pay_as_billed(self, biller: str, bill_id: str, terms: Terms, today: date, report: PassReport) -> None:
+        """Pay a bill planned to be paid as billed (no agreement) once its planned date has come."""
+        when = terms.schedule[0].due_date
+        line = PaymentLine(biller, bill_id, 1, 1, when, str(terms.total), "scheduled")
+        if when > today:
+            report.payments.append(line)
+            return
+        try:
+            payment = await self.agent.pay(biller, bill_id)
+        except PaymentNotSent as declined:  # its intent now exists: the bill is not planned again on its own
+            self._paid_or_declined(biller, bill_id)
+            report.payments.append(replace(line, status=DECLINED_NOW, note=str(declined)))
+            return
+        except (ParleyError, ValueError, LookupError) as error:  # tried again by the next pass
+            report.problems.append(_problem(biller, f"payment of {bill_id}", error))
+            report.payments.append(replace(line, status="failed"))
+            return
+        self._paid_or_declined(biller, bill_id)
+        report.payments.append(replace(line, status="paid now", bank_reference=payment.proof))
+
+    def _paid_or_declined(self, biller: str, bill_id: str) -> None:
+        """A bill paid as billed left the plan: paid, its money left the balance; declined, the person decides."""
+        del self._as_billed[(biller, bill_id)]
+        self.strategy.forget(biller, bill_id)
 
     async def _collect_receipts(self, billers: Sequence[BillerPreference], report: PassReport) -> None:
         """Fetch the receipts of paid intents that have none yet (PAY-9)."""
@@ -861,11 +973,15 @@ class Household:
                             report.payments[position] = replace(line, receipt=str(receipt.amount_received))
 
     async def _read_events(self, billers: Sequence[BillerPreference], report: PassReport) -> None:
-        """The events that arrived since the last pass: read from the live stream until it is quiet (EVT-5)."""
+        """The events that arrived since the last pass: read from the live stream until it is quiet (EVT-5),
+        or, with `follow`, those its background watches stored since."""
         for preference in billers:
             biller, connection = preference.biller_id, preference.connection
             assert connection is not None
             account = connection.account_id
+            if (biller, account) in self._watches:
+                await self._read_followed(biller, account, report)
+                continue
             stored = await self.agent.stored_events(biller, account_id=account)
             start = stored[-1].sequence + 1 if stored else 0
             stream = self.agent.watch(biller, account_id=account)
@@ -880,6 +996,16 @@ class Household:
                 await stream.aclose()
             # Whatever the stream stored, even an event taken as the wait ended, is in the store.
             report.events.extend(await self.agent.stored_events(biller, account_id=account, start=start))
+
+    async def _read_followed(self, biller: str, account: str, report: PassReport) -> None:
+        failure = self.watch_failure(biller, account)
+        if failure is not None:
+            report.problems.append(_problem(biller, "events", failure))
+        start = self._event_cursors.get((biller, account), 0)
+        events = await self.agent.stored_events(biller, account_id=account, start=start)
+        if events:
+            self._event_cursors[(biller, account)] = events[-1].sequence + 1
+        report.events.extend(events)
 
     async def _bill_line(self, item: _Bill, news: _News) -> BillLine:
         """Where a bill stands now, in words."""
@@ -903,6 +1029,13 @@ class Household:
             if (request.biller_party_id, request.bill.bill_id) == (biller, facts.bill_id)
         }
         first = "arrangement ended, to renegotiate" if latest.renegotiate else "new"
+        planned = self._as_billed.get((biller, facts.bill_id))
+        if latest.outcome is None and planned is not None:
+            return BillLine(biller, facts, f"to pay as billed on {planned.schedule[0].due_date}")
+        own = [p for p in await self.agent.payments(biller) if p.bill_id == facts.bill_id and not p.agreement_digest]
+        if latest.outcome is None and own:
+            paid = own[-1].state is IntentState.PAID
+            return BillLine(biller, facts, "paid as billed" if paid else f"paying as billed: {own[-1].state.value}")
         if latest.outcome is None:
             if "pending" in answers:
                 return BillLine(biller, facts, f"{first}: awaiting your approval")
@@ -911,6 +1044,12 @@ class Household:
             pending = "pending" in answers
             return BillLine(biller, facts, "negotiating, awaiting your approval" if pending else "negotiating")
         return BillLine(biller, facts, f"{latest.outcome.value}: no arrangement")
+
+
+async def _keep_watching(stream: AsyncGenerator[AccountEvent, None]) -> None:
+    async with contextlib.aclosing(stream) as events:
+        async for _ in events:
+            pass  # the agent stores each event before it yields it: a pass reads them from the store
 
 
 _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
@@ -1126,7 +1265,7 @@ def render(report: PassReport, out: Console) -> None:
                 f"{line.instalment} of {line.of}",
                 line.due.isoformat(),
                 line.amount,
-                line.status,
+                f"{line.status}: {line.note}" if line.note else line.status,
                 line.bank_reference,
                 line.receipt,
             )

@@ -321,6 +321,14 @@ class Opening:
         """The strategy's claim that the terms are inside the options (the biller must accept them)."""
         return self.step.inside_options
 
+    @property
+    def pays_as_billed(self) -> bool:
+        """Whether the terms are the bill itself paid in full (no fee, discount or programme), affordable and
+        inside the mandate: nothing to negotiate, for a household that pays such bills as billed."""
+        terms = self.terms
+        plain = terms.kind is TermsKind.PAY_IN_FULL and not terms.lines and not terms.hardship_programme_id
+        return plain and self.affordable and not self.violations
+
 
 @dataclass(frozen=True)
 class _Basis:

@@ -31,6 +31,7 @@ from agent.biller import BillerAgent
 from agent.cli import main as parley_main
 from agent.clock import Clock, ManualClock, SystemClock
 from agent.conformance.peers import free_port
+from agent.consumer import PaymentNotSent, PaymentOrder
 from agent.protocol.keys import SigningKey
 from agent.protocol.terms import Money, TermsKind
 from agent.stores.base import IntentState, ThreadOutcome
@@ -50,6 +51,8 @@ from reference_consumer.profile import (
 )
 from reference_consumer.runner import (
     BANK_FILE,
+    DECLINED_EARLIER,
+    DECLINED_NOW,
     EXIT_APPROVALS_PENDING,
     KEY_FILE,
     STORE_FILE,
@@ -770,3 +773,139 @@ def test_usage_errors_are_exit_2(tmp_path: Path) -> None:
     assert parley_main(["consumer", "run", "--once"]) == 2  # --config is required
     assert parley_main(["consumer", "run", "--config", "x.toml", "--approve-all", "--deny-all"]) == 2
     assert parley_main(["consumer", "run", "--config", str(tmp_path / "missing.toml"), "--once"]) == 2
+
+
+# --- The seams `parley demo` drives the household through -------------------------------------------------
+
+# Short until pay day on the 15th: the bill cannot be paid early, but it can on its due date, in full.
+PAYS_AS_BILLED = """
+[household]
+party_id = "consumer:household-7"
+currency = "EUR"
+balance = "200.00"
+buffer = "100.00"
+pay_as_billed = true
+
+[income]
+amount = "2000.00"
+pay_day = 15
+
+[mandate]
+max_fee = "10.00"
+max_instalments = 6
+max_total_over_bill = "15.00"
+"""
+
+
+class DecliningBank:
+    """A bank that declines the first order and takes the others (a `PaymentSender`)."""
+
+    def __init__(self) -> None:
+        self.orders: list[PaymentOrder] = []
+        self.declined = 0
+
+    async def send(self, order: PaymentOrder) -> str:
+        if not self.declined:
+            self.declined += 1
+            raise PaymentNotSent("the bank declined the transfer")
+        self.orders.append(order)
+        return f"bank-{len(self.orders)}"
+
+
+def test_a_household_that_pays_as_billed_pays_a_plain_bill_on_its_date_without_negotiating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(START)
+    state = tmp_path / "state"
+    profile = tmp_path / "household.toml"
+
+    async def bill_150(agent: BillerAgent) -> None:
+        await agent.issue_bill(ACCOUNT, eur("150.00"), date(2026, 3, 26), "Spring energy", bill_id="spring")
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_150) as running:
+            write_profile(
+                profile,
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=running.biller.fingerprint.hex(),
+                code=await code_for(running),
+                household=PAYS_AS_BILLED,
+            )
+            household = await Household.open(load_profile(profile), state, clock=clock)
+            try:
+                report = await household.run_pass()
+                assert [p.opening.pays_as_billed for p in report.plan] == [True]
+                assert report.negotiations == []
+                assert [line.status for line in report.bills] == ["to pay as billed on 2026-03-26"]
+                assert [(p.instalment, p.of, p.status) for p in report.payments] == [(1, 1, "scheduled")]
+                clock.set(datetime(2026, 3, 26, 9, 0, tzinfo=UTC))
+                report = await household.run_pass()
+                assert [(p.amount, p.status) for p in report.payments] == [("EUR 150.00", "paid now")]
+                assert [line.status for line in report.bills] == ["paid as billed"]
+                report = await household.run_pass()  # paid once: neither planned nor paid again
+                assert (report.plan, report.payments) == ([], [])
+                assert len(orders(state)) == 1
+                assert await household.store.threads(BILLER, "spring") == []
+            finally:
+                await household.close()
+
+    asyncio.run(main())
+
+
+def test_a_declined_instalment_is_reported_not_retried_and_a_followed_pass_reads_the_stored_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(START)
+    state = tmp_path / "state"
+    profile = tmp_path / "household.toml"
+    bank = DecliningBank()
+
+    async def bill_600(agent: BillerAgent) -> None:
+        await agent.issue_bill(ACCOUNT, eur("600.00"), date(2026, 3, 26), "Winter energy", bill_id="winter")
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_600) as running:
+            biller = running.biller
+            write_profile(
+                profile,
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=biller.fingerprint.hex(),
+                code=await code_for(running),
+                household=SHORT,
+            )
+            household = await Household.open(
+                load_profile(profile), state, clock=clock, approval=Approval.APPROVE, event_idle=0.1, bank=bank
+            )
+            try:
+                report = await household.run_pass()
+                [agreed] = report.negotiations
+                assert agreed.outcome == "agreed"
+                assert agreed.terms is not None
+                due = agreed.terms.schedule[0].due_date
+                await household.follow()
+
+                def no_stream(*args: object, **kwargs: object) -> None:
+                    raise AssertionError("a followed pass reads the store, it opens no stream")
+
+                monkeypatch.setattr(household.agent, "watch", no_stream)
+                clock.set(datetime(due.year, due.month, due.day, 9, 0, tzinfo=UTC))
+                await scheduler.tick(biller.agent, CONFIG, clock.now(), store=biller.store, accounts=[ACCOUNT])
+                count = await biller.store.event_count(ACCOUNT)
+                for _ in range(500):  # the background watch stores what the biller appended
+                    if len(await household.agent.stored_events(BILLER, account_id=ACCOUNT)) == count:
+                        break
+                    await asyncio.sleep(0.01)
+                report = await household.run_pass()
+                kinds = [event_pb2.EventKind.Name(e.kind).removeprefix("EVENT_KIND_") for e in report.events]
+                assert "INSTALMENT_DUE" in kinds  # stored by the background watch, read without a stream
+                assert [(p.status, p.note) for p in report.payments] == [
+                    (DECLINED_NOW, "the bank declined the transfer")
+                ]
+                assert report.problems == []
+                report = await household.run_pass()  # the bank said no: this run does not try again
+                assert [p.status for p in report.payments] == [DECLINED_EARLIER]
+                assert bank.orders == []
+            finally:
+                await household.close()
+
+    asyncio.run(main())

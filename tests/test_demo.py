@@ -26,6 +26,7 @@ from rich.console import Console
 from agent.protocol.terms import Money
 from agent.tools import demo
 from reference_consumer.households import ENERGY, HOUSEHOLDS, TELECOM
+from reference_consumer.runner import AGREEMENTS_DIR, STORE_FILE
 
 DEMO_LIMIT = 30.0  # seconds; the demo aims for well under 15 on two cores
 
@@ -197,7 +198,8 @@ def test_a_missed_instalment_breaks_the_plan_and_the_household_renegotiates(run:
 
 def _in_process(tmp_path: Path) -> tuple[int, dict[str, Any]]:
     summary = tmp_path / "summary.json"
-    status = demo.run(tmp_path / "bundles", Console(file=io.StringIO(), width=120), summary=summary)
+    console = Console(file=io.StringIO(), width=120)
+    status = demo.run(tmp_path / "bundles", console, summary=summary, state_dir=tmp_path / "state")
     return status, json.loads(summary.read_text())
 
 
@@ -226,18 +228,24 @@ def test_a_household_off_its_scenario_fails_the_demo(tmp_path: Path, monkeypatch
 
 
 def test_a_failure_midway_exits_1_with_every_server_shut_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    act = demo.HouseholdBot.act
+    run_pass = demo.DemoHousehold.run_pass
 
-    async def failing(self: demo.HouseholdBot, day: date, *, paying: bool = True) -> None:
+    async def failing(self: demo.DemoHousehold, day: date) -> bool:
         if day == date(2026, 3, 10):
             raise RuntimeError("the household's phone fell in the bath")
-        await act(self, day, paying=paying)
+        return await run_pass(self, day)
 
-    monkeypatch.setattr(demo.HouseholdBot, "act", failing)
+    monkeypatch.setattr(demo.DemoHousehold, "run_pass", failing)
     started = time.monotonic()
     status, summary = _in_process(tmp_path)
     assert status == 1
     assert time.monotonic() - started < DEMO_LIMIT
     assert any("phone fell in the bath" in error for error in summary["errors"])
     assert len(list((tmp_path / "bundles").glob("*.json"))) == 6  # what was agreed before the failure is kept
+    # Each household is the reference consumer: its state directory is the one `parley consumer run` keeps,
+    # with its own agreement files (`reference_consumer.runner.agreement_file`).
+    for spec in HOUSEHOLDS:
+        state = tmp_path / "state" / spec.key
+        assert (state / STORE_FILE).exists()
+        assert list((state / AGREEMENTS_DIR).glob("*.parley-bundle.json")), spec.key
     _servers_are_down(summary)

@@ -7,25 +7,32 @@ What runs, all in this process and all real:
   `reference_biller/telecom.toml`, each with its own signing key, SQLite store and
   simulated payment rail, each served by `start_biller_server` on a free port of
   127.0.0.1 with TLS (a throwaway development CA, `agent.tools.certs`);
-- six **households** (`reference_consumer.households`): each a `ConsumerAgent` with
-  its own key, SQLite store and the reference cash-flow strategy
-  (`reference_consumer.agent_strategy.ReferenceStrategy`) inside the profile's
-  mandate, a bank (`DemoBank`) that pays into the biller's simulated rail, and a
-  ledger that moves its balance as pay days, outgoings and payments come;
+- six **households** (`reference_consumer.households`): each the reference
+  consumer itself, `reference_consumer.runner.Household` — what `parley consumer
+  run` runs — in its own state directory (key, key set, SQLite store, agreement
+  files), with the reference cash-flow strategy inside the profile's mandate.
+  The demo gives it only the world around it: a bank (`DemoBank`) that pays
+  into the biller's simulated rail, and a strategy whose profile follows a
+  ledger that moves the balance as pay days, outgoings and payments come
+  (`Household.open(bank=..., strategy=...)`);
 - one **ManualClock** shared by every party. It starts on the billers' March bill
   run and moves day by day to early June. Each day, at 09:00, the billers run
   their upkeep (settle the rail's transfers into signed receipts, then the
   scheduler: reminders, instalment notices, missed instalments), every event
-  reaches the households through their event watch, and each household acts on
-  what it saw: it plans newly issued bills against its budget and negotiates
-  (or schedules a plain payment), renegotiates when invited, pays what is due
-  that day, and collects the receipts the biller's thanks announce.
+  reaches the households through their event watch (`Household.follow`), and
+  each household runs one pass (`Household.run_pass`): it plans newly issued
+  bills against its budget and negotiates (or pays a plain bill as billed,
+  `Profile.pay_as_billed`), renegotiates when invited, pays what is due that
+  day, and collects its receipts. A household that acted runs a second pass,
+  to see the billers' answers the same day. `DemoHousehold` only tells the
+  story of each pass report; it decides nothing.
 
 At the end every agreement bundle is written as `parley-bundle/1` JSON, read back
 and verified offline with both identities pinned, each household's outcome is
 checked against its scenario, and the story is printed (Rich). `run` returns 0
 when everything held and 1 otherwise; every server and store is closed in
-either case. `summary=PATH` also writes the outcome as JSON.
+either case. `summary=PATH` also writes the outcome as JSON; `state_dir=DIR`
+keeps every party's state there (by default a temporary directory).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -54,24 +61,17 @@ from rich.table import Table
 from agent.clock import ManualClock
 from agent.consumer import (
     AccountEvent,
-    ApprovalRequest,
     ConsumerAgent,
     NegotiationResult,
-    PaymentDispute,
     PaymentNotSent,
     PaymentOrder,
     PaymentReceipt,
 )
 from agent.protocol.agreement import Bundle, verify_bundle
-from agent.protocol.dsse import digest
-from agent.protocol.errors import ParleyError, ProtocolError, Reason
-from agent.protocol.keys import SigningKey
-from agent.protocol.keysets import first_key_set
+from agent.protocol.errors import ProtocolError, Reason
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, move_of
 from agent.protocol.negotiation import Accept, Offer, Open, Reject, Role, Withdraw
 from agent.protocol.terms import BillFacts, LineKind, Money, Terms, TermsKind
-from agent.stores.base import IntentState
-from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.tools.certs import DevCA, issue_server_cert, make_dev_ca
 from agent.tools.json_output import add_json_options, emit_json, wants_json
 from agent.transport.client import ClientTls, RetryPolicy
@@ -83,18 +83,19 @@ from reference_biller import sample, scheduler
 from reference_biller.config import SAMPLE, BillerConfig, load_config
 from reference_biller.rail import RAIL_NAME, SimulatedRail, TransferStatus
 from reference_biller.service import Biller, open_biller
+from reference_consumer import runner
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
-from reference_consumer.households import END, HOUSEHOLDS, PAYMENT_TERM, START, Account, Household, Scenario
-from reference_consumer.profile import Profile
-from reference_consumer.runner import KEY_FILE, KEYSET_FILE, STORE_FILE, write_agreement_files
-from reference_consumer.status import reading_household
-from reference_consumer.web import HouseholdSource, StateDirSource, create_space_app, space_config
+from reference_consumer.households import END, HOUSEHOLDS, PAYMENT_TERM, START, Household, Scenario
+from reference_consumer.profile import BillerConnection, BillerPreference, Profile
 
 logger = logging.getLogger("parley.demo")
 
 TELECOM_CONFIG = SAMPLE.with_name("telecom.toml")
 DAY_TIME = 9  # o'clock UTC: when the billers run their upkeep and the households act
 EVENT_TIMEOUT = 20.0  # real seconds for an event to reach its household before the demo gives up
+FIRST_PASS_EVENT_IDLE = 0.02
+"""Seconds of quiet that end the event read of the enrolling pass (nothing is billed yet); later passes read
+what the household's background watches stored (`Household.follow`), without waiting."""
 SHUTDOWN_GRACE = 1.0
 RETRY = RetryPolicy(attempts=3, initial_backoff=0.05, max_backoff=0.5, call_timeout=10.0)
 
@@ -384,21 +385,16 @@ class SeenEvent:
     event: AccountEvent
 
 
-@dataclass
-class Scheduled:
-    """A bill the household pays in full on a date, without negotiating (the plan needs no agreement)."""
-
-    biller: str
-    bill: BillFacts
-    terms: Terms
-    paid: bool = False
-
-
 # --- A household ------------------------------------------------------------------------------------------
 
 
-class HouseholdBot:
-    """One household: its consumer agent, strategy, bank and ledger, and what it saw and did."""
+class DemoHousehold:
+    """One household of the demo: the reference consumer (`reference_consumer.runner.Household`, what
+    `parley consumer run` runs) acting for it, the world around it (its ledger, and a bank that pays into
+    the billers' simulated rails), and what the demo saw it do, taken from its pass reports and its store.
+
+    The demo decides nothing for the household: each `run_pass` is the reference household's own pass.
+    """
 
     def __init__(
         self,
@@ -414,284 +410,231 @@ class HouseholdBot:
         self.clock = clock
         self.sites = sites
         self.story = story
-        self.key = SigningKey.generate()
-        self.key_set = first_key_set(spec.profile.party_id, self.key, clock.now() - timedelta(days=1))
-        self.fingerprint = digest(self.key_set)
         self.ledger = Ledger(spec.profile, clock.now().date())
         rails = {site.config.payments.payee_account: site.biller.rail for site in sites.values()}
         self.bank = DemoBank(self.ledger, rails, clock, spec.declined_orders, self.problem)
-        self.strategy = ReferenceStrategy(self.ledger.profile_on, cushion=spec.cushion)
         self.problems: list[str] = []
         self.bills: dict[tuple[str, str], BillFacts] = {}
         self.plans: list[tuple[date, str, str, str, str]] = []  # (day, biller, bill, step, terms)
         self.negotiations: list[NegotiationRecord] = []
-        self.current: dict[tuple[str, str], NegotiationRecord] = {}  # the agreement each bill is paid under
         self.broken: set[bytes] = set()  # thread ids of agreements the biller ended
-        self.scheduled: dict[tuple[str, str], Scheduled] = {}
         self.payments: list[PaymentRecord] = []
-        self.attempted: set[tuple[str, str, bytes, int]] = set()
         self.seen: list[SeenEvent] = []
-        self._arrived: list[tuple[str, AccountEvent]] = []
-        self._counts: Counter[tuple[str, str]] = Counter()
-        self._watchers: list[asyncio.Task[None]] = []
-        self._agent: ConsumerAgent | None = None
-        self._store: SqliteConsumerStore | None = None
+        self._told: list[tuple[date, str]] = []
+        self._following = False
+        self._household: runner.Household | None = None
+        self.opened_profile: Profile | None = None  # the profile the reference household runs with
+
+    @property
+    def household(self) -> runner.Household:
+        assert self._household is not None, "open() first"
+        return self._household
 
     @property
     def agent(self) -> ConsumerAgent:
-        assert self._agent is not None, "open() first"
-        return self._agent
+        return self.household.agent
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.household.fingerprint
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
-        self.story.line(self.clock.now().date(), self.name, f"[red]PROBLEM[/red] {escape(text)}")
+        self.tell(self.clock.now().date(), f"[red]PROBLEM[/red] {escape(text)}")
+
+    def tell(self, day: date, text: str) -> None:
+        """A line of the story, printed by `flush` (households act at once; their stories are told in turn)."""
+        self._told.append((day, text))
+
+    def flush(self) -> None:
+        told, self._told = self._told, []
+        for day, text in told:
+            self.story.line(day, self.name, text)
 
     def site(self, biller: str) -> BillerSite:
         return self.sites[biller]
 
     # --- life cycle ---
 
-    async def open(self, state_dir: Path) -> None:
-        self._store = await SqliteConsumerStore.open(state_dir / f"{self.spec.key}.sqlite")
-        self._agent = ConsumerAgent(
-            party_id=self.profile.party_id,
-            signing_key=self.key,
-            key_sets=[self.key_set],
-            store=self._store,
-            strategy=self.strategy,
-            mandate=agent_mandate(self.profile),
-            approve=self._approve,
-            payment_sender=self.bank,
+    async def open(self, state_dir: Path, ca_file: Path, codes: Mapping[str, str]) -> None:
+        """Open the reference household in `state_dir`, its profile saying how to reach each biller with the
+        one-time code and pinned fingerprint of its paper bill (`codes`: account id → code)."""
+        connections = {
+            account.biller_party_id: BillerConnection(
+                target=self.site(account.biller_party_id).target,
+                fingerprint=self.site(account.biller_party_id).fingerprint,
+                account_id=account.account_id,
+                code=codes[account.account_id],
+                ca_file=ca_file,
+            )
+            for account in self.spec.accounts
+        }
+        billers = {preference.biller_id: preference for preference in self.profile.billers}
+        preferences = [
+            dataclasses.replace(billers.get(biller, BillerPreference(biller, 0)), connection=connection)
+            for biller, connection in connections.items()
+        ]
+        profile = dataclasses.replace(self.profile, billers=tuple(preferences))
+        self.opened_profile = profile
+        strategy = ReferenceStrategy(self.ledger.profile_on, cushion=self.spec.cushion)
+        self._household = await runner.Household.open(
+            profile,
+            state_dir,
             clock=self.clock,
+            approval=runner.Approval.DENY,  # the households never leave their mandate: any question is a problem
             retry=RETRY,
+            event_idle=FIRST_PASS_EVENT_IDLE,
+            bank=self.bank,
+            strategy=strategy,
         )
 
     async def close(self) -> None:
-        if self._agent is not None:
-            await self._agent.close()  # ends the watches: their channels close
-        for task in self._watchers:
-            try:
-                await asyncio.wait_for(task, 5)
-            except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
-            except Exception as error:  # reported, never raised on the way out
-                logger.warning("%s: watch ended with %r", self.name, error)
-        if self._store is not None:
-            await self._store.close()
+        if self._household is not None:
+            await self._household.close()
 
-    async def _approve(self, request: ApprovalRequest) -> bool:
-        """The user's answer: the demo's households never leave their mandate, so any question is a problem."""
-        why = "; ".join(request.violations) or request.reason
-        self.problem(f"asked to approve {request.action} on {request.bill.bill_id} ({why}): declined")
-        return False
+    async def follow(self) -> None:
+        """Enrolled: from now on events are stored as they arrive and each pass reads them at once."""
+        await self.household.follow()
+        self._following = True
 
-    async def enrol(self, account: Account, ca: DevCA) -> str:
-        """Enrol with the code and fingerprint the biller printed on the paper bill; returns the code."""
-        site = self.site(account.biller_party_id)
-        code = await site.biller.agent.issue_enrolment_code(account.account_id)
-        await self.agent.enrol(
-            site.target,
-            biller_party_id=site.party_id,
-            fingerprint=site.fingerprint,
-            account_id=account.account_id,
-            code=code,
-            tls=ClientTls(root_certificates=ca.cert_pem),
-        )
-        return code
-
-    def watch(self) -> None:
-        for account in self.spec.accounts:
-            self._watchers.append(asyncio.create_task(self._follow(account), name=f"{self.spec.key}-watch"))
-
-    async def _follow(self, account: Account) -> None:
-        biller = account.biller_party_id
-        async with contextlib.aclosing(self.agent.watch(biller, account_id=account.account_id)) as events:
-            async for event in events:
-                self._arrived.append((biller, event))
-                self._counts[(biller, account.account_id)] += 1
-
-    def delivered(self, biller: str, account_id: str) -> int:
-        for task in self._watchers:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise DemoFailure(f"{self.name}'s event watch failed: {task.exception()!r}")
-        return self._counts[(biller, account_id)]
+    async def delivered(self, biller: str, account_id: str) -> int:
+        """How many of the account's events the household's watch has stored."""
+        failure = self.household.watch_failure(biller, account_id)
+        if failure is not None:
+            raise DemoFailure(f"{self.name}'s event watch failed: {failure!r}")
+        return len(await self.agent.stored_events(biller, account_id=account_id))
 
     # --- each day ---
 
-    async def act(self, day: date, *, paying: bool = True) -> None:
-        """What the household's bot does this morning, after the night's events arrived."""
-        arrived, self._arrived = self._arrived, []
-        thanked: set[str] = set()
-        for biller, event in arrived:
-            self.seen.append(SeenEvent(day, biller, event))
-            self._tell(day, biller, event)
-            if event.kind in (BILL_ISSUED, RENEGOTIATION_OFFERED):
-                await self._consider(biller, event)
-            elif event.kind == PAYMENT_RECEIVED:
-                thanked.add(biller)
-        if self.strategy.pending():
-            await self._decide(day)
-        if paying:
-            await self._pay_due(day)
-        for biller in sorted(thanked):
-            await self._collect_receipts(day, biller)
+    async def run_pass(self, day: date) -> bool:
+        """The reference household's pass, told as the story; whether it negotiated or paid."""
+        stored = {  # before `follow` (the enrolling pass), nothing is stored yet
+            (account.biller_party_id, account.account_id): await self.delivered(
+                account.biller_party_id, account.account_id
+            )
+            for account in self.spec.accounts
+            if self._following
+        }
+        report = await self.household.run_pass()
+        news = [e for e in report.events if e.sequence < stored.get((e.biller_party_id, e.account_id), 0)]
+        for event in news:  # what the pass read before acting: told first
+            self._saw(day, event)
+        for bill_line in report.bills:
+            self.bills[(bill_line.biller_party_id, bill_line.bill.bill_id)] = bill_line.bill
+        self._planned(day, report)
+        for negotiation in report.negotiations:
+            await self._negotiated(day, negotiation)
+        for approval in report.approvals:
+            request = approval.request
+            why = "; ".join(request.violations) or request.reason
+            self.problem(f"asked to approve {request.action} on {request.bill.bill_id} ({why}): {approval.answer}")
+        acted = bool(report.negotiations)
+        for line in report.payments:
+            if line.status in ("paid now", runner.DECLINED_NOW):
+                await self._paid(day, line)
+                acted = True
+        for receipt in report.receipts:
+            self._receipt(day, receipt)
+        for event in report.events[len(news) :]:  # the billers' answers to what it did
+            self._saw(day, event)
+        for problem in report.problems:
+            self.problem(f"{problem.what}: {problem.detail}")
+        return acted
 
-    def _tell(self, day: date, biller: str, event: AccountEvent) -> None:
-        kind = kind_name(event.kind)
+    def _saw(self, day: date, event: AccountEvent) -> None:
+        biller = event.biller_party_id
+        self.seen.append(SeenEvent(day, biller, event))
+        if event.kind == ARRANGEMENT_BROKEN and event.thread_id:
+            self.broken.add(event.thread_id)
         if event.kind == BILL_ISSUED:
             return  # told with the bill run
         level = f" {event.reminder_level}" if event.kind == REMINDER else ""
         colour = "red" if event.kind in (INSTALMENT_MISSED, ARRANGEMENT_BROKEN) else "cyan"
-        self.story.line(
-            day, self.name, f"← {self.site(biller).name}: [{colour}]{kind}{level}[/{colour}] {escape(event.message)}"
+        self.tell(
+            day,
+            f"← {self.site(biller).name}: [{colour}]{kind_name(event.kind)}{level}[/{colour}] {escape(event.message)}",
         )
 
-    async def _consider(self, biller: str, event: AccountEvent) -> None:
-        bills = {bill.facts.bill_id: bill for bill in await self.agent.bills(biller)}
-        bill = bills.get(event.bill_id)
-        if bill is None:
-            self.problem(f"{kind_name(event.kind)} names bill {event.bill_id}, which the biller did not present")
-            return
-        key = (biller, bill.facts.bill_id)
-        self.bills[key] = bill.facts
-        if event.kind == RENEGOTIATION_OFFERED:
-            record = self.current.pop(key, None)
-            if record is not None and record.result.thread_id is not None:
-                self.broken.add(record.result.thread_id)
-        self.strategy.consider(biller, bill.facts)
-
-    async def _decide(self, day: date) -> None:
-        """Plan every bill to decide against the one budget, then negotiate or schedule each, in that order."""
-        pending = [(biller, bill.bill_id) for biller, bill in self.strategy.pending()]
-        agreed = await self.agent.committed(excluding=pending)
-        planned = self.strategy.plan(day, agreed)
-        if len(planned) > 1:
+    def _planned(self, day: date, report: runner.PassReport) -> None:
+        """Record each decision of the budget plan the first time it is made (a bill paid as billed is
+        planned again each day until it is paid, with the same terms)."""
+        known = {(biller, bill_id, terms) for _, biller, bill_id, _, terms in self.plans}
+        fresh = [p for p in report.plan if (p.biller_id, p.bill.bill_id, describe(p.opening.terms)) not in known]
+        if len(fresh) > 1:
             order = ", then ".join(
-                f"{self.site(p.biller_id).name} (priority {self.profile.priority_of(p.biller_id)})" for p in planned
+                f"{self.site(p.biller_id).name} (priority {self.profile.priority_of(p.biller_id)})" for p in fresh
             )
-            self.story.line(day, self.name, f"plans one budget for {len(planned)} bills: {order}")
-        for plan in planned:
-            biller, bill, opening = plan.biller_id, plan.bill, plan.opening
+            self.tell(day, f"plans one budget for {len(fresh)} bills: {order}")
+        for planned in fresh:
+            biller, bill, opening = planned.biller_id, planned.bill, planned.opening
             self.plans.append((day, biller, bill.bill_id, opening.step.name, describe(opening.terms)))
-            terms = opening.terms
-            plain = terms.kind is TermsKind.PAY_IN_FULL and not terms.lines and not terms.hardship_programme_id
-            if plain and opening.affordable and not opening.violations:
-                self.strategy.commit(biller, bill.bill_id, terms.schedule)
-                self.scheduled[(biller, bill.bill_id)] = Scheduled(biller, bill, terms)
-                self.story.line(
+            if self.profile.pay_as_billed and opening.pays_as_billed:
+                self.tell(
                     day,
-                    self.name,
                     f"→ {self.site(biller).name} {bill.bill_id}: no negotiation needed, "
-                    f"will {describe(terms)} (due {bill.due_date})",
+                    f"will {describe(opening.terms)} (due {bill.due_date})",
                 )
-                continue
-            await self._negotiate(day, biller, bill)
 
-    async def _negotiate(self, day: date, biller: str, bill: BillFacts) -> None:
-        key = (biller, bill.bill_id)
-        renegotiation = any(record.bill.bill_id == bill.bill_id for record in self.negotiations)
-        result = await self.agent.negotiate(biller, bill.bill_id)
-        self.strategy.forget(biller, bill.bill_id)
-        record = NegotiationRecord(biller, bill, day, result, renegotiation)
-        self.negotiations.append(record)
-        steps = "; ".join(f"{'←' if move.by == 'biller' else '→'} {move.text()}" for move in record.moves())
+    async def _negotiated(self, day: date, line: runner.NegotiationLine) -> None:
+        biller, bill_id = line.biller_party_id, line.bill_id
+        threads = [thread for thread in await self.household.store.threads(biller, bill_id) if thread.messages]
+        if not threads:
+            self.problem(f"the negotiation on {bill_id} was not opened: {line.note or line.outcome}")
+            return
+        result = await self.agent.negotiation(threads[-1].thread_id)
+        known = next((r for r in self.negotiations if r.result.thread_id == result.thread_id), None)
+        if known is not None:  # a thread resumed by a later pass
+            known.result = result
+        else:
+            renegotiation = any(record.bill.bill_id == bill_id for record in self.negotiations)
+            bill = self.bills[(biller, bill_id)]
+            known = NegotiationRecord(biller, bill, day, result, renegotiation)
+            self.negotiations.append(known)
+        steps = "; ".join(f"{'←' if move.by == 'biller' else '→'} {move.text()}" for move in known.moves())
         outcome = result.outcome.value.upper() if result.outcome is not None else "NOT OPENED"
         colour = "green" if result.agreed else "red"
-        again = "renegotiates" if renegotiation else "negotiates"
-        self.story.line(
-            day, self.name, f"{again} {bill.bill_id} with {self.site(biller).name}: {steps} ⇒ [{colour}]{outcome}[/]"
-        )
+        again = "renegotiates" if known.renegotiation else "negotiates"
+        self.tell(day, f"{again} {bill_id} with {self.site(biller).name}: {steps} ⇒ [{colour}]{outcome}[/]")
         if not result.agreed:
-            self.problem(f"the negotiation on {bill.bill_id} ended {outcome}")
-            return
-        self.current[key] = record
+            self.problem(f"the negotiation on {bill_id} ended {outcome}")
 
-    async def _pay_due(self, day: date) -> None:
-        for key, scheduled in self.scheduled.items():
-            if scheduled.paid or scheduled.terms.schedule[0].due_date > day:
-                continue
-            scheduled.paid = True
-            await self._pay(day, key[0], scheduled.bill, what="in full", amount=scheduled.terms.total)
-        for key, record in list(self.current.items()):
-            agreement = record.result.agreement
-            assert agreement is not None
-            schedule = agreement.terms.schedule
-            for index, instalment in enumerate(schedule):
-                attempt = (key[0], key[1], agreement.accept.digest, index)
-                if instalment.due_date > day or attempt in self.attempted:
-                    continue
-                self.attempted.add(attempt)
-                what = "in full" if len(schedule) == 1 else f"instalment {index + 1} of {len(schedule)}"
-                await self._pay(
-                    day,
-                    key[0],
-                    record.bill,
-                    what=what,
-                    amount=instalment.amount,
-                    under=(agreement.accept.digest, index),
-                )
-
-    async def _pay(
-        self,
-        day: date,
-        biller: str,
-        bill: BillFacts,
-        *,
-        what: str,
-        amount: Money,
-        under: tuple[bytes, int] | None = None,
-    ) -> None:
-        """Pay through the agent (the bill in full, or instalment `under` = (agreement digest, index))."""
-        name = self.site(biller).name
-        digest_, index = under if under is not None else (b"", 0)
-        try:
-            payment = await self.agent.pay(biller, bill.bill_id, instalment_index=index if under else None)
-        except PaymentNotSent as declined:
-            record = PaymentRecord(biller, bill.bill_id, what, index, amount, day, "declined", note=str(declined))
-            record.agreement_digest = digest_
+    async def _paid(self, day: date, line: runner.PaymentLine) -> None:
+        """A payment the pass made, or the bank declined, with the intent it was made under."""
+        biller, index = line.biller_party_id, line.instalment - 1
+        what = "in full" if line.of == 1 else f"instalment {line.instalment} of {line.of}"
+        intents = [p for p in await self.agent.payments(biller) if p.bill_id == line.bill_id]
+        if line.status == runner.DECLINED_NOW:
+            intent = next(p for p in reversed(intents) if p.instalment_index == index)
+            record = PaymentRecord(biller, line.bill_id, what, index, intent.amount, day, "declined", note=line.note)
+            record.agreement_digest = intent.agreement_digest
             self.payments.append(record)
-            self.story.line(
+            self.tell(
                 day,
-                self.name,
-                f"[red]its bank declined[/red] the payment of {amount} for {bill.bill_id}, {what} "
-                f"({escape(str(declined))}): the bot tells its user and does not retry on its own",
+                f"[red]its bank declined[/red] the payment of {intent.amount} for {line.bill_id}, {what} "
+                f"({escape(line.note)}): the bot tells its user and does not retry on its own",
             )
             return
-        except (ParleyError, LookupError, ValueError) as error:
-            self.problem(f"paying {what} of {bill.bill_id} failed: {error}")
-            return
-        if payment.amount != amount or payment.agreement_digest != digest_ or payment.state is not IntentState.PAID:
-            self.problem(f"payment {payment.intent_id}: {payment.state.value}, {payment.amount}; expected {amount}")
-        record = PaymentRecord(biller, bill.bill_id, what, index, payment.amount, day, "paid", payment.intent_id)
-        record.transfer, record.agreement_digest = payment.proof, digest_
+        intent = next(p for p in intents if p.proof == line.bank_reference)
+        record = PaymentRecord(biller, line.bill_id, what, index, intent.amount, day, "paid", intent.intent_id)
+        record.transfer, record.agreement_digest = intent.proof, intent.agreement_digest
         self.payments.append(record)
-        self.story.line(
-            day, self.name, f"pays {name} {payment.amount} for {bill.bill_id}, {what} (bank transfer {payment.proof})"
+        self.tell(
+            day,
+            f"pays {self.site(biller).name} {intent.amount} for {line.bill_id}, {what} (bank transfer {intent.proof})",
         )
 
-    async def _collect_receipts(self, day: date, biller: str) -> None:
-        for record in self.payments:
-            if record.biller != biller or record.state != "paid" or record.receipt is not None:
-                continue
-            try:
-                receipt = await self.agent.receipt(biller, record.intent_id)
-            except PaymentDispute as dispute:
-                self.problem(str(dispute))
-                continue
-            if receipt is None:
-                continue
-            record.receipt = receipt
-            left = f", {receipt.remaining_balance} left on the bill" if receipt.remaining_balance is not None else ""
-            self.story.line(
-                day,
-                self.name,
-                f"  receipt verified: {receipt.amount_received} for {record.bill_id}, settled "
-                f"{receipt.settle_time:%Y-%m-%d %H:%M} ({receipt.rail_reference}){left}",
-            )
-
-    async def final_receipts(self, day: date) -> None:
-        for biller in sorted({record.biller for record in self.payments}):
-            await self._collect_receipts(day, biller)
+    def _receipt(self, day: date, receipt: PaymentReceipt) -> None:
+        record = next((p for p in self.payments if p.intent_id == receipt.intent_id), None)
+        if record is None:
+            self.problem(f"a receipt for {receipt.intent_id}, a payment the demo did not see")
+            return
+        record.receipt = receipt
+        left = f", {receipt.remaining_balance} left on the bill" if receipt.remaining_balance is not None else ""
+        self.tell(
+            day,
+            f"  receipt verified: {receipt.amount_received} for {record.bill_id}, settled "
+            f"{receipt.settle_time:%Y-%m-%d %H:%M} ({receipt.rail_reference}){left}",
+        )
 
 
 # --- The story --------------------------------------------------------------------------------------------
@@ -710,7 +653,7 @@ class Story:
 # --- The checks -------------------------------------------------------------------------------------------
 
 
-def _agreements(bot: HouseholdBot) -> list[NegotiationRecord]:
+def _agreements(bot: DemoHousehold) -> list[NegotiationRecord]:
     return [record for record in bot.negotiations if record.result.agreed]
 
 
@@ -720,7 +663,7 @@ def _due_in_view(record: NegotiationRecord) -> list[int]:
     return [i for i, instalment in enumerate(agreement.terms.schedule) if instalment.due_date <= END]
 
 
-def _paid(bot: HouseholdBot, record: NegotiationRecord, index: int) -> PaymentRecord | None:
+def _paid(bot: DemoHousehold, record: NegotiationRecord, index: int) -> PaymentRecord | None:
     agreement = record.result.agreement
     assert agreement is not None
     return next(
@@ -735,7 +678,7 @@ def _paid(bot: HouseholdBot, record: NegotiationRecord, index: int) -> PaymentRe
     )
 
 
-def _check_plan_paid(bot: HouseholdBot, record: NegotiationRecord, problems: list[str]) -> None:
+def _check_plan_paid(bot: DemoHousehold, record: NegotiationRecord, problems: list[str]) -> None:
     agreement = record.result.agreement
     assert agreement is not None
     for index in _due_in_view(record):
@@ -747,7 +690,7 @@ def _check_plan_paid(bot: HouseholdBot, record: NegotiationRecord, problems: lis
             problems.append(f"{record.bill.bill_id}: instalment {index + 1} paid {payment.amount} on {payment.day}")
 
 
-def _common_checks(bot: HouseholdBot) -> list[str]:
+def _common_checks(bot: DemoHousehold) -> list[str]:
     problems = list(bot.problems)
     for payment in bot.payments:
         if payment.state != "paid":
@@ -767,7 +710,7 @@ def _common_checks(bot: HouseholdBot) -> list[str]:
     return problems
 
 
-def _check_shared_budget(bot: HouseholdBot) -> tuple[list[str], str]:
+def _check_shared_budget(bot: DemoHousehold) -> tuple[list[str], str]:
     problems: list[str] = []
     ranked = sorted(bot.spec.accounts, key=lambda a: bot.profile.priority_of(a.biller_party_id) or 0)
     first, second = ranked[0], ranked[1]
@@ -795,7 +738,7 @@ def _check_shared_budget(bot: HouseholdBot) -> tuple[list[str], str]:
     )
 
 
-def _single_agreement(bot: HouseholdBot, problems: list[str]) -> NegotiationRecord | None:
+def _single_agreement(bot: DemoHousehold, problems: list[str]) -> NegotiationRecord | None:
     agreed = _agreements(bot)
     if len(agreed) != 1:
         problems.append(f"{len(agreed)} agreements, expected 1")
@@ -803,7 +746,7 @@ def _single_agreement(bot: HouseholdBot, problems: list[str]) -> NegotiationReco
     return agreed[0]
 
 
-def _check_early_discount(bot: HouseholdBot) -> tuple[list[str], str]:
+def _check_early_discount(bot: DemoHousehold) -> tuple[list[str], str]:
     problems: list[str] = []
     record = _single_agreement(bot, problems)
     if record is None or record.result.agreement is None:
@@ -819,7 +762,7 @@ def _check_early_discount(bot: HouseholdBot) -> tuple[list[str], str]:
     return problems, f"paid {terms.total} for a bill of {bill.amount_due} on the day it arrived"
 
 
-def _check_deferral(bot: HouseholdBot) -> tuple[list[str], str]:
+def _check_deferral(bot: DemoHousehold) -> tuple[list[str], str]:
     problems: list[str] = []
     record = _single_agreement(bot, problems)
     if record is None or record.result.agreement is None:
@@ -832,7 +775,7 @@ def _check_deferral(bot: HouseholdBot) -> tuple[list[str], str]:
     return problems, f"deferred from {bill.due_date} to {when}, the day after pay day"
 
 
-def _check_counter_offer(bot: HouseholdBot) -> tuple[list[str], str]:
+def _check_counter_offer(bot: DemoHousehold) -> tuple[list[str], str]:
     problems: list[str] = []
     record = _single_agreement(bot, problems)
     if record is None or record.result.agreement is None:
@@ -858,7 +801,7 @@ def _check_counter_offer(bot: HouseholdBot) -> tuple[list[str], str]:
     )
 
 
-def _check_hardship(bot: HouseholdBot) -> tuple[list[str], str]:
+def _check_hardship(bot: DemoHousehold) -> tuple[list[str], str]:
     problems: list[str] = []
     record = _single_agreement(bot, problems)
     if record is None or record.result.agreement is None:
@@ -876,7 +819,7 @@ def _check_hardship(bot: HouseholdBot) -> tuple[list[str], str]:
     return problems, f"{terms.hardship_programme_id}, disclosed for ASSESS_HARDSHIP, no fees: {describe(terms)}"
 
 
-def _check_missed(bot: HouseholdBot) -> tuple[list[str], str]:
+def _check_missed(bot: DemoHousehold) -> tuple[list[str], str]:
     problems: list[str] = []
     agreed = _agreements(bot)
     if len(agreed) != 2 or agreed[0].bill.bill_id != agreed[1].bill.bill_id:
@@ -902,7 +845,7 @@ def _check_missed(bot: HouseholdBot) -> tuple[list[str], str]:
     return problems, f"missed instalment 1, plan broken, renegotiated: {describe(second.result.agreement.terms)}"
 
 
-CHECKS: dict[Scenario, Callable[[HouseholdBot], tuple[list[str], str]]] = {
+CHECKS: dict[Scenario, Callable[[DemoHousehold], tuple[list[str], str]]] = {
     Scenario.SHARED_BUDGET: _check_shared_budget,
     Scenario.EARLY_DISCOUNT: _check_early_discount,
     Scenario.DEFERRAL: _check_deferral,
@@ -927,13 +870,12 @@ class BundleCheck:
 
 @dataclass
 class Outcome:
-    households: list[HouseholdBot] = field(default_factory=list)
+    households: list[DemoHousehold] = field(default_factory=list)
     bundles: list[BundleCheck] = field(default_factory=list)
     verdicts: dict[str, tuple[list[str], str]] = field(default_factory=dict)
     phishing: str = ""
     errors: list[str] = field(default_factory=list)
     site_facts: list[dict[str, Any]] = field(default_factory=list)
-    spaces: list[DemoSpace] = field(default_factory=list)  # --serve: each household's state, kept to be served
 
     @property
     def ok(self) -> bool:
@@ -945,7 +887,7 @@ class Outcome:
         )
 
 
-async def _events_delivered(bots: Sequence[HouseholdBot], sites: Mapping[str, BillerSite]) -> None:
+async def _events_delivered(bots: Sequence[DemoHousehold], sites: Mapping[str, BillerSite]) -> None:
     """Wait until every event the billers appended has reached its household's watch."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + EVENT_TIMEOUT
@@ -954,7 +896,7 @@ async def _events_delivered(bots: Sequence[HouseholdBot], sites: Mapping[str, Bi
         behind = []
         for bot, account in waiting:
             count = await sites[account.biller_party_id].biller.store.event_count(account.account_id)
-            if bot.delivered(account.biller_party_id, account.account_id) < count:
+            if await bot.delivered(account.biller_party_id, account.account_id) < count:
                 behind.append((bot, account))
         waiting = behind
         if waiting:
@@ -964,7 +906,22 @@ async def _events_delivered(bots: Sequence[HouseholdBot], sites: Mapping[str, Bi
             await asyncio.sleep(0.002)
 
 
-async def _phishing(bot: HouseholdBot, real: BillerSite, state_dir: Path, clock: ManualClock, ca: DevCA) -> str:
+async def _passes(bots: Sequence[DemoHousehold], day: date) -> list[bool]:
+    """A pass of every household at once (their waits for the billers and stores overlap), then each
+    household's story of it, in turn; the first failure is raised, the other passes cancelled. Whether each
+    household acted."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(bot.run_pass(day)) for bot in bots]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    finally:
+        for bot in bots:
+            bot.flush()
+    return [task.result() for task in tasks]
+
+
+async def _phishing(bot: DemoHousehold, real: BillerSite, state_dir: Path, clock: ManualClock, ca: DevCA) -> str:
     """A look-alike endpoint with the real party id and a valid TLS certificate, refused by the pin (KEY-12)."""
     fake = await BillerSite.start(real.config, state_dir / "look-alike", clock, ca)
     try:
@@ -986,7 +943,7 @@ async def _phishing(bot: HouseholdBot, real: BillerSite, state_dir: Path, clock:
         await fake.stop()
 
 
-async def _issue_bills(sites: Mapping[str, BillerSite], bots: Sequence[HouseholdBot], story: Story) -> None:
+async def _issue_bills(sites: Mapping[str, BillerSite], bots: Sequence[DemoHousehold], story: Story) -> None:
     for site in sites.values():
         issued = []
         for bot in bots:
@@ -1004,148 +961,83 @@ async def _issue_bills(sites: Mapping[str, BillerSite], bots: Sequence[Household
         story.line(START, site.name, f"bill run: {len(issued)} signed bills ({', '.join(issued)})")
 
 
-@dataclass(frozen=True)
-class DemoSpace:
-    """One household's state directory after the demo, laid out as `parley consumer` keeps one (--serve)."""
-
-    key: str
-    name: str
-    profile: Profile  # with the balance the household's ledger ended on
-    state_dir: Path
-    clock: ManualClock
-
-
-@contextlib.contextmanager
-def _state_directory(keep: Path | None) -> Iterator[str]:
-    """`keep` when the state must outlive the simulation (--serve), else a directory removed at the end."""
-    if keep is not None:
-        yield str(keep)
-        return
-    with tempfile.TemporaryDirectory(prefix="parley-demo-") as temporary:
-        yield temporary
-
-
-def _keep_spaces(state: Path, bots: Sequence[HouseholdBot], clock: ManualClock) -> list[DemoSpace]:
-    """Each household's store (closed by now), key and key set moved into `state/KEY/` under the names the
-    reference consumer uses, so its pages (reference_consumer.web) read them as they read any household's."""
-    spaces = []
-    for bot in bots:
-        home = state / "households" / bot.spec.key
-        home.mkdir(mode=0o700, parents=True)
-        for suffix in ("", "-wal", "-shm"):
-            stored = state / f"{bot.spec.key}.sqlite{suffix}"
-            if stored.exists():
-                stored.rename(home / f"{STORE_FILE}{suffix}")
-        bot.key.save(home / KEY_FILE)
-        (home / KEYSET_FILE).write_bytes(bot.key_set.SerializeToString())
-        profile = bot.ledger.profile_on(bot.ledger.day)
-        spaces.append(DemoSpace(bot.spec.key, bot.name, profile, home, clock))
-    return spaces
-
-
-async def _serve_spaces(spaces: Sequence[DemoSpace], listen: str, out: Console) -> None:
-    """The six households' spaces on one site (one token for the demo) until Ctrl-C."""
-    host, _, port = listen.rpartition(":")
-    sources: dict[str, HouseholdSource] = {}
-    for space in spaces:
-        async with reading_household(space.profile, space.state_dir, space.clock) as (agent, store):
-            await write_agreement_files(agent, store, space.state_dir)  # the proof each household would hold
-        sources[space.key] = StateDirSource(space.profile, space.state_dir, clock=space.clock, name=space.name)
-    app = create_space_app(sources, space_config("Parley demo households", host=host.strip("[]")), live=False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        async with start_site(app, host.strip("[]"), int(port)) as site:
-            out.print(f"The households' spaces (one link for all six): {site.opening_url}", highlight=False)
-            out.print("Ctrl-C stops the pages.", highlight=False)
-            await stop.wait()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-
-async def _simulate(story: Story, outcome: Outcome, keep: Path | None = None) -> None:
+async def _simulate(story: Story, outcome: Outcome, state: Path) -> None:
+    """The three months, with every party's state under `state` (each household's in `state/<its key>`)."""
     console = story.console
     clock = ManualClock(at(START) - timedelta(hours=1))
     ca = make_dev_ca("Parley demo CA")
-    with _state_directory(keep) as temporary:
-        state = Path(temporary)
-        async with contextlib.AsyncExitStack() as stack:
-            sites: dict[str, BillerSite] = {}
-            for config in (load_config(SAMPLE), load_config(TELECOM_CONFIG)):
-                site = await BillerSite.start(config, state / config.party_id.replace(":", "-"), clock, ca)
-                stack.push_async_callback(site.stop)
-                sites[site.party_id] = site
-                outcome.site_facts.append(
-                    {
-                        "party_id": site.party_id,
-                        "name": site.name,
-                        "address": site.target,
-                        "tls": True,
-                        "fingerprint": site.fingerprint.hex(),
-                    }
-                )
-            bots = [HouseholdBot(spec, clock=clock, sites=sites, story=story) for spec in HOUSEHOLDS]
-            for bot in bots:
-                await bot.open(state)
-                stack.push_async_callback(bot.close)
-                outcome.households.append(bot)
-            _print_setup(console, sites, bots)
-
-            target, real = bots[0], sites[bots[0].spec.accounts[0].biller_party_id]
-            outcome.phishing = await _phishing(target, real, state, clock, ca)
-            story.line(
-                clock.now().date(),
-                target.name,
-                f"is sent a look-alike '{real.name}' endpoint (a valid TLS certificate, the same party id, "
-                f"another key): refused before anything is sent, [bold]{outcome.phishing}[/bold]",
+    ca_file = state / "demo-ca.pem"
+    ca_file.write_bytes(ca.cert_pem)
+    async with contextlib.AsyncExitStack() as stack:
+        sites: dict[str, BillerSite] = {}
+        for config in (load_config(SAMPLE), load_config(TELECOM_CONFIG)):
+            site = await BillerSite.start(config, state / config.party_id.replace(":", "-"), clock, ca)
+            stack.push_async_callback(site.stop)
+            sites[site.party_id] = site
+            outcome.site_facts.append(
+                {
+                    "party_id": site.party_id,
+                    "name": site.name,
+                    "address": site.target,
+                    "tls": True,
+                    "fingerprint": site.fingerprint.hex(),
+                }
             )
-            if outcome.phishing != Reason.PIN_MISMATCH.name:
-                outcome.errors.append(f"the look-alike endpoint was not refused ({outcome.phishing})")
-            codes = []
-            for bot in bots:
-                for account in bot.spec.accounts:
-                    await bot.enrol(account, ca)
-                    codes.append(f"{account.account_id}")
-                bot.watch()
-            story.line(
-                clock.now().date(),
-                "Households",
-                f"enrol with the one-time codes and pinned fingerprints from their paper bills: {', '.join(codes)}",
-            )
-            console.rule("[bold]Three months, day by day[/bold] (09:00 UTC: billers' upkeep, then the households)")
+        bots = [DemoHousehold(spec, clock=clock, sites=sites, story=story) for spec in HOUSEHOLDS]
+        for bot in bots:  # the paper bill: a one-time code per account, and the biller's fingerprint
+            codes = {}
+            for account in bot.spec.accounts:
+                biller = sites[account.biller_party_id].biller
+                codes[account.account_id] = await biller.agent.issue_enrolment_code(account.account_id)
+            await bot.open(state / bot.spec.key, ca_file, codes)
+            stack.push_async_callback(bot.close)
+            outcome.households.append(bot)
+        _print_setup(console, sites, bots)
 
-            day = START
-            while day <= END + timedelta(days=1):
-                closing = day > END
-                clock.set(at(day))
-                for bot in bots:
-                    bot.ledger.advance(day)
-                if day == START:
-                    await _issue_bills(sites, bots, story)
-                for site in sites.values():
-                    await site.upkeep()
-                await _events_delivered(bots, sites)
-                for bot in bots:
-                    await bot.act(day, paying=not closing)
-                await _events_delivered(bots, sites)
-                for bot in bots:  # a second look: the billers' answers to what the households just did
-                    await bot.act(day, paying=False)
-                day += timedelta(days=1)
-            await _events_delivered(bots, sites)
+        target, real = bots[0], sites[bots[0].spec.accounts[0].biller_party_id]
+        outcome.phishing = await _phishing(target, real, state, clock, ca)
+        story.line(
+            clock.now().date(),
+            target.name,
+            f"is sent a look-alike '{real.name}' endpoint (a valid TLS certificate, the same party id, "
+            f"another key): refused before anything is sent, [bold]{outcome.phishing}[/bold]",
+        )
+        if outcome.phishing != Reason.PIN_MISMATCH.name:
+            outcome.errors.append(f"the look-alike endpoint was not refused ({outcome.phishing})")
+        # The first pass enrols, with the codes and pinned fingerprints of the profile.
+        await _passes(bots, clock.now().date())
+        for bot in bots:
+            await bot.follow()
+        accounts = ", ".join(account.account_id for bot in bots for account in bot.spec.accounts)
+        story.line(
+            clock.now().date(),
+            "Households",
+            f"enrol with the one-time codes and pinned fingerprints from their paper bills: {accounts}",
+        )
+        console.rule("[bold]Three months, day by day[/bold] (09:00 UTC: billers' upkeep, then the households)")
+
+        day = START
+        while day <= END + timedelta(days=1):
+            clock.set(at(day))
             for bot in bots:
-                await bot.act(clock.now().date(), paying=False)
-                await bot.final_receipts(clock.now().date())
+                bot.ledger.advance(day)
+            if day == START:
+                await _issue_bills(sites, bots, story)
             for site in sites.values():
-                for transfer in site.biller.rail.disputes():
-                    outcome.errors.append(f"{site.name} holds transfer {transfer.transfer_id}: {transfer.status.value}")
-        if keep is not None:  # the stores are closed now: move them where the pages read them
-            outcome.spaces = _keep_spaces(state, outcome.households, clock)
+                await site.upkeep()
+            await _events_delivered(bots, sites)
+            passes = await _passes(bots, day)
+            acted = [bot for bot, did in zip(bots, passes, strict=True) if did]
+            if acted:  # a second look: the billers' answers to what the households just did
+                await _events_delivered(acted, sites)
+                await _passes(acted, day)
+            day += timedelta(days=1)
+        for site in sites.values():
+            for transfer in site.biller.rail.disputes():
+                outcome.errors.append(f"{site.name} holds transfer {transfer.transfer_id}: {transfer.status.value}")
 
 
-def _write_bundles(out_dir: Path, bots: Sequence[HouseholdBot], outcome: Outcome) -> None:
+def _write_bundles(out_dir: Path, bots: Sequence[DemoHousehold], outcome: Outcome) -> None:
     """Each agreement as `parley-bundle/1` JSON, read back and verified offline with both identities pinned."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for bot in bots:
@@ -1184,7 +1076,7 @@ def _judge(outcome: Outcome) -> None:
 # --- Printing ---------------------------------------------------------------------------------------------
 
 
-def _print_setup(console: Console, sites: Mapping[str, BillerSite], bots: Sequence[HouseholdBot]) -> None:
+def _print_setup(console: Console, sites: Mapping[str, BillerSite], bots: Sequence[DemoHousehold]) -> None:
     billers = Table(title="Billers (reference billers over gRPC + TLS on 127.0.0.1)", title_justify="left")
     for column in ("biller", "party id", "endpoint", "identity fingerprint", "accounts"):
         billers.add_column(column)
@@ -1218,7 +1110,7 @@ def _table(title: str, *columns: str) -> Table:
     return table
 
 
-def _bills_table(bots: Sequence[HouseholdBot]) -> Table:
+def _bills_table(bots: Sequence[DemoHousehold]) -> Table:
     table = _table(
         "Bills (signed by the biller, verified against its pinned identity)",
         "biller", "account", "household", "amount", "due", "advertised options",
@@ -1232,7 +1124,7 @@ def _bills_table(bots: Sequence[HouseholdBot]) -> Table:
     return table
 
 
-def _negotiations_table(bots: Sequence[HouseholdBot]) -> Table:
+def _negotiations_table(bots: Sequence[DemoHousehold]) -> Table:
     table = _table("Negotiations (alternating signed offers)", "household", "bill", "moves", "outcome")
     for bot in bots:
         for record in bot.negotiations:
@@ -1242,7 +1134,7 @@ def _negotiations_table(bots: Sequence[HouseholdBot]) -> Table:
     return table
 
 
-def _agreements_table(bots: Sequence[HouseholdBot]) -> Table:
+def _agreements_table(bots: Sequence[DemoHousehold]) -> Table:
     table = _table("Agreements (the accepted offer + the acceptance)", "household", "bill", "terms", "status", "bundle")
     for bot in bots:
         for record in _agreements(bot):
@@ -1260,7 +1152,7 @@ def _agreements_table(bots: Sequence[HouseholdBot]) -> Table:
     return table
 
 
-def _payments_table(bots: Sequence[HouseholdBot]) -> Table:
+def _payments_table(bots: Sequence[DemoHousehold]) -> Table:
     table = _table("Payments and signed receipts", "date", "household", "bill", "what", "amount", "receipt")
     rows = sorted(((p.day, bot, p) for bot in bots for p in bot.payments), key=lambda row: (row[0], row[1].name))
     for day, bot, payment in rows:
@@ -1274,7 +1166,7 @@ def _payments_table(bots: Sequence[HouseholdBot]) -> Table:
     return table
 
 
-def _events_table(bots: Sequence[HouseholdBot]) -> Table:
+def _events_table(bots: Sequence[DemoHousehold]) -> Table:
     table = _table("What each household saw on its event watch (signed, in order)", "household", "events")
     for bot in bots:
         counts = Counter(kind_name(seen.event.kind) for seen in bot.seen)
@@ -1429,36 +1321,79 @@ def _summary(outcome: Outcome, elapsed: float) -> dict[str, Any]:
     }
 
 
-def run(out_dir: Path, console: Console | None = None, *, summary: Path | None = None, serve: str | None = None) -> int:
+async def _serve_spaces(households: Sequence[DemoHousehold], listen: str, out: Console) -> None:
+    """The six households' spaces on one site (one token for the demo) until Ctrl-C: the pages of
+    `parley consumer serve`, reading each reference household's own state directory."""
+    from reference_consumer.web import (  # noqa: PLC0415 - the pages' templates only when asked for
+        HouseholdSource,
+        StateDirSource,
+        create_space_app,
+        space_config,
+    )
+
+    host, _, port = listen.rpartition(":")
+    sources: dict[str, HouseholdSource] = {}
+    for bot in households:
+        assert bot.opened_profile is not None
+        profile = dataclasses.replace(bot.ledger.profile_on(bot.ledger.day), billers=bot.opened_profile.billers)
+        home = bot.household.state_dir
+        sources[bot.spec.key] = StateDirSource(profile, home, clock=bot.clock, name=bot.name)
+    app = create_space_app(sources, space_config("Parley demo households", host=host.strip("[]")), live=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with start_site(app, host.strip("[]"), int(port)) as site:
+            out.print(f"The households' spaces (one link for all six): {site.opening_url}", highlight=False)
+            out.print("Ctrl-C stops the pages.", highlight=False)
+            await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def run(
+    out_dir: Path,
+    console: Console | None = None,
+    *,
+    summary: Path | None = None,
+    state_dir: Path | None = None,
+    serve: str | None = None,
+) -> int:
     """Run the demo; 0 when every scenario reached its outcome and every bundle verified, 1 otherwise.
 
-    With `serve` ("127.0.0.1:PORT"), the households' spaces are then served there until Ctrl-C."""
-    if serve is None:
-        return _run(out_dir, console or Console(), summary=summary)
+    `state_dir` keeps every party's state (keys, stores; each household's reference consumer state
+    directory is `state_dir/<household key>`, as `parley consumer run --state-dir` uses it); by default
+    it is a temporary directory, removed at the end. With `serve` ("127.0.0.1:PORT") the six households'
+    spaces (the pages of `parley consumer serve`) are then served from those directories until Ctrl-C.
+    """
     out = console or Console()
-    with tempfile.TemporaryDirectory(prefix="parley-demo-") as keep:
-        outcome = Outcome()
-        code = _run(out_dir, out, summary=summary, keep=Path(keep), outcome=outcome)
-        if outcome.spaces:
-            out.rule("[bold]The households' own spaces[/bold]")
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(_serve_spaces(outcome.spaces, serve, out))
-        return code
-
-
-def _run(
-    out_dir: Path, out: Console, *, summary: Path | None, keep: Path | None = None, outcome: Outcome | None = None
-) -> int:
     story = Story(out)
-    outcome = outcome or Outcome()
+    outcome = Outcome()
     started = time.monotonic()
     out.rule("[bold]Parley demo[/bold]: two billers, six households, three months — real gRPC, TLS, signatures")
     try:
-        asyncio.run(_simulate(story, outcome, keep))
+        with contextlib.ExitStack() as scratch:
+            if state_dir is None:
+                state_dir = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="parley-demo-")))
+            state_dir.mkdir(parents=True, exist_ok=True)
+            asyncio.run(_simulate(story, outcome, state_dir))
+            code = _report(out_dir, out, outcome, summary, started)
+            if serve is not None and outcome.households:
+                out.rule("[bold]The households' own spaces[/bold]")
+                with contextlib.suppress(KeyboardInterrupt):
+                    asyncio.run(_serve_spaces(outcome.households, serve, out))
+            return code
     except Exception as failure:  # the demo reports every failure, then exits 1
         outcome.errors.append(f"{type(failure).__name__}: {failure}")
         out.print("[bold red]The demo failed:[/bold red]")
         out.print_exception(max_frames=4)
+    return _report(out_dir, out, outcome, summary, started)
+
+
+def _report(out_dir: Path, out: Console, outcome: Outcome, summary: Path | None, started: float) -> int:
+    """Write and verify the bundles, judge, print the tables and the verdict: 0 when everything held."""
     try:
         _write_bundles(out_dir, outcome.households, outcome)  # also what was agreed before a failure
     except OSError as unwritable:
@@ -1497,14 +1432,14 @@ def _run(
 
 def _demo_command(args: argparse.Namespace, out: Console) -> int:
     if args.serve is not None:
-        host = args.serve.rpartition(":")[0].strip("[]")
+        host, _, port = args.serve.rpartition(":")
         try:
-            check_listen_address(host, tls_cert=None, tls_key=None, client_ca=None)
+            check_listen_address(host.strip("[]"), tls_cert=None, tls_key=None, client_ca=None)
         except ValueError as error:
             out.print(f"[red]--serve: {escape(str(error))}[/red]")
             return 2
-        if not args.serve.rpartition(":")[2].isdigit():
-            out.print("[red]--serve wants HOST:PORT, e.g. 127.0.0.1:8080[/red]")
+        if not port.isdigit() or int(port) > 65535:
+            out.print("[red]--serve wants HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:8080[/red]")
             return 2
     if not wants_json(args):
         return run(Path(args.out), out, serve=args.serve)

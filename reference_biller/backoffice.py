@@ -366,6 +366,9 @@ class BackOfficeServicer(pb_grpc.BackOfficeServiceServicer):
         if valid_for > timedelta(days=366):
             raise BackOfficeError(BackOfficeReason.INVALID_REQUEST, "valid_for_days is at most 366")
         now = self._agent.clock.now()
+        # As `parley biller codes --account`: a new code supersedes the account's earlier unspent ones, so a
+        # reissued letter leaves one live code, never two (issue 17, item 1).
+        await self._store.revoke_enrolment_codes(account_id, now)
         code = await self._agent.issue_enrolment_code(account_id, valid_for)
         return pb.IssueEnrolmentCodeResponse(
             account_id=account_id,

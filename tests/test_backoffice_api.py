@@ -118,6 +118,17 @@ def test_a_billing_system_creates_bills_and_settles_them_and_follows_the_events(
             bo.IssueEnrolmentCodeRequest(request_id="r2", account_id=ACCOUNT), metadata=AUTH
         )
         assert same.enrolment_code == code.enrolment_code  # a retry gets the first answer, not a second code
+        first_letter = code
+        code = await stub.IssueEnrolmentCode(
+            bo.IssueEnrolmentCodeRequest(request_id="r2b", account_id=ACCOUNT), metadata=AUTH
+        )
+        assert code.enrolment_code != first_letter.enrolment_code
+        mallory = Consumer("consumer:mallory", biller.clock)  # holds the superseded letter
+        with pytest.raises(grpc.aio.AioRpcError) as superseded:
+            await biller.stub.Enrol(
+                biller_service_pb2.EnrolRequest(request=mallory.enrolment(ACCOUNT, first_letter.enrolment_code))
+            )
+        assert superseded.value.code() is not grpc.StatusCode.OK
 
         bill = bo.IssueBillRequest(
             request_id="r3",

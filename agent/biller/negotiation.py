@@ -182,6 +182,8 @@ class NegotiationPhase:
         except RemoteProtocolError as error:
             await self.record_refusal(negotiation, thread, inbound, records[0], error=error, now=now)
             raise
+        if isinstance(message.move, Open) and negotiation.expire(now):
+            return await self._expired_opening(inbound, bill)
         new_thread = None
         if isinstance(message.move, Open):
             await self._check_can_open(bill, now)
@@ -228,6 +230,27 @@ class NegotiationPhase:
             move=type(message.move).__name__,
             reply=type(negotiation.history[-1].move).__name__ if reply is not None else None,
             outcome=negotiation.state.value,
+        )
+        return response
+
+    async def _expired_opening(
+        self, inbound: Inbound[NegotiationPayload], bill: BillRecord
+    ) -> biller_service_pb2.NegotiateResponse:
+        """NEG-11: an opening that arrives after its own deadline is answered EXPIRED, with no reply.
+
+        No thread is kept (GetThread says NOT_FOUND, and the bill stays open to a fresh opening, NEG-3);
+        only the answer is, so that a retry gets it again (HDR-12).
+        """
+        party = self.party
+        response = biller_service_pb2.NegotiateResponse(outcome=negotiation_pb2.NEGOTIATION_OUTCOME_EXPIRED)
+        await party.store.record_replay(party.replays.record(inbound, answer=response.SerializeToString()))
+        log_step(
+            logger,
+            "negotiate-opening-expired",
+            account=bill.account_id,
+            bill=bill.bill_id,
+            thread_id=inbound.header.thread_id,
+            message_id=inbound.header.message_id,
         )
         return response
 

@@ -42,6 +42,11 @@ RATE_LIMIT_MAX_TRACKED = 10_000
 # key's rate and burst: one address may be a NAT in front of many consumers, and what it can cost without
 # a valid signature is at most one signature check per token.
 PEER_RATE_LIMIT_FACTOR = 10
+# ENR-3, LIM-12: wrong codes for an account id that does not exist are counted and locked like an existing
+# account's (so the lock does not reveal which ids exist), remembered this long after the id's last attempt
+# and for at most this many ids, the least recently tried forgotten first.
+ENROLMENT_GUESS_MEMORY = timedelta(days=30)
+MAX_ENROLMENT_GUESSES = 100_000
 
 
 @dataclass(frozen=True)

@@ -81,13 +81,28 @@ class AccountRecord:
 
 @dataclass(frozen=True)
 class EnrolmentCodeRecord:
-    """An enrolment code, kept only as SHA-256(salt || normalized code) (ENR-8)."""
+    """An enrolment code, kept only as a hash (ENR-8): HMAC-SHA-256 under the biller's secret when `salt`
+    is empty; SHA-256(salt || normalized code) for codes issued before the secret (verified until they expire)."""
 
     account_id: str
     salt: bytes
     code_hash: bytes
     expires_at: datetime
     used: bool
+
+
+class EnrolmentAttemptOutcome(enum.Enum):
+    LOCKED = "locked"  # ENR-5: refused without comparing
+    MISMATCH = "mismatch"  # counted against the account id (ENR-3)
+    MATCHED = "matched"  # not counted
+
+
+@dataclass(frozen=True)
+class EnrolmentAttempt:
+    """What one `Enrol` attempt found, decided atomically with its count (ENR-3, ENR-5)."""
+
+    outcome: EnrolmentAttemptOutcome
+    match: EnrolmentCodeRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -371,8 +386,18 @@ class BillerStore(Protocol):
 
     async def enrolment_codes(self, account_id: str) -> list[EnrolmentCodeRecord]: ...
 
-    async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
-        """Count a wrong code; the account's enrolment locks when the count reaches max_attempts (ENR-5)."""
+    async def attempt_enrolment_code(
+        self,
+        account_id: str,
+        matches: Callable[[EnrolmentCodeRecord], bool],
+        max_attempts: int,
+        now: datetime,
+    ) -> EnrolmentAttempt:
+        """One Enrol attempt on `account_id`, in ONE write transaction holding the account id's counter:
+        LOCKED if its enrolment is locked (nothing compared); else the attempt is counted first, the codes
+        compared with `matches`, and the count taken back on a match (ENR-3, ENR-5). An account id that
+        does not exist has a counter and a lock too (kept for `ENROLMENT_GUESS_MEMORY`, at most
+        `MAX_ENROLMENT_GUESSES` of them), so the lock does not tell which accounts exist."""
         ...
 
     async def enrol(self, enrolment: Enrolment) -> None:

@@ -23,6 +23,7 @@ Encodings are the same in both: instants are fixed-width UTC ISO-8601 text
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
@@ -30,6 +31,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason
+from agent.protocol.limits import ENROLMENT_GUESS_MEMORY, MAX_ENROLMENT_GUESSES
 from agent.stores.base import (
     AccountRecord,
     AlreadyExists,
@@ -37,6 +39,8 @@ from agent.stores.base import (
     BillRecord,
     BillStatus,
     Enrolment,
+    EnrolmentAttempt,
+    EnrolmentAttemptOutcome,
     EnrolmentCodeRecord,
     EventRecord,
     KeySetRecord,
@@ -205,6 +209,18 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
             holder TEXT NOT NULL,
             expires_at {time} NOT NULL
         )""",
+    ),
+    (
+        # ENR-3, ENR-5: the wrong-code counter and lock of an account id that does not exist, keyed by the
+        # id's SHA-256 (fixed size, whatever an attacker sends); bounded by ENROLMENT_GUESS_MEMORY and
+        # MAX_ENROLMENT_GUESSES (LIM-12).
+        """CREATE TABLE enrolment_guesses (
+            account_hash {blob} PRIMARY KEY,
+            failed_attempts {integer} NOT NULL,
+            locked {boolean} NOT NULL,
+            last_attempt_at {time} NOT NULL
+        )""",
+        "CREATE INDEX enrolment_guesses_age ON enrolment_guesses (last_attempt_at)",
     ),
 )
 
@@ -402,21 +418,33 @@ class SqlBillerStore(abc.ABC):
         await self._in_write(add)
 
     async def enrolment_codes(self, account_id: str) -> list[EnrolmentCodeRecord]:
-        rows = await self._all(
-            "SELECT salt, code_hash, expires_at, used_at FROM enrolment_codes WHERE account_id = ?", account_id
-        )
-        return [EnrolmentCodeRecord(account_id, row[0], row[1], dt(row[2]), row[3] is not None) for row in rows]
+        return await self._in_statement(lambda db: _enrolment_codes(db, account_id))
 
-    async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
-        await self._in_write(
-            lambda db: db.execute(
-                """UPDATE accounts
-                   SET failed_enrolment_attempts = failed_enrolment_attempts + 1,
-                       enrolment_locked = failed_enrolment_attempts + 1 >= ?
-                   WHERE account_id = ?""",
-                (max_attempts, account_id),
-            )
-        )
+    async def attempt_enrolment_code(
+        self,
+        account_id: str,
+        matches: Callable[[EnrolmentCodeRecord], bool],
+        max_attempts: int,
+        now: datetime,
+    ) -> EnrolmentAttempt:
+        def attempt(db: Db) -> EnrolmentAttempt:
+            # The counter's row is held (FOR UPDATE / SQLite's one writer) from the lock check to the commit,
+            # so concurrent attempts are counted one after another and none is compared past the limit (ENR-5).
+            counter = _enrolment_counter(db, account_id, now)
+            failed, locked = counter.read()
+            if locked:
+                return EnrolmentAttempt(EnrolmentAttemptOutcome.LOCKED)
+            counter.write(failed + 1, failed + 1 >= max_attempts)  # count first...
+            match = None
+            for record in _enrolment_codes(db, account_id):  # ...then compare every code (no early exit)
+                if matches(record):
+                    match = record
+            if match is None:
+                return EnrolmentAttempt(EnrolmentAttemptOutcome.MISMATCH)
+            counter.write(failed, locked)  # ...and take the count back for the right code
+            return EnrolmentAttempt(EnrolmentAttemptOutcome.MATCHED, match)
+
+        return await self._in_write(attempt)
 
     async def enrol(self, enrolment: Enrolment) -> None:
         def enrol(db: Db) -> None:
@@ -763,6 +791,75 @@ def _insert_replay(db: Db, record: ReplayRecord) -> None:
         )
     except IntegrityViolation as error:
         raise StoreConflict(Reason.REPLAYED_MESSAGE, "the message id was received meanwhile") from error
+
+
+def _enrolment_codes(db: Db, account_id: str) -> list[EnrolmentCodeRecord]:
+    rows = db.execute(
+        "SELECT salt, code_hash, expires_at, used_at FROM enrolment_codes WHERE account_id = ?", (account_id,)
+    ).fetchall()
+    return [EnrolmentCodeRecord(account_id, row[0], row[1], dt(row[2]), row[3] is not None) for row in rows]
+
+
+@dataclass(frozen=True)
+class _EnrolmentCounter:
+    """The wrong-code counter and lock of one account id, its row held for the transaction: the account's
+    own columns if it exists, else its row in `enrolment_guesses` (ENR-3: both behave the same)."""
+
+    db: Db
+    account_id: str
+    account_hash: bytes | None  # None: an existing account
+    now: datetime
+
+    def read(self) -> tuple[int, bool]:
+        if self.account_hash is None:
+            row = self.db.execute(
+                "SELECT failed_enrolment_attempts, enrolment_locked FROM accounts WHERE account_id = ?",
+                (self.account_id,),
+            ).fetchone()
+        else:
+            row = self.db.execute(
+                "SELECT failed_attempts, locked FROM enrolment_guesses WHERE account_hash = ?", (self.account_hash,)
+            ).fetchone()
+        return int(row[0]), bool(row[1])
+
+    def write(self, failed: int, locked: bool) -> None:
+        if self.account_hash is None:
+            self.db.execute(
+                "UPDATE accounts SET failed_enrolment_attempts = ?, enrolment_locked = ? WHERE account_id = ?",
+                (failed, locked, self.account_id),
+            )
+        else:
+            self.db.execute(
+                "UPDATE enrolment_guesses SET failed_attempts = ?, locked = ?, last_attempt_at = ? "
+                "WHERE account_hash = ?",
+                (failed, locked, ts(self.now), self.account_hash),
+            )
+
+
+def _enrolment_counter(db: Db, account_id: str, now: datetime) -> _EnrolmentCounter:
+    """The account id's counter, its row locked until the transaction ends (made for an unknown id)."""
+    exists = db.execute(
+        "SELECT 1 FROM accounts WHERE account_id = ?" + db.for_update,  # noqa: S608
+        (account_id,),
+    ).fetchone()
+    if exists is not None:
+        return _EnrolmentCounter(db, account_id, None, now)
+    account_hash = hashlib.sha256(account_id.encode()).digest()
+    # Forget what is older than the memory, then the least recently tried beyond the cap (LIM-12).
+    db.execute("DELETE FROM enrolment_guesses WHERE last_attempt_at < ?", (ts(now - ENROLMENT_GUESS_MEMORY),))
+    oldest_kept = db.execute(
+        "SELECT last_attempt_at FROM enrolment_guesses ORDER BY last_attempt_at DESC LIMIT 1 OFFSET ?",
+        (MAX_ENROLMENT_GUESSES - 1,),
+    ).fetchone()
+    if oldest_kept is not None:
+        db.execute("DELETE FROM enrolment_guesses WHERE last_attempt_at <= ?", (oldest_kept[0],))
+    db.execute(
+        """INSERT INTO enrolment_guesses (account_hash, failed_attempts, locked, last_attempt_at)
+           VALUES (?, 0, FALSE, ?) ON CONFLICT (account_hash) DO NOTHING""",
+        (account_hash, ts(now)),
+    )
+    db.execute("SELECT 1 FROM enrolment_guesses WHERE account_hash = ?" + db.for_update, (account_hash,))  # noqa: S608
+    return _EnrolmentCounter(db, account_id, account_hash, now)
 
 
 def _lock_account(db: Db, account_id: str) -> None:

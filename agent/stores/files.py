@@ -14,10 +14,10 @@ import secrets
 import stat
 from pathlib import Path
 
+from agent.protocol.enrolment import SECRET_BYTES
 from agent.protocol.keys import InsecureKeyFileError
 
 PRIVATE_MODE = 0o600
-SECRET_BYTES = 32  # an HMAC-SHA-256 key as long as the hash (ENR-8)
 _GROUP_OR_OTHER = 0o077
 
 
@@ -83,7 +83,6 @@ def load_or_create_secret(path: str | os.PathLike[str]) -> bytes:
 
 __all__ = [
     "PRIVATE_MODE",
-    "SECRET_BYTES",
     "check_private_file",
     "create_private",
     "load_or_create_secret",

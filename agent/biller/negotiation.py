@@ -263,12 +263,17 @@ class NegotiationPhase:
         payload = inbound.message
         opened_bill_id = payload.bill_id if isinstance(payload, negotiation_pb2.ThreadOpen) else ""
         context = await party.store.thread_context(inbound.header.thread_id, opened_bill_id)
-        if context.thread is None and not isinstance(payload, negotiation_pb2.ThreadOpen):
-            raise RemoteProtocolError(Reason.NOT_FOUND, "no such thread on the signer's accounts")
+        # AUZ-3, AUZ-5: a thread or bill of another account gets the very answer a missing one gets.
+        new_thread = context.thread is None and isinstance(payload, negotiation_pb2.ThreadOpen)
+        named = "bill" if new_thread else "thread"
+        not_found = RemoteProtocolError(Reason.NOT_FOUND, f"no such {named} on the signer's accounts")
+        if context.thread is None and not new_thread:
+            raise not_found
         if context.bill is None:
             assert context.thread is None, "threads reference existing bills"
-            raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {opened_bill_id!r} on the signer's accounts")
-        party.receive.check_bound(context.account, inbound.sender, Reason.NOT_FOUND)
+            raise not_found
+        if context.account is None or context.account.consumer_party_id != inbound.sender:
+            raise not_found
         return context.thread, context.bill
 
     async def record_refusal(

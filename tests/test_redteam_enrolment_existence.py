@@ -1,4 +1,4 @@
-"""Red team issue 13 item 7: another account's bill or thread and a missing one get the very same answer (AUZ-3, AUZ-5)."""
+"""Red team issue 13 item 7: another account's bill or thread and a missing one get the same answer (AUZ-3, AUZ-5)."""
 
 from __future__ import annotations
 

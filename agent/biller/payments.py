@@ -19,7 +19,7 @@ from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolErro
 from agent.protocol.limits import INTENT_ID_PATTERN
 from agent.protocol.messages import check_sequence, to_timestamp
 from agent.protocol.moves import NEGOTIATION_TYPES
-from agent.protocol.terms import Money, Terms
+from agent.protocol.terms import Money, Terms, shift_days
 from agent.stores.base import (
     ArrangementRecord,
     BillRecord,
@@ -38,7 +38,11 @@ _INTENT_ID = re.compile(INTENT_ID_PATTERN)
 
 
 def _end_of(day: date) -> datetime:
-    return datetime.combine(day + timedelta(days=1), time(0), UTC)
+    """The instant a payment dated `day` is late: midnight UTC after it (the last instant of the calendar
+    for its last day, rather than an overflow)."""
+    if day == date.max:
+        return datetime.combine(day, time.max, UTC)
+    return datetime.combine(shift_days(day, 1), time(0), UTC)
 
 
 def _money(pb: terms_pb2.Money, field: str) -> Money:

@@ -32,6 +32,9 @@ MAX_LINES = 8
 MAX_KEYS_PER_SET = 16
 MAX_REVOCATIONS_PER_SET = 256
 MAX_KEYSET_LIFETIME = timedelta(days=400)
+# TRM-16: no date of any terms more than this many days after the bill's due date (five years: a plan of
+# max_instalments monthly payments starting late still fits), so no agreed date is absurd or overflows.
+MAX_TERMS_HORIZON_DAYS = 1830
 # Largest amount: below 10**(9 + exponent) minor units, i.e. 999,999,999.99 for
 # a two-decimal currency, as in the SEPA Request-to-Pay rulebook.
 AMOUNT_MAJOR_DIGITS = 9

@@ -287,8 +287,8 @@ class _AccountTick:
                         "If something has changed, tell us: we can find a new plan together."
                     )
                     await notify(INSTALMENT_MISSED, amount, text, due)
-                settled = sum(payment.amount_minor for payment in arrangement.payments)
-                owed = arrangement.terms.total - Money(amount.currency, settled)
+                # PAY-16: a broken plan's fees and reductions lapse; the outstanding balance is owed.
+                owed = arrangement.terms.principal - Money(amount.currency, await self.store.received_minor(bill_id))
                 text = f"As instalment {number} was missed, your plan has ended and the remaining {owed} is now due."
                 await notify(ARRANGEMENT_BROKEN, owed, text, None)
                 await self._offer_renegotiation(arrangement, None)

@@ -50,6 +50,11 @@ PEER_RATE_LIMIT_FACTOR = 10
 # and for at most this many ids, the least recently tried forgotten first.
 ENROLMENT_GUESS_MEMORY = timedelta(days=30)
 MAX_ENROLMENT_GUESSES = 100_000
+# PAY-15: an agreed payment (an instalment, a discounted or deferred payment) is instructed until the end of
+# its agreed date plus this many days; later the agreement no longer sets it (PAY-16).
+PAYMENT_GRACE_DAYS = 3
+# PAY-14, LIM-12: payment intents stored per bill, settled or not.
+MAX_PAYMENT_INTENTS_PER_BILL = 100
 
 
 @dataclass(frozen=True)

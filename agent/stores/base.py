@@ -286,6 +286,7 @@ class PaymentIntentRecord:
     intent: bytes
     instructions: bytes
     created_at: datetime
+    pay_by: datetime | None = None  # the instructions' pay_by_time (None: stored before it was kept)
 
 
 @dataclass(frozen=True)
@@ -312,10 +313,12 @@ class SealedSettlement:
 class Settle:
     """A settlement to record; `seal(remaining_minor)` signs the receipt inside the transaction.
 
-    remaining_minor is what is still owed after this payment: the agreement's total
-    (or the bill's amount due, for an intent without agreement) minus every
-    settlement of the same bill and agreement, this one included. When it is zero
-    the bill becomes PAID.
+    remaining_minor is what is still owed after this payment (PAY-16): for an intent
+    under an agreement, the agreement's total minus every settlement under it; for
+    an intent without one, the bill's amount due minus every settlement for the
+    bill — this one included either way. When it is zero the bill becomes PAID; a
+    settlement that would make it negative is refused (ValueError, nothing
+    written): receipts never add up to more than is owed.
     """
 
     account_id: str
@@ -363,6 +366,8 @@ class PaymentContext:
     bill: BillRecord | None
     intent: PaymentIntentRecord | None
     arrangement: ArrangementRecord | None
+    received_minor: int = 0  # every settlement for the bill, under any agreement or none (PAY-16)
+    current_agreement: bytes | None = None  # the bill's arrangement in force: its latest, if under one
 
 
 class BillerStore(Protocol):
@@ -441,6 +446,11 @@ class BillerStore(Protocol):
 
     async def insert_bill(self, bill: BillRecord, events: Sequence[PendingEvent]) -> list[EventRecord]:
         """Store a signed bill with its events; AlreadyExists if the bill id is taken."""
+        ...
+
+    async def received_minor(self, bill_id: str) -> int:
+        """Every settlement for the bill, under any agreement or none: what makes its outstanding balance
+        (amount due less this, PAY-16)."""
         ...
 
     async def get_bill(self, bill_id: str) -> BillRecord | None: ...

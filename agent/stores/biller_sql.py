@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason
-from agent.protocol.limits import ENROLMENT_GUESS_MEMORY, MAX_ENROLMENT_GUESSES
+from agent.protocol.limits import ENROLMENT_GUESS_MEMORY, MAX_ENROLMENT_GUESSES, MAX_PAYMENT_INTENTS_PER_BILL
 from agent.stores.base import (
     AccountRecord,
     AlreadyExists,
@@ -221,6 +221,9 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
             last_attempt_at {time} NOT NULL
         )""",
         "CREATE INDEX enrolment_guesses_age ON enrolment_guesses (last_attempt_at)",
+        # PAY-14: an intent blocks the bill's next one until it is settled or its pay-by time has passed.
+        "ALTER TABLE payment_intents ADD COLUMN pay_by {time}",
+        "CREATE INDEX payment_intents_bill ON payment_intents (bill_id)",
     ),
 )
 
@@ -542,6 +545,9 @@ class SqlBillerStore(abc.ABC):
 
     _BILL_COLUMNS = "bill_id, account_id, envelope, digest, amount_minor, currency, due_date, status, issued_at"
 
+    async def received_minor(self, bill_id: str) -> int:
+        return await self._in_statement(lambda db: _received_minor(db, bill_id))
+
     async def get_bill(self, bill_id: str) -> BillRecord | None:
         row = await self._one(f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?", bill_id)  # noqa: S608
         return None if row is None else _bill(row)
@@ -648,7 +654,7 @@ class SqlBillerStore(abc.ABC):
     # --- payments ---
 
     _INTENT_COLUMNS = """account_id, intent_id, content_hash, bill_id, agreement_digest, instalment_index,
-                         amount_minor, currency, payment_reference, intent, instructions, created_at"""
+                         amount_minor, currency, payment_reference, intent, instructions, created_at, pay_by"""
 
     async def payment_context(
         self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
@@ -665,11 +671,19 @@ class SqlBillerStore(abc.ABC):
                     self._ARRANGEMENTS + " AND t.account_id = ? AND t.accept_digest = ?", (account_id, agreement_digest)
                 ).fetchone()
                 arrangement = None if row is None else _arrangement(db, row)
+            current = db.execute(
+                """SELECT t.accept_digest FROM threads t JOIN bills b ON b.bill_id = t.bill_id
+                   WHERE t.bill_id = ? AND t.outcome = 'agreed' AND b.status = 'under_arrangement'
+                   ORDER BY t.agreed_at DESC, t.rowid DESC LIMIT 1""",
+                (bill_id,),
+            ).fetchone()
             return PaymentContext(
                 account=_read_account(db, account_id),
                 bill=None if bill is None else _bill(bill),
                 intent=None if intent is None else _intent(intent),
                 arrangement=arrangement,
+                received_minor=_received_minor(db, bill_id),
+                current_agreement=None if current is None else current[0],
             )
 
         return await self._in_read(read)
@@ -705,8 +719,9 @@ class SqlBillerStore(abc.ABC):
                 raise StoreConflict(Reason.IDEMPOTENCY_CONFLICT, f"intent {intent.intent_id!r} was created meanwhile")
             if holders:
                 raise ValueError(f"payment reference {intent.payment_reference!r} is not unique")
+            _check_no_payment_in_progress(db, intent)
             db.execute(
-                f"INSERT INTO payment_intents ({self._INTENT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
+                f"INSERT INTO payment_intents ({self._INTENT_COLUMNS}) VALUES ({', '.join('?' * 13)})",  # noqa: S608
                 (
                     intent.account_id,
                     intent.intent_id,
@@ -720,6 +735,7 @@ class SqlBillerStore(abc.ABC):
                     intent.intent,
                     intent.instructions,
                     ts(intent.created_at),
+                    None if intent.pay_by is None else ts(intent.pay_by),
                 ),
             )
             _insert_replay(db, replay)
@@ -1003,7 +1019,40 @@ def _intent(row: Row) -> PaymentIntentRecord:
         intent=row[9],
         instructions=row[10],
         created_at=dt(row[11]),
+        pay_by=None if row[12] is None else dt(row[12]),
     )
+
+
+def _received_minor(db: Db, bill_id: str) -> int:
+    """Every settlement for the bill, under any agreement or none (PAY-16)."""
+    (received,) = db.execute(
+        """SELECT COALESCE(SUM(s.amount_minor), 0)
+           FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
+           WHERE p.bill_id = ?""",
+        (bill_id,),
+    ).fetchone()
+    return int(received)  # int: PostgreSQL sums to NUMERIC
+
+
+def _check_no_payment_in_progress(db: Db, intent: PaymentIntentRecord) -> None:
+    """PAY-14, under the account's lock: at most MAX_PAYMENT_INTENTS_PER_BILL intents per bill, and no new
+    one while another for the bill is instructed, unsettled and not past its pay-by time."""
+    rows = db.execute(
+        """SELECT p.intent_id, p.pay_by, s.intent_id
+           FROM payment_intents p LEFT JOIN settlements s USING (account_id, intent_id)
+           WHERE p.bill_id = ?""",
+        (intent.bill_id,),
+    ).fetchall()
+    if len(rows) >= MAX_PAYMENT_INTENTS_PER_BILL:
+        raise StoreConflict(
+            Reason.TOO_MANY_PAYMENT_INTENTS, f"the bill has {MAX_PAYMENT_INTENTS_PER_BILL} payment intents already"
+        )
+    for intent_id, pay_by, settled in rows:
+        if settled is None and pay_by is not None and dt(pay_by) > intent.created_at:
+            raise StoreConflict(
+                Reason.PAYMENT_IN_PROGRESS,
+                f"intent {intent_id!r} for the bill is instructed and not settled yet: pay that one",
+            )
 
 
 def _bill(row: Row) -> BillRecord:
@@ -1068,14 +1117,20 @@ def _settle(db: Db, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]
     if existing is not None:
         return existing, []
     bill_id, agreement_digest, amount_due, agreed_total = intent
-    owed = agreed_total if agreement_digest else amount_due
-    (paid_before,) = db.execute(
-        """SELECT COALESCE(SUM(s.amount_minor), 0)
-           FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
-           WHERE p.account_id = ? AND p.bill_id = ? AND p.agreement_digest = ?""",
-        (settle.account_id, bill_id, agreement_digest),
-    ).fetchone()
-    remaining = max(0, owed - int(paid_before) - settle.amount_minor)  # int: PostgreSQL sums to NUMERIC
+    if agreement_digest:  # PAY-16: under an agreement, its total less what was paid under it
+        (paid_before,) = db.execute(
+            """SELECT COALESCE(SUM(s.amount_minor), 0)
+               FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
+               WHERE p.account_id = ? AND p.bill_id = ? AND p.agreement_digest = ?""",
+            (settle.account_id, bill_id, agreement_digest),
+        ).fetchone()
+        remaining = agreed_total - int(paid_before) - settle.amount_minor  # int: PostgreSQL sums to NUMERIC
+    else:  # without one, the outstanding balance: the amount due less everything received for the bill
+        remaining = amount_due - _received_minor(db, bill_id) - settle.amount_minor
+    if remaining < 0:
+        raise ValueError(
+            f"settling intent {settle.intent_id!r} would receive more than is owed for the bill: no receipt (PAY-16)"
+        )
     sealed = settle.seal(remaining)
     record = SettlementRecord(
         settle.account_id,

@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason
 from agent.protocol.terms import Money
@@ -102,5 +104,23 @@ def test_an_agreed_instalment_is_instructed_only_until_its_date_and_grace(tmp_pa
             ACCOUNT, BILL.bill_id, "inst-2", eur("40.00"), agreement_digest=agreement, instalment_index=1
         )
         assert await reason(instruct(biller, late)) is Reason.PAYMENT_AMOUNT_MISMATCH
+
+    run(tmp_path, scenario)
+
+
+def test_a_settlement_that_would_receive_more_than_is_owed_gets_no_receipt(tmp_path: Path) -> None:
+    async def scenario(biller: Biller) -> None:
+        alice = await biller.enrolled(ACCOUNT, "consumer:alice")
+        bill = await biller.bill(ACCOUNT)
+        await instruct(biller, alice.intent(ACCOUNT, BILL.bill_id, "whole", BILL.amount_due))  # in flight...
+        answer = await biller.stub.Negotiate(NegotiateRequest(move=alice.open(bill, inside_options())))
+        agreement = digest(answer.reply)  # ...while a plan is agreed and its first instalment paid
+        await instruct(biller, alice.intent(ACCOUNT, BILL.bill_id, "inst-1", eur("40.00"), agreement_digest=agreement))
+        assert remaining(await biller.agent.record_settlement(ACCOUNT, "inst-1", eur("40.00"), "RAIL-1")) == eur(
+            "80.00"
+        )
+        with pytest.raises(ValueError, match="more than is owed"):
+            await biller.agent.record_settlement(ACCOUNT, "whole", BILL.amount_due, "RAIL-2")
+        assert await biller.agent.party.store.received_minor(BILL.bill_id) == eur("40.00").minor
 
     run(tmp_path, scenario)

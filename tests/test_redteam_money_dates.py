@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.biller import AcceptOffer, CounterOffer
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError, Reason
-from agent.protocol.limits import MAX_TERMS_HORIZON_DAYS
+from agent.protocol.limits import MAX_TERMS_HORIZON_DAYS, PAYMENT_GRACE_DAYS
 from agent.protocol.terms import (
     Line,
     LineKind,
@@ -102,8 +102,13 @@ async def _extreme_bill(biller: Biller, due: date, today: date) -> None:
     terms = build_terms(TermsKind.PAY_IN_FULL, AMOUNT, [due])
     answer = await biller.stub.Negotiate(NegotiateRequest(move=alice.open(bill, terms.to_proto())))
     intent = alice.intent(ACCOUNT, bill_id, "pay-1", AMOUNT, agreement_digest=digest(answer.reply))
-    instructed = await biller.stub.CreatePaymentIntent(CreatePaymentIntentRequest(intent=intent))
-    payment_pb2.PaymentInstructions.FromString(instructed.instructions.payload).pay_by_time.ToDatetime()
+    if (START.date() - due).days > PAYMENT_GRACE_DAYS:  # long past its agreed date: refused (PAY-15), not INTERNAL
+        assert await reason(biller.stub.CreatePaymentIntent(CreatePaymentIntentRequest(intent=intent))) is (
+            Reason.PAYMENT_AMOUNT_MISMATCH
+        )
+    else:
+        instructed = await biller.stub.CreatePaymentIntent(CreatePaymentIntentRequest(intent=intent))
+        payment_pb2.PaymentInstructions.FromString(instructed.instructions.payload).pay_by_time.ToDatetime()
     for day in (today, shift_days(due, -3), due, shift_days(due, 4), shift_days(due, 40)):
         now = START.replace(year=min(max(day.year, 1), 9998), month=day.month, day=min(day.day, 28))
         await scheduler.tick(biller.agent, CONFIG, now, store=biller.agent.party.store, accounts=[ACCOUNT])

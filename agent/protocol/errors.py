@@ -145,7 +145,7 @@ class Reason(enum.Enum):
     PAYMENT_IN_PROGRESS = (
         "FAILED_PRECONDITION",
         "PAY-14",
-        "Another payment intent for the bill is instructed, not settled, and not past its pay-by time.",
+        "Another intent for the same payment is instructed, not settled, and not past its pay-by time.",
     )
     TOO_MANY_PAYMENT_INTENTS = ("RESOURCE_EXHAUSTED", "PAY-14", "The bill has the most payment intents allowed.")
     # Events (§11)

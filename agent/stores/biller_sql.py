@@ -1036,9 +1036,11 @@ def _received_minor(db: Db, bill_id: str) -> int:
 
 def _check_no_payment_in_progress(db: Db, intent: PaymentIntentRecord) -> None:
     """PAY-14, under the account's lock: at most MAX_PAYMENT_INTENTS_PER_BILL intents per bill, and no new
-    one while another for the bill is instructed, unsettled and not past its pay-by time."""
+    one for a payment (the bill's balance, or one instalment of one agreement) while another for that same
+    payment is instructed, unsettled and not past its pay-by time. Different instalments may be in flight
+    together; what could still add up to more than is owed is refused at settlement (PAY-16)."""
     rows = db.execute(
-        """SELECT p.intent_id, p.pay_by, s.intent_id
+        """SELECT p.intent_id, p.pay_by, s.intent_id, p.agreement_digest, p.instalment_index
            FROM payment_intents p LEFT JOIN settlements s USING (account_id, intent_id)
            WHERE p.bill_id = ?""",
         (intent.bill_id,),
@@ -1047,11 +1049,14 @@ def _check_no_payment_in_progress(db: Db, intent: PaymentIntentRecord) -> None:
         raise StoreConflict(
             Reason.TOO_MANY_PAYMENT_INTENTS, f"the bill has {MAX_PAYMENT_INTENTS_PER_BILL} payment intents already"
         )
-    for intent_id, pay_by, settled in rows:
+    payment = (bytes(intent.agreement_digest), intent.instalment_index)
+    for intent_id, pay_by, settled, agreement_digest, instalment_index in rows:
+        if (bytes(agreement_digest), instalment_index) != payment:
+            continue
         if settled is None and pay_by is not None and dt(pay_by) > intent.created_at:
             raise StoreConflict(
                 Reason.PAYMENT_IN_PROGRESS,
-                f"intent {intent_id!r} for the bill is instructed and not settled yet: pay that one",
+                f"intent {intent_id!r} for the same payment is instructed and not settled yet: pay that one",
             )
 
 

@@ -49,6 +49,7 @@ from agent.clock import SystemClock
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.errors import ProtocolError
 from agent.protocol.terms import Money, parse_date
+from agent.stores.files import check_private_file
 from reference_biller.accounts import AccountError, AccountView, account_views, add_account, check_id
 from reference_biller.backoffice import read_token_file, serve_backoffice
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
@@ -122,7 +123,7 @@ def _backoffice(args: argparse.Namespace, out: Console) -> int:
             _failed(out, f"warning: {args.token_file} is readable by other users; chmod 600 it")
         if (args.tls_cert is None) != (args.tls_key is None):
             raise _Unusable("give --tls-cert and --tls-key together")
-        tls = None if args.tls_cert is None else (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes())
+        tls = None if args.tls_cert is None else (Path(args.tls_cert).read_bytes(), check_private_file(args.tls_key))
         client_ca = None if args.tls_client_ca is None else Path(args.tls_client_ca).read_bytes()
     except _Unusable as error:
         _failed(out, str(error))

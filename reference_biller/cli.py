@@ -53,6 +53,8 @@ from rich.markup import escape
 from agent.clock import Clock, SystemClock
 from agent.identity import IdentityError, NoIdentityError
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
+from agent.protocol.keys import InsecureKeyFileError
+from agent.stores.files import check_private_file
 from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import install_uvloop, is_loopback
 from reference_biller import accounts, sample
@@ -159,7 +161,7 @@ def _tls_files(settings: ServeSettings, insecure: bool) -> tuple[bytes, bytes] |
         if not is_loopback(host):
             raise ValueError(f"plaintext is allowed only on a loopback address (TRN-2), not {host!r}: use TLS")
         return None
-    certificate, key = settings.tls_cert.read_bytes(), settings.tls_key.read_bytes()
+    certificate, key = settings.tls_cert.read_bytes(), check_private_file(settings.tls_key)
     _check_tls_pair(settings.tls_cert, certificate, settings.tls_key, key)
     return certificate, key
 
@@ -252,7 +254,7 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
         if settings.otel:
             server_interceptors()  # TracingUnavailable now, before anything is opened
         webhooks = _webhook_endpoints(config)
-    except (TracingUnavailable, ValueError) as error:  # ConfigError is a ValueError
+    except (TracingUnavailable, ValueError, InsecureKeyFileError) as error:  # ConfigError is a ValueError
         _failed(out, str(error))
         return EXIT_UNUSABLE
     except OSError as error:

@@ -9,7 +9,7 @@ only when no round is left for a counter.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import date
 
 from agent.biller import AcceptOffer, BillContext, CounterOffer, Decision, OfferContext, RejectOffer
 from agent.protocol.terms import (
@@ -27,6 +27,7 @@ from agent.protocol.terms import (
     build_terms,
     every_days,
     monthly_dates,
+    shift_days,
 )
 from parley.v1 import negotiation_pb2
 from reference_biller.config import BillerConfig, Segment
@@ -39,6 +40,13 @@ def _fee(amount: Money, label: str) -> tuple[Line, ...]:
 def settlement_floor(principal: Money, percent: int) -> Money:
     """The smallest settlement the segment accepts: percent of the principal, rounded up to a minor unit."""
     return Money(principal.currency, -(-principal.minor * percent // 100))
+
+
+def latest_settlement_date(bill: BillFacts, segment: Segment) -> date:
+    """The latest date the segment accepts a settlement paid on: no later than it lets any single payment
+    start (a deferral, or a plan's first instalment). A settlement is a reduction for paying soon, not a
+    discount on a promise to pay in years."""
+    return shift_days(bill.due_date, max(segment.deferral_max_days, segment.instalment_max_first_delay_days))
 
 
 class SegmentPolicy:
@@ -55,7 +63,7 @@ class SegmentPolicy:
             context.due_date,
         )
         segment = self.config.segment_of(account_id)
-        pay_by = due_date - timedelta(days=segment.early_payment_days_before_due)
+        pay_by = shift_days(due_date, -segment.early_payment_days_before_due)
         discount = segment.early_payment_discount
         early = (
             EarlyPaymentDiscount(pay_by, discount)
@@ -94,8 +102,10 @@ class SegmentPolicy:
     def decide(self, context: OfferContext) -> Decision:
         segment = self.config.segment_of(context.account_id)
         offer, bill = context.offer, context.bill
-        if offer.kind is TermsKind.SETTLEMENT and offer.total >= settlement_floor(
-            offer.principal, segment.settlement_floor_percent
+        if (
+            offer.kind is TermsKind.SETTLEMENT
+            and offer.total >= settlement_floor(offer.principal, segment.settlement_floor_percent)
+            and offer.schedule[-1].due_date <= latest_settlement_date(bill, segment)
         ):
             return AcceptOffer()
         if context.round >= context.max_rounds:
@@ -115,9 +125,11 @@ class SegmentPolicy:
         if offer.kind is TermsKind.SETTLEMENT:
             floor = settlement_floor(principal, segment.settlement_floor_percent)
             reduction = Line(LineKind.SETTLEMENT_REDUCTION, "settlement reduction", principal - floor)
-            return build_terms(TermsKind.SETTLEMENT, principal, [offer.schedule[-1].due_date], [reduction])
+            # The consumer's date only if the policy would accept it: never echo an out-of-bounds date.
+            day = max(min(offer.schedule[-1].due_date, latest_settlement_date(bill, segment)), bill.issue_date)
+            return build_terms(TermsKind.SETTLEMENT, principal, [day], [reduction])
         if offer.kind is TermsKind.DEFERRAL and segment.deferral_max_days:
-            latest = due + timedelta(days=segment.deferral_max_days)
+            latest = shift_days(due, segment.deferral_max_days)
             return build_terms(
                 TermsKind.DEFERRAL, principal, [min(offer.schedule[-1].due_date, latest)],
                 _fee(segment.deferral_fee, "deferral fee"),
@@ -137,12 +149,15 @@ class SegmentPolicy:
         count = min(len(offer.schedule), segment.instalment_max_count, affordable_count)
         if count < 2:
             return None
-        latest_first = bill.due_date + timedelta(days=segment.instalment_max_first_delay_days)
+        latest_first = shift_days(bill.due_date, segment.instalment_max_first_delay_days)
         first = max(min(offer.schedule[0].due_date, latest_first), bill.issue_date)
         monthly_fits = segment.instalment_min_interval_days <= 28 and segment.instalment_max_interval_days >= 31
-        dates = (
-            monthly_dates(first, count)
-            if monthly_fits
-            else every_days(first, count, segment.instalment_max_interval_days)
-        )
+        try:
+            dates = (
+                monthly_dates(first, count)
+                if monthly_fits
+                else every_days(first, count, segment.instalment_max_interval_days)
+            )
+        except ValueError:  # the plan would run past the calendar's end: no counter
+            return None
         return build_terms(TermsKind.INSTALMENT_PLAN, bill.amount_due, dates, fee)

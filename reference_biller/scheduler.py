@@ -45,7 +45,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from agent.biller import Arrangement, BillerAgent
 from agent.protocol.limits import MAX_NOTE_CHARS
-from agent.protocol.terms import Money, format_date, parse_date
+from agent.protocol.terms import Money, format_date, parse_date, shift_days
 from agent.stores.base import BillerStore, BillRecord, BillStatus
 from agent.stores.biller_sql import Leases
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2
@@ -262,8 +262,8 @@ class _AccountTick:
             for (bill, agreement, index) in self.in_flight
             if (bill, agreement) == (bill_id, arrangement.agreement_digest)
         }
-        notice = timedelta(days=self.reminders.before_due_days)
-        grace = timedelta(days=self.reminders.grace_days)
+        # Day counts compared as differences of dates: no sum of a date and a period, so no date overflows.
+        notice_days, grace_days = self.reminders.before_due_days, self.reminders.grace_days
 
         async def notify(kind: event_pb2.EventKind.ValueType, amount: Money, text: str, day: date | None) -> None:
             await self._emit(
@@ -280,20 +280,20 @@ class _AccountTick:
             if index in paid:
                 continue
             due, amount, number = instalment.due_date, instalment.amount, f"{index + 1} of {count}"
-            if self.today > due + grace:
+            if (self.today - due).days > grace_days:
                 if not log.find(INSTALMENT_MISSED, bill_id, thread_id=thread_id, day=due):
                     text = (
                         f"We have not received instalment {number} of your plan ({amount}, due {format_date(due)}). "
                         "If something has changed, tell us: we can find a new plan together."
                     )
                     await notify(INSTALMENT_MISSED, amount, text, due)
-                settled = sum(payment.amount_minor for payment in arrangement.payments)
-                owed = arrangement.terms.total - Money(amount.currency, settled)
+                # PAY-16: a broken plan's fees and reductions lapse; the outstanding balance is owed.
+                owed = arrangement.terms.principal - Money(amount.currency, await self.store.received_minor(bill_id))
                 text = f"As instalment {number} was missed, your plan has ended and the remaining {owed} is now due."
                 await notify(ARRANGEMENT_BROKEN, owed, text, None)
                 await self._offer_renegotiation(arrangement, None)
                 return
-            if due - notice <= self.today <= due and not log.find(
+            if 0 <= (due - self.today).days <= notice_days and not log.find(
                 INSTALMENT_DUE, bill_id, thread_id=thread_id, day=due
             ):
                 text = (
@@ -355,8 +355,8 @@ class _AccountTick:
     def _next_stage(self, bill_id: str, anchor: date) -> _Stage | None:
         """The next step of the escalation about `anchor`, if its day has come (one step per tick)."""
         config = self.reminders
-        stages = [_Stage(0, 1, anchor - timedelta(days=config.before_due_days))] if config.before_due_days else []
-        stages += [_Stage(i + 1, i + 1, anchor + timedelta(days=days)) for i, days in enumerate(config.after_due_days)]
+        stages = [_Stage(0, 1, shift_days(anchor, -config.before_due_days))] if config.before_due_days else []
+        stages += [_Stage(i + 1, i + 1, shift_days(anchor, days)) for i, days in enumerate(config.after_due_days)]
         sent = [
             (e.level if e.level > 1 or e.created.date() >= anchor else 0)
             for e in self.log.find(REMINDER, bill_id, day=anchor)

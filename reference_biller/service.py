@@ -68,6 +68,7 @@ from agent.identity import Identity, IdentityDir
 from agent.metrics import MetricsEndpoint, serve_metrics
 from agent.protocol.keys import SigningKey
 from agent.stores import SqlBillerStore, open_biller_store
+from agent.stores.files import load_or_create_secret
 from agent.transport.server import (
     DEFAULT_SHUTDOWN_GRACE,
     BillerServer,
@@ -247,6 +248,7 @@ async def open_biller(
             rail=rail,
             clock=clock,
             features=(*FEATURES, CONFORMANCE_FEATURE) if conformance_control else FEATURES,
+            enrolment_secret=load_or_create_secret(state_dir / "enrolment.secret"),  # ENR-8: not in the store
         )
         await sample.ensure_accounts(agent, config)
         await rail.restore(agent)  # intents instructed before a restart are still matched and settled

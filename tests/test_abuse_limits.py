@@ -318,7 +318,7 @@ def test_unsigned_calls_and_refused_enrolments_are_limited_per_address(tmp_path:
             await biller.stub.Hello(HelloRequest(protocol_versions=[1]))
             # A fresh key set each time: an Enrol's key vouches only for itself, so its refusal costs the address.
             stranger = Consumer(f"consumer:guess-{n}", biller.clock)
-            wrong = biller.stub.Enrol(EnrolRequest(request=stranger.enrolment("no-such-account", code)))
+            wrong = biller.stub.Enrol(EnrolRequest(request=stranger.enrolment(f"no-such-account-{n}", code)))
             assert await reason(wrong) is Reason.ENROLMENT_CODE_INVALID
         assert await reason(biller.stub.GetKeySets(GetKeySetsRequest())) is Reason.RATE_LIMITED
         alice = Consumer("consumer:alice", biller.clock)

@@ -103,6 +103,7 @@ def a_file(root: Path) -> None:
 def garbage_tls(root: Path) -> None:
     (root / "cert.pem").write_text("garbage")
     (root / "key.pem").write_text("garbage")
+    (root / "key.pem").chmod(0o600)  # a private key file as it should be kept: the certificate is what is wrong
 
 
 def corrupt_store(root: Path) -> None:
@@ -114,6 +115,12 @@ def two_certificates(root: Path) -> None:
     """a/ and b/: two development CAs with their server certificates and keys; a's certificate, b's key."""
     write_dev_certs(root / "a")
     write_dev_certs(root / "b")
+
+
+def readable_tls_key(root: Path) -> None:
+    """a/: a development CA, its server certificate, and a key file the group and others may read."""
+    write_dev_certs(root / "a")
+    (root / "a" / "server.key").chmod(0o644)
 
 
 def bundle(root: Path) -> None:
@@ -136,6 +143,7 @@ class Mistake:
 CHECK = ("biller", "check-config", "bad.toml")
 MISMATCHED_TLS = ("--tls-cert", "a/server.pem", "--tls-key", "b/server.key")
 GARBAGE_TLS = ("--tls-cert", "cert.pem", "--tls-key", "key.pem")
+READABLE_KEY_TLS = ("--tls-cert", "a/server.pem", "--tls-key", "a/server.key")
 FULL_PIN = "ab" * 32
 SERVE_PLAINTEXT = ("--listen", "127.0.0.1:0", "--insecure")
 
@@ -236,6 +244,13 @@ MISTAKES: dict[str, Mistake] = {
     ),
     "conformance --insecure to a remote target": Mistake(
         ("conformance", "biller", "--target", "192.0.2.7:7443", "--insecure"), 2, ("loopback target (TRN-3)",)
+    ),
+    "a TLS key others may read": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:0", *READABLE_KEY_TLS),
+        2,
+        ("a/server.key", "open to group or others", "chmod 600"),
+        readable_tls_key,
+        absent=("fresh",),
     ),
     "a TLS key that is not the certificate's": Mistake(
         ("biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:0", *MISMATCHED_TLS),

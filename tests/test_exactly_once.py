@@ -269,13 +269,15 @@ def test_different_content_under_one_intent_id_is_an_idempotency_conflict_even_r
         accept = alice.next(accept_thread, negotiation_pb2.Accept(offer_digest=digest(accept_thread[1])))
         await biller.stub.Negotiate(NegotiateRequest(move=accept))
         twenty = eur("20.00")
-        for n in range(ROUNDS):
-            # The same intent id for instalment 0 and for instalment 1: two contents (both valid amounts).
+        paid: set[int] = set()
+        for n in range(5):  # 6 instalments; each round settles one (PAY-14: one intent in flight per bill)
+            # The same intent id for two unpaid instalments: two contents (both valid amounts).
+            unpaid = [i for i in range(6) if i not in paid][:2]
             intents = [
                 alice.intent(
                     ACCOUNT, BILL.bill_id, f"pay-{n}", twenty, agreement_digest=digest(accept), instalment_index=i
                 )
-                for i in (0, 1)
+                for i in unpaid
             ]
             results = await asyncio.gather(
                 *(
@@ -290,6 +292,10 @@ def test_different_content_under_one_intent_id_is_an_idempotency_conflict_even_r
             assert isinstance(losses[0], grpc.aio.AioRpcError)
             assert error_from_rpc(losses[0]).reason is Reason.IDEMPOTENCY_CONFLICT
             assert count(biller.db_path, "SELECT COUNT(*) FROM payment_intents WHERE intent_id = ?", f"pay-{n}") == 1
+            won = await biller.agent.party.store.get_payment_intent(ACCOUNT, f"pay-{n}")
+            assert won is not None
+            await biller.agent.record_settlement(ACCOUNT, f"pay-{n}", twenty, f"RAIL-{n}")
+            paid.add(won.instalment_index)
             next_round(biller)
 
     run(tmp_path, scenario)

@@ -101,6 +101,7 @@ class BillerAgent:
         watch_poll_interval: timedelta = timedelta(seconds=5),
         features: Sequence[str] = FEATURES,
         metrics: BillerMetrics | None = None,
+        enrolment_secret: bytes | None = None,
     ) -> None:
         """`key_sets` is the biller's own chain (verified here if given as envelopes).
 
@@ -113,7 +114,9 @@ class BillerAgent:
         here wake them at once), and how often an open stream's query is checked again
         (EVT-10: re-binding, revoked or dropped key, expiry; at most every 30 s whatever
         the interval). `metrics` (default: new ones, on a registry of their
-        own) count its protocol steps. ValueError if the key is not in the chain's
+        own) count its protocol steps. `enrolment_secret` is the HMAC key of enrolment codes
+        (ENR-8), kept outside the store (`agent.stores.files.load_or_create_secret`); without
+        one, codes issued by this agent verify only in it. ValueError if the key is not in the chain's
         newest version or the chain is another party's.
 
         The phase objects are on `self.party` (`receive`, `replays`, `keysets`, `enrolment`,
@@ -145,7 +148,7 @@ class BillerAgent:
         party.receive = ReceivePath(party)
         party.replays = ReplayCache(party)
         party.keysets = KeySetsPhase(party)
-        party.enrolment = EnrolmentPhase(party)
+        party.enrolment = EnrolmentPhase(party, enrolment_secret)
         party.bills = BillsPhase(party)
         party.negotiation = NegotiationPhase(party)
         party.payments = PaymentsPhase(party)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from datetime import datetime, timedelta
@@ -12,16 +11,17 @@ from agent.biller.receive import Inbound, idempotent_step, parsed_answer
 from agent.logs import log_step, set_request_ids
 from agent.protocol.dsse import digest
 from agent.protocol.enrolment import (
-    CODE_SALT_BYTES,
     ENROLMENT_CODE_ALPHABET,
     ENROLMENT_CODE_VALIDITY,
-    code_hash,
+    SECRET_BYTES,
+    code_hmac,
+    code_matches,
     normalize_enrolment_code,
 )
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.keysets import KeyChain
 from agent.protocol.messages import check_envelope, check_sequence, parse_payload
-from agent.stores.base import Enrolment, EnrolmentCodeRecord, KeySetRecord
+from agent.stores.base import Enrolment, EnrolmentAttemptOutcome, EnrolmentCodeRecord, KeySetRecord
 from parley.v1 import biller_service_pb2, enrolment_pb2, envelope_pb2
 
 logger = logging.getLogger("parley.biller")
@@ -30,8 +30,17 @@ _CODE_CHARACTERS = 12  # 60 bits of Crockford base32, shown as three groups of f
 
 
 class EnrolmentPhase:
-    def __init__(self, party: BillerParty) -> None:
+    def __init__(self, party: BillerParty, secret: bytes | None = None) -> None:
+        """`secret` is the biller's HMAC key for codes (ENR-8), kept outside the database (see
+        `agent.stores.files.load_or_create_secret`). Without one, a random key lives as long as this
+        object: codes it issues verify only in this process (fine for tests, not for a service)."""
         self.party = party
+        if secret is None:
+            secret = secrets.token_bytes(SECRET_BYTES)
+            logger.warning("enrolment-secret-ephemeral")  # codes will not survive a restart
+        if len(secret) < SECRET_BYTES:
+            raise ValueError(f"the enrolment secret must be at least {SECRET_BYTES} bytes")
+        self._secret = secret
 
     async def issue_code(self, account_id: str, valid_for: timedelta = ENROLMENT_CODE_VALIDITY) -> str:
         """A fresh one-time code for the account holder (see `BillerAgent.issue_enrolment_code`)."""
@@ -41,9 +50,8 @@ class EnrolmentPhase:
         code = normalize_enrolment_code(
             "".join(secrets.choice(ENROLMENT_CODE_ALPHABET) for _ in range(_CODE_CHARACTERS))
         )
-        salt = secrets.token_bytes(CODE_SALT_BYTES)
         now = party.clock.now()
-        record = EnrolmentCodeRecord(account_id, salt, code_hash(salt, code), now + valid_for, used=False)
+        record = EnrolmentCodeRecord(account_id, b"", code_hmac(self._secret, code), now + valid_for, used=False)
         await party.store.add_enrolment_code(record, now)
         log_step(logger, "enrolment-code-issued", account=account_id)  # the code itself: never logged
         return code
@@ -117,19 +125,25 @@ class EnrolmentPhase:
         return await idempotent_step(party, inbound, apply, parsed_answer(biller_service_pb2.EnrolResponse))
 
     async def check_code(self, account_id: str, code: str, now: datetime) -> bytes:
-        """ENR-3, ENR-5, ENR-2, ENR-4 in the order of ENR-1 step 7; returns the matching code's hash."""
-        store = self.party.store
-        account = await store.get_account(account_id) if account_id else None
-        if account is None:
-            raise RemoteProtocolError(Reason.ENROLMENT_CODE_INVALID, "wrong account or code")
-        if account.enrolment_locked:
+        """ENR-3, ENR-5, ENR-2, ENR-4 in the order of ENR-1 step 7; returns the matching code's hash.
+
+        A wrong account and a wrong code cannot be told apart (ENR-3): the same reason and message, the
+        same work (one HMAC, one write transaction), and an account id that does not exist is counted and
+        locked like one that does. The lock check, the count and the comparison are one store transaction,
+        counted first, so concurrent wrong codes are never compared beyond the limit (ENR-5).
+        """
+        presented = code_hmac(self._secret, code)
+
+        def matches(record: EnrolmentCodeRecord) -> bool:
+            return code_matches(code, salt=record.salt, stored_hash=record.code_hash, presented_hmac=presented)
+
+        attempt = await self.party.store.attempt_enrolment_code(
+            account_id, matches, self.party.limits.enrolment_max_attempts, now
+        )
+        if attempt.outcome is EnrolmentAttemptOutcome.LOCKED:
             raise RemoteProtocolError(Reason.ENROLMENT_LOCKED, "too many wrong codes; ask the biller for a new one")
-        match = None
-        for record in await store.enrolment_codes(account_id):
-            if hmac.compare_digest(code_hash(record.salt, code), record.code_hash):
-                match = record
+        match = attempt.match
         if match is None:
-            await store.record_failed_enrolment(account_id, self.party.limits.enrolment_max_attempts)
             log_step(logger, "enrolment-code-mismatch", logging.WARNING, account=account_id)  # never the code
             raise RemoteProtocolError(Reason.ENROLMENT_CODE_INVALID, "wrong account or code")
         if match.used:

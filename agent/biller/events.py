@@ -114,7 +114,7 @@ class EventsPhase:
         arrangements = await party.store.arrangements(bill.account_id, active_only=True)
         thread_id = next((a.thread_id for a in arrangements if a.bill_id == bill_id), b"")
         recipient = await party.bound_consumer(bill.account_id)
-        owed = Money.of(bill.amount_minor, bill.currency)
+        owed = Money.of(bill.amount_minor - await party.store.received_minor(bill_id), bill.currency)  # PAY-16
         event = self.pending_event(
             bill.account_id,
             recipient,

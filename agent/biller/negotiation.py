@@ -183,6 +183,8 @@ class NegotiationPhase:
         except RemoteProtocolError as error:
             await self.record_refusal(negotiation, thread, inbound, records[0], error=error, now=now)
             raise
+        if isinstance(message.move, Open) and negotiation.expire(now):
+            return await self._expired_opening(inbound, bill)
         new_thread = None
         if isinstance(message.move, Open):
             await self._check_can_open(bill, now)
@@ -232,6 +234,27 @@ class NegotiationPhase:
         )
         return response
 
+    async def _expired_opening(
+        self, inbound: Inbound[NegotiationPayload], bill: BillRecord
+    ) -> biller_service_pb2.NegotiateResponse:
+        """NEG-11: an opening that arrives after its own deadline is answered EXPIRED, with no reply.
+
+        No thread is kept (GetThread says NOT_FOUND, and the bill stays open to a fresh opening, NEG-3);
+        only the answer is, so that a retry gets it again (HDR-12).
+        """
+        party = self.party
+        response = biller_service_pb2.NegotiateResponse(outcome=negotiation_pb2.NEGOTIATION_OUTCOME_EXPIRED)
+        await party.store.record_replay(party.replays.record(inbound, answer=response.SerializeToString()))
+        log_step(
+            logger,
+            "negotiate-opening-expired",
+            account=bill.account_id,
+            bill=bill.bill_id,
+            thread_id=inbound.header.thread_id,
+            message_id=inbound.header.message_id,
+        )
+        return response
+
     async def _locate_thread(self, inbound: Inbound[NegotiationPayload]) -> tuple[ThreadRecord | None, BillRecord]:
         """AUZ-3: the move's thread (None for a new one) and its bill, on an account bound to the signer.
 
@@ -241,12 +264,17 @@ class NegotiationPhase:
         payload = inbound.message
         opened_bill_id = payload.bill_id if isinstance(payload, negotiation_pb2.ThreadOpen) else ""
         context = await party.store.thread_context(inbound.header.thread_id, opened_bill_id)
-        if context.thread is None and not isinstance(payload, negotiation_pb2.ThreadOpen):
-            raise RemoteProtocolError(Reason.NOT_FOUND, "no such thread on the signer's accounts")
+        # AUZ-3, AUZ-5: a thread or bill of another account gets the very answer a missing one gets.
+        new_thread = context.thread is None and isinstance(payload, negotiation_pb2.ThreadOpen)
+        named = "bill" if new_thread else "thread"
+        not_found = RemoteProtocolError(Reason.NOT_FOUND, f"no such {named} on the signer's accounts")
+        if context.thread is None and not new_thread:
+            raise not_found
         if context.bill is None:
             assert context.thread is None, "threads reference existing bills"
-            raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {opened_bill_id!r} on the signer's accounts")
-        party.receive.check_bound(context.account, inbound.sender, Reason.NOT_FOUND)
+            raise not_found
+        if context.account is None or context.account.consumer_party_id != inbound.sender:
+            raise not_found
         return context.thread, context.bill
 
     async def record_refusal(

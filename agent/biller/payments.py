@@ -16,10 +16,10 @@ from agent.logs import log_step
 from agent.protocol.arrangements import unpaid_instalments
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.protocol.limits import INTENT_ID_PATTERN
+from agent.protocol.limits import INTENT_ID_PATTERN, PAYMENT_GRACE_DAYS
 from agent.protocol.messages import check_sequence, to_timestamp
 from agent.protocol.moves import NEGOTIATION_TYPES
-from agent.protocol.terms import Money, Terms
+from agent.protocol.terms import Money, Terms, shift_days
 from agent.stores.base import (
     ArrangementRecord,
     BillRecord,
@@ -38,7 +38,11 @@ _INTENT_ID = re.compile(INTENT_ID_PATTERN)
 
 
 def _end_of(day: date) -> datetime:
-    return datetime.combine(day + timedelta(days=1), time(0), UTC)
+    """The instant a payment dated `day` is late: midnight UTC after it (the last instant of the calendar
+    for its last day, rather than an overflow)."""
+    if day == date.max:
+        return datetime.combine(day, time.max, UTC)
+    return datetime.combine(shift_days(day, 1), time(0), UTC)
 
 
 def _money(pb: terms_pb2.Money, field: str) -> Money:
@@ -114,13 +118,13 @@ class PaymentsPhase:
             return await self.same_intent(inbound, context.intent, content_hash)
 
         amount = _money(intent.amount, "amount") if intent.HasField("amount") else None
-        owed, due = self.amount_owed(intent, bill, context.arrangement)
+        now = party.clock.now()
+        owed, pay_by = self.amount_owed(intent, bill, context, now)
         if amount != owed:
             raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, f"the amount owed is {owed}")
         details = party.rail.instructions(intent.account_id, intent.intent_id, owed)
         if not details.payment_reference:
             raise ValueError("the payment rail gave an empty payment reference (PAY-4)")
-        now = party.clock.now()
         instructions = payment_pb2.PaymentInstructions(
             header=party.header(inbound.sender, inbound.header.thread_id, 1, inbound.verified.digest, now),
             intent_id=intent.intent_id,
@@ -129,7 +133,7 @@ class PaymentsPhase:
             payee_name=details.payee_name,
             payee_account=details.payee_account,
             payment_reference=details.payment_reference,
-            pay_by_time=to_timestamp(max(_end_of(due), now + timedelta(days=1))),
+            pay_by_time=to_timestamp(pay_by),
         )
         response = biller_service_pb2.CreatePaymentIntentResponse(instructions=party.seal(instructions))
         record = PaymentIntentRecord(
@@ -145,6 +149,7 @@ class PaymentsPhase:
             intent=inbound.verified.envelope.SerializeToString(),
             instructions=response.instructions.SerializeToString(),
             created_at=now,
+            pay_by=pay_by,
         )
         try:
             await party.store.insert_payment_intent(
@@ -185,10 +190,15 @@ class PaymentsPhase:
 
     @staticmethod
     def amount_owed(
-        intent: payment_pb2.PaymentIntent, bill: BillRecord, record: ArrangementRecord | None
-    ) -> tuple[Money, date]:
-        """PAY-3: the amount (and due date) of the instalment or bill the intent pays (`record`: the
-        arrangement the intent names, if any)."""
+        intent: payment_pb2.PaymentIntent, bill: BillRecord, context: PaymentContext, now: datetime
+    ) -> tuple[Money, datetime]:
+        """PAY-3, PAY-15, PAY-16: the amount the intent must carry, and the pay-by time of its instructions.
+
+        Without an agreement: the bill's outstanding balance (amount due less everything received for it),
+        payable while the bill is open, by the due date or a day from now, whichever is later. Under one:
+        an unpaid instalment of the bill's arrangement in force (not one it replaced or that broke), until
+        the end of its agreed date plus PAYMENT_GRACE_DAYS; after that the agreement no longer sets it.
+        """
         if not intent.agreement_digest:
             if intent.instalment_index != 0:
                 raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, "instalment_index is 0 without an agreement")
@@ -196,9 +206,18 @@ class PaymentsPhase:
                 raise RemoteProtocolError(
                     Reason.PAYMENT_AMOUNT_MISMATCH, "the bill is paid or under an arrangement: pay its instalments"
                 )
-            return Money.of(bill.amount_minor, bill.currency), bill.due_date
+            outstanding = bill.amount_minor - context.received_minor
+            if outstanding <= 0:
+                raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, "nothing is owed on the bill")
+            return Money.of(outstanding, bill.currency), max(_end_of(bill.due_date), now + timedelta(days=1))
+        record = context.arrangement
         if record is None or record.bill_id != bill.bill_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, "no such agreement on the bill")
+        if context.current_agreement != record.accept_digest:
+            raise RemoteProtocolError(
+                Reason.PAYMENT_AMOUNT_MISMATCH,
+                "that agreement is no longer in force: pay the bill's outstanding balance, or agree anew (PAY-16)",
+            )
         arrangement = arrangement_of(record)
         schedule = arrangement.terms.schedule
         if intent.instalment_index >= len(schedule):
@@ -207,7 +226,14 @@ class PaymentsPhase:
         instalment = unpaid.get(intent.instalment_index)
         if instalment is None:
             raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, "that instalment is already paid")
-        return instalment.amount, instalment.due_date
+        pay_by = _end_of(shift_days(instalment.due_date, PAYMENT_GRACE_DAYS))
+        if now >= pay_by:
+            raise RemoteProtocolError(
+                Reason.PAYMENT_AMOUNT_MISMATCH,
+                f"the agreed date {instalment.due_date} and its {PAYMENT_GRACE_DAYS} days of grace have passed: "
+                "the agreement no longer sets this payment (PAY-15)",
+            )
+        return instalment.amount, pay_by
 
     async def get_receipt(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetReceiptResponse:
         """The signed receipt of a settled intent (PAY-5)."""

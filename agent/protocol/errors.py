@@ -142,6 +142,12 @@ class Reason(enum.Enum):
         "The intent's amount is not the amount owed for that bill or instalment.",
     )
     PAYMENT_NOT_SETTLED = ("FAILED_PRECONDITION", "PAY-5", "No settlement yet: the receipt does not exist.")
+    PAYMENT_IN_PROGRESS = (
+        "FAILED_PRECONDITION",
+        "PAY-14",
+        "Another intent for the same payment is instructed, not settled, and not past its pay-by time.",
+    )
+    TOO_MANY_PAYMENT_INTENTS = ("RESOURCE_EXHAUSTED", "PAY-14", "The bill has the most payment intents allowed.")
     # Events (§11)
     CURSOR_OUT_OF_RANGE = ("OUT_OF_RANGE", "EVT-3", "The start sequence is beyond the end of the log.")
     # Limits (§14)

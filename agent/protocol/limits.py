@@ -43,6 +43,9 @@ MAX_KEYSET_PUBLISHES_PER_DAY = 4
 MAX_OPEN_STREAMS_PER_PARTY = 4
 # EVT-10: the longest a biller may go without checking that an open stream's query is still authorized.
 MAX_STREAM_RECHECK_INTERVAL = timedelta(seconds=30)
+# TRM-19: no date of any terms more than this many days after the bill's due date (five years: a plan of
+# max_instalments monthly payments starting late still fits), so no agreed date is absurd or overflows.
+MAX_TERMS_HORIZON_DAYS = 1830
 # Largest amount: below 10**(9 + exponent) minor units, i.e. 999,999,999.99 for
 # a two-decimal currency, as in the SEPA Request-to-Pay rulebook.
 AMOUNT_MAJOR_DIGITS = 9
@@ -53,6 +56,16 @@ RATE_LIMIT_MAX_TRACKED = 10_000
 # key's rate and burst: one address may be a NAT in front of many consumers, and what it can cost without
 # a valid signature is at most one signature check per token.
 PEER_RATE_LIMIT_FACTOR = 10
+# ENR-3, LIM-12: wrong codes for an account id that does not exist are counted and locked like an existing
+# account's (so the lock does not reveal which ids exist), remembered this long after the id's last attempt
+# and for at most this many ids, the least recently tried forgotten first.
+ENROLMENT_GUESS_MEMORY = timedelta(days=30)
+MAX_ENROLMENT_GUESSES = 100_000
+# PAY-15: an agreed payment (an instalment, a discounted or deferred payment) is instructed until the end of
+# its agreed date plus this many days; later the agreement no longer sets it (PAY-16).
+PAYMENT_GRACE_DAYS = 3
+# PAY-14, LIM-12: payment intents stored per bill, settled or not.
+MAX_PAYMENT_INTENTS_PER_BILL = 100
 
 
 @dataclass(frozen=True)

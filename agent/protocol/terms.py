@@ -23,7 +23,15 @@ from itertools import pairwise
 from typing import TypeVar
 
 from agent.protocol.errors import LocalProtocolError, Reason
-from agent.protocol.limits import AMOUNT_MAJOR_DIGITS, DEFAULT_LIMITS, MAX_ID_CHARS, MAX_LINES, MAX_TEXT_CHARS, Limits
+from agent.protocol.limits import (
+    AMOUNT_MAJOR_DIGITS,
+    DEFAULT_LIMITS,
+    MAX_ID_CHARS,
+    MAX_LINES,
+    MAX_TERMS_HORIZON_DAYS,
+    MAX_TEXT_CHARS,
+    Limits,
+)
 from parley.v1 import bill_pb2, terms_pb2
 
 _P = TypeVar("_P")
@@ -225,6 +233,14 @@ def format_date(day: date) -> str:
     return day.isoformat()
 
 
+def shift_days(day: date, days: int) -> date:
+    """`day` moved by `days`, clamped to the calendar's ends (date.min..date.max) instead of overflowing:
+    every reminder, grace period and deadline computed from a date received or stored goes through here,
+    so no date, however extreme, can make date arithmetic raise."""
+    ordinal = min(max(day.toordinal() + days, date.min.toordinal()), date.max.toordinal())
+    return date.fromordinal(ordinal)
+
+
 def _month_after(first: date, months: int) -> date:
     year, month_index = divmod(first.year * 12 + first.month - 1 + months, 12)
     month = month_index + 1
@@ -238,6 +254,8 @@ def monthly_dates(first: date, count: int) -> tuple[date, ...]:
     ValueError if count < 1.
     """
     _check_count(count)
+    if first.year * 12 + first.month - 1 + count - 1 >= 10000 * 12:
+        raise ValueError(f"{count} monthly dates from {first} run past year 9999")
     return tuple(_month_after(first, months) for months in range(count))
 
 
@@ -246,6 +264,8 @@ def every_days(first: date, count: int, days: int) -> tuple[date, ...]:
     _check_count(count)
     if days < 1:
         raise ValueError(f"days must be at least 1, got {days}")
+    if first.toordinal() + days * (count - 1) > date.max.toordinal():
+        raise ValueError(f"{count} dates {days} days apart from {first} run past year 9999")
     return tuple(first + timedelta(days=days * index) for index in range(count))
 
 
@@ -739,9 +759,10 @@ def validate_against_bill(terms: Terms, bill: BillFacts) -> None:
 
     - CURRENCY_MISMATCH (TRM-2): principal not in the amount due's currency.
     - PRINCIPAL_MISMATCH (TRM-11): principal ≠ amount due.
-    - INVALID_TERMS (TRM-5): a date before the issue date; PAY_IN_FULL dated after the due
-      date; DEFERRAL dated on or before the due date; SETTLEMENT total not below the
-      principal; a hardship_programme_id the bill does not advertise.
+    - INVALID_TERMS (TRM-12, TRM-19): a date before the issue date; a date more than
+      MAX_TERMS_HORIZON_DAYS after the due date; PAY_IN_FULL dated after the due date;
+      DEFERRAL dated on or before the due date; SETTLEMENT total not below the principal;
+      a hardship_programme_id the bill does not advertise.
     """
     if terms.principal.currency != bill.amount_due.currency:
         raise LocalProtocolError(
@@ -756,6 +777,11 @@ def validate_against_bill(terms: Terms, bill: BillFacts) -> None:
         day, path = instalment.due_date, f"schedule[{i}].due_date {instalment.due_date}"
         if day < bill.issue_date:
             raise LocalProtocolError(Reason.INVALID_TERMS, f"{path} is before the issue date {bill.issue_date}")
+        if (day - bill.due_date).days > MAX_TERMS_HORIZON_DAYS:  # a difference: cannot overflow
+            raise LocalProtocolError(
+                Reason.INVALID_TERMS,
+                f"{path} is more than {MAX_TERMS_HORIZON_DAYS} days after the due date {bill.due_date} (TRM-19)",
+            )
         if terms.kind is TermsKind.PAY_IN_FULL and day > bill.due_date:
             raise LocalProtocolError(Reason.INVALID_TERMS, f"{path} is after the due date {bill.due_date}")
         if terms.kind is TermsKind.DEFERRAL and day <= bill.due_date:

@@ -81,13 +81,28 @@ class AccountRecord:
 
 @dataclass(frozen=True)
 class EnrolmentCodeRecord:
-    """An enrolment code, kept only as SHA-256(salt || normalized code) (ENR-8)."""
+    """An enrolment code, kept only as a hash (ENR-8): HMAC-SHA-256 under the biller's secret when `salt`
+    is empty; SHA-256(salt || normalized code) for codes issued before the secret (verified until they expire)."""
 
     account_id: str
     salt: bytes
     code_hash: bytes
     expires_at: datetime
     used: bool
+
+
+class EnrolmentAttemptOutcome(enum.Enum):
+    LOCKED = "locked"  # ENR-5: refused without comparing
+    MISMATCH = "mismatch"  # counted against the account id (ENR-3)
+    MATCHED = "matched"  # not counted
+
+
+@dataclass(frozen=True)
+class EnrolmentAttempt:
+    """What one `Enrol` attempt found, decided atomically with its count (ENR-3, ENR-5)."""
+
+    outcome: EnrolmentAttemptOutcome
+    match: EnrolmentCodeRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -286,6 +301,7 @@ class PaymentIntentRecord:
     intent: bytes
     instructions: bytes
     created_at: datetime
+    pay_by: datetime | None = None  # the instructions' pay_by_time (None: stored before it was kept)
 
 
 @dataclass(frozen=True)
@@ -312,10 +328,12 @@ class SealedSettlement:
 class Settle:
     """A settlement to record; `seal(remaining_minor)` signs the receipt inside the transaction.
 
-    remaining_minor is what is still owed after this payment: the agreement's total
-    (or the bill's amount due, for an intent without agreement) minus every
-    settlement of the same bill and agreement, this one included. When it is zero
-    the bill becomes PAID.
+    remaining_minor is what is still owed after this payment (PAY-16): for an intent
+    under an agreement, the agreement's total minus every settlement under it; for
+    an intent without one, the bill's amount due minus every settlement for the
+    bill — this one included either way. When it is zero the bill becomes PAID; a
+    settlement that would make it negative is refused (ValueError, nothing
+    written): receipts never add up to more than is owed.
     """
 
     account_id: str
@@ -363,6 +381,8 @@ class PaymentContext:
     bill: BillRecord | None
     intent: PaymentIntentRecord | None
     arrangement: ArrangementRecord | None
+    received_minor: int = 0  # every settlement for the bill, under any agreement or none (PAY-16)
+    current_agreement: bytes | None = None  # the bill's arrangement in force: its latest, if under one
 
 
 class BillerStore(Protocol):
@@ -410,8 +430,18 @@ class BillerStore(Protocol):
         """Store an endpoint's cursor for one account (insert or replace)."""
         ...
 
-    async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
-        """Count a wrong code; the account's enrolment locks when the count reaches max_attempts (ENR-5)."""
+    async def attempt_enrolment_code(
+        self,
+        account_id: str,
+        matches: Callable[[EnrolmentCodeRecord], bool],
+        max_attempts: int,
+        now: datetime,
+    ) -> EnrolmentAttempt:
+        """One Enrol attempt on `account_id`, in ONE write transaction holding the account id's counter:
+        LOCKED if its enrolment is locked (nothing compared); else the attempt is counted first, the codes
+        compared with `matches`, and the count taken back on a match (ENR-3, ENR-5). An account id that
+        does not exist has a counter and a lock too (kept for `ENROLMENT_GUESS_MEMORY`, at most
+        `MAX_ENROLMENT_GUESSES` of them), so the lock does not tell which accounts exist."""
         ...
 
     async def enrol(self, enrolment: Enrolment) -> None:
@@ -457,6 +487,11 @@ class BillerStore(Protocol):
 
     async def insert_bill(self, bill: BillRecord, events: Sequence[PendingEvent]) -> list[EventRecord]:
         """Store a signed bill with its events; AlreadyExists if the bill id is taken."""
+        ...
+
+    async def received_minor(self, bill_id: str) -> int:
+        """Every settlement for the bill, under any agreement or none: what makes its outstanding balance
+        (amount due less this, PAY-16)."""
         ...
 
     async def get_bill(self, bill_id: str) -> BillRecord | None: ...

@@ -23,6 +23,7 @@ Encodings are the same in both: instants are fixed-width UTC ISO-8601 text
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import date, datetime
@@ -30,6 +31,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason
+from agent.protocol.limits import ENROLMENT_GUESS_MEMORY, MAX_ENROLMENT_GUESSES, MAX_PAYMENT_INTENTS_PER_BILL
 from agent.stores.base import (
     AccountRecord,
     AlreadyExists,
@@ -37,6 +39,8 @@ from agent.stores.base import (
     BillRecord,
     BillStatus,
     Enrolment,
+    EnrolmentAttempt,
+    EnrolmentAttemptOutcome,
     EnrolmentCodeRecord,
     EventRecord,
     KeySetRecord,
@@ -226,6 +230,21 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
             last_error TEXT NOT NULL DEFAULT '',
             PRIMARY KEY (endpoint, account_id)
         )""",
+    ),
+    (
+        # ENR-3, ENR-5: the wrong-code counter and lock of an account id that does not exist, keyed by the
+        # id's SHA-256 (fixed size, whatever an attacker sends); bounded by ENROLMENT_GUESS_MEMORY and
+        # MAX_ENROLMENT_GUESSES (LIM-12).
+        """CREATE TABLE enrolment_guesses (
+            account_hash {blob} PRIMARY KEY,
+            failed_attempts {integer} NOT NULL,
+            locked {boolean} NOT NULL,
+            last_attempt_at {time} NOT NULL
+        )""",
+        "CREATE INDEX enrolment_guesses_age ON enrolment_guesses (last_attempt_at)",
+        # PAY-14: an intent blocks the bill's next one until it is settled or its pay-by time has passed.
+        "ALTER TABLE payment_intents ADD COLUMN pay_by {time}",
+        "CREATE INDEX payment_intents_bill ON payment_intents (bill_id)",
     ),
 )
 
@@ -423,10 +442,7 @@ class SqlBillerStore(abc.ABC):
         await self._in_write(add)
 
     async def enrolment_codes(self, account_id: str) -> list[EnrolmentCodeRecord]:
-        rows = await self._all(
-            "SELECT salt, code_hash, expires_at, used_at FROM enrolment_codes WHERE account_id = ?", account_id
-        )
-        return [EnrolmentCodeRecord(account_id, row[0], row[1], dt(row[2]), row[3] is not None) for row in rows]
+        return await self._in_statement(lambda db: _enrolment_codes(db, account_id))
 
     async def revoke_enrolment_codes(self, account_id: str, now: datetime) -> int:
         def revoke(db: Db) -> int:
@@ -485,16 +501,31 @@ class SqlBillerStore(abc.ABC):
             )
         )
 
-    async def record_failed_enrolment(self, account_id: str, max_attempts: int) -> None:
-        await self._in_write(
-            lambda db: db.execute(
-                """UPDATE accounts
-                   SET failed_enrolment_attempts = failed_enrolment_attempts + 1,
-                       enrolment_locked = failed_enrolment_attempts + 1 >= ?
-                   WHERE account_id = ?""",
-                (max_attempts, account_id),
-            )
-        )
+    async def attempt_enrolment_code(
+        self,
+        account_id: str,
+        matches: Callable[[EnrolmentCodeRecord], bool],
+        max_attempts: int,
+        now: datetime,
+    ) -> EnrolmentAttempt:
+        def attempt(db: Db) -> EnrolmentAttempt:
+            # The counter's row is held (FOR UPDATE / SQLite's one writer) from the lock check to the commit,
+            # so concurrent attempts are counted one after another and none is compared past the limit (ENR-5).
+            counter = _enrolment_counter(db, account_id, now)
+            failed, locked = counter.read()
+            if locked:
+                return EnrolmentAttempt(EnrolmentAttemptOutcome.LOCKED)
+            counter.write(failed + 1, failed + 1 >= max_attempts)  # count first...
+            match = None
+            for record in _enrolment_codes(db, account_id):  # ...then compare every code (no early exit)
+                if matches(record):
+                    match = record
+            if match is None:
+                return EnrolmentAttempt(EnrolmentAttemptOutcome.MISMATCH)
+            counter.write(failed, locked)  # ...and take the count back for the right code
+            return EnrolmentAttempt(EnrolmentAttemptOutcome.MATCHED, match)
+
+        return await self._in_write(attempt)
 
     async def enrol(self, enrolment: Enrolment) -> None:
         def enrol(db: Db) -> None:
@@ -595,6 +626,9 @@ class SqlBillerStore(abc.ABC):
         return await self._in_write(insert)
 
     _BILL_COLUMNS = "bill_id, account_id, envelope, digest, amount_minor, currency, due_date, status, issued_at"
+
+    async def received_minor(self, bill_id: str) -> int:
+        return await self._in_statement(lambda db: _received_minor(db, bill_id))
 
     async def get_bill(self, bill_id: str) -> BillRecord | None:
         row = await self._one(f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?", bill_id)  # noqa: S608
@@ -702,7 +736,7 @@ class SqlBillerStore(abc.ABC):
     # --- payments ---
 
     _INTENT_COLUMNS = """account_id, intent_id, content_hash, bill_id, agreement_digest, instalment_index,
-                         amount_minor, currency, payment_reference, intent, instructions, created_at"""
+                         amount_minor, currency, payment_reference, intent, instructions, created_at, pay_by"""
 
     async def payment_context(
         self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
@@ -719,11 +753,19 @@ class SqlBillerStore(abc.ABC):
                     self._ARRANGEMENTS + " AND t.account_id = ? AND t.accept_digest = ?", (account_id, agreement_digest)
                 ).fetchone()
                 arrangement = None if row is None else _arrangement(db, row)
+            current = db.execute(
+                """SELECT t.accept_digest FROM threads t JOIN bills b ON b.bill_id = t.bill_id
+                   WHERE t.bill_id = ? AND t.outcome = 'agreed' AND b.status = 'under_arrangement'
+                   ORDER BY t.agreed_at DESC, t.rowid DESC LIMIT 1""",
+                (bill_id,),
+            ).fetchone()
             return PaymentContext(
                 account=_read_account(db, account_id),
                 bill=None if bill is None else _bill(bill),
                 intent=None if intent is None else _intent(intent),
                 arrangement=arrangement,
+                received_minor=_received_minor(db, bill_id),
+                current_agreement=None if current is None else current[0],
             )
 
         return await self._in_read(read)
@@ -759,8 +801,9 @@ class SqlBillerStore(abc.ABC):
                 raise StoreConflict(Reason.IDEMPOTENCY_CONFLICT, f"intent {intent.intent_id!r} was created meanwhile")
             if holders:
                 raise ValueError(f"payment reference {intent.payment_reference!r} is not unique")
+            _check_no_payment_in_progress(db, intent)
             db.execute(
-                f"INSERT INTO payment_intents ({self._INTENT_COLUMNS}) VALUES ({', '.join('?' * 12)})",  # noqa: S608
+                f"INSERT INTO payment_intents ({self._INTENT_COLUMNS}) VALUES ({', '.join('?' * 13)})",  # noqa: S608
                 (
                     intent.account_id,
                     intent.intent_id,
@@ -774,6 +817,7 @@ class SqlBillerStore(abc.ABC):
                     intent.intent,
                     intent.instructions,
                     ts(intent.created_at),
+                    None if intent.pay_by is None else ts(intent.pay_by),
                 ),
             )
             _insert_replay(db, replay)
@@ -845,6 +889,75 @@ def _insert_replay(db: Db, record: ReplayRecord) -> None:
         )
     except IntegrityViolation as error:
         raise StoreConflict(Reason.REPLAYED_MESSAGE, "the message id was received meanwhile") from error
+
+
+def _enrolment_codes(db: Db, account_id: str) -> list[EnrolmentCodeRecord]:
+    rows = db.execute(
+        "SELECT salt, code_hash, expires_at, used_at FROM enrolment_codes WHERE account_id = ?", (account_id,)
+    ).fetchall()
+    return [EnrolmentCodeRecord(account_id, row[0], row[1], dt(row[2]), row[3] is not None) for row in rows]
+
+
+@dataclass(frozen=True)
+class _EnrolmentCounter:
+    """The wrong-code counter and lock of one account id, its row held for the transaction: the account's
+    own columns if it exists, else its row in `enrolment_guesses` (ENR-3: both behave the same)."""
+
+    db: Db
+    account_id: str
+    account_hash: bytes | None  # None: an existing account
+    now: datetime
+
+    def read(self) -> tuple[int, bool]:
+        if self.account_hash is None:
+            row = self.db.execute(
+                "SELECT failed_enrolment_attempts, enrolment_locked FROM accounts WHERE account_id = ?",
+                (self.account_id,),
+            ).fetchone()
+        else:
+            row = self.db.execute(
+                "SELECT failed_attempts, locked FROM enrolment_guesses WHERE account_hash = ?", (self.account_hash,)
+            ).fetchone()
+        return int(row[0]), bool(row[1])
+
+    def write(self, failed: int, locked: bool) -> None:
+        if self.account_hash is None:
+            self.db.execute(
+                "UPDATE accounts SET failed_enrolment_attempts = ?, enrolment_locked = ? WHERE account_id = ?",
+                (failed, locked, self.account_id),
+            )
+        else:
+            self.db.execute(
+                "UPDATE enrolment_guesses SET failed_attempts = ?, locked = ?, last_attempt_at = ? "
+                "WHERE account_hash = ?",
+                (failed, locked, ts(self.now), self.account_hash),
+            )
+
+
+def _enrolment_counter(db: Db, account_id: str, now: datetime) -> _EnrolmentCounter:
+    """The account id's counter, its row locked until the transaction ends (made for an unknown id)."""
+    exists = db.execute(
+        "SELECT 1 FROM accounts WHERE account_id = ?" + db.for_update,  # noqa: S608
+        (account_id,),
+    ).fetchone()
+    if exists is not None:
+        return _EnrolmentCounter(db, account_id, None, now)
+    account_hash = hashlib.sha256(account_id.encode()).digest()
+    # Forget what is older than the memory, then the least recently tried beyond the cap (LIM-12).
+    db.execute("DELETE FROM enrolment_guesses WHERE last_attempt_at < ?", (ts(now - ENROLMENT_GUESS_MEMORY),))
+    oldest_kept = db.execute(
+        "SELECT last_attempt_at FROM enrolment_guesses ORDER BY last_attempt_at DESC LIMIT 1 OFFSET ?",
+        (MAX_ENROLMENT_GUESSES - 1,),
+    ).fetchone()
+    if oldest_kept is not None:
+        db.execute("DELETE FROM enrolment_guesses WHERE last_attempt_at <= ?", (oldest_kept[0],))
+    db.execute(
+        """INSERT INTO enrolment_guesses (account_hash, failed_attempts, locked, last_attempt_at)
+           VALUES (?, 0, FALSE, ?) ON CONFLICT (account_hash) DO NOTHING""",
+        (account_hash, ts(now)),
+    )
+    db.execute("SELECT 1 FROM enrolment_guesses WHERE account_hash = ?" + db.for_update, (account_hash,))  # noqa: S608
+    return _EnrolmentCounter(db, account_id, account_hash, now)
 
 
 def _lock_account(db: Db, account_id: str) -> None:
@@ -988,7 +1101,45 @@ def _intent(row: Row) -> PaymentIntentRecord:
         intent=row[9],
         instructions=row[10],
         created_at=dt(row[11]),
+        pay_by=None if row[12] is None else dt(row[12]),
     )
+
+
+def _received_minor(db: Db, bill_id: str) -> int:
+    """Every settlement for the bill, under any agreement or none (PAY-16)."""
+    (received,) = db.execute(
+        """SELECT COALESCE(SUM(s.amount_minor), 0)
+           FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
+           WHERE p.bill_id = ?""",
+        (bill_id,),
+    ).fetchone()
+    return int(received)  # int: PostgreSQL sums to NUMERIC
+
+
+def _check_no_payment_in_progress(db: Db, intent: PaymentIntentRecord) -> None:
+    """PAY-14, under the account's lock: at most MAX_PAYMENT_INTENTS_PER_BILL intents per bill, and no new
+    one for a payment (the bill's balance, or one instalment of one agreement) while another for that same
+    payment is instructed, unsettled and not past its pay-by time. Different instalments may be in flight
+    together; what could still add up to more than is owed is refused at settlement (PAY-16)."""
+    rows = db.execute(
+        """SELECT p.intent_id, p.pay_by, s.intent_id, p.agreement_digest, p.instalment_index
+           FROM payment_intents p LEFT JOIN settlements s USING (account_id, intent_id)
+           WHERE p.bill_id = ?""",
+        (intent.bill_id,),
+    ).fetchall()
+    if len(rows) >= MAX_PAYMENT_INTENTS_PER_BILL:
+        raise StoreConflict(
+            Reason.TOO_MANY_PAYMENT_INTENTS, f"the bill has {MAX_PAYMENT_INTENTS_PER_BILL} payment intents already"
+        )
+    payment = (bytes(intent.agreement_digest), intent.instalment_index)
+    for intent_id, pay_by, settled, agreement_digest, instalment_index in rows:
+        if (bytes(agreement_digest), instalment_index) != payment:
+            continue
+        if settled is None and pay_by is not None and dt(pay_by) > intent.created_at:
+            raise StoreConflict(
+                Reason.PAYMENT_IN_PROGRESS,
+                f"intent {intent_id!r} for the same payment is instructed and not settled yet: pay that one",
+            )
 
 
 def _bill(row: Row) -> BillRecord:
@@ -1053,14 +1204,20 @@ def _settle(db: Db, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]
     if existing is not None:
         return existing, []
     bill_id, agreement_digest, amount_due, agreed_total = intent
-    owed = agreed_total if agreement_digest else amount_due
-    (paid_before,) = db.execute(
-        """SELECT COALESCE(SUM(s.amount_minor), 0)
-           FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
-           WHERE p.account_id = ? AND p.bill_id = ? AND p.agreement_digest = ?""",
-        (settle.account_id, bill_id, agreement_digest),
-    ).fetchone()
-    remaining = max(0, owed - int(paid_before) - settle.amount_minor)  # int: PostgreSQL sums to NUMERIC
+    if agreement_digest:  # PAY-16: under an agreement, its total less what was paid under it
+        (paid_before,) = db.execute(
+            """SELECT COALESCE(SUM(s.amount_minor), 0)
+               FROM settlements s JOIN payment_intents p USING (account_id, intent_id)
+               WHERE p.account_id = ? AND p.bill_id = ? AND p.agreement_digest = ?""",
+            (settle.account_id, bill_id, agreement_digest),
+        ).fetchone()
+        remaining = agreed_total - int(paid_before) - settle.amount_minor  # int: PostgreSQL sums to NUMERIC
+    else:  # without one, the outstanding balance: the amount due less everything received for the bill
+        remaining = amount_due - _received_minor(db, bill_id) - settle.amount_minor
+    if remaining < 0:
+        raise ValueError(
+            f"settling intent {settle.intent_id!r} would receive more than is owed for the bill: no receipt (PAY-16)"
+        )
     sealed = settle.seal(remaining)
     record = SettlementRecord(
         settle.account_id,

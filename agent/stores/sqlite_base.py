@@ -46,11 +46,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
+from agent.stores.files import create_private, tighten
+
 T = TypeVar("T")
 Row = tuple[Any, ...]
 Migrations = Sequence[Sequence[str]]
 
 BUSY_TIMEOUT_MS = 10_000
+_COMPANION_SUFFIXES = ("-wal", "-shm", "-journal", "-lock")  # SQLite's and our writer lock
 
 
 def ts(moment: datetime) -> str:
@@ -256,6 +259,12 @@ class SqliteStore:
         return self._db
 
     def _connect(self) -> None:
+        # Private data: the database is made 0600 before SQLite opens it, so the -wal and -shm files SQLite
+        # creates take the same mode; files left wider by an older version are tightened.
+        if self._path != ":memory:":
+            create_private(self._path)
+            for suffix in _COMPANION_SUFFIXES:
+                tighten(self._path + suffix)
         # isolation_level=None: transactions are begun and ended explicitly below.
         db = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:

@@ -199,8 +199,9 @@ async def not_settled(ctx: BillerTarget) -> None:
     description="Under an agreement the intent pays the agreed instalment; the bill's plain amount is then "
     "PAYMENT_AMOUNT_MISMATCH",
     quote="with an `agreement_digest`, the amount of instalment `instalment_index` (zero-based) of the schedule of the "
-    "agreement whose `Accept` has that digest; without one, the bill's `amount_due`, with `instalment_index` 0 — and "
-    "only while nothing has been received on the bill and it is not under an active arrangement",
+    "agreement whose `Accept` has that digest, while that agreement is the bill's arrangement in force and within its "
+    "date (PAY-15); without one, the bill's outstanding balance (PAY-16), with `instalment_index` 0 — and only while "
+    "the bill is not under an active arrangement",
     needs=NEG,
 )
 async def agreement_payment(ctx: BillerTarget) -> None:

@@ -174,14 +174,18 @@ def test_the_console_in_chromium(store_path: Path, snapshot: Snapshot) -> None:
 
 
 def _secrets_of(store_path: Path) -> list[str]:
-    """What must never reach a page: enrolment code hashes and salts, disclosures, the biller's key file."""
+    """What must never reach a page: enrolment code hashes and salts, the codes' HMAC secret, disclosures, the
+    biller's key file."""
     import sqlite3  # noqa: PLC0415 -- only this check reads the file directly
 
     with contextlib.closing(sqlite3.connect(store_path)) as db:
         rows = db.execute("SELECT code_hash, salt FROM enrolment_codes").fetchall()
         disclosures = db.execute("SELECT content FROM disclosures").fetchall()
-    found = [value.hex() for row in rows for value in row]
-    found += [content.hex() for (content,) in disclosures]
+    found = [value.hex() for row in rows for value in row if value]  # HMAC codes have no salt (ENR-8)
+    found += [content.hex() for (content,) in disclosures if content]
+    secret_file = store_path.parent / "enrolment.secret"
+    if secret_file.exists():
+        found.append(secret_file.read_bytes().hex())
     key_file = store_path.parent / "biller.key"
     if key_file.exists():
         found += re.findall(r"[A-Za-z0-9+/=]{40,}", key_file.read_text(errors="ignore"))

@@ -244,7 +244,8 @@ async def key_not_valid(ctx: BillerTarget) -> None:
     description="A next version with no key, 17 keys, a key listed twice or an empty window is KEYSET_INVALID, "
     "without effect",
     quote="A key set MUST be well formed, else it is refused with `KEYSET_INVALID`: 1 to 16 keys; […] no two keys "
-    "with the same keyid; `not_before` and `not_after` set, valid timestamps, and `not_before < not_after`",
+    "with the same keyid; `not_before` and `not_after` set, valid timestamps in whole microseconds […] and "
+    "`not_before < not_after`",
     needs=(FIXTURES,),
 )
 async def malformed_key_set(ctx: BillerTarget) -> str:

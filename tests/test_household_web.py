@@ -474,3 +474,38 @@ def test_an_agreement_replaced_by_a_later_one_on_the_same_bill_is_no_longer_stan
 
     document = {"agreements": [agreement("b1", "t1"), agreement("b2", "t2"), agreement("b1", "t3")]}
     assert superseded(document) == {"t1"}
+
+
+def test_the_demo_serves_its_six_households_spaces_until_stopped(tmp_path: Path) -> None:
+    """`parley demo --serve`: after the simulation one link opens an index of the six households, each page
+    reads that household's own state directory, and SIGTERM stops the pages cleanly."""
+    import subprocess  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+    from http.cookiejar import CookieJar as HttpCookies  # noqa: PLC0415
+
+    command = [sys.executable, "-m", "agent.cli", "demo", "--out", str(tmp_path / "bundles"), "--serve", "127.0.0.1:0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        assert process.stdout is not None
+        link = None
+        for line in process.stdout:
+            found = re.search(r"(http://127\.0\.0\.1:\d+/\?token=\S+)", line)
+            if found:
+                link = found.group(1)
+                break
+        assert link is not None, "the demo printed no link to the households' spaces"
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(HttpCookies()))
+        index = opener.open(link, timeout=30).read().decode()
+        names = re.findall(r"Household (One|Two|Three|Four|Five|Six)", index)
+        assert sorted(set(names)) == sorted(["One", "Two", "Three", "Four", "Five", "Six"])
+        page = re.search(r'href="(/[^"]+)"[^>]*>\s*Household One', index)
+        assert page is not None, index
+        household = opener.open(link.split("/?")[0] + page.group(1), timeout=30).read().decode()
+        assert "energy.example" in household
+        assert "token=" not in household  # the secret stays out of every page
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,4 +1,4 @@
-"""Listen addresses, one reading for every listener (gRPC, metrics, web pages): HOST:PORT and loopback.
+"""Listen addresses, one reading for every listener (gRPC, metrics, web pages, clients): HOST:PORT and loopback.
 
 TRN-2: plaintext is allowed only on a loopback address; every listener asks `is_loopback` the same way.
 """
@@ -10,6 +10,7 @@ import ipaddress
 
 def is_loopback(host: str) -> bool:
     """Whether a listen host is a loopback address: 127.0.0.0/8, ::1 or localhost (TRN-2)."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:

@@ -59,13 +59,14 @@ from grpc_status import rpc_status
 
 from agent.biller import ENROLMENT_CODE_VALIDITY, AwaitedPayment, BillerAgent
 from agent.biller import Arrangement as AgreedArrangement
+from agent.listen import is_loopback
 from agent.lru import Lru
 from agent.protocol.errors import ProtocolError
 from agent.protocol.messages import to_timestamp
 from agent.protocol.terms import Money, parse_date
 from agent.stores import AlreadyExists, BillerStore
 from agent.stores.base import AccountRecord, EventRecord
-from agent.transport.server import HEALTH_SERVICE_NAME, NOT_SERVING, OVERALL, SERVING, is_loopback
+from agent.transport.server import HEALTH_SERVICE_NAME, NOT_SERVING, OVERALL, SERVING
 from agent.transport.status import Context
 from agent.transport.status import abort as abort_with_protocol_error
 from parley.backoffice.v1 import backoffice_service_pb2 as pb

@@ -52,11 +52,12 @@ from rich.markup import escape
 
 from agent.clock import Clock, SystemClock
 from agent.identity import IdentityError, NoIdentityError
+from agent.listen import is_loopback
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.keys import InsecureKeyFileError
 from agent.stores.files import check_private_file
 from agent.tracing import TracingUnavailable, server_interceptors
-from agent.transport.server import install_uvloop, is_loopback
+from agent.transport.server import install_uvloop
 from reference_biller import accounts, sample
 from reference_biller.backoffice_cli import add_backoffice_commands
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config

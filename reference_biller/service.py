@@ -65,6 +65,7 @@ from agent.biller import FEATURES, BillerAgent
 from agent.clock import Clock, SystemClock
 from agent.conformance.control import ConformanceControlServicer, SteppingClock
 from agent.identity import Identity, IdentityDir
+from agent.listen import is_loopback
 from agent.metrics import MetricsEndpoint, serve_metrics
 from agent.protocol.keys import SigningKey
 from agent.stores import SqlBillerStore, open_biller_store
@@ -73,7 +74,6 @@ from agent.transport.server import (
     DEFAULT_SHUTDOWN_GRACE,
     BillerServer,
     freeze_startup_heap,
-    is_loopback,
     serve_biller,
 )
 from parley.v1 import conformance_control_service_pb2 as cc

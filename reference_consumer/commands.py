@@ -44,13 +44,13 @@ from agent.consumer import (
     UnknownApproval,
     parse_enrolment_uri,
 )
+from agent.listen import is_loopback
 from agent.protocol.errors import ParleyError
 from agent.protocol.keys import InsecureKeyFileError
 from agent.protocol.terms import Terms
 from agent.stores.base import ApprovalRecord
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import ClientTls, is_transient
-from agent.transport.server import is_loopback
 from agent.transport.status import CallError
 from agent.web import WebConfig, start_site
 from parley.v1 import terms_pb2

@@ -60,12 +60,12 @@ from urllib.parse import urlsplit
 
 from agent.consumer.enrolment import InvalidEnrolmentLink, parse_enrolment_uri
 from agent.consumer.mandate import Mandate as Mandate  # noqa: PLC0414 - re-exported: the profile holds the agent's one mandate (NEG-20)
+from agent.listen import is_loopback
 from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.limits import DIGEST_BYTES, MAX_ID_CHARS
 from agent.protocol.messages import is_party_id
 from agent.protocol.terms import Currency, Money, parse_date
-from agent.transport.server import is_loopback
 
 _T = TypeVar("_T")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")

@@ -120,6 +120,7 @@ from agent.consumer import (
     ReceivedBill,
 )
 from agent.identity import IdentityDir, IdentityError, OtherPartyError
+from agent.listen import is_loopback
 from agent.protocol.agreement import Bundle
 from agent.protocol.errors import ParleyError, ProtocolError
 from agent.protocol.keys import InsecureKeyFileError, SigningKey
@@ -128,7 +129,6 @@ from agent.protocol.terms import BillFacts, Terms
 from agent.stores.base import ApprovalRecord, ApprovalState, IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
-from agent.transport.server import is_loopback
 from agent.transport.status import CallError
 from parley.v1 import event_pb2, terms_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate

@@ -27,8 +27,13 @@ SLOW_MODULES = frozenset(
         "test_consumer_run",
         "test_demo",
         "test_fuzz",
+        "test_household_notifications",
+        "test_household_space",
+        "test_household_web",
+        "test_mutants",
         "test_packaging",
         "test_replicas",
+        "test_web_kit",
     }
 )
 

@@ -40,8 +40,8 @@ from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_option
 def _run_biller(args: argparse.Namespace, out: Console) -> int:
     from agent.conformance.biller import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
     from agent.conformance.runner import run_suite  # noqa: PLC0415
+    from agent.listen import is_loopback  # noqa: PLC0415
     from agent.transport.client import ClientTls  # noqa: PLC0415
-    from agent.transport.server import is_loopback  # noqa: PLC0415
 
     host = args.target.rpartition(":")[0].removeprefix("[").removesuffix("]")
     if args.insecure and not is_loopback(host):  # said now, not as "unreachable" by every case (TRN-3)

@@ -34,9 +34,9 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from agent.listen import is_loopback
 from agent.protocol.errors import Reason
 from agent.protocol.limits import SUPPORTED_VERSIONS
-from agent.transport.server import is_loopback
 from agent.transport.status import CallError, error_from_rpc
 from agent.version import software_name
 from parley.v1 import biller_service_pb2 as pb

@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import gc
 import inspect
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from agent.biller import BillerAgent
+from agent.listen import is_loopback
 from agent.logs import log_step, request_ids
 from agent.metrics import MetricsInterceptor
 from agent.protocol.errors import ProtocolError, Reason, RemoteProtocolError
@@ -303,16 +303,6 @@ def _parsed_stream(
             yield response
 
     return handle
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen host is a loopback address (TRN-2)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_of(listen: str) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.listen import is_loopback
 
 __all__ = [
     "CSRF_FIELD",
@@ -34,15 +35,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for `localhost`, 127.0.0.0/8 and ::1 (bracketed or not); any other name or address is not loopback."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
+is_loopback_host = is_loopback  # the one reading of loopback (agent/listen.py), under the kit's name
 
 def check_listen_address(host: str, *, tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None) -> None:
     """Refuse a non-loopback listener unless it has TLS and an authentication mechanism (mutual TLS).

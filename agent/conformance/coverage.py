@@ -119,7 +119,6 @@ GAPS: dict[str, str] = {
     "TRM-16": "an offer with an unset principal or total (the missing-* vectors)",
     "EVT-9": "a WatchEvents stream followed past its query's expire_time (tests/test_redteam_streams.py)",
     "EVT-10": "a stream whose signer is re-bound or whose key is revoked while open (tests/test_redteam_streams.py)",
-    "LIM-14": "more open WatchEvents streams for one party than the limit",
     "LIM-15": "a chain grown past the most versions (needs AdvanceClock over the daily publish bound)",
     "LIM-13": "a consumer scenario announcing lower limits in Hello and sending a message above them",
     "TRM-19": "an offer dated past the horizon after the due date (tests/test_redteam_money_dates.py)",
@@ -127,7 +126,6 @@ GAPS: dict[str, str] = {
     "PAY-16": "paying after a broken plan: only the outstanding balance (tests/test_redteam_money_balance.py)",
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
     "TRN-9": "a target requiring mutual TLS (the suite connects without a client certificate)",
-    "KEY-2": "checking the keyids of the biller's chain against SHA-256 of its keys",
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
     "KEY-15": "a version signed by a key outside its validity window",
     "KEY-16": "a run long enough to see the biller publish before its newest version expires",
@@ -135,9 +133,7 @@ GAPS: dict[str, str] = {
     "HDR-13": "party ids with a character outside the alphabet, or 129 characters, at enrolment",
     "ENR-1": "an Enrol request breaking two checks at once, to pin the order of ENR-1",
     "ENR-11": "a second enrolment on an account, then the first party's requests (ACCOUNT_ACCESS_DENIED)",
-    "BIL-1": "checking every field of every presented Bill (thread, sequence, recipient, lifetime)",
     "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
-    "BIL-5": "the same bill listed twice, byte for byte",
     "TRM-6": "a fee without its line, a zero-amount line",
     "TRM-10": "a biller counter-offer splitting a total with a remainder",
     "TRM-14": "a monthly schedule from the 31st of a month",
@@ -152,7 +148,6 @@ GAPS: dict[str, str] = {
     "PRV-7": "GetThread and events after a disclosure never carry it",
     "PRV-8": "a consumer scenario judging what the client discloses",
     "ERR-6": "a consumer scenario answering INVALID_ARGUMENT and counting the client's retries",
-    "LIM-8": "rate_limit_burst + 1 requests from one key at once (RATE_LIMITED)",
 }
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from agent.conformance.biller import (
     authorization,
+    bills,
     clock,
     codes_and_times,
     enrolment,
@@ -44,6 +45,7 @@ from agent.conformance.biller import (
     headers,
     hello,
     keysets,
+    limits,
     negotiation,
     payments,
     privacy,
@@ -61,11 +63,13 @@ SECTIONS: tuple[Suite[BillerTarget], ...] = (
     enrolment.suite,  # §6.1, §6.2
     keysets.suite,  # §4
     authorization.suite,  # §6.3, §6.4
+    bills.suite,  # §7
     negotiation.suite,  # §9
     terms.suite,  # §8
     payments.suite,  # §10
     events.suite,  # §11
     privacy.suite,  # §12
+    limits.suite,  # §14: each case spends the budget of a party of its own
     codes_and_times.suite,  # ENR-7, HDR-14, EVT-6
     # Order matters from here on:
     # - the cases that move the biller's clock (AdvanceClock) run after every other case that signs with

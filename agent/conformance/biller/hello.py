@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from agent.conformance.biller.target import (
@@ -22,6 +23,7 @@ from agent.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from parley.v1 import (
     biller_service_pb2,
     envelope_pb2,
+    keys_pb2,
 )
 
 suite: Suite[BillerTarget] = Suite("biller/hello")
@@ -131,6 +133,33 @@ async def get_key_sets(ctx: BillerTarget) -> str:
         "GetKeySets for a party the biller does not know",
     )
     return f"chain of {newest} version(s), pinned by Hello's fingerprint"
+
+
+@suite.case(
+    "KEY-2/keyids",
+    description="Every key of the biller's chain is named by hex(SHA-256(public_key)[0:16]), 32 lowercase characters",
+    quote="The **keyid** of a public key MUST be the lowercase hex encoding of the first 16 bytes of SHA-256 of its "
+    "raw 32 bytes: 32 characters, `hex(SHA-256(public_key)[0:16])`.",
+)
+async def keyids(ctx: BillerTarget) -> str:
+    named = 0
+    for envelope in ctx.key_sets:
+        key_set = keys_pb2.KeySet.FromString(envelope.payload)
+        for key in key_set.keys:
+            expected = hashlib.sha256(key.public_key).digest()[:16].hex()
+            if key.keyid != expected:
+                raise Violation(
+                    f"key set version {key_set.version} names a key {key.keyid!r}; "
+                    f"hex(SHA-256(public_key)[0:16]) is {expected!r}"
+                )
+            named += 1
+        for signature in envelope.signatures:
+            if len(signature.keyid) != 32 or signature.keyid != signature.keyid.lower():
+                raise Violation(
+                    f"version {key_set.version} is signed under keyid {signature.keyid!r}, not 32 "
+                    "lowercase hex characters"
+                )
+    return f"{named} key(s) in {len(ctx.key_sets)} version(s)"
 
 
 @suite.case(

@@ -121,7 +121,6 @@ GAPS: dict[str, str] = {
     "TRM-16": "an offer with an unset principal or total (the missing-* vectors)",
     "EVT-9": "a WatchEvents stream followed past its query's expire_time (tests/test_redteam_streams.py)",
     "EVT-10": "a stream whose signer is re-bound or whose key is revoked while open (tests/test_redteam_streams.py)",
-    "LIM-15": "a chain grown past the most versions (needs AdvanceClock over the daily publish bound)",
     "LIM-13": "a consumer scenario announcing lower limits in Hello and sending a message above them",
     "TRM-19": "an offer dated past the horizon after the due date (tests/test_redteam_money_dates.py)",
     "PAY-14": "a second intent for the same payment while one is in flight (tests/test_redteam_money_balance.py)",
@@ -147,7 +146,6 @@ GAPS: dict[str, str] = {
     "EVT-7": "an instalment left unpaid past its grace period (needs AdvanceClock)",
     "PRV-1": "a consumer scenario checking that disclosures come only beside an opening",
     "PRV-2": "a consumer scenario reading the disclosure the client sends",
-    "PRV-7": "GetThread and events after a disclosure never carry it",
     "PRV-8": "a consumer scenario judging what the client discloses",
     "ERR-6": "a consumer scenario answering INVALID_ARGUMENT and counting the client's retries",
 }

@@ -21,8 +21,10 @@ from agent.conformance.biller.target import (
     read_ok,
     thread_unchanged,
 )
-from agent.conformance.runner import Suite
+from agent.conformance.client import Refusal
+from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
+from agent.protocol.limits import MAX_KEYSET_VERSIONS
 from parley.v1 import negotiation_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/clock")
@@ -81,3 +83,32 @@ async def code_expired(ctx: BillerTarget) -> None:
     party = ctx.new_party()
     request = party.enrolment(account.account_id, account.enrolment_code)
     expect(await enrol(ctx, request), Reason.ENROLMENT_CODE_EXPIRED, "the right code 31 days after issue")
+
+
+@suite.case(
+    "LIM-15/chain-full",
+    description="A party's chain holds at most 100 versions: version 101 is KEYSET_CHAIN_FULL even on a fresh day",
+    quote="A key set chain MUST have at most 100 versions: a verifier MUST refuse version 101 with "
+    "`KEYSET_CHAIN_FULL` (`RESOURCE_EXHAUSTED`)",
+    needs=(FIXTURES,),
+)
+async def chain_full(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    party = customer.party
+    days = 0
+    while len(party.key_sets) < MAX_KEYSET_VERSIONS:
+        version = party.next_key_set([party.key_spec(party.key, ctx.now() - timedelta(days=1))])
+        answer = await publish(ctx, version)
+        if not isinstance(answer, Refusal):
+            party.adopt(version)
+            continue
+        if answer.reason != Reason.KEYSET_CHAIN_FULL.name or days >= MAX_KEYSET_VERSIONS:
+            raise Violation(f"publishing version {len(party.key_sets) + 1} was refused with {answer.describe()}")
+        await ctx.advance_clock(86_400)  # the day's publishes are spent (LIM-15): the next day brings more
+        days += 1
+    await ctx.advance_clock(86_400)  # a fresh day: only the chain's length can refuse version 101
+    days += 1
+    extra = party.next_key_set([party.key_spec(party.key, ctx.now() - timedelta(days=1))])
+    expect(await publish(ctx, extra), Reason.KEYSET_CHAIN_FULL, f"version {MAX_KEYSET_VERSIONS + 1}, on a fresh day")
+    await read_ok(ctx, customer)  # the full chain still serves: version 100 signs on
+    return f"{MAX_KEYSET_VERSIONS} versions over {days} days; version {MAX_KEYSET_VERSIONS + 1} refused"

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import AsyncExitStack
+from datetime import timedelta
 
 from agent.conformance.biller.target import (
     FIXTURES,
     BillerTarget,
     Customer,
     list_bills,
+    publish,
+    read_ok,
 )
 from agent.conformance.client import Answer, Refusal
 from agent.conformance.runner import Skip, Suite, Violation
@@ -114,3 +117,31 @@ async def streams_per_party(ctx: BillerTarget) -> str:
                 raise Violation("the party's first stream was refused TOO_MANY_STREAMS")
             return f"{held} streams held, the next refused TOO_MANY_STREAMS"
     raise Violation(f"one party held {STREAMS_TRIED} WatchEvents streams open at once and none was refused")
+
+
+PUBLISHES_TRIED = 50  # key set versions one party publishes in a day before the suite calls the bound missing
+
+
+@suite.case(
+    "LIM-15/publishes-per-day",
+    description="One party's key set publishes in a day are bounded: one more is refused KEYSET_CHAIN_FULL",
+    quote="A biller MUST bound the versions one party may publish per day (reference biller: 4, per process, "
+    "`KEYSET_CHAIN_FULL`)",
+    needs=(FIXTURES,),
+)
+async def publishes_per_day(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    party = customer.party
+    for published in range(PUBLISHES_TRIED):
+        version = party.next_key_set([party.key_spec(party.key, ctx.now() - timedelta(days=1))])
+        answer = await publish(ctx, version)
+        if not isinstance(answer, Refusal):
+            party.adopt(version)
+            continue
+        if answer.reason != Reason.KEYSET_CHAIN_FULL.name:
+            raise Violation(f"publish {published + 1} of the day was refused with {answer.describe()}")
+        if published == 0:
+            raise Violation("the party's first publish of the day was refused KEYSET_CHAIN_FULL")
+        await read_ok(ctx, customer)  # the versions it accepted still serve
+        return f"{published} versions published, the next refused KEYSET_CHAIN_FULL"
+    raise Violation(f"one party published {PUBLISHES_TRIED} key set versions in a day and none was refused")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 from agent.conformance.biller.target import (
@@ -12,11 +13,14 @@ from agent.conformance.biller.target import (
     expect,
     inside_options,
     negotiate,
+    thread_id_of,
+    thread_of,
 )
+from agent.conformance.client import Refusal
 from agent.conformance.peers import disclosure_bytes
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
-from parley.v1 import account_pb2, biller_service_pb2
+from parley.v1 import account_pb2, biller_service_pb2, negotiation_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/privacy")
 
@@ -68,3 +72,56 @@ async def erasure(ctx: BillerTarget) -> None:
     again = accepted(await ctx.conn.call("RequestErasure", rpc), "the same RequestErasure, retried")
     if again.confirmation.SerializeToString() != answer.confirmation.SerializeToString():
         raise Violation("the retried request was answered with another confirmation (HDR-12)")
+
+
+DISCLOSURE_WAIT = 3.0  # seconds without a new event after which the account's log is taken as read
+
+
+def _carries(blob: bytes | str, salt: bytes) -> bool:
+    """Whether `blob` holds the disclosure's random salt, raw or written out (hex, base64)."""
+    if isinstance(blob, str):
+        return any(form in blob for form in (salt.hex(), base64.b64encode(salt).decode(), repr(salt)))
+    return salt in blob
+
+
+@suite.case(
+    "PRV-7/disclosure-never-echoed",
+    description="After a disclosure, GetThread, the account's events and refusals carry only its digest, never "
+    "the disclosure",
+    quote="A disclosure MUST NOT appear in an agreement bundle (§17), an event, a `GetThread` answer, an error detail "
+    "or a log line; only its digest, inside the signed opening, travels with the thread.",
+    needs=("negotiation", "hardship", "events", FIXTURES),
+)
+async def disclosure_never_echoed(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    disclosure = disclosure_bytes()
+    salt = negotiation_pb2.Disclosure.FromString(disclosure).salt
+    opening = customer.party.open(
+        bill.bill_id, bill.digest, inside_options(bill), disclosure_digest=hashlib.sha256(disclosure).digest()
+    )
+    accepted(await negotiate(ctx, opening, disclosure), "an opening inside the options with its disclosure")
+    # The same disclosure beside a move that cannot take one: the refusal must not quote it back.
+    other = await ctx.issue_bill(customer)
+    plain = customer.party.open(other.bill_id, other.digest, inside_options(other))
+    refusal = expect(await negotiate(ctx, plain, disclosure), Reason.MALFORMED_PAYLOAD, "a disclosure without digest")
+    if _carries(refusal.describe(), salt):
+        raise Violation("the refusal's detail quotes the disclosure")
+    thread = await thread_of(ctx, customer, thread_id_of(opening))
+    if _carries(thread.SerializeToString(), salt):
+        raise Violation("the GetThread answer carries the disclosure")
+    seen = 0
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        while True:
+            try:
+                event = await stream.next(DISCLOSURE_WAIT)
+            except TimeoutError:
+                break
+            if event is None or isinstance(event, Refusal):
+                break
+            seen += 1
+            if _carries(event.SerializeToString(), salt):
+                raise Violation(f"event {seen - 1} of the account's log carries the disclosure")
+    if not seen:
+        raise Violation("the account's event log delivered nothing (two bills were issued)")
+    return f"thread and {seen} events checked"

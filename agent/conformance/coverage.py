@@ -139,7 +139,6 @@ GAPS: dict[str, str] = {
     "TRM-10": "a biller counter-offer splitting a total with a remainder",
     "TRM-14": "a monthly schedule from the 31st of a month",
     "NEG-16": "a biller counter-offer that the biller's own rules would refuse",
-    "NEG-19": "GetThread after the arrangement ends still holds the whole thread",
     "NEG-20": "a consumer scenario countering with terms outside the sample mandate",
     "NEG-21": "a consumer scenario with a deadline about to pass",
     "PAY-10": "a consumer scenario retrying an intent and given forged stored instructions",

@@ -5,20 +5,30 @@ from __future__ import annotations
 from datetime import timedelta
 
 from agent.conformance.biller.target import (
+    AMOUNT_DUE,
+    DEFERRAL_FEE,
     FIXTURES,
     NEG,
     OUTCOME,
     BillerTarget,
     accepted,
+    agreed_thread,
     countered_thread,
+    digest_of,
     enrol,
     expect,
+    get_bill,
     list_bills,
     negotiate,
     outside_options,
+    pay,
+    payment_intent,
     publish,
     query_envelope,
     read_ok,
+    setup,
+    thread_id_of,
+    thread_of,
     thread_unchanged,
 )
 from agent.conformance.client import Refusal
@@ -112,3 +122,30 @@ async def chain_full(ctx: BillerTarget) -> str:
     expect(await publish(ctx, extra), Reason.KEYSET_CHAIN_FULL, f"version {MAX_KEYSET_VERSIONS + 1}, on a fresh day")
     await read_ok(ctx, customer)  # the full chain still serves: version 100 signs on
     return f"{MAX_KEYSET_VERSIONS} versions over {days} days; version {MAX_KEYSET_VERSIONS + 1} refused"
+
+
+@suite.case(
+    "NEG-19/thread-kept",
+    description="Once an arrangement is paid in full and its dates are long past, GetThread still serves the whole "
+    "thread and GetBill the bill, byte for byte",
+    quote="Both parties MUST keep, for as long as the arrangement or a claim under it can matter, the signed bill, the "
+    "whole thread and both parties' key set chains, so that either can produce an agreement bundle (§17)",
+    needs=NEG,
+)
+async def thread_kept(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await agreed_thread(ctx, customer, bill)
+    agreed = payment_intent(
+        customer, bill, "cf-kept", AMOUNT_DUE + DEFERRAL_FEE, agreement_digest=digest_of(thread[-1])
+    )
+    setup(await pay(ctx, agreed), "the agreed deferral's one payment")
+    setup(await ctx.conn.settle_payments(), "SettlePayments")
+    await ctx.advance_clock(120 * 86_400)  # the deferral's date is weeks behind: the arrangement has ended
+    kept = await thread_of(ctx, customer, thread_id_of(thread[0]))
+    if [m.SerializeToString() for m in kept.messages] != [m.SerializeToString() for m in thread]:
+        raise Violation(f"GetThread serves {len(kept.messages)} messages, not the agreed thread's two, byte for byte")
+    answer = await get_bill(ctx, customer.party.query(customer.account_id, bill_id=bill.bill_id))
+    served = getattr(answer, "bill", None)
+    if served is None or served.SerializeToString() != bill.envelope.SerializeToString():
+        raise Violation("GetBill no longer serves the bill as it was presented, once its arrangement ended")

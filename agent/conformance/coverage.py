@@ -113,10 +113,6 @@ NOT_OBSERVABLE: dict[str, str] = {
 GAPS: dict[str, str] = {
     # Added by protocol revision 1.1 and the red-team fixes; the reference is tested in tests/, not yet here.
     "TRN-10": "many idle connections from one address, reaped (tests/test_redteam_connections.py tests the reference)",
-    "ENV-14": "requests with non-minimal varints, a repeated singular field, invalid UTF-8 (the parse-* vectors)",
-    "KEY-22": "an enrolment whose first key set version is 0 or 2",
-    "KEY-23": "a published key set version created beyond the skew in the future",
-    "HDR-16": "a request whose times carry sub-microsecond nanos, refused as malformed",
     "BIL-6": "a consumer scenario presenting a bill at sequence 1 or with a previous digest",
     "TRM-16": "an offer with an unset principal or total (the missing-* vectors)",
     "EVT-9": "a WatchEvents stream followed past its query's expire_time (tests/test_redteam_streams.py)",

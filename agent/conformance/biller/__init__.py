@@ -47,6 +47,7 @@ from agent.conformance.biller import (
     keysets,
     limits,
     negotiation,
+    parsing,
     payments,
     privacy,
     replay,
@@ -58,6 +59,7 @@ from agent.conformance.runner import Suite
 SECTIONS: tuple[Suite[BillerTarget], ...] = (
     hello.suite,  # §15, §14, §4.6: first, as a smoke test of the connection and of Hello
     envelopes.suite,  # §3
+    parsing.suite,  # §3.4
     headers.suite,  # §5
     replay.suite,  # §5.3
     enrolment.suite,  # §6.1, §6.2
@@ -70,7 +72,7 @@ SECTIONS: tuple[Suite[BillerTarget], ...] = (
     events.suite,  # §11
     privacy.suite,  # §12
     limits.suite,  # §14: each case spends the budget of a party of its own
-    codes_and_times.suite,  # ENR-7, HDR-14, EVT-6
+    codes_and_times.suite,  # ENR-7, HDR-14, HDR-16, EVT-6
     # Order matters from here on:
     # - the cases that move the biller's clock (AdvanceClock) run after every other case that signs with
     #   the target's time, so that those run at an unmoved clock (a moved clock can expire the key sets,

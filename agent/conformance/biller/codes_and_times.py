@@ -1,25 +1,38 @@
-"""Enrolment codes' form, times in microseconds, thanks for a payment (ENR-7, HDR-14, EVT-6)."""
+"""Enrolment codes' form, times in microseconds, thanks for a payment (ENR-7, HDR-14, HDR-16, EVT-6)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 from agent.conformance.biller.target import (
     FIXTURES,
     SHOULD,
     BillerTarget,
+    Customer,
     accepted,
     digest_of,
     enrol,
+    expect,
     first_event,
     get_receipt,
+    inside_options,
+    list_bills,
+    negotiate,
     pay,
     payment_intent,
+    publish,
+    query_envelope,
+    read_ok,
     setup,
 )
+from agent.conformance.peers import KeySpec
 from agent.conformance.runner import Suite, Violation
+from agent.protocol.errors import Reason
 from agent.protocol.messages import PAYLOAD_TYPES
-from parley.v1 import event_pb2
+from parley.v1 import envelope_pb2, event_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/codes_and_times")
 
@@ -99,3 +112,56 @@ async def payment_thanked(ctx: BillerTarget) -> None:
                 break
     if event.related_digest != digest_of(receipt.receipt):
         raise Violation("PAYMENT_RECEIVED does not name the receipt's digest (EVT-2)")
+
+
+def _with_nanos(customer: Customer, envelope: envelope_pb2.Envelope, change: Callable[[Any], None]) -> Any:
+    """The envelope's message with one time given a sub-microsecond part, signed again by the customer."""
+    message = PAYLOAD_TYPES[envelope.payload_type].FromString(envelope.payload)
+    change(message)
+    return customer.party.sign(message)
+
+
+@suite.case(
+    "HDR-16/whole-microseconds",
+    description="A time with a sub-microsecond part is malformed, refused with the reason of the check reading it: "
+    "MALFORMED_HEADER in a header, NEGOTIATION_LIMITS_INVALID in a deadline, KEYSET_INVALID in a key's window",
+    quote="Every `google.protobuf.Timestamp` in a signed payload MUST be a whole number of microseconds: `nanos` a "
+    "multiple of 1,000. A receiver MUST refuse any other as a malformed time, with the reason of the check that reads "
+    "that field",
+    needs=("negotiation", FIXTURES),
+)
+async def whole_microseconds(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+
+    def header_nanos(message: Any) -> None:
+        message.header.create_time.nanos += 1
+
+    def deadline_nanos(message: Any) -> None:
+        message.deadline.nanos += 1
+
+    query = _with_nanos(customer, query_envelope(customer), header_nanos)
+    expect(await list_bills(ctx, query), Reason.MALFORMED_HEADER, "a query created at a time with 1 ns over a µs")
+    opening = customer.party.open(
+        bill.bill_id, bill.digest, inside_options(bill), deadline=ctx.now() + timedelta(hours=1)
+    )
+    expect(
+        await negotiate(ctx, _with_nanos(customer, opening, deadline_nanos)),
+        Reason.NEGOTIATION_LIMITS_INVALID,
+        "an opening whose deadline has 1 ns over a µs",
+    )
+    party = customer.party
+    start = ctx.now() - timedelta(days=1)
+    window = KeySpec(party.key.public_key, start, start + timedelta(days=90, microseconds=1))
+    version = party.next_key_set([window])
+
+    def key_nanos(message: Any) -> None:
+        message.keys[0].not_after.nanos += 1
+
+    expect(
+        await publish(ctx, _with_nanos(customer, version, key_nanos)),
+        Reason.KEYSET_INVALID,
+        "a key's not_after with 1 ns over a µs",
+    )
+    await read_ok(ctx, customer)  # none of them changed anything
+    return "header, deadline and key window refused"

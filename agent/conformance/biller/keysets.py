@@ -11,6 +11,7 @@ from agent.conformance.biller.target import (
     BillerTarget,
     Customer,
     accepted,
+    enrol,
     expect,
     list_bills,
     publish,
@@ -269,3 +270,54 @@ async def malformed_key_set(ctx: BillerTarget) -> str:
     party.adopt(sixteen)
     await read_ok(ctx, customer)
     return f"{len(variants)} malformed versions refused; one of exactly 16 keys accepted"
+
+
+@suite.case(
+    "KEY-22/first-version-number",
+    description="An enrolment whose key set starts at version 0 is KEYSET_ROLLBACK, at version 2 "
+    "KEYSET_VERSION_SKIPPED; neither spends the code",
+    quote="A receiver that holds nothing yet for a party (verifying a chain from its start: at enrolment, on a first "
+    "`GetKeySets`, in a bundle) MUST judge the first version it reads as if it held a version 0: a first version "
+    "numbered 0 is refused with `KEYSET_ROLLBACK`, and one numbered 2 or more with `KEYSET_VERSION_SKIPPED`",
+    needs=(FIXTURES,),
+)
+async def first_version_number(ctx: BillerTarget) -> None:
+    account = await ctx.new_account()
+    party = ctx.new_party()
+    start = ctx.now() - timedelta(days=1)
+    for number, reason in ((0, Reason.KEYSET_ROLLBACK), (2, Reason.KEYSET_VERSION_SKIPPED)):
+        first = build_key_set(
+            party_id=party.party_id,
+            version=number,
+            keys=[party.key_spec(party.key, start)],
+            signer=party.key,
+            create_time=start,
+            expire_time=start + timedelta(days=90),
+            previous=None,
+            header={"sequence": max(number - 1, 0)},  # a header sequence cannot be -1: version 0 keeps 0
+        )
+        request = party.enrolment(account.account_id, account.enrolment_code, key_set=first)
+        expect(await enrol(ctx, request), reason, f"an enrolment carrying a key set numbered {number}")
+    accepted(await enrol(ctx, party.enrolment(account.account_id, account.enrolment_code)), "the same code, version 1")
+
+
+@suite.case(
+    "KEY-23/version-from-the-future",
+    description="A published version created beyond the clock skew in the future is MESSAGE_NOT_YET_VALID, without "
+    "effect",
+    quote="A receiver that extends a chain it holds with a new version at a time `now` (`PublishKeySet`, a refresh) "
+    "MUST refuse a version whose `create_time` is later than `now + max_clock_skew` with `MESSAGE_NOT_YET_VALID`",
+    needs=(FIXTURES,),
+)
+async def version_from_the_future(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    party = customer.party
+    start = ctx.now() - timedelta(days=1)
+    ahead = party.next_key_set(
+        [party.key_spec(party.key, start)], create_time=ctx.now() + ctx.skew + timedelta(hours=1)
+    )
+    expect(await publish(ctx, ahead), Reason.MESSAGE_NOT_YET_VALID, "a version 2 created an hour beyond the skew")
+    now = party.next_key_set([party.key_spec(party.key, start)])
+    accepted(await publish(ctx, now), "a version 2 created now (the refused one changed nothing)")
+    party.adopt(now)
+    await read_ok(ctx, customer)

@@ -23,6 +23,7 @@ from agent.conformance.biller.target import (
 from agent.conformance.client import Refusal
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
+from agent.protocol.limits import MAX_TERMS_HORIZON_DAYS
 from parley.v1 import terms_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/terms")
@@ -297,3 +298,77 @@ async def check_order(ctx: BillerTarget) -> str:
     _, answer = await open_thread(ctx, customer, bill, inside_options(bill))
     accepted(answer, "a valid opening on the same bill (the refused ones must have changed nothing)")
     return f"{len(pairs)} pairs of defects"
+
+
+def _unset(field: str) -> Any:
+    """A deferral the options advertise, with one required Money field left unset (proto3's empty Money)."""
+
+    def make(bill: IssuedBill) -> terms_pb2.Terms:
+        offered = inside_options(bill)
+        if field == "instalment":
+            offered.schedule[0].ClearField("amount")
+        elif field == "line":
+            offered.lines[0].ClearField("amount")
+        elif field == "principal":
+            offered.ClearField("principal")
+        else:
+            offered.ClearField("total")
+        return offered
+
+    return make
+
+
+_terms_case(
+    "TRM-16/missing-amount",
+    "Terms with an unset principal, total, line amount or instalment amount are refused with UNKNOWN_CURRENCY",
+    "A required `Money` field — in terms `principal`, `total`, each line's `amount` and each instalment's `amount`; "
+    "[…] — that is not set reads as proto3's default, an empty `Money` with an empty `currency_code`, and MUST be "
+    "refused as TRM-1 refuses the empty code, with `UNKNOWN_CURRENCY`",
+    Reason.UNKNOWN_CURRENCY,
+    {
+        f"an unset {name}": _unset(field)
+        for name, field in (
+            ("principal", "principal"),
+            ("total", "total"),
+            ("fee line amount", "line"),
+            ("instalment amount", "instalment"),
+        )
+    },
+)
+_terms_case(
+    "TRM-19/date-horizon",
+    "Terms dated more than 1830 days after the bill's due date, up to the year 9999, are refused with INVALID_TERMS",
+    "No scheduled date of any terms may be more than `MAX_TERMS_HORIZON_DAYS` (1830, §14) days after the bill's "
+    "`due_date`; a receiver MUST refuse such terms with `INVALID_TERMS`",
+    Reason.INVALID_TERMS,
+    {
+        "a deferral 1831 days after the due date": lambda b: terms(
+            _DEFERRAL, [(_late(b, MAX_TERMS_HORIZON_DAYS + 1), AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE)]
+        ),
+        "a deferral to 9999-12-31": lambda b: terms(
+            _DEFERRAL, [("9999-12-31", AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE)]
+        ),
+    },
+)
+_terms_case(
+    "TRM-6/explicit-lines",
+    "A total above the principal without a fee line is TOTAL_MISMATCH; a line of zero is AMOUNT_OUT_OF_RANGE",
+    "Every amount by which the total differs from the principal MUST be an explicit line with a positive amount",
+    Reason.TOTAL_MISMATCH,
+    {
+        "the deferral fee in the total but no fee line": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE + DEFERRAL_FEE)], total=AMOUNT_DUE + DEFERRAL_FEE
+        ),
+    },
+)
+_terms_case(
+    "TRM-6/positive-lines",
+    "A line of zero beside the fee (the total unchanged) is refused with AMOUNT_OUT_OF_RANGE",
+    "Every amount by which the total differs from the principal MUST be an explicit line with a positive amount",
+    Reason.AMOUNT_OUT_OF_RANGE,
+    {
+        "a zero discount line beside the fee": lambda b: terms(
+            _DEFERRAL, [(_late(b), AMOUNT_DUE + DEFERRAL_FEE)], lines=[(_FEE, DEFERRAL_FEE), (_DISCOUNT, 0)]
+        ),
+    },
+)

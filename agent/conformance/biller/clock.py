@@ -11,6 +11,7 @@ from agent.conformance.biller.target import (
     NEG,
     OUTCOME,
     BillerTarget,
+    Customer,
     accepted,
     agreed_thread,
     countered_thread,
@@ -20,6 +21,7 @@ from agent.conformance.biller.target import (
     get_bill,
     list_bills,
     negotiate,
+    open_thread,
     outside_options,
     pay,
     payment_intent,
@@ -27,15 +29,16 @@ from agent.conformance.biller.target import (
     query_envelope,
     read_ok,
     setup,
+    terms,
     thread_id_of,
     thread_of,
     thread_unchanged,
 )
 from agent.conformance.client import Refusal
-from agent.conformance.runner import Suite, Violation
+from agent.conformance.runner import Skip, Suite, Violation
 from agent.protocol.errors import Reason
 from agent.protocol.limits import MAX_KEYSET_VERSIONS
-from parley.v1 import negotiation_pb2
+from parley.v1 import event_pb2, negotiation_pb2, terms_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/clock")
 
@@ -149,3 +152,61 @@ async def thread_kept(ctx: BillerTarget) -> None:
     served = getattr(answer, "bill", None)
     if served is None or served.SerializeToString() != bill.envelope.SerializeToString():
         raise Violation("GetBill no longer serves the bill as it was presented, once its arrangement ended")
+
+
+async def _broken(ctx: BillerTarget, customer: Customer, bill_id: str) -> bool:
+    """Whether the account's log holds ARRANGEMENT_BROKEN for `bill_id` (read until the log goes quiet)."""
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        while True:
+            try:
+                envelope = await stream.next(QUIET)
+            except TimeoutError:
+                return False
+            if envelope is None or isinstance(envelope, Refusal):
+                return False
+            event = event_pb2.Event.FromString(envelope.payload)
+            if event.kind == event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN and event.bill_id == bill_id:
+                return True
+
+
+QUIET = 3.0  # seconds without a new event after which an account's log is taken as read
+
+
+@suite.case(
+    "PAY-16/outstanding-after-broken-plan",
+    description="Once a half-paid plan breaks, only the outstanding balance can be paid: the full amount due and the "
+    "broken plan's instalment are PAYMENT_AMOUNT_MISMATCH",
+    quote="A bill's *outstanding balance* is its `amount_due` less every amount received for it (under any agreement "
+    "or none). When an arrangement breaks, its fees, discounts and settlement reductions lapse: what is owed is the "
+    "outstanding balance.",
+    needs=("negotiation", "instalments", "events", FIXTURES),
+    covers=("EVT-7",),
+)
+async def outstanding_after_broken_plan(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    half = AMOUNT_DUE // 2
+    plan = terms(
+        terms_pb2.TERMS_KIND_INSTALMENT_PLAN,
+        [(bill.due_date, half), (bill.due_date + timedelta(days=14), AMOUNT_DUE - half)],
+    )
+    _, answer = await open_thread(ctx, customer, bill, plan)
+    reply = accepted(answer, "a two-instalment plan inside the advertised options").reply
+    if reply.payload_type != "parley.v1.Accept":
+        raise Skip(f"the biller answered a plan inside its options with {reply.payload_type}, not an Accept")
+    agreement = digest_of(reply)
+    first = payment_intent(customer, bill, "cf-plan-0", half, agreement_digest=agreement)
+    setup(await pay(ctx, first), "the plan's first instalment")
+    setup(await ctx.conn.settle_payments(), "SettlePayments")
+    await ctx.advance_clock((bill.due_date - ctx.today()).days * 86_400 + 45 * 86_400)  # the 2nd is weeks overdue
+    if not await _broken(ctx, customer, bill.bill_id):
+        raise Violation("the second instalment is 31 days overdue and no ARRANGEMENT_BROKEN was appended (EVT-7)")
+    second = payment_intent(
+        customer, bill, "cf-plan-1", AMOUNT_DUE - half, agreement_digest=agreement, instalment_index=1
+    )
+    expect(await pay(ctx, second), Reason.PAYMENT_AMOUNT_MISMATCH, "the broken plan's second instalment")
+    whole = payment_intent(customer, bill, "cf-whole", AMOUNT_DUE)
+    expect(await pay(ctx, whole), Reason.PAYMENT_AMOUNT_MISMATCH, "the full amount due, half of it already received")
+    rest = payment_intent(customer, bill, "cf-rest", AMOUNT_DUE - half)
+    accepted(await pay(ctx, rest), "the outstanding balance, without agreement")
+    return f"paid {half}, broken, then only {AMOUNT_DUE - half} accepted"

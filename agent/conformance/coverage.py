@@ -117,7 +117,6 @@ GAPS: dict[str, str] = {
     "EVT-9": "a WatchEvents stream followed past its query's expire_time (tests/test_redteam_streams.py)",
     "EVT-10": "a stream whose signer is re-bound or whose key is revoked while open (tests/test_redteam_streams.py)",
     "LIM-13": "a consumer scenario announcing lower limits in Hello and sending a message above them",
-    "PAY-14": "a second intent for the same payment while one is in flight (tests/test_redteam_money_balance.py)",
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
     "TRN-9": "a target requiring mutual TLS (the suite connects without a client certificate)",
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",

@@ -217,3 +217,24 @@ async def agreement_payment(ctx: BillerTarget) -> None:
     agreed = payment_intent(customer, bill, "cf-agreed", AMOUNT_DUE + DEFERRAL_FEE, agreement_digest=agreement)
     answer = accepted(await pay(ctx, agreed), "the agreed deferral's one payment, naming the agreement")
     _check_instructions(ctx, customer, agreed, answer.instructions)
+
+
+@suite.case(
+    "PAY-14/one-intent-in-flight",
+    description="A second intent for a payment already instructed and not settled is PAYMENT_IN_PROGRESS; the first "
+    "is still answered as before",
+    quote="A biller MUST NOT instruct a new intent (a new `intent_id`) for a payment — a bill's outstanding balance, "
+    "or one instalment of one agreement — while another intent for that same payment is instructed, not settled, and "
+    "before its `pay_by_time`: it refuses it with `PAYMENT_IN_PROGRESS`",
+    needs=(FIXTURES,),
+)
+async def one_intent_in_flight(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    first = payment_intent(customer, bill, "cf-flight-1")
+    instructed = accepted(await pay(ctx, first), "the bill's first intent")
+    second = payment_intent(customer, bill, "cf-flight-2")
+    expect(await pay(ctx, second), Reason.PAYMENT_IN_PROGRESS, "a second intent while the first is instructed")
+    again = accepted(await pay(ctx, first), "the first intent, retried")
+    if again.instructions.SerializeToString() != instructed.instructions.SerializeToString():
+        raise Violation("the retried first intent got other instructions than the first time (PAY-2)")

@@ -18,6 +18,7 @@ from agent.conformance.biller.target import (
     digest_of,
     enrol,
     expect,
+    first_event,
     get_bill,
     list_bills,
     negotiate,
@@ -34,7 +35,7 @@ from agent.conformance.biller.target import (
     thread_of,
     thread_unchanged,
 )
-from agent.conformance.client import Refusal
+from agent.conformance.client import EventStream, Refusal
 from agent.conformance.runner import Skip, Suite, Violation
 from agent.protocol.errors import Reason
 from agent.protocol.limits import MAX_KEYSET_VERSIONS
@@ -210,3 +211,45 @@ async def outstanding_after_broken_plan(ctx: BillerTarget) -> str:
     rest = payment_intent(customer, bill, "cf-rest", AMOUNT_DUE - half)
     accepted(await pay(ctx, rest), "the outstanding balance, without agreement")
     return f"paid {half}, broken, then only {AMOUNT_DUE - half} accepted"
+
+
+STREAM_END_WAIT = 40.0  # seconds for a stream to notice its end: the recheck bound (30 s, EVT-10) and some slack
+
+
+async def _stream_end(stream: EventStream, what: str) -> Refusal:
+    """Read `stream` until it fails; a Violation if it ends cleanly or stays open STREAM_END_WAIT seconds."""
+    while True:
+        try:
+            answer = await stream.next(STREAM_END_WAIT)
+        except TimeoutError:
+            raise Violation(f"{what}: the stream stayed open {STREAM_END_WAIT:g} s") from None
+        if isinstance(answer, Refusal):
+            return answer
+        if answer is None:
+            raise Violation(f"{what}: the stream ended without an error saying why")
+
+
+@suite.case(
+    "EVT-9/stream-lifetime",
+    description="A WatchEvents stream ends with MESSAGE_EXPIRED once the biller's clock passes its query's "
+    "expire_time plus the clock skew; a fresh query resumes it",
+    quote="A `WatchEvents` stream lives no longer than the query that opened it: the biller MUST end the stream, at "
+    "the latest when its clock reaches the query's `expire_time` plus `max_clock_skew` (the moment HDR-5 would refuse "
+    "the query as `MESSAGE_EXPIRED`), with the error `MESSAGE_EXPIRED`",
+    needs=("events", FIXTURES),
+)
+async def stream_lifetime(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    await ctx.issue_bill(customer)
+    lifetime = timedelta(minutes=10)
+    query = customer.party.query(customer.account_id, header={"lifetime": lifetime})
+    async with ctx.conn.watch(query) as stream:
+        await first_event(stream, "event 0 of a fresh stream")
+        await ctx.advance_clock(int((lifetime + ctx.skew).total_seconds()) + 60)
+        ended = await _stream_end(stream, "a minute after the query's expire_time plus the skew")
+    if ended.reason != Reason.MESSAGE_EXPIRED.name:
+        raise Violation(f"the stream of an expired query ended with {ended.describe()}, not MESSAGE_EXPIRED")
+    async with ctx.conn.watch(customer.party.query(customer.account_id, start_sequence=1)) as stream:
+        await ctx.issue_bill(customer)
+        await first_event(stream, "resuming from the cursor with a fresh query")
+    return "ended MESSAGE_EXPIRED; resumed from sequence 1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from agent.conformance.biller.target import (
@@ -17,9 +18,11 @@ from agent.conformance.biller.target import (
     expect,
     first_event,
     get_receipt,
+    list_bills,
     money,
     pay,
     payment_intent,
+    publish,
     setup,
     thread_id_of,
 )
@@ -27,6 +30,7 @@ from agent.conformance.client import EventStream, Refusal
 from agent.conformance.peers import event_log_id
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
+from agent.protocol.keys import SigningKey
 from parley.v1 import envelope_pb2, event_pb2, payment_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/events")
@@ -250,3 +254,40 @@ async def event_fields(ctx: BillerTarget) -> str:
     if problems:
         raise Violation("; ".join(problems))
     return f"{len(envelopes)} events: {', '.join(k.removeprefix('EVENT_KIND_') for k in kinds)}"
+
+
+@suite.case(
+    "EVT-10/key-dropped-mid-stream",
+    description="An open stream whose query's key a newer key set version drops ends with the reason a fresh request "
+    "signed by that key gets",
+    quote="A `WatchEvents` stream MUST stay authorized for as long as it is open, not only when it starts: the biller "
+    "MUST end it, with the reason a fresh request would get, as soon as the signer of its query is no longer bound to "
+    "the account (a re-enrolment, ENR-11: `ACCOUNT_ACCESS_DENIED`) or the key that signed the query is no longer in "
+    "force now",
+    needs=("events", FIXTURES),
+)
+async def key_dropped_mid_stream(ctx: BillerTarget) -> str:
+    spare = SigningKey.generate()
+    customer = await ctx.enrolled(ctx.new_party(extra_keys=[spare]))
+    party = customer.party
+    await ctx.issue_bill(customer)
+    async with ctx.conn.watch(party.query(customer.account_id, key=spare)) as stream:
+        await first_event(stream, "event 0 of a stream opened with the spare key")
+        version = party.next_key_set([party.key_spec(party.key, ctx.now() - timedelta(days=1))])  # spare dropped
+        accepted(await publish(ctx, version), "version 2, without the spare key")
+        party.adopt(version)
+        try:
+            ended = await stream.next(STREAM_END_WAIT)
+        except TimeoutError:
+            raise Violation(f"the stream stayed open {STREAM_END_WAIT:g} s after its key was dropped") from None
+    if not isinstance(ended, Refusal):
+        raise Violation("the stream went on (or ended without a reason) after its key was dropped")
+    fresh = await list_bills(ctx, party.query(customer.account_id, key=spare))
+    if not isinstance(fresh, Refusal):
+        raise Violation("a fresh request signed by the dropped key was served")
+    if ended.reason != fresh.reason:
+        raise Violation(f"the stream ended with {ended.reason}; a fresh request gets {fresh.reason}")
+    return f"ended {ended.reason}, as a fresh request"
+
+
+STREAM_END_WAIT = 40.0  # seconds: the recheck bound (30 s, EVT-10) and some slack

@@ -121,8 +121,6 @@ GAPS: dict[str, str] = {
     "KEY-15": "a version signed by a key outside its validity window",
     "KEY-16": "a run long enough to see the biller publish before its newest version expires",
     "KEY-17": "a consumer scenario signing with a key before publishing the version that lists it",
-    "HDR-13": "party ids with a character outside the alphabet, or 129 characters, at enrolment",
-    "ENR-1": "an Enrol request breaking two checks at once, to pin the order of ENR-1",
     "ENR-11": "a second enrolment on an account, then the first party's requests (ACCOUNT_ACCESS_DENIED)",
     "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
     "TRM-10": "a biller counter-offer splitting a total with a remainder",

@@ -17,6 +17,7 @@ from agent.conformance.biller.target import (
 )
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import ProtocolError, Reason
+from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS
 from parley.v1 import enrolment_pb2
@@ -186,3 +187,61 @@ async def keyid_of_another_party(ctx: BillerTarget) -> None:
         Reason.KEYSET_INVALID,
         "a key set listing an enrolled party's key",
     )
+
+
+@suite.case(
+    "HDR-13/party-id-form",
+    description="A key set whose party id holds a character outside the alphabet, or 129 characters, is "
+    "KEYSET_INVALID at enrolment; one of exactly 128 enrols",
+    quote="A party id MUST be 1 to 128 characters, each one of `A–Z`, `a–z`, `0–9`, `.`, `_`, `:` and `-`.",
+    needs=(FIXTURES,),
+)
+async def party_id_form(ctx: BillerTarget) -> None:
+    account = await ctx.new_account()
+    stem = f"consumer:cf-{secrets.token_hex(4)}"
+    for what, party_id in (
+        ("a space", f"{stem} x"),
+        ("a slash", f"{stem}/x"),
+        ("an accented letter", f"{stem}é"),
+        ("129 characters", stem + "x" * (129 - len(stem))),
+    ):
+        party = ctx.new_party(party_id=party_id)
+        request = party.enrolment(account.account_id, account.enrolment_code)
+        expect(await enrol(ctx, request), Reason.KEYSET_INVALID, f"a key set whose party id has {what}")
+    longest = ctx.new_party(party_id=stem + "x" * (128 - len(stem)))
+    accepted(
+        await enrol(ctx, longest.enrolment(account.account_id, account.enrolment_code)),
+        "a party id of exactly 128 characters, with the code the refused requests did not spend",
+    )
+
+
+@suite.case(
+    "ENR-1/check-order",
+    description="Enrol requests breaking two checks at once get the reason of the first in ENR-1's order",
+    quote="A biller MUST process `Enrol` in this order: (1) envelope size, form and payloadType (§3.8 steps 1–2); "
+    "(2) parse the payload strictly (`MALFORMED_PAYLOAD`, `UNKNOWN_FIELD`) only to take `consumer_key_set`, which "
+    "must be set (`KEYSET_INVALID`)",
+    needs=(FIXTURES,),
+)
+async def enrol_check_order(ctx: BillerTarget) -> str:
+    holder = await ctx.enrolled()  # a party id already taken, for step 8
+    account = await ctx.new_account()
+    wrong = "0000-0000-0000" if account.enrolment_code != "0000-0000-0000" else "1111-1111-1111"
+    party = ctx.new_party()
+    no_key_set = enrolment_pb2.EnrolmentRequest.FromString(party.enrolment(account.account_id, wrong).payload)
+    no_key_set.ClearField("consumer_key_set")
+    stranger = SigningKey.generate()
+    pairs: list[tuple[str, Any, Reason]] = [
+        ("no key set and a wrong code (step 2 before 7)", party.sign(no_key_set), Reason.KEYSET_INVALID),
+        ("signed by a key its key set does not list, with a wrong code (step 5 before 7)",
+         party.enrolment(account.account_id, wrong, key=stranger), Reason.UNKNOWN_KEY),
+        ("addressed to another biller, with a wrong code (step 5 before 7)",
+         party.enrolment(account.account_id, wrong, header={"recipient": f"{ctx.biller_id}.elsewhere"}),
+         Reason.WRONG_RECIPIENT),
+        ("a wrong code under a party id already taken (step 7 before 8)",
+         ctx.new_party(party_id=holder.party_id).enrolment(account.account_id, wrong), Reason.ENROLMENT_CODE_INVALID),
+    ]  # fmt: skip
+    for what, request, reason in pairs:
+        expect(await enrol(ctx, request), reason, what)
+    accepted(await enrol(ctx, party.enrolment(account.account_id, account.enrolment_code)), "the right code, then")
+    return f"{len(pairs)} pairs of defects"

@@ -107,6 +107,10 @@ NOT_OBSERVABLE: dict[str, str] = {
     "BND-8": "a verifier's pins are its own configuration",
     "BND-9": "bundles are verified offline: the bundle-json-* test vectors (docs/VECTORS.md) check verifiers",
     "TRM-17": "how an implementation adopts a newer ISO 4217 edition: a release process, not a message",
+    "TRM-10": "how a party builds an even plan; receivers accept any schedule satisfying §8.4, so a peer cannot tell a "
+    "wrong build from a deliberately uneven plan (tests/test_terms.py checks the reference builder)",
+    "TRM-14": "how a party builds a monthly schedule; receivers accept any schedule satisfying §8.4, so a peer cannot "
+    "tell a wrong build from a deliberate choice of dates (tests/test_terms.py checks the reference builder)",
 }
 
 # Ids a peer could observe that no case exercises yet, and what a case needs. The debt, in the open.
@@ -119,13 +123,9 @@ GAPS: dict[str, str] = {
     "TRN-9": "a target requiring mutual TLS (the suite connects without a client certificate)",
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
     "KEY-15": "a version signed by a key outside its validity window",
-    "KEY-16": "a run long enough to see the biller publish before its newest version expires",
     "KEY-17": "a consumer scenario signing with a key before publishing the version that lists it",
     "ENR-11": "a second enrolment on an account, then the first party's requests (ACCOUNT_ACCESS_DENIED)",
     "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
-    "TRM-10": "a biller counter-offer splitting a total with a remainder",
-    "TRM-14": "a monthly schedule from the 31st of a month",
-    "NEG-16": "a biller counter-offer that the biller's own rules would refuse",
     "NEG-20": "a consumer scenario countering with terms outside the sample mandate",
     "NEG-21": "a consumer scenario with a deadline about to pass",
     "PAY-10": "a consumer scenario retrying an intent and given forged stored instructions",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from agent.conformance.biller.target import (
     AMOUNT_DUE,
@@ -10,6 +10,7 @@ from agent.conformance.biller.target import (
     FIXTURES,
     NEG,
     OUTCOME,
+    SHOULD,
     BillerTarget,
     Customer,
     accepted,
@@ -39,7 +40,7 @@ from agent.conformance.client import EventStream, Refusal
 from agent.conformance.runner import Skip, Suite, Violation
 from agent.protocol.errors import Reason
 from agent.protocol.limits import MAX_KEYSET_VERSIONS
-from parley.v1 import event_pb2, negotiation_pb2, terms_pb2
+from parley.v1 import biller_service_pb2, event_pb2, keys_pb2, negotiation_pb2, terms_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/clock")
 
@@ -253,3 +254,24 @@ async def stream_lifetime(ctx: BillerTarget) -> str:
         await ctx.issue_bill(customer)
         await first_event(stream, "resuming from the cursor with a fresh query")
     return "ended MESSAGE_EXPIRED; resumed from sequence 1"
+
+
+@suite.case(
+    "KEY-16/biller-renews",
+    description="After the run has moved the biller's clock by months, its newest key set version still has a "
+    "quarter of its lifetime ahead, and lists two keys",
+    quote="A party SHOULD publish a new version well before its newest version expires (RECOMMENDED: once less than a "
+    "quarter of its lifetime remains), and SHOULD keep at least two keys in every version",
+    level=SHOULD,
+)
+async def biller_renews(ctx: BillerTarget) -> str:
+    answer = accepted(await ctx.conn.call("GetKeySets", biller_service_pb2.GetKeySetsRequest()), "GetKeySets")
+    newest = keys_pb2.KeySet.FromString(answer.key_sets[-1].payload)
+    created = newest.header.create_time.ToDatetime(tzinfo=UTC)
+    expires = newest.header.expire_time.ToDatetime(tzinfo=UTC)
+    left, lifetime = expires - ctx.now(), expires - created
+    if left < lifetime / 4:
+        raise Violation(f"the biller's newest version {newest.version} has {left} of its {lifetime} left")
+    if len(newest.keys) < 2:
+        raise Violation(f"the biller's newest version {newest.version} lists {len(newest.keys)} key, not two or more")
+    return f"version {newest.version}: {left.days} of {lifetime.days} days left, {len(newest.keys)} keys"

@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from agent.conformance.biller.target import (
+    AMOUNT_DUE,
     NEG,
     NEGOTIATION_TYPES,
     OUTCOME,
@@ -25,15 +26,21 @@ from agent.conformance.biller.target import (
     open_thread,
     outcome_name,
     outside_options,
+    terms,
     thread_id_of,
     thread_of,
     thread_unchanged,
 )
+from agent.conformance.client import Refusal
 from agent.conformance.runner import Skip, Suite, Violation
 from agent.protocol.errors import ProtocolError, Reason
 from agent.protocol.limits import DEFAULT_LIMITS
-from agent.protocol.messages import PAYLOAD_TYPES
+from agent.protocol.messages import PAYLOAD_TYPES, open_envelope
+from agent.protocol.moves import thread_message
+from agent.protocol.negotiation import Negotiation, Role
+from agent.protocol.terms import BillFacts
 from parley.v1 import envelope_pb2, negotiation_pb2
+from parley.v1 import terms_pb2 as negotiation_terms
 
 suite: Suite[BillerTarget] = Suite("biller/negotiation")
 
@@ -482,3 +489,54 @@ async def open_threads_boundary(ctx: BillerTarget) -> str:
     _, answer = await open_thread(ctx, customer, bill, outside_options(bill))
     expect(answer, Reason.TOO_MANY_OPEN_THREADS, f"opening {most + 1} with {most} threads OPEN on the account")
     return f"max_open_threads_per_account {most}"
+
+
+def _plan_of_eight(bill: IssuedBill) -> negotiation_terms.Terms:
+    """A plan of 8 instalments 14 days apart, above the standard options' max_count of 6 (remainder rule)."""
+    count = 8
+    base, remainder = divmod(AMOUNT_DUE, count)
+    return terms(
+        negotiation_terms.TERMS_KIND_INSTALMENT_PLAN,
+        [(bill.due_date + timedelta(days=14 * i), base + (1 if i < remainder else 0)) for i in range(count)],
+    )
+
+
+# Openings a biller may well counter: outside the standard options in each dimension they bound.
+_OUTSIDE: dict[str, Any] = {
+    "a deferral beyond the advertised maximum": outside_options,
+    "a plan of 8 instalments": _plan_of_eight,
+}
+
+
+@suite.case(
+    "NEG-16/own-moves-valid",
+    description="Every counter-offer the biller signs passes the rules it applies to the consumer's moves",
+    quote="Each party MUST apply this section's rules, in the order of NEG-15, to every negotiation message it "
+    "receives, and MUST NOT sign a move that those rules would refuse or treat as a violation",
+    needs=NEG,
+)
+async def own_moves_valid(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    judged = 0
+    for what, make in _OUTSIDE.items():
+        bill = await ctx.issue_bill(customer)
+        opening, answer = await open_thread(ctx, customer, bill, make(bill))
+        if isinstance(answer, Refusal) or not answer.HasField("reply"):
+            continue  # refused or left unanswered: no move of the biller's to judge
+        sent = open_envelope(
+            opening, NEGOTIATION_TYPES, sender_keys=customer.party.chain, recipient=ctx.biller_id, now=None
+        )
+        reply = ctx.verify(answer.reply, NEGOTIATION_TYPES, customer, live=True, what=f"the answer to {what}")
+        negotiation = Negotiation(bill=BillFacts.from_proto(bill.bill), bill_digest=bill.digest, role=Role.CONSUMER)
+        now = ctx.now()
+        negotiation.send(thread_message(sent, Role.CONSUMER), now)  # type: ignore[arg-type]
+        try:
+            negotiation.receive(thread_message(reply, Role.BILLER), now)  # type: ignore[arg-type]
+        except ProtocolError as error:
+            raise Violation(
+                f"the biller's answer to {what} breaks its own rules: {error.reason.name}: {error.detail}"
+            ) from error
+        judged += 1
+    if not judged:
+        raise Skip("the biller answered no opening outside its options with a move of its own")
+    return f"{judged} biller moves judged"

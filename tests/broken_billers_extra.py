@@ -355,7 +355,7 @@ EXTRA_BROKEN_BILLERS = (
     BrokenBiller(
         "refuses malformed key sets as MALFORMED_PAYLOAD",
         malformed_key_sets_as_payload_errors,
-        frozenset({"KEY-7/malformed-key-set"}),
+        frozenset({"KEY-7/malformed-key-set", "HDR-16/whole-microseconds"}),  # HDR-16: a key window's nanos
     ),
     BrokenBiller(
         "matches the keyid to the sender before verifying",

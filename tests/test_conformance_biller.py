@@ -25,6 +25,7 @@ from rich.console import Console
 
 from agent.cli import main
 from agent.conformance import biller as biller_suite
+from agent.conformance.biller import clock as clock_suite
 from agent.conformance.biller.target import FIXTURES
 from agent.conformance.control import ControlledBiller, SteppingClock
 from agent.conformance.peers import free_port
@@ -88,14 +89,21 @@ def parley(*argv: str) -> Awaitable[int]:
 # --- 1. The reference biller passes ------------------------------------------------------------------
 
 
+REFERENCE_WARNS = {
+    # KEY-16 is a SHOULD: the reference biller renews its key set in time but lists one key, with no second key
+    # held offline (docs/CONFORMANCE.md, "What the reference biller does not do").
+    "KEY-16/biller-renews": ("WARN", "the biller's newest version 1 lists 1 key, not two or more"),
+}
+
+
 def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
     code, report, output = run_against(tmp_path, junit=tmp_path / "report.xml")
     not_passed = {
         case["id"]: (case["outcome"], case["detail"]) for case in report["cases"] if case["outcome"] != "PASS"
     }
-    assert not_passed == {}, output
+    assert not_passed == REFERENCE_WARNS, output
     assert code == EXIT_OK
-    assert report["summary"] == {"PASS": len(CASE_IDS), "FAIL": 0, "WARN": 0, "SKIP": 0}
+    assert report["summary"] == {"PASS": len(CASE_IDS) - len(REFERENCE_WARNS), "FAIL": 0, "WARN": 1, "SKIP": 0}
     assert (report["verdict"], report["skipped"]) == ("OK", {})
     assert output.rstrip().endswith(": OK")
     assert [case["id"] for case in report["cases"]] == CASE_IDS
@@ -262,8 +270,9 @@ def test_every_case_names_a_spec_requirement_and_quotes_it() -> None:
 
 
 def test_cases_that_move_the_clock_come_last() -> None:
-    clock_cases = ["NEG-6/deadline", "KEY-13/keyset-expired", "ENR-4/code-expired"]
-    assert CASE_IDS[-5:] == [*clock_cases, "ERR-1/error-info", "ERR-2/no-unknown-code"]
+    clock_cases = [case.id for case in clock_suite.cases]
+    assert clock_cases[:3] == ["NEG-6/deadline", "KEY-13/keyset-expired", "ENR-4/code-expired"]
+    assert CASE_IDS[-len(clock_cases) - 2 :] == [*clock_cases, "ERR-1/error-info", "ERR-2/no-unknown-code"]
 
 
 def test_every_section_module_is_in_the_running_order() -> None:

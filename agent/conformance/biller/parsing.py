@@ -55,8 +55,8 @@ async def _served(ctx: BillerTarget, customer: Customer, payload: bytes, what: s
 
 @suite.case(
     "ENV-14/encoding-rules",
-    description="Payload bytes are read by protobuf's rules: a long varint and a repeated field (last wins) are "
-    "accepted; bad UTF-8, a truncated field and an unclosed group are MALFORMED_PAYLOAD; a closed group UNKNOWN_FIELD",
+    description="Payloads are read by protobuf's rules: long varints, repeated fields accepted; bad UTF-8, "
+    "truncations, open groups MALFORMED_PAYLOAD",
     quote='A receiver MUST parse a payload by the protobuf binary encoding rules (protobuf.dev, "Encoding"), neither '
     "stricter nor looser",
     needs=(FIXTURES,),

@@ -37,8 +37,8 @@ async def _served(ctx: BillerTarget, customer: Customer, bill: IssuedBill) -> tu
 
 @suite.case(
     "BIL-1/one-message-thread",
-    description="Each bill is signed by the biller to the enrolled consumer as a one-message thread of its own, and "
-    "ListBills and GetBill serve the same envelope byte for byte",
+    description="Each bill is a one-message thread signed to the enrolled consumer; ListBills and GetBill serve the "
+    "same envelope byte for byte",
     quote="A biller MUST present each bill to the consumer bound to its account as a `Bill` signed by the biller: a "
     "one-message thread (fresh random `thread_id`, sequence 0, empty `previous_digest`), `recipient` = that consumer's "
     "party id. It MUST sign a bill's presentation once, when it first presents the bill to that consumer (at issue, or "

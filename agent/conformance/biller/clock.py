@@ -176,8 +176,8 @@ QUIET = 3.0  # seconds without a new event after which an account's log is taken
 
 @suite.case(
     "PAY-16/outstanding-after-broken-plan",
-    description="Once a half-paid plan breaks, only the outstanding balance can be paid: the full amount due and the "
-    "broken plan's instalment are PAYMENT_AMOUNT_MISMATCH",
+    description="Once a half-paid plan breaks only the outstanding balance is payable; the full amount or the "
+    "plan's instalment is PAYMENT_AMOUNT_MISMATCH",
     quote="A bill's *outstanding balance* is its `amount_due` less every amount received for it (under any agreement "
     "or none). When an arrangement breaks, its fees, discounts and settlement reductions lapse: what is owed is the "
     "outstanding balance.",
@@ -232,8 +232,8 @@ async def _stream_end(stream: EventStream, what: str) -> Refusal:
 
 @suite.case(
     "EVT-9/stream-lifetime",
-    description="A WatchEvents stream ends with MESSAGE_EXPIRED once the biller's clock passes its query's "
-    "expire_time plus the clock skew; a fresh query resumes it",
+    description="A WatchEvents stream ends MESSAGE_EXPIRED once the clock passes its query's expire_time plus the "
+    "skew; a fresh query resumes it",
     quote="A `WatchEvents` stream lives no longer than the query that opened it: the biller MUST end the stream, at "
     "the latest when its clock reaches the query's `expire_time` plus `max_clock_skew` (the moment HDR-5 would refuse "
     "the query as `MESSAGE_EXPIRED`), with the error `MESSAGE_EXPIRED`",
@@ -258,8 +258,8 @@ async def stream_lifetime(ctx: BillerTarget) -> str:
 
 @suite.case(
     "KEY-16/biller-renews",
-    description="After the run has moved the biller's clock by months, its newest key set version still has a "
-    "quarter of its lifetime ahead, and lists two keys",
+    description="After months of moved clock, the biller's newest key set version has a quarter of its lifetime "
+    "ahead and lists two keys",
     quote="A party SHOULD publish a new version well before its newest version expires (RECOMMENDED: once less than a "
     "quarter of its lifetime remains), and SHOULD keep at least two keys in every version",
     level=SHOULD,

@@ -123,8 +123,8 @@ def _with_nanos(customer: Customer, envelope: envelope_pb2.Envelope, change: Cal
 
 @suite.case(
     "HDR-16/whole-microseconds",
-    description="A time with a sub-microsecond part is malformed, refused with the reason of the check reading it: "
-    "MALFORMED_HEADER in a header, NEGOTIATION_LIMITS_INVALID in a deadline, KEYSET_INVALID in a key's window",
+    description="A sub-microsecond time is refused by the check reading it: MALFORMED_HEADER, "
+    "NEGOTIATION_LIMITS_INVALID (deadline), KEYSET_INVALID (key)",
     quote="Every `google.protobuf.Timestamp` in a signed payload MUST be a whole number of microseconds: `nanos` a "
     "multiple of 1,000. A receiver MUST refuse any other as a malformed time, with the reason of the check that reads "
     "that field",

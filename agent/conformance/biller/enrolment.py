@@ -191,8 +191,8 @@ async def keyid_of_another_party(ctx: BillerTarget) -> None:
 
 @suite.case(
     "HDR-13/party-id-form",
-    description="A key set whose party id holds a character outside the alphabet, or 129 characters, is "
-    "KEYSET_INVALID at enrolment; one of exactly 128 enrols",
+    description="A party id with a character outside the alphabet, or of 129 characters, is KEYSET_INVALID at "
+    "enrolment; 128 enrols",
     quote="A party id MUST be 1 to 128 characters, each one of `A–Z`, `a–z`, `0–9`, `.`, `_`, `:` and `-`.",
     needs=(FIXTURES,),
 )

@@ -152,11 +152,7 @@ class IdentityDir:
             raise OtherPartyError(
                 f"{self.state_dir} holds the identity of {chain.party_id!r}, not {party_id!r}", chain.party_id
             )
-        try:
-            key = SigningKey.load(self.key_path)
-        except ValueError as error:
-            raise IdentityError(f"{self.key_path} is not a usable key: {error}") from error
-        return Identity(key, chain)
+        return Identity(self._load_key(self.key_path), chain)
 
     def renew(self, identity: Identity, now: datetime) -> Identity:
         """The identity, its chain extended by a new version (same key, fresh validity) if the newest expires soon."""

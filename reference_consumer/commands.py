@@ -48,8 +48,8 @@ from agent.listen import is_loopback
 from agent.protocol.errors import ParleyError
 from agent.protocol.keys import InsecureKeyFileError
 from agent.protocol.terms import Terms
+from agent.stores import open_consumer_store
 from agent.stores.base import ApprovalRecord
-from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import ClientTls, is_transient
 from agent.transport.status import CallError
 from agent.web import WebConfig, start_site
@@ -242,7 +242,7 @@ def _answer_command(args: argparse.Namespace, out: Console, *, approved: bool) -
         return _fail(out, f"no household state in {state_dir}: nothing to answer", EXIT_UNUSABLE)
 
     async def answer() -> ApprovalRecord:
-        store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
+        store = await open_consumer_store(state_dir / STORE_FILE)
         try:
             book = ApprovalBook(store, SystemClock())
             return await book.answer(args.request_id, approved, note=args.note or "")
@@ -332,7 +332,7 @@ async def _enrol(
 ) -> None:
     clock = SystemClock()
     key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
-    store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
+    store = await open_consumer_store(state_dir / STORE_FILE)
     try:
         agent = ConsumerAgent(
             party_id=profile.party_id,

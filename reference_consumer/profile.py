@@ -75,6 +75,8 @@ NOTIFICATION_KINDS = ("new_bill", "approval_needed", "agreement", "payment", "re
 """What the person can be notified of: a new bill, a request for approval, an agreement reached, a payment
 made, a reminder from a biller, a missed instalment."""
 _MAX_PORT = 65535
+PLACEHOLDER_FINGERPRINT = bytes(DIGEST_BYTES)
+"""The all-zero fingerprint of the sample profile (sample.toml), to be replaced by the biller's real one."""
 
 
 class ProfileError(ValueError):
@@ -268,14 +270,21 @@ def _currency(key: str, value: object) -> str:
 
 def _amount(code: str) -> Callable[[str, object], Money]:
     def convert(key: str, value: object) -> Money:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            example = f"{value:.{Currency.of(code).exponent}f}" if abs(value) < 10**15 else "12.50"
+            raise ProfileError(
+                key,
+                f"{_show(value)} is a TOML number{', which can round' if isinstance(value, float) else ''}: write "
+                f'the amount in {code} as quoted decimal text, e.g. "{example}"',
+            )
         if not isinstance(value, str):
             raise ProfileError(
                 key, f'{_show(value)} is not an amount in {code}; write amounts as exact decimal strings, e.g. "12.50"'
             )
         try:
             return Money.parse(value, code)
-        except LocalProtocolError:
-            raise ProfileError(key, f"{_show(value)} is not an amount in {code}") from None
+        except LocalProtocolError as error:  # the parser's own reason: decimals, sign, range...
+            raise ProfileError(key, f"{_show(value)} is not an amount in {code}: {error.detail}") from None
 
     return convert
 
@@ -326,6 +335,22 @@ def _fingerprint(key: str, value: object) -> bytes:
         except ValueError:
             pass
     raise ProfileError(key, f"{_show(value)} is not an identity fingerprint ({2 * DIGEST_BYTES} hex characters)")
+
+
+def check_fingerprints(profile: Profile) -> None:
+    """ProfileError naming the first biller whose fingerprint is still the sample's all-zero placeholder.
+
+    Checked before a run contacts anyone: with the placeholder pinned, enrolment could only end in PIN_MISMATCH.
+    """
+    for preference in profile.connected():
+        connection = preference.connection
+        if connection is not None and connection.fingerprint == PLACEHOLDER_FINGERPRINT:
+            raise ProfileError(
+                _key(_key("billers", preference.biller_id), "fingerprint"),
+                "is still the sample's all-zero placeholder: replace it with the biller's identity fingerprint "
+                "(64 hex digits, given with your account; the reference biller prints it: `parley biller codes`), "
+                "or use the biller's enrolment link: `parley consumer enrol LINK --profile FILE`",
+            )
 
 
 def _account_id(key: str, value: object) -> str:

@@ -126,6 +126,7 @@ from agent.protocol.errors import ParleyError, ProtocolError
 from agent.protocol.keys import InsecureKeyFileError, SigningKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.terms import BillFacts, Terms
+from agent.stores import open_consumer_store
 from agent.stores.base import ApprovalRecord, ApprovalState, IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
@@ -133,7 +134,14 @@ from agent.transport.status import CallError
 from parley.v1 import event_pb2, terms_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
 from reference_consumer.notify import Notifier, Outbox
-from reference_consumer.profile import BillerPreference, Profile, ProfileError, load_profile, parse_profile
+from reference_consumer.profile import (
+    BillerPreference,
+    Profile,
+    ProfileError,
+    check_fingerprints,
+    load_profile,
+    parse_profile,
+)
 from reference_consumer.strategy import PlannedBill
 from reference_consumer.words import (
     ACTION_WORDS,
@@ -493,10 +501,11 @@ class Household:
         clock = clock or SystemClock()
         if not profile.connected():
             raise ProfileError("billers", "no biller says how to reach it (target, fingerprint, account_id)")
+        check_fingerprints(profile)
         tls = {preference.biller_id: _client_tls(preference) for preference in profile.connected()}
         client_certificate = _client_certificate(profile)
         key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
-        store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
+        store = await open_consumer_store(state_dir / STORE_FILE)
         strategy = strategy or ReferenceStrategy(profile)
         outbox = Outbox(store, profile.notifications, clock)
 

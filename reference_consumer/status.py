@@ -56,6 +56,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.terms import BillFacts, Money, Terms
+from agent.stores import open_consumer_store
 from agent.stores.base import ApprovalRecord, ApprovalState, ConsumerThreadRecord, IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2, terms_pb2
@@ -159,7 +160,7 @@ async def reading_household(
     if not (state_dir / STORE_FILE).exists():
         raise UnreadableState(f"{state_dir} holds no household state yet: run `parley consumer run` first")
     key, chain = await asyncio.to_thread(_identity, state_dir, profile.party_id)
-    store = await SqliteConsumerStore.open(state_dir / STORE_FILE)
+    store = await open_consumer_store(state_dir / STORE_FILE)
     try:
         agent = ConsumerAgent(
             party_id=profile.party_id,

@@ -8,6 +8,7 @@ exit status and a phrase the message must contain.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -28,9 +29,13 @@ from rich.console import Console
 
 from agent import cli, vectors
 from agent.identity import IdentityDir
+from agent.stores import SqliteConsumerStore
 from agent.tools.certs import write_dev_certs
 from agent.tools.json_output import emit_json, json_on_stdout
 from reference_biller.config import SAMPLE
+from reference_consumer.profile import PLACEHOLDER_FINGERPRINT
+
+CONSUMER_SAMPLE = Path(__file__).parents[1] / "reference_consumer" / "sample.toml"
 
 BILLER_ID = "biller:energy.example"  # the sample configuration's party
 DOCUMENT = vectors.load()
@@ -131,6 +136,45 @@ def nothing(root: Path) -> None:
     pass
 
 
+def profile_with(*changes: tuple[str, str]) -> Callable[[Path], None]:
+    """p.toml: the sample household profile with each `old` replaced by `new` (the fingerprint made real first)."""
+
+    def prepare(root: Path) -> None:
+        text = CONSUMER_SAMPLE.read_text(encoding="utf-8")
+        for old, new in changes:
+            assert old in text, old
+            text = text.replace(old, new, 1)
+        (root / "p.toml").write_text(text, encoding="utf-8")
+
+    return prepare
+
+
+REAL_PIN = (f'fingerprint = "{PLACEHOLDER_FINGERPRINT.hex()}"', f'fingerprint = "{"ab" * 32}"')
+
+
+def household_state(root: Path) -> None:
+    """p.toml (a usable profile) and state/: a household identity, as a first `parley consumer run` leaves it."""
+    profile_with(REAL_PIN)(root)
+    IdentityDir(root / "state", "consumer").load("consumer:household-1", datetime.now(UTC))
+
+    async def make_store() -> None:
+        await (await SqliteConsumerStore.open(root / "state" / "consumer.sqlite")).close()
+
+    asyncio.run(make_store())
+
+
+def corrupt_consumer_key(root: Path) -> None:
+    household_state(root)
+    key = root / "state" / "consumer.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o600)
+
+
+def corrupt_consumer_store(root: Path) -> None:
+    household_state(root)
+    (root / "state" / "consumer.sqlite").write_text("this is not a database")
+
+
 @dataclass(frozen=True)
 class Mistake:
     args: tuple[str, ...]
@@ -146,6 +190,8 @@ GARBAGE_TLS = ("--tls-cert", "cert.pem", "--tls-key", "key.pem")
 READABLE_KEY_TLS = ("--tls-cert", "a/server.pem", "--tls-key", "a/server.key")
 FULL_PIN = "ab" * 32
 SERVE_PLAINTEXT = ("--listen", "127.0.0.1:0", "--insecure")
+RUN = ("consumer", "run", "--profile", "p.toml", "--state-dir", "state", "--once")
+STATUS = ("consumer", "status", "--profile", "p.toml", "--state-dir", "state")
 
 MISTAKES: dict[str, Mistake] = {
     # check-config refuses everything serve would refuse or misread
@@ -276,6 +322,46 @@ MISTAKES: dict[str, Mistake] = {
     ),
     "the all-zero placeholder pin": Mistake(
         ("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={'00' * 32}"), 1, ("placeholder",), bundle
+    ),
+    # the household's profile and state directory
+    "the sample profile's placeholder fingerprint": Mistake(
+        RUN,
+        2,
+        ('billers."biller:energy.example".fingerprint', "all-zero placeholder", "parley biller codes"),
+        profile_with(),
+        absent=("state",),
+    ),
+    "household money as a TOML number": Mistake(
+        RUN,
+        2,
+        ("mandate.max_fee", "TOML number", 'quoted decimal text, e.g. "10.00"'),
+        profile_with(REAL_PIN, ('max_fee = "10.00"', "max_fee = 10.0")),
+        absent=("state",),
+    ),
+    "household money with too many decimals": Mistake(
+        RUN,
+        2,
+        ("mandate.max_fee", "more than 2 decimals for EUR"),
+        profile_with(REAL_PIN, ('max_fee = "10.00"', 'max_fee = "10.005"')),
+        absent=("state",),
+    ),
+    "a corrupt consumer.key (run)": Mistake(
+        RUN, 2, ("state/consumer.key is not a usable Ed25519 private key", "backup"), corrupt_consumer_key
+    ),
+    "a corrupt consumer.key (status)": Mistake(
+        STATUS, 2, ("state/consumer.key is not a usable Ed25519 private key", "backup"), corrupt_consumer_key
+    ),
+    "a corrupt consumer.sqlite (run)": Mistake(
+        RUN, 2, ("state/consumer.sqlite", "not a database", "backup"), corrupt_consumer_store
+    ),
+    "a corrupt consumer.sqlite (status)": Mistake(
+        STATUS, 2, ("state/consumer.sqlite", "not a database", "backup"), corrupt_consumer_store
+    ),
+    "a corrupt consumer.sqlite (approve)": Mistake(
+        ("consumer", "approve", "abcd", "--state-dir", "state"),
+        2,
+        ("state/consumer.sqlite", "not a database", "backup"),
+        corrupt_consumer_store,
     ),
 }
 

@@ -203,8 +203,17 @@ def _with(path: tuple[str | int, ...], value: object) -> dict[str, Any]:
         (("mandate", "max_fee"), "ten", 'mandate.max_fee: "ten" is not an amount in EUR'),
         (("mandate", "max_fee"), "10.001", 'mandate.max_fee: "10.001" is not an amount in EUR'),
         (("mandate", "max_fee"), "-1.00", 'mandate.max_fee: "-1.00" is not an amount in EUR'),
-        (("household", "balance"), 850.0, "household.balance: 850.0 is not an amount in EUR; write amounts as"),
-        (("household", "balance"), 850, "household.balance: 850 is not an amount in EUR; write amounts as"),
+        (
+            ("household", "balance"),
+            850.0,
+            'household.balance: 850.0 is a TOML number, which can round: write the amount in EUR as quoted decimal '
+            'text, e.g. "850.00"',
+        ),
+        (
+            ("household", "balance"),
+            850,
+            'household.balance: 850 is a TOML number: write the amount in EUR as quoted decimal text, e.g. "850.00"',
+        ),
         (("household", "currency"), "EURO", 'household.currency: "EURO" is not an ISO 4217 currency code'),
         (("household", "party_id"), "household 1", 'household.party_id: "household 1" is not a party id'),
         (("household", "hardship"), "yes", 'household.hardship: expected true or false, got "yes"'),

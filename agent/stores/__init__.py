@@ -70,6 +70,20 @@ async def open_biller_store(location: str | os.PathLike[str]) -> SqlBillerStore:
         raise StoreOpenError(f"cannot open the SQLite store {path}: {error}") from error
 
 
+async def open_consumer_store(path: str | os.PathLike[str]) -> SqliteConsumerStore:
+    """Open the consumer store (one SQLite file), bringing its schema up to date.
+
+    StoreOpenError (an OSError) naming the file when it is not a usable database: nothing in it is changed.
+    """
+    try:
+        return await SqliteConsumerStore.open(path)
+    except sqlite3.DatabaseError as error:  # "file is not a database", "database disk image is malformed"...
+        raise StoreOpenError(
+            f"cannot open the SQLite store {os.fspath(path)}: {error}; restore it from a backup (it holds the "
+            "household's agreements, payments and enrolments)"
+        ) from error
+
+
 __all__ = [
     "AlreadyExists",
     "BillStatus",
@@ -83,4 +97,5 @@ __all__ = [
     "ThreadOutcome",
     "check_store_location",
     "open_biller_store",
+    "open_consumer_store",
 ]

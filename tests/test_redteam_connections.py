@@ -112,3 +112,44 @@ def test_open_streams_per_peer_address_are_bounded(tmp_path: Path) -> None:
 async def _with_biller(tmp_path: Path, scenario: object) -> None:
     async with running_biller(tmp_path) as biller:
         await scenario(biller)  # type: ignore[operator]
+
+
+PER_ADDRESS = ConnectionLimits(max_connections_per_address=8, connection_check_interval=timedelta(milliseconds=100))
+
+
+def test_connections_per_address_are_capped_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TRN-11: 12 silent connections from 127.0.0.1 against a cap of 8: four closed by the server, eight kept;
+    the cap is logged and counted; once they go, a client from the same address is served."""
+
+    async def scenario(biller: Biller) -> None:
+        running = await serve_biller(biller.agent, "127.0.0.1:0", insecure=True, connection_limits=PER_ADDRESS)
+        metrics = biller.agent.metrics
+        try:
+            with idle_http2_connections(running.port, 12) as sockets:
+                started = time.monotonic()
+                while metrics.sample("parley_connection_caps_hit_total", cap="per_address") < 4:
+                    assert time.monotonic() - started < 5, "no connection past the per-address cap was closed"
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)  # a few more checks: nothing else is closed
+                closed = [s for s in sockets if closed_by_server(s)]
+                assert len(closed) == 4
+                assert metrics.sample("parley_connection_caps_hit_total", cap="per_address") == 4
+                assert metrics.sample("parley_connections_open") == 8
+            started = time.monotonic()
+            while metrics.sample("parley_connections_open") > 0:
+                assert time.monotonic() - started < 5
+                await asyncio.sleep(0.1)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = biller_service_pb2_grpc.BillerServiceStub(channel)
+                hello = await stub.Hello(HelloRequest(protocol_versions=[1]), timeout=5)
+                assert hello.protocol_version == 1
+        finally:
+            await running.stop(None)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connection cap hit")]
+        assert lines
+        assert all("cap=per_address" in line and "peer=127.0.0.1" in line for line in lines)
+
+    caplog.set_level("INFO", logger="parley.transport")
+    asyncio.run(_with_biller(tmp_path, scenario))

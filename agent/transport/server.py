@@ -24,8 +24,9 @@ TRN-10: connections are bounded (`ConnectionLimits`, gRPC core's own server
 options): a total cap, idle connections closed, connections aged out, a
 handshake deadline, keepalive pings policed, streams per connection capped; and
 per peer address, at most `max_streams_per_peer` open WatchEvents streams (the
-calls that hold a connection open for long). gRPC cannot cap connections per
-address: that belongs in front of the server (docs/OPERATIONS.md).
+calls that hold a connection open for long). TRN-11: gRPC cannot cap
+connections per address, so a `ConnectionWatcher` (agent/transport/connections.py)
+closes an address's connections past `max_connections_per_address` (Linux).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class ConnectionLimits:
     including those that never made one — are closed after `idle_timeout`, so a crowd of silent
     connections cannot hold every slot; a connection lives at most `max_age`, then gets `max_age_grace`
     to finish its calls (a WatchEvents stream ends by its query's expire_time anyway, EVT-10).
+    `max_connections_per_address` (0: no cap) is enforced by the connection watcher every
+    `connection_check_interval` (TRN-11).
     """
 
     max_connections: int = 800

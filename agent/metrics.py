@@ -75,6 +75,18 @@ class BillerMetrics:
             registry=on,
         )
         self.event_watchers = Gauge("parley_event_watchers", "WatchEvents streams open now", registry=on)
+        self.connections_open = Gauge(
+            "parley_connections_open",
+            "Established connections this process holds on its gRPC listener, at the last check (TRN-10, TRN-11)",
+            registry=on,
+        )
+        self.connection_caps_hit = Counter(
+            "parley_connection_caps_hit",
+            "Connection caps hit, by cap: per_address counts connections closed past the per-address cap "
+            "(TRN-11); total counts the times the total cap was found reached (TRN-10)",
+            ("cap",),
+            registry=on,
+        )
 
     def sample(self, name: str, **labels: str) -> float:
         """The current value of one sample (e.g. "parley_agreements_total", kind="deferral"); 0 if absent."""

@@ -7,7 +7,7 @@
                         [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure]
                         [--conformance-control]
                         [--metrics-listen HOST:PORT] [--log-format json|text] [--log-level LEVEL]
-                        [--shutdown-grace SECONDS] [--otel]
+                        [--shutdown-grace SECONDS] [--otel] [--max-connections-per-address N]
                                     run the reference biller (built-in sample config without --config);
                                     PARLEY_* variables and the config's [server] table set the same options
     parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--account ID]... [--revoke]
@@ -42,6 +42,7 @@ import contextlib
 import json
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import segno
@@ -57,7 +58,7 @@ from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.keys import InsecureKeyFileError
 from agent.stores.files import check_private_file
 from agent.tracing import TracingUnavailable, server_interceptors
-from agent.transport.server import install_uvloop
+from agent.transport.server import DEFAULT_CONNECTION_LIMITS, install_uvloop
 from reference_biller import accounts, sample
 from reference_biller.backoffice_cli import add_backoffice_commands
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
@@ -227,6 +228,9 @@ async def _serve_until_signalled(
             interceptors=server_interceptors() if settings.otel else (),
             store_location=settings.store,
             webhooks=webhooks,
+            connection_limits=replace(
+                DEFAULT_CONNECTION_LIMITS, max_connections_per_address=settings.max_connections_per_address
+            ),
         )
     )
     stop = asyncio.Event()
@@ -535,6 +539,12 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--otel",
         action="store_true",
         help="OpenTelemetry tracing of gRPC calls; needs the otel extra (env PARLEY_OTEL)",
+    )
+    serve.add_argument(
+        "--max-connections-per-address",
+        metavar="N",
+        help="connections one peer IP address may hold; past it the newest are closed (TRN-11; "
+        "env PARLEY_MAX_CONNECTIONS_PER_ADDRESS; default: 64)",
     )
     serve.set_defaults(handler=_serve)
 

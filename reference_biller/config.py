@@ -122,6 +122,7 @@ class ServerSettings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     otel: bool | None = None
+    max_connections_per_address: int | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,16 @@ class _Table:
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{self.key(name)}: expected a number of seconds (0 or more), got {value!r}")
         return float(value)
+
+    def count(self, name: str) -> int | None:
+        """A whole number 1 or more, or None when the key is absent."""
+        self.read.add(name)
+        value = self.data.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{self.key(name)}: expected a whole number 1 or more, got {value!r}")
+        return value
 
     def address(self, name: str) -> str | None:
         value = self.optional(name, str)
@@ -341,6 +352,7 @@ def _server(t: _Table) -> ServerSettings:
         tls_key=t.optional("tls_key", str),
         tls_client_ca=t.optional("tls_client_ca", str),
         otel=t.optional("otel", bool),
+        max_connections_per_address=t.count("max_connections_per_address"),
     )
 
 

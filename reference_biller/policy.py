@@ -121,7 +121,7 @@ class SegmentPolicy:
 
     def _counter(self, offer: Terms, bill: BillFacts, segment: Segment) -> Terms | None:
         """The arrangement inside the options nearest to what the consumer asked for."""
-        due, principal = bill.due_date, bill.amount_due
+        due, principal = bill.due_date, bill.outstanding  # the amount due less what was received (TRM-11)
         if offer.kind is TermsKind.SETTLEMENT:
             floor = settlement_floor(principal, segment.settlement_floor_percent)
             reduction = Line(LineKind.SETTLEMENT_REDUCTION, "settlement reduction", principal - floor)
@@ -144,7 +144,7 @@ class SegmentPolicy:
     def _plan(offer: Terms, bill: BillFacts, segment: Segment) -> Terms | None:
         """As many instalments as asked, within the count, minimum amount and interval limits."""
         fee = _fee(segment.instalment_fee, "instalment plan fee")
-        total = bill.amount_due.minor + sum(line.amount.minor for line in fee)
+        total = bill.outstanding.minor + sum(line.amount.minor for line in fee)
         affordable_count = total // segment.instalment_min_amount.minor if segment.instalment_min_amount.minor else 0
         count = min(len(offer.schedule), segment.instalment_max_count, affordable_count)
         if count < 2:
@@ -160,4 +160,4 @@ class SegmentPolicy:
             )
         except ValueError:  # the plan would run past the calendar's end: no counter
             return None
-        return build_terms(TermsKind.INSTALMENT_PLAN, bill.amount_due, dates, fee)
+        return build_terms(TermsKind.INSTALMENT_PLAN, bill.outstanding, dates, fee)

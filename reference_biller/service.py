@@ -71,8 +71,10 @@ from agent.protocol.keys import SigningKey
 from agent.stores import SqlBillerStore, open_biller_store
 from agent.stores.files import load_or_create_secret
 from agent.transport.server import (
+    DEFAULT_CONNECTION_LIMITS,
     DEFAULT_SHUTDOWN_GRACE,
     BillerServer,
+    ConnectionLimits,
     freeze_startup_heap,
     serve_biller,
 )
@@ -318,6 +320,7 @@ async def serving_biller(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     store_location: str | None = None,
     webhooks: Sequence[Endpoint] = (),
+    connection_limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS,
 ) -> AsyncIterator[RunningBiller]:
     """Serve a reference biller for the duration of the `async with` block, then shut it down cleanly.
 
@@ -332,7 +335,7 @@ async def serving_biller(
     `[simulation] upkeep_interval_seconds`) is the upkeep's; `webhooks` are delivered by a
     `WebhookDispatcher` task of their own, so no protocol step waits for a receiver. On
     leaving the block the stop is graceful: calls in flight get `shutdown_grace`
-    seconds to finish.
+    seconds to finish. `connection_limits` bound connections (TRN-10, TRN-11).
     """
     host = listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
     if tls is None and not insecure:
@@ -371,6 +374,7 @@ async def serving_biller(
                 interceptors=interceptors,
                 store_location=store_location,
                 webhooks=webhooks,
+                connection_limits=connection_limits,
             ) as running:
                 fresh = False  # it served: what it made is the biller's from now on
                 yield running
@@ -400,6 +404,7 @@ async def _serving(
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     store_location: str | None,
     webhooks: Sequence[Endpoint],
+    connection_limits: ConnectionLimits,
 ) -> AsyncIterator[RunningBiller]:
     """`serving_biller` once its arguments are checked and the state directory is locked."""
     biller = await open_biller(
@@ -439,6 +444,7 @@ async def _serving(
                 service_names=service_names,
                 interceptors=interceptors,
                 serving=False,  # NOT_SERVING until the first upkeep round is done
+                connection_limits=connection_limits,
             )
         except RuntimeError as error:  # gRPC says only "Failed to bind to address"; the CLI checked the TLS files
             raise OSError(
@@ -486,6 +492,7 @@ async def run_biller(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     store_location: str | None = None,
     webhooks: Sequence[Endpoint] = (),
+    connection_limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS,
 ) -> None:
     """Serve until cancelled (the CLI cancels on SIGTERM/SIGINT), then shut down gracefully.
 
@@ -508,6 +515,7 @@ async def run_biller(
         interceptors=interceptors,
         store_location=store_location,
         webhooks=webhooks,
+        connection_limits=connection_limits,
     ) as running:
         if on_ready is not None:
             on_ready(running)

@@ -18,6 +18,7 @@ built-in sample. An empty variable counts as unset.
 | TLS private key | `--tls-key` | `PARLEY_TLS_KEY` | `tls_key` | none |
 | client CA (mutual TLS) | `--tls-client-ca` | `PARLEY_TLS_CLIENT_CA` | `tls_client_ca` | none: no client certificates |
 | OpenTelemetry tracing | `--otel` | `PARLEY_OTEL` (1/0, true/false) | `otel` | off |
+| connections per address | `--max-connections-per-address` | `PARLEY_MAX_CONNECTIONS_PER_ADDRESS` | (same) | `64` |
 
 `--insecure` (plaintext on loopback) is a flag only, so that turning TLS off is
 always a visible choice. An invalid value is a `SettingsError` that names where
@@ -34,6 +35,7 @@ from typing import TypeVar, cast
 
 from agent.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 from agent.stores import check_store_location
+from agent.transport.server import DEFAULT_CONNECTION_LIMITS
 from reference_biller.config import ServerSettings, check_listen
 
 T = TypeVar("T")
@@ -71,6 +73,12 @@ OPTIONS = {
         Option("tls_key", "--tls-key", "PARLEY_TLS_KEY", "server.tls_key"),
         Option("tls_client_ca", "--tls-client-ca", "PARLEY_TLS_CLIENT_CA", "server.tls_client_ca"),
         Option("otel", "--otel", "PARLEY_OTEL", "server.otel"),
+        Option(
+            "max_connections_per_address",
+            "--max-connections-per-address",
+            "PARLEY_MAX_CONNECTIONS_PER_ADDRESS",
+            "server.max_connections_per_address",
+        ),
     )
 }
 
@@ -90,6 +98,7 @@ class ServeSettings:
     tls_key: Path | None
     tls_client_ca: Path | None
     otel: bool
+    max_connections_per_address: int
     sources: Mapping[str, str]
 
 
@@ -129,6 +138,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"expected a whole number 1 or more, got {text!r}")
+    return value
+
+
 def _boolean(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -150,6 +169,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "tls_key": str,
     "tls_client_ca": str,
     "otel": _boolean,
+    "max_connections_per_address": _count,
 }
 _CONFIG_FIELDS = {"shutdown_grace": "shutdown_grace_seconds"}
 
@@ -213,6 +233,9 @@ def resolve_serve(
         tls_key=None if key is None else Path(str(key)),
         tls_client_ca=None if client_ca is None else Path(str(client_ca)),
         otel=bool(value("otel", False)),
+        max_connections_per_address=int(
+            value("max_connections_per_address", DEFAULT_CONNECTION_LIMITS.max_connections_per_address)
+        ),
         sources=sources,
     )
 

@@ -123,8 +123,12 @@ def accepts_replay(agent: BillerAgent) -> None:
 
 
 class _UnlimitedRounds(NegotiationPhase):
-    def thread_state(self, thread: ThreadRecord | None, bill: BillRecord, *, hardship_disclosed: bool) -> Negotiation:
-        negotiation = super().thread_state(thread, bill, hardship_disclosed=hardship_disclosed)
+    def thread_state(
+        self, thread: ThreadRecord | None, bill: BillRecord, *, hardship_disclosed: bool, received_minor: int = 0
+    ) -> Negotiation:
+        negotiation = super().thread_state(
+            thread, bill, hardship_disclosed=hardship_disclosed, received_minor=received_minor
+        )
         if thread is not None:
             negotiation.max_rounds = 1_000_000
         return negotiation

@@ -6,6 +6,7 @@ then stay silent, as the red team's 1,000 did."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -16,12 +17,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from agent.cli import main as parley_main
 from agent.protocol.errors import Reason
 from agent.transport.server import ConnectionLimits, serve_biller
 from agent.transport.status import error_from_rpc
 from parley.v1 import biller_service_pb2_grpc, event_pb2
 from parley.v1.biller_service_pb2 import HelloRequest, WatchEventsRequest
+from reference_biller.config import SAMPLE, ConfigError, ServerSettings, load_config
+from reference_biller.settings import SettingsError, resolve_serve
 from tests.helpers.peer import Biller, running_biller
+from tests.helpers.process import serving_process
 
 IDLE_CONNECTIONS = 200
 # The client preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
@@ -112,3 +117,104 @@ def test_open_streams_per_peer_address_are_bounded(tmp_path: Path) -> None:
 async def _with_biller(tmp_path: Path, scenario: object) -> None:
     async with running_biller(tmp_path) as biller:
         await scenario(biller)  # type: ignore[operator]
+
+
+PER_ADDRESS = ConnectionLimits(max_connections_per_address=8, connection_check_interval=timedelta(milliseconds=100))
+
+
+def test_connections_per_address_are_capped_logged_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TRN-11: 12 silent connections from 127.0.0.1 against a cap of 8: four closed by the server, eight kept;
+    the cap is logged and counted; once they go, a client from the same address is served."""
+
+    async def scenario(biller: Biller) -> None:
+        running = await serve_biller(biller.agent, "127.0.0.1:0", insecure=True, connection_limits=PER_ADDRESS)
+        metrics = biller.agent.metrics
+        try:
+            with idle_http2_connections(running.port, 12) as sockets:
+                started = time.monotonic()
+                while metrics.sample("parley_connection_caps_hit_total", cap="per_address") < 4:
+                    assert time.monotonic() - started < 5, "no connection past the per-address cap was closed"
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)  # a few more checks: nothing else is closed
+                closed = [s for s in sockets if closed_by_server(s)]
+                assert len(closed) == 4
+                assert metrics.sample("parley_connection_caps_hit_total", cap="per_address") == 4
+                assert metrics.sample("parley_connections_open") == 8
+            started = time.monotonic()
+            while metrics.sample("parley_connections_open") > 0:
+                assert time.monotonic() - started < 5
+                await asyncio.sleep(0.1)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = biller_service_pb2_grpc.BillerServiceStub(channel)
+                hello = await stub.Hello(HelloRequest(protocol_versions=[1]), timeout=5)
+                assert hello.protocol_version == 1
+        finally:
+            await running.stop(None)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connection cap hit")]
+        assert lines
+        assert all("cap=per_address" in line and "peer=127.0.0.1" in line for line in lines)
+
+    caplog.set_level("INFO", logger="parley.transport")
+    asyncio.run(_with_biller(tmp_path, scenario))
+
+
+# --- `parley biller serve --max-connections-per-address` (flag > PARLEY_* > [server] > 64) ------------------
+
+
+def test_the_per_address_cap_is_a_serve_option() -> None:
+    file = ServerSettings(listen="127.0.0.1:0", max_connections_per_address=16)
+    assert resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {}).max_connections_per_address == 64
+    assert resolve_serve({}, file, {}).max_connections_per_address == 16
+    env = {"PARLEY_MAX_CONNECTIONS_PER_ADDRESS": "24"}
+    assert resolve_serve({}, file, env).max_connections_per_address == 24
+    chosen = resolve_serve({"max_connections_per_address": "32"}, file, env)
+    assert (chosen.max_connections_per_address, chosen.sources["max_connections_per_address"]) == (
+        32,
+        "--max-connections-per-address",
+    )
+    for bad in ("0", "-3", "many", "2.5"):
+        with pytest.raises(SettingsError, match="--max-connections-per-address: expected a whole number"):
+            resolve_serve({"max_connections_per_address": bad}, file, {})
+
+
+def test_a_bad_per_address_cap_in_the_config_names_its_key(tmp_path: Path) -> None:
+    config = tmp_path / "biller.toml"
+    config.write_text(
+        SAMPLE.read_text().replace("\n[payments]", "\n[server]\nmax_connections_per_address = 0\n\n[payments]", 1)
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(config)
+    assert "server.max_connections_per_address: expected a whole number 1 or more, got 0" in str(refused.value)
+
+
+def test_serve_refuses_a_bad_per_address_cap_with_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    arguments = ["biller", "serve", "--insecure", "--listen", "127.0.0.1:0", "--state-dir", str(state)]
+    assert parley_main([*arguments, "--max-connections-per-address", "none"]) == 2
+    shown = capsys.readouterr().out.strip()
+    assert "--max-connections-per-address: expected a whole number 1 or more, got 'none'" in shown
+    assert len(shown.splitlines()) == 1
+    assert not state.exists()
+
+
+def test_serve_enforces_the_per_address_cap_it_is_given(tmp_path: Path) -> None:
+    arguments = ["--insecure", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")]
+    with serving_process([*arguments, "--max-connections-per-address", "2"], log=tmp_path / "serve.log") as (
+        process,
+        banner,
+    ):
+        port = int(banner["listening"].split()[0].rpartition(":")[2])
+        with idle_http2_connections(port, 4) as sockets:
+            started = time.monotonic()
+            while sum(closed_by_server(s) for s in sockets) < 2:
+                assert time.monotonic() - started < 10, "the serve process kept connections past its cap"
+                time.sleep(0.2)
+            time.sleep(1.5)  # more checks: the two oldest stay
+            assert sum(closed_by_server(s) for s in sockets) == 2
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    assert "connection cap hit cap=per_address peer=127.0.0.1" in (tmp_path / "serve.log").read_text()

@@ -75,10 +75,15 @@ class NegotiationPhase:
 
     # --- the thread's state ---
 
-    def thread_state(self, thread: ThreadRecord | None, bill: BillRecord, *, hardship_disclosed: bool) -> Negotiation:
+    def thread_state(
+        self, thread: ThreadRecord | None, bill: BillRecord, *, hardship_disclosed: bool, received_minor: int = 0
+    ) -> Negotiation:
         """The core's state of a thread: a new one, or the stored thread replayed (`Negotiation.replay`).
 
-        Each stored message is judged at the time it was received, as it was then.
+        Each stored message is judged at the time it was received, as it was then. A new thread's terms
+        restate the outstanding balance (TRM-11, PAY-16: the amount due less `received_minor`, what was
+        received for the bill so far); a stored thread's, the balance its opening restated when it was
+        accepted — so a thread agreed before a payment still replays as it was agreed.
         """
         facts = self._bills.get(bill.digest)
         if facts is None:
@@ -86,14 +91,14 @@ class NegotiationPhase:
             self._bills.put(bill.digest, facts)
         if thread is None:
             return self.negotiation_type(
-                bill=facts,
+                bill=facts.with_received(received_minor),
                 bill_digest=bill.digest,
                 role=Role.BILLER,
                 limits=self.party.limits,
                 hardship_disclosed=hardship_disclosed,
             )
         return self.negotiation_type.replay(
-            bill=facts,
+            bill=facts.with_received(self._received_at_opening(thread, facts)),
             bill_digest=bill.digest,
             role=Role.BILLER,
             messages=[(self._stored_move(record), record.received_at) for record in thread.messages],
@@ -108,6 +113,17 @@ class NegotiationPhase:
         negotiation = self.thread_state(thread, bill, hardship_disclosed=thread.hardship_disclosed)
         negotiation.expire(self.party.clock.now())
         return negotiation
+
+    def _received_at_opening(self, thread: ThreadRecord, facts: BillFacts) -> int:
+        """What was received for the bill when the thread opened: the amount due less the principal its
+        (accepted, so valid) opening restated; 0 if that is not a balance of this bill."""
+        if not thread.messages:
+            return 0
+        opening = self._stored_move(thread.messages[0]).move
+        if not isinstance(opening, Open) or opening.terms.principal.currency != facts.amount_due.currency:
+            return 0
+        received = facts.amount_due.minor - opening.terms.principal.minor
+        return received if 0 <= received < facts.amount_due.minor else 0
 
     def _stored_move(self, record: MessageRecord) -> ThreadMessage:
         """A stored (already verified) message as the core sees it."""
@@ -174,7 +190,8 @@ class NegotiationPhase:
         committed = payload.disclosure_digest if isinstance(payload, negotiation_pb2.ThreadOpen) else b""
         disclosed = check_disclosure(committed, disclosure)
         hardship = disclosed is not None and disclosed.circumstances.hardship
-        negotiation = self.thread_state(thread, bill, hardship_disclosed=hardship)
+        received = await party.store.received_minor(bill.bill_id) if thread is None else 0
+        negotiation = self.thread_state(thread, bill, hardship_disclosed=hardship, received_minor=received)
         if thread is not None and thread.disclosure is not None:
             disclosed = negotiation_pb2.Disclosure.FromString(thread.disclosure)
         records = [self._message_record(inbound.verified, inbound.sender, now)]

@@ -133,7 +133,11 @@ class Reason(enum.Enum):
     SCHEDULE_SUM_MISMATCH = ("INVALID_ARGUMENT", "TRM-8", "The schedule's amounts do not sum exactly to total.")
     SCHEDULE_DATES_NOT_INCREASING = ("INVALID_ARGUMENT", "TRM-9", "Schedule dates are not strictly increasing.")
     TOO_MANY_INSTALMENTS = ("INVALID_ARGUMENT", "LIM-6", "More instalments than max_instalments.")
-    PRINCIPAL_MISMATCH = ("INVALID_ARGUMENT", "TRM-11", "principal is not the bill's amount due.")
+    PRINCIPAL_MISMATCH = (
+        "INVALID_ARGUMENT",
+        "TRM-11",
+        "principal is not the bill's outstanding balance (its amount due less what was received).",
+    )
     # Payments (§10)
     IDEMPOTENCY_CONFLICT = ("ALREADY_EXISTS", "PAY-2", "The intent id was used before with different content.")
     PAYMENT_AMOUNT_MISMATCH = (

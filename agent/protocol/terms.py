@@ -16,7 +16,7 @@ import enum
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from importlib import resources
 from itertools import pairwise
@@ -648,7 +648,11 @@ class BillFacts:
       repeated, a programme description over MAX_TEXT_CHARS.
     - CURRENCY_MISMATCH (TRM-2): an option's amount is not in the amount due's currency.
     - AMOUNT_OUT_OF_RANGE (TRM-3): amount_due zero; the early-payment discount zero or not
-      below the amount due.
+      below the amount due; `received_minor` negative or not below the amount due.
+
+    `received_minor` is not part of the bill: it is what was received for it before the
+    negotiation opened (PAY-16), so `outstanding` — amount due less that — is the principal
+    its terms restate (TRM-11). 0 for a bill nothing was paid on; `with_received` sets it.
     """
 
     bill_id: str
@@ -658,6 +662,16 @@ class BillFacts:
     due_date: date
     description: str
     options: AdvertisedOptions
+    received_minor: int = 0
+
+    @property
+    def outstanding(self) -> Money:
+        """The outstanding balance when the negotiation opened (PAY-16): what its terms' principal is (TRM-11)."""
+        return Money(self.amount_due.currency, self.amount_due.minor - self.received_minor)
+
+    def with_received(self, received_minor: int) -> BillFacts:
+        """These facts for a negotiation opened after `received_minor` was received for the bill."""
+        return self if received_minor == self.received_minor else replace(self, received_minor=received_minor)
 
     def __post_init__(self) -> None:
         _check_length("bill_id", self.bill_id, MAX_ID_CHARS, minimum=1)
@@ -671,6 +685,11 @@ class BillFacts:
                 )
         if self.amount_due.minor == 0:
             raise LocalProtocolError(Reason.AMOUNT_OUT_OF_RANGE, "amount_due is zero; it must be positive")
+        if not 0 <= self.received_minor < self.amount_due.minor:
+            raise LocalProtocolError(
+                Reason.AMOUNT_OUT_OF_RANGE,
+                f"received {self.received_minor} minor units: it must be 0 or more and below amount_due",
+            )
         if self.due_date < self.issue_date:
             raise LocalProtocolError(
                 Reason.INVALID_TERMS, f"due_date {self.due_date} is before issue_date {self.issue_date}"
@@ -758,7 +777,8 @@ def validate_against_bill(terms: Terms, bill: BillFacts) -> None:
     """Check terms against the bill they settle.
 
     - CURRENCY_MISMATCH (TRM-2): principal not in the amount due's currency.
-    - PRINCIPAL_MISMATCH (TRM-11): principal ≠ amount due.
+    - PRINCIPAL_MISMATCH (TRM-11): principal ≠ the outstanding balance (the amount due less what was
+      received before the negotiation opened, PAY-16).
     - INVALID_TERMS (TRM-12, TRM-19): a date before the issue date; a date more than
       MAX_TERMS_HORIZON_DAYS after the due date; PAY_IN_FULL dated after the due date;
       DEFERRAL dated on or before the due date; SETTLEMENT total not below the principal;
@@ -769,10 +789,14 @@ def validate_against_bill(terms: Terms, bill: BillFacts) -> None:
             Reason.CURRENCY_MISMATCH,
             f"principal is in {terms.principal.currency.code}; the bill is in {bill.amount_due.currency.code}",
         )
-    if terms.principal != bill.amount_due:
-        raise LocalProtocolError(
-            Reason.PRINCIPAL_MISMATCH, f"principal is {terms.principal}; the bill's amount due is {bill.amount_due}"
+    if terms.principal != bill.outstanding:
+        owed = (
+            f"the bill's amount due is {bill.amount_due}"
+            if bill.received_minor == 0
+            else f"the bill's outstanding balance is {bill.outstanding} ({bill.amount_due} due, "
+            f"{Money(bill.amount_due.currency, bill.received_minor)} received)"
         )
+        raise LocalProtocolError(Reason.PRINCIPAL_MISMATCH, f"principal is {terms.principal}; {owed}")
     for i, instalment in enumerate(terms.schedule):
         day, path = instalment.due_date, f"schedule[{i}].due_date {instalment.due_date}"
         if day < bill.issue_date:

@@ -24,8 +24,9 @@ TRN-10: connections are bounded (`ConnectionLimits`, gRPC core's own server
 options): a total cap, idle connections closed, connections aged out, a
 handshake deadline, keepalive pings policed, streams per connection capped; and
 per peer address, at most `max_streams_per_peer` open WatchEvents streams (the
-calls that hold a connection open for long). gRPC cannot cap connections per
-address: that belongs in front of the server (docs/OPERATIONS.md).
+calls that hold a connection open for long). TRN-11: gRPC cannot cap
+connections per address, so a `ConnectionWatcher` (agent/transport/connections.py)
+closes an address's connections past `max_connections_per_address` (Linux).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from agent.logs import log_step, request_ids
 from agent.metrics import MetricsInterceptor
 from agent.protocol.errors import ProtocolError, Reason, RemoteProtocolError
 from agent.ratelimit import peer_address
+from agent.transport.connections import ConnectionWatcher
 from agent.transport.status import Context, abort, answer
 from parley.v1 import biller_service_pb2 as pb
 from parley.v1 import biller_service_pb2_grpc, envelope_pb2
@@ -78,9 +80,13 @@ class ConnectionLimits:
     including those that never made one — are closed after `idle_timeout`, so a crowd of silent
     connections cannot hold every slot; a connection lives at most `max_age`, then gets `max_age_grace`
     to finish its calls (a WatchEvents stream ends by its query's expire_time anyway, EVT-10).
+    `max_connections_per_address` (0: no cap) is enforced by the connection watcher every
+    `connection_check_interval` (TRN-11).
     """
 
     max_connections: int = 800
+    max_connections_per_address: int = 64
+    connection_check_interval: timedelta = timedelta(milliseconds=500)
     max_streams_per_peer: int = 32
     max_streams_per_connection: int = 100
     idle_timeout: timedelta = timedelta(minutes=5)
@@ -319,6 +325,7 @@ class BillerServer:
     health: health_aio.HealthServicer
     servicer: BillerServicer
     agent: BillerAgent
+    watcher: ConnectionWatcher | None = None
 
     async def set_serving(self, serving: bool = True) -> None:
         """Report SERVING (or NOT_SERVING) for "" and parley.v1.BillerService; ignored once stopping."""
@@ -336,6 +343,8 @@ class BillerServer:
         log_step(logger, "stopping", grace_seconds=grace, in_flight=in_flight)
         await self.health.enter_graceful_shutdown()
         self.servicer.end_watches()
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.server.stop(grace)
         log_step(logger, "stopped", party=self.agent.party_id)
 
@@ -407,7 +416,15 @@ async def serve_biller(
     else:
         port = server.add_insecure_port(listen)
     await server.start()
-    running = BillerServer(server, port, health, servicer, agent)
+    watcher = ConnectionWatcher(
+        port,
+        agent.metrics,
+        max_per_address=connection_limits.max_connections_per_address,
+        max_total=connection_limits.max_connections,
+        interval=connection_limits.connection_check_interval.total_seconds(),
+    )
+    watcher.start()
+    running = BillerServer(server, port, health, servicer, agent, watcher)
     if serving:
         await running.set_serving()
     logger.info("biller %s serving on %s port %d (%s)", agent.party_id, host, port, _transport_name(tls, tls_client_ca))

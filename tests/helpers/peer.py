@@ -262,7 +262,7 @@ def hardship_terms() -> terms_pb2.Terms:
 
 
 def _six_monthly_from_mid_april(context: OfferContext) -> Terms:
-    return build_terms(TermsKind.INSTALMENT_PLAN, context.bill.amount_due, monthly_dates(date(2026, 4, 15), 6))
+    return build_terms(TermsKind.INSTALMENT_PLAN, context.bill.outstanding, monthly_dates(date(2026, 4, 15), 6))
 
 
 class SamplePolicy(PeerPolicy):

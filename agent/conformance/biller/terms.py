@@ -87,9 +87,12 @@ _terms_case(
 )
 _terms_case(
     "TRM-11/principal-mismatch",
-    "Terms whose principal is not the bill's amount due are refused with PRINCIPAL_MISMATCH",
-    "`principal` MUST equal the bill's `amount_due`, currency and minor units: a principal in another currency is "
-    "refused with `CURRENCY_MISMATCH` (TRM-2), one of another amount with `PRINCIPAL_MISMATCH`.",
+    "Terms whose principal is not the bill's outstanding balance (nothing paid: its amount due) are refused with "
+    "PRINCIPAL_MISMATCH",
+    "`principal` MUST equal the bill's outstanding balance when the thread opens (PAY-16: its `amount_due` less "
+    "everything received for it; for a bill nothing was paid on, its `amount_due`), currency and minor units: a "
+    "principal in another currency is refused with `CURRENCY_MISMATCH` (TRM-2), one of another amount with "
+    "`PRINCIPAL_MISMATCH`.",
     Reason.PRINCIPAL_MISMATCH,
     {
         "a principal EUR 10.00 below the amount due": lambda b: terms(

@@ -312,6 +312,37 @@ def test_forged_and_tampered_bills_are_never_returned_nor_paid(tmp_path: Path) -
     run(tmp_path, scenario, hostile=True)
 
 
+def test_the_biller_s_messages_are_judged_with_the_limits_its_hello_announced(tmp_path: Path) -> None:
+    """LIM-13: a biller announcing a 30-minute message lifetime (below the default 24 hours) while it signs
+    its bills for an hour: the consumer judges them with what was announced, and refuses them."""
+
+    def announcing(lifetime_seconds: int) -> Callable[[Any, pb.HelloResponse], pb.HelloResponse]:
+        def rewrite(_request: Any, answer: pb.HelloResponse) -> pb.HelloResponse:
+            lowered = pb.HelloResponse()
+            lowered.CopyFrom(answer)
+            lowered.limits.max_message_lifetime_seconds = lifetime_seconds
+            return lowered
+
+        return rewrite
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            await enrol(biller, agent)  # an honest Hello: the defaults
+        hostile.rewrite["Hello"] = announcing(30 * 60)
+        async with household.agent(bank=bank) as agent:  # a new connection, a new Hello
+            assert await agent.bills(BILLER_ID) == []  # each bill lives an hour: LIFETIME_TOO_LONG
+            with pytest.raises(LookupError):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+        hostile.rewrite["Hello"] = announcing(60 * 60)
+        async with household.agent(bank=bank) as agent:
+            assert [bill.facts.bill_id for bill in await agent.bills(BILLER_ID)] == [BILL.bill_id]
+        assert bank.orders == []
+
+    run(tmp_path, scenario, hostile=True)
+
+
 def test_a_rotated_biller_key_is_learnt_from_get_key_sets(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         async with household.agent() as agent:

@@ -18,8 +18,9 @@ command CMD — once or twice with this environment:
 Each run of CMD is one pass of the client: enrol if it has not, fetch and
 verify the bills, negotiate, pay what is due today (a payment whose date — the
 bill's due date without agreement, else each date the agreement sets — is
-today or earlier, UTC), fetch receipts, read events — then exit. The biller issues the bills as soon as the client has enrolled,
-each EUR 120.00 due today and advertising a deferral of at most 30 days for a
+today or earlier, UTC), fetch receipts, read events — then exit. The biller
+issues the bills as soon as the client has enrolled, each EUR 120.00 due
+today and advertising a deferral of at most 30 days for a
 EUR 5.00 fee, so one run goes the whole way. The client reports each payment
 it makes as a JSON line of `$PARLEY_STATE_DIR/bank-orders.jsonl` (its bank);
 the suite plays the payment rail and settles each order that carries the
@@ -1121,6 +1122,43 @@ async def crash_after_bank_order(context: ConsumerContext) -> str:
             )
         return f"killed after ordering {orders[0].describe()}; the rerun paid nothing more ({s.runs[-1].describe()})"
 
+
+
+# --- 12. Limits announced in Hello -------------------------------------------------------------------------
+
+ANNOUNCED_LIFETIME = timedelta(minutes=30)  # below the default 24 hours, below the hour the biller signs for
+
+
+@suite.case(
+    "LIM-13/announced-lifetime",
+    description="A biller's messages are judged with the limits its Hello announced: a bill living longer is refused",
+    quote="A consumer, which configures none, MUST judge the biller's messages — the checks of HDR-5 and LIM-1 to "
+    "LIM-6 (skew, lifetime, envelope size, rounds, negotiation time, instalments) — with the limits that biller "
+    "announced in the `Hello` of the current connection",
+)
+async def announced_lifetime(context: ConsumerContext) -> str:
+    async with scenario(context, "announced-lifetime") as s:
+        await s.run_client()  # an honest Hello: the client enrols
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol in its first run", s)
+        bill_id = await s.biller.issue_bill(description="Electricity, conformance bill (signed to live an hour)")
+        seconds = int(ANNOUNCED_LIFETIME.total_seconds())
+
+        async def announce_shorter(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            lowered = pb.HelloResponse()
+            lowered.CopyFrom(answer)
+            lowered.limits.max_message_lifetime_seconds = seconds
+            return lowered
+
+        s.biller.rewrite["Hello"] = announce_shorter
+        await s.run_client()
+        if not [call for call in s.bill_calls() if call.run == 2]:
+            raise setup_failed("the client did not fetch its bills in its second run (ListBills, GetBill)", s)
+        _no_dealings(s, bill_id, f"(under a Hello announcing a {seconds} s lifetime) the hour-long bill")
+        return (
+            f"Hello announced max_message_lifetime_seconds {seconds}; the bill {bill_id}, signed to live an hour, "
+            f"was fetched and never negotiated on nor paid ({s.runs[-1].describe()})"
+        )
 
 __all__ = [
     "CLIENT_ENVIRONMENT",

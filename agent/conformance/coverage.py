@@ -118,7 +118,6 @@ GAPS: dict[str, str] = {
     # Added by protocol revision 1.1 and the red-team fixes; the reference is tested in tests/, not yet here.
     "TRN-10": "many idle connections from one address, reaped (tests/test_redteam_connections.py tests the reference)",
     "BIL-6": "a consumer scenario presenting a bill at sequence 1 or with a previous digest",
-    "LIM-13": "a consumer scenario announcing lower limits in Hello and sending a message above them",
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
     "TRN-9": "a target requiring mutual TLS (the suite connects without a client certificate)",
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",

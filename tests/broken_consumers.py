@@ -255,6 +255,17 @@ def records_payments_in_memory_only() -> None:
     SqliteConsumerStore.intents = intents_recalled  # type: ignore[method-assign]
 
 
+def ignores_announced_limits() -> None:
+    """The biller's messages are judged with the default limits, whatever its Hello announced (LIM-13)."""
+    from agent.consumer import enrolment, sessions  # noqa: PLC0415
+
+    def own_limits(own: Any, announced: Any) -> Any:
+        return own
+
+    sessions.agreed_limits = own_limits  # type: ignore[attr-defined]
+    enrolment.agreed_limits = own_limits  # type: ignore[attr-defined]
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "skips-bill-verification": skips_bill_verification,
     "accepts-keyset-rollback": accepts_keyset_rollback,
@@ -269,6 +280,7 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "ignores-revocations": ignores_revocations,
     "judges-bills-as-live": judges_bills_as_live,
     "records-payments-in-memory-only": records_payments_in_memory_only,
+    "ignores-announced-limits": ignores_announced_limits,
 }
 
 
@@ -297,6 +309,7 @@ BROKEN_CONSUMERS = (
                 "KEY-8/keyset-rollback",
                 "KEY-11/bill-signed-by-revoked-key",
                 "AUZ-6/bill-for-another-account",
+                "LIM-13/announced-lifetime",
             }
         ),
     ),
@@ -340,6 +353,9 @@ BROKEN_CONSUMERS = (
         "records-payments-in-memory-only",
         # Every scenario that runs the client twice finds its payment forgotten on the second run.
         frozenset({"PAY-7/crash-after-bank-order", "EVT-5/duplicate-event", "PAY-9/receipt-wrong-amount"}),
+    ),
+    BrokenConsumer(
+        "ignores the limits Hello announced", "ignores-announced-limits", frozenset({"LIM-13/announced-lifetime"})
     ),
 )
 

@@ -32,6 +32,7 @@ from agent.conformance.hostile_biller import read_bank_orders
 from agent.conformance.runner import EXIT_FAILED, EXIT_NOT_RUN, EXIT_OK, Level, RunOptions, Suite, run_cases, run_suite
 from reference_consumer.profile import ProfileError
 from reference_consumer.runner import profile_from_env
+from tests import deferring_consumer
 from tests.broken_consumers import BROKEN_CONSUMERS, BrokenConsumer, reference_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,6 +91,21 @@ def test_reference_consumer_passes_every_scenario(tmp_path: Path) -> None:
     assert (str(order.amount), order.payment_reference[:3], order.problem) == ("EUR 120.00", "CF-", "")
 
 
+def test_a_client_that_defers_and_pays_on_the_agreed_date_passes_the_baseline(tmp_path: Path) -> None:
+    """Issue 14 item 17: "pay what is due today" means what is due today. A client that agrees a deferral (inside
+    the options) and pays on the agreed date pays nothing on the day the bill arrives, and conforms."""
+    code, report, output = run_against(
+        tmp_path, deferring_consumer.command(), only=("PAY-8/honest-biller-paid",), jobs=1
+    )
+    (case,) = report["cases"]
+    assert (case["outcome"], code) == ("PASS", EXIT_OK), output
+    assert "agreed a deferral to " in case["detail"]
+    assert "nothing is due today" in case["detail"]
+    assert (
+        read_bank_orders(next((tmp_path / "work").glob("honest-biller-*")) / "client-state" / "bank-orders.jsonl") == []
+    )
+
+
 # --- 2. Broken consumers fail exactly their scenarios ------------------------------------------------------
 
 
@@ -118,6 +134,7 @@ def test_every_defect_class_is_covered() -> None:
         "ignores key revocations",
         "judges bills as live",
         "records payments in memory only",
+        "ignores the limits Hello announced",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name

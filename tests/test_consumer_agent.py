@@ -66,7 +66,7 @@ from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.transport.client import ClientTls, RetryPolicy, open_channel
 from agent.transport.server import serve_biller, start_biller_server
 from agent.transport.status import CallError
-from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2
+from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2, payment_pb2
 from parley.v1 import biller_service_pb2 as pb
 from tests.fixtures import BILL, eur
 from tests.helpers.db import dump
@@ -312,6 +312,37 @@ def test_forged_and_tampered_bills_are_never_returned_nor_paid(tmp_path: Path) -
     run(tmp_path, scenario, hostile=True)
 
 
+def test_the_biller_s_messages_are_judged_with_the_limits_its_hello_announced(tmp_path: Path) -> None:
+    """LIM-13: a biller announcing a 30-minute message lifetime (below the default 24 hours) while it signs
+    its bills for an hour: the consumer judges them with what was announced, and refuses them."""
+
+    def announcing(lifetime_seconds: int) -> Callable[[Any, pb.HelloResponse], pb.HelloResponse]:
+        def rewrite(_request: Any, answer: pb.HelloResponse) -> pb.HelloResponse:
+            lowered = pb.HelloResponse()
+            lowered.CopyFrom(answer)
+            lowered.limits.max_message_lifetime_seconds = lifetime_seconds
+            return lowered
+
+        return rewrite
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            await enrol(biller, agent)  # an honest Hello: the defaults
+        hostile.rewrite["Hello"] = announcing(30 * 60)
+        async with household.agent(bank=bank) as agent:  # a new connection, a new Hello
+            assert await agent.bills(BILLER_ID) == []  # each bill lives an hour: LIFETIME_TOO_LONG
+            with pytest.raises(LookupError):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+        hostile.rewrite["Hello"] = announcing(60 * 60)
+        async with household.agent(bank=bank) as agent:
+            assert [bill.facts.bill_id for bill in await agent.bills(BILLER_ID)] == [BILL.bill_id]
+        assert bank.orders == []
+
+    run(tmp_path, scenario, hostile=True)
+
+
 def test_a_rotated_biller_key_is_learnt_from_get_key_sets(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         async with household.agent() as agent:
@@ -402,6 +433,46 @@ def test_agreed_at_once_inside_the_options(tmp_path: Path) -> None:
             assert (again.outcome, again.messages) == (ThreadOutcome.OPEN, ())
             assert again.refusal is not None
             assert again.refusal.reason is Reason.BILL_NOT_NEGOTIABLE
+
+    run(tmp_path, scenario)
+
+
+def test_after_the_biller_breaks_a_plan_its_outstanding_balance_is_paid_not_its_instalment(tmp_path: Path) -> None:
+    """PAY-16 (issue 13): once the plan is broken, the next `pay` pays the bill's outstanding balance (no
+    agreement), which the real biller instructs; the broken plan's instalment is never asked for."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        bank = Bank()
+        async with household.agent(ScriptedStrategy(INSIDE), bank=bank) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.outcome is ThreadOutcome.AGREED
+            assert result.thread_id is not None
+            first = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert (first.instalment_index, first.amount) == (0, eur("40.00"))
+            await biller.agent.record_settlement(ACCOUNT, first.intent_id, eur("40.00"), "RAIL-1")
+            # The second instalment is missed: the biller ends the plan and offers to negotiate again (EVT-7).
+            await biller.agent.emit_event(
+                ACCOUNT,
+                event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN,
+                bill_id=BILL.bill_id,
+                thread_id=result.thread_id,
+                amount=eur("80.00"),
+            )
+            await biller.agent.offer_renegotiation(BILL.bill_id)
+            async with contextlib.aclosing(agent.watch(BILLER_ID)) as events:
+                while (await asyncio.wait_for(anext(events), 5)).kind != event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED:
+                    pass
+            with pytest.raises(ValueError, match="PAY-16"):
+                await agent.pay(BILLER_ID, BILL.bill_id, instalment_index=1)
+            rest = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert (rest.agreement_digest, rest.instalment_index, rest.amount) == (b"", 0, eur("80.00"))
+            assert [order.amount for order in bank.orders] == [eur("40.00"), eur("80.00")]
+            assert (await agent.pay(BILLER_ID, BILL.bill_id)).intent_id == rest.intent_id  # never paid twice
+            assert len(bank.orders) == 2
+            receipt = await biller.agent.record_settlement(ACCOUNT, rest.intent_id, eur("80.00"), "RAIL-2")
+            remaining = payment_pb2.Receipt.FromString(receipt.payload).remaining_balance
+            assert remaining.amount_minor == 0
 
     run(tmp_path, scenario)
 

@@ -16,9 +16,11 @@ command CMD — once or twice with this environment:
 | `PARLEY_STATE_DIR` | a fresh directory for this scenario, kept between its runs |
 
 Each run of CMD is one pass of the client: enrol if it has not, fetch and
-verify the bills, negotiate, pay what is due, fetch receipts, read events —
-then exit. The biller issues the bills as soon as the client has enrolled,
-each EUR 120.00 due today and advertising a deferral of at most 30 days for a
+verify the bills, negotiate, pay what is due today (a payment whose date — the
+bill's due date without agreement, else each date the agreement sets — is
+today or earlier, UTC), fetch receipts, read events — then exit. The biller
+issues the bills as soon as the client has enrolled, each EUR 120.00 due
+today and advertising a deferral of at most 30 days for a
 EUR 5.00 fee, so one run goes the whole way. The client reports each payment
 it makes as a JSON line of `$PARLEY_STATE_DIR/bank-orders.jsonl` (its bank);
 the suite plays the payment rail and settles each order that carries the
@@ -50,7 +52,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +378,22 @@ def _paid_once(scenario: Scenario, bill_id: str) -> BankOrder:
 # --- 1. Baseline: an honest biller ----------------------------------------------------------------------
 
 
+def _first_payment_after_today(terms: Terms | None, today: date) -> str | None:
+    """When every payment the agreed `terms` set falls after `today` (UTC): what they set, in words; else None.
+
+    "Due today" (docs/CONFORMANCE.md, the client contract): a payment is due in a run when its date — the
+    bill's due date without agreement, else each date the agreement in force sets (a deferral's date, an
+    instalment's, a pay-in-full's) — is today or earlier."""
+    if terms is None or any(instalment.due_date <= today for instalment in terms.schedule):
+        return None
+    first = terms.schedule[0]
+    if terms.kind is TermsKind.DEFERRAL:
+        return f"a deferral to {first.due_date} ({terms.total})"
+    if len(terms.schedule) == 1:
+        return f"{terms.total} on {first.due_date}"
+    return f"{len(terms.schedule)} payments of {terms.total} in all, the first on {first.due_date}"
+
+
 @suite.case(
     "PAY-8/honest-biller-paid",
     description="Baseline: against an honest biller the client enrols, agrees and pays the bill once, as instructed",
@@ -392,19 +410,31 @@ async def honest_biller(context: ConsumerContext) -> str:
                 f"(PARLEY_ACCOUNT_ID, PARLEY_ENROLMENT_CODE): it {s.summary()}. Its output: {s.runs[-1].tail()}"
             )
         (bill_id,) = bills
-        if not s.intents(bill_id):
-            raise Violation(f"the client sent no payment intent for its bill {bill_id}: it {s.summary()}")
         stray = [order for order in s.orders() if order.payment_reference not in s.biller.instructed]
         if stray:
             raise Violation(
                 f"the client ordered {'; '.join(o.describe() for o in stray)}: a reference the biller never "
                 f"instructed ({', '.join(o.problem for o in stray if o.problem) or 'PAY-8'}); it {s.summary()}"
             )
+        agreed = await s.biller.agreement_on(bill_id)
+        later = _first_payment_after_today(agreed, s.biller.today())
+        if agreed is not None and later is not None and not s.orders(bill_id):
+            # The client contract: a run pays what is due today. Agreed terms whose every payment falls
+            # after today leave nothing to pay in this run (the client pays on the agreed date).
+            return (
+                f"the client enrolled and agreed {later}: nothing is due today, so it rightly paid nothing in "
+                f"this run ({s.runs[-1].describe()})"
+            )
+        if not s.intents(bill_id):
+            due = (
+                "the bill, due today" if agreed is None else f"what its agreement sets on or before {s.biller.today()}"
+            )
+            raise Violation(f"the client sent no payment intent for its bill {bill_id} ({due}): it {s.summary()}")
         order = _paid_once(s, bill_id)
         receipts = [call for call in s.biller.calls_of("GetReceipt") if call.answered]
-        agreed = "agreed on it and " if s.openings(bill_id) else ""
+        negotiated = "agreed on it and " if s.openings(bill_id) else ""
         fetched = ", then fetched its receipt" if receipts else ""
-        return f"the client enrolled, {agreed}paid {order.describe()}{fetched} ({s.runs[-1].describe()})"
+        return f"the client enrolled, {negotiated}paid {order.describe()}{fetched} ({s.runs[-1].describe()})"
 
 
 # --- 2. Bills that are not the pinned biller's ------------------------------------------------------------
@@ -1092,6 +1122,43 @@ async def crash_after_bank_order(context: ConsumerContext) -> str:
             )
         return f"killed after ordering {orders[0].describe()}; the rerun paid nothing more ({s.runs[-1].describe()})"
 
+
+
+# --- 12. Limits announced in Hello -------------------------------------------------------------------------
+
+ANNOUNCED_LIFETIME = timedelta(minutes=30)  # below the default 24 hours, below the hour the biller signs for
+
+
+@suite.case(
+    "LIM-13/announced-lifetime",
+    description="A biller's messages are judged with the limits its Hello announced: a bill living longer is refused",
+    quote="A consumer, which configures none, MUST judge the biller's messages — the checks of HDR-5 and LIM-1 to "
+    "LIM-6 (skew, lifetime, envelope size, rounds, negotiation time, instalments) — with the limits that biller "
+    "announced in the `Hello` of the current connection",
+)
+async def announced_lifetime(context: ConsumerContext) -> str:
+    async with scenario(context, "announced-lifetime") as s:
+        await s.run_client()  # an honest Hello: the client enrols
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol in its first run", s)
+        bill_id = await s.biller.issue_bill(description="Electricity, conformance bill (signed to live an hour)")
+        seconds = int(ANNOUNCED_LIFETIME.total_seconds())
+
+        async def announce_shorter(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            lowered = pb.HelloResponse()
+            lowered.CopyFrom(answer)
+            lowered.limits.max_message_lifetime_seconds = seconds
+            return lowered
+
+        s.biller.rewrite["Hello"] = announce_shorter
+        await s.run_client()
+        if not [call for call in s.bill_calls() if call.run == 2]:
+            raise setup_failed("the client did not fetch its bills in its second run (ListBills, GetBill)", s)
+        _no_dealings(s, bill_id, f"(under a Hello announcing a {seconds} s lifetime) the hour-long bill")
+        return (
+            f"Hello announced max_message_lifetime_seconds {seconds}; the bill {bill_id}, signed to live an hour, "
+            f"was fetched and never negotiated on nor paid ({s.runs[-1].describe()})"
+        )
 
 __all__ = [
     "CLIENT_ENVIRONMENT",

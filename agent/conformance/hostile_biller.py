@@ -35,7 +35,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -276,10 +276,19 @@ class HostileBiller:
         self, amount: Money = AMOUNT_DUE, description: str = "Electricity, conformance scenario"
     ) -> str:
         """A bill on the account, due today (the biller's clock), advertising the policy's options."""
-        today = self.agent.clock.now().date()
-        bill_id = await self.agent.issue_bill(self.account_id, amount, today, description)
+        bill_id = await self.agent.issue_bill(self.account_id, amount, self.today(), description)
         self.bills.append(bill_id)
         return bill_id
+
+    def today(self) -> date:
+        """Today (UTC) by the biller's clock: the day its bills fall due, and the day a run pays for."""
+        return self.agent.clock.now().date()
+
+    async def agreement_on(self, bill_id: str) -> Terms | None:
+        """The terms of the latest agreement on the bill, as the biller recorded it, or None."""
+        arrangements = await self.agent.arrangements(self.account_id, active_only=False)
+        agreed = [arrangement.terms for arrangement in arrangements if arrangement.bill_id == bill_id]
+        return agreed[-1] if agreed else None
 
     async def bill_envelope(self, bill_id: str) -> envelope_pb2.Envelope:
         record = await self.agent._store.get_bill(bill_id)

@@ -271,9 +271,12 @@ class ConsumerAgent:
 
         Under an agreement on the bill, `instalment_index` (zero-based) defaults to
         the first instalment not yet paid; without one, the bill's amount due is
-        paid (index 0). The intent is stored before it is sent, so calling `pay`
-        again — after a failure, a crash or a success — continues the same intent
-        and never pays twice (PAY-2, PAY-7). Raises PaymentRefused (PAY-8),
+        paid (index 0). Once the biller ended the arrangement (an ARRANGEMENT_BROKEN or
+        RENEGOTIATION_OFFERED event naming it, taken by `watch`), its instalments are
+        not paid any more: the bill's outstanding balance is (PAY-16), without
+        agreement. The intent is stored before it is sent, so calling `pay` again
+        — after a failure, a crash or a success — continues the same intent and
+        never pays twice (PAY-2, PAY-7). Raises PaymentRefused (PAY-8),
         PaymentInDoubt (an earlier hand-over to the bank never answered), CallError
         (the biller refused the intent or could not be reached), LookupError for a
         bill never verified, ValueError for an instalment that does not exist.

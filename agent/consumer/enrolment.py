@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from agent.consumer.party import Party
-from agent.consumer.receive import Receiver
+from agent.consumer.receive import Receiver, agreed_limits
 from agent.consumer.results import BillerLink
 from agent.consumer.sessions import Sessions
 from agent.logs import log_step
@@ -84,7 +84,9 @@ class Enrolment:
                 )
             )
             response = await client.enrol(request)
-            chain = self._receiver.check_enrolment(response, request, link, account_id)
+            chain = self._receiver.check_enrolment(
+                response, request, link, account_id, agreed_limits(party.limits, hello.limits)
+            )
             await self._store.save_enrolment(
                 link,
                 [envelope.SerializeToString() for envelope in chain.envelopes],

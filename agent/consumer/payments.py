@@ -22,7 +22,7 @@ from agent.consumer.receive import Receiver, envelope_of
 from agent.consumer.results import Payment, PaymentReceipt, ReceivedBill
 from agent.consumer.sessions import Sessions
 from agent.logs import log_step
-from agent.protocol.arrangements import unpaid_instalments
+from agent.protocol.arrangements import ENDING_EVENTS, ended_arrangements, outstanding_balance, unpaid_instalments
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.limits import THREAD_ID_BYTES
@@ -30,7 +30,7 @@ from agent.protocol.messages import read_time
 from agent.protocol.terms import Money
 from agent.stores.base import ConsumerStore, IntentRecord, IntentState, ReceiptRecord, ThreadOutcome
 from agent.transport.status import CallError
-from parley.v1 import envelope_pb2, payment_pb2
+from parley.v1 import envelope_pb2, event_pb2, payment_pb2
 
 logger = logging.getLogger("parley.consumer")
 
@@ -165,6 +165,17 @@ class Payments:
         if agreed[-1].awaiting_answer:
             raise ValueError(f"our acceptance on {bill.facts.bill_id!r} has not reached the biller: negotiate again")
         terms, agreement_digest = agreed_terms(agreed[-1])
+        if agreed[-1].thread_id in await self._ended(bill):
+            # PAY-16: a broken arrangement sets no payment any more; the bill's outstanding balance is owed.
+            if instalment_index not in (None, 0):
+                raise ValueError(
+                    f"the arrangement on {bill.facts.bill_id!r} was ended by the biller: its instalments are not "
+                    "paid any more, only the bill's outstanding balance (PAY-16)"
+                )
+            started = await self._store.find_intent(bill.biller_party_id, bill.facts.bill_id, b"", 0)
+            if started is not None:  # the outstanding balance's intent: continued, never paid twice (PAY-7)
+                return b"", 0, Money.of(started.amount_minor, started.currency)
+            return b"", 0, await self._outstanding(bill)
         if instalment_index is None:
             paid = (
                 intent.instalment_index
@@ -178,6 +189,27 @@ class Payments:
         if not 0 <= instalment_index < len(terms.schedule):
             raise ValueError(f"the agreement has {len(terms.schedule)} instalments")
         return agreement_digest, instalment_index, terms.schedule[instalment_index].amount
+
+    async def _ended(self, bill: ReceivedBill) -> frozenset[bytes]:
+        """The arrangements on the bill's account that the biller ended, as the stored events say (EVT-7)."""
+        records = await self._store.stored_events(bill.biller_party_id, bill.account_id, 0, limit=1_000_000)
+        events = (
+            event_pb2.Event.FromString(envelope_of(record.envelope).payload)  # verified when stored
+            for record in records
+            if record.kind in ENDING_EVENTS
+        )
+        return ended_arrangements(event for event in events if event.bill_id == bill.facts.bill_id)
+
+    async def _outstanding(self, bill: ReceivedBill) -> Money:
+        """PAY-16: the bill's amount due less every payment of it our bank made, under any agreement or none."""
+        intents = [i for i in await self._store.intents(bill.biller_party_id) if i.bill_id == bill.facts.bill_id]
+        if any(intent.state is IntentState.SENDING for intent in intents):
+            raise ValueError(f"a payment of {bill.facts.bill_id!r} is in doubt: resolve it before paying the rest")
+        paid = (Money.of(i.amount_minor, i.currency) for i in intents if i.state is IntentState.PAID)
+        owed = outstanding_balance(bill.facts.amount_due, paid)
+        if owed.minor == 0:
+            raise ValueError(f"nothing is owed on {bill.facts.bill_id!r} any more")
+        return owed
 
     def _new_intent(self, bill: ReceivedBill, agreement_digest: bytes, index: int, amount: Money) -> IntentRecord:
         now = self._party.now()

@@ -55,17 +55,24 @@ def money(pb: Message, field_name: str) -> Money:
 
 
 def agreed_limits(own: Limits, announced: biller_service_pb2.Limits) -> Limits:
-    """LIM-10: never send what the biller's announced limits refuse."""
+    """The limits of a connection: what the biller announced in its Hello, bounded by our own (the
+    defaults, LIM-11). LIM-10: we never send what they refuse; LIM-13: we judge the biller's messages
+    with them (skew, lifetime, envelope size, rounds, negotiation time, instalments). A limit announced
+    as 0 (absent) keeps ours."""
 
     def smaller(mine: int, theirs: int) -> int:
         return min(mine, theirs) if theirs else mine
 
-    seconds = int(own.max_negotiation_time.total_seconds())
+    def shorter(mine: timedelta, seconds: int) -> timedelta:
+        return min(mine, timedelta(seconds=seconds)) if seconds else mine
+
     return dataclasses.replace(
         own,
         max_envelope_bytes=smaller(own.max_envelope_bytes, announced.max_envelope_bytes),
+        max_clock_skew=shorter(own.max_clock_skew, announced.max_clock_skew_seconds),
+        max_message_lifetime=shorter(own.max_message_lifetime, announced.max_message_lifetime_seconds),
         max_rounds=smaller(own.max_rounds, announced.max_rounds),
-        max_negotiation_time=timedelta(seconds=smaller(seconds, announced.max_negotiation_seconds)),
+        max_negotiation_time=shorter(own.max_negotiation_time, announced.max_negotiation_seconds),
         max_instalments=smaller(own.max_instalments, announced.max_instalments),
     )
 
@@ -134,7 +141,7 @@ class Receiver:
         """
         for attempt in range(2):
             try:
-                return self._open_now(session.chain, envelope, expected, stored=stored)
+                return self._open_now(session.chain, session.limits, envelope, expected, stored=stored)
             except RemoteProtocolError as error:
                 refreshable = error.reason in (Reason.UNKNOWN_KEY, Reason.KEYSET_EXPIRED)
                 if attempt or not refreshable or not await self.refresh(session):
@@ -142,18 +149,21 @@ class Receiver:
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _open_now(
-        self, chain: KeyChain, envelope: envelope_pb2.Envelope, expected: tuple[type[M], ...], *, stored: bool
+        self,
+        chain: KeyChain,
+        limits: Limits,
+        envelope: envelope_pb2.Envelope,
+        expected: tuple[type[M], ...],
+        *,
+        stored: bool,
     ) -> Verified[M]:
-        party, now = self._party, self._party.now()
+        """The receive path, judged with the connection's limits: those the biller announced (LIM-13)."""
+        recipient, now = self._party.party_id, self._party.now()
         if not stored:
-            return open_envelope(
-                envelope, expected, sender_keys=chain, recipient=party.party_id, now=now, limits=party.limits
-            )
-        verified = open_envelope(
-            envelope, expected, sender_keys=chain, recipient=party.party_id, now=None, limits=party.limits
-        )
+            return open_envelope(envelope, expected, sender_keys=chain, recipient=recipient, now=now, limits=limits)
+        verified = open_envelope(envelope, expected, sender_keys=chain, recipient=recipient, now=None, limits=limits)
         created = read_time(verified.header, "create_time", Reason.MALFORMED_HEADER)
-        if created > now + party.limits.max_clock_skew:
+        if created > now + limits.max_clock_skew:
             raise RemoteProtocolError(Reason.MESSAGE_NOT_YET_VALID, f"created {created}, now {now}")
         return verified
 
@@ -168,7 +178,7 @@ class Receiver:
             response = await session.client.get_key_sets(session.biller, latest)
             chain = session.chain
             for envelope in response.key_sets:
-                chain = chain.extend(envelope, limits=self._party.limits)
+                chain = chain.extend(envelope, limits=session.limits)
             chain.check_fresh(now)
         except (ProtocolError, CallError) as error:
             log_step(
@@ -206,10 +216,12 @@ class Receiver:
         request: envelope_pb2.Envelope,
         link: BillerLinkRecord,
         account_id: str,
+        limits: Limits,
     ) -> KeyChain:
-        """ENR-10: the chain against the pin first, then the confirmation against that chain."""
+        """ENR-10: the chain against the pin first, then the confirmation against that chain, judged with
+        the limits of the connection (`agreed_limits` of its Hello, LIM-13)."""
         party, now = self._party, self._party.now()
-        chain = KeyChain.verify(list(response.biller_key_sets), pin=link.fingerprint, now=now, limits=party.limits)
+        chain = KeyChain.verify(list(response.biller_key_sets), pin=link.fingerprint, now=now, limits=limits)
         if chain.party_id != link.biller_party_id:
             raise RemoteProtocolError(
                 Reason.WRONG_SENDER, f"the pinned chain is {chain.party_id!r}'s, not {link.biller_party_id!r}"
@@ -220,7 +232,7 @@ class Receiver:
             sender_keys=chain,
             recipient=party.party_id,
             now=now,
-            limits=party.limits,
+            limits=limits,
         )
         request_header = enrolment_pb2.EnrolmentRequest.FromString(request.payload).header
         if confirmation.header.thread_id != request_header.thread_id:

@@ -9,6 +9,7 @@ has to settle them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def digest_of(content: bytes) -> bytes:
 
 
 def event(account_id: str = ACCOUNT, fail: bool = False) -> PendingEvent:
-    def seal(sequence: int, previous: bytes) -> envelope_pb2.Envelope:
+    def seal(recipient: str, sequence: int, previous: bytes) -> envelope_pb2.Envelope:
         if fail:
             raise RuntimeError("signing failed")
         return envelope_pb2.Envelope(payload=b"%d|" % sequence + previous, payload_type="parley.v1.Event")
@@ -173,7 +174,9 @@ async def seed(store: SqlBillerStore) -> None:
             replay(b"enrol-msg-id-000"),
         )
     )
-    bill = BillRecord(BILL, ACCOUNT, b"bill", digest_of(b"bill"), 12000, "EUR", date(2026, 3, 31), BillStatus.OPEN, NOW)
+    bill = BillRecord(
+        BILL, ACCOUNT, b"bill", digest_of(b"bill"), 12000, "EUR", date(2026, 3, 31), BillStatus.OPEN, NOW, PARTY
+    )
     await store.insert_bill(bill, [event()])
 
 
@@ -315,7 +318,7 @@ def test_duplicate_ids_from_the_embedding_api(backend: Backend) -> None:
         bill = await store.get_bill(BILL)
         assert bill is not None
         with pytest.raises(AlreadyExists):
-            await store.insert_bill(bill, [])
+            await store.insert_bill(dataclasses.replace(bill, party_id=PARTY), [])
 
     run(duplicates, backend.location)
 
@@ -342,9 +345,10 @@ def test_a_thread_position_is_taken_once(backend: Backend) -> None:
 def test_thread_context_reads_thread_bill_and_account_together(backend: Backend) -> None:
     async def read(store: SqlBillerStore) -> None:
         await seed(store)
-        opening = await store.thread_context(THREAD, BILL)  # no thread yet: the bill the opening names
+        opening = await store.thread_context(THREAD, BILL, PARTY)  # no thread yet: the bill the opening names
         assert opening.thread is None
-        assert opening.bill == await store.get_bill(BILL)
+        assert opening.bill == await store.get_presented_bill(BILL, PARTY)  # as presented to the opener
+        assert (await store.thread_context(THREAD, BILL, "consumer:other")).bill is None  # ENR-12: never presented
         assert opening.account == await store.get_account(ACCOUNT)
         await store.record_negotiation_step(open_step())
         later = await store.thread_context(THREAD, "")  # a thread: its own bill, whatever the move names

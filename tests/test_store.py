@@ -650,3 +650,41 @@ def test_a_connection_the_server_dropped_while_idle_is_replaced(postgres_dsn: st
             await store.close()
 
     asyncio.run(dropped())
+
+
+def test_a_re_enrolment_presents_unpaid_bills_in_the_new_partys_own_log(backend: Backend) -> None:
+    """ENR-12 on both back ends: a log per binding from 0, bills presented again atomically with the binding."""
+
+    async def rebind(store: SqlBillerStore) -> None:
+        await seed(store)  # PARTY bound, the bill presented to it, event 0 of its log
+        other = "consumer:other"
+        code = EnrolmentCodeRecord(ACCOUNT, b"t" * 16, b"i" * 32, NOW + timedelta(days=30), used=False)
+        await store.add_enrolment_code(code, NOW)
+
+        def present(bill: BillRecord) -> tuple[BillRecord, PendingEvent]:
+            again = dataclasses.replace(bill, envelope=b"bill-again", digest=digest_of(b"bill-again"), party_id=other)
+            return again, dataclasses.replace(event(), party_id=other)
+
+        appended = await store.enrol(
+            Enrolment(
+                ACCOUNT,
+                code.code_hash,
+                other,
+                b"g" * 32,
+                KeySetRecord(other, 1, b"keyset-other", ("k2",)),
+                NOW,
+                replay(b"enrol-msg-id-001"),
+                present=present,
+            )
+        )
+        assert [(e.sequence, e.party_id) for e in appended] == [(0, other)]
+        assert await store.event_count(ACCOUNT) == 1  # the bound party's log: the new one, from 0
+        assert await store.event_count(ACCOUNT, PARTY) == 1  # the earlier one's, kept apart
+        assert [e.envelope for e in await store.events(ACCOUNT, 0, 10, other)] == [appended[0].envelope]
+        (listed,) = await store.list_bills(ACCOUNT, other)
+        assert (listed.envelope, listed.party_id) == (b"bill-again", other)
+        (first,) = await store.list_bills(ACCOUNT, PARTY)
+        assert first.envelope == b"bill"
+        assert await store.get_presented_bill(BILL, "consumer:nobody") is None
+
+    run(rebind, backend.location)

@@ -100,7 +100,7 @@ def _tamper(database: Path, report: ChaosReport) -> None:
             (other, changed),
         )
         assert swapped.rowcount == 1
-        assert db.execute("DELETE FROM events WHERE account_id = ? AND sequence = 1", (account,)).rowcount == 1
+        assert db.execute("DELETE FROM binding_events WHERE account_id = ? AND sequence = 1", (account,)).rowcount == 1
         assert db.execute("DELETE FROM messages WHERE digest = ?", (accept_digest,)).rowcount == 1
 
 

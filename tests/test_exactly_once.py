@@ -141,7 +141,7 @@ def test_concurrent_duplicate_moves_are_applied_once(tmp_path: Path) -> None:
             next_round(biller)
         assert len(await biller.agent.arrangements(ACCOUNT)) == ROUNDS
         # One BILL_ISSUED and one ARRANGEMENT_ACTIVE per bill: the raced accept appended its event once.
-        assert count(biller.db_path, "SELECT COUNT(*) FROM events WHERE account_id = ?", ACCOUNT) == 2 * ROUNDS
+        assert count(biller.db_path, "SELECT COUNT(*) FROM binding_events WHERE account_id = ?", ACCOUNT) == 2 * ROUNDS
 
     run(tmp_path, scenario)
 

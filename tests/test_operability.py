@@ -82,10 +82,10 @@ class SlowStore(SqliteBillerStore):
     delay = 0.0
     entered: asyncio.Event
 
-    async def list_bills(self, account_id: str):  # type: ignore[no-untyped-def]
+    async def list_bills(self, account_id: str, party_id: str | None = None):  # type: ignore[no-untyped-def]
         self.entered.set()
         await asyncio.sleep(self.delay)
-        return await super().list_bills(account_id)
+        return await super().list_bills(account_id, party_id)
 
 
 @dataclass

@@ -9,6 +9,7 @@ has to settle them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ def digest_of(content: bytes) -> bytes:
 
 
 def event(account_id: str = ACCOUNT, fail: bool = False) -> PendingEvent:
-    def seal(sequence: int, previous: bytes) -> envelope_pb2.Envelope:
+    def seal(recipient: str, sequence: int, previous: bytes) -> envelope_pb2.Envelope:
         if fail:
             raise RuntimeError("signing failed")
         return envelope_pb2.Envelope(payload=b"%d|" % sequence + previous, payload_type="parley.v1.Event")
@@ -173,7 +174,9 @@ async def seed(store: SqlBillerStore) -> None:
             replay(b"enrol-msg-id-000"),
         )
     )
-    bill = BillRecord(BILL, ACCOUNT, b"bill", digest_of(b"bill"), 12000, "EUR", date(2026, 3, 31), BillStatus.OPEN, NOW)
+    bill = BillRecord(
+        BILL, ACCOUNT, b"bill", digest_of(b"bill"), 12000, "EUR", date(2026, 3, 31), BillStatus.OPEN, NOW, PARTY
+    )
     await store.insert_bill(bill, [event()])
 
 
@@ -315,7 +318,7 @@ def test_duplicate_ids_from_the_embedding_api(backend: Backend) -> None:
         bill = await store.get_bill(BILL)
         assert bill is not None
         with pytest.raises(AlreadyExists):
-            await store.insert_bill(bill, [])
+            await store.insert_bill(dataclasses.replace(bill, party_id=PARTY), [])
 
     run(duplicates, backend.location)
 
@@ -342,9 +345,10 @@ def test_a_thread_position_is_taken_once(backend: Backend) -> None:
 def test_thread_context_reads_thread_bill_and_account_together(backend: Backend) -> None:
     async def read(store: SqlBillerStore) -> None:
         await seed(store)
-        opening = await store.thread_context(THREAD, BILL)  # no thread yet: the bill the opening names
+        opening = await store.thread_context(THREAD, BILL, PARTY)  # no thread yet: the bill the opening names
         assert opening.thread is None
-        assert opening.bill == await store.get_bill(BILL)
+        assert opening.bill == await store.get_presented_bill(BILL, PARTY)  # as presented to the opener
+        assert (await store.thread_context(THREAD, BILL, "consumer:other")).bill is None  # ENR-12: never presented
         assert opening.account == await store.get_account(ACCOUNT)
         await store.record_negotiation_step(open_step())
         later = await store.thread_context(THREAD, "")  # a thread: its own bill, whatever the move names
@@ -646,3 +650,41 @@ def test_a_connection_the_server_dropped_while_idle_is_replaced(postgres_dsn: st
             await store.close()
 
     asyncio.run(dropped())
+
+
+def test_a_re_enrolment_presents_unpaid_bills_in_the_new_partys_own_log(backend: Backend) -> None:
+    """ENR-12 on both back ends: a log per binding from 0, bills presented again atomically with the binding."""
+
+    async def rebind(store: SqlBillerStore) -> None:
+        await seed(store)  # PARTY bound, the bill presented to it, event 0 of its log
+        other = "consumer:other"
+        code = EnrolmentCodeRecord(ACCOUNT, b"t" * 16, b"i" * 32, NOW + timedelta(days=30), used=False)
+        await store.add_enrolment_code(code, NOW)
+
+        def present(bill: BillRecord) -> tuple[BillRecord, PendingEvent]:
+            again = dataclasses.replace(bill, envelope=b"bill-again", digest=digest_of(b"bill-again"), party_id=other)
+            return again, dataclasses.replace(event(), party_id=other)
+
+        appended = await store.enrol(
+            Enrolment(
+                ACCOUNT,
+                code.code_hash,
+                other,
+                b"g" * 32,
+                KeySetRecord(other, 1, b"keyset-other", ("k2",)),
+                NOW,
+                replay(b"enrol-msg-id-001"),
+                present=present,
+            )
+        )
+        assert [(e.sequence, e.party_id) for e in appended] == [(0, other)]
+        assert await store.event_count(ACCOUNT) == 1  # the bound party's log: the new one, from 0
+        assert await store.event_count(ACCOUNT, PARTY) == 1  # the earlier one's, kept apart
+        assert [e.envelope for e in await store.events(ACCOUNT, 0, 10, other)] == [appended[0].envelope]
+        (listed,) = await store.list_bills(ACCOUNT, other)
+        assert (listed.envelope, listed.party_id) == (b"bill-again", other)
+        (first,) = await store.list_bills(ACCOUNT, PARTY)
+        assert first.envelope == b"bill"
+        assert await store.get_presented_bill(BILL, "consumer:nobody") is None
+
+    run(rebind, backend.location)

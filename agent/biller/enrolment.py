@@ -108,8 +108,9 @@ class EnrolmentPhase:
                 key_set,
                 now,
                 party.replays.record(inbound, answer=response.SerializeToString()),
+                present=party.bills.presenter(party_id, now),  # ENR-12: the unpaid bills, signed to it
             )
-            await party.store.enrol(enrolment)
+            party.wakeups.notify(await party.store.enrol(enrolment))
             party.metrics.enrolments.inc()
             log_step(
                 logger,

@@ -30,10 +30,10 @@ class EventsPhase:
     def pending_event(
         self,
         account_id: str,
-        recipient: str,
         kind: event_pb2.EventKind.ValueType,
         now: datetime,
         *,
+        party_id: str | None = None,
         bill_id: str = "",
         thread_id: bytes = b"",
         amount: Money | None = None,
@@ -42,11 +42,13 @@ class EventsPhase:
         message: str = "",
         related_digest: bytes = b"",
     ) -> PendingEvent:
-        """An event, signed by the store once its cursor position is known (EVT-1)."""
+        """An event, signed by the store once its recipient and cursor position are known (EVT-1): in the log
+        of the party bound to the account when it is appended, or of `party_id` (its own thread or payment,
+        ENR-12)."""
         party = self.party
         log_id = events_thread_id(party.party_id, account_id)
 
-        def seal_at(sequence: int, previous_digest: bytes) -> envelope_pb2.Envelope:
+        def seal_at(recipient: str, sequence: int, previous_digest: bytes) -> envelope_pb2.Envelope:
             event = event_pb2.Event(
                 header=party.header(recipient, log_id, sequence, previous_digest, now),
                 account_id=account_id,
@@ -61,7 +63,7 @@ class EventsPhase:
             )
             return party.seal(event)
 
-        return PendingEvent(account_id, kind, seal_at)
+        return PendingEvent(account_id, kind, seal_at, party_id)
 
     async def emit_event(
         self,
@@ -87,10 +89,9 @@ class EventsPhase:
         if len(message) > MAX_NOTE_CHARS:
             raise ValueError(f"message is longer than {MAX_NOTE_CHARS} characters")
         party = self.party
-        recipient = await party.bound_consumer(account_id)
+        await party.bound_consumer(account_id)  # LookupError, ValueError: no account, no log
         event = self.pending_event(
             account_id,
-            recipient,
             kind,
             party.clock.now(),
             bill_id=bill_id,
@@ -113,11 +114,10 @@ class EventsPhase:
             raise LookupError(f"no bill {bill_id!r}")
         arrangements = await party.store.arrangements(bill.account_id, active_only=True)
         thread_id = next((a.thread_id for a in arrangements if a.bill_id == bill_id), b"")
-        recipient = await party.bound_consumer(bill.account_id)
+        await party.bound_consumer(bill.account_id)
         owed = Money.of(bill.amount_minor - await party.store.received_minor(bill_id), bill.currency)  # PAY-16
         event = self.pending_event(
             bill.account_id,
-            recipient,
             event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED,
             party.clock.now(),
             bill_id=bill_id,
@@ -136,13 +136,14 @@ class EventsPhase:
         receive = self.party.receive
         query = await receive.query(envelope, "WatchEvents")
         signer = envelope.signatures[0].keyid  # verified by `query`, as was the header
-        length = await self.party.store.event_count(query.account_id)
+        party_id = await receive.party_of(signer)
+        length = await self.party.store.event_count(query.account_id, party_id)  # the signer's own log (ENR-12)
         if query.start_sequence > length:
             raise RemoteProtocolError(
                 Reason.CURSOR_OUT_OF_RANGE, f"start_sequence {query.start_sequence} is beyond the log's end {length}"
             )
         watch = Watch(
-            party_id=await receive.party_of(signer),
+            party_id=party_id,
             keyid=signer,
             account_id=query.account_id,
             expire_time=query.header.expire_time.ToDatetime(tzinfo=UTC),
@@ -188,7 +189,7 @@ class EventsPhase:
         try:
             while True:
                 wakeup = party.wakeups.event(account_id)  # taken before reading, so no append is missed
-                batch = await party.store.events(account_id, cursor, _WATCH_BATCH)
+                batch = await party.store.events(account_id, cursor, _WATCH_BATCH, watch.party_id)
                 for record in batch:
                     yield stored_envelope(record.envelope)
                     cursor = record.sequence + 1

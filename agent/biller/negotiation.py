@@ -144,7 +144,8 @@ class NegotiationPhase:
         query = await party.receive.query(envelope, "GetThread")
         context = await party.store.thread_context(query.thread_id, "")
         thread = context.thread
-        if thread is None or thread.account_id != query.account_id:
+        if thread is None or thread.account_id != query.account_id or thread.consumer_party_id != query.header.sender:
+            # ENR-12: an earlier holder's thread (and the disclosure it committed to) is not shown
             raise RemoteProtocolError(Reason.NOT_FOUND, "no such thread on the account")
         negotiation = self.current_state(thread, context.bill)
         log_read("GetThread", query.account_id, thread=query.thread_id, outcome=negotiation.state.value)
@@ -280,7 +281,8 @@ class NegotiationPhase:
         party = self.party
         payload = inbound.message
         opened_bill_id = payload.bill_id if isinstance(payload, negotiation_pb2.ThreadOpen) else ""
-        context = await party.store.thread_context(inbound.header.thread_id, opened_bill_id)
+        # The bill as presented to the signer (ENR-12): the digest its opening must name (NEG-2).
+        context = await party.store.thread_context(inbound.header.thread_id, opened_bill_id, inbound.sender)
         # AUZ-3, AUZ-5: a thread or bill of another account gets the very answer a missing one gets.
         new_thread = context.thread is None and isinstance(payload, negotiation_pb2.ThreadOpen)
         named = "bill" if new_thread else "thread"
@@ -292,6 +294,8 @@ class NegotiationPhase:
             raise not_found
         if context.account is None or context.account.consumer_party_id != inbound.sender:
             raise not_found
+        if context.thread is not None and context.thread.consumer_party_id != inbound.sender:
+            raise not_found  # ENR-12: an earlier holder's thread is not the new holder's
         return context.thread, context.bill
 
     async def record_refusal(
@@ -456,9 +460,9 @@ class NegotiationPhase:
         text += f", first on {terms.schedule[0].due_date.isoformat()}."
         event = self.party.events.pending_event(
             bill.account_id,
-            consumer,
             event_pb2.EVENT_KIND_ARRANGEMENT_ACTIVE,
             now,
+            party_id=consumer,  # the thread's party's log (ENR-12)
             bill_id=bill.bill_id,
             thread_id=thread_id,
             amount=terms.total,

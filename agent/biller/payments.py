@@ -284,9 +284,9 @@ class PaymentsPhase:
             envelope = party.seal(receipt)
             thanks = party.events.pending_event(
                 account_id,
-                recipient,
                 event_pb2.EVENT_KIND_PAYMENT_RECEIVED,
                 now,
+                party_id=recipient,  # the log of the party the receipt is addressed to (ENR-12)
                 bill_id=intent.bill_id,
                 amount=amount,
                 related_digest=digest(envelope),

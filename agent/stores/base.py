@@ -16,8 +16,13 @@ Rules every back end follows:
   event cursor are told apart by unique constraints, and the loser gets a
   `StoreConflict` carrying the protocol reason to answer with.
 - Event envelopes are signed inside the transaction that appends them
-  (`PendingEvent.seal` gets the cursor and the previous event's digest), so the
-  account's log is a gapless chain even with several writers.
+  (`PendingEvent.seal` gets the recipient, the cursor and the previous event's
+  digest), so each log is a gapless chain even with several writers.
+- Each binding (account, party) has its own event log from sequence 0, and each
+  bill is presented (signed) once to each party bound to its account while it
+  is unpaid (ENR-12): an event is appended to the log of the party bound when
+  its transaction commits, and a re-enrolment presents the account's unpaid
+  bills to the new party, with their BILL_ISSUED events, atomically.
 - Methods are coroutines; a back end never makes the event loop wait for a lock or a disk sync (the SQLite
   back end runs its short indexed reads on the loop itself: cheaper than a thread hand-over).
 
@@ -159,11 +164,18 @@ class Enrolment:
     key_set: KeySetRecord
     bound_at: datetime
     replay: ReplayRecord
+    # ENR-12: the account's unpaid bills not yet presented to the party, presented to it (a new `Bill`
+    # signed to it: same bill id and terms) with its BILL_ISSUED event, inside the enrolment's transaction.
+    present: Callable[[BillRecord], tuple[BillRecord, PendingEvent]] | None = None
 
 
 @dataclass(frozen=True)
 class BillRecord:
-    """A signed bill and its derived columns."""
+    """A signed bill and its derived columns.
+
+    `envelope` and `digest` are one presentation of the bill (BIL-1): the one to `party_id` where a read
+    names a party, else the first one made (at issue).
+    """
 
     bill_id: str
     account_id: str
@@ -174,6 +186,11 @@ class BillRecord:
     due_date: date
     status: BillStatus
     issued_at: datetime
+    party_id: str = ""  # the party `envelope` is addressed to (ENR-12); "" where the read named none
+
+
+class BindingChanged(Exception):
+    """The account was bound to another party between signing something to its party and storing it."""
 
 
 @dataclass(frozen=True)
@@ -241,25 +258,30 @@ class AgreementFacts:
 
 @dataclass(frozen=True)
 class PendingEvent:
-    """An event to append to an account's log, signed once its position is known.
+    """An event to append to the log of the party bound to the account, signed once its position is known.
 
-    `seal(sequence, previous_digest)` returns the signed Event envelope at that
-    cursor position; the store calls it inside the appending transaction.
+    `seal(recipient, sequence, previous_digest)` returns the signed Event envelope
+    addressed to that party at that cursor position of its log (ENR-12); the store
+    calls it inside the appending transaction, after reading the binding.
     """
 
     account_id: str
     kind: int
-    seal: Callable[[int, bytes], envelope_pb2.Envelope]
+    seal: Callable[[str, int, bytes], envelope_pb2.Envelope]
+    # The log of this party rather than of the party bound when the event is appended: an event about a
+    # party's own thread or payment stays in its log, whoever holds the account meanwhile (ENR-12).
+    party_id: str | None = None
 
 
 @dataclass(frozen=True)
 class EventRecord:
-    """One signed event of an account's log (EVT-*)."""
+    """One signed event of a binding's log (EVT-*, ENR-12)."""
 
     account_id: str
     sequence: int
     envelope: bytes
     digest: bytes
+    party_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -444,13 +466,15 @@ class BillerStore(Protocol):
         `MAX_ENROLMENT_GUESSES` of them), so the lock does not tell which accounts exist."""
         ...
 
-    async def enrol(self, enrolment: Enrolment) -> None:
+    async def enrol(self, enrolment: Enrolment) -> list[EventRecord]:
         """Spend the account's codes, store the party (or check it is the same chain), bind the account.
 
-        A binding to another party is replaced (ENR-11). StoreConflict(ENROLMENT_CODE_USED)
+        A binding to another party is replaced (ENR-11), and the account's unpaid bills not yet presented
+        to the party are presented to it with `enrolment.present`, their BILL_ISSUED events appended to
+        the party's own log (ENR-12). StoreConflict(ENROLMENT_CODE_USED)
         if the code was spent meanwhile; StoreConflict(PARTY_ID_TAKEN) if the party id
         belongs to another chain; StoreConflict(KEYSET_INVALID) if a keyid belongs to
-        another party (KEY-21).
+        another party (KEY-21). Returns the events appended (ENR-12).
         """
         ...
 
@@ -486,7 +510,9 @@ class BillerStore(Protocol):
     # Bills
 
     async def insert_bill(self, bill: BillRecord, events: Sequence[PendingEvent]) -> list[EventRecord]:
-        """Store a signed bill with its events; AlreadyExists if the bill id is taken."""
+        """Store a signed bill, as its first presentation (to `bill.party_id`), with its events;
+        AlreadyExists if the bill id is taken, BindingChanged if the account is no longer bound to
+        `bill.party_id` (nothing stored: sign it again for the party now bound)."""
         ...
 
     async def received_minor(self, bill_id: str) -> int:
@@ -503,17 +529,24 @@ class BillerStore(Protocol):
         """
         ...
 
-    async def list_bills(self, account_id: str) -> list[BillRecord]:
-        """The account's bills, oldest first."""
+    async def list_bills(self, account_id: str, party_id: str | None = None) -> list[BillRecord]:
+        """The account's bills, oldest first: with `party_id`, only those presented to that party, as
+        presented to it (ENR-12); without, every bill as first presented."""
+        ...
+
+    async def get_presented_bill(self, bill_id: str, party_id: str) -> BillRecord | None:
+        """The bill as presented to `party_id` (None if it never was, ENR-12)."""
         ...
 
     # Negotiation
 
     async def get_thread(self, thread_id: bytes) -> ThreadRecord | None: ...
 
-    async def thread_context(self, thread_id: bytes, opened_bill_id: str) -> ThreadContext:
+    async def thread_context(self, thread_id: bytes, opened_bill_id: str, party_id: str = "") -> ThreadContext:
         """The thread, its bill (or `opened_bill_id`'s when there is no such thread) and the bill's account,
-        read in one transaction: what a negotiation step or a thread read needs, in one call."""
+        read in one transaction: what a negotiation step or a thread read needs, in one call. The bill is
+        as presented to the thread's party, or, for a thread not yet opened, to `party_id` (no bill if
+        it was never presented to that party, ENR-12)."""
         ...
 
     async def record_negotiation_step(self, step: NegotiationStep) -> list[EventRecord]:
@@ -589,12 +622,15 @@ class BillerStore(Protocol):
 
     async def append_events(self, events: Sequence[PendingEvent]) -> list[EventRecord]: ...
 
-    async def events(self, account_id: str, start: int, limit: int) -> list[EventRecord]:
-        """Up to `limit` events of the account's log from cursor `start`, in order."""
+    async def events(
+        self, account_id: str, start: int, limit: int, party_id: str | None = None
+    ) -> list[EventRecord]:
+        """Up to `limit` events of a binding's log from cursor `start`, in order: the log of (account,
+        `party_id`), or, without `party_id`, of the party bound now (ENR-12)."""
         ...
 
-    async def event_count(self, account_id: str) -> int:
-        """The length of the account's log (the next cursor)."""
+    async def event_count(self, account_id: str, party_id: str | None = None) -> int:
+        """The length of a binding's log (the next cursor), as `events` chooses it."""
         ...
 
 

@@ -38,6 +38,7 @@ from agent.stores.base import (
     ArrangementRecord,
     BillRecord,
     BillStatus,
+    BindingChanged,
     Enrolment,
     EnrolmentAttempt,
     EnrolmentAttemptOutcome,
@@ -63,6 +64,15 @@ from agent.stores.sqlite_base import dt, ts
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
+
+_BILL_COLUMNS = (
+    "b.bill_id, b.account_id, b.envelope, b.digest, b.amount_minor, b.currency, b.due_date, b.status, b.issued_at"
+)
+# A bill as presented to one party (ENR-12): the presentation's envelope and digest, and the party.
+_PRESENTED_COLUMNS = (
+    "b.bill_id, b.account_id, p.envelope, p.digest, b.amount_minor, b.currency, b.due_date, b.status, b.issued_at,"
+    " p.party_id"
+)
 
 
 # The schema, once for both back ends: `{blob}`, `{time}`... are filled in by `ColumnTypes`.
@@ -245,6 +255,37 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
         # PAY-14: an intent blocks the bill's next one until it is settled or its pay-by time has passed.
         "ALTER TABLE payment_intents ADD COLUMN pay_by {time}",
         "CREATE INDEX payment_intents_bill ON payment_intents (bill_id)",
+    ),
+    (
+        # ENR-12: each binding (account, party) has its own event log from sequence 0, and a bill is
+        # presented (signed) to each party bound to its account while it is unpaid. `bills.envelope` stays
+        # the first presentation. Rows written before this migration are the current binding's: a log or
+        # bill signed to an earlier party of an account re-bound before it stays as it was (unverifiable
+        # for the current party, as it already was: issue 14); a re-enrolment presents the bills again.
+        """CREATE TABLE bill_presentations (
+            bill_id TEXT NOT NULL REFERENCES bills (bill_id),
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            envelope {blob} NOT NULL,
+            digest {blob} NOT NULL UNIQUE,
+            presented_at {time} NOT NULL,
+            PRIMARY KEY (bill_id, party_id)
+        )""",
+        """INSERT INTO bill_presentations (bill_id, party_id, envelope, digest, presented_at)
+           SELECT b.bill_id, g.party_id, b.envelope, b.digest, b.issued_at
+           FROM bills b JOIN bindings g ON g.account_id = b.account_id""",
+        """CREATE TABLE binding_events (
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            sequence {integer} NOT NULL CHECK (sequence >= 0),
+            envelope {blob} NOT NULL,
+            digest {blob} NOT NULL,
+            kind {integer} NOT NULL,
+            PRIMARY KEY (account_id, party_id, sequence)
+        )""",
+        """INSERT INTO binding_events (account_id, party_id, sequence, envelope, digest, kind)
+           SELECT e.account_id, g.party_id, e.sequence, e.envelope, e.digest, e.kind
+           FROM events e JOIN bindings g ON g.account_id = e.account_id""",
+        "DROP TABLE events",
     ),
 )
 
@@ -527,8 +568,9 @@ class SqlBillerStore(abc.ABC):
 
         return await self._in_write(attempt)
 
-    async def enrol(self, enrolment: Enrolment) -> None:
+    async def enrol(self, enrolment: Enrolment) -> list[EventRecord]:
         def enrol(db: Db) -> None:
+            events.clear()  # a back end may run the step again
             _lock_account(db, enrolment.account_id)
             used = db.execute(
                 "UPDATE enrolment_codes SET used_at = ? WHERE code_hash = ? AND account_id = ? AND used_at IS NULL",
@@ -557,8 +599,24 @@ class SqlBillerStore(abc.ABC):
                 (ts(enrolment.bound_at), enrolment.account_id),
             )
             _insert_replay(db, enrolment.replay)
+            # ENR-12: the unpaid bills the party was not presented yet, presented to it, each with its
+            # BILL_ISSUED event in the party's own log (the binding above makes it the log appended to).
+            if enrolment.present is not None:
+                rows = db.execute(
+                    f"""SELECT {_BILL_COLUMNS} FROM bills b
+                        WHERE b.account_id = ? AND b.status <> 'paid' AND NOT EXISTS (
+                            SELECT 1 FROM bill_presentations p WHERE p.bill_id = b.bill_id AND p.party_id = ?)
+                        ORDER BY b.issued_at, b.rowid""",  # noqa: S608
+                    (enrolment.account_id, enrolment.party_id),
+                ).fetchall()
+                for row in rows:
+                    presentation, event = enrolment.present(_bill(row))
+                    _insert_presentation(db, presentation, enrolment.bound_at)
+                    events.extend(_append_events(db, [event]))
 
+        events: list[EventRecord] = []
         await self._in_write(enrol)
+        return events
 
     # --- parties and key sets ---
 
@@ -602,6 +660,9 @@ class SqlBillerStore(abc.ABC):
 
     async def insert_bill(self, bill: BillRecord, events: Sequence[PendingEvent]) -> list[EventRecord]:
         def insert(db: Db) -> list[EventRecord]:
+            _lock_account(db, bill.account_id)
+            if _bound_party(db, bill.account_id) != bill.party_id:  # ENR-12: signed to the party bound now
+                raise BindingChanged(f"account {bill.account_id!r} is no longer bound to {bill.party_id!r}")
             try:
                 db.execute(
                     """INSERT INTO bills (bill_id, account_id, envelope, digest, amount_minor, currency,
@@ -621,17 +682,16 @@ class SqlBillerStore(abc.ABC):
                 )
             except IntegrityViolation as error:
                 raise AlreadyExists(f"bill {bill.bill_id!r} already exists") from error
+            _insert_presentation(db, bill, bill.issued_at)
             return _append_events(db, events)
 
         return await self._in_write(insert)
-
-    _BILL_COLUMNS = "bill_id, account_id, envelope, digest, amount_minor, currency, due_date, status, issued_at"
 
     async def received_minor(self, bill_id: str) -> int:
         return await self._in_statement(lambda db: _received_minor(db, bill_id))
 
     async def get_bill(self, bill_id: str) -> BillRecord | None:
-        row = await self._one(f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?", bill_id)  # noqa: S608
+        row = await self._one(f"SELECT {_BILL_COLUMNS} FROM bills b WHERE bill_id = ?", bill_id)  # noqa: S608
         return None if row is None else _bill(row)
 
     async def reopen_bill(self, bill_id: str, events: Sequence[PendingEvent]) -> list[EventRecord]:
@@ -645,27 +705,43 @@ class SqlBillerStore(abc.ABC):
 
         return await self._in_write(reopen)
 
-    async def list_bills(self, account_id: str) -> list[BillRecord]:
-        rows = await self._all(
-            f"SELECT {self._BILL_COLUMNS} FROM bills WHERE account_id = ? ORDER BY issued_at, rowid",  # noqa: S608
-            account_id,
-        )
+    async def list_bills(self, account_id: str, party_id: str | None = None) -> list[BillRecord]:
+        if party_id is None:
+            rows = await self._all(
+                f"SELECT {_BILL_COLUMNS} FROM bills b WHERE account_id = ? ORDER BY issued_at, rowid",  # noqa: S608
+                account_id,
+            )
+        else:
+            rows = await self._all(
+                f"""SELECT {_PRESENTED_COLUMNS} FROM bills b
+                    JOIN bill_presentations p ON p.bill_id = b.bill_id AND p.party_id = ?
+                    WHERE b.account_id = ? ORDER BY b.issued_at, b.rowid""",  # noqa: S608
+                party_id,
+                account_id,
+            )
         return [_bill(row) for row in rows]
+
+    async def get_presented_bill(self, bill_id: str, party_id: str) -> BillRecord | None:
+        return await self._in_read(lambda db: _presented_bill(db, bill_id, party_id))
 
     # --- negotiation ---
 
     async def get_thread(self, thread_id: bytes) -> ThreadRecord | None:
         return await self._in_read(lambda db: _read_thread(db, thread_id))
 
-    async def thread_context(self, thread_id: bytes, opened_bill_id: str) -> ThreadContext:
+    async def thread_context(self, thread_id: bytes, opened_bill_id: str, party_id: str = "") -> ThreadContext:
         def read(db: Db) -> ThreadContext:
             thread = _read_thread(db, thread_id)
-            bill_id = thread.bill_id if thread is not None else opened_bill_id
-            bill_row = db.execute(
-                f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?",  # noqa: S608
-                (bill_id,),
-            ).fetchone()
-            bill = None if bill_row is None else _bill(bill_row)
+            if thread is not None:  # as presented to its party; else (a row migrated over) as first presented
+                bill = _presented_bill(db, thread.bill_id, thread.consumer_party_id)
+                if bill is None:
+                    row = db.execute(
+                        f"SELECT {_BILL_COLUMNS} FROM bills b WHERE bill_id = ?",  # noqa: S608
+                        (thread.bill_id,),
+                    ).fetchone()
+                    bill = None if row is None else _bill(row)
+            else:
+                bill = _presented_bill(db, opened_bill_id, party_id)
             account = None if bill is None else _read_account(db, bill.account_id)
             return ThreadContext(thread, bill, account)
 
@@ -742,7 +818,7 @@ class SqlBillerStore(abc.ABC):
         self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
     ) -> PaymentContext:
         def read(db: Db) -> PaymentContext:
-            bill = db.execute(f"SELECT {self._BILL_COLUMNS} FROM bills WHERE bill_id = ?", (bill_id,)).fetchone()  # noqa: S608
+            bill = db.execute(f"SELECT {_BILL_COLUMNS} FROM bills b WHERE bill_id = ?", (bill_id,)).fetchone()  # noqa: S608
             intent = db.execute(
                 f"SELECT {self._INTENT_COLUMNS} FROM payment_intents WHERE account_id = ? AND intent_id = ?",  # noqa: S608
                 (account_id, intent_id),
@@ -835,20 +911,30 @@ class SqlBillerStore(abc.ABC):
     async def append_events(self, events: Sequence[PendingEvent]) -> list[EventRecord]:
         return await self._in_write(lambda db: _append_events(db, events))
 
-    async def events(self, account_id: str, start: int, limit: int) -> list[EventRecord]:
-        rows = await self._all(
-            """SELECT sequence, envelope, digest FROM events
-               WHERE account_id = ? AND sequence >= ? ORDER BY sequence LIMIT ?""",
-            account_id,
-            start,
-            limit,
-        )
-        return [EventRecord(account_id, row[0], row[1], row[2]) for row in rows]
+    async def events(
+        self, account_id: str, start: int, limit: int, party_id: str | None = None
+    ) -> list[EventRecord]:
+        def read(db: Db) -> list[EventRecord]:
+            party = _bound_party(db, account_id) if party_id is None else party_id
+            rows = db.execute(
+                """SELECT sequence, envelope, digest FROM binding_events
+                   WHERE account_id = ? AND party_id = ? AND sequence >= ? ORDER BY sequence LIMIT ?""",
+                (account_id, party, start, limit),
+            ).fetchall()
+            return [EventRecord(account_id, row[0], row[1], row[2], party or "") for row in rows]
 
-    async def event_count(self, account_id: str) -> int:
-        row = await self._one("SELECT COALESCE(MAX(sequence) + 1, 0) FROM events WHERE account_id = ?", account_id)
-        assert row is not None
-        return int(row[0])
+        return await self._in_read(read)
+
+    async def event_count(self, account_id: str, party_id: str | None = None) -> int:
+        def read(db: Db) -> int:
+            party = _bound_party(db, account_id) if party_id is None else party_id
+            row = db.execute(
+                "SELECT COALESCE(MAX(sequence) + 1, 0) FROM binding_events WHERE account_id = ? AND party_id = ?",
+                (account_id, party),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._in_read(read)
 
 
 # --- transaction bodies (on a worker thread, inside one transaction) ------------------------------
@@ -970,24 +1056,54 @@ def _lock_account(db: Db, account_id: str) -> None:
     db.execute("SELECT 1 FROM accounts WHERE account_id = ?" + db.for_update, (account_id,))  # noqa: S608
 
 
+def _bound_party(db: Db, account_id: str) -> str | None:
+    row = db.execute("SELECT party_id FROM bindings WHERE account_id = ?", (account_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
 def _append_events(db: Db, events: Sequence[PendingEvent]) -> list[EventRecord]:
-    """Append each event at its account's next cursor, chained to the previous event (EVT-*)."""
+    """Append each event at the next cursor of the log of the party bound to its account, addressed to that
+    party and chained to the log's previous event (EVT-1, ENR-12)."""
     records = []
     for event in events:
         _lock_account(db, event.account_id)
+        party_id = _bound_party(db, event.account_id) if event.party_id is None else event.party_id
+        if party_id is None:
+            raise LookupError(f"account {event.account_id!r} has no enrolled consumer: no log to append to")
         last = db.execute(
-            "SELECT sequence, digest FROM events WHERE account_id = ? ORDER BY sequence DESC LIMIT 1",
-            (event.account_id,),
+            """SELECT sequence, digest FROM binding_events WHERE account_id = ? AND party_id = ?
+               ORDER BY sequence DESC LIMIT 1""",
+            (event.account_id, party_id),
         ).fetchone()
         sequence, previous = (0, b"") if last is None else (last[0] + 1, last[1])
-        envelope = event.seal(sequence, previous)
-        record = EventRecord(event.account_id, sequence, envelope.SerializeToString(), digest(envelope))
+        envelope = event.seal(party_id, sequence, previous)
+        record = EventRecord(event.account_id, sequence, envelope.SerializeToString(), digest(envelope), party_id)
         db.execute(
-            "INSERT INTO events (account_id, sequence, envelope, digest, kind) VALUES (?, ?, ?, ?, ?)",
-            (record.account_id, record.sequence, record.envelope, record.digest, event.kind),
+            """INSERT INTO binding_events (account_id, party_id, sequence, envelope, digest, kind)
+               VALUES (?, ?, ?, ?, ?, ?)""",
+            (record.account_id, party_id, record.sequence, record.envelope, record.digest, event.kind),
         )
         records.append(record)
     return records
+
+
+def _insert_presentation(db: Db, bill: BillRecord, presented_at: datetime) -> None:
+    """Record a bill's presentation to `bill.party_id` (BIL-1: signed once, served byte for byte)."""
+    db.execute(
+        """INSERT INTO bill_presentations (bill_id, party_id, envelope, digest, presented_at)
+           VALUES (?, ?, ?, ?, ?)""",
+        (bill.bill_id, bill.party_id, bill.envelope, bill.digest, ts(presented_at)),
+    )
+
+
+def _presented_bill(db: Db, bill_id: str, party_id: str) -> BillRecord | None:
+    row = db.execute(
+        f"""SELECT {_PRESENTED_COLUMNS} FROM bills b
+            JOIN bill_presentations p ON p.bill_id = b.bill_id AND p.party_id = ?
+            WHERE b.bill_id = ?""",  # noqa: S608
+        (party_id, bill_id),
+    ).fetchone()
+    return None if row is None else _bill(row)
 
 
 def _negotiation_step(db: Db, step: NegotiationStep) -> list[EventRecord]:
@@ -1153,6 +1269,7 @@ def _bill(row: Row) -> BillRecord:
         due_date=date.fromisoformat(row[6]),
         status=BillStatus(row[7]),
         issued_at=dt(row[8]),
+        party_id=row[9] if len(row) > 9 else "",
     )
 
 

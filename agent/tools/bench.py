@@ -402,6 +402,10 @@ def _prefill_batch(db: sqlite3.Connection, template: _TemplateRows, party_id: st
            VALUES (?, ?, ?, ?, ?, ?, ?, 'under_arrangement', ?)""",
         bills,
     )
+    db.executemany(  # ENR-12: each bill as presented to the party bound to its account
+        "INSERT INTO bill_presentations (bill_id, party_id, envelope, digest, presented_at) VALUES (?, ?, ?, ?, ?)",
+        [(bill[0], party_id, bill[2], bill[3], now) for bill in bills],
+    )
     db.executemany(
         """INSERT INTO threads (thread_id, account_id, bill_id, consumer_party_id, outcome, deadline, opened_at,
                                 hardship_disclosed, offer_digest, accept_digest, agreed_total_minor, agreed_at)
@@ -414,7 +418,10 @@ def _prefill_batch(db: sqlite3.Connection, template: _TemplateRows, party_id: st
            VALUES (?, ?, ?, ?, ?, 'parley.v1.Offer', ?, ?, ?, ?)""",
         messages,
     )
-    db.executemany("INSERT INTO events (account_id, sequence, envelope, digest, kind) VALUES (?, ?, ?, ?, 3)", events)
+    db.executemany(
+        "INSERT INTO binding_events (account_id, party_id, sequence, envelope, digest, kind) VALUES (?, ?, ?, ?, ?, 3)",
+        [(account_id, party_id, *rest) for account_id, *rest in events],
+    )
 
 
 # === Processes ===========================================================================================

@@ -350,7 +350,9 @@ def _read(db: Db) -> Snapshot:
     )
     events = tuple(
         _event(row)
-        for row in db.execute("SELECT account_id, sequence, kind, envelope FROM events ORDER BY account_id, sequence")
+        for row in db.execute(
+            "SELECT account_id, sequence, kind, envelope FROM binding_events ORDER BY account_id, party_id, sequence"
+        )
     )
     return Snapshot(accounts, bills, threads, arrangements, payments, events)
 

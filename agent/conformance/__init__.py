@@ -1,9 +1,9 @@
 """Parley conformance suites: check an implementation, case by case, against docs/PROTOCOL.md.
 
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
-                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
+                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
     parley conformance consumer --client-cmd "CMD" [--jobs N] [--work-dir DIR] [--only IDS] [--skip IDS]
-                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
+                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
 
 - `runner`: the generic framework (cases tagged with requirement ids, outcomes,
   selection, known-failing lists, JUnit and JSON reports, exit codes);

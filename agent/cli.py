@@ -34,7 +34,10 @@ escapes it is caught here, said in one line with the path of a file holding the
 full trace (exit 1), and shown whole only with `--debug`. `--json` means one
 thing everywhere: JSON on stdout (the console then speaks on stderr);
 `--json-out FILE` writes it to a file instead (agent/tools/json_output.py).
-When the output is not a terminal it is not cut at 80 columns.
+When the output is not a terminal it is not cut at 80 columns. A command that
+will log JSON (`biller serve --log-format json`, reference_biller/preflight.py)
+gets GRPC_VERBOSITY=NONE before gRPC is imported, unless the user set it or
+GRPC_TRACE, so that gRPC's own text lines stay out of the JSON stream.
 
 The library (agent/protocol, biller, consumer, stores, transport) never
 imports this module, the tools or the reference apps: they sit above it.
@@ -52,23 +55,28 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agent.conformance import add_conformance_commands
-from agent.tools.bench import add_bench_command
-from agent.tools.certs import add_certs_command
-from agent.tools.chaos import add_chaos_command
-from agent.tools.demo import add_demo_command
-from agent.tools.fuzz_command import add_fuzz_command
+from agent.logs import quiet_grpc_core
 from agent.tools.json_output import json_on_stdout
-from agent.tools.keygen import add_keygen_command
-from agent.tools.mutate import add_mutate_command
-from agent.tools.vectors_command import add_vectors_command
-from agent.tools.verify import add_verify_command
 from agent.version import __version__
-from reference_biller.cli import add_biller_commands
-from reference_consumer.runner import add_consumer_commands
+from reference_biller.preflight import logs_json
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The commands are imported here, not above, because they import gRPC: `main` first decides, from the
+    # raw arguments, whether gRPC's C core must be quiet for a JSON log stream (agent/logs.py).
+    from agent.conformance import add_conformance_commands  # noqa: PLC0415
+    from agent.tools.bench import add_bench_command  # noqa: PLC0415
+    from agent.tools.certs import add_certs_command  # noqa: PLC0415
+    from agent.tools.chaos import add_chaos_command  # noqa: PLC0415
+    from agent.tools.demo import add_demo_command  # noqa: PLC0415
+    from agent.tools.fuzz_command import add_fuzz_command  # noqa: PLC0415
+    from agent.tools.keygen import add_keygen_command  # noqa: PLC0415
+    from agent.tools.mutate import add_mutate_command  # noqa: PLC0415
+    from agent.tools.vectors_command import add_vectors_command  # noqa: PLC0415
+    from agent.tools.verify import add_verify_command  # noqa: PLC0415
+    from reference_biller.cli import add_biller_commands  # noqa: PLC0415
+    from reference_consumer.runner import add_consumer_commands  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(prog="parley", description="Parley: bots settling bills with bots.")
     parser.add_argument("--version", action="version", version=f"parley {__version__}")
     parser.add_argument(
@@ -135,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in arguments  # accepted before or after the command
     arguments = [argument for argument in arguments if argument != "--debug"]
+    if logs_json(arguments, os.environ):
+        quiet_grpc_core()  # before build_parser imports gRPC: its core's text lines would break the JSON
     parser = build_parser()
     try:
         args = parser.parse_args(arguments)

@@ -16,6 +16,14 @@ whose keys are the step's fields:
 Bytes are written as hex. `request_ids()` gives the thread and message id of the
 request being handled (set by the agent once a request's header is verified),
 so the transport can name them when it logs a refusal.
+
+gRPC's C core writes its own lines straight to stderr, as text ("I1206 19:54:50.8 6204
+ssl_transport_security.cc:2563] Handshake failed…" for every failed TLS handshake, "E… add_port.cc…"
+for a port it cannot bind), which would break a JSON stream. It reads `GRPC_VERBOSITY` once, when
+gRPC is imported, so a program that will log JSON calls `quiet_grpc_core()` before importing gRPC
+(`parley` does, agent/cli.py); every failure that matters reaches Python as an exception anyway. A
+user who sets `GRPC_VERBOSITY` or `GRPC_TRACE` gets gRPC's own lines, and `configure_logging("json")`
+then says in one JSON record that they are not JSON. Python warnings become JSON records too.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Final, Literal, TextIO
 
@@ -33,6 +42,8 @@ LOG_FORMATS: Final = ("json", "text")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _FIELDS = "parley_fields"
+GRPC_VERBOSITY, GRPC_TRACE = "GRPC_VERBOSITY", "GRPC_TRACE"
+GRPC_QUIET = "NONE"
 
 _request_ids: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("parley_request_ids")
 
@@ -83,10 +94,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def quiet_grpc_core(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Silence gRPC's C core (GRPC_VERBOSITY=NONE) for a JSON log stream; call it before gRPC is imported.
+
+    Leaves the environment alone, and returns False, when the user set GRPC_VERBOSITY or GRPC_TRACE (they
+    want gRPC's own lines) or when gRPC is already imported (too late: the core has read the variable).
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get(GRPC_VERBOSITY) or environ.get(GRPC_TRACE) or "grpc" in sys.modules:
+        return False
+    environ[GRPC_VERBOSITY] = GRPC_QUIET
+    return True
+
+
+def grpc_core_speaks(environ: Mapping[str, str] | None = None) -> str | None:
+    """Which variable lets gRPC's C core write its own text lines to stderr ("GRPC_TRACE=…"), None if neither."""
+    environ = os.environ if environ is None else environ
+    verbosity, trace = environ.get(GRPC_VERBOSITY, ""), environ.get(GRPC_TRACE, "")
+    if trace:
+        return f"{GRPC_TRACE}={trace}"
+    if verbosity and verbosity.upper() != GRPC_QUIET:
+        return f"{GRPC_VERBOSITY}={verbosity}"
+    return None
+
+
 def configure_logging(log_format: LogFormat = "text", level: str = "info", stream: TextIO | None = None) -> None:
     """Send every log record at `level` and above to `stream` (stderr) as text or JSON lines.
 
-    Replaces the root logger's handlers, so calling it again switches format.
+    Replaces the root logger's handlers, so calling it again switches format. With JSON, Python
+    warnings are logged (as JSON) rather than printed, and one WARNING record says so when the
+    environment lets gRPC's core write its own text lines (see `quiet_grpc_core`).
     ValueError for an unknown format or level.
     """
     if log_format not in LOG_FORMATS:
@@ -100,6 +137,14 @@ def configure_logging(log_format: LogFormat = "text", level: str = "info", strea
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.captureWarnings(log_format == "json")
+    speaking = grpc_core_speaks() if log_format == "json" else None
+    if speaking is not None:
+        logging.getLogger("parley.logs").warning(
+            "%s is set: gRPC's core writes its own lines to stderr as text, between these JSON lines "
+            "(unset it for a stream of JSON only)",
+            speaking,
+        )
 
 
 __all__ = [
@@ -108,7 +153,9 @@ __all__ = [
     "JsonFormatter",
     "LogFormat",
     "configure_logging",
+    "grpc_core_speaks",
     "log_step",
+    "quiet_grpc_core",
     "request_ids",
     "set_request_ids",
 ]

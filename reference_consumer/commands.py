@@ -51,6 +51,7 @@ from agent.protocol.terms import Terms
 from agent.stores import open_consumer_store
 from agent.stores.base import ApprovalRecord
 from agent.transport.client import ClientTls, is_transient
+from agent.transport.diagnosis import Remedies, connection_hint
 from agent.transport.status import CallError
 from agent.web import WebConfig, start_site
 from parley.v1 import terms_pb2
@@ -305,7 +306,18 @@ def enrol_command(args: argparse.Namespace, out: Console) -> int:
         asyncio.run(_enrol(profile, Path(args.state_dir), link, tls=tls, insecure=insecure))
     except CallError as error:
         if is_transient(error):
-            return _fail(out, f"{link.target} cannot be reached: {error.code.name}; nothing was done", EXIT_UNUSABLE)
+            remedies = Remedies(
+                to_plaintext="leave out --ca-file (a loopback target is then reached in plaintext, TRN-3)",
+                to_tls="give the CA of its certificate with --ca-file FILE",
+                trust="give the CA that issued its certificate with --ca-file FILE",
+                client_certificate="add the biller, with its code, to your profile, with household.client_certificate "
+                "and household.client_key, and let `parley consumer run` enrol",
+            )
+            hint = connection_hint(
+                link.target, error.detail, insecure=insecure, client_certificate=False, remedies=remedies
+            )
+            said = f"{link.target} cannot be reached: {error.code.name}; nothing was done"
+            return _fail(out, said + (f"\nhint: {hint}" if hint else ""), EXIT_UNUSABLE)
         return _fail(out, f"the biller refused the enrolment: {error.reason.name} {error.detail}", EXIT_FAILED)
     except ParleyError as error:
         return _fail(out, f"the biller's answer does not verify: {error}", EXIT_FAILED)

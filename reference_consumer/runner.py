@@ -130,6 +130,7 @@ from agent.stores import open_consumer_store
 from agent.stores.base import ApprovalRecord, ApprovalState, IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
+from agent.transport.diagnosis import Remedies, connection_hint
 from agent.transport.status import CallError
 from parley.v1 import event_pb2, terms_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
@@ -169,6 +170,7 @@ _KEY_BACKDATE = timedelta(minutes=5)  # a biller whose clock is a little behind 
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 EXIT_APPROVALS_PENDING = 3
+UNREACHABLE = "the biller cannot be reached"
 """A --once pass ended with requests waiting for the person (`parley consumer approve ID`)."""
 DECLINED_NOW = "declined by the bank"
 DECLINED_EARLIER = "declined by the bank earlier: not retried"
@@ -384,7 +386,7 @@ def _problem(biller: str, what: str, error: BaseException) -> Problem:
     """A failure, classified: unreachable (2), refused or unverifiable (1), anything else (1)."""
     if isinstance(error, CallError):
         if is_transient(error):
-            return Problem(biller, what, f"the biller cannot be reached: {error.code.name} {error.detail}", 2)
+            return Problem(biller, what, f"{UNREACHABLE}: {error.code.name} {error.detail}", 2)
         return Problem(biller, what, f"the biller refused: {error.reason.name} {error.detail}", 1)
     if isinstance(error, ProtocolError):
         return Problem(biller, what, f"{error.reason.name}: {error.detail}", 1)
@@ -606,7 +608,32 @@ class Household:
         report.approvals = [ApprovalLine(request, _ANSWERS[state]) for request, state in self.approvals.asked]
         report.agreement_files = await self.write_agreement_files()
         await self._queue_notifications(fetched, report)
+        await self._explain_unreachable(report)
         return report
+
+    async def _explain_unreachable(self, report: PassReport) -> None:
+        """Give the first "cannot be reached" problem of each biller its likely cause, when one is found (TLS
+        against plaintext, a missing client certificate…: agent/transport/diagnosis.py), in profile words."""
+        explained: set[str] = set()
+        for index, problem in enumerate(report.problems):
+            biller = problem.biller_party_id
+            if biller in explained or not problem.detail.startswith(UNREACHABLE):
+                continue
+            explained.add(biller)
+            preference = next((b for b in self.profile.billers if b.biller_id == biller), None)
+            connection = None if preference is None else preference.connection
+            if connection is None:
+                continue
+            hint = await asyncio.to_thread(
+                connection_hint,
+                connection.target,
+                problem.detail,
+                insecure=connection.insecure,
+                client_certificate=self.profile.client_certificate is not None,
+                remedies=profile_remedies(biller),
+            )
+            if hint is not None:
+                report.problems[index] = replace(problem, detail=f"{problem.detail}; hint: {hint}")
 
     # --- The household's proof and news --------------------------------------------------------------
 
@@ -1086,6 +1113,17 @@ def _client_certificate(profile: Profile) -> tuple[bytes, bytes] | None:
             raise ProfileError("household.client_key", f"{files.key} is readable by group or others: chmod 600 it")
     private_key = _read_pem(files.key, "household.client_key", b"PRIVATE KEY-----", "private key")
     return chain, private_key
+
+
+def profile_remedies(biller: str) -> Remedies:
+    """How a household fixes a transport mismatch with `biller`: in its profile's words."""
+    table = f'[billers."{biller}"]'
+    return Remedies(
+        to_plaintext=f"set insecure = true in {table} (loopback only, TRN-3)",
+        to_tls=f"remove insecure = true from {table}, and give the CA of its certificate as ca_file there",
+        trust=f"give the CA that issued its certificate as ca_file in {table}",
+        client_certificate="give one as household.client_certificate and household.client_key in the profile",
+    )
 
 
 def _client_tls(preference: BillerPreference) -> ClientTls | None:

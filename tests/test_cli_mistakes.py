@@ -34,6 +34,7 @@ from agent.tools.certs import write_dev_certs
 from agent.tools.json_output import emit_json, json_on_stdout
 from reference_biller.config import SAMPLE
 from reference_consumer.profile import PLACEHOLDER_FINGERPRINT
+from tests.helpers.process import serving_process
 
 CONSUMER_SAMPLE = Path(__file__).parents[1] / "reference_consumer" / "sample.toml"
 
@@ -190,6 +191,7 @@ GARBAGE_TLS = ("--tls-cert", "cert.pem", "--tls-key", "key.pem")
 READABLE_KEY_TLS = ("--tls-cert", "a/server.pem", "--tls-key", "a/server.key")
 FULL_PIN = "ab" * 32
 SERVE_PLAINTEXT = ("--listen", "127.0.0.1:0", "--insecure")
+CLIENT_CERTIFICATE = ("--tls-client-cert", "c.pem", "--tls-client-key", "c.key")
 RUN = ("consumer", "run", "--profile", "p.toml", "--state-dir", "state", "--once")
 STATUS = ("consumer", "status", "--profile", "p.toml", "--state-dir", "state")
 
@@ -290,6 +292,16 @@ MISTAKES: dict[str, Mistake] = {
     ),
     "conformance --insecure to a remote target": Mistake(
         ("conformance", "biller", "--target", "192.0.2.7:7443", "--insecure"), 2, ("loopback target (TRN-3)",)
+    ),
+    "conformance with a client certificate but no key": Mistake(
+        ("conformance", "biller", "--target", "127.0.0.1:7443", "--tls-client-cert", "client.pem"),
+        2,
+        ("--tls-client-cert and --tls-client-key go together",),
+    ),
+    "conformance with a client certificate in plaintext": Mistake(
+        ("conformance", "biller", "--target", "127.0.0.1:7443", "--insecure", *CLIENT_CERTIFICATE),
+        2,
+        ("a client certificate needs TLS",),
     ),
     "a TLS key others may read": Mistake(
         ("biller", "serve", "--state-dir", "fresh", "--listen", "127.0.0.1:0", *READABLE_KEY_TLS),
@@ -458,6 +470,82 @@ def test_rotate_key_is_refused_while_a_biller_serves_the_state_directory(tmp_pat
     assert (tmp_path / "state" / "biller-keyset-v2.pb").exists()
 
 
+# --- TLS against plaintext, and a missing client certificate: the cause and the flag, not "Socket closed" ---------
+
+
+def port_of(banner: dict[str, str]) -> str:
+    return banner["listening"].split()[0].rpartition(":")[2]
+
+
+@contextmanager
+def two_billers(root: Path) -> Iterator[tuple[str, str]]:
+    """A plaintext and a mutual-TLS `parley biller serve` on free loopback ports (certs/ holds the CA and alice's
+    client certificate); yields their ports."""
+    write_dev_certs(root / "certs", clients=["alice"])
+    mutual = ["--tls-cert", str(root / "certs" / "server.pem"), "--tls-key", str(root / "certs" / "server.key")]
+    mutual += ["--tls-client-ca", str(root / "certs" / "ca.pem")]
+    with (
+        serving_process(
+            ["--listen", "127.0.0.1:0", "--insecure", "--state-dir", str(root / "plain")], log=root / "plain.log"
+        ) as (_, plain),
+        serving_process(
+            ["--listen", "127.0.0.1:0", *mutual, "--state-dir", str(root / "mtls")], log=root / "mtls.log"
+        ) as (_, mtls),
+    ):
+        assert mtls["listening"].endswith("(mutual TLS)"), mtls
+        yield port_of(plain), port_of(mtls)
+
+
+def test_tls_mismatches_and_a_missing_client_certificate_name_the_cause_and_the_flag(tmp_path: Path) -> None:
+    ca = ("--tls-ca", "certs/ca.pem")
+    alice = ("--tls-client-cert", "certs/client-alice.pem", "--tls-client-key", "certs/client-alice.key")
+    with two_billers(tmp_path) as (plain, mtls):
+        hello = ("--only", "VER-2/hello")
+        plaintext_to_tls = parley("conformance", "biller", "--target", f"127.0.0.1:{mtls}", "--insecure", cwd=tmp_path)
+        tls_to_plaintext = parley("conformance", "biller", "--target", f"127.0.0.1:{plain}", *ca, cwd=tmp_path)
+        no_certificate = parley("conformance", "biller", "--target", f"127.0.0.1:{mtls}", *ca, *hello, cwd=tmp_path)
+        with_certificate = parley(
+            "conformance", "biller", "--target", f"127.0.0.1:{mtls}", *ca, *alice, *hello, cwd=tmp_path
+        )
+        profile_with(REAL_PIN, ('target = "127.0.0.1:7443"', f'target = "127.0.0.1:{mtls}"'))(tmp_path)
+        household_plaintext_to_tls = parley(*RUN, cwd=tmp_path)
+        profile_with(
+            REAL_PIN,
+            ('target = "127.0.0.1:7443"', f'target = "127.0.0.1:{mtls}"'),
+            ("insecure = true", 'ca_file = "certs/ca.pem"'),
+        )(tmp_path)
+        household_without_certificate = parley(*RUN, cwd=tmp_path)
+    expected = {
+        "conformance --insecure at a TLS biller": (
+            plaintext_to_tls,
+            (f"hint: 127.0.0.1:{mtls} speaks TLS, not plaintext: leave out --insecure", "--tls-ca FILE"),
+        ),
+        "conformance --tls-ca at a plaintext biller": (
+            tls_to_plaintext,
+            (f"hint: 127.0.0.1:{plain} speaks plaintext, not TLS: use --insecure",),
+        ),
+        "conformance without a client certificate at a mutual-TLS biller": (
+            no_certificate,
+            (f"hint: 127.0.0.1:{mtls} asks for a client certificate", "--tls-client-cert FILE and --tls-client-key"),
+        ),
+        "a household with insecure = true at a TLS biller": (
+            household_plaintext_to_tls,
+            ('speaks TLS, not plaintext: remove insecure = true from [billers."biller:energy.example"]',),
+        ),
+        "a household without a client certificate at a mutual-TLS biller": (
+            household_without_certificate,
+            ("asks for a client certificate", "household.client_certificate and household.client_key"),
+        ),
+    }
+    for name, (done, phrases) in expected.items():
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, f"{name}: exit {done.returncode}\n{output}"
+        for phrase in phrases:
+            assert phrase in output, f"{name}: {phrase!r} not in\n{output}"
+        assert TRACEBACK not in output, name
+    assert with_certificate.returncode == 0, with_certificate.stdout + with_certificate.stderr  # the flags work
+
+
 # --- The last line of defence ------------------------------------------------------------------------------------
 
 
@@ -491,7 +579,7 @@ def test_an_unexpected_error_is_one_line_naming_the_file_with_its_trace(
 # --- --json means the same everywhere ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["demo", "bench", "chaos", "fuzz"])
+@pytest.mark.parametrize("command", ["demo", "bench", "chaos", "fuzz", "mutate"])
 def test_json_prints_on_stdout_and_json_out_writes_a_file(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

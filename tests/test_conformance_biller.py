@@ -188,12 +188,12 @@ def test_every_defect_class_is_covered() -> None:
 # --- 3. The command line ---------------------------------------------------------------------------------
 
 
-def test_unreachable_target_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_target_exits_2_with_the_json_report_alone_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:
     target = f"127.0.0.1:{free_port()}"
-    report = tmp_path / "report.json"
-    assert main(["conformance", "biller", "--target", target, "--insecure", "--json", str(report)]) == EXIT_NOT_RUN
-    assert "unreachable" in capsys.readouterr().out
-    document = json.loads(report.read_text(encoding="utf-8"))
+    assert main(["conformance", "biller", "--target", target, "--insecure", "--json"]) == EXIT_NOT_RUN
+    printed = capsys.readouterr()
+    assert "unreachable" in printed.err  # the run's lines and summary: on stderr with --json
+    document = json.loads(printed.out)  # stdout is one JSON document
     assert document["cases"] == []
     assert document["summary"] == {"PASS": 0, "FAIL": 0, "WARN": 0, "SKIP": 0}
 
@@ -220,7 +220,7 @@ def test_cli_reports_and_known_failing_entries(tmp_path: Path, capsys: pytest.Ca
         code = await parley(
             "conformance", "biller", "--target", target, "--insecure", "--only", "VER,ENV-2",
             "--skip", "ENV-2/no-signature", "--known-failing", str(known),
-            "--junit", str(junit), "--json", str(report), "--timeout", "20",
+            "--junit", str(junit), "--json-out", str(report), "--timeout", "20",
         )  # fmt: skip
         assert code == EXIT_FAILED  # an unexpected pass makes the list stale: the run fails
 

@@ -158,10 +158,11 @@ def test_a_client_that_does_nothing_cannot_pass(tmp_path: Path) -> None:
 def test_a_program_found_nowhere_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "r.json"
     argv = ["conformance", "consumer", "--client-cmd", "no-such-parley-client --once", "--json", str(report)]
-    assert main(argv) == EXIT_NOT_RUN
+    assert main(argv) == EXIT_NOT_RUN  # the deprecated `--json FILE` still writes FILE, and says so
     output = capsys.readouterr().out
     assert "cannot start" in output
     assert "unreachable" not in output
+    assert f"--json FILE is deprecated, use --json-out {report}" in output
     document = json.loads(report.read_text(encoding="utf-8"))
     assert (document["cases"], document["exit_code"]) == ([], EXIT_NOT_RUN)
 
@@ -200,7 +201,7 @@ def test_cli_known_failing_and_reports(tmp_path: Path, capsys: pytest.CaptureFix
     argv = [
         "conformance", "consumer", "--client-cmd", broken.command,
         "--only", "PAY-8/honest-biller-paid,PAY-8/instructions-amount",
-        "--jobs", "2", "--timeout", str(TIMEOUT), "--junit", str(junit), "--json", str(report),
+        "--jobs", "2", "--timeout", str(TIMEOUT), "--junit", str(junit), "--json-out", str(report),
     ]  # fmt: skip
     assert main([*argv, "--work-dir", str(tmp_path / "kept")]) == EXIT_FAILED
     (kept,) = (tmp_path / "kept").glob("instructions-amount-*")  # what the client printed, kept for its author

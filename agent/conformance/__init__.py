@@ -1,9 +1,10 @@
 """Parley conformance suites: check an implementation, case by case, against docs/PROTOCOL.md.
 
-    parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure] [--only IDS] [--skip IDS]
-                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
+    parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure]
+                              [--tls-client-cert FILE --tls-client-key FILE] [--only IDS] [--skip IDS]
+                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
     parley conformance consumer --client-cmd "CMD" [--jobs N] [--work-dir DIR] [--only IDS] [--skip IDS]
-                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json FILE]
+                              [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
 
 - `runner`: the generic framework (cases tagged with requirement ids, outcomes,
   selection, known-failing lists, JUnit and JSON reports, exit codes);
@@ -49,14 +50,32 @@ def _run_biller(args: argparse.Namespace, out: Console) -> int:
             f"--insecure (plaintext) is allowed only to a loopback target (TRN-3), not {host!r}: use --tls-ca FILE"
         )
         return EXIT_NOT_RUN
+    if (args.tls_client_cert is None) != (args.tls_client_key is None):
+        out.print("--tls-client-cert and --tls-client-key go together (the client certificate and its key)")
+        return EXIT_NOT_RUN
+    if args.insecure and args.tls_client_cert is not None:
+        out.print("a client certificate needs TLS: choose --insecure or --tls-client-cert/--tls-client-key")
+        return EXIT_NOT_RUN
     tls = None
-    if args.tls_ca is not None:
-        try:
-            tls = ClientTls(root_certificates=Path(args.tls_ca).read_bytes())
-        except OSError as error:
-            why = escape(error.strerror or str(error))
-            out.print(f"[bold red]cannot read --tls-ca {escape(args.tls_ca)}:[/] {why}")
-            return EXIT_NOT_RUN
+    if args.tls_ca is not None or args.tls_client_cert is not None:
+        files = {
+            "--tls-ca": args.tls_ca,
+            "--tls-client-cert": args.tls_client_cert,
+            "--tls-client-key": args.tls_client_key,
+        }
+        read: dict[str, bytes | None] = {}
+        for flag, name in files.items():
+            try:
+                read[flag] = None if name is None else Path(name).read_bytes()
+            except OSError as error:
+                why = escape(error.strerror or str(error))
+                out.print(f"[bold red]cannot read {flag} {escape(name or '')}:[/] {why}")
+                return EXIT_NOT_RUN
+        tls = ClientTls(
+            root_certificates=read["--tls-ca"],
+            certificate_chain=read["--tls-client-cert"],
+            private_key=read["--tls-client-key"],
+        )
     options = run_options(args, args.target)
     call_timeout = min(10.0, options.timeout) if options.timeout > 0 else 10.0
     return asyncio.run(
@@ -104,6 +123,12 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
         "--tls-ca", metavar="FILE", help="PEM trust anchors for the biller's certificate (default: the system roots)"
     )
     transport.add_argument("--insecure", action="store_true", help="plaintext, to a loopback target only (TRN-3)")
+    biller.add_argument(
+        "--tls-client-cert",
+        metavar="FILE",
+        help="PEM client certificate chain, for a biller asking for mutual TLS (TRN-9)",
+    )
+    biller.add_argument("--tls-client-key", metavar="FILE", help="the client certificate's PEM private key")
     add_run_arguments(biller)
     biller.set_defaults(handler=_run_biller)
     consumer = suites.add_parser(

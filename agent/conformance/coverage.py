@@ -121,7 +121,8 @@ GAPS: dict[str, str] = {
     "target's cap; tests/test_redteam_connections.py tests the reference)",
     "BIL-6": "a consumer scenario presenting a bill at sequence 1 or with a previous digest",
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
-    "TRN-9": "a target requiring mutual TLS (the suite connects without a client certificate)",
+    "TRN-9": "a case that a target requiring mutual TLS refuses a client without a certificate (the suite "
+    "reaches such a target with --tls-client-cert and --tls-client-key)",
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
     "KEY-15": "a version signed by a key outside its validity window",
     "KEY-17": "a consumer scenario signing with a key before publishing the version that lists it",

@@ -23,7 +23,8 @@ and `run_suite(suite, connect, options)` runs it: it selects the cases
 (`--only`/`--skip`), connects (a `TargetUnreachable` from `connect` ends the
 run with exit code 2), runs each case with a timeout, applies the
 known-failing list, prints one line per case and the summary last, writes the
-JUnit XML and JSON reports, and returns the exit code.
+JUnit XML and JSON reports (`--junit FILE`; `--json` on stdout or `--json-out FILE`,
+agent/tools/json_output.py), and returns the exit code.
 
 Outcomes (PROTOCOL.md §1.4, CNF-5): PASS; FAIL (a MUST broken, a timeout, or
 the case crashed); WARN (a SHOULD broken); SKIP (a feature or fixture the
@@ -63,6 +64,7 @@ import dataclasses
 import enum
 import fnmatch
 import json
+import sys
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -75,6 +77,8 @@ from typing import Generic, TypeVar
 
 from rich.console import Console
 from rich.markup import escape
+
+from agent.tools.json_output import STDOUT, add_json_options
 
 C = TypeVar("C")
 
@@ -541,7 +545,9 @@ class RunOptions:
     known_failing: Path | None = None
     timeout: float = DEFAULT_TIMEOUT
     junit: Path | None = None
-    json: Path | None = None
+    json: Path | None = None  # --json-out FILE (or the deprecated --json FILE)
+    json_stdout: bool = False  # --json: the report on stdout (the command's console speaks on stderr)
+    json_deprecated: bool = False  # `json` came from the deprecated `--json FILE`: say so
     jobs: int = 1  # cases run at once (only suites whose cases are independent offer --jobs)
 
 
@@ -550,7 +556,7 @@ def _patterns(values: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every suite's command has: --only --skip --known-failing --timeout --junit --json."""
+    """The options every suite's command has: --only --skip --known-failing --timeout --junit --json --json-out."""
     parser.add_argument(
         "--only",
         action="append",
@@ -571,10 +577,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds each case may take (default: %(default)g)",
     )
     parser.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
-    parser.add_argument("--json", dest="json_report", metavar="FILE", help="write a JSON report")
+    add_json_options(parser, "the report")
 
 
 def run_options(args: argparse.Namespace, target: str) -> RunOptions:
+    deprecated = args.json not in (None, STDOUT)  # the old `--json FILE`
+    if args.json_out is not None:
+        json_file: Path | None = args.json_out
+    else:
+        json_file = Path(args.json) if deprecated else None
     return RunOptions(
         target=target,
         only=_patterns(args.only),
@@ -582,7 +593,9 @@ def run_options(args: argparse.Namespace, target: str) -> RunOptions:
         known_failing=Path(args.known_failing) if args.known_failing else None,
         timeout=args.timeout,
         junit=Path(args.junit) if args.junit else None,
-        json=Path(args.json_report) if args.json_report else None,
+        json=json_file,
+        json_stdout=args.json == STDOUT,
+        json_deprecated=deprecated and args.json_out is None,
         jobs=getattr(args, "jobs", 1),
     )
 
@@ -591,6 +604,9 @@ def _write_reports(report: Report, options: RunOptions, out: Console) -> None:
     def json_bytes() -> bytes:
         return (json.dumps(report.to_json(), indent=2) + "\n").encode()
 
+    if options.json_stdout:
+        sys.stdout.write(json_bytes().decode())
+        sys.stdout.flush()
     for path, data in ((options.junit, report.to_junit), (options.json, json_bytes)):
         if path is None:
             continue
@@ -598,6 +614,13 @@ def _write_reports(report: Report, options: RunOptions, out: Console) -> None:
             path.write_bytes(data())
         except OSError as error:
             out.print(f"[bold red]cannot write {escape(str(path))}:[/] {escape(error.strerror or str(error))}")
+    if options.json_deprecated and options.json is not None:
+        out.print(
+            f"note: --json FILE is deprecated, use --json-out {options.json} (--json alone prints JSON on stdout)",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
 
 
 async def run_suite(

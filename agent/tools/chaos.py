@@ -1,7 +1,7 @@
 """The crash-safety harness behind `parley chaos`: SIGKILL a loaded biller, restart it, check nothing was lost.
 
     parley chaos [--kills N] [--clients C] [--seed S] [--state-dir DIR]
-                 [--seconds-between-kills MIN:MAX] [--json FILE]
+                 [--seconds-between-kills MIN:MAX] [--json | --json-out FILE]
 
 The reference biller runs as a separate process (`parley biller serve
 --conformance-control --insecure` on a free loopback port). Many consumer

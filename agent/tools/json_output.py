@@ -3,7 +3,7 @@
 `--json` prints the document on stdout, and the command's other output then goes
 to stderr (agent/cli.py), so `parley bench --json | jq .` works; `--json-out
 FILE` writes it to a file instead, beside the usual output. `--json FILE`, the
-old form of demo, bench, chaos and fuzz, still writes FILE but says it is
+old form of demo, bench, chaos, fuzz, conformance and mutate, still writes FILE but says it is
 deprecated: a script that used it keeps working and learns the new spelling.
 """
 

@@ -45,6 +45,8 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 
+from agent.tools.json_output import add_json_options, emit_json, wants_json
+
 __all__ = [
     "MUTANTS_DIR",
     "SOURCE_ROOT",
@@ -275,7 +277,7 @@ def run_suite(command: list[str], report: Path, log: Path, timeout: float) -> tu
     with log.open("ab") as output:
         try:
             done = subprocess.run(  # noqa: S603 - our own interpreter and arguments
-                [sys.executable, "-m", "agent.cli", "conformance", *command, "--json", str(report)],
+                [sys.executable, "-m", "agent.cli", "conformance", *command, "--json-out", str(report)],
                 cwd=SOURCE_ROOT,
                 env=judge_environment(),
                 stdout=output,
@@ -511,21 +513,16 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         f"summary: {len(results)} mutants in {duration:.0f} s; {len(stale)} stale (of all {len(mutants)}); "
         f"quick-set survivors: {len(quick_survivors)}: {'FAILED' if failed else 'OK'}"
     )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "mutants": [asdict(result) for result in results],
-                    "stale": stale,
-                    "summary": {suite: summary.counts.get(suite, {}) for suite in suites}
-                    | {"kill_rate": {suite: summary.kill_rate(suite) for suite in suites}},
-                    "duration": round(duration, 1),
-                    "exit_code": EXIT_FAILED if failed else EXIT_OK,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    if wants_json(args):
+        document = {
+            "mutants": [asdict(result) for result in results],
+            "stale": stale,
+            "summary": {suite: summary.counts.get(suite, {}) for suite in suites}
+            | {"kill_rate": {suite: summary.kill_rate(suite) for suite in suites}},
+            "duration": round(duration, 1),
+            "exit_code": EXIT_FAILED if failed else EXIT_OK,
+        }
+        emit_json(args, document, out)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -551,6 +548,6 @@ def add_mutate_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     mutate.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each suite")
     mutate.add_argument("--list", action="store_true", help="list the selected mutants and exit")
     mutate.add_argument("--check", action="store_true", help="only check every anchor matches exactly once")
-    mutate.add_argument("--json", metavar="FILE", help="write a JSON report")
+    add_json_options(mutate, "the report")
     mutate.add_argument("--mutants-dir", default=str(MUTANTS_DIR), metavar="DIR", help=argparse.SUPPRESS)
     mutate.set_defaults(handler=_run)

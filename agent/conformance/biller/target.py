@@ -5,6 +5,7 @@ Split out of the section modules so that each holds only its cases; see `agent.c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +25,7 @@ from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from agent.protocol.messages import PAYLOAD_TYPES, Verified, open_envelope
 from agent.transport.client import ClientTls
+from agent.transport.diagnosis import connection_hint
 from agent.vectors import load as load_vectors
 from parley.v1 import account_pb2, bill_pb2, biller_service_pb2, envelope_pb2, negotiation_pb2, terms_pb2
 from parley.v1 import conformance_control_service_pb2 as cc
@@ -456,7 +458,13 @@ async def connect(
             "Hello", biller_service_pb2.HelloRequest(protocol_versions=[PROTOCOL_VERSION], client_name=CLIENT_NAME)
         )
         if isinstance(hello, Refusal):
-            raise TargetUnreachable(f"Hello failed: {hello.describe()}")
+            hint = None
+            if hello.unreachable:  # TLS against plaintext, a missing client certificate...: say which
+                offered = tls is not None and tls.certificate_chain is not None
+                hint = await asyncio.to_thread(
+                    connection_hint, target, hello.message, insecure=insecure, client_certificate=offered
+                )
+            raise TargetUnreachable(f"Hello failed: {hello.describe()}" + (f"\nhint: {hint}" if hint else ""))
         conn.refusals.clear()
         context = BillerTarget(target, conn, hello, [], None, features=frozenset(hello.features))
         key_sets = await conn.call("GetKeySets", biller_service_pb2.GetKeySetsRequest())

@@ -342,12 +342,12 @@ EXTRA_BROKEN_BILLERS = (
     BrokenBiller("sums the schedule before the total", sums_schedule_before_total, frozenset({"TRM-13/check-order"})),
     BrokenBiller(
         "refuses zero amounts as a shape error", zero_amounts_as_shape,
-        frozenset({"TRM-3/amount-out-of-range", "TRM-13/check-order"}),
+        frozenset({"TRM-3/amount-out-of-range", "TRM-13/check-order", "TRM-6/positive-lines"}),
     ),
     BrokenBiller(
         "refuses terms outside the bill's dates as INVALID_DATE",
         due_date_deferral_as_date_error,
-        frozenset({"TRM-12/terms-fit-bill", "TRM-5/invalid-terms"}),
+        frozenset({"TRM-12/terms-fit-bill", "TRM-5/invalid-terms", "TRM-19/date-horizon"}),
     ),
     BrokenBiller(
         "thanks twice, without the receipt", thanks_twice_without_the_receipt, frozenset({"EVT-2/event-fields"})

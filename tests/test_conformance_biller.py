@@ -145,7 +145,7 @@ ALSO_CAUGHT: dict[str, frozenset[str]] = {
     "skips signature verification": frozenset({"ENV-10/check-order", "KEY-6/keyid-of-another-party"}),
     # a stale Accept agrees instead of ending the thread in PROTOCOL_ERROR, so that closed state is never reached
     "accepts a stale accept digest": frozenset({"NEG-14/closed-states"}),
-    "loses events on resume": frozenset({"EVT-3/cursor-boundary"}),
+    "loses events on resume": frozenset({"EVT-3/cursor-boundary", "EVT-9/stream-lifetime"}),
 }
 
 

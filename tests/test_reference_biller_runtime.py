@@ -387,8 +387,9 @@ def test_a_missed_instalment_breaks_the_plan_and_reopens_the_bill(tmp_path: Path
         assert Money.from_proto(broken.amount) == eur("80.00")  # what is left of the plan
         assert (offered.bill_id, offered.thread_id) == (bill_id, thread_id)
 
-        # The bill is negotiable again (NEG-3): a new opening is answered, not refused.
-        plan = build_terms(TermsKind.INSTALMENT_PLAN, eur("120.00"), monthly_dates(date(2026, 6, 1), 4))
+        # The bill is negotiable again (NEG-3): a new opening restating the outstanding balance (TRM-11: 120.00
+        # due less the 40.00 received) is answered, not refused.
+        plan = build_terms(TermsKind.INSTALMENT_PLAN, eur("80.00"), monthly_dates(date(2026, 6, 1), 4))
         answer = await h.stub.Negotiate(NegotiateRequest(move=alice.open(bill, plan.to_proto())))
         assert answer.reply.payload_type in {"parley.v1.Offer", "parley.v1.Reject"}
 

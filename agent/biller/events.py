@@ -113,7 +113,9 @@ class EventsPhase:
         if bill is None:
             raise LookupError(f"no bill {bill_id!r}")
         arrangements = await party.store.arrangements(bill.account_id, active_only=True)
-        thread_id = next((a.thread_id for a in arrangements if a.bill_id == bill_id), b"")
+        # EVT-7: the arrangement in force is the bill's latest agreement (a renegotiation replaces the one before,
+        # whose thread stays agreed): the offer names the arrangement just broken, not the first one ever agreed.
+        thread_id = next((a.thread_id for a in reversed(arrangements) if a.bill_id == bill_id), b"")
         await party.bound_consumer(bill.account_id)
         received = Money.of(await party.store.received_minor(bill_id), bill.currency)
         owed = outstanding_balance(Money.of(bill.amount_minor, bill.currency), [received])  # PAY-16

@@ -388,7 +388,8 @@ def test_a_missed_instalment_breaks_the_plan_and_reopens_the_bill(tmp_path: Path
         assert (offered.bill_id, offered.thread_id) == (bill_id, thread_id)
 
         # The bill is negotiable again (NEG-3): a new opening is answered, not refused.
-        plan = build_terms(TermsKind.INSTALMENT_PLAN, eur("120.00"), monthly_dates(date(2026, 6, 1), 4))
+        # It restates the outstanding balance, 80.00 (TRM-11, PAY-16): the whole 120.00 would be PRINCIPAL_MISMATCH.
+        plan = build_terms(TermsKind.INSTALMENT_PLAN, eur("80.00"), monthly_dates(date(2026, 6, 1), 4))
         answer = await h.stub.Negotiate(NegotiateRequest(move=alice.open(bill, plan.to_proto())))
         assert answer.reply.payload_type in {"parley.v1.Offer", "parley.v1.Reject"}
 

@@ -45,7 +45,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from agent.biller import Arrangement, BillerAgent
 from agent.protocol.limits import MAX_NOTE_CHARS
-from agent.protocol.terms import Money, format_date, parse_date, shift_days
+from agent.protocol.terms import Money, format_date, outstanding_balance, parse_date, shift_days
 from agent.stores.base import BillerStore, BillRecord, BillStatus
 from agent.stores.biller_sql import Leases
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2
@@ -287,8 +287,13 @@ class _AccountTick:
                         "If something has changed, tell us: we can find a new plan together."
                     )
                     await notify(INSTALMENT_MISSED, amount, text, due)
-                # PAY-16: a broken plan's fees and reductions lapse; the outstanding balance is owed.
-                owed = arrangement.terms.principal - Money(amount.currency, await self.store.received_minor(bill_id))
+                # PAY-16: a broken plan's fees and reductions lapse; the outstanding balance is owed — the bill's
+                # amount due less everything received for it (a renegotiated plan's principal already left out
+                # what was received before it, so it is no base to subtract from).
+                bill = await self.store.get_bill(bill_id)
+                assert bill is not None, "an arrangement's bill is stored"
+                received = Money.of(await self.store.received_minor(bill_id), bill.currency)
+                owed = outstanding_balance(Money.of(bill.amount_minor, bill.currency), [received])
                 text = f"As instalment {number} was missed, your plan has ended and the remaining {owed} is now due."
                 await notify(ARRANGEMENT_BROKEN, owed, text, None)
                 await self._offer_renegotiation(arrangement, None)

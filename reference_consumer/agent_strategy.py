@@ -112,6 +112,8 @@ class ReferenceStrategy:
         key = (biller_id, bill.bill_id)
         if key not in self._pending:
             self.consider(biller_id, bill)
+        else:  # the agent's facts: with what was already paid of the bill, so what is still owed (PAY-16)
+            self._pending[key] = bill
         before: list[Instalment] = []
         for planned in self.plan(today, agreed):
             if (planned.biller_id, planned.bill.bill_id) == key:

@@ -17,7 +17,10 @@ it) and, on each pass:
    that store each event as it comes), from the store at once — so the pass
    acts on the news: an arrangement the
    biller ended (ARRANGEMENT_BROKEN) is not paid any more, and a bill it
-   offered to renegotiate (RENEGOTIATION_OFFERED, EVT-7) is negotiated again;
+   offered to renegotiate (RENEGOTIATION_OFFERED, EVT-7) is negotiated again
+   for what is still owed — its amount due less what the household already
+   paid of it (TRM-11, PAY-16); without such an offer, that outstanding
+   balance is paid at once (step 5);
 3. **negotiates**: first the threads left open by an earlier pass, then the new
    bills, planned together against one budget in the household's priority
    order (`strategy.plan_budget`, through `agent_strategy.ReferenceStrategy`),
@@ -174,6 +177,7 @@ UNREACHABLE = "the biller cannot be reached"
 """A --once pass ended with requests waiting for the person (`parley consumer approve ID`)."""
 DECLINED_NOW = "declined by the bank"
 DECLINED_EARLIER = "declined by the bank earlier: not retried"
+OUTSTANDING_NOTE = "the outstanding balance: the biller ended the arrangement and offered no new one"
 """The status of a payment the bank declined (`PaymentNotSent`): told to the person, not retried by this run."""
 
 
@@ -426,6 +430,11 @@ class _News:
     def ended(self, biller: str, bill_id: str, thread_id: bytes) -> bool:
         """Whether the arrangement of this agreed thread no longer stands."""
         return (biller, thread_id) in self.broken or (biller, bill_id, thread_id) in self.offered
+
+    def broken_without_offer(self, biller: str, bill_id: str, thread_id: bytes) -> bool:
+        """Whether the biller ended this arrangement without offering to renegotiate the bill: its outstanding
+        balance is then owed at once (PAY-16)."""
+        return (biller, thread_id) in self.broken and (biller, bill_id, thread_id) not in self.offered
 
 
 class Household:
@@ -811,7 +820,11 @@ class Household:
         resumable = latest.outcome is ThreadOutcome.OPEN or latest.awaiting_answer
         offered = (biller, bill_id, latest.thread_id) in news.offered
         if latest.outcome is ThreadOutcome.AGREED and not resumable and offered:
-            return _Bill(biller, bill, None, None, False, renegotiate=True)  # negotiated again, as a new bill
+            try:  # negotiated again, as a new bill for what is still owed (TRM-11, PAY-16)
+                owed = await self.agent.owed(biller, bill_id)
+            except ValueError:  # nothing owed any more (its balance paid), or a payment in doubt: `_pay` says
+                return _Bill(biller, bill, latest.thread_id, latest.outcome, resumable)
+            return _Bill(biller, replace(bill, facts=owed), None, None, False, renegotiate=True)
         return _Bill(biller, bill, latest.thread_id, latest.outcome, resumable)
 
     async def _negotiate(self, bills: list[_Bill], today: date, report: PassReport) -> None:
@@ -923,7 +936,11 @@ class Household:
             bill_ids = list(dict.fromkeys(record.bill_id for record in await self.store.list_bills(biller)))
             for bill_id in bill_ids:
                 agreement = await self._agreement(biller, bill_id)
-                if agreement is None or news.ended(biller, bill_id, agreement[2]):
+                if agreement is None:
+                    continue
+                if news.ended(biller, bill_id, agreement[2]):
+                    if news.broken_without_offer(biller, bill_id, agreement[2]):
+                        await self._pay_outstanding(biller, bill_id, today, report)
                     continue
                 terms, agreement_digest, _ = agreement
                 mine = {p.instalment_index: p for p in intents if p.agreement_digest == agreement_digest}
@@ -957,6 +974,44 @@ class Household:
                         report.payments.append(replace(line, status="failed"))
                         break  # the next instalment waits for this one
                     report.payments.append(replace(line, status="paid now", bank_reference=payment.proof))
+
+    async def _pay_outstanding(self, biller: str, bill_id: str, today: date, report: PassReport) -> None:
+        """The biller ended the arrangement on the bill without offering to renegotiate it (EVT-7): what is owed
+        now is the bill's outstanding balance (PAY-16), due at once — its amount due less what we already paid
+        of it, never the whole amount again nor the broken plan's instalments. Paid once (PAY-7): a later pass
+        reports the payment, and a renegotiation offered after it finds nothing owed."""
+        own = [p for p in await self.agent.payments(biller) if p.bill_id == bill_id and not p.agreement_digest]
+        before = own[-1] if own else None
+        if before is not None and before.state is IntentState.PAID:
+            return  # paid by an earlier pass: nothing is owed on it any more
+        if before is not None and before.state in (IntentState.SENDING, IntentState.REFUSED):
+            status = "in doubt: check with the bank" if before.state is IntentState.SENDING else "refused"
+            line = PaymentLine(biller, bill_id, 1, 1, today, str(before.amount), status, before.proof)
+            report.payments.append(replace(line, note=OUTSTANDING_NOTE))
+            return
+        attempt = (biller, bill_id, b"", 0)
+        try:
+            owed = before.amount if before is not None else (await self.agent.owed(biller, bill_id)).outstanding
+        except ValueError as error:  # nothing owed any more
+            report.problems.append(_problem(biller, f"payment of {bill_id}", error))
+            return
+        line = PaymentLine(biller, bill_id, 1, 1, today, str(owed), "", note=OUTSTANDING_NOTE)
+        if attempt in self._declined:
+            report.payments.append(replace(line, status=DECLINED_EARLIER))
+            return
+        try:
+            payment = await self.agent.pay(biller, bill_id)
+        except PaymentNotSent as declined:
+            self._declined.add(attempt)
+            report.payments.append(replace(line, status=DECLINED_NOW, note=str(declined)))
+            return
+        except (ParleyError, ValueError, LookupError) as error:  # tried again by the next pass
+            report.problems.append(_problem(biller, f"payment of {bill_id}", error))
+            report.payments.append(replace(line, status="failed"))
+            return
+        report.payments.append(
+            replace(line, amount=str(payment.amount), status="paid now", bank_reference=payment.proof)
+        )
 
     async def _pay_as_billed(self, biller: str, bill_id: str, terms: Terms, today: date, report: PassReport) -> None:
         """Pay a bill planned to be paid as billed (no agreement) once its planned date has come."""
@@ -1050,6 +1105,10 @@ class Household:
         agreement = await self._agreement(biller, facts.bill_id)
         if agreement is not None and latest.outcome is ThreadOutcome.AGREED:
             terms, agreement_digest, thread_id = agreement
+            if news.broken_without_offer(biller, facts.bill_id, thread_id):
+                own = [p for p in await self.agent.payments(biller) if p.bill_id == facts.bill_id]
+                settled = any(not p.agreement_digest and p.state is IntentState.PAID for p in own)
+                return BillLine(biller, facts, f"arrangement ended: outstanding balance {'paid' if settled else 'due'}")
             if news.ended(biller, facts.bill_id, thread_id):
                 return BillLine(biller, facts, "arrangement ended: waiting for the biller's offer to renegotiate")
             paid = sum(

@@ -418,7 +418,8 @@ def _build(
 ) -> Terms | None:
     """Terms by `build_terms`, checked against the bill; None when they cannot be built validly."""
     try:
-        terms = build_terms(kind, bill.amount_due, dates, lines, programme_id, limits=limits)
+        # The principal is what is still owed (TRM-11, PAY-16): the amount due less what was paid of it.
+        terms = build_terms(kind, bill.outstanding, dates, lines, programme_id, limits=limits)
         validate_against_bill(terms, bill)
     except (LocalProtocolError, ValueError):
         return None
@@ -496,7 +497,7 @@ def _instalments(bill: BillFacts, profile: Profile, flow: CashFlow, earliest: da
         firsts = _after_paydays(flow, earliest, PLAN_FIRST_PAYDAYS, latest_first) or [latest_first]
         fee = basis.fee(plan.fee)
         lines = _fee_lines(fee, INSTALMENT_FEE)
-        total = bill.amount_due.minor + (0 if fee is None else fee.minor)
+        total = bill.outstanding.minor + (0 if fee is None else fee.minor)
         longest = min(max_count, limits.max_instalments)
         series = [(first, _plan_series(first, longest, plan.min_interval_days, max_interval)) for first in firsts]
         for count in range(2, longest + 1):

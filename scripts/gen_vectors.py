@@ -1389,6 +1389,66 @@ def parsing_cases() -> None:
     )
 
 
+def renegotiation_cases() -> None:
+    """BND-5, TRM-11: a renegotiation after a half-paid plan broke restates the outstanding balance, which the
+    bundle does not show; the verifier takes it from the opening's principal when positive, in the bill's
+    currency and at most the amount due (60.00 of the 120.00 bill here), else the amount due."""
+
+    def renegotiated(terms: Any, *, change: Callable[[Any], None] | None = None) -> Thread:
+        thread = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
+        thread.open(terms)
+        if change is not None:
+            thread.envelopes[0] = resign(thread.envelopes[0], KEYS["consumer-1"], change)
+        thread.move(Accept(thread.last_digest()))
+        return thread
+
+    def plan_of(amount: Money, first: date = date(2026, 4, 15)) -> Any:
+        return build_terms(TermsKind.INSTALMENT_PLAN, amount, monthly_dates(first, 2))
+
+    def zero_principal(message: Any) -> None:
+        message.terms.principal.amount_minor = 0
+
+    bundle_of(
+        "bundle-renegotiated-outstanding-balance",
+        "A renegotiation after 60.00 of the 120.00 bill was received: 2 x 30.00 restating 60.00, accepted.",
+        "BND-5",
+        renegotiated(plan_of(eur("60.00"))).bundle(),
+        None,
+    )
+    bundle_of(
+        "bundle-renegotiated-above-amount-due",
+        "An opening restating 130.00, more than the 120.00 due: judged against the amount due.",
+        "BND-5",
+        renegotiated(plan_of(eur("130.00"))).bundle(),
+        "PRINCIPAL_MISMATCH",
+    )
+    bundle_of(
+        "bundle-renegotiated-other-currency",
+        "An opening restating GBP 60.00 of a EUR bill.",
+        "BND-5",
+        renegotiated(plan_of(Money.parse("60.00", "GBP"))).bundle(),
+        "CURRENCY_MISMATCH",
+    )
+    bundle_of(
+        "bundle-renegotiated-zero-principal",
+        "An opening restating a principal of 0.00: refused as an amount before the balance is taken from it.",
+        "BND-5",
+        renegotiated(plan_of(eur("60.00")), change=zero_principal).bundle(),
+        "AMOUNT_OUT_OF_RANGE",
+    )
+    countered = Thread(datetime(2026, 3, 6, 9, tzinfo=UTC))
+    countered.open(plan_of(eur("60.00"), date(2026, 8, 15)))
+    countered.move(Offer(PLAN_6))
+    countered.move(Accept(countered.last_digest()))
+    bundle_of(
+        "bundle-renegotiated-counter-restates-more",
+        "An opening restating 60.00, countered with 6 instalments of the whole 120.00 and accepted.",
+        "BND-5",
+        countered.bundle(),
+        "PRINCIPAL_MISMATCH",
+    )
+
+
 def document() -> dict[str, object]:
     CASES.clear()
     valid_messages()
@@ -1403,6 +1463,7 @@ def document() -> dict[str, object]:
     missing_amount_cases()
     first_version_cases()
     parsing_cases()
+    renegotiation_cases()
     keys = {
         name: {"keyid": key.keyid, "publicKey": base64.b64encode(key.public_key.raw).decode(), "seed": key.seed.hex()}
         for name, key in KEYS.items()

@@ -463,6 +463,10 @@ def test_after_the_biller_breaks_a_plan_its_outstanding_balance_is_paid_not_its_
             async with contextlib.aclosing(agent.watch(BILLER_ID)) as events:
                 while (await asyncio.wait_for(anext(events), 5)).kind != event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED:
                     pass
+            # The ended plan commits nothing any more (its instalments are not paid): the strategy is not told
+            # they are still owed (PAY-16).
+            assert await agent.committed() == ()
+            assert (await agent.owed(BILLER_ID, BILL.bill_id)).outstanding == eur("80.00")
             with pytest.raises(ValueError, match="PAY-16"):
                 await agent.pay(BILLER_ID, BILL.bill_id, instalment_index=1)
             rest = await agent.pay(BILLER_ID, BILL.bill_id)

@@ -4,11 +4,14 @@ time (PAY-14), and no receipt ever says less is owed than really is."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from agent.biller import payments
+from agent.protocol import terms
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason
 from agent.protocol.terms import Money
@@ -122,5 +125,30 @@ def test_a_settlement_that_would_receive_more_than_is_owed_gets_no_receipt(tmp_p
         with pytest.raises(ValueError, match="more than is owed"):
             await biller.agent.record_settlement(ACCOUNT, "whole", BILL.amount_due, "RAIL-2")
         assert await biller.agent.party.store.received_minor(BILL.bill_id) == eur("40.00").minor
+
+    run(tmp_path, scenario)
+
+
+def test_the_biller_owes_what_the_one_outstanding_balance_says(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PAY-16, one implementation of each rule: what an intent without agreement must carry is computed by
+    `agent.protocol.terms.outstanding_balance` (the consumer's too), not by arithmetic of the biller's own."""
+    asked: list[tuple[Money, list[Money]]] = []
+
+    def spy(amount_due: Money, received: Iterable[Money]) -> Money:
+        received = list(received)
+        asked.append((amount_due, received))
+        return terms.outstanding_balance(amount_due, received)
+
+    monkeypatch.setattr(payments, "outstanding_balance", spy)
+
+    async def scenario(biller: Biller) -> None:
+        alice, agreement = await agreed_plan(biller)
+        await instruct(biller, alice.intent(ACCOUNT, BILL.bill_id, "inst-1", eur("40.00"), agreement_digest=agreement))
+        await biller.agent.record_settlement(ACCOUNT, "inst-1", eur("40.00"), "RAIL-1")
+        await biller.agent.offer_renegotiation(BILL.bill_id)
+        asked.clear()
+        rest = await instruct(biller, alice.intent(ACCOUNT, BILL.bill_id, "rest", eur("80.00")))
+        assert Money.from_proto(rest.amount) == eur("80.00")
+        assert asked == [(eur("120.00"), [eur("40.00")])]
 
     run(tmp_path, scenario)

@@ -13,7 +13,7 @@ from agent.biller.receive import log_read
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.events import MAX_REMINDER_LEVEL, events_thread_id
 from agent.protocol.limits import MAX_NOTE_CHARS, MAX_OPEN_STREAMS_PER_PARTY, MAX_STREAM_RECHECK_INTERVAL
-from agent.protocol.terms import Money
+from agent.protocol.terms import Money, outstanding_balance
 from agent.stores.base import PendingEvent
 from parley.v1 import envelope_pb2, event_pb2
 
@@ -113,9 +113,12 @@ class EventsPhase:
         if bill is None:
             raise LookupError(f"no bill {bill_id!r}")
         arrangements = await party.store.arrangements(bill.account_id, active_only=True)
-        thread_id = next((a.thread_id for a in arrangements if a.bill_id == bill_id), b"")
+        # EVT-7: the arrangement in force is the bill's latest agreement (a renegotiation replaces the one before,
+        # whose thread stays agreed): the offer names the arrangement just broken, not the first one ever agreed.
+        thread_id = next((a.thread_id for a in reversed(arrangements) if a.bill_id == bill_id), b"")
         await party.bound_consumer(bill.account_id)
-        owed = Money.of(bill.amount_minor - await party.store.received_minor(bill_id), bill.currency)  # PAY-16
+        received = Money.of(await party.store.received_minor(bill_id), bill.currency)
+        owed = outstanding_balance(Money.of(bill.amount_minor, bill.currency), [received])  # PAY-16
         event = self.pending_event(
             bill.account_id,
             event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED,

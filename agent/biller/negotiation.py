@@ -120,10 +120,9 @@ class NegotiationPhase:
         if not thread.messages:
             return 0
         opening = self._stored_move(thread.messages[0]).move
-        if not isinstance(opening, Open) or opening.terms.principal.currency != facts.amount_due.currency:
+        if not isinstance(opening, Open):
             return 0
-        received = facts.amount_due.minor - opening.terms.principal.minor
-        return received if 0 <= received < facts.amount_due.minor else 0
+        return facts.restated_by(opening.terms.principal).received_minor
 
     def _stored_move(self, record: MessageRecord) -> ThreadMessage:
         """A stored (already verified) message as the core sees it."""

@@ -19,7 +19,7 @@ from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolErro
 from agent.protocol.limits import INTENT_ID_PATTERN, PAYMENT_GRACE_DAYS
 from agent.protocol.messages import check_sequence, to_timestamp
 from agent.protocol.moves import NEGOTIATION_TYPES
-from agent.protocol.terms import Money, Terms, shift_days
+from agent.protocol.terms import Money, Terms, outstanding_balance, shift_days
 from agent.stores.base import (
     ArrangementRecord,
     BillRecord,
@@ -206,10 +206,17 @@ class PaymentsPhase:
                 raise RemoteProtocolError(
                     Reason.PAYMENT_AMOUNT_MISMATCH, "the bill is paid or under an arrangement: pay its instalments"
                 )
-            outstanding = bill.amount_minor - context.received_minor
-            if outstanding <= 0:
+            amount_due, received = (
+                Money.of(bill.amount_minor, bill.currency),
+                Money.of(context.received_minor, bill.currency),
+            )
+            try:
+                outstanding = outstanding_balance(amount_due, [received])  # PAY-16: the one implementation
+            except ValueError:  # more received than due: no receipt says so (PAY-16), so nothing is owed
+                outstanding = Money(amount_due.currency, 0)
+            if outstanding.minor == 0:
                 raise RemoteProtocolError(Reason.PAYMENT_AMOUNT_MISMATCH, "nothing is owed on the bill")
-            return Money.of(outstanding, bill.currency), max(_end_of(bill.due_date), now + timedelta(days=1))
+            return outstanding, max(_end_of(bill.due_date), now + timedelta(days=1))
         record = context.arrangement
         if record is None or record.bill_id != bill.bill_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, "no such agreement on the bill")

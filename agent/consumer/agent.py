@@ -71,7 +71,7 @@ from agent.consumer.approvals import Approvals
 from agent.consumer.bills import Bills
 from agent.consumer.enrolment import Enrolment
 from agent.consumer.events import EventWatch
-from agent.consumer.instalments import committed_instalments
+from agent.consumer.instalments import committed_instalments, owed_facts
 from agent.consumer.locks import KeyedLocks
 from agent.consumer.mandate import Mandate
 from agent.consumer.negotiation import NegotiationSettings, Negotiator
@@ -86,7 +86,7 @@ from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS, Limits
 from agent.protocol.messages import is_party_id
-from agent.protocol.terms import Instalment
+from agent.protocol.terms import BillFacts, Instalment
 from agent.stores.base import ConsumerStore
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy
 from parley.v1 import envelope_pb2
@@ -239,7 +239,12 @@ class ConsumerAgent:
         the user's approval (NEG-20). Returns the result (see `NegotiationResult`).
         Raises CallError when the biller cannot be reached after the retries (the
         thread, stored, resumes on the next call), LocalProtocolError when the
-        strategy's opening is not valid terms, LookupError for an unknown bill.
+        strategy's opening is not valid terms, LookupError for an unknown bill,
+        ValueError when nothing is owed on the bill any more or a payment of it is in doubt.
+
+        A new thread restates what is still owed (TRM-11): the strategy's context has
+        the bill's facts with what we already paid of it (`owed`), so after a plan broke
+        half paid its principal is the outstanding balance, never the whole amount due.
         """
         async with self._locks.hold(("negotiate", biller, bill_id)):
             return await self._negotiator.negotiate(biller, bill_id)
@@ -254,8 +259,10 @@ class ConsumerAgent:
         return await self._negotiator.export_bundle(thread_id)
 
     async def committed(self, *, excluding: Iterable[tuple[str, str]] = ()) -> tuple[Instalment, ...]:
-        """The payments already committed to: the unpaid instalments of every agreed arrangement,
-        with any biller, by date (what a strategy's cash-flow model subtracts).
+        """The payments already committed to: the unpaid instalments of every agreed arrangement
+        still in force, with any biller, by date (what a strategy's cash-flow model subtracts). An
+        arrangement the biller ended (ARRANGEMENT_BROKEN, RENEGOTIATION_OFFERED) commits nothing any
+        more: its instalments are not paid (PAY-16).
 
         Only the latest agreement on a bill counts: a bill is negotiated again only once the biller
         ended its arrangement and offered renegotiation (NEG-3, EVT-7), so a later agreement replaces
@@ -263,6 +270,16 @@ class ConsumerAgent:
         negotiated again, whose new arrangements will replace the old.
         """
         return await committed_instalments(self._store, excluding=excluding)
+
+    async def owed(self, biller: str, bill_id: str) -> BillFacts:
+        """A verified bill's facts with what our bank already paid of it (`received_minor`): `outstanding` is
+        its outstanding balance (PAY-16) — the amount due less every payment of the bill we made, under any
+        agreement or none. It is the principal `negotiate` restates on the bill (TRM-11) and, once the biller
+        ended its arrangement, what `pay` pays. Computed from our own record only: a biller's event stating
+        more is never taken for it (EVT-8). ValueError when nothing is owed any more, or while a payment of
+        the bill is in doubt; LookupError for a bill never verified."""
+        session = await self._sessions.get(biller)
+        return await owed_facts(self._store, await self._bills.get(session, bill_id))
 
     # === Payments (§10) =============================================================================
 

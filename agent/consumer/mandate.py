@@ -19,7 +19,8 @@ class Mandate:
 
     - `max_fee`: the most the FEE lines of one arrangement may add up to;
     - `max_instalments`: the most instalments of a plan (a single payment is never over it);
-    - `max_total_over_bill`: the most the total may exceed the bill's amount due;
+    - `max_total_over_bill`: the most the total may exceed what the terms settle: the bill's outstanding
+      balance (its amount due, less what was already paid of it, PAY-16);
     - `latest_date`: no payment after this date (None: no such limit);
     - `allow_disclosure`: the user consents to disclosing the circumstances the
       strategy chooses (PRV-8); without it, every disclosure is asked for.
@@ -35,7 +36,9 @@ class Mandate:
         """The limits the terms break, as sentences for the user; empty when they are inside the mandate.
 
         The fee is the sum of the FEE lines; "instalments" counts the payments of an INSTALMENT_PLAN;
-        the latest date is compared with the last payment; the total with the bill's amount due.
+        the latest date is compared with the last payment; the total with the bill's outstanding balance
+        (`bill.outstanding`: the amount due, unless the facts say part of it was paid, TRM-11), so that after
+        a half-paid plan broke a total that would pay again what was already paid is outside the mandate.
         """
         currency = self.max_fee.currency
         if terms.total.currency.code != currency.code or bill.amount_due.currency.code != currency.code:
@@ -51,10 +54,12 @@ class Mandate:
             last = terms.schedule[-1].due_date
             if last > self.latest_date:
                 problems.append(f"last payment on {last} is after your latest date {self.latest_date}")
-        over = terms.total.minor - bill.amount_due.minor
+        owed = bill.outstanding
+        over = terms.total.minor - owed.minor
         if over > self.max_total_over_bill.minor:
+            what = "the bill" if owed == bill.amount_due else f"the {owed} still owed on the bill"
             problems.append(
-                f"total {terms.total} is {Money(currency, over)} over the bill, "
+                f"total {terms.total} is {Money(currency, over)} over {what}, "
                 f"more than your limit {self.max_total_over_bill}"
             )
         return problems

@@ -9,6 +9,7 @@ thread's state changes only through the core's methods.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -19,7 +20,7 @@ from typing import Literal
 
 from agent.consumer.approvals import Approvals
 from agent.consumer.bills import Bills
-from agent.consumer.instalments import committed_instalments, negotiation_payload
+from agent.consumer.instalments import committed_instalments, negotiation_payload, owed_facts
 from agent.consumer.mandate import Mandate
 from agent.consumer.party import BillerSession, Party
 from agent.consumer.plugins import (
@@ -166,8 +167,14 @@ class Negotiator:
     # --- Opening and resuming ---
 
     async def _start(self, session: BillerSession, bill: ReceivedBill) -> _Run | None:
-        """Open a thread: the strategy's opening, approved if outside the mandate, stored, then sent."""
-        party, facts = self._party, bill.facts
+        """Open a thread: the strategy's opening, approved if outside the mandate, stored, then sent.
+
+        The thread restates the bill's outstanding balance (TRM-11, PAY-16), as our own record of what we
+        paid of the bill computes it (`owed_facts`): the strategy, the mandate and the core judge our terms
+        and the biller's against it, so after a half-paid plan broke nothing already paid is offered again."""
+        party = self._party
+        facts = await owed_facts(self._store, bill)
+        bill = dataclasses.replace(bill, facts=facts)
         committed = await committed_instalments(self._store, excluding=[(session.biller, facts.bill_id)])
         context = OpeningContext(facts, party.now().date(), session.biller, bill.account_id, committed)
         terms, circumstances = self._strategy.opening(context)
@@ -241,7 +248,8 @@ class Negotiator:
         return None
 
     def _rebuild(self, session: BillerSession, bill: ReceivedBill, record: ConsumerThreadRecord) -> _Run:
-        """The stored thread (already verified) through the core's one replay, each message at its own time."""
+        """The stored thread (already verified) through the core's one replay, each message at its own time,
+        against the balance its opening restated (TRM-11), whatever was paid since."""
         envelopes: list[envelope_pb2.Envelope] = []
         messages: list[tuple[core.ThreadMessage, datetime]] = []
         my_last: Terms | None = None
@@ -256,6 +264,10 @@ class Negotiator:
             if ours and isinstance(payload, negotiation_pb2.ThreadOpen | negotiation_pb2.Offer):
                 my_last = Terms.from_proto(payload.terms)
             envelopes.append(envelope)
+        assert my_last is not None, "a stored thread starts with our opening"
+        opening = negotiation_payload(envelopes[0])
+        assert isinstance(opening, negotiation_pb2.ThreadOpen), "a stored thread starts with our opening"
+        bill = dataclasses.replace(bill, facts=bill.facts.restated_by(Terms.from_proto(opening.terms).principal))
         negotiation = core.Negotiation.replay(
             bill=bill.facts,
             bill_digest=bill.digest,
@@ -265,7 +277,6 @@ class Negotiator:
             hardship_disclosed=record.hardship_disclosed,
             recorded_expired=record.outcome is ThreadOutcome.EXPIRED,
         )
-        assert my_last is not None, "a stored thread starts with our opening"
         return _Run(
             session,
             bill,

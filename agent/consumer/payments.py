@@ -15,14 +15,14 @@ from datetime import datetime
 
 from agent.consumer.bills import Bills
 from agent.consumer.errors import PaymentDispute, PaymentInDoubt, PaymentNotSent, PaymentRefused
-from agent.consumer.instalments import agreed_terms
+from agent.consumer.instalments import agreed_terms, ended_threads, owed_facts
 from agent.consumer.party import BillerSession, Party
 from agent.consumer.plugins import PaymentOrder, PaymentSender
 from agent.consumer.receive import Receiver, envelope_of
 from agent.consumer.results import Payment, PaymentReceipt, ReceivedBill
 from agent.consumer.sessions import Sessions
 from agent.logs import log_step
-from agent.protocol.arrangements import ENDING_EVENTS, ended_arrangements, outstanding_balance, unpaid_instalments
+from agent.protocol.arrangements import unpaid_instalments
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.limits import THREAD_ID_BYTES
@@ -30,7 +30,7 @@ from agent.protocol.messages import read_time
 from agent.protocol.terms import Money
 from agent.stores.base import ConsumerStore, IntentRecord, IntentState, ReceiptRecord, ThreadOutcome
 from agent.transport.status import CallError
-from parley.v1 import envelope_pb2, event_pb2, payment_pb2
+from parley.v1 import envelope_pb2, payment_pb2
 
 logger = logging.getLogger("parley.consumer")
 
@@ -191,25 +191,12 @@ class Payments:
         return agreement_digest, instalment_index, terms.schedule[instalment_index].amount
 
     async def _ended(self, bill: ReceivedBill) -> frozenset[bytes]:
-        """The arrangements on the bill's account that the biller ended, as the stored events say (EVT-7)."""
-        records = await self._store.stored_events(bill.biller_party_id, bill.account_id, 0, limit=1_000_000)
-        events = (
-            event_pb2.Event.FromString(envelope_of(record.envelope).payload)  # verified when stored
-            for record in records
-            if record.kind in ENDING_EVENTS
-        )
-        return ended_arrangements(event for event in events if event.bill_id == bill.facts.bill_id)
+        """The arrangements on the bill that the biller ended, as the stored events say (EVT-7)."""
+        return await ended_threads(self._store, bill.biller_party_id, bill.account_id, bill.facts.bill_id)
 
     async def _outstanding(self, bill: ReceivedBill) -> Money:
         """PAY-16: the bill's amount due less every payment of it our bank made, under any agreement or none."""
-        intents = [i for i in await self._store.intents(bill.biller_party_id) if i.bill_id == bill.facts.bill_id]
-        if any(intent.state is IntentState.SENDING for intent in intents):
-            raise ValueError(f"a payment of {bill.facts.bill_id!r} is in doubt: resolve it before paying the rest")
-        paid = (Money.of(i.amount_minor, i.currency) for i in intents if i.state is IntentState.PAID)
-        owed = outstanding_balance(bill.facts.amount_due, paid)
-        if owed.minor == 0:
-            raise ValueError(f"nothing is owed on {bill.facts.bill_id!r} any more")
-        return owed
+        return (await owed_facts(self._store, bill)).outstanding
 
     def _new_intent(self, bill: ReceivedBill, agreement_digest: bytes, index: int, amount: Money) -> IntentRecord:
         now = self._party.now()

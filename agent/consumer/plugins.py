@@ -59,9 +59,16 @@ class Circumstances:
 class OpeningContext:
     """What the strategy sees when it opens a thread on `bill`.
 
+    The terms' principal MUST be `bill.outstanding` (TRM-11): the bill's amount due
+    less what our bank already paid of it (`bill.received_minor`, PAY-16) — the amount
+    due itself for a bill nothing was paid on, 60.00 of a 120.00 bill renegotiated
+    after a plan broke half paid. Terms restating more are refused by the agent before
+    they are signed (NEG-16), and by the biller (PRINCIPAL_MISMATCH).
+
     `committed` are the payments the consumer already committed to: the unpaid
-    instalments of every agreed arrangement, with any biller, except the bill
-    being negotiated (its new arrangement replaces any earlier one).
+    instalments of every agreed arrangement still in force, with any biller, except
+    the bill being negotiated (its new arrangement replaces any earlier one); an
+    arrangement the biller ended commits nothing (PAY-16).
     """
 
     bill: BillFacts
@@ -76,7 +83,8 @@ class ResponseContext:
     """What the strategy sees when it answers the biller's pending offer `their_offer`.
 
     `my_last` is our last offer in the thread; `rounds_left` offers remain (0: no CounterOffer).
-    `today`, `biller_party_id`, `account_id` and `committed` are as in `OpeningContext`.
+    `bill`, `today`, `biller_party_id`, `account_id` and `committed` are as in `OpeningContext`
+    (`bill.outstanding` is the principal the thread's opening restated).
     """
 
     bill: BillFacts

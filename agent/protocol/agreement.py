@@ -21,7 +21,7 @@ from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS
 from agent.protocol.messages import Verified, check_sequence, open_envelope
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, thread_message
-from agent.protocol.negotiation import Negotiation, Role, State
+from agent.protocol.negotiation import Negotiation, Open, Role, State
 from agent.protocol.terms import BillFacts, Terms
 from parley.v1 import bill_pb2, envelope_pb2, negotiation_pb2
 
@@ -142,6 +142,12 @@ def verify_bundle(bundle: Bundle, *, pins: Mapping[str, bytes] | None = None) ->
         if isinstance(message.message, negotiation_pb2.ThreadOpen) and message.message.bill_id != facts.bill_id:
             raise RemoteProtocolError(Reason.BILL_DIGEST_MISMATCH, "the opening names another bill")
         core_message = thread_message(message, role)
+        if sequence == 0 and isinstance(core_message.move, Open):
+            # TRM-11 offline (BND-5): what was received for the bill is not in the bundle; the balance the
+            # thread restates is its opening's principal, when that is a balance of the bill (0 < it <= due).
+            negotiation = Negotiation(
+                bill=facts.restated_by(core_message.move.terms.principal), bill_digest=digest(bundle.bill)
+            )
         negotiation.receive(core_message, core_message.create_time)
         verified.append(message)
     if negotiation.state is not State.AGREED:

@@ -4,14 +4,15 @@ An arrangement's schedule (its agreed `Terms`) lists instalments by index; each 
 names the index it paid (PAY-3). The biller (which instalment an intent may pay, what a scheduler
 reminds of), the consumer (which instalment to pay next) and an offline reader all ask this module.
 Once the biller ends an arrangement (EVT-7) it sets no payment any more: what is owed is the bill's
-outstanding balance (PAY-16).
+outstanding balance (PAY-16): `outstanding_balance`, defined beside the bill's facts in `terms` and
+re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from agent.protocol.terms import Instalment, Money, Terms
+from agent.protocol.terms import Instalment, Terms, outstanding_balance
 from parley.v1 import event_pb2
 
 # EVT-7: the events by which a biller ends the arrangement their `thread_id` names: ARRANGEMENT_BROKEN, and
@@ -28,18 +29,6 @@ def unpaid_instalments(terms: Terms, paid: Iterable[int]) -> tuple[tuple[int, In
 def ended_arrangements(events: Iterable[event_pb2.Event]) -> frozenset[bytes]:
     """The thread ids of the arrangements an account's events say the biller ended (EVT-7)."""
     return frozenset(event.thread_id for event in events if event.kind in ENDING_EVENTS and event.thread_id)
-
-
-def outstanding_balance(amount_due: Money, received: Iterable[Money]) -> Money:
-    """PAY-16: the bill's amount due less every amount received for it, under any agreement or none.
-
-    ValueError when what was received is more than the amount due (no receipt may say so, PAY-16)."""
-    total = Money(amount_due.currency, 0)
-    for amount in received:
-        total += amount  # LocalProtocolError (CURRENCY_MISMATCH) for another currency
-    if total > amount_due:
-        raise ValueError(f"{total} received is more than the {amount_due} due")
-    return amount_due - total
 
 
 __all__ = ["ENDING_EVENTS", "ended_arrangements", "outstanding_balance", "unpaid_instalments"]

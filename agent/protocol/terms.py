@@ -15,7 +15,7 @@ import contextlib
 import enum
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from importlib import resources
@@ -636,6 +636,23 @@ class AdvertisedOptions:
         )
 
 
+def outstanding_balance(amount_due: Money, received: Iterable[Money]) -> Money:
+    """PAY-16: a bill's outstanding balance — its amount due less every amount received for it, under any
+    agreement or none. The one implementation: the biller (what an intent without agreement carries, what
+    RENEGOTIATION_OFFERED states, `BillFacts.outstanding`) and the consumer (what it pays and restates after
+    a broken plan, from its own record of payments) both compute it here.
+
+    LocalProtocolError (CURRENCY_MISMATCH) for an amount in another currency; ValueError when what was
+    received adds up to more than the amount due (no receipt may say so, PAY-16).
+    """
+    total = 0
+    for amount in received:
+        total += amount_due._minor_of(amount)  # CURRENCY_MISMATCH for another currency
+        if total > amount_due.minor:
+            raise ValueError(f"more than the {amount_due} due was received for the bill")
+    return Money(amount_due.currency, amount_due.minor - total)
+
+
 @dataclass(frozen=True)
 class BillFacts:
     """What a bill fixes for negotiation: the amount due, its dates and the advertised options.
@@ -667,11 +684,20 @@ class BillFacts:
     @property
     def outstanding(self) -> Money:
         """The outstanding balance when the negotiation opened (PAY-16): what its terms' principal is (TRM-11)."""
-        return Money(self.amount_due.currency, self.amount_due.minor - self.received_minor)
+        return outstanding_balance(self.amount_due, [Money(self.amount_due.currency, self.received_minor)])
 
     def with_received(self, received_minor: int) -> BillFacts:
         """These facts for a negotiation opened after `received_minor` was received for the bill."""
         return self if received_minor == self.received_minor else replace(self, received_minor=received_minor)
+
+    def restated_by(self, principal: Money) -> BillFacts:
+        """These facts as a thread whose opening restated `principal` saw them (TRM-11): received is the amount
+        due less it. A replayed thread is judged against the balance it opened on, whatever was paid since;
+        a principal that is no balance of this bill (another currency, zero, more than due) gives 0 received,
+        so the thread's own terms are then refused as they were (PRINCIPAL_MISMATCH)."""
+        if principal.currency != self.amount_due.currency or not 0 < principal.minor <= self.amount_due.minor:
+            return self.with_received(0)
+        return self.with_received(self.amount_due.minor - principal.minor)
 
     def __post_init__(self) -> None:
         _check_length("bill_id", self.bill_id, MAX_ID_CHARS, minimum=1)

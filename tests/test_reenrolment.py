@@ -341,3 +341,36 @@ def test_a_consumer_agent_enrolling_on_a_rebound_account_lists_verifies_and_watc
 
     run(tmp_path, scenario)
 
+
+def test_a_consumer_agent_bound_again_resumes_its_own_log_from_its_cursor(tmp_path: Path) -> None:
+    """A holder's agent that followed its log, lost the account to another party and enrolled on it again,
+    goes on from its stored cursor: its log continues without a fork (EVT-5), with the bill issued meanwhile."""
+
+    async def scenario(biller: Biller) -> None:
+        await biller.agent.create_account(ACCOUNT, "Alice Example")
+        async with (
+            consumer_agent(biller, tmp_path, "consumer:alice") as alice,
+            consumer_agent(biller, tmp_path, "consumer:bob") as bob,
+        ):
+            await enrol_agent(biller, alice)
+            await biller.bill(ACCOUNT)
+            async with contextlib.aclosing(alice.watch(BILLER_ID)) as alice_events:
+                first = await asyncio.wait_for(anext(alice_events), 5)
+                assert (first.sequence, first.kind, first.bill_id) == (0, BILL_ISSUED, BILL.bill_id)
+
+            await enrol_agent(biller, bob)
+            await issue(biller, SECOND_BILL)  # presented to bob, in bob's log
+            assert sorted(b.facts.bill_id for b in await bob.bills(BILLER_ID)) == [BILL.bill_id, SECOND_BILL]
+
+            await enrol_agent(biller, alice)  # bound again: the second bill is presented to her, in her log
+            async with contextlib.aclosing(alice.watch(BILLER_ID)) as alice_events:
+                event = await asyncio.wait_for(anext(alice_events), 5)
+            assert (event.sequence, event.kind, event.bill_id) == (1, BILL_ISSUED, SECOND_BILL)
+            listed = {b.facts.bill_id: b for b in await alice.bills(BILLER_ID)}
+            assert sorted(listed) == [BILL.bill_id, SECOND_BILL]
+            assert event.related_digest == listed[SECOND_BILL].digest
+            with pytest.raises(CallError) as failure:
+                await bob.bills(BILLER_ID)
+            assert failure.value.reason is Reason.ACCOUNT_ACCESS_DENIED
+
+    run(tmp_path, scenario)

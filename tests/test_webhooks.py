@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from reference_biller.service import Biller, open_biller, serving_biller
 from reference_biller.webhooks import (
     BACKOFF_CAP,
     BACKOFF_FIRST,
+    EVENT_TYPES,
     GIVE_UP_AFTER,
     MAX_ATTEMPTS,
     SIGNATURE_HEADER,
@@ -158,7 +160,7 @@ async def _deliveries(tmp_path: Path, receiver: Receiver) -> None:
         assert all(header.count("v1=") == 2 for header in receiver.signatures)  # both secrets: a rotation
         assert await dispatcher.deliver_due() == 0  # nothing twice
         [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
-        assert cursor == WebhookCursor("w-1", await biller.store.event_count("w-1"))
+        assert cursor == WebhookCursor("w-1", "consumer:w-1", await biller.store.event_count("w-1"))
         await dispatcher.close()
     finally:
         await biller.close()
@@ -182,7 +184,8 @@ async def _abandon(tmp_path: Path, receiver: Receiver) -> None:
         events = await biller.store.events("w-1", 0, 100)
         kinds = [event_pb2.Event.FromString(envelope_pb2.Envelope.FromString(e.envelope).payload).kind for e in events]
         sequence = kinds.index(event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN)  # its first attempt was nearly 3 days ago
-        await biller.store.save_webhook_cursor(receiver.url, WebhookCursor("w-1", sequence, MAX_ATTEMPTS - 1, START))
+        failing = WebhookCursor("w-1", "consumer:w-1", sequence, MAX_ATTEMPTS - 1, START)
+        await biller.store.save_webhook_cursor(receiver.url, failing)
         dispatcher = WebhookDispatcher(biller.store, biller.agent.party_id, [endpoint], clock)
         assert await dispatcher.deliver_due() == 0
         [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
@@ -190,7 +193,7 @@ async def _abandon(tmp_path: Path, receiver: Receiver) -> None:
         assert cursor.last_error == "abandoned: HTTP 500"
         assert await dispatcher.deliver_due() == 0  # and on, past the kinds this endpoint does not report
         [cursor] = (await biller.store.webhook_cursors(receiver.url)).values()
-        assert cursor == WebhookCursor("w-1", len(events))
+        assert cursor == WebhookCursor("w-1", "consumer:w-1", len(events))
         await dispatcher.close()
     finally:
         await biller.close()
@@ -335,3 +338,77 @@ def test_serve_refuses_a_webhook_secret_it_cannot_read(tmp_path: Path, capsys: p
     captured = capsys.readouterr()
     assert "webhooks[0].secret_files: cannot read" in captured.out + captured.err
     assert not (tmp_path / "state").exists()  # refused before anything was created
+
+
+def kind_of(body: dict[str, object]) -> tuple[object, ...]:
+    """What a test compares of one delivered webhook: (holder, sequence, type)."""
+    return body.get("holder"), body["sequence"], body["type"]
+
+
+def test_a_re_enrolment_delivers_every_holders_log_exactly_once(tmp_path: Path) -> None:
+    """ENR-12: a log per binding, so a cursor per binding. Alice's log delivered to position 3, the account
+    re-bound to bob: bob's outcomes from 1 are delivered, and so is the payment_received appended to alice's
+    log after the switch (her payment, settled later) — each exactly once."""
+
+    async def run() -> None:
+        async with receiving() as receiver:
+            clock = ManualClock(START)
+            biller = await open_biller(load_config(SAMPLE), tmp_path / "state", clock)
+            agent = biller.agent
+            endpoint = Endpoint(receiver.url, (OLD_SECRET,), frozenset(EVENT_TYPES.values()))
+            dispatcher = WebhookDispatcher(biller.store, agent.party_id, [endpoint], clock)
+            try:
+                await agent.create_account("w-1", "A. Holder")
+                alice = Consumer("consumer:alice", ManualClock(clock.now()))
+                await agent.enrol(alice.enrolment("w-1", await agent.issue_enrolment_code("w-1")))
+                amount = Money.parse("42.50", "EUR")
+                await agent.issue_bill("w-1", amount, clock.now().date() + timedelta(days=30), "Water", bill_id="INV-1")
+                await agent.create_payment_intent(alice.intent("w-1", "INV-1", "pay-1", amount))  # settled later
+                await agent.emit_event("w-1", event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="INV-1")
+                await agent.emit_event("w-1", event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, bill_id="INV-1")
+                assert await dispatcher.deliver_due() == 2  # alice's 1 and 2: her log is delivered to 3
+                alice_id, bob_id = alice.party.party_id, "consumer:bob"
+                assert [kind_of(body)[1:] for body in receiver.accepted] == [
+                    (1, "arrangement_broken"),
+                    (2, "renegotiation_offered"),
+                ]
+
+                bob = Consumer(bob_id, ManualClock(clock.now()))
+                await agent.enrol(bob.enrolment("w-1", await agent.issue_enrolment_code("w-1")))  # bob's 0: INV-1
+                await agent.emit_event("w-1", event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="INV-1")
+                await agent.emit_event("w-1", event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, bill_id="INV-1")
+                assert await biller.store.event_count("w-1", bob_id) == 3
+                assert await dispatcher.deliver_due() == 2  # bob's 1 and 2, below alice's position
+
+                await agent.record_settlement("w-1", "pay-1", amount, "BANK-1")  # alice's 3: her payment
+                assert await biller.store.event_count("w-1", alice_id) == 4
+                assert await dispatcher.deliver_due() == 1
+                await agent.emit_event("w-1", event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="INV-1")  # bob's 3
+                assert await dispatcher.deliver_due() == 1
+                assert await dispatcher.deliver_due() == 0  # nothing twice
+
+                assert [kind_of(body) for body in receiver.accepted] == [
+                    (alice_id, 1, "arrangement_broken"),
+                    (alice_id, 2, "renegotiation_offered"),
+                    (bob_id, 1, "arrangement_broken"),
+                    (bob_id, 2, "renegotiation_offered"),
+                    (alice_id, 3, "payment_received"),
+                    (bob_id, 3, "arrangement_broken"),
+                ]
+                assert len({body["id"] for body in receiver.accepted}) == len(receiver.accepted)
+                paid = receiver.accepted[4]
+                assert (paid["account_id"], paid["bill_id"]) == ("w-1", "INV-1")
+                for body in receiver.accepted:  # the holder is the signed event's recipient
+                    envelope = envelope_pb2.Envelope.FromString(base64.b64decode(str(body["envelope"])))
+                    assert event_pb2.Event.FromString(envelope.payload).header.recipient == body["holder"]
+                cursors = await biller.store.webhook_cursors(receiver.url)
+                assert cursors == {
+                    ("w-1", alice_id): WebhookCursor("w-1", alice_id, 4),
+                    ("w-1", bob_id): WebhookCursor("w-1", bob_id, 4),
+                }
+            finally:
+                await dispatcher.close()
+                await biller.close()
+
+    asyncio.run(run())
+

@@ -43,6 +43,7 @@ from agent.stores.base import (
     EnrolmentAttempt,
     EnrolmentAttemptOutcome,
     EnrolmentCodeRecord,
+    EventLog,
     EventRecord,
     KeySetRecord,
     MessageRecord,
@@ -287,6 +288,37 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
            FROM events e JOIN bindings g ON g.account_id = e.account_id""",
         "DROP TABLE events",
     ),
+    (
+        # ENR-12 for the outbound webhooks: a log per binding, so a cursor per (endpoint, binding) — the
+        # log of (account_id, party_id) — where `webhook_cursors` kept one per account, which carried an
+        # earlier holder's position over into the new holder's log (its first events never sent) and never
+        # went back to the earlier holder's log (its payment_received settled later never sent).
+        # An account cursor moves to the log it followed when the account has one log (every account of
+        # a store upgraded from migration 4, and every one not re-bound since migration 5): as it was,
+        # nothing sent again or skipped. An account with several logs was re-bound while its cursor was
+        # kept per account, so which of their events were sent is not recorded: its cursors are dropped
+        # and each of its logs is delivered from its beginning (at least once: the receiver drops the ids
+        # it has seen) rather than leaving an event unsent. A cursor of an account with no events points
+        # at nothing and goes too.
+        """CREATE TABLE webhook_log_cursors (
+            endpoint TEXT NOT NULL,
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            next_sequence {integer} NOT NULL CHECK (next_sequence >= 0),
+            attempts {integer} NOT NULL DEFAULT 0,
+            next_attempt_at {time},
+            last_error TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (endpoint, account_id, party_id)
+        )""",
+        """INSERT INTO webhook_log_cursors (endpoint, account_id, party_id, next_sequence, attempts,
+                                            next_attempt_at, last_error)
+           SELECT c.endpoint, c.account_id, l.party_id, c.next_sequence, c.attempts, c.next_attempt_at,
+                  c.last_error
+           FROM webhook_cursors c
+           JOIN (SELECT account_id, MIN(party_id) AS party_id FROM binding_events GROUP BY account_id
+                 HAVING COUNT(DISTINCT party_id) = 1) l ON l.account_id = c.account_id""",
+        "DROP TABLE webhook_cursors",
+    ),
 )
 
 
@@ -517,28 +549,37 @@ class SqlBillerStore(abc.ABC):
         rows = await self._all("SELECT account_id, segment FROM account_segments")
         return {row[0]: row[1] for row in rows}
 
-    async def webhook_cursors(self, endpoint: str) -> dict[str, WebhookCursor]:
+    async def webhook_cursors(self, endpoint: str) -> dict[tuple[str, str], WebhookCursor]:
         rows = await self._all(
-            """SELECT account_id, next_sequence, attempts, next_attempt_at, last_error
-               FROM webhook_cursors WHERE endpoint = ?""",
+            """SELECT account_id, party_id, next_sequence, attempts, next_attempt_at, last_error
+               FROM webhook_log_cursors WHERE endpoint = ?""",
             endpoint,
         )
-        return {
-            row[0]: WebhookCursor(row[0], row[1], row[2], None if row[3] is None else dt(row[3]), row[4])
+        cursors = (
+            WebhookCursor(row[0], row[1], row[2], row[3], None if row[4] is None else dt(row[4]), row[5])
             for row in rows
-        }
+        )
+        return {(cursor.account_id, cursor.party_id): cursor for cursor in cursors}
 
     async def save_webhook_cursor(self, endpoint: str, cursor: WebhookCursor) -> None:
         attempt_at = None if cursor.next_attempt_at is None else ts(cursor.next_attempt_at)
         await self._in_write(
             lambda db: db.execute(
-                """INSERT INTO webhook_cursors (endpoint, account_id, next_sequence, attempts, next_attempt_at,
-                                                last_error)
-                   VALUES (?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (endpoint, account_id) DO UPDATE SET
+                """INSERT INTO webhook_log_cursors (endpoint, account_id, party_id, next_sequence, attempts,
+                                                    next_attempt_at, last_error)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (endpoint, account_id, party_id) DO UPDATE SET
                        next_sequence = excluded.next_sequence, attempts = excluded.attempts,
                        next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error""",
-                (endpoint, cursor.account_id, cursor.next_sequence, cursor.attempts, attempt_at, cursor.last_error),
+                (
+                    endpoint,
+                    cursor.account_id,
+                    cursor.party_id,
+                    cursor.next_sequence,
+                    cursor.attempts,
+                    attempt_at,
+                    cursor.last_error,
+                ),
             )
         )
 
@@ -924,6 +965,13 @@ class SqlBillerStore(abc.ABC):
             return [EventRecord(account_id, row[0], row[1], row[2], party or "") for row in rows]
 
         return await self._in_read(read)
+
+    async def event_logs(self) -> list[EventLog]:
+        rows = await self._all(
+            """SELECT account_id, party_id, MAX(sequence) + 1 FROM binding_events
+               GROUP BY account_id, party_id ORDER BY account_id, party_id"""
+        )
+        return [EventLog(row[0], row[1], int(row[2])) for row in rows]
 
     async def event_count(self, account_id: str, party_id: str | None = None) -> int:
         def read(db: Db) -> int:

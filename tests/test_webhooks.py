@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from aiohttp import web
 
@@ -18,6 +20,9 @@ from agent.cli import main
 from agent.clock import ManualClock
 from agent.protocol.terms import Money
 from agent.stores.base import WebhookCursor
+from agent.stores.biller_postgres import PostgresBillerStore
+from agent.stores.biller_sqlite import SqliteBillerStore
+from agent.stores.sqlite_base import ts
 from parley.v1 import envelope_pb2, event_pb2
 from reference_biller.config import SAMPLE, Webhook, load_config
 from reference_biller.service import Biller, open_biller, serving_biller
@@ -412,3 +417,107 @@ def test_a_re_enrolment_delivers_every_holders_log_exactly_once(tmp_path: Path) 
 
     asyncio.run(run())
 
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "biller.sqlite")
+    return str(request.getfixturevalue("postgres_dsn"))
+
+
+def execute(location: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """One statement (qmark parameters) on the store's database, outside the store, committed."""
+    if location.startswith("postgresql://"):
+        with psycopg.connect(location) as db:
+            cursor = db.execute(sql.replace("?", "%s"), args)
+            return cursor.fetchall() if cursor.description else []
+    with sqlite3.connect(location) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def test_an_account_cursor_moves_to_its_log_on_upgrade(
+    store_location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 6 on both back ends: a per-account cursor written by migration 5's code moves to the log it
+    followed, retry state and all, so that nothing is sent again or skipped; an account re-bound under
+    migration 5 (two logs, which of their events were sent unknown) has each log delivered from its
+    beginning rather than losing any event."""
+
+    async def run() -> None:
+        async with receiving() as receiver:
+            clock = ManualClock(START)
+            for store in (SqliteBillerStore, PostgresBillerStore):  # the schema of migration 5's code
+                monkeypatch.setattr(store, "MIGRATIONS", store.MIGRATIONS[:5])
+            biller = await open_biller(load_config(SAMPLE), tmp_path / "state", clock, store_location=store_location)
+            agent = biller.agent
+            try:
+                for account_id, holder in (("w-1", "consumer:alice"), ("w-2", "consumer:carol")):
+                    await agent.create_account(account_id, "A. Holder")
+                    consumer = Consumer(holder, ManualClock(clock.now()))
+                    await agent.enrol(consumer.enrolment(account_id, await agent.issue_enrolment_code(account_id)))
+                    amount = Money.parse("42.50", "EUR")
+                    due = clock.now().date() + timedelta(days=30)
+                    await agent.issue_bill(account_id, amount, due, "Water", bill_id=f"INV-{account_id}")
+                    await agent.emit_event(account_id, event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="X")
+                for kind in (event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN):
+                    await agent.emit_event("w-1", kind, bill_id="X")  # alice's 2 and 3
+                dave = Consumer("consumer:dave", ManualClock(clock.now()))
+                await agent.enrol(dave.enrolment("w-2", await agent.issue_enrolment_code("w-2")))  # dave's 0
+                await agent.emit_event("w-2", event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, bill_id="X")  # dave's 1
+                await agent.create_account("w-3", "No events")
+                await agent.create_account("w-4", "No bills")  # re-bound, but the new holder's log is empty
+                for holder in ("consumer:erin", "consumer:frank"):
+                    consumer = Consumer(holder, ManualClock(clock.now()))
+                    await agent.enrol(consumer.enrolment("w-4", await agent.issue_enrolment_code("w-4")))
+                    if holder == "consumer:erin":
+                        await agent.emit_event("w-4", event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN, bill_id="X")
+            finally:
+                await biller.close()
+            # Cursors as migration 5's dispatcher kept them, per (endpoint, account): alice's log delivered to
+            # 2, its event 2 failed once; w-2's at 2, carried over from carol's log into dave's by the
+            # re-binding (dave's 1 never sent); erin's event 0 sent before frank took w-4 over.
+            insert = """INSERT INTO webhook_cursors (endpoint, account_id, next_sequence, attempts, next_attempt_at,
+                                                     last_error) VALUES (?, ?, ?, ?, ?, ?)"""
+            execute(store_location, insert, receiver.url, "w-1", 2, 1, ts(START), "HTTP 503")
+            execute(store_location, insert, receiver.url, "w-2", 2, 0, None, "")
+            execute(store_location, insert, receiver.url, "w-3", 0, 0, None, "")
+            execute(store_location, insert, receiver.url, "w-4", 1, 0, None, "")
+            execute(store_location, insert, "http://127.0.0.1:9/other", "w-1", 4, 0, None, "")
+
+            monkeypatch.undo()
+            biller = await open_biller(load_config(SAMPLE), tmp_path / "state", clock, store_location=store_location)
+            endpoint = Endpoint(receiver.url, (OLD_SECRET,), frozenset(EVENT_TYPES.values()))
+            dispatcher = WebhookDispatcher(biller.store, biller.agent.party_id, [endpoint], clock)
+            try:
+                versions = execute(store_location, "SELECT MAX(version) FROM schema_version")
+                assert versions == [(len(SqliteBillerStore.MIGRATIONS),)] == [(6,)]
+                assert await biller.store.webhook_cursors(receiver.url) == {
+                    ("w-1", "consumer:alice"): WebhookCursor("w-1", "consumer:alice", 2, 1, START, "HTTP 503"),
+                    ("w-4", "consumer:erin"): WebhookCursor("w-4", "consumer:erin", 1),  # the one log it followed
+                }
+                assert await biller.store.webhook_cursors("http://127.0.0.1:9/other") == {
+                    ("w-1", "consumer:alice"): WebhookCursor("w-1", "consumer:alice", 4),
+                }
+                assert await dispatcher.deliver_due() == 4
+                await biller.agent.emit_event("w-4", event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, bill_id="X")
+                assert await dispatcher.deliver_due() == 1  # frank's 0, erin's 0 not sent again
+                assert await dispatcher.deliver_due() == 0
+                assert [kind_of(body) for body in receiver.accepted] == [
+                    ("consumer:alice", 2, "renegotiation_offered"),  # from its cursor: 1 is not sent again
+                    ("consumer:alice", 3, "arrangement_broken"),
+                    ("consumer:carol", 1, "arrangement_broken"),  # w-2's logs from their beginning
+                    ("consumer:dave", 1, "renegotiation_offered"),
+                    ("consumer:frank", 0, "renegotiation_offered"),
+                ]
+                assert set(await biller.store.webhook_cursors(receiver.url)) == {
+                    ("w-1", "consumer:alice"),
+                    ("w-2", "consumer:carol"),
+                    ("w-2", "consumer:dave"),
+                    ("w-4", "consumer:erin"),
+                    ("w-4", "consumer:frank"),
+                }
+            finally:
+                await dispatcher.close()
+                await biller.close()
+
+    asyncio.run(run())

@@ -18,7 +18,10 @@ signed event log is the source of truth), so the outbox *is* that log: each
 binding of an account to a party has its own log from sequence 0 (ENR-12), and
 the dispatcher follows every binding's log — the current holder's and earlier
 holders' — with a durable cursor per (endpoint, account, holder party) in the
-store (`webhook_log_cursors`). A protocol step writes nothing more
+store (`webhook_log_cursors`). A pass lists the logs from their lengths, which
+the store keeps beside them with each append (`event_log_lengths`): it costs a
+row per log, however many events they hold, and reads events only from logs
+with some past their cursor. A protocol step writes nothing more
 and never waits for a receiver; a restart resumes from the cursors. Replicas
 sharing a store take turns per endpoint (a lease in the store, as the
 scheduler's); a crash between a POST and saving its cursor sends that event

@@ -644,9 +644,10 @@ class BillerStore(Protocol):
         """The length of a binding's log (the next cursor), as `events` chooses it."""
         ...
 
-    async def event_logs(self) -> list[EventLog]:
+    async def event_logs(self, account_id: str | None = None) -> list[EventLog]:
         """Every binding's log that has events — the current holders' and earlier ones' — by account id, then
-        party id, with its length."""
+        party id, with its length; only `account_id`'s when given. Reads one row per log (a table of log
+        lengths kept with each append), whatever the number of events."""
         ...
 
 

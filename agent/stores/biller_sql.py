@@ -319,6 +319,20 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
                  HAVING COUNT(DISTINCT party_id) = 1) l ON l.account_id = c.account_id""",
         "DROP TABLE webhook_cursors",
     ),
+    (
+        # Every binding's log with its length, kept in the same transaction as each append
+        # (`_append_events`), so that listing the logs (`event_logs`, every webhook dispatcher pass) reads
+        # one row per log instead of grouping the whole of binding_events: its cost follows the number of
+        # logs, not of events. Filled once here from the logs as they are.
+        """CREATE TABLE event_log_lengths (
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            length {integer} NOT NULL CHECK (length > 0),
+            PRIMARY KEY (account_id, party_id)
+        )""",
+        """INSERT INTO event_log_lengths (account_id, party_id, length)
+           SELECT account_id, party_id, MAX(sequence) + 1 FROM binding_events GROUP BY account_id, party_id""",
+    ),
 )
 
 
@@ -966,11 +980,17 @@ class SqlBillerStore(abc.ABC):
 
         return await self._in_read(read)
 
-    async def event_logs(self) -> list[EventLog]:
-        rows = await self._all(
-            """SELECT account_id, party_id, MAX(sequence) + 1 FROM binding_events
-               GROUP BY account_id, party_id ORDER BY account_id, party_id"""
-        )
+    async def event_logs(self, account_id: str | None = None) -> list[EventLog]:
+        if account_id is None:
+            rows = await self._all(
+                "SELECT account_id, party_id, length FROM event_log_lengths ORDER BY account_id, party_id"
+            )
+        else:
+            rows = await self._all(
+                """SELECT account_id, party_id, length FROM event_log_lengths WHERE account_id = ?
+                   ORDER BY party_id""",
+                account_id,
+            )
         return [EventLog(row[0], row[1], int(row[2])) for row in rows]
 
     async def event_count(self, account_id: str, party_id: str | None = None) -> int:
@@ -1130,6 +1150,11 @@ def _append_events(db: Db, events: Sequence[PendingEvent]) -> list[EventRecord]:
             """INSERT INTO binding_events (account_id, party_id, sequence, envelope, digest, kind)
                VALUES (?, ?, ?, ?, ?, ?)""",
             (record.account_id, party_id, record.sequence, record.envelope, record.digest, event.kind),
+        )
+        db.execute(
+            """INSERT INTO event_log_lengths (account_id, party_id, length) VALUES (?, ?, ?)
+               ON CONFLICT (account_id, party_id) DO UPDATE SET length = excluded.length""",
+            (record.account_id, party_id, sequence + 1),
         )
         records.append(record)
     return records

@@ -452,7 +452,7 @@ def test_an_account_cursor_moves_to_its_log_on_upgrade(
                 # migration 7's table of log lengths that this code's appends write (dropped below: a store at
                 # migration 5 has none, and migration 7 fills it from the logs)
                 old = store.MIGRATIONS
-                monkeypatch.setattr(store, "MIGRATIONS", (*old[:4], old[4] + old[6]))
+                monkeypatch.setattr(store, "MIGRATIONS", (*old[:4], (*old[4], *old[6])))
             biller = await open_biller(load_config(SAMPLE), tmp_path / "state", clock, store_location=store_location)
             agent = biller.agent
             try:

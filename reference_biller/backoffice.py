@@ -29,10 +29,12 @@ created=false), intent + rail reference (the agent returns the same receipt).
 
 Reads: accounts, arrangements and awaited payments through the embedding API;
 a bill by id and the events of an account straight from the store's public
-interface (`BillerStore.get_bill`, `events`, `event_count`), which the
-embedding API does not offer yet. WatchEvents polls the store, so events
+interface (`BillerStore.get_bill`, `event_logs`, `events`, `event_count`), which
+the embedding API does not offer yet. WatchEvents polls the store, so events
 appended by another process sharing it (the serving biller) arrive within
-`watch_poll_interval`.
+`watch_poll_interval`. An account has a log per holder (each party bound to it,
+ENR-12): WatchEvents streams every log of a watched account, names each event's
+holder, and resumes from a position per (account, holder).
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BackOfficeService"].full_name  # 
 MIN_TOKEN_CHARS = 32  # a token shorter than this is refused: it must not be guessable
 MAX_REQUEST_ID_CHARS = 64
 MAX_WATCHED_ACCOUNTS = 1000
+MAX_WATCHED_LOGS = 10 * MAX_WATCHED_ACCOUNTS  # cursors in one request: a log per holder, after re-bindings
 DEFAULT_WATCH_POLL = timedelta(seconds=1)
 _REMEMBERED_REQUESTS = 10_000  # request ids kept for retries, per process
 _WATCH_BATCH = 100
@@ -103,7 +106,7 @@ class BackOfficeReason(enum.Enum):
         "FAILED_PRECONDITION",
         "The amount is not the instructed one, or the intent was settled under another rail reference.",
     )
-    CURSOR_OUT_OF_RANGE = ("OUT_OF_RANGE", "A cursor is beyond the end of its account's event log.")
+    CURSOR_OUT_OF_RANGE = ("OUT_OF_RANGE", "A cursor is beyond the end of its (account, holder) event log.")
     INTERNAL_ERROR = ("INTERNAL", "The back office failed; retry with the same request_id.")
 
     def __init__(self, grpc_code: str, meaning: str) -> None:
@@ -256,12 +259,14 @@ def awaited_to_proto(awaited: AwaitedPayment) -> pb.AwaitedPayment:
     )
 
 
-def event_to_proto(account_id: str, sequence: int, signed: bytes) -> pb.Event:
-    """The back office's view of one stored, signed event (its own signed bytes included)."""
+def event_to_proto(record: EventRecord) -> pb.Event:
+    """The back office's view of one stored, signed event (its own signed bytes included), in its holder's log."""
+    signed = record.envelope
     event = event_pb2.Event.FromString(envelope_pb2.Envelope.FromString(signed).payload)
     return pb.Event(
-        account_id=account_id,
-        sequence=sequence,
+        account_id=record.account_id,
+        holder=record.party_id,
+        sequence=record.sequence,
         kind=pb.EventKind.ValueType(event.kind),  # the same numbers as parley.v1.EventKind (tested)
         bill_id=event.bill_id,
         amount=pb.Money(currency_code=event.amount.currency_code, amount_minor=event.amount.amount_minor)
@@ -275,8 +280,8 @@ def event_to_proto(account_id: str, sequence: int, signed: bytes) -> pb.Event:
     )
 
 
-async def _converted(account_id: str, sequence: int, signed: bytes) -> pb.Event:
-    return event_to_proto(account_id, sequence, signed)
+async def _converted(record: EventRecord) -> pb.Event:
+    return event_to_proto(record)
 
 
 # --- The service ------------------------------------------------------------------------------------
@@ -497,14 +502,14 @@ class BackOfficeServicer(pb_grpc.BackOfficeServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchEventsResponse]:
-        cursors = await _answer(context, self._checked_cursors(request))
+        accounts, positions = await _answer(context, self._checked_cursors(request))
         while not self._closing.is_set():
-            batches = await _answer(context, self._next_batches(cursors))
-            for account_id, batch in batches:
+            batches = await _answer(context, self._next_batches(accounts, positions))
+            for batch in batches:
                 for record in batch:
-                    event = await _answer(context, _converted(account_id, record.sequence, record.envelope))
+                    event = await _answer(context, _converted(record))
                     yield pb.WatchEventsResponse(event=event)
-                    cursors[account_id] = record.sequence + 1
+                    positions[record.account_id, record.party_id] = record.sequence + 1
             if not batches:
                 closing = asyncio.ensure_future(self._closing.wait())
                 try:
@@ -512,30 +517,56 @@ class BackOfficeServicer(pb_grpc.BackOfficeServiceServicer):
                 finally:
                     closing.cancel()
 
-    async def _next_batches(self, cursors: dict[str, int]) -> list[tuple[str, list[EventRecord]]]:
-        """The events past each cursor (a batch per account at most), for accounts that have any."""
-        batches = [
-            (account_id, await self._store.events(account_id, cursor, _WATCH_BATCH))
-            for account_id, cursor in cursors.items()
-        ]
-        return [(account_id, batch) for account_id, batch in batches if batch]
+    async def _next_batches(
+        self, accounts: Sequence[str], positions: dict[tuple[str, str], int]
+    ) -> list[list[EventRecord]]:
+        """The events past each position (a batch per log at most), in every log of each watched account —
+        earlier holders' and any that a re-binding started meanwhile, from 0 — for logs that have any."""
+        batches = []
+        for account_id in accounts:
+            for log in await self._store.event_logs(account_id):
+                start = positions.get((account_id, log.party_id), 0)
+                if start < log.length:
+                    batches.append(await self._store.events(account_id, start, _WATCH_BATCH, log.party_id))
+        return [batch for batch in batches if batch]
 
-    async def _checked_cursors(self, request: pb.WatchEventsRequest) -> dict[str, int]:
-        if not 0 < len(request.cursors) <= MAX_WATCHED_ACCOUNTS:
-            raise BackOfficeError(BackOfficeReason.INVALID_REQUEST, f"give 1 to {MAX_WATCHED_ACCOUNTS} cursors")
-        cursors: dict[str, int] = {}
+    async def _checked_cursors(self, request: pb.WatchEventsRequest) -> tuple[list[str], dict[tuple[str, str], int]]:
+        """The watched accounts, in the request's order, and where to resume their logs, by (account, holder):
+        a log without a position is streamed from 0."""
+        if not 0 < len(request.cursors) <= MAX_WATCHED_LOGS:
+            raise BackOfficeError(BackOfficeReason.INVALID_REQUEST, f"give 1 to {MAX_WATCHED_LOGS} cursors")
+        named: dict[str, set[str]] = {}  # account -> the holders its cursors name ("": none)
         for cursor in request.cursors:
-            if cursor.account_id in cursors:
-                raise BackOfficeError(BackOfficeReason.INVALID_REQUEST, f"two cursors for {cursor.account_id!r}")
-            await self._existing_account(_require(cursor.account_id, "cursors.account_id"))
-            length = await self._store.event_count(cursor.account_id)
-            if cursor.next_sequence > length:
+            holders = named.setdefault(_require(cursor.account_id, "cursors.account_id"), set())
+            if cursor.holder in holders:
+                raise BackOfficeError(
+                    BackOfficeReason.INVALID_REQUEST, f"two cursors for {cursor.account_id!r} {cursor.holder!r}"
+                )
+            if holders and ("" in holders or not cursor.holder):
+                raise BackOfficeError(
+                    BackOfficeReason.INVALID_REQUEST,
+                    f"{cursor.account_id!r}: a cursor without a holder is the account's only cursor",
+                )
+            holders.add(cursor.holder)
+        if len(named) > MAX_WATCHED_ACCOUNTS:
+            raise BackOfficeError(BackOfficeReason.INVALID_REQUEST, f"watch 1 to {MAX_WATCHED_ACCOUNTS} accounts")
+        positions: dict[tuple[str, str], int] = {}
+        for cursor in request.cursors:
+            account_id, holder, start = cursor.account_id, cursor.holder, cursor.next_sequence
+            await self._existing_account(account_id)
+            if not holder:  # the account from 0, or a position in its only log (before holders were named)
+                logs = await self._store.event_logs(account_id)
+                if start == 0 or len(logs) > 1:  # several: which one it meant is unknown, so each from 0
+                    continue
+                holder = logs[0].party_id if logs else ""
+            length = await self._store.event_count(account_id, holder) if holder else 0
+            if start > length:
                 raise BackOfficeError(
                     BackOfficeReason.CURSOR_OUT_OF_RANGE,
-                    f"{cursor.account_id!r}: next_sequence {cursor.next_sequence} is beyond the log's end {length}",
+                    f"{account_id!r} holder {holder!r}: next_sequence {start} is beyond the log's end {length}",
                 )
-            cursors[cursor.account_id] = cursor.next_sequence
-        return cursors
+            positions[account_id, holder] = start
+        return list(named), positions
 
     async def _existing_account(self, account_id: str) -> AccountRecord:
         account = await self._agent.account(account_id)

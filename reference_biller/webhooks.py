@@ -14,23 +14,31 @@
 
 **Derived from the event log, not written beside it.** The agent appends each
 of these events in the same transaction as the protocol step it reports (the
-signed event log is the source of truth), so the outbox *is* that log: the
-dispatcher follows each account's log with a durable cursor per (endpoint,
-account) in the store (`webhook_cursors`). A protocol step writes nothing more
+signed event log is the source of truth), so the outbox *is* that log: each
+binding of an account to a party has its own log from sequence 0 (ENR-12), and
+the dispatcher follows every binding's log — the current holder's and earlier
+holders' — with a durable cursor per (endpoint, account, holder party) in the
+store (`webhook_log_cursors`). A pass lists the logs from their lengths, which
+the store keeps beside them with each append (`event_log_lengths`): it costs a
+row per log, however many events they hold, and reads events only from logs
+with some past their cursor. A protocol step writes nothing more
 and never waits for a receiver; a restart resumes from the cursors. Replicas
 sharing a store take turns per endpoint (a lease in the store, as the
 scheduler's); a crash between a POST and saving its cursor sends that event
 again: at least once, never lost.
 
-**Delivery is at least once, in order per account.** The body's `id` (the
+**Delivery is at least once, in order per log.** The body's `id` (the
 event's digest, hex) is the idempotency key, also sent as `Idempotency-Key`:
-a receiver that has seen it answers 2xx and does nothing. Any 2xx answer is
+a receiver that has seen it answers 2xx and does nothing. A `sequence` is a
+position in one binding's log, unique only with `account_id` and `holder` (the
+party the event is addressed to): after a re-enrolment two logs of one account
+both have a sequence 1. Any 2xx answer is
 success; anything else (an error status, a refused connection, a timeout) is
 retried with exponential backoff — `BACKOFF_FIRST`, doubling, at most
 `BACKOFF_CAP` apart — for `GIVE_UP_AFTER` (3 days) of attempts; then the event
-is logged as abandoned (ERROR) and the cursor moves on. While one account's
-event is being retried, that account's later events wait (order), other
-accounts' do not. A new endpoint starts at the beginning of every log.
+is logged as abandoned (ERROR) and the cursor moves on. While one log's
+event is being retried, that log's later events wait (order), other logs' do
+not. A new endpoint starts at the beginning of every log.
 
 **Signature** (as Stripe signs): header
 `Parley-Signature: t=<unix seconds>,v1=<hex>[,v1=<hex>...]`, each `v1` being
@@ -62,7 +70,7 @@ import aiohttp
 
 from agent.clock import Clock
 from agent.protocol.terms import Money
-from agent.stores.base import BillerStore, EventRecord, WebhookCursor
+from agent.stores.base import BillerStore, EventLog, EventRecord, WebhookCursor
 from agent.stores.biller_sql import Leases
 from parley.v1 import envelope_pb2, event_pb2
 from reference_biller.config import Webhook
@@ -163,6 +171,7 @@ def event_body(record: EventRecord, biller_party_id: str) -> tuple[str, bytes]:
         "created": event.header.create_time.ToDatetime().isoformat() + "Z",
         "biller": biller_party_id,
         "account_id": record.account_id,
+        "holder": record.party_id,
         "sequence": record.sequence,
         "bill_id": event.bill_id or None,
         "thread_id": event.thread_id.hex() or None,
@@ -216,46 +225,49 @@ class WebhookDispatcher:
 
     async def deliver_due(self) -> int:
         delivered = 0
-        accounts = [record.account_id for record in await self._store.list_accounts()]
+        logs = await self._store.event_logs()
         for endpoint in self._endpoints:
-            delivered += await self._leased(endpoint, accounts)
+            delivered += await self._leased(endpoint, logs)
         return delivered
 
-    async def _leased(self, endpoint: Endpoint, accounts: Sequence[str]) -> int:
+    async def _leased(self, endpoint: Endpoint, logs: Sequence[EventLog]) -> int:
         """One endpoint's pass, while holding its lease in a store shared by replicas (one sender at a time)."""
         store = self._store
         if not isinstance(store, Leases):
-            return await self._pass(endpoint, accounts)
+            return await self._pass(endpoint, logs)
         name = f"webhooks:{endpoint.url}"
         now = self._clock.now()
         if not await store.claim_lease(name, self._holder, now, now + PASS_LEASE):
             return 0  # another process is delivering to this endpoint
         try:
-            return await self._pass(endpoint, accounts)
+            return await self._pass(endpoint, logs)
         finally:
             await store.release_lease(name, self._holder)
 
-    async def _pass(self, endpoint: Endpoint, accounts: Sequence[str]) -> int:
-        """Deliver what is due to one endpoint, account by account. A failure ends the pass: the endpoint is
-        probably down, and trying every other account against it (each up to REQUEST_TIMEOUT) would only
-        delay the next pass; the failed account waits out its backoff, the others are tried next pass."""
+    async def _pass(self, endpoint: Endpoint, logs: Sequence[EventLog]) -> int:
+        """Deliver what is due to one endpoint, log by log (each binding's, ENR-12). A failure ends the pass:
+        the endpoint is probably down, and trying every other log against it (each up to REQUEST_TIMEOUT)
+        would only delay the next pass; the failed log waits out its backoff, the others are tried next pass."""
         delivered = 0
         cursors = await self._store.webhook_cursors(endpoint.url)
-        for account_id in accounts:
-            sent, failed = await self._follow(endpoint, cursors.get(account_id, WebhookCursor(account_id, 0)))
+        for log in logs:
+            cursor = cursors.get((log.account_id, log.party_id), WebhookCursor(log.account_id, log.party_id, 0))
+            if cursor.next_sequence >= log.length:
+                continue  # delivered to its end when the pass began
+            sent, failed = await self._follow(endpoint, cursor)
             delivered += sent
             if failed:
                 break
         return delivered
 
     async def _follow(self, endpoint: Endpoint, cursor: WebhookCursor) -> tuple[int, bool]:
-        """Deliver one account's events to one endpoint from its cursor: (how many, whether one failed)."""
+        """Deliver one binding's log to one endpoint from its cursor: (how many, whether one failed)."""
         if cursor.next_attempt_at is not None and cursor.next_attempt_at > self._clock.now():
             return 0, False
         delivered = 0
         start = cursor
         while True:
-            records = await self._store.events(cursor.account_id, cursor.next_sequence, _BATCH)
+            records = await self._store.events(cursor.account_id, cursor.next_sequence, _BATCH, cursor.party_id)
             if not records:
                 break
             for record in records:
@@ -267,7 +279,7 @@ class WebhookDispatcher:
                         return delivered, True
                     delivered += 1
                     logger.info("webhook %s delivered to %s (%s)", kind, endpoint.url, record.digest.hex()[:16])
-                cursor = WebhookCursor(cursor.account_id, record.sequence + 1)
+                cursor = WebhookCursor(cursor.account_id, cursor.party_id, record.sequence + 1)
                 if kind in endpoint.types:
                     await self._store.save_webhook_cursor(endpoint.url, cursor)  # a delivery is remembered at once
         if cursor != start:
@@ -278,18 +290,23 @@ class WebhookDispatcher:
         attempts = cursor.attempts + 1
         if attempts >= MAX_ATTEMPTS:
             logger.error(
-                "webhook to %s abandoned after %d attempts over %s: account %s event %d (%s)",
+                "webhook to %s abandoned after %d attempts over %s: account %s holder %s event %d (%s)",
                 endpoint.url,
                 attempts,
                 GIVE_UP_AFTER,
                 cursor.account_id,
+                cursor.party_id,
                 cursor.next_sequence,
                 error,
             )
-            return WebhookCursor(cursor.account_id, cursor.next_sequence + 1, last_error=f"abandoned: {error}")
+            return WebhookCursor(
+                cursor.account_id, cursor.party_id, cursor.next_sequence + 1, last_error=f"abandoned: {error}"
+            )
         wait = backoff(attempts)
         logger.warning("webhook to %s failed (%s); attempt %d, next in %s", endpoint.url, error, attempts, wait)
-        return WebhookCursor(cursor.account_id, cursor.next_sequence, attempts, self._clock.now() + wait, error[:500])
+        return WebhookCursor(
+            cursor.account_id, cursor.party_id, cursor.next_sequence, attempts, self._clock.now() + wait, error[:500]
+        )
 
     async def _post(self, endpoint: Endpoint, kind: str, record: EventRecord, body: bytes) -> str:
         """POST one webhook; "" on a 2xx answer, else what went wrong."""

@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 
 from agent.protocol.agreement import Bundle
 from agent.protocol.dsse import digest, envelope_to_json, pae, sign_envelope
+from agent.protocol.events import events_thread_id
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain, KeyEntry, make_key_set
 from agent.protocol.limits import DEFAULT_LIMITS
@@ -75,7 +76,10 @@ def seeded_key(name: str) -> SigningKey:
     return SigningKey.from_seed(hashlib.sha256(f"parley-vectors/key/{name}".encode()).digest())
 
 
-KEYS = {name: seeded_key(name) for name in ("biller-1", "biller-2", "consumer-1", "consumer-2", "stranger")}
+KEYS = {
+    name: seeded_key(name)
+    for name in ("biller-1", "biller-2", "consumer-1", "consumer-2", "stranger", "consumer-bob")  # bob: issue 14
+}
 _ids = itertools.count(1)
 
 
@@ -1449,6 +1453,141 @@ def renegotiation_cases() -> None:
     )
 
 
+def reenrolment_cases() -> None:
+    """ENR-12, BIL-7, EVT-11: acct-1001 re-bound from consumer:alice to consumer:bob on 2026-03-10.
+
+    Made last, so that the ids they draw leave every earlier case's bytes as they were. The unpaid bill is
+    presented again to bob — a new Bill signed to him, a fresh one-message thread, same bill id and terms —
+    and his own log starts at sequence 0 with its BILL_ISSUED naming that presentation.
+    """
+    bob, account_id, rebound = "consumer:bob", BILL_FACTS.account_id, datetime(2026, 3, 10, 9, tzinfo=UTC)
+    bob_v1 = make_key_set(
+        party_id=bob,
+        version=1,
+        keys=[entry("consumer-bob")],
+        signer=KEYS["consumer-bob"],
+        previous=None,
+        create_time=T0,
+        expire_time=T0 + YEAR,
+        message_id=next_id(),
+    )
+
+    def to(recipient: str, sender: str, *, at: datetime, thread: bytes, sequence: int = 0, previous: bytes = b"",
+           lifetime: timedelta = HOUR) -> header_pb2.Header:  # fmt: skip
+        return new_header(
+            sender=sender,
+            recipient=recipient,
+            thread_id=thread,
+            sequence=sequence,
+            previous_digest=previous,
+            now=at,
+            lifetime=lifetime,
+            message_id=next_id(),
+        )
+
+    again = bill_pb2.Bill(header=to(bob, BILLER, at=rebound, thread=next_id(), lifetime=timedelta(hours=24)))
+    again.MergeFrom(BILL_FACTS.to_proto())
+    presented = seal(again, KEYS["biller-1"])
+    message_case(
+        "reenrol-bill-presented-again",
+        "acct-1001 re-bound to consumer:bob: its unpaid bill presented again to him (same bill_id and terms, a fresh "
+        "thread at sequence 0, recipient consumer:bob).",
+        "ENR-12",
+        presented,
+        None,
+        now=rebound + MINUTE,
+        sender=BILLER,
+        accept=["parley.v1.Bill"],
+        recipient=bob,
+    )
+    message_case(
+        "reenrol-bill-of-earlier-holder",
+        "The bill as presented to consumer:alice, served to consumer:bob after the re-enrolment.",
+        "BIL-7",
+        BILL,
+        "WRONG_RECIPIENT",
+        now=BILL_TIME + MINUTE,
+        sender=BILLER,
+        accept=["parley.v1.Bill"],
+        recipient=bob,
+    )
+    log_id = events_thread_id(BILLER, account_id)
+
+    def bill_issued(recipient: str, sequence: int, previous: bytes, bill: envelope_pb2.Envelope) -> Any:
+        return seal(
+            event_pb2.Event(
+                header=to(recipient, BILLER, at=rebound, thread=log_id, sequence=sequence, previous=previous),
+                account_id=account_id,
+                kind=event_pb2.EVENT_KIND_BILL_ISSUED,
+                bill_id=BILL_FACTS.bill_id,
+                amount=BILL_FACTS.amount_due.to_proto(),
+                date=BILL_FACTS.due_date.isoformat(),
+                related_digest=digest(bill),
+            ),
+            KEYS["biller-1"],
+        )
+
+    message_case(
+        "reenrol-event-0-of-new-log",
+        "Event 0 of consumer:bob's own log of acct-1001 (the account's event log id): BILL_ISSUED naming the bill as "
+        "presented to him.",
+        "EVT-11",
+        bill_issued(bob, 0, b"", presented),
+        None,
+        now=rebound + MINUTE,
+        sender=BILLER,
+        accept=["parley.v1.Event"],
+        recipient=bob,
+    )
+    message_case(
+        "reenrol-event-of-earlier-holders-log",
+        "An event of consumer:alice's log of acct-1001 (sequence 1), served to consumer:bob after the re-enrolment.",
+        "EVT-11",
+        bill_issued(CONSUMER, 1, hashlib.sha256(b"alice's event 0").digest(), BILL),
+        "WRONG_RECIPIENT",
+        now=rebound + MINUTE,
+        sender=BILLER,
+        accept=["parley.v1.Event"],
+        recipient=bob,
+    )
+
+    def agreed_by_bob(bill: envelope_pb2.Envelope) -> dict[str, object]:
+        """bob opens a deferral inside the options on `bill`; the biller accepts it at once."""
+        start, thread = rebound + HOUR, next_id()
+        opening = seal(
+            payload_of(
+                Open(DEFERRAL, 4, start + timedelta(days=2), digest(bill)),
+                to(BILLER, bob, at=start, thread=thread),
+                bill_id=BILL_FACTS.bill_id,
+            ),
+            KEYS["consumer-bob"],
+        )
+        accept = seal(
+            payload_of(
+                Accept(digest(opening)),
+                to(bob, BILLER, at=start + MINUTE, thread=thread, sequence=1, previous=digest(opening)),
+            ),
+            KEYS["biller-1"],
+        )
+        chains = {BILLER: CHAINS[BILLER], bob: [bob_v1]}
+        return Bundle(key_sets=chains, bill=bill, thread=[opening, accept]).to_json()
+
+    bundle_of(
+        "bundle-reenrolled-agreement",
+        "consumer:bob's agreement on the bill as presented to him after the re-enrolment.",
+        "BIL-7",
+        agreed_by_bob(presented),
+        None,
+    )
+    bundle_of(
+        "bundle-reenrolled-earlier-presentation",
+        "consumer:bob's agreement on the bill as presented to consumer:alice: the bill is not addressed to him.",
+        "BIL-7",
+        agreed_by_bob(BILL),
+        "WRONG_RECIPIENT",
+    )
+
+
 def document() -> dict[str, object]:
     CASES.clear()
     valid_messages()
@@ -1464,6 +1603,7 @@ def document() -> dict[str, object]:
     first_version_cases()
     parsing_cases()
     renegotiation_cases()
+    reenrolment_cases()
     keys = {
         name: {"keyid": key.keyid, "publicKey": base64.b64encode(key.public_key.raw).decode(), "seed": key.seed.hex()}
         for name, key in KEYS.items()

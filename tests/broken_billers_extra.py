@@ -4,7 +4,10 @@ Unlike tests/broken_billers.py, each defect here wraps a *public* method of the
 reference `BillerAgent` instance (the servicer calls through that very object)
 — `hello`, `negotiate`, `list_bills`, `create_payment_intent`, `watch_events` —
 and changes only what the wire sees: so they survive a restructuring of the
-agent's private code. A wrapper cannot apply a move the agent refused, so a
+agent's private code. The re-enrolment defects (ENR-12, issue 14) are inside an
+enrolment's transaction or a read of the store, out of a wrapper's reach: they
+replace a public phase (`agent.party.bills`, `.events`) with a subclass, as
+tests/broken_billers.py does. A wrapper cannot apply a move the agent refused, so a
 defect that would have let a move through is shown by the answer such a
 biller gives instead (a wrong reason, or a stream left open); either way the
 case must FAIL. `fails` lists exactly the cases the suite must FAIL against it
@@ -15,16 +18,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
 from agent.biller import BillerAgent
+from agent.biller.bills import BillsPhase, bill_facts
+from agent.biller.events import EventsPhase, Watch
+from agent.biller.party import stored_envelope
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.messages import PAYLOAD_TYPES, parse_payload
+from agent.stores.base import BillRecord, PendingEvent
 from parley.v1 import (
     account_pb2,
+    bill_pb2,
     biller_service_pb2,
     enrolment_pb2,
     envelope_pb2,
@@ -305,6 +314,63 @@ def _header_of_query(envelope: envelope_pb2.Envelope) -> Any:
         return header_pb2.Header()
 
 
+class _ResignsToTheFirstHolder(BillsPhase):
+    """ENR-12: a re-enrolment presents each unpaid bill again — a new signature, a fresh thread, stored as the new
+    party's presentation with its BILL_ISSUED in the new party's log — but addressed to the bill's first recipient
+    (read from the first presentation: a copy of the issuing path that kept its `recipient`)."""
+
+    def presenter(self, recipient: str, now: datetime) -> Callable[[BillRecord], tuple[BillRecord, PendingEvent]]:
+        def to_the_first_holder(bill: BillRecord) -> tuple[BillRecord, PendingEvent]:
+            first = bill_pb2.Bill.FromString(stored_envelope(bill.envelope).payload).header.recipient
+            record, event = self.presentation(bill_facts(bill), bill.status, first, now)
+            return replace(record, party_id=recipient, issued_at=bill.issued_at), replace(event, party_id=recipient)
+
+        return to_the_first_holder
+
+
+def resigns_bills_to_the_first_holder(agent: BillerAgent) -> None:
+    agent.party.bills = _ResignsToTheFirstHolder(agent.party)
+
+
+class _ServesFirstPresentations(BillsPhase):
+    """BIL-7: ListBills and GetBill serve each bill as first presented (to whoever held the account at issue), not
+    the presentation to the signer — the reads of a biller that signs each bill once."""
+
+    async def list_bills(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.ListBillsResponse:
+        query = await self.party.receive.query(envelope, "ListBills")
+        bills = await self.party.store.list_bills(query.account_id)
+        return biller_service_pb2.ListBillsResponse(bills=[stored_envelope(bill.envelope) for bill in bills])
+
+    async def get_bill(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetBillResponse:
+        query = await self.party.receive.query(envelope, "GetBill")
+        bills = await self.party.store.list_bills(query.account_id)
+        bill = next((b for b in bills if b.bill_id == query.bill_id), None)
+        if bill is None:
+            raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {query.bill_id!r} on the account")
+        return biller_service_pb2.GetBillResponse(bill=stored_envelope(bill.envelope))
+
+
+def serves_first_presentations(agent: BillerAgent) -> None:
+    agent.party.bills = _ServesFirstPresentations(agent.party)
+
+
+class _OneLogPerAccount(EventsPhase):
+    """EVT-11: every party watching an account is served one log, the account's first (that of the party its first
+    bill was presented to) — the log of a biller that keeps one event log per account, whoever holds it now."""
+
+    async def follow(self, watch: Watch, cursor: int) -> AsyncIterator[envelope_pb2.Envelope]:
+        bills = await self.party.store.list_bills(watch.account_id)
+        first = watch.party_id
+        if bills:
+            first = bill_pb2.Bill.FromString(stored_envelope(bills[0].envelope).payload).header.recipient
+        async for envelope in super().follow(replace(watch, party_id=first), cursor):
+            yield envelope
+
+
+def keeps_one_log_per_account(agent: BillerAgent) -> None:
+    agent.party.events = _OneLogPerAccount(agent.party, watch_poll_interval=agent.party.events.watch_poll_interval)
+
+
 @dataclass(frozen=True)
 class BrokenBiller:
     """A reference biller with one defect, and the cases the suite must FAIL against it."""
@@ -366,5 +432,16 @@ EXTRA_BROKEN_BILLERS = (
         "checks the sequence before the closed thread",
         checks_sequence_before_closed,
         frozenset({"NEG-15/check-order"}),
+    ),
+    BrokenBiller(
+        "re-signs a re-bound account's bills to their first holder",
+        resigns_bills_to_the_first_holder,
+        frozenset({"ENR-12/re-enrolment"}),
+    ),
+    BrokenBiller(
+        "serves each bill as first presented", serves_first_presentations, frozenset({"ENR-12/re-enrolment"})
+    ),
+    BrokenBiller(
+        "keeps one event log per account", keeps_one_log_per_account, frozenset({"ENR-12/re-enrolment"})
     ),
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,14 @@ from agent.cli import main
 from agent.clock import ManualClock, SystemClock
 from agent.protocol.errors import ProtocolError
 from agent.stores import open_biller_store
-from agent.stores.base import WebhookCursor
+from agent.stores.base import (
+    BillerStore,
+    Enrolment,
+    EnrolmentCodeRecord,
+    KeySetRecord,
+    ReplayRecord,
+    WebhookCursor,
+)
 from reference_biller.accounts import with_stored_accounts
 from reference_biller.config import SAMPLE, load_config
 from reference_biller.service import open_biller
@@ -25,6 +33,15 @@ NOW = datetime(2026, 12, 1, 9, tzinfo=UTC)
 def output(capsys: pytest.CaptureFixture[str]) -> str:
     captured = capsys.readouterr()
     return captured.out + captured.err
+
+
+async def bind(store: BillerStore, account_id: str, party_id: str) -> None:
+    """Bind `account_id` to a new party straight in the store (a code spent, the party's key set stored)."""
+    code_hash = hashlib.sha256(party_id.encode()).digest()
+    await store.add_enrolment_code(EnrolmentCodeRecord(account_id, b"s" * 16, code_hash, NOW, used=False), NOW)
+    replay = ReplayRecord(party_id, party_id.encode()[:16].ljust(16), code_hash, NOW + timedelta(hours=1))
+    key_set = KeySetRecord(party_id, 1, b"key-set", (f"key-of-{party_id}",))
+    await store.enrol(Enrolment(account_id, code_hash, party_id, b"f" * 32, key_set, NOW, replay))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -43,10 +60,17 @@ def test_the_store_keeps_segments_cursors_and_revokes_codes(
             await store.set_account_segment("a-1", "hardship")
             assert await store.account_segments() == {"a-1": "hardship"}
             assert await store.webhook_cursors("https://x") == {}
-            await store.save_webhook_cursor("https://x", WebhookCursor("a-1", 3))
-            failing = WebhookCursor("a-1", 3, 2, NOW + timedelta(seconds=20), "HTTP 503")
+            for party_id in ("consumer:first", "consumer:second"):  # a-1 re-bound: two holders, two logs
+                await bind(store, "a-1", party_id)
+            await store.save_webhook_cursor("https://x", WebhookCursor("a-1", "consumer:first", 3))
+            failing = WebhookCursor("a-1", "consumer:first", 3, 2, NOW + timedelta(seconds=20), "HTTP 503")
             await store.save_webhook_cursor("https://x", failing)
-            assert await store.webhook_cursors("https://x") == {"a-1": failing}
+            second = WebhookCursor("a-1", "consumer:second", 1)
+            await store.save_webhook_cursor("https://x", second)
+            assert await store.webhook_cursors("https://x") == {
+                ("a-1", "consumer:first"): failing,
+                ("a-1", "consumer:second"): second,
+            }
             assert await store.webhook_cursors("https://y") == {}
             assert await store.revoke_enrolment_codes("a-1", NOW) == 0
         finally:

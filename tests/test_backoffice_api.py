@@ -25,7 +25,7 @@ from grpc_status import rpc_status
 from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from parley.backoffice.v1 import backoffice_service_pb2 as bo
 from parley.backoffice.v1 import backoffice_service_pb2_grpc as bo_grpc
-from parley.v1 import biller_service_pb2, event_pb2
+from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2
 from parley.v1.biller_service_pb2 import CreatePaymentIntentRequest
 from reference_biller.backoffice import ERROR_DOMAIN, read_token_file, serve_backoffice
 from tests.fixtures import BILL
@@ -310,3 +310,102 @@ def test_mutual_tls_alone_authenticates_a_billing_system(tmp_path: Path) -> None
                 await server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_a_watcher_follows_every_holders_log_across_a_re_binding_and_resumes_each(tmp_path: Path) -> None:
+    """ENR-12: a log per (account, holder), each from 0. A watcher sees the new holder's log start live; resumed
+    after the switch with a position per log, it gets bob's events from 1 and the payment_received appended to
+    alice's log later (her payment, settled after the switch), each exactly once."""
+
+    async def scenario(office: BackOffice) -> None:
+        stub, biller = office.stub, office.biller
+        await stub.CreateAccount(
+            bo.CreateAccountRequest(request_id="a", account_id=ACCOUNT, holder_name="A. Household"), metadata=AUTH
+        )
+
+        async def bind(party_id: str, request_id: str) -> Consumer:
+            code = await stub.IssueEnrolmentCode(
+                bo.IssueEnrolmentCodeRequest(request_id=request_id, account_id=ACCOUNT), metadata=AUTH
+            )
+            consumer = Consumer(party_id, biller.clock)
+            enrolment = consumer.enrolment(ACCOUNT, code.enrolment_code)
+            await biller.stub.Enrol(biller_service_pb2.EnrolRequest(request=enrolment))
+            return consumer
+
+        alice = await bind("consumer:alice", "code-1")
+        bill = bo.IssueBillRequest(
+            request_id="bill",
+            bill_id="INV-1",
+            account_id=ACCOUNT,
+            amount_due=eur(BILL.amount_due.minor),
+            due_date=BILL.due_date.isoformat(),
+            description="Water",
+        )
+        await stub.IssueBill(bill, metadata=AUTH)  # alice's 0
+        await biller.stub.CreatePaymentIntent(
+            CreatePaymentIntentRequest(intent=alice.intent(ACCOUNT, "INV-1", "pay-1", BILL.amount_due))
+        )
+        await biller.agent.emit_event(ACCOUNT, event_pb2.EVENT_KIND_REMINDER, reminder_level=1)  # alice's 1
+
+        def seen(event: bo.Event) -> tuple[str, int, int]:
+            signed = envelope_pb2.Envelope.FromString(event.signed_event)
+            assert event_pb2.Event.FromString(signed.payload).header.recipient == event.holder  # its signed log
+            assert event.account_id == ACCOUNT
+            return event.holder, event.sequence, event.kind
+
+        alice_id, bob_id = "consumer:alice", "consumer:bob"
+        watch = stub.WatchEvents(bo.WatchEventsRequest(cursors=[bo.EventCursor(account_id=ACCOUNT)]), metadata=AUTH)
+        assert [seen(await next_event(watch)) for _ in range(2)] == [
+            (alice_id, 0, bo.EVENT_KIND_BILL_ISSUED),
+            (alice_id, 1, bo.EVENT_KIND_REMINDER),
+        ]
+        await bind(bob_id, "code-2")  # bob's 0: the unpaid bill presented to him
+        assert seen(await asyncio.wait_for(next_event(watch), 5)) == (bob_id, 0, bo.EVENT_KIND_BILL_ISSUED)
+        watch.cancel()  # positions kept: alice's log at 2, bob's at 1
+
+        await biller.agent.emit_event(ACCOUNT, event_pb2.EVENT_KIND_REMINDER, reminder_level=2)  # bob's 1
+        settle = bo.RecordSettlementRequest(
+            request_id="s",
+            intent=bo.IntentKey(account_id=ACCOUNT, intent_id="pay-1"),
+            amount=eur(BILL.amount_due.minor),
+            rail_reference="BANK-1",
+        )
+        await stub.RecordSettlement(settle, metadata=AUTH)  # alice's 2: her payment, thanked in her log
+
+        cursors = [
+            bo.EventCursor(account_id=ACCOUNT, holder=alice_id, next_sequence=2),
+            bo.EventCursor(account_id=ACCOUNT, holder=bob_id, next_sequence=1),
+        ]
+        resumed = stub.WatchEvents(bo.WatchEventsRequest(cursors=cursors), metadata=AUTH)
+        caught_up = [seen(await asyncio.wait_for(next_event(resumed), 5)) for _ in range(2)]
+        assert sorted(caught_up) == [
+            (alice_id, 2, bo.EVENT_KIND_PAYMENT_RECEIVED),
+            (bob_id, 1, bo.EVENT_KIND_REMINDER),
+        ]
+        await biller.agent.emit_event(ACCOUNT, event_pb2.EVENT_KIND_REMINDER, reminder_level=3)  # bob's 2
+        # The next event is the live one: nothing was sent twice meanwhile.
+        assert seen(await asyncio.wait_for(next_event(resumed), 5)) == (bob_id, 2, bo.EVENT_KIND_REMINDER)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(next_event(resumed), 0.3)
+        resumed.cancel()
+
+        # A cursor without a holder (as written before holders were named) on an account with several logs:
+        # which log it meant is unknown, so each is streamed from its beginning rather than one skipped.
+        legacy = stub.WatchEvents(
+            bo.WatchEventsRequest(cursors=[bo.EventCursor(account_id=ACCOUNT, next_sequence=2)]), metadata=AUTH
+        )
+        everything = sorted([seen(await asyncio.wait_for(next_event(legacy), 5))[:2] for _ in range(6)])
+        legacy.cancel()
+        assert everything == [(alice_id, 0), (alice_id, 1), (alice_id, 2), (bob_id, 0), (bob_id, 1), (bob_id, 2)]
+
+        beyond = bo.WatchEventsRequest(cursors=[bo.EventCursor(account_id=ACCOUNT, holder=alice_id, next_sequence=4)])
+        out_of_range = await refusal(next_event(stub.WatchEvents(beyond, metadata=AUTH)))
+        assert out_of_range[:2] == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_OUT_OF_RANGE")
+        for wrong in (
+            [*cursors, bo.EventCursor(account_id=ACCOUNT)],  # with and without a holder
+            [*cursors, cursors[0]],  # one log twice
+        ):
+            call = stub.WatchEvents(bo.WatchEventsRequest(cursors=wrong), metadata=AUTH)
+            assert (await refusal(next_event(call)))[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+
+    run(tmp_path, scenario)

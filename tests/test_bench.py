@@ -101,6 +101,12 @@ def test_a_tiny_bench_reports_verified_cycles_the_baseline_and_their_ratios(tmp_
         (prefilled,) = db.execute("SELECT COUNT(*) FROM threads WHERE account_id LIKE 'prefill-%'").fetchone()
         (prefilled_messages,) = db.execute("SELECT COUNT(*) FROM messages WHERE account_id LIKE 'prefill-%'").fetchone()
         (violations,) = db.execute("SELECT COUNT(*) FROM pragma_foreign_key_check").fetchone()
+        (wrong_lengths,) = db.execute(  # every log's length kept beside it, the prefilled ones' too
+            """SELECT COUNT(*) FROM (SELECT account_id, party_id, MAX(sequence) + 1 AS length FROM binding_events
+                                     GROUP BY account_id, party_id) e
+               LEFT JOIN event_log_lengths l ON l.account_id = e.account_id AND l.party_id = e.party_id
+               WHERE l.length IS NULL OR l.length != e.length"""
+        ).fetchone()
     finally:
         db.close()
     # What the biller stored agrees: every agreement reached was paid and receipted, at least one per cycle.
@@ -111,6 +117,7 @@ def test_a_tiny_bench_reports_verified_cycles_the_baseline_and_their_ratios(tmp_
     assert prefilled == 2_000
     assert prefilled_messages == 3 * 2_000
     assert violations == 0
+    assert wrong_lengths == 0
 
 
 def test_the_store_is_chosen_by_url_and_a_postgresql_database_serves_the_bench(postgres_dsn: str) -> None:

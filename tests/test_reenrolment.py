@@ -25,10 +25,12 @@ from agent.protocol.messages import Verified
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import RetryPolicy
 from agent.transport.status import CallError, error_from_rpc
-from parley.v1 import bill_pb2, event_pb2, negotiation_pb2
+from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2, payment_pb2
 from parley.v1.biller_service_pb2 import (
+    CreatePaymentIntentRequest,
     EnrolRequest,
     GetBillRequest,
+    GetReceiptRequest,
     GetThreadRequest,
     ListBillsRequest,
     NegotiateRequest,
@@ -51,6 +53,7 @@ ACCOUNT = "acct-1001"
 FAST = RetryPolicy(attempts=3, initial_backoff=0.01, max_backoff=0.05, call_timeout=5)
 SECOND_BILL = "bill-2026-04"
 BILL_ISSUED = event_pb2.EVENT_KIND_BILL_ISSUED
+PAYMENT_RECEIVED = event_pb2.EVENT_KIND_PAYMENT_RECEIVED
 
 
 def run(tmp_path: Path, scenario: Callable[[Biller], Awaitable[None]]) -> None:
@@ -229,6 +232,47 @@ def test_a_holder_bound_again_resumes_its_own_log_and_gets_the_bills_issued_mean
     run(tmp_path, scenario)
 
 
+def test_a_payment_in_flight_across_a_re_enrolment_is_receipted_to_its_payer_in_its_payers_log(
+    tmp_path: Path,
+) -> None:
+    """A payment is its payer's thread (intent, instructions, receipt): settled after the account was re-bound,
+    its receipt is still addressed to the payer and thanked in the payer's log (ENR-12), and the new holder
+    cannot read it (AUZ-5); the new holder's own payment is receipted to it, in its log."""
+
+    async def scenario(biller: Biller) -> None:
+        alice = await biller.enrolled(ACCOUNT, "consumer:alice")
+        await biller.bill(ACCOUNT)
+        await issue(biller, SECOND_BILL)
+        amount = BILL.amount_due
+        await biller.stub.CreatePaymentIntent(
+            CreatePaymentIntentRequest(intent=alice.intent(ACCOUNT, BILL.bill_id, "alice-pay", amount))
+        )
+        bob = await rebind(biller, "consumer:bob")
+        receipt = await biller.agent.record_settlement(ACCOUNT, "alice-pay", amount, "BANK-ALICE")
+        assert biller.verify(receipt, alice, payment_pb2.Receipt).message.header.recipient == "consumer:alice"
+        # alice's log (which she can no longer watch, AUZ-1): two bills, then the thanks for her payment.
+        alice_log = await biller.agent._store.events(ACCOUNT, 0, 10, "consumer:alice")
+        thanks = biller.verify(envelope_pb2.Envelope.FromString(alice_log[-1].envelope), alice, event_pb2.Event)
+        assert [r.sequence for r in alice_log] == [0, 1, 2]
+        assert (thanks.message.kind, thanks.message.related_digest) == (PAYMENT_RECEIVED, digest(receipt))
+        assert await log_length(biller, bob) == 2  # the two bills presented to bob, nothing of alice's payment
+        assert await refused(
+            biller.stub.GetReceipt(GetReceiptRequest(query=bob.query(ACCOUNT, intent_id="alice-pay")))
+        ) is Reason.NOT_FOUND
+
+        await biller.stub.CreatePaymentIntent(
+            CreatePaymentIntentRequest(intent=bob.intent(ACCOUNT, SECOND_BILL, "bob-pay", amount))
+        )
+        own = await biller.agent.record_settlement(ACCOUNT, "bob-pay", amount, "BANK-BOB")
+        got = await biller.stub.GetReceipt(GetReceiptRequest(query=bob.query(ACCOUNT, intent_id="bob-pay")))
+        assert got.receipt == own
+        assert biller.verify(own, bob, payment_pb2.Receipt).message.header.recipient == "consumer:bob"
+        bob_log = await events(biller, bob, 3)
+        assert (bob_log[2].message.kind, bob_log[2].message.related_digest) == (PAYMENT_RECEIVED, digest(own))
+
+    run(tmp_path, scenario)
+
+
 # --- The consumer agent: a spec-following client on a re-bound account ------------------------------------
 
 
@@ -293,6 +337,40 @@ def test_a_consumer_agent_enrolling_on_a_rebound_account_lists_verifies_and_watc
 
             with pytest.raises(CallError) as failure:
                 await alice.bills(BILLER_ID)
+            assert failure.value.reason is Reason.ACCOUNT_ACCESS_DENIED
+
+    run(tmp_path, scenario)
+
+
+def test_a_consumer_agent_bound_again_resumes_its_own_log_from_its_cursor(tmp_path: Path) -> None:
+    """A holder's agent that followed its log, lost the account to another party and enrolled on it again,
+    goes on from its stored cursor: its log continues without a fork (EVT-5), with the bill issued meanwhile."""
+
+    async def scenario(biller: Biller) -> None:
+        await biller.agent.create_account(ACCOUNT, "Alice Example")
+        async with (
+            consumer_agent(biller, tmp_path, "consumer:alice") as alice,
+            consumer_agent(biller, tmp_path, "consumer:bob") as bob,
+        ):
+            await enrol_agent(biller, alice)
+            await biller.bill(ACCOUNT)
+            async with contextlib.aclosing(alice.watch(BILLER_ID)) as alice_events:
+                first = await asyncio.wait_for(anext(alice_events), 5)
+                assert (first.sequence, first.kind, first.bill_id) == (0, BILL_ISSUED, BILL.bill_id)
+
+            await enrol_agent(biller, bob)
+            await issue(biller, SECOND_BILL)  # presented to bob, in bob's log
+            assert sorted(b.facts.bill_id for b in await bob.bills(BILLER_ID)) == [BILL.bill_id, SECOND_BILL]
+
+            await enrol_agent(biller, alice)  # bound again: the second bill is presented to her, in her log
+            async with contextlib.aclosing(alice.watch(BILLER_ID)) as alice_events:
+                event = await asyncio.wait_for(anext(alice_events), 5)
+            assert (event.sequence, event.kind, event.bill_id) == (1, BILL_ISSUED, SECOND_BILL)
+            listed = {b.facts.bill_id: b for b in await alice.bills(BILLER_ID)}
+            assert sorted(listed) == [BILL.bill_id, SECOND_BILL]
+            assert event.related_digest == listed[SECOND_BILL].digest
+            with pytest.raises(CallError) as failure:
+                await bob.bills(BILLER_ID)
             assert failure.value.reason is Reason.ACCOUNT_ACCESS_DENIED
 
     run(tmp_path, scenario)

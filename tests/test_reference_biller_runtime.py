@@ -46,6 +46,7 @@ from parley.v1.biller_service_pb2 import (
     GetKeySetsRequest,
     GetReceiptRequest,
     HelloRequest,
+    ListBillsRequest,
     NegotiateRequest,
 )
 from reference_biller import scheduler
@@ -412,6 +413,34 @@ def test_conformance_control_is_announced_and_refuses_bad_fixtures(tmp_path: Pat
         )
         assert await refused(h.control.IssueTestBill(bad_date)) is Reason.INVALID_DATE
         assert await refused(h.control.AdvanceClock(cc.AdvanceClockRequest(seconds=0))) is Reason.MALFORMED_PAYLOAD
+
+    run(tmp_path, scenario)
+
+
+def test_conformance_control_issues_a_code_that_supersedes_the_unspent_one_and_re_binds(tmp_path: Path) -> None:
+    """IssueTestEnrolmentCode (CNF-4): a new code for an account, enrolled or not; the unspent earlier code no
+    longer enrols, and enrolling with a code for a bound account re-binds it (ENR-11)."""
+
+    async def scenario(h: Harness) -> None:
+        unknown = cc.IssueTestEnrolmentCodeRequest(account_id="nobody")
+        assert await refused(h.control.IssueTestEnrolmentCode(unknown)) is Reason.NOT_FOUND
+        created = await h.control.CreateTestAccount(cc.CreateTestAccountRequest(holder_name="Test Holder"))
+        account_id = created.account_id
+        request = cc.IssueTestEnrolmentCodeRequest(account_id=account_id)
+        newer = (await h.control.IssueTestEnrolmentCode(request)).enrolment_code
+        assert newer != created.enrolment_code
+        alice, bob = Consumer("consumer:alice", h.clock), Consumer("consumer:bob", h.clock)
+        superseded = alice.enrolment(account_id, created.enrolment_code)
+        assert await refused(h.stub.Enrol(EnrolRequest(request=superseded))) is Reason.ENROLMENT_CODE_EXPIRED
+        await h.stub.Enrol(EnrolRequest(request=alice.enrolment(account_id, newer)))
+        await h.bill(account_id, alice)
+
+        third = (await h.control.IssueTestEnrolmentCode(request)).enrolment_code  # the account is bound now
+        await h.stub.Enrol(EnrolRequest(request=bob.enrolment(account_id, third)))
+        (bill,) = (await h.stub.ListBills(ListBillsRequest(query=bob.query(account_id)))).bills
+        assert bill_pb2.Bill.FromString(bill.payload).header.recipient == "consumer:bob"  # ENR-12
+        denied = h.stub.ListBills(ListBillsRequest(query=alice.query(account_id)))
+        assert await refused(denied) is Reason.ACCOUNT_ACCESS_DENIED
 
     run(tmp_path, scenario)
 

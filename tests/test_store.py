@@ -31,6 +31,7 @@ from agent.stores.base import (
     BillStatus,
     Enrolment,
     EnrolmentCodeRecord,
+    EventLog,
     EventRecord,
     KeySetRecord,
     MessageRecord,
@@ -688,3 +689,82 @@ def test_a_re_enrolment_presents_unpaid_bills_in_the_new_partys_own_log(backend:
         assert await store.get_presented_bill(BILL, "consumer:nobody") is None
 
     run(rebind, backend.location)
+
+
+async def bind_again(store: SqlBillerStore, party_id: str) -> None:
+    """Re-bind ACCOUNT to `party_id` (a second code spent): the new binding's log starts empty (ENR-12)."""
+    code = EnrolmentCodeRecord(ACCOUNT, b"t" * 16, digest_of(party_id.encode()), NOW + timedelta(days=30), used=False)
+    await store.add_enrolment_code(code, NOW)
+    key_set = KeySetRecord(party_id, 1, b"keyset-" + party_id.encode(), (f"key-of-{party_id}",))
+    replay_record = ReplayRecord(party_id, party_id.encode()[:16].ljust(16), code.code_hash, NOW + timedelta(hours=1))
+    await store.enrol(Enrolment(ACCOUNT, code.code_hash, party_id, b"g" * 32, key_set, NOW, replay_record))
+
+
+def test_the_logs_and_their_lengths_are_kept_with_each_append(backend: Backend) -> None:
+    """`event_logs` reads a table of log lengths written in each append's transaction (migration 7), so a
+    listing costs a row per log, not a scan of every event: on both back ends it lists every binding's log,
+    earlier holders' too, agrees with `event_count`, and a failed append changes nothing. Migration 7 fills
+    the table from the logs a store already had."""
+    other = "consumer:other"
+
+    async def before(store: SqlBillerStore) -> None:
+        await seed(store)  # PARTY's 0
+        await store.append_events([event(), event()])  # PARTY's 1 and 2
+        await bind_again(store, other)
+        await store.append_events([event()])  # other's 0
+
+    run(before, backend.location)
+    # As a store at migration 6 had it: no lengths table yet, only the logs.
+    backend.execute("DROP TABLE event_log_lengths")
+    backend.execute("DELETE FROM schema_version WHERE version = 7")
+
+    async def after(store: SqlBillerStore) -> None:
+        assert await store.event_logs() == [EventLog(ACCOUNT, PARTY, 3), EventLog(ACCOUNT, other, 1)]  # filled
+        await store.append_events([dataclasses.replace(event(), party_id=PARTY), event()])  # PARTY's 3, other's 1
+        await store.create_account("acct-2", "Bob", NOW)
+        assert await store.event_logs("acct-2") == []  # no binding, no log
+        with pytest.raises(RuntimeError):
+            await store.append_events([event(), event(fail=True)])  # rolled back whole: no length moves
+        logs = [EventLog(ACCOUNT, PARTY, 4), EventLog(ACCOUNT, other, 2)]  # by party id
+        assert await store.event_logs() == await store.event_logs(ACCOUNT) == logs
+        for log in logs:
+            assert await store.event_count(log.account_id, log.party_id) == log.length
+            assert_gapless_and_chained(await store.events(ACCOUNT, 0, 10, log.party_id), log.length)
+
+    run(after, backend.location)
+
+
+def test_listing_the_logs_uses_the_lengths_key_and_never_reads_the_events(tmp_path: Path) -> None:
+    """EXPLAIN QUERY PLAN (SQLite) of each statement `event_logs` runs, as run: the lengths table by its
+    primary key, binding_events not at all (the grouping it replaced scanned that table's whole index)."""
+    path = tmp_path / "biller.sqlite"
+
+    async def plans(store: SqlBillerStore) -> list[str]:
+        await seed(store)
+        assert isinstance(store, SqliteBillerStore)
+        statements: list[str] = []
+        reader = store._reader_connection()
+        reader.set_trace_callback(statements.append)
+        try:
+            assert await store.event_logs() == [EventLog(ACCOUNT, PARTY, 1)]
+            assert await store.event_logs(ACCOUNT) == [EventLog(ACCOUNT, PARTY, 1)]
+        finally:
+            reader.set_trace_callback(None)
+        with sqlite3.connect(path) as db:
+            return [
+                " ".join(str(row[3]) for row in db.execute(f"EXPLAIN QUERY PLAN {sql}"))
+                for sql in statements
+                if sql.lstrip().upper().startswith("SELECT")
+            ]
+
+    async def main() -> list[str]:
+        store = await open_biller_store(str(path))
+        try:
+            return await plans(store)
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == [
+        "SCAN event_log_lengths USING INDEX sqlite_autoindex_event_log_lengths_1",  # in key order: no sort
+        "SEARCH event_log_lengths USING INDEX sqlite_autoindex_event_log_lengths_1 (account_id=?)",
+    ]

@@ -60,6 +60,11 @@ def intent_content_hash(intent: payment_pb2.PaymentIntent) -> bytes:
     return hashlib.sha256(content.SerializeToString(deterministic=True)).digest()
 
 
+def _payer(intent: PaymentIntentRecord) -> str:
+    """The party that signed a stored intent (the one its instructions and receipt are addressed to)."""
+    return payment_pb2.PaymentIntent.FromString(stored_envelope(intent.intent).payload).header.sender
+
+
 def arrangement_of(record: ArrangementRecord) -> Arrangement:
     """A stored agreement as the embedding API shows it."""
     envelope = stored_envelope(record.offer_envelope)
@@ -246,7 +251,8 @@ class PaymentsPhase:
         """The signed receipt of a settled intent (PAY-5)."""
         party = self.party
         query = await party.receive.query(envelope, "GetReceipt")
-        if await party.store.get_payment_intent(query.account_id, query.intent_id) is None:
+        intent = await party.store.get_payment_intent(query.account_id, query.intent_id)
+        if intent is None or _payer(intent) != query.header.sender:  # an earlier holder's payment: ENR-12, AUZ-5
             raise RemoteProtocolError(Reason.NOT_FOUND, f"no intent {query.intent_id!r} on the account")
         settlement = await party.store.get_settlement(query.account_id, query.intent_id)
         if settlement is None:
@@ -274,9 +280,12 @@ class PaymentsPhase:
         if amount != instructed:
             raise ValueError(f"settled {amount}, instructed {instructed}: no receipt (PAY-6)")
         settled_at = settle_time or party.clock.now()
-        recipient = await party.bound_consumer(account_id)
+        await party.bound_consumer(account_id)  # LookupError, ValueError: no account, no log
         instructions = stored_envelope(intent.instructions)
-        thread_id = payment_pb2.PaymentInstructions.FromString(instructions.payload).header.thread_id
+        answered = payment_pb2.PaymentInstructions.FromString(instructions.payload).header
+        # ENR-12: a payment is its payer's thread (intent, instructions, receipt): the receipt and its thanks go
+        # to the payer, the party the instructions were addressed to, even if the account was re-bound since.
+        recipient, thread_id = answered.recipient, answered.thread_id
 
         def sealed(remaining_minor: int) -> SealedSettlement:
             now = party.clock.now()

@@ -209,6 +209,11 @@ class Connection:
     async def settle_payments(self) -> Answer:
         return await self.control_call("SettlePayments", cc.SettlePaymentsRequest())
 
+    async def issue_test_enrolment_code(self, account_id: str) -> Answer:
+        return await self.control_call(
+            "IssueTestEnrolmentCode", cc.IssueTestEnrolmentCodeRequest(account_id=account_id)
+        )
+
 
 class _RecordingStream(EventStream):
     def __init__(self, call: Any, refusals: list[Refusal]) -> None:

@@ -74,7 +74,7 @@ class ControlledBiller(Protocol):
 
 
 class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
-    """CNF-4 fixtures on a biller: test accounts and bills, time, settlement."""
+    """CNF-4 fixtures on a biller: test accounts, enrolment codes and bills, time, settlement."""
 
     def __init__(self, biller: ControlledBiller, clock: SteppingClock) -> None:
         self._biller = biller
@@ -93,6 +93,11 @@ class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
 
     async def SettlePayments(self, request: cc.SettlePaymentsRequest, context: Context) -> cc.SettlePaymentsResponse:
         return await answer(context, self._settle())
+
+    async def IssueTestEnrolmentCode(
+        self, request: cc.IssueTestEnrolmentCodeRequest, context: Context
+    ) -> cc.IssueTestEnrolmentCodeResponse:
+        return await answer(context, self._issue_code(request))
 
     async def _create_account(self, request: cc.CreateTestAccountRequest) -> cc.CreateTestAccountResponse:
         agent = self._biller.agent
@@ -120,6 +125,19 @@ class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
             options=options,
         )
         return cc.IssueTestBillResponse(bill_id=bill_id)
+
+    async def _issue_code(self, request: cc.IssueTestEnrolmentCodeRequest) -> cc.IssueTestEnrolmentCodeResponse:
+        """A new code for an account, enrolled or not (a re-enrolment, ENR-11, ENR-12), superseding its unspent
+        earlier codes as the reference biller's `codes --account` does: only the newest code enrols."""
+        agent = self._biller.agent
+        if not request.account_id or await agent.account(request.account_id) is None:
+            raise RemoteProtocolError(Reason.NOT_FOUND, f"no account {request.account_id!r}")
+        superseded = await agent.party.store.revoke_enrolment_codes(request.account_id, self._clock.now())
+        code = await agent.issue_enrolment_code(request.account_id)
+        logger.info(
+            "conformance control: new enrolment code for %s (%d superseded)", request.account_id, superseded
+        )
+        return cc.IssueTestEnrolmentCodeResponse(enrolment_code=code)
 
     async def _advance(self, request: cc.AdvanceClockRequest) -> cc.AdvanceClockResponse:
         if request.seconds <= 0:

@@ -126,11 +126,6 @@ GAPS: dict[str, str] = {
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
     "KEY-15": "a version signed by a key outside its validity window",
     "KEY-17": "a consumer scenario signing with a key before publishing the version that lists it",
-    "ENR-11": "a second enrolment on an account, then the first party's requests (ACCOUNT_ACCESS_DENIED)",
-    "BIL-7": "a re-bound account's bills read by the new party (needs a second code: ENR-12)",
-    "EVT-11": "a re-bound account's WatchEvents from 0 by the new party (needs a second code: ENR-12)",
-    "ENR-12": "a second code for an enrolled account (needs a conformance-control RPC), then the new party's "
-    "ListBills and WatchEvents from 0 (tested against the reference in tests/test_reenrolment.py)",
     "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
     "NEG-20": "a consumer scenario countering with terms outside the sample mandate",
     "NEG-21": "a consumer scenario with a deadline about to pass",

@@ -112,13 +112,15 @@ class EnrolmentAttempt:
 
 @dataclass(frozen=True)
 class WebhookCursor:
-    """Where an outbound webhook endpoint stands in one account's event log (reference_biller/webhooks.py).
+    """Where an outbound webhook endpoint stands in one binding's event log (reference_biller/webhooks.py):
+    the log of (`account_id`, `party_id`), since each binding has its own log from sequence 0 (ENR-12).
 
     `next_sequence` is the first event not yet delivered (or skipped); `attempts`,
     `next_attempt_at` and `last_error` are the retry state of delivering that event.
     """
 
     account_id: str
+    party_id: str
     next_sequence: int
     attempts: int = 0
     next_attempt_at: datetime | None = None
@@ -285,6 +287,15 @@ class EventRecord:
 
 
 @dataclass(frozen=True)
+class EventLog:
+    """One binding's event log (ENR-12): its account, its party (the events' recipient) and its length."""
+
+    account_id: str
+    party_id: str
+    length: int
+
+
+@dataclass(frozen=True)
 class NegotiationStep:
     """Everything one Negotiate call writes, in one transaction.
 
@@ -444,12 +455,12 @@ class BillerStore(Protocol):
         """The recorded segments, by account id."""
         ...
 
-    async def webhook_cursors(self, endpoint: str) -> dict[str, WebhookCursor]:
-        """An outbound webhook endpoint's cursors, by account id (none yet: start at 0)."""
+    async def webhook_cursors(self, endpoint: str) -> dict[tuple[str, str], WebhookCursor]:
+        """An outbound webhook endpoint's cursors, by log: (account id, party id) (none yet: start at 0)."""
         ...
 
     async def save_webhook_cursor(self, endpoint: str, cursor: WebhookCursor) -> None:
-        """Store an endpoint's cursor for one account (insert or replace)."""
+        """Store an endpoint's cursor for one binding's log (insert or replace)."""
         ...
 
     async def attempt_enrolment_code(
@@ -631,6 +642,12 @@ class BillerStore(Protocol):
 
     async def event_count(self, account_id: str, party_id: str | None = None) -> int:
         """The length of a binding's log (the next cursor), as `events` chooses it."""
+        ...
+
+    async def event_logs(self, account_id: str | None = None) -> list[EventLog]:
+        """Every binding's log that has events — the current holders' and earlier ones' — by account id, then
+        party id, with its length; only `account_id`'s when given. Reads one row per log (a table of log
+        lengths kept with each append), whatever the number of events."""
         ...
 
 

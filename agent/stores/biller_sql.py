@@ -43,6 +43,7 @@ from agent.stores.base import (
     EnrolmentAttempt,
     EnrolmentAttemptOutcome,
     EnrolmentCodeRecord,
+    EventLog,
     EventRecord,
     KeySetRecord,
     MessageRecord,
@@ -287,6 +288,51 @@ _SCHEMA: tuple[tuple[str, ...], ...] = (
            FROM events e JOIN bindings g ON g.account_id = e.account_id""",
         "DROP TABLE events",
     ),
+    (
+        # ENR-12 for the outbound webhooks: a log per binding, so a cursor per (endpoint, binding) — the
+        # log of (account_id, party_id) — where `webhook_cursors` kept one per account, which carried an
+        # earlier holder's position over into the new holder's log (its first events never sent) and never
+        # went back to the earlier holder's log (its payment_received settled later never sent).
+        # An account cursor moves to the log it followed when the account has one log (every account of
+        # a store upgraded from migration 4, and every one not re-bound since migration 5): as it was,
+        # nothing sent again or skipped. An account with several logs was re-bound while its cursor was
+        # kept per account, so which of their events were sent is not recorded: its cursors are dropped
+        # and each of its logs is delivered from its beginning (at least once: the receiver drops the ids
+        # it has seen) rather than leaving an event unsent. A cursor of an account with no events points
+        # at nothing and goes too.
+        """CREATE TABLE webhook_log_cursors (
+            endpoint TEXT NOT NULL,
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            next_sequence {integer} NOT NULL CHECK (next_sequence >= 0),
+            attempts {integer} NOT NULL DEFAULT 0,
+            next_attempt_at {time},
+            last_error TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (endpoint, account_id, party_id)
+        )""",
+        """INSERT INTO webhook_log_cursors (endpoint, account_id, party_id, next_sequence, attempts,
+                                            next_attempt_at, last_error)
+           SELECT c.endpoint, c.account_id, l.party_id, c.next_sequence, c.attempts, c.next_attempt_at,
+                  c.last_error
+           FROM webhook_cursors c
+           JOIN (SELECT account_id, MIN(party_id) AS party_id FROM binding_events GROUP BY account_id
+                 HAVING COUNT(DISTINCT party_id) = 1) l ON l.account_id = c.account_id""",
+        "DROP TABLE webhook_cursors",
+    ),
+    (
+        # Every binding's log with its length, kept in the same transaction as each append
+        # (`_append_events`), so that listing the logs (`event_logs`, every webhook dispatcher pass) reads
+        # one row per log instead of grouping the whole of binding_events: its cost follows the number of
+        # logs, not of events. Filled once here from the logs as they are.
+        """CREATE TABLE event_log_lengths (
+            account_id TEXT NOT NULL REFERENCES accounts (account_id),
+            party_id TEXT NOT NULL REFERENCES parties (party_id),
+            length {integer} NOT NULL CHECK (length > 0),
+            PRIMARY KEY (account_id, party_id)
+        )""",
+        """INSERT INTO event_log_lengths (account_id, party_id, length)
+           SELECT account_id, party_id, MAX(sequence) + 1 FROM binding_events GROUP BY account_id, party_id""",
+    ),
 )
 
 
@@ -517,28 +563,37 @@ class SqlBillerStore(abc.ABC):
         rows = await self._all("SELECT account_id, segment FROM account_segments")
         return {row[0]: row[1] for row in rows}
 
-    async def webhook_cursors(self, endpoint: str) -> dict[str, WebhookCursor]:
+    async def webhook_cursors(self, endpoint: str) -> dict[tuple[str, str], WebhookCursor]:
         rows = await self._all(
-            """SELECT account_id, next_sequence, attempts, next_attempt_at, last_error
-               FROM webhook_cursors WHERE endpoint = ?""",
+            """SELECT account_id, party_id, next_sequence, attempts, next_attempt_at, last_error
+               FROM webhook_log_cursors WHERE endpoint = ?""",
             endpoint,
         )
-        return {
-            row[0]: WebhookCursor(row[0], row[1], row[2], None if row[3] is None else dt(row[3]), row[4])
+        cursors = (
+            WebhookCursor(row[0], row[1], row[2], row[3], None if row[4] is None else dt(row[4]), row[5])
             for row in rows
-        }
+        )
+        return {(cursor.account_id, cursor.party_id): cursor for cursor in cursors}
 
     async def save_webhook_cursor(self, endpoint: str, cursor: WebhookCursor) -> None:
         attempt_at = None if cursor.next_attempt_at is None else ts(cursor.next_attempt_at)
         await self._in_write(
             lambda db: db.execute(
-                """INSERT INTO webhook_cursors (endpoint, account_id, next_sequence, attempts, next_attempt_at,
-                                                last_error)
-                   VALUES (?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (endpoint, account_id) DO UPDATE SET
+                """INSERT INTO webhook_log_cursors (endpoint, account_id, party_id, next_sequence, attempts,
+                                                    next_attempt_at, last_error)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (endpoint, account_id, party_id) DO UPDATE SET
                        next_sequence = excluded.next_sequence, attempts = excluded.attempts,
                        next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error""",
-                (endpoint, cursor.account_id, cursor.next_sequence, cursor.attempts, attempt_at, cursor.last_error),
+                (
+                    endpoint,
+                    cursor.account_id,
+                    cursor.party_id,
+                    cursor.next_sequence,
+                    cursor.attempts,
+                    attempt_at,
+                    cursor.last_error,
+                ),
             )
         )
 
@@ -925,6 +980,19 @@ class SqlBillerStore(abc.ABC):
 
         return await self._in_read(read)
 
+    async def event_logs(self, account_id: str | None = None) -> list[EventLog]:
+        if account_id is None:
+            rows = await self._all(
+                "SELECT account_id, party_id, length FROM event_log_lengths ORDER BY account_id, party_id"
+            )
+        else:
+            rows = await self._all(
+                """SELECT account_id, party_id, length FROM event_log_lengths WHERE account_id = ?
+                   ORDER BY party_id""",
+                account_id,
+            )
+        return [EventLog(row[0], row[1], int(row[2])) for row in rows]
+
     async def event_count(self, account_id: str, party_id: str | None = None) -> int:
         def read(db: Db) -> int:
             party = _bound_party(db, account_id) if party_id is None else party_id
@@ -1082,6 +1150,11 @@ def _append_events(db: Db, events: Sequence[PendingEvent]) -> list[EventRecord]:
             """INSERT INTO binding_events (account_id, party_id, sequence, envelope, digest, kind)
                VALUES (?, ?, ?, ?, ?, ?)""",
             (record.account_id, party_id, record.sequence, record.envelope, record.digest, event.kind),
+        )
+        db.execute(
+            """INSERT INTO event_log_lengths (account_id, party_id, length) VALUES (?, ?, ?)
+               ON CONFLICT (account_id, party_id) DO UPDATE SET length = excluded.length""",
+            (record.account_id, party_id, sequence + 1),
         )
         records.append(record)
     return records

@@ -422,6 +422,11 @@ def _prefill_batch(db: sqlite3.Connection, template: _TemplateRows, party_id: st
         "INSERT INTO binding_events (account_id, party_id, sequence, envelope, digest, kind) VALUES (?, ?, ?, ?, ?, 3)",
         [(account_id, party_id, *rest) for account_id, *rest in events],
     )
+    db.executemany(  # each log's length, kept beside its events as every append keeps it (store migration 7)
+        """INSERT INTO event_log_lengths (account_id, party_id, length) VALUES (?, ?, ?)
+           ON CONFLICT (account_id, party_id) DO UPDATE SET length = MAX(length, excluded.length)""",
+        [(account_id, party_id, sequence + 1) for account_id, sequence, *_ in events],
+    )
 
 
 # === Processes ===========================================================================================

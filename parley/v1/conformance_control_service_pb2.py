@@ -27,7 +27,7 @@ from parley.v1 import bill_pb2 as parley_dot_v1_dot_bill__pb2
 from parley.v1 import terms_pb2 as parley_dot_v1_dot_terms__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+parley/v1/conformance_control_service.proto\x12\tparley.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14parley/v1/bill.proto\x1a\x15parley/v1/terms.proto\"/\n\x18\x43reateTestAccountRequest\x12\x13\n\x0bholder_name\x18\x01 \x01(\t\"G\n\x19\x43reateTestAccountResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nrolment_code\x18\x02 \x01(\t\"\x91\x01\n\x14IssueTestBillRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12$\n\namount_due\x18\x02 \x01(\x0b\x32\x10.parley.v1.Money\x12\x10\n\x08\x64ue_date\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.parley.v1.AdvertisedOptions\"(\n\x15IssueTestBillResponse\x12\x0f\n\x07\x62ill_id\x18\x01 \x01(\t\"&\n\x13\x41\x64vanceClockRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x04\"?\n\x14\x41\x64vanceClockResponse\x12\'\n\x03now\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15SettlePaymentsRequest\"/\n\x16SettlePaymentsResponse\x12\x15\n\rsettled_count\x18\x01 \x01(\r2\xf7\x02\n\x19\x43onformanceControlService\x12^\n\x11\x43reateTestAccount\x12#.parley.v1.CreateTestAccountRequest\x1a$.parley.v1.CreateTestAccountResponse\x12R\n\rIssueTestBill\x12\x1f.parley.v1.IssueTestBillRequest\x1a .parley.v1.IssueTestBillResponse\x12O\n\x0c\x41\x64vanceClock\x12\x1e.parley.v1.AdvanceClockRequest\x1a\x1f.parley.v1.AdvanceClockResponse\x12U\n\x0eSettlePayments\x12 .parley.v1.SettlePaymentsRequest\x1a!.parley.v1.SettlePaymentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+parley/v1/conformance_control_service.proto\x12\tparley.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14parley/v1/bill.proto\x1a\x15parley/v1/terms.proto\"/\n\x18\x43reateTestAccountRequest\x12\x13\n\x0bholder_name\x18\x01 \x01(\t\"G\n\x19\x43reateTestAccountResponse\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nrolment_code\x18\x02 \x01(\t\"\x91\x01\n\x14IssueTestBillRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12$\n\namount_due\x18\x02 \x01(\x0b\x32\x10.parley.v1.Money\x12\x10\n\x08\x64ue_date\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.parley.v1.AdvertisedOptions\"(\n\x15IssueTestBillResponse\x12\x0f\n\x07\x62ill_id\x18\x01 \x01(\t\"&\n\x13\x41\x64vanceClockRequest\x12\x0f\n\x07seconds\x18\x01 \x01(\x04\"?\n\x14\x41\x64vanceClockResponse\x12\'\n\x03now\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15SettlePaymentsRequest\"/\n\x16SettlePaymentsResponse\x12\x15\n\rsettled_count\x18\x01 \x01(\r\"3\n\x1dIssueTestEnrolmentCodeRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"8\n\x1eIssueTestEnrolmentCodeResponse\x12\x16\n\x0e\x65nrolment_code\x18\x01 \x01(\t2\xe6\x03\n\x19\x43onformanceControlService\x12^\n\x11\x43reateTestAccount\x12#.parley.v1.CreateTestAccountRequest\x1a$.parley.v1.CreateTestAccountResponse\x12R\n\rIssueTestBill\x12\x1f.parley.v1.IssueTestBillRequest\x1a .parley.v1.IssueTestBillResponse\x12O\n\x0c\x41\x64vanceClock\x12\x1e.parley.v1.AdvanceClockRequest\x1a\x1f.parley.v1.AdvanceClockResponse\x12U\n\x0eSettlePayments\x12 .parley.v1.SettlePaymentsRequest\x1a!.parley.v1.SettlePaymentsResponse\x12m\n\x16IssueTestEnrolmentCode\x12(.parley.v1.IssueTestEnrolmentCodeRequest\x1a).parley.v1.IssueTestEnrolmentCodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,6 +50,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETTLEPAYMENTSREQUEST']._serialized_end=576
   _globals['_SETTLEPAYMENTSRESPONSE']._serialized_start=578
   _globals['_SETTLEPAYMENTSRESPONSE']._serialized_end=625
-  _globals['_CONFORMANCECONTROLSERVICE']._serialized_start=628
-  _globals['_CONFORMANCECONTROLSERVICE']._serialized_end=1003
+  _globals['_ISSUETESTENROLMENTCODEREQUEST']._serialized_start=627
+  _globals['_ISSUETESTENROLMENTCODEREQUEST']._serialized_end=678
+  _globals['_ISSUETESTENROLMENTCODERESPONSE']._serialized_start=680
+  _globals['_ISSUETESTENROLMENTCODERESPONSE']._serialized_end=736
+  _globals['_CONFORMANCECONTROLSERVICE']._serialized_start=739
+  _globals['_CONFORMANCECONTROLSERVICE']._serialized_end=1225
 # @@protoc_insertion_point(module_scope)

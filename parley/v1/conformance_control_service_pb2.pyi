@@ -211,3 +211,47 @@ class SettlePaymentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SettlePaymentsResponse: _TypeAlias = SettlePaymentsResponse  # noqa: Y015
+
+@_typing.final
+class IssueTestEnrolmentCodeRequest(_message.Message):
+    """IssueTestEnrolmentCode request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account, made by CreateTestAccount."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueTestEnrolmentCodeRequest: _TypeAlias = IssueTestEnrolmentCodeRequest  # noqa: Y015
+
+@_typing.final
+class IssueTestEnrolmentCodeResponse(_message.Message):
+    """IssueTestEnrolmentCode answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENROLMENT_CODE_FIELD_NUMBER: _builtins.int
+    enrolment_code: _builtins.str
+    """A new one-time enrolment code for the account."""
+    def __init__(
+        self,
+        *,
+        enrolment_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrolment_code", b"enrolment_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueTestEnrolmentCodeResponse: _TypeAlias = IssueTestEnrolmentCodeResponse  # noqa: Y015

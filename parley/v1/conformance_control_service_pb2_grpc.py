@@ -57,6 +57,11 @@ class ConformanceControlServiceStub:
                 request_serializer=parley_dot_v1_dot_conformance__control__service__pb2.SettlePaymentsRequest.SerializeToString,
                 response_deserializer=parley_dot_v1_dot_conformance__control__service__pb2.SettlePaymentsResponse.FromString,
                 _registered_method=True)
+        self.IssueTestEnrolmentCode = channel.unary_unary(
+                '/parley.v1.ConformanceControlService/IssueTestEnrolmentCode',
+                request_serializer=parley_dot_v1_dot_conformance__control__service__pb2.IssueTestEnrolmentCodeRequest.SerializeToString,
+                response_deserializer=parley_dot_v1_dot_conformance__control__service__pb2.IssueTestEnrolmentCodeResponse.FromString,
+                _registered_method=True)
 
 
 class ConformanceControlServiceServicer:
@@ -93,6 +98,14 @@ class ConformanceControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueTestEnrolmentCode(self, request, context):
+        """Issues a new one-time enrolment code for an existing account, enrolled or
+        not, superseding its unspent earlier codes (to test re-enrolment, ENR-12).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConformanceControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +128,11 @@ def add_ConformanceControlServiceServicer_to_server(servicer, server):
                     servicer.SettlePayments,
                     request_deserializer=parley_dot_v1_dot_conformance__control__service__pb2.SettlePaymentsRequest.FromString,
                     response_serializer=parley_dot_v1_dot_conformance__control__service__pb2.SettlePaymentsResponse.SerializeToString,
+            ),
+            'IssueTestEnrolmentCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueTestEnrolmentCode,
+                    request_deserializer=parley_dot_v1_dot_conformance__control__service__pb2.IssueTestEnrolmentCodeRequest.FromString,
+                    response_serializer=parley_dot_v1_dot_conformance__control__service__pb2.IssueTestEnrolmentCodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +246,33 @@ class ConformanceControlService:
             '/parley.v1.ConformanceControlService/SettlePayments',
             parley_dot_v1_dot_conformance__control__service__pb2.SettlePaymentsRequest.SerializeToString,
             parley_dot_v1_dot_conformance__control__service__pb2.SettlePaymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueTestEnrolmentCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/parley.v1.ConformanceControlService/IssueTestEnrolmentCode',
+            parley_dot_v1_dot_conformance__control__service__pb2.IssueTestEnrolmentCodeRequest.SerializeToString,
+            parley_dot_v1_dot_conformance__control__service__pb2.IssueTestEnrolmentCodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

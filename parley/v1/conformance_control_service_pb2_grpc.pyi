@@ -44,6 +44,10 @@ class ConformanceControlServiceStub:
     """Moves the biller's clock forward."""
     SettlePayments: _grpc.UnaryUnaryMultiCallable[_conformance_control_service_pb2.SettlePaymentsRequest, _conformance_control_service_pb2.SettlePaymentsResponse]
     """Settles every pending payment on the simulated rail now."""
+    IssueTestEnrolmentCode: _grpc.UnaryUnaryMultiCallable[_conformance_control_service_pb2.IssueTestEnrolmentCodeRequest, _conformance_control_service_pb2.IssueTestEnrolmentCodeResponse]
+    """Issues a new one-time enrolment code for an existing account, enrolled or
+    not, superseding its unspent earlier codes (to test re-enrolment, ENR-12).
+    """
 
 @_typing.type_check_only
 class ConformanceControlServiceAsyncStub(ConformanceControlServiceStub):
@@ -61,6 +65,10 @@ class ConformanceControlServiceAsyncStub(ConformanceControlServiceStub):
     """Moves the biller's clock forward."""
     SettlePayments: _aio.UnaryUnaryMultiCallable[_conformance_control_service_pb2.SettlePaymentsRequest, _conformance_control_service_pb2.SettlePaymentsResponse]  # type: ignore[assignment]
     """Settles every pending payment on the simulated rail now."""
+    IssueTestEnrolmentCode: _aio.UnaryUnaryMultiCallable[_conformance_control_service_pb2.IssueTestEnrolmentCodeRequest, _conformance_control_service_pb2.IssueTestEnrolmentCodeResponse]  # type: ignore[assignment]
+    """Issues a new one-time enrolment code for an existing account, enrolled or
+    not, superseding its unspent earlier codes (to test re-enrolment, ENR-12).
+    """
 
 class ConformanceControlServiceServicer(metaclass=_abc_1.ABCMeta):
     """Test fixtures for the conformance suite (PROTOCOL.md §16, CNF-*). A biller
@@ -99,5 +107,15 @@ class ConformanceControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_conformance_control_service_pb2.SettlePaymentsResponse, _abc.Awaitable[_conformance_control_service_pb2.SettlePaymentsResponse]]:
         """Settles every pending payment on the simulated rail now."""
+
+    @_abc_1.abstractmethod
+    def IssueTestEnrolmentCode(
+        self,
+        request: _conformance_control_service_pb2.IssueTestEnrolmentCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_conformance_control_service_pb2.IssueTestEnrolmentCodeResponse, _abc.Awaitable[_conformance_control_service_pb2.IssueTestEnrolmentCodeResponse]]:
+        """Issues a new one-time enrolment code for an existing account, enrolled or
+        not, superseding its unspent earlier codes (to test re-enrolment, ENR-12).
+        """
 
 def add_ConformanceControlServiceServicer_to_server(servicer: ConformanceControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -50,6 +50,7 @@ from agent.conformance.biller import (
     parsing,
     payments,
     privacy,
+    reenrolment,
     replay,
     terms,
 )
@@ -70,6 +71,7 @@ SECTIONS: tuple[Suite[BillerTarget], ...] = (
     terms.suite,  # §8
     payments.suite,  # §10
     events.suite,  # §11
+    reenrolment.suite,  # §6.2 ENR-11, ENR-12 with BIL-7 and EVT-11: an account re-bound by a second code
     privacy.suite,  # §12
     limits.suite,  # §14: each case spends the budget of a party of its own
     codes_and_times.suite,  # ENR-7, HDR-14, HDR-16, EVT-6

@@ -23,11 +23,11 @@ from agent.conformance.biller.target import (
     pay,
     payment_intent,
     publish,
+    read_events_until,
     setup,
     thread_id_of,
 )
-from agent.conformance.client import EventStream, Refusal
-from agent.conformance.peers import event_log_id
+from agent.conformance.client import Refusal
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
 from agent.protocol.keys import SigningKey
@@ -35,31 +35,6 @@ from parley.v1 import envelope_pb2, event_pb2, payment_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/events")
 REFUSAL_WAIT = 5.0  # seconds for a refusal of a watch to arrive: it needs no event, only the request
-
-
-async def _read_until(
-    stream: EventStream, customer: Customer, ctx: BillerTarget, wanted: set[str], first_sequence: int
-) -> list[envelope_pb2.Envelope]:
-    """Read events, checking order and chain from `first_sequence`, until BILL_ISSUED for every bill in `wanted`."""
-    events: list[envelope_pb2.Envelope] = []
-    waiting = set(wanted)
-    log_id = event_log_id(ctx.biller_id, customer.account_id)
-    while waiting:
-        envelope = await first_event(stream, f"waiting for BILL_ISSUED of {sorted(waiting)}")
-        event: Any = ctx.verify(envelope, (event_pb2.Event,), customer, live=False, what="an event").message
-        expected = first_sequence + len(events)
-        if event.header.sequence != expected:
-            raise Violation(f"the stream delivered sequence {event.header.sequence} where {expected} was due (EVT-4)")
-        if event.header.thread_id != log_id or event.account_id != customer.account_id:
-            raise Violation("an event is not in the account's event log (thread_id, account_id; EVT-1)")
-        if events and event.header.previous_digest != digest_of(events[-1]):
-            raise Violation(f"event {expected} does not chain to the event before it (EVT-1)")
-        if expected == 0 and event.header.previous_digest:
-            raise Violation("event 0 carries a previous_digest (EVT-1)")
-        if event.kind == event_pb2.EVENT_KIND_BILL_ISSUED:
-            waiting.discard(event.bill_id)
-        events.append(envelope)
-    return events
 
 
 @suite.case(
@@ -76,7 +51,7 @@ async def signed_chained_log(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()
     bills = [await ctx.issue_bill(customer), await ctx.issue_bill(customer)]
     async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
-        events = await _read_until(stream, customer, ctx, {b.bill_id for b in bills}, 0)
+        events = await read_events_until(stream, customer, ctx, {b.bill_id for b in bills}, 0)
     by_bill = {}
     for envelope in events:
         event = event_pb2.Event.FromString(envelope.payload)
@@ -118,7 +93,7 @@ async def cursor_out_of_range(ctx: BillerTarget) -> None:
 async def _log_size(ctx: BillerTarget, customer: Customer, bill_id: str) -> int:
     """The account's log length now: read from 0 until the bill's event, then a quiet second."""
     async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
-        size = len(await _read_until(stream, customer, ctx, {bill_id}, 0))
+        size = len(await read_events_until(stream, customer, ctx, {bill_id}, 0))
         while True:  # whatever else the biller logged by now (a quiet second: the end of the log so far)
             try:
                 extra = await stream.next(1.0)
@@ -163,7 +138,7 @@ async def cursor_boundary(ctx: BillerTarget) -> str:
     expect(answer, Reason.CURSOR_OUT_OF_RANGE, what)
     async with ctx.conn.watch(customer.party.query(customer.account_id, start_sequence=size)) as stream:
         later = await ctx.issue_bill(customer)
-        events = await _read_until(stream, customer, ctx, {later.bill_id}, size)
+        events = await read_events_until(stream, customer, ctx, {later.bill_id}, size)
     return f"a log of {size} events; the watch from {size} delivered the {len(events)} appended after it"
 
 
@@ -179,16 +154,16 @@ async def resume_from_cursor(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()
     first = [await ctx.issue_bill(customer) for _ in range(3)]
     async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
-        seen = await _read_until(stream, customer, ctx, {b.bill_id for b in first}, 0)
+        seen = await read_events_until(stream, customer, ctx, {b.bill_id for b in first}, 0)
     later = [await ctx.issue_bill(customer) for _ in range(2)]
     cursor = 1
     async with ctx.conn.watch(customer.party.query(customer.account_id, start_sequence=cursor)) as stream:
-        resumed = await _read_until(stream, customer, ctx, {b.bill_id for b in later}, cursor)
+        resumed = await read_events_until(stream, customer, ctx, {b.bill_id for b in later}, cursor)
         overlap = seen[cursor:]
         if [e.SerializeToString() for e in resumed[: len(overlap)]] != [e.SerializeToString() for e in overlap]:
             raise Violation("the resumed stream delivered the already-seen events with other bytes (EVT-1)")
         live = await ctx.issue_bill(customer)
-        tail = await _read_until(stream, customer, ctx, {live.bill_id}, cursor + len(resumed))
+        tail = await read_events_until(stream, customer, ctx, {live.bill_id}, cursor + len(resumed))
     return f"resumed at {cursor}: {len(resumed)} events, then {len(tail)} live"
 
 
@@ -212,7 +187,7 @@ async def event_fields(ctx: BillerTarget) -> str:
     received = payment_pb2.Receipt.FromString(receipt.payload).amount_received
     sentinel = await ctx.issue_bill(customer)  # its BILL_ISSUED comes after every event the steps above caused
     async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
-        envelopes = await _read_until(stream, customer, ctx, {sentinel.bill_id}, 0)
+        envelopes = await read_events_until(stream, customer, ctx, {sentinel.bill_id}, 0)
     bills = {bill.bill_id: bill for bill in (agreed_bill, paid_bill, sentinel)}
     problems: list[str] = []
     kinds: list[str] = []

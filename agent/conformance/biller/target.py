@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import grpc
 from google.protobuf.message import Message
 
 from agent.conformance.client import Answer, Connection, EventStream, Refusal
-from agent.conformance.peers import SignedParty
+from agent.conformance.peers import SignedParty, event_log_id
 from agent.conformance.runner import Case, Level, Skip, TargetUnreachable, Violation
 from agent.protocol.dsse import envelope_from_json
 from agent.protocol.errors import ProtocolError, Reason
@@ -27,7 +28,7 @@ from agent.protocol.messages import PAYLOAD_TYPES, Verified, open_envelope
 from agent.transport.client import ClientTls
 from agent.transport.diagnosis import connection_hint
 from agent.vectors import load as load_vectors
-from parley.v1 import account_pb2, bill_pb2, biller_service_pb2, envelope_pb2, negotiation_pb2, terms_pb2
+from parley.v1 import account_pb2, bill_pb2, biller_service_pb2, envelope_pb2, event_pb2, negotiation_pb2, terms_pb2
 from parley.v1 import conformance_control_service_pb2 as cc
 
 FIXTURES = "fixtures"  # a `needs` tag: the case needs ConformanceControlService (§16)
@@ -150,6 +151,16 @@ class BillerTarget:
         setup(answer, "CreateTestAccount")
         response: cc.CreateTestAccountResponse = answer
         return response
+
+    async def new_code(self, account_id: str) -> str:
+        """IssueTestEnrolmentCode: a second code for an account (a re-enrolment, ENR-12); Skip if the target's
+        conformance control predates that call (UNIMPLEMENTED)."""
+        answer = await self.conn.issue_test_enrolment_code(account_id)
+        if isinstance(answer, Refusal) and answer.code is grpc.StatusCode.UNIMPLEMENTED and not answer.infos:
+            raise Skip("conformance control does not implement IssueTestEnrolmentCode (CNF-4)")
+        setup(answer, "IssueTestEnrolmentCode")
+        code: str = answer.enrolment_code
+        return code
 
     def new_party(self, **options: Any) -> SignedParty:
         return SignedParty.create(self.biller_id, clock=self.now, **options)
@@ -439,6 +450,31 @@ async def first_event(stream: EventStream, what: str) -> envelope_pb2.Envelope:
     if isinstance(event, Refusal):
         raise Violation(f"{what}: the stream failed with {event.describe()}")
     return event
+
+
+async def read_events_until(
+    stream: EventStream, customer: Customer, ctx: BillerTarget, wanted: set[str], first_sequence: int
+) -> list[envelope_pb2.Envelope]:
+    """Read events, checking order and chain from `first_sequence`, until BILL_ISSUED for every bill in `wanted`."""
+    events: list[envelope_pb2.Envelope] = []
+    waiting = set(wanted)
+    log_id = event_log_id(ctx.biller_id, customer.account_id)
+    while waiting:
+        envelope = await first_event(stream, f"waiting for BILL_ISSUED of {sorted(waiting)}")
+        event: Any = ctx.verify(envelope, (event_pb2.Event,), customer, live=False, what="an event").message
+        expected = first_sequence + len(events)
+        if event.header.sequence != expected:
+            raise Violation(f"the stream delivered sequence {event.header.sequence} where {expected} was due (EVT-4)")
+        if event.header.thread_id != log_id or event.account_id != customer.account_id:
+            raise Violation("an event is not in the account's event log (thread_id, account_id; EVT-1)")
+        if events and event.header.previous_digest != digest_of(events[-1]):
+            raise Violation(f"event {expected} does not chain to the event before it (EVT-1)")
+        if expected == 0 and event.header.previous_digest:
+            raise Violation("event 0 carries a previous_digest (EVT-1)")
+        if event.kind == event_pb2.EVENT_KIND_BILL_ISSUED:
+            waiting.discard(event.bill_id)
+        events.append(envelope)
+    return events
 
 
 # --- Connecting ----------------------------------------------------------------------------------

@@ -676,7 +676,10 @@ class WatchEventsRequest(_message.Message):
     CURSORS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cursors(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventCursor]:
-        """One cursor per account watched (at least one, at most 1000)."""
+        """The accounts watched (at least one, at most 1000), with where to resume
+        their logs: one cursor per (account, holder) log at most, 10000 in all; a
+        log of a watched account without a cursor is streamed from its beginning.
+        """
 
     def __init__(
         self,
@@ -693,27 +696,35 @@ Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
 
 @_typing.final
 class EventCursor(_message.Message):
-    """Where to resume an account's event log."""
+    """Where to resume one log of an account: its holder's."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     NEXT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account."""
     next_sequence: _builtins.int
     """The sequence of the first event wanted: 0 from the start, else the last
     sequence received plus one.
     """
+    holder: _builtins.str
+    """The log's holder: Event.holder as received. Empty: the account from
+    next_sequence 0, or (from before holders were named) a position in the
+    account's only log; an account with several logs then has each streamed
+    from its beginning. Not with a cursor naming a holder of the same account.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         next_sequence: _builtins.int = ...,
+        holder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "next_sequence", b"next_sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "holder", b"holder", "next_sequence", b"next_sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -759,10 +770,13 @@ class Event(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     SIGNED_EVENT_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     """The account."""
     sequence: _builtins.int
-    """Its position in the account's log, from 0 without gaps."""
+    """Its position in its holder's log of the account, from 0 without gaps:
+    unique with account_id and holder only.
+    """
     kind: Global___EventKind.ValueType
     """What happened."""
     bill_id: _builtins.str
@@ -776,6 +790,10 @@ class Event(_message.Message):
     signed_event: _builtins.bytes
     """The signed event: a serialized DSSE envelope (parley.v1.Envelope) whose
     payload is a parley.v1.Event, for those who keep or verify it.
+    """
+    holder: _builtins.str
+    """The consumer party the event is addressed to (its signed recipient):
+    the holder whose log it is in. A re-bound account has a log per holder.
     """
     @_builtins.property
     def amount(self) -> Global___Money:
@@ -798,10 +816,11 @@ class Event(_message.Message):
         message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         signed_event: _builtins.bytes = ...,
+        holder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "bill_id", b"bill_id", "create_time", b"create_time", "date", b"date", "kind", b"kind", "message", b"message", "reminder_level", b"reminder_level", "sequence", b"sequence", "signed_event", b"signed_event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "amount", b"amount", "bill_id", b"bill_id", "create_time", b"create_time", "date", b"date", "holder", b"holder", "kind", b"kind", "message", b"message", "reminder_level", b"reminder_level", "sequence", b"sequence", "signed_event", b"signed_event"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

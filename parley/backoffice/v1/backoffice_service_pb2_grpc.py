@@ -156,9 +156,11 @@ class BackOfficeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Streams the events of the given accounts from each one's cursor, then
-        follows them live. Resumable: keep, per account, the sequence of the
-        last event received plus one, and send it back on reconnection.
+        """Streams the events of the given accounts from the cursors, then follows
+        them live. An account has a log per holder (each consumer bound to it,
+        from sequence 0): every log of a watched account is streamed, earlier
+        holders' too. Resumable: keep, per (account, holder), the sequence of the
+        last event received plus one, and send them back on reconnection.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

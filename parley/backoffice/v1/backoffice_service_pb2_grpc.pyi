@@ -70,9 +70,11 @@ class BackOfficeServiceStub:
     ListAwaitedPayments: _grpc.UnaryUnaryMultiCallable[_backoffice_service_pb2.ListAwaitedPaymentsRequest, _backoffice_service_pb2.ListAwaitedPaymentsResponse]
     """Payments the biller gave instructions for and has not seen settled yet."""
     WatchEvents: _grpc.UnaryStreamMultiCallable[_backoffice_service_pb2.WatchEventsRequest, _backoffice_service_pb2.WatchEventsResponse]
-    """Streams the events of the given accounts from each one's cursor, then
-    follows them live. Resumable: keep, per account, the sequence of the
-    last event received plus one, and send it back on reconnection.
+    """Streams the events of the given accounts from the cursors, then follows
+    them live. An account has a log per holder (each consumer bound to it,
+    from sequence 0): every log of a watched account is streamed, earlier
+    holders' too. Resumable: keep, per (account, holder), the sequence of the
+    last event received plus one, and send them back on reconnection.
     """
 
 @_typing.type_check_only
@@ -117,9 +119,11 @@ class BackOfficeServiceAsyncStub(BackOfficeServiceStub):
     ListAwaitedPayments: _aio.UnaryUnaryMultiCallable[_backoffice_service_pb2.ListAwaitedPaymentsRequest, _backoffice_service_pb2.ListAwaitedPaymentsResponse]  # type: ignore[assignment]
     """Payments the biller gave instructions for and has not seen settled yet."""
     WatchEvents: _aio.UnaryStreamMultiCallable[_backoffice_service_pb2.WatchEventsRequest, _backoffice_service_pb2.WatchEventsResponse]  # type: ignore[assignment]
-    """Streams the events of the given accounts from each one's cursor, then
-    follows them live. Resumable: keep, per account, the sequence of the
-    last event received plus one, and send it back on reconnection.
+    """Streams the events of the given accounts from the cursors, then follows
+    them live. An account has a log per holder (each consumer bound to it,
+    from sequence 0): every log of a watched account is streamed, earlier
+    holders' too. Resumable: keep, per (account, holder), the sequence of the
+    last event received plus one, and send them back on reconnection.
     """
 
 class BackOfficeServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -203,9 +207,11 @@ class BackOfficeServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _backoffice_service_pb2.WatchEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_backoffice_service_pb2.WatchEventsResponse], _abc.AsyncIterator[_backoffice_service_pb2.WatchEventsResponse]]:
-        """Streams the events of the given accounts from each one's cursor, then
-        follows them live. Resumable: keep, per account, the sequence of the
-        last event received plus one, and send it back on reconnection.
+        """Streams the events of the given accounts from the cursors, then follows
+        them live. An account has a log per holder (each consumer bound to it,
+        from sequence 0): every log of a watched account is streamed, earlier
+        holders' too. Resumable: keep, per (account, holder), the sequence of the
+        last event received plus one, and send them back on reconnection.
         """
 
 def add_BackOfficeServiceServicer_to_server(servicer: BackOfficeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -57,7 +57,7 @@ def test_no_term_date_beyond_the_horizon_after_the_due_date() -> None:
 
 def test_the_policy_accepts_a_settlement_at_its_floor_only_if_paid_in_time_and_never_echoes_a_late_date() -> None:
     segment = CONFIG.segment_of("acct-1001")
-    latest = latest_settlement_date(BILL, segment)
+    latest = latest_settlement_date(BILL, segment, date(2026, 3, 5))  # the context's today, before the due date
     assert isinstance(POLICY.decide(context(settlement_on(latest))), AcceptOffer)  # type: ignore[arg-type]
     late = POLICY.decide(context(settlement_on(shift_days(latest, 400))))  # type: ignore[arg-type]
     assert isinstance(late, CounterOffer)

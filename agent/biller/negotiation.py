@@ -8,7 +8,7 @@ binds the biller (NEG-12) and otherwise the policy, signs the answer through the
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, date, datetime
 
 from agent.biller.bills import bill_facts
 from agent.biller.party import BillerParty, stored_envelope
@@ -23,7 +23,7 @@ from agent.protocol.limits import MAX_TEXT_CHARS
 from agent.protocol.messages import Verified
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, sign_move, thread_message
 from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, State, ThreadMessage
-from agent.protocol.terms import BillFacts
+from agent.protocol.terms import BillFacts, Terms
 from agent.stores.base import (
     AgreementFacts,
     BillRecord,
@@ -58,6 +58,14 @@ def _move_of(answer: Answer, pending_digest: bytes) -> Move:
     if isinstance(answer, CounterOffer):
         return Offer(answer.terms)
     return Reject(answer.reason, answer.note)
+
+
+def _already_late(move: Move, pending: Terms, now: datetime) -> date | None:
+    """NEG-23: the first date before today (the UTC date of `now`, the signed create_time) in the terms a policy's
+    counter-offer or Accept would sign, if any; an Accept NEG-12 obliges never comes here."""
+    terms = move.terms if isinstance(move, Offer) else pending if isinstance(move, Accept) else None
+    today = now.astimezone(UTC).date()
+    return next((i.due_date for i in terms.schedule if i.due_date < today), None) if terms else None
 
 
 class NegotiationPhase:
@@ -384,6 +392,18 @@ class NegotiationPhase:
                 now=now,
             )
             move = _move_of(self.party.policy.decide(context), pending.digest)
+            late = _already_late(move, pending.terms, now)
+            if late is not None:  # a deal the household could not keep on the day it is made (NEG-23)
+                log_step(
+                    logger,
+                    "policy-answer-late",
+                    logging.WARNING,
+                    thread_id=thread_id,
+                    answer=type(move).__name__,
+                    date=late.isoformat(),
+                    instead="Reject",
+                )
+                move = Reject(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, "no terms dated from today fit the policy")
         try:
             return self._sign_move(negotiation, move, consumer, thread_id, now)
         except LocalProtocolError as refused:

@@ -515,6 +515,13 @@ def test_tls_mismatches_and_a_missing_client_certificate_name_the_cause_and_the_
             ("insecure = true", 'ca_file = "certs/ca.pem"'),
         )(tmp_path)
         household_without_certificate = parley(*RUN, cwd=tmp_path)
+        link = (
+            f"parley:enrol?endpoint=127.0.0.1%3A{mtls}&biller=biller%3Aenergy.example&fingerprint={'ab' * 32}"
+            "&account=acct-1&code=ABCDEFGHJKMN"
+        )
+        enrol_plaintext_to_tls = parley(
+            "consumer", "enrol", link, "--profile", "p.toml", "--state-dir", "enrol-state", cwd=tmp_path
+        )
     expected = {
         "conformance --insecure at a TLS biller": (
             plaintext_to_tls,
@@ -531,6 +538,10 @@ def test_tls_mismatches_and_a_missing_client_certificate_name_the_cause_and_the_
         "a household with insecure = true at a TLS biller": (
             household_plaintext_to_tls,
             ('speaks TLS, not plaintext: remove insecure = true from [billers."biller:energy.example"]',),
+        ),
+        "an enrolment link to a TLS biller on loopback, without --ca-file": (
+            enrol_plaintext_to_tls,
+            (f"hint: 127.0.0.1:{mtls} speaks TLS, not plaintext", "--ca-file FILE"),
         ),
         "a household without a client certificate at a mutual-TLS biller": (
             household_without_certificate,

@@ -27,9 +27,13 @@ from google.protobuf.message import DecodeError
 from agent.biller import BillerAgent
 from agent.biller.bills import BillsPhase, bill_facts
 from agent.biller.events import EventsPhase, Watch
+from agent.biller.negotiation import NegotiationPhase
 from agent.biller.party import stored_envelope
+from agent.biller.plugins import BillContext, OfferContext, Policy
+from agent.protocol.answers import AcceptOffer, Answer
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.messages import PAYLOAD_TYPES, parse_payload
+from agent.protocol.terms import AdvertisedOptions, Terms
 from agent.stores.base import BillRecord, PendingEvent
 from parley.v1 import (
     account_pb2,
@@ -371,6 +375,32 @@ def keeps_one_log_per_account(agent: BillerAgent) -> None:
     agent.party.events = _OneLogPerAccount(agent.party, watch_poll_interval=agent.party.events.watch_poll_interval)
 
 
+class _AcceptsEveryOffer:
+    """A policy that agrees to whatever is offered: on a bill long past due, terms dated in the past too."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def advertise(self, context: BillContext) -> AdvertisedOptions:
+        return self.policy.advertise(context)
+
+    def decide(self, context: OfferContext) -> Answer:
+        return AcceptOffer()
+
+
+class _NeverLate(NegotiationPhase):
+    """The agent's NEG-23 guard left out: whatever the policy answers is signed."""
+
+    def first_late_date(self, move: Any, pending: Terms, now: datetime) -> Any:
+        return None
+
+
+def signs_deals_already_late(agent: BillerAgent) -> None:
+    """NEG-23: a policy accepting terms dated before today, and no guard in the agent to turn it into a Reject."""
+    agent.party.policy = _AcceptsEveryOffer(agent.party.policy)
+    agent.party.negotiation = _NeverLate(agent.party)
+
+
 @dataclass(frozen=True)
 class BrokenBiller:
     """A reference biller with one defect, and the cases the suite must FAIL against it."""
@@ -444,4 +474,5 @@ EXTRA_BROKEN_BILLERS = (
     BrokenBiller(
         "keeps one event log per account", keeps_one_log_per_account, frozenset({"ENR-12/re-enrolment"})
     ),
+    BrokenBiller("signs deals already late", signs_deals_already_late, frozenset({"NEG-23/no-deal-already-late"})),
 )

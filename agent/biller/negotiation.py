@@ -69,7 +69,8 @@ def _already_late(move: Move, pending: Terms, now: datetime) -> date | None:
 
 
 class NegotiationPhase:
-    """Negotiate and GetThread. `negotiation_type` and `thread_state` are the seams a test may override."""
+    """Negotiate and GetThread. `negotiation_type`, `thread_state` and `first_late_date` are the seams a test
+    may override."""
 
     negotiation_type: type[Negotiation] = Negotiation
 
@@ -82,6 +83,10 @@ class NegotiationPhase:
         self._bills: Lru[bytes, BillFacts] = Lru(_BILL_CACHE_ENTRIES)
 
     # --- the thread's state ---
+
+    def first_late_date(self, move: Move, pending: Terms, now: datetime) -> date | None:
+        """NEG-23: the first date before today in what the policy's answer would sign (None: none is late)."""
+        return _already_late(move, pending, now)
 
     def thread_state(
         self, thread: ThreadRecord | None, bill: BillRecord, *, hardship_disclosed: bool, received_minor: int = 0
@@ -392,7 +397,7 @@ class NegotiationPhase:
                 now=now,
             )
             move = _move_of(self.party.policy.decide(context), pending.digest)
-            late = _already_late(move, pending.terms, now)
+            late = self.first_late_date(move, pending.terms, now)
             if late is not None:  # a deal the household could not keep on the day it is made (NEG-23)
                 log_step(
                     logger,

@@ -9,13 +9,16 @@ from agent.conformance.biller.target import (
     DEFERRAL_FEE,
     FIXTURES,
     NEG,
+    NEGOTIATION_TYPES,
     OUTCOME,
+    OUTSIDE_DAYS,
     SHOULD,
     BillerTarget,
     Customer,
     accepted,
     agreed_thread,
     countered_thread,
+    deferral,
     digest_of,
     enrol,
     expect,
@@ -254,6 +257,44 @@ async def stream_lifetime(ctx: BillerTarget) -> str:
         await ctx.issue_bill(customer)
         await first_event(stream, "resuming from the cursor with a fresh query")
     return "ended MESSAGE_EXPIRED; resumed from sequence 1"
+
+
+@suite.case(
+    "NEG-23/no-deal-already-late",
+    description="On bills weeks past due, the biller neither accepts an opening dated in the past nor counters with a "
+    "date before its today",
+    quote="A biller MUST NOT sign a counter-offer, nor an `Accept` that NEG-12 does not oblige it to make, whose terms "
+    "schedule a date before its today",
+    needs=NEG,
+)
+async def no_deal_already_late(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    late_bill, other_bill = await ctx.issue_bill(customer), await ctx.issue_bill(customer)
+    # Past the due date by more than the outside-options deferral: its date is five days gone, every window closed.
+    await ctx.advance_clock(((late_bill.due_date - ctx.today()).days + OUTSIDE_DAYS + 5) * 86_400)
+    openings = (
+        ("a deferral dated five days ago", late_bill, outside_options(late_bill)),
+        ("a deferral ten days from now, far outside the windows", other_bill, deferral(other_bill, OUTSIDE_DAYS + 15)),
+    )
+    said = []
+    for what, bill, offer in openings:
+        _, answer = await open_thread(ctx, customer, bill, offer)
+        setup(answer, f"an opening with {what}")
+        reply = ctx.verify(answer.reply, NEGOTIATION_TYPES, customer, live=True, what=f"the answer to {what}")
+        today = reply.header.create_time.ToDatetime(tzinfo=UTC).date()  # TRM-18: the UTC date of create_time
+        kind = answer.reply.payload_type.removeprefix("parley.v1.")
+        if isinstance(reply.message, negotiation_pb2.Accept):
+            signed = list(offer.schedule)  # an Accept signs the offer's terms
+        elif isinstance(reply.message, negotiation_pb2.Offer):
+            signed = list(reply.message.terms.schedule)
+        else:
+            said.append(f"{what}: {kind}")
+            continue
+        early = [entry.due_date for entry in signed if entry.due_date < today.isoformat()]
+        if early:
+            raise Violation(f"answering {what}, the biller signed an {kind} dated {', '.join(early)}, before {today}")
+        said.append(f"{what}: {kind} dated {signed[0].due_date} or later")
+    return "; ".join(said)
 
 
 @suite.case(

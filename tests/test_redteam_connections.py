@@ -18,7 +18,9 @@ import grpc
 import pytest
 
 from agent.cli import main as parley_main
+from agent.metrics import BillerMetrics
 from agent.protocol.errors import Reason
+from agent.transport.connections import Connection, ConnectionWatcher
 from agent.transport.server import ConnectionLimits, serve_biller
 from agent.transport.status import error_from_rpc
 from parley.v1 import biller_service_pb2_grpc, event_pb2
@@ -161,6 +163,23 @@ def test_connections_per_address_are_capped_logged_and_counted(
 
 
 # --- `parley biller serve --max-connections-per-address` (flag > PARLEY_* > [server] > 64) ------------------
+
+
+def test_two_listeners_add_up_in_the_open_connections_gauge() -> None:
+    """Each watcher adds the change it saw: a second listener of the process (the tests' harness serves the same
+    agent twice) must not overwrite the first's figure — it did, and the gauge read 0 with 8 connections open."""
+    metrics = BillerMetrics()
+    first, second = (
+        ConnectionWatcher(port, metrics, max_per_address=8, max_total=100, interval=1.0) for port in (1, 2)
+    )
+    first.check([Connection(inode, "192.0.2.1") for inode in range(8)], {})
+    second.check([], {})
+    assert metrics.sample("parley_connections_open") == 8
+    second.check([Connection(100, "192.0.2.2")], {})
+    first.check([Connection(inode, "192.0.2.1") for inode in range(5)], {})
+    assert metrics.sample("parley_connections_open") == 6
+    asyncio.run(first.stop())
+    assert metrics.sample("parley_connections_open") == 1
 
 
 def test_the_per_address_cap_is_a_serve_option() -> None:

@@ -17,7 +17,8 @@ once per check (`connection cap hit cap=per_address peer=… open=… closed=…
 and each connection closed counted in
 `parley_connection_caps_hit_total{cap="per_address"}`; the total cap found
 reached is logged and counted (`cap="total"`) once each time it is reached;
-`parley_connections_open` is the count at the last check.
+`parley_connections_open` is the count at the last check, summed over the process's listeners (each
+watcher adds the change it saw, so two listeners never overwrite each other's figure).
 
 Elsewhere than Linux the watcher logs once that it cannot enforce the cap and
 does nothing: put the cap in front of the process there (docs/OPERATIONS.md).
@@ -137,6 +138,7 @@ class ConnectionWatcher:
         self._order: dict[int, int] = {}  # inode -> when first seen (a counter): the oldest are kept
         self._seen = 0
         self._total_reached = False
+        self._open = 0  # this listener's share of the parley_connections_open gauge
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -155,6 +157,7 @@ class ConnectionWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._count_open(0)
 
     async def _run(self) -> None:
         while True:
@@ -163,6 +166,10 @@ class ConnectionWatcher:
             except OSError as error:  # /proc unreadable now: try again next time
                 logger.debug("connection check failed: %s", error)
             await asyncio.sleep(self._interval)
+
+    def _count_open(self, open_now: int) -> None:
+        self._metrics.connections_open.inc(open_now - self._open)
+        self._open = open_now
 
     def check(self, connections: Iterable[Connection], descriptors: dict[int, int]) -> None:
         """One round: close what is past each address's cap, update the gauge, note the total cap."""
@@ -194,7 +201,7 @@ class ConnectionWatcher:
                 closed=closed,
                 limit=self._max_per_address,
             )
-        self._metrics.connections_open.set(open_now)
+        self._count_open(open_now)
         reached = open_now >= self._max_total
         if reached and not self._total_reached:
             self._metrics.connection_caps_hit.labels("total").inc()

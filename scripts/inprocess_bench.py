@@ -69,6 +69,7 @@ from parley.v1 import bill_pb2, biller_service_pb2, envelope_pb2, negotiation_pb
 # LIM-8: 20 signed requests/s per party (burst 40). A cycle is 5 of them, so at a few hundred cycles a
 # second every party must come round less than 4 times a second: enough consumers, played in turn.
 CONSUMERS = 96
+WARM_UP_CYCLES = 100
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "/parley.v1.BillerService/"
 
@@ -238,8 +239,8 @@ async def run(args: argparse.Namespace) -> int:
     state_dir = Path(tempfile.mkdtemp(prefix="parley-inproc-", dir=args.state_dir))
     url = f"{SQLITE_SCHEME}{state_dir / 'biller.db'}"
     identity = PeerIdentity.create(BILLER_ID, _now())
-    rounds = args.repeat * 2 + 1  # warm-up, CPU passes, a counting pass
-    bills_needed = -(-args.cycles * rounds // CONSUMERS) + 1
+    cycles_run = min(args.cycles, WARM_UP_CYCLES) + args.cycles * (args.repeat + 1)  # warm-up, timed, counting
+    bills_needed = -(-cycles_run // CONSUMERS) + 1
     consumers = await prepare_store(url, identity, CONSUMERS, bills_needed)
     store = CountingStore(await open_biller_store(url))
     try:
@@ -261,7 +262,7 @@ async def run(args: argparse.Namespace) -> int:
 
         gc.collect()
         gc.freeze()  # as a serving process does (freeze_startup_heap)
-        await batch(min(args.cycles, 100))  # warm-up: caches, the store's pages
+        await batch(min(args.cycles, WARM_UP_CYCLES))  # warm-up: caches, the store's pages
         cycles.by_method = dict.fromkeys(cycles.calls, 0.0)
         per_message: list[float] = []
         loop_share: list[float] = []

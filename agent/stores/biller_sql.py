@@ -722,7 +722,7 @@ class SqlBillerStore(abc.ABC):
         return [_bill(row) for row in rows]
 
     async def get_presented_bill(self, bill_id: str, party_id: str) -> BillRecord | None:
-        return await self._in_read(lambda db: _presented_bill(db, bill_id, party_id))
+        return await self._in_statement(lambda db: _presented_bill(db, bill_id, party_id))  # one SELECT
 
     # --- negotiation ---
 
@@ -901,7 +901,7 @@ class SqlBillerStore(abc.ABC):
         await self._in_write(insert)
 
     async def get_settlement(self, account_id: str, intent_id: str) -> SettlementRecord | None:
-        return await self._in_read(lambda db: _settlement(db, account_id, intent_id))
+        return await self._in_statement(lambda db: _settlement(db, account_id, intent_id))  # one SELECT
 
     async def settle(self, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]]:
         return await self._in_write(lambda db: _settle(db, settle))

@@ -32,6 +32,8 @@ import logging
 import pstats
 import re
 import secrets
+import shutil
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -49,7 +51,8 @@ from google.protobuf.message import Message
 from agent.conformance.peers import PeerIdentity, SignedParty
 from agent.logs import configure_logging
 from agent.metrics import MetricsInterceptor
-from agent.protocol.dsse import digest
+from agent.protocol.dsse import digest, sign_envelope, verify_signature
+from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.messages import open_envelope
 from agent.protocol.terms import Money, Terms
@@ -266,11 +269,14 @@ async def run(args: argparse.Namespace) -> int:
         cycles.by_method = dict.fromkeys(cycles.calls, 0.0)
         per_message: list[float] = []
         loop_share: list[float] = []
+        calibrations: list[float] = []
         for _ in range(args.repeat):
+            before = calibration()
             cycles.biller_cpu = cycles.loop_cpu = 0.0
             await batch(args.cycles)
             per_message.append(cycles.biller_cpu / (args.cycles * SIGNED_PER_CYCLE) * 1e6)
             loop_share.append(cycles.loop_cpu / (args.cycles * SIGNED_PER_CYCLE) * 1e6)
+            calibrations.append((before + calibration()) / 2)
         by_method = dict(cycles.by_method)
         store.calls.clear()
         cycles.profile = cProfile.Profile(time.thread_time)  # the loop thread's CPU, not the wall clock
@@ -284,11 +290,16 @@ async def run(args: argparse.Namespace) -> int:
         del sqlite_store._group_commit
     finally:
         await store._store.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
 
     print(f"cycles per pass: {args.cycles} (bench cycle, 9 signed messages each); passes: {args.repeat}")
     print("biller CPU per signed message, each pass: " + ", ".join(f"{value:.0f} µs" for value in per_message))
     best, median = min(per_message), statistics.median(per_message)
     print(f"biller CPU per signed message: best {best:.0f} µs, median {median:.0f} µs")
+    # The machine's speed of the moment (other processes, frequency, caches): CPU per message in units of a
+    # fixed workload timed around each pass, to compare versions measured minutes apart on a shared machine.
+    relative = [value / unit for value, unit in zip(per_message, calibrations, strict=True)]
+    print(f"biller CPU per signed message in calibration units: median {statistics.median(relative):.3f}")
     print(f"biller CPU per cycle: best {best * SIGNED_PER_CYCLE / 1000:.2f} ms")
     print(f"  of which the event loop's thread: median {statistics.median(loop_share):.0f} µs per signed message")
     timed = args.cycles * args.repeat
@@ -302,6 +313,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"    {name}: {count / args.cycles:.2f}")
     for what, per_cycle in _counts(profile, args.cycles).items():
         print(f"  {what}: {per_cycle:.2f}")
+    loop_calls = pstats.Stats(profile).total_calls  # type: ignore[attr-defined]
+    writer_calls = pstats.Stats(writer_profile).total_calls  # type: ignore[attr-defined]
+    print(f"  Python function calls (cProfile, deterministic): loop {loop_calls / args.cycles:.0f}, ", end="")
+    print(f"store writer {writer_calls / args.cycles:.0f}")
     writer_cpu = pstats.Stats(writer_profile).total_tt  # type: ignore[attr-defined]
     print(f"  the writer thread's CPU in its commits: {writer_cpu / args.cycles * 1000:.2f} ms (under the profiler)")
     if args.profile:
@@ -322,6 +337,25 @@ async def run(args: argparse.Namespace) -> int:
             for file, own in sorted(files.items(), key=lambda item: -item[1])[: args.top]:
                 print(f"  {own / total:6.1%}  {file}")
     return 0
+
+
+_CALIBRATION_KEY = SigningKey.from_seed(bytes(32))
+_CALIBRATION_ENVELOPE = sign_envelope(_CALIBRATION_KEY, "parley.calibration", bytes(300))
+
+
+def calibration() -> float:
+    """CPU-milliseconds of a fixed mix like the biller's (interpreted Python, protobuf, SQLite, Ed25519)."""
+    started = time.process_time()
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)")
+    db.executemany("INSERT INTO t VALUES (?, ?)", ((k, bytes(64)) for k in range(500)))
+    for round_ in range(600):
+        verify_signature(_CALIBRATION_ENVELOPE, _CALIBRATION_KEY.public_key)
+        envelope_pb2.Envelope.FromString(_CALIBRATION_ENVELOPE.SerializeToString())
+        db.execute("SELECT v FROM t WHERE k = ?", (round_,)).fetchone()
+        sum(index * index for index in range(200))
+    db.close()
+    return (time.process_time() - started) * 1000
 
 
 def identity_chain(identity: PeerIdentity) -> list[envelope_pb2.Envelope]:

@@ -27,14 +27,13 @@ from agent.biller import BillerAgent
 from agent.biller.events import EventsPhase, Watch
 from agent.biller.negotiation import NegotiationPhase
 from agent.biller.payments import PaymentsPhase
-from agent.biller.receive import Inbound, ReceivePath, ReplayCache, check_query_shape
+from agent.biller.receive import Inbound, ReceivePath, ReplayCache
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.keys import VerifyKey
 from agent.protocol.keysets import KeyChain
-from agent.protocol.messages import check_sequence
 from agent.protocol.negotiation import Accept, Negotiation, State, ThreadMessage
-from agent.stores.base import BillRecord, PaymentIntentRecord, ReplayRecord, ThreadRecord
-from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2, payment_pb2
+from agent.stores.base import AccountRecord, BillRecord, PaymentIntentRecord, ReplayRecord, ThreadRecord
+from parley.v1 import biller_service_pb2, envelope_pb2, payment_pb2
 from reference_biller.config import load_config
 from reference_biller.service import SteppableClock, serving_biller
 
@@ -98,15 +97,8 @@ def _cache_key(message_id: bytes, digest: bytes) -> bytes:
 class _ContentKeyedReplayCache(ReplayCache):
     """The replay cache is keyed by (message id, digest): the same id on other content looks new."""
 
-    async def lookup(self, inbound: Inbound[M]) -> bytes | None:
-        entry = await self.party.store.replay_lookup(
-            inbound.sender, _cache_key(inbound.header.message_id, inbound.verified.digest)
-        )
-        if entry is None:
-            return None
-        if entry.error_reason is not None:
-            raise RemoteProtocolError(Reason[entry.error_reason], entry.error_detail)
-        return entry.answer
+    def key(self, inbound: Inbound[M]) -> tuple[str, bytes]:
+        return inbound.sender, _cache_key(inbound.header.message_id, inbound.verified.digest)
 
     def record(
         self, inbound: Inbound[M], *, answer: bytes | None = None, error: RemoteProtocolError | None = None
@@ -188,11 +180,8 @@ def pays_twice(agent: BillerAgent) -> None:
 class _UnauthorizedReads(ReceivePath):
     """Signed reads skip the account binding check (AUZ-1): any enrolled party reads any account."""
 
-    async def query(self, envelope: envelope_pb2.Envelope, rpc: str) -> account_pb2.AccountQuery:
-        inbound = await self.receive(envelope, (account_pb2.AccountQuery,))
-        check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
-        check_query_shape(inbound.message, rpc)
-        return inbound.message
+    def authorize_read(self, account: AccountRecord | None, sender: str) -> None:
+        return  # the defect: whoever is bound, if anyone
 
 
 def reads_other_accounts(agent: BillerAgent) -> None:

@@ -30,7 +30,7 @@ from agent.protocol.dsse import sign_envelope
 from agent.protocol.errors import Reason, RemoteProtocolError
 from agent.protocol.moves import NegotiationPayload
 from agent.protocol.negotiation import Negotiation
-from agent.stores.base import MessageRecord, ThreadRecord
+from agent.stores.base import MessageRecord, ReplayRecord, ThreadRecord
 from agent.tools.fuzz import LAYERS, Fuzzer, FuzzInput, FuzzReport, print_report, run_fuzz
 from agent.tools.fuzz_command import RPCS
 from agent.transport.status import error_from_rpc
@@ -241,7 +241,7 @@ def refusal_ends_the_thread(agent: BillerAgent) -> None:
 class _NoReplayCache(ReplayCache):
     """No replay cache lookup (HDR-12): a retry of an applied move is judged afresh against the moved-on thread."""
 
-    async def lookup(self, inbound: Inbound[M]) -> bytes | None:
+    def answer(self, inbound: Inbound[M], entry: ReplayRecord | None) -> bytes | None:
         return None
 
 

@@ -363,6 +363,65 @@ def test_thread_context_reads_thread_bill_and_account_together(backend: Backend)
     run(read, backend.location)
 
 
+def test_step_contexts_carry_what_the_step_is_judged_with(backend: Backend) -> None:
+    """One store read per step: an opening's balance and the account's open threads, and the replay entry."""
+
+    async def read(store: SqlBillerStore) -> None:
+        await seed(store)
+        key = (PARTY, b"open-msg-id-0000")
+        opening = await store.thread_context(THREAD, BILL, PARTY, replay_key=key)
+        assert (opening.received_minor, opening.open_threads, opening.replay) == (0, (), None)
+        await store.record_negotiation_step(open_step())
+        later = await store.thread_context(THREAD, "", replay_key=key)
+        assert later.replay is not None
+        assert later.replay == await store.replay_lookup(*key)
+        assert (later.received_minor, later.open_threads) == (0, ())  # not an opening: not read
+        await store.insert_payment_intent(intent(), replay(b"intent-msg-id-01"))
+        await store.settle(settlement("RAIL-1"))
+        again = await store.thread_context(b"u" * 16, BILL, PARTY)  # another opening on the bill
+        assert again.received_minor == await store.received_minor(BILL) == 12000
+        assert again.open_threads == ((BILL, NOW + timedelta(hours=1)),)
+        assert [bill for bill, _ in again.open_threads] == await store.open_thread_bills(ACCOUNT, NOW)
+        assert again.replay is None
+        paying = await store.payment_context(ACCOUNT, BILL, "intent-1", b"", replay_key=(PARTY, b"intent-msg-id-01"))
+        assert paying.replay == await store.replay_lookup(PARTY, b"intent-msg-id-01")
+        assert paying.replay is not None
+        assert (await store.payment_context(ACCOUNT, BILL, "intent-1", b"")).replay is None
+
+    run(read, backend.location)
+
+
+def test_read_contexts_bring_the_account_with_the_bill_or_the_receipt(backend: Backend) -> None:
+    async def read(store: SqlBillerStore) -> None:
+        await seed(store)
+        account = await store.get_account(ACCOUNT)
+        bill = await store.bill_read_context(ACCOUNT, BILL, PARTY)
+        assert (bill.account, bill.bill) == (account, await store.get_presented_bill(BILL, PARTY))
+        assert (await store.bill_read_context(ACCOUNT, BILL, "consumer:other")).bill is None  # ENR-12
+        assert (await store.bill_read_context(ACCOUNT, "no-such-bill", PARTY)).bill is None
+        assert (await store.bill_read_context("acct-none", BILL, PARTY)).account is None
+        await store.create_account("acct-2", "Bob", NOW)
+        elsewhere = await store.bill_read_context("acct-2", BILL, PARTY)  # another account named: its bill as is
+        assert elsewhere.account is not None
+        assert elsewhere.account.consumer_party_id is None
+        assert elsewhere.bill is not None
+        assert elsewhere.bill.account_id == ACCOUNT
+        unpaid = await store.receipt_read_context(ACCOUNT, "intent-1")
+        assert (unpaid.account, unpaid.intent, unpaid.settlement) == (account, None, None)
+        await store.insert_payment_intent(intent(), replay(b"intent-msg-id-01"))
+        instructed = await store.receipt_read_context(ACCOUNT, "intent-1")
+        assert (instructed.intent is not None, instructed.settlement) == (True, None)
+        await store.settle(settlement("RAIL-1"))
+        settled = await store.receipt_read_context(ACCOUNT, "intent-1")
+        assert settled.intent is not None
+        assert settled.settlement == await store.get_settlement(ACCOUNT, "intent-1")
+        assert settled.settlement is not None
+        assert (await store.receipt_read_context("acct-2", "intent-1")).intent is None  # not its intent
+        assert (await store.receipt_read_context("acct-none", "intent-1")).account is None
+
+    run(read, backend.location)
+
+
 def test_a_step_that_fails_midway_leaves_nothing(backend: Backend) -> None:
     async def failing(store: SqlBillerStore) -> None:
         await seed(store)

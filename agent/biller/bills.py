@@ -126,8 +126,12 @@ class BillsPhase:
 
     async def get_bill(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetBillResponse:
         """One signed bill of the account (NOT_FOUND if it is not on the account, AUZ-3)."""
-        query = await self.party.receive.query(envelope, "GetBill")
-        bill = await self.party.store.get_presented_bill(query.bill_id, query.header.sender)  # ENR-12
+        receive = self.party.receive
+        query = await receive.unauthorized_query(envelope, "GetBill")
+        # One store read: the account (AUZ-1) and the bill as presented to the signer (ENR-12).
+        context = await self.party.store.bill_read_context(query.account_id, query.bill_id, query.header.sender)
+        receive.authorize_read(context.account, query.header.sender)
+        bill = context.bill
         if bill is None or bill.account_id != query.account_id:
             raise RemoteProtocolError(Reason.NOT_FOUND, f"no bill {query.bill_id!r} on the account")
         log_read("GetBill", query.account_id, bill=query.bill_id)

@@ -8,12 +8,13 @@ binds the biller (NEG-12) and otherwise the policy, signs the answer through the
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
 from agent.biller.bills import bill_facts
 from agent.biller.party import BillerParty, stored_envelope
 from agent.biller.plugins import OfferContext
-from agent.biller.receive import Inbound, idempotent_step, log_read
+from agent.biller.receive import Found, Inbound, idempotent_step, log_read
 from agent.logs import log_step
 from agent.lru import Lru
 from agent.protocol.answers import AcceptOffer, Answer, CounterOffer
@@ -32,6 +33,7 @@ from agent.stores.base import (
     NegotiationStep,
     NewThread,
     PendingEvent,
+    ThreadContext,
     ThreadOutcome,
     ThreadRecord,
 )
@@ -173,7 +175,7 @@ class NegotiationPhase:
         party = self.party
         inbound = await party.receive.receive(envelope, NEGOTIATION_TYPES)
         thread_id = inbound.header.thread_id
-        thread, bill = await self._locate_thread(inbound)
+        context = await self._locate_thread(inbound)
 
         async def stored_answer(answer: bytes) -> biller_service_pb2.NegotiateResponse:
             """NEG-18: the stored reply (or error) to a retry, with the thread's current outcome."""
@@ -184,17 +186,15 @@ class NegotiationPhase:
             return response
 
         return await idempotent_step(
-            party, inbound, lambda: self._step(inbound, thread, bill, disclosure), stored_answer
+            party, inbound, lambda: self._step(inbound, context, disclosure), stored_answer, found=Found(context.replay)
         )
 
     async def _step(
-        self,
-        inbound: Inbound[NegotiationPayload],
-        thread: ThreadRecord | None,
-        bill: BillRecord,
-        disclosure: bytes,
+        self, inbound: Inbound[NegotiationPayload], context: ThreadContext, disclosure: bytes
     ) -> biller_service_pb2.NegotiateResponse:
         party = self.party
+        thread, bill = context.thread, context.bill
+        assert bill is not None, "located: the thread's bill, or the bill the opening names"
         thread_id = inbound.header.thread_id
         now = party.clock.now()
         message = thread_message(inbound.verified, Role.CONSUMER)
@@ -203,7 +203,7 @@ class NegotiationPhase:
         committed = payload.disclosure_digest if isinstance(payload, negotiation_pb2.ThreadOpen) else b""
         disclosed = check_disclosure(committed, disclosure)
         hardship = disclosed is not None and disclosed.circumstances.hardship
-        received = await party.store.received_minor(bill.bill_id) if thread is None else 0
+        received = context.received_minor if thread is None else 0
         negotiation = self.thread_state(thread, bill, hardship_disclosed=hardship, received_minor=received)
         if thread is not None and thread.disclosure is not None:
             disclosed = negotiation_pb2.Disclosure.FromString(thread.disclosure)
@@ -217,7 +217,7 @@ class NegotiationPhase:
             return await self._expired_opening(inbound, bill)
         new_thread = None
         if isinstance(message.move, Open):
-            await self._check_can_open(bill, now)
+            self._check_can_open(bill, context.open_threads, now)
             new_thread = NewThread(
                 consumer_party_id=inbound.sender,
                 deadline=message.move.deadline,
@@ -285,16 +285,19 @@ class NegotiationPhase:
         )
         return response
 
-    async def _locate_thread(self, inbound: Inbound[NegotiationPayload]) -> tuple[ThreadRecord | None, BillRecord]:
+    async def _locate_thread(self, inbound: Inbound[NegotiationPayload]) -> ThreadContext:
         """AUZ-3: the move's thread (None for a new one) and its bill, on an account bound to the signer.
 
-        One store read brings the thread, its bill and the bill's account (the thread's account).
+        The step's one store read: the thread, its bill and the bill's account (the thread's account),
+        for an opening what it is judged against, and the message's replay cache entry.
         """
         party = self.party
         payload = inbound.message
         opened_bill_id = payload.bill_id if isinstance(payload, negotiation_pb2.ThreadOpen) else ""
         # The bill as presented to the signer (ENR-12): the digest its opening must name (NEG-2).
-        context = await party.store.thread_context(inbound.header.thread_id, opened_bill_id, inbound.sender)
+        context = await party.store.thread_context(
+            inbound.header.thread_id, opened_bill_id, inbound.sender, replay_key=party.replays.key(inbound)
+        )
         # AUZ-3, AUZ-5: a thread or bill of another account gets the very answer a missing one gets.
         new_thread = context.thread is None and isinstance(payload, negotiation_pb2.ThreadOpen)
         named = "bill" if new_thread else "thread"
@@ -308,7 +311,7 @@ class NegotiationPhase:
             raise not_found
         if context.thread is not None and context.thread.consumer_party_id != inbound.sender:
             raise not_found  # ENR-12: an earlier holder's thread is not the new holder's
-        return context.thread, context.bill
+        return context
 
     async def record_refusal(
         self,
@@ -356,10 +359,11 @@ class NegotiationPhase:
                 self._count_outcome(negotiation)
                 log_step(logger, "negotiate-expired", account=thread.account_id, thread_id=thread.thread_id)
 
-    async def _check_can_open(self, bill: BillRecord, now: datetime) -> None:
-        """NEG-3 then LIM-7, after the opening passed the core's checks (re-checked when storing)."""
+    def _check_can_open(self, bill: BillRecord, open_threads: Sequence[tuple[str, datetime]], now: datetime) -> None:
+        """NEG-3 then LIM-7, after the opening passed the core's checks (re-checked when storing): the bills
+        of the account's threads still open at `now` (deadline not passed), of those read with the step."""
         limits = self.party.limits
-        open_bills = await self.party.store.open_thread_bills(bill.account_id, now)
+        open_bills = [bill_id for bill_id, deadline in open_threads if deadline >= now]
         if bill.status is not BillStatus.OPEN or bill.bill_id in open_bills:
             raise RemoteProtocolError(Reason.BILL_NOT_NEGOTIABLE, f"bill {bill.bill_id!r} is not open to negotiation")
         if len(open_bills) >= limits.max_open_threads_per_account:

@@ -10,7 +10,7 @@ import re
 from datetime import UTC, date, datetime, time, timedelta
 
 from agent.biller.party import BillerParty, stored_envelope
-from agent.biller.receive import Inbound, idempotent_step, log_read, malformed, parsed_answer
+from agent.biller.receive import Found, Inbound, idempotent_step, log_read, malformed, parsed_answer
 from agent.biller.results import Arrangement, AwaitedPayment
 from agent.logs import log_step
 from agent.protocol.arrangements import unpaid_instalments
@@ -60,9 +60,9 @@ def intent_content_hash(intent: payment_pb2.PaymentIntent) -> bytes:
     return hashlib.sha256(content.SerializeToString(deterministic=True)).digest()
 
 
-def _payer(intent: PaymentIntentRecord) -> str:
-    """The party that signed a stored intent (the one its instructions and receipt are addressed to)."""
-    return payment_pb2.PaymentIntent.FromString(stored_envelope(intent.intent).payload).header.sender
+def _payer(intent: bytes) -> str:
+    """The party that signed a stored intent envelope (the one its instructions and receipt are addressed to)."""
+    return payment_pb2.PaymentIntent.FromString(stored_envelope(intent).payload).header.sender
 
 
 def arrangement_of(record: ArrangementRecord) -> Arrangement:
@@ -98,9 +98,14 @@ class PaymentsPhase:
         intent = inbound.message
         if not _INTENT_ID.fullmatch(intent.intent_id):
             raise malformed("intent_id must be 1 to 64 characters of [A-Za-z0-9_-]")
-        # One store read for the step: account (AUZ-1), bill, an intent under this id, the arrangement named.
+        # One store read for the step: account (AUZ-1), bill, an intent under this id, the arrangement named,
+        # the message's replay cache entry.
         context = await party.store.payment_context(
-            intent.account_id, intent.bill_id, intent.intent_id, intent.agreement_digest
+            intent.account_id,
+            intent.bill_id,
+            intent.intent_id,
+            intent.agreement_digest,
+            replay_key=party.replays.key(inbound),
         )
         party.receive.check_bound(context.account, inbound.sender)
         bill = context.bill
@@ -111,6 +116,7 @@ class PaymentsPhase:
             inbound,
             lambda: self._instruct(inbound, bill, context),
             parsed_answer(biller_service_pb2.CreatePaymentIntentResponse),
+            found=Found(context.replay),
         )
 
     async def _instruct(
@@ -250,11 +256,13 @@ class PaymentsPhase:
     async def get_receipt(self, envelope: envelope_pb2.Envelope) -> biller_service_pb2.GetReceiptResponse:
         """The signed receipt of a settled intent (PAY-5)."""
         party = self.party
-        query = await party.receive.query(envelope, "GetReceipt")
-        intent = await party.store.get_payment_intent(query.account_id, query.intent_id)
-        if intent is None or _payer(intent) != query.header.sender:  # an earlier holder's payment: ENR-12, AUZ-5
+        query = await party.receive.unauthorized_query(envelope, "GetReceipt")
+        # One store read: the account (AUZ-1), the intent (its signer is whom its receipt is for), its settlement.
+        context = await party.store.receipt_read_context(query.account_id, query.intent_id)
+        party.receive.authorize_read(context.account, query.header.sender)
+        if context.intent is None or _payer(context.intent) != query.header.sender:  # an earlier holder's: ENR-12
             raise RemoteProtocolError(Reason.NOT_FOUND, f"no intent {query.intent_id!r} on the account")
-        settlement = await party.store.get_settlement(query.account_id, query.intent_id)
+        settlement = context.settlement
         if settlement is None:
             raise RemoteProtocolError(Reason.PAYMENT_NOT_SETTLED, f"intent {query.intent_id!r} is not settled yet")
         log_read("GetReceipt", query.account_id, intent=query.intent_id)

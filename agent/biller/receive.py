@@ -107,12 +107,22 @@ class ReceivePath:
         Reads have no effect, so they are neither recorded nor looked up in the
         replay cache (HDR-11): a retry is answered afresh.
         """
-        inbound = await self.receive(envelope, (account_pb2.AccountQuery,))
-        query = inbound.message
-        check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
-        check_query_shape(query, rpc)
-        await self.authorize(inbound.sender, query.account_id)
+        query = await self.unauthorized_query(envelope, rpc)
+        account = await self.party.store.get_account(query.account_id) if query.account_id else None
+        self.authorize_read(account, query.header.sender)
         return query
+
+    async def unauthorized_query(self, envelope: envelope_pb2.Envelope, rpc: str) -> account_pb2.AccountQuery:
+        """`query` up to AUZ-1: for a read that brings the account together with what it reads (one store
+        call), then calls `authorize_read` on it before looking at anything else it read."""
+        inbound = await self.receive(envelope, (account_pb2.AccountQuery,))
+        check_sequence(inbound.header, expected_sequence=0, expected_previous=b"")
+        check_query_shape(inbound.message, rpc)
+        return inbound.message  # header.sender is the verified signer (open_envelope)
+
+    def authorize_read(self, account: AccountRecord | None, sender: str) -> None:
+        """AUZ-1 for a signed read: the signer is bound to the account it names (read already)."""
+        self.check_bound(account, sender)
 
     async def party_of(self, keyid: str) -> str:
         """AUZ-2: the enrolled party whose chain lists the keyid (at most one, KEY-21)."""
@@ -183,13 +193,21 @@ class ReplayCache:
     def __init__(self, party: BillerParty) -> None:
         self.party = party
 
+    def key(self, inbound: Inbound[M]) -> tuple[str, bytes]:
+        """Where the message's entry is kept: (sender, message id). A step that reads its state in one store
+        call reads the entry under this key with it (`idempotent_step(found=...)`)."""
+        return inbound.sender, inbound.header.message_id
+
     async def lookup(self, inbound: Inbound[M]) -> bytes | None:
-        """The stored answer to an identical earlier copy of this message, if any.
+        """The stored answer to an identical earlier copy of this message, if any (see `answer`)."""
+        return self.answer(inbound, await self.party.store.replay_lookup(*self.key(inbound)))
+
+    def answer(self, inbound: Inbound[M], entry: ReplayRecord | None) -> bytes | None:
+        """The stored answer in `entry`, the entry found under `key(inbound)`, if any.
 
         Raises REPLAYED_MESSAGE for a different message with the same id, and the
         stored error when the original was answered with one.
         """
-        entry = await self.party.store.replay_lookup(inbound.sender, inbound.header.message_id)
         if entry is None:
             return None
         if entry.digest != inbound.verified.digest:
@@ -215,11 +233,20 @@ class ReplayCache:
         )
 
 
+@dataclass(frozen=True)
+class Found:
+    """The replay cache's entry under `ReplayCache.key(inbound)` (None: no entry), read with the step's state."""
+
+    entry: ReplayRecord | None
+
+
 async def idempotent_step(
     party: BillerParty,
     inbound: Inbound[M],
     apply: Callable[[], Awaitable[R]],
     stored_answer: Callable[[bytes], Awaitable[R]],
+    *,
+    found: Found | None = None,
 ) -> R:
     """The one template of every mutating RPC, after its receive path and authorization.
 
@@ -228,9 +255,11 @@ async def idempotent_step(
     replay record. When `apply` fails with a protocol error, a copy of the same message received at the
     same time (a retry on another connection, or at another replica) may have been applied meanwhile:
     its effect is what this request ran into, so the copy's stored answer (or error) is this request's
-    answer too. Otherwise the error stands.
+    answer too. Otherwise the error stands. `found`: the entry was read already, with the step's state
+    (one store call per step), so the first lookup does not read it again.
     """
-    answer = await party.replays.lookup(inbound)
+    replays = party.replays
+    answer = await replays.lookup(inbound) if found is None else replays.answer(inbound, found.entry)
     if answer is not None:
         return await stored_answer(answer)
     try:
@@ -258,6 +287,7 @@ def log_read(rpc: str, account_id: str, **fields: object) -> None:
 
 
 __all__ = [
+    "Found",
     "Inbound",
     "ReceivePath",
     "ReplayCache",

@@ -32,7 +32,7 @@ from datetime import datetime
 
 from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.limits import DEFAULT_LIMITS, Limits
-from agent.protocol.terms import BillFacts, Terms, validate_against_bill, validate_terms, within_options
+from agent.protocol.terms import BillFacts, Terms, validate_against_bill, validate_terms, within_advertised_options
 from parley.v1 import negotiation_pb2
 
 
@@ -195,6 +195,7 @@ class Negotiation:
     deadline: datetime | None = None
     pending: PendingOffer | None = None
     violation: ProtocolError | None = None
+    _within_options: tuple[tuple[bytes, bool], bool] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def next_sequence(self) -> int:
@@ -348,13 +349,17 @@ class Negotiation:
         return self._pending_within_options()
 
     def _pending_within_options(self) -> bool:
-        return (
-            self.pending is not None
-            and self.pending.by is Role.CONSUMER
-            and within_options(
-                self.pending.terms, self.bill, hardship_disclosed=self.hardship_disclosed, limits=self.limits
-            )
-        )
+        pending = self.pending
+        if pending is None or pending.by is not Role.CONSUMER:
+            return False
+        # Asked twice per biller move (offer_binds_biller, then the check of the move itself): judged once per
+        # offer. Its terms passed validate_terms and validate_against_bill (this bill, these limits) when it
+        # was received (_check_terms), so only the options are left to judge (within_options, step 1 holds).
+        key = (pending.digest, self.hardship_disclosed)
+        if self._within_options is None or self._within_options[0] != key:
+            inside = within_advertised_options(pending.terms, self.bill, hardship_disclosed=self.hardship_disclosed)
+            self._within_options = (key, inside)
+        return self._within_options[1]
 
     def _advance(self, message: ThreadMessage) -> State:
         move = message.move

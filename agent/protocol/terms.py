@@ -882,6 +882,13 @@ def within_options(terms: Terms, bill: BillFacts, *, hardship_disclosed: bool, l
         validate_against_bill(terms, bill)
     except LocalProtocolError:
         return False
+    return within_advertised_options(terms, bill, hardship_disclosed=hardship_disclosed)
+
+
+def within_advertised_options(terms: Terms, bill: BillFacts, *, hardship_disclosed: bool) -> bool:
+    """Steps 2 and 3 of `within_options`, for terms known to pass its step 1 (`validate_terms` and
+    `validate_against_bill` with the same bill and limits): a negotiation's pending offer passed both
+    when it was received, so the core judges the options without checking its terms again."""
     programme = bill.programme(terms.hardship_programme_id) if terms.hardship_programme_id else None
     if programme is not None and programme.requires_disclosure and not hardship_disclosed:
         return False

@@ -230,12 +230,18 @@ class ThreadContext:
     """What one negotiation step reads, in one store call: the thread (None if new), its bill and account.
 
     The bill is the thread's, or for a new thread the one the opening names; the account is the bill's.
-    Each is None when it does not exist.
+    Each is None when it does not exist. For a new thread whose bill exists (an opening), also what the
+    opening is judged against: `received_minor`, everything received for the bill (TRM-11, PAY-16), and
+    `open_threads`, the account's threads indexed OPEN, as (bill id, deadline), for NEG-3 and LIM-7 at
+    the step's time. `replay` is the replay cache's entry under the key asked for (HDR-8), if any.
     """
 
     thread: ThreadRecord | None
     bill: BillRecord | None
     account: AccountRecord | None
+    received_minor: int = 0
+    open_threads: tuple[tuple[str, datetime], ...] = ()
+    replay: ReplayRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -406,6 +412,17 @@ class ArrangementRecord:
 
 
 @dataclass(frozen=True)
+class ReadContext:
+    """What a signed read of one bill or one receipt needs, in one store call: the account named (with its
+    bound party, AUZ-1), and the bill as presented to the reader or the intent's settlement."""
+
+    account: AccountRecord | None
+    bill: BillRecord | None = None  # the bill as presented to the reader (ENR-12), whatever its account
+    intent: bytes | None = None  # the intent's stored envelope, if one is stored under the id on the account
+    settlement: SettlementRecord | None = None  # the intent's settlement, if settled
+
+
+@dataclass(frozen=True)
 class PaymentContext:
     """What a payment intent's step reads, in one store call: the account, the bill, an intent already
     stored under the intent id, and the arrangement the intent names (each None when absent)."""
@@ -416,6 +433,7 @@ class PaymentContext:
     arrangement: ArrangementRecord | None
     received_minor: int = 0  # every settlement for the bill, under any agreement or none (PAY-16)
     current_agreement: bytes | None = None  # the bill's arrangement in force: its latest, if under one
+    replay: ReplayRecord | None = None  # the replay cache's entry under the key asked for (HDR-8), if any
 
 
 class BillerStore(Protocol):
@@ -549,15 +567,27 @@ class BillerStore(Protocol):
         """The bill as presented to `party_id` (None if it never was, ENR-12)."""
         ...
 
+    async def bill_read_context(self, account_id: str, bill_id: str, party_id: str) -> ReadContext:
+        """The account and the bill as presented to `party_id` (`get_presented_bill`), in one read: GetBill."""
+        ...
+
     # Negotiation
 
     async def get_thread(self, thread_id: bytes) -> ThreadRecord | None: ...
 
-    async def thread_context(self, thread_id: bytes, opened_bill_id: str, party_id: str = "") -> ThreadContext:
+    async def thread_context(
+        self,
+        thread_id: bytes,
+        opened_bill_id: str,
+        party_id: str = "",
+        *,
+        replay_key: tuple[str, bytes] | None = None,
+    ) -> ThreadContext:
         """The thread, its bill (or `opened_bill_id`'s when there is no such thread) and the bill's account,
         read in one transaction: what a negotiation step or a thread read needs, in one call. The bill is
         as presented to the thread's party, or, for a thread not yet opened, to `party_id` (no bill if
-        it was never presented to that party, ENR-12)."""
+        it was never presented to that party, ENR-12); for such a bill, also what an opening is judged
+        against (see ThreadContext). `replay_key` (sender, message id): the replay cache's entry too."""
         ...
 
     async def record_negotiation_step(self, step: NegotiationStep) -> list[EventRecord]:
@@ -602,10 +632,17 @@ class BillerStore(Protocol):
     async def get_payment_intent(self, account_id: str, intent_id: str) -> PaymentIntentRecord | None: ...
 
     async def payment_context(
-        self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
+        self,
+        account_id: str,
+        bill_id: str,
+        intent_id: str,
+        agreement_digest: bytes,
+        *,
+        replay_key: tuple[str, bytes] | None = None,
     ) -> PaymentContext:
         """The account, the bill, the intent stored under `intent_id` and the arrangement `agreement_digest`
-        names (b"": none), read in one transaction: what a CreatePaymentIntent step needs, in one call."""
+        names (b"": none), read in one transaction: what a CreatePaymentIntent step needs, in one call.
+        `replay_key` (sender, message id): the replay cache's entry too."""
         ...
 
     async def unsettled_payment_intents(self) -> list[PaymentIntentRecord]:
@@ -620,6 +657,11 @@ class BillerStore(Protocol):
         ...
 
     async def get_settlement(self, account_id: str, intent_id: str) -> SettlementRecord | None: ...
+
+    async def receipt_read_context(self, account_id: str, intent_id: str) -> ReadContext:
+        """The account, whether it has an intent `intent_id`, and the intent's settlement, in one read:
+        GetReceipt."""
+        ...
 
     async def settle(self, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]]:
         """Record the intent's settlement, its receipt and events, or return the existing one unchanged.

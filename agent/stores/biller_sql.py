@@ -51,6 +51,7 @@ from agent.stores.base import (
     PaymentContext,
     PaymentIntentRecord,
     PendingEvent,
+    ReadContext,
     ReplayRecord,
     Settle,
     SettledPayment,
@@ -406,17 +407,23 @@ class Leases(Protocol):
         ...
 
 
+# An account with its bound party: `accounts a LEFT JOIN bindings ab` (6 columns, `_account`).
+_ACCOUNT_COLUMNS = (
+    "a.account_id, a.holder_name, a.created_at, ab.party_id, a.failed_enrolment_attempts, a.enrolment_locked"
+)
+_ACCOUNT_JOIN = "accounts a LEFT JOIN bindings ab ON ab.account_id = a.account_id"
+
+
+def _account(row: Row) -> AccountRecord:
+    return AccountRecord(row[0], row[1], dt(row[2]), row[3], row[4], bool(row[5]))
+
+
 def _read_account(db: Db, account_id: str) -> AccountRecord | None:
     row = db.execute(
-        """SELECT a.account_id, a.holder_name, a.created_at, b.party_id,
-                  a.failed_enrolment_attempts, a.enrolment_locked
-           FROM accounts a LEFT JOIN bindings b ON b.account_id = a.account_id
-           WHERE a.account_id = ?""",
+        f"SELECT {_ACCOUNT_COLUMNS} FROM {_ACCOUNT_JOIN} WHERE a.account_id = ?",  # noqa: S608
         (account_id,),
     ).fetchone()
-    if row is None:
-        return None
-    return AccountRecord(row[0], row[1], dt(row[2]), row[3], row[4], bool(row[5]))
+    return None if row is None else _account(row)
 
 
 def _read_thread(db: Db, thread_id: bytes) -> ThreadRecord | None:
@@ -693,15 +700,7 @@ class SqlBillerStore(abc.ABC):
     # --- replay cache ---
 
     async def replay_lookup(self, sender: str, message_id: bytes) -> ReplayRecord | None:
-        row = await self._one(
-            """SELECT digest, expires_at, answer, error_reason, error_detail
-               FROM replay_cache WHERE sender = ? AND message_id = ?""",
-            sender,
-            message_id,
-        )
-        if row is None:
-            return None
-        return ReplayRecord(sender, message_id, row[0], dt(row[1]), row[2], row[3], row[4])
+        return await self._in_statement(lambda db: _replay_entry(db, sender, message_id))
 
     async def record_replay(self, record: ReplayRecord) -> None:
         await self._in_write(lambda db: _insert_replay(db, record))
@@ -777,14 +776,37 @@ class SqlBillerStore(abc.ABC):
         return [_bill(row) for row in rows]
 
     async def get_presented_bill(self, bill_id: str, party_id: str) -> BillRecord | None:
-        return await self._in_read(lambda db: _presented_bill(db, bill_id, party_id))
+        return await self._in_statement(lambda db: _presented_bill(db, bill_id, party_id))  # one SELECT
+
+    async def bill_read_context(self, account_id: str, bill_id: str, party_id: str) -> ReadContext:
+        # One statement: the account, and the bill (of any account) as presented to the party.
+        row = await self._one(
+            f"""SELECT {_ACCOUNT_COLUMNS}, {_PRESENTED_COLUMNS}
+                FROM {_ACCOUNT_JOIN}
+                LEFT JOIN (bills b JOIN bill_presentations p ON p.bill_id = b.bill_id AND p.party_id = ?)
+                       ON b.bill_id = ?
+                WHERE a.account_id = ?""",  # noqa: S608
+            party_id,
+            bill_id,
+            account_id,
+        )
+        if row is None:  # no such account; the bill is not the reader's to see on it anyway (AUZ-1)
+            return ReadContext(None)
+        return ReadContext(_account(row), bill=None if row[6] is None else _bill(row[6:]))
 
     # --- negotiation ---
 
     async def get_thread(self, thread_id: bytes) -> ThreadRecord | None:
         return await self._in_read(lambda db: _read_thread(db, thread_id))
 
-    async def thread_context(self, thread_id: bytes, opened_bill_id: str, party_id: str = "") -> ThreadContext:
+    async def thread_context(
+        self,
+        thread_id: bytes,
+        opened_bill_id: str,
+        party_id: str = "",
+        *,
+        replay_key: tuple[str, bytes] | None = None,
+    ) -> ThreadContext:
         def read(db: Db) -> ThreadContext:
             thread = _read_thread(db, thread_id)
             if thread is not None:  # as presented to its party; else (a row migrated over) as first presented
@@ -798,7 +820,19 @@ class SqlBillerStore(abc.ABC):
             else:
                 bill = _presented_bill(db, opened_bill_id, party_id)
             account = None if bill is None else _read_account(db, bill.account_id)
-            return ThreadContext(thread, bill, account)
+            received = 0
+            open_threads: tuple[tuple[str, datetime], ...] = ()
+            if thread is None and bill is not None:  # an opening: what it is judged against
+                received = _received_minor(db, bill.bill_id)
+                open_threads = tuple(
+                    (row[0], dt(row[1]))
+                    for row in db.execute(
+                        "SELECT bill_id, deadline FROM threads WHERE account_id = ? AND outcome = 'open'",
+                        (bill.account_id,),
+                    )
+                )
+            replay = None if replay_key is None else _replay_entry(db, *replay_key)
+            return ThreadContext(thread, bill, account, received, open_threads, replay)
 
         return await self._in_read(read)
 
@@ -870,7 +904,13 @@ class SqlBillerStore(abc.ABC):
                          amount_minor, currency, payment_reference, intent, instructions, created_at, pay_by"""
 
     async def payment_context(
-        self, account_id: str, bill_id: str, intent_id: str, agreement_digest: bytes
+        self,
+        account_id: str,
+        bill_id: str,
+        intent_id: str,
+        agreement_digest: bytes,
+        *,
+        replay_key: tuple[str, bytes] | None = None,
     ) -> PaymentContext:
         def read(db: Db) -> PaymentContext:
             bill = db.execute(f"SELECT {_BILL_COLUMNS} FROM bills b WHERE bill_id = ?", (bill_id,)).fetchone()  # noqa: S608
@@ -897,6 +937,7 @@ class SqlBillerStore(abc.ABC):
                 arrangement=arrangement,
                 received_minor=_received_minor(db, bill_id),
                 current_agreement=None if current is None else current[0],
+                replay=None if replay_key is None else _replay_entry(db, *replay_key),
             )
 
         return await self._in_read(read)
@@ -956,7 +997,25 @@ class SqlBillerStore(abc.ABC):
         await self._in_write(insert)
 
     async def get_settlement(self, account_id: str, intent_id: str) -> SettlementRecord | None:
-        return await self._in_read(lambda db: _settlement(db, account_id, intent_id))
+        return await self._in_statement(lambda db: _settlement(db, account_id, intent_id))  # one SELECT
+
+    async def receipt_read_context(self, account_id: str, intent_id: str) -> ReadContext:
+        # One statement: the account, the intent's envelope if stored, its settlement if settled.
+        row = await self._one(
+            f"""SELECT {_ACCOUNT_COLUMNS}, p.intent, s.amount_minor, s.rail_reference, s.settled_at, s.receipt
+                FROM {_ACCOUNT_JOIN}
+                LEFT JOIN payment_intents p ON p.account_id = a.account_id AND p.intent_id = ?
+                LEFT JOIN settlements s ON s.account_id = p.account_id AND s.intent_id = p.intent_id
+                WHERE a.account_id = ?""",  # noqa: S608
+            intent_id,
+            account_id,
+        )
+        if row is None:
+            return ReadContext(None)
+        settlement = None
+        if row[7] is not None:
+            settlement = SettlementRecord(account_id, intent_id, row[7], row[8], dt(row[9]), row[10])
+        return ReadContext(_account(row), intent=None if row[6] is None else bytes(row[6]), settlement=settlement)
 
     async def settle(self, settle: Settle) -> tuple[SettlementRecord, list[EventRecord]]:
         return await self._in_write(lambda db: _settle(db, settle))
@@ -1024,6 +1083,17 @@ def _insert_key_set(db: Db, record: KeySetRecord) -> None:
         raise StoreConflict(
             Reason.KEYSET_ROLLBACK, f"version {record.version} of {record.party_id!r} is already stored"
         ) from error
+
+
+def _replay_entry(db: Db, sender: str, message_id: bytes) -> ReplayRecord | None:
+    row = db.execute(
+        """SELECT digest, expires_at, answer, error_reason, error_detail
+           FROM replay_cache WHERE sender = ? AND message_id = ?""",
+        (sender, message_id),
+    ).fetchone()
+    if row is None:
+        return None
+    return ReplayRecord(sender, message_id, row[0], dt(row[1]), row[2], row[3], row[4])
 
 
 def _insert_replay(db: Db, record: ReplayRecord) -> None:

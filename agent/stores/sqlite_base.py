@@ -23,9 +23,10 @@ Durability and concurrency choices, the same for every Parley SQLite store:
   still covers other programs holding SQLite's lock.
 - Group commit: the writes that arrive while the worker thread is busy are
   committed together, one `COMMIT` (one fsync) for all of them. Each runs in
-  its own `SAVEPOINT`, so a step that fails rolls back alone and the others
-  still commit; each caller hears of its result only after the `COMMIT` that
-  made it durable, so the guarantee above is unchanged.
+  its own `SAVEPOINT` (a write alone needs none: its transaction is its own),
+  so a step that fails rolls back alone and the others still commit; each
+  caller hears of its result only after the `COMMIT` that made it durable,
+  so the guarantee above is unchanged.
 - `secure_delete` is on, so deleted rows (disclosures) are overwritten, not
   just unlinked (PRV-4).
 - The schema is a list of migrations (the subclass's `MIGRATIONS`), applied in
@@ -319,9 +320,12 @@ class SqliteStore:
             with self._writer_lock:
                 db.execute("BEGIN IMMEDIATE")
                 try:
-                    for write in batch:
-                        self._run_in_savepoint(db, write)
-                    db.execute("COMMIT")
+                    if len(batch) == 1:
+                        self._run_alone(db, batch[0])
+                    else:
+                        for write in batch:
+                            self._run_in_savepoint(db, write)
+                        db.execute("COMMIT")
                 except BaseException:
                     if db.in_transaction:  # a failed COMMIT (a deferred constraint) leaves the transaction open
                         db.execute("ROLLBACK")
@@ -331,6 +335,19 @@ class SqliteStore:
                 write.error = error
         for write in batch:
             write.release()
+
+    @staticmethod
+    def _run_alone(db: sqlite3.Connection, write: _QueuedWrite[Any]) -> None:
+        """A batch of one: the transaction is the write's own, so it needs no savepoint. It commits, or its
+        failure rolls the transaction back (nothing to commit, no sync); `_run_in_savepoint` otherwise."""
+        try:
+            write.result = write.fn(db)
+        except Exception as error:
+            if db.in_transaction:  # else SQLite rolled it back already (I/O error, disk full...)
+                db.execute("ROLLBACK")
+            write.error = error
+            return
+        db.execute("COMMIT")
 
     @staticmethod
     def _run_in_savepoint(db: sqlite3.Connection, write: _QueuedWrite[Any]) -> None:

@@ -52,7 +52,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ from agent.conformance.hostile_biller import (
     payload_of,
     rotated_identity,
 )
-from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal
+from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal, resign
 from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError
@@ -1123,7 +1123,6 @@ async def crash_after_bank_order(context: ConsumerContext) -> str:
         return f"killed after ordering {orders[0].describe()}; the rerun paid nothing more ({s.runs[-1].describe()})"
 
 
-
 # --- 12. Limits announced in Hello -------------------------------------------------------------------------
 
 ANNOUNCED_LIFETIME = timedelta(minutes=30)  # below the default 24 hours, below the hour the biller signs for
@@ -1159,6 +1158,260 @@ async def announced_lifetime(context: ConsumerContext) -> str:
             f"Hello announced max_message_lifetime_seconds {seconds}; the bill {bill_id}, signed to live an hour, "
             f"was fetched and never negotiated on nor paid ({s.runs[-1].describe()})"
         )
+
+
+# --- 13. Bills honestly signed but out of place: another recipient, another thread position, the future -------
+
+FUTURE = timedelta(minutes=30)  # beyond the default skew (5 minutes), well inside a bill's lifetime
+
+
+def _to_another_party(bill: bill_pb2.Bill) -> None:
+    bill.header.recipient = f"{bill.header.recipient}-someone-else"
+
+
+def _not_at_sequence_0(bill: bill_pb2.Bill) -> None:
+    bill.header.sequence = 1
+    bill.header.previous_digest = os.urandom(32)
+
+
+def _from_the_future(bill: bill_pb2.Bill) -> None:
+    created = bill.header.create_time.ToDatetime(tzinfo=UTC) + FUTURE
+    bill.header.create_time.FromDatetime(created)
+    bill.header.expire_time.FromDatetime(created + timedelta(hours=1))
+
+
+_DOCTORED_BILLS: tuple[tuple[str, str, str, Any], ...] = (
+    (
+        "HDR-4/bill-to-another-party",
+        "addressed to another party than the client",
+        "`recipient` MUST be the party id of the party the message is for: the biller for consumer messages, the "
+        "consumer for biller messages. … A receiver MUST refuse a message not addressed to it with "
+        "`WRONG_RECIPIENT`.",
+        _to_another_party,
+    ),
+    (
+        "BIL-6/bill-not-at-sequence-0",
+        "sitting at sequence 1 with a previous digest",
+        "A bill is a one-message thread: its header MUST carry `sequence` 0 and an empty `previous_digest`. A "
+        "consumer or verifier MUST check this after the receive path of §3.8 and before the bill's body (BIL-2)",
+        _not_at_sequence_0,
+    ),
+    (
+        "HDR-5/bill-from-the-future",
+        "created 30 minutes ahead of the client's clock",
+        "A receiver MUST refuse a message when `create_time > now + skew`, with `MESSAGE_NOT_YET_VALID`",
+        _from_the_future,
+    ),
+)
+
+
+def _doctored_bill_case(case_id: str, what: str, quote: str, change: Any) -> None:
+    """A scenario: of two bills, the second is served re-signed by the biller after `change`; never dealt with."""
+
+    @suite.case(
+        case_id,
+        description=f"A bill honestly signed by the biller but {what} is never negotiated on nor paid",
+        quote=quote,
+        covers=("BIL-3", "AUZ-6"),
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            bills = issue_bills_on_enrolment(s.biller, 2)  # the first honest (a control), the second doctored
+            key = s.biller.identity.key
+            served: list[str] = []
+
+            def doctor(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+                if len(bills) < 2 or _bill_id_of(envelope) != bills[1]:
+                    return envelope
+                served.append(bills[1])
+                return reseal(envelope, key, change)
+
+            async def list_bills(request: pb.ListBillsRequest, answer: pb.ListBillsResponse) -> pb.ListBillsResponse:
+                return pb.ListBillsResponse(bills=[doctor(bill) for bill in answer.bills])
+
+            async def get_bill(request: pb.GetBillRequest, answer: pb.GetBillResponse) -> pb.GetBillResponse:
+                return pb.GetBillResponse(bill=doctor(answer.bill)) if answer.HasField("bill") else answer
+
+            s.biller.rewrite["ListBills"] = list_bills
+            s.biller.rewrite["GetBill"] = get_bill
+            await s.run_client()
+            if not served:
+                raise setup_failed("the client never fetched its bills after enrolling (ListBills, GetBill)", s)
+            honest, doctored = bills
+            _no_dealings(s, doctored, f"the bill {what},")
+            control = "paid" if s.orders(honest) else "did not pay"
+            return (
+                f"the bill {doctored} {what} was served {len(served)}× and never acted on; the client {control} "
+                f"the honest bill {honest} ({s.runs[-1].describe()})"
+            )
+
+
+for _case_id, _what, _quote, _change in _DOCTORED_BILLS:
+    _doctored_bill_case(_case_id, _what, _quote, _change)
+
+
+# --- 14. Events that are not the biller's log: a gap, a forgery, another account, an undefined kind or level ----
+
+EVT_5_QUOTE = (
+    "The consumer MUST verify each event before acting on it: the receive path of §3 and §5 with the biller's "
+    "trusted key set chain … a gap (a higher sequence), a broken chain or an event that fails verification is not "
+    "processed"
+)
+EVT_2_QUOTE = (
+    "Every event MUST have one of the kinds below (`EVENT_KIND_UNSPECIFIED` and undefined numbers are refused with "
+    "`MALFORMED_PAYLOAD`) … `reminder_level` is 1 to 3 on a reminder and 0 on every other kind"
+)
+UNDEFINED_EVENT_KIND = 99
+
+
+def _event_kind(envelope: envelope_pb2.Envelope) -> int:
+    payload = payload_of(envelope)
+    return payload.kind if isinstance(payload, event_pb2.Event) else 0
+
+
+def _doctor_kind(kind: int, change: Any) -> Any:
+    """An event doctor: events of `kind` re-signed by the biller after `change` (None: dropped)."""
+
+    def install(biller: HostileBiller) -> None:
+        key = biller.identity.key
+
+        def doctor(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
+            if _event_kind(envelope) != kind:
+                return envelope
+            return None if change is None else reseal(envelope, key, change)
+
+        biller.event_doctor = doctor
+
+    return install
+
+
+def _forge_renegotiation(biller: HostileBiller) -> None:
+    stranger = SigningKey.generate()
+
+    def doctor(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
+        if _event_kind(envelope) != event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED:
+            return envelope
+        return resign(envelope, stranger, keyid=biller.identity.key.keyid)
+
+    biller.event_doctor = doctor
+
+
+def _other_account(event: event_pb2.Event) -> None:
+    event.account_id = f"{event.account_id}-never-enrolled"
+
+
+def _undefined_kind(event: event_pb2.Event) -> None:
+    event.kind = UNDEFINED_EVENT_KIND  # type: ignore[assignment]
+
+
+def _level_4(event: event_pb2.Event) -> None:
+    event.reminder_level = 4
+
+
+_DOCTORED_EVENTS: tuple[tuple[str, str, str, Any], ...] = (
+    (
+        "EVT-5/event-after-a-gap",
+        "a renegotiation offer after a gap in the log (a reminder withheld)",
+        EVT_5_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_REMINDER, None),
+    ),
+    (
+        "EVT-5/event-forged-signature",
+        "a renegotiation offer signed by a stranger under the biller's keyid",
+        EVT_5_QUOTE,
+        _forge_renegotiation,
+    ),
+    (
+        "AUZ-6/event-for-another-account",
+        "a renegotiation offer for an account the client never enrolled",
+        "A consumer MUST NOT act on a biller message that is not signed by the biller's pinned chain and addressed "
+        "to it, nor on a bill, event, instruction or receipt for an account it has not enrolled.",
+        _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _other_account),
+    ),
+    (
+        "EVT-2/event-kind-undefined",
+        "a renegotiation offer chained after an event of an undefined kind",
+        EVT_2_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_REMINDER, _undefined_kind),
+    ),
+    (
+        "EVT-2/reminder-level-4",
+        "a renegotiation offer chained after a reminder at level 4",
+        EVT_2_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_REMINDER, _level_4),
+    ),
+)
+
+
+def _doctored_event_case(case_id: str, what: str, quote: str, install: Any) -> None:
+    """A scenario: the client agrees and pays in run 1; then the biller appends a reminder and an offer to
+    renegotiate the agreed bill, the log doctored by `install`; in run 2 the client must not negotiate again."""
+
+    @suite.case(
+        case_id,
+        description=f"{what[0].upper()}{what[1:]} is never acted on: the client does not negotiate the bill again",
+        quote=quote,
+        covers=("EVT-5",) if not case_id.startswith("EVT-5/") else ("AUZ-6",),
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            bills = issue_bills_on_enrolment(s.biller)
+            await s.run_client()
+            if not s.enrolled():
+                raise setup_failed("the client did not enrol", s)
+            (bill_id,) = bills
+            openings = s.openings(bill_id)
+            if not openings:
+                raise Skip(
+                    "the client never negotiated (it may pay bills as issued): an offer to renegotiate "
+                    "means nothing to it"
+                )
+            thread_id = openings[-1].header.thread_id
+            agent, account = s.biller.agent, s.biller.account_id
+            await agent.emit_event(
+                account,
+                event_pb2.EVENT_KIND_REMINDER,
+                bill_id=bill_id,
+                thread_id=thread_id,
+                amount=AMOUNT_DUE,
+                day=s.biller.today(),
+                reminder_level=1,
+                message=f"A reminder about bill {bill_id}.",
+            )
+            await agent.emit_event(
+                account,
+                event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED,
+                bill_id=bill_id,
+                thread_id=thread_id,
+                amount=AMOUNT_DUE,
+                message=f"We offer to agree new terms for bill {bill_id}.",
+            )
+            install(s.biller)
+            await s.run_client()
+            watched = [call for call in s.biller.calls_of("WatchEvents") if call.run == 2]
+            if not watched:
+                raise Skip("the client never watched the account's events (WatchEvents) in its second run")
+            again = [
+                payload
+                for call, payload in s.moves()
+                if call.run == 2 and isinstance(payload, negotiation_pb2.ThreadOpen)
+            ]
+            if again:
+                raise Violation(
+                    f"after {what}, the client opened a new negotiation on bill {again[0].bill_id}: it acted on an "
+                    f"event it must refuse; it {s.summary()}"
+                )
+            paid = [order for order in s.orders(bill_id)]
+            if len(paid) > 1:
+                raise Violation(f"the client paid bill {bill_id} {len(paid)} times: it {s.summary()}")
+            return (
+                f"after {what}, the client opened no new negotiation on {bill_id} "
+                f"({', '.join(run.describe() for run in s.runs)})"
+            )
+
+
+for _case_id, _what, _quote, _install in _DOCTORED_EVENTS:
+    _doctored_event_case(_case_id, _what, _quote, _install)
 
 __all__ = [
     "CLIENT_ENVIRONMENT",

@@ -372,6 +372,11 @@ def _paid_once(scenario: Scenario, bill_id: str) -> BankOrder:
             f"the client ordered {order.describe()}, but the instructions under that reference are for "
             f"{instructed.amount}"
         )
+    if order.payee_account and order.payee_account != instructed.payee_account:
+        raise Violation(
+            f"the client ordered {order.describe()} to account {order.payee_account!r}, but the instructions "
+            f"name the payee account {instructed.payee_account!r} (BIL-3: payment details come only from them)"
+        )
     return order
 
 
@@ -893,6 +898,10 @@ def _unchained(instructions: payment_pb2.PaymentInstructions) -> None:
     instructions.header.previous_digest = os.urandom(32)
 
 
+def _other_thread(instructions: payment_pb2.PaymentInstructions) -> None:
+    instructions.header.thread_id = os.urandom(16)
+
+
 def _wrong_sequence(instructions: payment_pb2.PaymentInstructions) -> None:
     instructions.header.sequence = 2
 
@@ -909,6 +918,7 @@ _DOCTORED_INSTRUCTIONS: tuple[tuple[str, str, Any], ...] = (
     ("PAY-8/instructions-forged-signature", "signed by a stranger's key under the biller's keyid", _forge_instructions),
     ("PAY-8/instructions-unchained", "whose previous_digest is not the intent's digest", _unchained),
     ("PAY-8/instructions-wrong-sequence", "at sequence 2 of the intent's thread instead of 1", _wrong_sequence),
+    ("PAY-8/instructions-other-thread", "on another thread than the intent's", _other_thread),
     ("PAY-8/instructions-other-intent", "naming another intent_id than the intent's", _other_intent),
     ("PAY-8/instructions-pay-by-passed", "whose pay_by_time passed an hour ago", _pay_by_passed),
 )
@@ -1300,8 +1310,17 @@ def _other_account(event: event_pb2.Event) -> None:
     event.account_id = f"{event.account_id}-never-enrolled"
 
 
+def _off_the_log(event: event_pb2.Event) -> None:
+    event.header.thread_id = os.urandom(16)
+
+
 def _undefined_kind(event: event_pb2.Event) -> None:
     event.kind = UNDEFINED_EVENT_KIND  # type: ignore[assignment]
+    event.reminder_level = 0  # a reminder's level on another kind would be refused for that alone
+
+
+def _chain_broken(event: event_pb2.Event) -> None:
+    event.header.previous_digest = os.urandom(32)
 
 
 def _level_4(event: event_pb2.Event) -> None:
@@ -1316,6 +1335,12 @@ _DOCTORED_EVENTS: tuple[tuple[str, str, str, Any], ...] = (
         _doctor_kind(event_pb2.EVENT_KIND_REMINDER, None),
     ),
     (
+        "EVT-5/event-chain-broken",
+        "a renegotiation offer whose previous_digest is not the last event's",
+        EVT_5_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _chain_broken),
+    ),
+    (
         "EVT-5/event-forged-signature",
         "a renegotiation offer signed by a stranger under the biller's keyid",
         EVT_5_QUOTE,
@@ -1327,6 +1352,13 @@ _DOCTORED_EVENTS: tuple[tuple[str, str, str, Any], ...] = (
         "A consumer MUST NOT act on a biller message that is not signed by the biller's pinned chain and addressed "
         "to it, nor on a bill, event, instruction or receipt for an account it has not enrolled.",
         _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _other_account),
+    ),
+    (
+        "HDR-15/event-off-the-log",
+        "a renegotiation offer carrying another thread id than the event log's",
+        "Key set versions MUST carry their party's key set chain id (KEY-4) and events MUST carry their account's "
+        "event log id (§11); a receiver MUST refuse any other `thread_id` on them",
+        _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _off_the_log),
     ),
     (
         "EVT-2/event-kind-undefined",
@@ -1401,9 +1433,6 @@ def _doctored_event_case(case_id: str, what: str, quote: str, install: Any) -> N
                     f"after {what}, the client opened a new negotiation on bill {again[0].bill_id}: it acted on an "
                     f"event it must refuse; it {s.summary()}"
                 )
-            paid = [order for order in s.orders(bill_id)]
-            if len(paid) > 1:
-                raise Violation(f"the client paid bill {bill_id} {len(paid)} times: it {s.summary()}")
             return (
                 f"after {what}, the client opened no new negotiation on {bill_id} "
                 f"({', '.join(run.describe() for run in s.runs)})"
@@ -1412,6 +1441,259 @@ def _doctored_event_case(case_id: str, what: str, quote: str, install: Any) -> N
 
 for _case_id, _what, _quote, _install in _DOCTORED_EVENTS:
     _doctored_event_case(_case_id, _what, _quote, _install)
+
+
+# --- 15. Live replies the client must refuse: from another thread, from a biller whose key set expired ----------
+
+
+def _acted_on_reply(s: Scenario, replies: set[bytes]) -> str:
+    """What the client did on the strength of one of `replies` (digests of the biller's doctored replies), or ""."""
+    for call in s.biller.calls_of("CreatePaymentIntent"):
+        payload = call.payload
+        if isinstance(payload, payment_pb2.PaymentIntent) and payload.agreement_digest in replies:
+            return f"sent a payment intent for bill {payload.bill_id} under the agreement that reply made"
+    for _, payload in s.moves():
+        if payload.header.previous_digest in replies:
+            return f"answered that reply with a {type(payload).__name__}"
+    return ""
+
+
+def _record_replies(biller: HostileBiller, change: Any | None) -> set[bytes]:
+    """Every Negotiate reply of the biller (re-signed after `change`, when given); the set of their digests."""
+    key = biller.identity.key
+    sent: set[bytes] = set()
+
+    async def reply(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+        if not answer.HasField("reply"):
+            return answer
+        envelope = answer.reply if change is None else reseal(answer.reply, key, change)
+        sent.add(digest(envelope))
+        return pb.NegotiateResponse(reply=envelope, outcome=answer.outcome)
+
+    biller.rewrite["Negotiate"] = reply
+    return sent
+
+
+def _another_thread(move: Any) -> None:
+    move.header.thread_id = os.urandom(16)
+
+
+@suite.case(
+    "HDR-10/reply-on-another-thread",
+    description="A biller's reply chained to the client's move but carrying another thread id is never taken as an "
+    "agreement",
+    quote="Every message of a thread MUST carry the thread's `thread_id`.",
+    covers=("NEG-15", "HDR-6"),
+)
+async def reply_on_another_thread(context: ConsumerContext) -> str:
+    async with scenario(context, "reply-on-another-thread") as s:
+        issue_bills_on_enrolment(s.biller)
+        replies = _record_replies(s.biller, _another_thread)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no reply to move")
+        if not replies:
+            raise setup_failed("no move of the client drew a reply from the biller", s)
+        acted = _acted_on_reply(s, replies)
+        if acted:
+            raise Violation(f"the biller's reply carried another thread id, yet the client {acted}: it {s.summary()}")
+        return f"{len(replies)} replies on another thread, none acted on; the client {s.summary()}"
+
+
+KEYSET_LIFE = timedelta(seconds=10)  # the biller's only key set version expires this long after the scenario starts
+
+
+def expiring_identity(party_id: str, now: datetime) -> PeerIdentity:
+    """Key set version 1, created two days ago, expiring KEYSET_LIFE from `now`; its key valid for a year."""
+    key = SigningKey.generate()
+    start = now - timedelta(days=2)
+    version_1 = build_key_set(
+        party_id=party_id,
+        version=1,
+        keys=[KeySpec(key.public_key, start, start + timedelta(days=365))],
+        signer=key,
+        create_time=start,
+        expire_time=now + KEYSET_LIFE,
+        previous=None,
+    )
+    return PeerIdentity(key.seed, (version_1.SerializeToString(),))
+
+
+@suite.case(
+    "KEY-13/expired-keyset-live-reply",
+    description="Once the biller's newest key set version has expired, its live negotiation reply is not taken as "
+    "an agreement",
+    quote="A receiver that verifies or refreshes a chain at a time `now` MUST refuse it with `KEYSET_EXPIRED` when "
+    "`now ≥ expire_time` of its newest version, and MUST NOT accept live messages (§1.6) from a party whose "
+    "newest version it holds has expired",
+    covers=("KEY-20",),
+)
+async def expired_keyset_live_reply(context: ConsumerContext) -> str:
+    started = _now()
+    identity = expiring_identity(BILLER_PARTY_ID, started)
+    async with scenario(context, "expired-keyset", identity=identity) as s:
+        await s.run_client()  # the chain is fresh: the client enrols
+        if not s.enrolled():
+            if _now() >= started + KEYSET_LIFE:
+                raise Skip(f"the client's first run outlasted the chain's {KEYSET_LIFE.seconds} s: it could not enrol")
+            raise setup_failed("the client did not enrol while the chain was fresh", s)
+        await asyncio.sleep(max(0.0, (started + KEYSET_LIFE - _now()).total_seconds()) + 1.0)
+        bill_id = await s.biller.issue_bill(description="Electricity, conformance bill (key set expired)")
+        replies = _record_replies(s.biller, None)
+        await s.run_client()
+        if not [call for call in s.biller.calls_of("Negotiate") if call.run == 2]:
+            raise Skip("the client never negotiated (it may pay bills as issued): no live reply to judge")
+        if not replies:
+            raise setup_failed("no move of the client drew a reply from the biller", s)
+        acted = _acted_on_reply(s, replies)
+        reread = [call for call in s.biller.calls_of("GetThread") if call.run == 2]
+        if acted and not reread:  # read back with GetThread, the reply is a stored answer (§1.6)
+            raise Violation(
+                f"the biller's newest key set version had expired, yet the client {acted} (its live reply): it "
+                f"{s.summary()}"
+            )
+        dealt = "took it only from the thread read back (a stored answer)" if acted else "did not act on it"
+        return (
+            f"the live reply on {bill_id} came under an expired key set; the client {dealt} ({s.runs[-1].describe()})"
+        )
+
+
+# --- 16. Enrolment confirmations the client must refuse ------------------------------------------------------
+
+ENR_10_QUOTE = (
+    "then verify the confirmation against that chain (§3.8, as a live message) and check that it is at sequence 1 "
+    "of its request's thread, chains to the request's digest and names its `account_id` and party id. Only then "
+    "may it pin the biller and treat the account as enrolled."
+)
+
+
+def _confirm_another_party(confirmation: Any) -> None:
+    confirmation.consumer_party_id = f"{confirmation.consumer_party_id}-someone-else"
+
+
+def _confirm_unchained(confirmation: Any) -> None:
+    confirmation.header.previous_digest = os.urandom(32)
+
+
+def _confirm_on_another_thread(confirmation: Any) -> None:
+    confirmation.header.thread_id = os.urandom(16)
+
+
+_DOCTORED_CONFIRMATIONS: tuple[tuple[str, str, Any], ...] = (
+    ("ENR-10/confirmation-for-another-party", "naming another consumer party", _confirm_another_party),
+    ("ENR-10/confirmation-on-another-thread", "on another thread than the request's", _confirm_on_another_thread),
+    ("ENR-10/confirmation-unchained", "not chained to the request's digest", _confirm_unchained),
+)
+
+
+def _doctored_confirmation_case(case_id: str, what: str, change: Any) -> None:
+    """A scenario: the enrolment is answered with a confirmation re-signed by the biller after `change`; the
+    client must not treat the account as enrolled (no call that needs it)."""
+
+    @suite.case(
+        case_id,
+        description=f"After an enrolment confirmation {what}, the client makes no call as an enrolled consumer",
+        quote=ENR_10_QUOTE,
+        covers=("AUZ-6",),
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            issue_bills_on_enrolment(s.biller)
+            key = s.biller.identity.key
+            doctored: list[bytes] = []
+
+            async def confirm(request: pb.EnrolRequest, answer: pb.EnrolResponse) -> pb.EnrolResponse:
+                if not answer.HasField("confirmation"):
+                    return answer
+                changed = pb.EnrolResponse()
+                changed.CopyFrom(answer)
+                changed.confirmation.CopyFrom(reseal(answer.confirmation, key, change))
+                doctored.append(digest(changed.confirmation))
+                return changed
+
+            s.biller.rewrite["Enrol"] = confirm
+            await s.run_client()
+            if not doctored:
+                raise setup_failed("the client never enrolled (Enrol)", s)
+            trusted = s.biller.calls_of(*ACCOUNT_CALLS)
+            if trusted:
+                names = ", ".join(dict.fromkeys(call.rpc for call in trusted))
+                raise Violation(
+                    f"the enrolment confirmation was {what}, yet the client went on as if enrolled ({names}): it "
+                    f"{s.summary()}"
+                )
+            if s.orders():
+                raise Violation(f"the client paid after a confirmation {what}: it {s.summary()}")
+            seen = ", ".join(dict.fromkeys(call.rpc for call in s.biller.calls))
+            return f"the client made only these calls: {seen}; it paid nothing ({s.runs[-1].describe()})"
+
+
+for _case_id, _what, _change in _DOCTORED_CONFIRMATIONS:
+    _doctored_confirmation_case(_case_id, _what, _change)
+
+
+OTHER_BILLER_PARTY_ID = "biller:elsewhere.example"
+
+
+@suite.case(
+    "ENR-10/chain-of-another-party",
+    description="An enrolment answered with the pinned chain of another party than the biller enrolled with is refused",
+    quote="The consumer MUST verify `biller_key_sets` against the fingerprint it obtained out of band (KEY-12, "
+    "KEY-13) before it trusts anything in the answer",
+    covers=("HDR-3",),
+)
+async def chain_of_another_party(context: ConsumerContext) -> str:
+    now = _now()
+    identity = new_identity(BILLER_PARTY_ID, now)
+    key, start = identity.key, now - timedelta(days=2)
+    elsewhere = build_key_set(
+        party_id=OTHER_BILLER_PARTY_ID,
+        version=1,
+        keys=[KeySpec(key.public_key, start, start + timedelta(days=365))],
+        signer=key,
+        create_time=start,
+        expire_time=start + timedelta(days=365),
+        previous=None,
+    )
+    pin = digest(elsewhere)  # the fingerprint of a chain is the digest of its version 1 (KEY-12)
+    async with scenario(context, "chain-of-another-party", identity=identity, pinned_fingerprint=pin) as s:
+        issue_bills_on_enrolment(s.biller)
+        answered: list[str] = []
+
+        async def claim_the_pin(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            lying = pb.HelloResponse()
+            lying.CopyFrom(answer)
+            lying.identity_fingerprint = pin
+            return lying
+
+        def as_elsewhere(confirmation: Any) -> None:
+            confirmation.header.sender = OTHER_BILLER_PARTY_ID
+
+        async def other_chain(request: pb.EnrolRequest, answer: pb.EnrolResponse) -> pb.EnrolResponse:
+            if not answer.HasField("confirmation"):
+                return answer
+            answered.append(OTHER_BILLER_PARTY_ID)
+            return pb.EnrolResponse(
+                confirmation=reseal(answer.confirmation, key, as_elsewhere), biller_key_sets=[elsewhere]
+            )
+
+        s.biller.rewrite["Hello"] = claim_the_pin
+        s.biller.rewrite["Enrol"] = other_chain
+        await s.run_client()
+        if not answered:
+            raise setup_failed("the client never enrolled (Enrol)", s)
+        trusted = s.biller.calls_of(*ACCOUNT_CALLS)
+        if trusted:
+            names = ", ".join(dict.fromkeys(call.rpc for call in trusted))
+            raise Violation(
+                f"the enrolment answer carried the chain of {OTHER_BILLER_PARTY_ID} (matching the pin), not of "
+                f"{BILLER_PARTY_ID}, yet the client went on as if enrolled ({names}): it {s.summary()}"
+            )
+        seen = ", ".join(dict.fromkeys(call.rpc for call in s.biller.calls))
+        return f"the client made only these calls: {seen}; it paid nothing ({s.runs[-1].describe()})"
+
 
 __all__ = [
     "CLIENT_ENVIRONMENT",

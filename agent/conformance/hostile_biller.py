@@ -162,6 +162,7 @@ class Instructed:
     bill_id: str
     amount: Money
     payment_reference: str
+    payee_account: str = ""
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ class BankOrder:
     amount: Money | None
     bill_id: str = ""
     problem: str = ""
+    payee_account: str = ""  # optional in the contract: judged when given
 
     def describe(self) -> str:
         what = str(self.amount) if self.amount is not None else "an unreadable amount"
@@ -204,7 +206,9 @@ def read_bank_orders(path: Path) -> list[BankOrder]:
         bill_id = record.get("bill_id")
         bill_id = bill_id if isinstance(bill_id, str) else ""
         amount, problem = _order_amount(record.get("amount"), record.get("currency"))
-        orders.append(BankOrder(number, reference, amount, bill_id, problem))
+        payee = record.get("payee_account")
+        payee = payee if isinstance(payee, str) else ""
+        orders.append(BankOrder(number, reference, amount, bill_id, problem, payee))
     return orders
 
 
@@ -407,6 +411,7 @@ class HostileBiller:
                 bill_id=getattr(intent, "bill_id", ""),
                 amount=Money.from_proto(getattr(body, "amount")),  # noqa: B009 - a parsed message of any type
                 payment_reference=reference,
+                payee_account=getattr(body, "payee_account", ""),
             ),
         )
 

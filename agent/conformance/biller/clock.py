@@ -261,8 +261,9 @@ async def _log(ctx: BillerTarget, customer: Customer) -> list[event_pb2.Event]:
 )
 async def delinquency_events(ctx: BillerTarget) -> str:
     customer = await ctx.enrolled()
-    unpaid = await ctx.issue_bill(customer)  # under no arrangement: reminded
-    planned = await ctx.issue_bill(customer)
+    # Due tomorrow, so that two weeks past the due date cost the shared clock little (KEY-16 runs after this).
+    unpaid = await ctx.issue_bill(customer, due_in_days=1)  # under no arrangement: reminded
+    planned = await ctx.issue_bill(customer, due_in_days=1)
     half = AMOUNT_DUE // 2
     plan = terms(
         terms_pb2.TERMS_KIND_INSTALMENT_PLAN,

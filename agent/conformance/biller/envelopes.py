@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
@@ -87,7 +88,7 @@ async def two_signatures_enrolled(ctx: BillerTarget) -> None:
 async def request_not_an_envelope(ctx: BillerTarget) -> str:
     # ListBillsRequest field 1 (query), 2 bytes: an Envelope whose field 1 announces a length never completed.
     garbage = b"\x0a\x02\x0a\xff"
-    method = ctx.conn.channel.unary_unary(
+    method: Any = ctx.conn.channel.unary_unary(
         "/parley.v1.BillerService/ListBills",
         request_serializer=None,
         response_deserializer=biller_service_pb2.ListBillsResponse.FromString,

@@ -291,6 +291,7 @@ class BrokenConsumer:
     name: str
     defect: str
     fails: frozenset[str]
+    skips: frozenset[str] = frozenset()  # scenarios its defect keeps from being played (each says why)
 
     @property
     def command(self) -> str:
@@ -351,7 +352,14 @@ BROKEN_CONSUMERS = (
         "takes bills for any account", "takes-bills-for-any-account", frozenset({"AUZ-6/bill-for-another-account"})
     ),
     BrokenConsumer("ignores key revocations", "ignores-revocations", frozenset({"KEY-11/bill-signed-by-revoked-key"})),
-    BrokenConsumer("judges bills as live", "judges-bills-as-live", frozenset({"BIL-3/old-bill-stored"})),
+    BrokenConsumer(
+        "judges bills as live",
+        "judges-bills-as-live",
+        frozenset({"BIL-3/old-bill-stored"}),
+        # Judged live, the bill issued under the expired key set is refused (KEYSET_EXPIRED), so the client never
+        # negotiates on it and the scenario cannot be played.
+        skips=frozenset({"KEY-13/expired-keyset-live-reply"}),
+    ),
     BrokenConsumer(
         "records payments in memory only",
         "records-payments-in-memory-only",

@@ -291,6 +291,7 @@ class BrokenConsumer:
     name: str
     defect: str
     fails: frozenset[str]
+    skips: frozenset[str] = frozenset()  # scenarios its defect keeps from being played (each says why)
 
     @property
     def command(self) -> str:
@@ -301,8 +302,9 @@ BROKEN_CONSUMERS = (
     BrokenConsumer(
         "pays a forged bill",
         "skips-bill-verification",
-        # The bills of the rollback and revocation scenarios are signed by a revoked key, and one names another
-        # account: a client that checks no bill takes them too.
+        # The bills of the rollback and revocation scenarios are signed by a revoked key, one names another
+        # account, and the doctored bills are addressed elsewhere, out of place or from the future: a client
+        # that checks no bill takes them all.
         frozenset(
             {
                 "BIL-3/forged-bill-signature",
@@ -310,6 +312,9 @@ BROKEN_CONSUMERS = (
                 "KEY-11/bill-signed-by-revoked-key",
                 "AUZ-6/bill-for-another-account",
                 "LIM-13/announced-lifetime",
+                "HDR-4/bill-to-another-party",
+                "BIL-6/bill-not-at-sequence-0",
+                "HDR-5/bill-from-the-future",
             }
         ),
     ),
@@ -347,7 +352,14 @@ BROKEN_CONSUMERS = (
         "takes bills for any account", "takes-bills-for-any-account", frozenset({"AUZ-6/bill-for-another-account"})
     ),
     BrokenConsumer("ignores key revocations", "ignores-revocations", frozenset({"KEY-11/bill-signed-by-revoked-key"})),
-    BrokenConsumer("judges bills as live", "judges-bills-as-live", frozenset({"BIL-3/old-bill-stored"})),
+    BrokenConsumer(
+        "judges bills as live",
+        "judges-bills-as-live",
+        frozenset({"BIL-3/old-bill-stored"}),
+        # Judged live, the bill issued under the expired key set is refused (KEYSET_EXPIRED), so the client never
+        # negotiates on it and the scenario cannot be played.
+        skips=frozenset({"KEY-13/expired-keyset-live-reply"}),
+    ),
     BrokenConsumer(
         "records payments in memory only",
         "records-payments-in-memory-only",

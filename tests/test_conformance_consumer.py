@@ -115,7 +115,9 @@ def test_broken_consumer_fails_exactly_its_scenarios(tmp_path: Path, broken: Bro
     outcomes = outcomes_of(report)
     failed = {case_id for case_id, outcome in outcomes.items() if outcome == "FAIL"}
     assert failed == broken.fails, output
-    assert set(outcomes.values()) <= {"PASS", "FAIL"}, output
+    skipped = {case_id for case_id, outcome in outcomes.items() if outcome == "SKIP"}
+    assert skipped == broken.skips, output
+    assert set(outcomes.values()) <= {"PASS", "FAIL", "SKIP"}, output
     assert code == EXIT_FAILED
 
 

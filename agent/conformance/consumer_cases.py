@@ -52,7 +52,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ from agent.conformance.hostile_biller import (
     payload_of,
     rotated_identity,
 )
-from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal
+from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal, resign
 from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError
@@ -371,6 +371,11 @@ def _paid_once(scenario: Scenario, bill_id: str) -> BankOrder:
         raise Violation(
             f"the client ordered {order.describe()}, but the instructions under that reference are for "
             f"{instructed.amount}"
+        )
+    if order.payee_account and order.payee_account != instructed.payee_account:
+        raise Violation(
+            f"the client ordered {order.describe()} to account {order.payee_account!r}, but the instructions "
+            f"name the payee account {instructed.payee_account!r} (BIL-3: payment details come only from them)"
         )
     return order
 
@@ -893,6 +898,10 @@ def _unchained(instructions: payment_pb2.PaymentInstructions) -> None:
     instructions.header.previous_digest = os.urandom(32)
 
 
+def _other_thread(instructions: payment_pb2.PaymentInstructions) -> None:
+    instructions.header.thread_id = os.urandom(16)
+
+
 def _wrong_sequence(instructions: payment_pb2.PaymentInstructions) -> None:
     instructions.header.sequence = 2
 
@@ -909,6 +918,7 @@ _DOCTORED_INSTRUCTIONS: tuple[tuple[str, str, Any], ...] = (
     ("PAY-8/instructions-forged-signature", "signed by a stranger's key under the biller's keyid", _forge_instructions),
     ("PAY-8/instructions-unchained", "whose previous_digest is not the intent's digest", _unchained),
     ("PAY-8/instructions-wrong-sequence", "at sequence 2 of the intent's thread instead of 1", _wrong_sequence),
+    ("PAY-8/instructions-other-thread", "on another thread than the intent's", _other_thread),
     ("PAY-8/instructions-other-intent", "naming another intent_id than the intent's", _other_intent),
     ("PAY-8/instructions-pay-by-passed", "whose pay_by_time passed an hour ago", _pay_by_passed),
 )
@@ -1123,7 +1133,6 @@ async def crash_after_bank_order(context: ConsumerContext) -> str:
         return f"killed after ordering {orders[0].describe()}; the rerun paid nothing more ({s.runs[-1].describe()})"
 
 
-
 # --- 12. Limits announced in Hello -------------------------------------------------------------------------
 
 ANNOUNCED_LIFETIME = timedelta(minutes=30)  # below the default 24 hours, below the hour the biller signs for
@@ -1159,6 +1168,532 @@ async def announced_lifetime(context: ConsumerContext) -> str:
             f"Hello announced max_message_lifetime_seconds {seconds}; the bill {bill_id}, signed to live an hour, "
             f"was fetched and never negotiated on nor paid ({s.runs[-1].describe()})"
         )
+
+
+# --- 13. Bills honestly signed but out of place: another recipient, another thread position, the future -------
+
+FUTURE = timedelta(minutes=30)  # beyond the default skew (5 minutes), well inside a bill's lifetime
+
+
+def _to_another_party(bill: bill_pb2.Bill) -> None:
+    bill.header.recipient = f"{bill.header.recipient}-someone-else"
+
+
+def _not_at_sequence_0(bill: bill_pb2.Bill) -> None:
+    bill.header.sequence = 1
+    bill.header.previous_digest = os.urandom(32)
+
+
+def _from_the_future(bill: bill_pb2.Bill) -> None:
+    created = bill.header.create_time.ToDatetime(tzinfo=UTC) + FUTURE
+    bill.header.create_time.FromDatetime(created)
+    bill.header.expire_time.FromDatetime(created + timedelta(hours=1))
+
+
+_DOCTORED_BILLS: tuple[tuple[str, str, str, Any], ...] = (
+    (
+        "HDR-4/bill-to-another-party",
+        "addressed to another party than the client",
+        "`recipient` MUST be the party id of the party the message is for: the biller for consumer messages, the "
+        "consumer for biller messages. … A receiver MUST refuse a message not addressed to it with "
+        "`WRONG_RECIPIENT`.",
+        _to_another_party,
+    ),
+    (
+        "BIL-6/bill-not-at-sequence-0",
+        "sitting at sequence 1 with a previous digest",
+        "A bill is a one-message thread: its header MUST carry `sequence` 0 and an empty `previous_digest`. A "
+        "consumer or verifier MUST check this after the receive path of §3.8 and before the bill's body (BIL-2)",
+        _not_at_sequence_0,
+    ),
+    (
+        "HDR-5/bill-from-the-future",
+        "created 30 minutes ahead of the client's clock",
+        "A receiver MUST refuse a message when `create_time > now + skew`, with `MESSAGE_NOT_YET_VALID`",
+        _from_the_future,
+    ),
+)
+
+
+def _doctored_bill_case(case_id: str, what: str, quote: str, change: Any) -> None:
+    """A scenario: of two bills, the second is served re-signed by the biller after `change`; never dealt with."""
+
+    @suite.case(
+        case_id,
+        description=f"A bill honestly signed by the biller but {what} is never negotiated on nor paid",
+        quote=quote,
+        covers=("BIL-3", "AUZ-6"),
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            bills = issue_bills_on_enrolment(s.biller, 2)  # the first honest (a control), the second doctored
+            key = s.biller.identity.key
+            served: list[str] = []
+
+            def doctor(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope:
+                if len(bills) < 2 or _bill_id_of(envelope) != bills[1]:
+                    return envelope
+                served.append(bills[1])
+                return reseal(envelope, key, change)
+
+            async def list_bills(request: pb.ListBillsRequest, answer: pb.ListBillsResponse) -> pb.ListBillsResponse:
+                return pb.ListBillsResponse(bills=[doctor(bill) for bill in answer.bills])
+
+            async def get_bill(request: pb.GetBillRequest, answer: pb.GetBillResponse) -> pb.GetBillResponse:
+                return pb.GetBillResponse(bill=doctor(answer.bill)) if answer.HasField("bill") else answer
+
+            s.biller.rewrite["ListBills"] = list_bills
+            s.biller.rewrite["GetBill"] = get_bill
+            await s.run_client()
+            if not served:
+                raise setup_failed("the client never fetched its bills after enrolling (ListBills, GetBill)", s)
+            honest, doctored = bills
+            _no_dealings(s, doctored, f"the bill {what},")
+            control = "paid" if s.orders(honest) else "did not pay"
+            return (
+                f"the bill {doctored} {what} was served {len(served)}× and never acted on; the client {control} "
+                f"the honest bill {honest} ({s.runs[-1].describe()})"
+            )
+
+
+for _case_id, _what, _quote, _change in _DOCTORED_BILLS:
+    _doctored_bill_case(_case_id, _what, _quote, _change)
+
+
+# --- 14. Events that are not the biller's log: a gap, a forgery, another account, an undefined kind or level ----
+
+EVT_5_QUOTE = (
+    "The consumer MUST verify each event before acting on it: the receive path of §3 and §5 with the biller's "
+    "trusted key set chain … a gap (a higher sequence), a broken chain or an event that fails verification is not "
+    "processed"
+)
+EVT_2_QUOTE = (
+    "Every event MUST have one of the kinds below (`EVENT_KIND_UNSPECIFIED` and undefined numbers are refused with "
+    "`MALFORMED_PAYLOAD`) … `reminder_level` is 1 to 3 on a reminder and 0 on every other kind"
+)
+UNDEFINED_EVENT_KIND = 99
+
+
+def _event_kind(envelope: envelope_pb2.Envelope) -> int:
+    payload = payload_of(envelope)
+    return payload.kind if isinstance(payload, event_pb2.Event) else 0
+
+
+def _doctor_kind(kind: int, change: Any) -> Any:
+    """An event doctor: events of `kind` re-signed by the biller after `change` (None: dropped)."""
+
+    def install(biller: HostileBiller) -> None:
+        key = biller.identity.key
+
+        def doctor(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
+            if _event_kind(envelope) != kind:
+                return envelope
+            return None if change is None else reseal(envelope, key, change)
+
+        biller.event_doctor = doctor
+
+    return install
+
+
+def _forge_renegotiation(biller: HostileBiller) -> None:
+    stranger = SigningKey.generate()
+
+    def doctor(envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
+        if _event_kind(envelope) != event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED:
+            return envelope
+        return resign(envelope, stranger, keyid=biller.identity.key.keyid)
+
+    biller.event_doctor = doctor
+
+
+def _other_account(event: event_pb2.Event) -> None:
+    event.account_id = f"{event.account_id}-never-enrolled"
+
+
+def _off_the_log(event: event_pb2.Event) -> None:
+    event.header.thread_id = os.urandom(16)
+
+
+def _undefined_kind(event: event_pb2.Event) -> None:
+    event.kind = UNDEFINED_EVENT_KIND  # type: ignore[assignment]
+    event.reminder_level = 0  # a reminder's level on another kind would be refused for that alone
+
+
+def _chain_broken(event: event_pb2.Event) -> None:
+    event.header.previous_digest = os.urandom(32)
+
+
+def _level_4(event: event_pb2.Event) -> None:
+    event.reminder_level = 4
+
+
+_DOCTORED_EVENTS: tuple[tuple[str, str, str, Any], ...] = (
+    (
+        "EVT-5/event-after-a-gap",
+        "a renegotiation offer after a gap in the log (a reminder withheld)",
+        EVT_5_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_REMINDER, None),
+    ),
+    (
+        "EVT-5/event-chain-broken",
+        "a renegotiation offer whose previous_digest is not the last event's",
+        EVT_5_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _chain_broken),
+    ),
+    (
+        "EVT-5/event-forged-signature",
+        "a renegotiation offer signed by a stranger under the biller's keyid",
+        EVT_5_QUOTE,
+        _forge_renegotiation,
+    ),
+    (
+        "AUZ-6/event-for-another-account",
+        "a renegotiation offer for an account the client never enrolled",
+        "A consumer MUST NOT act on a biller message that is not signed by the biller's pinned chain and addressed "
+        "to it, nor on a bill, event, instruction or receipt for an account it has not enrolled.",
+        _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _other_account),
+    ),
+    (
+        "HDR-15/event-off-the-log",
+        "a renegotiation offer carrying another thread id than the event log's",
+        "Key set versions MUST carry their party's key set chain id (KEY-4) and events MUST carry their account's "
+        "event log id (§11); a receiver MUST refuse any other `thread_id` on them",
+        _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _off_the_log),
+    ),
+    (
+        "EVT-2/event-kind-undefined",
+        "a renegotiation offer chained after an event of an undefined kind",
+        EVT_2_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_REMINDER, _undefined_kind),
+    ),
+    (
+        "EVT-2/reminder-level-4",
+        "a renegotiation offer chained after a reminder at level 4",
+        EVT_2_QUOTE,
+        _doctor_kind(event_pb2.EVENT_KIND_REMINDER, _level_4),
+    ),
+)
+
+
+def _doctored_event_case(case_id: str, what: str, quote: str, install: Any) -> None:
+    """A scenario: the client agrees and pays in run 1; then the biller appends a reminder and an offer to
+    renegotiate the agreed bill, the log doctored by `install`; in run 2 the client must not negotiate again."""
+
+    @suite.case(
+        case_id,
+        description=f"{what[0].upper()}{what[1:]} is never acted on: the client does not negotiate the bill again",
+        quote=quote,
+        covers=("EVT-5",) if not case_id.startswith("EVT-5/") else ("AUZ-6",),
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            bills = issue_bills_on_enrolment(s.biller)
+            await s.run_client()
+            if not s.enrolled():
+                raise setup_failed("the client did not enrol", s)
+            (bill_id,) = bills
+            openings = s.openings(bill_id)
+            if not openings:
+                raise Skip(
+                    "the client never negotiated (it may pay bills as issued): an offer to renegotiate "
+                    "means nothing to it"
+                )
+            thread_id = openings[-1].header.thread_id
+            agent, account = s.biller.agent, s.biller.account_id
+            await agent.emit_event(
+                account,
+                event_pb2.EVENT_KIND_REMINDER,
+                bill_id=bill_id,
+                thread_id=thread_id,
+                amount=AMOUNT_DUE,
+                day=s.biller.today(),
+                reminder_level=1,
+                message=f"A reminder about bill {bill_id}.",
+            )
+            await agent.emit_event(
+                account,
+                event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED,
+                bill_id=bill_id,
+                thread_id=thread_id,
+                amount=AMOUNT_DUE,
+                message=f"We offer to agree new terms for bill {bill_id}.",
+            )
+            install(s.biller)
+            await s.run_client()
+            watched = [call for call in s.biller.calls_of("WatchEvents") if call.run == 2]
+            if not watched:
+                raise Skip("the client never watched the account's events (WatchEvents) in its second run")
+            again = [
+                payload
+                for call, payload in s.moves()
+                if call.run == 2 and isinstance(payload, negotiation_pb2.ThreadOpen)
+            ]
+            if again:
+                raise Violation(
+                    f"after {what}, the client opened a new negotiation on bill {again[0].bill_id}: it acted on an "
+                    f"event it must refuse; it {s.summary()}"
+                )
+            return (
+                f"after {what}, the client opened no new negotiation on {bill_id} "
+                f"({', '.join(run.describe() for run in s.runs)})"
+            )
+
+
+for _case_id, _what, _quote, _install in _DOCTORED_EVENTS:
+    _doctored_event_case(_case_id, _what, _quote, _install)
+
+
+# --- 15. Live replies the client must refuse: from another thread, from a biller whose key set expired ----------
+
+
+def _acted_on_reply(s: Scenario, replies: set[bytes]) -> str:
+    """What the client did on the strength of one of `replies` (digests of the biller's doctored replies), or ""."""
+    for call in s.biller.calls_of("CreatePaymentIntent"):
+        payload = call.payload
+        if isinstance(payload, payment_pb2.PaymentIntent) and payload.agreement_digest in replies:
+            return f"sent a payment intent for bill {payload.bill_id} under the agreement that reply made"
+    for _, payload in s.moves():
+        if payload.header.previous_digest in replies:
+            return f"answered that reply with a {type(payload).__name__}"
+    return ""
+
+
+def _record_replies(biller: HostileBiller, change: Any | None) -> set[bytes]:
+    """Every Negotiate reply of the biller (re-signed after `change`, when given); the set of their digests."""
+    key = biller.identity.key
+    sent: set[bytes] = set()
+
+    async def reply(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+        if not answer.HasField("reply"):
+            return answer
+        envelope = answer.reply if change is None else reseal(answer.reply, key, change)
+        sent.add(digest(envelope))
+        return pb.NegotiateResponse(reply=envelope, outcome=answer.outcome)
+
+    biller.rewrite["Negotiate"] = reply
+    return sent
+
+
+def _another_thread(move: Any) -> None:
+    move.header.thread_id = os.urandom(16)
+
+
+@suite.case(
+    "HDR-10/reply-on-another-thread",
+    description="A biller's reply chained to the client's move but carrying another thread id is never taken as an "
+    "agreement",
+    quote="Every message of a thread MUST carry the thread's `thread_id`.",
+    covers=("NEG-15", "HDR-6"),
+)
+async def reply_on_another_thread(context: ConsumerContext) -> str:
+    async with scenario(context, "reply-on-another-thread") as s:
+        issue_bills_on_enrolment(s.biller)
+        replies = _record_replies(s.biller, _another_thread)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no reply to move")
+        if not replies:
+            raise setup_failed("no move of the client drew a reply from the biller", s)
+        acted = _acted_on_reply(s, replies)
+        if acted:
+            raise Violation(f"the biller's reply carried another thread id, yet the client {acted}: it {s.summary()}")
+        return f"{len(replies)} replies on another thread, none acted on; the client {s.summary()}"
+
+
+KEYSET_LIFE = timedelta(seconds=10)  # the biller's only key set version expires this long after the scenario starts
+
+
+def expiring_identity(party_id: str, now: datetime) -> PeerIdentity:
+    """Key set version 1, created two days ago, expiring KEYSET_LIFE from `now`; its key valid for a year."""
+    key = SigningKey.generate()
+    start = now - timedelta(days=2)
+    version_1 = build_key_set(
+        party_id=party_id,
+        version=1,
+        keys=[KeySpec(key.public_key, start, start + timedelta(days=365))],
+        signer=key,
+        create_time=start,
+        expire_time=now + KEYSET_LIFE,
+        previous=None,
+    )
+    return PeerIdentity(key.seed, (version_1.SerializeToString(),))
+
+
+@suite.case(
+    "KEY-13/expired-keyset-live-reply",
+    description="Once the biller's newest key set version has expired, its live negotiation reply is not taken as "
+    "an agreement",
+    quote="A receiver that verifies or refreshes a chain at a time `now` MUST refuse it with `KEYSET_EXPIRED` when "
+    "`now ≥ expire_time` of its newest version, and MUST NOT accept live messages (§1.6) from a party whose "
+    "newest version it holds has expired",
+    covers=("KEY-20",),
+)
+async def expired_keyset_live_reply(context: ConsumerContext) -> str:
+    started = _now()
+    identity = expiring_identity(BILLER_PARTY_ID, started)
+    async with scenario(context, "expired-keyset", identity=identity) as s:
+        await s.run_client()  # the chain is fresh: the client enrols
+        if not s.enrolled():
+            if _now() >= started + KEYSET_LIFE:
+                raise Skip(f"the client's first run outlasted the chain's {KEYSET_LIFE.seconds} s: it could not enrol")
+            raise setup_failed("the client did not enrol while the chain was fresh", s)
+        await asyncio.sleep(max(0.0, (started + KEYSET_LIFE - _now()).total_seconds()) + 1.0)
+        bill_id = await s.biller.issue_bill(description="Electricity, conformance bill (key set expired)")
+        replies = _record_replies(s.biller, None)
+        await s.run_client()
+        if not [call for call in s.biller.calls_of("Negotiate") if call.run == 2]:
+            raise Skip("the client never negotiated (it may pay bills as issued): no live reply to judge")
+        if not replies:
+            raise setup_failed("no move of the client drew a reply from the biller", s)
+        acted = _acted_on_reply(s, replies)
+        reread = [call for call in s.biller.calls_of("GetThread") if call.run == 2]
+        if acted and not reread:  # read back with GetThread, the reply is a stored answer (§1.6)
+            raise Violation(
+                f"the biller's newest key set version had expired, yet the client {acted} (its live reply): it "
+                f"{s.summary()}"
+            )
+        dealt = "took it only from the thread read back (a stored answer)" if acted else "did not act on it"
+        return (
+            f"the live reply on {bill_id} came under an expired key set; the client {dealt} ({s.runs[-1].describe()})"
+        )
+
+
+# --- 16. Enrolment confirmations the client must refuse ------------------------------------------------------
+
+ENR_10_QUOTE = (
+    "then verify the confirmation against that chain (§3.8, as a live message) and check that it is at sequence 1 "
+    "of its request's thread, chains to the request's digest and names its `account_id` and party id. Only then "
+    "may it pin the biller and treat the account as enrolled."
+)
+
+
+def _confirm_another_party(confirmation: Any) -> None:
+    confirmation.consumer_party_id = f"{confirmation.consumer_party_id}-someone-else"
+
+
+def _confirm_unchained(confirmation: Any) -> None:
+    confirmation.header.previous_digest = os.urandom(32)
+
+
+def _confirm_on_another_thread(confirmation: Any) -> None:
+    confirmation.header.thread_id = os.urandom(16)
+
+
+_DOCTORED_CONFIRMATIONS: tuple[tuple[str, str, Any], ...] = (
+    ("ENR-10/confirmation-for-another-party", "naming another consumer party", _confirm_another_party),
+    ("ENR-10/confirmation-on-another-thread", "on another thread than the request's", _confirm_on_another_thread),
+    ("ENR-10/confirmation-unchained", "not chained to the request's digest", _confirm_unchained),
+)
+
+
+def _doctored_confirmation_case(case_id: str, what: str, change: Any) -> None:
+    """A scenario: the enrolment is answered with a confirmation re-signed by the biller after `change`; the
+    client must not treat the account as enrolled (no call that needs it)."""
+
+    @suite.case(
+        case_id,
+        description=f"After an enrolment confirmation {what}, the client makes no call as an enrolled consumer",
+        quote=ENR_10_QUOTE,
+        covers=("AUZ-6",),
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            issue_bills_on_enrolment(s.biller)
+            key = s.biller.identity.key
+            doctored: list[bytes] = []
+
+            async def confirm(request: pb.EnrolRequest, answer: pb.EnrolResponse) -> pb.EnrolResponse:
+                if not answer.HasField("confirmation"):
+                    return answer
+                changed = pb.EnrolResponse()
+                changed.CopyFrom(answer)
+                changed.confirmation.CopyFrom(reseal(answer.confirmation, key, change))
+                doctored.append(digest(changed.confirmation))
+                return changed
+
+            s.biller.rewrite["Enrol"] = confirm
+            await s.run_client()
+            if not doctored:
+                raise setup_failed("the client never enrolled (Enrol)", s)
+            trusted = s.biller.calls_of(*ACCOUNT_CALLS)
+            if trusted:
+                names = ", ".join(dict.fromkeys(call.rpc for call in trusted))
+                raise Violation(
+                    f"the enrolment confirmation was {what}, yet the client went on as if enrolled ({names}): it "
+                    f"{s.summary()}"
+                )
+            if s.orders():
+                raise Violation(f"the client paid after a confirmation {what}: it {s.summary()}")
+            seen = ", ".join(dict.fromkeys(call.rpc for call in s.biller.calls))
+            return f"the client made only these calls: {seen}; it paid nothing ({s.runs[-1].describe()})"
+
+
+for _case_id, _what, _change in _DOCTORED_CONFIRMATIONS:
+    _doctored_confirmation_case(_case_id, _what, _change)
+
+
+OTHER_BILLER_PARTY_ID = "biller:elsewhere.example"
+
+
+@suite.case(
+    "ENR-10/chain-of-another-party",
+    description="An enrolment answered with the pinned chain of another party than the biller enrolled with is refused",
+    quote="The consumer MUST verify `biller_key_sets` against the fingerprint it obtained out of band (KEY-12, "
+    "KEY-13) before it trusts anything in the answer",
+    covers=("HDR-3",),
+)
+async def chain_of_another_party(context: ConsumerContext) -> str:
+    now = _now()
+    identity = new_identity(BILLER_PARTY_ID, now)
+    key, start = identity.key, now - timedelta(days=2)
+    elsewhere = build_key_set(
+        party_id=OTHER_BILLER_PARTY_ID,
+        version=1,
+        keys=[KeySpec(key.public_key, start, start + timedelta(days=365))],
+        signer=key,
+        create_time=start,
+        expire_time=start + timedelta(days=365),
+        previous=None,
+    )
+    pin = digest(elsewhere)  # the fingerprint of a chain is the digest of its version 1 (KEY-12)
+    async with scenario(context, "chain-of-another-party", identity=identity, pinned_fingerprint=pin) as s:
+        issue_bills_on_enrolment(s.biller)
+        answered: list[str] = []
+
+        async def claim_the_pin(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            lying = pb.HelloResponse()
+            lying.CopyFrom(answer)
+            lying.identity_fingerprint = pin
+            return lying
+
+        def as_elsewhere(confirmation: Any) -> None:
+            confirmation.header.sender = OTHER_BILLER_PARTY_ID
+
+        async def other_chain(request: pb.EnrolRequest, answer: pb.EnrolResponse) -> pb.EnrolResponse:
+            if not answer.HasField("confirmation"):
+                return answer
+            answered.append(OTHER_BILLER_PARTY_ID)
+            return pb.EnrolResponse(
+                confirmation=reseal(answer.confirmation, key, as_elsewhere), biller_key_sets=[elsewhere]
+            )
+
+        s.biller.rewrite["Hello"] = claim_the_pin
+        s.biller.rewrite["Enrol"] = other_chain
+        await s.run_client()
+        if not answered:
+            raise setup_failed("the client never enrolled (Enrol)", s)
+        trusted = s.biller.calls_of(*ACCOUNT_CALLS)
+        if trusted:
+            names = ", ".join(dict.fromkeys(call.rpc for call in trusted))
+            raise Violation(
+                f"the enrolment answer carried the chain of {OTHER_BILLER_PARTY_ID} (matching the pin), not of "
+                f"{BILLER_PARTY_ID}, yet the client went on as if enrolled ({names}): it {s.summary()}"
+            )
+        seen = ", ".join(dict.fromkeys(call.rpc for call in s.biller.calls))
+        return f"the client made only these calls: {seen}; it paid nothing ({s.runs[-1].describe()})"
+
 
 __all__ = [
     "CLIENT_ENVIRONMENT",

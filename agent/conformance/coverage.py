@@ -119,7 +119,6 @@ GAPS: dict[str, str] = {
     "TRN-10": "many idle connections from one address, reaped (tests/test_redteam_connections.py tests the reference)",
     "TRN-11": "more connections from one address than its cap, the newest closed (a suite cannot know the "
     "target's cap; tests/test_redteam_connections.py tests the reference)",
-    "BIL-6": "a consumer scenario presenting a bill at sequence 1 or with a previous digest",
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
     "TRN-9": "a case that a target requiring mutual TLS refuses a client without a certificate (the suite "
     "reaches such a target with --tls-client-cert and --tls-client-key)",

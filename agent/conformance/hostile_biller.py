@@ -52,9 +52,11 @@ from agent.conformance.peers import (
     PeerPolicy,
     PeerRail,
     Rewrite,
+    reseal,
     resign,
     serve_on_loopback,
 )
+from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import PAYLOAD_TYPES
@@ -70,6 +72,7 @@ DEFERRAL = DeferralOption(max_days=30, fee=Money.parse("5.00", CURRENCY))
 BANK_FILE = "bank-orders.jsonl"
 KEY_VALIDITY = timedelta(days=365)
 
+EventDoctor = Callable[[envelope_pb2.Envelope], envelope_pb2.Envelope | None]
 Hook = Callable[[], Awaitable[None]]
 
 
@@ -159,6 +162,7 @@ class Instructed:
     bill_id: str
     amount: Money
     payment_reference: str
+    payee_account: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ class BankOrder:
     amount: Money | None
     bill_id: str = ""
     problem: str = ""
+    payee_account: str = ""  # optional in the contract: judged when given
 
     def describe(self) -> str:
         what = str(self.amount) if self.amount is not None else "an unreadable amount"
@@ -201,7 +206,9 @@ def read_bank_orders(path: Path) -> list[BankOrder]:
         bill_id = record.get("bill_id")
         bill_id = bill_id if isinstance(bill_id, str) else ""
         amount, problem = _order_amount(record.get("amount"), record.get("currency"))
-        orders.append(BankOrder(number, reference, amount, bill_id, problem))
+        payee = record.get("payee_account")
+        payee = payee if isinstance(payee, str) else ""
+        orders.append(BankOrder(number, reference, amount, bill_id, problem, payee))
     return orders
 
 
@@ -255,6 +262,9 @@ class HostileBiller:
     settled: dict[str, str] = field(default_factory=dict)  # payment_reference -> rail reference
     delivered_events: list[int] = field(default_factory=list)  # sequences streamed, in order, copies included
     bills: list[str] = field(default_factory=list)
+    # Rewrites each streamed event (None drops it); the events after a rewritten one are re-chained onto it.
+    event_doctor: EventDoctor | None = None
+    _rechained: dict[bytes, bytes] = field(default_factory=dict)  # an event's true digest -> the digest sent
 
     @property
     def party_id(self) -> str:
@@ -344,12 +354,37 @@ class HostileBiller:
 
     def streamed(self, request: pb.WatchEventsRequest, response: pb.WatchEventsResponse) -> list[Any]:
         self._call_of(request).answered = True
+        if self.event_doctor is not None:
+            doctored = self._doctored_event(response.event)
+            if doctored is None:
+                return []
+            response = pb.WatchEventsResponse(event=doctored)
         event = payload_of(response.event)
         sequence = getattr(getattr(event, "header", None), "sequence", -1)
         forged = self.forged("WatchEvents", response)
         copies = max(1, self.event_copies)
         self.delivered_events.extend([sequence] * copies)
         return [forged] * copies
+
+    def _doctored_event(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
+        """The event as `event_doctor` rewrites it, chained to the events as sent before it (the same bytes on
+        every stream: signatures are deterministic); None when it is dropped, which leaves a gap."""
+        assert self.event_doctor is not None
+        true_digest = digest(envelope)
+        sent = envelope
+        event = payload_of(envelope)
+        previous = getattr(getattr(event, "header", None), "previous_digest", b"")
+        if previous in self._rechained:
+            replacement = self._rechained[previous]
+
+            def chain(message: Any) -> None:
+                message.header.previous_digest = replacement
+
+            sent = reseal(envelope, self.identity.key, chain)
+        doctored = self.event_doctor(sent)
+        if doctored is not None and digest(doctored) != true_digest:
+            self._rechained[true_digest] = digest(doctored)
+        return doctored
 
     def _call_of(self, request: Message) -> Call:
         return next(call for call in reversed(self.calls) if call.request is request)
@@ -376,6 +411,7 @@ class HostileBiller:
                 bill_id=getattr(intent, "bill_id", ""),
                 amount=Money.from_proto(getattr(body, "amount")),  # noqa: B009 - a parsed message of any type
                 payment_reference=reference,
+                payee_account=getattr(body, "payee_account", ""),
             ),
         )
 

@@ -104,6 +104,28 @@ async def code_expired(ctx: BillerTarget) -> None:
 
 
 @suite.case(
+    "NEG-6/just-past-deadline",
+    description="A move a minute after the deadline — inside the clock skew — is NEGOTIATION_DEADLINE_PASSED all "
+    "the same",
+    quote="A receiver MUST refuse a move received after the thread's `deadline` — `now > deadline`, where `now` is the "
+    "receiver's own clock at reception […] — with `NEGOTIATION_DEADLINE_PASSED`",
+    needs=NEG,
+)
+async def just_past_deadline(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill, deadline=ctx.now() + timedelta(hours=1))
+    await ctx.advance_clock(3600 + 60)
+    late = customer.party.move(thread, negotiation_pb2.Offer(terms=outside_options(bill)))
+    expect(
+        await negotiate(ctx, late),
+        Reason.NEGOTIATION_DEADLINE_PASSED,
+        f"an Offer a minute after the deadline (the skew is {ctx.skew})",
+    )
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_EXPIRED"))
+
+
+@suite.case(
     "LIM-15/chain-full",
     description="A party's chain holds at most 100 versions: version 101 is KEYSET_CHAIN_FULL even on a fresh day",
     quote="A key set chain MUST have at most 100 versions: a verifier MUST refuse version 101 with "
@@ -215,6 +237,86 @@ async def outstanding_after_broken_plan(ctx: BillerTarget) -> str:
     rest = payment_intent(customer, bill, "cf-rest", AMOUNT_DUE - half)
     accepted(await pay(ctx, rest), "the outstanding balance, without agreement")
     return f"paid {half}, broken, then only {AMOUNT_DUE - half} accepted"
+
+
+async def _log(ctx: BillerTarget, customer: Customer) -> list[event_pb2.Event]:
+    """The account's whole event log, read from 0 until it goes quiet."""
+    events: list[event_pb2.Event] = []
+    async with ctx.conn.watch(customer.party.query(customer.account_id)) as stream:
+        while True:
+            try:
+                envelope = await stream.next(QUIET)
+            except TimeoutError:
+                return events
+            if envelope is None or isinstance(envelope, Refusal):
+                return events
+            events.append(event_pb2.Event.FromString(envelope.payload))
+
+
+@suite.case(
+    "EVT-7/delinquency-events",
+    description="Weeks of an unpaid bill and an unpaid plan: reminders carry an amount at levels 1 to 3; "
+    "INSTALMENT_MISSED precedes ARRANGEMENT_BROKEN",
+    quote="When an instalment is unpaid at its date plus the biller's grace period, the biller MUST append "
+    "`INSTALMENT_MISSED`; if its policy then ends the arrangement it MUST append `ARRANGEMENT_BROKEN`",
+    needs=("negotiation", "instalments", "events", FIXTURES),
+    covers=("EVT-2",),
+)
+async def delinquency_events(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    # Due tomorrow, so that two weeks past the due date cost the shared clock little (KEY-16 runs after this).
+    unpaid = await ctx.issue_bill(customer, due_in_days=1)  # under no arrangement: reminded
+    planned = await ctx.issue_bill(customer, due_in_days=1)
+    half = AMOUNT_DUE // 2
+    plan = terms(
+        terms_pb2.TERMS_KIND_INSTALMENT_PLAN,
+        [(planned.due_date, half), (planned.due_date + timedelta(days=14), AMOUNT_DUE - half)],
+    )
+    opening, answer = await open_thread(ctx, customer, planned, plan)
+    reply = accepted(answer, "a two-instalment plan inside the advertised options").reply
+    if reply.payload_type != "parley.v1.Accept":
+        raise Skip(f"the biller answered a plan inside its options with {reply.payload_type}, not an Accept")
+    # Day by day through the weeks around the due date, so that a biller reminding once a day escalates in order.
+    for day in range(-3, 16):
+        target = planned.due_date + timedelta(days=day)
+        if target > ctx.today():
+            await ctx.advance_clock((target - ctx.today()).days * 86_400)
+    events = await _log(ctx, customer)
+    problems: list[str] = []
+    for event in events:
+        where = f"{event_pb2.EventKind.Name(event.kind)} at sequence {event.header.sequence}"
+        if event.kind == event_pb2.EVENT_KIND_REMINDER:
+            if not 1 <= event.reminder_level <= 3:
+                problems.append(f"{where}: reminder_level {event.reminder_level}, not 1 to 3")
+            if not event.HasField("amount") or event.amount.amount_minor <= 0 or not event.bill_id or not event.date:
+                problems.append(f"{where}: a reminder without its bill_id, amount owed and date")
+    about = [event for event in events if event.bill_id == planned.bill_id]
+    kinds = [event.kind for event in about]
+    if event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN in kinds:
+        broken = kinds.index(event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN)
+        missed = [event for event in about[:broken] if event.kind == event_pb2.EVENT_KIND_INSTALMENT_MISSED]
+        if not missed:
+            problems.append("ARRANGEMENT_BROKEN with no INSTALMENT_MISSED before it")
+        elif (missed[0].thread_id, missed[0].amount.amount_minor, missed[0].date, missed[0].related_digest) != (
+            thread_id_of(opening),
+            half,
+            planned.due_date.isoformat(),
+            digest_of(reply),
+        ):
+            problems.append("INSTALMENT_MISSED is not about the first instalment (thread, amount, date, agreement)")
+    elif event_pb2.EVENT_KIND_INSTALMENT_MISSED not in kinds:
+        problems.append("the plan's first instalment is 15 days overdue and no INSTALMENT_MISSED was appended")
+    if problems:
+        raise Violation("; ".join(problems))
+    names = {unpaid.bill_id: "unpaid", planned.bill_id: "planned"}
+    levels = [
+        f"{names.get(event.bill_id, '?')} {event.reminder_level}"
+        for event in events
+        if event.kind == event_pb2.EVENT_KIND_REMINDER
+    ]
+    return f"{len(events)} events; reminder levels {levels}; " + ", ".join(
+        event_pb2.EventKind.Name(kind).removeprefix("EVENT_KIND_") for kind in kinds
+    )
 
 
 STREAM_END_WAIT = 40.0  # seconds for a stream to notice its end: the recheck bound (30 s, EVT-10) and some slack

@@ -5,6 +5,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
+
+import grpc
 
 from agent.conformance.biller.target import (
     AMOUNT_DUE,
@@ -21,6 +24,7 @@ from agent.conformance.biller.target import (
     read_ok,
     vector,
 )
+from agent.conformance.client import refusal_of
 from agent.conformance.peers import (
     UNKNOWN_FIELD,
     duplicate_signature,
@@ -33,11 +37,11 @@ from agent.conformance.peers import (
     truncated,
     with_unknown_field,
 )
-from agent.conformance.runner import Suite
+from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import encode_varint
-from parley.v1 import account_pb2, envelope_pb2
+from parley.v1 import account_pb2, biller_service_pb2, envelope_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/envelopes")
 
@@ -74,6 +78,29 @@ async def two_signatures_enrolled(ctx: BillerTarget) -> None:
     expect(await list_bills(ctx, duplicate_signature(good)), Reason.MALFORMED_ENVELOPE, "a valid signature, twice")
     expect(await list_bills(ctx, strip_signatures(good)), Reason.MALFORMED_ENVELOPE, "no signature")
     await read_ok(ctx, customer)
+
+
+@suite.case(
+    "ENV-1/request-not-an-envelope",
+    description="A ListBills request whose query field holds bytes that are no Envelope encoding is MALFORMED_ENVELOPE",
+    quote="An envelope MUST be well formed … A receiver MUST refuse any other envelope with `MALFORMED_ENVELOPE`.",
+)
+async def request_not_an_envelope(ctx: BillerTarget) -> str:
+    # ListBillsRequest field 1 (query), 2 bytes: an Envelope whose field 1 announces a length never completed.
+    garbage = b"\x0a\x02\x0a\xff"
+    method: Any = ctx.conn.channel.unary_unary(
+        "/parley.v1.BillerService/ListBills",
+        request_serializer=None,
+        response_deserializer=biller_service_pb2.ListBillsResponse.FromString,
+    )
+    try:
+        await method(garbage, timeout=ctx.conn.call_timeout)
+    except grpc.aio.AioRpcError as error:
+        refusal = refusal_of("ListBills", error)
+        ctx.conn.refusals.append(refusal)
+        expect(refusal, Reason.MALFORMED_ENVELOPE, "a request whose envelope bytes do not parse")
+        return refusal.describe()
+    raise Violation("a request whose envelope bytes do not parse was answered, not refused with MALFORMED_ENVELOPE")
 
 
 @suite.case(

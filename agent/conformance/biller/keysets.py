@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from agent.conformance.biller.target import (
@@ -21,7 +21,7 @@ from agent.conformance.biller.target import (
 from agent.conformance.peers import KeySpec, build_key_set, flip_signature
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
-from parley.v1 import envelope_pb2
+from parley.v1 import envelope_pb2, keys_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/keysets")
 
@@ -129,6 +129,32 @@ async def keyset_bad_signature(ctx: BillerTarget) -> None:
 
 
 @suite.case(
+    "KEY-9/first-version-not-self-signed",
+    description="An enrolment whose key set version 1 is signed by a key it does not list is refused with "
+    "KEYSET_WRONG_SIGNER",
+    quote="Version 1 MUST be signed by one of its own keys (it is self-signed). … A receiver MUST refuse a version "
+    "whose `keyid` names no key of the set that must sign it with `KEYSET_WRONG_SIGNER`",
+    needs=(FIXTURES,),
+)
+async def first_version_not_self_signed(ctx: BillerTarget) -> None:
+    party = ctx.new_party()
+    stranger = type(party.key).generate()
+    start = ctx.now() - timedelta(days=1)
+    version_1 = build_key_set(
+        party_id=party.party_id,
+        version=1,
+        keys=[party.key_spec(party.key, start)],
+        signer=stranger,
+        create_time=start,
+        expire_time=start + timedelta(days=300),
+        previous=None,
+    )
+    account = await ctx.new_account()
+    request = party.enrolment(account.account_id, account.enrolment_code, key_set=version_1)
+    expect(await enrol(ctx, request), Reason.KEYSET_WRONG_SIGNER, "an enrolment whose version 1 a stranger signed")
+
+
+@suite.case(
     "KEY-4/previous-digest",
     description="A next version whose previous_digest is not the current version's is PREVIOUS_DIGEST_MISMATCH",
     quote="A receiver MUST refuse a version breaking these rules with `KEYSET_INVALID`, except a wrong "
@@ -143,6 +169,27 @@ async def keyset_previous_digest(ctx: BillerTarget) -> None:
         [party.key_spec(party.key, start)], header={"previous_digest": secrets.token_bytes(32)}
     )
     expect(await publish(ctx, version_2), Reason.PREVIOUS_DIGEST_MISMATCH, "version 2 chained to another digest")
+
+
+@suite.case(
+    "KEY-4/header-rules",
+    description="A next version addressed to a recipient, or created at the same instant as the current one, is "
+    "KEYSET_INVALID",
+    quote="`recipient` empty (a key set is published to everyone); a `create_time` strictly after that of version "
+    "`N − 1`",
+    needs=(FIXTURES,),
+)
+async def keyset_header_rules(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    party = customer.party
+    start = party.clock() - timedelta(days=1)
+    keys = [party.key_spec(party.key, start)]
+    addressed = party.next_key_set(keys, header={"recipient": ctx.biller_id})
+    expect(await publish(ctx, addressed), Reason.KEYSET_INVALID, "version 2 addressed to the biller")
+    current = keys_pb2.KeySet.FromString(party.key_sets[-1].payload).header.create_time.ToDatetime(tzinfo=UTC)
+    same_instant = party.next_key_set(keys, create_time=current)
+    expect(await publish(ctx, same_instant), Reason.KEYSET_INVALID, "version 2 created at version 1's create_time")
+    accepted(await publish(ctx, party.next_key_set(keys)), "a well-formed version 2 (the refused ones changed nothing)")
 
 
 @suite.case(
@@ -208,6 +255,38 @@ async def revoked_key(ctx: BillerTarget) -> None:
 
 
 @suite.case(
+    "KEY-11/revocation-moved",
+    description="A version that moves a carried revocation's revoke_time, later or earlier, is KEYSET_INVALID",
+    quote="Every revocation of version `N` MUST appear in every later version with the same `keyid` and the same "
+    "`revoke_time` (its `reason` text may change); a version that drops a revocation or moves its `revoke_time`, "
+    "later or earlier, MUST be refused with `KEYSET_INVALID`.",
+    needs=(FIXTURES,),
+)
+async def revocation_moved(ctx: BillerTarget) -> None:
+    spare = type(ctx.new_party().key).generate()
+    party = ctx.new_party(extra_keys=(spare,))
+    await ctx.enrolled(party)
+    stolen = party.key
+    now = ctx.now()
+    revoke_time = now - timedelta(minutes=10)
+    keys = [party.key_spec(spare, now - timedelta(days=1))]
+    version_2 = party.next_key_set(
+        keys, signer=spare, create_time=now - timedelta(seconds=2), revocations={stolen.keyid: revoke_time}
+    )
+    accepted(await publish(ctx, version_2), "version 2 signed by the spare key, revoking the other")
+    party.adopt(version_2, spare)
+    for moved, what in ((timedelta(minutes=5), "later"), (-timedelta(minutes=5), "earlier")):
+        version_3 = party.next_key_set(keys, revocations={stolen.keyid: revoke_time + moved})
+        expect(
+            await publish(ctx, version_3),
+            Reason.KEYSET_INVALID,
+            f"version 3 moving the revocation five minutes {what}",
+        )
+    kept = party.next_key_set(keys, revocations={stolen.keyid: revoke_time})
+    accepted(await publish(ctx, kept), "version 3 carrying the revocation unchanged")
+
+
+@suite.case(
     "KEY-10/key-not-valid",
     description="A key used before its not_before is refused with KEY_NOT_VALID",
     quote="A key MUST only sign messages created inside its validity window, `not_before ≤ create_time < "
@@ -237,6 +316,77 @@ async def key_not_valid(ctx: BillerTarget) -> None:
         await list_bills(ctx, query_envelope(customer, key=later)),
         Reason.KEY_NOT_VALID,
         "a query signed by a key valid only from two days on",
+    )
+
+
+@suite.case(
+    "KEY-10/window-end",
+    description="A key signs up to its not_after exclusive: a query created a second before is read, one created "
+    "exactly at it is KEY_NOT_VALID",
+    quote="A key MUST only sign messages created inside its validity window, `not_before ≤ create_time < "
+    "not_after`, as listed by the version in force; a receiver MUST refuse any other with `KEY_NOT_VALID`.",
+    needs=(FIXTURES,),
+)
+async def key_window_end(ctx: BillerTarget) -> None:
+    party = ctx.new_party()
+    ending, spare = party.key, type(party.key).generate()
+    now = ctx.now().replace(microsecond=0)
+    start, not_after = now - timedelta(days=1), now - timedelta(minutes=2)
+    version_1 = build_key_set(
+        party_id=party.party_id,
+        version=1,
+        keys=[KeySpec(ending.public_key, start, not_after), party.key_spec(spare, start)],
+        signer=spare,
+        create_time=start,
+        expire_time=start + timedelta(days=300),
+        previous=None,
+    )
+    party.key_sets[:] = [version_1]
+    party.key = spare
+    customer = await ctx.enrolled(party)
+    lifetime = timedelta(minutes=20)
+    before = {"create_time": not_after - timedelta(seconds=1), "lifetime": lifetime}
+    await read_ok(ctx, customer, key=ending, header=before)
+    expect(
+        await list_bills(
+            ctx, query_envelope(customer, key=ending, header={"create_time": not_after, "lifetime": lifetime})
+        ),
+        Reason.KEY_NOT_VALID,
+        "a query signed by a key, created exactly at the key's not_after",
+    )
+
+
+@suite.case(
+    "KEY-11/revoked-at-instant",
+    description="A message created exactly at its key's revoke_time is KEY_REVOKED; one a second before is read",
+    quote="A key is **revoked** from its `revoke_time`: a message (key sets included) created at or after "
+    "`revoke_time` and signed by that key MUST be refused with `KEY_REVOKED`",
+    needs=(FIXTURES,),
+)
+async def revoked_at_instant(ctx: BillerTarget) -> None:
+    spare = type(ctx.new_party().key).generate()
+    party = ctx.new_party(extra_keys=(spare,))
+    customer = await ctx.enrolled(party)
+    stolen = party.key
+    now = ctx.now().replace(microsecond=0)
+    revoke_time = now - timedelta(minutes=10)
+    version_2 = party.next_key_set(
+        [party.key_spec(spare, now - timedelta(days=1))],
+        signer=spare,
+        create_time=now - timedelta(seconds=1),
+        revocations={stolen.keyid: revoke_time},
+    )
+    accepted(await publish(ctx, version_2), "version 2 signed by the spare key, revoking the other")
+    party.adopt(version_2, spare)
+    lifetime = timedelta(minutes=20)
+    before = {"create_time": revoke_time - timedelta(seconds=1), "lifetime": lifetime}
+    await read_ok(ctx, customer, key=stolen, header=before)
+    expect(
+        await list_bills(
+            ctx, query_envelope(customer, key=stolen, header={"create_time": revoke_time, "lifetime": lifetime})
+        ),
+        Reason.KEY_REVOKED,
+        "a query signed by the revoked key, created exactly at revoke_time",
     )
 
 

@@ -10,6 +10,7 @@ from google.protobuf.message import Message
 
 from agent.conformance.biller.target import (
     AMOUNT_DUE,
+    DEFERRAL_FEE,
     NEG,
     NEGOTIATION_TYPES,
     OUTCOME,
@@ -22,6 +23,7 @@ from agent.conformance.biller.target import (
     digest_of,
     expect,
     inside_options,
+    money,
     negotiate,
     open_thread,
     outcome_name,
@@ -39,10 +41,12 @@ from agent.protocol.messages import PAYLOAD_TYPES, open_envelope
 from agent.protocol.moves import thread_message
 from agent.protocol.negotiation import Negotiation, Role
 from agent.protocol.terms import BillFacts
-from parley.v1 import envelope_pb2, negotiation_pb2
+from parley.v1 import bill_pb2, envelope_pb2, negotiation_pb2
 from parley.v1 import terms_pb2 as negotiation_terms
 
 suite: Suite[BillerTarget] = Suite("biller/negotiation")
+
+EARLY_DISCOUNT = 300  # EUR 3.00 off for paying in full by the early-payment date
 
 
 @suite.case(
@@ -71,6 +75,106 @@ async def options_accepted_at_once(ctx: BillerTarget) -> None:
     if answer.outcome != OUTCOME.Value("NEGOTIATION_OUTCOME_AGREED"):
         raise Violation(f"the answer reports outcome {outcome_name(answer)}, not AGREED")
     await thread_unchanged(ctx, customer, [opening, answer.reply], OUTCOME.Value("NEGOTIATION_OUTCOME_AGREED"))
+
+
+async def _accepted_at_once(ctx: BillerTarget, customer: Customer, bill: IssuedBill, offer: Any, what: str) -> None:
+    """An opening with `offer` must be answered, in the same call, by an Accept (NEG-12)."""
+    _, answer = await open_thread(ctx, customer, bill, offer)
+    accepted(answer, f"an opening {what}")
+    got = answer.reply.payload_type if answer.HasField("reply") else "no reply"
+    if got != "parley.v1.Accept":
+        raise Violation(
+            f"an opening {what} — inside the options, at their bound — was answered with {got}, not an Accept"
+        )
+
+
+@suite.case(
+    "NEG-12/options-at-their-bounds",
+    description="Openings exactly at each advertised bound (deferral days; plan count, amount, interval, first "
+    "delay; early pay-by date) are accepted at once",
+    quote="When the pending offer is the consumer's and its terms are *within the bill's options*, the biller's next "
+    "move MUST be an Accept of it",
+    needs=NEG,
+)
+async def options_at_their_bounds(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    days = ctx.standard_options().deferral.max_days
+    await _accepted_at_once(
+        ctx,
+        customer,
+        bill,
+        terms(
+            negotiation_terms.TERMS_KIND_DEFERRAL,
+            [(bill.due_date + timedelta(days=days), AMOUNT_DUE + DEFERRAL_FEE)],
+            lines=[(negotiation_terms.LINE_KIND_FEE, DEFERRAL_FEE)],
+        ),
+        f"deferring to exactly {days} days after the due date (deferral.max_days)",
+    )
+    checked = ["deferral.max_days"]
+    options = ctx.standard_options()
+    if options.HasField("instalments") and 0 < options.instalments.max_count <= ctx.limits.max_instalments:
+        plan = options.instalments
+        count = plan.max_count
+        amount = AMOUNT_DUE // count
+        if amount * count == AMOUNT_DUE and amount == plan.min_amount.amount_minor:
+            planned = await ctx.issue_bill(customer)
+            first = planned.due_date + timedelta(days=plan.max_first_delay_days)
+            schedule = [(first + timedelta(days=plan.max_interval_days * index), amount) for index in range(count)]
+            await _accepted_at_once(
+                ctx,
+                customer,
+                planned,
+                terms(negotiation_terms.TERMS_KIND_INSTALMENT_PLAN, schedule),
+                f"in {count} instalments of {amount} minor units, the first {plan.max_first_delay_days} days after "
+                f"the due date, every {plan.max_interval_days} days (max_count, min_amount, max_first_delay_days, "
+                "max_interval_days)",
+            )
+            checked.append("the instalment plan's four bounds")
+    early_by = ctx.today() + timedelta(days=10)
+    early = bill_pb2.AdvertisedOptions()
+    early.CopyFrom(options)
+    early.early_payment.CopyFrom(
+        bill_pb2.EarlyPaymentDiscount(pay_by_date=early_by.isoformat(), discount=money(EARLY_DISCOUNT))
+    )
+    discounted = await ctx.issue_bill(customer, options=early)
+    await _accepted_at_once(
+        ctx,
+        customer,
+        discounted,
+        terms(
+            negotiation_terms.TERMS_KIND_PAY_IN_FULL,
+            [(early_by, AMOUNT_DUE - EARLY_DISCOUNT)],
+            lines=[(negotiation_terms.LINE_KIND_DISCOUNT, EARLY_DISCOUNT)],
+        ),
+        f"paying in full on exactly the early-payment pay_by_date {early_by}, less its discount",
+    )
+    checked.append("early_payment.pay_by_date")
+    return f"accepted at once at: {', '.join(checked)}"
+
+
+@suite.case(
+    "TRM-7/counter-offer-terms",
+    description="Terms are judged in every Offer, not only the opening: a counter at sequence 2 whose total is off "
+    "by a cent is TOTAL_MISMATCH",
+    quote="`total` MUST equal `principal + Σ FEE − Σ DISCOUNT − Σ SETTLEMENT_REDUCTION` over the lines, exactly, in "
+    "minor units; else `TOTAL_MISMATCH`.",
+    needs=NEG,
+    covers=("NEG-8",),
+)
+async def counter_offer_terms(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    thread = await countered_thread(ctx, customer, bill)
+    wrong = terms(
+        negotiation_terms.TERMS_KIND_DEFERRAL,
+        [(bill.due_date + timedelta(days=25), AMOUNT_DUE + DEFERRAL_FEE + 1)],
+        lines=[(negotiation_terms.LINE_KIND_FEE, DEFERRAL_FEE)],
+        total=AMOUNT_DUE + DEFERRAL_FEE + 1,
+    )
+    offer = customer.party.move(thread, negotiation_pb2.Offer(terms=wrong))
+    expect(await negotiate(ctx, offer), Reason.TOTAL_MISMATCH, "a counter-offer at sequence 2, its total a cent over")
+    await thread_unchanged(ctx, customer, thread, OUTCOME.Value("NEGOTIATION_OUTCOME_OPEN"))
 
 
 _REPLY_OUTCOMES = {

@@ -72,7 +72,7 @@ _terms_case(
 )
 _terms_case(
     "TRM-7/total-mismatch",
-    "Terms whose total is not principal plus fees minus discounts are refused with TOTAL_MISMATCH",
+    "Terms whose total is a cent above or below principal plus fees minus discounts are refused with TOTAL_MISMATCH",
     "`total` MUST equal `principal + Σ FEE − Σ DISCOUNT − Σ SETTLEMENT_REDUCTION` over the lines, exactly, in minor "
     "units; else `TOTAL_MISMATCH`.",
     Reason.TOTAL_MISMATCH,
@@ -82,6 +82,12 @@ _terms_case(
             [(_late(b), AMOUNT_DUE + DEFERRAL_FEE + 1)],
             lines=[(_FEE, DEFERRAL_FEE)],
             total=AMOUNT_DUE + DEFERRAL_FEE + 1,
+        ),
+        "a total one cent below the sum": lambda b: terms(
+            _DEFERRAL,
+            [(_late(b), AMOUNT_DUE + DEFERRAL_FEE - 1)],
+            lines=[(_FEE, DEFERRAL_FEE)],
+            total=AMOUNT_DUE + DEFERRAL_FEE - 1,
         ),
     },
 )
@@ -168,6 +174,39 @@ _terms_case(
         "no terms": lambda b: None,
     },
 )
+
+
+@suite.case(
+    "TRM-5/shape-boundaries",
+    description="PAY_IN_FULL dated the due date itself is accepted at once; 9 lines are INVALID_TERMS while 8 are "
+    "not refused",
+    quote="any shape not allowed below MUST be refused with `INVALID_TERMS`. … In every kind: at most 8 lines",
+    needs=NEG,
+    covers=("TRM-12", "NEG-12"),
+)
+async def shape_boundaries(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    _, answer = await open_thread(
+        ctx, customer, bill, terms(terms_pb2.TERMS_KIND_PAY_IN_FULL, [(bill.due_date, AMOUNT_DUE)])
+    )
+    accepted(answer, "PAY_IN_FULL on the due date (on or before it, TRM-12)")
+    got = answer.reply.payload_type if answer.HasField("reply") else "no reply"
+    if got != "parley.v1.Accept":
+        raise Violation(f"PAY_IN_FULL on the due date, with no line (inside any options), was answered with {got}")
+    fees = 9
+    bill = await ctx.issue_bill(customer)
+    _, answer = await open_thread(
+        ctx, customer, bill, terms(_DEFERRAL, [(_late(bill), AMOUNT_DUE + 100 * fees)], lines=[(_FEE, 100)] * fees)
+    )
+    expect(answer, Reason.INVALID_TERMS, f"a deferral with {fees} fee lines")
+    _, answer = await open_thread(
+        ctx, customer, bill, terms(_DEFERRAL, [(_late(bill), AMOUNT_DUE + 100 * 8)], lines=[(_FEE, 100)] * 8)
+    )
+    if isinstance(answer, Refusal):
+        raise Violation(f"a deferral with exactly 8 fee lines (the most allowed) was refused with {answer.describe()}")
+
+
 _terms_case(
     "TRM-9/dates-not-increasing",
     "An instalment plan whose dates do not strictly increase is refused with SCHEDULE_DATES_NOT_INCREASING",

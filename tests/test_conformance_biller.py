@@ -92,8 +92,17 @@ def parley(*argv: str) -> Awaitable[int]:
 REFERENCE_WARNS = {
     # KEY-16 is a SHOULD: the reference biller renews its key set in time but lists one key, with no second key
     # held offline (docs/CONFORMANCE.md, "What the reference biller does not do").
-    "KEY-16/biller-renews": ("WARN", "the biller's newest version 1 lists 1 key, not two or more"),
+    # (which version is newest depends on how far the run has moved the clock: the reference renews in time)
+    "KEY-16/biller-renews": ("WARN", re.compile(r"the biller's newest version \d+ lists 1 key, not two or more")),
 }
+
+
+def only_the_reference_warns(not_passed: dict[str, tuple[str, str]]) -> bool:
+    """`not_passed` (id -> outcome, detail) is exactly the reference's documented WARNs."""
+    return not_passed.keys() == REFERENCE_WARNS.keys() and all(
+        not_passed[case_id][0] == outcome and detail.fullmatch(not_passed[case_id][1])
+        for case_id, (outcome, detail) in REFERENCE_WARNS.items()
+    )
 
 
 def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
@@ -101,7 +110,7 @@ def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
     not_passed = {
         case["id"]: (case["outcome"], case["detail"]) for case in report["cases"] if case["outcome"] != "PASS"
     }
-    assert not_passed == REFERENCE_WARNS, output
+    assert only_the_reference_warns(not_passed), output
     assert code == EXIT_OK
     assert report["summary"] == {"PASS": len(CASE_IDS) - len(REFERENCE_WARNS), "FAIL": 0, "WARN": 1, "SKIP": 0}
     assert (report["verdict"], report["skipped"]) == ("OK", {})
@@ -123,7 +132,7 @@ def test_without_conformance_control_fixture_cases_skip_with_the_reason(tmp_path
         "conformance-control not announced"
     }
     not_passed = {i: o for i, o in outcomes.items() if i not in needs_fixtures and o[0] != "PASS"}
-    assert not_passed == REFERENCE_WARNS, output
+    assert only_the_reference_warns(not_passed), output
     assert "neither announced nor served" in outcomes["CNF-3/feature-matches-service"][1]
     assert code == EXIT_OK
     # Honest skips: not a bare OK, but PARTIAL with how many cases did not run, and why.

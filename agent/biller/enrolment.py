@@ -37,7 +37,11 @@ class EnrolmentPhase:
         self.party = party
         if secret is None:
             secret = secrets.token_bytes(SECRET_BYTES)
-            logger.warning("enrolment-secret-ephemeral")  # codes will not survive a restart
+            # Said in words: an embedder without logging configured sees only this line on stderr.
+            logger.warning(
+                "enrolment-secret-ephemeral: no enrolment secret was given, so enrolment codes issued now "
+                "verify only in this process (pass enrolment_secret; see agent.stores.files.load_or_create_secret)"
+            )
         if len(secret) < SECRET_BYTES:
             raise ValueError(f"the enrolment secret must be at least {SECRET_BYTES} bytes")
         self._secret = secret

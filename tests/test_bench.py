@@ -20,8 +20,10 @@ from rich.console import Console
 
 from agent.cli import main
 from agent.conformance.peers import PeerIdentity
+from agent.protocol.limits import Limits
 from agent.tools.bench import (
     BILLER_ID,
+    REQUESTS_PER_CYCLE,
     SIGNED_PER_BASELINE_CALL,
     SIGNED_PER_CYCLE,
     WORKER_PID_METHOD,
@@ -30,6 +32,7 @@ from agent.tools.bench import (
     LoadSpec,
     WorkerSpec,
     balanced_channels,
+    consumers_per_slot,
     percentile,
     reserve_port,
     run_bench,
@@ -164,6 +167,15 @@ def test_load_generators_spread_their_connections_evenly_over_the_workers() -> N
             assert asyncio.run(landed()) == {pid: 8 for pid in pids}
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 4, 16, 64])
+def test_no_key_of_the_crowd_exceeds_its_rate_limit_at_the_prepared_rate(concurrency: int) -> None:
+    """A bench of one slot once had 391 cycles refused by LIM-8: 16 keys cannot carry one fast slot."""
+    per_slot = consumers_per_slot(500.0, concurrency)
+    requests_per_key_per_second = 500.0 / concurrency * REQUESTS_PER_CYCLE / per_slot
+    assert requests_per_key_per_second <= Limits().rate_limit_per_second / 2
+    assert per_slot >= 16
 
 
 def test_percentile_is_the_nearest_rank() -> None:

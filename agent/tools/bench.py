@@ -13,8 +13,8 @@ What runs, all on 127.0.0.1 over real gRPC:
   load generator asks each new connection which worker answers it and keeps
   an equal number per worker: a chance 6-to-2 split would make one worker the
   bottleneck and vary the figures from run to run.
-  each playing CONSUMERS_PER_SLOT enrolled consumers in turn (so that no key
-  exceeds its LIM-8 rate limit, as in a crowd of households). A cycle is a
+  each playing at least CONSUMERS_PER_SLOT enrolled consumers in turn (so that
+  no key exceeds its LIM-8 rate limit, as in a crowd of households). A cycle is a
   complete negotiation: fetch the bill, open with an offer outside the
   advertised options, get the biller's counter-offer, accept it, send a
   payment intent for the first instalment, fetch the receipt. Every request
@@ -76,6 +76,7 @@ from agent.protocol.dsse import digest, sign_envelope, verify_signature
 from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import SigningKey, VerifyKey
 from agent.protocol.keysets import KeyChain
+from agent.protocol.limits import Limits
 from agent.protocol.messages import open_envelope, parse_payload
 from agent.protocol.terms import (
     AdvertisedOptions,
@@ -105,9 +106,11 @@ BILL_AMOUNT = Money.parse("120.00", CURRENCY)
 DUE_IN_DAYS = 20
 OPENING_INSTALMENTS = 6  # outside the advertised options (at most 3): the policy counters
 COUNTER_INSTALMENTS = 3
-# LIM-8 limits each key to 20 signed requests/s: each concurrent slot plays this many consumers in turn,
-# so every key stays well inside its bucket, as a crowd of households would.
+# LIM-8 limits each key to 20 signed requests/s: each concurrent slot plays enough consumers in turn that
+# every key stays well inside its bucket at the fastest rate the run prepares for (`--max-rate`), as a crowd
+# of households would; at least this many.
 CONSUMERS_PER_SLOT = 16
+REQUESTS_PER_CYCLE = 5
 SIGNED_PER_CYCLE = 9  # 5 signed requests + bill, counter-offer, instructions and receipt
 SIGNED_PER_BASELINE_CALL = 2
 CALL_TIMEOUT_SECONDS = 30.0
@@ -242,6 +245,16 @@ def store_url(store: str, state_dir: Path, resources: ExitStack) -> str:
 # The bench enrols its consumers before the workers start; the workers issue no codes, but a secret of
 # their own keeps the agent's warning about an ephemeral one out of the report.
 BENCH_ENROLMENT_SECRET = bytes(range(32))
+
+
+def consumers_per_slot(max_rate: float, concurrency: int) -> int:
+    """How many consumers one slot plays in turn so that none exceeds LIM-8 at `max_rate` cycles/s in all.
+
+    With few slots one slot runs fast: one slot at 70 cycles/s would send each of 16 keys 22 requests/s,
+    and the biller would rightly refuse some (a bench of one slot once reported 391 failed cycles)."""
+    requests_per_key = Limits().rate_limit_per_second / 2  # half the bucket: room for bursts
+    needed = math.ceil(max_rate / concurrency * REQUESTS_PER_CYCLE / requests_per_key)
+    return max(CONSUMERS_PER_SLOT, needed)
 
 
 def bench_agent(identity: PeerIdentity, store: BillerStore) -> InstantRailBiller:
@@ -953,7 +966,7 @@ class Bench:
         identity = PeerIdentity.create(BILLER_ID, _now())
         phases = 1 + int(options.half_load and options.rate is None)
         total_seconds = (options.warmup + options.seconds) * phases
-        consumer_count = options.concurrency * CONSUMERS_PER_SLOT
+        consumer_count = options.concurrency * consumers_per_slot(options.max_rate, options.concurrency)
         bills = math.ceil(options.max_rate * total_seconds / consumer_count) + phases
         began = time.monotonic()
         consumers = asyncio.run(prepare_store(url, identity, consumer_count, bills))

@@ -135,4 +135,3 @@ def test_extreme_dates_go_through_payments_and_the_scheduler_without_overflow(du
     finally:
         logging.getLogger("parley").removeHandler(failures)
     assert failures.messages == []
-

@@ -197,9 +197,10 @@ def test_the_old_holders_threads_disclosures_and_events_are_not_shown_to_the_new
         assert await log_length(biller, bob) == 2
         # alice's thread (and the disclosure it committed to) is not bob's: the very error of a thread that
         # does not exist (AUZ-5).
-        assert await refused(
-            biller.stub.GetThread(GetThreadRequest(query=bob.query(ACCOUNT, thread_id=thread_id)))
-        ) is Reason.NOT_FOUND
+        assert (
+            await refused(biller.stub.GetThread(GetThreadRequest(query=bob.query(ACCOUNT, thread_id=thread_id))))
+            is Reason.NOT_FOUND
+        )
         # bob negotiates on the bill presented to him, naming his presentation's digest (NEG-2).
         opened = await biller.stub.Negotiate(NegotiateRequest(move=bob.open(listed[1], inside_options())))
         assert opened.outcome == negotiation_pb2.NEGOTIATION_OUTCOME_AGREED
@@ -256,9 +257,10 @@ def test_a_payment_in_flight_across_a_re_enrolment_is_receipted_to_its_payer_in_
         assert [r.sequence for r in alice_log] == [0, 1, 2]
         assert (thanks.message.kind, thanks.message.related_digest) == (PAYMENT_RECEIVED, digest(receipt))
         assert await log_length(biller, bob) == 2  # the two bills presented to bob, nothing of alice's payment
-        assert await refused(
-            biller.stub.GetReceipt(GetReceiptRequest(query=bob.query(ACCOUNT, intent_id="alice-pay")))
-        ) is Reason.NOT_FOUND
+        assert (
+            await refused(biller.stub.GetReceipt(GetReceiptRequest(query=bob.query(ACCOUNT, intent_id="alice-pay"))))
+            is Reason.NOT_FOUND
+        )
 
         await biller.stub.CreatePaymentIntent(
             CreatePaymentIntentRequest(intent=bob.intent(ACCOUNT, SECOND_BILL, "bob-pay", amount))

@@ -206,7 +206,7 @@ def _with(path: tuple[str | int, ...], value: object) -> dict[str, Any]:
         (
             ("household", "balance"),
             850.0,
-            'household.balance: 850.0 is a TOML number, which can round: write the amount in EUR as quoted decimal '
+            "household.balance: 850.0 is a TOML number, which can round: write the amount in EUR as quoted decimal "
             'text, e.g. "850.00"',
         ),
         (

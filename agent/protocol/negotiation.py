@@ -258,8 +258,9 @@ class Negotiation:
         EXPIRED) closes it as EXPIRED, which no message shows. Both agents rebuild their state this
         way; an offline verifier uses `receive` with an observer instead (`agent.protocol.agreement`).
         """
-        negotiation = cls(bill=bill, bill_digest=bill_digest, role=role, limits=limits,
-                          hardship_disclosed=hardship_disclosed)
+        negotiation = cls(
+            bill=bill, bill_digest=bill_digest, role=role, limits=limits, hardship_disclosed=hardship_disclosed
+        )
         for message, received_at in messages:
             if message.sender is role:
                 negotiation.send(message, received_at)

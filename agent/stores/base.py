@@ -675,9 +675,7 @@ class BillerStore(Protocol):
 
     async def append_events(self, events: Sequence[PendingEvent]) -> list[EventRecord]: ...
 
-    async def events(
-        self, account_id: str, start: int, limit: int, party_id: str | None = None
-    ) -> list[EventRecord]:
+    async def events(self, account_id: str, start: int, limit: int, party_id: str | None = None) -> list[EventRecord]:
         """Up to `limit` events of a binding's log from cursor `start`, in order: the log of (account,
         `party_id`), or, without `party_id`, of the party bound now (ENR-12)."""
         ...

@@ -1025,9 +1025,7 @@ class SqlBillerStore(abc.ABC):
     async def append_events(self, events: Sequence[PendingEvent]) -> list[EventRecord]:
         return await self._in_write(lambda db: _append_events(db, events))
 
-    async def events(
-        self, account_id: str, start: int, limit: int, party_id: str | None = None
-    ) -> list[EventRecord]:
+    async def events(self, account_id: str, start: int, limit: int, party_id: str | None = None) -> list[EventRecord]:
         def read(db: Db) -> list[EventRecord]:
             party = _bound_party(db, account_id) if party_id is None else party_id
             rows = db.execute(

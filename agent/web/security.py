@@ -37,6 +37,7 @@ def new_token() -> str:
 
 is_loopback_host = is_loopback  # the one reading of loopback (agent/listen.py), under the kit's name
 
+
 def check_listen_address(host: str, *, tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None) -> None:
     """Refuse a non-loopback listener unless it has TLS and an authentication mechanism (mutual TLS).
 

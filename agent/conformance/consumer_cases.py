@@ -73,9 +73,9 @@ from agent.conformance.hostile_biller import (
     rotated_identity,
 )
 from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal, resign
-from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
+from agent.conformance.runner import Case, Level, NotRunnable, Skip, Suite, Violation
 from agent.protocol.dsse import digest
-from agent.protocol.errors import LocalProtocolError
+from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import new_header, seal
 from agent.protocol.terms import BillFacts, Line, LineKind, Money, Terms, TermsKind, build_terms, within_options
@@ -861,6 +861,158 @@ async def receipt_wrong_amount(context: ConsumerContext) -> str:
         return (
             f"the receipt claimed {claims[0]} (and a reminder for the {SHORTFALL} followed); the client kept to its "
             f"one payment ({', '.join(run.describe() for run in s.runs)})"
+        )
+
+
+# --- 8a. Lost answers and refused calls: retries (TRN-6, PAY-10, ERR-6) ----------------------------------------
+
+
+def _sent_bytes(call: Call) -> bytes:
+    """The signed envelope a call carried, as bytes (b"" for none)."""
+    envelope = call.envelope
+    return envelope.SerializeToString() if envelope is not None else b""
+
+
+def _second_move(lost: Call, later: list[Call]) -> Call | None:
+    """The first of `later` Negotiate calls that is a second, different message meant to have the effect of the
+    `lost` move while it may still take effect: another envelope at its thread and sequence, or — the lost move an
+    opening — another opening on its bill sent before the client read the thread back (GetThread) or resent it."""
+    lost_bytes, move = _sent_bytes(lost), lost.payload
+    assert move is not None
+    for call in later:
+        payload = call.payload
+        if payload is None or _sent_bytes(call) == lost_bytes:
+            if call.rpc == "Negotiate":
+                return None  # the very same envelope again: from then on the client knows the answer
+            continue
+        if call.rpc == "GetThread":
+            if getattr(payload, "thread_id", b"") == move.header.thread_id:
+                return None  # it read the thread back: it knows the move took effect
+            continue
+        header = getattr(payload, "header", None)
+        if header is not None and (header.thread_id, header.sequence) == (move.header.thread_id, move.header.sequence):
+            return call
+        reopened = isinstance(payload, negotiation_pb2.ThreadOpen) and isinstance(move, negotiation_pb2.ThreadOpen)
+        if reopened and getattr(payload, "bill_id", "") == getattr(move, "bill_id", ""):
+            return call
+    return None
+
+
+@suite.case(
+    "TRN-6/negotiate-answer-lost",
+    description="When the answer to its move is lost (UNAVAILABLE), the client never signs a second, different move "
+    "in its place",
+    quote="When a client does not know whether a request took effect (a timeout, `UNAVAILABLE`, `INTERNAL` or a lost "
+    "connection), it SHOULD retry with the very same envelope bytes. … A client MUST NOT sign a second, different "
+    "message meant to have the same effect while the first may still take effect",
+)
+async def negotiate_answer_lost(context: ConsumerContext) -> str:
+    async with scenario(context, "negotiate-answer-lost") as s:
+        issue_bills_on_enrolment(s.biller)
+        s.biller.lose_answers("Negotiate")  # the biller applies the first move; its answer never arrives
+        await s.run_client()
+        await s.run_client()  # a client that kept the unanswered move sends it again now; others may sign anew
+        moves = [call for call in s.biller.calls_of("Negotiate") if call.payload is not None]
+        if not moves:
+            raise Skip("the client never negotiated (it may pay bills as issued): no answer to lose")
+        lost = moves[0]
+        later = [call for call in s.biller.calls_of("Negotiate", "GetThread") if call.number > lost.number]
+        second = _second_move(lost, later)
+        if second is not None:
+            what = type(lost.payload).__name__
+            raise Violation(
+                f"the answer to its {what} was lost (UNAVAILABLE, the move applied), and the client signed "
+                f"another {type(second.payload).__name__} in its place instead of resending the same envelope: "
+                f"it {s.summary()}"
+            )
+        resent = sum(_sent_bytes(call) == _sent_bytes(lost) for call in moves[1:])
+        reread = [call for call in s.biller.calls_of("GetThread") if call.number > lost.number]
+        how = (
+            f"resent the very same envelope {resent}×"
+            if resent
+            else "read the thread back (GetThread)"
+            if reread
+            else "did not retry (TRN-6: it SHOULD)"
+        )
+        runs = ", ".join(run.describe() for run in s.runs)
+        return f"the answer to its {type(lost.payload).__name__} was lost; the client {how} ({runs})"
+
+
+def _intent_id_of(call: Call) -> str:
+    return getattr(call.payload, "intent_id", "")
+
+
+@suite.case(
+    "PAY-10/retried-intent-instructions-from-the-future",
+    description="Instructions answered to a retried intent but created 30 minutes ahead of the client's clock are "
+    "never paid",
+    quote="Instructions returned for a retry and receipts fetched after their creation are stored answers (§1.6): a "
+    "consumer MUST verify them with the full receive path except the `MESSAGE_EXPIRED` check of HDR-5 … it still "
+    "refuses `MESSAGE_NOT_YET_VALID`.",
+    covers=("HDR-5",),
+)
+async def retried_intent_instructions_from_the_future(context: ConsumerContext) -> str:
+    async with scenario(context, "retried-intent") as s:
+        issue_bills_on_enrolment(s.biller)
+        key = s.biller.identity.key
+        doctored: list[str] = []
+
+        async def from_the_future(
+            request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+        ) -> pb.CreatePaymentIntentResponse:
+            intent_id = getattr(payload_of(request.intent), "intent_id", "")
+            sent = [call for call in s.biller.calls_of("CreatePaymentIntent") if _intent_id_of(call) == intent_id]
+            if len(sent) < 2:
+                return answer  # not a retry
+            doctored.append(intent_id)
+            return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, key, _from_the_future))
+
+        s.biller.lose_answers("CreatePaymentIntent")  # the intent is instructed; the instructions never arrive
+        s.biller.rewrite["CreatePaymentIntent"] = from_the_future
+        await s.run_client()
+        if not s.biller.calls_of("CreatePaymentIntent"):
+            raise setup_failed("the client never sent a payment intent", s)
+        if not doctored:
+            raise setup_failed("the client never retried its intent after the answer was lost", s)
+        if s.orders():
+            raise Violation(
+                f"the client paid under the instructions answered to its retried intent, created {FUTURE} ahead of "
+                f"its clock (MESSAGE_NOT_YET_VALID): it {s.summary()}"
+            )
+        return (
+            f"the retried intent was answered {len(doctored)}× with its stored instructions created {FUTURE} ahead; "
+            f"nothing paid ({s.runs[-1].describe()})"
+        )
+
+
+@suite.case(
+    "ERR-6/invalid-argument-not-resent",
+    level=Level.SHOULD,
+    description="A payment intent refused with INVALID_ARGUMENT (MALFORMED_PAYLOAD) is not sent again as it was",
+    quote="A client SHOULD react to errors by class: `INVALID_ARGUMENT`, `UNAUTHENTICATED`, `PERMISSION_DENIED`, "
+    "`NOT_FOUND` and `FAILED_PRECONDITION` — do not resend the same message",
+)
+async def invalid_argument_not_resent(context: ConsumerContext) -> str:
+    async with scenario(context, "invalid-argument") as s:
+        issue_bills_on_enrolment(s.biller)
+        s.biller.refuse("CreatePaymentIntent", ProtocolError(Reason.MALFORMED_PAYLOAD, "the intent is refused"))
+        await s.run_client()
+        await s.run_client()
+        intents = [call for call in s.biller.calls_of("CreatePaymentIntent") if call.envelope is not None]
+        if not intents:
+            raise setup_failed("the client never sent a payment intent", s)
+        refused = _sent_bytes(intents[0])
+        resent = [call for call in intents[1:] if _sent_bytes(call) == refused]
+        if resent:
+            runs = ", ".join(f"run {call.run}" for call in resent)
+            raise Violation(
+                f"the client resent its payment intent refused with INVALID_ARGUMENT (MALFORMED_PAYLOAD), byte for "
+                f"byte, {len(resent)}× ({runs}): it {s.summary()}"
+            )
+        others = len(intents) - 1
+        return (
+            f"the intent refused INVALID_ARGUMENT was never resent as it was; {others} other intent message(s) "
+            f"followed ({', '.join(run.describe() for run in s.runs)})"
         )
 
 

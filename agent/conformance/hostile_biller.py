@@ -57,7 +57,7 @@ from agent.conformance.peers import (
     serve_on_loopback,
 )
 from agent.protocol.dsse import digest
-from agent.protocol.errors import LocalProtocolError
+from agent.protocol.errors import LocalProtocolError, ProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import PAYLOAD_TYPES
 from agent.protocol.terms import AdvertisedOptions, DeferralOption, Money, Terms, TermsKind, build_terms
@@ -265,6 +265,8 @@ class HostileBiller:
     # Rewrites each streamed event (None drops it); the events after a rewritten one are re-chained onto it.
     event_doctor: EventDoctor | None = None
     _rechained: dict[bytes, bytes] = field(default_factory=dict)  # an event's true digest -> the digest sent
+    # The servicer in front of the agent: lost answers (`unavailable_after`) and refusals (`refuse_before`).
+    servicer: HostileServicer | None = None
 
     @property
     def party_id(self) -> str:
@@ -279,6 +281,16 @@ class HostileBiller:
 
     def calls_of(self, *rpcs: str) -> list[Call]:
         return [call for call in self.calls if call.rpc in rpcs]
+
+    def lose_answers(self, rpc: str, count: int = 1) -> None:
+        """The next `count` calls of `rpc` take effect, but their answers are lost: UNAVAILABLE instead."""
+        assert self.servicer is not None
+        self.servicer.unavailable_after[rpc] += count
+
+    def refuse(self, rpc: str, *errors: ProtocolError) -> None:
+        """The next calls of `rpc` are refused with `errors`, one each, before the agent sees them."""
+        assert self.servicer is not None
+        self.servicer.refuse_before.setdefault(rpc, []).extend(errors)
 
     # --- Fixtures ------------------------------------------------------------------------------------
 
@@ -492,6 +504,7 @@ async def hostile_biller(
         )
         servicer = HostileServicer(agent, observer=biller)
         servicer.rewrite = biller.rewrite  # scenarios script the answers through the biller
+        biller.servicer = servicer
         server, port = await serve_on_loopback(servicer)
         biller.target = f"127.0.0.1:{port}"
         try:

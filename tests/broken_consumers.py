@@ -305,6 +305,21 @@ def skips_the_time_checks_of_stored_instructions() -> None:
     Receiver._open_now = timeless  # type: ignore[method-assign]
 
 
+def judges_instructions_as_live() -> None:
+    """Instructions are opened as live messages: stored ones answered to a retry after their expire_time are
+    refused MESSAGE_EXPIRED, and never paid (PAY-10)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from parley.v1 import payment_pb2  # noqa: PLC0415
+
+    open_message = Receiver.open
+
+    async def live(self: Any, session: Any, envelope: Any, expected: Any, *, stored: bool) -> Any:
+        stored = stored and payment_pb2.PaymentInstructions not in expected
+        return await open_message(self, session, envelope, expected, stored=stored)
+
+    Receiver.open = live  # type: ignore[method-assign]
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "skips-bill-verification": skips_bill_verification,
     "accepts-keyset-rollback": accepts_keyset_rollback,
@@ -322,6 +337,7 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "ignores-announced-limits": ignores_announced_limits,
     "takes-a-lost-answer-for-a-refusal": takes_a_lost_answer_for_a_refusal,
     "skips-the-time-checks-of-stored-instructions": skips_the_time_checks_of_stored_instructions,
+    "judges-instructions-as-live": judges_instructions_as_live,
 }
 
 
@@ -419,6 +435,11 @@ BROKEN_CONSUMERS = (
         "skips the time checks of stored instructions",
         "skips-the-time-checks-of-stored-instructions",
         frozenset({"PAY-10/retried-intent-instructions-from-the-future"}),
+    ),
+    BrokenConsumer(
+        "judges instructions as live",
+        "judges-instructions-as-live",
+        frozenset({"PAY-10/retried-intent-instructions-expired"}),
     ),
 )
 

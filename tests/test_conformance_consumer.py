@@ -139,6 +139,7 @@ def test_every_defect_class_is_covered() -> None:
         "ignores the limits Hello announced",
         "takes a lost answer for a refusal",
         "skips the time checks of stored instructions",
+        "judges instructions as live",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name
@@ -243,7 +244,8 @@ def test_every_scenario_names_a_spec_requirement_and_quotes_it() -> None:
         assert 0 < len(case.description) <= 140, case.id
         assert case.level in (Level.MUST, Level.SHOULD), case.id
         if case.level is Level.SHOULD:  # it judges a SHOULD (WARN), never a MUST
-            assert "SHOULD" in case.quote and "MUST" not in case.quote, case.id
+            assert "SHOULD" in case.quote, case.id
+            assert "MUST" not in case.quote, case.id
         for piece in re.split(r"\[[^\]]*\]|…", case.quote):
             fragment = " ".join(piece.split()).strip(" .,;:—")
             if len(fragment) > 12:

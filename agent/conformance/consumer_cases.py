@@ -942,33 +942,54 @@ def _intent_id_of(call: Call) -> str:
     return getattr(call.payload, "intent_id", "")
 
 
+def _doctor_retried_intents(s: Scenario, change: Any) -> list[str]:
+    """The answer to the client's first intent is lost (the biller instructs it, the instructions never arrive);
+    every retry of an intent is answered with its stored instructions re-signed by the biller after `change`.
+    The list fills with the intent ids so answered."""
+    key = s.biller.identity.key
+    doctored: list[str] = []
+
+    async def retried(
+        request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+    ) -> pb.CreatePaymentIntentResponse:
+        intent_id = getattr(payload_of(request.intent), "intent_id", "")
+        sent = [call for call in s.biller.calls_of("CreatePaymentIntent") if _intent_id_of(call) == intent_id]
+        if len(sent) < 2:
+            return answer  # not a retry
+        doctored.append(intent_id)
+        return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, key, change))
+
+    s.biller.lose_answers("CreatePaymentIntent")
+    s.biller.rewrite["CreatePaymentIntent"] = retried
+    return doctored
+
+
+PAY_10_QUOTE = (
+    "Instructions returned for a retry and receipts fetched after their creation are stored answers (§1.6): a "
+    "consumer MUST verify them with the full receive path except the `MESSAGE_EXPIRED` check of HDR-5 (their "
+    "`expire_time` may have passed while they waited in the biller's store), judging key validity at their "
+    "`create_time` as always; it still refuses `MESSAGE_NOT_YET_VALID`."
+)
+STORED_AGE = timedelta(hours=2)  # how long ago the stored instructions of a retry were signed (expired an hour ago)
+
+
+def _signed_long_ago(instructions: payment_pb2.PaymentInstructions) -> None:
+    created = instructions.header.create_time.ToDatetime(tzinfo=UTC) - STORED_AGE
+    instructions.header.create_time.FromDatetime(created)
+    instructions.header.expire_time.FromDatetime(created + timedelta(hours=1))
+
+
 @suite.case(
     "PAY-10/retried-intent-instructions-from-the-future",
     description="Instructions answered to a retried intent but created 30 minutes ahead of the client's clock are "
     "never paid",
-    quote="Instructions returned for a retry and receipts fetched after their creation are stored answers (§1.6): a "
-    "consumer MUST verify them with the full receive path except the `MESSAGE_EXPIRED` check of HDR-5 … it still "
-    "refuses `MESSAGE_NOT_YET_VALID`.",
+    quote=PAY_10_QUOTE,
     covers=("HDR-5",),
 )
 async def retried_intent_instructions_from_the_future(context: ConsumerContext) -> str:
-    async with scenario(context, "retried-intent") as s:
+    async with scenario(context, "retried-intent-future") as s:
         issue_bills_on_enrolment(s.biller)
-        key = s.biller.identity.key
-        doctored: list[str] = []
-
-        async def from_the_future(
-            request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
-        ) -> pb.CreatePaymentIntentResponse:
-            intent_id = getattr(payload_of(request.intent), "intent_id", "")
-            sent = [call for call in s.biller.calls_of("CreatePaymentIntent") if _intent_id_of(call) == intent_id]
-            if len(sent) < 2:
-                return answer  # not a retry
-            doctored.append(intent_id)
-            return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, key, _from_the_future))
-
-        s.biller.lose_answers("CreatePaymentIntent")  # the intent is instructed; the instructions never arrive
-        s.biller.rewrite["CreatePaymentIntent"] = from_the_future
+        doctored = _doctor_retried_intents(s, _from_the_future)
         await s.run_client()
         if not s.biller.calls_of("CreatePaymentIntent"):
             raise setup_failed("the client never sent a payment intent", s)
@@ -983,6 +1004,32 @@ async def retried_intent_instructions_from_the_future(context: ConsumerContext) 
             f"the retried intent was answered {len(doctored)}× with its stored instructions created {FUTURE} ahead; "
             f"nothing paid ({s.runs[-1].describe()})"
         )
+
+
+@suite.case(
+    "PAY-10/retried-intent-instructions-expired",
+    description="Honest instructions answered to a retried intent, expired while stored (signed 2 hours ago for an "
+    "hour), are paid",
+    quote=PAY_10_QUOTE,
+)
+async def retried_intent_instructions_expired(context: ConsumerContext) -> str:
+    async with scenario(context, "retried-intent-expired") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        doctored = _doctor_retried_intents(s, _signed_long_ago)
+        await s.run_client()
+        if not s.biller.calls_of("CreatePaymentIntent"):
+            raise setup_failed("the client never sent a payment intent", s)
+        if not doctored:
+            raise setup_failed("the client never retried its intent after the answer was lost", s)
+        (bill_id,) = bills
+        if not s.orders(bill_id):
+            raise Violation(
+                f"the client did not pay under the honest instructions answered to its retried intent, signed "
+                f"{STORED_AGE} ago for an hour: a stored answer is judged without MESSAGE_EXPIRED (PAY-10); it "
+                f"{s.summary()}"
+            )
+        order = _paid_once(s, bill_id)
+        return f"the stored instructions, expired an hour ago, were paid: {order.describe()} ({s.runs[-1].describe()})"
 
 
 @suite.case(

@@ -747,6 +747,72 @@ async def counter_to_in_options_offer(context: ConsumerContext) -> str:
         )
 
 
+SHORT_WINDOW = timedelta(seconds=2)  # the negotiation time Hello announces beyond the skew: moves are late at once
+LARGE_BILL = Money.parse("108000.00", "EUR")  # above what the sample household can pay within the options
+
+
+@suite.case(
+    "NEG-21/counter-close-to-the-deadline",
+    level=Level.SHOULD,
+    description="A counter-offer reaching the client less than max_clock_skew before the thread's deadline is "
+    "not answered",
+    quote="A consumer SHOULD NOT send a move later than `max_clock_skew` (§14) before the thread's deadline.",
+)
+async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
+    async with scenario(context, "counter-close-to-the-deadline") as s:
+        biller = s.biller
+        skew = biller.agent.limits.max_clock_skew
+        window = skew + SHORT_WINDOW
+
+        async def issue() -> None:
+            await biller.issue_bill(LARGE_BILL, description="Electricity and heating, conformance bill (large)")
+
+        biller.on_enrolled.append(issue)
+
+        async def short_window(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            shorter = pb.HelloResponse()
+            shorter.CopyFrom(answer)
+            shorter.limits.max_negotiation_seconds = int(window.total_seconds())
+            return shorter
+
+        late: dict[bytes, int] = {}  # thread id -> the number of the call whose counter came late
+
+        async def counter_late(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+            move = payload_of(request.move)
+            reply = payload_of(answer.reply) if answer.HasField("reply") else None
+            if not isinstance(move, negotiation_pb2.ThreadOpen) or not isinstance(reply, negotiation_pb2.Offer):
+                return answer
+            # Held until less than max_clock_skew is left before the deadline (by the biller's clock).
+            too_late = move.deadline.ToDatetime(tzinfo=UTC) - skew + timedelta(seconds=1)
+            await asyncio.sleep(max(0.0, (too_late - _now()).total_seconds()))
+            late[move.header.thread_id] = biller.calls_of("Negotiate")[-1].number
+            return answer
+
+        biller.rewrite["Hello"] = short_window
+        biller.rewrite["Negotiate"] = counter_late
+        await s.run_client()
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no counter to answer")
+        if not late:
+            raise Skip("the client's opening was inside the bill's options, so the biller had nothing to counter")
+        after = [
+            (call, payload)
+            for call, payload in s.moves()
+            if payload.header.thread_id in late and call.number > late[payload.header.thread_id]
+        ]
+        if after:
+            names = ", ".join(type(payload).__name__ for _, payload in after)
+            raise Violation(
+                f"the biller's counter reached the client less than {skew} before the thread's deadline, and the "
+                f"client still answered it ({names}): its move may reach the biller after the deadline; it "
+                f"{s.summary()}"
+            )
+        return (
+            f"the counter came less than {skew} before the deadline ({window} after the opening); the client sent "
+            f"no move after it ({s.runs[-1].describe()})"
+        )
+
+
 # --- 6. Instructions for another amount ----------------------------------------------------------------------
 
 EXTRA = Money.parse("80.00", "EUR")  # what the doctored instructions add to the intent's amount

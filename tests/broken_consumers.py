@@ -320,6 +320,35 @@ def judges_instructions_as_live() -> None:
     Receiver.open = live  # type: ignore[method-assign]
 
 
+def discloses_unsalted_circumstances() -> None:
+    """A household in hardship says so wherever a programme is offered, but the disclosure sent (and committed
+    to) is the bare Circumstances message, not a salted Disclosure: its digest reveals it to anyone who hashes
+    guesses (PRV-2)."""
+    import types  # noqa: PLC0415
+
+    from agent.consumer import negotiation  # noqa: PLC0415
+    from agent.consumer.plugins import Circumstances  # noqa: PLC0415
+    from parley.v1 import negotiation_pb2  # noqa: PLC0415
+    from reference_consumer.agent_strategy import ReferenceStrategy  # noqa: PLC0415
+
+    opening = ReferenceStrategy.opening
+
+    def in_hardship(self: Any, context: Any) -> Any:
+        terms, circumstances = opening(self, context)
+        if context.bill.options.hardship_programmes:  # wherever a programme is offered
+            circumstances = Circumstances(purpose=negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True)
+        return terms, circumstances
+
+    def unsalted(*, salt: bytes, circumstances: Any) -> Any:
+        return circumstances  # serialized as it is: no salt around it
+
+    ReferenceStrategy.opening = in_hardship  # type: ignore[method-assign]
+    negotiation.negotiation_pb2 = types.SimpleNamespace(  # type: ignore[attr-defined]
+        **{name: getattr(negotiation_pb2, name) for name in dir(negotiation_pb2) if not name.startswith("__")},
+    )
+    negotiation.negotiation_pb2.Disclosure = unsalted
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "skips-bill-verification": skips_bill_verification,
     "accepts-keyset-rollback": accepts_keyset_rollback,
@@ -338,6 +367,7 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "takes-a-lost-answer-for-a-refusal": takes_a_lost_answer_for_a_refusal,
     "skips-the-time-checks-of-stored-instructions": skips_the_time_checks_of_stored_instructions,
     "judges-instructions-as-live": judges_instructions_as_live,
+    "discloses-unsalted-circumstances": discloses_unsalted_circumstances,
 }
 
 
@@ -440,6 +470,13 @@ BROKEN_CONSUMERS = (
         "judges instructions as live",
         "judges-instructions-as-live",
         frozenset({"PAY-10/retried-intent-instructions-expired"}),
+    ),
+    BrokenConsumer(
+        "discloses unsalted circumstances",
+        "discloses-unsalted-circumstances",
+        frozenset({"PRV-2/disclosure-as-committed"}),
+        # Its one disclosure does not parse as a Disclosure: PRV-8 cannot judge what it says.
+        skips=frozenset({"PRV-8/disclosure-minimal"}),
     ),
 )
 

@@ -140,6 +140,7 @@ def test_every_defect_class_is_covered() -> None:
         "takes a lost answer for a refusal",
         "skips the time checks of stored instructions",
         "judges instructions as live",
+        "discloses unsalted circumstances",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name
@@ -153,7 +154,12 @@ def test_a_client_that_does_nothing_cannot_pass(tmp_path: Path) -> None:
     outcomes = outcomes_of(report)
     assert outcomes["PAY-8/honest-biller-paid"] == "FAIL", output
     skipped = {case_id for case_id, outcome in outcomes.items() if outcome == "SKIP"}
-    optional = {"EVT-5/duplicate-event", "NEG-12/counter-to-in-options-offer", "TRN-6/negotiate-answer-lost"}
+    optional = {
+        "EVT-5/duplicate-event",
+        "NEG-12/counter-to-in-options-offer",
+        "NEG-21/counter-close-to-the-deadline",
+        "TRN-6/negotiate-answer-lost",
+    }
     assert skipped == optional, output  # optional behaviour: it never negotiated nor watched events
     levels = {case.id: case.level for case in consumer_cases.suite.cases}
     played = {case_id: outcome for case_id, outcome in outcomes.items() if case_id not in skipped}

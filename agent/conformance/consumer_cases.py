@@ -63,6 +63,7 @@ from agent.conformance.hostile_biller import (
     AMOUNT_DUE,
     BANK_FILE,
     BILLER_PARTY_ID,
+    DEFERRAL,
     BankOrder,
     Call,
     Forgery,
@@ -74,11 +75,23 @@ from agent.conformance.hostile_biller import (
 )
 from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal, resign
 from agent.conformance.runner import Case, Level, NotRunnable, Skip, Suite, Violation
+from agent.protocol.disclosures import check_disclosure
 from agent.protocol.dsse import digest
-from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason
+from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import new_header, seal
-from agent.protocol.terms import BillFacts, Line, LineKind, Money, Terms, TermsKind, build_terms, within_options
+from agent.protocol.terms import (
+    AdvertisedOptions,
+    BillFacts,
+    HardshipProgramme,
+    Line,
+    LineKind,
+    Money,
+    Terms,
+    TermsKind,
+    build_terms,
+    within_options,
+)
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2, payment_pb2
 from parley.v1 import biller_service_pb2 as pb
 
@@ -811,6 +824,116 @@ async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
             f"the counter came less than {skew} before the deadline ({window} after the opening); the client sent "
             f"no move after it ({s.runs[-1].describe()})"
         )
+
+
+HARDSHIP_OPTIONS = AdvertisedOptions(
+    deferral=DEFERRAL,
+    hardship_programmes=(
+        HardshipProgramme(
+            programme_id="conformance-hardship",
+            description="Pay in up to 6 monthly instalments, fees waived, for households in hardship",
+            fees_waived=True,
+            max_deferral_days=60,
+            max_instalments=6,
+            min_instalment_amount=None,
+            max_interval_days=31,
+            max_first_delay_days=31,
+            requires_disclosure=True,
+        ),
+    ),
+)  # the bill of the disclosure scenarios: a programme that binds the biller only beside a hardship disclosure
+
+
+def _issue_with_a_hardship_programme(biller: HostileBiller) -> None:
+    async def issue() -> None:
+        description = "Electricity, conformance bill (hardship programme)"
+        await biller.issue_bill(description=description, options=HARDSHIP_OPTIONS)
+
+    biller.on_enrolled.append(issue)
+
+
+def _disclosures(s: Scenario) -> list[tuple[Call, Any, negotiation_pb2.Disclosure | None]]:
+    """Every Negotiate call of the client with its move and the disclosure beside it, checked as a receiver
+    checks it (PRV-3: None for no disclosure); Violation for one that is not the Disclosure its opening commits to."""
+    checked = []
+    for call in s.biller.calls_of("Negotiate"):
+        move = call.payload
+        if move is None:
+            continue
+        sent = getattr(call.request, "disclosure", b"")
+        committed = move.disclosure_digest if isinstance(move, negotiation_pb2.ThreadOpen) else b""
+        try:
+            checked.append((call, move, check_disclosure(committed, sent)))
+        except RemoteProtocolError as error:
+            raise Violation(
+                f"the client sent its {type(move).__name__} with a disclosure that breaks PRV-1/PRV-2: "
+                f"{error.detail}; it {s.summary()}"
+            ) from None
+    return checked
+
+
+@suite.case(
+    "PRV-2/disclosure-as-committed",
+    description="Whatever the client discloses is a salted Disclosure beside an opening committing to exactly its "
+    "bytes, for a stated purpose",
+    quote="A disclosure MUST be sent as the serialized bytes of a `Disclosure` message — a fresh random 16-byte "
+    "`salt` and the `Circumstances` — in `NegotiateRequest.disclosure`, in the same request as the `ThreadOpen` whose "
+    "`disclosure_digest` is the SHA-256 of exactly those bytes",
+    covers=("PRV-1",),
+)
+async def disclosure_as_committed(context: ConsumerContext) -> str:
+    async with scenario(context, "disclosure-as-committed") as s:
+        _issue_with_a_hardship_programme(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        disclosed = [parsed for _, _, parsed in _disclosures(s) if parsed is not None]
+        if not disclosed:
+            return f"the client negotiated and disclosed nothing, which PRV-1 allows ({s.runs[-1].describe()})"
+        return f"{len(disclosed)} disclosure(s), each the salted Disclosure its opening commits to"
+
+
+@suite.case(
+    "PRV-8/disclosure-minimal",
+    level=Level.SHOULD,
+    description="A disclosure carries one circumstance for its purpose (hardship, or a pay date), not several nor a "
+    "note besides",
+    quote="A consumer SHOULD disclose no more than the purpose needs (for example `hardship` = true alone to claim a "
+    "programme, or a `next_pay_date` alone to support a deferral past pay day)",
+)
+async def disclosure_minimal(context: ConsumerContext) -> str:
+    async with scenario(context, "disclosure-minimal") as s:
+        _issue_with_a_hardship_programme(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        try:
+            checked = _disclosures(s)
+        except Violation as error:
+            raise Skip(f"its disclosures break PRV-2, judged by PRV-2/disclosure-as-committed ({error})") from None
+        disclosed = [parsed for _, _, parsed in checked if parsed is not None]
+        for parsed in disclosed:
+            circumstances = parsed.circumstances
+            told = [
+                name
+                for name, given in (
+                    ("hardship", circumstances.hardship),
+                    ("next_pay_date", bool(circumstances.next_pay_date)),
+                    ("a note", bool(circumstances.note)),
+                )
+                if given
+            ]
+            if len(told) > 1:
+                raise Violation(
+                    f"the client disclosed {', '.join(told)} together: more than one purpose needs; it {s.summary()}"
+                )
+        if not disclosed:
+            return f"the client negotiated and disclosed nothing ({s.runs[-1].describe()})"
+        return f"{len(disclosed)} disclosure(s), each of one circumstance ({s.runs[-1].describe()})"
 
 
 # --- 6. Instructions for another amount ----------------------------------------------------------------------

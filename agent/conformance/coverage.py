@@ -130,10 +130,6 @@ GAPS: dict[str, str] = {
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
     "KEY-15": "a version signed by a key outside its validity window",
     "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
-    "NEG-21": "a consumer scenario with a deadline about to pass",
-    "PRV-1": "a consumer scenario checking that disclosures come only beside an opening",
-    "PRV-2": "a consumer scenario reading the disclosure the client sends",
-    "PRV-8": "a consumer scenario judging what the client discloses",
 }
 
 

@@ -295,10 +295,13 @@ class HostileBiller:
     # --- Fixtures ------------------------------------------------------------------------------------
 
     async def issue_bill(
-        self, amount: Money = AMOUNT_DUE, description: str = "Electricity, conformance scenario"
+        self,
+        amount: Money = AMOUNT_DUE,
+        description: str = "Electricity, conformance scenario",
+        options: AdvertisedOptions | None = None,
     ) -> str:
-        """A bill on the account, due today (the biller's clock), advertising the policy's options."""
-        bill_id = await self.agent.issue_bill(self.account_id, amount, self.today(), description)
+        """A bill on the account, due today (the biller's clock), advertising `options` (default: the policy's)."""
+        bill_id = await self.agent.issue_bill(self.account_id, amount, self.today(), description, options=options)
         self.bills.append(bill_id)
         return bill_id
 

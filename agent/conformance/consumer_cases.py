@@ -760,182 +760,6 @@ async def counter_to_in_options_offer(context: ConsumerContext) -> str:
         )
 
 
-SHORT_WINDOW = timedelta(seconds=2)  # the negotiation time Hello announces beyond the skew: moves are late at once
-LARGE_BILL = Money.parse("108000.00", "EUR")  # above what the sample household can pay within the options
-
-
-@suite.case(
-    "NEG-21/counter-close-to-the-deadline",
-    level=Level.SHOULD,
-    description="A counter-offer reaching the client less than max_clock_skew before the thread's deadline is "
-    "not answered",
-    quote="A consumer SHOULD NOT send a move later than `max_clock_skew` (§14) before the thread's deadline.",
-)
-async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
-    async with scenario(context, "counter-close-to-the-deadline") as s:
-        biller = s.biller
-        skew = biller.agent.limits.max_clock_skew
-        window = skew + SHORT_WINDOW
-
-        async def issue() -> None:
-            await biller.issue_bill(LARGE_BILL, description="Electricity and heating, conformance bill (large)")
-
-        biller.on_enrolled.append(issue)
-
-        async def short_window(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
-            shorter = pb.HelloResponse()
-            shorter.CopyFrom(answer)
-            shorter.limits.max_negotiation_seconds = int(window.total_seconds())
-            return shorter
-
-        late: dict[bytes, int] = {}  # thread id -> the number of the call whose counter came late
-
-        async def counter_late(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
-            move = payload_of(request.move)
-            reply = payload_of(answer.reply) if answer.HasField("reply") else None
-            if not isinstance(move, negotiation_pb2.ThreadOpen) or not isinstance(reply, negotiation_pb2.Offer):
-                return answer
-            # Held until less than max_clock_skew is left before the deadline (by the biller's clock).
-            too_late = move.deadline.ToDatetime(tzinfo=UTC) - skew + timedelta(seconds=1)
-            await asyncio.sleep(max(0.0, (too_late - _now()).total_seconds()))
-            late[move.header.thread_id] = biller.calls_of("Negotiate")[-1].number
-            return answer
-
-        biller.rewrite["Hello"] = short_window
-        biller.rewrite["Negotiate"] = counter_late
-        await s.run_client()
-        if not s.moves():
-            raise Skip("the client never negotiated (it may pay bills as issued): no counter to answer")
-        if not late:
-            raise Skip("the client's opening was inside the bill's options, so the biller had nothing to counter")
-        after = [
-            (call, payload)
-            for call, payload in s.moves()
-            if payload.header.thread_id in late and call.number > late[payload.header.thread_id]
-        ]
-        if after:
-            names = ", ".join(type(payload).__name__ for _, payload in after)
-            raise Violation(
-                f"the biller's counter reached the client less than {skew} before the thread's deadline, and the "
-                f"client still answered it ({names}): its move may reach the biller after the deadline; it "
-                f"{s.summary()}"
-            )
-        return (
-            f"the counter came less than {skew} before the deadline ({window} after the opening); the client sent "
-            f"no move after it ({s.runs[-1].describe()})"
-        )
-
-
-HARDSHIP_OPTIONS = AdvertisedOptions(
-    deferral=DEFERRAL,
-    hardship_programmes=(
-        HardshipProgramme(
-            programme_id="conformance-hardship",
-            description="Pay in up to 6 monthly instalments, fees waived, for households in hardship",
-            fees_waived=True,
-            max_deferral_days=60,
-            max_instalments=6,
-            min_instalment_amount=None,
-            max_interval_days=31,
-            max_first_delay_days=31,
-            requires_disclosure=True,
-        ),
-    ),
-)  # the bill of the disclosure scenarios: a programme that binds the biller only beside a hardship disclosure
-
-
-def _issue_with_a_hardship_programme(biller: HostileBiller) -> None:
-    async def issue() -> None:
-        description = "Electricity, conformance bill (hardship programme)"
-        await biller.issue_bill(description=description, options=HARDSHIP_OPTIONS)
-
-    biller.on_enrolled.append(issue)
-
-
-def _disclosures(s: Scenario) -> list[tuple[Call, Any, negotiation_pb2.Disclosure | None]]:
-    """Every Negotiate call of the client with its move and the disclosure beside it, checked as a receiver
-    checks it (PRV-3: None for no disclosure); Violation for one that is not the Disclosure its opening commits to."""
-    checked = []
-    for call in s.biller.calls_of("Negotiate"):
-        move = call.payload
-        if move is None:
-            continue
-        sent = getattr(call.request, "disclosure", b"")
-        committed = move.disclosure_digest if isinstance(move, negotiation_pb2.ThreadOpen) else b""
-        try:
-            checked.append((call, move, check_disclosure(committed, sent)))
-        except RemoteProtocolError as error:
-            raise Violation(
-                f"the client sent its {type(move).__name__} with a disclosure that breaks PRV-1/PRV-2: "
-                f"{error.detail}; it {s.summary()}"
-            ) from None
-    return checked
-
-
-@suite.case(
-    "PRV-2/disclosure-as-committed",
-    description="Whatever the client discloses is a salted Disclosure beside an opening committing to exactly its "
-    "bytes, for a stated purpose",
-    quote="A disclosure MUST be sent as the serialized bytes of a `Disclosure` message — a fresh random 16-byte "
-    "`salt` and the `Circumstances` — in `NegotiateRequest.disclosure`, in the same request as the `ThreadOpen` whose "
-    "`disclosure_digest` is the SHA-256 of exactly those bytes",
-    covers=("PRV-1",),
-)
-async def disclosure_as_committed(context: ConsumerContext) -> str:
-    async with scenario(context, "disclosure-as-committed") as s:
-        _issue_with_a_hardship_programme(s.biller)
-        await s.run_client()
-        if not s.enrolled():
-            raise setup_failed("the client did not enrol", s)
-        if not s.moves():
-            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
-        disclosed = [parsed for _, _, parsed in _disclosures(s) if parsed is not None]
-        if not disclosed:
-            return f"the client negotiated and disclosed nothing, which PRV-1 allows ({s.runs[-1].describe()})"
-        return f"{len(disclosed)} disclosure(s), each the salted Disclosure its opening commits to"
-
-
-@suite.case(
-    "PRV-8/disclosure-minimal",
-    level=Level.SHOULD,
-    description="A disclosure carries one circumstance for its purpose (hardship, or a pay date), not several nor a "
-    "note besides",
-    quote="A consumer SHOULD disclose no more than the purpose needs (for example `hardship` = true alone to claim a "
-    "programme, or a `next_pay_date` alone to support a deferral past pay day)",
-)
-async def disclosure_minimal(context: ConsumerContext) -> str:
-    async with scenario(context, "disclosure-minimal") as s:
-        _issue_with_a_hardship_programme(s.biller)
-        await s.run_client()
-        if not s.enrolled():
-            raise setup_failed("the client did not enrol", s)
-        if not s.moves():
-            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
-        try:
-            checked = _disclosures(s)
-        except Violation as error:
-            raise Skip(f"its disclosures break PRV-2, judged by PRV-2/disclosure-as-committed ({error})") from None
-        disclosed = [parsed for _, _, parsed in checked if parsed is not None]
-        for parsed in disclosed:
-            circumstances = parsed.circumstances
-            told = [
-                name
-                for name, given in (
-                    ("hardship", circumstances.hardship),
-                    ("next_pay_date", bool(circumstances.next_pay_date)),
-                    ("a note", bool(circumstances.note)),
-                )
-                if given
-            ]
-            if len(told) > 1:
-                raise Violation(
-                    f"the client disclosed {', '.join(told)} together: more than one purpose needs; it {s.summary()}"
-                )
-        if not disclosed:
-            return f"the client negotiated and disclosed nothing ({s.runs[-1].describe()})"
-        return f"{len(disclosed)} disclosure(s), each of one circumstance ({s.runs[-1].describe()})"
-
-
 # --- 6. Instructions for another amount ----------------------------------------------------------------------
 
 EXTRA = Money.parse("80.00", "EUR")  # what the doctored instructions add to the intent's amount
@@ -1053,7 +877,7 @@ async def receipt_wrong_amount(context: ConsumerContext) -> str:
         )
 
 
-# --- 8a. Lost answers and refused calls: retries (TRN-6, PAY-10, ERR-6) ----------------------------------------
+# --- 7a. Lost answers and refused calls: retries (TRN-6, PAY-10, ERR-6) ----------------------------------------
 
 
 def _sent_bytes(call: Call) -> bytes:
@@ -1250,6 +1074,184 @@ async def invalid_argument_not_resent(context: ConsumerContext) -> str:
             f"the intent refused INVALID_ARGUMENT was never resent as it was; {others} other intent message(s) "
             f"followed ({', '.join(run.describe() for run in s.runs)})"
         )
+
+
+# --- 7b. Negotiation close to the deadline; disclosures (NEG-21, PRV-1, PRV-2, PRV-8) ------------------------
+
+SHORT_WINDOW = timedelta(seconds=2)  # the negotiation time Hello announces beyond the skew: moves are late at once
+LARGE_BILL = Money.parse("108000.00", "EUR")  # above what the sample household can pay within the options
+
+
+@suite.case(
+    "NEG-21/counter-close-to-the-deadline",
+    level=Level.SHOULD,
+    description="A counter-offer reaching the client less than max_clock_skew before the thread's deadline is "
+    "not answered",
+    quote="A consumer SHOULD NOT send a move later than `max_clock_skew` (§14) before the thread's deadline.",
+)
+async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
+    async with scenario(context, "counter-close-to-the-deadline") as s:
+        biller = s.biller
+        skew = biller.agent.limits.max_clock_skew
+        window = skew + SHORT_WINDOW
+
+        async def issue() -> None:
+            await biller.issue_bill(LARGE_BILL, description="Electricity and heating, conformance bill (large)")
+
+        biller.on_enrolled.append(issue)
+
+        async def short_window(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            shorter = pb.HelloResponse()
+            shorter.CopyFrom(answer)
+            shorter.limits.max_negotiation_seconds = int(window.total_seconds())
+            return shorter
+
+        late: dict[bytes, int] = {}  # thread id -> the number of the call whose counter came late
+
+        async def counter_late(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+            move = payload_of(request.move)
+            reply = payload_of(answer.reply) if answer.HasField("reply") else None
+            if not isinstance(move, negotiation_pb2.ThreadOpen) or not isinstance(reply, negotiation_pb2.Offer):
+                return answer
+            # Held until less than max_clock_skew is left before the deadline (by the biller's clock).
+            too_late = move.deadline.ToDatetime(tzinfo=UTC) - skew + timedelta(seconds=1)
+            await asyncio.sleep(max(0.0, (too_late - _now()).total_seconds()))
+            late[move.header.thread_id] = biller.calls_of("Negotiate")[-1].number
+            return answer
+
+        biller.rewrite["Hello"] = short_window
+        biller.rewrite["Negotiate"] = counter_late
+        await s.run_client()
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no counter to answer")
+        if not late:
+            raise Skip("the client's opening was inside the bill's options, so the biller had nothing to counter")
+        after = [
+            (call, payload)
+            for call, payload in s.moves()
+            if payload.header.thread_id in late and call.number > late[payload.header.thread_id]
+        ]
+        if after:
+            names = ", ".join(type(payload).__name__ for _, payload in after)
+            raise Violation(
+                f"the biller's counter reached the client less than {skew} before the thread's deadline, and the "
+                f"client still answered it ({names}): its move may reach the biller after the deadline; it "
+                f"{s.summary()}"
+            )
+        return (
+            f"the counter came less than {skew} before the deadline ({window} after the opening); the client sent "
+            f"no move after it ({s.runs[-1].describe()})"
+        )
+
+
+HARDSHIP_OPTIONS = AdvertisedOptions(
+    deferral=DEFERRAL,
+    hardship_programmes=(
+        HardshipProgramme(
+            programme_id="conformance-hardship",
+            description="Pay in up to 6 monthly instalments, fees waived, for households in hardship",
+            fees_waived=True,
+            max_deferral_days=60,
+            max_instalments=6,
+            min_instalment_amount=None,
+            max_interval_days=31,
+            max_first_delay_days=31,
+            requires_disclosure=True,
+        ),
+    ),
+)  # the bill of the disclosure scenarios: a programme that binds the biller only beside a hardship disclosure
+
+
+def _issue_with_a_hardship_programme(biller: HostileBiller) -> None:
+    async def issue() -> None:
+        description = "Electricity, conformance bill (hardship programme)"
+        await biller.issue_bill(description=description, options=HARDSHIP_OPTIONS)
+
+    biller.on_enrolled.append(issue)
+
+
+def _disclosures(s: Scenario) -> list[tuple[Call, Any, negotiation_pb2.Disclosure | None]]:
+    """Every Negotiate call of the client with its move and the disclosure beside it, checked as a receiver
+    checks it (PRV-3: None for no disclosure); Violation for one that is not the Disclosure its opening commits to."""
+    checked = []
+    for call in s.biller.calls_of("Negotiate"):
+        move = call.payload
+        if move is None:
+            continue
+        sent = getattr(call.request, "disclosure", b"")
+        committed = move.disclosure_digest if isinstance(move, negotiation_pb2.ThreadOpen) else b""
+        try:
+            checked.append((call, move, check_disclosure(committed, sent)))
+        except RemoteProtocolError as error:
+            raise Violation(
+                f"the client sent its {type(move).__name__} with a disclosure that breaks PRV-1/PRV-2: "
+                f"{error.detail}; it {s.summary()}"
+            ) from None
+    return checked
+
+
+@suite.case(
+    "PRV-2/disclosure-as-committed",
+    description="Whatever the client discloses is a salted Disclosure beside an opening committing to exactly its "
+    "bytes, for a stated purpose",
+    quote="A disclosure MUST be sent as the serialized bytes of a `Disclosure` message — a fresh random 16-byte "
+    "`salt` and the `Circumstances` — in `NegotiateRequest.disclosure`, in the same request as the `ThreadOpen` whose "
+    "`disclosure_digest` is the SHA-256 of exactly those bytes",
+    covers=("PRV-1",),
+)
+async def disclosure_as_committed(context: ConsumerContext) -> str:
+    async with scenario(context, "disclosure-as-committed") as s:
+        _issue_with_a_hardship_programme(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        disclosed = [parsed for _, _, parsed in _disclosures(s) if parsed is not None]
+        if not disclosed:
+            return f"the client negotiated and disclosed nothing, which PRV-1 allows ({s.runs[-1].describe()})"
+        return f"{len(disclosed)} disclosure(s), each the salted Disclosure its opening commits to"
+
+
+@suite.case(
+    "PRV-8/disclosure-minimal",
+    level=Level.SHOULD,
+    description="A disclosure carries one circumstance for its purpose (hardship, or a pay date), not several nor a "
+    "note besides",
+    quote="A consumer SHOULD disclose no more than the purpose needs (for example `hardship` = true alone to claim a "
+    "programme, or a `next_pay_date` alone to support a deferral past pay day)",
+)
+async def disclosure_minimal(context: ConsumerContext) -> str:
+    async with scenario(context, "disclosure-minimal") as s:
+        _issue_with_a_hardship_programme(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        try:
+            checked = _disclosures(s)
+        except Violation as error:
+            raise Skip(f"its disclosures break PRV-2, judged by PRV-2/disclosure-as-committed ({error})") from None
+        disclosed = [parsed for _, _, parsed in checked if parsed is not None]
+        for parsed in disclosed:
+            circumstances = parsed.circumstances
+            told = [
+                name
+                for name, given in (
+                    ("hardship", circumstances.hardship),
+                    ("next_pay_date", bool(circumstances.next_pay_date)),
+                    ("a note", bool(circumstances.note)),
+                )
+                if given
+            ]
+            if len(told) > 1:
+                raise Violation(
+                    f"the client disclosed {', '.join(told)} together: more than one purpose needs; it {s.summary()}"
+                )
+        if not disclosed:
+            return f"the client negotiated and disclosed nothing ({s.runs[-1].describe()})"
+        return f"{len(disclosed)} disclosure(s), each of one circumstance ({s.runs[-1].describe()})"
 
 
 # --- 8. Instructions that are not the biller's answer to this intent ---------------------------------------

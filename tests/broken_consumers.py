@@ -343,10 +343,11 @@ def discloses_unsalted_circumstances() -> None:
         return circumstances  # serialized as it is: no salt around it
 
     ReferenceStrategy.opening = in_hardship  # type: ignore[method-assign]
-    negotiation.negotiation_pb2 = types.SimpleNamespace(  # type: ignore[attr-defined]
+    messages = types.SimpleNamespace(
         **{name: getattr(negotiation_pb2, name) for name in dir(negotiation_pb2) if not name.startswith("__")},
     )
-    negotiation.negotiation_pb2.Disclosure = unsalted
+    messages.Disclosure = unsalted
+    vars(negotiation)["negotiation_pb2"] = messages  # the consumer's negotiation only: the messages it builds
 
 
 DEFECTS: dict[str, Callable[[], None]] = {

@@ -891,19 +891,18 @@ def _second_move(lost: Call, later: list[Call]) -> Call | None:
     `lost` move while it may still take effect: another envelope at its thread and sequence, or — the lost move an
     opening — another opening on its bill sent before the client read the thread back (GetThread) or resent it."""
     lost_bytes, move = _sent_bytes(lost), lost.payload
-    assert move is not None
+    lost_header = getattr(move, "header", None)
+    place = None if lost_header is None else (lost_header.thread_id, lost_header.sequence)
     for call in later:
         payload = call.payload
-        if payload is None or _sent_bytes(call) == lost_bytes:
-            if call.rpc == "Negotiate":
-                return None  # the very same envelope again: from then on the client knows the answer
-            continue
         if call.rpc == "GetThread":
-            if getattr(payload, "thread_id", b"") == move.header.thread_id:
+            if place is not None and getattr(payload, "thread_id", b"") == place[0]:
                 return None  # it read the thread back: it knows the move took effect
             continue
+        if _sent_bytes(call) == lost_bytes:
+            return None  # the very same envelope again: from then on the client knows the answer
         header = getattr(payload, "header", None)
-        if header is not None and (header.thread_id, header.sequence) == (move.header.thread_id, move.header.sequence):
+        if header is not None and (header.thread_id, header.sequence) == place:
             return call
         reopened = isinstance(payload, negotiation_pb2.ThreadOpen) and isinstance(move, negotiation_pb2.ThreadOpen)
         if reopened and getattr(payload, "bill_id", "") == getattr(move, "bill_id", ""):

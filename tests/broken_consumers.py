@@ -321,28 +321,16 @@ def judges_instructions_as_live() -> None:
 
 
 def discloses_unsalted_circumstances() -> None:
-    """A household in hardship says so wherever a programme is offered, but the disclosure sent (and committed
-    to) is the bare Circumstances message, not a salted Disclosure: its digest reveals it to anyone who hashes
-    guesses (PRV-2)."""
+    """The disclosure sent beside an opening (and committed to) is the bare Circumstances message, not a salted
+    Disclosure: its digest gives it away to anyone who hashes guesses, and it is no Disclosure (PRV-2)."""
     import types  # noqa: PLC0415
 
     from agent.consumer import negotiation  # noqa: PLC0415
-    from agent.consumer.plugins import Circumstances  # noqa: PLC0415
     from parley.v1 import negotiation_pb2  # noqa: PLC0415
-    from reference_consumer.agent_strategy import ReferenceStrategy  # noqa: PLC0415
-
-    opening = ReferenceStrategy.opening
-
-    def in_hardship(self: Any, context: Any) -> Any:
-        terms, circumstances = opening(self, context)
-        if context.bill.options.hardship_programmes:  # wherever a programme is offered
-            circumstances = Circumstances(purpose=negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=True)
-        return terms, circumstances
 
     def unsalted(*, salt: bytes, circumstances: Any) -> Any:
         return circumstances  # serialized as it is: no salt around it
 
-    ReferenceStrategy.opening = in_hardship  # type: ignore[method-assign]
     messages = types.SimpleNamespace(
         **{name: getattr(negotiation_pb2, name) for name in dir(negotiation_pb2) if not name.startswith("__")},
     )

@@ -276,6 +276,7 @@ def test_from_env_builds_a_household_and_names_the_variable_at_fault() -> None:
         "PARLEY_ENROLMENT_CODE": "7KQ2-M9XD-4RTB",
     }
     profile = profile_from_env(environment)
+    assert profile.hardship  # it claims a hardship programme where nothing else is affordable (PRV-1)
     (biller,) = profile.connected()
     assert biller.biller_id == "biller:energy.example"
     assert biller.connection is not None

@@ -1077,7 +1077,7 @@ async def invalid_argument_not_resent(context: ConsumerContext) -> str:
 
 # --- 7b. Negotiation close to the deadline; disclosures (NEG-21, PRV-1, PRV-2, PRV-8) ------------------------
 
-SHORT_WINDOW = timedelta(seconds=2)  # the negotiation time Hello announces beyond the skew: moves are late at once
+SHORT_WINDOW = timedelta(seconds=1)  # the negotiation time Hello announces beyond the skew: moves are late at once
 LARGE_BILL = Money.parse("108000.00", "EUR")  # above what the sample household can pay within the options
 
 
@@ -1113,7 +1113,7 @@ async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
             if not isinstance(move, negotiation_pb2.ThreadOpen) or not isinstance(reply, negotiation_pb2.Offer):
                 return answer
             # Held until less than max_clock_skew is left before the deadline (by the biller's clock).
-            too_late = move.deadline.ToDatetime(tzinfo=UTC) - skew + timedelta(seconds=1)
+            too_late = move.deadline.ToDatetime(tzinfo=UTC) - skew + timedelta(seconds=0.5)
             await asyncio.sleep(max(0.0, (too_late - _now()).total_seconds()))
             late[move.header.thread_id] = biller.calls_of("Negotiate")[-1].number
             return answer
@@ -1163,8 +1163,8 @@ HARDSHIP_OPTIONS = AdvertisedOptions(
 
 def _issue_with_a_hardship_programme(biller: HostileBiller) -> None:
     async def issue() -> None:
-        description = "Electricity, conformance bill (hardship programme)"
-        await biller.issue_bill(description=description, options=HARDSHIP_OPTIONS)
+        description = "Electricity and heating, conformance bill (hardship programme)"
+        await biller.issue_bill(LARGE_BILL, description=description, options=HARDSHIP_OPTIONS)
 
     biller.on_enrolled.append(issue)
 

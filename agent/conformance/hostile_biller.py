@@ -15,7 +15,9 @@ call observer, which
   of an answer with another key (a stranger's key under the biller's keyid, a
   key the biller rotated out…), `event_copies` delivers each streamed event
   several times, and `on_enrolled` hooks run once the client has enrolled
-  (issuing its bills, switching to a rolled-back key set…);
+  (issuing its bills, switching to a rolled-back key set…); `lose_answers`
+  applies a call but loses its answer (UNAVAILABLE), `refuse` refuses a call
+  with a spec error before the agent sees it;
 - **plays the payment rail**: the client reports each payment it makes as one
   JSON line of `$PARLEY_STATE_DIR/bank-orders.jsonl` (docs/CONFORMANCE.md,
   "The client's bank"), and `settle_orders` records the settlement of every

@@ -1106,6 +1106,7 @@ async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
             return shorter
 
         late: dict[bytes, int] = {}  # thread id -> the number of the call whose counter came late
+        far: list[datetime] = []  # deadlines set beyond the negotiation time Hello announced
 
         async def counter_late(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
             move = payload_of(request.move)
@@ -1113,8 +1114,12 @@ async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
             if not isinstance(move, negotiation_pb2.ThreadOpen) or not isinstance(reply, negotiation_pb2.Offer):
                 return answer
             # Held until less than max_clock_skew is left before the deadline (by the biller's clock).
-            too_late = move.deadline.ToDatetime(tzinfo=UTC) - skew + timedelta(seconds=0.5)
-            await asyncio.sleep(max(0.0, (too_late - _now()).total_seconds()))
+            deadline = move.deadline.ToDatetime(tzinfo=UTC)
+            hold = (deadline - skew + timedelta(seconds=0.5) - _now()).total_seconds()
+            if hold > SHORT_WINDOW.total_seconds() + 1:
+                far.append(deadline)  # not the deadline Hello allowed: too far to bring close in a run
+                return answer
+            await asyncio.sleep(max(0.0, hold))
             late[move.header.thread_id] = biller.calls_of("Negotiate")[-1].number
             return answer
 
@@ -1123,6 +1128,11 @@ async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
         await s.run_client()
         if not s.moves():
             raise Skip("the client never negotiated (it may pay bills as issued): no counter to answer")
+        if not late and far:
+            raise Skip(
+                f"the client's opening set its deadline at {far[0]}, beyond the {window} of negotiation Hello "
+                "announced (LIM-13): a deadline that far cannot be brought close within a run"
+            )
         if not late:
             raise Skip("the client's opening was inside the bill's options, so the biller had nothing to counter")
         after = [

@@ -70,7 +70,8 @@ app with a real bank replaces it by its own `PaymentSender`.
 conformance suite gives a client under test (docs/CONFORMANCE.md):
 `PARLEY_TARGET`, `PARLEY_BILLER_PARTY_ID`, `PARLEY_FINGERPRINT` (hex),
 `PARLEY_ACCOUNT_ID`, `PARLEY_ENROLMENT_CODE` and `PARLEY_STATE_DIR` (the
-default state directory), for a comfortable household (`profile_from_env`):
+default state directory), for a comfortable household that qualifies for
+hardship programmes (`profile_from_env`):
 the suite runs `parley consumer run --from-env --once --approve-all`.
 
 Exit status: 0 when the pass (or the loop) ran; 3 when a `--once` pass left
@@ -1543,8 +1544,10 @@ def profile_from_env(environ: Mapping[str, str]) -> Profile:
     Optional: PARLEY_CONSUMER_PARTY_ID (default "consumer:conformance-household")
     and PARLEY_CURRENCY (default EUR). The household has 100000 in the bank, no
     buffer or outgoings, 5000 of income on the 25th, and the sample mandate (fees
-    up to 10, at most 6 instalments, at most 15 over the bill). ProfileError
-    names the variable at fault.
+    up to 10, at most 6 instalments, at most 15 over the bill); it qualifies for
+    hardship programmes (`household.hardship`), so it claims one, with a hardship
+    disclosure, where nothing else advertised is affordable. ProfileError names
+    the variable at fault.
     """
     required = ("PARLEY_TARGET", "PARLEY_BILLER_PARTY_ID", "PARLEY_FINGERPRINT", "PARLEY_ACCOUNT_ID")
     missing = [name for name in (*required, "PARLEY_ENROLMENT_CODE") if not environ.get(name)]
@@ -1566,6 +1569,7 @@ def profile_from_env(environ: Mapping[str, str]) -> Profile:
             "currency": environ.get("PARLEY_CURRENCY") or "EUR",
             "balance": "100000",
             "buffer": "0",
+            "hardship": True,
         },
         "income": {"amount": "5000", "pay_day": 25},
         "mandate": {"max_fee": "10", "max_instalments": 6, "max_total_over_bill": "15"},

@@ -266,6 +266,78 @@ def ignores_announced_limits() -> None:
     enrolment.agreed_limits = own_limits  # type: ignore[attr-defined]
 
 
+def takes_a_lost_answer_for_a_refusal() -> None:
+    """A move whose answer is lost (UNAVAILABLE) is taken for a refused one: not sent again, but dropped, and
+    another move signed in its place (TRN-6). Other calls are retried as usual."""
+    import dataclasses  # noqa: PLC0415
+
+    from agent.consumer import negotiation  # noqa: PLC0415
+    from agent.transport.client import BillerClient  # noqa: PLC0415
+
+    negotiate = BillerClient.negotiate
+
+    async def once(self: Any, move: Any, disclosure: bytes = b"") -> Any:
+        retry, self.retry = self.retry, dataclasses.replace(self.retry, attempts=1)
+        try:
+            return await negotiate(self, move, disclosure)
+        finally:
+            self.retry = retry
+
+    BillerClient.negotiate = once  # type: ignore[method-assign]
+    negotiation.is_transient = lambda error: False  # type: ignore[attr-defined]
+
+
+def skips_the_time_checks_of_stored_instructions() -> None:
+    """Instructions, stored answers, are opened with no time check at all: MESSAGE_EXPIRED is rightly skipped,
+    but MESSAGE_NOT_YET_VALID too (PAY-10)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from agent.protocol.messages import open_envelope  # noqa: PLC0415
+    from parley.v1 import payment_pb2  # noqa: PLC0415
+
+    open_now = Receiver._open_now
+
+    def timeless(self: Any, chain: Any, limits: Any, envelope: Any, expected: Any, *, stored: bool) -> Any:
+        if stored and payment_pb2.PaymentInstructions in expected:
+            recipient = self._party.party_id
+            return open_envelope(envelope, expected, sender_keys=chain, recipient=recipient, now=None, limits=limits)
+        return open_now(self, chain, limits, envelope, expected, stored=stored)
+
+    Receiver._open_now = timeless  # type: ignore[method-assign]
+
+
+def judges_instructions_as_live() -> None:
+    """Instructions are opened as live messages: stored ones answered to a retry after their expire_time are
+    refused MESSAGE_EXPIRED, and never paid (PAY-10)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from parley.v1 import payment_pb2  # noqa: PLC0415
+
+    open_message = Receiver.open
+
+    async def live(self: Any, session: Any, envelope: Any, expected: Any, *, stored: bool) -> Any:
+        stored = stored and payment_pb2.PaymentInstructions not in expected
+        return await open_message(self, session, envelope, expected, stored=stored)
+
+    Receiver.open = live  # type: ignore[method-assign]
+
+
+def discloses_unsalted_circumstances() -> None:
+    """The disclosure sent beside an opening (and committed to) is the bare Circumstances message, not a salted
+    Disclosure: its digest gives it away to anyone who hashes guesses, and it is no Disclosure (PRV-2)."""
+    import types  # noqa: PLC0415
+
+    from agent.consumer import negotiation  # noqa: PLC0415
+    from parley.v1 import negotiation_pb2  # noqa: PLC0415
+
+    def unsalted(*, salt: bytes, circumstances: Any) -> Any:
+        return circumstances  # serialized as it is: no salt around it
+
+    messages = types.SimpleNamespace(
+        **{name: getattr(negotiation_pb2, name) for name in dir(negotiation_pb2) if not name.startswith("__")},
+    )
+    messages.Disclosure = unsalted
+    vars(negotiation)["negotiation_pb2"] = messages  # the consumer's negotiation only: the messages it builds
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "skips-bill-verification": skips_bill_verification,
     "accepts-keyset-rollback": accepts_keyset_rollback,
@@ -281,6 +353,10 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "judges-bills-as-live": judges_bills_as_live,
     "records-payments-in-memory-only": records_payments_in_memory_only,
     "ignores-announced-limits": ignores_announced_limits,
+    "takes-a-lost-answer-for-a-refusal": takes_a_lost_answer_for_a_refusal,
+    "skips-the-time-checks-of-stored-instructions": skips_the_time_checks_of_stored_instructions,
+    "judges-instructions-as-live": judges_instructions_as_live,
+    "discloses-unsalted-circumstances": discloses_unsalted_circumstances,
 }
 
 
@@ -367,7 +443,34 @@ BROKEN_CONSUMERS = (
         frozenset({"PAY-7/crash-after-bank-order", "EVT-5/duplicate-event", "PAY-9/receipt-wrong-amount"}),
     ),
     BrokenConsumer(
-        "ignores the limits Hello announced", "ignores-announced-limits", frozenset({"LIM-13/announced-lifetime"})
+        "ignores the limits Hello announced",
+        "ignores-announced-limits",
+        frozenset({"LIM-13/announced-lifetime"}),
+        # Its opening's deadline is days away whatever negotiation time Hello announced: the counter cannot
+        # come close to it.
+        skips=frozenset({"NEG-21/counter-close-to-the-deadline"}),
+    ),
+    BrokenConsumer(
+        "takes a lost answer for a refusal",
+        "takes-a-lost-answer-for-a-refusal",
+        frozenset({"TRN-6/negotiate-answer-lost"}),
+    ),
+    BrokenConsumer(
+        "skips the time checks of stored instructions",
+        "skips-the-time-checks-of-stored-instructions",
+        frozenset({"PAY-10/retried-intent-instructions-from-the-future"}),
+    ),
+    BrokenConsumer(
+        "judges instructions as live",
+        "judges-instructions-as-live",
+        frozenset({"PAY-10/retried-intent-instructions-expired"}),
+    ),
+    BrokenConsumer(
+        "discloses unsalted circumstances",
+        "discloses-unsalted-circumstances",
+        frozenset({"PRV-2/disclosure-as-committed"}),
+        # Its one disclosure does not parse as a Disclosure: PRV-8 cannot judge what it says.
+        skips=frozenset({"PRV-8/disclosure-minimal"}),
     ),
 )
 

@@ -137,6 +137,10 @@ def test_every_defect_class_is_covered() -> None:
         "judges bills as live",
         "records payments in memory only",
         "ignores the limits Hello announced",
+        "takes a lost answer for a refusal",
+        "skips the time checks of stored instructions",
+        "judges instructions as live",
+        "discloses unsalted circumstances",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name
@@ -150,8 +154,17 @@ def test_a_client_that_does_nothing_cannot_pass(tmp_path: Path) -> None:
     outcomes = outcomes_of(report)
     assert outcomes["PAY-8/honest-biller-paid"] == "FAIL", output
     skipped = {case_id for case_id, outcome in outcomes.items() if outcome == "SKIP"}
-    assert skipped == {"EVT-5/duplicate-event", "NEG-12/counter-to-in-options-offer"}, output  # optional behaviour
-    assert {outcome for case_id, outcome in outcomes.items() if case_id not in skipped} == {"FAIL"}, output
+    optional = {
+        "EVT-5/duplicate-event",
+        "NEG-12/counter-to-in-options-offer",
+        "NEG-21/counter-close-to-the-deadline",
+        "TRN-6/negotiate-answer-lost",
+    }
+    assert skipped == optional, output  # optional behaviour: it never negotiated nor watched events
+    levels = {case.id: case.level for case in consumer_cases.suite.cases}
+    played = {case_id: outcome for case_id, outcome in outcomes.items() if case_id not in skipped}
+    assert {outcome for case_id, outcome in played.items() if levels[case_id] is Level.MUST} == {"FAIL"}, output
+    assert {outcome for case_id, outcome in played.items() if levels[case_id] is Level.SHOULD} == {"WARN"}, output
     details = {case["id"]: case["detail"] for case in report["cases"]}
     assert details["BIL-3/forged-bill-signature"].startswith("setup step failed:")
     assert code == EXIT_FAILED
@@ -235,7 +248,10 @@ def test_every_scenario_names_a_spec_requirement_and_quotes_it() -> None:
     for case in consumer_cases.suite.cases:
         assert f"**{case.requirement}**" in SPEC, case.id
         assert 0 < len(case.description) <= 140, case.id
-        assert case.level is Level.MUST, case.id
+        assert case.level in (Level.MUST, Level.SHOULD), case.id
+        if case.level is Level.SHOULD:  # it judges a SHOULD (WARN), never a MUST
+            assert "SHOULD" in case.quote, case.id
+            assert "MUST" not in case.quote, case.id
         for piece in re.split(r"\[[^\]]*\]|…", case.quote):
             fragment = " ".join(piece.split()).strip(" .,;:—")
             if len(fragment) > 12:
@@ -260,6 +276,7 @@ def test_from_env_builds_a_household_and_names_the_variable_at_fault() -> None:
         "PARLEY_ENROLMENT_CODE": "7KQ2-M9XD-4RTB",
     }
     profile = profile_from_env(environment)
+    assert profile.hardship  # it claims a hardship programme where nothing else is affordable (PRV-1)
     (biller,) = profile.connected()
     assert biller.biller_id == "biller:energy.example"
     assert biller.connection is not None

@@ -45,7 +45,7 @@ from agent.consumer import (
 from agent.consumer.locks import KeyedLocks
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import ParleyError, Reason, RemoteProtocolError
+from agent.protocol.errors import ParleyError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyEntry, make_key_set
 from agent.protocol.messages import seal
@@ -756,6 +756,51 @@ def test_an_intent_stored_before_a_failed_send_is_the_one_sent_again(tmp_path: P
             assert payment.intent_id == pending.intent_id
             assert len(bank.orders) == 1
             assert len(dump(biller.db_path)["payment_intents"]) == 1
+
+    run(tmp_path, scenario, hostile=True)
+
+
+class IntentsSent:
+    """A `CallObserver` keeping the bytes of every payment intent the biller receives."""
+
+    def __init__(self) -> None:
+        self.intents: list[bytes] = []
+
+    async def received(self, rpc: str, request: Any) -> None:
+        if rpc == "CreatePaymentIntent":
+            self.intents.append(request.intent.SerializeToString())
+
+    async def answered(self, rpc: str, request: Any, answer: Any) -> None:
+        return None
+
+    async def sending(self, rpc: str, request: Any, answer: Any) -> Any:
+        return answer
+
+    def streamed(self, request: pb.WatchEventsRequest, response: pb.WatchEventsResponse) -> list[Any]:
+        return [response]
+
+
+def test_an_intent_refused_invalid_argument_is_signed_afresh_not_resent(tmp_path: Path) -> None:
+    """ERR-6: after INVALID_ARGUMENT the same bytes are never sent again; the next attempt is a fresh signature
+    of the same intent (PAY-2), which the biller instructs."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            sent = IntentsSent()
+            hostile.observer = sent
+            hostile.refuse_before["CreatePaymentIntent"] = [ProtocolError(Reason.MALFORMED_PAYLOAD, "refused")]
+            with pytest.raises(CallError) as refused:
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            assert refused.value.reason is Reason.MALFORMED_PAYLOAD
+            (pending,) = await agent.payments(BILLER_ID)
+            payment = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert (payment.intent_id, payment.state, len(bank.orders)) == (pending.intent_id, IntentState.PAID, 1)
+            assert len(sent.intents) == 2
+            assert sent.intents[0] != sent.intents[1]  # signed afresh, never the refused bytes again
 
     run(tmp_path, scenario, hostile=True)
 

@@ -63,6 +63,7 @@ from agent.conformance.hostile_biller import (
     AMOUNT_DUE,
     BANK_FILE,
     BILLER_PARTY_ID,
+    DEFERRAL,
     BankOrder,
     Call,
     Forgery,
@@ -73,12 +74,24 @@ from agent.conformance.hostile_biller import (
     rotated_identity,
 )
 from agent.conformance.peers import KeySpec, PeerIdentity, build_key_set, reseal, resign
-from agent.conformance.runner import Case, NotRunnable, Skip, Suite, Violation
+from agent.conformance.runner import Case, Level, NotRunnable, Skip, Suite, Violation
+from agent.protocol.disclosures import check_disclosure
 from agent.protocol.dsse import digest
-from agent.protocol.errors import LocalProtocolError
+from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import new_header, seal
-from agent.protocol.terms import BillFacts, Line, LineKind, Money, Terms, TermsKind, build_terms, within_options
+from agent.protocol.terms import (
+    AdvertisedOptions,
+    BillFacts,
+    HardshipProgramme,
+    Line,
+    LineKind,
+    Money,
+    Terms,
+    TermsKind,
+    build_terms,
+    within_options,
+)
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2, payment_pb2
 from parley.v1 import biller_service_pb2 as pb
 
@@ -862,6 +875,392 @@ async def receipt_wrong_amount(context: ConsumerContext) -> str:
             f"the receipt claimed {claims[0]} (and a reminder for the {SHORTFALL} followed); the client kept to its "
             f"one payment ({', '.join(run.describe() for run in s.runs)})"
         )
+
+
+# --- 7a. Lost answers and refused calls: retries (TRN-6, PAY-10, ERR-6) ----------------------------------------
+
+
+def _sent_bytes(call: Call) -> bytes:
+    """The signed envelope a call carried, as bytes (b"" for none)."""
+    envelope = call.envelope
+    return envelope.SerializeToString() if envelope is not None else b""
+
+
+def _second_move(lost: Call, later: list[Call]) -> Call | None:
+    """The first of `later` Negotiate calls that is a second, different message meant to have the effect of the
+    `lost` move while it may still take effect: another envelope at its thread and sequence, or — the lost move an
+    opening — another opening on its bill sent before the client read the thread back (GetThread) or resent it."""
+    lost_bytes, move = _sent_bytes(lost), lost.payload
+    lost_header = getattr(move, "header", None)
+    place = None if lost_header is None else (lost_header.thread_id, lost_header.sequence)
+    for call in later:
+        payload = call.payload
+        if call.rpc == "GetThread":
+            if place is not None and getattr(payload, "thread_id", b"") == place[0]:
+                return None  # it read the thread back: it knows the move took effect
+            continue
+        if _sent_bytes(call) == lost_bytes:
+            return None  # the very same envelope again: from then on the client knows the answer
+        header = getattr(payload, "header", None)
+        if header is not None and (header.thread_id, header.sequence) == place:
+            return call
+        reopened = isinstance(payload, negotiation_pb2.ThreadOpen) and isinstance(move, negotiation_pb2.ThreadOpen)
+        if reopened and getattr(payload, "bill_id", "") == getattr(move, "bill_id", ""):
+            return call
+    return None
+
+
+@suite.case(
+    "TRN-6/negotiate-answer-lost",
+    description="When the answer to its move is lost (UNAVAILABLE), the client never signs a second, different move "
+    "in its place",
+    quote="When a client does not know whether a request took effect (a timeout, `UNAVAILABLE`, `INTERNAL` or a lost "
+    "connection), it SHOULD retry with the very same envelope bytes. … A client MUST NOT sign a second, different "
+    "message meant to have the same effect while the first may still take effect",
+)
+async def negotiate_answer_lost(context: ConsumerContext) -> str:
+    async with scenario(context, "negotiate-answer-lost") as s:
+        issue_bills_on_enrolment(s.biller)
+        s.biller.lose_answers("Negotiate")  # the biller applies the first move; its answer never arrives
+        await s.run_client()
+        await s.run_client()  # a client that kept the unanswered move sends it again now; others may sign anew
+        moves = [call for call in s.biller.calls_of("Negotiate") if call.payload is not None]
+        if not moves:
+            raise Skip("the client never negotiated (it may pay bills as issued): no answer to lose")
+        lost = moves[0]
+        later = [call for call in s.biller.calls_of("Negotiate", "GetThread") if call.number > lost.number]
+        second = _second_move(lost, later)
+        if second is not None:
+            what = type(lost.payload).__name__
+            raise Violation(
+                f"the answer to its {what} was lost (UNAVAILABLE, the move applied), and the client signed "
+                f"another {type(second.payload).__name__} in its place instead of resending the same envelope: "
+                f"it {s.summary()}"
+            )
+        resent = sum(_sent_bytes(call) == _sent_bytes(lost) for call in moves[1:])
+        reread = [call for call in s.biller.calls_of("GetThread") if call.number > lost.number]
+        how = (
+            f"resent the very same envelope {resent}×"
+            if resent
+            else "read the thread back (GetThread)"
+            if reread
+            else "did not retry (TRN-6: it SHOULD)"
+        )
+        runs = ", ".join(run.describe() for run in s.runs)
+        return f"the answer to its {type(lost.payload).__name__} was lost; the client {how} ({runs})"
+
+
+def _intent_id_of(call: Call) -> str:
+    return getattr(call.payload, "intent_id", "")
+
+
+def _doctor_retried_intents(s: Scenario, change: Any) -> list[str]:
+    """The answer to the client's first intent is lost (the biller instructs it, the instructions never arrive);
+    every retry of an intent is answered with its stored instructions re-signed by the biller after `change`.
+    The list fills with the intent ids so answered."""
+    key = s.biller.identity.key
+    doctored: list[str] = []
+
+    async def retried(
+        request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+    ) -> pb.CreatePaymentIntentResponse:
+        intent_id = getattr(payload_of(request.intent), "intent_id", "")
+        sent = [call for call in s.biller.calls_of("CreatePaymentIntent") if _intent_id_of(call) == intent_id]
+        if len(sent) < 2:
+            return answer  # not a retry
+        doctored.append(intent_id)
+        return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, key, change))
+
+    s.biller.lose_answers("CreatePaymentIntent")
+    s.biller.rewrite["CreatePaymentIntent"] = retried
+    return doctored
+
+
+PAY_10_QUOTE = (
+    "Instructions returned for a retry and receipts fetched after their creation are stored answers (§1.6): a "
+    "consumer MUST verify them with the full receive path except the `MESSAGE_EXPIRED` check of HDR-5 (their "
+    "`expire_time` may have passed while they waited in the biller's store), judging key validity at their "
+    "`create_time` as always; it still refuses `MESSAGE_NOT_YET_VALID`."
+)
+STORED_AGE = timedelta(hours=2)  # how long ago the stored instructions of a retry were signed (expired an hour ago)
+
+
+def _signed_long_ago(instructions: payment_pb2.PaymentInstructions) -> None:
+    created = instructions.header.create_time.ToDatetime(tzinfo=UTC) - STORED_AGE
+    instructions.header.create_time.FromDatetime(created)
+    instructions.header.expire_time.FromDatetime(created + timedelta(hours=1))
+
+
+@suite.case(
+    "PAY-10/retried-intent-instructions-from-the-future",
+    description="Instructions answered to a retried intent but created 30 minutes ahead of the client's clock are "
+    "never paid",
+    quote=PAY_10_QUOTE,
+    covers=("HDR-5",),
+)
+async def retried_intent_instructions_from_the_future(context: ConsumerContext) -> str:
+    async with scenario(context, "retried-intent-future") as s:
+        issue_bills_on_enrolment(s.biller)
+        doctored = _doctor_retried_intents(s, _from_the_future)
+        await s.run_client()
+        if not s.biller.calls_of("CreatePaymentIntent"):
+            raise setup_failed("the client never sent a payment intent", s)
+        if not doctored:
+            raise setup_failed("the client never retried its intent after the answer was lost", s)
+        if s.orders():
+            raise Violation(
+                f"the client paid under the instructions answered to its retried intent, created {FUTURE} ahead of "
+                f"its clock (MESSAGE_NOT_YET_VALID): it {s.summary()}"
+            )
+        return (
+            f"the retried intent was answered {len(doctored)}× with its stored instructions created {FUTURE} ahead; "
+            f"nothing paid ({s.runs[-1].describe()})"
+        )
+
+
+@suite.case(
+    "PAY-10/retried-intent-instructions-expired",
+    description="Honest instructions answered to a retried intent, expired while stored (signed 2 hours ago for an "
+    "hour), are paid",
+    quote=PAY_10_QUOTE,
+)
+async def retried_intent_instructions_expired(context: ConsumerContext) -> str:
+    async with scenario(context, "retried-intent-expired") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        doctored = _doctor_retried_intents(s, _signed_long_ago)
+        await s.run_client()
+        if not s.biller.calls_of("CreatePaymentIntent"):
+            raise setup_failed("the client never sent a payment intent", s)
+        if not doctored:
+            raise setup_failed("the client never retried its intent after the answer was lost", s)
+        (bill_id,) = bills
+        if not s.orders(bill_id):
+            raise Violation(
+                f"the client did not pay under the honest instructions answered to its retried intent, signed "
+                f"{STORED_AGE} ago for an hour: a stored answer is judged without MESSAGE_EXPIRED (PAY-10); it "
+                f"{s.summary()}"
+            )
+        order = _paid_once(s, bill_id)
+        return f"the stored instructions, expired an hour ago, were paid: {order.describe()} ({s.runs[-1].describe()})"
+
+
+@suite.case(
+    "ERR-6/invalid-argument-not-resent",
+    level=Level.SHOULD,
+    description="A payment intent refused with INVALID_ARGUMENT (MALFORMED_PAYLOAD) is not sent again as it was",
+    quote="A client SHOULD react to errors by class: `INVALID_ARGUMENT`, `UNAUTHENTICATED`, `PERMISSION_DENIED`, "
+    "`NOT_FOUND` and `FAILED_PRECONDITION` — do not resend the same message",
+)
+async def invalid_argument_not_resent(context: ConsumerContext) -> str:
+    async with scenario(context, "invalid-argument") as s:
+        issue_bills_on_enrolment(s.biller)
+        s.biller.refuse("CreatePaymentIntent", ProtocolError(Reason.MALFORMED_PAYLOAD, "the intent is refused"))
+        await s.run_client()
+        await s.run_client()
+        intents = [call for call in s.biller.calls_of("CreatePaymentIntent") if call.envelope is not None]
+        if not intents:
+            raise setup_failed("the client never sent a payment intent", s)
+        refused = _sent_bytes(intents[0])
+        resent = [call for call in intents[1:] if _sent_bytes(call) == refused]
+        if resent:
+            runs = ", ".join(f"run {call.run}" for call in resent)
+            raise Violation(
+                f"the client resent its payment intent refused with INVALID_ARGUMENT (MALFORMED_PAYLOAD), byte for "
+                f"byte, {len(resent)}× ({runs}): it {s.summary()}"
+            )
+        others = len(intents) - 1
+        return (
+            f"the intent refused INVALID_ARGUMENT was never resent as it was; {others} other intent message(s) "
+            f"followed ({', '.join(run.describe() for run in s.runs)})"
+        )
+
+
+# --- 7b. Negotiation close to the deadline; disclosures (NEG-21, PRV-1, PRV-2, PRV-8) ------------------------
+
+SHORT_WINDOW = timedelta(seconds=1)  # the negotiation time Hello announces beyond the skew: moves are late at once
+LARGE_BILL = Money.parse("108000.00", "EUR")  # above what the sample household can pay within the options
+
+
+@suite.case(
+    "NEG-21/counter-close-to-the-deadline",
+    level=Level.SHOULD,
+    description="A counter-offer reaching the client less than max_clock_skew before the thread's deadline is "
+    "not answered",
+    quote="A consumer SHOULD NOT send a move later than `max_clock_skew` (§14) before the thread's deadline.",
+)
+async def counter_close_to_the_deadline(context: ConsumerContext) -> str:
+    async with scenario(context, "counter-close-to-the-deadline") as s:
+        biller = s.biller
+        skew = biller.agent.limits.max_clock_skew
+        window = skew + SHORT_WINDOW
+
+        async def issue() -> None:
+            await biller.issue_bill(LARGE_BILL, description="Electricity and heating, conformance bill (large)")
+
+        biller.on_enrolled.append(issue)
+
+        async def short_window(request: pb.HelloRequest, answer: pb.HelloResponse) -> pb.HelloResponse:
+            shorter = pb.HelloResponse()
+            shorter.CopyFrom(answer)
+            shorter.limits.max_negotiation_seconds = int(window.total_seconds())
+            return shorter
+
+        late: dict[bytes, int] = {}  # thread id -> the number of the call whose counter came late
+        far: list[datetime] = []  # deadlines set beyond the negotiation time Hello announced
+
+        async def counter_late(request: pb.NegotiateRequest, answer: pb.NegotiateResponse) -> pb.NegotiateResponse:
+            move = payload_of(request.move)
+            reply = payload_of(answer.reply) if answer.HasField("reply") else None
+            if not isinstance(move, negotiation_pb2.ThreadOpen) or not isinstance(reply, negotiation_pb2.Offer):
+                return answer
+            # Held until less than max_clock_skew is left before the deadline (by the biller's clock).
+            deadline = move.deadline.ToDatetime(tzinfo=UTC)
+            hold = (deadline - skew + timedelta(seconds=0.5) - _now()).total_seconds()
+            if hold > SHORT_WINDOW.total_seconds() + 1:
+                far.append(deadline)  # not the deadline Hello allowed: too far to bring close in a run
+                return answer
+            await asyncio.sleep(max(0.0, hold))
+            late[move.header.thread_id] = biller.calls_of("Negotiate")[-1].number
+            return answer
+
+        biller.rewrite["Hello"] = short_window
+        biller.rewrite["Negotiate"] = counter_late
+        await s.run_client()
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no counter to answer")
+        if not late and far:
+            raise Skip(
+                f"the client's opening set its deadline at {far[0]}, beyond the {window} of negotiation Hello "
+                "announced (LIM-13): a deadline that far cannot be brought close within a run"
+            )
+        if not late:
+            raise Skip("the client's opening was inside the bill's options, so the biller had nothing to counter")
+        after = [
+            (call, payload)
+            for call, payload in s.moves()
+            if payload.header.thread_id in late and call.number > late[payload.header.thread_id]
+        ]
+        if after:
+            names = ", ".join(type(payload).__name__ for _, payload in after)
+            raise Violation(
+                f"the biller's counter reached the client less than {skew} before the thread's deadline, and the "
+                f"client still answered it ({names}): its move may reach the biller after the deadline; it "
+                f"{s.summary()}"
+            )
+        return (
+            f"the counter came less than {skew} before the deadline ({window} after the opening); the client sent "
+            f"no move after it ({s.runs[-1].describe()})"
+        )
+
+
+HARDSHIP_OPTIONS = AdvertisedOptions(
+    deferral=DEFERRAL,
+    hardship_programmes=(
+        HardshipProgramme(
+            programme_id="conformance-hardship",
+            description="Pay in up to 6 monthly instalments, fees waived, for households in hardship",
+            fees_waived=True,
+            max_deferral_days=60,
+            max_instalments=6,
+            min_instalment_amount=None,
+            max_interval_days=31,
+            max_first_delay_days=31,
+            requires_disclosure=True,
+        ),
+    ),
+)  # the bill of the disclosure scenarios: a programme that binds the biller only beside a hardship disclosure
+
+
+def _issue_with_a_hardship_programme(biller: HostileBiller) -> None:
+    async def issue() -> None:
+        description = "Electricity and heating, conformance bill (hardship programme)"
+        await biller.issue_bill(LARGE_BILL, description=description, options=HARDSHIP_OPTIONS)
+
+    biller.on_enrolled.append(issue)
+
+
+def _disclosures(s: Scenario) -> list[tuple[Call, Any, negotiation_pb2.Disclosure | None]]:
+    """Every Negotiate call of the client with its move and the disclosure beside it, checked as a receiver
+    checks it (PRV-3: None for no disclosure); Violation for one that is not the Disclosure its opening commits to."""
+    checked = []
+    for call in s.biller.calls_of("Negotiate"):
+        move = call.payload
+        if move is None:
+            continue
+        sent = getattr(call.request, "disclosure", b"")
+        committed = move.disclosure_digest if isinstance(move, negotiation_pb2.ThreadOpen) else b""
+        try:
+            checked.append((call, move, check_disclosure(committed, sent)))
+        except RemoteProtocolError as error:
+            raise Violation(
+                f"the client sent its {type(move).__name__} with a disclosure that breaks PRV-1/PRV-2: "
+                f"{error.detail}; it {s.summary()}"
+            ) from None
+    return checked
+
+
+@suite.case(
+    "PRV-2/disclosure-as-committed",
+    description="Whatever the client discloses is a salted Disclosure beside an opening committing to exactly its "
+    "bytes, for a stated purpose",
+    quote="A disclosure MUST be sent as the serialized bytes of a `Disclosure` message — a fresh random 16-byte "
+    "`salt` and the `Circumstances` — in `NegotiateRequest.disclosure`, in the same request as the `ThreadOpen` whose "
+    "`disclosure_digest` is the SHA-256 of exactly those bytes",
+    covers=("PRV-1",),
+)
+async def disclosure_as_committed(context: ConsumerContext) -> str:
+    async with scenario(context, "disclosure-as-committed") as s:
+        _issue_with_a_hardship_programme(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        disclosed = [parsed for _, _, parsed in _disclosures(s) if parsed is not None]
+        if not disclosed:
+            return f"the client negotiated and disclosed nothing, which PRV-1 allows ({s.runs[-1].describe()})"
+        return f"{len(disclosed)} disclosure(s), each the salted Disclosure its opening commits to"
+
+
+@suite.case(
+    "PRV-8/disclosure-minimal",
+    level=Level.SHOULD,
+    description="A disclosure carries one circumstance for its purpose (hardship, or a pay date), not several nor a "
+    "note besides",
+    quote="A consumer SHOULD disclose no more than the purpose needs (for example `hardship` = true alone to claim a "
+    "programme, or a `next_pay_date` alone to support a deferral past pay day)",
+)
+async def disclosure_minimal(context: ConsumerContext) -> str:
+    async with scenario(context, "disclosure-minimal") as s:
+        _issue_with_a_hardship_programme(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.moves():
+            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        try:
+            checked = _disclosures(s)
+        except Violation as error:
+            raise Skip(f"its disclosures break PRV-2, judged by PRV-2/disclosure-as-committed ({error})") from None
+        disclosed = [parsed for _, _, parsed in checked if parsed is not None]
+        for parsed in disclosed:
+            circumstances = parsed.circumstances
+            told = [
+                name
+                for name, given in (
+                    ("hardship", circumstances.hardship),
+                    ("next_pay_date", bool(circumstances.next_pay_date)),
+                    ("a note", bool(circumstances.note)),
+                )
+                if given
+            ]
+            if len(told) > 1:
+                raise Violation(
+                    f"the client disclosed {', '.join(told)} together: more than one purpose needs; it {s.summary()}"
+                )
+        if not disclosed:
+            return f"the client negotiated and disclosed nothing ({s.runs[-1].describe()})"
+        return f"{len(disclosed)} disclosure(s), each of one circumstance ({s.runs[-1].describe()})"
 
 
 # --- 8. Instructions that are not the biller's answer to this intent ---------------------------------------

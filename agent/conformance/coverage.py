@@ -107,6 +107,12 @@ NOT_OBSERVABLE: dict[str, str] = {
     "BND-8": "a verifier's pins are its own configuration",
     "BND-9": "bundles are verified offline: the bundle-json-* test vectors (docs/VECTORS.md) check verifiers",
     "TRM-17": "how an implementation adopts a newer ISO 4217 edition: a release process, not a message",
+    "KEY-17": "when a party rotates is its own decision: no peer can make it sign with a new key (the control "
+    "service does not rotate the biller's keys, a consumer rotates on its own schedule); a key that no version held "
+    "lists is refused UNKNOWN_KEY (§3.8); tests/test_key_drills.py drills the reference consumer's publication",
+    "NEG-20": "the mandate and the user's approvals live inside the consumer: a peer sees the terms, never whether "
+    "the user approved them (the suite runs the reference with --approve-all, every move outside the mandate "
+    "approved, as NEG-20 allows); tests/test_consumer_agent.py checks the approval gate",
     "TRM-10": "how a party builds an even plan; receivers accept any schedule satisfying §8.4, so a peer cannot tell a "
     "wrong build from a deliberately uneven plan (tests/test_terms.py checks the reference builder)",
     "TRM-14": "how a party builds a monthly schedule; receivers accept any schedule satisfying §8.4, so a peer cannot "
@@ -119,20 +125,11 @@ GAPS: dict[str, str] = {
     "TRN-10": "many idle connections from one address, reaped (tests/test_redteam_connections.py tests the reference)",
     "TRN-11": "more connections from one address than its cap, the newest closed (a suite cannot know the "
     "target's cap; tests/test_redteam_connections.py tests the reference)",
-    "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
     "TRN-9": "a case that a target requiring mutual TLS refuses a client without a certificate (the suite "
     "reaches such a target with --tls-client-cert and --tls-client-key)",
     "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
     "KEY-15": "a version signed by a key outside its validity window",
-    "KEY-17": "a consumer scenario signing with a key before publishing the version that lists it",
     "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
-    "NEG-20": "a consumer scenario countering with terms outside the sample mandate",
-    "NEG-21": "a consumer scenario with a deadline about to pass",
-    "PAY-10": "a consumer scenario retrying an intent and given forged stored instructions",
-    "PRV-1": "a consumer scenario checking that disclosures come only beside an opening",
-    "PRV-2": "a consumer scenario reading the disclosure the client sends",
-    "PRV-8": "a consumer scenario judging what the client discloses",
-    "ERR-6": "a consumer scenario answering INVALID_ARGUMENT and counting the client's retries",
 }
 
 

@@ -15,7 +15,9 @@ call observer, which
   of an answer with another key (a stranger's key under the biller's keyid, a
   key the biller rotated out…), `event_copies` delivers each streamed event
   several times, and `on_enrolled` hooks run once the client has enrolled
-  (issuing its bills, switching to a rolled-back key set…);
+  (issuing its bills, switching to a rolled-back key set…); `lose_answers`
+  applies a call but loses its answer (UNAVAILABLE), `refuse` refuses a call
+  with a spec error before the agent sees it;
 - **plays the payment rail**: the client reports each payment it makes as one
   JSON line of `$PARLEY_STATE_DIR/bank-orders.jsonl` (docs/CONFORMANCE.md,
   "The client's bank"), and `settle_orders` records the settlement of every
@@ -57,7 +59,7 @@ from agent.conformance.peers import (
     serve_on_loopback,
 )
 from agent.protocol.dsse import digest
-from agent.protocol.errors import LocalProtocolError
+from agent.protocol.errors import LocalProtocolError, ProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import PAYLOAD_TYPES
 from agent.protocol.terms import AdvertisedOptions, DeferralOption, Money, Terms, TermsKind, build_terms
@@ -265,6 +267,8 @@ class HostileBiller:
     # Rewrites each streamed event (None drops it); the events after a rewritten one are re-chained onto it.
     event_doctor: EventDoctor | None = None
     _rechained: dict[bytes, bytes] = field(default_factory=dict)  # an event's true digest -> the digest sent
+    # The servicer in front of the agent: lost answers (`unavailable_after`) and refusals (`refuse_before`).
+    servicer: HostileServicer | None = None
 
     @property
     def party_id(self) -> str:
@@ -280,13 +284,26 @@ class HostileBiller:
     def calls_of(self, *rpcs: str) -> list[Call]:
         return [call for call in self.calls if call.rpc in rpcs]
 
+    def lose_answers(self, rpc: str, count: int = 1) -> None:
+        """The next `count` calls of `rpc` take effect, but their answers are lost: UNAVAILABLE instead."""
+        assert self.servicer is not None
+        self.servicer.unavailable_after[rpc] += count
+
+    def refuse(self, rpc: str, *errors: ProtocolError) -> None:
+        """The next calls of `rpc` are refused with `errors`, one each, before the agent sees them."""
+        assert self.servicer is not None
+        self.servicer.refuse_before.setdefault(rpc, []).extend(errors)
+
     # --- Fixtures ------------------------------------------------------------------------------------
 
     async def issue_bill(
-        self, amount: Money = AMOUNT_DUE, description: str = "Electricity, conformance scenario"
+        self,
+        amount: Money = AMOUNT_DUE,
+        description: str = "Electricity, conformance scenario",
+        options: AdvertisedOptions | None = None,
     ) -> str:
-        """A bill on the account, due today (the biller's clock), advertising the policy's options."""
-        bill_id = await self.agent.issue_bill(self.account_id, amount, self.today(), description)
+        """A bill on the account, due today (the biller's clock), advertising `options` (default: the policy's)."""
+        bill_id = await self.agent.issue_bill(self.account_id, amount, self.today(), description, options=options)
         self.bills.append(bill_id)
         return bill_id
 
@@ -492,6 +509,7 @@ async def hostile_biller(
         )
         servicer = HostileServicer(agent, observer=biller)
         servicer.rewrite = biller.rewrite  # scenarios script the answers through the biller
+        biller.servicer = servicer
         server, port = await serve_on_loopback(servicer)
         biller.target = f"127.0.0.1:{port}"
         try:

@@ -53,13 +53,14 @@ from agent.biller import (
     RejectOffer,
 )
 from agent.protocol.dsse import digest, pae, sign_envelope
+from agent.protocol.errors import ProtocolError
 from agent.protocol.keys import SigningKey, VerifyKey
 from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits
 from agent.protocol.messages import PAYLOAD_TYPES, new_message_id
 from agent.protocol.terms import AdvertisedOptions, Money, Terms, TermsKind
 from agent.transport.server import BillerServicer
-from agent.transport.status import Context
+from agent.transport.status import Context, abort
 from parley.v1 import (
     account_pb2,
     biller_service_pb2_grpc,
@@ -714,6 +715,8 @@ class HostileServicer(BillerServicer):
     - `unavailable_before[rpc]`: fail that many next calls with UNAVAILABLE before the agent sees them;
     - `unavailable_after[rpc]`: let the agent answer, then fail that many calls with UNAVAILABLE
       (the request took effect, its answer is lost);
+    - `refuse_before[rpc]`: refuse the next calls with these errors, one each, before the agent sees them
+      (nothing took effect: a refusal as the spec's table of reasons has it, §13);
     - `rewrite[rpc]`: given (request, answer), the answer to send instead (may be async);
     - `streams`: scripted WatchEvents answers, one per stream (each ends the stream when done),
       after which streams are the real ones;
@@ -726,6 +729,7 @@ class HostileServicer(BillerServicer):
         self.calls: Counter[str] = Counter()
         self.unavailable_before: Counter[str] = Counter()
         self.unavailable_after: Counter[str] = Counter()
+        self.refuse_before: dict[str, list[ProtocolError]] = {}
         self.rewrite: dict[str, Rewrite] = {}
         self.streams: list[Script] = []
 
@@ -736,6 +740,9 @@ class HostileServicer(BillerServicer):
         if self.unavailable_before[rpc] > 0:
             self.unavailable_before[rpc] -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "simulated network failure")
+        refusals = self.refuse_before.get(rpc)
+        if refusals:
+            await abort(context, refusals.pop(0))
         answer = await getattr(super(), rpc)(request, context)  # a refusal aborts the call here
         if self.unavailable_after[rpc] > 0:
             self.unavailable_after[rpc] -= 1

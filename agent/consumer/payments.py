@@ -29,6 +29,7 @@ from agent.protocol.limits import THREAD_ID_BYTES
 from agent.protocol.messages import read_time
 from agent.protocol.terms import Money
 from agent.stores.base import ConsumerStore, IntentRecord, IntentState, ReceiptRecord, ThreadOutcome
+from agent.transport.client import is_transient
 from agent.transport.status import CallError
 from parley.v1 import envelope_pb2, payment_pb2
 
@@ -276,6 +277,10 @@ class Payments:
             response = await session.client.create_payment_intent(envelopes[-1])
         except CallError as error:
             if error.reason is not Reason.MESSAGE_EXPIRED:
+                if not is_transient(error):
+                    # ERR-6: a refused message is not sent again as it was. The next attempt signs the same
+                    # intent afresh (PAY-2: its intent_id keeps it one payment).
+                    await self._resign_intent(intent)
                 raise
             envelopes.append(await self._resign_intent(intent))  # the biller's clock is ahead of ours
             response = await session.client.create_payment_intent(envelopes[-1])

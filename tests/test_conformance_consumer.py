@@ -137,6 +137,10 @@ def test_every_defect_class_is_covered() -> None:
         "judges bills as live",
         "records payments in memory only",
         "ignores the limits Hello announced",
+        "keeps unchained receipts",
+        "keeps receipts for another intent",
+        "checks the pay-by time only when instructions arrive",
+        "takes the last event again for a broken chain",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name

@@ -232,6 +232,8 @@ class JsonLinesBank:
     decimal string, the payee, the payment reference to quote — written and
     fsynced before `send` returns its bank reference. The agent hands each
     intent over at most once (PAY-7), so the file never holds an order twice.
+    A file that cannot be opened is a bank that cannot be reached: nothing was
+    ordered, and `send` raises `PaymentNotSent` (a failed write stays in doubt).
     """
 
     def __init__(self, path: Path, clock: Clock) -> None:
@@ -258,8 +260,13 @@ class JsonLinesBank:
             "pay_by_time": order.pay_by_time.isoformat(),
         }
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as error:
+            # Nothing was written, so nothing was ordered: the bank is unreachable, and the payment may be tried
+            # again later under its stored instructions (while their pay_by_time allows, PAY-8) — not left in doubt.
+            raise PaymentNotSent(f"the bank's order book {self.path} cannot be opened: {error}") from error
         # One small synchronous write, so a cancelled task cannot stop it half way.
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, line)
             os.fsync(fd)

@@ -336,6 +336,79 @@ def discloses_unsalted_circumstances() -> None:
     )
     messages.Disclosure = unsalted
     vars(negotiation)["negotiation_pb2"] = messages  # the consumer's negotiation only: the messages it builds
+def _lenient_receipts(forgiven: Callable[[str, str], bool]) -> None:
+    """check_receipt keeps a receipt whose refusal `forgiven(reason, detail)` selects, as if it had passed (PAY-9)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from agent.protocol.dsse import digest  # noqa: PLC0415
+    from agent.protocol.errors import RemoteProtocolError  # noqa: PLC0415
+    from agent.protocol.terms import Money  # noqa: PLC0415
+    from agent.stores.base import ReceiptRecord  # noqa: PLC0415
+    from parley.v1 import payment_pb2  # noqa: PLC0415
+
+    check = Receiver.check_receipt
+
+    async def lenient(self: Any, session: Any, intent: Any, envelope: Any) -> ReceiptRecord:
+        try:
+            return await check(self, session, intent, envelope)
+        except RemoteProtocolError as error:
+            if not forgiven(error.reason.name, error.detail):
+                raise
+        received = Money.from_proto(payment_pb2.Receipt.FromString(envelope.payload).amount_received)
+        return ReceiptRecord(
+            session.biller,
+            intent.intent_id,
+            envelope.SerializeToString(),
+            digest(envelope),
+            received.minor,
+            None,
+            self._party.now(),
+        )
+
+    Receiver.check_receipt = lenient  # type: ignore[method-assign]
+
+
+def takes_unchained_receipts() -> None:
+    """A receipt is not checked to be message 2 of the intent's thread, chained to the instructions (PAY-9)."""
+    _lenient_receipts(lambda reason, _: reason in ("SEQUENCE_MISMATCH", "PREVIOUS_DIGEST_MISMATCH"))
+
+
+def takes_receipts_for_another_intent() -> None:
+    """A receipt naming another intent_id is kept as this payment's (PAY-9)."""
+    _lenient_receipts(lambda reason, detail: reason == "MALFORMED_PAYLOAD" and "for intent" in detail)
+
+
+def checks_pay_by_time_only_on_receipt() -> None:
+    """pay_by_time is checked when the instructions arrive, not again when the bank is asked: the payment step reads
+    it a day late, so instructions left unpaid past their time are paid later (PAY-8)."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from agent.consumer import payments  # noqa: PLC0415
+
+    read_time = payments.read_time  # type: ignore[attr-defined]
+
+    def slipping(message: Any, field: str, reason: Any) -> datetime:
+        moment: datetime = read_time(message, field, reason)
+        return moment + timedelta(days=1) if field == "pay_by_time" else moment
+
+    payments.read_time = slipping  # type: ignore[attr-defined]
+
+
+def takes_a_repeated_last_event_for_a_broken_chain() -> None:
+    """An event at the sequence of the last one taken is not dropped as a duplicate but refused as out of sequence,
+    so the stream is torn down and resumed from the cursor (EVT-5)."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from agent.protocol.errors import Reason, RemoteProtocolError  # noqa: PLC0415
+
+    open_event = Receiver.open_event
+
+    async def strict(self: Any, session: Any, envelope: Any, log_id: bytes) -> Any:
+        verified = await open_event(self, session, envelope, log_id)
+        cursor = await self._store.event_cursor(session.biller, verified.message.account_id)
+        if verified.header.sequence == cursor.next_sequence - 1:
+            raise RemoteProtocolError(Reason.SEQUENCE_MISMATCH, "the last event again, taken for a broken chain")
+        return verified
+
+    Receiver.open_event = strict  # type: ignore[method-assign]
 
 
 DEFECTS: dict[str, Callable[[], None]] = {
@@ -357,6 +430,10 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "skips-the-time-checks-of-stored-instructions": skips_the_time_checks_of_stored_instructions,
     "judges-instructions-as-live": judges_instructions_as_live,
     "discloses-unsalted-circumstances": discloses_unsalted_circumstances,
+    "takes-unchained-receipts": takes_unchained_receipts,
+    "takes-receipts-for-another-intent": takes_receipts_for_another_intent,
+    "checks-pay-by-time-only-on-receipt": checks_pay_by_time_only_on_receipt,
+    "takes-a-repeated-last-event-for-a-broken-chain": takes_a_repeated_last_event_for_a_broken_chain,
 }
 
 
@@ -417,7 +494,10 @@ BROKEN_CONSUMERS = (
         frozenset({"PAY-8/instructions-other-intent"}),
     ),
     BrokenConsumer(
-        "pays after the pay-by time", "pays-after-pay-by-time", frozenset({"PAY-8/instructions-pay-by-passed"})
+        "pays after the pay-by time",
+        "pays-after-pay-by-time",
+        # It reads the time a day late when it pays too, so instructions left unpaid past their time are paid.
+        frozenset({"PAY-8/instructions-pay-by-passed", "PAY-8/pay-by-passed-before-paying"}),
     ),
     BrokenConsumer(
         "trusts any signature on instructions",
@@ -471,6 +551,22 @@ BROKEN_CONSUMERS = (
         frozenset({"PRV-2/disclosure-as-committed"}),
         # Its one disclosure does not parse as a Disclosure: PRV-8 cannot judge what it says.
         skips=frozenset({"PRV-8/disclosure-minimal"}),
+    ),
+    BrokenConsumer("keeps unchained receipts", "takes-unchained-receipts", frozenset({"PAY-9/receipt-unchained"})),
+    BrokenConsumer(
+        "keeps receipts for another intent",
+        "takes-receipts-for-another-intent",
+        frozenset({"PAY-9/receipt-other-intent"}),
+    ),
+    BrokenConsumer(
+        "checks the pay-by time only when instructions arrive",
+        "checks-pay-by-time-only-on-receipt",
+        frozenset({"PAY-8/pay-by-passed-before-paying"}),
+    ),
+    BrokenConsumer(
+        "takes the last event again for a broken chain",
+        "takes-a-repeated-last-event-for-a-broken-chain",
+        frozenset({"EVT-5/last-event-again"}),
     ),
 )
 

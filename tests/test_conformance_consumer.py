@@ -141,6 +141,10 @@ def test_every_defect_class_is_covered() -> None:
         "skips the time checks of stored instructions",
         "judges instructions as live",
         "discloses unsalted circumstances",
+        "keeps unchained receipts",
+        "keeps receipts for another intent",
+        "checks the pay-by time only when instructions arrive",
+        "takes the last event again for a broken chain",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name

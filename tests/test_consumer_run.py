@@ -58,6 +58,7 @@ from reference_consumer.runner import (
     STORE_FILE,
     Approval,
     Household,
+    JsonLinesBank,
     PassReport,
     RunOptions,
     render,
@@ -810,6 +811,29 @@ class DecliningBank:
             raise PaymentNotSent("the bank declined the transfer")
         self.orders.append(order)
         return f"bank-{len(self.orders)}"
+
+
+def test_the_bank_stand_in_declines_an_order_it_cannot_write_down(tmp_path: Path) -> None:
+    """An order book that cannot be opened is a bank that cannot be reached: nothing was ordered, so the order is
+    declined (PaymentNotSent: the intent may be paid later, while its instructions allow), not left in doubt."""
+    order = PaymentOrder(
+        biller_party_id="biller:example",
+        account_id="acct-1",
+        bill_id="bill-1",
+        intent_id="pi-1",
+        amount=eur("120.00"),
+        rail="SEPA",
+        payee_name="Example Energy",
+        payee_account="DE00 0000",
+        payment_reference="CF-1",
+        pay_by_time=START + timedelta(days=1),
+    )
+    unreachable = JsonLinesBank(tmp_path / "no-such-directory" / BANK_FILE, ManualClock(START))
+    with pytest.raises(PaymentNotSent, match="cannot be opened"):
+        asyncio.run(unreachable.send(order))
+    bank = JsonLinesBank(tmp_path / BANK_FILE, ManualClock(START))
+    assert asyncio.run(bank.send(order)).startswith("simbank-")
+    assert [line["payment_reference"] for line in bank.orders()] == ["CF-1"]
 
 
 def test_a_household_that_pays_as_billed_pays_a_plain_bill_on_its_date_without_negotiating(

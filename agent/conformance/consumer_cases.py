@@ -53,6 +53,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -2092,6 +2093,210 @@ async def chain_of_another_party(context: ConsumerContext) -> str:
             )
         seen = ", ".join(dict.fromkeys(call.rpc for call in s.biller.calls))
         return f"the client made only these calls: {seen}; it paid nothing ({s.runs[-1].describe()})"
+
+
+# --- 17. Receipts that are not the payment's: asked for again ------------------------------------------------
+
+PAY_9_QUOTE = (
+    "A receipt that fails these checks (its signature, sequence 2 and `previous_digest` = the instructions' digest, "
+    "the intent's thread and `intent_id`) is no receipt of the payment: the consumer MUST NOT keep it as the "
+    "payment's receipt, and MUST ask for the receipt again (`GetReceipt`) the next time it fetches receipts"
+)
+
+
+def _receipt_unchained(receipt: payment_pb2.Receipt) -> None:
+    receipt.header.previous_digest = os.urandom(32)
+
+
+def _receipt_for_another_intent(receipt: payment_pb2.Receipt) -> None:
+    receipt.intent_id = f"{receipt.intent_id}-other"
+
+
+_DOCTORED_RECEIPTS: tuple[tuple[str, str, Any], ...] = (
+    ("PAY-9/receipt-unchained", "whose previous_digest is not the instructions' digest", _receipt_unchained),
+    ("PAY-9/receipt-other-intent", "naming another intent_id than the payment's", _receipt_for_another_intent),
+)
+
+
+def _doctored_receipt_case(case_id: str, what: str, change: Any) -> None:
+    """A scenario: the client pays in run 1 and is answered a receipt `what`, signed by the biller's own key; it
+    holds no receipt then, so in run 2 (the biller honest again) it must ask for the receipt again."""
+
+    @suite.case(
+        case_id,
+        description=f"A receipt {what} proves nothing: the client asks for the receipt again in its next run",
+        quote=PAY_9_QUOTE,
+    )
+    async def body(context: ConsumerContext) -> str:
+        async with scenario(context, case_id.split("/", 1)[1]) as s:
+            bills = issue_bills_on_enrolment(s.biller)
+            key = s.biller.identity.key
+            doctored: list[str] = []  # the intents whose receipt was doctored
+
+            async def doctor(request: pb.GetReceiptRequest, answer: pb.GetReceiptResponse) -> pb.GetReceiptResponse:
+                doctored.append(getattr(payload_of(request.query), "intent_id", ""))
+                return pb.GetReceiptResponse(receipt=reseal(answer.receipt, key, change))
+
+            s.biller.rewrite["GetReceipt"] = doctor
+            await s.run_client()
+            (bill_id,) = bills
+            if not s.orders(bill_id):
+                raise setup_failed(f"the client did not pay its bill {bill_id}", s)
+            if not doctored:
+                raise Skip("the client never fetched the receipt of its payment (GetReceipt): nothing to doctor")
+            del s.biller.rewrite["GetReceipt"]
+            await s.run_client()
+            again = [
+                call
+                for call in s.biller.calls_of("GetReceipt")
+                if call.run == 2 and getattr(call.payload, "intent_id", "") in doctored
+            ]
+            if not again:
+                raise Violation(
+                    f"after a receipt {what} for intent {doctored[0]}, the client did not ask for the receipt again "
+                    f"in its next run: it kept that receipt as its proof of payment (or gave up on one); it "
+                    f"{s.summary()}"
+                )
+            answered = "answered" if any(call.answered for call in again) else "not answered"
+            return (
+                f"a receipt {what} was refused in run 1; run 2 asked for the receipt of {doctored[0]} again "
+                f"({answered}; {', '.join(run.describe() for run in s.runs)})"
+            )
+
+
+for _case_id, _what, _change in _DOCTORED_RECEIPTS:
+    _doctored_receipt_case(_case_id, _what, _change)
+
+
+# --- 18. Instructions whose pay_by_time passes before the client could pay them --------------------------------
+
+PAY_BY_DELAY = timedelta(seconds=5)  # how long run 1's instructions stay payable: long enough to be taken as valid
+BANK_DOWN_TARGET = "bank-unreachable"  # a directory that does not exist: the order book's link leads nowhere
+
+
+@suite.case(
+    "PAY-8/pay-by-passed-before-paying",
+    description="Instructions taken while payable but left unpaid (the bank was down) are never paid after their "
+    "pay_by_time",
+    quote=PAY_8_QUOTE,
+)
+async def pay_by_passed_before_paying(context: ConsumerContext) -> str:
+    async with scenario(context, "pay-by-passed-before-paying") as s:
+        issue_bills_on_enrolment(s.biller)
+        key = s.biller.identity.key
+        expiring: dict[str, datetime] = {}  # payment_reference -> the pay_by_time the client was given
+        answers: dict[bytes, envelope_pb2.Envelope] = {}  # by the true instructions' digest: a retry gets the same
+
+        async def short_lived(
+            request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+        ) -> pb.CreatePaymentIntentResponse:
+            true_digest = digest(answer.instructions)
+            if true_digest not in answers:
+                pay_by = _now() + PAY_BY_DELAY
+
+                def until(instructions: payment_pb2.PaymentInstructions) -> None:
+                    instructions.pay_by_time.FromDatetime(pay_by)
+                    expiring[instructions.payment_reference] = pay_by
+
+                answers[true_digest] = reseal(answer.instructions, key, until)
+            return pb.CreatePaymentIntentResponse(instructions=answers[true_digest])
+
+        # Run 1: the client's bank cannot be reached — its order book is a link to a directory that does not
+        # exist, so it cannot be opened — and the instructions are payable for PAY_BY_DELAY only.
+        order_book = s.state_dir / BANK_FILE
+        order_book.symlink_to(s.directory / BANK_DOWN_TARGET / BANK_FILE)
+        s.biller.rewrite["CreatePaymentIntent"] = short_lived
+        await s.run_client()
+        del s.biller.rewrite["CreatePaymentIntent"]
+        if not order_book.is_symlink():
+            raise setup_failed("the client replaced its unreachable order book (the bank was to be down in run 1)", s)
+        order_book.unlink()
+        if not expiring:
+            raise setup_failed("the client never sent a payment intent the biller answered", s)
+        pay_by = max(expiring.values())
+        await asyncio.sleep(max(0.0, (pay_by - _now()).total_seconds() + 1.0))
+        await s.run_client()  # run 2: the bank is back, the instructions' time is over
+        late = [order for order in s.orders() if order.payment_reference in expiring]
+        if late:
+            raise Violation(
+                f"the client ordered {late[0].describe()} in run 2, under instructions whose pay_by_time "
+                f"({pay_by:%H:%M:%S} UTC) had passed: taken while payable, they were left unpaid in run 1 (its "
+                f"bank could not be reached), and must not be paid after their time; it {s.summary()}"
+            )
+        others = len(s.orders())
+        since = f"; it paid {others} order(s) under new instructions" if others else ""
+        return (
+            f"instructions payable until {pay_by:%H:%M:%S} UTC, taken in run 1 while its bank was unreachable, were "
+            f"not paid in run 2 after that time{since} ({', '.join(run.describe() for run in s.runs)})"
+        )
+
+
+# --- 19. The last event taken, delivered again as a stream resumes ---------------------------------------------
+
+
+def _start_of(call: Call) -> int:
+    return int(getattr(call.payload, "start_sequence", 0))
+
+
+def _began_with_last_event(call: Call) -> bool:
+    """A WatchEvents stream that resumed past 0 and was first sent the event before its start_sequence again."""
+    return _start_of(call) > 0 and call.streamed[:1] == [_start_of(call) - 1]
+
+
+@suite.case(
+    "EVT-5/last-event-again",
+    description="The last event taken, sent again first as a stream resumes, is dropped as a duplicate: the client "
+    "takes the next",
+    quote="The consumer MUST verify each event before acting on it … An event with a lower sequence than expected is "
+    "a duplicate and is dropped … is kept across restarts, so a reconnecting consumer loses nothing",
+    covers=("EVT-9",),
+)
+async def last_event_again(context: ConsumerContext) -> str:
+    async with scenario(context, "last-event-again") as s:
+        bills = issue_bills_on_enrolment(s.biller)
+        await s.run_client()
+        if not s.enrolled():
+            raise setup_failed("the client did not enrol", s)
+        if not s.biller.calls_of("WatchEvents"):
+            raise Skip("the client never watched the account's events (WatchEvents)")
+        (bill_id,) = bills
+        await s.biller.agent.emit_event(  # news for run 2, after the copy of the last event it took
+            s.biller.account_id,
+            event_pb2.EVENT_KIND_REMINDER,
+            bill_id=bill_id,
+            amount=AMOUNT_DUE,
+            day=s.biller.today(),
+            reminder_level=1,
+            message=f"A reminder about bill {bill_id}.",
+        )
+        s.biller.resend_last_event = True  # at-least-once delivery (EVT-9): each resumed stream repeats one event
+        await s.run_client()
+        streams = [call for call in s.biller.calls_of("WatchEvents") if call.run == 2]
+        if not streams:
+            raise Skip("the client never watched the account's events (WatchEvents) in its second run")
+        repeated = [call for call in streams if _began_with_last_event(call)]
+        if not repeated:
+            starts = ", ".join(str(_start_of(call)) for call in streams)
+            raise setup_failed(
+                f"no stream of run 2 resumed past sequence 0 onto a new event (they started at {starts}), so none "
+                "began with the last event again",
+                s,
+            )
+        for earlier, later in pairwise(streams):
+            start = _start_of(earlier)
+            if _began_with_last_event(earlier) and start in earlier.streamed[1:] and _start_of(later) <= start:
+                raise Violation(
+                    f"a stream resumed from sequence {start} began with event {start - 1} again, then sent event "
+                    f"{start}; the client opened another stream from {_start_of(later)}: it took the copy for a "
+                    f"broken chain and reconnected instead of dropping it, never taking event {start}; it "
+                    f"{s.summary()} ({len(streams)} streams in run 2)"
+                )
+        first = repeated[0]
+        return (
+            f"a stream resumed from {_start_of(first)} began with event {_start_of(first) - 1} again; the client "
+            f"dropped it and went on ({len(streams)} stream(s) in run 2, from "
+            f"{', '.join(str(_start_of(call)) for call in streams)}; {s.runs[-1].describe()})"
+        )
 
 
 __all__ = [

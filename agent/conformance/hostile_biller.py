@@ -14,7 +14,9 @@ call observer, which
   replaces an answer on its way out, `forgery` re-signs every biller message
   of an answer with another key (a stranger's key under the biller's keyid, a
   key the biller rotated out…), `event_copies` delivers each streamed event
-  several times, and `on_enrolled` hooks run once the client has enrolled
+  several times, `resend_last_event` starts each stream that resumes past
+  sequence 0 with the event before its `start_sequence` again (delivery is at
+  least once, EVT-9), and `on_enrolled` hooks run once the client has enrolled
   (issuing its bills, switching to a rolled-back key set…); `lose_answers`
   applies a call but loses its answer (UNAVAILABLE), `refuse` refuses a call
   with a spec error before the agent sees it;
@@ -145,6 +147,7 @@ class Call:
     known_events: int  # events the biller had streamed to the client before this call: sequences 0..known_events-1
     answered: bool = False
     answer: Message | None = None
+    streamed: list[int] = field(default_factory=list)  # a WatchEvents call: the sequences sent on it, in order
 
     @property
     def envelope(self) -> envelope_pb2.Envelope | None:
@@ -257,6 +260,7 @@ class HostileBiller:
     rewrite: dict[str, Rewrite] = field(default_factory=dict)  # (request, answer) -> the answer sent instead
     forgery: Forgery | None = None
     event_copies: int = 1
+    resend_last_event: bool = False
     on_enrolled: list[Hook] = field(default_factory=list)
     enrolled_party: str = ""
     run: int = 0  # the client run under way (set by the scenario)
@@ -269,6 +273,7 @@ class HostileBiller:
     _rechained: dict[bytes, bytes] = field(default_factory=dict)  # an event's true digest -> the digest sent
     # The servicer in front of the agent: lost answers (`unavailable_after`) and refusals (`refuse_before`).
     servicer: HostileServicer | None = None
+    _sent_events: dict[int, Message] = field(default_factory=dict)  # by sequence, as last sent
 
     @property
     def party_id(self) -> str:
@@ -370,7 +375,8 @@ class HostileBiller:
         return forged
 
     def streamed(self, request: pb.WatchEventsRequest, response: pb.WatchEventsResponse) -> list[Any]:
-        self._call_of(request).answered = True
+        call = self._call_of(request)
+        call.answered = True
         if self.event_doctor is not None:
             doctored = self._doctored_event(response.event)
             if doctored is None:
@@ -380,8 +386,14 @@ class HostileBiller:
         sequence = getattr(getattr(event, "header", None), "sequence", -1)
         forged = self.forged("WatchEvents", response)
         copies = max(1, self.event_copies)
-        self.delivered_events.extend([sequence] * copies)
-        return [forged] * copies
+        sent = [(sequence, forged)] * copies
+        resumed_at = getattr(call.payload, "start_sequence", 0)
+        if self.resend_last_event and not call.streamed and resumed_at - 1 in self._sent_events:
+            sent.insert(0, (resumed_at - 1, self._sent_events[resumed_at - 1]))  # the copy comes first
+        self._sent_events[sequence] = forged
+        self.delivered_events.extend(number for number, _ in sent)
+        call.streamed.extend(number for number, _ in sent)
+        return [answer for _, answer in sent]
 
     def _doctored_event(self, envelope: envelope_pb2.Envelope) -> envelope_pb2.Envelope | None:
         """The event as `event_doctor` rewrites it, chained to the events as sent before it (the same bytes on

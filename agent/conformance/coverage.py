@@ -122,10 +122,7 @@ GAPS: dict[str, str] = {
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
     "TRN-9": "a case that a target requiring mutual TLS refuses a client without a certificate (the suite "
     "reaches such a target with --tls-client-cert and --tls-client-key)",
-    "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
-    "KEY-15": "a version signed by a key outside its validity window",
     "KEY-17": "a consumer scenario signing with a key before publishing the version that lists it",
-    "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
     "NEG-20": "a consumer scenario countering with terms outside the sample mandate",
     "NEG-21": "a consumer scenario with a deadline about to pass",
     "PAY-10": "a consumer scenario retrying an intent and given forged stored instructions",

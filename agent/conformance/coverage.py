@@ -116,12 +116,7 @@ NOT_OBSERVABLE: dict[str, str] = {
 # Ids a peer could observe that no case exercises yet, and what a case needs. The debt, in the open.
 GAPS: dict[str, str] = {
     # Added by protocol revision 1.1 and the red-team fixes; the reference is tested in tests/, not yet here.
-    "TRN-10": "many idle connections from one address, reaped (tests/test_redteam_connections.py tests the reference)",
-    "TRN-11": "more connections from one address than its cap, the newest closed (a suite cannot know the "
-    "target's cap; tests/test_redteam_connections.py tests the reference)",
     "TRN-6": "a consumer scenario whose biller drops the first answer (UNAVAILABLE) and expects the same envelope",
-    "TRN-9": "a case that a target requiring mutual TLS refuses a client without a certificate (the suite "
-    "reaches such a target with --tls-client-cert and --tls-client-key)",
     "KEY-17": "a consumer scenario signing with a key before publishing the version that lists it",
     "NEG-20": "a consumer scenario countering with terms outside the sample mandate",
     "NEG-21": "a consumer scenario with a deadline about to pass",

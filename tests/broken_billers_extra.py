@@ -500,9 +500,16 @@ EXTRA_BROKEN_BILLERS = (
     BrokenBiller(
         "refuses malformed key sets as MALFORMED_PAYLOAD",
         malformed_key_sets_as_payload_errors,
-        # HDR-16: a key window's nanos; KEY-4, KEY-11: a recipient, a created_at tie, a moved revocation
+        # HDR-16: a key window's nanos; KEY-4, KEY-11: a recipient, a created_at tie, a moved revocation; KEY-5: a
+        # version with no key and a wrong previous_digest (KEYSET_INVALID first)
         frozenset(
-            {"KEY-7/malformed-key-set", "HDR-16/whole-microseconds", "KEY-4/header-rules", "KEY-11/revocation-moved"}
+            {
+                "KEY-7/malformed-key-set",
+                "HDR-16/whole-microseconds",
+                "KEY-4/header-rules",
+                "KEY-11/revocation-moved",
+                "KEY-5/check-order",
+            }
         ),
     ),
     BrokenBiller(

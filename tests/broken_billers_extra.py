@@ -31,9 +31,9 @@ from agent.biller.negotiation import NegotiationPhase
 from agent.biller.party import stored_envelope
 from agent.biller.plugins import BillContext, OfferContext, Policy
 from agent.protocol.answers import AcceptOffer, Answer
-from agent.protocol.errors import Reason, RemoteProtocolError
+from agent.protocol.errors import ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.messages import PAYLOAD_TYPES, parse_payload
-from agent.protocol.terms import AdvertisedOptions, Terms
+from agent.protocol.terms import AdvertisedOptions, Money, Terms
 from agent.stores.base import BillRecord, PendingEvent
 from parley.v1 import (
     account_pb2,
@@ -311,6 +311,56 @@ def matches_keyid_to_sender_first(agent: BillerAgent) -> None:
     setattr(agent, "list_bills", sender_first)  # noqa: B010
 
 
+def lets_a_key_sign_its_own_revocation(agent: BillerAgent) -> None:
+    """KEY-15: a version's signer is judged by the revocations of the version held, not of the one being verified,
+    so a compromised key can sign the version that revokes it: such a version is answered as stored."""
+    publish_key_set = agent.publish_key_set
+
+    async def lenient(envelope: envelope_pb2.Envelope) -> biller_service_pb2.PublishKeySetResponse:
+        try:
+            return await publish_key_set(envelope)
+        except RemoteProtocolError as error:
+            if error.reason is not Reason.KEY_REVOKED:
+                raise
+            return biller_service_pb2.PublishKeySetResponse(
+                version=keys_pb2.KeySet.FromString(envelope.payload).version
+            )
+
+    setattr(agent, "publish_key_set", lenient)  # noqa: B010
+
+
+def reads_keys_before_the_version_number(agent: BillerAgent) -> None:
+    """KEY-5: the keys (step 7) are judged before the version number (step 6), so a skipped version with no key is
+    KEYSET_INVALID instead of KEYSET_VERSION_SKIPPED."""
+    publish_key_set = agent.publish_key_set
+
+    async def keys_first(envelope: envelope_pb2.Envelope) -> biller_service_pb2.PublishKeySetResponse:
+        try:
+            return await publish_key_set(envelope)
+        except RemoteProtocolError as error:
+            numbered = error.reason in (Reason.KEYSET_VERSION_SKIPPED, Reason.KEYSET_ROLLBACK)
+            if numbered and not keys_pb2.KeySet.FromString(envelope.payload).keys:
+                raise RemoteProtocolError(Reason.KEYSET_INVALID, "a key set has 1 to 16 keys") from error
+            raise
+
+    setattr(agent, "publish_key_set", keys_first)  # noqa: B010
+
+
+def checks_bill_amount_before_currency(agent: BillerAgent) -> None:
+    """BIL-2: a bill's amount due is checked above zero (check 4) before its options' currency (check 3)."""
+    issue_bill = agent.issue_bill
+
+    async def amount_first(account_id: str, amount_due: Money, *args: Any, **options: Any) -> str:
+        try:
+            return await issue_bill(account_id, amount_due, *args, **options)
+        except ProtocolError as error:
+            if error.reason is Reason.CURRENCY_MISMATCH and amount_due.minor == 0:
+                raise RemoteProtocolError(Reason.AMOUNT_OUT_OF_RANGE, "amount_due is zero") from error
+            raise
+
+    setattr(agent, "issue_bill", amount_first)  # noqa: B010
+
+
 def _header_of_query(envelope: envelope_pb2.Envelope) -> Any:
     try:
         return account_pb2.AccountQuery.FromString(envelope.payload).header
@@ -450,9 +500,16 @@ EXTRA_BROKEN_BILLERS = (
     BrokenBiller(
         "refuses malformed key sets as MALFORMED_PAYLOAD",
         malformed_key_sets_as_payload_errors,
-        # HDR-16: a key window's nanos; KEY-4, KEY-11: a recipient, a created_at tie, a moved revocation
+        # HDR-16: a key window's nanos; KEY-4, KEY-11: a recipient, a created_at tie, a moved revocation; KEY-5: a
+        # version with no key and a wrong previous_digest (KEYSET_INVALID first)
         frozenset(
-            {"KEY-7/malformed-key-set", "HDR-16/whole-microseconds", "KEY-4/header-rules", "KEY-11/revocation-moved"}
+            {
+                "KEY-7/malformed-key-set",
+                "HDR-16/whole-microseconds",
+                "KEY-4/header-rules",
+                "KEY-11/revocation-moved",
+                "KEY-5/check-order",
+            }
         ),
     ),
     BrokenBiller(
@@ -473,4 +530,17 @@ EXTRA_BROKEN_BILLERS = (
     BrokenBiller("serves each bill as first presented", serves_first_presentations, frozenset({"ENR-12/re-enrolment"})),
     BrokenBiller("keeps one event log per account", keeps_one_log_per_account, frozenset({"ENR-12/re-enrolment"})),
     BrokenBiller("signs deals already late", signs_deals_already_late, frozenset({"NEG-23/no-deal-already-late"})),
+    BrokenBiller(
+        "lets a key sign its own revocation", lets_a_key_sign_its_own_revocation, frozenset({"KEY-15/signer-usable"})
+    ),
+    BrokenBiller(
+        "reads the keys before the version number",
+        reads_keys_before_the_version_number,
+        frozenset({"KEY-5/check-order"}),
+    ),
+    BrokenBiller(
+        "checks a bill's amount before its currency",
+        checks_bill_amount_before_currency,
+        frozenset({"BIL-2/invalid-bill-refused"}),
+    ),
 )

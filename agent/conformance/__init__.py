@@ -1,7 +1,8 @@
 """Parley conformance suites: check an implementation, case by case, against docs/PROTOCOL.md.
 
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure]
-                              [--tls-client-cert FILE --tls-client-key FILE] [--only IDS] [--skip IDS]
+                              [--tls-client-cert FILE --tls-client-key FILE] [--idle-timeout SECONDS]
+                              [--max-connections-per-address N] [--only IDS] [--skip IDS]
                               [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
     parley conformance consumer --client-cmd "CMD" [--jobs N] [--work-dir DIR] [--only IDS] [--skip IDS]
                               [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -40,6 +42,7 @@ from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_option
 
 def _run_biller(args: argparse.Namespace, out: Console) -> int:
     from agent.conformance.biller import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
+    from agent.conformance.biller.target import ConnectionBounds  # noqa: PLC0415
     from agent.conformance.runner import run_suite  # noqa: PLC0415
     from agent.listen import is_loopback  # noqa: PLC0415
     from agent.transport.client import ClientTls  # noqa: PLC0415
@@ -77,11 +80,12 @@ def _run_biller(args: argparse.Namespace, out: Console) -> int:
             private_key=read["--tls-client-key"],
         )
     options = run_options(args, args.target)
+    bounds = ConnectionBounds(args.idle_timeout, args.max_connections_per_address)
     call_timeout = min(10.0, options.timeout) if options.timeout > 0 else 10.0
     return asyncio.run(
         run_suite(
             suite,
-            lambda: connect(args.target, tls=tls, insecure=args.insecure, call_timeout=call_timeout),
+            lambda: connect(args.target, tls=tls, insecure=args.insecure, call_timeout=call_timeout, bounds=bounds),
             options,
             out,
         )
@@ -98,6 +102,21 @@ def _run_consumer(args: argparse.Namespace, out: Console) -> int:
     return asyncio.run(
         run_suite(suite, lambda: connect(args.client_cmd, timeout=timeout, work_dir=work_dir), options, out)
     )
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` above zero."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a number above zero, got {text!r}")
+        return value
+
+    return parse
 
 
 def add_conformance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -129,6 +148,19 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
         help="PEM client certificate chain, for a biller asking for mutual TLS (TRN-9)",
     )
     biller.add_argument("--tls-client-key", metavar="FILE", help="the client certificate's PEM private key")
+    biller.add_argument(
+        "--idle-timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="the biller's idle timeout, after which it closes a connection with no call in flight (TRN-10); "
+        "without it TRN-10/idle-connections-reaped is skipped. Give --timeout above it",
+    )
+    biller.add_argument(
+        "--max-connections-per-address",
+        type=_positive(int),
+        metavar="N",
+        help="the biller's cap on connections from one address (TRN-11); without it TRN-11/per-address-cap is skipped",
+    )
     add_run_arguments(biller)
     biller.set_defaults(handler=_run_biller)
     consumer = suites.add_parser(

@@ -18,9 +18,14 @@ verify what they need against the target's verified key set chain).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
+import tempfile
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -215,6 +220,78 @@ class Connection:
         )
 
 
+# An HTTP/2 client's opening (RFC 9113 §3.4): the preface, then an empty SETTINGS frame (length 0, type 4, no
+# flags, stream 0); and the acknowledgement of the server's SETTINGS (flag ACK).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS_ACK = bytes([0, 0, 0, 4, 1, 0, 0, 0, 0])
+
+
+class IdleConnection:
+    """A connection to the target that completes the TLS and HTTP/2 handshakes, then never makes a call (TRN-10,
+    TRN-11): what a crowd of silent clients holds. `closed` is set once the target closes it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self.closed = asyncio.Event()
+        self.opened_at = time.monotonic()  # once the handshakes are done
+        self.closed_at: float | None = None  # when the target closed it
+        self._watch = asyncio.ensure_future(self._until_closed(reader))
+
+    @property
+    def lived(self) -> float | None:
+        """Seconds from the end of the handshakes until the target closed it; None while open."""
+        return None if self.closed_at is None else self.closed_at - self.opened_at
+
+    @classmethod
+    async def open(cls, target: str, tls: ClientTls | None, timeout: float) -> IdleConnection:
+        """Connect, send the preface and SETTINGS, read the target's SETTINGS and acknowledge them."""
+        host, _, port = target.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        context = None if tls is None else _ssl_context(tls)
+        server_name = None if tls is None else tls.server_name or host
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, int(port), ssl=context, server_hostname=server_name), timeout
+        )
+        writer.write(HTTP2_PREFACE)
+        await writer.drain()
+        if not await asyncio.wait_for(reader.read(65536), timeout):  # the target's SETTINGS
+            writer.transport.abort()
+            raise ConnectionError("the target closed the connection during the HTTP/2 handshake")
+        writer.write(HTTP2_SETTINGS_ACK)
+        await writer.drain()
+        return cls(reader, writer)
+
+    async def _until_closed(self, reader: asyncio.StreamReader) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            while await reader.read(65536):  # a GOAWAY, then the end of the stream
+                pass
+        self.closed_at = time.monotonic()
+        self.closed.set()
+
+    async def close(self) -> None:
+        """Drop the connection at once (no TLS close_notify to wait for: the target may never answer one)."""
+        self._writer.transport.abort()
+        self._watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watch
+
+
+def _ssl_context(tls: ClientTls) -> ssl.SSLContext:
+    """A client TLS context offering HTTP/2 as gRPC does, with `tls`'s trust anchors and client certificate."""
+    context = ssl.create_default_context(
+        cadata=None if tls.root_certificates is None else tls.root_certificates.decode("ascii")
+    )
+    context.set_alpn_protocols(["h2"])
+    if tls.certificate_chain is not None and tls.private_key is not None:
+        with tempfile.TemporaryDirectory() as directory:  # ssl loads a certificate only from files
+            chain, key = Path(directory, "chain.pem"), Path(directory, "key.pem")
+            chain.write_bytes(tls.certificate_chain)
+            key.touch(0o600)
+            key.write_bytes(tls.private_key)
+            context.load_cert_chain(chain, key)
+    return context
+
+
 class _RecordingStream(EventStream):
     def __init__(self, call: Any, refusals: list[Refusal]) -> None:
         super().__init__(call)
@@ -232,6 +309,7 @@ __all__ = [
     "Connection",
     "ErrorInfoSeen",
     "EventStream",
+    "IdleConnection",
     "Refusal",
     "refusal_of",
 ]

@@ -120,17 +120,7 @@ NOT_OBSERVABLE: dict[str, str] = {
 }
 
 # Ids a peer could observe that no case exercises yet, and what a case needs. The debt, in the open.
-GAPS: dict[str, str] = {
-    # Added by protocol revision 1.1 and the red-team fixes; the reference is tested in tests/, not yet here.
-    "TRN-10": "many idle connections from one address, reaped (tests/test_redteam_connections.py tests the reference)",
-    "TRN-11": "more connections from one address than its cap, the newest closed (a suite cannot know the "
-    "target's cap; tests/test_redteam_connections.py tests the reference)",
-    "TRN-9": "a case that a target requiring mutual TLS refuses a client without a certificate (the suite "
-    "reaches such a target with --tls-client-cert and --tls-client-key)",
-    "KEY-5": "a published chain breaking two KEY checks at once, to pin their order",
-    "KEY-15": "a version signed by a key outside its validity window",
-    "BIL-2": "a bill the control service is asked to issue invalid, refused with the §7 reason",
-}
+GAPS: dict[str, str] = {}  # none today: every observable MUST and SHOULD has a case
 
 
 @dataclass(frozen=True)

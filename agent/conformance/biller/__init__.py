@@ -53,12 +53,14 @@ from agent.conformance.biller import (
     reenrolment,
     replay,
     terms,
+    transport,
 )
 from agent.conformance.biller.target import BillerTarget, connect, precheck
 from agent.conformance.runner import Suite
 
 SECTIONS: tuple[Suite[BillerTarget], ...] = (
     hello.suite,  # §15, §14, §4.6: first, as a smoke test of the connection and of Hello
+    transport.suite,  # §2
     envelopes.suite,  # §3
     parsing.suite,  # §3.4
     headers.suite,  # §5

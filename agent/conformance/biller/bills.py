@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from agent.conformance.biller.target import (
+    AMOUNT_DUE,
+    DUE_IN_DAYS,
     FIXTURES,
     BillerTarget,
     Customer,
     IssuedBill,
     agreed_thread,
+    expect,
     get_bill,
+    money,
     read_ok,
 )
 from agent.conformance.runner import Suite, Violation
+from agent.protocol.errors import Reason
 from agent.protocol.messages import Verified
 from parley.v1 import bill_pb2, envelope_pb2
 
@@ -88,3 +95,47 @@ async def never_changes(ctx: BillerTarget) -> None:
     first = bill.envelope.SerializeToString()
     if listed != first or fetched != first:
         raise Violation("the bill's envelope changed once an arrangement was agreed on it (it must never change)")
+
+
+@suite.case(
+    "BIL-2/invalid-bill-refused",
+    description="A bill conformance control is asked to issue invalid is refused with the reason of its first "
+    "failing check, and never presented",
+    quote="A bill MUST be valid. A biller MUST NOT sign an invalid bill, and a consumer or verifier MUST refuse one, "
+    "with the reason of the first failing check in this order",
+    needs=(FIXTURES,),
+)
+async def invalid_bill_refused(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    today = ctx.today()
+    due = today + timedelta(days=DUE_IN_DAYS)
+    standard = ctx.standard_options()
+    in_dollars = bill_pb2.AdvertisedOptions()
+    in_dollars.CopyFrom(standard)
+    in_dollars.deferral.fee.currency_code = "USD"
+
+    def early(pay_by: str, discount: int) -> bill_pb2.AdvertisedOptions:
+        options = bill_pb2.AdvertisedOptions()
+        options.CopyFrom(standard)
+        options.early_payment.CopyFrom(bill_pb2.EarlyPaymentDiscount(pay_by_date=pay_by, discount=money(discount)))
+        return options
+
+    invalid = (  # (what is wrong, amount due, due date, options, the reason of the first failing check of BIL-2)
+        ("amount_due zero", 0, due, standard, Reason.AMOUNT_OUT_OF_RANGE),
+        ("a deferral fee in USD on a bill in EUR, and amount_due zero (check 3 before 4)", 0, due, in_dollars,
+         Reason.CURRENCY_MISMATCH),
+        ("due_date two days before the issue date", AMOUNT_DUE, today - timedelta(days=2), standard,
+         Reason.INVALID_TERMS),
+        ("an early payment by a day after due_date", AMOUNT_DUE, due,
+         early((due + timedelta(days=1)).isoformat(), 1_000), Reason.INVALID_TERMS),
+        ("an early-payment discount equal to amount_due", AMOUNT_DUE, due, early(today.isoformat(), AMOUNT_DUE),
+         Reason.AMOUNT_OUT_OF_RANGE),
+    )  # fmt: skip
+    for what, amount, due_date, options, reason in invalid:
+        answer = await ctx.conn.issue_test_bill(customer.account_id, money(amount), due_date.isoformat(), options)
+        expect(answer, reason, f"IssueTestBill of a bill with {what}")
+    listed = await read_ok(ctx, customer)
+    if listed.bills:
+        raise Violation(f"the account lists {len(listed.bills)} bill(s) after only invalid bills were asked for")
+    await ctx.issue_bill(customer)
+    return f"{len(invalid)} invalid bills refused, none presented; a valid one then issued"

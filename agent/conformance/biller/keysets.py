@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent.conformance.biller.target import (
@@ -18,9 +18,10 @@ from agent.conformance.biller.target import (
     query_envelope,
     read_ok,
 )
-from agent.conformance.peers import KeySpec, build_key_set, flip_signature
+from agent.conformance.peers import KeySpec, SignedParty, build_key_set, flip_signature
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
+from agent.protocol.keys import SigningKey
 from parley.v1 import envelope_pb2, keys_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/keysets")
@@ -37,6 +38,28 @@ async def _rotated(ctx: BillerTarget, customer: Customer) -> tuple[Any, envelope
         raise Violation(f"PublishKeySet of version 2 answered version {answer.version}")
     party.adopt(version_2)
     return new_key, version_2
+
+
+def _ending_key_party(ctx: BillerTarget) -> tuple[SignedParty, SigningKey, datetime]:
+    """A party whose version 1 lists a key whose window ended two minutes ago and a spare that signs from now on;
+    (the party, the ended key, its not_after)."""
+    party = ctx.new_party()
+    ended, spare = party.key, type(party.key).generate()
+    now = ctx.now().replace(microsecond=0)
+    start, not_after = now - timedelta(days=1), now - timedelta(minutes=2)
+    party.key_sets[:] = [
+        build_key_set(
+            party_id=party.party_id,
+            version=1,
+            keys=[KeySpec(ended.public_key, start, not_after), party.key_spec(spare, start)],
+            signer=spare,
+            create_time=start,
+            expire_time=start + timedelta(days=300),
+            previous=None,
+        )
+    ]
+    party.key = spare
+    return party, ended, not_after
 
 
 @suite.case(
@@ -328,21 +351,7 @@ async def key_not_valid(ctx: BillerTarget) -> None:
     needs=(FIXTURES,),
 )
 async def key_window_end(ctx: BillerTarget) -> None:
-    party = ctx.new_party()
-    ending, spare = party.key, type(party.key).generate()
-    now = ctx.now().replace(microsecond=0)
-    start, not_after = now - timedelta(days=1), now - timedelta(minutes=2)
-    version_1 = build_key_set(
-        party_id=party.party_id,
-        version=1,
-        keys=[KeySpec(ending.public_key, start, not_after), party.key_spec(spare, start)],
-        signer=spare,
-        create_time=start,
-        expire_time=start + timedelta(days=300),
-        previous=None,
-    )
-    party.key_sets[:] = [version_1]
-    party.key = spare
+    party, ending, not_after = _ending_key_party(ctx)
     customer = await ctx.enrolled(party)
     lifetime = timedelta(minutes=20)
     before = {"create_time": not_after - timedelta(seconds=1), "lifetime": lifetime}
@@ -471,3 +480,72 @@ async def version_from_the_future(ctx: BillerTarget) -> None:
     accepted(await publish(ctx, now), "a version 2 created now (the refused one changed nothing)")
     party.adopt(now)
     await read_ok(ctx, customer)
+
+
+@suite.case(
+    "KEY-15/signer-usable",
+    description="A version signed by a key past its not_after is KEY_NOT_VALID, one revoking its own signer "
+    "KEY_REVOKED; neither takes effect",
+    quote="The key that signs a version MUST be usable at that version's `create_time`: inside its validity window "
+    "as listed by the signing version (KEY-10), else `KEY_NOT_VALID`, and not revoked at or before that time by the "
+    "revocations of the version being verified (KEY-11), else `KEY_REVOKED`.",
+    needs=(FIXTURES,),
+)
+async def signer_usable(ctx: BillerTarget) -> None:
+    party, ended, _ = _ending_key_party(ctx)
+    customer = await ctx.enrolled(party)
+    spare, start = party.key, ctx.now() - timedelta(days=1)
+    expect(
+        await publish(ctx, party.next_key_set([party.key_spec(spare, start)], signer=ended)),
+        Reason.KEY_NOT_VALID,
+        "version 2 signed by a key whose window, as version 1 lists it, ended two minutes before",
+    )
+    successor = type(spare).generate()
+    self_revoking = party.next_key_set(
+        [party.key_spec(successor, start)], revocations={spare.keyid: ctx.now() - timedelta(minutes=1)}
+    )
+    expect(
+        await publish(ctx, self_revoking),
+        Reason.KEY_REVOKED,
+        "version 2 revoking, a minute before its create_time, the very key that signs it",
+    )
+    version_2 = party.next_key_set([party.key_spec(spare, start)])
+    answer = accepted(
+        await publish(ctx, version_2), "version 2 signed by the spare key (the refused ones changed nothing)"
+    )
+    if answer.version != 2:
+        raise Violation(f"PublishKeySet of version 2 answered version {answer.version}")
+    party.adopt(version_2)
+    await read_ok(ctx, customer)
+
+
+@suite.case(
+    "KEY-5/check-order",
+    description="A version breaking two checks of KEY-5 at once is refused with the reason of the earlier one, for "
+    "four pairs of checks",
+    quote="A verifier MUST verify a chain version by version, version 1 first, and each version with the checks "
+    "below in this order, refusing with the reason of the first that fails",
+    needs=(FIXTURES,),
+)
+async def check_order(ctx: BillerTarget) -> str:
+    customer = await ctx.enrolled()
+    party = customer.party
+    start = ctx.now() - timedelta(days=1)
+    keys = [party.key_spec(party.key, start)]
+    elsewhere = {"previous_digest": secrets.token_bytes(32)}
+    revoking_its_signer = {party.key.keyid: ctx.now() - timedelta(minutes=1)}
+    pairs = (  # (the version, what it breaks, the reason of the earlier check)
+        (flip_signature(party.next_key_set(keys, version=3)), "4 (signature) and 6 (version 3 after 1)",
+         Reason.BAD_SIGNATURE),
+        (party.next_key_set([], version=3), "6 (version 3 after 1) and 7 (no key)", Reason.KEYSET_VERSION_SKIPPED),
+        (party.next_key_set([], header=elsewhere), "7 (no key) and 10 (previous_digest)", Reason.KEYSET_INVALID),
+        (party.next_key_set(keys, header=elsewhere, revocations=revoking_its_signer),
+         "10 (previous_digest) and 12 (a signer it revokes)", Reason.PREVIOUS_DIGEST_MISMATCH),
+    )  # fmt: skip
+    for version, breaks, reason in pairs:
+        expect(await publish(ctx, version), reason, f"a version breaking checks {breaks}")
+    version_2 = party.next_key_set(keys)
+    accepted(await publish(ctx, version_2), "a well-formed version 2 (the refused ones changed nothing)")
+    party.adopt(version_2)
+    await read_ok(ctx, customer)
+    return f"{len(pairs)} versions each breaking two checks refused with the earlier check's reason"

@@ -84,6 +84,15 @@ class IssuedBill:
     due_date: date
 
 
+@dataclass(frozen=True)
+class ConnectionBounds:
+    """The target's connection bounds as the operator tells them (`--idle-timeout`, `--max-connections-per-address`):
+    no message announces them, so without them the cases of TRN-10 and TRN-11 are skipped."""
+
+    idle_timeout: float | None = None  # seconds a connection with no call in flight lives (TRN-10)
+    max_per_address: int | None = None  # connections one peer address may hold (TRN-11)
+
+
 @dataclass
 class BillerTarget:
     """What every case works with: the connection, what Hello announced, and the biller's clock.
@@ -100,6 +109,8 @@ class BillerTarget:
     chain_error: str = ""
     offset: timedelta = timedelta(0)
     features: frozenset[str] = field(default_factory=frozenset)
+    tls: ClientTls | None = None  # None: plaintext (--insecure)
+    bounds: ConnectionBounds = ConnectionBounds()
 
     @property
     def biller_id(self) -> str:
@@ -482,7 +493,12 @@ async def read_events_until(
 
 @asynccontextmanager
 async def connect(
-    target: str, *, tls: ClientTls | None = None, insecure: bool = False, call_timeout: float = 10.0
+    target: str,
+    *,
+    tls: ClientTls | None = None,
+    insecure: bool = False,
+    call_timeout: float = 10.0,
+    bounds: ConnectionBounds = ConnectionBounds(),
 ) -> AsyncIterator[BillerTarget]:
     """Hello, the biller's key set chain, and the biller's clock (when conformance control is offered)."""
     try:
@@ -502,7 +518,16 @@ async def connect(
                 )
             raise TargetUnreachable(f"Hello failed: {hello.describe()}" + (f"\nhint: {hint}" if hint else ""))
         conn.refusals.clear()
-        context = BillerTarget(target, conn, hello, [], None, features=frozenset(hello.features))
+        context = BillerTarget(
+            target,
+            conn,
+            hello,
+            [],
+            None,
+            features=frozenset(hello.features),
+            tls=None if insecure else tls or ClientTls(),
+            bounds=bounds,
+        )
         key_sets = await conn.call("GetKeySets", biller_service_pb2.GetKeySetsRequest())
         if isinstance(key_sets, Refusal):
             context.chain_error = f"GetKeySets was refused: {key_sets.describe()}"

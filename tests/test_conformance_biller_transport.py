@@ -1,0 +1,104 @@
+"""The biller suite's transport cases (TRN-9, TRN-10, TRN-11), against billers set up for them.
+
+The in-process reference run of tests/test_conformance_biller.py is plaintext and tells the suite no connection
+bounds, so there these cases are skipped (`REFERENCE_SKIPS`). Here the reference biller is served over mutual TLS
+with a short idle timeout and a small per-address cap, the suite is told them, and each case PASSes; each broken
+setup — mutual TLS left out, idle connections never reaped, no per-address cap — fails exactly its case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from agent.conformance import biller as biller_suite
+from agent.conformance.biller.target import ConnectionBounds
+from agent.conformance.runner import RunOptions, run_suite
+from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
+from agent.transport.client import ClientTls
+from agent.transport.server import ConnectionLimits
+from reference_biller.config import load_config
+from reference_biller.service import SteppableClock, serving_biller
+
+TRANSPORT_CASES = ("TRN-9/client-certificate-required", "TRN-10/idle-connections-reaped", "TRN-11/per-address-cap")
+IDLE_TIMEOUT = timedelta(seconds=4)
+PER_ADDRESS = 8
+BOUNDED = ConnectionLimits(
+    idle_timeout=IDLE_TIMEOUT,
+    max_connections_per_address=PER_ADDRESS,
+    connection_check_interval=timedelta(milliseconds=100),
+)
+TOLD = ConnectionBounds(idle_timeout=IDLE_TIMEOUT.total_seconds(), max_per_address=PER_ADDRESS)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the reference biller is served: with mutual TLS or TLS alone, and its connection limits."""
+
+    name: str
+    mutual_tls: bool
+    limits: ConnectionLimits
+    outcomes: dict[str, str]  # what the suite must report for each transport case
+
+
+SETUPS = (
+    Setup("reference", True, BOUNDED, dict.fromkeys(TRANSPORT_CASES, "PASS")),
+    Setup(
+        "mutual TLS left out",
+        False,
+        BOUNDED,
+        {TRANSPORT_CASES[0]: "FAIL", TRANSPORT_CASES[1]: "PASS", TRANSPORT_CASES[2]: "PASS"},
+    ),
+    Setup(
+        "idle connections never reaped",
+        True,
+        ConnectionLimits(idle_timeout=timedelta(hours=1), max_connections_per_address=PER_ADDRESS),
+        {TRANSPORT_CASES[0]: "PASS", TRANSPORT_CASES[1]: "FAIL", TRANSPORT_CASES[2]: "PASS"},
+    ),
+    Setup(
+        "no per-address cap",  # a SHOULD: a WARN
+        True,
+        ConnectionLimits(idle_timeout=IDLE_TIMEOUT, max_connections_per_address=0),
+        {TRANSPORT_CASES[0]: "PASS", TRANSPORT_CASES[1]: "PASS", TRANSPORT_CASES[2]: "WARN"},
+    ),
+)
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=[s.name for s in SETUPS])
+def test_transport_cases(tmp_path: Path, setup: Setup) -> None:
+    ca = make_dev_ca()
+    server, client = issue_server_cert(ca), issue_client_cert(ca, "conformance suite")
+    tls = ClientTls(ca.cert_pem, certificate_chain=client.chain_pem, private_key=client.key_pem)
+    report, output = tmp_path / "report.json", io.StringIO()
+
+    async def scenario() -> int:
+        async with serving_biller(
+            load_config(),
+            listen="127.0.0.1:0",
+            state_dir=tmp_path / "state",
+            clock=SteppableClock(),
+            tls=(server.chain_pem, server.key_pem),
+            tls_client_ca=ca.cert_pem if setup.mutual_tls else None,
+            conformance_control=True,
+            interval=timedelta(hours=1),
+            shutdown_grace=0,
+            connection_limits=setup.limits,
+        ) as running:
+            target = f"127.0.0.1:{running.port}"
+            return await run_suite(
+                biller_suite.suite,
+                lambda: biller_suite.connect(target, tls=tls, bounds=TOLD),
+                RunOptions(target=target, json=report, only=TRANSPORT_CASES),
+                Console(file=output, width=200),
+            )
+
+    asyncio.run(scenario())
+    cases = json.loads(report.read_text(encoding="utf-8"))["cases"]
+    assert {case["id"]: case["outcome"] for case in cases} == setup.outcomes, output.getvalue()

@@ -8,6 +8,7 @@
                         [--conformance-control]
                         [--metrics-listen HOST:PORT] [--log-format json|text] [--log-level LEVEL]
                         [--shutdown-grace SECONDS] [--otel] [--max-connections-per-address N]
+                        [--idle-timeout SECONDS]
                                     run the reference biller (built-in sample config without --config);
                                     PARLEY_* variables and the config's [server] table set the same options
     parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--account ID]... [--revoke]
@@ -43,6 +44,7 @@ import json
 import signal
 import sys
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import segno
@@ -229,7 +231,9 @@ async def _serve_until_signalled(
             store_location=settings.store,
             webhooks=webhooks,
             connection_limits=replace(
-                DEFAULT_CONNECTION_LIMITS, max_connections_per_address=settings.max_connections_per_address
+                DEFAULT_CONNECTION_LIMITS,
+                max_connections_per_address=settings.max_connections_per_address,
+                idle_timeout=timedelta(seconds=settings.idle_timeout),
             ),
         )
     )
@@ -545,6 +549,12 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="N",
         help="connections one peer IP address may hold; past it the newest are closed (TRN-11; "
         "env PARLEY_MAX_CONNECTIONS_PER_ADDRESS; default: 64)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        metavar="SECONDS",
+        help="close a connection with no call in flight for this long (TRN-10; env PARLEY_IDLE_TIMEOUT; "
+        "default: 300)",
     )
     serve.set_defaults(handler=_serve)
 

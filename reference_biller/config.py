@@ -123,6 +123,7 @@ class ServerSettings:
     tls_client_ca: str | None = None
     otel: bool | None = None
     max_connections_per_address: int | None = None
+    idle_timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,16 @@ def _server(t: _Table) -> ServerSettings:
         tls_client_ca=t.optional("tls_client_ca", str),
         otel=t.optional("otel", bool),
         max_connections_per_address=t.count("max_connections_per_address"),
+        idle_timeout_seconds=_positive(t, "idle_timeout_seconds"),
     )
+
+
+def _positive(t: _Table, name: str) -> float | None:
+    """A number of seconds above 0 (a connection idle for 0 s would be closed as it opens), or None."""
+    value = t.seconds(name)
+    if value == 0:
+        raise ConfigError(f"{t.key(name)}: expected a number of seconds above 0, got 0")
+    return value
 
 
 def _simulation(t: _Table) -> Simulation:

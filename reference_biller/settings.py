@@ -19,6 +19,7 @@ built-in sample. An empty variable counts as unset.
 | client CA (mutual TLS) | `--tls-client-ca` | `PARLEY_TLS_CLIENT_CA` | `tls_client_ca` | none: no client certificates |
 | OpenTelemetry tracing | `--otel` | `PARLEY_OTEL` (1/0, true/false) | `otel` | off |
 | connections per address | `--max-connections-per-address` | `PARLEY_MAX_CONNECTIONS_PER_ADDRESS` | (same) | `64` |
+| idle connection timeout (s) | `--idle-timeout` | `PARLEY_IDLE_TIMEOUT` | `idle_timeout_seconds` | `300` |
 
 `--insecure` (plaintext on loopback) is a flag only, so that turning TLS off is
 always a visible choice. An invalid value is a `SettingsError` that names where
@@ -79,6 +80,7 @@ OPTIONS = {
             "PARLEY_MAX_CONNECTIONS_PER_ADDRESS",
             "server.max_connections_per_address",
         ),
+        Option("idle_timeout", "--idle-timeout", "PARLEY_IDLE_TIMEOUT", "server.idle_timeout_seconds"),
     )
 }
 
@@ -99,6 +101,7 @@ class ServeSettings:
     tls_client_ca: Path | None
     otel: bool
     max_connections_per_address: int
+    idle_timeout: float  # seconds without a call in flight before a connection is closed (TRN-10)
     sources: Mapping[str, str]
 
 
@@ -138,6 +141,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise ValueError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -170,8 +180,9 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "tls_client_ca": str,
     "otel": _boolean,
     "max_connections_per_address": _count,
+    "idle_timeout": _positive_seconds,
 }
-_CONFIG_FIELDS = {"shutdown_grace": "shutdown_grace_seconds"}
+_CONFIG_FIELDS = {"shutdown_grace": "shutdown_grace_seconds", "idle_timeout": "idle_timeout_seconds"}
 
 
 def _pick(name: str, flags: Mapping[str, object], env: Mapping[str, str], server: ServerSettings) -> tuple[object, str]:
@@ -236,6 +247,7 @@ def resolve_serve(
         max_connections_per_address=int(
             value("max_connections_per_address", DEFAULT_CONNECTION_LIMITS.max_connections_per_address)
         ),
+        idle_timeout=float(value("idle_timeout", DEFAULT_CONNECTION_LIMITS.idle_timeout.total_seconds())),
         sources=sources,
     )
 

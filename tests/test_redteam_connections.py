@@ -198,6 +198,19 @@ def test_the_per_address_cap_is_a_serve_option() -> None:
             resolve_serve({"max_connections_per_address": bad}, file, {})
 
 
+def test_the_idle_timeout_is_a_serve_option() -> None:
+    """TRN-10's idle timeout, so that a conformance run can check it without waiting five minutes."""
+    assert resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {}).idle_timeout == 300.0
+    file = ServerSettings(listen="127.0.0.1:0", idle_timeout_seconds=60.0)
+    assert resolve_serve({}, file, {}).idle_timeout == 60.0
+    assert resolve_serve({}, file, {"PARLEY_IDLE_TIMEOUT": "30"}).idle_timeout == 30.0
+    chosen = resolve_serve({"idle_timeout": "2.5"}, file, {"PARLEY_IDLE_TIMEOUT": "30"})
+    assert (chosen.idle_timeout, chosen.sources["idle_timeout"]) == (2.5, "--idle-timeout")
+    for bad in ("0", "-3", "soon"):
+        with pytest.raises(SettingsError, match="--idle-timeout: expected a number of seconds"):
+            resolve_serve({"idle_timeout": bad}, file, {})
+
+
 def test_a_bad_per_address_cap_in_the_config_names_its_key(tmp_path: Path) -> None:
     config = tmp_path / "biller.toml"
     config.write_text(

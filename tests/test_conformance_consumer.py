@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,22 @@ from reference_consumer.profile import ProfileError
 from reference_consumer.runner import profile_from_env
 from tests import deferring_consumer
 from tests.broken_consumers import BROKEN_CONSUMERS, BrokenConsumer, reference_command
+from tests.helpers.scratch import scratch_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 CASE_IDS = [case.id for case in consumer_cases.suite.cases]
 JOBS = 4  # scenarios are independent: run them side by side (each is mostly waiting on its client process)
 TIMEOUT = 60.0  # per scenario: generous, for a loaded machine
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """This module's directories (the scenarios', the reports) on tmpfs when the machine has one: its whole
+    suite runs commit thousands of times, and on a disk the fsyncs were half a run's time (tests/helpers/scratch.py).
+    """
+    with scratch_directory("parley-consumer-suite-") as directory:
+        yield directory
 
 
 def run_against(tmp_path: Path, client_cmd: str, **options: Any) -> tuple[int, dict[str, Any], str]:

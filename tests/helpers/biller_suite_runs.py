@@ -6,9 +6,8 @@ tests/broken_billers_extra.py) and twice against the reference itself. Run after
 
 - the reference biller's store commits with `synchronous=FULL`, and every AdvanceClock runs an upkeep
   round that claims and releases a lease for each account the run has made so far (two commits, two
-  fsyncs each): on a disk that alone is about 10 s of a run. A run's state directory is throwaway, so
-  it is put on tmpfs (/dev/shm) when the machine has one, where fsync costs nothing. The store, its
-  transactions and its durability settings are the same; only the disk under them is faster;
+  fsyncs each): on a disk that alone is about 11 s of a run. A run's state directory is throwaway, so
+  it is put on tmpfs when the machine has one (tests/helpers/scratch.py);
 - the suite itself waits: a log is read until it stays quiet for a few seconds (EVT-3, EVT-7, PRV-7),
   and a stream's end is seen at the reference's next recheck (EVT-9), about 12 s of a run.
 
@@ -25,7 +24,6 @@ import io
 import json
 import multiprocessing
 import os
-import tempfile
 import traceback
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -39,8 +37,7 @@ from agent.conformance import biller as biller_suite
 from agent.conformance.runner import RunOptions, run_suite
 from tests.broken_billers import BROKEN_BILLERS, Defect, reference_biller
 from tests.broken_billers_extra import EXTRA_BROKEN_BILLERS
-
-TMPFS = Path("/dev/shm")  # a private directory under it per run, removed after the run
+from tests.helpers.scratch import scratch_directory
 
 
 @dataclass(frozen=True)
@@ -69,11 +66,6 @@ def defect_of(broken: str) -> Defect:
     return defect
 
 
-def state_root() -> str | None:
-    """Where a run's throwaway state directory goes: tmpfs when the machine has one, else the default."""
-    return str(TMPFS) if TMPFS.is_dir() and os.access(TMPFS, os.W_OK) else None
-
-
 async def run_once(run: SuiteRun, work: Path) -> SuiteRunResult:
     """The whole suite against a reference biller (with the run's defect) served in this loop, state in `work`."""
     report, junit, output = work / "report.json", work / "report.xml", io.StringIO()
@@ -93,8 +85,8 @@ async def run_once(run: SuiteRun, work: Path) -> SuiteRunResult:
 def run_in_worker(run: SuiteRun) -> SuiteRunResult:
     """`run_once` in a fresh loop and a throwaway directory; an error is returned, so that it fails one test."""
     try:
-        with tempfile.TemporaryDirectory(prefix="parley-suite-", dir=state_root()) as work:
-            return asyncio.run(run_once(run, Path(work)))
+        with scratch_directory("parley-biller-suite-") as work:
+            return asyncio.run(run_once(run, work))
     except Exception:
         return SuiteRunResult(-1, {}, "", "", error=traceback.format_exc())
 

@@ -46,6 +46,7 @@ imports this module, the tools or the reference apps: they sit above it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import tempfile
@@ -60,41 +61,36 @@ from agent.tools.json_output import json_on_stdout
 from agent.version import __version__
 from reference_biller.preflight import logs_json
 
+# The commands, in the order `parley --help` lists them: the module that registers each, and its function.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "keygen": ("agent.tools.keygen", "add_keygen_command"),
+    "verify": ("agent.tools.verify", "add_verify_command"),
+    "vectors": ("agent.tools.vectors_command", "add_vectors_command"),
+    "demo": ("agent.tools.demo", "add_demo_command"),
+    "certs": ("agent.tools.certs", "add_certs_command"),
+    "biller": ("reference_biller.cli", "add_biller_commands"),  # init | serve | codes | rotate-key | check-config
+    "consumer": ("reference_consumer.runner", "add_consumer_commands"),  # run
+    "conformance": ("agent.conformance", "add_conformance_commands"),  # biller | consumer
+    "bench": ("agent.tools.bench", "add_bench_command"),
+    "chaos": ("agent.tools.chaos", "add_chaos_command"),
+    "fuzz": ("agent.tools.fuzz_command", "add_fuzz_command"),
+    "mutate": ("agent.tools.mutate", "add_mutate_command"),  # agent/tools/mutate.py
+}
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `command` (one of COMMANDS), only that command, whose module alone is imported."""
     # The commands are imported here, not above, because they import gRPC: `main` first decides, from the
     # raw arguments, whether gRPC's C core must be quiet for a JSON log stream (agent/logs.py).
-    from agent.conformance import add_conformance_commands  # noqa: PLC0415
-    from agent.tools.bench import add_bench_command  # noqa: PLC0415
-    from agent.tools.certs import add_certs_command  # noqa: PLC0415
-    from agent.tools.chaos import add_chaos_command  # noqa: PLC0415
-    from agent.tools.demo import add_demo_command  # noqa: PLC0415
-    from agent.tools.fuzz_command import add_fuzz_command  # noqa: PLC0415
-    from agent.tools.keygen import add_keygen_command  # noqa: PLC0415
-    from agent.tools.mutate import add_mutate_command  # noqa: PLC0415
-    from agent.tools.vectors_command import add_vectors_command  # noqa: PLC0415
-    from agent.tools.verify import add_verify_command  # noqa: PLC0415
-    from reference_biller.cli import add_biller_commands  # noqa: PLC0415
-    from reference_consumer.runner import add_consumer_commands  # noqa: PLC0415
-
     parser = argparse.ArgumentParser(prog="parley", description="Parley: bots settling bills with bots.")
     parser.add_argument("--version", action="version", version=f"parley {__version__}")
     parser.add_argument(
         "--debug", action="store_true", help="show the full trace of an unexpected error (also after the command)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_keygen_command(commands)  # parley keygen
-    add_verify_command(commands)  # parley verify
-    add_vectors_command(commands)  # parley vectors
-    add_demo_command(commands)  # parley demo
-    add_certs_command(commands)  # parley certs
-    add_biller_commands(commands)  # parley biller init | serve | codes | rotate-key | check-config
-    add_consumer_commands(commands)  # parley consumer run
-    add_conformance_commands(commands)  # parley conformance biller | consumer
-    add_bench_command(commands)  # parley bench
-    add_chaos_command(commands)  # parley chaos
-    add_fuzz_command(commands)  # parley fuzz
-    add_mutate_command(commands)  # parley mutate (agent/tools/mutate.py)
+    for name, (module, register) in COMMANDS.items():
+        if command in (None, name):
+            getattr(importlib.import_module(module), register)(commands)
     return parser
 
 
@@ -145,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = [argument for argument in arguments if argument != "--debug"]
     if logs_json(arguments, os.environ):
         quiet_grpc_core()  # before build_parser imports gRPC: its core's text lines would break the JSON
-    parser = build_parser()
+    # Only the named command's module is imported: all of them cost a process ~0.5 s of CPU more, which every
+    # client the consumer suite starts would pay. Help and an unknown command get the whole command line.
+    parser = build_parser(arguments[0] if arguments and arguments[0] in COMMANDS else None)
     try:
         args = parser.parse_args(arguments)
     except SystemExit as exit_:  # argparse exits 2 on bad usage, which is our "unusable input" too

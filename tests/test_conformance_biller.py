@@ -47,30 +47,47 @@ from reference_biller.service import Biller as ReferenceBiller
 from reference_biller.service import SteppableClock
 from tests.broken_billers import BROKEN_BILLERS, BrokenBiller, Defect, reference_biller
 from tests.broken_billers_extra import EXTRA_BROKEN_BILLERS
+from tests.broken_billers_extra import BrokenBiller as ExtraBrokenBiller
+from tests.helpers.biller_suite_runs import SuiteRun, SuiteRunResult, run_all
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 CASE_IDS = [case.id for case in biller_suite.suite.cases]
 
 
-def run_against(
-    tmp_path: Path, defect: Defect | None = None, *, conformance_control: bool = True, **options: Any
-) -> tuple[int, dict[str, Any], str]:
-    """Run the suite against a reference biller (with `defect`), in-process; (exit code, JSON report, output)."""
-    report = tmp_path / "report.json"
-    output = io.StringIO()
+# The whole-suite runs the tests below judge (the reference, each broken biller) are made together, side by side
+# in worker processes, before the first of them is judged: tests/helpers/biller_suite_runs.py says why and how.
+# Each is still one whole run against its own biller, and each test asserts on its own run's report.
+SuiteRuns = dict[SuiteRun, SuiteRunResult]
+BROKEN_TESTS = ("test_broken_biller_fails_exactly_its_cases", "test_extra_broken_biller_fails_exactly_its_cases")
+REFERENCE_RUNS = {
+    "test_reference_biller_passes_every_case": SuiteRun(),
+    "test_without_conformance_control_fixture_cases_skip_with_the_reason": SuiteRun(conformance_control=False),
+}
 
-    async def scenario() -> int:
-        async with reference_biller(tmp_path / "state", defect, conformance_control=conformance_control) as target:
-            return await run_suite(
-                biller_suite.suite,
-                lambda: biller_suite.connect(target, insecure=True),
-                RunOptions(target=target, json=report, **options),
-                Console(file=output, width=200),
-            )
 
-    code = asyncio.run(scenario())
-    return code, json.loads(report.read_text(encoding="utf-8")), output.getvalue()
+def run_judged_by(item: pytest.Item) -> SuiteRun | None:
+    """The whole-suite run that `item` (a test of this module) judges, if any."""
+    if not isinstance(item, pytest.Function) or item.path != Path(__file__):
+        return None
+    if item.originalname in BROKEN_TESTS:
+        broken = item.callspec.params["broken"]
+        assert isinstance(broken, BrokenBiller | ExtraBrokenBiller)
+        return SuiteRun(broken.name)
+    return REFERENCE_RUNS.get(item.originalname)
+
+
+@pytest.fixture(scope="module")
+def suite_runs(request: pytest.FixtureRequest) -> SuiteRuns:
+    """Every run judged by the tests selected in this session (`-k` one broken biller: that run alone)."""
+    return run_all(run for item in request.session.items if (run := run_judged_by(item)) is not None)
+
+
+def judged(suite_runs: SuiteRuns, run: SuiteRun) -> tuple[int, dict[str, Any], str]:
+    """The run's (exit code, JSON report, printed output); a run that could not complete fails its test alone."""
+    result = suite_runs[run]
+    assert result.error is None, result.error
+    return result.code, result.report, result.output
 
 
 def with_cli(tmp_path: Path, body: Callable[[str], Awaitable[None]], defect: Defect | None = None) -> None:
@@ -119,8 +136,8 @@ def only_the_reference_warns(not_passed: dict[str, tuple[str, str]]) -> bool:
     )
 
 
-def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
-    code, report, output = run_against(tmp_path, junit=tmp_path / "report.xml")
+def test_reference_biller_passes_every_case(suite_runs: SuiteRuns) -> None:
+    code, report, output = judged(suite_runs, SuiteRun())
     not_passed = {
         case["id"]: (case["outcome"], case["detail"]) for case in report["cases"] if case["outcome"] != "PASS"
     }
@@ -133,14 +150,14 @@ def test_reference_biller_passes_every_case(tmp_path: Path) -> None:
     assert f"PARTIAL ({skips} of {len(CASE_IDS)} cases skipped" in " ".join(output.split())
     assert [case["id"] for case in report["cases"]] == CASE_IDS
     assert output.rstrip().splitlines()[-1].startswith("summary: parley conformance biller")
-    junit = ET.parse(tmp_path / "report.xml").getroot()
+    junit = ET.fromstring(suite_runs[SuiteRun()].junit)
     suite = junit.find("testsuite")
     assert suite is not None
     assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == (str(len(CASE_IDS)), "0", "0")
 
 
-def test_without_conformance_control_fixture_cases_skip_with_the_reason(tmp_path: Path) -> None:
-    code, report, output = run_against(tmp_path, conformance_control=False)
+def test_without_conformance_control_fixture_cases_skip_with_the_reason(suite_runs: SuiteRuns) -> None:
+    code, report, output = judged(suite_runs, SuiteRun(conformance_control=False))
     needs_fixtures = {case.id for case in biller_suite.suite.cases if FIXTURES in case.needs}
     outcomes = {case["id"]: (case["outcome"], case["detail"]) for case in report["cases"]}
     assert {i for i, (outcome, _) in outcomes.items() if outcome == "SKIP"} == needs_fixtures | set(REFERENCE_SKIPS)
@@ -178,8 +195,8 @@ ALSO_CAUGHT: dict[str, frozenset[str]] = {
 
 
 @pytest.mark.parametrize("broken", BROKEN_BILLERS, ids=[b.name for b in BROKEN_BILLERS])
-def test_broken_biller_fails_exactly_its_cases(tmp_path: Path, broken: BrokenBiller) -> None:
-    code, report, output = run_against(tmp_path, broken.defect)
+def test_broken_biller_fails_exactly_its_cases(suite_runs: SuiteRuns, broken: BrokenBiller) -> None:
+    code, report, output = judged(suite_runs, SuiteRun(broken.name))
     outcomes = {case["id"]: case["outcome"] for case in report["cases"]}
     failed = {case_id for case_id, outcome in outcomes.items() if outcome == "FAIL"}
     assert failed == broken.fails | ALSO_CAUGHT.get(broken.name, frozenset()), output
@@ -191,9 +208,9 @@ def test_broken_biller_fails_exactly_its_cases(tmp_path: Path, broken: BrokenBil
 
 
 @pytest.mark.parametrize("broken", EXTRA_BROKEN_BILLERS, ids=[b.name for b in EXTRA_BROKEN_BILLERS])
-def test_extra_broken_biller_fails_exactly_its_cases(tmp_path: Path, broken: Any) -> None:
+def test_extra_broken_biller_fails_exactly_its_cases(suite_runs: SuiteRuns, broken: Any) -> None:
     """tests/broken_billers_extra.py: defects wrapped around the public BillerAgent, one per case of issue 15."""
-    code, report, output = run_against(tmp_path, broken.defect)
+    code, report, output = judged(suite_runs, SuiteRun(broken.name))
     failed = {case["id"] for case in report["cases"] if case["outcome"] == "FAIL"}
     assert failed == broken.fails, output
     assert code == EXIT_FAILED

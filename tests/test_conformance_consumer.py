@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from reference_consumer.profile import ProfileError
 from reference_consumer.runner import profile_from_env
 from tests import deferring_consumer
 from tests.broken_consumers import BROKEN_CONSUMERS, BrokenConsumer, reference_command
+from tests.helpers.scratch import scratch_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
@@ -42,8 +44,22 @@ JOBS = 4  # scenarios are independent: run them side by side (each is mostly wai
 TIMEOUT = 60.0  # per scenario: generous, for a loaded machine
 
 
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """This module's directories (the scenarios', the reports) on tmpfs when the machine has one: its whole
+    suite runs commit thousands of times, and on a disk the fsyncs were half a run's time (tests/helpers/scratch.py).
+    """
+    with scratch_directory("parley-consumer-suite-") as directory:
+        yield directory
+
+
 def run_against(tmp_path: Path, client_cmd: str, **options: Any) -> tuple[int, dict[str, Any], str]:
     """Run the suite in-process against a client command; (exit code, JSON report, printed output)."""
+    return asyncio.run(suite_run(tmp_path, client_cmd, **options))
+
+
+async def suite_run(tmp_path: Path, client_cmd: str, **options: Any) -> tuple[int, dict[str, Any], str]:
+    """`run_against` in the running loop, so that several runs can go side by side."""
     report = tmp_path / "report.json"
     output = io.StringIO()
     options.setdefault("jobs", JOBS)
@@ -51,13 +67,11 @@ def run_against(tmp_path: Path, client_cmd: str, **options: Any) -> tuple[int, d
     run_options = RunOptions(target=client_cmd, json=report, **options)
     timeout = run_options.timeout
 
-    code = asyncio.run(
-        run_suite(
-            consumer_cases.suite,
-            lambda: consumer_cases.connect(client_cmd, timeout=timeout, work_dir=tmp_path / "work"),
-            run_options,
-            Console(file=output, width=200),
-        )
+    code = await run_suite(
+        consumer_cases.suite,
+        lambda: consumer_cases.connect(client_cmd, timeout=timeout, work_dir=tmp_path / "work"),
+        run_options,
+        Console(file=output, width=200),
     )
     return code, json.loads(report.read_text(encoding="utf-8")), output.getvalue()
 
@@ -109,9 +123,47 @@ def test_a_client_that_defers_and_pays_on_the_agreed_date_passes_the_baseline(tm
 # --- 2. Broken consumers fail exactly their scenarios ------------------------------------------------------
 
 
+RUNS_AT_ONCE = 2  # a run keeps about one core busy with its clients' processes (JOBS scenarios at once)
+Run = tuple[int, dict[str, Any], str]
+
+
+@pytest.fixture(scope="module")
+def broken_runs(request: pytest.FixtureRequest) -> dict[str, Run | BaseException]:
+    """The whole-suite run of each broken consumer selected in this session (`-k` one: that run alone), made
+    RUNS_AT_ONCE at a time in one loop before the first is judged; each test still judges its own run."""
+    selected = {
+        item.callspec.params["broken"]
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.path == Path(__file__)
+        and item.originalname == "test_broken_consumer_fails_exactly_its_scenarios"
+    }
+    chosen = [broken for broken in BROKEN_CONSUMERS if broken in selected]
+
+    async def side_by_side(root: Path) -> dict[str, Run | BaseException]:
+        slots = asyncio.Semaphore(RUNS_AT_ONCE)
+
+        async def one(broken: BrokenConsumer) -> Run:
+            async with slots:
+                work = root / broken.defect
+                work.mkdir()
+                return await suite_run(work, broken.command)
+
+        runs = await asyncio.gather(*(one(broken) for broken in chosen), return_exceptions=True)
+        return {broken.defect: run for broken, run in zip(chosen, runs, strict=True)}
+
+    with scratch_directory("parley-consumer-suites-") as root:
+        return asyncio.run(side_by_side(root))
+
+
 @pytest.mark.parametrize("broken", BROKEN_CONSUMERS, ids=[b.defect for b in BROKEN_CONSUMERS])
-def test_broken_consumer_fails_exactly_its_scenarios(tmp_path: Path, broken: BrokenConsumer) -> None:
-    code, report, output = run_against(tmp_path, broken.command)
+def test_broken_consumer_fails_exactly_its_scenarios(
+    broken_runs: dict[str, Run | BaseException], broken: BrokenConsumer
+) -> None:
+    run = broken_runs[broken.defect]
+    if isinstance(run, BaseException):
+        raise run
+    code, report, output = run
     outcomes = outcomes_of(report)
     failed = {case_id for case_id, outcome in outcomes.items() if outcome == "FAIL"}
     assert failed == broken.fails, output

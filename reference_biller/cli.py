@@ -553,8 +553,7 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument(
         "--idle-timeout",
         metavar="SECONDS",
-        help="close a connection with no call in flight for this long (TRN-10; env PARLEY_IDLE_TIMEOUT; "
-        "default: 300)",
+        help="close a connection with no call in flight for this long (TRN-10; env PARLEY_IDLE_TIMEOUT; default: 300)",
     )
     serve.set_defaults(handler=_serve)
 

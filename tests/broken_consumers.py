@@ -336,6 +336,8 @@ def discloses_unsalted_circumstances() -> None:
     )
     messages.Disclosure = unsalted
     vars(negotiation)["negotiation_pb2"] = messages  # the consumer's negotiation only: the messages it builds
+
+
 def _lenient_receipts(forgiven: Callable[[str, str], bool]) -> None:
     """check_receipt keeps a receipt whose refusal `forgiven(reason, detail)` selects, as if it had passed (PAY-9)."""
     from agent.consumer.receive import Receiver  # noqa: PLC0415

@@ -86,8 +86,7 @@ def test_a_file_target_limits_the_search_to_that_file(tree: Path) -> None:
 
 def test_malformed_mutant_data_is_refused(tmp_path: Path) -> None:
     entry = (
-        'id = "x"\nsuite = "biller"\nbreaks = "ENV-3"\ntarget = "agent"\nfind = "a"\nreplace = "b"\n'
-        'description = "d"\n'
+        'id = "x"\nsuite = "biller"\nbreaks = "ENV-3"\ntarget = "agent"\nfind = "a"\nreplace = "b"\ndescription = "d"\n'
     )
     (tmp_path / "one.toml").write_text(f"[[mutant]]\n{entry}\n[[mutant]]\n{entry}")
     with pytest.raises(UnusableMutants, match="already used"):

@@ -134,9 +134,7 @@ class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
             raise RemoteProtocolError(Reason.NOT_FOUND, f"no account {request.account_id!r}")
         superseded = await agent.party.store.revoke_enrolment_codes(request.account_id, self._clock.now())
         code = await agent.issue_enrolment_code(request.account_id)
-        logger.info(
-            "conformance control: new enrolment code for %s (%d superseded)", request.account_id, superseded
-        )
+        logger.info("conformance control: new enrolment code for %s (%d superseded)", request.account_id, superseded)
         return cc.IssueTestEnrolmentCodeResponse(enrolment_code=code)
 
     async def _advance(self, request: cc.AdvanceClockRequest) -> cc.AdvanceClockResponse:

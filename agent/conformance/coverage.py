@@ -212,8 +212,7 @@ def render_table(rows: Sequence[Row]) -> str:
         elif status == "gap":
             status = f"**gap**: {GAPS[rid]}"
         lines.append(
-            f"| {rid} | {row.requirement.level} | {_cell(row.biller_cases)} | {_cell(row.consumer_cases)} "
-            f"| {status} |"
+            f"| {rid} | {row.requirement.level} | {_cell(row.biller_cases)} | {_cell(row.consumer_cases)} | {status} |"
         )
     lines += ["", END]
     return "\n".join(lines)

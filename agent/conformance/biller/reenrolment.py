@@ -74,9 +74,7 @@ async def _presented_again(ctx: BillerTarget, second: Customer, bills: list[Issu
     return presented
 
 
-async def _own_log(
-    ctx: BillerTarget, second: Customer, presented: dict[str, IssuedBill], first_thread: bytes
-) -> int:
+async def _own_log(ctx: BillerTarget, second: Customer, presented: dict[str, IssuedBill], first_thread: bytes) -> int:
     """EVT-11: the new party's own log from 0, BILL_ISSUED naming the presentations it was served."""
     async with ctx.conn.watch(second.party.query(second.account_id)) as stream:
         log = await read_events_until(stream, second, ctx, set(presented), 0)

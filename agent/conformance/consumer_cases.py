@@ -369,6 +369,17 @@ def setup_failed(what: str, scenario: Scenario) -> Violation:
     )
 
 
+BANK_DOWN_TARGET = "bank-unreachable"  # a directory that does not exist: the order book's link leads nowhere
+
+
+def bank_unreachable(scenario: Scenario) -> Path:
+    """From now on the client's bank cannot be reached: its order book is a link to a directory that does not
+    exist, so nothing can be ordered (the client contract, "The client's bank"). Returns the link."""
+    order_book = scenario.state_dir / BANK_FILE
+    order_book.symlink_to(scenario.directory / BANK_DOWN_TARGET / BANK_FILE)
+    return order_book
+
+
 def _paid_once(scenario: Scenario, bill_id: str) -> BankOrder:
     """The one bank order paying `bill_id` under instructions the biller issued, for their amount (else Violation)."""
     biller = scenario.biller
@@ -1776,8 +1787,10 @@ _DOCTORED_EVENTS: tuple[tuple[str, str, str, Any], ...] = (
 
 
 def _doctored_event_case(case_id: str, what: str, quote: str, install: Any) -> None:
-    """A scenario: the client agrees and pays in run 1; then the biller appends a reminder and an offer to
-    renegotiate the agreed bill, the log doctored by `install`; in run 2 the client must not negotiate again."""
+    """A scenario: the client agrees in run 1, but its bank is down, so the bill stays owed; then the biller appends
+    a reminder and an offer to renegotiate the agreed bill, the log doctored by `install`; in run 2 the client must
+    not negotiate again. (A client that had paid the bill in full would have nothing to renegotiate, honest offer
+    or not: the scenario would prove nothing.)"""
 
     @suite.case(
         case_id,
@@ -1788,6 +1801,7 @@ def _doctored_event_case(case_id: str, what: str, quote: str, install: Any) -> N
     async def body(context: ConsumerContext) -> str:
         async with scenario(context, case_id.split("/", 1)[1]) as s:
             bills = issue_bills_on_enrolment(s.biller)
+            bank_unreachable(s)  # for both runs: what is owed stays owed, so an offer to renegotiate is one to take
             await s.run_client()
             if not s.enrolled():
                 raise setup_failed("the client did not enrol", s)
@@ -2171,7 +2185,6 @@ for _case_id, _what, _change in _DOCTORED_RECEIPTS:
 # --- 18. Instructions whose pay_by_time passes before the client could pay them --------------------------------
 
 PAY_BY_DELAY = timedelta(seconds=5)  # how long run 1's instructions stay payable: long enough to be taken as valid
-BANK_DOWN_TARGET = "bank-unreachable"  # a directory that does not exist: the order book's link leads nowhere
 
 
 @suite.case(
@@ -2203,8 +2216,7 @@ async def pay_by_passed_before_paying(context: ConsumerContext) -> str:
 
         # Run 1: the client's bank cannot be reached — its order book is a link to a directory that does not
         # exist, so it cannot be opened — and the instructions are payable for PAY_BY_DELAY only.
-        order_book = s.state_dir / BANK_FILE
-        order_book.symlink_to(s.directory / BANK_DOWN_TARGET / BANK_FILE)
+        order_book = bank_unreachable(s)
         s.biller.rewrite["CreatePaymentIntent"] = short_lived
         await s.run_client()
         del s.biller.rewrite["CreatePaymentIntent"]

@@ -1766,10 +1766,12 @@ _DOCTORED_EVENTS: tuple[tuple[str, str, str, Any], ...] = (
     ),
     (
         "HDR-15/event-off-the-log",
-        "a renegotiation offer carrying another thread id than the event log's",
+        "an offer chained after a reminder with another thread id than the log's",
         "Key set versions MUST carry their party's key set chain id (KEY-4) and events MUST carry their account's "
         "event log id (§11); a receiver MUST refuse any other `thread_id` on them",
-        _doctor_kind(event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED, _off_the_log),
+        # The reminder, not the offer: an offer off the log would name no thread the client agreed on, so even a
+        # client that took it would have nothing to renegotiate; an honest offer after the doctored reminder does.
+        _doctor_kind(event_pb2.EVENT_KIND_REMINDER, _off_the_log),
     ),
     (
         "EVT-2/event-kind-undefined",

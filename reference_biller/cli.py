@@ -8,7 +8,7 @@
                         [--conformance-control]
                         [--metrics-listen HOST:PORT] [--log-format json|text] [--log-level LEVEL]
                         [--shutdown-grace SECONDS] [--otel] [--max-connections-per-address N]
-                        [--idle-timeout SECONDS]
+                        [--idle-timeout SECONDS] [--handshake-timeout SECONDS]
                                     run the reference biller (built-in sample config without --config);
                                     PARLEY_* variables and the config's [server] table set the same options
     parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--account ID]... [--revoke]
@@ -234,6 +234,7 @@ async def _serve_until_signalled(
                 DEFAULT_CONNECTION_LIMITS,
                 max_connections_per_address=settings.max_connections_per_address,
                 idle_timeout=timedelta(seconds=settings.idle_timeout),
+                handshake_timeout=timedelta(seconds=settings.handshake_timeout),
             ),
         )
     )
@@ -554,6 +555,12 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--idle-timeout",
         metavar="SECONDS",
         help="close a connection with no call in flight for this long (TRN-10; env PARLEY_IDLE_TIMEOUT; default: 300)",
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        metavar="SECONDS",
+        help="close a new connection that has not finished its TLS and HTTP/2 handshakes in this long (TRN-10; "
+        "env PARLEY_HANDSHAKE_TIMEOUT; default: 10)",
     )
     serve.set_defaults(handler=_serve)
 

@@ -124,6 +124,7 @@ class ServerSettings:
     otel: bool | None = None
     max_connections_per_address: int | None = None
     idle_timeout_seconds: float | None = None
+    handshake_timeout_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ def _server(t: _Table) -> ServerSettings:
         otel=t.optional("otel", bool),
         max_connections_per_address=t.count("max_connections_per_address"),
         idle_timeout_seconds=_positive(t, "idle_timeout_seconds"),
+        handshake_timeout_seconds=_positive(t, "handshake_timeout_seconds"),
     )
 
 

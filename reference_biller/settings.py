@@ -20,6 +20,7 @@ built-in sample. An empty variable counts as unset.
 | OpenTelemetry tracing | `--otel` | `PARLEY_OTEL` (1/0, true/false) | `otel` | off |
 | connections per address | `--max-connections-per-address` | `PARLEY_MAX_CONNECTIONS_PER_ADDRESS` | (same) | `64` |
 | idle connection timeout (s) | `--idle-timeout` | `PARLEY_IDLE_TIMEOUT` | `idle_timeout_seconds` | `300` |
+| handshake deadline (s) | `--handshake-timeout` | `PARLEY_HANDSHAKE_TIMEOUT` | `handshake_timeout_seconds` | `10` |
 
 `--insecure` (plaintext on loopback) is a flag only, so that turning TLS off is
 always a visible choice. An invalid value is a `SettingsError` that names where
@@ -81,6 +82,9 @@ OPTIONS = {
             "server.max_connections_per_address",
         ),
         Option("idle_timeout", "--idle-timeout", "PARLEY_IDLE_TIMEOUT", "server.idle_timeout_seconds"),
+        Option(
+            "handshake_timeout", "--handshake-timeout", "PARLEY_HANDSHAKE_TIMEOUT", "server.handshake_timeout_seconds"
+        ),
     )
 }
 
@@ -102,6 +106,7 @@ class ServeSettings:
     otel: bool
     max_connections_per_address: int
     idle_timeout: float  # seconds without a call in flight before a connection is closed (TRN-10)
+    handshake_timeout: float  # seconds a new connection has for its TLS and HTTP/2 handshakes (TRN-10)
     sources: Mapping[str, str]
 
 
@@ -181,8 +186,13 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "otel": _boolean,
     "max_connections_per_address": _count,
     "idle_timeout": _positive_seconds,
+    "handshake_timeout": _positive_seconds,
 }
-_CONFIG_FIELDS = {"shutdown_grace": "shutdown_grace_seconds", "idle_timeout": "idle_timeout_seconds"}
+_CONFIG_FIELDS = {
+    "shutdown_grace": "shutdown_grace_seconds",
+    "idle_timeout": "idle_timeout_seconds",
+    "handshake_timeout": "handshake_timeout_seconds",
+}
 
 
 def _pick(name: str, flags: Mapping[str, object], env: Mapping[str, str], server: ServerSettings) -> tuple[object, str]:
@@ -248,6 +258,9 @@ def resolve_serve(
             value("max_connections_per_address", DEFAULT_CONNECTION_LIMITS.max_connections_per_address)
         ),
         idle_timeout=float(value("idle_timeout", DEFAULT_CONNECTION_LIMITS.idle_timeout.total_seconds())),
+        handshake_timeout=float(
+            value("handshake_timeout", DEFAULT_CONNECTION_LIMITS.handshake_timeout.total_seconds())
+        ),
         sources=sources,
     )
 

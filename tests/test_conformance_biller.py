@@ -122,6 +122,7 @@ REFERENCE_SKIPS = {
     "TRN-9/client-certificate-required": "not applicable: the target is reached in plaintext, so it does not require "
     "mutual TLS",
     "TRN-10/idle-connections-reaped": "the target's idle timeout is not known: give --idle-timeout SECONDS",
+    "TRN-10/handshake-deadline": "the target's handshake deadline is not known: give --handshake-timeout SECONDS",
     "TRN-11/per-address-cap": "the target's per-address connection cap is not known: give "
     "--max-connections-per-address N",
 }

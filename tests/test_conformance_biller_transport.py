@@ -2,15 +2,18 @@
 
 The in-process reference run of tests/test_conformance_biller.py is plaintext and tells the suite no connection
 bounds, so there these cases are skipped (`REFERENCE_SKIPS`). Here the reference biller is served over mutual TLS
-with a short idle timeout and a small per-address cap, the suite is told them, and each case PASSes; each broken
-setup — mutual TLS left out, idle connections never reaped, no per-address cap — fails exactly its case.
+with a short idle timeout, a short handshake deadline and a small per-address cap, the suite is told them, and each
+case PASSes; each broken setup — mutual TLS left out, idle connections never reaped, no handshake deadline, keepalive
+pings not policed, no per-address cap — fails exactly its case.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,15 +30,45 @@ from agent.transport.server import ConnectionLimits
 from reference_biller.config import load_config
 from reference_biller.service import SteppableClock, serving_biller
 
-TRANSPORT_CASES = ("TRN-9/client-certificate-required", "TRN-10/idle-connections-reaped", "TRN-11/per-address-cap")
+TRANSPORT_CASES = (
+    "TRN-9/client-certificate-required",
+    "TRN-10/idle-connections-reaped",
+    "TRN-10/handshake-deadline",
+    "TRN-10/keepalive-pings-policed",
+    "TRN-11/per-address-cap",
+)
 IDLE_TIMEOUT = timedelta(seconds=4)
+HANDSHAKE_TIMEOUT = timedelta(seconds=2)
 PER_ADDRESS = 8
 BOUNDED = ConnectionLimits(
     idle_timeout=IDLE_TIMEOUT,
+    handshake_timeout=HANDSHAKE_TIMEOUT,
     max_connections_per_address=PER_ADDRESS,
     connection_check_interval=timedelta(milliseconds=100),
 )
-TOLD = ConnectionBounds(idle_timeout=IDLE_TIMEOUT.total_seconds(), max_per_address=PER_ADDRESS)
+TOLD = ConnectionBounds(
+    idle_timeout=IDLE_TIMEOUT.total_seconds(),
+    max_per_address=PER_ADDRESS,
+    handshake_timeout=HANDSHAKE_TIMEOUT.total_seconds(),
+)
+
+
+@dataclass(frozen=True)
+class PingsNotPoliced(ConnectionLimits):
+    """TRN-10's keepalive policing left out: pings at any rate, with no call in flight too, and never a strike."""
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        lenient = {
+            "grpc.http2.max_ping_strikes": 0,
+            "grpc.keepalive_permit_without_calls": 1,
+            "grpc.http2.min_ping_interval_without_data_ms": 0,
+        }
+        return [(name, lenient.get(name, value)) for name, value in super().grpc_options()]
+
+
+def outcomes(failing: Sequence[str] = (), outcome: str = "FAIL") -> dict[str, str]:
+    """Every transport case PASSes but `failing`, which report `outcome`."""
+    return {case: outcome if case in failing else "PASS" for case in TRANSPORT_CASES}
 
 
 @dataclass(frozen=True)
@@ -49,24 +82,31 @@ class Setup:
 
 
 SETUPS = (
-    Setup("reference", True, BOUNDED, dict.fromkeys(TRANSPORT_CASES, "PASS")),
-    Setup(
-        "mutual TLS left out",
-        False,
-        BOUNDED,
-        {TRANSPORT_CASES[0]: "FAIL", TRANSPORT_CASES[1]: "PASS", TRANSPORT_CASES[2]: "PASS"},
-    ),
+    Setup("reference", True, BOUNDED, outcomes()),
+    Setup("mutual TLS left out", False, BOUNDED, outcomes(["TRN-9/client-certificate-required"])),
     Setup(
         "idle connections never reaped",
         True,
-        ConnectionLimits(idle_timeout=timedelta(hours=1), max_connections_per_address=PER_ADDRESS),
-        {TRANSPORT_CASES[0]: "PASS", TRANSPORT_CASES[1]: "FAIL", TRANSPORT_CASES[2]: "PASS"},
+        dataclasses.replace(BOUNDED, idle_timeout=timedelta(hours=1)),
+        outcomes(["TRN-10/idle-connections-reaped"]),
+    ),
+    Setup(
+        "no handshake deadline",  # over TLS, gRPC's idle timeout does not reach a connection still in its handshake
+        True,
+        dataclasses.replace(BOUNDED, handshake_timeout=timedelta(hours=1)),
+        outcomes(["TRN-10/handshake-deadline"]),
+    ),
+    Setup(
+        "keepalive pings not policed",
+        True,
+        PingsNotPoliced(**{f.name: getattr(BOUNDED, f.name) for f in dataclasses.fields(BOUNDED)}),
+        outcomes(["TRN-10/keepalive-pings-policed"]),
     ),
     Setup(
         "no per-address cap",  # a SHOULD: a WARN
         True,
-        ConnectionLimits(idle_timeout=IDLE_TIMEOUT, max_connections_per_address=0),
-        {TRANSPORT_CASES[0]: "PASS", TRANSPORT_CASES[1]: "PASS", TRANSPORT_CASES[2]: "WARN"},
+        dataclasses.replace(BOUNDED, max_connections_per_address=0),
+        outcomes(["TRN-11/per-address-cap"], "WARN"),
     ),
 )
 

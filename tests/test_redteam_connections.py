@@ -6,6 +6,7 @@ then stay silent, as the red team's 1,000 did."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import socket
 import time
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -198,17 +200,27 @@ def test_the_per_address_cap_is_a_serve_option() -> None:
             resolve_serve({"max_connections_per_address": bad}, file, {})
 
 
-def test_the_idle_timeout_is_a_serve_option() -> None:
-    """TRN-10's idle timeout, so that a conformance run can check it without waiting five minutes."""
-    assert resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {}).idle_timeout == 300.0
-    file = ServerSettings(listen="127.0.0.1:0", idle_timeout_seconds=60.0)
-    assert resolve_serve({}, file, {}).idle_timeout == 60.0
-    assert resolve_serve({}, file, {"PARLEY_IDLE_TIMEOUT": "30"}).idle_timeout == 30.0
-    chosen = resolve_serve({"idle_timeout": "2.5"}, file, {"PARLEY_IDLE_TIMEOUT": "30"})
-    assert (chosen.idle_timeout, chosen.sources["idle_timeout"]) == (2.5, "--idle-timeout")
+@pytest.mark.parametrize(
+    ("name", "flag", "env", "file_field", "default"),
+    [
+        ("idle_timeout", "--idle-timeout", "PARLEY_IDLE_TIMEOUT", "idle_timeout_seconds", 300.0),
+        ("handshake_timeout", "--handshake-timeout", "PARLEY_HANDSHAKE_TIMEOUT", "handshake_timeout_seconds", 10.0),
+    ],
+)
+def test_the_connection_timeouts_are_serve_options(
+    name: str, flag: str, env: str, file_field: str, default: float
+) -> None:
+    """TRN-10's idle timeout and handshake deadline, so that a conformance run can check them without waiting."""
+    assert getattr(resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {}), name) == default
+    from_file: dict[str, Any] = {file_field: 60.0}
+    file = dataclasses.replace(ServerSettings(listen="127.0.0.1:0"), **from_file)
+    assert getattr(resolve_serve({}, file, {}), name) == 60.0
+    assert getattr(resolve_serve({}, file, {env: "30"}), name) == 30.0
+    chosen = resolve_serve({name: "2.5"}, file, {env: "30"})
+    assert (getattr(chosen, name), chosen.sources[name]) == (2.5, flag)
     for bad in ("0", "-3", "soon"):
-        with pytest.raises(SettingsError, match="--idle-timeout: expected a number of seconds"):
-            resolve_serve({"idle_timeout": bad}, file, {})
+        with pytest.raises(SettingsError, match=f"{flag}: expected a number of seconds"):
+            resolve_serve({name: bad}, file, {})
 
 
 def test_a_bad_per_address_cap_in_the_config_names_its_key(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure]
                               [--tls-client-cert FILE --tls-client-key FILE] [--idle-timeout SECONDS]
-                              [--max-connections-per-address N] [--only IDS] [--skip IDS]
+                              [--handshake-timeout SECONDS] [--max-connections-per-address N]
+                              [--only IDS] [--skip IDS]
                               [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
     parley conformance consumer --client-cmd "CMD" [--jobs N] [--work-dir DIR] [--only IDS] [--skip IDS]
                               [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
@@ -80,7 +81,7 @@ def _run_biller(args: argparse.Namespace, out: Console) -> int:
             private_key=read["--tls-client-key"],
         )
     options = run_options(args, args.target)
-    bounds = ConnectionBounds(args.idle_timeout, args.max_connections_per_address)
+    bounds = ConnectionBounds(args.idle_timeout, args.max_connections_per_address, args.handshake_timeout)
     call_timeout = min(10.0, options.timeout) if options.timeout > 0 else 10.0
     return asyncio.run(
         run_suite(
@@ -154,6 +155,13 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
         metavar="SECONDS",
         help="the biller's idle timeout, after which it closes a connection with no call in flight (TRN-10); "
         "without it TRN-10/idle-connections-reaped is skipped. Give --timeout above it",
+    )
+    biller.add_argument(
+        "--handshake-timeout",
+        type=_positive(float),
+        metavar="SECONDS",
+        help="the biller's deadline for a new connection's TLS and HTTP/2 handshakes (TRN-10); without it "
+        "TRN-10/handshake-deadline is skipped",
     )
     biller.add_argument(
         "--max-connections-per-address",

@@ -224,17 +224,28 @@ class Connection:
 # flags, stream 0); and the acknowledgement of the server's SETTINGS (flag ACK).
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 HTTP2_SETTINGS_ACK = bytes([0, 0, 0, 4, 1, 0, 0, 0, 0])
+HTTP2_FRAME_HEADER_BYTES = 9
+HTTP2_PING, HTTP2_GOAWAY = 6, 7  # frame types (RFC 9113, §6.7 and §6.8)
+HTTP2_ENHANCE_YOUR_CALM = 0xB  # the GOAWAY error code of a peer that misbehaves, e.g. with too many pings
+
+
+def http2_ping(opaque: int) -> bytes:
+    """An HTTP/2 PING frame (no ACK flag) on the connection's stream 0, carrying `opaque` as its 8 bytes."""
+    return bytes([0, 0, 8, HTTP2_PING, 0, 0, 0, 0, 0]) + opaque.to_bytes(8, "big")
 
 
 class IdleConnection:
     """A connection to the target that completes the TLS and HTTP/2 handshakes, then never makes a call (TRN-10,
-    TRN-11): what a crowd of silent clients holds. `closed` is set once the target closes it."""
+    TRN-11): what a crowd of silent clients holds. `closed` is set once the target closes it; `goaway_code` is the
+    error code of the GOAWAY frame the target sent, if it sent one."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, received: bytes = b"") -> None:
         self._writer = writer
+        self._pending = bytearray(received)  # bytes of frames not yet complete, from the target
         self.closed = asyncio.Event()
         self.opened_at = time.monotonic()  # once the handshakes are done
         self.closed_at: float | None = None  # when the target closed it
+        self.goaway_code: int | None = None
         self._watch = asyncio.ensure_future(self._until_closed(reader))
 
     @property
@@ -245,28 +256,57 @@ class IdleConnection:
     @classmethod
     async def open(cls, target: str, tls: ClientTls | None, timeout: float) -> IdleConnection:
         """Connect, send the preface and SETTINGS, read the target's SETTINGS and acknowledge them."""
-        host, _, port = target.rpartition(":")
-        host = host.removeprefix("[").removesuffix("]")
+        host, port = _host_port(target)
         context = None if tls is None else _ssl_context(tls)
         server_name = None if tls is None else tls.server_name or host
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port), ssl=context, server_hostname=server_name), timeout
+            asyncio.open_connection(host, port, ssl=context, server_hostname=server_name), timeout
         )
         writer.write(HTTP2_PREFACE)
         await writer.drain()
-        if not await asyncio.wait_for(reader.read(65536), timeout):  # the target's SETTINGS
+        first = await asyncio.wait_for(reader.read(65536), timeout)  # the target's SETTINGS
+        if not first:
             writer.transport.abort()
             raise ConnectionError("the target closed the connection during the HTTP/2 handshake")
         writer.write(HTTP2_SETTINGS_ACK)
         await writer.drain()
+        return cls(reader, writer, first)
+
+    @classmethod
+    async def open_silent(cls, target: str, timeout: float) -> IdleConnection:
+        """Connect over TCP and send nothing at all: neither a TLS ClientHello nor the HTTP/2 preface (TRN-10's
+        handshake deadline is what must close it)."""
+        host, port = _host_port(target)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        """Write raw bytes (HTTP/2 frames) on the connection; a connection the target closed takes them silently."""
+        if not self.closed.is_set():
+            self._writer.write(data)
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await self._writer.drain()
 
     async def _until_closed(self, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(OSError, ssl.SSLError):
-            while await reader.read(65536):  # a GOAWAY, then the end of the stream
-                pass
+            while data := await reader.read(65536):  # frames until a GOAWAY, then the end of the stream
+                self._pending.extend(data)
+                self._read_frames()
+        self._read_frames()
         self.closed_at = time.monotonic()
         self.closed.set()
+
+    def _read_frames(self) -> None:
+        """Consume the complete frames received so far, noting a GOAWAY's error code."""
+        while len(self._pending) >= HTTP2_FRAME_HEADER_BYTES:
+            length = int.from_bytes(self._pending[:3], "big")
+            end = HTTP2_FRAME_HEADER_BYTES + length
+            if len(self._pending) < end:
+                return
+            if self._pending[3] == HTTP2_GOAWAY and length >= 8:  # last stream id (4 bytes), error code (4 bytes)
+                error_code = self._pending[HTTP2_FRAME_HEADER_BYTES + 4 : HTTP2_FRAME_HEADER_BYTES + 8]
+                self.goaway_code = int.from_bytes(error_code, "big")
+            del self._pending[:end]
 
     async def close(self) -> None:
         """Drop the connection at once (no TLS close_notify to wait for: the target may never answer one)."""
@@ -274,6 +314,11 @@ class IdleConnection:
         self._watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watch
+
+
+def _host_port(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def _ssl_context(tls: ClientTls) -> ssl.SSLContext:

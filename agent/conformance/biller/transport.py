@@ -2,9 +2,14 @@
 closed.
 
 No message announces a target's connection bounds, so the operator gives them (`--idle-timeout`,
-`--max-connections-per-address`); without them those cases are skipped. TRN-9 applies only to a target that
-requires mutual TLS, which the operator says by giving a client certificate (`--tls-client-cert`); reached in
-plaintext, or over TLS without one, the target does not, and the case is skipped as not applicable.
+`--handshake-timeout`, `--max-connections-per-address`); without them those cases are skipped. Keepalive policing
+needs no figure: the spec fixes how often a client may ping. TRN-10's total cap has no case: from the one address
+a suite connects from, the per-address cap (TRN-11) is met first wherever it is lower, and holding a total cap's
+800 connections (the reference's) would strain the machine the suite runs on more than the target.
+
+TRN-9 applies only to a target that requires mutual TLS, which the operator says by giving a client certificate
+(`--tls-client-cert`); reached in plaintext, or over TLS without one, the target does not, and the case is skipped
+as not applicable.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from agent.conformance.biller.target import (
     hello_request,
     list_bills,
 )
-from agent.conformance.client import Connection, IdleConnection, Refusal
+from agent.conformance.client import HTTP2_ENHANCE_YOUR_CALM, Connection, IdleConnection, Refusal, http2_ping
 from agent.conformance.runner import Skip, Suite, Violation
 from agent.protocol.errors import Reason
 from agent.protocol.limits import PROTOCOL_VERSION
@@ -33,6 +38,14 @@ IDLE_GRACE = 2.0  # seconds past the idle timeout before a connection still open
 CAP_GRACE = 5.0  # seconds the target has to close the connections past its cap
 CAP_PAUSE = 1.0  # seconds between the connections up to the cap and those past it, for the target to see them
 HANDSHAKE_TIMEOUT = 10.0
+SILENT_CONNECTIONS = 2  # TCP connections that never start a handshake (TRN-10)
+PINGS = 10  # HTTP/2 PINGs sent without a call in flight (TRN-10), PING_SPACING seconds apart
+PING_SPACING = 0.1
+PING_GRACE = 2.0  # seconds after the last ping before a connection still open is reported
+
+
+def _connection_failed(number: int, count: int, error: BaseException) -> Violation:
+    return Violation(f"connection {number} of {count} failed before any cap: {error!r}")
 
 
 async def _idle_connections(ctx: BillerTarget, count: int) -> list[IdleConnection]:
@@ -43,7 +56,7 @@ async def _idle_connections(ctx: BillerTarget, count: int) -> list[IdleConnectio
             connections.append(await IdleConnection.open(ctx.target, ctx.tls, HANDSHAKE_TIMEOUT))
     except (OSError, TimeoutError, ConnectionError) as error:
         await _close_all(connections)
-        raise Violation(f"connection {len(connections) + 1} of {count} failed before any cap: {error!r}") from error
+        raise _connection_failed(len(connections) + 1, count, error) from error
     return connections
 
 
@@ -125,6 +138,74 @@ async def idle_connections_reaped(ctx: BillerTarget) -> str:
         )
     await _still_serves(ctx, "the idle connections were closed")
     return f"{len(closed)} silent connections closed within {idle_timeout + IDLE_GRACE:g} s"
+
+
+@suite.case(
+    "TRN-10/handshake-deadline",
+    description="TCP connections that never start their TLS or HTTP/2 handshake are closed by the target's handshake "
+    "deadline (--handshake-timeout)",
+    quote="A biller MUST bound the connections it holds: […] a deadline for the TLS and HTTP/2 handshake",
+)
+async def handshake_deadline(ctx: BillerTarget) -> str:
+    deadline = ctx.bounds.handshake_timeout
+    if deadline is None:
+        raise Skip("the target's handshake deadline is not known: give --handshake-timeout SECONDS")
+    connections: list[IdleConnection] = []
+    try:
+        for _ in range(SILENT_CONNECTIONS):  # not even a TLS ClientHello: only a deadline ends them
+            try:
+                connections.append(await IdleConnection.open_silent(ctx.target, HANDSHAKE_TIMEOUT))
+            except (OSError, TimeoutError) as error:
+                raise _connection_failed(len(connections) + 1, SILENT_CONNECTIONS, error) from error
+        closed = await _closed_within(connections, deadline + IDLE_GRACE, len(connections))
+    finally:
+        await _close_all(connections)
+    if not all(closed):
+        raise Violation(
+            f"{closed.count(False)} of {len(closed)} connections that never started a handshake were still open "
+            f"{deadline + IDLE_GRACE:g} s later (handshake deadline {deadline:g} s)"
+        )
+    await _still_serves(ctx, "the connections without a handshake were closed")
+    return f"{len(closed)} connections without a handshake closed within {deadline + IDLE_GRACE:g} s"
+
+
+@suite.case(
+    "TRN-10/keepalive-pings-policed",
+    description=f"A connection that sends HTTP/2 PINGs {PING_SPACING:g} s apart without a call in flight is closed "
+    "by the target",
+    quote="A biller MUST bound the connections it holds: […] keepalive pings from clients policed […] Clients MUST "
+    "NOT send keepalive pings more often than once a minute without calls in flight",
+)
+async def keepalive_pings_policed(ctx: BillerTarget) -> str:
+    try:
+        connection = await IdleConnection.open(ctx.target, ctx.tls, HANDSHAKE_TIMEOUT)
+    except (OSError, TimeoutError, ConnectionError) as error:
+        raise _connection_failed(1, 1, error) from error
+    try:
+        sent = 0
+        while sent < PINGS and not connection.closed.is_set():
+            await connection.send(http2_ping(sent))
+            sent += 1
+            await asyncio.sleep(PING_SPACING)
+        await _closed_within([connection], PING_GRACE, 1)
+    finally:
+        await connection.close()
+    lived, idle_timeout = connection.lived, ctx.bounds.idle_timeout
+    if lived is None:
+        raise Violation(
+            f"{sent} pings {PING_SPACING:g} s apart without a call in flight, and the connection was still open "
+            f"{PING_GRACE:g} s after the last"
+        )
+    if idle_timeout is not None and lived >= idle_timeout:  # the idle timeout's doing, not the pings' policing
+        raise Violation(
+            f"{sent} pings {PING_SPACING:g} s apart without a call in flight: the connection was closed only after "
+            f"{lived:.1f} s, by the idle timeout ({idle_timeout:g} s)"
+        )
+    await _still_serves(ctx, "the pinging connection was closed")
+    how = {None: "without a GOAWAY", HTTP2_ENHANCE_YOUR_CALM: "with GOAWAY ENHANCE_YOUR_CALM"}.get(
+        connection.goaway_code, f"with GOAWAY code {connection.goaway_code}"
+    )
+    return f"closed after {sent} pings ({lived:.1f} s), {how}"
 
 
 @suite.case(

@@ -31,7 +31,7 @@ ABOVE_THE_LIBRARY = ("agent.tools", "agent.conformance", "agent.cli", "reference
 LIBRARY = ("agent.protocol", "agent.biller", "agent.consumer", "agent.stores", "agent.transport", "agent.web")
 # What `agent.stores` defines itself, beside the names it loads lazily from its modules.
 STORE_FUNCTIONS = ("StoreOpenError", "check_store_location", "open_biller_store", "open_consumer_store")
-RUNTIME_MODULES = ("clock", "logs", "lru", "metrics", "ratelimit", "tracing", "identity", "version", "listen")
+RUNTIME_MODULES = ("clock", "lazy", "logs", "lru", "metrics", "ratelimit", "tracing", "identity", "version", "listen")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:

@@ -6,11 +6,12 @@ at start-up (each name is served from its module by `__getattr__`)."""
 
 from __future__ import annotations
 
-import importlib
 import os
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from agent.lazy import served_lazily
 
 if TYPE_CHECKING:
     from agent.stores.base import AlreadyExists, BillerStore, BillStatus, ConsumerStore, StoreConflict, ThreadOutcome
@@ -31,13 +32,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'agent.stores' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = served_lazily(__name__, _HOMES)
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

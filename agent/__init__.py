@@ -18,9 +18,9 @@ gRPC or a database driver.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from agent.lazy import served_lazily
 from agent.version import __version__
 
 if TYPE_CHECKING:
@@ -76,13 +76,7 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'agent' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = served_lazily(__name__, _HOMES)
 
 
 __all__ = [

@@ -29,7 +29,9 @@ AGENT = ROOT / "agent"
 PROTOCOL_THIRD_PARTY = {"google", "nacl", "cryptography"}
 ABOVE_THE_LIBRARY = ("agent.tools", "agent.conformance", "agent.cli", "reference_biller", "reference_consumer", "tests")
 LIBRARY = ("agent.protocol", "agent.biller", "agent.consumer", "agent.stores", "agent.transport", "agent.web")
-RUNTIME_MODULES = ("clock", "logs", "lru", "metrics", "ratelimit", "tracing", "identity", "version", "listen")
+# What `agent.stores` defines itself, beside the names it loads lazily from its modules.
+STORE_FUNCTIONS = ("StoreOpenError", "check_store_location", "open_biller_store", "open_consumer_store")
+RUNTIME_MODULES = ("clock", "lazy", "logs", "lru", "metrics", "ratelimit", "tracing", "identity", "version", "listen")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -135,5 +137,17 @@ def test_the_public_api_loads_each_name_from_its_home_and_the_core_stays_light()
     for name in agent._HOMES:
         assert getattr(agent, name) is not None
     probe = "import sys, agent.protocol.agreement; print(sorted({'grpc', 'sqlite3', 'psycopg'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_stores_serve_each_name_from_its_module_and_a_consumer_loads_no_biller_back_end() -> None:
+    """`agent.stores` loads its back ends on first use: a consumer client starts without the biller's SQL."""
+    import agent.stores  # noqa: PLC0415
+
+    assert sorted(agent.stores.__all__) == sorted([*agent.stores._HOMES, *STORE_FUNCTIONS])
+    for name in agent.stores.__all__:
+        assert getattr(agent.stores, name) is not None
+    probe = "import sys, agent.consumer; print(sorted(name for name in sys.modules if 'stores.biller' in name))"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -170,6 +170,14 @@ class Household:
             await agent.close()
             await store.close()
 
+    @asynccontextmanager
+    async def agent_with_its_bill(self, *, bank: Bank | None = None) -> AsyncIterator[ConsumerAgent]:
+        """An agent enrolled on a fresh account, its bill issued and listed: ready to pay or negotiate."""
+        async with self.agent(bank=bank) as agent:
+            await enrol(self.biller, agent)
+            await agent.bills(BILLER_ID)
+            yield agent
+
 
 async def enrol(biller: Biller, agent: ConsumerAgent) -> None:
     """A fresh account enrolled through the agent, with the fixture bill issued on it."""
@@ -345,9 +353,7 @@ def test_the_biller_s_messages_are_judged_with_the_limits_its_hello_announced(tm
 
 def test_a_rotated_biller_key_is_learnt_from_get_key_sets(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
-        async with household.agent() as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill() as agent:
             # The biller rotates: version 2 lists a new key, signed by the old one (KEY-9, KEY-17).
             new_key = SigningKey.generate()
             since = biller.clock.advance(timedelta(hours=1))  # the first bill stays under version 1 (KEY-14)
@@ -708,9 +714,7 @@ def test_a_bill_is_paid_once_whatever_the_retries_and_restarts(tmp_path: Path) -
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
         bank = Bank()
-        async with household.agent(bank=bank) as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill(bank=bank) as agent:
             hostile.unavailable_after["CreatePaymentIntent"] = 1  # applied, answer lost: the same intent again
             payment = await agent.pay(BILLER_ID, BILL.bill_id)
             assert payment.state is IntentState.PAID
@@ -743,9 +747,7 @@ def test_an_intent_stored_before_a_failed_send_is_the_one_sent_again(tmp_path: P
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
         bank = Bank()
-        async with household.agent(bank=bank) as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill(bank=bank) as agent:
             hostile.unavailable_before["CreatePaymentIntent"] = FAST.attempts  # every retry fails
             with pytest.raises(CallError):
                 await agent.pay(BILLER_ID, BILL.bill_id)
@@ -787,9 +789,7 @@ def test_an_intent_refused_invalid_argument_is_signed_afresh_not_resent(tmp_path
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
         bank = Bank()
-        async with household.agent(bank=bank) as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill(bank=bank) as agent:
             sent = IntentsSent()
             hostile.observer = sent
             hostile.refuse_before["CreatePaymentIntent"] = [ProtocolError(Reason.MALFORMED_PAYLOAD, "refused")]
@@ -819,9 +819,7 @@ def test_instructions_for_another_amount_are_never_paid(tmp_path: Path) -> None:
 
         hostile.rewrite["CreatePaymentIntent"] = more
         bank = Bank()
-        async with household.agent(bank=bank) as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill(bank=bank) as agent:
             for _ in range(2):
                 with pytest.raises(PaymentRefused) as refused:
                     await agent.pay(BILLER_ID, BILL.bill_id)
@@ -845,9 +843,7 @@ def test_a_receipt_for_another_amount_is_a_dispute(tmp_path: Path) -> None:
             return pb.GetReceiptResponse(receipt=reseal(answer.receipt, biller.key, lower))
 
         hostile.rewrite["GetReceipt"] = less
-        async with household.agent(bank=Bank()) as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill(bank=Bank()) as agent:
             payment = await agent.pay(BILLER_ID, BILL.bill_id)
             await biller.agent.record_settlement(ACCOUNT, payment.intent_id, payment.amount, "rail-0001")
             for _ in range(2):

@@ -1183,12 +1183,22 @@ HARDSHIP_OPTIONS = AdvertisedOptions(
 )  # the bill of the disclosure scenarios: a programme that binds the biller only beside a hardship disclosure
 
 
-def _issue_with_a_hardship_programme(biller: HostileBiller) -> None:
+async def _run_beside_a_hardship_programme(s: Scenario) -> None:
+    """The run both disclosure cases judge: the client once, on a large bill with a hardship programme issued as it
+    enrols. A client that did not enrol fails the set-up; one that never negotiated has no opening to disclose
+    beside."""
+    biller = s.biller
+
     async def issue() -> None:
         description = "Electricity and heating, conformance bill (hardship programme)"
         await biller.issue_bill(LARGE_BILL, description=description, options=HARDSHIP_OPTIONS)
 
     biller.on_enrolled.append(issue)
+    await s.run_client()
+    if not s.enrolled():
+        raise setup_failed("the client did not enrol", s)
+    if not s.moves():
+        raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
 
 
 def _disclosures(s: Scenario) -> list[tuple[Call, Any, negotiation_pb2.Disclosure | None]]:
@@ -1222,12 +1232,7 @@ def _disclosures(s: Scenario) -> list[tuple[Call, Any, negotiation_pb2.Disclosur
 )
 async def disclosure_as_committed(context: ConsumerContext) -> str:
     async with scenario(context, "disclosure-as-committed") as s:
-        _issue_with_a_hardship_programme(s.biller)
-        await s.run_client()
-        if not s.enrolled():
-            raise setup_failed("the client did not enrol", s)
-        if not s.moves():
-            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        await _run_beside_a_hardship_programme(s)
         disclosed = [parsed for _, _, parsed in _disclosures(s) if parsed is not None]
         if not disclosed:
             return f"the client negotiated and disclosed nothing, which PRV-1 allows ({s.runs[-1].describe()})"
@@ -1244,12 +1249,7 @@ async def disclosure_as_committed(context: ConsumerContext) -> str:
 )
 async def disclosure_minimal(context: ConsumerContext) -> str:
     async with scenario(context, "disclosure-minimal") as s:
-        _issue_with_a_hardship_programme(s.biller)
-        await s.run_client()
-        if not s.enrolled():
-            raise setup_failed("the client did not enrol", s)
-        if not s.moves():
-            raise Skip("the client never negotiated (it may pay bills as issued): no opening to disclose beside")
+        await _run_beside_a_hardship_programme(s)
         try:
             checked = _disclosures(s)
         except Violation as error:

@@ -1,16 +1,39 @@
 """Storage: the `BillerStore` and `ConsumerStore` interfaces (`base`), their SQLite back ends, and the
-biller's PostgreSQL back end (`postgres`, needing the `postgres` extra); `open_biller_store` picks one."""
+biller's PostgreSQL back end (`postgres`, needing the `postgres` extra); `open_biller_store` picks one.
+
+The interfaces and back ends are loaded on first use, so a consumer does not pay for the biller's SQL
+at start-up (each name is served from its module by `__getattr__`)."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.stores.base import AlreadyExists, BillerStore, BillStatus, ConsumerStore, StoreConflict, ThreadOutcome
-from agent.stores.biller_sql import SqlBillerStore
-from agent.stores.biller_sqlite import SqliteBillerStore
-from agent.stores.consumer_sqlite import SqliteConsumerStore
+from agent.lazy import served_lazily
+
+if TYPE_CHECKING:
+    from agent.stores.base import AlreadyExists, BillerStore, BillStatus, ConsumerStore, StoreConflict, ThreadOutcome
+    from agent.stores.biller_sql import SqlBillerStore
+    from agent.stores.biller_sqlite import SqliteBillerStore
+    from agent.stores.consumer_sqlite import SqliteConsumerStore
+
+_HOMES = {
+    "AlreadyExists": "agent.stores.base",
+    "BillStatus": "agent.stores.base",
+    "BillerStore": "agent.stores.base",
+    "ConsumerStore": "agent.stores.base",
+    "StoreConflict": "agent.stores.base",
+    "ThreadOutcome": "agent.stores.base",
+    "SqlBillerStore": "agent.stores.biller_sql",
+    "SqliteBillerStore": "agent.stores.biller_sqlite",
+    "SqliteConsumerStore": "agent.stores.consumer_sqlite",
+}
+
+
+__getattr__ = served_lazily(__name__, _HOMES)
+
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_SCHEME = "sqlite:///"
@@ -63,6 +86,8 @@ async def open_biller_store(location: str | os.PathLike[str]) -> SqlBillerStore:
         except OperationalError as error:  # unreachable, refused, wrong password, no such database
             cause = " ".join(str(error).split())  # libpq's message spans lines
             raise StoreOpenError(f"cannot open the PostgreSQL store {_redacted(text)}: {cause}") from error
+    from agent.stores.biller_sqlite import SqliteBillerStore  # noqa: PLC0415 - see the module docstring
+
     path = Path(text.removeprefix(SQLITE_SCHEME))
     try:
         return await SqliteBillerStore.open(path)
@@ -75,6 +100,8 @@ async def open_consumer_store(path: str | os.PathLike[str]) -> SqliteConsumerSto
 
     StoreOpenError (an OSError) naming the file when it is not a usable database: nothing in it is changed.
     """
+    from agent.stores.consumer_sqlite import SqliteConsumerStore  # noqa: PLC0415 - see the module docstring
+
     try:
         return await SqliteConsumerStore.open(path)
     except sqlite3.DatabaseError as error:  # "file is not a database", "database disk image is malformed"...

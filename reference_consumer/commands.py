@@ -29,6 +29,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
@@ -53,7 +54,6 @@ from agent.stores.base import ApprovalRecord
 from agent.transport.client import ClientTls, is_transient
 from agent.transport.diagnosis import Remedies, connection_hint
 from agent.transport.status import CallError
-from agent.web import WebConfig, start_site
 from parley.v1 import terms_pb2
 from reference_consumer.agent_strategy import ReferenceStrategy, agent_mandate
 from reference_consumer.profile import Profile, ProfileError, load_profile
@@ -73,8 +73,10 @@ from reference_consumer.runner import (
     write_agreement_files,
 )
 from reference_consumer.status import UnreadableState, household_status, reading_household, status_json
-from reference_consumer.web import StateDirSource, create_space_app, space_config
 from reference_consumer.words import ACTION_WORDS, describe_terms
+
+if TYPE_CHECKING:
+    from agent.web import WebConfig
 
 logger = logging.getLogger("parley.reference_consumer")
 
@@ -436,6 +438,10 @@ def serve_command(args: argparse.Namespace, out: Console) -> int:
         name: Path(getattr(args, name)) if getattr(args, name) else None
         for name in ("tls_cert", "tls_key", "client_ca")
     }
+    # The pages and their server (aiohttp) are loaded only by this command: `run`, which the conformance suite
+    # starts for every client run, does without them.
+    from reference_consumer.web import space_config  # noqa: PLC0415
+
     try:
         config = space_config(f"{profile.party_id}: your bills", host=host, **tls)
     except ValueError as error:
@@ -454,6 +460,9 @@ def serve_command(args: argparse.Namespace, out: Console) -> int:
 
 
 async def _serve(profile: Profile, options: RunOptions, config: WebConfig, port: int, out: Console) -> int:
+    from agent.web import start_site  # noqa: PLC0415 - see serve_command
+    from reference_consumer.web import StateDirSource, create_space_app  # noqa: PLC0415
+
     wake = asyncio.Event()
     source = StateDirSource(profile, options.state_dir, wake=wake.set)
     app = create_space_app({"": source}, config)

@@ -49,12 +49,16 @@ def _connection_failed(number: int, count: int, error: BaseException) -> Violati
     return Violation(f"connection {number} of {count} failed before any cap: {error!r}")
 
 
-async def _idle_connections(ctx: BillerTarget, count: int) -> list[IdleConnection]:
-    """`count` silent connections, opened one after the other (so that their order is the order of their age)."""
+async def _idle_connections(ctx: BillerTarget, count: int, *, silent: bool = False) -> list[IdleConnection]:
+    """`count` connections that make no call, opened one after the other (so that their order is the order of their
+    age): past the TLS and HTTP/2 handshakes, or, `silent`, without even starting them (not a TLS ClientHello)."""
     connections: list[IdleConnection] = []
     try:
         for _ in range(count):
-            connections.append(await IdleConnection.open(ctx.target, ctx.tls, HANDSHAKE_TIMEOUT))
+            if silent:
+                connections.append(await IdleConnection.open_silent(ctx.target, HANDSHAKE_TIMEOUT))
+            else:
+                connections.append(await IdleConnection.open(ctx.target, ctx.tls, HANDSHAKE_TIMEOUT))
     except (OSError, TimeoutError, ConnectionError) as error:
         await _close_all(connections)
         raise _connection_failed(len(connections) + 1, count, error) from error
@@ -64,6 +68,24 @@ async def _idle_connections(ctx: BillerTarget, count: int) -> list[IdleConnectio
 async def _close_all(connections: list[IdleConnection]) -> None:
     for connection in connections:
         await connection.close()
+
+
+async def _all_closed_within(
+    ctx: BillerTarget, connections: list[IdleConnection], which: str, bound: float, bound_name: str
+) -> str:
+    """Every one of `connections` (which `which`) must be closed by the target within `bound` (its `bound_name`)
+    plus IDLE_GRACE seconds, and a new call then served; the case's summary."""
+    try:
+        closed = await _closed_within(connections, bound + IDLE_GRACE, len(connections))
+    finally:
+        await _close_all(connections)
+    if not all(closed):
+        raise Violation(
+            f"{closed.count(False)} of {len(closed)} connections that {which} were still open "
+            f"{bound + IDLE_GRACE:g} s later ({bound_name} {bound:g} s)"
+        )
+    await _still_serves(ctx, f"the connections that {which} were closed")
+    return f"{len(closed)} connections that {which} closed within {bound + IDLE_GRACE:g} s"
 
 
 async def _closed_within(connections: list[IdleConnection], seconds: float, enough: int) -> list[bool]:
@@ -127,17 +149,7 @@ async def idle_connections_reaped(ctx: BillerTarget) -> str:
     connections = await _idle_connections(
         ctx, IDLE_CONNECTIONS if cap is None else max(1, min(IDLE_CONNECTIONS, cap - 2))
     )
-    try:
-        closed = await _closed_within(connections, idle_timeout + IDLE_GRACE, len(connections))
-    finally:
-        await _close_all(connections)
-    if not all(closed):
-        raise Violation(
-            f"{closed.count(False)} of {len(closed)} connections that never made a call were still open "
-            f"{idle_timeout + IDLE_GRACE:g} s later (idle timeout {idle_timeout:g} s)"
-        )
-    await _still_serves(ctx, "the idle connections were closed")
-    return f"{len(closed)} silent connections closed within {idle_timeout + IDLE_GRACE:g} s"
+    return await _all_closed_within(ctx, connections, "never made a call", idle_timeout, "idle timeout")
 
 
 @suite.case(
@@ -150,23 +162,8 @@ async def handshake_deadline(ctx: BillerTarget) -> str:
     deadline = ctx.bounds.handshake_timeout
     if deadline is None:
         raise Skip("the target's handshake deadline is not known: give --handshake-timeout SECONDS")
-    connections: list[IdleConnection] = []
-    try:
-        for _ in range(SILENT_CONNECTIONS):  # not even a TLS ClientHello: only a deadline ends them
-            try:
-                connections.append(await IdleConnection.open_silent(ctx.target, HANDSHAKE_TIMEOUT))
-            except (OSError, TimeoutError) as error:
-                raise _connection_failed(len(connections) + 1, SILENT_CONNECTIONS, error) from error
-        closed = await _closed_within(connections, deadline + IDLE_GRACE, len(connections))
-    finally:
-        await _close_all(connections)
-    if not all(closed):
-        raise Violation(
-            f"{closed.count(False)} of {len(closed)} connections that never started a handshake were still open "
-            f"{deadline + IDLE_GRACE:g} s later (handshake deadline {deadline:g} s)"
-        )
-    await _still_serves(ctx, "the connections without a handshake were closed")
-    return f"{len(closed)} connections without a handshake closed within {deadline + IDLE_GRACE:g} s"
+    connections = await _idle_connections(ctx, SILENT_CONNECTIONS, silent=True)
+    return await _all_closed_within(ctx, connections, "never started a handshake", deadline, "handshake deadline")
 
 
 @suite.case(

@@ -293,7 +293,9 @@ class ConsumerAgent:
         not paid any more: the bill's outstanding balance is (PAY-16), without
         agreement. The intent is stored before it is sent, so calling `pay` again
         — after a failure, a crash or a success — continues the same intent and
-        never pays twice (PAY-2, PAY-7). Raises PaymentRefused (PAY-8),
+        never pays twice (PAY-2, PAY-7) — except that instructions whose
+        pay_by_time passed before they were handed to the bank lapse (kept, never
+        paid) and the payment gets a new intent in the same call (PAY-17). Raises PaymentRefused (PAY-8),
         PaymentInDoubt (an earlier hand-over to the bank never answered), CallError
         (the biller refused the intent or could not be reached), LookupError for a
         bill never verified, ValueError for an instalment that does not exist.

@@ -2,8 +2,8 @@
 
 The intent is stored before it is sent, so a retry reuses its `intent_id` (PAY-2); instructions are
 paid only when they are signed by the pinned biller, chain to our intent and name its amount (PAY-8);
-each intent is handed to the bank at most once (PAY-7); receipts are verified and a mismatch is raised
-as a dispute (PAY-9).
+each intent is handed to the bank at most once (PAY-7); instructions that lapse unpaid are kept as history
+and the payment gets a new intent (PAY-17); receipts are verified and a mismatch is raised as a dispute (PAY-9).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def payment_order(intent: IntentRecord) -> PaymentOrder:
 
 
 def payment_view(intent: IntentRecord) -> Payment:
-    usable = intent.instructions is not None and intent.state is not IntentState.REFUSED
+    # Refused instructions are not the biller's word; lapsed ones are no longer payable (PAY-17): neither is an order.
+    usable = intent.instructions is not None and intent.state not in (IntentState.REFUSED, IntentState.LAPSED)
     return Payment(
         biller_party_id=intent.biller_party_id,
         intent_id=intent.intent_id,
@@ -116,6 +117,23 @@ class Payments:
         bill = await self._bills.get(session, bill_id)
         agreement_digest, index, amount = await self._amount_to_pay(bill, instalment_index)
         intent = await self._store.find_intent(biller, bill_id, agreement_digest, index)
+        if intent is not None and self._past_pay_by(intent):
+            # PAY-17: instructions that lapsed unpaid are never paid (PAY-8); the payment gets a new intent, which
+            # PAY-14 lets the biller instruct, carried out in this call. One lapse, at most one new intent per call
+            # (its own instructions are never lapsed here), so the biller's cap on intents per bill is never raced.
+            if await self._store.lapse_intent(biller, intent.intent_id, self._party.now()):
+                log_step(
+                    logger,
+                    "instructions-lapsed",
+                    logging.WARNING,
+                    biller=biller,
+                    bill=bill_id,
+                    intent=intent.intent_id,
+                    pay_by=payment_order(intent).pay_by_time,
+                )
+            # The amount again: a lapsed outstanding-balance intent no longer fixes it (PAY-16), the balance does.
+            agreement_digest, index, amount = await self._amount_to_pay(bill, instalment_index)
+            intent = await self._store.find_intent(biller, bill_id, agreement_digest, index)
         if intent is None:
             intent = await self._store.create_intent(self._new_intent(bill, agreement_digest, index, amount))
             log_step(logger, "intent-created", biller=biller, bill=bill_id, intent=intent.intent_id, amount=amount)
@@ -133,7 +151,7 @@ class Payments:
         intent = await self._store.get_intent(biller, intent_id)
         if intent is None:
             raise LookupError(f"no payment intent {intent_id!r} with {biller!r}")
-        if intent.instructions is None or intent.state is IntentState.REFUSED:
+        if intent.instructions is None or intent.state in (IntentState.REFUSED, IntentState.LAPSED):
             raise ValueError(f"intent {intent_id!r} has no instructions it was paid under")
         stored = await self._store.get_receipt(biller, intent_id)
         if stored is None:
@@ -191,6 +209,10 @@ class Payments:
             raise ValueError(f"the agreement has {len(terms.schedule)} instalments")
         return agreement_digest, instalment_index, terms.schedule[instalment_index].amount
 
+    def _past_pay_by(self, intent: IntentRecord) -> bool:
+        """Instructions stored, never handed to the bank, and past their pay_by_time: lapsed (PAY-8, PAY-17)."""
+        return intent.state is IntentState.INSTRUCTED and payment_order(intent).pay_by_time < self._party.now()
+
     async def _ended(self, bill: ReceivedBill) -> frozenset[bytes]:
         """The arrangements on the bill that the biller ended, as the stored events say (EVT-7)."""
         return await ended_threads(self._store, bill.biller_party_id, bill.account_id, bill.facts.bill_id)
@@ -242,6 +264,8 @@ class Payments:
             raise PaymentInDoubt(intent.biller_party_id, intent.intent_id)
         if intent.state is IntentState.PAID:
             return payment_view(intent)
+        if intent.state is IntentState.LAPSED:  # found by id after another caller lapsed it: never paid
+            raise PaymentRefused(Reason.MESSAGE_EXPIRED, "the instructions lapsed unpaid (PAY-17)", intent.intent_id)
         order = payment_order(intent)
         now = self._party.now()
         if order.pay_by_time < now:  # PAY-8: never pay under instructions past their time

@@ -40,6 +40,7 @@ from agent.consumer import (
     PaymentNotSent,
     PaymentOrder,
     PaymentRefused,
+    PaymentSender,
     RejectOffer,
     ResponseContext,
     Withdraw,
@@ -151,7 +152,7 @@ class Household:
         *,
         mandate: Mandate = WIDE,
         approve: Callable[[ApprovalRequest], Awaitable[bool]] | None = None,
-        bank: Bank | None = None,
+        bank: PaymentSender | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
     ) -> AsyncIterator[ConsumerAgent]:
         store = await SqliteConsumerStore.open(self.db_path)
@@ -929,7 +930,7 @@ def test_an_intent_handed_to_the_bank_never_lapses(tmp_path: Path) -> None:
     nor followed by a new intent, which could pay the bill twice."""
 
     async def scenario(biller: Biller, household: Household) -> None:
-        async with household.agent(bank=CrashingBank()) as agent:  # type: ignore[arg-type]
+        async with household.agent(bank=CrashingBank()) as agent:
             await enrol(biller, agent)
             await agent.bills(BILLER_ID)
             with pytest.raises(ConnectionResetError):

@@ -31,7 +31,9 @@ The agent's duties, each with its requirement:
 - a payment intent is stored before it is sent, so a retry reuses its
   `intent_id` (PAY-2); instructions are paid only when they are signed by the
   pinned biller, chain to our intent and name its amount (PAY-8), and each
-  intent is handed to the bank at most once (PAY-7); receipts are verified and
+  intent is handed to the bank at most once (PAY-7); instructions whose
+  pay_by_time passed before they reached the bank lapse, kept and never paid,
+  and the payment gets a new intent (PAY-17); receipts are verified and
   a mismatch is raised as a dispute (PAY-9);
 - events are verified and chained before they are stored, the cursor moving
   in the same transaction, so a reconnecting or restarted agent loses none and

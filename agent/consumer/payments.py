@@ -115,29 +115,32 @@ class Payments:
         """See `ConsumerAgent.pay` (called under the bill's lock)."""
         session = await self._sessions.get(biller)
         bill = await self._bills.get(session, bill_id)
+        paid = await self._carry_out(session, await self._intent_to_pay(bill, instalment_index))
+        if paid is not None:
+            return paid
+        # PAY-17: the intent's instructions lapsed unpaid, never to be paid (PAY-8). The payment gets a new intent,
+        # which PAY-14 lets the biller instruct, carried out in this call — one, never a loop, so the biller's cap
+        # on intents per bill is never run down. Its amount is taken afresh: a lapsed outstanding-balance intent
+        # fixes no amount any more (PAY-16).
+        intent = await self._intent_to_pay(bill, instalment_index)
+        paid = await self._carry_out(session, intent)
+        if paid is None:
+            raise PaymentRefused(
+                Reason.MESSAGE_EXPIRED,
+                "the new intent's instructions lapsed before they could be paid",
+                intent.intent_id,
+            )
+        return paid
+
+    async def _intent_to_pay(self, bill: ReceivedBill, instalment_index: int | None) -> IntentRecord:
+        """The payment's live intent, continued (PAY-2, PAY-7), or a new one when it has none."""
+        biller, bill_id = bill.biller_party_id, bill.facts.bill_id
         agreement_digest, index, amount = await self._amount_to_pay(bill, instalment_index)
         intent = await self._store.find_intent(biller, bill_id, agreement_digest, index)
-        if intent is not None and self._past_pay_by(intent):
-            # PAY-17: instructions that lapsed unpaid are never paid (PAY-8); the payment gets a new intent, which
-            # PAY-14 lets the biller instruct, carried out in this call. One lapse, at most one new intent per call
-            # (its own instructions are never lapsed here), so the biller's cap on intents per bill is never raced.
-            if await self._store.lapse_intent(biller, intent.intent_id, self._party.now()):
-                log_step(
-                    logger,
-                    "instructions-lapsed",
-                    logging.WARNING,
-                    biller=biller,
-                    bill=bill_id,
-                    intent=intent.intent_id,
-                    pay_by=payment_order(intent).pay_by_time,
-                )
-            # The amount again: a lapsed outstanding-balance intent no longer fixes it (PAY-16), the balance does.
-            agreement_digest, index, amount = await self._amount_to_pay(bill, instalment_index)
-            intent = await self._store.find_intent(biller, bill_id, agreement_digest, index)
         if intent is None:
             intent = await self._store.create_intent(self._new_intent(bill, agreement_digest, index, amount))
             log_step(logger, "intent-created", biller=biller, bill=bill_id, intent=intent.intent_id, amount=amount)
-        return await self._carry_out(session, intent)
+        return intent
 
     async def payments(self, biller: str | None) -> list[Payment]:
         return [payment_view(intent) for intent in await self._store.intents(biller)]
@@ -209,10 +212,6 @@ class Payments:
             raise ValueError(f"the agreement has {len(terms.schedule)} instalments")
         return agreement_digest, instalment_index, terms.schedule[instalment_index].amount
 
-    def _past_pay_by(self, intent: IntentRecord) -> bool:
-        """Instructions stored, never handed to the bank, and past their pay_by_time: lapsed (PAY-8, PAY-17)."""
-        return intent.state is IntentState.INSTRUCTED and payment_order(intent).pay_by_time < self._party.now()
-
     async def _ended(self, bill: ReceivedBill) -> frozenset[bytes]:
         """The arrangements on the bill that the biller ended, as the stored events say (EVT-7)."""
         return await ended_threads(self._store, bill.biller_party_id, bill.account_id, bill.facts.bill_id)
@@ -253,8 +252,9 @@ class Payments:
             )
         )
 
-    async def _carry_out(self, session: BillerSession, intent: IntentRecord) -> Payment:
-        """Move an intent on: instructions, then the bank, each step at most once."""
+    async def _carry_out(self, session: BillerSession, intent: IntentRecord) -> Payment | None:
+        """Move an intent on: instructions, then the bank, each step at most once. None when its instructions
+        lapsed unpaid (PAY-17): the payment needs a new intent."""
         if intent.state is IntentState.CREATED:
             intent = await self._instruct(session, intent)
         if intent.state is IntentState.REFUSED:
@@ -264,14 +264,30 @@ class Payments:
             raise PaymentInDoubt(intent.biller_party_id, intent.intent_id)
         if intent.state is IntentState.PAID:
             return payment_view(intent)
-        if intent.state is IntentState.LAPSED:  # found by id after another caller lapsed it: never paid
-            raise PaymentRefused(Reason.MESSAGE_EXPIRED, "the instructions lapsed unpaid (PAY-17)", intent.intent_id)
+        if intent.state is IntentState.LAPSED:  # another caller lapsed it meanwhile: never paid
+            return None
         order = payment_order(intent)
         now = self._party.now()
         if order.pay_by_time < now:  # PAY-8: never pay under instructions past their time
-            raise PaymentRefused(
-                Reason.MESSAGE_EXPIRED, f"the instructions were to be paid by {order.pay_by_time}", intent.intent_id
+            # PAY-17: they lapse (kept, never paid), and the caller starts the payment's new intent.
+            if not await self._store.lapse_intent(intent.biller_party_id, intent.intent_id, now):
+                current = await self._store.get_intent(intent.biller_party_id, intent.intent_id)
+                assert current is not None
+                if current.state is not IntentState.INSTRUCTED:  # moved on by another caller: sent, or lapsed
+                    return await self._carry_out(session, current)
+                raise PaymentRefused(  # the store does not find them past their time: unpaid, and kept as they are
+                    Reason.MESSAGE_EXPIRED, f"the instructions were to be paid by {order.pay_by_time}", intent.intent_id
+                )
+            log_step(
+                logger,
+                "instructions-lapsed",
+                logging.WARNING,
+                biller=intent.biller_party_id,
+                bill=intent.bill_id,
+                intent=intent.intent_id,
+                pay_by=order.pay_by_time,
             )
+            return None
         # PAY-7: recorded as being paid before the bank is asked, so no crash or retry pays twice.
         if not await self._store.begin_sending(intent.biller_party_id, intent.intent_id, now):
             current = await self._store.get_intent(intent.biller_party_id, intent.intent_id)

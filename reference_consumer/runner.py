@@ -951,7 +951,11 @@ class Household:
                         await self._pay_outstanding(biller, bill_id, today, report)
                     continue
                 terms, agreement_digest, _ = agreement
-                mine = {p.instalment_index: p for p in intents if p.agreement_digest == agreement_digest}
+                mine = {  # lapsed instructions are history: the instalment's live intent, if any, stands (PAY-17)
+                    p.instalment_index: p
+                    for p in intents
+                    if p.agreement_digest == agreement_digest and p.state is not IntentState.LAPSED
+                }
                 count = len(terms.schedule)
                 for index, instalment in enumerate(terms.schedule):
                     before = mine.get(index)
@@ -988,7 +992,11 @@ class Household:
         now is the bill's outstanding balance (PAY-16), due at once — its amount due less what we already paid
         of it, never the whole amount again nor the broken plan's instalments. Paid once (PAY-7): a later pass
         reports the payment, and a renegotiation offered after it finds nothing owed."""
-        own = [p for p in await self.agent.payments(biller) if p.bill_id == bill_id and not p.agreement_digest]
+        own = [
+            p
+            for p in await self.agent.payments(biller)
+            if p.bill_id == bill_id and not p.agreement_digest and p.state is not IntentState.LAPSED
+        ]  # a lapsed intent paid nothing and fixes no amount: the balance is owed afresh (PAY-16, PAY-17)
         before = own[-1] if own else None
         if before is not None and before.state is IntentState.PAID:
             return  # paid by an earlier pass: nothing is owed on it any more

@@ -39,6 +39,8 @@ _PAYMENT_WORDS = {
     IntentState.SENDING: "in doubt: check with the bank",
     IntentState.PAID: "paid",
     IntentState.REFUSED: "refused: the instructions did not verify",
+    # PAY-17: never paid, and never payable; the same pay() call started the payment again.
+    IntentState.LAPSED: "lapsed unpaid: too late to pay under these instructions, so a new payment was started",
 }
 
 _APPROVAL_WORDS = {

@@ -413,6 +413,17 @@ def takes_a_repeated_last_event_for_a_broken_chain() -> None:
     Receiver.open_event = strict  # type: ignore[method-assign]
 
 
+def keeps_lapsed_instructions() -> None:
+    """Instructions whose pay_by_time passed unpaid never lapse: the payment stays with them, refused on every run
+    (PAY-8) and never paid under a new intent (PAY-17) — the reference consumer before lapsed intents existed."""
+    from agent.stores.consumer_sqlite import SqliteConsumerStore  # noqa: PLC0415
+
+    async def never_lapses(self: Any, biller_party_id: str, intent_id: str, now: datetime) -> bool:
+        return False
+
+    SqliteConsumerStore.lapse_intent = never_lapses  # type: ignore[method-assign]
+
+
 DEFECTS: dict[str, Callable[[], None]] = {
     "skips-bill-verification": skips_bill_verification,
     "accepts-keyset-rollback": accepts_keyset_rollback,
@@ -436,6 +447,7 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "takes-receipts-for-another-intent": takes_receipts_for_another_intent,
     "checks-pay-by-time-only-on-receipt": checks_pay_by_time_only_on_receipt,
     "takes-a-repeated-last-event-for-a-broken-chain": takes_a_repeated_last_event_for_a_broken_chain,
+    "keeps-lapsed-instructions": keeps_lapsed_instructions,
 }
 
 
@@ -499,7 +511,14 @@ BROKEN_CONSUMERS = (
         "pays after the pay-by time",
         "pays-after-pay-by-time",
         # It reads the time a day late when it pays too, so instructions left unpaid past their time are paid.
-        frozenset({"PAY-8/instructions-pay-by-passed", "PAY-8/pay-by-passed-before-paying"}),
+        # Never lapsed, the instructions left unpaid in PAY-17's run 1 are paid in its run 2 as well.
+        frozenset(
+            {
+                "PAY-8/instructions-pay-by-passed",
+                "PAY-8/pay-by-passed-before-paying",
+                "PAY-17/lapsed-instructions-new-intent",
+            }
+        ),
     ),
     BrokenConsumer(
         "trusts any signature on instructions",
@@ -563,12 +582,17 @@ BROKEN_CONSUMERS = (
     BrokenConsumer(
         "checks the pay-by time only when instructions arrive",
         "checks-pay-by-time-only-on-receipt",
-        frozenset({"PAY-8/pay-by-passed-before-paying"}),
+        frozenset({"PAY-8/pay-by-passed-before-paying", "PAY-17/lapsed-instructions-new-intent"}),
     ),
     BrokenConsumer(
         "takes the last event again for a broken chain",
         "takes-a-repeated-last-event-for-a-broken-chain",
         frozenset({"EVT-5/last-event-again"}),
+    ),
+    BrokenConsumer(
+        "keeps instructions that lapsed unpaid",
+        "keeps-lapsed-instructions",
+        frozenset({"PAY-17/lapsed-instructions-new-intent"}),
     ),
 )
 

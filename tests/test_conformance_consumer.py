@@ -197,6 +197,7 @@ def test_every_defect_class_is_covered() -> None:
         "keeps receipts for another intent",
         "checks the pay-by time only when instructions arrive",
         "takes the last event again for a broken chain",
+        "keeps instructions that lapsed unpaid",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name

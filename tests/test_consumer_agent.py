@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import date, timedelta
@@ -33,11 +34,13 @@ from agent.consumer import (
     EventLogForked,
     Mandate,
     OpeningContext,
+    Payment,
     PaymentDispute,
     PaymentInDoubt,
     PaymentNotSent,
     PaymentOrder,
     PaymentRefused,
+    PaymentSender,
     RejectOffer,
     ResponseContext,
     Withdraw,
@@ -48,7 +51,7 @@ from agent.protocol.dsse import digest
 from agent.protocol.errors import ParleyError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyEntry, make_key_set
-from agent.protocol.messages import seal
+from agent.protocol.messages import seal, to_timestamp
 from agent.protocol.negotiation import Role
 from agent.protocol.terms import Terms, TermsKind, build_terms, monthly_dates
 from agent.stores.base import (
@@ -57,10 +60,12 @@ from agent.stores.base import (
     IntentRecord,
     IntentState,
     LinkedAccountRecord,
+    ReceiptRecord,
     ReceivedEventRecord,
     StoreConflict,
     ThreadOutcome,
 )
+from agent.stores.consumer_sqlite import MIGRATIONS as CONSUMER_MIGRATIONS
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.transport.client import ClientTls, RetryPolicy, open_channel
@@ -147,7 +152,7 @@ class Household:
         *,
         mandate: Mandate = WIDE,
         approve: Callable[[ApprovalRequest], Awaitable[bool]] | None = None,
-        bank: Bank | None = None,
+        bank: PaymentSender | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
     ) -> AsyncIterator[ConsumerAgent]:
         store = await SqliteConsumerStore.open(self.db_path)
@@ -853,6 +858,258 @@ def test_a_receipt_for_another_amount_is_a_dispute(tmp_path: Path) -> None:
             assert hostile.calls["GetReceipt"] == 1
 
     run(tmp_path, scenario, hostile=True)
+
+
+# --- Instructions that lapse unpaid (PAY-17) -------------------------------------------------------------------
+
+
+class DownBank:
+    """A bank that cannot be reached: it certainly pays nothing (`PaymentNotSent`), so the intent stays instructed."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def send(self, order: PaymentOrder) -> str:
+        self.asked += 1
+        raise PaymentNotSent("the bank cannot be reached")
+
+
+class CrashingBank:
+    """A bank whose answer never comes: the intent was handed over, and is in doubt (PAY-7)."""
+
+    async def send(self, order: PaymentOrder) -> str:
+        raise ConnectionResetError("the bank hung up mid-order")
+
+
+def past_pay_by(biller: Biller, payment: Payment) -> None:
+    """Move the shared clock a second past the payment's instructions' pay_by_time."""
+    assert payment.order is not None
+    biller.clock.advance(payment.order.pay_by_time - biller.clock.now() + timedelta(seconds=1))
+
+
+def test_instructions_that_lapsed_unpaid_give_way_to_a_new_intent_paid_in_the_same_call(tmp_path: Path) -> None:
+    """PAY-17: the bank was down until after the instructions' pay_by_time. The next `pay` lapses them (kept,
+    never paid), starts a new intent for the same payment, which the biller instructs (PAY-14), and pays it."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent(bank=DownBank()) as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            with pytest.raises(PaymentNotSent):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            (instructed,) = await agent.payments(BILLER_ID)
+            assert instructed.state is IntentState.INSTRUCTED
+            past_pay_by(biller, instructed)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:  # a later run, the bank back
+            payment = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert payment.intent_id != instructed.intent_id
+            assert (payment.state, payment.amount, payment.proof) == (IntentState.PAID, BILL.amount_due, "bank-1")
+            (order,) = bank.orders
+            assert instructed.order is not None
+            assert (order.intent_id, order.amount) == (payment.intent_id, BILL.amount_due)
+            assert order.payment_reference != instructed.order.payment_reference  # the new instructions only
+            lapsed, paid = await agent.payments(BILLER_ID)
+            assert (lapsed.intent_id, lapsed.state, lapsed.order) == (instructed.intent_id, IntentState.LAPSED, None)
+            assert paid == payment
+            assert (await agent.pay(BILLER_ID, BILL.bill_id)).intent_id == payment.intent_id  # never paid twice
+            assert len(bank.orders) == 1
+            with pytest.raises(ValueError, match="no instructions it was paid under"):
+                await agent.receipt(BILLER_ID, lapsed.intent_id)
+            assert len(dump(biller.db_path)["payment_intents"]) == 2
+
+    run(tmp_path, scenario)
+
+
+def test_an_intent_handed_to_the_bank_never_lapses(tmp_path: Path) -> None:
+    """PAY-7 over PAY-17: once handed to the bank the payment is in doubt, whatever the time; it is neither lapsed
+    nor followed by a new intent, which could pay the bill twice."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent(bank=CrashingBank()) as agent:
+            await enrol(biller, agent)
+            await agent.bills(BILLER_ID)
+            with pytest.raises(ConnectionResetError):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            (sending,) = await agent.payments(BILLER_ID)
+            assert sending.state is IntentState.SENDING
+            past_pay_by(biller, sending)
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:
+            with pytest.raises(PaymentInDoubt):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            assert [p.state for p in await agent.payments(BILLER_ID)] == [IntentState.SENDING]
+            assert bank.orders == []
+            assert len(dump(biller.db_path)["payment_intents"]) == 1
+
+    run(tmp_path, scenario)
+
+
+def test_an_outstanding_balance_whose_instructions_lapsed_is_paid_under_a_new_intent(tmp_path: Path) -> None:
+    """PAY-16 with PAY-17: the outstanding balance's intent is continued, never paid twice — but once its
+    instructions lapsed unpaid it fixes nothing any more: a new intent carries the outstanding balance as the
+    consumer's own record computes it, and is paid."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        down = DownBank()
+        async with household.agent(ScriptedStrategy(INSIDE), bank=Bank()) as agent:
+            await enrol(biller, agent)
+            result = await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert result.thread_id is not None
+            first = await agent.pay(BILLER_ID, BILL.bill_id)
+            await biller.agent.record_settlement(ACCOUNT, first.intent_id, eur("40.00"), "RAIL-1")
+            await biller.agent.emit_event(
+                ACCOUNT,
+                event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN,
+                bill_id=BILL.bill_id,
+                thread_id=result.thread_id,
+                amount=eur("80.00"),
+            )
+            await biller.agent.offer_renegotiation(BILL.bill_id)  # the bill is open again, for its balance
+            async with contextlib.aclosing(agent.watch(BILLER_ID)) as events:
+                while (await asyncio.wait_for(anext(events), 5)).kind != event_pb2.EVENT_KIND_RENEGOTIATION_OFFERED:
+                    pass
+        async with household.agent(ScriptedStrategy(INSIDE), bank=down) as agent:
+            with pytest.raises(PaymentNotSent):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            *_, balance = await agent.payments(BILLER_ID)
+            assert (balance.agreement_digest, balance.amount, balance.state) == (
+                b"",
+                eur("80.00"),
+                IntentState.INSTRUCTED,
+            )
+            past_pay_by(biller, balance)
+        bank = Bank()
+        async with household.agent(ScriptedStrategy(INSIDE), bank=bank) as agent:
+            rest = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert rest.intent_id != balance.intent_id
+            assert (rest.agreement_digest, rest.amount, rest.state) == (b"", eur("80.00"), IntentState.PAID)
+            assert [(order.intent_id, order.amount) for order in bank.orders] == [(rest.intent_id, eur("80.00"))]
+            states = {p.intent_id: p.state for p in await agent.payments(BILLER_ID)}
+            lapsed, paid = IntentState.LAPSED, IntentState.PAID
+            assert states == {first.intent_id: paid, balance.intent_id: lapsed, rest.intent_id: paid}
+            assert (await agent.pay(BILLER_ID, BILL.bill_id)).intent_id == rest.intent_id  # continued, not paid twice
+            assert len(bank.orders) == 1
+            assert down.asked == 1
+
+    run(tmp_path, scenario)
+
+
+def test_the_consumer_store_lapses_only_instructed_intents_past_their_time_and_never_sends_them(
+    tmp_path: Path,
+) -> None:
+    """`lapse_intent` is the one way to LAPSED: only an INSTRUCTED intent, only once its pay_by_time has passed;
+    a lapsed intent is never handed to the bank, and the payment may then have one new live intent (no more)."""
+    now = START
+    pay_by = now + timedelta(hours=1)
+    instructions = envelope_pb2.Envelope(
+        payload=payment_pb2.PaymentInstructions(pay_by_time=to_timestamp(pay_by)).SerializeToString()
+    ).SerializeToString()
+
+    async def main() -> None:
+        store = await SqliteConsumerStore.open(tmp_path / "consumer.sqlite")
+        try:
+            link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
+            await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
+            intent = IntentRecord(
+                BILLER_ID, "pi-1", ACCOUNT, "bill-1", b"", 0, 12000, "EUR", b"t" * 16, IntentState.CREATED, now, (b"m",)
+            )
+            await store.create_intent(intent)
+            later = pay_by + timedelta(seconds=1)
+            assert not await store.lapse_intent(BILLER_ID, "pi-1", later)  # CREATED: no instructions to lapse
+            await store.record_instructions(BILLER_ID, "pi-1", instructions, None)
+            assert not await store.lapse_intent(BILLER_ID, "pi-1", pay_by)  # not past its time yet
+            assert await asyncio.gather(*(store.lapse_intent(BILLER_ID, "pi-1", later) for _ in range(3))) == [
+                True,
+                False,
+                False,
+            ]
+            lapsed = await store.get_intent(BILLER_ID, "pi-1")
+            assert lapsed is not None
+            assert (lapsed.state, lapsed.instructions, lapsed.messages) == (IntentState.LAPSED, instructions, (b"m",))
+            assert not await store.begin_sending(BILLER_ID, "pi-1", later)  # never handed to the bank
+            assert await store.find_intent(BILLER_ID, "bill-1", b"", 0) is None  # no live intent for the payment
+            assert (await store.create_intent(dataclasses.replace(intent, intent_id="pi-2"))).intent_id == "pi-2"
+            twin = dataclasses.replace(intent, intent_id="pi-3")  # one live intent per payment still
+            assert (await store.create_intent(twin)).intent_id == "pi-2"
+            await store.record_instructions(BILLER_ID, "pi-2", instructions, None)
+            assert await store.begin_sending(BILLER_ID, "pi-2", later)
+            assert not await store.lapse_intent(BILLER_ID, "pi-2", later)  # SENDING: in doubt, never lapsed
+            assert [i.intent_id for i in await store.intents(BILLER_ID)] == ["pi-1", "pi-2"]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_store_at_schema_2_is_migrated_to_lapsed_intents_keeping_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 3 rebuilds `intents` (a partial unique index over live intents instead of the table's UNIQUE):
+    every intent, message and receipt a store at schema 2 had is kept, and a lapsed intent's payment can then
+    have a new one."""
+    path = tmp_path / "consumer.sqlite"
+    now = START
+    intent = IntentRecord(
+        BILLER_ID, "pi-1", ACCOUNT, "bill-1", b"", 0, 12000, "EUR", b"t" * 16, IntentState.CREATED, now, (b"m0",)
+    )
+    receipt = ReceiptRecord(BILLER_ID, "pi-1", b"receipt", b"d" * 32, 12000, None, now)
+
+    async def at_schema_2() -> None:
+        store = await SqliteConsumerStore.open(path)
+        try:
+            link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
+            await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
+            await store.create_intent(intent)
+            await store.add_intent_message(BILLER_ID, "pi-1", b"m1")
+            await store.record_instructions(BILLER_ID, "pi-1", b"instructions", None)
+            await store.begin_sending(BILLER_ID, "pi-1", now)
+            await store.finish_sending(BILLER_ID, "pi-1", paid=True, proof="bank-1", now=now)
+            await store.save_receipt(receipt)
+            await store.create_intent(dataclasses.replace(intent, intent_id="pi-2", instalment_index=1))
+        finally:
+            await store.close()
+
+    monkeypatch.setattr(SqliteConsumerStore, "MIGRATIONS", CONSUMER_MIGRATIONS[:2])
+    asyncio.run(at_schema_2())
+    before = dump(path)
+    assert before["schema_version"] == [(1,), (2,)]
+    monkeypatch.undo()
+
+    async def migrated() -> None:
+        store = await SqliteConsumerStore.open(path)
+        try:
+            paid = await store.get_intent(BILLER_ID, "pi-1")
+            assert paid is not None
+            assert (paid.state, paid.messages, paid.instructions, paid.payment_proof) == (
+                IntentState.PAID,
+                (b"m0", b"m1"),
+                b"instructions",
+                "bank-1",
+            )
+            assert await store.get_receipt(BILLER_ID, "pi-1") == receipt
+            assert [i.intent_id for i in await store.intents()] == ["pi-1", "pi-2"]
+            assert (await store.create_intent(dataclasses.replace(intent, intent_id="pi-3"))).intent_id == "pi-1"
+        finally:
+            await store.close()
+
+    asyncio.run(migrated())
+    after = dump(path)
+    assert after["schema_version"] == [(1,), (2,), (3,)]
+    for table in ("intents", "intent_messages", "receipts", "links", "accounts"):
+        assert after[table] == before[table], table
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        db.execute("UPDATE intents SET state = 'lapsed' WHERE intent_id = 'pi-2'")  # the new CHECK takes it
+        db.execute(
+            "INSERT INTO intents SELECT biller_party_id, 'pi-4', account_id, bill_id, agreement_digest,"
+            " instalment_index, amount_minor, currency, thread_id, 'created', created_at, updated_at, NULL, '', NULL,"
+            " '' FROM intents"
+            " WHERE intent_id = 'pi-2'"
+        )  # a second intent for a payment whose first lapsed: allowed now
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # but one live intent per payment
+            db.execute("UPDATE intents SET state = 'created' WHERE intent_id = 'pi-2'")
 
 
 # --- Events ----------------------------------------------------------------------------------------------------

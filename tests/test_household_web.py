@@ -26,12 +26,13 @@ from selenium.webdriver.common.by import By
 from agent.clock import ManualClock, SystemClock
 from agent.protocol.enrolment import normalize_enrolment_code
 from agent.protocol.terms import Money
-from agent.stores.base import ApprovalState
+from agent.stores.base import ApprovalState, IntentState
 from agent.web import CSRF_FIELD
 from reference_consumer.profile import load_profile, parse_profile
 from reference_consumer.runner import KEY_FILE, Approval
 from reference_consumer.web import StateDirSource, bill_key, cash_flow_chart, create_space_app, space_config, tracker
 from reference_consumer.web.views import superseded
+from reference_consumer.words import payment_words
 from tests.helpers.browser import chromium, save_screenshot, serving
 from tests.test_consumer_run import (
     ACCOUNT,
@@ -380,6 +381,44 @@ def test_a_tracker_needs_a_known_bill_and_marks_every_step_up_to_the_last_reache
     assert drawn.count('class="step done"') == 5
     assert re.search(r'class="step-label current"[^>]*>Paid<', drawn)
     assert "1 of 3 instalments paid" in drawn
+
+
+def test_a_payment_whose_instructions_lapsed_says_so_and_does_not_count_as_instructions_or_paid() -> None:
+    """PAY-17 on the household's page: instructions that lapsed unpaid read as such, with the new payment started
+    in their place; they are no payee to pay, and the bill's tracker counts them as neither instructions nor paid."""
+    bill = {
+        "biller": BILLER,
+        "biller_name": "energy.example",
+        "bill_id": "b1",
+        "account_id": ACCOUNT,
+        "amount": {"minor": 1000, "currency": "EUR", "text": "EUR 10.00"},
+        "issue_date": "2026-03-01",
+        "due_date": "2026-03-20",
+        "description": "March",
+        "state": "new",
+        "state_text": "paying as billed: lapsed",
+    }
+    lapsed = {
+        "biller": BILLER,
+        "biller_name": "energy.example",
+        "bill_id": "b1",
+        "instalment": 1,
+        "of": 1,
+        "amount": bill["amount"],
+        "state": IntentState.LAPSED.value,
+        "state_text": payment_words(IntentState.LAPSED),
+        "bank_reference": "",
+        "payee": None,  # a lapsed intent has no order to pay (agent.consumer.payments.payment_view)
+        "receipt": None,
+    }
+    found = tracker({"bills": [bill], "payments": [lapsed]}, bill_key(BILLER, "b1"))
+    assert found is not None
+    (line,) = [line for line in found.happenings if line.text.startswith("Payment 1 of 1")]
+    assert "lapsed unpaid" in line.detail
+    assert "a new payment was started" in line.detail
+    drawn = str(found.steps)
+    for step in ("Payment instructions", "Paid"):  # neither reached
+        assert re.search(rf'class="step-label (current|pending)"[^>]*>{step}<', drawn), step
 
 
 def test_several_households_share_one_site_with_an_index_and_pages_without_a_bot_open_no_stream(

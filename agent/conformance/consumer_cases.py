@@ -2245,6 +2245,71 @@ async def pay_by_passed_before_paying(context: ConsumerContext) -> str:
         )
 
 
+# --- 18b. Instructions that lapsed unpaid, then the payment under a new intent ---------------------------------
+
+PAY_17_QUOTE = (
+    "Instructions whose `pay_by_time` passed before the consumer handed them to its bank … have *lapsed*: the "
+    "consumer MUST NOT pay under them (PAY-8), and MUST NOT let them hold the payment either … when it next pays "
+    "that payment … it MUST do so under a new intent (a new `intent_id`, thread and signature)"
+)
+
+
+@suite.case(
+    "PAY-17/lapsed-instructions-new-intent",
+    description="Instructions that lapsed unpaid (the bank was down) are never paid: the payment is made under a "
+    "new intent's instructions",
+    quote=PAY_17_QUOTE,
+)
+async def lapsed_instructions_new_intent(context: ConsumerContext) -> str:
+    async with scenario(context, "lapsed-instructions-new-intent") as s:
+        issue_bills_on_enrolment(s.biller)
+        # Run 1: the client's bank cannot be reached, and the biller's instructions are payable for PAY_BY_DELAY
+        # only — signed and stored so, so that once they lapse PAY-14 lets it instruct a new intent.
+        order_book = bank_unreachable(s)
+        s.biller.instructions_payable_for = PAY_BY_DELAY
+        await s.run_client()
+        s.biller.instructions_payable_for = None  # run 2's instructions are payable as the reference's are
+        if not order_book.is_symlink():
+            raise setup_failed("the client replaced its unreachable order book (the bank was to be down in run 1)", s)
+        order_book.unlink()
+        lapsed = dict(s.biller.instructed)  # by payment_reference
+        if not lapsed:
+            raise setup_failed("the client never sent a payment intent the biller answered", s)
+        await asyncio.sleep(PAY_BY_DELAY.total_seconds() + 1.0)  # every one of them is past its pay_by_time now
+        await s.run_client()  # run 2: the bank is back
+        orders = s.orders()
+        late = [order for order in orders if order.payment_reference in lapsed]
+        if late:
+            raise Violation(
+                f"the client ordered {late[0].describe()} in run 2, under instructions that had lapsed unpaid (their "
+                f"pay_by_time passed while its bank could not be reached): they must never be paid; it {s.summary()}"
+            )
+        lapsed_intents = {instructed.intent_id for instructed in lapsed.values()}
+        bills = {instructed.bill_id for instructed in lapsed.values()}
+        renewed = {
+            reference: instructed
+            for reference, instructed in s.biller.instructed.items()
+            if instructed.bill_id in bills and instructed.intent_id not in lapsed_intents
+        }
+        if not renewed:
+            sent = sorted(
+                {str(getattr(call.payload, "intent_id", "")) for call in s.biller.calls_of("CreatePaymentIntent")}
+            )
+            raise Violation(
+                f"after its instructions lapsed unpaid, the client started no new intent for the payment in run 2 "
+                f"(intents sent: {', '.join(sent)}): the lapsed ones held it, and the bill stays unpaid; it "
+                f"{s.summary()}"
+            )
+        paid = [order for order in orders if order.payment_reference in renewed]
+        if not paid:
+            raise setup_failed("the client took a new intent's instructions in run 2 but its bank paid none", s)
+        (new_intent, *_) = (instructed.intent_id for instructed in renewed.values())
+        return (
+            f"instructions of intent {min(lapsed_intents)} lapsed unpaid (the bank was down in run 1); run 2 paid "
+            f"{paid[0].describe()} under new intent {new_intent} ({', '.join(run.describe() for run in s.runs)})"
+        )
+
+
 # --- 19. The last event taken, delivered again as a stream resumes ---------------------------------------------
 
 

@@ -19,7 +19,9 @@ call observer, which
   least once, EVT-9), and `on_enrolled` hooks run once the client has enrolled
   (issuing its bills, switching to a rolled-back key set…); `lose_answers`
   applies a call but loses its answer (UNAVAILABLE), `refuse` refuses a call
-  with a spec error before the agent sees it;
+  with a spec error before the agent sees it; `instructions_payable_for`
+  makes the instructions it issues meanwhile payable for that long only
+  (signed and stored so, PAY-17);
 - **plays the payment rail**: the client reports each payment it makes as one
   JSON line of `$PARLEY_STATE_DIR/bank-orders.jsonl` (docs/CONFORMANCE.md,
   "The client's bank"), and `settle_orders` records the settlement of every
@@ -49,6 +51,8 @@ from agent.biller import (
     BillerAgent,
     OfferContext,
 )
+from agent.biller.party import BillerParty
+from agent.biller.payments import PaymentsPhase
 from agent.clock import Clock, SystemClock
 from agent.conformance.peers import (
     HostileServicer,
@@ -65,9 +69,10 @@ from agent.protocol.errors import LocalProtocolError, ProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.messages import PAYLOAD_TYPES
 from agent.protocol.terms import AdvertisedOptions, DeferralOption, Money, Terms, TermsKind, build_terms
+from agent.stores.base import BillRecord, PaymentContext
 from agent.stores.biller_sqlite import SqliteBillerStore
 from parley.v1 import biller_service_pb2 as pb
-from parley.v1 import envelope_pb2
+from parley.v1 import envelope_pb2, payment_pb2
 
 BILLER_PARTY_ID = "biller:conformance.example"
 CURRENCY = "EUR"
@@ -273,6 +278,9 @@ class HostileBiller:
     _rechained: dict[bytes, bytes] = field(default_factory=dict)  # an event's true digest -> the digest sent
     # The servicer in front of the agent: lost answers (`unavailable_after`) and refusals (`refuse_before`).
     servicer: HostileServicer | None = None
+    # While set, instructions are payable for this long only, and the biller stores them so: once that time has
+    # passed they have lapsed, and PAY-14 lets it instruct a new intent for the same payment (PAY-17).
+    instructions_payable_for: timedelta | None = None
     _sent_events: dict[int, Message] = field(default_factory=dict)  # by sequence, as last sent
 
     @property
@@ -477,6 +485,23 @@ class HostileBiller:
         return answer
 
 
+class _ShortLivedInstructions(PaymentsPhase):
+    """The reference biller's payments phase, whose instructions' pay_by_time is at most
+    `HostileBiller.instructions_payable_for` away while a scenario sets it (and as the reference's otherwise)."""
+
+    def __init__(self, party: BillerParty, biller: HostileBiller) -> None:
+        super().__init__(party)
+        self._biller = biller
+
+    # An instance method where the reference has a static one: the phase calls it as `self.amount_owed`.
+    def amount_owed(  # type: ignore[override]
+        self, intent: payment_pb2.PaymentIntent, bill: BillRecord, context: PaymentContext, now: datetime
+    ) -> tuple[Money, datetime]:
+        owed, pay_by = PaymentsPhase.amount_owed(intent, bill, context, now)
+        lifetime = self._biller.instructions_payable_for
+        return owed, pay_by if lifetime is None else min(pay_by, now + lifetime)
+
+
 @asynccontextmanager
 async def hostile_biller(
     state_dir: Path,
@@ -519,6 +544,7 @@ async def hostile_biller(
             pinned_fingerprint=pinned_fingerprint or identity.fingerprint,
             bank_file=bank_file,
         )
+        agent.party.payments = _ShortLivedInstructions(agent.party, biller)  # the party's phases are replaceable
         servicer = HostileServicer(agent, observer=biller)
         servicer.rewrite = biller.rewrite  # scenarios script the answers through the biller
         biller.servicer = servicer

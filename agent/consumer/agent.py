@@ -31,7 +31,9 @@ The agent's duties, each with its requirement:
 - a payment intent is stored before it is sent, so a retry reuses its
   `intent_id` (PAY-2); instructions are paid only when they are signed by the
   pinned biller, chain to our intent and name its amount (PAY-8), and each
-  intent is handed to the bank at most once (PAY-7); receipts are verified and
+  intent is handed to the bank at most once (PAY-7); instructions whose
+  pay_by_time passed before they reached the bank lapse, kept and never paid,
+  and the payment gets a new intent (PAY-17); receipts are verified and
   a mismatch is raised as a dispute (PAY-9);
 - events are verified and chained before they are stored, the cursor moving
   in the same transaction, so a reconnecting or restarted agent loses none and
@@ -293,7 +295,9 @@ class ConsumerAgent:
         not paid any more: the bill's outstanding balance is (PAY-16), without
         agreement. The intent is stored before it is sent, so calling `pay` again
         — after a failure, a crash or a success — continues the same intent and
-        never pays twice (PAY-2, PAY-7). Raises PaymentRefused (PAY-8),
+        never pays twice (PAY-2, PAY-7) — except that instructions whose
+        pay_by_time passed before they were handed to the bank lapse (kept, never
+        paid) and the payment gets a new intent in the same call (PAY-17). Raises PaymentRefused (PAY-8),
         PaymentInDoubt (an earlier hand-over to the bank never answered), CallError
         (the biller refused the intent or could not be reached), LookupError for a
         bill never verified, ValueError for an instalment that does not exist.

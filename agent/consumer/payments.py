@@ -2,8 +2,8 @@
 
 The intent is stored before it is sent, so a retry reuses its `intent_id` (PAY-2); instructions are
 paid only when they are signed by the pinned biller, chain to our intent and name its amount (PAY-8);
-each intent is handed to the bank at most once (PAY-7); receipts are verified and a mismatch is raised
-as a dispute (PAY-9).
+each intent is handed to the bank at most once (PAY-7); instructions that lapse unpaid are kept as history
+and the payment gets a new intent (PAY-17); receipts are verified and a mismatch is raised as a dispute (PAY-9).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def payment_order(intent: IntentRecord) -> PaymentOrder:
 
 
 def payment_view(intent: IntentRecord) -> Payment:
-    usable = intent.instructions is not None and intent.state is not IntentState.REFUSED
+    # Refused instructions are not the biller's word; lapsed ones are no longer payable (PAY-17): neither is an order.
+    usable = intent.instructions is not None and intent.state not in (IntentState.REFUSED, IntentState.LAPSED)
     return Payment(
         biller_party_id=intent.biller_party_id,
         intent_id=intent.intent_id,
@@ -114,12 +115,32 @@ class Payments:
         """See `ConsumerAgent.pay` (called under the bill's lock)."""
         session = await self._sessions.get(biller)
         bill = await self._bills.get(session, bill_id)
+        paid = await self._carry_out(session, await self._intent_to_pay(bill, instalment_index))
+        if paid is not None:
+            return paid
+        # PAY-17: the intent's instructions lapsed unpaid, never to be paid (PAY-8). The payment gets a new intent,
+        # which PAY-14 lets the biller instruct, carried out in this call — one, never a loop, so the biller's cap
+        # on intents per bill is never run down. Its amount is taken afresh: a lapsed outstanding-balance intent
+        # fixes no amount any more (PAY-16).
+        intent = await self._intent_to_pay(bill, instalment_index)
+        paid = await self._carry_out(session, intent)
+        if paid is None:
+            raise PaymentRefused(
+                Reason.MESSAGE_EXPIRED,
+                "the new intent's instructions lapsed before they could be paid",
+                intent.intent_id,
+            )
+        return paid
+
+    async def _intent_to_pay(self, bill: ReceivedBill, instalment_index: int | None) -> IntentRecord:
+        """The payment's live intent, continued (PAY-2, PAY-7), or a new one when it has none."""
+        biller, bill_id = bill.biller_party_id, bill.facts.bill_id
         agreement_digest, index, amount = await self._amount_to_pay(bill, instalment_index)
         intent = await self._store.find_intent(biller, bill_id, agreement_digest, index)
         if intent is None:
             intent = await self._store.create_intent(self._new_intent(bill, agreement_digest, index, amount))
             log_step(logger, "intent-created", biller=biller, bill=bill_id, intent=intent.intent_id, amount=amount)
-        return await self._carry_out(session, intent)
+        return intent
 
     async def payments(self, biller: str | None) -> list[Payment]:
         return [payment_view(intent) for intent in await self._store.intents(biller)]
@@ -133,7 +154,7 @@ class Payments:
         intent = await self._store.get_intent(biller, intent_id)
         if intent is None:
             raise LookupError(f"no payment intent {intent_id!r} with {biller!r}")
-        if intent.instructions is None or intent.state is IntentState.REFUSED:
+        if intent.instructions is None or intent.state in (IntentState.REFUSED, IntentState.LAPSED):
             raise ValueError(f"intent {intent_id!r} has no instructions it was paid under")
         stored = await self._store.get_receipt(biller, intent_id)
         if stored is None:
@@ -231,8 +252,9 @@ class Payments:
             )
         )
 
-    async def _carry_out(self, session: BillerSession, intent: IntentRecord) -> Payment:
-        """Move an intent on: instructions, then the bank, each step at most once."""
+    async def _carry_out(self, session: BillerSession, intent: IntentRecord) -> Payment | None:
+        """Move an intent on: instructions, then the bank, each step at most once. None when its instructions
+        lapsed unpaid (PAY-17): the payment needs a new intent."""
         if intent.state is IntentState.CREATED:
             intent = await self._instruct(session, intent)
         if intent.state is IntentState.REFUSED:
@@ -242,12 +264,30 @@ class Payments:
             raise PaymentInDoubt(intent.biller_party_id, intent.intent_id)
         if intent.state is IntentState.PAID:
             return payment_view(intent)
+        if intent.state is IntentState.LAPSED:  # another caller lapsed it meanwhile: never paid
+            return None
         order = payment_order(intent)
         now = self._party.now()
         if order.pay_by_time < now:  # PAY-8: never pay under instructions past their time
-            raise PaymentRefused(
-                Reason.MESSAGE_EXPIRED, f"the instructions were to be paid by {order.pay_by_time}", intent.intent_id
+            # PAY-17: they lapse (kept, never paid), and the caller starts the payment's new intent.
+            if not await self._store.lapse_intent(intent.biller_party_id, intent.intent_id, now):
+                current = await self._store.get_intent(intent.biller_party_id, intent.intent_id)
+                assert current is not None
+                if current.state is not IntentState.INSTRUCTED:  # moved on by another caller: sent, or lapsed
+                    return await self._carry_out(session, current)
+                raise PaymentRefused(  # the store does not find them past their time: unpaid, and kept as they are
+                    Reason.MESSAGE_EXPIRED, f"the instructions were to be paid by {order.pay_by_time}", intent.intent_id
+                )
+            log_step(
+                logger,
+                "instructions-lapsed",
+                logging.WARNING,
+                biller=intent.biller_party_id,
+                bill=intent.bill_id,
+                intent=intent.intent_id,
+                pay_by=order.pay_by_time,
             )
+            return None
         # PAY-7: recorded as being paid before the bank is asked, so no crash or retry pays twice.
         if not await self._store.begin_sending(intent.biller_party_id, intent.intent_id, now):
             current = await self._store.get_intent(intent.biller_party_id, intent.intent_id)

@@ -76,7 +76,8 @@ class NegotiationResult:
 
 @dataclass(frozen=True)
 class Payment:
-    """An intent and where it stands; `order` is set once instructions were verified."""
+    """An intent and where it stands; `order` is set once instructions were verified, and unset again once they
+    lapsed unpaid (`IntentState.LAPSED`, PAY-17: never payable, and the payment has a new intent)."""
 
     biller_party_id: str
     intent_id: str

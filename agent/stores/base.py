@@ -713,6 +713,11 @@ class IntentState(enum.StrEnum):
     and is never handed over again (a crash here leaves it SENDING).
     PAID: the bank executed the payment. REFUSED: the instructions failed PAY-8;
     never paid.
+    LAPSED: instructions stored, never handed to the bank, and their pay_by_time
+    has passed (the bank was down, or the household's run came late): never paid
+    and never payable (PAY-8). Only an INSTRUCTED intent lapses — never a SENDING
+    one, which is in doubt (PAY-7). It is kept as history; the same payment may
+    then have a new intent (PAY-17), and a lapsed one counts as no payment.
     """
 
     CREATED = "created"
@@ -720,6 +725,7 @@ class IntentState(enum.StrEnum):
     SENDING = "sending"
     PAID = "paid"
     REFUSED = "refused"
+    LAPSED = "lapsed"
 
 
 @dataclass(frozen=True)
@@ -939,14 +945,17 @@ class ConsumerStore(Protocol):
 
     async def create_intent(self, intent: IntentRecord) -> IntentRecord:
         """Store a new intent (state CREATED, with its first signed message) and return it, or return the
-        intent already stored for the same biller, bill, agreement and instalment (one payment, one intent)."""
+        live intent already stored for the same biller, bill, agreement and instalment (one payment, one live
+        intent: LAPSED ones are history and do not count)."""
         ...
 
     async def get_intent(self, biller_party_id: str, intent_id: str) -> IntentRecord | None: ...
 
     async def find_intent(
         self, biller_party_id: str, bill_id: str, agreement_digest: bytes, instalment_index: int
-    ) -> IntentRecord | None: ...
+    ) -> IntentRecord | None:
+        """The payment's live intent (any state but LAPSED), if there is one."""
+        ...
 
     async def intents(self, biller_party_id: str | None = None) -> list[IntentRecord]:
         """Intents (of one biller, or all), oldest first."""
@@ -976,6 +985,11 @@ class ConsumerStore(Protocol):
 
         LookupError unless the intent is SENDING.
         """
+        ...
+
+    async def lapse_intent(self, biller_party_id: str, intent_id: str, now: datetime) -> bool:
+        """INSTRUCTED -> LAPSED, atomically, when its instructions' pay_by_time is before `now` (PAY-8, PAY-17):
+        True for the one caller that lapsed it. Any other state (SENDING is in doubt, PAY-7) is left alone."""
         ...
 
     async def save_receipt(self, receipt: ReceiptRecord) -> ReceiptRecord:

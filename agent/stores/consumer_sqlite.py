@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from agent.protocol.errors import Reason
+from agent.protocol.messages import read_time
 from agent.stores.base import (
     ApprovalRecord,
     ApprovalState,
@@ -36,6 +37,31 @@ from agent.stores.base import (
     ThreadUpdate,
 )
 from agent.stores.sqlite_base import Row, SqliteStore, dt, ts
+from parley.v1 import envelope_pb2, payment_pb2
+
+# The tables of an intent's messages and receipt, as migration 1 made them and migration 3 remakes them.
+_INTENT_MESSAGES_TABLE = """CREATE TABLE intent_messages (
+            biller_party_id TEXT NOT NULL,
+            intent_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            envelope BLOB NOT NULL,
+            PRIMARY KEY (biller_party_id, intent_id, position),
+            FOREIGN KEY (biller_party_id, intent_id) REFERENCES intents (biller_party_id, intent_id)
+        )"""
+_RECEIPTS_TABLE = """CREATE TABLE receipts (
+            biller_party_id TEXT NOT NULL,
+            intent_id TEXT NOT NULL,
+            envelope BLOB NOT NULL,
+            digest BLOB NOT NULL,
+            amount_minor INTEGER NOT NULL,
+            dispute TEXT,
+            received_at TEXT NOT NULL,
+            PRIMARY KEY (biller_party_id, intent_id),
+            FOREIGN KEY (biller_party_id, intent_id) REFERENCES intents (biller_party_id, intent_id)
+        )"""
+_REBUILT_INTENT_COLUMNS = """biller_party_id, intent_id, account_id, bill_id, agreement_digest, instalment_index,
+    amount_minor, currency, thread_id, state, created_at, updated_at, instructions, payment_proof, refusal_reason,
+    refusal_detail"""
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
@@ -122,25 +148,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (biller_party_id, intent_id),
             UNIQUE (biller_party_id, bill_id, agreement_digest, instalment_index)
         )""",
-        """CREATE TABLE intent_messages (
-            biller_party_id TEXT NOT NULL,
-            intent_id TEXT NOT NULL,
-            position INTEGER NOT NULL,
-            envelope BLOB NOT NULL,
-            PRIMARY KEY (biller_party_id, intent_id, position),
-            FOREIGN KEY (biller_party_id, intent_id) REFERENCES intents (biller_party_id, intent_id)
-        )""",
-        """CREATE TABLE receipts (
-            biller_party_id TEXT NOT NULL,
-            intent_id TEXT NOT NULL,
-            envelope BLOB NOT NULL,
-            digest BLOB NOT NULL,
-            amount_minor INTEGER NOT NULL,
-            dispute TEXT,
-            received_at TEXT NOT NULL,
-            PRIMARY KEY (biller_party_id, intent_id),
-            FOREIGN KEY (biller_party_id, intent_id) REFERENCES intents (biller_party_id, intent_id)
-        )""",
+        _INTENT_MESSAGES_TABLE,
+        _RECEIPTS_TABLE,
         """CREATE TABLE event_cursors (
             biller_party_id TEXT NOT NULL,
             account_id TEXT NOT NULL,
@@ -189,6 +198,52 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_error TEXT NOT NULL DEFAULT ''
         )""",
         "CREATE INDEX notifications_due ON notifications (delivered_at, next_attempt_at)",
+    ),
+    # 3: lapsed intents (PAY-17). Instructions that lapsed unpaid are kept as history, and the same payment gets a
+    # new intent: one *live* intent per payment, a partial unique index instead of the table's UNIQUE. SQLite
+    # cannot drop a table constraint, so `intents` is rebuilt; its children (intent_messages, receipts) reference
+    # it, and with foreign keys on (they cannot be turned off inside the migration's transaction) dropping it
+    # would orphan them, so they are held aside, dropped, and recreated as they were once it is back.
+    (
+        """CREATE TABLE intents_rebuilt (
+            biller_party_id TEXT NOT NULL REFERENCES links (biller_party_id),
+            intent_id TEXT NOT NULL,
+            account_id TEXT NOT NULL,
+            bill_id TEXT NOT NULL,
+            agreement_digest BLOB NOT NULL,
+            instalment_index INTEGER NOT NULL,
+            amount_minor INTEGER NOT NULL,
+            currency TEXT NOT NULL,
+            thread_id BLOB NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('created', 'instructed', 'sending', 'paid', 'refused', 'lapsed')),
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            instructions BLOB,
+            payment_proof TEXT NOT NULL DEFAULT '',
+            refusal_reason TEXT,
+            refusal_detail TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (biller_party_id, intent_id)
+        )""",
+        f"""INSERT INTO intents_rebuilt ({_REBUILT_INTENT_COLUMNS})
+            SELECT {_REBUILT_INTENT_COLUMNS} FROM intents ORDER BY rowid""",  # noqa: S608 - constant columns
+        "CREATE TABLE intent_messages_held AS SELECT * FROM intent_messages",
+        "CREATE TABLE receipts_held AS SELECT * FROM receipts",
+        "DROP TABLE intent_messages",
+        "DROP TABLE receipts",
+        "DROP TABLE intents",
+        "ALTER TABLE intents_rebuilt RENAME TO intents",
+        # One payment, one live intent (PAY-7): lapsed ones are history, never paid (PAY-17).
+        """CREATE UNIQUE INDEX intents_live_payment ON intents (biller_party_id, bill_id, agreement_digest,
+            instalment_index) WHERE state != 'lapsed'""",
+        _INTENT_MESSAGES_TABLE,
+        _RECEIPTS_TABLE,
+        """INSERT INTO intent_messages (biller_party_id, intent_id, position, envelope)
+            SELECT biller_party_id, intent_id, position, envelope FROM intent_messages_held ORDER BY rowid""",
+        """INSERT INTO receipts (biller_party_id, intent_id, envelope, digest, amount_minor, dispute, received_at)
+            SELECT biller_party_id, intent_id, envelope, digest, amount_minor, dispute, received_at
+            FROM receipts_held ORDER BY rowid""",
+        "DROP TABLE intent_messages_held",
+        "DROP TABLE receipts_held",
     ),
 )
 
@@ -532,6 +587,23 @@ class SqliteConsumerStore(SqliteStore):
             return intent
 
         return await self._write(finish)
+
+    async def lapse_intent(self, biller_party_id: str, intent_id: str, now: datetime) -> bool:
+        def lapse(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT instructions FROM intents WHERE biller_party_id = ? AND intent_id = ? AND state = 'instructed'",
+                (biller_party_id, intent_id),
+            ).fetchone()
+            if row is None or not _pay_by(row[0]) < now:
+                return False
+            changed = db.execute(
+                """UPDATE intents SET state = 'lapsed', updated_at = ?
+                   WHERE biller_party_id = ? AND intent_id = ? AND state = 'instructed'""",
+                (ts(now), biller_party_id, intent_id),
+            )
+            return changed.rowcount == 1
+
+        return await self._write(lapse)
 
     async def save_receipt(self, receipt: ReceiptRecord) -> ReceiptRecord:
         def save(db: sqlite3.Connection) -> ReceiptRecord:
@@ -888,10 +960,17 @@ def _find_intent(
 ) -> IntentRecord | None:
     row = db.execute(
         """SELECT intent_id FROM intents
-           WHERE biller_party_id = ? AND bill_id = ? AND agreement_digest = ? AND instalment_index = ?""",
+           WHERE biller_party_id = ? AND bill_id = ? AND agreement_digest = ? AND instalment_index = ?
+           AND state != 'lapsed'""",
         (biller_party_id, bill_id, agreement_digest, instalment_index),
     ).fetchone()
     return None if row is None else _intent(db, biller_party_id, row[0])
+
+
+def _pay_by(instructions: bytes) -> datetime:
+    """The pay_by_time of an intent's stored instructions (verified when they were stored, PAY-8)."""
+    body = payment_pb2.PaymentInstructions.FromString(envelope_pb2.Envelope.FromString(instructions).payload)
+    return read_time(body, "pay_by_time", Reason.MALFORMED_PAYLOAD)
 
 
 def _insert_intent_message(db: sqlite3.Connection, biller_party_id: str, intent_id: str, envelope: bytes) -> None:

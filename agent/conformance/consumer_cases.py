@@ -2198,33 +2198,21 @@ PAY_BY_DELAY = timedelta(seconds=5)  # how long run 1's instructions stay payabl
 async def pay_by_passed_before_paying(context: ConsumerContext) -> str:
     async with scenario(context, "pay-by-passed-before-paying") as s:
         issue_bills_on_enrolment(s.biller)
-        key = s.biller.identity.key
-        expiring: dict[str, datetime] = {}  # payment_reference -> the pay_by_time the client was given
-        answers: dict[bytes, envelope_pb2.Envelope] = {}  # by the true instructions' digest: a retry gets the same
-
-        async def short_lived(
-            request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
-        ) -> pb.CreatePaymentIntentResponse:
-            true_digest = digest(answer.instructions)
-            if true_digest not in answers:
-                pay_by = _now() + PAY_BY_DELAY
-
-                def until(instructions: payment_pb2.PaymentInstructions) -> None:
-                    instructions.pay_by_time.FromDatetime(pay_by)
-                    expiring[instructions.payment_reference] = pay_by
-
-                answers[true_digest] = reseal(answer.instructions, key, until)
-            return pb.CreatePaymentIntentResponse(instructions=answers[true_digest])
-
         # Run 1: the client's bank cannot be reached — its order book is a link to a directory that does not
-        # exist, so it cannot be opened — and the instructions are payable for PAY_BY_DELAY only.
+        # exist, so it cannot be opened — and the biller's instructions are payable for PAY_BY_DELAY only, signed
+        # and stored so (the biller's own word: once they lapse, PAY-14 lets it instruct a new intent, PAY-17).
         order_book = bank_unreachable(s)
-        s.biller.rewrite["CreatePaymentIntent"] = short_lived
+        s.biller.instructions_payable_for = PAY_BY_DELAY
         await s.run_client()
-        del s.biller.rewrite["CreatePaymentIntent"]
+        s.biller.instructions_payable_for = None
         if not order_book.is_symlink():
             raise setup_failed("the client replaced its unreachable order book (the bank was to be down in run 1)", s)
         order_book.unlink()
+        expiring = {
+            reference: instructed.pay_by
+            for reference, instructed in s.biller.instructed.items()
+            if instructed.pay_by is not None
+        }
         if not expiring:
             raise setup_failed("the client never sent a payment intent the biller answered", s)
         pay_by = max(expiring.values())

@@ -41,7 +41,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,7 @@ class Instructed:
     amount: Money
     payment_reference: str
     payee_account: str = ""
+    pay_by: datetime | None = None  # the instructions' pay_by_time (None: not known, in records made by hand)
 
 
 @dataclass(frozen=True)
@@ -449,6 +450,7 @@ class HostileBiller:
                 amount=Money.from_proto(getattr(body, "amount")),  # noqa: B009 - a parsed message of any type
                 payment_reference=reference,
                 payee_account=getattr(body, "payee_account", ""),
+                pay_by=getattr(body, "pay_by_time").ToDatetime(tzinfo=UTC),  # noqa: B009 - as for the amount
             ),
         )
 

@@ -176,7 +176,7 @@ class Household:
             await store.close()
 
     @asynccontextmanager
-    async def agent_with_its_bill(self, *, bank: Bank | None = None) -> AsyncIterator[ConsumerAgent]:
+    async def agent_with_its_bill(self, *, bank: PaymentSender | None = None) -> AsyncIterator[ConsumerAgent]:
         """An agent enrolled on a fresh account, its bill issued and listed: ready to pay or negotiate."""
         async with self.agent(bank=bank) as agent:
             await enrol(self.biller, agent)
@@ -892,9 +892,7 @@ def test_instructions_that_lapsed_unpaid_give_way_to_a_new_intent_paid_in_the_sa
     never paid), starts a new intent for the same payment, which the biller instructs (PAY-14), and pays it."""
 
     async def scenario(biller: Biller, household: Household) -> None:
-        async with household.agent(bank=DownBank()) as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill(bank=DownBank()) as agent:
             with pytest.raises(PaymentNotSent):
                 await agent.pay(BILLER_ID, BILL.bill_id)
             (instructed,) = await agent.payments(BILLER_ID)
@@ -926,9 +924,7 @@ def test_an_intent_handed_to_the_bank_never_lapses(tmp_path: Path) -> None:
     nor followed by a new intent, which could pay the bill twice."""
 
     async def scenario(biller: Biller, household: Household) -> None:
-        async with household.agent(bank=CrashingBank()) as agent:
-            await enrol(biller, agent)
-            await agent.bills(BILLER_ID)
+        async with household.agent_with_its_bill(bank=CrashingBank()) as agent:
             with pytest.raises(ConnectionResetError):
                 await agent.pay(BILLER_ID, BILL.bill_id)
             (sending,) = await agent.payments(BILLER_ID)

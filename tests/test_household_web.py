@@ -329,8 +329,9 @@ def test_the_cash_flow_chart_projects_the_balance_exactly_with_every_due_date() 
     assert "Pay day" in chart
 
 
-def test_a_tracker_needs_a_known_bill_and_marks_every_step_up_to_the_last_reached() -> None:
-    bill = {
+def bill_row(**facts: str) -> dict[str, Any]:
+    """A bill of 10 euros from energy.example as the household's status document lists it, with `facts` (its state)."""
+    return {
         "biller": BILLER,
         "biller_name": "energy.example",
         "bill_id": "b1",
@@ -339,22 +340,27 @@ def test_a_tracker_needs_a_known_bill_and_marks_every_step_up_to_the_last_reache
         "issue_date": "2026-03-01",
         "due_date": "2026-03-20",
         "description": "March",
-        "state": "paid",
-        "state_text": "paid",
+        **facts,
     }
-    payment = {
+
+
+def payment_row(**facts: str | None) -> dict[str, Any]:
+    """The one payment of `bill_row`'s bill, whole, as the status document lists it, with `facts` (its state)."""
+    return {
         "biller": BILLER,
         "biller_name": "energy.example",
         "bill_id": "b1",
         "instalment": 1,
         "of": 1,
-        "amount": bill["amount"],
-        "state": "paid",
-        "state_text": "paid",
-        "bank_reference": "R1",
-        "payee": "Energy Ltd",
+        "amount": bill_row()["amount"],
         "receipt": None,
+        **facts,
     }
+
+
+def test_a_tracker_needs_a_known_bill_and_marks_every_step_up_to_the_last_reached() -> None:
+    bill = bill_row(state="paid", state_text="paid")
+    payment = payment_row(state="paid", state_text="paid", bank_reference="R1", payee="Energy Ltd")
     document = {"bills": [bill], "payments": [payment]}
     assert tracker(document, "nope") is None
     found = tracker(document, bill_key(BILLER, "b1"))
@@ -386,31 +392,10 @@ def test_a_tracker_needs_a_known_bill_and_marks_every_step_up_to_the_last_reache
 def test_a_payment_whose_instructions_lapsed_says_so_and_does_not_count_as_instructions_or_paid() -> None:
     """PAY-17 on the household's page: instructions that lapsed unpaid read as such, with the new payment started
     in their place; they are no payee to pay, and the bill's tracker counts them as neither instructions nor paid."""
-    bill = {
-        "biller": BILLER,
-        "biller_name": "energy.example",
-        "bill_id": "b1",
-        "account_id": ACCOUNT,
-        "amount": {"minor": 1000, "currency": "EUR", "text": "EUR 10.00"},
-        "issue_date": "2026-03-01",
-        "due_date": "2026-03-20",
-        "description": "March",
-        "state": "new",
-        "state_text": "paying as billed: lapsed",
-    }
-    lapsed = {
-        "biller": BILLER,
-        "biller_name": "energy.example",
-        "bill_id": "b1",
-        "instalment": 1,
-        "of": 1,
-        "amount": bill["amount"],
-        "state": IntentState.LAPSED.value,
-        "state_text": payment_words(IntentState.LAPSED),
-        "bank_reference": "",
-        "payee": None,  # a lapsed intent has no order to pay (agent.consumer.payments.payment_view)
-        "receipt": None,
-    }
+    bill = bill_row(state="new", state_text="paying as billed: lapsed")
+    lapsed = payment_row(  # a lapsed intent has no order to pay (agent.consumer.payments.payment_view)
+        state=IntentState.LAPSED.value, state_text=payment_words(IntentState.LAPSED), bank_reference="", payee=None
+    )
     found = tracker({"bills": [bill], "payments": [lapsed]}, bill_key(BILLER, "b1"))
     assert found is not None
     (line,) = [line for line in found.happenings if line.text.startswith("Payment 1 of 1")]

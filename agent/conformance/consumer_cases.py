@@ -69,6 +69,7 @@ from agent.conformance.hostile_biller import (
     Call,
     Forgery,
     HostileBiller,
+    Instructed,
     hostile_biller,
     new_identity,
     payload_of,
@@ -2189,6 +2190,27 @@ for _case_id, _what, _change in _DOCTORED_RECEIPTS:
 PAY_BY_DELAY = timedelta(seconds=5)  # how long run 1's instructions stay payable: long enough to be taken as valid
 
 
+async def _instructions_left_to_lapse(s: Scenario) -> dict[str, Instructed]:
+    """Run 1 with the client's bank down — its order book is a link to a directory that does not exist, so it
+    cannot be opened — and the biller's instructions payable for PAY_BY_DELAY only, signed and stored so (the
+    biller's own word: once they lapse, PAY-14 lets it instruct a new intent, PAY-17). Then the bank is back, and
+    this returns once every instruction of run 1 is past its pay_by_time: those instructions, by payment_reference.
+    """
+    issue_bills_on_enrolment(s.biller)
+    order_book = bank_unreachable(s)
+    s.biller.instructions_payable_for = PAY_BY_DELAY
+    await s.run_client()
+    s.biller.instructions_payable_for = None  # run 2's instructions are payable as the reference's are
+    if not order_book.is_symlink():
+        raise setup_failed("the client replaced its unreachable order book (the bank was to be down in run 1)", s)
+    order_book.unlink()
+    left = dict(s.biller.instructed)
+    if not left:
+        raise setup_failed("the client never sent a payment intent the biller answered", s)
+    await asyncio.sleep(PAY_BY_DELAY.total_seconds() + 1.0)  # each was issued before run 1 ended
+    return left
+
+
 @suite.case(
     "PAY-8/pay-by-passed-before-paying",
     description="Instructions taken while payable but left unpaid (the bank was down) are never paid after their "
@@ -2197,26 +2219,8 @@ PAY_BY_DELAY = timedelta(seconds=5)  # how long run 1's instructions stay payabl
 )
 async def pay_by_passed_before_paying(context: ConsumerContext) -> str:
     async with scenario(context, "pay-by-passed-before-paying") as s:
-        issue_bills_on_enrolment(s.biller)
-        # Run 1: the client's bank cannot be reached — its order book is a link to a directory that does not
-        # exist, so it cannot be opened — and the biller's instructions are payable for PAY_BY_DELAY only, signed
-        # and stored so (the biller's own word: once they lapse, PAY-14 lets it instruct a new intent, PAY-17).
-        order_book = bank_unreachable(s)
-        s.biller.instructions_payable_for = PAY_BY_DELAY
-        await s.run_client()
-        s.biller.instructions_payable_for = None
-        if not order_book.is_symlink():
-            raise setup_failed("the client replaced its unreachable order book (the bank was to be down in run 1)", s)
-        order_book.unlink()
-        expiring = {
-            reference: instructed.pay_by
-            for reference, instructed in s.biller.instructed.items()
-            if instructed.pay_by is not None
-        }
-        if not expiring:
-            raise setup_failed("the client never sent a payment intent the biller answered", s)
-        pay_by = max(expiring.values())
-        await asyncio.sleep(max(0.0, (pay_by - _now()).total_seconds() + 1.0))
+        expiring = await _instructions_left_to_lapse(s)
+        pay_by = max(instructed.pay_by or _now() for instructed in expiring.values())
         await s.run_client()  # run 2: the bank is back, the instructions' time is over
         late = [order for order in s.orders() if order.payment_reference in expiring]
         if late:
@@ -2250,20 +2254,7 @@ PAY_17_QUOTE = (
 )
 async def lapsed_instructions_new_intent(context: ConsumerContext) -> str:
     async with scenario(context, "lapsed-instructions-new-intent") as s:
-        issue_bills_on_enrolment(s.biller)
-        # Run 1: the client's bank cannot be reached, and the biller's instructions are payable for PAY_BY_DELAY
-        # only — signed and stored so, so that once they lapse PAY-14 lets it instruct a new intent.
-        order_book = bank_unreachable(s)
-        s.biller.instructions_payable_for = PAY_BY_DELAY
-        await s.run_client()
-        s.biller.instructions_payable_for = None  # run 2's instructions are payable as the reference's are
-        if not order_book.is_symlink():
-            raise setup_failed("the client replaced its unreachable order book (the bank was to be down in run 1)", s)
-        order_book.unlink()
-        lapsed = dict(s.biller.instructed)  # by payment_reference
-        if not lapsed:
-            raise setup_failed("the client never sent a payment intent the biller answered", s)
-        await asyncio.sleep(PAY_BY_DELAY.total_seconds() + 1.0)  # every one of them is past its pay_by_time now
+        lapsed = await _instructions_left_to_lapse(s)
         await s.run_client()  # run 2: the bank is back
         orders = s.orders()
         late = [order for order in orders if order.payment_reference in lapsed]

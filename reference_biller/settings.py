@@ -136,20 +136,20 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, *, least: str = "0 or more") -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):
-        raise ValueError(f"expected a number of seconds (0 or more), got {text!r}")
+        raise ValueError(f"expected a number of seconds ({least}), got {text!r}")
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
+    value = _seconds(text, least="above 0")
     if value == 0:
-        raise ValueError(f"expected a number of seconds above 0, got {text!r}")
+        raise ValueError(f"expected a number of seconds (above 0), got {text!r}")
     return value
 
 

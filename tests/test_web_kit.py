@@ -22,7 +22,7 @@ from xml.etree import ElementTree
 import jinja2
 import pytest
 from aiohttp import ClientError, ClientResponse, ClientSession, ClientTimeout, CookieJar, web
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
@@ -528,9 +528,46 @@ def console_messages(browser: Any) -> list[dict[str, Any]]:
     return messages
 
 
+# What chromedriver says when the whole document was replaced (a form's POST landing back on the page) between
+# finding an element and reading it. Selenium maps it to no class of its own, so it is known by its words.
+DOCUMENT_REPLACED = "does not belong to the document"
+
+
 def wait_for(browser: Any, condition: Any, seconds: float = 15.0) -> Any:
-    # A live section may be swapped between finding an element and reading it: look again.
-    return WebDriverWait(browser, seconds, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+    """Poll `condition` until it holds. An element swapped out under it (a live section re-read, or the page itself
+    reloaded) means only "not yet": look again. Any other error is the test's to see."""
+
+    def settled(driver: Any) -> Any:
+        try:
+            return condition(driver)
+        except StaleElementReferenceException:
+            return False
+        except WebDriverException as error:
+            if DOCUMENT_REPLACED in str(error.msg):
+                return False
+            raise
+
+    return WebDriverWait(browser, seconds).until(settled)
+
+
+def test_waiting_looks_again_when_the_document_is_replaced_under_it_and_reports_anything_else() -> None:
+    # Seen in CI: the notes form posted, and the page it landed on replaced the document between chromedriver's
+    # finding #notes and reading its text.
+    replaced = WebDriverException(
+        'unknown error: unhandled inspector error: {"code":-32000,"message":"Node with given id does not belong to '
+        'the document"}'
+    )
+    answers: list[Any] = [StaleElementReferenceException("swapped"), replaced, "the notes"]
+
+    def condition(_: Any) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert wait_for(object(), condition, seconds=5) == "the notes"
+    with pytest.raises(WebDriverException, match="chrome not reachable"):
+        wait_for(object(), lambda _: (_ for _ in ()).throw(WebDriverException("chrome not reachable")), seconds=5)
 
 
 def test_the_face_in_chromium_token_cookie_form_live_updates_charts_and_no_outside_requests() -> None:

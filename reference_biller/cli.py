@@ -7,8 +7,8 @@
                         [--tls-cert FILE --tls-key FILE [--tls-client-ca FILE] | --insecure]
                         [--conformance-control]
                         [--metrics-listen HOST:PORT] [--log-format json|text] [--log-level LEVEL]
-                        [--shutdown-grace SECONDS] [--otel] [--max-connections-per-address N]
-                        [--idle-timeout SECONDS] [--handshake-timeout SECONDS]
+                        [--shutdown-grace SECONDS] [--otel] [--max-connections N]
+                        [--max-connections-per-address N] [--idle-timeout SECONDS] [--handshake-timeout SECONDS]
                                     run the reference biller (built-in sample config without --config);
                                     PARLEY_* variables and the config's [server] table set the same options
     parley biller codes --state-dir DIR [--store PATH|URL] [--config FILE] [--account ID]... [--revoke]
@@ -232,6 +232,7 @@ async def _serve_until_signalled(
             webhooks=webhooks,
             connection_limits=replace(
                 DEFAULT_CONNECTION_LIMITS,
+                max_connections=settings.max_connections,
                 max_connections_per_address=settings.max_connections_per_address,
                 idle_timeout=timedelta(seconds=settings.idle_timeout),
                 handshake_timeout=timedelta(seconds=settings.handshake_timeout),
@@ -544,6 +545,12 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "--otel",
         action="store_true",
         help="OpenTelemetry tracing of gRPC calls; needs the otel extra (env PARLEY_OTEL)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        metavar="N",
+        help="connections this process may hold in all; past it a new connection is closed in its handshake "
+        "(TRN-10; env PARLEY_MAX_CONNECTIONS; default: 800)",
     )
     serve.add_argument(
         "--max-connections-per-address",

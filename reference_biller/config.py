@@ -122,6 +122,7 @@ class ServerSettings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     otel: bool | None = None
+    max_connections: int | None = None
     max_connections_per_address: int | None = None
     idle_timeout_seconds: float | None = None
     handshake_timeout_seconds: float | None = None
@@ -354,6 +355,7 @@ def _server(t: _Table) -> ServerSettings:
         tls_key=t.optional("tls_key", str),
         tls_client_ca=t.optional("tls_client_ca", str),
         otel=t.optional("otel", bool),
+        max_connections=t.count("max_connections"),
         max_connections_per_address=t.count("max_connections_per_address"),
         idle_timeout_seconds=_positive(t, "idle_timeout_seconds"),
         handshake_timeout_seconds=_positive(t, "handshake_timeout_seconds"),

@@ -18,6 +18,7 @@ built-in sample. An empty variable counts as unset.
 | TLS private key | `--tls-key` | `PARLEY_TLS_KEY` | `tls_key` | none |
 | client CA (mutual TLS) | `--tls-client-ca` | `PARLEY_TLS_CLIENT_CA` | `tls_client_ca` | none: no client certificates |
 | OpenTelemetry tracing | `--otel` | `PARLEY_OTEL` (1/0, true/false) | `otel` | off |
+| connections in all | `--max-connections` | `PARLEY_MAX_CONNECTIONS` | (same) | `800` |
 | connections per address | `--max-connections-per-address` | `PARLEY_MAX_CONNECTIONS_PER_ADDRESS` | (same) | `64` |
 | idle connection timeout (s) | `--idle-timeout` | `PARLEY_IDLE_TIMEOUT` | `idle_timeout_seconds` | `300` |
 | handshake deadline (s) | `--handshake-timeout` | `PARLEY_HANDSHAKE_TIMEOUT` | `handshake_timeout_seconds` | `10` |
@@ -37,7 +38,7 @@ from typing import TypeVar, cast
 
 from agent.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 from agent.stores import check_store_location
-from agent.transport.server import DEFAULT_CONNECTION_LIMITS
+from agent.transport.server import DEFAULT_CONNECTION_LIMITS, MAX_CONNECTIONS_LIMIT
 from reference_biller.config import ServerSettings, check_listen
 
 T = TypeVar("T")
@@ -75,6 +76,7 @@ OPTIONS = {
         Option("tls_key", "--tls-key", "PARLEY_TLS_KEY", "server.tls_key"),
         Option("tls_client_ca", "--tls-client-ca", "PARLEY_TLS_CLIENT_CA", "server.tls_client_ca"),
         Option("otel", "--otel", "PARLEY_OTEL", "server.otel"),
+        Option("max_connections", "--max-connections", "PARLEY_MAX_CONNECTIONS", "server.max_connections"),
         Option(
             "max_connections_per_address",
             "--max-connections-per-address",
@@ -104,6 +106,7 @@ class ServeSettings:
     tls_key: Path | None
     tls_client_ca: Path | None
     otel: bool
+    max_connections: int  # connections the process holds in all (TRN-10)
     max_connections_per_address: int
     idle_timeout: float  # seconds without a call in flight before a connection is closed (TRN-10)
     handshake_timeout: float  # seconds a new connection has for its TLS and HTTP/2 handshakes (TRN-10)
@@ -184,6 +187,7 @@ _PARSERS: dict[str, Callable[[str], object]] = {
     "tls_key": str,
     "tls_client_ca": str,
     "otel": _boolean,
+    "max_connections": _count,
     "max_connections_per_address": _count,
     "idle_timeout": _positive_seconds,
     "handshake_timeout": _positive_seconds,
@@ -239,6 +243,12 @@ def resolve_serve(
     if (cert is None) != (key is None):
         given = "tls_cert" if cert is not None else "tls_key"
         raise SettingsError(f"{sources[given]}: the TLS certificate and key go together; the other is missing")
+    max_connections = values["max_connections"]
+    if max_connections is not None and cast(int, max_connections) > MAX_CONNECTIONS_LIMIT:
+        raise SettingsError(
+            f"{sources['max_connections']}: at most {MAX_CONNECTIONS_LIMIT:,} connections in all, got "
+            f"{max_connections}; a process holds no more sockets than its open-file limit (ulimit -n)"
+        )
     client_ca = values["tls_client_ca"]
     if client_ca is not None and cert is None:
         raise SettingsError(f"{sources['tls_client_ca']}: mutual TLS needs the TLS certificate and key too")
@@ -254,6 +264,7 @@ def resolve_serve(
         tls_key=None if key is None else Path(str(key)),
         tls_client_ca=None if client_ca is None else Path(str(client_ca)),
         otel=bool(value("otel", False)),
+        max_connections=int(value("max_connections", DEFAULT_CONNECTION_LIMITS.max_connections)),
         max_connections_per_address=int(
             value("max_connections_per_address", DEFAULT_CONNECTION_LIMITS.max_connections_per_address)
         ),

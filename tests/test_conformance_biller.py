@@ -123,6 +123,7 @@ REFERENCE_SKIPS = {
     "mutual TLS",
     "TRN-10/idle-connections-reaped": "the target's idle timeout is not known: give --idle-timeout SECONDS",
     "TRN-10/handshake-deadline": "the target's handshake deadline is not known: give --handshake-timeout SECONDS",
+    "TRN-10/total-cap": "the target's total connection cap is not known: give --max-connections N",
     "TRN-11/per-address-cap": "the target's per-address connection cap is not known: give "
     "--max-connections-per-address N",
 }

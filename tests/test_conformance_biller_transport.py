@@ -2,9 +2,9 @@
 
 The in-process reference run of tests/test_conformance_biller.py is plaintext and tells the suite no connection
 bounds, so there these cases are skipped (`REFERENCE_SKIPS`). Here the reference biller is served over mutual TLS
-with a short idle timeout, a short handshake deadline and a small per-address cap, the suite is told them, and each
-case PASSes; each broken setup — mutual TLS left out, idle connections never reaped, no handshake deadline, keepalive
-pings not policed, no per-address cap — fails exactly its case.
+with a short idle timeout, a short handshake deadline, a small total cap and a smaller per-address cap, the suite is
+told them, and each case PASSes; each broken setup — mutual TLS left out, idle connections never reaped, no handshake
+deadline, keepalive pings not policed, no total cap, no per-address cap — fails exactly its case.
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ TRANSPORT_CASES = (
     "TRN-10/idle-connections-reaped",
     "TRN-10/handshake-deadline",
     "TRN-10/keepalive-pings-policed",
+    "TRN-10/total-cap",
     "TRN-11/per-address-cap",
 )
 IDLE_TIMEOUT = timedelta(seconds=4)
 HANDSHAKE_TIMEOUT = timedelta(seconds=2)
 PER_ADDRESS = 8
+TOTAL = 14  # above PER_ADDRESS, so that the per-address case reaches its own cap first
 BOUNDED = ConnectionLimits(
+    max_connections=TOTAL,
     idle_timeout=IDLE_TIMEOUT,
     handshake_timeout=HANDSHAKE_TIMEOUT,
     max_connections_per_address=PER_ADDRESS,
@@ -50,6 +53,7 @@ TOLD = ConnectionBounds(
     idle_timeout=IDLE_TIMEOUT.total_seconds(),
     max_per_address=PER_ADDRESS,
     handshake_timeout=HANDSHAKE_TIMEOUT.total_seconds(),
+    max_connections=TOTAL,
 )
 
 
@@ -101,6 +105,12 @@ SETUPS = (
         True,
         PingsNotPoliced(**{f.name: getattr(BOUNDED, f.name) for f in dataclasses.fields(BOUNDED)}),
         outcomes(["TRN-10/keepalive-pings-policed"]),
+    ),
+    Setup(
+        "no total cap",  # none that a suite could reach
+        True,
+        dataclasses.replace(BOUNDED, max_connections=10_000),
+        outcomes(["TRN-10/total-cap"]),
     ),
     Setup(
         "no per-address cap",  # a SHOULD: a WARN

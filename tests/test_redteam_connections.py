@@ -184,20 +184,38 @@ def test_two_listeners_add_up_in_the_open_connections_gauge() -> None:
     assert metrics.sample("parley_connections_open") == 1
 
 
-def test_the_per_address_cap_is_a_serve_option() -> None:
-    file = ServerSettings(listen="127.0.0.1:0", max_connections_per_address=16)
-    assert resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {}).max_connections_per_address == 64
-    assert resolve_serve({}, file, {}).max_connections_per_address == 16
-    env = {"PARLEY_MAX_CONNECTIONS_PER_ADDRESS": "24"}
-    assert resolve_serve({}, file, env).max_connections_per_address == 24
-    chosen = resolve_serve({"max_connections_per_address": "32"}, file, env)
-    assert (chosen.max_connections_per_address, chosen.sources["max_connections_per_address"]) == (
-        32,
-        "--max-connections-per-address",
-    )
+@pytest.mark.parametrize(
+    ("name", "flag", "env", "default"),
+    [
+        ("max_connections", "--max-connections", "PARLEY_MAX_CONNECTIONS", 800),
+        ("max_connections_per_address", "--max-connections-per-address", "PARLEY_MAX_CONNECTIONS_PER_ADDRESS", 64),
+    ],
+)
+def test_the_connection_caps_are_serve_options(name: str, flag: str, env: str, default: int) -> None:
+    """TRN-10's total cap and TRN-11's per-address cap, so that a conformance run can reach them with a few
+    connections."""
+    assert getattr(resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {}), name) == default
+    from_file: dict[str, Any] = {name: 16}
+    file = dataclasses.replace(ServerSettings(listen="127.0.0.1:0"), **from_file)
+    assert getattr(resolve_serve({}, file, {}), name) == 16
+    assert getattr(resolve_serve({}, file, {env: "24"}), name) == 24
+    chosen = resolve_serve({name: "32"}, file, {env: "24"})
+    assert (getattr(chosen, name), chosen.sources[name]) == (32, flag)
     for bad in ("0", "-3", "many", "2.5"):
-        with pytest.raises(SettingsError, match="--max-connections-per-address: expected a whole number"):
-            resolve_serve({"max_connections_per_address": bad}, file, {})
+        with pytest.raises(SettingsError, match=f"{flag}: expected a whole number"):
+            resolve_serve({name: bad}, file, {})
+
+
+def test_a_total_cap_gRPC_would_abort_on_is_refused_with_a_message() -> None:
+    """gRPC core aborts the whole process when told 2**31 - 1 connections (a failed check, not an exception)."""
+    file = ServerSettings(listen="127.0.0.1:0", max_connections=2**31 - 1)
+    with pytest.raises(SettingsError, match=r"server.max_connections: at most 1,000,000 connections in all"):
+        resolve_serve({}, file, {})
+    with pytest.raises(SettingsError, match=r"PARLEY_MAX_CONNECTIONS: at most 1,000,000"):
+        resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {"PARLEY_MAX_CONNECTIONS": "2147483647"})
+    assert resolve_serve({"max_connections": "1000000"}, file, {}).max_connections == 1_000_000
+    with pytest.raises(ValueError, match="max_connections must be from 1 to 1,000,000, not 2,147,483,647"):
+        ConnectionLimits(max_connections=2**31 - 1)
 
 
 @pytest.mark.parametrize(

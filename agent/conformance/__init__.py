@@ -2,7 +2,8 @@
 
     parley conformance biller --target HOST:PORT [--tls-ca FILE | --insecure]
                               [--tls-client-cert FILE --tls-client-key FILE] [--idle-timeout SECONDS]
-                              [--handshake-timeout SECONDS] [--max-connections-per-address N]
+                              [--handshake-timeout SECONDS] [--max-connections N]
+                              [--max-connections-per-address N]
                               [--only IDS] [--skip IDS]
                               [--known-failing FILE] [--timeout S] [--junit FILE] [--json | --json-out FILE]
     parley conformance consumer --client-cmd "CMD" [--jobs N] [--work-dir DIR] [--only IDS] [--skip IDS]
@@ -81,7 +82,12 @@ def _run_biller(args: argparse.Namespace, out: Console) -> int:
             private_key=read["--tls-client-key"],
         )
     options = run_options(args, args.target)
-    bounds = ConnectionBounds(args.idle_timeout, args.max_connections_per_address, args.handshake_timeout)
+    bounds = ConnectionBounds(
+        idle_timeout=args.idle_timeout,
+        max_per_address=args.max_connections_per_address,
+        handshake_timeout=args.handshake_timeout,
+        max_connections=args.max_connections,
+    )
     call_timeout = min(10.0, options.timeout) if options.timeout > 0 else 10.0
     return asyncio.run(
         run_suite(
@@ -162,6 +168,13 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
         metavar="SECONDS",
         help="the biller's deadline for a new connection's TLS and HTTP/2 handshakes (TRN-10); without it "
         "TRN-10/handshake-deadline is skipped",
+    )
+    biller.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        metavar="N",
+        help="the biller's total cap on the connections it holds (TRN-10); without it TRN-10/total-cap is skipped. "
+        "The suite opens about N connections, from several loopback addresses",
     )
     biller.add_argument(
         "--max-connections-per-address",

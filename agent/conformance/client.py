@@ -254,13 +254,18 @@ class IdleConnection:
         return None if self.closed_at is None else self.closed_at - self.opened_at
 
     @classmethod
-    async def open(cls, target: str, tls: ClientTls | None, timeout: float) -> IdleConnection:
-        """Connect, send the preface and SETTINGS, read the target's SETTINGS and acknowledge them."""
+    async def open(
+        cls, target: str, tls: ClientTls | None, timeout: float, *, source: str | None = None
+    ) -> IdleConnection:
+        """Connect (from the local address `source`, if given), send the preface and SETTINGS, read the target's
+        SETTINGS and acknowledge them."""
         host, port = _host_port(target)
         context = None if tls is None else _ssl_context(tls)
         server_name = None if tls is None else tls.server_name or host
+        local_addr = None if source is None else (source, 0)
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context, server_hostname=server_name), timeout
+            asyncio.open_connection(host, port, ssl=context, server_hostname=server_name, local_addr=local_addr),
+            timeout,
         )
         writer.write(HTTP2_PREFACE)
         await writer.drain()

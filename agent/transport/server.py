@@ -71,6 +71,12 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UNSIGNED_RPCS = frozenset({"Hello", "GetKeySets"})  # limited per peer address only (LIM-8)
 
 
+# The largest total cap a process may be given. gRPC core aborts the whole process at 2**31 - 1 (a failed check in
+# connection_quota.cc, measured with grpcio 1.85), and no process holds a million sockets: a larger figure is a
+# mistake, refused with a message rather than a crash.
+MAX_CONNECTIONS_LIMIT = 1_000_000
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """TRN-10: what one biller process gives connections, as gRPC server options (see `grpc_options`).
@@ -94,6 +100,12 @@ class ConnectionLimits:
     max_age_grace: timedelta = timedelta(hours=25)
     handshake_timeout: timedelta = timedelta(seconds=10)
     min_ping_interval: timedelta = timedelta(minutes=1)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_connections <= MAX_CONNECTIONS_LIMIT:
+            raise ValueError(
+                f"max_connections must be from 1 to {MAX_CONNECTIONS_LIMIT:,}, not {self.max_connections:,}"
+            )
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The gRPC core channel arguments (all present in grpcio 1.85) that enforce these limits."""

@@ -87,12 +87,13 @@ class IssuedBill:
 @dataclass(frozen=True)
 class ConnectionBounds:
     """The target's connection bounds as the operator tells them (`--idle-timeout`, `--max-connections-per-address`,
-    `--handshake-timeout`): no message announces them, so without them the cases of TRN-10 and TRN-11 that need
-    them are skipped."""
+    `--handshake-timeout`, `--max-connections`): no message announces them, so without them the cases of TRN-10 and
+    TRN-11 that need them are skipped."""
 
     idle_timeout: float | None = None  # seconds a connection with no call in flight lives (TRN-10)
     max_per_address: int | None = None  # connections one peer address may hold (TRN-11)
     handshake_timeout: float | None = None  # seconds a connection has to finish its TLS and HTTP/2 handshakes (TRN-10)
+    max_connections: int | None = None  # connections the target holds in all (TRN-10)
 
 
 @dataclass

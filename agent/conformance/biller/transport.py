@@ -2,10 +2,12 @@
 closed.
 
 No message announces a target's connection bounds, so the operator gives them (`--idle-timeout`,
-`--handshake-timeout`, `--max-connections-per-address`); without them those cases are skipped. Keepalive policing
-needs no figure: the spec fixes how often a client may ping. TRN-10's total cap has no case: from the one address
-a suite connects from, the per-address cap (TRN-11) is met first wherever it is lower, and holding a total cap's
-800 connections (the reference's) would strain the machine the suite runs on more than the target.
+`--handshake-timeout`, `--max-connections`, `--max-connections-per-address`); without them those cases are
+skipped. Keepalive policing needs no figure: the spec fixes how often a client may ping. TRN-10's total cap is
+reached from several source addresses, so that the per-address cap (TRN-11), met first from one address wherever
+it is lower, does not close them instead: the suite binds its connections to 127.0.0.2, 127.0.0.3… (all of
+127.0.0.0/8 is the loopback interface on Linux), which reaches only a target on 127.0.0.0/8; and it opens at most
+MAX_TOTAL_TRIED connections, so the operator runs the target with a total cap that low for the run.
 
 TRN-9 applies only to a target that requires mutual TLS, which the operator says by giving a client certificate
 (`--tls-client-cert`); reached in plaintext, or over TLS without one, the target does not, and the case is skipped
@@ -15,7 +17,9 @@ as not applicable.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 from agent.conformance.biller.target import (
@@ -34,7 +38,9 @@ from agent.protocol.limits import PROTOCOL_VERSION
 suite: Suite[BillerTarget] = Suite("biller/transport")
 
 IDLE_CONNECTIONS = 8  # silent connections left for the target to reap (TRN-10)
-PAST_THE_CAP = 4  # connections opened beyond the per-address cap (TRN-11)
+PAST_THE_CAP = 4  # connections opened beyond a cap (TRN-10's total, TRN-11's per address)
+MAX_TOTAL_TRIED = 256  # the largest total cap the suite fills (TRN-10)
+PER_SOURCE = 4  # connections from each of the suite's source addresses while it fills a total cap
 IDLE_GRACE = 2.0  # seconds past the idle timeout before a connection still open is reported
 CAP_GRACE = 5.0  # seconds the target has to close the connections past its cap
 CAP_PAUSE = 1.0  # seconds between the connections up to the cap and those past it, for the target to see them
@@ -206,6 +212,60 @@ async def keepalive_pings_policed(ctx: BillerTarget) -> str:
 
 
 @suite.case(
+    "TRN-10/total-cap",
+    description="Connections past the target's total cap (--max-connections), each from an address under its "
+    "per-address cap, are closed",
+    quote="A biller MUST bound the connections it holds: a total cap",
+)
+async def total_cap(ctx: BillerTarget) -> str:
+    cap = ctx.bounds.max_connections
+    if cap is None:
+        raise Skip("the target's total connection cap is not known: give --max-connections N")
+    if cap > MAX_TOTAL_TRIED:
+        raise Skip(
+            f"the target's total cap {cap} is more than the suite fills ({MAX_TOTAL_TRIED}): run the target with a "
+            "lower one for the run"
+        )
+    sources = _loopback_sources(ctx, cap)
+    # Up to the cap (the suite's own connection is one), a few from each address; then past it, from a further
+    # address that holds none yet, so that no per-address cap can be what closes them.
+    closed, premature = await _past_a_cap(ctx, sources[:-1], sources[-1])
+    if closed < PAST_THE_CAP:
+        raise Violation(
+            f"{cap - 1} connections besides the suite's, from {len(set(sources)) - 1} addresses, then "
+            f"{PAST_THE_CAP + 1} more past the total cap of {cap} from another: {closed} of these closed within "
+            f"{CAP_GRACE:g} s"
+        )
+    if premature:
+        raise Violation(
+            f"{len(premature)} of the {cap - 1} connections opened within the total cap were closed (after "
+            f"{min(premature):.1f} s)"
+        )
+    await _still_serves(ctx, "the connections past the total cap were closed")
+    return f"{closed} of the {PAST_THE_CAP + 1} connections past the total cap of {cap} closed, none of those before"
+
+
+def _loopback_sources(ctx: BillerTarget, cap: int) -> list[str]:
+    """The source address of each of `cap` - 1 connections up to a total cap, PER_SOURCE (or fewer, below the
+    per-address cap) to an address from 127.0.0.2 on, then one more address for the connections past it."""
+    host = ctx.target.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    try:
+        on_loopback = ipaddress.ip_address(host) in ipaddress.ip_network("127.0.0.0/8")
+    except ValueError:  # a name
+        on_loopback = False
+    if not on_loopback:
+        raise Skip(
+            f"the suite reaches a total cap from several addresses of 127.0.0.0/8, which reach only a target on "
+            f"127.0.0.0/8, not {host}: run the suite on the target's machine"
+        )
+    per_address = ctx.bounds.max_per_address
+    share = PER_SOURCE if per_address is None else max(1, min(PER_SOURCE, per_address - 1))
+    first = int(ipaddress.IPv4Address("127.0.0.2"))
+    within = [str(ipaddress.IPv4Address(first + number // share)) for number in range(cap - 1)]
+    return [*within, str(ipaddress.IPv4Address(first + (cap - 1 + share - 1) // share))]
+
+
+@suite.case(
     "TRN-11/per-address-cap",
     description="Connections from one address past the target's cap (--max-connections-per-address) are closed, "
     "the newest first",
@@ -217,25 +277,8 @@ async def per_address_cap(ctx: BillerTarget) -> str:
     cap = ctx.bounds.max_per_address
     if cap is None:
         raise Skip("the target's per-address connection cap is not known: give --max-connections-per-address N")
-    # Up to the cap (the suite's own connection is one), then, once the target has had time to see those, past it:
-    # the older must stay, the newer be closed. The pause stays well inside the idle timeout, if one was given, and
-    # an older connection closed only once idle that long is the idle timeout's doing (TRN-10), not the cap's.
-    idle_timeout = ctx.bounds.idle_timeout
-    pause = CAP_PAUSE if idle_timeout is None else min(CAP_PAUSE, idle_timeout / 4)
-    older = await _idle_connections(ctx, cap - 1)
-    newer: list[IdleConnection] = []
-    try:
-        await asyncio.sleep(pause)
-        refused = 0  # closed by the target during their handshake, already
-        for _ in range(PAST_THE_CAP + 1):
-            try:
-                newer.append(await IdleConnection.open(ctx.target, ctx.tls, HANDSHAKE_TIMEOUT))
-            except (OSError, ConnectionError):
-                refused += 1
-        closed = refused + (await _closed_within(newer, CAP_GRACE, PAST_THE_CAP - refused)).count(True)
-        premature = [c.lived for c in older if c.lived is not None and (idle_timeout is None or c.lived < idle_timeout)]
-    finally:
-        await _close_all(older + newer)
+    # Up to the cap (the suite's own connection is one), then past it, all from the suite's own address.
+    closed, premature = await _past_a_cap(ctx, [None] * (cap - 1), None)
     if closed < PAST_THE_CAP:
         raise Violation(
             f"{cap - 1} connections from one address besides the suite's, then {PAST_THE_CAP + 1} more past the "
@@ -248,3 +291,40 @@ async def per_address_cap(ctx: BillerTarget) -> str:
         )
     await _still_serves(ctx, "the connections past the cap were closed")
     return f"{closed} of the {PAST_THE_CAP + 1} connections past the cap closed, none of the {cap - 1} before"
+
+
+async def _past_a_cap(ctx: BillerTarget, within: Sequence[str | None], past: str | None) -> tuple[int, list[float]]:
+    """Open one connection from each of `within`'s source addresses (None: the suite's own), then, once the target
+    has had time to see them, PAST_THE_CAP + 1 more from `past`. Returns how many of the later were closed within
+    CAP_GRACE seconds (or during their handshake) and how long the earlier that were closed had lived.
+
+    The pause stays well inside the idle timeout, if one was given; a connection closed only once idle that long is
+    the idle timeout's doing (TRN-10), not a cap's, so it counts neither as closed past the cap nor as premature.
+    """
+    idle_timeout = ctx.bounds.idle_timeout
+    pause = CAP_PAUSE if idle_timeout is None else min(CAP_PAUSE, idle_timeout / 4)
+    older: list[IdleConnection] = []
+    newer: list[IdleConnection] = []
+    try:
+        for number, source in enumerate(within, 1):
+            try:
+                older.append(await IdleConnection.open(ctx.target, ctx.tls, HANDSHAKE_TIMEOUT, source=source))
+            except (OSError, TimeoutError, ConnectionError) as error:
+                raise _connection_failed(number, len(within), error) from error
+        await asyncio.sleep(pause)
+        refused = 0  # closed by the target during their handshake, already
+        for _ in range(PAST_THE_CAP + 1):
+            try:
+                newer.append(await IdleConnection.open(ctx.target, ctx.tls, HANDSHAKE_TIMEOUT, source=past))
+            except (OSError, ConnectionError):
+                refused += 1
+        await _closed_within(newer, CAP_GRACE, PAST_THE_CAP - refused)
+    finally:
+        await _close_all(older + newer)
+
+    def before_idle(connection: IdleConnection) -> bool:
+        lived = connection.lived
+        return lived is not None and (idle_timeout is None or lived < idle_timeout)
+
+    closed = refused + sum(before_idle(c) for c in newer)
+    return closed, [c.lived for c in older if c.lived is not None and before_idle(c)]

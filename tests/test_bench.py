@@ -197,6 +197,18 @@ def test_percentile_is_the_nearest_rank() -> None:
         ({"store": "postgres", "prefill": 10}, "--prefill"),
         ({"store": "mysql"}, "--store"),
         ({"disk_probe_seconds": -1.0}, "--disk-probe"),
+        # Each upper bound: a typo there would start that many processes, connections or rows.
+        ({"workers": 99_999}, "--workers: expected a whole number from 1 to 64, got 99999"),
+        ({"load_generators": 65, "concurrency": 100}, "--load-generators: expected a whole number from 1 to 64"),
+        ({"concurrency": 5_000}, "--concurrency"),
+        ({"channels": 1_000}, "--channels"),
+        ({"prefill": 10**9}, "--prefill"),
+        ({"max_rate": 1e9}, "--max-rate"),
+        ({"max_rate": 9_000.0, "seconds": 3_000.0}, "would issue .* bills beforehand"),
+        # nan passes every `<= 0` test, and inf never ends.
+        ({"seconds": math.nan}, "--seconds: expected a number above 0 and at most 3,600, got nan"),
+        ({"warmup": math.inf}, "--warmup"),
+        ({"rate": math.nan}, "--rate"),
     ],
 )
 def test_unusable_options_are_refused_before_anything_starts(change: dict[str, Any], message: str) -> None:

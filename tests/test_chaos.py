@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -185,3 +186,24 @@ def test_the_command_is_registered_and_refuses_bad_usage(capsys: pytest.CaptureF
         assert option in help_text
     assert main(["chaos", "--seconds-between-kills", "3:1"]) == 2
     assert "0 ≤ MIN ≤ MAX" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--kills", "-3"], "--kills: expected a whole number from 0 to 10,000, got -3"),
+        (["--clients", "100000"], "--clients: expected a whole number from 1 to 256, got 100000"),
+        (["--seconds-between-kills", "0:inf"], "--seconds-between-kills MAX: expected a number from 0 to 3,600"),
+    ],
+)
+def test_options_out_of_range_are_refused_before_anything_is_created(
+    arguments: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["chaos", *arguments]) == 2
+    assert message in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == [], "a state directory was made for a run that could not start"

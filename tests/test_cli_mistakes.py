@@ -375,6 +375,29 @@ MISTAKES: dict[str, Mistake] = {
         ("state/consumer.sqlite", "not a database", "backup"),
         corrupt_consumer_store,
     ),
+    # The tools' counts and durations: a typo in a count started that many processes (`parley bench
+    # --workers 99999` brought a 2-core machine to a load average of 93 before anything said no), and
+    # nan passes any `<= 0` test.
+    "bench: a worker count far too large": Mistake(
+        ("bench", "--workers", "99999"), 2, ("--workers", "from 1 to 64", "99999")
+    ),
+    "bench: seconds that are not a number": Mistake(("bench", "--seconds", "nan"), 2, ("--seconds", "got nan")),
+    "chaos: a client count far too large": Mistake(
+        ("chaos", "--clients", "100000"), 2, ("--clients", "from 1 to 256", "100000")
+    ),
+    "fuzz: seconds that never end": Mistake(("fuzz", "--seconds", "inf"), 2, ("--seconds", "at most 86,400")),
+    "mutate: no mutant at a time": Mistake(("mutate", "--jobs", "0"), 2, ("--jobs", "from 1 to 32")),
+    "conformance: scenarios at once far too many": Mistake(
+        ("conformance", "consumer", "--client-cmd", "true", "--jobs", "100000"), 2, ("--jobs", "from 1 to 64")
+    ),
+    "conformance: a case timeout that is not a number": Mistake(
+        ("conformance", "consumer", "--client-cmd", "true", "--timeout", "nan"), 2, ("--timeout", "got nan")
+    ),
+    "conformance: an idle timeout that never ends": Mistake(
+        ("conformance", "biller", "--target", "127.0.0.1:1", "--insecure", "--idle-timeout", "inf"),
+        2,
+        ("--idle-timeout", "at most 3,600"),
+    ),
 }
 
 

@@ -33,13 +33,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_options
+from agent.tools.numbers import number_argument
+from agent.transport.server import MAX_CONNECTIONS_LIMIT
+
+# The bounds a biller is told to the suite: waited for (seconds) or filled (connections) by its cases.
+MAX_TOLD_SECONDS = 3600.0
+MAX_TOLD_CONNECTIONS = MAX_CONNECTIONS_LIMIT  # what the reference biller itself accepts
 
 
 def _run_biller(args: argparse.Namespace, out: Console) -> int:
@@ -111,21 +116,6 @@ def _run_consumer(args: argparse.Namespace, out: Console) -> int:
     )
 
 
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """An argparse type: a number of `kind` above zero."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"expected a number above zero, got {text!r}")
-        return value
-
-    return parse
-
-
 def add_conformance_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """`parley conformance biller` and `parley conformance consumer`."""
     conformance = commands.add_parser(
@@ -157,28 +147,28 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
     biller.add_argument("--tls-client-key", metavar="FILE", help="the client certificate's PEM private key")
     biller.add_argument(
         "--idle-timeout",
-        type=_positive(float),
+        type=number_argument(float, 0, MAX_TOLD_SECONDS, above_low=True),
         metavar="SECONDS",
         help="the biller's idle timeout, after which it closes a connection with no call in flight (TRN-10); "
         "without it TRN-10/idle-connections-reaped is skipped. Give --timeout above it",
     )
     biller.add_argument(
         "--handshake-timeout",
-        type=_positive(float),
+        type=number_argument(float, 0, MAX_TOLD_SECONDS, above_low=True),
         metavar="SECONDS",
         help="the biller's deadline for a new connection's TLS and HTTP/2 handshakes (TRN-10); without it "
         "TRN-10/handshake-deadline is skipped",
     )
     biller.add_argument(
         "--max-connections",
-        type=_positive(int),
+        type=number_argument(int, 1, MAX_TOLD_CONNECTIONS),
         metavar="N",
         help="the biller's total cap on the connections it holds (TRN-10); without it TRN-10/total-cap is skipped. "
         "The suite opens about N connections, from several loopback addresses",
     )
     biller.add_argument(
         "--max-connections-per-address",
-        type=_positive(int),
+        type=number_argument(int, 1, MAX_TOLD_CONNECTIONS),
         metavar="N",
         help="the biller's cap on connections from one address (TRN-11); without it TRN-11/per-address-cap is skipped",
     )

@@ -79,6 +79,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.tools.json_output import STDOUT, add_json_options
+from agent.tools.numbers import check_number
 
 C = TypeVar("C")
 
@@ -86,6 +87,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_NOT_RUN = 2
 DEFAULT_TIMEOUT = 30.0
+MAX_CASE_TIMEOUT = 3600.0  # seconds one case may be given
+MAX_JOBS = 64  # cases at once: each consumer scenario is a biller and a client process
 
 
 class Outcome(enum.StrEnum):
@@ -639,11 +642,11 @@ async def run_suite(
         print_summary(report, out)
         return report.exit_code
 
-    if options.timeout <= 0:
-        report.error = "--timeout must be positive"
-        return finish()
-    if options.jobs < 1:
-        report.error = "--jobs must be at least 1"
+    try:
+        check_number("--timeout", options.timeout, 0, MAX_CASE_TIMEOUT, above_low=True)
+        check_number("--jobs", options.jobs, 1, MAX_JOBS)
+    except ValueError as error:
+        report.error = str(error)
         return finish()
     cases = suite.select(options.only, options.skip)
     if not cases:

@@ -90,6 +90,7 @@ from agent.protocol.terms import (
 from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, BillerStore, open_biller_store
 from agent.stores.sqlite_base import ts
 from agent.tools.json_output import add_json_options, emit_json
+from agent.tools.numbers import check_number
 from agent.transport.server import freeze_startup_heap, install_uvloop, serve_biller
 from parley.v1 import (
     bill_pb2,
@@ -138,6 +139,18 @@ class BenchError(Exception):
     """The bench could not run as asked (bad options, a process that did not start, a missing back end)."""
 
 
+# Upper bounds of the options: each is a count of processes, connections, rows or seconds that a typo
+# would otherwise start or wait for, far above any useful run on one machine (the defaults are below).
+MAX_PHASE_SECONDS = 3600.0
+MAX_WARMUP_SECONDS = 600.0
+MAX_CONCURRENCY = 1024
+MAX_PROCESSES = 64  # worker and load-generator processes, each
+MAX_CHANNELS = 64  # per load generator
+MAX_PREFILL = 10_000_000  # agreements: about 38 GB of SQLite at 3.8 GB per million (docs/PERFORMANCE.md)
+MAX_RATE = 10_000.0  # cycles/s
+MAX_BILLS = 2_000_000  # issued beforehand (12,544 with the defaults)
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     seconds: float = 10.0
@@ -158,24 +171,45 @@ class BenchOptions:
     disk_probe_seconds: float = 2.0
 
     def check(self) -> None:
-        if self.seconds <= 0 or self.warmup < 0:
-            raise BenchError("--seconds must be positive and --warmup not negative")
-        if min(self.concurrency, self.workers, self.load_generators, self.channels) < 1:
-            raise BenchError("--concurrency, --workers, --load-generators and --channels must be at least 1")
+        """Raise BenchError naming the option unless every option is usable (docs/PERFORMANCE.md, Method)."""
+        try:
+            check_number("--seconds", self.seconds, 0, MAX_PHASE_SECONDS, above_low=True)
+            check_number("--warmup", self.warmup, 0, MAX_WARMUP_SECONDS)
+            check_number("--concurrency", self.concurrency, 1, MAX_CONCURRENCY)
+            check_number("--workers", self.workers, 1, MAX_PROCESSES)
+            check_number("--load-generators", self.load_generators, 1, MAX_PROCESSES)
+            check_number("--channels", self.channels, 1, MAX_CHANNELS)
+            check_number("--prefill", self.prefill, 0, MAX_PREFILL)
+            if self.rate is not None:
+                check_number("--rate", self.rate, 0, MAX_RATE, above_low=True)
+            check_number("--max-rate", self.max_rate, 0, MAX_RATE, above_low=True)
+            check_number("--disk-probe", self.disk_probe_seconds, 0, MAX_WARMUP_SECONDS)
+        except ValueError as error:
+            raise BenchError(str(error)) from None
         if self.load_generators > self.concurrency:
             raise BenchError("--load-generators may not exceed --concurrency")
-        if self.prefill < 0:
-            raise BenchError("--prefill must not be negative")
-        if self.rate is not None and self.rate <= 0:
-            raise BenchError("--rate must be positive")
-        if self.max_rate <= 0:
-            raise BenchError("--max-rate must be positive")
-        if self.disk_probe_seconds < 0:
-            raise BenchError("--disk-probe must not be negative")
         if self.store not in DURABILITY and not self.store.startswith(POSTGRES_SCHEMES):
             raise BenchError("--store is sqlite, postgres or a postgresql:// URL")
         if self.prefill and self.store != "sqlite":
             raise BenchError("--prefill bulk-loads SQLite only")
+        if (bills := self.bills_per_consumer() * self.consumers()) > MAX_BILLS:
+            raise BenchError(
+                f"the run would issue {bills:,} bills beforehand, one per cycle --max-rate can reach over every "
+                f"phase's --warmup and --seconds; at most {MAX_BILLS:,}: lower --max-rate or --seconds"
+            )
+
+    def phases(self) -> int:
+        """Parley phases: the peak, and the half-load one unless skipped or the rate is given."""
+        return 1 + int(self.half_load and self.rate is None)
+
+    def consumers(self) -> int:
+        """Consumers enrolled beforehand: each slot plays several in turn (`consumers_per_slot`)."""
+        return self.concurrency * consumers_per_slot(self.max_rate, self.concurrency)
+
+    def bills_per_consumer(self) -> int:
+        """Bills issued to each consumer beforehand: one per cycle at --max-rate over every phase, and one spare."""
+        phases = self.phases()
+        return math.ceil(self.max_rate * (self.warmup + self.seconds) * phases / self.consumers()) + phases
 
 
 # === The biller under test ===============================================================================
@@ -964,10 +998,7 @@ class Bench:
     def _run(self, url: str) -> dict[str, Any]:
         options = self.options
         identity = PeerIdentity.create(BILLER_ID, _now())
-        phases = 1 + int(options.half_load and options.rate is None)
-        total_seconds = (options.warmup + options.seconds) * phases
-        consumer_count = options.concurrency * consumers_per_slot(options.max_rate, options.concurrency)
-        bills = math.ceil(options.max_rate * total_seconds / consumer_count) + phases
+        phases, consumer_count, bills = options.phases(), options.consumers(), options.bills_per_consumer()
         began = time.monotonic()
         consumers = asyncio.run(prepare_store(url, identity, consumer_count, bills))
         if options.prefill:

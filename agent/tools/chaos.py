@@ -75,12 +75,17 @@ from agent.protocol.keysets import KeyChain
 from agent.protocol.limits import PROTOCOL_VERSION
 from agent.protocol.messages import open_envelope
 from agent.tools.json_output import add_json_options, emit_json
+from agent.tools.numbers import check_number
 from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2, negotiation_pb2, terms_pb2
 from reference_biller.service import STORE_FILE
 
 DEFAULT_KILLS = 20
 DEFAULT_CLIENTS = 8
 DEFAULT_PAUSE = (0.5, 3.0)  # seconds between kills, drawn uniformly
+# Upper bounds: each client is a connection and a task, each kill a restart of the biller.
+MAX_KILLS = 10_000
+MAX_CLIENTS = 256
+MAX_PAUSE_SECONDS = 3600.0
 READY_TIMEOUT = 45.0  # a (re)started biller must be SERVING within this
 STOP_TIMEOUT = 20.0  # a graceful stop must end within this, or the process is killed
 OUTAGE_LIMIT = 90.0  # a client gives up (and the run fails) on a biller unreachable this long
@@ -773,6 +778,14 @@ class ChaosOptions:
     pause: tuple[float, float] = DEFAULT_PAUSE
     state_dir: Path | None = None  # None: a temporary directory, removed after a PASS
 
+    def check(self) -> None:
+        """Raise ValueError naming the option unless every option is usable; nothing is started or created before."""
+        check_number("--kills", self.kills, 0, MAX_KILLS)
+        check_number("--clients", self.clients, 1, MAX_CLIENTS)
+        low, high = self.pause
+        check_number("--seconds-between-kills MIN", low, 0, MAX_PAUSE_SECONDS)
+        check_number("--seconds-between-kills MAX", high, low, MAX_PAUSE_SECONDS)
+
 
 @dataclass(frozen=True)
 class Identity:
@@ -904,10 +917,7 @@ async def _load_and_kill(
 
 async def run_chaos(options: ChaosOptions, state_dir: Path) -> ChaosReport:
     """The whole run on `state_dir` (the biller's state goes in `state_dir/biller`); always kills the child."""
-    if options.kills < 0 or options.clients < 1:
-        raise ValueError("kills must be ≥ 0 and clients ≥ 1")
-    if not 0 <= options.pause[0] <= options.pause[1]:
-        raise ValueError("seconds between kills must be a range MIN:MAX with 0 ≤ MIN ≤ MAX")
+    options.check()
     state_dir.mkdir(parents=True, exist_ok=True)
     biller = BillerProcess(state_dir / "biller", free_port(), state_dir / "biller.log")
     rng = random.Random(options.seed)  # noqa: S311 - reproducible kill timing, nothing secret
@@ -972,6 +982,11 @@ def _chaos(args: argparse.Namespace, out: Console) -> int:
         pause=args.seconds_between_kills,
         state_dir=Path(args.state_dir) if args.state_dir else None,
     )
+    try:
+        options.check()
+    except ValueError as error:
+        out.print(f"[bold red]chaos could not run:[/] {escape(str(error))}")
+        return EXIT_UNUSABLE
     state_dir = options.state_dir or Path(tempfile.mkdtemp(prefix="parley-chaos-"))
     out.print(
         f"chaos: {options.kills} kills, {options.clients} clients, seed {options.seed}, "

@@ -13,9 +13,11 @@ import argparse
 from rich.console import Console
 
 from agent.tools.json_output import add_json_options
+from agent.tools.numbers import number_argument
 from parley.v1 import biller_service_pb2
 
 EXIT_UNUSABLE = 2
+MAX_FUZZ_SECONDS = 86_400.0  # a day
 RPCS: tuple[str, ...] = tuple(m.name for m in biller_service_pb2.DESCRIPTOR.services_by_name["BillerService"].methods)
 
 
@@ -24,7 +26,12 @@ def add_fuzz_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     fuzz = commands.add_parser(
         "fuzz", help="fuzz every BillerService RPC on a live biller with malformed and hostile inputs"
     )
-    fuzz.add_argument("--seconds", type=float, default=20.0, help="how long to fuzz (default: %(default)s)")
+    fuzz.add_argument(
+        "--seconds",
+        type=number_argument(float, 0, MAX_FUZZ_SECONDS, above_low=True),
+        default=20.0,
+        help="how long to fuzz (default: %(default)s)",
+    )
     fuzz.add_argument("--seed", type=int, default=0, help="hypothesis seed (default: %(default)s)")
     fuzz.add_argument("--rpc", action="append", choices=RPCS, help="fuzz only this RPC; repeatable")
     add_json_options(fuzz, "the report")

@@ -45,7 +45,9 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 
+from agent.conformance.runner import MAX_JOBS
 from agent.tools.json_output import add_json_options, emit_json, wants_json
+from agent.tools.numbers import number_argument
 
 __all__ = [
     "MUTANTS_DIR",
@@ -76,6 +78,8 @@ EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 SUITE_EXIT_FAILED = 1  # `parley conformance`: a case failed
 BILLER_START_SECONDS = 30.0
 LOG_TAIL_CHARS = 1500
+MAX_MUTANTS_AT_ONCE = 32  # each is a copy of the source tree and a suite run with its own processes
+MAX_SUITE_SECONDS = 86_400.0  # one suite run: a day
 
 REQUIRED_FIELDS = ("id", "suite", "breaks", "target", "find", "replace", "description")
 OPTIONAL_FIELDS = ("quick", "equivalent")
@@ -540,11 +544,27 @@ def add_mutate_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     mutate.add_argument("--only", metavar="IDS", help="comma-separated mutant ids (globs) or requirement ids")
     mutate.add_argument("--suite", choices=SUITES, help="only the mutants judged by this suite")
     mutate.add_argument("--quick", action="store_true", help="only the quick set (for CI)")
-    mutate.add_argument("--jobs", type=int, default=1, metavar="N", help="mutants judged at once (default: 1)")
     mutate.add_argument(
-        "--suite-jobs", type=int, default=2, metavar="N", help="scenarios at once in the consumer suite (default: 2)"
+        "--jobs",
+        type=number_argument(int, 1, MAX_MUTANTS_AT_ONCE),
+        default=1,
+        metavar="N",
+        help="mutants judged at once, each a copy of the tree and a suite run (default: 1)",
     )
-    mutate.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds one suite run may take")
+    mutate.add_argument(
+        "--suite-jobs",
+        type=number_argument(int, 1, MAX_JOBS),
+        default=2,
+        metavar="N",
+        help="scenarios at once in the consumer suite (default: 2)",
+    )
+    mutate.add_argument(
+        "--timeout",
+        type=number_argument(float, 0, MAX_SUITE_SECONDS, above_low=True),
+        default=600.0,
+        metavar="S",
+        help="seconds one suite run may take (default: 600)",
+    )
     mutate.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of each suite")
     mutate.add_argument("--list", action="store_true", help="list the selected mutants and exit")
     mutate.add_argument("--check", action="store_true", help="only check every anchor matches exactly once")

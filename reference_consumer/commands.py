@@ -63,6 +63,7 @@ from reference_consumer.runner import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNUSABLE,
+    INTERVAL,
     STORE_FILE,
     RunOptions,
     StateError,
@@ -432,8 +433,6 @@ def serve_command(args: argparse.Namespace, out: Console) -> int:
     host = host.removeprefix("[").removesuffix("]")
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         return _fail(out, f"--listen wants HOST:PORT, e.g. 127.0.0.1:8080, not {args.listen!r}", EXIT_UNUSABLE)
-    if args.interval <= 0:
-        return _fail(out, "--interval must be positive", EXIT_UNUSABLE)
     tls = {
         name: Path(getattr(args, name)) if getattr(args, name) else None
         for name in ("tls_cert", "tls_key", "client_ca")
@@ -528,7 +527,7 @@ def add_household_commands(actions: argparse._SubParsersAction[argparse.Argument
     _state_option(serve)
     serve.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT", help="default: a free loopback port")
     serve.add_argument(
-        "--interval", type=float, default=DEFAULT_INTERVAL, help="seconds between passes (default: %(default)s)"
+        "--interval", type=INTERVAL, default=DEFAULT_INTERVAL, help="seconds between passes (default: %(default)s)"
     )
     serve.add_argument("--tls-cert", help="PEM certificate chain for the pages (needed off loopback)")
     serve.add_argument("--tls-key", help="its PEM private key")

@@ -133,6 +133,7 @@ from agent.protocol.terms import BillFacts, Terms
 from agent.stores import open_consumer_store
 from agent.stores.base import ApprovalRecord, ApprovalState, IntentState, ThreadOutcome
 from agent.stores.consumer_sqlite import SqliteConsumerStore
+from agent.tools.numbers import number_argument
 from agent.transport.client import DEFAULT_RETRY, ClientTls, RetryPolicy, is_transient
 from agent.transport.diagnosis import Remedies, connection_hint
 from agent.transport.status import CallError
@@ -164,6 +165,9 @@ BANK_FILE = "bank-orders.jsonl"
 AGREEMENTS_DIR = "agreements"
 DEFAULT_STATE_DIR = "parley-consumer"
 DEFAULT_INTERVAL = 60.0
+MAX_INTERVAL = 86_400.0  # seconds between passes: a bot resting longer than a day misses due dates
+# `--interval` of `run` and `serve`: nan would pass a `<= 0` test and make every rest end at once.
+INTERVAL = number_argument(float, 0, MAX_INTERVAL, above_low=True)
 EVENT_IDLE_SECONDS = 0.5
 """A pass reads an account's events until the stream has been quiet this long (it is live: it never ends)."""
 NOTIFY_ONCE_SECONDS = 15.0
@@ -1610,9 +1614,6 @@ def run_command(args: argparse.Namespace, out: Console) -> int:
     except OSError as error:
         out.print(Text(f"cannot read {args.config}: {error.strerror}", style="red"), soft_wrap=True)
         return EXIT_UNUSABLE
-    if args.interval <= 0:
-        out.print(Text("--interval must be positive", style="red"))
-        return EXIT_UNUSABLE
     approval = Approval.APPROVE if args.approve_all else Approval.DENY if args.deny_all else Approval.ASK
     state_dir = args.state_dir or (args.from_env and os.environ.get("PARLEY_STATE_DIR")) or DEFAULT_STATE_DIR
     options = RunOptions(Path(state_dir), once=args.once, interval=args.interval, approval=approval)
@@ -1658,7 +1659,7 @@ def add_consumer_commands(commands: argparse._SubParsersAction[argparse.Argument
     )
     run.add_argument("--once", action="store_true", help="run one pass and exit")
     run.add_argument(
-        "--interval", type=float, default=DEFAULT_INTERVAL, help="seconds between passes (default: %(default)s)"
+        "--interval", type=INTERVAL, default=DEFAULT_INTERVAL, help="seconds between passes (default: %(default)s)"
     )
     answer = run.add_mutually_exclusive_group()
     answer.add_argument(

@@ -393,6 +393,12 @@ MISTAKES: dict[str, Mistake] = {
     "conformance: a case timeout that is not a number": Mistake(
         ("conformance", "consumer", "--client-cmd", "true", "--timeout", "nan"), 2, ("--timeout", "got nan")
     ),
+    "consumer: passes at an interval that is not a number": Mistake(
+        ("consumer", "run", "--profile", "p.toml", "--interval", "nan"), 2, ("--interval", "got 'nan'")
+    ),
+    "consumer: passes a year apart": Mistake(
+        ("consumer", "serve", "--profile", "p.toml", "--interval", "31536000"), 2, ("--interval", "at most 86,400")
+    ),
     "conformance: an idle timeout that never ends": Mistake(
         ("conformance", "biller", "--target", "127.0.0.1:1", "--insecure", "--idle-timeout", "inf"),
         2,

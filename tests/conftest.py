@@ -22,6 +22,7 @@ SLOW_MODULES = frozenset(
         "test_cli",
         "test_cli_mistakes",
         "test_conformance_biller",
+        "test_conformance_biller_transport",
         "test_conformance_consumer",
         "test_console",
         "test_consumer_run",
@@ -44,8 +45,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.stem in SLOW_MODULES:
+        if item.path.stem in SLOW_MODULES or _on_postgres(item):
             item.add_marker(pytest.mark.slow)
+
+
+def _on_postgres(item: pytest.Item) -> bool:
+    # The session's PostgreSQL server takes seconds to start: a test on it, by fixture or by a "postgres"
+    # parameter that asks for the fixture inside the test, is not for the quick loop.
+    callspec = getattr(item, "callspec", None)
+    parameters = list(callspec.params.values()) if callspec is not None else []
+    return "postgres_server" in getattr(item, "fixturenames", ()) or any(value == "postgres" for value in parameters)
 
 
 @pytest.fixture(scope="session")

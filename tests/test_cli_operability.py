@@ -181,6 +181,7 @@ def _health(channel: grpc.Channel) -> int:
     return int(stub.Check(health_pb2.HealthCheckRequest(service="parley.v1.BillerService"), timeout=5).status)
 
 
+@pytest.mark.slow
 def test_serve_takes_its_options_from_the_environment_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     state = tmp_path / "state"
     env = {

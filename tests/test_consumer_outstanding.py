@@ -140,6 +140,7 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, story: object) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_a_broken_half_paid_plan_is_renegotiated_for_the_outstanding_balance_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,6 +179,7 @@ def test_a_broken_half_paid_plan_is_renegotiated_for_the_outstanding_balance_onl
     run(tmp_path, monkeypatch, story)
 
 
+@pytest.mark.slow
 def test_a_broken_half_paid_plan_without_an_offer_is_paid_for_its_outstanding_balance_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -67,6 +67,7 @@ def knock(port: int, data: bytes) -> None:
             connection.recv(64)
 
 
+@pytest.mark.slow
 def test_failed_tls_handshakes_keep_the_json_log_stream_json(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     assert parley_main(["certs", "--out", str(certs), "--ip", "127.0.0.1"]) == 0
@@ -84,6 +85,7 @@ def test_failed_tls_handshakes_keep_the_json_log_stream_json(tmp_path: Path) -> 
     assert any(record.get("step") == "stopped" for record in records), records[-3:]
 
 
+@pytest.mark.slow
 def test_a_busy_port_with_json_logs_from_the_config_file_keeps_the_stream_json(tmp_path: Path) -> None:
     config = tmp_path / "biller.toml"
     config.write_text(SAMPLE.read_text(encoding="utf-8") + '\n[server]\nlog_format = "json"\n', encoding="utf-8")

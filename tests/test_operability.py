@@ -198,6 +198,7 @@ def test_health_is_not_serving_until_ready_and_reflection_lists_the_services(tmp
 # --- Graceful shutdown -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_stop_reports_not_serving_refuses_new_calls_and_drains_the_call_in_flight(tmp_path: Path) -> None:
     async def main() -> None:
         # Another process's connection keeps the WAL file alive: only a checkpoint on close empties it.

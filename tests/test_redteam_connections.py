@@ -68,6 +68,7 @@ def closed_by_server(connection: socket.socket) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_idle_connections_are_reaped_and_a_new_client_is_served(tmp_path: Path) -> None:
     async def scenario(biller: Biller) -> None:
         running = await serve_biller(biller.agent, "127.0.0.1:0", insecure=True, connection_limits=SHORT_IDLE)
@@ -263,6 +264,7 @@ def test_serve_refuses_a_bad_per_address_cap_with_one_line_and_exit_2(
     assert not state.exists()
 
 
+@pytest.mark.slow
 def test_serve_enforces_the_per_address_cap_it_is_given(tmp_path: Path) -> None:
     arguments = ["--insecure", "--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state")]
     with serving_process([*arguments, "--max-connections-per-address", "2"], log=tmp_path / "serve.log") as (

@@ -214,6 +214,7 @@ def _in_the_options_from(terms: Terms, bill: BillFacts, start: date) -> bool:
     ] <= latest_settlement_date(bill, SEGMENT, start)
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(situations())
 def test_every_counter_and_acceptance_of_the_reference_policy_is_dated_from_today(

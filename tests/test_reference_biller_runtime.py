@@ -578,6 +578,7 @@ def test_serve_refuses_plaintext_off_loopback_and_tls_less_listeners(
     assert not (tmp_path / "state").exists()  # refused before anything was created
 
 
+@pytest.mark.slow
 def test_serve_answers_hello_and_stops_on_sigterm_then_codes_share_its_identity(tmp_path: Path) -> None:
     state = tmp_path / "state"
     command = [sys.executable, "-m", "agent.cli", "biller", "serve", "--insecure", "--listen", "127.0.0.1:0"]

@@ -684,6 +684,7 @@ def check_affordable(profile: Profile, today: date, schedule: Sequence[Instalmen
         assert balances[current] >= profile.buffer.minor, current
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(situations())
 def test_openings_are_valid_honest_and_affordable_when_claimed(situation: tuple[Profile, BillFacts, date]) -> None:
@@ -739,6 +740,7 @@ def offers(draw: st.DrawFn, bill: BillFacts, today: date) -> Terms:
     return build_terms(TermsKind.INSTALMENT_PLAN, bill.amount_due, monthly_dates(start, count), lines)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(st.data())
 def test_answers_are_consistent_with_affordability_and_the_mandate(data: st.DataObject) -> None:

@@ -351,6 +351,43 @@ def test_reminders_escalate_on_the_configured_days_once_each_even_after_a_restar
     asyncio.run(after_restart())
 
 
+class ReadsWatched:
+    """The biller's store, noting whose event log is read."""
+
+    def __init__(self, store: object) -> None:
+        self.store = store
+        self.logs_read: list[str] = []
+
+    async def events(self, account_id: str, *args: object) -> object:
+        self.logs_read.append(account_id)
+        return await self.store.events(account_id, *args)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+
+def test_a_tick_reads_only_the_accounts_that_owe_something(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        alice_account, alice = await h.enrolled("consumer:alice")  # an open bill
+        alice_bill = biller_bill_id(await h.bill(alice_account, alice))
+        bob_account, _ = await h.enrolled("consumer:bob")  # no bill
+        carol_account, carol = await h.enrolled("consumer:carol")  # a bill, paid
+        carol_bill = biller_bill_id(await h.bill(carol_account, carol))
+        await h.pay_intent(carol_account, carol, carol_bill, "pay-1", eur("120.00"))
+        await h.control.SettlePayments(cc.SettlePaymentsRequest())
+
+        biller = h.running.biller
+        watched = ReadsWatched(biller.store)
+        accounts = [alice_account, bob_account, carol_account]
+        now = at(date(2026, 3, 28))  # three days before the due date: the courteous reminder
+        emitted = await scheduler.tick(biller.agent, CONFIG, now, store=watched, accounts=accounts)  # type: ignore[arg-type]
+        assert watched.logs_read == [alice_account]  # one batch: the log's end is not read again
+        events = [event_pb2.Event.FromString(envelope.payload) for envelope in emitted]
+        assert [(event.kind, event.bill_id) for event in events] == [(K.EVENT_KIND_REMINDER, alice_bill)]
+
+    run(tmp_path, scenario)
+
+
 def test_a_missed_instalment_breaks_the_plan_and_reopens_the_bill(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         account_id, alice = await h.enrolled("consumer:alice")

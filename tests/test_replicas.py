@@ -303,9 +303,10 @@ def test_both_schedulers_ticking_at_once_send_each_reminder_once(replicas: Repli
 
 def test_the_biller_conformance_suite_passes_on_a_third_replica(replicas: Replicas, tmp_path: Path) -> None:
     # A replica of its own: the suite moves its biller's clock, which the other tests share.
-    # Every AdvanceClock runs the biller's maintenance pass over the whole store, which the suite's own
-    # earlier cases have filled: LIM-15/chain-full advances the clock 25 times and took 28.9 s of its
-    # 30 s here on PostgreSQL (1.9 s when run alone), so cases get 90 s and the run 300.
+    # Every AdvanceClock runs the biller's upkeep over every account that still owes a bill, and the
+    # suite's own earlier cases have made dozens: LIM-15/chain-full advances the clock 25 times and takes
+    # 8.3 s here on PostgreSQL (1.9 s when run alone; 28.9 s before the upkeep skipped paid-up accounts),
+    # so cases get 90 s, a margin for a loaded CI machine, and the run 300.
     with _replica(replicas.dsn, replicas.state_dir, tmp_path / "replica-c.log") as third:
         suite_command = ["conformance", "biller", "--target", third, "--insecure", "--timeout", "90"]
         suite = subprocess.run(

@@ -518,6 +518,20 @@ def test_payment_context_reads_account_bill_intent_and_arrangement_together(back
     run(read, backend.location)
 
 
+def test_accounts_owing_are_the_bound_ones_with_a_bill_not_paid(backend: Backend) -> None:
+    async def owing(store: SqlBillerStore) -> None:
+        assert await store.accounts_owing() == []
+        await seed(store)  # acct-1: bound, one open bill
+        await store.create_account("acct-0", "Bob", NOW)  # no bill
+        assert await store.accounts_owing() == [ACCOUNT]
+        backend.execute("UPDATE bills SET status = 'under_arrangement' WHERE bill_id = ?", BILL)
+        assert await store.accounts_owing() == [ACCOUNT]
+        backend.execute("UPDATE bills SET status = 'paid' WHERE bill_id = ?", BILL)
+        assert await store.accounts_owing() == []
+
+    run(owing, backend.location)
+
+
 def test_leases_are_exclusive_until_released_or_expired(backend: Backend) -> None:
     async def leases(store: SqlBillerStore) -> None:
         until = NOW + timedelta(minutes=5)

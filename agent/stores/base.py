@@ -563,6 +563,12 @@ class BillerStore(Protocol):
         presented to it (ENR-12); without, every bill as first presented."""
         ...
 
+    async def accounts_owing(self) -> list[str]:
+        """In one read, the accounts with a bill not paid yet (open, or under an arrangement), in account
+        id order: the only accounts a collections pass has anything to do on. (A bill is only ever issued
+        to a bound consumer, ENR-12, and a binding is never removed, so each of them has one.)"""
+        ...
+
     async def get_presented_bill(self, bill_id: str, party_id: str) -> BillRecord | None:
         """The bill as presented to `party_id` (None if it never was, ENR-12)."""
         ...

@@ -775,6 +775,10 @@ class SqlBillerStore(abc.ABC):
             )
         return [_bill(row) for row in rows]
 
+    async def accounts_owing(self) -> list[str]:
+        rows = await self._all("SELECT DISTINCT account_id FROM bills WHERE status <> 'paid' ORDER BY account_id")
+        return [row[0] for row in rows]
+
     async def get_presented_bill(self, bill_id: str, party_id: str) -> BillRecord | None:
         return await self._in_statement(lambda db: _presented_bill(db, bill_id, party_id))  # one SELECT
 

@@ -18,6 +18,7 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from rich.console import Console
 from agent.cli import main
 from agent.conformance import biller as biller_suite
 from agent.conformance.biller.clock import suite as clock_suite
-from agent.conformance.biller.target import FIXTURES
+from agent.conformance.biller.target import FIXTURES, BillerTarget, connect
 from agent.conformance.control import ControlledBiller, SteppingClock
 from agent.conformance.peers import free_port
 from agent.conformance.runner import (
@@ -41,6 +42,7 @@ from agent.conformance.runner import (
     Suite,
     TargetUnreachable,
     Violation,
+    run_cases,
     run_suite,
 )
 from reference_biller.service import Biller as ReferenceBiller
@@ -436,6 +438,55 @@ def test_runner_selection_known_failing_and_exit_codes(tmp_path: Path) -> None:
     assert "UNEXPECTED PASS" in output
     assert document["unexpected_passes"] == ["AAA-1/passes"]
     assert _run_synthetic(tmp_path, known_failing=tmp_path / "missing.txt")[0] == EXIT_NOT_RUN
+
+
+def test_the_runner_recovers_after_a_case_that_reached_no_conclusion() -> None:
+    recovered: list[str] = []
+
+    async def recover(ctx: _Target) -> None:
+        recovered.append("after")
+        if len(recovered) == 2:
+            raise ConnectionError("the target went away")
+
+    suite: Suite[_Target] = Suite("synthetic", recover=recover)
+    cases = {case.id: case for case in _synthetic().cases}
+    for case_id in ("AAA-1/passes", "AAA-2/fails", "AAA-4/skips", "BBB-2/hangs", "BBB-1/crashes"):
+        suite.case(case_id, description=case_id, quote="quoted")(cases[case_id].body)
+    results = asyncio.run(run_cases(suite, suite.cases, _Target(), timeout=0.2))
+    assert recovered == ["after", "after"]  # after the hang and the crash only: a verdict needs no recovery
+    details = {result.case_id: result.detail for result in results}
+    assert details["BBB-2/hangs"] == "no conclusion within the case timeout of 0.2 s"
+    assert details["BBB-1/crashes"].startswith("the case could not complete: KeyError: 'oops'")
+    assert "; then recovery failed: ConnectionError: the target went away (" in details["BBB-1/crashes"]
+
+
+def test_a_case_stopped_after_moving_the_clock_leaves_the_next_in_step(tmp_path: Path) -> None:
+    """Cancelled after the biller applied its AdvanceClock but before the suite read the answer, a case left
+    the suite a day behind the biller, and every later case signing with the suite's time was refused."""
+
+    async def moves_the_clock_unseen(ctx: BillerTarget) -> None:
+        await ctx.conn.advance_clock(86_400)  # applied by the biller; the suite's clock is not told
+        await asyncio.sleep(60)
+
+    async def in_step(ctx: BillerTarget) -> str:
+        answer = await ctx.conn.advance_clock(1)
+        behind = answer.now.ToDatetime(tzinfo=UTC) - ctx.now()
+        if abs(behind) > timedelta(seconds=30):
+            raise Violation(f"the suite's clock is {behind} behind the biller's")
+        return "in step"
+
+    async def run(recover: Callable[[BillerTarget], Awaitable[None]] | None) -> list[str]:
+        suite: Suite[BillerTarget] = Suite("clock", recover=recover)
+        suite.case("CNF-4/moves", description="", quote="")(moves_the_clock_unseen)
+        suite.case("CNF-4/in-step", description="", quote="")(in_step)
+        async with (
+            reference_biller(tmp_path / f"state-{recover is None}") as target,
+            connect(target, insecure=True) as ctx,
+        ):
+            return [result.outcome for result in await run_cases(suite, suite.cases, ctx, timeout=1)]
+
+    assert asyncio.run(run(None)) == [Outcome.FAIL, Outcome.FAIL]
+    assert asyncio.run(run(biller_suite.suite.recover)) == [Outcome.FAIL, Outcome.PASS]
 
 
 def test_outcome_names() -> None:

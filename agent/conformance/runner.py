@@ -163,11 +163,24 @@ class Suite(Generic[C]):
     `precheck(case, context)` returns a skip reason, or None when the case can
     run against the target (e.g. every tag in `case.needs` is a feature the
     target announced).
+
+    `recover(context)` runs after a case that reached no conclusion (it timed
+    out, or crashed): such a case was stopped anywhere, perhaps after the target
+    applied a fixture call whose answer the suite never read. `recover` brings
+    what the cases share back in step with the target (the biller suite's clock),
+    so one stopped case does not fail the cases after it.
     """
 
-    def __init__(self, name: str, *, precheck: Callable[[Case[C], C], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        precheck: Callable[[Case[C], C], str | None] | None = None,
+        recover: Callable[[C], Awaitable[None]] | None = None,
+    ) -> None:
         self.name = name
         self.precheck = precheck
+        self.recover = recover
         self._cases: dict[str, Case[C]] = {}
 
     @property
@@ -382,8 +395,19 @@ def _first_line(text: str) -> str:
 # --- Running ----------------------------------------------------------------------------------------
 
 
-async def run_case(case: Case[C], context: C, *, timeout: float, precheck: str | None = None) -> Result:
-    """Run one case: skip it with `precheck`'s reason, else its body under a timeout."""
+async def run_case(
+    case: Case[C],
+    context: C,
+    *,
+    timeout: float,
+    precheck: str | None = None,
+    recover: Callable[[C], Awaitable[None]] | None = None,
+) -> Result:
+    """Run one case: skip it with `precheck`'s reason, else its body under a timeout.
+
+    After a timeout or a crash, `recover(context)` runs (`Suite.recover`), under
+    the same timeout; if it fails too, the case's detail says so.
+    """
     started = time.monotonic()
 
     def result(outcome: Outcome, detail: str) -> Result:
@@ -408,12 +432,25 @@ async def run_case(case: Case[C], context: C, *, timeout: float, precheck: str |
     except Skip as skip:
         return result(Outcome.SKIP, str(skip))
     except TimeoutError:
-        return result(broken, f"no conclusion within the case timeout of {timeout:g} s")
+        stopped = result(broken, f"no conclusion within the case timeout of {timeout:g} s")
     except Exception as error:  # the case crashed: say so loudly, never pass
-        where = traceback.extract_tb(error.__traceback__)[-1]
-        place = f"{Path(where.filename).name}:{where.lineno}"
-        return result(Outcome.FAIL, f"the case could not complete: {type(error).__name__}: {error} ({place})")
-    return result(Outcome.PASS, detail or "")
+        stopped = result(Outcome.FAIL, f"the case could not complete: {_crash(error)}")
+    else:
+        return result(Outcome.PASS, detail or "")
+    if recover is None:
+        return stopped
+    try:
+        await asyncio.wait_for(recover(context), timeout)
+    except Exception as error:  # reported with the case that needed it; the next cases run regardless
+        failure = "no conclusion within the case timeout" if isinstance(error, TimeoutError) else _crash(error)
+        return dataclasses.replace(stopped, detail=f"{stopped.detail}; then recovery failed: {failure}")
+    return stopped
+
+
+def _crash(error: Exception) -> str:
+    """An unexpected exception, with the line of the suite (or library) it came from."""
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{type(error).__name__}: {error} ({Path(where.filename).name}:{where.lineno})"
 
 
 async def run_cases(
@@ -438,7 +475,7 @@ async def run_cases(
 
     async def one(case: Case[C]) -> Result:
         reason = suite.precheck(case, context) if suite.precheck is not None else None
-        result = await run_case(case, context, timeout=timeout, precheck=reason)
+        result = await run_case(case, context, timeout=timeout, precheck=reason, recover=suite.recover)
         if any(case.matches(pattern) for pattern in known_failing):
             result = dataclasses.replace(result, known_failing=True)
         return result

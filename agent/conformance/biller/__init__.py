@@ -86,7 +86,7 @@ SECTIONS: tuple[Suite[BillerTarget], ...] = (
     errors.suite,
 )
 
-suite: Suite[BillerTarget] = Suite("biller", precheck=precheck)
+suite: Suite[BillerTarget] = Suite("biller", precheck=precheck, recover=BillerTarget.resync)
 for section in SECTIONS:
     suite.include(section)
 

@@ -152,6 +152,17 @@ class BillerTarget:
 
     # --- fixtures (§16) ---
 
+    async def resync(self) -> None:
+        """The suite's recovery after a stopped case (`Suite.recover`): read the biller's clock again.
+
+        A case stopped at its timeout may have been cancelled after the biller applied its
+        AdvanceClock, before the suite read the answer; every later case would then sign at a
+        time behind the biller's and be refused MESSAGE_EXPIRED. AdvanceClock(0) is refused
+        (CNF-4 asks for a positive step), so this moves the clock by one second.
+        """
+        if self.fixtures:
+            await self.advance_clock(1)
+
     async def advance_clock(self, seconds: int) -> datetime:
         """AdvanceClock, then sign at the biller's returned time."""
         answer = await self.conn.advance_clock(seconds)

@@ -47,11 +47,8 @@ def number_argument(
     expected = describe_range(kind, low, high, above_low=above_low)
 
     def parse(text: str) -> int | float:
-        try:
+        try:  # not a number of the kind, or out of bounds: the same message
             value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        try:
             check_number("", value, low, high, above_low=above_low)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None

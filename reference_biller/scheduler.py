@@ -23,10 +23,12 @@ What was already sent is read from the account's signed event log, never kept
 in memory: running `tick` twice at the same `now`, or after a restart, appends
 nothing twice, and a crash between two steps of the missed-instalment sequence
 is finished by the next tick. Ticks of one agent are serialized in-process;
-replicas sharing one store (PostgreSQL) each run the scheduler, and an account's
-pass first takes a lease in the store (`Leases`, settled by its primary key),
-so one replica at a time reads the log and appends: the others skip the account
-until their next tick, and nothing is sent twice.
+replicas sharing one store (PostgreSQL) each run the scheduler. An account's
+pass first looks, reading only, whether anything is due; only then does it take
+a lease in the store (`Leases`, settled by its primary key) and run again from
+fresh reads, so one replica at a time reads the log and appends: the others skip
+the account until their next tick, and nothing is sent twice. Only accounts with
+a bill not paid yet are looked at (`BillerStore.accounts_owing`, one query).
 
 Dates are UTC calendar dates of `now`. Money that reached the rail but is not
 settled yet (`rail.pending_intents`) holds off reminders and missed-instalment
@@ -167,10 +169,18 @@ async def tick(
 
 
 async def _leased_pass(account: _AccountTick) -> list[envelope_pb2.Envelope]:
-    """Run the account's pass while holding its lease; nothing if another process holds it."""
+    """Run the account's pass while holding its lease; nothing if another process holds it.
+
+    Most passes find nothing due (a reminder falls due on one day of a week), so a pass first looks
+    without the lease, which costs two durable writes (claim, release): only when something is due is
+    the lease taken and the pass run again from fresh reads, as another replica may have appended
+    meanwhile.
+    """
     store = account.store
     if not isinstance(store, Leases):  # a store only one process uses
         return await account.run()
+    if not await account.finds_something_due():
+        return []
     name, holder = f"scheduler:{account.account_id}", secrets.token_hex(16)
     if not await store.claim_lease(name, holder, account.now, account.now + PASS_LEASE):
         logger.info("scheduler: account %s is being handled by another process", account.account_id)
@@ -179,6 +189,10 @@ async def _leased_pass(account: _AccountTick) -> list[envelope_pb2.Envelope]:
         return await account.run()
     finally:
         await store.release_lease(name, holder)
+
+
+class _SomethingDue(Exception):
+    """A looking pass (`_AccountTick.finds_something_due`) reached an event it would append."""
 
 
 class _AccountTick:
@@ -202,8 +216,18 @@ class _AccountTick:
         self.emitted: list[envelope_pb2.Envelope] = []
         self.log = EventLog(())
         self.in_flight: set[tuple[str, bytes, int]] = set()  # (bill, agreement digest, instalment index)
+        self.looking = False  # True: stop at the first event due instead of appending it
 
-    async def run(self) -> list[envelope_pb2.Envelope]:
+    async def finds_something_due(self) -> bool:
+        """The pass, reading only: would it append anything now?"""
+        try:
+            await self.run(looking=True)
+        except _SomethingDue:
+            return True
+        return False
+
+    async def run(self, *, looking: bool = False) -> list[envelope_pb2.Envelope]:
+        self.looking, self.emitted, self.in_flight = looking, [], set()
         account = await self.agent.account(self.account_id)
         if account is None or account.consumer_party_id is None:
             return []
@@ -240,6 +264,8 @@ class _AccountTick:
         reminder_level: int = 0,
         related_digest: bytes = b"",
     ) -> None:
+        if self.looking:
+            raise _SomethingDue
         envelope = await self.agent.emit_event(
             self.account_id,
             kind,
@@ -322,6 +348,8 @@ class _AccountTick:
         """
         if broken_at is not None and self.log.find(RENEGOTIATION_OFFERED, arrangement.bill_id, after=broken_at):
             return
+        if self.looking:
+            raise _SomethingDue
         try:
             envelope = await self.agent.offer_renegotiation(
                 arrangement.bill_id,

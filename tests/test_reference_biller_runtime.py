@@ -352,21 +352,26 @@ def test_reminders_escalate_on_the_configured_days_once_each_even_after_a_restar
 
 
 class ReadsWatched:
-    """The biller's store, noting whose event log is read."""
+    """The biller's store, noting whose event log is read and which leases are claimed."""
 
     def __init__(self, store: object) -> None:
         self.store = store
         self.logs_read: list[str] = []
+        self.leases_claimed: list[str] = []
 
     async def events(self, account_id: str, *args: object) -> object:
         self.logs_read.append(account_id)
         return await self.store.events(account_id, *args)  # type: ignore[attr-defined]
 
+    async def claim_lease(self, name: str, *args: object) -> object:
+        self.leases_claimed.append(name)
+        return await self.store.claim_lease(name, *args)  # type: ignore[attr-defined]
+
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
 
 
-def test_a_tick_reads_only_the_accounts_that_owe_something(tmp_path: Path) -> None:
+def test_a_tick_reads_only_the_accounts_that_owe_something_and_leases_only_to_append(tmp_path: Path) -> None:
     async def scenario(h: Harness) -> None:
         alice_account, alice = await h.enrolled("consumer:alice")  # an open bill
         alice_bill = biller_bill_id(await h.bill(alice_account, alice))
@@ -381,9 +386,15 @@ def test_a_tick_reads_only_the_accounts_that_owe_something(tmp_path: Path) -> No
         accounts = [alice_account, bob_account, carol_account]
         now = at(date(2026, 3, 28))  # three days before the due date: the courteous reminder
         emitted = await scheduler.tick(biller.agent, CONFIG, now, store=watched, accounts=accounts)  # type: ignore[arg-type]
-        assert watched.logs_read == [alice_account]  # one batch: the log's end is not read again
+        # Alice's log is read twice: looking whether anything is due, then under the lease taken because it was.
+        assert watched.logs_read == [alice_account, alice_account]  # one batch each: the log's end is not read again
+        assert watched.leases_claimed == [f"scheduler:{alice_account}"]
         events = [event_pb2.Event.FromString(envelope.payload) for envelope in emitted]
         assert [(event.kind, event.bill_id) for event in events] == [(K.EVENT_KIND_REMINDER, alice_bill)]
+
+        again = ReadsWatched(biller.store)  # the same day again: nothing is due, so nothing is written
+        assert await scheduler.tick(biller.agent, CONFIG, now, store=again, accounts=accounts) == []  # type: ignore[arg-type]
+        assert (again.logs_read, again.leases_claimed) == ([alice_account], [])
 
     run(tmp_path, scenario)
 

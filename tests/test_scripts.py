@@ -1,0 +1,41 @@
+"""The measurement scripts in `scripts/` still run against today's library (their figures are in the docs)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_upkeep_cost_measures_rounds_that_append_nothing() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "upkeep_cost.py"), "--accounts", "3", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr
+    rounds = [line for line in run.stdout.splitlines() if line.startswith("round over 3 owing accounts")]
+    assert len(rounds) == 2
+    assert all(line.endswith("0 events appended") for line in rounds)
+
+
+def test_upkeep_cost_refuses_a_store_it_does_not_know() -> None:
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "upkeep_cost.py"), "--store", "mysql"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert run.returncode == 2
+    assert "--store: expected sqlite, postgres or a postgresql:// URL, got 'mysql'" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -379,12 +379,39 @@ def takes_receipts_for_another_intent() -> None:
     _lenient_receipts(lambda reason, detail: reason == "MALFORMED_PAYLOAD" and "for intent" in detail)
 
 
+def _refuses_instructions_past_their_time_on_arrival() -> None:
+    """Instructions that arrive past their pay_by_time are refused (MESSAGE_EXPIRED), as the reference consumer
+    did before PAY-17 said they lapse: refused, they hold the payment, and every later run meets them again."""
+    from agent.consumer.receive import Receiver  # noqa: PLC0415
+    from agent.protocol.errors import Reason  # noqa: PLC0415
+    from agent.protocol.messages import read_time  # noqa: PLC0415
+
+    check_instructions = Receiver.check_instructions
+
+    def refusing(self: Any, verified: Any, intent: Any, intent_digests: set[bytes]) -> tuple[str, str] | None:
+        refusal = check_instructions(self, verified, intent, intent_digests)
+        pay_by = read_time(verified.message, "pay_by_time", Reason.MALFORMED_PAYLOAD)
+        if refusal is None and pay_by < self._party.now():
+            return Reason.MESSAGE_EXPIRED.name, f"the instructions were to be paid by {pay_by}"
+        return refusal
+
+    Receiver.check_instructions = refusing  # type: ignore[method-assign]
+
+
+def refuses_lapsed_instructions_on_arrival() -> None:
+    """Instructions that arrive already past their pay_by_time are refused rather than lapsed, so they hold the
+    payment for good (PAY-17); they are never paid, and instructions that lapse while stored still lapse."""
+    _refuses_instructions_past_their_time_on_arrival()
+
+
 def checks_pay_by_time_only_on_receipt() -> None:
     """pay_by_time is checked when the instructions arrive, not again when the bank is asked: the payment step reads
     it a day late, so instructions left unpaid past their time are paid later (PAY-8)."""
     from datetime import timedelta  # noqa: PLC0415
 
     from agent.consumer import payments  # noqa: PLC0415
+
+    _refuses_instructions_past_their_time_on_arrival()
 
     read_time = payments.read_time  # type: ignore[attr-defined]
 
@@ -448,6 +475,7 @@ DEFECTS: dict[str, Callable[[], None]] = {
     "checks-pay-by-time-only-on-receipt": checks_pay_by_time_only_on_receipt,
     "takes-a-repeated-last-event-for-a-broken-chain": takes_a_repeated_last_event_for_a_broken_chain,
     "keeps-lapsed-instructions": keeps_lapsed_instructions,
+    "refuses-lapsed-instructions-on-arrival": refuses_lapsed_instructions_on_arrival,
 }
 
 
@@ -517,6 +545,7 @@ BROKEN_CONSUMERS = (
                 "PAY-8/instructions-pay-by-passed",
                 "PAY-8/pay-by-passed-before-paying",
                 "PAY-17/lapsed-instructions-new-intent",
+                "PAY-17/instructions-arrive-lapsed",
             }
         ),
     ),
@@ -582,7 +611,14 @@ BROKEN_CONSUMERS = (
     BrokenConsumer(
         "checks the pay-by time only when instructions arrive",
         "checks-pay-by-time-only-on-receipt",
-        frozenset({"PAY-8/pay-by-passed-before-paying", "PAY-17/lapsed-instructions-new-intent"}),
+        # Refused on arrival, the instructions a retry brings back after their time hold the payment.
+        frozenset(
+            {
+                "PAY-8/pay-by-passed-before-paying",
+                "PAY-17/lapsed-instructions-new-intent",
+                "PAY-17/instructions-arrive-lapsed",
+            }
+        ),
     ),
     BrokenConsumer(
         "takes the last event again for a broken chain",
@@ -592,7 +628,13 @@ BROKEN_CONSUMERS = (
     BrokenConsumer(
         "keeps instructions that lapsed unpaid",
         "keeps-lapsed-instructions",
-        frozenset({"PAY-17/lapsed-instructions-new-intent"}),
+        # Never lapsed, the instructions a retry brings back after their time hold the payment too.
+        frozenset({"PAY-17/lapsed-instructions-new-intent", "PAY-17/instructions-arrive-lapsed"}),
+    ),
+    BrokenConsumer(
+        "refuses instructions that arrive lapsed",
+        "refuses-lapsed-instructions-on-arrival",
+        frozenset({"PAY-17/instructions-arrive-lapsed"}),
     ),
 )
 

@@ -198,6 +198,7 @@ def test_every_defect_class_is_covered() -> None:
         "checks the pay-by time only when instructions arrive",
         "takes the last event again for a broken chain",
         "keeps instructions that lapsed unpaid",
+        "refuses instructions that arrive lapsed",
     }
     for broken in BROKEN_CONSUMERS:
         assert broken.fails <= set(CASE_IDS), broken.name

@@ -919,6 +919,38 @@ def test_instructions_that_lapsed_unpaid_give_way_to_a_new_intent_paid_in_the_sa
     run(tmp_path, scenario)
 
 
+def test_instructions_that_arrive_past_their_pay_by_lapse_and_the_payment_gets_a_new_intent(tmp_path: Path) -> None:
+    """PAY-17 for instructions taken late: every answer to the intent was lost (the biller instructed it), and the
+    household's next run comes after their pay_by_time. The retry is answered with the stored instructions, already
+    past their time: never paid (PAY-8), they lapse, and the payment is made under a new intent in the same call.
+    (Refused instead, they held the payment for good: every later `pay` met the same refused intent.)"""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+        async with household.agent_with_its_bill(bank=Bank()) as agent:
+            hostile.unavailable_after["CreatePaymentIntent"] = FAST.attempts  # applied each time, answers lost
+            with pytest.raises(CallError):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            (created,) = await agent.payments(BILLER_ID)
+            assert created.state is IntentState.CREATED
+        stored = await biller.agent._store.get_payment_intent(ACCOUNT, created.intent_id)
+        assert stored is not None
+        assert stored.pay_by is not None
+        biller.clock.advance(stored.pay_by - biller.clock.now() + timedelta(seconds=1))
+        bank = Bank()
+        async with household.agent(bank=bank) as agent:  # the next run, after the instructions' time
+            payment = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert payment.intent_id != created.intent_id
+            assert (payment.state, payment.amount) == (IntentState.PAID, BILL.amount_due)
+            (order,) = bank.orders
+            assert order.intent_id == payment.intent_id
+            assert order.payment_reference != stored.payment_reference  # never under the lapsed instructions
+            lapsed, paid = await agent.payments(BILLER_ID)
+            assert (lapsed.intent_id, lapsed.state, paid) == (created.intent_id, IntentState.LAPSED, payment)
+
+    run(tmp_path, scenario, hostile=True)
+
+
 def test_an_intent_handed_to_the_bank_never_lapses(tmp_path: Path) -> None:
     """PAY-7 over PAY-17: once handed to the bank the payment is in doubt, whatever the time; it is neither lapsed
     nor followed by a new intent, which could pay the bill twice."""

@@ -2289,6 +2289,60 @@ async def lapsed_instructions_new_intent(context: ConsumerContext) -> str:
         )
 
 
+@suite.case(
+    "PAY-17/instructions-arrive-lapsed",
+    description="Instructions that arrive past their pay_by_time (a retried intent's stored answer, taken late) are "
+    "never paid, and do not hold the payment: it is made under a new intent's instructions",
+    quote=PAY_17_QUOTE,
+    covers=("PAY-8",),
+)
+async def instructions_arrive_lapsed(context: ConsumerContext) -> str:
+    async with scenario(context, "instructions-arrive-lapsed") as s:
+        issue_bills_on_enrolment(s.biller)
+        # Run 1: the biller instructs each intent, payable for PAY_BY_DELAY, and every answer is lost, retries
+        # included; the run ends without instructions. Run 2 comes after their pay_by_time: the retry is answered
+        # with them as stored (PAY-2), already lapsed.
+        s.biller.lose_answers("CreatePaymentIntent", count=1_000)
+        s.biller.instructions_payable_for = PAY_BY_DELAY
+        await s.run_client()
+        s.biller.answer_again("CreatePaymentIntent")
+        s.biller.instructions_payable_for = None
+        # Every answer was lost, so the biller's own record of what it instructed is its store's.
+        lapsed_intents = {_intent_id_of(call) for call in s.biller.calls_of("CreatePaymentIntent")} - {""}
+        if not lapsed_intents:
+            raise setup_failed("the client never sent a payment intent in run 1", s)
+        if s.orders():
+            raise setup_failed("the client paid in run 1, although no answer to its intents reached it", s)
+        await asyncio.sleep(PAY_BY_DELAY.total_seconds() + 1.0)
+        await s.run_client()
+        # The instructions run 2 took: the lapsed ones (a retried intent's stored answer) and any new intent's.
+        lapsed = {ref: each for ref, each in s.biller.instructed.items() if each.intent_id in lapsed_intents}
+        late = [order for order in s.orders() if order.payment_reference in lapsed]
+        if late:
+            raise Violation(
+                f"the client ordered {late[0].describe()} in run 2 under instructions that reached it after their "
+                f"pay_by_time: they had lapsed and must never be paid; it {s.summary()}"
+            )
+        if not lapsed:
+            raise setup_failed("the client did not retry its intent in run 2, so no lapsed instructions reached it", s)
+        bills = {instructed.bill_id for instructed in lapsed.values()}
+        renewed = {
+            reference
+            for reference, instructed in s.biller.instructed.items()
+            if instructed.bill_id in bills and instructed.intent_id not in lapsed_intents
+        }
+        paid = [order for order in s.orders() if order.payment_reference in renewed]
+        if not paid:
+            raise Violation(
+                f"the instructions that reached the client after their pay_by_time held the payment: no new intent "
+                f"was paid in run 2, and the bill stays unpaid; it {s.summary()}"
+            )
+        return (
+            f"instructions of intent {min(lapsed_intents)} reached the client after their pay_by_time and were not "
+            f"paid; run 2 paid {paid[0].describe()} under a new intent ({', '.join(r.describe() for r in s.runs)})"
+        )
+
+
 # --- 19. The last event taken, delivered again as a stream resumes ---------------------------------------------
 
 

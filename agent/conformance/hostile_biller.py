@@ -303,6 +303,11 @@ class HostileBiller:
         assert self.servicer is not None
         self.servicer.unavailable_after[rpc] += count
 
+    def answer_again(self, rpc: str) -> None:
+        """Calls of `rpc` are answered again: the answers `lose_answers` still had to lose are not lost."""
+        assert self.servicer is not None
+        self.servicer.unavailable_after[rpc] = 0
+
     def refuse(self, rpc: str, *errors: ProtocolError) -> None:
         """The next calls of `rpc` are refused with `errors`, one each, before the agent sees them."""
         assert self.servicer is not None

@@ -288,7 +288,9 @@ class Receiver:
     def check_instructions(
         self, verified: Verified[payment_pb2.PaymentInstructions], intent: IntentRecord, intent_digests: set[bytes]
     ) -> tuple[str, str] | None:
-        """PAY-8 on signed instructions: (reason, detail) of the first check they fail, else None."""
+        """PAY-8 on signed instructions: (reason, detail) of the first check they fail, else None.
+
+        A passed pay_by_time is not checked here: see below, and `Payments._carry_out`."""
         header, body = verified.header, verified.message
         try:
             if header.thread_id != intent.thread_id:
@@ -311,9 +313,11 @@ class Receiver:
                 )
             if not body.payment_reference:
                 raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, "the instructions carry no payment reference")
-            pay_by = read_time(body, "pay_by_time", Reason.MALFORMED_PAYLOAD)
-            if pay_by < self._party.now():
-                raise RemoteProtocolError(Reason.MESSAGE_EXPIRED, f"the instructions were to be paid by {pay_by}")
+            # Their pay_by_time must be readable; whether it has passed is not a flaw of the instructions but
+            # of the moment: instructions that arrive past it (a retry's stored answer, taken late) have lapsed
+            # (PAY-17), which `Payments` handles as for instructions that lapse while stored: kept, never paid
+            # (PAY-8), and the payment gets a new intent. Refused, they would hold the payment for good.
+            read_time(body, "pay_by_time", Reason.MALFORMED_PAYLOAD)
         except RemoteProtocolError as error:
             return error.reason.name, error.detail
         return None

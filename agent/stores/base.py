@@ -720,7 +720,8 @@ class IntentState(enum.StrEnum):
     PAID: the bank executed the payment. REFUSED: the instructions failed PAY-8;
     never paid.
     LAPSED: instructions stored, never handed to the bank, and their pay_by_time
-    has passed (the bank was down, or the household's run came late): never paid
+    has passed (the bank was down, or the household's run came late, or they only
+    arrived after it, as a retried intent's stored answer): never paid
     and never payable (PAY-8). Only an INSTRUCTED intent lapses — never a SENDING
     one, which is in doubt (PAY-7). It is kept as history; the same payment may
     then have a new intent (PAY-17), and a lapsed one counts as no payment.

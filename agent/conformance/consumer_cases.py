@@ -2291,8 +2291,8 @@ async def lapsed_instructions_new_intent(context: ConsumerContext) -> str:
 
 @suite.case(
     "PAY-17/instructions-arrive-lapsed",
-    description="Instructions that arrive past their pay_by_time (a retried intent's stored answer, taken late) are "
-    "never paid, and do not hold the payment: it is made under a new intent's instructions",
+    description="Instructions that arrive past their pay_by_time (a retry's stored answer) are never paid and do not "
+    "hold the payment: a new intent is paid",
     quote=PAY_17_QUOTE,
     covers=("PAY-8",),
 )

@@ -166,6 +166,22 @@ def test_a_wrong_enrolment_code_may_be_counted(tmp_path: Path) -> None:
     assert report.fixtures_built == 2
 
 
+def test_a_wrong_code_for_an_unknown_account_may_be_counted_against_its_id(tmp_path: Path) -> None:
+    """ENR-3: a wrong code for an account id the biller does not know is counted against the id's hash, a new
+    `enrolment_guesses` row. `parley fuzz --seconds 120` reported exactly this as a finding (an account id of
+    'consumer:Ünicode') before the oracle knew it."""
+
+    def unknown_account(request: Message) -> None:
+        assert isinstance(request, enrolment_pb2.EnrolmentRequest)
+        request.account_id = "consumer:Ünicode"
+        request.code = "WRONG-CODE-0000"
+
+    report = _send_one_signed(tmp_path, "Enrol", "spare", unknown_account)
+
+    assert report.tallies["Enrol"].outcomes == {"PERMISSION_DENIED ENROLMENT_CODE_INVALID": 1}
+    assert report.findings == []
+
+
 def _send_one_signed(
     tmp_path: Path,
     rpc: str,

@@ -229,7 +229,8 @@ def refusal_effect_problem(rpc: str, reason: Reason, changes: dict[str, TableCha
     Only these refusals may write anything: a negotiation violation stores the
     move as evidence, ends the thread and records the error (NEG-15, HDR-11);
     a move past the deadline expires the thread (NEG-15 check 5b); a wrong
-    enrolment code is counted on the account (ENR-5). Every other refusal
+    enrolment code is counted on the account (ENR-5), or, for an account id the
+    biller does not know, against that id's hash (ENR-3). Every other refusal
     changes nothing (§2.5, NEG-15 "refused").
     """
     if not changes:
@@ -253,6 +254,17 @@ def refusal_effect_problem(rpc: str, reason: Reason, changes: dict[str, TableCha
     elif rpc == "Enrol" and reason is Reason.ENROLMENT_CODE_INVALID:
         attempts = frozenset(range(1, FUZZ_LIMITS.enrolment_max_attempts + 1))
         if tables == {"accounts"} and _one_row_changed(changes["accounts"], "failed_enrolment_attempts", attempts):
+            return None
+        # An account id the biller does not know: the wrong code is counted against the id's hash (ENR-3), a
+        # first guess as a new row, a later one as that row's count, so that probing for account ids is
+        # limited as guessing a known account's code is.
+        guesses = changes.get("enrolment_guesses")
+        first_guess = (
+            guesses is not None
+            and (len(guesses.added), len(guesses.removed)) == (1, 0)
+            and guesses.added[0]["failed_attempts"] == 1
+        )
+        if tables == {"enrolment_guesses"} and (first_guess or _one_row_changed(guesses, "failed_attempts", attempts)):
             return None
     return f"refused with {reason.name} but changed the store: {_describe(changes)}"
 

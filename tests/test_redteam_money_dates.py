@@ -114,6 +114,7 @@ async def _extreme_bill(biller: Biller, due: date, today: date) -> None:
         await scheduler.tick(biller.agent, CONFIG, now, store=biller.agent.party.store, accounts=[ACCOUNT])
 
 
+@pytest.mark.slow  # twelve billers, each ticked five times: 1.2 s
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     due=st.one_of(

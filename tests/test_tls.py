@@ -284,6 +284,7 @@ def test_serve_refuses_a_client_ca_without_tls(tmp_path: Path, capsys: pytest.Ca
     assert not state.exists()  # refused before anything was created
 
 
+@pytest.mark.slow  # a served process: 1.3 s
 def test_parley_biller_serve_with_a_client_ca_from_the_environment_is_mutual_tls(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     assert parley_main(["certs", "--out", str(certs), "--client", "alice"]) == 0

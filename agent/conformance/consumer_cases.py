@@ -2246,6 +2246,17 @@ PAY_17_QUOTE = (
 )
 
 
+def _renewed(s: Scenario, lapsed: dict[str, Instructed]) -> dict[str, Instructed]:
+    """The instructions, by payment_reference, the biller gave for new intents on the bills of the `lapsed` ones."""
+    bills = {instructed.bill_id for instructed in lapsed.values()}
+    intents = {instructed.intent_id for instructed in lapsed.values()}
+    return {
+        reference: instructed
+        for reference, instructed in s.biller.instructed.items()
+        if instructed.bill_id in bills and instructed.intent_id not in intents
+    }
+
+
 @suite.case(
     "PAY-17/lapsed-instructions-new-intent",
     description="Instructions that lapsed unpaid (the bank was down) are never paid: the payment is made under a "
@@ -2264,12 +2275,7 @@ async def lapsed_instructions_new_intent(context: ConsumerContext) -> str:
                 f"pay_by_time passed while its bank could not be reached): they must never be paid; it {s.summary()}"
             )
         lapsed_intents = {instructed.intent_id for instructed in lapsed.values()}
-        bills = {instructed.bill_id for instructed in lapsed.values()}
-        renewed = {
-            reference: instructed
-            for reference, instructed in s.biller.instructed.items()
-            if instructed.bill_id in bills and instructed.intent_id not in lapsed_intents
-        }
+        renewed = _renewed(s, lapsed)
         if not renewed:
             sent = sorted(
                 {str(getattr(call.payload, "intent_id", "")) for call in s.biller.calls_of("CreatePaymentIntent")}
@@ -2307,7 +2313,7 @@ async def instructions_arrive_lapsed(context: ConsumerContext) -> str:
         await s.run_client()
         s.biller.answer_again("CreatePaymentIntent")
         s.biller.instructions_payable_for = None
-        # Every answer was lost, so the biller's own record of what it instructed is its store's.
+        # Every answer was lost, so what the biller instructed is known by the intents it was sent.
         lapsed_intents = {_intent_id_of(call) for call in s.biller.calls_of("CreatePaymentIntent")} - {""}
         if not lapsed_intents:
             raise setup_failed("the client never sent a payment intent in run 1", s)
@@ -2325,12 +2331,7 @@ async def instructions_arrive_lapsed(context: ConsumerContext) -> str:
             )
         if not lapsed:
             raise setup_failed("the client did not retry its intent in run 2, so no lapsed instructions reached it", s)
-        bills = {instructed.bill_id for instructed in lapsed.values()}
-        renewed = {
-            reference
-            for reference, instructed in s.biller.instructed.items()
-            if instructed.bill_id in bills and instructed.intent_id not in lapsed_intents
-        }
+        renewed = _renewed(s, lapsed)
         paid = [order for order in s.orders() if order.payment_reference in renewed]
         if not paid:
             raise Violation(

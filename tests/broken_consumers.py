@@ -379,9 +379,10 @@ def takes_receipts_for_another_intent() -> None:
     _lenient_receipts(lambda reason, detail: reason == "MALFORMED_PAYLOAD" and "for intent" in detail)
 
 
-def _refuses_instructions_past_their_time_on_arrival() -> None:
-    """Instructions that arrive past their pay_by_time are refused (MESSAGE_EXPIRED), as the reference consumer
-    did before PAY-17 said they lapse: refused, they hold the payment, and every later run meets them again."""
+def refuses_lapsed_instructions_on_arrival() -> None:
+    """Instructions that arrive already past their pay_by_time are refused (MESSAGE_EXPIRED) rather than lapsed,
+    as the reference consumer did before PAY-17 said they lapse: they hold the payment for good, and every later
+    run meets them again. They are never paid, and instructions that lapse while stored still lapse."""
     from agent.consumer.receive import Receiver  # noqa: PLC0415
     from agent.protocol.errors import Reason  # noqa: PLC0415
     from agent.protocol.messages import read_time  # noqa: PLC0415
@@ -398,12 +399,6 @@ def _refuses_instructions_past_their_time_on_arrival() -> None:
     Receiver.check_instructions = refusing  # type: ignore[method-assign]
 
 
-def refuses_lapsed_instructions_on_arrival() -> None:
-    """Instructions that arrive already past their pay_by_time are refused rather than lapsed, so they hold the
-    payment for good (PAY-17); they are never paid, and instructions that lapse while stored still lapse."""
-    _refuses_instructions_past_their_time_on_arrival()
-
-
 def checks_pay_by_time_only_on_receipt() -> None:
     """pay_by_time is checked when the instructions arrive, not again when the bank is asked: the payment step reads
     it a day late, so instructions left unpaid past their time are paid later (PAY-8)."""
@@ -411,7 +406,7 @@ def checks_pay_by_time_only_on_receipt() -> None:
 
     from agent.consumer import payments  # noqa: PLC0415
 
-    _refuses_instructions_past_their_time_on_arrival()
+    refuses_lapsed_instructions_on_arrival()
 
     read_time = payments.read_time  # type: ignore[attr-defined]
 

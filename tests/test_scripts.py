@@ -11,16 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def upkeep_cost(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(ROOT / "scripts" / "upkeep_cost.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+
+
 @pytest.mark.slow
 def test_upkeep_cost_measures_rounds_that_append_nothing() -> None:
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "upkeep_cost.py"), "--accounts", "3", "--rounds", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-    )
+    run = upkeep_cost("--accounts", "3", "--rounds", "2")
     assert run.returncode == 0, run.stderr
     rounds = [line for line in run.stdout.splitlines() if line.startswith("round over 3 owing accounts")]
     assert len(rounds) == 2
@@ -28,14 +26,7 @@ def test_upkeep_cost_measures_rounds_that_append_nothing() -> None:
 
 
 def test_upkeep_cost_refuses_a_store_it_does_not_know() -> None:
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "upkeep_cost.py"), "--store", "mysql"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        cwd=ROOT,
-    )
+    run = upkeep_cost("--store", "mysql")
     assert run.returncode == 2
     assert "--store: expected sqlite, postgres or a postgresql:// URL, got 'mysql'" in run.stderr
     assert "Traceback" not in run.stderr

@@ -3,19 +3,23 @@
     parley consumer status  --profile FILE [--state-dir DIR] [--json]
     parley consumer approve ID [--state-dir DIR] [--note TEXT]
     parley consumer decline ID [--state-dir DIR] [--reason TEXT]
+    parley consumer retry-payment ID [--state-dir DIR]
+    parley consumer resolve-payment ID (--paid --bank-reference REF | --not-paid) [--state-dir DIR]
     parley consumer enrol 'parley:enrol?...' --profile FILE [--state-dir DIR] [--ca-file PEM]
     parley consumer export-agreements --profile FILE [--state-dir DIR] --out DIR
     parley consumer serve   --profile FILE [--state-dir DIR] [--listen 127.0.0.1:PORT]
 
-`status`, `approve`, `decline` and `export-agreements` read and write the state directory only:
+`status`, `approve`, `decline`, `retry-payment`, `resolve-payment` and `export-agreements` read and
+write the state directory only:
 they never contact a biller. `serve` runs the bot as `run` does and serves the household's space
 (reference_consumer/web) beside it, opened by the link it prints.
 `enrol` enrols with the biller the link names (ENR-8), pins it, and
 adds the biller to the profile (target, fingerprint, account; never the one-time code) unless the
 profile already has it.
 
-Exit status: 0 done; 1 a request that cannot be answered (unknown id, already answered, lapsed) or
-a biller that refused the enrolment; 2 a bad link, profile or state directory, or a biller that
+Exit status: 0 done; 1 a request that cannot be answered (unknown id, already answered, lapsed), a
+payment that cannot be decided on (unknown id, not refused or not in doubt), or a biller that refused
+the enrolment; 2 a bad link, profile or state directory, or a biller that
 cannot be reached. A failure changes nothing and is said in one line.
 """
 
@@ -27,7 +31,7 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,9 +52,9 @@ from agent.consumer import (
 from agent.listen import is_loopback
 from agent.protocol.errors import ParleyError
 from agent.protocol.keys import InsecureKeyFileError
-from agent.protocol.terms import Terms
+from agent.protocol.terms import Money, Terms
 from agent.stores import open_consumer_store
-from agent.stores.base import ApprovalRecord
+from agent.stores.base import ApprovalRecord, ConsumerStore, IntentRecord
 from agent.transport.client import ClientTls, is_transient
 from agent.transport.diagnosis import Remedies, connection_hint
 from agent.transport.status import CallError
@@ -74,6 +78,7 @@ from reference_consumer.runner import (
     write_agreement_files,
 )
 from reference_consumer.status import UnreadableState, household_status, reading_household, status_json
+from reference_consumer.stuck_payments import PaymentDecisionRefused, resolve_in_doubt, retry_refused
 from reference_consumer.words import ACTION_WORDS, describe_terms
 
 if TYPE_CHECKING:
@@ -212,6 +217,10 @@ def render_status(document: dict[str, object], out: Console) -> None:
             for r in _rows(document, "payments")
         ],
     )
+    for r in _rows(document, "payments"):
+        if r.get("next_step"):
+            where = f"{r['biller_name']}, bill {r['bill_id']} #{r['instalment']}"
+            out.print(Text(f"{where}: ", style="bold") + _text(f"{r['next_step']} {r['next_command']}"), soft_wrap=True)
     table(
         "News from your billers",
         ("biller", "what", "bill", "amount", "date", "message"),
@@ -274,6 +283,73 @@ def approve_command(args: argparse.Namespace, out: Console) -> int:
 
 def decline_command(args: argparse.Namespace, out: Console) -> int:
     return _answer_command(args, out, approved=False)
+
+
+# --- retry-payment / resolve-payment ---------------------------------------------------------------------
+
+
+def _decide_payment(
+    args: argparse.Namespace, out: Console, decide: Callable[[ConsumerStore], Awaitable[IntentRecord]]
+) -> IntentRecord | int:
+    state_dir = Path(args.state_dir)
+    if not (state_dir / STORE_FILE).exists():
+        return _fail(out, f"no household state in {state_dir}: no payment to decide on", EXIT_UNUSABLE)
+
+    async def run() -> IntentRecord:
+        store = await open_consumer_store(state_dir / STORE_FILE)
+        try:
+            return await decide(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except PaymentDecisionRefused as error:
+        return _fail(out, str(error), EXIT_FAILED)
+    except OSError as error:
+        return _fail(out, f"unusable state directory: {error}", EXIT_UNUSABLE)
+
+
+def _payment_text(intent: IntentRecord) -> str:
+    amount = Money.of(intent.amount_minor, intent.currency)
+    return f"payment {intent.intent_id} ({amount} for bill {intent.bill_id}, {intent.biller_party_id})"
+
+
+def retry_payment_command(args: argparse.Namespace, out: Console) -> int:
+    now = SystemClock().now()
+    intent = _decide_payment(args, out, lambda store: retry_refused(store, args.intent_id, now))
+    if isinstance(intent, int):
+        return intent
+    out.print(
+        f"set aside the refused instructions of {_payment_text(intent)}; they are kept as evidence. The next run "
+        "asks the biller for new instructions and pays them if they verify (the biller may wait until the refused "
+        "ones' pay-by time has passed).",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return EXIT_OK
+
+
+def resolve_payment_command(args: argparse.Namespace, out: Console) -> int:
+    now = SystemClock().now()
+    reference = args.bank_reference or ""
+    intent = _decide_payment(
+        args,
+        out,
+        lambda store: resolve_in_doubt(store, args.intent_id, paid=args.paid, bank_reference=reference, now=now),
+    )
+    if isinstance(intent, int):
+        return intent
+    if args.paid:
+        out.print(f"recorded {_payment_text(intent)} as paid, bank reference {intent.payment_proof}.", highlight=False)
+    else:
+        out.print(
+            f"recorded that the bank did not pay {_payment_text(intent)}. The next run pays it under its instructions "
+            "if their pay-by time allows, and otherwise asks the biller for new ones.",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return EXIT_OK
 
 
 # --- enrol by link --------------------------------------------------------------------------------------
@@ -488,7 +564,8 @@ def _state_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_household_commands(actions: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register status, approve, decline, enrol and export-agreements under `parley consumer`."""
+    """Register status, approve, decline, retry-payment, resolve-payment, enrol, serve and export-agreements
+    under `parley consumer`."""
     status = actions.add_parser(
         "status", help="every bill, agreement, payment, approval and news, from the state directory; contacts nobody"
     )
@@ -507,6 +584,25 @@ def add_household_commands(actions: argparse._SubParsersAction[argparse.Argument
         else:
             parser.add_argument("--note", help="a note kept with the answer")
         parser.set_defaults(handler=handler)
+
+    retry = actions.add_parser(
+        "retry-payment",
+        help="set aside payment instructions the bot refused, so that the next run asks the biller for new ones",
+    )
+    retry.add_argument("intent_id", metavar="ID", help="the payment's id, as `run` or `status` printed it")
+    _state_option(retry)
+    retry.set_defaults(handler=retry_payment_command)
+
+    resolve = actions.add_parser(
+        "resolve-payment", help="say what your bank did with a payment in doubt (handed over, never answered)"
+    )
+    resolve.add_argument("intent_id", metavar="ID", help="the payment's id, as `run` or `status` printed it")
+    said = resolve.add_mutually_exclusive_group(required=True)
+    said.add_argument("--paid", action="store_true", help="the bank paid it (give --bank-reference)")
+    said.add_argument("--not-paid", dest="paid", action="store_false", help="the bank certainly did not pay it")
+    resolve.add_argument("--bank-reference", metavar="REF", help="the bank's reference of the payment (with --paid)")
+    _state_option(resolve)
+    resolve.set_defaults(handler=resolve_payment_command)
 
     enrol = actions.add_parser("enrol", help="enrol with a biller from the parley:enrol?... link it printed (ENR-8)")
     enrol.add_argument("uri", metavar="LINK", help="the parley:enrol?... link (quote it in the shell)")

@@ -154,6 +154,8 @@ from reference_consumer.words import (
     describe_terms,
     event_words,
     money_document,
+    payment_next_command,
+    payment_next_step,
 )
 
 logger = logging.getLogger("parley.reference_consumer")
@@ -359,6 +361,7 @@ class PaymentLine:
     bank_reference: str = ""
     receipt: str = ""
     note: str = ""
+    next_step: str = ""  # what the household can do about a payment the bot will not move on alone
 
 
 @dataclass
@@ -396,6 +399,13 @@ class PassReport:
         if worst == EXIT_OK and self.pending_approvals:
             return EXIT_APPROVALS_PENDING
         return worst
+
+
+def _stuck(line: PaymentLine, intent: Payment) -> PaymentLine:
+    """The line of a payment the bot will not move on alone (in doubt, or refused instructions): what to do."""
+    status = "in doubt: check with the bank" if intent.state is IntentState.SENDING else "refused"
+    next_step = f"{payment_next_step(intent.state)} {payment_next_command(intent.state, intent.intent_id)}"
+    return replace(line, status=status, bank_reference=intent.proof, next_step=next_step)
 
 
 def _problem(biller: str, what: str, error: BaseException) -> Problem:
@@ -955,10 +965,8 @@ class Household:
                         await self._pay_outstanding(biller, bill_id, today, report)
                     continue
                 terms, agreement_digest, _ = agreement
-                mine = {  # lapsed instructions are history: the instalment's live intent, if any, stands (PAY-17)
-                    p.instalment_index: p
-                    for p in intents
-                    if p.agreement_digest == agreement_digest and p.state is not IntentState.LAPSED
+                mine = {  # lapsed or set-aside intents are history: the instalment's live intent, if any, stands
+                    p.instalment_index: p for p in intents if p.agreement_digest == agreement_digest and p.holds_payment
                 }
                 count = len(terms.schedule)
                 for index, instalment in enumerate(terms.schedule):
@@ -969,8 +977,7 @@ class Household:
                         biller, bill_id, index + 1, count, instalment.due_date, str(instalment.amount), ""
                     )
                     if before is not None and before.state in (IntentState.SENDING, IntentState.REFUSED):
-                        status = "in doubt: check with the bank" if before.state is IntentState.SENDING else "refused"
-                        report.payments.append(replace(line, status=status, bank_reference=before.proof))
+                        report.payments.append(_stuck(line, before))
                         continue
                     if instalment.due_date > today:
                         report.payments.append(replace(line, status="scheduled"))
@@ -999,15 +1006,14 @@ class Household:
         own = [
             p
             for p in await self.agent.payments(biller)
-            if p.bill_id == bill_id and not p.agreement_digest and p.state is not IntentState.LAPSED
-        ]  # a lapsed intent paid nothing and fixes no amount: the balance is owed afresh (PAY-16, PAY-17)
+            if p.bill_id == bill_id and not p.agreement_digest and p.holds_payment
+        ]  # a lapsed or set-aside intent paid nothing and fixes no amount: the balance is owed afresh (PAY-16, PAY-17)
         before = own[-1] if own else None
         if before is not None and before.state is IntentState.PAID:
             return  # paid by an earlier pass: nothing is owed on it any more
         if before is not None and before.state in (IntentState.SENDING, IntentState.REFUSED):
-            status = "in doubt: check with the bank" if before.state is IntentState.SENDING else "refused"
-            line = PaymentLine(biller, bill_id, 1, 1, today, str(before.amount), status, before.proof)
-            report.payments.append(replace(line, note=OUTSTANDING_NOTE))
+            line = PaymentLine(biller, bill_id, 1, 1, today, str(before.amount), "", note=OUTSTANDING_NOTE)
+            report.payments.append(_stuck(line, before))
             return
         attempt = (biller, bill_id, b"", 0)
         try:
@@ -1396,6 +1402,10 @@ def render(report: PassReport, out: Console) -> None:
                 line.receipt,
             )
         out.print(payments)
+        for line in report.payments:
+            if line.next_step:
+                where = f"{name(line.biller_party_id)}, bill {_clean(line.bill_id)} #{line.instalment}"
+                out.print(f"{where}: {line.next_step}", highlight=False, soft_wrap=True)
     if report.receipts:
         receipts = _table("Receipts", "biller", "payment", "received", "still owed", "settled", "status")
         for receipt in report.receipts:

@@ -20,8 +20,10 @@ The document (`STATUS_FORMAT`, stable: keys are only ever added) — money is al
   `schedule`: [{`due_date`, `amount`}]), `file` (the `parley-bundle/1` file, or null), `verifies`
   (checked offline against the pinned fingerprint) and `problem` (why not, or null);
 - `payments`: `biller`, `biller_name`, `bill_id`, `intent_id`, `instalment` (1-based), `of`,
-  `amount`, `state`, `state_text`, `bank_reference`, `payee`, `receipt` (`amount_received`,
-  `received_at`, `disputed`, `dispute`, or null);
+  `amount`, `state`, `state_text`, `next_step` (what the household can do about a payment in
+  doubt or refused instructions, or ""), `next_command` (the command that does it, or ""),
+  `bank_reference`, `payee`, `receipt` (`amount_received`, `received_at`, `disputed`, `dispute`,
+  or null);
 - `upcoming`: the instalments of standing agreements not paid yet: `biller`, `biller_name`,
   `bill_id`, `instalment`, `of`, `due_date`, `amount`, `overdue`;
 - `events`: everything the billers told (reminders, thanks...), kept: `biller`, `biller_name`,
@@ -70,6 +72,8 @@ from reference_consumer.words import (
     event_words,
     money_document,
     outcome_words,
+    payment_next_command,
+    payment_next_step,
     payment_words,
 )
 
@@ -471,7 +475,9 @@ async def _payments(
                 "of": count,
                 "amount": money_document(payment.amount),
                 "state": payment.state.value,
-                "state_text": payment_words(payment.state),
+                "state_text": payment_words(payment.state, held=payment.holds_payment),
+                "next_step": payment_next_step(payment.state, held=payment.holds_payment),
+                "next_command": payment_next_command(payment.state, payment.intent_id, held=payment.holds_payment),
                 "bank_reference": payment.proof,
                 "payee": None if payment.order is None else payment.order.payee_name,
                 "receipt": None

@@ -38,7 +38,7 @@ _PAYMENT_WORDS = {
     IntentState.INSTRUCTED: "instructions received, not paid yet",
     IntentState.SENDING: "in doubt: check with the bank",
     IntentState.PAID: "paid",
-    IntentState.REFUSED: "refused: the instructions did not verify",
+    IntentState.REFUSED: "refused: the biller's instructions did not verify, so nothing was paid",
     # PAY-17: never paid, and never payable; the same pay() call started the payment again.
     IntentState.LAPSED: "lapsed unpaid: too late to pay under these instructions, so a new payment was started",
 }
@@ -103,8 +103,35 @@ def outcome_words(outcome: ThreadOutcome | None) -> str:
     return "not opened" if outcome is None else _OUTCOME_WORDS[outcome]
 
 
-def payment_words(state: IntentState) -> str:
+def payment_words(state: IntentState, *, held: bool = True) -> str:
+    """Where a payment stands; `held` False for refused instructions the household set aside."""
+    if state is IntentState.REFUSED and not held:
+        return "refused, set aside by you: the next run asks the biller for new instructions"
     return _PAYMENT_WORDS[state]
+
+
+def payment_next_step(state: IntentState, *, held: bool = True) -> str:
+    """What the household can do about a payment the bot will not move on alone, or "" when there is nothing."""
+    if state is IntentState.SENDING:
+        return (
+            "The bot handed this payment to your bank and never heard back, so it will not hand it over again. "
+            "Ask your bank whether it was paid, then tell the bot what the bank said."
+        )
+    if state is IntentState.REFUSED and held:
+        return (
+            "Nothing was paid: the biller's payment instructions did not pass the bot's checks, and it will not ask "
+            "again on its own. Tell the biller; once they have fixed it, let the bot ask for new instructions."
+        )
+    return ""
+
+
+def payment_next_command(state: IntentState, intent_id: str, *, held: bool = True) -> str:
+    """The command that takes `payment_next_step`, or ""."""
+    if state is IntentState.SENDING:
+        return f"parley consumer resolve-payment {intent_id} --paid --bank-reference REF (or --not-paid)"
+    if state is IntentState.REFUSED and held:
+        return f"parley consumer retry-payment {intent_id}"
+    return ""
 
 
 def approval_words(state: ApprovalState) -> str:
@@ -119,5 +146,7 @@ __all__ = [
     "money_document",
     "money_text",
     "outcome_words",
+    "payment_next_command",
+    "payment_next_step",
     "payment_words",
 ]

@@ -14,7 +14,7 @@ import hashlib
 import sqlite3
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,14 @@ from agent.stores.base import (
 )
 from agent.stores.consumer_sqlite import MIGRATIONS as CONSUMER_MIGRATIONS
 from agent.stores.consumer_sqlite import SqliteConsumerStore
+from agent.stores.sqlite_base import ts
 from agent.tools.certs import issue_client_cert, issue_server_cert, make_dev_ca
 from agent.transport.client import ClientTls, RetryPolicy, open_channel
 from agent.transport.server import serve_biller, start_biller_server
 from agent.transport.status import CallError
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2, negotiation_pb2, payment_pb2
 from parley.v1 import biller_service_pb2 as pb
-from tests.fixtures import BILL, eur
+from tests.fixtures import BILL, DUE, eur
 from tests.helpers.db import dump
 from tests.helpers.hostile import hostile_of
 from tests.helpers.peer import (
@@ -837,6 +838,54 @@ def test_instructions_for_another_amount_are_never_paid(tmp_path: Path) -> None:
     run(tmp_path, scenario, hostile=True)
 
 
+def test_refused_instructions_set_aside_by_the_household_give_way_to_a_new_intent(tmp_path: Path) -> None:
+    """A refusal holds its payment until the household says otherwise: `set_aside_refused` keeps the refused
+    intent (evidence) and the next `pay` starts a new one, refused PAYMENT_IN_PROGRESS while the refused
+    instructions are payable on the biller's side (PAY-14), then instructed and paid once."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        hostile = hostile_of(biller)
+
+        def more(
+            _request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+        ) -> pb.CreatePaymentIntentResponse:
+            def raise_amount(instructions: Any) -> None:
+                instructions.amount.amount_minor += 1
+
+            return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, biller.key, raise_amount))
+
+        hostile.rewrite["CreatePaymentIntent"] = more
+        bank = Bank()
+        async with household.agent_with_its_bill(bank=bank) as agent:
+            with pytest.raises(PaymentRefused):
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            (refused,) = await agent.payments(BILLER_ID)
+            assert (refused.state, refused.holds_payment) == (IntentState.REFUSED, True)
+            with pytest.raises(LookupError):
+                await agent.set_aside_refused(BILLER_ID, "pi-unknown")
+            set_aside = await agent.set_aside_refused(BILLER_ID, refused.intent_id)
+            assert (set_aside.state, set_aside.holds_payment, set_aside.order) == (IntentState.REFUSED, False, None)
+
+            del hostile.rewrite["CreatePaymentIntent"]  # the biller fixed its fault
+            with pytest.raises(CallError) as waiting:
+                await agent.pay(BILLER_ID, BILL.bill_id)
+            assert waiting.value.reason is Reason.PAYMENT_IN_PROGRESS
+            # Without agreement the instructions were payable until the end of the due date (PAY-3).
+            biller.clock.advance(datetime.combine(DUE, time(), UTC) + timedelta(days=1) - biller.clock.now())
+            payment = await agent.pay(BILLER_ID, BILL.bill_id)
+            assert payment.intent_id != refused.intent_id
+            assert (payment.state, len(bank.orders), bank.orders[0].amount) == (IntentState.PAID, 1, eur("120.00"))
+            states = [(p.intent_id, p.state, p.holds_payment) for p in await agent.payments(BILLER_ID)]
+            assert states == [
+                (refused.intent_id, IntentState.REFUSED, False),
+                (payment.intent_id, IntentState.PAID, True),
+            ]
+            with pytest.raises(ValueError, match="only refused"):
+                await agent.set_aside_refused(BILLER_ID, payment.intent_id)
+
+    run(tmp_path, scenario, hostile=True)
+
+
 def test_a_receipt_for_another_amount_is_a_dispute(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
@@ -1088,15 +1137,24 @@ def test_a_store_at_schema_2_is_migrated_to_lapsed_intents_keeping_every_row(
         try:
             link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
             await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
-            await store.create_intent(intent)
-            await store.add_intent_message(BILLER_ID, "pi-1", b"m1")
-            await store.record_instructions(BILLER_ID, "pi-1", b"instructions", None)
-            await store.begin_sending(BILLER_ID, "pi-1", now)
-            await store.finish_sending(BILLER_ID, "pi-1", paid=True, proof="bank-1", now=now)
-            await store.save_receipt(receipt)
-            await store.create_intent(dataclasses.replace(intent, intent_id="pi-2", instalment_index=1))
         finally:
             await store.close()
+        # The intents as that version wrote them (today's code reads and writes a later schema).
+        with sqlite3.connect(path) as db:
+            for intent_id, index, state, instructions, proof in (
+                ("pi-1", 0, "paid", b"instructions", "bank-1"),
+                ("pi-2", 1, "created", None, ""),
+            ):
+                db.execute(
+                    "INSERT INTO intents VALUES (?, ?, ?, 'bill-1', x'', ?, 12000, 'EUR', ?, ?, ?, ?, ?, ?, NULL, '')",
+                    (BILLER_ID, intent_id, ACCOUNT, index, b"t" * 16, state, ts(now), ts(now), instructions, proof),
+                )
+                db.execute("INSERT INTO intent_messages VALUES (?, ?, 0, ?)", (BILLER_ID, intent_id, b"m0"))
+            db.execute("INSERT INTO intent_messages VALUES (?, 'pi-1', 1, ?)", (BILLER_ID, b"m1"))
+            db.execute(
+                "INSERT INTO receipts VALUES (?, 'pi-1', ?, ?, 12000, NULL, ?)",
+                (BILLER_ID, receipt.envelope, receipt.digest, ts(now)),
+            )
 
     monkeypatch.setattr(SqliteConsumerStore, "MIGRATIONS", CONSUMER_MIGRATIONS[:2])
     asyncio.run(at_schema_2())
@@ -1123,9 +1181,11 @@ def test_a_store_at_schema_2_is_migrated_to_lapsed_intents_keeping_every_row(
 
     asyncio.run(migrated())
     after = dump(path)
-    assert after["schema_version"] == [(1,), (2,), (3,)]
-    for table in ("intents", "intent_messages", "receipts", "links", "accounts"):
+    assert after["schema_version"] == [(1,), (2,), (3,), (4,)]
+    for table in ("intent_messages", "receipts", "links", "accounts"):
         assert after[table] == before[table], table
+    assert [row[:-1] for row in after["intents"]] == before["intents"]  # migration 4 adds set_aside_at, unset
+    assert {row[-1] for row in after["intents"]} == {None}
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -1133,11 +1193,84 @@ def test_a_store_at_schema_2_is_migrated_to_lapsed_intents_keeping_every_row(
         db.execute(
             "INSERT INTO intents SELECT biller_party_id, 'pi-4', account_id, bill_id, agreement_digest,"
             " instalment_index, amount_minor, currency, thread_id, 'created', created_at, updated_at, NULL, '', NULL,"
-            " '' FROM intents"
+            " '', NULL FROM intents"
             " WHERE intent_id = 'pi-2'"
         )  # a second intent for a payment whose first lapsed: allowed now
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # but one live intent per payment
             db.execute("UPDATE intents SET state = 'created' WHERE intent_id = 'pi-2'")
+
+
+def test_a_store_at_schema_3_is_migrated_so_that_refused_instructions_can_be_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 4 adds `set_aside_at` and narrows the live-intent index: a refused intent stored at schema 3 is
+    kept as it was, and once set aside its payment may have a new intent (one live intent per payment still)."""
+    path = tmp_path / "consumer.sqlite"
+    now = START
+    refused = IntentRecord(
+        BILLER_ID, "pi-1", ACCOUNT, "bill-1", b"", 0, 12000, "EUR", b"t" * 16, IntentState.CREATED, now, (b"m0",)
+    )
+
+    async def at_schema_3() -> None:
+        store = await SqliteConsumerStore.open(path)
+        try:
+            link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
+            await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
+        finally:
+            await store.close()
+        with sqlite3.connect(path) as db:  # as that version wrote it
+            db.execute(
+                "INSERT INTO intents VALUES (?, 'pi-1', ?, 'bill-1', x'', 0, 12000, 'EUR', ?, 'refused', ?, ?, ?, '',"
+                " 'PAYMENT_AMOUNT_MISMATCH', 'EUR 120.01')",
+                (BILLER_ID, ACCOUNT, b"t" * 16, ts(now), ts(now), b"forged"),
+            )
+            db.execute("INSERT INTO intent_messages VALUES (?, 'pi-1', 0, ?)", (BILLER_ID, b"m0"))
+
+    monkeypatch.setattr(SqliteConsumerStore, "MIGRATIONS", CONSUMER_MIGRATIONS[:3])
+    asyncio.run(at_schema_3())
+    before = dump(path)
+    monkeypatch.undo()
+
+    async def migrated() -> None:
+        store = await SqliteConsumerStore.open(path)
+        try:
+            kept = await store.get_intent(BILLER_ID, "pi-1")
+            assert kept is not None
+            assert (kept.state, kept.instructions, kept.refusal, kept.set_aside_at, kept.holds_payment) == (
+                IntentState.REFUSED,
+                b"forged",
+                ("PAYMENT_AMOUNT_MISMATCH", "EUR 120.01"),
+                None,
+                True,
+            )
+            fresh = dataclasses.replace(refused, intent_id="pi-2")
+            assert (await store.create_intent(fresh)).intent_id == "pi-1"  # the refusal holds the payment
+            with pytest.raises(LookupError):
+                await store.set_aside_intent(BILLER_ID, "pi-9", now)
+            later = now + timedelta(minutes=1)
+            set_aside = await store.set_aside_intent(BILLER_ID, "pi-1", later)
+            assert (set_aside.state, set_aside.set_aside_at, set_aside.holds_payment) == (
+                IntentState.REFUSED,
+                later,
+                False,
+            )
+            assert await store.set_aside_intent(BILLER_ID, "pi-1", later + timedelta(minutes=1)) == set_aside
+            assert await store.find_intent(BILLER_ID, "bill-1", b"", 0) is None
+            assert (await store.create_intent(fresh)).intent_id == "pi-2"  # the payment's new intent
+            assert (await store.create_intent(dataclasses.replace(refused, intent_id="pi-3"))).intent_id == "pi-2"
+            with pytest.raises(ValueError, match="only refused"):
+                await store.set_aside_intent(BILLER_ID, "pi-2", later)
+        finally:
+            await store.close()
+
+    asyncio.run(migrated())
+    after = dump(path)
+    assert after["schema_version"] == [(1,), (2,), (3,), (4,)]
+    assert after["intent_messages"][: len(before["intent_messages"])] == before["intent_messages"]
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # one live intent per payment
+            db.execute("UPDATE intents SET set_aside_at = NULL WHERE intent_id = 'pi-1'")
 
 
 # --- Events ----------------------------------------------------------------------------------------------------

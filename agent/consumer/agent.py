@@ -314,6 +314,18 @@ class ConsumerAgent:
         """Settle an in-doubt payment once the bank said what happened: paid (with its proof) or not sent."""
         return await self._payments.resolve(biller, intent_id, paid=paid, proof=proof)
 
+    async def set_aside_refused(self, biller: str, intent_id: str) -> Payment:
+        """Release a payment from instructions this agent refused (PAY-8), on its user's word: the intent stays
+        REFUSED, with the instructions kept as evidence, and the next `pay` of the same payment starts a new intent.
+
+        A refused intent otherwise holds its payment for good, since the bot never decides alone that a biller's
+        unverifiable instructions were a passing fault. The biller may refuse the new intent with
+        PAYMENT_IN_PROGRESS until the refused instructions' pay_by_time passes (PAY-14); `pay` then fails with that
+        CallError and is tried again later. Setting aside an intent already set aside changes nothing. LookupError
+        for an unknown intent, ValueError for one that is not REFUSED.
+        """
+        return await self._payments.set_aside(biller, intent_id)
+
     async def receipt(self, biller: str, intent_id: str) -> PaymentReceipt | None:
         """The verified receipt of a payment, or None while the biller has not seen it settle (PAY-5).
 

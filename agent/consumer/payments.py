@@ -68,6 +68,7 @@ def payment_view(intent: IntentRecord) -> Payment:
         state=intent.state,
         order=payment_order(intent) if usable else None,
         proof=intent.payment_proof,
+        holds_payment=intent.holds_payment,
     )
 
 
@@ -147,6 +148,12 @@ class Payments:
 
     async def resolve(self, biller: str, intent_id: str, *, paid: bool, proof: str) -> Payment:
         intent = await self._store.finish_sending(biller, intent_id, paid=paid, proof=proof, now=self._party.now())
+        return payment_view(intent)
+
+    async def set_aside(self, biller: str, intent_id: str) -> Payment:
+        """See `ConsumerAgent.set_aside_refused`."""
+        intent = await self._store.set_aside_intent(biller, intent_id, self._party.now())
+        log_step(logger, "refused-intent-set-aside", biller=biller, bill=intent.bill_id, intent=intent_id)
         return payment_view(intent)
 
     async def receipt(self, biller: str, intent_id: str) -> PaymentReceipt | None:

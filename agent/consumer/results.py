@@ -77,7 +77,10 @@ class NegotiationResult:
 @dataclass(frozen=True)
 class Payment:
     """An intent and where it stands; `order` is set once instructions were verified, and unset again once they
-    lapsed unpaid (`IntentState.LAPSED`, PAY-17: never payable, and the payment has a new intent)."""
+    lapsed unpaid (`IntentState.LAPSED`, PAY-17: never payable, and the payment has a new intent).
+
+    `holds_payment` is False once the intent is history: it lapsed, or it was REFUSED and its user set it aside
+    (`ConsumerAgent.set_aside_refused`). The payment's next `pay` then starts a new intent."""
 
     biller_party_id: str
     intent_id: str
@@ -89,6 +92,7 @@ class Payment:
     state: IntentState
     order: PaymentOrder | None
     proof: str
+    holds_payment: bool = True
 
 
 @dataclass(frozen=True)

@@ -843,6 +843,13 @@ class IntentRecord:
     instructions: bytes | None = None
     payment_proof: str = ""
     refusal: tuple[str, str] | None = None
+    set_aside_at: datetime | None = None  # REFUSED, and released by its user: no longer the payment's live intent
+
+    @property
+    def holds_payment(self) -> bool:
+        """Whether this is its payment's live intent: every intent does, but one that lapsed (PAY-17) and refused
+        instructions their user set aside (PAY-8)."""
+        return self.state is not IntentState.LAPSED and self.set_aside_at is None
 
 
 @dataclass(frozen=True)
@@ -953,7 +960,7 @@ class ConsumerStore(Protocol):
     async def create_intent(self, intent: IntentRecord) -> IntentRecord:
         """Store a new intent (state CREATED, with its first signed message) and return it, or return the
         live intent already stored for the same biller, bill, agreement and instalment (one payment, one live
-        intent: LAPSED ones are history and do not count)."""
+        intent: LAPSED ones and refused ones set aside are history and do not count)."""
         ...
 
     async def get_intent(self, biller_party_id: str, intent_id: str) -> IntentRecord | None: ...
@@ -961,7 +968,7 @@ class ConsumerStore(Protocol):
     async def find_intent(
         self, biller_party_id: str, bill_id: str, agreement_digest: bytes, instalment_index: int
     ) -> IntentRecord | None:
-        """The payment's live intent (any state but LAPSED), if there is one."""
+        """The payment's live intent (`IntentRecord.holds_payment`), if there is one."""
         ...
 
     async def intents(self, biller_party_id: str | None = None) -> list[IntentRecord]:
@@ -997,6 +1004,12 @@ class ConsumerStore(Protocol):
     async def lapse_intent(self, biller_party_id: str, intent_id: str, now: datetime) -> bool:
         """INSTRUCTED -> LAPSED, atomically, when its instructions' pay_by_time is before `now` (PAY-8, PAY-17):
         True for the one caller that lapsed it. Any other state (SENDING is in doubt, PAY-7) is left alone."""
+        ...
+
+    async def set_aside_intent(self, biller_party_id: str, intent_id: str, now: datetime) -> IntentRecord:
+        """Release a REFUSED intent from its payment, on its user's word, and return it: it stays REFUSED with its
+        instructions, and the payment may get a new intent. Already set aside: returned unchanged. LookupError for
+        an unknown intent, ValueError for one not REFUSED."""
         ...
 
     async def save_receipt(self, receipt: ReceiptRecord) -> ReceiptRecord:

@@ -245,6 +245,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE intent_messages_held",
         "DROP TABLE receipts_held",
     ),
+    # 4: refused instructions set aside by the household (PAY-8). A REFUSED intent stays refused, with its
+    # instructions as evidence; once its user sets it aside it no longer holds the payment, which may get a new
+    # intent. A column rather than a state: the refusal is still what happened to the intent.
+    (
+        "ALTER TABLE intents ADD COLUMN set_aside_at TEXT",
+        "DROP INDEX intents_live_payment",
+        """CREATE UNIQUE INDEX intents_live_payment ON intents (biller_party_id, bill_id, agreement_digest,
+            instalment_index) WHERE state != 'lapsed' AND set_aside_at IS NULL""",
+    ),
 )
 
 _LINK_COLUMNS = "biller_party_id, target, fingerprint, insecure, root_certificates, server_name, enrolled_at"
@@ -253,7 +262,7 @@ _THREAD_COLUMNS = """thread_id, biller_party_id, account_id, bill_id, outcome, d
                      awaiting_answer, disclosure, violation_reason, violation_detail, refusal_reason, refusal_detail"""
 _INTENT_COLUMNS = """biller_party_id, intent_id, account_id, bill_id, agreement_digest, instalment_index, amount_minor,
                      currency, thread_id, state, created_at, instructions, payment_proof, refusal_reason,
-                     refusal_detail"""
+                     refusal_detail, set_aside_at"""
 _RECEIPT_COLUMNS = "biller_party_id, intent_id, envelope, digest, amount_minor, dispute, received_at"
 _EVENT_COLUMNS = "biller_party_id, account_id, sequence, envelope, digest, kind, received_at"
 _APPROVAL_COLUMNS = """request_id, biller_party_id, account_id, bill_id, thread_id, action, terms, terms_digest,
@@ -491,7 +500,7 @@ class SqliteConsumerStore(SqliteStore):
             if existing is not None:
                 return existing
             db.execute(
-                f"INSERT INTO intents ({_INTENT_COLUMNS}, updated_at) VALUES ({', '.join('?' * 16)})",  # noqa: S608
+                f"INSERT INTO intents ({_INTENT_COLUMNS}, updated_at) VALUES ({', '.join('?' * 17)})",  # noqa: S608
                 (
                     intent.biller_party_id,
                     intent.intent_id,
@@ -507,6 +516,7 @@ class SqliteConsumerStore(SqliteStore):
                     intent.instructions,
                     intent.payment_proof,
                     *_pair(intent.refusal),
+                    None if intent.set_aside_at is None else ts(intent.set_aside_at),
                     ts(intent.created_at),
                 ),
             )
@@ -604,6 +614,24 @@ class SqliteConsumerStore(SqliteStore):
             return changed.rowcount == 1
 
         return await self._write(lapse)
+
+    async def set_aside_intent(self, biller_party_id: str, intent_id: str, now: datetime) -> IntentRecord:
+        def set_aside(db: sqlite3.Connection) -> IntentRecord:
+            db.execute(
+                """UPDATE intents SET set_aside_at = ?, updated_at = ?
+                   WHERE biller_party_id = ? AND intent_id = ? AND state = 'refused' AND set_aside_at IS NULL""",
+                (ts(now), ts(now), biller_party_id, intent_id),
+            )
+            intent = _intent(db, biller_party_id, intent_id)
+            if intent is None:
+                raise LookupError(f"no payment intent {intent_id!r} with {biller_party_id!r}")
+            if intent.state is not IntentState.REFUSED:
+                raise ValueError(
+                    f"intent {intent_id!r} is {intent.state.value}: only refused instructions are set aside"
+                )
+            return intent
+
+        return await self._write(set_aside)
 
     async def save_receipt(self, receipt: ReceiptRecord) -> ReceiptRecord:
         def save(db: sqlite3.Connection) -> ReceiptRecord:
@@ -952,6 +980,7 @@ def _intent(db: sqlite3.Connection, biller_party_id: str, intent_id: str) -> Int
         instructions=row[11],
         payment_proof=row[12],
         refusal=_unpair(row[13], row[14]),
+        set_aside_at=None if row[15] is None else dt(row[15]),
     )
 
 
@@ -961,7 +990,7 @@ def _find_intent(
     row = db.execute(
         """SELECT intent_id FROM intents
            WHERE biller_party_id = ? AND bill_id = ? AND agreement_digest = ? AND instalment_index = ?
-           AND state != 'lapsed'""",
+           AND state != 'lapsed' AND set_aside_at IS NULL""",
         (biller_party_id, bill_id, agreement_digest, instalment_index),
     ).fetchone()
     return None if row is None else _intent(db, biller_party_id, row[0])

@@ -3,7 +3,8 @@
     app = create_space_app({"": StateDirSource(profile, state_dir)}, WebConfig(title="Your bills", ...))
 
 Pages (under each household's prefix): bills (`/`), one tracker per bill (`/bill/KEY`), approvals with Approve /
-Decline (`/approvals`), agreements with their files (`/agreements`), payments and receipts (`/payments`), the
+Decline (`/approvals`), agreements with their files (`/agreements`), payments and receipts (`/payments`, where a
+payment in doubt or refused instructions are decided on as `parley consumer resolve-payment` / `retry-payment` do), the
 cash-flow chart (`/cash-flow`), the status document (`/status.json`) and the live stream (`/events`). Every page
 is drawn from the status document alone (`reference_consumer.status`), so it shows what `parley consumer status`
 shows, in the same words; a person's answer goes through the same `ApprovalBook` as `parley consumer approve`.
@@ -15,7 +16,7 @@ Several households (the demo) share one app, one token and one session: each und
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +37,14 @@ from reference_consumer.status import (
     household_status,
     reading_household,
     status_json,
+)
+from reference_consumer.stuck_payments import (
+    PAYMENT_DECISIONS,
+    PaymentDecision,
+    PaymentDecisionRefused,
+    payment_decision,
+    resolve_in_doubt,
+    retry_refused,
 )
 from reference_consumer.web.views import (
     bill_key,
@@ -78,6 +87,11 @@ class HouseholdSource(Protocol):
 
     async def answer(self, request_id: str, approved: bool, note: str) -> None:
         """Answer one request by id; UnknownApproval / ApprovalClosed as `ApprovalBook.answer` raises them."""
+        ...
+
+    async def decide_payment(self, intent_id: str, decision: PaymentDecision, bank_reference: str) -> None:
+        """Retry refused instructions, or say what the bank did with a payment in doubt
+        (`reference_consumer.stuck_payments`); PaymentDecisionRefused when that payment cannot take it."""
         ...
 
     async def agreement_file(self, thread_id: str) -> tuple[str, bytes] | None:
@@ -146,6 +160,23 @@ class StateDirSource:
             await store.close()
         self.changed()
         if self._wake is not None and approved:
+            self._wake()
+
+    async def decide_payment(self, intent_id: str, decision: PaymentDecision, bank_reference: str) -> None:
+        if not (self.state_dir / STORE_FILE).exists():
+            raise PaymentDecisionRefused(f"no payment {intent_id!r} in this household")
+        now = self.clock.now()
+        store = await SqliteConsumerStore.open(self.state_dir / STORE_FILE)
+        try:
+            if decision == "retry":
+                await retry_refused(store, intent_id, now)
+            else:
+                paid = decision == "paid"
+                await resolve_in_doubt(store, intent_id, paid=paid, bank_reference=bank_reference, now=now)
+        finally:
+            await store.close()
+        self.changed()
+        if self._wake is not None and decision != "paid":  # the bot has a payment to make again
             self._wake()
 
     async def negotiation_messages(self, thread_id: str) -> Sequence[envelope_pb2.Envelope]:
@@ -305,9 +336,6 @@ def _add_household(app: web.Application, base: str, source: HouseholdSource, *, 
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
 
-    async def payments(request: web.Request) -> web.Response:
-        return await page(request, "payments.html", "payments")
-
     async def cash_flow(request: web.Request) -> web.Response:
         document = await source.status()
         chart = cash_flow_chart(source.profile, document, source.today())
@@ -326,7 +354,39 @@ def _add_household(app: web.Application, base: str, source: HouseholdSource, *, 
     app.router.add_post(f"{base}/approvals/{{request_id}}", answer)
     app.router.add_get(f"{base}/agreements", agreements)
     app.router.add_get(f"{base}/agreements/{{thread_id}}", download)
-    app.router.add_get(f"{base}/payments", payments)
     app.router.add_get(f"{base}/cash-flow", cash_flow)
     app.router.add_get(f"{base}/status.json", status)
     app.router.add_get(f"{base}/events", events)
+    _add_payment_pages(app, base, source, page)
+
+
+Page = Callable[..., Awaitable[web.Response]]
+
+
+def _add_payment_pages(app: web.Application, base: str, source: HouseholdSource, page: Page) -> None:
+    """The payments page, and the decisions the bot leaves to the household (a payment in doubt, refused
+    instructions) posted from it."""
+
+    async def payments(request: web.Request) -> web.Response:
+        done = request.query.get("done", "")
+        return await page(
+            request, "payments.html", "payments", done=done if done in PAYMENT_DECISIONS else "", refused=""
+        )
+
+    async def decide(request: web.Request) -> web.StreamResponse:
+        form = await request.post()
+        decision, reference = payment_decision(form.get("decision")), form.get("bank_reference")
+        if decision is None:
+            raise web.HTTPBadRequest(text=f"decision must be one of {', '.join(PAYMENT_DECISIONS)}\n")
+        try:
+            await source.decide_payment(
+                request.match_info["intent_id"], decision, reference if isinstance(reference, str) else ""
+            )
+        except PaymentDecisionRefused as error:
+            response = await page(request, "payments.html", "payments", done="", refused=str(error))
+            response.set_status(409)
+            return response
+        raise web.HTTPSeeOther(f"{base}/payments?done={decision}")
+
+    app.router.add_get(f"{base}/payments", payments)
+    app.router.add_post(f"{base}/payments/{{intent_id}}", decide)

@@ -42,7 +42,7 @@ from agent.protocol.terms import (
     build_terms,
     monthly_dates,
 )
-from agent.stores.base import ApprovalState
+from agent.stores.base import ApprovalState, BillerLinkRecord, IntentRecord, IntentState, LinkedAccountRecord
 from agent.stores.consumer_sqlite import SqliteConsumerStore
 from parley.v1 import envelope_pb2
 from reference_biller import sample
@@ -488,5 +488,57 @@ def test_the_approval_book_answers_by_id_and_lets_a_superseded_approval_lapse(tm
             assert (await store.get_approval(late.request_id)).state is ApprovalState.LAPSED  # type: ignore[union-attr]
         finally:
             await store.close()
+
+    asyncio.run(main())
+
+
+def test_refused_instructions_are_set_aside_by_retry_payment_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`retry-payment` on refused instructions: set aside (kept as evidence), said in one line; a second time, or
+    on a payment that is not refused, or an unknown id, refused in one line with nothing changed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    now = SystemClock().now()
+
+    async def refused_payment() -> None:
+        store = await SqliteConsumerStore.open(state / STORE_FILE)
+        try:
+            link = BillerLinkRecord(BILLER, "127.0.0.1:1", b"p" * 32, True, None, None, now)
+            await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER, ACCOUNT, now, b"r", b"c"))
+            intent = IntentRecord(
+                BILLER, "pi-1", ACCOUNT, "winter", b"", 0, 60000, "EUR", b"t" * 16, IntentState.CREATED, now, (b"m",)
+            )
+            await store.create_intent(intent)
+            await store.record_instructions(BILLER, "pi-1", b"forged", ("PAYMENT_AMOUNT_MISMATCH", "EUR 600.01"))
+        finally:
+            await store.close()
+
+    async def intent_now() -> IntentRecord:
+        store = await SqliteConsumerStore.open(state / STORE_FILE)
+        try:
+            found = await store.get_intent(BILLER, "pi-1")
+            assert found is not None
+            return found
+        finally:
+            await store.close()
+
+    async def main() -> None:
+        await refused_payment()
+        for argv, status, said in (
+            (("retry-payment", "pi-nope"), 1, "no payment 'pi-nope'"),
+            (("resolve-payment", "pi-1", "--not-paid"), 1, "is refused, not in doubt"),
+            (("retry-payment", "pi-1"), 0, "set aside the refused instructions of payment pi-1 (EUR 600.00"),
+            (("retry-payment", "pi-1"), 1, "was already set aside"),
+        ):
+            capsys.readouterr()
+            assert await cli("consumer", *argv, "--state-dir", str(state)) == status, argv
+            out = capsys.readouterr().out
+            assert said in out, out
+            if status:
+                assert len(out.strip().splitlines()) == 1, out
+        intent = await intent_now()
+        assert (intent.state, intent.instructions, intent.holds_payment) == (IntentState.REFUSED, b"forged", False)
+        assert await cli("consumer", "retry-payment", "pi-1", "--state-dir", str(tmp_path / "none")) == 2
 
     asyncio.run(main())

@@ -24,12 +24,13 @@ from aiohttp import ClientSession, ClientTimeout, CookieJar, web
 from selenium.webdriver.common.by import By
 
 from agent.clock import ManualClock, SystemClock
+from agent.consumer import PaymentOrder
 from agent.protocol.enrolment import normalize_enrolment_code
 from agent.protocol.terms import Money
 from agent.stores.base import ApprovalState, IntentState
 from agent.web import CSRF_FIELD
 from reference_consumer.profile import load_profile, parse_profile
-from reference_consumer.runner import KEY_FILE, Approval
+from reference_consumer.runner import KEY_FILE, Approval, JsonLinesBank
 from reference_consumer.web import StateDirSource, bill_key, cash_flow_chart, create_space_app, space_config, tracker
 from reference_consumer.web.views import superseded
 from reference_consumer.words import payment_words
@@ -39,6 +40,7 @@ from tests.test_consumer_run import (
     BILLER,
     SHORT,
     START,
+    cli,
     code_for,
     orders,
     reference_biller,
@@ -533,3 +535,102 @@ def test_the_demo_serves_its_six_households_spaces_until_stopped(tmp_path: Path)
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_payment_in_doubt_is_explained_and_the_household_says_what_the_bank_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bank's order book fails mid-write: the payment is in doubt and the bot never hands it over again
+    (PAY-7). The run and `status` say what to do; the command line refuses wrong answers in one line; the
+    payments page takes "the bank did not pay it"; the next pass pays it once."""
+    clock = ManualClock(START)
+    state, profile_path = tmp_path / "state", tmp_path / "household.toml"
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_600) as running:
+            fingerprint = running.biller.fingerprint.hex()
+            write_profile(
+                profile_path, target=f"127.0.0.1:{running.port}", fingerprint=fingerprint, code=await code_for(running)
+            )
+
+            async def disk_full(self: JsonLinesBank, order: PaymentOrder) -> str:
+                raise OSError(28, "No space left on device")
+
+            with monkeypatch.context() as patched:
+                patched.setattr(JsonLinesBank, "send", disk_full)
+                with pytest.raises(OSError, match="No space"):
+                    await one_pass(profile_path, state, clock)
+            report = await one_pass(profile_path, state, clock)
+            [line] = report.payments
+            assert line.status == "in doubt: check with the bank"
+            assert "resolve-payment pi-" in line.next_step
+            assert orders(state) == []  # never handed over again
+
+            capsys.readouterr()
+            assert (
+                await cli("consumer", "status", "--profile", str(profile_path), "--state-dir", str(state), "--json")
+                == 0
+            )
+            [payment] = json.loads(capsys.readouterr().out)["payments"]
+            intent_id = payment["intent_id"]
+            assert payment["state"] == "sending"
+            assert "Ask your bank" in payment["next_step"]
+            assert payment["next_command"].startswith(f"parley consumer resolve-payment {intent_id} ")
+
+            for argv, status, said in (
+                (("resolve-payment", "pi-nope", "--not-paid"), 1, "no payment 'pi-nope'"),
+                (("resolve-payment", intent_id, "--paid"), 1, "needs the bank's reference"),
+                (("resolve-payment", intent_id, "--not-paid", "--bank-reference", "X"), 1, "has no bank reference"),
+                (("retry-payment", intent_id), 1, "is sending: only a payment whose instructions"),
+            ):
+                capsys.readouterr()
+                assert await cli("consumer", *argv, "--state-dir", str(state)) == status, argv
+                out = capsys.readouterr().out
+                assert said in out, out
+                assert len(out.strip().splitlines()) == 1, out
+            capsys.readouterr()
+            assert await cli("consumer", "resolve-payment", intent_id, "--state-dir", str(state)) == 2  # say which
+            capsys.readouterr()
+
+            profile = load_profile(profile_path)
+
+            def make_app() -> web.Application:
+                return create_space_app({"": StateDirSource(profile, state, clock=clock)}, space_config())
+
+            with serving(make_app) as served, chromium() as browser:
+
+                def decide() -> None:
+                    browser.get(served.site.opening_url)
+                    browser.get(served.site.url + "payments")
+                    card = browser.find_element(By.CSS_SELECTOR, ".payment")
+                    assert "in doubt: check with the bank" in card.text
+                    assert "Ask your bank whether it was paid" in card.text
+                    assert f"parley consumer resolve-payment {intent_id}" in card.text
+                    save_screenshot(browser, "household-payment-in-doubt")
+                    card.find_element(By.CSS_SELECTOR, "button[value='not-paid']").click()
+                    wait_for(browser, lambda b: "Recorded as not paid" in _text(b))
+                    assert "Ask your bank" not in _text(browser)
+                    assert "instructions received, not paid yet" in _text(browser)
+
+                await _blocking(decide)
+            capsys.readouterr()
+            assert (
+                await cli(
+                    "consumer",
+                    "resolve-payment",
+                    intent_id,
+                    "--paid",
+                    "--bank-reference",
+                    "B-1",
+                    "--state-dir",
+                    str(state),
+                )
+                == 1
+            )
+            assert "instructed, not in doubt" in capsys.readouterr().out
+
+            report = await one_pass(profile_path, state, clock)
+            assert [line.status for line in report.payments] == ["paid now"]
+            assert [order["intent_id"] for order in orders(state)] == [intent_id]
+
+    asyncio.run(main())

@@ -33,7 +33,7 @@ import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -55,6 +55,7 @@ from agent.protocol.keys import InsecureKeyFileError
 from agent.protocol.terms import Money, Terms
 from agent.stores import open_consumer_store
 from agent.stores.base import ApprovalRecord, ConsumerStore, IntentRecord
+from agent.stores.consumer_sqlite import SqliteConsumerStore
 from agent.transport.client import ClientTls, is_transient
 from agent.transport.diagnosis import Remedies, connection_hint
 from agent.transport.status import CallError
@@ -249,25 +250,44 @@ def _receipt_text(receipt: object) -> str:
 # --- approve / decline ----------------------------------------------------------------------------------
 
 
-def _answer_command(args: argparse.Namespace, out: Console, *, approved: bool) -> int:
+T = TypeVar("T")
+
+
+def _on_household_store(
+    args: argparse.Namespace,
+    out: Console,
+    use: Callable[[SqliteConsumerStore], Awaitable[T]],
+    refusals: tuple[type[Exception], ...],
+    missing: str,
+) -> T | int:
+    """Run `use` on the state directory's store (no key, no biller); an exception of `refusals` is said in
+    one line (exit 1), a missing or unusable state directory too (exit 2)."""
     state_dir = Path(args.state_dir)
     if not (state_dir / STORE_FILE).exists():
-        return _fail(out, f"no household state in {state_dir}: nothing to answer", EXIT_UNUSABLE)
+        return _fail(out, f"no household state in {state_dir}: {missing}", EXIT_UNUSABLE)
 
-    async def answer() -> ApprovalRecord:
+    async def run() -> T:
         store = await open_consumer_store(state_dir / STORE_FILE)
         try:
-            book = ApprovalBook(store, SystemClock())
-            return await book.answer(args.request_id, approved, note=args.note or "")
+            return await use(store)
         finally:
             await store.close()
 
     try:
-        record = asyncio.run(answer())
-    except (UnknownApproval, ApprovalClosed) as error:
+        return asyncio.run(run())
+    except refusals as error:
         return _fail(out, str(error).strip("'\""), EXIT_FAILED)
     except OSError as error:
         return _fail(out, f"unusable state directory: {error}", EXIT_UNUSABLE)
+
+
+def _answer_command(args: argparse.Namespace, out: Console, *, approved: bool) -> int:
+    def answer(store: SqliteConsumerStore) -> Awaitable[ApprovalRecord]:
+        return ApprovalBook(store, SystemClock()).answer(args.request_id, approved, note=args.note or "")
+
+    record = _on_household_store(args, out, answer, (UnknownApproval, ApprovalClosed), "nothing to answer")
+    if isinstance(record, int):
+        return record
     terms = describe_terms(Terms.from_proto(terms_pb2.Terms.FromString(record.terms)))
     what = f"{ACTION_WORDS.get(record.action, record.action)} {terms} (bill {record.bill_id}, {record.biller_party_id})"
     if approved:
@@ -291,23 +311,7 @@ def decline_command(args: argparse.Namespace, out: Console) -> int:
 def _decide_payment(
     args: argparse.Namespace, out: Console, decide: Callable[[ConsumerStore], Awaitable[IntentRecord]]
 ) -> IntentRecord | int:
-    state_dir = Path(args.state_dir)
-    if not (state_dir / STORE_FILE).exists():
-        return _fail(out, f"no household state in {state_dir}: no payment to decide on", EXIT_UNUSABLE)
-
-    async def run() -> IntentRecord:
-        store = await open_consumer_store(state_dir / STORE_FILE)
-        try:
-            return await decide(store)
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(run())
-    except PaymentDecisionRefused as error:
-        return _fail(out, str(error), EXIT_FAILED)
-    except OSError as error:
-        return _fail(out, f"unusable state directory: {error}", EXIT_UNUSABLE)
+    return _on_household_store(args, out, decide, (PaymentDecisionRefused,), "no payment to decide on")
 
 
 def _payment_text(intent: IntentRecord) -> str:

@@ -811,19 +811,27 @@ def test_an_intent_refused_invalid_argument_is_signed_afresh_not_resent(tmp_path
     run(tmp_path, scenario, hostile=True)
 
 
+def instructions_for_one_cent_more(
+    biller: Biller,
+) -> Callable[[pb.CreatePaymentIntentRequest, pb.CreatePaymentIntentResponse], pb.CreatePaymentIntentResponse]:
+    """A hostile biller's rewrite: its instructions, signed by it, for one cent more than the intent (PAY-8)."""
+
+    def more(
+        _request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
+    ) -> pb.CreatePaymentIntentResponse:
+        def raise_amount(instructions: Any) -> None:
+            instructions.amount.amount_minor += 1
+
+        return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, biller.key, raise_amount))
+
+    return more
+
+
 def test_instructions_for_another_amount_are_never_paid(tmp_path: Path) -> None:
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
 
-        def more(
-            _request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
-        ) -> pb.CreatePaymentIntentResponse:
-            def raise_amount(instructions: Any) -> None:
-                instructions.amount.amount_minor += 1
-
-            return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, biller.key, raise_amount))
-
-        hostile.rewrite["CreatePaymentIntent"] = more
+        hostile.rewrite["CreatePaymentIntent"] = instructions_for_one_cent_more(biller)
         bank = Bank()
         async with household.agent_with_its_bill(bank=bank) as agent:
             for _ in range(2):
@@ -846,15 +854,7 @@ def test_refused_instructions_set_aside_by_the_household_give_way_to_a_new_inten
     async def scenario(biller: Biller, household: Household) -> None:
         hostile = hostile_of(biller)
 
-        def more(
-            _request: pb.CreatePaymentIntentRequest, answer: pb.CreatePaymentIntentResponse
-        ) -> pb.CreatePaymentIntentResponse:
-            def raise_amount(instructions: Any) -> None:
-                instructions.amount.amount_minor += 1
-
-            return pb.CreatePaymentIntentResponse(instructions=reseal(answer.instructions, biller.key, raise_amount))
-
-        hostile.rewrite["CreatePaymentIntent"] = more
+        hostile.rewrite["CreatePaymentIntent"] = instructions_for_one_cent_more(biller)
         bank = Bank()
         async with household.agent_with_its_bill(bank=bank) as agent:
             with pytest.raises(PaymentRefused):

@@ -5,11 +5,11 @@ An account is the biller's customer: an id (1 to MAX_ID_CHARS characters of
 holder name and the policy segment whose options its bills advertise. Accounts
 listed in the configuration are created at start as before (a convenience for
 the demo); those added with `accounts add` keep their segment in the store
-(`account_segments`), and `with_stored_accounts` folds every stored account
-(those made through the back-office API too, with the default segment) into the
-configuration the policy and the scheduler read, so a serving biller bills them
-with their segment's options and sends their reminders from its next upkeep
-round.
+(`account_segments`), and `with_stored_segments` gives those segments to the
+configuration the policy reads (accounts made through the back-office API get
+the default segment), so a serving biller bills them with their segment's
+options from its next upkeep round. The scheduler needs no list: it follows
+every account with a bill not paid yet.
 
 An account has at most one live enrolment code: `issue_code` first expires the
 account's unspent codes (superseded), then issues the new one; `revoke_codes`
@@ -27,7 +27,7 @@ from datetime import datetime
 from agent.biller import BillerAgent
 from agent.protocol.limits import MAX_ID_CHARS
 from agent.stores.base import AccountRecord, AlreadyExists, BillerStore
-from reference_biller.config import Account, BillerConfig
+from reference_biller.config import BillerConfig
 
 ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
 MAX_HOLDER_CHARS = 200
@@ -72,26 +72,16 @@ async def add_account(
     await store.set_account_segment(account_id, segment)
 
 
-async def with_stored_accounts(config: BillerConfig, store: BillerStore) -> BillerConfig:
-    """The configuration plus every other account in the store, with its recorded segment.
+async def with_stored_segments(config: BillerConfig, store: BillerStore) -> BillerConfig:
+    """The configuration with the segments recorded for accounts added with `accounts add` (in any process
+    sharing the store), which the policy then reads through `BillerConfig.segment_of`.
 
-    A configured account keeps the configuration's segment. An account added without
-    one (the back-office API's CreateAccount), or whose segment the configuration no
-    longer has, gets the policy's default segment (`BillerConfig.segment_of`).
+    Only those are read: a configured account keeps the configuration's segment, and any other account (made
+    through the back-office API, or whose segment the configuration no longer has) gets the default one, so
+    neither needs listing. The scheduler follows the accounts that owe something on its own
+    (`BillerStore.accounts_owing`).
     """
-    configured = {account.account_id for account in config.accounts}
-    segments = await store.account_segments()
-    default = config.segment_of("").name
-    added = tuple(
-        Account(
-            record.account_id,
-            record.holder_name,
-            segments[record.account_id] if segments.get(record.account_id) in config.segments else default,
-        )
-        for record in await store.list_accounts()
-        if record.account_id not in configured
-    )
-    return replace(config, accounts=config.accounts + added) if added else config
+    return replace(config, stored_segments=await store.account_segments())
 
 
 async def account_views(config: BillerConfig, store: BillerStore) -> list[AccountView]:
@@ -130,5 +120,5 @@ __all__ = [
     "check_id",
     "issue_code",
     "revoke_codes",
-    "with_stored_accounts",
+    "with_stored_segments",
 ]

@@ -28,7 +28,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -168,11 +168,21 @@ class BillerConfig:
     server: ServerSettings = field(default_factory=ServerSettings)
     simulation: Simulation = field(default_factory=Simulation)
     webhooks: tuple[Webhook, ...] = ()
+    stored_segments: Mapping[str, str] = field(default_factory=dict)
+    """Segments recorded in the store for accounts added with `parley biller accounts add`
+    (`reference_biller.accounts.with_stored_segments`); not part of the configuration file."""
+
+    @cached_property
+    def _configured_segments(self) -> dict[str, str]:
+        return {account.account_id: account.segment for account in self.accounts}
 
     def segment_of(self, account_id: str) -> Segment:
-        for account in self.accounts:
-            if account.account_id == account_id:
-                return self.segments[account.segment]
+        """The segment whose options the account's bills advertise: the configuration's for a configured
+        account, else the one recorded when it was added, else the default ("standard", or the first).
+        A dictionary lookup: the policy asks on every bill and every offer, whatever the number of accounts."""
+        name = self._configured_segments.get(account_id) or self.stored_segments.get(account_id)
+        if name is not None and name in self.segments:
+            return self.segments[name]
         return self.segments["standard"] if "standard" in self.segments else next(iter(self.segments.values()))
 
 

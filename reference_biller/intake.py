@@ -48,7 +48,7 @@ from agent.protocol.limits import MAX_ID_CHARS
 from agent.protocol.terms import AdvertisedOptions, BillFacts, Currency, Money, parse_date
 from agent.stores.base import AlreadyExists, BillerStore, BillRecord
 from parley.v1 import bill_pb2, envelope_pb2
-from reference_biller.accounts import ID_PATTERN, with_stored_accounts
+from reference_biller.accounts import ID_PATTERN, with_stored_segments
 from reference_biller.config import BillerConfig
 from reference_biller.policy import SegmentPolicy
 
@@ -241,7 +241,7 @@ async def intake(
     """Check every record, then (unless a row is invalid, or `dry_run`) issue the new bills; see the module."""
     if len(records) > MAX_ROWS:
         raise IntakeError(f"{len(records)} rows: at most {MAX_ROWS} per file, split it")
-    config = await with_stored_accounts(config, store)  # the segments of accounts added with `accounts add`
+    config = await with_stored_segments(config, store)  # the segments of accounts added with `accounts add`
     policy = SegmentPolicy(config)
     reports: list[RowReport] = []
     to_issue: list[tuple[BillRow, AdvertisedOptions, date]] = []

@@ -143,7 +143,8 @@ async def tick(
     rail: SimulatedRail | None = None,
     accounts: Iterable[str] | None = None,
 ) -> list[envelope_pb2.Envelope]:
-    """Append every event due at `now` on `accounts` (default: the configured ones); returns them in order.
+    """Append every event due at `now` on `accounts` (default: every account of the store that owes
+    something); returns them in order.
 
     `store` is the agent's store (read-only here: every write goes through the
     agent). Accounts not enrolled yet are skipped (events go to the bound consumer), and so are accounts
@@ -152,11 +153,15 @@ async def tick(
     """
     lock = _locks.setdefault(agent, asyncio.Lock())
     async with lock:
-        ids = list(dict.fromkeys(accounts if accounts is not None else (a.account_id for a in config.accounts)))
-        # One read finds the accounts with something to follow; the rest cost nothing more (no lease, no
-        # log read): on PostgreSQL each skipped account saved ten round trips.
-        owing = set(await store.accounts_owing())
-        ids = [account_id for account_id in ids if account_id in owing]
+        # One read finds the accounts with something to follow; the rest cost nothing (no lease, no log read):
+        # on PostgreSQL each skipped account saved ten round trips. A round grows with what is owed, never
+        # with every account the biller has.
+        owing = await store.accounts_owing()
+        if accounts is None:
+            ids = list(owing)
+        else:
+            owes = set(owing)
+            ids = [account_id for account_id in dict.fromkeys(accounts) if account_id in owes]
         emitted: list[envelope_pb2.Envelope] = []
         for account_id in ids:
             try:

@@ -82,7 +82,7 @@ from parley.v1 import conformance_control_service_pb2 as cc
 from parley.v1 import conformance_control_service_pb2_grpc as cc_grpc
 from parley.v1 import envelope_pb2
 from reference_biller import sample, scheduler
-from reference_biller.accounts import with_stored_accounts
+from reference_biller.accounts import with_stored_segments
 from reference_biller.config import DEFAULT_UPKEEP_INTERVAL, BillerConfig
 from reference_biller.policy import SegmentPolicy
 from reference_biller.rail import SimulatedRail
@@ -176,8 +176,7 @@ class Biller:
     state_dir: Path
     key: SigningKey
     seed: int = sample.DEFAULT_SEED
-    policy: SegmentPolicy | None = None  # its config: `config` plus the accounts added since, each upkeep round
-    test_accounts: list[str] = field(default_factory=list)  # made through conformance control
+    policy: SegmentPolicy | None = None  # its config: `config` plus the segments of accounts added since
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _last_purge: datetime | None = field(default=None, init=False)
 
@@ -192,26 +191,23 @@ class Biller:
             identity = Identity(self.key, self.agent.key_chain)
             renewed = await asyncio.to_thread(identity_dir(self.state_dir).renew, identity, now)
             self.agent.key_chain = renewed.chain
-            current = await self.refresh_accounts()
+            await self.refresh_segments()
             signed = await self.rail.settle_due(self.agent, now)
             if self.config.simulation.sample_bills:  # to the configuration file's accounts only
                 await sample.bill_enrolled_accounts(self.agent, self.store, self.config, now.date(), seed=self.seed)
-            accounts = list(dict.fromkeys([a.account_id for a in current.accounts] + self.test_accounts))
-            signed += await scheduler.tick(
-                self.agent, self.config, now, store=self.store, rail=self.rail, accounts=accounts
-            )
+            # Every account that owes something, however it was made (configuration, `accounts add`, the
+            # back-office API, conformance control): the scheduler reads them in one query.
+            signed += await scheduler.tick(self.agent, self.config, now, store=self.store, rail=self.rail)
             if self._last_purge is None or now - self._last_purge >= PURGE_INTERVAL:
                 await self.agent.purge_expired()
                 self._last_purge = now
             return signed
 
-    async def refresh_accounts(self) -> BillerConfig:
-        """The configuration with the accounts added by `parley biller accounts add` (in any process sharing
-        the store), which the policy then reads (their segments) and the scheduler follows."""
-        current = await with_stored_accounts(self.config, self.store)
+    async def refresh_segments(self) -> None:
+        """Give the policy the segments of the accounts added by `parley biller accounts add` (in any process
+        sharing the store) since the last round."""
         if self.policy is not None:
-            self.policy.config = current
-        return current
+            self.policy.config = await with_stored_segments(self.config, self.store)
 
     async def close(self) -> None:
         await self.store.close()
@@ -259,7 +255,7 @@ async def open_biller(
         raise
     biller = Biller(config, agent, store, rail, clock, state_dir, identity.key, seed, policy)
     try:
-        await biller.refresh_accounts()
+        await biller.refresh_segments()
     except BaseException:
         await store.close()
         raise

@@ -1644,8 +1644,8 @@ def run_command(args: argparse.Namespace, out: Console) -> int:
 
 
 def add_consumer_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `parley consumer run` (and status, approve, decline, enrol, export-agreements) on the
-    `parley` command's subparsers."""
+    """Register `parley consumer run` (and status, approve, decline, retry-payment, resolve-payment, enrol, serve,
+    export-agreements) on the `parley` command's subparsers."""
     consumer = commands.add_parser("consumer", help="run the reference consumer (a household's bot)")
     actions = consumer.add_subparsers(dest="consumer_command", required=True, metavar="COMMAND")
     run = actions.add_parser(

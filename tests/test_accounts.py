@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from agent.clock import ManualClock, SystemClock
 from agent.protocol.errors import ProtocolError
 from agent.stores import open_biller_store
 from agent.stores.base import (
+    AccountRecord,
     BillerStore,
     Enrolment,
     EnrolmentCodeRecord,
@@ -22,7 +24,7 @@ from agent.stores.base import (
     ReplayRecord,
     WebhookCursor,
 )
-from reference_biller.accounts import with_stored_accounts
+from reference_biller.accounts import with_stored_segments
 from reference_biller.config import SAMPLE, load_config
 from reference_biller.service import open_biller
 from tests.helpers.peer import Consumer
@@ -155,22 +157,42 @@ def test_qr_codes_in_the_terminal_and_files(tmp_path: Path, capsys: pytest.Captu
     assert main(["biller", "codes", "--revoke", *state]) == 2
 
 
-def test_stored_accounts_join_the_configuration_with_their_segment(tmp_path: Path) -> None:
-    """What the serving biller's policy and scheduler read: configured, added and API-made accounts."""
-    config = load_config(SAMPLE)
+def test_stored_segments_reach_the_policy_without_listing_every_account(tmp_path: Path) -> None:
+    """What the serving biller's policy reads: a configured account keeps its segment, an added one has the
+    segment recorded for it, an API-made one or one whose segment is gone has the default. Only the recorded
+    segments are read (`account_segments`), never the list of accounts."""
+    sample = load_config(SAMPLE)
+    configured = sample.accounts[0]
+    other = "gentle"
+    gentle = dataclasses.replace(sample.segments[configured.segment], name=other, deferral_max_days=60)
+    config = dataclasses.replace(sample, segments={**sample.segments, other: gentle})
 
-    async def run() -> list[tuple[str, str]]:
+    async def run() -> dict[str, str]:
         store = await open_biller_store(str(tmp_path / "b.sqlite"))
         try:
-            await store.create_account("acct-1001", "Household One", NOW)  # configured: keeps its segment
+            await store.create_account(configured.account_id, "Household One", NOW)
+            await store.set_account_segment(configured.account_id, other)  # the configuration still decides
             await store.create_account("added", "Added", NOW)
-            await store.set_account_segment("added", "standard")
+            await store.set_account_segment("added", other)
             await store.create_account("api-made", "Made Through The API", NOW)  # no segment recorded
             await store.create_account("gone", "Segment Removed", NOW)
             await store.set_account_segment("gone", "a-segment-no-longer-configured")
-            merged = await with_stored_accounts(config, store)
+
+            async def no_listing() -> list[AccountRecord]:
+                raise AssertionError("the segments were read by listing every account")
+
+            store.list_accounts = no_listing  # type: ignore[method-assign]
+            merged = await with_stored_segments(config, store)
         finally:
             await store.close()
-        return [(account.account_id, account.segment) for account in merged.accounts[len(config.accounts) :]]
+        ids = (configured.account_id, "added", "api-made", "gone", "never-heard-of")
+        return {account_id: merged.segment_of(account_id).name for account_id in ids}
 
-    assert asyncio.run(run()) == [("added", "standard"), ("api-made", "standard"), ("gone", "standard")]
+    default = config.segment_of("never-heard-of").name
+    assert asyncio.run(run()) == {
+        configured.account_id: config.segments[configured.segment].name,
+        "added": config.segments[other].name,
+        "api-made": default,
+        "gone": default,
+        "never-heard-of": default,
+    }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
@@ -61,11 +61,6 @@ class ControlledBiller(Protocol):
     def agent(self) -> BillerAgent: ...
 
     @property
-    def test_accounts(self) -> MutableSequence[str]:
-        """The accounts made through conformance control, which the biller's upkeep covers too."""
-        ...
-
-    @property
     def rail(self) -> SettlingRail: ...
 
     async def maintain(self) -> object:
@@ -104,7 +99,6 @@ class ConformanceControlServicer(cc_grpc.ConformanceControlServiceServicer):
         account_id = f"test-{secrets.token_hex(6)}"
         await agent.create_account(account_id, request.holder_name or DEFAULT_HOLDER_NAME)
         code = await agent.issue_enrolment_code(account_id)
-        self._biller.test_accounts.append(account_id)
         logger.info("conformance control: test account %s", account_id)
         return cc.CreateTestAccountResponse(account_id=account_id, enrolment_code=code)
 

@@ -106,7 +106,7 @@ def outcome_words(outcome: ThreadOutcome | None) -> str:
 def payment_words(state: IntentState, *, held: bool = True) -> str:
     """Where a payment stands; `held` False for refused instructions the household set aside."""
     if state is IntentState.REFUSED and not held:
-        return "refused, set aside by you: the next run asks the biller for new instructions"
+        return "refused and set aside by you: never paid, kept as evidence; the payment is asked for anew"
     return _PAYMENT_WORDS[state]
 
 

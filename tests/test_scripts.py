@@ -30,3 +30,11 @@ def test_upkeep_cost_refuses_a_store_it_does_not_know() -> None:
     assert run.returncode == 2
     assert "--store: expected sqlite, postgres or a postgresql:// URL, got 'mysql'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_upkeep_many_accounts_times_rounds_and_the_segment_lookup() -> None:
+    command = [sys.executable, str(ROOT / "scripts" / "upkeep_many_accounts.py"), "--accounts", "50", "--rounds", "2"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert len([line for line in run.stdout.splitlines() if line.startswith("upkeep round with 50 accounts")]) == 2
+    assert "segment lookup:" in run.stdout

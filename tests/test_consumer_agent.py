@@ -1086,8 +1086,7 @@ def test_the_consumer_store_lapses_only_instructed_intents_past_their_time_and_n
     async def main() -> None:
         store = await SqliteConsumerStore.open(tmp_path / "consumer.sqlite")
         try:
-            link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
-            await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
+            await enrol_directly(store, now)
             intent = IntentRecord(
                 BILLER_ID, "pi-1", ACCOUNT, "bill-1", b"", 0, 12000, "EUR", b"t" * 16, IntentState.CREATED, now, (b"m",)
             )
@@ -1119,6 +1118,12 @@ def test_the_consumer_store_lapses_only_instructed_intents_past_their_time_and_n
     asyncio.run(main())
 
 
+async def enrol_directly(store: SqliteConsumerStore, now: datetime) -> None:
+    """Store an enrolment with BILLER_ID for ACCOUNT, as `enrol` would, without a biller (store-level tests)."""
+    link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
+    await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
+
+
 def test_a_store_at_schema_2_is_migrated_to_lapsed_intents_keeping_every_row(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1135,8 +1140,7 @@ def test_a_store_at_schema_2_is_migrated_to_lapsed_intents_keeping_every_row(
     async def at_schema_2() -> None:
         store = await SqliteConsumerStore.open(path)
         try:
-            link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
-            await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
+            await enrol_directly(store, now)
         finally:
             await store.close()
         # The intents as that version wrote them (today's code reads and writes a later schema).
@@ -1214,8 +1218,7 @@ def test_a_store_at_schema_3_is_migrated_so_that_refused_instructions_can_be_set
     async def at_schema_3() -> None:
         store = await SqliteConsumerStore.open(path)
         try:
-            link = BillerLinkRecord(BILLER_ID, "127.0.0.1:1", b"p" * 32, True, None, None, now)
-            await store.save_enrolment(link, [b"v1"], LinkedAccountRecord(BILLER_ID, ACCOUNT, now, b"r", b"c"))
+            await enrol_directly(store, now)
         finally:
             await store.close()
         with sqlite3.connect(path) as db:  # as that version wrote it

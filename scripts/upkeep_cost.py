@@ -6,7 +6,10 @@
 The store is prepared as `parley bench` prepares it (accounts, consumers enrolled through the real Enrol path,
 one open bill each, due in a month), so every account owes a bill and none has anything due: the common round,
 in which each account is looked at and nothing is appended. Three rounds of `reference_biller.scheduler.tick`
-are timed, wall clock and this process' CPU. Compare two versions of the code on one machine in one sitting
+are timed, wall clock and this process' CPU, and how long the event loop went without running anything else
+meanwhile (a task that asks to wake every millisecond, as a request waiting for the loop would: its longest
+wait). The round runs on a worker's event loop between RPCs, so that wait is how long a request could sit
+unanswered behind it. Compare two versions of the code on one machine in one sitting
 (docs/PERFORMANCE.md, "Sizing a deployment"), not figures from different days.
 """
 
@@ -39,15 +42,28 @@ async def measure(location: str, accounts: int, rounds: int) -> None:
         ids = [consumer.account_id for consumer in consumers]
         config = load_config()
         for _ in range(rounds):
+            waits: list[float] = []
+            watcher = asyncio.create_task(_loop_waits(waits))
             wall, cpu = time.monotonic(), time.process_time()
             emitted = await scheduler.tick(agent, config, datetime.now(UTC), store=store, accounts=ids)
             wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+            watcher.cancel()
+            longest = max(waits, default=wall)  # never woken during the round: it waited all of it
             print(
                 f"round over {accounts} owing accounts: {wall:.2f} s wall ({wall / accounts * 1e3:.2f} ms each), "
-                f"{cpu:.2f} s CPU, {len(emitted)} events appended"
+                f"{cpu:.2f} s CPU, {len(emitted)} events appended; the loop left other work waiting up to "
+                f"{longest * 1e3:.1f} ms"
             )
     finally:
         await store.close()
+
+
+async def _loop_waits(waits: list[float]) -> None:
+    """Ask to wake every millisecond; record how late each wake-up came (a request waiting for the loop)."""
+    while True:
+        asked = time.monotonic()
+        await asyncio.sleep(0.001)
+        waits.append(time.monotonic() - asked - 0.001)
 
 
 def main() -> None:

@@ -63,6 +63,11 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
+def _postmaster(root: Path) -> int:
+    """The pid of the server whose data directory is under `root`."""
+    return int((root / "data" / "postmaster.pid").read_text().split()[0])
+
+
 def _gone(pid: int, root: Path, seconds: float = 60) -> bool:
     """Whether the server `pid` stopped and `root` was deleted within `seconds` (the reaper works after the holder)."""
     deadline = time.monotonic() + seconds
@@ -81,7 +86,7 @@ def test_a_holder_ended_by_a_signal_leaves_no_server_and_no_directory(ending: si
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_A_SERVER], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None
     root = Path(holder.stdout.readline().strip())
-    postmaster = int((root / "data" / "postmaster.pid").read_text().split()[0])
+    postmaster = _postmaster(root)
     try:
         assert _running(postmaster)
         holder.send_signal(ending)
@@ -100,7 +105,7 @@ def test_a_holder_ended_by_a_signal_leaves_no_server_and_no_directory(ending: si
 def test_a_block_that_ends_stops_the_server_and_its_reaper() -> None:
     with pg_server.throwaway_postgres() as server:
         root = server.socket_dir
-        postmaster = int((root / "data" / "postmaster.pid").read_text().split()[0])
+        postmaster = _postmaster(root)
         reapers = _reapers_of(root)
         assert len(reapers) == 1, "no reaper, or more than one, watches the server"
     assert not _running(postmaster)

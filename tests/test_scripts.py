@@ -11,14 +11,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def upkeep_cost(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(ROOT / "scripts" / "upkeep_cost.py"), *args]
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(ROOT / "scripts" / name), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
 
 
 @pytest.mark.slow
 def test_upkeep_cost_measures_rounds_that_append_nothing() -> None:
-    run = upkeep_cost("--accounts", "3", "--rounds", "2")
+    run = run_script("upkeep_cost.py", "--accounts", "3", "--rounds", "2")
     assert run.returncode == 0, run.stderr
     rounds = [line for line in run.stdout.splitlines() if line.startswith("round over 3 owing accounts")]
     assert len(rounds) == 2
@@ -26,15 +26,14 @@ def test_upkeep_cost_measures_rounds_that_append_nothing() -> None:
 
 
 def test_upkeep_cost_refuses_a_store_it_does_not_know() -> None:
-    run = upkeep_cost("--store", "mysql")
+    run = run_script("upkeep_cost.py", "--store", "mysql")
     assert run.returncode == 2
     assert "--store: expected sqlite, postgres or a postgresql:// URL, got 'mysql'" in run.stderr
     assert "Traceback" not in run.stderr
 
 
 def test_upkeep_many_accounts_times_rounds_and_the_segment_lookup() -> None:
-    command = [sys.executable, str(ROOT / "scripts" / "upkeep_many_accounts.py"), "--accounts", "50", "--rounds", "2"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+    run = run_script("upkeep_many_accounts.py", "--accounts", "50", "--rounds", "2")
     assert run.returncode == 0, run.stderr
     assert len([line for line in run.stdout.splitlines() if line.startswith("upkeep round with 50 accounts")]) == 2
     assert "segment lookup:" in run.stdout

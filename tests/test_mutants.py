@@ -122,11 +122,74 @@ def test_the_implementation_runs_from_the_copy_and_the_judge_from_this_tree(tmp_
 
 
 def test_a_known_mutant_is_killed_end_to_end() -> None:
+    """Judged as CI judges (--targeted): by the cases exercising the requirement it breaks, against the copy."""
     known = next(m for m in load_mutants() if m.id == KNOWN_KILLED)
-    result = run_mutant(known, "biller", timeout=120)
+    only = mutate.cases_exercising("biller", {known.breaks})
+    result = run_mutant(known, "biller", mutate.Judging(timeout=120, only=only))
     assert result.outcome == "KILLED", result
     assert result.file == "agent/protocol/messages.py"
-    assert any(case.startswith("HDR-3/") for case in result.killed_by), result.killed_by
+    assert set(result.killed_by) <= set(only), result.killed_by
+
+
+TWO_MUTANTS = """
+[[mutant]]
+id = "m-hdr3"
+suite = "biller"
+breaks = "HDR-3"
+target = "agent/protocol/messages.py"
+find = '''if header.sender != sender_keys.party_id:'''
+replace = '''if not header.sender:'''
+description = "d"
+
+[[mutant]]
+id = "m-env7"
+suite = "biller"
+breaks = "ENV-7"
+target = "agent/protocol/messages.py"
+find = '''message.DiscardUnknownFields()'''
+replace = '''pass'''
+description = "d"
+
+[[mutant]]
+id = "m-uncovered"
+suite = "biller"
+breaks = "XYZ-1"
+target = "agent/protocol/messages.py"
+find = '''message.DiscardUnknownFields()'''
+replace = '''pass'''
+description = "breaks a requirement no case exercises"
+"""
+
+
+def test_targeted_runs_judge_each_mutant_by_the_cases_exercising_what_it_breaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--targeted: each mutant's suite runs `--only` the cases exercising its requirement (their own or one they
+    cover); each suite's baseline, those of all its mutants; a requirement no case exercises is an ERROR."""
+    (tmp_path / "three.toml").write_text(TWO_MUTANTS)
+    hdr3, env7 = mutate.cases_exercising("biller", {"HDR-3"}), mutate.cases_exercising("biller", {"ENV-7"})
+    assert "HDR-3/wrong-sender" in hdr3
+    assert "NEG-1/thread-open-position" in mutate.cases_exercising("biller", {"HDR-10"})  # it covers HDR-10
+    judged: list[tuple[str, ...] | None] = []
+
+    def judge(copy: Path, work: Path, judging: mutate.Judging) -> tuple[int, dict[str, object]]:
+        judged.append(judging.only)
+        if judging.only in (hdr3, env7):  # a mutant's run: killed by its first case
+            return 1, {"cases": [{"id": judging.only[0], "outcome": "FAIL"}]}
+        return 0, {"summary": {"PASS": 2}}  # the baseline, or a whole-suite run: passes
+
+    monkeypatch.setitem(mutate.JUDGES, "biller", judge)
+    assert main(["mutate", "--targeted", "--only", "m-hdr3,m-env7", "--mutants-dir", str(tmp_path)]) == 0
+    assert judged[0] == mutate.cases_exercising("biller", {"ENV-7", "HDR-3"})  # the baseline first
+    assert sorted(judged[1:], key=str) == sorted([hdr3, env7], key=str)
+    assert mutate.Judging(only=hdr3).selection() == ["--only", ",".join(hdr3)]
+    judged.clear()
+    assert main(["mutate", "--targeted", "--no-baseline", "--only", "m-uncovered", "--mutants-dir", str(tmp_path)]) == 1
+    assert judged == []  # nothing ran: no case exercises XYZ-1
+    assert "no case of the biller suite exercises XYZ-1" in capsys.readouterr().out
+    assert main(["mutate", "--no-baseline", "--only", "m-hdr3", "--mutants-dir", str(tmp_path)]) == 0
+    assert judged == [None]  # without --targeted: the whole suite
+    assert mutate.Judging().selection() == []
 
 
 @pytest.mark.parametrize(
@@ -141,7 +204,7 @@ def test_a_known_mutant_is_killed_end_to_end() -> None:
 def test_the_suite_exit_and_report_decide_the_outcome(
     monkeypatch: pytest.MonkeyPatch, status: int, report: dict[str, object], outcome: str
 ) -> None:
-    monkeypatch.setitem(mutate.JUDGES, "biller", lambda copy, work, timeout, jobs: (status, report))
+    monkeypatch.setitem(mutate.JUDGES, "biller", lambda copy, work, judging: (status, report))
     known = next(m for m in load_mutants() if m.id == KNOWN_KILLED)
     assert run_mutant(known, "biller").outcome == outcome
 
@@ -156,6 +219,6 @@ def test_a_killed_mutant_documented_as_equivalent_fails_the_run(
         'description = "d"\nequivalent = "unreached, once"\n'
     )
     killed = (1, {"cases": [{"id": "HDR-3/wrong-sender", "outcome": "FAIL"}]})
-    monkeypatch.setitem(mutate.JUDGES, "biller", lambda copy, work, timeout, jobs: killed)
+    monkeypatch.setitem(mutate.JUDGES, "biller", lambda copy, work, judging: killed)
     assert main(["mutate", "--no-baseline", "--mutants-dir", str(tmp_path)]) == 1
     assert "documented as equivalent" in capsys.readouterr().out

@@ -45,6 +45,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 
+from agent.conformance import biller, consumer_cases
 from agent.conformance.runner import MAX_JOBS
 from agent.tools.json_output import add_json_options, emit_json, wants_json
 from agent.tools.numbers import number_argument
@@ -295,7 +296,20 @@ def run_suite(command: list[str], report: Path, log: Path, timeout: float) -> tu
     return done.returncode, document
 
 
-def judge_biller(copy: Path, work: Path, timeout: float, suite_jobs: int) -> tuple[int, dict[str, Any]]:
+@dataclass(frozen=True)
+class Judging:
+    """How a suite run judges: its time limit, the consumer suite's scenarios at once, and the ids of the cases
+    it runs (`only`; None: the whole suite)."""
+
+    timeout: float = 600.0
+    suite_jobs: int = 2
+    only: tuple[str, ...] | None = None
+
+    def selection(self) -> list[str]:
+        return [] if self.only is None else ["--only", ",".join(self.only)]
+
+
+def judge_biller(copy: Path, work: Path, judging: Judging) -> tuple[int, dict[str, Any]]:
     port = free_port()
     log = work / "biller.log"
     with log.open("wb") as output:
@@ -310,7 +324,10 @@ def judge_biller(copy: Path, work: Path, timeout: float, suite_jobs: int) -> tup
     try:
         wait_listening(biller, port, log)
         return run_suite(
-            ["biller", "--target", f"127.0.0.1:{port}", "--insecure"], work / "report.json", work / "suite.log", timeout
+            ["biller", "--target", f"127.0.0.1:{port}", "--insecure", *judging.selection()],
+            work / "report.json",
+            work / "suite.log",
+            judging.timeout,
         )
     finally:
         biller.terminate()
@@ -321,21 +338,21 @@ def judge_biller(copy: Path, work: Path, timeout: float, suite_jobs: int) -> tup
             biller.wait()
 
 
-def judge_consumer(copy: Path, work: Path, timeout: float, suite_jobs: int) -> tuple[int, dict[str, Any]]:
+def judge_consumer(copy: Path, work: Path, judging: Judging) -> tuple[int, dict[str, Any]]:
     # `env` sets the copy first on the client's sys.path; the suite itself stays on this tree.
     client = shlex.join(
         ["env", f"PYTHONPATH={copy}", "PYTHONDONTWRITEBYTECODE=1", sys.executable, "-m", "agent.cli",
          "consumer", "run", "--from-env", "--once", "--approve-all"]
     )  # fmt: skip
     return run_suite(
-        ["consumer", "--client-cmd", client, "--jobs", str(suite_jobs)],
+        ["consumer", "--client-cmd", client, "--jobs", str(judging.suite_jobs), *judging.selection()],
         work / "report.json",
         work / "suite.log",
-        timeout,
+        judging.timeout,
     )
 
 
-JUDGES: dict[Suite, Callable[[Path, Path, float, int], tuple[int, dict[str, Any]]]] = {
+JUDGES: dict[Suite, Callable[[Path, Path, Judging], tuple[int, dict[str, Any]]]] = {
     "biller": judge_biller,
     "consumer": judge_consumer,
 }
@@ -345,7 +362,7 @@ def failed_cases(report: dict[str, Any]) -> tuple[str, ...]:
     return tuple(case["id"] for case in report.get("cases", []) if case.get("outcome") == "FAIL")
 
 
-def run_mutant(mutant: Mutant | None, suite: Suite, *, timeout: float = 600.0, suite_jobs: int = 2) -> MutantResult:
+def run_mutant(mutant: Mutant | None, suite: Suite, judging: Judging = Judging()) -> MutantResult:
     """Copy the tree, apply the mutant (None: the unmutated baseline), run its suite from this tree, judge."""
     started = time.monotonic()
     name = mutant.id if mutant else f"baseline-{suite}"
@@ -370,11 +387,13 @@ def run_mutant(mutant: Mutant | None, suite: Suite, *, timeout: float = 600.0, s
         copy_sources(copy)
         file = ""
         try:
+            if judging.only == ():  # targeted, and the coverage table has no case for the requirement
+                raise HarnessError(f"no case of the {suite} suite exercises {mutant.breaks if mutant else '…'}")
             if mutant is not None:
                 mutated = apply_mutant(mutant, copy)
                 file = str(mutated.relative_to(copy))
                 canary(copy, mutated)
-            status, report = JUDGES[suite](copy, work, timeout, suite_jobs)
+            status, report = JUDGES[suite](copy, work, judging)
         except StaleMutant as error:
             return result("STALE", str(error))
         except (HarnessError, subprocess.SubprocessError, OSError) as error:
@@ -446,6 +465,36 @@ def show(result: MutantResult, out: Console) -> None:
     )
 
 
+def cases_exercising(suite: Suite, requirements: Iterable[str]) -> tuple[str, ...]:
+    """The ids of `suite`'s cases that exercise any of `requirements` (their own requirement, or one they cover:
+    a violation of each fails the case), in the suite's order."""
+    wanted = set(requirements)
+    cases = biller.suite.cases if suite == "biller" else consumer_cases.suite.cases
+    return tuple(case.id for case in cases if wanted.intersection(case.exercises))
+
+
+def judging_of(args: argparse.Namespace, mutants: Iterable[Mutant], suite: Suite) -> Judging:
+    """How `mutants` of `suite` are judged: with --targeted, by the cases exercising the requirements they break
+    (a mutant's own run, or the baseline's over all the chosen ones); else by the whole suite."""
+    only = cases_exercising(suite, {m.breaks for m in mutants if m.suite == suite}) if args.targeted else None
+    return Judging(timeout=args.timeout, suite_jobs=args.suite_jobs, only=only)
+
+
+def baselines_pass(args: argparse.Namespace, chosen: list[Mutant], suites: Iterable[Suite], out: Console) -> bool:
+    """Each suite judges an unmutated copy as it will judge the mutants, and passes: else every mutant would
+    look killed."""
+    for suite in suites:
+        judging = judging_of(args, chosen, suite)
+        baseline = run_mutant(None, suite, judging)
+        if baseline.outcome != "SURVIVED":
+            out.print(f"[red]the unmutated {suite} baseline does not pass:[/red] {escape(baseline.detail)}")
+            return False
+        requirements = ", ".join(sorted({m.breaks for m in chosen if m.suite == suite}))
+        judged = "suite passes" if judging.only is None else f"{len(judging.only)} cases of {requirements} pass"
+        out.print(f"baseline  {suite} {judged} unmutated ({baseline.seconds:.1f} s)")
+    return True
+
+
 def _run(args: argparse.Namespace, out: Console) -> int:
     try:
         mutants = load_mutants(Path(args.mutants_dir))
@@ -473,13 +522,9 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         return EXIT_UNUSABLE
     started = time.monotonic()
     suites = sorted({mutant.suite for mutant in chosen})
-    if not args.no_baseline:  # an unmutated copy must pass, or every mutant would look killed
-        for suite in suites:
-            baseline = run_mutant(None, suite, timeout=args.timeout, suite_jobs=args.suite_jobs)
-            if baseline.outcome != "SURVIVED":
-                out.print(f"[red]the unmutated {suite} baseline does not pass:[/red] {escape(baseline.detail)}")
-                return EXIT_UNUSABLE
-            out.print(f"baseline  {suite} suite passes unmutated ({baseline.seconds:.1f} s)")
+
+    if not args.no_baseline and not baselines_pass(args, chosen, suites, out):
+        return EXIT_UNUSABLE
     runnable = [mutant for mutant in chosen if mutant.id not in stale]
     results: list[MutantResult] = [
         MutantResult(mutant.id, mutant.suite, mutant.breaks, "STALE", 0.0, stale[mutant.id], quick=mutant.quick)
@@ -488,7 +533,7 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     ]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [
-            pool.submit(run_mutant, mutant, mutant.suite, timeout=args.timeout, suite_jobs=args.suite_jobs)
+            pool.submit(run_mutant, mutant, mutant.suite, judging_of(args, [mutant], mutant.suite))
             for mutant in runnable
         ]
         for future in as_completed(futures):
@@ -544,6 +589,11 @@ def add_mutate_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
     mutate.add_argument("--only", metavar="IDS", help="comma-separated mutant ids (globs) or requirement ids")
     mutate.add_argument("--suite", choices=SUITES, help="only the mutants judged by this suite")
     mutate.add_argument("--quick", action="store_true", help="only the quick set (for CI)")
+    mutate.add_argument(
+        "--targeted",
+        action="store_true",
+        help="judge each mutant by its suite's cases of the requirement it breaks, not the whole suite (for CI)",
+    )
     mutate.add_argument(
         "--jobs",
         type=number_argument(int, 1, MAX_MUTANTS_AT_ONCE),

@@ -71,6 +71,28 @@ async def same_intent_same_instructions(ctx: BillerTarget) -> None:
     )
 
 
+@suite.case(
+    "PAY-4/reference-per-intent",
+    description="Two intents of one account, for two bills, are instructed with two different payment references",
+    quote="which name the `rail`, `payee_name`, `payee_account`, a non-empty `payment_reference` unique to the intent",
+    needs=(FIXTURES,),
+)
+async def reference_per_intent(ctx: BillerTarget) -> None:
+    # The reference is how the biller's bank statement is matched to an intent (PAY-5): shared by two intents, a
+    # settlement of one could be taken for the other.
+    customer = await ctx.enrolled()
+    references: dict[str, str] = {}
+    for intent_id in ("cf-reference-1", "cf-reference-2"):
+        bill = await ctx.issue_bill(customer)
+        intent = payment_intent(customer, bill, intent_id)
+        answer = accepted(await pay(ctx, intent), f"a PaymentIntent ({intent_id}) for a new bill's amount")
+        _check_instructions(ctx, customer, intent, answer.instructions)
+        reference = payment_pb2.PaymentInstructions.FromString(answer.instructions.payload).payment_reference
+        if reference in references.values():
+            raise Violation(f"intents cf-reference-1 and {intent_id} were both given payment_reference {reference!r}")
+        references[intent_id] = reference
+
+
 def _check_instructions(ctx: BillerTarget, customer: Customer, intent: Any, instructions: Any) -> None:
     """PAY-4: signed, at sequence 1 of the intent's thread, chained to it, for the intent's amount."""
     verified = ctx.verify(

@@ -57,9 +57,10 @@ SPEC = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
 CASE_IDS = [case.id for case in biller_suite.suite.cases]
 
 
-# The whole-suite runs the tests below judge (the reference, each broken biller) are made together, side by side
-# in worker processes, before the first of them is judged: tests/helpers/biller_suite_runs.py says why and how.
-# Each is still one whole run against its own biller, and each test asserts on its own run's report.
+# The suite runs the tests below judge (the reference, each broken biller) are made together, side by side in
+# worker processes, before the first of them is judged: tests/helpers/biller_suite_runs.py says why and how.
+# Each is one run against its own biller (the whole suite, or a broken biller's `cases_for`), and each test
+# asserts on its own run's report.
 SuiteRuns = dict[SuiteRun, SuiteRunResult]
 BROKEN_TESTS = ("test_broken_biller_fails_exactly_its_cases", "test_extra_broken_biller_fails_exactly_its_cases")
 REFERENCE_RUNS = {
@@ -75,7 +76,7 @@ def run_judged_by(item: pytest.Item) -> SuiteRun | None:
     if item.originalname in BROKEN_TESTS:
         broken = item.callspec.params["broken"]
         assert isinstance(broken, BrokenBiller | ExtraBrokenBiller)
-        return SuiteRun(broken.name)
+        return SuiteRun(broken.name, only=cases_for(broken))
     return REFERENCE_RUNS.get(item.originalname)
 
 
@@ -198,26 +199,85 @@ ALSO_CAUGHT: dict[str, frozenset[str]] = {
 }
 
 
+# Defects on the path of every request (the receive path's verification, its replay cache, its order of checks):
+# these run the whole suite, so that a case of any section failing them would show.
+WHOLE_SUITE = frozenset(
+    {
+        "skips signature verification",
+        "accepts a replay",
+        "parses before verifying",
+        "matches the keyid to the sender before verifying",
+    }
+)
+# A negotiation agreed and its instalment paid: the path every other broken biller's run also crosses.
+BASELINE = "PAY-3/agreement"
+
+
+def expected_failures(broken: BrokenBiller | ExtraBrokenBiller) -> frozenset[str]:
+    return broken.fails | ALSO_CAUGHT.get(broken.name, frozenset())
+
+
+def cases_for(broken: BrokenBiller | ExtraBrokenBiller) -> tuple[str, ...]:
+    """What a broken biller is run against: every case of each spec section (ENV, NEG, KEY…) holding a case it
+    fails (the neighbours its defect could reach), and the baseline; the whole suite for the defects in
+    WHOLE_SUITE.
+
+    A case of another section never reaches the defect, so it plays as it does against the reference biller,
+    which passes them all (test_reference_biller_passes_every_case). 27 whole runs of about 25 s were most of
+    this module's three minutes.
+    """
+    if broken.name in WHOLE_SUITE:
+        return ()
+    sections = {section_of(case_id) for case_id in expected_failures(broken)}
+    return tuple(case_id for case_id in CASE_IDS if section_of(case_id) in sections or case_id == BASELINE)
+
+
+def section_of(case_id: str) -> str:
+    return case_id.split("-", maxsplit=1)[0]  # "KEY-5/check-order" -> "KEY"
+
+
+def ran_as_chosen(report: dict[str, Any], broken: BrokenBiller | ExtraBrokenBiller) -> set[str]:
+    """The case ids of the run, checked to be exactly those `cases_for` chose (all, when it chose none)."""
+    ran = [case["id"] for case in report["cases"]]
+    assert ran == (list(cases_for(broken)) or CASE_IDS)
+    return set(ran)
+
+
 @pytest.mark.parametrize("broken", BROKEN_BILLERS, ids=[b.name for b in BROKEN_BILLERS])
 def test_broken_biller_fails_exactly_its_cases(suite_runs: SuiteRuns, broken: BrokenBiller) -> None:
-    code, report, output = judged(suite_runs, SuiteRun(broken.name))
+    code, report, output = judged(suite_runs, SuiteRun(broken.name, only=cases_for(broken)))
+    ran = ran_as_chosen(report, broken)
     outcomes = {case["id"]: case["outcome"] for case in report["cases"]}
     failed = {case_id for case_id, outcome in outcomes.items() if outcome == "FAIL"}
-    assert failed == broken.fails | ALSO_CAUGHT.get(broken.name, frozenset()), output
+    assert failed == expected_failures(broken), output
     warned = {case_id for case_id, outcome in outcomes.items() if outcome == "WARN"}
-    assert warned == set(REFERENCE_WARNS), output  # the reference's own WARN, no other
+    assert warned == set(REFERENCE_WARNS) & ran, output  # the reference's own WARN, no other
     skipped = {case_id for case_id, outcome in outcomes.items() if outcome == "SKIP"}
-    assert skipped == set(REFERENCE_SKIPS), output
+    assert skipped == set(REFERENCE_SKIPS) & ran, output
     assert code == EXIT_FAILED
 
 
 @pytest.mark.parametrize("broken", EXTRA_BROKEN_BILLERS, ids=[b.name for b in EXTRA_BROKEN_BILLERS])
 def test_extra_broken_biller_fails_exactly_its_cases(suite_runs: SuiteRuns, broken: Any) -> None:
     """tests/broken_billers_extra.py: defects wrapped around the public BillerAgent, one per case of issue 15."""
-    code, report, output = judged(suite_runs, SuiteRun(broken.name))
+    code, report, output = judged(suite_runs, SuiteRun(broken.name, only=cases_for(broken)))
+    ran_as_chosen(report, broken)
     failed = {case["id"] for case in report["cases"] if case["outcome"] == "FAIL"}
     assert failed == broken.fails, output
     assert code == EXIT_FAILED
+
+
+def test_the_broken_billers_runs_cover_their_sections_and_the_baseline() -> None:
+    every = (*BROKEN_BILLERS, *EXTRA_BROKEN_BILLERS)
+    assert {broken.name for broken in every} >= WHOLE_SUITE  # no name of a defect that is gone
+    assert BASELINE in CASE_IDS
+    (round_limit,) = [b for b in BROKEN_BILLERS if b.name == "ignores the round limit"]
+    chosen = cases_for(round_limit)
+    assert set(chosen) == {i for i in CASE_IDS if i.startswith("NEG-")} | {BASELINE}
+    assert list(chosen) == [i for i in CASE_IDS if i in chosen]  # in the suite's own order
+    for broken in every:
+        assert expected_failures(broken) <= set(cases_for(broken) or CASE_IDS), broken.name
+        assert (cases_for(broken) == ()) == (broken.name in WHOLE_SUITE), broken.name
 
 
 def test_every_defect_class_is_covered() -> None:

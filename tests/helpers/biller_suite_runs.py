@@ -1,8 +1,9 @@
-"""Whole runs of the biller conformance suite against the in-process reference biller, several at once.
+"""Runs of the biller conformance suite against the in-process reference biller, several at once.
 
-tests/test_conformance_biller.py runs the whole suite once per broken biller (tests/broken_billers.py,
-tests/broken_billers_extra.py) and twice against the reference itself. Run after run, each takes about
-25 s, and most of that is not computing:
+tests/test_conformance_biller.py runs the suite once per broken biller (tests/broken_billers.py,
+tests/broken_billers_extra.py: the whole suite, or the sections its defect reaches, `cases_for` there) and
+twice, whole, against the reference itself. Run after run, a whole run takes about 25 s, and most of that
+is not computing:
 
 - the reference biller's store commits with `synchronous=FULL`, and every AdvanceClock runs an upkeep
   round that claims and releases a lease for each account the run has made so far (two commits, two
@@ -13,8 +14,9 @@ tests/broken_billers_extra.py) and twice against the reference itself. Run after
 
 So `run_all` runs them side by side: one spawned worker process per run in flight (a pool of
 `workers()`, each one run at a time, each with its own biller on its own port and its own state
-directory), so that one run's waiting overlaps others' computing on every core. Each run is still the
-whole suite, judged exactly as before: the test of each broken biller checks its own run's report.
+directory), so that one run's waiting overlaps others' computing on every core. Each run is the whole
+suite or the cases the test chose for it (`SuiteRun.only`), and the test of each broken biller checks its
+own run's report.
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ from tests.helpers.scratch import scratch_directory
 
 @dataclass(frozen=True)
 class SuiteRun:
-    """One whole run of the suite: against the reference biller with the defect of the broken biller named
-    `broken` (None: the reference as it is), with conformance control unless told."""
+    """One run of the suite: against the reference biller with the defect of the broken biller named `broken`
+    (None: the reference as it is), with conformance control unless told, over the cases `only` names (empty:
+    the whole suite)."""
 
     broken: str | None = None
     conformance_control: bool = True
+    only: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ async def run_once(run: SuiteRun, work: Path) -> SuiteRunResult:
         code = await run_suite(
             biller_suite.suite,
             lambda: biller_suite.connect(target, insecure=True),
-            RunOptions(target=target, json=report, junit=junit),
+            RunOptions(target=target, only=run.only, json=report, junit=junit),
             Console(file=output, width=200),
         )
     return SuiteRunResult(
@@ -98,7 +102,7 @@ def workers() -> int:
 
 def run_all(runs: Iterable[SuiteRun]) -> dict[SuiteRun, SuiteRunResult]:
     """Every run in `runs`, side by side in a pool of spawned processes (a fork would copy gRPC's threads)."""
-    chosen = list(dict.fromkeys(runs))
+    chosen = sorted(dict.fromkeys(runs), key=lambda run: bool(run.only))  # whole runs, the longest, start first
     if not chosen:
         return {}
     context = multiprocessing.get_context("spawn")

@@ -117,6 +117,7 @@ from agent.consumer import (
     NegotiationResult,
     Payment,
     PaymentDispute,
+    PaymentInDoubt,
     PaymentNotSent,
     PaymentOrder,
     PaymentReceipt,
@@ -401,11 +402,28 @@ class PassReport:
         return worst
 
 
+def _stuck_status(state: IntentState) -> str:
+    return "in doubt: check with the bank" if state is IntentState.SENDING else "refused"
+
+
 def _stuck(line: PaymentLine, intent: Payment) -> PaymentLine:
     """The line of a payment the bot will not move on alone (in doubt, or refused instructions): what to do."""
-    status = "in doubt: check with the bank" if intent.state is IntentState.SENDING else "refused"
+    status = _stuck_status(intent.state)
     next_step = f"{payment_next_step(intent.state)} {payment_next_command(intent.state, intent.intent_id)}"
     return replace(line, status=status, bank_reference=intent.proof, next_step=next_step)
+
+
+def _failed(line: PaymentLine, error: BaseException) -> PaymentLine:
+    """The line of a payment that failed in this pass: in doubt when the bank's sender failed without saying
+    whether it paid (never tried again: what to do), else failed (tried again by the next pass)."""
+    if isinstance(error, PaymentInDoubt):
+        next_step = payment_next_step(IntentState.SENDING)
+        return replace(
+            line,
+            status=_stuck_status(IntentState.SENDING),
+            next_step=f"{next_step} {payment_next_command(IntentState.SENDING, error.intent_id)}",
+        )
+    return replace(line, status="failed")
 
 
 def _problem(biller: str, what: str, error: BaseException) -> Problem:
@@ -994,7 +1012,7 @@ class Household:
                         break
                     except (ParleyError, ValueError, LookupError) as error:  # a payment in doubt is a ParleyError too
                         report.problems.append(_problem(biller, f"payment of {bill_id} #{index + 1}", error))
-                        report.payments.append(replace(line, status="failed"))
+                        report.payments.append(_failed(line, error))
                         break  # the next instalment waits for this one
                     report.payments.append(replace(line, status="paid now", bank_reference=payment.proof))
 
@@ -1031,9 +1049,9 @@ class Household:
             self._declined.add(attempt)
             report.payments.append(replace(line, status=DECLINED_NOW, note=str(declined)))
             return
-        except (ParleyError, ValueError, LookupError) as error:  # tried again by the next pass
+        except (ParleyError, ValueError, LookupError) as error:  # tried again by the next pass, unless in doubt
             report.problems.append(_problem(biller, f"payment of {bill_id}", error))
-            report.payments.append(replace(line, status="failed"))
+            report.payments.append(_failed(line, error))
             return
         report.payments.append(
             replace(line, amount=str(payment.amount), status="paid now", bank_reference=payment.proof)
@@ -1052,9 +1070,9 @@ class Household:
             self._paid_or_declined(biller, bill_id)
             report.payments.append(replace(line, status=DECLINED_NOW, note=str(declined)))
             return
-        except (ParleyError, ValueError, LookupError) as error:  # tried again by the next pass
+        except (ParleyError, ValueError, LookupError) as error:  # tried again by the next pass, unless in doubt
             report.problems.append(_problem(biller, f"payment of {bill_id}", error))
-            report.payments.append(replace(line, status="failed"))
+            report.payments.append(_failed(line, error))
             return
         self._paid_or_declined(biller, bill_id)
         report.payments.append(replace(line, status="paid now", bank_reference=payment.proof))

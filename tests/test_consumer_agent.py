@@ -1006,8 +1006,9 @@ def test_an_intent_handed_to_the_bank_never_lapses(tmp_path: Path) -> None:
 
     async def scenario(biller: Biller, household: Household) -> None:
         async with household.agent_with_its_bill(bank=CrashingBank()) as agent:
-            with pytest.raises(ConnectionResetError):
+            with pytest.raises(PaymentInDoubt, match=r"the bank's sender failed: ConnectionResetError") as crashed:
                 await agent.pay(BILLER_ID, BILL.bill_id)
+            assert isinstance(crashed.value.__cause__, ConnectionResetError)
             (sending,) = await agent.payments(BILLER_ID)
             assert sending.state is IntentState.SENDING
             past_pay_by(biller, sending)

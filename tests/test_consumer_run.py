@@ -876,6 +876,59 @@ def test_a_household_that_pays_as_billed_pays_a_plain_bill_on_its_date_without_n
     asyncio.run(main())
 
 
+class BrokenDiskBank:
+    """A bank whose sender fails mid-order with an error of its own (a `PaymentSender`): it may have paid."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send(self, order: PaymentOrder) -> str:
+        self.calls += 1
+        raise OSError(28, "No space left on device")
+
+
+def test_a_bank_that_fails_mid_order_leaves_the_payment_in_doubt_and_the_pass_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `PaymentSender` raising anything but PaymentNotSent (here the disk filled up while writing the order) may
+    have paid: the pass reports the payment in doubt with what to do, says why among its problems, and ends as a
+    pass does; no later pass hands the intent to the bank again (PAY-7)."""
+    clock = ManualClock(START)
+    state = tmp_path / "state"
+    profile = tmp_path / "household.toml"
+    bank = BrokenDiskBank()
+
+    async def bill_150(agent: BillerAgent) -> None:
+        await agent.issue_bill(ACCOUNT, eur("150.00"), date(2026, 3, 26), "Spring energy", bill_id="spring")
+
+    async def main() -> None:
+        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_150) as running:
+            write_profile(
+                profile,
+                target=f"127.0.0.1:{running.port}",
+                fingerprint=running.biller.fingerprint.hex(),
+                code=await code_for(running),
+                household=PAYS_AS_BILLED,
+            )
+            household = await Household.open(load_profile(profile), state, clock=clock, bank=bank)
+            try:
+                await household.run_pass()
+                clock.set(datetime(2026, 3, 26, 9, 0, tzinfo=UTC))
+                report = await household.run_pass()
+                (line,) = report.payments
+                assert (line.amount, line.status) == ("EUR 150.00", "in doubt: check with the bank")
+                assert "parley consumer resolve-payment " in line.next_step
+                (problem,) = report.problems
+                assert "the bank's sender failed: OSError: [Errno 28] No space left on device" in problem.detail
+                later = await household.run_pass()
+                assert [p.status for p in later.payments] == ["in doubt: check with the bank"]
+                assert bank.calls == 1
+            finally:
+                await household.close()
+
+    asyncio.run(main())
+
+
 def test_a_declined_instalment_is_reported_not_retried_and_a_followed_pass_reads_the_stored_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

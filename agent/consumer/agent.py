@@ -298,7 +298,8 @@ class ConsumerAgent:
         never pays twice (PAY-2, PAY-7) — except that instructions whose
         pay_by_time passed before they were handed to the bank lapse (kept, never
         paid) and the payment gets a new intent in the same call (PAY-17). Raises PaymentRefused (PAY-8),
-        PaymentInDoubt (an earlier hand-over to the bank never answered), CallError
+        PaymentInDoubt (this or an earlier hand-over to the bank failed without saying whether it paid: the
+        `PaymentSender` raised anything but PaymentNotSent, its error chained as `__cause__`), CallError
         (the biller refused the intent or could not be reached), LookupError for a
         bill never verified, ValueError for an instalment that does not exist.
         """

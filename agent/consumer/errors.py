@@ -22,9 +22,10 @@ class PaymentNotSent(ParleyError):
 class PaymentInDoubt(ParleyError):
     """The intent was handed to the bank and its answer never came: it is not handed over again (PAY-7)."""
 
-    def __init__(self, biller_party_id: str, intent_id: str) -> None:
+    def __init__(self, biller_party_id: str, intent_id: str, bank_error: str = "") -> None:
+        because = f" (the bank's sender failed: {bank_error})" if bank_error else ""
         super().__init__(
-            f"payment {intent_id!r} to {biller_party_id!r} was handed to the bank without an answer; "
+            f"payment {intent_id!r} to {biller_party_id!r} was handed to the bank without an answer{because}; "
             "check with the bank and call resolve_payment"
         )
         self.biller_party_id = biller_party_id

@@ -220,7 +220,8 @@ class PaymentSender(Protocol):
         """Execute the transfer and return the bank's reference for it (the proof of payment, PAY-9).
 
         Raise `PaymentNotSent` when the bank certainly did not pay. Any other failure
-        leaves the payment in doubt: the agent never hands that intent over again
+        leaves the payment in doubt: `ConsumerAgent.pay` raises `PaymentInDoubt` (the
+        failure as its `__cause__`), and the agent never hands that intent over again
         (PAY-7) until `ConsumerAgent.resolve_payment` says what happened.
         """
         ...

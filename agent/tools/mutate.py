@@ -45,7 +45,8 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.markup import escape
 
-from agent.conformance import biller, consumer_cases
+from agent.conformance import biller as biller_cases
+from agent.conformance import consumer_cases
 from agent.conformance.runner import MAX_JOBS
 from agent.tools.json_output import add_json_options, emit_json, wants_json
 from agent.tools.numbers import number_argument
@@ -469,7 +470,7 @@ def cases_exercising(suite: Suite, requirements: Iterable[str]) -> tuple[str, ..
     """The ids of `suite`'s cases that exercise any of `requirements` (their own requirement, or one they cover:
     a violation of each fails the case), in the suite's order."""
     wanted = set(requirements)
-    cases = biller.suite.cases if suite == "biller" else consumer_cases.suite.cases
+    cases = biller_cases.suite.cases if suite == "biller" else consumer_cases.suite.cases
     return tuple(case.id for case in cases if wanted.intersection(case.exercises))
 
 
@@ -522,7 +523,6 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         return EXIT_UNUSABLE
     started = time.monotonic()
     suites = sorted({mutant.suite for mutant in chosen})
-
     if not args.no_baseline and not baselines_pass(args, chosen, suites, out):
         return EXIT_UNUSABLE
     runnable = [mutant for mutant in chosen if mutant.id not in stale]

@@ -239,6 +239,8 @@ async def run(args: argparse.Namespace) -> int:
         configure_logging(args.log, "info", open("/dev/null", "w"))  # noqa: SIM115 - for the whole run
     else:
         logging.getLogger().setLevel(logging.WARNING)
+    if args.state_dir is not None:  # a directory to put the throwaway store in (e.g. on tmpfs): made if missing
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     state_dir = Path(tempfile.mkdtemp(prefix="parley-inproc-", dir=args.state_dir))
     url = f"{SQLITE_SCHEME}{state_dir / 'biller.db'}"
     identity = PeerIdentity.create(BILLER_ID, _now())

@@ -518,6 +518,15 @@ def test_payment_intents_instructions_settlement_and_receipt(tmp_path: Path) -> 
         assert await reason(biller.stub.CreatePaymentIntent(intent("pay-6"))) is Reason.PAYMENT_AMOUNT_MISMATCH
         (arrangement,) = await biller.agent.arrangements(ACCOUNT)
         assert arrangement.paid_instalments == {0}
+        # An intent instructed but not settled is no payment of the arrangement; once settled, it is, in order.
+        await biller.stub.CreatePaymentIntent(intent("pay-7", index=1))
+        (arrangement,) = await biller.agent.arrangements(ACCOUNT)
+        assert [payment.intent_id for payment in arrangement.payments] == ["pay-1"]
+        await biller.agent.record_settlement(ACCOUNT, "pay-7", twenty, "RAIL-7")
+        (arrangement,) = await biller.agent.arrangements(ACCOUNT)
+        assert [(p.intent_id, p.instalment_index) for p in arrangement.payments] == [("pay-1", 0), ("pay-7", 1)]
+        assert arrangement.paid_instalments == {0, 1}
+        assert await biller.agent._store.get_arrangement(ACCOUNT, arrangement.agreement_digest) is not None
         missing = GetReceiptRequest(query=alice.query(ACCOUNT, intent_id="nope"))
         assert await reason(biller.stub.GetReceipt(missing)) is Reason.NOT_FOUND
 

@@ -31,7 +31,7 @@ from agent.biller import BillerAgent
 from agent.cli import main as parley_main
 from agent.clock import Clock, ManualClock, SystemClock
 from agent.conformance.peers import free_port
-from agent.consumer import PaymentNotSent, PaymentOrder
+from agent.consumer import PaymentNotSent, PaymentOrder, PaymentSender
 from agent.protocol.keys import SigningKey
 from agent.protocol.terms import Money, TermsKind
 from agent.stores.base import IntentState, ThreadOutcome
@@ -836,42 +836,52 @@ def test_the_bank_stand_in_declines_an_order_it_cannot_write_down(tmp_path: Path
     assert [line["payment_reference"] for line in bank.orders()] == ["CF-1"]
 
 
-def test_a_household_that_pays_as_billed_pays_a_plain_bill_on_its_date_without_negotiating(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = ManualClock(START)
-    state = tmp_path / "state"
+@asynccontextmanager
+async def spring_bill_paid_as_billed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: ManualClock, bank: PaymentSender | None = None
+) -> AsyncIterator[Household]:
+    """A reference biller that bills EUR 150.00 due 2026-03-26 ("spring") on enrolment, and an open household
+    that pays its bills as billed (through `bank`, else the stand-in bank in its state directory)."""
     profile = tmp_path / "household.toml"
 
     async def bill_150(agent: BillerAgent) -> None:
         await agent.issue_bill(ACCOUNT, eur("150.00"), date(2026, 3, 26), "Spring energy", bill_id="spring")
 
+    async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_150) as running:
+        write_profile(
+            profile,
+            target=f"127.0.0.1:{running.port}",
+            fingerprint=running.biller.fingerprint.hex(),
+            code=await code_for(running),
+            household=PAYS_AS_BILLED,
+        )
+        household = await Household.open(load_profile(profile), tmp_path / "state", clock=clock, bank=bank)
+        try:
+            yield household
+        finally:
+            await household.close()
+
+
+def test_a_household_that_pays_as_billed_pays_a_plain_bill_on_its_date_without_negotiating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock(START)
+
     async def main() -> None:
-        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_150) as running:
-            write_profile(
-                profile,
-                target=f"127.0.0.1:{running.port}",
-                fingerprint=running.biller.fingerprint.hex(),
-                code=await code_for(running),
-                household=PAYS_AS_BILLED,
-            )
-            household = await Household.open(load_profile(profile), state, clock=clock)
-            try:
-                report = await household.run_pass()
-                assert [p.opening.pays_as_billed for p in report.plan] == [True]
-                assert report.negotiations == []
-                assert [line.status for line in report.bills] == ["to pay as billed on 2026-03-26"]
-                assert [(p.instalment, p.of, p.status) for p in report.payments] == [(1, 1, "scheduled")]
-                clock.set(datetime(2026, 3, 26, 9, 0, tzinfo=UTC))
-                report = await household.run_pass()
-                assert [(p.amount, p.status) for p in report.payments] == [("EUR 150.00", "paid now")]
-                assert [line.status for line in report.bills] == ["paid as billed"]
-                report = await household.run_pass()  # paid once: neither planned nor paid again
-                assert (report.plan, report.payments) == ([], [])
-                assert len(orders(state)) == 1
-                assert await household.store.threads(BILLER, "spring") == []
-            finally:
-                await household.close()
+        async with spring_bill_paid_as_billed(tmp_path, monkeypatch, clock) as household:
+            report = await household.run_pass()
+            assert [p.opening.pays_as_billed for p in report.plan] == [True]
+            assert report.negotiations == []
+            assert [line.status for line in report.bills] == ["to pay as billed on 2026-03-26"]
+            assert [(p.instalment, p.of, p.status) for p in report.payments] == [(1, 1, "scheduled")]
+            clock.set(datetime(2026, 3, 26, 9, 0, tzinfo=UTC))
+            report = await household.run_pass()
+            assert [(p.amount, p.status) for p in report.payments] == [("EUR 150.00", "paid now")]
+            assert [line.status for line in report.bills] == ["paid as billed"]
+            report = await household.run_pass()  # paid once: neither planned nor paid again
+            assert (report.plan, report.payments) == ([], [])
+            assert len(orders(tmp_path / "state")) == 1
+            assert await household.store.threads(BILLER, "spring") == []
 
     asyncio.run(main())
 
@@ -894,37 +904,21 @@ def test_a_bank_that_fails_mid_order_leaves_the_payment_in_doubt_and_the_pass_go
     have paid: the pass reports the payment in doubt with what to do, says why among its problems, and ends as a
     pass does; no later pass hands the intent to the bank again (PAY-7)."""
     clock = ManualClock(START)
-    state = tmp_path / "state"
-    profile = tmp_path / "household.toml"
     bank = BrokenDiskBank()
 
-    async def bill_150(agent: BillerAgent) -> None:
-        await agent.issue_bill(ACCOUNT, eur("150.00"), date(2026, 3, 26), "Spring energy", bill_id="spring")
-
     async def main() -> None:
-        async with reference_biller(tmp_path, monkeypatch, clock, on_enrol=bill_150) as running:
-            write_profile(
-                profile,
-                target=f"127.0.0.1:{running.port}",
-                fingerprint=running.biller.fingerprint.hex(),
-                code=await code_for(running),
-                household=PAYS_AS_BILLED,
-            )
-            household = await Household.open(load_profile(profile), state, clock=clock, bank=bank)
-            try:
-                await household.run_pass()
-                clock.set(datetime(2026, 3, 26, 9, 0, tzinfo=UTC))
-                report = await household.run_pass()
-                (line,) = report.payments
-                assert (line.amount, line.status) == ("EUR 150.00", "in doubt: check with the bank")
-                assert "parley consumer resolve-payment " in line.next_step
-                (problem,) = report.problems
-                assert "the bank's sender failed: OSError: [Errno 28] No space left on device" in problem.detail
-                later = await household.run_pass()
-                assert [p.status for p in later.payments] == ["in doubt: check with the bank"]
-                assert bank.calls == 1
-            finally:
-                await household.close()
+        async with spring_bill_paid_as_billed(tmp_path, monkeypatch, clock, bank) as household:
+            await household.run_pass()
+            clock.set(datetime(2026, 3, 26, 9, 0, tzinfo=UTC))
+            report = await household.run_pass()
+            (line,) = report.payments
+            assert (line.amount, line.status) == ("EUR 150.00", "in doubt: check with the bank")
+            assert "parley consumer resolve-payment " in line.next_step
+            (problem,) = report.problems
+            assert "the bank's sender failed: OSError: [Errno 28] No space left on device" in problem.detail
+            later = await household.run_pass()
+            assert [p.status for p in later.payments] == ["in doubt: check with the bank"]
+            assert bank.calls == 1
 
     asyncio.run(main())
 

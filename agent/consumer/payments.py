@@ -311,17 +311,16 @@ class Payments:
         except Exception as error:
             # Any other failure: the bank may have paid. The intent stays SENDING, never handed over again (PAY-7),
             # and the caller hears it as the one error that says so, not as whatever the bank's code raised.
+            failure = f"{type(error).__name__}: {error}"
             log_step(
                 logger,
                 "payment-in-doubt",
                 logging.ERROR,
                 biller=intent.biller_party_id,
                 intent=intent.intent_id,
-                error=f"{type(error).__name__}: {error}",
+                error=failure,
             )
-            raise PaymentInDoubt(
-                intent.biller_party_id, intent.intent_id, f"{type(error).__name__}: {error}"
-            ) from error
+            raise PaymentInDoubt(intent.biller_party_id, intent.intent_id, failure) from error
         intent = await self._store.finish_sending(
             intent.biller_party_id, intent.intent_id, paid=True, proof=proof, now=self._party.now()
         )

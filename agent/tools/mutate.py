@@ -389,7 +389,8 @@ def run_mutant(mutant: Mutant | None, suite: Suite, judging: Judging = Judging()
         file = ""
         try:
             if judging.only == ():  # targeted, and the coverage table has no case for the requirement
-                raise HarnessError(f"no case of the {suite} suite exercises {mutant.breaks if mutant else '…'}")
+                what = mutant.breaks if mutant else "any chosen mutant's requirement"
+                raise HarnessError(f"no case of the {suite} suite exercises {what}")
             if mutant is not None:
                 mutated = apply_mutant(mutant, copy)
                 file = str(mutated.relative_to(copy))

@@ -29,6 +29,7 @@ from agent.transport.client import ClientTls
 from agent.transport.server import ConnectionLimits
 from reference_biller.config import load_config
 from reference_biller.service import SteppableClock, serving_biller
+from tests.helpers.scratch import scratch_directory
 
 TRANSPORT_CASES = (
     "TRN-9/client-certificate-required",
@@ -121,34 +122,72 @@ SETUPS = (
 )
 
 
-@pytest.mark.parametrize("setup", SETUPS, ids=[s.name for s in SETUPS])
-def test_transport_cases(tmp_path: Path, setup: Setup) -> None:
+Run = tuple[dict[str, str], str]  # each transport case's outcome, and what the suite printed
+
+
+async def run_setup(directory: Path, setup: Setup) -> Run:
+    """The reference biller served as `setup` says, and the suite's transport cases against it."""
     ca = make_dev_ca()
     server, client = issue_server_cert(ca), issue_client_cert(ca, "conformance suite")
     tls = ClientTls(ca.cert_pem, certificate_chain=client.chain_pem, private_key=client.key_pem)
-    report, output = tmp_path / "report.json", io.StringIO()
-
-    async def scenario() -> int:
-        async with serving_biller(
-            load_config(),
-            listen="127.0.0.1:0",
-            state_dir=tmp_path / "state",
-            clock=SteppableClock(),
-            tls=(server.chain_pem, server.key_pem),
-            tls_client_ca=ca.cert_pem if setup.mutual_tls else None,
-            conformance_control=True,
-            interval=timedelta(hours=1),
-            shutdown_grace=0,
-            connection_limits=setup.limits,
-        ) as running:
-            target = f"127.0.0.1:{running.port}"
-            return await run_suite(
-                biller_suite.suite,
-                lambda: biller_suite.connect(target, tls=tls, bounds=TOLD),
-                RunOptions(target=target, json=report, only=TRANSPORT_CASES),
-                Console(file=output, width=200),
-            )
-
-    asyncio.run(scenario())
+    report, output = directory / "report.json", io.StringIO()
+    async with serving_biller(
+        load_config(),
+        listen="127.0.0.1:0",
+        state_dir=directory / "state",
+        clock=SteppableClock(),
+        tls=(server.chain_pem, server.key_pem),
+        tls_client_ca=ca.cert_pem if setup.mutual_tls else None,
+        conformance_control=True,
+        interval=timedelta(hours=1),
+        shutdown_grace=0,
+        connection_limits=setup.limits,
+    ) as running:
+        target = f"127.0.0.1:{running.port}"
+        await run_suite(
+            biller_suite.suite,
+            lambda: biller_suite.connect(target, tls=tls, bounds=TOLD),
+            RunOptions(target=target, json=report, only=TRANSPORT_CASES),
+            Console(file=output, width=200),
+        )
     cases = json.loads(report.read_text(encoding="utf-8"))["cases"]
-    assert {case["id"]: case["outcome"] for case in cases} == setup.outcomes, output.getvalue()
+    return {case["id"]: case["outcome"] for case in cases}, output.getvalue()
+
+
+@pytest.fixture(scope="module")
+def setup_runs(request: pytest.FixtureRequest) -> dict[str, Run | BaseException]:
+    """The run of each setup selected in this session, all side by side in one loop before the first is judged.
+
+    The cases mostly wait (for an idle timeout, a handshake deadline, a cap's refusal), each setup on a server
+    and connections of its own: one after the other, the seven runs took 85 s of a CI run; side by side, about
+    the longest one's time. Each test still judges its own run.
+    """
+    selected = {
+        item.callspec.params["setup"].name
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.path == Path(__file__)
+        and item.originalname == "test_transport_cases"
+    }
+    chosen = [setup for setup in SETUPS if setup.name in selected]
+
+    async def side_by_side(root: Path) -> dict[str, Run | BaseException]:
+        async def one(number: int, setup: Setup) -> Run:
+            directory = root / str(number)
+            directory.mkdir()
+            return await run_setup(directory, setup)
+
+        runs = await asyncio.gather(*(one(n, setup) for n, setup in enumerate(chosen)), return_exceptions=True)
+        return {setup.name: run for setup, run in zip(chosen, runs, strict=True)}
+
+    with scratch_directory("parley-transport-cases-") as root:
+        return asyncio.run(side_by_side(root))
+
+
+@pytest.mark.parametrize("setup", SETUPS, ids=[s.name for s in SETUPS])
+def test_transport_cases(setup_runs: dict[str, Run | BaseException], setup: Setup) -> None:
+    run = setup_runs[setup.name]
+    if isinstance(run, BaseException):
+        raise run
+    outcomes_seen, output = run
+    assert outcomes_seen == setup.outcomes, output

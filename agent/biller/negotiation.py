@@ -8,7 +8,6 @@ binds the biller (NEG-12) and otherwise the policy, signs the answer through the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
 from agent.biller.bills import bill_facts
@@ -20,10 +19,21 @@ from agent.lru import Lru
 from agent.protocol.answers import AcceptOffer, Answer, CounterOffer
 from agent.protocol.disclosures import check_disclosure
 from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.protocol.limits import MAX_TEXT_CHARS
+from agent.protocol.limits import MAX_TEXT_CHARS, MAX_THREADS_PER_BILL
 from agent.protocol.messages import Verified
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, sign_move, thread_message
-from agent.protocol.negotiation import Accept, Move, Negotiation, Offer, Open, Reject, Role, State, ThreadMessage
+from agent.protocol.negotiation import (
+    Accept,
+    Move,
+    Negotiation,
+    Offer,
+    Open,
+    PendingOffer,
+    Reject,
+    Role,
+    State,
+    ThreadMessage,
+)
 from agent.protocol.terms import BillFacts, Terms
 from agent.stores.base import (
     AgreementFacts,
@@ -201,7 +211,7 @@ class NegotiationPhase:
         self._moves.put((message.digest, Role.CONSUMER), message)  # replayed with the thread's next move
         payload = inbound.message
         committed = payload.disclosure_digest if isinstance(payload, negotiation_pb2.ThreadOpen) else b""
-        disclosed = check_disclosure(committed, disclosure)
+        disclosed = check_disclosure(committed, disclosure, message.create_time.date())
         hardship = disclosed is not None and disclosed.circumstances.hardship
         received = context.received_minor if thread is None else 0
         negotiation = self.thread_state(thread, bill, hardship_disclosed=hardship, received_minor=received)
@@ -217,7 +227,7 @@ class NegotiationPhase:
             return await self._expired_opening(inbound, bill)
         new_thread = None
         if isinstance(message.move, Open):
-            self._check_can_open(bill, context.open_threads, now)
+            self._check_can_open(bill, context, now)
             new_thread = NewThread(
                 consumer_party_id=inbound.sender,
                 deadline=message.move.deadline,
@@ -359,16 +369,21 @@ class NegotiationPhase:
                 self._count_outcome(negotiation)
                 log_step(logger, "negotiate-expired", account=thread.account_id, thread_id=thread.thread_id)
 
-    def _check_can_open(self, bill: BillRecord, open_threads: Sequence[tuple[str, datetime]], now: datetime) -> None:
-        """NEG-3 then LIM-7, after the opening passed the core's checks (re-checked when storing): the bills
-        of the account's threads still open at `now` (deadline not passed), of those read with the step."""
+    def _check_can_open(self, bill: BillRecord, context: ThreadContext, now: datetime) -> None:
+        """NEG-3, LIM-7 then LIM-16, after the opening passed the core's checks (re-checked when storing): the
+        bills of the account's threads still open at `now` (deadline not passed), of those read with the step,
+        and every thread the bill has had."""
         limits = self.party.limits
-        open_bills = [bill_id for bill_id, deadline in open_threads if deadline >= now]
+        open_bills = [bill_id for bill_id, deadline in context.open_threads if deadline >= now]
         if bill.status is not BillStatus.OPEN or bill.bill_id in open_bills:
             raise RemoteProtocolError(Reason.BILL_NOT_NEGOTIABLE, f"bill {bill.bill_id!r} is not open to negotiation")
         if len(open_bills) >= limits.max_open_threads_per_account:
             raise RemoteProtocolError(
                 Reason.TOO_MANY_OPEN_THREADS, f"the account has {len(open_bills)} open threads already"
+            )
+        if context.threads_on_bill >= MAX_THREADS_PER_BILL:
+            raise RemoteProtocolError(
+                Reason.TOO_MANY_THREADS, f"bill {bill.bill_id!r} has had {MAX_THREADS_PER_BILL} threads (LIM-16)"
             )
 
     # --- our answer ---
@@ -387,46 +402,65 @@ class NegotiationPhase:
         pending = negotiation.pending
         assert pending is not None, "the biller moves only when the consumer made an offer"
         if negotiation.offer_binds_biller:
-            move: Move = Accept(pending.digest)
-        else:
-            offers = [m.move.terms for m in negotiation.history[:-1] if isinstance(m.move, Open | Offer)]
-            context = OfferContext(
-                bill=negotiation.bill,
-                account_id=bill.account_id,
-                offer=pending.terms,
-                round=negotiation.rounds,
-                max_rounds=negotiation.max_rounds,
-                previous_offers=tuple(offers),
-                circumstances=circumstances,
-                now=now,
-            )
-            move = _move_of(self.party.policy.decide(context), pending.digest)
-            late = self.first_late_date(move, pending.terms, now)
-            if late is not None:  # a deal the household could not keep on the day it is made (NEG-23)
-                log_step(
-                    logger,
-                    "policy-answer-late",
-                    logging.WARNING,
-                    thread_id=thread_id,
-                    answer=type(move).__name__,
-                    date=late.isoformat(),
-                    instead="Reject",
-                )
-                move = Reject(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, "no terms dated from today fit the policy")
+            return self._sign_move(negotiation, Accept(pending.digest), consumer, thread_id, now)
+        answer = "policy"
         try:
+            move = self._policy_move(
+                negotiation, bill, pending, circumstances=circumstances, thread_id=thread_id, now=now
+            )
+            answer = type(move).__name__
             return self._sign_move(negotiation, move, consumer, thread_id, now)
         except LocalProtocolError as refused:
+            # The policy's answer broke a rule (NEG-16), or the policy could not even build it (terms past the
+            # amount ceiling): either way a fault of ours, never the consumer's, whose offer was valid.
             log_step(
                 logger,
                 "policy-answer-refused",
                 logging.WARNING,
                 thread_id=thread_id,
-                answer=type(move).__name__,
+                answer=answer,
                 reason=refused.reason.name,
                 instead="Reject",
             )
             fallback = Reject(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY)
             return self._sign_move(negotiation, fallback, consumer, thread_id, now)
+
+    def _policy_move(
+        self,
+        negotiation: Negotiation,
+        bill: BillRecord,
+        pending: PendingOffer,
+        *,
+        circumstances: negotiation_pb2.Circumstances | None,
+        thread_id: bytes,
+        now: datetime,
+    ) -> Move:
+        """The policy's answer to the pending offer; a Reject instead of one dated before today (NEG-23)."""
+        offers = [m.move.terms for m in negotiation.history[:-1] if isinstance(m.move, Open | Offer)]
+        context = OfferContext(
+            bill=negotiation.bill,
+            account_id=bill.account_id,
+            offer=pending.terms,
+            round=negotiation.rounds,
+            max_rounds=negotiation.max_rounds,
+            previous_offers=tuple(offers),
+            circumstances=circumstances,
+            now=now,
+        )
+        move = _move_of(self.party.policy.decide(context), pending.digest)
+        late = self.first_late_date(move, pending.terms, now)
+        if late is None:
+            return move
+        log_step(  # a deal the household could not keep on the day it is made (NEG-23)
+            logger,
+            "policy-answer-late",
+            logging.WARNING,
+            thread_id=thread_id,
+            answer=type(move).__name__,
+            date=late.isoformat(),
+            instead="Reject",
+        )
+        return Reject(negotiation_pb2.REJECT_REASON_OUT_OF_POLICY, "no terms dated from today fit the policy")
 
     def _sign_move(
         self, negotiation: Negotiation, move: Move, consumer: str, thread_id: bytes, now: datetime

@@ -81,7 +81,7 @@ from agent.protocol.disclosures import check_disclosure
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
-from agent.protocol.messages import new_header, seal
+from agent.protocol.messages import header_of, new_header, seal
 from agent.protocol.terms import (
     AdvertisedOptions,
     BillFacts,
@@ -1213,7 +1213,8 @@ def _disclosures(s: Scenario) -> list[tuple[Call, Any, negotiation_pb2.Disclosur
         sent = getattr(call.request, "disclosure", b"")
         committed = move.disclosure_digest if isinstance(move, negotiation_pb2.ThreadOpen) else b""
         try:
-            checked.append((call, move, check_disclosure(committed, sent)))
+            opened_on = header_of(move).create_time.ToDatetime().date()
+            checked.append((call, move, check_disclosure(committed, sent, opened_on)))
         except RemoteProtocolError as error:
             raise Violation(
                 f"the client sent its {type(move).__name__} with a disclosure that breaks PRV-1/PRV-2: "

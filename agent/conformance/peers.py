@@ -35,7 +35,7 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 import grpc
@@ -409,10 +409,12 @@ class SignedParty:
         return self.sign(message)
 
 
-def disclosure_bytes(*, hardship: bool = True) -> bytes:
+def disclosure_bytes(*, hardship: bool = True, next_pay_date: date | None = None) -> bytes:
     """A well-formed serialized Disclosure (PRV-2)."""
     circumstances = negotiation_pb2.Circumstances(
-        purpose=negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP, hardship=hardship
+        purpose=negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_HARDSHIP,
+        hardship=hardship,
+        next_pay_date="" if next_pay_date is None else next_pay_date.isoformat(),
     )
     return negotiation_pb2.Disclosure(salt=secrets.token_bytes(16), circumstances=circumstances).SerializeToString()
 

@@ -35,6 +35,7 @@ from agent.logs import log_step
 from agent.protocol import negotiation as core
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.answers import AcceptOffer, CounterOffer, Escalate, RejectOffer
+from agent.protocol.disclosures import check_disclosure
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.limits import DISCLOSURE_SALT_BYTES, MAX_TEXT_CHARS, THREAD_ID_BYTES
@@ -191,6 +192,10 @@ class Negotiator:
             disclosure = negotiation_pb2.Disclosure(
                 salt=secrets.token_bytes(DISCLOSURE_SALT_BYTES), circumstances=circumstances.to_proto()
             ).SerializeToString(deterministic=True)
+            try:  # the receiver's rules (PRV-3, PRV-9), applied to ours before anything is signed or stored
+                check_disclosure(hashlib.sha256(disclosure).digest(), disclosure, party.now().date())
+            except RemoteProtocolError as error:
+                raise LocalProtocolError(error.reason, f"the strategy's disclosure: {error.detail}") from error
         negotiation = core.Negotiation(
             bill=facts,
             bill_digest=bill.digest,

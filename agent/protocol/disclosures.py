@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import date
 
 from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
-from agent.protocol.limits import DISCLOSURE_SALT_BYTES, MAX_NOTE_CHARS
+from agent.protocol.limits import DISCLOSURE_SALT_BYTES, MAX_NEXT_PAY_DATE_DAYS, MAX_NOTE_CHARS
 from agent.protocol.messages import parse_payload
 from agent.protocol.terms import parse_date
 from parley.v1 import negotiation_pb2
@@ -33,12 +34,13 @@ def disclosure_digest(disclosure: bytes) -> bytes:
     return hashlib.sha256(disclosure).digest()
 
 
-def check_disclosure(committed: bytes, disclosure: bytes) -> negotiation_pb2.Disclosure | None:
-    """PRV-3: `disclosure` is the one the opening committed to (`committed`, b"" for none), and parses strictly.
+def check_disclosure(committed: bytes, disclosure: bytes, opened_on: date) -> negotiation_pb2.Disclosure | None:
+    """PRV-3, PRV-9: `disclosure` is the one the opening committed to (`committed`, b"" for none), and parses strictly.
 
     Returns the parsed disclosure, or None when there is no commitment and no disclosure.
     RemoteProtocolError(MALFORMED_PAYLOAD) for a disclosure without commitment or the reverse, a
-    mismatch, a wrong salt size, circumstances without a defined purpose, a bad date or a long note.
+    mismatch, a wrong salt size, circumstances without a defined purpose, a bad date, a next pay date more
+    than MAX_NEXT_PAY_DATE_DAYS from `opened_on` (the UTC date of the opening's create_time) or a long note.
     """
     if not committed:
         if disclosure:
@@ -59,9 +61,14 @@ def check_disclosure(committed: bytes, disclosure: bytes) -> negotiation_pb2.Dis
         raise _malformed("the disclosure must state circumstances with a defined purpose")
     if circumstances.next_pay_date:
         try:
-            parse_date(circumstances.next_pay_date)
+            pay_day = parse_date(circumstances.next_pay_date)
         except LocalProtocolError as error:
             raise _malformed("next_pay_date is not a YYYY-MM-DD date") from error
+        if abs((pay_day - opened_on).days) > MAX_NEXT_PAY_DATE_DAYS:  # a difference: cannot overflow
+            raise _malformed(
+                f"next_pay_date {pay_day} is more than {MAX_NEXT_PAY_DATE_DAYS} days from the opening's "
+                f"date {opened_on} (PRV-9)"
+            )
     if len(circumstances.note) > MAX_NOTE_CHARS:
         raise _malformed(f"the disclosure note is longer than {MAX_NOTE_CHARS} characters")
     return parsed

@@ -105,6 +105,7 @@ class Reason(enum.Enum):
         "The opening's max_rounds or deadline is outside the advertised limits.",
     )
     TOO_MANY_OPEN_THREADS = ("RESOURCE_EXHAUSTED", "LIM-7", "The account already has the most open threads allowed.")
+    TOO_MANY_THREADS = ("RESOURCE_EXHAUSTED", "LIM-16", "The bill has had the most negotiation threads allowed.")
     OUT_OF_TURN = ("FAILED_PRECONDITION", "NEG-7", "The sender moved when it was the other party's turn.")
     ROUND_LIMIT_EXCEEDED = ("FAILED_PRECONDITION", "NEG-5", "An offer beyond the thread's max_rounds.")
     NEGOTIATION_DEADLINE_PASSED = ("FAILED_PRECONDITION", "NEG-6", "A move received after the thread's deadline.")

@@ -20,6 +20,7 @@ KEYID_BYTES = 16
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 DISCLOSURE_SALT_BYTES = 16  # PRV-3: the salt of a hardship disclosure's commitment
+MAX_NEXT_PAY_DATE_DAYS = 366  # PRV-9: a disclosed next pay day is within a year of the opening, either side
 # PAY-1: a payment intent id, chosen by the consumer (its idempotency key, PAY-2)
 INTENT_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 
@@ -66,6 +67,8 @@ MAX_ENROLMENT_GUESSES = 100_000
 PAYMENT_GRACE_DAYS = 3
 # PAY-14, LIM-12: payment intents stored per bill, settled or not.
 MAX_PAYMENT_INTENTS_PER_BILL = 100
+# LIM-16: negotiation threads one bill may have had, whatever their outcome (each keeps its messages).
+MAX_THREADS_PER_BILL = 100
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, cast
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -188,8 +189,26 @@ def find_unknown_fields(message: Message) -> list[str]:
     return list(_unknown_field_paths(message, ""))
 
 
+def _nul_string_paths(message: Message, prefix: str) -> Iterator[str]:
+    for field, value in message.ListFields():
+        path = prefix + field.name
+        if field.type == FieldDescriptor.TYPE_STRING:
+            texts = enumerate(value) if field.is_repeated else ((None, value),)
+            yield from (path if index is None else f"{path}[{index}]" for index, text in texts if "\0" in text)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:  # no maps in v1
+            items = enumerate(value) if field.is_repeated else ((None, value),)
+            for index, item in items:
+                yield from _nul_string_paths(item, f"{path}." if index is None else f"{path}[{index}].")
+
+
+def find_nul_strings(message: Message) -> list[str]:
+    """ENV-15: paths of string fields holding U+0000, in `message` and every nested message."""
+    return list(_nul_string_paths(message, ""))
+
+
 def parse_payload(cls: type[M], payload: bytes) -> M:
-    """ENV-6, ENV-7: parse `payload` as `cls`, refusing any field `cls` does not define."""
+    """ENV-6, ENV-7, ENV-15: parse `payload` as `cls`, refusing any field `cls` does not define and any string
+    holding U+0000."""
     try:
         message = cls.FromString(payload)
     except DecodeError as error:
@@ -203,6 +222,9 @@ def parse_payload(cls: type[M], payload: bytes) -> M:
     if message.ByteSize() != size:
         unknown = find_unknown_fields(cls.FromString(payload))
         raise RemoteProtocolError(Reason.UNKNOWN_FIELD, f"unknown fields: {', '.join(unknown)}")
+    # A string holding U+0000 is encoded with a zero byte: a payload without one (most) needs no walk.
+    if b"\0" in payload and (nul := find_nul_strings(message)):
+        raise RemoteProtocolError(Reason.MALFORMED_PAYLOAD, f"U+0000 in the string field {', '.join(nul)} (ENV-15)")
     return message
 
 

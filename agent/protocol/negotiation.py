@@ -28,7 +28,7 @@ import contextlib
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.limits import DEFAULT_LIMITS, Limits
@@ -330,7 +330,9 @@ class Negotiation:
             raise _Refused(Reason.BILL_DIGEST_MISMATCH, "the opening names another version of the bill")
         if not 1 <= opening.max_rounds <= self.limits.max_rounds:
             raise _Refused(Reason.NEGOTIATION_LIMITS_INVALID, f"max_rounds must be 1..{self.limits.max_rounds}")
-        if not create_time < opening.deadline <= create_time + self.limits.max_negotiation_time:
+        # A difference, not create_time + limit: offline (a bundle), create_time is whatever the sender's own key
+        # set allowed, up to the year 9999, where the sum overflows.
+        if not timedelta(0) < opening.deadline - create_time <= self.limits.max_negotiation_time:
             raise _Refused(
                 Reason.NEGOTIATION_LIMITS_INVALID,
                 f"deadline must be after the opening and within {self.limits.max_negotiation_time}",

@@ -665,7 +665,8 @@ class BillFacts:
       repeated, a programme description over MAX_TEXT_CHARS.
     - CURRENCY_MISMATCH (TRM-2): an option's amount is not in the amount due's currency.
     - AMOUNT_OUT_OF_RANGE (TRM-3): amount_due zero; the early-payment discount zero or not
-      below the amount due; `received_minor` negative or not below the amount due.
+      below the amount due; `received_minor` negative or not below the amount due; the amount due
+      plus the deferral's or the instalment plan's fee past the amount ceiling (BIL-2 item 9).
 
     `received_minor` is not part of the bill: it is what was received for it before the
     negotiation opened (PAY-16), so `outstanding` — amount due less that — is the principal
@@ -754,6 +755,22 @@ class BillFacts:
             _check_length(f"{path}.description", programme.description, MAX_TEXT_CHARS)
             for name in ("max_deferral_days", "max_instalments", "max_interval_days", "max_first_delay_days"):
                 _check_uint32(f"{path}.{name}", getattr(programme, name))
+        for path, fee in self._fees():
+            try:  # BIL-2 item 9: terms that take the option (the amount due plus its fee) must be expressible
+                self.amount_due + fee
+            except LocalProtocolError as error:
+                raise LocalProtocolError(
+                    Reason.AMOUNT_OUT_OF_RANGE,
+                    f"amount_due {self.amount_due} plus {path} {fee} is above the amount ceiling: "
+                    "no terms could take that option",
+                ) from error
+
+    def _fees(self) -> Iterator[tuple[str, Money]]:
+        options = self.options
+        if options.deferral is not None and options.deferral.fee is not None:
+            yield "options.deferral.fee", options.deferral.fee
+        if options.instalments is not None and options.instalments.fee is not None:
+            yield "options.instalments.fee", options.instalments.fee
 
     def _option_amounts(self) -> Iterator[tuple[str, Money]]:
         options = self.options

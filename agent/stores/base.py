@@ -231,9 +231,10 @@ class ThreadContext:
 
     The bill is the thread's, or for a new thread the one the opening names; the account is the bill's.
     Each is None when it does not exist. For a new thread whose bill exists (an opening), also what the
-    opening is judged against: `received_minor`, everything received for the bill (TRM-11, PAY-16), and
+    opening is judged against: `received_minor`, everything received for the bill (TRM-11, PAY-16),
     `open_threads`, the account's threads indexed OPEN, as (bill id, deadline), for NEG-3 and LIM-7 at
-    the step's time. `replay` is the replay cache's entry under the key asked for (HDR-8), if any.
+    the step's time, and `threads_on_bill`, every thread the bill has had, for LIM-16. `replay` is the
+    replay cache's entry under the key asked for (HDR-8), if any.
     """
 
     thread: ThreadRecord | None
@@ -242,6 +243,7 @@ class ThreadContext:
     received_minor: int = 0
     open_threads: tuple[tuple[str, datetime], ...] = ()
     replay: ReplayRecord | None = None
+    threads_on_bill: int = 0
 
 
 @dataclass(frozen=True)

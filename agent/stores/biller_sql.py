@@ -31,7 +31,12 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from agent.protocol.dsse import digest
 from agent.protocol.errors import Reason
-from agent.protocol.limits import ENROLMENT_GUESS_MEMORY, MAX_ENROLMENT_GUESSES, MAX_PAYMENT_INTENTS_PER_BILL
+from agent.protocol.limits import (
+    ENROLMENT_GUESS_MEMORY,
+    MAX_ENROLMENT_GUESSES,
+    MAX_PAYMENT_INTENTS_PER_BILL,
+    MAX_THREADS_PER_BILL,
+)
 from agent.stores.base import (
     AccountRecord,
     AlreadyExists,
@@ -826,6 +831,7 @@ class SqlBillerStore(abc.ABC):
             account = None if bill is None else _read_account(db, bill.account_id)
             received = 0
             open_threads: tuple[tuple[str, datetime], ...] = ()
+            threads_on_bill = 0
             if thread is None and bill is not None:  # an opening: what it is judged against
                 received = _received_minor(db, bill.bill_id)
                 open_threads = tuple(
@@ -835,8 +841,9 @@ class SqlBillerStore(abc.ABC):
                         (bill.account_id,),
                     )
                 )
+                threads_on_bill = _threads_on_bill(db, bill.bill_id)
             replay = None if replay_key is None else _replay_entry(db, *replay_key)
-            return ThreadContext(thread, bill, account, received, open_threads, replay)
+            return ThreadContext(thread, bill, account, received, open_threads, replay, threads_on_bill)
 
         return await self._in_read(read)
 
@@ -1250,6 +1257,12 @@ def _presented_bill(db: Db, bill_id: str, party_id: str) -> BillRecord | None:
     return None if row is None else _bill(row)
 
 
+def _threads_on_bill(db: Db, bill_id: str) -> int:
+    """LIM-16: every thread the bill has had, whatever its outcome."""
+    (count,) = db.execute("SELECT COUNT(*) FROM threads WHERE bill_id = ?", (bill_id,)).fetchone()
+    return int(count)
+
+
 def _negotiation_step(db: Db, step: NegotiationStep) -> list[EventRecord]:
     _lock_account(db, step.account_id)
     new = step.new_thread
@@ -1270,6 +1283,10 @@ def _negotiation_step(db: Db, step: NegotiationStep) -> list[EventRecord]:
         ).fetchone()
         if open_threads >= new.max_open_threads:
             raise StoreConflict(Reason.TOO_MANY_OPEN_THREADS, f"the account already has {open_threads} open threads")
+        if _threads_on_bill(db, step.bill_id) >= MAX_THREADS_PER_BILL:
+            raise StoreConflict(
+                Reason.TOO_MANY_THREADS, f"bill {step.bill_id!r} has had {MAX_THREADS_PER_BILL} threads"
+            )
         try:
             db.execute(
                 """INSERT INTO threads (thread_id, account_id, bill_id, consumer_party_id, outcome, deadline,

@@ -19,6 +19,7 @@ from agent.conformance.biller.target import (
 )
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
+from agent.protocol.limits import AMOUNT_MAJOR_DIGITS
 from agent.protocol.messages import Verified
 from parley.v1 import bill_pb2, envelope_pb2
 
@@ -120,6 +121,11 @@ async def invalid_bill_refused(ctx: BillerTarget) -> str:
         options.early_payment.CopyFrom(bill_pb2.EarlyPaymentDiscount(pay_by_date=pay_by, discount=money(discount)))
         return options
 
+    past_the_ceiling = bill_pb2.AdvertisedOptions()
+    past_the_ceiling.CopyFrom(standard)
+    past_the_ceiling.deferral.fee.CopyFrom(money(500))
+    ceiling = 10 ** (AMOUNT_MAJOR_DIGITS + 2) - 1  # the largest amount in EUR (TRM-3)
+
     invalid = (  # (what is wrong, amount due, due date, options, the reason of the first failing check of BIL-2)
         ("amount_due zero", 0, due, standard, Reason.AMOUNT_OUT_OF_RANGE),
         ("a deferral fee in USD on a bill in EUR, and amount_due zero (check 3 before 4)", 0, due, in_dollars,
@@ -130,6 +136,8 @@ async def invalid_bill_refused(ctx: BillerTarget) -> str:
          early((due + timedelta(days=1)).isoformat(), 1_000), Reason.INVALID_TERMS),
         ("an early-payment discount equal to amount_due", AMOUNT_DUE, due, early(today.isoformat(), AMOUNT_DUE),
          Reason.AMOUNT_OUT_OF_RANGE),
+        ("the largest amount due and a deferral fee (check 9: no terms could take the option)", ceiling, due,
+         past_the_ceiling, Reason.AMOUNT_OUT_OF_RANGE),
     )  # fmt: skip
     for what, amount, due_date, options, reason in invalid:
         answer = await ctx.conn.issue_test_bill(customer.account_id, money(amount), due_date.isoformat(), options)

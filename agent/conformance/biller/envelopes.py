@@ -14,6 +14,7 @@ from agent.conformance.biller.target import (
     FIXTURES,
     NEG,
     BillerTarget,
+    accepted,
     expect,
     list_bills,
     money,
@@ -295,6 +296,24 @@ async def unknown_field_nested(ctx: BillerTarget) -> None:
     payload = b"\x0a" + encode_varint(len(header)) + header + rest
     nested = customer.party.sign_bytes("parley.v1.AccountQuery", payload)
     expect(await list_bills(ctx, nested), Reason.UNKNOWN_FIELD, "a query whose header carries field 111")
+
+
+@suite.case(
+    "ENV-15/nul-in-string",
+    description="A signed payload with U+0000 in a string field, at the top level or nested, is MALFORMED_PAYLOAD",
+    quote="A receiver MUST refuse a signed payload in which any `string` field, at any depth (repeated fields "
+    "included), contains the code point U+0000, with `MALFORMED_PAYLOAD`",
+    needs=(FIXTURES,),
+)
+async def nul_in_string(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    query = query_envelope(customer, bill_id="cf-bill\0")
+    expect(await list_bills(ctx, query), Reason.MALFORMED_PAYLOAD, "a query whose bill_id holds U+0000")
+    header = customer.party.header()
+    header.recipient += "\0"  # nested, and checked before the recipient is (step 6 before step 7)
+    nested = customer.party.sign(account_pb2.AccountQuery(header=header, account_id=customer.account_id))
+    expect(await list_bills(ctx, nested), Reason.MALFORMED_PAYLOAD, "a query whose header's recipient holds U+0000")
+    accepted(await list_bills(ctx, query_envelope(customer)), "the same query without U+0000")
 
 
 @suite.case(

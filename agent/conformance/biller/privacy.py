@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from datetime import date, timedelta
 
 from agent.conformance.biller.target import (
     FIXTURES,
@@ -20,6 +21,7 @@ from agent.conformance.client import Refusal
 from agent.conformance.peers import disclosure_bytes
 from agent.conformance.runner import Suite, Violation
 from agent.protocol.errors import Reason
+from agent.protocol.limits import MAX_NEXT_PAY_DATE_DAYS
 from parley.v1 import account_pb2, biller_service_pb2, negotiation_pb2
 
 suite: Suite[BillerTarget] = Suite("biller/privacy")
@@ -44,6 +46,31 @@ async def disclosure_mismatch(ctx: BillerTarget) -> None:
     plain = customer.party.open(bill.bill_id, bill.digest, inside_options(bill))
     expect(await negotiate(ctx, plain, sent), Reason.MALFORMED_PAYLOAD, "a disclosure beside an opening without digest")
     accepted(await negotiate(ctx, opening, committed), "the opening with the disclosure it commits to")
+
+
+@suite.case(
+    "PRV-9/next-pay-date-bounded",
+    description="A disclosure naming a next pay date more than 366 days from the opening is MALFORMED_PAYLOAD",
+    quote="A receiver MUST refuse a `Negotiate` request whose disclosure names a `next_pay_date` more than 366 days "
+    "(`MAX_NEXT_PAY_DATE_DAYS`) before or after the UTC date of the opening's `create_time`, with "
+    "`MALFORMED_PAYLOAD` (nothing changes)",
+    needs=("negotiation", "hardship", FIXTURES),
+)
+async def next_pay_date_bounded(ctx: BillerTarget) -> None:
+    customer = await ctx.enrolled()
+    bill = await ctx.issue_bill(customer)
+    today = ctx.today()
+    for far in (date(9999, 12, 31), today - timedelta(days=MAX_NEXT_PAY_DATE_DAYS + 1)):
+        sent = disclosure_bytes(next_pay_date=far)
+        opening = customer.party.open(
+            bill.bill_id, bill.digest, inside_options(bill), disclosure_digest=hashlib.sha256(sent).digest()
+        )
+        expect(await negotiate(ctx, opening, sent), Reason.MALFORMED_PAYLOAD, f"a disclosed next pay date of {far}")
+    sent = disclosure_bytes(next_pay_date=today + timedelta(days=30))
+    opening = customer.party.open(
+        bill.bill_id, bill.digest, inside_options(bill), disclosure_digest=hashlib.sha256(sent).digest()
+    )
+    accepted(await negotiate(ctx, opening, sent), "the opening with a next pay date 30 days away")
 
 
 @suite.case(

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from agent.clock import Clock, SystemClock
 from agent.consumer import BillerLink, ConsumerAgent, Payment
-from agent.consumer.events import event_view
+from agent.consumer.events import MAX_STORED_EVENTS, event_view
 from agent.identity import IdentityDir, IdentityError, OtherPartyError
 from agent.protocol.agreement import Bundle, UnusableBundleError, verify_bundle
 from agent.protocol.errors import ProtocolError
@@ -239,7 +239,7 @@ async def _events(
     ended: set[tuple[str, bytes]] = set()
     for biller, link in links.items():
         for account in link.accounts:
-            for record in await store.stored_events(biller, account, 0, limit=1_000_000):
+            for record in await store.stored_events(biller, account, 0, limit=MAX_STORED_EVENTS):
                 event = event_view(record)
                 if event.kind == event_pb2.EVENT_KIND_ARRANGEMENT_BROKEN and event.thread_id:
                     ended.add((biller, event.thread_id))

@@ -32,6 +32,7 @@ from agent.consumer import (
     CounterOffer,
     Escalate,
     EventLogForked,
+    EventLogFull,
     Mandate,
     OpeningContext,
     Payment,
@@ -45,6 +46,7 @@ from agent.consumer import (
     ResponseContext,
     Withdraw,
 )
+from agent.consumer.events import MAX_STORED_EVENTS
 from agent.consumer.locks import KeyedLocks
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
@@ -155,6 +157,7 @@ class Household:
         approve: Callable[[ApprovalRequest], Awaitable[bool]] | None = None,
         bank: PaymentSender | None = None,
         client_certificate: tuple[bytes, bytes] | None = None,
+        max_stored_events: int = MAX_STORED_EVENTS,
     ) -> AsyncIterator[ConsumerAgent]:
         store = await SqliteConsumerStore.open(self.db_path)
         agent = ConsumerAgent(
@@ -169,6 +172,7 @@ class Household:
             clock=self.biller.clock,
             retry=FAST,
             client_certificate=client_certificate,
+            max_stored_events=max_stored_events,
         )
         try:
             yield agent
@@ -1314,6 +1318,22 @@ def test_watch_resumes_from_its_cursor_without_loss_or_duplicates(tmp_path: Path
             assert [event.sequence for event in stored] == list(range(7))
             assert stored[0].kind == event_pb2.EVENT_KIND_BILL_ISSUED
             assert stored[0].related_digest == digest(await biller.bill_envelope(BILL.bill_id))
+
+    run(tmp_path, scenario)
+
+
+def test_watch_stores_at_most_its_bound_of_events_then_ends_with_a_clear_error(tmp_path: Path) -> None:
+    """A biller cannot grow our store without bound: past `max_stored_events` the watch ends, nothing stored."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        async with household.agent(max_stored_events=3) as agent:
+            await enrol(biller, agent)  # event 0: BILL_ISSUED
+            await remind(biller, 3)  # events 1, 2, 3
+            async with contextlib.aclosing(agent.watch(BILLER_ID)) as events:
+                assert await take(events, 3) == [0, 1, 2]
+                with pytest.raises(EventLogFull, match="reached 3 events"):
+                    await anext(events)
+            assert [event.sequence for event in await agent.stored_events(BILLER_ID)] == [0, 1, 2]
 
     run(tmp_path, scenario)
 

@@ -10,7 +10,14 @@ Answers to an offer use the one vocabulary of `agent.protocol.answers`, re-expor
 from agent.consumer.agent import ConsumerAgent
 from agent.consumer.approvals import ApprovalBook, ApprovalClosed, ApprovalPending, UnknownApproval
 from agent.consumer.enrolment import EnrolmentLink, InvalidEnrolmentLink, parse_enrolment_uri
-from agent.consumer.errors import EventLogForked, PaymentDispute, PaymentInDoubt, PaymentNotSent, PaymentRefused
+from agent.consumer.errors import (
+    EventLogForked,
+    EventLogFull,
+    PaymentDispute,
+    PaymentInDoubt,
+    PaymentNotSent,
+    PaymentRefused,
+)
 from agent.consumer.mandate import Mandate
 from agent.consumer.negotiation import DECLINED_NOTE, NO_ROUNDS_NOTE
 from agent.consumer.plugins import (
@@ -55,6 +62,7 @@ __all__ = [
     "EnrolmentLink",
     "Escalate",
     "EventLogForked",
+    "EventLogFull",
     "InvalidEnrolmentLink",
     "Mandate",
     "NegotiationResult",

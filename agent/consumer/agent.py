@@ -72,7 +72,7 @@ from agent.clock import Clock, SystemClock
 from agent.consumer.approvals import Approvals
 from agent.consumer.bills import Bills
 from agent.consumer.enrolment import Enrolment
-from agent.consumer.events import EventWatch
+from agent.consumer.events import MAX_STORED_EVENTS, EventWatch
 from agent.consumer.instalments import committed_instalments, owed_facts
 from agent.consumer.locks import KeyedLocks
 from agent.consumer.mandate import Mandate
@@ -115,6 +115,7 @@ class ConsumerAgent:
         message_lifetime: timedelta = timedelta(minutes=15),
         retry: RetryPolicy = DEFAULT_RETRY,
         watch_failure_limit: int = 20,
+        max_stored_events: int = MAX_STORED_EVENTS,
         client_certificate: tuple[bytes, bytes] | None = None,
     ) -> None:
         """`key_sets` is our own chain (verified here if given as envelopes).
@@ -128,7 +129,8 @@ class ConsumerAgent:
         `negotiation_time` are what our openings ask for, lowered to the biller's
         announced limits. `message_lifetime` is the expire_time - create_time of
         what we sign (HDR-14: minutes). `watch_failure_limit` is how many bad
-        events in a row `watch` tolerates before it raises. ValueError for a
+        events in a row `watch` tolerates before it raises; `max_stored_events`
+        how many events of one account's log it stores at most. ValueError for a
         party id that is not one, a chain of another party, or a signing key
         not in the chain's newest version.
         """
@@ -170,7 +172,13 @@ class ConsumerAgent:
         )
         self._payments = Payments(party, store, receiver, self._sessions, self._bills, sender=payment_sender)
         self._events = EventWatch(
-            party, store, receiver, self._sessions, retry=retry, failure_limit=watch_failure_limit
+            party,
+            store,
+            receiver,
+            self._sessions,
+            retry=retry,
+            failure_limit=watch_failure_limit,
+            max_stored_events=max_stored_events,
         )
 
     async def close(self) -> None:
@@ -347,7 +355,8 @@ class ConsumerAgent:
         none is lost and none is yielded twice. Duplicates are dropped; a gap, a
         broken chain, a bad event or a transport failure closes the stream and
         resumes from the cursor with backoff. Raises EventLogForked on two
-        different events at one sequence, the error of the last bad event after
+        different events at one sequence, EventLogFull when the log would pass
+        `max_stored_events` (nothing past it is stored), the error of the last bad event after
         `watch_failure_limit` in a row, and CallError for a permanent refusal
         (CURSOR_OUT_OF_RANGE: the biller's log is shorter than what it served
         before). `account_id` may be left out when the biller has one of our

@@ -41,6 +41,19 @@ class PaymentDispute(ParleyError):
         self.receipt = receipt
 
 
+class EventLogFull(ParleyError):
+    """The account's log reached the most events this consumer stores (`max_stored_events`): the watch ends
+    rather than let the biller grow our store without bound. Nothing past the bound is stored."""
+
+    def __init__(self, biller_party_id: str, account_id: str, max_stored_events: int) -> None:
+        super().__init__(
+            f"the event log of {account_id!r} at {biller_party_id!r} reached {max_stored_events} events, the most "
+            "this consumer stores: no more are taken (a biller that sends that many is flooding the log)"
+        )
+        self.biller_party_id = biller_party_id
+        self.account_id = account_id
+
+
 class PaymentRefused(RemoteProtocolError):
     """The instructions fail PAY-8 (not the pinned biller's, not chained to our intent, another amount,
     past their pay-by time): nothing was paid, and nothing will be under them."""
@@ -60,4 +73,4 @@ class EventLogForked(RemoteProtocolError):
         self.received = received
 
 
-__all__ = ["EventLogForked", "PaymentDispute", "PaymentInDoubt", "PaymentNotSent", "PaymentRefused"]
+__all__ = ["EventLogForked", "EventLogFull", "PaymentDispute", "PaymentInDoubt", "PaymentNotSent", "PaymentRefused"]

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator
 
 import grpc
 
-from agent.consumer.errors import EventLogForked
+from agent.consumer.errors import EventLogForked, EventLogFull
 from agent.consumer.party import BillerSession, Party
 from agent.consumer.receive import Receiver, envelope_of, event_facts
 from agent.consumer.results import AccountEvent
@@ -47,6 +47,12 @@ def event_view(record: ReceivedEventRecord) -> AccountEvent:
     return event_facts(verified, record.biller_party_id, record.account_id)
 
 
+MAX_STORED_EVENTS = 100_000
+"""The most events of one account's log a consumer stores by default: decades of a real account's log (a bill
+brings about ten), and a bound on what a flooding biller can make us keep. Every read of the stored log reads
+at most this many, so it reads the whole log."""
+
+
 class EventWatch:
     """The events phase: `watch` an account's log live, or read what was taken already."""
 
@@ -59,7 +65,9 @@ class EventWatch:
         *,
         retry: RetryPolicy,
         failure_limit: int,
+        max_stored_events: int = MAX_STORED_EVENTS,
     ) -> None:
+        self._max_stored_events = max_stored_events
         self._party = party
         self._store = store
         self._receiver = receiver
@@ -116,7 +124,7 @@ class EventWatch:
 
     async def stored(self, biller: str, account_id: str | None, start: int) -> list[AccountEvent]:
         (account,) = await self._sessions.accounts(biller, account_id, one=True)
-        records = await self._store.stored_events(biller, account, start, limit=1_000_000)
+        records = await self._store.stored_events(biller, account, start, limit=MAX_STORED_EVENTS)
         return [event_view(record) for record in records]
 
     async def _take(
@@ -137,8 +145,10 @@ class EventWatch:
                     raise EventLogForked(header.sequence, envelope_of(stored[0].envelope), envelope)
                 return None
             check_sequence(header, expected_sequence=cursor.next_sequence, expected_previous=cursor.last_digest)
+            if header.sequence >= self._max_stored_events:
+                raise EventLogFull(session.biller, account, self._max_stored_events)
             event = event_facts(verified, session.biller, account)
-        except EventLogForked:
+        except (EventLogForked, EventLogFull):
             raise
         except RemoteProtocolError as error:
             raise _BrokenLog(error) from error

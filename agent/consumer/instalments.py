@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from agent.consumer.events import MAX_STORED_EVENTS
 from agent.consumer.receive import envelope_of
 from agent.consumer.results import ReceivedBill
 from agent.protocol.arrangements import ENDING_EVENTS, ended_arrangements, outstanding_balance, unpaid_instalments
@@ -23,9 +24,6 @@ from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload
 from agent.protocol.terms import BillFacts, Instalment, Money, Terms
 from agent.stores.base import ConsumerStore, ConsumerThreadRecord, IntentState, ThreadOutcome
 from parley.v1 import envelope_pb2, event_pb2, negotiation_pb2
-
-# Every stored event of an account's log is read when looking for the ends of its arrangements.
-_ALL_EVENTS = 1_000_000
 
 _NEGOTIATION_PAYLOADS = {cls.DESCRIPTOR.full_name: cls for cls in NEGOTIATION_TYPES}
 
@@ -52,7 +50,7 @@ async def ended_threads(
 ) -> frozenset[bytes]:
     """The arrangements (their thread ids) on the account — on one bill, if given — that the biller ended,
     as its stored (verified) events say (EVT-7: ARRANGEMENT_BROKEN, RENEGOTIATION_OFFERED)."""
-    records = await store.stored_events(biller, account_id, 0, limit=_ALL_EVENTS)
+    records = await store.stored_events(biller, account_id, 0, limit=MAX_STORED_EVENTS)  # the whole log
     events = (
         event_pb2.Event.FromString(envelope_of(record.envelope).payload)  # verified when stored
         for record in records

@@ -391,6 +391,8 @@ def bills(draw: st.DrawFn) -> BillFacts:
     code = draw(st.sampled_from(CODES))
     maybe_money = st.none() | money(code)
     amount_due = draw(money(code, min_minor=1))
+    # A fee option's terms restate the amount due plus the fee, which must stay below the ceiling (BIL-2 item 9).
+    maybe_fee = st.none() | st.integers(0, bound(code) - 1 - amount_due.minor).map(lambda minor: Money.of(minor, code))
     issue = draw(st.dates(min_value=date(2000, 1, 1), max_value=date(2100, 1, 1)))
     due = issue + timedelta(days=draw(days))
     min_interval = draw(days)
@@ -423,7 +425,7 @@ def bills(draw: st.DrawFn) -> BillFacts:
         min_interval,
         min_interval + draw(days),
         draw(days),
-        draw(maybe_money),
+        draw(maybe_fee),
     )
     return BillFacts(
         bill_id=draw(st.text(st.characters(codec="ascii"), min_size=1, max_size=MAX_ID_CHARS)),
@@ -433,7 +435,7 @@ def bills(draw: st.DrawFn) -> BillFacts:
         due_date=due,
         description=draw(texts),
         options=AdvertisedOptions(
-            deferral=draw(st.none() | st.builds(DeferralOption, days, maybe_money)),
+            deferral=draw(st.none() | st.builds(DeferralOption, days, maybe_fee)),
             instalments=draw(st.none() | st.just(instalments)),
             early_payment=early,
             hardship_programmes=programmes,

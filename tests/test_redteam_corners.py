@@ -7,6 +7,7 @@ arithmetic or a store that could not take it.
 - BIL-2 item 9: a bill whose fee option no terms could express is invalid; a policy that cannot build its answer
   rejects instead of refusing the consumer's valid offer.
 - PRV-9: a disclosed next pay date is within MAX_NEXT_PAY_DATE_DAYS of the opening.
+- The biller's cache of consumers' verified chains is bounded by their bytes, not only their number.
 - An agreement bundle whose opening claims the year 9999 gets a verdict, not an OverflowError (NEG-4's deadline
   bound is judged as a difference).
 """
@@ -20,10 +21,13 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.biller import BillerAgent
 from agent.clock import ManualClock
 from agent.conformance.peers import PeerRail
+from agent.lru import Lru
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
 from agent.protocol.errors import LocalProtocolError, ProtocolError, Reason, RemoteProtocolError
@@ -278,3 +282,35 @@ def test_a_bundle_whose_opening_claims_the_year_9999_gets_a_verdict_not_an_overf
     with pytest.raises(ProtocolError) as invalid:  # was: OverflowError out of NEG-4's deadline check
         verify_bundle(bundle, pins={"biller:x": digest(biller_chain[0])})
     assert invalid.value.reason is Reason.NOT_AGREED
+
+
+# --- Caches bounded by weight, not only by count ----------------------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["put", "get", "pop"]), st.integers(0, 6), st.integers(0, 40)),
+        max_size=60,
+    )
+)
+def test_a_weighted_cache_never_holds_more_than_its_count_or_its_weight(operations: list[tuple[str, int, int]]) -> None:
+    """The consumers' verified chains are cached by party, and a chain's size is the party's choice (up to about
+    6 MB at LIM-15's bound): the cache bounds their bytes (agent/biller/receive.py), as an Lru with max_weight."""
+    cache: Lru[int, str] = Lru(4, max_weight=50)
+    model: dict[int, tuple[str, int]] = {}  # what it holds, oldest use first
+    for operation, key, weight in operations:
+        if operation == "put":
+            model.pop(key, None)
+            model[key] = (f"v{key}", weight)
+            while len(model) > 4 or sum(w for _, w in model.values()) > 50:
+                del model[next(iter(model))]
+            cache.put(key, f"v{key}", weight)
+        elif operation == "get":
+            assert cache.get(key) == (model[key][0] if key in model else None)
+            if key in model:
+                model[key] = model.pop(key)
+        else:
+            model.pop(key, None)
+            cache.pop(key)
+        assert len(cache) == len(model) <= 4
+        assert cache.weight == sum(w for _, w in model.values()) <= 50

@@ -36,6 +36,9 @@ R = TypeVar("R")
 
 # In-process caches, bounded (agent/lru.py); what they forget is read and verified again.
 _PARTY_CACHE_ENTRIES = 10_000  # consumers' verified chains and keyid -> party (a few KiB per party)
+# A chain's size is the party's choice: at LIM-15's 100 versions with 256 revocations each it is about 6 MB, so
+# the count alone would allow tens of GB. Typical chains (one or two versions, ~1 KiB) fill this at 10,000 parties.
+_CHAIN_CACHE_BYTES = 64 * 1024 * 1024
 
 _QUERY_TARGET = {"GetBill": "bill_id", "GetThread": "thread_id", "GetReceipt": "intent_id"}
 
@@ -78,7 +81,7 @@ class ReceivePath:
     def __init__(self, party: BillerParty) -> None:
         self.party = party
         # Verification cache, with the stored bytes of the chain's tip it was verified up to; the store is the truth.
-        self._chains: Lru[str, tuple[bytes, KeyChain]] = Lru(_PARTY_CACHE_ENTRIES)
+        self._chains: Lru[str, tuple[bytes, KeyChain]] = Lru(_PARTY_CACHE_ENTRIES, max_weight=_CHAIN_CACHE_BYTES)
         # keyid -> enrolled party: a stored keyid never moves to another party (KEY-21), so a hit stays true.
         self._keyid_parties: Lru[str, str] = Lru(_PARTY_CACHE_ENTRIES)
 
@@ -144,20 +147,21 @@ class ReceivePath:
             tip_bytes, chain = cached
             stored = await self.party.store.party_key_sets(party_id, after_version=chain.latest.version - 1)
             if stored and stored[0] == tip_bytes:
-                for data in stored[1:]:
-                    chain = chain.extend(stored_envelope(data), limits=self.party.limits)
-                self._chains.put(party_id, (stored[-1], chain))
+                if len(stored) > 1:  # newer versions: only they are verified (the hit is already the newest entry)
+                    for data in stored[1:]:
+                        chain = chain.extend(stored_envelope(data), limits=self.party.limits)
+                    self.remember_chain(party_id, stored[-1], chain)
                 return chain
         stored = await self.party.store.party_key_sets(party_id)
         if not stored:
             raise RemoteProtocolError(Reason.NOT_ENROLLED, f"{party_id!r} is not enrolled")
         chain = KeyChain.verify([stored_envelope(data) for data in stored], limits=self.party.limits)
-        self._chains.put(party_id, (stored[-1], chain))
+        self.remember_chain(party_id, stored[-1], chain)
         return chain
 
     def remember_chain(self, party_id: str, tip: bytes, chain: KeyChain) -> None:
         """The party's chain grew to `chain`, whose newest version is stored as `tip`: no need to verify it again."""
-        self._chains.put(party_id, (tip, chain))
+        self._chains.put(party_id, (tip, chain), weight=sum(envelope.ByteSize() for envelope in chain.envelopes))
 
     async def check_keyids_free(self, keyids: Sequence[str], party_id: str) -> None:
         """KEY-21: no keyid of a new key set may be listed by another party's chain, the biller's own included."""

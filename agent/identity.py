@@ -11,23 +11,31 @@ Both reference agents keep their identity the same way (`role` is "biller" or
 - `<role>-keyset-v<N>.pb`: version N of the key set chain, one serialized
   envelope each; a version is written completely or not at all and never
   overwritten. Version 1's digest is the party's identity fingerprint (KEY-12).
-- `.<role>.key.next`: a rotation's new key, until the key set version listing it
-  is written.
+- `.<role>.key.next`: a rotation's new key (or a new identity's first key),
+  until the key set version listing it is written.
 
 `load` creates the key and version 1 on first use and renews a key set close to
-its expiry as the next version, signed by the current key (KEY-9);
+its expiry as the next version, signed by the current key (KEY-9). It creates
+them only in a directory that holds neither: a key without key set version 1,
+or a later version without an earlier one, is refused (a new version 1 would be
+a new identity, with a new fingerprint);
 `load_existing` does the same but never creates an identity (`NoIdentityError`:
 offline commands must not mint a new identity in a mistyped directory); `rotate`
 replaces the key while keeping the identity (KEY-17) and, like
 `load_existing`, needs one to exist. All refuse a state directory that holds
-another party's identity, a key set that does not list the key, unreadable key
-set files or a path that is not a directory (`IdentityError`, a ValueError).
+another party's identity or the other role's (a biller's key beside a
+consumer's), a key set that does not list the key, unreadable key set files or a
+path that is not a directory (`IdentityError`, a ValueError). `check` applies
+the rules about the directory itself (a directory, not the other role's) alone,
+for commands to call before they write anything; `state_dir_path` refuses an
+empty path (it would mean the working directory).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +57,9 @@ KEYSET_RENEW_BEFORE = timedelta(days=30)
 DEFAULT_BACKDATE = timedelta(days=1)
 """A new key set version starts this long before `now`, so a peer whose clock is a little behind still finds
 the key valid."""
+ROLES = ("biller", "consumer")
+"""The roles whose identities a state directory may hold, one role per directory: each agent's files (keys,
+store) beside the other's would be run, backed up and rotated as one party's."""
 
 
 class IdentityError(ValueError):
@@ -67,6 +78,17 @@ class NoIdentityError(IdentityError):
     """The state directory holds no identity of this role (or does not exist): nothing to load, rotate or use."""
 
 
+def state_dir_path(text: str, named_by: str = "--state-dir") -> Path:
+    """The state directory `text` names; IdentityError when it is empty.
+
+    `Path("")` is the working directory: an empty --state-dir would put a key and a database among whatever
+    files are there instead of saying the name was left out.
+    """
+    if not text:
+        raise IdentityError(f"{named_by} is empty: name a directory")
+    return Path(text)
+
+
 @dataclass(frozen=True)
 class Identity:
     """A party's signing key and its verified key set chain, whose newest version lists the key."""
@@ -82,6 +104,8 @@ class IdentityDir:
     state_dir: Path
     role: str
     backdate: timedelta = DEFAULT_BACKDATE
+    named_by: str = "--state-dir"
+    """How the person chose the directory (a flag, a variable), for the messages that ask for another one."""
 
     @property
     def key_path(self) -> Path:
@@ -95,15 +119,27 @@ class IdentityDir:
         return self.state_dir / f"{self.role}-keyset-v{version}.pb"
 
     def exists(self) -> bool:
-        """Whether the state directory holds an identity of this role (its key or its first key set version)."""
-        return self.key_path.exists() or self.keyset_path(1).exists()
+        """Whether the state directory holds anything of an identity of this role: its key or a key set version
+        (a part alone is an identity to restore, never a place for a new one)."""
+        return self.key_path.exists() or bool(self._stored_versions())
+
+    def check(self) -> None:
+        """IdentityError unless the state directory can be this role's: a path that is not a directory, or one
+        that holds another role's identity, is refused. Reads only: commands call it before writing anything."""
+        if self.state_dir.exists() and not self.state_dir.is_dir():
+            raise IdentityError(f"the state directory {self.state_dir} is a file, not a directory")
+        for other in ROLES:
+            if other != self.role and IdentityDir(self.state_dir, other).exists():
+                raise IdentityError(f"{self.state_dir} holds a {other}'s state: use another {self.named_by}")
 
     def require(self) -> None:
-        """NoIdentityError unless the state directory holds an identity of this role; reads and writes nothing."""
-        self._check_directory()
+        """NoIdentityError unless the state directory holds an identity of this role, IdentityError if its key set
+        chain is unusable (a version lost); reads and writes nothing, so a caller may check before it locks."""
+        self.check()
         if not self.exists():
             where = "does not exist" if not self.state_dir.exists() else f"holds no {self.key_path.name}"
             raise NoIdentityError(f"the state directory {self.state_dir} {where}: no {self.role} identity there")
+        self._read_chain()
 
     def load_existing(self, party_id: str, now: datetime) -> Identity:
         """As `load`, but NoIdentityError where there is no identity yet: never creates one."""
@@ -113,23 +149,18 @@ class IdentityDir:
     def load(self, party_id: str, now: datetime) -> Identity:
         """The identity from the state directory, created on first use, renewed near expiry.
 
-        A rotation cut short is finished (its version was written) or undone (it was not).
+        A rotation or a creation cut short is finished (its version was written) or undone (it was not).
         """
-        self._check_directory()
+        self.check()
+        chain = self._read_chain()  # before anything is written: a part of an identity is never completed anew
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        chain = self._read_chain()
-        if not self.key_path.exists():
-            if chain is not None:
-                raise IdentityError(f"{self.keyset_path(1)} exists but its key {self.key_path} does not: restore it")
-            SigningKey.generate().save(self.key_path)
-            logger.info("new signing key %s", self.key_path)
-        if chain is not None:
-            self._finish_rotation(chain)
-        key = self._load_key(self.key_path)
         if chain is None:
-            version_1 = self._new_version(key, party_id, None, now)
-            self._write_new(self.keyset_path(1), version_1.SerializeToString())
-            chain = KeyChain.verify([version_1])
+            chain = self._create(party_id, now)
+        else:
+            self._finish_rotation(chain)
+        if not self.key_path.exists():
+            raise IdentityError(f"{self.keyset_path(1)} exists but its key {self.key_path} does not: restore it")
+        key = self._load_key(self.key_path)
         if chain.party_id != party_id:
             raise OtherPartyError(
                 f"{self.state_dir} holds the identity of {chain.party_id!r}, not {party_id!r}", chain.party_id
@@ -140,11 +171,28 @@ class IdentityDir:
             )
         return self.renew(Identity(key, chain), now)
 
+    def _create(self, party_id: str, now: datetime) -> KeyChain:
+        """A new key and key set version 1 listing it, in a directory that holds neither.
+
+        The key is written as the pending key and takes its place once version 1 is written, as in a rotation: a
+        crash in between leaves what the next `load` finishes or starts again, never a key without its key set
+        (which `load` refuses: it cannot tell it from a key set version 1 lost since).
+        """
+        self.next_key_path.unlink(missing_ok=True)  # a creation cut short before its version 1: start again
+        key = SigningKey.generate()
+        key.save(self.next_key_path)
+        version_1 = self._new_version(key, party_id, None, now)
+        self._write_new(self.keyset_path(1), version_1.SerializeToString())
+        os.replace(self.next_key_path, self.key_path)
+        logger.info("new signing key %s", self.key_path)
+        return KeyChain.verify([version_1])
+
     def read(self, party_id: str) -> Identity:
         """The identity as stored, for read-only views: nothing is created, renewed or finished.
 
         IdentityError if there is none, it is unreadable, or it is another party's (OtherPartyError).
         """
+        self.check()
         chain = self._read_chain()
         if chain is None or not self.key_path.exists():
             raise IdentityError(f"{self.state_dir} holds no {self.role} identity yet")
@@ -203,16 +251,31 @@ class IdentityDir:
                 f"{path} is not a usable Ed25519 private key (PKCS#8 PEM): restore it from a backup"
             ) from error
 
-    def _check_directory(self) -> None:
-        if self.state_dir.exists() and not self.state_dir.is_dir():
-            raise IdentityError(f"the state directory {self.state_dir} is a file, not a directory")
+    def _stored_versions(self) -> set[int]:
+        """The version numbers of this role's key set files in the state directory."""
+        if not self.state_dir.is_dir():
+            return set()
+        name = re.compile(rf"{re.escape(self.role)}-keyset-v([1-9][0-9]*)\.pb")
+        return {int(found[1]) for path in self.state_dir.iterdir() if (found := name.fullmatch(path.name))}
 
     def _read_chain(self) -> KeyChain | None:
+        """The stored chain; None when the directory holds neither key nor key set. IdentityError when a version
+        is missing (version 1 beside the key, or one before a later one): the next `load` would otherwise write
+        a new version 1 in its place, a new identity that no pinned fingerprint matches."""
+        versions = self._stored_versions()
+        if not versions and not self.key_path.exists():
+            return None
+        expected = set(range(1, max(versions, default=1) + 1))  # version 1, and each before the latest
+        if missing := sorted(expected - versions):
+            raise IdentityError(
+                f"key set version {missing[0]} is missing from {self.state_dir}: restore it from your backup; "
+                "nothing was changed"
+            )
         envelopes: list[envelope_pb2.Envelope] = []
         try:
-            while (path := self.keyset_path(len(envelopes) + 1)).exists():
-                envelopes.append(envelope_pb2.Envelope.FromString(path.read_bytes()))
-            return KeyChain.verify(envelopes) if envelopes else None
+            for version in range(1, max(versions) + 1):
+                envelopes.append(envelope_pb2.Envelope.FromString(self.keyset_path(version).read_bytes()))
+            return KeyChain.verify(envelopes)
         except (ProtocolError, DecodeError) as error:
             raise IdentityError(f"the key sets in {self.state_dir} are not a usable chain: {error}") from error
 

@@ -20,17 +20,12 @@ without a live code, never with two — issue again.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from datetime import datetime
 
 from agent.biller import BillerAgent
-from agent.protocol.limits import MAX_ID_CHARS
 from agent.stores.base import AccountRecord, AlreadyExists, BillerStore
-from reference_biller.config import BillerConfig
-
-ID_PATTERN = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
-MAX_HOLDER_CHARS = 200
+from reference_biller.config import ID_PATTERN, ID_RULE, BillerConfig, holder_name
 
 
 class AccountError(ValueError):
@@ -49,7 +44,7 @@ class AccountView:
 def check_id(kind: str, value: str) -> str:
     """`value` if it is a usable id; AccountError naming `kind` ("account id", "bill id") otherwise."""
     if not ID_PATTERN.fullmatch(value):
-        raise AccountError(f"{kind} {value!r} is not usable: 1 to {MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ : -")
+        raise AccountError(f"{kind} {value!r} is not usable: {ID_RULE}")
     return value
 
 
@@ -58,9 +53,10 @@ async def add_account(
 ) -> None:
     """Create the account with its segment; AccountError for a bad id, holder or segment, or a taken id."""
     check_id("account id", account_id)
-    holder = holder.strip()
-    if not 0 < len(holder) <= MAX_HOLDER_CHARS:
-        raise AccountError(f"the holder name must be 1 to {MAX_HOLDER_CHARS} characters")
+    try:
+        holder = holder_name(holder)
+    except ValueError as error:
+        raise AccountError(str(error)) from None
     if segment not in config.segments:
         raise AccountError(f"no segment {segment!r} in the configuration: use one of {', '.join(config.segments)}")
     try:

@@ -74,6 +74,7 @@ from agent.transport.status import abort as abort_with_protocol_error
 from parley.backoffice.v1 import backoffice_service_pb2 as pb
 from parley.backoffice.v1 import backoffice_service_pb2_grpc as pb_grpc
 from parley.v1 import bill_pb2, envelope_pb2, event_pb2
+from reference_biller.intake import check_issue_date
 from reference_biller.statements import awaited_payment_by_reference
 
 logger = logging.getLogger("parley.backoffice")
@@ -404,6 +405,11 @@ class BackOfficeServicer(pb_grpc.BackOfficeServiceServicer):
             )
         existing = await self._store.get_bill(bill_id)
         if existing is None:
+            if issued is not None:  # a new bill only: a retry of an old one is still answered as before
+                try:
+                    check_issue_date(issued, self._agent.clock.now().date())
+                except ValueError as error:
+                    raise BackOfficeError(BackOfficeReason.INVALID_REQUEST, str(error)) from None
             try:
                 await self._agent.issue_bill(
                     account_id,

@@ -29,8 +29,13 @@ table > default (reference_biller/settings.py, docs/OPERATIONS.md).
 `check-config` exits 0 (OK) or 1 (the error names the key); the others exit 2
 on an invalid configuration or bad usage and 1 when the biller fails; `serve`
 runs until SIGTERM or SIGINT and exits 0. Only `serve` and `init` create an
-identity: `codes` and `rotate-key` refuse a state directory without one (exit
-2), so a mistyped `--state-dir` never prints codes under a new fingerprint. `agent/cli.py` composes these
+identity, and only in a directory that holds none: `codes` and `rotate-key` refuse a state directory
+without one (exit 2), and every command refuses one that holds a part of one (a key without its key
+set version 1: restore it), so a mistyped `--state-dir` or a lost file never prints codes under a new
+fingerprint. A household's state directory, or an empty `--state-dir`, is refused too (exit 2).
+`codes` checks everything it was given (the accounts, `--endpoint` by the rule the
+consumer reads the link with, the QR files' directories, an explicit store that must exist) before it
+issues anything, so a refusal supersedes no code. `agent/cli.py` composes these
 commands into `parley`, as it does the reference consumer's
 (`reference_consumer/runner.py`).
 """
@@ -43,7 +48,7 @@ import contextlib
 import json
 import signal
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,11 +59,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.clock import Clock, SystemClock
+from agent.consumer.enrolment import is_endpoint
 from agent.identity import IdentityError, NoIdentityError
 from agent.listen import is_loopback
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.keys import InsecureKeyFileError
+from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, open_biller_store
 from agent.stores.files import check_private_file
+from agent.tools.paths import output_file_argument
 from agent.tracing import TracingUnavailable, server_interceptors
 from agent.transport.server import DEFAULT_CONNECTION_LIMITS, install_uvloop
 from reference_biller import accounts, sample
@@ -66,6 +74,7 @@ from reference_biller.backoffice_cli import add_backoffice_commands
 from reference_biller.config import SAMPLE, BillerConfig, ConfigError, load_config
 from reference_biller.console.cli import add_console_command
 from reference_biller.service import (
+    STORE_FILE,
     RunningBiller,
     SteppableClock,
     exclusive_lock,
@@ -76,6 +85,7 @@ from reference_biller.service import (
 from reference_biller.settings import (
     ServeSettings,
     SettingsError,
+    check_server_table,
     config_file,
     resolve_serve,
     resolve_state_dir,
@@ -99,8 +109,9 @@ def _biller_config(args: argparse.Namespace, out: Console) -> BillerConfig | Non
 def _check_config(args: argparse.Namespace, out: Console) -> int:
     try:
         config = load_config(Path(args.file))
+        check_server_table(config.server)  # resolve_serve's own rules on the table alone: what serve refuses
         _check_server_files(config)
-    except ConfigError as error:
+    except (ConfigError, SettingsError) as error:
         out.print(f"[bold red]INVALID[/bold red] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_FAILED
     out.print(
@@ -120,10 +131,12 @@ def _check_server_files(config: BillerConfig) -> None:
     try:
         if server.tls_cert is not None and server.tls_key is not None:
             cert, key = Path(server.tls_cert), Path(server.tls_key)
-            _check_tls_pair(cert, cert.read_bytes(), key, key.read_bytes())
+            _check_tls_pair(cert, cert.read_bytes(), key, check_private_file(key))  # as `_tls_files` reads it
         if server.tls_client_ca is not None:
             client_ca = Path(server.tls_client_ca)
             _certificates(client_ca, client_ca.read_bytes())
+    except InsecureKeyFileError as error:  # a PermissionError, but no unreadable file: say what serve says
+        raise ConfigError(f"server.tls_key: {error}") from error
     except OSError as error:
         raise ConfigError(f"[server]: cannot read {error.filename}: {error.strerror}") from error
     except ValueError as error:
@@ -258,6 +271,7 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
         return EXIT_UNUSABLE
     try:
         settings = resolve_serve(vars(args), config.server)
+        identity_dir(settings.state_dir).check()  # a file, a household's: refused before serve makes the directory
         tls = _tls_files(settings, args.insecure)
         client_ca = None if settings.tls_client_ca is None else settings.tls_client_ca.read_bytes()
         if settings.tls_client_ca is not None and client_ca is not None:
@@ -287,15 +301,30 @@ def _serve(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+@dataclass(frozen=True)
+class _Issued:
+    """What `codes` did, per account (in the order asked): its holder, its new code, how many codes it revoked."""
+
+    fingerprint: bytes
+    holders: dict[str, str]
+    codes: dict[str, str]  # empty with --revoke
+    revoked: dict[str, int]  # superseded by the new code, or revoked by --revoke
+
+
+class _UnknownAccounts(LookupError):
+    """Accounts asked for that do not exist: bad input (exit 2), found before any code is issued."""
+
+
 async def _issue_codes(
     args: argparse.Namespace, config: BillerConfig, state_dir: Path, store_location: str | None
-) -> None:
+) -> _Issued:
+    ids = args.account or [account.account_id for account in config.accounts]
+    await _check_accounts_exist(config, state_dir, store_location, ids)
     biller = await open_biller(config, state_dir, SystemClock(), store_location=store_location, create_identity=False)
     holders: dict[str, str] = {}
     codes: dict[str, str] = {}
     revoked: dict[str, int] = {}
     try:
-        ids = args.account or [account.account_id for account in config.accounts]
         now = biller.clock.now()
         for account_id in ids:
             record = await biller.agent.account(account_id)
@@ -308,19 +337,42 @@ async def _issue_codes(
                 )
     finally:
         await biller.close()
-    _print_codes(args, config, biller.fingerprint, holders=holders, codes=codes, revoked=revoked)
+    return _Issued(biller.fingerprint, holders, codes, revoked)
 
 
-def _print_codes(
-    args: argparse.Namespace,
-    config: BillerConfig,
-    fingerprint: bytes,
-    *,
-    holders: dict[str, str],
-    codes: dict[str, str],
-    revoked: dict[str, int],
+async def _check_accounts_exist(
+    config: BillerConfig, state_dir: Path, store_location: str | None, ids: list[str]
 ) -> None:
+    """_UnknownAccounts unless every account in `ids` is configured (opening the biller creates those) or
+    stored. Without a store yet (a fresh `init`) only the configured ones can exist, and nothing is opened, so a
+    refusal leaves the state directory as it was."""
+    configured = [account.account_id for account in config.accounts]
+    unknown = [account_id for account_id in ids if account_id not in configured]
+    location = store_location or str(state_dir / STORE_FILE)
+    path = _sqlite_path(location)
+    if unknown and (path is None or path.exists()):  # PostgreSQL, or a SQLite file already made
+        store = await open_biller_store(location)
+        try:
+            unknown = [account_id for account_id in unknown if await store.get_account(account_id) is None]
+        finally:
+            await store.close()
+    if unknown:
+        listed = ", ".join(configured) or "none"
+        raise _UnknownAccounts(
+            f"no account {', '.join(map(repr, unknown))}: the configuration's accounts are {listed}, and "
+            "`parley biller accounts list` shows every account (`accounts add` adds one); nothing was issued"
+        )
+
+
+def _sqlite_path(location: str) -> Path | None:
+    """The file of a SQLite store location (a path or sqlite:///PATH, as `open_biller_store` reads it); None for
+    PostgreSQL."""
+    return None if location.startswith(POSTGRES_SCHEMES) else Path(location.removeprefix(SQLITE_SCHEME))
+
+
+def _print_codes(args: argparse.Namespace, config: BillerConfig, issued: _Issued) -> None:
     """What `codes` did: per account its new code (and the URI, QR code) or how many codes it revoked."""
+    fingerprint, holders, codes, revoked = issued.fingerprint, issued.holders, issued.codes, issued.revoked
 
     def uri_of(account_id: str) -> str | None:
         if not args.endpoint or account_id not in codes:
@@ -362,13 +414,22 @@ def _print_codes(
         if uri is None:
             continue
         print(f"            {uri}")
-        qr = segno.make(uri, error="m")
         if args.qr:
-            qr.terminal(out=sys.stdout, compact=True)
-        for path, kind in ((args.qr_svg, "svg"), (args.qr_png, "png")):
-            if path:
-                qr.save(path, kind=kind, scale=8, border=4)
-                print(f"            QR code written to {path}")
+            segno.make(uri, error="m").terminal(out=sys.stdout, compact=True)
+
+
+def _write_qr_files(args: argparse.Namespace, config: BillerConfig, issued: _Issued) -> list[str]:
+    """Write the --qr-svg/--qr-png files of the one account asked for (in text and JSON mode alike); their
+    paths. Their directories were checked as the arguments were parsed, before the code was issued."""
+    paths = [(path, kind) for path, kind in ((args.qr_svg, "svg"), (args.qr_png, "png")) if path is not None]
+    if not paths:
+        return []
+    (account_id, code), *_ = issued.codes.items()  # usage checks: exactly one --account, an --endpoint
+    uri = sample.enrolment_uri(args.endpoint, config.party_id, issued.fingerprint, account_id, code)
+    qr = segno.make(uri, error="m")
+    for path, kind in paths:
+        qr.save(str(path), kind=kind, scale=8, border=4)
+    return [str(path) for path, _ in paths]
 
 
 def _biller_state(args: argparse.Namespace, out: Console) -> tuple[BillerConfig, Path] | None:
@@ -378,11 +439,9 @@ def _biller_state(args: argparse.Namespace, out: Console) -> tuple[BillerConfig,
         return None
     try:
         state_dir = resolve_state_dir(args.state_dir, config.server)
-    except SettingsError as error:
+        identity_dir(state_dir).check()  # a file, a household's: refused before anything is read or made
+    except (SettingsError, IdentityError) as error:
         _failed(out, str(error))
-        return None
-    if state_dir.exists() and not state_dir.is_dir():
-        _failed(out, f"the state directory {state_dir} is a file, not a directory: give the biller's state directory")
         return None
     return config, state_dir
 
@@ -392,35 +451,71 @@ def _codes(args: argparse.Namespace, out: Console) -> int:
     if resolved is None:
         return EXIT_UNUSABLE
     config, state_dir = resolved
-    if (args.qr or args.qr_svg or args.qr_png) and not args.endpoint:
-        _failed(out, "a QR code carries the enrolment URI: give --endpoint HOST:PORT too")
-        return EXIT_UNUSABLE
-    if (args.qr_svg or args.qr_png) and len(args.account or ()) != 1:
-        _failed(out, "--qr-svg/--qr-png write one account's QR code: give exactly one --account")
-        return EXIT_UNUSABLE
-    if args.revoke and (args.qr or args.qr_svg or args.qr_png or args.endpoint):
-        _failed(out, "--revoke issues no code: it takes no --endpoint or QR option")
-        return EXIT_UNUSABLE
-    if args.revoke and not args.account:
-        _failed(out, "--revoke needs --account ID (revoking every account's codes at once is not offered)")
-        return EXIT_UNUSABLE
     try:
         store_location = resolve_store(args.store, config.server)
+        problem = _codes_usage(args) or _store_missing(store_location)
     except SettingsError as error:
-        _failed(out, str(error))
+        problem = str(error)
+    if problem is not None:
+        _failed(out, problem)
         return EXIT_UNUSABLE
     try:
-        asyncio.run(_issue_codes(args, config, state_dir, store_location))
+        identity_dir(state_dir).require()  # NoIdentityError before any store is looked at
+        issued = asyncio.run(_issue_codes(args, config, state_dir, store_location))
     except NoIdentityError as error:
         _no_identity(out, error)
         return EXIT_UNUSABLE
-    except (accounts.AccountError, LookupError) as error:
+    except _UnknownAccounts as error:
+        _failed(out, str(error))
+        return EXIT_UNUSABLE
+    except (OSError, ValueError, LookupError) as error:  # accounts.AccountError is a ValueError
         _failed(out, f"cannot issue codes: {error}")
         return EXIT_FAILED
-    except (OSError, ValueError) as error:
-        _failed(out, f"cannot issue codes: {error}")
+    _print_codes(args, config, issued)
+    try:
+        written = _write_qr_files(args, config, issued)
+    except OSError as error:
+        _failed(out, f"cannot write the QR code: {error}; the code was issued all the same")
         return EXIT_FAILED
+    for path in written:
+        out.print(f"            QR code written to {path}", markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
+
+
+def _codes_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options of `codes`, or None; checked before any code is issued (a new code
+    supersedes the account's earlier ones, so a refusal after issuing would have changed the store)."""
+    qr_files = args.qr_svg is not None or args.qr_png is not None
+    if (args.qr or qr_files) and not args.endpoint:
+        return "a QR code carries the enrolment URI: give --endpoint HOST:PORT too"
+    if qr_files and len(args.account or ()) != 1:
+        return "--qr-svg/--qr-png write one account's QR code: give exactly one --account"
+    if args.revoke and (args.qr or qr_files or args.endpoint is not None):
+        return "--revoke issues no code: it takes no --endpoint or QR option"
+    if args.revoke and not args.account:
+        return "--revoke needs --account ID (revoking every account's codes at once is not offered)"
+    if args.qr and args.json:
+        return "--qr draws in the terminal, --json prints a document: leave --qr out (--qr-svg/--qr-png write files)"
+    if args.endpoint is not None and not is_endpoint(args.endpoint):
+        return (
+            f"--endpoint {args.endpoint!r} is not HOST:PORT with a port from 1 to 65535 (e.g. biller.example:7443): "
+            "consumers could not enrol with its link"
+        )
+    return None  # the QR files' directories: checked as the arguments were parsed (output_file_argument)
+
+
+def _store_missing(location: str | None) -> str | None:
+    """Why `codes` refuses the store it was given, or None. A SQLite path that names no file yet would open a new,
+    empty store: its codes would print fine and never reach the serving biller. The state directory's own store
+    (None) may be new: `init` makes no store, and a mistyped state directory has no identity."""
+    path = None if location is None else _sqlite_path(location)
+    if path is None or path.is_file():
+        return None
+    return (
+        f"the store {path} {'is not a file' if path.exists() else 'does not exist'}: give the serving biller's "
+        "store (--store, PARLEY_STORE or [server] store), or none for biller.sqlite in the state directory; "
+        "nothing was issued"
+    )
 
 
 def _no_identity(out: Console, error: NoIdentityError) -> None:
@@ -585,8 +680,13 @@ def add_biller_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     codes.add_argument("--revoke", action="store_true", help="revoke the account's unspent codes; issue none")
     codes.add_argument("--endpoint", metavar="HOST:PORT", help="the biller's address, to print enrolment URIs too")
     codes.add_argument("--qr", action="store_true", help="print each enrolment URI as a QR code in the terminal")
-    codes.add_argument("--qr-svg", metavar="FILE", help="write the account's enrolment QR code as SVG")
-    codes.add_argument("--qr-png", metavar="FILE", help="write the account's enrolment QR code as PNG")
+    for kind in ("svg", "png"):  # a file that cannot be written is refused before any code is issued
+        codes.add_argument(
+            f"--qr-{kind}",
+            metavar="FILE",
+            type=output_file_argument,
+            help=f"write the account's enrolment QR code as {kind.upper()}",
+        )
     codes.add_argument("--json", action="store_true", help="print the codes as one JSON document on stdout")
     codes.set_defaults(handler=_codes)
 

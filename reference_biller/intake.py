@@ -25,6 +25,11 @@ Rules:
   with its BILL_ISSUED event atomically). A crash midway leaves a prefix of the
   file issued; importing the same file again issues the rest and leaves the
   prefix unchanged.
+- **An issue date within a year of today** (`MAX_ISSUE_DATE_DAYS`, either way, by
+  the biller's clock): a bill issued late for an earlier month or ahead of time
+  is fine; 0001-01-01 or 2206-01-01 is a typo, and the bill would carry it signed.
+  Only a bill to be issued is held to it: re-importing an old file still finds
+  its bills unchanged.
 - `dry_run` validates and reports without issuing.
 
 Intake runs in its own process beside `parley biller serve` on the same store
@@ -56,6 +61,9 @@ REQUIRED_COLUMNS = ("bill_id", "account_id", "amount", "due_date", "description"
 OPTIONAL_COLUMNS = ("period", "issue_date", "currency")
 MAX_DESCRIPTION_CHARS = 500
 MAX_ROWS = 100_000
+MAX_ISSUE_DATE_DAYS = 366
+"""How far a new bill's issue date may be from today, either way: a year and a day, so that last year's bill of the
+same date still goes. One rule for `issue-bill`, `import` and the back-office API's IssueBill."""
 
 
 class IntakeError(ValueError):
@@ -218,10 +226,25 @@ def _differences(existing: BillRecord, row: BillRow) -> list[str]:
     return differences
 
 
+def check_issue_date(issue_date: date, today: date) -> None:
+    """ValueError unless `issue_date` is within MAX_ISSUE_DATE_DAYS of `today`, either way."""
+    if abs((issue_date - today).days) > MAX_ISSUE_DATE_DAYS:
+        raise ValueError(
+            f"issue_date {issue_date} is more than {MAX_ISSUE_DATE_DAYS} days from today ({today}): give a date "
+            "within a year of today, or none for today"
+        )
+
+
 def _options_for(row: BillRow, agent: BillerAgent, policy: SegmentPolicy) -> tuple[AdvertisedOptions, date]:
     """The options the account's segment advertises on this bill, and the bill's issue date; _RowError if the
-    protocol would refuse the bill (BillFacts' checks, run here so that a bad row is found before any is issued)."""
-    issue_date = row.issue_date or agent.clock.now().date()
+    date is too far from today or the protocol would refuse the bill (BillFacts' checks, run here so that a bad
+    row is found before any is issued)."""
+    today = agent.clock.now().date()
+    issue_date = row.issue_date or today
+    try:
+        check_issue_date(issue_date, today)
+    except ValueError as error:
+        raise _RowError(str(error)) from None
     options = policy.advertise(BillContext(row.account_id, row.amount, issue_date, row.due_date))
     try:
         BillFacts(row.bill_id, row.account_id, row.amount, issue_date, row.due_date, row.description, options)
@@ -322,6 +345,7 @@ __all__ = [
     "IntakeReport",
     "RowOutcome",
     "RowReport",
+    "check_issue_date",
     "check_row",
     "intake",
     "read_records",

@@ -3,7 +3,8 @@
 Precedence, highest first: the command-line flag, then the environment variable,
 then the configuration file's `[server]` table, then the default. The
 configuration file itself comes from `--config`, else `PARLEY_CONFIG`, else the
-built-in sample. An empty variable counts as unset.
+built-in sample. An empty variable counts as unset; an empty `--state-dir` is
+refused (it would mean the working directory).
 
 | option | flag | variable | [server] key | default |
 | --- | --- | --- | --- | --- |
@@ -25,7 +26,13 @@ built-in sample. An empty variable counts as unset.
 
 `--insecure` (plaintext on loopback) is a flag only, so that turning TLS off is
 always a visible choice. An invalid value is a `SettingsError` that names where
-it came from (`PARLEY_SHUTDOWN_GRACE: expected a number of seconds…`).
+it came from (`PARLEY_SHUTDOWN_GRACE: expected a number of seconds…`). A number
+must be within its range wherever it comes from: the ranges are the
+configuration's (`reference_biller.config`: `SHUTDOWN_GRACE`, `CONNECTIONS`,
+`CONNECTIONS_PER_ADDRESS`, `CONNECTION_TIMEOUT`), so a flag, a variable and the file are held to one rule.
+`check_server_table` runs the checks that combine options (the TLS files go
+together) on the [server] table alone: what `parley biller check-config` adds to
+loading the file.
 """
 
 from __future__ import annotations
@@ -36,10 +43,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
+from agent.identity import IdentityError, state_dir_path
 from agent.logs import LOG_FORMATS, LOG_LEVELS, LogFormat
 from agent.stores import check_store_location
-from agent.transport.server import DEFAULT_CONNECTION_LIMITS, MAX_CONNECTIONS_LIMIT
-from reference_biller.config import ServerSettings, check_listen
+from agent.transport.server import DEFAULT_CONNECTION_LIMITS
+from reference_biller.config import (
+    CONNECTION_TIMEOUT,
+    CONNECTIONS,
+    CONNECTIONS_PER_ADDRESS,
+    SHUTDOWN_GRACE,
+    SecondsRange,
+    ServerSettings,
+    WholeRange,
+    check_listen,
+)
 
 T = TypeVar("T")
 
@@ -139,33 +156,6 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _seconds(text: str, *, least: str = "0 or more") -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise ValueError(f"expected a number of seconds ({least}), got {text!r}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text, least="above 0")
-    if value == 0:
-        raise ValueError(f"expected a number of seconds (above 0), got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"expected a whole number 1 or more, got {text!r}")
-    return value
-
-
 def _boolean(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -175,22 +165,27 @@ def _boolean(text: str) -> bool:
     raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
 
 
+_RANGES: dict[str, WholeRange | SecondsRange] = {
+    "shutdown_grace": SHUTDOWN_GRACE,
+    "max_connections": CONNECTIONS,
+    "max_connections_per_address": CONNECTIONS_PER_ADDRESS,
+    "idle_timeout": CONNECTION_TIMEOUT,
+    "handshake_timeout": CONNECTION_TIMEOUT,
+}
+"""The numeric options and their ranges: a flag or variable is parsed into its range, and a [server] value is
+checked against it again (a ServerSettings need not come from a loaded file)."""
 _PARSERS: dict[str, Callable[[str], object]] = {
+    **{name: bounds.parse for name, bounds in _RANGES.items()},
     "listen": _address,
     "state_dir": str,
     "store": check_store_location,
     "metrics_listen": _address,
     "log_format": _choice(LOG_FORMATS),
     "log_level": _choice(LOG_LEVELS),
-    "shutdown_grace": _seconds,
     "tls_cert": str,
     "tls_key": str,
     "tls_client_ca": str,
     "otel": _boolean,
-    "max_connections": _count,
-    "max_connections_per_address": _count,
-    "idle_timeout": _positive_seconds,
-    "handshake_timeout": _positive_seconds,
 }
 _CONFIG_FIELDS = {
     "shutdown_grace": "shutdown_grace_seconds",
@@ -216,8 +211,31 @@ def _pick(name: str, flags: Mapping[str, object], env: Mapping[str, str], server
             raise SettingsError(f"{option.env}: {error}") from error
     configured = getattr(server, _CONFIG_FIELDS.get(name, name))
     if configured is not None:
-        return configured, option.key  # validated when the file was loaded
+        if name in _RANGES:
+            try:
+                _RANGES[name].check(configured)
+            except ValueError as error:
+                raise SettingsError(f"{option.key}: {error}") from error
+        return configured, option.key  # otherwise validated when the file was loaded
     return None, "default"
+
+
+def _check_together(values: Mapping[str, object], sources: Mapping[str, str]) -> None:
+    """SettingsError for options that are each valid but not together (`values`: None where nothing sets one)."""
+    cert, key = values["tls_cert"], values["tls_key"]
+    if (cert is None) != (key is None):
+        given = "tls_cert" if cert is not None else "tls_key"
+        raise SettingsError(f"{sources[given]}: the TLS certificate and key go together; the other is missing")
+    if values["tls_client_ca"] is not None and cert is None:
+        raise SettingsError(f"{sources['tls_client_ca']}: mutual TLS needs the TLS certificate and key too")
+
+
+def check_server_table(server: ServerSettings) -> None:
+    """SettingsError for what `serve` would refuse in the [server] table when no flag or variable overrides it:
+    for `parley biller check-config`, which checks a file on its own (its numbers were checked as it loaded;
+    a listen address may still come from --listen)."""
+    names = ("tls_cert", "tls_key", "tls_client_ca")
+    _check_together({name: getattr(server, name) for name in names}, {name: OPTIONS[name].key for name in names})
 
 
 def resolve_serve(
@@ -239,22 +257,11 @@ def resolve_serve(
         raise SettingsError(
             "no listen address: give --listen HOST:PORT, set PARLEY_LISTEN, or set listen in the [server] table"
         )
-    cert, key = values["tls_cert"], values["tls_key"]
-    if (cert is None) != (key is None):
-        given = "tls_cert" if cert is not None else "tls_key"
-        raise SettingsError(f"{sources[given]}: the TLS certificate and key go together; the other is missing")
-    max_connections = values["max_connections"]
-    if max_connections is not None and cast(int, max_connections) > MAX_CONNECTIONS_LIMIT:
-        raise SettingsError(
-            f"{sources['max_connections']}: at most {MAX_CONNECTIONS_LIMIT:,} connections in all, got "
-            f"{max_connections}; a process holds no more sockets than its open-file limit (ulimit -n)"
-        )
-    client_ca = values["tls_client_ca"]
-    if client_ca is not None and cert is None:
-        raise SettingsError(f"{sources['tls_client_ca']}: mutual TLS needs the TLS certificate and key too")
+    _check_together(values, sources)
+    cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
     return ServeSettings(
         listen=str(listen),
-        state_dir=Path(value("state_dir", DEFAULT_STATE_DIR)),
+        state_dir=_state_dir(value("state_dir", DEFAULT_STATE_DIR), sources["state_dir"]),
         store=value("store", cast(str | None, None)),
         metrics_listen=value("metrics_listen", cast(str | None, None)),
         log_format=cast(LogFormat, value("log_format", "text")),
@@ -278,10 +285,18 @@ def resolve_serve(
 
 def resolve_state_dir(flag: str | None, server: ServerSettings, env: Mapping[str, str] | None = None) -> Path:
     """The state directory for commands other than serve (no default: they must not make a new identity)."""
-    chosen, _ = _pick("state_dir", {"state_dir": flag}, os.environ if env is None else env, server)
+    chosen, source = _pick("state_dir", {"state_dir": flag}, os.environ if env is None else env, server)
     if chosen is None:
         raise SettingsError("no state directory: give --state-dir, set PARLEY_STATE_DIR, or set state_dir in [server]")
-    return Path(str(chosen))
+    return _state_dir(str(chosen), source)
+
+
+def _state_dir(text: str, source: str) -> Path:
+    """The state directory `source` names; SettingsError for an empty one (the rule both agents share)."""
+    try:
+        return state_dir_path(text, named_by=source)
+    except IdentityError as error:
+        raise SettingsError(str(error)) from error
 
 
 def resolve_store(flag: str | None, server: ServerSettings, env: Mapping[str, str] | None = None) -> str | None:
@@ -295,6 +310,7 @@ __all__ = [
     "OPTIONS",
     "ServeSettings",
     "SettingsError",
+    "check_server_table",
     "config_file",
     "resolve_serve",
     "resolve_state_dir",

@@ -19,8 +19,9 @@ profile already has it.
 
 Exit status: 0 done; 1 a request that cannot be answered (unknown id, already answered, lapsed), a
 payment that cannot be decided on (unknown id, not refused or not in doubt), or a biller that refused
-the enrolment; 2 a bad link, profile or state directory, or a biller that
-cannot be reached. A failure changes nothing and is said in one line.
+the enrolment; 2 a bad link, profile or state directory (an empty `--state-dir`, a file, a biller's
+directory: `household_state_dir`), or a biller that cannot be reached. A failure changes nothing and is
+said in one line.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from reference_consumer.runner import (
     StateError,
     agreement_file,
     agreements_reached,
+    household_state_dir,
     load_identity,
     run_household,
     write_agreement_files,
@@ -102,6 +104,15 @@ def _profile(args: argparse.Namespace, out: Console) -> Profile | int:
         return _fail(out, f"cannot read {args.config}: {error.strerror}", EXIT_UNUSABLE)
 
 
+def _state_dir(args: argparse.Namespace, out: Console) -> Path | int:
+    """The --state-dir given, checked before anything reads or writes it (`household_state_dir`), or the exit
+    status after saying why not."""
+    try:
+        return household_state_dir(args.state_dir)
+    except StateError as error:
+        return _fail(out, f"unusable state: {error}", EXIT_UNUSABLE)
+
+
 # --- status ---------------------------------------------------------------------------------------------
 
 
@@ -109,8 +120,11 @@ def status_command(args: argparse.Namespace, out: Console) -> int:
     profile = _profile(args, out)
     if isinstance(profile, int):
         return profile
+    state_dir = _state_dir(args, out)
+    if isinstance(state_dir, int):
+        return state_dir
     try:
-        document = asyncio.run(household_status(profile, Path(args.state_dir)))
+        document = asyncio.run(household_status(profile, state_dir))
     except (UnreadableState, OSError) as error:
         return _fail(out, f"unusable state: {error}", EXIT_UNUSABLE)
     if args.json:  # the document alone on standard output (the CLI's console is standard error with --json)
@@ -262,7 +276,9 @@ def _on_household_store(
 ) -> T | int:
     """Run `use` on the state directory's store (no key, no biller); an exception of `refusals` is said in
     one line (exit 1), a missing or unusable state directory too (exit 2)."""
-    state_dir = Path(args.state_dir)
+    state_dir = _state_dir(args, out)
+    if isinstance(state_dir, int):
+        return state_dir
     if not (state_dir / STORE_FILE).exists():
         return _fail(out, f"no household state in {state_dir}: {missing}", EXIT_UNUSABLE)
 
@@ -276,7 +292,7 @@ def _on_household_store(
     try:
         return asyncio.run(run())
     except refusals as error:
-        return _fail(out, str(error).strip("'\""), EXIT_FAILED)
+        return _fail(out, str(error), EXIT_FAILED)  # as written: none is a KeyError, whose str() adds quotes
     except OSError as error:
         return _fail(out, f"unusable state directory: {error}", EXIT_UNUSABLE)
 
@@ -367,6 +383,9 @@ def enrol_command(args: argparse.Namespace, out: Console) -> int:
     profile = _profile(args, out)
     if isinstance(profile, int):
         return profile
+    state_dir = _state_dir(args, out)
+    if isinstance(state_dir, int):
+        return state_dir
     existing = next((b for b in profile.billers if b.biller_id == link.biller_party_id), None)
     connection = None if existing is None else existing.connection
     if connection is not None and connection.fingerprint != link.fingerprint:
@@ -386,7 +405,7 @@ def enrol_command(args: argparse.Namespace, out: Console) -> int:
             return _fail(out, f"cannot read {args.ca_file}: {error.strerror}", EXIT_UNUSABLE)
     tls = None if insecure else ClientTls(roots, None)
     try:
-        asyncio.run(_enrol(profile, Path(args.state_dir), link, tls=tls, insecure=insecure))
+        asyncio.run(_enrol(profile, state_dir, link, tls=tls, insecure=insecure))
     except CallError as error:
         if is_transient(error):
             remedies = Remedies(
@@ -478,7 +497,10 @@ def export_command(args: argparse.Namespace, out: Console) -> int:
     profile = _profile(args, out)
     if isinstance(profile, int):
         return profile
-    state_dir, target = Path(args.state_dir), Path(args.out)
+    state_dir = _state_dir(args, out)
+    if isinstance(state_dir, int):
+        return state_dir
+    target = Path(args.out)
 
     async def export() -> list[Path]:
         async with reading_household(profile, state_dir, SystemClock()) as (agent, store):
@@ -509,6 +531,9 @@ def serve_command(args: argparse.Namespace, out: Console) -> int:
     profile = _profile(args, out)
     if isinstance(profile, int):
         return profile
+    state_dir = _state_dir(args, out)
+    if isinstance(state_dir, int):
+        return state_dir
     host, _, port_text = args.listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
@@ -525,7 +550,7 @@ def serve_command(args: argparse.Namespace, out: Console) -> int:
         config = space_config(f"{profile.party_id}: your bills", host=host, **tls)
     except ValueError as error:
         return _fail(out, f"cannot serve: {error}", EXIT_UNUSABLE)
-    options = RunOptions(Path(args.state_dir), interval=args.interval)
+    options = RunOptions(state_dir, interval=args.interval)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

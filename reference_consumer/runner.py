@@ -59,7 +59,9 @@ household's Ed25519 key (`consumer.key`, mode 0600, made on the first run),
 its key set chain (`consumer-keyset-v<N>.pb`: version 1's digest is the
 household's identity fingerprint; a version near expiry is renewed as the next,
 agent/identity.py, shared with the reference biller), the agent's SQLite store
-(`consumer.sqlite`) and the bank's order book (`bank-orders.jsonl`).
+(`consumer.sqlite`) and the bank's order book (`bank-orders.jsonl`). An empty
+`--state-dir`, a path that is not a directory and a biller's state directory are
+refused before anything is written (`household_state_dir`).
 
 **The bank is a stand-in.** `JsonLinesBank` moves no money: it appends each
 payment order — taken only from verified instructions (PAY-8) — as one JSON
@@ -70,8 +72,9 @@ app with a real bank replaces it by its own `PaymentSender`.
 conformance suite gives a client under test (docs/CONFORMANCE.md):
 `PARLEY_TARGET`, `PARLEY_BILLER_PARTY_ID`, `PARLEY_FINGERPRINT` (hex),
 `PARLEY_ACCOUNT_ID`, `PARLEY_ENROLMENT_CODE` and `PARLEY_STATE_DIR` (the
-default state directory), for a comfortable household that qualifies for
-hardship programmes (`profile_from_env`):
+default state directory; empty counts as unset, as for the biller), for a
+comfortable household that qualifies for hardship programmes (`profile_from_env`;
+a refusal names the variable at fault):
 the suite runs `parley consumer run --from-env --once --approve-all`.
 
 Exit status: 0 when the pass (or the loop) ran; 3 when a `--once` pass left
@@ -124,7 +127,7 @@ from agent.consumer import (
     PaymentSender,
     ReceivedBill,
 )
-from agent.identity import IdentityDir, IdentityError, OtherPartyError
+from agent.identity import IdentityDir, IdentityError, OtherPartyError, state_dir_path
 from agent.listen import is_loopback
 from agent.protocol.agreement import Bundle
 from agent.protocol.errors import ParleyError, ProtocolError
@@ -207,25 +210,40 @@ class StateError(Exception):
 # --- Identity -------------------------------------------------------------------------------------------
 
 
-def load_identity(state_dir: Path, party_id: str, now: datetime) -> tuple[SigningKey, KeyChain]:
+def load_identity(
+    state_dir: Path, party_id: str, now: datetime, *, named_by: str = "--state-dir"
+) -> tuple[SigningKey, KeyChain]:
     """The household's signing key and key set chain, created in `state_dir` on first use, renewed near expiry.
 
     The one identity implementation (agent/identity.py, shared with the reference
     biller): the key is written with mode 0600 and never overwritten. ProfileError
     (naming household.party_id) if the state belongs to another party;
     InsecureKeyFileError if the key file is open to others; StateError for a key
-    set that does not list the key or a key set without its key.
+    set that does not list the key, a key set without its key or a key without its
+    key set, or a biller's state directory. `named_by` is how the person chose the
+    directory, for the messages asking for another.
     """
     try:
-        identity = IdentityDir(state_dir, "consumer", backdate=_KEY_BACKDATE).load(party_id, now)
+        identity = IdentityDir(state_dir, "consumer", backdate=_KEY_BACKDATE, named_by=named_by).load(party_id, now)
     except OtherPartyError as error:
         raise ProfileError(
             "household.party_id",
-            f"{party_id!r}, but {state_dir} holds the identity of {error.held_by!r}: use another --state-dir",
+            f"{party_id!r}, but {state_dir} holds the identity of {error.held_by!r}: use another {named_by}",
         ) from error
     except IdentityError as error:
         raise StateError(str(error)) from error
     return identity.key, identity.chain
+
+
+def household_state_dir(text: str, named_by: str = "--state-dir") -> Path:
+    """The household's state directory `text` names, checked before anything is written there; StateError when
+    it is empty, not a directory, or a biller's (agent/identity.py's rules, the biller's too)."""
+    try:
+        state_dir = state_dir_path(text, named_by)
+        IdentityDir(state_dir, "consumer", named_by=named_by).check()
+    except IdentityError as error:
+        raise StateError(str(error)) from error
+    return state_dir
 
 
 # --- The bank (a stand-in) -------------------------------------------------------------------------------
@@ -538,12 +556,14 @@ class Household:
         event_idle: float = EVENT_IDLE_SECONDS,
         bank: PaymentSender | None = None,
         strategy: ReferenceStrategy | None = None,
+        state_dir_named_by: str = "--state-dir",
     ) -> Household:
         """Load or create the identity, open the store and build the agent.
 
         `bank` defaults to `JsonLinesBank` in the state directory; `strategy` to the
         reference strategy over the fixed profile (give one whose profile follows the
-        household's balance day by day, as `parley demo` does).
+        household's balance day by day, as `parley demo` does); `state_dir_named_by`
+        is how the person chose the state directory, for the messages asking for another.
 
         ProfileError for a profile without a reachable biller, with an
         unreadable `ca_file` or an unusable client certificate (naming the
@@ -555,7 +575,9 @@ class Household:
         check_fingerprints(profile)
         tls = {preference.biller_id: _client_tls(preference) for preference in profile.connected()}
         client_certificate = _client_certificate(profile)
-        key, chain = await asyncio.to_thread(load_identity, state_dir, profile.party_id, clock.now())
+        key, chain = await asyncio.to_thread(
+            load_identity, state_dir, profile.party_id, clock.now(), named_by=state_dir_named_by
+        )
         store = await open_consumer_store(state_dir / STORE_FILE)
         strategy = strategy or ReferenceStrategy(profile)
         outbox = Outbox(store, profile.notifications, clock)
@@ -1469,6 +1491,8 @@ class RunOptions:
     approval: Approval = Approval.ASK
     event_idle: float = EVENT_IDLE_SECONDS
     retry: RetryPolicy = DEFAULT_RETRY
+    state_dir_named_by: str = "--state-dir"
+    """How the person chose `state_dir` (--state-dir, PARLEY_STATE_DIR), for the messages asking for another."""
 
 
 async def run_household(
@@ -1492,6 +1516,7 @@ async def run_household(
         approval=options.approval,
         retry=options.retry,
         event_idle=options.event_idle,
+        state_dir_named_by=options.state_dir_named_by,
     )
     if stop is None:
         stop = asyncio.Event()
@@ -1625,26 +1650,48 @@ def profile_from_env(environ: Mapping[str, str]) -> Profile:
     try:
         return parse_profile(document)
     except ProfileError as error:
-        name = next(
-            (variable for key, variable in _FROM_ENV_KEYS.items() if error.key.endswith(key)),
-            "PARLEY_BILLER_PARTY_ID" if error.key.startswith("billers") else error.key,
-        )
-        raise ProfileError(name, error.problem) from None
+        raise _named_from_env(error) from None
+
+
+def _named_from_env(error: ProfileError) -> ProfileError:
+    """`error` naming the variable of --from-env that set the key at fault: the person set no profile key."""
+    name = next(
+        (variable for key, variable in _FROM_ENV_KEYS.items() if error.key.endswith(key)),
+        "PARLEY_BILLER_PARTY_ID" if error.key.startswith("billers") else error.key,
+    )
+    return ProfileError(name, error.problem)
+
+
+def _chosen_state_dir(args: argparse.Namespace) -> tuple[Path, str]:
+    """`run`'s state directory and what named it: --state-dir, else PARLEY_STATE_DIR with --from-env (empty
+    counts as unset, as for the biller), else the default. StateError as `household_state_dir` says."""
+    if args.state_dir is not None:  # given, even empty: an empty one is refused, not replaced by the default
+        text, named_by = args.state_dir, "--state-dir"
+    elif args.from_env and os.environ.get("PARLEY_STATE_DIR"):
+        text, named_by = os.environ["PARLEY_STATE_DIR"], "PARLEY_STATE_DIR"
+    else:
+        text, named_by = DEFAULT_STATE_DIR, "--state-dir"
+    return household_state_dir(text, named_by), named_by
 
 
 def run_command(args: argparse.Namespace, out: Console) -> int:
     """`parley consumer run`: what the CLI calls."""
     try:
         profile = profile_from_env(os.environ) if args.from_env else load_profile(args.config)
+        state_dir, named_by = _chosen_state_dir(args)
     except ProfileError as error:
         out.print(Text("invalid profile ", style="bold red") + Text(str(error)), soft_wrap=True)
+        return EXIT_UNUSABLE
+    except StateError as error:
+        out.print(Text(f"unusable state: {error}", style="bold red"), soft_wrap=True)
         return EXIT_UNUSABLE
     except OSError as error:
         out.print(Text(f"cannot read {args.config}: {error.strerror}", style="red"), soft_wrap=True)
         return EXIT_UNUSABLE
     approval = Approval.APPROVE if args.approve_all else Approval.DENY if args.deny_all else Approval.ASK
-    state_dir = args.state_dir or (args.from_env and os.environ.get("PARLEY_STATE_DIR")) or DEFAULT_STATE_DIR
-    options = RunOptions(Path(state_dir), once=args.once, interval=args.interval, approval=approval)
+    options = RunOptions(
+        state_dir, once=args.once, interval=args.interval, approval=approval, state_dir_named_by=named_by
+    )
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -1653,6 +1700,7 @@ def run_command(args: argparse.Namespace, out: Console) -> int:
         out.print("interrupted", highlight=False)
         return 130
     except ProfileError as error:
+        error = _named_from_env(error) if args.from_env else error
         out.print(Text("invalid profile ", style="bold red") + Text(str(error)), soft_wrap=True)
     except (StateError, InsecureKeyFileError) as error:
         out.print(Text(f"unusable state: {error}", style="bold red"), soft_wrap=True)
@@ -1719,6 +1767,7 @@ __all__ = [
     "agreement_file",
     "agreements_reached",
     "describe_terms",
+    "household_state_dir",
     "load_identity",
     "profile_from_env",
     "render",

@@ -152,9 +152,23 @@ def test_qr_codes_in_the_terminal_and_files(tmp_path: Path, capsys: pytest.Captu
     assert "█" in output(capsys)
     assert svg.read_text().startswith("<?xml")
     assert png.read_bytes().startswith(b"\x89PNG")
-    assert main(["biller", "codes", "--account", "nobody", *state]) == 1
+    assert main(["biller", "codes", "--account", "nobody", *state]) == 2  # unusable input: refused before issuing
     assert "no account 'nobody'" in output(capsys)
     assert main(["biller", "codes", "--revoke", *state]) == 2
+
+
+def test_qr_files_are_written_with_json_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json printed the document and returned before writing the --qr-svg/--qr-png files, exit 0."""
+    state = ["--state-dir", str(tmp_path / "state")]
+    assert main(["biller", "init", *state]) == 0
+    capsys.readouterr()
+    svg, png = tmp_path / "code.svg", tmp_path / "code.png"
+    codes = ["biller", "codes", "--account", "acct-1001", "--endpoint", "127.0.0.1:7443", "--json", *state]
+    assert main([*codes, "--qr-svg", str(svg), "--qr-png", str(png)]) == 0
+    document = json.loads(capsys.readouterr().out)  # stdout holds the document alone
+    assert document["accounts"][0]["enrolment_uri"].startswith("parley:enrol?endpoint=127.0.0.1%3A7443")
+    assert svg.read_text().startswith("<?xml")
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 def test_stored_segments_reach_the_policy_without_listing_every_account(tmp_path: Path) -> None:

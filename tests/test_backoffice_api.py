@@ -169,6 +169,14 @@ def test_a_billing_system_creates_bills_and_settles_them_and_follows_the_events(
             "INVALID_TERMS",
             "parley.v1",  # the protocol's own rule, with the protocol's reason (TRM-5)
         )
+        ancient = bo.IssueBillRequest(
+            **{**_fields(bill), "request_id": "r7", "bill_id": "b4", "issue_date": "0001-01-01"}
+        )
+        assert await refusal(stub.IssueBill(ancient, metadata=AUTH)) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",  # the intake's rule: a new bill's issue date is within a year of today
+            ERROR_DOMAIN,
+        )
 
         # The consumer pays the bill in full; the billing system sees the payment awaited, then settles it.
         await biller.stub.CreatePaymentIntent(

@@ -19,6 +19,8 @@ import pytest
 
 from agent import vectors
 from agent.biller import SERVER_NAME
+from agent.cli import main
+from agent.protocol import agreement
 from agent.protocol.keys import SigningKey
 from agent.transport.client import CLIENT_NAME
 from agent.version import __version__
@@ -131,6 +133,54 @@ def test_verify_unusable_input_exits_2(tmp_path: Path, content: str) -> None:
     assert result.returncode == 2
     assert json.loads(result.stdout)["verdict"] == "unusable"
     assert "UNUSABLE" in result.stderr
+
+
+def _deeply_nested(path: Path) -> None:
+    path.write_text("[" * 100_000 + "]" * 100_000)  # was "unexpected error: RecursionError", exit 1
+
+
+def _padded_past_the_bound(path: Path) -> None:
+    # A good bundle, padded past the most any bundle can hold: refused unread, where `parley verify /dev/zero`
+    # read until memory ran out.
+    text = json.dumps(GOOD)
+    path.write_text(text + " " * (agreement.MAX_BUNDLE_BYTES + 1 - len(text)))
+
+
+UNUSABLE_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "deeply nested JSON": (_deeply_nested, "its JSON is nested too deeply to be a bundle"),
+    "larger than any bundle": (_padded_past_the_bound, "far more than any bundle holds"),
+}
+
+
+@pytest.mark.parametrize("name", UNUSABLE_FILES)
+def test_verify_input_no_bundle_can_be_is_unusable_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    make, says = UNUSABLE_FILES[name]
+    make(tmp_path / "bundle.json")
+    assert main(["verify", str(tmp_path / "bundle.json")]) == 2
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    assert printed.out.count("\n") == 1
+    assert printed.out.startswith("UNUSABLE")
+    assert says in printed.out
+    assert main(["verify", "--json", str(tmp_path / "bundle.json")]) == 2
+    verdict = json.loads(capsys.readouterr().out)
+    assert verdict["verdict"] == "unusable"
+    assert says in verdict["detail"]
+
+
+def test_verify_a_pin_whose_party_is_no_party_id_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo in the party can never match the bundle: exit 2 naming it, as for a malformed fingerprint, where it
+    was "INVALID PIN_MISMATCH" (exit 1)."""
+    bundle = write(tmp_path, GOOD)
+    assert main(["verify", bundle, "--pin", f"bad party={'ab' * 32}"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert "'bad party' is not a party id" in out
+    assert "PIN_MISMATCH" not in out
 
 
 def test_verify_missing_file_exits_2(tmp_path: Path) -> None:

@@ -129,6 +129,12 @@ def readable_tls_key(root: Path) -> None:
     (root / "a" / "server.key").chmod(0o644)
 
 
+def readable_tls_key_in_config(root: Path) -> None:
+    """bad.toml naming a/'s certificate and its key, which the group and others may read."""
+    readable_tls_key(root)
+    config_with("\n[payments]", '\n[server]\ntls_cert = "a/server.pem"\ntls_key = "a/server.key"\n\n[payments]')(root)
+
+
 def bundle(root: Path) -> None:
     (root / "bundle.json").write_text(json.dumps(GOOD_BUNDLE))
 
@@ -240,6 +246,99 @@ MISTAKES: dict[str, Mistake] = {
         1,
         ("cannot read absent.pem",),
         config_with("\n[payments]", '\n[server]\ntls_cert = "absent.pem"\ntls_key = "absent.key"\n\n[payments]'),
+    ),
+    # What serve refuses in the [server] table alone (resolve_serve's rules, the key file's mode).
+    "a TLS certificate without its key in the config": Mistake(
+        CHECK,
+        1,
+        ("server.tls_cert", "the TLS certificate and key go together"),
+        config_with("\n[payments]", '\n[server]\ntls_cert = "cert.pem"\n\n[payments]'),
+    ),
+    "a client CA without a certificate in the config": Mistake(
+        CHECK,
+        1,
+        ("server.tls_client_ca", "mutual TLS needs the TLS certificate and key"),
+        config_with("\n[payments]", '\n[server]\ntls_client_ca = "ca.pem"\n\n[payments]'),
+    ),
+    "a TLS key others may read, named in the config": Mistake(
+        CHECK, 1, ("server.tls_key", "a/server.key", "open to group or others", "chmod 600"), readable_tls_key_in_config
+    ),
+    # Every number in the file has a finite range: these were "unexpected error: OverflowError" (or "cannot convert
+    # float NaN to integer") from every command that loads the file, or passed only to break serve or every bill.
+    "a settlement delay past a timedelta": Mistake(
+        CHECK,
+        1,
+        ("payments.settlement_delay_hours", "from 0 to 8,784", "9999999999999"),
+        config_with("settlement_delay_hours = 24", "settlement_delay_hours = 9999999999999"),
+    ),
+    "an endless upkeep interval": Mistake(
+        CHECK,
+        1,
+        ("simulation.upkeep_interval_seconds", "at most 86,400", "got inf"),
+        config_with("upkeep_interval_seconds = 5", "upkeep_interval_seconds = inf"),
+    ),
+    "an upkeep interval that is not a number": Mistake(
+        CHECK,
+        1,
+        ("simulation.upkeep_interval_seconds", "got nan"),
+        config_with("upkeep_interval_seconds = 5", "upkeep_interval_seconds = nan"),
+    ),
+    "a shutdown grace that is not a number": Mistake(
+        CHECK,
+        1,
+        ("server.shutdown_grace_seconds", "got nan"),
+        config_with("\n[payments]", "\n[server]\nshutdown_grace_seconds = nan\n\n[payments]"),
+    ),
+    "more connections than serve takes": Mistake(
+        CHECK,
+        1,
+        ("server.max_connections", "from 1 to 1,000,000"),
+        config_with("\n[payments]", "\n[server]\nmax_connections = 99999999999\n\n[payments]"),
+    ),
+    "a deferral longer than a bill can carry": Mistake(
+        CHECK,
+        1,
+        ("segments.standard.deferral_max_days", "from 0 to 4,294,967,295"),
+        config_with("deferral_max_days = 30", "deferral_max_days = 99999999999999"),
+    ),
+    "an account id accounts add refuses": Mistake(
+        CHECK,
+        1,
+        ("accounts[0].id", "'acct 1001'", "A-Z a-z 0-9 . _ : -"),
+        config_with('id = "acct-1001"', 'id = "acct 1001"'),
+    ),
+    "an empty payee account": Mistake(
+        CHECK,
+        1,
+        ("payments.payee_account", "must not be empty"),
+        config_with('payee_account = "DE89370400440532013000"', 'payee_account = ""'),
+    ),
+    "init with a settlement delay past a timedelta": Mistake(
+        ("biller", "init", "--state-dir", "fresh", "--config", "bad.toml"),
+        2,
+        ("payments.settlement_delay_hours",),
+        config_with("settlement_delay_hours = 24", "settlement_delay_hours = 9999999999999"),
+        absent=("fresh",),
+    ),
+    "serve with an endless idle timeout in the config": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", "--config", "bad.toml", *SERVE_PLAINTEXT),
+        2,
+        ("server.idle_timeout_seconds", "at most 2,147,483", "got inf"),
+        config_with("\n[payments]", "\n[server]\nidle_timeout_seconds = inf\n\n[payments]"),
+        absent=("fresh",),
+    ),
+    # gRPC takes the connection timeouts as a C int of milliseconds: from 2147484 s, serve crashed as it started.
+    "serve with an idle timeout gRPC cannot take": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", *SERVE_PLAINTEXT, "--idle-timeout", "2147484"),
+        2,
+        ("--idle-timeout", "at most 2,147,483", "'2147484'"),
+        absent=("fresh",),
+    ),
+    "serve with a handshake timeout gRPC cannot take": Mistake(
+        ("biller", "serve", "--state-dir", "fresh", *SERVE_PLAINTEXT, "--handshake-timeout", "1e300"),
+        2,
+        ("--handshake-timeout", "at most 2,147,483", "'1e300'"),
+        absent=("fresh",),
     ),
     # offline biller commands never make an identity
     "codes in a mistyped state directory": Mistake(
@@ -431,6 +530,141 @@ def test_a_pin_mismatch_shows_the_actual_fingerprint_in_full(tmp_path: Path) -> 
     pinned = parley("verify", "bundle.json", "--pin", f"{CONSUMER_ID}={actual}", cwd=tmp_path)
     assert pinned.returncode == 0, pinned.stdout
     assert f"identity of {CONSUMER_ID}: checked" in pinned.stdout
+
+
+# --- The user's own paths and targets: refused before any work, in process ---------------------------------------
+# A report written at the end of a run into a directory that does not exist, or a state directory that is a
+# regular file, failed only after the work ("unexpected error: FileNotFoundError" after the twelve seconds of
+# the demo, FileExistsError from chaos); a target port beyond 65535 was wrapped by gRPC (99999 is 34463).
+
+
+def regular_file(root: Path) -> None:
+    (root / "afile").write_text("not a directory")
+
+
+EARLY_MISTAKES: dict[str, Mistake] = {
+    "conformance: a target port beyond 65535": Mistake(
+        ("conformance", "biller", "--target", "127.0.0.1:99999", "--insecure", "--only", "ENV-3"),
+        2,
+        ("argument --target: '127.0.0.1:99999' is not HOST:PORT with a port from 1 to 65535",),
+    ),
+    "conformance: a target that is not HOST:PORT": Mistake(
+        ("conformance", "biller", "--target", "nonsense", "--insecure"), 2, ("'nonsense' is not HOST:PORT",)
+    ),
+    "demo: a JSON report into a missing directory": Mistake(
+        ("demo", "--out", "d", "--json-out", "missing/x.json"),
+        2,
+        ("argument --json-out: cannot write missing/x.json: the directory missing does not exist",),
+        absent=("d", "missing"),
+    ),
+    "chaos: a state directory that is a file": Mistake(
+        ("chaos", "--state-dir", "afile"), 2, ("argument --state-dir: afile is not a directory",), regular_file
+    ),
+    "conformance: a work directory that is a file": Mistake(
+        ("conformance", "consumer", "--client-cmd", "true", "--work-dir", "afile", "--only", "PAY-8"),
+        2,
+        ("argument --work-dir: afile is not a directory",),
+        regular_file,
+    ),
+    "conformance: a JUnit report under a file": Mistake(
+        ("conformance", "consumer", "--client-cmd", "true", "--junit", "afile/r.xml"),
+        2,
+        ("argument --junit: cannot write afile/r.xml: afile is not a directory",),
+        regular_file,
+    ),
+    "keygen under a regular file": Mistake(
+        ("keygen", "--out", "afile/k"), 2, ("cannot write afile/k: afile is not a directory",), regular_file
+    ),
+    "vectors: --json with --out, which judges nothing": Mistake(
+        ("vectors", "--out", "v.json", "--json"), 2, ("leave out --json",), absent=("v.json",)
+    ),
+    "vectors: an empty --out": Mistake(("vectors", "--out", ""), 2, ("argument --out: expected a file name, got ''",)),
+}
+
+
+@pytest.mark.parametrize("name", EARLY_MISTAKES)
+def test_a_mistake_in_a_path_or_target_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    mistake = EARLY_MISTAKES[name]
+    mistake.prepare(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    started = time.monotonic()
+    status = cli.main(list(mistake.args))
+    printed = capsys.readouterr()
+    said = [line for line in (printed.out + printed.err).splitlines() if not line.startswith(("usage:", " "))]
+    assert status == mistake.status, said
+    assert len(said) == 1, said  # one message (after argparse's usage, when it is argparse's)
+    for phrase in mistake.says:
+        assert phrase in said[0], said
+    assert time.monotonic() - started < 5  # refused, not run
+    assert snapshot(tmp_path) == before
+    for path in mistake.absent:
+        assert not (tmp_path / path).exists()
+
+
+JSON_COMMANDS = {
+    "demo": ("demo",),
+    "bench": ("bench",),
+    "chaos": ("chaos",),
+    "fuzz": ("fuzz",),
+    "mutate": ("mutate",),
+    "conformance biller": ("conformance", "biller", "--target", "127.0.0.1:7443"),
+    "conformance consumer": ("conformance", "consumer", "--client-cmd", "true"),
+}
+UNWRITABLE = {
+    "missing/r.json": "cannot write missing/r.json: the directory missing does not exist (create it first)",
+    "afile/r.json": "cannot write afile/r.json: afile is not a directory",
+    ".": ". is a directory: name a file",
+}
+
+
+@pytest.mark.parametrize("option", ["--json-out", "--json"])
+@pytest.mark.parametrize("command", JSON_COMMANDS)
+def test_every_json_destination_is_checked_when_the_arguments_are_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str, option: str
+) -> None:
+    """Parsed only, never run: a bench or a chaos run with a bad destination went the whole way before failing."""
+    regular_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    for destination, says in UNWRITABLE.items():
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args([*JSON_COMMANDS[command], option, destination])
+        assert refused.value.code == 2
+        assert f"argument {option}: {says}" in capsys.readouterr().err
+    parser.parse_args([*JSON_COMMANDS[command], option, "r.json"])  # a new file in a writable directory
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("bench", "--state-dir"),
+        ("chaos", "--state-dir"),
+        ("demo", "--out"),
+        ("certs", "--out"),
+        ("conformance", "consumer", "--client-cmd", "true", "--work-dir"),
+    ],
+    ids=" ".join,
+)
+def test_every_work_directory_is_checked_when_the_arguments_are_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], arguments: tuple[str, ...]
+) -> None:
+    regular_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    parser = cli.build_parser()
+    for directory, says in {
+        "afile": "afile is not a directory",
+        "afile/sub": "cannot make the directory afile/sub: afile is not a directory",
+        "": "expected a directory name, got ''",
+    }.items():
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args([*arguments, directory])
+        assert refused.value.code == 2
+        assert f"argument {arguments[-1]}: {says}" in capsys.readouterr().err
+    parser.parse_args([*arguments, "new/state"])  # made later, with its parents, by the command
+    assert not (tmp_path / "new").exists()
 
 
 # --- With a biller serving -----------------------------------------------------------------------------------
@@ -638,3 +872,152 @@ def test_json_prints_on_stdout_and_json_out_writes_a_file(
     emit_json(old_form, {"ok": True}, Console(file=said))
     assert json.loads((tmp_path / "old.json").read_text()) == {"ok": True}
     assert "deprecated" in said.getvalue()
+
+
+# --- State directories and `biller codes`: refused before anything is written, in process -------------------------
+# A biller's key without its key set version 1 was given a new version 1 (a new fingerprint, codes printed under
+# it); each agent made its files in the other's state directory; an empty --state-dir meant the working directory
+# (or, for the household, the default); `codes` issued a code (superseding the last one) before it found its QR
+# file could not be written, printed links no consumer could read, and made a new empty store for a mistyped one.
+
+
+def without_key_set(root: Path) -> None:
+    """state/: a biller's key whose key set version 1 is lost."""
+    identity(root)
+    (root / "state" / "biller-keyset-v1.pb").unlink()
+
+
+def rotated_without_key_set(root: Path) -> None:
+    """state/: a biller's key and key set version 2 (after rotate-key), version 1 lost."""
+    identity(root)
+    IdentityDir(root / "state", "biller").rotate(BILLER_ID, datetime.now(UTC))
+    (root / "state" / "biller-keyset-v1.pb").unlink()
+
+
+def household_without_key_set(root: Path) -> None:
+    household_state(root)
+    (root / "state" / "consumer-keyset-v1.pb").unlink()
+
+
+def biller_state_and_profile(root: Path) -> None:
+    """state/: a biller's identity; p.toml: a usable household profile."""
+    identity(root)
+    profile_with(REAL_PIN)(root)
+
+
+def file_and_profile(root: Path) -> None:
+    a_file(root)
+    profile_with(REAL_PIN)(root)
+
+
+CODES = ("biller", "codes", "--state-dir", "state", "--account", "acct-1001")
+LOST_VERSION_1 = ("key set version 1 is missing from state", "restore it from your backup", "nothing was changed")
+HOUSEHOLDS = ("state holds a consumer's state: use another --state-dir",)
+BILLERS = ("state holds a biller's state: use another --state-dir",)
+EMPTY = ("--state-dir is empty: name a directory",)
+
+STATE_MISTAKES: dict[str, Mistake] = {
+    "codes when key set version 1 is lost": Mistake(CODES, 1, LOST_VERSION_1, without_key_set),
+    "init when key set version 1 is lost": Mistake(
+        ("biller", "init", "--state-dir", "state"), 1, LOST_VERSION_1, without_key_set
+    ),
+    "codes when version 1 is lost after a rotation": Mistake(CODES, 1, LOST_VERSION_1, rotated_without_key_set),
+    "rotate-key when version 1 is lost": Mistake(
+        ("biller", "rotate-key", "--state-dir", "state"), 1, LOST_VERSION_1, rotated_without_key_set
+    ),
+    "run when the household's key set version 1 is lost": Mistake(
+        RUN, 2, ("key set version 1 is missing from state",), household_without_key_set
+    ),
+    "biller init in a household's state directory": Mistake(
+        ("biller", "init", "--state-dir", "state"), 2, HOUSEHOLDS, household_state
+    ),
+    "biller codes in a household's state directory": Mistake(CODES, 2, HOUSEHOLDS, household_state),
+    "biller rotate-key in a household's state directory": Mistake(
+        ("biller", "rotate-key", "--state-dir", "state"), 2, HOUSEHOLDS, household_state
+    ),
+    "consumer run in a biller's state directory": Mistake(RUN, 2, BILLERS, biller_state_and_profile),
+    "consumer status of a biller's state directory": Mistake(STATUS, 2, BILLERS, biller_state_and_profile),
+    "consumer status of a state directory that is a file": Mistake(
+        STATUS, 2, ("the state directory state is a file, not a directory",), file_and_profile
+    ),
+    "biller init with an empty --state-dir": Mistake(("biller", "init", "--state-dir", ""), 2, EMPTY),
+    "biller codes with an empty --state-dir": Mistake(("biller", "codes", "--state-dir", ""), 2, EMPTY),
+    "consumer run with an empty --state-dir": Mistake(
+        ("consumer", "run", "--profile", "p.toml", "--state-dir", "", "--once"),
+        2,
+        EMPTY,
+        profile_with(REAL_PIN),
+        absent=("parley-consumer",),
+    ),
+    "consumer status with an empty --state-dir": Mistake(
+        ("consumer", "status", "--profile", "p.toml", "--state-dir", ""), 2, EMPTY, profile_with(REAL_PIN)
+    ),
+    "approve a request that does not exist": Mistake(
+        ("consumer", "approve", "nope", "--state-dir", "state"), 1, ("no approval request 'nope'",), household_state
+    ),
+    "codes: a QR file in a directory that does not exist": Mistake(
+        (*CODES, "--endpoint", "127.0.0.1:7443", "--qr-svg", "missing/qr.svg"),
+        2,
+        ("argument --qr-svg: cannot write missing/qr.svg: the directory missing does not exist",),
+        identity,
+    ),
+    "codes: an account that does not exist": Mistake(
+        ("biller", "codes", "--state-dir", "state", "--account", "nope"),
+        2,
+        ("no account 'nope'", "acct-1001", "nothing was issued"),
+        identity,
+    ),
+    "codes: a store that does not exist": Mistake(
+        (*CODES, "--store", "typo.sqlite"), 2, ("the store typo.sqlite does not exist",), identity, ("typo.sqlite",)
+    ),
+    **{
+        f"codes: the endpoint {endpoint!r}": Mistake(
+            (*CODES, "--endpoint", endpoint), 2, (f"--endpoint {endpoint!r} is not HOST:PORT",), identity
+        )
+        for endpoint in ("nonsense", "host:99999", "a b:1", "127.0.0.1:0", "")
+    },
+}
+
+
+@pytest.mark.parametrize("name", STATE_MISTAKES)
+def test_a_state_directory_or_codes_mistake_is_one_line_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    mistake = STATE_MISTAKES[name]
+    mistake.prepare(tmp_path)
+    monkeypatch.chdir(tmp_path)  # an empty --state-dir would be this directory
+    before = snapshot(tmp_path)
+    status = cli.main(list(mistake.args))
+    printed = capsys.readouterr()
+    said = [line for line in (printed.out + printed.err).splitlines() if not line.startswith(("usage:", " "))]
+    assert status == mistake.status, said
+    assert len(said) == 1, said  # one message (after argparse's usage, when it is argparse's)
+    for phrase in mistake.says:
+        assert phrase in said[0], said
+    assert snapshot(tmp_path) == before, said
+    for path in mistake.absent:
+        assert not (tmp_path / path).exists()
+
+
+SERVE_STATE_MISTAKES: dict[str, Mistake] = {  # run as processes: a `serve` that is not refused serves until killed
+    "biller serve in a household's state directory": Mistake(
+        ("biller", "serve", "--state-dir", "state", *SERVE_PLAINTEXT), 2, HOUSEHOLDS, household_state
+    ),
+    "biller serve with an empty --state-dir": Mistake(
+        ("biller", "serve", "--state-dir", "", *SERVE_PLAINTEXT), 2, EMPTY
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SERVE_STATE_MISTAKES)
+def test_serve_refuses_a_state_directory_that_is_not_a_biller_s(tmp_path: Path, name: str) -> None:
+    mistake = SERVE_STATE_MISTAKES[name]
+    mistake.prepare(tmp_path)
+    before = snapshot(tmp_path)
+    result = parley(*mistake.args, cwd=tmp_path, timeout=30)
+    said = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == mistake.status, said
+    assert len(said) == 1, said
+    for phrase in mistake.says:
+        assert phrase in said[0], said
+    assert snapshot(tmp_path) == before, said

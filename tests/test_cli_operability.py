@@ -23,7 +23,13 @@ from agent import tracing
 from agent.cli import build_parser
 from agent.cli import main as parley_main
 from reference_biller.config import SAMPLE, ConfigError, ServerSettings, load_config
-from reference_biller.settings import OPTIONS, SettingsError, resolve_serve, resolve_state_dir
+from reference_biller.settings import (
+    OPTIONS,
+    SettingsError,
+    check_server_table,
+    resolve_serve,
+    resolve_state_dir,
+)
 from tests.helpers.process import lines_of
 
 # --- --help on every command -------------------------------------------------------------------------------
@@ -92,6 +98,27 @@ def test_a_bad_serve_option_names_where_it_came_from(env: dict[str, str], messag
     assert message in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        (ServerSettings(tls_cert="cert.pem"), "server.tls_cert: the TLS certificate and key go together"),
+        (ServerSettings(tls_key="key.pem"), "server.tls_key: the TLS certificate and key go together"),
+        (ServerSettings(tls_client_ca="ca.pem"), "server.tls_client_ca: mutual TLS needs the TLS certificate and key"),
+    ],
+)
+def test_the_server_table_alone_is_checked_as_serve_checks_it(server: ServerSettings, message: str) -> None:
+    """`check_server_table`, for check-config: the [server] table refused with the words `serve` uses when no
+    flag or variable completes it (one rule, `resolve_serve`'s)."""
+    with pytest.raises(SettingsError) as alone:
+        check_server_table(server)
+    assert message in str(alone.value)
+    with pytest.raises(SettingsError) as served:
+        resolve_serve({"listen": "127.0.0.1:0"}, server, {})
+    assert str(served.value) == str(alone.value)
+    check_server_table(ServerSettings(tls_cert="cert.pem", tls_key="key.pem", tls_client_ca="ca.pem"))
+    check_server_table(ServerSettings())
+
+
 def test_serve_reports_a_bad_variable_and_exits_2_before_creating_anything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -121,7 +148,7 @@ def test_serve_reports_a_bad_variable_and_exits_2_before_creating_anything(
             ('deferral_fee = "5.00"', 'deferral_fee = "5.001"'),
             "deferral_fee: '5.001' is not an amount in EUR (has more than 2 decimals",
         ),
-        (("grace_days = 3 ", "grace_days = -3 "), "reminders.grace_days: must be at least 0, got -3"),
+        (("grace_days = 3 ", "grace_days = -3 "), "reminders.grace_days: expected a whole number of days from 0 to"),
         (("\n[payments]", '\n[server]\nlisten = "7443"\n\n[payments]'), "server.listen: expected HOST:PORT"),
         (("\n[payments]", '\n[server]\nlog_format = "xml"\n\n[payments]'), "server.log_format: expected one of"),
         (("\n[payments]", "\n[server]\nshutdown_grace_seconds = -2\n\n[payments]"), "server.shutdown_grace_seconds"),

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 from rich.console import Console
@@ -163,7 +164,7 @@ def setup_runs(request: pytest.FixtureRequest) -> dict[str, Run | BaseException]
     the longest one's time. Each test still judges its own run.
     """
     selected = {
-        item.callspec.params["setup"].name
+        cast(Setup, item.callspec.params["setup"]).name
         for item in request.session.items
         if isinstance(item, pytest.Function)
         and item.path == Path(__file__)

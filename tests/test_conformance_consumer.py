@@ -30,7 +30,17 @@ from rich.console import Console
 from agent.cli import main
 from agent.conformance import consumer_cases
 from agent.conformance.hostile_biller import read_bank_orders
-from agent.conformance.runner import EXIT_FAILED, EXIT_NOT_RUN, EXIT_OK, Level, RunOptions, Suite, run_cases, run_suite
+from agent.conformance.runner import (
+    EXIT_FAILED,
+    EXIT_NOT_RUN,
+    EXIT_OK,
+    Level,
+    NotRunnable,
+    RunOptions,
+    Suite,
+    run_cases,
+    run_suite,
+)
 from reference_consumer.profile import ProfileError
 from reference_consumer.runner import profile_from_env
 from tests import deferring_consumer
@@ -269,6 +279,23 @@ def test_a_program_found_nowhere_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert f"--json FILE is deprecated, use --json-out {report}" in output
     document = json.loads(report.read_text(encoding="utf-8"))
     assert (document["cases"], document["exit_code"]) == ([], EXIT_NOT_RUN)
+
+
+@pytest.mark.parametrize(
+    "command", ["exit 7", "true; exit 7", "cd / && true", "(exit 3)", "{ true; }", "X=1 true", "$CLIENT --once"]
+)
+def test_a_command_sh_would_run_is_let_through(command: str) -> None:
+    """The help says CMD is run by sh: a builtin (`exit 7` was refused as "not an executable found on PATH"), a
+    list, a subshell or a group is a command, judged by the shell itself."""
+    consumer_cases.check_command(command)
+
+
+def test_a_first_word_the_shell_finds_nowhere_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(NotRunnable, match="finds no command 'no-such-parley-client'"):
+        consumer_cases.check_command("no-such-parley-client --once")
+    with pytest.raises(NotRunnable, match="finds no command 'ls'"):
+        consumer_cases.check_command("ls", path=str(tmp_path))  # an empty PATH: no program is found
+    consumer_cases.check_command("exit 7", path=str(tmp_path))  # a builtin needs no PATH
 
 
 def test_a_command_the_shell_cannot_run_makes_every_scenario_skip_and_exits_2(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from agent.cli import main as parley_main
 from agent.clock import Clock, ManualClock, SystemClock
 from agent.conformance.peers import free_port
 from agent.consumer import PaymentNotSent, PaymentOrder, PaymentSender
+from agent.identity import IdentityDir
 from agent.protocol.keys import SigningKey
 from agent.protocol.terms import Money, TermsKind
 from agent.stores.base import IntentState, ThreadOutcome
@@ -761,6 +762,40 @@ def test_an_invalid_profile_or_state_is_exit_2_naming_the_key(
     assert status == 2
     assert "chmod 600" in out
     assert orders(tmp_path / "state") == []
+
+
+def test_from_env_a_state_directory_that_is_not_the_household_s_is_refused_naming_the_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --from-env the person set variables, not a profile key or a flag: the refusal names them, and the
+    other party's directory is left as it was (the household's key and store were made beside a biller's)."""
+    biller_state, household_state = tmp_path / "biller", tmp_path / "household"
+    IdentityDir(biller_state, "biller").load(BILLER, START)
+    IdentityDir(household_state, "consumer").load(PARTY, START)
+    environment = {
+        "PARLEY_TARGET": "127.0.0.1:1",
+        "PARLEY_BILLER_PARTY_ID": BILLER,
+        "PARLEY_FINGERPRINT": "ab" * 32,
+        "PARLEY_ACCOUNT_ID": ACCOUNT,
+        "PARLEY_ENROLMENT_CODE": "7KQ2-M9XD-4RTB",
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PARLEY_CONSUMER_PARTY_ID", raising=False)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+
+    monkeypatch.setenv("PARLEY_STATE_DIR", str(biller_state))
+    assert parley_main(["consumer", "run", "--from-env", "--once"]) == 2
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said == [f"unusable state: {biller_state} holds a biller's state: use another PARLEY_STATE_DIR"]
+
+    monkeypatch.setenv("PARLEY_STATE_DIR", str(household_state))  # another household's: its party id is PARTY
+    assert parley_main(["consumer", "run", "--from-env", "--once"]) == 2
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1, said
+    assert said[0].startswith("invalid profile PARLEY_CONSUMER_PARTY_ID: 'consumer:conformance-household', but")
+    assert said[0].endswith(f"holds the identity of {PARTY!r}: use another PARLEY_STATE_DIR")
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
 def test_a_profile_with_no_biller_to_reach_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

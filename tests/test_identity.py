@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity import KEYSET_RENEW_BEFORE, IdentityDir, IdentityError, OtherPartyError
+from agent.identity import KEYSET_RENEW_BEFORE, IdentityDir, IdentityError, OtherPartyError, state_dir_path
 from agent.protocol.keys import InsecureKeyFileError, SigningKey
 from agent.protocol.keysets import KeyChain, first_key_set
 from parley.v1 import envelope_pb2
@@ -70,3 +70,59 @@ def test_a_key_the_key_set_does_not_list_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OtherPartyError) as other:
         identities.load("consumer:other", NOW)
     assert other.value.held_by == HOUSEHOLD
+
+
+def files_in(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+@pytest.mark.parametrize("role", ["biller", "consumer"])
+def test_a_key_without_its_key_set_version_1_is_refused_never_given_a_new_identity(tmp_path: Path, role: str) -> None:
+    """A lost version 1 (beside a later version, or the key alone) must be restored: a new one is a new identity."""
+    party = f"{role}:party-1"
+    identities = IdentityDir(tmp_path, role)
+    identities.load(party, NOW)
+    identities.rotate(party, NOW + timedelta(days=1))  # version 2 too: a new version 1 would not fit it
+    identities.keyset_path(1).unlink()
+    for left in ("version 2", "the key alone"):
+        before = files_in(tmp_path)
+        with pytest.raises(IdentityError, match=r"key set version 1 is missing from .*: restore it"):
+            identities.load(party, NOW)
+        with pytest.raises(IdentityError, match="key set version 1 is missing"):
+            identities.rotate(party, NOW)
+        assert files_in(tmp_path) == before, left  # nothing written, version 1 above all
+        assert identities.exists()  # a part of an identity: never "no identity", so never created anew
+        identities.keyset_path(2).unlink(missing_ok=True)
+    assert not identities.keyset_path(1).exists()
+
+
+def test_a_creation_cut_short_is_finished_or_started_again(tmp_path: Path) -> None:
+    """The first key is written as the pending key and takes its place once version 1 is: a crash between the
+    two never leaves a key without its key set (which is refused)."""
+    identities = IdentityDir(tmp_path, "consumer")
+    SigningKey.generate().save(identities.next_key_path)  # cut short before version 1: started again
+    created = identities.load(HOUSEHOLD, NOW)
+    assert not identities.next_key_path.exists()
+    identities.key_path.rename(identities.next_key_path)  # cut short after version 1: finished
+    finished = identities.load(HOUSEHOLD, NOW)
+    assert (finished.key.keyid, finished.chain.fingerprint) == (created.key.keyid, created.chain.fingerprint)
+    assert not identities.next_key_path.exists()
+
+
+@pytest.mark.parametrize(("role", "other"), [("biller", "consumer"), ("consumer", "biller")])
+def test_a_state_directory_of_the_other_role_is_refused_before_anything_is_written(
+    tmp_path: Path, role: str, other: str
+) -> None:
+    IdentityDir(tmp_path, other).load(f"{other}:party-1", NOW)
+    before = files_in(tmp_path)
+    identities = IdentityDir(tmp_path, role, named_by="PARLEY_STATE_DIR")
+    for attempt in (identities.check, lambda: identities.load(f"{role}:party-2", NOW)):
+        with pytest.raises(IdentityError, match=f"holds a {other}'s state: use another PARLEY_STATE_DIR"):
+            attempt()
+    assert files_in(tmp_path) == before
+
+
+def test_an_empty_state_directory_is_refused_not_read_as_the_working_directory() -> None:
+    with pytest.raises(IdentityError, match=r"^--state-dir is empty: name a directory$"):
+        state_dir_path("")
+    assert state_dir_path("state") == Path("state")

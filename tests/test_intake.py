@@ -179,6 +179,32 @@ def test_issue_bill_is_idempotent_by_id_and_needs_an_enrolled_account(
     assert description_of(stored_bills(tmp_path, "w-4")[0]) == "Water, 2026-12"
 
 
+def test_an_issue_date_more_than_a_year_from_today_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--issue-date 0001-01-01` was issued and signed. A new bill's issue date is within 366 days of today, either
+    way (MAX_ISSUE_DATE_DAYS); an old bill re-imported is still unchanged."""
+    enrol(tmp_path, "w-5", capsys)
+    state = state_options(tmp_path)
+    today = datetime.now(UTC).date()
+    far_due = (today + timedelta(days=400)).isoformat()
+
+    def issue(bill_id: str, issued: str) -> list[str]:
+        return ["biller", "issue-bill", "--account", "w-5", "--amount", "10.00", "--due", far_due, "--id", bill_id,
+                "--description", "Water", "--issue-date", issued, *state]  # fmt: skip
+
+    for bill_id, issued in (("B-0", "0001-01-01"), ("B-9", "9999-12-31"), ("B-1", str(today + timedelta(days=367)))):
+        assert main(issue(bill_id, issued)) == 1
+        said = output(capsys)
+        assert f"issue_date {issued} is more than 366 days from today ({today})" in said
+        assert "within a year of today" in said
+    assert stored_bills(tmp_path, "w-5") == []
+    for bill_id, days in (("B-2", -366), ("B-3", 366)):
+        assert main(issue(bill_id, str(today + timedelta(days=days)))) == 0
+        assert "issued" in output(capsys)
+    assert {record.bill_id for record in stored_bills(tmp_path, "w-5")} == {"B-2", "B-3"}
+
+
 @pytest.mark.slow
 def test_intake_works_while_serve_runs_on_the_same_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`serve` and the intake commands, two processes on one SQLite store (WAL): the consumer sees the bill."""

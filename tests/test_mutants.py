@@ -111,6 +111,13 @@ def test_the_command_reports_a_stale_mutant_and_fails(tmp_path: Path, capsys: py
     assert main(["mutate", "--check"]) == 0
 
 
+def test_a_selection_matching_nothing_exits_2_with_or_without_list(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--list` listed nothing and exited 0 where the same selection without it exits 2."""
+    for listing in (["--list"], []):
+        assert main(["mutate", "--only", "NOPE", *listing]) == 2
+        assert capsys.readouterr().out.strip() == "no mutant selected: none matches --only, --suite and --quick"
+
+
 def test_the_implementation_runs_from_the_copy_and_the_judge_from_this_tree(tmp_path: Path) -> None:
     copy = tmp_path / "src"
     copy_sources(copy)

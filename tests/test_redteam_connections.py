@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import signal
 import socket
 import time
@@ -23,7 +24,7 @@ from agent.cli import main as parley_main
 from agent.metrics import BillerMetrics
 from agent.protocol.errors import Reason
 from agent.transport.connections import Connection, ConnectionWatcher
-from agent.transport.server import ConnectionLimits, serve_biller
+from agent.transport.server import MAX_GRPC_DURATION, ConnectionLimits, serve_biller
 from agent.transport.status import error_from_rpc
 from parley.v1 import biller_service_pb2_grpc, event_pb2
 from parley.v1.biller_service_pb2 import HelloRequest, WatchEventsRequest
@@ -210,13 +211,19 @@ def test_the_connection_caps_are_serve_options(name: str, flag: str, env: str, d
 def test_a_total_cap_gRPC_would_abort_on_is_refused_with_a_message() -> None:
     """gRPC core aborts the whole process when told 2**31 - 1 connections (a failed check, not an exception)."""
     file = ServerSettings(listen="127.0.0.1:0", max_connections=2**31 - 1)
-    with pytest.raises(SettingsError, match=r"server.max_connections: at most 1,000,000 connections in all"):
+    with pytest.raises(
+        SettingsError, match=r"server.max_connections: expected a whole number of connections from 1 to 1,000,000"
+    ):
         resolve_serve({}, file, {})
-    with pytest.raises(SettingsError, match=r"PARLEY_MAX_CONNECTIONS: at most 1,000,000"):
+    with pytest.raises(
+        SettingsError, match=r"PARLEY_MAX_CONNECTIONS: expected a whole number of connections from 1 to 1,000,000"
+    ):
         resolve_serve({}, ServerSettings(listen="127.0.0.1:0"), {"PARLEY_MAX_CONNECTIONS": "2147483647"})
     assert resolve_serve({"max_connections": "1000000"}, file, {}).max_connections == 1_000_000
     with pytest.raises(ValueError, match="max_connections must be from 1 to 1,000,000, not 2,147,483,647"):
         ConnectionLimits(max_connections=2**31 - 1)
+    with pytest.raises(ValueError, match=r"max_connections_per_address must be from 0 \(no cap\) to 1,000,000"):
+        ConnectionLimits(max_connections_per_address=2**31 - 1)
 
 
 @pytest.mark.parametrize(
@@ -242,6 +249,64 @@ def test_the_connection_timeouts_are_serve_options(
             resolve_serve({name: bad}, file, {})
 
 
+@pytest.mark.parametrize(
+    ("name", "flag", "env"),
+    [
+        ("idle_timeout", "--idle-timeout", "PARLEY_IDLE_TIMEOUT"),
+        ("handshake_timeout", "--handshake-timeout", "PARLEY_HANDSHAKE_TIMEOUT"),
+    ],
+)
+def test_a_connection_timeout_gRPC_cannot_take_is_refused_with_a_message(name: str, flag: str, env: str) -> None:
+    """gRPC takes each timeout as a C int of milliseconds: from 2147484 s on, `serve` crashed as it started
+    ("OverflowError: value too large to convert to int"). The bound lives with ConnectionLimits
+    (MAX_GRPC_DURATION); the serve options check the same one, naming where the value came from."""
+    file = ServerSettings(listen="127.0.0.1:0")
+    bound = "expected a number of seconds above 0 and at most 2,147,483 (gRPC takes it as a C int of milliseconds)"
+    for bad in ("2147484", "1e300", "inf", "nan"):
+        with pytest.raises(SettingsError, match=re.escape(f"{flag}: {bound}, got {bad!r}")):
+            resolve_serve({name: bad}, file, {})
+        with pytest.raises(SettingsError, match=re.escape(f"{env}: {bound}, got {bad!r}")):
+            resolve_serve({}, file, {env: bad})
+    largest = resolve_serve({name: "2147483"}, file, {})
+    assert getattr(largest, name) == MAX_GRPC_DURATION.total_seconds() == 2_147_483
+    longest: dict[str, Any] = {name: MAX_GRPC_DURATION}
+    options = dict(ConnectionLimits(**longest).grpc_options())
+    assert max(options.values()) == 2_147_483_000 < 2**31  # what gRPC is told fits its C int
+    past: dict[str, Any] = {name: MAX_GRPC_DURATION + timedelta(milliseconds=1)}
+    with pytest.raises(ValueError, match=f"{name} must be above 0 and at most 2,147,483 seconds"):
+        ConnectionLimits(**past)
+    zero: dict[str, Any] = {name: timedelta(0)}
+    with pytest.raises(ValueError, match=f"{name} must be above 0"):
+        ConnectionLimits(**zero)
+
+
+def test_serve_starts_with_the_longest_timeouts_and_refuses_one_past_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bound is what gRPC takes: at it the server starts (gRPC is told 2,147,483,000 ms); one second past it
+    is one line and exit 2, with nothing created."""
+    state = tmp_path / "state"
+    arguments = ["biller", "serve", "--insecure", "--listen", "127.0.0.1:0", "--state-dir", str(state)]
+    assert parley_main([*arguments, "--idle-timeout", "2147484"]) == 2
+    shown = capsys.readouterr().out.strip()
+    assert "--idle-timeout: expected a number of seconds above 0 and at most 2,147,483" in shown
+    assert len(shown.splitlines()) == 1
+    assert not state.exists()
+
+    async def scenario(biller: Biller) -> None:
+        longest = ConnectionLimits(idle_timeout=MAX_GRPC_DURATION, handshake_timeout=MAX_GRPC_DURATION)
+        running = await serve_biller(biller.agent, "127.0.0.1:0", insecure=True, connection_limits=longest)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                stub = biller_service_pb2_grpc.BillerServiceStub(channel)
+                hello = await stub.Hello(HelloRequest(protocol_versions=[1]), timeout=5)
+                assert hello.protocol_version == 1
+        finally:
+            await running.stop(None)
+
+    asyncio.run(_with_biller(tmp_path, scenario))
+
+
 def test_a_bad_per_address_cap_in_the_config_names_its_key(tmp_path: Path) -> None:
     config = tmp_path / "biller.toml"
     config.write_text(
@@ -249,7 +314,10 @@ def test_a_bad_per_address_cap_in_the_config_names_its_key(tmp_path: Path) -> No
     )
     with pytest.raises(ConfigError) as refused:
         load_config(config)
-    assert "server.max_connections_per_address: expected a whole number 1 or more, got 0" in str(refused.value)
+    assert "server.max_connections_per_address: expected a whole number of connections from 1 to 1,000,000" in str(
+        refused.value
+    )
+    assert str(refused.value).endswith("got 0")
 
 
 def test_serve_refuses_a_bad_per_address_cap_with_one_line_and_exit_2(
@@ -259,7 +327,8 @@ def test_serve_refuses_a_bad_per_address_cap_with_one_line_and_exit_2(
     arguments = ["biller", "serve", "--insecure", "--listen", "127.0.0.1:0", "--state-dir", str(state)]
     assert parley_main([*arguments, "--max-connections-per-address", "none"]) == 2
     shown = capsys.readouterr().out.strip()
-    assert "--max-connections-per-address: expected a whole number 1 or more, got 'none'" in shown
+    assert "--max-connections-per-address: expected a whole number of connections from 1 to 1,000,000" in shown
+    assert shown.endswith("got 'none'")
     assert len(shown.splitlines()) == 1
     assert not state.exists()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.cli import main as parley_main
 from agent.protocol.errors import Reason
@@ -256,6 +256,47 @@ def test_parley_certs_writes_files_for_a_mutual_tls_handshake_with_private_keys(
             await serving.stop(None)
 
     run(tmp_path, scenario)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        # a DNS name "127.0.0.1" was written, and a client connecting to 127.0.0.1 failed with "IP address mismatch"
+        (["--host", "127.0.0.1"], "127.0.0.1 is an IP address: pass it with --ip"),
+        (["--host", "::1"], "::1 is an IP address: pass it with --ip"),
+        (["--host", ""], "'' is not a host name: expected dot-separated labels"),  # was the library's CN message
+        (["--host", "bad host name"], "'bad host name' is not a host name"),  # was accepted
+        (["--host", "dash-.example"], "'dash-.example' is not a host name"),
+        (["--host", "a" * 64 + ".example"], "is not a host name"),  # a label of 64 characters
+        (["--days", "abc"], "argument --days: expected a whole number from 1 to 825, got 'abc'"),  # was "_days"
+    ],
+)
+def test_parley_certs_refuses_a_name_no_certificate_should_carry_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], says: str
+) -> None:
+    assert parley_main(["certs", "--out", str(tmp_path / "certs"), *arguments]) == 2
+    captured = capsys.readouterr()
+    said = [line for line in (captured.out + captured.err).splitlines() if not line.startswith(("usage:", " "))]
+    assert len(said) == 1, said
+    assert says in said[0]
+    assert not (tmp_path / "certs").exists()
+
+
+def test_parley_certs_keeps_a_host_name_longer_than_a_common_name_whole(tmp_path: Path) -> None:
+    """A common name is at most 64 characters (the cryptography library refused the certificate); clients match
+    the alternative names, so the long name is kept whole there and the common name is another name, or a label."""
+    long_name = f"{'a' * 40}.{'b' * 40}.example.test"
+    hosts = ["--host", long_name, "--host", "*.example.test"]
+    assert parley_main(["certs", "--out", str(tmp_path / "certs"), *hosts]) == 0
+    leaf = x509.load_pem_x509_certificate((tmp_path / "certs" / SERVER_CHAIN_FILE).read_bytes())
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [long_name, "*.example.test"]
+    assert [a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == ["*.example.test"]
+    alone = x509.load_pem_x509_certificate(issue_server_cert(make_dev_ca(), [long_name], []).cert_pem)
+    assert alone.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    ) == [long_name]
+    assert [a.value for a in alone.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == ["Parley development server"]
 
 
 # --- --tls-client-ca through settings and the CLI -----------------------------------------------------------

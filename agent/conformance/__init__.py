@@ -40,6 +40,7 @@ from rich.markup import escape
 
 from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_options
 from agent.tools.numbers import number_argument
+from agent.tools.paths import directory_argument
 from agent.transport.server import MAX_CONNECTIONS_LIMIT
 
 # The bounds a biller is told to the suite: waited for (seconds) or filled (connections) by its cases.
@@ -47,14 +48,27 @@ MAX_TOLD_SECONDS = 3600.0
 MAX_TOLD_CONNECTIONS = MAX_CONNECTIONS_LIMIT  # what the reference biller itself accepts
 
 
+def _target(text: str) -> str:
+    """`--target`'s type: HOST:PORT with a port from 1 to 65535, by the rule an enrolment link's endpoint follows
+    (the address a client connects to). Checked here, before any case: gRPC wrapped port 99999 to 34463 and
+    tested whatever listened there, and a target with no port was reported as a host of ''."""
+    from agent.consumer.enrolment import is_endpoint  # noqa: PLC0415 - the consumer package, for this option only
+
+    if not is_endpoint(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT with a port from 1 to 65535 (e.g. 127.0.0.1:7443, [::1]:7443)"
+        )
+    return text
+
+
 def _run_biller(args: argparse.Namespace, out: Console) -> int:
     from agent.conformance.biller import connect, suite  # noqa: PLC0415 - only this command needs grpc's stack
     from agent.conformance.biller.target import ConnectionBounds  # noqa: PLC0415
     from agent.conformance.runner import run_suite  # noqa: PLC0415
     from agent.listen import is_loopback  # noqa: PLC0415
-    from agent.transport.client import ClientTls  # noqa: PLC0415
+    from agent.transport.client import ClientTls, target_host  # noqa: PLC0415
 
-    host = args.target.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    host = target_host(args.target)
     if args.insecure and not is_loopback(host):  # said now, not as "unreachable" by every case (TRN-3)
         out.print(
             f"--insecure (plaintext) is allowed only to a loopback target (TRN-3), not {host!r}: use --tls-ca FILE"
@@ -110,9 +124,8 @@ def _run_consumer(args: argparse.Namespace, out: Console) -> int:
 
     options = run_options(args, f"client command {args.client_cmd!r}")
     timeout = options.timeout if options.timeout > 0 else 1.0
-    work_dir = Path(args.work_dir) if args.work_dir else None
     return asyncio.run(
-        run_suite(suite, lambda: connect(args.client_cmd, timeout=timeout, work_dir=work_dir), options, out)
+        run_suite(suite, lambda: connect(args.client_cmd, timeout=timeout, work_dir=args.work_dir), options, out)
     )
 
 
@@ -133,7 +146,7 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
         "fixtures are skipped unless the biller announces conformance-control (e.g. `parley biller serve "
         "--conformance-control`); never run that flag in production.",
     )
-    biller.add_argument("--target", required=True, metavar="HOST:PORT", help="the biller's gRPC address")
+    biller.add_argument("--target", required=True, type=_target, metavar="HOST:PORT", help="the biller's gRPC address")
     transport = biller.add_mutually_exclusive_group()
     transport.add_argument(
         "--tls-ca", metavar="FILE", help="PEM trust anchors for the biller's certificate (default: the system roots)"
@@ -195,6 +208,7 @@ def add_conformance_commands(commands: argparse._SubParsersAction[argparse.Argum
     )
     consumer.add_argument(
         "--work-dir",
+        type=directory_argument,
         metavar="DIR",
         help="keep each scenario's directory (client output, client state, the biller's database) under DIR "
         "(default: a temporary directory, removed at the end)",

@@ -45,8 +45,8 @@ import asyncio
 import contextlib
 import os
 import shlex
-import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -107,8 +107,7 @@ CLIENT_ENVIRONMENT = (
 )
 CANNOT_START = (126, 127)  # the shell's exit status for a command it could not execute, or found nowhere
 LOG_TAIL_LINES = 4
-_SHELL_WORDS = "! . : [ [[ alias builtin case cd command eval exec export for if set source test time until while"
-SHELL_WORDS = frozenset(_SHELL_WORDS.split()) | {"{", "("}  # words the shell itself reads: no program to look for
+SHELL = "/bin/sh"  # what asyncio.create_subprocess_shell runs CMD with, and so what judges its first word
 # Calls a client makes only once it trusts its enrolment: after a refused one, it must make none (ENR-10).
 ACCOUNT_CALLS = ("ListBills", "GetBill", "Negotiate", "GetThread", "CreatePaymentIntent", "GetReceipt", "WatchEvents")
 
@@ -134,18 +133,35 @@ suite: Suite[ConsumerContext] = Suite("consumer", precheck=_precheck)
 
 
 def check_command(client_cmd: str, path: str | None = None) -> None:
-    """NotRunnable when the command is empty or names a program found nowhere (shell syntax is let through)."""
+    """NotRunnable when the command is empty, or its first word is nothing the shell can run: neither a keyword,
+    a builtin nor a program on PATH (`path`, default $PATH). The shell itself is asked (`command -v`), so that
+    `exit 7` or `cd DIR && CMD` pass and no list of builtins here goes stale; shell syntax (a subshell, an
+    assignment, an expansion) is let through for the shell to judge as it runs it (CANNOT_START then)."""
+    lexer = shlex.shlex(client_cmd, posix=True, punctuation_chars=True)  # `a;b` is three words, as for sh
+    lexer.whitespace_split = True
     try:
-        words = shlex.split(client_cmd)
+        words = list(lexer)
     except ValueError as error:
         raise NotRunnable(f"--client-cmd is not a shell command: {error}") from None
     if not words:
         raise NotRunnable("--client-cmd is empty")
     program = words[0]
-    if "=" in program or program in SHELL_WORDS or any(c in client_cmd for c in "$`"):
-        return  # an assignment, a shell keyword or an expansion: let the shell judge it
-    if shutil.which(program, path=path) is None:
-        raise NotRunnable(f"the client command cannot start: {program!r} is not an executable found on PATH")
+    if "=" in program or any(c in client_cmd for c in "$`") or all(c in lexer.punctuation_chars for c in program):
+        return  # an assignment, an expansion, or an operator such as `(`: the shell judges it as it runs
+    environment = dict(os.environ) if path is None else {**os.environ, "PATH": path}
+    found = subprocess.run(  # noqa: S603 - the word is an argument of a fixed script, never run itself
+        [SHELL, "-c", 'command -v -- "$1" >/dev/null', "sh", program],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    if found.returncode != 0:
+        raise NotRunnable(
+            f"the client command cannot start: {SHELL} finds no command {program!r} "
+            "(neither a shell builtin nor a program on PATH)"
+        )
 
 
 @asynccontextmanager
@@ -159,7 +175,10 @@ async def connect(client_cmd: str, *, timeout: float, work_dir: Path | None = No
     check_command(client_cmd)
     client_timeout = max(1.0, 0.4 * timeout)
     if work_dir is not None:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        try:  # the command line checked it (agent/tools/paths.py); a caller of the library may not have
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise NotRunnable(f"cannot make the work directory {work_dir}: {error.strerror or error}") from None
         yield ConsumerContext(client_cmd, work_dir, client_timeout)
         return
     with tempfile.TemporaryDirectory(prefix="parley-conformance-") as directory:

@@ -80,6 +80,7 @@ from rich.markup import escape
 
 from agent.tools.json_output import STDOUT, add_json_options
 from agent.tools.numbers import check_number
+from agent.tools.paths import output_file_argument
 
 C = TypeVar("C")
 
@@ -616,7 +617,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds each case may take (default: %(default)g)",
     )
-    parser.add_argument("--junit", metavar="FILE", help="write a JUnit XML report")
+    parser.add_argument("--junit", type=output_file_argument, metavar="FILE", help="write a JUnit XML report")
     add_json_options(parser, "the report")
 
 
@@ -632,7 +633,7 @@ def run_options(args: argparse.Namespace, target: str) -> RunOptions:
         skip=_patterns(args.skip),
         known_failing=Path(args.known_failing) if args.known_failing else None,
         timeout=args.timeout,
-        junit=Path(args.junit) if args.junit else None,
+        junit=args.junit,
         json=json_file,
         json_stdout=args.json == STDOUT,
         json_deprecated=deprecated and args.json_out is None,

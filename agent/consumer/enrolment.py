@@ -160,6 +160,14 @@ class EnrolmentLink:
     """Normalised (ENR-7)."""
 
 
+def is_endpoint(text: str) -> bool:
+    """Whether `text` is an endpoint an enrolment link may carry: host:port, a port from 1 to 65535, no space in
+    the host. The one rule: a biller printing a link (`parley biller codes --endpoint`) checks it too."""
+    host, separator, port = text.rpartition(":")
+    digits = port.isascii() and port.isdigit()  # str.isdigit alone takes "²", which int() refuses
+    return bool(separator and host and digits and 0 < int(port) <= _MAX_PORT) and not any(c.isspace() for c in host)
+
+
 def parse_enrolment_uri(uri: str) -> EnrolmentLink:
     """The material of `parley:enrol?endpoint=&biller=&fingerprint=&account=&code=` (ENR-8), each value
     percent-encoded. InvalidEnrolmentLink names the first problem: another scheme, a missing, repeated or
@@ -179,8 +187,7 @@ def parse_enrolment_uri(uri: str) -> EnrolmentLink:
     missing = [name for name in _URI_FIELDS if not values.get(name)]
     if missing:
         raise InvalidEnrolmentLink(f"missing field {missing[0]!r}")
-    host, separator, port = values["endpoint"].rpartition(":")
-    if not (separator and host and port.isdigit() and 0 < int(port) <= _MAX_PORT) or any(c.isspace() for c in host):
+    if not is_endpoint(values["endpoint"]):
         raise InvalidEnrolmentLink(f"endpoint {values['endpoint']!r} is not host:port")
     if not is_party_id(values["biller"]):
         raise InvalidEnrolmentLink(f"biller {values['biller']!r} is not a party id")
@@ -199,4 +206,11 @@ def parse_enrolment_uri(uri: str) -> EnrolmentLink:
     return EnrolmentLink(values["endpoint"], values["biller"], fingerprint, account, code)
 
 
-__all__ = ["ENROLMENT_URI_PREFIX", "Enrolment", "EnrolmentLink", "InvalidEnrolmentLink", "parse_enrolment_uri"]
+__all__ = [
+    "ENROLMENT_URI_PREFIX",
+    "Enrolment",
+    "EnrolmentLink",
+    "InvalidEnrolmentLink",
+    "is_endpoint",
+    "parse_enrolment_uri",
+]

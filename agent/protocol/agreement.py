@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.protocol.dsse import check_envelope_form, digest, envelope_from_json, envelope_to_json
 from agent.protocol.errors import LocalProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keysets import KeyChain
-from agent.protocol.limits import DEFAULT_LIMITS
+from agent.protocol.limits import DEFAULT_LIMITS, MAX_KEYSET_VERSIONS
 from agent.protocol.messages import Verified, check_sequence, open_envelope
 from agent.protocol.moves import NEGOTIATION_TYPES, NegotiationPayload, thread_message
 from agent.protocol.negotiation import Negotiation, Open, Role, State
@@ -26,6 +26,15 @@ from agent.protocol.terms import BillFacts, Terms
 from parley.v1 import bill_pb2, envelope_pb2, negotiation_pb2
 
 BUNDLE_FORMAT = "parley-bundle/1"
+
+# The most envelopes a bundle can hold: two chains of at most MAX_KEYSET_VERSIONS (LIM-15), the bill, and a
+# thread of the opening, at most max_rounds offers and the acceptance (NEG-5): 213 with the defaults.
+MAX_BUNDLE_ENVELOPES = 2 * MAX_KEYSET_VERSIONS + 1 + DEFAULT_LIMITS.max_rounds + 2
+# The most bytes `Bundle.load` reads: each envelope at most max_envelope_bytes (LIM-1) on the wire, and at most
+# twice that in JSON (base64 is 4/3 of the bytes, plus the member names and any indentation), so about 28 MB,
+# far above any real bundle (the demo's are a few kB). A larger file is refused unread, not parsed until
+# memory runs out (`parley verify /dev/zero`).
+MAX_BUNDLE_BYTES = 2 * DEFAULT_LIMITS.max_envelope_bytes * MAX_BUNDLE_ENVELOPES
 
 
 class UnusableBundleError(ValueError):
@@ -73,10 +82,23 @@ class Bundle:
 
     @classmethod
     def load(cls, path: Path) -> Bundle:
+        """The bundle in the file at `path`; UnusableBundleError if it cannot be read, is larger than
+        MAX_BUNDLE_BYTES (read no further), is not UTF-8 JSON, or is not a bundle (BND-6)."""
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            with path.open("rb") as file:
+                data = file.read(MAX_BUNDLE_BYTES + 1)
+        except OSError as error:
+            raise UnusableBundleError(f"cannot read {path}: {error.strerror or error}") from error
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise UnusableBundleError(
+                f"{path} is larger than {MAX_BUNDLE_BYTES:,} bytes, far more than any bundle holds: not a bundle"
+            )
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UnusableBundleError(f"cannot read {path}: {error}") from error
+        except RecursionError:  # the parser recurses once per level: no bundle nests more than a few levels
+            raise UnusableBundleError(f"cannot read {path}: its JSON is nested too deeply to be a bundle") from None
         return cls.from_json(document)
 
 

@@ -38,7 +38,7 @@ _P = TypeVar("_P")
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.IntEnum)
 
-_UINT32_MAX = 2**32 - 1
+UINT32_MAX = 2**32 - 1  # the largest value of a uint32 wire field: counts and numbers of days
 _DECIMAL = re.compile(r"([0-9]{1,32})(?:\.([0-9]{1,32}))?")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -69,8 +69,8 @@ def _check_length(path: str, text: str, maximum: int, minimum: int = 0) -> None:
 
 def _check_uint32(path: str, value: int, minimum: int = 0) -> None:
     """A count or number of days fits its uint32 wire field and is at least `minimum` (INVALID_TERMS)."""
-    if not minimum <= value <= _UINT32_MAX:
-        raise LocalProtocolError(Reason.INVALID_TERMS, f"{path} is {value}; allowed {minimum}..{_UINT32_MAX}")
+    if not minimum <= value <= UINT32_MAX:
+        raise LocalProtocolError(Reason.INVALID_TERMS, f"{path} is {value}; allowed {minimum}..{UINT32_MAX}")
 
 
 def _check_count(count: int) -> None:

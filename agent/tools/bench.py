@@ -91,6 +91,7 @@ from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, BillerStore, open_bill
 from agent.stores.sqlite_base import ts
 from agent.tools.json_output import add_json_options, emit_json
 from agent.tools.numbers import check_number
+from agent.tools.paths import directory_argument
 from agent.transport.server import freeze_startup_heap, install_uvloop, serve_biller
 from parley.v1 import (
     bill_pb2,
@@ -1279,7 +1280,12 @@ def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         metavar="SECONDS",
         help="time fdatasync in the state directory first (0: skip)",
     )
-    bench.add_argument("--state-dir", type=Path, help="keep the store here (default: a temporary directory)")
+    bench.add_argument(
+        "--state-dir",
+        type=directory_argument,  # checked now, not at its mkdir after the biller's start
+        metavar="DIR",
+        help="keep the store here (default: a temporary directory)",
+    )
     add_json_options(bench, "the report")
     bench.set_defaults(handler=_bench_command)
 

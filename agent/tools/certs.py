@@ -23,6 +23,14 @@ certificates (for mutual TLS, TRN-9) as files::
     client-NAME.pem/.key        a consumer's client certificate chain and key (mode 0600)
 
 The CA's private key is not written: to issue more certificates, make a new set.
+
+A host name (`--host`) is checked as RFC 1123 defines one (dot-separated labels of
+letters, digits and hyphens; a left-most `*` label for a wildcard); an IP address
+given as a host name is refused, since a TLS client checks an address against the
+certificate's IP names only (`--ip`). TLS clients match the subject alternative
+names (RFC 6125); the subject's common name is only a label, limited to 64
+characters, so a longer host name stays whole in the alternative names and the
+common name is the first name that fits, or "Parley development server".
 """
 
 from __future__ import annotations
@@ -42,11 +50,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from rich.console import Console
 
+from agent.tools.numbers import number_argument
+from agent.tools.paths import directory_argument
+
 DEFAULT_VALIDITY = timedelta(days=30)
 MAX_VALIDITY_DAYS = 825  # `parley certs --days`: the longest life browsers ever accepted for a TLS leaf
 CA_FILE, SERVER_CHAIN_FILE, SERVER_KEY_FILE = "ca.pem", "server.pem", "server.key"
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # becomes part of a file name: no paths
 _BACKDATE = timedelta(minutes=5)  # tolerate small clock differences between the parties
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1123 2.1: 1-63 characters
+MAX_HOST_NAME_CHARS = 253  # RFC 1123 2.1 (a name of 255 octets on the wire)
+MAX_COMMON_NAME_CHARS = 64  # RFC 5280's ub-common-name: the cryptography library refuses a longer one
+SERVER_COMMON_NAME = "Parley development server"  # when no name of the certificate fits in a common name
 
 
 @dataclass(frozen=True)
@@ -177,6 +192,26 @@ def _issue(
     return LeafCert(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), ca.cert_pem)
 
 
+def check_host_name(name: str) -> None:
+    """ValueError naming the fault unless `name` is a host name a certificate can carry as a DNS name: RFC 1123
+    labels, a wildcard only as the whole left-most label (RFC 6125), and no IP address (clients check an address
+    against the certificate's IP names only: a DNS name "127.0.0.1" fails with "IP address mismatch")."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{name} is an IP address: pass it with --ip")
+    labels = name.split(".")
+    if len(labels) > 1 and labels[0] == "*":
+        labels = labels[1:]
+    if len(name) > MAX_HOST_NAME_CHARS or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(
+            f"{name!r} is not a host name: expected dot-separated labels of 1 to 63 letters, digits and hyphens, "
+            f"not starting or ending with a hyphen (RFC 1123), at most {MAX_HOST_NAME_CHARS} characters in all"
+        )
+
+
 def issue_server_cert(
     ca: DevCA,
     hostnames: Sequence[str] = ("localhost",),
@@ -186,13 +221,17 @@ def issue_server_cert(
 ) -> LeafCert:
     """A TLS server certificate for these DNS names and IP addresses (subject alternative names).
 
-    ValueError if there is no name at all or an address does not parse.
+    ValueError if there is no name at all, a host name is not one (`check_host_name`) or an address does not
+    parse. The common name is the first name of at most 64 characters (all of them stay in the alternative
+    names, which are what TLS clients match), else SERVER_COMMON_NAME.
     """
     if not hostnames and not ips:
         raise ValueError("a server certificate needs at least one host name or IP address")
+    for name in hostnames:
+        check_host_name(name)
     alt_names: list[x509.GeneralName] = [x509.DNSName(name) for name in hostnames]
     alt_names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    common_name = hostnames[0] if hostnames else ips[0]
+    common_name = next((name for name in [*hostnames, *ips] if len(name) <= MAX_COMMON_NAME_CHARS), SERVER_COMMON_NAME)
     return _issue(ca, common_name, ExtendedKeyUsageOID.SERVER_AUTH, alt_names, valid_for)
 
 
@@ -277,13 +316,6 @@ def _certs(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
-def _days(text: str) -> int:
-    days = int(text)
-    if not 1 <= days <= MAX_VALIDITY_DAYS:
-        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_VALIDITY_DAYS} days, got {text}")
-    return days
-
-
 def add_certs_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `parley certs` on the `parley` command's subparsers."""
     certs = commands.add_parser(
@@ -293,23 +325,39 @@ def add_certs_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "for TLS and mutual TLS in development and tests. Refuses to overwrite; key files are mode 0600. "
         "Without --host and --ip the server certificate names localhost and 127.0.0.1.",
     )
-    certs.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created if missing)")
-    certs.add_argument("--host", action="append", default=[], metavar="NAME", help="server DNS name; repeatable")
+    certs.add_argument(
+        "--out",
+        required=True,
+        type=directory_argument,
+        metavar="DIR",
+        help="directory to write into (created if missing)",
+    )
+    certs.add_argument(
+        "--host", action="append", default=[], metavar="NAME", help="server DNS name (not an IP address); repeatable"
+    )
     certs.add_argument("--ip", action="append", default=[], metavar="ADDRESS", help="server IP address; repeatable")
     certs.add_argument(
         "--client", action="append", default=[], metavar="NAME", help="also a client certificate NAME; repeatable"
     )
-    certs.add_argument("--days", type=_days, default=DEFAULT_VALIDITY.days, help="validity (default: %(default)s)")
+    certs.add_argument(
+        "--days",
+        type=number_argument(int, 1, MAX_VALIDITY_DAYS),
+        default=DEFAULT_VALIDITY.days,
+        metavar="DAYS",
+        help="validity (default: %(default)s)",
+    )
     certs.set_defaults(handler=_certs)
 
 
 __all__ = [
     "CA_FILE",
     "SERVER_CHAIN_FILE",
+    "SERVER_COMMON_NAME",
     "SERVER_KEY_FILE",
     "DevCA",
     "LeafCert",
     "add_certs_command",
+    "check_host_name",
     "client_files",
     "issue_client_cert",
     "issue_server_cert",

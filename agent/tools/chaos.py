@@ -76,6 +76,7 @@ from agent.protocol.limits import PROTOCOL_VERSION
 from agent.protocol.messages import open_envelope
 from agent.tools.json_output import add_json_options, emit_json
 from agent.tools.numbers import check_number
+from agent.tools.paths import directory_argument
 from parley.v1 import biller_service_pb2, envelope_pb2, event_pb2, negotiation_pb2, terms_pb2
 from reference_biller.service import STORE_FILE
 
@@ -980,7 +981,7 @@ def _chaos(args: argparse.Namespace, out: Console) -> int:
         clients=args.clients,
         seed=args.seed,
         pause=args.seconds_between_kills,
-        state_dir=Path(args.state_dir) if args.state_dir else None,
+        state_dir=args.state_dir,
     )
     try:
         options.check()
@@ -1022,7 +1023,10 @@ def add_chaos_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help=f"pause before each kill, drawn uniformly (default: {DEFAULT_PAUSE[0]:g}:{DEFAULT_PAUSE[1]:g})",
     )
     chaos.add_argument(
-        "--state-dir", help="where the biller's state and log go (default: a temporary directory, kept on FAIL)"
+        "--state-dir",
+        type=directory_argument,  # checked now, not at its mkdir once the run has started
+        metavar="DIR",
+        help="where the biller's state and log go (default: a temporary directory, kept on FAIL)",
     )
     add_json_options(chaos, "the report")
     chaos.set_defaults(handler=_chaos)

@@ -74,6 +74,7 @@ from agent.protocol.negotiation import Accept, Offer, Open, Reject, Role, Withdr
 from agent.protocol.terms import BillFacts, LineKind, Money, Terms, TermsKind
 from agent.tools.certs import DevCA, issue_server_cert, make_dev_ca
 from agent.tools.json_output import add_json_options, emit_json, wants_json
+from agent.tools.paths import directory_argument
 from agent.transport.client import ClientTls, RetryPolicy
 from agent.transport.server import start_biller_server
 from agent.transport.status import CallError
@@ -1455,7 +1456,13 @@ def add_demo_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     demo = commands.add_parser(
         "demo", help="two billers and six households over gRPC for three simulated months; bundles verified offline"
     )
-    demo.add_argument("--out", default="parley-demo", help="directory for the agreement bundles (default: %(default)s)")
+    demo.add_argument(
+        "--out",
+        type=directory_argument,  # checked now: the bundles are written after the whole run
+        default="parley-demo",
+        metavar="DIR",
+        help="directory for the agreement bundles (default: %(default)s)",
+    )
     add_json_options(demo, "the outcome (per household and bundle)")
     demo.add_argument(
         "--serve",

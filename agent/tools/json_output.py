@@ -5,6 +5,9 @@ to stderr (agent/cli.py), so `parley bench --json | jq .` works; `--json-out
 FILE` writes it to a file instead, beside the usual output. `--json FILE`, the
 old form of demo, bench, chaos, fuzz, conformance and mutate, still writes FILE but says it is
 deprecated: a script that used it keeps working and learns the new spelling.
+Either file is checked when the arguments are parsed (agent/tools/paths.py): a
+destination that cannot be written is refused before the command's work, not
+after it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from pathlib import Path
 
 from rich.console import Console
 
+from agent.tools.paths import output_file_argument
+
 STDOUT = "-"
+
+
+def _json_value(text: str) -> str:
+    """`--json`'s value: STDOUT, or the deprecated FILE, checked as --json-out FILE is."""
+    if text != STDOUT:
+        output_file_argument(text)
+    return text
 
 
 def add_json_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -24,11 +36,12 @@ def add_json_options(parser: argparse.ArgumentParser, what: str) -> None:
         "--json",
         nargs="?",
         const=STDOUT,
+        type=_json_value,
         metavar="FILE",
         help=f"print {what} as JSON on stdout (other output goes to stderr); `--json FILE` is deprecated: use "
         "--json-out FILE",
     )
-    parser.add_argument("--json-out", type=Path, metavar="FILE", help=f"write {what} as JSON to FILE")
+    parser.add_argument("--json-out", type=output_file_argument, metavar="FILE", help=f"write {what} as JSON to FILE")
 
 
 def json_on_stdout(args: argparse.Namespace) -> bool:

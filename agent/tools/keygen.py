@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from agent.protocol.keys import SigningKey
+from agent.tools.paths import output_file_argument
 
 EXIT_OK, EXIT_UNUSABLE = 0, 2
 
@@ -19,10 +20,7 @@ def _failed(out: Console, message: str) -> None:
 
 def _keygen(args: argparse.Namespace, out: Console) -> int:
     key = SigningKey.generate()
-    path = Path(args.out)
-    if not path.parent.is_dir():
-        _failed(out, f"cannot write {path}: the directory {path.parent} does not exist (create it first)")
-        return EXIT_UNUSABLE
+    path: Path = args.out  # its directory checked by output_file_argument
     try:
         key.save(path)
     except FileExistsError:
@@ -39,7 +37,13 @@ def _keygen(args: argparse.Namespace, out: Console) -> int:
 def add_keygen_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `parley keygen` on the `parley` command's subparsers."""
     keygen = commands.add_parser("keygen", help="make an Ed25519 signing key")
-    keygen.add_argument("--out", required=True, help="private key file to create (PKCS#8 PEM, mode 0600)")
+    keygen.add_argument(
+        "--out",
+        required=True,
+        type=output_file_argument,
+        metavar="FILE",
+        help="private key file to create (PKCS#8 PEM, mode 0600)",
+    )
     keygen.set_defaults(handler=_keygen)
 
 

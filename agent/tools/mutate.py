@@ -509,6 +509,9 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         return EXIT_UNUSABLE
     stale = check_anchors(mutants)  # every mutant, whatever is selected: a refactor shows up at once
     chosen = select(mutants, args.only, args.quick, args.suite)
+    if not chosen and not args.check:  # --check judges every mutant, whatever is selected
+        out.print("[red]no mutant selected[/red]: none matches --only, --suite and --quick")
+        return EXIT_UNUSABLE
     if args.list:
         for mutant in chosen:
             mark = "STALE " if mutant.id in stale else ""
@@ -519,9 +522,6 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     if args.check:
         out.print(f"{len(mutants)} mutants, {len(stale)} stale")
         return EXIT_FAILED if stale else EXIT_OK
-    if not chosen:
-        out.print("[red]no mutant selected[/red]")
-        return EXIT_UNUSABLE
     started = time.monotonic()
     suites = sorted({mutant.suite for mutant in chosen})
     if not args.no_baseline and not baselines_pass(args, chosen, suites, out):

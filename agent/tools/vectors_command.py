@@ -6,7 +6,8 @@ in this package, byte for byte, so it can be taken from an installed Parley.
 Without `--out`, each case is judged by the code paths the agents use and
 compared with its expected verdict: exit 0 when all agree, 1 otherwise (each
 disagreement printed). `--schema` writes the document's JSON Schema
-(agent/data/vectors.schema.json) instead. `--json` also prints the counts as one JSON line.
+(agent/data/vectors.schema.json) instead. `--json` also prints the counts as one JSON line: it is
+refused with `--out` and `--schema`, which judge nothing, so print no counts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent import vectors
+from agent.tools.paths import output_file_argument
 
 EXIT_OK, EXIT_FAILED, EXIT_UNUSABLE = 0, 1, 2
 
@@ -37,8 +39,16 @@ def _write(out_path: Path, out: Console, *, schema: bool) -> int:
 
 
 def _vectors(args: argparse.Namespace, out: Console) -> int:
-    if args.out:
-        return _write(Path(args.out), out, schema=args.schema)
+    if args.json and (args.out is not None or args.schema):
+        out.print(
+            "--json prints the counts of judging the vectors; --out and --schema judge nothing: leave out --json",
+            style="red",
+            markup=False,
+            highlight=False,
+        )
+        return EXIT_UNUSABLE
+    if args.out is not None:
+        return _write(args.out, out, schema=args.schema)
     if args.schema:
         print(vectors.schema_text(), end="")
         return EXIT_OK
@@ -66,7 +76,9 @@ def add_vectors_command(commands: argparse._SubParsersAction[argparse.ArgumentPa
         "vectors",
         help="judge every shipped test vector with this library, or write them out for another implementation",
     )
-    command.add_argument("--out", metavar="FILE", help="write the shipped vectors (JSON) to FILE instead")
+    command.add_argument(
+        "--out", type=output_file_argument, metavar="FILE", help="write the shipped vectors (JSON) to FILE instead"
+    )
     command.add_argument("--schema", action="store_true", help="the JSON Schema of the vectors document instead")
     command.add_argument("--json", action="store_true", help="also print the counts as one JSON line on stdout")
     command.set_defaults(handler=_vectors)

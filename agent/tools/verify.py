@@ -3,9 +3,11 @@
 Exits 0 when the bundle is valid, 1 when it is invalid (the reason is printed),
 2 when the input is unusable (unreadable, not a bundle, bad usage). `--pin
 PARTY=FINGERPRINT` requires a party's key set chain to start at that identity
-(the full 64-hex-digit fingerprint: a malformed or shortened one is a usage
-error, exit 2, never a "mismatch"); a real mismatch shows the expected and the
-actual fingerprint in full. Without a pin for a party, the verdict says plainly
+(the full 64-hex-digit fingerprint: a malformed or shortened one, or a PARTY
+that is no party id, is a usage error, exit 2, never a "mismatch"); a real
+mismatch shows the expected and the actual fingerprint in full. A file larger
+than any bundle can be (MAX_BUNDLE_BYTES, agent/protocol/agreement.py) is
+unusable input, refused unread. Without a pin for a party, the verdict says plainly
 that its identity was not checked: the signatures are consistent with the key
 sets carried in the bundle, but anyone can make a key set. `--json` prints the
 verdict as one JSON line on stdout (the rest goes to stderr), with the parties
@@ -26,6 +28,8 @@ from rich.table import Table
 from agent.protocol.agreement import Agreement, Bundle, UnusableBundleError, verify_bundle
 from agent.protocol.dsse import digest
 from agent.protocol.errors import ProtocolError, Reason
+from agent.protocol.limits import MAX_PARTY_ID_CHARS
+from agent.protocol.messages import is_party_id
 from agent.protocol.terms import format_date
 
 EXIT_VALID, EXIT_INVALID, EXIT_UNUSABLE = 0, 1, 2
@@ -45,6 +49,10 @@ def _parse_pins(pins: Sequence[str]) -> dict[str, bytes]:
         party, separator, text = pin.partition("=")
         if not separator or not party:
             raise PinUsageError(f"--pin {pin!r}: expected {expected}")
+        if not is_party_id(party):  # a typo can never match a bundle's party: say so, not PIN_MISMATCH
+            raise PinUsageError(
+                f"--pin {pin!r}: {party!r} is not a party id (1 to {MAX_PARTY_ID_CHARS} of A-Z a-z 0-9 . _ : -, HDR-13)"
+            )
         try:
             fingerprint = bytes.fromhex(text)
         except ValueError:

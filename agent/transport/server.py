@@ -76,6 +76,12 @@ UNSIGNED_RPCS = frozenset({"Hello", "GetKeySets"})  # limited per peer address o
 # mistake, refused with a message rather than a crash.
 MAX_CONNECTIONS_LIMIT = 1_000_000
 
+# The longest duration a ConnectionLimits field passed to gRPC may hold. gRPC core takes each as a C int of
+# milliseconds: from 2**31 ms (about 24.9 days) on, starting the server fails with "OverflowError: value too large to
+# convert to int". Whole seconds, so that a message can state the bound plainly; no sensible timeout comes near it.
+MAX_GRPC_DURATION = timedelta(seconds=(2**31 - 1) // 1000)
+_GRPC_DURATIONS = ("idle_timeout", "max_age", "max_age_grace", "handshake_timeout", "min_ping_interval")
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
@@ -102,16 +108,30 @@ class ConnectionLimits:
     min_ping_interval: timedelta = timedelta(minutes=1)
 
     def __post_init__(self) -> None:
+        """ValueError for limits gRPC would crash on or misread, so that no caller gets that far: the serve
+        options check the same bounds first, to name the flag, variable or key (reference_biller/settings.py)."""
         if not 1 <= self.max_connections <= MAX_CONNECTIONS_LIMIT:
             raise ValueError(
                 f"max_connections must be from 1 to {MAX_CONNECTIONS_LIMIT:,}, not {self.max_connections:,}"
             )
+        if not 0 <= self.max_connections_per_address <= MAX_CONNECTIONS_LIMIT:
+            raise ValueError(
+                f"max_connections_per_address must be from 0 (no cap) to {MAX_CONNECTIONS_LIMIT:,}, "
+                f"not {self.max_connections_per_address:,}"
+            )
+        for name in _GRPC_DURATIONS:
+            duration: timedelta = getattr(self, name)
+            if not timedelta(0) < duration <= MAX_GRPC_DURATION:
+                raise ValueError(
+                    f"{name} must be above 0 and at most {MAX_GRPC_DURATION.total_seconds():,.0f} seconds "
+                    f"(gRPC takes it as a C int of milliseconds), not {duration.total_seconds():,} seconds"
+                )
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """The gRPC core channel arguments (all present in grpcio 1.85) that enforce these limits."""
 
         def ms(duration: timedelta) -> int:
-            return int(duration.total_seconds() * 1000)
+            return duration // timedelta(milliseconds=1)  # exact: no float rounding at the bound
 
         return [
             ("grpc.max_allowed_incoming_connections", self.max_connections),

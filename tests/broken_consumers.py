@@ -322,7 +322,8 @@ def judges_instructions_as_live() -> None:
 
 def discloses_unsalted_circumstances() -> None:
     """The disclosure sent beside an opening (and committed to) is the bare Circumstances message, not a salted
-    Disclosure: its digest gives it away to anyone who hashes guesses, and it is no Disclosure (PRV-2)."""
+    Disclosure: its digest gives it away to anyone who hashes guesses, and it is no Disclosure (PRV-2). The
+    program does not check its own disclosure before sending it either."""
     import types  # noqa: PLC0415
 
     from agent.consumer import negotiation  # noqa: PLC0415
@@ -336,6 +337,9 @@ def discloses_unsalted_circumstances() -> None:
     )
     messages.Disclosure = unsalted
     vars(negotiation)["negotiation_pb2"] = messages  # the consumer's negotiation only: the messages it builds
+    # ...and without the reference's own check of what it discloses (the receiver's PRV-3 and PRV-9 rules,
+    # applied before sending), which would catch this bug before the biller sees it.
+    vars(negotiation)["check_disclosure"] = lambda committed, disclosure, opened_on: None
 
 
 def _lenient_receipts(forgiven: Callable[[str, str], bool]) -> None:

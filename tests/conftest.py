@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -37,6 +38,24 @@ SLOW_MODULES = frozenset(
         "test_web_kit",
     }
 )
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """The root logger's handlers and level as they were before the test: a command run in-process (`serve`,
+    `consumer run`) configures logging (agent/logs.py) with a handler on the test's captured stderr, which is
+    closed after the test; a later test's INFO line then printed "--- Logging error ---" into its own output."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -50,7 +50,7 @@ from agent.consumer.events import MAX_STORED_EVENTS
 from agent.consumer.locks import KeyedLocks
 from agent.protocol.agreement import Bundle, verify_bundle
 from agent.protocol.dsse import digest
-from agent.protocol.errors import ParleyError, ProtocolError, Reason, RemoteProtocolError
+from agent.protocol.errors import LocalProtocolError, ParleyError, ProtocolError, Reason, RemoteProtocolError
 from agent.protocol.keys import SigningKey
 from agent.protocol.keysets import KeyEntry, make_key_set
 from agent.protocol.messages import seal, to_timestamp
@@ -713,6 +713,24 @@ def test_a_disclosure_is_committed_to_and_not_kept(tmp_path: Path) -> None:
             assert context.circumstances is not None
             assert context.circumstances.note == "job lost"
             assert dump(household.db_path)["threads"][0][9] is None  # the disclosure column, erased
+
+    run(tmp_path, scenario)
+
+
+def test_a_strategy_disclosing_a_pay_day_years_away_is_stopped_before_anything_is_signed(tmp_path: Path) -> None:
+    """PRV-9, on our side: the receiver's rules are applied to our own disclosure before the opening is signed,
+    stored or sent, so the strategy's mistake is ours to report, not a MALFORMED_PAYLOAD from the biller."""
+
+    async def scenario(biller: Biller, household: Household) -> None:
+        far = biller.clock.now().date() + timedelta(days=400)
+        circumstances = Circumstances(negotiation_pb2.DISCLOSURE_PURPOSE_ASSESS_ARRANGEMENT, next_pay_date=far)
+        mandate = dataclasses.replace(WIDE, allow_disclosure=True)
+        async with household.agent(ScriptedStrategy(OUTSIDE, circumstances=circumstances), mandate=mandate) as agent:
+            await enrol(biller, agent)
+            with pytest.raises(LocalProtocolError, match="PRV-9"):
+                await agent.negotiate(BILLER_ID, BILL.bill_id)
+            assert dump(household.db_path)["threads"] == []
+            assert biller.policy.contexts == []
 
     run(tmp_path, scenario)
 

@@ -19,6 +19,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MAX_PORT = 65535
+
+
+def is_endpoint(text: str) -> bool:
+    """Whether `text` is an address a client may be told to connect to: host:port, a port from 1 to 65535, no
+    space in the host. The one rule for an enrolment link's endpoint (ENR-8), a biller printing one (`parley
+    biller codes --endpoint`) and a suite's `--target`."""
+    host, separator, port = text.rpartition(":")
+    digits = port.isascii() and port.isdigit()  # str.isdigit alone takes "²", which int() refuses
+    return bool(separator and host and digits and 0 < int(port) <= MAX_PORT) and not any(c.isspace() for c in host)
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """("host", port) from "HOST:PORT" ("[::1]:9464" for IPv6); ValueError naming what is wrong."""
     host, separator, port = listen.rpartition(":")
@@ -30,4 +42,4 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-__all__ = ["is_loopback", "parse_listen"]
+__all__ = ["MAX_PORT", "is_endpoint", "is_loopback", "parse_listen"]

@@ -59,9 +59,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.clock import Clock, SystemClock
-from agent.consumer.enrolment import is_endpoint
 from agent.identity import IdentityError, NoIdentityError
-from agent.listen import is_loopback
+from agent.listen import is_endpoint, is_loopback
 from agent.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from agent.protocol.keys import InsecureKeyFileError
 from agent.stores import POSTGRES_SCHEMES, SQLITE_SCHEME, open_biller_store

@@ -60,7 +60,7 @@ from urllib.parse import urlsplit
 
 from agent.consumer.enrolment import InvalidEnrolmentLink, parse_enrolment_uri
 from agent.consumer.mandate import Mandate as Mandate  # noqa: PLC0414 - re-exported: the profile holds the agent's one mandate (NEG-20)
-from agent.listen import is_loopback
+from agent.listen import is_endpoint, is_loopback
 from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
 from agent.protocol.errors import LocalProtocolError
 from agent.protocol.limits import DIGEST_BYTES, MAX_ID_CHARS
@@ -74,7 +74,6 @@ _CONNECTION_KEYS = ("target", "fingerprint", "account_id", "code", "ca_file", "i
 NOTIFICATION_KINDS = ("new_bill", "approval_needed", "agreement", "payment", "reminder", "missed_instalment")
 """What the person can be notified of: a new bill, a request for approval, an agreement reached, a payment
 made, a reminder from a biller, a missed instalment."""
-_MAX_PORT = 65535
 PLACEHOLDER_FINGERPRINT = bytes(DIGEST_BYTES)
 """The all-zero fingerprint of the sample profile (sample.toml), to be replaced by the biller's real one."""
 
@@ -318,12 +317,10 @@ def _date(key: str, value: object) -> date:
 
 
 def _target(key: str, value: object) -> str:
-    """A gRPC target "host:port" ("[::1]:port" for IPv6)."""
-    if isinstance(value, str):
-        host, separator, port = value.rpartition(":")
-        bracketed = host.startswith("[") and host.endswith("]")
-        plain_host = host and ":" not in host and not any(c.isspace() for c in host)
-        if separator and port.isdigit() and 0 < int(port) <= _MAX_PORT and (bracketed or plain_host):
+    """A gRPC target "host:port" ("[::1]:port" for IPv6: here an IPv6 host must be bracketed)."""
+    if isinstance(value, str) and is_endpoint(value):
+        host = value.rpartition(":")[0]
+        if (host.startswith("[") and host.endswith("]")) or ":" not in host:
             return value
     raise ProfileError(key, f'{_show(value)} is not a target "host:port"')
 

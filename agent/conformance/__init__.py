@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from agent.conformance.runner import EXIT_NOT_RUN, add_run_arguments, run_options
+from agent.listen import is_endpoint
 from agent.tools.numbers import number_argument
 from agent.tools.paths import directory_argument
 from agent.transport.server import MAX_CONNECTIONS_LIMIT
@@ -52,8 +53,6 @@ def _target(text: str) -> str:
     """`--target`'s type: HOST:PORT with a port from 1 to 65535, by the rule an enrolment link's endpoint follows
     (the address a client connects to). Checked here, before any case: gRPC wrapped port 99999 to 34463 and
     tested whatever listened there, and a target with no port was reported as a host of ''."""
-    from agent.consumer.enrolment import is_endpoint  # noqa: PLC0415 - the consumer package, for this option only
-
     if not is_endpoint(text):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not HOST:PORT with a port from 1 to 65535 (e.g. 127.0.0.1:7443, [::1]:7443)"

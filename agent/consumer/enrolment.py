@@ -12,6 +12,7 @@ from agent.consumer.party import Party
 from agent.consumer.receive import Receiver, agreed_limits
 from agent.consumer.results import BillerLink
 from agent.consumer.sessions import Sessions
+from agent.listen import is_endpoint
 from agent.logs import log_step
 from agent.protocol.enrolment import ENROLMENT_CODE_ALPHABET, normalize_enrolment_code
 from agent.protocol.errors import Reason
@@ -141,7 +142,6 @@ class Enrolment:
 ENROLMENT_URI_PREFIX = "parley:enrol?"
 _URI_FIELDS = ("endpoint", "biller", "fingerprint", "account", "code")
 _MAX_URI_CHARS = 2048
-_MAX_PORT = 65535
 
 
 class InvalidEnrolmentLink(ValueError):
@@ -158,14 +158,6 @@ class EnrolmentLink:
     account_id: str
     code: str
     """Normalised (ENR-7)."""
-
-
-def is_endpoint(text: str) -> bool:
-    """Whether `text` is an endpoint an enrolment link may carry: host:port, a port from 1 to 65535, no space in
-    the host. The one rule: a biller printing a link (`parley biller codes --endpoint`) checks it too."""
-    host, separator, port = text.rpartition(":")
-    digits = port.isascii() and port.isdigit()  # str.isdigit alone takes "²", which int() refuses
-    return bool(separator and host and digits and 0 < int(port) <= _MAX_PORT) and not any(c.isspace() for c in host)
 
 
 def parse_enrolment_uri(uri: str) -> EnrolmentLink:
@@ -211,6 +203,5 @@ __all__ = [
     "Enrolment",
     "EnrolmentLink",
     "InvalidEnrolmentLink",
-    "is_endpoint",
     "parse_enrolment_uri",
 ]

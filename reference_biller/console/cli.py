@@ -19,9 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from agent.clock import SystemClock
-from agent.web import start_site
 from reference_biller.config import SAMPLE, ConfigError, load_config
-from reference_biller.console.app import ConsoleSettings, console_web_config, create_console_app
 from reference_biller.service import STORE_FILE
 from reference_biller.settings import SettingsError, config_file, resolve_state_dir, resolve_store
 
@@ -43,6 +41,15 @@ def _listen(text: str) -> tuple[str, int]:
 
 
 def _console(args: argparse.Namespace, out: Console) -> int:
+    # Imported here: the web stack (aiohttp) is a quarter of a second of every `parley biller` command's start,
+    # and only this one serves pages.
+    from agent.web import start_site  # noqa: PLC0415
+    from reference_biller.console.app import (  # noqa: PLC0415
+        ConsoleSettings,
+        console_web_config,
+        create_console_app,
+    )
+
     path, _ = config_file(args.config)
     try:
         config = load_config(path or SAMPLE)

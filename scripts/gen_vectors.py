@@ -1588,6 +1588,25 @@ def reenrolment_cases() -> None:
     )
 
 
+def revision_1_2_cases() -> None:
+    """ENV-15 (revision 1.2): a string holding U+0000 is MALFORMED_PAYLOAD. Made after every other case, so that
+    whatever it draws leaves their bytes as they were."""
+    offer = agreed_thread().envelopes[1]
+    now = datetime(2026, 3, 5, 10, tzinfo=UTC)
+    nul = header_bytes(recipient=CONSUMER + "\0")  # merged into the header: the recipient, with U+0000 at its end
+    envelope = sign_envelope(KEYS["biller-1"], offer.payload_type, offer.payload + nul)
+    message_case(
+        "parse-nul-in-string",
+        "The header given again with the recipient followed by U+0000: refused before the recipient is compared.",
+        "ENV-15",
+        envelope,
+        "MALFORMED_PAYLOAD",
+        sender=BILLER,
+        accept=NEGOTIATION,
+        now=now,
+    )
+
+
 def document() -> dict[str, object]:
     CASES.clear()
     valid_messages()
@@ -1604,6 +1623,7 @@ def document() -> dict[str, object]:
     parsing_cases()
     renegotiation_cases()
     reenrolment_cases()
+    revision_1_2_cases()
     keys = {
         name: {"keyid": key.keyid, "publicKey": base64.b64encode(key.public_key.raw).decode(), "seed": key.seed.hex()}
         for name, key in KEYS.items()

@@ -582,6 +582,18 @@ EARLY_MISTAKES: dict[str, Mistake] = {
 }
 
 
+def said_once(mistake: Mistake, status: int, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """What an in-process command printed, without argparse's usage lines: one message with the mistake's phrases,
+    and the mistake's exit status."""
+    printed = capsys.readouterr()
+    said = [line for line in (printed.out + printed.err).splitlines() if not line.startswith(("usage:", " "))]
+    assert status == mistake.status, said
+    assert len(said) == 1, said  # one message (after argparse's usage, when it is argparse's)
+    for phrase in mistake.says:
+        assert phrase in said[0], said
+    return said
+
+
 @pytest.mark.parametrize("name", EARLY_MISTAKES)
 def test_a_mistake_in_a_path_or_target_is_refused_before_any_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str
@@ -592,12 +604,7 @@ def test_a_mistake_in_a_path_or_target_is_refused_before_any_work(
     before = snapshot(tmp_path)
     started = time.monotonic()
     status = cli.main(list(mistake.args))
-    printed = capsys.readouterr()
-    said = [line for line in (printed.out + printed.err).splitlines() if not line.startswith(("usage:", " "))]
-    assert status == mistake.status, said
-    assert len(said) == 1, said  # one message (after argparse's usage, when it is argparse's)
-    for phrase in mistake.says:
-        assert phrase in said[0], said
+    said_once(mistake, status, capsys)
     assert time.monotonic() - started < 5  # refused, not run
     assert snapshot(tmp_path) == before
     for path in mistake.absent:
@@ -988,12 +995,7 @@ def test_a_state_directory_or_codes_mistake_is_one_line_and_changes_nothing(
     monkeypatch.chdir(tmp_path)  # an empty --state-dir would be this directory
     before = snapshot(tmp_path)
     status = cli.main(list(mistake.args))
-    printed = capsys.readouterr()
-    said = [line for line in (printed.out + printed.err).splitlines() if not line.startswith(("usage:", " "))]
-    assert status == mistake.status, said
-    assert len(said) == 1, said  # one message (after argparse's usage, when it is argparse's)
-    for phrase in mistake.says:
-        assert phrase in said[0], said
+    said = said_once(mistake, status, capsys)
     assert snapshot(tmp_path) == before, said
     for path in mistake.absent:
         assert not (tmp_path / path).exists()
